@@ -1,1 +1,23 @@
-//! placeholder
+//! The SQ request model and the phext format, shared by node and gateway.
+//!
+//! This crate owns what a request *means*: strict coordinates ([`coord`]), safe phext names
+//! ([`name`]), the canonical libphext serialisation and checksums ([`doc`]), the read operations
+//! ([`ops`]), the typed requests parsed from `/api/v2` ([`request`]), the errors they end in
+//! ([`error`]) and the versioned messages that cross the wire ([`wire`]).
+//!
+//! It knows nothing of I/O: no files, sockets, clocks or async runtimes. The gateway parses with it
+//! and the node executes with it, so both agree on every request byte for byte.
+
+pub mod coord;
+pub mod doc;
+pub mod error;
+pub mod name;
+pub mod ops;
+pub mod request;
+pub mod wire;
+
+pub use coord::Coordinate;
+pub use doc::Doc;
+pub use error::ApiError;
+pub use name::PhextName;
+pub use request::{SqRequest, SqResponse};
