@@ -1,0 +1,150 @@
+//! The public `/api/v2` surface: SQ's order of checks, then forwarding to the owning node.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use http_body_util::BodyExt;
+use proto::cluster::{NodeRequest, NodeResponse};
+use proto::request::{self, BODY_MAX_BYTES};
+use proto::{ApiError, SqRequest, SqResponse};
+
+use crate::error::error_response;
+use crate::forward::{refresh, FORWARD_TIMEOUT};
+use crate::view::key_hash;
+use crate::Gateway;
+
+/// Where the API lives; everything else answers like an unknown route.
+pub const API_PREFIX: &str = "/api/v2/";
+
+/// Seconds a client should wait after a 503 for an unreachable owner.
+const UNAVAILABLE_RETRY_AFTER_S: u64 = 1;
+
+/// The key a request carries: `Authorization: Bearer <key>`, `Authorization: <key>`, or
+/// `X-SQ-API-Key: <key>`. Authorization wins when both are present.
+pub fn request_key(headers: &HeaderMap) -> Option<String> {
+    if let Some(v) = headers.get("authorization").and_then(|v| v.to_str().ok()) {
+        let v = v.trim();
+        let key = match v.get(..7) {
+            Some(scheme) if scheme.eq_ignore_ascii_case("bearer ") => v[7..].trim(),
+            _ => v,
+        };
+        return Some(key.to_string());
+    }
+    headers.get("x-sq-api-key").and_then(|v| v.to_str().ok()).map(|v| v.trim().to_string())
+}
+
+fn with_cors(mut response: Response) -> Response {
+    response.headers_mut().insert("access-control-allow-origin", HeaderValue::from_static("*"));
+    response
+}
+
+/// The CORS preflight answer: 204 before any key is checked.
+pub fn preflight() -> Response {
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    let h = r.headers_mut();
+    h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
+    h.insert("access-control-allow-methods", HeaderValue::from_static("GET, POST, PATCH, DELETE, OPTIONS"));
+    h.insert(
+        "access-control-allow-headers",
+        HeaderValue::from_static("Authorization, X-SQ-API-Key, Content-Type"),
+    );
+    h.insert("access-control-max-age", HeaderValue::from_static("86400"));
+    r
+}
+
+/// Reads the body up to the named limit.
+pub async fn read_body(body: Body) -> Result<bytes::Bytes, ApiError> {
+    let limited = http_body_util::Limited::new(body, BODY_MAX_BYTES);
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::PayloadTooLarge { limit_bytes: BODY_MAX_BYTES as u64 })
+        }
+        Err(e) => Err(ApiError::bad_request(format!("cannot read body: {e}"))),
+    }
+}
+
+/// Every request lands here; admin routes branch off after OPTIONS and the method check.
+pub async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Response {
+    let started = Instant::now();
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = dispatch(&gw, request).await;
+    crate::metering::record(&method, &path, response.status(), started.elapsed());
+    response
+}
+
+async fn dispatch(gw: &Arc<Gateway>, request: Request) -> Response {
+    if request.method() == Method::OPTIONS {
+        return preflight();
+    }
+    let path = request.uri().path().to_string();
+    if path.starts_with("/api/v2/admin/") || path == "/api/v2/admin" || path == "/api/v2/metrics" {
+        return crate::admin::handle(gw, request).await;
+    }
+    let method = match *request.method() {
+        Method::GET => request::Method::Get,
+        Method::POST => request::Method::Post,
+        _ => return error_response(&ApiError::bad_request("")),
+    };
+    match public(gw, method, request).await {
+        Ok(answer) => ok_response(answer),
+        Err(e) => error_response(&e),
+    }
+}
+
+fn ok_response(answer: SqResponse) -> Response {
+    let content_type = if answer.json { "application/json" } else { "text/plain; charset=utf-8" };
+    let mut r = (StatusCode::OK, answer.body).into_response();
+    r.headers_mut().insert("content-type", HeaderValue::from_static(content_type));
+    with_cors(r)
+}
+
+async fn public(gw: &Arc<Gateway>, method: request::Method, request: Request) -> Result<SqResponse, ApiError> {
+    let key = request_key(request.headers()).ok_or(ApiError::Unauthorized)?;
+    let hash = key_hash(&key);
+    let view = gw.views.current();
+    let tenant = view.tenant_by_key_hash(&hash).ok_or(ApiError::Unauthorized)?.clone();
+    if !tenant.enabled {
+        return Err(ApiError::Forbidden("tenant is disabled".into()));
+    }
+    let route = request.uri().path().strip_prefix(API_PREFIX).map(str::to_string);
+    let query = request.uri().query().unwrap_or("").to_string();
+    let body = read_body(request.into_body()).await?;
+    let route = route.ok_or(ApiError::NotFound)?;
+    let sq = request::parse(method, &route, &query, &body)?;
+    if matches!(sq, SqRequest::Version) {
+        return Ok(SqResponse::text(request::SQ_API_VERSION));
+    }
+    forward(gw, &tenant.id, &hash, sq).await
+}
+
+/// Sends the request to the tenant's owner; on "not owner" refreshes the view and tries once more.
+async fn forward(gw: &Arc<Gateway>, tenant: &str, hash: &str, sq: SqRequest) -> Result<SqResponse, ApiError> {
+    let mut refreshed = false;
+    loop {
+        let view = gw.views.current();
+        let unavailable = |reason: String| ApiError::Unavailable { reason, retry_after_s: UNAVAILABLE_RETRY_AFTER_S };
+        let owner = view.tenant(tenant).and_then(|t| t.owner).ok_or_else(|| unavailable("no node serves this tenant".into()))?;
+        if view.is_dead(owner) {
+            return Err(unavailable(format!("node {owner} is down")));
+        }
+        let addr = view.node_addr(owner).ok_or_else(|| unavailable(format!("node {owner} has no address")))?;
+        let request = NodeRequest::Sq { tenant: tenant.to_string(), key_hash: hash.to_string(), epoch: view.view.epoch, request: sq.clone() };
+        let answer = gw.client.call(addr, request, FORWARD_TIMEOUT).await;
+        match answer {
+            Ok(NodeResponse::Sq(Err(ApiError::NotOwner { epoch }))) if !refreshed => {
+                tracing::debug!(tenant, owner, epoch, "not the owner; refreshing the view");
+                refresh(gw.client.as_ref(), &gw.views, &gw.seeds).await;
+                refreshed = true;
+            }
+            Ok(NodeResponse::Sq(result)) => return result,
+            Ok(other) => return Err(ApiError::Internal(format!("unexpected answer from node {owner}: {other:?}"))),
+            Err(e) => return Err(unavailable(format!("node {owner} unreachable: {e}"))),
+        }
+    }
+}

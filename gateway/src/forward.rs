@@ -1,0 +1,132 @@
+//! Forwarding to nodes over QUIC, and keeping the registry view fresh.
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::cluster::{NodeRequest, NodeResponse, RegistryView};
+use proto::wire;
+use tokio_util::sync::CancellationToken;
+
+use crate::view::ViewHandle;
+
+/// How long a node may take to answer a forwarded request before the client gets 503. Well under
+/// the 2 s within which a dead node's tenants must be told, so a hang never reaches the client.
+pub const FORWARD_TIMEOUT: Duration = Duration::from_millis(1500);
+
+/// How long a view long-poll waits at the node for a change before answering "unchanged".
+pub const VIEW_POLL_WAIT: Duration = Duration::from_secs(5);
+
+/// Extra time over [`VIEW_POLL_WAIT`] before the gateway gives up on a poll and tries another node.
+const VIEW_POLL_SLACK: Duration = Duration::from_secs(2);
+
+/// Pause before polling again after a node failed to answer, so a dead cluster is not spun on.
+const VIEW_RETRY_PAUSE: Duration = Duration::from_millis(200);
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("node unreachable: {0}")]
+    Unreachable(String),
+    #[error("bad answer from node: {0}")]
+    Protocol(String),
+}
+
+/// The seam to the nodes: QUIC in production, memory in the simulator.
+pub trait NodeClient: Send + Sync + 'static {
+    fn call(&self, addr: SocketAddr, request: NodeRequest, timeout: Duration) -> BoxFuture<'_, Result<NodeResponse, CallError>>;
+}
+
+/// [`NodeClient`] over the cluster's QUIC transport.
+pub struct QuicNodeClient(pub transport::Client);
+
+impl NodeClient for QuicNodeClient {
+    fn call(&self, addr: SocketAddr, request: NodeRequest, timeout: Duration) -> BoxFuture<'_, Result<NodeResponse, CallError>> {
+        Box::pin(async move {
+            let bytes = wire::encode(&request).map_err(|e| CallError::Protocol(e.to_string()))?;
+            let answer = self
+                .0
+                .call(addr, bytes.into(), timeout)
+                .await
+                .map_err(|e| CallError::Unreachable(e.to_string()))?;
+            wire::decode(&answer).map_err(|e| CallError::Protocol(e.to_string()))
+        })
+    }
+}
+
+/// Asks one node for the view, at once. Used on start and after a "not owner" answer.
+pub async fn fetch_view(client: &dyn NodeClient, addr: SocketAddr) -> Result<RegistryView, CallError> {
+    let request = NodeRequest::View { known_index: 0, wait_ms: 0 };
+    match client.call(addr, request, FORWARD_TIMEOUT).await? {
+        NodeResponse::View(Some(view)) => Ok(view),
+        other => Err(CallError::Protocol(format!("unexpected answer to view: {other:?}"))),
+    }
+}
+
+/// Refreshes the view from the first node that answers. Returns whether one did.
+pub async fn refresh(client: &dyn NodeClient, views: &ViewHandle, seeds: &[SocketAddr]) -> bool {
+    for addr in candidates(views, seeds) {
+        if let Ok(view) = fetch_view(client, addr).await {
+            if view.applied_index >= views.current().view.applied_index {
+                views.replace(view);
+            }
+            return true;
+        }
+    }
+    false
+}
+
+fn candidates(views: &ViewHandle, seeds: &[SocketAddr]) -> Vec<SocketAddr> {
+    let current = views.current();
+    let mut addrs: Vec<SocketAddr> = current
+        .node_addrs()
+        .into_iter()
+        .filter(|(id, _)| !current.is_dead(*id))
+        .map(|(_, a)| a)
+        .collect();
+    for s in seeds {
+        if !addrs.contains(s) {
+            addrs.push(*s);
+        }
+    }
+    addrs
+}
+
+/// Keeps the view current by long-polling the nodes in turn until `shutdown`.
+pub async fn poll_views(client: Arc<dyn NodeClient>, views: ViewHandle, seeds: Vec<SocketAddr>, shutdown: CancellationToken) {
+    let mut turn = 0usize;
+    loop {
+        let addrs = candidates(&views, &seeds);
+        if addrs.is_empty() {
+            tracing::error!("no node address to poll for the registry view");
+            return;
+        }
+        let addr = addrs[turn % addrs.len()];
+        let known_index = views.current().view.applied_index;
+        let request = NodeRequest::View { known_index, wait_ms: VIEW_POLL_WAIT.as_millis() as u64 };
+        let answer = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            a = client.call(addr, request, VIEW_POLL_WAIT + VIEW_POLL_SLACK) => a,
+        };
+        match answer {
+            Ok(NodeResponse::View(Some(view))) => {
+                if view.applied_index >= views.current().view.applied_index {
+                    views.replace(view);
+                }
+            }
+            Ok(NodeResponse::View(None)) => {}
+            Ok(other) => tracing::warn!(%addr, ?other, "unexpected answer to a view poll"),
+            Err(e) => {
+                tracing::debug!(%addr, error = %e, "view poll failed; trying the next node");
+                turn += 1;
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(VIEW_RETRY_PAUSE) => {}
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! Messages between gateways, nodes and operator tools: the cluster's wire vocabulary.
+//!
+//! These are plain data. The node builds [`RegistryView`] from the Raft registry; the gateway
+//! keeps the newest one in memory. Keys never appear here, only their SHA-256 hashes.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ApiError;
+use crate::request::{SqRequest, SqResponse};
+
+/// What a gateway needs to know of one tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TenantView {
+    pub id: String,
+    pub key_hashes: Vec<String>,
+    pub enabled: bool,
+    /// The owning node in the view's epoch; `None` when no node is active.
+    pub owner: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeView {
+    pub id: u64,
+    pub addr: String,
+    pub state: String,
+    /// Health as the answering node's gossip sees it: `alive`, `suspect` or `dead`.
+    pub health: String,
+}
+
+/// The registry as gateways see it, at one applied Raft index.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RegistryView {
+    pub applied_index: u64,
+    pub epoch: u64,
+    pub admin_key_hash: Option<String>,
+    pub tenants: Vec<TenantView>,
+    pub nodes: Vec<NodeView>,
+}
+
+/// Admin operations, checked against the admin key hash and applied through the registry leader.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AdminOp {
+    AddTenant { tenant_id: String, tier: Option<String>, quota_mb: Option<u64>, admin_email: Option<String>, key_hash: String },
+    ListTenants,
+    GetTenant { tenant_id: String },
+    TenantStats { tenant_id: String },
+    PatchTenant { tenant_id: String, tier: Option<String>, quota_mb: Option<u64>, enabled: Option<bool>, daily_limit: Option<u64> },
+    RotateKey { tenant_id: String, key_hash: String },
+    DeleteTenant { tenant_id: String },
+    Health,
+    ListNodes,
+    AddNode { id: u64, addr: String },
+    DrainNode { id: u64 },
+    RemoveNode { id: u64 },
+}
+
+/// A request to a node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeRequest {
+    /// An SQ request for `tenant`, authenticated at the gateway by `key_hash` and routed under
+    /// placement `epoch`. The node checks both again.
+    Sq { tenant: String, key_hash: String, epoch: u64, request: SqRequest },
+    /// Long-poll for the registry view: answers at once when the node has applied past
+    /// `known_index`, otherwise after `wait_ms` with `None`.
+    View { known_index: u64, wait_ms: u64 },
+    /// An admin operation; `admin_key_hash` is checked against the registry.
+    Admin { admin_key_hash: String, op: AdminOp },
+    /// A Raft RPC for the registry, encoded by the registry itself.
+    Raft(Vec<u8>),
+    /// Local facts about tenants this node owns, for stats and metrics.
+    TenantUsage { tenants: Vec<String> },
+    /// Prometheus text of this node's metrics.
+    Metrics,
+    /// Health gossip: the sender's view of every node's heartbeat counter.
+    Gossip { from: u64, heartbeats: Vec<(u64, u64)> },
+}
+
+/// Per-tenant facts the owning node keeps.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct TenantUsage {
+    pub tenant_id: String,
+    pub storage_bytes: u64,
+    pub api_calls_today: u64,
+    pub bytes_out_today: u64,
+    pub last_active_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeResponse {
+    Sq(Result<SqResponse, ApiError>),
+    View(Option<RegistryView>),
+    /// An admin answer as JSON text.
+    Admin(Result<String, ApiError>),
+    Raft(Vec<u8>),
+    TenantUsage(Vec<TenantUsage>),
+    Metrics(String),
+    Gossip { heartbeats: Vec<(u64, u64)> },
+    /// The request could not be decoded or is not served by this kind of peer.
+    Refused(String),
+}

@@ -1,0 +1,279 @@
+//! `sq-cloud dev`: a whole cluster on one machine from one command.
+//!
+//! It makes a CA and certificates, N node processes and one gateway process on loopback (real
+//! QUIC, real Raft), bootstraps the registry, an admin key and a demo tenant, writes `dev.json`,
+//! restarts any child that dies, and stops them all on Ctrl-C or SIGTERM. Run again on the same
+//! directory, it resumes with everything intact.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::{Deserialize, Serialize};
+
+/// How long the cluster may take to answer its first admin request before `dev` gives up.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How often the supervisor looks at its children.
+const SUPERVISE_TICK: Duration = Duration::from_millis(100);
+
+/// Pause before restarting a child that died, so a child that dies at once is not spun on.
+const RESTART_PAUSE: Duration = Duration::from_millis(500);
+
+/// How long children get to stop after SIGTERM before they are killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+
+/// The tenant `dev` creates for trying the API.
+const DEMO_TENANT: &str = "demo";
+
+#[derive(Debug, Clone)]
+pub struct DevConfig {
+    pub nodes: usize,
+    pub data: PathBuf,
+    pub listen: SocketAddr,
+    pub tls: bool,
+}
+
+/// `dev.json`, as PRODUCT.md §6 lists its fields, plus what a resume needs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevJson {
+    pub gateway_url: String,
+    pub admin_key: String,
+    pub demo_tenant: String,
+    pub demo_key: String,
+    pub nodes: Vec<DevNode>,
+    pub gateway_pid: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DevNode {
+    pub id: u64,
+    pub pid: u32,
+    pub data_dir: PathBuf,
+    /// The node's QUIC address; fixed at the first run because the registry records it.
+    pub addr: SocketAddr,
+}
+
+struct Proc {
+    name: String,
+    args: Vec<String>,
+    child: Child,
+}
+
+impl Proc {
+    fn start(name: &str, args: Vec<String>, log_dir: &Path) -> anyhow::Result<Proc> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_dir.join(format!("{name}.log")))
+            .with_context(|| format!("opening the log of {name}"))?;
+        let exe = std::env::current_exe().context("locating the sq-cloud binary")?;
+        let child = Command::new(exe)
+            .args(&args)
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {name}"))?;
+        Ok(Proc { name: name.to_string(), args, child })
+    }
+}
+
+fn free_udp_port() -> anyhow::Result<u16> {
+    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Runs the dev cluster until a signal arrives.
+pub fn run(config: DevConfig) -> anyhow::Result<()> {
+    if config.nodes == 0 {
+        bail!("--nodes must be at least 1");
+    }
+    std::fs::create_dir_all(&config.data).with_context(|| format!("creating {}", config.data.display()))?;
+    let data = config.data.canonicalize()?;
+    let json_path = data.join("dev.json");
+    let previous: Option<DevJson> = match std::fs::read(&json_path) {
+        Ok(bytes) => Some(serde_json::from_slice(&bytes).context("reading dev.json")?),
+        Err(_) => None,
+    };
+    if let Some(p) = &previous {
+        if p.nodes.len() != config.nodes {
+            bail!("{} holds a {}-node cluster; run with --nodes {}", data.display(), p.nodes.len(), p.nodes.len());
+        }
+    }
+    // Refuse early if the HTTP port is taken: a clear error beats a gateway crash loop.
+    drop(TcpListener::bind(config.listen).with_context(|| format!("{} is in use", config.listen))?);
+    let certs = data.join("certs");
+    if !certs.join("ca.pem").exists() {
+        std::fs::create_dir_all(&certs)?;
+        transport::certs::create_ca(&certs)?;
+        transport::certs::issue(&certs, transport::Role::Gateway)?;
+        transport::certs::issue(&certs, transport::Role::Admin)?;
+        for id in 1..=config.nodes as u64 {
+            transport::certs::issue(&certs, transport::Role::Node(id))?;
+        }
+    }
+    let admin_key = match &previous {
+        Some(p) => p.admin_key.clone(),
+        None => gateway::admin::new_tenant_key().replacen("pmb-v1-", "sqa-", 1),
+    };
+    let mut nodes = Vec::new();
+    for id in 1..=config.nodes as u64 {
+        let dir = data.join(format!("node-{id}"));
+        let addr = match previous.as_ref().and_then(|p| p.nodes.iter().find(|n| n.id == id)) {
+            Some(n) => n.addr,
+            None => SocketAddr::from(([127, 0, 0, 1], free_udp_port()?)),
+        };
+        std::fs::create_dir_all(&dir)?;
+        let node_config = node::NodeConfig::dev(id, addr, &dir, &certs, id == 1, &admin_key);
+        std::fs::write(dir.join("node.toml"), toml::to_string(&node_config)?)?;
+        nodes.push(DevNode { id, pid: 0, data_dir: dir, addr });
+    }
+    let gateway_toml = data.join("gateway.toml");
+    write_gateway_config(&gateway_toml, &config, &certs, &nodes)?;
+    let mut procs = Vec::new();
+    for n in &nodes {
+        let args = vec!["node".into(), "--config".into(), n.data_dir.join("node.toml").display().to_string()];
+        procs.push(Proc::start(&format!("node-{}", n.id), args, &data)?);
+    }
+    let gw_args = vec!["gateway".into(), "--config".into(), gateway_toml.display().to_string()];
+    procs.push(Proc::start("gateway", gw_args, &data)?);
+    let scheme = if config.tls { "https" } else { "http" };
+    let gateway_url = format!("{scheme}://{}", config.listen);
+    let outcome = bring_up(&gateway_url, &admin_key, &nodes, previous.as_ref(), &data);
+    let demo_key = match outcome {
+        Ok(k) => k,
+        Err(e) => {
+            stop_all(&mut procs);
+            return Err(e.context(format!("the cluster did not come up; logs are in {}", data.display())));
+        }
+    };
+    for (n, p) in nodes.iter_mut().zip(&procs) {
+        n.pid = p.child.id();
+    }
+    let dev = DevJson {
+        gateway_url: gateway_url.clone(),
+        admin_key,
+        demo_tenant: DEMO_TENANT.into(),
+        demo_key,
+        nodes: nodes.clone(),
+        gateway_pid: procs.last().map_or(0, |p| p.child.id()),
+    };
+    write_dev_json(&json_path, &dev)?;
+    print_banner(&dev, &json_path);
+    supervise(&mut procs, &mut nodes, &json_path, dev)
+}
+
+fn write_gateway_config(path: &Path, config: &DevConfig, certs: &Path, nodes: &[DevNode]) -> anyhow::Result<()> {
+    let mut tls = String::new();
+    if config.tls {
+        transport::certs::issue_https(certs, "https")?;
+        tls = format!(
+            "\n[tls]\ncert = {:?}\nkey = {:?}\n",
+            certs.join("https.pem").display().to_string(),
+            certs.join("https.key").display().to_string()
+        );
+    }
+    let addrs: Vec<String> = nodes.iter().map(|n| format!("{:?}", n.addr.to_string())).collect();
+    let text = format!(
+        "# Written by sq-cloud dev.\nlisten = {:?}\ncluster_certs = {:?}\nnodes = [{}]\n{tls}",
+        config.listen.to_string(),
+        certs.display().to_string(),
+        addrs.join(", ")
+    );
+    std::fs::write(path, text)?;
+    Ok(())
+}
+
+fn write_dev_json(path: &Path, dev: &DevJson) -> anyhow::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(dev)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn print_banner(dev: &DevJson, json_path: &Path) {
+    println!("sq-cloud dev: {} nodes and a gateway are up", dev.nodes.len());
+    println!("  gateway:   {}/api/v2", dev.gateway_url);
+    println!("  admin key: {}", dev.admin_key);
+    println!("  demo key:  {} (tenant {})", dev.demo_key, dev.demo_tenant);
+    println!("  details:   {}", json_path.display());
+    println!("try: curl -H 'Authorization: Bearer {}' '{}/api/v2/update?p=hello&c=1.1.1/1.1.1/1.1.1&s=world'", dev.demo_key, dev.gateway_url);
+    println!("Ctrl-C stops the cluster; run the same command again to resume.");
+}
+
+/// Waits for the gateway, joins nodes 2..N, and makes the demo tenant. Returns the demo key.
+fn bring_up(url: &str, admin_key: &str, nodes: &[DevNode], previous: Option<&DevJson>, data: &Path) -> anyhow::Result<String> {
+    let admin = crate::admin_client::AdminClient::new(url, admin_key, data.join("certs/ca.pem"))?;
+    let deadline = Instant::now() + STARTUP_TIMEOUT;
+    while admin.get("/api/v2/admin/nodes").is_err() {
+        if Instant::now() > deadline {
+            bail!("no answer from the gateway at {url} within {STARTUP_TIMEOUT:?}");
+        }
+        std::thread::sleep(SUPERVISE_TICK);
+    }
+    for n in nodes.iter().skip(1) {
+        let listed = admin.get("/api/v2/admin/nodes")?;
+        let member = listed.as_array().is_some_and(|a| a.iter().any(|x| x["id"] == n.id && x["state"] == "active"));
+        if !member {
+            admin.post("/api/v2/admin/nodes", &serde_json::json!({"id": n.id, "addr": n.addr.to_string()}))?;
+        }
+    }
+    if let Some(p) = previous {
+        return Ok(p.demo_key.clone());
+    }
+    let answer = admin.post("/api/v2/admin/tenants/add", &serde_json::json!({"tenant_id": DEMO_TENANT, "tier": "pro"}))?;
+    answer["api_key"].as_str().map(str::to_string).context("the gateway answered no api_key")
+}
+
+fn supervise(procs: &mut [Proc], nodes: &mut [DevNode], json_path: &Path, mut dev: DevJson) -> anyhow::Result<()> {
+    let stop = crate::signals::install()?;
+    loop {
+        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+            println!("stopping the cluster");
+            stop_all(procs);
+            return Ok(());
+        }
+        let mut changed = false;
+        for p in procs.iter_mut() {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                eprintln!("{} exited ({status}); restarting it", p.name);
+                std::thread::sleep(RESTART_PAUSE);
+                let log_dir = json_path.parent().unwrap_or(Path::new("."));
+                match Proc::start(&p.name, p.args.clone(), log_dir) {
+                    Ok(fresh) => *p = fresh,
+                    Err(e) => eprintln!("cannot restart {}: {e:#}", p.name),
+                }
+                changed = true;
+            }
+        }
+        if changed {
+            for (n, p) in nodes.iter_mut().zip(procs.iter()) {
+                n.pid = p.child.id();
+            }
+            dev.nodes = nodes.to_vec();
+            dev.gateway_pid = procs.last().map_or(0, |p| p.child.id());
+            write_dev_json(json_path, &dev)?;
+        }
+        std::thread::sleep(SUPERVISE_TICK);
+    }
+}
+
+/// SIGTERM to every child, then SIGKILL to those still running after [`STOP_GRACE`].
+fn stop_all(procs: &mut [Proc]) {
+    for p in procs.iter() {
+        // The pid is our own child's, still unreaped, so it cannot name another process.
+        unsafe { libc::kill(p.child.id() as libc::pid_t, libc::SIGTERM) };
+    }
+    let deadline = Instant::now() + STOP_GRACE;
+    for p in procs.iter_mut() {
+        while matches!(p.child.try_wait(), Ok(None)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if matches!(p.child.try_wait(), Ok(None)) {
+            eprintln!("{} did not stop within {STOP_GRACE:?}; killing it", p.name);
+            let _ = p.child.kill();
+            let _ = p.child.wait();
+        }
+    }
+}
