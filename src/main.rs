@@ -1,9 +1,16 @@
-//! `sq-cloud`: one binary for the whole service. This file only parses flags and hands over to
-//! the crate that does the work (the ripgrep pattern: the root package is the thin binary).
+//! `sq-cloud`: one binary for the whole service. This file only parses flags, loads config and
+//! hands over to the crate that does the work (the ripgrep pattern: the root package is thin).
 
-use std::path::PathBuf;
+mod admin_client;
+mod dev;
+mod signals;
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
 use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(name = "sq-cloud", version, about = "A hosted, clustered SQ: the phext database for many tenants")]
@@ -14,6 +21,34 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a whole cluster on this machine: N nodes and a gateway on loopback.
+    Dev {
+        /// Number of node processes.
+        #[arg(long, default_value_t = 3)]
+        nodes: usize,
+        /// Directory for all data, certificates, logs and dev.json.
+        #[arg(long, default_value = "sq-cloud-dev")]
+        data: PathBuf,
+        /// Address the gateway serves HTTP on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: SocketAddr,
+        /// Serve HTTPS with a certificate from the cluster CA instead of plain HTTP.
+        #[arg(long)]
+        tls: bool,
+    },
+    /// Run a cluster node.
+    Node {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run a gateway.
+    Gateway {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Make the cluster CA and certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// Write to a tenant store forever, printing each acknowledged write (crash tests).
     #[command(hide = true)]
     StoreWriter {
@@ -26,10 +61,96 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Create the cluster CA (ca.pem, ca.key) in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Issue a certificate signed by the CA in DIR.
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        /// A node certificate for this node id.
+        #[arg(long, conflicts_with_all = ["gateway", "admin"])]
+        node: Option<u64>,
+        /// The gateways' client certificate.
+        #[arg(long)]
+        gateway: bool,
+        /// The operator tools' client certificate.
+        #[arg(long)]
+        admin: bool,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Runs an async service until SIGINT or SIGTERM.
+fn serve<F, Fut, E>(start: F) -> anyhow::Result<()>
+where
+    F: FnOnce(CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let shutdown = CancellationToken::new();
+        let trigger = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => return tracing::error!(error = %e, "cannot watch SIGTERM"),
+            };
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            trigger.cancel();
+        });
+        start(shutdown).await.map_err(anyhow::Error::from)
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::StoreWriter { data, tenant, seed } => node::store::crash_writer(&data, &tenant, seed)?,
+        Command::Dev { nodes, data, listen, tls } => dev::run(dev::DevConfig { nodes, data, listen, tls }),
+        Command::Node { config } => {
+            init_tracing();
+            let config: node::NodeConfig = read_toml(&config)?;
+            serve(|shutdown| node::run(config, shutdown))
+        }
+        Command::Gateway { config } => {
+            init_tracing();
+            let config: gateway::GatewayConfig = read_toml(&config)?;
+            serve(|shutdown| gateway::run(config, shutdown))
+        }
+        Command::Certs(CertsCommand::Init { dir }) => {
+            std::fs::create_dir_all(&dir)?;
+            transport::certs::create_ca(&dir)?;
+            println!("created {}/ca.pem and ca.key; keep ca.key offline", dir.display());
+            Ok(())
+        }
+        Command::Certs(CertsCommand::Issue { dir, node, gateway, admin }) => {
+            let role = match (node, gateway, admin) {
+                (Some(id), false, false) => transport::Role::Node(id),
+                (None, true, false) => transport::Role::Gateway,
+                (None, false, true) => transport::Role::Admin,
+                _ => anyhow::bail!("choose exactly one of --node ID, --gateway, --admin"),
+            };
+            transport::certs::issue(&dir, role)?;
+            println!("issued a certificate for {role:?} in {}", dir.display());
+            Ok(())
+        }
+        Command::StoreWriter { data, tenant, seed } => node::store::crash_writer(&data, &tenant, seed),
     }
-    Ok(())
 }

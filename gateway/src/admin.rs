@@ -165,7 +165,7 @@ async fn send_admin(gw: &Arc<Gateway>, admin_key_hash: String, op: AdminOp) -> R
     for addr in addrs {
         let request = NodeRequest::Admin { admin_key_hash: admin_key_hash.clone(), op: op.clone() };
         match gw.client.call(addr, request, FORWARD_TIMEOUT * 4).await {
-            Ok(NodeResponse::Admin(result)) => return result,
+            Ok(NodeResponse::Admin { result, .. }) => return result,
             Ok(other) => return Err(ApiError::Internal(format!("unexpected answer: {other:?}"))),
             Err(e) => last = e.to_string(),
         }

@@ -6,12 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 use proto::cluster::{RegistryView, TenantView};
-use sha2::{Digest, Sha256};
-
-/// SHA-256 of a key, in hex: the only form in which a key is compared or kept.
-pub fn key_hash(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
-}
+pub use proto::auth::key_hash;
 
 /// A registry view with the lookups a request needs.
 #[derive(Debug, Default)]

@@ -65,6 +65,8 @@ pub enum NodeRequest {
     View { known_index: u64, wait_ms: u64 },
     /// An admin operation; `admin_key_hash` is checked against the registry.
     Admin { admin_key_hash: String, op: AdminOp },
+    /// A registry command a follower forwards to the leader, encoded by the registry.
+    RaftCommand { admin_key_hash: String, command: Vec<u8> },
     /// A Raft RPC for the registry, encoded by the registry itself.
     Raft(Vec<u8>),
     /// Local facts about tenants this node owns, for stats and metrics.
@@ -89,8 +91,9 @@ pub struct TenantUsage {
 pub enum NodeResponse {
     Sq(Result<SqResponse, ApiError>),
     View(Option<RegistryView>),
-    /// An admin answer as JSON text.
-    Admin(Result<String, ApiError>),
+    /// An admin answer as JSON text, and the registry index the answering node has applied, so
+    /// the gateway can wait to see the change in its own view.
+    Admin { result: Result<String, ApiError>, applied_index: u64 },
     Raft(Vec<u8>),
     TenantUsage(Vec<TenantUsage>),
     Metrics(String),

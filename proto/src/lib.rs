@@ -8,6 +8,7 @@
 //! It knows nothing of I/O: no files, sockets, clocks or async runtimes. The gateway parses with it
 //! and the node executes with it, so both agree on every request byte for byte.
 
+pub mod auth;
 pub mod cluster;
 pub mod coord;
 pub mod doc;

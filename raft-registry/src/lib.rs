@@ -1,1 +1,5 @@
-//! placeholder
+//! placeholder (being written)
+pub mod command;
+pub mod placement;
+pub mod state;
+pub use state::*;

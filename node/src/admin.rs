@@ -1,0 +1,240 @@
+//! Admin operations on a node: checked against the admin key hash, written through the registry
+//! leader (forwarded when this node is a follower), answered as JSON.
+
+use std::time::Duration;
+
+use proto::cluster::{AdminOp, NodeRequest, NodeResponse, NodeView, RegistryView, TenantView};
+use proto::ApiError;
+use raft_registry::{Command, RegistryError, RegistryState, TenantRecord, Tier};
+use serde_json::json;
+
+use crate::gossip::Health;
+use crate::service::{Service, PEER_CALL_TIMEOUT};
+
+/// How long a follower waits to apply an entry its leader has committed before answering.
+const APPLY_WAIT: Duration = Duration::from_secs(2);
+
+const MIB: u64 = 1024 * 1024;
+
+/// Runs one admin operation. Returns the JSON answer and the registry index applied here.
+pub async fn execute(svc: &Service, admin_key_hash: &str, op: AdminOp) -> (Result<String, ApiError>, u64) {
+    let result = run(svc, admin_key_hash, op).await;
+    (result, svc.registry.subscribe().borrow().0)
+}
+
+async fn run(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<String, ApiError> {
+    let state = svc.registry.state();
+    if state.admin_key_hash() != Some(admin_key_hash) {
+        return Err(ApiError::Unauthorized);
+    }
+    match op {
+        AdminOp::ListTenants => Ok(json!(state.tenants().map(tenant_json).collect::<Vec<_>>()).to_string()),
+        AdminOp::GetTenant { tenant_id } => Ok(tenant_json(known(&state, &tenant_id)?).to_string()),
+        AdminOp::TenantStats { tenant_id } => crate::stats::tenant_stats(svc, &state, &tenant_id).await,
+        AdminOp::Health => Ok(crate::stats::health(svc, &state).to_string()),
+        AdminOp::ListNodes => Ok(crate::stats::nodes(svc, &state).to_string()),
+        AdminOp::AddNode { id, addr } => membership(svc, admin_key_hash, AdminOp::AddNode { id, addr }).await,
+        AdminOp::RemoveNode { id } => membership(svc, admin_key_hash, AdminOp::RemoveNode { id }).await,
+        AdminOp::DrainNode { .. } => Err(ApiError::Conflict(
+            "draining needs tenant handoff, which this version does not have; the node keeps its tenants".into(),
+        )),
+        write => {
+            let command = command_for(&state, write, svc.clock_ms())?;
+            let id = command_tenant(&command);
+            commit(svc, admin_key_hash, command).await?;
+            let state = svc.registry.state();
+            Ok(tenant_json(known(&state, &id)?).to_string())
+        }
+    }
+}
+
+fn known<'a>(state: &'a RegistryState, id: &str) -> Result<&'a TenantRecord, ApiError> {
+    state.tenant(id).ok_or(ApiError::NotFound)
+}
+
+fn tier(name: Option<&str>) -> Result<Option<Tier>, ApiError> {
+    name.map(|n| Tier::parse(n).ok_or_else(|| ApiError::bad_request(format!("unknown tier {n:?}: use free, pro or team"))))
+        .transpose()
+}
+
+/// Turns a tenant-changing admin operation into a registry command, checking its input first.
+fn command_for(state: &RegistryState, op: AdminOp, now_ms: u64) -> Result<Command, ApiError> {
+    Ok(match op {
+        AdminOp::AddTenant { tenant_id, tier: t, quota_mb, admin_email, key_hash } => {
+            if !proto::auth::valid_tenant_id(&tenant_id) {
+                return Err(ApiError::bad_request("tenant_id must match [a-z0-9][a-z0-9-]{0,62}"));
+            }
+            if state.tenant(&tenant_id).is_some() {
+                return Err(ApiError::Conflict(format!("tenant {tenant_id} exists")));
+            }
+            let tier = tier(t.as_deref())?.unwrap_or(Tier::Free);
+            Command::AddTenant(TenantRecord {
+                id: tenant_id,
+                tier,
+                quota_bytes: quota_mb.map_or(tier.default_quota_bytes(), |mb| mb.saturating_mul(MIB)),
+                daily_limit: tier.default_daily_limit(),
+                key_hashes: vec![key_hash],
+                enabled: true,
+                archived: false,
+                created_at_ms: now_ms,
+                admin_email,
+            })
+        }
+        AdminOp::PatchTenant { tenant_id, tier: t, quota_mb, enabled, daily_limit } => {
+            known(state, &tenant_id)?;
+            Command::UpdateTenant {
+                id: tenant_id,
+                tier: tier(t.as_deref())?,
+                quota_bytes: quota_mb.map(|mb| mb.saturating_mul(MIB)),
+                daily_limit,
+                enabled,
+            }
+        }
+        AdminOp::RotateKey { tenant_id, key_hash } => {
+            known(state, &tenant_id)?;
+            Command::RotateKey { id: tenant_id, new_hash: key_hash }
+        }
+        AdminOp::DeleteTenant { tenant_id } => {
+            known(state, &tenant_id)?;
+            Command::ArchiveTenant { id: tenant_id }
+        }
+        other => unreachable!("{other:?} is not a tenant write"),
+    })
+}
+
+fn command_tenant(c: &Command) -> String {
+    match c {
+        Command::AddTenant(r) => r.id.clone(),
+        Command::UpdateTenant { id, .. } | Command::RotateKey { id, .. } | Command::ArchiveTenant { id } => id.clone(),
+        _ => String::new(),
+    }
+}
+
+/// Commits on the leader; a follower forwards the whole admin request to it.
+async fn commit(svc: &Service, admin_key_hash: &str, command: Command) -> Result<(), ApiError> {
+    match svc.registry.write(command.clone()).await {
+        Ok(_) => Ok(()),
+        Err(RegistryError::NotLeader { leader_addr: Some(addr), .. }) => {
+            forward_to_leader(svc, &addr, NodeRequest::RaftCommand { admin_key_hash: admin_key_hash.to_string(), command: encode_command(&command)? }).await
+        }
+        Err(e) => Err(registry_error(e)),
+    }
+}
+
+fn encode_command(c: &Command) -> Result<Vec<u8>, ApiError> {
+    proto::wire::encode(c).map_err(|e| ApiError::Internal(e.to_string()))
+}
+
+async fn forward_to_leader(svc: &Service, leader: &str, request: NodeRequest) -> Result<(), ApiError> {
+    let addr = leader.parse().map_err(|_| ApiError::Internal(format!("leader address {leader:?} is invalid")))?;
+    let bytes = proto::wire::encode(&request).map_err(|e| ApiError::Internal(e.to_string()))?;
+    let unavailable = |reason: String| ApiError::Unavailable { reason, retry_after_s: 1 };
+    let answer = svc.peers.call(addr, bytes.into(), PEER_CALL_TIMEOUT).await.map_err(|e| unavailable(format!("registry leader unreachable: {e}")))?;
+    match proto::wire::decode::<NodeResponse>(&answer) {
+        Ok(NodeResponse::Admin { result, applied_index }) => {
+            result?;
+            wait_applied(svc, applied_index).await;
+            Ok(())
+        }
+        Ok(other) => Err(ApiError::Internal(format!("leader answered {other:?}"))),
+        Err(e) => Err(ApiError::Internal(e.to_string())),
+    }
+}
+
+/// Waits (bounded) until this node has applied `index`, so its answer already shows the change.
+async fn wait_applied(svc: &Service, index: u64) {
+    let mut rx = svc.registry.subscribe();
+    let _ = tokio::time::timeout(APPLY_WAIT, async {
+        while rx.borrow_and_update().0 < index {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+}
+
+/// A command forwarded by a follower: commit it here, on the leader.
+pub async fn commit_forwarded(svc: &Service, admin_key_hash: &str, command: &[u8]) -> (Result<String, ApiError>, u64) {
+    let result = async {
+        if svc.registry.state().admin_key_hash() != Some(admin_key_hash) {
+            return Err(ApiError::Unauthorized);
+        }
+        let command: Command = proto::wire::decode(command).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        svc.registry.write(command).await.map_err(registry_error)?;
+        Ok("{}".to_string())
+    }
+    .await;
+    (result, svc.registry.subscribe().borrow().0)
+}
+
+/// Membership changes run on the leader, one at a time.
+async fn membership(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<String, ApiError> {
+    let status = svc.registry.status();
+    if status.leader != Some(svc.id) {
+        let leader = status.leader.and_then(|l| svc.registry.state().node(l).map(|n| n.addr.clone()));
+        let Some(addr) = leader else {
+            return Err(ApiError::Unavailable { reason: "no registry leader".into(), retry_after_s: 1 });
+        };
+        forward_to_leader(svc, &addr, NodeRequest::Admin { admin_key_hash: admin_key_hash.to_string(), op }).await?;
+        return Ok(crate::stats::nodes(svc, &svc.registry.state()).to_string());
+    }
+    match op {
+        AdminOp::AddNode { id, addr } => svc.registry.join_node(id, addr).await.map_err(registry_error)?,
+        AdminOp::RemoveNode { id } => {
+            let state = svc.registry.state();
+            let owned = state.tenants().filter(|t| state.owner_of(&t.id) == Some(id)).count();
+            if owned > 0 {
+                return Err(ApiError::Conflict(format!("node {id} still owns {owned} tenants; drain it first")));
+            }
+            svc.registry.remove_node(id).await.map_err(registry_error)?
+        }
+        other => unreachable!("{other:?} is not a membership change"),
+    };
+    Ok(crate::stats::nodes(svc, &svc.registry.state()).to_string())
+}
+
+/// Registry errors as API errors: rejections are the caller's fault, the rest are ours.
+pub fn registry_error(e: RegistryError) -> ApiError {
+    match e {
+        RegistryError::Rejected(reason) => ApiError::Conflict(reason.to_string()),
+        RegistryError::NotLeader { .. } => ApiError::Unavailable { reason: "no registry leader".into(), retry_after_s: 1 },
+        RegistryError::MembershipChangeInProgress => ApiError::Conflict("another membership change is in progress".into()),
+        other => ApiError::Unavailable { reason: other.to_string(), retry_after_s: 1 },
+    }
+}
+
+pub fn tenant_json(t: &TenantRecord) -> serde_json::Value {
+    json!({
+        "tenant_id": t.id,
+        "tier": t.tier.as_str(),
+        "quota_mb": t.quota_bytes / MIB,
+        "quota_bytes": t.quota_bytes,
+        "daily_limit": t.daily_limit,
+        "status": if t.archived { "archived" } else if t.enabled { "active" } else { "disabled" },
+        "created_at_ms": t.created_at_ms,
+        "admin_email": t.admin_email,
+    })
+}
+
+/// The registry as gateways see it.
+pub fn registry_view(applied_index: u64, state: &RegistryState, health: &Health) -> RegistryView {
+    RegistryView {
+        applied_index,
+        epoch: state.placement_epoch(),
+        admin_key_hash: state.admin_key_hash().map(str::to_string),
+        tenants: state
+            .tenants()
+            .map(|t| TenantView {
+                id: t.id.clone(),
+                key_hashes: t.key_hashes.clone(),
+                enabled: t.enabled && !t.archived,
+                owner: state.owner_of(&t.id),
+            })
+            .collect(),
+        nodes: state
+            .nodes()
+            .map(|n| NodeView { id: n.id, addr: n.addr.clone(), state: n.state.as_str().to_string(), health: health.of(n.id).to_string() })
+            .collect(),
+    }
+}

@@ -1,0 +1,74 @@
+//! `node.toml`: one struct, every field documented with its default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Default memory the tenant store may hold before it unloads least-recently-used tenants.
+pub const DEFAULT_MEMORY_BUDGET_MB: u64 = 1024;
+
+/// Default idle time after which a tenant is unloaded from memory.
+pub const DEFAULT_IDLE_UNLOAD_S: u64 = 60;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeConfig {
+    /// This node's id in the cluster. Ids are never reused: a removed node's id stays retired.
+    pub id: u64,
+    /// Where this node keeps its registry and its tenants' data.
+    pub data_dir: PathBuf,
+    /// UDP address the QUIC service binds, e.g. `0.0.0.0:7100`.
+    pub listen: SocketAddr,
+    /// Address other nodes and gateways reach this node at. Default: `listen`.
+    #[serde(default)]
+    pub advertise: Option<SocketAddr>,
+    /// Directory with `ca.pem` and this node's `node-<id>.pem` / `.key` from `sq-cloud certs`.
+    pub cluster_certs: PathBuf,
+    /// Start a new cluster with this node as its only member, if the registry is empty.
+    /// Exactly one node of a new cluster sets it; the rest join through the admin API.
+    #[serde(default)]
+    pub bootstrap: bool,
+    /// SHA-256 (hex) of the admin key, recorded in the registry at bootstrap. Never the key.
+    #[serde(default)]
+    pub admin_key_hash: Option<String>,
+    /// Memory, in MiB, the tenant store may hold before unloading idle tenants.
+    #[serde(default = "default_memory_budget_mb")]
+    pub memory_budget_mb: u64,
+    /// Seconds without a request after which a tenant is unloaded.
+    #[serde(default = "default_idle_unload_s")]
+    pub idle_unload_s: u64,
+    /// A declarative tenants file (the seeds' tenants.json shape), applied and watched.
+    #[serde(default)]
+    pub tenants_file: Option<PathBuf>,
+}
+
+fn default_memory_budget_mb() -> u64 {
+    DEFAULT_MEMORY_BUDGET_MB
+}
+
+fn default_idle_unload_s() -> u64 {
+    DEFAULT_IDLE_UNLOAD_S
+}
+
+impl NodeConfig {
+    /// The configuration `sq-cloud dev` writes for one of its nodes.
+    pub fn dev(id: u64, addr: SocketAddr, data_dir: &Path, certs: &Path, bootstrap: bool, admin_key: &str) -> NodeConfig {
+        NodeConfig {
+            id,
+            data_dir: data_dir.to_path_buf(),
+            listen: addr,
+            advertise: None,
+            cluster_certs: certs.to_path_buf(),
+            bootstrap,
+            admin_key_hash: bootstrap.then(|| proto::auth::key_hash(admin_key)),
+            memory_budget_mb: DEFAULT_MEMORY_BUDGET_MB,
+            idle_unload_s: DEFAULT_IDLE_UNLOAD_S,
+            tenants_file: None,
+        }
+    }
+
+    pub fn advertise(&self) -> SocketAddr {
+        self.advertise.unwrap_or(self.listen)
+    }
+}

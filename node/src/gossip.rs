@@ -1,0 +1,185 @@
+//! Health gossip: heartbeat counters spread between nodes over QUIC.
+//!
+//! Each node bumps its own counter every [`GossipConfig::interval_ms`] and sends its table of
+//! counters to every peer, which keeps the larger of each. A node whose counter has not grown for
+//! `suspect_after_ms` is suspect; for `dead_after_ms`, dead. The gateway reads these states in its
+//! registry view and answers 503 at once for a dead node's tenants.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::cluster::{NodeRequest, NodeResponse};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use crate::store::Clock;
+
+/// Gossip timing, all in milliseconds.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct GossipConfig {
+    /// How often a node bumps its heartbeat and sends its table. Default 250.
+    pub interval_ms: u64,
+    /// Silence after which a node is suspect. Default 1500.
+    pub suspect_after_ms: u64,
+    /// Silence after which a node is dead. Default 3000: a dead node is known within 5 s.
+    pub dead_after_ms: u64,
+}
+
+impl Default for GossipConfig {
+    fn default() -> Self {
+        GossipConfig { interval_ms: 250, suspect_after_ms: 1500, dead_after_ms: 3000 }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Alive,
+    Suspect,
+    Dead,
+}
+
+impl State {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            State::Alive => "alive",
+            State::Suspect => "suspect",
+            State::Dead => "dead",
+        }
+    }
+}
+
+impl std::fmt::Display for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+struct Entry {
+    heartbeat: u64,
+    /// Local clock time at which `heartbeat` last grew.
+    seen_ms: u64,
+    state: State,
+}
+
+/// This node's table of every node's heartbeat.
+pub struct Health {
+    me: u64,
+    config: GossipConfig,
+    clock: Arc<dyn Clock>,
+    table: Mutex<HashMap<u64, Entry>>,
+    /// Set when a state changed, so the cached registry view is rebuilt.
+    changed: AtomicBool,
+}
+
+impl Health {
+    pub fn new(me: u64, config: GossipConfig, clock: Arc<dyn Clock>) -> Health {
+        Health { me, config, clock, table: Mutex::new(HashMap::new()), changed: AtomicBool::new(false) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The state of node `id`. A node never heard from counts as alive until it has been silent
+    /// for the dead timeout since this node started watching it.
+    pub fn of(&self, id: u64) -> State {
+        if id == self.me {
+            return State::Alive;
+        }
+        self.lock().get(&id).map_or(State::Alive, |e| e.state)
+    }
+
+    /// Takes the larger counter for each node; returns this side's table for the reply.
+    pub fn merge(&self, _from: u64, heartbeats: &[(u64, u64)]) -> Vec<(u64, u64)> {
+        let now = self.clock.now_ms();
+        let mut table = self.lock();
+        for &(id, beat) in heartbeats {
+            let e = table.entry(id).or_insert(Entry { heartbeat: 0, seen_ms: now, state: State::Alive });
+            if beat > e.heartbeat {
+                e.heartbeat = beat;
+                e.seen_ms = now;
+            }
+        }
+        table.iter().map(|(id, e)| (*id, e.heartbeat)).collect()
+    }
+
+    /// Bumps this node's heartbeat and re-derives every state. Returns the table to send.
+    fn tick(&self, peers: &[u64]) -> Vec<(u64, u64)> {
+        let now = self.clock.now_ms();
+        let mut table = self.lock();
+        let mine = table.entry(self.me).or_insert(Entry { heartbeat: 0, seen_ms: now, state: State::Alive });
+        mine.heartbeat += 1;
+        mine.seen_ms = now;
+        for p in peers {
+            table.entry(*p).or_insert(Entry { heartbeat: 0, seen_ms: now, state: State::Alive });
+        }
+        for (id, e) in table.iter_mut() {
+            let silent = now.saturating_sub(e.seen_ms);
+            let state = if *id == self.me || silent < self.config.suspect_after_ms {
+                State::Alive
+            } else if silent < self.config.dead_after_ms {
+                State::Suspect
+            } else {
+                State::Dead
+            };
+            if state != e.state {
+                tracing::info!(node = id, from = %e.state, to = %state, "gossip state changed");
+                e.state = state;
+                self.changed.store(true, Ordering::SeqCst);
+            }
+            metrics::gauge!("sq_gossip_state", "peer" => id.to_string()).set(match state {
+                State::Alive => 0.0,
+                State::Suspect => 1.0,
+                State::Dead => 2.0,
+            });
+        }
+        table.iter().map(|(id, e)| (*id, e.heartbeat)).collect()
+    }
+
+    /// True once after any state changed.
+    pub fn changed_since_view(&self) -> bool {
+        self.changed.swap(false, Ordering::SeqCst)
+    }
+
+    /// Every known node's state, sorted by id.
+    pub fn snapshot(&self) -> Vec<(u64, State)> {
+        let mut v: Vec<_> = self.lock().iter().map(|(id, e)| (*id, if *id == self.me { State::Alive } else { e.state })).collect();
+        v.sort_by_key(|(id, _)| *id);
+        v
+    }
+}
+
+/// Sends this node's table to every peer each interval until `shutdown`.
+pub async fn run(health: Arc<Health>, registry: Arc<raft_registry::Registry>, client: transport::Client, shutdown: CancellationToken) {
+    let interval = Duration::from_millis(health.config.interval_ms);
+    loop {
+        let state = registry.state();
+        let peers: Vec<(u64, String)> = state
+            .nodes()
+            .filter(|n| n.id != health.me && n.state.as_str() != "removed")
+            .map(|n| (n.id, n.addr.clone()))
+            .collect();
+        let ids: Vec<u64> = peers.iter().map(|(id, _)| *id).collect();
+        let table = health.tick(&ids);
+        for (id, addr) in peers {
+            let Ok(addr) = addr.parse() else { continue };
+            let request = NodeRequest::Gossip { from: health.me, heartbeats: table.clone() };
+            let (client, health) = (client.clone(), health.clone());
+            tokio::spawn(async move {
+                let Ok(bytes) = proto::wire::encode(&request) else { return };
+                // A gossip round may take at most one interval; a slow peer is simply missed.
+                if let Ok(answer) = client.call(addr, bytes.into(), interval).await {
+                    if let Ok(NodeResponse::Gossip { heartbeats }) = proto::wire::decode(&answer) {
+                        health.merge(id, &heartbeats);
+                    }
+                }
+            });
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The node's QUIC service: every message another process sends a node arrives here.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use proto::cluster::{NodeRequest, NodeResponse, RegistryView, TenantUsage};
+use proto::{ApiError, SqRequest, SqResponse};
+use raft_registry::Registry;
+use transport::{Handler, HandlerFuture, Peer, Role};
+
+use crate::store::Store;
+
+/// The longest a gateway's view long-poll is held open, whatever it asks for.
+const VIEW_WAIT_MAX: Duration = Duration::from_secs(30);
+
+/// How long a request may take when this node forwards it to a peer (leader or owner).
+pub const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Service {
+    pub id: u64,
+    pub store: Arc<Store>,
+    pub registry: Arc<Registry>,
+    pub peers: transport::Client,
+    /// The view last built for gateways, by applied index: rebuilt only when the registry moves.
+    view_cache: Mutex<Option<Arc<RegistryView>>>,
+    pub health: Arc<crate::gossip::Health>,
+}
+
+impl Service {
+    pub fn new(id: u64, store: Arc<Store>, registry: Arc<Registry>, peers: transport::Client, health: Arc<crate::gossip::Health>) -> Service {
+        Service { id, store, registry, peers, view_cache: Mutex::new(None), health }
+    }
+
+    async fn dispatch(&self, peer: Peer, request: NodeRequest) -> NodeResponse {
+        let from_node = matches!(peer.role, Role::Node(_));
+        match request {
+            NodeRequest::Sq { tenant, key_hash, epoch, request } => {
+                NodeResponse::Sq(self.sq(&tenant, &key_hash, epoch, request).await)
+            }
+            NodeRequest::View { known_index, wait_ms } => NodeResponse::View(self.view(known_index, wait_ms).await),
+            NodeRequest::Admin { admin_key_hash, op } => {
+                let (result, applied_index) = crate::admin::execute(self, &admin_key_hash, op).await;
+                NodeResponse::Admin { result, applied_index }
+            }
+            NodeRequest::Raft(bytes) if from_node => NodeResponse::Raft(self.registry.handle_rpc(&bytes).await),
+            NodeRequest::Gossip { from, heartbeats } if from_node => {
+                NodeResponse::Gossip { heartbeats: self.health.merge(from, &heartbeats) }
+            }
+            NodeRequest::TenantUsage { tenants } => NodeResponse::TenantUsage(self.usage(tenants).await),
+            NodeRequest::Metrics => NodeResponse::Metrics(crate::metrics::render()),
+            other => NodeResponse::Refused(format!("{:?} may not send {}", peer.role, kind(&other))),
+        }
+    }
+
+    /// Runs an SQ request for a tenant this node owns, after checking the key hash again.
+    async fn sq(&self, tenant: &str, key_hash: &str, _epoch: u64, request: SqRequest) -> Result<SqResponse, ApiError> {
+        let state = self.registry.state();
+        let record = state.tenant(tenant).ok_or(ApiError::Unauthorized)?;
+        if !record.key_hashes.iter().any(|h| h == key_hash) {
+            return Err(ApiError::Unauthorized);
+        }
+        if !record.enabled || record.archived {
+            return Err(ApiError::Forbidden("tenant is disabled".into()));
+        }
+        if state.owner_of(tenant) != Some(self.id) {
+            return Err(ApiError::NotOwner { epoch: state.placement_epoch });
+        }
+        let quota = record.quota_bytes;
+        let store = self.store.clone();
+        let tenant = tenant.to_string();
+        let route = request.route();
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || store.execute(&tenant, quota, &request).map_err(ApiError::from))
+            .await
+            .unwrap_or_else(|e| Err(ApiError::Internal(format!("store task failed: {e}"))));
+        crate::metrics::request(route, &result, started.elapsed());
+        result
+    }
+
+    /// Long-poll: the view as soon as the registry has applied past `known_index`.
+    async fn view(&self, known_index: u64, wait_ms: u64) -> Option<RegistryView> {
+        let mut rx = self.registry.subscribe();
+        let wait = Duration::from_millis(wait_ms).min(VIEW_WAIT_MAX);
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let applied = rx.borrow_and_update().0;
+            if applied > known_index || known_index == 0 {
+                return Some(self.build_view());
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return None,
+            }
+        }
+    }
+
+    /// The registry as gateways see it, rebuilt only when the applied index moved.
+    pub fn build_view(&self) -> RegistryView {
+        let (applied, state) = self.registry.subscribe().borrow().clone();
+        let mut cache = self.view_cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = cache.as_ref().filter(|v| v.applied_index == applied && !self.health.changed_since_view()) {
+            return (**v).clone();
+        }
+        let view = crate::admin::registry_view(applied, &state, &self.health);
+        *cache = Some(Arc::new(view.clone()));
+        view
+    }
+
+    async fn usage(&self, tenants: Vec<String>) -> Vec<TenantUsage> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            tenants
+                .into_iter()
+                .map(|t| TenantUsage { storage_bytes: store.storage_bytes(&t).unwrap_or(0), tenant_id: t, ..Default::default() })
+                .collect()
+        })
+        .await
+        .unwrap_or_default()
+    }
+}
+
+fn kind(r: &NodeRequest) -> &'static str {
+    match r {
+        NodeRequest::Sq { .. } => "sq",
+        NodeRequest::View { .. } => "view",
+        NodeRequest::Admin { .. } => "admin",
+        NodeRequest::Raft(_) => "raft",
+        NodeRequest::TenantUsage { .. } => "usage",
+        NodeRequest::Metrics => "metrics",
+        NodeRequest::Gossip { .. } => "gossip",
+    }
+}
+
+impl Handler for Service {
+    fn handle(&self, peer: Peer, request: Bytes) -> HandlerFuture<'_> {
+        Box::pin(async move {
+            let response = match proto::wire::decode::<NodeRequest>(&request) {
+                Ok(r) => self.dispatch(peer, r).await,
+                Err(e) => NodeResponse::Refused(e.to_string()),
+            };
+            // Encoding our own enum into memory fails only past the size limit; say so instead.
+            let bytes = proto::wire::encode(&response)
+                .or_else(|e| proto::wire::encode(&NodeResponse::Refused(e.to_string())))
+                .unwrap_or_default();
+            Bytes::from(bytes)
+        })
+    }
+}

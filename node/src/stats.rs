@@ -1,0 +1,92 @@
+//! Admin reads that gather facts from several nodes: tenant stats, health, the node list.
+
+use proto::cluster::{NodeRequest, NodeResponse, TenantUsage};
+use proto::ApiError;
+use raft_registry::RegistryState;
+use serde_json::json;
+
+use crate::service::{Service, PEER_CALL_TIMEOUT};
+
+const MIB: f64 = 1024.0 * 1024.0;
+
+/// Usage of one tenant, asked of its owner (this node or a peer).
+async fn usage(svc: &Service, state: &RegistryState, tenant: &str) -> Result<(u64, TenantUsage), ApiError> {
+    let owner = state.owner_of(tenant).ok_or_else(|| ApiError::Unavailable { reason: "no active node".into(), retry_after_s: 1 })?;
+    if owner == svc.id {
+        let store = svc.store.clone();
+        let t = tenant.to_string();
+        let bytes = tokio::task::spawn_blocking(move || store.storage_bytes(&t))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(ApiError::from)?;
+        return Ok((owner, TenantUsage { tenant_id: tenant.to_string(), storage_bytes: bytes, ..Default::default() }));
+    }
+    let addr = state
+        .node(owner)
+        .and_then(|n| n.addr.parse().ok())
+        .ok_or_else(|| ApiError::Internal(format!("node {owner} has no address")))?;
+    let request = proto::wire::encode(&NodeRequest::TenantUsage { tenants: vec![tenant.to_string()] })
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let answer = svc
+        .peers
+        .call(addr, request.into(), PEER_CALL_TIMEOUT)
+        .await
+        .map_err(|e| ApiError::Unavailable { reason: format!("node {owner} unreachable: {e}"), retry_after_s: 1 })?;
+    match proto::wire::decode(&answer) {
+        Ok(NodeResponse::TenantUsage(mut v)) if !v.is_empty() => Ok((owner, v.remove(0))),
+        other => Err(ApiError::Internal(format!("node {owner} answered {other:?}"))),
+    }
+}
+
+pub async fn tenant_stats(svc: &Service, state: &RegistryState, tenant: &str) -> Result<String, ApiError> {
+    let record = state.tenant(tenant).ok_or(ApiError::NotFound)?;
+    let (node, u) = usage(svc, state, tenant).await?;
+    Ok(json!({
+        "tenant_id": record.id,
+        "tier": record.tier.as_str(),
+        "storage_used_mb": u.storage_bytes as f64 / MIB,
+        "storage_used_bytes": u.storage_bytes,
+        "quota_mb": record.quota_bytes / (1024 * 1024),
+        "api_calls_today": u.api_calls_today,
+        "bytes_out_today": u.bytes_out_today,
+        "last_active": u.last_active_ms,
+        "node": node,
+    })
+    .to_string())
+}
+
+pub fn nodes(svc: &Service, state: &RegistryState) -> serde_json::Value {
+    let mut counts = std::collections::HashMap::new();
+    for t in state.tenants() {
+        if let Some(o) = state.owner_of(&t.id) {
+            *counts.entry(o).or_insert(0u64) += 1;
+        }
+    }
+    json!(state
+        .nodes()
+        .map(|n| json!({
+            "id": n.id,
+            "addr": n.addr,
+            "state": n.state.as_str(),
+            "health": svc.health.of(n.id).as_str(),
+            "tenants": counts.get(&n.id).copied().unwrap_or(0),
+        }))
+        .collect::<Vec<_>>())
+}
+
+pub fn health(svc: &Service, state: &RegistryState) -> serde_json::Value {
+    let status = svc.registry.status();
+    json!({
+        "node": svc.id,
+        "raft": {
+            "leader": status.leader,
+            "term": status.term,
+            "commit_index": status.commit_index,
+            "applied_index": svc.registry.subscribe().borrow().0,
+        },
+        "placement_epoch": state.placement_epoch(),
+        "ring": state.active_nodes(),
+        "nodes": nodes(svc, state),
+        "gossip": svc.health.snapshot().into_iter().map(|(id, s)| json!({"id": id, "state": s.as_str()})).collect::<Vec<_>>(),
+    })
+}

@@ -1,0 +1,282 @@
+//! A tenant's write-ahead log, with group commit.
+//!
+//! Every change to a tenant's phexts is first a record in its log; an answer goes out only once
+//! its record is fsynced. Records are framed as `[len u32][crc32c u32][payload]` (little-endian;
+//! the CRC covers the payload) and the payload is the bincode-2 (serde) encoding of
+//! [`Record`]. A record whose frame is short, zero-length or fails its CRC marks the end of the
+//! log: it is a write torn by a crash, never applied.
+//!
+//! The log is a run of segment files `<first lsn:020>.log`; a checkpoint starts a new one and
+//! deletes the older ones once the phexts they changed are rewritten.
+//!
+//! Group commit is leader/follower on one mutex and condvar, with no thread of its own: a writer
+//! appends its record to the pending buffer and takes an LSN; whoever then waits for an LSN that
+//! is neither synced nor being synced becomes the flusher, writes and syncs the whole buffer
+//! outside the lock, and wakes everyone. While one batch syncs, the next one gathers.
+
+use std::mem;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+use proto::Coordinate;
+use serde::{Deserialize, Serialize};
+
+use super::error::StoreError;
+use super::vfs::{create_dir_durable, Vfs, VfsFile};
+
+/// Bytes before each record's payload: its length and CRC-32C, as little-endian `u32`s.
+pub(crate) const RECORD_HEADER_BYTES: usize = 8;
+
+/// The largest payload a record may have, in bytes: a scroll as large as the largest request
+/// body, plus 64 KiB for its phext name and encoding. A longer length field is a torn write.
+pub(crate) const RECORD_PAYLOAD_MAX_BYTES: usize = proto::request::BODY_MAX_BYTES + 64 * 1024;
+
+/// The file name suffix of a log segment. Its stem is the segment's first LSN in 20 digits, so
+/// that names sort in LSN order.
+pub(crate) const SEGMENT_SUFFIX: &str = ".log";
+
+/// A change to one scroll. `S` is `&str` when writing and `String` when reading back; both
+/// encode the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum Op<S> {
+    /// Replace the scroll at `c`; empty text deletes it (an update or a delete).
+    Set { c: Coordinate, text: S },
+    /// Cut the scroll at `c` to `len_before` bytes, then append `text` (an insert). Replaying it
+    /// over a state that already holds it changes nothing.
+    TruncateAppend { c: Coordinate, len_before: u64, text: S },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Record<S> {
+    pub lsn: u64,
+    pub phext: S,
+    pub op: Op<S>,
+}
+
+fn encode_config() -> impl bincode::config::Config {
+    bincode::config::standard()
+}
+
+fn decode_config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<RECORD_PAYLOAD_MAX_BYTES>()
+}
+
+/// Appends one framed record to `out`, returning its size in bytes.
+pub(crate) fn encode_record(out: &mut Vec<u8>, record: &Record<&str>) -> usize {
+    let start = out.len();
+    out.extend_from_slice(&[0; RECORD_HEADER_BYTES]);
+    // Serialising integers and strings into a Vec cannot fail.
+    bincode::serde::encode_into_std_write(record, out, encode_config()).expect("a record encodes into memory");
+    let payload_len = out.len() - start - RECORD_HEADER_BYTES;
+    assert!(payload_len <= RECORD_PAYLOAD_MAX_BYTES, "record of {payload_len} bytes: request validation let it through");
+    let crc = crc32c::crc32c(&out[start + RECORD_HEADER_BYTES..]);
+    out[start..start + 4].copy_from_slice(&(payload_len as u32).to_le_bytes());
+    out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    out.len() - start
+}
+
+/// What the bytes at the start of a segment's remainder hold.
+#[derive(Debug)]
+pub(crate) enum Next {
+    /// Nothing: the segment ends cleanly.
+    End,
+    /// A whole record, `len` bytes with its frame.
+    Record { record: Record<String>, len: usize },
+    /// A torn or garbled frame: the log ends here.
+    Torn(&'static str),
+}
+
+/// Reads the record at the start of `buf`. A frame that checks out but does not decode is not a
+/// torn write but a file the store did not write: that is `Corrupt`.
+pub(crate) fn decode_next(buf: &[u8], path: &Path) -> Result<Next, StoreError> {
+    if buf.is_empty() {
+        return Ok(Next::End);
+    }
+    let Some(header) = buf.get(..RECORD_HEADER_BYTES) else { return Ok(Next::Torn("short header")) };
+    let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
+    let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+    // A zero-filled tail (space the file system allocated but never wrote) reads as an empty
+    // payload with a matching CRC of 0; no real record is empty.
+    if len == 0 || len > RECORD_PAYLOAD_MAX_BYTES {
+        return Ok(Next::Torn("bad length"));
+    }
+    let Some(payload) = buf.get(RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + len) else {
+        return Ok(Next::Torn("short payload"));
+    };
+    if crc32c::crc32c(payload) != crc {
+        return Ok(Next::Torn("bad checksum"));
+    }
+    match bincode::serde::decode_from_slice::<Record<String>, _>(payload, decode_config()) {
+        Ok((record, used)) if used == len => Ok(Next::Record { record, len: RECORD_HEADER_BYTES + len }),
+        Ok(_) => Err(StoreError::corrupt(path, "record has trailing bytes")),
+        Err(e) => Err(StoreError::corrupt(path, format!("record does not decode: {e}"))),
+    }
+}
+
+pub(crate) fn segment_name(first_lsn: u64) -> String {
+    format!("{first_lsn:020}{SEGMENT_SUFFIX}")
+}
+
+/// The first LSN a segment file name stands for; `None` for any other name.
+pub(crate) fn parse_segment_name(name: &str) -> Option<u64> {
+    let stem = name.strip_suffix(SEGMENT_SUFFIX)?;
+    if stem.len() != 20 || !stem.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    stem.parse().ok()
+}
+
+pub(crate) struct Wal {
+    dir: PathBuf,
+    vfs: Arc<dyn Vfs>,
+    state: Mutex<WalState>,
+    synced: Condvar,
+}
+
+struct WalState {
+    /// The LSN the next record gets.
+    next_lsn: u64,
+    /// Every record up to here is durable.
+    synced_lsn: u64,
+    /// Framed records not yet handed to a flusher, from `pending_first_lsn` to `next_lsn - 1`.
+    pending: Vec<u8>,
+    pending_first_lsn: u64,
+    /// A flusher is writing a batch outside the lock.
+    flushing: bool,
+    /// Set by a failed flush; the log takes no more records and every waiter gets this.
+    failed: Option<StoreError>,
+    /// The open segment; `None` until the first flush after opening or rotating the log. The
+    /// flusher takes it out while it writes.
+    file: Option<(PathBuf, Box<dyn VfsFile>)>,
+    /// Bytes in all segments, counting pending records: what a checkpoint would free.
+    log_bytes: u64,
+}
+
+impl Wal {
+    /// A log over `dir` whose next record gets `next_lsn`; `log_bytes` are already on disk there.
+    pub(crate) fn new(dir: PathBuf, vfs: Arc<dyn Vfs>, next_lsn: u64, log_bytes: u64) -> Wal {
+        assert!(next_lsn >= 1, "LSNs start at 1");
+        let state = WalState {
+            next_lsn,
+            synced_lsn: next_lsn - 1,
+            pending: Vec::new(),
+            pending_first_lsn: next_lsn,
+            flushing: false,
+            failed: None,
+            file: None,
+            log_bytes,
+        };
+        Wal { dir, vfs, state: Mutex::new(state), synced: Condvar::new() }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, WalState> {
+        self.state.lock().expect("wal lock poisoned: a thread panicked while holding it")
+    }
+
+    /// Adds a record to the pending batch and returns its LSN. Not durable until
+    /// [`Wal::wait_durable`] returns for it.
+    pub(crate) fn append(&self, phext: &str, op: Op<&str>) -> Result<u64, StoreError> {
+        let mut st = self.lock();
+        if let Some(e) = &st.failed {
+            return Err(e.clone());
+        }
+        let lsn = st.next_lsn;
+        if st.pending.is_empty() {
+            st.pending_first_lsn = lsn;
+        }
+        let bytes = encode_record(&mut st.pending, &Record { lsn, phext, op });
+        st.next_lsn += 1;
+        st.log_bytes += bytes as u64;
+        Ok(lsn)
+    }
+
+    /// Returns once every record up to `lsn` is durable, flushing the pending batch itself if no
+    /// one else is. Fails if the log failed before `lsn` was synced.
+    pub(crate) fn wait_durable(&self, lsn: u64) -> Result<(), StoreError> {
+        let mut st = self.lock();
+        loop {
+            if st.synced_lsn >= lsn {
+                return Ok(());
+            }
+            if let Some(e) = &st.failed {
+                return Err(e.clone());
+            }
+            if st.flushing {
+                st = self.synced.wait(st).expect("wal lock poisoned: a thread panicked while holding it");
+                continue;
+            }
+            assert!(lsn < st.next_lsn && !st.pending.is_empty(), "lsn {lsn} is neither synced nor pending");
+            st.flushing = true;
+            let batch = mem::take(&mut st.pending);
+            let (first, last) = (st.pending_first_lsn, st.next_lsn - 1);
+            let file = st.file.take();
+            drop(st);
+            let result = self.write_batch(file, first, &batch);
+            st = self.lock();
+            st.flushing = false;
+            match result {
+                Ok(file) => {
+                    st.file = Some(file);
+                    st.synced_lsn = last;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, dir = ?self.dir, "log write failed; the tenant will be reloaded");
+                    st.failed = Some(e);
+                }
+            }
+            self.synced.notify_all();
+        }
+    }
+
+    fn write_batch(
+        &self,
+        file: Option<(PathBuf, Box<dyn VfsFile>)>,
+        first_lsn: u64,
+        batch: &[u8],
+    ) -> Result<(PathBuf, Box<dyn VfsFile>), StoreError> {
+        let (path, mut file) = match file {
+            Some(open) => open,
+            None => self.open_segment(first_lsn)?,
+        };
+        file.write_all(batch).map_err(StoreError::io("append to log", &path))?;
+        file.sync_data().map_err(StoreError::io("sync log", &path))?;
+        Ok((path, file))
+    }
+
+    /// Creates the segment whose first record is `first_lsn`, and the directories above it,
+    /// durably: a synced record in a file whose directory entry is lost would be lost too.
+    fn open_segment(&self, first_lsn: u64) -> Result<(PathBuf, Box<dyn VfsFile>), StoreError> {
+        create_dir_durable(self.vfs.as_ref(), &self.dir).map_err(StoreError::io("create log dir", &self.dir))?;
+        let path = self.dir.join(segment_name(first_lsn));
+        let file = self.vfs.create_new(&path).map_err(StoreError::io("create log segment", &path))?;
+        self.vfs.sync_dir(&self.dir).map_err(StoreError::io("sync log dir", &self.dir))?;
+        Ok((path, file))
+    }
+
+    /// The LSN of the newest record, 0 if none was ever written.
+    pub(crate) fn last_lsn(&self) -> u64 {
+        self.lock().next_lsn - 1
+    }
+
+    pub(crate) fn log_bytes(&self) -> u64 {
+        self.lock().log_bytes
+    }
+
+    /// Closes the current segment so that the next record starts a new one, and returns that
+    /// record's LSN: every segment named below it may be deleted once the phexts are rewritten.
+    /// The caller keeps writers out and has waited for every record to be durable.
+    pub(crate) fn rotate(&self) -> u64 {
+        let mut st = self.lock();
+        assert!(
+            !st.flushing && st.pending.is_empty() && st.synced_lsn + 1 == st.next_lsn,
+            "rotate needs a quiet, synced log"
+        );
+        st.file = None;
+        st.log_bytes = 0;
+        st.next_lsn
+    }
+
+    pub(crate) fn dir(&self) -> &Path {
+        &self.dir
+    }
+}

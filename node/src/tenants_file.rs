@@ -1,0 +1,194 @@
+//! The declarative tenants file (the seeds' `tenants.json` shape), applied to the registry and
+//! re-applied within [`POLL_INTERVAL`] of any change.
+//!
+//! `{"admin_key"?: "...", "tenants": [{"id", "api_key", "quota_mb"?, "enabled"?, "tier"?}]}`.
+//! Keys are hashed as soon as the file is read; only hashes reach the registry. A malformed file
+//! is refused as a whole with one clear log line, and the registry is left as it was. Tenants
+//! missing from the file are left alone: removing a tenant is an explicit admin action.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use proto::auth::{key_hash, valid_tenant_id};
+use raft_registry::{Command, TenantRecord, Tier};
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::service::Service;
+
+/// How often the file is checked for changes.
+pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The largest tenants file read, in bytes.
+const FILE_MAX_BYTES: u64 = 64 * 1024 * 1024;
+
+const MIB: u64 = 1024 * 1024;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantsFile {
+    pub admin_key: Option<String>,
+    pub tenants: Vec<FileTenant>,
+    /// Accepted for compatibility with the seeds' shape; the file is always watched.
+    #[serde(default)]
+    pub reload_on_change: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTenant {
+    pub id: String,
+    pub api_key: String,
+    pub quota_mb: Option<u64>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    pub tier: Option<String>,
+    /// Accepted for compatibility with the seeds' shape; data lives where the owner keeps it.
+    #[serde(default)]
+    pub data_dir: Option<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Parses and checks the whole file; any error refuses all of it.
+pub fn parse(bytes: &[u8]) -> Result<TenantsFile, String> {
+    let file: TenantsFile = serde_json::from_slice(bytes).map_err(|e| format!("not a tenants file: {e}"))?;
+    let mut seen = std::collections::HashSet::new();
+    for t in &file.tenants {
+        if !valid_tenant_id(&t.id) {
+            return Err(format!("tenant id {:?} must match [a-z0-9][a-z0-9-]{{0,62}}", t.id));
+        }
+        if !seen.insert(&t.id) {
+            return Err(format!("tenant {} is listed twice", t.id));
+        }
+        if t.api_key.len() < 16 {
+            return Err(format!("tenant {}: api_key is too short to be a key", t.id));
+        }
+        if let Some(tier) = &t.tier {
+            Tier::parse(tier).ok_or_else(|| format!("tenant {}: unknown tier {tier:?}", t.id))?;
+        }
+    }
+    Ok(file)
+}
+
+/// The commands that make the registry match the file.
+pub fn commands(file: &TenantsFile, state: &raft_registry::RegistryState, now_ms: u64) -> Vec<Command> {
+    let mut out = Vec::new();
+    if let Some(admin) = &file.admin_key {
+        let hash = key_hash(admin);
+        if state.admin_key_hash() != Some(hash.as_str()) {
+            out.push(Command::SetAdminKeyHash { hash });
+        }
+    }
+    for t in &file.tenants {
+        let hash = key_hash(&t.api_key);
+        let tier = t.tier.as_deref().and_then(Tier::parse);
+        let quota_bytes = t.quota_mb.map(|mb| mb.saturating_mul(MIB));
+        match state.tenant(&t.id) {
+            None => {
+                let tier = tier.unwrap_or(Tier::Free);
+                out.push(Command::AddTenant(TenantRecord {
+                    id: t.id.clone(),
+                    tier,
+                    quota_bytes: quota_bytes.unwrap_or(tier.default_quota_bytes()),
+                    daily_limit: tier.default_daily_limit(),
+                    key_hashes: vec![hash],
+                    enabled: t.enabled,
+                    archived: false,
+                    created_at_ms: now_ms,
+                    admin_email: None,
+                }));
+            }
+            Some(r) => {
+                if r.key_hashes != [hash.clone()] {
+                    out.push(Command::RotateKey { id: t.id.clone(), new_hash: hash });
+                }
+                let quota_changed = quota_bytes.is_some_and(|q| q != r.quota_bytes);
+                let tier_changed = tier.is_some_and(|x| x != r.tier);
+                if quota_changed || tier_changed || r.enabled != t.enabled {
+                    out.push(Command::UpdateTenant {
+                        id: t.id.clone(),
+                        tier: tier.filter(|_| tier_changed),
+                        quota_bytes: quota_bytes.filter(|_| quota_changed),
+                        daily_limit: None,
+                        enabled: Some(t.enabled),
+                    });
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Watches the file until `shutdown`, applying it on this node while it leads the registry.
+pub async fn watch(path: PathBuf, svc: Arc<Service>, shutdown: CancellationToken) {
+    let mut applied: Option<Vec<u8>> = None;
+    loop {
+        if svc.registry.status().leader == Some(svc.id) {
+            match read(&path).await {
+                Ok(bytes) if applied.as_ref() != Some(&bytes) => match apply(&svc, &bytes).await {
+                    Ok(n) => {
+                        tracing::info!(path = %path.display(), changes = n, "tenants file applied");
+                        applied = Some(bytes);
+                    }
+                    Err(e) => {
+                        tracing::error!(path = %path.display(), error = %e, "tenants file refused; registry unchanged");
+                        applied = Some(bytes);
+                    }
+                },
+                Ok(_) => {}
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot read tenants file"),
+            }
+        } else {
+            // A new leader re-applies the file from scratch.
+            applied = None;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(POLL_INTERVAL) => {}
+        }
+    }
+}
+
+async fn read(path: &std::path::Path) -> Result<Vec<u8>, String> {
+    let meta = tokio::fs::metadata(path).await.map_err(|e| e.to_string())?;
+    if meta.len() > FILE_MAX_BYTES {
+        return Err(format!("file is larger than {FILE_MAX_BYTES} bytes"));
+    }
+    tokio::fs::read(path).await.map_err(|e| e.to_string())
+}
+
+async fn apply(svc: &Service, bytes: &[u8]) -> Result<usize, String> {
+    let file = parse(bytes)?;
+    let commands = commands(&file, &svc.registry.state(), svc.clock_ms());
+    let n = commands.len();
+    for c in commands {
+        svc.registry.write(c).await.map_err(|e| e.to_string())?;
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: a malformed or inconsistent file is refused as a whole, a good one accepted.
+    #[test]
+    fn parse_checks_everything() {
+        let good = br#"{"tenants":[{"id":"will","api_key":"pmb-v1-6da75a3244e11b5be2065421b246f16a","data_dir":"/x","quota_mb":1000,"enabled":true}],"reload_on_change":true}"#;
+        assert_eq!(parse(good).unwrap().tenants.len(), 1);
+        for bad in [
+            &br#"{"tenants":[{"id":"Bad","api_key":"pmb-v1-6da75a3244e11b5be2065421b246f16a"}]}"#[..],
+            br#"{"tenants":[{"id":"a","api_key":"short"}]}"#,
+            br#"{"tenants":[{"id":"a","api_key":"pmb-v1-6da75a3244e11b5be2065421b246f16a"},{"id":"a","api_key":"pmb-v1-6da75a3244e11b5be2065421b246f16b"}]}"#,
+            br#"{"tenants":[{"id":"a","api_key":"pmb-v1-6da75a3244e11b5be2065421b246f16a","tier":"gold"}]}"#,
+            br#"{"tenants": 3}"#,
+            b"not json",
+        ] {
+            assert!(parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+}

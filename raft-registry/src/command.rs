@@ -1,0 +1,243 @@
+//! Commands that change the registry, and their deterministic application.
+//!
+//! `apply` is a pure function of (state, command): no clock, no randomness, no I/O. Every value
+//! that depends on time (`created_at_ms`) travels inside the command, chosen by the proposer. A
+//! command is either applied whole or rejected with a typed [`Rejection`] and no change.
+
+use serde::{Deserialize, Serialize};
+
+use crate::state::{
+    is_valid_key_hash, is_valid_tenant_id, NodeRecord, NodeState, RegistryState, TenantRecord, Tier,
+    ADMIN_EMAIL_LEN_MAX, NODE_ADDR_LEN_MAX,
+};
+
+/// A new tenant, as proposed by an admin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewTenant {
+    pub id: String,
+    pub tier: Tier,
+    /// Overrides the tier's default quota.
+    pub quota_bytes: Option<u64>,
+    /// Overrides the tier's default requests per day.
+    pub daily_limit: Option<u64>,
+    /// Hex sha256 of the tenant's first key ([`crate::key_hash`]).
+    pub key_hash: String,
+    pub admin_email: Option<String>,
+    /// Creation time chosen by the proposer (the state machine reads no clock).
+    pub created_at_ms: u64,
+}
+
+/// Every change to the registry. Serialised into the Raft log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    AddTenant(NewTenant),
+    /// Changes the given fields. A new `tier` resets quota and daily limit to its defaults unless
+    /// the same command overrides them.
+    UpdateTenant {
+        id: String,
+        tier: Option<Tier>,
+        quota_bytes: Option<u64>,
+        daily_limit: Option<u64>,
+        enabled: Option<bool>,
+    },
+    /// Replaces every key hash of the tenant with `new_hash`: old keys stop working.
+    RotateKey { id: String, new_hash: String },
+    DisableTenant { id: String },
+    /// Disables the tenant and marks its data archived; nothing is destroyed.
+    ArchiveTenant { id: String },
+    SetAdminKeyHash { hash: String },
+    /// Records a new node as `Joining`. Refused if the id was ever used.
+    NodeJoin { id: u64, addr: String },
+    /// `Joining`/`Draining` → `Active`; bumps the placement epoch.
+    NodeActivate { id: u64 },
+    /// `Active` → `Draining`; bumps the placement epoch (its tenants move away).
+    NodeDrain { id: u64 },
+    /// Any live state → `Removed`; bumps the epoch if the node was `Active`.
+    NodeRemove { id: u64 },
+}
+
+/// Why the state machine refused a command. Nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error("tenant id must match [a-z0-9][a-z0-9-]{{0,62}}")]
+    InvalidTenantId,
+    #[error("key hash must be 64 lower-case hex digits (sha256)")]
+    InvalidKeyHash,
+    #[error("node address is empty or longer than {NODE_ADDR_LEN_MAX} bytes")]
+    InvalidNodeAddr,
+    #[error("admin e-mail is longer than {ADMIN_EMAIL_LEN_MAX} bytes")]
+    InvalidEmail,
+    #[error("tenant already exists")]
+    TenantExists,
+    #[error("no such tenant")]
+    NoSuchTenant,
+    #[error("tenant is archived")]
+    TenantArchived,
+    #[error("key hash already belongs to another tenant")]
+    KeyHashInUse,
+    #[error("node id {0} was already used; ids are never reused")]
+    NodeIdUsed(u64),
+    #[error("no such node {0}")]
+    NoSuchNode(u64),
+    #[error("node {id} cannot go from {from:?} to {to:?}")]
+    InvalidNodeTransition { id: u64, from: NodeState, to: NodeState },
+    #[error("node {0} is the last active node")]
+    LastActiveNode(u64),
+}
+
+/// What the state machine answers for every applied log entry (the Raft `R` type).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApplyReply {
+    pub outcome: Result<(), Rejection>,
+    /// The placement epoch after this entry.
+    pub placement_epoch: u64,
+}
+
+/// Applies `cmd` to `state`, or rejects it leaving `state` untouched.
+pub fn apply(state: &mut RegistryState, cmd: Command) -> Result<(), Rejection> {
+    match cmd {
+        Command::AddTenant(new) => add_tenant(state, new),
+        Command::UpdateTenant { id, tier, quota_bytes, daily_limit, enabled } => {
+            update_tenant(state, &id, |t| {
+                if enabled == Some(true) && t.archived {
+                    return Err(Rejection::TenantArchived);
+                }
+                if let Some(tier) = tier {
+                    t.tier = tier;
+                    t.quota_bytes = tier.default_quota_bytes();
+                    t.daily_limit = tier.default_daily_limit();
+                }
+                t.quota_bytes = quota_bytes.unwrap_or(t.quota_bytes);
+                t.daily_limit = daily_limit.unwrap_or(t.daily_limit);
+                t.enabled = enabled.unwrap_or(t.enabled);
+                Ok(())
+            })
+        }
+        Command::RotateKey { id, new_hash } => rotate_key(state, &id, new_hash),
+        Command::DisableTenant { id } => update_tenant(state, &id, |t| {
+            t.enabled = false;
+            Ok(())
+        }),
+        Command::ArchiveTenant { id } => update_tenant(state, &id, |t| {
+            t.enabled = false;
+            t.archived = true;
+            Ok(())
+        }),
+        Command::SetAdminKeyHash { hash } => {
+            if !is_valid_key_hash(&hash) {
+                return Err(Rejection::InvalidKeyHash);
+            }
+            state.admin_key_hash = Some(hash);
+            Ok(())
+        }
+        Command::NodeJoin { id, addr } => node_join(state, id, addr),
+        Command::NodeActivate { id } => node_transition(state, id, NodeState::Active),
+        Command::NodeDrain { id } => node_transition(state, id, NodeState::Draining),
+        Command::NodeRemove { id } => node_transition(state, id, NodeState::Removed),
+    }
+}
+
+fn add_tenant(state: &mut RegistryState, new: NewTenant) -> Result<(), Rejection> {
+    if !is_valid_tenant_id(&new.id) {
+        return Err(Rejection::InvalidTenantId);
+    }
+    if !is_valid_key_hash(&new.key_hash) {
+        return Err(Rejection::InvalidKeyHash);
+    }
+    if new.admin_email.as_ref().is_some_and(|e| e.len() > ADMIN_EMAIL_LEN_MAX) {
+        return Err(Rejection::InvalidEmail);
+    }
+    if state.tenants.contains_key(&new.id) {
+        return Err(Rejection::TenantExists);
+    }
+    if state.by_key_hash.contains_key(&new.key_hash) {
+        return Err(Rejection::KeyHashInUse);
+    }
+    let record = TenantRecord {
+        id: new.id.clone(),
+        tier: new.tier,
+        quota_bytes: new.quota_bytes.unwrap_or(new.tier.default_quota_bytes()),
+        daily_limit: new.daily_limit.unwrap_or(new.tier.default_daily_limit()),
+        key_hashes: vec![new.key_hash.clone()],
+        enabled: true,
+        archived: false,
+        created_at_ms: new.created_at_ms,
+        admin_email: new.admin_email,
+    };
+    state.by_key_hash.insert(new.key_hash, new.id.clone());
+    state.tenants.insert(new.id, record);
+    Ok(())
+}
+
+/// Runs `change` on a copy of the tenant and stores it only if `change` accepts.
+fn update_tenant(
+    state: &mut RegistryState,
+    id: &str,
+    change: impl FnOnce(&mut TenantRecord) -> Result<(), Rejection>,
+) -> Result<(), Rejection> {
+    let mut record = state.tenants.get(id).cloned().ok_or(Rejection::NoSuchTenant)?;
+    change(&mut record)?;
+    state.tenants.insert(id.to_string(), record);
+    Ok(())
+}
+
+fn rotate_key(state: &mut RegistryState, id: &str, new_hash: String) -> Result<(), Rejection> {
+    if !is_valid_key_hash(&new_hash) {
+        return Err(Rejection::InvalidKeyHash);
+    }
+    let mut record = state.tenants.get(id).cloned().ok_or(Rejection::NoSuchTenant)?;
+    if record.archived {
+        return Err(Rejection::TenantArchived);
+    }
+    if state.by_key_hash.get(&new_hash).is_some_and(|owner| owner != id) {
+        return Err(Rejection::KeyHashInUse);
+    }
+    for old in record.key_hashes.drain(..) {
+        state.by_key_hash.remove(&old);
+    }
+    record.key_hashes.push(new_hash.clone());
+    state.by_key_hash.insert(new_hash, id.to_string());
+    state.tenants.insert(id.to_string(), record);
+    Ok(())
+}
+
+fn node_join(state: &mut RegistryState, id: u64, addr: String) -> Result<(), Rejection> {
+    if addr.is_empty() || addr.len() > NODE_ADDR_LEN_MAX {
+        return Err(Rejection::InvalidNodeAddr);
+    }
+    if state.nodes.contains_key(&id) {
+        return Err(Rejection::NodeIdUsed(id));
+    }
+    state.nodes.insert(id, NodeRecord { id, addr, state: NodeState::Joining });
+    Ok(())
+}
+
+/// Moves node `id` to `to`, bumping the placement epoch when the active set changes.
+fn node_transition(state: &mut RegistryState, id: u64, to: NodeState) -> Result<(), Rejection> {
+    let mut node = state.nodes.get(&id).cloned().ok_or(Rejection::NoSuchNode(id))?;
+    let from = node.state;
+    let allowed = match to {
+        NodeState::Active => matches!(from, NodeState::Joining | NodeState::Draining),
+        NodeState::Draining => from == NodeState::Active,
+        NodeState::Removed => from != NodeState::Removed,
+        NodeState::Joining => false,
+    };
+    if !allowed {
+        return Err(Rejection::InvalidNodeTransition { id, from, to });
+    }
+    let active_before = state.nodes.values().filter(|n| n.state == NodeState::Active).count();
+    if from == NodeState::Active && active_before == 1 {
+        return Err(Rejection::LastActiveNode(id));
+    }
+    node.state = to;
+    state.nodes.insert(id, node);
+    if from == NodeState::Active || to == NodeState::Active {
+        state.placement_epoch += 1;
+        state.rebuild_ring();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[path = "command_tests.rs"]
+mod tests;

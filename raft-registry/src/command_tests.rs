@@ -1,0 +1,169 @@
+use super::*;
+use crate::state::key_hash;
+
+fn new_tenant(id: &str, key: &str) -> Command {
+    Command::AddTenant(NewTenant {
+        id: id.to_string(),
+        tier: Tier::Free,
+        quota_bytes: None,
+        daily_limit: None,
+        key_hash: key_hash(key),
+        admin_email: None,
+        created_at_ms: 1_700_000_000_000,
+    })
+}
+
+/// Applies each command and checks its expected outcome; a rejected command must change nothing.
+fn check(state: &mut RegistryState, steps: Vec<(Command, Result<(), Rejection>)>) {
+    for (i, (cmd, want)) in steps.into_iter().enumerate() {
+        let before = state.clone();
+        let got = apply(state, cmd.clone());
+        assert_eq!(got, want, "step {i}: {cmd:?}");
+        if got.is_err() {
+            assert_eq!(*state, before, "step {i}: rejected command changed the state");
+        }
+    }
+}
+
+#[test]
+fn add_tenant_and_duplicates() {
+    // Goal: a tenant is added with tier defaults and found by key hash; duplicates, bad ids and a
+    // key hash already in use are rejected without change.
+    let mut s = RegistryState::default();
+    check(
+        &mut s,
+        vec![
+            (new_tenant("acme", "k1"), Ok(())),
+            (new_tenant("acme", "k2"), Err(Rejection::TenantExists)),
+            (new_tenant("other", "k1"), Err(Rejection::KeyHashInUse)),
+            (new_tenant("Bad_Id", "k3"), Err(Rejection::InvalidTenantId)),
+            (new_tenant("-lead", "k3"), Err(Rejection::InvalidTenantId)),
+            (new_tenant(&"a".repeat(64), "k3"), Err(Rejection::InvalidTenantId)),
+        ],
+    );
+    let t = s.tenant_by_key_hash(&key_hash("k1")).expect("indexed by key hash");
+    assert_eq!(t.id, "acme");
+    assert_eq!(t.quota_bytes, 25 * 1024 * 1024);
+    assert_eq!(t.daily_limit, 1_000);
+    assert_eq!(t.created_at_ms, 1_700_000_000_000);
+    assert!(t.enabled && !t.archived);
+    assert_eq!(s.tenant_count(), 1);
+
+    let raw_key = Command::AddTenant(NewTenant {
+        key_hash: "pmb-v1-00112233445566778899aabbccddeeff".into(),
+        ..match new_tenant("raw", "x") {
+            Command::AddTenant(n) => n,
+            _ => unreachable!("new_tenant builds AddTenant"),
+        }
+    });
+    check(&mut s, vec![(raw_key, Err(Rejection::InvalidKeyHash))]);
+}
+
+#[test]
+fn rotate_key_replaces_all_hashes() {
+    // Goal: after RotateKey the old key no longer maps to the tenant, the new one does, and the
+    // tenant holds exactly one hash.
+    let mut s = RegistryState::default();
+    check(
+        &mut s,
+        vec![
+            (new_tenant("acme", "old"), Ok(())),
+            (Command::RotateKey { id: "acme".into(), new_hash: key_hash("new") }, Ok(())),
+            (Command::RotateKey { id: "nope".into(), new_hash: key_hash("x") }, Err(Rejection::NoSuchTenant)),
+            (Command::RotateKey { id: "acme".into(), new_hash: "short".into() }, Err(Rejection::InvalidKeyHash)),
+        ],
+    );
+    assert!(s.tenant_by_key_hash(&key_hash("old")).is_none(), "old key must stop working");
+    assert_eq!(s.tenant_by_key_hash(&key_hash("new")).map(|t| t.id.as_str()), Some("acme"));
+    assert_eq!(s.tenant("acme").map(|t| t.key_hashes.len()), Some(1));
+}
+
+#[test]
+fn update_disable_archive() {
+    // Goal: tier change resets limits unless overridden; disable and archive flip flags; an
+    // archived tenant cannot be re-enabled or rotated.
+    let mut s = RegistryState::default();
+    let update = |tier, quota_bytes, enabled| Command::UpdateTenant {
+        id: "acme".into(),
+        tier,
+        quota_bytes,
+        daily_limit: None,
+        enabled,
+    };
+    check(&mut s, vec![(new_tenant("acme", "k"), Ok(())), (update(Some(Tier::Pro), None, None), Ok(()))]);
+    assert_eq!(s.tenant("acme").map(|t| (t.quota_bytes, t.daily_limit)), Some((250 * MIB, 10_000)));
+    check(&mut s, vec![(update(Some(Tier::Team), Some(7), None), Ok(()))]);
+    assert_eq!(s.tenant("acme").map(|t| (t.quota_bytes, t.daily_limit)), Some((7, 100_000)));
+    check(
+        &mut s,
+        vec![
+            (Command::DisableTenant { id: "acme".into() }, Ok(())),
+            (update(None, None, Some(true)), Ok(())),
+            (Command::ArchiveTenant { id: "acme".into() }, Ok(())),
+            (update(None, None, Some(true)), Err(Rejection::TenantArchived)),
+            (Command::RotateKey { id: "acme".into(), new_hash: key_hash("n") }, Err(Rejection::TenantArchived)),
+            (Command::DisableTenant { id: "ghost".into() }, Err(Rejection::NoSuchTenant)),
+        ],
+    );
+    let t = s.tenant("acme").expect("archived tenants stay recorded");
+    assert!(!t.enabled && t.archived);
+}
+
+use crate::state::MIB;
+
+#[test]
+fn node_lifecycle_epochs_and_id_reuse() {
+    // Goal: the epoch grows exactly when the active set changes, ids are never reused (even after
+    // Removed), invalid transitions and removal of the last active node are refused.
+    let mut s = RegistryState::default();
+    let join = |id: u64| Command::NodeJoin { id, addr: format!("127.0.0.1:{}", 7000 + id) };
+    check(&mut s, vec![(join(1), Ok(())), (join(2), Ok(()))]);
+    assert_eq!(s.placement_epoch(), 0, "joining changes no placement");
+    check(
+        &mut s,
+        vec![
+            (Command::NodeActivate { id: 1 }, Ok(())),
+            (Command::NodeActivate { id: 2 }, Ok(())),
+            (Command::NodeActivate { id: 2 }, Err(Rejection::InvalidNodeTransition {
+                id: 2,
+                from: NodeState::Active,
+                to: NodeState::Active,
+            })),
+            (join(1), Err(Rejection::NodeIdUsed(1))),
+            (Command::NodeJoin { id: 3, addr: String::new() }, Err(Rejection::InvalidNodeAddr)),
+            (Command::NodeActivate { id: 9 }, Err(Rejection::NoSuchNode(9))),
+        ],
+    );
+    assert_eq!(s.placement_epoch(), 2);
+    assert_eq!(s.active_nodes(), vec![1, 2]);
+    check(&mut s, vec![(Command::NodeDrain { id: 2 }, Ok(())), (Command::NodeRemove { id: 2 }, Ok(()))]);
+    assert_eq!(s.placement_epoch(), 3, "drain bumps, removing a draining node does not");
+    check(
+        &mut s,
+        vec![
+            (join(2), Err(Rejection::NodeIdUsed(2))),
+            (Command::NodeRemove { id: 1 }, Err(Rejection::LastActiveNode(1))),
+            (Command::NodeDrain { id: 1 }, Err(Rejection::LastActiveNode(1))),
+            (Command::NodeRemove { id: 2 }, Err(Rejection::InvalidNodeTransition {
+                id: 2,
+                from: NodeState::Removed,
+                to: NodeState::Removed,
+            })),
+        ],
+    );
+    assert_eq!(s.owner_of("acme"), Some(1));
+}
+
+#[test]
+fn admin_key_hash_only_accepts_hashes() {
+    // Goal: the admin key is stored only as a valid sha256 hex hash.
+    let mut s = RegistryState::default();
+    check(
+        &mut s,
+        vec![
+            (Command::SetAdminKeyHash { hash: "plain-admin-key".into() }, Err(Rejection::InvalidKeyHash)),
+            (Command::SetAdminKeyHash { hash: key_hash("admin") }, Ok(())),
+        ],
+    );
+    assert_eq!(s.admin_key_hash(), Some(key_hash("admin").as_str()));
+}

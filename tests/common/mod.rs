@@ -1,0 +1,188 @@
+//! Shared helpers for the black-box tests: start the real `sq-cloud` binary, talk HTTP to it,
+//! and stop everything when the test ends, whatever happens.
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// How long a dev cluster may take to write dev.json.
+pub const CLUSTER_START_TIMEOUT: Duration = Duration::from_secs(90);
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sq-cloud")
+}
+
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A `sq-cloud dev` process; SIGTERM and wait on drop, SIGKILL if it does not stop.
+pub struct DevCluster {
+    pub child: Option<Child>,
+    pub dir: PathBuf,
+    pub json: serde_json::Value,
+    pub nodes: usize,
+    pub listen: String,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl DevCluster {
+    pub fn start(nodes: usize) -> DevCluster {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut c = DevCluster::start_in(&dir, nodes, &format!("127.0.0.1:{}", free_tcp_port()));
+        c._tmp = Some(tmp);
+        c
+    }
+
+    pub fn start_in(dir: &Path, nodes: usize, listen: &str) -> DevCluster {
+        let _ = std::fs::remove_file(dir.join("dev.json.ready"));
+        let previous = std::fs::read(dir.join("dev.json")).ok();
+        let child = Command::new(bin())
+            .args(["dev", "--nodes", &nodes.to_string(), "--data", dir.to_str().unwrap(), "--listen", listen])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start sq-cloud dev");
+        let mut cluster = DevCluster { child: Some(child), dir: dir.to_path_buf(), json: serde_json::Value::Null, nodes, listen: listen.to_string(), _tmp: None };
+        cluster.wait_ready(previous);
+        cluster
+    }
+
+    /// Waits until dev prints its banner line "details:", which it does after writing dev.json.
+    fn wait_ready(&mut self, _previous: Option<Vec<u8>>) {
+        use std::io::BufRead;
+        let stdout = self.child.as_mut().unwrap().stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if line.contains("details:") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(CLUSTER_START_TIMEOUT).expect("sq-cloud dev did not come up in time");
+        self.json = serde_json::from_slice(&std::fs::read(self.dir.join("dev.json")).unwrap()).unwrap();
+    }
+
+    pub fn url(&self) -> String {
+        format!("{}/api/v2", self.json["gateway_url"].as_str().unwrap())
+    }
+
+    pub fn admin_key(&self) -> String {
+        self.json["admin_key"].as_str().unwrap().to_string()
+    }
+
+    pub fn demo_key(&self) -> String {
+        self.json["demo_key"].as_str().unwrap().to_string()
+    }
+
+    /// Re-reads dev.json (pids change when the supervisor restarts a child).
+    pub fn reload_json(&mut self) {
+        self.json = serde_json::from_slice(&std::fs::read(self.dir.join("dev.json")).unwrap()).unwrap();
+    }
+
+    /// Stops the cluster with SIGTERM, as Ctrl-C would, and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+
+    /// Adds a tenant through the admin API and returns its key.
+    pub fn add_tenant(&self, id: &str, extra: serde_json::Value) -> String {
+        let mut body = serde_json::json!({ "tenant_id": id });
+        if let (Some(b), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            for (k, v) in e {
+                b.insert(k.clone(), v.clone());
+            }
+        }
+        let r = http().post(format!("{}/admin/tenants/add", self.url())).bearer_auth(self.admin_key()).json(&body).send().unwrap();
+        assert!(r.status().is_success(), "add tenant {id}: {}", r.status());
+        let v: serde_json::Value = r.json().unwrap();
+        v["api_key"].as_str().unwrap().to_string()
+    }
+}
+
+impl Drop for DevCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().unwrap()
+}
+
+/// GET `path` (relative to /api/v2) with a Bearer key; returns status and body.
+pub fn get(base: &str, key: &str, path: &str) -> (u16, String) {
+    let r = http().get(format!("{base}{path}")).bearer_auth(key).send().unwrap();
+    (r.status().as_u16(), r.text().unwrap())
+}
+
+/// Runs the recorded conformance cases against `base` with `key`; returns failures as text.
+pub fn run_conformance(base: &str, key: &str, cases: &serde_json::Value) -> (usize, Vec<String>) {
+    let client = http();
+    let mut passed = 0;
+    let mut failures = Vec::new();
+    for case in cases.as_array().unwrap() {
+        for (i, step) in case["steps"].as_array().unwrap().iter().enumerate() {
+            let method = reqwest::Method::from_bytes(step["method"].as_str().unwrap().as_bytes()).unwrap();
+            let mut req = client.request(method, format!("{base}{}", step["path"].as_str().unwrap()));
+            match step["auth"].as_str().unwrap_or("bearer") {
+                "bearer" => req = req.header("Authorization", format!("Bearer {key}")),
+                "raw" => req = req.header("Authorization", key),
+                "x-sq-api-key" => req = req.header("X-SQ-API-Key", key),
+                _ => {}
+            }
+            if let Some(h) = step["headers"].as_object() {
+                for (k, v) in h {
+                    req = req.header(k, v.as_str().unwrap());
+                }
+            }
+            if let Some(b) = step["body"].as_str() {
+                req = req.body(b.to_string());
+            }
+            let r = req.send().unwrap();
+            let status = r.status().as_u16();
+            let cors = r.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap().to_string());
+            let body = r.bytes().unwrap().to_vec();
+            let mut why = Vec::new();
+            if status as u64 != step["status"].as_u64().unwrap() {
+                why.push(format!("status {status} != {}", step["status"]));
+            }
+            if let Some(e) = step["expect"].as_str() {
+                if body != e.as_bytes() {
+                    why.push(format!("body {:?} != {:?}", String::from_utf8_lossy(&body), e));
+                }
+            }
+            if let Some(e) = step["expect_prefix"].as_str() {
+                if !body.starts_with(e.as_bytes()) {
+                    why.push(format!("body {:?} lacks prefix {e:?}", String::from_utf8_lossy(&body)));
+                }
+            }
+            if let Some(c) = step["cors"].as_str() {
+                if cors.as_deref() != Some(c) {
+                    why.push(format!("cors {cors:?} != {c:?}"));
+                }
+            }
+            if why.is_empty() {
+                passed += 1;
+            } else {
+                failures.push(format!("{} step {i}: {}", case["name"], why.join("; ")));
+            }
+        }
+    }
+    (passed, failures)
+}

@@ -1,0 +1,224 @@
+//! The calling end: one long-lived QUIC connection per peer address, one bidirectional
+//! stream per call. Cheap to clone; clones share the pool.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::{Connection, Endpoint};
+use serde::{de::DeserializeOwned, Serialize};
+use tracing::debug;
+
+use crate::error::{self, Result, TransportError};
+use crate::tls::{self, ClientAuth};
+use crate::{codes, frame, Identity, MAX_FRAME_BYTES, SERVER_NAME};
+
+/// The client's bounds. Every field has a documented default.
+#[derive(Clone, Debug)]
+pub struct ClientLimits {
+    /// A new connection's handshake must finish within this. Default 3 s: a few round trips on
+    /// the mesh; beyond it the peer is treated as down and the caller answers 503 promptly.
+    pub connect_timeout: Duration,
+    /// A pooled connection with no traffic for this long is dropped. Default 10 s, as on the
+    /// server (the smaller of the two wins).
+    pub idle_timeout: Duration,
+    /// How often an idle pooled connection sends a keep-alive. Default 2 s: well under the
+    /// idle timeout, so a live peer's connection survives quiet periods and a dead peer's is
+    /// found and dropped within the idle timeout.
+    pub keep_alive_interval: Duration,
+    /// Peer addresses pooled at once. Default 1024: far above a cluster's node count. When
+    /// full, closed entries are pruned; if none are, the call fails with `Connect`.
+    pub max_peers: usize,
+}
+
+impl Default for ClientLimits {
+    fn default() -> Self {
+        ClientLimits {
+            connect_timeout: Duration::from_secs(3),
+            idle_timeout: Duration::from_secs(10),
+            keep_alive_interval: Duration::from_secs(2),
+            max_peers: 1024,
+        }
+    }
+}
+
+/// Counters for tests and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClientStats {
+    /// Connections completed since the client was made (a reconnect counts again).
+    pub connections_opened: u64,
+    /// Peer addresses currently in the pool.
+    pub pooled_peers: usize,
+}
+
+/// One pooled peer. The async lock is held while connecting, so concurrent first calls to
+/// a peer share one handshake instead of racing to open many connections.
+type PeerSlot = Arc<tokio::sync::Mutex<Option<Connection>>>;
+
+/// A pooled QUIC client. Clone it freely.
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    endpoint: Endpoint,
+    config: quinn::ClientConfig,
+    limits: ClientLimits,
+    peers: Mutex<HashMap<SocketAddr, PeerSlot>>,
+    connections_opened: AtomicU64,
+}
+
+impl Client {
+    /// A client presenting `identity`. Binds one UDP socket; needs a tokio runtime.
+    pub fn new(identity: &Identity, limits: ClientLimits) -> Result<Client> {
+        Client::with_auth(ClientAuth::of(identity), limits)
+    }
+
+    pub(crate) fn with_auth(auth: ClientAuth<'_>, limits: ClientLimits) -> Result<Client> {
+        if limits.max_peers == 0 || limits.keep_alive_interval >= limits.idle_timeout {
+            return Err(TransportError::Config(
+                "client limits need max_peers > 0 and keep-alive shorter than idle timeout".into(),
+            ));
+        }
+        let crypto = Arc::new(tls::client_crypto(auth)?);
+        let mut config = quinn::ClientConfig::new(crypto);
+        config.transport_config(tls::transport(0, limits.idle_timeout, Some(limits.keep_alive_interval))?);
+        // Dual-stack where the host allows it, else IPv4 only.
+        let endpoint = Endpoint::client(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)))
+            .or_else(|_| Endpoint::client(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))))?;
+        let inner = Inner {
+            endpoint,
+            config,
+            limits,
+            peers: Mutex::new(HashMap::new()),
+            connections_opened: AtomicU64::new(0),
+        };
+        Ok(Client { inner: Arc::new(inner) })
+    }
+
+    /// Sends `request` to `addr` and returns the response payload, all within `timeout`.
+    pub async fn call(&self, addr: SocketAddr, request: Bytes, timeout: Duration) -> Result<Bytes> {
+        if request.len() > MAX_FRAME_BYTES {
+            return Err(TransportError::FrameTooLarge {
+                len: request.len() as u64,
+                limit: MAX_FRAME_BYTES as u64,
+            });
+        }
+        tokio::time::timeout(timeout, self.call_unbounded(addr, request))
+            .await
+            .map_err(|_| TransportError::Timeout { what: "call" })?
+    }
+
+    /// [`Client::call`] with bincode encoding of the request and decoding of the response.
+    pub async fn call_typed<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        addr: SocketAddr,
+        request: &Req,
+        timeout: Duration,
+    ) -> Result<Resp> {
+        let request = Bytes::from(frame::encode(request)?);
+        frame::decode(&self.call(addr, request, timeout).await?)
+    }
+
+    /// Drops the pooled connection to `addr`, if any (e.g. the node left the cluster).
+    pub fn forget(&self, addr: SocketAddr) {
+        let slot = self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner).remove(&addr);
+        // A slot that is locked is mid-connect; its connection closes when its callers drop it.
+        if let Some(conn) = slot.as_ref().and_then(|s| s.try_lock().ok()).and_then(|mut c| c.take()) {
+            conn.close(codes::CLOSE_FORGOTTEN, b"forgotten");
+        }
+    }
+
+    pub fn stats(&self) -> ClientStats {
+        ClientStats {
+            connections_opened: self.inner.connections_opened.load(Ordering::Relaxed),
+            pooled_peers: self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner).len(),
+        }
+    }
+
+    async fn call_unbounded(&self, addr: SocketAddr, request: Bytes) -> Result<Bytes> {
+        let (conn, fresh) = self.connection(addr).await?;
+        let streams = match conn.open_bi().await {
+            Ok(streams) => streams,
+            // A pooled connection that died since its last use: nothing was sent, so one
+            // retry on a new connection is safe.
+            Err(e) if !fresh => {
+                debug!(%addr, "pooled connection lost ({e}); reconnecting");
+                let (conn, _) = self.connection(addr).await?;
+                conn.open_bi().await.map_err(error::from_connection)?
+            }
+            Err(e) => return Err(error::from_connection(e)),
+        };
+        exchange(streams, request).await
+    }
+
+    /// The pooled connection to `addr`, opened if missing or closed; `true` if just opened.
+    pub(crate) async fn connection(&self, addr: SocketAddr) -> Result<(Connection, bool)> {
+        let slot = self.slot(addr)?;
+        let mut pooled = slot.lock().await;
+        if let Some(conn) = pooled.as_ref().filter(|c| c.close_reason().is_none()) {
+            return Ok((conn.clone(), false));
+        }
+        *pooled = None;
+        let conn = self.connect(addr).await?;
+        *pooled = Some(conn.clone());
+        Ok((conn, true))
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Connection> {
+        let inner = &self.inner;
+        let connecting = inner
+            .endpoint
+            .connect_with(inner.config.clone(), addr, SERVER_NAME)
+            .map_err(|e| TransportError::Connect { addr, reason: e.to_string() })?;
+        let conn = tokio::time::timeout(inner.limits.connect_timeout, connecting)
+            .await
+            .map_err(|_| TransportError::Connect {
+                addr,
+                reason: format!("no handshake within {:?}", inner.limits.connect_timeout),
+            })?
+            .map_err(|e| error::from_handshake(addr, e))?;
+        inner.connections_opened.fetch_add(1, Ordering::Relaxed);
+        debug!(%addr, "connected");
+        Ok(conn)
+    }
+
+    fn slot(&self, addr: SocketAddr) -> Result<PeerSlot> {
+        let mut peers = self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(slot) = peers.get(&addr) {
+            return Ok(slot.clone());
+        }
+        if peers.len() >= self.inner.limits.max_peers {
+            peers.retain(|_, slot| !is_idle_and_closed(slot));
+        }
+        if peers.len() >= self.inner.limits.max_peers {
+            return Err(TransportError::Connect {
+                addr,
+                reason: format!("client pool full ({} peers)", self.inner.limits.max_peers),
+            });
+        }
+        Ok(peers.entry(addr).or_default().clone())
+    }
+}
+
+/// A slot nobody is using whose connection is gone (or was never made).
+fn is_idle_and_closed(slot: &PeerSlot) -> bool {
+    slot.try_lock().is_ok_and(|c| c.as_ref().is_none_or(|c| c.close_reason().is_some()))
+}
+
+/// One request on one stream: write the frame, finish, read the reply frame.
+async fn exchange((mut send, mut recv): (quinn::SendStream, quinn::RecvStream), request: Bytes) -> Result<Bytes> {
+    let request_len = request.len();
+    let interpret = |e: TransportError| match e {
+        TransportError::Reset { code } => codes::refusal(code, request_len),
+        other => other,
+    };
+    frame::write_frame(&mut send, request).await.map_err(interpret)?;
+    // Only fails if the stream is already finished or reset; the read below reports why.
+    let _ = send.finish();
+    frame::read_frame(&mut recv).await.map_err(interpret)
+}

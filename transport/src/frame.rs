@@ -1,0 +1,123 @@
+//! The wire frame: `[b"SQC"][PROTOCOL_VERSION: u8][len: u32 big-endian][payload: len bytes]`.
+//!
+//! One frame travels each way on a stream. The payload is opaque here; [`encode`] and
+//! [`decode`] are the bincode helpers the crates above use to fill it.
+
+use bytes::{Bytes, BytesMut};
+use quinn::{RecvStream, SendStream};
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::error::{self, Result, TransportError};
+
+/// The first bytes of every frame, so a stray or misdirected stream fails loudly.
+pub const MAGIC: [u8; 3] = *b"SQC";
+
+/// The frame version. A peer sending another version is refused with
+/// [`TransportError::VersionMismatch`]. Bump it together with [`crate::ALPN`] whenever the
+/// frame layout or the meaning of any payload type changes incompatibly.
+pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Bytes before the payload: magic, version, length.
+pub const HEADER_BYTES: usize = MAGIC.len() + 1 + 4;
+
+/// The largest payload either side accepts: 64 MiB.
+///
+/// It bounds what one stream can make a peer buffer. It is far above any single API request
+/// (the gateway's HTTP body limit is smaller) and holds one handoff chunk; anything larger
+/// must be split by the caller. It also fits the u32 length field with room to spare.
+pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+
+/// The largest piece read from the stream at once: 64 KiB. The buffer grows with the bytes
+/// that actually arrive, so a peer that declares a large frame and sends nothing costs nothing.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// The header for a payload of `len` bytes, in this build's version.
+pub fn header(len: usize) -> Result<[u8; HEADER_BYTES]> {
+    if len > MAX_FRAME_BYTES {
+        return Err(TransportError::FrameTooLarge { len: len as u64, limit: MAX_FRAME_BYTES as u64 });
+    }
+    // Cannot fail: MAX_FRAME_BYTES fits in u32.
+    let len = u32::try_from(len).unwrap_or(u32::MAX);
+    Ok(raw_header(PROTOCOL_VERSION, len))
+}
+
+/// A header with any version and length; tests use it to play a misbehaving peer.
+pub(crate) fn raw_header(version: u8, len: u32) -> [u8; HEADER_BYTES] {
+    let mut out = [0u8; HEADER_BYTES];
+    out[..3].copy_from_slice(&MAGIC);
+    out[3] = version;
+    out[4..].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+/// Checks a received header and returns the payload length it declares.
+pub fn parse_header(header: &[u8; HEADER_BYTES]) -> Result<usize> {
+    if header[..3] != MAGIC {
+        return Err(TransportError::Malformed { reason: format!("bad magic {:?}", &header[..3]) });
+    }
+    if header[3] != PROTOCOL_VERSION {
+        return Err(TransportError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: header[3] });
+    }
+    let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    if len > MAX_FRAME_BYTES {
+        return Err(TransportError::FrameTooLarge { len: len as u64, limit: MAX_FRAME_BYTES as u64 });
+    }
+    Ok(len)
+}
+
+/// Reads exactly one frame. Stream resets come back as [`TransportError::Reset`] for the
+/// caller to interpret; this layer knows no codes.
+pub(crate) async fn read_frame(recv: &mut RecvStream) -> Result<Bytes> {
+    let mut header = [0u8; HEADER_BYTES];
+    recv.read_exact(&mut header).await.map_err(|e| match e {
+        quinn::ReadExactError::FinishedEarly(n) => TransportError::Malformed {
+            reason: format!("stream ended after {n} of {HEADER_BYTES} header bytes"),
+        },
+        quinn::ReadExactError::ReadError(e) => error::from_read(e),
+    })?;
+    let len = parse_header(&header)?;
+    let mut payload = BytesMut::with_capacity(len.min(READ_CHUNK_BYTES));
+    while payload.len() < len {
+        let want = (len - payload.len()).min(READ_CHUNK_BYTES);
+        match recv.read_chunk(want, true).await.map_err(error::from_read)? {
+            Some(chunk) => payload.extend_from_slice(&chunk.bytes),
+            None => {
+                return Err(TransportError::Malformed {
+                    reason: format!("stream ended after {} of {len} payload bytes", payload.len()),
+                })
+            }
+        }
+    }
+    Ok(payload.freeze())
+}
+
+/// Writes one frame (header, then the payload without copying it).
+pub(crate) async fn write_frame(send: &mut SendStream, payload: Bytes) -> Result<()> {
+    let header = Bytes::copy_from_slice(&header(payload.len())?);
+    send.write_all_chunks(&mut [header, payload]).await.map_err(error::from_write)
+}
+
+/// The bincode configuration of every payload: `standard()` (little-endian varints), and decoding
+/// refuses to allocate more than a frame can hold.
+fn config() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<MAX_FRAME_BYTES>()
+}
+
+/// Encodes a payload with bincode 2 (serde API).
+pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
+    bincode::serde::encode_to_vec(value, config()).map_err(|e| TransportError::Encode(e.to_string()))
+}
+
+/// Decodes a payload produced by [`encode`]; trailing bytes are an error, since they mean the
+/// two ends disagree about the type.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    let (value, used) = bincode::serde::decode_from_slice(bytes, config())
+        .map_err(|e| TransportError::Decode(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(TransportError::Decode(format!(
+            "{} trailing bytes after the value",
+            bytes.len() - used
+        )));
+    }
+    Ok(value)
+}

@@ -1,0 +1,296 @@
+//! The accepting end: one QUIC endpoint, mutual TLS against the cluster CA, one task per
+//! connection and one per request stream, every wait bounded by [`ServerLimits`].
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use quinn::{Connection, Endpoint, Incoming, RecvStream, SendStream, VarInt};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::certs::Role;
+use crate::error::{self, Result, TransportError};
+use crate::{codes, frame, tls, Identity, MAX_FRAME_BYTES};
+
+/// The server's bounds. Every field has a documented default; override only with a reason.
+#[derive(Clone, Debug)]
+pub struct ServerLimits {
+    /// Connections held at once; more are refused (QUIC CONNECTION_REFUSED). Default 1024:
+    /// one per gateway, peer node and operator tool, with ample room. Each costs buffers.
+    pub max_connections: usize,
+    /// Requests (bidirectional streams) one connection may have open at once. Default 256:
+    /// a gateway's in-flight requests to one node. Beyond it the client waits for credit,
+    /// which is the backpressure. Memory bound: streams × [`MAX_FRAME_BYTES`] per connection.
+    pub max_streams_per_connection: u32,
+    /// A connection with no traffic for this long is dropped. Default 10 s: clients send
+    /// keep-alives every few seconds, so only a dead or partitioned peer stays silent this long.
+    pub idle_timeout: Duration,
+    /// The TLS handshake must finish within this. Default 10 s: a few round trips, even on a
+    /// lossy path; a peer that stalls mid-handshake holds a connection slot no longer.
+    pub handshake_timeout: Duration,
+    /// The whole request frame must arrive within this. Default 10 s: far longer than a 64 MiB
+    /// frame needs on the mesh, so only a stalled peer hits it.
+    pub request_read_timeout: Duration,
+    /// The handler must answer within this. Default 30 s: above the slowest legitimate work
+    /// (a write that waits for group commit, a handoff chunk); the caller gave up long before.
+    pub handler_timeout: Duration,
+    /// The response must be written and acknowledged within this. Default 10 s, as for reads.
+    pub response_write_timeout: Duration,
+    /// On shutdown, in-flight requests get this long to finish before they are cut. Default 5 s.
+    pub shutdown_drain_timeout: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            max_connections: 1024,
+            max_streams_per_connection: 256,
+            idle_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            request_read_timeout: Duration::from_secs(10),
+            handler_timeout: Duration::from_secs(30),
+            response_write_timeout: Duration::from_secs(10),
+            shutdown_drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Who sent a request: the role from its certificate, and where it came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub role: Role,
+    pub addr: SocketAddr,
+}
+
+/// The future a [`Handler`] returns.
+pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Bytes> + Send + 'a>>;
+
+/// What the server calls once per request with the request payload; the payload it returns
+/// is the response. Decoding, authorization by `peer.role` and errors are the handler's
+/// business: it answers every request, errors included, with a payload of its own.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, peer: Peer, request: Bytes) -> HandlerFuture<'_>;
+}
+
+/// A bound QUIC endpoint that has not started accepting yet.
+pub struct Server {
+    endpoint: Endpoint,
+    limits: ServerLimits,
+}
+
+impl Server {
+    /// Binds `addr` (port 0 picks a free port; see [`Server::local_addr`]). Needs a tokio runtime.
+    pub fn bind(addr: SocketAddr, identity: &Identity, limits: ServerLimits) -> Result<Server> {
+        if limits.max_connections == 0 || limits.max_streams_per_connection == 0 {
+            return Err(TransportError::Config("server limits must allow at least one request".into()));
+        }
+        let crypto = Arc::new(tls::server_crypto(identity)?);
+        let mut config = quinn::ServerConfig::with_crypto(crypto);
+        config.transport_config(tls::transport(
+            limits.max_streams_per_connection,
+            limits.idle_timeout,
+            None,
+        )?);
+        let endpoint = Endpoint::server(config, addr)?;
+        Ok(Server { endpoint, limits })
+    }
+
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// Serves until `shutdown` is cancelled, then shuts down in order: stop accepting, let
+    /// in-flight requests finish (up to `shutdown_drain_timeout`), close every connection,
+    /// wait for the closes to be sent. Returns when the endpoint is closed.
+    pub async fn run(self, handler: Arc<dyn Handler>, shutdown: CancellationToken) {
+        let permits = Arc::new(Semaphore::new(self.limits.max_connections));
+        let mut connections = JoinSet::new();
+        info!(addr = ?self.endpoint.local_addr().ok(), "transport server accepting");
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => break,
+                incoming = self.endpoint.accept() => {
+                    let Some(incoming) = incoming else { break };
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        warn!(peer = %incoming.remote_address(), "at max connections; refusing");
+                        incoming.refuse();
+                        continue;
+                    };
+                    let task = ConnectionTask {
+                        handler: handler.clone(),
+                        limits: self.limits.clone(),
+                        shutdown: shutdown.clone(),
+                        _permit: permit,
+                    };
+                    connections.spawn(task.run(incoming));
+                }
+                Some(done) = connections.join_next(), if !connections.is_empty() => log_join(done),
+            }
+        }
+        self.shut_down(connections).await;
+    }
+
+    async fn shut_down(self, mut connections: JoinSet<()>) {
+        info!("transport server shutting down: refusing new connections");
+        self.endpoint.set_server_config(None);
+        let drained = tokio::time::timeout(self.limits.shutdown_drain_timeout, async {
+            while let Some(done) = connections.join_next().await {
+                log_join(done);
+            }
+        })
+        .await;
+        if drained.is_err() {
+            warn!(left = connections.len(), "requests still running after the drain timeout; cutting them");
+            connections.abort_all();
+        }
+        self.endpoint.close(codes::CLOSE_SHUTDOWN, b"server shutting down");
+        if tokio::time::timeout(self.limits.shutdown_drain_timeout, self.endpoint.wait_idle())
+            .await
+            .is_err()
+        {
+            warn!("connections did not finish closing in time");
+        }
+        info!("transport server stopped");
+    }
+}
+
+fn log_join(done: std::result::Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            error!("transport task panicked: {e}");
+        }
+    }
+}
+
+/// Everything one connection's task owns. Dropping it returns the connection permit.
+struct ConnectionTask {
+    handler: Arc<dyn Handler>,
+    limits: ServerLimits,
+    shutdown: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl ConnectionTask {
+    async fn run(self, incoming: Incoming) {
+        let remote = incoming.remote_address();
+        let conn = match tokio::time::timeout(self.limits.handshake_timeout, incoming).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return warn!(%remote, "handshake failed: {e}"),
+            Err(_) => return debug!(%remote, "handshake timed out"),
+        };
+        let role = match tls::peer_role(&conn) {
+            Ok(role) => role,
+            Err(e) => {
+                warn!(%remote, "refusing peer: {e}");
+                return conn.close(codes::CLOSE_UNKNOWN_ROLE, b"certificate names no known role");
+            }
+        };
+        let peer = Peer { role, addr: remote };
+        debug!(?peer, "connection accepted");
+        self.serve(conn, peer).await;
+    }
+
+    /// Accepts request streams until the connection ends or shutdown, then drains them.
+    async fn serve(self, conn: Connection, peer: Peer) {
+        let mut streams = JoinSet::new();
+        loop {
+            tokio::select! {
+                biased;
+                () = self.shutdown.cancelled() => break,
+                accepted = conn.accept_bi() => match accepted {
+                    Ok((send, recv)) => {
+                        let stream = StreamTask { handler: self.handler.clone(), limits: self.limits.clone(), peer };
+                        streams.spawn(stream.run(send, recv));
+                    }
+                    Err(e) => {
+                        debug!(?peer, "connection ended: {e}");
+                        break;
+                    }
+                },
+                Some(done) = streams.join_next(), if !streams.is_empty() => log_join(done),
+            }
+        }
+        // Every stream task is bounded by the read, handler and write timeouts.
+        while let Some(done) = streams.join_next().await {
+            log_join(done);
+        }
+        if self.shutdown.is_cancelled() {
+            conn.close(codes::CLOSE_SHUTDOWN, b"server shutting down");
+        }
+    }
+}
+
+/// One request: read a frame, call the handler, write a frame.
+struct StreamTask {
+    handler: Arc<dyn Handler>,
+    limits: ServerLimits,
+    peer: Peer,
+}
+
+impl StreamTask {
+    async fn run(self, mut send: SendStream, mut recv: RecvStream) {
+        let request = match tokio::time::timeout(self.limits.request_read_timeout, frame::read_frame(&mut recv)).await {
+            Ok(Ok(request)) => request,
+            Ok(Err(e)) => return refuse(&mut send, &mut recv, &e, self.peer),
+            Err(_) => return abort(&mut send, &mut recv, codes::STREAM_READ_TIMEOUT),
+        };
+        let response = match tokio::time::timeout(self.limits.handler_timeout, self.handler.handle(self.peer, request)).await {
+            Ok(response) => response,
+            Err(_) => {
+                warn!(peer = ?self.peer, "handler timed out");
+                return abort(&mut send, &mut recv, codes::STREAM_HANDLER_TIMEOUT);
+            }
+        };
+        let written = tokio::time::timeout(self.limits.response_write_timeout, respond(&mut send, response)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => debug!(peer = ?self.peer, "response not delivered: {e}"),
+            Err(_) => abort(&mut send, &mut recv, VarInt::from_u32(0)),
+        }
+    }
+}
+
+/// Writes the response and waits until the peer has acknowledged it, so a shutdown that
+/// closes the connection right after cannot drop an answered request's response.
+async fn respond(send: &mut SendStream, response: Bytes) -> Result<()> {
+    if response.len() > MAX_FRAME_BYTES {
+        // A handler bug, not the peer's fault. Sending just the header lets the client fail
+        // with FrameTooLarge and the true length instead of a bare reset.
+        error!(len = response.len(), "handler returned a response over MAX_FRAME_BYTES");
+        let len = u32::try_from(response.len()).unwrap_or(u32::MAX);
+        let header = frame::raw_header(crate::PROTOCOL_VERSION, len);
+        send.write_all(&header).await.map_err(error::from_write)?;
+    } else {
+        frame::write_frame(send, response).await?;
+    }
+    // Only fails if the stream was already finished or reset, which we did not do.
+    let _ = send.finish();
+    send.stopped().await.map_err(|e| TransportError::Closed { reason: e.to_string() })?;
+    Ok(())
+}
+
+/// Refuses a request whose frame could not be read, telling the client why with a code.
+fn refuse(send: &mut SendStream, recv: &mut RecvStream, error: &TransportError, peer: Peer) {
+    let code = match error {
+        TransportError::FrameTooLarge { .. } => codes::STREAM_FRAME_TOO_LARGE,
+        TransportError::VersionMismatch { .. } => codes::version_mismatch_code(),
+        TransportError::Malformed { .. } => codes::STREAM_MALFORMED,
+        // The stream or connection is already gone; nobody is listening for a code.
+        _ => return debug!(?peer, "request not read: {error}"),
+    };
+    warn!(?peer, "refusing request: {error}");
+    abort(send, recv, code);
+}
+
+fn abort(send: &mut SendStream, recv: &mut RecvStream, code: VarInt) {
+    // Both fail only if that direction is already closed, which is the goal anyway.
+    let _ = send.reset(code);
+    let _ = recv.stop(code);
+}
