@@ -1,5 +1,45 @@
-//! placeholder (being written)
+//! The cluster's source of truth: a Raft-replicated registry of tenants, nodes and placement.
+//!
+//! This crate owns:
+//! - the registry state ([`RegistryState`]): tenants with their tier, quota, limits and key
+//!   *hashes*, the admin key hash, the nodes and the placement epoch;
+//! - the [`Command`]s that change it, applied deterministically (no clock, no randomness);
+//! - its durability: an openraft 0.9 log, vote and snapshots on disk, fsynced and crash-safe;
+//! - [`Registry`], one node's handle: open, bootstrap, write, linearizable and local reads,
+//!   watch, status, one-at-a-time membership changes, and the entry point for Raft RPCs;
+//! - [`placement`], the pure function from active nodes to each tenant's owner.
+//!
+//! **Architecture Invariant:** raft-registry knows nothing of HTTP, QUIC or the tenant store.
+//! Raft RPCs leave as opaque bytes through [`RaftTransport`], which the node implements over QUIC
+//! and tests implement in memory; incoming bytes go to [`Registry::handle_rpc`]. Keys never
+//! enter the crate: the API takes sha256 hashes ([`key_hash`]), so no file holds a key.
+//!
+//! Map of the crate:
+//! - `state`, `command`: the replicated data and its state transitions;
+//! - `placement`: consistent hashing with virtual nodes over `hashring`;
+//! - `disk`, `log_store`, `state_machine`: the openraft storage-v2 implementation;
+//! - `network`: the wire format of Raft RPCs and the openraft network over [`RaftTransport`];
+//! - `registry`, `membership`: the public handle;
+//! - `config`, `error`: [`RegistryConfig`] and [`RegistryError`].
+
 pub mod command;
+pub mod config;
+pub mod disk;
+pub mod error;
+pub mod log_store;
+mod membership;
+pub mod network;
 pub mod placement;
+pub mod registry;
 pub mod state;
-pub use state::*;
+pub mod state_machine;
+pub mod types;
+
+pub use command::{ApplyReply, Command, NewTenant, Rejection};
+pub use config::RegistryConfig;
+pub use error::RegistryError;
+pub use network::{RaftTransport, SendFuture};
+pub use placement::{Ring, VNODES_PER_NODE};
+pub use registry::{CommandResult, RaftStatus, Registry};
+pub use state::{key_hash, is_valid_tenant_id, NodeRecord, NodeState, RegistryState, TenantRecord, Tier};
+pub use state_machine::Published;

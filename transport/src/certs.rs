@@ -14,8 +14,8 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue, ExtendedKeyUsagePurpose,
-    IsCa, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
 };
 use rustls::pki_types::CertificateDer;
 
@@ -115,7 +115,9 @@ pub fn create_ca(dir: &Path) -> Result<()> {
     }
     fs::create_dir_all(dir).map_err(|e| io_error("create", dir, e))?;
     let key = KeyPair::generate().map_err(cert_error("generate the CA key"))?;
-    let cert = ca_params()?.self_signed(&key).map_err(cert_error("self-sign the CA"))?;
+    let cert = ca_params()?
+        .self_signed(&key)
+        .map_err(cert_error("self-sign the CA"))?;
     // The key first: a crash between the two leaves no CA certificate without its key.
     write_new(&key_file, &key.serialize_pem(), KEY_FILE_MODE)?;
     write_new(&cert_file, &cert.pem(), CERT_FILE_MODE)?;
@@ -124,8 +126,25 @@ pub fn create_ca(dir: &Path) -> Result<()> {
 
 /// Issues `role`'s certificate and key from the CA in `dir`. Refuses to overwrite them.
 pub fn issue(dir: &Path, role: Role) -> Result<()> {
+    issue_named(
+        dir,
+        &role.common_name(),
+        &cert_path(dir, role),
+        &key_path(dir, role),
+    )
+}
+
+/// Issues a leaf certificate with any common name; [`issue`] with a role's name, and tests
+/// with names that are not a role.
+pub(crate) fn issue_named(
+    dir: &Path,
+    common_name: &str,
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<()> {
     let ca_pem = read(&dir.join(CA_CERT_FILE))?;
-    let ca_key = KeyPair::from_pem(&read(&dir.join(CA_KEY_FILE))?).map_err(cert_error("parse ca.key"))?;
+    let ca_key =
+        KeyPair::from_pem(&read(&dir.join(CA_KEY_FILE))?).map_err(cert_error("parse ca.key"))?;
     // rcgen signs with an issuer `Certificate`; rebuilding it from the stored CA keeps the
     // stored subject and key identifier, which is all a signature refers to.
     let issuer = CertificateParams::from_ca_cert_pem(&ca_pem)
@@ -133,11 +152,11 @@ pub fn issue(dir: &Path, role: Role) -> Result<()> {
         .self_signed(&ca_key)
         .map_err(cert_error("load the CA"))?;
     let key = KeyPair::generate().map_err(cert_error("generate a key"))?;
-    let cert = leaf_params(role)?
+    let cert = leaf_params(common_name)?
         .signed_by(&key, &issuer, &ca_key)
         .map_err(cert_error("sign the certificate"))?;
-    write_new(&key_path(dir, role), &key.serialize_pem(), KEY_FILE_MODE)?;
-    write_new(&cert_path(dir, role), &cert.pem(), CERT_FILE_MODE)?;
+    write_new(key_file, &key.serialize_pem(), KEY_FILE_MODE)?;
+    write_new(cert_file, &cert.pem(), CERT_FILE_MODE)?;
     Ok(())
 }
 
@@ -176,7 +195,12 @@ impl Identity {
         crate::tls::parse_key(&key_pem)?;
         let leaf = crate::tls::parse_certs(&cert_pem)?;
         let role = role_of(&leaf[0])?;
-        Ok(Identity { ca_pem, cert_pem, key_pem, role })
+        Ok(Identity {
+            ca_pem,
+            cert_pem,
+            key_pem,
+            role,
+        })
     }
 
     /// The cluster CA certificate, PEM.
@@ -203,26 +227,35 @@ impl Identity {
 impl fmt::Debug for Identity {
     // Never print the key.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Identity").field("role", &self.role).finish_non_exhaustive()
+        f.debug_struct("Identity")
+            .field("role", &self.role)
+            .finish_non_exhaustive()
     }
 }
 
 /// The role named by a certificate's subject common name.
 pub(crate) fn role_of(cert: &CertificateDer<'_>) -> Result<Role> {
     // rcgen's CA parser reads any certificate's subject; we only use the name from it.
-    let params = CertificateParams::from_ca_cert_der(cert).map_err(cert_error("parse a certificate"))?;
+    let params =
+        CertificateParams::from_ca_cert_der(cert).map_err(cert_error("parse a certificate"))?;
     let name = match params.distinguished_name.get(&DnType::CommonName) {
         Some(DnValue::Utf8String(s)) => s.clone(),
         Some(DnValue::PrintableString(s)) => s.as_str().to_owned(),
         Some(DnValue::Ia5String(s)) => s.as_str().to_owned(),
-        _ => return Err(TransportError::Cert("certificate has no readable common name".to_owned())),
+        _ => {
+            return Err(TransportError::Cert(
+                "certificate has no readable common name".to_owned(),
+            ))
+        }
     };
-    Role::from_common_name(&name)
-        .ok_or_else(|| TransportError::Cert(format!("certificate common name {name:?} names no role")))
+    Role::from_common_name(&name).ok_or_else(|| {
+        TransportError::Cert(format!("certificate common name {name:?} names no role"))
+    })
 }
 
 fn ca_params() -> Result<CertificateParams> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(cert_error("CA parameters"))?;
+    let mut params =
+        CertificateParams::new(Vec::<String>::new()).map_err(cert_error("CA parameters"))?;
     params.distinguished_name = distinguished_name(CA_COMMON_NAME);
     // No intermediates: the CA signs leaves directly.
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -231,14 +264,16 @@ fn ca_params() -> Result<CertificateParams> {
     Ok(params)
 }
 
-fn leaf_params(role: Role) -> Result<CertificateParams> {
+fn leaf_params(common_name: &str) -> Result<CertificateParams> {
     let names = vec![crate::SERVER_NAME.to_owned(), "localhost".to_owned()];
     let mut params = CertificateParams::new(names).map_err(cert_error("certificate parameters"))?;
-    params.distinguished_name = distinguished_name(&role.common_name());
+    params.distinguished_name = distinguished_name(common_name);
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages =
-        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
     params.use_authority_key_identifier_extension = true;
     set_validity(&mut params, LEAF_VALIDITY_YEARS)?;
     Ok(params)
@@ -284,7 +319,10 @@ fn civil_from_days(days: i64) -> (i32, u8, u8) {
 /// exists), and the directory is fsynced.
 fn write_new(path: &Path, contents: &str, mode: u32) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut file = OpenOptions::new()
         .write(true)
@@ -294,18 +332,23 @@ fn write_new(path: &Path, contents: &str, mode: u32) -> Result<()> {
         .open(&tmp)
         .map_err(|e| io_error("create", &tmp, e))?;
     // `mode` applies only to a new file; a leftover temporary file keeps its old bits.
-    file.set_permissions(fs::Permissions::from_mode(mode)).map_err(|e| io_error("chmod", &tmp, e))?;
-    file.write_all(contents.as_bytes()).map_err(|e| io_error("write", &tmp, e))?;
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(|e| io_error("chmod", &tmp, e))?;
+    file.write_all(contents.as_bytes())
+        .map_err(|e| io_error("write", &tmp, e))?;
     file.sync_all().map_err(|e| io_error("fsync", &tmp, e))?;
     let linked = fs::hard_link(&tmp, path);
     let _ = fs::remove_file(&tmp);
     linked.map_err(|e| match e.kind() {
-        std::io::ErrorKind::AlreadyExists => {
-            TransportError::Cert(format!("{} already exists; refusing to overwrite it", path.display()))
-        }
+        std::io::ErrorKind::AlreadyExists => TransportError::Cert(format!(
+            "{} already exists; refusing to overwrite it",
+            path.display()
+        )),
         _ => io_error("link", path, e),
     })?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error("fsync", dir, e))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| io_error("fsync", dir, e))
 }
 
 fn read(path: &Path) -> Result<String> {

@@ -34,7 +34,10 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 /// The header for a payload of `len` bytes, in this build's version.
 pub fn header(len: usize) -> Result<[u8; HEADER_BYTES]> {
     if len > MAX_FRAME_BYTES {
-        return Err(TransportError::FrameTooLarge { len: len as u64, limit: MAX_FRAME_BYTES as u64 });
+        return Err(TransportError::FrameTooLarge {
+            len: len as u64,
+            limit: MAX_FRAME_BYTES as u64,
+        });
     }
     // Cannot fail: MAX_FRAME_BYTES fits in u32.
     let len = u32::try_from(len).unwrap_or(u32::MAX);
@@ -53,14 +56,22 @@ pub(crate) fn raw_header(version: u8, len: u32) -> [u8; HEADER_BYTES] {
 /// Checks a received header and returns the payload length it declares.
 pub fn parse_header(header: &[u8; HEADER_BYTES]) -> Result<usize> {
     if header[..3] != MAGIC {
-        return Err(TransportError::Malformed { reason: format!("bad magic {:?}", &header[..3]) });
+        return Err(TransportError::Malformed {
+            reason: format!("bad magic {:?}", &header[..3]),
+        });
     }
     if header[3] != PROTOCOL_VERSION {
-        return Err(TransportError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: header[3] });
+        return Err(TransportError::VersionMismatch {
+            ours: PROTOCOL_VERSION,
+            theirs: header[3],
+        });
     }
     let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
     if len > MAX_FRAME_BYTES {
-        return Err(TransportError::FrameTooLarge { len: len as u64, limit: MAX_FRAME_BYTES as u64 });
+        return Err(TransportError::FrameTooLarge {
+            len: len as u64,
+            limit: MAX_FRAME_BYTES as u64,
+        });
     }
     Ok(len)
 }
@@ -79,11 +90,18 @@ pub(crate) async fn read_frame(recv: &mut RecvStream) -> Result<Bytes> {
     let mut payload = BytesMut::with_capacity(len.min(READ_CHUNK_BYTES));
     while payload.len() < len {
         let want = (len - payload.len()).min(READ_CHUNK_BYTES);
-        match recv.read_chunk(want, true).await.map_err(error::from_read)? {
+        match recv
+            .read_chunk(want, true)
+            .await
+            .map_err(error::from_read)?
+        {
             Some(chunk) => payload.extend_from_slice(&chunk.bytes),
             None => {
                 return Err(TransportError::Malformed {
-                    reason: format!("stream ended after {} of {len} payload bytes", payload.len()),
+                    reason: format!(
+                        "stream ended after {} of {len} payload bytes",
+                        payload.len()
+                    ),
                 })
             }
         }
@@ -94,7 +112,9 @@ pub(crate) async fn read_frame(recv: &mut RecvStream) -> Result<Bytes> {
 /// Writes one frame (header, then the payload without copying it).
 pub(crate) async fn write_frame(send: &mut SendStream, payload: Bytes) -> Result<()> {
     let header = Bytes::copy_from_slice(&header(payload.len())?);
-    send.write_all_chunks(&mut [header, payload]).await.map_err(error::from_write)
+    send.write_all_chunks(&mut [header, payload])
+        .await
+        .map_err(error::from_write)
 }
 
 /// The bincode configuration of every payload: `standard()` (little-endian varints), and decoding
@@ -105,7 +125,8 @@ fn config() -> impl bincode::config::Config {
 
 /// Encodes a payload with bincode 2 (serde API).
 pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
-    bincode::serde::encode_to_vec(value, config()).map_err(|e| TransportError::Encode(e.to_string()))
+    bincode::serde::encode_to_vec(value, config())
+        .map_err(|e| TransportError::Encode(e.to_string()))
 }
 
 /// Decodes a payload produced by [`encode`]; trailing bytes are an error, since they mean the

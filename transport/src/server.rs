@@ -88,7 +88,9 @@ impl Server {
     /// Binds `addr` (port 0 picks a free port; see [`Server::local_addr`]). Needs a tokio runtime.
     pub fn bind(addr: SocketAddr, identity: &Identity, limits: ServerLimits) -> Result<Server> {
         if limits.max_connections == 0 || limits.max_streams_per_connection == 0 {
-            return Err(TransportError::Config("server limits must allow at least one request".into()));
+            return Err(TransportError::Config(
+                "server limits must allow at least one request".into(),
+            ));
         }
         let crypto = Arc::new(tls::server_crypto(identity)?);
         let mut config = quinn::ServerConfig::with_crypto(crypto);
@@ -147,13 +149,20 @@ impl Server {
         })
         .await;
         if drained.is_err() {
-            warn!(left = connections.len(), "requests still running after the drain timeout; cutting them");
+            warn!(
+                left = connections.len(),
+                "requests still running after the drain timeout; cutting them"
+            );
             connections.abort_all();
         }
-        self.endpoint.close(codes::CLOSE_SHUTDOWN, b"server shutting down");
-        if tokio::time::timeout(self.limits.shutdown_drain_timeout, self.endpoint.wait_idle())
-            .await
-            .is_err()
+        self.endpoint
+            .close(codes::CLOSE_SHUTDOWN, b"server shutting down");
+        if tokio::time::timeout(
+            self.limits.shutdown_drain_timeout,
+            self.endpoint.wait_idle(),
+        )
+        .await
+        .is_err()
         {
             warn!("connections did not finish closing in time");
         }
@@ -189,7 +198,10 @@ impl ConnectionTask {
             Ok(role) => role,
             Err(e) => {
                 warn!(%remote, "refusing peer: {e}");
-                return conn.close(codes::CLOSE_UNKNOWN_ROLE, b"certificate names no known role");
+                return conn.close(
+                    codes::CLOSE_UNKNOWN_ROLE,
+                    b"certificate names no known role",
+                );
             }
         };
         let peer = Peer { role, addr: remote };
@@ -236,19 +248,33 @@ struct StreamTask {
 
 impl StreamTask {
     async fn run(self, mut send: SendStream, mut recv: RecvStream) {
-        let request = match tokio::time::timeout(self.limits.request_read_timeout, frame::read_frame(&mut recv)).await {
+        let request = match tokio::time::timeout(
+            self.limits.request_read_timeout,
+            frame::read_frame(&mut recv),
+        )
+        .await
+        {
             Ok(Ok(request)) => request,
             Ok(Err(e)) => return refuse(&mut send, &mut recv, &e, self.peer),
             Err(_) => return abort(&mut send, &mut recv, codes::STREAM_READ_TIMEOUT),
         };
-        let response = match tokio::time::timeout(self.limits.handler_timeout, self.handler.handle(self.peer, request)).await {
+        let response = match tokio::time::timeout(
+            self.limits.handler_timeout,
+            self.handler.handle(self.peer, request),
+        )
+        .await
+        {
             Ok(response) => response,
             Err(_) => {
                 warn!(peer = ?self.peer, "handler timed out");
                 return abort(&mut send, &mut recv, codes::STREAM_HANDLER_TIMEOUT);
             }
         };
-        let written = tokio::time::timeout(self.limits.response_write_timeout, respond(&mut send, response)).await;
+        let written = tokio::time::timeout(
+            self.limits.response_write_timeout,
+            respond(&mut send, response),
+        )
+        .await;
         match written {
             Ok(Ok(())) => {}
             Ok(Err(e)) => debug!(peer = ?self.peer, "response not delivered: {e}"),
@@ -263,7 +289,10 @@ async fn respond(send: &mut SendStream, response: Bytes) -> Result<()> {
     if response.len() > MAX_FRAME_BYTES {
         // A handler bug, not the peer's fault. Sending just the header lets the client fail
         // with FrameTooLarge and the true length instead of a bare reset.
-        error!(len = response.len(), "handler returned a response over MAX_FRAME_BYTES");
+        error!(
+            len = response.len(),
+            "handler returned a response over MAX_FRAME_BYTES"
+        );
         let len = u32::try_from(response.len()).unwrap_or(u32::MAX);
         let header = frame::raw_header(crate::PROTOCOL_VERSION, len);
         send.write_all(&header).await.map_err(error::from_write)?;
@@ -272,7 +301,9 @@ async fn respond(send: &mut SendStream, response: Bytes) -> Result<()> {
     }
     // Only fails if the stream was already finished or reset, which we did not do.
     let _ = send.finish();
-    send.stopped().await.map_err(|e| TransportError::Closed { reason: e.to_string() })?;
+    send.stopped().await.map_err(|e| TransportError::Closed {
+        reason: e.to_string(),
+    })?;
     Ok(())
 }
 

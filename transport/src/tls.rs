@@ -38,7 +38,9 @@ pub(crate) fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>> {
 fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>> {
     let mut roots = RootCertStore::empty();
     for cert in parse_certs(ca_pem)? {
-        roots.add(cert).map_err(|e| TransportError::Cert(format!("CA certificate: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| TransportError::Cert(format!("CA certificate: {e}")))?;
     }
     Ok(Arc::new(roots))
 }
@@ -50,14 +52,18 @@ fn tls_error(e: rustls::Error) -> TransportError {
 /// The server's rustls config: it presents `identity` and requires a client certificate that
 /// chains to the same CA.
 pub(crate) fn server_crypto(identity: &Identity) -> Result<QuicServerConfig> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(roots(identity.ca_pem())?, provider())
-        .build()
-        .map_err(|e| TransportError::Cert(format!("client verifier: {e}")))?;
+    let verifier =
+        WebPkiClientVerifier::builder_with_provider(roots(identity.ca_pem())?, provider())
+            .build()
+            .map_err(|e| TransportError::Cert(format!("client verifier: {e}")))?;
     let mut config = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_error)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(parse_certs(identity.cert_pem())?, parse_key(identity.key_pem())?)
+        .with_single_cert(
+            parse_certs(identity.cert_pem())?,
+            parse_key(identity.key_pem())?,
+        )
         .map_err(tls_error)?;
     config.alpn_protocols = vec![crate::ALPN.to_vec()];
     QuicServerConfig::try_from(config).map_err(|e| TransportError::Config(e.to_string()))
@@ -87,9 +93,9 @@ pub(crate) fn client_crypto(auth: ClientAuth<'_>) -> Result<QuicClientConfig> {
         .map_err(tls_error)?
         .with_root_certificates(roots(auth.ca_pem)?);
     let mut config = match auth.cert_and_key {
-        Some((cert, key)) => {
-            builder.with_client_auth_cert(parse_certs(cert)?, parse_key(key)?).map_err(tls_error)?
-        }
+        Some((cert, key)) => builder
+            .with_client_auth_cert(parse_certs(cert)?, parse_key(key)?)
+            .map_err(tls_error)?,
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![auth.alpn.to_vec()];
@@ -119,8 +125,9 @@ pub(crate) fn transport(
     idle_timeout: Duration,
     keep_alive_interval: Option<Duration>,
 ) -> Result<Arc<TransportConfig>> {
-    let idle = IdleTimeout::try_from(idle_timeout)
-        .map_err(|_| TransportError::Config(format!("idle timeout {idle_timeout:?} is too long")))?;
+    let idle = IdleTimeout::try_from(idle_timeout).map_err(|_| {
+        TransportError::Config(format!("idle timeout {idle_timeout:?} is too long"))
+    })?;
     let mut config = TransportConfig::default();
     config
         .max_concurrent_bidi_streams(VarInt::from_u32(max_bidi_streams))

@@ -36,7 +36,7 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub(crate) fn io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    pub(crate) fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
         move |source| StoreError::Io { what, path: path.to_path_buf(), source: Arc::new(source) }
     }
 

@@ -37,7 +37,7 @@ pub(crate) const SEGMENT_SUFFIX: &str = ".log";
 
 /// A change to one scroll. `S` is `&str` when writing and `String` when reading back; both
 /// encode the same.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) enum Op<S> {
     /// Replace the scroll at `c`; empty text deletes it (an update or a delete).
     Set { c: Coordinate, text: S },
@@ -256,6 +256,10 @@ impl Wal {
     /// The LSN of the newest record, 0 if none was ever written.
     pub(crate) fn last_lsn(&self) -> u64 {
         self.lock().next_lsn - 1
+    }
+
+    pub(crate) fn failed(&self) -> bool {
+        self.lock().failed.is_some()
     }
 
     pub(crate) fn log_bytes(&self) -> u64 {

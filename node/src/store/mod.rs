@@ -1,0 +1,457 @@
+//! The durable tenant store: every tenant's phexts on this node, and the executor that runs a
+//! `proto::SqRequest` against them.
+//!
+//! Why it is shaped this way (PRODUCT §4):
+//! - An acknowledged write survives `kill -9` and a power cut, yet a write must not cost more on
+//!   a large document than on a small one. So a write is one record appended to the tenant's log
+//!   ([`wal`]) and one O(log n) change to the document in memory; concurrent writers share one
+//!   fsync (group commit). Whole documents are rewritten only by checkpoints, amortised over
+//!   [`StoreConfig::checkpoint_wal_bytes`] of log.
+//! - Thousands of active tenants among 100,000: a tenant is loaded on first use and unloaded
+//!   (checkpointed, files closed) when idle or when the memory budget is exceeded.
+//!
+//! On disk: `<data_dir>/tenants/<tenant>/phexts/<name>.phext` (canonical bytes) and
+//! `<data_dir>/tenants/<tenant>/wal/<first lsn:020>.log`. All disk access goes through [`Vfs`]
+//! and all time through [`Clock`], so the simulator can run the store on a faulty in-memory disk.
+//!
+//! The API is blocking; the node calls it from `spawn_blocking`.
+
+mod clock;
+pub mod crash_writer;
+mod error;
+mod recovery;
+mod tenant;
+mod vfs;
+mod wal;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::Duration;
+
+use proto::request::{Selector, BODY_MAX_BYTES, DELTA_LINES_MAX, QUERY_SET_MAX, SQ_API_VERSION};
+use proto::{ops, Coordinate, PhextName, SqRequest, SqResponse};
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{StoreError, IO_RETRY_AFTER_S};
+pub use tenant::{
+    PHEXT_MEMORY_OVERHEAD_BYTES, QUOTA_WARN_PERCENT, SCROLL_MEMORY_OVERHEAD_BYTES, TENANT_MEMORY_OVERHEAD_BYTES,
+};
+pub use vfs::{RealVfs, UnsyncedVfs, Vfs, VfsFile};
+
+use tenant::{Edit, Tenant, TenantPaths};
+
+/// The longest tenant id, in bytes (PRODUCT §2: `[a-z0-9][a-z0-9-]{0,62}`).
+pub const TENANT_ID_MAX_BYTES: usize = 63;
+
+/// How many times one request goes back for a tenant that was unloaded under it before giving up
+/// with `Busy`. Each retry follows a completed unload, so more than two means an unload storm.
+const CLOSED_RETRIES_MAX: usize = 8;
+
+/// Eviction unloads down to this share of each limit, in percent, so it runs in batches rather
+/// than on every request once the store is full.
+const EVICT_LOW_WATER_PERCENT: u64 = 90;
+
+/// The store's settings. Every field has a default, given in its comment.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    /// The node's data directory; tenants live under `<data_dir>/tenants/`. Default: `data`.
+    pub data_dir: PathBuf,
+    /// Estimated memory, in bytes, that loaded tenants may hold (document bytes plus the
+    /// per-tenant, per-phext and per-scroll overheads exported by this module). Above it the least
+    /// recently used tenants are unloaded. Default: 1 GiB.
+    pub memory_budget_bytes: u64,
+    /// The most tenants loaded at once. Each loaded tenant that has written holds one open log
+    /// file, so this bounds file descriptors as well as memory; the node's `RLIMIT_NOFILE` must
+    /// exceed it. Default: 8192.
+    pub loaded_tenants_max: usize,
+    /// A tenant with no request for this long is unloaded by [`Store::unload_idle`].
+    /// Default: 60 s.
+    pub idle_unload_after: Duration,
+    /// Log bytes after which a tenant is checkpointed (its changed phexts rewritten, its log
+    /// emptied). Bounds both disk use and the replay time of a load. Default: 64 MiB.
+    pub checkpoint_wal_bytes: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> StoreConfig {
+        StoreConfig {
+            data_dir: PathBuf::from("data"),
+            memory_budget_bytes: 1 << 30,
+            loaded_tenants_max: 8192,
+            idle_unload_after: Duration::from_secs(60),
+            checkpoint_wal_bytes: 64 << 20,
+        }
+    }
+}
+
+/// One tenant's place in the store: its loaded incarnation, if any, and otherwise its storage
+/// use when last known. Slots stay for the life of the store (about 150 bytes each with the map
+/// entry), which is what lets [`Store::storage_bytes`] answer for unloaded tenants cheaply. Its
+/// mutex serialises loading and unloading of that one tenant; it is never held across a request.
+#[derive(Default)]
+struct Slot {
+    state: Mutex<SlotState>,
+}
+
+#[derive(Default)]
+struct SlotState {
+    tenant: Option<Arc<Tenant>>,
+    storage_bytes: Option<u64>,
+}
+
+fn lock_slot(slot: &Slot) -> MutexGuard<'_, SlotState> {
+    slot.state.lock().expect("slot lock poisoned: a thread panicked while holding it")
+}
+
+pub struct Store {
+    config: StoreConfig,
+    tenants_dir: PathBuf,
+    vfs: Arc<dyn Vfs>,
+    clock: Arc<dyn Clock>,
+    slots: RwLock<HashMap<String, Arc<Slot>>>,
+    /// Estimated memory of all loaded tenants; each tenant adds and removes its own share.
+    memory_bytes: Arc<AtomicU64>,
+    loaded_count: AtomicUsize,
+    /// Held by the one thread that evicts at a time.
+    evicting: Mutex<()>,
+}
+
+/// True for ids of the form `[a-z0-9][a-z0-9-]{0,62}`.
+pub fn valid_tenant_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    let inner = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-';
+    !b.is_empty() && b.len() <= TENANT_ID_MAX_BYTES && b[0] != b'-' && b.iter().all(inner)
+}
+
+fn check_tenant_id(id: &str) -> Result<(), StoreError> {
+    if valid_tenant_id(id) {
+        Ok(())
+    } else {
+        Err(StoreError::InvalidTenant(id.to_string()))
+    }
+}
+
+impl Store {
+    /// Opens the store over `config.data_dir`, creating `<data_dir>/tenants` if needed. Tenants
+    /// are loaded lazily, on first use.
+    pub fn open(config: StoreConfig, vfs: Arc<dyn Vfs>, clock: Arc<dyn Clock>) -> Result<Store, StoreError> {
+        let tenants_dir = config.data_dir.join("tenants");
+        vfs::create_dir_durable(vfs.as_ref(), &tenants_dir).map_err(StoreError::io("create dir", &tenants_dir))?;
+        Ok(Store {
+            config,
+            tenants_dir,
+            vfs,
+            clock,
+            slots: RwLock::new(HashMap::new()),
+            memory_bytes: Arc::new(AtomicU64::new(0)),
+            loaded_count: AtomicUsize::new(0),
+            evicting: Mutex::new(()),
+        })
+    }
+
+    pub fn config(&self) -> &StoreConfig {
+        &self.config
+    }
+
+    /// Runs one request for `tenant`, whose quota is `quota_bytes`. A write is answered only once
+    /// it is durable; a read only once everything it saw is durable. Reads create nothing.
+    pub fn execute(&self, tenant: &str, quota_bytes: u64, req: &SqRequest) -> Result<SqResponse, StoreError> {
+        check_tenant_id(tenant)?;
+        validate(req)?;
+        let result = self.execute_valid(tenant, quota_bytes, req);
+        match &result {
+            Ok(_) | Err(StoreError::QuotaExceeded { .. }) => {}
+            Err(e) => tracing::warn!(tenant, route = req.route(), error = %e, "store request failed"),
+        }
+        result
+    }
+
+    fn execute_valid(&self, id: &str, quota_bytes: u64, req: &SqRequest) -> Result<SqResponse, StoreError> {
+        if req.phext().is_none() {
+            return Ok(SqResponse::text(SQ_API_VERSION));
+        }
+        for _ in 0..CLOSED_RETRIES_MAX {
+            let t = self.tenant(id)?;
+            t.touch(self.clock.now_ms());
+            match run(&t, quota_bytes, req) {
+                Ok(Some(response)) => {
+                    self.after_request(&t);
+                    return Ok(response);
+                }
+                Ok(None) => continue,
+                Err(e @ StoreError::Io { .. }) => {
+                    self.discard(id, &t);
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Busy(id.to_string()))
+    }
+
+    /// Upkeep after a request: a checkpoint if the tenant's log is long, eviction if the store is
+    /// over its limits. Failures here are logged, not returned: the request itself succeeded.
+    fn after_request(&self, t: &Arc<Tenant>) {
+        if let Err(e) = t.checkpoint_if_over(self.config.checkpoint_wal_bytes) {
+            tracing::warn!(tenant = %t.id, error = %e, "checkpoint failed; the log keeps every change");
+        }
+        if self.over_limits() {
+            self.evict(Some(&t.id));
+        }
+    }
+
+    /// The tenant's storage use: the canonical bytes of all its phexts. Answers from memory for
+    /// loaded tenants and tenants seen since the store opened; otherwise loads the tenant. A
+    /// tenant with no data is 0, and nothing is created for it.
+    pub fn storage_bytes(&self, tenant: &str) -> Result<u64, StoreError> {
+        check_tenant_id(tenant)?;
+        let slot = self.slots.read().expect("slot map lock poisoned").get(tenant).cloned();
+        if let Some(slot) = slot {
+            let s = lock_slot(&slot);
+            match (&s.tenant, s.storage_bytes) {
+                (Some(t), _) if !t.is_closed() => return Ok(t.used_bytes()),
+                (None, Some(bytes)) => return Ok(bytes),
+                _ => {}
+            }
+        }
+        let paths = TenantPaths::new(&self.tenants_dir, tenant);
+        if !self.vfs.exists(&paths.root).map_err(StoreError::io("stat tenant dir", &paths.root))? {
+            return Ok(0);
+        }
+        let bytes = self.tenant(tenant)?.used_bytes();
+        if self.over_limits() {
+            self.evict(Some(tenant));
+        }
+        Ok(bytes)
+    }
+
+    /// The ids of the tenants loaded now, sorted.
+    pub fn loaded_tenants(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .all_slots()
+            .into_iter()
+            .filter(|(_, slot)| lock_slot(slot).tenant.is_some())
+            .map(|(id, _)| id)
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// Estimated memory held by loaded tenants, in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory_bytes.load(Ordering::SeqCst)
+    }
+
+    /// Unloads every tenant idle for [`StoreConfig::idle_unload_after`], then the least recently
+    /// used ones while the store is over its limits. Returns how many were unloaded. Call it
+    /// periodically.
+    pub fn unload_idle(&self) -> usize {
+        let idle_ms = u64::try_from(self.config.idle_unload_after.as_millis()).unwrap_or(u64::MAX);
+        // Before the clock has run for a whole idle period, no tenant can have been idle that long.
+        let Some(cutoff) = self.clock.now_ms().checked_sub(idle_ms) else { return self.evict(None) };
+        let mut unloaded = 0;
+        for (id, slot) in self.all_slots() {
+            match self.unload_slot(&slot, Some(cutoff)) {
+                Ok(true) => unloaded += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    unloaded += 1;
+                    tracing::warn!(tenant = %id, error = %e, "checkpoint on unload failed; the log keeps every change");
+                }
+            }
+        }
+        unloaded + self.evict(None)
+    }
+
+    /// Checkpoints and unloads one tenant. Returns whether it was loaded. Unloaded even when
+    /// the checkpoint fails (the error is returned): the log still holds every change.
+    pub fn unload(&self, tenant: &str) -> Result<bool, StoreError> {
+        check_tenant_id(tenant)?;
+        let slot = self.slots.read().expect("slot map lock poisoned").get(tenant).cloned();
+        match slot {
+            Some(slot) => self.unload_slot(&slot, None),
+            None => Ok(false),
+        }
+    }
+
+    /// Checkpoints every loaded tenant, for a clean shutdown: the next start replays no log.
+    /// Tenants stay loaded. Returns the first failure after trying them all.
+    pub fn flush_all(&self) -> Result<(), StoreError> {
+        let mut first_error = None;
+        for (id, slot) in self.all_slots() {
+            let tenant = lock_slot(&slot).tenant.clone();
+            if let Some(Err(e)) = tenant.map(|t| t.checkpoint()) {
+                tracing::warn!(tenant = %id, error = %e, "checkpoint at shutdown failed; the log keeps every change");
+                first_error.get_or_insert(e);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+
+    fn slot(&self, id: &str) -> Arc<Slot> {
+        if let Some(slot) = self.slots.read().expect("slot map lock poisoned").get(id) {
+            return slot.clone();
+        }
+        self.slots.write().expect("slot map lock poisoned").entry(id.to_string()).or_default().clone()
+    }
+
+    fn all_slots(&self) -> Vec<(String, Arc<Slot>)> {
+        let slots = self.slots.read().expect("slot map lock poisoned");
+        slots.iter().map(|(id, s)| (id.clone(), s.clone())).collect()
+    }
+
+    /// The tenant's loaded incarnation, loading it from disk if needed. Holds only this tenant's
+    /// slot while loading.
+    fn tenant(&self, id: &str) -> Result<Arc<Tenant>, StoreError> {
+        let slot = self.slot(id);
+        let mut s = lock_slot(&slot);
+        if let Some(t) = s.tenant.clone() {
+            assert!(!t.is_closed(), "a closed tenant stayed in its slot");
+            if !t.log_failed() {
+                return Ok(t);
+            }
+            // Its log failed after its last request; start over from what is on disk.
+            t.discard();
+            s.tenant = None;
+            self.loaded_count.fetch_sub(1, Ordering::SeqCst);
+        }
+        let paths = TenantPaths::new(&self.tenants_dir, id);
+        let t = recovery::load(id, paths, self.vfs.clone(), self.memory_bytes.clone(), self.clock.now_ms())?;
+        let t = Arc::new(t);
+        s.tenant = Some(t.clone());
+        s.storage_bytes = None;
+        self.loaded_count.fetch_add(1, Ordering::SeqCst);
+        Ok(t)
+    }
+
+    /// Unloads the slot's tenant if it is loaded and, given a cutoff, unused since then.
+    fn unload_slot(&self, slot: &Slot, idle_since_ms: Option<u64>) -> Result<bool, StoreError> {
+        let mut s = lock_slot(slot);
+        let Some(t) = s.tenant.clone() else { return Ok(false) };
+        if idle_since_ms.is_some_and(|cutoff| t.last_used_ms() > cutoff) {
+            return Ok(false);
+        }
+        let result = t.close();
+        s.storage_bytes = Some(t.used_bytes());
+        s.tenant = None;
+        self.loaded_count.fetch_sub(1, Ordering::SeqCst);
+        result.map(|()| true)
+    }
+
+    /// Forgets a tenant whose log failed, so its next request reloads it from disk.
+    fn discard(&self, id: &str, t: &Arc<Tenant>) {
+        let slot = self.slot(id);
+        let mut s = lock_slot(&slot);
+        if s.tenant.as_ref().is_some_and(|current| Arc::ptr_eq(current, t)) {
+            t.discard();
+            s.tenant = None;
+            self.loaded_count.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn over_limits(&self) -> bool {
+        self.memory_bytes() > self.config.memory_budget_bytes
+            || self.loaded_count.load(Ordering::SeqCst) > self.config.loaded_tenants_max
+    }
+
+    /// Unloads least recently used tenants (never `keep`) until the store is below the low-water
+    /// mark of both limits. One thread evicts at a time; others go on. Returns how many went.
+    fn evict(&self, keep: Option<&str>) -> usize {
+        let Ok(_evicting) = self.evicting.try_lock() else { return 0 };
+        if !self.over_limits() {
+            return 0;
+        }
+        let mut loaded: Vec<(u64, String, Arc<Slot>)> = Vec::new();
+        for (id, slot) in self.all_slots() {
+            // A slot busy loading or unloading is skipped rather than waited for.
+            let last_used = match slot.state.try_lock() {
+                Ok(s) => s.tenant.as_ref().map(|t| t.last_used_ms()),
+                Err(_) => None,
+            };
+            if let Some(last_used) = last_used.filter(|_| Some(id.as_str()) != keep) {
+                loaded.push((last_used, id, slot));
+            }
+        }
+        loaded.sort_unstable_by_key(|(last_used, _, _)| *last_used);
+        let memory_target = self.config.memory_budget_bytes / 100 * EVICT_LOW_WATER_PERCENT;
+        let count_target = self.config.loaded_tenants_max.saturating_mul(EVICT_LOW_WATER_PERCENT as usize) / 100;
+        let mut unloaded = 0;
+        for (_, id, slot) in loaded {
+            if self.memory_bytes() <= memory_target && self.loaded_count.load(Ordering::SeqCst) <= count_target {
+                break;
+            }
+            match self.unload_slot(&slot, None) {
+                Ok(true) => unloaded += 1,
+                Ok(false) => {}
+                Err(e) => {
+                    unloaded += 1;
+                    tracing::warn!(tenant = %id, error = %e, "checkpoint on eviction failed; the log keeps every change");
+                }
+            }
+        }
+        unloaded
+    }
+}
+
+/// Runs a validated request on a loaded tenant; `Ok(None)` when the tenant closed under a write.
+fn run(t: &Tenant, quota_bytes: u64, req: &SqRequest) -> Result<Option<SqResponse>, StoreError> {
+    let plain = |body: Vec<u8>| SqResponse::text(body);
+    let response = match req {
+        SqRequest::Version => return Ok(Some(SqResponse::text(SQ_API_VERSION))),
+        SqRequest::Select { p, c } => t.read(p, |d| plain(d.get(c).as_bytes().to_vec()))?,
+        SqRequest::Toc { p } => t.read(p, |d| plain(ops::toc(d).into_bytes()))?,
+        SqRequest::Get { p } => t.read(p, |d| plain(d.to_canonical()))?,
+        SqRequest::Checksum { p } => t.read(p, |d| plain(ops::doc_checksum(d).into_bytes()))?,
+        SqRequest::Delta { p, manifest } => t.read(p, |d| plain(ops::delta(d, manifest)))?,
+        SqRequest::Query { p, selector, limit } => {
+            t.read(p, |d| SqResponse { body: ops::query(d, selector, *limit), json: true })?
+        }
+        SqRequest::Insert { p, c, text } => return write(t, p, *c, Edit::Insert(text), quota_bytes),
+        SqRequest::Update { p, c, text } => return write(t, p, *c, Edit::Update(text), quota_bytes),
+        SqRequest::Delete { p, c } => return write(t, p, *c, Edit::Delete, quota_bytes),
+    };
+    Ok(Some(response))
+}
+
+fn write(t: &Tenant, p: &PhextName, c: Coordinate, edit: Edit<'_>, quota: u64) -> Result<Option<SqResponse>, StoreError> {
+    Ok(t.write(p, c, edit, quota)?.map(SqResponse::text))
+}
+
+/// Refuses what `proto::request::parse` would have refused. Requests reach the node over the
+/// wire, where serde builds names and coordinates without their checks; one that slipped through
+/// could name a file outside the tenant or trip the document's invariants.
+fn validate(req: &SqRequest) -> Result<(), StoreError> {
+    let bad = |detail: String| Err(StoreError::InvalidRequest(detail));
+    if let Some(p) = req.phext() {
+        if PhextName::parse(p.as_str()).is_err() {
+            return bad("invalid phext name".into());
+        }
+    }
+    let coord = |c: &Coordinate| {
+        Coordinate::from_components(c.components()).map(|_| ()).map_err(|e| StoreError::InvalidRequest(e.to_string()))
+    };
+    match req {
+        SqRequest::Select { c, .. } | SqRequest::Delete { c, .. } => coord(c),
+        SqRequest::Insert { c, text, .. } | SqRequest::Update { c, text, .. } => {
+            coord(c)?;
+            if text.len() > BODY_MAX_BYTES {
+                return bad(format!("text exceeds {BODY_MAX_BYTES} bytes"));
+            }
+            if proto::doc::contains_break(text) {
+                return bad("text contains phext dimension breaks".into());
+            }
+            Ok(())
+        }
+        SqRequest::Delta { manifest, .. } if manifest.len() > DELTA_LINES_MAX => bad("delta manifest too long".into()),
+        SqRequest::Delta { manifest, .. } => manifest.iter().try_for_each(|(c, _)| coord(c)),
+        SqRequest::Query { selector: Selector::Range { from, to }, .. } => coord(from).and_then(|_| coord(to)),
+        SqRequest::Query { selector: Selector::Set(set), .. } if set.len() > QUERY_SET_MAX => bad("query set too long".into()),
+        SqRequest::Query { selector: Selector::Set(set), .. } => set.iter().try_for_each(coord),
+        SqRequest::Version | SqRequest::Toc { .. } | SqRequest::Get { .. } | SqRequest::Checksum { .. } => Ok(()),
+    }
+}

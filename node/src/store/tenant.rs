@@ -1,0 +1,451 @@
+//! One loaded tenant: its phexts in memory, its log, its quota count, and its checkpoints.
+//!
+//! Concurrency, from the outside in:
+//! - `gate`: writers share it, a checkpoint or unload takes it alone. Writers never wait for the
+//!   disk while holding it, so a checkpoint waits at most for in-memory work.
+//! - each phext's `RwLock`: a write appends its log record and applies the change in one critical
+//!   section, so each phext's log order is its apply order; readers share it.
+//! - the log's own mutex, held only to append bytes or hand a batch to a flusher.
+//!
+//! Readers never take the gate, and different phexts and tenants never share a lock on the hot
+//! path.
+
+use std::collections::HashMap;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use proto::{ops, Coordinate, Doc, PhextName};
+
+use super::error::StoreError;
+use super::vfs::{create_dir_durable, Vfs};
+use super::wal::{parse_segment_name, Op, Wal};
+
+/// Suffix of a phext file being written by a checkpoint. A phext file's own name ends in
+/// `.phext`, so the two never collide; recovery deletes leftovers.
+pub(crate) const TEMP_SUFFIX: &str = ".tmp";
+
+/// Estimated bytes a loaded tenant costs beyond its documents: its structs, maps, log state and
+/// open segment. Measured with `examples/idle_memory.rs` and rounded up.
+pub const TENANT_MEMORY_OVERHEAD_BYTES: u64 = 2048;
+/// Estimated bytes one loaded phext costs beyond its scrolls: map entry, locks, `Doc`.
+pub const PHEXT_MEMORY_OVERHEAD_BYTES: u64 = 256;
+/// Estimated bytes one scroll costs beyond its text: B-tree slot, key and `String` header.
+pub const SCROLL_MEMORY_OVERHEAD_BYTES: u64 = 96;
+
+/// Writes at or above this share of the quota, in percent, log a warning (PRODUCT §3).
+pub const QUOTA_WARN_PERCENT: u64 = 90;
+
+/// Where a tenant's files live: `<data>/tenants/<id>/{phexts,wal}`.
+#[derive(Debug, Clone)]
+pub(crate) struct TenantPaths {
+    pub root: PathBuf,
+    pub phexts: PathBuf,
+    pub wal: PathBuf,
+}
+
+impl TenantPaths {
+    pub(crate) fn new(tenants_dir: &Path, id: &str) -> TenantPaths {
+        let root = tenants_dir.join(id);
+        TenantPaths { phexts: root.join("phexts"), wal: root.join("wal"), root }
+    }
+}
+
+/// One phext in memory.
+#[derive(Debug, Default)]
+pub(crate) struct PhextDoc {
+    pub doc: Doc,
+    /// The LSN of the last change applied; a reader waits for it to be durable.
+    pub applied_lsn: u64,
+    /// Changed since its file was last written.
+    pub dirty: bool,
+}
+
+/// A change a client asked for.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Edit<'a> {
+    Insert(&'a str),
+    Update(&'a str),
+    Delete,
+}
+
+impl Edit<'_> {
+    /// True when the edit changes nothing in an empty document.
+    fn is_noop_on_empty(&self) -> bool {
+        match self {
+            Edit::Insert(t) | Edit::Update(t) => t.is_empty(),
+            Edit::Delete => true,
+        }
+    }
+}
+
+/// The answer to `edit` on `doc`, and the change to log and apply with the scroll's new length,
+/// or `None` when nothing would change.
+fn plan<'a>(doc: &Doc, c: Coordinate, edit: Edit<'a>) -> (String, Option<(Op<&'a str>, usize)>) {
+    let old_len = doc.get(&c).len();
+    match edit {
+        Edit::Insert(text) => {
+            let change = (!text.is_empty())
+                .then(|| (Op::TruncateAppend { c, len_before: old_len as u64, text }, old_len + text.len()));
+            (ops::inserted(text.len()), change)
+        }
+        Edit::Update(text) => {
+            let change = (doc.get(&c) != text).then(|| (Op::Set { c, text }, text.len()));
+            (ops::updated(text.len()), change)
+        }
+        Edit::Delete => ((ops::removed(old_len)), (old_len > 0).then(|| (Op::Set { c, text: "" }, 0))),
+    }
+}
+
+/// Applies a logged change; used by replay, where it may land on a state that already has it.
+pub(crate) fn apply(doc: &mut Doc, op: &Op<String>) {
+    match op {
+        Op::Set { c, text } => {
+            doc.set(*c, text.clone());
+        }
+        Op::TruncateAppend { c, len_before, text } => {
+            let len = usize::try_from(*len_before).unwrap_or(usize::MAX);
+            doc.truncate_append(*c, len, text);
+        }
+    }
+}
+
+/// Estimated memory one loaded document holds.
+pub(crate) fn doc_memory(doc: &Doc) -> u64 {
+    PHEXT_MEMORY_OVERHEAD_BYTES + doc.canonical_len() + doc.scroll_count() as u64 * SCROLL_MEMORY_OVERHEAD_BYTES
+}
+
+type Entry = Arc<RwLock<PhextDoc>>;
+
+pub(crate) struct Tenant {
+    pub(crate) id: String,
+    paths: TenantPaths,
+    vfs: Arc<dyn Vfs>,
+    wal: Wal,
+    gate: RwLock<()>,
+    /// Set once the tenant is unloaded or discarded; a writer that finds it set goes back to the
+    /// store for the tenant's current incarnation.
+    closed: AtomicBool,
+    phexts: RwLock<HashMap<PhextName, Entry>>,
+    /// Sum of the canonical lengths of the phexts, counting reserved growth of writes in flight.
+    used_bytes: AtomicU64,
+    /// This tenant's estimated memory, and the store-wide sum it contributes to.
+    memory_bytes: AtomicU64,
+    store_memory: Arc<AtomicU64>,
+    last_used_ms: AtomicU64,
+}
+
+fn read_lock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    l.read().expect("tenant lock poisoned: a thread panicked while holding it")
+}
+
+fn write_lock<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    l.write().expect("tenant lock poisoned: a thread panicked while holding it")
+}
+
+impl Tenant {
+    /// A loaded tenant holding `docs` (from recovery), counted into `store_memory`.
+    pub(crate) fn new(
+        id: String,
+        paths: TenantPaths,
+        vfs: Arc<dyn Vfs>,
+        wal: Wal,
+        docs: HashMap<PhextName, PhextDoc>,
+        store_memory: Arc<AtomicU64>,
+        now_ms: u64,
+    ) -> Tenant {
+        let used: u64 = docs.values().map(|d| d.doc.canonical_len()).sum();
+        let memory = TENANT_MEMORY_OVERHEAD_BYTES + docs.values().map(|d| doc_memory(&d.doc)).sum::<u64>();
+        store_memory.fetch_add(memory, Ordering::SeqCst);
+        let phexts = docs.into_iter().map(|(n, d)| (n, Arc::new(RwLock::new(d)))).collect();
+        Tenant {
+            id,
+            paths,
+            vfs,
+            wal,
+            gate: RwLock::new(()),
+            closed: AtomicBool::new(false),
+            phexts: RwLock::new(phexts),
+            used_bytes: AtomicU64::new(used),
+            memory_bytes: AtomicU64::new(memory),
+            store_memory,
+            last_used_ms: AtomicU64::new(now_ms),
+        }
+    }
+
+    pub(crate) fn used_bytes(&self) -> u64 {
+        self.used_bytes.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn memory_bytes(&self) -> u64 {
+        self.memory_bytes.load(Ordering::SeqCst)
+    }
+
+    pub(crate) fn last_used_ms(&self) -> u64 {
+        self.last_used_ms.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn touch(&self, now_ms: u64) {
+        self.last_used_ms.fetch_max(now_ms, Ordering::Relaxed);
+    }
+
+    pub(crate) fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
+    }
+
+    /// The LSN of the newest record logged.
+    #[cfg(test)]
+    pub(crate) fn last_lsn(&self) -> u64 {
+        self.wal.last_lsn()
+    }
+
+    /// True once a log write failed: the tenant's memory may hold changes that are not durable.
+    pub(crate) fn log_failed(&self) -> bool {
+        self.wal.failed()
+    }
+
+    fn entry(&self, p: &PhextName) -> Option<Entry> {
+        read_lock(&self.phexts).get(p).cloned()
+    }
+
+    /// Runs `f` on the phext (an empty document if it does not exist) and returns its result once
+    /// every change `f` saw is durable. Creates nothing.
+    pub(crate) fn read<R>(&self, p: &PhextName, f: impl FnOnce(&Doc) -> R) -> Result<R, StoreError> {
+        let Some(entry) = self.entry(p) else { return Ok(f(&Doc::new())) };
+        let d = read_lock(&entry);
+        let out = f(&d.doc);
+        let lsn = d.applied_lsn;
+        drop(d);
+        self.wal.wait_durable(lsn)?;
+        Ok(out)
+    }
+
+    /// Applies `edit` at `c` and returns SQ's answer once it is durable, or `Ok(None)` if the
+    /// tenant was closed first (nothing done; the caller retries on the current incarnation).
+    /// Growth past `quota_bytes` is refused before anything is logged.
+    pub(crate) fn write(
+        &self,
+        p: &PhextName,
+        c: Coordinate,
+        edit: Edit<'_>,
+        quota_bytes: u64,
+    ) -> Result<Option<String>, StoreError> {
+        let gate = read_lock(&self.gate);
+        if self.is_closed() {
+            return Ok(None);
+        }
+        let entry = match self.entry(p) {
+            Some(e) => e,
+            None if edit.is_noop_on_empty() => return Ok(Some(plan(&Doc::new(), c, edit).0)),
+            None => write_lock(&self.phexts).entry(p.clone()).or_default().clone(),
+        };
+        let mut d = write_lock(&entry);
+        let (answer, change) = plan(&d.doc, c, edit);
+        let lsn = match change {
+            None => d.applied_lsn,
+            Some((op, new_len)) => self.log_and_apply(p, &mut d, op, new_len, quota_bytes)?,
+        };
+        drop(d);
+        drop(gate);
+        self.wal.wait_durable(lsn)?;
+        Ok(Some(answer))
+    }
+
+    /// Reserves quota, logs `op` and applies it to `d`; returns its LSN. Called with the phext's
+    /// write lock held, so the log order is the apply order.
+    fn log_and_apply(
+        &self,
+        p: &PhextName,
+        d: &mut PhextDoc,
+        op: Op<&str>,
+        new_len: usize,
+        quota_bytes: u64,
+    ) -> Result<u64, StoreError> {
+        let c = match op {
+            Op::Set { c, .. } | Op::TruncateAppend { c, .. } => c,
+        };
+        let before = d.doc.canonical_len();
+        let after = d.doc.canonical_len_after(&c, new_len);
+        let grow = after.saturating_sub(before);
+        if grow > 0 {
+            self.reserve(grow, quota_bytes)?;
+        }
+        let lsn = match self.wal.append(p.as_str(), op) {
+            Ok(lsn) => lsn,
+            Err(e) => {
+                self.used_bytes.fetch_sub(grow, Ordering::SeqCst);
+                return Err(e);
+            }
+        };
+        let memory_before = doc_memory(&d.doc);
+        match op {
+            Op::Set { c, text } => {
+                d.doc.set(c, text.to_string());
+            }
+            // The scroll holds exactly `len_before` bytes under this lock, so no cut is needed.
+            Op::TruncateAppend { c, text, .. } => d.doc.append(c, text),
+        }
+        assert_eq!(d.doc.canonical_len(), after, "canonical_len_after disagrees with the applied change");
+        d.applied_lsn = lsn;
+        d.dirty = true;
+        if after < before {
+            self.used_bytes.fetch_sub(before - after, Ordering::SeqCst);
+        }
+        self.add_memory(doc_memory(&d.doc) as i64 - memory_before as i64);
+        Ok(lsn)
+    }
+
+    /// Takes `grow` bytes of quota atomically, so writes to different phexts cannot overshoot
+    /// together.
+    fn reserve(&self, grow: u64, quota_bytes: u64) -> Result<(), StoreError> {
+        let mut used = self.used_bytes.load(Ordering::SeqCst);
+        loop {
+            let after = used.saturating_add(grow);
+            if after > quota_bytes {
+                return Err(StoreError::QuotaExceeded {
+                    needed_bytes: grow,
+                    free_bytes: quota_bytes.saturating_sub(used),
+                    quota_bytes,
+                });
+            }
+            match self.used_bytes.compare_exchange(used, after, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => {
+                    if after.saturating_mul(100) >= quota_bytes.saturating_mul(QUOTA_WARN_PERCENT) {
+                        tracing::warn!(tenant = %self.id, used_bytes = after, quota_bytes, "tenant at or over 90% of its quota");
+                    }
+                    return Ok(());
+                }
+                Err(now) => used = now,
+            }
+        }
+    }
+
+    fn add_memory(&self, delta: i64) {
+        if delta >= 0 {
+            self.memory_bytes.fetch_add(delta as u64, Ordering::SeqCst);
+            self.store_memory.fetch_add(delta as u64, Ordering::SeqCst);
+        } else {
+            self.memory_bytes.fetch_sub(delta.unsigned_abs(), Ordering::SeqCst);
+            self.store_memory.fetch_sub(delta.unsigned_abs(), Ordering::SeqCst);
+        }
+    }
+
+    /// Checkpoints if the log has grown past `log_bytes_max`.
+    pub(crate) fn checkpoint_if_over(&self, log_bytes_max: u64) -> Result<(), StoreError> {
+        if self.wal.log_bytes() <= log_bytes_max {
+            return Ok(());
+        }
+        let _gate = write_lock(&self.gate);
+        if self.is_closed() || self.wal.log_bytes() <= log_bytes_max {
+            return Ok(());
+        }
+        self.checkpoint_locked()
+    }
+
+    pub(crate) fn checkpoint(&self) -> Result<(), StoreError> {
+        let _gate = write_lock(&self.gate);
+        if self.is_closed() {
+            return Ok(());
+        }
+        self.checkpoint_locked()
+    }
+
+    /// Checkpoints and closes the tenant for unloading. Closed even if the checkpoint fails:
+    /// every acknowledged write is then still in the log, and the next load replays it.
+    pub(crate) fn close(&self) -> Result<(), StoreError> {
+        let _gate = write_lock(&self.gate);
+        if self.is_closed() {
+            return Ok(());
+        }
+        let result = self.checkpoint_locked();
+        self.retire();
+        result
+    }
+
+    /// Closes the tenant without a checkpoint, after its log failed: its memory may hold changes
+    /// that never became durable, so it must be forgotten and reloaded from disk.
+    pub(crate) fn discard(&self) {
+        let _gate = write_lock(&self.gate);
+        if !self.is_closed() {
+            self.retire();
+        }
+    }
+
+    fn retire(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        self.store_memory.fetch_sub(self.memory_bytes(), Ordering::SeqCst);
+    }
+
+    /// Writes every changed phext to its file and deletes the log segments that led to them.
+    ///
+    /// Holds the gate alone, so no write runs meanwhile (readers do). The order makes a crash at
+    /// any point harmless: the log is durable before it rotates; each phext file is replaced
+    /// atomically (temp file, sync, rename) and the directory synced before any segment goes; the
+    /// oldest segment goes first, so what is left is always a suffix of the log. Replaying a
+    /// suffix over newer phext files changes nothing, because every record is idempotent.
+    fn checkpoint_locked(&self) -> Result<(), StoreError> {
+        let dirty: Vec<(PhextName, Entry)> = read_lock(&self.phexts)
+            .iter()
+            .filter(|(_, e)| read_lock(e).dirty)
+            .map(|(n, e)| (n.clone(), e.clone()))
+            .collect();
+        if dirty.is_empty() && self.wal.log_bytes() == 0 {
+            return Ok(());
+        }
+        self.wal.wait_durable(self.wal.last_lsn())?;
+        let rotated_at = self.wal.rotate();
+        if !dirty.is_empty() {
+            let dir = &self.paths.phexts;
+            create_dir_durable(self.vfs.as_ref(), dir).map_err(StoreError::io("create phexts dir", dir))?;
+            for (name, entry) in &dirty {
+                let bytes = {
+                    let d = read_lock(entry);
+                    (!d.doc.is_empty()).then(|| d.doc.to_canonical())
+                };
+                self.write_phext(name, bytes)?;
+            }
+            self.vfs.sync_dir(dir).map_err(StoreError::io("sync phexts dir", dir))?;
+            for (_, entry) in &dirty {
+                write_lock(entry).dirty = false;
+            }
+        }
+        self.remove_segments_before(rotated_at)
+    }
+
+    /// Replaces a phext's file atomically with `bytes`, or removes it for an empty document.
+    /// The caller syncs the directory.
+    fn write_phext(&self, name: &PhextName, bytes: Option<Vec<u8>>) -> Result<(), StoreError> {
+        let path = self.paths.phexts.join(name.file_name());
+        let Some(bytes) = bytes else {
+            return match self.vfs.remove_file(&path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StoreError::io("remove phext", &path)(e)),
+                _ => Ok(()),
+            };
+        };
+        let temp = self.paths.phexts.join(format!("{}{TEMP_SUFFIX}", name.file_name()));
+        let mut file = self.vfs.create(&temp).map_err(StoreError::io("create temp phext", &temp))?;
+        file.write_all(&bytes).map_err(StoreError::io("write temp phext", &temp))?;
+        file.sync_data().map_err(StoreError::io("sync temp phext", &temp))?;
+        drop(file);
+        self.vfs.rename(&temp, &path).map_err(StoreError::io("rename phext", &path))
+    }
+
+    /// Deletes the segments whose first LSN is below `lsn`, oldest first, syncing the directory
+    /// after each so a crash never leaves a hole in the log.
+    fn remove_segments_before(&self, lsn: u64) -> Result<(), StoreError> {
+        let dir = self.wal.dir();
+        let names = match self.vfs.list(dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            other => other.map_err(StoreError::io("list log dir", dir))?,
+        };
+        let mut old: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).filter(|&s| s < lsn).collect();
+        old.sort_unstable();
+        for start in old {
+            let path = dir.join(super::wal::segment_name(start));
+            self.vfs.remove_file(&path).map_err(StoreError::io("remove log segment", &path))?;
+            self.vfs.sync_dir(dir).map_err(StoreError::io("sync log dir", dir))?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,73 @@
+//! Membership changes, one at a time: join (learner first, then voter) and removal.
+//!
+//! Raft membership (who votes) and the registry's node records (who owns tenants) change in
+//! lockstep, each step committed before the next, so an interrupted change can be resumed by
+//! calling the same operation again. Node ids are never reused.
+
+use std::collections::BTreeSet;
+
+use openraft::{BasicNode, ChangeMembers};
+
+use crate::command::{Command, Rejection};
+use crate::error::RegistryError;
+use crate::registry::{bounded, Registry};
+use crate::state::NodeState;
+
+impl Registry {
+    /// Adds node `id` at `addr` to the cluster. Run on the leader:
+    /// 1. commit `NodeJoin` (state Joining; refused if the id was ever used),
+    /// 2. add it as a Raft learner and wait until it caught up,
+    /// 3. promote it to voter,
+    /// 4. commit `NodeActivate` (placement epoch + 1).
+    ///
+    /// Calling it again for a node still `Joining` at the same address resumes an interrupted
+    /// join; for a node already `Active` at that address it is a no-op.
+    pub async fn join_node(&self, id: u64, addr: String) -> Result<(), RegistryError> {
+        let _one_change = self.membership_lock.try_lock().map_err(|_| RegistryError::MembershipChangeInProgress)?;
+        let state = self.read_linearizable().await?;
+        match state.node(id) {
+            None => {
+                self.write(Command::NodeJoin { id, addr: addr.clone() }).await?;
+            }
+            Some(n) if n.addr == addr && matches!(n.state, NodeState::Joining | NodeState::Active) => {}
+            Some(_) => return Err(Rejection::NodeIdUsed(id).into()),
+        }
+        let learner = self.raft.add_learner(id, BasicNode::new(addr), true);
+        bounded("add learner", self.config.learner_catchup_timeout(), learner).await??;
+        let promote = self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false);
+        bounded("promote to voter", self.config.membership_change_timeout(), promote).await??;
+        if self.read_linearizable().await?.node(id).map(|n| n.state) == Some(NodeState::Joining) {
+            self.write(Command::NodeActivate { id }).await?;
+        }
+        Ok(())
+    }
+
+    /// Removes node `id` for good. Run on the leader:
+    /// 1. commit `NodeRemove` (placement epoch + 1 if it was Active; refused for the last active
+    ///    node) so placement stops using it,
+    /// 2. drop it from the Raft membership (voter or learner).
+    ///
+    /// The registry step comes first so that a leader can remove itself: it stays leader until
+    /// the membership without it commits, then steps down. Calling it again resumes an
+    /// interrupted removal. Drain the node (`NodeDrain`) first to hand its tenants off.
+    pub async fn remove_node(&self, id: u64) -> Result<(), RegistryError> {
+        let _one_change = self.membership_lock.try_lock().map_err(|_| RegistryError::MembershipChangeInProgress)?;
+        let state = self.read_linearizable().await?;
+        let node = state.node(id).ok_or(Rejection::NoSuchNode(id))?;
+        if node.state != NodeState::Removed {
+            self.write(Command::NodeRemove { id }).await?;
+        }
+        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        let ids = BTreeSet::from([id]);
+        let change = if membership.voter_ids().any(|v| v == id) {
+            ChangeMembers::RemoveVoters(ids)
+        } else if membership.get_node(&id).is_some() {
+            ChangeMembers::RemoveNodes(ids)
+        } else {
+            return Ok(());
+        };
+        let remove = self.raft.change_membership(change, false);
+        bounded("remove from membership", self.config.membership_change_timeout(), remove).await??;
+        Ok(())
+    }
+}

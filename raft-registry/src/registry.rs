@@ -1,0 +1,188 @@
+//! [`Registry`]: one node's handle on the replicated registry.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{InitializeError, RaftError};
+use openraft::BasicNode;
+use tokio::sync::watch;
+
+use crate::command::Command;
+use crate::config::RegistryConfig;
+use crate::error::RegistryError;
+use crate::log_store::LogStore;
+use crate::network::{self, NetworkFactory, RaftTransport};
+use crate::state::{NodeState, RegistryState};
+use crate::state_machine::{Published, StateMachineStore};
+use crate::types::{NodeId, Raft};
+
+/// What a committed command produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CommandResult {
+    /// Log index of the command; a watcher whose applied index reaches it sees its effect.
+    pub log_index: u64,
+    /// The placement epoch after the command.
+    pub placement_epoch: u64,
+}
+
+/// A point-in-time view of this node's Raft state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RaftStatus {
+    pub id: u64,
+    pub leader: Option<u64>,
+    /// The leader's address, when it is in the membership this node knows.
+    pub leader_addr: Option<String>,
+    pub is_leader: bool,
+    pub term: u64,
+    /// Index of the last log entry on this node.
+    pub last_log_index: Option<u64>,
+    /// Index of the last entry applied here (≤ the cluster's commit index).
+    pub last_applied_index: Option<u64>,
+    pub voters: Vec<u64>,
+    pub learners: Vec<u64>,
+}
+
+/// One node's member of the registry cluster.
+///
+/// Open one per data directory per process (nothing locks the directory).
+pub struct Registry {
+    pub(crate) id: NodeId,
+    pub(crate) raft: Raft,
+    state_rx: watch::Receiver<Published>,
+    /// Serialises `join_node` / `remove_node` on this node.
+    pub(crate) membership_lock: tokio::sync::Mutex<()>,
+    pub(crate) config: RegistryConfig,
+}
+
+/// Runs `fut` with a time limit, reporting `op` on expiry.
+pub(crate) async fn bounded<T>(op: &'static str, limit: Duration, fut: impl Future<Output = T>) -> Result<T, RegistryError> {
+    tokio::time::timeout(limit, fut).await.map_err(|_| RegistryError::timeout(op, limit))
+}
+
+impl Registry {
+    /// Opens the registry stored in `dir` (created if missing) as node `node_id` and starts Raft.
+    /// Log, vote and snapshot are recovered from `dir`; a fresh directory starts uninitialized.
+    pub async fn open(
+        dir: &Path,
+        node_id: u64,
+        config: RegistryConfig,
+        transport: Arc<dyn RaftTransport>,
+    ) -> Result<Registry, RegistryError> {
+        let raft_config = Arc::new(config.to_openraft()?);
+        let log = LogStore::open(dir)?;
+        let (sm, state_rx) = StateMachineStore::open(dir)?;
+        let network = NetworkFactory { my_id: node_id, transport };
+        let raft = Raft::new(node_id, raft_config, network, log, sm).await?;
+        Ok(Registry { id: node_id, raft, state_rx, membership_lock: tokio::sync::Mutex::new(()), config })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Makes this node a one-node cluster if it was never initialized, then records it as an
+    /// Active node at `addr`. Idempotent: on restart it only finishes what a crash interrupted.
+    /// Call it on the first node of a new cluster; other nodes join through [`Self::join_node`]
+    /// on the leader.
+    pub async fn bootstrap(&self, addr: String) -> Result<(), RegistryError> {
+        if !self.raft.is_initialized().await? {
+            let members = BTreeMap::from([(self.id, BasicNode::new(addr.clone()))]);
+            match self.raft.initialize(members).await {
+                Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+                Err(e) => return Err(RegistryError::Raft(e.to_string())),
+            }
+        }
+        if self.wait_for_leader().await? != self.id {
+            tracing::info!(id = self.id, "bootstrap: cluster already formed with another leader");
+            return Ok(());
+        }
+        let state = self.read_linearizable().await?;
+        if state.node(self.id).is_none() {
+            self.write(Command::NodeJoin { id: self.id, addr }).await?;
+        }
+        if self.read_linearizable().await?.node(self.id).map(|n| n.state) == Some(NodeState::Joining) {
+            self.write(Command::NodeActivate { id: self.id }).await?;
+        }
+        Ok(())
+    }
+
+    /// Proposes `cmd` and waits until it is committed and applied. On a follower it returns
+    /// [`RegistryError::NotLeader`] with the leader to forward to.
+    pub async fn write(&self, cmd: Command) -> Result<CommandResult, RegistryError> {
+        let limit = self.config.write_timeout();
+        let resp = bounded("write", limit, self.raft.client_write(cmd)).await??;
+        resp.data.outcome?;
+        Ok(CommandResult { log_index: resp.log_id.index, placement_epoch: resp.data.placement_epoch })
+    }
+
+    /// The state as of a read index confirmed by a quorum: it reflects every write committed
+    /// before the call. Only the leader can serve it; followers get `NotLeader`.
+    pub async fn read_linearizable(&self) -> Result<Arc<RegistryState>, RegistryError> {
+        let limit = self.config.read_timeout();
+        let read_log_id = bounded("linearizable read", limit, self.raft.ensure_linearizable()).await??;
+        // The read index is applied by now, and apply publishes before it returns; waiting on the
+        // watch makes that ordering explicit rather than assumed.
+        let want = read_log_id.map_or(0, |l| l.index);
+        let mut rx = self.state_rx.clone();
+        let published = bounded("linearizable read", limit, rx.wait_for(|(index, _)| *index >= want)).await?;
+        let state = published.map_err(|_| RegistryError::Shutdown)?.1.clone();
+        Ok(state)
+    }
+
+    /// The local, possibly stale, view of the registry.
+    pub fn state(&self) -> Arc<RegistryState> {
+        self.state_rx.borrow().1.clone()
+    }
+
+    /// Watches `(applied index, state)`; a new value is published after every applied batch.
+    pub fn subscribe(&self) -> watch::Receiver<Published> {
+        self.state_rx.clone()
+    }
+
+    /// This node's Raft status.
+    pub fn status(&self) -> RaftStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let membership = m.membership_config.membership();
+        let leader_addr = m.current_leader.and_then(|l| membership.get_node(&l)).map(|n| n.addr.clone());
+        RaftStatus {
+            id: self.id,
+            leader: m.current_leader,
+            leader_addr,
+            is_leader: m.current_leader == Some(self.id),
+            term: m.current_term,
+            last_log_index: m.last_log_index,
+            last_applied_index: m.last_applied.map(|l| l.index),
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+        }
+    }
+
+    /// Waits (up to `leader_wait_timeout_ms`) until some leader is known; returns its id.
+    pub async fn wait_for_leader(&self) -> Result<u64, RegistryError> {
+        let limit = self.config.leader_wait_timeout();
+        let metrics = self
+            .raft
+            .wait(Some(limit))
+            .metrics(|m| m.current_leader.is_some(), "a leader is known")
+            .await
+            .map_err(|e| match e {
+                openraft::metrics::WaitError::Timeout(..) => RegistryError::timeout("wait for leader", limit),
+                openraft::metrics::WaitError::ShuttingDown => RegistryError::Shutdown,
+            })?;
+        metrics.current_leader.ok_or(RegistryError::NotLeader { leader_id: None, leader_addr: None })
+    }
+
+    /// Answers one Raft RPC received from a peer (bytes produced by this crate's network layer
+    /// on the sending node). Never fails: a malformed request gets a refusal reply.
+    pub async fn handle_rpc(&self, payload: &[u8]) -> Vec<u8> {
+        network::serve(&self.raft, payload).await
+    }
+
+    /// Stops Raft. Pending operations fail with `Shutdown`.
+    pub async fn shutdown(&self) -> Result<(), RegistryError> {
+        self.raft.shutdown().await.map_err(|e| RegistryError::Raft(format!("shutdown: {e}")))
+    }
+}

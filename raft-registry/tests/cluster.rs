@@ -1,0 +1,224 @@
+//! In-process clusters over an in-memory transport: election, replication, failover, restart,
+//! and membership changes under load.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use common::*;
+use raft_registry::{key_hash, Command, NodeState, Rejection, RegistryError};
+
+async fn three_nodes() -> anyhow::Result<Cluster> {
+    let mut c = Cluster::new(test_config())?;
+    c.bootstrap().await?;
+    c.join(2).await?;
+    c.join(3).await?;
+    Ok(c)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_elect_commit_and_replicate() -> anyhow::Result<()> {
+    // Goal: a bootstrapped node plus two joins form a 3-voter cluster with one leader; a tenant
+    // written on the leader reaches the followers; a follower refuses writes with the leader's
+    // id and address; a used node id is refused; the epoch counts activations.
+    bounded_test(async {
+        let c = three_nodes().await?;
+        let leader = c.leader(&[]).await?;
+        let status = c.node(leader)?.status();
+        assert_eq!(status.voters, vec![1, 2, 3]);
+        assert!(status.learners.is_empty());
+
+        let done = c.node(leader)?.write(add_tenant("acme")).await?;
+        assert_eq!(done.placement_epoch, 3, "three activations");
+        for id in [1, 2, 3] {
+            let seen = applied(&*c.node(id)?, done.log_index).await?;
+            let t = seen.tenant_by_key_hash(&key_hash("pmb-v1-key-of-acme")).map(|t| t.id.clone());
+            assert_eq!(t.as_deref(), Some("acme"), "node {id}");
+            assert_eq!(seen.active_nodes(), vec![1, 2, 3]);
+            assert!(seen.owner_of("acme").is_some());
+        }
+
+        let follower = [1, 2, 3].into_iter().find(|id| *id != leader).expect("two followers");
+        match c.node(follower)?.write(add_tenant("other")).await {
+            Err(RegistryError::NotLeader { leader_id, leader_addr }) => {
+                assert_eq!(leader_id, Some(leader));
+                assert_eq!(leader_addr, Some(addr(leader)));
+            }
+            other => panic!("follower write: {other:?}"),
+        }
+        assert!(matches!(c.node(follower)?.read_linearizable().await, Err(RegistryError::NotLeader { .. })));
+        let reused = c.node(leader)?.join_node(2, "10.9.9.9:7000".into()).await;
+        assert!(matches!(reused, Err(RegistryError::Rejected(Rejection::NodeIdUsed(2)))), "{reused:?}");
+        let dup = c.write(add_tenant("acme")).await?;
+        assert!(matches!(dup, Err(RegistryError::Rejected(Rejection::TenantExists))), "{dup:?}");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_stop_elects_new_leader_without_loss() -> anyhow::Result<()> {
+    // Goal: stopping the leader yields a new leader among the other two, which holds every
+    // acknowledged tenant and accepts new writes.
+    bounded_test(async {
+        let mut c = three_nodes().await?;
+        for i in 0..15 {
+            c.write(add_tenant(&format!("t{i}"))).await??;
+        }
+        let old = c.leader(&[]).await?;
+        c.stop(old).await?;
+        let new = c.leader(&[]).await?;
+        assert_ne!(new, old);
+        let state = c.read().await?;
+        for i in 0..15 {
+            assert!(state.tenant(&format!("t{i}")).is_some(), "t{i} lost after failover");
+        }
+        c.write(add_tenant("after-failover")).await??;
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partitioned_leader_is_replaced_and_catches_up() -> anyhow::Result<()> {
+    // Goal: a partitioned leader cannot commit; the majority elects a new leader and commits;
+    // after healing, the old leader follows and applies what it missed.
+    bounded_test(async {
+        let c = three_nodes().await?;
+        let old = c.leader(&[]).await?;
+        c.net.partition(old, true);
+        let cut_write = c.node(old)?.write(add_tenant("lost")).await;
+        assert!(cut_write.is_err(), "a cut-off leader must not acknowledge: {cut_write:?}");
+        let new = c.leader(&[old]).await?;
+        assert_ne!(new, old);
+        let done = c.node(new)?.write(add_tenant("majority")).await?;
+        c.net.partition(old, false);
+        let seen = applied(&*c.node(old)?, done.log_index).await?;
+        assert!(seen.tenant("majority").is_some());
+        assert_eq!(c.leader(&[]).await?, new, "the healed node follows the new leader");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_restart_keeps_tenants_membership_and_snapshots() -> anyhow::Result<()> {
+    // Goal: after all three nodes stop and reopen from their directories, the cluster elects a
+    // leader and still holds every tenant, the admin key hash, and the 3-voter membership —
+    // including state that lives only in snapshots (the log is purged past them).
+    bounded_test(async {
+        let mut c = three_nodes().await?;
+        for i in 0..60 {
+            c.write(add_tenant(&format!("r{i}"))).await??;
+        }
+        c.write(Command::SetAdminKeyHash { hash: key_hash("admin") }).await??;
+        let purged = poll("a purged log on node 1", || c.node(1).ok()?.status().last_applied_index.filter(|i| *i > 60)).await?;
+        assert!(purged > 60);
+        for id in [1, 2, 3] {
+            c.stop(id).await?;
+        }
+        for id in [1, 2, 3] {
+            c.start(id).await?;
+        }
+        let leader = c.leader(&[]).await?;
+        assert_eq!(c.node(leader)?.status().voters, vec![1, 2, 3]);
+        let state = c.read().await?;
+        assert_eq!(state.tenant_count(), 60);
+        assert_eq!(state.admin_key_hash(), Some(key_hash("admin").as_str()));
+        assert_eq!(state.active_nodes(), vec![1, 2, 3]);
+        assert!(std::fs::metadata(c.dir(1).join("snapshot")).is_ok(), "a snapshot was written");
+        c.write(add_tenant("after-restart")).await??;
+        // bootstrap on a formed cluster is a no-op.
+        c.node(1)?.bootstrap(addr(1)).await?;
+        assert_eq!(c.read().await?.active_nodes(), vec![1, 2, 3]);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn join_and_remove_while_writing() -> anyhow::Result<()> {
+    // Goal: while a writer keeps adding tenants, node 4 joins and node 3 is removed; every
+    // acknowledged tenant survives, the voters end as {1,2,4}, the epoch grows on each change,
+    // and the removed id can never join again.
+    bounded_test(async {
+        let mut c = three_nodes().await?;
+        c.start(4).await?;
+        let c = Arc::new(c);
+        let stop = Arc::new(AtomicBool::new(false));
+        let writer = tokio::spawn({
+            let (c, stop) = (c.clone(), stop.clone());
+            async move {
+                let mut acked = Vec::new();
+                for i in 0.. {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let id = format!("w{i}");
+                    match c.write(add_tenant(&id)).await? {
+                        Ok(_) | Err(RegistryError::Rejected(Rejection::TenantExists)) => acked.push(id),
+                        Err(e) => anyhow::bail!("write {id}: {e}"),
+                    }
+                }
+                anyhow::Ok(acked)
+            }
+        });
+        let epoch_before = c.read().await?.placement_epoch();
+        let leader = c.leader(&[]).await?;
+        c.node(leader)?.join_node(4, addr(4)).await?;
+        let leader = c.leader(&[]).await?;
+        c.node(leader)?.remove_node(3).await?;
+        stop.store(true, Ordering::Relaxed);
+        let acked = writer.await??;
+        assert!(!acked.is_empty(), "the writer made progress during the changes");
+
+        let leader = c.leader(&[3]).await?;
+        let state = c.node(leader)?.read_linearizable().await?;
+        for id in &acked {
+            assert!(state.tenant(id).is_some(), "acknowledged tenant {id} lost");
+        }
+        assert_eq!(state.placement_epoch(), epoch_before + 2, "join and removal each bump the epoch");
+        assert_eq!(state.node(3).map(|n| n.state), Some(NodeState::Removed));
+        assert_eq!(state.active_nodes(), vec![1, 2, 4]);
+        let voters = poll("voters {1,2,4}", || {
+            let v = c.node(leader).ok()?.status().voters;
+            (v == vec![1, 2, 4]).then_some(v)
+        })
+        .await?;
+        assert_eq!(voters, vec![1, 2, 4]);
+        let again = c.node(leader)?.join_node(3, addr(3)).await;
+        assert!(matches!(again, Err(RegistryError::Rejected(Rejection::NodeIdUsed(3)))), "{again:?}");
+        println!("join/remove under load: {} tenants acknowledged", acked.len());
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_membership_change_is_refused() -> anyhow::Result<()> {
+    // Goal: while one join is in progress (a node that never answers), a second membership change
+    // is refused with MembershipChangeInProgress; the stuck join times out and the half-joined
+    // node can then be removed.
+    bounded_test(async {
+        let config = raft_registry::RegistryConfig { learner_catchup_timeout_ms: 2_000, ..test_config() };
+        let mut c = Cluster::new(config)?;
+        c.bootstrap().await?;
+        let leader = c.node(1)?;
+        let stuck = tokio::spawn({
+            let leader = leader.clone();
+            async move { leader.join_node(9, addr(9)).await }
+        });
+        poll("join of node 9 recorded", || leader.state().node(9).map(|_| ())).await?;
+        let second = leader.join_node(10, addr(10)).await;
+        assert!(matches!(second, Err(RegistryError::MembershipChangeInProgress)), "{second:?}");
+        let stuck = stuck.await?;
+        assert!(matches!(stuck, Err(RegistryError::Timeout { .. })), "{stuck:?}");
+        leader.remove_node(9).await?;
+        let state = leader.read_linearizable().await?;
+        assert_eq!(state.node(9).map(|n| n.state), Some(NodeState::Removed));
+        assert!(!leader.status().learners.contains(&9));
+        Ok(())
+    })
+    .await
+}

@@ -1,0 +1,291 @@
+use std::net::UdpSocket;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use super::*;
+
+#[tokio::test]
+async fn echo_round_trip() {
+    // Goal: a request reaches the handler and its answer comes back unchanged, raw and typed.
+    bounded(async {
+        let cluster = Cluster::new();
+        let server = cluster.start(Arc::new(Echo));
+        let client = cluster.client();
+
+        let reply = client
+            .call(server.addr, Bytes::from_static(b"hello"), CALL_TIMEOUT)
+            .await;
+        assert_eq!(reply.expect("call"), Bytes::from_static(b"hello"));
+
+        let empty = client.call(server.addr, Bytes::new(), CALL_TIMEOUT).await;
+        assert_eq!(empty.expect("empty call"), Bytes::new());
+
+        #[derive(Serialize, Deserialize, Debug, PartialEq)]
+        struct Ping {
+            seq: u64,
+            note: String,
+        }
+        let ping = Ping {
+            seq: 7,
+            note: "phext".into(),
+        };
+        let pong: Ping = client
+            .call_typed(server.addr, &ping, CALL_TIMEOUT)
+            .await
+            .expect("typed call");
+        assert_eq!(pong, ping);
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn handler_sees_the_role_in_the_client_certificate() {
+    // Goal: the server learns the caller's role from its certificate, not from anything it sends.
+    bounded(async {
+        let cluster = Cluster::new();
+        let server = cluster.start(Arc::new(WhoAmI));
+        let reply = cluster
+            .client()
+            .call(server.addr, Bytes::new(), CALL_TIMEOUT)
+            .await;
+        assert_eq!(reply.expect("call"), Bytes::from_static(b"gateway"));
+
+        certs::issue(cluster.path(), Role::Node(42)).expect("issue node-42");
+        let node = Client::new(&cluster.identity(Role::Node(42)), ClientLimits::default())
+            .expect("client");
+        let reply = node.call(server.addr, Bytes::new(), CALL_TIMEOUT).await;
+        assert_eq!(reply.expect("call"), Bytes::from_static(b"node-42"));
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_calls_share_one_connection() {
+    // Goal: 100 concurrent calls from clones of one client all succeed over a single connection.
+    bounded(async {
+        let cluster = Cluster::new();
+        let server = cluster.start(Arc::new(Echo));
+        let client = cluster.client();
+        let calls = (0..100u32).map(|i| {
+            let client = client.clone();
+            async move {
+                let request = Bytes::from(i.to_be_bytes().to_vec());
+                let reply = client
+                    .call(server.addr, request.clone(), CALL_TIMEOUT)
+                    .await;
+                assert_eq!(reply.expect("call"), request);
+            }
+        });
+        futures::future::join_all(calls).await;
+        assert_eq!(client.stats().connections_opened, 1);
+        assert_eq!(client.stats().pooled_peers, 1);
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn call_to_a_silent_address_fails_within_its_timeout() {
+    // Goal: a peer that never answers costs the caller its timeout and no more: the call
+    // times out (call timeout shorter) or fails to connect (connect timeout shorter).
+    bounded(async {
+        let cluster = Cluster::new();
+        // A bound socket nobody reads: packets to it vanish, like a dead node's.
+        let silent = UdpSocket::bind(localhost()).expect("bind");
+        let addr = silent.local_addr().expect("addr");
+
+        let started = Instant::now();
+        let err = cluster
+            .client()
+            .call(addr, Bytes::new(), Duration::from_millis(300))
+            .await;
+        let err = err.expect_err("nothing answers");
+        assert!(matches!(err, TransportError::Timeout { .. }), "{err:?}");
+        assert!(err.is_unavailable());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
+
+        let limits = ClientLimits {
+            connect_timeout: Duration::from_millis(300),
+            ..ClientLimits::default()
+        };
+        let client = Client::new(&cluster.identity(Role::Gateway), limits).expect("client");
+        let started = Instant::now();
+        let err = client
+            .call(addr, Bytes::new(), CALL_TIMEOUT)
+            .await
+            .expect_err("nothing answers");
+        assert!(matches!(err, TransportError::Connect { .. }), "{err:?}");
+        assert!(err.is_unavailable());
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "took {:?}",
+            started.elapsed()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn client_reconnects_after_server_restart() {
+    // Goal: when the server restarts on the same port, the pooled connection is replaced
+    // by a new one and calls work again.
+    bounded(async {
+        let cluster = Cluster::new();
+        let server = cluster.start(Arc::new(Echo));
+        let addr = server.addr;
+        let client = cluster.client();
+        client
+            .call(addr, Bytes::from_static(b"before"), CALL_TIMEOUT)
+            .await
+            .expect("call");
+        let (pooled, _) = client.connection(addr).await.expect("pooled connection");
+
+        server.stop().await;
+        // The client learns of the close from the server's CONNECTION_CLOSE, not from time.
+        pooled.closed().await;
+        let restarted = restart_on(&cluster, addr).await;
+
+        let reply = client
+            .call(addr, Bytes::from_static(b"after"), CALL_TIMEOUT)
+            .await;
+        assert_eq!(
+            reply.expect("call after restart"),
+            Bytes::from_static(b"after")
+        );
+        assert_eq!(client.stats().connections_opened, 2);
+        restarted.stop().await;
+    })
+    .await;
+}
+
+/// Binds a new server on `addr`. The old endpoint's socket is released by its driver task
+/// once every handle is gone, which may be a scheduler turn after `run` returned.
+async fn restart_on(cluster: &Cluster, addr: SocketAddr) -> Running {
+    loop {
+        let identity = cluster.identity(Role::Node(1));
+        match start_at(&identity, addr, ServerLimits::default(), Arc::new(Echo)) {
+            Ok(running) => return running,
+            Err(TransportError::Io(e)) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                tokio::task::yield_now().await
+            }
+            Err(e) => panic!("restart: {e}"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn forget_drops_the_pooled_connection() {
+    // Goal: after forget, the peer leaves the pool and the next call opens a new connection.
+    bounded(async {
+        let cluster = Cluster::new();
+        let server = cluster.start(Arc::new(Echo));
+        let client = cluster.client();
+        client
+            .call(server.addr, Bytes::new(), CALL_TIMEOUT)
+            .await
+            .expect("call");
+        client.forget(server.addr);
+        assert_eq!(client.stats().pooled_peers, 0);
+        client
+            .call(server.addr, Bytes::new(), CALL_TIMEOUT)
+            .await
+            .expect("call after forget");
+        assert_eq!(client.stats().connections_opened, 2);
+        server.stop().await;
+    })
+    .await;
+}
+
+/// Tells the test when a request arrived, then answers only when the test says so.
+struct Gate {
+    arrived: mpsc::Sender<()>,
+    release: Mutex<Option<oneshot::Receiver<()>>>,
+}
+
+impl Handler for Gate {
+    fn handle(&self, _peer: Peer, request: Bytes) -> HandlerFuture<'_> {
+        Box::pin(async move {
+            let _ = self.arrived.send(()).await;
+            if let Some(release) = self.release.lock().await.take() {
+                let _ = release.await;
+            }
+            request
+        })
+    }
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_requests_finish() {
+    // Goal: a request being handled when shutdown starts still gets its answer, and run
+    // returns once it has.
+    bounded(async {
+        let cluster = Cluster::new();
+        let (arrived_tx, mut arrived) = mpsc::channel(1);
+        let (release, release_rx) = oneshot::channel();
+        let gate = Gate {
+            arrived: arrived_tx,
+            release: Mutex::new(Some(release_rx)),
+        };
+        let server = cluster.start(Arc::new(gate));
+        let client = cluster.client();
+        let addr = server.addr;
+        let call = tokio::spawn(async move {
+            client
+                .call(addr, Bytes::from_static(b"slow"), CALL_TIMEOUT)
+                .await
+        });
+
+        arrived.recv().await.expect("request arrived");
+        server.shutdown.cancel();
+        release.send(()).expect("handler waiting");
+        let reply = call.await.expect("call task");
+        assert_eq!(reply.expect("in-flight call"), Bytes::from_static(b"slow"));
+        server.task.await.expect("server stopped");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn server_refuses_connections_beyond_its_limit() {
+    // Goal: with max_connections = 1, a second peer is refused while the first is served.
+    bounded(async {
+        let cluster = Cluster::new();
+        let limits = ServerLimits {
+            max_connections: 1,
+            ..ServerLimits::default()
+        };
+        let server = start_at(
+            &cluster.identity(Role::Node(1)),
+            localhost(),
+            limits,
+            Arc::new(Echo),
+        )
+        .expect("start");
+        let first = cluster.client();
+        first
+            .call(server.addr, Bytes::new(), CALL_TIMEOUT)
+            .await
+            .expect("first peer");
+
+        let err = cluster
+            .client()
+            .call(server.addr, Bytes::new(), CALL_TIMEOUT)
+            .await;
+        let err = err.expect_err("second peer refused");
+        assert!(matches!(err, TransportError::Connect { .. }), "{err:?}");
+        first
+            .call(server.addr, Bytes::new(), CALL_TIMEOUT)
+            .await
+            .expect("first peer still served");
+        server.stop().await;
+    })
+    .await;
+}
