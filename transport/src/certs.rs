@@ -126,19 +126,64 @@ pub fn create_ca(dir: &Path) -> Result<()> {
 
 /// Issues `role`'s certificate and key from the CA in `dir`. Refuses to overwrite them.
 pub fn issue(dir: &Path, role: Role) -> Result<()> {
-    issue_named(
-        dir,
-        &role.common_name(),
-        &cert_path(dir, role),
-        &key_path(dir, role),
-    )
+    let params = leaf_params(&role.common_name())?;
+    sign_and_write(dir, params, &cert_path(dir, role), &key_path(dir, role))
 }
 
-/// Issues a leaf certificate with any common name; [`issue`] with a role's name, and tests
-/// with names that are not a role.
+/// The common name of the public HTTPS certificate. It names no [`Role`], and the certificate
+/// lacks clientAuth and the [`crate::SERVER_NAME`] DNS name, so it can neither join the
+/// cluster as a client nor pass for a node.
+const HTTPS_COMMON_NAME: &str = "sq-cloud public https";
+
+/// Issues the gateway's public HTTPS certificate (`dir/<name>.pem` + `.key`), signed by the
+/// cluster CA so local tools can trust `ca.pem`; for `sq-cloud dev --tls`. Valid for
+/// `localhost`, `127.0.0.1` and `::1`. Keeps an existing pair, so a restart reuses it.
+pub fn issue_https(dir: &Path, name: &str) -> Result<()> {
+    let plain = !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !plain {
+        return Err(TransportError::Cert(format!(
+            "{name:?} is not a plain file name"
+        )));
+    }
+    let (cert_file, key_file) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    if cert_file.exists() && key_file.exists() {
+        return Ok(());
+    }
+    let names = ["localhost", "127.0.0.1", "::1"]
+        .map(str::to_owned)
+        .to_vec();
+    let mut params = CertificateParams::new(names).map_err(cert_error("HTTPS parameters"))?;
+    params.distinguished_name = distinguished_name(HTTPS_COMMON_NAME);
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    params.use_authority_key_identifier_extension = true;
+    set_validity(&mut params, LEAF_VALIDITY_YEARS)?;
+    sign_and_write(dir, params, &cert_file, &key_file)
+}
+
+/// Issues a cluster certificate with any common name: tests use it for names that are no role.
+#[cfg(test)]
 pub(crate) fn issue_named(
     dir: &Path,
     common_name: &str,
+    cert_file: &Path,
+    key_file: &Path,
+) -> Result<()> {
+    sign_and_write(dir, leaf_params(common_name)?, cert_file, key_file)
+}
+
+/// Signs `params` with a fresh key by the CA in `dir`, and writes both files (never over
+/// existing ones).
+fn sign_and_write(
+    dir: &Path,
+    params: CertificateParams,
     cert_file: &Path,
     key_file: &Path,
 ) -> Result<()> {
@@ -152,7 +197,7 @@ pub(crate) fn issue_named(
         .self_signed(&ca_key)
         .map_err(cert_error("load the CA"))?;
     let key = KeyPair::generate().map_err(cert_error("generate a key"))?;
-    let cert = leaf_params(common_name)?
+    let cert = params
         .signed_by(&key, &issuer, &ca_key)
         .map_err(cert_error("sign the certificate"))?;
     write_new(key_file, &key.serialize_pem(), KEY_FILE_MODE)?;

@@ -17,7 +17,7 @@ use crate::tls::{self, ClientAuth};
 use crate::{codes, frame, Identity, MAX_FRAME_BYTES, SERVER_NAME};
 
 /// The client's bounds. Every field has a documented default.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct ClientLimits {
     /// A new connection's handshake must finish within this. Default 3 s: a few round trips on
     /// the mesh; beyond it the peer is treated as down and the caller answers 503 promptly.

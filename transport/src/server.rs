@@ -19,7 +19,7 @@ use crate::error::{self, Result, TransportError};
 use crate::{codes, frame, tls, Identity, MAX_FRAME_BYTES};
 
 /// The server's bounds. Every field has a documented default; override only with a reason.
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug)]
 pub struct ServerLimits {
     /// Connections held at once; more are refused (QUIC CONNECTION_REFUSED). Default 1024:
     /// one per gateway, peer node and operator tool, with ample room. Each costs buffers.
@@ -87,10 +87,12 @@ pub struct Server {
 impl Server {
     /// Binds `addr` (port 0 picks a free port; see [`Server::local_addr`]). Needs a tokio runtime.
     pub fn bind(addr: SocketAddr, identity: &Identity, limits: ServerLimits) -> Result<Server> {
-        if limits.max_connections == 0 || limits.max_streams_per_connection == 0 {
-            return Err(TransportError::Config(
-                "server limits must allow at least one request".into(),
-            ));
+        let connections = 1..=Semaphore::MAX_PERMITS;
+        if !connections.contains(&limits.max_connections) || limits.max_streams_per_connection == 0
+        {
+            return Err(TransportError::Config(format!(
+                "server limits out of range: {limits:?}"
+            )));
         }
         let crypto = Arc::new(tls::server_crypto(identity)?);
         let mut config = quinn::ServerConfig::with_crypto(crypto);
@@ -127,7 +129,7 @@ impl Server {
                     };
                     let task = ConnectionTask {
                         handler: handler.clone(),
-                        limits: self.limits.clone(),
+                        limits: self.limits,
                         shutdown: shutdown.clone(),
                         _permit: permit,
                     };
@@ -218,7 +220,8 @@ impl ConnectionTask {
                 () = self.shutdown.cancelled() => break,
                 accepted = conn.accept_bi() => match accepted {
                     Ok((send, recv)) => {
-                        let stream = StreamTask { handler: self.handler.clone(), limits: self.limits.clone(), peer };
+                        let handler = self.handler.clone();
+                        let stream = StreamTask { handler, limits: self.limits, peer };
                         streams.spawn(stream.run(send, recv));
                     }
                     Err(e) => {

@@ -110,3 +110,27 @@ async fn peer_speaking_another_alpn_fails_at_connect() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn public_https_certificate_cannot_join_the_cluster() {
+    // Goal: the gateway's HTTPS certificate, though signed by the cluster CA, is refused as a
+    // cluster client; and issuing it again keeps the existing pair.
+    bounded(async {
+        let cluster = Cluster::new();
+        certs::issue_https(cluster.path(), "https").expect("issue https");
+        let cert_file = cluster.path().join("https.pem");
+        let before = read(&cert_file);
+        certs::issue_https(cluster.path(), "https").expect("issue https again");
+        assert_eq!(read(&cert_file), before, "an existing pair is kept");
+        assert!(certs::issue_https(cluster.path(), "../escape").is_err());
+
+        let server = cluster.start(Arc::new(Echo));
+        let ca = read(&cluster.path().join(certs::CA_CERT_FILE));
+        let key = read(&cluster.path().join("https.key"));
+        let web = raw_client(&ca, Some((&before, &key)), crate::ALPN);
+        let err = expect_refused(&web, server.addr).await;
+        assert!(matches!(err, TransportError::Tls { .. }), "{err:?}");
+        server.stop().await;
+    })
+    .await;
+}
