@@ -1,6 +1,7 @@
 //! The admin API: tenants and nodes, checked against the admin key's hash, applied through the
 //! registry by whichever node answers.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::extract::Request;
@@ -13,7 +14,10 @@ use serde::Deserialize;
 
 use crate::api::{read_body, request_key};
 use crate::error::error_response;
-use crate::forward::{refresh, FORWARD_TIMEOUT};
+use crate::forward::{fetch_view, FORWARD_TIMEOUT};
+
+/// How many times the gateway fetches a node's view to see its own admin change.
+const SEE_INDEX_ATTEMPTS: usize = 5;
 use crate::view::key_hash;
 use crate::Gateway;
 
@@ -128,11 +132,11 @@ async fn admin(gw: &Arc<Gateway>, request: Request) -> Result<(StatusCode, Strin
         _ => return Err(ApiError::NotFound),
     };
     let mutates = !matches!(op, AdminOp::ListTenants | AdminOp::GetTenant { .. } | AdminOp::TenantStats { .. } | AdminOp::Health | AdminOp::ListNodes);
-    let json = send_admin(gw, admin_hash, op).await?;
+    let (json, addr, applied_index) = send_admin(gw, admin_hash, op).await?;
     if mutates {
         // The answering node has applied the change; take its view so this gateway's next
-        // request already sees it.
-        refresh(gw.client.as_ref(), &gw.views, &gw.seeds).await;
+        // request already sees it (a rotated key is refused here at once).
+        see_index(gw, addr, applied_index).await;
     }
     let json = match new_key {
         Some(key) => with_api_key(&json, &key)?,
@@ -156,8 +160,23 @@ fn with_api_key(json: &str, key: &str) -> Result<String, ApiError> {
     Ok(value.to_string())
 }
 
-/// Sends an admin operation to the first node that answers.
-async fn send_admin(gw: &Arc<Gateway>, admin_key_hash: String, op: AdminOp) -> Result<String, ApiError> {
+/// Takes the view from `addr` until this gateway has seen registry index `index`, within a bound.
+async fn see_index(gw: &Arc<Gateway>, addr: SocketAddr, index: u64) {
+    for _ in 0..SEE_INDEX_ATTEMPTS {
+        if gw.views.current().view.applied_index >= index {
+            return;
+        }
+        match fetch_view(gw.client.as_ref(), addr).await {
+            Ok(view) if view.applied_index >= gw.views.current().view.applied_index => gw.views.replace(view),
+            _ => {}
+        }
+    }
+    tracing::warn!(index, "view did not reach the admin change's index; the poller will bring it");
+}
+
+/// Sends an admin operation to the first node that answers. Returns the answer, that node, and
+/// the registry index it had applied.
+async fn send_admin(gw: &Arc<Gateway>, admin_key_hash: String, op: AdminOp) -> Result<(String, SocketAddr, u64), ApiError> {
     let view = gw.views.current();
     let mut addrs: Vec<_> = view.node_addrs().into_iter().filter(|(id, _)| !view.is_dead(*id)).map(|(_, a)| a).collect();
     addrs.extend(gw.seeds.iter().filter(|s| !addrs.contains(s)).copied().collect::<Vec<_>>());
@@ -165,7 +184,7 @@ async fn send_admin(gw: &Arc<Gateway>, admin_key_hash: String, op: AdminOp) -> R
     for addr in addrs {
         let request = NodeRequest::Admin { admin_key_hash: admin_key_hash.clone(), op: op.clone() };
         match gw.client.call(addr, request, FORWARD_TIMEOUT * 4).await {
-            Ok(NodeResponse::Admin { result, .. }) => return result,
+            Ok(NodeResponse::Admin { result, applied_index }) => return result.map(|json| (json, addr, applied_index)),
             Ok(other) => return Err(ApiError::Internal(format!("unexpected answer: {other:?}"))),
             Err(e) => last = e.to_string(),
         }

@@ -99,3 +99,6 @@ pub async fn run(config: GatewayConfig, shutdown: CancellationToken) -> Result<(
 pub fn router(gw: Arc<Gateway>) -> axum::Router {
     axum::Router::new().fallback(api::handle).with_state(gw)
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,132 @@
+//! The gateway's HTTP surface against a fake node: order of checks, CORS, statuses, and the
+//! "not owner" retry. No network: the node seam is an in-memory [`NodeClient`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use proto::cluster::{NodeRequest, NodeResponse, NodeView, RegistryView, TenantView};
+use proto::{ApiError, SqResponse};
+use tower::ServiceExt;
+
+use crate::forward::{BoxFuture, CallError, NodeClient};
+use crate::view::{key_hash, ViewHandle};
+use crate::{router, Gateway};
+
+const KEY: &str = "pmb-v1-0123456789abcdef0123456789abcdef";
+const ADMIN: &str = "sqa-admin";
+
+/// Answers `select` with the tenant and route; says "not owner" the first `not_owner` times.
+struct FakeNode {
+    calls: AtomicUsize,
+    not_owner: usize,
+}
+
+impl NodeClient for FakeNode {
+    fn call(&self, _addr: SocketAddr, request: NodeRequest, _t: Duration) -> BoxFuture<'_, Result<NodeResponse, CallError>> {
+        Box::pin(async move {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(match request {
+                NodeRequest::Sq { .. } if n < self.not_owner => NodeResponse::Sq(Err(ApiError::NotOwner { epoch: 2 })),
+                NodeRequest::Sq { tenant, request, .. } => {
+                    NodeResponse::Sq(Ok(SqResponse::text(format!("{tenant}:{}", request.route()))))
+                }
+                NodeRequest::View { .. } => NodeResponse::View(Some(view())),
+                other => NodeResponse::Refused(format!("{other:?}")),
+            })
+        })
+    }
+}
+
+fn view() -> RegistryView {
+    RegistryView {
+        applied_index: 7,
+        epoch: 1,
+        admin_key_hash: Some(key_hash(ADMIN)),
+        tenants: vec![TenantView { id: "acme".into(), key_hashes: vec![key_hash(KEY)], enabled: true, owner: Some(1) }],
+        nodes: vec![NodeView { id: 1, addr: "127.0.0.1:9".into(), state: "active".into(), health: "alive".into() }],
+    }
+}
+
+fn gateway(not_owner: usize) -> (Arc<Gateway>, Arc<FakeNode>) {
+    let node = Arc::new(FakeNode { calls: AtomicUsize::new(0), not_owner });
+    let views = ViewHandle::default();
+    views.replace(view());
+    let gw = Arc::new(Gateway { views, client: node.clone(), seeds: vec!["127.0.0.1:9".parse().unwrap()] });
+    (gw, node)
+}
+
+async fn send(gw: &Arc<Gateway>, method: &str, uri: &str, auth: Option<&str>) -> (StatusCode, String, Option<String>) {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(a) = auth {
+        req = req.header("authorization", a);
+    }
+    let response = router(gw.clone()).oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+    let status = response.status();
+    let cors = response.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap().to_string());
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned(), cors)
+}
+
+// Goal: SQ's order of checks — OPTIONS, method, key, name, route — with CORS on every answer.
+#[tokio::test]
+async fn order_of_checks() {
+    let (gw, _) = gateway(0);
+    let bearer = format!("Bearer {KEY}");
+    let cases: &[(&str, &str, Option<&str>, u16, &str)] = &[
+        ("OPTIONS", "/api/v2/select?p=x", None, 204, ""),
+        ("PUT", "/api/v2/update?p=x", Some(&bearer), 400, "Bad Request"),
+        ("PUT", "/api/v2/update?p=x", None, 400, "Bad Request"),
+        ("GET", "/api/v2/version", None, 401, "Unauthorized"),
+        ("GET", "/api/v2/nosuch?p=../x", None, 401, "Unauthorized"),
+        ("GET", "/api/v2/select?p=x&c=1.1.1/1.1.1/1.1.1", Some("Bearer pmb-v1-00000000000000000000000000000000"), 401, "Unauthorized"),
+        ("GET", "/api/v2/nosuch?p=../x", Some(&bearer), 403, "Forbidden: invalid phext path"),
+        ("GET", "/api/v2/nosuch?p=x", Some(&bearer), 404, "Not Found"),
+        ("POST", "/api/v2/select?p=x&c=1.1.1/1.1.1/1.1.1", Some(&bearer), 404, "Not Found"),
+        ("GET", "/elsewhere", Some(&bearer), 404, "Not Found"),
+        ("GET", "/api/v2/version", Some(KEY), 200, proto::request::SQ_API_VERSION),
+        ("GET", "/api/v2/select?p=x&c=1.1.1/1.1.1/1.1.1", Some(&bearer), 200, "acme:select"),
+        ("GET", "/api/v2/select?p=x&c=1.1.1/1.1.1/1.1.1", Some(&format!("bEaReR {KEY}")), 200, "acme:select"),
+        ("GET", "/api/v2/admin/tenants", Some(&bearer), 403, "Forbidden: admin key required"),
+        ("GET", "/api/v2/admin/tenants", None, 401, "Unauthorized"),
+    ];
+    for (method, uri, auth, status, body) in cases {
+        let (s, b, cors) = send(&gw, method, uri, *auth).await;
+        assert_eq!((s.as_u16(), b.as_str()), (*status, *body), "{method} {uri} {auth:?}");
+        assert_eq!(cors.as_deref(), Some("*"), "{method} {uri}");
+    }
+}
+
+// Goal: "not owner" makes the gateway refresh its view and retry exactly once.
+#[tokio::test]
+async fn not_owner_retries_once() {
+    let (gw, node) = gateway(1);
+    let (s, b, _) = send(&gw, "GET", "/api/v2/toc?p=x", Some(KEY)).await;
+    assert_eq!((s.as_u16(), b.as_str()), (200, "acme:toc"));
+    // One refused call, one view fetch, one retried call.
+    assert_eq!(node.calls.load(Ordering::SeqCst), 3);
+
+    let (gw, _) = gateway(usize::MAX);
+    let (s, _, _) = send(&gw, "GET", "/api/v2/toc?p=x", Some(KEY)).await;
+    assert_eq!(s.as_u16(), 503);
+}
+
+// Goal: a tenant whose owner gossip marks dead is answered 503 with Retry-After, without a call.
+#[tokio::test]
+async fn dead_owner_fails_fast() {
+    let (gw, node) = gateway(0);
+    let mut v = view();
+    v.nodes[0].health = "dead".into();
+    gw.views.replace(v);
+    let response = router(gw.clone())
+        .oneshot(Request::builder().uri("/api/v2/toc?p=x").header("x-sq-api-key", KEY).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status().as_u16(), 503);
+    assert!(response.headers().contains_key("retry-after"));
+    assert_eq!(node.calls.load(Ordering::SeqCst), 0);
+}
