@@ -7,30 +7,16 @@
 use serde::{Deserialize, Serialize};
 
 use crate::state::{
-    is_valid_key_hash, is_valid_tenant_id, NodeRecord, NodeState, RegistryState, TenantRecord, Tier,
-    ADMIN_EMAIL_LEN_MAX, NODE_ADDR_LEN_MAX,
+    is_valid_key_hash, is_valid_tenant_id, NodeRecord, NodeState, RegistryState, TenantRecord,
+    Tier, ADMIN_EMAIL_LEN_MAX, KEY_HASHES_PER_TENANT_MAX, NODE_ADDR_LEN_MAX,
 };
-
-/// A new tenant, as proposed by an admin.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NewTenant {
-    pub id: String,
-    pub tier: Tier,
-    /// Overrides the tier's default quota.
-    pub quota_bytes: Option<u64>,
-    /// Overrides the tier's default requests per day.
-    pub daily_limit: Option<u64>,
-    /// Hex sha256 of the tenant's first key ([`crate::key_hash`]).
-    pub key_hash: String,
-    pub admin_email: Option<String>,
-    /// Creation time chosen by the proposer (the state machine reads no clock).
-    pub created_at_ms: u64,
-}
 
 /// Every change to the registry. Serialised into the Raft log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
-    AddTenant(NewTenant),
+    /// Adds a tenant exactly as given (build it with [`TenantRecord::new`] for tier defaults).
+    /// Its id must be free and every key hash valid and unused.
+    AddTenant(TenantRecord),
     /// Changes the given fields. A new `tier` resets quota and daily limit to its defaults unless
     /// the same command overrides them.
     UpdateTenant {
@@ -41,19 +27,37 @@ pub enum Command {
         enabled: Option<bool>,
     },
     /// Replaces every key hash of the tenant with `new_hash`: old keys stop working.
-    RotateKey { id: String, new_hash: String },
-    DisableTenant { id: String },
+    RotateKey {
+        id: String,
+        new_hash: String,
+    },
+    DisableTenant {
+        id: String,
+    },
     /// Disables the tenant and marks its data archived; nothing is destroyed.
-    ArchiveTenant { id: String },
-    SetAdminKeyHash { hash: String },
+    ArchiveTenant {
+        id: String,
+    },
+    SetAdminKeyHash {
+        hash: String,
+    },
     /// Records a new node as `Joining`. Refused if the id was ever used.
-    NodeJoin { id: u64, addr: String },
+    NodeJoin {
+        id: u64,
+        addr: String,
+    },
     /// `Joining`/`Draining` → `Active`; bumps the placement epoch.
-    NodeActivate { id: u64 },
+    NodeActivate {
+        id: u64,
+    },
     /// `Active` → `Draining`; bumps the placement epoch (its tenants move away).
-    NodeDrain { id: u64 },
+    NodeDrain {
+        id: u64,
+    },
     /// Any live state → `Removed`; bumps the epoch if the node was `Active`.
-    NodeRemove { id: u64 },
+    NodeRemove {
+        id: u64,
+    },
 }
 
 /// Why the state machine refused a command. Nothing was changed.
@@ -61,7 +65,7 @@ pub enum Command {
 pub enum Rejection {
     #[error("tenant id must match [a-z0-9][a-z0-9-]{{0,62}}")]
     InvalidTenantId,
-    #[error("key hash must be 64 lower-case hex digits (sha256)")]
+    #[error("key hashes must be 1 to {KEY_HASHES_PER_TENANT_MAX} distinct sha256 hex digests")]
     InvalidKeyHash,
     #[error("node address is empty or longer than {NODE_ADDR_LEN_MAX} bytes")]
     InvalidNodeAddr,
@@ -80,7 +84,11 @@ pub enum Rejection {
     #[error("no such node {0}")]
     NoSuchNode(u64),
     #[error("node {id} cannot go from {from:?} to {to:?}")]
-    InvalidNodeTransition { id: u64, from: NodeState, to: NodeState },
+    InvalidNodeTransition {
+        id: u64,
+        from: NodeState,
+        to: NodeState,
+    },
     #[error("node {0} is the last active node")]
     LastActiveNode(u64),
 }
@@ -97,22 +105,26 @@ pub struct ApplyReply {
 pub fn apply(state: &mut RegistryState, cmd: Command) -> Result<(), Rejection> {
     match cmd {
         Command::AddTenant(new) => add_tenant(state, new),
-        Command::UpdateTenant { id, tier, quota_bytes, daily_limit, enabled } => {
-            update_tenant(state, &id, |t| {
-                if enabled == Some(true) && t.archived {
-                    return Err(Rejection::TenantArchived);
-                }
-                if let Some(tier) = tier {
-                    t.tier = tier;
-                    t.quota_bytes = tier.default_quota_bytes();
-                    t.daily_limit = tier.default_daily_limit();
-                }
-                t.quota_bytes = quota_bytes.unwrap_or(t.quota_bytes);
-                t.daily_limit = daily_limit.unwrap_or(t.daily_limit);
-                t.enabled = enabled.unwrap_or(t.enabled);
-                Ok(())
-            })
-        }
+        Command::UpdateTenant {
+            id,
+            tier,
+            quota_bytes,
+            daily_limit,
+            enabled,
+        } => update_tenant(state, &id, |t| {
+            if enabled == Some(true) && t.archived {
+                return Err(Rejection::TenantArchived);
+            }
+            if let Some(tier) = tier {
+                t.tier = tier;
+                t.quota_bytes = tier.default_quota_bytes();
+                t.daily_limit = tier.default_daily_limit();
+            }
+            t.quota_bytes = quota_bytes.unwrap_or(t.quota_bytes);
+            t.daily_limit = daily_limit.unwrap_or(t.daily_limit);
+            t.enabled = enabled.unwrap_or(t.enabled);
+            Ok(())
+        }),
         Command::RotateKey { id, new_hash } => rotate_key(state, &id, new_hash),
         Command::DisableTenant { id } => update_tenant(state, &id, |t| {
             t.enabled = false;
@@ -137,35 +149,37 @@ pub fn apply(state: &mut RegistryState, cmd: Command) -> Result<(), Rejection> {
     }
 }
 
-fn add_tenant(state: &mut RegistryState, new: NewTenant) -> Result<(), Rejection> {
-    if !is_valid_tenant_id(&new.id) {
+fn add_tenant(state: &mut RegistryState, record: TenantRecord) -> Result<(), Rejection> {
+    if !is_valid_tenant_id(&record.id) {
         return Err(Rejection::InvalidTenantId);
     }
-    if !is_valid_key_hash(&new.key_hash) {
+    let hashes = &record.key_hashes;
+    let distinct = hashes
+        .iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .len()
+        == hashes.len();
+    let valid = hashes.iter().all(|h| is_valid_key_hash(h));
+    if hashes.is_empty() || hashes.len() > KEY_HASHES_PER_TENANT_MAX || !distinct || !valid {
         return Err(Rejection::InvalidKeyHash);
     }
-    if new.admin_email.as_ref().is_some_and(|e| e.len() > ADMIN_EMAIL_LEN_MAX) {
+    if record
+        .admin_email
+        .as_ref()
+        .is_some_and(|e| e.len() > ADMIN_EMAIL_LEN_MAX)
+    {
         return Err(Rejection::InvalidEmail);
     }
-    if state.tenants.contains_key(&new.id) {
+    if state.tenants.contains_key(&record.id) {
         return Err(Rejection::TenantExists);
     }
-    if state.by_key_hash.contains_key(&new.key_hash) {
+    if hashes.iter().any(|h| state.by_key_hash.contains_key(h)) {
         return Err(Rejection::KeyHashInUse);
     }
-    let record = TenantRecord {
-        id: new.id.clone(),
-        tier: new.tier,
-        quota_bytes: new.quota_bytes.unwrap_or(new.tier.default_quota_bytes()),
-        daily_limit: new.daily_limit.unwrap_or(new.tier.default_daily_limit()),
-        key_hashes: vec![new.key_hash.clone()],
-        enabled: true,
-        archived: false,
-        created_at_ms: new.created_at_ms,
-        admin_email: new.admin_email,
-    };
-    state.by_key_hash.insert(new.key_hash, new.id.clone());
-    state.tenants.insert(new.id, record);
+    for hash in hashes {
+        state.by_key_hash.insert(hash.clone(), record.id.clone());
+    }
+    state.tenants.insert(record.id.clone(), record);
     Ok(())
 }
 
@@ -175,7 +189,11 @@ fn update_tenant(
     id: &str,
     change: impl FnOnce(&mut TenantRecord) -> Result<(), Rejection>,
 ) -> Result<(), Rejection> {
-    let mut record = state.tenants.get(id).cloned().ok_or(Rejection::NoSuchTenant)?;
+    let mut record = state
+        .tenants
+        .get(id)
+        .cloned()
+        .ok_or(Rejection::NoSuchTenant)?;
     change(&mut record)?;
     state.tenants.insert(id.to_string(), record);
     Ok(())
@@ -185,11 +203,19 @@ fn rotate_key(state: &mut RegistryState, id: &str, new_hash: String) -> Result<(
     if !is_valid_key_hash(&new_hash) {
         return Err(Rejection::InvalidKeyHash);
     }
-    let mut record = state.tenants.get(id).cloned().ok_or(Rejection::NoSuchTenant)?;
+    let mut record = state
+        .tenants
+        .get(id)
+        .cloned()
+        .ok_or(Rejection::NoSuchTenant)?;
     if record.archived {
         return Err(Rejection::TenantArchived);
     }
-    if state.by_key_hash.get(&new_hash).is_some_and(|owner| owner != id) {
+    if state
+        .by_key_hash
+        .get(&new_hash)
+        .is_some_and(|owner| owner != id)
+    {
         return Err(Rejection::KeyHashInUse);
     }
     for old in record.key_hashes.drain(..) {
@@ -208,13 +234,24 @@ fn node_join(state: &mut RegistryState, id: u64, addr: String) -> Result<(), Rej
     if state.nodes.contains_key(&id) {
         return Err(Rejection::NodeIdUsed(id));
     }
-    state.nodes.insert(id, NodeRecord { id, addr, state: NodeState::Joining });
+    state.nodes.insert(
+        id,
+        NodeRecord {
+            id,
+            addr,
+            state: NodeState::Joining,
+        },
+    );
     Ok(())
 }
 
 /// Moves node `id` to `to`, bumping the placement epoch when the active set changes.
 fn node_transition(state: &mut RegistryState, id: u64, to: NodeState) -> Result<(), Rejection> {
-    let mut node = state.nodes.get(&id).cloned().ok_or(Rejection::NoSuchNode(id))?;
+    let mut node = state
+        .nodes
+        .get(&id)
+        .cloned()
+        .ok_or(Rejection::NoSuchNode(id))?;
     let from = node.state;
     let allowed = match to {
         NodeState::Active => matches!(from, NodeState::Joining | NodeState::Draining),
@@ -225,7 +262,11 @@ fn node_transition(state: &mut RegistryState, id: u64, to: NodeState) -> Result<
     if !allowed {
         return Err(Rejection::InvalidNodeTransition { id, from, to });
     }
-    let active_before = state.nodes.values().filter(|n| n.state == NodeState::Active).count();
+    let active_before = state
+        .nodes
+        .values()
+        .filter(|n| n.state == NodeState::Active)
+        .count();
     if from == NodeState::Active && active_before == 1 {
         return Err(Rejection::LastActiveNode(id));
     }

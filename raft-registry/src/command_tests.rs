@@ -2,15 +2,12 @@ use super::*;
 use crate::state::key_hash;
 
 fn new_tenant(id: &str, key: &str) -> Command {
-    Command::AddTenant(NewTenant {
-        id: id.to_string(),
-        tier: Tier::Free,
-        quota_bytes: None,
-        daily_limit: None,
-        key_hash: key_hash(key),
-        admin_email: None,
-        created_at_ms: 1_700_000_000_000,
-    })
+    Command::AddTenant(TenantRecord::new(
+        id.to_string(),
+        Tier::Free,
+        key_hash(key),
+        1_700_000_000_000,
+    ))
 }
 
 /// Applies each command and checks its expected outcome; a rejected command must change nothing.
@@ -20,15 +17,19 @@ fn check(state: &mut RegistryState, steps: Vec<(Command, Result<(), Rejection>)>
         let got = apply(state, cmd.clone());
         assert_eq!(got, want, "step {i}: {cmd:?}");
         if got.is_err() {
-            assert_eq!(*state, before, "step {i}: rejected command changed the state");
+            assert_eq!(
+                *state, before,
+                "step {i}: rejected command changed the state"
+            );
         }
     }
 }
 
 #[test]
 fn add_tenant_and_duplicates() {
-    // Goal: a tenant is added with tier defaults and found by key hash; duplicates, bad ids and a
-    // key hash already in use are rejected without change.
+    // Goal: a tenant is added with tier defaults and found by key hash; duplicates, bad ids, a
+    // key hash already in use, a clear-text key, no/duplicate hashes and an over-long e-mail are
+    // rejected without change.
     let mut s = RegistryState::default();
     check(
         &mut s,
@@ -38,10 +39,15 @@ fn add_tenant_and_duplicates() {
             (new_tenant("other", "k1"), Err(Rejection::KeyHashInUse)),
             (new_tenant("Bad_Id", "k3"), Err(Rejection::InvalidTenantId)),
             (new_tenant("-lead", "k3"), Err(Rejection::InvalidTenantId)),
-            (new_tenant(&"a".repeat(64), "k3"), Err(Rejection::InvalidTenantId)),
+            (
+                new_tenant(&"a".repeat(64), "k3"),
+                Err(Rejection::InvalidTenantId),
+            ),
         ],
     );
-    let t = s.tenant_by_key_hash(&key_hash("k1")).expect("indexed by key hash");
+    let t = s
+        .tenant_by_key_hash(&key_hash("k1"))
+        .expect("indexed by key hash");
     assert_eq!(t.id, "acme");
     assert_eq!(t.quota_bytes, 25 * 1024 * 1024);
     assert_eq!(t.daily_limit, 1_000);
@@ -49,14 +55,22 @@ fn add_tenant_and_duplicates() {
     assert!(t.enabled && !t.archived);
     assert_eq!(s.tenant_count(), 1);
 
-    let raw_key = Command::AddTenant(NewTenant {
-        key_hash: "pmb-v1-00112233445566778899aabbccddeeff".into(),
-        ..match new_tenant("raw", "x") {
-            Command::AddTenant(n) => n,
-            _ => unreachable!("new_tenant builds AddTenant"),
-        }
-    });
-    check(&mut s, vec![(raw_key, Err(Rejection::InvalidKeyHash))]);
+    let raw_key = TenantRecord::new("raw".into(), Tier::Free, "pmb-v1-0011".into(), 0);
+    let mut no_key = TenantRecord::new("nokey".into(), Tier::Free, key_hash("n"), 0);
+    no_key.key_hashes.clear();
+    let mut twice = TenantRecord::new("twice".into(), Tier::Free, key_hash("t"), 0);
+    twice.key_hashes.push(key_hash("t"));
+    let mut long_email = TenantRecord::new("mail".into(), Tier::Free, key_hash("m"), 0);
+    long_email.admin_email = Some("a".repeat(300));
+    check(
+        &mut s,
+        vec![
+            (Command::AddTenant(no_key), Err(Rejection::InvalidKeyHash)),
+            (Command::AddTenant(twice), Err(Rejection::InvalidKeyHash)),
+            (Command::AddTenant(long_email), Err(Rejection::InvalidEmail)),
+            (Command::AddTenant(raw_key), Err(Rejection::InvalidKeyHash)),
+        ],
+    );
 }
 
 #[test]
@@ -68,13 +82,38 @@ fn rotate_key_replaces_all_hashes() {
         &mut s,
         vec![
             (new_tenant("acme", "old"), Ok(())),
-            (Command::RotateKey { id: "acme".into(), new_hash: key_hash("new") }, Ok(())),
-            (Command::RotateKey { id: "nope".into(), new_hash: key_hash("x") }, Err(Rejection::NoSuchTenant)),
-            (Command::RotateKey { id: "acme".into(), new_hash: "short".into() }, Err(Rejection::InvalidKeyHash)),
+            (
+                Command::RotateKey {
+                    id: "acme".into(),
+                    new_hash: key_hash("new"),
+                },
+                Ok(()),
+            ),
+            (
+                Command::RotateKey {
+                    id: "nope".into(),
+                    new_hash: key_hash("x"),
+                },
+                Err(Rejection::NoSuchTenant),
+            ),
+            (
+                Command::RotateKey {
+                    id: "acme".into(),
+                    new_hash: "short".into(),
+                },
+                Err(Rejection::InvalidKeyHash),
+            ),
         ],
     );
-    assert!(s.tenant_by_key_hash(&key_hash("old")).is_none(), "old key must stop working");
-    assert_eq!(s.tenant_by_key_hash(&key_hash("new")).map(|t| t.id.as_str()), Some("acme"));
+    assert!(
+        s.tenant_by_key_hash(&key_hash("old")).is_none(),
+        "old key must stop working"
+    );
+    assert_eq!(
+        s.tenant_by_key_hash(&key_hash("new"))
+            .map(|t| t.id.as_str()),
+        Some("acme")
+    );
     assert_eq!(s.tenant("acme").map(|t| t.key_hashes.len()), Some(1));
 }
 
@@ -90,19 +129,46 @@ fn update_disable_archive() {
         daily_limit: None,
         enabled,
     };
-    check(&mut s, vec![(new_tenant("acme", "k"), Ok(())), (update(Some(Tier::Pro), None, None), Ok(()))]);
-    assert_eq!(s.tenant("acme").map(|t| (t.quota_bytes, t.daily_limit)), Some((250 * MIB, 10_000)));
-    check(&mut s, vec![(update(Some(Tier::Team), Some(7), None), Ok(()))]);
-    assert_eq!(s.tenant("acme").map(|t| (t.quota_bytes, t.daily_limit)), Some((7, 100_000)));
+    check(
+        &mut s,
+        vec![
+            (new_tenant("acme", "k"), Ok(())),
+            (update(Some(Tier::Pro), None, None), Ok(())),
+        ],
+    );
+    assert_eq!(
+        s.tenant("acme").map(|t| (t.quota_bytes, t.daily_limit)),
+        Some((250 * MIB, 10_000))
+    );
+    check(
+        &mut s,
+        vec![(update(Some(Tier::Team), Some(7), None), Ok(()))],
+    );
+    assert_eq!(
+        s.tenant("acme").map(|t| (t.quota_bytes, t.daily_limit)),
+        Some((7, 100_000))
+    );
     check(
         &mut s,
         vec![
             (Command::DisableTenant { id: "acme".into() }, Ok(())),
             (update(None, None, Some(true)), Ok(())),
             (Command::ArchiveTenant { id: "acme".into() }, Ok(())),
-            (update(None, None, Some(true)), Err(Rejection::TenantArchived)),
-            (Command::RotateKey { id: "acme".into(), new_hash: key_hash("n") }, Err(Rejection::TenantArchived)),
-            (Command::DisableTenant { id: "ghost".into() }, Err(Rejection::NoSuchTenant)),
+            (
+                update(None, None, Some(true)),
+                Err(Rejection::TenantArchived),
+            ),
+            (
+                Command::RotateKey {
+                    id: "acme".into(),
+                    new_hash: key_hash("n"),
+                },
+                Err(Rejection::TenantArchived),
+            ),
+            (
+                Command::DisableTenant { id: "ghost".into() },
+                Err(Rejection::NoSuchTenant),
+            ),
         ],
     );
     let t = s.tenant("acme").expect("archived tenants stay recorded");
@@ -111,47 +177,97 @@ fn update_disable_archive() {
 
 use crate::state::MIB;
 
-#[test]
-fn node_lifecycle_epochs_and_id_reuse() {
-    // Goal: the epoch grows exactly when the active set changes, ids are never reused (even after
-    // Removed), invalid transitions and removal of the last active node are refused.
+fn join(id: u64) -> Command {
+    Command::NodeJoin {
+        id,
+        addr: format!("127.0.0.1:{}", 7000 + id),
+    }
+}
+
+/// Two nodes joined and activated.
+fn two_active_nodes() -> RegistryState {
     let mut s = RegistryState::default();
-    let join = |id: u64| Command::NodeJoin { id, addr: format!("127.0.0.1:{}", 7000 + id) };
     check(&mut s, vec![(join(1), Ok(())), (join(2), Ok(()))]);
     assert_eq!(s.placement_epoch(), 0, "joining changes no placement");
+    let activate = |id| (Command::NodeActivate { id }, Ok(()));
+    check(&mut s, vec![activate(1), activate(2)]);
+    s
+}
+
+#[test]
+fn node_activation_bumps_epoch_and_checks_transitions() {
+    // Goal: each activation bumps the epoch and rebuilds the ring; re-activation, a used id, an
+    // empty address and an unknown node are refused.
+    let mut s = two_active_nodes();
+    assert_eq!(s.placement_epoch(), 2);
+    assert_eq!(s.active_nodes(), vec![1, 2]);
+    assert_eq!(s.ring().node_ids(), &[1, 2]);
+    let twice = Rejection::InvalidNodeTransition {
+        id: 2,
+        from: NodeState::Active,
+        to: NodeState::Active,
+    };
+    let no_addr = Command::NodeJoin {
+        id: 3,
+        addr: String::new(),
+    };
     check(
         &mut s,
         vec![
-            (Command::NodeActivate { id: 1 }, Ok(())),
-            (Command::NodeActivate { id: 2 }, Ok(())),
-            (Command::NodeActivate { id: 2 }, Err(Rejection::InvalidNodeTransition {
-                id: 2,
-                from: NodeState::Active,
-                to: NodeState::Active,
-            })),
+            (Command::NodeActivate { id: 2 }, Err(twice)),
             (join(1), Err(Rejection::NodeIdUsed(1))),
-            (Command::NodeJoin { id: 3, addr: String::new() }, Err(Rejection::InvalidNodeAddr)),
-            (Command::NodeActivate { id: 9 }, Err(Rejection::NoSuchNode(9))),
+            (no_addr, Err(Rejection::InvalidNodeAddr)),
+            (
+                Command::NodeActivate { id: 9 },
+                Err(Rejection::NoSuchNode(9)),
+            ),
         ],
     );
-    assert_eq!(s.placement_epoch(), 2);
-    assert_eq!(s.active_nodes(), vec![1, 2]);
-    check(&mut s, vec![(Command::NodeDrain { id: 2 }, Ok(())), (Command::NodeRemove { id: 2 }, Ok(()))]);
-    assert_eq!(s.placement_epoch(), 3, "drain bumps, removing a draining node does not");
+}
+
+#[test]
+fn node_removal_never_frees_the_id() {
+    // Goal: drain bumps the epoch, removing a draining node does not, removing an active node
+    // does; a removed id can never join again; the last active node cannot leave.
+    let mut s = two_active_nodes();
+    let drain = |id| Command::NodeDrain { id };
+    let remove = |id| Command::NodeRemove { id };
+    check(&mut s, vec![(drain(2), Ok(())), (remove(2), Ok(()))]);
+    assert_eq!(
+        s.placement_epoch(),
+        3,
+        "drain bumps, removing a draining node does not"
+    );
+    check(
+        &mut s,
+        vec![
+            (join(3), Ok(())),
+            (Command::NodeActivate { id: 3 }, Ok(())),
+            (remove(3), Ok(())),
+        ],
+    );
+    assert_eq!(
+        s.placement_epoch(),
+        5,
+        "activating and removing an active node both bump"
+    );
+    let removed_twice = Rejection::InvalidNodeTransition {
+        id: 2,
+        from: NodeState::Removed,
+        to: NodeState::Removed,
+    };
     check(
         &mut s,
         vec![
             (join(2), Err(Rejection::NodeIdUsed(2))),
-            (Command::NodeRemove { id: 1 }, Err(Rejection::LastActiveNode(1))),
-            (Command::NodeDrain { id: 1 }, Err(Rejection::LastActiveNode(1))),
-            (Command::NodeRemove { id: 2 }, Err(Rejection::InvalidNodeTransition {
-                id: 2,
-                from: NodeState::Removed,
-                to: NodeState::Removed,
-            })),
+            (remove(1), Err(Rejection::LastActiveNode(1))),
+            (drain(1), Err(Rejection::LastActiveNode(1))),
+            (remove(2), Err(removed_twice)),
         ],
     );
     assert_eq!(s.owner_of("acme"), Some(1));
+    check(&mut s, vec![(new_tenant("acme", "k"), Ok(()))]);
+    assert_eq!(s.owner_counts(), std::collections::BTreeMap::from([(1, 1)]));
 }
 
 #[test]
@@ -161,8 +277,18 @@ fn admin_key_hash_only_accepts_hashes() {
     check(
         &mut s,
         vec![
-            (Command::SetAdminKeyHash { hash: "plain-admin-key".into() }, Err(Rejection::InvalidKeyHash)),
-            (Command::SetAdminKeyHash { hash: key_hash("admin") }, Ok(())),
+            (
+                Command::SetAdminKeyHash {
+                    hash: "plain-admin-key".into(),
+                },
+                Err(Rejection::InvalidKeyHash),
+            ),
+            (
+                Command::SetAdminKeyHash {
+                    hash: key_hash("admin"),
+                },
+                Ok(()),
+            ),
         ],
     );
     assert_eq!(s.admin_key_hash(), Some(key_hash("admin").as_str()));

@@ -70,8 +70,12 @@ impl Default for RegistryConfig {
 impl RegistryConfig {
     /// The openraft configuration, validated.
     pub fn to_openraft(&self) -> Result<openraft::Config, RegistryError> {
-        if self.heartbeat_interval_ms == 0 || self.heartbeat_interval_ms >= self.election_timeout_min_ms {
-            return Err(RegistryError::InvalidConfig("heartbeat_interval_ms must be in (0, election_timeout_min_ms)".into()));
+        if self.heartbeat_interval_ms == 0
+            || self.heartbeat_interval_ms >= self.election_timeout_min_ms
+        {
+            return Err(RegistryError::InvalidConfig(
+                "heartbeat_interval_ms must be in (0, election_timeout_min_ms)".into(),
+            ));
         }
         let config = openraft::Config {
             cluster_name: CLUSTER_NAME.to_string(),
@@ -87,7 +91,9 @@ impl RegistryConfig {
             purge_batch_size: 1,
             ..Default::default()
         };
-        config.validate().map_err(|e| RegistryError::InvalidConfig(e.to_string()))
+        config
+            .validate()
+            .map_err(|e| RegistryError::InvalidConfig(e.to_string()))
     }
 
     pub(crate) fn write_timeout(&self) -> Duration {
@@ -121,9 +127,21 @@ mod tests {
         // timeout, or an inverted election range, is refused.
         let ok = RegistryConfig::default().to_openraft();
         assert!(ok.is_ok_and(|c| c.snapshot_max_chunk_size == SNAPSHOT_CHUNK_BYTES));
-        let slow_heartbeat = RegistryConfig { heartbeat_interval_ms: 1_000, ..Default::default() };
-        assert!(matches!(slow_heartbeat.to_openraft(), Err(RegistryError::InvalidConfig(_))));
-        let inverted = RegistryConfig { election_timeout_min_ms: 3_000, ..Default::default() };
-        assert!(matches!(inverted.to_openraft(), Err(RegistryError::InvalidConfig(_))));
+        let slow_heartbeat = RegistryConfig {
+            heartbeat_interval_ms: 1_000,
+            ..Default::default()
+        };
+        assert!(matches!(
+            slow_heartbeat.to_openraft(),
+            Err(RegistryError::InvalidConfig(_))
+        ));
+        let inverted = RegistryConfig {
+            election_timeout_min_ms: 3_000,
+            ..Default::default()
+        };
+        assert!(matches!(
+            inverted.to_openraft(),
+            Err(RegistryError::InvalidConfig(_))
+        ));
     }
 }

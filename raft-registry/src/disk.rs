@@ -25,7 +25,11 @@ const TMP_SUFFIX: &str = ".tmp";
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{op} {path}: {source}")]
-    Io { op: &'static str, path: PathBuf, source: io::Error },
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
     #[error("{path}: corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error("cannot encode {what}: {reason}")]
@@ -34,7 +38,11 @@ pub enum StoreError {
 
 /// Attaches the operation and path to an I/O error.
 pub fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io { op, path: path.to_path_buf(), source }
+    move |source| StoreError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 fn bincode_config() -> impl bincode::config::Config {
@@ -43,14 +51,20 @@ fn bincode_config() -> impl bincode::config::Config {
 
 /// Encodes `value` with bincode 2 (serde, standard config).
 pub fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
-    bincode::serde::encode_to_vec(value, bincode_config())
-        .map_err(|e| StoreError::Encode { what, reason: e.to_string() })
+    bincode::serde::encode_to_vec(value, bincode_config()).map_err(|e| StoreError::Encode {
+        what,
+        reason: e.to_string(),
+    })
 }
 
 /// Decodes a whole payload; trailing bytes are corruption.
 pub fn decode<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, StoreError> {
-    let corrupt = |reason: String| StoreError::Corrupt { path: path.to_path_buf(), reason };
-    let (value, used) = bincode::serde::decode_from_slice(bytes, bincode_config()).map_err(|e| corrupt(e.to_string()))?;
+    let corrupt = |reason: String| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let (value, used) = bincode::serde::decode_from_slice(bytes, bincode_config())
+        .map_err(|e| corrupt(e.to_string()))?;
     if used != bytes.len() {
         return Err(corrupt(format!("{} trailing bytes", bytes.len() - used)));
     }
@@ -59,7 +73,11 @@ pub fn decode<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, Store
 
 /// Frames `payload` as one record.
 pub fn frame(payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len() <= RECORD_PAYLOAD_BYTES_MAX, "record of {} bytes exceeds the limit", payload.len());
+    assert!(
+        payload.len() <= RECORD_PAYLOAD_BYTES_MAX,
+        "record of {} bytes exceeds the limit",
+        payload.len()
+    );
     let mut out = Vec::with_capacity(RECORD_HEADER_BYTES + payload.len());
     // Cannot truncate: the assert above bounds the length far below u32::MAX.
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
@@ -83,7 +101,9 @@ pub fn parse_frame(buf: &[u8]) -> Option<(&[u8], usize)> {
 
 /// Makes a rename or file creation in `dir` durable.
 pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err("fsync dir", dir))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err("fsync dir", dir))
 }
 
 /// Replaces `dir/name` with `bytes` atomically: write a temp file, fsync, rename, fsync the dir.
@@ -91,7 +111,12 @@ pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
 pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
-    let mut file = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io_err("create", &tmp))?;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(&tmp)
+        .map_err(io_err("create", &tmp))?;
     file.write_all(bytes).map_err(io_err("write", &tmp))?;
     file.sync_all().map_err(io_err("fsync", &tmp))?;
     drop(file);
@@ -100,7 +125,11 @@ pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreErr
 }
 
 /// Writes `value` as the single framed record of `dir/name`, atomically.
-pub fn write_record_file<T: Serialize>(dir: &Path, name: &'static str, value: &T) -> Result<(), StoreError> {
+pub fn write_record_file<T: Serialize>(
+    dir: &Path,
+    name: &'static str,
+    value: &T,
+) -> Result<(), StoreError> {
     let payload = encode(name, value)?;
     write_atomic(dir, name, &frame(&payload))
 }
@@ -113,7 +142,10 @@ pub fn read_record_file<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, S
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err("read", path)(e)),
     };
-    let corrupt = |reason: &str| StoreError::Corrupt { path: path.to_path_buf(), reason: reason.to_string() };
+    let corrupt = |reason: &str| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        reason: reason.to_string(),
+    };
     let (payload, used) = parse_frame(&bytes).ok_or_else(|| corrupt("bad checksum or length"))?;
     if used != bytes.len() {
         return Err(corrupt("trailing bytes after the record"));
@@ -142,11 +174,16 @@ mod tests {
     fn record_file_round_trip() -> anyhow::Result<()> {
         // Goal: an atomically written record file reads back; missing is None; garbage is Corrupt.
         let dir = tempfile::tempdir()?;
-        assert!(read_record_file::<u64>(&dir.path().join("x")).map_err(anyhow::Error::msg)?.is_none());
+        assert!(read_record_file::<u64>(&dir.path().join("x"))
+            .map_err(anyhow::Error::msg)?
+            .is_none());
         write_record_file(dir.path(), "x", &42u64)?;
         assert_eq!(read_record_file::<u64>(&dir.path().join("x"))?, Some(42));
         fs::write(dir.path().join("x"), b"garbage!!")?;
-        assert!(matches!(read_record_file::<u64>(&dir.path().join("x")), Err(StoreError::Corrupt { .. })));
+        assert!(matches!(
+            read_record_file::<u64>(&dir.path().join("x")),
+            Err(StoreError::Corrupt { .. })
+        ));
         Ok(())
     }
 }

@@ -1,6 +1,8 @@
 //! The registry's one error type.
 
-use openraft::error::{ChangeMembershipError, CheckIsLeaderError, ClientWriteError, Fatal, RaftError};
+use openraft::error::{
+    ChangeMembershipError, CheckIsLeaderError, ClientWriteError, Fatal, RaftError,
+};
 
 use crate::command::Rejection;
 use crate::disk::StoreError;
@@ -11,7 +13,10 @@ use crate::types::{Node, NodeId};
 pub enum RegistryError {
     /// This node is not the leader; forward to `leader_addr` (when known) and retry.
     #[error("not the leader; leader is {leader_id:?} at {leader_addr:?}")]
-    NotLeader { leader_id: Option<u64>, leader_addr: Option<String> },
+    NotLeader {
+        leader_id: Option<u64>,
+        leader_addr: Option<String>,
+    },
     /// The state machine refused the command; nothing changed.
     #[error("rejected: {0}")]
     Rejected(#[from] Rejection),
@@ -42,11 +47,20 @@ pub enum RegistryError {
 
 impl RegistryError {
     pub(crate) fn timeout(op: &'static str, after: std::time::Duration) -> RegistryError {
-        RegistryError::Timeout { op, timeout_ms: after.as_millis().try_into().unwrap_or(u64::MAX) }
+        RegistryError::Timeout {
+            op,
+            timeout_ms: after.as_millis().try_into().unwrap_or(u64::MAX),
+        }
     }
 
-    pub(crate) fn not_leader(leader_id: Option<NodeId>, leader_node: Option<Node>) -> RegistryError {
-        RegistryError::NotLeader { leader_id, leader_addr: leader_node.map(|n| n.addr) }
+    pub(crate) fn not_leader(
+        leader_id: Option<NodeId>,
+        leader_node: Option<Node>,
+    ) -> RegistryError {
+        RegistryError::NotLeader {
+            leader_id,
+            leader_addr: leader_node.map(|n| n.addr),
+        }
     }
 }
 
@@ -62,10 +76,12 @@ impl From<Fatal<NodeId>> for RegistryError {
 impl From<RaftError<NodeId, ClientWriteError<NodeId, Node>>> for RegistryError {
     fn from(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> Self {
         match e {
-            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => Self::not_leader(f.leader_id, f.leader_node),
-            RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(_))) => {
-                RegistryError::MembershipChangeInProgress
+            RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+                Self::not_leader(f.leader_id, f.leader_node)
             }
+            RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(_),
+            )) => RegistryError::MembershipChangeInProgress,
             RaftError::APIError(ClientWriteError::ChangeMembershipError(other)) => {
                 RegistryError::Membership(other.to_string())
             }
@@ -77,8 +93,12 @@ impl From<RaftError<NodeId, ClientWriteError<NodeId, Node>>> for RegistryError {
 impl From<RaftError<NodeId, CheckIsLeaderError<NodeId, Node>>> for RegistryError {
     fn from(e: RaftError<NodeId, CheckIsLeaderError<NodeId, Node>>) -> Self {
         match e {
-            RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => Self::not_leader(f.leader_id, f.leader_node),
-            RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => RegistryError::NoQuorum(q.to_string()),
+            RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => {
+                Self::not_leader(f.leader_id, f.leader_node)
+            }
+            RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => {
+                RegistryError::NoQuorum(q.to_string())
+            }
             RaftError::Fatal(f) => f.into(),
         }
     }

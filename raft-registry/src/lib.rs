@@ -14,6 +14,18 @@
 //! and tests implement in memory; incoming bytes go to [`Registry::handle_rpc`]. Keys never
 //! enter the crate: the API takes sha256 hashes ([`key_hash`]), so no file holds a key.
 //!
+//! Wiring it into a node:
+//!
+//! ```text
+//! startup:   reg = Registry::open(data_dir/"registry", node_id, config, Arc::new(QuicRaftTransport)).await?
+//!            first node of a new cluster only: reg.bootstrap(my_quic_addr).await?
+//!            other nodes: ask the leader (admin API → leader) to reg.join_node(id, addr)
+//! incoming:  a Raft frame from a peer → reply = reg.handle_rpc(&bytes).await → send reply back
+//! writes:    reg.write(cmd) → on NotLeader { leader_addr, .. } forward to the leader
+//! reads:     reg.state() (local), reg.read_linearizable() (leader), reg.subscribe() (watch)
+//! shutdown:  reg.shutdown().await
+//! ```
+//!
 //! Map of the crate:
 //! - `state`, `command`: the replicated data and its state transitions;
 //! - `placement`: consistent hashing with virtual nodes over `hashring`;
@@ -35,11 +47,13 @@ pub mod state;
 pub mod state_machine;
 pub mod types;
 
-pub use command::{ApplyReply, Command, NewTenant, Rejection};
+pub use command::{ApplyReply, Command, Rejection};
 pub use config::RegistryConfig;
 pub use error::RegistryError;
-pub use network::{RaftTransport, SendFuture};
+pub use network::{RaftTransport, TransportFuture};
 pub use placement::{Ring, VNODES_PER_NODE};
 pub use registry::{CommandResult, RaftStatus, Registry};
-pub use state::{key_hash, is_valid_tenant_id, NodeRecord, NodeState, RegistryState, TenantRecord, Tier};
+pub use state::{
+    is_valid_tenant_id, key_hash, NodeRecord, NodeState, RegistryState, TenantRecord, Tier,
+};
 pub use state_machine::Published;

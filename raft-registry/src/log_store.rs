@@ -65,7 +65,9 @@ pub struct LogStore {
 
 impl From<StoreError> for StorageError {
     fn from(e: StoreError) -> Self {
-        StorageError::IO { source: StorageIOError::new(ErrorSubject::Store, ErrorVerb::Write, AnyError::new(&e)) }
+        StorageError::IO {
+            source: StorageIOError::new(ErrorSubject::Store, ErrorVerb::Write, AnyError::new(&e)),
+        }
     }
 }
 
@@ -76,12 +78,22 @@ impl LogStore {
         let meta = disk::read_record_file::<Meta>(&dir.join(META_FILE))?.unwrap_or_default();
         let path = dir.join(LOG_FILE);
         let existed = path.exists();
-        let bytes = if existed { std::fs::read(&path).map_err(io_err("read", &path))? } else { Vec::new() };
+        let bytes = if existed {
+            std::fs::read(&path).map_err(io_err("read", &path))?
+        } else {
+            Vec::new()
+        };
         let replay = replay(&path, &bytes)?;
-        let file = OpenOptions::new().create(true).append(true).open(&path).map_err(io_err("open", &path))?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
         if replay.end < bytes.len() as u64 {
-            tracing::warn!(path = %path.display(), discarded_bytes = bytes.len() as u64 - replay.end, "discarding torn log tail");
-            file.set_len(replay.end).map_err(io_err("truncate", &path))?;
+            let discarded_bytes = bytes.len() as u64 - replay.end;
+            tracing::warn!(path = %path.display(), discarded_bytes, "discarding torn log tail");
+            file.set_len(replay.end)
+                .map_err(io_err("truncate", &path))?;
             file.sync_all().map_err(io_err("fsync", &path))?;
         }
         if !existed {
@@ -96,16 +108,23 @@ impl LogStore {
             last_purged: replay.last_purged,
             meta,
         };
-        Ok(LogStore { inner: Arc::new(Mutex::new(inner)) })
+        Ok(LogStore {
+            inner: Arc::new(Mutex::new(inner)),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, LogInner> {
         // Poisoned only if a previous holder panicked, i.e. a broken invariant already aborted us.
-        self.inner.lock().unwrap_or_else(|p| panic!("log store mutex poisoned: {p}"))
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| panic!("log store mutex poisoned: {p}"))
     }
 
     /// Appends and fsyncs `entries` (the synchronous core of `append`).
-    pub(crate) fn append_sync(&self, entries: impl IntoIterator<Item = Entry>) -> Result<(), StoreError> {
+    pub(crate) fn append_sync(
+        &self,
+        entries: impl IntoIterator<Item = Entry>,
+    ) -> Result<(), StoreError> {
         self.lock().append(entries)
     }
 }
@@ -121,14 +140,33 @@ struct Replay {
 /// Scans the log file; stops at the first torn record. A record that passes its checksum but
 /// does not decode, or breaks the sequence, is corruption, not a torn tail.
 fn replay(path: &Path, bytes: &[u8]) -> Result<Replay, StoreError> {
-    let mut r = Replay { entries: BTreeMap::new(), offsets: BTreeMap::new(), last_purged: None, end: 0 };
-    let corrupt = |reason: String| StoreError::Corrupt { path: path.to_path_buf(), reason };
+    let mut r = Replay {
+        entries: BTreeMap::new(),
+        offsets: BTreeMap::new(),
+        last_purged: None,
+        end: 0,
+    };
+    let corrupt = |reason: String| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        reason,
+    };
     while let Some((payload, len)) = disk::parse_frame(&bytes[r.end as usize..]) {
         match disk::decode::<LogRecord>(path, payload)? {
-            LogRecord::Purged(id) if r.entries.is_empty() && r.last_purged.is_none() => r.last_purged = Some(id),
-            LogRecord::Purged(_) => return Err(corrupt(format!("purge record not first, at byte {}", r.end))),
+            LogRecord::Purged(id) if r.entries.is_empty() && r.last_purged.is_none() => {
+                r.last_purged = Some(id)
+            }
+            LogRecord::Purged(_) => {
+                return Err(corrupt(format!(
+                    "purge record not first, at byte {}",
+                    r.end
+                )))
+            }
             LogRecord::Entry(e) => {
-                if r.entries.keys().next_back().is_some_and(|&last| e.log_id.index <= last) {
+                if r.entries
+                    .keys()
+                    .next_back()
+                    .is_some_and(|&last| e.log_id.index <= last)
+                {
                     return Err(corrupt(format!("entry {} does not ascend", e.log_id.index)));
                 }
                 r.offsets.insert(e.log_id.index, r.end);
@@ -146,7 +184,11 @@ impl LogInner {
     }
 
     fn last_log_id(&self) -> Option<LogId> {
-        self.entries.values().next_back().map(|e| e.log_id).or(self.last_purged)
+        self.entries
+            .values()
+            .next_back()
+            .map(|e| e.log_id)
+            .or(self.last_purged)
     }
 
     fn append(&mut self, entries: impl IntoIterator<Item = Entry>) -> Result<(), StoreError> {
@@ -155,14 +197,23 @@ impl LogInner {
         // suite also appends over existing entries and with holes. Overwriting is a truncation, so
         // entries in the file always ascend.
         if let Some(first) = entries.first() {
-            if self.entries.keys().next_back().is_some_and(|&last| last >= first.log_id.index) {
+            if self
+                .entries
+                .keys()
+                .next_back()
+                .is_some_and(|&last| last >= first.log_id.index)
+            {
                 self.truncate(first.log_id.index)?;
             }
         }
         let mut buf = Vec::new();
         for entry in entries {
-            let record = disk::frame(&disk::encode("log entry", &LogRecord::Entry(entry.clone()))?);
-            self.offsets.insert(entry.log_id.index, self.end + buf.len() as u64);
+            let record = disk::frame(&disk::encode(
+                "log entry",
+                &LogRecord::Entry(entry.clone()),
+            )?);
+            self.offsets
+                .insert(entry.log_id.index, self.end + buf.len() as u64);
             self.entries.insert(entry.log_id.index, entry);
             buf.extend_from_slice(&record);
         }
@@ -175,9 +226,13 @@ impl LogInner {
 
     /// Removes entries with index ≥ `index` from memory and the file.
     fn truncate(&mut self, index: u64) -> Result<(), StoreError> {
-        let Some((_, &offset)) = self.offsets.range(index..).next() else { return Ok(()) };
+        let Some((_, &offset)) = self.offsets.range(index..).next() else {
+            return Ok(());
+        };
         let path = self.log_path();
-        self.file.set_len(offset).map_err(io_err("truncate", &path))?;
+        self.file
+            .set_len(offset)
+            .map_err(io_err("truncate", &path))?;
         self.file.sync_data().map_err(io_err("fsync", &path))?;
         self.end = offset;
         self.entries.split_off(&index);
@@ -196,11 +251,17 @@ impl LogInner {
         let mut offsets = BTreeMap::new();
         for (index, entry) in &self.entries {
             offsets.insert(*index, bytes.len() as u64);
-            bytes.extend_from_slice(&disk::frame(&disk::encode("log entry", &LogRecord::Entry(entry.clone()))?));
+            bytes.extend_from_slice(&disk::frame(&disk::encode(
+                "log entry",
+                &LogRecord::Entry(entry.clone()),
+            )?));
         }
         disk::write_atomic(&self.dir, LOG_FILE, &bytes)?;
         let path = self.log_path();
-        self.file = OpenOptions::new().append(true).open(&path).map_err(io_err("open", &path))?;
+        self.file = OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
         self.offsets = offsets;
         self.end = bytes.len() as u64;
         Ok(())
@@ -218,7 +279,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        Ok(self.lock().entries.range(range).map(|(_, e)| e.clone()).collect())
+        Ok(self
+            .lock()
+            .entries
+            .range(range)
+            .map(|(_, e)| e.clone())
+            .collect())
     }
 }
 
@@ -227,7 +293,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let inner = self.lock();
-        Ok(LogState { last_purged_log_id: inner.last_purged, last_log_id: inner.last_log_id() })
+        Ok(LogState {
+            last_purged_log_id: inner.last_purged,
+            last_log_id: inner.last_log_id(),
+        })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -236,8 +305,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         let mut inner = self.lock();
-        let meta = Meta { vote: Some(*vote), ..inner.meta.clone() };
-        inner.save_meta(meta).map_err(|e| StorageIOError::write_vote(AnyError::new(&e)).into())
+        let meta = Meta {
+            vote: Some(*vote),
+            ..inner.meta.clone()
+        };
+        inner
+            .save_meta(meta)
+            .map_err(|e| StorageIOError::write_vote(AnyError::new(&e)).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
@@ -246,7 +320,10 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         let mut inner = self.lock();
-        let meta = Meta { committed, ..inner.meta.clone() };
+        let meta = Meta {
+            committed,
+            ..inner.meta.clone()
+        };
         Ok(inner.save_meta(meta)?)
     }
 
@@ -254,7 +331,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.lock().meta.committed)
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,

@@ -16,30 +16,83 @@ use crate::state::NodeState;
 impl Registry {
     /// Adds node `id` at `addr` to the cluster. Run on the leader:
     /// 1. commit `NodeJoin` (state Joining; refused if the id was ever used),
-    /// 2. add it as a Raft learner and wait until it caught up,
+    /// 2. add it as a Raft learner and wait until it has replicated the log,
     /// 3. promote it to voter,
     /// 4. commit `NodeActivate` (placement epoch + 1).
     ///
     /// Calling it again for a node still `Joining` at the same address resumes an interrupted
     /// join; for a node already `Active` at that address it is a no-op.
     pub async fn join_node(&self, id: u64, addr: String) -> Result<(), RegistryError> {
-        let _one_change = self.membership_lock.try_lock().map_err(|_| RegistryError::MembershipChangeInProgress)?;
+        let _one_change = self
+            .membership_lock
+            .try_lock()
+            .map_err(|_| RegistryError::MembershipChangeInProgress)?;
         let state = self.read_linearizable().await?;
         match state.node(id) {
             None => {
-                self.write(Command::NodeJoin { id, addr: addr.clone() }).await?;
+                self.write(Command::NodeJoin {
+                    id,
+                    addr: addr.clone(),
+                })
+                .await?;
             }
-            Some(n) if n.addr == addr && matches!(n.state, NodeState::Joining | NodeState::Active) => {}
+            Some(n)
+                if n.addr == addr && matches!(n.state, NodeState::Joining | NodeState::Active) => {}
             Some(_) => return Err(Rejection::NodeIdUsed(id).into()),
         }
-        let learner = self.raft.add_learner(id, BasicNode::new(addr), true);
-        bounded("add learner", self.config.learner_catchup_timeout(), learner).await??;
-        let promote = self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false);
-        bounded("promote to voter", self.config.membership_change_timeout(), promote).await??;
+        self.add_caught_up_learner(id, addr).await?;
+        let promote = self
+            .raft
+            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false);
+        bounded(
+            "promote to voter",
+            self.config.membership_change_timeout(),
+            promote,
+        )
+        .await??;
         if self.read_linearizable().await?.node(id).map(|n| n.state) == Some(NodeState::Joining) {
             self.write(Command::NodeActivate { id }).await?;
         }
         Ok(())
+    }
+
+    /// Adds `id` as a learner and waits until it has replicated the whole log as of now.
+    ///
+    /// openraft's blocking `add_learner` counts a learner as caught up when its lag is under
+    /// `replication_lag_threshold`, which a short log always is, even for a node that never
+    /// answered. Promoting such a node to voter would wedge the joint config without a quorum, so
+    /// we wait for its matched log index in the leader's replication metrics instead.
+    async fn add_caught_up_learner(&self, id: u64, addr: String) -> Result<(), RegistryError> {
+        let limit = self.config.learner_catchup_timeout();
+        let added = bounded(
+            "add learner",
+            limit,
+            self.raft.add_learner(id, BasicNode::new(addr), false),
+        )
+        .await??;
+        let target = added.log_id.index;
+        let caught_up = self
+            .raft
+            .wait(Some(limit))
+            .metrics(
+                |m| {
+                    let matched = m
+                        .replication
+                        .as_ref()
+                        .and_then(|r| r.get(&id))
+                        .copied()
+                        .flatten();
+                    matched.is_some_and(|l| l.index >= target)
+                },
+                "learner caught up",
+            )
+            .await;
+        caught_up.map(|_| ()).map_err(|e| match e {
+            openraft::metrics::WaitError::Timeout(..) => {
+                RegistryError::timeout("learner catch-up", limit)
+            }
+            openraft::metrics::WaitError::ShuttingDown => RegistryError::Shutdown,
+        })
     }
 
     /// Removes node `id` for good. Run on the leader:
@@ -51,13 +104,22 @@ impl Registry {
     /// the membership without it commits, then steps down. Calling it again resumes an
     /// interrupted removal. Drain the node (`NodeDrain`) first to hand its tenants off.
     pub async fn remove_node(&self, id: u64) -> Result<(), RegistryError> {
-        let _one_change = self.membership_lock.try_lock().map_err(|_| RegistryError::MembershipChangeInProgress)?;
+        let _one_change = self
+            .membership_lock
+            .try_lock()
+            .map_err(|_| RegistryError::MembershipChangeInProgress)?;
         let state = self.read_linearizable().await?;
         let node = state.node(id).ok_or(Rejection::NoSuchNode(id))?;
         if node.state != NodeState::Removed {
             self.write(Command::NodeRemove { id }).await?;
         }
-        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        let membership = self
+            .raft
+            .metrics()
+            .borrow()
+            .membership_config
+            .membership()
+            .clone();
         let ids = BTreeSet::from([id]);
         let change = if membership.voter_ids().any(|v| v == id) {
             ChangeMembers::RemoveVoters(ids)
@@ -67,7 +129,12 @@ impl Registry {
             return Ok(());
         };
         let remove = self.raft.change_membership(change, false);
-        bounded("remove from membership", self.config.membership_change_timeout(), remove).await??;
+        bounded(
+            "remove from membership",
+            self.config.membership_change_timeout(),
+            remove,
+        )
+        .await??;
         Ok(())
     }
 }

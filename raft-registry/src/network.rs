@@ -15,8 +15,8 @@ use openraft::error::{
 };
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use openraft::RPCTypes;
 use serde::de::DeserializeOwned;
@@ -33,13 +33,13 @@ pub const RAFT_RPC_VERSION: u16 = 1;
 pub const RPC_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 /// A boxed, sendable future, so the transport trait needs no async-trait machinery.
-pub type SendFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + 'a>>;
+pub type TransportFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + 'a>>;
 
 /// Carries one request to node `target` at `addr` and returns its reply bytes. Implementations
 /// bound their own connect and I/O time; the registry additionally drops a call after the Raft
 /// timeout for that RPC. An `Err` means the peer could not be reached.
 pub trait RaftTransport: Send + Sync + 'static {
-    fn send(&self, target: u64, addr: &str, payload: Vec<u8>) -> SendFuture<'_>;
+    fn send(&self, target: u64, addr: &str, payload: Vec<u8>) -> TransportFuture<'_>;
 }
 
 /// A Raft request on the wire.
@@ -55,7 +55,9 @@ pub enum RaftRpc {
 pub enum RaftRpcReply {
     AppendEntries(Result<AppendEntriesResponse<NodeId>, RaftError<NodeId>>),
     Vote(Result<VoteResponse<NodeId>, RaftError<NodeId>>),
-    InstallSnapshot(Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>),
+    InstallSnapshot(
+        Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    ),
     /// The request could not be decoded or has another version.
     Refused(String),
 }
@@ -72,16 +74,27 @@ fn wire_config() -> impl bincode::config::Config {
 }
 
 fn encode<T: Serialize>(body: T) -> Result<Vec<u8>, String> {
-    bincode::serde::encode_to_vec(Envelope { version: RAFT_RPC_VERSION, body }, wire_config()).map_err(|e| e.to_string())
+    bincode::serde::encode_to_vec(
+        Envelope {
+            version: RAFT_RPC_VERSION,
+            body,
+        },
+        wire_config(),
+    )
+    .map_err(|e| e.to_string())
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     // The version is decoded first, so a newer body layout is reported as a version mismatch.
-    let (version, _): (u16, usize) = bincode::serde::decode_from_slice(bytes, wire_config()).map_err(|e| e.to_string())?;
+    let (version, _): (u16, usize) =
+        bincode::serde::decode_from_slice(bytes, wire_config()).map_err(|e| e.to_string())?;
     if version != RAFT_RPC_VERSION {
-        return Err(format!("raft rpc version {version}, expected {RAFT_RPC_VERSION}"));
+        return Err(format!(
+            "raft rpc version {version}, expected {RAFT_RPC_VERSION}"
+        ));
     }
-    let (env, _): (Envelope<T>, usize) = bincode::serde::decode_from_slice(bytes, wire_config()).map_err(|e| e.to_string())?;
+    let (env, _): (Envelope<T>, usize) =
+        bincode::serde::decode_from_slice(bytes, wire_config()).map_err(|e| e.to_string())?;
     Ok(env.body)
 }
 
@@ -89,9 +102,13 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
 /// a `Refused` reply.
 pub(crate) async fn serve(raft: &Raft, payload: &[u8]) -> Vec<u8> {
     let reply = match decode::<RaftRpc>(payload) {
-        Ok(RaftRpc::AppendEntries(req)) => RaftRpcReply::AppendEntries(raft.append_entries(req).await),
+        Ok(RaftRpc::AppendEntries(req)) => {
+            RaftRpcReply::AppendEntries(raft.append_entries(req).await)
+        }
         Ok(RaftRpc::Vote(req)) => RaftRpcReply::Vote(raft.vote(req).await),
-        Ok(RaftRpc::InstallSnapshot(req)) => RaftRpcReply::InstallSnapshot(raft.install_snapshot(req).await),
+        Ok(RaftRpc::InstallSnapshot(req)) => {
+            RaftRpcReply::InstallSnapshot(raft.install_snapshot(req).await)
+        }
         Err(e) => {
             tracing::warn!(error = %e, "refusing undecodable raft rpc");
             RaftRpcReply::Refused(e)
@@ -126,7 +143,12 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerClient;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> PeerClient {
-        PeerClient { my_id: self.my_id, target, node: node.clone(), transport: self.transport.clone() }
+        PeerClient {
+            my_id: self.my_id,
+            target,
+            node: node.clone(),
+            transport: self.transport.clone(),
+        }
     }
 }
 
@@ -142,30 +164,53 @@ type RpcResult<T, E> = Result<T, RPCError<NodeId, Node, E>>;
 
 impl PeerClient {
     /// Sends `rpc` and decodes the reply, bounded by the RPC's hard TTL.
-    async fn call<E: std::error::Error>(&self, rpc: RaftRpc, action: RPCTypes, option: &RPCOption) -> RpcResult<RaftRpcReply, E> {
-        let payload = encode(rpc).map_err(|e| RPCError::Network(NetworkError::new(&WireError(e))))?;
+    async fn call<E: std::error::Error>(
+        &self,
+        rpc: RaftRpc,
+        action: RPCTypes,
+        option: &RPCOption,
+    ) -> RpcResult<RaftRpcReply, E> {
+        let payload =
+            encode(rpc).map_err(|e| RPCError::Network(NetworkError::new(&WireError(e))))?;
         let timeout = option.hard_ttl();
-        let sent = tokio::time::timeout(timeout, self.transport.send(self.target, &self.node.addr, payload)).await;
+        let sent = tokio::time::timeout(
+            timeout,
+            self.transport.send(self.target, &self.node.addr, payload),
+        )
+        .await;
         let bytes = match sent {
             Err(_elapsed) => {
-                return Err(RPCError::Timeout(Timeout { action, id: self.my_id, target: self.target, timeout }));
+                return Err(RPCError::Timeout(Timeout {
+                    action,
+                    id: self.my_id,
+                    target: self.target,
+                    timeout,
+                }));
             }
             Ok(Err(e)) => return Err(RPCError::Unreachable(Unreachable::new(&WireError(e)))),
             Ok(Ok(bytes)) => bytes,
         };
         match decode::<RaftRpcReply>(&bytes) {
-            Ok(RaftRpcReply::Refused(why)) => Err(RPCError::Network(NetworkError::new(&WireError(why)))),
+            Ok(RaftRpcReply::Refused(why)) => {
+                Err(RPCError::Network(NetworkError::new(&WireError(why))))
+            }
             Ok(reply) => Ok(reply),
             Err(e) => Err(RPCError::Network(NetworkError::new(&WireError(e)))),
         }
     }
 
     fn remote<E: std::error::Error>(&self, e: E) -> RPCError<NodeId, Node, E> {
-        RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e))
+        RPCError::RemoteError(RemoteError::new_with_node(
+            self.target,
+            self.node.clone(),
+            e,
+        ))
     }
 
     fn mismatched<E: std::error::Error>(&self) -> RPCError<NodeId, Node, E> {
-        RPCError::Network(NetworkError::new(&WireError("reply does not match the request".into())))
+        RPCError::Network(NetworkError::new(&WireError(
+            "reply does not match the request".into(),
+        )))
     }
 }
 
@@ -175,7 +220,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
-        match self.call(RaftRpc::AppendEntries(rpc), RPCTypes::AppendEntries, &option).await? {
+        match self
+            .call(
+                RaftRpc::AppendEntries(rpc),
+                RPCTypes::AppendEntries,
+                &option,
+            )
+            .await?
+        {
             RaftRpcReply::AppendEntries(r) => r.map_err(|e| self.remote(e)),
             _ => Err(self.mismatched()),
         }
@@ -186,14 +238,28 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
-        match self.call(RaftRpc::InstallSnapshot(rpc), RPCTypes::InstallSnapshot, &option).await? {
+        match self
+            .call(
+                RaftRpc::InstallSnapshot(rpc),
+                RPCTypes::InstallSnapshot,
+                &option,
+            )
+            .await?
+        {
             RaftRpcReply::InstallSnapshot(r) => r.map_err(|e| self.remote(e)),
             _ => Err(self.mismatched()),
         }
     }
 
-    async fn vote(&mut self, rpc: VoteRequest<NodeId>, option: RPCOption) -> RpcResult<VoteResponse<NodeId>, RaftError<NodeId>> {
-        match self.call(RaftRpc::Vote(rpc), RPCTypes::Vote, &option).await? {
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> RpcResult<VoteResponse<NodeId>, RaftError<NodeId>> {
+        match self
+            .call(RaftRpc::Vote(rpc), RPCTypes::Vote, &option)
+            .await?
+        {
             RaftRpcReply::Vote(r) => r.map_err(|e| self.remote(e)),
             _ => Err(self.mismatched()),
         }
@@ -209,7 +275,10 @@ mod tests {
     #[test]
     fn envelope_round_trip_and_version_check() {
         // Goal: an RPC survives encode/decode; another version or garbage is refused, not misread.
-        let req = VoteRequest { vote: Vote::new(3, 1), last_log_id: Some(LogId::new(CommittedLeaderId::new(2, 1), 9)) };
+        let req = VoteRequest {
+            vote: Vote::new(3, 1),
+            last_log_id: Some(LogId::new(CommittedLeaderId::new(2, 1), 9)),
+        };
         let bytes = encode(RaftRpc::Vote(req.clone())).expect("small rpc encodes");
         match decode::<RaftRpc>(&bytes) {
             Ok(RaftRpc::Vote(got)) => assert_eq!(got, req),

@@ -55,7 +55,10 @@ pub struct Ring {
 
 impl std::fmt::Debug for Ring {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Ring").field("node_ids", &self.node_ids).field("points", &self.ring.len()).finish()
+        f.debug_struct("Ring")
+            .field("node_ids", &self.node_ids)
+            .field("points", &self.ring.len())
+            .finish()
     }
 }
 
@@ -72,7 +75,10 @@ impl Ring {
             .collect();
         // One sort for the whole ring; `add` would re-sort per point.
         ring.batch_add(points);
-        Ring { node_ids: ids, ring }
+        Ring {
+            node_ids: ids,
+            ring,
+        }
     }
 
     /// The owner of `tenant_id`, or `None` when the ring is empty.
@@ -104,11 +110,16 @@ mod tests {
 
     /// A second id family with no shared prefix, so the figures do not hinge on one naming.
     fn hashed_ids() -> Vec<String> {
-        (0..TENANTS as u64).map(|i| format!("{:x}", xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes()))).collect()
+        (0..TENANTS as u64)
+            .map(|i| format!("{:x}", xxhash_rust::xxh3::xxh3_64(&i.to_le_bytes())))
+            .collect()
     }
 
     fn owners(ring: &Ring, tenants: &[String]) -> Vec<u64> {
-        tenants.iter().map(|t| ring.owner(t).expect("ring is not empty")).collect()
+        tenants
+            .iter()
+            .map(|t| ring.owner(t).expect("ring is not empty"))
+            .collect()
     }
 
     #[test]
@@ -130,8 +141,15 @@ mod tests {
             }
             let max = counts.values().copied().max().unwrap_or(0) as f64;
             let mean = TENANTS as f64 / n as f64;
-            println!("placement: {family} ids, {n} nodes, {TENANTS} tenants: max/mean = {:.3}", max / mean);
-            assert!(max / mean <= MAX_OVER_MEAN_LIMIT, "{n} nodes: max/mean {:.3}", max / mean);
+            println!(
+                "placement: {family} ids, {n} nodes, {TENANTS} tenants: max/mean = {:.3}",
+                max / mean
+            );
+            assert!(
+                max / mean <= MAX_OVER_MEAN_LIMIT,
+                "{n} nodes: max/mean {:.3}",
+                max / mean
+            );
         }
     }
 
@@ -150,7 +168,10 @@ mod tests {
             }
         }
         let fraction = moved as f64 / TENANTS as f64;
-        println!("placement: join 3->4 nodes moved {moved}/{TENANTS} = {:.3}", fraction);
+        println!(
+            "placement: join 3->4 nodes moved {moved}/{TENANTS} = {:.3}",
+            fraction
+        );
         assert!(fraction <= JOIN_MOVED_FRACTION_MAX, "moved {fraction:.3}");
         assert!(moved > 0, "the new node must take some tenants");
     }
@@ -169,7 +190,10 @@ mod tests {
             }
         }
         let owned_by_leaver = before.iter().filter(|&&o| o == 2).count();
-        println!("placement: leave 5->4 nodes moved {moved}/{TENANTS} = {:.3}", moved as f64 / TENANTS as f64);
+        println!(
+            "placement: leave 5->4 nodes moved {moved}/{TENANTS} = {:.3}",
+            moved as f64 / TENANTS as f64
+        );
         assert_eq!(moved, owned_by_leaver);
     }
 
@@ -193,5 +217,14 @@ mod tests {
     const PINNED_TENANTS: [&str; 8] = ["acme", "demo", "a", "b", "c", "tenant-00042", "x-1", "zz"];
     /// Owners of [`PINNED_TENANTS`] over nodes [1,2,3]: must never change, or nodes of different
     /// builds would disagree on placement.
-    const PINNED_OWNERS: [Option<u64>; 8] = [Some(2), Some(2), Some(1), Some(2), Some(1), Some(2), Some(1), Some(1)];
+    const PINNED_OWNERS: [Option<u64>; 8] = [
+        Some(2),
+        Some(2),
+        Some(1),
+        Some(2),
+        Some(1),
+        Some(2),
+        Some(1),
+        Some(1),
+    ];
 }

@@ -41,6 +41,10 @@ pub struct RaftStatus {
     pub last_log_index: Option<u64>,
     /// Index of the last entry applied here (≤ the cluster's commit index).
     pub last_applied_index: Option<u64>,
+    /// Last index covered by this node's current snapshot.
+    pub snapshot_index: Option<u64>,
+    /// Last index purged from this node's log.
+    pub purged_index: Option<u64>,
     pub voters: Vec<u64>,
     pub learners: Vec<u64>,
 }
@@ -58,8 +62,14 @@ pub struct Registry {
 }
 
 /// Runs `fut` with a time limit, reporting `op` on expiry.
-pub(crate) async fn bounded<T>(op: &'static str, limit: Duration, fut: impl Future<Output = T>) -> Result<T, RegistryError> {
-    tokio::time::timeout(limit, fut).await.map_err(|_| RegistryError::timeout(op, limit))
+pub(crate) async fn bounded<T>(
+    op: &'static str,
+    limit: Duration,
+    fut: impl Future<Output = T>,
+) -> Result<T, RegistryError> {
+    tokio::time::timeout(limit, fut)
+        .await
+        .map_err(|_| RegistryError::timeout(op, limit))
 }
 
 impl Registry {
@@ -74,9 +84,18 @@ impl Registry {
         let raft_config = Arc::new(config.to_openraft()?);
         let log = LogStore::open(dir)?;
         let (sm, state_rx) = StateMachineStore::open(dir)?;
-        let network = NetworkFactory { my_id: node_id, transport };
+        let network = NetworkFactory {
+            my_id: node_id,
+            transport,
+        };
         let raft = Raft::new(node_id, raft_config, network, log, sm).await?;
-        Ok(Registry { id: node_id, raft, state_rx, membership_lock: tokio::sync::Mutex::new(()), config })
+        Ok(Registry {
+            id: node_id,
+            raft,
+            state_rx,
+            membership_lock: tokio::sync::Mutex::new(()),
+            config,
+        })
     }
 
     pub fn id(&self) -> u64 {
@@ -88,6 +107,13 @@ impl Registry {
     /// Call it on the first node of a new cluster; other nodes join through [`Self::join_node`]
     /// on the leader.
     pub async fn bootstrap(&self, addr: String) -> Result<(), RegistryError> {
+        // On restart the local state already holds everything committed before the stop (openraft
+        // re-applies the log up to the saved committed id while opening), so a node that restarts
+        // alone needs no quorum here.
+        let recorded = self.state().node(self.id).map(|n| n.state);
+        if recorded.is_some_and(|s| s != NodeState::Joining) {
+            return Ok(());
+        }
         if !self.raft.is_initialized().await? {
             let members = BTreeMap::from([(self.id, BasicNode::new(addr.clone()))]);
             match self.raft.initialize(members).await {
@@ -96,14 +122,23 @@ impl Registry {
             }
         }
         if self.wait_for_leader().await? != self.id {
-            tracing::info!(id = self.id, "bootstrap: cluster already formed with another leader");
+            tracing::info!(
+                id = self.id,
+                "bootstrap: cluster already formed with another leader"
+            );
             return Ok(());
         }
         let state = self.read_linearizable().await?;
         if state.node(self.id).is_none() {
             self.write(Command::NodeJoin { id: self.id, addr }).await?;
         }
-        if self.read_linearizable().await?.node(self.id).map(|n| n.state) == Some(NodeState::Joining) {
+        if self
+            .read_linearizable()
+            .await?
+            .node(self.id)
+            .map(|n| n.state)
+            == Some(NodeState::Joining)
+        {
             self.write(Command::NodeActivate { id: self.id }).await?;
         }
         Ok(())
@@ -115,19 +150,28 @@ impl Registry {
         let limit = self.config.write_timeout();
         let resp = bounded("write", limit, self.raft.client_write(cmd)).await??;
         resp.data.outcome?;
-        Ok(CommandResult { log_index: resp.log_id.index, placement_epoch: resp.data.placement_epoch })
+        Ok(CommandResult {
+            log_index: resp.log_id.index,
+            placement_epoch: resp.data.placement_epoch,
+        })
     }
 
     /// The state as of a read index confirmed by a quorum: it reflects every write committed
     /// before the call. Only the leader can serve it; followers get `NotLeader`.
     pub async fn read_linearizable(&self) -> Result<Arc<RegistryState>, RegistryError> {
         let limit = self.config.read_timeout();
-        let read_log_id = bounded("linearizable read", limit, self.raft.ensure_linearizable()).await??;
+        let read_log_id =
+            bounded("linearizable read", limit, self.raft.ensure_linearizable()).await??;
         // The read index is applied by now, and apply publishes before it returns; waiting on the
         // watch makes that ordering explicit rather than assumed.
         let want = read_log_id.map_or(0, |l| l.index);
         let mut rx = self.state_rx.clone();
-        let published = bounded("linearizable read", limit, rx.wait_for(|(index, _)| *index >= want)).await?;
+        let published = bounded(
+            "linearizable read",
+            limit,
+            rx.wait_for(|(index, _)| *index >= want),
+        )
+        .await?;
         let state = published.map_err(|_| RegistryError::Shutdown)?.1.clone();
         Ok(state)
     }
@@ -146,7 +190,10 @@ impl Registry {
     pub fn status(&self) -> RaftStatus {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
-        let leader_addr = m.current_leader.and_then(|l| membership.get_node(&l)).map(|n| n.addr.clone());
+        let leader_addr = m
+            .current_leader
+            .and_then(|l| membership.get_node(&l))
+            .map(|n| n.addr.clone());
         RaftStatus {
             id: self.id,
             leader: m.current_leader,
@@ -155,6 +202,8 @@ impl Registry {
             term: m.current_term,
             last_log_index: m.last_log_index,
             last_applied_index: m.last_applied.map(|l| l.index),
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
             voters: membership.voter_ids().collect(),
             learners: membership.learner_ids().collect(),
         }
@@ -169,10 +218,15 @@ impl Registry {
             .metrics(|m| m.current_leader.is_some(), "a leader is known")
             .await
             .map_err(|e| match e {
-                openraft::metrics::WaitError::Timeout(..) => RegistryError::timeout("wait for leader", limit),
+                openraft::metrics::WaitError::Timeout(..) => {
+                    RegistryError::timeout("wait for leader", limit)
+                }
                 openraft::metrics::WaitError::ShuttingDown => RegistryError::Shutdown,
             })?;
-        metrics.current_leader.ok_or(RegistryError::NotLeader { leader_id: None, leader_addr: None })
+        metrics.current_leader.ok_or(RegistryError::NotLeader {
+            leader_id: None,
+            leader_addr: None,
+        })
     }
 
     /// Answers one Raft RPC received from a peer (bytes produced by this crate's network layer
@@ -183,6 +237,9 @@ impl Registry {
 
     /// Stops Raft. Pending operations fail with `Shutdown`.
     pub async fn shutdown(&self) -> Result<(), RegistryError> {
-        self.raft.shutdown().await.map_err(|e| RegistryError::Raft(format!("shutdown: {e}")))
+        self.raft
+            .shutdown()
+            .await
+            .map_err(|e| RegistryError::Raft(format!("shutdown: {e}")))
     }
 }

@@ -5,6 +5,7 @@
 //! Maps are persistent (`imbl`), so publishing a new snapshot after every apply costs O(1) rather
 //! than a deep copy of every tenant.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use imbl::OrdMap;
@@ -21,6 +22,10 @@ pub const TENANT_ID_LEN_MAX: usize = 63;
 
 /// Length of a hex sha256 digest, the only form in which a key enters the registry.
 pub const KEY_HASH_HEX_LEN: usize = 64;
+
+/// Most key hashes one tenant may hold. A tenant has one key (rotation replaces it); the bound
+/// only stops a malformed command from bloating the registry.
+pub const KEY_HASHES_PER_TENANT_MAX: usize = 8;
 
 /// Longest node address accepted ("host:port"); bounds what a join request can make us store.
 pub const NODE_ADDR_LEN_MAX: usize = 255;
@@ -93,6 +98,23 @@ pub struct TenantRecord {
     pub admin_email: Option<String>,
 }
 
+impl TenantRecord {
+    /// A new, enabled tenant with its tier's default quota and daily limit and one key hash.
+    pub fn new(id: String, tier: Tier, key_hash: String, created_at_ms: u64) -> TenantRecord {
+        TenantRecord {
+            id,
+            tier,
+            quota_bytes: tier.default_quota_bytes(),
+            daily_limit: tier.default_daily_limit(),
+            key_hashes: vec![key_hash],
+            enabled: true,
+            archived: false,
+            created_at_ms,
+            admin_email: None,
+        }
+    }
+}
+
 /// Where a node is in its life; ids of `Removed` nodes are never reused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum NodeState {
@@ -104,6 +126,18 @@ pub enum NodeState {
     Draining,
     /// Gone for good; the id stays recorded so it is never reused.
     Removed,
+}
+
+impl NodeState {
+    /// Lower-case name for status pages ("joining", "active", "draining", "removed").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Joining => "joining",
+            NodeState::Active => "active",
+            NodeState::Draining => "draining",
+            NodeState::Removed => "removed",
+        }
+    }
 }
 
 /// A cluster node as the registry knows it.
@@ -191,7 +225,11 @@ impl RegistryState {
 
     /// Ids of the nodes in state `Active`, ascending.
     pub fn active_nodes(&self) -> Vec<u64> {
-        self.nodes.values().filter(|n| n.state == NodeState::Active).map(|n| n.id).collect()
+        self.nodes
+            .values()
+            .filter(|n| n.state == NodeState::Active)
+            .map(|n| n.id)
+            .collect()
     }
 
     /// The placement ring over [`Self::active_nodes`].
@@ -202,6 +240,19 @@ impl RegistryState {
     /// The node that owns `tenant_id` in this placement epoch; `None` with no active node.
     pub fn owner_of(&self, tenant_id: &str) -> Option<u64> {
         self.ring.owner(tenant_id)
+    }
+
+    /// Number of tenants each active node owns (every active node appears, possibly with 0).
+    /// O(tenants × log(ring points)): for health pages, not per request.
+    pub fn owner_counts(&self) -> BTreeMap<u64, usize> {
+        let mut counts: BTreeMap<u64, usize> =
+            self.ring.node_ids().iter().map(|&id| (id, 0)).collect();
+        for id in self.tenants.keys() {
+            if let Some(owner) = self.ring.owner(id) {
+                *counts.entry(owner).or_default() += 1;
+            }
+        }
+        counts
     }
 
     /// Rebuilds the ring after the active set changed. Callers bump the epoch.
@@ -216,7 +267,11 @@ impl RegistryState {
         nodes: Vec<NodeRecord>,
         placement_epoch: u64,
     ) -> RegistryState {
-        let mut state = RegistryState { admin_key_hash, placement_epoch, ..Default::default() };
+        let mut state = RegistryState {
+            admin_key_hash,
+            placement_epoch,
+            ..Default::default()
+        };
         for node in nodes {
             state.nodes.insert(node.id, node);
         }
@@ -239,7 +294,9 @@ pub fn key_hash(key: &str) -> String {
 /// True when `id` matches `[a-z0-9][a-z0-9-]{0,62}`.
 pub fn is_valid_tenant_id(id: &str) -> bool {
     let bytes = id.as_bytes();
-    let Some(first) = bytes.first() else { return false };
+    let Some(first) = bytes.first() else {
+        return false;
+    };
     let lower_alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
     bytes.len() <= TENANT_ID_LEN_MAX
         && lower_alnum(first)
@@ -248,7 +305,10 @@ pub fn is_valid_tenant_id(id: &str) -> bool {
 
 /// True when `hash` looks like [`key_hash`]'s output: 64 lower-case hex digits.
 pub fn is_valid_key_hash(hash: &str) -> bool {
-    hash.len() == KEY_HASH_HEX_LEN && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    hash.len() == KEY_HASH_HEX_LEN
+        && hash
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[cfg(test)]
@@ -263,7 +323,17 @@ mod tests {
         for ok in ["a", "0", "acme", "a-b-c", "9lives", long_ok.as_str()] {
             assert!(is_valid_tenant_id(ok), "{ok:?} should be valid");
         }
-        for bad in ["", "-a", "A", "acme_1", "a.b", "a/b", "ä", too_long.as_str(), "a b"] {
+        for bad in [
+            "",
+            "-a",
+            "A",
+            "acme_1",
+            "a.b",
+            "a/b",
+            "ä",
+            too_long.as_str(),
+            "a b",
+        ] {
             assert!(!is_valid_tenant_id(bad), "{bad:?} should be invalid");
         }
     }
@@ -272,7 +342,10 @@ mod tests {
     fn key_hash_is_sha256_hex() {
         // Goal: key_hash is lower-case hex sha256 and passes the hash validator.
         let h = key_hash("abc");
-        assert_eq!(h, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        assert_eq!(
+            h,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
         assert!(is_valid_key_hash(&h));
         assert!(!is_valid_key_hash("pmb-v1-0123"));
         assert!(!is_valid_key_hash(&h.to_uppercase()));

@@ -16,7 +16,9 @@ use tokio::sync::watch;
 use crate::command::{self, ApplyReply};
 use crate::disk::{self, StoreError};
 use crate::state::{NodeRecord, RegistryState, TenantRecord};
-use crate::types::{Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig};
+use crate::types::{
+    Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
+};
 
 /// File name of the current snapshot.
 pub const SNAPSHOT_FILE: &str = "snapshot";
@@ -58,10 +60,21 @@ fn encode_state(state: &RegistryState) -> Result<Vec<u8>, StoreError> {
 fn decode_state(origin: &Path, data: &[u8]) -> Result<RegistryState, StoreError> {
     let image: StateImage = disk::decode(origin, data)?;
     if image.format_version != SNAPSHOT_FORMAT_VERSION {
-        let reason = format!("snapshot format {} (we read {SNAPSHOT_FORMAT_VERSION})", image.format_version);
-        return Err(StoreError::Corrupt { path: origin.to_path_buf(), reason });
+        let reason = format!(
+            "snapshot format {} (we read {SNAPSHOT_FORMAT_VERSION})",
+            image.format_version
+        );
+        return Err(StoreError::Corrupt {
+            path: origin.to_path_buf(),
+            reason,
+        });
     }
-    Ok(RegistryState::from_parts(image.tenants, image.admin_key_hash, image.nodes, image.placement_epoch))
+    Ok(RegistryState::from_parts(
+        image.tenants,
+        image.admin_key_hash,
+        image.nodes,
+        image.placement_epoch,
+    ))
 }
 
 /// The current snapshot, shared between the state machine and its snapshot builders.
@@ -74,14 +87,19 @@ struct SnapshotSlot {
 impl SnapshotSlot {
     fn lock(&self) -> MutexGuard<'_, Option<StoredSnapshot>> {
         // Poisoned only if a previous holder panicked, i.e. a broken invariant already aborted us.
-        self.current.lock().unwrap_or_else(|p| panic!("snapshot mutex poisoned: {p}"))
+        self.current
+            .lock()
+            .unwrap_or_else(|p| panic!("snapshot mutex poisoned: {p}"))
     }
 
     /// Persists `snap` and makes it current, unless a newer one is already current (a slow build
     /// racing an install must not roll the snapshot back).
     fn store(&self, snap: StoredSnapshot) -> Result<(), StoreError> {
         let mut current = self.lock();
-        if current.as_ref().is_some_and(|c| c.meta.last_log_id > snap.meta.last_log_id) {
+        if current
+            .as_ref()
+            .is_some_and(|c| c.meta.last_log_id > snap.meta.last_log_id)
+        {
             return Ok(());
         }
         disk::write_record_file(&self.dir, SNAPSHOT_FILE, &snap)?;
@@ -108,17 +126,36 @@ impl StateMachineStore {
         let path = dir.join(SNAPSHOT_FILE);
         let stored: Option<StoredSnapshot> = disk::read_record_file(&path)?;
         let (last_applied, last_membership, state) = match &stored {
-            Some(s) => (s.meta.last_log_id, s.meta.last_membership.clone(), decode_state(&path, &s.data)?),
+            Some(s) => (
+                s.meta.last_log_id,
+                s.meta.last_membership.clone(),
+                decode_state(&path, &s.data)?,
+            ),
             None => (None, StoredMembership::default(), RegistryState::default()),
         };
-        let (publish, rx) = watch::channel((last_applied.map_or(0, |l| l.index), Arc::new(state.clone())));
-        let slot = SnapshotSlot { dir: dir.to_path_buf(), current: Arc::new(Mutex::new(stored)) };
-        Ok((StateMachineStore { last_applied, last_membership, state, slot, publish, builds: 0 }, rx))
+        let (publish, rx) =
+            watch::channel((last_applied.map_or(0, |l| l.index), Arc::new(state.clone())));
+        let slot = SnapshotSlot {
+            dir: dir.to_path_buf(),
+            current: Arc::new(Mutex::new(stored)),
+        };
+        Ok((
+            StateMachineStore {
+                last_applied,
+                last_membership,
+                state,
+                slot,
+                publish,
+                builds: 0,
+            },
+            rx,
+        ))
     }
 
     fn publish(&self) {
         let index = self.last_applied.map_or(0, |l| l.index);
-        self.publish.send_replace((index, Arc::new(self.state.clone())));
+        self.publish
+            .send_replace((index, Arc::new(self.state.clone())));
     }
 
     fn apply_one(&mut self, entry: Entry) -> ApplyReply {
@@ -131,7 +168,10 @@ impl StateMachineStore {
                 Ok(())
             }
         };
-        ApplyReply { outcome, placement_epoch: self.state.placement_epoch() }
+        ApplyReply {
+            outcome,
+            placement_epoch: self.state.placement_epoch(),
+        }
     }
 }
 
@@ -146,15 +186,25 @@ pub struct SnapshotBuilder {
 
 impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
     async fn build_snapshot(&mut self) -> Result<Snapshot, StorageError> {
-        let write_err = |e: StoreError| StorageError::from(StorageIOError::write_snapshot(None, AnyError::new(&e)));
+        let write_err = |e: StoreError| {
+            StorageError::from(StorageIOError::write_snapshot(None, AnyError::new(&e)))
+        };
         let data = encode_state(&self.state).map_err(write_err)?;
         let meta = SnapshotMeta {
             last_log_id: self.last_applied,
             last_membership: self.last_membership.clone(),
             snapshot_id: self.snapshot_id.clone(),
         };
-        self.slot.store(StoredSnapshot { meta: meta.clone(), data: data.clone() }).map_err(write_err)?;
-        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+        self.slot
+            .store(StoredSnapshot {
+                meta: meta.clone(),
+                data: data.clone(),
+            })
+            .map_err(write_err)?;
+        Ok(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
+        })
     }
 }
 
@@ -177,7 +227,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         self.builds += 1;
-        let at = self.last_applied.map_or_else(|| "none".to_string(), |l| format!("{}-{}", l.leader_id.term, l.index));
+        let at = self.last_applied.map_or_else(
+            || "none".to_string(),
+            |l| format!("{}-{}", l.leader_id.term, l.index),
+        );
         SnapshotBuilder {
             last_applied: self.last_applied,
             last_membership: self.last_membership.clone(),
@@ -191,14 +244,24 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         Ok(Box::new(Cursor::new(Vec::new())))
     }
 
-    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Box<Cursor<Vec<u8>>>) -> Result<(), StorageError> {
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError> {
         let data = snapshot.into_inner();
         let origin = Path::new("received snapshot");
-        let state = decode_state(origin, &data)
-            .map_err(|e| StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e)))?;
+        let state = decode_state(origin, &data).map_err(|e| {
+            StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))
+        })?;
         self.slot
-            .store(StoredSnapshot { meta: meta.clone(), data })
-            .map_err(|e| StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e)))?;
+            .store(StoredSnapshot {
+                meta: meta.clone(),
+                data,
+            })
+            .map_err(|e| {
+                StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
+            })?;
         self.state = state;
         self.last_applied = meta.last_log_id;
         self.last_membership = meta.last_membership.clone();
@@ -207,7 +270,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        Ok(self.slot.lock().clone().map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        Ok(self.slot.lock().clone().map(|s| Snapshot {
+            meta: s.meta,
+            snapshot: Box::new(Cursor::new(s.data)),
+        }))
     }
 }
 
@@ -216,11 +282,14 @@ mod tests {
     use openraft::CommittedLeaderId;
 
     use super::*;
-    use crate::command::{Command, NewTenant};
+    use crate::command::Command;
     use crate::state::{key_hash, Tier};
 
     fn entry(index: u64, cmd: Command) -> Entry {
-        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Normal(cmd) }
+        Entry {
+            log_id: LogId::new(CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(cmd),
+        }
     }
 
     #[tokio::test]
@@ -230,16 +299,21 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let key = "pmb-v1-ffeeddccbbaa99887766554433221100";
         let (mut sm, rx) = StateMachineStore::open(dir.path())?;
-        let add = Command::AddTenant(NewTenant {
-            id: "acme".into(),
-            tier: Tier::Pro,
-            quota_bytes: None,
-            daily_limit: None,
-            key_hash: key_hash(key),
-            admin_email: Some("ops@example.com".into()),
-            created_at_ms: 5,
-        });
-        let replies = sm.apply([entry(1, Command::NodeJoin { id: 1, addr: "a:1".into() }), entry(2, add)]).await?;
+        let mut tenant = TenantRecord::new("acme".into(), Tier::Pro, key_hash(key), 5);
+        tenant.admin_email = Some("ops@example.com".into());
+        let add = Command::AddTenant(tenant);
+        let replies = sm
+            .apply([
+                entry(
+                    1,
+                    Command::NodeJoin {
+                        id: 1,
+                        addr: "a:1".into(),
+                    },
+                ),
+                entry(2, add),
+            ])
+            .await?;
         assert!(replies.iter().all(|r| r.outcome.is_ok()));
         assert_eq!(rx.borrow().0, 2);
         assert!(rx.borrow().1.tenant("acme").is_some());
@@ -247,13 +321,22 @@ mod tests {
         let snap = sm.get_snapshot_builder().await.build_snapshot().await?;
         assert_eq!(snap.meta.last_log_id.map(|l| l.index), Some(2));
         let bytes = std::fs::read(dir.path().join(SNAPSHOT_FILE))?;
-        assert!(!bytes.windows(key.len()).any(|w| w == key.as_bytes()), "clear-text key in snapshot");
+        assert!(
+            !bytes.windows(key.len()).any(|w| w == key.as_bytes()),
+            "clear-text key in snapshot"
+        );
         drop(sm);
 
         let (mut sm, rx) = StateMachineStore::open(dir.path())?;
         let (applied, _) = sm.applied_state().await?;
         assert_eq!(applied.map(|l| l.index), Some(2));
-        assert_eq!(rx.borrow().1.tenant_by_key_hash(&key_hash(key)).map(|t| t.tier), Some(Tier::Pro));
+        assert_eq!(
+            rx.borrow()
+                .1
+                .tenant_by_key_hash(&key_hash(key))
+                .map(|t| t.tier),
+            Some(Tier::Pro)
+        );
         assert_eq!(rx.borrow().1.node(1).map(|n| n.addr.as_str()), Some("a:1"));
         Ok(())
     }

@@ -6,8 +6,10 @@ mod common;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use tokio::task::JoinHandle;
+
 use common::*;
-use raft_registry::{key_hash, Command, NodeState, Rejection, RegistryError};
+use raft_registry::{key_hash, Command, NodeState, RegistryError, Rejection};
 
 async fn three_nodes() -> anyhow::Result<Cluster> {
     let mut c = Cluster::new(test_config())?;
@@ -33,25 +35,45 @@ async fn three_nodes_elect_commit_and_replicate() -> anyhow::Result<()> {
         assert_eq!(done.placement_epoch, 3, "three activations");
         for id in [1, 2, 3] {
             let seen = applied(&*c.node(id)?, done.log_index).await?;
-            let t = seen.tenant_by_key_hash(&key_hash("pmb-v1-key-of-acme")).map(|t| t.id.clone());
+            let t = seen
+                .tenant_by_key_hash(&key_hash("pmb-v1-key-of-acme"))
+                .map(|t| t.id.clone());
             assert_eq!(t.as_deref(), Some("acme"), "node {id}");
             assert_eq!(seen.active_nodes(), vec![1, 2, 3]);
             assert!(seen.owner_of("acme").is_some());
         }
 
-        let follower = [1, 2, 3].into_iter().find(|id| *id != leader).expect("two followers");
+        let follower = [1, 2, 3]
+            .into_iter()
+            .find(|id| *id != leader)
+            .expect("two followers");
         match c.node(follower)?.write(add_tenant("other")).await {
-            Err(RegistryError::NotLeader { leader_id, leader_addr }) => {
+            Err(RegistryError::NotLeader {
+                leader_id,
+                leader_addr,
+            }) => {
                 assert_eq!(leader_id, Some(leader));
                 assert_eq!(leader_addr, Some(addr(leader)));
             }
             other => panic!("follower write: {other:?}"),
         }
-        assert!(matches!(c.node(follower)?.read_linearizable().await, Err(RegistryError::NotLeader { .. })));
+        assert!(matches!(
+            c.node(follower)?.read_linearizable().await,
+            Err(RegistryError::NotLeader { .. })
+        ));
         let reused = c.node(leader)?.join_node(2, "10.9.9.9:7000".into()).await;
-        assert!(matches!(reused, Err(RegistryError::Rejected(Rejection::NodeIdUsed(2)))), "{reused:?}");
+        assert!(
+            matches!(
+                reused,
+                Err(RegistryError::Rejected(Rejection::NodeIdUsed(2)))
+            ),
+            "{reused:?}"
+        );
         let dup = c.write(add_tenant("acme")).await?;
-        assert!(matches!(dup, Err(RegistryError::Rejected(Rejection::TenantExists))), "{dup:?}");
+        assert!(
+            matches!(dup, Err(RegistryError::Rejected(Rejection::TenantExists))),
+            "{dup:?}"
+        );
         Ok(())
     })
     .await
@@ -72,7 +94,10 @@ async fn leader_stop_elects_new_leader_without_loss() -> anyhow::Result<()> {
         assert_ne!(new, old);
         let state = c.read().await?;
         for i in 0..15 {
-            assert!(state.tenant(&format!("t{i}")).is_some(), "t{i} lost after failover");
+            assert!(
+                state.tenant(&format!("t{i}")).is_some(),
+                "t{i} lost after failover"
+            );
         }
         c.write(add_tenant("after-failover")).await??;
         Ok(())
@@ -89,14 +114,21 @@ async fn partitioned_leader_is_replaced_and_catches_up() -> anyhow::Result<()> {
         let old = c.leader(&[]).await?;
         c.net.partition(old, true);
         let cut_write = c.node(old)?.write(add_tenant("lost")).await;
-        assert!(cut_write.is_err(), "a cut-off leader must not acknowledge: {cut_write:?}");
+        assert!(
+            cut_write.is_err(),
+            "a cut-off leader must not acknowledge: {cut_write:?}"
+        );
         let new = c.leader(&[old]).await?;
         assert_ne!(new, old);
         let done = c.node(new)?.write(add_tenant("majority")).await?;
         c.net.partition(old, false);
         let seen = applied(&*c.node(old)?, done.log_index).await?;
         assert!(seen.tenant("majority").is_some());
-        assert_eq!(c.leader(&[]).await?, new, "the healed node follows the new leader");
+        assert_eq!(
+            c.leader(&[]).await?,
+            new,
+            "the healed node follows the new leader"
+        );
         Ok(())
     })
     .await
@@ -106,90 +138,148 @@ async fn partitioned_leader_is_replaced_and_catches_up() -> anyhow::Result<()> {
 async fn full_restart_keeps_tenants_membership_and_snapshots() -> anyhow::Result<()> {
     // Goal: after all three nodes stop and reopen from their directories, the cluster elects a
     // leader and still holds every tenant, the admin key hash, and the 3-voter membership —
-    // including state that lives only in snapshots (the log is purged past them).
+    // including state that lives only in snapshots (the log is purged past them); a node that
+    // joins afterwards catches up by snapshot.
     bounded_test(async {
         let mut c = three_nodes().await?;
         for i in 0..60 {
             c.write(add_tenant(&format!("r{i}"))).await??;
         }
-        c.write(Command::SetAdminKeyHash { hash: key_hash("admin") }).await??;
-        let purged = poll("a purged log on node 1", || c.node(1).ok()?.status().last_applied_index.filter(|i| *i > 60)).await?;
-        assert!(purged > 60);
+        c.write(Command::SetAdminKeyHash {
+            hash: key_hash("admin"),
+        })
+        .await??;
+        for id in [1, 2, 3] {
+            let purged = poll("a snapshot and a purged log", || {
+                c.node(id).ok()?.status().purged_index
+            })
+            .await?;
+            println!("node {id}: log purged up to {purged}");
+        }
+        let term_before = c.node(1)?.status().term;
         for id in [1, 2, 3] {
             c.stop(id).await?;
         }
-        for id in [1, 2, 3] {
+        // The seed node restarting alone (no quorum) still bootstraps at once from local state.
+        let lone = c.start(1).await?;
+        assert_eq!(
+            lone.state().tenant_count(),
+            60,
+            "committed state is back before any election"
+        );
+        lone.bootstrap(addr(1)).await?;
+        for id in [2, 3] {
             c.start(id).await?;
         }
         let leader = c.leader(&[]).await?;
         assert_eq!(c.node(leader)?.status().voters, vec![1, 2, 3]);
+        assert!(
+            c.node(1)?.status().term >= term_before,
+            "the vote (term) survived the restart"
+        );
         let state = c.read().await?;
         assert_eq!(state.tenant_count(), 60);
         assert_eq!(state.admin_key_hash(), Some(key_hash("admin").as_str()));
         assert_eq!(state.active_nodes(), vec![1, 2, 3]);
-        assert!(std::fs::metadata(c.dir(1).join("snapshot")).is_ok(), "a snapshot was written");
+        assert!(
+            std::fs::metadata(c.dir(1).join("snapshot")).is_ok(),
+            "a snapshot was written"
+        );
         c.write(add_tenant("after-restart")).await??;
         // bootstrap on a formed cluster is a no-op.
         c.node(1)?.bootstrap(addr(1)).await?;
         assert_eq!(c.read().await?.active_nodes(), vec![1, 2, 3]);
+        // A new node can only catch up by snapshot now (the log is purged): InstallSnapshot
+        // travels over the transport too.
+        c.join(4).await?;
+        let done = c.write(add_tenant("after-join")).await??;
+        let seen = applied(&*c.node(4)?, done.log_index).await?;
+        assert_eq!(seen.tenant_count(), 62, "60 + after-restart + after-join");
+        assert!(
+            c.node(4)?.status().snapshot_index.is_some(),
+            "node 4 installed a snapshot"
+        );
         Ok(())
     })
     .await
 }
 
+/// Adds tenants w0, w1, ... until `stop`; returns the ids whose write was acknowledged.
+fn spawn_writer(c: Arc<Cluster>, stop: Arc<AtomicBool>) -> JoinHandle<anyhow::Result<Vec<String>>> {
+    tokio::spawn(async move {
+        let mut acked = Vec::new();
+        for i in 0.. {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let id = format!("w{i}");
+            match c.write(add_tenant(&id)).await? {
+                // TenantExists: an earlier attempt timed out but committed.
+                Ok(_) | Err(RegistryError::Rejected(Rejection::TenantExists)) => acked.push(id),
+                Err(e) => anyhow::bail!("write {id}: {e}"),
+            }
+        }
+        Ok(acked)
+    })
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_and_remove_while_writing() -> anyhow::Result<()> {
-    // Goal: while a writer keeps adding tenants, node 4 joins and node 3 is removed; every
-    // acknowledged tenant survives, the voters end as {1,2,4}, the epoch grows on each change,
-    // and the removed id can never join again.
+    // Goal: while a writer keeps adding tenants, node 4 joins and then the current leader removes
+    // itself; every acknowledged tenant survives, the three others end as voters, the epoch grows
+    // on each change, and the removed id can never join again.
     bounded_test(async {
         let mut c = three_nodes().await?;
         c.start(4).await?;
         let c = Arc::new(c);
         let stop = Arc::new(AtomicBool::new(false));
-        let writer = tokio::spawn({
-            let (c, stop) = (c.clone(), stop.clone());
-            async move {
-                let mut acked = Vec::new();
-                for i in 0.. {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let id = format!("w{i}");
-                    match c.write(add_tenant(&id)).await? {
-                        Ok(_) | Err(RegistryError::Rejected(Rejection::TenantExists)) => acked.push(id),
-                        Err(e) => anyhow::bail!("write {id}: {e}"),
-                    }
-                }
-                anyhow::Ok(acked)
-            }
-        });
+        let writer = spawn_writer(c.clone(), stop.clone());
         let epoch_before = c.read().await?.placement_epoch();
         let leader = c.leader(&[]).await?;
         c.node(leader)?.join_node(4, addr(4)).await?;
-        let leader = c.leader(&[]).await?;
-        c.node(leader)?.remove_node(3).await?;
+        let removed = c.leader(&[]).await?;
+        c.node(removed)?.remove_node(removed).await?;
+        let leader = c.leader(&[removed]).await?;
+        // Keep writing across the election that follows the old leader stepping down.
+        c.write(add_tenant("after-removal")).await??;
         stop.store(true, Ordering::Relaxed);
         let acked = writer.await??;
-        assert!(!acked.is_empty(), "the writer made progress during the changes");
+        assert!(
+            !acked.is_empty(),
+            "the writer made progress during the changes"
+        );
 
-        let leader = c.leader(&[3]).await?;
         let state = c.node(leader)?.read_linearizable().await?;
         for id in &acked {
             assert!(state.tenant(id).is_some(), "acknowledged tenant {id} lost");
         }
-        assert_eq!(state.placement_epoch(), epoch_before + 2, "join and removal each bump the epoch");
-        assert_eq!(state.node(3).map(|n| n.state), Some(NodeState::Removed));
-        assert_eq!(state.active_nodes(), vec![1, 2, 4]);
-        let voters = poll("voters {1,2,4}", || {
-            let v = c.node(leader).ok()?.status().voters;
-            (v == vec![1, 2, 4]).then_some(v)
-        })
-        .await?;
-        assert_eq!(voters, vec![1, 2, 4]);
-        let again = c.node(leader)?.join_node(3, addr(3)).await;
-        assert!(matches!(again, Err(RegistryError::Rejected(Rejection::NodeIdUsed(3)))), "{again:?}");
-        println!("join/remove under load: {} tenants acknowledged", acked.len());
+        let rest: Vec<u64> = [1, 2, 3, 4]
+            .into_iter()
+            .filter(|id| *id != removed)
+            .collect();
+        assert_eq!(
+            state.placement_epoch(),
+            epoch_before + 2,
+            "join and removal each bump the epoch"
+        );
+        assert_eq!(
+            state.node(removed).map(|n| n.state),
+            Some(NodeState::Removed)
+        );
+        assert_eq!(state.active_nodes(), rest);
+        assert_eq!(c.node(leader)?.status().voters, rest);
+        let again = c.node(leader)?.join_node(removed, addr(removed)).await;
+        assert!(
+            matches!(
+                again,
+                Err(RegistryError::Rejected(Rejection::NodeIdUsed(_)))
+            ),
+            "{again:?}"
+        );
+        println!(
+            "join/remove under load: {} tenants acknowledged, leader {removed} removed itself",
+            acked.len()
+        );
         Ok(())
     })
     .await
@@ -201,7 +291,10 @@ async fn concurrent_membership_change_is_refused() -> anyhow::Result<()> {
     // is refused with MembershipChangeInProgress; the stuck join times out and the half-joined
     // node can then be removed.
     bounded_test(async {
-        let config = raft_registry::RegistryConfig { learner_catchup_timeout_ms: 2_000, ..test_config() };
+        let config = raft_registry::RegistryConfig {
+            learner_catchup_timeout_ms: 2_000,
+            ..test_config()
+        };
         let mut c = Cluster::new(config)?;
         c.bootstrap().await?;
         let leader = c.node(1)?;
@@ -209,11 +302,20 @@ async fn concurrent_membership_change_is_refused() -> anyhow::Result<()> {
             let leader = leader.clone();
             async move { leader.join_node(9, addr(9)).await }
         });
-        poll("join of node 9 recorded", || leader.state().node(9).map(|_| ())).await?;
+        poll("join of node 9 recorded", || {
+            leader.state().node(9).map(|_| ())
+        })
+        .await?;
         let second = leader.join_node(10, addr(10)).await;
-        assert!(matches!(second, Err(RegistryError::MembershipChangeInProgress)), "{second:?}");
+        assert!(
+            matches!(second, Err(RegistryError::MembershipChangeInProgress)),
+            "{second:?}"
+        );
         let stuck = stuck.await?;
-        assert!(matches!(stuck, Err(RegistryError::Timeout { .. })), "{stuck:?}");
+        assert!(
+            matches!(stuck, Err(RegistryError::Timeout { .. })),
+            "{stuck:?}"
+        );
         leader.remove_node(9).await?;
         let state = leader.read_linearizable().await?;
         assert_eq!(state.node(9).map(|n| n.state), Some(NodeState::Removed));

@@ -11,7 +11,13 @@ struct DiskStoreBuilder;
 
 impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for DiskStoreBuilder {
     async fn build(&self) -> Result<(TempDir, LogStore, StateMachineStore), StorageError> {
-        let io = |e: std::io::Error| StorageError::from_io_error(openraft::ErrorSubject::Store, openraft::ErrorVerb::Write, e);
+        let io = |e: std::io::Error| {
+            StorageError::from_io_error(
+                openraft::ErrorSubject::Store,
+                openraft::ErrorVerb::Write,
+                e,
+            )
+        };
         let dir = tempfile::tempdir().map_err(io)?;
         let log = LogStore::open(dir.path())?;
         let (sm, _watch) = StateMachineStore::open(dir.path())?;
@@ -20,8 +26,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, TempDir> for DiskStor
 }
 
 #[test]
-fn openraft_storage_suite() -> Result<(), StorageError> {
+fn openraft_storage_suite() -> anyhow::Result<()> {
     // Goal: the disk-backed log store and state machine pass every check of openraft 0.9's
     // storage suite (log state, vote, truncate, purge, apply, snapshot build/transfer/install).
-    Suite::test_all(DiskStoreBuilder)
+    Suite::test_all(DiskStoreBuilder).map_err(|e| anyhow::anyhow!("storage suite: {e}"))
 }

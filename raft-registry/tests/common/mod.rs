@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use raft_registry::{
-    key_hash, Command, CommandResult, NewTenant, RaftTransport, RegistryConfig, RegistryError, RegistryState,
-    Registry, SendFuture, Tier,
+    key_hash, Command, CommandResult, RaftTransport, Registry, RegistryConfig, RegistryError,
+    RegistryState, TenantRecord, Tier, TransportFuture,
 };
 
 /// Upper bound for any single wait in these tests: several election rounds on a slow machine.
@@ -51,7 +51,10 @@ impl MemNet {
         }
         drop(cut);
         let nodes = self.nodes.lock().map_err(|e| e.to_string())?;
-        nodes.get(&target).and_then(Weak::upgrade).ok_or_else(|| format!("node {target} is down"))
+        nodes
+            .get(&target)
+            .and_then(Weak::upgrade)
+            .ok_or_else(|| format!("node {target} is down"))
     }
 
     pub fn partition(&self, id: u64, cut: bool) {
@@ -71,7 +74,7 @@ pub struct MemTransport {
 }
 
 impl RaftTransport for MemTransport {
-    fn send(&self, target: u64, _addr: &str, payload: Vec<u8>) -> SendFuture<'_> {
+    fn send(&self, target: u64, _addr: &str, payload: Vec<u8>) -> TransportFuture<'_> {
         Box::pin(async move {
             let peer = self.net.lookup(self.from, target)?;
             let reply = peer.handle_rpc(&payload).await;
@@ -87,15 +90,13 @@ pub fn addr(id: u64) -> String {
 }
 
 pub fn add_tenant(id: &str) -> Command {
-    Command::AddTenant(NewTenant {
-        id: id.to_string(),
-        tier: Tier::Free,
-        quota_bytes: None,
-        daily_limit: None,
-        key_hash: key_hash(&format!("pmb-v1-key-of-{id}")),
-        admin_email: None,
-        created_at_ms: 1_700_000_000_000,
-    })
+    let hash = key_hash(&format!("pmb-v1-key-of-{id}"));
+    Command::AddTenant(TenantRecord::new(
+        id.to_string(),
+        Tier::Free,
+        hash,
+        1_700_000_000_000,
+    ))
 }
 
 /// A cluster of registries, each in its own directory under one temp root.
@@ -108,7 +109,12 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn new(config: RegistryConfig) -> anyhow::Result<Cluster> {
-        Ok(Cluster { net: Arc::default(), root: tempfile::tempdir()?, nodes: BTreeMap::new(), config })
+        Ok(Cluster {
+            net: Arc::default(),
+            root: tempfile::tempdir()?,
+            nodes: BTreeMap::new(),
+            config,
+        })
     }
 
     pub fn dir(&self, id: u64) -> PathBuf {
@@ -117,9 +123,17 @@ impl Cluster {
 
     /// Opens node `id` from its directory and connects it to the network.
     pub async fn start(&mut self, id: u64) -> anyhow::Result<Arc<Registry>> {
-        let transport = Arc::new(MemTransport { from: id, net: self.net.clone() });
-        let reg = Arc::new(Registry::open(&self.dir(id), id, self.config.clone(), transport).await?);
-        self.net.nodes.lock().expect("test mutex").insert(id, Arc::downgrade(&reg));
+        let transport = Arc::new(MemTransport {
+            from: id,
+            net: self.net.clone(),
+        });
+        let reg =
+            Arc::new(Registry::open(&self.dir(id), id, self.config.clone(), transport).await?);
+        self.net
+            .nodes
+            .lock()
+            .expect("test mutex")
+            .insert(id, Arc::downgrade(&reg));
         self.nodes.insert(id, reg.clone());
         Ok(reg)
     }
@@ -134,7 +148,10 @@ impl Cluster {
     }
 
     pub fn node(&self, id: u64) -> anyhow::Result<Arc<Registry>> {
-        self.nodes.get(&id).cloned().with_context(|| format!("node {id} is not running"))
+        self.nodes
+            .get(&id)
+            .cloned()
+            .with_context(|| format!("node {id} is not running"))
     }
 
     /// Starts node 1 and bootstraps a one-node cluster.
@@ -147,34 +164,51 @@ impl Cluster {
     /// Starts node `id` and joins it through the current leader.
     pub async fn join(&mut self, id: u64) -> anyhow::Result<()> {
         self.start(id).await?;
-        let leader = self.leader(&[]).await?;
+        let leader = self.leader(&[id]).await?;
         self.node(leader)?.join_node(id, addr(id)).await?;
         Ok(())
     }
 
-    /// Waits until every running node outside `excluded` names the same running leader.
+    /// Waits until a running node outside `excluded` leads, and returns the one with the highest
+    /// term (a deposed leader cut off by a partition may still believe it leads, in an old term).
     pub async fn leader(&self, excluded: &[u64]) -> anyhow::Result<u64> {
-        poll("an agreed leader", || {
-            let live: Vec<_> = self.nodes.iter().filter(|(id, _)| !excluded.contains(id)).collect();
-            let leaders: HashSet<Option<u64>> = live.iter().map(|(_, r)| r.status().leader).collect();
-            match leaders.into_iter().collect::<Vec<_>>().as_slice() {
-                [Some(l)] if live.iter().any(|(id, r)| **id == *l && r.status().is_leader) => Some(*l),
-                _ => None,
-            }
+        poll("a leader", || {
+            let statuses = self
+                .nodes
+                .iter()
+                .filter(|(id, _)| !excluded.contains(id))
+                .map(|(_, r)| r.status());
+            statuses
+                .filter(|s| s.is_leader)
+                .max_by_key(|s| s.term)
+                .map(|s| s.id)
         })
         .await
     }
 
-    /// Writes `cmd` through whichever node leads, retrying across elections.
-    pub async fn write(&self, cmd: Command) -> anyhow::Result<Result<CommandResult, RegistryError>> {
-        for _ in 0..WRITE_ATTEMPTS_MAX {
+    /// Writes `cmd` through whichever node leads, retrying across elections for at most
+    /// [`WAIT_LIMIT`]. Returns the first answer that is not about leadership or time.
+    pub async fn write(
+        &self,
+        cmd: Command,
+    ) -> anyhow::Result<Result<CommandResult, RegistryError>> {
+        let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
+        loop {
             let leader = self.leader(&[]).await?;
-            match self.node(leader)?.write(cmd.clone()).await {
-                Err(RegistryError::NotLeader { .. } | RegistryError::Timeout { .. } | RegistryError::Shutdown) => continue,
+            let err = match self.node(leader)?.write(cmd.clone()).await {
+                Err(
+                    e @ (RegistryError::NotLeader { .. }
+                    | RegistryError::Timeout { .. }
+                    | RegistryError::Shutdown),
+                ) => e,
                 other => return Ok(other),
+            };
+            if tokio::time::Instant::now() >= deadline {
+                bail!("write did not land in time; last error: {err}");
             }
+            // Leadership is changing hands; give the election a moment before asking again.
+            tokio::time::sleep(POLL).await;
         }
-        bail!("write did not land in {WRITE_ATTEMPTS_MAX} attempts")
     }
 
     /// A linearizable read from the current leader.
@@ -183,9 +217,6 @@ impl Cluster {
         Ok(self.node(leader)?.read_linearizable().await?)
     }
 }
-
-/// Attempts of [`Cluster::write`]: each waits for a leader, so a few elections fit.
-const WRITE_ATTEMPTS_MAX: usize = 10;
 
 /// Polls `f` every [`POLL`] until it yields a value, for at most [`WAIT_LIMIT`].
 pub async fn poll<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> anyhow::Result<T> {
@@ -212,7 +243,9 @@ pub async fn applied(reg: &Registry, index: u64) -> anyhow::Result<Arc<RegistryS
 
 /// Runs a whole test body under one time limit.
 pub async fn bounded_test(body: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    tokio::time::timeout(TEST_LIMIT, body).await.context("test exceeded its time limit")?
+    tokio::time::timeout(TEST_LIMIT, body)
+        .await
+        .context("test exceeded its time limit")?
 }
 
 /// Time limit of one cluster test.
