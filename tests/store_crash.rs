@@ -157,7 +157,7 @@ fn verify(data: &Path, model: &mut [SlotModel], run: usize) -> usize {
     ahead
 }
 
-// Goal: across many SIGKILLs at random moments (mid-batch, mid-checkpoint, mid-recovery), no
+// Goal: across many SIGKILLs at random moments (mid-batch, mid-checkpoint), no
 // acknowledged write is ever lost, torn or applied twice, and each restart resumes cleanly.
 #[test]
 fn acknowledged_writes_survive_sigkill() {

@@ -4,4 +4,17 @@
 //! - [`store`]: each tenant's phexts on this node's disk, behind a write-ahead log with group
 //!   commit, and the executor that runs a `proto::SqRequest` against them.
 
+mod admin;
+pub mod clock;
+pub mod config;
+pub mod gossip;
+pub mod limits;
+mod metrics;
+mod run;
+mod service;
+mod stats;
 pub mod store;
+pub mod tenants_file;
+
+pub use config::NodeConfig;
+pub use run::{run, NodeError};

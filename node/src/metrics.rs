@@ -2,8 +2,6 @@
 //! node id, so the gateway can concatenate every node's text into one `/api/v2/metrics`.
 
 use std::sync::OnceLock;
-use std::time::Duration;
-
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use proto::{ApiError, SqResponse};
 
@@ -37,7 +35,17 @@ fn outcome(result: &Result<SqResponse, ApiError>) -> &'static str {
     }
 }
 
-pub fn request(route: &'static str, result: &Result<SqResponse, ApiError>, elapsed: Duration) {
-    metrics::histogram!("sq_node_request_seconds", "route" => route).record(elapsed.as_secs_f64());
-    metrics::counter!("sq_node_requests_total", "route" => route, "outcome" => outcome(result)).increment(1);
+/// Meters one request of a tenant: calls by tenant and method, latency by route, refusals.
+pub fn request(tenant: &str, route: &'static str, result: &Result<SqResponse, ApiError>, latency_ms: u64) {
+    metrics::counter!("sq_api_calls_total", "tenant" => tenant.to_string(), "method" => route).increment(1);
+    metrics::histogram!("sq_request_duration_seconds", "route" => route).record(latency_ms as f64 / 1000.0);
+    let outcome = outcome(result);
+    if outcome != "ok" {
+        metrics::counter!("sq_refusals_total", "status" => outcome).increment(1);
+    }
+}
+
+/// Storage gauge of one tenant, set after each write.
+pub fn storage(tenant: &str, bytes: u64) {
+    metrics::gauge!("sq_storage_bytes", "tenant" => tenant.to_string()).set(bytes as f64);
 }

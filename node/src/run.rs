@@ -7,7 +7,9 @@ use proto::cluster::{NodeRequest, NodeResponse};
 use raft_registry::{Registry, RegistryConfig};
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::{SystemWallClock, WallClock};
 use crate::config::NodeConfig;
+use crate::limits::Limits;
 use crate::gossip::{GossipConfig, Health};
 use crate::service::Service;
 use crate::store::{RealVfs, Store, StoreConfig, SystemClock};
@@ -54,19 +56,23 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
     crate::metrics::install(config.id);
     let identity = transport::Identity::load(&config.cluster_certs, transport::Role::Node(config.id))?;
     let client = transport::Client::new(&identity, transport::ClientLimits::default())?;
-    let clock = Arc::new(SystemClock);
+    let clock = Arc::new(SystemClock::new());
+    let wall: Arc<dyn WallClock> = Arc::new(SystemWallClock);
     let store_config = StoreConfig {
+        data_dir: config.data_dir.join("store"),
         memory_budget_bytes: config.memory_budget_mb.saturating_mul(1024 * 1024),
         idle_unload_after: Duration::from_secs(config.idle_unload_s),
-        ..StoreConfig::new(config.data_dir.join("store"))
+        ..StoreConfig::default()
     };
-    let store = Arc::new(Store::open(store_config, Arc::new(RealVfs), clock.clone())?);
+    let vfs: Arc<dyn crate::store::Vfs> = Arc::new(RealVfs);
+    let store = Arc::new(Store::open(store_config, vfs.clone(), clock.clone())?);
+    let limits = Arc::new(Limits::new(wall.clone(), vfs, config.data_dir.join("store").join("tenants")));
     let registry = Arc::new(
         Registry::open(&config.data_dir.join("registry"), config.id, RegistryConfig::default(), Arc::new(QuicRaft(client.clone())))
             .await?,
     );
     let health = Arc::new(Health::new(config.id, GossipConfig::default(), clock));
-    let service = Arc::new(Service::new(config.id, store.clone(), registry.clone(), client.clone(), health.clone()));
+    let service = Arc::new(Service::new(config.id, store.clone(), registry.clone(), client.clone(), health.clone(), limits.clone(), wall));
     let server = transport::Server::bind(config.listen, &identity, transport::ServerLimits::default())?;
     tracing::info!(id = config.id, addr = %config.advertise(), "node listening");
     let server_task = tokio::spawn(server.run(service.clone(), shutdown.clone()));
@@ -75,17 +81,22 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
     }
     let gossip = tokio::spawn(crate::gossip::run(health, registry.clone(), client, shutdown.clone()));
     let unloader = tokio::spawn(unload_idle(store.clone(), shutdown.clone()));
+    let persister = tokio::spawn(persist_usage(limits.clone(), shutdown.clone()));
     let tenants_file = config.tenants_file.clone().map(|path| tokio::spawn(crate::tenants_file::watch(path, service.clone(), shutdown.clone())));
     shutdown.cancelled().await;
     tracing::info!("stopping: no new requests");
     let _ = server_task.await;
     let _ = gossip.await;
     let _ = unloader.await;
+    let _ = persister.await;
+    limits.persist();
     if let Some(t) = tenants_file {
         let _ = t.await;
     }
     tracing::info!("stopping: registry");
-    registry.shutdown().await;
+    if let Err(e) = registry.shutdown().await {
+        tracing::warn!(error = %e, "registry did not stop cleanly");
+    }
     tracing::info!("stopping: flushing tenant store");
     tokio::task::spawn_blocking(move || store.flush_all()).await.map_err(|e| NodeError::Config(e.to_string()))??;
     tracing::info!("stopped");
@@ -112,6 +123,20 @@ async fn unload_idle(store: Arc<Store>, shutdown: CancellationToken) {
         let s = store.clone();
         if let Err(e) = tokio::task::spawn_blocking(move || s.unload_idle()).await {
             tracing::warn!(error = %e, "idle unload task failed");
+        }
+    }
+}
+
+/// Writes changed usage roll-ups to disk every [`crate::limits::PERSIST_INTERVAL`].
+async fn persist_usage(limits: Arc<Limits>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(crate::limits::PERSIST_INTERVAL) => {}
+        }
+        let l = limits.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || l.persist()).await {
+            tracing::warn!(error = %e, "usage persist task failed");
         }
     }
 }

@@ -9,6 +9,8 @@ use proto::{ApiError, SqRequest, SqResponse};
 use raft_registry::Registry;
 use transport::{Handler, HandlerFuture, Peer, Role};
 
+use crate::clock::WallClock;
+use crate::limits::Limits;
 use crate::store::Store;
 
 /// The longest a gateway's view long-poll is held open, whatever it asks for.
@@ -25,11 +27,26 @@ pub struct Service {
     /// The view last built for gateways, by applied index: rebuilt only when the registry moves.
     view_cache: Mutex<Option<Arc<RegistryView>>>,
     pub health: Arc<crate::gossip::Health>,
+    pub limits: Arc<Limits>,
+    pub wall: Arc<dyn WallClock>,
 }
 
 impl Service {
-    pub fn new(id: u64, store: Arc<Store>, registry: Arc<Registry>, peers: transport::Client, health: Arc<crate::gossip::Health>) -> Service {
-        Service { id, store, registry, peers, view_cache: Mutex::new(None), health }
+    pub fn new(
+        id: u64,
+        store: Arc<Store>,
+        registry: Arc<Registry>,
+        peers: transport::Client,
+        health: Arc<crate::gossip::Health>,
+        limits: Arc<Limits>,
+        wall: Arc<dyn WallClock>,
+    ) -> Service {
+        Service { id, store, registry, peers, view_cache: Mutex::new(None), health, limits, wall }
+    }
+
+    /// Wall-clock milliseconds since the Unix epoch, for records stamped with a date.
+    pub fn clock_ms(&self) -> u64 {
+        self.wall.unix_ms()
     }
 
     async fn dispatch(&self, peer: Peer, request: NodeRequest) -> NodeResponse {
@@ -41,6 +58,10 @@ impl Service {
             NodeRequest::View { known_index, wait_ms } => NodeResponse::View(self.view(known_index, wait_ms).await),
             NodeRequest::Admin { admin_key_hash, op } => {
                 let (result, applied_index) = crate::admin::execute(self, &admin_key_hash, op).await;
+                NodeResponse::Admin { result, applied_index }
+            }
+            NodeRequest::RaftCommand { admin_key_hash, command } if from_node => {
+                let (result, applied_index) = crate::admin::commit_forwarded(self, &admin_key_hash, &command).await;
                 NodeResponse::Admin { result, applied_index }
             }
             NodeRequest::Raft(bytes) if from_node => NodeResponse::Raft(self.registry.handle_rpc(&bytes).await),
@@ -64,17 +85,30 @@ impl Service {
             return Err(ApiError::Forbidden("tenant is disabled".into()));
         }
         if state.owner_of(tenant) != Some(self.id) {
-            return Err(ApiError::NotOwner { epoch: state.placement_epoch });
+            return Err(ApiError::NotOwner { epoch: state.placement_epoch() });
         }
-        let quota = record.quota_bytes;
-        let store = self.store.clone();
-        let tenant = tenant.to_string();
         let route = request.route();
-        let started = std::time::Instant::now();
-        let result = tokio::task::spawn_blocking(move || store.execute(&tenant, quota, &request).map_err(ApiError::from))
-            .await
+        let started = self.wall.unix_ms();
+        if let Err(e) = self.limits.admit(tenant, record.daily_limit) {
+            crate::metrics::request(tenant, route, &Err(e.clone()), 0);
+            return Err(e);
+        }
+        let bytes_in = request_bytes(&request);
+        let (store, quota, owned) = (self.store.clone(), record.quota_bytes, tenant.to_string());
+        let result = tokio::task::spawn_blocking(move || {
+            let result = store.execute(&owned, quota, &request).map_err(ApiError::from);
+            if request.is_write() {
+                crate::metrics::storage(&owned, store.storage_bytes(&owned).unwrap_or(0));
+            }
+            result
+        })
+        .await
             .unwrap_or_else(|e| Err(ApiError::Internal(format!("store task failed: {e}"))));
-        crate::metrics::request(route, &result, started.elapsed());
+        let bytes_out = result.as_ref().map_or(0, |r| r.body.len() as u64);
+        self.limits.record(tenant, route, bytes_in, bytes_out);
+        let latency_ms = self.wall.unix_ms().saturating_sub(started);
+        crate::metrics::request(tenant, route, &result, latency_ms);
+        tracing::info!(target: "sq_node::meter", tenant, route, ok = result.is_ok(), bytes_in, bytes_out, latency_ms);
         result
     }
 
@@ -107,16 +141,34 @@ impl Service {
         view
     }
 
-    async fn usage(&self, tenants: Vec<String>) -> Vec<TenantUsage> {
-        let store = self.store.clone();
+    pub async fn usage(&self, tenants: Vec<String>) -> Vec<TenantUsage> {
+        let (store, limits) = (self.store.clone(), self.limits.clone());
         tokio::task::spawn_blocking(move || {
             tenants
                 .into_iter()
-                .map(|t| TenantUsage { storage_bytes: store.storage_bytes(&t).unwrap_or(0), tenant_id: t, ..Default::default() })
+                .map(|t| {
+                    let rollup = limits.rollup(&t);
+                    TenantUsage {
+                        storage_bytes: store.storage_bytes(&t).unwrap_or(0),
+                        api_calls_today: rollup.total_calls(),
+                        bytes_out_today: rollup.bytes_out,
+                        last_active_ms: rollup.last_active_ms,
+                        tenant_id: t,
+                    }
+                })
                 .collect()
         })
         .await
         .unwrap_or_default()
+    }
+}
+
+/// The text a request carries, for metering.
+fn request_bytes(r: &SqRequest) -> u64 {
+    match r {
+        SqRequest::Insert { text, .. } | SqRequest::Update { text, .. } => text.len() as u64,
+        SqRequest::Delta { manifest, .. } => manifest.iter().map(|(_, h)| h.len() as u64 + 20).sum(),
+        _ => 0,
     }
 }
 
@@ -125,6 +177,7 @@ fn kind(r: &NodeRequest) -> &'static str {
         NodeRequest::Sq { .. } => "sq",
         NodeRequest::View { .. } => "view",
         NodeRequest::Admin { .. } => "admin",
+        NodeRequest::RaftCommand { .. } => "raft command",
         NodeRequest::Raft(_) => "raft",
         NodeRequest::TenantUsage { .. } => "usage",
         NodeRequest::Metrics => "metrics",

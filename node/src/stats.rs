@@ -13,13 +13,8 @@ const MIB: f64 = 1024.0 * 1024.0;
 async fn usage(svc: &Service, state: &RegistryState, tenant: &str) -> Result<(u64, TenantUsage), ApiError> {
     let owner = state.owner_of(tenant).ok_or_else(|| ApiError::Unavailable { reason: "no active node".into(), retry_after_s: 1 })?;
     if owner == svc.id {
-        let store = svc.store.clone();
-        let t = tenant.to_string();
-        let bytes = tokio::task::spawn_blocking(move || store.storage_bytes(&t))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .map_err(ApiError::from)?;
-        return Ok((owner, TenantUsage { tenant_id: tenant.to_string(), storage_bytes: bytes, ..Default::default() }));
+        let mut v = svc.usage(vec![tenant.to_string()]).await;
+        return v.pop().map(|u| (owner, u)).ok_or_else(|| ApiError::Internal("no usage".into()));
     }
     let addr = state
         .node(owner)
@@ -81,7 +76,8 @@ pub fn health(svc: &Service, state: &RegistryState) -> serde_json::Value {
         "raft": {
             "leader": status.leader,
             "term": status.term,
-            "commit_index": status.commit_index,
+            "commit_index": status.last_applied_index,
+            "last_log_index": status.last_log_index,
             "applied_index": svc.registry.subscribe().borrow().0,
         },
         "placement_epoch": state.placement_epoch(),

@@ -82,6 +82,8 @@ fn mix(mut x: u64) -> u64 {
 
 /// The `n`th write to `slot` for `seed`. Its text starts `#<n>:` and holds no other `#`, so the
 /// step that produced a scroll can be read back from it ([`crash_step_of`]).
+// `is_multiple_of` is newer than the workspace's rust-version (1.85).
+#[allow(clippy::manual_is_multiple_of)]
 pub fn crash_step(seed: u64, slot: usize, n: u64) -> CrashStep {
     assert!(n >= 1, "steps count from 1");
     let mut state = mix(seed ^ mix(slot as u64) ^ mix(n).rotate_left(17));
@@ -111,15 +113,16 @@ pub fn crash_step_of(scroll: &str) -> Option<u64> {
 }
 
 /// Opens the store at `data_dir` and writes to `tenant` until killed, printing one `ack` line
-/// per acknowledged write. Returns only on failure.
-pub fn crash_writer(data_dir: &Path, tenant: &str, seed: u64) -> Result<(), StoreError> {
+/// per acknowledged write. Returns only on failure. (`anyhow` because this is a test driver
+/// behind a CLI subcommand, not library API.)
+pub fn crash_writer(data_dir: &Path, tenant: &str, seed: u64) -> anyhow::Result<()> {
     let config = StoreConfig {
         data_dir: data_dir.to_path_buf(),
         checkpoint_wal_bytes: CRASH_CHECKPOINT_WAL_BYTES,
         ..StoreConfig::default()
     };
     let store = Store::open(config, Arc::new(RealVfs), Arc::new(SystemClock::new()))?;
-    std::thread::scope(|scope| {
+    std::thread::scope(|scope| -> anyhow::Result<()> {
         let threads: Vec<_> = (0..WRITER_THREADS)
             .map(|t| {
                 let store = &store;

@@ -37,6 +37,7 @@ use proto::request::{Selector, BODY_MAX_BYTES, DELTA_LINES_MAX, QUERY_SET_MAX, S
 use proto::{ops, Coordinate, PhextName, SqRequest, SqResponse};
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use crash_writer::crash_writer;
 pub use error::{StoreError, IO_RETRY_AFTER_S};
 pub use tenant::{
     PHEXT_MEMORY_OVERHEAD_BYTES, QUOTA_WARN_PERCENT, SCROLL_MEMORY_OVERHEAD_BYTES, TENANT_MEMORY_OVERHEAD_BYTES,

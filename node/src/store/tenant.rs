@@ -91,10 +91,10 @@ fn plan<'a>(doc: &Doc, c: Coordinate, edit: Edit<'a>) -> (String, Option<(Op<&'a
             (ops::inserted(text.len()), change)
         }
         Edit::Update(text) => {
-            let change = (doc.get(&c) != text).then(|| (Op::Set { c, text }, text.len()));
+            let change = (doc.get(&c) != text).then_some((Op::Set { c, text }, text.len()));
             (ops::updated(text.len()), change)
         }
-        Edit::Delete => ((ops::removed(old_len)), (old_len > 0).then(|| (Op::Set { c, text: "" }, 0))),
+        Edit::Delete => (ops::removed(old_len), (old_len > 0).then_some((Op::Set { c, text: "" }, 0))),
     }
 }
 

@@ -101,7 +101,7 @@ fn write_history(store: &Store, round: u32) {
     get(store, "acme", &format!("update?p=a&c=1.1.1/1.1.1/1.1.2&s=r{round}u"));
     get(store, "acme", &format!("insert?p=a&c=1.1.1/1.1.1/1.1.2&s=r{round}z"));
     get(store, "acme", &format!("update?p=b&c=2.1.1/1.1.1/1.1.1&s=r{round}b"));
-    get(store, "acme", &format!("delete?p=b&c=1.1.1/1.1.1/1.1.1"));
+    get(store, "acme", "delete?p=b&c=1.1.1/1.1.1/1.1.1");
     get(store, "acme", &format!("insert?p=b&c=1.1.1/1.1.1/1.1.1&s=r{round}d"));
 }
 

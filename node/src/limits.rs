@@ -1,0 +1,234 @@
+//! Rate limits and metering, enforced on the owning node: the one place that sees all of a
+//! tenant's traffic, so counts stay exact however many gateways send.
+//!
+//! - A daily request limit per tenant (its tier's, or an admin override) answers 429 with
+//!   `Retry-After` until the UTC day turns.
+//! - A token bucket per tenant ([`BURST_PER_SECOND`], [`BURST_CAPACITY`]) answers 429 when a
+//!   tenant bursts past what one node should give one tenant.
+//! - Every served request adds to the tenant's daily roll-up (calls by route, bytes out, last
+//!   active), persisted beside the tenant's data by [`Limits::persist`] so it survives restarts
+//!   and moves with the tenant. A crash can lose at most the counts since the last persist
+//!   ([`PERSIST_INTERVAL`]).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::ApiError;
+use serde::{Deserialize, Serialize};
+
+use crate::clock::{seconds_to_next_utc_day, utc_day, WallClock};
+use crate::store::Vfs;
+
+/// Sustained requests per second one tenant may send to its node.
+pub const BURST_PER_SECOND: f64 = 1000.0;
+
+/// Requests a tenant may send at once after being quiet: two seconds' worth.
+pub const BURST_CAPACITY: f64 = 2000.0;
+
+/// How often dirty roll-ups are written to disk.
+pub const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
+
+/// The roll-up file, inside the tenant's directory.
+const ROLLUP_FILE: &str = "usage.json";
+
+/// One tenant's counts for one UTC day.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Rollup {
+    /// Days since the Unix epoch, UTC.
+    pub day: u64,
+    pub calls: BTreeMap<String, u64>,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub last_active_ms: Option<u64>,
+}
+
+impl Rollup {
+    pub fn total_calls(&self) -> u64 {
+        self.calls.values().sum()
+    }
+}
+
+struct TenantLimits {
+    rollup: Rollup,
+    tokens: f64,
+    tokens_at_ms: u64,
+    /// Admitted requests not yet recorded: counted against the daily limit so concurrent
+    /// requests cannot all pass it.
+    in_flight: u64,
+    dirty: bool,
+    loaded: bool,
+}
+
+pub struct Limits {
+    clock: Arc<dyn WallClock>,
+    vfs: Arc<dyn Vfs>,
+    tenants_dir: PathBuf,
+    tenants: Mutex<HashMap<String, TenantLimits>>,
+}
+
+impl Limits {
+    pub fn new(clock: Arc<dyn WallClock>, vfs: Arc<dyn Vfs>, tenants_dir: PathBuf) -> Limits {
+        Limits { clock, vfs, tenants_dir, tenants: Mutex::new(HashMap::new()) }
+    }
+
+    fn path(&self, tenant: &str) -> PathBuf {
+        self.tenants_dir.join(tenant).join(ROLLUP_FILE)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, TenantLimits>> {
+        self.tenants.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn load(&self, tenant: &str, today: u64, now_ms: u64) -> TenantLimits {
+        let rollup = self
+            .vfs
+            .read(&self.path(tenant))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<Rollup>(&b).ok())
+            .filter(|r| r.day == today)
+            .unwrap_or(Rollup { day: today, ..Rollup::default() });
+        TenantLimits { rollup, tokens: BURST_CAPACITY, tokens_at_ms: now_ms, in_flight: 0, dirty: false, loaded: true }
+    }
+
+    /// Admits one request of `tenant` or says why not. Counts nothing: see [`Limits::record`].
+    pub fn admit(&self, tenant: &str, daily_limit: u64) -> Result<(), ApiError> {
+        let now = self.clock.unix_ms();
+        let today = utc_day(now);
+        let mut tenants = self.lock();
+        if !tenants.get(tenant).is_some_and(|t| t.loaded) {
+            let fresh = self.load(tenant, today, now);
+            tenants.insert(tenant.to_string(), fresh);
+        }
+        let Some(t) = tenants.get_mut(tenant) else { unreachable!("inserted just above") };
+        if t.rollup.day != today {
+            t.rollup = Rollup { day: today, ..Rollup::default() };
+            t.dirty = true;
+        }
+        if t.rollup.total_calls() + t.in_flight >= daily_limit {
+            return Err(ApiError::RateLimited {
+                reason: format!("daily limit of {daily_limit} requests reached"),
+                retry_after_s: seconds_to_next_utc_day(now),
+            });
+        }
+        let elapsed_s = now.saturating_sub(t.tokens_at_ms) as f64 / 1000.0;
+        t.tokens = (t.tokens + elapsed_s * BURST_PER_SECOND).min(BURST_CAPACITY);
+        t.tokens_at_ms = now;
+        if t.tokens < 1.0 {
+            return Err(ApiError::RateLimited { reason: format!("more than {BURST_PER_SECOND} requests per second"), retry_after_s: 1 });
+        }
+        t.tokens -= 1.0;
+        t.in_flight += 1;
+        Ok(())
+    }
+
+    /// Records a request admitted by [`Limits::admit`], whatever its outcome.
+    pub fn record(&self, tenant: &str, route: &str, bytes_in: u64, bytes_out: u64) {
+        let now = self.clock.unix_ms();
+        let mut tenants = self.lock();
+        let Some(t) = tenants.get_mut(tenant) else { return };
+        t.in_flight = t.in_flight.saturating_sub(1);
+        *t.rollup.calls.entry(route.to_string()).or_default() += 1;
+        t.rollup.bytes_in += bytes_in;
+        t.rollup.bytes_out += bytes_out;
+        t.rollup.last_active_ms = Some(now);
+        t.dirty = true;
+    }
+
+    /// Today's roll-up of a tenant (from memory, or its file).
+    pub fn rollup(&self, tenant: &str) -> Rollup {
+        let now = self.clock.unix_ms();
+        let today = utc_day(now);
+        let tenants = self.lock();
+        match tenants.get(tenant) {
+            Some(t) if t.rollup.day == today => t.rollup.clone(),
+            Some(_) => Rollup { day: today, ..Rollup::default() },
+            None => self.load(tenant, today, now).rollup,
+        }
+    }
+
+    /// Writes every changed roll-up atomically: temp file, sync, rename, sync the directory.
+    pub fn persist(&self) {
+        let dirty: Vec<(String, Rollup)> = {
+            let mut tenants = self.lock();
+            tenants
+                .iter_mut()
+                .filter(|(_, t)| t.dirty)
+                .map(|(id, t)| {
+                    t.dirty = false;
+                    (id.clone(), t.rollup.clone())
+                })
+                .collect()
+        };
+        for (tenant, rollup) in dirty {
+            if let Err(e) = self.write(&tenant, &rollup) {
+                tracing::warn!(tenant, error = %e, "cannot persist usage roll-up");
+            }
+        }
+    }
+
+    fn write(&self, tenant: &str, rollup: &Rollup) -> std::io::Result<()> {
+        let dir = self.tenants_dir.join(tenant);
+        self.vfs.create_dir(&dir)?;
+        let tmp = dir.join(format!("{ROLLUP_FILE}.tmp"));
+        let mut f = self.vfs.create(&tmp)?;
+        f.write_all(&serde_json::to_vec(rollup).map_err(std::io::Error::other)?)?;
+        f.sync_data()?;
+        self.vfs.rename(&tmp, &self.path(tenant))?;
+        self.vfs.sync_dir(&dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    struct Manual(AtomicU64);
+    impl WallClock for Manual {
+        fn unix_ms(&self) -> u64 {
+            self.0.load(Ordering::SeqCst)
+        }
+    }
+
+    fn limits(dir: &std::path::Path, start_ms: u64) -> (Limits, Arc<Manual>) {
+        let clock = Arc::new(Manual(AtomicU64::new(start_ms)));
+        (Limits::new(clock.clone(), Arc::new(crate::store::RealVfs), dir.to_path_buf()), clock)
+    }
+
+    // Goal: exactly `limit` requests pass in a day, the next gets 429 with the seconds to UTC
+    // midnight, and the count resets when the day turns.
+    #[test]
+    fn daily_limit_is_exact_and_turns_with_the_day() {
+        let tmp = tempfile::tempdir().unwrap();
+        let day0 = 20_000 * crate::clock::DAY_MS;
+        let (l, clock) = limits(tmp.path(), day0 + crate::clock::DAY_MS - 10_000);
+        for _ in 0..5 {
+            l.admit("t", 5).unwrap();
+            l.record("t", "select", 1, 2);
+        }
+        match l.admit("t", 5) {
+            Err(ApiError::RateLimited { retry_after_s, .. }) => assert_eq!(retry_after_s, 10),
+            other => panic!("expected 429, got {other:?}"),
+        }
+        clock.0.fetch_add(10_000, Ordering::SeqCst);
+        l.admit("t", 5).unwrap();
+    }
+
+    // Goal: the roll-up survives a restart (a new Limits over the same directory).
+    #[test]
+    fn rollup_persists() {
+        let tmp = tempfile::tempdir().unwrap();
+        let now = 20_000 * crate::clock::DAY_MS + 5;
+        let (l, _) = limits(tmp.path(), now);
+        l.admit("t", 100).unwrap();
+        l.record("t", "update", 10, 20);
+        l.persist();
+        let (again, _) = limits(tmp.path(), now + 1);
+        let r = again.rollup("t");
+        assert_eq!(r.calls.get("update"), Some(&1));
+        assert_eq!(r.bytes_out, 20);
+        assert_eq!(r.total_calls(), 1);
+    }
+}
