@@ -237,6 +237,9 @@ fn supervise(procs: &mut [Proc], nodes: &mut [DevNode], json_path: &Path, mut de
         let mut changed = false;
         for p in procs.iter_mut() {
             if let Ok(Some(status)) = p.child.try_wait() {
+                if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
                 eprintln!("{} exited ({status}); restarting it", p.name);
                 std::thread::sleep(RESTART_PAUSE);
                 let log_dir = json_path.parent().unwrap_or(Path::new("."));

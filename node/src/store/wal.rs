@@ -12,7 +12,9 @@
 //! Group commit is leader/follower on one mutex and condvar, with no thread of its own: a writer
 //! appends its record to the pending buffer and takes an LSN; whoever then waits for an LSN that
 //! is neither synced nor being synced becomes the flusher, writes and syncs the whole buffer
-//! outside the lock, and wakes everyone. While one batch syncs, the next one gathers.
+//! outside the lock, and wakes everyone. While one batch syncs, the next one gathers. The pending
+//! buffer holds at most one record per writer still waiting for its answer, so it is bounded by
+//! the node's blocking-thread pool times [`RECORD_PAYLOAD_MAX_BYTES`].
 
 use std::mem;
 use std::path::{Path, PathBuf};
