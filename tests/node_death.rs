@@ -29,7 +29,7 @@ fn node_death_and_return() {
     let mut tenants = Vec::new();
     for i in 0..15 {
         let id = format!("t{i}");
-        let key = cluster.add_tenant(&id, serde_json::json!({}));
+        let key = cluster.add_tenant(&id, serde_json::json!({"tier": "team"}));
         let stats: serde_json::Value =
             http().get(format!("{base}/admin/tenants/{id}/stats")).bearer_auth(&admin).send().unwrap().json().unwrap();
         tenants.push((id, key, stats["node"].as_u64().unwrap()));
@@ -78,6 +78,8 @@ fn node_death_and_return() {
         let l = logs[i].lock().unwrap();
         if *node == victim {
             assert!(!l.errors.is_empty(), "{id}: the kill was not seen");
+            let slowest = l.errors.iter().map(|e| e.1).max().unwrap_or_default();
+            eprintln!("{id}: {} refused requests while node {victim} was down, slowest answer {slowest:?}, {} acknowledged", l.errors.len(), l.acked.len());
             for (status, took) in &l.errors {
                 assert_eq!(*status, 503, "{id}: dead owner gave {status}");
                 assert!(*took < UNAVAILABLE_BOUND, "{id}: a 503 took {took:?}");
