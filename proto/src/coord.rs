@@ -26,8 +26,25 @@ pub fn break_dimension(byte: u8) -> Option<usize> {
 }
 
 /// A phext coordinate. Ordered as libphext orders them: library first, scroll last.
+///
+/// Decoding checks the same bounds as parsing, so a coordinate from the wire or the disk is as
+/// trustworthy as one typed by a client.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+#[serde(try_from = "[u32; DIMENSIONS]", into = "[u32; DIMENSIONS]")]
 pub struct Coordinate([u32; DIMENSIONS]);
+
+impl TryFrom<[u32; DIMENSIONS]> for Coordinate {
+    type Error = CoordError;
+    fn try_from(parts: [u32; DIMENSIONS]) -> Result<Coordinate, CoordError> {
+        Coordinate::from_components(parts)
+    }
+}
+
+impl From<Coordinate> for [u32; DIMENSIONS] {
+    fn from(c: Coordinate) -> [u32; DIMENSIONS] {
+        c.0
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CoordError {

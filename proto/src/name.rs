@@ -12,8 +12,24 @@ pub const PHEXT_NAME_MAX_BYTES: usize = 200;
 ///
 /// Refused: anything holding `..`, `/` or `\` (as SQ refuses them), control characters, and names
 /// longer than [`PHEXT_NAME_MAX_BYTES`]. The empty name is a missing name, a different error.
+///
+/// Decoding checks the name again, so a name from the wire or the disk cannot skip the rules.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
 pub struct PhextName(String);
+
+impl TryFrom<String> for PhextName {
+    type Error = BadName;
+    fn try_from(name: String) -> Result<PhextName, BadName> {
+        PhextName::parse(&name)
+    }
+}
+
+impl From<PhextName> for String {
+    fn from(n: PhextName) -> String {
+        n.0
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid phext path")]
@@ -47,6 +63,17 @@ impl fmt::Display for PhextName {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Goal: a name decoded from the wire obeys the same rules as a parsed one.
+    #[test]
+    fn decoding_checks_the_name() {
+        let bytes = crate::wire::encode(&"../etc".to_string()).unwrap();
+        assert!(crate::wire::decode::<PhextName>(&bytes).is_err());
+        let bytes = crate::wire::encode(&"fine".to_string()).unwrap();
+        assert_eq!(crate::wire::decode::<PhextName>(&bytes).unwrap().as_str(), "fine");
+        let zero = crate::wire::encode(&[1u32, 1, 1, 1, 1, 1, 1, 1, 0]).unwrap();
+        assert!(crate::wire::decode::<crate::Coordinate>(&zero).is_err());
+    }
 
     // Goal: names that could escape the directory are refused, ordinary ones kept verbatim.
     #[test]
