@@ -40,10 +40,10 @@ pub trait NodeClient: Send + Sync + 'static {
     fn call(&self, addr: SocketAddr, request: NodeRequest, timeout: Duration) -> BoxFuture<'_, Result<NodeResponse, CallError>>;
 }
 
-/// [`NodeClient`] over the cluster's QUIC transport.
-pub struct QuicNodeClient(pub transport::Client);
+/// [`NodeClient`] over the cluster transport (QUIC in production, the simulator's network in sim).
+pub struct WireNodeClient(pub Arc<dyn transport::Caller>);
 
-impl NodeClient for QuicNodeClient {
+impl NodeClient for WireNodeClient {
     fn call(&self, addr: SocketAddr, request: NodeRequest, timeout: Duration) -> BoxFuture<'_, Result<NodeResponse, CallError>> {
         Box::pin(async move {
             let bytes = wire::encode(&request).map_err(|e| CallError::Protocol(e.to_string()))?;

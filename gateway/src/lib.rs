@@ -82,7 +82,7 @@ pub async fn run(config: GatewayConfig, shutdown: CancellationToken) -> Result<(
     let client = transport::Client::new(&identity, transport::ClientLimits::default())?;
     let gw = Arc::new(Gateway {
         views: ViewHandle::default(),
-        client: Arc::new(forward::QuicNodeClient(client)),
+        client: Arc::new(forward::WireNodeClient(Arc::new(client))),
         seeds: config.nodes.clone(),
     });
     if !forward::refresh(gw.client.as_ref(), &gw.views, &gw.seeds).await {

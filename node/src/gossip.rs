@@ -152,7 +152,7 @@ impl Health {
 }
 
 /// Sends this node's table to every peer each interval until `shutdown`.
-pub async fn run(health: Arc<Health>, registry: Arc<raft_registry::Registry>, client: transport::Client, shutdown: CancellationToken) {
+pub async fn run(health: Arc<Health>, registry: Arc<raft_registry::Registry>, client: Arc<dyn transport::Caller>, shutdown: CancellationToken) {
     let interval = Duration::from_millis(health.config.interval_ms);
     loop {
         let state = registry.state();

@@ -20,10 +20,10 @@ const RAFT_RPC_TIMEOUT: Duration = Duration::from_secs(3);
 /// How often idle tenants are looked for and unloaded.
 const UNLOAD_TICK: Duration = Duration::from_secs(5);
 
-/// Raft RPCs over the cluster's QUIC transport.
-struct QuicRaft(transport::Client);
+/// Raft RPCs over the cluster transport.
+struct WireRaft(Arc<dyn transport::Caller>);
 
-impl raft_registry::RaftTransport for QuicRaft {
+impl raft_registry::RaftTransport for WireRaft {
     fn send(&self, _target: u64, addr: &str, payload: Vec<u8>) -> raft_registry::TransportFuture<'_> {
         let addr = addr.to_string();
         Box::pin(async move {
@@ -55,7 +55,7 @@ pub enum NodeError {
 pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), NodeError> {
     crate::metrics::install(config.id);
     let identity = transport::Identity::load(&config.cluster_certs, transport::Role::Node(config.id))?;
-    let client = transport::Client::new(&identity, transport::ClientLimits::default())?;
+    let client: Arc<dyn transport::Caller> = Arc::new(transport::Client::new(&identity, transport::ClientLimits::default())?);
     let clock = Arc::new(SystemClock::new());
     let wall: Arc<dyn WallClock> = Arc::new(SystemWallClock);
     let store_config = StoreConfig {
@@ -68,7 +68,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
     let store = Arc::new(Store::open(store_config, vfs.clone(), clock.clone())?);
     let limits = Arc::new(Limits::new(wall.clone(), vfs, config.data_dir.join("store").join("tenants")));
     let registry = Arc::new(
-        Registry::open(&config.data_dir.join("registry"), config.id, RegistryConfig::default(), Arc::new(QuicRaft(client.clone())))
+        Registry::open(&config.data_dir.join("registry"), config.id, RegistryConfig::default(), Arc::new(WireRaft(client.clone())))
             .await?,
     );
     let health = Arc::new(Health::new(config.id, GossipConfig::default(), clock));

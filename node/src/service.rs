@@ -23,7 +23,7 @@ pub struct Service {
     pub id: u64,
     pub store: Arc<Store>,
     pub registry: Arc<Registry>,
-    pub peers: transport::Client,
+    pub peers: Arc<dyn transport::Caller>,
     /// The view last built for gateways, by applied index: rebuilt only when the registry moves.
     view_cache: Mutex<Option<Arc<RegistryView>>>,
     pub health: Arc<crate::gossip::Health>,
@@ -36,7 +36,7 @@ impl Service {
         id: u64,
         store: Arc<Store>,
         registry: Arc<Registry>,
-        peers: transport::Client,
+        peers: Arc<dyn transport::Caller>,
         health: Arc<crate::gossip::Health>,
         limits: Arc<Limits>,
         wall: Arc<dyn WallClock>,

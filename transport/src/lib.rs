@@ -20,8 +20,11 @@
 //! - `error.rs`: [`TransportError`] and the one place quinn's errors are classified;
 //! - `codes.rs`: the stream-reset and connection-close codes both sides agree on;
 //! - `tls.rs`: rustls and quinn configuration (ring provider, ALPN, client-cert verification);
-//! - `server.rs`, `client.rs`: the two ends.
+//! - `server.rs`, `client.rs`: the two ends;
+//! - `caller.rs`: [`Caller`], the seam through which nodes and gateways send, so the simulator
+//!   can put its own network in the client's place.
 
+mod caller;
 pub mod certs;
 mod client;
 mod codes;
@@ -30,6 +33,7 @@ pub mod frame;
 mod server;
 mod tls;
 
+pub use caller::{CallFuture, Caller};
 pub use certs::{Identity, Role};
 pub use client::{Client, ClientLimits, ClientStats};
 pub use error::{Result, TransportError};
