@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::state::{
+    Handoff,
     is_valid_key_hash, is_valid_tenant_id, NodeRecord, NodeState, RegistryState, TenantRecord,
     Tier, ADMIN_EMAIL_LEN_MAX, KEY_HASHES_PER_TENANT_MAX, NODE_ADDR_LEN_MAX,
 };
@@ -54,9 +55,15 @@ pub enum Command {
     NodeDrain {
         id: u64,
     },
-    /// Any live state → `Removed`; bumps the epoch if the node was `Active`.
+    /// `Joining`/`Draining` → `Removed`. An `Active` node must be drained first, and no handoff
+    /// may still involve it.
     NodeRemove {
         id: u64,
+    },
+    /// The new owner holds the tenant's data: it may serve it from now on.
+    HandoffDone {
+        tenant: String,
+        epoch: u64,
     },
 }
 
@@ -91,6 +98,12 @@ pub enum Rejection {
     },
     #[error("node {0} is the last active node")]
     LastActiveNode(u64),
+    #[error("{0} tenant handoffs are still in progress; placement changes one at a time")]
+    HandoffsPending(usize),
+    #[error("no pending handoff of that tenant in that epoch")]
+    NoSuchHandoff,
+    #[error("node {0} still owns tenants; drain it first")]
+    NodeOwnsTenants(u64),
 }
 
 /// What the state machine answers for every applied log entry (the Raft `R` type).
@@ -146,6 +159,31 @@ pub fn apply(state: &mut RegistryState, cmd: Command) -> Result<(), Rejection> {
         Command::NodeActivate { id } => node_transition(state, id, NodeState::Active),
         Command::NodeDrain { id } => node_transition(state, id, NodeState::Draining),
         Command::NodeRemove { id } => node_transition(state, id, NodeState::Removed),
+        Command::HandoffDone { tenant, epoch } => match state.handoffs.get(&tenant) {
+            Some(h) if h.epoch == epoch => {
+                state.handoffs.remove(&tenant);
+                Ok(())
+            }
+            _ => Err(Rejection::NoSuchHandoff),
+        },
+    }
+}
+
+/// Records a handoff for every tenant whose owner differs between the two rings. A tenant with
+/// no owner before (no active node) has no data anywhere and needs none.
+fn record_handoffs(state: &mut RegistryState, before: &crate::Ring) {
+    let epoch = state.placement_epoch;
+    let moves: Vec<Handoff> = state
+        .tenants
+        .keys()
+        .filter_map(|id| {
+            let from = before.owner(id)?;
+            let to = state.ring.owner(id)?;
+            (from != to).then(|| Handoff { tenant: id.clone(), from, to, epoch })
+        })
+        .collect();
+    for h in moves {
+        state.handoffs.insert(h.tenant.clone(), h);
     }
 }
 
@@ -270,11 +308,23 @@ fn node_transition(state: &mut RegistryState, id: u64, to: NodeState) -> Result<
     if from == NodeState::Active && active_before == 1 {
         return Err(Rejection::LastActiveNode(id));
     }
+    let moves_tenants = from == NodeState::Active || to == NodeState::Active;
+    if moves_tenants && !state.handoffs.is_empty() {
+        return Err(Rejection::HandoffsPending(state.handoffs.len()));
+    }
+    if to == NodeState::Removed && from == NodeState::Active {
+        return Err(Rejection::NodeOwnsTenants(id));
+    }
+    if to == NodeState::Removed && state.handoffs.values().any(|h| h.from == id || h.to == id) {
+        return Err(Rejection::HandoffsPending(state.handoffs.len()));
+    }
     node.state = to;
     state.nodes.insert(id, node);
-    if from == NodeState::Active || to == NodeState::Active {
+    if moves_tenants {
+        let before = state.ring.clone();
         state.placement_epoch += 1;
         state.rebuild_ring();
+        record_handoffs(state, &before);
     }
     Ok(())
 }

@@ -227,8 +227,8 @@ fn node_activation_bumps_epoch_and_checks_transitions() {
 
 #[test]
 fn node_removal_never_frees_the_id() {
-    // Goal: drain bumps the epoch, removing a draining node does not, removing an active node
-    // does; a removed id can never join again; the last active node cannot leave.
+    // Goal: drain bumps the epoch, removing a draining node does not, an active node cannot be
+    // removed; a removed id can never join again; the last active node cannot leave.
     let mut s = two_active_nodes();
     let drain = |id| Command::NodeDrain { id };
     let remove = |id| Command::NodeRemove { id };
@@ -243,13 +243,15 @@ fn node_removal_never_frees_the_id() {
         vec![
             (join(3), Ok(())),
             (Command::NodeActivate { id: 3 }, Ok(())),
+            (remove(3), Err(Rejection::NodeOwnsTenants(3))),
+            (drain(3), Ok(())),
             (remove(3), Ok(())),
         ],
     );
     assert_eq!(
         s.placement_epoch(),
         5,
-        "activating and removing an active node both bump"
+        "activating and draining bump; an active node cannot be removed"
     );
     let removed_twice = Rejection::InvalidNodeTransition {
         id: 2,
@@ -292,4 +294,34 @@ fn admin_key_hash_only_accepts_hashes() {
         ],
     );
     assert_eq!(s.admin_key_hash(), Some(key_hash("admin").as_str()));
+}
+
+#[test]
+fn placement_changes_record_handoffs_one_change_at_a_time() {
+    // Goal: a join records a handoff for exactly the tenants whose owner changed; no other
+    // placement change is accepted until every handoff is done; done needs the right epoch.
+    let mut s = two_active_nodes();
+    let tenants: Vec<Command> = (0..60).map(|i| new_tenant(&format!("t{i}"), &format!("k{i}"))).collect();
+    check(&mut s, tenants.into_iter().map(|c| (c, Ok(()))).collect());
+    let before: Vec<Option<u64>> = (0..60).map(|i| s.owner_of(&format!("t{i}"))).collect();
+    check(&mut s, vec![(join(3), Ok(())), (Command::NodeActivate { id: 3 }, Ok(()))]);
+    let epoch = s.placement_epoch();
+    let mut moved: Vec<String> = (0..60)
+        .filter(|&i| s.owner_of(&format!("t{i}")) != before[i])
+        .map(|i| format!("t{i}"))
+        .collect();
+    moved.sort();
+    assert!(!moved.is_empty(), "a third node takes some tenants");
+    let pending: Vec<String> = s.handoffs().map(|h| h.tenant.clone()).collect();
+    assert_eq!(pending, moved);
+    for h in s.handoffs() {
+        assert_eq!((h.to, h.epoch), (3, epoch));
+    }
+    let n = moved.len();
+    check(&mut s, vec![(Command::NodeDrain { id: 2 }, Err(Rejection::HandoffsPending(n)))]);
+    let done = |t: &str, epoch| Command::HandoffDone { tenant: t.to_string(), epoch };
+    check(&mut s, vec![(done(&moved[0], epoch + 1), Err(Rejection::NoSuchHandoff))]);
+    check(&mut s, moved.iter().map(|t| (done(t, epoch), Ok(()))).collect());
+    check(&mut s, vec![(Command::NodeDrain { id: 2 }, Ok(()))]);
+    assert!(s.handoffs().all(|h| h.from == 2), "draining moves only node 2's tenants");
 }

@@ -54,6 +54,6 @@ pub use network::{RaftTransport, TransportFuture};
 pub use placement::{Ring, VNODES_PER_NODE};
 pub use registry::{CommandResult, RaftStatus, Registry};
 pub use state::{
-    is_valid_tenant_id, key_hash, NodeRecord, NodeState, RegistryState, TenantRecord, Tier,
+    is_valid_tenant_id, key_hash, Handoff, NodeRecord, NodeState, RegistryState, TenantRecord, Tier,
 };
 pub use state_machine::Published;

@@ -103,6 +103,17 @@ impl Registry {
     /// The registry step comes first so that a leader can remove itself: it stays leader until
     /// the membership without it commits, then steps down. Calling it again resumes an
     /// interrupted removal. Drain the node (`NodeDrain`) first to hand its tenants off.
+    /// Takes an active node out of the ring (one placement change): its tenants get handoffs to
+    /// their new owners, and it can be removed once they are done.
+    pub async fn drain_node(&self, id: u64) -> Result<(), RegistryError> {
+        let _one_change = self
+            .membership_lock
+            .try_lock()
+            .map_err(|_| RegistryError::MembershipChangeInProgress)?;
+        self.write(Command::NodeDrain { id }).await?;
+        Ok(())
+    }
+
     pub async fn remove_node(&self, id: u64) -> Result<(), RegistryError> {
         let _one_change = self
             .membership_lock

@@ -149,6 +149,18 @@ pub struct NodeRecord {
     pub state: NodeState,
 }
 
+/// A tenant whose owner changed with the placement epoch and whose data has not yet reached
+/// the new owner. Until [`crate::Command::HandoffDone`] the new owner does not serve it and the
+/// old owner refuses it, so no epoch ever has two serving owners.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handoff {
+    pub tenant: String,
+    pub from: u64,
+    pub to: u64,
+    /// The placement epoch that moved the tenant.
+    pub epoch: u64,
+}
+
 /// The replicated registry. Cheap to clone; mutated only by [`crate::command`].
 #[derive(Debug, Clone)]
 pub struct RegistryState {
@@ -159,6 +171,8 @@ pub struct RegistryState {
     pub(crate) admin_key_hash: Option<String>,
     pub(crate) nodes: OrdMap<u64, NodeRecord>,
     pub(crate) placement_epoch: u64,
+    /// Handoffs not yet done, by tenant id.
+    pub(crate) handoffs: OrdMap<String, Handoff>,
     /// Built from the active nodes whenever they change; shared between snapshots.
     pub(crate) ring: Arc<Ring>,
 }
@@ -171,6 +185,7 @@ impl Default for RegistryState {
             admin_key_hash: None,
             nodes: OrdMap::new(),
             placement_epoch: 0,
+            handoffs: OrdMap::new(),
             ring: Arc::new(Ring::new(&[])),
         }
     }
@@ -183,6 +198,7 @@ impl PartialEq for RegistryState {
             && self.admin_key_hash == other.admin_key_hash
             && self.nodes == other.nodes
             && self.placement_epoch == other.placement_epoch
+            && self.handoffs == other.handoffs
     }
 }
 
@@ -237,6 +253,16 @@ impl RegistryState {
         &self.ring
     }
 
+    /// The pending handoff of a tenant, if its data is still on the way to its new owner.
+    pub fn handoff(&self, tenant_id: &str) -> Option<&Handoff> {
+        self.handoffs.get(tenant_id)
+    }
+
+    /// Every pending handoff, ordered by tenant id.
+    pub fn handoffs(&self) -> impl Iterator<Item = &Handoff> + '_ {
+        self.handoffs.values()
+    }
+
     /// The node that owns `tenant_id` in this placement epoch; `None` with no active node.
     pub fn owner_of(&self, tenant_id: &str) -> Option<u64> {
         self.ring.owner(tenant_id)
@@ -266,12 +292,16 @@ impl RegistryState {
         admin_key_hash: Option<String>,
         nodes: Vec<NodeRecord>,
         placement_epoch: u64,
+        handoffs: Vec<Handoff>,
     ) -> RegistryState {
         let mut state = RegistryState {
             admin_key_hash,
             placement_epoch,
             ..Default::default()
         };
+        for h in handoffs {
+            state.handoffs.insert(h.tenant.clone(), h);
+        }
         for node in nodes {
             state.nodes.insert(node.id, node);
         }

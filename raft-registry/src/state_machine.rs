@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::command::{self, ApplyReply};
 use crate::disk::{self, StoreError};
-use crate::state::{NodeRecord, RegistryState, TenantRecord};
+use crate::state::{Handoff, NodeRecord, RegistryState, TenantRecord};
 use crate::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
@@ -24,7 +24,7 @@ use crate::types::{
 pub const SNAPSHOT_FILE: &str = "snapshot";
 
 /// Version of the snapshot image format (on disk and between nodes).
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 1;
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
 
 /// What a watcher sees: the last applied log index and the state after it.
 pub type Published = (u64, Arc<RegistryState>);
@@ -37,6 +37,7 @@ struct StateImage {
     admin_key_hash: Option<String>,
     nodes: Vec<NodeRecord>,
     placement_epoch: u64,
+    handoffs: Vec<Handoff>,
 }
 
 /// A snapshot as kept on disk and in memory.
@@ -53,6 +54,7 @@ fn encode_state(state: &RegistryState) -> Result<Vec<u8>, StoreError> {
         admin_key_hash: state.admin_key_hash().map(str::to_string),
         nodes: state.nodes().cloned().collect(),
         placement_epoch: state.placement_epoch(),
+        handoffs: state.handoffs().cloned().collect(),
     };
     disk::encode("snapshot image", &image)
 }
@@ -74,6 +76,7 @@ fn decode_state(origin: &Path, data: &[u8]) -> Result<RegistryState, StoreError>
         image.admin_key_hash,
         image.nodes,
         image.placement_epoch,
+        image.handoffs,
     ))
 }
 
