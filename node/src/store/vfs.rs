@@ -38,6 +38,10 @@ pub trait Vfs: Send + Sync {
     fn remove_file(&self, path: &Path) -> io::Result<()>;
     /// Makes the directory's entries (creations, renames, removals) durable.
     fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+    /// Removes an empty directory. Only tenant handoff needs it; a disk that cannot do it says so.
+    fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, format!("remove_dir {}", path.display())))
+    }
 }
 
 /// [`Vfs`] over `std::fs`.
@@ -56,6 +60,10 @@ impl VfsFile for RealFile {
 }
 
 impl Vfs for RealVfs {
+    fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        fs::remove_dir(path)
+    }
+
     fn create_dir(&self, path: &Path) -> io::Result<()> {
         match fs::create_dir(path) {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(()),
@@ -151,6 +159,9 @@ impl Vfs for UnsyncedVfs {
     }
     fn sync_dir(&self, _dir: &Path) -> io::Result<()> {
         Ok(())
+    }
+    fn remove_dir(&self, path: &Path) -> io::Result<()> {
+        self.0.remove_dir(path)
     }
 }
 
