@@ -35,13 +35,11 @@ async fn run(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<String,
         AdminOp::ListNodes => Ok(crate::stats::nodes(svc, &state).to_string()),
         AdminOp::AddNode { id, addr } => membership(svc, admin_key_hash, AdminOp::AddNode { id, addr }).await,
         AdminOp::RemoveNode { id } => membership(svc, admin_key_hash, AdminOp::RemoveNode { id }).await,
-        AdminOp::DrainNode { .. } => Err(ApiError::Conflict(
-            "draining needs tenant handoff, which this version does not have; the node keeps its tenants".into(),
-        )),
+        AdminOp::DrainNode { id } => membership(svc, admin_key_hash, AdminOp::DrainNode { id }).await,
         write => {
             let command = command_for(&state, write, svc.clock_ms())?;
             let id = command_tenant(&command);
-            commit(svc, admin_key_hash, command).await?;
+            commit(svc, command).await?;
             let state = svc.registry.state();
             Ok(tenant_json(known(&state, &id)?).to_string())
         }
@@ -110,12 +108,12 @@ fn command_tenant(c: &Command) -> String {
     }
 }
 
-/// Commits on the leader; a follower forwards the whole admin request to it.
-async fn commit(svc: &Service, admin_key_hash: &str, command: Command) -> Result<(), ApiError> {
+/// Commits on the leader; a follower forwards the command (the admin key already checked here).
+async fn commit(svc: &Service, command: Command) -> Result<(), ApiError> {
     match svc.registry.write(command.clone()).await {
         Ok(_) => Ok(()),
         Err(RegistryError::NotLeader { leader_addr: Some(addr), .. }) => {
-            forward_to_leader(svc, &addr, NodeRequest::RaftCommand { admin_key_hash: admin_key_hash.to_string(), command: encode_command(&command)? }).await
+            forward_to_leader(svc, &addr, NodeRequest::RaftCommand { command: encode_command(&command)? }).await
         }
         Err(e) => Err(registry_error(e)),
     }
@@ -154,12 +152,9 @@ async fn wait_applied(svc: &Service, index: u64) {
     .await;
 }
 
-/// A command forwarded by a follower: commit it here, on the leader.
-pub async fn commit_forwarded(svc: &Service, admin_key_hash: &str, command: &[u8]) -> (Result<String, ApiError>, u64) {
+/// A command forwarded by another node (mutually authenticated): commit it here, on the leader.
+pub async fn commit_forwarded(svc: &Service, command: &[u8]) -> (Result<String, ApiError>, u64) {
     let result = async {
-        if svc.registry.state().admin_key_hash() != Some(admin_key_hash) {
-            return Err(ApiError::Unauthorized);
-        }
         let command: Command = proto::wire::decode(command).map_err(|e| ApiError::bad_request(e.to_string()))?;
         svc.registry.write(command).await.map_err(registry_error)?;
         Ok("{}".to_string())
@@ -181,14 +176,8 @@ async fn membership(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<
     }
     match op {
         AdminOp::AddNode { id, addr } => svc.registry.join_node(id, addr).await.map_err(registry_error)?,
-        AdminOp::RemoveNode { id } => {
-            let state = svc.registry.state();
-            let owned = state.tenants().filter(|t| state.owner_of(&t.id) == Some(id)).count();
-            if owned > 0 {
-                return Err(ApiError::Conflict(format!("node {id} still owns {owned} tenants; drain it first")));
-            }
-            svc.registry.remove_node(id).await.map_err(registry_error)?
-        }
+        AdminOp::DrainNode { id } => svc.registry.drain_node(id).await.map_err(registry_error)?,
+        AdminOp::RemoveNode { id } => svc.registry.remove_node(id).await.map_err(registry_error)?,
         other => unreachable!("{other:?} is not a membership change"),
     };
     Ok(crate::stats::nodes(svc, &svc.registry.state()).to_string())

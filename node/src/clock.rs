@@ -7,6 +7,12 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub trait WallClock: Send + Sync {
     /// Milliseconds since the Unix epoch, UTC.
     fn unix_ms(&self) -> u64;
+
+    /// Microseconds since the Unix epoch, UTC: for request latencies, most of which are well
+    /// under a millisecond. Clocks without the resolution answer whole milliseconds.
+    fn unix_us(&self) -> u64 {
+        self.unix_ms().saturating_mul(1000)
+    }
 }
 
 /// [`WallClock`] over the system clock.
@@ -17,6 +23,10 @@ impl WallClock for SystemWallClock {
     fn unix_ms(&self) -> u64 {
         // A clock before 1970 is a broken machine; count it as the epoch rather than fail requests.
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    }
+
+    fn unix_us(&self) -> u64 {
+        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
     }
 }
 
@@ -31,4 +41,42 @@ pub fn utc_day(unix_ms: u64) -> u64 {
 pub fn seconds_to_next_utc_day(unix_ms: u64) -> u64 {
     let next = (utc_day(unix_ms) + 1) * DAY_MS;
     (next - unix_ms).div_ceil(1000).max(1)
+}
+
+/// A time as RFC 3339 in UTC with whole seconds, e.g. `2026-02-12T13:05:00Z` (the shape of the
+/// seeds' `last_active`).
+pub fn rfc3339_utc(unix_ms: u64) -> String {
+    let secs = unix_ms / 1000;
+    let (year, month, day) = civil_from_days(secs / 86_400);
+    let s = secs % 86_400;
+    format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", s / 3600, s % 3600 / 60, s % 60)
+}
+
+/// (year, month, day) of a day count since 1970-01-01, in the proleptic Gregorian calendar
+/// (Howard Hinnant's `civil_from_days`, for days on or after the epoch).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: RFC 3339 dates are right at the epoch, across a leap day and at a day's last second.
+    #[test]
+    fn rfc3339() {
+        assert_eq!(rfc3339_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_utc(1_770_901_500_999), "2026-02-12T13:05:00Z");
+        assert_eq!(rfc3339_utc(4_102_444_799_000), "2099-12-31T23:59:59Z");
+    }
 }

@@ -41,6 +41,9 @@ pub struct NodeConfig {
     /// A declarative tenants file (the seeds' tenants.json shape), applied and watched.
     #[serde(default)]
     pub tenants_file: Option<PathBuf>,
+    /// Tenant handoff: parallelism, bandwidth, chunk size, grace period.
+    #[serde(default)]
+    pub handoff: crate::handoff::HandoffConfig,
 }
 
 fn default_memory_budget_mb() -> u64 {
@@ -65,6 +68,7 @@ impl NodeConfig {
             memory_budget_mb: DEFAULT_MEMORY_BUDGET_MB,
             idle_unload_s: DEFAULT_IDLE_UNLOAD_S,
             tenants_file: None,
+            handoff: Default::default(),
         }
     }
 

@@ -71,11 +71,15 @@ pub struct Health {
     table: Mutex<HashMap<u64, Entry>>,
     /// Set when a state changed, so the cached registry view is rebuilt.
     changed: AtomicBool,
+    /// Grows by one at every state change; view long-polls wait on it as well as on the
+    /// registry, so gateways learn of a dead (or returning) node at once.
+    generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl Health {
     pub fn new(me: u64, config: GossipConfig, clock: Arc<dyn Clock>) -> Health {
-        Health { me, config, clock, table: Mutex::new(HashMap::new()), changed: AtomicBool::new(false) }
+        let generation = tokio::sync::watch::Sender::new(0);
+        Health { me, config, clock, table: Mutex::new(HashMap::new()), changed: AtomicBool::new(false), generation }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
@@ -128,6 +132,7 @@ impl Health {
                 tracing::info!(node = id, from = %e.state, to = %state, "gossip state changed");
                 e.state = state;
                 self.changed.store(true, Ordering::SeqCst);
+                self.generation.send_modify(|g| *g += 1);
             }
             metrics::gauge!("sq_gossip_state", "peer" => id.to_string()).set(match state {
                 State::Alive => 0.0,
@@ -136,6 +141,11 @@ impl Health {
             });
         }
         table.iter().map(|(id, e)| (*id, e.heartbeat)).collect()
+    }
+
+    /// Watches the count of state changes.
+    pub fn generations(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// True once after any state changed.
@@ -181,5 +191,34 @@ pub async fn run(health: Arc<Health>, registry: Arc<raft_registry::Registry>, cl
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
+    }
+}
+
+/// The most view pollers whose last health generation is remembered. Past it the memory is
+/// cleared, which costs each gateway one extra view.
+const VIEW_POLLERS_MAX: usize = 1024;
+
+/// The gossip generation each view poller (a gateway, by its QUIC address) was last sent, so a
+/// change that happens between two of its polls is sent at its next poll instead of being
+/// missed until the registry moves.
+#[derive(Default)]
+pub struct ViewPeers(Mutex<HashMap<std::net::SocketAddr, u64>>);
+
+impl ViewPeers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<std::net::SocketAddr, u64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// True when `poller` was never sent a view built at gossip generation `generation`.
+    pub fn behind(&self, poller: std::net::SocketAddr, generation: u64) -> bool {
+        self.lock().get(&poller) != Some(&generation)
+    }
+
+    pub fn sent(&self, poller: std::net::SocketAddr, generation: u64) {
+        let mut pollers = self.lock();
+        if pollers.len() >= VIEW_POLLERS_MAX && !pollers.contains_key(&poller) {
+            pollers.clear();
+        }
+        pollers.insert(poller, generation);
     }
 }

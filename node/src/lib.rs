@@ -8,6 +8,7 @@ mod admin;
 pub mod clock;
 pub mod config;
 pub mod gossip;
+pub mod handoff;
 pub mod limits;
 mod metrics;
 mod run;

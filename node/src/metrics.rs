@@ -1,23 +1,83 @@
 //! This node's metrics, through the `metrics` facade and a Prometheus recorder labelled with the
-//! node id, so the gateway can concatenate every node's text into one `/api/v2/metrics`.
+//! node id, so the gateway can gather every node's text into one `/api/v2/metrics`.
+//!
+//! Counters and histograms are recorded as requests pass; the gauges that describe state (Raft,
+//! loaded tenants) are set when a scrape asks for them, in [`render_node`].
 
 use std::sync::OnceLock;
+use std::time::Duration;
+
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use proto::{ApiError, SqResponse};
 
+use crate::service::Service;
+
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Upper bounds, in seconds, of the request latency histogram buckets: 100 µs (a read of a loaded
+/// tenant) to 5 s (past every timeout a request can meet).
+pub const LATENCY_BUCKETS_S: [f64; 15] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+
+/// How often recorded histogram samples are folded into buckets when nobody scrapes: the
+/// recorder keeps every raw sample until then, so without this an unscraped node grows by
+/// 8 bytes per request.
+const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Installs the recorder once per process, every series labelled `node=<id>`.
 pub fn install(node_id: u64) {
     HANDLE.get_or_init(|| {
-        match PrometheusBuilder::new().add_global_label("node", node_id.to_string()).install_recorder() {
-            Ok(h) => Some(h),
+        let builder = PrometheusBuilder::new().add_global_label("node", node_id.to_string());
+        let handle = match builder.set_buckets(&LATENCY_BUCKETS_S).and_then(|b| b.install_recorder()) {
+            Ok(h) => h,
             Err(e) => {
                 tracing::warn!(error = %e, "metrics recorder not installed");
-                None
+                return None;
             }
+        };
+        describe();
+        let upkeep = handle.clone();
+        // The recorder is process-wide, so its upkeep is too: a thread that lives as long as it.
+        let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || loop {
+            std::thread::sleep(UPKEEP_INTERVAL);
+            upkeep.run_upkeep();
+        });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "no metrics upkeep thread; samples are folded only on scrape");
         }
+        Some(handle)
     });
+}
+
+/// HELP lines for every series this node exports (PRODUCT.md §2 names the first ones).
+fn describe() {
+    metrics::describe_gauge!("sq_storage_bytes", "Canonical bytes of all the tenant's phexts on its owning node");
+    metrics::describe_counter!("sq_api_calls_total", "SQ requests admitted for a tenant, by route (method)");
+    metrics::describe_gauge!("sq_tenants_active", "Tenants loaded in memory on this node (used within the idle-unload time)");
+    metrics::describe_histogram!("sq_request_duration_seconds", "Time from admission to answer on the owning node, by route");
+    metrics::describe_counter!("sq_refusals_total", "Requests the owning node refused: 429 rate limit, 507 quota, 503 not owner");
+    metrics::describe_gauge!("sq_raft_term", "Current Raft term of the registry as this node knows it");
+    metrics::describe_gauge!("sq_raft_leader", "Node id of the registry leader this node knows; 0 when none");
+    metrics::describe_gauge!("sq_raft_is_leader", "1 when this node leads the registry");
+    metrics::describe_gauge!("sq_raft_commit_index", "Last registry log index applied on this node (committed entries only)");
+    metrics::describe_gauge!("sq_raft_last_log_index", "Last registry log index stored on this node");
+    metrics::describe_gauge!("sq_placement_epoch", "Placement epoch of the registry as applied on this node");
+    metrics::describe_gauge!("sq_gossip_state", "Gossip state of each peer as this node sees it: 0 alive, 1 suspect, 2 dead");
+    metrics::describe_gauge!("sq_store_memory_bytes", "Estimated memory held by loaded tenants");
+}
+
+/// Sets the state gauges, then renders this node's metrics as Prometheus text.
+pub fn render_node(svc: &Service) -> String {
+    let status = svc.registry.status();
+    metrics::gauge!("sq_raft_term").set(status.term as f64);
+    metrics::gauge!("sq_raft_leader").set(status.leader.unwrap_or(0) as f64);
+    metrics::gauge!("sq_raft_is_leader").set(if status.is_leader { 1.0 } else { 0.0 });
+    metrics::gauge!("sq_raft_commit_index").set(status.last_applied_index.unwrap_or(0) as f64);
+    metrics::gauge!("sq_raft_last_log_index").set(status.last_log_index.unwrap_or(0) as f64);
+    metrics::gauge!("sq_placement_epoch").set(svc.registry.state().placement_epoch() as f64);
+    metrics::gauge!("sq_tenants_active").set(svc.store.loaded_tenants().len() as f64);
+    metrics::gauge!("sq_store_memory_bytes").set(svc.store.memory_bytes() as f64);
+    render()
 }
 
 pub fn render() -> String {
@@ -25,7 +85,7 @@ pub fn render() -> String {
 }
 
 /// The status class of a result, as a metric label.
-fn outcome(result: &Result<SqResponse, ApiError>) -> &'static str {
+pub fn outcome(result: &Result<SqResponse, ApiError>) -> &'static str {
     match result {
         Ok(_) => "ok",
         Err(ApiError::QuotaExceeded { .. }) => "507",
@@ -36,10 +96,14 @@ fn outcome(result: &Result<SqResponse, ApiError>) -> &'static str {
 }
 
 /// Meters one request of a tenant: calls by tenant and method, latency by route, refusals.
-pub fn request(tenant: &str, route: &'static str, result: &Result<SqResponse, ApiError>, latency_ms: u64) {
-    metrics::counter!("sq_api_calls_total", "tenant" => tenant.to_string(), "method" => route).increment(1);
-    metrics::histogram!("sq_request_duration_seconds", "route" => route).record(latency_ms as f64 / 1000.0);
+/// A request refused by the rate limits is not a call (it does not count against the tenant's
+/// limits either); it shows only in `sq_refusals_total`.
+pub fn request(tenant: &str, route: &'static str, result: &Result<SqResponse, ApiError>, latency_us: u64) {
     let outcome = outcome(result);
+    if outcome != "429" {
+        metrics::counter!("sq_api_calls_total", "tenant" => tenant.to_string(), "method" => route).increment(1);
+        metrics::histogram!("sq_request_duration_seconds", "route" => route).record(latency_us as f64 / 1e6);
+    }
     if outcome != "ok" {
         metrics::counter!("sq_refusals_total", "status" => outcome).increment(1);
     }

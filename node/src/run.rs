@@ -72,7 +72,8 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
             .await?,
     );
     let health = Arc::new(Health::new(config.id, GossipConfig::default(), clock));
-    let service = Arc::new(Service::new(config.id, store.clone(), registry.clone(), client.clone(), health.clone(), limits.clone(), wall));
+    let handoffs = Arc::new(crate::handoff::Handoffs::new(config.handoff));
+    let service = Arc::new(Service::new(config.id, store.clone(), registry.clone(), client.clone(), health.clone(), limits.clone(), wall, handoffs));
     let server = transport::Server::bind(config.listen, &identity, transport::ServerLimits::default())?;
     tracing::info!(id = config.id, addr = %config.advertise(), "node listening");
     let server_task = tokio::spawn(server.run(service.clone(), shutdown.clone()));
@@ -82,6 +83,8 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
     let gossip = tokio::spawn(crate::gossip::run(health, registry.clone(), client, shutdown.clone()));
     let unloader = tokio::spawn(unload_idle(store.clone(), shutdown.clone()));
     let persister = tokio::spawn(persist_usage(limits.clone(), shutdown.clone()));
+    let puller = tokio::spawn(crate::handoff::run_puller(service.clone(), shutdown.clone()));
+    let sweeper = tokio::spawn(crate::handoff::run_sweeper(service.clone(), shutdown.clone()));
     let tenants_file = config.tenants_file.clone().map(|path| tokio::spawn(crate::tenants_file::watch(path, service.clone(), shutdown.clone())));
     shutdown.cancelled().await;
     tracing::info!("stopping: no new requests");
@@ -89,6 +92,8 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
     let _ = gossip.await;
     let _ = unloader.await;
     let _ = persister.await;
+    let _ = puller.await;
+    let _ = sweeper.await;
     limits.persist();
     if let Some(t) = tenants_file {
         let _ = t.await;

@@ -10,6 +10,7 @@ use raft_registry::Registry;
 use transport::{Handler, HandlerFuture, Peer, Role};
 
 use crate::clock::WallClock;
+use crate::handoff::Handoffs;
 use crate::limits::Limits;
 use crate::store::Store;
 
@@ -29,6 +30,9 @@ pub struct Service {
     pub health: Arc<crate::gossip::Health>,
     pub limits: Arc<Limits>,
     pub wall: Arc<dyn WallClock>,
+    pub handoffs: Arc<Handoffs>,
+    /// The gossip generation each gateway was last sent in a view.
+    view_peers: crate::gossip::ViewPeers,
 }
 
 impl Service {
@@ -40,8 +44,9 @@ impl Service {
         health: Arc<crate::gossip::Health>,
         limits: Arc<Limits>,
         wall: Arc<dyn WallClock>,
+        handoffs: Arc<Handoffs>,
     ) -> Service {
-        Service { id, store, registry, peers, view_cache: Mutex::new(None), health, limits, wall }
+        Service { id, store, registry, peers, view_cache: Mutex::new(None), health, limits, wall, handoffs, view_peers: Default::default() }
     }
 
     /// Wall-clock milliseconds since the Unix epoch, for records stamped with a date.
@@ -55,27 +60,35 @@ impl Service {
             NodeRequest::Sq { tenant, key_hash, epoch, request } => {
                 NodeResponse::Sq(self.sq(&tenant, &key_hash, epoch, request).await)
             }
-            NodeRequest::View { known_index, wait_ms } => NodeResponse::View(self.view(known_index, wait_ms).await),
+            NodeRequest::View { known_index, wait_ms } => NodeResponse::View(self.view(peer.addr, known_index, wait_ms).await),
             NodeRequest::Admin { admin_key_hash, op } => {
                 let (result, applied_index) = crate::admin::execute(self, &admin_key_hash, op).await;
                 NodeResponse::Admin { result, applied_index }
             }
-            NodeRequest::RaftCommand { admin_key_hash, command } if from_node => {
-                let (result, applied_index) = crate::admin::commit_forwarded(self, &admin_key_hash, &command).await;
+            NodeRequest::RaftCommand { command } if from_node => {
+                let (result, applied_index) = crate::admin::commit_forwarded(self, &command).await;
                 NodeResponse::Admin { result, applied_index }
+            }
+            NodeRequest::HandoffManifest { tenant, epoch } if from_node => {
+                NodeResponse::HandoffManifest(crate::handoff::manifest(self, &tenant, epoch).await)
+            }
+            NodeRequest::HandoffRead { tenant, path, offset, len } if from_node => {
+                NodeResponse::HandoffChunk(crate::handoff::read(self, &tenant, &path, offset, len).await)
             }
             NodeRequest::Raft(bytes) if from_node => NodeResponse::Raft(self.registry.handle_rpc(&bytes).await),
             NodeRequest::Gossip { from, heartbeats } if from_node => {
                 NodeResponse::Gossip { heartbeats: self.health.merge(from, &heartbeats) }
             }
             NodeRequest::TenantUsage { tenants } => NodeResponse::TenantUsage(self.usage(tenants).await),
-            NodeRequest::Metrics => NodeResponse::Metrics(crate::metrics::render()),
+            NodeRequest::Metrics => NodeResponse::Metrics(crate::metrics::render_node(self)),
             other => NodeResponse::Refused(format!("{:?} may not send {}", peer.role, kind(&other))),
         }
     }
 
     /// Runs an SQ request for a tenant this node owns, after checking the key hash again.
     async fn sq(&self, tenant: &str, key_hash: &str, _epoch: u64, request: SqRequest) -> Result<SqResponse, ApiError> {
+        // Held until the answer, so a handoff of this tenant waits for this request to finish.
+        let _gate = self.handoffs.enter(tenant).await;
         let state = self.registry.state();
         let record = state.tenant(tenant).ok_or(ApiError::Unauthorized)?;
         if !record.key_hashes.iter().any(|h| h == key_hash) {
@@ -87,11 +100,17 @@ impl Service {
         if state.owner_of(tenant) != Some(self.id) {
             return Err(ApiError::NotOwner { epoch: state.placement_epoch() });
         }
+        if state.handoff(tenant).is_some() {
+            return Err(ApiError::Unavailable { reason: "the tenant is moving to this node".into(), retry_after_s: 1 });
+        }
         let route = request.route();
-        let started = self.wall.unix_ms();
+        let started_us = self.wall.unix_us();
         if let Err(e) = self.limits.admit(tenant, record.daily_limit) {
-            crate::metrics::request(tenant, route, &Err(e.clone()), 0);
-            return Err(e);
+            let refused = Err(e);
+            crate::metrics::request(tenant, route, &refused, 0);
+            let outcome = crate::metrics::outcome(&refused);
+            tracing::info!(target: "sq_node::meter", tenant, route, outcome, bytes_in = 0u64, bytes_out = 0u64, latency_us = 0u64);
+            return refused;
         }
         let bytes_in = request_bytes(&request);
         let (store, quota, owned) = (self.store.clone(), record.quota_bytes, tenant.to_string());
@@ -106,25 +125,32 @@ impl Service {
             .unwrap_or_else(|e| Err(ApiError::Internal(format!("store task failed: {e}"))));
         let bytes_out = result.as_ref().map_or(0, |r| r.body.len() as u64);
         self.limits.record(tenant, route, bytes_in, bytes_out);
-        let latency_ms = self.wall.unix_ms().saturating_sub(started);
-        crate::metrics::request(tenant, route, &result, latency_ms);
-        tracing::info!(target: "sq_node::meter", tenant, route, ok = result.is_ok(), bytes_in, bytes_out, latency_ms);
+        let latency_us = self.wall.unix_us().saturating_sub(started_us);
+        crate::metrics::request(tenant, route, &result, latency_us);
+        let outcome = crate::metrics::outcome(&result);
+        tracing::info!(target: "sq_node::meter", tenant, route, outcome, bytes_in, bytes_out, latency_us);
         result
     }
 
-    /// Long-poll: the view as soon as the registry has applied past `known_index`.
-    async fn view(&self, known_index: u64, wait_ms: u64) -> Option<RegistryView> {
+    /// Long-poll: the view as soon as the registry has applied past `known_index`, or as soon as
+    /// gossip changed a node's health since `poller` was last sent a view (health is no Raft
+    /// entry, so it does not move the index).
+    async fn view(&self, poller: std::net::SocketAddr, known_index: u64, wait_ms: u64) -> Option<RegistryView> {
         let mut rx = self.registry.subscribe();
+        let mut health = self.health.generations();
         let wait = Duration::from_millis(wait_ms).min(VIEW_WAIT_MAX);
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let applied = rx.borrow_and_update().0;
-            if applied > known_index || known_index == 0 {
+            let generation = *health.borrow_and_update();
+            if applied > known_index || known_index == 0 || self.view_peers.behind(poller, generation) {
+                self.view_peers.sent(poller, generation);
                 return Some(self.build_view());
             }
-            match tokio::time::timeout_at(deadline, rx.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => return None,
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return None,
+                changed = rx.changed() => changed.ok()?,
+                changed = health.changed() => changed.ok()?,
             }
         }
     }
@@ -178,6 +204,7 @@ fn kind(r: &NodeRequest) -> &'static str {
         NodeRequest::View { .. } => "view",
         NodeRequest::Admin { .. } => "admin",
         NodeRequest::RaftCommand { .. } => "raft command",
+        NodeRequest::HandoffManifest { .. } | NodeRequest::HandoffRead { .. } => "handoff",
         NodeRequest::Raft(_) => "raft",
         NodeRequest::TenantUsage { .. } => "usage",
         NodeRequest::Metrics => "metrics",

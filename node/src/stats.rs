@@ -44,10 +44,20 @@ pub async fn tenant_stats(svc: &Service, state: &RegistryState, tenant: &str) ->
         "quota_mb": record.quota_bytes / (1024 * 1024),
         "api_calls_today": u.api_calls_today,
         "bytes_out_today": u.bytes_out_today,
-        "last_active": u.last_active_ms,
+        // RFC 3339 as in the seeds' stats, and the same instant in ms for scripts; null before
+        // the tenant's first request of the day.
+        "last_active": u.last_active_ms.map(crate::clock::rfc3339_utc),
+        "last_active_ms": u.last_active_ms,
         "node": node,
     })
     .to_string())
+}
+
+/// Pending handoffs (from the registry) and the ones this node is pulling now, with progress.
+pub fn handoffs(svc: &Service, state: &RegistryState) -> serde_json::Value {
+    let pending: Vec<_> = state.handoffs().map(|h| json!({"tenant": h.tenant, "from": h.from, "to": h.to, "epoch": h.epoch})).collect();
+    let incoming = svc.handoffs.incoming.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    json!({ "pending": pending.len(), "pending_list": pending, "pulling_here": incoming })
 }
 
 pub fn nodes(svc: &Service, state: &RegistryState) -> serde_json::Value {
@@ -65,6 +75,8 @@ pub fn nodes(svc: &Service, state: &RegistryState) -> serde_json::Value {
             "state": n.state.as_str(),
             "health": svc.health.of(n.id).as_str(),
             "tenants": counts.get(&n.id).copied().unwrap_or(0),
+            "handoffs_in": state.handoffs().filter(|h| h.to == n.id).count(),
+            "handoffs_out": state.handoffs().filter(|h| h.from == n.id).count(),
         }))
         .collect::<Vec<_>>())
 }
@@ -84,5 +96,6 @@ pub fn health(svc: &Service, state: &RegistryState) -> serde_json::Value {
         "ring": state.active_nodes(),
         "nodes": nodes(svc, state),
         "gossip": svc.health.snapshot().into_iter().map(|(id, s)| json!({"id": id, "state": s.as_str()})).collect::<Vec<_>>(),
+        "handoffs": handoffs(svc, state),
     })
 }

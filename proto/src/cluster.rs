@@ -65,8 +65,14 @@ pub enum NodeRequest {
     View { known_index: u64, wait_ms: u64 },
     /// An admin operation; `admin_key_hash` is checked against the registry.
     Admin { admin_key_hash: String, op: AdminOp },
-    /// A registry command a follower forwards to the leader, encoded by the registry.
-    RaftCommand { admin_key_hash: String, command: Vec<u8> },
+    /// A registry command a node forwards to the leader, encoded by the registry. Only nodes may
+    /// send it; a node checks the admin key before forwarding an admin change.
+    RaftCommand { command: Vec<u8> },
+    /// Handoff, asked by a tenant's new owner of its old owner: list the tenant's files once
+    /// the old owner has applied `epoch` and finished every request it had for the tenant.
+    HandoffManifest { tenant: String, epoch: u64 },
+    /// Handoff: up to `len` bytes of one listed file from `offset`.
+    HandoffRead { tenant: String, path: String, offset: u64, len: u64 },
     /// A Raft RPC for the registry, encoded by the registry itself.
     Raft(Vec<u8>),
     /// Local facts about tenants this node owns, for stats and metrics.
@@ -75,6 +81,16 @@ pub enum NodeRequest {
     Metrics,
     /// Health gossip: the sender's view of every node's heartbeat counter.
     Gossip { from: u64, heartbeats: Vec<(u64, u64)> },
+}
+
+/// One file of a tenant being handed off.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoffFile {
+    /// Path inside the tenant's directory.
+    pub path: String,
+    pub len: u64,
+    /// xxh3-128 of the contents, checked on arrival.
+    pub checksum: String,
 }
 
 /// Per-tenant facts the owning node keeps.
@@ -98,6 +114,8 @@ pub enum NodeResponse {
     TenantUsage(Vec<TenantUsage>),
     Metrics(String),
     Gossip { heartbeats: Vec<(u64, u64)> },
+    HandoffManifest(Result<Vec<HandoffFile>, ApiError>),
+    HandoffChunk(Result<Vec<u8>, ApiError>),
     /// The request could not be decoded or is not served by this kind of peer.
     Refused(String),
 }

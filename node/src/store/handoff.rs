@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+use proto::cluster::HandoffFile;
 
 use super::tenant::TenantPaths;
 use super::{check_tenant_id, lock_slot, Store, StoreError};
@@ -21,16 +21,6 @@ const STAGING_PREFIX: &str = ".incoming-";
 
 /// Prefix under which a replaced tenant directory waits for deletion during a swap.
 const REPLACED_PREFIX: &str = ".replaced-";
-
-/// One file of a tenant, as the old owner lists it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TenantFile {
-    /// Path inside the tenant's directory: `phexts/<name>.phext`, `wal/<lsn>.log`, `usage.json`.
-    pub path: String,
-    pub len: u64,
-    /// xxh3-128 of the contents, so the new owner can check what it received.
-    pub checksum: String,
-}
 
 /// The subdirectories a tenant has; everything else in its root is a plain file.
 const SUBDIRS: [&str; 2] = ["phexts", "wal"];
@@ -48,7 +38,7 @@ fn safe_relative(path: &str) -> bool {
 
 impl Store {
     /// Unloads `tenant` and lists its files. Empty when this node holds nothing of it.
-    pub fn handoff_manifest(&self, tenant: &str) -> Result<Vec<TenantFile>, StoreError> {
+    pub fn handoff_manifest(&self, tenant: &str) -> Result<Vec<HandoffFile>, StoreError> {
         check_tenant_id(tenant)?;
         self.unload(tenant)?;
         let paths = TenantPaths::new(&self.tenants_dir, tenant);
@@ -73,10 +63,10 @@ impl Store {
         Ok(files)
     }
 
-    fn describe(&self, root: &Path, rel: &str) -> Result<TenantFile, StoreError> {
+    fn describe(&self, root: &Path, rel: &str) -> Result<HandoffFile, StoreError> {
         let path = root.join(rel);
         let bytes = self.vfs.read(&path).map_err(StoreError::io("read tenant file", &path))?;
-        Ok(TenantFile { path: rel.to_string(), len: bytes.len() as u64, checksum: proto::doc::checksum(&bytes) })
+        Ok(HandoffFile { path: rel.to_string(), len: bytes.len() as u64, checksum: proto::doc::checksum(&bytes) })
     }
 
     /// The bytes of one listed file.
@@ -105,7 +95,7 @@ impl Store {
     }
 
     /// Writes one received file into the staging directory, durably, after checking it.
-    pub fn stage_file(&self, tenant: &str, file: &TenantFile, bytes: &[u8]) -> Result<(), StoreError> {
+    pub fn stage_file(&self, tenant: &str, file: &HandoffFile, bytes: &[u8]) -> Result<(), StoreError> {
         check_tenant_id(tenant)?;
         if !safe_relative(&file.path) {
             return Err(StoreError::InvalidRequest(format!("not a tenant file: {:?}", file.path)));

@@ -40,7 +40,6 @@ use proto::{ops, Coordinate, PhextName, SqRequest, SqResponse};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use crash_writer::crash_writer;
 pub use error::{StoreError, IO_RETRY_AFTER_S};
-pub use handoff::TenantFile;
 pub use tenant::{
     PHEXT_MEMORY_OVERHEAD_BYTES, QUOTA_WARN_PERCENT, SCROLL_MEMORY_OVERHEAD_BYTES, TENANT_MEMORY_OVERHEAD_BYTES,
 };

@@ -1,0 +1,351 @@
+//! Tenant handoff between nodes, when a placement change moves a tenant.
+//!
+//! The registry records a [`raft_registry::Handoff`] for every tenant whose owner changed with
+//! the new placement epoch. From the moment a node applies that epoch:
+//! - the old owner refuses the tenant (`NotOwner`), and answers the new owner's handoff requests;
+//! - the new owner refuses it too (`Unavailable`, retry soon) until it holds the tenant's data.
+//!
+//! The new owner pulls: it asks the old owner for the tenant's file list, which the old owner
+//! gives only after it has applied the epoch and every request it was running for the tenant has
+//! finished ([`Gates`]); it copies the files with bounded parallelism and a bandwidth limit,
+//! swaps them in, and commits `HandoffDone`. Only then does it serve the tenant. Either side may
+//! crash at any point: the handoff stays recorded and is pulled again, and at no moment do two
+//! nodes serve the tenant. The old owner deletes its copy only after the handoff is done and a
+//! grace period ([`HandoffConfig::grace_s`]) has passed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::cluster::{HandoffFile, NodeRequest, NodeResponse};
+use proto::ApiError;
+use raft_registry::{Command, Handoff, RegistryError};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{OwnedRwLockReadGuard, RwLock, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::service::{Service, PEER_CALL_TIMEOUT};
+
+/// Shards of the serving gate; a handoff waits only for requests in its tenant's shard.
+const GATE_SHARDS: usize = 64;
+
+/// How long the old owner waits to apply the handoff's epoch before telling the new owner to
+/// come back.
+const EPOCH_WAIT: Duration = Duration::from_secs(5);
+
+/// Pause before pulling a failed handoff again (the old owner may be restarting).
+const RETRY_PAUSE: Duration = Duration::from_millis(500);
+
+/// How often the old owner looks for copies it may delete.
+const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Handoff settings, in `[handoff]` of node.toml.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HandoffConfig {
+    /// Tenants pulled at once by a new owner. Default 4.
+    pub parallelism: usize,
+    /// Bytes per second a new owner pulls, over all its handoffs. Default 64 MiB/s.
+    pub bandwidth_bytes_per_s: u64,
+    /// Bytes per read request. Default 4 MiB: well under the transport's frame limit.
+    pub chunk_bytes: u64,
+    /// Seconds the old owner keeps its copy after the handoff is done. Default 600.
+    pub grace_s: u64,
+}
+
+impl Default for HandoffConfig {
+    fn default() -> Self {
+        HandoffConfig { parallelism: 4, bandwidth_bytes_per_s: 64 << 20, chunk_bytes: 4 << 20, grace_s: 600 }
+    }
+}
+
+/// Progress of one incoming tenant, for health pages.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Progress {
+    pub from: u64,
+    pub epoch: u64,
+    pub files: usize,
+    pub bytes_total: u64,
+    pub bytes_done: u64,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+}
+
+/// Per-node handoff state: serving gates, incoming progress, copies awaiting deletion.
+pub struct Handoffs {
+    pub config: HandoffConfig,
+    gates: Vec<Arc<RwLock<()>>>,
+    pub incoming: Mutex<BTreeMap<String, Progress>>,
+    /// Wall-clock ms at which each no-longer-owned local copy was first seen.
+    retired: Mutex<HashMap<String, u64>>,
+    bandwidth: Mutex<(u64, f64)>,
+}
+
+impl Handoffs {
+    pub fn new(config: HandoffConfig) -> Handoffs {
+        Handoffs {
+            config,
+            gates: (0..GATE_SHARDS).map(|_| Arc::new(RwLock::new(()))).collect(),
+            incoming: Mutex::new(BTreeMap::new()),
+            retired: Mutex::new(HashMap::new()),
+            bandwidth: Mutex::new((0, 0.0)),
+        }
+    }
+
+    fn gate(&self, tenant: &str) -> Arc<RwLock<()>> {
+        let shard = xxhash_rust::xxh3::xxh3_64(tenant.as_bytes()) as usize % GATE_SHARDS;
+        self.gates[shard].clone()
+    }
+
+    /// Held by a request from its ownership check to its answer.
+    pub async fn enter(&self, tenant: &str) -> OwnedRwLockReadGuard<()> {
+        self.gate(tenant).read_owned().await
+    }
+
+    /// Waits until no request that passed its ownership check for `tenant` is still running.
+    async fn drain(&self, tenant: &str) {
+        drop(self.gate(tenant).write_owned().await);
+    }
+
+    fn progress(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Progress>> {
+        self.incoming.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits as long as the bandwidth limit asks before `bytes` more may be pulled.
+    async fn pace(&self, bytes: u64, now_ms: u64) {
+        let rate = self.config.bandwidth_bytes_per_s.max(1) as f64;
+        let wait_s = {
+            let mut b = self.bandwidth.lock().unwrap_or_else(|p| p.into_inner());
+            // `b.1` is the debt in seconds, drained by the time since `b.0`.
+            let elapsed = now_ms.saturating_sub(b.0) as f64 / 1000.0;
+            b.1 = (b.1 - elapsed).max(0.0) + bytes as f64 / rate;
+            b.0 = now_ms;
+            b.1
+        };
+        if wait_s > 0.0 {
+            tokio::time::sleep(Duration::from_secs_f64(wait_s)).await;
+        }
+    }
+}
+
+/// Old owner: the tenant's file list, once this node has applied `epoch` and no longer runs any
+/// request for the tenant.
+pub async fn manifest(svc: &Service, tenant: &str, epoch: u64) -> Result<Vec<HandoffFile>, ApiError> {
+    let mut rx = svc.registry.subscribe();
+    let reached = tokio::time::timeout(EPOCH_WAIT, async {
+        while rx.borrow_and_update().1.placement_epoch() < epoch {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    let state = svc.registry.state();
+    if reached.is_err() || state.placement_epoch() < epoch {
+        return Err(ApiError::Unavailable { reason: format!("epoch {epoch} not applied yet"), retry_after_s: 1 });
+    }
+    if state.owner_of(tenant) == Some(svc.id) {
+        return Err(ApiError::Conflict(format!("node {} owns {tenant}; nothing to hand off", svc.id)));
+    }
+    svc.handoffs.drain(tenant).await;
+    svc.limits.persist();
+    let (store, t) = (svc.store.clone(), tenant.to_string());
+    tokio::task::spawn_blocking(move || store.handoff_manifest(&t))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(ApiError::from)
+}
+
+/// Old owner: a chunk of one file of a tenant this node no longer owns.
+pub async fn read(svc: &Service, tenant: &str, path: &str, offset: u64, len: u64) -> Result<Vec<u8>, ApiError> {
+    if svc.registry.state().owner_of(tenant) == Some(svc.id) {
+        return Err(ApiError::Conflict(format!("node {} owns {tenant}", svc.id)));
+    }
+    let (store, t, p) = (svc.store.clone(), tenant.to_string(), path.to_string());
+    let bytes = tokio::task::spawn_blocking(move || store.handoff_read(&t, &p))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(ApiError::from)?;
+    let start = (offset as usize).min(bytes.len());
+    let end = start.saturating_add(len as usize).min(bytes.len());
+    Ok(bytes[start..end].to_vec())
+}
+
+async fn call(svc: &Service, addr: &str, request: NodeRequest) -> Result<NodeResponse, String> {
+    let addr = addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?;
+    let bytes = proto::wire::encode(&request).map_err(|e| e.to_string())?;
+    let answer = svc.peers.call(addr, bytes.into(), PEER_CALL_TIMEOUT).await.map_err(|e| e.to_string())?;
+    proto::wire::decode(&answer).map_err(|e| e.to_string())
+}
+
+/// Commits a registry command from this node, through the leader if this node is a follower.
+pub async fn commit(svc: &Service, command: Command) -> Result<(), String> {
+    match svc.registry.write(command.clone()).await {
+        Ok(_) => Ok(()),
+        Err(RegistryError::NotLeader { leader_addr: Some(addr), .. }) => {
+            let bytes = proto::wire::encode(&command).map_err(|e| e.to_string())?;
+            match call(svc, &addr, NodeRequest::RaftCommand { command: bytes }).await? {
+                NodeResponse::Admin { result: Ok(_), .. } => Ok(()),
+                NodeResponse::Admin { result: Err(e), .. } => Err(e.to_string()),
+                other => Err(format!("leader answered {other:?}")),
+            }
+        }
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// New owner: copies one tenant from its old owner and commits the handoff.
+async fn pull(svc: &Service, h: &Handoff) -> Result<(), String> {
+    let state = svc.registry.state();
+    let from = state.node(h.from).ok_or_else(|| format!("node {} is unknown", h.from))?.addr.clone();
+    let files = match call(svc, &from, NodeRequest::HandoffManifest { tenant: h.tenant.clone(), epoch: h.epoch }).await? {
+        NodeResponse::HandoffManifest(r) => r.map_err(|e| e.to_string())?,
+        other => return Err(format!("old owner answered {other:?}")),
+    };
+    if let Some(p) = svc.handoffs.progress().get_mut(&h.tenant) {
+        p.files = files.len();
+        p.bytes_total = files.iter().map(|f| f.len).sum();
+    }
+    let t = h.tenant.clone();
+    stage(svc, move |s| s.stage_begin(&t)).await?;
+    for file in &files {
+        let bytes = fetch(svc, &from, &h.tenant, file).await?;
+        let (t, f) = (h.tenant.clone(), file.clone());
+        stage(svc, move |s| s.stage_file(&t, &f, &bytes)).await?;
+    }
+    let t = h.tenant.clone();
+    stage(svc, move |s| s.stage_commit(&t)).await?;
+    commit(svc, Command::HandoffDone { tenant: h.tenant.clone(), epoch: h.epoch }).await
+}
+
+async fn stage(svc: &Service, f: impl FnOnce(&crate::store::Store) -> Result<(), crate::store::StoreError> + Send + 'static) -> Result<(), String> {
+    let store = svc.store.clone();
+    tokio::task::spawn_blocking(move || f(&store)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+}
+
+async fn fetch(svc: &Service, from: &str, tenant: &str, file: &HandoffFile) -> Result<Vec<u8>, String> {
+    let mut bytes = Vec::with_capacity(file.len as usize);
+    let chunk = svc.handoffs.config.chunk_bytes.max(1);
+    while (bytes.len() as u64) < file.len {
+        let want = chunk.min(file.len - bytes.len() as u64);
+        svc.handoffs.pace(want, svc.clock_ms()).await;
+        let request = NodeRequest::HandoffRead { tenant: tenant.to_string(), path: file.path.clone(), offset: bytes.len() as u64, len: want };
+        let part = match call(svc, from, request).await? {
+            NodeResponse::HandoffChunk(r) => r.map_err(|e| e.to_string())?,
+            other => return Err(format!("old owner answered {other:?}")),
+        };
+        if part.is_empty() {
+            return Err(format!("{} ended early on the old owner", file.path));
+        }
+        bytes.extend_from_slice(&part);
+        if let Some(p) = svc.handoffs.progress().get_mut(tenant) {
+            p.bytes_done += part.len() as u64;
+        }
+    }
+    Ok(bytes)
+}
+
+/// New owner: pulls every handoff addressed to this node, a bounded number at a time.
+pub async fn run_puller(svc: Arc<Service>, shutdown: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(svc.handoffs.config.parallelism.max(1)));
+    let mut rx = svc.registry.subscribe();
+    loop {
+        let state = rx.borrow_and_update().1.clone();
+        for h in state.handoffs().filter(|h| h.to == svc.id) {
+            let fresh = {
+                let mut incoming = svc.handoffs.progress();
+                let new = !incoming.contains_key(&h.tenant);
+                if new {
+                    incoming.insert(h.tenant.clone(), Progress { from: h.from, epoch: h.epoch, ..Default::default() });
+                }
+                new
+            };
+            if fresh {
+                tokio::spawn(pull_until_done(svc.clone(), h.clone(), permits.clone(), shutdown.clone()));
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = rx.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
+async fn pull_until_done(svc: Arc<Service>, h: Handoff, permits: Arc<Semaphore>, shutdown: CancellationToken) {
+    loop {
+        let Ok(_permit) = permits.acquire().await else { return };
+        if shutdown.is_cancelled() || svc.registry.state().handoff(&h.tenant).is_none_or(|p| *p != h) {
+            break;
+        }
+        let started = svc.clock_ms();
+        match pull(&svc, &h).await {
+            Ok(()) => {
+                let ms = svc.clock_ms().saturating_sub(started);
+                tracing::info!(tenant = h.tenant, from = h.from, epoch = h.epoch, ms, "handoff done");
+                metrics::counter!("sq_handoffs_total").increment(1);
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(tenant = h.tenant, from = h.from, error = %e, "handoff failed; will retry");
+                if let Some(p) = svc.handoffs.progress().get_mut(&h.tenant) {
+                    p.attempts += 1;
+                    p.bytes_done = 0;
+                    p.last_error = Some(e);
+                }
+            }
+        }
+        drop(_permit);
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(RETRY_PAUSE) => {}
+        }
+    }
+    svc.handoffs.progress().remove(&h.tenant);
+}
+
+/// Old owner: deletes copies of tenants this node no longer owns, once no handoff needs them
+/// and the grace period has passed since that was first seen.
+pub async fn run_sweeper(svc: Arc<Service>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(SWEEP_INTERVAL) => {}
+        }
+        if let Err(e) = sweep(&svc).await {
+            tracing::warn!(error = %e, "sweeping old tenant copies failed");
+        }
+    }
+}
+
+async fn sweep(svc: &Service) -> Result<(), String> {
+    let store = svc.store.clone();
+    let local = tokio::task::spawn_blocking(move || store.local_tenants()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+    let state = svc.registry.state();
+    let now = svc.clock_ms();
+    let grace_ms = svc.handoffs.config.grace_s.saturating_mul(1000);
+    let mut due = Vec::new();
+    {
+        let mut retired = svc.handoffs.retired.lock().unwrap_or_else(|p| p.into_inner());
+        let stale: Vec<&String> = local
+            .iter()
+            .filter(|t| state.owner_of(t) != Some(svc.id) && state.handoff(t).is_none())
+            .collect();
+        retired.retain(|t, _| stale.contains(&t));
+        for t in stale {
+            let since = *retired.entry(t.clone()).or_insert(now);
+            if now.saturating_sub(since) >= grace_ms {
+                due.push(t.clone());
+            }
+        }
+        for t in &due {
+            retired.remove(t);
+        }
+    }
+    for tenant in due {
+        let store = svc.store.clone();
+        let t = tenant.clone();
+        tokio::task::spawn_blocking(move || store.remove_tenant(&t)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        tracing::info!(tenant, "deleted the copy of a tenant handed off to another node");
+    }
+    Ok(())
+}

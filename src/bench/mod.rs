@@ -1,0 +1,210 @@
+//! `sq-cloud bench`: a load generator in the manner of redis-benchmark or pgbench.
+//!
+//! It makes its own tenants through the admin API (tier team, daily limit lifted so a long run
+//! is not cut short; archived again at the end) or uses the one `--key` names, writes each
+//! tenant's document before the clock starts, then runs `--concurrency` workers for
+//! `--duration`. Each worker is a thread with one keep-alive connection ([`conn`]) that sends the
+//! operation mix to random scrolls of random tenants and records every latency in HDR
+//! histograms ([`report`]).
+
+mod conn;
+mod report;
+mod workers;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::tooling::Target;
+
+pub use report::Report;
+
+/// The most workers (threads, connections) one bench runs: a bound, not a target.
+pub const CONCURRENCY_MAX: usize = 1024;
+
+/// The most tenants one bench makes.
+pub const TENANTS_MAX: usize = 10_000;
+
+/// Bytes one `insert` appends.
+pub const INSERT_BYTES: usize = 16;
+
+/// The operations a mix may hold. `insert` appends to a second phext (`<phext>-inserts`) so
+/// that the document the others read keeps its size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Op {
+    Select = 0,
+    Insert = 1,
+    Update = 2,
+    Toc = 3,
+    Get = 4,
+}
+
+impl Op {
+    pub const ALL: [Op; 5] = [Op::Select, Op::Insert, Op::Update, Op::Toc, Op::Get];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Select => "select",
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Toc => "toc",
+            Op::Get => "get",
+        }
+    }
+}
+
+/// An operation mix: weights that need not add up to 100.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mix(Vec<(Op, u32)>);
+
+impl Mix {
+    /// `select=80,update=20`.
+    pub fn parse(text: &str) -> anyhow::Result<Mix> {
+        let mut parts = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (name, weight) = item.split_once('=').with_context(|| format!("{item:?}: write OP=WEIGHT, e.g. select=80"))?;
+            let op = Op::ALL
+                .into_iter()
+                .find(|o| o.name() == name.trim())
+                .with_context(|| format!("unknown operation {name:?}: use select, insert, update, toc or get"))?;
+            let weight: u32 = weight.trim().parse().with_context(|| format!("{item:?}: the weight must be a whole number"))?;
+            if parts.iter().any(|(o, _)| *o == op) {
+                bail!("{name} is listed twice");
+            }
+            if weight > 0 {
+                parts.push((op, weight));
+            }
+        }
+        if parts.is_empty() {
+            bail!("the mix {text:?} has no operation with a weight above 0");
+        }
+        Ok(Mix(parts))
+    }
+
+    /// The operation for a number drawn uniformly from `0..self.total()`.
+    pub fn pick(&self, mut draw: u32) -> Op {
+        for (op, w) in &self.0 {
+            if draw < *w {
+                return *op;
+            }
+            draw -= w;
+        }
+        self.0[self.0.len() - 1].0
+    }
+
+    pub fn total(&self) -> u32 {
+        self.0.iter().map(|(_, w)| w).sum()
+    }
+
+    pub fn has(&self, op: Op) -> bool {
+        self.0.iter().any(|(o, _)| *o == op)
+    }
+}
+
+impl std::fmt::Display for Mix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let items: Vec<String> = self.0.iter().map(|(o, w)| format!("{}={w}", o.name())).collect();
+        f.write_str(&items.join(","))
+    }
+}
+
+/// Everything `sq-cloud bench` was asked to do.
+#[derive(Debug, Clone)]
+pub struct BenchConfig {
+    pub dev: Option<PathBuf>,
+    pub url: Option<String>,
+    pub admin_key: Option<String>,
+    pub ca: Option<PathBuf>,
+    /// Use this tenant key instead of making tenants.
+    pub key: Option<String>,
+    pub tenants: usize,
+    pub concurrency: usize,
+    pub duration: Duration,
+    pub mix: Mix,
+    pub scrolls: usize,
+    pub scroll_bytes: usize,
+    pub phext: String,
+    pub json: bool,
+    /// Keep the tenants bench made, rather than archiving them at the end.
+    pub keep_tenants: bool,
+}
+
+/// Runs the whole benchmark and prints its report.
+pub fn run(config: BenchConfig) -> anyhow::Result<()> {
+    check(&config)?;
+    let target = Target::resolve(config.dev.as_deref(), config.url.clone(), config.admin_key.clone(), config.ca.clone())?;
+    let plan = workers::Plan::new(&config, &target)?;
+    let tenants = workers::Tenants::obtain(&config, &target)?;
+    let outcome = workers::prepare(&plan, &tenants, &config).and_then(|()| workers::measure(&plan, &tenants, &config));
+    tenants.release(&config);
+    let report = outcome?;
+    if config.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        report.print_text();
+    }
+    Ok(())
+}
+
+fn check(config: &BenchConfig) -> anyhow::Result<()> {
+    if config.concurrency == 0 || config.concurrency > CONCURRENCY_MAX {
+        bail!("--concurrency must be 1..={CONCURRENCY_MAX}");
+    }
+    if config.key.is_none() && (config.tenants == 0 || config.tenants > TENANTS_MAX) {
+        bail!("--tenants must be 1..={TENANTS_MAX}");
+    }
+    if config.scrolls == 0 || config.scroll_bytes == 0 {
+        bail!("--scrolls and --scroll-bytes must be at least 1");
+    }
+    if config.scroll_bytes > proto::request::BODY_MAX_BYTES {
+        bail!("--scroll-bytes must be at most {} (the request body limit)", proto::request::BODY_MAX_BYTES);
+    }
+    if config.scrolls > 10_000 * 100 {
+        bail!("--scrolls must be at most 1000000");
+    }
+    if proto::PhextName::parse(&config.phext).is_err() || proto::PhextName::parse(&format!("{}-inserts", config.phext)).is_err() {
+        bail!("--phext {:?} is not a valid phext name", config.phext);
+    }
+    if config.duration.is_zero() {
+        bail!("--duration must be above 0");
+    }
+    Ok(())
+}
+
+/// The coordinate of scroll `i` of a bench document: a hundred scrolls per section.
+pub fn coordinate(i: usize) -> String {
+    format!("1.1.1/1.1.1/1.{}.{}", i / 100 + 1, i % 100 + 1)
+}
+
+/// The text of scroll `i` in a freshly prepared document.
+pub fn scroll_text(i: usize, bytes: usize) -> String {
+    format!("scroll {i} ").chars().cycle().take(bytes).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: mixes parse as written, refuse what they cannot mean, and pick in proportion.
+    #[test]
+    fn mixes() {
+        let mix = Mix::parse("select=80, update=20").unwrap();
+        assert_eq!(mix.total(), 100);
+        assert_eq!(mix.to_string(), "select=80,update=20");
+        let updates = (0..100).filter(|d| mix.pick(*d) == Op::Update).count();
+        assert_eq!(updates, 20);
+        assert_eq!(Mix::parse("toc=0,get=1").unwrap().pick(0), Op::Get);
+        for bad in ["", "select", "select=x", "nope=1", "select=1,select=2", "select=0"] {
+            assert!(Mix::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    // Goal: bench documents use valid, distinct coordinates in document order.
+    #[test]
+    fn coordinates() {
+        let all: Vec<proto::Coordinate> = (0..1000).map(|i| proto::Coordinate::parse(&coordinate(i)).unwrap()).collect();
+        assert!(all.windows(2).all(|w| w[0] < w[1]));
+        assert_eq!(scroll_text(7, 20).len(), 20);
+    }
+}
