@@ -140,7 +140,7 @@ async fn forward_to_leader(svc: &Service, leader: &str, request: NodeRequest) ->
 }
 
 /// Waits (bounded) until this node has applied `index`, so its answer already shows the change.
-async fn wait_applied(svc: &Service, index: u64) {
+pub(crate) async fn wait_applied(svc: &Service, index: u64) {
     let mut rx = svc.registry.subscribe();
     let _ = tokio::time::timeout(APPLY_WAIT, async {
         while rx.borrow_and_update().0 < index {

@@ -185,7 +185,11 @@ pub async fn commit(svc: &Service, command: Command) -> Result<(), String> {
         Err(RegistryError::NotLeader { leader_addr: Some(addr), .. }) => {
             let bytes = proto::wire::encode(&command).map_err(|e| e.to_string())?;
             match call(svc, &addr, NodeRequest::RaftCommand { command: bytes }).await? {
-                NodeResponse::Admin { result: Ok(_), .. } => Ok(()),
+                NodeResponse::Admin { result: Ok(_), applied_index } => {
+                    // Serve from this node's own state only once it shows the change too.
+                    crate::admin::wait_applied(svc, applied_index).await;
+                    Ok(())
+                }
                 NodeResponse::Admin { result: Err(e), .. } => Err(e.to_string()),
                 other => Err(format!("leader answered {other:?}")),
             }
