@@ -138,6 +138,7 @@ fn join_drain_and_crash_under_load() {
     std::thread::sleep(Duration::from_secs(2));
 
     // Join a 4th node.
+    let join_started = Instant::now();
     let port4 = free_udp_port();
     let mut node4 = start_node(&cluster, 4, port4);
     let before = node_counts(&cluster);
@@ -156,6 +157,7 @@ fn join_drain_and_crash_under_load() {
     }
 
     // Drain node 4 and remove it.
+    let drain_started = Instant::now();
     let (status, body) = admin(&cluster, reqwest::Method::POST, "/admin/nodes/4/drain", None);
     assert_eq!(status, 200, "{body}");
     let drain_took = settle(&cluster, "drain");
@@ -168,6 +170,7 @@ fn join_drain_and_crash_under_load() {
     let _ = node4.wait();
 
     // A 5th node joins and is killed while tenants are on their way to it.
+    let crash_started = Instant::now();
     let port5 = free_udp_port();
     let mut node5 = start_node(&cluster, 5, port5);
     let (status, body) = admin(&cluster, reqwest::Method::POST, "/admin/nodes", Some(serde_json::json!({"id": 5, "addr": format!("127.0.0.1:{port5}")})));
@@ -184,7 +187,8 @@ fn join_drain_and_crash_under_load() {
     for w in writers {
         w.join().unwrap();
     }
-    verify(&base, &tenants);
+    let phases = [("join", join_started), ("drain", drain_started), ("crash", crash_started)];
+    verify(&base, &tenants, &phases);
     let _ = node5.kill();
     let _ = node5.wait();
 }
@@ -203,8 +207,8 @@ fn read_settled(base: &str, key: &str) -> (u16, String) {
 }
 
 /// Every acknowledged write is present, in order; failures are 503s; reports the longest pause.
-fn verify(base: &str, tenants: &[Tenant]) {
-    let mut longest = (Duration::ZERO, 0);
+fn verify(base: &str, tenants: &[Tenant], phases: &[(&str, Instant)]) {
+    let mut longest = vec![(Duration::ZERO, 0); phases.len()];
     let mut failed = 0;
     for (i, t) in tenants.iter().enumerate() {
         let log = t.log.lock().unwrap();
@@ -216,7 +220,8 @@ fn verify(base: &str, tenants: &[Tenant]) {
         // The longest stretch without an acknowledgement that contains a failure.
         for w in log.acked_at.windows(2) {
             if log.failures.iter().any(|(_, at)| *at > w[0] && *at < w[1]) {
-                longest = longest.max((w[1] - w[0], i));
+                let phase = phases.iter().rposition(|(_, start)| w[0] >= *start).unwrap_or(0);
+                longest[phase] = longest[phase].max((w[1] - w[0], i));
             }
         }
         let (status, scroll) = read_settled(base, &t.key);
@@ -229,6 +234,9 @@ fn verify(base: &str, tenants: &[Tenant]) {
         }
     }
     let acked: usize = tenants.iter().map(|t| t.log.lock().unwrap().acked.len()).sum();
-    eprintln!("{acked} writes acknowledged and all present; {failed} refused with 503 during cut-overs; longest pause {:?} (tenant {})", longest.0, longest.1);
+    eprintln!("{acked} writes acknowledged and all present; {failed} refused with 503 during cut-overs");
+    for ((name, _), (pause, tenant)) in phases.iter().zip(&longest) {
+        eprintln!("longest pause of one tenant during {name}: {pause:?} (tenant {tenant})");
+    }
 }
 

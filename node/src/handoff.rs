@@ -43,7 +43,7 @@ const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct HandoffConfig {
-    /// Tenants pulled at once by a new owner. Default 4.
+    /// Tenants pulled at once by a new owner. Default 16: a pull mostly waits on round trips.
     pub parallelism: usize,
     /// Bytes per second a new owner pulls, over all its handoffs. Default 64 MiB/s.
     pub bandwidth_bytes_per_s: u64,
@@ -55,7 +55,7 @@ pub struct HandoffConfig {
 
 impl Default for HandoffConfig {
     fn default() -> Self {
-        HandoffConfig { parallelism: 4, bandwidth_bytes_per_s: 64 << 20, chunk_bytes: 4 << 20, grace_s: 600 }
+        HandoffConfig { parallelism: 16, bandwidth_bytes_per_s: 64 << 20, chunk_bytes: 4 << 20, grace_s: 600 }
     }
 }
 

@@ -114,9 +114,22 @@ impl Client {
                 limit: MAX_FRAME_BYTES as u64,
             });
         }
-        tokio::time::timeout(timeout, self.call_unbounded(addr, request))
-            .await
-            .map_err(|_| TransportError::Timeout { what: "call" })?
+        match tokio::time::timeout(timeout, self.call_unbounded(addr, request)).await {
+            Ok(result) => result,
+            Err(_) => {
+                // The peer may have restarted: its new process cannot reset our old connection
+                // (a restarted endpoint has new reset keys), which would otherwise look alive
+                // until the idle timeout. Later calls get a fresh connection; calls still
+                // running on the old one keep it.
+                self.unpool(addr);
+                Err(TransportError::Timeout { what: "call" })
+            }
+        }
+    }
+
+    /// Takes the connection to `addr` out of the pool without closing it.
+    fn unpool(&self, addr: SocketAddr) {
+        self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner).remove(&addr);
     }
 
     /// [`Client::call`] with bincode encoding of the request and decoding of the response.
