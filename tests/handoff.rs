@@ -5,18 +5,14 @@
 
 mod common;
 
-use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{bin, get, http, DevCluster};
+use common::{admin, free_udp_port, get, http, node_counts, pending_handoffs, settle, start_node, DevCluster};
 
 const TENANTS: usize = 300;
 const WRITERS: usize = 6;
-/// How long the handoffs of one placement change may take in all, on a loaded CI machine.
-const SETTLE_LIMIT: Duration = Duration::from_secs(120);
 
 #[derive(Default)]
 struct Log {
@@ -30,70 +26,6 @@ struct Log {
 struct Tenant {
     key: String,
     log: Mutex<Log>,
-}
-
-fn admin(c: &DevCluster, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
-    let mut r = http().request(method, format!("{}{path}", c.url())).bearer_auth(c.admin_key());
-    if let Some(b) = body {
-        r = r.json(&b);
-    }
-    let r = r.send().unwrap();
-    let status = r.status().as_u16();
-    let text = r.text().unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
-}
-
-fn start_node(c: &DevCluster, id: u64, port: u16) -> Child {
-    let certs = c.dir.join("certs");
-    if !certs.join(format!("node-{id}.pem")).exists() {
-        let ok = Command::new(bin()).args(["certs", "issue", "--dir", certs.to_str().unwrap(), "--node", &id.to_string()]).status().unwrap();
-        assert!(ok.success());
-    }
-    let dir = c.dir.join(format!("node-{id}"));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = format!(
-        "id = {id}\ndata_dir = {:?}\nlisten = \"127.0.0.1:{port}\"\ncluster_certs = {:?}\n",
-        dir.display().to_string(),
-        certs.display().to_string()
-    );
-    std::fs::write(dir.join("node.toml"), config).unwrap();
-    let log = std::fs::File::create(c.dir.join(format!("node-{id}.log"))).unwrap();
-    Command::new(bin())
-        .args(["node", "--config", dir.join("node.toml").to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap()
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-fn pending_handoffs(c: &DevCluster) -> Option<u64> {
-    let (status, health) = admin(c, reqwest::Method::GET, "/admin/health", None);
-    (status == 200).then(|| health["handoffs"]["pending"].as_u64()).flatten()
-}
-
-fn node_counts(c: &DevCluster) -> BTreeMap<u64, (String, u64)> {
-    let (_, nodes) = admin(c, reqwest::Method::GET, "/admin/nodes", None);
-    nodes
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| (n["id"].as_u64().unwrap(), (n["state"].as_str().unwrap().to_string(), n["tenants"].as_u64().unwrap())))
-        .collect()
-}
-
-fn settle(c: &DevCluster, what: &str) -> Duration {
-    let started = Instant::now();
-    loop {
-        if pending_handoffs(c) == Some(0) {
-            return started.elapsed();
-        }
-        assert!(started.elapsed() < SETTLE_LIMIT, "{what}: handoffs still pending after {SETTLE_LIMIT:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn writer(base: String, tenants: Arc<Vec<Tenant>>, index: usize, stop: Arc<AtomicBool>) {
