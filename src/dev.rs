@@ -34,6 +34,8 @@ pub struct DevConfig {
     pub data: PathBuf,
     pub listen: SocketAddr,
     pub tls: bool,
+    /// A tenants file every node watches (only the registry leader applies it).
+    pub tenants_file: Option<PathBuf>,
 }
 
 /// `dev.json`, as PRODUCT.md §6 lists its fields, plus what a resume needs.
@@ -69,8 +71,7 @@ impl Proc {
             .append(true)
             .open(log_dir.join(format!("{name}.log")))
             .with_context(|| format!("opening the log of {name}"))?;
-        let exe = std::env::current_exe().context("locating the sq-cloud binary")?;
-        let child = Command::new(exe)
+        let child = Command::new(exe()?)
             .args(&args)
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -78,6 +79,13 @@ impl Proc {
             .with_context(|| format!("starting {name}"))?;
         Ok(Proc { name: name.to_string(), args, child })
     }
+}
+
+/// This binary's path, read once: after a rebuild replaces the file, `current_exe` names a
+/// deleted file, and a child restarted from it would fail to start.
+fn exe() -> anyhow::Result<&'static Path> {
+    static EXE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    EXE.get_or_init(|| std::env::current_exe().ok()).as_deref().context("locating the sq-cloud binary")
 }
 
 fn free_udp_port() -> anyhow::Result<u16> {
@@ -89,7 +97,9 @@ pub fn run(config: DevConfig) -> anyhow::Result<()> {
     if config.nodes == 0 {
         bail!("--nodes must be at least 1");
     }
+    exe()?;
     std::fs::create_dir_all(&config.data).with_context(|| format!("creating {}", config.data.display()))?;
+    let tenants_file = config.tenants_file.as_deref().map(std::path::absolute).transpose().context("resolving --tenants-file")?;
     let data = config.data.canonicalize()?;
     let json_path = data.join("dev.json");
     let previous: Option<DevJson> = match std::fs::read(&json_path) {
@@ -125,7 +135,8 @@ pub fn run(config: DevConfig) -> anyhow::Result<()> {
             None => SocketAddr::from(([127, 0, 0, 1], free_udp_port()?)),
         };
         std::fs::create_dir_all(&dir)?;
-        let node_config = node::NodeConfig::dev(id, addr, &dir, &certs, id == 1, &admin_key);
+        let mut node_config = node::NodeConfig::dev(id, addr, &dir, &certs, id == 1, &admin_key);
+        node_config.tenants_file = tenants_file.clone();
         std::fs::write(dir.join("node.toml"), toml::to_string(&node_config)?)?;
         nodes.push(DevNode { id, pid: 0, data_dir: dir, addr });
     }

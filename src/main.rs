@@ -1,9 +1,13 @@
 //! `sq-cloud`: one binary for the whole service. This file only parses flags, loads config and
 //! hands over to the crate that does the work (the ripgrep pattern: the root package is thin).
 
+mod admin;
 mod admin_client;
+mod bench;
 mod dev;
+mod import;
 mod signals;
+mod tooling;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -35,6 +39,9 @@ enum Command {
         /// Serve HTTPS with a certificate from the cluster CA instead of plain HTTP.
         #[arg(long)]
         tls: bool,
+        /// A declarative tenants file (tenants.json shape) for the nodes to apply and watch.
+        #[arg(long)]
+        tenants_file: Option<PathBuf>,
     },
     /// Run a cluster node.
     Node {
@@ -49,6 +56,12 @@ enum Command {
     /// Make the cluster CA and certificates.
     #[command(subcommand)]
     Certs(CertsCommand),
+    /// Tenants and nodes from the shell, through the admin API.
+    Admin(admin::AdminArgs),
+    /// Load a gateway with a mix of operations; report throughput and latency percentiles.
+    Bench(bench::BenchArgs),
+    /// Bring an SQ data directory of *.phext files into a tenant.
+    Import(import::ImportConfig),
     /// Write to a tenant store forever, printing each acknowledged write (crash tests).
     #[command(hide = true)]
     StoreWriter {
@@ -124,7 +137,8 @@ where
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Dev { nodes, data, listen, tls } => dev::run(dev::DevConfig { nodes, data, listen, tls }),
+        Command::Dev { nodes, data, listen, tls, tenants_file } => dev::run(dev::DevConfig { nodes, data, listen, tls, tenants_file }),
+        Command::Admin(args) => admin::run(args),
         Command::Node { config } => {
             init_tracing();
             let config: node::NodeConfig = read_toml(&config)?;
@@ -152,6 +166,8 @@ fn main() -> anyhow::Result<()> {
             println!("issued a certificate for {role:?} in {}", dir.display());
             Ok(())
         }
+        Command::Bench(args) => bench::run(args.into_config()?),
+        Command::Import(config) => import::run(config),
         Command::StoreWriter { data, tenant, seed } => node::store::crash_writer(&data, &tenant, seed),
     }
 }

@@ -53,11 +53,15 @@ struct AddNode {
     addr: String,
 }
 
+/// Prometheus' text exposition format, which `/api/v2/metrics` answers in.
+const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
 pub async fn handle(gw: &Arc<Gateway>, request: Request) -> Response {
+    let content_type = if request.uri().path() == "/api/v2/metrics" { PROMETHEUS_CONTENT_TYPE } else { "application/json" };
     match admin(gw, request).await {
         Ok((status, json)) => {
             let mut r = (status, json).into_response();
-            r.headers_mut().insert("content-type", HeaderValue::from_static("application/json"));
+            r.headers_mut().insert("content-type", HeaderValue::from_static(content_type));
             r.headers_mut().insert("access-control-allow-origin", HeaderValue::from_static("*"));
             r
         }
@@ -131,6 +135,18 @@ async fn admin(gw: &Arc<Gateway>, request: Request) -> Result<(StatusCode, Strin
         (&Method::DELETE, ["nodes", id]) => AdminOp::RemoveNode { id: parse_node_id(id)? },
         _ => return Err(ApiError::NotFound),
     };
+    let json = apply_op(gw, admin_hash, op).await?;
+    let json = match new_key {
+        Some(key) => with_api_key(&json, &key)?,
+        None => json,
+    };
+    let status = if method == Method::POST && parts.as_slice() == ["tenants", "add"] { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, json))
+}
+
+/// The HTTP-free core of an admin request: sends `op` to the first node that answers and, for a
+/// change, waits (bounded) until this gateway's view shows it. The simulator enters here.
+pub async fn apply_op(gw: &Arc<Gateway>, admin_hash: String, op: AdminOp) -> Result<String, ApiError> {
     let mutates = !matches!(op, AdminOp::ListTenants | AdminOp::GetTenant { .. } | AdminOp::TenantStats { .. } | AdminOp::Health | AdminOp::ListNodes);
     let (json, addr, applied_index) = send_admin(gw, admin_hash, op).await?;
     if mutates {
@@ -138,12 +154,7 @@ async fn admin(gw: &Arc<Gateway>, request: Request) -> Result<(StatusCode, Strin
         // request already sees it (a rotated key is refused here at once).
         see_index(gw, addr, applied_index).await;
     }
-    let json = match new_key {
-        Some(key) => with_api_key(&json, &key)?,
-        None => json,
-    };
-    let status = if method == Method::POST && parts.as_slice() == ["tenants", "add"] { StatusCode::CREATED } else { StatusCode::OK };
-    Ok((status, json))
+    Ok(json)
 }
 
 fn parse_node_id(raw: &str) -> Result<u64, ApiError> {

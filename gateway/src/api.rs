@@ -83,6 +83,10 @@ async fn dispatch(gw: &Arc<Gateway>, request: Request) -> Response {
         return preflight();
     }
     let path = request.uri().path().to_string();
+    // The API's description needs no key (crate::routes lists every route served).
+    if path == crate::routes::OPENAPI_PATH && request.method() == Method::GET {
+        return crate::routes::openapi_response();
+    }
     if path.starts_with("/api/v2/admin/") || path == "/api/v2/admin" || path == "/api/v2/metrics" {
         return crate::admin::handle(gw, request).await;
     }
@@ -106,21 +110,47 @@ fn ok_response(answer: SqResponse) -> Response {
 
 async fn public(gw: &Arc<Gateway>, method: request::Method, request: Request) -> Result<SqResponse, ApiError> {
     let key = request_key(request.headers()).ok_or(ApiError::Unauthorized)?;
-    let hash = key_hash(&key);
-    let view = gw.views.current();
-    let tenant = view.tenant_by_key_hash(&hash).ok_or(ApiError::Unauthorized)?.clone();
-    if !tenant.enabled {
-        return Err(ApiError::Forbidden("tenant is disabled".into()));
-    }
+    let caller = authenticate(gw, &key)?;
     let route = request.uri().path().strip_prefix(API_PREFIX).map(str::to_string);
     let query = request.uri().query().unwrap_or("").to_string();
     let body = read_body(request.into_body()).await?;
     let route = route.ok_or(ApiError::NotFound)?;
-    let sq = request::parse(method, &route, &query, &body)?;
+    serve(gw, &caller, method, &route, &query, &body).await
+}
+
+/// A tenant authenticated by its key in this gateway's view.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    pub tenant: String,
+    pub key_hash: String,
+}
+
+/// The tenant a key belongs to: 401 for a key the view does not know, 403 for a disabled tenant.
+pub fn authenticate(gw: &Gateway, key: &str) -> Result<Caller, ApiError> {
+    let hash = key_hash(key);
+    let view = gw.views.current();
+    let tenant = view.tenant_by_key_hash(&hash).ok_or(ApiError::Unauthorized)?;
+    if !tenant.enabled {
+        return Err(ApiError::Forbidden("tenant is disabled".into()));
+    }
+    Ok(Caller { tenant: tenant.id.clone(), key_hash: hash })
+}
+
+/// The HTTP-free core of a public request after its key: parse `/api/v2/<route>?<query>` with
+/// `body`, then run it on the tenant's owner. The simulator enters the gateway here.
+pub async fn serve(
+    gw: &Arc<Gateway>,
+    caller: &Caller,
+    method: request::Method,
+    route: &str,
+    query: &str,
+    body: &[u8],
+) -> Result<SqResponse, ApiError> {
+    let sq = request::parse(method, route, query, body)?;
     if matches!(sq, SqRequest::Version) {
         return Ok(SqResponse::text(request::SQ_API_VERSION));
     }
-    forward(gw, &tenant.id, &hash, sq).await
+    forward(gw, &caller.tenant, &caller.key_hash, sq).await
 }
 
 /// Sends the request to the tenant's owner; on "not owner" refreshes the view and tries once more.

@@ -115,9 +115,14 @@ pub async fn poll_views(client: Arc<dyn NodeClient>, views: ViewHandle, seeds: V
             Ok(NodeResponse::View(Some(view))) => {
                 if view.applied_index >= views.current().view.applied_index {
                     views.replace(view);
+                } else {
+                    // That node is behind this view: ask another one next.
+                    turn += 1;
                 }
             }
-            Ok(NodeResponse::View(None)) => {}
+            // Nothing new there: ask another node next, so that a node whose registry no longer
+            // moves (partitioned, removed, never joined) cannot freeze this view.
+            Ok(NodeResponse::View(None)) => turn += 1,
             Ok(other) => tracing::warn!(%addr, ?other, "unexpected answer to a view poll"),
             Err(e) => {
                 tracing::debug!(%addr, error = %e, "view poll failed; trying the next node");

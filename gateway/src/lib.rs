@@ -13,6 +13,7 @@ pub mod api;
 pub mod error;
 pub mod forward;
 pub mod metering;
+pub mod routes;
 mod serve;
 pub mod view;
 

@@ -150,7 +150,7 @@ pub async fn manifest(svc: &Service, tenant: &str, epoch: u64) -> Result<Vec<Han
     svc.handoffs.drain(tenant).await;
     svc.limits.persist();
     let (store, t) = (svc.store.clone(), tenant.to_string());
-    tokio::task::spawn_blocking(move || store.handoff_manifest(&t))
+    crate::blocking::spawn(move || store.handoff_manifest(&t))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(ApiError::from)
@@ -162,7 +162,7 @@ pub async fn read(svc: &Service, tenant: &str, path: &str, offset: u64, len: u64
         return Err(ApiError::Conflict(format!("node {} owns {tenant}", svc.id)));
     }
     let (store, t, p) = (svc.store.clone(), tenant.to_string(), path.to_string());
-    let bytes = tokio::task::spawn_blocking(move || store.handoff_read(&t, &p))
+    let bytes = crate::blocking::spawn(move || store.handoff_read(&t, &p))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(ApiError::from)?;
@@ -224,7 +224,7 @@ async fn pull(svc: &Service, h: &Handoff) -> Result<(), String> {
 
 async fn stage(svc: &Service, f: impl FnOnce(&crate::store::Store) -> Result<(), crate::store::StoreError> + Send + 'static) -> Result<(), String> {
     let store = svc.store.clone();
-    tokio::task::spawn_blocking(move || f(&store)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+    crate::blocking::spawn(move || f(&store)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
 }
 
 async fn fetch(svc: &Service, from: &str, tenant: &str, file: &HandoffFile) -> Result<Vec<u8>, String> {
@@ -323,7 +323,7 @@ pub async fn run_sweeper(svc: Arc<Service>, shutdown: CancellationToken) {
 
 async fn sweep(svc: &Service) -> Result<(), String> {
     let store = svc.store.clone();
-    let local = tokio::task::spawn_blocking(move || store.local_tenants()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+    let local = crate::blocking::spawn(move || store.local_tenants()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
     let state = svc.registry.state();
     let now = svc.clock_ms();
     let grace_ms = svc.handoffs.config.grace_s.saturating_mul(1000);
@@ -348,7 +348,7 @@ async fn sweep(svc: &Service) -> Result<(), String> {
     for tenant in due {
         let store = svc.store.clone();
         let t = tenant.clone();
-        tokio::task::spawn_blocking(move || store.remove_tenant(&t)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        crate::blocking::spawn(move || store.remove_tenant(&t)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
         tracing::info!(tenant, "deleted the copy of a tenant handed off to another node");
     }
     Ok(())

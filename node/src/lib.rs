@@ -3,8 +3,12 @@
 //!
 //! - [`store`]: each tenant's phexts on this node's disk, behind a write-ahead log with group
 //!   commit, and the executor that runs a `proto::SqRequest` against them.
+//! - [`NodeParts`] and [`Seams`]: a node opened on its network, disks and clocks, which [`run`]
+//!   gives QUIC and the real disk, and the simulator (`sim/`) gives its own; [`blocking`] is how
+//!   store work leaves the async service (a thread pool, or inline on the simulator's thread).
 
 mod admin;
+pub mod blocking;
 pub mod clock;
 pub mod config;
 pub mod gossip;
@@ -18,4 +22,5 @@ pub mod store;
 pub mod tenants_file;
 
 pub use config::NodeConfig;
-pub use run::{run, NodeError};
+pub use run::{run, NodeError, NodeParts, Seams, Workers};
+pub use service::Service;

@@ -41,10 +41,16 @@ pub struct Rollup {
     pub calls: BTreeMap<String, u64>,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// The tenant's last request ever, not only today's: carried over when the day turns.
     pub last_active_ms: Option<u64>,
 }
 
 impl Rollup {
+    /// An empty roll-up for `day` that keeps this one's last activity.
+    fn next_day(&self, day: u64) -> Rollup {
+        Rollup { day, last_active_ms: self.last_active_ms, ..Rollup::default() }
+    }
+
     pub fn total_calls(&self) -> u64 {
         self.calls.values().sum()
     }
@@ -87,7 +93,7 @@ impl Limits {
             .read(&self.path(tenant))
             .ok()
             .and_then(|b| serde_json::from_slice::<Rollup>(&b).ok())
-            .filter(|r| r.day == today)
+            .map(|r| if r.day == today { r } else { r.next_day(today) })
             .unwrap_or(Rollup { day: today, ..Rollup::default() });
         TenantLimits { rollup, tokens: BURST_CAPACITY, tokens_at_ms: now_ms, in_flight: 0, dirty: false, loaded: true }
     }
@@ -103,7 +109,7 @@ impl Limits {
         }
         let Some(t) = tenants.get_mut(tenant) else { unreachable!("inserted just above") };
         if t.rollup.day != today {
-            t.rollup = Rollup { day: today, ..Rollup::default() };
+            t.rollup = t.rollup.next_day(today);
             t.dirty = true;
         }
         if t.rollup.total_calls() + t.in_flight >= daily_limit {
@@ -143,7 +149,7 @@ impl Limits {
         let tenants = self.lock();
         match tenants.get(tenant) {
             Some(t) if t.rollup.day == today => t.rollup.clone(),
-            Some(_) => Rollup { day: today, ..Rollup::default() },
+            Some(t) => t.rollup.next_day(today),
             None => self.load(tenant, today, now).rollup,
         }
     }
@@ -214,6 +220,32 @@ mod tests {
         }
         clock.0.fetch_add(10_000, Ordering::SeqCst);
         l.admit("t", 5).unwrap();
+        let r = l.rollup("t");
+        assert_eq!(r.total_calls(), 0, "a new day starts from zero");
+        assert_eq!(r.last_active_ms, Some(day0 + crate::clock::DAY_MS - 10_000), "last activity outlives its day");
+    }
+
+    // Goal: the token bucket lets BURST_CAPACITY requests through at once, then refuses with
+    // Retry-After 1 s, and refills at BURST_PER_SECOND.
+    #[test]
+    fn token_bucket_refuses_bursts_and_refills() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (l, clock) = limits(tmp.path(), 20_000 * crate::clock::DAY_MS);
+        let no_daily_limit = u64::MAX;
+        for _ in 0..BURST_CAPACITY as u64 {
+            l.admit("t", no_daily_limit).unwrap();
+            l.record("t", "select", 0, 0);
+        }
+        match l.admit("t", no_daily_limit) {
+            Err(ApiError::RateLimited { retry_after_s, .. }) => assert_eq!(retry_after_s, 1),
+            other => panic!("expected 429, got {other:?}"),
+        }
+        clock.0.fetch_add(10, Ordering::SeqCst);
+        let refilled = (BURST_PER_SECOND / 100.0) as u64;
+        for _ in 0..refilled {
+            l.admit("t", no_daily_limit).unwrap();
+        }
+        assert!(l.admit("t", no_daily_limit).is_err(), "only {refilled} tokens come back in 10 ms");
     }
 
     // Goal: the roll-up survives a restart (a new Limits over the same directory).

@@ -64,6 +64,10 @@ fn describe() {
     metrics::describe_gauge!("sq_placement_epoch", "Placement epoch of the registry as applied on this node");
     metrics::describe_gauge!("sq_gossip_state", "Gossip state of each peer as this node sees it: 0 alive, 1 suspect, 2 dead");
     metrics::describe_gauge!("sq_store_memory_bytes", "Estimated memory held by loaded tenants");
+    // Refusal series exist from the start, at zero, so a dashboard shows "none" rather than "no data".
+    for status in ["429", "507", "503"] {
+        metrics::counter!("sq_refusals_total", "status" => status).increment(0);
+    }
 }
 
 /// Sets the state gauges, then renders this node's metrics as Prometheus text.

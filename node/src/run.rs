@@ -50,62 +50,145 @@ pub enum NodeError {
     Config(String),
 }
 
+/// Where a node's logic meets the outside world: in production QUIC, the disk and the system
+/// clocks ([`run`] builds them); in the simulator, its network, disk and clocks.
+pub struct Seams {
+    /// Requests to other nodes.
+    pub peers: Arc<dyn transport::Caller>,
+    /// The tenant store's disk.
+    pub vfs: Arc<dyn crate::store::Vfs>,
+    /// The registry's disk.
+    pub registry_fs: Arc<dyn raft_registry::disk::Fs>,
+    /// Monotonic time: idleness and gossip silence.
+    pub clock: Arc<dyn crate::store::Clock>,
+    /// Calendar time: daily limits, records stamped for operators.
+    pub wall: Arc<dyn WallClock>,
+}
+
+/// A node's parts, opened on its seams: the service every request reaches, and what it holds.
+pub struct NodeParts {
+    pub service: Arc<Service>,
+    pub registry: Arc<Registry>,
+    pub store: Arc<Store>,
+    pub limits: Arc<Limits>,
+    pub health: Arc<Health>,
+    peers: Arc<dyn transport::Caller>,
+}
+
+/// The background tasks of a node, stopped by its shutdown token.
+pub struct Workers(Vec<tokio::task::JoinHandle<()>>);
+
+impl NodeParts {
+    /// Opens the store, the usage limits and the registry under `config.data_dir` and builds the
+    /// service over them. Nothing runs in the background yet.
+    pub async fn open(config: &NodeConfig, registry_config: RegistryConfig, seams: Seams) -> Result<NodeParts, NodeError> {
+        let store_config = StoreConfig {
+            data_dir: config.data_dir.join("store"),
+            memory_budget_bytes: config.memory_budget_mb.saturating_mul(1024 * 1024),
+            idle_unload_after: Duration::from_secs(config.idle_unload_s),
+            ..StoreConfig::default()
+        };
+        let store = Arc::new(Store::open(store_config, seams.vfs.clone(), seams.clock.clone())?);
+        let limits = Arc::new(Limits::new(seams.wall.clone(), seams.vfs, config.data_dir.join("store").join("tenants")));
+        let transport = Arc::new(WireRaft(seams.peers.clone()));
+        let registry =
+            Arc::new(Registry::open_on(seams.registry_fs, &config.data_dir.join("registry"), config.id, registry_config, transport).await?);
+        let health = Arc::new(Health::new(config.id, GossipConfig::default(), seams.clock));
+        let handoffs = Arc::new(crate::handoff::Handoffs::new(config.handoff));
+        let service = Arc::new(Service::new(
+            config.id,
+            store.clone(),
+            registry.clone(),
+            seams.peers.clone(),
+            health.clone(),
+            limits.clone(),
+            seams.wall,
+            handoffs,
+        ));
+        Ok(NodeParts { service, registry, store, limits, health, peers: seams.peers })
+    }
+
+    /// Starts a one-node cluster if the registry is empty, and records the admin key's hash.
+    /// Only for the node configured with `bootstrap`; idempotent.
+    pub async fn bootstrap(&self, config: &NodeConfig) -> Result<(), NodeError> {
+        bootstrap(&self.registry, config).await
+    }
+
+    /// Starts gossip, idle unloading, usage persistence and tenant handoff.
+    pub fn spawn_workers(&self, shutdown: &CancellationToken) -> Workers {
+        Workers(vec![
+            tokio::spawn(crate::gossip::run(self.health.clone(), self.registry.clone(), self.peers.clone(), shutdown.clone())),
+            tokio::spawn(unload_idle(self.store.clone(), shutdown.clone())),
+            tokio::spawn(persist_usage(self.limits.clone(), shutdown.clone())),
+            tokio::spawn(crate::handoff::run_puller(self.service.clone(), shutdown.clone())),
+            tokio::spawn(crate::handoff::run_sweeper(self.service.clone(), shutdown.clone())),
+        ])
+    }
+
+    /// After `shutdown` was cancelled: waits for the workers, persists usage, stops the registry,
+    /// then flushes the store, in that order.
+    pub async fn stop(self, workers: Workers) -> Result<(), NodeError> {
+        for worker in workers.0 {
+            let _ = worker.await;
+        }
+        self.limits.persist();
+        tracing::info!("stopping: registry");
+        if let Err(e) = self.registry.shutdown().await {
+            tracing::warn!(error = %e, "registry did not stop cleanly");
+        }
+        tracing::info!("stopping: flushing tenant store");
+        let store = self.store;
+        crate::blocking::spawn(move || store.flush_all()).await.map_err(|e| NodeError::Config(e.to_string()))??;
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
 /// Runs a node until `shutdown` is cancelled, then stops its parts in order: stop taking
-/// requests, stop the registry, then flush the store.
+/// requests, stop the workers, stop the registry, then flush the store.
 pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), NodeError> {
+    // Also cancelled when the registry fails, to stop this node's parts in order before exiting.
+    let shutdown = shutdown.child_token();
     crate::metrics::install(config.id);
     let identity = transport::Identity::load(&config.cluster_certs, transport::Role::Node(config.id))?;
     let client: Arc<dyn transport::Caller> = Arc::new(transport::Client::new(&identity, transport::ClientLimits::default())?);
-    let clock = Arc::new(SystemClock::new());
-    let wall: Arc<dyn WallClock> = Arc::new(SystemWallClock);
-    let store_config = StoreConfig {
-        data_dir: config.data_dir.join("store"),
-        memory_budget_bytes: config.memory_budget_mb.saturating_mul(1024 * 1024),
-        idle_unload_after: Duration::from_secs(config.idle_unload_s),
-        ..StoreConfig::default()
+    let seams = Seams {
+        peers: client,
+        vfs: Arc::new(RealVfs),
+        registry_fs: raft_registry::disk::std_fs(),
+        clock: Arc::new(SystemClock::new()),
+        wall: Arc::new(SystemWallClock),
     };
-    let vfs: Arc<dyn crate::store::Vfs> = Arc::new(RealVfs);
-    let store = Arc::new(Store::open(store_config, vfs.clone(), clock.clone())?);
-    let limits = Arc::new(Limits::new(wall.clone(), vfs, config.data_dir.join("store").join("tenants")));
-    let registry = Arc::new(
-        Registry::open(&config.data_dir.join("registry"), config.id, RegistryConfig::default(), Arc::new(WireRaft(client.clone())))
-            .await?,
-    );
-    let health = Arc::new(Health::new(config.id, GossipConfig::default(), clock));
-    let handoffs = Arc::new(crate::handoff::Handoffs::new(config.handoff));
-    let service = Arc::new(Service::new(config.id, store.clone(), registry.clone(), client.clone(), health.clone(), limits.clone(), wall, handoffs));
+    let parts = NodeParts::open(&config, RegistryConfig::default(), seams).await?;
     let server = transport::Server::bind(config.listen, &identity, transport::ServerLimits::default())?;
     tracing::info!(id = config.id, addr = %config.advertise(), "node listening");
-    let server_task = tokio::spawn(server.run(service.clone(), shutdown.clone()));
+    let server_task = tokio::spawn(server.run(parts.service.clone(), shutdown.clone()));
     if config.bootstrap {
-        bootstrap(&registry, &config).await?;
+        parts.bootstrap(&config).await?;
     }
-    let gossip = tokio::spawn(crate::gossip::run(health, registry.clone(), client, shutdown.clone()));
-    let unloader = tokio::spawn(unload_idle(store.clone(), shutdown.clone()));
-    let persister = tokio::spawn(persist_usage(limits.clone(), shutdown.clone()));
-    let puller = tokio::spawn(crate::handoff::run_puller(service.clone(), shutdown.clone()));
-    let sweeper = tokio::spawn(crate::handoff::run_sweeper(service.clone(), shutdown.clone()));
-    let tenants_file = config.tenants_file.clone().map(|path| tokio::spawn(crate::tenants_file::watch(path, service.clone(), shutdown.clone())));
-    shutdown.cancelled().await;
+    let workers = parts.spawn_workers(&shutdown);
+    let tenants_file =
+        config.tenants_file.clone().map(|path| tokio::spawn(crate::tenants_file::watch(path, parts.service.clone(), shutdown.clone())));
+    let registry_failure = tokio::select! {
+        _ = shutdown.cancelled() => None,
+        why = parts.registry.failed() => Some(why),
+    };
+    if let Some(why) = &registry_failure {
+        // A node whose registry stopped would serve a placement that no longer moves; exit and let
+        // the supervisor start it again from its disk.
+        tracing::error!(error = %why, "registry stopped for good; stopping the node");
+        shutdown.cancel();
+    }
     tracing::info!("stopping: no new requests");
     let _ = server_task.await;
-    let _ = gossip.await;
-    let _ = unloader.await;
-    let _ = persister.await;
-    let _ = puller.await;
-    let _ = sweeper.await;
-    limits.persist();
     if let Some(t) = tenants_file {
         let _ = t.await;
     }
-    tracing::info!("stopping: registry");
-    if let Err(e) = registry.shutdown().await {
-        tracing::warn!(error = %e, "registry did not stop cleanly");
+    parts.stop(workers).await?;
+    match registry_failure {
+        Some(why) => Err(NodeError::Registry(raft_registry::RegistryError::Raft(why))),
+        None => Ok(()),
     }
-    tracing::info!("stopping: flushing tenant store");
-    tokio::task::spawn_blocking(move || store.flush_all()).await.map_err(|e| NodeError::Config(e.to_string()))??;
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// Starts a one-node cluster if the registry is empty, and records the admin key's hash.
@@ -126,7 +209,7 @@ async fn unload_idle(store: Arc<Store>, shutdown: CancellationToken) {
             _ = tokio::time::sleep(UNLOAD_TICK) => {}
         }
         let s = store.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || s.unload_idle()).await {
+        if let Err(e) = crate::blocking::spawn(move || s.unload_idle()).await {
             tracing::warn!(error = %e, "idle unload task failed");
         }
     }
@@ -140,7 +223,7 @@ async fn persist_usage(limits: Arc<Limits>, shutdown: CancellationToken) {
             _ = tokio::time::sleep(crate::limits::PERSIST_INTERVAL) => {}
         }
         let l = limits.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || l.persist()).await {
+        if let Err(e) = crate::blocking::spawn(move || l.persist()).await {
             tracing::warn!(error = %e, "usage persist task failed");
         }
     }

@@ -114,7 +114,7 @@ impl Service {
         }
         let bytes_in = request_bytes(&request);
         let (store, quota, owned) = (self.store.clone(), record.quota_bytes, tenant.to_string());
-        let result = tokio::task::spawn_blocking(move || {
+        let result = crate::blocking::spawn(move || {
             let result = store.execute(&owned, quota, &request).map_err(ApiError::from);
             if request.is_write() {
                 crate::metrics::storage(&owned, store.storage_bytes(&owned).unwrap_or(0));
@@ -169,7 +169,7 @@ impl Service {
 
     pub async fn usage(&self, tenants: Vec<String>) -> Vec<TenantUsage> {
         let (store, limits) = (self.store.clone(), self.limits.clone());
-        tokio::task::spawn_blocking(move || {
+        crate::blocking::spawn(move || {
             tenants
                 .into_iter()
                 .map(|t| {

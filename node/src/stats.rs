@@ -44,8 +44,8 @@ pub async fn tenant_stats(svc: &Service, state: &RegistryState, tenant: &str) ->
         "quota_mb": record.quota_bytes / (1024 * 1024),
         "api_calls_today": u.api_calls_today,
         "bytes_out_today": u.bytes_out_today,
-        // RFC 3339 as in the seeds' stats, and the same instant in ms for scripts; null before
-        // the tenant's first request of the day.
+        // RFC 3339 as in the seeds' stats, and the same instant in ms for scripts; null until
+        // the tenant's first request.
         "last_active": u.last_active_ms.map(crate::clock::rfc3339_utc),
         "last_active_ms": u.last_active_ms,
         "node": node,

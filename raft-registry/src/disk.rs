@@ -3,10 +3,14 @@
 //!
 //! A record is `[len: u32 LE][crc32c(payload): u32 LE][payload]`. A record that is incomplete or
 //! fails its checksum is "torn": a crash hit the middle of an append.
+//!
+//! Every file operation goes through [`Fs`], so the simulator can run the registry on a disk that
+//! loses what was not synced; [`StdFs`] is the one implementation over `std::fs`.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -20,6 +24,85 @@ pub const RECORD_PAYLOAD_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Suffix of the temporary file written before an atomic rename.
 const TMP_SUFFIX: &str = ".tmp";
+
+/// A file open for writing: appends go to its end.
+pub trait FsFile: Send {
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()>;
+    /// Makes the written bytes and the length durable (`fdatasync`).
+    fn sync_data(&mut self) -> io::Result<()>;
+    /// Makes the data and all metadata durable (`fsync`).
+    fn sync_all(&mut self) -> io::Result<()>;
+    /// Cuts (or zero-extends) the file to `len` bytes; later appends go to the new end.
+    fn set_len(&mut self, len: u64) -> io::Result<()>;
+}
+
+/// The file operations the registry uses: the disk seam.
+pub trait Fs: Send + Sync {
+    /// Creates `dir` and its missing parents.
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()>;
+    fn exists(&self, path: &Path) -> io::Result<bool>;
+    /// The whole file; `NotFound` if it does not exist.
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Creates a file, or empties an existing one, for writing.
+    fn create(&self, path: &Path) -> io::Result<Box<dyn FsFile>>;
+    /// Opens a file for appending, creating it if missing.
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn FsFile>>;
+    /// Replaces `to` with `from` atomically.
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    /// Makes the directory's entries (creations, renames) durable.
+    fn sync_dir(&self, dir: &Path) -> io::Result<()>;
+}
+
+/// [`Fs`] over `std::fs`.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct StdFs;
+
+struct StdFile(File);
+
+impl FsFile for StdFile {
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.0.write_all(bytes)
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.0.sync_data()
+    }
+    fn sync_all(&mut self) -> io::Result<()> {
+        self.0.sync_all()
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.0.set_len(len)
+    }
+}
+
+impl Fs for StdFs {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        fs::create_dir_all(dir)
+    }
+    fn exists(&self, path: &Path) -> io::Result<bool> {
+        path.try_exists()
+    }
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        fs::read(path)
+    }
+    fn create(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
+        let file = OpenOptions::new().write(true).create(true).truncate(true).open(path)?;
+        Ok(Box::new(StdFile(file)))
+    }
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
+        Ok(Box::new(StdFile(OpenOptions::new().create(true).append(true).open(path)?)))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        File::open(dir).and_then(|d| d.sync_all())
+    }
+}
+
+/// The production disk, shared.
+pub fn std_fs() -> Arc<dyn Fs> {
+    Arc::new(StdFs)
+}
 
 /// A failure of the registry's own files.
 #[derive(Debug, thiserror::Error)]
@@ -100,44 +183,63 @@ pub fn parse_frame(buf: &[u8]) -> Option<(&[u8], usize)> {
 }
 
 /// Makes a rename or file creation in `dir` durable.
-pub fn sync_dir(dir: &Path) -> Result<(), StoreError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err("fsync dir", dir))
+pub fn sync_dir(fs: &dyn Fs, dir: &Path) -> Result<(), StoreError> {
+    fs.sync_dir(dir).map_err(io_err("fsync dir", dir))
+}
+
+/// Creates `dir` and its missing parents, syncing each parent after its new entry: until then a
+/// crash may forget the directory, and the vote and log inside it with it.
+pub fn create_dir_durable(fs: &dyn Fs, dir: &Path) -> Result<(), StoreError> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(p) = at {
+        if p.as_os_str().is_empty() || fs.exists(p).map_err(io_err("stat", p))? {
+            break;
+        }
+        missing.push(p);
+        at = p.parent();
+    }
+    for p in missing.into_iter().rev() {
+        fs.create_dir_all(p).map_err(io_err("create dir", p))?;
+        match p.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => sync_dir(fs, parent)?,
+            _ => sync_dir(fs, Path::new("."))?,
+        }
+    }
+    Ok(())
 }
 
 /// Replaces `dir/name` with `bytes` atomically: write a temp file, fsync, rename, fsync the dir.
 /// After a crash the file holds either the old or the new content, never a mix.
-pub fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+pub fn write_atomic(fs: &dyn Fs, dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(io_err("create", &tmp))?;
+    let mut file = fs.create(&tmp).map_err(io_err("create", &tmp))?;
     file.write_all(bytes).map_err(io_err("write", &tmp))?;
     file.sync_all().map_err(io_err("fsync", &tmp))?;
     drop(file);
-    fs::rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
-    sync_dir(dir)
+    fs.rename(&tmp, &path).map_err(io_err("rename", &tmp))?;
+    sync_dir(fs, dir)
 }
 
 /// Writes `value` as the single framed record of `dir/name`, atomically.
 pub fn write_record_file<T: Serialize>(
+    fs: &dyn Fs,
     dir: &Path,
     name: &'static str,
     value: &T,
 ) -> Result<(), StoreError> {
     let payload = encode(name, value)?;
-    write_atomic(dir, name, &frame(&payload))
+    write_atomic(fs, dir, name, &frame(&payload))
 }
 
 /// Reads a file written by [`write_record_file`]; `Ok(None)` if it does not exist. A file that
 /// fails its checksum is corrupt (atomic replacement never leaves a torn one).
-pub fn read_record_file<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StoreError> {
-    let bytes = match fs::read(path) {
+pub fn read_record_file<T: DeserializeOwned>(
+    fs: &dyn Fs,
+    path: &Path,
+) -> Result<Option<T>, StoreError> {
+    let bytes = match fs.read(path) {
         Ok(b) => b,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err("read", path)(e)),
@@ -174,14 +276,14 @@ mod tests {
     fn record_file_round_trip() -> anyhow::Result<()> {
         // Goal: an atomically written record file reads back; missing is None; garbage is Corrupt.
         let dir = tempfile::tempdir()?;
-        assert!(read_record_file::<u64>(&dir.path().join("x"))
+        assert!(read_record_file::<u64>(&StdFs, &dir.path().join("x"))
             .map_err(anyhow::Error::msg)?
             .is_none());
-        write_record_file(dir.path(), "x", &42u64)?;
-        assert_eq!(read_record_file::<u64>(&dir.path().join("x"))?, Some(42));
+        write_record_file(&StdFs, dir.path(), "x", &42u64)?;
+        assert_eq!(read_record_file::<u64>(&StdFs, &dir.path().join("x"))?, Some(42));
         fs::write(dir.path().join("x"), b"garbage!!")?;
         assert!(matches!(
-            read_record_file::<u64>(&dir.path().join("x")),
+            read_record_file::<u64>(&StdFs, &dir.path().join("x")),
             Err(StoreError::Corrupt { .. })
         ));
         Ok(())

@@ -31,6 +31,7 @@
 //! - `placement`: consistent hashing with virtual nodes over `hashring`;
 //! - `disk`, `log_store`, `state_machine`: the openraft storage-v2 implementation;
 //! - `network`: the wire format of Raft RPCs and the openraft network over [`RaftTransport`];
+//! - `runtime`: tokio for openraft, with the election-timeout generator as a seedable seam;
 //! - `registry`, `membership`: the public handle;
 //! - `config`, `error`: [`RegistryConfig`] and [`RegistryError`].
 
@@ -43,6 +44,7 @@ mod membership;
 pub mod network;
 pub mod placement;
 pub mod registry;
+pub mod runtime;
 pub mod state;
 pub mod state_machine;
 pub mod types;

@@ -12,8 +12,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Debug;
-use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::ops::RangeBounds;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -22,7 +21,7 @@ use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, OptionalSend, RaftLogReader, StorageIOError};
 use serde::{Deserialize, Serialize};
 
-use crate::disk::{self, io_err, StoreError};
+use crate::disk::{self, io_err, Fs, FsFile, StoreError};
 use crate::types::{Entry, LogId, StorageError, TypeConfig, Vote};
 
 /// File name of the log.
@@ -46,8 +45,9 @@ struct Meta {
 }
 
 struct LogInner {
+    fs: Arc<dyn Fs>,
     dir: PathBuf,
-    file: File,
+    file: Box<dyn FsFile>,
     /// Length of the valid part of the log file.
     end: u64,
     entries: BTreeMap<u64, Entry>,
@@ -72,23 +72,25 @@ impl From<StoreError> for StorageError {
 }
 
 impl LogStore {
-    /// Opens (or creates) the log in `dir`, discarding a torn tail record.
+    /// Opens (or creates) the log in `dir` on the real disk, discarding a torn tail record.
     pub fn open(dir: &Path) -> Result<LogStore, StoreError> {
-        std::fs::create_dir_all(dir).map_err(io_err("create dir", dir))?;
-        let meta = disk::read_record_file::<Meta>(&dir.join(META_FILE))?.unwrap_or_default();
+        LogStore::open_on(disk::std_fs(), dir)
+    }
+
+    /// Opens (or creates) the log in `dir` on `fs`, discarding a torn tail record.
+    pub fn open_on(fs: Arc<dyn Fs>, dir: &Path) -> Result<LogStore, StoreError> {
+        disk::create_dir_durable(fs.as_ref(), dir)?;
+        let meta =
+            disk::read_record_file::<Meta>(fs.as_ref(), &dir.join(META_FILE))?.unwrap_or_default();
         let path = dir.join(LOG_FILE);
-        let existed = path.exists();
+        let existed = fs.exists(&path).map_err(io_err("stat", &path))?;
         let bytes = if existed {
-            std::fs::read(&path).map_err(io_err("read", &path))?
+            fs.read(&path).map_err(io_err("read", &path))?
         } else {
             Vec::new()
         };
         let replay = replay(&path, &bytes)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(io_err("open", &path))?;
+        let mut file = fs.open_append(&path).map_err(io_err("open", &path))?;
         if replay.end < bytes.len() as u64 {
             let discarded_bytes = bytes.len() as u64 - replay.end;
             tracing::warn!(path = %path.display(), discarded_bytes, "discarding torn log tail");
@@ -97,9 +99,10 @@ impl LogStore {
             file.sync_all().map_err(io_err("fsync", &path))?;
         }
         if !existed {
-            disk::sync_dir(dir)?;
+            disk::sync_dir(fs.as_ref(), dir)?;
         }
         let inner = LogInner {
+            fs,
             dir: dir.to_path_buf(),
             file,
             end: replay.end,
@@ -256,19 +259,16 @@ impl LogInner {
                 &LogRecord::Entry(entry.clone()),
             )?));
         }
-        disk::write_atomic(&self.dir, LOG_FILE, &bytes)?;
+        disk::write_atomic(self.fs.as_ref(), &self.dir, LOG_FILE, &bytes)?;
         let path = self.log_path();
-        self.file = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(io_err("open", &path))?;
+        self.file = self.fs.open_append(&path).map_err(io_err("open", &path))?;
         self.offsets = offsets;
         self.end = bytes.len() as u64;
         Ok(())
     }
 
     fn save_meta(&mut self, meta: Meta) -> Result<(), StoreError> {
-        disk::write_record_file(&self.dir, META_FILE, &meta)?;
+        disk::write_record_file(self.fs.as_ref(), &self.dir, META_FILE, &meta)?;
         self.meta = meta;
         Ok(())
     }

@@ -81,9 +81,20 @@ impl Registry {
         config: RegistryConfig,
         transport: Arc<dyn RaftTransport>,
     ) -> Result<Registry, RegistryError> {
+        Registry::open_on(crate::disk::std_fs(), dir, node_id, config, transport).await
+    }
+
+    /// [`Registry::open`] on the disk `fs` (the simulator's, in simulation).
+    pub async fn open_on(
+        fs: Arc<dyn crate::disk::Fs>,
+        dir: &Path,
+        node_id: u64,
+        config: RegistryConfig,
+        transport: Arc<dyn RaftTransport>,
+    ) -> Result<Registry, RegistryError> {
         let raft_config = Arc::new(config.to_openraft()?);
-        let log = LogStore::open(dir)?;
-        let (sm, state_rx) = StateMachineStore::open(dir)?;
+        let log = LogStore::open_on(fs.clone(), dir)?;
+        let (sm, state_rx) = StateMachineStore::open_on(fs, dir)?;
         let network = NetworkFactory {
             my_id: node_id,
             transport,
@@ -233,6 +244,21 @@ impl Registry {
     /// on the sending node). Never fails: a malformed request gets a refusal reply.
     pub async fn handle_rpc(&self, payload: &[u8]) -> Vec<u8> {
         network::serve(&self.raft, payload).await
+    }
+
+    /// Waits until Raft has stopped for good on this node (a storage error is fatal to openraft,
+    /// and so is a shutdown) and says why. The node then exits so that its supervisor restarts
+    /// it from the disk, rather than serve a registry that no longer moves.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.raft.metrics();
+        loop {
+            if let Err(fatal) = &rx.borrow_and_update().running_state {
+                return fatal.to_string();
+            }
+            if rx.changed().await.is_err() {
+                return "raft stopped".to_string();
+            }
+        }
     }
 
     /// Stops Raft. Pending operations fail with `Shutdown`.

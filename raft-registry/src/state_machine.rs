@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::command::{self, ApplyReply};
-use crate::disk::{self, StoreError};
+use crate::disk::{self, Fs, StoreError};
 use crate::state::{Handoff, NodeRecord, RegistryState, TenantRecord};
 use crate::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -83,6 +83,7 @@ fn decode_state(origin: &Path, data: &[u8]) -> Result<RegistryState, StoreError>
 /// The current snapshot, shared between the state machine and its snapshot builders.
 #[derive(Clone)]
 struct SnapshotSlot {
+    fs: Arc<dyn Fs>,
     dir: PathBuf,
     current: Arc<Mutex<Option<StoredSnapshot>>>,
 }
@@ -105,7 +106,7 @@ impl SnapshotSlot {
         {
             return Ok(());
         }
-        disk::write_record_file(&self.dir, SNAPSHOT_FILE, &snap)?;
+        disk::write_record_file(self.fs.as_ref(), &self.dir, SNAPSHOT_FILE, &snap)?;
         *current = Some(snap);
         Ok(())
     }
@@ -125,9 +126,17 @@ pub struct StateMachineStore {
 impl StateMachineStore {
     /// Opens the state machine in `dir`, starting from the stored snapshot if there is one.
     pub fn open(dir: &Path) -> Result<(StateMachineStore, watch::Receiver<Published>), StoreError> {
-        std::fs::create_dir_all(dir).map_err(disk::io_err("create dir", dir))?;
+        StateMachineStore::open_on(disk::std_fs(), dir)
+    }
+
+    /// Opens the state machine in `dir` on `fs`.
+    pub fn open_on(
+        fs: Arc<dyn Fs>,
+        dir: &Path,
+    ) -> Result<(StateMachineStore, watch::Receiver<Published>), StoreError> {
+        disk::create_dir_durable(fs.as_ref(), dir)?;
         let path = dir.join(SNAPSHOT_FILE);
-        let stored: Option<StoredSnapshot> = disk::read_record_file(&path)?;
+        let stored: Option<StoredSnapshot> = disk::read_record_file(fs.as_ref(), &path)?;
         let (last_applied, last_membership, state) = match &stored {
             Some(s) => (
                 s.meta.last_log_id,
@@ -139,6 +148,7 @@ impl StateMachineStore {
         let (publish, rx) =
             watch::channel((last_applied.map_or(0, |l| l.index), Arc::new(state.clone())));
         let slot = SnapshotSlot {
+            fs,
             dir: dir.to_path_buf(),
             current: Arc::new(Mutex::new(stored)),
         };

@@ -14,6 +14,7 @@ openraft::declare_raft_types!(
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
         SnapshotData = Cursor<Vec<u8>>,
+        AsyncRuntime = crate::runtime::RegistryRuntime,
 );
 
 pub type NodeId = u64;

@@ -18,13 +18,15 @@ use anyhow::{bail, Context};
 
 use crate::tooling::Target;
 
-pub use report::Report;
 
 /// The most workers (threads, connections) one bench runs: a bound, not a target.
 pub const CONCURRENCY_MAX: usize = 1024;
 
 /// The most tenants one bench makes.
 pub const TENANTS_MAX: usize = 10_000;
+
+/// The most scrolls in one bench document (a gigabyte at the default scroll size).
+pub const SCROLLS_MAX: usize = 1_000_000;
 
 /// Bytes one `insert` appends.
 pub const INSERT_BYTES: usize = 16;
@@ -96,16 +98,84 @@ impl Mix {
     pub fn total(&self) -> u32 {
         self.0.iter().map(|(_, w)| w).sum()
     }
-
-    pub fn has(&self, op: Op) -> bool {
-        self.0.iter().any(|(o, _)| *o == op)
-    }
 }
 
 impl std::fmt::Display for Mix {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let items: Vec<String> = self.0.iter().map(|(o, w)| format!("{}={w}", o.name())).collect();
         f.write_str(&items.join(","))
+    }
+}
+
+/// `sq-cloud bench` flags.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// A dev cluster's directory: its dev.json gives the gateway URL, admin key and CA.
+    #[arg(long)]
+    pub dev: Option<PathBuf>,
+    /// The gateway, e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// The admin key, to make (and afterwards archive) the bench's tenants.
+    #[arg(long)]
+    pub admin_key: Option<String>,
+    /// A CA certificate (PEM) to trust for an https:// gateway.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// Load this one tenant (its key) instead of making tenants.
+    #[arg(long, conflicts_with = "tenants")]
+    pub key: Option<String>,
+    /// Tenants to make; requests are spread over them at random. Each tenant may send
+    /// 1,000 requests per second (node::limits::BURST_PER_SECOND).
+    #[arg(long, default_value_t = 1)]
+    pub tenants: usize,
+    /// Workers, each one thread with one keep-alive connection.
+    #[arg(long, short = 'c', default_value_t = 16)]
+    pub concurrency: usize,
+    /// Seconds to run, after the documents are written.
+    #[arg(long, short = 'd', default_value_t = 10.0)]
+    pub duration: f64,
+    /// Operation mix: weights of select, insert, update, toc, get.
+    #[arg(long, default_value = "select=80,update=20")]
+    pub mix: String,
+    /// Scrolls per document, written before the clock starts.
+    #[arg(long, default_value_t = 1000)]
+    pub scrolls: usize,
+    /// Bytes per scroll.
+    #[arg(long, default_value_t = 1000)]
+    pub scroll_bytes: usize,
+    /// The phext the bench reads and writes (inserts go to `<phext>-inserts`).
+    #[arg(long, default_value = "bench")]
+    pub phext: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Keep the tenants the bench made instead of archiving them at the end.
+    #[arg(long)]
+    pub keep_tenants: bool,
+}
+
+impl BenchArgs {
+    pub fn into_config(self) -> anyhow::Result<BenchConfig> {
+        if !(self.duration.is_finite() && self.duration > 0.0) {
+            bail!("--duration must be a positive number of seconds");
+        }
+        Ok(BenchConfig {
+            dev: self.dev,
+            url: self.url,
+            admin_key: self.admin_key,
+            ca: self.ca,
+            key: self.key,
+            tenants: self.tenants,
+            concurrency: self.concurrency,
+            duration: Duration::from_secs_f64(self.duration),
+            mix: Mix::parse(&self.mix)?,
+            scrolls: self.scrolls,
+            scroll_bytes: self.scroll_bytes,
+            phext: self.phext,
+            json: self.json,
+            keep_tenants: self.keep_tenants,
+        })
     }
 }
 
@@ -160,8 +230,8 @@ fn check(config: &BenchConfig) -> anyhow::Result<()> {
     if config.scroll_bytes > proto::request::BODY_MAX_BYTES {
         bail!("--scroll-bytes must be at most {} (the request body limit)", proto::request::BODY_MAX_BYTES);
     }
-    if config.scrolls > 10_000 * 100 {
-        bail!("--scrolls must be at most 1000000");
+    if config.scrolls > SCROLLS_MAX {
+        bail!("--scrolls must be at most {SCROLLS_MAX}");
     }
     if proto::PhextName::parse(&config.phext).is_err() || proto::PhextName::parse(&format!("{}-inserts", config.phext)).is_err() {
         bail!("--phext {:?} is not a valid phext name", config.phext);

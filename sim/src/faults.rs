@@ -1,0 +1,204 @@
+//! The fault schedule: from one seed, a stream of partitions (both ways and one way), bad
+//! network weather (loss, duplication, long delays), process crashes with restarts, full and
+//! slow disks, and clock jumps. Each fault is undone after a while; [`heal`] undoes them all.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::disk::DiskFaults;
+use crate::net::{Endpoint, Weather};
+use crate::rng::Rng;
+use crate::world::World;
+
+/// Pause between two faults, in milliseconds.
+const FAULT_PAUSE_MS: (u64, u64) = (300, 2_500);
+/// How long a fault lasts, in milliseconds.
+const FAULT_LENGTH_MS: (u64, u64) = (500, 8_000);
+/// The most node processes down at once.
+const CRASHED_MAX: usize = 2;
+/// A slow disk's cost per operation, in milliseconds.
+const SLOW_DISK_MS: (u64, u64) = (2, 60);
+/// Calendar clock steps, in milliseconds: up to a day and a half ahead, ten minutes back.
+const WALL_JUMP_AHEAD_MS: u64 = 36 * 3_600_000;
+const WALL_JUMP_BACK_MS: u64 = 600_000;
+/// A paused machine's monotonic clock jump, in milliseconds.
+const MONO_JUMP_MS: (u64, u64) = (1_000, 20_000);
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Partition,
+    OneWay,
+    Weather,
+    Crash,
+    DiskFull,
+    SlowDisk,
+    ClockJump,
+}
+
+const KINDS: [(Kind, u64); 7] = [
+    (Kind::Partition, 20),
+    (Kind::OneWay, 15),
+    (Kind::Weather, 15),
+    (Kind::Crash, 20),
+    (Kind::DiskFull, 10),
+    (Kind::SlowDisk, 10),
+    (Kind::ClockJump, 10),
+];
+
+/// Injects faults until `stop`.
+pub async fn run(world: Arc<World>, mut rng: Rng, stop: CancellationToken) {
+    let weights: Vec<u64> = KINDS.iter().map(|(_, w)| *w).collect();
+    while !stop.is_cancelled() {
+        let pause = Duration::from_millis(rng.range(FAULT_PAUSE_MS.0, FAULT_PAUSE_MS.1));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        let kind = KINDS[rng.weighted(&weights)].0;
+        let length = Duration::from_millis(rng.range(FAULT_LENGTH_MS.0, FAULT_LENGTH_MS.1));
+        world.stats().faults += 1;
+        inject(&world, &mut rng, kind, length, &stop);
+    }
+}
+
+/// Runs `undo` after `length`, unless the run heals first (heal undoes everything anyway).
+fn later(length: Duration, stop: &CancellationToken, undo: impl FnOnce() + Send + 'static) {
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = tokio::time::sleep(length) => undo(),
+        }
+    });
+}
+
+fn endpoints(world: &World) -> Vec<Endpoint> {
+    let mut all: Vec<Endpoint> = world.cluster.ids().into_iter().map(Endpoint::Node).collect();
+    all.extend((0..world.gateways.len() as u64).map(Endpoint::Gateway));
+    all
+}
+
+fn inject(world: &Arc<World>, rng: &mut Rng, kind: Kind, length: Duration, stop: &CancellationToken) {
+    let ids = world.cluster.ids();
+    let node = *rng.pick(&ids);
+    match kind {
+        Kind::Partition => {
+            let all = endpoints(world);
+            let side: Vec<bool> = all.iter().map(|_| rng.chance(500)).collect();
+            let links: Vec<(Endpoint, Endpoint)> = all
+                .iter()
+                .zip(&side)
+                .flat_map(|(a, sa)| all.iter().zip(&side).filter(move |(_, sb)| *sb != sa).map(move |(b, _)| (*a, *b)))
+                .filter(|(a, b)| matches!(a, Endpoint::Node(_)) || matches!(b, Endpoint::Node(_)))
+                .collect();
+            let names: Vec<String> = all.iter().zip(&side).filter(|(_, s)| **s).map(|(e, _)| e.to_string()).collect();
+            world.trace.event(format!("fault: partition {{{}}} from the rest for {} ms", names.join(","), length.as_millis()));
+            cut(world, links, length, stop);
+        }
+        Kind::OneWay => {
+            let all = endpoints(world);
+            let (a, b) = (*rng.pick(&all), Endpoint::Node(node));
+            let (from, to) = if rng.chance(500) { (a, b) } else { (b, a) };
+            if from == to {
+                return;
+            }
+            world.trace.event(format!("fault: link {from} -> {to} cut one way for {} ms", length.as_millis()));
+            cut(world, vec![(from, to)], length, stop);
+        }
+        Kind::Weather => {
+            let weather = Weather {
+                loss_permille: rng.range(0, 200),
+                duplicate_permille: rng.range(0, 100),
+                spike_permille: rng.range(0, 150),
+            };
+            world.trace.event(format!("fault: network weather {weather:?} for {} ms", length.as_millis()));
+            world.cluster.net.set_weather(weather);
+            let net = world.cluster.net.clone();
+            later(length, stop, move || net.set_weather(Weather::default()));
+        }
+        Kind::Crash => crash(world, rng, node, length, stop),
+        Kind::DiskFull | Kind::SlowDisk => {
+            let Some(disk) = world.cluster.disk(node) else { return };
+            let mut faults = disk.faults();
+            if matches!(kind, Kind::DiskFull) {
+                faults.full = true;
+            } else {
+                faults.slow_ms = rng.range(SLOW_DISK_MS.0, SLOW_DISK_MS.1);
+            }
+            world.trace.event(format!("fault: n{node} disk {faults:?} for {} ms", length.as_millis()));
+            disk.set_faults(faults);
+            later(length, stop, move || disk.set_faults(DiskFaults::default()));
+        }
+        Kind::ClockJump => {
+            let Some(clocks) = world.cluster.clocks(node) else { return };
+            match rng.below(3) {
+                0 => {
+                    let ms = rng.range(1, WALL_JUMP_AHEAD_MS) as i64;
+                    world.trace.event(format!("fault: n{node} calendar clock jumps {ms} ms ahead"));
+                    clocks.jump_wall(ms);
+                }
+                1 => {
+                    let ms = rng.range(1, WALL_JUMP_BACK_MS) as i64;
+                    world.trace.event(format!("fault: n{node} calendar clock jumps {ms} ms back"));
+                    clocks.jump_wall(-ms);
+                }
+                _ => {
+                    let ms = rng.range(MONO_JUMP_MS.0, MONO_JUMP_MS.1);
+                    world.trace.event(format!("fault: n{node} paused: its monotonic clock jumps {ms} ms"));
+                    clocks.jump_mono(ms);
+                }
+            }
+        }
+    }
+}
+
+fn cut(world: &Arc<World>, links: Vec<(Endpoint, Endpoint)>, length: Duration, stop: &CancellationToken) {
+    let net = world.cluster.net.clone();
+    for (a, b) in &links {
+        net.set_cut(*a, *b, true);
+    }
+    later(length, stop, move || {
+        for (a, b) in links {
+            net.set_cut(a, b, false);
+        }
+    });
+}
+
+fn crash(world: &Arc<World>, rng: &mut Rng, node: u64, length: Duration, stop: &CancellationToken) {
+    let down = world.cluster.ids().into_iter().filter(|id| !world.cluster.is_up(*id)).count();
+    if down >= CRASHED_MAX || !world.cluster.is_up(node) {
+        return;
+    }
+    // Most crashes lose power (unsynced data may go); some only kill the process.
+    world.cluster.crash(node, rng.chance(700));
+    // Some restarts come at once, before anyone noticed; some after a long while.
+    let length = if rng.chance(200) { Duration::from_millis(rng.range(0, 200)) } else { length };
+    let cluster = world.cluster.clone();
+    let monitor = world.monitor.clone();
+    later(length, stop, move || {
+        tokio::spawn(async move {
+            if let Err(v) = cluster.start(node).await {
+                monitor.report(v);
+            }
+        });
+    });
+}
+
+/// Ends every fault: links mended, weather calm, disks well, crashed processes restarted.
+/// Clocks keep the jumps they made, as real machines do.
+pub async fn heal(world: &Arc<World>) {
+    world.trace.event("heal: every fault ends");
+    world.cluster.net.heal();
+    for id in world.cluster.ids() {
+        if let Some(disk) = world.cluster.disk(id) {
+            disk.set_faults(DiskFaults::default());
+        }
+        if !world.cluster.is_up(id) {
+            if let Err(v) = world.cluster.start(id).await {
+                world.monitor.report(v);
+            }
+        }
+    }
+}

@@ -1,0 +1,168 @@
+//! `sim`: runs seeds of the deterministic cluster simulation.
+//!
+//! ```text
+//! sim --seeds N [--first S] [--check-determinism] [--threads T] [--chaos-s SECONDS]
+//! sim --seed S [-v | -vv] [--chaos-s SECONDS]
+//! ```
+//!
+//! Prints one line per failing seed (the seed and the invariant it broke) and closes with
+//! `N passed, M failed`. `--seed S` replays one seed and prints its trace.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use sim::{run_seed, Options, Outcome, Verbosity};
+
+struct Args {
+    seeds: u64,
+    first: u64,
+    one: Option<u64>,
+    determinism: bool,
+    threads: usize,
+    options: Options,
+}
+
+fn usage() -> ExitCode {
+    eprintln!("usage: sim --seeds N [--first S] [--check-determinism] [--threads T] [--chaos-s SECONDS]");
+    eprintln!("       sim --seed S [-v | -vv] [--chaos-s SECONDS]");
+    ExitCode::from(2)
+}
+
+fn parse() -> Result<Args, String> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut a = Args { seeds: 0, first: 0, one: None, determinism: false, threads, options: Options::default() };
+    let mut it = std::env::args().skip(1);
+    let number = |v: Option<String>, flag: &str| -> Result<u64, String> {
+        v.ok_or(format!("{flag} needs a value"))?.parse::<u64>().map_err(|e| format!("{flag}: {e}"))
+    };
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--seeds" => a.seeds = number(it.next(), "--seeds")?,
+            "--first" => a.first = number(it.next(), "--first")?,
+            "--seed" => a.one = Some(number(it.next(), "--seed")?),
+            "--check-determinism" => a.determinism = true,
+            "--threads" => a.threads = number(it.next(), "--threads")?.max(1) as usize,
+            "--chaos-s" => a.options.chaos = Duration::from_secs(number(it.next(), "--chaos-s")?),
+            "--no-faults" => a.options.faults = false,
+            "-v" => a.options.verbosity = Verbosity::Events,
+            "-vv" => a.options.verbosity = Verbosity::Messages,
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    if a.one.is_none() && a.seeds == 0 {
+        return Err("say --seeds N or --seed S".into());
+    }
+    Ok(a)
+}
+
+fn main() -> ExitCode {
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("sim: {e}");
+            return usage();
+        }
+    };
+    match args.one {
+        Some(seed) => replay(seed, &args),
+        None => many(&args),
+    }
+}
+
+/// Replays one seed with its trace.
+fn replay(seed: u64, args: &Args) -> ExitCode {
+    let mut options = args.options.clone();
+    if options.verbosity == Verbosity::Quiet {
+        options.verbosity = Verbosity::Events;
+    }
+    let out = run_seed(seed, &options);
+    let s = &out.stats;
+    println!(
+        "seed {seed}: {} events, digest {:016x}; writes {} acknowledged, {} refused, {} unknown; reads {} ok, {} failed; admin {} ok, {} failed; {} faults",
+        out.events, out.digest, s.writes_acked, s.writes_refused, s.writes_unknown, s.reads_ok, s.reads_failed, s.admin_ok, s.admin_failed, s.faults
+    );
+    println!("simulated {:.1} s in {:.2} s", out.simulated.as_secs_f64(), out.wall.as_secs_f64());
+    let failed = report(&out);
+    println!("{} passed, {} failed", u64::from(!failed), u64::from(failed));
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// Prints the line of a failing seed; returns whether it failed.
+fn report(out: &Outcome) -> bool {
+    match &out.violation {
+        Some(v) => {
+            println!("seed {}: FAILED {}: {}", out.seed, v.invariant, v.detail);
+            true
+        }
+        None => false,
+    }
+}
+
+/// Runs many seeds over the threads; with `--check-determinism`, each twice.
+fn many(args: &Args) -> ExitCode {
+    let started = Instant::now();
+    let next = Arc::new(AtomicU64::new(args.first));
+    let end = args.first + args.seeds;
+    let (tx, rx) = mpsc::channel::<(Outcome, Option<Outcome>)>();
+    let mut workers = Vec::new();
+    for _ in 0..args.threads {
+        let (next, tx, options, twice) = (next.clone(), tx.clone(), args.options.clone(), args.determinism);
+        workers.push(std::thread::spawn(move || loop {
+            let seed = next.fetch_add(1, Ordering::SeqCst);
+            if seed >= end {
+                return;
+            }
+            let first = run_seed(seed, &options);
+            let second = twice.then(|| run_seed(seed, &options));
+            if tx.send((first, second)).is_err() {
+                return;
+            }
+        }));
+    }
+    drop(tx);
+    let (mut passed, mut failed, mut simulated, mut busy) = (0u64, 0u64, Duration::ZERO, Duration::ZERO);
+    for (first, second) in rx {
+        simulated += first.simulated;
+        busy += first.wall + second.as_ref().map_or(Duration::ZERO, |s| s.wall);
+        let mut bad = report(&first);
+        if let Some(second) = second {
+            if second.digest != first.digest || second.violation != first.violation {
+                println!(
+                    "seed {}: FAILED determinism: two runs differ (trace digests {:016x} and {:016x}, {} and {} events)",
+                    first.seed, first.digest, second.digest, first.events, second.events
+                );
+                bad = true;
+            }
+        }
+        if bad {
+            failed += 1;
+        } else {
+            passed += 1;
+        }
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    let wall = started.elapsed();
+    println!(
+        "simulated {:.0} s in {:.1} s of wall time on {} threads ({:.0} s of thread time): {:.0}x real time per thread{}",
+        simulated.as_secs_f64(),
+        wall.as_secs_f64(),
+        args.threads,
+        busy.as_secs_f64(),
+        simulated.as_secs_f64() / busy.as_secs_f64().max(1e-9) * if args.determinism { 2.0 } else { 1.0 },
+        if args.determinism { ", each seed run twice" } else { "" }
+    );
+    println!("{passed} passed, {failed} failed");
+    if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

@@ -1,0 +1,271 @@
+//! The invariants, and the monitor that checks the cluster-side ones while the run goes.
+//!
+//! Client-side checks (what reads return, quota) live in [`crate::model`]; this monitor watches
+//! what only the simulator can see: each node's Raft role and term, the registry state each node
+//! applies at each log index, and which node answered which tenant under which registry state.
+//! The first violation stops the run.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use raft_registry::RegistryState;
+
+use crate::trace::Trace;
+
+/// The promises the simulator holds the cluster to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Invariant {
+    LostWrite,
+    StaleRead,
+    OneOwner,
+    Isolation,
+    Quota,
+    RaftLeader,
+    RaftLog,
+    Liveness,
+    Panic,
+}
+
+impl fmt::Display for Invariant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Invariant::LostWrite => "no acknowledged write is lost",
+            Invariant::StaleRead => "a read sees the latest acknowledged write of its tenant",
+            Invariant::OneOwner => "at most one node serves a tenant in any placement epoch",
+            Invariant::Isolation => "a tenant never reads another's data",
+            Invariant::Quota => "quota is never exceeded",
+            Invariant::RaftLeader => "Raft: one leader per term",
+            Invariant::RaftLog => "Raft: committed entries are never lost or reordered",
+            Invariant::Liveness => "liveness: after faults heal, the cluster converges and serves every tenant",
+            Invariant::Panic => "no node code panics (a broken assertion)",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Violation {
+    pub invariant: Invariant,
+    pub detail: String,
+}
+
+impl Violation {
+    pub fn new(invariant: Invariant, detail: impl Into<String>) -> Violation {
+        Violation { invariant, detail: detail.into() }
+    }
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.invariant, self.detail)
+    }
+}
+
+/// Registry states a node published, newest last, kept for the serving check.
+const HISTORY_PER_NODE_MAX: usize = 64;
+
+#[derive(Default)]
+struct Inner {
+    violation: Option<Violation>,
+    /// Term → the node seen leading it.
+    leaders: BTreeMap<u64, u64>,
+    /// Log index → (first node seen applying it, the state after it).
+    applied: BTreeMap<u64, (u64, Arc<RegistryState>)>,
+    /// Node → (time, state) of its recent publications.
+    history: BTreeMap<u64, VecDeque<(u64, Arc<RegistryState>)>>,
+    /// (tenant, epoch) → the node that served it in that epoch.
+    servers: BTreeMap<(String, u64), u64>,
+    pub served: u64,
+}
+
+pub struct Monitor {
+    trace: Arc<Trace>,
+    inner: Mutex<Inner>,
+}
+
+impl Monitor {
+    pub fn new(trace: Arc<Trace>) -> Monitor {
+        Monitor { trace, inner: Mutex::new(Inner::default()) }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Records a violation; only the first one counts.
+    pub fn report(&self, v: Violation) {
+        let mut inner = self.lock();
+        if inner.violation.is_none() {
+            self.trace.event(format!("VIOLATION {v}"));
+            inner.violation = Some(v);
+        }
+    }
+
+    /// Reports `result` if it is a violation.
+    pub fn check(&self, result: Result<(), Violation>) {
+        if let Err(v) = result {
+            self.report(v);
+        }
+    }
+
+    pub fn violation(&self) -> Option<Violation> {
+        self.lock().violation.clone()
+    }
+
+    /// How many answered requests the serving check saw.
+    pub fn served(&self) -> u64 {
+        self.lock().served
+    }
+
+    /// `node` is leader in `term`.
+    pub fn leader(&self, node: u64, term: u64) {
+        let other = {
+            let mut inner = self.lock();
+            match inner.leaders.get(&term) {
+                Some(&n) if n != node => Some(n),
+                Some(_) => None,
+                None => {
+                    inner.leaders.insert(term, node);
+                    self.trace.event(format!("n{node} leads term {term}"));
+                    None
+                }
+            }
+        };
+        if let Some(other) = other {
+            self.report(Violation::new(Invariant::RaftLeader, format!("nodes {other} and {node} both led term {term}")));
+        }
+    }
+
+    /// `node` applied the log up to `index`, reaching `state`.
+    pub fn applied(&self, node: u64, index: u64, state: Arc<RegistryState>, now_ms: u64) {
+        let clash = {
+            let mut inner = self.lock();
+            let history = inner.history.entry(node).or_default();
+            history.push_back((now_ms, state.clone()));
+            if history.len() > HISTORY_PER_NODE_MAX {
+                history.pop_front();
+            }
+            match inner.applied.get(&index) {
+                Some((first, seen)) if **seen != *state => Some(*first),
+                Some(_) => None,
+                None => {
+                    inner.applied.insert(index, (node, state));
+                    None
+                }
+            }
+        };
+        if let Some(first) = clash {
+            self.report(Violation::new(
+                Invariant::RaftLog,
+                format!("node {node} applied log index {index} to a registry state other than node {first} reached at that index"),
+            ));
+        }
+    }
+
+    /// `node` answered a request of `tenant` with success, having checked ownership under one of
+    /// the registry states it held between `since_ms` (delivery) and now. Those are the states at
+    /// delivery and now, and any it published in between.
+    pub fn served_by(&self, node: u64, tenant: &str, since_ms: u64, at_delivery: &Arc<RegistryState>, now: &Arc<RegistryState>) {
+        let result = {
+            let mut inner = self.lock();
+            inner.served += 1;
+            let mut states: Vec<Arc<RegistryState>> = vec![at_delivery.clone(), now.clone()];
+            if let Some(h) = inner.history.get(&node) {
+                states.extend(h.iter().filter(|(t, _)| *t >= since_ms).map(|(_, s)| s.clone()));
+            }
+            let owning: Vec<u64> = states
+                .iter()
+                .filter(|s| s.owner_of(tenant) == Some(node) && s.handoff(tenant).is_none())
+                .map(|s| s.placement_epoch())
+                .collect();
+            check_owner(&mut inner, node, tenant, &states, &owning)
+        };
+        if let Err(v) = result {
+            self.report(v);
+        }
+    }
+}
+
+fn check_owner(inner: &mut Inner, node: u64, tenant: &str, states: &[Arc<RegistryState>], owning: &[u64]) -> Result<(), Violation> {
+    let Some(&epoch) = owning.first() else {
+        let epochs: Vec<String> = states
+            .iter()
+            .map(|s| format!("epoch {} owner {:?}{}", s.placement_epoch(), s.owner_of(tenant), if s.handoff(tenant).is_some() { " (handoff pending)" } else { "" }))
+            .collect();
+        return Err(Violation::new(
+            Invariant::OneOwner,
+            format!("node {node} served tenant {tenant} without owning it in any registry state it held: {}", epochs.join(", ")),
+        ));
+    };
+    if owning.iter().any(|e| *e != epoch) {
+        return Ok(());
+    }
+    match inner.servers.get(&(tenant.to_string(), epoch)) {
+        Some(&other) if other != node => Err(Violation::new(
+            Invariant::OneOwner,
+            format!("nodes {other} and {node} both served tenant {tenant} in placement epoch {epoch}"),
+        )),
+        Some(_) => Ok(()),
+        None => {
+            inner.servers.insert((tenant.to_string(), epoch), node);
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use raft_registry::command::{apply, Command};
+    use raft_registry::{key_hash, TenantRecord, Tier};
+
+    use super::*;
+    use crate::trace::Verbosity;
+
+    fn monitor() -> Monitor {
+        Monitor::new(Arc::new(Trace::new(Verbosity::Quiet)))
+    }
+
+    /// A registry where nodes 1 and 2 are active and tenant `t` exists.
+    fn state() -> RegistryState {
+        let mut s = RegistryState::default();
+        for id in [1, 2] {
+            apply(&mut s, Command::NodeJoin { id, addr: format!("10.0.0.{id}:7100") }).unwrap();
+            apply(&mut s, Command::NodeActivate { id }).unwrap();
+        }
+        apply(&mut s, Command::AddTenant(TenantRecord::new("t".into(), Tier::Free, key_hash("k"), 0))).unwrap();
+        s
+    }
+
+    // Goal: the monitor catches planted Raft violations: two leaders in one term, and two states
+    // at one log index.
+    #[tokio::test(start_paused = true)]
+    async fn planted_raft_violations_are_caught() {
+        let m = monitor();
+        m.leader(1, 3);
+        m.leader(1, 3);
+        m.leader(2, 4);
+        assert_eq!(m.violation(), None);
+        m.leader(2, 3);
+        assert_eq!(m.violation().map(|v| v.invariant), Some(Invariant::RaftLeader));
+
+        let m = monitor();
+        m.applied(1, 7, Arc::new(state()), 0);
+        m.applied(2, 7, Arc::new(state()), 1);
+        assert_eq!(m.violation(), None);
+        m.applied(3, 7, Arc::new(RegistryState::default()), 2);
+        assert_eq!(m.violation().map(|v| v.invariant), Some(Invariant::RaftLog));
+    }
+
+    // Goal: a node that serves a tenant it does not own is caught; the owner is not.
+    #[tokio::test(start_paused = true)]
+    async fn planted_foreign_serving_is_caught() {
+        let s = Arc::new(state());
+        let owner = s.owner_of("t").unwrap();
+        let other = if owner == 1 { 2 } else { 1 };
+        let m = monitor();
+        m.served_by(owner, "t", 0, &s, &s);
+        assert_eq!(m.violation(), None);
+        m.served_by(other, "t", 0, &s, &s);
+        assert_eq!(m.violation().map(|v| v.invariant), Some(Invariant::OneOwner));
+    }
+}

@@ -1,0 +1,340 @@
+//! The simulated network: every request between processes, through `transport::Caller`.
+//!
+//! Each process sends through its own [`Port`], which knows who is sending. A request is lost,
+//! or delivered after a delay (so messages overtake each other), sometimes twice; the target's
+//! `transport::Handler` runs as a task of its own, as a QUIC stream would; the answer travels
+//! back the same way. Links can be cut one way or both. A node that is down refuses at once (as
+//! an unreachable port does); a cut link or a lost message leaves the caller to its timeout. A
+//! crashed process's ports go silent: nothing it sends after its crash arrives.
+//!
+//! Duplicates are only made of requests a real sender could repeat: never an SQ write (QUIC
+//! delivers a stream once, and an insert is not idempotent).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use proto::cluster::{NodeRequest, NodeResponse};
+use transport::{CallFuture, Caller, Handler, Peer, Role, TransportError};
+
+use crate::monitor::Monitor;
+use crate::rng::Rng;
+use crate::trace::Trace;
+
+/// The longest a message can be delayed, in milliseconds. Bounds how late a request whose
+/// answer was lost can still take effect (see [`crate::model`]).
+pub const DELAY_MS_MAX: u64 = 1_500;
+/// The usual delay of a message, in milliseconds: a fast LAN with some jitter.
+const DELAY_MS_USUAL: (u64, u64) = (1, 12);
+
+/// A process on the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Endpoint {
+    Node(u64),
+    Gateway(u64),
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Endpoint::Node(id) => write!(f, "n{id}"),
+            Endpoint::Gateway(id) => write!(f, "g{id}"),
+        }
+    }
+}
+
+/// Network weather, changed by the fault schedule.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Weather {
+    pub loss_permille: u64,
+    pub duplicate_permille: u64,
+    /// Chance of a long delay, up to [`DELAY_MS_MAX`].
+    pub spike_permille: u64,
+}
+
+struct Target {
+    node: u64,
+    incarnation: u64,
+    service: Arc<node::Service>,
+}
+
+struct Inner {
+    rng: Rng,
+    targets: BTreeMap<SocketAddr, Target>,
+    /// Node → its running incarnation; absent while it is down.
+    incarnations: BTreeMap<u64, u64>,
+    /// Directed links that drop everything.
+    cut: BTreeSet<(Endpoint, Endpoint)>,
+    weather: Weather,
+    next_message: u64,
+}
+
+pub struct Net {
+    trace: Arc<Trace>,
+    monitor: Arc<Monitor>,
+    inner: Mutex<Inner>,
+}
+
+/// What happens to one request.
+enum Fate {
+    /// The sender is a dead process: nothing leaves it.
+    Silent,
+    /// No such node up: refused after the delay.
+    Refused(u64),
+    Lost,
+    Delivered { delay_ms: u64, duplicate_delay_ms: Option<u64> },
+}
+
+/// What the simulator needs to know of a request.
+struct Kind {
+    label: &'static str,
+    /// The tenant, for an SQ request.
+    tenant: Option<String>,
+    may_duplicate: bool,
+}
+
+fn kind_of(request: &[u8]) -> Kind {
+    let Ok(r) = proto::wire::decode::<NodeRequest>(request) else {
+        return Kind { label: "undecodable", tenant: None, may_duplicate: true };
+    };
+    let (label, tenant, write) = match r {
+        NodeRequest::Sq { tenant, request, .. } => ("sq", Some(tenant), request.is_write()),
+        NodeRequest::View { .. } => ("view", None, false),
+        NodeRequest::Admin { .. } => ("admin", None, false),
+        NodeRequest::RaftCommand { .. } => ("raft-command", None, false),
+        NodeRequest::HandoffManifest { .. } => ("handoff-manifest", None, false),
+        NodeRequest::HandoffRead { .. } => ("handoff-read", None, false),
+        NodeRequest::Raft(_) => ("raft", None, false),
+        NodeRequest::TenantUsage { .. } => ("usage", None, false),
+        NodeRequest::Metrics => ("metrics", None, false),
+        NodeRequest::Gossip { .. } => ("gossip", None, false),
+    };
+    Kind { label, tenant, may_duplicate: !write }
+}
+
+impl Net {
+    pub fn new(rng: Rng, trace: Arc<Trace>, monitor: Arc<Monitor>) -> Arc<Net> {
+        let inner = Inner {
+            rng,
+            targets: BTreeMap::new(),
+            incarnations: BTreeMap::new(),
+            cut: BTreeSet::new(),
+            weather: Weather::default(),
+            next_message: 0,
+        };
+        Arc::new(Net { trace, monitor, inner: Mutex::new(inner) })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A port for `from` (incarnation `incarnation` of it) at `addr`.
+    pub fn port(self: &Arc<Self>, from: Endpoint, incarnation: u64, addr: SocketAddr) -> Port {
+        Port { net: self.clone(), from, incarnation, addr }
+    }
+
+    /// Node `id` is up as `incarnation`, answering at `addr` through `service`.
+    pub fn attach(&self, id: u64, incarnation: u64, addr: SocketAddr, service: Arc<node::Service>) {
+        let mut inner = self.lock();
+        inner.targets.insert(addr, Target { node: id, incarnation, service });
+        inner.incarnations.insert(id, incarnation);
+    }
+
+    /// Node `id` is down: it answers nothing, and nothing its old ports send arrives.
+    pub fn detach(&self, id: u64, addr: SocketAddr) {
+        let mut inner = self.lock();
+        inner.targets.remove(&addr);
+        inner.incarnations.remove(&id);
+    }
+
+    pub fn set_weather(&self, weather: Weather) {
+        self.lock().weather = weather;
+    }
+
+    /// Cuts (or mends) the directed link `from → to`.
+    pub fn set_cut(&self, from: Endpoint, to: Endpoint, cut: bool) {
+        let mut inner = self.lock();
+        if cut {
+            inner.cut.insert((from, to));
+        } else {
+            inner.cut.remove(&(from, to));
+        }
+    }
+
+    /// Mends every link and calms the weather.
+    pub fn heal(&self) {
+        let mut inner = self.lock();
+        inner.cut.clear();
+        inner.weather = Weather::default();
+    }
+
+    fn alive(inner: &Inner, who: Endpoint, incarnation: u64) -> bool {
+        match who {
+            Endpoint::Node(id) => inner.incarnations.get(&id) == Some(&incarnation),
+            Endpoint::Gateway(_) => true,
+        }
+    }
+
+    fn delay(inner: &mut Inner) -> u64 {
+        let spike = inner.weather.spike_permille;
+        if inner.rng.chance(spike) {
+            inner.rng.range(DELAY_MS_USUAL.1, DELAY_MS_MAX)
+        } else {
+            inner.rng.range(DELAY_MS_USUAL.0, DELAY_MS_USUAL.1)
+        }
+    }
+
+    fn plan(&self, from: Endpoint, incarnation: u64, to: SocketAddr, kind: &Kind) -> (u64, Fate) {
+        let mut inner = self.lock();
+        let id = inner.next_message;
+        inner.next_message += 1;
+        if !Net::alive(&inner, from, incarnation) {
+            return (id, Fate::Silent);
+        }
+        let Some(target) = inner.targets.get(&to).map(|t| Endpoint::Node(t.node)) else {
+            let delay = Net::delay(&mut inner);
+            return (id, Fate::Refused(delay));
+        };
+        let weather = inner.weather;
+        let lost = inner.cut.contains(&(from, target)) || inner.rng.chance(weather.loss_permille);
+        if lost {
+            return (id, Fate::Lost);
+        }
+        let delay_ms = Net::delay(&mut inner);
+        let duplicate = kind.may_duplicate && inner.rng.chance(weather.duplicate_permille);
+        let duplicate_delay_ms = duplicate.then(|| Net::delay(&mut inner));
+        (id, Fate::Delivered { delay_ms, duplicate_delay_ms })
+    }
+
+    /// The target at `to` if it is up and the link from `from` is whole, at delivery time.
+    fn reachable(&self, from: Endpoint, incarnation: u64, to: SocketAddr) -> Option<(u64, u64, Arc<node::Service>)> {
+        let inner = self.lock();
+        let t = inner.targets.get(&to)?;
+        let whole = !inner.cut.contains(&(from, Endpoint::Node(t.node)));
+        (whole && Net::alive(&inner, from, incarnation)).then(|| (t.node, t.incarnation, t.service.clone()))
+    }
+
+    /// The delay of an answer from `node` to `to`, or `None` if it is lost.
+    fn plan_answer(&self, node: u64, to: Endpoint) -> Option<u64> {
+        let mut inner = self.lock();
+        let loss = inner.weather.loss_permille;
+        let lost = inner.cut.contains(&(Endpoint::Node(node), to)) || inner.rng.chance(loss);
+        (!lost).then(|| Net::delay(&mut inner))
+    }
+
+    fn is_current(&self, node: u64, incarnation: u64) -> bool {
+        Net::alive(&self.lock(), Endpoint::Node(node), incarnation)
+    }
+
+    async fn exchange(self: Arc<Self>, port: PortId, to: SocketAddr, request: Bytes) -> Result<Bytes, TransportError> {
+        let kind = kind_of(&request);
+        let (id, fate) = self.plan(port.from, port.incarnation, to, &kind);
+        let what = |fate: &str| format!("msg {id} {} -> {to} {} {fate}", port.from, kind.label);
+        match fate {
+            Fate::Silent => {
+                self.trace.detail(what("from a dead process"));
+                std::future::pending().await
+            }
+            Fate::Refused(delay_ms) => {
+                self.trace.detail(what("refused: nothing listens"));
+                tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+                Err(TransportError::Connect { addr: to, reason: "simulated: no node listens there".into() })
+            }
+            Fate::Lost => {
+                self.trace.detail(what("lost"));
+                std::future::pending().await
+            }
+            Fate::Delivered { delay_ms, duplicate_delay_ms } => {
+                self.trace.detail(what(&format!("in {delay_ms} ms{}", duplicate_delay_ms.map_or(String::new(), |d| format!(", again in {d} ms")))));
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                let tenant = kind.tenant;
+                if let Some(d) = duplicate_delay_ms {
+                    tokio::spawn(self.clone().deliver(id, port, to, request.clone(), d, tenant.clone(), None));
+                }
+                tokio::spawn(self.deliver(id, port, to, request, delay_ms, tenant, Some(tx)));
+                match rx.await {
+                    Ok(answer) => Ok(answer),
+                    // The answer was lost: the caller hears nothing until its timeout.
+                    Err(_) => std::future::pending().await,
+                }
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn deliver(
+        self: Arc<Self>,
+        id: u64,
+        port: PortId,
+        to: SocketAddr,
+        request: Bytes,
+        delay_ms: u64,
+        tenant: Option<String>,
+        reply: Option<tokio::sync::oneshot::Sender<Bytes>>,
+    ) {
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        let Some((node, incarnation, service)) = self.reachable(port.from, port.incarnation, to) else {
+            self.trace.detail(format!("msg {id} dropped on arrival"));
+            return;
+        };
+        let role = match port.from {
+            Endpoint::Node(n) => Role::Node(n),
+            Endpoint::Gateway(_) => Role::Gateway,
+        };
+        let since_ms = self.trace.now_ms();
+        let at_delivery = service.registry.state();
+        let answer = service.handle(Peer { role, addr: port.addr }, request).await;
+        if !self.is_current(node, incarnation) {
+            return;
+        }
+        if let Some(tenant) = tenant {
+            if let Ok(NodeResponse::Sq(Ok(_))) = proto::wire::decode::<NodeResponse>(&answer) {
+                self.monitor.served_by(node, &tenant, since_ms, &at_delivery, &service.registry.state());
+            }
+        }
+        let Some(reply) = reply else { return };
+        let Some(back_ms) = self.plan_answer(node, port.from) else {
+            self.trace.detail(format!("msg {id} answer lost"));
+            return;
+        };
+        tokio::time::sleep(Duration::from_millis(back_ms)).await;
+        let arrives = {
+            let inner = self.lock();
+            Net::alive(&inner, port.from, port.incarnation) && !inner.cut.contains(&(Endpoint::Node(node), port.from))
+        };
+        if arrives {
+            let _ = reply.send(answer);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PortId {
+    from: Endpoint,
+    incarnation: u64,
+    addr: SocketAddr,
+}
+
+/// One process's way onto the network: its `transport::Caller`.
+pub struct Port {
+    net: Arc<Net>,
+    from: Endpoint,
+    incarnation: u64,
+    addr: SocketAddr,
+}
+
+impl Caller for Port {
+    fn call(&self, addr: SocketAddr, request: Bytes, timeout: Duration) -> CallFuture<'_> {
+        let port = PortId { from: self.from, incarnation: self.incarnation, addr: self.addr };
+        let exchange = self.net.clone().exchange(port, addr, request);
+        Box::pin(async move {
+            tokio::time::timeout(timeout, exchange)
+                .await
+                .unwrap_or(Err(TransportError::Timeout { what: "simulated call" }))
+        })
+    }
+}

@@ -1,0 +1,239 @@
+//! One run: the cluster forms, clients work while faults and admin operations come, the faults
+//! heal, and the cluster must then converge and serve every tenant its acknowledged data.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway::forward::{poll_views, WireNodeClient};
+use gateway::view::ViewHandle;
+use gateway::Gateway;
+use proto::request::Method;
+use proto::{Coordinate, Doc};
+use tokio_util::sync::CancellationToken;
+
+use crate::cluster::{gateway_addr, node_addr, Cluster};
+use crate::model::{tag, CellKey, Outcome};
+use crate::monitor::{Invariant, Monitor, Violation};
+use crate::net::{Endpoint, Net};
+use crate::rng::Rng;
+use crate::trace::Trace;
+use crate::workload::{all_cells, Client, PHEXTS};
+use crate::world::{new_key, write_outcome, World, WRITE_HORIZON_MS};
+use crate::{operator, Options};
+
+/// Nodes that form the cluster at the start; more are started as spares for joins.
+const FIRST_MEMBERS: [u64; 3] = [1, 2, 3];
+/// How long the cluster may take to form and create its tenants, in simulated milliseconds.
+const FORMATION_MS_MAX: u64 = 120_000;
+/// How long after the faults heal the cluster may take to serve every tenant again.
+const CONVERGENCE_MS_MAX: u64 = 90_000;
+/// Pause between liveness probes of one tenant, in milliseconds.
+const PROBE_PAUSE_MS: u64 = 250;
+/// How often the run looks for a violation, in milliseconds.
+const VIOLATION_POLL_MS: u64 = 100;
+/// The phext liveness probes write.
+const PROBE_PHEXT: &str = "probe";
+
+/// The shape of one run, drawn from its seed.
+struct Plan {
+    spares: u64,
+    gateways: u64,
+    tenants: Vec<String>,
+    writers_per_tenant: Vec<u64>,
+}
+
+fn plan(rng: &mut Rng) -> Plan {
+    let tenants: Vec<String> = (0..rng.range(5, 8)).map(|i| format!("t{i}")).collect();
+    let writers_per_tenant = tenants.iter().map(|_| rng.range(1, 2)).collect();
+    Plan { spares: rng.range(1, 2), gateways: rng.range(1, 2), tenants, writers_per_tenant }
+}
+
+/// Runs the scenario of one seed; the first violation ends it.
+pub async fn run(seed: u64, options: &Options, trace: Arc<Trace>) -> Result<Arc<World>, (Option<Arc<World>>, Violation)> {
+    let mut rng = Rng::new(seed);
+    let plan = plan(&mut rng);
+    let monitor = Arc::new(Monitor::new(trace.clone()));
+    let net = Net::new(rng.fork(), trace.clone(), monitor.clone());
+    let admin_key = new_key(&mut rng);
+    let ids: Vec<u64> = (1..=FIRST_MEMBERS.len() as u64 + plan.spares).collect();
+    let cluster = Cluster::new(trace.clone(), monitor.clone(), net.clone(), proto::auth::key_hash(&admin_key), &ids, &mut rng);
+    trace.event(format!(
+        "seed {seed}: nodes {ids:?} ({} first members), {} gateways, tenants {:?}",
+        FIRST_MEMBERS.len(),
+        plan.gateways,
+        plan.tenants
+    ));
+    let stop_all = CancellationToken::new();
+    let gateways = start_gateways(&net, &ids, plan.gateways, &stop_all);
+    let world = Arc::new(World::new(trace.clone(), monitor.clone(), cluster.clone(), gateways, proto::auth::key_hash(&admin_key)));
+    let result = phases(&world, &plan, &mut rng, options, &stop_all).await;
+    stop_all.cancel();
+    match result.and_then(|()| world.monitor.violation().map_or(Ok(()), Err)) {
+        Ok(()) => Ok(world),
+        Err(v) => Err((Some(world), v)),
+    }
+}
+
+fn start_gateways(net: &Arc<Net>, ids: &[u64], count: u64, stop: &CancellationToken) -> Vec<Arc<Gateway>> {
+    (0..count)
+        .map(|g| {
+            let port = net.port(Endpoint::Gateway(g), 0, gateway_addr(g));
+            let gw = Arc::new(Gateway {
+                views: ViewHandle::default(),
+                client: Arc::new(WireNodeClient(Arc::new(port))),
+                seeds: ids.iter().map(|id| node_addr(*id)).collect(),
+            });
+            tokio::spawn(poll_views(gw.client.clone(), gw.views.clone(), gw.seeds.clone(), stop.clone()));
+            gw
+        })
+        .collect()
+}
+
+/// Fails with the monitor's violation, if one was found.
+fn checked(world: &World) -> Result<(), Violation> {
+    world.monitor.violation().map_or(Ok(()), Err)
+}
+
+async fn phases(world: &Arc<World>, plan: &Plan, rng: &mut Rng, options: &Options, stop_all: &CancellationToken) -> Result<(), Violation> {
+    for id in world.cluster.ids() {
+        let cluster = world.cluster.clone();
+        let monitor = world.monitor.clone();
+        tokio::spawn(async move {
+            if let Err(v) = cluster.start(id).await {
+                monitor.report(v);
+            }
+        });
+    }
+    tokio::spawn(world.cluster.clone().watch_leaders(stop_all.clone()));
+    let formed_by = world.now_ms() + FORMATION_MS_MAX;
+    operator::form(world, rng, &FIRST_MEMBERS, &plan.tenants, formed_by).await.map_err(|v| {
+        Violation::new(Invariant::Liveness, format!("the cluster did not form: {}", v.detail))
+    })?;
+    checked(world)?;
+    world.trace.event("formed: clients, operators and faults start");
+    let chaos = CancellationToken::new();
+    let mut clients = Vec::new();
+    for (t, tenant) in plan.tenants.iter().enumerate() {
+        let writers = plan.writers_per_tenant[t];
+        for w in 0..writers {
+            let own: Vec<CellKey> = all_cells().into_iter().enumerate().filter(|(i, _)| *i as u64 % writers == w).map(|(_, c)| c).collect();
+            let client = Client::new(clients.len() as u64, tenant.clone(), own, rng.fork());
+            clients.push(tokio::spawn(client.run(world.clone(), chaos.clone())));
+        }
+    }
+    for _ in 0..2 {
+        tokio::spawn(operator::run(world.clone(), rng.fork(), plan.tenants.clone(), chaos.clone()));
+    }
+    if options.faults {
+        tokio::spawn(crate::faults::run(world.clone(), rng.fork(), chaos.clone()));
+    }
+    let chaos_end = world.now_ms() + options.chaos.as_millis() as u64;
+    while world.now_ms() < chaos_end {
+        tokio::time::sleep(Duration::from_millis(VIOLATION_POLL_MS)).await;
+        checked(world)?;
+    }
+    chaos.cancel();
+    crate::faults::heal(world).await;
+    for c in clients {
+        let _ = c.await;
+    }
+    checked(world)?;
+    let healed_at = world.now_ms();
+    let deadline = healed_at + CONVERGENCE_MS_MAX;
+    operator::settle(world, rng, &plan.tenants, deadline).await?;
+    for tenant in &plan.tenants {
+        probe(world, rng, tenant, deadline).await?;
+    }
+    world.trace.event(format!("converged: every tenant served {} ms after the heal", world.now_ms() - healed_at));
+    checked(world)?;
+    final_check(world, &plan.tenants).await?;
+    checked(world)
+}
+
+/// Liveness: a write to `tenant` is acknowledged and read back through every gateway.
+async fn probe(world: &World, rng: &mut Rng, tenant: &str, deadline_ms: u64) -> Result<(), Violation> {
+    let cell = CellKey { phext: PROBE_PHEXT.to_string(), coord: Coordinate::ORIGIN };
+    let query = format!("p={}&c={}", cell.phext, cell.coord);
+    let mut last = String::from("no attempt");
+    let mut attempt = 0;
+    while world.now_ms() <= deadline_ms {
+        attempt += 1;
+        let key = world.key_for(tenant, rng).unwrap_or_default();
+        let value = tag(tenant, &format!("probe.{attempt}"));
+        let now = world.now_ms();
+        let id = world.model().begin_write(tenant, &cell, value.clone(), now, now + WRITE_HORIZON_MS);
+        let result = world.sq(rng.below(world.gateways.len() as u64) as usize, &key, Method::Post, "update", &query, value.as_bytes()).await;
+        let outcome = write_outcome(&result);
+        world.model().end_write(id, outcome, world.now_ms());
+        if outcome == Outcome::Acked {
+            let mut all_read = true;
+            for gw in 0..world.gateways.len() {
+                let start = world.now_ms();
+                match world.sq(gw, &key, Method::Get, "select", &query, b"").await {
+                    Ok(r) => world.model().check_read(tenant, &cell, start, &String::from_utf8_lossy(&r.body), true)?,
+                    Err(e) => {
+                        last = format!("read through gateway {gw}: {e}");
+                        all_read = false;
+                    }
+                }
+            }
+            if all_read {
+                return Ok(());
+            }
+        } else if let Err(e) = result {
+            last = e.to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await;
+    }
+    Err(Violation::new(
+        Invariant::Liveness,
+        format!("tenant {tenant} not served {CONVERGENCE_MS_MAX} ms after the heal: {last}; {}", registry_status(world)),
+    ))
+}
+
+/// Each node's view of the registry, for a liveness report.
+fn registry_status(world: &World) -> String {
+    let mut out = Vec::new();
+    for id in world.cluster.ids() {
+        match world.cluster.parts(id) {
+            Some(p) => {
+                let s = p.registry.status();
+                let state = p.registry.state();
+                out.push(format!(
+                    "n{id}: term {} leader {:?} applied {:?} epoch {} handoffs {}",
+                    s.term,
+                    s.leader,
+                    s.last_applied_index,
+                    state.placement_epoch(),
+                    state.handoffs().count()
+                ));
+            }
+            None => out.push(format!("n{id}: down ({})", world.cluster.start_error(id).unwrap_or_default())),
+        }
+    }
+    for (g, gw) in world.gateways.iter().enumerate() {
+        let v = gw.views.current();
+        out.push(format!("g{g} view: applied {} epoch {}", v.view.applied_index, v.view.epoch));
+    }
+    out.join("; ")
+}
+
+/// After convergence: every phext of every tenant holds exactly its acknowledged writes.
+async fn final_check(world: &World, tenants: &[String]) -> Result<(), Violation> {
+    let mut rng = Rng::new(0);
+    for tenant in tenants {
+        let key = world.key_for(tenant, &mut rng).unwrap_or_default();
+        for phext in PHEXTS.iter().copied().chain([PROBE_PHEXT]) {
+            let start = world.now_ms();
+            let body = world
+                .sq(0, &key, Method::Get, "get", &format!("p={phext}"), b"")
+                .await
+                .map_err(|e| Violation::new(Invariant::Liveness, format!("final read of {tenant}/{phext} failed: {e}")))?
+                .body;
+            let doc = Doc::parse(&body).map_err(|e| Violation::new(Invariant::LostWrite, format!("{tenant}/{phext} is not a phext: {e}")))?;
+            world.model().check_doc(tenant, phext, start, &doc, true)?;
+        }
+        world.model().check_quota(tenant)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,145 @@
+//! What every actor of a run shares: the cluster, the gateways, the expected state, the tenants'
+//! keys, and the way requests are sent through a gateway and their answers classified.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use gateway::Gateway;
+use proto::request::Method;
+use proto::{ApiError, SqResponse};
+
+use crate::cluster::Cluster;
+use crate::model::{Model, Outcome};
+use crate::monitor::Monitor;
+use crate::rng::Rng;
+use crate::trace::Trace;
+
+/// How long a client waits for one request before giving up on its answer: the gateway's
+/// forward timeout, a view refresh and the retry it allows, with room to spare.
+pub const CLIENT_OP_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// How long an admin operation may take: a join waits for a learner to catch up.
+pub const ADMIN_OP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long after its issue a request whose answer never came can still take effect: the
+/// client's timeout, the longest delay of its last copy, and the time a node may hold a request
+/// before running it (behind a handoff's drain, on a slow disk).
+pub const WRITE_HORIZON_MS: u64 = CLIENT_OP_TIMEOUT.as_millis() as u64 + 2 * crate::net::DELAY_MS_MAX + 5_000;
+
+/// A tenant's keys as the clients know them.
+#[derive(Debug, Clone, Default)]
+pub struct TenantKeys {
+    /// The key of the last acknowledged rotation (or creation).
+    pub current: String,
+    /// Keys of rotations whose answer was lost: one of them may be the real key now.
+    pub maybe: Vec<String>,
+}
+
+/// Counts for the run's summary.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    pub reads_ok: u64,
+    pub writes_acked: u64,
+    pub writes_refused: u64,
+    pub writes_unknown: u64,
+    pub reads_failed: u64,
+    pub admin_ok: u64,
+    pub admin_failed: u64,
+    pub faults: u64,
+}
+
+pub struct World {
+    pub trace: Arc<Trace>,
+    pub monitor: Arc<Monitor>,
+    pub cluster: Arc<Cluster>,
+    pub gateways: Vec<Arc<Gateway>>,
+    pub admin_key_hash: String,
+    model: Mutex<Model>,
+    keys: Mutex<BTreeMap<String, TenantKeys>>,
+    stats: Mutex<Stats>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A fresh tenant key, drawn from the run's generator.
+pub fn new_key(rng: &mut Rng) -> String {
+    format!("pmb-v1-{:016x}{:016x}", rng.next_u64(), rng.next_u64())
+}
+
+impl World {
+    pub fn new(trace: Arc<Trace>, monitor: Arc<Monitor>, cluster: Arc<Cluster>, gateways: Vec<Arc<Gateway>>, admin_key_hash: String) -> World {
+        World {
+            trace,
+            monitor,
+            cluster,
+            gateways,
+            admin_key_hash,
+            model: Mutex::new(Model::default()),
+            keys: Mutex::new(BTreeMap::new()),
+            stats: Mutex::new(Stats::default()),
+        }
+    }
+
+    pub fn model(&self) -> MutexGuard<'_, Model> {
+        lock(&self.model)
+    }
+
+    pub fn keys(&self) -> MutexGuard<'_, BTreeMap<String, TenantKeys>> {
+        lock(&self.keys)
+    }
+
+    pub fn stats(&self) -> MutexGuard<'_, Stats> {
+        lock(&self.stats)
+    }
+
+    pub fn now_ms(&self) -> u64 {
+        self.trace.now_ms()
+    }
+
+    /// The key a client uses now: the current one, or sometimes one a lost rotation may have set.
+    pub fn key_for(&self, tenant: &str, rng: &mut Rng) -> Option<String> {
+        let keys = self.keys();
+        let k = keys.get(tenant)?;
+        if !k.maybe.is_empty() && rng.chance(500) {
+            return Some(rng.pick(&k.maybe).clone());
+        }
+        Some(k.current.clone())
+    }
+
+    /// Sends one SQ request for `tenant` with `key` through gateway `gw`, within the client's
+    /// timeout (a timeout answers `Unavailable`).
+    pub async fn sq(&self, gw: usize, key: &str, method: Method, route: &str, query: &str, body: &[u8]) -> Result<SqResponse, ApiError> {
+        let gw = &self.gateways[gw % self.gateways.len()];
+        let caller = gateway::api::authenticate(gw, key)?;
+        let call = gateway::api::serve(gw, &caller, method, route, query, body);
+        match tokio::time::timeout(CLIENT_OP_TIMEOUT, call).await {
+            Ok(answer) => answer,
+            Err(_) => Err(ApiError::Unavailable { reason: "simulated client gave up waiting".into(), retry_after_s: 1 }),
+        }
+    }
+}
+
+/// What an SQ error says about whether the write took effect. Refusals that come before the
+/// store runs (key, ownership, limits, quota, bad input) are definite; the rest may hide a write
+/// that happened (a lost answer, a disk error after the log append).
+pub fn write_outcome(result: &Result<SqResponse, ApiError>) -> Outcome {
+    match result {
+        Ok(_) => Outcome::Acked,
+        Err(
+            ApiError::BadRequest(_)
+            | ApiError::Unauthorized
+            | ApiError::BadPhextName
+            | ApiError::Forbidden(_)
+            | ApiError::NotFound
+            | ApiError::PayloadTooLarge { .. }
+            | ApiError::RateLimited { .. }
+            | ApiError::QuotaExceeded { .. }
+            | ApiError::NotOwner { .. }
+            | ApiError::Conflict(_),
+        ) => Outcome::NotApplied,
+        Err(ApiError::Unavailable { .. } | ApiError::Internal(_)) => Outcome::Unknown,
+    }
+}

@@ -1,0 +1,314 @@
+//! `sq-cloud admin`: tenants and nodes from the shell, through the gateway's admin API
+//! (PRODUCT.md §2). Human tables by default; `--json` prints the gateway's JSON answer as it
+//! came, for scripts.
+//!
+//! Where the gateway is and the admin key come from, first to last: `--url` / `--admin-key`;
+//! `--dev DIR` (that dev cluster's dev.json); `SQ_CLOUD_URL` / `SQ_CLOUD_ADMIN_KEY`; and, when
+//! none of these is given, `./sq-cloud-dev/dev.json` if it exists (what `sq-cloud dev` writes).
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+use clap::{Args, Subcommand};
+use serde_json::{json, Value};
+
+use crate::admin_client::AdminClient;
+use crate::tooling::{encode_query_value, Target};
+
+/// The data directory `sq-cloud dev` uses when given none; `admin` looks there last.
+const DEFAULT_DEV_DIR: &str = "sq-cloud-dev";
+
+#[derive(Args)]
+pub struct AdminArgs {
+    /// Gateway URL, e.g. https://phext.io [env: SQ_CLOUD_URL]
+    #[arg(long, global = true)]
+    url: Option<String>,
+    /// The admin key [env: SQ_CLOUD_ADMIN_KEY]
+    #[arg(long, global = true)]
+    admin_key: Option<String>,
+    /// Talk to the dev cluster in DIR (reads DIR/dev.json).
+    #[arg(long, global = true, value_name = "DIR")]
+    dev: Option<PathBuf>,
+    /// A CA certificate (PEM) to trust for HTTPS.
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
+    /// Print the gateway's JSON answer instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: AdminCommand,
+}
+
+#[derive(Subcommand)]
+enum AdminCommand {
+    /// Add, list, inspect, change, re-key and delete tenants.
+    #[command(subcommand)]
+    Tenants(TenantsCommand),
+    /// The cluster's health and nodes.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// The cluster's nodes (same as `cluster nodes`).
+    Nodes,
+}
+
+#[derive(Subcommand)]
+enum TenantsCommand {
+    /// Add a tenant; prints its key, which is shown only this once.
+    Add {
+        id: String,
+        /// free, pro or team (default free).
+        #[arg(long)]
+        tier: Option<String>,
+        /// Override the tier's storage quota, in MB.
+        #[arg(long)]
+        quota_mb: Option<u64>,
+        #[arg(long)]
+        email: Option<String>,
+    },
+    /// List every tenant.
+    List,
+    /// Storage, quota and today's usage of a tenant.
+    Stats { id: String },
+    /// Change a tenant's tier, quota, daily request limit, or enabled state.
+    Set {
+        id: String,
+        /// free, pro or team; resets quota and daily limit to the tier's unless also given.
+        #[arg(long)]
+        tier: Option<String>,
+        #[arg(long)]
+        quota_mb: Option<u64>,
+        /// Requests per UTC day.
+        #[arg(long)]
+        daily_limit: Option<u64>,
+        #[arg(long, conflicts_with = "disable")]
+        enable: bool,
+        #[arg(long)]
+        disable: bool,
+    },
+    /// Give a tenant a new key; the old one stops working within 1 s.
+    RotateKey { id: String },
+    /// Disable a tenant and archive its data (nothing is destroyed).
+    Delete { id: String },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Gossip state of every node, the Raft leader, term and commit index, the ring.
+    Health,
+    /// Every node with its state, health and tenant count.
+    Nodes,
+}
+
+/// How an answer is shown to a person.
+#[derive(Clone, Copy)]
+enum Shape {
+    Added,
+    TenantList,
+    Tenant,
+    Stats,
+    Rotated,
+    Deleted,
+    Health,
+    Nodes,
+}
+
+pub fn run(args: AdminArgs) -> anyhow::Result<()> {
+    let client = connect(&args)?;
+    let (answer, shape) = execute(&client, &args.command)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+    } else {
+        print!("{}", human(shape, &answer));
+    }
+    Ok(())
+}
+
+fn connect(args: &AdminArgs) -> anyhow::Result<AdminClient> {
+    let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let (mut url, mut key) = (args.url.clone(), args.admin_key.clone());
+    let mut dev = args.dev.clone();
+    if dev.is_none() {
+        url = url.or_else(|| env("SQ_CLOUD_URL"));
+        key = key.or_else(|| env("SQ_CLOUD_ADMIN_KEY"));
+        let fallback = Path::new(DEFAULT_DEV_DIR);
+        if (url.is_none() || key.is_none()) && fallback.join("dev.json").exists() {
+            dev = Some(fallback.to_path_buf());
+        }
+    }
+    if url.is_none() && dev.is_none() {
+        bail!("no gateway: give --url, SQ_CLOUD_URL or --dev DIR");
+    }
+    let target = Target::resolve(dev.as_deref(), url, key, args.ca.clone())?;
+    let Some(key) = target.admin_key.as_deref() else {
+        bail!("no admin key: give --admin-key, SQ_CLOUD_ADMIN_KEY or --dev DIR");
+    };
+    AdminClient::new(&target.url, key, target.ca.clone().unwrap_or_default())
+}
+
+fn tenant_path(id: &str) -> String {
+    format!("/api/v2/admin/tenants/{}", encode_query_value(id))
+}
+
+fn execute(client: &AdminClient, command: &AdminCommand) -> anyhow::Result<(Value, Shape)> {
+    Ok(match command {
+        AdminCommand::Tenants(TenantsCommand::Add { id, tier, quota_mb, email }) => {
+            let body = json!({"tenant_id": id, "tier": tier, "quota_mb": quota_mb, "admin_email": email});
+            (client.post("/api/v2/admin/tenants/add", &without_nulls(body))?, Shape::Added)
+        }
+        AdminCommand::Tenants(TenantsCommand::List) => (client.get("/api/v2/admin/tenants")?, Shape::TenantList),
+        AdminCommand::Tenants(TenantsCommand::Stats { id }) => (client.get(&format!("{}/stats", tenant_path(id)))?, Shape::Stats),
+        AdminCommand::Tenants(TenantsCommand::Set { id, tier, quota_mb, daily_limit, enable, disable }) => {
+            let enabled = match (enable, disable) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            };
+            let body = without_nulls(json!({"tier": tier, "quota_mb": quota_mb, "daily_limit": daily_limit, "enabled": enabled}));
+            if body.as_object().is_some_and(|o| o.is_empty()) {
+                bail!("nothing to change: give --tier, --quota-mb, --daily-limit, --enable or --disable");
+            }
+            (client.patch(&tenant_path(id), &body)?, Shape::Tenant)
+        }
+        AdminCommand::Tenants(TenantsCommand::RotateKey { id }) => {
+            (client.post(&format!("{}/rotate-key", tenant_path(id)), &json!({}))?, Shape::Rotated)
+        }
+        AdminCommand::Tenants(TenantsCommand::Delete { id }) => (client.delete(&tenant_path(id))?, Shape::Deleted),
+        AdminCommand::Cluster(ClusterCommand::Health) => (client.get("/api/v2/admin/health")?, Shape::Health),
+        AdminCommand::Cluster(ClusterCommand::Nodes) | AdminCommand::Nodes => (client.get("/api/v2/admin/nodes")?, Shape::Nodes),
+    })
+}
+
+/// The object without its null fields: the admin API takes absent fields as "unchanged".
+fn without_nulls(mut value: Value) -> Value {
+    if let Some(o) = value.as_object_mut() {
+        o.retain(|_, v| !v.is_null());
+    }
+    value
+}
+
+fn human(shape: Shape, v: &Value) -> String {
+    match shape {
+        Shape::Added => format!(
+            "added tenant {} ({}, quota {} MB)\napi key: {}\nThe key is shown only this once; store it now.\n",
+            cell(&v["tenant_id"]),
+            cell(&v["tier"]),
+            cell(&v["quota_mb"]),
+            cell(&v["api_key"])
+        ),
+        Shape::Rotated => format!(
+            "new api key for {}: {}\nThe old key stops working within 1 s; the new one is shown only this once.\n",
+            cell(&v["tenant_id"]),
+            cell(&v["api_key"])
+        ),
+        Shape::Deleted => format!("tenant {} is {}: disabled, its data kept.\n", cell(&v["tenant_id"]), cell(&v["status"])),
+        Shape::TenantList => tenant_table(v),
+        Shape::Tenant => pairs(v, &["tenant_id", "tier", "status", "quota_mb", "daily_limit", "admin_email"]),
+        Shape::Stats => stats(v),
+        Shape::Health => health(v),
+        Shape::Nodes => node_table(v),
+    }
+}
+
+fn tenant_table(v: &Value) -> String {
+    let columns = ["tenant_id", "tier", "status", "quota_mb", "daily_limit", "admin_email"];
+    table(&["TENANT", "TIER", "STATUS", "QUOTA_MB", "DAILY_LIMIT", "EMAIL"], &rows_of(v, &columns))
+}
+
+fn stats(v: &Value) -> String {
+    let used_mb = v["storage_used_mb"].as_f64().unwrap_or(0.0);
+    let quota_mb = v["quota_mb"].as_f64().unwrap_or(0.0);
+    let percent = if quota_mb > 0.0 { used_mb * 100.0 / quota_mb } else { 0.0 };
+    let rows = vec![
+        vec!["tenant".into(), cell(&v["tenant_id"])],
+        vec!["tier".into(), cell(&v["tier"])],
+        vec!["node".into(), cell(&v["node"])],
+        vec!["storage".into(), format!("{used_mb:.3} MB of {quota_mb} MB ({percent:.1}%)")],
+        vec!["api calls today".into(), cell(&v["api_calls_today"])],
+        vec!["bytes out today".into(), cell(&v["bytes_out_today"])],
+        vec!["last active".into(), cell(&v["last_active"])],
+    ];
+    table(&[], &rows)
+}
+
+fn health(v: &Value) -> String {
+    let raft = &v["raft"];
+    let ring: Vec<String> = v["ring"].as_array().map(|a| a.iter().map(cell).collect()).unwrap_or_default();
+    format!(
+        "answered by node {}\nraft: leader {}, term {}, commit index {}\nplacement epoch {}, ring [{}]\n\n{}",
+        cell(&v["node"]),
+        cell(&raft["leader"]),
+        cell(&raft["term"]),
+        cell(&raft["commit_index"]),
+        cell(&v["placement_epoch"]),
+        ring.join(", "),
+        node_table(&v["nodes"])
+    )
+}
+
+fn node_table(v: &Value) -> String {
+    let columns = ["id", "addr", "state", "health", "tenants"];
+    table(&["ID", "ADDR", "STATE", "HEALTH", "TENANTS"], &rows_of(v, &columns))
+}
+
+/// One row per object of the array `v`, with the given fields as cells.
+fn rows_of(v: &Value, columns: &[&str]) -> Vec<Vec<String>> {
+    let objects = v.as_array().map(Vec::as_slice).unwrap_or_default();
+    objects.iter().map(|o| columns.iter().map(|c| cell(&o[*c])).collect()).collect()
+}
+
+/// `key  value` lines for the given fields of an object.
+fn pairs(v: &Value, keys: &[&str]) -> String {
+    let rows: Vec<Vec<String>> = keys.iter().map(|k| vec![k.to_string(), cell(&v[*k])]).collect();
+    table(&[], &rows)
+}
+
+/// A JSON value as a table cell: strings bare, null as `-`.
+fn cell(v: &Value) -> String {
+    match v {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Left-aligned columns two spaces apart; `headers` may be empty.
+fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut lines: Vec<Vec<String>> = Vec::with_capacity(rows.len() + 1);
+    if !headers.is_empty() {
+        lines.push(headers.iter().map(|h| h.to_string()).collect());
+    }
+    lines.extend(rows.iter().cloned());
+    let columns = lines.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..columns).map(|i| lines.iter().filter_map(|l| l.get(i)).map(|c| c.chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for line in &lines {
+        let cells: Vec<String> = line.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: columns line up whatever the cell widths, and null shows as "-".
+    #[test]
+    fn tables_align() {
+        let v = json!([{"id": 1, "addr": "127.0.0.1:7100", "state": "active", "health": "alive", "tenants": 12},
+                       {"id": 22, "addr": "h:1", "state": "draining", "health": null, "tenants": 0}]);
+        let text = node_table(&v);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "ID  ADDR            STATE     HEALTH  TENANTS");
+        assert_eq!(lines[1], "1   127.0.0.1:7100  active    alive   12");
+        assert_eq!(lines[2], "22  h:1             draining  -       0");
+    }
+
+    // Goal: unset options never reach the API as nulls.
+    #[test]
+    fn nulls_are_dropped() {
+        assert_eq!(without_nulls(json!({"tier": null, "quota_mb": 5})), json!({"quota_mb": 5}));
+    }
+}
