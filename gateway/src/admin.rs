@@ -189,12 +189,18 @@ async fn see_index(gw: &Arc<Gateway>, addr: SocketAddr, index: u64) {
 /// the registry index it had applied.
 async fn send_admin(gw: &Arc<Gateway>, admin_key_hash: String, op: AdminOp) -> Result<(String, SocketAddr, u64), ApiError> {
     let view = gw.views.current();
+    // A removed node keeps answering while its process runs, but no longer hears the registry.
+    let removed: Vec<SocketAddr> =
+        view.view.nodes.iter().filter(|n| n.state == "removed").filter_map(|n| view.node_addr(n.id)).collect();
     let mut addrs: Vec<_> = view.node_addrs().into_iter().filter(|(id, _)| !view.is_dead(*id)).map(|(_, a)| a).collect();
     addrs.extend(gw.seeds.iter().filter(|s| !addrs.contains(s)).copied().collect::<Vec<_>>());
+    addrs.retain(|a| !removed.contains(a));
     let mut last = String::from("no node known");
     for addr in addrs {
         let request = NodeRequest::Admin { admin_key_hash: admin_key_hash.clone(), op: op.clone() };
         match gw.client.call(addr, request, FORWARD_TIMEOUT * 4).await {
+            // That node cannot reach the registry leader (partitioned, lagging): another one may.
+            Ok(NodeResponse::Admin { result: Err(e @ ApiError::Unavailable { .. }), .. }) => last = e.to_string(),
             Ok(NodeResponse::Admin { result, applied_index }) => return result.map(|json| (json, addr, applied_index)),
             Ok(other) => return Err(ApiError::Internal(format!("unexpected answer: {other:?}"))),
             Err(e) => last = e.to_string(),

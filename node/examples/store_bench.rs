@@ -61,13 +61,16 @@ fn run(store: &Store, op: &str, threads: usize, length: Duration) -> (Vec<u64>, 
             .map(|t| {
                 s.spawn(move || {
                     let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (t as u64 + 1);
-                    let text = "u".repeat(SCROLL_BYTES);
                     let mut latencies = Vec::new();
+                    let mut n = 0u64;
                     while Instant::now() < deadline {
                         let c = coord(next(&mut rng));
+                        n += 1;
                         let request = match op {
                             "select" => SqRequest::Select { p: name(), c },
-                            _ => SqRequest::Update { p: name(), c, text: text.clone() },
+                            // New text every time: an update to the text a scroll already holds
+                            // is answered without a write.
+                            _ => SqRequest::Update { p: name(), c, text: format!("{t}.{n:0>w$}", w = SCROLL_BYTES - 4) },
                         };
                         let sent = Instant::now();
                         store.execute("bench", u64::MAX, &request).expect("request succeeds");

@@ -176,7 +176,8 @@ impl Limits {
 
     fn write(&self, tenant: &str, rollup: &Rollup) -> std::io::Result<()> {
         let dir = self.tenants_dir.join(tenant);
-        self.vfs.create_dir(&dir)?;
+        // Durably: the store puts the tenant's log in this directory too, and finds it existing.
+        crate::store::create_dir_durable(self.vfs.as_ref(), &dir)?;
         let tmp = dir.join(format!("{ROLLUP_FILE}.tmp"));
         let mut f = self.vfs.create(&tmp)?;
         f.write_all(&serde_json::to_vec(rollup).map_err(std::io::Error::other)?)?;

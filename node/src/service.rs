@@ -17,6 +17,10 @@ use crate::store::Store;
 /// The longest a gateway's view long-poll is held open, whatever it asks for.
 const VIEW_WAIT_MAX: Duration = Duration::from_secs(30);
 
+/// How long a request waits for this node's registry to learn a tenant or key that the gateway's
+/// view already has: several Raft heartbeats (250 ms), well under the gateway's forward timeout.
+const CATCH_UP_WAIT: Duration = Duration::from_millis(1000);
+
 /// How long a request may take when this node forwards it to a peer (leader or owner).
 pub const PEER_CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -87,6 +91,7 @@ impl Service {
 
     /// Runs an SQ request for a tenant this node owns, after checking the key hash again.
     async fn sq(&self, tenant: &str, key_hash: &str, _epoch: u64, request: SqRequest) -> Result<SqResponse, ApiError> {
+        self.wait_to_know(tenant, key_hash).await;
         // Held until the answer, so a handoff of this tenant waits for this request to finish.
         let _gate = self.handoffs.enter(tenant).await;
         let state = self.registry.state();
@@ -130,6 +135,21 @@ impl Service {
         let outcome = crate::metrics::outcome(&result);
         tracing::info!(target: "sq_node::meter", tenant, route, outcome, bytes_in, bytes_out, latency_us);
         result
+    }
+
+    /// Waits, at most [`CATCH_UP_WAIT`], until this node's registry knows `key_hash` for `tenant`.
+    /// The gateway forwards only keys its view knows, so an unknown one here means this node is
+    /// behind: a follower applies an entry up to a heartbeat after its leader answered the admin
+    /// call that added the tenant or key. Returns at once in the usual case.
+    async fn wait_to_know(&self, tenant: &str, key_hash: &str) {
+        let mut rx = self.registry.subscribe();
+        let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
+        loop {
+            let knows = rx.borrow_and_update().1.tenant(tenant).is_some_and(|t| t.key_hashes.iter().any(|h| h == key_hash));
+            if knows || !matches!(tokio::time::timeout_at(deadline, rx.changed()).await, Ok(Ok(()))) {
+                return;
+            }
+        }
     }
 
     /// Long-poll: the view as soon as the registry has applied past `known_index`, or as soon as

@@ -167,16 +167,28 @@ pub async fn settle(world: &World, rng: &mut Rng, tenants: &[String], deadline_m
     for tenant in tenants {
         let op = AdminOp::PatchTenant { tenant_id: tenant.clone(), tier: None, quota_mb: None, enabled: Some(true), daily_limit: None };
         until_done(world, rng, op, deadline_ms, |_| false).await?;
-        loop {
-            let gw = rng.below(world.gateways.len() as u64) as usize;
-            match rotate(world, rng, gw, tenant).await {
-                Ok(()) => break,
-                Err(e) if world.now_ms() > deadline_ms => {
-                    return Err(Violation::new(Invariant::Liveness, format!("rotating the key of {tenant} never succeeded: {e}")));
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(RETRY_PAUSE_MS)).await,
-            }
-        }
+        rotate_until_done(world, rng, tenant, deadline_ms).await?;
     }
     Ok(())
+}
+
+/// Enables `tenant` once (its answer is not needed: the caller tries the tenant again).
+pub async fn enable(world: &World, rng: &mut Rng, tenant: &str) {
+    let gw = rng.below(world.gateways.len() as u64) as usize;
+    let op = AdminOp::PatchTenant { tenant_id: tenant.to_string(), tier: None, quota_mb: None, enabled: Some(true), daily_limit: None };
+    let _ = admin(world, gw, op).await;
+}
+
+/// Rotates `tenant`'s key until a rotation is acknowledged, so the clients know the key.
+pub async fn rotate_until_done(world: &World, rng: &mut Rng, tenant: &str, deadline_ms: u64) -> Result<(), Violation> {
+    loop {
+        let gw = rng.below(world.gateways.len() as u64) as usize;
+        match rotate(world, rng, gw, tenant).await {
+            Ok(()) => return Ok(()),
+            Err(e) if world.now_ms() > deadline_ms => {
+                return Err(Violation::new(Invariant::Liveness, format!("rotating the key of {tenant} never succeeded: {e}")));
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(RETRY_PAUSE_MS)).await,
+        }
+    }
 }

@@ -8,7 +8,7 @@ use gateway::forward::{poll_views, WireNodeClient};
 use gateway::view::ViewHandle;
 use gateway::Gateway;
 use proto::request::Method;
-use proto::{Coordinate, Doc};
+use proto::{ApiError, Coordinate, Doc};
 use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{gateway_addr, node_addr, Cluster};
@@ -121,9 +121,8 @@ async fn phases(world: &Arc<World>, plan: &Plan, rng: &mut Rng, options: &Option
             clients.push(tokio::spawn(client.run(world.clone(), chaos.clone())));
         }
     }
-    for _ in 0..2 {
-        tokio::spawn(operator::run(world.clone(), rng.fork(), plan.tenants.clone(), chaos.clone()));
-    }
+    let operators: Vec<_> =
+        (0..2).map(|_| tokio::spawn(operator::run(world.clone(), rng.fork(), plan.tenants.clone(), chaos.clone()))).collect();
     if options.faults {
         tokio::spawn(crate::faults::run(world.clone(), rng.fork(), chaos.clone()));
     }
@@ -134,8 +133,8 @@ async fn phases(world: &Arc<World>, plan: &Plan, rng: &mut Rng, options: &Option
     }
     chaos.cancel();
     crate::faults::heal(world).await;
-    for c in clients {
-        let _ = c.await;
+    for task in clients.into_iter().chain(operators) {
+        let _ = task.await;
     }
     checked(world)?;
     let healed_at = world.now_ms();
@@ -182,6 +181,12 @@ async fn probe(world: &World, rng: &mut Rng, tenant: &str, deadline_ms: u64) -> 
             }
         } else if let Err(e) = result {
             last = e.to_string();
+            // An admin operation sent before the heal may land after the settling: put it right.
+            match e {
+                ApiError::Forbidden(_) => operator::enable(world, rng, tenant).await,
+                ApiError::Unauthorized => operator::rotate_until_done(world, rng, tenant, deadline_ms).await?,
+                _ => {}
+            }
         }
         tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await;
     }

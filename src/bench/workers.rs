@@ -281,12 +281,22 @@ async fn measure_worker(
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(w as u64));
     let mut tally = Tally::new();
     let mut conn: Option<Conn> = None;
-    let update_body = Bytes::from(vec![b'a' + (w % 26) as u8; config.scroll_bytes]);
+    // Each update carries new text: the store answers an update to the text a scroll already
+    // holds without logging it, which would measure no write at all.
+    let mut update_text = vec![b'a' + (w % 26) as u8; config.scroll_bytes];
+    let mut updates = 0u64;
     let insert_body = Bytes::from(vec![b'i'; INSERT_BYTES]);
     let total = config.mix.total();
     while Instant::now() < deadline {
         let op = config.mix.pick(rng.gen_range(0..total));
         let auth = &tenants.auths[rng.gen_range(0..tenants.auths.len())];
+        let update_body = match op {
+            Op::Update => {
+                updates += 1;
+                stamp(&mut update_text, w, updates)
+            }
+            _ => Bytes::new(),
+        };
         let (method, path, body) = plan.request(op, rng.gen_range(0..config.scrolls), &update_body, &insert_body);
         let c = match conn.as_mut() {
             Some(c) => c,
@@ -311,4 +321,13 @@ async fn measure_worker(
         done.fetch_add(1, Ordering::Relaxed);
     }
     tally
+}
+
+/// `text` with worker and counter written over its start (as far as it reaches): text no scroll
+/// holds yet.
+fn stamp(text: &mut [u8], worker: usize, n: u64) -> Bytes {
+    let mark = format!("{worker}.{n} ");
+    let len = mark.len().min(text.len());
+    text[..len].copy_from_slice(&mark.as_bytes()[..len]);
+    Bytes::copy_from_slice(text)
 }

@@ -44,6 +44,7 @@ pub use tenant::{
     PHEXT_MEMORY_OVERHEAD_BYTES, QUOTA_WARN_PERCENT, SCROLL_MEMORY_OVERHEAD_BYTES, TENANT_MEMORY_OVERHEAD_BYTES,
 };
 pub use vfs::{RealVfs, UnsyncedVfs, Vfs, VfsFile};
+pub(crate) use vfs::create_dir_durable;
 
 use tenant::{Edit, Tenant, TenantPaths};
 
