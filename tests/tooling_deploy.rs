@@ -12,12 +12,16 @@ fn read(path: &str) -> String {
     std::fs::read_to_string(repo(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
-/// Keys set (or shown commented out, as `# key = …`) in a TOML file, each checked to have a
+/// Keys and tables set (or keys shown commented out, as `# key = …`) in a TOML file, each checked to have a
 /// comment line right above it.
 fn documented_keys(path: &str, text: &str) -> BTreeSet<String> {
     let mut keys = BTreeSet::new();
     let mut previous = "";
     for line in text.lines().map(str::trim) {
+        if let Some(table) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            assert!(previous.starts_with('#'), "{path}: [{table}] has no comment above it");
+            keys.insert(table.to_string());
+        }
         let setting = line.trim_start_matches("# ");
         let is_key = setting.split_once(" = ").is_some_and(|(k, _)| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
         if is_key {

@@ -44,6 +44,9 @@ pub struct NodeConfig {
     /// Tenant handoff: parallelism, bandwidth, chunk size, grace period.
     #[serde(default)]
     pub handoff: crate::handoff::HandoffConfig,
+    /// Health gossip: heartbeat interval and the silences after which a peer is suspect, dead.
+    #[serde(default)]
+    pub gossip: crate::gossip::GossipConfig,
 }
 
 fn default_memory_budget_mb() -> u64 {
@@ -69,6 +72,7 @@ impl NodeConfig {
             idle_unload_s: DEFAULT_IDLE_UNLOAD_S,
             tenants_file: None,
             handoff: Default::default(),
+            gossip: Default::default(),
         }
     }
 

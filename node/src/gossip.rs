@@ -16,8 +16,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::store::Clock;
 
-/// Gossip timing, all in milliseconds.
+/// Gossip timing, all in milliseconds; `[gossip]` in node.toml.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct GossipConfig {
     /// How often a node bumps its heartbeat and sends its table. Default 250.
     pub interval_ms: u64,
@@ -30,6 +31,20 @@ pub struct GossipConfig {
 impl Default for GossipConfig {
     fn default() -> Self {
         GossipConfig { interval_ms: 250, suspect_after_ms: 1500, dead_after_ms: 3000 }
+    }
+}
+
+impl GossipConfig {
+    /// Refuses timings that cannot work: a node must be able to miss a few rounds before it is
+    /// suspect, and be suspect before it is dead.
+    pub fn check(&self) -> Result<(), String> {
+        if self.interval_ms == 0 || self.suspect_after_ms < 2 * self.interval_ms || self.dead_after_ms <= self.suspect_after_ms {
+            return Err(format!(
+                "gossip: need 0 < interval_ms, 2 × interval_ms ≤ suspect_after_ms < dead_after_ms; got {} / {} / {}",
+                self.interval_ms, self.suspect_after_ms, self.dead_after_ms
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -220,5 +235,22 @@ impl ViewPeers {
             pollers.clear();
         }
         pollers.insert(poller, generation);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: the default timings pass the check, and timings where a node would be dead before
+    // suspect, or suspect after a single missed round, are refused.
+    #[test]
+    fn config_check() {
+        assert!(GossipConfig::default().check().is_ok());
+        let bad = [(0, 1500, 3000), (250, 400, 3000), (250, 1500, 1500), (250, 3000, 1500)];
+        for (interval_ms, suspect_after_ms, dead_after_ms) in bad {
+            let c = GossipConfig { interval_ms, suspect_after_ms, dead_after_ms };
+            assert!(c.check().is_err(), "{c:?}");
+        }
     }
 }

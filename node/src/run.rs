@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::{SystemWallClock, WallClock};
 use crate::config::NodeConfig;
 use crate::limits::Limits;
-use crate::gossip::{GossipConfig, Health};
+use crate::gossip::Health;
 use crate::service::Service;
 use crate::store::{RealVfs, Store, StoreConfig, SystemClock};
 
@@ -93,7 +93,8 @@ impl NodeParts {
         let transport = Arc::new(WireRaft(seams.peers.clone()));
         let registry =
             Arc::new(Registry::open_on(seams.registry_fs, &config.data_dir.join("registry"), config.id, registry_config, transport).await?);
-        let health = Arc::new(Health::new(config.id, GossipConfig::default(), seams.clock));
+        config.gossip.check().map_err(NodeError::Config)?;
+        let health = Arc::new(Health::new(config.id, config.gossip, seams.clock));
         let handoffs = Arc::new(crate::handoff::Handoffs::new(config.handoff));
         let service = Arc::new(Service::new(
             config.id,

@@ -1,4 +1,5 @@
-use std::fs;
+use std::fs::{self, OpenOptions};
+use std::io::Write;
 
 use openraft::{CommittedLeaderId, EntryPayload};
 

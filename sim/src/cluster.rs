@@ -134,6 +134,7 @@ impl Cluster {
             idle_unload_s: STORE_IDLE_UNLOAD_S,
             tenants_file: None,
             handoff: HandoffConfig { grace_s: HANDOFF_GRACE_S, ..HandoffConfig::default() },
+            gossip: Default::default(),
         }
     }
 
@@ -224,14 +225,14 @@ impl Cluster {
     /// Samples every node's Raft role until `stop`: two leaders of one term break Raft.
     pub async fn watch_leaders(self: Arc<Self>, stop: CancellationToken) {
         loop {
-            for id in self.ids() {
-                if let Some(parts) = self.parts(id) {
-                    let status = parts.registry.status();
-                    if status.is_leader {
-                        self.monitor.leader(id, status.term);
-                    }
-                }
-            }
+            let statuses: Vec<(u64, u64, raft_registry::RaftStatus)> = self
+                .lock()
+                .values()
+                .filter_map(|m| m.running.as_ref().map(|r| (m.id, m.incarnation, r.parts.registry.status())))
+                .collect();
+            let running: Vec<(u64, u64)> = statuses.iter().map(|(id, inc, _)| (*id, *inc)).collect();
+            let leading: Vec<(u64, u64)> = statuses.iter().filter(|(_, _, s)| s.is_leader).map(|(id, _, s)| (*id, s.term)).collect();
+            self.monitor.leaders(&running, &leading);
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(LEADER_SAMPLE_INTERVAL) => {}

@@ -55,12 +55,15 @@ pub struct Options {
     pub chaos: Duration,
     /// Inject faults (off only to test the simulator itself).
     pub faults: bool,
+    /// Hold Raft to one leader per term (standard Raft) rather than one per leader id (term,
+    /// node), which is what openraft's default mode promises.
+    pub one_leader_per_term: bool,
     pub verbosity: Verbosity,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { chaos: Duration::from_secs(40), faults: true, verbosity: Verbosity::Quiet }
+        Options { chaos: Duration::from_secs(40), faults: true, one_leader_per_term: false, verbosity: Verbosity::Quiet }
     }
 }
 

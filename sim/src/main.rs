@@ -3,6 +3,7 @@
 //! ```text
 //! sim --seeds N [--first S] [--check-determinism] [--threads T] [--chaos-s SECONDS]
 //! sim --seed S [-v | -vv] [--chaos-s SECONDS]
+//! either with [--one-leader-per-term] [--no-faults]
 //! ```
 //!
 //! Prints one line per failing seed (the seed and the invariant it broke) and closes with
@@ -27,6 +28,7 @@ struct Args {
 fn usage() -> ExitCode {
     eprintln!("usage: sim --seeds N [--first S] [--check-determinism] [--threads T] [--chaos-s SECONDS]");
     eprintln!("       sim --seed S [-v | -vv] [--chaos-s SECONDS]");
+    eprintln!("       either with [--one-leader-per-term] [--no-faults]");
     ExitCode::from(2)
 }
 
@@ -46,6 +48,7 @@ fn parse() -> Result<Args, String> {
             "--threads" => a.threads = number(it.next(), "--threads")?.max(1) as usize,
             "--chaos-s" => a.options.chaos = Duration::from_secs(number(it.next(), "--chaos-s")?),
             "--no-faults" => a.options.faults = false,
+            "--one-leader-per-term" => a.options.one_leader_per_term = true,
             "-v" => a.options.verbosity = Verbosity::Events,
             "-vv" => a.options.verbosity = Verbosity::Messages,
             other => return Err(format!("unknown argument {other}")),

@@ -5,7 +5,7 @@
 //! applies at each log index, and which node answered which tenant under which registry state.
 //! The first violation stops the run.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -35,7 +35,7 @@ impl fmt::Display for Invariant {
             Invariant::OneOwner => "at most one node serves a tenant in any placement epoch",
             Invariant::Isolation => "a tenant never reads another's data",
             Invariant::Quota => "quota is never exceeded",
-            Invariant::RaftLeader => "Raft: one leader per term",
+            Invariant::RaftLeader => "Raft: one leader per term (per leader id in openraft's default mode)",
             Invariant::RaftLog => "Raft: committed entries are never lost or reordered",
             Invariant::Liveness => "liveness: after faults heal, the cluster converges and serves every tenant",
             Invariant::Panic => "no node code panics (a broken assertion)",
@@ -67,8 +67,14 @@ const HISTORY_PER_NODE_MAX: usize = 64;
 #[derive(Default)]
 struct Inner {
     violation: Option<Violation>,
-    /// Term → the node seen leading it.
-    leaders: BTreeMap<u64, u64>,
+    /// Term → the nodes seen leading it.
+    leaders: BTreeMap<u64, BTreeSet<u64>>,
+    /// Node → the term it leads now (as last sampled).
+    leading: BTreeMap<u64, u64>,
+    /// Node → the incarnation of its process at the last sample.
+    incarnations: BTreeMap<u64, u64>,
+    /// (term, node) reigns that ended: the node stopped leading, or died.
+    ended: BTreeSet<(u64, u64)>,
     /// Log index → (first node seen applying it, the state after it).
     applied: BTreeMap<u64, (u64, Arc<RegistryState>)>,
     /// Node → (time, state) of its recent publications.
@@ -80,12 +86,16 @@ struct Inner {
 
 pub struct Monitor {
     trace: Arc<Trace>,
+    /// Hold Raft to one leader per term, as standard Raft (openraft's `single-term-leader`)
+    /// does. openraft's default mode may elect several leaders in one term, each with its own
+    /// leader id (term, node), of which only the greatest can commit.
+    one_leader_per_term: bool,
     inner: Mutex<Inner>,
 }
 
 impl Monitor {
-    pub fn new(trace: Arc<Trace>) -> Monitor {
-        Monitor { trace, inner: Mutex::new(Inner::default()) }
+    pub fn new(trace: Arc<Trace>, one_leader_per_term: bool) -> Monitor {
+        Monitor { trace, one_leader_per_term, inner: Mutex::new(Inner::default()) }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -117,22 +127,42 @@ impl Monitor {
         self.lock().served
     }
 
-    /// `node` is leader in `term`.
-    pub fn leader(&self, node: u64, term: u64) {
-        let other = {
+    /// One sample of who leads: `running` lists the node processes up (node, incarnation),
+    /// `leading` holds (node, term) for every one that says it leads. A leader id (term, node)
+    /// reigns once: a process that stepped down from a term and leads it again has lost its
+    /// vote. (A leader that restarts may resume its reign: openraft restores it from the durable
+    /// vote and log.)
+    pub fn leaders(&self, running: &[(u64, u64)], leading: &[(u64, u64)]) {
+        let mut found = None;
+        {
             let mut inner = self.lock();
-            match inner.leaders.get(&term) {
-                Some(&n) if n != node => Some(n),
-                Some(_) => None,
-                None => {
-                    inner.leaders.insert(term, node);
+            let now: BTreeMap<u64, u64> = leading.iter().copied().collect();
+            let same_process: Vec<u64> =
+                running.iter().filter(|(n, inc)| inner.incarnations.get(n) == Some(inc)).map(|(n, _)| *n).collect();
+            let stopped: Vec<(u64, u64)> = inner
+                .leading
+                .iter()
+                .filter(|(n, t)| same_process.contains(n) && now.get(n) != Some(t))
+                .map(|(n, t)| (*t, *n))
+                .collect();
+            inner.incarnations = running.iter().copied().collect();
+            inner.ended.extend(stopped);
+            for &(node, term) in leading {
+                if inner.ended.contains(&(term, node)) {
+                    found = Some(format!("node {node} led term {term} again after its reign in that term ended: its vote went back"));
+                }
+                let others = inner.leaders.entry(term).or_default();
+                if others.insert(node) {
                     self.trace.event(format!("n{node} leads term {term}"));
-                    None
+                    if self.one_leader_per_term && others.len() > 1 {
+                        found = Some(format!("nodes {others:?} all led term {term}"));
+                    }
                 }
             }
-        };
-        if let Some(other) = other {
-            self.report(Violation::new(Invariant::RaftLeader, format!("nodes {other} and {node} both led term {term}")));
+            inner.leading = now;
+        }
+        if let Some(detail) = found {
+            self.report(Violation::new(Invariant::RaftLeader, detail));
         }
     }
 
@@ -222,7 +252,7 @@ mod tests {
     use crate::trace::Verbosity;
 
     fn monitor() -> Monitor {
-        Monitor::new(Arc::new(Trace::new(Verbosity::Quiet)))
+        Monitor::new(Arc::new(Trace::new(Verbosity::Quiet)), false)
     }
 
     /// A registry where nodes 1 and 2 are active and tenant `t` exists.
@@ -241,12 +271,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn planted_raft_violations_are_caught() {
         let m = monitor();
-        m.leader(1, 3);
-        m.leader(1, 3);
-        m.leader(2, 4);
+        m.leaders(&[(1, 1), (2, 1)], &[(1, 3)]);
+        m.leaders(&[(1, 2), (2, 1)], &[]);
+        m.leaders(&[(1, 2), (2, 1)], &[(1, 3)]);
+        assert_eq!(m.violation(), None, "a leader may resume its reign after a restart");
+        m.leaders(&[(1, 2), (2, 1)], &[(2, 4)]);
         assert_eq!(m.violation(), None);
-        m.leader(2, 3);
-        assert_eq!(m.violation().map(|v| v.invariant), Some(Invariant::RaftLeader));
+        m.leaders(&[(1, 2), (2, 1)], &[(1, 3)]);
+        assert_eq!(m.violation().map(|v| v.invariant), Some(Invariant::RaftLeader), "node 1 stepped down from term 3");
+        let strict = Monitor::new(Arc::new(Trace::new(Verbosity::Quiet)), true);
+        strict.leaders(&[(1, 1), (2, 1)], &[(1, 3), (2, 3)]);
+        assert_eq!(strict.violation().map(|v| v.invariant), Some(Invariant::RaftLeader));
 
         let m = monitor();
         m.applied(1, 7, Arc::new(state()), 0);

@@ -30,8 +30,10 @@ const COORDS: [[u32; 9]; 6] = [
 ];
 /// Pause between a client's requests, in milliseconds.
 const THINK_MS: (u64, u64) = (30, 500);
-/// Size of a large write, in bytes: a few of them fill a 1 MiB quota.
-const LARGE_WRITE_BYTES: (u64, u64) = (40_000, 160_000);
+/// Size of a large write, in bytes: a handful of them fill a 1 MiB quota.
+const LARGE_WRITE_BYTES: (u64, u64) = (150_000, 450_000);
+/// Chance of a large write, in permille.
+const LARGE_WRITE_PERMILLE: u64 = 200;
 /// Size of an ordinary write's filler, in bytes.
 const SMALL_WRITE_BYTES: (u64, u64) = (0, 80);
 
@@ -103,10 +105,13 @@ impl Client {
 
     fn text(&mut self) -> String {
         self.seq += 1;
-        let large = self.rng.chance(80);
+        let large = self.rng.chance(LARGE_WRITE_PERMILLE);
         let (lo, hi) = if large { LARGE_WRITE_BYTES } else { SMALL_WRITE_BYTES };
-        let filler = self.rng.range(lo, hi) as usize;
-        format!("{}{}", tag(&self.tenant, &format!("c{}.{}", self.id, self.seq)), self.rng.letters(filler))
+        let len = self.rng.range(lo, hi) as usize;
+        // A short random run, repeated: cheap to make, and no two writes alike.
+        let run = self.rng.letters(len.min(64));
+        let filler: String = run.chars().cycle().take(len).collect();
+        format!("{}{filler}", tag(&self.tenant, &format!("c{}.{}", self.id, self.seq)))
     }
 
     async fn write(&mut self, world: &World, gw: usize, key: &str, insert: bool, delete: bool) -> Result<(), Violation> {

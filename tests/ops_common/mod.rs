@@ -27,16 +27,9 @@ pub fn wait_for<T>(limit: Duration, what: &str, mut look: impl FnMut() -> Option
     }
 }
 
-/// An admin request; returns the status and the JSON answer (null when it is not JSON).
+/// An admin request by method name; returns the status and the answer ([`crate::common::admin`]).
 pub fn admin(cluster: &DevCluster, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
-    let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-    let mut request = http().request(method, format!("{}{path}", cluster.url())).bearer_auth(cluster.admin_key());
-    if let Some(b) = body {
-        request = request.json(&b);
-    }
-    let response = request.send().unwrap();
-    let status = response.status().as_u16();
-    (status, serde_json::from_str(&response.text().unwrap()).unwrap_or(serde_json::Value::Null))
+    crate::common::admin(cluster, reqwest::Method::from_bytes(method.as_bytes()).unwrap(), path, body)
 }
 
 /// A tenant's stats, which must be answered.
