@@ -60,7 +60,9 @@ fn gossip_dead_within_5s_and_alive_after_restart() {
             (get(&base, key, "/update?p=doc&c=1.1.1/1.1.1/1.1.1&s=kept").0 == 200).then_some(())
         });
     }
-    assert_eq!(health_of(&cluster, VICTIM), Some(("alive".into(), "alive".into())));
+    wait_for(Duration::from_secs(10), "the victim is alive in gossip before the kill", || {
+        (health_of(&cluster, VICTIM)? == ("alive".into(), "alive".into())).then_some(())
+    });
 
     // Keep the supervisor from restarting the node until the test has seen it dead.
     let paused = PausedSupervisor::pause(&cluster);

@@ -213,32 +213,39 @@ impl Model {
         Ok(())
     }
 
-    /// The document a phext holds now if every cell holds its certain value; `None` if any
-    /// cell is uncertain.
-    pub fn certain_doc(&self, tenant: &str, phext: &str) -> Option<Doc> {
-        let mut doc = Doc::new();
+    /// The canonical bytes a phext holds now if every cell holds its certain value; `None` if
+    /// any cell is uncertain.
+    pub fn certain_canonical(&self, tenant: &str, phext: &str) -> Option<Vec<u8>> {
+        let mut scrolls = Vec::new();
         for cell in self.cells(tenant).filter(|c| c.phext == phext) {
-            let value = self.certain(tenant, cell)?;
-            if !value.is_empty() {
-                doc.set(cell.coord, value);
-            }
+            scrolls.push((cell.coord, self.certain(tenant, cell)?));
         }
-        Some(doc)
+        let mut out = Vec::new();
+        proto::doc::write_canonical(scrolls.iter().map(|(c, s)| (c, s.as_str())), &mut out);
+        Some(out)
     }
 
-    /// Checks that even the smallest state the tenant can be in fits its largest quota.
+    /// Checks that even the smallest state the tenant can be in fits its largest quota: the
+    /// canonical length (scroll bytes plus the breaks between scrolls) of every phext with each
+    /// cell at its shortest possible value.
     pub fn check_quota(&self, tenant: &str) -> Result<(), Violation> {
         let Some(t) = self.tenants.get(tenant) else { return Ok(()) };
-        let mut docs: BTreeMap<&str, Doc> = BTreeMap::new();
+        let mut least = 0u64;
+        let mut at: Option<(&str, Coordinate)> = None;
+        // Cells are ordered by phext, then coordinate: the order of each canonical document.
         for cell in t.cells.keys() {
             let allowed = self.allowed(tenant, cell, u64::MAX);
-            let smallest = allowed.iter().min_by_key(|v| v.len()).copied().unwrap_or("");
-            let doc = docs.entry(cell.phext.as_str()).or_default();
-            if !smallest.is_empty() {
-                doc.set(cell.coord, smallest.to_string());
+            let shortest = allowed.iter().map(|v| v.len()).min().unwrap_or(0) as u64;
+            if shortest == 0 {
+                continue;
             }
+            let prev = match at {
+                Some((phext, c)) if phext == cell.phext => c,
+                _ => Coordinate::ORIGIN,
+            };
+            least += prev.breaks_to(&cell.coord) + shortest;
+            at = Some((cell.phext.as_str(), cell.coord));
         }
-        let least: u64 = docs.values().map(Doc::canonical_len).sum();
         if least > t.quota_ceiling_bytes {
             return Err(Violation::new(
                 Invariant::Quota,

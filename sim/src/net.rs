@@ -96,23 +96,54 @@ struct Kind {
     may_duplicate: bool,
 }
 
+/// Bytes at the start of an encoded message that tell its kind: the wire version, then the
+/// variant (and, for an answer, `Ok` or `Err`). Learnt by encoding samples, so that only SQ
+/// requests are decoded whole (a `Raft` or handoff payload is decoded byte by byte by serde).
+struct Prefixes {
+    requests: Vec<(Vec<u8>, &'static str)>,
+    sq_ok: Vec<u8>,
+}
+
+const REQUEST_PREFIX_BYTES: usize = 2;
+const ANSWER_PREFIX_BYTES: usize = 3;
+
+fn prefixes() -> &'static Prefixes {
+    static PREFIXES: std::sync::OnceLock<Prefixes> = std::sync::OnceLock::new();
+    PREFIXES.get_or_init(|| {
+        let head = |bytes: Vec<u8>, n: usize| bytes.into_iter().take(n).collect::<Vec<u8>>();
+        let sample = |r: NodeRequest| head(proto::wire::encode(&r).unwrap_or_default(), REQUEST_PREFIX_BYTES);
+        let requests = vec![
+            (sample(NodeRequest::Sq { tenant: String::new(), key_hash: String::new(), epoch: 0, request: proto::SqRequest::Version }), "sq"),
+            (sample(NodeRequest::View { known_index: 0, wait_ms: 0 }), "view"),
+            (sample(NodeRequest::Admin { admin_key_hash: String::new(), op: proto::cluster::AdminOp::Health }), "admin"),
+            (sample(NodeRequest::RaftCommand { command: Vec::new() }), "raft-command"),
+            (sample(NodeRequest::HandoffManifest { tenant: String::new(), epoch: 0 }), "handoff-manifest"),
+            (sample(NodeRequest::HandoffRead { tenant: String::new(), path: String::new(), offset: 0, len: 0 }), "handoff-read"),
+            (sample(NodeRequest::Raft(Vec::new())), "raft"),
+            (sample(NodeRequest::TenantUsage { tenants: Vec::new() }), "usage"),
+            (sample(NodeRequest::Metrics), "metrics"),
+            (sample(NodeRequest::Gossip { from: 0, heartbeats: Vec::new() }), "gossip"),
+        ];
+        let ok = NodeResponse::Sq(Ok(proto::SqResponse::text("")));
+        Prefixes { requests, sq_ok: head(proto::wire::encode(&ok).unwrap_or_default(), ANSWER_PREFIX_BYTES) }
+    })
+}
+
 fn kind_of(request: &[u8]) -> Kind {
-    let Ok(r) = proto::wire::decode::<NodeRequest>(request) else {
-        return Kind { label: "undecodable", tenant: None, may_duplicate: true };
-    };
-    let (label, tenant, write) = match r {
-        NodeRequest::Sq { tenant, request, .. } => ("sq", Some(tenant), request.is_write()),
-        NodeRequest::View { .. } => ("view", None, false),
-        NodeRequest::Admin { .. } => ("admin", None, false),
-        NodeRequest::RaftCommand { .. } => ("raft-command", None, false),
-        NodeRequest::HandoffManifest { .. } => ("handoff-manifest", None, false),
-        NodeRequest::HandoffRead { .. } => ("handoff-read", None, false),
-        NodeRequest::Raft(_) => ("raft", None, false),
-        NodeRequest::TenantUsage { .. } => ("usage", None, false),
-        NodeRequest::Metrics => ("metrics", None, false),
-        NodeRequest::Gossip { .. } => ("gossip", None, false),
-    };
-    Kind { label, tenant, may_duplicate: !write }
+    let head = &request[..request.len().min(REQUEST_PREFIX_BYTES)];
+    let label = prefixes().requests.iter().find(|(p, _)| p.as_slice() == head).map_or("undecodable", |(_, l)| *l);
+    if label != "sq" {
+        return Kind { label, tenant: None, may_duplicate: true };
+    }
+    match proto::wire::decode::<NodeRequest>(request) {
+        Ok(NodeRequest::Sq { tenant, request, .. }) => Kind { label, tenant: Some(tenant), may_duplicate: !request.is_write() },
+        _ => Kind { label: "undecodable", tenant: None, may_duplicate: false },
+    }
+}
+
+/// True for an encoded `NodeResponse::Sq(Ok(_))`.
+fn is_sq_ok(answer: &[u8]) -> bool {
+    answer.starts_with(&prefixes().sq_ok)
 }
 
 impl Net {
@@ -292,7 +323,7 @@ impl Net {
             return;
         }
         if let Some(tenant) = tenant {
-            if let Ok(NodeResponse::Sq(Ok(_))) = proto::wire::decode::<NodeResponse>(&answer) {
+            if is_sq_ok(&answer) {
                 self.monitor.served_by(node, &tenant, since_ms, &at_delivery, &service.registry.state());
             }
         }
@@ -336,5 +367,29 @@ impl Caller for Port {
                 .await
                 .unwrap_or(Err(TransportError::Timeout { what: "simulated call" }))
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: messages are told apart by their first bytes exactly as a full decode would.
+    #[test]
+    fn prefixes_classify_messages() {
+        let write = NodeRequest::Sq {
+            tenant: "t1".into(),
+            key_hash: "h".into(),
+            epoch: 3,
+            request: proto::SqRequest::Delete { p: proto::PhextName::parse("p").unwrap(), c: proto::Coordinate::ORIGIN },
+        };
+        let kind = kind_of(&proto::wire::encode(&write).unwrap());
+        assert_eq!((kind.label, kind.tenant.as_deref(), kind.may_duplicate), ("sq", Some("t1"), false));
+        assert_eq!(kind_of(&proto::wire::encode(&NodeRequest::Raft(vec![7; 300])).unwrap()).label, "raft");
+        let ok = NodeResponse::Sq(Ok(proto::SqResponse::text(vec![b'x'; 1000])));
+        let refused = NodeResponse::Sq(Err(proto::ApiError::Unauthorized));
+        assert!(is_sq_ok(&proto::wire::encode(&ok).unwrap()));
+        assert!(!is_sq_ok(&proto::wire::encode(&refused).unwrap()));
+        assert!(!is_sq_ok(&proto::wire::encode(&NodeResponse::Metrics(String::new())).unwrap()));
     }
 }

@@ -109,8 +109,9 @@ impl Client {
         let (lo, hi) = if large { LARGE_WRITE_BYTES } else { SMALL_WRITE_BYTES };
         let len = self.rng.range(lo, hi) as usize;
         // A short random run, repeated: cheap to make, and no two writes alike.
-        let run = self.rng.letters(len.min(64));
-        let filler: String = run.chars().cycle().take(len).collect();
+        let run = self.rng.letters(len.clamp(1, 64));
+        let mut filler = run.repeat(len / run.len() + 1);
+        filler.truncate(len);
         format!("{}{filler}", tag(&self.tenant, &format!("c{}.{}", self.id, self.seq)))
     }
 
@@ -207,14 +208,14 @@ impl Client {
 
     async fn checksum(&mut self, world: &World, gw: usize, key: &str) -> Result<(), Violation> {
         let phext = *self.rng.pick(&PHEXTS);
-        let before = world.model().certain_doc(&self.tenant, phext);
+        let before = world.model().certain_canonical(&self.tenant, phext);
         let Some(body) = self.read(world, gw, key, Method::Get, "checksum", &format!("p={phext}"), b"").await else { return Ok(()) };
-        let after = world.model().certain_doc(&self.tenant, phext);
+        let after = world.model().certain_canonical(&self.tenant, phext);
         let (Some(before), Some(after)) = (before, after) else { return Ok(()) };
-        if before.to_canonical() != after.to_canonical() {
+        if before != after {
             return Ok(());
         }
-        let expected = proto::ops::doc_checksum(&before);
+        let expected = proto::doc::checksum(&before);
         let got = String::from_utf8_lossy(&body);
         if got != expected {
             return Err(Violation::new(
