@@ -164,7 +164,9 @@ async fn probe(world: &World, rng: &mut Rng, tenant: &str, deadline_ms: u64) -> 
         let result = world.sq(rng.below(world.gateways.len() as u64) as usize, &key, Method::Post, "update", &query, value.as_bytes()).await;
         let outcome = write_outcome(&result);
         world.model().end_write(id, outcome, world.now_ms());
-        if outcome == Outcome::Acked {
+        // A full quota is an answer from the owner's store: the tenant is served; read it back.
+        let quota_full = matches!(result, Err(ApiError::QuotaExceeded { .. }));
+        if outcome == Outcome::Acked || quota_full {
             let mut all_read = true;
             for gw in 0..world.gateways.len() {
                 let start = world.now_ms();
