@@ -156,7 +156,7 @@ impl Limits {
 
     /// Writes every changed roll-up atomically: temp file, sync, rename, sync the directory.
     pub fn persist(&self) {
-        let dirty: Vec<(String, Rollup)> = {
+        let mut dirty: Vec<(String, Rollup)> = {
             let mut tenants = self.lock();
             tenants
                 .iter_mut()
@@ -167,6 +167,8 @@ impl Limits {
                 })
                 .collect()
         };
+        // In id order, not hash order: a failing disk then stops at the same tenant every run.
+        dirty.sort_by(|(a, _), (b, _)| a.cmp(b));
         for (tenant, rollup) in dirty {
             if let Err(e) = self.write(&tenant, &rollup) {
                 tracing::warn!(tenant, error = %e, "cannot persist usage roll-up");

@@ -96,8 +96,10 @@ impl LogStore {
             tracing::warn!(path = %path.display(), discarded_bytes, "discarding torn log tail");
             file.set_len(replay.end)
                 .map_err(io_err("truncate", &path))?;
-            file.sync_all().map_err(io_err("fsync", &path))?;
         }
+        // What was read may sit only in the page cache, written by a process that died before
+        // its fsync (an append that failed, a kill): make it durable before Raft counts on it.
+        file.sync_all().map_err(io_err("fsync", &path))?;
         if !existed {
             disk::sync_dir(fs.as_ref(), dir)?;
         }

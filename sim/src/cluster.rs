@@ -170,7 +170,6 @@ impl Cluster {
             Err(e) => {
                 // `node::run` exits with the error; its supervisor tries again.
                 self.trace.event(format!("n{id} cannot start: {e}"));
-                disk.crash(false);
                 if let Some(m) = self.lock().get_mut(&id) {
                     m.last_start_error = Some(e.to_string());
                 }
@@ -220,6 +219,16 @@ impl Cluster {
         tokio::spawn(async move {
             let _ = registry.shutdown().await;
         });
+    }
+
+    /// Ends the run: every process stops, and the network forgets them.
+    pub fn stop_all(&self) {
+        for id in self.ids() {
+            if let Some(running) = self.lock().get_mut(&id).and_then(|m| m.running.take()) {
+                running.shutdown.cancel();
+            }
+            self.net.detach(id, node_addr(id));
+        }
     }
 
     /// Samples every node's Raft role until `stop`: two leaders of one term break Raft.

@@ -56,6 +56,10 @@ pub async fn run(world: Arc<World>, mut rng: Rng, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
         }
+        // Both may be ready at once, and `select!` picks either.
+        if stop.is_cancelled() {
+            return;
+        }
         let kind = KINDS[rng.weighted(&weights)].0;
         let length = Duration::from_millis(rng.range(FAULT_LENGTH_MS.0, FAULT_LENGTH_MS.1));
         world.stats().faults += 1;

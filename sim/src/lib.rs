@@ -83,8 +83,10 @@ pub struct Outcome {
 }
 
 thread_local! {
-    /// The message of the last panic on this thread.
+    /// The message of the first panic of the run going on this thread.
     static LAST_PANIC: RefCell<Option<String>> = const { RefCell::new(None) };
+    /// True while a run goes on this thread; other panics are reported as usual.
+    static IN_RUN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 /// Panics inside a run are findings, reported with their seed: keep the first one's message,
@@ -92,7 +94,11 @@ thread_local! {
 fn capture_panics() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
-        std::panic::set_hook(Box::new(|info| {
+        let usual = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_RUN.with(|r| r.get()) {
+                return usual(info);
+            }
             let at = info.location().map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));
             let what = info
                 .payload()
@@ -129,13 +135,14 @@ pub fn run_seed(seed: u64, options: &Options) -> Outcome {
         let _in_runtime = runtime.enter();
         Arc::new(Trace::new(options.verbosity))
     };
+    IN_RUN.with(|r| r.set(true));
     let run = std::panic::catch_unwind(AssertUnwindSafe(|| runtime.block_on(scenario::run(seed, options, trace.clone()))));
+    IN_RUN.with(|r| r.set(false));
     let (stats, violation, simulated) = {
         let _in_runtime = runtime.enter();
         let simulated = Duration::from_millis(trace.now_ms());
         match run {
-            Ok(Ok(world)) => (Some(world.stats().clone()), None, simulated),
-            Ok(Err((world, v))) => (world.map(|w| w.stats().clone()), Some(v), simulated),
+            Ok((stats, violation)) => (Some(stats), violation, simulated),
             Err(_) => {
                 let message = LAST_PANIC.with(|p| p.borrow_mut().take()).unwrap_or_else(|| "a panic".into());
                 (None, Some(Violation::new(Invariant::Panic, message)), simulated)

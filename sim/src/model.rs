@@ -131,7 +131,7 @@ impl Model {
     pub fn allowed(&self, tenant: &str, cell: &CellKey, start_ms: u64) -> Vec<&str> {
         let writes = self.writes(tenant, cell);
         let acked_before = |w: &Write| w.status == Status::Done(Outcome::Acked) && w.acked_ms < start_ms;
-        let base = writes.iter().filter(|w| acked_before(w)).last();
+        let base = writes.iter().rev().find(|w| acked_before(w));
         let mut out = vec![base.map_or("", |w| w.value.as_str())];
         for w in writes {
             let possible = match w.status {
@@ -185,8 +185,8 @@ impl Model {
         };
         let latest = writes
             .iter()
-            .filter(|w| w.status == Status::Done(Outcome::Acked) && w.acked_ms < start_ms)
-            .last()
+            .rev()
+            .find(|w| w.status == Status::Done(Outcome::Acked) && w.acked_ms < start_ms)
             .map_or("none".to_string(), |w| format!("#{} acknowledged at {} ms", w.id, w.acked_ms));
         let invariant = if after_heal { Invariant::LostWrite } else { Invariant::StaleRead };
         Err(Violation::new(

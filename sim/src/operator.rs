@@ -114,6 +114,9 @@ pub async fn run(world: Arc<World>, mut rng: Rng, tenants: Vec<String>, stop: Ca
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(pause) => {}
         }
+        if stop.is_cancelled() {
+            return;
+        }
         let gw = rng.below(world.gateways.len() as u64) as usize;
         let tenant = rng.pick(&tenants).clone();
         match rng.weighted(&[30, 15, 20, 25, 10]) {

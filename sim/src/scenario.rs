@@ -18,7 +18,7 @@ use crate::net::{Endpoint, Net};
 use crate::rng::Rng;
 use crate::trace::Trace;
 use crate::workload::{all_cells, Client, PHEXTS};
-use crate::world::{new_key, write_outcome, World, WRITE_HORIZON_MS};
+use crate::world::{new_key, write_outcome, Stats, World, WRITE_HORIZON_MS};
 use crate::{operator, Options};
 
 /// Nodes that form the cluster at the start; more are started as spares for joins.
@@ -48,8 +48,9 @@ fn plan(rng: &mut Rng) -> Plan {
     Plan { spares: rng.range(1, 2), gateways: rng.range(1, 2), tenants, writers_per_tenant }
 }
 
-/// Runs the scenario of one seed; the first violation ends it.
-pub async fn run(seed: u64, options: &Options, trace: Arc<Trace>) -> Result<Arc<World>, (Option<Arc<World>>, Violation)> {
+/// Runs the scenario of one seed; the first violation ends it. Returns the run's counts and its
+/// violation, if any.
+pub async fn run(seed: u64, options: &Options, trace: Arc<Trace>) -> (Stats, Option<Violation>) {
     let mut rng = Rng::new(seed);
     let plan = plan(&mut rng);
     let monitor = Arc::new(Monitor::new(trace.clone(), options.one_leader_per_term));
@@ -68,10 +69,12 @@ pub async fn run(seed: u64, options: &Options, trace: Arc<Trace>) -> Result<Arc<
     let world = Arc::new(World::new(trace.clone(), monitor.clone(), cluster.clone(), gateways, proto::auth::key_hash(&admin_key)));
     let result = phases(&world, &plan, &mut rng, options, &stop_all).await;
     stop_all.cancel();
-    match result.and_then(|()| world.monitor.violation().map_or(Ok(()), Err)) {
-        Ok(()) => Ok(world),
-        Err(v) => Err((Some(world), v)),
-    }
+    // Node processes and the network hold each other (a service sends through its port; the
+    // network holds every service): stop them all, so the run's memory goes with it.
+    world.cluster.stop_all();
+    let violation = result.err().or_else(|| world.monitor.violation());
+    let stats = world.stats().clone();
+    (stats, violation)
 }
 
 fn start_gateways(net: &Arc<Net>, ids: &[u64], count: u64, stop: &CancellationToken) -> Vec<Arc<Gateway>> {
@@ -123,15 +126,16 @@ async fn phases(world: &Arc<World>, plan: &Plan, rng: &mut Rng, options: &Option
     }
     let operators: Vec<_> =
         (0..2).map(|_| tokio::spawn(operator::run(world.clone(), rng.fork(), plan.tenants.clone(), chaos.clone()))).collect();
-    if options.faults {
-        tokio::spawn(crate::faults::run(world.clone(), rng.fork(), chaos.clone()));
-    }
+    let faults = options.faults.then(|| tokio::spawn(crate::faults::run(world.clone(), rng.fork(), chaos.clone())));
     let chaos_end = world.now_ms() + options.chaos.as_millis() as u64;
     while world.now_ms() < chaos_end {
         tokio::time::sleep(Duration::from_millis(VIOLATION_POLL_MS)).await;
         checked(world)?;
     }
     chaos.cancel();
+    if let Some(faults) = faults {
+        let _ = faults.await;
+    }
     crate::faults::heal(world).await;
     for task in clients.into_iter().chain(operators) {
         let _ = task.await;
@@ -145,7 +149,7 @@ async fn phases(world: &Arc<World>, plan: &Plan, rng: &mut Rng, options: &Option
     }
     world.trace.event(format!("converged: every tenant served {} ms after the heal", world.now_ms() - healed_at));
     checked(world)?;
-    final_check(world, &plan.tenants).await?;
+    final_check(world, &plan.tenants, world.now_ms() + CONVERGENCE_MS_MAX).await?;
     checked(world)
 }
 
@@ -226,17 +230,25 @@ fn registry_status(world: &World) -> String {
 }
 
 /// After convergence: every phext of every tenant holds exactly its acknowledged writes.
-async fn final_check(world: &World, tenants: &[String]) -> Result<(), Violation> {
+async fn final_check(world: &World, tenants: &[String], deadline_ms: u64) -> Result<(), Violation> {
     let mut rng = Rng::new(0);
     for tenant in tenants {
-        let key = world.key_for(tenant, &mut rng).unwrap_or_default();
         for phext in PHEXTS.iter().copied().chain([PROBE_PHEXT]) {
-            let start = world.now_ms();
-            let body = world
-                .sq(0, &key, Method::Get, "get", &format!("p={phext}"), b"")
-                .await
-                .map_err(|e| Violation::new(Invariant::Liveness, format!("final read of {tenant}/{phext} failed: {e}")))?
-                .body;
+            // A membership change or admin operation sent before the heal may still land: wait
+            // it out, and undo a late disable or key rotation.
+            let (start, body) = loop {
+                let start = world.now_ms();
+                let key = world.key_for(tenant, &mut rng).unwrap_or_default();
+                match world.sq(0, &key, Method::Get, "get", &format!("p={phext}"), b"").await {
+                    Ok(r) => break (start, r.body),
+                    Err(e) if world.now_ms() > deadline_ms => {
+                        return Err(Violation::new(Invariant::Liveness, format!("final read of {tenant}/{phext} failed: {e}")));
+                    }
+                    Err(ApiError::Forbidden(_)) => operator::enable(world, &mut rng, tenant).await,
+                    Err(ApiError::Unauthorized) => operator::rotate_until_done(world, &mut rng, tenant, deadline_ms).await?,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await,
+                }
+            };
             let doc = Doc::parse(&body).map_err(|e| Violation::new(Invariant::LostWrite, format!("{tenant}/{phext} is not a phext: {e}")))?;
             world.model().check_doc(tenant, phext, start, &doc, true)?;
         }

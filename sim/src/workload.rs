@@ -150,8 +150,8 @@ impl Client {
     }
 
     /// Sends a read and returns its body, or `None` (after counting it) if it failed.
-    async fn read(&mut self, world: &World, gw: usize, key: &str, method: Method, route: &str, query: &str, body: &[u8]) -> Option<Vec<u8>> {
-        let result = world.sq(gw, key, method, route, query, body).await;
+    async fn read(&mut self, world: &World, gw: usize, key: &str, method: Method, route: &str, query: &str) -> Option<Vec<u8>> {
+        let result = world.sq(gw, key, method, route, query, b"").await;
         world.trace.event(format!("c{} {} {route} {query}: {}", self.id, self.tenant, answer(&result)));
         match result {
             Ok(r) => {
@@ -174,7 +174,7 @@ impl Client {
         let cell = self.any_cell();
         let start = world.now_ms();
         let query = format!("p={}&c={}", cell.phext, cell.coord);
-        let Some(body) = self.read(world, gw, key, Method::Get, "select", &query, b"").await else { return Ok(()) };
+        let Some(body) = self.read(world, gw, key, Method::Get, "select", &query).await else { return Ok(()) };
         let text = String::from_utf8_lossy(&body);
         world.model().check_read(&self.tenant, &cell, start, &text, false)
     }
@@ -182,7 +182,7 @@ impl Client {
     async fn get(&mut self, world: &World, gw: usize, key: &str) -> Result<(), Violation> {
         let phext = *self.rng.pick(&PHEXTS);
         let start = world.now_ms();
-        let Some(body) = self.read(world, gw, key, Method::Get, "get", &format!("p={phext}"), b"").await else { return Ok(()) };
+        let Some(body) = self.read(world, gw, key, Method::Get, "get", &format!("p={phext}")).await else { return Ok(()) };
         let doc = Doc::parse(&body).map_err(|e| malformed(&self.tenant, "get", e))?;
         world.model().check_doc(&self.tenant, phext, start, &doc, false)
     }
@@ -193,7 +193,7 @@ impl Client {
         let set: Vec<String> = cells.iter().map(|c| c.coord.to_string()).collect();
         let start = world.now_ms();
         let query = format!("p={}&set={}", a.phext, set.join(","));
-        let Some(body) = self.read(world, gw, key, Method::Post, "query", &query, b"").await else { return Ok(()) };
+        let Some(body) = self.read(world, gw, key, Method::Post, "query", &query).await else { return Ok(()) };
         let rows: Vec<serde_json::Value> = serde_json::from_slice(&body).map_err(|e| malformed(&self.tenant, "query", e))?;
         let model = world.model();
         for row in rows {
@@ -209,7 +209,7 @@ impl Client {
     async fn checksum(&mut self, world: &World, gw: usize, key: &str) -> Result<(), Violation> {
         let phext = *self.rng.pick(&PHEXTS);
         let before = world.model().certain_canonical(&self.tenant, phext);
-        let Some(body) = self.read(world, gw, key, Method::Get, "checksum", &format!("p={phext}"), b"").await else { return Ok(()) };
+        let Some(body) = self.read(world, gw, key, Method::Get, "checksum", &format!("p={phext}")).await else { return Ok(()) };
         let after = world.model().certain_canonical(&self.tenant, phext);
         let (Some(before), Some(after)) = (before, after) else { return Ok(()) };
         if before != after {

@@ -28,7 +28,7 @@ mod wal;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -116,7 +116,9 @@ pub struct Store {
     tenants_dir: PathBuf,
     vfs: Arc<dyn Vfs>,
     clock: Arc<dyn Clock>,
-    slots: RwLock<HashMap<String, Arc<Slot>>>,
+    /// Ordered, so that unloading and eviction visit tenants in one order on every run (the
+    /// simulator replays a seed event for event; a hash order would differ per process).
+    slots: RwLock<BTreeMap<String, Arc<Slot>>>,
     /// Estimated memory of all loaded tenants; each tenant adds and removes its own share.
     memory_bytes: Arc<AtomicU64>,
     loaded_count: AtomicUsize,
@@ -150,7 +152,7 @@ impl Store {
             tenants_dir,
             vfs,
             clock,
-            slots: RwLock::new(HashMap::new()),
+            slots: RwLock::new(BTreeMap::new()),
             memory_bytes: Arc::new(AtomicU64::new(0)),
             loaded_count: AtomicUsize::new(0),
             evicting: Mutex::new(()),

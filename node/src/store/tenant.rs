@@ -385,11 +385,13 @@ impl Tenant {
     /// oldest segment goes first, so what is left is always a suffix of the log. Replaying a
     /// suffix over newer phext files changes nothing, because every record is idempotent.
     fn checkpoint_locked(&self) -> Result<(), StoreError> {
-        let dirty: Vec<(PhextName, Entry)> = read_lock(&self.phexts)
+        let mut dirty: Vec<(PhextName, Entry)> = read_lock(&self.phexts)
             .iter()
             .filter(|(_, e)| read_lock(e).dirty)
             .map(|(n, e)| (n.clone(), e.clone()))
             .collect();
+        // In name order, not hash order: a failing disk then stops at the same file every run.
+        dirty.sort_by(|(a, _), (b, _)| a.as_str().cmp(b.as_str()));
         if dirty.is_empty() && self.wal.log_bytes() == 0 {
             return Ok(());
         }
