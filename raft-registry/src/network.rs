@@ -25,7 +25,8 @@ use serde::{Deserialize, Serialize};
 use crate::types::{Node, NodeId, Raft, TypeConfig};
 
 /// Version of the Raft RPC envelope. A message of another version is refused, not guessed at.
-pub const RAFT_RPC_VERSION: u16 = 1;
+/// Version 2 names the node a request is for.
+pub const RAFT_RPC_VERSION: u16 = 2;
 
 /// Largest RPC message decoded (16 MiB). Bounds what a peer can make us allocate; AppendEntries
 /// batches (`max_payload_entries` small commands) and snapshot chunks
@@ -42,7 +43,16 @@ pub trait RaftTransport: Send + Sync + 'static {
     fn send(&self, target: u64, addr: &str, payload: Vec<u8>) -> TransportFuture<'_>;
 }
 
-/// A Raft request on the wire.
+/// A Raft request on the wire, with the id of the node it is for. A node refuses a request for
+/// another id: an address that now belongs to another node (a restart on a reused port, an
+/// operator's typo in `nodes add`) must not let one node vote or acknowledge entries twice.
+#[derive(Serialize, Deserialize)]
+struct Addressed {
+    to: NodeId,
+    rpc: RaftRpc,
+}
+
+/// A Raft request.
 #[derive(Serialize, Deserialize)]
 pub enum RaftRpc {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
@@ -98,10 +108,17 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     Ok(env.body)
 }
 
-/// Decodes one request, runs it on `raft` and encodes the reply. Never fails: a bad request gets
-/// a `Refused` reply.
-pub(crate) async fn serve(raft: &Raft, payload: &[u8]) -> Vec<u8> {
-    let reply = match decode::<RaftRpc>(payload) {
+/// Decodes one request for node `me`, runs it on `raft` and encodes the reply. Never fails: a
+/// bad request, or one for another node, gets a `Refused` reply.
+pub(crate) async fn serve(raft: &Raft, me: NodeId, payload: &[u8]) -> Vec<u8> {
+    let request = decode::<Addressed>(payload).and_then(|a| {
+        if a.to == me {
+            Ok(a.rpc)
+        } else {
+            Err(format!("raft rpc for node {}, but this is node {me}", a.to))
+        }
+    });
+    let reply = match request {
         Ok(RaftRpc::AppendEntries(req)) => {
             RaftRpcReply::AppendEntries(raft.append_entries(req).await)
         }
@@ -110,7 +127,7 @@ pub(crate) async fn serve(raft: &Raft, payload: &[u8]) -> Vec<u8> {
             RaftRpcReply::InstallSnapshot(raft.install_snapshot(req).await)
         }
         Err(e) => {
-            tracing::warn!(error = %e, "refusing undecodable raft rpc");
+            tracing::warn!(error = %e, "refusing raft rpc");
             RaftRpcReply::Refused(e)
         }
     };
@@ -170,8 +187,11 @@ impl PeerClient {
         action: RPCTypes,
         option: &RPCOption,
     ) -> RpcResult<RaftRpcReply, E> {
-        let payload =
-            encode(rpc).map_err(|e| RPCError::Network(NetworkError::new(&WireError(e))))?;
+        let payload = encode(Addressed {
+            to: self.target,
+            rpc,
+        })
+        .map_err(|e| RPCError::Network(NetworkError::new(&WireError(e))))?;
         let timeout = option.hard_ttl();
         let sent = tokio::time::timeout(
             timeout,
@@ -279,14 +299,21 @@ mod tests {
             vote: Vote::new(3, 1),
             last_log_id: Some(LogId::new(CommittedLeaderId::new(2, 1), 9)),
         };
-        let bytes = encode(RaftRpc::Vote(req.clone())).expect("small rpc encodes");
-        match decode::<RaftRpc>(&bytes) {
-            Ok(RaftRpc::Vote(got)) => assert_eq!(got, req),
+        let bytes = encode(Addressed {
+            to: 4,
+            rpc: RaftRpc::Vote(req.clone()),
+        })
+        .expect("small rpc encodes");
+        match decode::<Addressed>(&bytes) {
+            Ok(Addressed {
+                to: 4,
+                rpc: RaftRpc::Vote(got),
+            }) => assert_eq!(got, req),
             _ => panic!("vote request did not round-trip"),
         }
         let mut other = bytes.clone();
-        other[0] = 2; // varint version 2
-        assert!(decode::<RaftRpc>(&other).is_err_and(|e| e.contains("version 2")));
-        assert!(decode::<RaftRpc>(&[0xff, 0xff, 0xff]).is_err());
+        other[0] = 1; // varint version 1
+        assert!(decode::<Addressed>(&other).is_err_and(|e| e.contains("version 1")));
+        assert!(decode::<Addressed>(&[0xff, 0xff, 0xff]).is_err());
     }
 }

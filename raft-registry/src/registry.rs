@@ -243,7 +243,7 @@ impl Registry {
     /// Answers one Raft RPC received from a peer (bytes produced by this crate's network layer
     /// on the sending node). Never fails: a malformed request gets a refusal reply.
     pub async fn handle_rpc(&self, payload: &[u8]) -> Vec<u8> {
-        network::serve(&self.raft, payload).await
+        network::serve(&self.raft, self.id(), payload).await
     }
 
     /// Waits until Raft has stopped for good on this node (a storage error is fatal to openraft,

@@ -329,6 +329,41 @@ async fn concurrent_membership_change_is_refused() -> anyhow::Result<()> {
     .await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_added_at_another_nodes_address_never_votes() -> anyhow::Result<()> {
+    // Goal: `join_node(9, <node 2's address>)` must not let node 2 answer for id 9 (it would then
+    // vote and acknowledge twice). Node 2 refuses Raft messages addressed to 9, so the join times
+    // out with 9 a learner that never caught up; the three voters stay, writes go on, and 9 can
+    // be removed.
+    bounded_test(async {
+        let config = raft_registry::RegistryConfig {
+            learner_catchup_timeout_ms: 2_000,
+            ..test_config()
+        };
+        let mut c = Cluster::new(config)?;
+        c.bootstrap().await?;
+        c.join(2).await?;
+        c.join(3).await?;
+        c.net.alias(9, 2);
+        let leader = c.leader(&[]).await?;
+        let joined = c.node(leader)?.join_node(9, addr(2)).await;
+        assert!(
+            matches!(joined, Err(RegistryError::Timeout { .. })),
+            "{joined:?}"
+        );
+        let status = c.node(leader)?.status();
+        assert_eq!(status.voters, vec![1, 2, 3]);
+        let done = c.write(add_tenant("after-bad-join")).await??;
+        assert!(done.log_index > 0);
+        c.node(leader)?.remove_node(9).await?;
+        let state = c.node(leader)?.read_linearizable().await?;
+        assert_eq!(state.node(9).map(|n| n.state), Some(NodeState::Removed));
+        assert_eq!(state.active_nodes(), vec![1, 2, 3]);
+        Ok(())
+    })
+    .await
+}
+
 /// Declares every pending handoff done, as the nodes would once each tenant's data arrived.
 async fn finish_handoffs(c: &common::Cluster) -> anyhow::Result<()> {
     let state = c.read().await?;

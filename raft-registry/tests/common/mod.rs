@@ -41,6 +41,8 @@ pub fn test_config() -> RegistryConfig {
 pub struct MemNet {
     nodes: Mutex<HashMap<u64, Weak<Registry>>>,
     cut: Mutex<HashSet<u64>>,
+    /// Ids whose address leads to another node (as a wrong address in `nodes add` would).
+    aliases: Mutex<HashMap<u64, u64>>,
 }
 
 impl MemNet {
@@ -50,11 +52,17 @@ impl MemNet {
             return Err(format!("partitioned: {from} -> {target}"));
         }
         drop(cut);
+        let target = self.aliases.lock().map_err(|e| e.to_string())?.get(&target).copied().unwrap_or(target);
         let nodes = self.nodes.lock().map_err(|e| e.to_string())?;
         nodes
             .get(&target)
             .and_then(Weak::upgrade)
             .ok_or_else(|| format!("node {target} is down"))
+    }
+
+    /// Sends whatever is meant for `id` to node `to` instead.
+    pub fn alias(&self, id: u64, to: u64) {
+        self.aliases.lock().expect("test mutex").insert(id, to);
     }
 
     pub fn partition(&self, id: u64, cut: bool) {
