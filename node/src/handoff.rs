@@ -21,7 +21,7 @@ use proto::cluster::{HandoffFile, NodeRequest, NodeResponse};
 use proto::ApiError;
 use raft_registry::{Command, Handoff, RegistryError};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedRwLockReadGuard, RwLock, Semaphore};
+use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::service::{Service, PEER_CALL_TIMEOUT};
@@ -104,7 +104,12 @@ impl Handoffs {
 
     /// Waits until no request that passed its ownership check for `tenant` is still running.
     async fn drain(&self, tenant: &str) {
-        drop(self.gate(tenant).write_owned().await);
+        drop(self.exclusive(tenant).await);
+    }
+
+    /// Keeps every request for `tenant` (and its gate shard) out until dropped.
+    async fn exclusive(&self, tenant: &str) -> OwnedRwLockWriteGuard<()> {
+        self.gate(tenant).write_owned().await
     }
 
     fn progress(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Progress>> {
@@ -217,9 +222,24 @@ async fn pull(svc: &Service, h: &Handoff) -> Result<(), String> {
         let (t, f) = (h.tenant.clone(), file.clone());
         stage(svc, move |s| s.stage_file(&t, &f, &bytes)).await?;
     }
-    let t = h.tenant.clone();
-    stage(svc, move |s| s.stage_commit(&t)).await?;
+    swap_in(svc, h).await?;
     commit(svc, Command::HandoffDone { tenant: h.tenant.clone(), epoch: h.epoch }).await
+}
+
+/// New owner: swaps the staged copy in, if and only if this node's registry still shows `h`
+/// pending, with every request for the tenant kept out meanwhile. Once this node has applied
+/// `HandoffDone` (committed by an earlier attempt whose answer was lost), it serves the tenant
+/// and may hold acknowledged writes newer than the old owner's copy: swapping that copy in would
+/// lose them. Requests check the pending handoff under the same gate, so none can slip between
+/// this check and the swap.
+async fn swap_in(svc: &Service, h: &Handoff) -> Result<(), String> {
+    let _no_requests = svc.handoffs.exclusive(&h.tenant).await;
+    let t = h.tenant.clone();
+    if svc.registry.state().handoff(&h.tenant) != Some(h) {
+        stage(svc, move |s| s.stage_abort(&t)).await?;
+        return Err(format!("handoff of {} in epoch {} is no longer pending here; copy dropped", h.tenant, h.epoch));
+    }
+    stage(svc, move |s| s.stage_commit(&t)).await
 }
 
 async fn stage(svc: &Service, f: impl FnOnce(&crate::store::Store) -> Result<(), crate::store::StoreError> + Send + 'static) -> Result<(), String> {
@@ -287,6 +307,15 @@ async fn pull_until_done(svc: Arc<Service>, h: Handoff, permits: Arc<Semaphore>,
                 let ms = svc.clock_ms().saturating_sub(started);
                 tracing::info!(tenant = h.tenant, from = h.from, epoch = h.epoch, ms, "handoff done");
                 metrics::counter!("sq_handoffs_total").increment(1);
+                // Stay listed until this node applies `HandoffDone`: the puller would otherwise
+                // see the handoff still pending and pull the tenant again.
+                let mut rx = svc.registry.subscribe();
+                while rx.borrow_and_update().1.handoff(&h.tenant) == Some(&h) {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        changed = rx.changed() => if changed.is_err() { break },
+                    }
+                }
                 break;
             }
             Err(e) => {

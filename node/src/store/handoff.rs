@@ -129,6 +129,12 @@ impl Store {
         self.remove_tree(&replaced)
     }
 
+    /// Drops what was staged for `tenant`, leaving its data as it was.
+    pub fn stage_abort(&self, tenant: &str) -> Result<(), StoreError> {
+        check_tenant_id(tenant)?;
+        self.remove_tree(&self.staging(tenant))
+    }
+
     /// Deletes this node's copy of a tenant it no longer owns.
     pub fn remove_tenant(&self, tenant: &str) -> Result<(), StoreError> {
         check_tenant_id(tenant)?;
