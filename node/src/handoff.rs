@@ -255,7 +255,7 @@ async fn fetch(svc: &Service, from: &str, tenant: &str, file: &HandoffFile) -> R
         svc.handoffs.pace(want, svc.clock_ms()).await;
         let request = NodeRequest::HandoffRead { tenant: tenant.to_string(), path: file.path.clone(), offset: bytes.len() as u64, len: want };
         let part = match call(svc, from, request).await? {
-            NodeResponse::HandoffChunk(r) => r.map_err(|e| e.to_string())?,
+            NodeResponse::HandoffChunk(r) => r.map_err(|e| e.to_string())?.0,
             other => return Err(format!("old owner answered {other:?}")),
         };
         if part.is_empty() {

@@ -77,7 +77,7 @@ impl Service {
                 NodeResponse::HandoffManifest(crate::handoff::manifest(self, &tenant, epoch).await)
             }
             NodeRequest::HandoffRead { tenant, path, offset, len } if from_node => {
-                NodeResponse::HandoffChunk(crate::handoff::read(self, &tenant, &path, offset, len).await)
+                NodeResponse::HandoffChunk(crate::handoff::read(self, &tenant, &path, offset, len).await.map(proto::cluster::Chunk))
             }
             NodeRequest::Raft(bytes) if from_node => NodeResponse::Raft(self.registry.handle_rpc(&bytes).await),
             NodeRequest::Gossip { from, heartbeats } if from_node => {
@@ -118,16 +118,22 @@ impl Service {
             return refused;
         }
         let bytes_in = request_bytes(&request);
-        let (store, quota, owned) = (self.store.clone(), record.quota_bytes, tenant.to_string());
-        let result = crate::blocking::spawn(move || {
-            let result = store.execute(&owned, quota, &request).map_err(ApiError::from);
-            if request.is_write() {
-                crate::metrics::storage(&owned, store.storage_bytes(&owned).unwrap_or(0));
+        let result = match self.store.execute_now(tenant, &request) {
+            // A select of a loaded tenant: a map lookup, answered here without a thread hop.
+            Some(answered) => answered.map_err(ApiError::from),
+            None => {
+                let (store, quota, owned) = (self.store.clone(), record.quota_bytes, tenant.to_string());
+                crate::blocking::spawn(move || {
+                    let result = store.execute(&owned, quota, &request).map_err(ApiError::from);
+                    if request.is_write() {
+                        crate::metrics::storage(&owned, store.storage_bytes(&owned).unwrap_or(0));
+                    }
+                    result
+                })
+                .await
+                .unwrap_or_else(|e| Err(ApiError::Internal(format!("store task failed: {e}"))))
             }
-            result
-        })
-        .await
-            .unwrap_or_else(|e| Err(ApiError::Internal(format!("store task failed: {e}"))));
+        };
         let bytes_out = result.as_ref().map_or(0, |r| r.body.len() as u64);
         self.limits.record(tenant, route, bytes_in, bytes_out);
         let latency_us = self.wall.unix_us().saturating_sub(started_us);

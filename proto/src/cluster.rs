@@ -67,14 +67,17 @@ pub enum NodeRequest {
     Admin { admin_key_hash: String, op: AdminOp },
     /// A registry command a node forwards to the leader, encoded by the registry. Only nodes may
     /// send it; a node checks the admin key before forwarding an admin change.
-    RaftCommand { command: Vec<u8> },
+    RaftCommand {
+        #[serde(with = "serde_bytes")]
+        command: Vec<u8>,
+    },
     /// Handoff, asked by a tenant's new owner of its old owner: list the tenant's files once
     /// the old owner has applied `epoch` and finished every request it had for the tenant.
     HandoffManifest { tenant: String, epoch: u64 },
     /// Handoff: up to `len` bytes of one listed file from `offset`.
     HandoffRead { tenant: String, path: String, offset: u64, len: u64 },
     /// A Raft RPC for the registry, encoded by the registry itself.
-    Raft(Vec<u8>),
+    Raft(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Local facts about tenants this node owns, for stats and metrics.
     TenantUsage { tenants: Vec<String> },
     /// Prometheus text of this node's metrics.
@@ -82,6 +85,11 @@ pub enum NodeRequest {
     /// Health gossip: the sender's view of every node's heartbeat counter.
     Gossip { from: u64, heartbeats: Vec<(u64, u64)> },
 }
+
+/// Bytes of one handoff file, carried as one byte string.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Chunk(#[serde(with = "serde_bytes")] pub Vec<u8>);
 
 /// One file of a tenant being handed off.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,12 +118,12 @@ pub enum NodeResponse {
     /// An admin answer as JSON text, and the registry index the answering node has applied, so
     /// the gateway can wait to see the change in its own view.
     Admin { result: Result<String, ApiError>, applied_index: u64 },
-    Raft(Vec<u8>),
+    Raft(#[serde(with = "serde_bytes")] Vec<u8>),
     TenantUsage(Vec<TenantUsage>),
     Metrics(String),
     Gossip { heartbeats: Vec<(u64, u64)> },
     HandoffManifest(Result<Vec<HandoffFile>, ApiError>),
-    HandoffChunk(Result<Vec<u8>, ApiError>),
+    HandoffChunk(Result<Chunk, ApiError>),
     /// The request could not be decoded or is not served by this kind of peer.
     Refused(String),
 }

@@ -95,6 +95,7 @@ impl SqRequest {
 /// A successful answer: the body bytes, and whether they are JSON rather than plain text.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SqResponse {
+    #[serde(with = "serde_bytes")]
     pub body: Vec<u8>,
     pub json: bool,
 }

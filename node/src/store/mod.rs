@@ -176,6 +176,29 @@ impl Store {
         result
     }
 
+    /// Answers a `select` or `version` at once, from memory, if it needs neither the disk nor a
+    /// wait: the tenant is loaded, its log healthy, and what the read sees is durable. `None`
+    /// otherwise, and for every other request: run those with [`Self::execute`], off the async
+    /// threads. Selects are the hot read path and cost one scroll, so they may run inline.
+    pub fn execute_now(&self, tenant: &str, req: &SqRequest) -> Option<Result<SqResponse, StoreError>> {
+        let (p, c) = match req {
+            SqRequest::Version => return Some(Ok(SqResponse::text(SQ_API_VERSION))),
+            SqRequest::Select { p, c } => (p, c),
+            _ => return None,
+        };
+        if let Err(e) = validate(req) {
+            return Some(Err(e));
+        }
+        let slot = self.slots.read().expect("slot map lock poisoned").get(tenant).cloned()?;
+        let t = lock_slot(&slot).tenant.clone()?;
+        if t.is_closed() || t.log_failed() {
+            return None;
+        }
+        let body = t.read_now(p, |d| d.get(c).as_bytes().to_vec())?;
+        t.touch(self.clock.now_ms());
+        Some(Ok(SqResponse::text(body)))
+    }
+
     fn execute_valid(&self, id: &str, quota_bytes: u64, req: &SqRequest) -> Result<SqResponse, StoreError> {
         if req.phext().is_none() {
             return Ok(SqResponse::text(SQ_API_VERSION));

@@ -221,6 +221,16 @@ impl Tenant {
         Ok(out)
     }
 
+    /// Like [`Self::read`], but never waits: `None` if what `f` saw is not durable yet.
+    pub(crate) fn read_now<R>(&self, p: &PhextName, f: impl FnOnce(&Doc) -> R) -> Option<R> {
+        let Some(entry) = self.entry(p) else { return Some(f(&Doc::new())) };
+        let d = read_lock(&entry);
+        let out = f(&d.doc);
+        let lsn = d.applied_lsn;
+        drop(d);
+        self.wal.is_durable(lsn).then_some(out)
+    }
+
     /// Applies `edit` at `c` and returns SQ's answer once it is durable, or `Ok(None)` if the
     /// tenant was closed first (nothing done; the caller retries on the current incarnation).
     /// Growth past `quota_bytes` is refused before anything is logged.

@@ -162,3 +162,34 @@ fn failed_log_sync_fails_the_write_and_reloads_the_tenant() {
     let store = open(dir.path());
     assert_eq!(get(&store, "acme", "select?p=doc&c=1.1.1/1.1.1/1.1.2"), "again");
 }
+
+// Goal: `execute_now` answers a select inline only when that needs neither the disk nor a wait:
+// not for a tenant that is not loaded (and it loads nothing), not for a write, and not while the
+// phext holds a change whose fsync is still under way; otherwise with the bytes `execute` gives.
+#[test]
+fn inline_select_never_waits_and_never_sees_undurable_data() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (store, faults) = faulty_store(dir.path());
+    let select = parse(Method::Get, "select", "p=doc&c=1.1.1/1.1.1/1.1.1", b"").expect("parses");
+    let update = parse(Method::Get, "update", "p=doc&c=1.1.1/1.1.1/1.1.1&s=x", b"").expect("parses");
+    assert!(store.execute_now("acme", &select).is_none(), "not loaded: the blocking path loads it");
+    assert!(store.loaded_tenants().is_empty(), "an inline read loads nothing");
+    get(&store, "acme", "update?p=doc&c=1.1.1/1.1.1/1.1.1&s=durable");
+    let inline = store.execute_now("acme", &select).expect("loaded and durable").expect("answers");
+    assert_eq!(inline.body, b"durable");
+    assert!(store.execute_now("acme", &update).is_none(), "writes go to the blocking path");
+
+    let base_syncs = faults.syncs_started.load(Ordering::SeqCst);
+    *faults.hold_sync.lock().expect("hold lock") = true;
+    std::thread::scope(|scope| {
+        let store = &store;
+        let writer = scope.spawn(move || get(store, "acme", "update?p=doc&c=1.1.1/1.1.1/1.1.1&s=pending"));
+        wait_until("the write to reach its fsync", || faults.syncs_started.load(Ordering::SeqCst) > base_syncs);
+        assert!(store.execute_now("acme", &select).is_none(), "the change is applied but not durable yet");
+        *faults.hold_sync.lock().expect("hold lock") = false;
+        faults.released.notify_all();
+        assert_eq!(writer.join().expect("writer"), "Updated 7 bytes");
+    });
+    let inline = store.execute_now("acme", &select).expect("durable again").expect("answers");
+    assert_eq!(inline.body, b"pending");
+}
