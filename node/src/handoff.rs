@@ -21,7 +21,7 @@ use proto::cluster::{HandoffFile, NodeRequest, NodeResponse};
 use proto::ApiError;
 use raft_registry::{Command, Handoff, RegistryError};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, Semaphore};
+use tokio::sync::{Notify, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::service::{Service, PEER_CALL_TIMEOUT};
@@ -76,6 +76,10 @@ pub struct Handoffs {
     pub config: HandoffConfig,
     gates: Vec<Arc<RwLock<()>>>,
     pub incoming: Mutex<BTreeMap<String, Progress>>,
+    /// Signalled when a pull task ends, so the puller looks again: a newer handoff of the same
+    /// tenant, seen while the old task was still listed, would otherwise wait for the next
+    /// registry change.
+    finished: Notify,
     /// Wall-clock ms at which each no-longer-owned local copy was first seen.
     retired: Mutex<HashMap<String, u64>>,
     bandwidth: Mutex<(u64, f64)>,
@@ -87,6 +91,7 @@ impl Handoffs {
             config,
             gates: (0..GATE_SHARDS).map(|_| Arc::new(RwLock::new(()))).collect(),
             incoming: Mutex::new(BTreeMap::new()),
+            finished: Notify::new(),
             retired: Mutex::new(HashMap::new()),
             bandwidth: Mutex::new((0, 0.0)),
         }
@@ -291,6 +296,7 @@ pub async fn run_puller(svc: Arc<Service>, shutdown: CancellationToken) {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             changed = rx.changed() => if changed.is_err() { return },
+            _ = svc.handoffs.finished.notified() => {}
         }
     }
 }
@@ -334,6 +340,7 @@ async fn pull_until_done(svc: Arc<Service>, h: Handoff, permits: Arc<Semaphore>,
         }
     }
     svc.handoffs.progress().remove(&h.tenant);
+    svc.handoffs.finished.notify_one();
 }
 
 /// Old owner: deletes copies of tenants this node no longer owns, once no handoff needs them
