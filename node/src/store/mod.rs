@@ -177,7 +177,8 @@ impl Store {
     }
 
     /// Answers a `select` or `version` at once, from memory, if it needs neither the disk nor a
-    /// wait: the tenant is loaded, its log healthy, and what the read sees is durable. `None`
+    /// wait: the tenant is loaded, no lock it needs is taken, its log is healthy, and what the
+    /// read sees is durable. `None`
     /// otherwise, and for every other request: run those with [`Self::execute`], off the async
     /// threads. Selects are the hot read path and cost one scroll, so they may run inline.
     pub fn execute_now(&self, tenant: &str, req: &SqRequest) -> Option<Result<SqResponse, StoreError>> {
@@ -189,8 +190,10 @@ impl Store {
         if let Err(e) = validate(req) {
             return Some(Err(e));
         }
-        let slot = self.slots.read().expect("slot map lock poisoned").get(tenant).cloned()?;
-        let t = lock_slot(&slot).tenant.clone()?;
+        // Every lock is only tried: a tenant being loaded or unloaded holds its slot for as long
+        // as the disk takes, and this runs on an async thread.
+        let slot = self.slots.try_read().ok()?.get(tenant).cloned()?;
+        let t = slot.state.try_lock().ok()?.tenant.clone()?;
         if t.is_closed() || t.log_failed() {
             return None;
         }

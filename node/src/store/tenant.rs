@@ -221,14 +221,16 @@ impl Tenant {
         Ok(out)
     }
 
-    /// Like [`Self::read`], but never waits: `None` if what `f` saw is not durable yet.
+    /// Like [`Self::read`], but never waits: `None` if a lock it needs is taken (a checkpoint
+    /// or a writer is at work) or what `f` saw is not durable yet.
     pub(crate) fn read_now<R>(&self, p: &PhextName, f: impl FnOnce(&Doc) -> R) -> Option<R> {
-        let Some(entry) = self.entry(p) else { return Some(f(&Doc::new())) };
-        let d = read_lock(&entry);
+        let entry = self.phexts.try_read().ok()?.get(p).cloned();
+        let Some(entry) = entry else { return Some(f(&Doc::new())) };
+        let d = entry.try_read().ok()?;
         let out = f(&d.doc);
         let lsn = d.applied_lsn;
         drop(d);
-        self.wal.is_durable(lsn).then_some(out)
+        self.wal.is_durable_now(lsn).then_some(out)
     }
 
     /// Applies `edit` at `c` and returns SQ's answer once it is durable, or `Ok(None)` if the

@@ -194,9 +194,10 @@ impl Wal {
 
     /// Returns once every record up to `lsn` is durable, flushing the pending batch itself if no
     /// one else is. Fails if the log failed before `lsn` was synced.
-    /// True if every record up to `lsn` is durable now. Never waits and never writes.
-    pub(crate) fn is_durable(&self, lsn: u64) -> bool {
-        self.lock().synced_lsn >= lsn
+    /// True if every record up to `lsn` is durable now; false too if the log's lock is taken.
+    /// Never waits and never writes.
+    pub(crate) fn is_durable_now(&self, lsn: u64) -> bool {
+        self.state.try_lock().is_ok_and(|st| st.synced_lsn >= lsn)
     }
 
     pub(crate) fn wait_durable(&self, lsn: u64) -> Result<(), StoreError> {
