@@ -34,6 +34,7 @@ for i in range(count):
     for j, text in enumerate(scrolls):
         call("POST", f"/api/v2/update?p=bench&c=1.1.1/1.1.1/1.1.{j + 1}", text.encode(), key)
     keys.append(made["api_key"])
-    print(f"\r{i + 1}/{count} tenants loaded", end="", file=sys.stderr, flush=True)
-print(file=sys.stderr)
+    if sys.stderr.isatty():
+        print(f"\r{i + 1}/{count} tenants loaded", end="", file=sys.stderr, flush=True)
+print(f"\r{count}/{count} tenants loaded", file=sys.stderr)
 open(keys_out, "w").write("\n".join(keys) + "\n")
