@@ -314,7 +314,9 @@ async fn pull_until_done(svc: Arc<Service>, h: Handoff, permits: Arc<Semaphore>,
                 tracing::info!(tenant = h.tenant, from = h.from, epoch = h.epoch, ms, "handoff done");
                 metrics::counter!("sq_handoffs_total").increment(1);
                 // Stay listed until this node applies `HandoffDone`: the puller would otherwise
-                // see the handoff still pending and pull the tenant again.
+                // see the handoff still pending and pull the tenant again. The permit goes to
+                // the next pull meanwhile.
+                drop(_permit);
                 let mut rx = svc.registry.subscribe();
                 while rx.borrow_and_update().1.handoff(&h.tenant) == Some(&h) {
                     tokio::select! {
