@@ -80,8 +80,9 @@ pub struct Handoffs {
     /// tenant, seen while the old task was still listed, would otherwise wait for the next
     /// registry change.
     finished: Notify,
-    /// Wall-clock ms at which each no-longer-owned local copy was first seen.
-    retired: Mutex<HashMap<String, u64>>,
+    /// When each no-longer-owned local copy was first seen, on the monotonic clock: a calendar
+    /// jump must not cut the grace period short.
+    retired: Mutex<HashMap<String, tokio::time::Instant>>,
     bandwidth: Mutex<(u64, f64)>,
 }
 
@@ -157,6 +158,11 @@ pub async fn manifest(svc: &Service, tenant: &str, epoch: u64) -> Result<Vec<Han
     if state.owner_of(tenant) == Some(svc.id) {
         return Err(ApiError::Conflict(format!("node {} owns {tenant}; nothing to hand off", svc.id)));
     }
+    // Once the handoff is done this node may delete its copy; an empty list then would hand the
+    // new owner an empty tenant. Only a pending handoff of this epoch gets an answer.
+    if state.handoff(tenant).is_none_or(|h| h.epoch != epoch || h.from != svc.id) {
+        return Err(ApiError::Conflict(format!("no pending handoff of {tenant} from node {} in epoch {epoch}", svc.id)));
+    }
     svc.handoffs.drain(tenant).await;
     svc.limits.persist();
     let (store, t) = (svc.store.clone(), tenant.to_string());
@@ -210,6 +216,15 @@ pub async fn commit(svc: &Service, command: Command) -> Result<(), String> {
 
 /// New owner: copies one tenant from its old owner and commits the handoff.
 async fn pull(svc: &Service, h: &Handoff) -> Result<(), String> {
+    // A copy received in this handoff's epoch is already here (an earlier attempt swapped it in,
+    // then its commit failed or this node restarted): it may hold writes newer than the old
+    // owner's copy, so it is kept and only the commit is repeated.
+    let (t, epoch) = (h.tenant.clone(), h.epoch);
+    let store = svc.store.clone();
+    let received = crate::blocking::spawn(move || store.received_epoch(&t)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+    if received >= epoch {
+        return commit(svc, Command::HandoffDone { tenant: h.tenant.clone(), epoch: h.epoch }).await;
+    }
     let state = svc.registry.state();
     let from = state.node(h.from).ok_or_else(|| format!("node {} is unknown", h.from))?.addr.clone();
     let files = match call(svc, &from, NodeRequest::HandoffManifest { tenant: h.tenant.clone(), epoch: h.epoch }).await? {
@@ -238,6 +253,8 @@ async fn pull(svc: &Service, h: &Handoff) -> Result<(), String> {
 /// lose them. Requests check the pending handoff under the same gate, so none can slip between
 /// this check and the swap.
 async fn swap_in(svc: &Service, h: &Handoff) -> Result<(), String> {
+    let (t, epoch) = (h.tenant.clone(), h.epoch);
+    stage(svc, move |s| s.stage_received_epoch(&t, epoch)).await?;
     let _no_requests = svc.handoffs.exclusive(&h.tenant).await;
     let t = h.tenant.clone();
     if svc.registry.state().handoff(&h.tenant) != Some(h) {
@@ -311,7 +328,7 @@ async fn pull_until_done(svc: Arc<Service>, h: Handoff, permits: Arc<Semaphore>,
         match pull(&svc, &h).await {
             Ok(()) => {
                 let ms = svc.clock_ms().saturating_sub(started);
-                tracing::info!(tenant = h.tenant, from = h.from, epoch = h.epoch, ms, "handoff done");
+                tracing::info!(node = svc.id, tenant = h.tenant, from = h.from, epoch = h.epoch, ms, "handoff done");
                 metrics::counter!("sq_handoffs_total").increment(1);
                 // Stay listed until this node applies `HandoffDone`: the puller would otherwise
                 // see the handoff still pending and pull the tenant again. The permit goes to
@@ -327,7 +344,7 @@ async fn pull_until_done(svc: Arc<Service>, h: Handoff, permits: Arc<Semaphore>,
                 break;
             }
             Err(e) => {
-                tracing::warn!(tenant = h.tenant, from = h.from, error = %e, "handoff failed; will retry");
+                tracing::warn!(node = svc.id, tenant = h.tenant, from = h.from, epoch = h.epoch, error = %e, "handoff failed; will retry");
                 if let Some(p) = svc.handoffs.progress().get_mut(&h.tenant) {
                     p.attempts += 1;
                     p.bytes_done = 0;
@@ -346,7 +363,10 @@ async fn pull_until_done(svc: Arc<Service>, h: Handoff, permits: Arc<Semaphore>,
 }
 
 /// Old owner: deletes copies of tenants this node no longer owns, once no handoff needs them
-/// and the grace period has passed since that was first seen.
+/// and the grace period has passed since that was first seen. A copy counts as no longer owned
+/// only if this node's registry state knows the tenant and is newer than the placement epoch in
+/// which the copy arrived here: a state from before that (a restart from an old snapshot, a node
+/// cut off from the leader) would otherwise make the live copy look like a leftover.
 pub async fn run_sweeper(svc: Arc<Service>, shutdown: CancellationToken) {
     loop {
         tokio::select! {
@@ -363,19 +383,27 @@ async fn sweep(svc: &Service) -> Result<(), String> {
     let store = svc.store.clone();
     let local = crate::blocking::spawn(move || store.local_tenants()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
     let state = svc.registry.state();
-    let now = svc.clock_ms();
-    let grace_ms = svc.handoffs.config.grace_s.saturating_mul(1000);
+    let now = tokio::time::Instant::now();
+    let grace = Duration::from_secs(svc.handoffs.config.grace_s);
+    let mut stale = Vec::new();
+    for t in local {
+        if state.tenant(&t).is_none() || state.owner_of(&t) == Some(svc.id) || state.handoff(&t).is_some() {
+            continue;
+        }
+        let store = svc.store.clone();
+        let id = t.clone();
+        let received = crate::blocking::spawn(move || store.received_epoch(&id)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        if state.placement_epoch() > received {
+            stale.push(t);
+        }
+    }
     let mut due = Vec::new();
     {
         let mut retired = svc.handoffs.retired.lock().unwrap_or_else(|p| p.into_inner());
-        let stale: Vec<&String> = local
-            .iter()
-            .filter(|t| state.owner_of(t) != Some(svc.id) && state.handoff(t).is_none())
-            .collect();
-        retired.retain(|t, _| stale.contains(&t));
-        for t in stale {
+        retired.retain(|t, _| stale.contains(t));
+        for t in &stale {
             let since = *retired.entry(t.clone()).or_insert(now);
-            if now.saturating_sub(since) >= grace_ms {
+            if now.saturating_duration_since(since) >= grace {
                 due.push(t.clone());
             }
         }
@@ -387,7 +415,7 @@ async fn sweep(svc: &Service) -> Result<(), String> {
         let store = svc.store.clone();
         let t = tenant.clone();
         crate::blocking::spawn(move || store.remove_tenant(&t)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
-        tracing::info!(tenant, "deleted the copy of a tenant handed off to another node");
+        tracing::info!(node = svc.id, tenant, "deleted the copy of a tenant handed off to another node");
     }
     Ok(())
 }

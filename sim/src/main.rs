@@ -68,6 +68,10 @@ fn main() -> ExitCode {
             return usage();
         }
     };
+    if std::env::var_os("RUST_LOG").is_some() {
+        // The nodes' own log lines (stamped with wall time, not simulated time), for one replay.
+        tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
+    }
     match args.one {
         Some(seed) => replay(seed, &args),
         None => many(&args),

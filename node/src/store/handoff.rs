@@ -22,6 +22,12 @@ const STAGING_PREFIX: &str = ".incoming-";
 /// Prefix under which a replaced tenant directory waits for deletion during a swap.
 const REPLACED_PREFIX: &str = ".replaced-";
 
+/// File in a tenant's root naming the placement epoch in which this node received the tenant by
+/// handoff. The tenant can leave this node only in a later epoch, so a registry state of that
+/// epoch or older (a node restarted from an old snapshot, or cut off) never makes its copy look
+/// like a leftover.
+const RECEIVED_FILE: &str = "received-epoch";
+
 /// The subdirectories a tenant has; everything else in its root is a plain file.
 const SUBDIRS: [&str; 2] = ["phexts", "wal"];
 
@@ -107,6 +113,31 @@ impl Store {
         let mut f = self.vfs.create(&path).map_err(StoreError::io("create staged file", &path))?;
         f.write_all(bytes).map_err(StoreError::io("write staged file", &path))?;
         f.sync_data().map_err(StoreError::io("sync staged file", &path))
+    }
+
+    /// Records in the staged copy that it arrives with placement epoch `epoch` (replacing the
+    /// old owner's own record, if the copy carried one).
+    pub fn stage_received_epoch(&self, tenant: &str, epoch: u64) -> Result<(), StoreError> {
+        check_tenant_id(tenant)?;
+        let path = self.staging(tenant).join(RECEIVED_FILE);
+        let mut f = self.vfs.create(&path).map_err(StoreError::io("create staged file", &path))?;
+        f.write_all(epoch.to_string().as_bytes()).map_err(StoreError::io("write staged file", &path))?;
+        f.sync_data().map_err(StoreError::io("sync staged file", &path))
+    }
+
+    /// The placement epoch in which this node received `tenant` by handoff; 0 if it never did
+    /// (the tenant was created here) or holds nothing of it.
+    pub fn received_epoch(&self, tenant: &str) -> Result<u64, StoreError> {
+        check_tenant_id(tenant)?;
+        let path = TenantPaths::new(&self.tenants_dir, tenant).root.join(RECEIVED_FILE);
+        if !self.vfs.exists(&path).map_err(StoreError::io("stat tenant file", &path))? {
+            return Ok(0);
+        }
+        let bytes = self.vfs.read(&path).map_err(StoreError::io("read tenant file", &path))?;
+        std::str::from_utf8(&bytes)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .ok_or_else(|| StoreError::corrupt(&path, "does not hold a placement epoch"))
     }
 
     /// Swaps the staged files in as the tenant's data, replacing whatever this node held of it.
