@@ -219,10 +219,8 @@ async fn pull(svc: &Service, h: &Handoff) -> Result<(), String> {
     // A copy received in this handoff's epoch is already here (an earlier attempt swapped it in,
     // then its commit failed or this node restarted): it may hold writes newer than the old
     // owner's copy, so it is kept and only the commit is repeated.
-    let (t, epoch) = (h.tenant.clone(), h.epoch);
-    let store = svc.store.clone();
-    let received = crate::blocking::spawn(move || store.received_epoch(&t)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
-    if received >= epoch {
+    let t = h.tenant.clone();
+    if on_store(svc, move |s| s.received_epoch(&t)).await? >= h.epoch {
         return commit(svc, Command::HandoffDone { tenant: h.tenant.clone(), epoch: h.epoch }).await;
     }
     let state = svc.registry.state();
@@ -236,11 +234,11 @@ async fn pull(svc: &Service, h: &Handoff) -> Result<(), String> {
         p.bytes_total = files.iter().map(|f| f.len).sum();
     }
     let t = h.tenant.clone();
-    stage(svc, move |s| s.stage_begin(&t)).await?;
+    on_store(svc, move |s| s.stage_begin(&t)).await?;
     for file in &files {
         let bytes = fetch(svc, &from, &h.tenant, file).await?;
         let (t, f) = (h.tenant.clone(), file.clone());
-        stage(svc, move |s| s.stage_file(&t, &f, &bytes)).await?;
+        on_store(svc, move |s| s.stage_file(&t, &f, &bytes)).await?;
     }
     swap_in(svc, h).await?;
     commit(svc, Command::HandoffDone { tenant: h.tenant.clone(), epoch: h.epoch }).await
@@ -254,17 +252,21 @@ async fn pull(svc: &Service, h: &Handoff) -> Result<(), String> {
 /// this check and the swap.
 async fn swap_in(svc: &Service, h: &Handoff) -> Result<(), String> {
     let (t, epoch) = (h.tenant.clone(), h.epoch);
-    stage(svc, move |s| s.stage_received_epoch(&t, epoch)).await?;
+    on_store(svc, move |s| s.stage_received_epoch(&t, epoch)).await?;
     let _no_requests = svc.handoffs.exclusive(&h.tenant).await;
     let t = h.tenant.clone();
     if svc.registry.state().handoff(&h.tenant) != Some(h) {
-        stage(svc, move |s| s.stage_abort(&t)).await?;
+        on_store(svc, move |s| s.stage_abort(&t)).await?;
         return Err(format!("handoff of {} in epoch {} is no longer pending here; copy dropped", h.tenant, h.epoch));
     }
-    stage(svc, move |s| s.stage_commit(&t)).await
+    on_store(svc, move |s| s.stage_commit(&t)).await
 }
 
-async fn stage(svc: &Service, f: impl FnOnce(&crate::store::Store) -> Result<(), crate::store::StoreError> + Send + 'static) -> Result<(), String> {
+/// Runs `f` on the store where blocking work belongs; errors as text.
+async fn on_store<R: Send + 'static>(
+    svc: &Service,
+    f: impl FnOnce(&crate::store::Store) -> Result<R, crate::store::StoreError> + Send + 'static,
+) -> Result<R, String> {
     let store = svc.store.clone();
     crate::blocking::spawn(move || f(&store)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
 }
@@ -380,8 +382,7 @@ pub async fn run_sweeper(svc: Arc<Service>, shutdown: CancellationToken) {
 }
 
 async fn sweep(svc: &Service) -> Result<(), String> {
-    let store = svc.store.clone();
-    let local = crate::blocking::spawn(move || store.local_tenants()).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+    let local = on_store(svc, |s| s.local_tenants()).await?;
     let state = svc.registry.state();
     let now = tokio::time::Instant::now();
     let grace = Duration::from_secs(svc.handoffs.config.grace_s);
@@ -390,10 +391,8 @@ async fn sweep(svc: &Service) -> Result<(), String> {
         if state.tenant(&t).is_none() || state.owner_of(&t) == Some(svc.id) || state.handoff(&t).is_some() {
             continue;
         }
-        let store = svc.store.clone();
         let id = t.clone();
-        let received = crate::blocking::spawn(move || store.received_epoch(&id)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
-        if state.placement_epoch() > received {
+        if state.placement_epoch() > on_store(svc, move |s| s.received_epoch(&id)).await? {
             stale.push(t);
         }
     }
@@ -412,9 +411,8 @@ async fn sweep(svc: &Service) -> Result<(), String> {
         }
     }
     for tenant in due {
-        let store = svc.store.clone();
         let t = tenant.clone();
-        crate::blocking::spawn(move || store.remove_tenant(&t)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())?;
+        on_store(svc, move |s| s.remove_tenant(&t)).await?;
         tracing::info!(node = svc.id, tenant, "deleted the copy of a tenant handed off to another node");
     }
     Ok(())

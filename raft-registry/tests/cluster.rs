@@ -289,18 +289,24 @@ async fn join_and_remove_while_writing() -> anyhow::Result<()> {
     .await
 }
 
+/// A one-node cluster whose joins give up on a learner that does not catch up within 2 s.
+async fn bootstrapped_with_short_catchup() -> anyhow::Result<Cluster> {
+    let config = raft_registry::RegistryConfig {
+        learner_catchup_timeout_ms: 2_000,
+        ..test_config()
+    };
+    let mut c = Cluster::new(config)?;
+    c.bootstrap().await?;
+    Ok(c)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_membership_change_is_refused() -> anyhow::Result<()> {
     // Goal: while one join is in progress (a node that never answers), a second membership change
     // is refused with MembershipChangeInProgress; the stuck join times out and the half-joined
     // node can then be removed.
     bounded_test(async {
-        let config = raft_registry::RegistryConfig {
-            learner_catchup_timeout_ms: 2_000,
-            ..test_config()
-        };
-        let mut c = Cluster::new(config)?;
-        c.bootstrap().await?;
+        let c = bootstrapped_with_short_catchup().await?;
         let leader = c.node(1)?;
         let stuck = tokio::spawn({
             let leader = leader.clone();
@@ -336,12 +342,7 @@ async fn node_added_at_another_nodes_address_never_votes() -> anyhow::Result<()>
     // out with 9 a learner that never caught up; the three voters stay, writes go on, and 9 can
     // be removed.
     bounded_test(async {
-        let config = raft_registry::RegistryConfig {
-            learner_catchup_timeout_ms: 2_000,
-            ..test_config()
-        };
-        let mut c = Cluster::new(config)?;
-        c.bootstrap().await?;
+        let mut c = bootstrapped_with_short_catchup().await?;
         c.join(2).await?;
         c.join(3).await?;
         c.net.alias(9, 2);
