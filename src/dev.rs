@@ -127,6 +127,7 @@ pub fn run(config: DevConfig) -> anyhow::Result<()> {
         Some(p) => p.admin_key.clone(),
         None => gateway::admin::new_tenant_key().replacen("pmb-v1-", "sqa-", 1),
     };
+    let threads = worker_threads_each(config.nodes + 1);
     let mut nodes = Vec::new();
     for id in 1..=config.nodes as u64 {
         let dir = data.join(format!("node-{id}"));
@@ -137,11 +138,12 @@ pub fn run(config: DevConfig) -> anyhow::Result<()> {
         std::fs::create_dir_all(&dir)?;
         let mut node_config = node::NodeConfig::dev(id, addr, &dir, &certs, id == 1, &admin_key);
         node_config.tenants_file = tenants_file.clone();
+        node_config.worker_threads = threads;
         std::fs::write(dir.join("node.toml"), toml::to_string(&node_config)?)?;
         nodes.push(DevNode { id, pid: 0, data_dir: dir, addr });
     }
     let gateway_toml = data.join("gateway.toml");
-    write_gateway_config(&gateway_toml, &config, &certs, &nodes)?;
+    write_gateway_config(&gateway_toml, &config, &certs, &nodes, threads)?;
     let mut procs = Vec::new();
     for n in &nodes {
         let args = vec!["node".into(), "--config".into(), n.data_dir.join("node.toml").display().to_string()];
@@ -175,7 +177,15 @@ pub fn run(config: DevConfig) -> anyhow::Result<()> {
     supervise(&mut procs, &mut nodes, &json_path, dev)
 }
 
-fn write_gateway_config(path: &Path, config: &DevConfig, certs: &Path, nodes: &[DevNode]) -> anyhow::Result<()> {
+/// Async worker threads for each of `processes` sharing this machine: its cores divided among
+/// them, at least one. A runtime with more workers than its share of the cores spends a
+/// request's time waking idle workers on other cores (measured in docs/BENCHMARKS.md).
+fn worker_threads_each(processes: usize) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / processes.max(1)).max(1)
+}
+
+fn write_gateway_config(path: &Path, config: &DevConfig, certs: &Path, nodes: &[DevNode], threads: usize) -> anyhow::Result<()> {
     let mut tls = String::new();
     if config.tls {
         transport::certs::issue_https(certs, "https")?;
@@ -187,7 +197,7 @@ fn write_gateway_config(path: &Path, config: &DevConfig, certs: &Path, nodes: &[
     }
     let addrs: Vec<String> = nodes.iter().map(|n| format!("{:?}", n.addr.to_string())).collect();
     let text = format!(
-        "# Written by sq-cloud dev.\nlisten = {:?}\ncluster_certs = {:?}\nnodes = [{}]\n{tls}",
+        "# Written by sq-cloud dev.\nlisten = {:?}\ncluster_certs = {:?}\nnodes = [{}]\nworker_threads = {threads}\n{tls}",
         config.listen.to_string(),
         certs.display().to_string(),
         addrs.join(", ")

@@ -108,14 +108,28 @@ fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
-/// Runs an async service until SIGINT or SIGTERM.
-fn serve<F, Fut, E>(start: F) -> anyhow::Result<()>
+/// The most async worker threads a node or gateway may be configured with.
+const MAX_WORKER_THREADS: usize = 1024;
+
+/// The async runtime of a node or gateway: `worker_threads` threads, or one per core for 0.
+fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
+    if worker_threads > MAX_WORKER_THREADS {
+        anyhow::bail!("worker_threads is {worker_threads}; it must be 0 (one per core) or at most {MAX_WORKER_THREADS}");
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if worker_threads > 0 {
+        builder.worker_threads(worker_threads);
+    }
+    Ok(builder.enable_all().build()?)
+}
+
+/// Runs an async service on `runtime` until SIGINT or SIGTERM.
+fn serve<F, Fut, E>(runtime: tokio::runtime::Runtime, start: F) -> anyhow::Result<()>
 where
     F: FnOnce(CancellationToken) -> Fut,
     Fut: std::future::Future<Output = Result<(), E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
-    let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         let shutdown = CancellationToken::new();
         let trigger = shutdown.clone();
@@ -142,12 +156,12 @@ fn main() -> anyhow::Result<()> {
         Command::Node { config } => {
             init_tracing();
             let config: node::NodeConfig = read_toml(&config)?;
-            serve(|shutdown| node::run(config, shutdown))
+            serve(runtime(config.worker_threads)?, |shutdown| node::run(config, shutdown))
         }
         Command::Gateway { config } => {
             init_tracing();
             let config: gateway::GatewayConfig = read_toml(&config)?;
-            serve(|shutdown| gateway::run(config, shutdown))
+            serve(runtime(config.worker_threads)?, |shutdown| gateway::run(config, shutdown))
         }
         Command::Certs(CertsCommand::Init { dir }) => {
             std::fs::create_dir_all(&dir)?;

@@ -122,3 +122,23 @@ fn dashboard_uses_real_metric_names() {
         assert!(recorded.contains(base), "{name} is not a metric the code records");
     }
 }
+
+// Goal: a node or gateway configured with more async worker threads than the named limit is
+// refused before it starts anything, with the limit in the message.
+#[test]
+fn too_many_worker_threads_are_refused_by_name() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    for (command, file) in [("node", "deploy/node.toml"), ("gateway", "deploy/gateway.toml")] {
+        let text = read(file).replace("worker_threads = 0", "worker_threads = 5000");
+        assert!(text.contains("worker_threads = 5000"), "{file} sets worker_threads");
+        let config = dir.path().join(format!("{command}.toml"));
+        std::fs::write(&config, text).expect("write config");
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_sq-cloud"))
+            .args([command, "--config", config.to_str().expect("UTF-8 path")])
+            .output()
+            .expect("run sq-cloud");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{command} started with 5000 worker threads");
+        assert!(stderr.contains("worker_threads is 5000") && stderr.contains("at most 1024"), "{command}: {stderr}");
+    }
+}

@@ -11,7 +11,9 @@
 # times, DURATION seconds each, and prints req/s, p50 and p99 as wrk reports them.
 #
 # Needs cargo, python3 and wrk (Debian package `wrk`). SQ is installed from crates.io into
-# target/sq-0.6.0. Note: `sq host` listens on 0.0.0.0, not only loopback.
+# target/sq-0.6.0. VERSION=1 adds `/api/v2/version` at one connection, which sq-cloud's gateway
+# answers alone: beside select it shows what the hop to the node costs. ONLY_C1=1 runs only the
+# one-connection measures. Note: `sq host` listens on 0.0.0.0, not only loopback.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -74,7 +76,8 @@ measure() { # label script connections threads
   done
 }
 echo "load before: $(cut -d' ' -f1-3 /proc/loadavg)"
-measure "select, 16 connections" select.lua 16 2
+[ -n "${ONLY_C1:-}" ] || measure "select, 16 connections" select.lua 16 2
 measure "select, 1 connection" select.lua 1 1
-measure "update, 16 connections" update.lua 16 2
+[ "${VERSION:-0}" = 1 ] && measure "version, 1 connection" version.lua 1 1
+[ -n "${ONLY_C1:-}" ] || measure "update, 16 connections" update.lua 16 2
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -41,6 +41,9 @@ pub struct GatewayConfig {
     /// HTTPS certificate and key (PEM). Required unless `listen` is a loopback address.
     #[serde(default)]
     pub tls: Option<TlsFiles>,
+    /// Threads of the async runtime: 0 (the default) for one per core.
+    #[serde(default)]
+    pub worker_threads: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -47,6 +47,10 @@ pub struct NodeConfig {
     /// Health gossip: heartbeat interval and the silences after which a peer is suspect, dead.
     #[serde(default)]
     pub gossip: crate::gossip::GossipConfig,
+    /// Threads of the async runtime: 0 (the default) for one per core. `sq-cloud dev`, whose
+    /// processes share one machine, gives each its share of the cores.
+    #[serde(default)]
+    pub worker_threads: usize,
 }
 
 fn default_memory_budget_mb() -> u64 {
@@ -73,6 +77,7 @@ impl NodeConfig {
             tenants_file: None,
             handoff: Default::default(),
             gossip: Default::default(),
+            worker_threads: 0,
         }
     }
 

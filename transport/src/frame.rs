@@ -76,8 +76,12 @@ pub fn parse_header(header: &[u8; HEADER_BYTES]) -> Result<usize> {
     Ok(len)
 }
 
-/// Reads exactly one frame. Stream resets come back as [`TransportError::Reset`] for the
-/// caller to interpret; this layer knows no codes.
+/// Reads exactly one frame and the end of the stream after it: each side finishes its stream
+/// right after its one frame, so the end arrives with the last bytes. Reading it closes the
+/// stream cleanly; a stream dropped before its end makes quinn send STOP_SENDING, one more
+/// packet per call for both peers to process. Bytes after the frame are refused as malformed.
+/// Stream resets come back as [`TransportError::Reset`] for the caller to interpret; this
+/// layer knows no codes.
 pub(crate) async fn read_frame(recv: &mut RecvStream) -> Result<Bytes> {
     let mut header = [0u8; HEADER_BYTES];
     recv.read_exact(&mut header).await.map_err(|e| match e {
@@ -106,7 +110,12 @@ pub(crate) async fn read_frame(recv: &mut RecvStream) -> Result<Bytes> {
             }
         }
     }
-    Ok(payload.freeze())
+    match recv.read_chunk(1, true).await.map_err(error::from_read)? {
+        None => Ok(payload.freeze()),
+        Some(_) => Err(TransportError::Malformed {
+            reason: format!("bytes after the {len}-byte frame"),
+        }),
+    }
 }
 
 /// Writes one frame (header, then the payload without copying it).

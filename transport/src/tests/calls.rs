@@ -289,3 +289,29 @@ async fn server_refuses_connections_beyond_its_limit() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn streams_close_cleanly_without_stop_sending() {
+    // Goal: each side reads its peer's stream to the end, so no call leaves a STOP_SENDING (one
+    // more packet per call for both peers) and a call costs about one datagram each way.
+    bounded(async {
+        let cluster = Cluster::new();
+        let server = cluster.start(Arc::new(Echo));
+        let client = cluster.client();
+        let payload = Bytes::from(vec![b'x'; 100]);
+        client.call(server.addr, payload.clone(), CALL_TIMEOUT).await.expect("first call");
+        let (conn, _) = client.connection(server.addr).await.expect("pooled connection");
+        let before = conn.stats();
+        const CALLS: u64 = 200;
+        for _ in 0..CALLS {
+            client.call(server.addr, payload.clone(), CALL_TIMEOUT).await.expect("call");
+        }
+        let after = conn.stats();
+        assert_eq!(after.frame_tx.stop_sending, 0, "the client stopped a stream it had not read to the end");
+        assert_eq!(after.frame_rx.stop_sending, 0, "the server stopped a stream it had not read to the end");
+        let sent = after.udp_tx.datagrams - before.udp_tx.datagrams;
+        assert!(sent < CALLS * 3 / 2, "{sent} datagrams sent for {CALLS} calls");
+        server.stop().await;
+    })
+    .await;
+}

@@ -148,6 +148,26 @@ async fn server_refuses_a_frame_without_magic() {
 }
 
 #[tokio::test]
+async fn server_refuses_bytes_after_the_frame() {
+    // Goal: a stream carries exactly one frame; anything after it is refused as Malformed and
+    // the handler never runs.
+    bounded(async {
+        let cluster = Cluster::new();
+        let server = cluster.start(Arc::new(Echo));
+        let mut bytes = raw_header(PROTOCOL_VERSION, 2).to_vec();
+        bytes.extend_from_slice(b"hi and more");
+        let err = raw_call(&cluster.client(), server.addr, &bytes, bytes.len()).await;
+        assert!(matches!(err, Err(TransportError::Malformed { .. })), "{err:?}");
+        let mut exact = raw_header(PROTOCOL_VERSION, 2).to_vec();
+        exact.extend_from_slice(b"hi");
+        let echoed = raw_call(&cluster.client(), server.addr, &exact, exact.len()).await;
+        assert_eq!(echoed.expect("one whole frame is served"), Bytes::from_static(b"hi"));
+        server.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn stalled_request_is_cut_by_the_read_timeout() {
     // Goal: a peer that announces a payload and never sends it holds the stream only until
     // the server's read timeout, and learns it timed out.
@@ -165,7 +185,7 @@ async fn stalled_request_is_cut_by_the_read_timeout() {
         )
         .expect("start");
         let header = raw_header(PROTOCOL_VERSION, 10);
-        let err = raw_call(&cluster.client(), server.addr, &header, 10)
+        let err = raw_call_unfinished(&cluster.client(), server.addr, &header, 10)
             .await
             .expect_err("timed out");
         assert!(matches!(err, TransportError::Timeout { .. }), "{err:?}");

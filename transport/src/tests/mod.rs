@@ -140,13 +140,34 @@ fn raw_client(ca_pem: &str, cert_and_key: Option<(&str, &str)>, alpn: &[u8]) -> 
     .expect("client")
 }
 
-/// Sends `bytes` verbatim on a new stream of `client`'s connection to `addr` (no framing),
-/// then reads one reply frame, interpreting resets as `Client::call` does.
+/// Sends `bytes` verbatim on a new stream of `client`'s connection to `addr` (no framing) and
+/// finishes the stream, as a real client does, then reads one reply frame, interpreting resets
+/// as `Client::call` does.
 async fn raw_call(
     client: &Client,
     addr: SocketAddr,
     bytes: &[u8],
     sent_len: usize,
+) -> Result<Bytes> {
+    raw_exchange(client, addr, bytes, sent_len, true).await
+}
+
+/// [`raw_call`] that leaves the stream open after `bytes`, as a stalled peer would.
+async fn raw_call_unfinished(
+    client: &Client,
+    addr: SocketAddr,
+    bytes: &[u8],
+    sent_len: usize,
+) -> Result<Bytes> {
+    raw_exchange(client, addr, bytes, sent_len, false).await
+}
+
+async fn raw_exchange(
+    client: &Client,
+    addr: SocketAddr,
+    bytes: &[u8],
+    sent_len: usize,
+    finish: bool,
 ) -> Result<Bytes> {
     let (conn, _) = client.connection(addr).await?;
     let (mut send, mut recv) = conn
@@ -160,5 +181,8 @@ async fn raw_call(
     send.write_all(bytes)
         .await
         .map_err(|e| interpret(crate::error::from_write(e)))?;
+    if finish {
+        let _ = send.finish();
+    }
     frame::read_frame(&mut recv).await.map_err(interpret)
 }
