@@ -135,6 +135,8 @@ impl Cluster {
             tenants_file: None,
             handoff: HandoffConfig { grace_s: HANDOFF_GRACE_S, ..HandoffConfig::default() },
             gossip: Default::default(),
+            // The simulator runs every node on its own single thread; the setting is unused.
+            worker_threads: 0,
         }
     }
 

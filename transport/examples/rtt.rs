@@ -5,7 +5,9 @@
 //! - worker threads: of each tokio runtime; 0 means one current-thread runtime;
 //! - `split`: the server runs in a second process, as a node does for a gateway; without it,
 //!   server and client share one runtime, so the figure is the transport's own cost without a
-//!   second process's wake-up.
+//!   second process's wake-up;
+//! - `udp`: no QUIC at all: a 100-byte UDP datagram echoed by a second process over blocking
+//!   sockets. The machine's floor for any request that crosses two processes.
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
@@ -36,6 +38,19 @@ fn runtime(threads: usize) -> tokio::runtime::Runtime {
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--udp-echo") {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+        println!("{}", socket.local_addr().expect("address"));
+        std::io::stdout().flush().expect("stdout");
+        let mut buf = [0u8; 2048];
+        loop {
+            let (n, from) = socket.recv_from(&mut buf).expect("receive");
+            if n == 0 {
+                return;
+            }
+            socket.send_to(&buf[..n], from).expect("send");
+        }
+    }
     if args.first().map(String::as_str) == Some("--serve") {
         // The second process of a split run: serve until stdin closes.
         let (dir, threads) = (Path::new(&args[1]), args[2].parse().expect("threads"));
@@ -50,6 +65,9 @@ fn main() {
     let calls: usize = args.first().map_or(20_000, |a| a.parse().expect("calls: a number"));
     let threads: usize = args.get(1).map_or(2, |a| a.parse().expect("worker threads: a number"));
     let split = args.get(2).is_some_and(|a| a == "split");
+    if args.get(2).is_some_and(|a| a == "udp") {
+        return udp_floor(calls);
+    }
     let dir = tempfile::tempdir().expect("temp dir");
     certs::create_ca(dir.path()).expect("CA");
     for role in [Role::Node(1), Role::Gateway] {
@@ -81,6 +99,38 @@ fn main() {
     });
 }
 
+/// Blocking UDP ping-pong with a second process: what two wake-ups across processes cost here.
+fn udp_floor(calls: usize) {
+    let mut child = Command::new(std::env::current_exe().expect("this example"))
+        .arg("--udp-echo")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("echo process");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("address");
+    let echo: SocketAddr = line.trim().parse().expect("address");
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind");
+    let (payload, mut buf) = ([b'x'; 100], [0u8; 2048]);
+    let mut took = Vec::with_capacity(calls);
+    for i in 0..calls + 1_000 {
+        let started = Instant::now();
+        socket.send_to(&payload, echo).expect("send");
+        socket.recv_from(&mut buf).expect("receive");
+        if i >= 1_000 {
+            took.push(started.elapsed());
+        }
+    }
+    socket.send_to(&[], echo).expect("stop the echo process");
+    child.wait().expect("echo process ends");
+    report(calls, "UDP datagrams", took);
+}
+
+fn report(calls: usize, what: &str, mut took: Vec<Duration>) {
+    took.sort();
+    let at = |q: f64| took[((took.len() - 1) as f64 * q) as usize].as_micros();
+    println!("{calls} {what}, one at a time: p50 {} µs, p90 {} µs, p99 {} µs", at(0.5), at(0.9), at(0.99));
+}
+
 fn serve(dir: &Path) -> (SocketAddr, CancellationToken) {
     let identity = Identity::load(dir, Role::Node(1)).expect("identity");
     let server = Server::bind(SocketAddr::from(([127, 0, 0, 1], 0)), &identity, ServerLimits::default()).expect("bind");
@@ -104,7 +154,5 @@ async fn calls_to(addr: SocketAddr, dir: &Path, calls: usize) {
         client.call(addr, payload.clone(), timeout).await.expect("call");
         took.push(started.elapsed());
     }
-    took.sort();
-    let at = |q: f64| took[((took.len() - 1) as f64 * q) as usize].as_micros();
-    println!("{calls} calls, one at a time: p50 {} µs, p90 {} µs, p99 {} µs", at(0.5), at(0.9), at(0.99));
+    report(calls, "calls", took);
 }
