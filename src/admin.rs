@@ -89,6 +89,13 @@ enum TenantsCommand {
     RotateKey { id: String },
     /// Disable a tenant and archive its data (nothing is destroyed).
     Delete { id: String },
+    /// Destroy an archived tenant: its data is deleted on every node, its id never reused.
+    Purge {
+        id: String,
+        /// Required: purging cannot be undone.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -108,6 +115,7 @@ enum Shape {
     Stats,
     Rotated,
     Deleted,
+    Purged,
     Health,
     Nodes,
 }
@@ -173,6 +181,12 @@ fn execute(client: &AdminClient, command: &AdminCommand) -> anyhow::Result<(Valu
             (client.post(&format!("{}/rotate-key", tenant_path(id)), &json!({}))?, Shape::Rotated)
         }
         AdminCommand::Tenants(TenantsCommand::Delete { id }) => (client.delete(&tenant_path(id))?, Shape::Deleted),
+        AdminCommand::Tenants(TenantsCommand::Purge { id, yes }) => {
+            if !yes {
+                bail!("purging tenant {id} destroys its data and cannot be undone; add --yes to go on");
+            }
+            (client.post(&format!("{}/purge", tenant_path(id)), &json!({}))?, Shape::Purged)
+        }
         AdminCommand::Cluster(ClusterCommand::Health) => (client.get("/api/v2/admin/health")?, Shape::Health),
         AdminCommand::Cluster(ClusterCommand::Nodes) | AdminCommand::Nodes => (client.get("/api/v2/admin/nodes")?, Shape::Nodes),
     })
@@ -201,6 +215,7 @@ fn human(shape: Shape, v: &Value) -> String {
             cell(&v["api_key"])
         ),
         Shape::Deleted => format!("tenant {} is {}: disabled, its data kept.\n", cell(&v["tenant_id"]), cell(&v["status"])),
+        Shape::Purged => format!("tenant {} is {}: its data is deleted on every node, its id retired.\n", cell(&v["tenant_id"]), cell(&v["status"])),
         Shape::TenantList => tenant_table(v),
         Shape::Tenant => pairs(v, &["tenant_id", "tier", "status", "quota_mb", "daily_limit", "admin_email"]),
         Shape::Stats => stats(v),

@@ -39,7 +39,7 @@ fn json(cluster: &DevCluster, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(&out).unwrap_or_else(|e| panic!("admin {args:?} printed no JSON ({e}): {out}"))
 }
 
-// Goal: every `sq-cloud admin` command (tenants add, list, stats, set, rotate-key, delete;
+// Goal: every `sq-cloud admin` command (tenants add, list, stats, set, rotate-key, delete, purge;
 // cluster health, nodes; the `nodes` alias) answers JSON that matches what it did to the
 // cluster; the human output is a table; the gateway and key come from --dev or from
 // SQ_CLOUD_URL / SQ_CLOUD_ADMIN_KEY; errors exit non-zero with the gateway's reason.
@@ -65,6 +65,7 @@ fn admin_cli_json_and_tables() {
     let stats = json(&cluster, &["tenants", "stats", "cli-a"]);
     assert_eq!((stats["tenant_id"].as_str(), stats["quota_mb"].as_u64(), stats["api_calls_today"].as_u64()), (Some("cli-a"), Some(4), Some(1)), "{stats}");
     assert!((1..=3).contains(&stats["node"].as_u64().unwrap()) && stats["last_active"].is_string(), "{stats}");
+    let owner = stats["node"].as_u64().unwrap();
 
     let rotated = json(&cluster, &["tenants", "rotate-key", "cli-a"]);
     let new_key = rotated["api_key"].as_str().unwrap().to_string();
@@ -93,6 +94,24 @@ fn admin_cli_json_and_tables() {
     let deleted = json(&cluster, &["tenants", "delete", "cli-a"]);
     assert_eq!(deleted["status"], "archived");
     assert_eq!(get(&base, &new_key, "/select?p=d&c=1.1.1/1.1.1/1.1.1").0, 403, "a deleted tenant's key");
+
+    // Purge: only with --yes, only an archived tenant; the owner deletes the data, the id is retired.
+    let dev = cluster.dir.to_str().unwrap();
+    let data = cluster.dir.join(format!("node-{owner}/store/tenants/cli-a"));
+    assert!(data.is_dir(), "the archived tenant's data is kept until the purge: {}", data.display());
+    let (ok, _, err) = run(&["tenants", "purge", "cli-a", "--dev", dev], &[]);
+    assert!(!ok && err.contains("--yes"), "{err}");
+    let (ok, _, err) = run(&["tenants", "purge", "demo", "--yes", "--dev", dev], &[]);
+    assert!(!ok && err.contains("409") && err.contains("archive"), "an active tenant was purged: {err}");
+    let purged = json(&cluster, &["tenants", "purge", "cli-a", "--yes"]);
+    assert_eq!((purged["tenant_id"].as_str(), purged["status"].as_str()), (Some("cli-a"), Some("purged")), "{purged}");
+    wait_for(APPLY_TIMEOUT + Duration::from_secs(5), "the owner deletes the purged tenant's data", || (!data.exists()).then_some(()));
+    assert_eq!(json(&cluster, &["tenants", "purge", "cli-a", "--yes"])["status"], "purged", "a repeated purge");
+    let (ok, _, err) = run(&["tenants", "stats", "cli-a", "--dev", dev], &[]);
+    assert!(!ok && err.contains("404"), "{err}");
+    let (ok, _, err) = run(&["tenants", "add", "cli-a", "--dev", dev], &[]);
+    assert!(!ok && err.contains("409") && err.contains("purged"), "a purged id was reused: {err}");
+    assert_eq!(get(&base, &new_key, "/select?p=d&c=1.1.1/1.1.1/1.1.1").0, 401, "a purged tenant's key");
 
     let (ok, _, err) = run(&["tenants", "stats", "no-such", "--dev", cluster.dir.to_str().unwrap()], &[]);
     assert!(!ok && err.contains("404"), "{err}");

@@ -125,6 +125,7 @@ async fn admin(gw: &Arc<Gateway>, request: Request) -> Result<(StatusCode, Strin
             op
         }
         (&Method::DELETE, ["tenants", id]) => AdminOp::DeleteTenant { tenant_id: id.to_string() },
+        (&Method::POST, ["tenants", id, "purge"]) => AdminOp::PurgeTenant { tenant_id: id.to_string() },
         (&Method::GET, ["health"]) => AdminOp::Health,
         (&Method::GET, ["nodes"]) => AdminOp::ListNodes,
         (&Method::POST, ["nodes"]) => {

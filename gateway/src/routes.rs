@@ -68,6 +68,7 @@ pub const ROUTES: &[Route] = &[
     route("GET", "/api/v2/admin/tenants/{id}", Access::Admin),
     route("PATCH", "/api/v2/admin/tenants/{id}", Access::Admin),
     route("DELETE", "/api/v2/admin/tenants/{id}", Access::Admin),
+    route("POST", "/api/v2/admin/tenants/{id}/purge", Access::Admin),
     route("GET", "/api/v2/admin/tenants/{id}/stats", Access::Admin),
     route("POST", "/api/v2/admin/tenants/{id}/rotate-key", Access::Admin),
     route("GET", "/api/v2/admin/health", Access::Admin),

@@ -36,6 +36,13 @@ async fn run(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<String,
         AdminOp::AddNode { id, addr } => membership(svc, admin_key_hash, AdminOp::AddNode { id, addr }).await,
         AdminOp::RemoveNode { id } => membership(svc, admin_key_hash, AdminOp::RemoveNode { id }).await,
         AdminOp::DrainNode { id } => membership(svc, admin_key_hash, AdminOp::DrainNode { id }).await,
+        AdminOp::PurgeTenant { tenant_id } => {
+            if !state.is_purged(&tenant_id) {
+                known(&state, &tenant_id)?;
+            }
+            commit(svc, Command::PurgeTenant { id: tenant_id.clone() }).await?;
+            Ok(json!({ "tenant_id": tenant_id, "status": "purged" }).to_string())
+        }
         write => {
             let command = command_for(&state, write, svc.clock_ms())?;
             let id = command_tenant(&command);

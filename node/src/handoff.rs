@@ -364,8 +364,9 @@ async fn pull_until_done(svc: Arc<Service>, h: Handoff, permits: Arc<Semaphore>,
     svc.handoffs.finished.notify_one();
 }
 
-/// Old owner: deletes copies of tenants this node no longer owns, once no handoff needs them
-/// and the grace period has passed since that was first seen. A copy counts as no longer owned
+/// Every [`SWEEP_INTERVAL`]: deletes the data of purged tenants, and (old owner) copies of
+/// tenants this node no longer owns, once no handoff needs them and the grace period has passed
+/// since that was first seen. A copy counts as no longer owned
 /// only if this node's registry state knows the tenant and is newer than the placement epoch in
 /// which the copy arrived here: a state from before that (a restart from an old snapshot, a node
 /// cut off from the leader) would otherwise make the live copy look like a leftover.
@@ -388,6 +389,10 @@ async fn sweep(svc: &Service) -> Result<(), String> {
     let grace = Duration::from_secs(svc.handoffs.config.grace_s);
     let mut stale = Vec::new();
     for t in local {
+        if state.is_purged(&t) {
+            purge(svc, &t).await?;
+            continue;
+        }
         if state.tenant(&t).is_none() || state.owner_of(&t) == Some(svc.id) || state.handoff(&t).is_some() {
             continue;
         }
@@ -415,5 +420,16 @@ async fn sweep(svc: &Service) -> Result<(), String> {
         on_store(svc, move |s| s.remove_tenant(&t)).await?;
         tracing::info!(node = svc.id, tenant, "deleted the copy of a tenant handed off to another node");
     }
+    Ok(())
+}
+
+/// Deletes this node's copy of a purged tenant at once (a purge is explicit; no grace period).
+/// The tenant's gate is held meanwhile, so a request that passed its checks before the purge
+/// was applied finishes first; every later one finds no tenant.
+async fn purge(svc: &Service, tenant: &str) -> Result<(), String> {
+    let _closed = svc.handoffs.exclusive(tenant).await;
+    let t = tenant.to_string();
+    on_store(svc, move |s| s.remove_tenant(&t)).await?;
+    tracing::info!(node = svc.id, tenant, "deleted the data of a purged tenant");
     Ok(())
 }

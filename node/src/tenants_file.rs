@@ -88,6 +88,10 @@ pub fn commands(file: &TenantsFile, state: &raft_registry::RegistryState, now_ms
         let tier = t.tier.as_deref().and_then(Tier::parse);
         let quota_bytes = t.quota_mb.map(|mb| mb.saturating_mul(MIB));
         match state.tenant(&t.id) {
+            // A purged id is never reused; the rest of the file still applies.
+            None if state.is_purged(&t.id) => {
+                tracing::warn!(tenant = %t.id, "the tenants file lists a purged tenant; ids of purged tenants are never reused");
+            }
             None => {
                 let tier = tier.unwrap_or(Tier::Free);
                 out.push(Command::AddTenant(TenantRecord {
@@ -190,5 +194,22 @@ mod tests {
         ] {
             assert!(parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
+    }
+
+    // Goal: a purged tenant still listed in the file is skipped (its id is retired), while the
+    // file's other tenants are still added.
+    #[test]
+    fn a_purged_tenant_in_the_file_is_skipped() {
+        let mut state = raft_registry::RegistryState::default();
+        let gone = TenantRecord::new("gone".into(), Tier::Free, key_hash("pmb-v1-00000000000000000000000000000001"), 0);
+        for c in [Command::AddTenant(gone), Command::ArchiveTenant { id: "gone".into() }, Command::PurgeTenant { id: "gone".into() }] {
+            raft_registry::command::apply(&mut state, c).expect("applies");
+        }
+        let file = br#"{"tenants":[
+            {"id":"gone","api_key":"pmb-v1-00000000000000000000000000000002","enabled":true},
+            {"id":"new","api_key":"pmb-v1-00000000000000000000000000000003","enabled":true}]}"#;
+        let planned = commands(&parse(file).expect("valid file"), &state, 1);
+        assert_eq!(planned.len(), 1, "{planned:?}");
+        assert!(matches!(&planned[0], Command::AddTenant(r) if r.id == "new"), "{planned:?}");
     }
 }

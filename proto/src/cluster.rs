@@ -47,6 +47,8 @@ pub enum AdminOp {
     PatchTenant { tenant_id: String, tier: Option<String>, quota_mb: Option<u64>, enabled: Option<bool>, daily_limit: Option<u64> },
     RotateKey { tenant_id: String, key_hash: String },
     DeleteTenant { tenant_id: String },
+    /// Destroys an archived tenant's data everywhere and retires its id.
+    PurgeTenant { tenant_id: String },
     Health,
     ListNodes,
     AddNode { id: u64, addr: String },

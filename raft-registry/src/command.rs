@@ -65,6 +65,11 @@ pub enum Command {
         tenant: String,
         epoch: u64,
     },
+    /// Destroys an archived tenant: its record and keys go, every node deletes its data, and the
+    /// id is retired. Purging an id already purged changes nothing and succeeds.
+    PurgeTenant {
+        id: String,
+    },
 }
 
 /// Why the state machine refused a command. Nothing was changed.
@@ -82,6 +87,12 @@ pub enum Rejection {
     TenantExists,
     #[error("no such tenant")]
     NoSuchTenant,
+    #[error("tenant id was purged; purged ids are never reused")]
+    TenantIdPurged,
+    #[error("only an archived tenant can be purged; delete (archive) it first")]
+    TenantNotArchived,
+    #[error("tenant is moving between nodes; purge it once the handoff is done")]
+    TenantMoving,
     #[error("tenant is archived")]
     TenantArchived,
     #[error("key hash already belongs to another tenant")]
@@ -166,7 +177,27 @@ pub fn apply(state: &mut RegistryState, cmd: Command) -> Result<(), Rejection> {
             }
             _ => Err(Rejection::NoSuchHandoff),
         },
+        Command::PurgeTenant { id } => purge_tenant(state, &id),
     }
+}
+
+fn purge_tenant(state: &mut RegistryState, id: &str) -> Result<(), Rejection> {
+    if state.purged.contains(id) {
+        return Ok(());
+    }
+    let record = state.tenants.get(id).ok_or(Rejection::NoSuchTenant)?;
+    if !record.archived {
+        return Err(Rejection::TenantNotArchived);
+    }
+    if state.handoffs.contains_key(id) {
+        return Err(Rejection::TenantMoving);
+    }
+    for hash in &record.key_hashes {
+        state.by_key_hash.remove(hash);
+    }
+    state.tenants.remove(id);
+    state.purged.insert(id.to_string());
+    Ok(())
 }
 
 /// Records a handoff for every tenant whose owner differs between the two rings. A tenant with
@@ -210,6 +241,9 @@ fn add_tenant(state: &mut RegistryState, record: TenantRecord) -> Result<(), Rej
     }
     if state.tenants.contains_key(&record.id) {
         return Err(Rejection::TenantExists);
+    }
+    if state.purged.contains(&record.id) {
+        return Err(Rejection::TenantIdPurged);
     }
     if hashes.iter().any(|h| state.by_key_hash.contains_key(h)) {
         return Err(Rejection::KeyHashInUse);

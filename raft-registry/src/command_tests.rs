@@ -325,3 +325,49 @@ fn placement_changes_record_handoffs_one_change_at_a_time() {
     check(&mut s, vec![(Command::NodeDrain { id: 2 }, Ok(()))]);
     assert!(s.handoffs().all(|h| h.from == 2), "draining moves only node 2's tenants");
 }
+
+#[test]
+fn purge_destroys_an_archived_tenant_and_retires_its_id() {
+    // Goal: only an archived tenant that is not moving can be purged; purging drops its record
+    // and keys, retires the id for good, and a repeated purge succeeds without change.
+    let mut s = two_active_nodes();
+    let purge = |id: &str| Command::PurgeTenant { id: id.to_string() };
+    let archive = |id: &str| Command::ArchiveTenant { id: id.to_string() };
+    check(
+        &mut s,
+        vec![
+            (purge("acme"), Err(Rejection::NoSuchTenant)),
+            (new_tenant("acme", "k1"), Ok(())),
+            (purge("acme"), Err(Rejection::TenantNotArchived)),
+            (Command::DisableTenant { id: "acme".into() }, Ok(())),
+            (purge("acme"), Err(Rejection::TenantNotArchived)),
+            (archive("acme"), Ok(())),
+            (purge("acme"), Ok(())),
+        ],
+    );
+    assert!(s.tenant("acme").is_none() && s.is_purged("acme"));
+    assert!(s.tenant_by_key_hash(&key_hash("k1")).is_none(), "the purged tenant's key is gone");
+    let after = s.clone();
+    check(
+        &mut s,
+        vec![
+            (purge("acme"), Ok(())),
+            (new_tenant("acme", "k2"), Err(Rejection::TenantIdPurged)),
+            (archive("acme"), Err(Rejection::NoSuchTenant)),
+            // The key is free again: it belongs to no tenant.
+            (new_tenant("other", "k1"), Ok(())),
+        ],
+    );
+    assert_eq!(s.purged().collect::<Vec<_>>(), vec!["acme"]);
+    assert!(after.is_purged("acme") && s.tenant("other").is_some());
+
+    // A tenant moving between nodes waits for its handoff.
+    let mut s = two_active_nodes();
+    check(&mut s, (0..40).map(|i| (new_tenant(&format!("t{i}"), &format!("k{i}")), Ok(()))).collect());
+    check(&mut s, (0..40).map(|i| (archive(&format!("t{i}")), Ok(()))).collect());
+    check(&mut s, vec![(join(3), Ok(())), (Command::NodeActivate { id: 3 }, Ok(()))]);
+    let moving = s.handoffs().next().expect("a third node takes some tenants").clone();
+    check(&mut s, vec![(purge(&moving.tenant), Err(Rejection::TenantMoving))]);
+    let done = Command::HandoffDone { tenant: moving.tenant.clone(), epoch: moving.epoch };
+    check(&mut s, vec![(done, Ok(())), (purge(&moving.tenant), Ok(()))]);
+}

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use imbl::OrdMap;
+use imbl::{OrdMap, OrdSet};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -173,6 +173,10 @@ pub struct RegistryState {
     pub(crate) placement_epoch: u64,
     /// Handoffs not yet done, by tenant id.
     pub(crate) handoffs: OrdMap<String, Handoff>,
+    /// Ids of purged tenants: their records are gone, their data is deleted wherever a node
+    /// still holds it, and the ids are never reused (a copy left on a node that was down during
+    /// the purge can never be taken for a new tenant's data).
+    pub(crate) purged: OrdSet<String>,
     /// Built from the active nodes whenever they change; shared between snapshots.
     pub(crate) ring: Arc<Ring>,
 }
@@ -186,6 +190,7 @@ impl Default for RegistryState {
             nodes: OrdMap::new(),
             placement_epoch: 0,
             handoffs: OrdMap::new(),
+            purged: OrdSet::new(),
             ring: Arc::new(Ring::new(&[])),
         }
     }
@@ -199,12 +204,23 @@ impl PartialEq for RegistryState {
             && self.nodes == other.nodes
             && self.placement_epoch == other.placement_epoch
             && self.handoffs == other.handoffs
+            && self.purged == other.purged
     }
 }
 
 impl RegistryState {
     pub fn tenant(&self, id: &str) -> Option<&TenantRecord> {
         self.tenants.get(id)
+    }
+
+    /// True if the tenant `id` was purged: no record, data to be deleted, id retired.
+    pub fn is_purged(&self, id: &str) -> bool {
+        self.purged.contains(id)
+    }
+
+    /// Ids of purged tenants, ordered.
+    pub fn purged(&self) -> impl Iterator<Item = &String> + '_ {
+        self.purged.iter()
     }
 
     /// All tenants, ordered by id.
@@ -293,10 +309,12 @@ impl RegistryState {
         nodes: Vec<NodeRecord>,
         placement_epoch: u64,
         handoffs: Vec<Handoff>,
+        purged: Vec<String>,
     ) -> RegistryState {
         let mut state = RegistryState {
             admin_key_hash,
             placement_epoch,
+            purged: purged.into_iter().collect(),
             ..Default::default()
         };
         for h in handoffs {

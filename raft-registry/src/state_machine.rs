@@ -23,8 +23,9 @@ use crate::types::{
 /// File name of the current snapshot.
 pub const SNAPSHOT_FILE: &str = "snapshot";
 
-/// Version of the snapshot image format (on disk and between nodes).
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 2;
+/// Version of the snapshot image format (on disk and between nodes). Version 3 added the
+/// purged tenant ids; a version 2 image (none purged) is still read.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
 
 /// What a watcher sees: the last applied log index and the state after it.
 pub type Published = (u64, Arc<RegistryState>);
@@ -32,6 +33,18 @@ pub type Published = (u64, Arc<RegistryState>);
 /// The serialised registry: the bytes of a snapshot.
 #[derive(Serialize, Deserialize)]
 struct StateImage {
+    format_version: u32,
+    tenants: Vec<TenantRecord>,
+    admin_key_hash: Option<String>,
+    nodes: Vec<NodeRecord>,
+    placement_epoch: u64,
+    handoffs: Vec<Handoff>,
+    purged: Vec<String>,
+}
+
+/// The image of format version 2: [`StateImage`] without `purged`.
+#[derive(Deserialize)]
+struct StateImageV2 {
     format_version: u32,
     tenants: Vec<TenantRecord>,
     admin_key_hash: Option<String>,
@@ -55,28 +68,41 @@ fn encode_state(state: &RegistryState) -> Result<Vec<u8>, StoreError> {
         nodes: state.nodes().cloned().collect(),
         placement_epoch: state.placement_epoch(),
         handoffs: state.handoffs().cloned().collect(),
+        purged: state.purged().cloned().collect(),
     };
     disk::encode("snapshot image", &image)
 }
 
 fn decode_state(origin: &Path, data: &[u8]) -> Result<RegistryState, StoreError> {
-    let image: StateImage = disk::decode(origin, data)?;
-    if image.format_version != SNAPSHOT_FORMAT_VERSION {
-        let reason = format!(
-            "snapshot format {} (we read {SNAPSHOT_FORMAT_VERSION})",
-            image.format_version
-        );
-        return Err(StoreError::Corrupt {
-            path: origin.to_path_buf(),
-            reason,
-        });
-    }
+    // Every format starts with its version (a varint), so it is read first.
+    let (version, _): (u32, usize) = bincode::serde::decode_from_slice(data, disk::bincode_config())
+        .map_err(|e| StoreError::Corrupt { path: origin.to_path_buf(), reason: e.to_string() })?;
+    let image = match version {
+        SNAPSHOT_FORMAT_VERSION => disk::decode::<StateImage>(origin, data)?,
+        2 => {
+            let old: StateImageV2 = disk::decode(origin, data)?;
+            StateImage {
+                format_version: old.format_version,
+                tenants: old.tenants,
+                admin_key_hash: old.admin_key_hash,
+                nodes: old.nodes,
+                placement_epoch: old.placement_epoch,
+                handoffs: old.handoffs,
+                purged: Vec::new(),
+            }
+        }
+        other => {
+            let reason = format!("snapshot format {other} (we read 2 and {SNAPSHOT_FORMAT_VERSION})");
+            return Err(StoreError::Corrupt { path: origin.to_path_buf(), reason });
+        }
+    };
     Ok(RegistryState::from_parts(
         image.tenants,
         image.admin_key_hash,
         image.nodes,
         image.placement_epoch,
         image.handoffs,
+        image.purged,
     ))
 }
 
@@ -352,5 +378,43 @@ mod tests {
         );
         assert_eq!(rx.borrow().1.node(1).map(|n| n.addr.as_str()), Some("a:1"));
         Ok(())
+    }
+
+    #[test]
+    fn snapshot_images_of_both_formats_are_read() {
+        // Goal: an image of this format keeps the purged ids; a format 2 image (written before
+        // purges existed) still loads, with none purged; any other format is refused.
+        let origin = Path::new("snapshot");
+        let mut state = RegistryState::default();
+        let add = Command::AddTenant(TenantRecord::new("live".into(), Tier::Free, key_hash("k"), 1));
+        crate::command::apply(&mut state, add).expect("add");
+        state.purged.insert("gone".to_string());
+        let decoded = decode_state(origin, &encode_state(&state).expect("encode")).expect("decode");
+        assert_eq!(decoded, state);
+        assert!(decoded.is_purged("gone") && decoded.tenant("live").is_some());
+
+        #[derive(Serialize)]
+        struct V2 {
+            format_version: u32,
+            tenants: Vec<TenantRecord>,
+            admin_key_hash: Option<String>,
+            nodes: Vec<NodeRecord>,
+            placement_epoch: u64,
+            handoffs: Vec<Handoff>,
+        }
+        let tenants: Vec<TenantRecord> = state.tenants().cloned().collect();
+        let v2 = |format_version| V2 {
+            format_version,
+            tenants: tenants.clone(),
+            admin_key_hash: None,
+            nodes: Vec::new(),
+            placement_epoch: 7,
+            handoffs: Vec::new(),
+        };
+        let old = decode_state(origin, &disk::encode("v2", &v2(2)).expect("encode")).expect("format 2 loads");
+        assert_eq!((old.tenant("live").map(|t| t.id.as_str()), old.placement_epoch()), (Some("live"), 7));
+        assert_eq!(old.purged().count(), 0);
+        let unknown = decode_state(origin, &disk::encode("v9", &v2(9)).expect("encode"));
+        assert!(unknown.is_err_and(|e| e.to_string().contains("snapshot format 9")));
     }
 }
