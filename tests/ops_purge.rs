@@ -1,0 +1,62 @@
+//! Black-box: a tenant purged while its owning node is down loses its data when that node returns.
+
+mod common;
+mod ops_common;
+
+use std::time::Duration;
+
+use common::{get, DevCluster};
+use ops_common::{admin, node_pid, stats, wait_for, PausedSupervisor};
+
+/// The node killed before the purge.
+const VICTIM: u64 = 3;
+
+/// Tenants made to find one owned by the victim (each node owns about a third).
+const TENANTS_MAX: usize = 20;
+
+/// How long an admin change may take: a registry election if the victim led, then the commit.
+const ADMIN_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long the supervisor may take to restart the node, and the node to catch up and sweep
+/// (every 5 s).
+const RETURN_TIMEOUT: Duration = Duration::from_secs(40);
+
+// Goal: the purge is a registry change, so a node that was down when it was committed still
+// deletes the tenant's data once it is back and has caught up, and nothing else brings the data
+// back: the tenant stays unknown and its id taken.
+#[test]
+fn a_purge_reaches_an_owner_that_was_down() {
+    let cluster = DevCluster::start(3);
+    let base = cluster.url();
+    let (tenant, key) = (0..TENANTS_MAX)
+        .find_map(|i| {
+            let id = format!("purge-{i}");
+            let key = cluster.add_tenant(&id, serde_json::json!({}));
+            wait_for(Duration::from_secs(10), "a write to the new tenant", || {
+                (get(&base, &key, "/update?p=doc&c=1.1.1/1.1.1/1.1.1&s=secret").0 == 200).then_some(())
+            });
+            (stats(&cluster, &id)["node"].as_u64() == Some(VICTIM)).then_some((id, key))
+        })
+        .unwrap_or_else(|| panic!("none of {TENANTS_MAX} tenants is owned by node {VICTIM}"));
+    let data = cluster.dir.join(format!("node-{VICTIM}/store/tenants/{tenant}"));
+    assert!(data.is_dir(), "the tenant's data on its owner: {}", data.display());
+
+    let paused = PausedSupervisor::pause(&cluster);
+    assert_eq!(unsafe { libc::kill(node_pid(&cluster, VICTIM), libc::SIGKILL) }, 0);
+    for (method, path) in [("DELETE", format!("/admin/tenants/{tenant}")), ("POST", format!("/admin/tenants/{tenant}/purge"))] {
+        wait_for(ADMIN_TIMEOUT, &format!("{method} {path} with node {VICTIM} down"), || {
+            let (status, answer) = admin(&cluster, method, &path, None);
+            assert!(status == 200 || status == 503, "{method} {path}: {status} {answer}");
+            (status == 200).then_some(())
+        });
+    }
+    assert!(data.is_dir(), "nothing deleted the data while its node was down");
+
+    drop(paused);
+    wait_for(RETURN_TIMEOUT, "the returned node deletes the purged tenant's data", || (!data.exists()).then_some(()));
+    let (status, _) = admin(&cluster, "GET", &format!("/admin/tenants/{tenant}/stats"), None);
+    assert_eq!(status, 404, "a purged tenant's stats");
+    let (status, answer) = admin(&cluster, "POST", "/admin/tenants/add", Some(serde_json::json!({ "tenant_id": tenant })));
+    assert_eq!(status, 409, "re-adding a purged id: {answer}");
+    assert_eq!(get(&base, &key, "/select?p=doc&c=1.1.1/1.1.1/1.1.1").0, 401, "a purged tenant's key");
+}
