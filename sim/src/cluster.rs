@@ -26,7 +26,7 @@ use crate::trace::Trace;
 /// QUIC port every simulated node listens on.
 const NODE_PORT: u16 = 7100;
 /// Where each machine keeps its node's data.
-const DATA_DIR: &str = "/data";
+pub const DATA_DIR: &str = "/data";
 /// How often the monitor samples every node's Raft role and term.
 const LEADER_SAMPLE_INTERVAL: Duration = Duration::from_millis(50);
 

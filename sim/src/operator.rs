@@ -1,7 +1,7 @@
 //! The operator: admin operations through the gateways' admin path (`gateway::admin::apply_op`),
 //! as `sq-cloud admin` sends them. It forms the cluster, creates the tenants, and during the run
 //! changes quotas, disables and re-enables tenants, rotates keys, and adds, drains and removes
-//! nodes, from two operators at once.
+//! nodes, from two operators at once; after the run's final check, it purges a tenant.
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
@@ -173,6 +173,27 @@ pub async fn settle(world: &World, rng: &mut Rng, tenants: &[String], deadline_m
         rotate_until_done(world, rng, tenant, deadline_ms).await?;
     }
     Ok(())
+}
+
+/// Archives `tenant`, then purges it, each retried until acknowledged (both are idempotent, so
+/// a repeat after a lost answer is harmless).
+pub async fn purge(world: &World, rng: &mut Rng, tenant: &str, deadline_ms: u64) -> Result<(), Violation> {
+    until_done(world, rng, AdminOp::DeleteTenant { tenant_id: tenant.to_string() }, deadline_ms, |_| false).await?;
+    until_done(world, rng, AdminOp::PurgeTenant { tenant_id: tenant.to_string() }, deadline_ms, |_| false).await
+}
+
+/// Tries to add `tenant` again, retrying while no node can answer; returns the first definite
+/// answer (an acknowledged add is `Ok`).
+pub async fn add_again(world: &World, rng: &mut Rng, tenant: &str, deadline_ms: u64) -> Result<(), ApiError> {
+    loop {
+        let gw = rng.below(world.gateways.len() as u64) as usize;
+        let key = new_key(rng);
+        let op = AdminOp::AddTenant { tenant_id: tenant.to_string(), tier: None, quota_mb: None, admin_email: None, key_hash: proto::auth::key_hash(&key) };
+        match admin(world, gw, op).await {
+            Err(ApiError::Unavailable { .. }) if world.now_ms() <= deadline_ms => tokio::time::sleep(Duration::from_millis(RETRY_PAUSE_MS)).await,
+            other => return other.map(|_| ()),
+        }
+    }
 }
 
 /// Enables `tenant` once (its answer is not needed: the caller tries the tenant again).

@@ -150,7 +150,85 @@ async fn phases(world: &Arc<World>, plan: &Plan, rng: &mut Rng, options: &Option
     world.trace.event(format!("converged: every tenant served {} ms after the heal", world.now_ms() - healed_at));
     checked(world)?;
     final_check(world, &plan.tenants, world.now_ms() + CONVERGENCE_MS_MAX).await?;
+    checked(world)?;
+    purge_check(world, rng, &plan.tenants, world.now_ms() + CONVERGENCE_MS_MAX).await?;
     checked(world)
+}
+
+/// After the final check (so everything before it runs as it always did): purge one tenant
+/// while its owner is down, bring the owner back, and require that every member node deletes
+/// the tenant's data, that its key stops working through every gateway, that its id cannot be
+/// added again, and that another tenant is still served.
+async fn purge_check(world: &World, rng: &mut Rng, tenants: &[String], deadline_ms: u64) -> Result<(), Violation> {
+    let (doomed, other) = (&tenants[tenants.len() - 1], &tenants[0]);
+    let key = world.key_for(doomed, rng).unwrap_or_default();
+    // The owner goes down only where the other voters still make a quorum (three or more
+    // active nodes); otherwise the purge runs with every node up.
+    let owner = world.gateways[0].views.current().tenant(doomed).and_then(|t| t.owner);
+    let owner = owner.filter(|_| active_nodes(world) >= 3);
+    if let Some(owner) = owner {
+        world.cluster.crash(owner, rng.chance(500));
+    }
+    world.trace.event(format!("purge check: {doomed} is purged while its owner is down: {owner:?}"));
+    operator::purge(world, rng, doomed, deadline_ms).await?;
+    if let Some(owner) = owner {
+        world.cluster.start(owner).await?;
+    }
+    let dir = std::path::Path::new(crate::cluster::DATA_DIR).join("store/tenants").join(doomed);
+    loop {
+        let members = member_nodes(world);
+        let holding: Vec<u64> =
+            members.iter().copied().filter(|id| world.cluster.disk(*id).is_some_and(|d| d.exists(&dir).unwrap_or(true))).collect();
+        let refused = (0..world.gateways.len()).all(|gw| matches!(world.gateways[gw].views.current().tenant(doomed), None));
+        if holding.is_empty() && refused {
+            break;
+        }
+        if world.now_ms() > deadline_ms {
+            return Err(Violation::new(
+                Invariant::Liveness,
+                format!("purged tenant {doomed}: data still on nodes {holding:?}; still in a gateway's view: {}", !refused),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await;
+    }
+    for gw in 0..world.gateways.len() {
+        match world.sq(gw, &key, Method::Get, "get", "p=a", b"").await {
+            Err(ApiError::Unauthorized) => {}
+            other => {
+                let shown = other.map(|r| String::from_utf8_lossy(&r.body).chars().take(60).collect::<String>());
+                return Err(Violation::new(Invariant::Isolation, format!("purged tenant {doomed}'s key through gateway {gw}: {shown:?}")));
+            }
+        }
+    }
+    match operator::add_again(world, rng, doomed, deadline_ms).await {
+        Err(ApiError::Conflict(reason)) if reason.contains("purged") => {}
+        other => {
+            return Err(Violation::new(Invariant::Isolation, format!("adding purged id {doomed} again answered {other:?}, not a refusal")));
+        }
+    }
+    world.trace.event(format!("purge check: {doomed} purged everywhere; {other} still served"));
+    probe(world, rng, other, deadline_ms).await
+}
+
+/// Active nodes (the registry's voters), as a running node sees it.
+fn active_nodes(world: &World) -> usize {
+    registry_state(world).map_or(0, |state| state.nodes().filter(|n| n.state == raft_registry::NodeState::Active).count())
+}
+
+fn registry_state(world: &World) -> Option<Arc<raft_registry::RegistryState>> {
+    world.cluster.ids().into_iter().find_map(|id| world.cluster.parts(id)).map(|p| p.registry.state())
+}
+
+/// Nodes the registry counts as members (joining, active or draining), as a running node sees
+/// it. A removed node no longer hears the registry: wiping its disk is the operator's job.
+fn member_nodes(world: &World) -> Vec<u64> {
+    let Some(state) = registry_state(world) else { return Vec::new() };
+    world
+        .cluster
+        .ids()
+        .into_iter()
+        .filter(|id| state.node(*id).is_some_and(|n| n.state != raft_registry::NodeState::Removed))
+        .collect()
 }
 
 /// Liveness: a write to `tenant` is acknowledged and read back through every gateway.
