@@ -210,17 +210,19 @@ async fn purge_check(world: &World, rng: &mut Rng, tenants: &[String], deadline_
     probe(world, rng, other, deadline_ms).await
 }
 
-/// Active nodes (the registry's voters), as a running node sees it.
+/// Active nodes, in the freshest registry state.
 fn active_nodes(world: &World) -> usize {
     registry_state(world).map_or(0, |state| state.nodes().filter(|n| n.state == raft_registry::NodeState::Active).count())
 }
 
+/// The freshest registry state among the running nodes (a removed node's stops moving).
 fn registry_state(world: &World) -> Option<Arc<raft_registry::RegistryState>> {
-    world.cluster.ids().into_iter().find_map(|id| world.cluster.parts(id)).map(|p| p.registry.state())
+    let parts = world.cluster.ids().into_iter().filter_map(|id| world.cluster.parts(id));
+    parts.map(|p| p.registry.subscribe().borrow().clone()).max_by_key(|(applied, _)| *applied).map(|(_, state)| state)
 }
 
-/// Nodes the registry counts as members (joining, active or draining), as a running node sees
-/// it. A removed node no longer hears the registry: wiping its disk is the operator's job.
+/// Nodes the freshest registry state counts as members (joining, active or draining). A removed
+/// node no longer hears the registry: wiping its disk is the operator's job.
 fn member_nodes(world: &World) -> Vec<u64> {
     let Some(state) = registry_state(world) else { return Vec::new() };
     world
