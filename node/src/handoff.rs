@@ -366,10 +366,10 @@ async fn pull_until_done(svc: Arc<Service>, h: Handoff, permits: Arc<Semaphore>,
 
 /// Every [`SWEEP_INTERVAL`]: deletes the data of purged tenants, and (old owner) copies of
 /// tenants this node no longer owns, once no handoff needs them and the grace period has passed
-/// since that was first seen. A copy counts as no longer owned
-/// only if this node's registry state knows the tenant and is newer than the placement epoch in
-/// which the copy arrived here: a state from before that (a restart from an old snapshot, a node
-/// cut off from the leader) would otherwise make the live copy look like a leftover.
+/// since that was first seen. A copy counts as no longer owned only if this node's registry
+/// state knows the tenant and is newer than the placement epoch in which the copy arrived here:
+/// a state from before that (a restart from an old snapshot, a node cut off from the leader)
+/// would otherwise make the live copy look like a leftover.
 pub async fn run_sweeper(svc: Arc<Service>, shutdown: CancellationToken) {
     loop {
         tokio::select! {

@@ -30,21 +30,10 @@ pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
 /// What a watcher sees: the last applied log index and the state after it.
 pub type Published = (u64, Arc<RegistryState>);
 
-/// The serialised registry: the bytes of a snapshot.
+/// The serialised registry as format 2 wrote it. A snapshot of this format is this image
+/// followed by the purged tenant ids: `(StateImage, Vec<String>)`, so format 2 is still read.
 #[derive(Serialize, Deserialize)]
 struct StateImage {
-    format_version: u32,
-    tenants: Vec<TenantRecord>,
-    admin_key_hash: Option<String>,
-    nodes: Vec<NodeRecord>,
-    placement_epoch: u64,
-    handoffs: Vec<Handoff>,
-    purged: Vec<String>,
-}
-
-/// The image of format version 2: [`StateImage`] without `purged`.
-#[derive(Deserialize)]
-struct StateImageV2 {
     format_version: u32,
     tenants: Vec<TenantRecord>,
     admin_key_hash: Option<String>,
@@ -68,29 +57,18 @@ fn encode_state(state: &RegistryState) -> Result<Vec<u8>, StoreError> {
         nodes: state.nodes().cloned().collect(),
         placement_epoch: state.placement_epoch(),
         handoffs: state.handoffs().cloned().collect(),
-        purged: state.purged().cloned().collect(),
     };
-    disk::encode("snapshot image", &image)
+    let purged: Vec<String> = state.purged().cloned().collect();
+    disk::encode("snapshot image", &(image, purged))
 }
 
 fn decode_state(origin: &Path, data: &[u8]) -> Result<RegistryState, StoreError> {
     // Every format starts with its version (a varint), so it is read first.
     let (version, _): (u32, usize) = bincode::serde::decode_from_slice(data, disk::bincode_config())
         .map_err(|e| StoreError::Corrupt { path: origin.to_path_buf(), reason: e.to_string() })?;
-    let image = match version {
-        SNAPSHOT_FORMAT_VERSION => disk::decode::<StateImage>(origin, data)?,
-        2 => {
-            let old: StateImageV2 = disk::decode(origin, data)?;
-            StateImage {
-                format_version: old.format_version,
-                tenants: old.tenants,
-                admin_key_hash: old.admin_key_hash,
-                nodes: old.nodes,
-                placement_epoch: old.placement_epoch,
-                handoffs: old.handoffs,
-                purged: Vec::new(),
-            }
-        }
+    let (image, purged) = match version {
+        SNAPSHOT_FORMAT_VERSION => disk::decode::<(StateImage, Vec<String>)>(origin, data)?,
+        2 => (disk::decode::<StateImage>(origin, data)?, Vec::new()),
         other => {
             let reason = format!("snapshot format {other} (we read 2 and {SNAPSHOT_FORMAT_VERSION})");
             return Err(StoreError::Corrupt { path: origin.to_path_buf(), reason });
@@ -102,7 +80,7 @@ fn decode_state(origin: &Path, data: &[u8]) -> Result<RegistryState, StoreError>
         image.nodes,
         image.placement_epoch,
         image.handoffs,
-        image.purged,
+        purged,
     ))
 }
 
@@ -393,17 +371,8 @@ mod tests {
         assert_eq!(decoded, state);
         assert!(decoded.is_purged("gone") && decoded.tenant("live").is_some());
 
-        #[derive(Serialize)]
-        struct V2 {
-            format_version: u32,
-            tenants: Vec<TenantRecord>,
-            admin_key_hash: Option<String>,
-            nodes: Vec<NodeRecord>,
-            placement_epoch: u64,
-            handoffs: Vec<Handoff>,
-        }
         let tenants: Vec<TenantRecord> = state.tenants().cloned().collect();
-        let v2 = |format_version| V2 {
+        let v2 = |format_version| StateImage {
             format_version,
             tenants: tenants.clone(),
             admin_key_hash: None,
