@@ -19,7 +19,12 @@ const PER_CREATOR: usize = 100;
 
 fn add(base: &str, admin: &str, id: &str) -> Duration {
     let started = Instant::now();
-    let r = http().post(format!("{base}/admin/tenants/add")).bearer_auth(admin).json(&serde_json::json!({"tenant_id": id})).send().unwrap();
+    let r = http()
+        .post(format!("{base}/admin/tenants/add"))
+        .bearer_auth(admin)
+        .json(&serde_json::json!({"tenant_id": id}))
+        .send()
+        .unwrap();
     assert_eq!(r.status().as_u16(), 201, "{id}");
     started.elapsed()
 }
@@ -34,7 +39,8 @@ fn main() {
     for i in 0..20 {
         add(&base, &admin, &format!("warm{i}"));
     }
-    let mut lat: Vec<Duration> = (0..SEQUENTIAL).map(|i| add(&base, &admin, &format!("seq{i}"))).collect();
+    let mut lat: Vec<Duration> =
+        (0..SEQUENTIAL).map(|i| add(&base, &admin, &format!("seq{i}"))).collect();
     lat.sort();
     println!(
         "tenant creation, one at a time ({SEQUENTIAL}): p50 {:?}, p90 {:?}, p99 {:?}, {:.0} commits/s",

@@ -160,18 +160,32 @@ fn tenant_path(id: &str) -> String {
 fn execute(client: &AdminClient, command: &AdminCommand) -> anyhow::Result<(Value, Shape)> {
     Ok(match command {
         AdminCommand::Tenants(TenantsCommand::Add { id, tier, quota_mb, email }) => {
-            let body = json!({"tenant_id": id, "tier": tier, "quota_mb": quota_mb, "admin_email": email});
+            let body =
+                json!({"tenant_id": id, "tier": tier, "quota_mb": quota_mb, "admin_email": email});
             (client.post("/api/v2/admin/tenants/add", &without_nulls(body))?, Shape::Added)
         }
-        AdminCommand::Tenants(TenantsCommand::List) => (client.get("/api/v2/admin/tenants")?, Shape::TenantList),
-        AdminCommand::Tenants(TenantsCommand::Stats { id }) => (client.get(&format!("{}/stats", tenant_path(id)))?, Shape::Stats),
-        AdminCommand::Tenants(TenantsCommand::Set { id, tier, quota_mb, daily_limit, enable, disable }) => {
+        AdminCommand::Tenants(TenantsCommand::List) => {
+            (client.get("/api/v2/admin/tenants")?, Shape::TenantList)
+        }
+        AdminCommand::Tenants(TenantsCommand::Stats { id }) => {
+            (client.get(&format!("{}/stats", tenant_path(id)))?, Shape::Stats)
+        }
+        AdminCommand::Tenants(TenantsCommand::Set {
+            id,
+            tier,
+            quota_mb,
+            daily_limit,
+            enable,
+            disable,
+        }) => {
             let enabled = match (enable, disable) {
                 (true, _) => Some(true),
                 (_, true) => Some(false),
                 _ => None,
             };
-            let body = without_nulls(json!({"tier": tier, "quota_mb": quota_mb, "daily_limit": daily_limit, "enabled": enabled}));
+            let body = without_nulls(
+                json!({"tier": tier, "quota_mb": quota_mb, "daily_limit": daily_limit, "enabled": enabled}),
+            );
             if body.as_object().is_some_and(|o| o.is_empty()) {
                 bail!("nothing to change: give --tier, --quota-mb, --daily-limit, --enable or --disable");
             }
@@ -180,15 +194,21 @@ fn execute(client: &AdminClient, command: &AdminCommand) -> anyhow::Result<(Valu
         AdminCommand::Tenants(TenantsCommand::RotateKey { id }) => {
             (client.post(&format!("{}/rotate-key", tenant_path(id)), &json!({}))?, Shape::Rotated)
         }
-        AdminCommand::Tenants(TenantsCommand::Delete { id }) => (client.delete(&tenant_path(id))?, Shape::Deleted),
+        AdminCommand::Tenants(TenantsCommand::Delete { id }) => {
+            (client.delete(&tenant_path(id))?, Shape::Deleted)
+        }
         AdminCommand::Tenants(TenantsCommand::Purge { id, yes }) => {
             if !yes {
                 bail!("purging tenant {id} destroys its data and cannot be undone; add --yes to go on");
             }
             (client.post(&format!("{}/purge", tenant_path(id)), &json!({}))?, Shape::Purged)
         }
-        AdminCommand::Cluster(ClusterCommand::Health) => (client.get("/api/v2/admin/health")?, Shape::Health),
-        AdminCommand::Cluster(ClusterCommand::Nodes) | AdminCommand::Nodes => (client.get("/api/v2/admin/nodes")?, Shape::Nodes),
+        AdminCommand::Cluster(ClusterCommand::Health) => {
+            (client.get("/api/v2/admin/health")?, Shape::Health)
+        }
+        AdminCommand::Cluster(ClusterCommand::Nodes) | AdminCommand::Nodes => {
+            (client.get("/api/v2/admin/nodes")?, Shape::Nodes)
+        }
     })
 }
 
@@ -247,7 +267,8 @@ fn stats(v: &Value) -> String {
 
 fn health(v: &Value) -> String {
     let raft = &v["raft"];
-    let ring: Vec<String> = v["ring"].as_array().map(|a| a.iter().map(cell).collect()).unwrap_or_default();
+    let ring: Vec<String> =
+        v["ring"].as_array().map(|a| a.iter().map(cell).collect()).unwrap_or_default();
     format!(
         "answered by node {}\nraft: leader {}, term {}, commit index {}\nplacement epoch {}, ring [{}]\n\n{}",
         cell(&v["node"]),
@@ -294,11 +315,15 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     }
     lines.extend(rows.iter().cloned());
     let columns = lines.iter().map(Vec::len).max().unwrap_or(0);
-    let widths: Vec<usize> =
-        (0..columns).map(|i| lines.iter().filter_map(|l| l.get(i)).map(|c| c.chars().count()).max().unwrap_or(0)).collect();
+    let widths: Vec<usize> = (0..columns)
+        .map(|i| {
+            lines.iter().filter_map(|l| l.get(i)).map(|c| c.chars().count()).max().unwrap_or(0)
+        })
+        .collect();
     let mut out = String::new();
     for line in &lines {
-        let cells: Vec<String> = line.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        let cells: Vec<String> =
+            line.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }

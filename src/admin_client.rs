@@ -23,17 +23,26 @@ impl AdminClient {
                 builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
             }
         }
-        Ok(AdminClient { base: base.trim_end_matches('/').to_string(), key: key.to_string(), http: builder.build()? })
+        Ok(AdminClient {
+            base: base.trim_end_matches('/').to_string(),
+            key: key.to_string(),
+            http: builder.build()?,
+        })
     }
 
-    fn send(&self, request: reqwest::blocking::RequestBuilder) -> anyhow::Result<serde_json::Value> {
-        let response = request.bearer_auth(&self.key).send().context("sending the admin request")?;
+    fn send(
+        &self,
+        request: reqwest::blocking::RequestBuilder,
+    ) -> anyhow::Result<serde_json::Value> {
+        let response =
+            request.bearer_auth(&self.key).send().context("sending the admin request")?;
         let status = response.status();
         let text = response.text().unwrap_or_default();
         if !status.is_success() {
             bail!("{status}: {}", text.trim());
         }
-        serde_json::from_str(&text).with_context(|| format!("the gateway answered non-JSON: {text}"))
+        serde_json::from_str(&text)
+            .with_context(|| format!("the gateway answered non-JSON: {text}"))
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {

@@ -85,7 +85,9 @@ impl Proc {
 /// deleted file, and a child restarted from it would fail to start.
 fn exe() -> anyhow::Result<&'static Path> {
     static EXE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
-    EXE.get_or_init(|| std::env::current_exe().ok()).as_deref().context("locating the sq-cloud binary")
+    EXE.get_or_init(|| std::env::current_exe().ok())
+        .as_deref()
+        .context("locating the sq-cloud binary")
 }
 
 fn free_udp_port() -> anyhow::Result<u16> {
@@ -98,8 +100,14 @@ pub fn run(config: DevConfig) -> anyhow::Result<()> {
         bail!("--nodes must be at least 1");
     }
     exe()?;
-    std::fs::create_dir_all(&config.data).with_context(|| format!("creating {}", config.data.display()))?;
-    let tenants_file = config.tenants_file.as_deref().map(std::path::absolute).transpose().context("resolving --tenants-file")?;
+    std::fs::create_dir_all(&config.data)
+        .with_context(|| format!("creating {}", config.data.display()))?;
+    let tenants_file = config
+        .tenants_file
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()
+        .context("resolving --tenants-file")?;
     let data = config.data.canonicalize()?;
     let json_path = data.join("dev.json");
     let previous: Option<DevJson> = match std::fs::read(&json_path) {
@@ -108,7 +116,12 @@ pub fn run(config: DevConfig) -> anyhow::Result<()> {
     };
     if let Some(p) = &previous {
         if p.nodes.len() != config.nodes {
-            bail!("{} holds a {}-node cluster; run with --nodes {}", data.display(), p.nodes.len(), p.nodes.len());
+            bail!(
+                "{} holds a {}-node cluster; run with --nodes {}",
+                data.display(),
+                p.nodes.len(),
+                p.nodes.len()
+            );
         }
     }
     // Refuse early if the HTTP port is taken: a clear error beats a gateway crash loop.
@@ -146,7 +159,11 @@ pub fn run(config: DevConfig) -> anyhow::Result<()> {
     write_gateway_config(&gateway_toml, &config, &certs, &nodes, threads)?;
     let mut procs = Vec::new();
     for n in &nodes {
-        let args = vec!["node".into(), "--config".into(), n.data_dir.join("node.toml").display().to_string()];
+        let args = vec![
+            "node".into(),
+            "--config".into(),
+            n.data_dir.join("node.toml").display().to_string(),
+        ];
         procs.push(Proc::start(&format!("node-{}", n.id), args, &data)?);
     }
     let gw_args = vec!["gateway".into(), "--config".into(), gateway_toml.display().to_string()];
@@ -158,7 +175,9 @@ pub fn run(config: DevConfig) -> anyhow::Result<()> {
         Ok(k) => k,
         Err(e) => {
             stop_all(&mut procs);
-            return Err(e.context(format!("the cluster did not come up; logs are in {}", data.display())));
+            return Err(
+                e.context(format!("the cluster did not come up; logs are in {}", data.display()))
+            );
         }
     };
     for (n, p) in nodes.iter_mut().zip(&procs) {
@@ -185,7 +204,13 @@ fn worker_threads_each(processes: usize) -> usize {
     (cores / processes.max(1)).max(1)
 }
 
-fn write_gateway_config(path: &Path, config: &DevConfig, certs: &Path, nodes: &[DevNode], threads: usize) -> anyhow::Result<()> {
+fn write_gateway_config(
+    path: &Path,
+    config: &DevConfig,
+    certs: &Path,
+    nodes: &[DevNode],
+    threads: usize,
+) -> anyhow::Result<()> {
     let mut tls = String::new();
     if config.tls {
         transport::certs::issue_https(certs, "https")?;
@@ -224,7 +249,13 @@ fn print_banner(dev: &DevJson, json_path: &Path) {
 }
 
 /// Waits for the gateway, joins nodes 2..N, and makes the demo tenant. Returns the demo key.
-fn bring_up(url: &str, admin_key: &str, nodes: &[DevNode], previous: Option<&DevJson>, data: &Path) -> anyhow::Result<String> {
+fn bring_up(
+    url: &str,
+    admin_key: &str,
+    nodes: &[DevNode],
+    previous: Option<&DevJson>,
+    data: &Path,
+) -> anyhow::Result<String> {
     let admin = crate::admin_client::AdminClient::new(url, admin_key, data.join("certs/ca.pem"))?;
     let deadline = Instant::now() + STARTUP_TIMEOUT;
     while admin.get("/api/v2/admin/nodes").is_err() {
@@ -235,19 +266,32 @@ fn bring_up(url: &str, admin_key: &str, nodes: &[DevNode], previous: Option<&Dev
     }
     for n in nodes.iter().skip(1) {
         let listed = admin.get("/api/v2/admin/nodes")?;
-        let member = listed.as_array().is_some_and(|a| a.iter().any(|x| x["id"] == n.id && x["state"] == "active"));
+        let member = listed
+            .as_array()
+            .is_some_and(|a| a.iter().any(|x| x["id"] == n.id && x["state"] == "active"));
         if !member {
-            admin.post("/api/v2/admin/nodes", &serde_json::json!({"id": n.id, "addr": n.addr.to_string()}))?;
+            admin.post(
+                "/api/v2/admin/nodes",
+                &serde_json::json!({"id": n.id, "addr": n.addr.to_string()}),
+            )?;
         }
     }
     if let Some(p) = previous {
         return Ok(p.demo_key.clone());
     }
-    let answer = admin.post("/api/v2/admin/tenants/add", &serde_json::json!({"tenant_id": DEMO_TENANT, "tier": "pro"}))?;
+    let answer = admin.post(
+        "/api/v2/admin/tenants/add",
+        &serde_json::json!({"tenant_id": DEMO_TENANT, "tier": "pro"}),
+    )?;
     answer["api_key"].as_str().map(str::to_string).context("the gateway answered no api_key")
 }
 
-fn supervise(procs: &mut [Proc], nodes: &mut [DevNode], json_path: &Path, mut dev: DevJson) -> anyhow::Result<()> {
+fn supervise(
+    procs: &mut [Proc],
+    nodes: &mut [DevNode],
+    json_path: &Path,
+    mut dev: DevJson,
+) -> anyhow::Result<()> {
     let stop = crate::signals::install()?;
     loop {
         if stop.load(std::sync::atomic::Ordering::SeqCst) {

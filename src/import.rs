@@ -87,7 +87,12 @@ pub fn run(config: ImportConfig) -> anyhow::Result<()> {
     if !proto::auth::valid_tenant_id(&config.tenant) {
         bail!("{:?} is not a tenant id: [a-z0-9][a-z0-9-]{{0,62}}", config.tenant);
     }
-    let target = Target::resolve(config.dev.as_deref(), config.url.clone(), config.admin_key.clone(), config.ca.clone())?;
+    let target = Target::resolve(
+        config.dev.as_deref(),
+        config.url.clone(),
+        config.admin_key.clone(),
+        config.ca.clone(),
+    )?;
     let key = tenant_key(&config, &target)?;
     let sources = check_dir(&config.dir)?;
     let http = http_client(target.ca_pem()?.as_deref(), REQUEST_TIMEOUT)?;
@@ -100,7 +105,8 @@ pub fn run(config: ImportConfig) -> anyhow::Result<()> {
     let mut totals = Totals::default();
     for source in &sources {
         bar.set_message(source.name.to_string());
-        import_one(&api, source, &bar, &mut totals).with_context(|| format!("importing {}", source.path.display()))?;
+        import_one(&api, source, &bar, &mut totals)
+            .with_context(|| format!("importing {}", source.path.display()))?;
     }
     bar.finish_and_clear();
     println!(
@@ -123,8 +129,14 @@ fn tenant_key(config: &ImportConfig, target: &Target) -> anyhow::Result<String> 
 /// With an admin key at hand, checks that the tenant exists and is active before writing.
 fn check_tenant(tenant: &str, target: &Target) -> anyhow::Result<()> {
     let Some(admin_key) = &target.admin_key else { return Ok(()) };
-    let admin = crate::admin_client::AdminClient::new(&target.url, admin_key, target.ca.clone().unwrap_or_default())?;
-    let record = admin.get(&format!("/api/v2/admin/tenants/{}", encode_query_value(tenant))).with_context(|| format!("looking up tenant {tenant}"))?;
+    let admin = crate::admin_client::AdminClient::new(
+        &target.url,
+        admin_key,
+        target.ca.clone().unwrap_or_default(),
+    )?;
+    let record = admin
+        .get(&format!("/api/v2/admin/tenants/{}", encode_query_value(tenant)))
+        .with_context(|| format!("looking up tenant {tenant}"))?;
     if record["status"] != "active" {
         bail!("tenant {tenant} is {}, not active", record["status"]);
     }
@@ -156,8 +168,12 @@ fn check_dir(dir: &Path) -> anyhow::Result<Vec<Source>> {
 /// Reads one file as a phext: its name from the file stem, its document from its bytes.
 fn read_source(path: &Path) -> anyhow::Result<(PhextName, Doc)> {
     let shown = path.display();
-    let stem = path.file_stem().and_then(|s| s.to_str()).with_context(|| format!("{shown}: the file name is not UTF-8"))?;
-    let name = PhextName::parse(stem).map_err(|_| anyhow::anyhow!("{shown}: {stem:?} is not a valid phext name"))?;
+    let stem = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .with_context(|| format!("{shown}: the file name is not UTF-8"))?;
+    let name = PhextName::parse(stem)
+        .map_err(|_| anyhow::anyhow!("{shown}: {stem:?} is not a valid phext name"))?;
     let size = std::fs::metadata(path).with_context(|| format!("reading {shown}"))?.len();
     if size > FILE_MAX_BYTES {
         bail!("{shown}: {size} bytes is over the import limit of {FILE_MAX_BYTES}");
@@ -165,7 +181,11 @@ fn read_source(path: &Path) -> anyhow::Result<(PhextName, Doc)> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {shown}"))?;
     let doc = Doc::parse(&bytes).map_err(|e| anyhow::anyhow!("{shown}: not valid phext: {e}"))?;
     if let Some((c, text)) = doc.iter().find(|(_, t)| t.len() > proto::request::BODY_MAX_BYTES) {
-        bail!("{shown}: the scroll at {c} holds {} bytes, over the {} a request may carry", text.len(), proto::request::BODY_MAX_BYTES);
+        bail!(
+            "{shown}: the scroll at {c} holds {} bytes, over the {} a request may carry",
+            text.len(),
+            proto::request::BODY_MAX_BYTES
+        );
     }
     Ok((name, doc))
 }
@@ -178,23 +198,39 @@ struct Api {
 
 impl Api {
     /// Sends one request, waiting out short 429s and 503s; anything else but 200 is an error.
-    fn call(&self, method: reqwest::Method, route: &str, p: &PhextName, c: Option<&Coordinate>, body: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    fn call(
+        &self,
+        method: reqwest::Method,
+        route: &str,
+        p: &PhextName,
+        c: Option<&Coordinate>,
+        body: Option<&str>,
+    ) -> anyhow::Result<Vec<u8>> {
         let mut url = format!("{}/{route}?p={}", self.base, encode_query_value(p.as_str()));
         if let Some(c) = c {
             url.push_str(&format!("&c={c}"));
         }
         for _ in 0..=RETRIES_MAX {
-            let mut request = self.http.request(method.clone(), &url).header("authorization", &self.auth);
+            let mut request =
+                self.http.request(method.clone(), &url).header("authorization", &self.auth);
             if let Some(b) = body {
                 request = request.body(b.to_string());
             }
             let response = request.send().with_context(|| format!("{route} {p}"))?;
             let status = response.status().as_u16();
-            let retry_after_s = response.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-            let answer = response.bytes().with_context(|| format!("{route} {p}: reading the answer"))?.to_vec();
+            let retry_after_s = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+            let answer = response
+                .bytes()
+                .with_context(|| format!("{route} {p}: reading the answer"))?
+                .to_vec();
             match (status, retry_after_s) {
                 (200, _) => return Ok(answer),
-                (429 | 503, Some(s)) if s <= RETRY_AFTER_MAX_S => std::thread::sleep(Duration::from_secs(s)),
+                (429 | 503, Some(s)) if s <= RETRY_AFTER_MAX_S => {
+                    std::thread::sleep(Duration::from_secs(s))
+                }
                 (503, None) => std::thread::sleep(RETRY_PAUSE),
                 _ => bail!("{route} {p}: {status} {}", String::from_utf8_lossy(&answer).trim()),
             }
@@ -204,7 +240,12 @@ impl Api {
 }
 
 /// Makes the tenant's document equal to the file, then checks the checksum.
-fn import_one(api: &Api, source: &Source, bar: &ProgressBar, totals: &mut Totals) -> anyhow::Result<()> {
+fn import_one(
+    api: &Api,
+    source: &Source,
+    bar: &ProgressBar,
+    totals: &mut Totals,
+) -> anyhow::Result<()> {
     // Read again: the file is imported as it is now, and checked again as it is read.
     let (_, local) = read_source(&source.path)?;
     let expected = proto::ops::doc_checksum(&local);
@@ -214,7 +255,8 @@ fn import_one(api: &Api, source: &Source, bar: &ProgressBar, totals: &mut Totals
         bar.inc(local.scroll_count() as u64);
         return Ok(());
     }
-    let remote = Doc::parse(&api.call(reqwest::Method::GET, "get", p, None, None)?).context("the tenant's copy is not valid phext")?;
+    let remote = Doc::parse(&api.call(reqwest::Method::GET, "get", p, None, None)?)
+        .context("the tenant's copy is not valid phext")?;
     let mut writes: Vec<(Coordinate, Option<&str>)> = Vec::new();
     for (c, text) in local.iter() {
         if remote.get(c) != text {
@@ -223,13 +265,17 @@ fn import_one(api: &Api, source: &Source, bar: &ProgressBar, totals: &mut Totals
             bar.inc(1);
         }
     }
-    let extra: Vec<_> = remote.iter().filter(|(c, _)| local.get(c).is_empty()).map(|(c, _)| (*c, None)).collect();
+    let extra: Vec<_> =
+        remote.iter().filter(|(c, _)| local.get(c).is_empty()).map(|(c, _)| (*c, None)).collect();
     bar.inc_length(extra.len() as u64);
     writes.extend(extra);
     write_all(api, p, &writes, bar)?;
     let got = api.call(reqwest::Method::GET, "checksum", p, None, None)?;
     if got != expected.as_bytes() {
-        bail!("checksum after import is {}, the file's is {expected}: was {p} written to meanwhile?", String::from_utf8_lossy(&got));
+        bail!(
+            "checksum after import is {}, the file's is {expected}: was {p} written to meanwhile?",
+            String::from_utf8_lossy(&got)
+        );
     }
     totals.imported += 1;
     totals.written += writes.iter().filter(|(_, t)| t.is_some()).count();
@@ -238,7 +284,12 @@ fn import_one(api: &Api, source: &Source, bar: &ProgressBar, totals: &mut Totals
 }
 
 /// Sends the writes over [`IMPORT_CONNECTIONS`] threads; the first error stops them all.
-fn write_all(api: &Api, p: &PhextName, writes: &[(Coordinate, Option<&str>)], bar: &ProgressBar) -> anyhow::Result<()> {
+fn write_all(
+    api: &Api,
+    p: &PhextName,
+    writes: &[(Coordinate, Option<&str>)],
+    bar: &ProgressBar,
+) -> anyhow::Result<()> {
     let next = AtomicUsize::new(0);
     let failed = AtomicBool::new(false);
     std::thread::scope(|s| {
@@ -246,9 +297,14 @@ fn write_all(api: &Api, p: &PhextName, writes: &[(Coordinate, Option<&str>)], ba
             .map(|_| {
                 s.spawn(|| -> anyhow::Result<()> {
                     while !failed.load(Ordering::SeqCst) {
-                        let Some((c, text)) = writes.get(next.fetch_add(1, Ordering::SeqCst)) else { return Ok(()) };
+                        let Some((c, text)) = writes.get(next.fetch_add(1, Ordering::SeqCst))
+                        else {
+                            return Ok(());
+                        };
                         let result = match text {
-                            Some(t) => api.call(reqwest::Method::POST, "update", p, Some(c), Some(t)),
+                            Some(t) => {
+                                api.call(reqwest::Method::POST, "update", p, Some(c), Some(t))
+                            }
                             None => api.call(reqwest::Method::GET, "delete", p, Some(c), None),
                         };
                         if let Err(e) = result {
@@ -261,6 +317,8 @@ fn write_all(api: &Api, p: &PhextName, writes: &[(Coordinate, Option<&str>)], ba
                 })
             })
             .collect();
-        workers.into_iter().try_for_each(|w| w.join().map_err(|_| anyhow::anyhow!("an import worker panicked"))?)
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().map_err(|_| anyhow::anyhow!("an import worker panicked"))?)
     })
 }

@@ -17,7 +17,11 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "sq-cloud", version, about = "A hosted, clustered SQ: the phext database for many tenants")]
+#[command(
+    name = "sq-cloud",
+    version,
+    about = "A hosted, clustered SQ: the phext database for many tenants"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -98,13 +102,19 @@ enum CertsCommand {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
@@ -134,10 +144,11 @@ where
         let shutdown = CancellationToken::new();
         let trigger = shutdown.clone();
         tokio::spawn(async move {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => return tracing::error!(error = %e, "cannot watch SIGTERM"),
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => return tracing::error!(error = %e, "cannot watch SIGTERM"),
+                };
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
@@ -151,7 +162,9 @@ where
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Dev { nodes, data, listen, tls, tenants_file } => dev::run(dev::DevConfig { nodes, data, listen, tls, tenants_file }),
+        Command::Dev { nodes, data, listen, tls, tenants_file } => {
+            dev::run(dev::DevConfig { nodes, data, listen, tls, tenants_file })
+        }
         Command::Admin(args) => admin::run(args),
         Command::Node { config } => {
             init_tracing();
@@ -182,6 +195,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Bench(args) => bench::run(args.into_config()?),
         Command::Import(config) => import::run(config),
-        Command::StoreWriter { data, tenant, seed } => node::store::crash_writer(&data, &tenant, seed),
+        Command::StoreWriter { data, tenant, seed } => {
+            node::store::crash_writer(&data, &tenant, seed)
+        }
     }
 }

@@ -19,7 +19,12 @@ pub struct Target {
 
 impl Target {
     /// From `--dev DIR` (its dev.json) or `--url`, with flags overriding what dev.json says.
-    pub fn resolve(dev: Option<&Path>, url: Option<String>, admin_key: Option<String>, ca: Option<PathBuf>) -> anyhow::Result<Target> {
+    pub fn resolve(
+        dev: Option<&Path>,
+        url: Option<String>,
+        admin_key: Option<String>,
+        ca: Option<PathBuf>,
+    ) -> anyhow::Result<Target> {
         let mut target = match dev {
             Some(dir) => Target::from_dev(dir)?,
             None => Target { url: String::new(), admin_key: None, demo: None, ca: None },
@@ -38,8 +43,15 @@ impl Target {
 
     fn from_dev(dir: &Path) -> anyhow::Result<Target> {
         let path = dir.join("dev.json");
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {} (is `sq-cloud dev --data {}` running?)", path.display(), dir.display()))?;
-        let dev: crate::dev::DevJson = serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))?;
+        let bytes = std::fs::read(&path).with_context(|| {
+            format!(
+                "reading {} (is `sq-cloud dev --data {}` running?)",
+                path.display(),
+                dir.display()
+            )
+        })?;
+        let dev: crate::dev::DevJson = serde_json::from_slice(&bytes)
+            .with_context(|| format!("parsing {}", path.display()))?;
         let ca = dir.join("certs").join(transport::certs::CA_CERT_FILE);
         Ok(Target {
             url: dev.gateway_url,
@@ -58,7 +70,9 @@ impl Target {
     pub fn ca_pem(&self) -> anyhow::Result<Option<Vec<u8>>> {
         match &self.ca {
             None => Ok(None),
-            Some(p) => std::fs::read(p).map(Some).with_context(|| format!("reading the CA certificate {}", p.display())),
+            Some(p) => std::fs::read(p)
+                .map(Some)
+                .with_context(|| format!("reading the CA certificate {}", p.display())),
         }
     }
 }
@@ -87,10 +101,15 @@ pub fn encode_query_value(value: &str) -> String {
 }
 
 /// A reqwest client for setup work (admin calls, import), trusting `ca` for HTTPS if given.
-pub fn http_client(ca_pem: Option<&[u8]>, timeout: std::time::Duration) -> anyhow::Result<reqwest::blocking::Client> {
+pub fn http_client(
+    ca_pem: Option<&[u8]>,
+    timeout: std::time::Duration,
+) -> anyhow::Result<reqwest::blocking::Client> {
     let mut builder = reqwest::blocking::Client::builder().timeout(timeout);
     if let Some(pem) = ca_pem {
-        builder = builder.add_root_certificate(reqwest::Certificate::from_pem(pem).context("the CA certificate is not PEM")?);
+        builder = builder.add_root_certificate(
+            reqwest::Certificate::from_pem(pem).context("the CA certificate is not PEM")?,
+        );
     }
     builder.build().context("building the HTTP client")
 }

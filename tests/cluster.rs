@@ -8,7 +8,14 @@ use std::time::{Duration, Instant};
 use common::{get, http, run_conformance, DevCluster};
 
 fn cases() -> serde_json::Value {
-    serde_json::from_slice(&std::fs::read(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/conformance-public.json")).unwrap()).unwrap()
+    serde_json::from_slice(
+        &std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/conformance-public.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap()
 }
 
 // Goal: every public SQ conformance case passes through gateway → QUIC → node, with a fresh
@@ -24,10 +31,16 @@ fn conformance_isolation_and_keys() {
     assert!(passed > 60, "only {passed} steps ran");
 
     let sqconf = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/sq-api/sqconf.py");
-    if std::path::Path::new(sqconf).exists() && std::process::Command::new("python3").arg("--version").output().is_ok() {
+    if std::path::Path::new(sqconf).exists()
+        && std::process::Command::new("python3").arg("--version").output().is_ok()
+    {
         let key2 = cluster.add_tenant("conf-py", serde_json::json!({}));
-        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/conformance-public.json");
-        let out = std::process::Command::new("python3").args([sqconf, "check", &base, &key2, fixture]).output().unwrap();
+        let fixture =
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/conformance-public.json");
+        let out = std::process::Command::new("python3")
+            .args([sqconf, "check", &base, &key2, fixture])
+            .output()
+            .unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "sqconf.py failed:\n{text}");
         assert!(text.contains(" passed, 0 failed"), "{text}");
@@ -36,8 +49,14 @@ fn conformance_isolation_and_keys() {
     // Isolation: two tenants write the same p and c; each reads only its own.
     let a = cluster.add_tenant("iso-a", serde_json::json!({}));
     let b = cluster.add_tenant("iso-b", serde_json::json!({}));
-    assert_eq!(get(&base, &a, "/update?p=same&c=1.1.1/1.1.1/1.1.1&s=from-a"), (200, "Updated 6 bytes".into()));
-    assert_eq!(get(&base, &b, "/update?p=same&c=1.1.1/1.1.1/1.1.1&s=from-b"), (200, "Updated 6 bytes".into()));
+    assert_eq!(
+        get(&base, &a, "/update?p=same&c=1.1.1/1.1.1/1.1.1&s=from-a"),
+        (200, "Updated 6 bytes".into())
+    );
+    assert_eq!(
+        get(&base, &b, "/update?p=same&c=1.1.1/1.1.1/1.1.1&s=from-b"),
+        (200, "Updated 6 bytes".into())
+    );
     assert_eq!(get(&base, &a, "/select?p=same&c=1.1.1/1.1.1/1.1.1"), (200, "from-a".into()));
     assert_eq!(get(&base, &b, "/select?p=same&c=1.1.1/1.1.1/1.1.1"), (200, "from-b".into()));
     // Whatever a tenant names, it never reaches the other's files.
@@ -65,7 +84,11 @@ fn conformance_isolation_and_keys() {
     }
 
     // Rotation: the old key is refused at once by this gateway, the new key works.
-    let r = http().post(format!("{base}/admin/tenants/iso-a/rotate-key")).bearer_auth(cluster.admin_key()).send().unwrap();
+    let r = http()
+        .post(format!("{base}/admin/tenants/iso-a/rotate-key"))
+        .bearer_auth(cluster.admin_key())
+        .send()
+        .unwrap();
     assert_eq!(r.status().as_u16(), 200);
     let rotated: serde_json::Value = r.json().unwrap();
     let new_key = rotated["api_key"].as_str().unwrap().to_string();
@@ -93,7 +116,8 @@ fn restart_keeps_everything() {
     for i in 0..6 {
         let key = cluster.add_tenant(&format!("keep-{i}"), serde_json::json!({}));
         for s in 1..=5 {
-            let (status, _) = get(&base, &key, &format!("/update?p=doc&c=1.1.1/1.1.1/1.1.{s}&s=t{i}-s{s}"));
+            let (status, _) =
+                get(&base, &key, &format!("/update?p=doc&c=1.1.1/1.1.1/1.1.{s}&s=t{i}-s{s}"));
             assert_eq!(status, 200);
         }
         let doc = get(&base, &key, "/get?p=doc").1;

@@ -9,7 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{admin, free_udp_port, get, http, node_counts, pending_handoffs, settle, start_node, DevCluster};
+use common::{
+    admin, free_udp_port, get, http, node_counts, pending_handoffs, settle, start_node, DevCluster,
+};
 
 const TENANTS: usize = 300;
 const WRITERS: usize = 6;
@@ -38,7 +40,10 @@ fn writer(base: String, tenants: Arc<Vec<Tenant>>, index: usize, stop: Arc<Atomi
             }
             seq += 1;
             let tag = seq * 100 + i as u64 % 100;
-            let r = client.get(format!("{base}/insert?p=log&c=1.1.1/1.1.1/1.1.1&s=%5B{tag}%5D")).bearer_auth(&t.key).send();
+            let r = client
+                .get(format!("{base}/insert?p=log&c=1.1.1/1.1.1/1.1.1&s=%5B{tag}%5D"))
+                .bearer_auth(&t.key)
+                .send();
             let status = r.map(|r| r.status().as_u16()).unwrap_or(0);
             let mut log = t.log.lock().unwrap();
             if status == 200 {
@@ -57,7 +62,10 @@ fn join_drain_and_crash_under_load() {
     let cluster = DevCluster::start(3);
     let base = cluster.url();
     let tenants: Vec<Tenant> = (0..TENANTS)
-        .map(|i| Tenant { key: cluster.add_tenant(&format!("h{i:03}"), serde_json::json!({"tier": "team"})), log: Mutex::default() })
+        .map(|i| Tenant {
+            key: cluster.add_tenant(&format!("h{i:03}"), serde_json::json!({"tier": "team"})),
+            log: Mutex::default(),
+        })
         .collect();
     let tenants = Arc::new(tenants);
     let stop = Arc::new(AtomicBool::new(false));
@@ -74,7 +82,12 @@ fn join_drain_and_crash_under_load() {
     let port4 = free_udp_port();
     let mut node4 = start_node(&cluster, 4, port4);
     let before = node_counts(&cluster);
-    let (status, body) = admin(&cluster, reqwest::Method::POST, "/admin/nodes", Some(serde_json::json!({"id": 4, "addr": format!("127.0.0.1:{port4}")})));
+    let (status, body) = admin(
+        &cluster,
+        reqwest::Method::POST,
+        "/admin/nodes",
+        Some(serde_json::json!({"id": 4, "addr": format!("127.0.0.1:{port4}")})),
+    );
     assert_eq!(status, 200, "{body}");
     let join_took = settle(&cluster, "join");
     let after = node_counts(&cluster);
@@ -82,7 +95,11 @@ fn join_drain_and_crash_under_load() {
     let moved = after[&4].1 as f64 / total as f64;
     let mean = total as f64 / 4.0;
     let max = after.values().map(|(_, n)| *n).max().unwrap() as f64;
-    eprintln!("join: {before:?} -> {after:?}; moved {:.1}%, max/mean {:.3}, handoffs took {join_took:?}", moved * 100.0, max / mean);
+    eprintln!(
+        "join: {before:?} -> {after:?}; moved {:.1}%, max/mean {:.3}, handoffs took {join_took:?}",
+        moved * 100.0,
+        max / mean
+    );
     assert!(moved < 0.30, "{:.1}% of tenants moved", moved * 100.0);
     for (id, (_, n)) in &before {
         assert!(after[id].1 <= *n, "node {id} gained tenants when a node joined");
@@ -105,7 +122,12 @@ fn join_drain_and_crash_under_load() {
     let crash_started = Instant::now();
     let port5 = free_udp_port();
     let mut node5 = start_node(&cluster, 5, port5);
-    let (status, body) = admin(&cluster, reqwest::Method::POST, "/admin/nodes", Some(serde_json::json!({"id": 5, "addr": format!("127.0.0.1:{port5}")})));
+    let (status, body) = admin(
+        &cluster,
+        reqwest::Method::POST,
+        "/admin/nodes",
+        Some(serde_json::json!({"id": 5, "addr": format!("127.0.0.1:{port5}")})),
+    );
     assert_eq!(status, 200, "{body}");
     let _ = node5.kill();
     let _ = node5.wait();
@@ -113,7 +135,9 @@ fn join_drain_and_crash_under_load() {
     std::thread::sleep(Duration::from_millis(500));
     let mut node5 = start_node(&cluster, 5, port5);
     let crash_took = settle(&cluster, "crash and restart of the new owner");
-    eprintln!("crash: {left:?} handoffs pending at the kill; all done {crash_took:?} after the restart");
+    eprintln!(
+        "crash: {left:?} handoffs pending at the kill; all done {crash_took:?} after the restart"
+    );
 
     stop.store(true, Ordering::SeqCst);
     for w in writers {
@@ -161,14 +185,17 @@ fn verify(base: &str, tenants: &[Tenant], phases: &[(&str, Instant)]) {
         let mut at = 0;
         for tag in &log.acked {
             let token = format!("[{tag}]");
-            let found = scroll[at..].find(&token).unwrap_or_else(|| panic!("tenant {i}: acknowledged write {token} lost"));
+            let found = scroll[at..]
+                .find(&token)
+                .unwrap_or_else(|| panic!("tenant {i}: acknowledged write {token} lost"));
             at += found + token.len();
         }
     }
     let acked: usize = tenants.iter().map(|t| t.log.lock().unwrap().acked.len()).sum();
-    eprintln!("{acked} writes acknowledged and all present; {failed} refused with 503 during cut-overs");
+    eprintln!(
+        "{acked} writes acknowledged and all present; {failed} refused with 503 during cut-overs"
+    );
     for ((name, _), (pause, tenant)) in phases.iter().zip(&longest) {
         eprintln!("longest pause of one tenant during {name}: {pause:?} (tenant {tenant})");
     }
 }
-

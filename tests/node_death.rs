@@ -30,8 +30,13 @@ fn node_death_and_return() {
     for i in 0..15 {
         let id = format!("t{i}");
         let key = cluster.add_tenant(&id, serde_json::json!({"tier": "team"}));
-        let stats: serde_json::Value =
-            http().get(format!("{base}/admin/tenants/{id}/stats")).bearer_auth(&admin).send().unwrap().json().unwrap();
+        let stats: serde_json::Value = http()
+            .get(format!("{base}/admin/tenants/{id}/stats"))
+            .bearer_auth(&admin)
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
         tenants.push((id, key, stats["node"].as_u64().unwrap()));
     }
     let victim = 3u64;
@@ -49,7 +54,10 @@ fn node_death_and_return() {
             while !stop.load(Ordering::SeqCst) {
                 seq += 1;
                 let started = Instant::now();
-                let r = client.get(format!("{base}/insert?p=log&c=1.1.1/1.1.1/1.1.1&s=%5B{seq}%5D")).bearer_auth(&key).send();
+                let r = client
+                    .get(format!("{base}/insert?p=log&c=1.1.1/1.1.1/1.1.1&s=%5B{seq}%5D"))
+                    .bearer_auth(&key)
+                    .send();
                 let status = r.map(|r| r.status().as_u16()).unwrap_or(0);
                 let mut l = log.lock().unwrap();
                 if status == 200 {
@@ -64,11 +72,16 @@ fn node_death_and_return() {
     }
     // Let every writer get acknowledgements before the kill.
     wait_until(Duration::from_secs(20), || logs.iter().all(|l| l.lock().unwrap().acked.len() >= 3));
-    let pid = cluster.json["nodes"].as_array().unwrap().iter().find(|n| n["id"] == victim).unwrap()["pid"].as_i64().unwrap();
+    let pid = cluster.json["nodes"].as_array().unwrap().iter().find(|n| n["id"] == victim).unwrap()
+        ["pid"]
+        .as_i64()
+        .unwrap();
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     // The victim's tenants must fail and then recover once the supervisor restarts the node.
     let victims: Vec<usize> = (0..tenants.len()).filter(|&i| tenants[i].2 == victim).collect();
-    wait_until(Duration::from_secs(60), || victims.iter().all(|&i| logs[i].lock().unwrap().ok_after_errors));
+    wait_until(Duration::from_secs(60), || {
+        victims.iter().all(|&i| logs[i].lock().unwrap().ok_after_errors)
+    });
     stop.store(true, Ordering::SeqCst);
     for w in writers {
         w.join().unwrap();
@@ -92,7 +105,9 @@ fn node_death_and_return() {
         let mut at = 0;
         for seq in &l.acked {
             let token = format!("[{seq}]");
-            let found = scroll[at..].find(&token).unwrap_or_else(|| panic!("{id}: acknowledged write {token} lost"));
+            let found = scroll[at..]
+                .find(&token)
+                .unwrap_or_else(|| panic!("{id}: acknowledged write {token} lost"));
             at += found + token.len();
         }
     }

@@ -26,7 +26,11 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> (bool, String, String) {
         .envs(env.iter().copied())
         .output()
         .unwrap();
-    (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+    (
+        out.status.success(),
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+    )
 }
 
 /// Runs `sq-cloud admin --dev DIR ARGS --json`, which must succeed, and parses its output.
@@ -36,7 +40,8 @@ fn json(cluster: &DevCluster, args: &[&str]) -> serde_json::Value {
     all.push("--json");
     let (ok, out, err) = run(&all, &[]);
     assert!(ok, "admin {args:?} failed: {err}");
-    serde_json::from_str(&out).unwrap_or_else(|e| panic!("admin {args:?} printed no JSON ({e}): {out}"))
+    serde_json::from_str(&out)
+        .unwrap_or_else(|e| panic!("admin {args:?} printed no JSON ({e}): {out}"))
 }
 
 // Goal: every `sq-cloud admin` command (tenants add, list, stats, set, rotate-key, delete, purge;
@@ -48,72 +53,153 @@ fn admin_cli_json_and_tables() {
     let cluster = DevCluster::start(3);
     let base = cluster.url();
 
-    let added = json(&cluster, &["tenants", "add", "cli-a", "--tier", "pro", "--quota-mb", "3", "--email", "ops@example.com"]);
-    assert_eq!((added["tenant_id"].as_str(), added["tier"].as_str(), added["quota_mb"].as_u64()), (Some("cli-a"), Some("pro"), Some(3)));
+    let added = json(
+        &cluster,
+        &[
+            "tenants",
+            "add",
+            "cli-a",
+            "--tier",
+            "pro",
+            "--quota-mb",
+            "3",
+            "--email",
+            "ops@example.com",
+        ],
+    );
+    assert_eq!(
+        (added["tenant_id"].as_str(), added["tier"].as_str(), added["quota_mb"].as_u64()),
+        (Some("cli-a"), Some("pro"), Some(3))
+    );
     assert_eq!(added["status"], "active");
     let key = added["api_key"].as_str().unwrap().to_string();
     assert!(key.starts_with("pmb-v1-") && key.len() == 39, "{key}");
-    wait_for(APPLY_TIMEOUT, "the new key works", || (get(&base, &key, "/update?p=d&c=1.1.1/1.1.1/1.1.1&s=x").0 == 200).then_some(()));
+    wait_for(APPLY_TIMEOUT, "the new key works", || {
+        (get(&base, &key, "/update?p=d&c=1.1.1/1.1.1/1.1.1&s=x").0 == 200).then_some(())
+    });
 
     let listed = json(&cluster, &["tenants", "list"]);
-    let ids: Vec<&str> = listed.as_array().unwrap().iter().map(|t| t["tenant_id"].as_str().unwrap()).collect();
+    let ids: Vec<&str> =
+        listed.as_array().unwrap().iter().map(|t| t["tenant_id"].as_str().unwrap()).collect();
     assert!(ids.contains(&"cli-a") && ids.contains(&"demo"), "{ids:?}");
 
     let set = json(&cluster, &["tenants", "set", "cli-a", "--daily-limit", "7", "--quota-mb", "4"]);
-    assert_eq!((set["daily_limit"].as_u64(), set["quota_mb"].as_u64(), set["tier"].as_str()), (Some(7), Some(4), Some("pro")), "{set}");
+    assert_eq!(
+        (set["daily_limit"].as_u64(), set["quota_mb"].as_u64(), set["tier"].as_str()),
+        (Some(7), Some(4), Some("pro")),
+        "{set}"
+    );
 
     let stats = json(&cluster, &["tenants", "stats", "cli-a"]);
-    assert_eq!((stats["tenant_id"].as_str(), stats["quota_mb"].as_u64(), stats["api_calls_today"].as_u64()), (Some("cli-a"), Some(4), Some(1)), "{stats}");
-    assert!((1..=3).contains(&stats["node"].as_u64().unwrap()) && stats["last_active"].is_string(), "{stats}");
+    assert_eq!(
+        (
+            stats["tenant_id"].as_str(),
+            stats["quota_mb"].as_u64(),
+            stats["api_calls_today"].as_u64()
+        ),
+        (Some("cli-a"), Some(4), Some(1)),
+        "{stats}"
+    );
+    assert!(
+        (1..=3).contains(&stats["node"].as_u64().unwrap()) && stats["last_active"].is_string(),
+        "{stats}"
+    );
     let owner = stats["node"].as_u64().unwrap();
 
     let rotated = json(&cluster, &["tenants", "rotate-key", "cli-a"]);
     let new_key = rotated["api_key"].as_str().unwrap().to_string();
     assert_ne!(new_key, key);
-    assert_eq!(get(&base, &key, "/select?p=d&c=1.1.1/1.1.1/1.1.1").0, 401, "the old key still works");
-    wait_for(APPLY_TIMEOUT, "the rotated key works", || (get(&base, &new_key, "/select?p=d&c=1.1.1/1.1.1/1.1.1") == (200, "x".into())).then_some(()));
+    assert_eq!(
+        get(&base, &key, "/select?p=d&c=1.1.1/1.1.1/1.1.1").0,
+        401,
+        "the old key still works"
+    );
+    wait_for(APPLY_TIMEOUT, "the rotated key works", || {
+        (get(&base, &new_key, "/select?p=d&c=1.1.1/1.1.1/1.1.1") == (200, "x".into())).then_some(())
+    });
 
     let health = json(&cluster, &["cluster", "health"]);
-    assert!(health["raft"]["leader"].as_u64().is_some() && health["raft"]["term"].as_u64() >= Some(1), "{health}");
+    assert!(
+        health["raft"]["leader"].as_u64().is_some() && health["raft"]["term"].as_u64() >= Some(1),
+        "{health}"
+    );
     assert_eq!(health["ring"], serde_json::json!([1, 2, 3]));
     assert!(health["gossip"].as_array().unwrap().iter().all(|n| n["state"] == "alive"), "{health}");
     for args in [&["nodes"][..], &["cluster", "nodes"]] {
         let nodes = json(&cluster, args);
-        assert_eq!(nodes.as_array().unwrap().iter().filter(|n| n["state"] == "active").count(), 3, "{nodes}");
+        assert_eq!(
+            nodes.as_array().unwrap().iter().filter(|n| n["state"] == "active").count(),
+            3,
+            "{nodes}"
+        );
     }
 
     // From the environment, as a table.
     let url = cluster.json["gateway_url"].as_str().unwrap().to_string();
-    let env = [("SQ_CLOUD_URL", url.as_str()), ("SQ_CLOUD_ADMIN_KEY", cluster.json["admin_key"].as_str().unwrap())];
+    let env = [
+        ("SQ_CLOUD_URL", url.as_str()),
+        ("SQ_CLOUD_ADMIN_KEY", cluster.json["admin_key"].as_str().unwrap()),
+    ];
     let (ok, table, err) = run(&["tenants", "list"], &env);
     assert!(ok, "{err}");
     let mut lines = table.lines();
     assert!(lines.next().unwrap().starts_with("TENANT  TIER"), "{table}");
-    assert!(lines.any(|l| l.split_whitespace().collect::<Vec<_>>()[..3] == ["cli-a", "pro", "active"]), "{table}");
+    assert!(
+        lines.any(|l| l.split_whitespace().collect::<Vec<_>>()[..3] == ["cli-a", "pro", "active"]),
+        "{table}"
+    );
 
     let deleted = json(&cluster, &["tenants", "delete", "cli-a"]);
     assert_eq!(deleted["status"], "archived");
-    assert_eq!(get(&base, &new_key, "/select?p=d&c=1.1.1/1.1.1/1.1.1").0, 403, "a deleted tenant's key");
+    assert_eq!(
+        get(&base, &new_key, "/select?p=d&c=1.1.1/1.1.1/1.1.1").0,
+        403,
+        "a deleted tenant's key"
+    );
 
     // Purge: only with --yes, only an archived tenant; the owner deletes the data, the id is retired.
     let dev = cluster.dir.to_str().unwrap();
     let data = cluster.dir.join(format!("node-{owner}/store/tenants/cli-a"));
-    assert!(data.is_dir(), "the archived tenant's data is kept until the purge: {}", data.display());
+    assert!(
+        data.is_dir(),
+        "the archived tenant's data is kept until the purge: {}",
+        data.display()
+    );
     let (ok, _, err) = run(&["tenants", "purge", "cli-a", "--dev", dev], &[]);
     assert!(!ok && err.contains("--yes"), "{err}");
     let (ok, _, err) = run(&["tenants", "purge", "demo", "--yes", "--dev", dev], &[]);
-    assert!(!ok && err.contains("409") && err.contains("archive"), "an active tenant was purged: {err}");
+    assert!(
+        !ok && err.contains("409") && err.contains("archive"),
+        "an active tenant was purged: {err}"
+    );
     let purged = json(&cluster, &["tenants", "purge", "cli-a", "--yes"]);
-    assert_eq!((purged["tenant_id"].as_str(), purged["status"].as_str()), (Some("cli-a"), Some("purged")), "{purged}");
-    wait_for(APPLY_TIMEOUT + Duration::from_secs(5), "the owner deletes the purged tenant's data", || (!data.exists()).then_some(()));
-    assert_eq!(json(&cluster, &["tenants", "purge", "cli-a", "--yes"])["status"], "purged", "a repeated purge");
+    assert_eq!(
+        (purged["tenant_id"].as_str(), purged["status"].as_str()),
+        (Some("cli-a"), Some("purged")),
+        "{purged}"
+    );
+    wait_for(
+        APPLY_TIMEOUT + Duration::from_secs(5),
+        "the owner deletes the purged tenant's data",
+        || (!data.exists()).then_some(()),
+    );
+    assert_eq!(
+        json(&cluster, &["tenants", "purge", "cli-a", "--yes"])["status"],
+        "purged",
+        "a repeated purge"
+    );
     let (ok, _, err) = run(&["tenants", "stats", "cli-a", "--dev", dev], &[]);
     assert!(!ok && err.contains("404"), "{err}");
     let (ok, _, err) = run(&["tenants", "add", "cli-a", "--dev", dev], &[]);
     assert!(!ok && err.contains("409") && err.contains("purged"), "a purged id was reused: {err}");
-    assert_eq!(get(&base, &new_key, "/select?p=d&c=1.1.1/1.1.1/1.1.1").0, 401, "a purged tenant's key");
+    assert_eq!(
+        get(&base, &new_key, "/select?p=d&c=1.1.1/1.1.1/1.1.1").0,
+        401,
+        "a purged tenant's key"
+    );
 
-    let (ok, _, err) = run(&["tenants", "stats", "no-such", "--dev", cluster.dir.to_str().unwrap()], &[]);
+    let (ok, _, err) =
+        run(&["tenants", "stats", "no-such", "--dev", cluster.dir.to_str().unwrap()], &[]);
     assert!(!ok && err.contains("404"), "{err}");
     let (ok, _, err) = run(&["cluster", "health", "--url", &url, "--admin-key", "sqa-wrong"], &[]);
     assert!(!ok && err.contains("401"), "{err}");

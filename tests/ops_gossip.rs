@@ -31,8 +31,10 @@ fn health_of(cluster: &DevCluster, id: u64) -> Option<(String, String)> {
     if status != 200 {
         return None;
     }
-    let gossip = health["gossip"].as_array()?.iter().find(|n| n["id"] == id)?["state"].as_str()?.to_string();
-    let listed = health["nodes"].as_array()?.iter().find(|n| n["id"] == id)?["health"].as_str()?.to_string();
+    let gossip =
+        health["gossip"].as_array()?.iter().find(|n| n["id"] == id)?["state"].as_str()?.to_string();
+    let listed =
+        health["nodes"].as_array()?.iter().find(|n| n["id"] == id)?["health"].as_str()?.to_string();
     Some((gossip, listed))
 }
 
@@ -75,14 +77,19 @@ fn gossip_dead_within_5s_and_alive_after_restart() {
     eprintln!("node {VICTIM} marked dead {dead_after:?} after SIGKILL");
     assert!(dead_after <= DEAD_BOUND, "node {VICTIM} was marked dead only after {dead_after:?}");
 
-    let ((retry_after, fast), _) = wait_for(GATEWAY_LEARNS_TIMEOUT, "the gateway answers 503 at once", || {
-        let started = Instant::now();
-        let r = http().get(format!("{base}/select?p=doc&c=1.1.1/1.1.1/1.1.1")).bearer_auth(&victim).send().ok()?;
-        let took = started.elapsed();
-        let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
-        assert_eq!(r.status().as_u16(), 503, "a dead owner's tenant");
-        (took < FAST_503_BOUND).then_some((retry, took))
-    });
+    let ((retry_after, fast), _) =
+        wait_for(GATEWAY_LEARNS_TIMEOUT, "the gateway answers 503 at once", || {
+            let started = Instant::now();
+            let r = http()
+                .get(format!("{base}/select?p=doc&c=1.1.1/1.1.1/1.1.1"))
+                .bearer_auth(&victim)
+                .send()
+                .ok()?;
+            let took = started.elapsed();
+            let retry = r.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string());
+            assert_eq!(r.status().as_u16(), 503, "a dead owner's tenant");
+            (took < FAST_503_BOUND).then_some((retry, took))
+        });
     eprintln!("fast 503 in {fast:?}");
     assert!(retry_after.is_some(), "503 without Retry-After");
     assert_eq!(get(&base, &other, "/select?p=doc&c=1.1.1/1.1.1/1.1.1"), (200, "kept".into()));

@@ -50,7 +50,12 @@ fn daily_limit_and_metering_agree() {
     let cluster = DevCluster::start(3);
     let base = cluster.url();
     cluster.add_tenant("free-t", serde_json::json!({}));
-    let (status, patched) = admin(&cluster, "PATCH", "/admin/tenants/free-t", Some(serde_json::json!({"daily_limit": DAILY_LIMIT})));
+    let (status, patched) = admin(
+        &cluster,
+        "PATCH",
+        "/admin/tenants/free-t",
+        Some(serde_json::json!({"daily_limit": DAILY_LIMIT})),
+    );
     assert_eq!((status, patched["daily_limit"].as_u64()), (200, Some(DAILY_LIMIT)), "{patched}");
     assert_eq!(patched["tier"], "free");
     // The owner applies the rotation after the PATCH (one Raft log), so once the new key is
@@ -74,15 +79,22 @@ fn daily_limit_and_metering_agree() {
     let mut senders = Vec::new();
     for gateway in [base.clone(), second.url.clone()] {
         for _ in 0..SENDERS_PER_GATEWAY {
-            let (gateway, key, sent, next) = (gateway.clone(), key.clone(), sent.clone(), next.clone());
-            senders.push(std::thread::spawn(move || send_until_refused(&gateway, &key, &sent, &next)));
+            let (gateway, key, sent, next) =
+                (gateway.clone(), key.clone(), sent.clone(), next.clone());
+            senders
+                .push(std::thread::spawn(move || send_until_refused(&gateway, &key, &sent, &next)));
         }
     }
     for s in senders {
         s.join().unwrap();
     }
     let sent = Arc::try_unwrap(sent).ok().unwrap().into_inner().unwrap();
-    assert_eq!(sent.total(), DAILY_LIMIT, "answered requests under a daily limit of {DAILY_LIMIT}: {:?}", sent.by_route);
+    assert_eq!(
+        sent.total(),
+        DAILY_LIMIT,
+        "answered requests under a daily limit of {DAILY_LIMIT}: {:?}",
+        sent.by_route
+    );
     for i in 0..REFUSED {
         assert_429(&send(&base, &key, "select", DAILY_LIMIT + i));
     }
@@ -93,7 +105,10 @@ fn daily_limit_and_metering_agree() {
     for i in 0..pro_requests {
         // The pro tenant may need a moment to be known by its owner; its first answer is awaited.
         let status = if i == 0 {
-            wait_for(APPLY_TIMEOUT, "the owner knows pro-t", || Some(send(&base, &pro_key, "update", i).status().as_u16()).filter(|s| *s != 401)).0
+            wait_for(APPLY_TIMEOUT, "the owner knows pro-t", || {
+                Some(send(&base, &pro_key, "update", i).status().as_u16()).filter(|s| *s != 401)
+            })
+            .0
         } else {
             send(&base, &pro_key, "update", i).status().as_u16()
         };
@@ -126,7 +141,10 @@ impl Sent {
 fn send_until_refused(gateway: &str, key: &str, sent: &Mutex<Sent>, next: &AtomicU64) {
     loop {
         let i = next.fetch_add(1, Ordering::SeqCst);
-        assert!(i < 10 * DAILY_LIMIT, "no 429 after {i} requests under a daily limit of {DAILY_LIMIT}");
+        assert!(
+            i < 10 * DAILY_LIMIT,
+            "no 429 after {i} requests under a daily limit of {DAILY_LIMIT}"
+        );
         let r = send(gateway, key, route(i), i);
         if r.status().as_u16() == 429 {
             return assert_429(&r);
@@ -142,7 +160,10 @@ fn assert_429(r: &reqwest::blocking::Response) {
     let retry: u64 = r.headers()["retry-after"].to_str().unwrap().parse().unwrap();
     let now_s = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
     let to_midnight_s = 86_400 - now_s % 86_400;
-    assert!(retry.abs_diff(to_midnight_s) <= 5, "Retry-After {retry} s, but the UTC day turns in {to_midnight_s} s");
+    assert!(
+        retry.abs_diff(to_midnight_s) <= 5,
+        "Retry-After {retry} s, but the UTC day turns in {to_midnight_s} s"
+    );
 }
 
 fn check_stats(cluster: &DevCluster, bytes_out: u64) {
@@ -153,9 +174,21 @@ fn check_stats(cluster: &DevCluster, bytes_out: u64) {
     assert_eq!(s["tier"], "free");
     assert_eq!(s["quota_mb"], 25);
     let last_active = s["last_active"].as_str().unwrap();
-    assert!(last_active.len() == 20 && last_active.ends_with('Z') && last_active.as_bytes()[10] == b'T', "{last_active}");
+    assert!(
+        last_active.len() == 20 && last_active.ends_with('Z') && last_active.as_bytes()[10] == b'T',
+        "{last_active}"
+    );
     assert!((1..=3).contains(&s["node"].as_u64().unwrap()));
-    for field in ["tenant_id", "tier", "storage_used_mb", "quota_mb", "api_calls_today", "bytes_out_today", "last_active", "node"] {
+    for field in [
+        "tenant_id",
+        "tier",
+        "storage_used_mb",
+        "quota_mb",
+        "api_calls_today",
+        "bytes_out_today",
+        "last_active",
+        "node",
+    ] {
         assert!(s.get(field).is_some(), "stats lack {field}: {s}");
     }
 }
@@ -178,16 +211,33 @@ fn check_metrics(cluster: &DevCluster, sent: &BTreeMap<&'static str, u64>, pro_r
     let refused_at_nodes = 2 * SENDERS_PER_GATEWAY + REFUSED;
     assert_eq!(metric(&text, "sq_refusals_total", &[("status", "429")]).0 as u64, refused_at_nodes);
     // This gateway's own count: its senders' 429s and the sequential ones.
-    assert_eq!(metric(&text, "sq_gateway_responses_total", &[("status", "429")]).0 as u64, SENDERS_PER_GATEWAY + REFUSED);
+    assert_eq!(
+        metric(&text, "sq_gateway_responses_total", &[("status", "429")]).0 as u64,
+        SENDERS_PER_GATEWAY + REFUSED
+    );
     let admitted = DAILY_LIMIT + pro_requests;
-    assert_eq!(metric(&text, "sq_request_duration_seconds_count", &[]).0 as u64, admitted, "node latency samples");
-    assert_eq!(metric(&text, "sq_request_duration_seconds_bucket", &[("le", "+Inf")]).0 as u64, admitted);
-    assert!(metric(&text, "sq_gateway_request_seconds_bucket", &[("route", "update")]).1 > 0, "gateway histogram by route");
+    assert_eq!(
+        metric(&text, "sq_request_duration_seconds_count", &[]).0 as u64,
+        admitted,
+        "node latency samples"
+    );
+    assert_eq!(
+        metric(&text, "sq_request_duration_seconds_bucket", &[("le", "+Inf")]).0 as u64,
+        admitted
+    );
+    assert!(
+        metric(&text, "sq_gateway_request_seconds_bucket", &[("route", "update")]).1 > 0,
+        "gateway histogram by route"
+    );
     let storage = metric(&text, "sq_storage_bytes", &[("tenant", "free-t")]).0 as u64;
     assert_eq!(storage, stats(cluster, "free-t")["storage_used_bytes"].as_u64().unwrap());
     assert!(metric(&text, "sq_tenants_active", &[]).0 >= 2.0, "both tenants are loaded");
-    let leaders: Vec<(f64, usize)> = ["1", "2", "3"].iter().map(|n| metric(&text, "sq_raft_leader", &[("node", n)])).collect();
-    assert!(leaders[0].0 > 0.0 && leaders.iter().all(|l| *l == leaders[0] && l.1 == 1), "the nodes agree on one leader: {leaders:?}");
+    let leaders: Vec<(f64, usize)> =
+        ["1", "2", "3"].iter().map(|n| metric(&text, "sq_raft_leader", &[("node", n)])).collect();
+    assert!(
+        leaders[0].0 > 0.0 && leaders.iter().all(|l| *l == leaders[0] && l.1 == 1),
+        "the nodes agree on one leader: {leaders:?}"
+    );
     assert_eq!(metric(&text, "sq_raft_is_leader", &[]).0, 1.0);
     assert!(metric(&text, "sq_raft_term", &[("node", "1")]).0 >= 1.0);
     assert!(metric(&text, "sq_raft_commit_index", &[("node", "1")]).0 > 0.0);

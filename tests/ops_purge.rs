@@ -33,7 +33,8 @@ fn a_purge_reaches_an_owner_that_was_down() {
             let id = format!("purge-{i}");
             let key = cluster.add_tenant(&id, serde_json::json!({}));
             wait_for(Duration::from_secs(10), "a write to the new tenant", || {
-                (get(&base, &key, "/update?p=doc&c=1.1.1/1.1.1/1.1.1&s=secret").0 == 200).then_some(())
+                (get(&base, &key, "/update?p=doc&c=1.1.1/1.1.1/1.1.1&s=secret").0 == 200)
+                    .then_some(())
             });
             (stats(&cluster, &id)["node"].as_u64() == Some(VICTIM)).then_some((id, key))
         })
@@ -43,7 +44,10 @@ fn a_purge_reaches_an_owner_that_was_down() {
 
     let paused = PausedSupervisor::pause(&cluster);
     assert_eq!(unsafe { libc::kill(node_pid(&cluster, VICTIM), libc::SIGKILL) }, 0);
-    for (method, path) in [("DELETE", format!("/admin/tenants/{tenant}")), ("POST", format!("/admin/tenants/{tenant}/purge"))] {
+    for (method, path) in [
+        ("DELETE", format!("/admin/tenants/{tenant}")),
+        ("POST", format!("/admin/tenants/{tenant}/purge")),
+    ] {
         wait_for(ADMIN_TIMEOUT, &format!("{method} {path} with node {VICTIM} down"), || {
             let (status, answer) = admin(&cluster, method, &path, None);
             assert!(status == 200 || status == 503, "{method} {path}: {status} {answer}");
@@ -53,10 +57,21 @@ fn a_purge_reaches_an_owner_that_was_down() {
     assert!(data.is_dir(), "nothing deleted the data while its node was down");
 
     drop(paused);
-    wait_for(RETURN_TIMEOUT, "the returned node deletes the purged tenant's data", || (!data.exists()).then_some(()));
+    wait_for(RETURN_TIMEOUT, "the returned node deletes the purged tenant's data", || {
+        (!data.exists()).then_some(())
+    });
     let (status, _) = admin(&cluster, "GET", &format!("/admin/tenants/{tenant}/stats"), None);
     assert_eq!(status, 404, "a purged tenant's stats");
-    let (status, answer) = admin(&cluster, "POST", "/admin/tenants/add", Some(serde_json::json!({ "tenant_id": tenant })));
+    let (status, answer) = admin(
+        &cluster,
+        "POST",
+        "/admin/tenants/add",
+        Some(serde_json::json!({ "tenant_id": tenant })),
+    );
     assert_eq!(status, 409, "re-adding a purged id: {answer}");
-    assert_eq!(get(&base, &key, "/select?p=doc&c=1.1.1/1.1.1/1.1.1").0, 401, "a purged tenant's key");
+    assert_eq!(
+        get(&base, &key, "/select?p=doc&c=1.1.1/1.1.1/1.1.1").0,
+        401,
+        "a purged tenant's key"
+    );
 }

@@ -54,14 +54,23 @@ fn quota_507_across_two_gateways() {
     assert!(outcome.unexpected.is_empty(), "unexpected answers: {:?}", outcome.unexpected);
     assert_eq!(outcome.refused, 2 * WRITERS_PER_GATEWAY, "every writer ends on a 507");
     let acked_bytes = (outcome.acked.len() * SCROLL_BYTES) as u64;
-    eprintln!("{} writes acknowledged ({acked_bytes} bytes of text) before 507", outcome.acked.len());
+    eprintln!(
+        "{} writes acknowledged ({acked_bytes} bytes of text) before 507",
+        outcome.acked.len()
+    );
 
     let s = stats(&cluster, "quota");
     let used = s["storage_used_bytes"].as_u64().unwrap();
     eprintln!("stats after the 507s: {s}");
     assert!(used <= QUOTA_BYTES, "used {used} bytes passes the quota of {QUOTA_BYTES}");
-    assert!(used + 2 * SCROLL_BYTES as u64 > QUOTA_BYTES, "507 came with {used} of {QUOTA_BYTES} bytes used");
-    assert!(used >= acked_bytes, "stats count {used} bytes but {acked_bytes} bytes of text were acknowledged");
+    assert!(
+        used + 2 * SCROLL_BYTES as u64 > QUOTA_BYTES,
+        "507 came with {used} of {QUOTA_BYTES} bytes used"
+    );
+    assert!(
+        used >= acked_bytes,
+        "stats count {used} bytes but {acked_bytes} bytes of text were acknowledged"
+    );
     assert!(s["storage_used_mb"].as_f64().unwrap() <= s["quota_mb"].as_f64().unwrap());
     assert_eq!(s["quota_mb"], 1);
 
@@ -69,7 +78,12 @@ fn quota_507_across_two_gateways() {
     let base = cluster.url();
     let before = get(&base, &key, "/checksum?p=doc");
     let big = "x".repeat(4 * SCROLL_BYTES);
-    let r = http().post(format!("{base}/update?p=doc&c=2.1.1/1.1.1/1.1.1")).bearer_auth(&key).body(big).send().unwrap();
+    let r = http()
+        .post(format!("{base}/update?p=doc&c=2.1.1/1.1.1/1.1.1"))
+        .bearer_auth(&key)
+        .body(big)
+        .send()
+        .unwrap();
     assert_eq!(r.status().as_u16(), 507);
     assert_eq!(get(&base, &key, "/checksum?p=doc"), before);
     assert_eq!(stats(&cluster, "quota")["storage_used_bytes"].as_u64().unwrap(), used);
@@ -78,9 +92,16 @@ fn quota_507_across_two_gateways() {
     for (c, text) in &outcome.acked {
         let (status, body) = get(&second.url, &key, &format!("/select?p=doc&c={c}"));
         assert_eq!(status, 200, "{c}");
-        assert!(body == *text, "{c}: the acknowledged text came back changed ({} bytes)", body.len());
+        assert!(
+            body == *text,
+            "{c}: the acknowledged text came back changed ({} bytes)",
+            body.len()
+        );
     }
-    assert!(node_log_lines(&cluster.dir, "tenant at or over 90% of its quota") > 0, "no 90% warning was logged");
+    assert!(
+        node_log_lines(&cluster.dir, "tenant at or over 90% of its quota") > 0,
+        "no 90% warning was logged"
+    );
 }
 
 /// Writes 8 KiB scrolls to book `book` until the gateway answers 507.
@@ -89,7 +110,11 @@ fn write_until_full(base: &str, key: &str, book: usize, outcome: &Mutex<Outcome>
     for i in 1..=WRITES_PER_WRITER_MAX {
         let c = format!("1.1.1/1.1.{book}/1.1.{i}");
         let text: String = format!("b{book}s{i}-").chars().cycle().take(SCROLL_BYTES).collect();
-        let r = client.post(format!("{base}/update?p=doc&c={c}")).bearer_auth(key).body(text.clone()).send();
+        let r = client
+            .post(format!("{base}/update?p=doc&c={c}"))
+            .bearer_auth(key)
+            .body(text.clone())
+            .send();
         let (status, body) = match r {
             Ok(r) => (r.status().as_u16(), r.text().unwrap_or_default()),
             Err(e) => (0, e.to_string()),

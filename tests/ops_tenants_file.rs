@@ -45,13 +45,16 @@ fn tenants_file_applies_within_5s_and_refuses_malformed() {
     let tmp = tempfile::tempdir().unwrap();
     let file = tmp.path().join("tenants.json");
     let a = format!(r#"{{"id": "file-a", "api_key": "{KEY_A}", "quota_mb": 5, "enabled": true}}"#);
-    let b = format!(r#"{{"id": "file-b", "api_key": "{KEY_B}", "quota_mb": 7, "enabled": true, "tier": "pro"}}"#);
+    let b = format!(
+        r#"{{"id": "file-b", "api_key": "{KEY_B}", "quota_mb": 7, "enabled": true, "tier": "pro"}}"#
+    );
     let c = format!(r#"{{"id": "file-c", "api_key": "{KEY_C}", "quota_mb": 9}}"#);
     write_file(&file, &format!(r#"{{"tenants": [{a}]}}"#));
     let dir = tmp.path().join("cluster");
     std::fs::create_dir_all(&dir).unwrap();
     let listen = format!("127.0.0.1:{}", free_tcp_port());
-    let cluster = DevCluster::start_with(&dir, 3, &listen, &["--tenants-file", file.to_str().unwrap()]);
+    let cluster =
+        DevCluster::start_with(&dir, 3, &listen, &["--tenants-file", file.to_str().unwrap()]);
     let base = cluster.url();
     wait_for(FIRST_APPLY_TIMEOUT, "the key of file-a works", || works(&base, KEY_A));
 
@@ -60,18 +63,35 @@ fn tenants_file_applies_within_5s_and_refuses_malformed() {
     eprintln!("a tenant added to the file worked after {took:?}");
     assert!(took <= APPLY_BOUND, "file-b worked only after {took:?}");
     let (_, listed) = admin(&cluster, "GET", "/admin/tenants/file-b", None);
-    assert_eq!((listed["quota_mb"].as_u64(), listed["tier"].as_str()), (Some(7), Some("pro")), "{listed}");
+    assert_eq!(
+        (listed["quota_mb"].as_u64(), listed["tier"].as_str()),
+        (Some(7), Some("pro")),
+        "{listed}"
+    );
     let (_, before) = admin(&cluster, "GET", "/admin/tenants", None);
 
     // Valid JSON, but file-a twice: refused whole, so neither file-c nor file-b's new quota lands.
     let b_bigger = b.replace("\"quota_mb\": 7", "\"quota_mb\": 70");
-    let malformed = [format!(r#"{{"tenants": [{a}, {b_bigger}, {c}, {a}]}}"#), format!(r#"{{"tenants": [{a}, {b}, {c}"#)];
+    let malformed = [
+        format!(r#"{{"tenants": [{a}, {b_bigger}, {c}, {a}]}}"#),
+        format!(r#"{{"tenants": [{a}, {b}, {c}"#),
+    ];
     for text in malformed {
         let refusals = node_log_lines(&dir, REFUSED_LINE);
         write_file(&file, &text);
-        wait_for(REFUSAL_TIMEOUT, "the malformed file is refused in the log", || (node_log_lines(&dir, REFUSED_LINE) > refusals).then_some(()));
-        assert_eq!(admin(&cluster, "GET", "/admin/tenants", None).1, before, "a refused file changed the registry");
-        assert_eq!(get(&base, KEY_C, "/select?p=doc&c=1.1.1/1.1.1/1.1.1").0, 401, "file-c came from a refused file");
+        wait_for(REFUSAL_TIMEOUT, "the malformed file is refused in the log", || {
+            (node_log_lines(&dir, REFUSED_LINE) > refusals).then_some(())
+        });
+        assert_eq!(
+            admin(&cluster, "GET", "/admin/tenants", None).1,
+            before,
+            "a refused file changed the registry"
+        );
+        assert_eq!(
+            get(&base, KEY_C, "/select?p=doc&c=1.1.1/1.1.1/1.1.1").0,
+            401,
+            "file-c came from a refused file"
+        );
         assert!(works(&base, KEY_A).is_some() && works(&base, KEY_B).is_some());
     }
 

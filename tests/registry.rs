@@ -52,9 +52,13 @@ fn leader_kill_and_full_restart_keep_every_tenant() {
     for i in 0..20 {
         cluster.add_tenant(&format!("r{i}"), serde_json::json!({}));
     }
-    let pid = cluster.json["nodes"].as_array().unwrap().iter().find(|n| n["id"] == leader).unwrap()["pid"].as_i64().unwrap();
+    let pid = cluster.json["nodes"].as_array().unwrap().iter().find(|n| n["id"] == leader).unwrap()
+        ["pid"]
+        .as_i64()
+        .unwrap();
     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-    let (new_leader, new_term) = wait_for(Duration::from_secs(30), || raft(&cluster).filter(|(_, t)| *t > term));
+    let (new_leader, new_term) =
+        wait_for(Duration::from_secs(30), || raft(&cluster).filter(|(_, t)| *t > term));
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     assert_ne!(new_leader, leader);
     eprintln!("leader {leader} (term {term}) lost; node {new_leader} leads in term {new_term}; {leader} killed");
@@ -88,7 +92,12 @@ fn join_and_leave_while_tenants_are_added() {
             let mut i = 0;
             while !stop.load(Ordering::SeqCst) {
                 let id = format!("m{i}");
-                let (status, _) = admin(&cluster, Method::POST, "/admin/tenants/add", Some(serde_json::json!({"tenant_id": id})));
+                let (status, _) = admin(
+                    &cluster,
+                    Method::POST,
+                    "/admin/tenants/add",
+                    Some(serde_json::json!({"tenant_id": id})),
+                );
                 if status == 201 {
                     acked.lock().unwrap().push(id);
                 }
@@ -98,7 +107,12 @@ fn join_and_leave_while_tenants_are_added() {
     };
     let port = free_udp_port();
     let mut node4 = start_node(&cluster, 4, port);
-    let (status, body) = admin(&cluster, Method::POST, "/admin/nodes", Some(serde_json::json!({"id": 4, "addr": format!("127.0.0.1:{port}")})));
+    let (status, body) = admin(
+        &cluster,
+        Method::POST,
+        "/admin/nodes",
+        Some(serde_json::json!({"id": 4, "addr": format!("127.0.0.1:{port}")})),
+    );
     assert_eq!(status, 200, "{body}");
     settle(&cluster, "join");
     let (status, body) = admin(&cluster, Method::POST, "/admin/nodes/4/drain", None);
@@ -119,7 +133,12 @@ fn join_and_leave_while_tenants_are_added() {
     }
     let (_, health) = admin(&cluster, Method::GET, "/admin/health", None);
     assert_eq!(health["ring"], serde_json::json!([1, 2, 3]), "{health}");
-    let (status, _) = admin(&cluster, Method::POST, "/admin/nodes", Some(serde_json::json!({"id": 4, "addr": format!("127.0.0.1:{port}")})));
+    let (status, _) = admin(
+        &cluster,
+        Method::POST,
+        "/admin/nodes",
+        Some(serde_json::json!({"id": 4, "addr": format!("127.0.0.1:{port}")})),
+    );
     assert_eq!(status, 409, "a removed node id was accepted again");
     eprintln!("{} tenants added while node 4 joined and left", acked.len());
 }
@@ -141,10 +160,16 @@ async fn anonymous_call(ca_pem: &[u8], addr: SocketAddr) -> Result<Vec<u8>, Stri
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![transport::ALPN.to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).map_err(|e| e.to_string())?;
+    let crypto =
+        quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(|e| e.to_string())?;
+    let mut endpoint =
+        quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).map_err(|e| e.to_string())?;
     endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-    let conn = endpoint.connect(addr, transport::SERVER_NAME).map_err(|e| e.to_string())?.await.map_err(|e| e.to_string())?;
+    let conn = endpoint
+        .connect(addr, transport::SERVER_NAME)
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
     // The handshake can look complete here before the server has checked (and refused) us:
     // only a request shows whether we are in.
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| e.to_string())?;
@@ -169,16 +194,30 @@ fn nodes_refuse_peers_without_a_cluster_certificate() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
         let timeout = Duration::from_secs(5);
-        let ours = transport::Client::new(&transport::Identity::load(&certs, transport::Role::Gateway).unwrap(), Default::default()).unwrap();
-        let answer = ours.call(addr, view_request(), timeout).await.expect("the cluster's own gateway certificate is accepted");
+        let ours = transport::Client::new(
+            &transport::Identity::load(&certs, transport::Role::Gateway).unwrap(),
+            Default::default(),
+        )
+        .unwrap();
+        let answer = ours
+            .call(addr, view_request(), timeout)
+            .await
+            .expect("the cluster's own gateway certificate is accepted");
         assert!(matches!(proto::wire::decode(&answer), Ok(NodeResponse::View(Some(_)))));
 
-        let stranger = transport::Client::new(&transport::Identity::load(other.path(), transport::Role::Gateway).unwrap(), Default::default()).unwrap();
+        let stranger = transport::Client::new(
+            &transport::Identity::load(other.path(), transport::Role::Gateway).unwrap(),
+            Default::default(),
+        )
+        .unwrap();
         let refused = stranger.call(addr, view_request(), timeout).await;
         assert!(refused.is_err(), "a certificate from another CA was answered");
 
         let ca = std::fs::read(certs.join("ca.pem")).unwrap();
         let anonymous = tokio::time::timeout(timeout, anonymous_call(&ca, addr)).await;
-        assert!(!matches!(anonymous, Ok(Ok(_))), "a peer without a certificate was answered: {anonymous:?}");
+        assert!(
+            !matches!(anonymous, Ok(Ok(_))),
+            "a peer without a certificate was answered: {anonymous:?}"
+        );
     });
 }

@@ -17,7 +17,9 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use node::store::crash_writer::{crash_slot, crash_step, crash_step_of, CrashStep, CRASH_COORDS, CRASH_SLOTS};
+use node::store::crash_writer::{
+    crash_slot, crash_step, crash_step_of, CrashStep, CRASH_COORDS, CRASH_SLOTS,
+};
 use node::store::{RealVfs, Store, StoreConfig, SystemClock};
 use proto::{PhextName, SqRequest};
 use rand::{Rng, SeedableRng};
@@ -83,14 +85,21 @@ fn run_and_kill(dir: &Path, run: usize, delay_ms: u64) -> Vec<String> {
         match rx.recv_timeout(left) {
             Ok(line) => lines.push(line),
             Err(RecvTimeoutError::Timeout) => break,
-            Err(RecvTimeoutError::Disconnected) => panic!("run {run}: the writer stopped by itself; stderr:\n{}", stderr()),
+            Err(RecvTimeoutError::Disconnected) => {
+                panic!("run {run}: the writer stopped by itself; stderr:\n{}", stderr())
+            }
         }
     }
     // SAFETY: kill(2) on the pid of a child we have not reaped yet.
     let killed = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGKILL) };
     assert_eq!(killed, 0, "run {run}: kill failed");
     let status = child.wait().expect("reap the writer");
-    assert_eq!(status.signal(), Some(libc::SIGKILL), "run {run}: the writer ended otherwise; stderr:\n{}", stderr());
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGKILL),
+        "run {run}: the writer ended otherwise; stderr:\n{}",
+        stderr()
+    );
     reader.join().expect("stdout reader");
     lines.extend(rx.try_iter());
     lines
@@ -124,7 +133,8 @@ fn apply_ack(model: &mut [SlotModel], line: &str) {
 /// one write ahead of the model adopts it. Returns how many slots were ahead.
 fn verify(data: &Path, model: &mut [SlotModel], run: usize) -> usize {
     let config = StoreConfig { data_dir: data.to_path_buf(), ..StoreConfig::default() };
-    let store = Store::open(config, Arc::new(RealVfs), Arc::new(SystemClock::new())).expect("store opens after a kill");
+    let store = Store::open(config, Arc::new(RealVfs), Arc::new(SystemClock::new()))
+        .expect("store opens after a kill");
     let mut ahead = 0;
     for (slot, m) in model.iter_mut().enumerate() {
         let (p, c) = crash_slot(slot);
@@ -148,7 +158,13 @@ fn verify(data: &Path, model: &mut [SlotModel], run: usize) -> usize {
         ahead += 1;
     }
     for phext in node::store::crash_writer::CRASH_PHEXTS {
-        let toc = store.execute(TENANT, u64::MAX, &SqRequest::Toc { p: PhextName::parse(phext).expect("name") }).expect("toc");
+        let toc = store
+            .execute(
+                TENANT,
+                u64::MAX,
+                &SqRequest::Toc { p: PhextName::parse(phext).expect("name") },
+            )
+            .expect("toc");
         for line in String::from_utf8_lossy(&toc.body).lines().filter(|l| l.starts_with("* ")) {
             let coord = line[2..].split(": ").next().unwrap_or("");
             assert!(CRASH_COORDS.contains(&coord), "run {run}: stray scroll {coord} in {phext}");
@@ -174,6 +190,8 @@ fn acknowledged_writes_survive_sigkill() {
         }
         ahead += verify(&dir.path().join("data"), &mut model, run);
     }
-    println!("{RUNS} kills, {acks} acknowledged writes, {ahead} unacknowledged writes found durable");
+    println!(
+        "{RUNS} kills, {acks} acknowledged writes, {ahead} unacknowledged writes found durable"
+    );
     assert!(acks >= RUNS, "the writer made progress in every run");
 }

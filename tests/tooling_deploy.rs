@@ -23,7 +23,9 @@ fn documented_keys(path: &str, text: &str) -> BTreeSet<String> {
             keys.insert(table.to_string());
         }
         let setting = line.trim_start_matches("# ");
-        let is_key = setting.split_once(" = ").is_some_and(|(k, _)| !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'));
+        let is_key = setting.split_once(" = ").is_some_and(|(k, _)| {
+            !k.is_empty() && k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
         if is_key {
             let key = setting.split_once(" = ").map(|(k, _)| k.to_string()).unwrap_or_default();
             assert!(previous.starts_with('#'), "{path}: `{key}` has no comment above it");
@@ -51,7 +53,8 @@ fn keys_of(value: &toml::Value, out: &mut BTreeSet<String>) {
 #[test]
 fn node_toml_loads_and_documents_every_field() {
     let text = read("deploy/node.toml");
-    let config: node::NodeConfig = toml::from_str(&text).expect("deploy/node.toml loads as node::NodeConfig");
+    let config: node::NodeConfig =
+        toml::from_str(&text).expect("deploy/node.toml loads as node::NodeConfig");
     assert!(config.bootstrap && config.admin_key_hash.as_ref().is_some_and(|h| h.len() == 64));
     let documented = documented_keys("deploy/node.toml", &text);
     let mut full = config.clone();
@@ -68,7 +71,8 @@ fn node_toml_loads_and_documents_every_field() {
 #[test]
 fn gateway_toml_loads_and_documents_every_field() {
     let text = read("deploy/gateway.toml");
-    let config: gateway::GatewayConfig = toml::from_str(&text).expect("deploy/gateway.toml loads as gateway::GatewayConfig");
+    let config: gateway::GatewayConfig =
+        toml::from_str(&text).expect("deploy/gateway.toml loads as gateway::GatewayConfig");
     assert!(config.tls.is_some(), "a production gateway serves HTTPS");
     assert!(!config.nodes.is_empty());
     let documented = documented_keys("deploy/gateway.toml", &text);
@@ -81,7 +85,10 @@ fn gateway_toml_loads_and_documents_every_field() {
 fn metric_names(text: &str) -> BTreeSet<String> {
     let mut names = BTreeSet::new();
     for (i, _) in text.match_indices("sq_") {
-        let name: String = text[i..].chars().take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_').collect();
+        let name: String = text[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
         let before = text[..i].chars().last();
         if before.is_none_or(|c| !(c.is_ascii_alphanumeric() || c == '_')) && name.len() > 3 {
             names.insert(name);
@@ -118,7 +125,9 @@ fn dashboard_uses_real_metric_names() {
     used.extend(metric_names(&read("deploy/prometheus/prometheus.yml")));
     assert!(used.len() >= 10, "the dashboard shows {used:?}");
     for name in used {
-        let base = ["_bucket", "_sum", "_count"].iter().fold(name.as_str(), |n, s| n.strip_suffix(s).unwrap_or(n));
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .fold(name.as_str(), |n, s| n.strip_suffix(s).unwrap_or(n));
         assert!(recorded.contains(base), "{name} is not a metric the code records");
     }
 }
@@ -139,6 +148,9 @@ fn too_many_worker_threads_are_refused_by_name() {
             .expect("run sq-cloud");
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{command} started with 5000 worker threads");
-        assert!(stderr.contains("worker_threads is 5000") && stderr.contains("at most 1024"), "{command}: {stderr}");
+        assert!(
+            stderr.contains("worker_threads is 5000") && stderr.contains("at most 1024"),
+            "{command}: {stderr}"
+        );
     }
 }

@@ -32,7 +32,11 @@ fn canonical(file: &Path) -> Vec<u8> {
 /// one, and a file that is not a phext (ignored).
 fn data_dir(dir: &Path) {
     std::fs::write(dir.join("notes.phext"), "hello\nworld").unwrap();
-    std::fs::write(dir.join("multi.phext"), b"a\x17b\x18c\x19d\x1ae\x1cf\x1dg\x1eh\x1fi\x01j\x17\x17k").unwrap();
+    std::fs::write(
+        dir.join("multi.phext"),
+        b"a\x17b\x18c\x19d\x1ae\x1cf\x1dg\x1eh\x1fi\x01j\x17\x17k",
+    )
+    .unwrap();
     let big: Vec<String> = (0..150).map(|i| format!("scroll {i}: {}", "x".repeat(i))).collect();
     std::fs::write(dir.join("big doc.phext"), big.join("\x17")).unwrap();
     std::fs::write(dir.join("README.txt"), "not a phext").unwrap();
@@ -54,16 +58,29 @@ fn import_is_exact_idempotent_and_all_or_nothing() {
     let first = import(&["--url", &url, "--tenant", "imp", "--key", &key, dir]);
     assert!(first.status.success(), "{}", text(&first));
     assert!(text(&first).contains("imported 3 phexts"), "{}", text(&first));
-    for (p, file) in [("notes", "notes.phext"), ("multi", "multi.phext"), ("big%20doc", "big doc.phext")] {
+    for (p, file) in
+        [("notes", "notes.phext"), ("multi", "multi.phext"), ("big%20doc", "big doc.phext")]
+    {
         let want = canonical(&src.path().join(file));
         assert_eq!(remote(&base, &key, p), want, "{p}");
-        assert_eq!(get(&base, &key, &format!("/checksum?p={p}")), (200, proto::doc::checksum(&want)));
+        assert_eq!(
+            get(&base, &key, &format!("/checksum?p={p}")),
+            (200, proto::doc::checksum(&want))
+        );
     }
-    assert_eq!(get(&base, &key, "/toc?p=multi").1.lines().count(), 11, "every dimension's scroll is there");
+    assert_eq!(
+        get(&base, &key, "/toc?p=multi").1.lines().count(),
+        11,
+        "every dimension's scroll is there"
+    );
 
     let again = import(&["--url", &url, "--tenant", "imp", "--key", &key, dir]);
     assert!(again.status.success(), "{}", text(&again));
-    assert!(text(&again).contains("imported 0 phexts into tenant imp (3 unchanged)"), "{}", text(&again));
+    assert!(
+        text(&again).contains("imported 0 phexts into tenant imp (3 unchanged)"),
+        "{}",
+        text(&again)
+    );
 
     // The tenant's copy drifts: one scroll changed, one added. The import puts the file back.
     assert_eq!(get(&base, &key, "/update?p=multi&c=1.1.1/1.1.1/1.1.2&s=changed").0, 200);
@@ -77,7 +94,8 @@ fn import_is_exact_idempotent_and_all_or_nothing() {
     let bad = tempfile::tempdir().unwrap();
     std::fs::write(bad.path().join("a-fine.phext"), "fine").unwrap();
     std::fs::write(bad.path().join("broken.phext"), b"ok so far \xff\xfe then not").unwrap();
-    let refused = import(&["--url", &url, "--tenant", "imp", "--key", &key, bad.path().to_str().unwrap()]);
+    let refused =
+        import(&["--url", &url, "--tenant", "imp", "--key", &key, bad.path().to_str().unwrap()]);
     assert!(!refused.status.success());
     let message = text(&refused);
     assert!(message.contains("broken.phext") && message.contains("not valid phext"), "{message}");

@@ -26,15 +26,29 @@ const CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/schema
 /// The schemathesis command (program and leading arguments), if installed: its `st` script, or
 /// the module through python3 where the script is not on PATH.
 fn schemathesis() -> Option<(&'static str, &'static [&'static str])> {
-    let candidates: [(&str, &[&str]); 3] = [("st", &[]), ("schemathesis", &[]), ("python3", &["-m", "schemathesis.cli"])];
+    let candidates: [(&str, &[&str]); 3] =
+        [("st", &[]), ("schemathesis", &[]), ("python3", &["-m", "schemathesis.cli"])];
     candidates.into_iter().find(|(bin, pre)| {
-        Command::new(bin).args(*pre).arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+        Command::new(bin)
+            .args(*pre)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
     })
 }
 
 /// Runs schemathesis with `args` in `dir`, killing it after [`RUN_TIMEOUT`].
 fn run_bounded((bin, pre): (&str, &[&str]), dir: &Path, args: &[&str]) -> Output {
-    let child = Command::new(bin).args(pre).args(args).current_dir(dir).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start schemathesis");
+    let child = Command::new(bin)
+        .args(pre)
+        .args(args)
+        .current_dir(dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start schemathesis");
     let pid = child.id();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -51,9 +65,16 @@ fn run_bounded((bin, pre): (&str, &[&str]), dir: &Path, args: &[&str]) -> Output
 }
 
 fn check_run(what: &str, output: &Output) {
-    let text = format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(output.status.success(), "schemathesis ({what}) found problems:\n{text}");
-    println!("schemathesis ({what}): {}", text.lines().rev().find(|l| l.contains("passed") || l.contains("generated")).unwrap_or(""));
+    println!(
+        "schemathesis ({what}): {}",
+        text.lines().rev().find(|l| l.contains("passed") || l.contains("generated")).unwrap_or("")
+    );
 }
 
 // Goal: the served document is the repo's, and schemathesis finds no 5xx and no schema violation
@@ -70,21 +91,52 @@ fn schemathesis_finds_nothing() {
     let spec_url = format!("{}/openapi.json", cluster.url());
     let served = http().get(&spec_url).send().expect("GET openapi.json");
     assert_eq!(served.status().as_u16(), 200, "openapi.json needs no key");
-    assert_eq!(served.text().expect("body"), gateway::routes::OPENAPI_JSON, "the gateway serves the repo's document");
+    assert_eq!(
+        served.text().expect("body"),
+        gateway::routes::OPENAPI_JSON,
+        "the gateway serves the repo's document"
+    );
 
     let work = tempfile::tempdir().expect("temp dir");
     let origin = cluster.json["gateway_url"].as_str().expect("gateway_url").to_string();
     let tenant = format!("Authorization: Bearer {}", cluster.demo_key());
     let admin = format!("Authorization: Bearer {}", cluster.admin_key());
-    let common = ["--url", &origin, "-n", EXAMPLES_PER_OPERATION, "--seed", "8", "--max-response-time", RESPONSE_TIME_MAX_S, "--workers", "1"];
+    let common = [
+        "--url",
+        &origin,
+        "-n",
+        EXAMPLES_PER_OPERATION,
+        "--seed",
+        "8",
+        "--max-response-time",
+        RESPONSE_TIME_MAX_S,
+        "--workers",
+        "1",
+    ];
 
     let mut args = vec!["--config-file", CONFIG, "run", &spec_url, "-H", &tenant];
     args.extend(common);
     check_run("tenant key", &run_bounded(bin, work.path(), &args));
 
     // Include filters of different kinds widen the selection; exclusions narrow it.
-    let mut args = vec!["--config-file", CONFIG, "run", &spec_url, "-H", &admin, "--include-path-regex", "^/api/v2/(admin|metrics)"];
-    args.extend(["--exclude-method", "POST", "--exclude-method", "PATCH", "--exclude-method", "DELETE"]);
+    let mut args = vec![
+        "--config-file",
+        CONFIG,
+        "run",
+        &spec_url,
+        "-H",
+        &admin,
+        "--include-path-regex",
+        "^/api/v2/(admin|metrics)",
+    ];
+    args.extend([
+        "--exclude-method",
+        "POST",
+        "--exclude-method",
+        "PATCH",
+        "--exclude-method",
+        "DELETE",
+    ]);
     args.extend(common);
     check_run("admin key, reads", &run_bounded(bin, work.path(), &args));
 }

@@ -57,7 +57,11 @@ struct AddNode {
 const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 pub async fn handle(gw: &Arc<Gateway>, request: Request) -> Response {
-    let content_type = if request.uri().path() == "/api/v2/metrics" { PROMETHEUS_CONTENT_TYPE } else { "application/json" };
+    let content_type = if request.uri().path() == "/api/v2/metrics" {
+        PROMETHEUS_CONTENT_TYPE
+    } else {
+        "application/json"
+    };
     match admin(gw, request).await {
         Ok((status, json)) => {
             let mut r = (status, json).into_response();
@@ -70,7 +74,8 @@ pub async fn handle(gw: &Arc<Gateway>, request: Request) -> Response {
 }
 
 fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 
 /// Checks the admin key: a missing or unknown key is 401, a tenant's key is 403.
@@ -113,10 +118,18 @@ async fn admin(gw: &Arc<Gateway>, request: Request) -> Result<(StatusCode, Strin
         }
         (&Method::GET, ["tenants"]) => AdminOp::ListTenants,
         (&Method::GET, ["tenants", id]) => AdminOp::GetTenant { tenant_id: id.to_string() },
-        (&Method::GET, ["tenants", id, "stats"]) => AdminOp::TenantStats { tenant_id: id.to_string() },
+        (&Method::GET, ["tenants", id, "stats"]) => {
+            AdminOp::TenantStats { tenant_id: id.to_string() }
+        }
         (&Method::PATCH, ["tenants", id]) => {
             let p: PatchTenant = json_body(&body)?;
-            AdminOp::PatchTenant { tenant_id: id.to_string(), tier: p.tier, quota_mb: p.quota_mb, enabled: p.enabled, daily_limit: p.daily_limit }
+            AdminOp::PatchTenant {
+                tenant_id: id.to_string(),
+                tier: p.tier,
+                quota_mb: p.quota_mb,
+                enabled: p.enabled,
+                daily_limit: p.daily_limit,
+            }
         }
         (&Method::POST, ["tenants", id, "rotate-key"]) => {
             let key = new_tenant_key();
@@ -125,7 +138,9 @@ async fn admin(gw: &Arc<Gateway>, request: Request) -> Result<(StatusCode, Strin
             op
         }
         (&Method::DELETE, ["tenants", id]) => AdminOp::DeleteTenant { tenant_id: id.to_string() },
-        (&Method::POST, ["tenants", id, "purge"]) => AdminOp::PurgeTenant { tenant_id: id.to_string() },
+        (&Method::POST, ["tenants", id, "purge"]) => {
+            AdminOp::PurgeTenant { tenant_id: id.to_string() }
+        }
         (&Method::GET, ["health"]) => AdminOp::Health,
         (&Method::GET, ["nodes"]) => AdminOp::ListNodes,
         (&Method::POST, ["nodes"]) => {
@@ -141,14 +156,29 @@ async fn admin(gw: &Arc<Gateway>, request: Request) -> Result<(StatusCode, Strin
         Some(key) => with_api_key(&json, &key)?,
         None => json,
     };
-    let status = if method == Method::POST && parts.as_slice() == ["tenants", "add"] { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if method == Method::POST && parts.as_slice() == ["tenants", "add"] {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, json))
 }
 
 /// The HTTP-free core of an admin request: sends `op` to the first node that answers and, for a
 /// change, waits (bounded) until this gateway's view shows it. The simulator enters here.
-pub async fn apply_op(gw: &Arc<Gateway>, admin_hash: String, op: AdminOp) -> Result<String, ApiError> {
-    let mutates = !matches!(op, AdminOp::ListTenants | AdminOp::GetTenant { .. } | AdminOp::TenantStats { .. } | AdminOp::Health | AdminOp::ListNodes);
+pub async fn apply_op(
+    gw: &Arc<Gateway>,
+    admin_hash: String,
+    op: AdminOp,
+) -> Result<String, ApiError> {
+    let mutates = !matches!(
+        op,
+        AdminOp::ListTenants
+            | AdminOp::GetTenant { .. }
+            | AdminOp::TenantStats { .. }
+            | AdminOp::Health
+            | AdminOp::ListNodes
+    );
     let (json, addr, applied_index) = send_admin(gw, admin_hash, op).await?;
     if mutates {
         // The answering node has applied the change; take its view so this gateway's next
@@ -164,8 +194,8 @@ fn parse_node_id(raw: &str) -> Result<u64, ApiError> {
 
 /// Adds the freshly made key to the node's answer: the only time the key is ever shown.
 fn with_api_key(json: &str, key: &str) -> Result<String, ApiError> {
-    let mut value: serde_json::Value =
-        serde_json::from_str(json).map_err(|e| ApiError::Internal(format!("node answered bad JSON: {e}")))?;
+    let mut value: serde_json::Value = serde_json::from_str(json)
+        .map_err(|e| ApiError::Internal(format!("node answered bad JSON: {e}")))?;
     if let Some(obj) = value.as_object_mut() {
         obj.insert("api_key".into(), serde_json::Value::String(key.to_string()));
     }
@@ -179,7 +209,9 @@ async fn see_index(gw: &Arc<Gateway>, addr: SocketAddr, index: u64) {
             return;
         }
         match fetch_view(gw.client.as_ref(), addr).await {
-            Ok(view) if view.applied_index >= gw.views.current().view.applied_index => gw.views.replace(view),
+            Ok(view) if view.applied_index >= gw.views.current().view.applied_index => {
+                gw.views.replace(view)
+            }
             _ => {}
         }
     }
@@ -188,12 +220,26 @@ async fn see_index(gw: &Arc<Gateway>, addr: SocketAddr, index: u64) {
 
 /// Sends an admin operation to the first node that answers. Returns the answer, that node, and
 /// the registry index it had applied.
-async fn send_admin(gw: &Arc<Gateway>, admin_key_hash: String, op: AdminOp) -> Result<(String, SocketAddr, u64), ApiError> {
+async fn send_admin(
+    gw: &Arc<Gateway>,
+    admin_key_hash: String,
+    op: AdminOp,
+) -> Result<(String, SocketAddr, u64), ApiError> {
     let view = gw.views.current();
     // A removed node keeps answering while its process runs, but no longer hears the registry.
-    let removed: Vec<SocketAddr> =
-        view.view.nodes.iter().filter(|n| n.state == "removed").filter_map(|n| view.node_addr(n.id)).collect();
-    let mut addrs: Vec<_> = view.node_addrs().into_iter().filter(|(id, _)| !view.is_dead(*id)).map(|(_, a)| a).collect();
+    let removed: Vec<SocketAddr> = view
+        .view
+        .nodes
+        .iter()
+        .filter(|n| n.state == "removed")
+        .filter_map(|n| view.node_addr(n.id))
+        .collect();
+    let mut addrs: Vec<_> = view
+        .node_addrs()
+        .into_iter()
+        .filter(|(id, _)| !view.is_dead(*id))
+        .map(|(_, a)| a)
+        .collect();
     addrs.extend(gw.seeds.iter().filter(|s| !addrs.contains(s)).copied().collect::<Vec<_>>());
     addrs.retain(|a| !removed.contains(a));
     let mut last = String::from("no node known");
@@ -201,8 +247,12 @@ async fn send_admin(gw: &Arc<Gateway>, admin_key_hash: String, op: AdminOp) -> R
         let request = NodeRequest::Admin { admin_key_hash: admin_key_hash.clone(), op: op.clone() };
         match gw.client.call(addr, request, FORWARD_TIMEOUT * 4).await {
             // That node cannot reach the registry leader (partitioned, lagging): another one may.
-            Ok(NodeResponse::Admin { result: Err(e @ ApiError::Unavailable { .. }), .. }) => last = e.to_string(),
-            Ok(NodeResponse::Admin { result, applied_index }) => return result.map(|json| (json, addr, applied_index)),
+            Ok(NodeResponse::Admin { result: Err(e @ ApiError::Unavailable { .. }), .. }) => {
+                last = e.to_string()
+            }
+            Ok(NodeResponse::Admin { result, applied_index }) => {
+                return result.map(|json| (json, addr, applied_index))
+            }
             Ok(other) => return Err(ApiError::Internal(format!("unexpected answer: {other:?}"))),
             Err(e) => last = e.to_string(),
         }

@@ -47,7 +47,10 @@ pub fn preflight() -> Response {
     let mut r = StatusCode::NO_CONTENT.into_response();
     let h = r.headers_mut();
     h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
-    h.insert("access-control-allow-methods", HeaderValue::from_static("GET, POST, PATCH, DELETE, OPTIONS"));
+    h.insert(
+        "access-control-allow-methods",
+        HeaderValue::from_static("GET, POST, PATCH, DELETE, OPTIONS"),
+    );
     h.insert(
         "access-control-allow-headers",
         HeaderValue::from_static("Authorization, X-SQ-API-Key, Content-Type"),
@@ -108,7 +111,11 @@ fn ok_response(answer: SqResponse) -> Response {
     with_cors(r)
 }
 
-async fn public(gw: &Arc<Gateway>, method: request::Method, request: Request) -> Result<SqResponse, ApiError> {
+async fn public(
+    gw: &Arc<Gateway>,
+    method: request::Method,
+    request: Request,
+) -> Result<SqResponse, ApiError> {
     let key = request_key(request.headers()).ok_or(ApiError::Unauthorized)?;
     let caller = authenticate(gw, &key)?;
     let route = request.uri().path().strip_prefix(API_PREFIX).map(str::to_string);
@@ -154,17 +161,35 @@ pub async fn serve(
 }
 
 /// Sends the request to the tenant's owner; on "not owner" refreshes the view and tries once more.
-async fn forward(gw: &Arc<Gateway>, tenant: &str, hash: &str, sq: SqRequest) -> Result<SqResponse, ApiError> {
+async fn forward(
+    gw: &Arc<Gateway>,
+    tenant: &str,
+    hash: &str,
+    sq: SqRequest,
+) -> Result<SqResponse, ApiError> {
     let mut refreshed = false;
     loop {
         let view = gw.views.current();
-        let unavailable = |reason: String| ApiError::Unavailable { reason, retry_after_s: UNAVAILABLE_RETRY_AFTER_S };
-        let owner = view.tenant(tenant).and_then(|t| t.owner).ok_or_else(|| unavailable("no node serves this tenant".into()))?;
+        let unavailable = |reason: String| ApiError::Unavailable {
+            reason,
+            retry_after_s: UNAVAILABLE_RETRY_AFTER_S,
+        };
+        let owner = view
+            .tenant(tenant)
+            .and_then(|t| t.owner)
+            .ok_or_else(|| unavailable("no node serves this tenant".into()))?;
         if view.is_dead(owner) {
             return Err(unavailable(format!("node {owner} is down")));
         }
-        let addr = view.node_addr(owner).ok_or_else(|| unavailable(format!("node {owner} has no address")))?;
-        let request = NodeRequest::Sq { tenant: tenant.to_string(), key_hash: hash.to_string(), epoch: view.view.epoch, request: sq.clone() };
+        let addr = view
+            .node_addr(owner)
+            .ok_or_else(|| unavailable(format!("node {owner} has no address")))?;
+        let request = NodeRequest::Sq {
+            tenant: tenant.to_string(),
+            key_hash: hash.to_string(),
+            epoch: view.view.epoch,
+            request: sq.clone(),
+        };
         let answer = gw.client.call(addr, request, FORWARD_TIMEOUT).await;
         match answer {
             Ok(NodeResponse::Sq(Err(ApiError::NotOwner { epoch }))) if !refreshed => {
@@ -173,7 +198,11 @@ async fn forward(gw: &Arc<Gateway>, tenant: &str, hash: &str, sq: SqRequest) -> 
                 refreshed = true;
             }
             Ok(NodeResponse::Sq(result)) => return result,
-            Ok(other) => return Err(ApiError::Internal(format!("unexpected answer from node {owner}: {other:?}"))),
+            Ok(other) => {
+                return Err(ApiError::Internal(format!(
+                    "unexpected answer from node {owner}: {other:?}"
+                )))
+            }
             Err(e) => return Err(unavailable(format!("node {owner} unreachable: {e}"))),
         }
     }

@@ -23,9 +23,8 @@ pub fn status_of(err: &ApiError) -> StatusCode {
 /// Seconds a client should wait before trying again, for the errors that have such a time.
 fn retry_after_s(err: &ApiError) -> Option<u64> {
     match err {
-        ApiError::RateLimited { retry_after_s, .. } | ApiError::Unavailable { retry_after_s, .. } => {
-            Some((*retry_after_s).max(1))
-        }
+        ApiError::RateLimited { retry_after_s, .. }
+        | ApiError::Unavailable { retry_after_s, .. } => Some((*retry_after_s).max(1)),
         ApiError::NotOwner { .. } => Some(1),
         _ => None,
     }
@@ -64,7 +63,11 @@ mod tests {
             let r = error_response(&err);
             assert_eq!(r.status().as_u16(), status, "{err:?}");
             assert_eq!(r.headers()["access-control-allow-origin"], "*");
-            assert_eq!(r.headers().contains_key("retry-after"), matches!(status, 429 | 503), "{err:?}");
+            assert_eq!(
+                r.headers().contains_key("retry-after"),
+                matches!(status, 429 | 503),
+                "{err:?}"
+            );
         }
     }
 }

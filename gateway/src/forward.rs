@@ -1,8 +1,8 @@
 //! Forwarding to nodes over QUIC, and keeping the registry view fresh.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,14 +37,24 @@ pub enum CallError {
 
 /// The seam to the nodes: QUIC in production, memory in the simulator.
 pub trait NodeClient: Send + Sync + 'static {
-    fn call(&self, addr: SocketAddr, request: NodeRequest, timeout: Duration) -> BoxFuture<'_, Result<NodeResponse, CallError>>;
+    fn call(
+        &self,
+        addr: SocketAddr,
+        request: NodeRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<NodeResponse, CallError>>;
 }
 
 /// [`NodeClient`] over the cluster transport (QUIC in production, the simulator's network in sim).
 pub struct WireNodeClient(pub Arc<dyn transport::Caller>);
 
 impl NodeClient for WireNodeClient {
-    fn call(&self, addr: SocketAddr, request: NodeRequest, timeout: Duration) -> BoxFuture<'_, Result<NodeResponse, CallError>> {
+    fn call(
+        &self,
+        addr: SocketAddr,
+        request: NodeRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<NodeResponse, CallError>> {
         Box::pin(async move {
             let bytes = wire::encode(&request).map_err(|e| CallError::Protocol(e.to_string()))?;
             let answer = self
@@ -58,7 +68,10 @@ impl NodeClient for WireNodeClient {
 }
 
 /// Asks one node for the view, at once. Used on start and after a "not owner" answer.
-pub async fn fetch_view(client: &dyn NodeClient, addr: SocketAddr) -> Result<RegistryView, CallError> {
+pub async fn fetch_view(
+    client: &dyn NodeClient,
+    addr: SocketAddr,
+) -> Result<RegistryView, CallError> {
     let request = NodeRequest::View { known_index: 0, wait_ms: 0 };
     match client.call(addr, request, FORWARD_TIMEOUT).await? {
         NodeResponse::View(Some(view)) => Ok(view),
@@ -96,7 +109,12 @@ fn candidates(views: &ViewHandle, seeds: &[SocketAddr]) -> Vec<SocketAddr> {
 }
 
 /// Keeps the view current by long-polling the nodes in turn until `shutdown`.
-pub async fn poll_views(client: Arc<dyn NodeClient>, views: ViewHandle, seeds: Vec<SocketAddr>, shutdown: CancellationToken) {
+pub async fn poll_views(
+    client: Arc<dyn NodeClient>,
+    views: ViewHandle,
+    seeds: Vec<SocketAddr>,
+    shutdown: CancellationToken,
+) {
     let mut turn = 0usize;
     loop {
         let addrs = candidates(&views, &seeds);

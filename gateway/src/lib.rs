@@ -92,7 +92,12 @@ pub async fn run(config: GatewayConfig, shutdown: CancellationToken) -> Result<(
     if !forward::refresh(gw.client.as_ref(), &gw.views, &gw.seeds).await {
         tracing::warn!("no node answered yet; serving 503 until the registry view arrives");
     }
-    let poller = tokio::spawn(forward::poll_views(gw.client.clone(), gw.views.clone(), gw.seeds.clone(), shutdown.clone()));
+    let poller = tokio::spawn(forward::poll_views(
+        gw.client.clone(),
+        gw.views.clone(),
+        gw.seeds.clone(),
+        shutdown.clone(),
+    ));
     let result = serve::serve(gw, &config, shutdown.clone()).await;
     shutdown.cancel();
     let _ = poller.await;

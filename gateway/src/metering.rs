@@ -19,8 +19,9 @@ static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Upper bounds, in seconds, of the latency histogram buckets: 100 µs to 5 s (past every
 /// timeout a request can meet); the same as the nodes', so the two can be compared.
-const LATENCY_BUCKETS_S: [f64; 15] =
-    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+const LATENCY_BUCKETS_S: [f64; 15] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
 
 /// How often recorded samples are folded into buckets when nobody scrapes: the recorder keeps
 /// every raw sample until then, so an unscraped gateway would grow by 8 bytes per request.
@@ -53,7 +54,10 @@ pub fn install() {
 
 /// The route label of a path: the SQ route, `admin`, or `other` (bounded label values).
 fn route_label(path: &str) -> &'static str {
-    const ROUTES: [&str; 10] = ["version", "select", "insert", "update", "delete", "toc", "get", "checksum", "delta", "query"];
+    const ROUTES: [&str; 10] = [
+        "version", "select", "insert", "update", "delete", "toc", "get", "checksum", "delta",
+        "query",
+    ];
     match path.strip_prefix("/api/v2/") {
         Some(r) if r.starts_with("admin") => "admin",
         Some("metrics") => "metrics",
@@ -64,7 +68,8 @@ fn route_label(path: &str) -> &'static str {
 
 pub fn record(method: &Method, path: &str, status: StatusCode, elapsed: Duration) {
     let route = route_label(path);
-    metrics::histogram!("sq_gateway_request_seconds", "route" => route).record(elapsed.as_secs_f64());
+    metrics::histogram!("sq_gateway_request_seconds", "route" => route)
+        .record(elapsed.as_secs_f64());
     metrics::counter!("sq_gateway_responses_total", "route" => route, "status" => status.as_u16().to_string()).increment(1);
     tracing::info!(target: "sq_gateway::access", %method, route, status = status.as_u16(), latency_us = elapsed.as_micros() as u64);
 }
@@ -72,7 +77,8 @@ pub fn record(method: &Method, path: &str, status: StatusCode, elapsed: Duration
 /// This gateway's metrics, then each node's under its own `node` label, asked of all nodes at
 /// once (a dead node costs one [`FORWARD_TIMEOUT`], not one per node), and `sq_node_up`.
 pub async fn cluster_metrics(gw: &Arc<Gateway>) -> String {
-    let mut parts = vec![RECORDER.get().and_then(|h| h.as_ref()).map(|h| h.render()).unwrap_or_default()];
+    let mut parts =
+        vec![RECORDER.get().and_then(|h| h.as_ref()).map(|h| h.render()).unwrap_or_default()];
     let view = gw.views.current();
     let asks = view.node_addrs().into_iter().map(|(id, addr)| async move {
         match gw.client.call(addr, NodeRequest::Metrics, FORWARD_TIMEOUT).await {
@@ -80,7 +86,9 @@ pub async fn cluster_metrics(gw: &Arc<Gateway>) -> String {
             _ => (id, None),
         }
     });
-    let mut up = String::from("# HELP sq_node_up 1 when the node answered this scrape\n# TYPE sq_node_up gauge\n");
+    let mut up = String::from(
+        "# HELP sq_node_up 1 when the node answered this scrape\n# TYPE sq_node_up gauge\n",
+    );
     for (id, text) in futures::future::join_all(asks).await {
         up.push_str(&format!("sq_node_up{{node=\"{id}\"}} {}\n", u8::from(text.is_some())));
         parts.extend(text);
@@ -129,7 +137,11 @@ pub fn merge_exposition(parts: &[String]) -> String {
             } else if !line.starts_with('#') {
                 let sample = line.split(['{', ' ']).next().unwrap_or_default();
                 // _bucket, _sum and _count samples belong to the family whose TYPE preceded them.
-                let name = if !current.is_empty() && sample.starts_with(current.as_str()) { current.as_str() } else { sample };
+                let name = if !current.is_empty() && sample.starts_with(current.as_str()) {
+                    current.as_str()
+                } else {
+                    sample
+                };
                 families.get(name).samples.push(line.to_string());
             }
         }

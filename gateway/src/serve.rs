@@ -12,13 +12,19 @@ use crate::{router, Gateway, GatewayConfig, GatewayError, TlsFiles};
 /// The most HTTP connections served at once; more wait in the kernel's accept queue.
 const HTTP_CONNECTIONS_MAX: usize = 4096;
 
-pub async fn serve(gw: Arc<Gateway>, config: &GatewayConfig, shutdown: CancellationToken) -> Result<(), GatewayError> {
+pub async fn serve(
+    gw: Arc<Gateway>,
+    config: &GatewayConfig,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
     let listener = TcpListener::bind(config.listen).await?;
     tracing::info!(addr = %listener.local_addr()?, tls = config.tls.is_some(), "gateway listening");
     let app = router(gw);
     let Some(tls) = &config.tls else {
         let stop = shutdown.clone();
-        axum::serve(listener, app).with_graceful_shutdown(async move { stop.cancelled().await }).await?;
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await?;
         return Ok(());
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(tls)?));
@@ -41,7 +47,9 @@ pub async fn serve(gw: Arc<Gateway>, config: &GatewayConfig, shutdown: Cancellat
                 Err(e) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
             };
             let builder = auto::Builder::new(TokioExecutor::new());
-            if let Err(e) = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await {
+            if let Err(e) =
+                builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await
+            {
                 tracing::debug!(%peer, error = %e, "connection ended with an error");
             }
         });
@@ -49,7 +57,9 @@ pub async fn serve(gw: Arc<Gateway>, config: &GatewayConfig, shutdown: Cancellat
 }
 
 fn tls_config(files: &TlsFiles) -> Result<rustls::ServerConfig, GatewayError> {
-    let read = |p: &std::path::Path| std::fs::read(p).map_err(|e| GatewayError::Config(format!("{}: {e}", p.display())));
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| GatewayError::Config(format!("{}: {e}", p.display())))
+    };
     let cert_pem = read(&files.cert)?;
     let key_pem = read(&files.key)?;
     let certs: Vec<_> = rustls_pemfile::certs(&mut cert_pem.as_slice())

@@ -27,11 +27,18 @@ struct FakeNode {
 }
 
 impl NodeClient for FakeNode {
-    fn call(&self, _addr: SocketAddr, request: NodeRequest, _t: Duration) -> BoxFuture<'_, Result<NodeResponse, CallError>> {
+    fn call(
+        &self,
+        _addr: SocketAddr,
+        request: NodeRequest,
+        _t: Duration,
+    ) -> BoxFuture<'_, Result<NodeResponse, CallError>> {
         Box::pin(async move {
             let n = self.calls.fetch_add(1, Ordering::SeqCst);
             Ok(match request {
-                NodeRequest::Sq { .. } if n < self.not_owner => NodeResponse::Sq(Err(ApiError::NotOwner { epoch: 2 })),
+                NodeRequest::Sq { .. } if n < self.not_owner => {
+                    NodeResponse::Sq(Err(ApiError::NotOwner { epoch: 2 }))
+                }
                 NodeRequest::Sq { tenant, request, .. } => {
                     NodeResponse::Sq(Ok(SqResponse::text(format!("{tenant}:{}", request.route()))))
                 }
@@ -47,8 +54,18 @@ fn view() -> RegistryView {
         applied_index: 7,
         epoch: 1,
         admin_key_hash: Some(key_hash(ADMIN)),
-        tenants: vec![TenantView { id: "acme".into(), key_hashes: vec![key_hash(KEY)], enabled: true, owner: Some(1) }],
-        nodes: vec![NodeView { id: 1, addr: "127.0.0.1:9".into(), state: "active".into(), health: "alive".into() }],
+        tenants: vec![TenantView {
+            id: "acme".into(),
+            key_hashes: vec![key_hash(KEY)],
+            enabled: true,
+            owner: Some(1),
+        }],
+        nodes: vec![NodeView {
+            id: 1,
+            addr: "127.0.0.1:9".into(),
+            state: "active".into(),
+            health: "alive".into(),
+        }],
     }
 }
 
@@ -56,18 +73,30 @@ fn gateway(not_owner: usize) -> (Arc<Gateway>, Arc<FakeNode>) {
     let node = Arc::new(FakeNode { calls: AtomicUsize::new(0), not_owner });
     let views = ViewHandle::default();
     views.replace(view());
-    let gw = Arc::new(Gateway { views, client: node.clone(), seeds: vec!["127.0.0.1:9".parse().unwrap()] });
+    let gw = Arc::new(Gateway {
+        views,
+        client: node.clone(),
+        seeds: vec!["127.0.0.1:9".parse().unwrap()],
+    });
     (gw, node)
 }
 
-async fn send(gw: &Arc<Gateway>, method: &str, uri: &str, auth: Option<&str>) -> (StatusCode, String, Option<String>) {
+async fn send(
+    gw: &Arc<Gateway>,
+    method: &str,
+    uri: &str,
+    auth: Option<&str>,
+) -> (StatusCode, String, Option<String>) {
     let mut req = Request::builder().method(method).uri(uri);
     if let Some(a) = auth {
         req = req.header("authorization", a);
     }
     let response = router(gw.clone()).oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
     let status = response.status();
-    let cors = response.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap().to_string());
+    let cors = response
+        .headers()
+        .get("access-control-allow-origin")
+        .map(|v| v.to_str().unwrap().to_string());
     let body = response.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&body).into_owned(), cors)
 }
@@ -83,14 +112,26 @@ async fn order_of_checks() {
         ("PUT", "/api/v2/update?p=x", None, 400, "Bad Request"),
         ("GET", "/api/v2/version", None, 401, "Unauthorized"),
         ("GET", "/api/v2/nosuch?p=../x", None, 401, "Unauthorized"),
-        ("GET", "/api/v2/select?p=x&c=1.1.1/1.1.1/1.1.1", Some("Bearer pmb-v1-00000000000000000000000000000000"), 401, "Unauthorized"),
+        (
+            "GET",
+            "/api/v2/select?p=x&c=1.1.1/1.1.1/1.1.1",
+            Some("Bearer pmb-v1-00000000000000000000000000000000"),
+            401,
+            "Unauthorized",
+        ),
         ("GET", "/api/v2/nosuch?p=../x", Some(&bearer), 403, "Forbidden: invalid phext path"),
         ("GET", "/api/v2/nosuch?p=x", Some(&bearer), 404, "Not Found"),
         ("POST", "/api/v2/select?p=x&c=1.1.1/1.1.1/1.1.1", Some(&bearer), 404, "Not Found"),
         ("GET", "/elsewhere", Some(&bearer), 404, "Not Found"),
         ("GET", "/api/v2/version", Some(KEY), 200, proto::request::SQ_API_VERSION),
         ("GET", "/api/v2/select?p=x&c=1.1.1/1.1.1/1.1.1", Some(&bearer), 200, "acme:select"),
-        ("GET", "/api/v2/select?p=x&c=1.1.1/1.1.1/1.1.1", Some(&format!("bEaReR {KEY}")), 200, "acme:select"),
+        (
+            "GET",
+            "/api/v2/select?p=x&c=1.1.1/1.1.1/1.1.1",
+            Some(&format!("bEaReR {KEY}")),
+            200,
+            "acme:select",
+        ),
         ("GET", "/api/v2/admin/tenants", Some(&bearer), 403, "Forbidden: admin key required"),
         ("GET", "/api/v2/admin/tenants", None, 401, "Unauthorized"),
     ];
@@ -123,7 +164,13 @@ async fn dead_owner_fails_fast() {
     v.nodes[0].health = "dead".into();
     gw.views.replace(v);
     let response = router(gw.clone())
-        .oneshot(Request::builder().uri("/api/v2/toc?p=x").header("x-sq-api-key", KEY).body(Body::empty()).unwrap())
+        .oneshot(
+            Request::builder()
+                .uri("/api/v2/toc?p=x")
+                .header("x-sq-api-key", KEY)
+                .body(Body::empty())
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.status().as_u16(), 503);

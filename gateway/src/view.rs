@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
-use proto::cluster::{RegistryView, TenantView};
 pub use proto::auth::key_hash;
+use proto::cluster::{RegistryView, TenantView};
 
 /// A registry view with the lookups a request needs.
 #[derive(Debug, Default)]
@@ -28,7 +28,8 @@ impl IndexedView {
                 by_key_hash.insert(h.clone(), i);
             }
         }
-        let node_addr = view.nodes.iter().filter_map(|n| Some((n.id, n.addr.parse().ok()?))).collect();
+        let node_addr =
+            view.nodes.iter().filter_map(|n| Some((n.id, n.addr.parse().ok()?))).collect();
         let dead_nodes = view.nodes.iter().filter(|n| n.health == "dead").map(|n| n.id).collect();
         IndexedView { view, by_key_hash, by_id, node_addr, dead_nodes }
     }

@@ -21,7 +21,8 @@ const SCROLL_BYTES: usize = 1000;
 
 /// The coordinate of scroll `i`: a hundred scrolls per section, sections counting up.
 fn coord(i: usize) -> Coordinate {
-    Coordinate::parse(&format!("1.1.1/1.1.1/1.{}.{}", i / 100 + 1, i % 100 + 1)).expect("valid coordinate")
+    Coordinate::parse(&format!("1.1.1/1.1.1/1.{}.{}", i / 100 + 1, i % 100 + 1))
+        .expect("valid coordinate")
 }
 
 /// A document of about `bytes`, in scrolls of [`SCROLL_BYTES`].
@@ -56,7 +57,11 @@ fn bench_updates(c: &mut Criterion) {
         let mut i = 0u64;
         let mut next_update = move || {
             i += 1;
-            SqRequest::Update { p: name.clone(), c: middle, text: format!("{i:0>width$}", width = SCROLL_BYTES) }
+            SqRequest::Update {
+                p: name.clone(),
+                c: middle,
+                text: format!("{i:0>width$}", width = SCROLL_BYTES),
+            }
         };
 
         let dir = tempfile::tempdir().expect("temp dir");

@@ -49,7 +49,11 @@ fn measure() -> (u64, u64) {
 
 fn rss_bytes() -> u64 {
     let statm = std::fs::read_to_string("/proc/self/statm").expect("/proc/self/statm is readable");
-    let pages: u64 = statm.split_whitespace().nth(1).and_then(|p| p.parse().ok()).expect("statm has a resident field");
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .expect("statm has a resident field");
     // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     pages * u64::try_from(page).unwrap_or(4096)
@@ -57,7 +61,11 @@ fn rss_bytes() -> u64 {
 
 fn report(stage: &str, (rss, heap): (u64, u64), (rss0, heap0): (u64, u64)) {
     let per = |now: u64, base: u64| (now as i64 - base as i64) / TENANTS as i64;
-    println!("{stage:<22} RSS {rss:>10} B ({:>5} B/tenant)   live heap {heap:>10} B ({:>5} B/tenant)", per(rss, rss0), per(heap, heap0));
+    println!(
+        "{stage:<22} RSS {rss:>10} B ({:>5} B/tenant)   live heap {heap:>10} B ({:>5} B/tenant)",
+        per(rss, rss0),
+        per(heap, heap0)
+    );
 }
 
 fn main() {
@@ -69,12 +77,14 @@ fn main() {
         ..StoreConfig::default()
     };
     let idle_ms = config.idle_unload_after.as_millis() as u64;
-    let store = Store::open(config, Arc::new(UnsyncedVfs(Arc::new(RealVfs))), clock.clone()).expect("store opens");
+    let store = Store::open(config, Arc::new(UnsyncedVfs(Arc::new(RealVfs))), clock.clone())
+        .expect("store opens");
     let p = PhextName::parse("notes").expect("name");
     let text = "a small note of about one hundred bytes, as a first phext of a new tenant would hold it......";
     let base = measure();
     for i in 0..TENANTS {
-        let request = SqRequest::Update { p: p.clone(), c: Coordinate::ORIGIN, text: format!("{i} {text}") };
+        let request =
+            SqRequest::Update { p: p.clone(), c: Coordinate::ORIGIN, text: format!("{i} {text}") };
         store.execute(&format!("t{i:05}"), 25 << 20, &request).expect("write");
     }
     let loaded = measure();
@@ -94,9 +104,13 @@ fn main() {
     let reloaded = measure();
     clock.advance_ms(idle_ms + 1);
     store.unload_idle();
-    let used: u64 = (0..TENANTS).map(|i| store.storage_bytes(&format!("t{i:05}")).expect("usage")).sum();
+    let used: u64 =
+        (0..TENANTS).map(|i| store.storage_bytes(&format!("t{i:05}")).expect("usage")).sum();
 
-    println!("tenants: {TENANTS}, unloaded: {unloaded_count}, still loaded: {}", store.loaded_tenants().len());
+    println!(
+        "tenants: {TENANTS}, unloaded: {unloaded_count}, still loaded: {}",
+        store.loaded_tenants().len()
+    );
     println!("storage bytes of all tenants (answered while unloaded): {used}");
     println!("store's own estimate while loaded: {} B/tenant", estimate / TENANTS as u64);
     report("before", base, base);

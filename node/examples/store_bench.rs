@@ -21,7 +21,8 @@ const THREADS: [usize; 2] = [1, 16];
 
 /// The coordinate of scroll `i`, as `sq-cloud bench` lays its documents out.
 fn coord(i: usize) -> Coordinate {
-    Coordinate::parse(&format!("1.1.1/1.1.1/1.{}.{}", i / 100 + 1, i % 100 + 1)).expect("valid coordinate")
+    Coordinate::parse(&format!("1.1.1/1.1.1/1.{}.{}", i / 100 + 1, i % 100 + 1))
+        .expect("valid coordinate")
 }
 
 /// A store over `dir` whose tenant `bench` holds the document as phext `doc`, loaded.
@@ -34,8 +35,11 @@ fn store(dir: &Path) -> Store {
     std::fs::create_dir_all(&phexts).expect("bench dir");
     std::fs::write(phexts.join("doc.phext"), doc.to_canonical()).expect("bench doc");
     let config = StoreConfig { data_dir: dir.to_path_buf(), ..StoreConfig::default() };
-    let store = Store::open(config, Arc::new(RealVfs), Arc::new(ManualClock::new(0))).expect("store opens");
-    store.execute("bench", u64::MAX, &SqRequest::Select { p: name(), c: coord(0) }).expect("bench doc loads");
+    let store =
+        Store::open(config, Arc::new(RealVfs), Arc::new(ManualClock::new(0))).expect("store opens");
+    store
+        .execute("bench", u64::MAX, &SqRequest::Select { p: name(), c: coord(0) })
+        .expect("bench doc loads");
     store
 }
 
@@ -70,7 +74,11 @@ fn run(store: &Store, op: &str, threads: usize, length: Duration) -> (Vec<u64>, 
                             "select" => SqRequest::Select { p: name(), c },
                             // New text every time: an update to the text a scroll already holds
                             // is answered without a write.
-                            _ => SqRequest::Update { p: name(), c, text: format!("{t}.{n:0>w$}", w = SCROLL_BYTES - 4) },
+                            _ => SqRequest::Update {
+                                p: name(),
+                                c,
+                                text: format!("{t}.{n:0>w$}", w = SCROLL_BYTES - 4),
+                            },
                         };
                         let sent = Instant::now();
                         store.execute("bench", u64::MAX, &request).expect("request succeeds");
@@ -97,7 +105,10 @@ fn main() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = store(dir.path());
     println!("store in process, 1 MB document ({SCROLLS} scrolls x {SCROLL_BYTES} B), fsync on every write, {seconds} s per case");
-    println!("{:<8} {:>7} {:>10} {:>9} {:>9} {:>9}", "op", "threads", "ops/s", "p50 µs", "p99 µs", "p99.9 µs");
+    println!(
+        "{:<8} {:>7} {:>10} {:>9} {:>9} {:>9}",
+        "op", "threads", "ops/s", "p50 µs", "p99 µs", "p99.9 µs"
+    );
     for op in ["select", "update"] {
         for threads in THREADS {
             let (mut latencies, took) = run(&store, op, threads, Duration::from_secs_f64(seconds));

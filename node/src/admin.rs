@@ -17,7 +17,11 @@ const APPLY_WAIT: Duration = Duration::from_secs(2);
 const MIB: u64 = 1024 * 1024;
 
 /// Runs one admin operation. Returns the JSON answer and the registry index applied here.
-pub async fn execute(svc: &Service, admin_key_hash: &str, op: AdminOp) -> (Result<String, ApiError>, u64) {
+pub async fn execute(
+    svc: &Service,
+    admin_key_hash: &str,
+    op: AdminOp,
+) -> (Result<String, ApiError>, u64) {
     let result = run(svc, admin_key_hash, op).await;
     (result, svc.registry.subscribe().borrow().0)
 }
@@ -28,14 +32,24 @@ async fn run(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<String,
         return Err(ApiError::Unauthorized);
     }
     match op {
-        AdminOp::ListTenants => Ok(json!(state.tenants().map(tenant_json).collect::<Vec<_>>()).to_string()),
+        AdminOp::ListTenants => {
+            Ok(json!(state.tenants().map(tenant_json).collect::<Vec<_>>()).to_string())
+        }
         AdminOp::GetTenant { tenant_id } => Ok(tenant_json(known(&state, &tenant_id)?).to_string()),
-        AdminOp::TenantStats { tenant_id } => crate::stats::tenant_stats(svc, &state, &tenant_id).await,
+        AdminOp::TenantStats { tenant_id } => {
+            crate::stats::tenant_stats(svc, &state, &tenant_id).await
+        }
         AdminOp::Health => Ok(crate::stats::health(svc, &state).to_string()),
         AdminOp::ListNodes => Ok(crate::stats::nodes(svc, &state).to_string()),
-        AdminOp::AddNode { id, addr } => membership(svc, admin_key_hash, AdminOp::AddNode { id, addr }).await,
-        AdminOp::RemoveNode { id } => membership(svc, admin_key_hash, AdminOp::RemoveNode { id }).await,
-        AdminOp::DrainNode { id } => membership(svc, admin_key_hash, AdminOp::DrainNode { id }).await,
+        AdminOp::AddNode { id, addr } => {
+            membership(svc, admin_key_hash, AdminOp::AddNode { id, addr }).await
+        }
+        AdminOp::RemoveNode { id } => {
+            membership(svc, admin_key_hash, AdminOp::RemoveNode { id }).await
+        }
+        AdminOp::DrainNode { id } => {
+            membership(svc, admin_key_hash, AdminOp::DrainNode { id }).await
+        }
         AdminOp::PurgeTenant { tenant_id } => {
             if !state.is_purged(&tenant_id) {
                 known(&state, &tenant_id)?;
@@ -58,8 +72,12 @@ fn known<'a>(state: &'a RegistryState, id: &str) -> Result<&'a TenantRecord, Api
 }
 
 fn tier(name: Option<&str>) -> Result<Option<Tier>, ApiError> {
-    name.map(|n| Tier::parse(n).ok_or_else(|| ApiError::bad_request(format!("unknown tier {n:?}: use free, pro or team"))))
-        .transpose()
+    name.map(|n| {
+        Tier::parse(n).ok_or_else(|| {
+            ApiError::bad_request(format!("unknown tier {n:?}: use free, pro or team"))
+        })
+    })
+    .transpose()
 }
 
 /// Turns a tenant-changing admin operation into a registry command, checking its input first.
@@ -76,7 +94,8 @@ fn command_for(state: &RegistryState, op: AdminOp, now_ms: u64) -> Result<Comman
             Command::AddTenant(TenantRecord {
                 id: tenant_id,
                 tier,
-                quota_bytes: quota_mb.map_or(tier.default_quota_bytes(), |mb| mb.saturating_mul(MIB)),
+                quota_bytes: quota_mb
+                    .map_or(tier.default_quota_bytes(), |mb| mb.saturating_mul(MIB)),
                 daily_limit: tier.default_daily_limit(),
                 key_hashes: vec![key_hash],
                 enabled: true,
@@ -110,7 +129,9 @@ fn command_for(state: &RegistryState, op: AdminOp, now_ms: u64) -> Result<Comman
 fn command_tenant(c: &Command) -> String {
     match c {
         Command::AddTenant(r) => r.id.clone(),
-        Command::UpdateTenant { id, .. } | Command::RotateKey { id, .. } | Command::ArchiveTenant { id } => id.clone(),
+        Command::UpdateTenant { id, .. }
+        | Command::RotateKey { id, .. }
+        | Command::ArchiveTenant { id } => id.clone(),
         _ => String::new(),
     }
 }
@@ -120,7 +141,12 @@ async fn commit(svc: &Service, command: Command) -> Result<(), ApiError> {
     match svc.registry.write(command.clone()).await {
         Ok(_) => Ok(()),
         Err(RegistryError::NotLeader { leader_addr: Some(addr), .. }) => {
-            forward_to_leader(svc, &addr, NodeRequest::RaftCommand { command: encode_command(&command)? }).await
+            forward_to_leader(
+                svc,
+                &addr,
+                NodeRequest::RaftCommand { command: encode_command(&command)? },
+            )
+            .await
         }
         Err(e) => Err(registry_error(e)),
     }
@@ -130,11 +156,21 @@ fn encode_command(c: &Command) -> Result<Vec<u8>, ApiError> {
     proto::wire::encode(c).map_err(|e| ApiError::Internal(e.to_string()))
 }
 
-async fn forward_to_leader(svc: &Service, leader: &str, request: NodeRequest) -> Result<(), ApiError> {
-    let addr = leader.parse().map_err(|_| ApiError::Internal(format!("leader address {leader:?} is invalid")))?;
+async fn forward_to_leader(
+    svc: &Service,
+    leader: &str,
+    request: NodeRequest,
+) -> Result<(), ApiError> {
+    let addr = leader
+        .parse()
+        .map_err(|_| ApiError::Internal(format!("leader address {leader:?} is invalid")))?;
     let bytes = proto::wire::encode(&request).map_err(|e| ApiError::Internal(e.to_string()))?;
     let unavailable = |reason: String| ApiError::Unavailable { reason, retry_after_s: 1 };
-    let answer = svc.peers.call(addr, bytes.into(), PEER_CALL_TIMEOUT).await.map_err(|e| unavailable(format!("registry leader unreachable: {e}")))?;
+    let answer = svc
+        .peers
+        .call(addr, bytes.into(), PEER_CALL_TIMEOUT)
+        .await
+        .map_err(|e| unavailable(format!("registry leader unreachable: {e}")))?;
     match proto::wire::decode::<NodeResponse>(&answer) {
         Ok(NodeResponse::Admin { result, applied_index }) => {
             result?;
@@ -162,7 +198,8 @@ pub(crate) async fn wait_applied(svc: &Service, index: u64) {
 /// A command forwarded by another node (mutually authenticated): commit it here, on the leader.
 pub async fn commit_forwarded(svc: &Service, command: &[u8]) -> (Result<String, ApiError>, u64) {
     let result = async {
-        let command: Command = proto::wire::decode(command).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let command: Command =
+            proto::wire::decode(command).map_err(|e| ApiError::bad_request(e.to_string()))?;
         svc.registry.write(command).await.map_err(registry_error)?;
         Ok("{}".to_string())
     }
@@ -174,15 +211,26 @@ pub async fn commit_forwarded(svc: &Service, command: &[u8]) -> (Result<String, 
 async fn membership(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<String, ApiError> {
     let status = svc.registry.status();
     if status.leader != Some(svc.id) {
-        let leader = status.leader.and_then(|l| svc.registry.state().node(l).map(|n| n.addr.clone()));
+        let leader =
+            status.leader.and_then(|l| svc.registry.state().node(l).map(|n| n.addr.clone()));
         let Some(addr) = leader else {
-            return Err(ApiError::Unavailable { reason: "no registry leader".into(), retry_after_s: 1 });
+            return Err(ApiError::Unavailable {
+                reason: "no registry leader".into(),
+                retry_after_s: 1,
+            });
         };
-        forward_to_leader(svc, &addr, NodeRequest::Admin { admin_key_hash: admin_key_hash.to_string(), op }).await?;
+        forward_to_leader(
+            svc,
+            &addr,
+            NodeRequest::Admin { admin_key_hash: admin_key_hash.to_string(), op },
+        )
+        .await?;
         return Ok(crate::stats::nodes(svc, &svc.registry.state()).to_string());
     }
     match op {
-        AdminOp::AddNode { id, addr } => svc.registry.join_node(id, addr).await.map_err(registry_error)?,
+        AdminOp::AddNode { id, addr } => {
+            svc.registry.join_node(id, addr).await.map_err(registry_error)?
+        }
         AdminOp::DrainNode { id } => svc.registry.drain_node(id).await.map_err(registry_error)?,
         AdminOp::RemoveNode { id } => svc.registry.remove_node(id).await.map_err(registry_error)?,
         other => unreachable!("{other:?} is not a membership change"),
@@ -194,8 +242,12 @@ async fn membership(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<
 pub fn registry_error(e: RegistryError) -> ApiError {
     match e {
         RegistryError::Rejected(reason) => ApiError::Conflict(reason.to_string()),
-        RegistryError::NotLeader { .. } => ApiError::Unavailable { reason: "no registry leader".into(), retry_after_s: 1 },
-        RegistryError::MembershipChangeInProgress => ApiError::Conflict("another membership change is in progress".into()),
+        RegistryError::NotLeader { .. } => {
+            ApiError::Unavailable { reason: "no registry leader".into(), retry_after_s: 1 }
+        }
+        RegistryError::MembershipChangeInProgress => {
+            ApiError::Conflict("another membership change is in progress".into())
+        }
         other => ApiError::Unavailable { reason: other.to_string(), retry_after_s: 1 },
     }
 }
@@ -230,7 +282,12 @@ pub fn registry_view(applied_index: u64, state: &RegistryState, health: &Health)
             .collect(),
         nodes: state
             .nodes()
-            .map(|n| NodeView { id: n.id, addr: n.addr.clone(), state: n.state.as_str().to_string(), health: health.of(n.id).to_string() })
+            .map(|n| NodeView {
+                id: n.id,
+                addr: n.addr.clone(),
+                state: n.state.as_str().to_string(),
+                health: health.of(n.id).to_string(),
+            })
             .collect(),
     }
 }

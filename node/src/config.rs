@@ -63,7 +63,14 @@ fn default_idle_unload_s() -> u64 {
 
 impl NodeConfig {
     /// The configuration `sq-cloud dev` writes for one of its nodes.
-    pub fn dev(id: u64, addr: SocketAddr, data_dir: &Path, certs: &Path, bootstrap: bool, admin_key: &str) -> NodeConfig {
+    pub fn dev(
+        id: u64,
+        addr: SocketAddr,
+        data_dir: &Path,
+        certs: &Path,
+        bootstrap: bool,
+        admin_key: &str,
+    ) -> NodeConfig {
         NodeConfig {
             id,
             data_dir: data_dir.to_path_buf(),

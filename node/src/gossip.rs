@@ -38,7 +38,10 @@ impl GossipConfig {
     /// Refuses timings that cannot work: a node must be able to miss a few rounds before it is
     /// suspect, and be suspect before it is dead.
     pub fn check(&self) -> Result<(), String> {
-        if self.interval_ms == 0 || self.suspect_after_ms < 2 * self.interval_ms || self.dead_after_ms <= self.suspect_after_ms {
+        if self.interval_ms == 0
+            || self.suspect_after_ms < 2 * self.interval_ms
+            || self.dead_after_ms <= self.suspect_after_ms
+        {
             return Err(format!(
                 "gossip: need 0 < interval_ms, 2 × interval_ms ≤ suspect_after_ms < dead_after_ms; got {} / {} / {}",
                 self.interval_ms, self.suspect_after_ms, self.dead_after_ms
@@ -94,7 +97,14 @@ pub struct Health {
 impl Health {
     pub fn new(me: u64, config: GossipConfig, clock: Arc<dyn Clock>) -> Health {
         let generation = tokio::sync::watch::Sender::new(0);
-        Health { me, config, clock, table: Mutex::new(HashMap::new()), changed: AtomicBool::new(false), generation }
+        Health {
+            me,
+            config,
+            clock,
+            table: Mutex::new(HashMap::new()),
+            changed: AtomicBool::new(false),
+            generation,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
@@ -115,7 +125,11 @@ impl Health {
         let now = self.clock.now_ms();
         let mut table = self.lock();
         for &(id, beat) in heartbeats {
-            let e = table.entry(id).or_insert(Entry { heartbeat: 0, seen_ms: now, state: State::Alive });
+            let e = table.entry(id).or_insert(Entry {
+                heartbeat: 0,
+                seen_ms: now,
+                state: State::Alive,
+            });
             if beat > e.heartbeat {
                 e.heartbeat = beat;
                 e.seen_ms = now;
@@ -128,7 +142,11 @@ impl Health {
     fn tick(&self, peers: &[u64]) -> Vec<(u64, u64)> {
         let now = self.clock.now_ms();
         let mut table = self.lock();
-        let mine = table.entry(self.me).or_insert(Entry { heartbeat: 0, seen_ms: now, state: State::Alive });
+        let mine = table.entry(self.me).or_insert(Entry {
+            heartbeat: 0,
+            seen_ms: now,
+            state: State::Alive,
+        });
         mine.heartbeat += 1;
         mine.seen_ms = now;
         for p in peers {
@@ -170,14 +188,23 @@ impl Health {
 
     /// Every known node's state, sorted by id.
     pub fn snapshot(&self) -> Vec<(u64, State)> {
-        let mut v: Vec<_> = self.lock().iter().map(|(id, e)| (*id, if *id == self.me { State::Alive } else { e.state })).collect();
+        let mut v: Vec<_> = self
+            .lock()
+            .iter()
+            .map(|(id, e)| (*id, if *id == self.me { State::Alive } else { e.state }))
+            .collect();
         v.sort_by_key(|(id, _)| *id);
         v
     }
 }
 
 /// Sends this node's table to every peer each interval until `shutdown`.
-pub async fn run(health: Arc<Health>, registry: Arc<raft_registry::Registry>, client: Arc<dyn transport::Caller>, shutdown: CancellationToken) {
+pub async fn run(
+    health: Arc<Health>,
+    registry: Arc<raft_registry::Registry>,
+    client: Arc<dyn transport::Caller>,
+    shutdown: CancellationToken,
+) {
     let interval = Duration::from_millis(health.config.interval_ms);
     loop {
         let state = registry.state();

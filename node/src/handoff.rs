@@ -55,7 +55,12 @@ pub struct HandoffConfig {
 
 impl Default for HandoffConfig {
     fn default() -> Self {
-        HandoffConfig { parallelism: 16, bandwidth_bytes_per_s: 64 << 20, chunk_bytes: 4 << 20, grace_s: 600 }
+        HandoffConfig {
+            parallelism: 16,
+            bandwidth_bytes_per_s: 64 << 20,
+            chunk_bytes: 4 << 20,
+            grace_s: 600,
+        }
     }
 }
 
@@ -141,7 +146,11 @@ impl Handoffs {
 
 /// Old owner: the tenant's file list, once this node has applied `epoch` and no longer runs any
 /// request for the tenant.
-pub async fn manifest(svc: &Service, tenant: &str, epoch: u64) -> Result<Vec<HandoffFile>, ApiError> {
+pub async fn manifest(
+    svc: &Service,
+    tenant: &str,
+    epoch: u64,
+) -> Result<Vec<HandoffFile>, ApiError> {
     let mut rx = svc.registry.subscribe();
     let reached = tokio::time::timeout(EPOCH_WAIT, async {
         while rx.borrow_and_update().1.placement_epoch() < epoch {
@@ -153,15 +162,24 @@ pub async fn manifest(svc: &Service, tenant: &str, epoch: u64) -> Result<Vec<Han
     .await;
     let state = svc.registry.state();
     if reached.is_err() || state.placement_epoch() < epoch {
-        return Err(ApiError::Unavailable { reason: format!("epoch {epoch} not applied yet"), retry_after_s: 1 });
+        return Err(ApiError::Unavailable {
+            reason: format!("epoch {epoch} not applied yet"),
+            retry_after_s: 1,
+        });
     }
     if state.owner_of(tenant) == Some(svc.id) {
-        return Err(ApiError::Conflict(format!("node {} owns {tenant}; nothing to hand off", svc.id)));
+        return Err(ApiError::Conflict(format!(
+            "node {} owns {tenant}; nothing to hand off",
+            svc.id
+        )));
     }
     // Once the handoff is done this node may delete its copy; an empty list then would hand the
     // new owner an empty tenant. Only a pending handoff of this epoch gets an answer.
     if state.handoff(tenant).is_none_or(|h| h.epoch != epoch || h.from != svc.id) {
-        return Err(ApiError::Conflict(format!("no pending handoff of {tenant} from node {} in epoch {epoch}", svc.id)));
+        return Err(ApiError::Conflict(format!(
+            "no pending handoff of {tenant} from node {} in epoch {epoch}",
+            svc.id
+        )));
     }
     svc.handoffs.drain(tenant).await;
     svc.limits.persist();
@@ -173,7 +191,13 @@ pub async fn manifest(svc: &Service, tenant: &str, epoch: u64) -> Result<Vec<Han
 }
 
 /// Old owner: a chunk of one file of a tenant this node no longer owns.
-pub async fn read(svc: &Service, tenant: &str, path: &str, offset: u64, len: u64) -> Result<Vec<u8>, ApiError> {
+pub async fn read(
+    svc: &Service,
+    tenant: &str,
+    path: &str,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>, ApiError> {
     if svc.registry.state().owner_of(tenant) == Some(svc.id) {
         return Err(ApiError::Conflict(format!("node {} owns {tenant}", svc.id)));
     }
@@ -190,7 +214,8 @@ pub async fn read(svc: &Service, tenant: &str, path: &str, offset: u64, len: u64
 async fn call(svc: &Service, addr: &str, request: NodeRequest) -> Result<NodeResponse, String> {
     let addr = addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?;
     let bytes = proto::wire::encode(&request).map_err(|e| e.to_string())?;
-    let answer = svc.peers.call(addr, bytes.into(), PEER_CALL_TIMEOUT).await.map_err(|e| e.to_string())?;
+    let answer =
+        svc.peers.call(addr, bytes.into(), PEER_CALL_TIMEOUT).await.map_err(|e| e.to_string())?;
     proto::wire::decode(&answer).map_err(|e| e.to_string())
 }
 
@@ -221,11 +246,19 @@ async fn pull(svc: &Service, h: &Handoff) -> Result<(), String> {
     // owner's copy, so it is kept and only the commit is repeated.
     let t = h.tenant.clone();
     if on_store(svc, move |s| s.received_epoch(&t)).await? >= h.epoch {
-        return commit(svc, Command::HandoffDone { tenant: h.tenant.clone(), epoch: h.epoch }).await;
+        return commit(svc, Command::HandoffDone { tenant: h.tenant.clone(), epoch: h.epoch })
+            .await;
     }
     let state = svc.registry.state();
-    let from = state.node(h.from).ok_or_else(|| format!("node {} is unknown", h.from))?.addr.clone();
-    let files = match call(svc, &from, NodeRequest::HandoffManifest { tenant: h.tenant.clone(), epoch: h.epoch }).await? {
+    let from =
+        state.node(h.from).ok_or_else(|| format!("node {} is unknown", h.from))?.addr.clone();
+    let files = match call(
+        svc,
+        &from,
+        NodeRequest::HandoffManifest { tenant: h.tenant.clone(), epoch: h.epoch },
+    )
+    .await?
+    {
         NodeResponse::HandoffManifest(r) => r.map_err(|e| e.to_string())?,
         other => return Err(format!("old owner answered {other:?}")),
     };
@@ -257,7 +290,10 @@ async fn swap_in(svc: &Service, h: &Handoff) -> Result<(), String> {
     let t = h.tenant.clone();
     if svc.registry.state().handoff(&h.tenant) != Some(h) {
         on_store(svc, move |s| s.stage_abort(&t)).await?;
-        return Err(format!("handoff of {} in epoch {} is no longer pending here; copy dropped", h.tenant, h.epoch));
+        return Err(format!(
+            "handoff of {} in epoch {} is no longer pending here; copy dropped",
+            h.tenant, h.epoch
+        ));
     }
     on_store(svc, move |s| s.stage_commit(&t)).await
 }
@@ -268,16 +304,29 @@ async fn on_store<R: Send + 'static>(
     f: impl FnOnce(&crate::store::Store) -> Result<R, crate::store::StoreError> + Send + 'static,
 ) -> Result<R, String> {
     let store = svc.store.clone();
-    crate::blocking::spawn(move || f(&store)).await.map_err(|e| e.to_string())?.map_err(|e| e.to_string())
+    crate::blocking::spawn(move || f(&store))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
 }
 
-async fn fetch(svc: &Service, from: &str, tenant: &str, file: &HandoffFile) -> Result<Vec<u8>, String> {
+async fn fetch(
+    svc: &Service,
+    from: &str,
+    tenant: &str,
+    file: &HandoffFile,
+) -> Result<Vec<u8>, String> {
     let mut bytes = Vec::with_capacity(file.len as usize);
     let chunk = svc.handoffs.config.chunk_bytes.max(1);
     while (bytes.len() as u64) < file.len {
         let want = chunk.min(file.len - bytes.len() as u64);
         svc.handoffs.pace(want, svc.clock_ms()).await;
-        let request = NodeRequest::HandoffRead { tenant: tenant.to_string(), path: file.path.clone(), offset: bytes.len() as u64, len: want };
+        let request = NodeRequest::HandoffRead {
+            tenant: tenant.to_string(),
+            path: file.path.clone(),
+            offset: bytes.len() as u64,
+            len: want,
+        };
         let part = match call(svc, from, request).await? {
             NodeResponse::HandoffChunk(r) => r.map_err(|e| e.to_string())?.0,
             other => return Err(format!("old owner answered {other:?}")),
@@ -304,12 +353,20 @@ pub async fn run_puller(svc: Arc<Service>, shutdown: CancellationToken) {
                 let mut incoming = svc.handoffs.progress();
                 let new = !incoming.contains_key(&h.tenant);
                 if new {
-                    incoming.insert(h.tenant.clone(), Progress { from: h.from, epoch: h.epoch, ..Default::default() });
+                    incoming.insert(
+                        h.tenant.clone(),
+                        Progress { from: h.from, epoch: h.epoch, ..Default::default() },
+                    );
                 }
                 new
             };
             if fresh {
-                tokio::spawn(pull_until_done(svc.clone(), h.clone(), permits.clone(), shutdown.clone()));
+                tokio::spawn(pull_until_done(
+                    svc.clone(),
+                    h.clone(),
+                    permits.clone(),
+                    shutdown.clone(),
+                ));
             }
         }
         tokio::select! {
@@ -320,17 +377,31 @@ pub async fn run_puller(svc: Arc<Service>, shutdown: CancellationToken) {
     }
 }
 
-async fn pull_until_done(svc: Arc<Service>, h: Handoff, permits: Arc<Semaphore>, shutdown: CancellationToken) {
+async fn pull_until_done(
+    svc: Arc<Service>,
+    h: Handoff,
+    permits: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) {
     loop {
         let Ok(_permit) = permits.acquire().await else { return };
-        if shutdown.is_cancelled() || svc.registry.state().handoff(&h.tenant).is_none_or(|p| *p != h) {
+        if shutdown.is_cancelled()
+            || svc.registry.state().handoff(&h.tenant).is_none_or(|p| *p != h)
+        {
             break;
         }
         let started = svc.clock_ms();
         match pull(&svc, &h).await {
             Ok(()) => {
                 let ms = svc.clock_ms().saturating_sub(started);
-                tracing::info!(node = svc.id, tenant = h.tenant, from = h.from, epoch = h.epoch, ms, "handoff done");
+                tracing::info!(
+                    node = svc.id,
+                    tenant = h.tenant,
+                    from = h.from,
+                    epoch = h.epoch,
+                    ms,
+                    "handoff done"
+                );
                 metrics::counter!("sq_handoffs_total").increment(1);
                 // Stay listed until this node applies `HandoffDone`: the puller would otherwise
                 // see the handoff still pending and pull the tenant again. The permit goes to
@@ -393,7 +464,10 @@ async fn sweep(svc: &Service) -> Result<(), String> {
             purge(svc, &t).await?;
             continue;
         }
-        if state.tenant(&t).is_none() || state.owner_of(&t) == Some(svc.id) || state.handoff(&t).is_some() {
+        if state.tenant(&t).is_none()
+            || state.owner_of(&t) == Some(svc.id)
+            || state.handoff(&t).is_some()
+        {
             continue;
         }
         let id = t.clone();
@@ -418,7 +492,11 @@ async fn sweep(svc: &Service) -> Result<(), String> {
     for tenant in due {
         let t = tenant.clone();
         on_store(svc, move |s| s.remove_tenant(&t)).await?;
-        tracing::info!(node = svc.id, tenant, "deleted the copy of a tenant handed off to another node");
+        tracing::info!(
+            node = svc.id,
+            tenant,
+            "deleted the copy of a tenant handed off to another node"
+        );
     }
     Ok(())
 }

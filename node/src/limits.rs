@@ -95,7 +95,14 @@ impl Limits {
             .and_then(|b| serde_json::from_slice::<Rollup>(&b).ok())
             .map(|r| if r.day == today { r } else { r.next_day(today) })
             .unwrap_or(Rollup { day: today, ..Rollup::default() });
-        TenantLimits { rollup, tokens: BURST_CAPACITY, tokens_at_ms: now_ms, in_flight: 0, dirty: false, loaded: true }
+        TenantLimits {
+            rollup,
+            tokens: BURST_CAPACITY,
+            tokens_at_ms: now_ms,
+            in_flight: 0,
+            dirty: false,
+            loaded: true,
+        }
     }
 
     /// Admits one request of `tenant` or says why not. Counts nothing: see [`Limits::record`].
@@ -122,7 +129,10 @@ impl Limits {
         t.tokens = (t.tokens + elapsed_s * BURST_PER_SECOND).min(BURST_CAPACITY);
         t.tokens_at_ms = now;
         if t.tokens < 1.0 {
-            return Err(ApiError::RateLimited { reason: format!("more than {BURST_PER_SECOND} requests per second"), retry_after_s: 1 });
+            return Err(ApiError::RateLimited {
+                reason: format!("more than {BURST_PER_SECOND} requests per second"),
+                retry_after_s: 1,
+            });
         }
         t.tokens -= 1.0;
         t.in_flight += 1;
@@ -225,7 +235,11 @@ mod tests {
         l.admit("t", 5).unwrap();
         let r = l.rollup("t");
         assert_eq!(r.total_calls(), 0, "a new day starts from zero");
-        assert_eq!(r.last_active_ms, Some(day0 + crate::clock::DAY_MS - 10_000), "last activity outlives its day");
+        assert_eq!(
+            r.last_active_ms,
+            Some(day0 + crate::clock::DAY_MS - 10_000),
+            "last activity outlives its day"
+        );
     }
 
     // Goal: the token bucket lets BURST_CAPACITY requests through at once, then refuses with

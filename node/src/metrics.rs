@@ -16,8 +16,9 @@ static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Upper bounds, in seconds, of the request latency histogram buckets: 100 µs (a read of a loaded
 /// tenant) to 5 s (past every timeout a request can meet).
-pub const LATENCY_BUCKETS_S: [f64; 15] =
-    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
+pub const LATENCY_BUCKETS_S: [f64; 15] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+];
 
 /// How often recorded histogram samples are folded into buckets when nobody scrapes: the
 /// recorder keeps every raw sample until then, so without this an unscraped node grows by
@@ -51,18 +52,51 @@ pub fn install(node_id: u64) {
 
 /// HELP lines for every series this node exports (PRODUCT.md §2 names the first ones).
 fn describe() {
-    metrics::describe_gauge!("sq_storage_bytes", "Canonical bytes of all the tenant's phexts on its owning node");
-    metrics::describe_counter!("sq_api_calls_total", "SQ requests admitted for a tenant, by route (method)");
-    metrics::describe_gauge!("sq_tenants_active", "Tenants loaded in memory on this node (used within the idle-unload time)");
-    metrics::describe_histogram!("sq_request_duration_seconds", "Time from admission to answer on the owning node, by route");
-    metrics::describe_counter!("sq_refusals_total", "Requests the owning node refused: 429 rate limit, 507 quota, 503 not owner");
-    metrics::describe_gauge!("sq_raft_term", "Current Raft term of the registry as this node knows it");
-    metrics::describe_gauge!("sq_raft_leader", "Node id of the registry leader this node knows; 0 when none");
+    metrics::describe_gauge!(
+        "sq_storage_bytes",
+        "Canonical bytes of all the tenant's phexts on its owning node"
+    );
+    metrics::describe_counter!(
+        "sq_api_calls_total",
+        "SQ requests admitted for a tenant, by route (method)"
+    );
+    metrics::describe_gauge!(
+        "sq_tenants_active",
+        "Tenants loaded in memory on this node (used within the idle-unload time)"
+    );
+    metrics::describe_histogram!(
+        "sq_request_duration_seconds",
+        "Time from admission to answer on the owning node, by route"
+    );
+    metrics::describe_counter!(
+        "sq_refusals_total",
+        "Requests the owning node refused: 429 rate limit, 507 quota, 503 not owner"
+    );
+    metrics::describe_gauge!(
+        "sq_raft_term",
+        "Current Raft term of the registry as this node knows it"
+    );
+    metrics::describe_gauge!(
+        "sq_raft_leader",
+        "Node id of the registry leader this node knows; 0 when none"
+    );
     metrics::describe_gauge!("sq_raft_is_leader", "1 when this node leads the registry");
-    metrics::describe_gauge!("sq_raft_commit_index", "Last registry log index applied on this node (committed entries only)");
-    metrics::describe_gauge!("sq_raft_last_log_index", "Last registry log index stored on this node");
-    metrics::describe_gauge!("sq_placement_epoch", "Placement epoch of the registry as applied on this node");
-    metrics::describe_gauge!("sq_gossip_state", "Gossip state of each peer as this node sees it: 0 alive, 1 suspect, 2 dead");
+    metrics::describe_gauge!(
+        "sq_raft_commit_index",
+        "Last registry log index applied on this node (committed entries only)"
+    );
+    metrics::describe_gauge!(
+        "sq_raft_last_log_index",
+        "Last registry log index stored on this node"
+    );
+    metrics::describe_gauge!(
+        "sq_placement_epoch",
+        "Placement epoch of the registry as applied on this node"
+    );
+    metrics::describe_gauge!(
+        "sq_gossip_state",
+        "Gossip state of each peer as this node sees it: 0 alive, 1 suspect, 2 dead"
+    );
     metrics::describe_gauge!("sq_store_memory_bytes", "Estimated memory held by loaded tenants");
     // Refusal series exist from the start, at zero, so a dashboard shows "none" rather than "no data".
     for status in ["429", "507", "503"] {
@@ -102,11 +136,18 @@ pub fn outcome(result: &Result<SqResponse, ApiError>) -> &'static str {
 /// Meters one request of a tenant: calls by tenant and method, latency by route, refusals.
 /// A request refused by the rate limits is not a call (it does not count against the tenant's
 /// limits either); it shows only in `sq_refusals_total`.
-pub fn request(tenant: &str, route: &'static str, result: &Result<SqResponse, ApiError>, latency_us: u64) {
+pub fn request(
+    tenant: &str,
+    route: &'static str,
+    result: &Result<SqResponse, ApiError>,
+    latency_us: u64,
+) {
     let outcome = outcome(result);
     if outcome != "429" {
-        metrics::counter!("sq_api_calls_total", "tenant" => tenant.to_string(), "method" => route).increment(1);
-        metrics::histogram!("sq_request_duration_seconds", "route" => route).record(latency_us as f64 / 1e6);
+        metrics::counter!("sq_api_calls_total", "tenant" => tenant.to_string(), "method" => route)
+            .increment(1);
+        metrics::histogram!("sq_request_duration_seconds", "route" => route)
+            .record(latency_us as f64 / 1e6);
     }
     if outcome != "ok" {
         metrics::counter!("sq_refusals_total", "status" => outcome).increment(1);

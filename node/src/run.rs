@@ -9,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::{SystemWallClock, WallClock};
 use crate::config::NodeConfig;
-use crate::limits::Limits;
 use crate::gossip::Health;
+use crate::limits::Limits;
 use crate::service::Service;
 use crate::store::{RealVfs, Store, StoreConfig, SystemClock};
 
@@ -24,12 +24,22 @@ const UNLOAD_TICK: Duration = Duration::from_secs(5);
 struct WireRaft(Arc<dyn transport::Caller>);
 
 impl raft_registry::RaftTransport for WireRaft {
-    fn send(&self, _target: u64, addr: &str, payload: Vec<u8>) -> raft_registry::TransportFuture<'_> {
+    fn send(
+        &self,
+        _target: u64,
+        addr: &str,
+        payload: Vec<u8>,
+    ) -> raft_registry::TransportFuture<'_> {
         let addr = addr.to_string();
         Box::pin(async move {
             let addr = addr.parse().map_err(|e| format!("bad peer address {addr}: {e}"))?;
-            let bytes = proto::wire::encode(&NodeRequest::Raft(payload)).map_err(|e| e.to_string())?;
-            let answer = self.0.call(addr, bytes.into(), RAFT_RPC_TIMEOUT).await.map_err(|e| e.to_string())?;
+            let bytes =
+                proto::wire::encode(&NodeRequest::Raft(payload)).map_err(|e| e.to_string())?;
+            let answer = self
+                .0
+                .call(addr, bytes.into(), RAFT_RPC_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?;
             match proto::wire::decode(&answer).map_err(|e| e.to_string())? {
                 NodeResponse::Raft(reply) => Ok(reply),
                 other => Err(format!("peer answered {other:?} to a Raft RPC")),
@@ -81,7 +91,11 @@ pub struct Workers(Vec<tokio::task::JoinHandle<()>>);
 impl NodeParts {
     /// Opens the store, the usage limits and the registry under `config.data_dir` and builds the
     /// service over them. Nothing runs in the background yet.
-    pub async fn open(config: &NodeConfig, registry_config: RegistryConfig, seams: Seams) -> Result<NodeParts, NodeError> {
+    pub async fn open(
+        config: &NodeConfig,
+        registry_config: RegistryConfig,
+        seams: Seams,
+    ) -> Result<NodeParts, NodeError> {
         let store_config = StoreConfig {
             data_dir: config.data_dir.join("store"),
             memory_budget_bytes: config.memory_budget_mb.saturating_mul(1024 * 1024),
@@ -89,10 +103,22 @@ impl NodeParts {
             ..StoreConfig::default()
         };
         let store = Arc::new(Store::open(store_config, seams.vfs.clone(), seams.clock.clone())?);
-        let limits = Arc::new(Limits::new(seams.wall.clone(), seams.vfs, config.data_dir.join("store").join("tenants")));
+        let limits = Arc::new(Limits::new(
+            seams.wall.clone(),
+            seams.vfs,
+            config.data_dir.join("store").join("tenants"),
+        ));
         let transport = Arc::new(WireRaft(seams.peers.clone()));
-        let registry =
-            Arc::new(Registry::open_on(seams.registry_fs, &config.data_dir.join("registry"), config.id, registry_config, transport).await?);
+        let registry = Arc::new(
+            Registry::open_on(
+                seams.registry_fs,
+                &config.data_dir.join("registry"),
+                config.id,
+                registry_config,
+                transport,
+            )
+            .await?,
+        );
         config.gossip.check().map_err(NodeError::Config)?;
         let health = Arc::new(Health::new(config.id, config.gossip, seams.clock));
         let handoffs = Arc::new(crate::handoff::Handoffs::new(config.handoff));
@@ -118,7 +144,12 @@ impl NodeParts {
     /// Starts gossip, idle unloading, usage persistence and tenant handoff.
     pub fn spawn_workers(&self, shutdown: &CancellationToken) -> Workers {
         Workers(vec![
-            tokio::spawn(crate::gossip::run(self.health.clone(), self.registry.clone(), self.peers.clone(), shutdown.clone())),
+            tokio::spawn(crate::gossip::run(
+                self.health.clone(),
+                self.registry.clone(),
+                self.peers.clone(),
+                shutdown.clone(),
+            )),
             tokio::spawn(unload_idle(self.store.clone(), shutdown.clone())),
             tokio::spawn(persist_usage(self.limits.clone(), shutdown.clone())),
             tokio::spawn(crate::handoff::run_puller(self.service.clone(), shutdown.clone())),
@@ -139,7 +170,9 @@ impl NodeParts {
         }
         tracing::info!("stopping: flushing tenant store");
         let store = self.store;
-        crate::blocking::spawn(move || store.flush_all()).await.map_err(|e| NodeError::Config(e.to_string()))??;
+        crate::blocking::spawn(move || store.flush_all())
+            .await
+            .map_err(|e| NodeError::Config(e.to_string()))??;
         tracing::info!("stopped");
         Ok(())
     }
@@ -151,8 +184,10 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
     // Also cancelled when the registry fails, to stop this node's parts in order before exiting.
     let shutdown = shutdown.child_token();
     crate::metrics::install(config.id);
-    let identity = transport::Identity::load(&config.cluster_certs, transport::Role::Node(config.id))?;
-    let client: Arc<dyn transport::Caller> = Arc::new(transport::Client::new(&identity, transport::ClientLimits::default())?);
+    let identity =
+        transport::Identity::load(&config.cluster_certs, transport::Role::Node(config.id))?;
+    let client: Arc<dyn transport::Caller> =
+        Arc::new(transport::Client::new(&identity, transport::ClientLimits::default())?);
     let seams = Seams {
         peers: client,
         vfs: Arc::new(RealVfs),
@@ -161,15 +196,17 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
         wall: Arc::new(SystemWallClock),
     };
     let parts = NodeParts::open(&config, RegistryConfig::default(), seams).await?;
-    let server = transport::Server::bind(config.listen, &identity, transport::ServerLimits::default())?;
+    let server =
+        transport::Server::bind(config.listen, &identity, transport::ServerLimits::default())?;
     tracing::info!(id = config.id, addr = %config.advertise(), "node listening");
     let server_task = tokio::spawn(server.run(parts.service.clone(), shutdown.clone()));
     if config.bootstrap {
         parts.bootstrap(&config).await?;
     }
     let workers = parts.spawn_workers(&shutdown);
-    let tenants_file =
-        config.tenants_file.clone().map(|path| tokio::spawn(crate::tenants_file::watch(path, parts.service.clone(), shutdown.clone())));
+    let tenants_file = config.tenants_file.clone().map(|path| {
+        tokio::spawn(crate::tenants_file::watch(path, parts.service.clone(), shutdown.clone()))
+    });
     let registry_failure = tokio::select! {
         _ = shutdown.cancelled() => None,
         why = parts.registry.failed() => Some(why),

@@ -50,7 +50,18 @@ impl Service {
         wall: Arc<dyn WallClock>,
         handoffs: Arc<Handoffs>,
     ) -> Service {
-        Service { id, store, registry, peers, view_cache: Mutex::new(None), health, limits, wall, handoffs, view_peers: Default::default() }
+        Service {
+            id,
+            store,
+            registry,
+            peers,
+            view_cache: Mutex::new(None),
+            health,
+            limits,
+            wall,
+            handoffs,
+            view_peers: Default::default(),
+        }
     }
 
     /// Wall-clock milliseconds since the Unix epoch, for records stamped with a date.
@@ -64,9 +75,12 @@ impl Service {
             NodeRequest::Sq { tenant, key_hash, epoch, request } => {
                 NodeResponse::Sq(self.sq(&tenant, &key_hash, epoch, request).await)
             }
-            NodeRequest::View { known_index, wait_ms } => NodeResponse::View(self.view(peer.addr, known_index, wait_ms).await),
+            NodeRequest::View { known_index, wait_ms } => {
+                NodeResponse::View(self.view(peer.addr, known_index, wait_ms).await)
+            }
             NodeRequest::Admin { admin_key_hash, op } => {
-                let (result, applied_index) = crate::admin::execute(self, &admin_key_hash, op).await;
+                let (result, applied_index) =
+                    crate::admin::execute(self, &admin_key_hash, op).await;
                 NodeResponse::Admin { result, applied_index }
             }
             NodeRequest::RaftCommand { command } if from_node => {
@@ -77,20 +91,36 @@ impl Service {
                 NodeResponse::HandoffManifest(crate::handoff::manifest(self, &tenant, epoch).await)
             }
             NodeRequest::HandoffRead { tenant, path, offset, len } if from_node => {
-                NodeResponse::HandoffChunk(crate::handoff::read(self, &tenant, &path, offset, len).await.map(proto::cluster::Chunk))
+                NodeResponse::HandoffChunk(
+                    crate::handoff::read(self, &tenant, &path, offset, len)
+                        .await
+                        .map(proto::cluster::Chunk),
+                )
             }
-            NodeRequest::Raft(bytes) if from_node => NodeResponse::Raft(self.registry.handle_rpc(&bytes).await),
+            NodeRequest::Raft(bytes) if from_node => {
+                NodeResponse::Raft(self.registry.handle_rpc(&bytes).await)
+            }
             NodeRequest::Gossip { from, heartbeats } if from_node => {
                 NodeResponse::Gossip { heartbeats: self.health.merge(from, &heartbeats) }
             }
-            NodeRequest::TenantUsage { tenants } => NodeResponse::TenantUsage(self.usage(tenants).await),
+            NodeRequest::TenantUsage { tenants } => {
+                NodeResponse::TenantUsage(self.usage(tenants).await)
+            }
             NodeRequest::Metrics => NodeResponse::Metrics(crate::metrics::render_node(self)),
-            other => NodeResponse::Refused(format!("{:?} may not send {}", peer.role, kind(&other))),
+            other => {
+                NodeResponse::Refused(format!("{:?} may not send {}", peer.role, kind(&other)))
+            }
         }
     }
 
     /// Runs an SQ request for a tenant this node owns, after checking the key hash again.
-    async fn sq(&self, tenant: &str, key_hash: &str, _epoch: u64, request: SqRequest) -> Result<SqResponse, ApiError> {
+    async fn sq(
+        &self,
+        tenant: &str,
+        key_hash: &str,
+        _epoch: u64,
+        request: SqRequest,
+    ) -> Result<SqResponse, ApiError> {
         self.wait_to_know(tenant, key_hash).await;
         // Held until the answer, so a handoff of this tenant waits for this request to finish.
         let _gate = self.handoffs.enter(tenant).await;
@@ -106,7 +136,10 @@ impl Service {
             return Err(ApiError::NotOwner { epoch: state.placement_epoch() });
         }
         if state.handoff(tenant).is_some() {
-            return Err(ApiError::Unavailable { reason: "the tenant is moving to this node".into(), retry_after_s: 1 });
+            return Err(ApiError::Unavailable {
+                reason: "the tenant is moving to this node".into(),
+                retry_after_s: 1,
+            });
         }
         let route = request.route();
         let started_us = self.wall.unix_us();
@@ -122,7 +155,8 @@ impl Service {
             // A select of a loaded tenant: a map lookup, answered here without a thread hop.
             Some(answered) => answered.map_err(ApiError::from),
             None => {
-                let (store, quota, owned) = (self.store.clone(), record.quota_bytes, tenant.to_string());
+                let (store, quota, owned) =
+                    (self.store.clone(), record.quota_bytes, tenant.to_string());
                 crate::blocking::spawn(move || {
                     let result = store.execute(&owned, quota, &request).map_err(ApiError::from);
                     if request.is_write() {
@@ -151,8 +185,13 @@ impl Service {
         let mut rx = self.registry.subscribe();
         let deadline = tokio::time::Instant::now() + CATCH_UP_WAIT;
         loop {
-            let knows = rx.borrow_and_update().1.tenant(tenant).is_some_and(|t| t.key_hashes.iter().any(|h| h == key_hash));
-            if knows || !matches!(tokio::time::timeout_at(deadline, rx.changed()).await, Ok(Ok(()))) {
+            let knows = rx
+                .borrow_and_update()
+                .1
+                .tenant(tenant)
+                .is_some_and(|t| t.key_hashes.iter().any(|h| h == key_hash));
+            if knows || !matches!(tokio::time::timeout_at(deadline, rx.changed()).await, Ok(Ok(())))
+            {
                 return;
             }
         }
@@ -161,7 +200,12 @@ impl Service {
     /// Long-poll: the view as soon as the registry has applied past `known_index`, or as soon as
     /// gossip changed a node's health since `poller` was last sent a view (health is no Raft
     /// entry, so it does not move the index).
-    async fn view(&self, poller: std::net::SocketAddr, known_index: u64, wait_ms: u64) -> Option<RegistryView> {
+    async fn view(
+        &self,
+        poller: std::net::SocketAddr,
+        known_index: u64,
+        wait_ms: u64,
+    ) -> Option<RegistryView> {
         let mut rx = self.registry.subscribe();
         let mut health = self.health.generations();
         let wait = Duration::from_millis(wait_ms).min(VIEW_WAIT_MAX);
@@ -169,7 +213,10 @@ impl Service {
         loop {
             let applied = rx.borrow_and_update().0;
             let generation = *health.borrow_and_update();
-            if applied > known_index || known_index == 0 || self.view_peers.behind(poller, generation) {
+            if applied > known_index
+                || known_index == 0
+                || self.view_peers.behind(poller, generation)
+            {
                 self.view_peers.sent(poller, generation);
                 return Some(self.build_view());
             }
@@ -185,7 +232,10 @@ impl Service {
     pub fn build_view(&self) -> RegistryView {
         let (applied, state) = self.registry.subscribe().borrow().clone();
         let mut cache = self.view_cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(v) = cache.as_ref().filter(|v| v.applied_index == applied && !self.health.changed_since_view()) {
+        if let Some(v) = cache
+            .as_ref()
+            .filter(|v| v.applied_index == applied && !self.health.changed_since_view())
+        {
             return (**v).clone();
         }
         let view = crate::admin::registry_view(applied, &state, &self.health);
@@ -219,7 +269,9 @@ impl Service {
 fn request_bytes(r: &SqRequest) -> u64 {
     match r {
         SqRequest::Insert { text, .. } | SqRequest::Update { text, .. } => text.len() as u64,
-        SqRequest::Delta { manifest, .. } => manifest.iter().map(|(_, h)| h.len() as u64 + 20).sum(),
+        SqRequest::Delta { manifest, .. } => {
+            manifest.iter().map(|(_, h)| h.len() as u64 + 20).sum()
+        }
         _ => 0,
     }
 }

@@ -10,8 +10,15 @@ use crate::service::{Service, PEER_CALL_TIMEOUT};
 const MIB: f64 = 1024.0 * 1024.0;
 
 /// Usage of one tenant, asked of its owner (this node or a peer).
-async fn usage(svc: &Service, state: &RegistryState, tenant: &str) -> Result<(u64, TenantUsage), ApiError> {
-    let owner = state.owner_of(tenant).ok_or_else(|| ApiError::Unavailable { reason: "no active node".into(), retry_after_s: 1 })?;
+async fn usage(
+    svc: &Service,
+    state: &RegistryState,
+    tenant: &str,
+) -> Result<(u64, TenantUsage), ApiError> {
+    let owner = state.owner_of(tenant).ok_or_else(|| ApiError::Unavailable {
+        reason: "no active node".into(),
+        retry_after_s: 1,
+    })?;
     if owner == svc.id {
         let mut v = svc.usage(vec![tenant.to_string()]).await;
         return v.pop().map(|u| (owner, u)).ok_or_else(|| ApiError::Internal("no usage".into()));
@@ -20,20 +27,23 @@ async fn usage(svc: &Service, state: &RegistryState, tenant: &str) -> Result<(u6
         .node(owner)
         .and_then(|n| n.addr.parse().ok())
         .ok_or_else(|| ApiError::Internal(format!("node {owner} has no address")))?;
-    let request = proto::wire::encode(&NodeRequest::TenantUsage { tenants: vec![tenant.to_string()] })
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let answer = svc
-        .peers
-        .call(addr, request.into(), PEER_CALL_TIMEOUT)
-        .await
-        .map_err(|e| ApiError::Unavailable { reason: format!("node {owner} unreachable: {e}"), retry_after_s: 1 })?;
+    let request =
+        proto::wire::encode(&NodeRequest::TenantUsage { tenants: vec![tenant.to_string()] })
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let answer = svc.peers.call(addr, request.into(), PEER_CALL_TIMEOUT).await.map_err(|e| {
+        ApiError::Unavailable { reason: format!("node {owner} unreachable: {e}"), retry_after_s: 1 }
+    })?;
     match proto::wire::decode(&answer) {
         Ok(NodeResponse::TenantUsage(mut v)) if !v.is_empty() => Ok((owner, v.remove(0))),
         other => Err(ApiError::Internal(format!("node {owner} answered {other:?}"))),
     }
 }
 
-pub async fn tenant_stats(svc: &Service, state: &RegistryState, tenant: &str) -> Result<String, ApiError> {
+pub async fn tenant_stats(
+    svc: &Service,
+    state: &RegistryState,
+    tenant: &str,
+) -> Result<String, ApiError> {
     let record = state.tenant(tenant).ok_or(ApiError::NotFound)?;
     let (node, u) = usage(svc, state, tenant).await?;
     Ok(json!({
@@ -55,7 +65,10 @@ pub async fn tenant_stats(svc: &Service, state: &RegistryState, tenant: &str) ->
 
 /// Pending handoffs (from the registry) and the ones this node is pulling now, with progress.
 pub fn handoffs(svc: &Service, state: &RegistryState) -> serde_json::Value {
-    let pending: Vec<_> = state.handoffs().map(|h| json!({"tenant": h.tenant, "from": h.from, "to": h.to, "epoch": h.epoch})).collect();
+    let pending: Vec<_> = state
+        .handoffs()
+        .map(|h| json!({"tenant": h.tenant, "from": h.from, "to": h.to, "epoch": h.epoch}))
+        .collect();
     let incoming = svc.handoffs.incoming.lock().unwrap_or_else(|p| p.into_inner()).clone();
     json!({ "pending": pending.len(), "pending_list": pending, "pulling_here": incoming })
 }

@@ -55,7 +55,8 @@ fn yes() -> bool {
 
 /// Parses and checks the whole file; any error refuses all of it.
 pub fn parse(bytes: &[u8]) -> Result<TenantsFile, String> {
-    let file: TenantsFile = serde_json::from_slice(bytes).map_err(|e| format!("not a tenants file: {e}"))?;
+    let file: TenantsFile =
+        serde_json::from_slice(bytes).map_err(|e| format!("not a tenants file: {e}"))?;
     let mut seen = std::collections::HashSet::new();
     for t in &file.tenants {
         if !valid_tenant_id(&t.id) {
@@ -75,7 +76,11 @@ pub fn parse(bytes: &[u8]) -> Result<TenantsFile, String> {
 }
 
 /// The commands that make the registry match the file.
-pub fn commands(file: &TenantsFile, state: &raft_registry::RegistryState, now_ms: u64) -> Vec<Command> {
+pub fn commands(
+    file: &TenantsFile,
+    state: &raft_registry::RegistryState,
+    now_ms: u64,
+) -> Vec<Command> {
     let mut out = Vec::new();
     if let Some(admin) = &file.admin_key {
         let hash = key_hash(admin);
@@ -144,7 +149,9 @@ pub async fn watch(path: PathBuf, svc: Arc<Service>, shutdown: CancellationToken
                     }
                 },
                 Ok(_) => {}
-                Err(e) => tracing::warn!(path = %path.display(), error = %e, "cannot read tenants file"),
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot read tenants file")
+                }
             }
         } else {
             // A new leader re-applies the file from scratch.
@@ -201,8 +208,17 @@ mod tests {
     #[test]
     fn a_purged_tenant_in_the_file_is_skipped() {
         let mut state = raft_registry::RegistryState::default();
-        let gone = TenantRecord::new("gone".into(), Tier::Free, key_hash("pmb-v1-00000000000000000000000000000001"), 0);
-        for c in [Command::AddTenant(gone), Command::ArchiveTenant { id: "gone".into() }, Command::PurgeTenant { id: "gone".into() }] {
+        let gone = TenantRecord::new(
+            "gone".into(),
+            Tier::Free,
+            key_hash("pmb-v1-00000000000000000000000000000001"),
+            0,
+        );
+        for c in [
+            Command::AddTenant(gone),
+            Command::ArchiveTenant { id: "gone".into() },
+            Command::PurgeTenant { id: "gone".into() },
+        ] {
             raft_registry::command::apply(&mut state, c).expect("applies");
         }
         let file = br#"{"tenants":[

@@ -42,7 +42,11 @@ fn status_of(e: &ApiError) -> u16 {
 fn headers(step: &Value) -> BTreeMap<String, String> {
     let mut out: BTreeMap<String, String> = step["headers"]
         .as_object()
-        .map(|h| h.iter().map(|(k, v)| (k.to_ascii_lowercase(), v.as_str().unwrap_or("").to_string())).collect())
+        .map(|h| {
+            h.iter()
+                .map(|(k, v)| (k.to_ascii_lowercase(), v.as_str().unwrap_or("").to_string()))
+                .collect()
+        })
         .unwrap_or_default();
     match step["auth"].as_str().unwrap_or("bearer") {
         "bearer" => out.insert("authorization".into(), format!("Bearer {KEY}")),
@@ -77,10 +81,12 @@ fn base64(text: &str) -> Vec<u8> {
         b'/' => 63,
         _ => panic!("bad base64 byte {c}"),
     };
-    let digits: Vec<u8> = text.bytes().filter(|&c| c != b'=' && !c.is_ascii_whitespace()).map(value).collect();
+    let digits: Vec<u8> =
+        text.bytes().filter(|&c| c != b'=' && !c.is_ascii_whitespace()).map(value).collect();
     let mut out = Vec::new();
     for chunk in digits.chunks(4) {
-        let n = chunk.iter().enumerate().fold(0u32, |acc, (i, &d)| acc | u32::from(d) << (18 - 6 * i));
+        let n =
+            chunk.iter().enumerate().fold(0u32, |acc, (i, &d)| acc | u32::from(d) << (18 - 6 * i));
         out.extend_from_slice(&n.to_be_bytes()[1..chunk.len()]);
     }
     out
@@ -101,13 +107,15 @@ fn answer(store: &Store, tenant: &str, step: &Value) -> (u16, Vec<u8>) {
         return (401, b"Unauthorized".to_vec());
     }
     let path = step["path"].as_str().expect("step path");
-    let (route, query) = path.trim_start_matches('/').split_once('?').unwrap_or((path.trim_start_matches('/'), ""));
+    let (route, query) =
+        path.trim_start_matches('/').split_once('?').unwrap_or((path.trim_start_matches('/'), ""));
     let body = match (step.get("body_b64"), step.get("body")) {
         (Some(b64), _) => base64(b64.as_str().expect("body_b64 is text")),
         (None, Some(text)) => text.as_str().expect("body is text").as_bytes().to_vec(),
         (None, None) => Vec::new(),
     };
-    let result = parse(method, route, query, &body).and_then(|r| store.execute(tenant, QUOTA_BYTES, &r).map_err(ApiError::from));
+    let result = parse(method, route, query, &body)
+        .and_then(|r| store.execute(tenant, QUOTA_BYTES, &r).map_err(ApiError::from));
     match result {
         Ok(response) => (200, response.body),
         Err(e) => (status_of(&e), e.to_string().into_bytes()),
@@ -118,10 +126,12 @@ fn answer(store: &Store, tenant: &str, step: &Value) -> (u16, Vec<u8>) {
 #[test]
 fn public_conformance_cases_pass() {
     let cases: Vec<Value> =
-        serde_json::from_slice(&std::fs::read(fixture()).expect("fixture is present")).expect("fixture is JSON");
+        serde_json::from_slice(&std::fs::read(fixture()).expect("fixture is present"))
+            .expect("fixture is JSON");
     let dir = tempfile::tempdir().expect("temp dir");
     let config = StoreConfig { data_dir: dir.path().to_path_buf(), ..StoreConfig::default() };
-    let store = Store::open(config, Arc::new(RealVfs), Arc::new(ManualClock::new(0))).expect("store opens");
+    let store =
+        Store::open(config, Arc::new(RealVfs), Arc::new(ManualClock::new(0))).expect("store opens");
     let (mut passed, mut failures) = (0usize, Vec::new());
     let steps: usize = cases.iter().map(|c| c["steps"].as_array().map_or(0, Vec::len)).sum();
     for (i, case) in cases.iter().enumerate() {
@@ -139,8 +149,13 @@ fn public_conformance_cases_pass() {
             if let Some(want) = step["expect_b64"].as_str().map(base64).filter(|w| *w != body) {
                 why.push(format!("bytes {body:?} != {want:?}"));
             }
-            if let Some(want) = step["expect_prefix"].as_str().filter(|w| !body.starts_with(w.as_bytes())) {
-                why.push(format!("body {:?} lacks prefix {want:?}", String::from_utf8_lossy(&body)));
+            if let Some(want) =
+                step["expect_prefix"].as_str().filter(|w| !body.starts_with(w.as_bytes()))
+            {
+                why.push(format!(
+                    "body {:?} lacks prefix {want:?}",
+                    String::from_utf8_lossy(&body)
+                ));
             }
             if why.is_empty() {
                 passed += 1;
@@ -149,6 +164,11 @@ fn public_conformance_cases_pass() {
             }
         }
     }
-    assert!(failures.is_empty(), "{passed} passed, {} failed:\n{}", failures.len(), failures.join("\n"));
+    assert!(
+        failures.is_empty(),
+        "{passed} passed, {} failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
     assert_eq!(passed, steps, "every step ran and passed");
 }

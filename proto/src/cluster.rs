@@ -40,20 +40,50 @@ pub struct RegistryView {
 /// Admin operations, checked against the admin key hash and applied through the registry leader.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AdminOp {
-    AddTenant { tenant_id: String, tier: Option<String>, quota_mb: Option<u64>, admin_email: Option<String>, key_hash: String },
+    AddTenant {
+        tenant_id: String,
+        tier: Option<String>,
+        quota_mb: Option<u64>,
+        admin_email: Option<String>,
+        key_hash: String,
+    },
     ListTenants,
-    GetTenant { tenant_id: String },
-    TenantStats { tenant_id: String },
-    PatchTenant { tenant_id: String, tier: Option<String>, quota_mb: Option<u64>, enabled: Option<bool>, daily_limit: Option<u64> },
-    RotateKey { tenant_id: String, key_hash: String },
-    DeleteTenant { tenant_id: String },
+    GetTenant {
+        tenant_id: String,
+    },
+    TenantStats {
+        tenant_id: String,
+    },
+    PatchTenant {
+        tenant_id: String,
+        tier: Option<String>,
+        quota_mb: Option<u64>,
+        enabled: Option<bool>,
+        daily_limit: Option<u64>,
+    },
+    RotateKey {
+        tenant_id: String,
+        key_hash: String,
+    },
+    DeleteTenant {
+        tenant_id: String,
+    },
     /// Destroys an archived tenant's data everywhere and retires its id.
-    PurgeTenant { tenant_id: String },
+    PurgeTenant {
+        tenant_id: String,
+    },
     Health,
     ListNodes,
-    AddNode { id: u64, addr: String },
-    DrainNode { id: u64 },
-    RemoveNode { id: u64 },
+    AddNode {
+        id: u64,
+        addr: String,
+    },
+    DrainNode {
+        id: u64,
+    },
+    RemoveNode {
+        id: u64,
+    },
 }
 
 /// A request to a node.
@@ -119,11 +149,16 @@ pub enum NodeResponse {
     View(Option<RegistryView>),
     /// An admin answer as JSON text, and the registry index the answering node has applied, so
     /// the gateway can wait to see the change in its own view.
-    Admin { result: Result<String, ApiError>, applied_index: u64 },
+    Admin {
+        result: Result<String, ApiError>,
+        applied_index: u64,
+    },
     Raft(#[serde(with = "serde_bytes")] Vec<u8>),
     TenantUsage(Vec<TenantUsage>),
     Metrics(String),
-    Gossip { heartbeats: Vec<(u64, u64)> },
+    Gossip {
+        heartbeats: Vec<(u64, u64)>,
+    },
     HandoffManifest(Result<Vec<HandoffFile>, ApiError>),
     HandoffChunk(Result<Chunk, ApiError>),
     /// The request could not be decoded or is not served by this kind of peer.

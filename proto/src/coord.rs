@@ -172,18 +172,32 @@ mod tests {
     #[test]
     fn parse_accepts_and_refuses() {
         let want = Coordinate([1, 2, 3, 4, 5, 6, 7, 8, 9]);
-        for ok in ["1.2.3/4.5.6/7.8.9", "1.2.3;4.5.6;7.8.9", "1.2.3/4.5.6;7.8.9", "01.2.3/4.5.6/7.8.9"] {
+        for ok in
+            ["1.2.3/4.5.6/7.8.9", "1.2.3;4.5.6;7.8.9", "1.2.3/4.5.6;7.8.9", "01.2.3/4.5.6/7.8.9"]
+        {
             assert_eq!(Coordinate::parse(ok), Ok(want), "{ok}");
         }
         for bad in [
-            "", "garbage", "1.1.1/1.1", "1.1.1/1.1.1/1.1", "1.1.1/1.1.1/1.1.1/1", "a.b.c/1.1.1/1.1.1",
-            "1.1.1/1.1.1/1.1.1.1", "1..1/1.1.1/1.1.1", " 1.1.1/1.1.1/1.1.1", "1.1.1/1.1.1/1.1.-1",
-            "1.1.1/1.1.1/1.1.+1", "1.1.1//1.1.1",
+            "",
+            "garbage",
+            "1.1.1/1.1",
+            "1.1.1/1.1.1/1.1",
+            "1.1.1/1.1.1/1.1.1/1",
+            "a.b.c/1.1.1/1.1.1",
+            "1.1.1/1.1.1/1.1.1.1",
+            "1..1/1.1.1/1.1.1",
+            " 1.1.1/1.1.1/1.1.1",
+            "1.1.1/1.1.1/1.1.-1",
+            "1.1.1/1.1.1/1.1.+1",
+            "1.1.1//1.1.1",
         ] {
             assert!(matches!(Coordinate::parse(bad), Err(CoordError::Malformed(_))), "{bad:?}");
         }
         assert!(matches!(Coordinate::parse("1.1.1/1.1.1/1.1.0"), Err(CoordError::Zero(_))));
-        assert!(matches!(Coordinate::parse("1.1.1/1.1.1/1.1.1000001"), Err(CoordError::TooLarge(_))));
+        assert!(matches!(
+            Coordinate::parse("1.1.1/1.1.1/1.1.1000001"),
+            Err(CoordError::TooLarge(_))
+        ));
         assert!(matches!(
             Coordinate::parse("1.1.1/1.1.1/1.1.99999999999999999999999"),
             Err(CoordError::TooLarge(_))

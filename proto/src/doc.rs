@@ -61,7 +61,11 @@ impl Doc {
     }
 
     /// Scrolls from `from` to `to`, both inclusive, in coordinate order.
-    pub fn range(&self, from: Coordinate, to: Coordinate) -> impl Iterator<Item = (&Coordinate, &str)> {
+    pub fn range(
+        &self,
+        from: Coordinate,
+        to: Coordinate,
+    ) -> impl Iterator<Item = (&Coordinate, &str)> {
         let bounds = if from <= to { from..=to } else { from..=from };
         let empty = from > to;
         self.scrolls.range(bounds).filter(move |_| !empty).map(|(c, s)| (c, s.as_str()))
@@ -79,7 +83,8 @@ impl Doc {
     pub fn set(&mut self, c: Coordinate, text: String) -> usize {
         assert!(!contains_break(&text), "scroll text must be checked for breaks before set");
         self.canonical_len = self.canonical_len_after(&c, text.len());
-        let old = if text.is_empty() { self.scrolls.remove(&c) } else { self.scrolls.insert(c, text) };
+        let old =
+            if text.is_empty() { self.scrolls.remove(&c) } else { self.scrolls.insert(c, text) };
         old.map_or(0, |s| s.len())
     }
 
@@ -111,7 +116,8 @@ impl Doc {
     /// plus whatever it changes in the breaks leading on to the next scroll.
     fn structure_cost(&self, c: &Coordinate) -> u64 {
         let prev = self.scrolls.range(..*c).next_back().map_or(Coordinate::ORIGIN, |(p, _)| *p);
-        let next = self.scrolls.range((std::ops::Bound::Excluded(*c), std::ops::Bound::Unbounded)).next();
+        let next =
+            self.scrolls.range((std::ops::Bound::Excluded(*c), std::ops::Bound::Unbounded)).next();
         let lead_in = prev.breaks_to(c);
         match next {
             None => lead_in,
@@ -150,7 +156,10 @@ impl Doc {
 }
 
 /// Writes scrolls, given in coordinate order, as canonical phext. Empty scrolls write nothing.
-pub fn write_canonical<'a>(scrolls: impl Iterator<Item = (&'a Coordinate, &'a str)>, out: &mut Vec<u8>) {
+pub fn write_canonical<'a>(
+    scrolls: impl Iterator<Item = (&'a Coordinate, &'a str)>,
+    out: &mut Vec<u8>,
+) {
     let mut at = Coordinate::ORIGIN;
     for (c, text) in scrolls {
         if text.is_empty() {

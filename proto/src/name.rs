@@ -38,7 +38,11 @@ pub struct BadName;
 impl PhextName {
     pub fn parse(name: &str) -> Result<PhextName, BadName> {
         let unsafe_char = |c: char| c == '/' || c == '\\' || c.is_control();
-        if name.is_empty() || name.len() > PHEXT_NAME_MAX_BYTES || name.contains("..") || name.contains(unsafe_char) {
+        if name.is_empty()
+            || name.len() > PHEXT_NAME_MAX_BYTES
+            || name.contains("..")
+            || name.contains(unsafe_char)
+        {
             return Err(BadName);
         }
         Ok(PhextName(name.to_string()))
@@ -78,7 +82,18 @@ mod tests {
     // Goal: names that could escape the directory are refused, ordinary ones kept verbatim.
     #[test]
     fn names() {
-        for bad in ["", "..", "../etc/passwd", "a/b", "..\\x", "a\\b", "x..y", "a\0b", "a\nb", &"n".repeat(201)] {
+        for bad in [
+            "",
+            "..",
+            "../etc/passwd",
+            "a/b",
+            "..\\x",
+            "a\\b",
+            "x..y",
+            "a\0b",
+            "a\nb",
+            &"n".repeat(201),
+        ] {
             assert_eq!(PhextName::parse(bad), Err(BadName), "{bad:?}");
         }
         for ok in ["crud", "my notes", "漢字", ".hidden", "a.b", &"n".repeat(200)] {

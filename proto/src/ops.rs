@@ -40,7 +40,8 @@ pub fn doc_checksum(doc: &Doc) -> String {
 pub fn delta(doc: &Doc, manifest: &[(Coordinate, String)]) -> Vec<u8> {
     let listed: std::collections::BTreeMap<Coordinate, &str> =
         manifest.iter().map(|(c, h)| (*c, h.as_str())).collect();
-    let mut out_scrolls: std::collections::BTreeMap<Coordinate, &str> = std::collections::BTreeMap::new();
+    let mut out_scrolls: std::collections::BTreeMap<Coordinate, &str> =
+        std::collections::BTreeMap::new();
     for (c, text) in doc.iter() {
         if listed.get(c).is_none_or(|h| *h != checksum(text.as_bytes())) {
             out_scrolls.insert(*c, text);

@@ -41,16 +41,43 @@ pub enum Selector {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SqRequest {
     Version,
-    Select { p: PhextName, c: Coordinate },
-    Insert { p: PhextName, c: Coordinate, text: String },
-    Update { p: PhextName, c: Coordinate, text: String },
-    Delete { p: PhextName, c: Coordinate },
-    Toc { p: PhextName },
-    Get { p: PhextName },
-    Checksum { p: PhextName },
+    Select {
+        p: PhextName,
+        c: Coordinate,
+    },
+    Insert {
+        p: PhextName,
+        c: Coordinate,
+        text: String,
+    },
+    Update {
+        p: PhextName,
+        c: Coordinate,
+        text: String,
+    },
+    Delete {
+        p: PhextName,
+        c: Coordinate,
+    },
+    Toc {
+        p: PhextName,
+    },
+    Get {
+        p: PhextName,
+    },
+    Checksum {
+        p: PhextName,
+    },
     /// `manifest` lists scrolls the client holds with the checksum of each.
-    Delta { p: PhextName, manifest: Vec<(Coordinate, String)> },
-    Query { p: PhextName, selector: Selector, limit: Option<usize> },
+    Delta {
+        p: PhextName,
+        manifest: Vec<(Coordinate, String)>,
+    },
+    Query {
+        p: PhextName,
+        selector: Selector,
+        limit: Option<usize>,
+    },
 }
 
 impl SqRequest {
@@ -72,7 +99,10 @@ impl SqRequest {
 
     /// True for requests that change the document.
     pub fn is_write(&self) -> bool {
-        matches!(self, SqRequest::Insert { .. } | SqRequest::Update { .. } | SqRequest::Delete { .. })
+        matches!(
+            self,
+            SqRequest::Insert { .. } | SqRequest::Update { .. } | SqRequest::Delete { .. }
+        )
     }
 
     /// The phext the request reads or writes, if any.
@@ -146,7 +176,11 @@ fn percent_decode(raw: &str) -> Vec<u8> {
         let b = bytes[i];
         if b == b'+' {
             out.push(b' ');
-        } else if b == b'%' && i + 2 < bytes.len() && hex(bytes[i + 1]).is_some() && hex(bytes[i + 2]).is_some() {
+        } else if b == b'%'
+            && i + 2 < bytes.len()
+            && hex(bytes[i + 1]).is_some()
+            && hex(bytes[i + 2]).is_some()
+        {
             // Both digits were just checked.
             out.push(hex(bytes[i + 1]).unwrap_or(0) * 16 + hex(bytes[i + 2]).unwrap_or(0));
             i += 2;
@@ -169,11 +203,16 @@ pub fn parse(method: Method, route: &str, query: &str, body: &[u8]) -> Result<Sq
         None => None,
         Some(raw) => {
             let text = std::str::from_utf8(raw).map_err(|_| ApiError::BadPhextName)?;
-            if text.is_empty() { None } else { Some(PhextName::parse(text).map_err(|BadName| ApiError::BadPhextName)?) }
+            if text.is_empty() {
+                None
+            } else {
+                Some(PhextName::parse(text).map_err(|BadName| ApiError::BadPhextName)?)
+            }
         }
     };
     let posts = matches!(route, "insert" | "update" | "delta" | "query");
-    let known = posts || matches!(route, "version" | "select" | "delete" | "toc" | "get" | "checksum");
+    let known =
+        posts || matches!(route, "version" | "select" | "delete" | "toc" | "get" | "checksum");
     if !known || (method == Method::Post && !posts) {
         return Err(ApiError::NotFound);
     }
@@ -183,7 +222,9 @@ pub fn parse(method: Method, route: &str, query: &str, body: &[u8]) -> Result<Sq
     let p = name.ok_or_else(|| ApiError::bad_request("missing phext name (p)"))?;
     let s = text_arg(&params, body)?;
     let coord = |key: &str| -> Result<Coordinate, ApiError> {
-        let raw = params.text(key)?.ok_or_else(|| ApiError::bad_request(format!("missing coordinate ({key})")))?;
+        let raw = params
+            .text(key)?
+            .ok_or_else(|| ApiError::bad_request(format!("missing coordinate ({key})")))?;
         Coordinate::parse(raw).map_err(|e| ApiError::bad_request(e.to_string()))
     };
     Ok(match route {
@@ -227,9 +268,12 @@ fn parse_manifest(text: &str) -> Result<Vec<(Coordinate, String)>, ApiError> {
         // SQ reads `<coord>: <checksum>` and skips lines without both parts.
         let Some((coord, hash)) = line.split_once(": ") else { continue };
         let hash = hash.split(": ").next().unwrap_or(hash);
-        let c = Coordinate::parse(coord.trim()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let c =
+            Coordinate::parse(coord.trim()).map_err(|e| ApiError::bad_request(e.to_string()))?;
         if out.len() == DELTA_LINES_MAX {
-            return Err(ApiError::bad_request(format!("delta lists more than {DELTA_LINES_MAX} scrolls")));
+            return Err(ApiError::bad_request(format!(
+                "delta lists more than {DELTA_LINES_MAX} scrolls"
+            )));
         }
         out.push((c, hash.to_string()));
     }
@@ -239,15 +283,23 @@ fn parse_manifest(text: &str) -> Result<Vec<(Coordinate, String)>, ApiError> {
 fn parse_query(p: PhextName, params: &Params, s: Option<String>) -> Result<SqRequest, ApiError> {
     let limit = match params.text("limit")? {
         None | Some("") => None,
-        Some(raw) => Some(raw.parse::<usize>().map_err(|_| ApiError::bad_request(format!("invalid limit {raw:?}")))?),
+        Some(raw) => Some(
+            raw.parse::<usize>()
+                .map_err(|_| ApiError::bad_request(format!("invalid limit {raw:?}")))?,
+        ),
     };
-    let coord = |raw: &str| Coordinate::parse(raw.trim()).map_err(|e| ApiError::bad_request(e.to_string()));
+    let coord =
+        |raw: &str| Coordinate::parse(raw.trim()).map_err(|e| ApiError::bad_request(e.to_string()));
     let selector = match (params.text("from")?, params.text("to")?, params.text("set")?) {
         (Some(from), Some(to), _) => Selector::Range { from: coord(from)?, to: coord(to)? },
         (_, _, Some(set)) => Selector::Set(coord_list(set.split(','), &coord)?),
         _ => match s.filter(|s| !s.trim().is_empty()) {
             Some(lines) => Selector::Set(coord_list(lines.lines(), &coord)?),
-            None => return Err(ApiError::bad_request("query needs a range (from + to) or a set of coordinates")),
+            None => {
+                return Err(ApiError::bad_request(
+                    "query needs a range (from + to) or a set of coordinates",
+                ))
+            }
         },
     };
     Ok(SqRequest::Query { p, selector, limit })
@@ -260,7 +312,9 @@ fn coord_list<'a>(
     let mut out = Vec::new();
     for item in items.filter(|i| !i.trim().is_empty()) {
         if out.len() == QUERY_SET_MAX {
-            return Err(ApiError::bad_request(format!("query lists more than {QUERY_SET_MAX} coordinates")));
+            return Err(ApiError::bad_request(format!(
+                "query lists more than {QUERY_SET_MAX} coordinates"
+            )));
         }
         out.push(coord(item)?);
     }
@@ -293,7 +347,10 @@ mod tests {
     fn order_of_checks() {
         assert_eq!(get("nosuchroute?p=../x"), Err(ApiError::BadPhextName));
         assert_eq!(get("nosuchroute?p=m"), Err(ApiError::NotFound));
-        assert_eq!(parse(Method::Post, "select", "p=m&c=1.1.1/1.1.1/1.1.1", b""), Err(ApiError::NotFound));
+        assert_eq!(
+            parse(Method::Post, "select", "p=m&c=1.1.1/1.1.1/1.1.1", b""),
+            Err(ApiError::NotFound)
+        );
         assert!(matches!(get("select?c=1.1.1/1.1.1/1.1.1"), Err(ApiError::BadRequest(_))));
         assert!(matches!(get("select?p=m&c=garbage"), Err(ApiError::BadRequest(_))));
         assert_eq!(get("version"), Ok(SqRequest::Version));
@@ -302,11 +359,21 @@ mod tests {
     // Goal: text with dimension breaks or invalid UTF-8 is refused; a body replaces `s`.
     #[test]
     fn text_rules() {
-        assert!(matches!(get("update?p=m&c=1.1.1/1.1.1/1.1.1&s=a%17b"), Err(ApiError::BadRequest(_))));
-        assert!(matches!(get("update?p=m&c=1.1.1/1.1.1/1.1.1&s=%ff"), Err(ApiError::BadRequest(_))));
-        let r = parse(Method::Post, "insert", "p=m&c=1.1.1/1.1.1/1.1.1&s=ignored", b"body").unwrap();
+        assert!(matches!(
+            get("update?p=m&c=1.1.1/1.1.1/1.1.1&s=a%17b"),
+            Err(ApiError::BadRequest(_))
+        ));
+        assert!(matches!(
+            get("update?p=m&c=1.1.1/1.1.1/1.1.1&s=%ff"),
+            Err(ApiError::BadRequest(_))
+        ));
+        let r =
+            parse(Method::Post, "insert", "p=m&c=1.1.1/1.1.1/1.1.1&s=ignored", b"body").unwrap();
         assert!(matches!(r, SqRequest::Insert { text, .. } if text == "body"));
         let big = vec![b'a'; BODY_MAX_BYTES + 1];
-        assert!(matches!(parse(Method::Post, "update", "p=m&c=1.1.1/1.1.1/1.1.1", &big), Err(ApiError::PayloadTooLarge { .. })));
+        assert!(matches!(
+            parse(Method::Post, "update", "p=m&c=1.1.1/1.1.1/1.1.1", &big),
+            Err(ApiError::PayloadTooLarge { .. })
+        ));
     }
 }

@@ -44,8 +44,8 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
     if version != WIRE_VERSION {
         return Err(WireError::Version(version));
     }
-    let (envelope, _): (Envelope<T>, usize) =
-        bincode::serde::decode_from_slice(bytes, config()).map_err(|e| WireError::Decode(e.to_string()))?;
+    let (envelope, _): (Envelope<T>, usize) = bincode::serde::decode_from_slice(bytes, config())
+        .map_err(|e| WireError::Decode(e.to_string()))?;
     Ok(envelope.body)
 }
 
@@ -58,7 +58,11 @@ mod tests {
     fn versioned_round_trip() {
         let bytes = encode(&("hello".to_string(), 7u64)).unwrap();
         assert_eq!(decode::<(String, u64)>(&bytes).unwrap(), ("hello".to_string(), 7));
-        let other = bincode::serde::encode_to_vec(Envelope { version: WIRE_VERSION + 1, body: 1u8 }, config()).unwrap();
+        let other = bincode::serde::encode_to_vec(
+            Envelope { version: WIRE_VERSION + 1, body: 1u8 },
+            config(),
+        )
+        .unwrap();
         assert_eq!(decode::<u8>(&other), Err(WireError::Version(WIRE_VERSION + 1)));
         assert!(decode::<u64>(&[0xff, 0xff, 0xff]).is_err());
     }

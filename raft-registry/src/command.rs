@@ -7,9 +7,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::state::{
-    Handoff,
-    is_valid_key_hash, is_valid_tenant_id, NodeRecord, NodeState, RegistryState, TenantRecord,
-    Tier, ADMIN_EMAIL_LEN_MAX, KEY_HASHES_PER_TENANT_MAX, NODE_ADDR_LEN_MAX,
+    is_valid_key_hash, is_valid_tenant_id, Handoff, NodeRecord, NodeState, RegistryState,
+    TenantRecord, Tier, ADMIN_EMAIL_LEN_MAX, KEY_HASHES_PER_TENANT_MAX, NODE_ADDR_LEN_MAX,
 };
 
 /// Every change to the registry. Serialised into the Raft log.
@@ -102,11 +101,7 @@ pub enum Rejection {
     #[error("no such node {0}")]
     NoSuchNode(u64),
     #[error("node {id} cannot go from {from:?} to {to:?}")]
-    InvalidNodeTransition {
-        id: u64,
-        from: NodeState,
-        to: NodeState,
-    },
+    InvalidNodeTransition { id: u64, from: NodeState, to: NodeState },
     #[error("node {0} is the last active node")]
     LastActiveNode(u64),
     #[error("{0} tenant handoffs are still in progress; placement changes one at a time")]
@@ -129,26 +124,22 @@ pub struct ApplyReply {
 pub fn apply(state: &mut RegistryState, cmd: Command) -> Result<(), Rejection> {
     match cmd {
         Command::AddTenant(new) => add_tenant(state, new),
-        Command::UpdateTenant {
-            id,
-            tier,
-            quota_bytes,
-            daily_limit,
-            enabled,
-        } => update_tenant(state, &id, |t| {
-            if enabled == Some(true) && t.archived {
-                return Err(Rejection::TenantArchived);
-            }
-            if let Some(tier) = tier {
-                t.tier = tier;
-                t.quota_bytes = tier.default_quota_bytes();
-                t.daily_limit = tier.default_daily_limit();
-            }
-            t.quota_bytes = quota_bytes.unwrap_or(t.quota_bytes);
-            t.daily_limit = daily_limit.unwrap_or(t.daily_limit);
-            t.enabled = enabled.unwrap_or(t.enabled);
-            Ok(())
-        }),
+        Command::UpdateTenant { id, tier, quota_bytes, daily_limit, enabled } => {
+            update_tenant(state, &id, |t| {
+                if enabled == Some(true) && t.archived {
+                    return Err(Rejection::TenantArchived);
+                }
+                if let Some(tier) = tier {
+                    t.tier = tier;
+                    t.quota_bytes = tier.default_quota_bytes();
+                    t.daily_limit = tier.default_daily_limit();
+                }
+                t.quota_bytes = quota_bytes.unwrap_or(t.quota_bytes);
+                t.daily_limit = daily_limit.unwrap_or(t.daily_limit);
+                t.enabled = enabled.unwrap_or(t.enabled);
+                Ok(())
+            })
+        }
         Command::RotateKey { id, new_hash } => rotate_key(state, &id, new_hash),
         Command::DisableTenant { id } => update_tenant(state, &id, |t| {
             t.enabled = false;
@@ -223,20 +214,12 @@ fn add_tenant(state: &mut RegistryState, record: TenantRecord) -> Result<(), Rej
         return Err(Rejection::InvalidTenantId);
     }
     let hashes = &record.key_hashes;
-    let distinct = hashes
-        .iter()
-        .collect::<std::collections::BTreeSet<_>>()
-        .len()
-        == hashes.len();
+    let distinct = hashes.iter().collect::<std::collections::BTreeSet<_>>().len() == hashes.len();
     let valid = hashes.iter().all(|h| is_valid_key_hash(h));
     if hashes.is_empty() || hashes.len() > KEY_HASHES_PER_TENANT_MAX || !distinct || !valid {
         return Err(Rejection::InvalidKeyHash);
     }
-    if record
-        .admin_email
-        .as_ref()
-        .is_some_and(|e| e.len() > ADMIN_EMAIL_LEN_MAX)
-    {
+    if record.admin_email.as_ref().is_some_and(|e| e.len() > ADMIN_EMAIL_LEN_MAX) {
         return Err(Rejection::InvalidEmail);
     }
     if state.tenants.contains_key(&record.id) {
@@ -261,11 +244,7 @@ fn update_tenant(
     id: &str,
     change: impl FnOnce(&mut TenantRecord) -> Result<(), Rejection>,
 ) -> Result<(), Rejection> {
-    let mut record = state
-        .tenants
-        .get(id)
-        .cloned()
-        .ok_or(Rejection::NoSuchTenant)?;
+    let mut record = state.tenants.get(id).cloned().ok_or(Rejection::NoSuchTenant)?;
     change(&mut record)?;
     state.tenants.insert(id.to_string(), record);
     Ok(())
@@ -275,19 +254,11 @@ fn rotate_key(state: &mut RegistryState, id: &str, new_hash: String) -> Result<(
     if !is_valid_key_hash(&new_hash) {
         return Err(Rejection::InvalidKeyHash);
     }
-    let mut record = state
-        .tenants
-        .get(id)
-        .cloned()
-        .ok_or(Rejection::NoSuchTenant)?;
+    let mut record = state.tenants.get(id).cloned().ok_or(Rejection::NoSuchTenant)?;
     if record.archived {
         return Err(Rejection::TenantArchived);
     }
-    if state
-        .by_key_hash
-        .get(&new_hash)
-        .is_some_and(|owner| owner != id)
-    {
+    if state.by_key_hash.get(&new_hash).is_some_and(|owner| owner != id) {
         return Err(Rejection::KeyHashInUse);
     }
     for old in record.key_hashes.drain(..) {
@@ -306,24 +277,13 @@ fn node_join(state: &mut RegistryState, id: u64, addr: String) -> Result<(), Rej
     if state.nodes.contains_key(&id) {
         return Err(Rejection::NodeIdUsed(id));
     }
-    state.nodes.insert(
-        id,
-        NodeRecord {
-            id,
-            addr,
-            state: NodeState::Joining,
-        },
-    );
+    state.nodes.insert(id, NodeRecord { id, addr, state: NodeState::Joining });
     Ok(())
 }
 
 /// Moves node `id` to `to`, bumping the placement epoch when the active set changes.
 fn node_transition(state: &mut RegistryState, id: u64, to: NodeState) -> Result<(), Rejection> {
-    let mut node = state
-        .nodes
-        .get(&id)
-        .cloned()
-        .ok_or(Rejection::NoSuchNode(id))?;
+    let mut node = state.nodes.get(&id).cloned().ok_or(Rejection::NoSuchNode(id))?;
     let from = node.state;
     let allowed = match to {
         NodeState::Active => matches!(from, NodeState::Joining | NodeState::Draining),
@@ -334,11 +294,7 @@ fn node_transition(state: &mut RegistryState, id: u64, to: NodeState) -> Result<
     if !allowed {
         return Err(Rejection::InvalidNodeTransition { id, from, to });
     }
-    let active_before = state
-        .nodes
-        .values()
-        .filter(|n| n.state == NodeState::Active)
-        .count();
+    let active_before = state.nodes.values().filter(|n| n.state == NodeState::Active).count();
     if from == NodeState::Active && active_before == 1 {
         return Err(Rejection::LastActiveNode(id));
     }

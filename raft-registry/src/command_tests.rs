@@ -17,10 +17,7 @@ fn check(state: &mut RegistryState, steps: Vec<(Command, Result<(), Rejection>)>
         let got = apply(state, cmd.clone());
         assert_eq!(got, want, "step {i}: {cmd:?}");
         if got.is_err() {
-            assert_eq!(
-                *state, before,
-                "step {i}: rejected command changed the state"
-            );
+            assert_eq!(*state, before, "step {i}: rejected command changed the state");
         }
     }
 }
@@ -39,15 +36,10 @@ fn add_tenant_and_duplicates() {
             (new_tenant("other", "k1"), Err(Rejection::KeyHashInUse)),
             (new_tenant("Bad_Id", "k3"), Err(Rejection::InvalidTenantId)),
             (new_tenant("-lead", "k3"), Err(Rejection::InvalidTenantId)),
-            (
-                new_tenant(&"a".repeat(64), "k3"),
-                Err(Rejection::InvalidTenantId),
-            ),
+            (new_tenant(&"a".repeat(64), "k3"), Err(Rejection::InvalidTenantId)),
         ],
     );
-    let t = s
-        .tenant_by_key_hash(&key_hash("k1"))
-        .expect("indexed by key hash");
+    let t = s.tenant_by_key_hash(&key_hash("k1")).expect("indexed by key hash");
     assert_eq!(t.id, "acme");
     assert_eq!(t.quota_bytes, 25 * 1024 * 1024);
     assert_eq!(t.daily_limit, 1_000);
@@ -82,38 +74,19 @@ fn rotate_key_replaces_all_hashes() {
         &mut s,
         vec![
             (new_tenant("acme", "old"), Ok(())),
+            (Command::RotateKey { id: "acme".into(), new_hash: key_hash("new") }, Ok(())),
             (
-                Command::RotateKey {
-                    id: "acme".into(),
-                    new_hash: key_hash("new"),
-                },
-                Ok(()),
-            ),
-            (
-                Command::RotateKey {
-                    id: "nope".into(),
-                    new_hash: key_hash("x"),
-                },
+                Command::RotateKey { id: "nope".into(), new_hash: key_hash("x") },
                 Err(Rejection::NoSuchTenant),
             ),
             (
-                Command::RotateKey {
-                    id: "acme".into(),
-                    new_hash: "short".into(),
-                },
+                Command::RotateKey { id: "acme".into(), new_hash: "short".into() },
                 Err(Rejection::InvalidKeyHash),
             ),
         ],
     );
-    assert!(
-        s.tenant_by_key_hash(&key_hash("old")).is_none(),
-        "old key must stop working"
-    );
-    assert_eq!(
-        s.tenant_by_key_hash(&key_hash("new"))
-            .map(|t| t.id.as_str()),
-        Some("acme")
-    );
+    assert!(s.tenant_by_key_hash(&key_hash("old")).is_none(), "old key must stop working");
+    assert_eq!(s.tenant_by_key_hash(&key_hash("new")).map(|t| t.id.as_str()), Some("acme"));
     assert_eq!(s.tenant("acme").map(|t| t.key_hashes.len()), Some(1));
 }
 
@@ -131,44 +104,23 @@ fn update_disable_archive() {
     };
     check(
         &mut s,
-        vec![
-            (new_tenant("acme", "k"), Ok(())),
-            (update(Some(Tier::Pro), None, None), Ok(())),
-        ],
+        vec![(new_tenant("acme", "k"), Ok(())), (update(Some(Tier::Pro), None, None), Ok(()))],
     );
-    assert_eq!(
-        s.tenant("acme").map(|t| (t.quota_bytes, t.daily_limit)),
-        Some((250 * MIB, 10_000))
-    );
-    check(
-        &mut s,
-        vec![(update(Some(Tier::Team), Some(7), None), Ok(()))],
-    );
-    assert_eq!(
-        s.tenant("acme").map(|t| (t.quota_bytes, t.daily_limit)),
-        Some((7, 100_000))
-    );
+    assert_eq!(s.tenant("acme").map(|t| (t.quota_bytes, t.daily_limit)), Some((250 * MIB, 10_000)));
+    check(&mut s, vec![(update(Some(Tier::Team), Some(7), None), Ok(()))]);
+    assert_eq!(s.tenant("acme").map(|t| (t.quota_bytes, t.daily_limit)), Some((7, 100_000)));
     check(
         &mut s,
         vec![
             (Command::DisableTenant { id: "acme".into() }, Ok(())),
             (update(None, None, Some(true)), Ok(())),
             (Command::ArchiveTenant { id: "acme".into() }, Ok(())),
+            (update(None, None, Some(true)), Err(Rejection::TenantArchived)),
             (
-                update(None, None, Some(true)),
+                Command::RotateKey { id: "acme".into(), new_hash: key_hash("n") },
                 Err(Rejection::TenantArchived),
             ),
-            (
-                Command::RotateKey {
-                    id: "acme".into(),
-                    new_hash: key_hash("n"),
-                },
-                Err(Rejection::TenantArchived),
-            ),
-            (
-                Command::DisableTenant { id: "ghost".into() },
-                Err(Rejection::NoSuchTenant),
-            ),
+            (Command::DisableTenant { id: "ghost".into() }, Err(Rejection::NoSuchTenant)),
         ],
     );
     let t = s.tenant("acme").expect("archived tenants stay recorded");
@@ -178,10 +130,7 @@ fn update_disable_archive() {
 use crate::state::MIB;
 
 fn join(id: u64) -> Command {
-    Command::NodeJoin {
-        id,
-        addr: format!("127.0.0.1:{}", 7000 + id),
-    }
+    Command::NodeJoin { id, addr: format!("127.0.0.1:{}", 7000 + id) }
 }
 
 /// Two nodes joined and activated.
@@ -202,25 +151,16 @@ fn node_activation_bumps_epoch_and_checks_transitions() {
     assert_eq!(s.placement_epoch(), 2);
     assert_eq!(s.active_nodes(), vec![1, 2]);
     assert_eq!(s.ring().node_ids(), &[1, 2]);
-    let twice = Rejection::InvalidNodeTransition {
-        id: 2,
-        from: NodeState::Active,
-        to: NodeState::Active,
-    };
-    let no_addr = Command::NodeJoin {
-        id: 3,
-        addr: String::new(),
-    };
+    let twice =
+        Rejection::InvalidNodeTransition { id: 2, from: NodeState::Active, to: NodeState::Active };
+    let no_addr = Command::NodeJoin { id: 3, addr: String::new() };
     check(
         &mut s,
         vec![
             (Command::NodeActivate { id: 2 }, Err(twice)),
             (join(1), Err(Rejection::NodeIdUsed(1))),
             (no_addr, Err(Rejection::InvalidNodeAddr)),
-            (
-                Command::NodeActivate { id: 9 },
-                Err(Rejection::NoSuchNode(9)),
-            ),
+            (Command::NodeActivate { id: 9 }, Err(Rejection::NoSuchNode(9))),
         ],
     );
 }
@@ -233,11 +173,7 @@ fn node_removal_never_frees_the_id() {
     let drain = |id| Command::NodeDrain { id };
     let remove = |id| Command::NodeRemove { id };
     check(&mut s, vec![(drain(2), Ok(())), (remove(2), Ok(()))]);
-    assert_eq!(
-        s.placement_epoch(),
-        3,
-        "drain bumps, removing a draining node does not"
-    );
+    assert_eq!(s.placement_epoch(), 3, "drain bumps, removing a draining node does not");
     check(
         &mut s,
         vec![
@@ -280,17 +216,10 @@ fn admin_key_hash_only_accepts_hashes() {
         &mut s,
         vec![
             (
-                Command::SetAdminKeyHash {
-                    hash: "plain-admin-key".into(),
-                },
+                Command::SetAdminKeyHash { hash: "plain-admin-key".into() },
                 Err(Rejection::InvalidKeyHash),
             ),
-            (
-                Command::SetAdminKeyHash {
-                    hash: key_hash("admin"),
-                },
-                Ok(()),
-            ),
+            (Command::SetAdminKeyHash { hash: key_hash("admin") }, Ok(())),
         ],
     );
     assert_eq!(s.admin_key_hash(), Some(key_hash("admin").as_str()));
@@ -301,7 +230,8 @@ fn placement_changes_record_handoffs_one_change_at_a_time() {
     // Goal: a join records a handoff for exactly the tenants whose owner changed; no other
     // placement change is accepted until every handoff is done; done needs the right epoch.
     let mut s = two_active_nodes();
-    let tenants: Vec<Command> = (0..60).map(|i| new_tenant(&format!("t{i}"), &format!("k{i}"))).collect();
+    let tenants: Vec<Command> =
+        (0..60).map(|i| new_tenant(&format!("t{i}"), &format!("k{i}"))).collect();
     check(&mut s, tenants.into_iter().map(|c| (c, Ok(()))).collect());
     let before: Vec<Option<u64>> = (0..60).map(|i| s.owner_of(&format!("t{i}"))).collect();
     check(&mut s, vec![(join(3), Ok(())), (Command::NodeActivate { id: 3 }, Ok(()))]);
@@ -363,7 +293,10 @@ fn purge_destroys_an_archived_tenant_and_retires_its_id() {
 
     // A tenant moving between nodes waits for its handoff.
     let mut s = two_active_nodes();
-    check(&mut s, (0..40).map(|i| (new_tenant(&format!("t{i}"), &format!("k{i}")), Ok(()))).collect());
+    check(
+        &mut s,
+        (0..40).map(|i| (new_tenant(&format!("t{i}"), &format!("k{i}")), Ok(()))).collect(),
+    );
     check(&mut s, (0..40).map(|i| (archive(&format!("t{i}")), Ok(()))).collect());
     check(&mut s, vec![(join(3), Ok(())), (Command::NodeActivate { id: 3 }, Ok(()))]);
     let moving = s.handoffs().next().expect("a third node takes some tenants").clone();

@@ -91,9 +91,7 @@ impl RegistryConfig {
             purge_batch_size: 1,
             ..Default::default()
         };
-        config
-            .validate()
-            .map_err(|e| RegistryError::InvalidConfig(e.to_string()))
+        config.validate().map_err(|e| RegistryError::InvalidConfig(e.to_string()))
     }
 
     pub(crate) fn write_timeout(&self) -> Duration {
@@ -127,21 +125,9 @@ mod tests {
         // timeout, or an inverted election range, is refused.
         let ok = RegistryConfig::default().to_openraft();
         assert!(ok.is_ok_and(|c| c.snapshot_max_chunk_size == SNAPSHOT_CHUNK_BYTES));
-        let slow_heartbeat = RegistryConfig {
-            heartbeat_interval_ms: 1_000,
-            ..Default::default()
-        };
-        assert!(matches!(
-            slow_heartbeat.to_openraft(),
-            Err(RegistryError::InvalidConfig(_))
-        ));
-        let inverted = RegistryConfig {
-            election_timeout_min_ms: 3_000,
-            ..Default::default()
-        };
-        assert!(matches!(
-            inverted.to_openraft(),
-            Err(RegistryError::InvalidConfig(_))
-        ));
+        let slow_heartbeat = RegistryConfig { heartbeat_interval_ms: 1_000, ..Default::default() };
+        assert!(matches!(slow_heartbeat.to_openraft(), Err(RegistryError::InvalidConfig(_))));
+        let inverted = RegistryConfig { election_timeout_min_ms: 3_000, ..Default::default() };
+        assert!(matches!(inverted.to_openraft(), Err(RegistryError::InvalidConfig(_))));
     }
 }

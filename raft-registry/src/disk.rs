@@ -108,11 +108,7 @@ pub fn std_fs() -> Arc<dyn Fs> {
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{op} {path}: {source}")]
-    Io {
-        op: &'static str,
-        path: PathBuf,
-        source: io::Error,
-    },
+    Io { op: &'static str, path: PathBuf, source: io::Error },
     #[error("{path}: corrupt: {reason}")]
     Corrupt { path: PathBuf, reason: String },
     #[error("cannot encode {what}: {reason}")]
@@ -121,11 +117,7 @@ pub enum StoreError {
 
 /// Attaches the operation and path to an I/O error.
 pub fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
-    move |source| StoreError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    }
+    move |source| StoreError::Io { op, path: path.to_path_buf(), source }
 }
 
 pub(crate) fn bincode_config() -> impl bincode::config::Config {
@@ -134,18 +126,13 @@ pub(crate) fn bincode_config() -> impl bincode::config::Config {
 
 /// Encodes `value` with bincode 2 (serde, standard config).
 pub fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
-    bincode::serde::encode_to_vec(value, bincode_config()).map_err(|e| StoreError::Encode {
-        what,
-        reason: e.to_string(),
-    })
+    bincode::serde::encode_to_vec(value, bincode_config())
+        .map_err(|e| StoreError::Encode { what, reason: e.to_string() })
 }
 
 /// Decodes a whole payload; trailing bytes are corruption.
 pub fn decode<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, StoreError> {
-    let corrupt = |reason: String| StoreError::Corrupt {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let corrupt = |reason: String| StoreError::Corrupt { path: path.to_path_buf(), reason };
     let (value, used) = bincode::serde::decode_from_slice(bytes, bincode_config())
         .map_err(|e| corrupt(e.to_string()))?;
     if used != bytes.len() {
@@ -244,10 +231,8 @@ pub fn read_record_file<T: DeserializeOwned>(
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err("read", path)(e)),
     };
-    let corrupt = |reason: &str| StoreError::Corrupt {
-        path: path.to_path_buf(),
-        reason: reason.to_string(),
-    };
+    let corrupt =
+        |reason: &str| StoreError::Corrupt { path: path.to_path_buf(), reason: reason.to_string() };
     let (payload, used) = parse_frame(&bytes).ok_or_else(|| corrupt("bad checksum or length"))?;
     if used != bytes.len() {
         return Err(corrupt("trailing bytes after the record"));

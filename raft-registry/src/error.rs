@@ -13,10 +13,7 @@ use crate::types::{Node, NodeId};
 pub enum RegistryError {
     /// This node is not the leader; forward to `leader_addr` (when known) and retry.
     #[error("not the leader; leader is {leader_id:?} at {leader_addr:?}")]
-    NotLeader {
-        leader_id: Option<u64>,
-        leader_addr: Option<String>,
-    },
+    NotLeader { leader_id: Option<u64>, leader_addr: Option<String> },
     /// The state machine refused the command; nothing changed.
     #[error("rejected: {0}")]
     Rejected(#[from] Rejection),
@@ -47,20 +44,14 @@ pub enum RegistryError {
 
 impl RegistryError {
     pub(crate) fn timeout(op: &'static str, after: std::time::Duration) -> RegistryError {
-        RegistryError::Timeout {
-            op,
-            timeout_ms: after.as_millis().try_into().unwrap_or(u64::MAX),
-        }
+        RegistryError::Timeout { op, timeout_ms: after.as_millis().try_into().unwrap_or(u64::MAX) }
     }
 
     pub(crate) fn not_leader(
         leader_id: Option<NodeId>,
         leader_node: Option<Node>,
     ) -> RegistryError {
-        RegistryError::NotLeader {
-            leader_id,
-            leader_addr: leader_node.map(|n| n.addr),
-        }
+        RegistryError::NotLeader { leader_id, leader_addr: leader_node.map(|n| n.addr) }
     }
 }
 

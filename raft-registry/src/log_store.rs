@@ -84,18 +84,14 @@ impl LogStore {
             disk::read_record_file::<Meta>(fs.as_ref(), &dir.join(META_FILE))?.unwrap_or_default();
         let path = dir.join(LOG_FILE);
         let existed = fs.exists(&path).map_err(io_err("stat", &path))?;
-        let bytes = if existed {
-            fs.read(&path).map_err(io_err("read", &path))?
-        } else {
-            Vec::new()
-        };
+        let bytes =
+            if existed { fs.read(&path).map_err(io_err("read", &path))? } else { Vec::new() };
         let replay = replay(&path, &bytes)?;
         let mut file = fs.open_append(&path).map_err(io_err("open", &path))?;
         if replay.end < bytes.len() as u64 {
             let discarded_bytes = bytes.len() as u64 - replay.end;
             tracing::warn!(path = %path.display(), discarded_bytes, "discarding torn log tail");
-            file.set_len(replay.end)
-                .map_err(io_err("truncate", &path))?;
+            file.set_len(replay.end).map_err(io_err("truncate", &path))?;
         }
         // What was read may sit only in the page cache, written by a process that died before
         // its fsync (an append that failed, a kill): make it durable before Raft counts on it.
@@ -113,16 +109,12 @@ impl LogStore {
             last_purged: replay.last_purged,
             meta,
         };
-        Ok(LogStore {
-            inner: Arc::new(Mutex::new(inner)),
-        })
+        Ok(LogStore { inner: Arc::new(Mutex::new(inner)) })
     }
 
     fn lock(&self) -> MutexGuard<'_, LogInner> {
         // Poisoned only if a previous holder panicked, i.e. a broken invariant already aborted us.
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| panic!("log store mutex poisoned: {p}"))
+        self.inner.lock().unwrap_or_else(|p| panic!("log store mutex poisoned: {p}"))
     }
 
     /// Appends and fsyncs `entries` (the synchronous core of `append`).
@@ -145,33 +137,19 @@ struct Replay {
 /// Scans the log file; stops at the first torn record. A record that passes its checksum but
 /// does not decode, or breaks the sequence, is corruption, not a torn tail.
 fn replay(path: &Path, bytes: &[u8]) -> Result<Replay, StoreError> {
-    let mut r = Replay {
-        entries: BTreeMap::new(),
-        offsets: BTreeMap::new(),
-        last_purged: None,
-        end: 0,
-    };
-    let corrupt = |reason: String| StoreError::Corrupt {
-        path: path.to_path_buf(),
-        reason,
-    };
+    let mut r =
+        Replay { entries: BTreeMap::new(), offsets: BTreeMap::new(), last_purged: None, end: 0 };
+    let corrupt = |reason: String| StoreError::Corrupt { path: path.to_path_buf(), reason };
     while let Some((payload, len)) = disk::parse_frame(&bytes[r.end as usize..]) {
         match disk::decode::<LogRecord>(path, payload)? {
             LogRecord::Purged(id) if r.entries.is_empty() && r.last_purged.is_none() => {
                 r.last_purged = Some(id)
             }
             LogRecord::Purged(_) => {
-                return Err(corrupt(format!(
-                    "purge record not first, at byte {}",
-                    r.end
-                )))
+                return Err(corrupt(format!("purge record not first, at byte {}", r.end)))
             }
             LogRecord::Entry(e) => {
-                if r.entries
-                    .keys()
-                    .next_back()
-                    .is_some_and(|&last| e.log_id.index <= last)
-                {
+                if r.entries.keys().next_back().is_some_and(|&last| e.log_id.index <= last) {
                     return Err(corrupt(format!("entry {} does not ascend", e.log_id.index)));
                 }
                 r.offsets.insert(e.log_id.index, r.end);
@@ -189,11 +167,7 @@ impl LogInner {
     }
 
     fn last_log_id(&self) -> Option<LogId> {
-        self.entries
-            .values()
-            .next_back()
-            .map(|e| e.log_id)
-            .or(self.last_purged)
+        self.entries.values().next_back().map(|e| e.log_id).or(self.last_purged)
     }
 
     fn append(&mut self, entries: impl IntoIterator<Item = Entry>) -> Result<(), StoreError> {
@@ -202,23 +176,14 @@ impl LogInner {
         // suite also appends over existing entries and with holes. Overwriting is a truncation, so
         // entries in the file always ascend.
         if let Some(first) = entries.first() {
-            if self
-                .entries
-                .keys()
-                .next_back()
-                .is_some_and(|&last| last >= first.log_id.index)
-            {
+            if self.entries.keys().next_back().is_some_and(|&last| last >= first.log_id.index) {
                 self.truncate(first.log_id.index)?;
             }
         }
         let mut buf = Vec::new();
         for entry in entries {
-            let record = disk::frame(&disk::encode(
-                "log entry",
-                &LogRecord::Entry(entry.clone()),
-            )?);
-            self.offsets
-                .insert(entry.log_id.index, self.end + buf.len() as u64);
+            let record = disk::frame(&disk::encode("log entry", &LogRecord::Entry(entry.clone()))?);
+            self.offsets.insert(entry.log_id.index, self.end + buf.len() as u64);
             self.entries.insert(entry.log_id.index, entry);
             buf.extend_from_slice(&record);
         }
@@ -235,9 +200,7 @@ impl LogInner {
             return Ok(());
         };
         let path = self.log_path();
-        self.file
-            .set_len(offset)
-            .map_err(io_err("truncate", &path))?;
+        self.file.set_len(offset).map_err(io_err("truncate", &path))?;
         self.file.sync_data().map_err(io_err("fsync", &path))?;
         self.end = offset;
         self.entries.split_off(&index);
@@ -281,12 +244,7 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry>, StorageError> {
-        Ok(self
-            .lock()
-            .entries
-            .range(range)
-            .map(|(_, e)| e.clone())
-            .collect())
+        Ok(self.lock().entries.range(range).map(|(_, e)| e.clone()).collect())
     }
 }
 
@@ -295,10 +253,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError> {
         let inner = self.lock();
-        Ok(LogState {
-            last_purged_log_id: inner.last_purged,
-            last_log_id: inner.last_log_id(),
-        })
+        Ok(LogState { last_purged_log_id: inner.last_purged, last_log_id: inner.last_log_id() })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -307,13 +262,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_vote(&mut self, vote: &Vote) -> Result<(), StorageError> {
         let mut inner = self.lock();
-        let meta = Meta {
-            vote: Some(*vote),
-            ..inner.meta.clone()
-        };
-        inner
-            .save_meta(meta)
-            .map_err(|e| StorageIOError::write_vote(AnyError::new(&e)).into())
+        let meta = Meta { vote: Some(*vote), ..inner.meta.clone() };
+        inner.save_meta(meta).map_err(|e| StorageIOError::write_vote(AnyError::new(&e)).into())
     }
 
     async fn read_vote(&mut self) -> Result<Option<Vote>, StorageError> {
@@ -322,10 +272,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         let mut inner = self.lock();
-        let meta = Meta {
-            committed,
-            ..inner.meta.clone()
-        };
+        let meta = Meta { committed, ..inner.meta.clone() };
         Ok(inner.save_meta(meta)?)
     }
 

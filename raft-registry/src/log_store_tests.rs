@@ -11,14 +11,8 @@ fn log_id(term: u64, index: u64) -> LogId {
 }
 
 fn entry(term: u64, index: u64) -> Entry {
-    let cmd = Command::NodeJoin {
-        id: index,
-        addr: format!("10.0.0.{index}:7000"),
-    };
-    Entry {
-        log_id: log_id(term, index),
-        payload: EntryPayload::Normal(cmd),
-    }
+    let cmd = Command::NodeJoin { id: index, addr: format!("10.0.0.{index}:7000") };
+    Entry { log_id: log_id(term, index), payload: EntryPayload::Normal(cmd) }
 }
 
 async fn indexes(store: &mut LogStore) -> anyhow::Result<Vec<u64>> {
@@ -69,11 +63,7 @@ async fn torn_tail_is_discarded() -> anyhow::Result<()> {
 
     let mut store = LogStore::open(dir.path())?;
     assert_eq!(indexes(&mut store).await?, vec![1, 2, 3]);
-    assert_eq!(
-        fs::metadata(&path)?.len(),
-        full,
-        "the torn tail is cut from the file"
-    );
+    assert_eq!(fs::metadata(&path)?.len(), full, "the torn tail is cut from the file");
     store.append_sync([entry(2, 4)])?;
     drop(store);
 
@@ -122,21 +112,12 @@ async fn files_hold_no_clear_text_key() -> anyhow::Result<()> {
     // Goal: a key never reaches the log: only its hash does (the API takes hashes).
     let dir = tempfile::tempdir()?;
     let key = "pmb-v1-00112233445566778899aabbccddeeff";
-    let cmd = Command::RotateKey {
-        id: "acme".into(),
-        new_hash: crate::key_hash(key),
-    };
+    let cmd = Command::RotateKey { id: "acme".into(), new_hash: crate::key_hash(key) };
     let store = LogStore::open(dir.path())?;
-    store.append_sync([Entry {
-        log_id: log_id(1, 1),
-        payload: EntryPayload::Normal(cmd),
-    }])?;
+    store.append_sync([Entry { log_id: log_id(1, 1), payload: EntryPayload::Normal(cmd) }])?;
     let bytes = fs::read(dir.path().join(LOG_FILE))?;
     let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
     assert!(!contains(key.as_bytes()), "clear-text key in the log");
-    assert!(
-        contains(crate::key_hash(key).as_bytes()),
-        "the hash is what is stored"
-    );
+    assert!(contains(crate::key_hash(key).as_bytes()), "the hash is what is stored");
     Ok(())
 }

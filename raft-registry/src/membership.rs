@@ -30,26 +30,16 @@ impl Registry {
         let state = self.read_linearizable().await?;
         match state.node(id) {
             None => {
-                self.write(Command::NodeJoin {
-                    id,
-                    addr: addr.clone(),
-                })
-                .await?;
+                self.write(Command::NodeJoin { id, addr: addr.clone() }).await?;
             }
             Some(n)
                 if n.addr == addr && matches!(n.state, NodeState::Joining | NodeState::Active) => {}
             Some(_) => return Err(Rejection::NodeIdUsed(id).into()),
         }
         self.add_caught_up_learner(id, addr).await?;
-        let promote = self
-            .raft
-            .change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false);
-        bounded(
-            "promote to voter",
-            self.config.membership_change_timeout(),
-            promote,
-        )
-        .await??;
+        let promote =
+            self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false);
+        bounded("promote to voter", self.config.membership_change_timeout(), promote).await??;
         if self.read_linearizable().await?.node(id).map(|n| n.state) == Some(NodeState::Joining) {
             self.write(Command::NodeActivate { id }).await?;
         }
@@ -64,24 +54,17 @@ impl Registry {
     /// we wait for its matched log index in the leader's replication metrics instead.
     async fn add_caught_up_learner(&self, id: u64, addr: String) -> Result<(), RegistryError> {
         let limit = self.config.learner_catchup_timeout();
-        let added = bounded(
-            "add learner",
-            limit,
-            self.raft.add_learner(id, BasicNode::new(addr), false),
-        )
-        .await??;
+        let added =
+            bounded("add learner", limit, self.raft.add_learner(id, BasicNode::new(addr), false))
+                .await??;
         let target = added.log_id.index;
         let caught_up = self
             .raft
             .wait(Some(limit))
             .metrics(
                 |m| {
-                    let matched = m
-                        .replication
-                        .as_ref()
-                        .and_then(|r| r.get(&id))
-                        .copied()
-                        .flatten();
+                    let matched =
+                        m.replication.as_ref().and_then(|r| r.get(&id)).copied().flatten();
                     matched.is_some_and(|l| l.index >= target)
                 },
                 "learner caught up",
@@ -124,13 +107,7 @@ impl Registry {
         if node.state != NodeState::Removed {
             self.write(Command::NodeRemove { id }).await?;
         }
-        let membership = self
-            .raft
-            .metrics()
-            .borrow()
-            .membership_config
-            .membership()
-            .clone();
+        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
         let ids = BTreeSet::from([id]);
         let change = if membership.voter_ids().any(|v| v == id) {
             ChangeMembers::RemoveVoters(ids)
@@ -140,12 +117,8 @@ impl Registry {
             return Ok(());
         };
         let remove = self.raft.change_membership(change, false);
-        bounded(
-            "remove from membership",
-            self.config.membership_change_timeout(),
-            remove,
-        )
-        .await??;
+        bounded("remove from membership", self.config.membership_change_timeout(), remove)
+            .await??;
         Ok(())
     }
 }

@@ -84,14 +84,8 @@ fn wire_config() -> impl bincode::config::Config {
 }
 
 fn encode<T: Serialize>(body: T) -> Result<Vec<u8>, String> {
-    bincode::serde::encode_to_vec(
-        Envelope {
-            version: RAFT_RPC_VERSION,
-            body,
-        },
-        wire_config(),
-    )
-    .map_err(|e| e.to_string())
+    bincode::serde::encode_to_vec(Envelope { version: RAFT_RPC_VERSION, body }, wire_config())
+        .map_err(|e| e.to_string())
 }
 
 fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
@@ -99,9 +93,7 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     let (version, _): (u16, usize) =
         bincode::serde::decode_from_slice(bytes, wire_config()).map_err(|e| e.to_string())?;
     if version != RAFT_RPC_VERSION {
-        return Err(format!(
-            "raft rpc version {version}, expected {RAFT_RPC_VERSION}"
-        ));
+        return Err(format!("raft rpc version {version}, expected {RAFT_RPC_VERSION}"));
     }
     let (env, _): (Envelope<T>, usize) =
         bincode::serde::decode_from_slice(bytes, wire_config()).map_err(|e| e.to_string())?;
@@ -187,11 +179,8 @@ impl PeerClient {
         action: RPCTypes,
         option: &RPCOption,
     ) -> RpcResult<RaftRpcReply, E> {
-        let payload = encode(Addressed {
-            to: self.target,
-            rpc,
-        })
-        .map_err(|e| RPCError::Network(NetworkError::new(&WireError(e))))?;
+        let payload = encode(Addressed { to: self.target, rpc })
+            .map_err(|e| RPCError::Network(NetworkError::new(&WireError(e))))?;
         let timeout = option.hard_ttl();
         let sent = tokio::time::timeout(
             timeout,
@@ -220,17 +209,11 @@ impl PeerClient {
     }
 
     fn remote<E: std::error::Error>(&self, e: E) -> RPCError<NodeId, Node, E> {
-        RPCError::RemoteError(RemoteError::new_with_node(
-            self.target,
-            self.node.clone(),
-            e,
-        ))
+        RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), e))
     }
 
     fn mismatched<E: std::error::Error>(&self) -> RPCError<NodeId, Node, E> {
-        RPCError::Network(NetworkError::new(&WireError(
-            "reply does not match the request".into(),
-        )))
+        RPCError::Network(NetworkError::new(&WireError("reply does not match the request".into())))
     }
 }
 
@@ -240,14 +223,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<AppendEntriesResponse<NodeId>, RaftError<NodeId>> {
-        match self
-            .call(
-                RaftRpc::AppendEntries(rpc),
-                RPCTypes::AppendEntries,
-                &option,
-            )
-            .await?
-        {
+        match self.call(RaftRpc::AppendEntries(rpc), RPCTypes::AppendEntries, &option).await? {
             RaftRpcReply::AppendEntries(r) => r.map_err(|e| self.remote(e)),
             _ => Err(self.mismatched()),
         }
@@ -258,14 +234,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
     ) -> RpcResult<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>> {
-        match self
-            .call(
-                RaftRpc::InstallSnapshot(rpc),
-                RPCTypes::InstallSnapshot,
-                &option,
-            )
-            .await?
-        {
+        match self.call(RaftRpc::InstallSnapshot(rpc), RPCTypes::InstallSnapshot, &option).await? {
             RaftRpcReply::InstallSnapshot(r) => r.map_err(|e| self.remote(e)),
             _ => Err(self.mismatched()),
         }
@@ -276,10 +245,7 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, RaftError<NodeId>> {
-        match self
-            .call(RaftRpc::Vote(rpc), RPCTypes::Vote, &option)
-            .await?
-        {
+        match self.call(RaftRpc::Vote(rpc), RPCTypes::Vote, &option).await? {
             RaftRpcReply::Vote(r) => r.map_err(|e| self.remote(e)),
             _ => Err(self.mismatched()),
         }
@@ -299,16 +265,10 @@ mod tests {
             vote: Vote::new(3, 1),
             last_log_id: Some(LogId::new(CommittedLeaderId::new(2, 1), 9)),
         };
-        let bytes = encode(Addressed {
-            to: 4,
-            rpc: RaftRpc::Vote(req.clone()),
-        })
-        .expect("small rpc encodes");
+        let bytes = encode(Addressed { to: 4, rpc: RaftRpc::Vote(req.clone()) })
+            .expect("small rpc encodes");
         match decode::<Addressed>(&bytes) {
-            Ok(Addressed {
-                to: 4,
-                rpc: RaftRpc::Vote(got),
-            }) => assert_eq!(got, req),
+            Ok(Addressed { to: 4, rpc: RaftRpc::Vote(got) }) => assert_eq!(got, req),
             _ => panic!("vote request did not round-trip"),
         }
         let mut other = bytes.clone();

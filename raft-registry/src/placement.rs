@@ -75,10 +75,7 @@ impl Ring {
             .collect();
         // One sort for the whole ring; `add` would re-sort per point.
         ring.batch_add(points);
-        Ring {
-            node_ids: ids,
-            ring,
-        }
+        Ring { node_ids: ids, ring }
     }
 
     /// The owner of `tenant_id`, or `None` when the ring is empty.
@@ -116,10 +113,7 @@ mod tests {
     }
 
     fn owners(ring: &Ring, tenants: &[String]) -> Vec<u64> {
-        tenants
-            .iter()
-            .map(|t| ring.owner(t).expect("ring is not empty"))
-            .collect()
+        tenants.iter().map(|t| ring.owner(t).expect("ring is not empty")).collect()
     }
 
     #[test]
@@ -145,11 +139,7 @@ mod tests {
                 "placement: {family} ids, {n} nodes, {TENANTS} tenants: max/mean = {:.3}",
                 max / mean
             );
-            assert!(
-                max / mean <= MAX_OVER_MEAN_LIMIT,
-                "{n} nodes: max/mean {:.3}",
-                max / mean
-            );
+            assert!(max / mean <= MAX_OVER_MEAN_LIMIT, "{n} nodes: max/mean {:.3}", max / mean);
         }
     }
 
@@ -168,10 +158,7 @@ mod tests {
             }
         }
         let fraction = moved as f64 / TENANTS as f64;
-        println!(
-            "placement: join 3->4 nodes moved {moved}/{TENANTS} = {:.3}",
-            fraction
-        );
+        println!("placement: join 3->4 nodes moved {moved}/{TENANTS} = {:.3}", fraction);
         assert!(fraction <= JOIN_MOVED_FRACTION_MAX, "moved {fraction:.3}");
         assert!(moved > 0, "the new node must take some tenants");
     }
@@ -217,14 +204,6 @@ mod tests {
     const PINNED_TENANTS: [&str; 8] = ["acme", "demo", "a", "b", "c", "tenant-00042", "x-1", "zz"];
     /// Owners of [`PINNED_TENANTS`] over nodes [1,2,3]: must never change, or nodes of different
     /// builds would disagree on placement.
-    const PINNED_OWNERS: [Option<u64>; 8] = [
-        Some(2),
-        Some(2),
-        Some(1),
-        Some(2),
-        Some(1),
-        Some(2),
-        Some(1),
-        Some(1),
-    ];
+    const PINNED_OWNERS: [Option<u64>; 8] =
+        [Some(2), Some(2), Some(1), Some(2), Some(1), Some(2), Some(1), Some(1)];
 }

@@ -67,9 +67,7 @@ pub(crate) async fn bounded<T>(
     limit: Duration,
     fut: impl Future<Output = T>,
 ) -> Result<T, RegistryError> {
-    tokio::time::timeout(limit, fut)
-        .await
-        .map_err(|_| RegistryError::timeout(op, limit))
+    tokio::time::timeout(limit, fut).await.map_err(|_| RegistryError::timeout(op, limit))
 }
 
 impl Registry {
@@ -95,10 +93,7 @@ impl Registry {
         let raft_config = Arc::new(config.to_openraft()?);
         let log = LogStore::open_on(fs.clone(), dir)?;
         let (sm, state_rx) = StateMachineStore::open_on(fs, dir)?;
-        let network = NetworkFactory {
-            my_id: node_id,
-            transport,
-        };
+        let network = NetworkFactory { my_id: node_id, transport };
         let raft = Raft::new(node_id, raft_config, network, log, sm).await?;
         Ok(Registry {
             id: node_id,
@@ -133,21 +128,14 @@ impl Registry {
             }
         }
         if self.wait_for_leader().await? != self.id {
-            tracing::info!(
-                id = self.id,
-                "bootstrap: cluster already formed with another leader"
-            );
+            tracing::info!(id = self.id, "bootstrap: cluster already formed with another leader");
             return Ok(());
         }
         let state = self.read_linearizable().await?;
         if state.node(self.id).is_none() {
             self.write(Command::NodeJoin { id: self.id, addr }).await?;
         }
-        if self
-            .read_linearizable()
-            .await?
-            .node(self.id)
-            .map(|n| n.state)
+        if self.read_linearizable().await?.node(self.id).map(|n| n.state)
             == Some(NodeState::Joining)
         {
             self.write(Command::NodeActivate { id: self.id }).await?;
@@ -177,12 +165,8 @@ impl Registry {
         // watch makes that ordering explicit rather than assumed.
         let want = read_log_id.map_or(0, |l| l.index);
         let mut rx = self.state_rx.clone();
-        let published = bounded(
-            "linearizable read",
-            limit,
-            rx.wait_for(|(index, _)| *index >= want),
-        )
-        .await?;
+        let published =
+            bounded("linearizable read", limit, rx.wait_for(|(index, _)| *index >= want)).await?;
         let state = published.map_err(|_| RegistryError::Shutdown)?.1.clone();
         Ok(state)
     }
@@ -201,10 +185,8 @@ impl Registry {
     pub fn status(&self) -> RaftStatus {
         let m = self.raft.metrics().borrow().clone();
         let membership = m.membership_config.membership();
-        let leader_addr = m
-            .current_leader
-            .and_then(|l| membership.get_node(&l))
-            .map(|n| n.addr.clone());
+        let leader_addr =
+            m.current_leader.and_then(|l| membership.get_node(&l)).map(|n| n.addr.clone());
         RaftStatus {
             id: self.id,
             leader: m.current_leader,
@@ -234,10 +216,9 @@ impl Registry {
                 }
                 openraft::metrics::WaitError::ShuttingDown => RegistryError::Shutdown,
             })?;
-        metrics.current_leader.ok_or(RegistryError::NotLeader {
-            leader_id: None,
-            leader_addr: None,
-        })
+        metrics
+            .current_leader
+            .ok_or(RegistryError::NotLeader { leader_id: None, leader_addr: None })
     }
 
     /// Answers one Raft RPC received from a peer (bytes produced by this crate's network layer
@@ -263,9 +244,6 @@ impl Registry {
 
     /// Stops Raft. Pending operations fail with `Shutdown`.
     pub async fn shutdown(&self) -> Result<(), RegistryError> {
-        self.raft
-            .shutdown()
-            .await
-            .map_err(|e| RegistryError::Raft(format!("shutdown: {e}")))
+        self.raft.shutdown().await.map_err(|e| RegistryError::Raft(format!("shutdown: {e}")))
     }
 }

@@ -65,7 +65,8 @@ impl AsyncRuntime for RegistryRuntime {
     type Sleep = <TokioRuntime as AsyncRuntime>::Sleep;
     type Instant = TokioInstant;
     type TimeoutError = <TokioRuntime as AsyncRuntime>::TimeoutError;
-    type Timeout<R, T: Future<Output = R> + OptionalSend> = <TokioRuntime as AsyncRuntime>::Timeout<R, T>;
+    type Timeout<R, T: Future<Output = R> + OptionalSend> =
+        <TokioRuntime as AsyncRuntime>::Timeout<R, T>;
     type ThreadLocalRng = ThreadRng;
     type OneshotSender<T: OptionalSend> = TokioOneShotSender<T>;
     type OneshotReceiverError = <TokioRuntime as AsyncRuntime>::OneshotReceiverError;
@@ -87,11 +88,17 @@ impl AsyncRuntime for RegistryRuntime {
         TokioRuntime::sleep_until(deadline)
     }
 
-    fn timeout<R, F: Future<Output = R> + OptionalSend>(duration: Duration, future: F) -> Self::Timeout<R, F> {
+    fn timeout<R, F: Future<Output = R> + OptionalSend>(
+        duration: Duration,
+        future: F,
+    ) -> Self::Timeout<R, F> {
         TokioRuntime::timeout(duration, future)
     }
 
-    fn timeout_at<R, F: Future<Output = R> + OptionalSend>(deadline: Self::Instant, future: F) -> Self::Timeout<R, F> {
+    fn timeout_at<R, F: Future<Output = R> + OptionalSend>(
+        deadline: Self::Instant,
+        future: F,
+    ) -> Self::Timeout<R, F> {
         TokioRuntime::timeout_at(deadline, future)
     }
 
@@ -122,7 +129,9 @@ mod tests {
         // Goal: the same seed gives the same election timeouts; another seed gives others.
         let draw = |seed| {
             seed_thread_rng(seed);
-            (0..8).map(|_| RegistryRuntime::thread_rng().gen_range(1_000..2_000u64)).collect::<Vec<_>>()
+            (0..8)
+                .map(|_| RegistryRuntime::thread_rng().gen_range(1_000..2_000u64))
+                .collect::<Vec<_>>()
         };
         assert_eq!(draw(7), draw(7));
         assert_ne!(draw(7), draw(8));

@@ -257,11 +257,7 @@ impl RegistryState {
 
     /// Ids of the nodes in state `Active`, ascending.
     pub fn active_nodes(&self) -> Vec<u64> {
-        self.nodes
-            .values()
-            .filter(|n| n.state == NodeState::Active)
-            .map(|n| n.id)
-            .collect()
+        self.nodes.values().filter(|n| n.state == NodeState::Active).map(|n| n.id).collect()
     }
 
     /// The placement ring over [`Self::active_nodes`].
@@ -354,9 +350,7 @@ pub fn is_valid_tenant_id(id: &str) -> bool {
 /// True when `hash` looks like [`key_hash`]'s output: 64 lower-case hex digits.
 pub fn is_valid_key_hash(hash: &str) -> bool {
     hash.len() == KEY_HASH_HEX_LEN
-        && hash
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 #[cfg(test)]
@@ -371,17 +365,7 @@ mod tests {
         for ok in ["a", "0", "acme", "a-b-c", "9lives", long_ok.as_str()] {
             assert!(is_valid_tenant_id(ok), "{ok:?} should be valid");
         }
-        for bad in [
-            "",
-            "-a",
-            "A",
-            "acme_1",
-            "a.b",
-            "a/b",
-            "ä",
-            too_long.as_str(),
-            "a b",
-        ] {
+        for bad in ["", "-a", "A", "acme_1", "a.b", "a/b", "ä", too_long.as_str(), "a b"] {
             assert!(!is_valid_tenant_id(bad), "{bad:?} should be invalid");
         }
     }
@@ -390,10 +374,7 @@ mod tests {
     fn key_hash_is_sha256_hex() {
         // Goal: key_hash is lower-case hex sha256 and passes the hash validator.
         let h = key_hash("abc");
-        assert_eq!(
-            h,
-            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
-        );
+        assert_eq!(h, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
         assert!(is_valid_key_hash(&h));
         assert!(!is_valid_key_hash("pmb-v1-0123"));
         assert!(!is_valid_key_hash(&h.to_uppercase()));

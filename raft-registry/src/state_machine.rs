@@ -64,13 +64,16 @@ fn encode_state(state: &RegistryState) -> Result<Vec<u8>, StoreError> {
 
 fn decode_state(origin: &Path, data: &[u8]) -> Result<RegistryState, StoreError> {
     // Every format starts with its version (a varint), so it is read first.
-    let (version, _): (u32, usize) = bincode::serde::decode_from_slice(data, disk::bincode_config())
-        .map_err(|e| StoreError::Corrupt { path: origin.to_path_buf(), reason: e.to_string() })?;
+    let (version, _): (u32, usize) =
+        bincode::serde::decode_from_slice(data, disk::bincode_config()).map_err(|e| {
+            StoreError::Corrupt { path: origin.to_path_buf(), reason: e.to_string() }
+        })?;
     let (image, purged) = match version {
         SNAPSHOT_FORMAT_VERSION => disk::decode::<(StateImage, Vec<String>)>(origin, data)?,
         2 => (disk::decode::<StateImage>(origin, data)?, Vec::new()),
         other => {
-            let reason = format!("snapshot format {other} (we read 2 and {SNAPSHOT_FORMAT_VERSION})");
+            let reason =
+                format!("snapshot format {other} (we read 2 and {SNAPSHOT_FORMAT_VERSION})");
             return Err(StoreError::Corrupt { path: origin.to_path_buf(), reason });
         }
     };
@@ -95,19 +98,14 @@ struct SnapshotSlot {
 impl SnapshotSlot {
     fn lock(&self) -> MutexGuard<'_, Option<StoredSnapshot>> {
         // Poisoned only if a previous holder panicked, i.e. a broken invariant already aborted us.
-        self.current
-            .lock()
-            .unwrap_or_else(|p| panic!("snapshot mutex poisoned: {p}"))
+        self.current.lock().unwrap_or_else(|p| panic!("snapshot mutex poisoned: {p}"))
     }
 
     /// Persists `snap` and makes it current, unless a newer one is already current (a slow build
     /// racing an install must not roll the snapshot back).
     fn store(&self, snap: StoredSnapshot) -> Result<(), StoreError> {
         let mut current = self.lock();
-        if current
-            .as_ref()
-            .is_some_and(|c| c.meta.last_log_id > snap.meta.last_log_id)
-        {
+        if current.as_ref().is_some_and(|c| c.meta.last_log_id > snap.meta.last_log_id) {
             return Ok(());
         }
         disk::write_record_file(self.fs.as_ref(), &self.dir, SNAPSHOT_FILE, &snap)?;
@@ -142,37 +140,24 @@ impl StateMachineStore {
         let path = dir.join(SNAPSHOT_FILE);
         let stored: Option<StoredSnapshot> = disk::read_record_file(fs.as_ref(), &path)?;
         let (last_applied, last_membership, state) = match &stored {
-            Some(s) => (
-                s.meta.last_log_id,
-                s.meta.last_membership.clone(),
-                decode_state(&path, &s.data)?,
-            ),
+            Some(s) => {
+                (s.meta.last_log_id, s.meta.last_membership.clone(), decode_state(&path, &s.data)?)
+            }
             None => (None, StoredMembership::default(), RegistryState::default()),
         };
         let (publish, rx) =
             watch::channel((last_applied.map_or(0, |l| l.index), Arc::new(state.clone())));
-        let slot = SnapshotSlot {
-            fs,
-            dir: dir.to_path_buf(),
-            current: Arc::new(Mutex::new(stored)),
-        };
+        let slot =
+            SnapshotSlot { fs, dir: dir.to_path_buf(), current: Arc::new(Mutex::new(stored)) };
         Ok((
-            StateMachineStore {
-                last_applied,
-                last_membership,
-                state,
-                slot,
-                publish,
-                builds: 0,
-            },
+            StateMachineStore { last_applied, last_membership, state, slot, publish, builds: 0 },
             rx,
         ))
     }
 
     fn publish(&self) {
         let index = self.last_applied.map_or(0, |l| l.index);
-        self.publish
-            .send_replace((index, Arc::new(self.state.clone())));
+        self.publish.send_replace((index, Arc::new(self.state.clone())));
     }
 
     fn apply_one(&mut self, entry: Entry) -> ApplyReply {
@@ -185,10 +170,7 @@ impl StateMachineStore {
                 Ok(())
             }
         };
-        ApplyReply {
-            outcome,
-            placement_epoch: self.state.placement_epoch(),
-        }
+        ApplyReply { outcome, placement_epoch: self.state.placement_epoch() }
     }
 }
 
@@ -213,15 +195,9 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             snapshot_id: self.snapshot_id.clone(),
         };
         self.slot
-            .store(StoredSnapshot {
-                meta: meta.clone(),
-                data: data.clone(),
-            })
+            .store(StoredSnapshot { meta: meta.clone(), data: data.clone() })
             .map_err(write_err)?;
-        Ok(Snapshot {
-            meta,
-            snapshot: Box::new(Cursor::new(data)),
-        })
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
 
@@ -244,10 +220,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
 
     async fn get_snapshot_builder(&mut self) -> SnapshotBuilder {
         self.builds += 1;
-        let at = self.last_applied.map_or_else(
-            || "none".to_string(),
-            |l| format!("{}-{}", l.leader_id.term, l.index),
-        );
+        let at = self
+            .last_applied
+            .map_or_else(|| "none".to_string(), |l| format!("{}-{}", l.leader_id.term, l.index));
         SnapshotBuilder {
             last_applied: self.last_applied,
             last_membership: self.last_membership.clone(),
@@ -271,14 +246,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let state = decode_state(origin, &data).map_err(|e| {
             StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))
         })?;
-        self.slot
-            .store(StoredSnapshot {
-                meta: meta.clone(),
-                data,
-            })
-            .map_err(|e| {
-                StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
-            })?;
+        self.slot.store(StoredSnapshot { meta: meta.clone(), data }).map_err(|e| {
+            StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
+        })?;
         self.state = state;
         self.last_applied = meta.last_log_id;
         self.last_membership = meta.last_membership.clone();
@@ -287,10 +257,11 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        Ok(self.slot.lock().clone().map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
-        }))
+        Ok(self
+            .slot
+            .lock()
+            .clone()
+            .map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
     }
 }
 
@@ -320,16 +291,7 @@ mod tests {
         tenant.admin_email = Some("ops@example.com".into());
         let add = Command::AddTenant(tenant);
         let replies = sm
-            .apply([
-                entry(
-                    1,
-                    Command::NodeJoin {
-                        id: 1,
-                        addr: "a:1".into(),
-                    },
-                ),
-                entry(2, add),
-            ])
+            .apply([entry(1, Command::NodeJoin { id: 1, addr: "a:1".into() }), entry(2, add)])
             .await?;
         assert!(replies.iter().all(|r| r.outcome.is_ok()));
         assert_eq!(rx.borrow().0, 2);
@@ -348,10 +310,7 @@ mod tests {
         let (applied, _) = sm.applied_state().await?;
         assert_eq!(applied.map(|l| l.index), Some(2));
         assert_eq!(
-            rx.borrow()
-                .1
-                .tenant_by_key_hash(&key_hash(key))
-                .map(|t| t.tier),
+            rx.borrow().1.tenant_by_key_hash(&key_hash(key)).map(|t| t.tier),
             Some(Tier::Pro)
         );
         assert_eq!(rx.borrow().1.node(1).map(|n| n.addr.as_str()), Some("a:1"));
@@ -364,7 +323,8 @@ mod tests {
         // purges existed) still loads, with none purged; any other format is refused.
         let origin = Path::new("snapshot");
         let mut state = RegistryState::default();
-        let add = Command::AddTenant(TenantRecord::new("live".into(), Tier::Free, key_hash("k"), 1));
+        let add =
+            Command::AddTenant(TenantRecord::new("live".into(), Tier::Free, key_hash("k"), 1));
         crate::command::apply(&mut state, add).expect("add");
         state.purged.insert("gone".to_string());
         let decoded = decode_state(origin, &encode_state(&state).expect("encode")).expect("decode");
@@ -380,8 +340,12 @@ mod tests {
             placement_epoch: 7,
             handoffs: Vec::new(),
         };
-        let old = decode_state(origin, &disk::encode("v2", &v2(2)).expect("encode")).expect("format 2 loads");
-        assert_eq!((old.tenant("live").map(|t| t.id.as_str()), old.placement_epoch()), (Some("live"), 7));
+        let old = decode_state(origin, &disk::encode("v2", &v2(2)).expect("encode"))
+            .expect("format 2 loads");
+        assert_eq!(
+            (old.tenant("live").map(|t| t.id.as_str()), old.placement_epoch()),
+            (Some("live"), 7)
+        );
         assert_eq!(old.purged().count(), 0);
         let unknown = decode_state(origin, &disk::encode("v9", &v2(9)).expect("encode"));
         assert!(unknown.is_err_and(|e| e.to_string().contains("snapshot format 9")));

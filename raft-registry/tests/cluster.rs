@@ -35,23 +35,15 @@ async fn three_nodes_elect_commit_and_replicate() -> anyhow::Result<()> {
         assert_eq!(done.placement_epoch, 3, "three activations");
         for id in [1, 2, 3] {
             let seen = applied(&*c.node(id)?, done.log_index).await?;
-            let t = seen
-                .tenant_by_key_hash(&key_hash("pmb-v1-key-of-acme"))
-                .map(|t| t.id.clone());
+            let t = seen.tenant_by_key_hash(&key_hash("pmb-v1-key-of-acme")).map(|t| t.id.clone());
             assert_eq!(t.as_deref(), Some("acme"), "node {id}");
             assert_eq!(seen.active_nodes(), vec![1, 2, 3]);
             assert!(seen.owner_of("acme").is_some());
         }
 
-        let follower = [1, 2, 3]
-            .into_iter()
-            .find(|id| *id != leader)
-            .expect("two followers");
+        let follower = [1, 2, 3].into_iter().find(|id| *id != leader).expect("two followers");
         match c.node(follower)?.write(add_tenant("other")).await {
-            Err(RegistryError::NotLeader {
-                leader_id,
-                leader_addr,
-            }) => {
+            Err(RegistryError::NotLeader { leader_id, leader_addr }) => {
                 assert_eq!(leader_id, Some(leader));
                 assert_eq!(leader_addr, Some(addr(leader)));
             }
@@ -63,17 +55,11 @@ async fn three_nodes_elect_commit_and_replicate() -> anyhow::Result<()> {
         ));
         let reused = c.node(leader)?.join_node(2, "10.9.9.9:7000".into()).await;
         assert!(
-            matches!(
-                reused,
-                Err(RegistryError::Rejected(Rejection::NodeIdUsed(2)))
-            ),
+            matches!(reused, Err(RegistryError::Rejected(Rejection::NodeIdUsed(2)))),
             "{reused:?}"
         );
         let dup = c.write(add_tenant("acme")).await?;
-        assert!(
-            matches!(dup, Err(RegistryError::Rejected(Rejection::TenantExists))),
-            "{dup:?}"
-        );
+        assert!(matches!(dup, Err(RegistryError::Rejected(Rejection::TenantExists))), "{dup:?}");
         Ok(())
     })
     .await
@@ -94,10 +80,7 @@ async fn leader_stop_elects_new_leader_without_loss() -> anyhow::Result<()> {
         assert_ne!(new, old);
         let state = c.read().await?;
         for i in 0..15 {
-            assert!(
-                state.tenant(&format!("t{i}")).is_some(),
-                "t{i} lost after failover"
-            );
+            assert!(state.tenant(&format!("t{i}")).is_some(), "t{i} lost after failover");
         }
         c.write(add_tenant("after-failover")).await??;
         Ok(())
@@ -114,21 +97,14 @@ async fn partitioned_leader_is_replaced_and_catches_up() -> anyhow::Result<()> {
         let old = c.leader(&[]).await?;
         c.net.partition(old, true);
         let cut_write = c.node(old)?.write(add_tenant("lost")).await;
-        assert!(
-            cut_write.is_err(),
-            "a cut-off leader must not acknowledge: {cut_write:?}"
-        );
+        assert!(cut_write.is_err(), "a cut-off leader must not acknowledge: {cut_write:?}");
         let new = c.leader(&[old]).await?;
         assert_ne!(new, old);
         let done = c.node(new)?.write(add_tenant("majority")).await?;
         c.net.partition(old, false);
         let seen = applied(&*c.node(old)?, done.log_index).await?;
         assert!(seen.tenant("majority").is_some());
-        assert_eq!(
-            c.leader(&[]).await?,
-            new,
-            "the healed node follows the new leader"
-        );
+        assert_eq!(c.leader(&[]).await?, new, "the healed node follows the new leader");
         Ok(())
     })
     .await
@@ -145,15 +121,11 @@ async fn full_restart_keeps_tenants_membership_and_snapshots() -> anyhow::Result
         for i in 0..60 {
             c.write(add_tenant(&format!("r{i}"))).await??;
         }
-        c.write(Command::SetAdminKeyHash {
-            hash: key_hash("admin"),
-        })
-        .await??;
+        c.write(Command::SetAdminKeyHash { hash: key_hash("admin") }).await??;
         for id in [1, 2, 3] {
-            let purged = poll("a snapshot and a purged log", || {
-                c.node(id).ok()?.status().purged_index
-            })
-            .await?;
+            let purged =
+                poll("a snapshot and a purged log", || c.node(id).ok()?.status().purged_index)
+                    .await?;
             println!("node {id}: log purged up to {purged}");
         }
         let term_before = c.node(1)?.status().term;
@@ -162,29 +134,19 @@ async fn full_restart_keeps_tenants_membership_and_snapshots() -> anyhow::Result
         }
         // The seed node restarting alone (no quorum) still bootstraps at once from local state.
         let lone = c.start(1).await?;
-        assert_eq!(
-            lone.state().tenant_count(),
-            60,
-            "committed state is back before any election"
-        );
+        assert_eq!(lone.state().tenant_count(), 60, "committed state is back before any election");
         lone.bootstrap(addr(1)).await?;
         for id in [2, 3] {
             c.start(id).await?;
         }
         let leader = c.leader(&[]).await?;
         assert_eq!(c.node(leader)?.status().voters, vec![1, 2, 3]);
-        assert!(
-            c.node(1)?.status().term >= term_before,
-            "the vote (term) survived the restart"
-        );
+        assert!(c.node(1)?.status().term >= term_before, "the vote (term) survived the restart");
         let state = c.read().await?;
         assert_eq!(state.tenant_count(), 60);
         assert_eq!(state.admin_key_hash(), Some(key_hash("admin").as_str()));
         assert_eq!(state.active_nodes(), vec![1, 2, 3]);
-        assert!(
-            std::fs::metadata(c.dir(1).join("snapshot")).is_ok(),
-            "a snapshot was written"
-        );
+        assert!(std::fs::metadata(c.dir(1).join("snapshot")).is_ok(), "a snapshot was written");
         c.write(add_tenant("after-restart")).await??;
         // bootstrap on a formed cluster is a no-op.
         c.node(1)?.bootstrap(addr(1)).await?;
@@ -195,10 +157,7 @@ async fn full_restart_keeps_tenants_membership_and_snapshots() -> anyhow::Result
         let done = c.write(add_tenant("after-join")).await??;
         let seen = applied(&*c.node(4)?, done.log_index).await?;
         assert_eq!(seen.tenant_count(), 62, "60 + after-restart + after-join");
-        assert!(
-            c.node(4)?.status().snapshot_index.is_some(),
-            "node 4 installed a snapshot"
-        );
+        assert!(c.node(4)?.status().snapshot_index.is_some(), "node 4 installed a snapshot");
         Ok(())
     })
     .await
@@ -248,36 +207,20 @@ async fn join_and_remove_while_writing() -> anyhow::Result<()> {
         c.write(add_tenant("after-removal")).await??;
         stop.store(true, Ordering::Relaxed);
         let acked = writer.await??;
-        assert!(
-            !acked.is_empty(),
-            "the writer made progress during the changes"
-        );
+        assert!(!acked.is_empty(), "the writer made progress during the changes");
 
         let state = c.node(leader)?.read_linearizable().await?;
         for id in &acked {
             assert!(state.tenant(id).is_some(), "acknowledged tenant {id} lost");
         }
-        let rest: Vec<u64> = [1, 2, 3, 4]
-            .into_iter()
-            .filter(|id| *id != removed)
-            .collect();
-        assert_eq!(
-            state.placement_epoch(),
-            epoch_before + 2,
-            "join and drain each bump the epoch"
-        );
-        assert_eq!(
-            state.node(removed).map(|n| n.state),
-            Some(NodeState::Removed)
-        );
+        let rest: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|id| *id != removed).collect();
+        assert_eq!(state.placement_epoch(), epoch_before + 2, "join and drain each bump the epoch");
+        assert_eq!(state.node(removed).map(|n| n.state), Some(NodeState::Removed));
         assert_eq!(state.active_nodes(), rest);
         assert_eq!(c.node(leader)?.status().voters, rest);
         let again = c.node(leader)?.join_node(removed, addr(removed)).await;
         assert!(
-            matches!(
-                again,
-                Err(RegistryError::Rejected(Rejection::NodeIdUsed(_)))
-            ),
+            matches!(again, Err(RegistryError::Rejected(Rejection::NodeIdUsed(_)))),
             "{again:?}"
         );
         println!(
@@ -291,10 +234,8 @@ async fn join_and_remove_while_writing() -> anyhow::Result<()> {
 
 /// A one-node cluster whose joins give up on a learner that does not catch up within 2 s.
 async fn bootstrapped_with_short_catchup() -> anyhow::Result<Cluster> {
-    let config = raft_registry::RegistryConfig {
-        learner_catchup_timeout_ms: 2_000,
-        ..test_config()
-    };
+    let config =
+        raft_registry::RegistryConfig { learner_catchup_timeout_ms: 2_000, ..test_config() };
     let mut c = Cluster::new(config)?;
     c.bootstrap().await?;
     Ok(c)
@@ -312,20 +253,11 @@ async fn concurrent_membership_change_is_refused() -> anyhow::Result<()> {
             let leader = leader.clone();
             async move { leader.join_node(9, addr(9)).await }
         });
-        poll("join of node 9 recorded", || {
-            leader.state().node(9).map(|_| ())
-        })
-        .await?;
+        poll("join of node 9 recorded", || leader.state().node(9).map(|_| ())).await?;
         let second = leader.join_node(10, addr(10)).await;
-        assert!(
-            matches!(second, Err(RegistryError::MembershipChangeInProgress)),
-            "{second:?}"
-        );
+        assert!(matches!(second, Err(RegistryError::MembershipChangeInProgress)), "{second:?}");
         let stuck = stuck.await?;
-        assert!(
-            matches!(stuck, Err(RegistryError::Timeout { .. })),
-            "{stuck:?}"
-        );
+        assert!(matches!(stuck, Err(RegistryError::Timeout { .. })), "{stuck:?}");
         leader.remove_node(9).await?;
         let state = leader.read_linearizable().await?;
         assert_eq!(state.node(9).map(|n| n.state), Some(NodeState::Removed));
@@ -348,10 +280,7 @@ async fn node_added_at_another_nodes_address_never_votes() -> anyhow::Result<()>
         c.net.alias(9, 2);
         let leader = c.leader(&[]).await?;
         let joined = c.node(leader)?.join_node(9, addr(2)).await;
-        assert!(
-            matches!(joined, Err(RegistryError::Timeout { .. })),
-            "{joined:?}"
-        );
+        assert!(matches!(joined, Err(RegistryError::Timeout { .. })), "{joined:?}");
         let status = c.node(leader)?.status();
         assert_eq!(status.voters, vec![1, 2, 3]);
         let done = c.write(add_tenant("after-bad-join")).await??;

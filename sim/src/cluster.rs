@@ -4,9 +4,9 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::pin::Pin;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -50,7 +50,11 @@ pub fn gateway_addr(id: u64) -> SocketAddr {
 /// The registry's configuration in simulation: production timing, but snapshots and log purges
 /// every few dozen entries so that runs exercise them.
 pub fn registry_config() -> RegistryConfig {
-    RegistryConfig { snapshot_logs_since_last: 40, logs_to_keep_after_snapshot: 16, ..RegistryConfig::default() }
+    RegistryConfig {
+        snapshot_logs_since_last: 40,
+        logs_to_keep_after_snapshot: 16,
+        ..RegistryConfig::default()
+    }
 }
 
 /// A running node process.
@@ -79,15 +83,36 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    pub fn new(trace: Arc<Trace>, monitor: Arc<Monitor>, net: Arc<Net>, admin_key_hash: String, ids: &[u64], rng: &mut Rng) -> Arc<Cluster> {
+    pub fn new(
+        trace: Arc<Trace>,
+        monitor: Arc<Monitor>,
+        net: Arc<Net>,
+        admin_key_hash: String,
+        ids: &[u64],
+        rng: &mut Rng,
+    ) -> Arc<Cluster> {
         let mut machines = BTreeMap::new();
         for &id in ids {
             let disk = SimDisk::new(rng.fork());
             // The machine's data directory exists before any process runs, as a mount does.
             let _ = disk.provision_dir(std::path::Path::new(DATA_DIR));
             // Some runs start a few seconds before a UTC midnight, so days turn during the run.
-            let ms_into_day = if rng.chance(300) { 86_400_000 - rng.range(5_000, 60_000) } else { rng.below(80_000_000) };
-            machines.insert(id, Host { id, disk, clocks: Clocks::new(ms_into_day), incarnation: 0, running: None, last_start_error: None });
+            let ms_into_day = if rng.chance(300) {
+                86_400_000 - rng.range(5_000, 60_000)
+            } else {
+                rng.below(80_000_000)
+            };
+            machines.insert(
+                id,
+                Host {
+                    id,
+                    disk,
+                    clocks: Clocks::new(ms_into_day),
+                    incarnation: 0,
+                    running: None,
+                    last_start_error: None,
+                },
+            );
         }
         Arc::new(Cluster { trace, monitor, net, admin_key_hash, machines: Mutex::new(machines) })
     }
@@ -142,7 +167,10 @@ impl Cluster {
 
     /// Starts a process on machine `id` from whatever its disk holds, as `node::run` does:
     /// open, listen, bootstrap (node 1), then the background workers.
-    pub fn start(self: &Arc<Self>, id: u64) -> Pin<Box<dyn Future<Output = Result<(), Violation>> + Send>> {
+    pub fn start(
+        self: &Arc<Self>,
+        id: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<(), Violation>> + Send>> {
         // Boxed: a node's supervisor starts it again, so the future refers to itself.
         Box::pin(self.clone().start_process(id))
     }
@@ -150,7 +178,9 @@ impl Cluster {
     async fn start_process(self: Arc<Self>, id: u64) -> Result<(), Violation> {
         let (disk, clocks, incarnation) = {
             let mut machines = self.lock();
-            let m = machines.get_mut(&id).ok_or_else(|| Violation::new(Invariant::Liveness, format!("no machine {id}")))?;
+            let m = machines
+                .get_mut(&id)
+                .ok_or_else(|| Violation::new(Invariant::Liveness, format!("no machine {id}")))?;
             if m.running.is_some() {
                 return Ok(());
             }
@@ -213,7 +243,10 @@ impl Cluster {
             m.disk.crash(power_lost);
             running
         };
-        self.trace.event(format!("n{id} {}", if power_lost { "loses power" } else { "process is killed" }));
+        self.trace.event(format!(
+            "n{id} {}",
+            if power_lost { "loses power" } else { "process is killed" }
+        ));
         running.shutdown.cancel();
         // The dead process's tasks end on their own: the registry is stopped, its disk and
         // network refuse everything.
@@ -239,10 +272,17 @@ impl Cluster {
             let statuses: Vec<(u64, u64, raft_registry::RaftStatus)> = self
                 .lock()
                 .values()
-                .filter_map(|m| m.running.as_ref().map(|r| (m.id, m.incarnation, r.parts.registry.status())))
+                .filter_map(|m| {
+                    m.running.as_ref().map(|r| (m.id, m.incarnation, r.parts.registry.status()))
+                })
                 .collect();
-            let running: Vec<(u64, u64)> = statuses.iter().map(|(id, inc, _)| (*id, *inc)).collect();
-            let leading: Vec<(u64, u64)> = statuses.iter().filter(|(_, _, s)| s.is_leader).map(|(id, _, s)| (*id, s.term)).collect();
+            let running: Vec<(u64, u64)> =
+                statuses.iter().map(|(id, inc, _)| (*id, *inc)).collect();
+            let leading: Vec<(u64, u64)> = statuses
+                .iter()
+                .filter(|(_, _, s)| s.is_leader)
+                .map(|(id, _, s)| (*id, s.term))
+                .collect();
             self.monitor.leaders(&running, &leading);
             tokio::select! {
                 _ = stop.cancelled() => return,
@@ -268,7 +308,12 @@ async fn supervise(cluster: Arc<Cluster>, id: u64, parts: Arc<NodeParts>, stop: 
 }
 
 /// Feeds every registry state a node process applies to the monitor, until the process dies.
-async fn watch_applied(cluster: Arc<Cluster>, id: u64, parts: Arc<NodeParts>, stop: CancellationToken) {
+async fn watch_applied(
+    cluster: Arc<Cluster>,
+    id: u64,
+    parts: Arc<NodeParts>,
+    stop: CancellationToken,
+) {
     let mut rx = parts.registry.subscribe();
     loop {
         let (index, state) = rx.borrow_and_update().clone();

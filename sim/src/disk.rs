@@ -125,7 +125,12 @@ fn components(path: &Path) -> io::Result<Vec<String>> {
         match c {
             Component::RootDir | Component::CurDir => {}
             Component::Normal(n) => names.push(n.to_string_lossy().into_owned()),
-            _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("unsupported path {}", path.display()))),
+            _ => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("unsupported path {}", path.display()),
+                ))
+            }
         }
     }
     Ok(names)
@@ -168,13 +173,18 @@ impl Inner {
     /// The directory holding `path`, and `path`'s last name.
     fn parent(&self, path: &Path) -> io::Result<(u64, String)> {
         let mut names = components(path)?;
-        let name = names.pop().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the root has no parent"))?;
+        let name = names
+            .pop()
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "the root has no parent"))?;
         let mut at = ROOT;
         for n in names {
             at = *self.dir(at).and_then(|d| d.live.get(&n)).ok_or_else(|| not_found(path))?;
         }
         if self.dir(at).is_none() {
-            return Err(io::Error::new(io::ErrorKind::NotADirectory, format!("{} is under a file", path.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                format!("{} is under a file", path.display()),
+            ));
         }
         Ok((at, name))
     }
@@ -206,7 +216,14 @@ impl SimDisk {
     pub fn new(rng: Rng) -> Arc<SimDisk> {
         let mut nodes = BTreeMap::new();
         nodes.insert(ROOT, Node::Dir(DirNode::default()));
-        let inner = Inner { nodes, next_id: ROOT + 1, generation: 0, crashed: false, faults: DiskFaults::default(), rng };
+        let inner = Inner {
+            nodes,
+            next_id: ROOT + 1,
+            generation: 0,
+            crashed: false,
+            faults: DiskFaults::default(),
+            rng,
+        };
         Arc::new(SimDisk { inner: Mutex::new(inner) })
     }
 
@@ -242,7 +259,11 @@ impl SimDisk {
         let mut stack = vec![ROOT];
         while let Some(id) = stack.pop() {
             let Some(Node::Dir(d)) = inner.nodes.get(&id) else { continue };
-            let mut entries = if rng.chance(CRASH_KEEP_DIR_ENTRIES_PERMILLE) { d.live.clone() } else { d.durable.clone() };
+            let mut entries = if rng.chance(CRASH_KEEP_DIR_ENTRIES_PERMILLE) {
+                d.live.clone()
+            } else {
+                d.durable.clone()
+            };
             // A directory renamed without syncing both parents may be named twice; keep one name.
             entries.retain(|_, child| seen.insert(*child));
             for child in entries.values() {
@@ -288,7 +309,11 @@ impl SimDisk {
 
     /// Total bytes of file data, for the run's statistics.
     pub fn bytes(&self) -> u64 {
-        self.lock().nodes.values().map(|n| if let Node::File(f) = n { f.data.len() as u64 } else { 0 }).sum()
+        self.lock()
+            .nodes
+            .values()
+            .map(|n| if let Node::File(f) = n { f.data.len() as u64 } else { 0 })
+            .sum()
     }
 }
 
@@ -328,7 +353,8 @@ impl SimFile {
         let id = self.id;
         self.with(|inner| {
             let full = inner.faults.full;
-            let part = if full { inner.rng.below(bytes.len() as u64 + 1) as usize } else { bytes.len() };
+            let part =
+                if full { inner.rng.below(bytes.len() as u64 + 1) as usize } else { bytes.len() };
             inner.file_mut(id)?.data.extend_from_slice(&bytes[..part]);
             if full {
                 return Err(enospc());
@@ -372,7 +398,10 @@ impl SimDisk {
             let (parent, name) = inner.parent(path)?;
             match inner.dir(parent).and_then(|d| d.live.get(&name)).copied() {
                 Some(id) if inner.dir(id).is_some() => Ok(()),
-                Some(_) => Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} is a file", path.display()))),
+                Some(_) => Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} is a file", path.display()),
+                )),
                 None => {
                     let id = inner.add(Node::Dir(DirNode::default()));
                     inner.link(parent, name, id);
@@ -398,7 +427,9 @@ impl SimDisk {
     pub fn list(&self, path: &Path) -> io::Result<Vec<String>> {
         self.op(|inner| {
             let id = inner.lookup(path)?.ok_or_else(|| not_found(path))?;
-            let dir = inner.dir(id).ok_or_else(|| io::Error::new(io::ErrorKind::NotADirectory, "not a directory"))?;
+            let dir = inner
+                .dir(id)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotADirectory, "not a directory"))?;
             Ok(dir.live.keys().cloned().collect())
         })
     }
@@ -415,12 +446,23 @@ impl SimDisk {
 
     /// Opens a file: `truncate` empties an existing one; `must_be_new` refuses one; `create`
     /// makes a missing one.
-    pub fn open(self: &Arc<Self>, path: &Path, create: bool, must_be_new: bool, truncate: bool) -> io::Result<SimFile> {
+    pub fn open(
+        self: &Arc<Self>,
+        path: &Path,
+        create: bool,
+        must_be_new: bool,
+        truncate: bool,
+    ) -> io::Result<SimFile> {
         let (id, generation) = self.op(|inner| {
             let (parent, name) = inner.parent(path)?;
             let existing = inner.dir(parent).and_then(|d| d.live.get(&name)).copied();
             let id = match existing {
-                Some(_) if must_be_new => return Err(io::Error::new(io::ErrorKind::AlreadyExists, format!("{} exists", path.display()))),
+                Some(_) if must_be_new => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AlreadyExists,
+                        format!("{} exists", path.display()),
+                    ))
+                }
                 Some(id) => {
                     let f = inner.file_mut(id)?;
                     if truncate {
@@ -452,7 +494,10 @@ impl SimDisk {
         self.op(|inner| {
             let (from_dir, from_name) = inner.parent(from)?;
             let (to_dir, to_name) = inner.parent(to)?;
-            let id = inner.dir_mut(from_dir).and_then(|d| d.live.remove(&from_name)).ok_or_else(|| not_found(from))?;
+            let id = inner
+                .dir_mut(from_dir)
+                .and_then(|d| d.live.remove(&from_name))
+                .ok_or_else(|| not_found(from))?;
             inner.link(to_dir, to_name, id);
             Ok(())
         })
@@ -462,13 +507,26 @@ impl SimDisk {
     pub fn remove(&self, path: &Path, dir: bool) -> io::Result<()> {
         self.op(|inner| {
             let (parent, name) = inner.parent(path)?;
-            let id = inner.dir(parent).and_then(|d| d.live.get(&name)).copied().ok_or_else(|| not_found(path))?;
+            let id = inner
+                .dir(parent)
+                .and_then(|d| d.live.get(&name))
+                .copied()
+                .ok_or_else(|| not_found(path))?;
             match (inner.nodes.get(&id), dir) {
                 (Some(Node::Dir(d)), true) if !d.live.is_empty() => {
-                    return Err(io::Error::new(io::ErrorKind::DirectoryNotEmpty, format!("{} is not empty", path.display())))
+                    return Err(io::Error::new(
+                        io::ErrorKind::DirectoryNotEmpty,
+                        format!("{} is not empty", path.display()),
+                    ))
                 }
                 (Some(Node::Dir(_)), true) | (Some(Node::File(_)), false) => {}
-                _ => return Err(io::Error::other(format!("{} is not a {}", path.display(), if dir { "directory" } else { "file" }))),
+                _ => {
+                    return Err(io::Error::other(format!(
+                        "{} is not a {}",
+                        path.display(),
+                        if dir { "directory" } else { "file" }
+                    )))
+                }
             }
             if let Some(d) = inner.dir_mut(parent) {
                 d.live.remove(&name);
@@ -480,7 +538,9 @@ impl SimDisk {
     pub fn sync_dir(&self, path: &Path) -> io::Result<()> {
         self.op(|inner| {
             let id = inner.lookup(path)?.ok_or_else(|| not_found(path))?;
-            let d = inner.dir_mut(id).ok_or_else(|| io::Error::new(io::ErrorKind::NotADirectory, "not a directory"))?;
+            let d = inner
+                .dir_mut(id)
+                .ok_or_else(|| io::Error::new(io::ErrorKind::NotADirectory, "not a directory"))?;
             d.durable = d.live.clone();
             Ok(())
         })

@@ -84,7 +84,13 @@ fn endpoints(world: &World) -> Vec<Endpoint> {
     all
 }
 
-fn inject(world: &Arc<World>, rng: &mut Rng, kind: Kind, length: Duration, stop: &CancellationToken) {
+fn inject(
+    world: &Arc<World>,
+    rng: &mut Rng,
+    kind: Kind,
+    length: Duration,
+    stop: &CancellationToken,
+) {
     let ids = world.cluster.ids();
     let node = *rng.pick(&ids);
     match kind {
@@ -94,11 +100,21 @@ fn inject(world: &Arc<World>, rng: &mut Rng, kind: Kind, length: Duration, stop:
             let links: Vec<(Endpoint, Endpoint)> = all
                 .iter()
                 .zip(&side)
-                .flat_map(|(a, sa)| all.iter().zip(&side).filter(move |(_, sb)| *sb != sa).map(move |(b, _)| (*a, *b)))
+                .flat_map(|(a, sa)| {
+                    all.iter()
+                        .zip(&side)
+                        .filter(move |(_, sb)| *sb != sa)
+                        .map(move |(b, _)| (*a, *b))
+                })
                 .filter(|(a, b)| matches!(a, Endpoint::Node(_)) || matches!(b, Endpoint::Node(_)))
                 .collect();
-            let names: Vec<String> = all.iter().zip(&side).filter(|(_, s)| **s).map(|(e, _)| e.to_string()).collect();
-            world.trace.event(format!("fault: partition {{{}}} from the rest for {} ms", names.join(","), length.as_millis()));
+            let names: Vec<String> =
+                all.iter().zip(&side).filter(|(_, s)| **s).map(|(e, _)| e.to_string()).collect();
+            world.trace.event(format!(
+                "fault: partition {{{}}} from the rest for {} ms",
+                names.join(","),
+                length.as_millis()
+            ));
             cut(world, links, length, stop);
         }
         Kind::OneWay => {
@@ -108,7 +124,10 @@ fn inject(world: &Arc<World>, rng: &mut Rng, kind: Kind, length: Duration, stop:
             if from == to {
                 return;
             }
-            world.trace.event(format!("fault: link {from} -> {to} cut one way for {} ms", length.as_millis()));
+            world.trace.event(format!(
+                "fault: link {from} -> {to} cut one way for {} ms",
+                length.as_millis()
+            ));
             cut(world, vec![(from, to)], length, stop);
         }
         Kind::Weather => {
@@ -117,7 +136,9 @@ fn inject(world: &Arc<World>, rng: &mut Rng, kind: Kind, length: Duration, stop:
                 duplicate_permille: rng.range(0, 100),
                 spike_permille: rng.range(0, 150),
             };
-            world.trace.event(format!("fault: network weather {weather:?} for {} ms", length.as_millis()));
+            world
+                .trace
+                .event(format!("fault: network weather {weather:?} for {} ms", length.as_millis()));
             world.cluster.net.set_weather(weather);
             let net = world.cluster.net.clone();
             later(length, stop, move || net.set_weather(Weather::default()));
@@ -131,7 +152,9 @@ fn inject(world: &Arc<World>, rng: &mut Rng, kind: Kind, length: Duration, stop:
             } else {
                 faults.slow_ms = rng.range(SLOW_DISK_MS.0, SLOW_DISK_MS.1);
             }
-            world.trace.event(format!("fault: n{node} disk {faults:?} for {} ms", length.as_millis()));
+            world
+                .trace
+                .event(format!("fault: n{node} disk {faults:?} for {} ms", length.as_millis()));
             disk.set_faults(faults);
             later(length, stop, move || disk.set_faults(DiskFaults::default()));
         }
@@ -150,7 +173,9 @@ fn inject(world: &Arc<World>, rng: &mut Rng, kind: Kind, length: Duration, stop:
                 }
                 _ => {
                     let ms = rng.range(MONO_JUMP_MS.0, MONO_JUMP_MS.1);
-                    world.trace.event(format!("fault: n{node} paused: its monotonic clock jumps {ms} ms"));
+                    world
+                        .trace
+                        .event(format!("fault: n{node} paused: its monotonic clock jumps {ms} ms"));
                     clocks.jump_mono(ms);
                 }
             }
@@ -158,7 +183,12 @@ fn inject(world: &Arc<World>, rng: &mut Rng, kind: Kind, length: Duration, stop:
     }
 }
 
-fn cut(world: &Arc<World>, links: Vec<(Endpoint, Endpoint)>, length: Duration, stop: &CancellationToken) {
+fn cut(
+    world: &Arc<World>,
+    links: Vec<(Endpoint, Endpoint)>,
+    length: Duration,
+    stop: &CancellationToken,
+) {
     let net = world.cluster.net.clone();
     for (a, b) in &links {
         net.set_cut(*a, *b, true);

@@ -63,7 +63,12 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Options {
-        Options { chaos: Duration::from_secs(40), faults: true, one_leader_per_term: false, verbosity: Verbosity::Quiet }
+        Options {
+            chaos: Duration::from_secs(40),
+            faults: true,
+            one_leader_per_term: false,
+            verbosity: Verbosity::Quiet,
+        }
     }
 }
 
@@ -99,7 +104,8 @@ fn capture_panics() {
             if !IN_RUN.with(|r| r.get()) {
                 return usual(info);
             }
-            let at = info.location().map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));
+            let at =
+                info.location().map_or(String::new(), |l| format!(" at {}:{}", l.file(), l.line()));
             let what = info
                 .payload()
                 .downcast_ref::<&str>()
@@ -126,17 +132,29 @@ pub fn run_seed(seed: u64, options: &Options) -> Outcome {
         .build();
     let runtime = match runtime {
         Ok(r) => r,
-        Err(e) => return outcome(seed, started, Some(Violation::new(Invariant::Panic, format!("no runtime: {e}"))), None, None),
+        Err(e) => {
+            return outcome(
+                seed,
+                started,
+                Some(Violation::new(Invariant::Panic, format!("no runtime: {e}"))),
+                None,
+                None,
+            )
+        }
     };
     raft_registry::runtime::seed_thread_rng(seed.rotate_left(17) ^ 0xA5A5_A5A5);
-    node::blocking::run_inline_on_this_thread(Some(Box::new(|| Duration::from_millis(disk::take_debt_ms()))));
+    node::blocking::run_inline_on_this_thread(Some(Box::new(|| {
+        Duration::from_millis(disk::take_debt_ms())
+    })));
     let _ = disk::take_debt_ms();
     let trace = {
         let _in_runtime = runtime.enter();
         Arc::new(Trace::new(options.verbosity))
     };
     IN_RUN.with(|r| r.set(true));
-    let run = std::panic::catch_unwind(AssertUnwindSafe(|| runtime.block_on(scenario::run(seed, options, trace.clone()))));
+    let run = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        runtime.block_on(scenario::run(seed, options, trace.clone()))
+    }));
     IN_RUN.with(|r| r.set(false));
     let (stats, violation, simulated) = {
         let _in_runtime = runtime.enter();
@@ -144,7 +162,8 @@ pub fn run_seed(seed: u64, options: &Options) -> Outcome {
         match run {
             Ok((stats, violation)) => (Some(stats), violation, simulated),
             Err(_) => {
-                let message = LAST_PANIC.with(|p| p.borrow_mut().take()).unwrap_or_else(|| "a panic".into());
+                let message =
+                    LAST_PANIC.with(|p| p.borrow_mut().take()).unwrap_or_else(|| "a panic".into());
                 (None, Some(Violation::new(Invariant::Panic, message)), simulated)
             }
         }
@@ -156,7 +175,21 @@ pub fn run_seed(seed: u64, options: &Options) -> Outcome {
     out
 }
 
-fn outcome(seed: u64, started: Instant, violation: Option<Violation>, trace: Option<&Trace>, stats: Option<Stats>) -> Outcome {
+fn outcome(
+    seed: u64,
+    started: Instant,
+    violation: Option<Violation>,
+    trace: Option<&Trace>,
+    stats: Option<Stats>,
+) -> Outcome {
     let (digest, events) = trace.map_or((0, 0), Trace::digest);
-    Outcome { seed, violation, digest, events, simulated: Duration::ZERO, wall: started.elapsed(), stats: stats.unwrap_or_default() }
+    Outcome {
+        seed,
+        violation,
+        digest,
+        events,
+        simulated: Duration::ZERO,
+        wall: started.elapsed(),
+        stats: stats.unwrap_or_default(),
+    }
 }

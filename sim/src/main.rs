@@ -26,7 +26,9 @@ struct Args {
 }
 
 fn usage() -> ExitCode {
-    eprintln!("usage: sim --seeds N [--first S] [--check-determinism] [--threads T] [--chaos-s SECONDS]");
+    eprintln!(
+        "usage: sim --seeds N [--first S] [--check-determinism] [--threads T] [--chaos-s SECONDS]"
+    );
     eprintln!("       sim --seed S [-v | -vv] [--chaos-s SECONDS]");
     eprintln!("       either with [--one-leader-per-term] [--no-faults]");
     ExitCode::from(2)
@@ -34,7 +36,14 @@ fn usage() -> ExitCode {
 
 fn parse() -> Result<Args, String> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let mut a = Args { seeds: 0, first: 0, one: None, determinism: false, threads, options: Options::default() };
+    let mut a = Args {
+        seeds: 0,
+        first: 0,
+        one: None,
+        determinism: false,
+        threads,
+        options: Options::default(),
+    };
     let mut it = std::env::args().skip(1);
     let number = |v: Option<String>, flag: &str| -> Result<u64, String> {
         v.ok_or(format!("{flag} needs a value"))?.parse::<u64>().map_err(|e| format!("{flag}: {e}"))
@@ -70,7 +79,10 @@ fn main() -> ExitCode {
     };
     if std::env::var_os("RUST_LOG").is_some() {
         // The nodes' own log lines (stamped with wall time, not simulated time), for one replay.
-        tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::from_default_env()).with_writer(std::io::stderr).init();
+        tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_writer(std::io::stderr)
+            .init();
     }
     match args.one {
         Some(seed) => replay(seed, &args),
@@ -119,7 +131,8 @@ fn many(args: &Args) -> ExitCode {
     let (tx, rx) = mpsc::channel::<(Outcome, Option<Outcome>)>();
     let mut workers = Vec::new();
     for _ in 0..args.threads {
-        let (next, tx, options, twice) = (next.clone(), tx.clone(), args.options.clone(), args.determinism);
+        let (next, tx, options, twice) =
+            (next.clone(), tx.clone(), args.options.clone(), args.determinism);
         workers.push(std::thread::spawn(move || loop {
             let seed = next.fetch_add(1, Ordering::SeqCst);
             if seed >= end {
@@ -133,7 +146,8 @@ fn many(args: &Args) -> ExitCode {
         }));
     }
     drop(tx);
-    let (mut passed, mut failed, mut simulated, mut busy) = (0u64, 0u64, Duration::ZERO, Duration::ZERO);
+    let (mut passed, mut failed, mut simulated, mut busy) =
+        (0u64, 0u64, Duration::ZERO, Duration::ZERO);
     for (first, second) in rx {
         simulated += first.simulated;
         busy += first.wall + second.as_ref().map_or(Duration::ZERO, |s| s.wall);

@@ -96,15 +96,35 @@ impl Model {
     }
 
     /// Starts a write of `value` to `cell`; it may take effect until `horizon_ms`.
-    pub fn begin_write(&mut self, tenant: &str, cell: &CellKey, value: String, now_ms: u64, horizon_ms: u64) -> u64 {
+    pub fn begin_write(
+        &mut self,
+        tenant: &str,
+        cell: &CellKey,
+        value: String,
+        now_ms: u64,
+        horizon_ms: u64,
+    ) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
-        let writes = self.tenants.entry(tenant.to_string()).or_default().cells.entry(cell.clone()).or_default();
+        let writes = self
+            .tenants
+            .entry(tenant.to_string())
+            .or_default()
+            .cells
+            .entry(cell.clone())
+            .or_default();
         assert!(
             writes.iter().all(|w| w.status != Status::Pending),
             "two writers on one cell: the workload must give each cell one writer"
         );
-        writes.push(Write { id, value, issued_ms: now_ms, horizon_ms, status: Status::Pending, acked_ms: 0 });
+        writes.push(Write {
+            id,
+            value,
+            issued_ms: now_ms,
+            horizon_ms,
+            status: Status::Pending,
+            acked_ms: 0,
+        });
         self.writes.insert(id, WriteAt { tenant: tenant.to_string(), cell: cell.clone() });
         id
     }
@@ -130,7 +150,8 @@ impl Model {
     /// The values a read of `cell` that started at `start_ms` may return.
     pub fn allowed(&self, tenant: &str, cell: &CellKey, start_ms: u64) -> Vec<&str> {
         let writes = self.writes(tenant, cell);
-        let acked_before = |w: &Write| w.status == Status::Done(Outcome::Acked) && w.acked_ms < start_ms;
+        let acked_before =
+            |w: &Write| w.status == Status::Done(Outcome::Acked) && w.acked_ms < start_ms;
         let base = writes.iter().rev().find(|w| acked_before(w));
         let mut out = vec![base.map_or("", |w| w.value.as_str())];
         for w in writes {
@@ -170,7 +191,10 @@ impl Model {
         if let Some(other) = tagged_tenants(observed).find(|t| *t != tenant) {
             return Err(Violation::new(
                 Invariant::Isolation,
-                format!("tenant {tenant} read {}@{} and got data of tenant {other}", cell.phext, cell.coord),
+                format!(
+                    "tenant {tenant} read {}@{} and got data of tenant {other}",
+                    cell.phext, cell.coord
+                ),
             ));
         }
         let allowed = self.allowed(tenant, cell, start_ms);
@@ -199,7 +223,14 @@ impl Model {
     }
 
     /// Checks a whole phext as `get` returned it: every cell the model knows, and no other scroll.
-    pub fn check_doc(&self, tenant: &str, phext: &str, start_ms: u64, doc: &Doc, after_heal: bool) -> Result<(), Violation> {
+    pub fn check_doc(
+        &self,
+        tenant: &str,
+        phext: &str,
+        start_ms: u64,
+        doc: &Doc,
+        after_heal: bool,
+    ) -> Result<(), Violation> {
         let known: Vec<&CellKey> = self.cells(tenant).filter(|c| c.phext == phext).collect();
         for cell in &known {
             self.check_read(tenant, cell, start_ms, doc.get(&cell.coord), after_heal)?;
@@ -274,7 +305,10 @@ mod tests {
     use super::*;
 
     fn cell(n: u32) -> CellKey {
-        CellKey { phext: "doc".into(), coord: Coordinate::from_components([1, 1, 1, 1, 1, 1, 1, 1, n]).unwrap() }
+        CellKey {
+            phext: "doc".into(),
+            coord: Coordinate::from_components([1, 1, 1, 1, 1, 1, 1, 1, n]).unwrap(),
+        }
     }
 
     fn write(m: &mut Model, c: &CellKey, value: &str, at: u64, outcome: Outcome) -> u64 {
@@ -313,9 +347,15 @@ mod tests {
         assert!(m.check_read("t1", &c, 60, "<t1#u>", false).is_ok());
         assert!(m.check_read("t1", &c, 60, "<t1#n>", false).is_err());
         write(&mut m, &c, "<t1#b>", 60, Outcome::Acked);
-        assert!(m.check_read("t1", &c, 80, "<t1#u>", false).is_ok(), "b was issued before u's horizon");
+        assert!(
+            m.check_read("t1", &c, 80, "<t1#u>", false).is_ok(),
+            "b was issued before u's horizon"
+        );
         write(&mut m, &c, "<t1#c>", 200, Outcome::Acked);
-        assert!(m.check_read("t1", &c, 300, "<t1#u>", false).is_err(), "c, issued after u's horizon, supersedes it");
+        assert!(
+            m.check_read("t1", &c, 300, "<t1#u>", false).is_err(),
+            "c, issued after u's horizon, supersedes it"
+        );
         assert_eq!(m.certain("t1", &c).as_deref(), Some("<t1#c>"));
     }
 

@@ -35,9 +35,13 @@ impl fmt::Display for Invariant {
             Invariant::OneOwner => "at most one node serves a tenant in any placement epoch",
             Invariant::Isolation => "a tenant never reads another's data",
             Invariant::Quota => "quota is never exceeded",
-            Invariant::RaftLeader => "Raft: one leader per term (per leader id in openraft's default mode)",
+            Invariant::RaftLeader => {
+                "Raft: one leader per term (per leader id in openraft's default mode)"
+            }
             Invariant::RaftLog => "Raft: committed entries are never lost or reordered",
-            Invariant::Liveness => "liveness: after faults heal, the cluster converges and serves every tenant",
+            Invariant::Liveness => {
+                "liveness: after faults heal, the cluster converges and serves every tenant"
+            }
             Invariant::Panic => "no node code panics (a broken assertion)",
         })
     }
@@ -137,8 +141,11 @@ impl Monitor {
         {
             let mut inner = self.lock();
             let now: BTreeMap<u64, u64> = leading.iter().copied().collect();
-            let same_process: Vec<u64> =
-                running.iter().filter(|(n, inc)| inner.incarnations.get(n) == Some(inc)).map(|(n, _)| *n).collect();
+            let same_process: Vec<u64> = running
+                .iter()
+                .filter(|(n, inc)| inner.incarnations.get(n) == Some(inc))
+                .map(|(n, _)| *n)
+                .collect();
             let stopped: Vec<(u64, u64)> = inner
                 .leading
                 .iter()
@@ -195,7 +202,14 @@ impl Monitor {
     /// `node` answered a request of `tenant` with success, having checked ownership under one of
     /// the registry states it held between `since_ms` (delivery) and now. Those are the states at
     /// delivery and now, and any it published in between.
-    pub fn served_by(&self, node: u64, tenant: &str, since_ms: u64, at_delivery: &Arc<RegistryState>, now: &Arc<RegistryState>) {
+    pub fn served_by(
+        &self,
+        node: u64,
+        tenant: &str,
+        since_ms: u64,
+        at_delivery: &Arc<RegistryState>,
+        now: &Arc<RegistryState>,
+    ) {
         let result = {
             let mut inner = self.lock();
             inner.served += 1;
@@ -216,11 +230,24 @@ impl Monitor {
     }
 }
 
-fn check_owner(inner: &mut Inner, node: u64, tenant: &str, states: &[Arc<RegistryState>], owning: &[u64]) -> Result<(), Violation> {
+fn check_owner(
+    inner: &mut Inner,
+    node: u64,
+    tenant: &str,
+    states: &[Arc<RegistryState>],
+    owning: &[u64],
+) -> Result<(), Violation> {
     let Some(&epoch) = owning.first() else {
         let epochs: Vec<String> = states
             .iter()
-            .map(|s| format!("epoch {} owner {:?}{}", s.placement_epoch(), s.owner_of(tenant), if s.handoff(tenant).is_some() { " (handoff pending)" } else { "" }))
+            .map(|s| {
+                format!(
+                    "epoch {} owner {:?}{}",
+                    s.placement_epoch(),
+                    s.owner_of(tenant),
+                    if s.handoff(tenant).is_some() { " (handoff pending)" } else { "" }
+                )
+            })
             .collect();
         return Err(Violation::new(
             Invariant::OneOwner,
@@ -233,7 +260,9 @@ fn check_owner(inner: &mut Inner, node: u64, tenant: &str, states: &[Arc<Registr
     match inner.servers.get(&(tenant.to_string(), epoch)) {
         Some(&other) if other != node => Err(Violation::new(
             Invariant::OneOwner,
-            format!("nodes {other} and {node} both served tenant {tenant} in placement epoch {epoch}"),
+            format!(
+                "nodes {other} and {node} both served tenant {tenant} in placement epoch {epoch}"
+            ),
         )),
         Some(_) => Ok(()),
         None => {
@@ -262,7 +291,11 @@ mod tests {
             apply(&mut s, Command::NodeJoin { id, addr: format!("10.0.0.{id}:7100") }).unwrap();
             apply(&mut s, Command::NodeActivate { id }).unwrap();
         }
-        apply(&mut s, Command::AddTenant(TenantRecord::new("t".into(), Tier::Free, key_hash("k"), 0))).unwrap();
+        apply(
+            &mut s,
+            Command::AddTenant(TenantRecord::new("t".into(), Tier::Free, key_hash("k"), 0)),
+        )
+        .unwrap();
         s
     }
 
@@ -278,7 +311,11 @@ mod tests {
         m.leaders(&[(1, 2), (2, 1)], &[(2, 4)]);
         assert_eq!(m.violation(), None);
         m.leaders(&[(1, 2), (2, 1)], &[(1, 3)]);
-        assert_eq!(m.violation().map(|v| v.invariant), Some(Invariant::RaftLeader), "node 1 stepped down from term 3");
+        assert_eq!(
+            m.violation().map(|v| v.invariant),
+            Some(Invariant::RaftLeader),
+            "node 1 stepped down from term 3"
+        );
         let strict = Monitor::new(Arc::new(Trace::new(Verbosity::Quiet)), true);
         strict.leaders(&[(1, 1), (2, 1)], &[(1, 3), (2, 3)]);
         assert_eq!(strict.violation().map(|v| v.invariant), Some(Invariant::RaftLeader));

@@ -85,7 +85,10 @@ enum Fate {
     /// No such node up: refused after the delay.
     Refused(u64),
     Lost,
-    Delivered { delay_ms: u64, duplicate_delay_ms: Option<u64> },
+    Delivered {
+        delay_ms: u64,
+        duplicate_delay_ms: Option<u64>,
+    },
 }
 
 /// What the simulator needs to know of a request.
@@ -111,32 +114,68 @@ fn prefixes() -> &'static Prefixes {
     static PREFIXES: std::sync::OnceLock<Prefixes> = std::sync::OnceLock::new();
     PREFIXES.get_or_init(|| {
         let head = |bytes: Vec<u8>, n: usize| bytes.into_iter().take(n).collect::<Vec<u8>>();
-        let sample = |r: NodeRequest| head(proto::wire::encode(&r).unwrap_or_default(), REQUEST_PREFIX_BYTES);
+        let sample = |r: NodeRequest| {
+            head(proto::wire::encode(&r).unwrap_or_default(), REQUEST_PREFIX_BYTES)
+        };
         let requests = vec![
-            (sample(NodeRequest::Sq { tenant: String::new(), key_hash: String::new(), epoch: 0, request: proto::SqRequest::Version }), "sq"),
+            (
+                sample(NodeRequest::Sq {
+                    tenant: String::new(),
+                    key_hash: String::new(),
+                    epoch: 0,
+                    request: proto::SqRequest::Version,
+                }),
+                "sq",
+            ),
             (sample(NodeRequest::View { known_index: 0, wait_ms: 0 }), "view"),
-            (sample(NodeRequest::Admin { admin_key_hash: String::new(), op: proto::cluster::AdminOp::Health }), "admin"),
+            (
+                sample(NodeRequest::Admin {
+                    admin_key_hash: String::new(),
+                    op: proto::cluster::AdminOp::Health,
+                }),
+                "admin",
+            ),
             (sample(NodeRequest::RaftCommand { command: Vec::new() }), "raft-command"),
-            (sample(NodeRequest::HandoffManifest { tenant: String::new(), epoch: 0 }), "handoff-manifest"),
-            (sample(NodeRequest::HandoffRead { tenant: String::new(), path: String::new(), offset: 0, len: 0 }), "handoff-read"),
+            (
+                sample(NodeRequest::HandoffManifest { tenant: String::new(), epoch: 0 }),
+                "handoff-manifest",
+            ),
+            (
+                sample(NodeRequest::HandoffRead {
+                    tenant: String::new(),
+                    path: String::new(),
+                    offset: 0,
+                    len: 0,
+                }),
+                "handoff-read",
+            ),
             (sample(NodeRequest::Raft(Vec::new())), "raft"),
             (sample(NodeRequest::TenantUsage { tenants: Vec::new() }), "usage"),
             (sample(NodeRequest::Metrics), "metrics"),
             (sample(NodeRequest::Gossip { from: 0, heartbeats: Vec::new() }), "gossip"),
         ];
         let ok = NodeResponse::Sq(Ok(proto::SqResponse::text("")));
-        Prefixes { requests, sq_ok: head(proto::wire::encode(&ok).unwrap_or_default(), ANSWER_PREFIX_BYTES) }
+        Prefixes {
+            requests,
+            sq_ok: head(proto::wire::encode(&ok).unwrap_or_default(), ANSWER_PREFIX_BYTES),
+        }
     })
 }
 
 fn kind_of(request: &[u8]) -> Kind {
     let head = &request[..request.len().min(REQUEST_PREFIX_BYTES)];
-    let label = prefixes().requests.iter().find(|(p, _)| p.as_slice() == head).map_or("undecodable", |(_, l)| *l);
+    let label = prefixes()
+        .requests
+        .iter()
+        .find(|(p, _)| p.as_slice() == head)
+        .map_or("undecodable", |(_, l)| *l);
     if label != "sq" {
         return Kind { label, tenant: None, may_duplicate: true };
     }
     match proto::wire::decode::<NodeRequest>(request) {
-        Ok(NodeRequest::Sq { tenant, request, .. }) => Kind { label, tenant: Some(tenant), may_duplicate: !request.is_write() },
+        Ok(NodeRequest::Sq { tenant, request, .. }) => {
+            Kind { label, tenant: Some(tenant), may_duplicate: !request.is_write() }
+        }
         _ => Kind { label: "undecodable", tenant: None, may_duplicate: false },
     }
 }
@@ -242,11 +281,17 @@ impl Net {
     }
 
     /// The target at `to` if it is up and the link from `from` is whole, at delivery time.
-    fn reachable(&self, from: Endpoint, incarnation: u64, to: SocketAddr) -> Option<(u64, u64, Arc<node::Service>)> {
+    fn reachable(
+        &self,
+        from: Endpoint,
+        incarnation: u64,
+        to: SocketAddr,
+    ) -> Option<(u64, u64, Arc<node::Service>)> {
         let inner = self.lock();
         let t = inner.targets.get(&to)?;
         let whole = !inner.cut.contains(&(from, Endpoint::Node(t.node)));
-        (whole && Net::alive(&inner, from, incarnation)).then(|| (t.node, t.incarnation, t.service.clone()))
+        (whole && Net::alive(&inner, from, incarnation))
+            .then(|| (t.node, t.incarnation, t.service.clone()))
     }
 
     /// The delay of an answer from `node` to `to`, or `None` if it is lost.
@@ -261,7 +306,12 @@ impl Net {
         Net::alive(&self.lock(), Endpoint::Node(node), incarnation)
     }
 
-    async fn exchange(self: Arc<Self>, port: PortId, to: SocketAddr, request: Bytes) -> Result<Bytes, TransportError> {
+    async fn exchange(
+        self: Arc<Self>,
+        port: PortId,
+        to: SocketAddr,
+        request: Bytes,
+    ) -> Result<Bytes, TransportError> {
         let kind = kind_of(&request);
         let (id, fate) = self.plan(port.from, port.incarnation, to, &kind);
         let what = |fate: &str| format!("msg {id} {} -> {to} {} {fate}", port.from, kind.label);
@@ -273,18 +323,32 @@ impl Net {
             Fate::Refused(delay_ms) => {
                 self.trace.detail(what("refused: nothing listens"));
                 tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-                Err(TransportError::Connect { addr: to, reason: "simulated: no node listens there".into() })
+                Err(TransportError::Connect {
+                    addr: to,
+                    reason: "simulated: no node listens there".into(),
+                })
             }
             Fate::Lost => {
                 self.trace.detail(what("lost"));
                 std::future::pending().await
             }
             Fate::Delivered { delay_ms, duplicate_delay_ms } => {
-                self.trace.detail(what(&format!("in {delay_ms} ms{}", duplicate_delay_ms.map_or(String::new(), |d| format!(", again in {d} ms")))));
+                self.trace.detail(what(&format!(
+                    "in {delay_ms} ms{}",
+                    duplicate_delay_ms.map_or(String::new(), |d| format!(", again in {d} ms"))
+                )));
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 let tenant = kind.tenant;
                 if let Some(d) = duplicate_delay_ms {
-                    tokio::spawn(self.clone().deliver(id, port, to, request.clone(), d, tenant.clone(), None));
+                    tokio::spawn(self.clone().deliver(
+                        id,
+                        port,
+                        to,
+                        request.clone(),
+                        d,
+                        tenant.clone(),
+                        None,
+                    ));
                 }
                 tokio::spawn(self.deliver(id, port, to, request, delay_ms, tenant, Some(tx)));
                 match rx.await {
@@ -308,7 +372,8 @@ impl Net {
         reply: Option<tokio::sync::oneshot::Sender<Bytes>>,
     ) {
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
-        let Some((node, incarnation, service)) = self.reachable(port.from, port.incarnation, to) else {
+        let Some((node, incarnation, service)) = self.reachable(port.from, port.incarnation, to)
+        else {
             self.trace.detail(format!("msg {id} dropped on arrival"));
             return;
         };
@@ -324,7 +389,13 @@ impl Net {
         }
         if let Some(tenant) = tenant {
             if is_sq_ok(&answer) {
-                self.monitor.served_by(node, &tenant, since_ms, &at_delivery, &service.registry.state());
+                self.monitor.served_by(
+                    node,
+                    &tenant,
+                    since_ms,
+                    &at_delivery,
+                    &service.registry.state(),
+                );
             }
         }
         let Some(reply) = reply else { return };
@@ -335,7 +406,8 @@ impl Net {
         tokio::time::sleep(Duration::from_millis(back_ms)).await;
         let arrives = {
             let inner = self.lock();
-            Net::alive(&inner, port.from, port.incarnation) && !inner.cut.contains(&(Endpoint::Node(node), port.from))
+            Net::alive(&inner, port.from, port.incarnation)
+                && !inner.cut.contains(&(Endpoint::Node(node), port.from))
         };
         if arrives {
             let _ = reply.send(answer);
@@ -381,11 +453,20 @@ mod tests {
             tenant: "t1".into(),
             key_hash: "h".into(),
             epoch: 3,
-            request: proto::SqRequest::Delete { p: proto::PhextName::parse("p").unwrap(), c: proto::Coordinate::ORIGIN },
+            request: proto::SqRequest::Delete {
+                p: proto::PhextName::parse("p").unwrap(),
+                c: proto::Coordinate::ORIGIN,
+            },
         };
         let kind = kind_of(&proto::wire::encode(&write).unwrap());
-        assert_eq!((kind.label, kind.tenant.as_deref(), kind.may_duplicate), ("sq", Some("t1"), false));
-        assert_eq!(kind_of(&proto::wire::encode(&NodeRequest::Raft(vec![7; 300])).unwrap()).label, "raft");
+        assert_eq!(
+            (kind.label, kind.tenant.as_deref(), kind.may_duplicate),
+            ("sq", Some("t1"), false)
+        );
+        assert_eq!(
+            kind_of(&proto::wire::encode(&NodeRequest::Raft(vec![7; 300])).unwrap()).label,
+            "raft"
+        );
         let ok = NodeResponse::Sq(Ok(proto::SqResponse::text(vec![b'x'; 1000])));
         let refused = NodeResponse::Sq(Err(proto::ApiError::Unauthorized));
         assert!(is_sq_ok(&proto::wire::encode(&ok).unwrap()));

@@ -32,13 +32,18 @@ pub async fn admin(world: &World, gw: usize, op: AdminOp) -> Result<String, ApiE
     let call = gateway::admin::apply_op(gateway, world.admin_key_hash.clone(), op);
     let result = match tokio::time::timeout(ADMIN_OP_TIMEOUT, call).await {
         Ok(r) => r,
-        Err(_) => Err(ApiError::Unavailable { reason: "simulated operator gave up waiting".into(), retry_after_s: 1 }),
+        Err(_) => Err(ApiError::Unavailable {
+            reason: "simulated operator gave up waiting".into(),
+            retry_after_s: 1,
+        }),
     };
     let shown: String = match &result {
         Ok(_) => "ok".into(),
         Err(e) => e.to_string().chars().take(100).collect(),
     };
-    world.trace.event(format!("admin g{gw} {}: {shown}", label.chars().take(80).collect::<String>()));
+    world
+        .trace
+        .event(format!("admin g{gw} {}: {shown}", label.chars().take(80).collect::<String>()));
     let mut stats = world.stats();
     if result.is_ok() {
         stats.admin_ok += 1;
@@ -50,14 +55,23 @@ pub async fn admin(world: &World, gw: usize, op: AdminOp) -> Result<String, ApiE
 
 /// Repeats `op` until it succeeds (a `Conflict` that says it is already done counts), or the
 /// deadline passes.
-async fn until_done(world: &World, rng: &mut Rng, op: AdminOp, deadline_ms: u64, done: impl Fn(&ApiError) -> bool) -> Result<(), Violation> {
+async fn until_done(
+    world: &World,
+    rng: &mut Rng,
+    op: AdminOp,
+    deadline_ms: u64,
+    done: impl Fn(&ApiError) -> bool,
+) -> Result<(), Violation> {
     loop {
         let gw = rng.below(world.gateways.len() as u64) as usize;
         match admin(world, gw, op.clone()).await {
             Ok(_) => return Ok(()),
             Err(e) if done(&e) => return Ok(()),
             Err(e) if world.now_ms() > deadline_ms => {
-                return Err(Violation::new(Invariant::Liveness, format!("admin operation {op:?} never succeeded: {e}")));
+                return Err(Violation::new(
+                    Invariant::Liveness,
+                    format!("admin operation {op:?} never succeeded: {e}"),
+                ));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(RETRY_PAUSE_MS)).await,
         }
@@ -65,7 +79,13 @@ async fn until_done(world: &World, rng: &mut Rng, op: AdminOp, deadline_ms: u64,
 }
 
 /// Forms the cluster (node 1 bootstraps; `members` join) and creates `tenants`.
-pub async fn form(world: &World, rng: &mut Rng, members: &[u64], tenants: &[String], deadline_ms: u64) -> Result<(), Violation> {
+pub async fn form(
+    world: &World,
+    rng: &mut Rng,
+    members: &[u64],
+    tenants: &[String],
+    deadline_ms: u64,
+) -> Result<(), Violation> {
     for &id in members.iter().filter(|id| **id != 1) {
         let op = AdminOp::AddNode { id, addr: node_addr(id).to_string() };
         until_done(world, rng, op, deadline_ms, |_| false).await?;
@@ -94,7 +114,12 @@ async fn rotate(world: &World, rng: &mut Rng, gw: usize, tenant: &str) -> Result
     if let Some(k) = world.keys().get_mut(tenant) {
         k.maybe.push(key.clone());
     }
-    let result = admin(world, gw, AdminOp::RotateKey { tenant_id: tenant.to_string(), key_hash: proto::auth::key_hash(&key) }).await;
+    let result = admin(
+        world,
+        gw,
+        AdminOp::RotateKey { tenant_id: tenant.to_string(), key_hash: proto::auth::key_hash(&key) },
+    )
+    .await;
     let mut keys = world.keys();
     let Some(k) = keys.get_mut(tenant) else { return result.map(|_| ()) };
     match &result {
@@ -123,7 +148,13 @@ pub async fn run(world: Arc<World>, mut rng: Rng, tenants: Vec<String>, stop: Ca
             0 => {
                 let quota_mb = *rng.pick(&QUOTAS_MB);
                 world.model().allow_quota(&tenant, quota_mb * MIB);
-                let op = AdminOp::PatchTenant { tenant_id: tenant, tier: None, quota_mb: Some(quota_mb), enabled: None, daily_limit: None };
+                let op = AdminOp::PatchTenant {
+                    tenant_id: tenant,
+                    tier: None,
+                    quota_mb: Some(quota_mb),
+                    enabled: None,
+                    daily_limit: None,
+                };
                 let _ = admin(&world, gw, op).await;
             }
             1 => {
@@ -131,7 +162,13 @@ pub async fn run(world: Arc<World>, mut rng: Rng, tenants: Vec<String>, stop: Ca
                 if !enable {
                     disabled.insert(tenant.clone());
                 }
-                let op = AdminOp::PatchTenant { tenant_id: tenant, tier: None, quota_mb: None, enabled: Some(enable), daily_limit: None };
+                let op = AdminOp::PatchTenant {
+                    tenant_id: tenant,
+                    tier: None,
+                    quota_mb: None,
+                    enabled: Some(enable),
+                    daily_limit: None,
+                };
                 let _ = admin(&world, gw, op).await;
             }
             2 => {
@@ -148,9 +185,19 @@ pub async fn run(world: Arc<World>, mut rng: Rng, tenants: Vec<String>, stop: Ca
 /// One step towards a different set of active nodes: join a spare, drain an active node, or
 /// remove a drained one, as the registry (as node 1's process sees it, if up) allows.
 async fn membership(world: &World, rng: &mut Rng, gw: usize) {
-    let Some(state) = world.cluster.ids().into_iter().find_map(|id| world.cluster.parts(id)).map(|p| p.registry.state()) else { return };
+    let Some(state) = world
+        .cluster
+        .ids()
+        .into_iter()
+        .find_map(|id| world.cluster.parts(id))
+        .map(|p| p.registry.state())
+    else {
+        return;
+    };
     let ids = world.cluster.ids();
-    let of = |s: NodeState| -> Vec<u64> { ids.iter().copied().filter(|id| state.node(*id).map(|n| n.state) == Some(s)).collect() };
+    let of = |s: NodeState| -> Vec<u64> {
+        ids.iter().copied().filter(|id| state.node(*id).map(|n| n.state) == Some(s)).collect()
+    };
     let spares: Vec<u64> = ids.iter().copied().filter(|id| state.node(*id).is_none()).collect();
     let (active, draining) = (of(NodeState::Active), of(NodeState::Draining));
     let op = match rng.below(3) {
@@ -166,9 +213,20 @@ async fn membership(world: &World, rng: &mut Rng, gw: usize) {
 }
 
 /// After the faults heal: every tenant enabled, and a key every client knows for sure.
-pub async fn settle(world: &World, rng: &mut Rng, tenants: &[String], deadline_ms: u64) -> Result<(), Violation> {
+pub async fn settle(
+    world: &World,
+    rng: &mut Rng,
+    tenants: &[String],
+    deadline_ms: u64,
+) -> Result<(), Violation> {
     for tenant in tenants {
-        let op = AdminOp::PatchTenant { tenant_id: tenant.clone(), tier: None, quota_mb: None, enabled: Some(true), daily_limit: None };
+        let op = AdminOp::PatchTenant {
+            tenant_id: tenant.clone(),
+            tier: None,
+            quota_mb: None,
+            enabled: Some(true),
+            daily_limit: None,
+        };
         until_done(world, rng, op, deadline_ms, |_| false).await?;
         rotate_until_done(world, rng, tenant, deadline_ms).await?;
     }
@@ -177,20 +235,52 @@ pub async fn settle(world: &World, rng: &mut Rng, tenants: &[String], deadline_m
 
 /// Archives `tenant`, then purges it, each retried until acknowledged (both are idempotent, so
 /// a repeat after a lost answer is harmless).
-pub async fn purge(world: &World, rng: &mut Rng, tenant: &str, deadline_ms: u64) -> Result<(), Violation> {
-    until_done(world, rng, AdminOp::DeleteTenant { tenant_id: tenant.to_string() }, deadline_ms, |_| false).await?;
-    until_done(world, rng, AdminOp::PurgeTenant { tenant_id: tenant.to_string() }, deadline_ms, |_| false).await
+pub async fn purge(
+    world: &World,
+    rng: &mut Rng,
+    tenant: &str,
+    deadline_ms: u64,
+) -> Result<(), Violation> {
+    until_done(
+        world,
+        rng,
+        AdminOp::DeleteTenant { tenant_id: tenant.to_string() },
+        deadline_ms,
+        |_| false,
+    )
+    .await?;
+    until_done(
+        world,
+        rng,
+        AdminOp::PurgeTenant { tenant_id: tenant.to_string() },
+        deadline_ms,
+        |_| false,
+    )
+    .await
 }
 
 /// Tries to add `tenant` again, retrying while no node can answer; returns the first definite
 /// answer (an acknowledged add is `Ok`).
-pub async fn add_again(world: &World, rng: &mut Rng, tenant: &str, deadline_ms: u64) -> Result<(), ApiError> {
+pub async fn add_again(
+    world: &World,
+    rng: &mut Rng,
+    tenant: &str,
+    deadline_ms: u64,
+) -> Result<(), ApiError> {
     loop {
         let gw = rng.below(world.gateways.len() as u64) as usize;
         let key = new_key(rng);
-        let op = AdminOp::AddTenant { tenant_id: tenant.to_string(), tier: None, quota_mb: None, admin_email: None, key_hash: proto::auth::key_hash(&key) };
+        let op = AdminOp::AddTenant {
+            tenant_id: tenant.to_string(),
+            tier: None,
+            quota_mb: None,
+            admin_email: None,
+            key_hash: proto::auth::key_hash(&key),
+        };
         match admin(world, gw, op).await {
-            Err(ApiError::Unavailable { .. }) if world.now_ms() <= deadline_ms => tokio::time::sleep(Duration::from_millis(RETRY_PAUSE_MS)).await,
+            Err(ApiError::Unavailable { .. }) if world.now_ms() <= deadline_ms => {
+                tokio::time::sleep(Duration::from_millis(RETRY_PAUSE_MS)).await
+            }
             other => return other.map(|_| ()),
         }
     }
@@ -199,18 +289,32 @@ pub async fn add_again(world: &World, rng: &mut Rng, tenant: &str, deadline_ms: 
 /// Enables `tenant` once (its answer is not needed: the caller tries the tenant again).
 pub async fn enable(world: &World, rng: &mut Rng, tenant: &str) {
     let gw = rng.below(world.gateways.len() as u64) as usize;
-    let op = AdminOp::PatchTenant { tenant_id: tenant.to_string(), tier: None, quota_mb: None, enabled: Some(true), daily_limit: None };
+    let op = AdminOp::PatchTenant {
+        tenant_id: tenant.to_string(),
+        tier: None,
+        quota_mb: None,
+        enabled: Some(true),
+        daily_limit: None,
+    };
     let _ = admin(world, gw, op).await;
 }
 
 /// Rotates `tenant`'s key until a rotation is acknowledged, so the clients know the key.
-pub async fn rotate_until_done(world: &World, rng: &mut Rng, tenant: &str, deadline_ms: u64) -> Result<(), Violation> {
+pub async fn rotate_until_done(
+    world: &World,
+    rng: &mut Rng,
+    tenant: &str,
+    deadline_ms: u64,
+) -> Result<(), Violation> {
     loop {
         let gw = rng.below(world.gateways.len() as u64) as usize;
         match rotate(world, rng, gw, tenant).await {
             Ok(()) => return Ok(()),
             Err(e) if world.now_ms() > deadline_ms => {
-                return Err(Violation::new(Invariant::Liveness, format!("rotating the key of {tenant} never succeeded: {e}")));
+                return Err(Violation::new(
+                    Invariant::Liveness,
+                    format!("rotating the key of {tenant} never succeeded: {e}"),
+                ));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(RETRY_PAUSE_MS)).await,
         }

@@ -57,7 +57,14 @@ pub async fn run(seed: u64, options: &Options, trace: Arc<Trace>) -> (Stats, Opt
     let net = Net::new(rng.fork(), trace.clone(), monitor.clone());
     let admin_key = new_key(&mut rng);
     let ids: Vec<u64> = (1..=FIRST_MEMBERS.len() as u64 + plan.spares).collect();
-    let cluster = Cluster::new(trace.clone(), monitor.clone(), net.clone(), proto::auth::key_hash(&admin_key), &ids, &mut rng);
+    let cluster = Cluster::new(
+        trace.clone(),
+        monitor.clone(),
+        net.clone(),
+        proto::auth::key_hash(&admin_key),
+        &ids,
+        &mut rng,
+    );
     trace.event(format!(
         "seed {seed}: nodes {ids:?} ({} first members), {} gateways, tenants {:?}",
         FIRST_MEMBERS.len(),
@@ -66,7 +73,13 @@ pub async fn run(seed: u64, options: &Options, trace: Arc<Trace>) -> (Stats, Opt
     ));
     let stop_all = CancellationToken::new();
     let gateways = start_gateways(&net, &ids, plan.gateways, &stop_all);
-    let world = Arc::new(World::new(trace.clone(), monitor.clone(), cluster.clone(), gateways, proto::auth::key_hash(&admin_key)));
+    let world = Arc::new(World::new(
+        trace.clone(),
+        monitor.clone(),
+        cluster.clone(),
+        gateways,
+        proto::auth::key_hash(&admin_key),
+    ));
     let result = phases(&world, &plan, &mut rng, options, &stop_all).await;
     stop_all.cancel();
     // Node processes and the network hold each other (a service sends through its port; the
@@ -77,7 +90,12 @@ pub async fn run(seed: u64, options: &Options, trace: Arc<Trace>) -> (Stats, Opt
     (stats, violation)
 }
 
-fn start_gateways(net: &Arc<Net>, ids: &[u64], count: u64, stop: &CancellationToken) -> Vec<Arc<Gateway>> {
+fn start_gateways(
+    net: &Arc<Net>,
+    ids: &[u64],
+    count: u64,
+    stop: &CancellationToken,
+) -> Vec<Arc<Gateway>> {
     (0..count)
         .map(|g| {
             let port = net.port(Endpoint::Gateway(g), 0, gateway_addr(g));
@@ -86,7 +104,12 @@ fn start_gateways(net: &Arc<Net>, ids: &[u64], count: u64, stop: &CancellationTo
                 client: Arc::new(WireNodeClient(Arc::new(port))),
                 seeds: ids.iter().map(|id| node_addr(*id)).collect(),
             });
-            tokio::spawn(poll_views(gw.client.clone(), gw.views.clone(), gw.seeds.clone(), stop.clone()));
+            tokio::spawn(poll_views(
+                gw.client.clone(),
+                gw.views.clone(),
+                gw.seeds.clone(),
+                stop.clone(),
+            ));
             gw
         })
         .collect()
@@ -97,7 +120,13 @@ fn checked(world: &World) -> Result<(), Violation> {
     world.monitor.violation().map_or(Ok(()), Err)
 }
 
-async fn phases(world: &Arc<World>, plan: &Plan, rng: &mut Rng, options: &Options, stop_all: &CancellationToken) -> Result<(), Violation> {
+async fn phases(
+    world: &Arc<World>,
+    plan: &Plan,
+    rng: &mut Rng,
+    options: &Options,
+    stop_all: &CancellationToken,
+) -> Result<(), Violation> {
     for id in world.cluster.ids() {
         let cluster = world.cluster.clone();
         let monitor = world.monitor.clone();
@@ -119,14 +148,29 @@ async fn phases(world: &Arc<World>, plan: &Plan, rng: &mut Rng, options: &Option
     for (t, tenant) in plan.tenants.iter().enumerate() {
         let writers = plan.writers_per_tenant[t];
         for w in 0..writers {
-            let own: Vec<CellKey> = all_cells().into_iter().enumerate().filter(|(i, _)| *i as u64 % writers == w).map(|(_, c)| c).collect();
+            let own: Vec<CellKey> = all_cells()
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| *i as u64 % writers == w)
+                .map(|(_, c)| c)
+                .collect();
             let client = Client::new(clients.len() as u64, tenant.clone(), own, rng.fork());
             clients.push(tokio::spawn(client.run(world.clone(), chaos.clone())));
         }
     }
-    let operators: Vec<_> =
-        (0..2).map(|_| tokio::spawn(operator::run(world.clone(), rng.fork(), plan.tenants.clone(), chaos.clone()))).collect();
-    let faults = options.faults.then(|| tokio::spawn(crate::faults::run(world.clone(), rng.fork(), chaos.clone())));
+    let operators: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(operator::run(
+                world.clone(),
+                rng.fork(),
+                plan.tenants.clone(),
+                chaos.clone(),
+            ))
+        })
+        .collect();
+    let faults = options
+        .faults
+        .then(|| tokio::spawn(crate::faults::run(world.clone(), rng.fork(), chaos.clone())));
     let chaos_end = world.now_ms() + options.chaos.as_millis() as u64;
     while world.now_ms() < chaos_end {
         tokio::time::sleep(Duration::from_millis(VIOLATION_POLL_MS)).await;
@@ -147,7 +191,10 @@ async fn phases(world: &Arc<World>, plan: &Plan, rng: &mut Rng, options: &Option
     for tenant in &plan.tenants {
         probe(world, rng, tenant, deadline).await?;
     }
-    world.trace.event(format!("converged: every tenant served {} ms after the heal", world.now_ms() - healed_at));
+    world.trace.event(format!(
+        "converged: every tenant served {} ms after the heal",
+        world.now_ms() - healed_at
+    ));
     checked(world)?;
     final_check(world, &plan.tenants, world.now_ms() + CONVERGENCE_MS_MAX).await?;
     checked(world)?;
@@ -159,7 +206,12 @@ async fn phases(world: &Arc<World>, plan: &Plan, rng: &mut Rng, options: &Option
 /// while its owner is down, bring the owner back, and require that every member node deletes
 /// the tenant's data, that its key stops working through every gateway, that its id cannot be
 /// added again, and that another tenant is still served.
-async fn purge_check(world: &World, rng: &mut Rng, tenants: &[String], deadline_ms: u64) -> Result<(), Violation> {
+async fn purge_check(
+    world: &World,
+    rng: &mut Rng,
+    tenants: &[String],
+    deadline_ms: u64,
+) -> Result<(), Violation> {
     let (doomed, other) = (&tenants[tenants.len() - 1], &tenants[0]);
     let key = world.key_for(doomed, rng).unwrap_or_default();
     // The owner goes down only where the other voters still make a quorum (three or more
@@ -169,7 +221,9 @@ async fn purge_check(world: &World, rng: &mut Rng, tenants: &[String], deadline_
     if let Some(owner) = owner {
         world.cluster.crash(owner, rng.chance(500));
     }
-    world.trace.event(format!("purge check: {doomed} is purged while its owner is down: {owner:?}"));
+    world
+        .trace
+        .event(format!("purge check: {doomed} is purged while its owner is down: {owner:?}"));
     operator::purge(world, rng, doomed, deadline_ms).await?;
     if let Some(owner) = owner {
         world.cluster.start(owner).await?;
@@ -177,9 +231,13 @@ async fn purge_check(world: &World, rng: &mut Rng, tenants: &[String], deadline_
     let dir = std::path::Path::new(crate::cluster::DATA_DIR).join("store/tenants").join(doomed);
     loop {
         let members = member_nodes(world);
-        let holding: Vec<u64> =
-            members.iter().copied().filter(|id| world.cluster.disk(*id).is_some_and(|d| d.exists(&dir).unwrap_or(true))).collect();
-        let refused = (0..world.gateways.len()).all(|gw| matches!(world.gateways[gw].views.current().tenant(doomed), None));
+        let holding: Vec<u64> = members
+            .iter()
+            .copied()
+            .filter(|id| world.cluster.disk(*id).is_some_and(|d| d.exists(&dir).unwrap_or(true)))
+            .collect();
+        let refused = (0..world.gateways.len())
+            .all(|gw| matches!(world.gateways[gw].views.current().tenant(doomed), None));
         if holding.is_empty() && refused {
             break;
         }
@@ -195,15 +253,22 @@ async fn purge_check(world: &World, rng: &mut Rng, tenants: &[String], deadline_
         match world.sq(gw, &key, Method::Get, "get", "p=a", b"").await {
             Err(ApiError::Unauthorized) => {}
             other => {
-                let shown = other.map(|r| String::from_utf8_lossy(&r.body).chars().take(60).collect::<String>());
-                return Err(Violation::new(Invariant::Isolation, format!("purged tenant {doomed}'s key through gateway {gw}: {shown:?}")));
+                let shown = other
+                    .map(|r| String::from_utf8_lossy(&r.body).chars().take(60).collect::<String>());
+                return Err(Violation::new(
+                    Invariant::Isolation,
+                    format!("purged tenant {doomed}'s key through gateway {gw}: {shown:?}"),
+                ));
             }
         }
     }
     match operator::add_again(world, rng, doomed, deadline_ms).await {
         Err(ApiError::Conflict(reason)) if reason.contains("purged") => {}
         other => {
-            return Err(Violation::new(Invariant::Isolation, format!("adding purged id {doomed} again answered {other:?}, not a refusal")));
+            return Err(Violation::new(
+                Invariant::Isolation,
+                format!("adding purged id {doomed} again answered {other:?}, not a refusal"),
+            ));
         }
     }
     world.trace.event(format!("purge check: {doomed} purged everywhere; {other} still served"));
@@ -212,13 +277,18 @@ async fn purge_check(world: &World, rng: &mut Rng, tenants: &[String], deadline_
 
 /// Active nodes, in the freshest registry state.
 fn active_nodes(world: &World) -> usize {
-    registry_state(world).map_or(0, |state| state.nodes().filter(|n| n.state == raft_registry::NodeState::Active).count())
+    registry_state(world).map_or(0, |state| {
+        state.nodes().filter(|n| n.state == raft_registry::NodeState::Active).count()
+    })
 }
 
 /// The freshest registry state among the running nodes (a removed node's stops moving).
 fn registry_state(world: &World) -> Option<Arc<raft_registry::RegistryState>> {
     let parts = world.cluster.ids().into_iter().filter_map(|id| world.cluster.parts(id));
-    parts.map(|p| p.registry.subscribe().borrow().clone()).max_by_key(|(applied, _)| *applied).map(|(_, state)| state)
+    parts
+        .map(|p| p.registry.subscribe().borrow().clone())
+        .max_by_key(|(applied, _)| *applied)
+        .map(|(_, state)| state)
 }
 
 /// Nodes the freshest registry state counts as members (joining, active or draining). A removed
@@ -234,7 +304,12 @@ fn member_nodes(world: &World) -> Vec<u64> {
 }
 
 /// Liveness: a write to `tenant` is acknowledged and read back through every gateway.
-async fn probe(world: &World, rng: &mut Rng, tenant: &str, deadline_ms: u64) -> Result<(), Violation> {
+async fn probe(
+    world: &World,
+    rng: &mut Rng,
+    tenant: &str,
+    deadline_ms: u64,
+) -> Result<(), Violation> {
     let cell = CellKey { phext: PROBE_PHEXT.to_string(), coord: Coordinate::ORIGIN };
     let query = format!("p={}&c={}", cell.phext, cell.coord);
     let mut last = String::from("no attempt");
@@ -244,8 +319,18 @@ async fn probe(world: &World, rng: &mut Rng, tenant: &str, deadline_ms: u64) -> 
         let key = world.key_for(tenant, rng).unwrap_or_default();
         let value = tag(tenant, &format!("probe.{attempt}"));
         let now = world.now_ms();
-        let id = world.model().begin_write(tenant, &cell, value.clone(), now, now + WRITE_HORIZON_MS);
-        let result = world.sq(rng.below(world.gateways.len() as u64) as usize, &key, Method::Post, "update", &query, value.as_bytes()).await;
+        let id =
+            world.model().begin_write(tenant, &cell, value.clone(), now, now + WRITE_HORIZON_MS);
+        let result = world
+            .sq(
+                rng.below(world.gateways.len() as u64) as usize,
+                &key,
+                Method::Post,
+                "update",
+                &query,
+                value.as_bytes(),
+            )
+            .await;
         let outcome = write_outcome(&result);
         world.model().end_write(id, outcome, world.now_ms());
         // A full quota is an answer from the owner's store: the tenant is served; read it back.
@@ -255,7 +340,13 @@ async fn probe(world: &World, rng: &mut Rng, tenant: &str, deadline_ms: u64) -> 
             for gw in 0..world.gateways.len() {
                 let start = world.now_ms();
                 match world.sq(gw, &key, Method::Get, "select", &query, b"").await {
-                    Ok(r) => world.model().check_read(tenant, &cell, start, &String::from_utf8_lossy(&r.body), true)?,
+                    Ok(r) => world.model().check_read(
+                        tenant,
+                        &cell,
+                        start,
+                        &String::from_utf8_lossy(&r.body),
+                        true,
+                    )?,
                     Err(e) => {
                         last = format!("read through gateway {gw}: {e}");
                         all_read = false;
@@ -270,7 +361,9 @@ async fn probe(world: &World, rng: &mut Rng, tenant: &str, deadline_ms: u64) -> 
             // An admin operation sent before the heal may land after the settling: put it right.
             match e {
                 ApiError::Forbidden(_) => operator::enable(world, rng, tenant).await,
-                ApiError::Unauthorized => operator::rotate_until_done(world, rng, tenant, deadline_ms).await?,
+                ApiError::Unauthorized => {
+                    operator::rotate_until_done(world, rng, tenant, deadline_ms).await?
+                }
                 _ => {}
             }
         }
@@ -278,7 +371,10 @@ async fn probe(world: &World, rng: &mut Rng, tenant: &str, deadline_ms: u64) -> 
     }
     Err(Violation::new(
         Invariant::Liveness,
-        format!("tenant {tenant} not served {CONVERGENCE_MS_MAX} ms after the heal: {last}; {}", registry_status(world)),
+        format!(
+            "tenant {tenant} not served {CONVERGENCE_MS_MAX} ms after the heal: {last}; {}",
+            registry_status(world)
+        ),
     ))
 }
 
@@ -299,7 +395,10 @@ fn registry_status(world: &World) -> String {
                     state.handoffs().count()
                 ));
             }
-            None => out.push(format!("n{id}: down ({})", world.cluster.start_error(id).unwrap_or_default())),
+            None => out.push(format!(
+                "n{id}: down ({})",
+                world.cluster.start_error(id).unwrap_or_default()
+            )),
         }
     }
     for (g, gw) in world.gateways.iter().enumerate() {
@@ -322,14 +421,24 @@ async fn final_check(world: &World, tenants: &[String], deadline_ms: u64) -> Res
                 match world.sq(0, &key, Method::Get, "get", &format!("p={phext}"), b"").await {
                     Ok(r) => break (start, r.body),
                     Err(e) if world.now_ms() > deadline_ms => {
-                        return Err(Violation::new(Invariant::Liveness, format!("final read of {tenant}/{phext} failed: {e}")));
+                        return Err(Violation::new(
+                            Invariant::Liveness,
+                            format!("final read of {tenant}/{phext} failed: {e}"),
+                        ));
                     }
                     Err(ApiError::Forbidden(_)) => operator::enable(world, &mut rng, tenant).await,
-                    Err(ApiError::Unauthorized) => operator::rotate_until_done(world, &mut rng, tenant, deadline_ms).await?,
+                    Err(ApiError::Unauthorized) => {
+                        operator::rotate_until_done(world, &mut rng, tenant, deadline_ms).await?
+                    }
                     Err(_) => tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await,
                 }
             };
-            let doc = Doc::parse(&body).map_err(|e| Violation::new(Invariant::LostWrite, format!("{tenant}/{phext} is not a phext: {e}")))?;
+            let doc = Doc::parse(&body).map_err(|e| {
+                Violation::new(
+                    Invariant::LostWrite,
+                    format!("{tenant}/{phext} is not a phext: {e}"),
+                )
+            })?;
             world.model().check_doc(tenant, phext, start, &doc, true)?;
         }
         world.model().check_quota(tenant)?;

@@ -32,7 +32,11 @@ struct Inner {
 
 impl Trace {
     pub fn new(verbosity: Verbosity) -> Trace {
-        Trace { start: Instant::now(), verbosity, inner: Mutex::new(Inner { digest: Xxh3::new(), events: 0 }) }
+        Trace {
+            start: Instant::now(),
+            verbosity,
+            inner: Mutex::new(Inner { digest: Xxh3::new(), events: 0 }),
+        }
     }
 
     /// Simulated milliseconds since the run began.

@@ -86,7 +86,8 @@ impl Client {
     }
 
     async fn step(&mut self, world: &World) {
-        let ops = [Op::Select, Op::Get, Op::Query, Op::Checksum, Op::Update, Op::Insert, Op::Delete];
+        let ops =
+            [Op::Select, Op::Get, Op::Query, Op::Checksum, Op::Update, Op::Insert, Op::Delete];
         let op = &ops[self.rng.weighted(&[25, 10, 6, 5, 38, 10, 6])];
         let Some(key) = world.key_for(&self.tenant, &mut self.rng) else { return };
         let gw = self.rng.below(world.gateways.len() as u64) as usize;
@@ -115,7 +116,14 @@ impl Client {
         format!("{}{filler}", tag(&self.tenant, &format!("c{}.{}", self.id, self.seq)))
     }
 
-    async fn write(&mut self, world: &World, gw: usize, key: &str, insert: bool, delete: bool) -> Result<(), Violation> {
+    async fn write(
+        &mut self,
+        world: &World,
+        gw: usize,
+        key: &str,
+        insert: bool,
+        delete: bool,
+    ) -> Result<(), Violation> {
         let cell = self.rng.pick(&self.own).clone();
         let certain = world.model().certain(&self.tenant, &cell);
         let insert = insert && certain.is_some();
@@ -135,7 +143,16 @@ impl Client {
         let result = world.sq(gw, key, method, route, &query, text.as_bytes()).await;
         let outcome = write_outcome(&result);
         world.model().end_write(id, outcome, world.now_ms());
-        world.trace.event(format!("c{} {} {} {}@{} ({} bytes): {}", self.id, self.tenant, route, cell.phext, cell.coord, text.len(), answer(&result)));
+        world.trace.event(format!(
+            "c{} {} {} {}@{} ({} bytes): {}",
+            self.id,
+            self.tenant,
+            route,
+            cell.phext,
+            cell.coord,
+            text.len(),
+            answer(&result)
+        ));
         let mut stats = world.stats();
         match outcome {
             Outcome::Acked => stats.writes_acked += 1,
@@ -150,9 +167,22 @@ impl Client {
     }
 
     /// Sends a read and returns its body, or `None` (after counting it) if it failed.
-    async fn read(&mut self, world: &World, gw: usize, key: &str, method: Method, route: &str, query: &str) -> Option<Vec<u8>> {
+    async fn read(
+        &mut self,
+        world: &World,
+        gw: usize,
+        key: &str,
+        method: Method,
+        route: &str,
+        query: &str,
+    ) -> Option<Vec<u8>> {
         let result = world.sq(gw, key, method, route, query, b"").await;
-        world.trace.event(format!("c{} {} {route} {query}: {}", self.id, self.tenant, answer(&result)));
+        world.trace.event(format!(
+            "c{} {} {route} {query}: {}",
+            self.id,
+            self.tenant,
+            answer(&result)
+        ));
         match result {
             Ok(r) => {
                 world.stats().reads_ok += 1;
@@ -174,7 +204,9 @@ impl Client {
         let cell = self.any_cell();
         let start = world.now_ms();
         let query = format!("p={}&c={}", cell.phext, cell.coord);
-        let Some(body) = self.read(world, gw, key, Method::Get, "select", &query).await else { return Ok(()) };
+        let Some(body) = self.read(world, gw, key, Method::Get, "select", &query).await else {
+            return Ok(());
+        };
         let text = String::from_utf8_lossy(&body);
         world.model().check_read(&self.tenant, &cell, start, &text, false)
     }
@@ -182,7 +214,10 @@ impl Client {
     async fn get(&mut self, world: &World, gw: usize, key: &str) -> Result<(), Violation> {
         let phext = *self.rng.pick(&PHEXTS);
         let start = world.now_ms();
-        let Some(body) = self.read(world, gw, key, Method::Get, "get", &format!("p={phext}")).await else { return Ok(()) };
+        let Some(body) = self.read(world, gw, key, Method::Get, "get", &format!("p={phext}")).await
+        else {
+            return Ok(());
+        };
         let doc = Doc::parse(&body).map_err(|e| malformed(&self.tenant, "get", e))?;
         world.model().check_doc(&self.tenant, phext, start, &doc, false)
     }
@@ -193,15 +228,24 @@ impl Client {
         let set: Vec<String> = cells.iter().map(|c| c.coord.to_string()).collect();
         let start = world.now_ms();
         let query = format!("p={}&set={}", a.phext, set.join(","));
-        let Some(body) = self.read(world, gw, key, Method::Post, "query", &query).await else { return Ok(()) };
-        let rows: Vec<serde_json::Value> = serde_json::from_slice(&body).map_err(|e| malformed(&self.tenant, "query", e))?;
+        let Some(body) = self.read(world, gw, key, Method::Post, "query", &query).await else {
+            return Ok(());
+        };
+        let rows: Vec<serde_json::Value> =
+            serde_json::from_slice(&body).map_err(|e| malformed(&self.tenant, "query", e))?;
         let model = world.model();
         for row in rows {
             let coord = row["coordinate"].as_str().and_then(|c| Coordinate::parse(c).ok());
             let (Some(coord), Some(scroll)) = (coord, row["scroll"].as_str()) else {
                 return Err(malformed(&self.tenant, "query", "a row without coordinate or scroll"));
             };
-            model.check_read(&self.tenant, &CellKey { phext: a.phext.clone(), coord }, start, scroll, false)?;
+            model.check_read(
+                &self.tenant,
+                &CellKey { phext: a.phext.clone(), coord },
+                start,
+                scroll,
+                false,
+            )?;
         }
         Ok(())
     }
@@ -209,7 +253,11 @@ impl Client {
     async fn checksum(&mut self, world: &World, gw: usize, key: &str) -> Result<(), Violation> {
         let phext = *self.rng.pick(&PHEXTS);
         let before = world.model().certain_canonical(&self.tenant, phext);
-        let Some(body) = self.read(world, gw, key, Method::Get, "checksum", &format!("p={phext}")).await else { return Ok(()) };
+        let Some(body) =
+            self.read(world, gw, key, Method::Get, "checksum", &format!("p={phext}")).await
+        else {
+            return Ok(());
+        };
         let after = world.model().certain_canonical(&self.tenant, phext);
         let (Some(before), Some(after)) = (before, after) else { return Ok(()) };
         if before != after {
@@ -239,7 +287,10 @@ fn same_phext(a: &CellKey, b: &CellKey) -> Option<Vec<CellKey>> {
 }
 
 fn malformed(tenant: &str, route: &str, e: impl std::fmt::Display) -> Violation {
-    Violation::new(Invariant::StaleRead, format!("tenant {tenant} got a malformed {route} answer: {e}"))
+    Violation::new(
+        Invariant::StaleRead,
+        format!("tenant {tenant} got a malformed {route} answer: {e}"),
+    )
 }
 
 /// A short account of an answer, for the trace.

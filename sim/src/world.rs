@@ -25,7 +25,8 @@ pub const ADMIN_OP_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long after its issue a request whose answer never came can still take effect: the
 /// client's timeout, the longest delay of its last copy, and the time a node may hold a request
 /// before running it (behind a handoff's drain, on a slow disk).
-pub const WRITE_HORIZON_MS: u64 = CLIENT_OP_TIMEOUT.as_millis() as u64 + 2 * crate::net::DELAY_MS_MAX + 5_000;
+pub const WRITE_HORIZON_MS: u64 =
+    CLIENT_OP_TIMEOUT.as_millis() as u64 + 2 * crate::net::DELAY_MS_MAX + 5_000;
 
 /// A tenant's keys as the clients know them.
 #[derive(Debug, Clone, Default)]
@@ -70,7 +71,13 @@ pub fn new_key(rng: &mut Rng) -> String {
 }
 
 impl World {
-    pub fn new(trace: Arc<Trace>, monitor: Arc<Monitor>, cluster: Arc<Cluster>, gateways: Vec<Arc<Gateway>>, admin_key_hash: String) -> World {
+    pub fn new(
+        trace: Arc<Trace>,
+        monitor: Arc<Monitor>,
+        cluster: Arc<Cluster>,
+        gateways: Vec<Arc<Gateway>>,
+        admin_key_hash: String,
+    ) -> World {
         World {
             trace,
             monitor,
@@ -111,13 +118,24 @@ impl World {
 
     /// Sends one SQ request for `tenant` with `key` through gateway `gw`, within the client's
     /// timeout (a timeout answers `Unavailable`).
-    pub async fn sq(&self, gw: usize, key: &str, method: Method, route: &str, query: &str, body: &[u8]) -> Result<SqResponse, ApiError> {
+    pub async fn sq(
+        &self,
+        gw: usize,
+        key: &str,
+        method: Method,
+        route: &str,
+        query: &str,
+        body: &[u8],
+    ) -> Result<SqResponse, ApiError> {
         let gw = &self.gateways[gw % self.gateways.len()];
         let caller = gateway::api::authenticate(gw, key)?;
         let call = gateway::api::serve(gw, &caller, method, route, query, body);
         match tokio::time::timeout(CLIENT_OP_TIMEOUT, call).await {
             Ok(answer) => answer,
-            Err(_) => Err(ApiError::Unavailable { reason: "simulated client gave up waiting".into(), retry_after_s: 1 }),
+            Err(_) => Err(ApiError::Unavailable {
+                reason: "simulated client gave up waiting".into(),
+                retry_after_s: 1,
+            }),
         }
     }
 }

@@ -17,7 +17,11 @@ fn a_few_seeds_pass_and_replay_exactly() {
         assert_eq!(first.violation, None, "seed {seed} broke an invariant");
         assert!(first.stats.writes_acked > 0, "seed {seed}: the workload wrote nothing");
         let second = run_seed(seed, &short());
-        assert_eq!((first.digest, first.events), (second.digest, second.events), "seed {seed} did not replay");
+        assert_eq!(
+            (first.digest, first.events),
+            (second.digest, second.events),
+            "seed {seed} did not replay"
+        );
     }
 }
 

@@ -42,8 +42,12 @@ impl Endpoint {
         let Some(pem) = ca_pem else {
             bail!("{url} is HTTPS: give the CA to trust with --ca FILE (with --dev, the cluster's own CA is used)");
         };
-        let host = authority.rsplit_once(':').map_or(authority.as_str(), |(h, _)| h).trim_matches(['[', ']']);
-        let name = rustls::pki_types::ServerName::try_from(host.to_string()).with_context(|| format!("{host:?} is not a server name"))?;
+        let host = authority
+            .rsplit_once(':')
+            .map_or(authority.as_str(), |(h, _)| h)
+            .trim_matches(['[', ']']);
+        let name = rustls::pki_types::ServerName::try_from(host.to_string())
+            .with_context(|| format!("{host:?} is not a server name"))?;
         Ok(Endpoint { authority, tls: Some((Arc::new(tls_config(pem)?), name)) })
     }
 }
@@ -51,7 +55,9 @@ impl Endpoint {
 fn tls_config(ca_pem: &[u8]) -> anyhow::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in rustls_pemfile::certs(&mut &ca_pem[..]) {
-        roots.add(cert.context("reading the CA certificate")?).context("adding the CA certificate")?;
+        roots
+            .add(cert.context("reading the CA certificate")?)
+            .context("adding the CA certificate")?;
     }
     if roots.is_empty() {
         bail!("the CA file holds no certificate");
@@ -79,9 +85,9 @@ pub struct Conn {
 
 impl Conn {
     pub async fn open(endpoint: &Endpoint) -> anyhow::Result<Conn> {
-        tokio::time::timeout(CONNECT_TIMEOUT, Conn::open_unbounded(endpoint))
-            .await
-            .with_context(|| format!("connecting to {} took over {CONNECT_TIMEOUT:?}", endpoint.authority))?
+        tokio::time::timeout(CONNECT_TIMEOUT, Conn::open_unbounded(endpoint)).await.with_context(
+            || format!("connecting to {} took over {CONNECT_TIMEOUT:?}", endpoint.authority),
+        )?
     }
 
     async fn open_unbounded(endpoint: &Endpoint) -> anyhow::Result<Conn> {
@@ -92,7 +98,10 @@ impl Conn {
         let sender = match &endpoint.tls {
             None => handshake(tcp).await?,
             Some((config, name)) => {
-                let tls = tokio_rustls::TlsConnector::from(config.clone()).connect(name.clone(), tcp).await.context("TLS handshake")?;
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name.clone(), tcp)
+                    .await
+                    .context("TLS handshake")?;
                 handshake(tls).await?
             }
         };
@@ -100,13 +109,28 @@ impl Conn {
     }
 
     /// Sends one request and reads the whole answer, within [`REQUEST_TIMEOUT`].
-    pub async fn send(&mut self, method: hyper::Method, path_and_query: &str, auth: &str, body: Bytes) -> anyhow::Result<Answer> {
-        tokio::time::timeout(REQUEST_TIMEOUT, self.send_unbounded(method, path_and_query, auth, body))
-            .await
-            .with_context(|| format!("no answer within {REQUEST_TIMEOUT:?}"))?
+    pub async fn send(
+        &mut self,
+        method: hyper::Method,
+        path_and_query: &str,
+        auth: &str,
+        body: Bytes,
+    ) -> anyhow::Result<Answer> {
+        tokio::time::timeout(
+            REQUEST_TIMEOUT,
+            self.send_unbounded(method, path_and_query, auth, body),
+        )
+        .await
+        .with_context(|| format!("no answer within {REQUEST_TIMEOUT:?}"))?
     }
 
-    async fn send_unbounded(&mut self, method: hyper::Method, path_and_query: &str, auth: &str, body: Bytes) -> anyhow::Result<Answer> {
+    async fn send_unbounded(
+        &mut self,
+        method: hyper::Method,
+        path_and_query: &str,
+        auth: &str,
+        body: Bytes,
+    ) -> anyhow::Result<Answer> {
         self.sender.ready().await.context("connection closed")?;
         let request = hyper::Request::builder()
             .method(method)
@@ -125,7 +149,8 @@ async fn handshake<T>(io: T) -> anyhow::Result<SendRequest<Full<Bytes>>>
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await.context("HTTP handshake")?;
+    let (sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(io)).await.context("HTTP handshake")?;
     // The connection task ends when the sender is dropped or the peer closes; errors then
     // surface on the next send, which reconnects.
     tokio::spawn(async move {

@@ -18,7 +18,6 @@ use anyhow::{bail, Context};
 
 use crate::tooling::Target;
 
-
 /// The most workers (threads, connections) one bench runs: a bound, not a target.
 pub const CONCURRENCY_MAX: usize = 1024;
 
@@ -65,12 +64,16 @@ impl Mix {
     pub fn parse(text: &str) -> anyhow::Result<Mix> {
         let mut parts = Vec::new();
         for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            let (name, weight) = item.split_once('=').with_context(|| format!("{item:?}: write OP=WEIGHT, e.g. select=80"))?;
-            let op = Op::ALL
-                .into_iter()
-                .find(|o| o.name() == name.trim())
-                .with_context(|| format!("unknown operation {name:?}: use select, insert, update, toc or get"))?;
-            let weight: u32 = weight.trim().parse().with_context(|| format!("{item:?}: the weight must be a whole number"))?;
+            let (name, weight) = item
+                .split_once('=')
+                .with_context(|| format!("{item:?}: write OP=WEIGHT, e.g. select=80"))?;
+            let op = Op::ALL.into_iter().find(|o| o.name() == name.trim()).with_context(|| {
+                format!("unknown operation {name:?}: use select, insert, update, toc or get")
+            })?;
+            let weight: u32 = weight
+                .trim()
+                .parse()
+                .with_context(|| format!("{item:?}: the weight must be a whole number"))?;
             if parts.iter().any(|(o, _)| *o == op) {
                 bail!("{name} is listed twice");
             }
@@ -203,10 +206,16 @@ pub struct BenchConfig {
 /// Runs the whole benchmark and prints its report.
 pub fn run(config: BenchConfig) -> anyhow::Result<()> {
     check(&config)?;
-    let target = Target::resolve(config.dev.as_deref(), config.url.clone(), config.admin_key.clone(), config.ca.clone())?;
+    let target = Target::resolve(
+        config.dev.as_deref(),
+        config.url.clone(),
+        config.admin_key.clone(),
+        config.ca.clone(),
+    )?;
     let plan = workers::Plan::new(&config, &target)?;
     let tenants = workers::Tenants::obtain(&config, &target)?;
-    let outcome = workers::prepare(&plan, &tenants, &config).and_then(|()| workers::measure(&plan, &tenants, &config));
+    let outcome = workers::prepare(&plan, &tenants, &config)
+        .and_then(|()| workers::measure(&plan, &tenants, &config));
     tenants.release(&config);
     let report = outcome?;
     if config.json {
@@ -228,12 +237,17 @@ fn check(config: &BenchConfig) -> anyhow::Result<()> {
         bail!("--scrolls and --scroll-bytes must be at least 1");
     }
     if config.scroll_bytes > proto::request::BODY_MAX_BYTES {
-        bail!("--scroll-bytes must be at most {} (the request body limit)", proto::request::BODY_MAX_BYTES);
+        bail!(
+            "--scroll-bytes must be at most {} (the request body limit)",
+            proto::request::BODY_MAX_BYTES
+        );
     }
     if config.scrolls > SCROLLS_MAX {
         bail!("--scrolls must be at most {SCROLLS_MAX}");
     }
-    if proto::PhextName::parse(&config.phext).is_err() || proto::PhextName::parse(&format!("{}-inserts", config.phext)).is_err() {
+    if proto::PhextName::parse(&config.phext).is_err()
+        || proto::PhextName::parse(&format!("{}-inserts", config.phext)).is_err()
+    {
         bail!("--phext {:?} is not a valid phext name", config.phext);
     }
     if config.duration.is_zero() {
@@ -273,7 +287,8 @@ mod tests {
     // Goal: bench documents use valid, distinct coordinates in document order.
     #[test]
     fn coordinates() {
-        let all: Vec<proto::Coordinate> = (0..1000).map(|i| proto::Coordinate::parse(&coordinate(i)).unwrap()).collect();
+        let all: Vec<proto::Coordinate> =
+            (0..1000).map(|i| proto::Coordinate::parse(&coordinate(i)).unwrap()).collect();
         assert!(all.windows(2).all(|w| w[0] < w[1]));
         assert_eq!(scroll_text(7, 20).len(), 20);
     }

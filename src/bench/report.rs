@@ -59,8 +59,12 @@ impl Tally {
         let mut ops = Vec::new();
         for op in Op::ALL {
             let h = &self.latency_ns[op as usize];
-            let errors: BTreeMap<String, u64> =
-                self.errors.iter().filter(|((o, _), _)| *o == op).map(|((_, s), n)| (s.clone(), *n)).collect();
+            let errors: BTreeMap<String, u64> = self
+                .errors
+                .iter()
+                .filter(|((o, _), _)| *o == op)
+                .map(|((_, s), n)| (s.clone(), *n))
+                .collect();
             if h.is_empty() && errors.is_empty() {
                 continue;
             }
@@ -83,7 +87,15 @@ impl Tally {
             *errors_by_status.entry(status.clone()).or_insert(0) += n;
         }
         let ok: u64 = ops.iter().map(|o| o.ok).sum();
-        Report { setup, elapsed_s: secs, ok, ok_per_s: ok as f64 / secs, errors: errors_by_status.values().sum(), errors_by_status, ops }
+        Report {
+            setup,
+            elapsed_s: secs,
+            ok,
+            ok_per_s: ok as f64 / secs,
+            errors: errors_by_status.values().sum(),
+            errors_by_status,
+            ops,
+        }
     }
 }
 
@@ -133,7 +145,10 @@ impl Report {
             "sq-cloud bench: {} | {} tenants, concurrency {}, {:.1} s, mix {}, documents of {} scrolls x {} B ({} B)",
             s.url, s.tenants, s.concurrency, self.elapsed_s, s.mix, s.scrolls, s.scroll_bytes, s.document_bytes
         );
-        println!("{:<8} {:>10} {:>12} {:>10} {:>10} {:>10} {:>10} {:>8}", "op", "ok", "req/s", "p50 µs", "p99 µs", "p99.9 µs", "max µs", "errors");
+        println!(
+            "{:<8} {:>10} {:>12} {:>10} {:>10} {:>10} {:>10} {:>8}",
+            "op", "ok", "req/s", "p50 µs", "p99 µs", "p99.9 µs", "max µs", "errors"
+        );
         for o in &self.ops {
             println!(
                 "{:<8} {:>10} {:>12.0} {:>10.1} {:>10.1} {:>10.1} {:>10.1} {:>8}",
@@ -142,7 +157,8 @@ impl Report {
         }
         println!("total    {:>10} {:>12.0}", self.ok, self.ok_per_s);
         if self.errors > 0 {
-            let list: Vec<String> = self.errors_by_status.iter().map(|(s, n)| format!("{s}: {n}")).collect();
+            let list: Vec<String> =
+                self.errors_by_status.iter().map(|(s, n)| format!("{s}: {n}")).collect();
             println!("errors by status: {}", list.join(", "));
             if self.errors_by_status.contains_key("429") {
                 println!("note: 429 is the node's per-tenant rate limit (node::limits::BURST_PER_SECOND); spread the load over more --tenants");
@@ -156,7 +172,16 @@ mod tests {
     use super::*;
 
     fn setup() -> Setup {
-        Setup { url: "u".into(), tenants: 1, concurrency: 1, duration_s: 1.0, mix: "select=1".into(), scrolls: 1, scroll_bytes: 1, document_bytes: 1 }
+        Setup {
+            url: "u".into(),
+            tenants: 1,
+            concurrency: 1,
+            duration_s: 1.0,
+            mix: "select=1".into(),
+            scrolls: 1,
+            scroll_bytes: 1,
+            document_bytes: 1,
+        }
     }
 
     // Goal: merged tallies give exact counts, percentiles within the histogram's precision, and

@@ -44,7 +44,8 @@ impl Plan {
         let endpoint = Endpoint::new(&target.url, target.ca_pem()?.as_deref())?;
         let mut doc = proto::Doc::new();
         for i in 0..config.scrolls {
-            let c = proto::Coordinate::parse(&coordinate(i)).context("bench coordinates are valid")?;
+            let c =
+                proto::Coordinate::parse(&coordinate(i)).context("bench coordinates are valid")?;
             doc.set(c, scroll_text(i, config.scroll_bytes));
         }
         Ok(Plan {
@@ -56,13 +57,29 @@ impl Plan {
         })
     }
 
-    fn request(&self, op: Op, scroll: usize, update_body: &Bytes, insert_body: &Bytes) -> (hyper::Method, String, Bytes) {
+    fn request(
+        &self,
+        op: Op,
+        scroll: usize,
+        update_body: &Bytes,
+        insert_body: &Bytes,
+    ) -> (hyper::Method, String, Bytes) {
         let (get, post) = (hyper::Method::GET, hyper::Method::POST);
         let p = &self.phext;
         match op {
-            Op::Select => (get, format!("/api/v2/select?p={p}&c={}", coordinate(scroll)), Bytes::new()),
-            Op::Update => (post, format!("/api/v2/update?p={p}&c={}", coordinate(scroll)), update_body.clone()),
-            Op::Insert => (post, format!("/api/v2/insert?p={}&c={}", self.inserts, coordinate(scroll)), insert_body.clone()),
+            Op::Select => {
+                (get, format!("/api/v2/select?p={p}&c={}", coordinate(scroll)), Bytes::new())
+            }
+            Op::Update => (
+                post,
+                format!("/api/v2/update?p={p}&c={}", coordinate(scroll)),
+                update_body.clone(),
+            ),
+            Op::Insert => (
+                post,
+                format!("/api/v2/insert?p={}&c={}", self.inserts, coordinate(scroll)),
+                insert_body.clone(),
+            ),
             Op::Toc => (get, format!("/api/v2/toc?p={p}"), Bytes::new()),
             Op::Get => (get, format!("/api/v2/get?p={p}"), Bytes::new()),
         }
@@ -80,12 +97,17 @@ impl Tenants {
     /// The `--key` tenant, or `--tenants` new ones made through the admin API.
     pub fn obtain(config: &BenchConfig, target: &Target) -> anyhow::Result<Tenants> {
         if let Some(key) = &config.key {
-            return Ok(Tenants { auths: vec![format!("Bearer {key}")], made: Vec::new(), admin: None });
+            return Ok(Tenants {
+                auths: vec![format!("Bearer {key}")],
+                made: Vec::new(),
+                admin: None,
+            });
         }
         let Some(admin_key) = &target.admin_key else {
             bail!("bench makes its own tenants through the admin API: give --admin-key (or --dev DIR), or --key to use one tenant");
         };
-        let admin = AdminClient::new(&target.url, admin_key, target.ca.clone().unwrap_or_default())?;
+        let admin =
+            AdminClient::new(&target.url, admin_key, target.ca.clone().unwrap_or_default())?;
         let mut tenants = Tenants { auths: Vec::new(), made: Vec::new(), admin: Some(admin) };
         if let Err(e) = tenants.make(config.tenants) {
             tenants.release(config);
@@ -101,12 +123,18 @@ impl Tenants {
         for i in 0..count {
             let id = format!("bench-{run_id}-{i}");
             let answer = admin
-                .post("/api/v2/admin/tenants/add", &serde_json::json!({"tenant_id": id, "tier": "team"}))
+                .post(
+                    "/api/v2/admin/tenants/add",
+                    &serde_json::json!({"tenant_id": id, "tier": "team"}),
+                )
                 .with_context(|| format!("making tenant {id}"))?;
             self.made.push(id.clone());
             let key = answer["api_key"].as_str().context("the gateway answered no api_key")?;
             self.auths.push(format!("Bearer {key}"));
-            admin.patch(&format!("/api/v2/admin/tenants/{id}"), &serde_json::json!({"daily_limit": BENCH_DAILY_LIMIT}))?;
+            admin.patch(
+                &format!("/api/v2/admin/tenants/{id}"),
+                &serde_json::json!({"daily_limit": BENCH_DAILY_LIMIT}),
+            )?;
             bar.inc(1);
         }
         bar.finish_and_clear();
@@ -148,12 +176,16 @@ where
             .map(|w| {
                 let work = &work;
                 s.spawn(move || -> anyhow::Result<T> {
-                    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+                    let runtime =
+                        tokio::runtime::Builder::new_current_thread().enable_all().build()?;
                     Ok(runtime.block_on(work(w)))
                 })
             })
             .collect();
-        handles.into_iter().map(|h| h.join().map_err(|_| anyhow::anyhow!("a bench worker panicked"))?).collect()
+        handles
+            .into_iter()
+            .map(|h| h.join().map_err(|_| anyhow::anyhow!("a bench worker panicked"))?)
+            .collect()
     })
 }
 
@@ -165,9 +197,20 @@ pub fn prepare(plan: &Plan, tenants: &Tenants, config: &BenchConfig) -> anyhow::
         let mut conn = Conn::open(&plan.endpoint).await?;
         let mut stale = Vec::new();
         for (t, auth) in tenants.auths.iter().enumerate() {
-            let answer = conn.send(hyper::Method::GET, &format!("/api/v2/checksum?p={}", plan.phext), auth, Bytes::new()).await?;
+            let answer = conn
+                .send(
+                    hyper::Method::GET,
+                    &format!("/api/v2/checksum?p={}", plan.phext),
+                    auth,
+                    Bytes::new(),
+                )
+                .await?;
             if answer.status != 200 {
-                bail!("checksum of the bench document: {} {}", answer.status, String::from_utf8_lossy(&answer.body));
+                bail!(
+                    "checksum of the bench document: {} {}",
+                    answer.status,
+                    String::from_utf8_lossy(&answer.body)
+                );
             }
             if answer.body != expected.as_bytes() {
                 stale.push(t);
@@ -212,14 +255,18 @@ async fn prepare_worker(
         let body = Bytes::from(scroll_text(i, config.scroll_bytes));
         let mut attempts = 0;
         loop {
-            let answer = conn.send(hyper::Method::POST, &path, &tenants.auths[t], body.clone()).await?;
+            let answer =
+                conn.send(hyper::Method::POST, &path, &tenants.auths[t], body.clone()).await?;
             match answer.status {
                 200 => break,
                 429 | 503 if attempts < PREPARE_RETRIES_MAX => {
                     attempts += 1;
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
-                s => bail!("writing scroll {i} of the bench document: {s} {}", String::from_utf8_lossy(&answer.body)),
+                s => bail!(
+                    "writing scroll {i} of the bench document: {s} {}",
+                    String::from_utf8_lossy(&answer.body)
+                ),
             }
         }
         bar.inc(1);
@@ -246,7 +293,9 @@ pub fn measure(plan: &Plan, tenants: &Tenants, config: &BenchConfig) -> anyhow::
                 bar.set_message(format!("{:.0} req/s", done.load(Ordering::Relaxed) as f64 / secs));
             }
         });
-        let tallies = on_threads(config.concurrency, |w| measure_worker(w, seed, plan, tenants, config, deadline, &done));
+        let tallies = on_threads(config.concurrency, |w| {
+            measure_worker(w, seed, plan, tenants, config, deadline, &done)
+        });
         let elapsed = started.elapsed();
         let _ = ticker.join();
         (tallies, elapsed)
@@ -297,7 +346,8 @@ async fn measure_worker(
             }
             _ => Bytes::new(),
         };
-        let (method, path, body) = plan.request(op, rng.gen_range(0..config.scrolls), &update_body, &insert_body);
+        let (method, path, body) =
+            plan.request(op, rng.gen_range(0..config.scrolls), &update_body, &insert_body);
         let c = match conn.as_mut() {
             Some(c) => c,
             None => match Conn::open(&plan.endpoint).await {

@@ -2,9 +2,9 @@
 //! and stop everything when the test ends, whatever happens.
 #![allow(dead_code)]
 
+use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::collections::BTreeMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -47,13 +47,28 @@ impl DevCluster {
         let _ = std::fs::remove_file(dir.join("dev.json.ready"));
         let previous = std::fs::read(dir.join("dev.json")).ok();
         let child = Command::new(bin())
-            .args(["dev", "--nodes", &nodes.to_string(), "--data", dir.to_str().unwrap(), "--listen", listen])
+            .args([
+                "dev",
+                "--nodes",
+                &nodes.to_string(),
+                "--data",
+                dir.to_str().unwrap(),
+                "--listen",
+                listen,
+            ])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start sq-cloud dev");
-        let mut cluster = DevCluster { child: Some(child), dir: dir.to_path_buf(), json: serde_json::Value::Null, nodes, listen: listen.to_string(), _tmp: None };
+        let mut cluster = DevCluster {
+            child: Some(child),
+            dir: dir.to_path_buf(),
+            json: serde_json::Value::Null,
+            nodes,
+            listen: listen.to_string(),
+            _tmp: None,
+        };
         cluster.wait_ready(previous);
         cluster
     }
@@ -72,7 +87,8 @@ impl DevCluster {
             }
         });
         rx.recv_timeout(CLUSTER_START_TIMEOUT).expect("sq-cloud dev did not come up in time");
-        self.json = serde_json::from_slice(&std::fs::read(self.dir.join("dev.json")).unwrap()).unwrap();
+        self.json =
+            serde_json::from_slice(&std::fs::read(self.dir.join("dev.json")).unwrap()).unwrap();
     }
 
     pub fn url(&self) -> String {
@@ -89,7 +105,8 @@ impl DevCluster {
 
     /// Re-reads dev.json (pids change when the supervisor restarts a child).
     pub fn reload_json(&mut self) {
-        self.json = serde_json::from_slice(&std::fs::read(self.dir.join("dev.json")).unwrap()).unwrap();
+        self.json =
+            serde_json::from_slice(&std::fs::read(self.dir.join("dev.json")).unwrap()).unwrap();
     }
 
     /// Stops the cluster with SIGTERM, as Ctrl-C would, and waits for it.
@@ -115,7 +132,12 @@ impl DevCluster {
                 b.insert(k.clone(), v.clone());
             }
         }
-        let r = http().post(format!("{}/admin/tenants/add", self.url())).bearer_auth(self.admin_key()).json(&body).send().unwrap();
+        let r = http()
+            .post(format!("{}/admin/tenants/add", self.url()))
+            .bearer_auth(self.admin_key())
+            .json(&body)
+            .send()
+            .unwrap();
         assert!(r.status().is_success(), "add tenant {id}: {}", r.status());
         let v: serde_json::Value = r.json().unwrap();
         v["api_key"].as_str().unwrap().to_string()
@@ -145,8 +167,10 @@ pub fn run_conformance(base: &str, key: &str, cases: &serde_json::Value) -> (usi
     let mut failures = Vec::new();
     for case in cases.as_array().unwrap() {
         for (i, step) in case["steps"].as_array().unwrap().iter().enumerate() {
-            let method = reqwest::Method::from_bytes(step["method"].as_str().unwrap().as_bytes()).unwrap();
-            let mut req = client.request(method, format!("{base}{}", step["path"].as_str().unwrap()));
+            let method =
+                reqwest::Method::from_bytes(step["method"].as_str().unwrap().as_bytes()).unwrap();
+            let mut req =
+                client.request(method, format!("{base}{}", step["path"].as_str().unwrap()));
             match step["auth"].as_str().unwrap_or("bearer") {
                 "bearer" => req = req.header("Authorization", format!("Bearer {key}")),
                 "raw" => req = req.header("Authorization", key),
@@ -163,7 +187,10 @@ pub fn run_conformance(base: &str, key: &str, cases: &serde_json::Value) -> (usi
             }
             let r = req.send().unwrap();
             let status = r.status().as_u16();
-            let cors = r.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap().to_string());
+            let cors = r
+                .headers()
+                .get("access-control-allow-origin")
+                .map(|v| v.to_str().unwrap().to_string());
             let body = r.bytes().unwrap().to_vec();
             let mut why = Vec::new();
             if status as u64 != step["status"].as_u64().unwrap() {
@@ -176,7 +203,10 @@ pub fn run_conformance(base: &str, key: &str, cases: &serde_json::Value) -> (usi
             }
             if let Some(e) = step["expect_prefix"].as_str() {
                 if !body.starts_with(e.as_bytes()) {
-                    why.push(format!("body {:?} lacks prefix {e:?}", String::from_utf8_lossy(&body)));
+                    why.push(format!(
+                        "body {:?} lacks prefix {e:?}",
+                        String::from_utf8_lossy(&body)
+                    ));
                 }
             }
             if let Some(c) = step["cors"].as_str() {
@@ -197,7 +227,12 @@ pub fn run_conformance(base: &str, key: &str, cases: &serde_json::Value) -> (usi
 /// How long the handoffs of one placement change may take in all, on a loaded CI machine.
 pub const SETTLE_LIMIT: Duration = Duration::from_secs(120);
 
-pub fn admin(c: &DevCluster, method: reqwest::Method, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+pub fn admin(
+    c: &DevCluster,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
     let mut r = http().request(method, format!("{}{path}", c.url())).bearer_auth(c.admin_key());
     if let Some(b) = body {
         r = r.json(&b);
@@ -211,7 +246,10 @@ pub fn admin(c: &DevCluster, method: reqwest::Method, path: &str, body: Option<s
 pub fn start_node(c: &DevCluster, id: u64, port: u16) -> Child {
     let certs = c.dir.join("certs");
     if !certs.join(format!("node-{id}.pem")).exists() {
-        let ok = Command::new(bin()).args(["certs", "issue", "--dir", certs.to_str().unwrap(), "--node", &id.to_string()]).status().unwrap();
+        let ok = Command::new(bin())
+            .args(["certs", "issue", "--dir", certs.to_str().unwrap(), "--node", &id.to_string()])
+            .status()
+            .unwrap();
         assert!(ok.success());
     }
     let dir = c.dir.join(format!("node-{id}"));
@@ -246,7 +284,12 @@ pub fn node_counts(c: &DevCluster) -> BTreeMap<u64, (String, u64)> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|n| (n["id"].as_u64().unwrap(), (n["state"].as_str().unwrap().to_string(), n["tenants"].as_u64().unwrap())))
+        .map(|n| {
+            (
+                n["id"].as_u64().unwrap(),
+                (n["state"].as_str().unwrap().to_string(), n["tenants"].as_u64().unwrap()),
+            )
+        })
         .collect()
 }
 
@@ -256,8 +299,10 @@ pub fn settle(c: &DevCluster, what: &str) -> Duration {
         if pending_handoffs(c) == Some(0) {
             return started.elapsed();
         }
-        assert!(started.elapsed() < SETTLE_LIMIT, "{what}: handoffs still pending after {SETTLE_LIMIT:?}");
+        assert!(
+            started.elapsed() < SETTLE_LIMIT,
+            "{what}: handoffs still pending after {SETTLE_LIMIT:?}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
-

@@ -16,7 +16,11 @@ pub const PROCESS_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Polls `look` until it gives a value or `limit` passes (then the test fails naming `what`).
 /// Returns the value and how long it took.
-pub fn wait_for<T>(limit: Duration, what: &str, mut look: impl FnMut() -> Option<T>) -> (T, Duration) {
+pub fn wait_for<T>(
+    limit: Duration,
+    what: &str,
+    mut look: impl FnMut() -> Option<T>,
+) -> (T, Duration) {
     let start = Instant::now();
     loop {
         if let Some(v) = look() {
@@ -28,8 +32,18 @@ pub fn wait_for<T>(limit: Duration, what: &str, mut look: impl FnMut() -> Option
 }
 
 /// An admin request by method name; returns the status and the answer ([`crate::common::admin`]).
-pub fn admin(cluster: &DevCluster, method: &str, path: &str, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
-    crate::common::admin(cluster, reqwest::Method::from_bytes(method.as_bytes()).unwrap(), path, body)
+pub fn admin(
+    cluster: &DevCluster,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
+    crate::common::admin(
+        cluster,
+        reqwest::Method::from_bytes(method.as_bytes()).unwrap(),
+        path,
+        body,
+    )
 }
 
 /// A tenant's stats, which must be answered.
@@ -41,7 +55,11 @@ pub fn stats(cluster: &DevCluster, tenant: &str) -> serde_json::Value {
 
 /// The cluster's `/api/v2/metrics` text.
 pub fn metrics(cluster: &DevCluster) -> String {
-    let response = http().get(format!("{}/metrics", cluster.url())).bearer_auth(cluster.admin_key()).send().unwrap();
+    let response = http()
+        .get(format!("{}/metrics", cluster.url()))
+        .bearer_auth(cluster.admin_key())
+        .send()
+        .unwrap();
     assert_eq!(response.status().as_u16(), 200);
     response.text().unwrap()
 }
@@ -58,7 +76,8 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> (f64, usize) {
             None => (series, ""),
         };
         let has = |k: &str, v: &str| {
-            label_text.contains(&format!("{{{k}=\"{v}\"")) || label_text.contains(&format!(",{k}=\"{v}\""))
+            label_text.contains(&format!("{{{k}=\"{v}\""))
+                || label_text.contains(&format!(",{k}=\"{v}\""))
         };
         if series_name == name && labels.iter().all(|(k, v)| has(k, v)) {
             sum += value.parse::<f64>().unwrap_or_else(|_| panic!("bad sample {line:?}"));
@@ -75,7 +94,11 @@ pub fn node_log_lines(dir: &Path, needle: &str) -> usize {
         let path = entry.unwrap().path();
         let name = path.file_name().unwrap().to_string_lossy().to_string();
         if name.starts_with("node-") && name.ends_with(".log") {
-            n += std::fs::read_to_string(&path).unwrap_or_default().lines().filter(|l| l.contains(needle)).count();
+            n += std::fs::read_to_string(&path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(needle))
+                .count();
         }
     }
     n
@@ -96,7 +119,13 @@ impl SecondGateway {
         let config: String = std::fs::read_to_string(cluster.dir.join("gateway.toml"))
             .unwrap()
             .lines()
-            .map(|l| if l.starts_with("listen") { format!("listen = \"127.0.0.1:{port}\"\n") } else { format!("{l}\n") })
+            .map(|l| {
+                if l.starts_with("listen") {
+                    format!("listen = \"127.0.0.1:{port}\"\n")
+                } else {
+                    format!("{l}\n")
+                }
+            })
             .collect();
         let path = cluster.dir.join("gateway-2.toml");
         std::fs::write(&path, config).unwrap();
@@ -143,5 +172,7 @@ impl Drop for PausedSupervisor {
 
 /// The pid dev.json gives node `id`.
 pub fn node_pid(cluster: &DevCluster, id: u64) -> i32 {
-    cluster.json["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).unwrap()["pid"].as_i64().unwrap() as i32
+    cluster.json["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).unwrap()["pid"]
+        .as_i64()
+        .unwrap() as i32
 }

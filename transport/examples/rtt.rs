@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
-use transport::{certs, Client, ClientLimits, Handler, HandlerFuture, Identity, Peer, Role, Server, ServerLimits};
+use transport::{
+    certs, Client, ClientLimits, Handler, HandlerFuture, Identity, Peer, Role, Server, ServerLimits,
+};
 
 struct Echo;
 
@@ -58,7 +60,9 @@ fn main() {
             let (addr, shutdown) = serve(dir);
             println!("{addr}");
             std::io::stdout().flush().expect("stdout");
-            tokio::task::spawn_blocking(|| std::io::stdin().read_line(&mut String::new())).await.ok();
+            tokio::task::spawn_blocking(|| std::io::stdin().read_line(&mut String::new()))
+                .await
+                .ok();
             shutdown.cancel();
         });
     }
@@ -84,7 +88,9 @@ fn main() {
                     .spawn()
                     .expect("server process");
                 let mut line = String::new();
-                BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("address");
+                BufReader::new(child.stdout.take().expect("stdout"))
+                    .read_line(&mut line)
+                    .expect("address");
                 calls_to(line.trim().parse().expect("address"), dir.path(), calls).await;
                 drop(child.stdin.take());
                 child.wait().expect("server process ends");
@@ -128,12 +134,19 @@ fn udp_floor(calls: usize) {
 fn report(calls: usize, what: &str, mut took: Vec<Duration>) {
     took.sort();
     let at = |q: f64| took[((took.len() - 1) as f64 * q) as usize].as_micros();
-    println!("{calls} {what}, one at a time: p50 {} µs, p90 {} µs, p99 {} µs", at(0.5), at(0.9), at(0.99));
+    println!(
+        "{calls} {what}, one at a time: p50 {} µs, p90 {} µs, p99 {} µs",
+        at(0.5),
+        at(0.9),
+        at(0.99)
+    );
 }
 
 fn serve(dir: &Path) -> (SocketAddr, CancellationToken) {
     let identity = Identity::load(dir, Role::Node(1)).expect("identity");
-    let server = Server::bind(SocketAddr::from(([127, 0, 0, 1], 0)), &identity, ServerLimits::default()).expect("bind");
+    let server =
+        Server::bind(SocketAddr::from(([127, 0, 0, 1], 0)), &identity, ServerLimits::default())
+            .expect("bind");
     let addr = server.local_addr().expect("address");
     let shutdown = CancellationToken::new();
     tokio::spawn(server.run(Arc::new(Echo), shutdown.clone()));

@@ -115,9 +115,7 @@ pub fn create_ca(dir: &Path) -> Result<()> {
     }
     fs::create_dir_all(dir).map_err(|e| io_error("create", dir, e))?;
     let key = KeyPair::generate().map_err(cert_error("generate the CA key"))?;
-    let cert = ca_params()?
-        .self_signed(&key)
-        .map_err(cert_error("self-sign the CA"))?;
+    let cert = ca_params()?.self_signed(&key).map_err(cert_error("self-sign the CA"))?;
     // The key first: a crash between the two leaves no CA certificate without its key.
     write_new(&key_file, &key.serialize_pem(), KEY_FILE_MODE)?;
     write_new(&cert_file, &cert.pem(), CERT_FILE_MODE)?;
@@ -140,24 +138,15 @@ const HTTPS_COMMON_NAME: &str = "sq-cloud public https";
 /// `localhost`, `127.0.0.1` and `::1`. Keeps an existing pair, so a restart reuses it.
 pub fn issue_https(dir: &Path, name: &str) -> Result<()> {
     let plain = !name.is_empty()
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
     if !plain {
-        return Err(TransportError::Cert(format!(
-            "{name:?} is not a plain file name"
-        )));
+        return Err(TransportError::Cert(format!("{name:?} is not a plain file name")));
     }
-    let (cert_file, key_file) = (
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}.key")),
-    );
+    let (cert_file, key_file) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
     if cert_file.exists() && key_file.exists() {
         return Ok(());
     }
-    let names = ["localhost", "127.0.0.1", "::1"]
-        .map(str::to_owned)
-        .to_vec();
+    let names = ["localhost", "127.0.0.1", "::1"].map(str::to_owned).to_vec();
     let mut params = CertificateParams::new(names).map_err(cert_error("HTTPS parameters"))?;
     params.distinguished_name = distinguished_name(HTTPS_COMMON_NAME);
     params.is_ca = IsCa::ExplicitNoCa;
@@ -197,9 +186,8 @@ fn sign_and_write(
         .self_signed(&ca_key)
         .map_err(cert_error("load the CA"))?;
     let key = KeyPair::generate().map_err(cert_error("generate a key"))?;
-    let cert = params
-        .signed_by(&key, &issuer, &ca_key)
-        .map_err(cert_error("sign the certificate"))?;
+    let cert =
+        params.signed_by(&key, &issuer, &ca_key).map_err(cert_error("sign the certificate"))?;
     write_new(key_file, &key.serialize_pem(), KEY_FILE_MODE)?;
     write_new(cert_file, &cert.pem(), CERT_FILE_MODE)?;
     Ok(())
@@ -240,12 +228,7 @@ impl Identity {
         crate::tls::parse_key(&key_pem)?;
         let leaf = crate::tls::parse_certs(&cert_pem)?;
         let role = role_of(&leaf[0])?;
-        Ok(Identity {
-            ca_pem,
-            cert_pem,
-            key_pem,
-            role,
-        })
+        Ok(Identity { ca_pem, cert_pem, key_pem, role })
     }
 
     /// The cluster CA certificate, PEM.
@@ -272,9 +255,7 @@ impl Identity {
 impl fmt::Debug for Identity {
     // Never print the key.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Identity")
-            .field("role", &self.role)
-            .finish_non_exhaustive()
+        f.debug_struct("Identity").field("role", &self.role).finish_non_exhaustive()
     }
 }
 
@@ -288,9 +269,7 @@ pub(crate) fn role_of(cert: &CertificateDer<'_>) -> Result<Role> {
         Some(DnValue::PrintableString(s)) => s.as_str().to_owned(),
         Some(DnValue::Ia5String(s)) => s.as_str().to_owned(),
         _ => {
-            return Err(TransportError::Cert(
-                "certificate has no readable common name".to_owned(),
-            ))
+            return Err(TransportError::Cert("certificate has no readable common name".to_owned()))
         }
     };
     Role::from_common_name(&name).ok_or_else(|| {
@@ -315,10 +294,8 @@ fn leaf_params(common_name: &str) -> Result<CertificateParams> {
     params.distinguished_name = distinguished_name(common_name);
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
+    params.extended_key_usages =
+        vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
     params.use_authority_key_identifier_extension = true;
     set_validity(&mut params, LEAF_VALIDITY_YEARS)?;
     Ok(params)
@@ -364,10 +341,7 @@ fn civil_from_days(days: i64) -> (i32, u8, u8) {
 /// exists), and the directory is fsynced.
 fn write_new(path: &Path, contents: &str, mode: u32) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp"));
     let mut file = OpenOptions::new()
         .write(true)
@@ -379,8 +353,7 @@ fn write_new(path: &Path, contents: &str, mode: u32) -> Result<()> {
     // `mode` applies only to a new file; a leftover temporary file keeps its old bits.
     file.set_permissions(fs::Permissions::from_mode(mode))
         .map_err(|e| io_error("chmod", &tmp, e))?;
-    file.write_all(contents.as_bytes())
-        .map_err(|e| io_error("write", &tmp, e))?;
+    file.write_all(contents.as_bytes()).map_err(|e| io_error("write", &tmp, e))?;
     file.sync_all().map_err(|e| io_error("fsync", &tmp, e))?;
     let linked = fs::hard_link(&tmp, path);
     let _ = fs::remove_file(&tmp);
@@ -391,9 +364,7 @@ fn write_new(path: &Path, contents: &str, mode: u32) -> Result<()> {
         )),
         _ => io_error("link", path, e),
     })?;
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| io_error("fsync", dir, e))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| io_error("fsync", dir, e))
 }
 
 fn read(path: &Path) -> Result<String> {

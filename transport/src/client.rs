@@ -101,9 +101,7 @@ impl Client {
             peers: Mutex::new(HashMap::new()),
             connections_opened: AtomicU64::new(0),
         };
-        Ok(Client {
-            inner: Arc::new(inner),
-        })
+        Ok(Client { inner: Arc::new(inner) })
     }
 
     /// Sends `request` to `addr` and returns the response payload, all within `timeout`.
@@ -145,17 +143,9 @@ impl Client {
 
     /// Drops the pooled connection to `addr`, if any (e.g. the node left the cluster).
     pub fn forget(&self, addr: SocketAddr) {
-        let slot = self
-            .inner
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .remove(&addr);
+        let slot = self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner).remove(&addr);
         // A slot that is locked is mid-connect; its connection closes when its callers drop it.
-        if let Some(conn) = slot
-            .as_ref()
-            .and_then(|s| s.try_lock().ok())
-            .and_then(|mut c| c.take())
+        if let Some(conn) = slot.as_ref().and_then(|s| s.try_lock().ok()).and_then(|mut c| c.take())
         {
             conn.close(codes::CLOSE_FORGOTTEN, b"forgotten");
         }
@@ -164,12 +154,7 @@ impl Client {
     pub fn stats(&self) -> ClientStats {
         ClientStats {
             connections_opened: self.inner.connections_opened.load(Ordering::Relaxed),
-            pooled_peers: self
-                .inner
-                .peers
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .len(),
+            pooled_peers: self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner).len(),
         }
     }
 
@@ -207,10 +192,7 @@ impl Client {
         let connecting = inner
             .endpoint
             .connect_with(inner.config.clone(), addr, SERVER_NAME)
-            .map_err(|e| TransportError::Connect {
-                addr,
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| TransportError::Connect { addr, reason: e.to_string() })?;
         let conn = tokio::time::timeout(inner.limits.connect_timeout, connecting)
             .await
             .map_err(|_| TransportError::Connect {
@@ -224,11 +206,7 @@ impl Client {
     }
 
     fn slot(&self, addr: SocketAddr) -> Result<PeerSlot> {
-        let mut peers = self
-            .inner
-            .peers
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut peers = self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(slot) = peers.get(&addr) {
             return Ok(slot.clone());
         }
@@ -247,8 +225,7 @@ impl Client {
 
 /// A slot nobody is using whose connection is gone (or was never made).
 fn is_idle_and_closed(slot: &PeerSlot) -> bool {
-    slot.try_lock()
-        .is_ok_and(|c| c.as_ref().is_none_or(|c| c.close_reason().is_some()))
+    slot.try_lock().is_ok_and(|c| c.as_ref().is_none_or(|c| c.close_reason().is_some()))
 }
 
 /// One request on one stream: write the frame, finish, read the reply frame.
@@ -261,9 +238,7 @@ async fn exchange(
         TransportError::Reset { code } => codes::refusal(code, request_len),
         other => other,
     };
-    frame::write_frame(&mut send, request)
-        .await
-        .map_err(interpret)?;
+    frame::write_frame(&mut send, request).await.map_err(interpret)?;
     // Only fails if the stream is already finished or reset; the read below reports why.
     let _ = send.finish();
     frame::read_frame(&mut recv).await.map_err(interpret)

@@ -42,19 +42,18 @@ pub(crate) fn refusal(code: u64, request_len: usize) -> TransportError {
     let version_codes =
         u64::from(STREAM_VERSION_MISMATCH_BASE)..=u64::from(STREAM_VERSION_MISMATCH_BASE + 0xff);
     match code {
-        c if c == STREAM_FRAME_TOO_LARGE.into_inner() => TransportError::FrameTooLarge {
-            len: request_len as u64,
-            limit: MAX_FRAME_BYTES as u64,
-        },
+        c if c == STREAM_FRAME_TOO_LARGE.into_inner() => {
+            TransportError::FrameTooLarge { len: request_len as u64, limit: MAX_FRAME_BYTES as u64 }
+        }
         c if c == STREAM_MALFORMED.into_inner() => TransportError::Malformed {
             reason: "the peer could not parse our request frame".to_owned(),
         },
-        c if c == STREAM_READ_TIMEOUT.into_inner() => TransportError::Timeout {
-            what: "peer reading our request",
-        },
-        c if c == STREAM_HANDLER_TIMEOUT.into_inner() => TransportError::Timeout {
-            what: "peer handling our request",
-        },
+        c if c == STREAM_READ_TIMEOUT.into_inner() => {
+            TransportError::Timeout { what: "peer reading our request" }
+        }
+        c if c == STREAM_HANDLER_TIMEOUT.into_inner() => {
+            TransportError::Timeout { what: "peer handling our request" }
+        }
         c if version_codes.contains(&c) => TransportError::VersionMismatch {
             ours: PROTOCOL_VERSION,
             // In range by the guard: at most 0xff above the base.

@@ -93,20 +93,14 @@ pub(crate) fn from_connection(error: ConnectionError) -> TransportError {
         ConnectionError::ApplicationClosed(close)
             if close.error_code == codes::CLOSE_UNKNOWN_ROLE =>
         {
-            TransportError::Refused {
-                reason: close.to_string(),
-            }
+            TransportError::Refused { reason: close.to_string() }
         }
         ConnectionError::ConnectionClosed(close)
             if u64::from(close.error_code) == codes::QUIC_CONNECTION_REFUSED =>
         {
-            TransportError::Closed {
-                reason: format!("peer at its connection limit: {close}"),
-            }
+            TransportError::Closed { reason: format!("peer at its connection limit: {close}") }
         }
-        other => TransportError::Closed {
-            reason: other.to_string(),
-        },
+        other => TransportError::Closed { reason: other.to_string() },
     }
 }
 
@@ -115,34 +109,23 @@ pub(crate) fn from_connection(error: ConnectionError) -> TransportError {
 pub(crate) fn from_handshake(addr: SocketAddr, error: ConnectionError) -> TransportError {
     match tls_failure(&error) {
         Some(reason) => TransportError::Tls { reason },
-        None => TransportError::Connect {
-            addr,
-            reason: error.to_string(),
-        },
+        None => TransportError::Connect { addr, reason: error.to_string() },
     }
 }
 
 pub(crate) fn from_read(error: ReadError) -> TransportError {
     match error {
-        ReadError::Reset(code) => TransportError::Reset {
-            code: code.into_inner(),
-        },
+        ReadError::Reset(code) => TransportError::Reset { code: code.into_inner() },
         ReadError::ConnectionLost(e) => from_connection(e),
-        other => TransportError::Closed {
-            reason: other.to_string(),
-        },
+        other => TransportError::Closed { reason: other.to_string() },
     }
 }
 
 pub(crate) fn from_write(error: WriteError) -> TransportError {
     match error {
-        WriteError::Stopped(code) => TransportError::Reset {
-            code: code.into_inner(),
-        },
+        WriteError::Stopped(code) => TransportError::Reset { code: code.into_inner() },
         WriteError::ConnectionLost(e) => from_connection(e),
-        other => TransportError::Closed {
-            reason: other.to_string(),
-        },
+        other => TransportError::Closed { reason: other.to_string() },
     }
 }
 
@@ -154,7 +137,5 @@ fn tls_failure(error: &ConnectionError) -> Option<String> {
         ConnectionError::ConnectionClosed(close) => u64::from(close.error_code),
         _ => return None,
     };
-    codes::QUIC_CRYPTO_ERRORS
-        .contains(&code)
-        .then(|| error.to_string())
+    codes::QUIC_CRYPTO_ERRORS.contains(&code).then(|| error.to_string())
 }

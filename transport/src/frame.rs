@@ -56,15 +56,10 @@ pub(crate) fn raw_header(version: u8, len: u32) -> [u8; HEADER_BYTES] {
 /// Checks a received header and returns the payload length it declares.
 pub fn parse_header(header: &[u8; HEADER_BYTES]) -> Result<usize> {
     if header[..3] != MAGIC {
-        return Err(TransportError::Malformed {
-            reason: format!("bad magic {:?}", &header[..3]),
-        });
+        return Err(TransportError::Malformed { reason: format!("bad magic {:?}", &header[..3]) });
     }
     if header[3] != PROTOCOL_VERSION {
-        return Err(TransportError::VersionMismatch {
-            ours: PROTOCOL_VERSION,
-            theirs: header[3],
-        });
+        return Err(TransportError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: header[3] });
     }
     let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
     if len > MAX_FRAME_BYTES {
@@ -94,36 +89,27 @@ pub(crate) async fn read_frame(recv: &mut RecvStream) -> Result<Bytes> {
     let mut payload = BytesMut::with_capacity(len.min(READ_CHUNK_BYTES));
     while payload.len() < len {
         let want = (len - payload.len()).min(READ_CHUNK_BYTES);
-        match recv
-            .read_chunk(want, true)
-            .await
-            .map_err(error::from_read)?
-        {
+        match recv.read_chunk(want, true).await.map_err(error::from_read)? {
             Some(chunk) => payload.extend_from_slice(&chunk.bytes),
             None => {
                 return Err(TransportError::Malformed {
-                    reason: format!(
-                        "stream ended after {} of {len} payload bytes",
-                        payload.len()
-                    ),
+                    reason: format!("stream ended after {} of {len} payload bytes", payload.len()),
                 })
             }
         }
     }
     match recv.read_chunk(1, true).await.map_err(error::from_read)? {
         None => Ok(payload.freeze()),
-        Some(_) => Err(TransportError::Malformed {
-            reason: format!("bytes after the {len}-byte frame"),
-        }),
+        Some(_) => {
+            Err(TransportError::Malformed { reason: format!("bytes after the {len}-byte frame") })
+        }
     }
 }
 
 /// Writes one frame (header, then the payload without copying it).
 pub(crate) async fn write_frame(send: &mut SendStream, payload: Bytes) -> Result<()> {
     let header = Bytes::copy_from_slice(&header(payload.len())?);
-    send.write_all_chunks(&mut [header, payload])
-        .await
-        .map_err(error::from_write)
+    send.write_all_chunks(&mut [header, payload]).await.map_err(error::from_write)
 }
 
 /// The bincode configuration of every payload: `standard()` (little-endian varints), and decoding

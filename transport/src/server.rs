@@ -90,9 +90,7 @@ impl Server {
         let connections = 1..=Semaphore::MAX_PERMITS;
         if !connections.contains(&limits.max_connections) || limits.max_streams_per_connection == 0
         {
-            return Err(TransportError::Config(format!(
-                "server limits out of range: {limits:?}"
-            )));
+            return Err(TransportError::Config(format!("server limits out of range: {limits:?}")));
         }
         let crypto = Arc::new(tls::server_crypto(identity)?);
         let mut config = quinn::ServerConfig::with_crypto(crypto);
@@ -157,14 +155,10 @@ impl Server {
             );
             connections.abort_all();
         }
-        self.endpoint
-            .close(codes::CLOSE_SHUTDOWN, b"server shutting down");
-        if tokio::time::timeout(
-            self.limits.shutdown_drain_timeout,
-            self.endpoint.wait_idle(),
-        )
-        .await
-        .is_err()
+        self.endpoint.close(codes::CLOSE_SHUTDOWN, b"server shutting down");
+        if tokio::time::timeout(self.limits.shutdown_drain_timeout, self.endpoint.wait_idle())
+            .await
+            .is_err()
         {
             warn!("connections did not finish closing in time");
         }
@@ -200,10 +194,7 @@ impl ConnectionTask {
             Ok(role) => role,
             Err(e) => {
                 warn!(%remote, "refusing peer: {e}");
-                return conn.close(
-                    codes::CLOSE_UNKNOWN_ROLE,
-                    b"certificate names no known role",
-                );
+                return conn.close(codes::CLOSE_UNKNOWN_ROLE, b"certificate names no known role");
             }
         };
         let peer = Peer { role, addr: remote };
@@ -273,11 +264,9 @@ impl StreamTask {
                 return abort(&mut send, &mut recv, codes::STREAM_HANDLER_TIMEOUT);
             }
         };
-        let written = tokio::time::timeout(
-            self.limits.response_write_timeout,
-            respond(&mut send, response),
-        )
-        .await;
+        let written =
+            tokio::time::timeout(self.limits.response_write_timeout, respond(&mut send, response))
+                .await;
         match written {
             Ok(Ok(())) => {}
             Ok(Err(e)) => debug!(peer = ?self.peer, "response not delivered: {e}"),
@@ -292,10 +281,7 @@ async fn respond(send: &mut SendStream, response: Bytes) -> Result<()> {
     if response.len() > MAX_FRAME_BYTES {
         // A handler bug, not the peer's fault. Sending just the header lets the client fail
         // with FrameTooLarge and the true length instead of a bare reset.
-        error!(
-            len = response.len(),
-            "handler returned a response over MAX_FRAME_BYTES"
-        );
+        error!(len = response.len(), "handler returned a response over MAX_FRAME_BYTES");
         let len = u32::try_from(response.len()).unwrap_or(u32::MAX);
         let header = frame::raw_header(crate::PROTOCOL_VERSION, len);
         send.write_all(&header).await.map_err(error::from_write)?;
@@ -304,9 +290,7 @@ async fn respond(send: &mut SendStream, response: Bytes) -> Result<()> {
     }
     // Only fails if the stream was already finished or reset, which we did not do.
     let _ = send.finish();
-    send.stopped().await.map_err(|e| TransportError::Closed {
-        reason: e.to_string(),
-    })?;
+    send.stopped().await.map_err(|e| TransportError::Closed { reason: e.to_string() })?;
     Ok(())
 }
 

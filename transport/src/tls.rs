@@ -38,9 +38,7 @@ pub(crate) fn parse_key(pem: &str) -> Result<PrivateKeyDer<'static>> {
 fn roots(ca_pem: &str) -> Result<Arc<RootCertStore>> {
     let mut roots = RootCertStore::empty();
     for cert in parse_certs(ca_pem)? {
-        roots
-            .add(cert)
-            .map_err(|e| TransportError::Cert(format!("CA certificate: {e}")))?;
+        roots.add(cert).map_err(|e| TransportError::Cert(format!("CA certificate: {e}")))?;
     }
     Ok(Arc::new(roots))
 }
@@ -60,10 +58,7 @@ pub(crate) fn server_crypto(identity: &Identity) -> Result<QuicServerConfig> {
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(tls_error)?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            parse_certs(identity.cert_pem())?,
-            parse_key(identity.key_pem())?,
-        )
+        .with_single_cert(parse_certs(identity.cert_pem())?, parse_key(identity.key_pem())?)
         .map_err(tls_error)?;
     config.alpn_protocols = vec![crate::ALPN.to_vec()];
     QuicServerConfig::try_from(config).map_err(|e| TransportError::Config(e.to_string()))
@@ -93,9 +88,9 @@ pub(crate) fn client_crypto(auth: ClientAuth<'_>) -> Result<QuicClientConfig> {
         .map_err(tls_error)?
         .with_root_certificates(roots(auth.ca_pem)?);
     let mut config = match auth.cert_and_key {
-        Some((cert, key)) => builder
-            .with_client_auth_cert(parse_certs(cert)?, parse_key(key)?)
-            .map_err(tls_error)?,
+        Some((cert, key)) => {
+            builder.with_client_auth_cert(parse_certs(cert)?, parse_key(key)?).map_err(tls_error)?
+        }
         None => builder.with_no_client_auth(),
     };
     config.alpn_protocols = vec![auth.alpn.to_vec()];

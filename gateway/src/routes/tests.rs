@@ -25,12 +25,20 @@ const METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
 struct AnswerAll;
 
 impl NodeClient for AnswerAll {
-    fn call(&self, _addr: SocketAddr, request: NodeRequest, _t: Duration) -> BoxFuture<'_, Result<NodeResponse, CallError>> {
+    fn call(
+        &self,
+        _addr: SocketAddr,
+        request: NodeRequest,
+        _t: Duration,
+    ) -> BoxFuture<'_, Result<NodeResponse, CallError>> {
         Box::pin(async move {
             Ok(match request {
                 NodeRequest::Sq { .. } => NodeResponse::Sq(Ok(SqResponse::text("ok"))),
                 NodeRequest::View { .. } => NodeResponse::View(Some(view())),
-                NodeRequest::Admin { .. } => NodeResponse::Admin { result: Ok(r#"{"tenant_id":"acme"}"#.into()), applied_index: 7 },
+                NodeRequest::Admin { .. } => NodeResponse::Admin {
+                    result: Ok(r#"{"tenant_id":"acme"}"#.into()),
+                    applied_index: 7,
+                },
                 NodeRequest::Metrics => NodeResponse::Metrics(String::new()),
                 other => NodeResponse::Refused(format!("{other:?}")),
             })
@@ -43,15 +51,29 @@ fn view() -> RegistryView {
         applied_index: 7,
         epoch: 1,
         admin_key_hash: Some(key_hash(ADMIN)),
-        tenants: vec![TenantView { id: "acme".into(), key_hashes: vec![key_hash(KEY)], enabled: true, owner: Some(1) }],
-        nodes: vec![NodeView { id: 1, addr: "127.0.0.1:9".into(), state: "active".into(), health: "alive".into() }],
+        tenants: vec![TenantView {
+            id: "acme".into(),
+            key_hashes: vec![key_hash(KEY)],
+            enabled: true,
+            owner: Some(1),
+        }],
+        nodes: vec![NodeView {
+            id: 1,
+            addr: "127.0.0.1:9".into(),
+            state: "active".into(),
+            health: "alive".into(),
+        }],
     }
 }
 
 fn gateway() -> Arc<Gateway> {
     let views = ViewHandle::default();
     views.replace(view());
-    Arc::new(Gateway { views, client: Arc::new(AnswerAll), seeds: vec![SocketAddr::from(([127, 0, 0, 1], 9))] })
+    Arc::new(Gateway {
+        views,
+        client: Arc::new(AnswerAll),
+        seeds: vec![SocketAddr::from(([127, 0, 0, 1], 9))],
+    })
 }
 
 fn openapi() -> serde_json::Value {
@@ -64,7 +86,11 @@ fn request_for(method: &str, path: &str, access: Access) -> Request<Body> {
     let is_node = path.starts_with("/api/v2/admin/nodes");
     let concrete = path.replace("{id}", if is_node { "1" } else { "acme" });
     let query = "?p=doc&c=1.1.1/1.1.1/1.1.1&from=1.1.1/1.1.1/1.1.1&to=1.1.1/1.1.1/1.1.2";
-    let uri = if path.starts_with("/api/v2/admin") || path == super::OPENAPI_PATH { concrete } else { format!("{concrete}{query}") };
+    let uri = if path.starts_with("/api/v2/admin") || path == super::OPENAPI_PATH {
+        concrete
+    } else {
+        format!("{concrete}{query}")
+    };
     let body = match (method, path) {
         ("POST", "/api/v2/admin/tenants/add") => r#"{"tenant_id":"fresh","tier":"pro"}"#,
         ("PATCH", _) => r#"{"quota_mb":10}"#,
@@ -90,11 +116,18 @@ fn table_matches_openapi() {
         for m in METHODS {
             if let Some(op) = item.get(m) {
                 documented.insert((m.to_uppercase(), path.clone()));
-                let route = ROUTES.iter().find(|r| r.method.eq_ignore_ascii_case(m) && r.path == path);
+                let route =
+                    ROUTES.iter().find(|r| r.method.eq_ignore_ascii_case(m) && r.path == path);
                 let Some(route) = route else { continue };
                 let schemes: Vec<&str> = op["security"]
                     .as_array()
-                    .map(|a| a.iter().flat_map(|s| s.as_object().into_iter().flat_map(|o| o.keys().map(String::as_str))).collect())
+                    .map(|a| {
+                        a.iter()
+                            .flat_map(|s| {
+                                s.as_object().into_iter().flat_map(|o| o.keys().map(String::as_str))
+                            })
+                            .collect()
+                    })
                     .unwrap_or_default();
                 let expected: &[&str] = match route.access {
                     Access::Open => &[],
@@ -105,7 +138,8 @@ fn table_matches_openapi() {
             }
         }
     }
-    let served: BTreeSet<(String, String)> = ROUTES.iter().map(|r| (r.method.to_string(), r.path.to_string())).collect();
+    let served: BTreeSet<(String, String)> =
+        ROUTES.iter().map(|r| (r.method.to_string(), r.path.to_string())).collect();
     assert_eq!(served.len(), ROUTES.len(), "no route is listed twice");
     let undocumented: Vec<_> = served.difference(&documented).collect();
     let unserved: Vec<_> = documented.difference(&served).collect();
@@ -119,8 +153,17 @@ fn table_matches_openapi() {
 async fn router_serves_exactly_the_table() {
     let gw = gateway();
     for r in ROUTES {
-        let response = router(gw.clone()).oneshot(request_for(r.method, r.path, r.access)).await.expect("infallible");
-        assert!(response.status().is_success(), "{} {} answered {}", r.method, r.path, response.status());
+        let response = router(gw.clone())
+            .oneshot(request_for(r.method, r.path, r.access))
+            .await
+            .expect("infallible");
+        assert!(
+            response.status().is_success(),
+            "{} {} answered {}",
+            r.method,
+            r.path,
+            response.status()
+        );
     }
     let absent = [
         ("GET", "/api/v2/nosuch"),
@@ -134,7 +177,10 @@ async fn router_serves_exactly_the_table() {
     ];
     for (method, path) in absent {
         let access = if path.starts_with("/api/v2/admin") { Access::Admin } else { Access::Tenant };
-        let response = router(gw.clone()).oneshot(request_for(method, path, access)).await.expect("infallible");
+        let response = router(gw.clone())
+            .oneshot(request_for(method, path, access))
+            .await
+            .expect("infallible");
         assert_eq!(response.status().as_u16(), 404, "{method} {path}");
     }
 }
@@ -142,11 +188,13 @@ async fn router_serves_exactly_the_table() {
 // Goal: the served document is the file in the repo, as JSON, with CORS, to anyone.
 #[tokio::test]
 async fn openapi_is_served_without_a_key() {
-    let request = Request::builder().uri(super::OPENAPI_PATH).body(Body::empty()).expect("a valid request");
+    let request =
+        Request::builder().uri(super::OPENAPI_PATH).body(Body::empty()).expect("a valid request");
     let response = router(gateway()).oneshot(request).await.expect("infallible");
     assert_eq!(response.status().as_u16(), 200);
     assert_eq!(response.headers()["content-type"], "application/json");
     assert_eq!(response.headers()["access-control-allow-origin"], "*");
-    let body = http_body_util::BodyExt::collect(response.into_body()).await.expect("body").to_bytes();
+    let body =
+        http_body_util::BodyExt::collect(response.into_body()).await.expect("body").to_bytes();
     assert_eq!(body, OPENAPI_JSON.as_bytes());
 }

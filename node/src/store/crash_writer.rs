@@ -19,7 +19,8 @@ use super::{RealVfs, Store, StoreConfig, StoreError, SystemClock};
 /// The phexts the writer writes.
 pub const CRASH_PHEXTS: [&str; 3] = ["crash-a", "crash-b", "crash-c"];
 /// The coordinates it writes in each phext: spread over several dimensions so breaks vary.
-pub const CRASH_COORDS: [&str; 4] = ["1.1.1/1.1.1/1.1.1", "1.1.1/1.1.1/1.1.7", "1.1.2/1.1.1/1.1.1", "3.1.1/2.1.1/1.4.2"];
+pub const CRASH_COORDS: [&str; 4] =
+    ["1.1.1/1.1.1/1.1.1", "1.1.1/1.1.1/1.1.7", "1.1.2/1.1.1/1.1.1", "3.1.1/2.1.1/1.4.2"];
 /// One slot per (phext, coordinate).
 pub const CRASH_SLOTS: usize = CRASH_PHEXTS.len() * CRASH_COORDS.len();
 
@@ -67,8 +68,10 @@ impl CrashStep {
 /// The phext and coordinate of a slot.
 pub fn crash_slot(slot: usize) -> (PhextName, Coordinate) {
     assert!(slot < CRASH_SLOTS, "slot {slot} out of range");
-    let name = PhextName::parse(CRASH_PHEXTS[slot / CRASH_COORDS.len()]).expect("crash phext names are valid");
-    let c = Coordinate::parse(CRASH_COORDS[slot % CRASH_COORDS.len()]).expect("crash coordinates are valid");
+    let name = PhextName::parse(CRASH_PHEXTS[slot / CRASH_COORDS.len()])
+        .expect("crash phext names are valid");
+    let c = Coordinate::parse(CRASH_COORDS[slot % CRASH_COORDS.len()])
+        .expect("crash coordinates are valid");
     (name, c)
 }
 
@@ -89,10 +92,14 @@ pub fn crash_step(seed: u64, slot: usize, n: u64) -> CrashStep {
     let mut state = mix(seed ^ mix(slot as u64) ^ mix(n).rotate_left(17));
     let op = if state % 3 == 0 { CrashOp::Insert } else { CrashOp::Update };
     state = mix(state);
-    let len = if n % LARGE_EVERY == 0 { 64 * 1024 + (state % (128 * 1024)) as usize } else { 16 + (state % 240) as usize };
+    let len = if n % LARGE_EVERY == 0 {
+        64 * 1024 + (state % (128 * 1024)) as usize
+    } else {
+        16 + (state % 240) as usize
+    };
     const ALPHABET: [char; 30] = [
-        'a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j', 'k', 'l', 'm', 'n', 'o', 'p', 'q', 'r', 's', 't', 'u', 'v',
-        'w', 'x', 'y', 'z', ' ', '\n', 'é', '✓',
+        'a', 'b', 'c', 'd', 'e', 'f', 'g', 'h', 'i', 'j', 'k', 'l', 'm', 'n', 'o', 'p', 'q', 'r',
+        's', 't', 'u', 'v', 'w', 'x', 'y', 'z', ' ', '\n', 'é', '✓',
     ];
     let mut text = format!("#{n}:{slot}:");
     while text.len() < len {
@@ -147,11 +154,16 @@ fn write_slots(store: &Store, tenant: &str, seed: u64, slots: &[usize]) -> Resul
         let (p, c) = crash_slot(slot);
         let scroll = store.execute(tenant, u64::MAX, &SqRequest::Select { p, c })?.body;
         let scroll = String::from_utf8_lossy(&scroll);
-        let n = crash_step_of(&scroll)
-            .ok_or_else(|| StoreError::InvalidRequest(format!("slot {slot} holds a scroll no step wrote")))?;
+        let n = crash_step_of(&scroll).ok_or_else(|| {
+            StoreError::InvalidRequest(format!("slot {slot} holds a scroll no step wrote"))
+        })?;
         done.push(n);
     }
-    let stdout_err = |e: io::Error| StoreError::Io { what: "print ack", path: PathBuf::from("<stdout>"), source: Arc::new(e) };
+    let stdout_err = |e: io::Error| StoreError::Io {
+        what: "print ack",
+        path: PathBuf::from("<stdout>"),
+        source: Arc::new(e),
+    };
     loop {
         for (i, &slot) in slots.iter().enumerate() {
             let n = done[i] + 1;

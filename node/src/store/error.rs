@@ -36,7 +36,10 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub(crate) fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> StoreError + 'a {
+    pub(crate) fn io<'a>(
+        what: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(io::Error) -> StoreError + 'a {
         move |source| StoreError::Io { what, path: path.to_path_buf(), source: Arc::new(source) }
     }
 
@@ -53,9 +56,10 @@ impl From<StoreError> for ApiError {
             }
             StoreError::InvalidRequest(detail) => ApiError::BadRequest(detail),
             // Paths stay in the node's log (the store logs every failure); clients get no paths.
-            StoreError::Io { .. } | StoreError::Busy(_) => {
-                ApiError::Unavailable { reason: "storage unavailable".into(), retry_after_s: IO_RETRY_AFTER_S }
-            }
+            StoreError::Io { .. } | StoreError::Busy(_) => ApiError::Unavailable {
+                reason: "storage unavailable".into(),
+                retry_after_s: IO_RETRY_AFTER_S,
+            },
             StoreError::Corrupt { .. } => ApiError::Internal("storage error".into()),
             StoreError::InvalidTenant(_) => ApiError::Internal("invalid tenant id".into()),
         }

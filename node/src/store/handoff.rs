@@ -52,12 +52,14 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut files = Vec::new();
-        let mut names = self.vfs.list(&paths.root).map_err(StoreError::io("list tenant dir", &paths.root))?;
+        let mut names =
+            self.vfs.list(&paths.root).map_err(StoreError::io("list tenant dir", &paths.root))?;
         names.sort();
         for name in names {
             if SUBDIRS.contains(&name.as_str()) {
                 let dir = paths.root.join(&name);
-                let mut inner = self.vfs.list(&dir).map_err(StoreError::io("list tenant dir", &dir))?;
+                let mut inner =
+                    self.vfs.list(&dir).map_err(StoreError::io("list tenant dir", &dir))?;
                 inner.sort();
                 for file in inner.into_iter().filter(|f| !f.ends_with(".tmp")) {
                     files.push(self.describe(&paths.root, &format!("{name}/{file}"))?);
@@ -72,7 +74,11 @@ impl Store {
     fn describe(&self, root: &Path, rel: &str) -> Result<HandoffFile, StoreError> {
         let path = root.join(rel);
         let bytes = self.vfs.read(&path).map_err(StoreError::io("read tenant file", &path))?;
-        Ok(HandoffFile { path: rel.to_string(), len: bytes.len() as u64, checksum: proto::doc::checksum(&bytes) })
+        Ok(HandoffFile {
+            path: rel.to_string(),
+            len: bytes.len() as u64,
+            checksum: proto::doc::checksum(&bytes),
+        })
     }
 
     /// The bytes of one listed file.
@@ -97,11 +103,18 @@ impl Store {
         for dir in [staging.clone(), staging.join("phexts"), staging.join("wal")] {
             self.vfs.create_dir(&dir).map_err(StoreError::io("create staging dir", &dir))?;
         }
-        self.vfs.sync_dir(&self.tenants_dir).map_err(StoreError::io("sync tenants dir", &self.tenants_dir))
+        self.vfs
+            .sync_dir(&self.tenants_dir)
+            .map_err(StoreError::io("sync tenants dir", &self.tenants_dir))
     }
 
     /// Writes one received file into the staging directory, durably, after checking it.
-    pub fn stage_file(&self, tenant: &str, file: &HandoffFile, bytes: &[u8]) -> Result<(), StoreError> {
+    pub fn stage_file(
+        &self,
+        tenant: &str,
+        file: &HandoffFile,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
         check_tenant_id(tenant)?;
         if !safe_relative(&file.path) {
             return Err(StoreError::InvalidRequest(format!("not a tenant file: {:?}", file.path)));
@@ -121,7 +134,8 @@ impl Store {
         check_tenant_id(tenant)?;
         let path = self.staging(tenant).join(RECEIVED_FILE);
         let mut f = self.vfs.create(&path).map_err(StoreError::io("create staged file", &path))?;
-        f.write_all(epoch.to_string().as_bytes()).map_err(StoreError::io("write staged file", &path))?;
+        f.write_all(epoch.to_string().as_bytes())
+            .map_err(StoreError::io("write staged file", &path))?;
         f.sync_data().map_err(StoreError::io("sync staged file", &path))
     }
 
@@ -152,10 +166,14 @@ impl Store {
         let replaced = self.tenants_dir.join(format!("{REPLACED_PREFIX}{tenant}"));
         self.remove_tree(&replaced)?;
         if self.vfs.exists(&root).map_err(StoreError::io("stat tenant dir", &root))? {
-            self.vfs.rename(&root, &replaced).map_err(StoreError::io("move old tenant dir", &root))?;
+            self.vfs
+                .rename(&root, &replaced)
+                .map_err(StoreError::io("move old tenant dir", &root))?;
         }
         self.vfs.rename(&staging, &root).map_err(StoreError::io("install tenant dir", &staging))?;
-        self.vfs.sync_dir(&self.tenants_dir).map_err(StoreError::io("sync tenants dir", &self.tenants_dir))?;
+        self.vfs
+            .sync_dir(&self.tenants_dir)
+            .map_err(StoreError::io("sync tenants dir", &self.tenants_dir))?;
         self.forget(tenant);
         self.remove_tree(&replaced)
     }
@@ -216,7 +234,9 @@ impl Store {
             }
         }
         self.vfs.remove_dir(root).map_err(StoreError::io("remove dir", root))?;
-        self.vfs.sync_dir(&self.tenants_dir).map_err(StoreError::io("sync tenants dir", &self.tenants_dir))
+        self.vfs
+            .sync_dir(&self.tenants_dir)
+            .map_err(StoreError::io("sync tenants dir", &self.tenants_dir))
     }
 }
 
@@ -228,8 +248,14 @@ mod tests {
     use proto::request::{parse, Method};
 
     fn store(dir: &Path) -> Store {
-        let config = super::super::StoreConfig { data_dir: dir.to_path_buf(), ..Default::default() };
-        Store::open(config, Arc::new(super::super::RealVfs), Arc::new(super::super::ManualClock::new(0))).unwrap()
+        let config =
+            super::super::StoreConfig { data_dir: dir.to_path_buf(), ..Default::default() };
+        Store::open(
+            config,
+            Arc::new(super::super::RealVfs),
+            Arc::new(super::super::ManualClock::new(0)),
+        )
+        .unwrap()
     }
 
     fn run(s: &Store, tenant: &str, q: &str) -> String {

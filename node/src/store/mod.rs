@@ -41,10 +41,11 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use crash_writer::crash_writer;
 pub use error::{StoreError, IO_RETRY_AFTER_S};
 pub use tenant::{
-    PHEXT_MEMORY_OVERHEAD_BYTES, QUOTA_WARN_PERCENT, SCROLL_MEMORY_OVERHEAD_BYTES, TENANT_MEMORY_OVERHEAD_BYTES,
+    PHEXT_MEMORY_OVERHEAD_BYTES, QUOTA_WARN_PERCENT, SCROLL_MEMORY_OVERHEAD_BYTES,
+    TENANT_MEMORY_OVERHEAD_BYTES,
 };
-pub use vfs::{RealVfs, UnsyncedVfs, Vfs, VfsFile};
 pub(crate) use vfs::create_dir_durable;
+pub use vfs::{RealVfs, UnsyncedVfs, Vfs, VfsFile};
 
 use tenant::{Edit, Tenant, TenantPaths};
 
@@ -144,9 +145,14 @@ fn check_tenant_id(id: &str) -> Result<(), StoreError> {
 impl Store {
     /// Opens the store over `config.data_dir`, creating `<data_dir>/tenants` if needed. Tenants
     /// are loaded lazily, on first use.
-    pub fn open(config: StoreConfig, vfs: Arc<dyn Vfs>, clock: Arc<dyn Clock>) -> Result<Store, StoreError> {
+    pub fn open(
+        config: StoreConfig,
+        vfs: Arc<dyn Vfs>,
+        clock: Arc<dyn Clock>,
+    ) -> Result<Store, StoreError> {
         let tenants_dir = config.data_dir.join("tenants");
-        vfs::create_dir_durable(vfs.as_ref(), &tenants_dir).map_err(StoreError::io("create dir", &tenants_dir))?;
+        vfs::create_dir_durable(vfs.as_ref(), &tenants_dir)
+            .map_err(StoreError::io("create dir", &tenants_dir))?;
         Ok(Store {
             config,
             tenants_dir,
@@ -165,13 +171,20 @@ impl Store {
 
     /// Runs one request for `tenant`, whose quota is `quota_bytes`. A write is answered only once
     /// it is durable; a read only once everything it saw is durable. Reads create nothing.
-    pub fn execute(&self, tenant: &str, quota_bytes: u64, req: &SqRequest) -> Result<SqResponse, StoreError> {
+    pub fn execute(
+        &self,
+        tenant: &str,
+        quota_bytes: u64,
+        req: &SqRequest,
+    ) -> Result<SqResponse, StoreError> {
         check_tenant_id(tenant)?;
         validate(req)?;
         let result = self.execute_valid(tenant, quota_bytes, req);
         match &result {
             Ok(_) | Err(StoreError::QuotaExceeded { .. }) => {}
-            Err(e) => tracing::warn!(tenant, route = req.route(), error = %e, "store request failed"),
+            Err(e) => {
+                tracing::warn!(tenant, route = req.route(), error = %e, "store request failed")
+            }
         }
         result
     }
@@ -181,7 +194,11 @@ impl Store {
     /// read sees is durable. `None`
     /// otherwise, and for every other request: run those with [`Self::execute`], off the async
     /// threads. Selects are the hot read path and cost one scroll, so they may run inline.
-    pub fn execute_now(&self, tenant: &str, req: &SqRequest) -> Option<Result<SqResponse, StoreError>> {
+    pub fn execute_now(
+        &self,
+        tenant: &str,
+        req: &SqRequest,
+    ) -> Option<Result<SqResponse, StoreError>> {
         let (p, c) = match req {
             SqRequest::Version => return Some(Ok(SqResponse::text(SQ_API_VERSION))),
             SqRequest::Select { p, c } => (p, c),
@@ -202,7 +219,12 @@ impl Store {
         Some(Ok(SqResponse::text(body)))
     }
 
-    fn execute_valid(&self, id: &str, quota_bytes: u64, req: &SqRequest) -> Result<SqResponse, StoreError> {
+    fn execute_valid(
+        &self,
+        id: &str,
+        quota_bytes: u64,
+        req: &SqRequest,
+    ) -> Result<SqResponse, StoreError> {
         if req.phext().is_none() {
             return Ok(SqResponse::text(SQ_API_VERSION));
         }
@@ -284,7 +306,9 @@ impl Store {
     pub fn unload_idle(&self) -> usize {
         let idle_ms = u64::try_from(self.config.idle_unload_after.as_millis()).unwrap_or(u64::MAX);
         // Before the clock has run for a whole idle period, no tenant can have been idle that long.
-        let Some(cutoff) = self.clock.now_ms().checked_sub(idle_ms) else { return self.evict(None) };
+        let Some(cutoff) = self.clock.now_ms().checked_sub(idle_ms) else {
+            return self.evict(None);
+        };
         let mut unloaded = 0;
         for (id, slot) in self.all_slots() {
             match self.unload_slot(&slot, Some(cutoff)) {
@@ -328,7 +352,12 @@ impl Store {
         if let Some(slot) = self.slots.read().expect("slot map lock poisoned").get(id) {
             return slot.clone();
         }
-        self.slots.write().expect("slot map lock poisoned").entry(id.to_string()).or_default().clone()
+        self.slots
+            .write()
+            .expect("slot map lock poisoned")
+            .entry(id.to_string())
+            .or_default()
+            .clone()
     }
 
     fn all_slots(&self) -> Vec<(String, Arc<Slot>)> {
@@ -352,7 +381,13 @@ impl Store {
             self.loaded_count.fetch_sub(1, Ordering::SeqCst);
         }
         let paths = TenantPaths::new(&self.tenants_dir, id);
-        let t = recovery::load(id, paths, self.vfs.clone(), self.memory_bytes.clone(), self.clock.now_ms())?;
+        let t = recovery::load(
+            id,
+            paths,
+            self.vfs.clone(),
+            self.memory_bytes.clone(),
+            self.clock.now_ms(),
+        )?;
         let t = Arc::new(t);
         s.tenant = Some(t.clone());
         s.storage_bytes = None;
@@ -410,10 +445,13 @@ impl Store {
         }
         loaded.sort_unstable_by_key(|(last_used, _, _)| *last_used);
         let memory_target = self.config.memory_budget_bytes / 100 * EVICT_LOW_WATER_PERCENT;
-        let count_target = self.config.loaded_tenants_max.saturating_mul(EVICT_LOW_WATER_PERCENT as usize) / 100;
+        let count_target =
+            self.config.loaded_tenants_max.saturating_mul(EVICT_LOW_WATER_PERCENT as usize) / 100;
         let mut unloaded = 0;
         for (_, id, slot) in loaded {
-            if self.memory_bytes() <= memory_target && self.loaded_count.load(Ordering::SeqCst) <= count_target {
+            if self.memory_bytes() <= memory_target
+                && self.loaded_count.load(Ordering::SeqCst) <= count_target
+            {
                 break;
             }
             match self.unload_slot(&slot, None) {
@@ -442,14 +480,24 @@ fn run(t: &Tenant, quota_bytes: u64, req: &SqRequest) -> Result<Option<SqRespons
         SqRequest::Query { p, selector, limit } => {
             t.read(p, |d| SqResponse { body: ops::query(d, selector, *limit), json: true })?
         }
-        SqRequest::Insert { p, c, text } => return write(t, p, *c, Edit::Insert(text), quota_bytes),
-        SqRequest::Update { p, c, text } => return write(t, p, *c, Edit::Update(text), quota_bytes),
+        SqRequest::Insert { p, c, text } => {
+            return write(t, p, *c, Edit::Insert(text), quota_bytes)
+        }
+        SqRequest::Update { p, c, text } => {
+            return write(t, p, *c, Edit::Update(text), quota_bytes)
+        }
         SqRequest::Delete { p, c } => return write(t, p, *c, Edit::Delete, quota_bytes),
     };
     Ok(Some(response))
 }
 
-fn write(t: &Tenant, p: &PhextName, c: Coordinate, edit: Edit<'_>, quota: u64) -> Result<Option<SqResponse>, StoreError> {
+fn write(
+    t: &Tenant,
+    p: &PhextName,
+    c: Coordinate,
+    edit: Edit<'_>,
+    quota: u64,
+) -> Result<Option<SqResponse>, StoreError> {
     Ok(t.write(p, c, edit, quota)?.map(SqResponse::text))
 }
 
@@ -464,7 +512,9 @@ fn validate(req: &SqRequest) -> Result<(), StoreError> {
         }
     }
     let coord = |c: &Coordinate| {
-        Coordinate::from_components(c.components()).map(|_| ()).map_err(|e| StoreError::InvalidRequest(e.to_string()))
+        Coordinate::from_components(c.components())
+            .map(|_| ())
+            .map_err(|e| StoreError::InvalidRequest(e.to_string()))
     };
     match req {
         SqRequest::Select { c, .. } | SqRequest::Delete { c, .. } => coord(c),
@@ -478,11 +528,20 @@ fn validate(req: &SqRequest) -> Result<(), StoreError> {
             }
             Ok(())
         }
-        SqRequest::Delta { manifest, .. } if manifest.len() > DELTA_LINES_MAX => bad("delta manifest too long".into()),
+        SqRequest::Delta { manifest, .. } if manifest.len() > DELTA_LINES_MAX => {
+            bad("delta manifest too long".into())
+        }
         SqRequest::Delta { manifest, .. } => manifest.iter().try_for_each(|(c, _)| coord(c)),
-        SqRequest::Query { selector: Selector::Range { from, to }, .. } => coord(from).and_then(|_| coord(to)),
-        SqRequest::Query { selector: Selector::Set(set), .. } if set.len() > QUERY_SET_MAX => bad("query set too long".into()),
+        SqRequest::Query { selector: Selector::Range { from, to }, .. } => {
+            coord(from).and_then(|_| coord(to))
+        }
+        SqRequest::Query { selector: Selector::Set(set), .. } if set.len() > QUERY_SET_MAX => {
+            bad("query set too long".into())
+        }
         SqRequest::Query { selector: Selector::Set(set), .. } => set.iter().try_for_each(coord),
-        SqRequest::Version | SqRequest::Toc { .. } | SqRequest::Get { .. } | SqRequest::Checksum { .. } => Ok(()),
+        SqRequest::Version
+        | SqRequest::Toc { .. }
+        | SqRequest::Get { .. }
+        | SqRequest::Checksum { .. } => Ok(()),
     }
 }

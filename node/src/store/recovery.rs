@@ -67,7 +67,8 @@ fn load_phexts(vfs: &dyn Vfs, dir: &Path) -> Result<HashMap<PhextName, PhextDoc>
             tracing::warn!(path = ?path, "ignoring a file the store did not write");
             continue;
         };
-        let name = PhextName::parse(stem).map_err(|_| StoreError::corrupt(&path, "not a valid phext name"))?;
+        let name = PhextName::parse(stem)
+            .map_err(|_| StoreError::corrupt(&path, "not a valid phext name"))?;
         let bytes = vfs.read(&path).map_err(StoreError::io("read phext", &path))?;
         let doc = Doc::parse(&bytes).map_err(|e| StoreError::corrupt(&path, e.to_string()))?;
         docs.insert(name, PhextDoc { doc, applied_lsn: 0, dirty: false });
@@ -76,12 +77,18 @@ fn load_phexts(vfs: &dyn Vfs, dir: &Path) -> Result<HashMap<PhextName, PhextDoc>
 }
 
 /// Replays every segment in LSN order into `docs`. Returns the last LSN and the log's bytes.
-fn replay_log(vfs: &dyn Vfs, dir: &Path, docs: &mut HashMap<PhextName, PhextDoc>) -> Result<(u64, u64), StoreError> {
+fn replay_log(
+    vfs: &dyn Vfs,
+    dir: &Path,
+    docs: &mut HashMap<PhextName, PhextDoc>,
+) -> Result<(u64, u64), StoreError> {
     let mut starts: Vec<u64> = Vec::new();
     for file in list_or_empty(vfs, dir)? {
         match parse_segment_name(&file) {
             Some(start) => starts.push(start),
-            None => tracing::warn!(path = ?dir.join(&file), "ignoring a file the store did not write"),
+            None => {
+                tracing::warn!(path = ?dir.join(&file), "ignoring a file the store did not write")
+            }
         }
     }
     starts.sort_unstable();
@@ -93,10 +100,14 @@ fn replay_log(vfs: &dyn Vfs, dir: &Path, docs: &mut HashMap<PhextName, PhextDoc>
         if valid < bytes.len() {
             // Segments before the last were synced whole before the log rotated past them.
             if i + 1 != starts.len() {
-                return Err(StoreError::corrupt(&path, format!("bad record at byte {valid} before the last segment")));
+                return Err(StoreError::corrupt(
+                    &path,
+                    format!("bad record at byte {valid} before the last segment"),
+                ));
             }
             tracing::warn!(path = ?path, at = valid, dropped = bytes.len() - valid, "cutting a torn log tail");
-            vfs.truncate(&path, valid as u64).map_err(StoreError::io("truncate log segment", &path))?;
+            vfs.truncate(&path, valid as u64)
+                .map_err(StoreError::io("truncate log segment", &path))?;
         }
         if valid == 0 {
             vfs.remove_file(&path).map_err(StoreError::io("remove empty log segment", &path))?;
@@ -133,7 +144,8 @@ fn replay_segment(
         let expected = if at == 0 { start } else { *last_lsn + 1 };
         let follows = *last_lsn == 0 || record.lsn == *last_lsn + 1;
         if record.lsn != expected || !follows {
-            let detail = format!("record {} where {expected} was due after {}", record.lsn, *last_lsn);
+            let detail =
+                format!("record {} where {expected} was due after {}", record.lsn, *last_lsn);
             return Err(StoreError::corrupt(path, detail));
         }
         apply_record(path, &record, docs)?;
@@ -143,13 +155,21 @@ fn replay_segment(
 }
 
 /// Checks a record as a request would be checked, then applies it.
-fn apply_record(path: &Path, record: &Record<String>, docs: &mut HashMap<PhextName, PhextDoc>) -> Result<(), StoreError> {
-    let name = PhextName::parse(&record.phext).map_err(|_| StoreError::corrupt(path, "record names an invalid phext"))?;
+fn apply_record(
+    path: &Path,
+    record: &Record<String>,
+    docs: &mut HashMap<PhextName, PhextDoc>,
+) -> Result<(), StoreError> {
+    let name = PhextName::parse(&record.phext)
+        .map_err(|_| StoreError::corrupt(path, "record names an invalid phext"))?;
     let (c, text) = match &record.op {
         Op::Set { c, text } | Op::TruncateAppend { c, text, .. } => (c, text),
     };
     if Coordinate::from_components(c.components()).is_err() || contains_break(text) {
-        return Err(StoreError::corrupt(path, format!("record {} holds an invalid change", record.lsn)));
+        return Err(StoreError::corrupt(
+            path,
+            format!("record {} holds an invalid change", record.lsn),
+        ));
     }
     let d = docs.entry(name).or_default();
     apply(&mut d.doc, &record.op);

@@ -86,15 +86,18 @@ fn plan<'a>(doc: &Doc, c: Coordinate, edit: Edit<'a>) -> (String, Option<(Op<&'a
     let old_len = doc.get(&c).len();
     match edit {
         Edit::Insert(text) => {
-            let change = (!text.is_empty())
-                .then(|| (Op::TruncateAppend { c, len_before: old_len as u64, text }, old_len + text.len()));
+            let change = (!text.is_empty()).then(|| {
+                (Op::TruncateAppend { c, len_before: old_len as u64, text }, old_len + text.len())
+            });
             (ops::inserted(text.len()), change)
         }
         Edit::Update(text) => {
             let change = (doc.get(&c) != text).then_some((Op::Set { c, text }, text.len()));
             (ops::updated(text.len()), change)
         }
-        Edit::Delete => (ops::removed(old_len), (old_len > 0).then_some((Op::Set { c, text: "" }, 0))),
+        Edit::Delete => {
+            (ops::removed(old_len), (old_len > 0).then_some((Op::Set { c, text: "" }, 0)))
+        }
     }
 }
 
@@ -113,7 +116,9 @@ pub(crate) fn apply(doc: &mut Doc, op: &Op<String>) {
 
 /// Estimated memory one loaded document holds.
 pub(crate) fn doc_memory(doc: &Doc) -> u64 {
-    PHEXT_MEMORY_OVERHEAD_BYTES + doc.canonical_len() + doc.scroll_count() as u64 * SCROLL_MEMORY_OVERHEAD_BYTES
+    PHEXT_MEMORY_OVERHEAD_BYTES
+        + doc.canonical_len()
+        + doc.scroll_count() as u64 * SCROLL_MEMORY_OVERHEAD_BYTES
 }
 
 type Entry = Arc<RwLock<PhextDoc>>;
@@ -156,7 +161,8 @@ impl Tenant {
         now_ms: u64,
     ) -> Tenant {
         let used: u64 = docs.values().map(|d| d.doc.canonical_len()).sum();
-        let memory = TENANT_MEMORY_OVERHEAD_BYTES + docs.values().map(|d| doc_memory(&d.doc)).sum::<u64>();
+        let memory =
+            TENANT_MEMORY_OVERHEAD_BYTES + docs.values().map(|d| doc_memory(&d.doc)).sum::<u64>();
         store_memory.fetch_add(memory, Ordering::SeqCst);
         let phexts = docs.into_iter().map(|(n, d)| (n, Arc::new(RwLock::new(d)))).collect();
         Tenant {
@@ -211,7 +217,11 @@ impl Tenant {
 
     /// Runs `f` on the phext (an empty document if it does not exist) and returns its result once
     /// every change `f` saw is durable. Creates nothing.
-    pub(crate) fn read<R>(&self, p: &PhextName, f: impl FnOnce(&Doc) -> R) -> Result<R, StoreError> {
+    pub(crate) fn read<R>(
+        &self,
+        p: &PhextName,
+        f: impl FnOnce(&Doc) -> R,
+    ) -> Result<R, StoreError> {
         let Some(entry) = self.entry(p) else { return Ok(f(&Doc::new())) };
         let d = read_lock(&entry);
         let out = f(&d.doc);
@@ -298,7 +308,11 @@ impl Tenant {
             // The scroll holds exactly `len_before` bytes under this lock, so no cut is needed.
             Op::TruncateAppend { c, text, .. } => d.doc.append(c, text),
         }
-        assert_eq!(d.doc.canonical_len(), after, "canonical_len_after disagrees with the applied change");
+        assert_eq!(
+            d.doc.canonical_len(),
+            after,
+            "canonical_len_after disagrees with the applied change"
+        );
         d.applied_lsn = lsn;
         d.dirty = true;
         if after < before {
@@ -321,7 +335,8 @@ impl Tenant {
                     quota_bytes,
                 });
             }
-            match self.used_bytes.compare_exchange(used, after, Ordering::SeqCst, Ordering::SeqCst) {
+            match self.used_bytes.compare_exchange(used, after, Ordering::SeqCst, Ordering::SeqCst)
+            {
                 Ok(_) => {
                     if after.saturating_mul(100) >= quota_bytes.saturating_mul(QUOTA_WARN_PERCENT) {
                         tracing::warn!(tenant = %self.id, used_bytes = after, quota_bytes, "tenant at or over 90% of its quota");
@@ -411,7 +426,8 @@ impl Tenant {
         let rotated_at = self.wal.rotate();
         if !dirty.is_empty() {
             let dir = &self.paths.phexts;
-            create_dir_durable(self.vfs.as_ref(), dir).map_err(StoreError::io("create phexts dir", dir))?;
+            create_dir_durable(self.vfs.as_ref(), dir)
+                .map_err(StoreError::io("create phexts dir", dir))?;
             for (name, entry) in &dirty {
                 let bytes = {
                     let d = read_lock(entry);
@@ -433,12 +449,15 @@ impl Tenant {
         let path = self.paths.phexts.join(name.file_name());
         let Some(bytes) = bytes else {
             return match self.vfs.remove_file(&path) {
-                Err(e) if e.kind() != io::ErrorKind::NotFound => Err(StoreError::io("remove phext", &path)(e)),
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    Err(StoreError::io("remove phext", &path)(e))
+                }
                 _ => Ok(()),
             };
         };
         let temp = self.paths.phexts.join(format!("{}{TEMP_SUFFIX}", name.file_name()));
-        let mut file = self.vfs.create(&temp).map_err(StoreError::io("create temp phext", &temp))?;
+        let mut file =
+            self.vfs.create(&temp).map_err(StoreError::io("create temp phext", &temp))?;
         file.write_all(&bytes).map_err(StoreError::io("write temp phext", &temp))?;
         file.sync_data().map_err(StoreError::io("sync temp phext", &temp))?;
         drop(file);
@@ -453,7 +472,8 @@ impl Tenant {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             other => other.map_err(StoreError::io("list log dir", dir))?,
         };
-        let mut old: Vec<u64> = names.iter().filter_map(|n| parse_segment_name(n)).filter(|&s| s < lsn).collect();
+        let mut old: Vec<u64> =
+            names.iter().filter_map(|n| parse_segment_name(n)).filter(|&s| s < lsn).collect();
         old.sort_unstable();
         for start in old {
             let path = dir.join(super::wal::segment_name(start));

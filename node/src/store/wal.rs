@@ -68,9 +68,13 @@ pub(crate) fn encode_record(out: &mut Vec<u8>, record: &Record<&str>) -> usize {
     let start = out.len();
     out.extend_from_slice(&[0; RECORD_HEADER_BYTES]);
     // Serialising integers and strings into a Vec cannot fail.
-    bincode::serde::encode_into_std_write(record, out, encode_config()).expect("a record encodes into memory");
+    bincode::serde::encode_into_std_write(record, out, encode_config())
+        .expect("a record encodes into memory");
     let payload_len = out.len() - start - RECORD_HEADER_BYTES;
-    assert!(payload_len <= RECORD_PAYLOAD_MAX_BYTES, "record of {payload_len} bytes: request validation let it through");
+    assert!(
+        payload_len <= RECORD_PAYLOAD_MAX_BYTES,
+        "record of {payload_len} bytes: request validation let it through"
+    );
     let crc = crc32c::crc32c(&out[start + RECORD_HEADER_BYTES..]);
     out[start..start + 4].copy_from_slice(&(payload_len as u32).to_le_bytes());
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
@@ -94,7 +98,9 @@ pub(crate) fn decode_next(buf: &[u8], path: &Path) -> Result<Next, StoreError> {
     if buf.is_empty() {
         return Ok(Next::End);
     }
-    let Some(header) = buf.get(..RECORD_HEADER_BYTES) else { return Ok(Next::Torn("short header")) };
+    let Some(header) = buf.get(..RECORD_HEADER_BYTES) else {
+        return Ok(Next::Torn("short header"));
+    };
     let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
     // A zero-filled tail (space the file system allocated but never wrote) reads as an empty
@@ -109,7 +115,9 @@ pub(crate) fn decode_next(buf: &[u8], path: &Path) -> Result<Next, StoreError> {
         return Ok(Next::Torn("bad checksum"));
     }
     match bincode::serde::decode_from_slice::<Record<String>, _>(payload, decode_config()) {
-        Ok((record, used)) if used == len => Ok(Next::Record { record, len: RECORD_HEADER_BYTES + len }),
+        Ok((record, used)) if used == len => {
+            Ok(Next::Record { record, len: RECORD_HEADER_BYTES + len })
+        }
         Ok(_) => Err(StoreError::corrupt(path, "record has trailing bytes")),
         Err(e) => Err(StoreError::corrupt(path, format!("record does not decode: {e}"))),
     }
@@ -210,10 +218,16 @@ impl Wal {
                 return Err(e.clone());
             }
             if st.flushing {
-                st = self.synced.wait(st).expect("wal lock poisoned: a thread panicked while holding it");
+                st = self
+                    .synced
+                    .wait(st)
+                    .expect("wal lock poisoned: a thread panicked while holding it");
                 continue;
             }
-            assert!(lsn < st.next_lsn && !st.pending.is_empty(), "lsn {lsn} is neither synced nor pending");
+            assert!(
+                lsn < st.next_lsn && !st.pending.is_empty(),
+                "lsn {lsn} is neither synced nor pending"
+            );
             st.flushing = true;
             let batch = mem::take(&mut st.pending);
             let (first, last) = (st.pending_first_lsn, st.next_lsn - 1);
@@ -254,9 +268,11 @@ impl Wal {
     /// Creates the segment whose first record is `first_lsn`, and the directories above it,
     /// durably: a synced record in a file whose directory entry is lost would be lost too.
     fn open_segment(&self, first_lsn: u64) -> Result<(PathBuf, Box<dyn VfsFile>), StoreError> {
-        create_dir_durable(self.vfs.as_ref(), &self.dir).map_err(StoreError::io("create log dir", &self.dir))?;
+        create_dir_durable(self.vfs.as_ref(), &self.dir)
+            .map_err(StoreError::io("create log dir", &self.dir))?;
         let path = self.dir.join(segment_name(first_lsn));
-        let file = self.vfs.create_new(&path).map_err(StoreError::io("create log segment", &path))?;
+        let file =
+            self.vfs.create_new(&path).map_err(StoreError::io("create log segment", &path))?;
         self.vfs.sync_dir(&self.dir).map_err(StoreError::io("sync log dir", &self.dir))?;
         Ok((path, file))
     }
@@ -304,14 +320,22 @@ mod tests {
         let c = Coordinate::ORIGIN;
         let records = [
             Record { lsn: 7, phext: "a", op: Op::Set { c, text: "hello" } },
-            Record { lsn: 8, phext: "b", op: Op::TruncateAppend { c, len_before: 5, text: " wörld" } },
+            Record {
+                lsn: 8,
+                phext: "b",
+                op: Op::TruncateAppend { c, len_before: 5, text: " wörld" },
+            },
             Record { lsn: 9, phext: "a", op: Op::Set { c, text: "" } },
         ];
         let mut log = Vec::new();
-        let ends: Vec<usize> = records.iter().map(|r| encode_record(&mut log, r)).scan(0, |at, n| {
-            *at += n;
-            Some(*at)
-        }).collect();
+        let ends: Vec<usize> = records
+            .iter()
+            .map(|r| encode_record(&mut log, r))
+            .scan(0, |at, n| {
+                *at += n;
+                Some(*at)
+            })
+            .collect();
         let path = Path::new("test.log");
         for cut in 0..=log.len() {
             let (mut at, mut seen) = (0, 0);

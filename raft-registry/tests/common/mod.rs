@@ -52,12 +52,10 @@ impl MemNet {
             return Err(format!("partitioned: {from} -> {target}"));
         }
         drop(cut);
-        let target = self.aliases.lock().map_err(|e| e.to_string())?.get(&target).copied().unwrap_or(target);
+        let target =
+            self.aliases.lock().map_err(|e| e.to_string())?.get(&target).copied().unwrap_or(target);
         let nodes = self.nodes.lock().map_err(|e| e.to_string())?;
-        nodes
-            .get(&target)
-            .and_then(Weak::upgrade)
-            .ok_or_else(|| format!("node {target} is down"))
+        nodes.get(&target).and_then(Weak::upgrade).ok_or_else(|| format!("node {target} is down"))
     }
 
     /// Sends whatever is meant for `id` to node `to` instead.
@@ -99,12 +97,7 @@ pub fn addr(id: u64) -> String {
 
 pub fn add_tenant(id: &str) -> Command {
     let hash = key_hash(&format!("pmb-v1-key-of-{id}"));
-    Command::AddTenant(TenantRecord::new(
-        id.to_string(),
-        Tier::Free,
-        hash,
-        1_700_000_000_000,
-    ))
+    Command::AddTenant(TenantRecord::new(id.to_string(), Tier::Free, hash, 1_700_000_000_000))
 }
 
 /// A cluster of registries, each in its own directory under one temp root.
@@ -131,17 +124,10 @@ impl Cluster {
 
     /// Opens node `id` from its directory and connects it to the network.
     pub async fn start(&mut self, id: u64) -> anyhow::Result<Arc<Registry>> {
-        let transport = Arc::new(MemTransport {
-            from: id,
-            net: self.net.clone(),
-        });
+        let transport = Arc::new(MemTransport { from: id, net: self.net.clone() });
         let reg =
             Arc::new(Registry::open(&self.dir(id), id, self.config.clone(), transport).await?);
-        self.net
-            .nodes
-            .lock()
-            .expect("test mutex")
-            .insert(id, Arc::downgrade(&reg));
+        self.net.nodes.lock().expect("test mutex").insert(id, Arc::downgrade(&reg));
         self.nodes.insert(id, reg.clone());
         Ok(reg)
     }
@@ -156,10 +142,7 @@ impl Cluster {
     }
 
     pub fn node(&self, id: u64) -> anyhow::Result<Arc<Registry>> {
-        self.nodes
-            .get(&id)
-            .cloned()
-            .with_context(|| format!("node {id} is not running"))
+        self.nodes.get(&id).cloned().with_context(|| format!("node {id} is not running"))
     }
 
     /// Starts node 1 and bootstraps a one-node cluster.
@@ -181,15 +164,9 @@ impl Cluster {
     /// term (a deposed leader cut off by a partition may still believe it leads, in an old term).
     pub async fn leader(&self, excluded: &[u64]) -> anyhow::Result<u64> {
         poll("a leader", || {
-            let statuses = self
-                .nodes
-                .iter()
-                .filter(|(id, _)| !excluded.contains(id))
-                .map(|(_, r)| r.status());
-            statuses
-                .filter(|s| s.is_leader)
-                .max_by_key(|s| s.term)
-                .map(|s| s.id)
+            let statuses =
+                self.nodes.iter().filter(|(id, _)| !excluded.contains(id)).map(|(_, r)| r.status());
+            statuses.filter(|s| s.is_leader).max_by_key(|s| s.term).map(|s| s.id)
         })
         .await
     }
@@ -251,9 +228,7 @@ pub async fn applied(reg: &Registry, index: u64) -> anyhow::Result<Arc<RegistryS
 
 /// Runs a whole test body under one time limit.
 pub async fn bounded_test(body: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
-    tokio::time::timeout(TEST_LIMIT, body)
-        .await
-        .context("test exceeded its time limit")?
+    tokio::time::timeout(TEST_LIMIT, body).await.context("test exceeded its time limit")?
 }
 
 /// Time limit of one cluster test.

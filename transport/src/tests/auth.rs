@@ -6,9 +6,7 @@ use super::*;
 /// lets a client finish before the server has checked its certificate), so the test always
 /// sends a request and expects the call itself to fail.
 async fn expect_refused(client: &Client, addr: SocketAddr) -> TransportError {
-    let err = client
-        .call(addr, Bytes::from_static(b"let me in"), CALL_TIMEOUT)
-        .await;
+    let err = client.call(addr, Bytes::from_static(b"let me in"), CALL_TIMEOUT).await;
     let err = err.expect_err("call must be refused");
     assert!(!err.is_unavailable(), "a refusal is not an outage: {err:?}");
     err
@@ -73,10 +71,8 @@ async fn certificate_naming_no_role_is_refused() {
     bounded(async {
         let cluster = Cluster::new();
         let server = cluster.start(Arc::new(Echo));
-        let (cert_file, key_file) = (
-            cluster.path().join("intruder.pem"),
-            cluster.path().join("intruder.key"),
-        );
+        let (cert_file, key_file) =
+            (cluster.path().join("intruder.pem"), cluster.path().join("intruder.key"));
         certs::issue_named(cluster.path(), "sq-intruder", &cert_file, &key_file).expect("issue");
         let ca = read(&cluster.path().join(certs::CA_CERT_FILE));
         let (cert, key) = (read(&cert_file), read(&key_file));
@@ -101,11 +97,7 @@ async fn peer_speaking_another_alpn_fails_at_connect() {
         let old = raw_client(&ca, Some((&cert, &key)), b"sq-cloud/0");
         let err = expect_refused(&old, server.addr).await;
         assert!(matches!(err, TransportError::Tls { .. }), "{err:?}");
-        assert_eq!(
-            old.stats().connections_opened,
-            0,
-            "the handshake itself must fail"
-        );
+        assert_eq!(old.stats().connections_opened, 0, "the handshake itself must fail");
         server.stop().await;
     })
     .await;

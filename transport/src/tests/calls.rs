@@ -14,9 +14,7 @@ async fn echo_round_trip() {
         let server = cluster.start(Arc::new(Echo));
         let client = cluster.client();
 
-        let reply = client
-            .call(server.addr, Bytes::from_static(b"hello"), CALL_TIMEOUT)
-            .await;
+        let reply = client.call(server.addr, Bytes::from_static(b"hello"), CALL_TIMEOUT).await;
         assert_eq!(reply.expect("call"), Bytes::from_static(b"hello"));
 
         let empty = client.call(server.addr, Bytes::new(), CALL_TIMEOUT).await;
@@ -27,14 +25,9 @@ async fn echo_round_trip() {
             seq: u64,
             note: String,
         }
-        let ping = Ping {
-            seq: 7,
-            note: "phext".into(),
-        };
-        let pong: Ping = client
-            .call_typed(server.addr, &ping, CALL_TIMEOUT)
-            .await
-            .expect("typed call");
+        let ping = Ping { seq: 7, note: "phext".into() };
+        let pong: Ping =
+            client.call_typed(server.addr, &ping, CALL_TIMEOUT).await.expect("typed call");
         assert_eq!(pong, ping);
         server.stop().await;
     })
@@ -47,10 +40,7 @@ async fn handler_sees_the_role_in_the_client_certificate() {
     bounded(async {
         let cluster = Cluster::new();
         let server = cluster.start(Arc::new(WhoAmI));
-        let reply = cluster
-            .client()
-            .call(server.addr, Bytes::new(), CALL_TIMEOUT)
-            .await;
+        let reply = cluster.client().call(server.addr, Bytes::new(), CALL_TIMEOUT).await;
         assert_eq!(reply.expect("call"), Bytes::from_static(b"gateway"));
 
         certs::issue(cluster.path(), Role::Node(42)).expect("issue node-42");
@@ -74,9 +64,7 @@ async fn concurrent_calls_share_one_connection() {
             let client = client.clone();
             async move {
                 let request = Bytes::from(i.to_be_bytes().to_vec());
-                let reply = client
-                    .call(server.addr, request.clone(), CALL_TIMEOUT)
-                    .await;
+                let reply = client.call(server.addr, request.clone(), CALL_TIMEOUT).await;
                 assert_eq!(reply.expect("call"), request);
             }
         });
@@ -99,36 +87,20 @@ async fn call_to_a_silent_address_fails_within_its_timeout() {
         let addr = silent.local_addr().expect("addr");
 
         let started = Instant::now();
-        let err = cluster
-            .client()
-            .call(addr, Bytes::new(), Duration::from_millis(300))
-            .await;
+        let err = cluster.client().call(addr, Bytes::new(), Duration::from_millis(300)).await;
         let err = err.expect_err("nothing answers");
         assert!(matches!(err, TransportError::Timeout { .. }), "{err:?}");
         assert!(err.is_unavailable());
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "took {:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
 
-        let limits = ClientLimits {
-            connect_timeout: Duration::from_millis(300),
-            ..ClientLimits::default()
-        };
+        let limits =
+            ClientLimits { connect_timeout: Duration::from_millis(300), ..ClientLimits::default() };
         let client = Client::new(&cluster.identity(Role::Gateway), limits).expect("client");
         let started = Instant::now();
-        let err = client
-            .call(addr, Bytes::new(), CALL_TIMEOUT)
-            .await
-            .expect_err("nothing answers");
+        let err = client.call(addr, Bytes::new(), CALL_TIMEOUT).await.expect_err("nothing answers");
         assert!(matches!(err, TransportError::Connect { .. }), "{err:?}");
         assert!(err.is_unavailable());
-        assert!(
-            started.elapsed() < Duration::from_secs(3),
-            "took {:?}",
-            started.elapsed()
-        );
+        assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
     })
     .await;
 }
@@ -142,10 +114,7 @@ async fn client_reconnects_after_server_restart() {
         let server = cluster.start(Arc::new(Echo));
         let addr = server.addr;
         let client = cluster.client();
-        client
-            .call(addr, Bytes::from_static(b"before"), CALL_TIMEOUT)
-            .await
-            .expect("call");
+        client.call(addr, Bytes::from_static(b"before"), CALL_TIMEOUT).await.expect("call");
         let (pooled, _) = client.connection(addr).await.expect("pooled connection");
 
         server.stop().await;
@@ -153,13 +122,8 @@ async fn client_reconnects_after_server_restart() {
         pooled.closed().await;
         let restarted = restart_on(&cluster, addr).await;
 
-        let reply = client
-            .call(addr, Bytes::from_static(b"after"), CALL_TIMEOUT)
-            .await;
-        assert_eq!(
-            reply.expect("call after restart"),
-            Bytes::from_static(b"after")
-        );
+        let reply = client.call(addr, Bytes::from_static(b"after"), CALL_TIMEOUT).await;
+        assert_eq!(reply.expect("call after restart"), Bytes::from_static(b"after"));
         assert_eq!(client.stats().connections_opened, 2);
         restarted.stop().await;
     })
@@ -188,16 +152,10 @@ async fn forget_drops_the_pooled_connection() {
         let cluster = Cluster::new();
         let server = cluster.start(Arc::new(Echo));
         let client = cluster.client();
-        client
-            .call(server.addr, Bytes::new(), CALL_TIMEOUT)
-            .await
-            .expect("call");
+        client.call(server.addr, Bytes::new(), CALL_TIMEOUT).await.expect("call");
         client.forget(server.addr);
         assert_eq!(client.stats().pooled_peers, 0);
-        client
-            .call(server.addr, Bytes::new(), CALL_TIMEOUT)
-            .await
-            .expect("call after forget");
+        client.call(server.addr, Bytes::new(), CALL_TIMEOUT).await.expect("call after forget");
         assert_eq!(client.stats().connections_opened, 2);
         server.stop().await;
     })
@@ -230,17 +188,12 @@ async fn shutdown_lets_in_flight_requests_finish() {
         let cluster = Cluster::new();
         let (arrived_tx, mut arrived) = mpsc::channel(1);
         let (release, release_rx) = oneshot::channel();
-        let gate = Gate {
-            arrived: arrived_tx,
-            release: Mutex::new(Some(release_rx)),
-        };
+        let gate = Gate { arrived: arrived_tx, release: Mutex::new(Some(release_rx)) };
         let server = cluster.start(Arc::new(gate));
         let client = cluster.client();
         let addr = server.addr;
         let call = tokio::spawn(async move {
-            client
-                .call(addr, Bytes::from_static(b"slow"), CALL_TIMEOUT)
-                .await
+            client.call(addr, Bytes::from_static(b"slow"), CALL_TIMEOUT).await
         });
 
         arrived.recv().await.expect("request arrived");
@@ -258,33 +211,17 @@ async fn server_refuses_connections_beyond_its_limit() {
     // Goal: with max_connections = 1, a second peer is refused while the first is served.
     bounded(async {
         let cluster = Cluster::new();
-        let limits = ServerLimits {
-            max_connections: 1,
-            ..ServerLimits::default()
-        };
-        let server = start_at(
-            &cluster.identity(Role::Node(1)),
-            localhost(),
-            limits,
-            Arc::new(Echo),
-        )
-        .expect("start");
+        let limits = ServerLimits { max_connections: 1, ..ServerLimits::default() };
+        let server =
+            start_at(&cluster.identity(Role::Node(1)), localhost(), limits, Arc::new(Echo))
+                .expect("start");
         let first = cluster.client();
-        first
-            .call(server.addr, Bytes::new(), CALL_TIMEOUT)
-            .await
-            .expect("first peer");
+        first.call(server.addr, Bytes::new(), CALL_TIMEOUT).await.expect("first peer");
 
-        let err = cluster
-            .client()
-            .call(server.addr, Bytes::new(), CALL_TIMEOUT)
-            .await;
+        let err = cluster.client().call(server.addr, Bytes::new(), CALL_TIMEOUT).await;
         let err = err.expect_err("second peer refused");
         assert!(matches!(err, TransportError::Connect { .. }), "{err:?}");
-        first
-            .call(server.addr, Bytes::new(), CALL_TIMEOUT)
-            .await
-            .expect("first peer still served");
+        first.call(server.addr, Bytes::new(), CALL_TIMEOUT).await.expect("first peer still served");
         server.stop().await;
     })
     .await;
@@ -307,8 +244,14 @@ async fn streams_close_cleanly_without_stop_sending() {
             client.call(server.addr, payload.clone(), CALL_TIMEOUT).await.expect("call");
         }
         let after = conn.stats();
-        assert_eq!(after.frame_tx.stop_sending, 0, "the client stopped a stream it had not read to the end");
-        assert_eq!(after.frame_rx.stop_sending, 0, "the server stopped a stream it had not read to the end");
+        assert_eq!(
+            after.frame_tx.stop_sending, 0,
+            "the client stopped a stream it had not read to the end"
+        );
+        assert_eq!(
+            after.frame_rx.stop_sending, 0,
+            "the server stopped a stream it had not read to the end"
+        );
         let sent = after.udp_tx.datagrams - before.udp_tx.datagrams;
         assert!(sent < CALLS * 3 / 2, "{sent} datagrams sent for {CALLS} calls");
         server.stop().await;

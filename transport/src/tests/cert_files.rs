@@ -6,18 +6,8 @@ use super::*;
 #[test]
 fn role_names_round_trip_and_nothing_else_parses() {
     // Goal: every role has one common name, and only those names parse back to a role.
-    for role in [
-        Role::Node(0),
-        Role::Node(7),
-        Role::Node(u64::MAX),
-        Role::Gateway,
-        Role::Admin,
-    ] {
-        assert_eq!(
-            Role::from_common_name(&role.common_name()),
-            Some(role),
-            "{role}"
-        );
+    for role in [Role::Node(0), Role::Node(7), Role::Node(u64::MAX), Role::Gateway, Role::Admin] {
+        assert_eq!(Role::from_common_name(&role.common_name()), Some(role), "{role}");
     }
     assert_eq!(Role::Node(7).common_name(), "sq-node-7");
     assert_eq!(Role::Node(7).file_stem(), "node-7");
@@ -61,18 +51,9 @@ fn ca_and_certificates_are_written_once_with_private_keys() {
         assert_eq!(meta.permissions().mode() & 0o777, mode, "{file}");
     }
     let ca_before = fs::read(dir.path().join("ca.pem")).expect("read");
-    assert!(matches!(
-        certs::create_ca(dir.path()),
-        Err(TransportError::Cert(_))
-    ));
-    assert!(matches!(
-        certs::issue(dir.path(), Role::Node(3)),
-        Err(TransportError::Cert(_))
-    ));
-    assert_eq!(
-        fs::read(dir.path().join("ca.pem")).expect("read"),
-        ca_before
-    );
+    assert!(matches!(certs::create_ca(dir.path()), Err(TransportError::Cert(_))));
+    assert!(matches!(certs::issue(dir.path(), Role::Node(3)), Err(TransportError::Cert(_))));
+    assert_eq!(fs::read(dir.path().join("ca.pem")).expect("read"), ca_before);
     let leftovers: Vec<_> = fs::read_dir(dir.path())
         .expect("list")
         .filter_map(|e| e.ok())
@@ -88,10 +69,7 @@ fn identity_load_checks_the_certificate_is_the_roles() {
     let cluster = Cluster::new();
     let node = Identity::load(cluster.path(), Role::Node(1)).expect("load");
     assert_eq!(node.role(), Role::Node(1));
-    assert!(
-        !format!("{node:?}").contains("PRIVATE KEY"),
-        "Debug must not print the key"
-    );
+    assert!(!format!("{node:?}").contains("PRIVATE KEY"), "Debug must not print the key");
 
     fs::copy(
         certs::cert_path(cluster.path(), Role::Gateway),
@@ -103,14 +81,8 @@ fn identity_load_checks_the_certificate_is_the_roles() {
         certs::key_path(cluster.path(), Role::Node(2)),
     )
     .expect("copy");
-    assert!(matches!(
-        Identity::load(cluster.path(), Role::Node(2)),
-        Err(TransportError::Cert(_))
-    ));
-    assert!(matches!(
-        Identity::load(cluster.path(), Role::Admin),
-        Err(TransportError::Cert(_))
-    ));
+    assert!(matches!(Identity::load(cluster.path(), Role::Node(2)), Err(TransportError::Cert(_))));
+    assert!(matches!(Identity::load(cluster.path(), Role::Admin), Err(TransportError::Cert(_))));
     assert!(matches!(
         Identity::from_pem("junk".into(), node.cert_pem().into(), node.key_pem().into()),
         Err(TransportError::Cert(_))

@@ -44,23 +44,14 @@ fn payloads_round_trip_and_trailing_bytes_are_refused() {
         Put { key: String, value: Vec<u8> },
         Ack(u64),
     }
-    let msg = Msg::Put {
-        key: "1.1.1/1.1.1/1.1.1".into(),
-        value: vec![0, 1, 2],
-    };
+    let msg = Msg::Put { key: "1.1.1/1.1.1/1.1.1".into(), value: vec![0, 1, 2] };
     let bytes = encode(&msg).expect("encode");
     assert_eq!(decode::<Msg>(&bytes).expect("decode"), msg);
 
     let mut longer = bytes.clone();
     longer.push(0);
-    assert!(matches!(
-        decode::<Msg>(&longer),
-        Err(TransportError::Decode(_))
-    ));
-    assert!(matches!(
-        decode::<Msg>(&bytes[..bytes.len() - 1]),
-        Err(TransportError::Decode(_))
-    ));
+    assert!(matches!(decode::<Msg>(&longer), Err(TransportError::Decode(_))));
+    assert!(matches!(decode::<Msg>(&bytes[..bytes.len() - 1]), Err(TransportError::Decode(_))));
     assert!(matches!(decode::<Msg>(&[]), Err(TransportError::Decode(_))));
 }
 
@@ -71,14 +62,8 @@ async fn oversized_request_is_refused_before_sending() {
         let cluster = Cluster::new();
         let client = cluster.client();
         let big = Bytes::from(vec![0u8; MAX_FRAME_BYTES + 1]);
-        let err = client
-            .call(localhost(), big, CALL_TIMEOUT)
-            .await
-            .expect_err("too large");
-        assert!(
-            matches!(err, TransportError::FrameTooLarge { .. }),
-            "{err:?}"
-        );
+        let err = client.call(localhost(), big, CALL_TIMEOUT).await.expect_err("too large");
+        assert!(matches!(err, TransportError::FrameTooLarge { .. }), "{err:?}");
         assert_eq!(client.stats().connections_opened, 0);
     })
     .await;
@@ -96,10 +81,7 @@ async fn server_refuses_a_frame_declared_over_the_limit() {
         let err = raw_call(&client, server.addr, &header, MAX_FRAME_BYTES + 1)
             .await
             .expect_err("refused");
-        assert!(
-            matches!(err, TransportError::FrameTooLarge { .. }),
-            "{err:?}"
-        );
+        assert!(matches!(err, TransportError::FrameTooLarge { .. }), "{err:?}");
         // The refusal costs the stream, not the connection.
         client
             .call(server.addr, Bytes::new(), CALL_TIMEOUT)
@@ -138,10 +120,7 @@ async fn server_refuses_a_frame_without_magic() {
         let cluster = Cluster::new();
         let server = cluster.start(Arc::new(Echo));
         let err = raw_call(&cluster.client(), server.addr, b"GET / HTTP/1.1\r\n", 16).await;
-        assert!(
-            matches!(err, Err(TransportError::Malformed { .. })),
-            "{err:?}"
-        );
+        assert!(matches!(err, Err(TransportError::Malformed { .. })), "{err:?}");
         server.stop().await;
     })
     .await;
@@ -177,13 +156,9 @@ async fn stalled_request_is_cut_by_the_read_timeout() {
             request_read_timeout: Duration::from_millis(200),
             ..ServerLimits::default()
         };
-        let server = start_at(
-            &cluster.identity(Role::Node(1)),
-            localhost(),
-            limits,
-            Arc::new(Echo),
-        )
-        .expect("start");
+        let server =
+            start_at(&cluster.identity(Role::Node(1)), localhost(), limits, Arc::new(Echo))
+                .expect("start");
         let header = raw_header(PROTOCOL_VERSION, 10);
         let err = raw_call_unfinished(&cluster.client(), server.addr, &header, 10)
             .await

@@ -66,13 +66,8 @@ impl Cluster {
     }
 
     fn start(&self, handler: Arc<dyn Handler>) -> Running {
-        start_at(
-            &self.identity(Role::Node(1)),
-            localhost(),
-            ServerLimits::default(),
-            handler,
-        )
-        .expect("start server")
+        start_at(&self.identity(Role::Node(1)), localhost(), ServerLimits::default(), handler)
+            .expect("start server")
     }
 }
 
@@ -119,25 +114,14 @@ fn start_at(
     let addr = server.local_addr()?;
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(server.run(handler, shutdown.clone()));
-    Ok(Running {
-        addr,
-        shutdown,
-        task,
-    })
+    Ok(Running { addr, shutdown, task })
 }
 
 /// A client presenting whatever PEM it is given, bypassing [`Identity`]'s checks, so tests can
 /// play peers a real process could never be configured as.
 fn raw_client(ca_pem: &str, cert_and_key: Option<(&str, &str)>, alpn: &[u8]) -> Client {
-    Client::with_auth(
-        ClientAuth {
-            ca_pem,
-            cert_and_key,
-            alpn,
-        },
-        ClientLimits::default(),
-    )
-    .expect("client")
+    Client::with_auth(ClientAuth { ca_pem, cert_and_key, alpn }, ClientLimits::default())
+        .expect("client")
 }
 
 /// Sends `bytes` verbatim on a new stream of `client`'s connection to `addr` (no framing) and
@@ -170,17 +154,12 @@ async fn raw_exchange(
     finish: bool,
 ) -> Result<Bytes> {
     let (conn, _) = client.connection(addr).await?;
-    let (mut send, mut recv) = conn
-        .open_bi()
-        .await
-        .map_err(crate::error::from_connection)?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(crate::error::from_connection)?;
     let interpret = |e| match e {
         TransportError::Reset { code } => codes::refusal(code, sent_len),
         other => other,
     };
-    send.write_all(bytes)
-        .await
-        .map_err(|e| interpret(crate::error::from_write(e)))?;
+    send.write_all(bytes).await.map_err(|e| interpret(crate::error::from_write(e)))?;
     if finish {
         let _ = send.finish();
     }

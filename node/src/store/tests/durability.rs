@@ -40,14 +40,16 @@ fn group_commit_concurrent_writers_all_survive() {
             .collect();
         handles.into_iter().flat_map(|h| h.join().expect("writer thread")).collect()
     });
-    let docs_before: Vec<String> = ["even", "odd"].iter().map(|p| get(&store, "acme", &format!("get?p={p}"))).collect();
+    let docs_before: Vec<String> =
+        ["even", "odd"].iter().map(|p| get(&store, "acme", &format!("get?p={p}"))).collect();
     drop(store);
     let store = open(dir.path());
     for (key, text) in &finals {
         let (p, c) = key.split_once(' ').expect("key has a space");
         assert_eq!(&get(&store, "acme", &format!("select?p={p}&c={c}")), text, "{key}");
     }
-    let docs_after: Vec<String> = ["even", "odd"].iter().map(|p| get(&store, "acme", &format!("get?p={p}"))).collect();
+    let docs_after: Vec<String> =
+        ["even", "odd"].iter().map(|p| get(&store, "acme", &format!("get?p={p}"))).collect();
     assert_eq!(docs_before, docs_after);
     assert_eq!(finals.len(), THREADS * 3);
 }
@@ -59,7 +61,10 @@ fn group_commit_concurrent_writers_all_survive() {
 fn torn_tail_is_cut_and_earlier_records_survive() {
     let tails: Vec<(&str, Vec<u8>)> = vec![
         ("partial frame", Vec::new()), // filled below with a prefix of a real record
-        ("bad checksum", [&100u32.to_le_bytes()[..], &7u32.to_le_bytes()[..], &[b'x'; 100][..]].concat()),
+        (
+            "bad checksum",
+            [&100u32.to_le_bytes()[..], &7u32.to_le_bytes()[..], &[b'x'; 100][..]].concat(),
+        ),
         ("zero fill", vec![0; 4096]),
         ("short header", vec![9, 0, 0]),
     ];
@@ -77,14 +82,26 @@ fn torn_tail_is_cut_and_earlier_records_survive() {
         if tail.is_empty() {
             tail = whole[..whole.len().min(20)].to_vec();
         }
-        OpenOptions::new().append(true).open(&segs[0]).and_then(|mut f| f.write_all(&tail)).expect("append tail");
+        OpenOptions::new()
+            .append(true)
+            .open(&segs[0])
+            .and_then(|mut f| f.write_all(&tail))
+            .expect("append tail");
 
         let store = open(dir.path());
         assert_eq!(get(&store, "acme", "select?p=doc&c=1.1.1/1.1.1/1.1.1"), "v1 more", "{what}");
         for i in 2..=5 {
-            assert_eq!(get(&store, "acme", &format!("select?p=doc&c=1.1.1/1.1.1/1.1.{i}")), format!("v{i}"), "{what}");
+            assert_eq!(
+                get(&store, "acme", &format!("select?p=doc&c=1.1.1/1.1.1/1.1.{i}")),
+                format!("v{i}"),
+                "{what}"
+            );
         }
-        assert_eq!(std::fs::read(&segs[0]).expect("segment"), whole, "{what}: the torn tail is cut");
+        assert_eq!(
+            std::fs::read(&segs[0]).expect("segment"),
+            whole,
+            "{what}: the torn tail is cut"
+        );
         get(&store, "acme", "update?p=doc&c=1.1.1/1.1.1/1.1.9&s=after");
         drop(store);
         let store = open(dir.path());
@@ -121,8 +138,10 @@ fn crash_mid_checkpoint_gives_the_right_state() {
     store.flush_all().expect("checkpoint");
     write_history(&store, 2);
     let expected = snapshot(&store);
-    let old_segments: Vec<(PathBuf, Vec<u8>)> =
-        segments(dir.path(), "acme").into_iter().map(|p| (p.clone(), std::fs::read(&p).expect("segment"))).collect();
+    let old_segments: Vec<(PathBuf, Vec<u8>)> = segments(dir.path(), "acme")
+        .into_iter()
+        .map(|p| (p.clone(), std::fs::read(&p).expect("segment")))
+        .collect();
     assert!(!old_segments.is_empty());
     store.flush_all().expect("checkpoint");
     assert!(segments(dir.path(), "acme").is_empty(), "a checkpoint empties the log");
@@ -160,8 +179,12 @@ fn checkpoint_runs_when_the_log_is_long() {
         post(&store, "acme", &format!("update?p=doc&c=1.1.1/1.1.1/1.1.{i}"), &format!("{i}{big}"));
     }
     let expected = get(&store, "acme", "get?p=doc");
-    assert!(phexts_dir(dir.path(), "acme").join("doc.phext").exists(), "a checkpoint wrote the phext");
-    let log_bytes: u64 = segments(dir.path(), "acme").iter().map(|p| p.metadata().expect("meta").len()).sum();
+    assert!(
+        phexts_dir(dir.path(), "acme").join("doc.phext").exists(),
+        "a checkpoint wrote the phext"
+    );
+    let log_bytes: u64 =
+        segments(dir.path(), "acme").iter().map(|p| p.metadata().expect("meta").len()).sum();
     assert!(log_bytes <= 2048 + 1024, "the log stays near its threshold, not {log_bytes} bytes");
     drop(store);
     let store = open_with(config, Arc::new(RealVfs), Arc::new(ManualClock::new(0)));

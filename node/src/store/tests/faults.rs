@@ -118,11 +118,18 @@ fn group_commit_batches_writers_waiting_on_a_sync() {
     *faults.hold_sync.lock().expect("hold lock") = true;
     std::thread::scope(|scope| {
         let store = &store;
-        let first = scope.spawn(move || get(store, "acme", "update?p=doc&c=1.1.1/1.1.1/1.1.2&s=first"));
-        wait_until("the first write to reach its fsync", || faults.syncs_started.load(Ordering::SeqCst) > base_syncs);
+        let first =
+            scope.spawn(move || get(store, "acme", "update?p=doc&c=1.1.1/1.1.1/1.1.2&s=first"));
+        wait_until("the first write to reach its fsync", || {
+            faults.syncs_started.load(Ordering::SeqCst) > base_syncs
+        });
         let lsn_before = tenant.last_lsn();
         let rest: Vec<_> = (3..12)
-            .map(|i| scope.spawn(move || get(store, "acme", &format!("update?p=doc&c=1.1.1/1.1.1/1.1.{i}&s=w{i}"))))
+            .map(|i| {
+                scope.spawn(move || {
+                    get(store, "acme", &format!("update?p=doc&c=1.1.1/1.1.1/1.1.{i}&s=w{i}"))
+                })
+            })
             .collect();
         wait_until("nine more writes to be appended", || tenant.last_lsn() == lsn_before + 9);
         *faults.hold_sync.lock().expect("hold lock") = false;
@@ -132,11 +139,18 @@ fn group_commit_batches_writers_waiting_on_a_sync() {
             assert!(handle.join().expect("writer").starts_with("Updated"));
         }
     });
-    assert_eq!(faults.syncs_started.load(Ordering::SeqCst), base_syncs + 2, "one sync for the held write, one for the batch");
+    assert_eq!(
+        faults.syncs_started.load(Ordering::SeqCst),
+        base_syncs + 2,
+        "one sync for the held write, one for the batch"
+    );
     drop(store);
     let store = open(dir.path());
     for i in 3..12 {
-        assert_eq!(get(&store, "acme", &format!("select?p=doc&c=1.1.1/1.1.1/1.1.{i}")), format!("w{i}"));
+        assert_eq!(
+            get(&store, "acme", &format!("select?p=doc&c=1.1.1/1.1.1/1.1.{i}")),
+            format!("w{i}")
+        );
     }
 }
 
@@ -171,7 +185,8 @@ fn inline_select_never_waits_and_never_sees_undurable_data() {
     let dir = tempfile::tempdir().expect("temp dir");
     let (store, faults) = faulty_store(dir.path());
     let select = parse(Method::Get, "select", "p=doc&c=1.1.1/1.1.1/1.1.1", b"").expect("parses");
-    let update = parse(Method::Get, "update", "p=doc&c=1.1.1/1.1.1/1.1.1&s=x", b"").expect("parses");
+    let update =
+        parse(Method::Get, "update", "p=doc&c=1.1.1/1.1.1/1.1.1&s=x", b"").expect("parses");
     assert!(store.execute_now("acme", &select).is_none(), "not loaded: the blocking path loads it");
     assert!(store.loaded_tenants().is_empty(), "an inline read loads nothing");
     get(&store, "acme", "update?p=doc&c=1.1.1/1.1.1/1.1.1&s=durable");
@@ -183,9 +198,15 @@ fn inline_select_never_waits_and_never_sees_undurable_data() {
     *faults.hold_sync.lock().expect("hold lock") = true;
     std::thread::scope(|scope| {
         let store = &store;
-        let writer = scope.spawn(move || get(store, "acme", "update?p=doc&c=1.1.1/1.1.1/1.1.1&s=pending"));
-        wait_until("the write to reach its fsync", || faults.syncs_started.load(Ordering::SeqCst) > base_syncs);
-        assert!(store.execute_now("acme", &select).is_none(), "the change is applied but not durable yet");
+        let writer =
+            scope.spawn(move || get(store, "acme", "update?p=doc&c=1.1.1/1.1.1/1.1.1&s=pending"));
+        wait_until("the write to reach its fsync", || {
+            faults.syncs_started.load(Ordering::SeqCst) > base_syncs
+        });
+        assert!(
+            store.execute_now("acme", &select).is_none(),
+            "the change is applied but not durable yet"
+        );
         *faults.hold_sync.lock().expect("hold lock") = false;
         faults.released.notify_all();
         assert_eq!(writer.join().expect("writer"), "Updated 7 bytes");

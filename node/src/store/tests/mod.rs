@@ -28,7 +28,13 @@ fn open_with(config: StoreConfig, vfs: Arc<dyn Vfs>, clock: Arc<ManualClock>) ->
 }
 
 /// Runs `GET /api/v2/<path>` (or POST with a body) for `tenant` and returns the body as text.
-fn run(store: &Store, tenant: &str, quota: u64, path: &str, body: &str) -> Result<String, StoreError> {
+fn run(
+    store: &Store,
+    tenant: &str,
+    quota: u64,
+    path: &str,
+    body: &str,
+) -> Result<String, StoreError> {
     let (route, query) = path.split_once('?').unwrap_or((path, ""));
     let method = if body.is_empty() { Method::Get } else { Method::Post };
     let request = parse(method, route, query, body.as_bytes()).expect("test requests parse");

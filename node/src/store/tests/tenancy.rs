@@ -10,14 +10,21 @@ use proto::{Coordinate, PhextName, SqRequest};
 fn quota_refusal_leaves_state_unchanged() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = open(dir.path());
-    assert_eq!(run(&store, "acme", 20, "update?p=doc&c=1.1.1/1.1.1/1.1.1&s=0123456789", "").unwrap(), "Updated 10 bytes");
+    assert_eq!(
+        run(&store, "acme", 20, "update?p=doc&c=1.1.1/1.1.1/1.1.1&s=0123456789", "").unwrap(),
+        "Updated 10 bytes"
+    );
     let doc_before = get(&store, "acme", "get?p=doc");
-    let log_before: Vec<Vec<u8>> = segments(dir.path(), "acme").iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let log_before: Vec<Vec<u8>> =
+        segments(dir.path(), "acme").iter().map(|p| std::fs::read(p).unwrap()).collect();
 
     // Scroll 2 costs one break plus its text: 1 + 10 = 11 bytes, 10 are free.
     let refused = run(&store, "acme", 20, "update?p=doc&c=1.1.1/1.1.1/1.1.2&s=abcdefghij", "");
     assert!(
-        matches!(refused, Err(StoreError::QuotaExceeded { needed_bytes: 11, free_bytes: 10, quota_bytes: 20 })),
+        matches!(
+            refused,
+            Err(StoreError::QuotaExceeded { needed_bytes: 11, free_bytes: 10, quota_bytes: 20 })
+        ),
         "{refused:?}"
     );
     let refused = run(&store, "acme", 20, "insert?p=other&c=1.1.1/1.1.1/1.1.1&s=abcdefghijk", "");
@@ -25,13 +32,20 @@ fn quota_refusal_leaves_state_unchanged() {
     assert_eq!(get(&store, "acme", "get?p=doc"), doc_before);
     assert_eq!(get(&store, "acme", "get?p=other"), "");
     assert_eq!(store.storage_bytes("acme").unwrap(), 10);
-    let log_after: Vec<Vec<u8>> = segments(dir.path(), "acme").iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let log_after: Vec<Vec<u8>> =
+        segments(dir.path(), "acme").iter().map(|p| std::fs::read(p).unwrap()).collect();
     assert_eq!(log_before, log_after, "nothing was logged");
 
     // Over a lowered quota, shrinking and deleting still work; growing does not.
     assert!(run(&store, "acme", 5, "update?p=doc&c=1.1.1/1.1.1/1.1.1&s=01234567890", "").is_err());
-    assert_eq!(run(&store, "acme", 5, "update?p=doc&c=1.1.1/1.1.1/1.1.1&s=0123", "").unwrap(), "Updated 4 bytes");
-    assert_eq!(run(&store, "acme", 5, "delete?p=doc&c=1.1.1/1.1.1/1.1.1", "").unwrap(), "Removed 4 bytes");
+    assert_eq!(
+        run(&store, "acme", 5, "update?p=doc&c=1.1.1/1.1.1/1.1.1&s=0123", "").unwrap(),
+        "Updated 4 bytes"
+    );
+    assert_eq!(
+        run(&store, "acme", 5, "delete?p=doc&c=1.1.1/1.1.1/1.1.1", "").unwrap(),
+        "Removed 4 bytes"
+    );
     assert_eq!(store.storage_bytes("acme").unwrap(), 0);
 }
 
@@ -79,7 +93,10 @@ fn tenants_are_isolated() {
     assert_eq!(store.storage_bytes("two").unwrap(), 5 + 1 + 4);
     store.flush_all().unwrap();
     assert_eq!(std::fs::read(phexts_dir(dir.path(), "one").join("notes.phext")).unwrap(), b"mine");
-    assert_eq!(std::fs::read(phexts_dir(dir.path(), "two").join("notes.phext")).unwrap(), b"yours\x17more");
+    assert_eq!(
+        std::fs::read(phexts_dir(dir.path(), "two").join("notes.phext")).unwrap(),
+        b"yours\x17more"
+    );
 }
 
 // Goal: idle tenants are unloaded (checkpointed, log emptied) while busy ones stay, their usage
@@ -99,9 +116,16 @@ fn idle_unload_and_reload_keep_data() {
     assert_eq!(store.unload_idle(), 1);
     assert_eq!(store.loaded_tenants(), vec!["busy".to_string()]);
     assert!(segments(dir.path(), "idle").is_empty(), "unloading checkpoints");
-    assert_eq!(std::fs::read(phexts_dir(dir.path(), "idle").join("doc.phext")).unwrap(), b"sleepy head");
+    assert_eq!(
+        std::fs::read(phexts_dir(dir.path(), "idle").join("doc.phext")).unwrap(),
+        b"sleepy head"
+    );
     assert_eq!(store.storage_bytes("idle").unwrap(), 11);
-    assert_eq!(store.loaded_tenants(), vec!["busy".to_string()], "usage of an unloaded tenant loads nothing");
+    assert_eq!(
+        store.loaded_tenants(),
+        vec!["busy".to_string()],
+        "usage of an unloaded tenant loads nothing"
+    );
     assert_eq!(get(&store, "idle", "select?p=doc&c=1.1.1/1.1.1/1.1.1"), "sleepy head");
     assert_eq!(store.loaded_tenants(), vec!["busy".to_string(), "idle".to_string()]);
 }
@@ -124,9 +148,15 @@ fn limits_unload_least_recently_used() {
         assert!(store.memory_bytes() <= config.memory_budget_bytes, "over budget after tenant {i}");
     }
     let loaded = store.loaded_tenants();
-    assert!(loaded.contains(&"t19".to_string()) && !loaded.contains(&"t0".to_string()), "{loaded:?}");
+    assert!(
+        loaded.contains(&"t19".to_string()) && !loaded.contains(&"t0".to_string()),
+        "{loaded:?}"
+    );
     for i in 0..20 {
-        assert_eq!(get(&store, &format!("t{i}"), "select?p=doc&c=1.1.1/1.1.1/1.1.1"), format!("tenant{i}"));
+        assert_eq!(
+            get(&store, &format!("t{i}"), "select?p=doc&c=1.1.1/1.1.1/1.1.1"),
+            format!("tenant{i}")
+        );
     }
 
     drop(store);
@@ -150,7 +180,10 @@ fn reads_and_no_op_writes_create_nothing() {
     assert_eq!(get(&store, "ghost", "toc?p=doc"), "* 1.1.1/1.1.1/1.1.1: \n");
     assert_eq!(get(&store, "ghost", "get?p=doc"), "");
     assert_eq!(get(&store, "ghost", "checksum?p=doc"), "99aa06d3014798d86001c324468d497f");
-    assert_eq!(get(&store, "ghost", "query?p=doc&set=1.1.1/1.1.1/1.1.1"), r#"[{"coordinate":"1.1.1/1.1.1/1.1.1","scroll":""}]"#);
+    assert_eq!(
+        get(&store, "ghost", "query?p=doc&set=1.1.1/1.1.1/1.1.1"),
+        r#"[{"coordinate":"1.1.1/1.1.1/1.1.1","scroll":""}]"#
+    );
     assert_eq!(get(&store, "ghost", "delete?p=doc&c=1.1.1/1.1.1/1.1.1"), "Removed 0 bytes");
     assert_eq!(get(&store, "ghost", "update?p=doc&c=1.1.1/1.1.1/1.1.1&s="), "Updated 0 bytes");
     assert_eq!(get(&store, "ghost", "insert?p=doc&c=1.1.1/1.1.1/1.1.1&s="), "Inserted 0 bytes");
@@ -173,7 +206,10 @@ fn invalid_tenants_and_requests_are_refused() {
     let store = open(dir.path());
     let ok = SqRequest::Get { p: PhextName::parse("doc").unwrap() };
     for bad in ["", "-a", "A", "a/b", "..", "a_b", "é", &"a".repeat(64)] {
-        assert!(matches!(store.execute(bad, NO_QUOTA, &ok), Err(StoreError::InvalidTenant(_))), "{bad:?}");
+        assert!(
+            matches!(store.execute(bad, NO_QUOTA, &ok), Err(StoreError::InvalidTenant(_))),
+            "{bad:?}"
+        );
         assert!(matches!(store.storage_bytes(bad), Err(StoreError::InvalidTenant(_))), "{bad:?}");
     }
     assert!(store.execute(&"a".repeat(63), NO_QUOTA, &ok).is_ok());
