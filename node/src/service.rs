@@ -40,6 +40,8 @@ pub struct Service {
 }
 
 impl Service {
+    // Each argument is one of the node's long-lived parts, built once by `run`.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         id: u64,
         store: Arc<Store>,

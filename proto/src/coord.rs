@@ -147,8 +147,8 @@ impl Coordinate {
             return;
         };
         out.extend(std::iter::repeat_n(BREAKS[d], (to.0[d] - self.0[d]) as usize));
-        for lower in d + 1..DIMENSIONS {
-            out.extend(std::iter::repeat_n(BREAKS[lower], (to.0[lower] - 1) as usize));
+        for (lower, &brk) in BREAKS.iter().enumerate().skip(d + 1) {
+            out.extend(std::iter::repeat_n(brk, (to.0[lower] - 1) as usize));
         }
     }
 }

@@ -237,7 +237,7 @@ async fn purge_check(
             .filter(|id| world.cluster.disk(*id).is_some_and(|d| d.exists(&dir).unwrap_or(true)))
             .collect();
         let refused = (0..world.gateways.len())
-            .all(|gw| matches!(world.gateways[gw].views.current().tenant(doomed), None));
+            .all(|gw| world.gateways[gw].views.current().tenant(doomed).is_none());
         if holding.is_empty() && refused {
             break;
         }
