@@ -52,16 +52,12 @@ pub fn install() {
     });
 }
 
-/// The route label of a path: the SQ route, `admin`, or `other` (bounded label values).
+/// The route label of a path: the SQ route, `admin`, `metrics` or `other` (bounded label values).
 fn route_label(path: &str) -> &'static str {
-    const ROUTES: [&str; 10] = [
-        "version", "select", "insert", "update", "delete", "toc", "get", "checksum", "delta",
-        "query",
-    ];
     match path.strip_prefix("/api/v2/") {
         Some(r) if r.starts_with("admin") => "admin",
         Some("metrics") => "metrics",
-        Some(r) => ROUTES.iter().find(|x| **x == r).copied().unwrap_or("other"),
+        Some(r) => proto::Route::parse(r).map_or("other", proto::Route::name),
         None => "other",
     }
 }

@@ -1,4 +1,5 @@
 //! Every route the gateway serves, in one table, and the OpenAPI document that describes them.
+//! SQ's routes come from [`proto::Route`]; the others are listed here.
 //!
 //! The dispatchers ([`crate::api`] for SQ's routes, [`crate::admin`] for the admin API) match
 //! requests themselves, in SQ's order of checks; this table is what they must agree with. The
@@ -35,48 +36,46 @@ pub enum Access {
 }
 
 /// One route: method, path as OpenAPI writes it (`{id}` for a path parameter), and access.
-#[derive(Debug, Clone, Copy)]
-pub struct Route {
+#[derive(Debug, Clone)]
+pub struct Endpoint {
     pub method: &'static str,
-    pub path: &'static str,
+    pub path: String,
     pub access: Access,
 }
 
-const fn route(method: &'static str, path: &'static str, access: Access) -> Route {
-    Route { method, path, access }
+/// Every route served: SQ's, from [`proto::Route`] (`GET`, and `POST` for those that take a
+/// body), then [`OTHER_ROUTES`]. `OPTIONS` on any path answers the CORS preflight and is not
+/// listed.
+pub fn endpoints() -> Vec<Endpoint> {
+    let sq = proto::Route::ALL.iter().flat_map(|r| {
+        let methods: &[&'static str] = if r.takes_post() { &["GET", "POST"] } else { &["GET"] };
+        methods.iter().map(|&method| Endpoint { method, path: r.path(), access: Access::Tenant })
+    });
+    let other = OTHER_ROUTES.iter().map(|&(method, path, access)| Endpoint {
+        method,
+        path: path.to_string(),
+        access,
+    });
+    sq.chain(other).collect()
 }
 
-/// Every route served. `OPTIONS` on any path answers the CORS preflight and is not listed.
-pub const ROUTES: &[Route] = &[
-    route("GET", OPENAPI_PATH, Access::Open),
-    route("GET", "/api/v2/version", Access::Tenant),
-    route("GET", "/api/v2/select", Access::Tenant),
-    route("GET", "/api/v2/insert", Access::Tenant),
-    route("POST", "/api/v2/insert", Access::Tenant),
-    route("GET", "/api/v2/update", Access::Tenant),
-    route("POST", "/api/v2/update", Access::Tenant),
-    route("GET", "/api/v2/delete", Access::Tenant),
-    route("GET", "/api/v2/toc", Access::Tenant),
-    route("GET", "/api/v2/get", Access::Tenant),
-    route("GET", "/api/v2/checksum", Access::Tenant),
-    route("GET", "/api/v2/delta", Access::Tenant),
-    route("POST", "/api/v2/delta", Access::Tenant),
-    route("GET", "/api/v2/query", Access::Tenant),
-    route("POST", "/api/v2/query", Access::Tenant),
-    route("POST", "/api/v2/admin/tenants/add", Access::Admin),
-    route("GET", "/api/v2/admin/tenants", Access::Admin),
-    route("GET", "/api/v2/admin/tenants/{id}", Access::Admin),
-    route("PATCH", "/api/v2/admin/tenants/{id}", Access::Admin),
-    route("DELETE", "/api/v2/admin/tenants/{id}", Access::Admin),
-    route("POST", "/api/v2/admin/tenants/{id}/purge", Access::Admin),
-    route("GET", "/api/v2/admin/tenants/{id}/stats", Access::Admin),
-    route("POST", "/api/v2/admin/tenants/{id}/rotate-key", Access::Admin),
-    route("GET", "/api/v2/admin/health", Access::Admin),
-    route("GET", "/api/v2/admin/nodes", Access::Admin),
-    route("POST", "/api/v2/admin/nodes", Access::Admin),
-    route("POST", "/api/v2/admin/nodes/{id}/drain", Access::Admin),
-    route("DELETE", "/api/v2/admin/nodes/{id}", Access::Admin),
-    route("GET", "/api/v2/metrics", Access::Admin),
+/// Every route served besides SQ's: method, path, access.
+pub const OTHER_ROUTES: &[(&str, &str, Access)] = &[
+    ("GET", OPENAPI_PATH, Access::Open),
+    ("POST", "/api/v2/admin/tenants/add", Access::Admin),
+    ("GET", "/api/v2/admin/tenants", Access::Admin),
+    ("GET", "/api/v2/admin/tenants/{id}", Access::Admin),
+    ("PATCH", "/api/v2/admin/tenants/{id}", Access::Admin),
+    ("DELETE", "/api/v2/admin/tenants/{id}", Access::Admin),
+    ("POST", "/api/v2/admin/tenants/{id}/purge", Access::Admin),
+    ("GET", "/api/v2/admin/tenants/{id}/stats", Access::Admin),
+    ("POST", "/api/v2/admin/tenants/{id}/rotate-key", Access::Admin),
+    ("GET", "/api/v2/admin/health", Access::Admin),
+    ("GET", "/api/v2/admin/nodes", Access::Admin),
+    ("POST", "/api/v2/admin/nodes", Access::Admin),
+    ("POST", "/api/v2/admin/nodes/{id}/drain", Access::Admin),
+    ("DELETE", "/api/v2/admin/nodes/{id}", Access::Admin),
+    ("GET", "/api/v2/metrics", Access::Admin),
 ];
 
 #[cfg(test)]

@@ -143,7 +143,7 @@ impl Service {
                 retry_after_s: 1,
             });
         }
-        let route = request.route();
+        let route = request.route().name();
         let started_us = self.wall.unix_us();
         if let Err(e) = self.limits.admit(tenant, record.daily_limit) {
             let refused = Err(e);

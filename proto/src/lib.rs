@@ -2,7 +2,7 @@
 //!
 //! This crate owns what a request *means*: strict coordinates ([`coord`]), safe phext names
 //! ([`name`]), the canonical libphext serialisation and checksums ([`doc`]), the read operations
-//! ([`ops`]), the typed requests parsed from `/api/v2` ([`request`]), the errors they end in
+//! ([`ops`]), the routes of `/api/v2` ([`route`]), the typed requests parsed from them ([`request`]), the errors they end in
 //! ([`error`]) and the versioned messages that cross the wire ([`wire`]).
 //!
 //! It knows nothing of I/O: no files, sockets, clocks or async runtimes. The gateway parses with it
@@ -16,6 +16,7 @@ pub mod error;
 pub mod name;
 pub mod ops;
 pub mod request;
+pub mod route;
 pub mod wire;
 
 pub use coord::Coordinate;
@@ -23,3 +24,4 @@ pub use doc::Doc;
 pub use error::ApiError;
 pub use name::PhextName;
 pub use request::{SqRequest, SqResponse};
+pub use route::Route;

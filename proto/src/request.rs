@@ -9,6 +9,7 @@ use crate::coord::Coordinate;
 use crate::doc::contains_break;
 use crate::error::ApiError;
 use crate::name::{BadName, PhextName};
+use crate::route::Route;
 
 /// The largest request body, in bytes. Ten times a large scroll; bigger documents go in by
 /// `sq-cloud import`, scroll by scroll.
@@ -81,19 +82,19 @@ pub enum SqRequest {
 }
 
 impl SqRequest {
-    /// The route name, for metering and logs.
-    pub fn route(&self) -> &'static str {
+    /// The route the request came in by.
+    pub fn route(&self) -> Route {
         match self {
-            SqRequest::Version => "version",
-            SqRequest::Select { .. } => "select",
-            SqRequest::Insert { .. } => "insert",
-            SqRequest::Update { .. } => "update",
-            SqRequest::Delete { .. } => "delete",
-            SqRequest::Toc { .. } => "toc",
-            SqRequest::Get { .. } => "get",
-            SqRequest::Checksum { .. } => "checksum",
-            SqRequest::Delta { .. } => "delta",
-            SqRequest::Query { .. } => "query",
+            SqRequest::Version => Route::Version,
+            SqRequest::Select { .. } => Route::Select,
+            SqRequest::Insert { .. } => Route::Insert,
+            SqRequest::Update { .. } => Route::Update,
+            SqRequest::Delete { .. } => Route::Delete,
+            SqRequest::Toc { .. } => Route::Toc,
+            SqRequest::Get { .. } => Route::Get,
+            SqRequest::Checksum { .. } => Route::Checksum,
+            SqRequest::Delta { .. } => Route::Delta,
+            SqRequest::Query { .. } => Route::Query,
         }
     }
 
@@ -210,13 +211,11 @@ pub fn parse(method: Method, route: &str, query: &str, body: &[u8]) -> Result<Sq
             }
         }
     };
-    let posts = matches!(route, "insert" | "update" | "delta" | "query");
-    let known =
-        posts || matches!(route, "version" | "select" | "delete" | "toc" | "get" | "checksum");
-    if !known || (method == Method::Post && !posts) {
+    let route = Route::parse(route).ok_or(ApiError::NotFound)?;
+    if method == Method::Post && !route.takes_post() {
         return Err(ApiError::NotFound);
     }
-    if route == "version" {
+    if route == Route::Version {
         return Ok(SqRequest::Version);
     }
     let p = name.ok_or_else(|| ApiError::bad_request("missing phext name (p)"))?;
@@ -228,16 +227,16 @@ pub fn parse(method: Method, route: &str, query: &str, body: &[u8]) -> Result<Sq
         Coordinate::parse(raw).map_err(|e| ApiError::bad_request(e.to_string()))
     };
     Ok(match route {
-        "select" => SqRequest::Select { p, c: coord("c")? },
-        "delete" => SqRequest::Delete { p, c: coord("c")? },
-        "insert" => SqRequest::Insert { p, c: coord("c")?, text: scroll_text(s)? },
-        "update" => SqRequest::Update { p, c: coord("c")?, text: scroll_text(s)? },
-        "toc" => SqRequest::Toc { p },
-        "get" => SqRequest::Get { p },
-        "checksum" => SqRequest::Checksum { p },
-        "delta" => SqRequest::Delta { p, manifest: parse_manifest(&s.unwrap_or_default())? },
-        "query" => parse_query(p, &params, s)?,
-        _ => unreachable!("route {route} was checked as known above"),
+        Route::Version => SqRequest::Version,
+        Route::Select => SqRequest::Select { p, c: coord("c")? },
+        Route::Delete => SqRequest::Delete { p, c: coord("c")? },
+        Route::Insert => SqRequest::Insert { p, c: coord("c")?, text: scroll_text(s)? },
+        Route::Update => SqRequest::Update { p, c: coord("c")?, text: scroll_text(s)? },
+        Route::Toc => SqRequest::Toc { p },
+        Route::Get => SqRequest::Get { p },
+        Route::Checksum => SqRequest::Checksum { p },
+        Route::Delta => SqRequest::Delta { p, manifest: parse_manifest(&s.unwrap_or_default())? },
+        Route::Query => parse_query(p, &params, s)?,
     })
 }
 

@@ -183,7 +183,7 @@ impl Store {
         match &result {
             Ok(_) | Err(StoreError::QuotaExceeded { .. }) => {}
             Err(e) => {
-                tracing::warn!(tenant, route = req.route(), error = %e, "store request failed")
+                tracing::warn!(tenant, route = req.route().name(), error = %e, "store request failed")
             }
         }
         result
