@@ -7,7 +7,7 @@ use std::sync::Arc;
 use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use proto::cluster::{AdminOp, NodeRequest, NodeResponse};
+use proto::cluster::{AdminOp, NodeRequest, NodeResponse, NodeState};
 use proto::ApiError;
 use rand::RngCore;
 use serde::Deserialize;
@@ -231,7 +231,7 @@ async fn send_admin(
         .view
         .nodes
         .iter()
-        .filter(|n| n.state == "removed")
+        .filter(|n| n.state == NodeState::Removed)
         .filter_map(|n| view.node_addr(n.id))
         .collect();
     let mut addrs: Vec<_> = view
@@ -257,5 +257,5 @@ async fn send_admin(
             Err(e) => last = e.to_string(),
         }
     }
-    Err(ApiError::Unavailable { reason: format!("no node answered: {last}"), retry_after_s: 1 })
+    Err(ApiError::unavailable(format!("no node answered: {last}")))
 }

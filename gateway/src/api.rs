@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use proto::cluster::{NodeRequest, NodeResponse};
+use proto::error::UNAVAILABLE_RETRY_AFTER_S;
 use proto::request::{self, BODY_MAX_BYTES};
 use proto::{ApiError, SqRequest, SqResponse};
 
@@ -19,9 +20,6 @@ use crate::Gateway;
 
 /// Where the API lives; everything else answers like an unknown route.
 pub const API_PREFIX: &str = "/api/v2/";
-
-/// Seconds a client should wait after a 503 for an unreachable owner.
-const UNAVAILABLE_RETRY_AFTER_S: u64 = 1;
 
 /// The key a request carries: `Authorization: Bearer <key>`, `Authorization: <key>`, or
 /// `X-SQ-API-Key: <key>`. Authorization wins when both are present.

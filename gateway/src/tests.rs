@@ -9,7 +9,9 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
-use proto::cluster::{NodeRequest, NodeResponse, NodeView, RegistryView, TenantView};
+use proto::cluster::{
+    NodeHealth, NodeRequest, NodeResponse, NodeState, NodeView, RegistryView, TenantView,
+};
 use proto::{ApiError, SqResponse};
 use tower::ServiceExt;
 
@@ -63,8 +65,8 @@ fn view() -> RegistryView {
         nodes: vec![NodeView {
             id: 1,
             addr: "127.0.0.1:9".into(),
-            state: "active".into(),
-            health: "alive".into(),
+            state: NodeState::Active,
+            health: NodeHealth::Alive,
         }],
     }
 }
@@ -161,7 +163,7 @@ async fn not_owner_retries_once() {
 async fn dead_owner_fails_fast() {
     let (gw, node) = gateway(0);
     let mut v = view();
-    v.nodes[0].health = "dead".into();
+    v.nodes[0].health = NodeHealth::Dead;
     gw.views.replace(v);
     let response = router(gw.clone())
         .oneshot(

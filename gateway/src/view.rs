@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 pub use proto::auth::key_hash;
-use proto::cluster::{RegistryView, TenantView};
+use proto::cluster::{NodeHealth, RegistryView, TenantView};
 
 /// A registry view with the lookups a request needs.
 #[derive(Debug, Default)]
@@ -30,7 +30,8 @@ impl IndexedView {
         }
         let node_addr =
             view.nodes.iter().filter_map(|n| Some((n.id, n.addr.parse().ok()?))).collect();
-        let dead_nodes = view.nodes.iter().filter(|n| n.health == "dead").map(|n| n.id).collect();
+        let dead_nodes =
+            view.nodes.iter().filter(|n| n.health == NodeHealth::Dead).map(|n| n.id).collect();
         IndexedView { view, by_key_hash, by_id, node_addr, dead_nodes }
     }
 

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use proto::cluster::{AdminOp, NodeRequest, NodeResponse, NodeView, RegistryView, TenantView};
+use proto::cluster::{AdminOp, NodeRequest, NodeResponse, NodeView, RegistryView, TenantView, MIB};
 use proto::ApiError;
 use raft_registry::{Command, RegistryError, RegistryState, TenantRecord, Tier};
 use serde_json::json;
@@ -13,8 +13,6 @@ use crate::service::{Service, PEER_CALL_TIMEOUT};
 
 /// How long a follower waits to apply an entry its leader has committed before answering.
 const APPLY_WAIT: Duration = Duration::from_secs(2);
-
-const MIB: u64 = 1024 * 1024;
 
 /// Runs one admin operation. Returns the JSON answer and the registry index applied here.
 pub async fn execute(
@@ -165,12 +163,11 @@ async fn forward_to_leader(
         .parse()
         .map_err(|_| ApiError::Internal(format!("leader address {leader:?} is invalid")))?;
     let bytes = proto::wire::encode(&request).map_err(|e| ApiError::Internal(e.to_string()))?;
-    let unavailable = |reason: String| ApiError::Unavailable { reason, retry_after_s: 1 };
     let answer = svc
         .peers
         .call(addr, bytes.into(), PEER_CALL_TIMEOUT)
         .await
-        .map_err(|e| unavailable(format!("registry leader unreachable: {e}")))?;
+        .map_err(|e| ApiError::unavailable(format!("registry leader unreachable: {e}")))?;
     match proto::wire::decode::<NodeResponse>(&answer) {
         Ok(NodeResponse::Admin { result, applied_index }) => {
             result?;
@@ -214,10 +211,7 @@ async fn membership(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<
         let leader =
             status.leader.and_then(|l| svc.registry.state().node(l).map(|n| n.addr.clone()));
         let Some(addr) = leader else {
-            return Err(ApiError::Unavailable {
-                reason: "no registry leader".into(),
-                retry_after_s: 1,
-            });
+            return Err(ApiError::unavailable("no registry leader"));
         };
         forward_to_leader(
             svc,
@@ -242,13 +236,11 @@ async fn membership(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<
 pub fn registry_error(e: RegistryError) -> ApiError {
     match e {
         RegistryError::Rejected(reason) => ApiError::Conflict(reason.to_string()),
-        RegistryError::NotLeader { .. } => {
-            ApiError::Unavailable { reason: "no registry leader".into(), retry_after_s: 1 }
-        }
+        RegistryError::NotLeader { .. } => ApiError::unavailable("no registry leader"),
         RegistryError::MembershipChangeInProgress => {
             ApiError::Conflict("another membership change is in progress".into())
         }
-        other => ApiError::Unavailable { reason: other.to_string(), retry_after_s: 1 },
+        other => ApiError::unavailable(other.to_string()),
     }
 }
 
@@ -285,8 +277,8 @@ pub fn registry_view(applied_index: u64, state: &RegistryState, health: &Health)
             .map(|n| NodeView {
                 id: n.id,
                 addr: n.addr.clone(),
-                state: n.state.as_str().to_string(),
-                health: health.of(n.id).to_string(),
+                state: n.state,
+                health: health.of(n.id),
             })
             .collect(),
     }

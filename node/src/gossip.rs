@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proto::cluster::{NodeRequest, NodeResponse};
+use proto::cluster::{NodeRequest, NodeResponse, NodeState};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
@@ -51,28 +51,8 @@ impl GossipConfig {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum State {
-    Alive,
-    Suspect,
-    Dead,
-}
-
-impl State {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            State::Alive => "alive",
-            State::Suspect => "suspect",
-            State::Dead => "dead",
-        }
-    }
-}
-
-impl std::fmt::Display for State {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+/// A peer's health as this node's gossip sees it.
+pub use proto::cluster::NodeHealth as State;
 
 struct Entry {
     heartbeat: u64,
@@ -210,7 +190,7 @@ pub async fn run(
         let state = registry.state();
         let peers: Vec<(u64, String)> = state
             .nodes()
-            .filter(|n| n.id != health.me && n.state.as_str() != "removed")
+            .filter(|n| n.id != health.me && n.state != NodeState::Removed)
             .map(|n| (n.id, n.addr.clone()))
             .collect();
         let ids: Vec<u64> = peers.iter().map(|(id, _)| *id).collect();

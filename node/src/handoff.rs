@@ -162,10 +162,7 @@ pub async fn manifest(
     .await;
     let state = svc.registry.state();
     if reached.is_err() || state.placement_epoch() < epoch {
-        return Err(ApiError::Unavailable {
-            reason: format!("epoch {epoch} not applied yet"),
-            retry_after_s: 1,
-        });
+        return Err(ApiError::unavailable(format!("epoch {epoch} not applied yet")));
     }
     if state.owner_of(tenant) == Some(svc.id) {
         return Err(ApiError::Conflict(format!(

@@ -27,6 +27,10 @@ pub const BURST_PER_SECOND: f64 = 1000.0;
 /// Requests a tenant may send at once after being quiet: two seconds' worth.
 pub const BURST_CAPACITY: f64 = 2000.0;
 
+/// Seconds a client is told to wait after a burst refusal: a token comes back within
+/// 1 / [`BURST_PER_SECOND`] s, and `Retry-After` counts whole seconds.
+const BURST_RETRY_AFTER_S: u64 = 1;
+
 /// How often dirty roll-ups are written to disk.
 pub const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -131,7 +135,7 @@ impl Limits {
         if t.tokens < 1.0 {
             return Err(ApiError::RateLimited {
                 reason: format!("more than {BURST_PER_SECOND} requests per second"),
-                retry_after_s: 1,
+                retry_after_s: BURST_RETRY_AFTER_S,
             });
         }
         t.tokens -= 1.0;

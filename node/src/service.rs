@@ -138,10 +138,7 @@ impl Service {
             return Err(ApiError::NotOwner { epoch: state.placement_epoch() });
         }
         if state.handoff(tenant).is_some() {
-            return Err(ApiError::Unavailable {
-                reason: "the tenant is moving to this node".into(),
-                retry_after_s: 1,
-            });
+            return Err(ApiError::unavailable("the tenant is moving to this node"));
         }
         let route = request.route().name();
         let started_us = self.wall.unix_us();

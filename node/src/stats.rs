@@ -7,7 +7,7 @@ use serde_json::json;
 
 use crate::service::{Service, PEER_CALL_TIMEOUT};
 
-const MIB: f64 = 1024.0 * 1024.0;
+const MIB: f64 = proto::cluster::MIB as f64;
 
 /// Usage of one tenant, asked of its owner (this node or a peer).
 async fn usage(
@@ -15,10 +15,7 @@ async fn usage(
     state: &RegistryState,
     tenant: &str,
 ) -> Result<(u64, TenantUsage), ApiError> {
-    let owner = state.owner_of(tenant).ok_or_else(|| ApiError::Unavailable {
-        reason: "no active node".into(),
-        retry_after_s: 1,
-    })?;
+    let owner = state.owner_of(tenant).ok_or_else(|| ApiError::unavailable("no active node"))?;
     if owner == svc.id {
         let mut v = svc.usage(vec![tenant.to_string()]).await;
         return v.pop().map(|u| (owner, u)).ok_or_else(|| ApiError::Internal("no usage".into()));
@@ -30,9 +27,11 @@ async fn usage(
     let request =
         proto::wire::encode(&NodeRequest::TenantUsage { tenants: vec![tenant.to_string()] })
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let answer = svc.peers.call(addr, request.into(), PEER_CALL_TIMEOUT).await.map_err(|e| {
-        ApiError::Unavailable { reason: format!("node {owner} unreachable: {e}"), retry_after_s: 1 }
-    })?;
+    let answer = svc
+        .peers
+        .call(addr, request.into(), PEER_CALL_TIMEOUT)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("node {owner} unreachable: {e}")))?;
     match proto::wire::decode(&answer) {
         Ok(NodeResponse::TenantUsage(mut v)) if !v.is_empty() => Ok((owner, v.remove(0))),
         other => Err(ApiError::Internal(format!("node {owner} answered {other:?}"))),

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use proto::auth::{key_hash, valid_tenant_id};
+use proto::cluster::MIB;
 use raft_registry::{Command, TenantRecord, Tier};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
@@ -22,8 +23,6 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The largest tenants file read, in bytes.
 const FILE_MAX_BYTES: u64 = 64 * 1024 * 1024;
-
-const MIB: u64 = 1024 * 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -8,6 +8,101 @@ use serde::{Deserialize, Serialize};
 use crate::error::ApiError;
 use crate::request::{SqRequest, SqResponse};
 
+/// One mebibyte; PRODUCT.md's "MB" is 1024 * 1024 bytes.
+pub const MIB: u64 = 1024 * 1024;
+
+/// A tenant's plan; it sets the default quota and daily request limit (PRODUCT.md §3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Tier {
+    Free,
+    Pro,
+    Team,
+}
+
+impl Tier {
+    /// Default storage quota in bytes.
+    pub fn default_quota_bytes(self) -> u64 {
+        match self {
+            Tier::Free => 25 * MIB,
+            Tier::Pro => 250 * MIB,
+            Tier::Team => 1024 * MIB,
+        }
+    }
+
+    /// Default number of requests allowed per day.
+    pub fn default_daily_limit(self) -> u64 {
+        match self {
+            Tier::Free => 1_000,
+            Tier::Pro => 10_000,
+            Tier::Team => 100_000,
+        }
+    }
+
+    /// Lower-case name as used by the admin API ("free", "pro", "team").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Free => "free",
+            Tier::Pro => "pro",
+            Tier::Team => "team",
+        }
+    }
+
+    /// Parses the admin API's lower-case tier name.
+    pub fn parse(name: &str) -> Option<Tier> {
+        [Tier::Free, Tier::Pro, Tier::Team].into_iter().find(|t| t.as_str() == name)
+    }
+}
+
+/// Where a node is in its life; ids of `Removed` nodes are never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum NodeState {
+    /// Recorded, catching up as a Raft learner; owns no tenants yet.
+    Joining,
+    /// A voter that owns tenants under the current ring.
+    Active,
+    /// Leaving: owns no tenants any more, waiting for removal.
+    Draining,
+    /// Gone for good; the id stays recorded so it is never reused.
+    Removed,
+}
+
+impl NodeState {
+    /// Lower-case name for status pages ("joining", "active", "draining", "removed").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeState::Joining => "joining",
+            NodeState::Active => "active",
+            NodeState::Draining => "draining",
+            NodeState::Removed => "removed",
+        }
+    }
+}
+
+/// A node's health as one node's gossip sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum NodeHealth {
+    Alive,
+    Suspect,
+    Dead,
+}
+
+impl NodeHealth {
+    /// Lower-case name for status pages and logs ("alive", "suspect", "dead").
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeHealth::Alive => "alive",
+            NodeHealth::Suspect => "suspect",
+            NodeHealth::Dead => "dead",
+        }
+    }
+}
+
+impl std::fmt::Display for NodeHealth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// What a gateway needs to know of one tenant.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantView {
@@ -22,9 +117,9 @@ pub struct TenantView {
 pub struct NodeView {
     pub id: u64,
     pub addr: String,
-    pub state: String,
-    /// Health as the answering node's gossip sees it: `alive`, `suspect` or `dead`.
-    pub health: String,
+    pub state: NodeState,
+    /// Health as the answering node's gossip sees it.
+    pub health: NodeHealth,
 }
 
 /// The registry as gateways see it, at one applied Raft index.
@@ -163,4 +258,24 @@ pub enum NodeResponse {
     HandoffChunk(Result<Chunk, ApiError>),
     /// The request could not be decoded or is not served by this kind of peer.
     Refused(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tier_defaults_follow_product_table() {
+        // Goal: tier defaults match PRODUCT.md §3 (MB = 1024*1024 bytes); names round-trip.
+        assert_eq!(Tier::Free.default_quota_bytes(), 25 * 1024 * 1024);
+        assert_eq!(Tier::Pro.default_quota_bytes(), 250 * 1024 * 1024);
+        assert_eq!(Tier::Team.default_quota_bytes(), 1024 * 1024 * 1024);
+        assert_eq!(Tier::Free.default_daily_limit(), 1_000);
+        assert_eq!(Tier::Pro.default_daily_limit(), 10_000);
+        assert_eq!(Tier::Team.default_daily_limit(), 100_000);
+        for t in [Tier::Free, Tier::Pro, Tier::Team] {
+            assert_eq!(Tier::parse(t.as_str()), Some(t));
+        }
+        assert_eq!(Tier::parse("gold"), None);
+    }
 }

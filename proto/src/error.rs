@@ -35,6 +35,10 @@ pub enum ApiError {
     Internal(String),
 }
 
+/// Seconds a client is told to wait after a 503: the time for a registry election, a view
+/// refresh or a handoff step, each well under a second on a healthy cluster.
+pub const UNAVAILABLE_RETRY_AFTER_S: u64 = 1;
+
 fn detail_suffix(detail: &str) -> String {
     if detail.is_empty() {
         String::new()
@@ -46,5 +50,10 @@ fn detail_suffix(detail: &str) -> String {
 impl ApiError {
     pub fn bad_request(detail: impl Into<String>) -> ApiError {
         ApiError::BadRequest(detail.into())
+    }
+
+    /// A 503 with [`UNAVAILABLE_RETRY_AFTER_S`].
+    pub fn unavailable(reason: impl Into<String>) -> ApiError {
+        ApiError::Unavailable { reason: reason.into(), retry_after_s: UNAVAILABLE_RETRY_AFTER_S }
     }
 }

@@ -6,7 +6,7 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The version of the messages in this module. Bump on any change to their encoding.
-pub const WIRE_VERSION: u16 = 1;
+pub const WIRE_VERSION: u16 = 2;
 
 /// The largest message this side will decode, in bytes; matches the transport's frame limit.
 pub const MESSAGE_MAX_BYTES: usize = 64 * 1024 * 1024;

@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::state::{
-    is_valid_key_hash, is_valid_tenant_id, Handoff, NodeRecord, NodeState, RegistryState,
+    is_valid_key_hash, valid_tenant_id, Handoff, NodeRecord, NodeState, RegistryState,
     TenantRecord, Tier, ADMIN_EMAIL_LEN_MAX, KEY_HASHES_PER_TENANT_MAX, NODE_ADDR_LEN_MAX,
 };
 
@@ -210,7 +210,7 @@ fn record_handoffs(state: &mut RegistryState, before: &crate::Ring) {
 }
 
 fn add_tenant(state: &mut RegistryState, record: TenantRecord) -> Result<(), Rejection> {
-    if !is_valid_tenant_id(&record.id) {
+    if !valid_tenant_id(&record.id) {
         return Err(Rejection::InvalidTenantId);
     }
     let hashes = &record.key_hashes;

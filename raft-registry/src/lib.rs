@@ -56,6 +56,6 @@ pub use network::{RaftTransport, TransportFuture};
 pub use placement::{Ring, VNODES_PER_NODE};
 pub use registry::{CommandResult, RaftStatus, Registry};
 pub use state::{
-    is_valid_tenant_id, key_hash, Handoff, NodeRecord, NodeState, RegistryState, TenantRecord, Tier,
+    key_hash, valid_tenant_id, Handoff, NodeRecord, NodeState, RegistryState, TenantRecord, Tier,
 };
 pub use state_machine::Published;

@@ -10,18 +10,11 @@ use std::sync::Arc;
 
 use imbl::{OrdMap, OrdSet};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::placement::Ring;
 
-/// One mebibyte; PRODUCT.md's "MB" is 1024 * 1024 bytes.
-pub const MIB: u64 = 1024 * 1024;
-
-/// Longest tenant id: `[a-z0-9][a-z0-9-]{0,62}` (PRODUCT.md §2), so it fits a DNS label.
-pub const TENANT_ID_LEN_MAX: usize = 63;
-
-/// Length of a hex sha256 digest, the only form in which a key enters the registry.
-pub const KEY_HASH_HEX_LEN: usize = 64;
+pub use proto::auth::{is_valid_key_hash, key_hash, valid_tenant_id};
+pub use proto::cluster::{NodeState, Tier, MIB};
 
 /// Most key hashes one tenant may hold. A tenant has one key (rotation replaces it); the bound
 /// only stops a malformed command from bloating the registry.
@@ -32,53 +25,6 @@ pub const NODE_ADDR_LEN_MAX: usize = 255;
 
 /// Longest admin e-mail address kept (RFC 5321 path limit).
 pub const ADMIN_EMAIL_LEN_MAX: usize = 254;
-
-/// A tenant's plan; it sets the default quota and daily request limit (PRODUCT.md §3).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum Tier {
-    Free,
-    Pro,
-    Team,
-}
-
-impl Tier {
-    /// Default storage quota in bytes.
-    pub fn default_quota_bytes(self) -> u64 {
-        match self {
-            Tier::Free => 25 * MIB,
-            Tier::Pro => 250 * MIB,
-            Tier::Team => 1024 * MIB,
-        }
-    }
-
-    /// Default number of requests allowed per day.
-    pub fn default_daily_limit(self) -> u64 {
-        match self {
-            Tier::Free => 1_000,
-            Tier::Pro => 10_000,
-            Tier::Team => 100_000,
-        }
-    }
-
-    /// Lower-case name as used by the admin API ("free", "pro", "team").
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Free => "free",
-            Tier::Pro => "pro",
-            Tier::Team => "team",
-        }
-    }
-
-    /// Parses the admin API's lower-case tier name.
-    pub fn parse(name: &str) -> Option<Tier> {
-        match name {
-            "free" => Some(Tier::Free),
-            "pro" => Some(Tier::Pro),
-            "team" => Some(Tier::Team),
-            _ => None,
-        }
-    }
-}
 
 /// A tenant as the registry knows it. Keys appear only as hex sha256 hashes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -111,31 +57,6 @@ impl TenantRecord {
             archived: false,
             created_at_ms,
             admin_email: None,
-        }
-    }
-}
-
-/// Where a node is in its life; ids of `Removed` nodes are never reused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub enum NodeState {
-    /// Recorded, catching up as a Raft learner; owns no tenants yet.
-    Joining,
-    /// A voter that owns tenants under the current ring.
-    Active,
-    /// Leaving: owns no tenants any more, waiting for removal.
-    Draining,
-    /// Gone for good; the id stays recorded so it is never reused.
-    Removed,
-}
-
-impl NodeState {
-    /// Lower-case name for status pages ("joining", "active", "draining", "removed").
-    pub fn as_str(self) -> &'static str {
-        match self {
-            NodeState::Joining => "joining",
-            NodeState::Active => "active",
-            NodeState::Draining => "draining",
-            NodeState::Removed => "removed",
         }
     }
 }
@@ -327,70 +248,5 @@ impl RegistryState {
         }
         state.rebuild_ring();
         state
-    }
-}
-
-/// Hex sha256 of a key: the only form in which a tenant or admin key reaches the registry.
-pub fn key_hash(key: &str) -> String {
-    hex::encode(Sha256::digest(key.as_bytes()))
-}
-
-/// True when `id` matches `[a-z0-9][a-z0-9-]{0,62}`.
-pub fn is_valid_tenant_id(id: &str) -> bool {
-    let bytes = id.as_bytes();
-    let Some(first) = bytes.first() else {
-        return false;
-    };
-    let lower_alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    bytes.len() <= TENANT_ID_LEN_MAX
-        && lower_alnum(first)
-        && bytes[1..].iter().all(|b| lower_alnum(b) || *b == b'-')
-}
-
-/// True when `hash` looks like [`key_hash`]'s output: 64 lower-case hex digits.
-pub fn is_valid_key_hash(hash: &str) -> bool {
-    hash.len() == KEY_HASH_HEX_LEN
-        && hash.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn tenant_id_grammar() {
-        // Goal: the id grammar accepts exactly [a-z0-9][a-z0-9-]{0,62}.
-        let long_ok = format!("a{}", "-".repeat(62));
-        let too_long = format!("a{}", "b".repeat(63));
-        for ok in ["a", "0", "acme", "a-b-c", "9lives", long_ok.as_str()] {
-            assert!(is_valid_tenant_id(ok), "{ok:?} should be valid");
-        }
-        for bad in ["", "-a", "A", "acme_1", "a.b", "a/b", "ä", too_long.as_str(), "a b"] {
-            assert!(!is_valid_tenant_id(bad), "{bad:?} should be invalid");
-        }
-    }
-
-    #[test]
-    fn key_hash_is_sha256_hex() {
-        // Goal: key_hash is lower-case hex sha256 and passes the hash validator.
-        let h = key_hash("abc");
-        assert_eq!(h, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
-        assert!(is_valid_key_hash(&h));
-        assert!(!is_valid_key_hash("pmb-v1-0123"));
-        assert!(!is_valid_key_hash(&h.to_uppercase()));
-    }
-
-    #[test]
-    fn tier_defaults_follow_product_table() {
-        // Goal: tier defaults match PRODUCT.md §3 (MB = 1024*1024 bytes).
-        assert_eq!(Tier::Free.default_quota_bytes(), 25 * 1024 * 1024);
-        assert_eq!(Tier::Pro.default_quota_bytes(), 250 * 1024 * 1024);
-        assert_eq!(Tier::Team.default_quota_bytes(), 1024 * 1024 * 1024);
-        assert_eq!(Tier::Free.default_daily_limit(), 1_000);
-        assert_eq!(Tier::Pro.default_daily_limit(), 10_000);
-        assert_eq!(Tier::Team.default_daily_limit(), 100_000);
-        for t in [Tier::Free, Tier::Pro, Tier::Team] {
-            assert_eq!(Tier::parse(t.as_str()), Some(t));
-        }
     }
 }

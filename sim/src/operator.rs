@@ -32,10 +32,7 @@ pub async fn admin(world: &World, gw: usize, op: AdminOp) -> Result<String, ApiE
     let call = gateway::admin::apply_op(gateway, world.admin_key_hash.clone(), op);
     let result = match tokio::time::timeout(ADMIN_OP_TIMEOUT, call).await {
         Ok(r) => r,
-        Err(_) => Err(ApiError::Unavailable {
-            reason: "simulated operator gave up waiting".into(),
-            retry_after_s: 1,
-        }),
+        Err(_) => Err(ApiError::unavailable("simulated operator gave up waiting")),
     };
     let shown: String = match &result {
         Ok(_) => "ok".into(),

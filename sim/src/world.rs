@@ -132,10 +132,7 @@ impl World {
         let call = gateway::api::serve(gw, &caller, method, route, query, body);
         match tokio::time::timeout(CLIENT_OP_TIMEOUT, call).await {
             Ok(answer) => answer,
-            Err(_) => Err(ApiError::Unavailable {
-                reason: "simulated client gave up waiting".into(),
-                retry_after_s: 1,
-            }),
+            Err(_) => Err(ApiError::unavailable("simulated client gave up waiting")),
         }
     }
 }

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::Request;
-use proto::cluster::{NodeRequest, NodeResponse, NodeView, RegistryView, TenantView};
+use proto::cluster::{
+    NodeHealth, NodeRequest, NodeResponse, NodeState, NodeView, RegistryView, TenantView,
+};
 use proto::SqResponse;
 use tower::ServiceExt;
 
@@ -60,8 +62,8 @@ fn view() -> RegistryView {
         nodes: vec![NodeView {
             id: 1,
             addr: "127.0.0.1:9".into(),
-            state: "active".into(),
-            health: "alive".into(),
+            state: NodeState::Active,
+            health: NodeHealth::Alive,
         }],
     }
 }

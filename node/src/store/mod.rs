@@ -49,9 +49,6 @@ pub use vfs::{RealVfs, UnsyncedVfs, Vfs, VfsFile};
 
 use tenant::{Edit, Tenant, TenantPaths};
 
-/// The longest tenant id, in bytes (PRODUCT §2: `[a-z0-9][a-z0-9-]{0,62}`).
-pub const TENANT_ID_MAX_BYTES: usize = 63;
-
 /// How many times one request goes back for a tenant that was unloaded under it before giving up
 /// with `Busy`. Each retry follows a completed unload, so more than two means an unload storm.
 const CLOSED_RETRIES_MAX: usize = 8;
@@ -127,12 +124,7 @@ pub struct Store {
     evicting: Mutex<()>,
 }
 
-/// True for ids of the form `[a-z0-9][a-z0-9-]{0,62}`.
-pub fn valid_tenant_id(id: &str) -> bool {
-    let b = id.as_bytes();
-    let inner = |c: &u8| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-';
-    !b.is_empty() && b.len() <= TENANT_ID_MAX_BYTES && b[0] != b'-' && b.iter().all(inner)
-}
+pub use proto::auth::valid_tenant_id;
 
 fn check_tenant_id(id: &str) -> Result<(), StoreError> {
     if valid_tenant_id(id) {
