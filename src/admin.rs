@@ -29,7 +29,7 @@ pub struct AdminArgs {
     /// Talk to the dev cluster in DIR (reads DIR/dev.json).
     #[arg(long, global = true, value_name = "DIR")]
     dev: Option<PathBuf>,
-    /// A CA certificate (PEM) to trust for HTTPS.
+    /// A CA certificate (PEM) to trust for HTTPS [env: SQ_CLOUD_CA]
     #[arg(long, global = true)]
     ca: Option<PathBuf>,
     /// Print the gateway's JSON answer instead of a table.

@@ -231,9 +231,24 @@ fn write_gateway_config(
     Ok(())
 }
 
+/// dev.json holds the admin key: readable by its owner only.
+const DEV_JSON_MODE: u32 = 0o600;
+
 fn write_dev_json(path: &Path, dev: &DevJson) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(dev)?)?;
+    let _ = std::fs::remove_file(&tmp);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(DEV_JSON_MODE)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(&serde_json::to_vec_pretty(dev)?)?;
+    file.sync_all()?;
+    // A file left by an older version keeps its mode through the rename; this one is ours.
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(DEV_JSON_MODE))?;
     std::fs::rename(&tmp, path)?;
     Ok(())
 }

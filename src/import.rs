@@ -62,7 +62,7 @@ pub struct ImportConfig {
     /// The admin key, if at hand: the tenant is then checked to exist and be active first.
     #[arg(long)]
     pub admin_key: Option<String>,
-    /// A CA certificate (PEM) to trust for an https:// gateway.
+    /// A CA certificate (PEM) to trust for an https:// gateway [env: SQ_CLOUD_CA]
     #[arg(long)]
     pub ca: Option<PathBuf>,
 }

@@ -98,6 +98,13 @@ enum CertsCommand {
         /// The operator tools' client certificate.
         #[arg(long)]
         admin: bool,
+        /// The gateway's public HTTPS certificate (https.pem, https.key), for the names in
+        /// --name, when ACME is not used. Clients trust it through ca.pem (curl --cacert).
+        #[arg(long, conflicts_with_all = ["node", "gateway", "admin"], requires = "name")]
+        https: bool,
+        /// A DNS name or IP address clients reach the gateway at (repeat, or comma-separate).
+        #[arg(long, value_delimiter = ',', num_args = 1.., requires = "https")]
+        name: Vec<String>,
     },
 }
 
@@ -165,7 +172,7 @@ fn main() -> anyhow::Result<()> {
         Command::Dev { nodes, data, listen, tls, tenants_file } => {
             dev::run(dev::DevConfig { nodes, data, listen, tls, tenants_file })
         }
-        Command::Admin(args) => admin::run(args),
+        Command::Admin(args) => admin::run(args).map_err(tooling::with_tls_hint),
         Command::Node { config } => {
             init_tracing();
             let config: node::NodeConfig = read_toml(&config)?;
@@ -182,19 +189,31 @@ fn main() -> anyhow::Result<()> {
             println!("created {}/ca.pem and ca.key; keep ca.key offline", dir.display());
             Ok(())
         }
-        Command::Certs(CertsCommand::Issue { dir, node, gateway, admin }) => {
+        Command::Certs(CertsCommand::Issue { dir, https: true, name, .. }) => {
+            let stem = transport::certs::HTTPS_FILE_STEM;
+            transport::certs::issue_https_for(&dir, stem, &name)?;
+            println!(
+                "issued {0}/{stem}.pem and {stem}.key for {1}; point [tls] cert and key of gateway.toml at them",
+                dir.display(),
+                name.join(", ")
+            );
+            Ok(())
+        }
+        Command::Certs(CertsCommand::Issue { dir, node, gateway, admin, .. }) => {
             let role = match (node, gateway, admin) {
                 (Some(id), false, false) => transport::Role::Node(id),
                 (None, true, false) => transport::Role::Gateway,
                 (None, false, true) => transport::Role::Admin,
-                _ => anyhow::bail!("choose exactly one of --node ID, --gateway, --admin"),
+                _ => anyhow::bail!(
+                    "choose exactly one of --node ID, --gateway, --admin, --https --name NAME"
+                ),
             };
             transport::certs::issue(&dir, role)?;
             println!("issued a certificate for {role:?} in {}", dir.display());
             Ok(())
         }
-        Command::Bench(args) => bench::run(args.into_config()?),
-        Command::Import(config) => import::run(config),
+        Command::Bench(args) => bench::run(args.into_config()?).map_err(tooling::with_tls_hint),
+        Command::Import(config) => import::run(config).map_err(tooling::with_tls_hint),
         Command::StoreWriter { data, tenant, seed } => {
             node::store::crash_writer(&data, &tenant, seed)
         }

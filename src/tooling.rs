@@ -5,6 +5,23 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
 
+/// The environment variable naming the CA certificate (PEM) that `admin`, `bench` and `import`
+/// trust for HTTPS when `--ca` is not given (and `--dev` brings none).
+pub const CA_ENV: &str = "SQ_CLOUD_CA";
+
+/// Adds what to do when the gateway's certificate was signed by a CA the tool does not trust.
+pub fn with_tls_hint(e: anyhow::Error) -> anyhow::Error {
+    let text = format!("{e:#}");
+    if text.contains("UnknownIssuer") || text.contains("unknown issuer") {
+        e.context(format!(
+            "the gateway's HTTPS certificate is signed by a CA this tool does not trust: give that \
+             CA's certificate with --ca FILE or {CA_ENV}=FILE (for `sq-cloud certs`, its ca.pem)"
+        ))
+    } else {
+        e
+    }
+}
+
 /// The gateway a tool talks to, and the keys it was given.
 #[derive(Debug, Clone)]
 pub struct Target {
@@ -37,7 +54,8 @@ impl Target {
         }
         target.url = normalise_url(&target.url)?;
         target.admin_key = admin_key.or(target.admin_key);
-        target.ca = ca.or(target.ca);
+        let env_ca = std::env::var_os(CA_ENV).filter(|v| !v.is_empty()).map(PathBuf::from);
+        target.ca = ca.or(target.ca).or(env_ca);
         Ok(target)
     }
 

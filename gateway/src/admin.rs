@@ -73,8 +73,15 @@ pub async fn handle(gw: &Arc<Gateway>, request: Request) -> Response {
     }
 }
 
+/// The body as `T`, which must be a JSON object: serde would also take a struct from an array
+/// of its fields in order, which no client means.
 fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
+    let value: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    if !value.is_object() {
+        return Err(ApiError::bad_request("invalid JSON body: expected an object"));
+    }
+    serde_json::from_value(value)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
 }
 

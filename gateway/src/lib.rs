@@ -81,6 +81,10 @@ pub async fn run(config: GatewayConfig, shutdown: CancellationToken) -> Result<(
     if config.nodes.is_empty() {
         return Err(GatewayError::Config("nodes: list at least one node address".into()));
     }
+    if let Some(tls) = &config.tls {
+        // Load the certificate before anything says the gateway is listening.
+        serve::tls_config(tls)?;
+    }
     metering::install();
     let identity = transport::Identity::load(&config.cluster_certs, transport::Role::Gateway)?;
     let client = transport::Client::new(&identity, transport::ClientLimits::default())?;

@@ -67,7 +67,7 @@ pub fn record(method: &Method, path: &str, status: StatusCode, elapsed: Duration
     metrics::histogram!("sq_gateway_request_seconds", "route" => route)
         .record(elapsed.as_secs_f64());
     metrics::counter!("sq_gateway_responses_total", "route" => route, "status" => status.as_u16().to_string()).increment(1);
-    tracing::info!(target: "sq_gateway::access", %method, route, status = status.as_u16(), latency_us = elapsed.as_micros() as u64);
+    tracing::debug!(target: "sq_gateway::access", %method, route, status = status.as_u16(), latency_us = elapsed.as_micros() as u64);
 }
 
 /// This gateway's metrics, then each node's under its own `node` label, asked of all nodes at

@@ -56,7 +56,7 @@ pub async fn serve(
     }
 }
 
-fn tls_config(files: &TlsFiles) -> Result<rustls::ServerConfig, GatewayError> {
+pub(crate) fn tls_config(files: &TlsFiles) -> Result<rustls::ServerConfig, GatewayError> {
     let read = |p: &std::path::Path| {
         std::fs::read(p).map_err(|e| GatewayError::Config(format!("{}: {e}", p.display())))
     };

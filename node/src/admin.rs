@@ -5,7 +5,10 @@ use std::time::Duration;
 
 use proto::cluster::{AdminOp, NodeRequest, NodeResponse, NodeView, RegistryView, TenantView, MIB};
 use proto::ApiError;
-use raft_registry::{Command, RegistryError, RegistryState, TenantRecord, Tier};
+use raft_registry::{
+    Command, RegistryError, RegistryState, TenantRecord, Tier, ADMIN_EMAIL_LEN_MAX,
+    NODE_ADDR_LEN_MAX,
+};
 use serde_json::json;
 
 use crate::gossip::Health;
@@ -13,6 +16,11 @@ use crate::service::{Service, PEER_CALL_TIMEOUT};
 
 /// How long a follower waits to apply an entry its leader has committed before answering.
 const APPLY_WAIT: Duration = Duration::from_secs(2);
+
+/// How long the leader gives a joining node to answer over QUIC (handshake with the cluster's
+/// certificates, then one call) before refusing the join: a few WAN round trips and a TLS
+/// handshake, well under an operator's patience. Nothing is recorded before it answers.
+const JOIN_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Runs one admin operation. Returns the JSON answer and the registry index applied here.
 pub async fn execute(
@@ -65,8 +73,8 @@ async fn run(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<String,
     }
 }
 
-fn known<'a>(state: &'a RegistryState, id: &str) -> Result<&'a TenantRecord, ApiError> {
-    state.tenant(id).ok_or(ApiError::NotFound)
+pub(crate) fn known<'a>(state: &'a RegistryState, id: &str) -> Result<&'a TenantRecord, ApiError> {
+    state.tenant(id).ok_or_else(|| ApiError::Missing(format!("tenant {id:?} does not exist")))
 }
 
 fn tier(name: Option<&str>) -> Result<Option<Tier>, ApiError> {
@@ -84,6 +92,11 @@ fn command_for(state: &RegistryState, op: AdminOp, now_ms: u64) -> Result<Comman
         AdminOp::AddTenant { tenant_id, tier: t, quota_mb, admin_email, key_hash } => {
             if !proto::auth::valid_tenant_id(&tenant_id) {
                 return Err(ApiError::bad_request("tenant_id must match [a-z0-9][a-z0-9-]{0,62}"));
+            }
+            if admin_email.as_ref().is_some_and(|e| e.len() > ADMIN_EMAIL_LEN_MAX) {
+                return Err(ApiError::bad_request(format!(
+                    "admin_email is longer than {ADMIN_EMAIL_LEN_MAX} bytes"
+                )));
             }
             if state.tenant(&tenant_id).is_some() {
                 return Err(ApiError::Conflict(format!("tenant {tenant_id} exists")));
@@ -204,8 +217,53 @@ pub async fn commit_forwarded(svc: &Service, command: &[u8]) -> (Result<String, 
     (result, svc.registry.subscribe().borrow().0)
 }
 
+/// A joining node's address as the registry will keep it: `host:port` with an IP host.
+fn parse_node_addr(id: u64, addr: &str) -> Result<std::net::SocketAddr, ApiError> {
+    if addr.len() > NODE_ADDR_LEN_MAX {
+        return Err(ApiError::bad_request(format!(
+            "node {id}: addr is longer than {NODE_ADDR_LEN_MAX} bytes"
+        )));
+    }
+    addr.parse().map_err(|_| {
+        ApiError::bad_request(format!(
+            "node {id}: addr {addr:?} is not an IP address and port such as 10.0.0.4:7100"
+        ))
+    })
+}
+
+/// Reaches a joining node over QUIC with the cluster's certificates and checks it runs as `id`,
+/// all within [`JOIN_PROBE_TIMEOUT`]. Runs before anything of the join is recorded.
+async fn probe_joining_node(
+    svc: &Service,
+    id: u64,
+    addr: std::net::SocketAddr,
+) -> Result<(), ApiError> {
+    let request = proto::wire::encode(&NodeRequest::Identify)
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    let refuse = |why: String| {
+        ApiError::Conflict(format!("node {id} at {addr}: {why}; nothing was recorded"))
+    };
+    let answer = svc.peers.call(addr, request.into(), JOIN_PROBE_TIMEOUT).await.map_err(|e| {
+        refuse(format!(
+            "not reachable over QUIC with the cluster's certificates within {} s ({e})",
+            JOIN_PROBE_TIMEOUT.as_secs()
+        ))
+    })?;
+    match proto::wire::decode::<NodeResponse>(&answer) {
+        Ok(NodeResponse::Identity { id: theirs }) if theirs == id => Ok(()),
+        Ok(NodeResponse::Identity { id: theirs }) => {
+            Err(refuse(format!("the node there runs as node {theirs}, not {id}")))
+        }
+        Ok(other) => Err(refuse(format!("answered {other:?} instead of its id"))),
+        Err(e) => Err(refuse(format!("answered something unreadable: {e}"))),
+    }
+}
+
 /// Membership changes run on the leader, one at a time.
 async fn membership(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<String, ApiError> {
+    if let AdminOp::AddNode { id, addr } = &op {
+        parse_node_addr(*id, addr)?;
+    }
     let status = svc.registry.status();
     if status.leader != Some(svc.id) {
         let leader =
@@ -223,6 +281,13 @@ async fn membership(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<
     }
     match op {
         AdminOp::AddNode { id, addr } => {
+            let parsed = parse_node_addr(id, &addr)?;
+            let state = svc.registry.state();
+            // A retry of a join already recorded goes on without a new probe; any other use of
+            // the id is refused by the registry.
+            if state.node(id).is_none() {
+                probe_joining_node(svc, id, parsed).await?;
+            }
             svc.registry.join_node(id, addr).await.map_err(registry_error)?
         }
         AdminOp::DrainNode { id } => svc.registry.drain_node(id).await.map_err(registry_error)?,

@@ -197,7 +197,13 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
     };
     let parts = NodeParts::open(&config, RegistryConfig::default(), seams).await?;
     let server =
-        transport::Server::bind(config.listen, &identity, transport::ServerLimits::default())?;
+        transport::Server::bind(config.listen, &identity, transport::ServerLimits::default())
+            .map_err(|e| {
+                NodeError::Config(format!(
+                    "listen = \"{}\": cannot listen there: {e}",
+                    config.listen
+                ))
+            })?;
     tracing::info!(id = config.id, addr = %config.advertise(), "node listening");
     let server_task = tokio::spawn(server.run(parts.service.clone(), shutdown.clone()));
     if config.bootstrap {

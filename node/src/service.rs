@@ -109,6 +109,7 @@ impl Service {
                 NodeResponse::TenantUsage(self.usage(tenants).await)
             }
             NodeRequest::Metrics => NodeResponse::Metrics(crate::metrics::render_node(self)),
+            NodeRequest::Identify if from_node => NodeResponse::Identity { id: self.id },
             other => {
                 NodeResponse::Refused(format!("{:?} may not send {}", peer.role, kind(&other)))
             }
@@ -146,7 +147,7 @@ impl Service {
             let refused = Err(e);
             crate::metrics::request(tenant, route, &refused, 0);
             let outcome = crate::metrics::outcome(&refused);
-            tracing::info!(target: "sq_node::meter", tenant, route, outcome, bytes_in = 0u64, bytes_out = 0u64, latency_us = 0u64);
+            tracing::debug!(target: "sq_node::meter", tenant, route, outcome, bytes_in = 0u64, bytes_out = 0u64, latency_us = 0u64);
             return refused;
         }
         let bytes_in = request_bytes(&request);
@@ -172,7 +173,7 @@ impl Service {
         let latency_us = self.wall.unix_us().saturating_sub(started_us);
         crate::metrics::request(tenant, route, &result, latency_us);
         let outcome = crate::metrics::outcome(&result);
-        tracing::info!(target: "sq_node::meter", tenant, route, outcome, bytes_in, bytes_out, latency_us);
+        tracing::debug!(target: "sq_node::meter", tenant, route, outcome, bytes_in, bytes_out, latency_us);
         result
     }
 
@@ -286,6 +287,7 @@ fn kind(r: &NodeRequest) -> &'static str {
         NodeRequest::TenantUsage { .. } => "usage",
         NodeRequest::Metrics => "metrics",
         NodeRequest::Gossip { .. } => "gossip",
+        NodeRequest::Identify => "identify",
     }
 }
 

@@ -43,7 +43,7 @@ pub async fn tenant_stats(
     state: &RegistryState,
     tenant: &str,
 ) -> Result<String, ApiError> {
-    let record = state.tenant(tenant).ok_or(ApiError::NotFound)?;
+    let record = crate::admin::known(state, tenant)?;
     let (node, u) = usage(svc, state, tenant).await?;
     Ok(json!({
         "tenant_id": record.id,
@@ -79,12 +79,24 @@ pub fn nodes(svc: &Service, state: &RegistryState) -> serde_json::Value {
             *counts.entry(o).or_insert(0u64) += 1;
         }
     }
+    let status = svc.registry.status();
+    // The node's part in Raft as this node's membership config has it.
+    let raft_role = |id: u64| {
+        if status.voters.contains(&id) {
+            "voter"
+        } else if status.learners.contains(&id) {
+            "learner"
+        } else {
+            "none"
+        }
+    };
     json!(state
         .nodes()
         .map(|n| json!({
             "id": n.id,
             "addr": n.addr,
             "state": n.state.as_str(),
+            "raft": raft_role(n.id),
             "health": svc.health.of(n.id).as_str(),
             "tenants": counts.get(&n.id).copied().unwrap_or(0),
             "handoffs_in": state.handoffs().filter(|h| h.to == n.id).count(),

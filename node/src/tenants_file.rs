@@ -1,8 +1,10 @@
 //! The declarative tenants file (the seeds' `tenants.json` shape), applied to the registry and
 //! re-applied within [`POLL_INTERVAL`] of any change.
 //!
-//! `{"admin_key"?: "...", "tenants": [{"id", "api_key", "quota_mb"?, "enabled"?, "tier"?}]}`.
-//! Keys are hashed as soon as the file is read; only hashes reach the registry. A malformed file
+//! `{"admin_key"? | "admin_key_hash"?: "...", "tenants": [{"id", "api_key" | "api_key_hash",
+//! "quota_mb"?, "enabled"?, "tier"?}]}`. Keys are hashed as soon as the file is read; only hashes
+//! reach the registry. The `_hash` forms (SHA-256 of the key, 64 lowercase hex digits, as
+//! `sha256sum` prints it) keep plaintext keys off the nodes altogether. A malformed file
 //! is refused as a whole with one clear log line, and the registry is left as it was. Tenants
 //! missing from the file are left alone: removing a tenant is an explicit admin action.
 
@@ -28,6 +30,9 @@ const FILE_MAX_BYTES: u64 = 64 * 1024 * 1024;
 #[serde(deny_unknown_fields)]
 pub struct TenantsFile {
     pub admin_key: Option<String>,
+    /// The admin key's SHA-256 in hex, instead of `admin_key`.
+    #[serde(default)]
+    pub admin_key_hash: Option<String>,
     pub tenants: Vec<FileTenant>,
     /// Accepted for compatibility with the seeds' shape; the file is always watched.
     #[serde(default)]
@@ -38,7 +43,11 @@ pub struct TenantsFile {
 #[serde(deny_unknown_fields)]
 pub struct FileTenant {
     pub id: String,
-    pub api_key: String,
+    #[serde(default)]
+    pub api_key: Option<String>,
+    /// The key's SHA-256 in hex, instead of `api_key`.
+    #[serde(default)]
+    pub api_key_hash: Option<String>,
     pub quota_mb: Option<u64>,
     #[serde(default = "yes")]
     pub enabled: bool,
@@ -52,10 +61,44 @@ fn yes() -> bool {
     true
 }
 
+/// Length of a key hash in hex digits (SHA-256).
+const KEY_HASH_HEX_LEN: usize = 64;
+
+/// Whether `h` has the shape of a key hash: 64 lowercase hex digits.
+fn is_key_hash(h: &str) -> bool {
+    h.len() == KEY_HASH_HEX_LEN
+        && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl TenantsFile {
+    /// The admin key's hash, from whichever form the file uses.
+    pub fn admin_hash(&self) -> Option<String> {
+        self.admin_key_hash.clone().or_else(|| self.admin_key.as_deref().map(key_hash))
+    }
+}
+
+impl FileTenant {
+    /// The tenant key's hash, from whichever form the file uses (checked by [`parse`]).
+    pub fn key_hash(&self) -> String {
+        match (&self.api_key_hash, &self.api_key) {
+            (Some(h), _) => h.clone(),
+            (None, Some(k)) => key_hash(k),
+            (None, None) => String::new(),
+        }
+    }
+}
+
 /// Parses and checks the whole file; any error refuses all of it.
 pub fn parse(bytes: &[u8]) -> Result<TenantsFile, String> {
     let file: TenantsFile =
         serde_json::from_slice(bytes).map_err(|e| format!("not a tenants file: {e}"))?;
+    match (&file.admin_key, &file.admin_key_hash) {
+        (Some(_), Some(_)) => return Err("give admin_key or admin_key_hash, not both".into()),
+        (None, Some(h)) if !is_key_hash(h) => {
+            return Err("admin_key_hash must be 64 lowercase hex digits (SHA-256 of the key)".into())
+        }
+        _ => {}
+    }
     let mut seen = std::collections::HashSet::new();
     for t in &file.tenants {
         if !valid_tenant_id(&t.id) {
@@ -64,8 +107,21 @@ pub fn parse(bytes: &[u8]) -> Result<TenantsFile, String> {
         if !seen.insert(&t.id) {
             return Err(format!("tenant {} is listed twice", t.id));
         }
-        if t.api_key.len() < 16 {
-            return Err(format!("tenant {}: api_key is too short to be a key", t.id));
+        match (&t.api_key, &t.api_key_hash) {
+            (Some(_), Some(_)) => {
+                return Err(format!("tenant {}: give api_key or api_key_hash, not both", t.id))
+            }
+            (None, None) => return Err(format!("tenant {}: give api_key or api_key_hash", t.id)),
+            (Some(k), None) if k.len() < 16 => {
+                return Err(format!("tenant {}: api_key is too short to be a key", t.id));
+            }
+            (None, Some(h)) if !is_key_hash(h) => {
+                return Err(format!(
+                    "tenant {}: api_key_hash must be 64 lowercase hex digits (SHA-256 of the key)",
+                    t.id
+                ));
+            }
+            _ => {}
         }
         if let Some(tier) = &t.tier {
             Tier::parse(tier).ok_or_else(|| format!("tenant {}: unknown tier {tier:?}", t.id))?;
@@ -81,14 +137,13 @@ pub fn commands(
     now_ms: u64,
 ) -> Vec<Command> {
     let mut out = Vec::new();
-    if let Some(admin) = &file.admin_key {
-        let hash = key_hash(admin);
+    if let Some(hash) = file.admin_hash() {
         if state.admin_key_hash() != Some(hash.as_str()) {
             out.push(Command::SetAdminKeyHash { hash });
         }
     }
     for t in &file.tenants {
-        let hash = key_hash(&t.api_key);
+        let hash = t.key_hash();
         let tier = t.tier.as_deref().and_then(Tier::parse);
         let quota_bytes = t.quota_mb.map(|mb| mb.saturating_mul(MIB));
         match state.tenant(&t.id) {
@@ -197,9 +252,35 @@ mod tests {
             br#"{"tenants":[{"id":"a","api_key":"pmb-v1-6da75a3244e11b5be2065421b246f16a","tier":"gold"}]}"#,
             br#"{"tenants": 3}"#,
             b"not json",
+            br#"{"tenants":[{"id":"a"}]}"#,
+            br#"{"tenants":[{"id":"a","api_key_hash":"ABC"}]}"#,
+            br#"{"admin_key_hash":"123","tenants":[]}"#,
+            br#"{"admin_key":"pmb-v1-6da75a3244e11b5be2065421b246f16a","admin_key_hash":"6da75a3244e11b5be2065421b246f16a6da75a3244e11b5be2065421b246f16a","tenants":[]}"#,
         ] {
             assert!(parse(bad).is_err(), "{}", String::from_utf8_lossy(bad));
         }
+    }
+
+    // Goal: the hash forms reach the registry as given, and name the same key as the plain forms.
+    #[test]
+    fn hash_forms_match_plain_keys() {
+        let (admin, tenant) =
+            ("pmb-v1-00000000000000000000000000000009", "pmb-v1-00000000000000000000000000000008");
+        let hashed = format!(
+            r#"{{"admin_key_hash":"{}","tenants":[{{"id":"t","api_key_hash":"{}"}}]}}"#,
+            key_hash(admin),
+            key_hash(tenant)
+        );
+        let plain =
+            format!(r#"{{"admin_key":"{admin}","tenants":[{{"id":"t","api_key":"{tenant}"}}]}}"#);
+        let state = raft_registry::RegistryState::default();
+        let from_hashes = commands(&parse(hashed.as_bytes()).expect("valid"), &state, 1);
+        let from_keys = commands(&parse(plain.as_bytes()).expect("valid"), &state, 1);
+        assert_eq!(from_hashes, from_keys);
+        assert!(
+            matches!(&from_hashes[0], Command::SetAdminKeyHash { hash } if *hash == key_hash(admin)),
+            "{from_hashes:?}"
+        );
     }
 
     // Goal: a purged tenant still listed in the file is skipped (its id is retired), while the

@@ -28,7 +28,7 @@ fn status_of(e: &ApiError) -> u16 {
         ApiError::BadRequest(_) => 400,
         ApiError::Unauthorized => 401,
         ApiError::BadPhextName | ApiError::Forbidden(_) => 403,
-        ApiError::NotFound => 404,
+        ApiError::NotFound | ApiError::Missing(_) => 404,
         ApiError::PayloadTooLarge { .. } => 413,
         ApiError::RateLimited { .. } => 429,
         ApiError::Unavailable { .. } | ApiError::NotOwner { .. } => 503,

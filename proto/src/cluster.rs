@@ -211,6 +211,8 @@ pub enum NodeRequest {
     Metrics,
     /// Health gossip: the sender's view of every node's heartbeat counter.
     Gossip { from: u64, heartbeats: Vec<(u64, u64)> },
+    /// Asked of a node before it joins: which id it runs as (from nodes only).
+    Identify,
 }
 
 /// Bytes of one handoff file, carried as one byte string.
@@ -258,6 +260,10 @@ pub enum NodeResponse {
     HandoffChunk(Result<Chunk, ApiError>),
     /// The request could not be decoded or is not served by this kind of peer.
     Refused(String),
+    /// The answer to `Identify`: the id in the answering node's config.
+    Identity {
+        id: u64,
+    },
 }
 
 #[cfg(test)]

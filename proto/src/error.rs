@@ -18,6 +18,9 @@ pub enum ApiError {
     Forbidden(String),
     #[error("Not Found")]
     NotFound,
+    /// A named thing an admin request refers to does not exist (the detail names it).
+    #[error("Not Found: {0}")]
+    Missing(String),
     #[error("Payload Too Large: the body exceeds {limit_bytes} bytes")]
     PayloadTooLarge { limit_bytes: u64 },
     #[error("Too Many Requests: {reason}")]

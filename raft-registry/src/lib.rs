@@ -57,5 +57,6 @@ pub use placement::{Ring, VNODES_PER_NODE};
 pub use registry::{CommandResult, RaftStatus, Registry};
 pub use state::{
     key_hash, valid_tenant_id, Handoff, NodeRecord, NodeState, RegistryState, TenantRecord, Tier,
+    ADMIN_EMAIL_LEN_MAX, NODE_ADDR_LEN_MAX,
 };
 pub use state_machine::Published;

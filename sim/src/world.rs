@@ -149,6 +149,7 @@ pub fn write_outcome(result: &Result<SqResponse, ApiError>) -> Outcome {
             | ApiError::BadPhextName
             | ApiError::Forbidden(_)
             | ApiError::NotFound
+            | ApiError::Missing(_)
             | ApiError::PayloadTooLarge { .. }
             | ApiError::RateLimited { .. }
             | ApiError::QuotaExceeded { .. }

@@ -40,7 +40,7 @@ impl Endpoint {
             return Ok(Endpoint { authority, tls: None });
         }
         let Some(pem) = ca_pem else {
-            bail!("{url} is HTTPS: give the CA to trust with --ca FILE (with --dev, the cluster's own CA is used)");
+            bail!("{url} is HTTPS: give the CA to trust with --ca FILE or SQ_CLOUD_CA (with --dev, the cluster's own CA is used)");
         };
         let host = authority
             .rsplit_once(':')

@@ -122,7 +122,7 @@ pub struct BenchArgs {
     /// The admin key, to make (and afterwards archive) the bench's tenants.
     #[arg(long)]
     pub admin_key: Option<String>,
-    /// A CA certificate (PEM) to trust for an https:// gateway.
+    /// A CA certificate (PEM) to trust for an https:// gateway [env: SQ_CLOUD_CA]
     #[arg(long)]
     pub ca: Option<PathBuf>,
     /// Load this one tenant (its key) instead of making tenants.

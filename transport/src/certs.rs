@@ -137,17 +137,67 @@ const HTTPS_COMMON_NAME: &str = "sq-cloud public https";
 /// cluster CA so local tools can trust `ca.pem`; for `sq-cloud dev --tls`. Valid for
 /// `localhost`, `127.0.0.1` and `::1`. Keeps an existing pair, so a restart reuses it.
 pub fn issue_https(dir: &Path, name: &str) -> Result<()> {
-    let plain = !name.is_empty()
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-    if !plain {
-        return Err(TransportError::Cert(format!("{name:?} is not a plain file name")));
-    }
+    check_file_stem(name)?;
     let (cert_file, key_file) = (dir.join(format!("{name}.pem")), dir.join(format!("{name}.key")));
     if cert_file.exists() && key_file.exists() {
         return Ok(());
     }
     let names = ["localhost", "127.0.0.1", "::1"].map(str::to_owned).to_vec();
-    let mut params = CertificateParams::new(names).map_err(cert_error("HTTPS parameters"))?;
+    issue_https_for(dir, name, &names)
+}
+
+/// The file stem of the public HTTPS certificate `sq-cloud certs issue --https` writes.
+pub const HTTPS_FILE_STEM: &str = "https";
+
+/// The most subject alternative names one HTTPS certificate carries.
+const HTTPS_NAMES_MAX: usize = 100;
+
+fn check_file_stem(name: &str) -> Result<()> {
+    let plain = !name.is_empty()
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if !plain {
+        return Err(TransportError::Cert(format!("{name:?} is not a plain file name")));
+    }
+    Ok(())
+}
+
+/// Whether `name` is an IP address or a DNS name (letters, digits, `-`, dots; a leading `*.`
+/// for a wildcard), as a certificate's subject alternative name.
+fn valid_https_name(name: &str) -> bool {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let host = name.strip_prefix("*.").unwrap_or(name);
+    !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+/// Issues a public HTTPS certificate for the gateway (`dir/<file_stem>.pem` + `.key`), signed by
+/// the cluster CA, valid for `names`: DNS names and IP addresses, as clients reach the gateway.
+/// Refuses to overwrite an existing pair.
+pub fn issue_https_for(dir: &Path, file_stem: &str, names: &[String]) -> Result<()> {
+    check_file_stem(file_stem)?;
+    if names.is_empty() || names.len() > HTTPS_NAMES_MAX {
+        return Err(TransportError::Cert(format!(
+            "give between 1 and {HTTPS_NAMES_MAX} names (DNS names or IP addresses) for the certificate"
+        )));
+    }
+    if let Some(bad) = names.iter().find(|n| !valid_https_name(n)) {
+        return Err(TransportError::Cert(format!(
+            "{bad:?} is neither a DNS name nor an IP address"
+        )));
+    }
+    let (cert_file, key_file) =
+        (dir.join(format!("{file_stem}.pem")), dir.join(format!("{file_stem}.key")));
+    let mut params =
+        CertificateParams::new(names.to_vec()).map_err(cert_error("HTTPS parameters"))?;
     params.distinguished_name = distinguished_name(HTTPS_COMMON_NAME);
     params.is_ca = IsCa::ExplicitNoCa;
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature];

@@ -88,3 +88,32 @@ fn identity_load_checks_the_certificate_is_the_roles() {
         Err(TransportError::Cert(_))
     ));
 }
+
+#[test]
+fn https_certificate_carries_the_names_given() {
+    // Goal: `certs issue --https --name` makes a server certificate for exactly the DNS names and
+    // IP addresses given; names that are neither are refused and nothing is written.
+    let dir = tempfile::tempdir().expect("temp dir");
+    certs::create_ca(dir.path()).expect("create CA");
+    for bad in [vec![], vec!["bad name".to_string()], vec!["-x.example".to_string()]] {
+        assert!(certs::issue_https_for(dir.path(), "https", &bad).is_err(), "{bad:?}");
+    }
+    assert!(!dir.path().join("https.pem").exists());
+    let names = vec!["gw.example.com".to_string(), "10.1.2.3".to_string(), "::1".to_string()];
+    certs::issue_https_for(dir.path(), "https", &names).expect("issue");
+    let pem = fs::read_to_string(dir.path().join("https.pem")).expect("read");
+    let params = rcgen::CertificateParams::from_ca_cert_pem(&pem).expect("parse");
+    let sans: Vec<String> = params
+        .subject_alt_names
+        .iter()
+        .map(|san| match san {
+            rcgen::SanType::DnsName(n) => n.to_string(),
+            rcgen::SanType::IpAddress(ip) => ip.to_string(),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(sans, names);
+    let mode = fs::metadata(dir.path().join("https.key")).expect("key").permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    assert!(certs::issue_https_for(dir.path(), "https", &names).is_err(), "never overwrites");
+}
