@@ -11,6 +11,16 @@ pub const WIRE_VERSION: u16 = 2;
 /// The largest message this side will decode, in bytes; matches the transport's frame limit.
 pub const MESSAGE_MAX_BYTES: usize = 64 * 1024 * 1024;
 
+/// Bytes a decode may claim for each byte of its input. bincode claims a value's in-memory size
+/// before reading it (a string's length prefix, 8 bytes for a one-byte varint u64, 16 for a
+/// u128), so a valid encoding never claims more than 16 per byte; a forged length prefix in a
+/// short message must not make the receiver allocate up to [`MESSAGE_MAX_BYTES`].
+pub const DECODE_CLAIM_PER_INPUT_BYTE: usize = 16;
+
+/// The smallest claim budget of a decode, in bytes, whatever its input: small enough to be
+/// harmless, large enough that budgets come in few tiers.
+pub const DECODE_CLAIM_FLOOR_BYTES: usize = 64 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
     #[error("peer speaks wire version {0}, this side {WIRE_VERSION}")]
@@ -44,9 +54,38 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
     if version != WIRE_VERSION {
         return Err(WireError::Version(version));
     }
-    let (envelope, _): (Envelope<T>, usize) = bincode::serde::decode_from_slice(bytes, config())
+    let (envelope, _): (Envelope<T>, usize) = decode_bounded::<_, MESSAGE_MAX_BYTES>(bytes)
         .map_err(|e| WireError::Decode(e.to_string()))?;
     Ok(envelope.body)
+}
+
+/// The claim budgets a decode can get, smallest first; a larger input gets the limit itself.
+const CLAIM_TIERS: [usize; 3] = [DECODE_CLAIM_FLOOR_BYTES, 1024 * 1024, 8 * 1024 * 1024];
+
+/// The most a [`decode_bounded`] of `input_len` bytes may claim under the limit `max`.
+pub fn decode_claim_budget(input_len: usize, max: usize) -> usize {
+    let wanted = input_len.saturating_mul(DECODE_CLAIM_PER_INPUT_BYTE);
+    CLAIM_TIERS.into_iter().find(|&tier| wanted <= tier && tier < max).unwrap_or(max)
+}
+
+/// Decodes `T` from the start of `bytes` (bincode 2, serde, standard config), returning it and
+/// the bytes it used. The decode claims (allocates) at most [`decode_claim_budget`] bytes:
+/// [`DECODE_CLAIM_PER_INPUT_BYTE`] × the input rounded up to a tier, and never more than `MAX`.
+/// bincode allocates a string or byte string before it checks that its bytes are there.
+pub fn decode_bounded<T: DeserializeOwned, const MAX: usize>(
+    bytes: &[u8],
+) -> Result<(T, usize), bincode::error::DecodeError> {
+    use bincode::config::standard;
+    use bincode::serde::decode_from_slice;
+    const T0: usize = CLAIM_TIERS[0];
+    const T1: usize = CLAIM_TIERS[1];
+    const T2: usize = CLAIM_TIERS[2];
+    match decode_claim_budget(bytes.len(), MAX) {
+        T0 => decode_from_slice(bytes, standard().with_limit::<T0>()),
+        T1 => decode_from_slice(bytes, standard().with_limit::<T1>()),
+        T2 => decode_from_slice(bytes, standard().with_limit::<T2>()),
+        _ => decode_from_slice(bytes, standard().with_limit::<MAX>()),
+    }
 }
 
 #[cfg(test)]

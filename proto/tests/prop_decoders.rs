@@ -1,0 +1,413 @@
+//! Property tests of proto's decoders of untrusted bytes: the HTTP request into [`SqRequest`]
+//! (`request::parse`) and the versioned wire messages (`wire::decode`) of every type that crosses
+//! between processes. Each property feeds arbitrary bytes and valid encodings mutated (bit flips,
+//! truncations, inflated length prefixes) and checks that the decoder neither panics nor
+//! allocates past its limit, measured by a counting allocator around the one decode call.
+
+use proptest::prelude::*;
+use proptest::test_runner::Config;
+
+use proto::cluster::{AdminOp, Chunk, HandoffFile, NodeRequest, NodeResponse, TenantUsage};
+use proto::request::{parse, Method, BODY_MAX_BYTES};
+use proto::wire::{self, decode_claim_budget, MESSAGE_MAX_BYTES};
+use proto::{ApiError, Coordinate, PhextName, SqRequest, SqResponse};
+
+/// Peak heap of one decode call, per thread, so parallel tests do not mix.
+mod meter {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    pub struct Counting;
+
+    thread_local! {
+        static ON: Cell<bool> = const { Cell::new(false) };
+        static LIVE: Cell<usize> = const { Cell::new(0) };
+        static PEAK: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn grow(n: usize) {
+        let _ = ON.try_with(|on| {
+            if on.get() {
+                let live = LIVE.get() + n;
+                LIVE.set(live);
+                PEAK.set(PEAK.get().max(live));
+            }
+        });
+    }
+
+    fn shrink(n: usize) {
+        let _ = ON.try_with(|on| {
+            if on.get() {
+                // Memory allocated before the measure may be freed during it.
+                LIVE.set(LIVE.get().saturating_sub(n));
+            }
+        });
+    }
+
+    // SAFETY: every call is forwarded unchanged to the system allocator.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            grow(l.size());
+            System.alloc(l)
+        }
+        unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+            grow(l.size());
+            System.alloc_zeroed(l)
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            shrink(l.size());
+            System.dealloc(p, l)
+        }
+        unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+            // Counted as both blocks at once, as a moving realloc holds them.
+            grow(new);
+            shrink(l.size());
+            System.realloc(p, l, new)
+        }
+    }
+
+    /// Runs `f` and returns its result with the peak of bytes it held on the heap at once.
+    pub fn peak<R>(f: impl FnOnce() -> R) -> (R, usize) {
+        LIVE.set(0);
+        PEAK.set(0);
+        ON.set(true);
+        let out = f();
+        ON.set(false);
+        (out, PEAK.get())
+    }
+}
+
+#[global_allocator]
+static ALLOC: meter::Counting = meter::Counting;
+
+/// A damage done to a valid encoding.
+#[derive(Debug, Clone)]
+enum Mutation {
+    /// Flip bit `bit` of the byte at `at` (positions wrap around the input).
+    Flip { at: usize, bit: u8 },
+    /// Cut the input at `at`.
+    Truncate { at: usize },
+    /// Put a bincode varint of `value` over the byte at `at`: a forged length prefix.
+    Inflate { at: usize, value: u64 },
+    /// Insert a byte at `at`.
+    Insert { at: usize, byte: u8 },
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        3 => (any::<usize>(), 0u8..8).prop_map(|(at, bit)| Mutation::Flip { at, bit }),
+        1 => any::<usize>().prop_map(|at| Mutation::Truncate { at }),
+        2 => (any::<usize>(), prop_oneof![
+            Just(u64::MAX),
+            Just(u32::MAX as u64),
+            Just(MESSAGE_MAX_BYTES as u64),
+            Just(MESSAGE_MAX_BYTES as u64 - 1),
+            1u64 << 10..MESSAGE_MAX_BYTES as u64,
+            1u64 << 20..1u64 << 32,
+        ])
+            .prop_map(|(at, value)| Mutation::Inflate { at, value }),
+        1 => (any::<usize>(), any::<u8>()).prop_map(|(at, byte)| Mutation::Insert { at, byte }),
+    ]
+}
+
+fn varint(value: u64) -> Vec<u8> {
+    match value {
+        0..=250 => vec![value as u8],
+        251..=0xffff => [&[251u8][..], &(value as u16).to_le_bytes()].concat(),
+        0x1_0000..=0xffff_ffff => [&[252u8][..], &(value as u32).to_le_bytes()].concat(),
+        _ => [&[253u8][..], &value.to_le_bytes()].concat(),
+    }
+}
+
+fn mutate(mut bytes: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
+    for m in mutations {
+        let n = bytes.len().max(1);
+        match *m {
+            Mutation::Flip { at, bit } => {
+                if let Some(b) = bytes.get_mut(at % n) {
+                    *b ^= 1 << bit;
+                }
+            }
+            Mutation::Truncate { at } => bytes.truncate(at % n),
+            Mutation::Inflate { at, value } => {
+                let at = (at % n).min(bytes.len());
+                let end = (at + 1).min(bytes.len());
+                bytes.splice(at..end, varint(value));
+            }
+            Mutation::Insert { at, byte } => bytes.insert((at % n).min(bytes.len()), byte),
+        }
+    }
+    bytes
+}
+
+/// Heap that serde may preallocate for the sequences being decoded at one time: at most 1 MiB
+/// for each (serde's cautious size hint), nested at most four deep in these types.
+const SEQUENCE_PREALLOC_BYTES: usize = 4 * 1024 * 1024;
+
+/// The most one `wire::decode` of `len` bytes may hold: its claim budget, what serde
+/// preallocates, and the decoded value's own headers (bounded by the budget too: every field
+/// claims at least its size).
+fn wire_limit(len: usize) -> usize {
+    2 * decode_claim_budget(len, MESSAGE_MAX_BYTES) + SEQUENCE_PREALLOC_BYTES
+}
+
+fn text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-z0-9._/-]{0,12}",
+        any::<String>().prop_map(|s| s.chars().take(24).collect()),
+    ]
+}
+
+fn coordinate() -> impl Strategy<Value = Coordinate> {
+    proptest::array::uniform9(1u32..40).prop_filter_map("in range", |c| {
+        Coordinate::from_components(c).ok()
+    })
+}
+
+fn phext_name() -> impl Strategy<Value = PhextName> {
+    "[a-z][a-z0-9_.-]{0,10}".prop_filter_map("valid name", |s| PhextName::parse(&s).ok())
+}
+
+fn sq_request() -> impl Strategy<Value = SqRequest> {
+    prop_oneof![
+        Just(SqRequest::Version),
+        (phext_name(), coordinate()).prop_map(|(p, c)| SqRequest::Select { p, c }),
+        (phext_name(), coordinate(), text()).prop_map(|(p, c, text)| SqRequest::Insert {
+            p,
+            c,
+            text
+        }),
+        phext_name().prop_map(|p| SqRequest::Get { p }),
+        (phext_name(), prop::collection::vec((coordinate(), text()), 0..4))
+            .prop_map(|(p, manifest)| SqRequest::Delta { p, manifest }),
+        (phext_name(), prop::collection::vec(coordinate(), 0..4), any::<Option<usize>>()).prop_map(
+            |(p, set, limit)| SqRequest::Query {
+                p,
+                selector: proto::request::Selector::Set(set),
+                limit
+            }
+        ),
+    ]
+}
+
+fn api_error() -> impl Strategy<Value = ApiError> {
+    prop_oneof![
+        text().prop_map(ApiError::BadRequest),
+        Just(ApiError::NotFound),
+        (text(), any::<u64>())
+            .prop_map(|(reason, retry_after_s)| ApiError::Unavailable { reason, retry_after_s }),
+        any::<u64>().prop_map(|epoch| ApiError::NotOwner { epoch }),
+    ]
+}
+
+fn node_request() -> impl Strategy<Value = NodeRequest> {
+    prop_oneof![
+        (text(), text(), any::<u64>(), sq_request()).prop_map(|(tenant, key_hash, epoch, request)| {
+            NodeRequest::Sq { tenant, key_hash, epoch, request }
+        }),
+        (any::<u64>(), any::<u64>())
+            .prop_map(|(known_index, wait_ms)| NodeRequest::View { known_index, wait_ms }),
+        (text(), text(), any::<Option<u64>>()).prop_map(|(admin_key_hash, tenant_id, quota_mb)| {
+            NodeRequest::Admin {
+                admin_key_hash,
+                op: AdminOp::PatchTenant {
+                    tenant_id,
+                    tier: None,
+                    quota_mb,
+                    enabled: None,
+                    daily_limit: None,
+                },
+            }
+        }),
+        prop::collection::vec(any::<u8>(), 0..64).prop_map(|command| NodeRequest::RaftCommand {
+            command
+        }),
+        (text(), any::<u64>())
+            .prop_map(|(tenant, epoch)| NodeRequest::HandoffManifest { tenant, epoch }),
+        (text(), text(), any::<u64>(), any::<u64>()).prop_map(|(tenant, path, offset, len)| {
+            NodeRequest::HandoffRead { tenant, path, offset, len }
+        }),
+        prop::collection::vec(text(), 0..4).prop_map(|tenants| NodeRequest::TenantUsage {
+            tenants
+        }),
+        (any::<u64>(), prop::collection::vec(any::<(u64, u64)>(), 0..6))
+            .prop_map(|(from, heartbeats)| NodeRequest::Gossip { from, heartbeats }),
+    ]
+}
+
+fn handoff_file() -> impl Strategy<Value = HandoffFile> {
+    (text(), any::<u64>(), text()).prop_map(|(path, len, checksum)| HandoffFile {
+        path,
+        len,
+        checksum,
+    })
+}
+
+fn node_response() -> impl Strategy<Value = NodeResponse> {
+    prop_oneof![
+        prop_oneof![
+            (prop::collection::vec(any::<u8>(), 0..64), any::<bool>())
+                .prop_map(|(body, json)| Ok(SqResponse { body, json })),
+            api_error().prop_map(Err),
+        ]
+        .prop_map(NodeResponse::Sq),
+        prop::collection::vec(
+            (text(), any::<u64>(), any::<Option<u64>>()).prop_map(|(tenant_id, n, last)| {
+                TenantUsage {
+                    tenant_id,
+                    storage_bytes: n,
+                    api_calls_today: n / 3,
+                    bytes_out_today: n / 7,
+                    last_active_ms: last,
+                }
+            }),
+            0..4
+        )
+        .prop_map(NodeResponse::TenantUsage),
+        prop::collection::vec(any::<(u64, u64)>(), 0..6)
+            .prop_map(|heartbeats| NodeResponse::Gossip { heartbeats }),
+        prop_oneof![
+            prop::collection::vec(handoff_file(), 0..5).prop_map(Ok),
+            api_error().prop_map(Err)
+        ]
+        .prop_map(NodeResponse::HandoffManifest),
+        prop::collection::vec(any::<u8>(), 0..64)
+            .prop_map(|b| NodeResponse::HandoffChunk(Ok(Chunk(b)))),
+        text().prop_map(NodeResponse::Refused),
+    ]
+}
+
+/// Decodes `bytes` as `T`, checking the allocation bound; true if it decoded.
+fn check_wire<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<bool, TestCaseError> {
+    let (decoded, peak) = meter::peak(|| wire::decode::<T>(bytes).is_ok());
+    prop_assert!(
+        peak <= wire_limit(bytes.len()),
+        "decoding {} bytes held {peak} bytes, limit {}",
+        bytes.len(),
+        wire_limit(bytes.len())
+    );
+    Ok(decoded)
+}
+
+/// The request parser's allocation bound: the parsed parameters and body copies, the delta
+/// manifest or coordinate list (a few dozen bytes of entry for each line of at least a dozen
+/// bytes), doubled by vector growth, and 64 KiB of fixed overhead.
+fn request_limit(input_len: usize) -> usize {
+    16 * input_len + 64 * 1024
+}
+
+fn route() -> impl Strategy<Value = String> {
+    prop_oneof![
+        prop::sample::select(vec![
+            "version", "select", "insert", "update", "delete", "toc", "get", "checksum", "delta",
+            "query",
+        ])
+        .prop_map(str::to_string),
+        "[a-z/]{0,12}",
+    ]
+}
+
+/// A query string built from parameters SQ reads, with values that are valid, percent-encoded,
+/// or garbage.
+fn query() -> impl Strategy<Value = String> {
+    let key = prop::sample::select(vec!["p", "c", "s", "from", "to", "set", "limit", "x", ""]);
+    let value = prop_oneof![
+        phext_name().prop_map(|p| p.as_str().to_string()),
+        coordinate().prop_map(|c| c.to_string()),
+        prop::collection::vec(coordinate(), 0..5)
+            .prop_map(|cs| cs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",")),
+        "[0-9]{0,25}",
+        "(%[0-9a-fA-F]{0,2}|[a-z+.=&/,])*",
+        any::<String>(),
+    ];
+    prop::collection::vec((key, value), 0..6).prop_map(|pairs| {
+        pairs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join("&")
+    })
+}
+
+/// A body: a delta manifest, a coordinate list, scroll text or bytes, then mutated.
+fn body() -> impl Strategy<Value = Vec<u8>> {
+    let manifest = prop::collection::vec((coordinate(), "[0-9a-f]{0,32}"), 0..8).prop_map(|ls| {
+        ls.iter().map(|(c, h)| format!("{c}: {h}\n")).collect::<String>().into_bytes()
+    });
+    let coords = prop::collection::vec(coordinate(), 0..8).prop_map(|cs| {
+        cs.iter().map(|c| format!("{c}\n")).collect::<String>().into_bytes()
+    });
+    let raw = prop::collection::vec(any::<u8>(), 0..256);
+    (prop_oneof![manifest, coords, raw], prop::collection::vec(mutation(), 0..3))
+        .prop_map(|(b, ms)| mutate(b, &ms))
+}
+
+fn method() -> impl Strategy<Value = Method> {
+    prop_oneof![Just(Method::Get), Just(Method::Post)]
+}
+
+proptest! {
+    #![proptest_config(Config { cases: 512, failure_persistence: None, ..Config::default() })]
+
+    // Goal: no request, however malformed, panics the parser or makes it hold more than a small
+    // multiple of its own size.
+    #[test]
+    fn request_parse_is_total_and_bounded(m in method(), r in route(), q in query(), b in body()) {
+        let input = r.len() + q.len() + b.len();
+        let (_, peak) = meter::peak(|| parse(m, &r, &q, &b).is_ok());
+        prop_assert!(peak <= request_limit(input), "{input} bytes of request held {peak}");
+    }
+
+    // Goal: arbitrary bytes as a NodeRequest or NodeResponse never panic and stay in bounds.
+    #[test]
+    fn wire_decode_of_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        check_wire::<NodeRequest>(&bytes)?;
+        check_wire::<NodeResponse>(&bytes)?;
+    }
+
+    // Goal: a valid request round-trips, and any damage to it is refused or decodes, within
+    // bounds, without a panic.
+    #[test]
+    fn wire_decode_of_damaged_requests(
+        req in node_request(),
+        ms in prop::collection::vec(mutation(), 1..4),
+    ) {
+        let bytes = wire::encode(&req).expect("encodes");
+        prop_assert!(check_wire::<NodeRequest>(&bytes)?, "a valid request decodes");
+        prop_assert_eq!(wire::decode::<NodeRequest>(&bytes).ok(), Some(req));
+        check_wire::<NodeRequest>(&mutate(bytes, &ms))?;
+    }
+
+    // Goal: the same for answers, which a gateway or a pulling node decodes.
+    #[test]
+    fn wire_decode_of_damaged_responses(
+        resp in node_response(),
+        ms in prop::collection::vec(mutation(), 1..4),
+    ) {
+        let bytes = wire::encode(&resp).expect("encodes");
+        prop_assert!(check_wire::<NodeResponse>(&bytes)?, "a valid response decodes");
+        prop_assert_eq!(wire::decode::<NodeResponse>(&bytes).ok(), Some(resp));
+        check_wire::<NodeResponse>(&mutate(bytes, &ms))?;
+    }
+}
+
+// Goal: a message of a few bytes whose string claims the whole message limit is refused before
+// the string is allocated (bincode allocates first, then reads).
+#[test]
+fn forged_string_length_allocates_nothing_large() {
+    let mut bytes = wire::encode(&NodeResponse::Refused(String::new())).expect("encodes");
+    bytes.pop();
+    bytes.extend(varint(MESSAGE_MAX_BYTES as u64 - 16));
+    let (result, peak) = meter::peak(|| wire::decode::<NodeResponse>(&bytes));
+    assert!(result.is_err());
+    assert!(peak <= wire_limit(bytes.len()), "{} bytes held {peak}", bytes.len());
+    assert!(peak < 1024 * 1024, "{peak}");
+}
+
+// Goal: the largest body is accepted by size, one byte more is refused as too large.
+#[test]
+fn body_limit_is_the_named_one() {
+    let ok = vec![b'a'; BODY_MAX_BYTES];
+    assert!(parse(Method::Post, "update", "p=doc&c=1.1.1/1.1.1/1.1.1", &ok).is_ok());
+    let over = vec![b'a'; BODY_MAX_BYTES + 1];
+    assert!(matches!(
+        parse(Method::Post, "update", "p=doc&c=1.1.1/1.1.1/1.1.1", &over),
+        Err(ApiError::PayloadTooLarge { .. })
+    ));
+}
