@@ -152,16 +152,12 @@ fn wire_limit(len: usize) -> usize {
 }
 
 fn text() -> impl Strategy<Value = String> {
-    prop_oneof![
-        "[a-z0-9._/-]{0,12}",
-        any::<String>().prop_map(|s| s.chars().take(24).collect()),
-    ]
+    prop_oneof!["[a-z0-9._/-]{0,12}", any::<String>().prop_map(|s| s.chars().take(24).collect()),]
 }
 
 fn coordinate() -> impl Strategy<Value = Coordinate> {
-    proptest::array::uniform9(1u32..40).prop_filter_map("in range", |c| {
-        Coordinate::from_components(c).ok()
-    })
+    proptest::array::uniform9(1u32..40)
+        .prop_filter_map("in range", |c| Coordinate::from_components(c).ok())
 }
 
 fn phext_name() -> impl Strategy<Value = PhextName> {
@@ -202,9 +198,11 @@ fn api_error() -> impl Strategy<Value = ApiError> {
 
 fn node_request() -> impl Strategy<Value = NodeRequest> {
     prop_oneof![
-        (text(), text(), any::<u64>(), sq_request()).prop_map(|(tenant, key_hash, epoch, request)| {
-            NodeRequest::Sq { tenant, key_hash, epoch, request }
-        }),
+        (text(), text(), any::<u64>(), sq_request()).prop_map(
+            |(tenant, key_hash, epoch, request)| {
+                NodeRequest::Sq { tenant, key_hash, epoch, request }
+            }
+        ),
         (any::<u64>(), any::<u64>())
             .prop_map(|(known_index, wait_ms)| NodeRequest::View { known_index, wait_ms }),
         (text(), text(), any::<Option<u64>>()).prop_map(|(admin_key_hash, tenant_id, quota_mb)| {
@@ -219,17 +217,15 @@ fn node_request() -> impl Strategy<Value = NodeRequest> {
                 },
             }
         }),
-        prop::collection::vec(any::<u8>(), 0..64).prop_map(|command| NodeRequest::RaftCommand {
-            command
-        }),
+        prop::collection::vec(any::<u8>(), 0..64)
+            .prop_map(|command| NodeRequest::RaftCommand { command }),
         (text(), any::<u64>())
             .prop_map(|(tenant, epoch)| NodeRequest::HandoffManifest { tenant, epoch }),
         (text(), text(), any::<u64>(), any::<u64>()).prop_map(|(tenant, path, offset, len)| {
             NodeRequest::HandoffRead { tenant, path, offset, len }
         }),
-        prop::collection::vec(text(), 0..4).prop_map(|tenants| NodeRequest::TenantUsage {
-            tenants
-        }),
+        prop::collection::vec(text(), 0..4)
+            .prop_map(|tenants| NodeRequest::TenantUsage { tenants }),
         (any::<u64>(), prop::collection::vec(any::<(u64, u64)>(), 0..6))
             .prop_map(|(from, heartbeats)| NodeRequest::Gossip { from, heartbeats }),
     ]
@@ -314,8 +310,11 @@ fn query() -> impl Strategy<Value = String> {
     let value = prop_oneof![
         phext_name().prop_map(|p| p.as_str().to_string()),
         coordinate().prop_map(|c| c.to_string()),
-        prop::collection::vec(coordinate(), 0..5)
-            .prop_map(|cs| cs.iter().map(|c| c.to_string()).collect::<Vec<_>>().join(",")),
+        prop::collection::vec(coordinate(), 0..5).prop_map(|cs| cs
+            .iter()
+            .map(|c| c.to_string())
+            .collect::<Vec<_>>()
+            .join(",")),
         "[0-9]{0,25}",
         "(%[0-9a-fA-F]{0,2}|[a-z+.=&/,])*",
         any::<String>(),
@@ -330,9 +329,8 @@ fn body() -> impl Strategy<Value = Vec<u8>> {
     let manifest = prop::collection::vec((coordinate(), "[0-9a-f]{0,32}"), 0..8).prop_map(|ls| {
         ls.iter().map(|(c, h)| format!("{c}: {h}\n")).collect::<String>().into_bytes()
     });
-    let coords = prop::collection::vec(coordinate(), 0..8).prop_map(|cs| {
-        cs.iter().map(|c| format!("{c}\n")).collect::<String>().into_bytes()
-    });
+    let coords = prop::collection::vec(coordinate(), 0..8)
+        .prop_map(|cs| cs.iter().map(|c| format!("{c}\n")).collect::<String>().into_bytes());
     let raw = prop::collection::vec(any::<u8>(), 0..256);
     (prop_oneof![manifest, coords, raw], prop::collection::vec(mutation(), 0..3))
         .prop_map(|(b, ms)| mutate(b, &ms))

@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::state::{
     is_valid_key_hash, valid_tenant_id, Handoff, NodeRecord, NodeState, RegistryState,
-    TenantRecord, Tier, ADMIN_EMAIL_LEN_MAX, KEY_HASHES_PER_TENANT_MAX, NODE_ADDR_LEN_MAX,
+    TenantRecord, Tier, ACTIVE_NODES_MAX, ADMIN_EMAIL_LEN_MAX, KEY_HASHES_PER_TENANT_MAX,
+    NODE_ADDR_LEN_MAX,
 };
 
 /// Every change to the registry. Serialised into the Raft log.
@@ -110,6 +111,8 @@ pub enum Rejection {
     NoSuchHandoff,
     #[error("node {0} still owns tenants; drain it first")]
     NodeOwnsTenants(u64),
+    #[error("{ACTIVE_NODES_MAX} nodes are active already, the most a cluster may have")]
+    TooManyActiveNodes,
 }
 
 /// What the state machine answers for every applied log entry (the Raft `R` type).
@@ -297,6 +300,9 @@ fn node_transition(state: &mut RegistryState, id: u64, to: NodeState) -> Result<
     let active_before = state.nodes.values().filter(|n| n.state == NodeState::Active).count();
     if from == NodeState::Active && active_before == 1 {
         return Err(Rejection::LastActiveNode(id));
+    }
+    if to == NodeState::Active && active_before >= ACTIVE_NODES_MAX {
+        return Err(Rejection::TooManyActiveNodes);
     }
     let moves_tenants = from == NodeState::Active || to == NodeState::Active;
     if moves_tenants && !state.handoffs.is_empty() {

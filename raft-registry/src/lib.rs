@@ -43,6 +43,8 @@ pub mod log_store;
 mod membership;
 pub mod network;
 pub mod placement;
+#[cfg(test)]
+mod prop_decoders;
 pub mod registry;
 pub mod runtime;
 pub mod state;

@@ -31,7 +31,7 @@ pub const META_FILE: &str = "raft-meta";
 
 /// One record of the log file.
 #[derive(Serialize, Deserialize)]
-enum LogRecord {
+pub(crate) enum LogRecord {
     /// Everything up to and including this id was purged; only ever the first record.
     Purged(LogId),
     Entry(Entry),
@@ -39,9 +39,9 @@ enum LogRecord {
 
 /// Contents of `raft-meta`.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
-struct Meta {
-    vote: Option<Vote>,
-    committed: Option<LogId>,
+pub(crate) struct Meta {
+    pub(crate) vote: Option<Vote>,
+    pub(crate) committed: Option<LogId>,
 }
 
 struct LogInner {
@@ -127,16 +127,16 @@ impl LogStore {
 }
 
 /// What the scan of an existing log file found.
-struct Replay {
-    entries: BTreeMap<u64, Entry>,
+pub(crate) struct Replay {
+    pub(crate) entries: BTreeMap<u64, Entry>,
     offsets: BTreeMap<u64, u64>,
     last_purged: Option<LogId>,
-    end: u64,
+    pub(crate) end: u64,
 }
 
 /// Scans the log file; stops at the first torn record. A record that passes its checksum but
 /// does not decode, or breaks the sequence, is corruption, not a torn tail.
-fn replay(path: &Path, bytes: &[u8]) -> Result<Replay, StoreError> {
+pub(crate) fn replay(path: &Path, bytes: &[u8]) -> Result<Replay, StoreError> {
     let mut r =
         Replay { entries: BTreeMap::new(), offsets: BTreeMap::new(), last_purged: None, end: 0 };
     let corrupt = |reason: String| StoreError::Corrupt { path: path.to_path_buf(), reason };

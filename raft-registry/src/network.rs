@@ -47,9 +47,9 @@ pub trait RaftTransport: Send + Sync + 'static {
 /// another id: an address that now belongs to another node (a restart on a reused port, an
 /// operator's typo in `nodes add`) must not let one node vote or acknowledge entries twice.
 #[derive(Serialize, Deserialize)]
-struct Addressed {
-    to: NodeId,
-    rpc: RaftRpc,
+pub(crate) struct Addressed {
+    pub(crate) to: NodeId,
+    pub(crate) rpc: RaftRpc,
 }
 
 /// A Raft request.
@@ -83,12 +83,14 @@ fn wire_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<RPC_MESSAGE_BYTES_MAX>()
 }
 
-fn encode<T: Serialize>(body: T) -> Result<Vec<u8>, String> {
+pub(crate) fn encode<T: Serialize>(body: T) -> Result<Vec<u8>, String> {
     bincode::serde::encode_to_vec(Envelope { version: RAFT_RPC_VERSION, body }, wire_config())
         .map_err(|e| e.to_string())
 }
 
-fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+/// Decodes a versioned message; it claims (allocates) at most
+/// [`crate::disk::decode_claim_budget`] of its length under [`RPC_MESSAGE_BYTES_MAX`].
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     // The version is decoded first, so a newer body layout is reported as a version mismatch.
     let (version, _): (u16, usize) =
         bincode::serde::decode_from_slice(bytes, wire_config()).map_err(|e| e.to_string())?;
@@ -96,7 +98,8 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
         return Err(format!("raft rpc version {version}, expected {RAFT_RPC_VERSION}"));
     }
     let (env, _): (Envelope<T>, usize) =
-        bincode::serde::decode_from_slice(bytes, wire_config()).map_err(|e| e.to_string())?;
+        crate::disk::decode_bounded::<_, RPC_MESSAGE_BYTES_MAX>(bytes)
+            .map_err(|e| e.to_string())?;
     Ok(env.body)
 }
 

@@ -26,6 +26,12 @@ pub const NODE_ADDR_LEN_MAX: usize = 255;
 /// Longest admin e-mail address kept (RFC 5321 path limit).
 pub const ADMIN_EMAIL_LEN_MAX: usize = 254;
 
+/// The most nodes active at once. Each active node costs the placement ring
+/// [`crate::VNODES_PER_NODE`] virtual nodes, about 180 KiB, so this bounds the ring that a
+/// snapshot or the log can make a node build (about 46 MiB at the limit); it is far beyond any
+/// mesh this service runs on.
+pub const ACTIVE_NODES_MAX: usize = 256;
+
 /// A tenant as the registry knows it. Keys appear only as hex sha256 hashes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantRecord {

@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::command::{self, ApplyReply};
 use crate::disk::{self, Fs, StoreError};
-use crate::state::{Handoff, NodeRecord, RegistryState, TenantRecord};
+use crate::state::{Handoff, NodeRecord, NodeState, RegistryState, TenantRecord, ACTIVE_NODES_MAX};
 use crate::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
@@ -49,7 +49,7 @@ struct StoredSnapshot {
     data: Vec<u8>,
 }
 
-fn encode_state(state: &RegistryState) -> Result<Vec<u8>, StoreError> {
+pub(crate) fn encode_state(state: &RegistryState) -> Result<Vec<u8>, StoreError> {
     let image = StateImage {
         format_version: SNAPSHOT_FORMAT_VERSION,
         tenants: state.tenants().cloned().collect(),
@@ -62,7 +62,7 @@ fn encode_state(state: &RegistryState) -> Result<Vec<u8>, StoreError> {
     disk::encode("snapshot image", &(image, purged))
 }
 
-fn decode_state(origin: &Path, data: &[u8]) -> Result<RegistryState, StoreError> {
+pub(crate) fn decode_state(origin: &Path, data: &[u8]) -> Result<RegistryState, StoreError> {
     // Every format starts with its version (a varint), so it is read first.
     let (version, _): (u32, usize) =
         bincode::serde::decode_from_slice(data, disk::bincode_config()).map_err(|e| {
@@ -77,6 +77,11 @@ fn decode_state(origin: &Path, data: &[u8]) -> Result<RegistryState, StoreError>
             return Err(StoreError::Corrupt { path: origin.to_path_buf(), reason });
         }
     };
+    let active = image.nodes.iter().filter(|n| n.state == NodeState::Active).count();
+    if active > ACTIVE_NODES_MAX {
+        let reason = format!("{active} active nodes, more than {ACTIVE_NODES_MAX}");
+        return Err(StoreError::Corrupt { path: origin.to_path_buf(), reason });
+    }
     Ok(RegistryState::from_parts(
         image.tenants,
         image.admin_key_hash,

@@ -124,11 +124,37 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
         .map_err(|e| TransportError::Encode(e.to_string()))
 }
 
+/// Bytes a decode may claim for each byte of its payload. bincode claims a value's in-memory
+/// size before reading it (a string's length prefix, 8 bytes for a one-byte varint u64, 16 for a
+/// u128), so a valid payload never claims more than 16 per byte; a forged length prefix in a
+/// short payload must not make the receiver allocate up to [`MAX_FRAME_BYTES`].
+pub const DECODE_CLAIM_PER_PAYLOAD_BYTE: usize = 16;
+
+/// The claim budgets a decode can get, smallest first (the first is the floor, whatever the
+/// payload); a larger payload gets [`MAX_FRAME_BYTES`].
+const CLAIM_TIERS: [usize; 3] = [64 * 1024, 1024 * 1024, 8 * 1024 * 1024];
+
+/// The most a [`decode`] of `payload_len` bytes may claim (allocate), in bytes.
+pub fn decode_claim_budget(payload_len: usize) -> usize {
+    let wanted = payload_len.saturating_mul(DECODE_CLAIM_PER_PAYLOAD_BYTE);
+    CLAIM_TIERS.into_iter().find(|&tier| wanted <= tier).unwrap_or(MAX_FRAME_BYTES)
+}
+
 /// Decodes a payload produced by [`encode`]; trailing bytes are an error, since they mean the
-/// two ends disagree about the type.
+/// two ends disagree about the type. It claims at most [`decode_claim_budget`] bytes.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
-    let (value, used) = bincode::serde::decode_from_slice(bytes, config())
-        .map_err(|e| TransportError::Decode(e.to_string()))?;
+    use bincode::config::standard;
+    use bincode::serde::decode_from_slice;
+    const T0: usize = CLAIM_TIERS[0];
+    const T1: usize = CLAIM_TIERS[1];
+    const T2: usize = CLAIM_TIERS[2];
+    let decoded = match decode_claim_budget(bytes.len()) {
+        T0 => decode_from_slice(bytes, standard().with_limit::<T0>()),
+        T1 => decode_from_slice(bytes, standard().with_limit::<T1>()),
+        T2 => decode_from_slice(bytes, standard().with_limit::<T2>()),
+        _ => decode_from_slice(bytes, config()),
+    };
+    let (value, used) = decoded.map_err(|e| TransportError::Decode(e.to_string()))?;
     if used != bytes.len() {
         return Err(TransportError::Decode(format!(
             "{} trailing bytes after the value",

@@ -1,0 +1,491 @@
+//! Property tests of the registry's decoders of untrusted bytes: log records replayed at open,
+//! the vote file, snapshot images (from disk or from the leader) and Raft RPC messages. Each
+//! property feeds arbitrary bytes and valid encodings mutated (bit flips, truncations, inflated
+//! length prefixes, and damaged payloads re-framed with a valid checksum so that the decode
+//! itself is reached) and checks that the decoder neither panics nor allocates past its limit,
+//! measured by a counting allocator around the one decode call.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
+use openraft::{BasicNode, CommittedLeaderId, EntryPayload, Membership};
+use proptest::prelude::*;
+use proptest::test_runner::Config;
+
+use crate::command::Command;
+use crate::disk::{self, decode_claim_budget, RECORD_PAYLOAD_BYTES_MAX};
+use crate::log_store::{replay, LogRecord, Meta};
+use crate::network::{self, Addressed, RaftRpc, RaftRpcReply, RPC_MESSAGE_BYTES_MAX};
+use crate::state::{
+    Handoff, NodeRecord, NodeState, RegistryState, TenantRecord, Tier, ACTIVE_NODES_MAX,
+};
+use crate::state_machine::{decode_state, encode_state};
+use crate::types::{Entry, LogId, Vote};
+
+/// Peak heap of one decode call, per thread, so parallel tests do not mix.
+mod meter {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    pub struct Counting;
+
+    thread_local! {
+        static ON: Cell<bool> = const { Cell::new(false) };
+        static LIVE: Cell<usize> = const { Cell::new(0) };
+        static PEAK: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn grow(n: usize) {
+        let _ = ON.try_with(|on| {
+            if on.get() {
+                let live = LIVE.get() + n;
+                LIVE.set(live);
+                PEAK.set(PEAK.get().max(live));
+            }
+        });
+    }
+
+    fn shrink(n: usize) {
+        let _ = ON.try_with(|on| {
+            if on.get() {
+                // Memory allocated before the measure may be freed during it.
+                LIVE.set(LIVE.get().saturating_sub(n));
+            }
+        });
+    }
+
+    // SAFETY: every call is forwarded unchanged to the system allocator.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            grow(l.size());
+            System.alloc(l)
+        }
+        unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+            grow(l.size());
+            System.alloc_zeroed(l)
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            shrink(l.size());
+            System.dealloc(p, l)
+        }
+        unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+            // Counted as both blocks at once, as a moving realloc holds them.
+            grow(new);
+            shrink(l.size());
+            System.realloc(p, l, new)
+        }
+    }
+
+    /// Runs `f` and returns its result with the peak of bytes it held on the heap at once.
+    pub fn peak<R>(f: impl FnOnce() -> R) -> (R, usize) {
+        LIVE.set(0);
+        PEAK.set(0);
+        ON.set(true);
+        let out = f();
+        ON.set(false);
+        (out, PEAK.get())
+    }
+}
+
+#[global_allocator]
+static ALLOC: meter::Counting = meter::Counting;
+
+/// A damage done to a valid encoding.
+#[derive(Debug, Clone)]
+enum Mutation {
+    /// Flip bit `bit` of the byte at `at` (positions wrap around the input).
+    Flip { at: usize, bit: u8 },
+    /// Cut the input at `at`.
+    Truncate { at: usize },
+    /// Put a bincode varint of `value` over the byte at `at`: a forged length prefix.
+    Inflate { at: usize, value: u64 },
+    /// Insert a byte at `at`.
+    Insert { at: usize, byte: u8 },
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        3 => (any::<usize>(), 0u8..8).prop_map(|(at, bit)| Mutation::Flip { at, bit }),
+        1 => any::<usize>().prop_map(|at| Mutation::Truncate { at }),
+        2 => (any::<usize>(), prop_oneof![
+            Just(u64::MAX),
+            Just(u32::MAX as u64),
+            Just(RECORD_PAYLOAD_BYTES_MAX as u64),
+            Just(RECORD_PAYLOAD_BYTES_MAX as u64 - 1),
+            1u64 << 10..RECORD_PAYLOAD_BYTES_MAX as u64,
+            1u64 << 20..1u64 << 32,
+        ])
+            .prop_map(|(at, value)| Mutation::Inflate { at, value }),
+        1 => (any::<usize>(), any::<u8>()).prop_map(|(at, byte)| Mutation::Insert { at, byte }),
+    ]
+}
+
+fn varint(value: u64) -> Vec<u8> {
+    match value {
+        0..=250 => vec![value as u8],
+        251..=0xffff => [&[251u8][..], &(value as u16).to_le_bytes()].concat(),
+        0x1_0000..=0xffff_ffff => [&[252u8][..], &(value as u32).to_le_bytes()].concat(),
+        _ => [&[253u8][..], &value.to_le_bytes()].concat(),
+    }
+}
+
+fn mutate(mut bytes: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
+    for m in mutations {
+        let n = bytes.len().max(1);
+        match *m {
+            Mutation::Flip { at, bit } => {
+                if let Some(b) = bytes.get_mut(at % n) {
+                    *b ^= 1 << bit;
+                }
+            }
+            Mutation::Truncate { at } => bytes.truncate(at % n),
+            Mutation::Inflate { at, value } => {
+                let at = (at % n).min(bytes.len());
+                let end = (at + 1).min(bytes.len());
+                bytes.splice(at..end, varint(value));
+            }
+            Mutation::Insert { at, byte } => bytes.insert((at % n).min(bytes.len()), byte),
+        }
+    }
+    bytes
+}
+
+/// Heap serde may preallocate for the sequences being decoded at one time: at most 1 MiB for
+/// each (serde's cautious size hint), nested at most four deep in these types.
+const SEQUENCE_PREALLOC_BYTES: usize = 4 * 1024 * 1024;
+
+/// The most one bounded decode of `len` bytes may hold under the limit `max`: its claim budget,
+/// twice (the decoded value's own headers are claimed by its fields too), and what serde
+/// preallocates.
+fn decode_limit(len: usize, max: usize) -> usize {
+    2 * decode_claim_budget(len, max) + SEQUENCE_PREALLOC_BYTES
+}
+
+fn text() -> impl Strategy<Value = String> {
+    prop_oneof!["[a-z0-9:.-]{0,12}", any::<String>().prop_map(|s| s.chars().take(16).collect())]
+}
+
+fn command() -> impl Strategy<Value = Command> {
+    prop_oneof![
+        (text(), text(), any::<u64>()).prop_map(|(id, hash, at)| {
+            Command::AddTenant(TenantRecord::new(id, Tier::Pro, hash, at))
+        }),
+        (text(), text()).prop_map(|(id, new_hash)| Command::RotateKey { id, new_hash }),
+        (any::<u64>(), text()).prop_map(|(id, addr)| Command::NodeJoin { id, addr }),
+        text().prop_map(|hash| Command::SetAdminKeyHash { hash }),
+        (text(), any::<u64>()).prop_map(|(tenant, epoch)| Command::HandoffDone { tenant, epoch }),
+    ]
+}
+
+fn log_id(index: u64) -> LogId {
+    LogId::new(CommittedLeaderId::new(index / 7 + 1, index % 3), index)
+}
+
+fn membership(ids: &BTreeSet<u64>) -> Membership<u64, BasicNode> {
+    let nodes: BTreeMap<u64, BasicNode> =
+        ids.iter().map(|&id| (id, BasicNode::new(format!("127.0.0.1:{id}")))).collect();
+    Membership::new(vec![ids.clone()], nodes)
+}
+
+fn payload() -> impl Strategy<Value = EntryPayload<crate::types::TypeConfig>> {
+    prop_oneof![
+        Just(EntryPayload::Blank),
+        command().prop_map(EntryPayload::Normal),
+        prop::collection::btree_set(0u64..9, 1..4)
+            .prop_map(|ids| EntryPayload::Membership(membership(&ids))),
+    ]
+}
+
+/// Entries with ascending indexes from `first`.
+fn entries(first: u64) -> impl Strategy<Value = Vec<Entry>> {
+    prop::collection::vec(payload(), 0..6).prop_map(move |ps| {
+        ps.into_iter()
+            .enumerate()
+            .map(|(i, payload)| Entry { log_id: log_id(first + i as u64), payload })
+            .collect()
+    })
+}
+
+/// Payloads of a valid log file: maybe a purge record, then entries.
+fn log_payloads() -> impl Strategy<Value = Vec<Vec<u8>>> {
+    (any::<bool>(), 1u64..1000).prop_flat_map(|(purged, first)| {
+        entries(first).prop_map(move |es| {
+            let mut out = Vec::new();
+            if purged {
+                let rec = LogRecord::Purged(log_id(first - 1));
+                out.push(disk::encode("log", &rec).expect("encodes"));
+            }
+            for e in es {
+                out.push(disk::encode("log", &LogRecord::Entry(e)).expect("encodes"));
+            }
+            out
+        })
+    })
+}
+
+fn frame_all(payloads: &[Vec<u8>]) -> Vec<u8> {
+    payloads.iter().flat_map(|p| disk::frame(p)).collect()
+}
+
+/// How much one replay of a log file may hold, for `len` bytes of file: the entries it keeps
+/// (each a few hundred bytes of structure for at least a dozen bytes of record, plus its
+/// index in two maps) and the claim budget of the largest record it decodes.
+fn replay_limit(len: usize) -> usize {
+    64 * len + decode_limit(len, RECORD_PAYLOAD_BYTES_MAX)
+}
+
+fn tenant() -> impl Strategy<Value = TenantRecord> {
+    ("[a-z0-9-]{1,10}", prop::collection::vec("[0-9a-f]{64}", 1..3), any::<bool>()).prop_map(
+        |(id, hashes, archived)| {
+            let mut t = TenantRecord::new(id, Tier::Team, hashes[0].clone(), 7);
+            t.key_hashes = hashes;
+            t.archived = archived;
+            t
+        },
+    )
+}
+
+fn node_state() -> impl Strategy<Value = NodeState> {
+    prop_oneof![
+        Just(NodeState::Joining),
+        Just(NodeState::Active),
+        Just(NodeState::Draining),
+        Just(NodeState::Removed)
+    ]
+}
+
+fn registry_state() -> impl Strategy<Value = RegistryState> {
+    (
+        prop::collection::vec(tenant(), 0..4),
+        prop::option::of("[0-9a-f]{64}"),
+        prop::collection::vec((1u64..20, text(), node_state()), 0..4),
+        any::<u64>(),
+        prop::collection::vec(("[a-z]{1,6}", 1u64..5, 1u64..5, any::<u64>()), 0..3),
+        prop::collection::vec("[a-z]{1,6}", 0..3),
+    )
+        .prop_map(|(tenants, admin, nodes, epoch, handoffs, purged)| {
+            RegistryState::from_parts(
+                tenants,
+                admin,
+                nodes.into_iter().map(|(id, addr, state)| NodeRecord { id, addr, state }).collect(),
+                epoch,
+                handoffs
+                    .into_iter()
+                    .map(|(tenant, from, to, epoch)| Handoff { tenant, from, to, epoch })
+                    .collect(),
+                purged,
+            )
+        })
+}
+
+/// Bytes the placement ring holds for each active node: [`crate::VNODES_PER_NODE`] virtual
+/// nodes of about 90 bytes each (measured: 54 MB for 300 nodes, building included).
+const RING_BYTES_PER_NODE: usize = crate::VNODES_PER_NODE as usize * 96;
+
+/// What one snapshot decode may hold, for `len` bytes of image: a bounded decode, the state
+/// built from it, and the placement ring of its active nodes: at most [`ACTIVE_NODES_MAX`], and
+/// at most one per 3 bytes of image (an id, an empty address and a state).
+fn snapshot_limit(len: usize) -> usize {
+    let ring = RING_BYTES_PER_NODE * ACTIVE_NODES_MAX.min(len / 3);
+    2 * decode_limit(len, RECORD_PAYLOAD_BYTES_MAX) + 64 * len + ring
+}
+
+fn vote() -> impl Strategy<Value = Vote> {
+    (any::<u64>(), 0u64..9, any::<bool>()).prop_map(|(term, node, committed)| {
+        if committed {
+            Vote::new_committed(term, node)
+        } else {
+            Vote::new(term, node)
+        }
+    })
+}
+
+/// An encoded Raft request.
+fn rpc() -> impl Strategy<Value = Vec<u8>> {
+    let encoded = |to: u64, rpc: RaftRpc| network::encode(Addressed { to, rpc }).expect("encodes");
+    prop_oneof![
+        (0u64..9, vote(), prop::option::of(any::<u64>())).prop_map(move |(to, v, last)| {
+            encoded(to, RaftRpc::Vote(VoteRequest::new(v, last.map(log_id))))
+        }),
+        (0u64..9, vote(), 1u64..100, entries(100), prop::option::of(0u64..100)).prop_map(
+            move |(to, vote, prev, entries, commit)| {
+                let request = AppendEntriesRequest {
+                    vote,
+                    prev_log_id: Some(log_id(prev)),
+                    entries,
+                    leader_commit: commit.map(log_id),
+                };
+                encoded(to, RaftRpc::AppendEntries(request))
+            }
+        ),
+    ]
+}
+
+/// An encoded Raft reply.
+fn reply() -> impl Strategy<Value = Vec<u8>> {
+    let encoded = |r: RaftRpcReply| network::encode(r).expect("encodes");
+    prop_oneof![
+        (vote(), any::<bool>(), prop::option::of(0u64..100)).prop_map(
+            move |(vote, granted, last)| {
+                encoded(RaftRpcReply::Vote(Ok(VoteResponse::new(vote, last.map(log_id), granted))))
+            }
+        ),
+        Just(()).prop_map(move |()| encoded(RaftRpcReply::AppendEntries(Ok(
+            AppendEntriesResponse::Success
+        )))),
+        vote().prop_map(move |v| {
+            encoded(RaftRpcReply::AppendEntries(Ok(AppendEntriesResponse::HigherVote(v))))
+        }),
+        text().prop_map(move |t| encoded(RaftRpcReply::Refused(t))),
+    ]
+}
+
+fn check_rpc<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<(), TestCaseError> {
+    let (_, peak) = meter::peak(|| network::decode::<T>(bytes).is_ok());
+    let limit = decode_limit(bytes.len(), RPC_MESSAGE_BYTES_MAX);
+    prop_assert!(peak <= limit, "{} bytes of rpc held {peak}, limit {limit}", bytes.len());
+    Ok(())
+}
+
+fn check_replay(bytes: &[u8]) -> Result<(), TestCaseError> {
+    let (_, peak) = meter::peak(|| replay(Path::new("raft-log"), bytes).is_ok());
+    let limit = replay_limit(bytes.len());
+    prop_assert!(peak <= limit, "{} bytes of log held {peak}, limit {limit}", bytes.len());
+    Ok(())
+}
+
+fn check_snapshot(bytes: &[u8]) -> Result<bool, TestCaseError> {
+    let (ok, peak) = meter::peak(|| decode_state(Path::new("snapshot"), bytes).is_ok());
+    let limit = snapshot_limit(bytes.len());
+    prop_assert!(peak <= limit, "{} bytes of snapshot held {peak}, limit {limit}", bytes.len());
+    Ok(ok)
+}
+
+proptest! {
+    #![proptest_config(Config { cases: 256, failure_persistence: None, ..Config::default() })]
+
+    // Goal: a valid log replays whole; damaged anywhere (its frames, or a payload re-framed
+    // with a good checksum) it replays to a prefix or is refused as corrupt, without a panic
+    // and within bounds.
+    #[test]
+    fn log_replay_of_damaged_logs(
+        payloads in log_payloads(),
+        ms in prop::collection::vec(mutation(), 1..4),
+        victim in any::<prop::sample::Index>(),
+        reframe in any::<bool>(),
+    ) {
+        let whole = frame_all(&payloads);
+        let r = replay(Path::new("raft-log"), &whole).expect("a valid log replays");
+        prop_assert_eq!(r.end, whole.len() as u64);
+        let damaged = if reframe && !payloads.is_empty() {
+            let mut ps = payloads.clone();
+            let i = victim.index(ps.len());
+            ps[i] = mutate(ps[i].clone(), &ms);
+            frame_all(&ps)
+        } else {
+            mutate(whole, &ms)
+        };
+        check_replay(&damaged)?;
+    }
+
+    // Goal: arbitrary bytes, framed or not, never panic the log replay or the vote file decode.
+    #[test]
+    fn log_and_meta_of_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        check_replay(&bytes)?;
+        check_replay(&disk::frame(&bytes))?;
+        let (_, peak) = meter::peak(|| disk::decode::<Meta>(Path::new("raft-meta"), &bytes).is_ok());
+        prop_assert!(peak <= decode_limit(bytes.len(), RECORD_PAYLOAD_BYTES_MAX));
+    }
+
+    // Goal: the vote file round-trips; damaged, it is refused or decodes, within bounds.
+    #[test]
+    fn meta_of_damaged_records(
+        v in prop::option::of(vote()),
+        committed in prop::option::of(0u64..1000),
+        ms in prop::collection::vec(mutation(), 1..4),
+    ) {
+        let bytes = disk::encode("meta", &Meta { vote: v, committed: committed.map(log_id) })
+            .expect("encodes");
+        let back: Meta = disk::decode(Path::new("raft-meta"), &bytes).expect("decodes");
+        prop_assert_eq!(back.vote, v);
+        let damaged = mutate(bytes, &ms);
+        let (_, peak) =
+            meter::peak(|| disk::decode::<Meta>(Path::new("raft-meta"), &damaged).is_ok());
+        prop_assert!(peak <= decode_limit(damaged.len(), RECORD_PAYLOAD_BYTES_MAX));
+    }
+
+    // Goal: a snapshot image decodes to the state it was made of; damaged, or arbitrary bytes,
+    // it is refused or decodes, within bounds and without a panic.
+    #[test]
+    fn snapshot_decode_of_damaged_images(
+        state in registry_state(),
+        ms in prop::collection::vec(mutation(), 1..4),
+        noise in prop::collection::vec(any::<u8>(), 0..256),
+    ) {
+        let bytes = encode_state(&state).expect("encodes");
+        prop_assert!(check_snapshot(&bytes)?, "a valid image decodes");
+        prop_assert_eq!(decode_state(Path::new("snapshot"), &bytes).ok(), Some(state));
+        check_snapshot(&mutate(bytes, &ms))?;
+        check_snapshot(&noise)?;
+    }
+
+    // Goal: a Raft request or reply, valid, damaged or arbitrary, never panics the decoder and
+    // stays within its bounds.
+    #[test]
+    fn rpc_decode_of_damaged_messages(
+        request in rpc(),
+        answer in reply(),
+        ms in prop::collection::vec(mutation(), 1..4),
+        noise in prop::collection::vec(any::<u8>(), 0..256),
+    ) {
+        prop_assert!(network::decode::<Addressed>(&request).is_ok());
+        check_rpc::<Addressed>(&mutate(request, &ms))?;
+        prop_assert!(network::decode::<RaftRpcReply>(&answer).is_ok());
+        check_rpc::<RaftRpcReply>(&mutate(answer, &ms))?;
+        check_rpc::<Addressed>(&noise)?;
+        check_rpc::<RaftRpcReply>(&noise)?;
+    }
+}
+
+// Goal: a record of a few bytes whose string claims the whole record limit is refused without
+// allocating it (bincode allocates a string before it reads it).
+#[test]
+fn forged_string_length_in_a_record_allocates_nothing_large() {
+    let mut bytes =
+        disk::encode("cmd", &Command::SetAdminKeyHash { hash: String::new() }).expect("encodes");
+    bytes.pop();
+    bytes.extend(varint(RECORD_PAYLOAD_BYTES_MAX as u64 - 16));
+    let (result, peak) =
+        meter::peak(|| disk::decode::<Command>(Path::new("raft-log"), &bytes).is_err());
+    assert!(result);
+    assert!(peak < 1024 * 1024, "{} bytes held {peak}", bytes.len());
+}
+
+// Goal: a snapshot image with one active node more than the limit is refused before its ring is
+// built; one at the limit is read, and its ring stays within the named bound; the registry
+// refuses to activate a node past the limit, so it never writes an image it cannot read.
+#[test]
+fn snapshot_with_too_many_active_nodes_is_refused() {
+    let state = |n: usize| {
+        let mut nodes: Vec<NodeRecord> = (1..=n as u64)
+            .map(|id| NodeRecord { id, addr: String::new(), state: NodeState::Active })
+            .collect();
+        nodes.push(NodeRecord { id: 0, addr: "127.0.0.1:1".into(), state: NodeState::Joining });
+        RegistryState::from_parts(vec![], None, nodes, 1, vec![], vec![])
+    };
+    let image = |n: usize| encode_state(&state(n)).expect("encodes");
+    let mut full = state(ACTIVE_NODES_MAX);
+    assert_eq!(
+        crate::command::apply(&mut full, Command::NodeActivate { id: 0 }),
+        Err(crate::command::Rejection::TooManyActiveNodes)
+    );
+    let over = image(ACTIVE_NODES_MAX + 1);
+    let (refused, peak) = meter::peak(|| decode_state(Path::new("snapshot"), &over).is_err());
+    assert!(refused);
+    assert!(peak < 1024 * 1024, "{peak}");
+    let at = image(ACTIVE_NODES_MAX);
+    let (read, peak) = meter::peak(|| decode_state(Path::new("snapshot"), &at).is_ok());
+    assert!(read);
+    assert!(peak <= snapshot_limit(at.len()), "{peak}");
+}

@@ -1,0 +1,271 @@
+//! Property tests of the transport's decoders of untrusted bytes: the frame header a peer sends
+//! first, and the bincode payload codec. Each property feeds arbitrary bytes and valid encodings
+//! mutated (bit flips, truncations, inflated length prefixes) and checks that the decoder never
+//! panics and never allocates past its limit, measured by a counting allocator.
+
+use proptest::prelude::*;
+use proptest::test_runner::Config;
+
+use transport::frame::{decode_claim_budget, header, parse_header, HEADER_BYTES, MAGIC};
+use transport::{decode, encode, TransportError, MAX_FRAME_BYTES, PROTOCOL_VERSION};
+
+/// Peak heap of one decode call, per thread, so parallel tests do not mix.
+mod meter {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    pub struct Counting;
+
+    thread_local! {
+        static ON: Cell<bool> = const { Cell::new(false) };
+        static LIVE: Cell<usize> = const { Cell::new(0) };
+        static PEAK: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn grow(n: usize) {
+        let _ = ON.try_with(|on| {
+            if on.get() {
+                let live = LIVE.get() + n;
+                LIVE.set(live);
+                PEAK.set(PEAK.get().max(live));
+            }
+        });
+    }
+
+    fn shrink(n: usize) {
+        let _ = ON.try_with(|on| {
+            if on.get() {
+                // Memory allocated before the measure may be freed during it.
+                LIVE.set(LIVE.get().saturating_sub(n));
+            }
+        });
+    }
+
+    // SAFETY: every call is forwarded unchanged to the system allocator.
+    unsafe impl GlobalAlloc for Counting {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            grow(l.size());
+            System.alloc(l)
+        }
+        unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+            grow(l.size());
+            System.alloc_zeroed(l)
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            shrink(l.size());
+            System.dealloc(p, l)
+        }
+        unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+            // Counted as both blocks at once, as a moving realloc holds them.
+            grow(new);
+            shrink(l.size());
+            System.realloc(p, l, new)
+        }
+    }
+
+    /// Runs `f` and returns its result with the peak of bytes it held on the heap at once.
+    pub fn peak<R>(f: impl FnOnce() -> R) -> (R, usize) {
+        LIVE.set(0);
+        PEAK.set(0);
+        ON.set(true);
+        let out = f();
+        ON.set(false);
+        (out, PEAK.get())
+    }
+}
+
+#[global_allocator]
+static ALLOC: meter::Counting = meter::Counting;
+
+/// A damage done to a valid encoding.
+#[derive(Debug, Clone)]
+enum Mutation {
+    /// Flip bit `bit` of the byte at `at` (positions wrap around the input).
+    Flip { at: usize, bit: u8 },
+    /// Cut the input at `at`.
+    Truncate { at: usize },
+    /// Put a bincode varint of `value` over the byte at `at`: a forged length prefix.
+    Inflate { at: usize, value: u64 },
+    /// Insert a byte at `at`.
+    Insert { at: usize, byte: u8 },
+}
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        3 => (any::<usize>(), 0u8..8).prop_map(|(at, bit)| Mutation::Flip { at, bit }),
+        1 => any::<usize>().prop_map(|at| Mutation::Truncate { at }),
+        2 => (any::<usize>(), prop_oneof![
+            Just(u64::MAX),
+            Just(u32::MAX as u64),
+            Just(MAX_FRAME_BYTES as u64),
+            Just(MAX_FRAME_BYTES as u64 - 1),
+            1u64 << 10..MAX_FRAME_BYTES as u64,
+            1u64 << 20..1u64 << 32,
+        ])
+            .prop_map(|(at, value)| Mutation::Inflate { at, value }),
+        1 => (any::<usize>(), any::<u8>()).prop_map(|(at, byte)| Mutation::Insert { at, byte }),
+    ]
+}
+
+fn varint(value: u64) -> Vec<u8> {
+    match value {
+        0..=250 => vec![value as u8],
+        251..=0xffff => [&[251u8][..], &(value as u16).to_le_bytes()].concat(),
+        0x1_0000..=0xffff_ffff => [&[252u8][..], &(value as u32).to_le_bytes()].concat(),
+        _ => [&[253u8][..], &value.to_le_bytes()].concat(),
+    }
+}
+
+fn mutate(mut bytes: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
+    for m in mutations {
+        let n = bytes.len().max(1);
+        match *m {
+            Mutation::Flip { at, bit } => {
+                if let Some(b) = bytes.get_mut(at % n) {
+                    *b ^= 1 << bit;
+                }
+            }
+            Mutation::Truncate { at } => bytes.truncate(at % n),
+            Mutation::Inflate { at, value } => {
+                let at = (at % n).min(bytes.len());
+                let end = (at + 1).min(bytes.len());
+                bytes.splice(at..end, varint(value));
+            }
+            Mutation::Insert { at, byte } => bytes.insert((at % n).min(bytes.len()), byte),
+        }
+    }
+    bytes
+}
+
+/// What one payload decode may hold: its claim budget (twice, for the decoded value's own
+/// headers, which every field claims too) and what serde preallocates for the sequences being
+/// decoded at once (at most 1 MiB each, nested at most four deep).
+fn decode_limit(len: usize) -> usize {
+    2 * decode_claim_budget(len) + 4 * 1024 * 1024
+}
+
+/// A payload type with every shape the codec meets: strings, byte strings, sequences, options,
+/// enums and integers of every width.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+enum Payload {
+    Unit,
+    Text { name: String, tags: Vec<String> },
+    Bytes(#[serde(with = "byte_string")] Vec<u8>),
+    Numbers { small: u8, wide: u64, signed: i64, pairs: Vec<(u64, u32)>, maybe: Option<u16> },
+    Nested(Vec<Vec<String>>),
+}
+
+/// A byte string, not a sequence of u8s (what serde_bytes does, without the dependency).
+mod byte_string {
+    pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Vec<u8>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_byte_buf<E>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+                Ok(v)
+            }
+            fn visit_bytes<E>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+                Ok(v.to_vec())
+            }
+        }
+        d.deserialize_byte_buf(V)
+    }
+}
+
+fn payload() -> impl Strategy<Value = Payload> {
+    let s = || "[a-z0-9]{0,10}";
+    prop_oneof![
+        Just(Payload::Unit),
+        (s(), prop::collection::vec(s(), 0..4))
+            .prop_map(|(name, tags)| Payload::Text { name, tags }),
+        prop::collection::vec(any::<u8>(), 0..64).prop_map(Payload::Bytes),
+        (
+            any::<u8>(),
+            any::<u64>(),
+            any::<i64>(),
+            prop::collection::vec(any::<(u64, u32)>(), 0..5),
+            any::<Option<u16>>()
+        )
+            .prop_map(|(small, wide, signed, pairs, maybe)| Payload::Numbers {
+                small,
+                wide,
+                signed,
+                pairs,
+                maybe
+            }),
+        prop::collection::vec(prop::collection::vec(s(), 0..3), 0..3).prop_map(Payload::Nested),
+    ]
+}
+
+fn check_decode(bytes: &[u8]) -> Result<Option<Payload>, TestCaseError> {
+    let (decoded, peak) = meter::peak(|| decode::<Payload>(bytes).ok());
+    prop_assert!(peak <= decode_limit(bytes.len()), "{} bytes held {peak}", bytes.len());
+    Ok(decoded)
+}
+
+proptest! {
+    #![proptest_config(Config { cases: 512, failure_persistence: None, ..Config::default() })]
+
+    // Goal: any 8 bytes as a frame header are refused or give a length within the frame limit,
+    // allocating nothing but an error's text; a header this side writes parses back.
+    #[test]
+    fn frame_header_is_total(bytes in any::<[u8; HEADER_BYTES]>(), len in 0..=MAX_FRAME_BYTES) {
+        let (parsed, peak) = meter::peak(|| parse_header(&bytes));
+        prop_assert!(peak <= 256, "a header parse held {peak} bytes");
+        if let Ok(n) = parsed {
+            prop_assert!(n <= MAX_FRAME_BYTES);
+        }
+        prop_assert_eq!(parse_header(&header(len).expect("within the limit")).ok(), Some(len));
+    }
+
+    // Goal: a header with our magic and version but any length is accepted exactly when the
+    // length is within the limit.
+    #[test]
+    fn frame_header_length_is_checked(len in any::<u32>()) {
+        let mut h = [0u8; HEADER_BYTES];
+        h[..3].copy_from_slice(&MAGIC);
+        h[3] = PROTOCOL_VERSION;
+        h[4..].copy_from_slice(&len.to_be_bytes());
+        match parse_header(&h) {
+            Ok(n) => prop_assert!(n == len as usize && n <= MAX_FRAME_BYTES),
+            Err(TransportError::FrameTooLarge { .. }) => {
+                prop_assert!(len as usize > MAX_FRAME_BYTES)
+            }
+            Err(e) => prop_assert!(false, "unexpected {e}"),
+        }
+    }
+
+    // Goal: arbitrary payload bytes never panic the codec nor pass its allocation bound.
+    #[test]
+    fn payload_decode_of_arbitrary_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        check_decode(&bytes)?;
+    }
+
+    // Goal: a valid payload round-trips; damaged, it is refused or decodes, within bounds.
+    #[test]
+    fn payload_decode_of_damaged_encodings(
+        value in payload(),
+        ms in prop::collection::vec(mutation(), 1..4),
+    ) {
+        let bytes = encode(&value).expect("encodes");
+        prop_assert_eq!(check_decode(&bytes)?, Some(value));
+        check_decode(&mutate(bytes, &ms))?;
+    }
+}
+
+// Goal: a six-byte payload whose byte string claims nearly a whole frame is refused without
+// allocating it (bincode allocates a byte string before it reads it).
+#[test]
+fn forged_length_prefix_allocates_nothing_large() {
+    let mut bytes = vec![2u8]; // Payload::Bytes
+    bytes.extend(varint(MAX_FRAME_BYTES as u64 - 8));
+    let (result, peak) = meter::peak(|| decode::<Payload>(&bytes));
+    assert!(result.is_err());
+    assert!(peak < 1024 * 1024, "{} bytes held {peak}", bytes.len());
+}
