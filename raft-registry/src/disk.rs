@@ -124,53 +124,19 @@ pub(crate) fn bincode_config() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<RECORD_PAYLOAD_BYTES_MAX>()
 }
 
-/// Bytes a decode may claim for each byte of its input. bincode claims a value's in-memory size
-/// before reading it (a string's length prefix, 8 bytes for a one-byte varint u64, 16 for a
-/// u128), so a valid encoding never claims more than 16 per byte; a forged length prefix in a
-/// short record or message must not make this side allocate up to the whole limit.
-pub const DECODE_CLAIM_PER_INPUT_BYTE: usize = 16;
-
-/// The claim budgets a decode can get, smallest first (the first is the floor, whatever the
-/// input); a larger input gets the decoder's limit itself.
-const CLAIM_TIERS: [usize; 3] = [64 * 1024, 1024 * 1024, 8 * 1024 * 1024];
-
-/// The most a [`decode_bounded`] of `input_len` bytes may claim (allocate) under the limit `max`.
-pub fn decode_claim_budget(input_len: usize, max: usize) -> usize {
-    let wanted = input_len.saturating_mul(DECODE_CLAIM_PER_INPUT_BYTE);
-    CLAIM_TIERS.into_iter().find(|&tier| wanted <= tier && tier < max).unwrap_or(max)
-}
-
-/// Decodes `T` from the start of `bytes` (bincode 2, serde, standard config), returning it and
-/// the bytes it used, claiming at most [`decode_claim_budget`] bytes: bincode allocates a string
-/// or byte string before it checks that its bytes are there.
-pub(crate) fn decode_bounded<T: DeserializeOwned, const MAX: usize>(
-    bytes: &[u8],
-) -> Result<(T, usize), bincode::error::DecodeError> {
-    use bincode::config::standard;
-    use bincode::serde::decode_from_slice;
-    const T0: usize = CLAIM_TIERS[0];
-    const T1: usize = CLAIM_TIERS[1];
-    const T2: usize = CLAIM_TIERS[2];
-    match decode_claim_budget(bytes.len(), MAX) {
-        T0 => decode_from_slice(bytes, standard().with_limit::<T0>()),
-        T1 => decode_from_slice(bytes, standard().with_limit::<T1>()),
-        T2 => decode_from_slice(bytes, standard().with_limit::<T2>()),
-        _ => decode_from_slice(bytes, standard().with_limit::<MAX>()),
-    }
-}
-
 /// Encodes `value` with bincode 2 (serde, standard config).
 pub fn encode<T: Serialize>(what: &'static str, value: &T) -> Result<Vec<u8>, StoreError> {
     bincode::serde::encode_to_vec(value, bincode_config())
         .map_err(|e| StoreError::Encode { what, reason: e.to_string() })
 }
 
-/// Decodes a whole payload; trailing bytes are corruption. Claims at most
-/// [`decode_claim_budget`] bytes.
+/// Decodes a whole payload; trailing bytes are corruption. Claims (allocates) at most
+/// [`proto::wire::decode_claim_budget`] bytes: a forged length prefix in a short record must not
+/// make this side allocate up to the whole limit.
 pub fn decode<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt { path: path.to_path_buf(), reason };
-    let (value, used) =
-        decode_bounded::<T, RECORD_PAYLOAD_BYTES_MAX>(bytes).map_err(|e| corrupt(e.to_string()))?;
+    let (value, used) = proto::wire::decode_bounded::<T, RECORD_PAYLOAD_BYTES_MAX>(bytes)
+        .map_err(|e| corrupt(e.to_string()))?;
     if used != bytes.len() {
         return Err(corrupt(format!("{} trailing bytes", bytes.len() - used)));
     }

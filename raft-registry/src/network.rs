@@ -89,7 +89,7 @@ pub(crate) fn encode<T: Serialize>(body: T) -> Result<Vec<u8>, String> {
 }
 
 /// Decodes a versioned message; it claims (allocates) at most
-/// [`crate::disk::decode_claim_budget`] of its length under [`RPC_MESSAGE_BYTES_MAX`].
+/// [`proto::wire::decode_claim_budget`] of its length under [`RPC_MESSAGE_BYTES_MAX`].
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
     // The version is decoded first, so a newer body layout is reported as a version mismatch.
     let (version, _): (u16, usize) =
@@ -98,7 +98,7 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
         return Err(format!("raft rpc version {version}, expected {RAFT_RPC_VERSION}"));
     }
     let (env, _): (Envelope<T>, usize) =
-        crate::disk::decode_bounded::<_, RPC_MESSAGE_BYTES_MAX>(bytes)
+        proto::wire::decode_bounded::<_, RPC_MESSAGE_BYTES_MAX>(bytes)
             .map_err(|e| e.to_string())?;
     Ok(env.body)
 }

@@ -12,9 +12,10 @@ use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, V
 use openraft::{BasicNode, CommittedLeaderId, EntryPayload, Membership};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
+use proto::wire::decode_claim_budget;
 
 use crate::command::Command;
-use crate::disk::{self, decode_claim_budget, RECORD_PAYLOAD_BYTES_MAX};
+use crate::disk::{self, RECORD_PAYLOAD_BYTES_MAX};
 use crate::log_store::{replay, LogRecord, Meta};
 use crate::network::{self, Addressed, RaftRpc, RaftRpcReply, RPC_MESSAGE_BYTES_MAX};
 use crate::state::{
@@ -59,21 +60,25 @@ mod meter {
     unsafe impl GlobalAlloc for Counting {
         unsafe fn alloc(&self, l: Layout) -> *mut u8 {
             grow(l.size());
-            System.alloc(l)
+            // SAFETY: the caller's contract for `alloc`, passed on.
+            unsafe { System.alloc(l) }
         }
         unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
             grow(l.size());
-            System.alloc_zeroed(l)
+            // SAFETY: the caller's contract for `alloc_zeroed`, passed on.
+            unsafe { System.alloc_zeroed(l) }
         }
         unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
             shrink(l.size());
-            System.dealloc(p, l)
+            // SAFETY: `p` came from this allocator, that is from `System`, with layout `l`.
+            unsafe { System.dealloc(p, l) }
         }
         unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
             // Counted as both blocks at once, as a moving realloc holds them.
             grow(new);
             shrink(l.size());
-            System.realloc(p, l, new)
+            // SAFETY: `p` came from `System` with layout `l`; the caller's contract, passed on.
+            unsafe { System.realloc(p, l, new) }
         }
     }
 

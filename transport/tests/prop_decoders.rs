@@ -45,21 +45,25 @@ mod meter {
     unsafe impl GlobalAlloc for Counting {
         unsafe fn alloc(&self, l: Layout) -> *mut u8 {
             grow(l.size());
-            System.alloc(l)
+            // SAFETY: the caller's contract for `alloc`, passed on.
+            unsafe { System.alloc(l) }
         }
         unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
             grow(l.size());
-            System.alloc_zeroed(l)
+            // SAFETY: the caller's contract for `alloc_zeroed`, passed on.
+            unsafe { System.alloc_zeroed(l) }
         }
         unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
             shrink(l.size());
-            System.dealloc(p, l)
+            // SAFETY: `p` came from this allocator, that is from `System`, with layout `l`.
+            unsafe { System.dealloc(p, l) }
         }
         unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
             // Counted as both blocks at once, as a moving realloc holds them.
             grow(new);
             shrink(l.size());
-            System.realloc(p, l, new)
+            // SAFETY: `p` came from `System` with layout `l`; the caller's contract, passed on.
+            unsafe { System.realloc(p, l, new) }
         }
     }
 
