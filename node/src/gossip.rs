@@ -100,11 +100,16 @@ impl Health {
         self.lock().get(&id).map_or(State::Alive, |e| e.state)
     }
 
-    /// Takes the larger counter for each node; returns this side's table for the reply.
+    /// Takes the larger counter for each node; returns this side's table for the reply. A node
+    /// not yet in the table is added only while it holds fewer than [`GOSSIP_NODES_MAX`]; the
+    /// rest of a longer message is ignored.
     pub fn merge(&self, _from: u64, heartbeats: &[(u64, u64)]) -> Vec<(u64, u64)> {
         let now = self.clock.now_ms();
         let mut table = self.lock();
-        for &(id, beat) in heartbeats {
+        for &(id, beat) in heartbeats.iter().take(GOSSIP_NODES_MAX) {
+            if table.len() >= GOSSIP_NODES_MAX && !table.contains_key(&id) {
+                continue;
+            }
             let e = table.entry(id).or_insert(Entry {
                 heartbeat: 0,
                 seen_ms: now,
@@ -166,6 +171,11 @@ impl Health {
         self.changed.swap(false, Ordering::SeqCst)
     }
 
+    /// How many nodes the table holds.
+    pub fn known_nodes(&self) -> usize {
+        self.lock().len()
+    }
+
     /// Every known node's state, sorted by id.
     pub fn snapshot(&self) -> Vec<(u64, State)> {
         let mut v: Vec<_> = self
@@ -177,6 +187,11 @@ impl Health {
         v
     }
 }
+
+/// The most nodes a gossip message may make this node remember. Heartbeats name node ids, and
+/// every remembered id costs a table entry and a metrics series for good; a cluster has at most
+/// `raft_registry::state::ACTIVE_NODES_MAX` active nodes, plus those joining or draining.
+pub const GOSSIP_NODES_MAX: usize = 1024;
 
 /// Sends this node's table to every peer each interval until `shutdown`.
 pub async fn run(

@@ -259,9 +259,10 @@ async fn pull(svc: &Service, h: &Handoff) -> Result<(), String> {
         NodeResponse::HandoffManifest(r) => r.map_err(|e| e.to_string())?,
         other => return Err(format!("old owner answered {other:?}")),
     };
+    let bytes_total = check_manifest(&files)?;
     if let Some(p) = svc.handoffs.progress().get_mut(&h.tenant) {
         p.files = files.len();
-        p.bytes_total = files.iter().map(|f| f.len).sum();
+        p.bytes_total = bytes_total;
     }
     let t = h.tenant.clone();
     on_store(svc, move |s| s.stage_begin(&t)).await?;
@@ -307,14 +308,34 @@ async fn on_store<R: Send + 'static>(
         .map_err(|e| e.to_string())
 }
 
+/// Checks a manifest from an old owner before anything is pulled: every path a file of a
+/// tenant's directory, none twice, and a total length that fits a u64. Returns that total.
+pub fn check_manifest(files: &[HandoffFile]) -> Result<u64, String> {
+    let mut seen = std::collections::HashSet::with_capacity(files.len());
+    let mut total = 0u64;
+    for f in files {
+        if !crate::store::is_tenant_file_path(&f.path) {
+            return Err(format!("manifest names {:?}, not a tenant file", f.path));
+        }
+        if !seen.insert(f.path.as_str()) {
+            return Err(format!("manifest names {:?} twice", f.path));
+        }
+        total = total
+            .checked_add(f.len)
+            .ok_or_else(|| "manifest lengths add up past 2^64 bytes".to_string())?;
+    }
+    Ok(total)
+}
+
 async fn fetch(
     svc: &Service,
     from: &str,
     tenant: &str,
     file: &HandoffFile,
 ) -> Result<Vec<u8>, String> {
-    let mut bytes = Vec::with_capacity(file.len as usize);
     let chunk = svc.handoffs.config.chunk_bytes.max(1);
+    // The length is the peer's claim: memory follows the bytes that arrive, never the claim.
+    let mut bytes = Vec::with_capacity(usize::try_from(chunk.min(file.len)).unwrap_or(0));
     while (bytes.len() as u64) < file.len {
         let want = chunk.min(file.len - bytes.len() as u64);
         svc.handoffs.pace(want, svc.clock_ms()).await;
@@ -330,6 +351,9 @@ async fn fetch(
         };
         if part.is_empty() {
             return Err(format!("{} ended early on the old owner", file.path));
+        }
+        if part.len() as u64 > want {
+            return Err(format!("{} came in a chunk longer than asked", file.path));
         }
         bytes.extend_from_slice(&part);
         if let Some(p) = svc.handoffs.progress().get_mut(tenant) {

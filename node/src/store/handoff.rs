@@ -31,6 +31,12 @@ const RECEIVED_FILE: &str = "received-epoch";
 /// The subdirectories a tenant has; everything else in its root is a plain file.
 const SUBDIRS: [&str; 2] = ["phexts", "wal"];
 
+/// True when `path` names a file of a tenant's directory (a root file, or one in `phexts/` or
+/// `wal/`), never a way out of it: what a handoff manifest may list.
+pub fn is_tenant_file_path(path: &str) -> bool {
+    safe_relative(path)
+}
+
 /// A path inside a tenant's directory is one of its files, never a way out of it.
 fn safe_relative(path: &str) -> bool {
     let parts: Vec<&str> = path.split('/').collect();

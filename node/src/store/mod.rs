@@ -26,6 +26,8 @@ mod vfs;
 mod wal;
 
 #[cfg(test)]
+mod prop_decoders;
+#[cfg(test)]
 mod tests;
 
 use std::collections::BTreeMap;
@@ -40,6 +42,7 @@ use proto::{ops, Coordinate, PhextName, SqRequest, SqResponse};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use crash_writer::crash_writer;
 pub use error::{StoreError, IO_RETRY_AFTER_S};
+pub use handoff::is_tenant_file_path;
 pub use tenant::{
     PHEXT_MEMORY_OVERHEAD_BYTES, QUOTA_WARN_PERCENT, SCROLL_MEMORY_OVERHEAD_BYTES,
     TENANT_MEMORY_OVERHEAD_BYTES,

@@ -124,7 +124,7 @@ fn replay_log(
 }
 
 /// Applies the whole records at the start of `bytes`; returns how many bytes they span.
-fn replay_segment(
+pub(crate) fn replay_segment(
     path: &Path,
     bytes: &[u8],
     start: u64,

@@ -59,10 +59,6 @@ fn encode_config() -> impl bincode::config::Config {
     bincode::config::standard()
 }
 
-fn decode_config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<RECORD_PAYLOAD_MAX_BYTES>()
-}
-
 /// Appends one framed record to `out`, returning its size in bytes.
 pub(crate) fn encode_record(out: &mut Vec<u8>, record: &Record<&str>) -> usize {
     let start = out.len();
@@ -114,7 +110,9 @@ pub(crate) fn decode_next(buf: &[u8], path: &Path) -> Result<Next, StoreError> {
     if crc32c::crc32c(payload) != crc {
         return Ok(Next::Torn("bad checksum"));
     }
-    match bincode::serde::decode_from_slice::<Record<String>, _>(payload, decode_config()) {
+    // Claims (allocates) at most `proto::wire::decode_claim_budget` of the payload's length: a
+    // damaged length prefix inside a record must not allocate up to the whole record limit.
+    match proto::wire::decode_bounded::<Record<String>, RECORD_PAYLOAD_MAX_BYTES>(payload) {
         Ok((record, used)) if used == len => {
             Ok(Next::Record { record, len: RECORD_HEADER_BYTES + len })
         }
