@@ -75,3 +75,75 @@ fn a_purge_reaches_an_owner_that_was_down() {
         "a purged tenant's key"
     );
 }
+
+/// Whether `/admin/health` lists a pending handoff of `tenant`; `None` while no node answers.
+fn moving(cluster: &DevCluster, tenant: &str) -> Option<bool> {
+    let (status, health) = admin(cluster, "GET", "/admin/health", None);
+    let list = health["handoffs"]["pending_list"].as_array().filter(|_| status == 200)?;
+    Some(list.iter().any(|h| h["tenant"] == tenant))
+}
+
+// Goal: purging never waits on a handoff. The owner of an archived tenant dies and is drained,
+// so the tenant's handoff can never finish; the purge is still accepted at once, cancels that
+// handoff in the same registry change (the tenant leaves the pending list while the node is
+// still down), and once the node is back no node holds any copy of the tenant, half-received
+// ones included, and every other handoff of the drain completes.
+#[test]
+fn a_purge_cancels_a_handoff_that_cannot_finish() {
+    let cluster = DevCluster::start(3);
+    let base = cluster.url();
+    let tenant = (0..TENANTS_MAX)
+        .find_map(|i| {
+            let id = format!("moving-{i}");
+            let key = cluster.add_tenant(&id, serde_json::json!({}));
+            wait_for(Duration::from_secs(10), "a write to the new tenant", || {
+                (get(&base, &key, "/update?p=doc&c=1.1.1/1.1.1/1.1.1&s=secret").0 == 200)
+                    .then_some(())
+            });
+            (stats(&cluster, &id)["node"].as_u64() == Some(VICTIM)).then_some(id)
+        })
+        .unwrap_or_else(|| panic!("none of {TENANTS_MAX} tenants is owned by node {VICTIM}"));
+    let (status, answer) = admin(&cluster, "DELETE", &format!("/admin/tenants/{tenant}"), None);
+    assert_eq!(status, 200, "archive {tenant}: {answer}");
+
+    let paused = PausedSupervisor::pause(&cluster);
+    assert_eq!(unsafe { libc::kill(node_pid(&cluster, VICTIM), libc::SIGKILL) }, 0);
+    wait_for(ADMIN_TIMEOUT, &format!("drain node {VICTIM} while it is down"), || {
+        let (status, answer) =
+            admin(&cluster, "POST", &format!("/admin/nodes/{VICTIM}/drain"), None);
+        assert!(status == 200 || status == 503, "drain: {status} {answer}");
+        (status == 200).then_some(())
+    });
+    wait_for(ADMIN_TIMEOUT, "the drain records the tenant's handoff", || {
+        moving(&cluster, &tenant).filter(|m| *m)
+    });
+    let purge = format!("/admin/tenants/{tenant}/purge");
+    let (status, answer) = admin(&cluster, "POST", &purge, None);
+    assert_eq!(status, 200, "purge of a tenant whose handoff cannot finish: {answer}");
+    wait_for(ADMIN_TIMEOUT, "the purge cancels the tenant's handoff", || {
+        moving(&cluster, &tenant).filter(|m| !*m)
+    });
+    assert!(
+        cluster.dir.join(format!("node-{VICTIM}/store/tenants/{tenant}")).is_dir(),
+        "the down node still holds its copy"
+    );
+
+    drop(paused);
+    let copies = || -> Vec<std::path::PathBuf> {
+        (1..=3)
+            .flat_map(|n| {
+                let dir = cluster.dir.join(format!("node-{n}/store/tenants"));
+                [tenant.clone(), format!(".incoming-{tenant}"), format!(".replaced-{tenant}")]
+                    .map(|name| dir.join(name))
+            })
+            .filter(|p| p.exists())
+            .collect()
+    };
+    wait_for(RETURN_TIMEOUT, "no node holds any copy of the purged tenant", || {
+        copies().is_empty().then_some(())
+    });
+    wait_for(RETURN_TIMEOUT, "the drain's other handoffs complete", || {
+        (common::pending_handoffs(&cluster) == Some(0)).then_some(())
+    });
+    assert!(copies().is_empty(), "a finished drain brought back a copy: {:?}", copies());
+}

@@ -456,7 +456,7 @@ async fn pull_until_done(
     svc.handoffs.finished.notify_one();
 }
 
-/// Every [`SWEEP_INTERVAL`]: deletes the data of purged tenants, and (old owner) copies of
+/// Every [`SWEEP_INTERVAL`]: deletes every copy of purged tenants, and (old owner) copies of
 /// tenants this node no longer owns, once no handoff needs them and the grace period has passed
 /// since that was first seen. A copy counts as no longer owned only if this node's registry
 /// state knows the tenant and is newer than the placement epoch in which the copy arrived here:
@@ -475,17 +475,17 @@ pub async fn run_sweeper(svc: Arc<Service>, shutdown: CancellationToken) {
 }
 
 async fn sweep(svc: &Service) -> Result<(), String> {
-    let local = on_store(svc, |s| s.local_tenants()).await?;
+    let (held, local) = on_store(svc, |s| Ok((s.held_tenants()?, s.local_tenants()?))).await?;
     let state = svc.registry.state();
     let now = tokio::time::Instant::now();
     let grace = Duration::from_secs(svc.handoffs.config.grace_s);
+    for t in held.iter().filter(|t| state.is_purged(t)) {
+        purge(svc, t).await?;
+    }
     let mut stale = Vec::new();
     for t in local {
-        if state.is_purged(&t) {
-            purge(svc, &t).await?;
-            continue;
-        }
-        if state.tenant(&t).is_none()
+        if state.is_purged(&t)
+            || state.tenant(&t).is_none()
             || state.owner_of(&t) == Some(svc.id)
             || state.handoff(&t).is_some()
         {
@@ -522,13 +522,15 @@ async fn sweep(svc: &Service) -> Result<(), String> {
     Ok(())
 }
 
-/// Deletes this node's copy of a purged tenant at once (a purge is explicit; no grace period).
+/// Deletes every copy of a purged tenant this node holds at once (a purge is explicit; no grace
+/// period), a half-received one too: the purge cancelled its handoff, so no pull will finish it.
 /// The tenant's gate is held meanwhile, so a request that passed its checks before the purge
-/// was applied finishes first; every later one finds no tenant.
+/// was applied finishes first, and a pull's swap (under the same gate) either came before or
+/// finds its handoff gone; every later request finds no tenant.
 async fn purge(svc: &Service, tenant: &str) -> Result<(), String> {
     let _closed = svc.handoffs.exclusive(tenant).await;
     let t = tenant.to_string();
-    on_store(svc, move |s| s.remove_tenant(&t)).await?;
+    on_store(svc, move |s| s.remove_every_copy(&t)).await?;
     tracing::info!(node = svc.id, tenant, "deleted the data of a purged tenant");
     Ok(())
 }

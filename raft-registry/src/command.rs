@@ -65,8 +65,10 @@ pub enum Command {
         tenant: String,
         epoch: u64,
     },
-    /// Destroys an archived tenant: its record and keys go, every node deletes its data, and the
-    /// id is retired. Purging an id already purged changes nothing and succeeds.
+    /// Destroys an archived tenant: its record and keys go, a pending handoff of it is cancelled
+    /// (a purge never waits on a move whose source may be down for good), every node deletes any
+    /// copy it holds, and the id is retired. Purging an id already purged changes nothing and
+    /// succeeds.
     PurgeTenant {
         id: String,
     },
@@ -91,8 +93,6 @@ pub enum Rejection {
     TenantIdPurged,
     #[error("only an archived tenant can be purged; delete (archive) it first")]
     TenantNotArchived,
-    #[error("tenant is moving between nodes; purge it once the handoff is done")]
-    TenantMoving,
     #[error("tenant is archived")]
     TenantArchived,
     #[error("key hash already belongs to another tenant")]
@@ -183,9 +183,8 @@ fn purge_tenant(state: &mut RegistryState, id: &str) -> Result<(), Rejection> {
     if !record.archived {
         return Err(Rejection::TenantNotArchived);
     }
-    if state.handoffs.contains_key(id) {
-        return Err(Rejection::TenantMoving);
-    }
+    // The data goes everywhere, so there is nothing left to move.
+    state.handoffs.remove(id);
     for hash in &record.key_hashes {
         state.by_key_hash.remove(hash);
     }

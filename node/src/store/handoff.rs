@@ -200,6 +200,33 @@ impl Store {
         Ok(())
     }
 
+    /// Deletes everything this node holds of `tenant`: its directory, a copy half-received by a
+    /// handoff (staged) and a replaced one waiting for deletion. For a purged tenant.
+    pub fn remove_every_copy(&self, tenant: &str) -> Result<(), StoreError> {
+        self.remove_tenant(tenant)?;
+        self.remove_tree(&self.staging(tenant))?;
+        self.remove_tree(&self.tenants_dir.join(format!("{REPLACED_PREFIX}{tenant}")))
+    }
+
+    /// The tenants this node holds anything of (a directory, a staged or a replaced copy),
+    /// sorted and without repeats.
+    pub fn held_tenants(&self) -> Result<Vec<String>, StoreError> {
+        let mut ids: Vec<String> = self
+            .vfs
+            .list(&self.tenants_dir)
+            .map_err(StoreError::io("list tenants", &self.tenants_dir))?
+            .into_iter()
+            .map(|name| {
+                let id = name.strip_prefix(STAGING_PREFIX).or(name.strip_prefix(REPLACED_PREFIX));
+                id.map_or(name.clone(), str::to_string)
+            })
+            .filter(|id| super::valid_tenant_id(id))
+            .collect();
+        ids.sort();
+        ids.dedup();
+        Ok(ids)
+    }
+
     /// The tenants this node has a directory for, sorted.
     pub fn local_tenants(&self) -> Result<Vec<String>, StoreError> {
         let mut ids: Vec<String> = self
@@ -296,5 +323,32 @@ mod tests {
         assert_eq!(a.local_tenants().unwrap(), Vec::<String>::new());
         assert_eq!(b.local_tenants().unwrap(), vec!["acme".to_string()]);
         assert!(a.handoff_read("acme", "../x").is_err());
+    }
+
+    // Goal: every copy of a tenant a node can hold (its directory, a half-received staged copy,
+    // a replaced one left by a crash during a swap) is found and deleted, and no other tenant's.
+    #[test]
+    fn every_copy_of_a_tenant_is_found_and_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = store(dir.path());
+        run(&s, "acme", "update?p=doc&c=1.1.1/1.1.1/1.1.1&s=one");
+        run(&s, "other", "update?p=doc&c=1.1.1/1.1.1/1.1.1&s=two");
+        s.stage_begin("acme").unwrap();
+        s.stage_begin("moving").unwrap();
+        let replaced = dir.path().join(format!("tenants/{REPLACED_PREFIX}acme"));
+        std::fs::create_dir_all(replaced.join("wal")).unwrap();
+        let names = |s: &Store| s.held_tenants().unwrap();
+        assert_eq!(names(&s), vec!["acme", "moving", "other"]);
+        assert_eq!(s.local_tenants().unwrap(), vec!["acme", "other"]);
+        s.remove_every_copy("acme").unwrap();
+        s.remove_every_copy("moving").unwrap();
+        assert_eq!(names(&s), vec!["other"]);
+        let left: Vec<String> = std::fs::read_dir(dir.path().join("tenants"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(left, vec!["other"], "nothing of acme or moving is left");
+        assert_eq!(run(&s, "other", "select?p=doc&c=1.1.1/1.1.1/1.1.1"), "two");
+        s.remove_every_copy("never-here").unwrap();
     }
 }
