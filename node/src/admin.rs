@@ -147,8 +147,10 @@ fn command_tenant(c: &Command) -> String {
     }
 }
 
-/// Commits on the leader; a follower forwards the command (the admin key already checked here).
-async fn commit(svc: &Service, command: Command) -> Result<(), ApiError> {
+/// Commits on the leader; a follower forwards the command to the leader and waits until it has
+/// applied the change itself. Admin changes (the admin key already checked here) and handoff
+/// commits both go this way.
+pub(crate) async fn commit(svc: &Service, command: Command) -> Result<(), ApiError> {
     match svc.registry.write(command.clone()).await {
         Ok(_) => Ok(()),
         Err(RegistryError::NotLeader { leader_addr: Some(addr), .. }) => {

@@ -4,6 +4,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use proto::calendar::{civil_from_days, DAY_S};
+
 pub trait WallClock: Send + Sync {
     /// Milliseconds since the Unix epoch, UTC.
     fn unix_ms(&self) -> u64;
@@ -30,7 +32,7 @@ impl WallClock for SystemWallClock {
     }
 }
 
-pub const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+pub const DAY_MS: u64 = DAY_S * 1000;
 
 /// The UTC day number (days since the epoch) of a time.
 pub fn utc_day(unix_ms: u64) -> u64 {
@@ -47,24 +49,10 @@ pub fn seconds_to_next_utc_day(unix_ms: u64) -> u64 {
 /// seeds' `last_active`).
 pub fn rfc3339_utc(unix_ms: u64) -> String {
     let secs = unix_ms / 1000;
-    let (year, month, day) = civil_from_days(secs / 86_400);
-    let s = secs % 86_400;
+    let days = i64::try_from(secs / DAY_S).unwrap_or(i64::MAX);
+    let (year, month, day) = civil_from_days(days);
+    let s = secs % DAY_S;
     format!("{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z", s / 3600, s % 3600 / 60, s % 60)
-}
-
-/// (year, month, day) of a day count since 1970-01-01, in the proleptic Gregorian calendar
-/// (Howard Hinnant's `civil_from_days`, for days on or after the epoch).
-fn civil_from_days(days: u64) -> (u64, u64, u64) {
-    let z = days + 719_468;
-    let era = z / 146_097;
-    let doe = z % 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + u64::from(month <= 2);
-    (year, month, day)
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use proto::cluster::{HandoffFile, NodeRequest, NodeResponse};
 use proto::ApiError;
-use raft_registry::{Command, Handoff, RegistryError};
+use raft_registry::{Command, Handoff};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -216,24 +216,10 @@ async fn call(svc: &Service, addr: &str, request: NodeRequest) -> Result<NodeRes
     proto::wire::decode(&answer).map_err(|e| e.to_string())
 }
 
-/// Commits a registry command from this node, through the leader if this node is a follower.
+/// Commits a registry command from this node, through the leader if this node is a follower
+/// (the one way to do so, [`crate::admin::commit`]).
 pub async fn commit(svc: &Service, command: Command) -> Result<(), String> {
-    match svc.registry.write(command.clone()).await {
-        Ok(_) => Ok(()),
-        Err(RegistryError::NotLeader { leader_addr: Some(addr), .. }) => {
-            let bytes = proto::wire::encode(&command).map_err(|e| e.to_string())?;
-            match call(svc, &addr, NodeRequest::RaftCommand { command: bytes }).await? {
-                NodeResponse::Admin { result: Ok(_), applied_index } => {
-                    // Serve from this node's own state only once it shows the change too.
-                    crate::admin::wait_applied(svc, applied_index).await;
-                    Ok(())
-                }
-                NodeResponse::Admin { result: Err(e), .. } => Err(e.to_string()),
-                other => Err(format!("leader answered {other:?}")),
-            }
-        }
-        Err(e) => Err(e.to_string()),
-    }
+    crate::admin::commit(svc, command).await.map_err(|e| e.to_string())
 }
 
 /// New owner: copies one tenant from its old owner and commits the handoff.

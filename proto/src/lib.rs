@@ -9,6 +9,7 @@
 //! and the node executes with it, so both agree on every request byte for byte.
 
 pub mod auth;
+pub mod calendar;
 pub mod cluster;
 pub mod coord;
 pub mod doc;

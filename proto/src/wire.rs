@@ -8,7 +8,10 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// The version of the messages in this module. Bump on any change to their encoding.
 pub const WIRE_VERSION: u16 = 2;
 
-/// The largest message this side will decode, in bytes; matches the transport's frame limit.
+/// The largest message either side encodes or decodes, in bytes: 64 MiB. It is also the
+/// transport's frame limit (`transport::MAX_FRAME_BYTES`): one message fills one frame. It bounds
+/// what one stream can make a peer buffer, lies far above any API request (the gateway's body
+/// limit is smaller), holds one handoff chunk, and fits the frame's u32 length field.
 pub const MESSAGE_MAX_BYTES: usize = 64 * 1024 * 1024;
 
 /// Bytes a decode may claim for each byte of its input. bincode claims a value's in-memory size
@@ -23,39 +26,59 @@ pub const DECODE_CLAIM_FLOOR_BYTES: usize = 64 * 1024;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WireError {
-    #[error("peer speaks wire version {0}, this side {WIRE_VERSION}")]
-    Version(u16),
+    #[error("peer speaks version {theirs}, this side {ours}")]
+    Version { theirs: u16, ours: u16 },
     #[error("cannot decode message: {0}")]
     Decode(String),
     #[error("cannot encode message: {0}")]
     Encode(String),
 }
 
+/// Every message travels as `(version, body)`. This is the one envelope: the cluster messages
+/// here and the registry's Raft RPCs (with their own version and limit) both use it.
 #[derive(Serialize, Deserialize)]
 struct Envelope<T> {
     version: u16,
     body: T,
 }
 
-fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<MESSAGE_MAX_BYTES>()
-}
-
 /// Encodes `body` with the current wire version.
 pub fn encode<T: Serialize>(body: &T) -> Result<Vec<u8>, WireError> {
-    bincode::serde::encode_to_vec(Envelope { version: WIRE_VERSION, body }, config())
-        .map_err(|e| WireError::Encode(e.to_string()))
+    encode_versioned::<MESSAGE_MAX_BYTES, T>(WIRE_VERSION, body)
 }
 
 /// Decodes a message, refusing any other wire version before reading the body.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
-    let (version, _): (u16, usize) = bincode::serde::decode_from_slice(bytes, config())
-        .map_err(|e| WireError::Decode(e.to_string()))?;
-    if version != WIRE_VERSION {
-        return Err(WireError::Version(version));
+    decode_versioned::<MESSAGE_MAX_BYTES, T>(WIRE_VERSION, bytes)
+}
+
+/// Encodes `body` in an envelope stamped `version`, refusing more than `LIMIT_BYTES`.
+pub fn encode_versioned<const LIMIT_BYTES: usize, T: Serialize>(
+    version: u16,
+    body: &T,
+) -> Result<Vec<u8>, WireError> {
+    let config = bincode::config::standard().with_limit::<LIMIT_BYTES>();
+    bincode::serde::encode_to_vec(Envelope { version, body }, config)
+        .map_err(|e| WireError::Encode(e.to_string()))
+}
+
+/// Decodes an envelope stamped `version`, claiming at most `LIMIT_BYTES` ([`decode_bounded`]).
+/// The version is read first, so a newer body layout is reported as a version mismatch; bytes
+/// after the body are refused, since they mean the two ends disagree about the type.
+pub fn decode_versioned<const LIMIT_BYTES: usize, T: DeserializeOwned>(
+    version: u16,
+    bytes: &[u8],
+) -> Result<T, WireError> {
+    let (theirs, _): (u16, usize) =
+        decode_bounded::<_, LIMIT_BYTES>(bytes).map_err(|e| WireError::Decode(e.to_string()))?;
+    if theirs != version {
+        return Err(WireError::Version { theirs, ours: version });
     }
-    let (envelope, _): (Envelope<T>, usize) = decode_bounded::<_, MESSAGE_MAX_BYTES>(bytes)
-        .map_err(|e| WireError::Decode(e.to_string()))?;
+    let (envelope, used): (Envelope<T>, usize) =
+        decode_bounded::<_, LIMIT_BYTES>(bytes).map_err(|e| WireError::Decode(e.to_string()))?;
+    if used != bytes.len() {
+        return Err(WireError::Decode(format!("{} bytes after the message", bytes.len() - used)));
+    }
     Ok(envelope.body)
 }
 
@@ -97,12 +120,24 @@ mod tests {
     fn versioned_round_trip() {
         let bytes = encode(&("hello".to_string(), 7u64)).unwrap();
         assert_eq!(decode::<(String, u64)>(&bytes).unwrap(), ("hello".to_string(), 7));
-        let other = bincode::serde::encode_to_vec(
-            Envelope { version: WIRE_VERSION + 1, body: 1u8 },
-            config(),
-        )
-        .unwrap();
-        assert_eq!(decode::<u8>(&other), Err(WireError::Version(WIRE_VERSION + 1)));
+        let other = encode_versioned::<MESSAGE_MAX_BYTES, u8>(WIRE_VERSION + 1, &1).unwrap();
+        assert_eq!(
+            decode::<u8>(&other),
+            Err(WireError::Version { theirs: WIRE_VERSION + 1, ours: WIRE_VERSION })
+        );
         assert!(decode::<u64>(&[0xff, 0xff, 0xff]).is_err());
+    }
+
+    // Goal: a message with bytes after it (the two ends disagree about the type), or cut short,
+    // is refused rather than silently read.
+    #[test]
+    fn trailing_and_missing_bytes_are_refused() {
+        let bytes = encode(&("key".to_string(), vec![0u8, 1, 2])).unwrap();
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(matches!(decode::<(String, Vec<u8>)>(&longer), Err(WireError::Decode(_))));
+        let short = &bytes[..bytes.len() - 1];
+        assert!(matches!(decode::<(String, Vec<u8>)>(short), Err(WireError::Decode(_))));
+        assert!(matches!(decode::<(String, Vec<u8>)>(&[]), Err(WireError::Decode(_))));
     }
 }

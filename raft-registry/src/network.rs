@@ -1,6 +1,6 @@
 //! The network seam: Raft RPCs leave through [`RaftTransport`] as opaque bytes.
 //!
-//! The sender encodes a versioned [`RaftRpc`] with bincode 2 (serde, standard config) and hands
+//! The sender encodes a [`RaftRpc`] in `proto::wire`'s versioned envelope and hands
 //! it to the transport; the receiver passes the bytes to [`crate::Registry::handle_rpc`], which
 //! decodes, dispatches to openraft and answers with an encoded [`RaftRpcReply`]. The node crate
 //! implements the transport over QUIC, tests and the simulator in memory.
@@ -72,35 +72,18 @@ pub enum RaftRpcReply {
     Refused(String),
 }
 
-/// Every message travels as `(version, body)`.
-#[derive(Serialize, Deserialize)]
-struct Envelope<T> {
-    version: u16,
-    body: T,
-}
-
-fn wire_config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<RPC_MESSAGE_BYTES_MAX>()
-}
-
+/// Encodes in `proto::wire`'s envelope, stamped [`RAFT_RPC_VERSION`].
 pub(crate) fn encode<T: Serialize>(body: T) -> Result<Vec<u8>, String> {
-    bincode::serde::encode_to_vec(Envelope { version: RAFT_RPC_VERSION, body }, wire_config())
+    proto::wire::encode_versioned::<RPC_MESSAGE_BYTES_MAX, T>(RAFT_RPC_VERSION, &body)
         .map_err(|e| e.to_string())
 }
 
-/// Decodes a versioned message; it claims (allocates) at most
-/// [`proto::wire::decode_claim_budget`] of its length under [`RPC_MESSAGE_BYTES_MAX`].
+/// Decodes `proto::wire`'s envelope, refusing any version but [`RAFT_RPC_VERSION`]; it claims
+/// (allocates) at most [`proto::wire::decode_claim_budget`] of its length under
+/// [`RPC_MESSAGE_BYTES_MAX`].
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
-    // The version is decoded first, so a newer body layout is reported as a version mismatch.
-    let (version, _): (u16, usize) =
-        bincode::serde::decode_from_slice(bytes, wire_config()).map_err(|e| e.to_string())?;
-    if version != RAFT_RPC_VERSION {
-        return Err(format!("raft rpc version {version}, expected {RAFT_RPC_VERSION}"));
-    }
-    let (env, _): (Envelope<T>, usize) =
-        proto::wire::decode_bounded::<_, RPC_MESSAGE_BYTES_MAX>(bytes)
-            .map_err(|e| e.to_string())?;
-    Ok(env.body)
+    proto::wire::decode_versioned::<RPC_MESSAGE_BYTES_MAX, T>(RAFT_RPC_VERSION, bytes)
+        .map_err(|e| e.to_string())
 }
 
 /// Decodes one request for node `me`, runs it on `raft` and encodes the reply. Never fails: a

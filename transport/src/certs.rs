@@ -13,6 +13,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use proto::calendar::{civil_from_days, DAY_S};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, DnValue,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose,
@@ -363,27 +364,12 @@ fn set_validity(params: &mut CertificateParams, years: i32) -> Result<()> {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_err(|_| TransportError::Cert("the system clock is before 1970".to_owned()))?;
-    let days = i64::try_from(now.as_secs() / 86_400).unwrap_or(i64::MAX) - CLOCK_SKEW_DAYS;
+    let days = i64::try_from(now.as_secs() / DAY_S).unwrap_or(i64::MAX) - CLOCK_SKEW_DAYS;
     let (year, month, day) = civil_from_days(days);
     params.not_before = rcgen::date_time_ymd(year, month, day);
     // Day 28 at most: 29 February plus whole years may not exist.
     params.not_after = rcgen::date_time_ymd(year + years, month, day.min(28));
     Ok(())
-}
-
-/// The proleptic Gregorian (year, month, day) of a count of days since 1970-01-01
-/// (Howard Hinnant's `civil_from_days`).
-fn civil_from_days(days: i64) -> (i32, u8, u8) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u8;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u8;
-    let year = (yoe + era * 400 + i64::from(month <= 2)) as i32;
-    (year, month, day)
 }
 
 /// Writes `contents` to `path` with `mode`, atomically and only if `path` does not exist:

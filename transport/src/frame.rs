@@ -20,12 +20,9 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// Bytes before the payload: magic, version, length.
 pub const HEADER_BYTES: usize = MAGIC.len() + 1 + 4;
 
-/// The largest payload either side accepts: 64 MiB.
-///
-/// It bounds what one stream can make a peer buffer. It is far above any single API request
-/// (the gateway's HTTP body limit is smaller) and holds one handoff chunk; anything larger
-/// must be split by the caller. It also fits the u32 length field with room to spare.
-pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+/// The largest payload either side accepts: one message, `proto::wire::MESSAGE_MAX_BYTES`
+/// (64 MiB), which says why. Anything larger must be split by the caller.
+pub const MAX_FRAME_BYTES: usize = proto::wire::MESSAGE_MAX_BYTES;
 
 /// The largest piece read from the stream at once: 64 KiB. The buffer grows with the bytes
 /// that actually arrive, so a peer that declares a large frame and sends nothing costs nothing.
@@ -124,37 +121,18 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
         .map_err(|e| TransportError::Encode(e.to_string()))
 }
 
-/// Bytes a decode may claim for each byte of its payload. bincode claims a value's in-memory
-/// size before reading it (a string's length prefix, 8 bytes for a one-byte varint u64, 16 for a
-/// u128), so a valid payload never claims more than 16 per byte; a forged length prefix in a
-/// short payload must not make the receiver allocate up to [`MAX_FRAME_BYTES`].
-pub const DECODE_CLAIM_PER_PAYLOAD_BYTE: usize = 16;
-
-/// The claim budgets a decode can get, smallest first (the first is the floor, whatever the
-/// payload); a larger payload gets [`MAX_FRAME_BYTES`].
-const CLAIM_TIERS: [usize; 3] = [64 * 1024, 1024 * 1024, 8 * 1024 * 1024];
-
-/// The most a [`decode`] of `payload_len` bytes may claim (allocate), in bytes.
+/// The most a [`decode`] of `payload_len` bytes may claim (allocate), in bytes: proto's
+/// [`proto::wire::decode_claim_budget`] under [`MAX_FRAME_BYTES`].
 pub fn decode_claim_budget(payload_len: usize) -> usize {
-    let wanted = payload_len.saturating_mul(DECODE_CLAIM_PER_PAYLOAD_BYTE);
-    CLAIM_TIERS.into_iter().find(|&tier| wanted <= tier).unwrap_or(MAX_FRAME_BYTES)
+    proto::wire::decode_claim_budget(payload_len, MAX_FRAME_BYTES)
 }
 
 /// Decodes a payload produced by [`encode`]; trailing bytes are an error, since they mean the
-/// two ends disagree about the type. It claims at most [`decode_claim_budget`] bytes.
+/// two ends disagree about the type. It claims at most [`decode_claim_budget`] bytes
+/// ([`proto::wire::decode_bounded`]).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
-    use bincode::config::standard;
-    use bincode::serde::decode_from_slice;
-    const T0: usize = CLAIM_TIERS[0];
-    const T1: usize = CLAIM_TIERS[1];
-    const T2: usize = CLAIM_TIERS[2];
-    let decoded = match decode_claim_budget(bytes.len()) {
-        T0 => decode_from_slice(bytes, standard().with_limit::<T0>()),
-        T1 => decode_from_slice(bytes, standard().with_limit::<T1>()),
-        T2 => decode_from_slice(bytes, standard().with_limit::<T2>()),
-        _ => decode_from_slice(bytes, config()),
-    };
-    let (value, used) = decoded.map_err(|e| TransportError::Decode(e.to_string()))?;
+    let (value, used) = proto::wire::decode_bounded::<T, MAX_FRAME_BYTES>(bytes)
+        .map_err(|e| TransportError::Decode(e.to_string()))?;
     if used != bytes.len() {
         return Err(TransportError::Decode(format!(
             "{} trailing bytes after the value",
