@@ -209,7 +209,10 @@ fn check_metrics(cluster: &DevCluster, sent: &BTreeMap<&'static str, u64>, pro_r
     }
     assert_eq!(calls("pro-t", Some("update")), pro_requests);
     let refused_at_nodes = 2 * SENDERS_PER_GATEWAY + REFUSED;
-    assert_eq!(metric(&text, "sq_refusals_total", &[("status", "429")]).0 as u64, refused_at_nodes);
+    assert_eq!(
+        metric(&text, "sq_refusals_total", &[("reason", "rate_limited")]).0 as u64,
+        refused_at_nodes
+    );
     // This gateway's own count: its senders' 429s and the sequential ones.
     assert_eq!(
         metric(&text, "sq_gateway_responses_total", &[("status", "429")]).0 as u64,

@@ -5,50 +5,26 @@
 //! follow under its `node` label. Families are merged so every metric has one HELP and TYPE.
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::http::{Method, StatusCode};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use proto::cluster::{NodeRequest, NodeResponse};
 
 use crate::forward::FORWARD_TIMEOUT;
 use crate::Gateway;
 
-static RECORDER: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-
-/// Upper bounds, in seconds, of the latency histogram buckets: 100 µs to 5 s (past every
-/// timeout a request can meet); the same as the nodes', so the two can be compared.
-const LATENCY_BUCKETS_S: [f64; 15] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-];
-
-/// How often recorded samples are folded into buckets when nobody scrapes: the recorder keeps
-/// every raw sample until then, so an unscraped gateway would grow by 8 bytes per request.
-const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
-
 /// Installs the Prometheus recorder for this process, once.
 pub fn install() {
-    RECORDER.get_or_init(|| {
-        let handle = match PrometheusBuilder::new().set_buckets(&LATENCY_BUCKETS_S).and_then(|b| b.install_recorder()) {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics recorder not installed");
-                return None;
-            }
-        };
-        metrics::describe_histogram!("sq_gateway_request_seconds", "Time from request to answer at this gateway, by route");
-        metrics::describe_counter!("sq_gateway_responses_total", "Answers of this gateway by route and HTTP status");
-        let upkeep = handle.clone();
-        // The recorder is process-wide, so its upkeep is too: a thread that lives as long as it.
-        let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || loop {
-            std::thread::sleep(UPKEEP_INTERVAL);
-            upkeep.run_upkeep();
-        });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "no metrics upkeep thread; samples are folded only on scrape");
-        }
-        Some(handle)
+    telemetry::install(None, || {
+        metrics::describe_histogram!(
+            "sq_gateway_request_seconds",
+            "Time from request to answer at this gateway, by route"
+        );
+        metrics::describe_counter!(
+            "sq_gateway_responses_total",
+            "Answers of this gateway by route and HTTP status"
+        );
     });
 }
 
@@ -73,8 +49,7 @@ pub fn record(method: &Method, path: &str, status: StatusCode, elapsed: Duration
 /// This gateway's metrics, then each node's under its own `node` label, asked of all nodes at
 /// once (a dead node costs one [`FORWARD_TIMEOUT`], not one per node), and `sq_node_up`.
 pub async fn cluster_metrics(gw: &Arc<Gateway>) -> String {
-    let mut parts =
-        vec![RECORDER.get().and_then(|h| h.as_ref()).map(|h| h.render()).unwrap_or_default()];
+    let mut parts = vec![telemetry::render()];
     let view = gw.views.current();
     let asks = view.node_addrs().into_iter().map(|(id, addr)| async move {
         match gw.client.call(addr, NodeRequest::Metrics, FORWARD_TIMEOUT).await {

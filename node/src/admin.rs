@@ -63,7 +63,10 @@ async fn run(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<String,
             commit(svc, Command::PurgeTenant { id: tenant_id.clone() }).await?;
             Ok(json!({ "tenant_id": tenant_id, "status": "purged" }).to_string())
         }
-        write => {
+        write @ (AdminOp::AddTenant { .. }
+        | AdminOp::PatchTenant { .. }
+        | AdminOp::RotateKey { .. }
+        | AdminOp::DeleteTenant { .. }) => {
             let command = command_for(&state, write, svc.clock_ms())?;
             let id = command_tenant(&command);
             commit(svc, command).await?;
@@ -133,7 +136,7 @@ fn command_for(state: &RegistryState, op: AdminOp, now_ms: u64) -> Result<Comman
             known(state, &tenant_id)?;
             Command::ArchiveTenant { id: tenant_id }
         }
-        other => unreachable!("{other:?} is not a tenant write"),
+        other => return Err(ApiError::Internal(format!("{other:?} is not a tenant write"))),
     })
 }
 
@@ -294,7 +297,7 @@ async fn membership(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<
         }
         AdminOp::DrainNode { id } => svc.registry.drain_node(id).await.map_err(registry_error)?,
         AdminOp::RemoveNode { id } => svc.registry.remove_node(id).await.map_err(registry_error)?,
-        other => unreachable!("{other:?} is not a membership change"),
+        other => return Err(ApiError::Internal(format!("{other:?} is not a membership change"))),
     };
     Ok(crate::stats::nodes(svc, &svc.registry.state()).to_string())
 }

@@ -4,50 +4,13 @@
 //! Counters and histograms are recorded as requests pass; the gauges that describe state (Raft,
 //! loaded tenants) are set when a scrape asks for them, in [`render_node`].
 
-use std::sync::OnceLock;
-use std::time::Duration;
-
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use proto::{ApiError, SqResponse};
 
 use crate::service::Service;
 
-static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
-
-/// Upper bounds, in seconds, of the request latency histogram buckets: 100 µs (a read of a loaded
-/// tenant) to 5 s (past every timeout a request can meet).
-pub const LATENCY_BUCKETS_S: [f64; 15] = [
-    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-];
-
-/// How often recorded histogram samples are folded into buckets when nobody scrapes: the
-/// recorder keeps every raw sample until then, so without this an unscraped node grows by
-/// 8 bytes per request.
-const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
-
 /// Installs the recorder once per process, every series labelled `node=<id>`.
 pub fn install(node_id: u64) {
-    HANDLE.get_or_init(|| {
-        let builder = PrometheusBuilder::new().add_global_label("node", node_id.to_string());
-        let handle = match builder.set_buckets(&LATENCY_BUCKETS_S).and_then(|b| b.install_recorder()) {
-            Ok(h) => h,
-            Err(e) => {
-                tracing::warn!(error = %e, "metrics recorder not installed");
-                return None;
-            }
-        };
-        describe();
-        let upkeep = handle.clone();
-        // The recorder is process-wide, so its upkeep is too: a thread that lives as long as it.
-        let spawned = std::thread::Builder::new().name("metrics-upkeep".into()).spawn(move || loop {
-            std::thread::sleep(UPKEEP_INTERVAL);
-            upkeep.run_upkeep();
-        });
-        if let Err(e) = spawned {
-            tracing::warn!(error = %e, "no metrics upkeep thread; samples are folded only on scrape");
-        }
-        Some(handle)
-    });
+    telemetry::install(Some(("node", node_id.to_string())), describe);
 }
 
 /// HELP lines for every series this node exports (PRODUCT.md §2 names the first ones).
@@ -99,8 +62,8 @@ fn describe() {
     );
     metrics::describe_gauge!("sq_store_memory_bytes", "Estimated memory held by loaded tenants");
     // Refusal series exist from the start, at zero, so a dashboard shows "none" rather than "no data".
-    for status in ["429", "507", "503"] {
-        metrics::counter!("sq_refusals_total", "status" => status).increment(0);
+    for refusal in Outcome::REFUSALS {
+        metrics::counter!("sq_refusals_total", "reason" => refusal.as_str()).increment(0);
     }
 }
 
@@ -119,18 +82,45 @@ pub fn render_node(svc: &Service) -> String {
 }
 
 pub fn render() -> String {
-    HANDLE.get().and_then(|h| h.as_ref()).map(|h| h.render()).unwrap_or_default()
+    telemetry::render()
 }
 
-/// The status class of a result, as a metric label.
-pub fn outcome(result: &Result<SqResponse, ApiError>) -> &'static str {
-    match result {
-        Ok(_) => "ok",
-        Err(ApiError::QuotaExceeded { .. }) => "507",
-        Err(ApiError::RateLimited { .. }) => "429",
-        Err(ApiError::Unavailable { .. } | ApiError::NotOwner { .. }) => "503",
-        Err(_) => "error",
+/// What became of a request on this node. The node names refusals by kind; which HTTP status
+/// each becomes is the gateway's business alone (`gateway::error`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Ok,
+    QuotaExceeded,
+    RateLimited,
+    Unavailable,
+    Error,
+}
+
+impl Outcome {
+    pub fn of(result: &Result<SqResponse, ApiError>) -> Outcome {
+        match result {
+            Ok(_) => Outcome::Ok,
+            Err(ApiError::QuotaExceeded { .. }) => Outcome::QuotaExceeded,
+            Err(ApiError::RateLimited { .. }) => Outcome::RateLimited,
+            Err(ApiError::Unavailable { .. } | ApiError::NotOwner { .. }) => Outcome::Unavailable,
+            Err(_) => Outcome::Error,
+        }
     }
+
+    /// The label value in metrics and the meter log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::QuotaExceeded => "quota_exceeded",
+            Outcome::RateLimited => "rate_limited",
+            Outcome::Unavailable => "unavailable",
+            Outcome::Error => "error",
+        }
+    }
+
+    /// The refusals whose series exist from the start.
+    const REFUSALS: [Outcome; 3] =
+        [Outcome::RateLimited, Outcome::QuotaExceeded, Outcome::Unavailable];
 }
 
 /// Meters one request of a tenant: calls by tenant and method, latency by route, refusals.
@@ -142,15 +132,15 @@ pub fn request(
     result: &Result<SqResponse, ApiError>,
     latency_us: u64,
 ) {
-    let outcome = outcome(result);
-    if outcome != "429" {
+    let outcome = Outcome::of(result);
+    if outcome != Outcome::RateLimited {
         metrics::counter!("sq_api_calls_total", "tenant" => tenant.to_string(), "method" => route)
             .increment(1);
         metrics::histogram!("sq_request_duration_seconds", "route" => route)
             .record(latency_us as f64 / 1e6);
     }
-    if outcome != "ok" {
-        metrics::counter!("sq_refusals_total", "status" => outcome).increment(1);
+    if outcome != Outcome::Ok {
+        metrics::counter!("sq_refusals_total", "reason" => outcome.as_str()).increment(1);
     }
 }
 

@@ -58,6 +58,9 @@ pub enum NodeError {
     Registry(#[from] raft_registry::RegistryError),
     #[error("configuration: {0}")]
     Config(String),
+    /// Work on the blocking pool panicked or was cancelled (the store's final flush).
+    #[error("blocking task: {0}")]
+    Blocking(#[from] tokio::task::JoinError),
 }
 
 /// Where a node's logic meets the outside world: in production QUIC, the disk and the system
@@ -170,9 +173,7 @@ impl NodeParts {
         }
         tracing::info!("stopping: flushing tenant store");
         let store = self.store;
-        crate::blocking::spawn(move || store.flush_all())
-            .await
-            .map_err(|e| NodeError::Config(e.to_string()))??;
+        crate::blocking::spawn(move || store.flush_all()).await??;
         tracing::info!("stopped");
         Ok(())
     }

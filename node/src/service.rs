@@ -146,7 +146,7 @@ impl Service {
         if let Err(e) = self.limits.admit(tenant, record.daily_limit) {
             let refused = Err(e);
             crate::metrics::request(tenant, route, &refused, 0);
-            let outcome = crate::metrics::outcome(&refused);
+            let outcome = crate::metrics::Outcome::of(&refused).as_str();
             tracing::debug!(target: "sq_node::meter", tenant, route, outcome, bytes_in = 0u64, bytes_out = 0u64, latency_us = 0u64);
             return refused;
         }
@@ -172,7 +172,7 @@ impl Service {
         self.limits.record(tenant, route, bytes_in, bytes_out);
         let latency_us = self.wall.unix_us().saturating_sub(started_us);
         crate::metrics::request(tenant, route, &result, latency_us);
-        let outcome = crate::metrics::outcome(&result);
+        let outcome = crate::metrics::Outcome::of(&result).as_str();
         tracing::debug!(target: "sq_node::meter", tenant, route, outcome, bytes_in, bytes_out, latency_us);
         result
     }
