@@ -10,8 +10,11 @@
 
 pub mod admin;
 pub mod api;
+mod conn;
 pub mod error;
 pub mod forward;
+pub mod head;
+pub mod lograte;
 pub mod metering;
 pub mod routes;
 mod serve;
@@ -44,6 +47,75 @@ pub struct GatewayConfig {
     /// Threads of the async runtime: 0 (the default) for one per core.
     #[serde(default)]
     pub worker_threads: usize,
+    /// `[http]`: timeouts and caps of client connections; every field has a default.
+    #[serde(default)]
+    pub http: HttpLimits,
+}
+
+/// How long a client connection may take at each step, and how many may be open, so that idle
+/// or slow connections from one address never deny service to others (nginx's
+/// `client_header_timeout`, `keepalive_timeout` and `limit_conn` are the model).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpLimits {
+    /// Milliseconds from accepting a TCP connection to the end of its TLS handshake.
+    pub tls_handshake_timeout_ms: u64,
+    /// Milliseconds from the first byte of a request head (for a new connection: from its
+    /// accept, or the end of its TLS handshake) to the end of the head.
+    pub header_read_timeout_ms: u64,
+    /// Milliseconds a connection may stay open with no request in progress and no byte
+    /// received, after its last answer.
+    pub idle_timeout_ms: u64,
+    /// Connections open at once from one client address (an IPv6 client: its /64); more are
+    /// closed as soon as they are accepted.
+    pub connections_per_address: usize,
+    /// Connections open at once in all; more wait in the kernel's accept queue.
+    pub connections_max: usize,
+}
+
+/// A TLS handshake is two round trips; 10 s covers a slow mobile link many times over and
+/// bounds how long a silent socket holds a connection slot.
+pub const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// Every SQ client sends its request head in one write; 10 s is for the slowest link, not for
+/// a trickle (nginx allows 60 s, SQ 0.6.0 closes a silent socket after 32 s).
+pub const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
+/// Long enough for a client polling every few tens of seconds to keep its connection (nginx
+/// keeps 75 s), short enough that abandoned connections free their slots within a minute.
+pub const IDLE_TIMEOUT_MS: u64 = 60_000;
+/// Many clients can share one address behind NAT, each browser holding 6 connections per
+/// origin; 256 serves an office while one address can hold only 1/32 of the default total.
+pub const CONNECTIONS_PER_ADDRESS: usize = 256;
+/// Half the gateway unit's `LimitNOFILE` (16,384), leaving the rest for the QUIC socket, logs
+/// and connections closed but not yet reaped.
+pub const CONNECTIONS_MAX: usize = 8192;
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            tls_handshake_timeout_ms: TLS_HANDSHAKE_TIMEOUT_MS,
+            header_read_timeout_ms: HEADER_READ_TIMEOUT_MS,
+            idle_timeout_ms: IDLE_TIMEOUT_MS,
+            connections_per_address: CONNECTIONS_PER_ADDRESS,
+            connections_max: CONNECTIONS_MAX,
+        }
+    }
+}
+
+impl HttpLimits {
+    /// Refuses a value that would serve nobody or never time out.
+    pub fn check(&self) -> Result<(), GatewayError> {
+        let zero = [
+            ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms as usize),
+            ("header_read_timeout_ms", self.header_read_timeout_ms as usize),
+            ("idle_timeout_ms", self.idle_timeout_ms as usize),
+            ("connections_per_address", self.connections_per_address),
+            ("connections_max", self.connections_max),
+        ];
+        match zero.iter().find(|(_, v)| *v == 0) {
+            Some((name, _)) => Err(GatewayError::Config(format!("http.{name} must be above 0"))),
+            None => Ok(()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -85,6 +157,7 @@ pub async fn run(config: GatewayConfig, shutdown: CancellationToken) -> Result<(
         // Load the certificate before anything says the gateway is listening.
         serve::tls_config(tls)?;
     }
+    config.http.check()?;
     metering::install();
     let identity = transport::Identity::load(&config.cluster_certs, transport::Role::Gateway)?;
     let client = transport::Client::new(&identity, transport::ClientLimits::default())?;

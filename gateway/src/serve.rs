@@ -1,16 +1,34 @@
-//! Accepting HTTP and HTTPS connections.
+//! Accepting HTTP and HTTPS connections, within a cap per client address and a global cap.
+//!
+//! Plain HTTP and TLS go through the same loop and the same per-connection code
+//! ([`crate::conn`]), so both get every timeout and cap. A connection over its address's cap is
+//! closed as soon as it is accepted: one address can hold at most
+//! [`HttpLimits::connections_per_address`] of the gateway's slots, so idle or trickling
+//! connections from it never lock out another address. IPv6 clients are counted by /64, the
+//! block one subscriber gets.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::{router, Gateway, GatewayConfig, GatewayError, TlsFiles};
+use crate::conn::{self, Listener, Timeouts};
+use crate::head::CloseRule;
+use crate::lograte::Tally;
+use crate::{router, Gateway, GatewayConfig, GatewayError, HttpLimits, TlsFiles};
 
-/// The most HTTP connections served at once; more wait in the kernel's accept queue.
-const HTTP_CONNECTIONS_MAX: usize = 4096;
+/// Pause after a failed accept (out of file descriptors, most often) before trying again, so a
+/// full table is not spun on while connections close.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(50);
+
+/// How long answers in progress get to finish when the gateway stops.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(5);
+
+static ACCEPT_ERRORS: Tally = Tally::new();
+static OVER_ADDRESS_CAP: Tally = Tally::new();
 
 pub async fn serve(
     gw: Arc<Gateway>,
@@ -18,41 +36,103 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     let listener = TcpListener::bind(config.listen).await?;
-    tracing::info!(addr = %listener.local_addr()?, tls = config.tls.is_some(), "gateway listening");
-    let app = router(gw);
-    let Some(tls) = &config.tls else {
-        let stop = shutdown.clone();
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await?;
-        return Ok(());
+    let local = listener.local_addr()?;
+    tracing::info!(addr = %local, tls = config.tls.is_some(), "gateway listening");
+    let tls = match &config.tls {
+        Some(files) => Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(files)?))),
+        None => None,
     };
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config(tls)?));
-    let permits = Arc::new(tokio::sync::Semaphore::new(HTTP_CONNECTIONS_MAX));
+    let shared = Listener {
+        app: router(gw),
+        close: CloseRule { local_port: local.port(), plain: tls.is_none() },
+        tls,
+        timeouts: Timeouts::from(&config.http),
+    };
+    let limits: &HttpLimits = &config.http;
+    let permits = Arc::new(tokio::sync::Semaphore::new(limits.connections_max));
+    let per_address = Arc::new(AddressCounts::default());
+    // Each connection task holds a sender; the receiver ends once all of them have finished.
+    let (running, mut finished) = tokio::sync::mpsc::channel::<()>(1);
     loop {
         let permit = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
+            _ = shutdown.cancelled() => break,
             p = permits.clone().acquire_owned() => p.map_err(|e| GatewayError::Config(e.to_string()))?,
         };
         let (tcp, peer) = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            a = listener.accept() => a?,
+            _ = shutdown.cancelled() => break,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    if let Some(n) = ACCEPT_ERRORS.note() {
+                        tracing::warn!(count = n, error = %e, "accepting connections failed");
+                    }
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            },
         };
-        let acceptor = acceptor.clone();
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
-            let stream = match acceptor.accept(tcp).await {
-                Ok(s) => s,
-                Err(e) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-            };
-            let builder = auto::Builder::new(TokioExecutor::new());
-            if let Err(e) =
-                builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await
-            {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+        let Some(slot) = per_address.take(peer.ip(), limits.connections_per_address) else {
+            if let Some(n) = OVER_ADDRESS_CAP.note() {
+                tracing::warn!(count = n, %peer, "connections closed: over the cap per address");
             }
+            continue;
+        };
+        let (shared, stop, running) = (shared.clone(), shutdown.clone(), running.clone());
+        tokio::spawn(async move {
+            conn::serve(shared, tcp, peer, stop).await;
+            drop((slot, permit, running));
         });
+    }
+    drop(running);
+    if tokio::time::timeout(SHUTDOWN_DRAIN, finished.recv()).await.is_err() {
+        tracing::info!("stopping with client connections still open");
+    }
+    Ok(())
+}
+
+/// Open connections by client address (an IPv6 address by its /64).
+#[derive(Default)]
+struct AddressCounts(Mutex<HashMap<IpAddr, usize>>);
+
+/// One connection counted against its address until dropped.
+struct AddressSlot {
+    counts: Arc<AddressCounts>,
+    key: IpAddr,
+}
+
+impl AddressCounts {
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+            },
+            v4 => v4,
+        }
+    }
+
+    /// A slot for `ip`, or `None` when its address already holds `cap` connections.
+    fn take(self: &Arc<Self>, ip: IpAddr, cap: usize) -> Option<AddressSlot> {
+        let key = Self::key(ip);
+        let mut counts = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = counts.entry(key).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot { counts: self.clone(), key })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.0.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(n) = counts.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -77,4 +157,33 @@ pub(crate) fn tls_config(files: &TlsFiles) -> Result<rustls::ServerConfig, Gatew
         .map_err(|e| GatewayError::Config(format!("certificate and key: {e}")))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: an address gets at most `cap` slots, a slot returns when dropped, other addresses
+    // are unaffected, and IPv6 addresses of one /64 share a count.
+    #[test]
+    fn address_cap() {
+        let counts = Arc::new(AddressCounts::default());
+        let a: IpAddr = "127.0.0.2".parse().unwrap();
+        let b: IpAddr = "127.0.0.1".parse().unwrap();
+        let held: Vec<_> = (0..3).map(|_| counts.take(a, 3).expect("under the cap")).collect();
+        assert!(counts.take(a, 3).is_none());
+        assert!(counts.take(b, 3).is_some());
+        drop(held);
+        assert!(counts.take(a, 3).is_some());
+        assert!(counts.0.lock().unwrap().len() <= 1, "empty counts are removed");
+        let v6a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let v6b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let v6c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        let _one = counts.take(v6a, 1).unwrap();
+        assert!(counts.take(v6b, 1).is_none(), "same /64");
+        assert!(counts.take(v6c, 1).is_some(), "another /64");
+        let mapped: IpAddr = "::ffff:127.0.0.2".parse().unwrap();
+        let _two = [counts.take(a, 2).unwrap(), counts.take(a, 2).unwrap()];
+        assert!(counts.take(mapped, 2).is_none(), "a mapped IPv4 address counts as itself");
+    }
 }
