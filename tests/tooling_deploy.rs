@@ -76,7 +76,20 @@ fn gateway_toml_loads_and_documents_every_field() {
     assert!(config.tls.is_some(), "a production gateway serves HTTPS");
     assert!(!config.nodes.is_empty());
     let documented = documented_keys("deploy/gateway.toml", &text);
-    for key in ["listen", "cluster_certs", "nodes", "cert", "key"] {
+    assert_eq!(config.http, gateway::HttpLimits::default(), "[http] shows the defaults");
+    for key in [
+        "listen",
+        "cluster_certs",
+        "nodes",
+        "cert",
+        "key",
+        "http",
+        "tls_handshake_timeout_ms",
+        "header_read_timeout_ms",
+        "idle_timeout_ms",
+        "connections_per_address",
+        "connections_max",
+    ] {
         assert!(documented.contains(key), "deploy/gateway.toml does not explain {key}");
     }
 }

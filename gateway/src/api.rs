@@ -40,21 +40,31 @@ fn with_cors(mut response: Response) -> Response {
     response
 }
 
-/// The CORS preflight answer: 204 before any key is checked.
-pub fn preflight() -> Response {
+/// The CORS preflight answer: 204 before any key is checked. On SQ's routes it allows what SQ
+/// 0.6.0 allows (GET, POST; `Authorization`, `Content-Type`) plus `X-SQ-API-Key`, the key header
+/// SQ accepts (phext-notepad sends it) but leaves out of its preflight, so a browser client
+/// could not send it to SQ; the admin API also allows its PATCH and DELETE.
+pub fn preflight(path: &str) -> Response {
     let mut r = StatusCode::NO_CONTENT.into_response();
     let h = r.headers_mut();
     h.insert("access-control-allow-origin", HeaderValue::from_static("*"));
-    h.insert(
-        "access-control-allow-methods",
-        HeaderValue::from_static("GET, POST, PATCH, DELETE, OPTIONS"),
-    );
+    let methods = if is_admin_path(path) {
+        "GET, POST, PATCH, DELETE, OPTIONS"
+    } else {
+        "GET, POST, OPTIONS"
+    };
+    h.insert("access-control-allow-methods", HeaderValue::from_static(methods));
     h.insert(
         "access-control-allow-headers",
-        HeaderValue::from_static("Authorization, X-SQ-API-Key, Content-Type"),
+        HeaderValue::from_static("Authorization, Content-Type, X-SQ-API-Key"),
     );
     h.insert("access-control-max-age", HeaderValue::from_static("86400"));
     r
+}
+
+/// The admin API and the cluster's metrics (admin key).
+fn is_admin_path(path: &str) -> bool {
+    path.starts_with("/api/v2/admin/") || path == "/api/v2/admin" || path == "/api/v2/metrics"
 }
 
 /// Reads the body up to the named limit.
@@ -80,15 +90,15 @@ pub async fn handle(State(gw): State<Arc<Gateway>>, request: Request) -> Respons
 }
 
 async fn dispatch(gw: &Arc<Gateway>, request: Request) -> Response {
-    if request.method() == Method::OPTIONS {
-        return preflight();
-    }
     let path = request.uri().path().to_string();
+    if request.method() == Method::OPTIONS {
+        return preflight(&path);
+    }
     // The API's description needs no key (crate::routes lists every route served).
     if path == crate::routes::OPENAPI_PATH && request.method() == Method::GET {
         return crate::routes::openapi_response();
     }
-    if path.starts_with("/api/v2/admin/") || path == "/api/v2/admin" || path == "/api/v2/metrics" {
+    if is_admin_path(&path) {
         return crate::admin::handle(gw, request).await;
     }
     let method = match *request.method() {
@@ -203,5 +213,28 @@ async fn forward(
             }
             Err(e) => return Err(unavailable(format!("node {owner} unreachable: {e}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: the preflight of SQ's routes allows SQ's methods (and the X-SQ-API-Key header SQ
+    // reads keys from); only the admin API allows PATCH and DELETE.
+    #[test]
+    fn preflight_matches_sq_on_public_routes() {
+        let public = preflight("/api/v2/select");
+        assert_eq!(public.status(), StatusCode::NO_CONTENT);
+        let h = public.headers();
+        assert_eq!(h["access-control-allow-methods"], "GET, POST, OPTIONS");
+        assert_eq!(h["access-control-allow-headers"], "Authorization, Content-Type, X-SQ-API-Key");
+        assert_eq!(h["access-control-allow-origin"], "*");
+        assert_eq!(h["access-control-max-age"], "86400");
+        let admin = preflight("/api/v2/admin/tenants");
+        assert_eq!(
+            admin.headers()["access-control-allow-methods"],
+            "GET, POST, PATCH, DELETE, OPTIONS"
+        );
     }
 }

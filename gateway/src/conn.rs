@@ -25,8 +25,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use bytes::Bytes;
 use axum::http::{HeaderValue, Request, Response};
+use bytes::Bytes;
 use hyper::body::{Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
@@ -94,6 +94,7 @@ pub async fn serve(
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
         Err(_) => {
+            closed("tls_handshake_timeout");
             if let Some(n) = HANDSHAKE_TIMEOUTS.note() {
                 tracing::info!(count = n, %peer, "TLS handshakes timed out (latest peer shown)");
             }
@@ -139,6 +140,7 @@ async fn serve_stream<S>(
             Ok(Ok(FirstHead::Partial(bytes))) => prefix = Bytes::from(bytes),
             Ok(Err(_)) => return,
             Err(_) => {
+                closed("header_timeout");
                 if let Some(n) = HEAD_TIMEOUTS.note() {
                     tracing::info!(count = n, %peer, "request heads timed out (latest peer shown)");
                 }
@@ -162,7 +164,9 @@ async fn serve_stream<S>(
         let now = Instant::now();
         let deadline = state.deadline(&listener.timeouts);
         if deadline.is_some_and(|d| d <= now) {
-            return tracing::debug!(%peer, "connection timed out");
+            let idle = state.with(|p| matches!(p, Phase::Idle(_)));
+            closed(if idle { "idle_timeout" } else { "header_timeout" });
+            return tracing::debug!(%peer, idle, "connection timed out");
         }
         let wake = deadline.map_or(now + recheck, |d| d.min(now + recheck));
         tokio::select! {
@@ -179,6 +183,11 @@ async fn serve_stream<S>(
             }
         }
     }
+}
+
+/// Counts a connection closed by one of the limits, by reason (a fixed set of labels).
+pub fn closed(reason: &'static str) {
+    metrics::counter!("sq_gateway_connections_closed_total", "reason" => reason).increment(1);
 }
 
 enum FirstHead {

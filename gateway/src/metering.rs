@@ -25,6 +25,10 @@ pub fn install() {
             "sq_gateway_responses_total",
             "Answers of this gateway by route and HTTP status"
         );
+        metrics::describe_counter!(
+            "sq_gateway_connections_closed_total",
+            "Client connections this gateway closed by a timeout or the cap per address, by reason"
+        );
     });
 }
 
@@ -43,8 +47,16 @@ pub fn record(method: &Method, path: &str, status: StatusCode, elapsed: Duration
     metrics::histogram!("sq_gateway_request_seconds", "route" => route)
         .record(elapsed.as_secs_f64());
     metrics::counter!("sq_gateway_responses_total", "route" => route, "status" => status.as_u16().to_string()).increment(1);
+    if status == StatusCode::UNAUTHORIZED {
+        // Anyone can send these: at info, one line per interval with the count.
+        if let Some(count) = UNAUTHENTICATED.note() {
+            tracing::info!(target: "sq_gateway::access", %method, route, status = 401, count, "unauthenticated requests since the last such line");
+        }
+    }
     tracing::debug!(target: "sq_gateway::access", %method, route, status = status.as_u16(), latency_us = elapsed.as_micros() as u64);
 }
+
+static UNAUTHENTICATED: crate::lograte::Tally = crate::lograte::Tally::new();
 
 /// This gateway's metrics, then each node's under its own `node` label, asked of all nodes at
 /// once (a dead node costs one [`FORWARD_TIMEOUT`], not one per node), and `sq_node_up`.

@@ -72,6 +72,7 @@ pub async fn serve(
             },
         };
         let Some(slot) = per_address.take(peer.ip(), limits.connections_per_address) else {
+            conn::closed("address_cap");
             if let Some(n) = OVER_ADDRESS_CAP.note() {
                 tracing::warn!(count = n, %peer, "connections closed: over the cap per address");
             }
