@@ -472,24 +472,26 @@ fn forged_string_length_in_a_record_allocates_nothing_large() {
 // refuses to activate a node past the limit, so it never writes an image it cannot read.
 #[test]
 fn snapshot_with_too_many_active_nodes_is_refused() {
+    // States built node by node, without their rings: neither encoding nor the refusal reads it.
     let state = |n: usize| {
-        let mut nodes: Vec<NodeRecord> = (1..=n as u64)
-            .map(|id| NodeRecord { id, addr: String::new(), state: NodeState::Active })
-            .collect();
-        nodes.push(NodeRecord { id: 0, addr: "127.0.0.1:1".into(), state: NodeState::Joining });
-        RegistryState::from_parts(vec![], None, nodes, 1, vec![], vec![])
+        let mut st = RegistryState::default();
+        for id in 1..=n as u64 {
+            st.nodes.insert(id, NodeRecord { id, addr: String::new(), state: NodeState::Active });
+        }
+        let joining = NodeRecord { id: 0, addr: "127.0.0.1:1".into(), state: NodeState::Joining };
+        st.nodes.insert(0, joining);
+        st
     };
-    let image = |n: usize| encode_state(&state(n)).expect("encodes");
     let mut full = state(ACTIVE_NODES_MAX);
     assert_eq!(
         crate::command::apply(&mut full, Command::NodeActivate { id: 0 }),
         Err(crate::command::Rejection::TooManyActiveNodes)
     );
-    let over = image(ACTIVE_NODES_MAX + 1);
+    let over = encode_state(&state(ACTIVE_NODES_MAX + 1)).expect("encodes");
     let (refused, peak) = meter::peak(|| decode_state(Path::new("snapshot"), &over).is_err());
     assert!(refused);
     assert!(peak < 1024 * 1024, "{peak}");
-    let at = image(ACTIVE_NODES_MAX);
+    let at = encode_state(&full).expect("encodes");
     let (read, peak) = meter::peak(|| decode_state(Path::new("snapshot"), &at).is_ok());
     assert!(read);
     assert!(peak <= snapshot_limit(at.len()), "{peak}");
