@@ -345,7 +345,7 @@ fn method() -> impl Strategy<Value = Method> {
 }
 
 proptest! {
-    #![proptest_config(Config { cases: 512, failure_persistence: None, ..Config::default() })]
+    #![proptest_config(Config { cases: 2048, failure_persistence: None, ..Config::default() })]
 
     // Goal: no request, however malformed, panics the parser or makes it hold more than a small
     // multiple of its own size.

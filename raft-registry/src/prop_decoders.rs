@@ -368,7 +368,7 @@ fn check_snapshot(bytes: &[u8]) -> Result<bool, TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(Config { cases: 256, failure_persistence: None, ..Config::default() })]
+    #![proptest_config(Config { cases: 512, failure_persistence: None, ..Config::default() })]
 
     // Goal: a valid log replays whole; damaged anywhere (its frames, or a payload re-framed
     // with a good checksum) it replays to a prefix or is refused as corrupt, without a panic

@@ -214,7 +214,7 @@ fn check_decode(bytes: &[u8]) -> Result<Option<Payload>, TestCaseError> {
 }
 
 proptest! {
-    #![proptest_config(Config { cases: 512, failure_persistence: None, ..Config::default() })]
+    #![proptest_config(Config { cases: 4096, failure_persistence: None, ..Config::default() })]
 
     // Goal: any 8 bytes as a frame header are refused or give a length within the frame limit,
     // allocating nothing but an error's text; a header this side writes parses back.

@@ -294,7 +294,7 @@ fn health() -> Health {
 const GOSSIP_ENTRY_BYTES: usize = 128;
 
 proptest! {
-    #![proptest_config(Config { cases: 256, failure_persistence: None, ..Config::default() })]
+    #![proptest_config(Config { cases: 1024, failure_persistence: None, ..Config::default() })]
 
     // Goal: a valid segment replays whole; damaged anywhere (its frames, or a record re-framed
     // with a good checksum) it replays to a prefix or is refused as corrupt, with no panic and
