@@ -66,16 +66,6 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Bring an SQ data directory of *.phext files into a tenant.
     Import(import::ImportConfig),
-    /// Write to a tenant store forever, printing each acknowledged write (crash tests).
-    #[command(hide = true)]
-    StoreWriter {
-        #[arg(long)]
-        data: PathBuf,
-        #[arg(long)]
-        tenant: String,
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-    },
 }
 
 #[derive(Subcommand)]
@@ -214,8 +204,5 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Bench(args) => bench::run(args.into_config()?).map_err(tooling::with_tls_hint),
         Command::Import(config) => import::run(config).map_err(tooling::with_tls_hint),
-        Command::StoreWriter { data, tenant, seed } => {
-            node::store::crash_writer(&data, &tenant, seed)
-        }
     }
 }

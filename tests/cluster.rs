@@ -5,7 +5,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{get, http, run_conformance, DevCluster};
+use common::{get, http, run_conformance, tool_present, DevCluster};
 
 fn cases() -> serde_json::Value {
     serde_json::from_slice(
@@ -19,7 +19,8 @@ fn cases() -> serde_json::Value {
 }
 
 // Goal: every public SQ conformance case passes through gateway → QUIC → node, with a fresh
-// tenant; and the shared sqconf.py runner agrees when python3 is present.
+// tenant; and the shared sqconf.py runner agrees (it needs python3: under CI=true its absence
+// fails the test).
 #[test]
 fn conformance_isolation_and_keys() {
     let cluster = DevCluster::start(3);
@@ -31,9 +32,11 @@ fn conformance_isolation_and_keys() {
     assert!(passed > 60, "only {passed} steps ran");
 
     let sqconf = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/sq-api/sqconf.py");
-    if std::path::Path::new(sqconf).exists()
-        && std::process::Command::new("python3").arg("--version").output().is_ok()
-    {
+    let present = std::path::Path::new(sqconf).exists()
+        && std::process::Command::new("python3").arg("--version").output().is_ok();
+    let install =
+        "python3 from apt-get, as .ci/run does, and ../shared/sq-api/sqconf.py beside the repo";
+    if tool_present("python3 with sqconf.py", present, install) {
         let key2 = cluster.add_tenant("conf-py", serde_json::json!({}));
         let fixture =
             concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/conformance-public.json");

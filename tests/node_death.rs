@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{get, http, DevCluster};
+use common::{get, http, wait_for, DevCluster};
 
 /// A 503 for a dead owner must arrive within this bound (PRODUCT.md: within 2 s, never a hang).
 const UNAVAILABLE_BOUND: Duration = Duration::from_secs(2);
@@ -71,7 +71,9 @@ fn node_death_and_return() {
         }));
     }
     // Let every writer get acknowledgements before the kill.
-    wait_until(Duration::from_secs(20), || logs.iter().all(|l| l.lock().unwrap().acked.len() >= 3));
+    wait_for(Duration::from_secs(20), "every writer acknowledged", || {
+        logs.iter().all(|l| l.lock().unwrap().acked.len() >= 3).then_some(())
+    });
     let pid = cluster.json["nodes"].as_array().unwrap().iter().find(|n| n["id"] == victim).unwrap()
         ["pid"]
         .as_i64()
@@ -79,8 +81,8 @@ fn node_death_and_return() {
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     // The victim's tenants must fail and then recover once the supervisor restarts the node.
     let victims: Vec<usize> = (0..tenants.len()).filter(|&i| tenants[i].2 == victim).collect();
-    wait_until(Duration::from_secs(60), || {
-        victims.iter().all(|&i| logs[i].lock().unwrap().ok_after_errors)
+    wait_for(Duration::from_secs(60), "the victim's tenants served again", || {
+        victims.iter().all(|&i| logs[i].lock().unwrap().ok_after_errors).then_some(())
     });
     stop.store(true, Ordering::SeqCst);
     for w in writers {
@@ -112,12 +114,4 @@ fn node_death_and_return() {
         }
     }
     cluster.reload_json();
-}
-
-fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !done() {
-        assert!(Instant::now() < deadline, "condition not reached within {limit:?}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }

@@ -7,9 +7,9 @@ mod common;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{admin, free_udp_port, settle, start_node, DevCluster};
+use common::{admin, free_udp_port, settle, start_node, wait_for, DevCluster};
 use proto::cluster::{NodeRequest, NodeResponse};
 use reqwest::Method;
 
@@ -27,17 +27,6 @@ fn raft(c: &DevCluster) -> Option<(u64, u64)> {
     Some((h["raft"]["leader"].as_u64()?, h["raft"]["term"].as_u64()?))
 }
 
-fn wait_for<T>(limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "condition not reached within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 // Goal: a 3-node registry elects a leader and commits tenants; losing the leader gives a new
 // leader in a higher term with no committed tenant lost, and SIGKILL of the old leader's process
 // (restarted by the supervisor) loses nothing either; a restart of every node keeps every tenant.
@@ -48,7 +37,7 @@ fn leader_kill_and_full_restart_keep_every_tenant() {
     let tmp = tempfile::tempdir().unwrap();
     let listen = format!("127.0.0.1:{}", common::free_tcp_port());
     let mut cluster = DevCluster::start_in(tmp.path(), 3, &listen);
-    let (leader, term) = wait_for(Duration::from_secs(20), || raft(&cluster));
+    let (leader, term) = wait_for(Duration::from_secs(20), "a leader", || raft(&cluster)).0;
     for i in 0..20 {
         cluster.add_tenant(&format!("r{i}"), serde_json::json!({}));
     }
@@ -58,7 +47,10 @@ fn leader_kill_and_full_restart_keep_every_tenant() {
         .unwrap();
     unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
     let (new_leader, new_term) =
-        wait_for(Duration::from_secs(30), || raft(&cluster).filter(|(_, t)| *t > term));
+        wait_for(Duration::from_secs(30), "a leader in a higher term", || {
+            raft(&cluster).filter(|(_, t)| *t > term)
+        })
+        .0;
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
     assert_ne!(new_leader, leader);
     eprintln!("leader {leader} (term {term}) lost; node {new_leader} leads in term {new_term}; {leader} killed");
@@ -72,7 +64,7 @@ fn leader_kill_and_full_restart_keep_every_tenant() {
     cluster.stop();
     drop(cluster);
     let cluster = DevCluster::start_in(tmp.path(), 3, &listen);
-    wait_for(Duration::from_secs(30), || raft(&cluster));
+    wait_for(Duration::from_secs(30), "a leader after the restart", || raft(&cluster));
     let ids = tenant_ids(&cluster);
     for i in 0..25 {
         assert!(ids.contains(&format!("r{i}")), "tenant r{i} lost across the restart: {ids:?}");

@@ -1,8 +1,8 @@
-//! Black-box crash test of the tenant store: `sq-cloud store-writer` is killed with SIGKILL at a
+//! Black-box crash test of the tenant store: the `store-writer` test binary is killed with SIGKILL at a
 //! random moment, over and over on the same data directory, and after every kill the store must
 //! hold every write the writer acknowledged, byte for byte.
 //!
-//! The writer (`node::store::crash_writer`) makes this checkable: each slot (phext, coordinate)
+//! The writer (`tests/support/crash_writer.rs`) makes this checkable: each slot (phext, coordinate)
 //! is written by one thread, one write at a time, with content derived from (seed, slot, n). So
 //! after a kill each slot holds either the model's state (every acknowledged write) or that
 //! state plus the one write that was in flight: fsynced, but killed before its ack was printed.
@@ -17,9 +17,11 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use node::store::crash_writer::{
-    crash_slot, crash_step, crash_step_of, CrashStep, CRASH_COORDS, CRASH_SLOTS,
-};
+#[allow(dead_code)] // the writer itself runs in the store-writer binary
+#[path = "support/crash_writer.rs"]
+mod crash_writer;
+
+use crash_writer::{crash_slot, crash_step, crash_step_of, CrashStep, CRASH_COORDS, CRASH_SLOTS};
 use node::store::{RealVfs, Store, StoreConfig, SystemClock};
 use proto::{PhextName, SqRequest};
 use rand::{Rng, SeedableRng};
@@ -43,14 +45,14 @@ struct SlotModel {
 }
 
 fn writer(dir: &Path, stderr: File) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_sq-cloud"))
-        .args(["store-writer", "--data"])
+    Command::new(env!("CARGO_BIN_EXE_store-writer"))
+        .arg("--data")
         .arg(dir)
         .args(["--tenant", TENANT, "--seed", &SEED.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::from(stderr))
         .spawn()
-        .expect("sq-cloud store-writer starts")
+        .expect("store-writer starts")
 }
 
 /// Runs the writer once, kills it `delay_ms` after its first ack, and returns every complete
@@ -157,7 +159,7 @@ fn verify(data: &Path, model: &mut [SlotModel], run: usize) -> usize {
         m.n += 1;
         ahead += 1;
     }
-    for phext in node::store::crash_writer::CRASH_PHEXTS {
+    for phext in crash_writer::CRASH_PHEXTS {
         let toc = store
             .execute(
                 TENANT,

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::{http, DevCluster};
+use common::{http, tool_present, DevCluster};
 
 /// Test cases schemathesis generates per operation and phase: enough to reach every status
 /// the document lists, few enough to stay within a minute or two on two cores.
@@ -83,10 +83,12 @@ fn check_run(what: &str, output: &Output) {
 // would change the cluster under test, not check the document.
 #[test]
 fn schemathesis_finds_nothing() {
-    let Some(bin) = schemathesis() else {
-        println!("SKIPPED: schemathesis is not installed (python3 -m pip install schemathesis, as .ci/run does)");
+    let found = schemathesis();
+    let install = "python3 -m pip install schemathesis, as .ci/run does";
+    if !tool_present("schemathesis", found.is_some(), install) {
         return;
-    };
+    }
+    let Some(bin) = found else { return };
     let cluster = DevCluster::start(3);
     let spec_url = format!("{}/openapi.json", cluster.url());
     let served = http().get(&spec_url).send().expect("GET openapi.json");

@@ -38,7 +38,7 @@ pub struct TenantKeys {
 }
 
 /// Counts for the run's summary.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     pub reads_ok: u64,
     pub writes_acked: u64,

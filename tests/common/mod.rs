@@ -8,6 +8,42 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Pause between two looks at a condition in [`wait_for`], the one poll helper of these tests.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// Polls `look` until it gives a value or `limit` passes (then the test fails naming `what`).
+/// Returns the value and how long it took.
+pub fn wait_for<T>(
+    limit: Duration,
+    what: &str,
+    mut look: impl FnMut() -> Option<T>,
+) -> (T, Duration) {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = look() {
+            return (v, start.elapsed());
+        }
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(POLL_INTERVAL);
+    }
+}
+
+/// Whether a test may use a tool it needs (`available`). Under `CI=true` a missing tool fails
+/// the test: `.ci/run` installs every tool (`install` says how). Elsewhere the test is skipped
+/// with a loud line on stderr, which the harness does not capture.
+pub fn tool_present(tool: &str, available: bool, install: &str) -> bool {
+    if available {
+        return true;
+    }
+    let in_ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    assert!(!in_ci, "{tool} is missing, and CI=true needs it: {install}");
+    // Straight to stderr, past the test harness's capture of print macros: a skip must show.
+    let line =
+        format!("\n*** SKIPPED: {tool} is missing ({install}); this test checked nothing ***\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
+    false
+}
+
 /// How long a dev cluster may take to write dev.json.
 pub const CLUSTER_START_TIMEOUT: Duration = Duration::from_secs(90);
 

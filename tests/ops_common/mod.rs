@@ -4,32 +4,13 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+pub use crate::common::wait_for;
 use crate::common::{bin, free_tcp_port, http, DevCluster};
-
-/// Pause between two looks at a condition in [`wait_for`].
-pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 
 /// How long a started process may take to answer its first request.
 pub const PROCESS_START_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Polls `look` until it gives a value or `limit` passes (then the test fails naming `what`).
-/// Returns the value and how long it took.
-pub fn wait_for<T>(
-    limit: Duration,
-    what: &str,
-    mut look: impl FnMut() -> Option<T>,
-) -> (T, Duration) {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = look() {
-            return (v, start.elapsed());
-        }
-        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(POLL_INTERVAL);
-    }
-}
 
 /// An admin request by method name; returns the status and the answer ([`crate::common::admin`]).
 pub fn admin(

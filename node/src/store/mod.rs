@@ -17,7 +17,6 @@
 //! The API is blocking; the node calls it from `spawn_blocking`.
 
 mod clock;
-pub mod crash_writer;
 mod error;
 mod handoff;
 mod recovery;
@@ -40,7 +39,6 @@ use proto::request::{Selector, BODY_MAX_BYTES, DELTA_LINES_MAX, QUERY_SET_MAX, S
 use proto::{ops, Coordinate, PhextName, SqRequest, SqResponse};
 
 pub use clock::{Clock, ManualClock, SystemClock};
-pub use crash_writer::crash_writer;
 pub use error::{StoreError, IO_RETRY_AFTER_S};
 pub use handoff::is_tenant_file_path;
 pub use tenant::{

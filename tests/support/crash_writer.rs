@@ -1,5 +1,7 @@
-//! The writer behind `sq-cloud store-writer`, which the black-box crash test (`tests/store_crash.rs`)
-//! runs and kills with SIGKILL over and over on the same data directory.
+//! The writer behind the `store-writer` test binary, which the black-box crash test
+//! (`tests/store_crash.rs`) runs and kills with SIGKILL over and over on the same data directory.
+//! It is test support, kept out of the product: the test includes this file for the expected
+//! states, the binary for the writer.
 //!
 //! It makes the store's promise checkable from outside: every write's content is unique and
 //! derived from `(seed, slot, n)`, where a slot is one (phext, coordinate) and `n` counts the
@@ -14,7 +16,7 @@ use std::sync::Arc;
 
 use proto::{Coordinate, PhextName, SqRequest};
 
-use super::{RealVfs, Store, StoreConfig, StoreError, SystemClock};
+use node::store::{RealVfs, Store, StoreConfig, StoreError, SystemClock};
 
 /// The phexts the writer writes.
 pub const CRASH_PHEXTS: [&str; 3] = ["crash-a", "crash-b", "crash-c"];
@@ -120,8 +122,7 @@ pub fn crash_step_of(scroll: &str) -> Option<u64> {
 }
 
 /// Opens the store at `data_dir` and writes to `tenant` until killed, printing one `ack` line
-/// per acknowledged write. Returns only on failure. (`anyhow` because this is a test driver
-/// behind a CLI subcommand, not library API.)
+/// per acknowledged write. Returns only on failure.
 pub fn crash_writer(data_dir: &Path, tenant: &str, seed: u64) -> anyhow::Result<()> {
     let config = StoreConfig {
         data_dir: data_dir.to_path_buf(),
