@@ -31,7 +31,7 @@ const IMPORT_CONNECTIONS: usize = 4;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The largest file imported, in bytes: the largest quota a tier gives by default.
-const FILE_MAX_BYTES: u64 = 1 << 30;
+const FILE_BYTES_MAX: u64 = 1 << 30;
 
 /// How many times one write is retried after a 429 or 503 before the import stops.
 const RETRIES_MAX: u32 = 100;
@@ -175,8 +175,8 @@ fn read_source(path: &Path) -> anyhow::Result<(PhextName, Doc)> {
     let name = PhextName::parse(stem)
         .map_err(|_| anyhow::anyhow!("{shown}: {stem:?} is not a valid phext name"))?;
     let size = std::fs::metadata(path).with_context(|| format!("reading {shown}"))?.len();
-    if size > FILE_MAX_BYTES {
-        bail!("{shown}: {size} bytes is over the import limit of {FILE_MAX_BYTES}");
+    if size > FILE_BYTES_MAX {
+        bail!("{shown}: {size} bytes is over the import limit of {FILE_BYTES_MAX}");
     }
     let bytes = std::fs::read(path).with_context(|| format!("reading {shown}"))?;
     let doc = Doc::parse(&bytes).map_err(|e| anyhow::anyhow!("{shown}: not valid phext: {e}"))?;

@@ -67,7 +67,7 @@ async fn run(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<String,
         | AdminOp::PatchTenant { .. }
         | AdminOp::RotateKey { .. }
         | AdminOp::DeleteTenant { .. }) => {
-            let command = command_for(&state, write, svc.clock_ms())?;
+            let command = command_for(&state, write, svc.wall_ms())?;
             let id = command_tenant(&command);
             commit(svc, command).await?;
             let state = svc.registry.state();

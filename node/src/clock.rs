@@ -1,5 +1,5 @@
-//! Wall-clock time, behind a seam. The store's [`crate::store::Clock`] is monotonic and only
-//! measures idleness; limits that turn with the UTC day and records stamped for operators need the
+//! Wall-clock time, behind a seam. The store's [`crate::store::Clock`] is monotonic and measures
+//! every duration (idleness, gossip silence, request latency, handoff pacing); limits that turn with the UTC day and records stamped for operators need the
 //! calendar, and read it only through [`WallClock`].
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -9,12 +9,6 @@ use proto::calendar::{civil_from_days, DAY_S};
 pub trait WallClock: Send + Sync {
     /// Milliseconds since the Unix epoch, UTC.
     fn unix_ms(&self) -> u64;
-
-    /// Microseconds since the Unix epoch, UTC: for request latencies, most of which are well
-    /// under a millisecond. Clocks without the resolution answer whole milliseconds.
-    fn unix_us(&self) -> u64 {
-        self.unix_ms().saturating_mul(1000)
-    }
 }
 
 /// [`WallClock`] over the system clock.
@@ -25,10 +19,6 @@ impl WallClock for SystemWallClock {
     fn unix_ms(&self) -> u64 {
         // A clock before 1970 is a broken machine; count it as the epoch rather than fail requests.
         SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-    }
-
-    fn unix_us(&self) -> u64 {
-        SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64)
     }
 }
 

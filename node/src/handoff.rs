@@ -324,7 +324,7 @@ async fn fetch(
     let mut bytes = Vec::with_capacity(usize::try_from(chunk.min(file.len)).unwrap_or(0));
     while (bytes.len() as u64) < file.len {
         let want = chunk.min(file.len - bytes.len() as u64);
-        svc.handoffs.pace(want, svc.clock_ms()).await;
+        svc.handoffs.pace(want, svc.mono_ms()).await;
         let request = NodeRequest::HandoffRead {
             tenant: tenant.to_string(),
             path: file.path.clone(),
@@ -397,10 +397,10 @@ async fn pull_until_done(
         {
             break;
         }
-        let started = svc.clock_ms();
+        let started = svc.mono_ms();
         match pull(&svc, &h).await {
             Ok(()) => {
-                let ms = svc.clock_ms().saturating_sub(started);
+                let ms = svc.mono_ms().saturating_sub(started);
                 tracing::info!(
                     node = svc.id,
                     tenant = h.tenant,

@@ -72,7 +72,7 @@ pub struct Seams {
     pub vfs: Arc<dyn crate::store::Vfs>,
     /// The registry's disk.
     pub registry_fs: Arc<dyn raft_registry::disk::Fs>,
-    /// Monotonic time: idleness and gossip silence.
+    /// Monotonic time: every duration (idleness, gossip silence, latency, handoff pacing).
     pub clock: Arc<dyn crate::store::Clock>,
     /// Calendar time: daily limits, records stamped for operators.
     pub wall: Arc<dyn WallClock>,
@@ -123,7 +123,7 @@ impl NodeParts {
             .await?,
         );
         config.gossip.check().map_err(NodeError::Config)?;
-        let health = Arc::new(Health::new(config.id, config.gossip, seams.clock));
+        let health = Arc::new(Health::new(config.id, config.gossip, seams.clock.clone()));
         let handoffs = Arc::new(crate::handoff::Handoffs::new(config.handoff));
         let service = Arc::new(Service::new(
             config.id,
@@ -133,6 +133,7 @@ impl NodeParts {
             health.clone(),
             limits.clone(),
             seams.wall,
+            seams.clock,
             handoffs,
         ));
         Ok(NodeParts { service, registry, store, limits, health, peers: seams.peers })

@@ -34,6 +34,8 @@ pub struct Service {
     pub health: Arc<crate::gossip::Health>,
     pub limits: Arc<Limits>,
     pub wall: Arc<dyn WallClock>,
+    /// Monotonic time: request latencies and handoff pacing.
+    pub clock: Arc<dyn crate::store::Clock>,
     pub handoffs: Arc<Handoffs>,
     /// The gossip generation each gateway was last sent in a view.
     view_peers: crate::gossip::ViewPeers,
@@ -50,6 +52,7 @@ impl Service {
         health: Arc<crate::gossip::Health>,
         limits: Arc<Limits>,
         wall: Arc<dyn WallClock>,
+        clock: Arc<dyn crate::store::Clock>,
         handoffs: Arc<Handoffs>,
     ) -> Service {
         Service {
@@ -61,14 +64,21 @@ impl Service {
             health,
             limits,
             wall,
+            clock,
             handoffs,
             view_peers: Default::default(),
         }
     }
 
-    /// Wall-clock milliseconds since the Unix epoch, for records stamped with a date.
-    pub fn clock_ms(&self) -> u64 {
+    /// Wall-clock milliseconds since the Unix epoch, for records stamped with a date. Never for
+    /// durations: the wall clock steps both ways.
+    pub fn wall_ms(&self) -> u64 {
         self.wall.unix_ms()
+    }
+
+    /// Monotonic milliseconds, for durations and pacing. Only differences mean anything.
+    pub fn mono_ms(&self) -> u64 {
+        self.clock.now_ms()
     }
 
     async fn dispatch(&self, peer: Peer, request: NodeRequest) -> NodeResponse {
@@ -142,7 +152,7 @@ impl Service {
             return Err(ApiError::unavailable("the tenant is moving to this node"));
         }
         let route = request.route().name();
-        let started_us = self.wall.unix_us();
+        let started_us = self.clock.now_us();
         if let Err(e) = self.limits.admit(tenant, record.daily_limit) {
             let refused = Err(e);
             crate::metrics::request(tenant, route, &refused, 0);
@@ -170,7 +180,7 @@ impl Service {
         };
         let bytes_out = result.as_ref().map_or(0, |r| r.body.len() as u64);
         self.limits.record(tenant, route, bytes_in, bytes_out);
-        let latency_us = self.wall.unix_us().saturating_sub(started_us);
+        let latency_us = self.clock.now_us().saturating_sub(started_us);
         crate::metrics::request(tenant, route, &result, latency_us);
         let outcome = crate::metrics::Outcome::of(&result).as_str();
         tracing::debug!(target: "sq_node::meter", tenant, route, outcome, bytes_in, bytes_out, latency_us);

@@ -24,7 +24,7 @@ use crate::service::Service;
 pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The largest tenants file read, in bytes.
-const FILE_MAX_BYTES: u64 = 64 * 1024 * 1024;
+const FILE_BYTES_MAX: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -220,15 +220,15 @@ pub async fn watch(path: PathBuf, svc: Arc<Service>, shutdown: CancellationToken
 
 async fn read(path: &std::path::Path) -> Result<Vec<u8>, String> {
     let meta = tokio::fs::metadata(path).await.map_err(|e| e.to_string())?;
-    if meta.len() > FILE_MAX_BYTES {
-        return Err(format!("file is larger than {FILE_MAX_BYTES} bytes"));
+    if meta.len() > FILE_BYTES_MAX {
+        return Err(format!("file is larger than {FILE_BYTES_MAX} bytes"));
     }
     tokio::fs::read(path).await.map_err(|e| e.to_string())
 }
 
 async fn apply(svc: &Service, bytes: &[u8]) -> Result<usize, String> {
     let file = parse(bytes)?;
-    let commands = commands(&file, &svc.registry.state(), svc.clock_ms());
+    let commands = commands(&file, &svc.registry.state(), svc.wall_ms());
     let n = commands.len();
     for c in commands {
         svc.registry.write(c).await.map_err(|e| e.to_string())?;

@@ -6,12 +6,12 @@ use serde::{Deserialize, Serialize};
 
 /// The longest phext name, in bytes. With the `.phext` suffix it stays under the 255-byte file
 /// name limit of common Linux file systems.
-pub const PHEXT_NAME_MAX_BYTES: usize = 200;
+pub const PHEXT_NAME_BYTES_MAX: usize = 200;
 
 /// A phext name that cannot leave its tenant's directory.
 ///
 /// Refused: anything holding `..`, `/` or `\` (as SQ refuses them), control characters, and names
-/// longer than [`PHEXT_NAME_MAX_BYTES`]. The empty name is a missing name, a different error.
+/// longer than [`PHEXT_NAME_BYTES_MAX`]. The empty name is a missing name, a different error.
 ///
 /// Decoding checks the name again, so a name from the wire or the disk cannot skip the rules.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
@@ -39,7 +39,7 @@ impl PhextName {
     pub fn parse(name: &str) -> Result<PhextName, BadName> {
         let unsafe_char = |c: char| c == '/' || c == '\\' || c.is_control();
         if name.is_empty()
-            || name.len() > PHEXT_NAME_MAX_BYTES
+            || name.len() > PHEXT_NAME_BYTES_MAX
             || name.contains("..")
             || name.contains(unsafe_char)
         {

@@ -12,12 +12,12 @@ pub const WIRE_VERSION: u16 = 2;
 /// transport's frame limit (`transport::MAX_FRAME_BYTES`): one message fills one frame. It bounds
 /// what one stream can make a peer buffer, lies far above any API request (the gateway's body
 /// limit is smaller), holds one handoff chunk, and fits the frame's u32 length field.
-pub const MESSAGE_MAX_BYTES: usize = 64 * 1024 * 1024;
+pub const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Bytes a decode may claim for each byte of its input. bincode claims a value's in-memory size
 /// before reading it (a string's length prefix, 8 bytes for a one-byte varint u64, 16 for a
 /// u128), so a valid encoding never claims more than 16 per byte; a forged length prefix in a
-/// short message must not make the receiver allocate up to [`MESSAGE_MAX_BYTES`].
+/// short message must not make the receiver allocate up to [`MESSAGE_BYTES_MAX`].
 pub const DECODE_CLAIM_PER_INPUT_BYTE: usize = 16;
 
 /// The smallest claim budget of a decode, in bytes, whatever its input: small enough to be
@@ -44,12 +44,12 @@ struct Envelope<T> {
 
 /// Encodes `body` with the current wire version.
 pub fn encode<T: Serialize>(body: &T) -> Result<Vec<u8>, WireError> {
-    encode_versioned::<MESSAGE_MAX_BYTES, T>(WIRE_VERSION, body)
+    encode_versioned::<MESSAGE_BYTES_MAX, T>(WIRE_VERSION, body)
 }
 
 /// Decodes a message, refusing any other wire version before reading the body.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, WireError> {
-    decode_versioned::<MESSAGE_MAX_BYTES, T>(WIRE_VERSION, bytes)
+    decode_versioned::<MESSAGE_BYTES_MAX, T>(WIRE_VERSION, bytes)
 }
 
 /// Encodes `body` in an envelope stamped `version`, refusing more than `LIMIT_BYTES`.
@@ -120,7 +120,7 @@ mod tests {
     fn versioned_round_trip() {
         let bytes = encode(&("hello".to_string(), 7u64)).unwrap();
         assert_eq!(decode::<(String, u64)>(&bytes).unwrap(), ("hello".to_string(), 7));
-        let other = encode_versioned::<MESSAGE_MAX_BYTES, u8>(WIRE_VERSION + 1, &1).unwrap();
+        let other = encode_versioned::<MESSAGE_BYTES_MAX, u8>(WIRE_VERSION + 1, &1).unwrap();
         assert_eq!(
             decode::<u8>(&other),
             Err(WireError::Version { theirs: WIRE_VERSION + 1, ours: WIRE_VERSION })

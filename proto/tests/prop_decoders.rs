@@ -9,7 +9,7 @@ use proptest::test_runner::Config;
 
 use proto::cluster::{AdminOp, Chunk, HandoffFile, NodeRequest, NodeResponse, TenantUsage};
 use proto::request::{parse, Method, BODY_MAX_BYTES};
-use proto::wire::{self, decode_claim_budget, MESSAGE_MAX_BYTES};
+use proto::wire::{self, decode_claim_budget, MESSAGE_BYTES_MAX};
 use proto::{ApiError, Coordinate, PhextName, SqRequest, SqResponse};
 
 /// Peak heap of one decode call, per thread, so parallel tests do not mix.
@@ -104,9 +104,9 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         2 => (any::<usize>(), prop_oneof![
             Just(u64::MAX),
             Just(u32::MAX as u64),
-            Just(MESSAGE_MAX_BYTES as u64),
-            Just(MESSAGE_MAX_BYTES as u64 - 1),
-            1u64 << 10..MESSAGE_MAX_BYTES as u64,
+            Just(MESSAGE_BYTES_MAX as u64),
+            Just(MESSAGE_BYTES_MAX as u64 - 1),
+            1u64 << 10..MESSAGE_BYTES_MAX as u64,
             1u64 << 20..1u64 << 32,
         ])
             .prop_map(|(at, value)| Mutation::Inflate { at, value }),
@@ -152,7 +152,7 @@ const SEQUENCE_PREALLOC_BYTES: usize = 4 * 1024 * 1024;
 /// preallocates, and the decoded value's own headers (bounded by the budget too: every field
 /// claims at least its size).
 fn wire_limit(len: usize) -> usize {
-    2 * decode_claim_budget(len, MESSAGE_MAX_BYTES) + SEQUENCE_PREALLOC_BYTES
+    2 * decode_claim_budget(len, MESSAGE_BYTES_MAX) + SEQUENCE_PREALLOC_BYTES
 }
 
 fn text() -> impl Strategy<Value = String> {
@@ -395,7 +395,7 @@ proptest! {
 fn forged_string_length_allocates_nothing_large() {
     let mut bytes = wire::encode(&NodeResponse::Refused(String::new())).expect("encodes");
     bytes.pop();
-    bytes.extend(varint(MESSAGE_MAX_BYTES as u64 - 16));
+    bytes.extend(varint(MESSAGE_BYTES_MAX as u64 - 16));
     let (result, peak) = meter::peak(|| wire::decode::<NodeResponse>(&bytes));
     assert!(result.is_err());
     assert!(peak <= wire_limit(bytes.len()), "{} bytes held {peak}", bytes.len());

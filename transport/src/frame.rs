@@ -20,9 +20,9 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// Bytes before the payload: magic, version, length.
 pub const HEADER_BYTES: usize = MAGIC.len() + 1 + 4;
 
-/// The largest payload either side accepts: one message, `proto::wire::MESSAGE_MAX_BYTES`
+/// The largest payload either side accepts: one message, `proto::wire::MESSAGE_BYTES_MAX`
 /// (64 MiB), which says why. Anything larger must be split by the caller.
-pub const MAX_FRAME_BYTES: usize = proto::wire::MESSAGE_MAX_BYTES;
+pub const MAX_FRAME_BYTES: usize = proto::wire::MESSAGE_BYTES_MAX;
 
 /// The largest piece read from the stream at once: 64 KiB. The buffer grows with the bytes
 /// that actually arrive, so a peer that declares a large frame and sends nothing costs nothing.

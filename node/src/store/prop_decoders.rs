@@ -12,12 +12,12 @@ use std::sync::Arc;
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 use proto::cluster::{HandoffFile, NodeRequest, NodeResponse};
-use proto::wire::{self, decode_claim_budget, MESSAGE_MAX_BYTES};
+use proto::wire::{self, decode_claim_budget, MESSAGE_BYTES_MAX};
 use proto::{Coordinate, Doc, PhextName};
 
 use super::recovery::replay_segment;
 use super::tenant::{doc_memory, PhextDoc};
-use super::wal::{decode_next, encode_record, Next, Op, Record, RECORD_PAYLOAD_MAX_BYTES};
+use super::wal::{decode_next, encode_record, Next, Op, Record, RECORD_PAYLOAD_BYTES_MAX};
 use super::ManualClock;
 use crate::gossip::{GossipConfig, Health, GOSSIP_NODES_MAX};
 use crate::handoff::check_manifest;
@@ -114,9 +114,9 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         2 => (any::<usize>(), prop_oneof![
             Just(u64::MAX),
             Just(u32::MAX as u64),
-            Just(RECORD_PAYLOAD_MAX_BYTES as u64),
-            Just(RECORD_PAYLOAD_MAX_BYTES as u64 - 1),
-            1u64 << 10..RECORD_PAYLOAD_MAX_BYTES as u64,
+            Just(RECORD_PAYLOAD_BYTES_MAX as u64),
+            Just(RECORD_PAYLOAD_BYTES_MAX as u64 - 1),
+            1u64 << 10..RECORD_PAYLOAD_BYTES_MAX as u64,
             1u64 << 20..1u64 << 32,
         ])
             .prop_map(|(at, value)| Mutation::Inflate { at, value }),
@@ -228,7 +228,7 @@ fn reframe(payloads: &[Vec<u8>]) -> Vec<u8> {
 /// text once in the scroll and once in the copy a truncate-append makes, plus a scroll's
 /// overhead for each record of at least 20 bytes) and the claim budget of its largest record.
 fn replay_limit(len: usize) -> usize {
-    16 * len + decode_limit(len, RECORD_PAYLOAD_MAX_BYTES)
+    16 * len + decode_limit(len, RECORD_PAYLOAD_BYTES_MAX)
 }
 
 fn check_replay(bytes: &[u8]) -> Result<(), TestCaseError> {
@@ -366,7 +366,7 @@ proptest! {
             Ok(NodeResponse::HandoffManifest(Ok(files))) => Some((check_manifest(&files), files)),
             _ => None,
         });
-        prop_assert!(peak <= 2 * decode_limit(bytes.len(), MESSAGE_MAX_BYTES), "held {peak}");
+        prop_assert!(peak <= 2 * decode_limit(bytes.len(), MESSAGE_BYTES_MAX), "held {peak}");
         if let Some((Ok(total), files)) = checked {
             prop_assert!(files.iter().all(|f| crate::store::is_tenant_file_path(&f.path)));
             let paths: std::collections::HashSet<_> = files.iter().map(|f| &f.path).collect();
@@ -391,7 +391,7 @@ proptest! {
                 Ok(NodeRequest::Gossip { from, heartbeats }) => h.merge(from, &heartbeats).len(),
                 _ => 0,
             });
-            let limit = decode_limit(bytes.len(), MESSAGE_MAX_BYTES)
+            let limit = decode_limit(bytes.len(), MESSAGE_BYTES_MAX)
                 + 3 * GOSSIP_NODES_MAX * GOSSIP_ENTRY_BYTES;
             prop_assert!(peak <= limit, "{} bytes of gossip held {peak}", bytes.len());
             prop_assert!(h.known_nodes() <= GOSSIP_NODES_MAX);
@@ -438,7 +438,7 @@ fn forged_text_length_in_a_record_allocates_nothing_large() {
     );
     let mut payload = payloads[0].clone();
     payload.pop();
-    payload.extend(varint(RECORD_PAYLOAD_MAX_BYTES as u64 - 64));
+    payload.extend(varint(RECORD_PAYLOAD_BYTES_MAX as u64 - 64));
     let framed = reframe(&[payload]);
     let (result, peak) = meter::peak(|| decode_next(&framed, Path::new("x.log")).is_err());
     assert!(result, "a record that checks out but does not decode is corrupt");

@@ -14,7 +14,7 @@
 //! is neither synced nor being synced becomes the flusher, writes and syncs the whole buffer
 //! outside the lock, and wakes everyone. While one batch syncs, the next one gathers. The pending
 //! buffer holds at most one record per writer still waiting for its answer, so it is bounded by
-//! the node's blocking-thread pool times [`RECORD_PAYLOAD_MAX_BYTES`].
+//! the node's blocking-thread pool times [`RECORD_PAYLOAD_BYTES_MAX`].
 
 use std::mem;
 use std::path::{Path, PathBuf};
@@ -31,7 +31,7 @@ pub(crate) const RECORD_HEADER_BYTES: usize = 8;
 
 /// The largest payload a record may have, in bytes: a scroll as large as the largest request
 /// body, plus 64 KiB for its phext name and encoding. A longer length field is a torn write.
-pub(crate) const RECORD_PAYLOAD_MAX_BYTES: usize = proto::request::BODY_MAX_BYTES + 64 * 1024;
+pub(crate) const RECORD_PAYLOAD_BYTES_MAX: usize = proto::request::BODY_MAX_BYTES + 64 * 1024;
 
 /// The file name suffix of a log segment. Its stem is the segment's first LSN in 20 digits, so
 /// that names sort in LSN order.
@@ -68,7 +68,7 @@ pub(crate) fn encode_record(out: &mut Vec<u8>, record: &Record<&str>) -> usize {
         .expect("a record encodes into memory");
     let payload_len = out.len() - start - RECORD_HEADER_BYTES;
     assert!(
-        payload_len <= RECORD_PAYLOAD_MAX_BYTES,
+        payload_len <= RECORD_PAYLOAD_BYTES_MAX,
         "record of {payload_len} bytes: request validation let it through"
     );
     let crc = crc32c::crc32c(&out[start + RECORD_HEADER_BYTES..]);
@@ -101,7 +101,7 @@ pub(crate) fn decode_next(buf: &[u8], path: &Path) -> Result<Next, StoreError> {
     let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
     // A zero-filled tail (space the file system allocated but never wrote) reads as an empty
     // payload with a matching CRC of 0; no real record is empty.
-    if len == 0 || len > RECORD_PAYLOAD_MAX_BYTES {
+    if len == 0 || len > RECORD_PAYLOAD_BYTES_MAX {
         return Ok(Next::Torn("bad length"));
     }
     let Some(payload) = buf.get(RECORD_HEADER_BYTES..RECORD_HEADER_BYTES + len) else {
@@ -112,7 +112,7 @@ pub(crate) fn decode_next(buf: &[u8], path: &Path) -> Result<Next, StoreError> {
     }
     // Claims (allocates) at most `proto::wire::decode_claim_budget` of the payload's length: a
     // damaged length prefix inside a record must not allocate up to the whole record limit.
-    match proto::wire::decode_bounded::<Record<String>, RECORD_PAYLOAD_MAX_BYTES>(payload) {
+    match proto::wire::decode_bounded::<Record<String>, RECORD_PAYLOAD_BYTES_MAX>(payload) {
         Ok((record, used)) if used == len => {
             Ok(Next::Record { record, len: RECORD_HEADER_BYTES + len })
         }
