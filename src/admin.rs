@@ -47,8 +47,36 @@ enum AdminCommand {
     /// The cluster's health and nodes.
     #[command(subcommand)]
     Cluster(ClusterCommand),
-    /// The cluster's nodes (same as `cluster nodes`).
-    Nodes,
+    /// The cluster's nodes: list them (the default, same as `cluster nodes`), add, drain or
+    /// remove one. Changes show their progress until done.
+    Nodes {
+        #[command(subcommand)]
+        command: Option<NodesCommand>,
+    },
+}
+
+#[derive(Subcommand)]
+enum NodesCommand {
+    /// Every node with its state, health, part in Raft and tenant count.
+    List,
+    /// Join a running node (started with bootstrap = false) and wait until it is an active voter
+    /// and no handoff is pending.
+    Add {
+        id: u64,
+        /// Its QUIC address as other nodes reach it, e.g. 10.0.0.4:7100.
+        addr: String,
+        /// Answer as soon as the join is accepted, without waiting for the handoffs.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Move a node's tenants to the others and wait until no handoff is pending.
+    Drain {
+        id: u64,
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Remove a drained node (or cancel a join that never finishes). The node stops by itself.
+    Remove { id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -122,6 +150,11 @@ enum Shape {
 
 pub fn run(args: AdminArgs) -> anyhow::Result<()> {
     let client = connect(&args)?;
+    if let AdminCommand::Nodes { command: Some(change) } = &args.command {
+        if !matches!(change, NodesCommand::List) {
+            return node_change(&client, change, args.json);
+        }
+    }
     let (answer, shape) = execute(&client, &args.command)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&answer)?);
@@ -206,7 +239,7 @@ fn execute(client: &AdminClient, command: &AdminCommand) -> anyhow::Result<(Valu
         AdminCommand::Cluster(ClusterCommand::Health) => {
             (client.get("/api/v2/admin/health")?, Shape::Health)
         }
-        AdminCommand::Cluster(ClusterCommand::Nodes) | AdminCommand::Nodes => {
+        AdminCommand::Cluster(ClusterCommand::Nodes) | AdminCommand::Nodes { .. } => {
             (client.get("/api/v2/admin/nodes")?, Shape::Nodes)
         }
     })
@@ -282,8 +315,83 @@ fn health(v: &Value) -> String {
 }
 
 fn node_table(v: &Value) -> String {
-    let columns = ["id", "addr", "state", "health", "tenants"];
-    table(&["ID", "ADDR", "STATE", "HEALTH", "TENANTS"], &rows_of(v, &columns))
+    let columns = ["id", "addr", "state", "health", "raft", "tenants"];
+    table(&["ID", "ADDR", "STATE", "HEALTH", "RAFT", "TENANTS"], &rows_of(v, &columns))
+}
+
+/// How often a node change's progress is polled.
+const PROGRESS_POLL: std::time::Duration = std::time::Duration::from_millis(500);
+/// How long a node change's progress is followed before the tool gives up waiting (the change
+/// itself goes on in the cluster; `admin cluster health` shows it).
+const PROGRESS_LIMIT: std::time::Duration = std::time::Duration::from_secs(30 * 60);
+
+/// Where a node change stands, from one health answer.
+fn progress(health: &Value, id: u64) -> (String, u64) {
+    let node = health["nodes"]
+        .as_array()
+        .and_then(|nodes| nodes.iter().find(|n| n["id"].as_u64() == Some(id)))
+        .cloned()
+        .unwrap_or(Value::Null);
+    let pending = health["handoffs"]["pending"].as_u64().unwrap_or(0);
+    let line = format!(
+        "node {id}: {}, {}, raft {}; handoffs pending: {pending}",
+        cell(&node["state"]),
+        cell(&node["health"]),
+        cell(&node["raft"])
+    );
+    (line, pending)
+}
+
+/// Adds, drains or removes a node, printing each change of its progress until it is done.
+fn node_change(client: &AdminClient, change: &NodesCommand, json: bool) -> anyhow::Result<()> {
+    let (id, wait, done_state) = match change {
+        NodesCommand::Add { id, addr, no_wait } => {
+            client.post("/api/v2/admin/nodes", &json!({"id": id, "addr": addr}))?;
+            (*id, !no_wait, "active")
+        }
+        NodesCommand::Drain { id, no_wait } => {
+            client.post(&format!("/api/v2/admin/nodes/{id}/drain"), &json!({}))?;
+            (*id, !no_wait, "draining")
+        }
+        NodesCommand::Remove { id } => {
+            client.delete(&format!("/api/v2/admin/nodes/{id}"))?;
+            (*id, false, "removed")
+        }
+        NodesCommand::List => unreachable!("listing is no change"),
+    };
+    let started = std::time::Instant::now();
+    let mut last = String::new();
+    loop {
+        let health = client.get("/api/v2/admin/health")?;
+        let (line, pending) = progress(&health, id);
+        if line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+        let state = health["nodes"]
+            .as_array()
+            .and_then(|nodes| nodes.iter().find(|n| n["id"].as_u64() == Some(id)))
+            .map(|n| cell(&n["state"]))
+            .unwrap_or_default();
+        if state == "removed" && done_state != "removed" {
+            bail!("node {id} was removed while the change was under way");
+        }
+        if !wait || (state == done_state && pending == 0) {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&health["nodes"])?);
+            } else {
+                print!("{}", node_table(&health["nodes"]));
+            }
+            if done_state == "removed" {
+                eprintln!("node {id} is removed and stops by itself: disable its service, take its address out of every config, archive its data directory");
+            }
+            return Ok(());
+        }
+        if started.elapsed() > PROGRESS_LIMIT {
+            bail!("node {id}: still not done after {PROGRESS_LIMIT:?}; the change goes on in the cluster (admin cluster health)");
+        }
+        std::thread::sleep(PROGRESS_POLL);
+    }
 }
 
 /// One row per object of the array `v`, with the given fields as cells.
@@ -337,13 +445,13 @@ mod tests {
     // Goal: columns line up whatever the cell widths, and null shows as "-".
     #[test]
     fn tables_align() {
-        let v = json!([{"id": 1, "addr": "127.0.0.1:7100", "state": "active", "health": "alive", "tenants": 12},
-                       {"id": 22, "addr": "h:1", "state": "draining", "health": null, "tenants": 0}]);
+        let v = json!([{"id": 1, "addr": "127.0.0.1:7100", "state": "active", "health": "alive", "raft": "voter", "tenants": 12},
+                       {"id": 22, "addr": "h:1", "state": "draining", "health": null, "raft": "learner", "tenants": 0}]);
         let text = node_table(&v);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines[0], "ID  ADDR            STATE     HEALTH  TENANTS");
-        assert_eq!(lines[1], "1   127.0.0.1:7100  active    alive   12");
-        assert_eq!(lines[2], "22  h:1             draining  -       0");
+        assert_eq!(lines[0], "ID  ADDR            STATE     HEALTH  RAFT     TENANTS");
+        assert_eq!(lines[1], "1   127.0.0.1:7100  active    alive   voter    12");
+        assert_eq!(lines[2], "22  h:1             draining  -       learner  0");
     }
 
     // Goal: unset options never reach the API as nulls.

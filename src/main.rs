@@ -166,7 +166,15 @@ fn main() -> anyhow::Result<()> {
         Command::Node { config } => {
             init_tracing();
             let config: node::NodeConfig = read_toml(&config)?;
-            serve(runtime(config.worker_threads)?, |shutdown| node::run(config, shutdown))
+            let result =
+                serve(runtime(config.worker_threads)?, |shutdown| node::run(config, shutdown));
+            if let Err(e) = &result {
+                if let Some(removed @ node::NodeError::Removed(_)) = e.downcast_ref() {
+                    eprintln!("{removed}");
+                    std::process::exit(node::EXIT_REMOVED);
+                }
+            }
+            result
         }
         Command::Gateway { config } => {
             init_tracing();

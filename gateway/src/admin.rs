@@ -3,18 +3,19 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use proto::cluster::{AdminOp, NodeRequest, NodeResponse, NodeState};
+use proto::cluster::{AdminOp, NodeRequest, NodeResponse};
 use proto::ApiError;
 use rand::RngCore;
 use serde::Deserialize;
 
 use crate::api::{read_body, request_key};
 use crate::error::error_response;
-use crate::forward::{fetch_view, FORWARD_TIMEOUT};
+use crate::forward::fetch_view;
 
 /// How many times the gateway fetches a node's view to see its own admin change.
 const SEE_INDEX_ATTEMPTS: usize = 5;
@@ -186,7 +187,7 @@ pub async fn apply_op(
             | AdminOp::Health
             | AdminOp::ListNodes
     );
-    let (json, addr, applied_index) = send_admin(gw, admin_hash, op).await?;
+    let (json, addr, applied_index) = send_admin(gw, admin_hash, op, mutates).await?;
     if mutates {
         // The answering node has applied the change; take its view so this gateway's next
         // request already sees it (a rotated key is refused here at once).
@@ -225,44 +226,156 @@ async fn see_index(gw: &Arc<Gateway>, addr: SocketAddr, index: u64) {
     tracing::warn!(index, "view did not reach the admin change's index; the poller will bring it");
 }
 
-/// Sends an admin operation to the first node that answers. Returns the answer, that node, and
-/// the registry index it had applied.
-async fn send_admin(
-    gw: &Arc<Gateway>,
-    admin_key_hash: String,
-    op: AdminOp,
-) -> Result<(String, SocketAddr, u64), ApiError> {
+/// How long an admin request may take in all before the gateway answers 503: an election
+/// (a few seconds) and a write, with room to spare.
+const ADMIN_DEADLINE: Duration = Duration::from_secs(15);
+
+/// Pause before trying again when no node could take an admin write (no leader yet); a change
+/// of the view (a new leader) ends it early.
+const ADMIN_RETRY_PAUSE: Duration = Duration::from_millis(250);
+
+/// The nodes to ask, not removed and not dead by gossip, then the seeds.
+fn admin_candidates(gw: &Gateway) -> Vec<SocketAddr> {
     let view = gw.views.current();
-    // A removed node keeps answering while its process runs, but no longer hears the registry.
-    let removed: Vec<SocketAddr> = view
-        .view
-        .nodes
-        .iter()
-        .filter(|n| n.state == NodeState::Removed)
-        .filter_map(|n| view.node_addr(n.id))
-        .collect();
     let mut addrs: Vec<_> = view
         .node_addrs()
         .into_iter()
         .filter(|(id, _)| !view.is_dead(*id))
         .map(|(_, a)| a)
         .collect();
-    addrs.extend(gw.seeds.iter().filter(|s| !addrs.contains(s)).copied().collect::<Vec<_>>());
-    addrs.retain(|a| !removed.contains(a));
-    let mut last = String::from("no node known");
-    for addr in addrs {
-        let request = NodeRequest::Admin { admin_key_hash: admin_key_hash.clone(), op: op.clone() };
-        match gw.client.call(addr, request, FORWARD_TIMEOUT * 4).await {
-            // That node cannot reach the registry leader (partitioned, lagging): another one may.
-            Ok(NodeResponse::Admin { result: Err(e @ ApiError::Unavailable { .. }), .. }) => {
-                last = e.to_string()
-            }
-            Ok(NodeResponse::Admin { result, applied_index }) => {
-                return result.map(|json| (json, addr, applied_index))
-            }
-            Ok(other) => return Err(ApiError::Internal(format!("unexpected answer: {other:?}"))),
-            Err(e) => last = e.to_string(),
+    let removed = view.removed_addrs();
+    for s in &gw.seeds {
+        if !addrs.contains(s) && !removed.contains(s) {
+            addrs.push(*s);
         }
     }
-    Err(ApiError::unavailable(format!("no node answered: {last}")))
+    addrs
+}
+
+type AdminAnswer = (String, SocketAddr, u64);
+
+/// What one node's answer means for the request: done (either way), or try again elsewhere.
+/// A node whose registry is behind `min_index` (this gateway's view when the request came; a
+/// node still joining has no registry at all) does not get to refuse: another node may know.
+fn settle(
+    addr: SocketAddr,
+    answer: Result<NodeResponse, crate::forward::CallError>,
+    min_index: u64,
+) -> Result<Result<AdminAnswer, ApiError>, String> {
+    match answer {
+        Ok(NodeResponse::Admin { result: Err(e), applied_index }) if applied_index < min_index => {
+            Err(format!("node at {addr} is behind (index {applied_index} < {min_index}): {e}"))
+        }
+        // That node cannot reach the registry leader (partitioned, lagging, no leader yet).
+        Ok(NodeResponse::Admin { result: Err(e @ ApiError::Unavailable { .. }), .. }) => {
+            Err(e.to_string())
+        }
+        Ok(NodeResponse::Admin { result, applied_index }) => {
+            Ok(result.map(|json| (json, addr, applied_index)))
+        }
+        Ok(other) => Ok(Err(ApiError::Internal(format!("unexpected answer: {other:?}")))),
+        Err(e) => Err(format!("node at {addr}: {e}")),
+    }
+}
+
+/// Sends an admin operation and returns the answer, the node that gave it, and the registry
+/// index that node had applied.
+///
+/// A read goes to every candidate node at once and the first answer wins: one frozen node never
+/// holds it up. A write goes to the registry leader the view names (any node when it names
+/// none); when the view learns of a new leader while the write waits, the write goes to the new
+/// one at once. There is no fixed per-node timeout: only [`ADMIN_DEADLINE`] for the whole.
+async fn send_admin(
+    gw: &Arc<Gateway>,
+    admin_key_hash: String,
+    op: AdminOp,
+    mutates: bool,
+) -> Result<AdminAnswer, ApiError> {
+    let request = NodeRequest::Admin { admin_key_hash, op };
+    let min_index = gw.views.current().view.applied_index;
+    let deadline = tokio::time::Instant::now() + ADMIN_DEADLINE;
+    let unavailable = |last: String| ApiError::Unavailable {
+        reason: format!("no node could answer the admin request: {last}"),
+        retry_after_s: 1,
+    };
+    if !mutates {
+        let mut asks: futures::stream::FuturesUnordered<_> = admin_candidates(gw)
+            .into_iter()
+            .map(|addr| {
+                let request = request.clone();
+                async move { (addr, gw.client.call(addr, request, ADMIN_DEADLINE).await) }
+            })
+            .collect();
+        let mut last = String::from("no node known");
+        // An answer from a node behind this gateway's view, kept in case no node is current.
+        let mut behind: Option<AdminAnswer> = None;
+        loop {
+            let next = tokio::select! {
+                n = futures::StreamExt::next(&mut asks) => n,
+                _ = tokio::time::sleep_until(deadline) => return behind.ok_or_else(|| unavailable(last)),
+            };
+            let Some((addr, answer)) = next else {
+                return behind.ok_or_else(|| unavailable(last));
+            };
+            match settle(addr, answer, min_index) {
+                Ok(Ok(done)) if done.2 < min_index => {
+                    if behind.as_ref().is_none_or(|b| b.2 < done.2) {
+                        behind = Some(done);
+                    }
+                }
+                Ok(done) => return done,
+                Err(why) => last = why,
+            }
+        }
+    }
+    let mut changes = gw.views.subscribe();
+    let mut turn = 0usize;
+    let mut last = String::from("no node known");
+    loop {
+        let view = gw.views.current();
+        let leader = view.leader_addr();
+        let target = match leader {
+            Some(addr) => addr,
+            None => {
+                let candidates = admin_candidates(gw);
+                if candidates.is_empty() {
+                    return Err(unavailable(last));
+                }
+                turn += 1;
+                candidates[turn % candidates.len()]
+            }
+        };
+        changes.borrow_and_update();
+        let call = gw.client.call(target, request.clone(), ADMIN_DEADLINE);
+        tokio::pin!(call);
+        // Waits for the answer; gives up on it when the view names another leader (the node
+        // asked is frozen or deposed) and asks that one instead.
+        let outcome = loop {
+            tokio::select! {
+                answer = &mut call => break Some(settle(target, answer, min_index)),
+                changed = changes.changed() => {
+                    if changed.is_err() || gw.views.current().leader_addr() != leader {
+                        break None;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => return Err(unavailable(last)),
+            }
+        };
+        match outcome {
+            Some(Ok(done)) => return done,
+            Some(Err(why)) => {
+                last = why;
+                // No leader there yet: wait for the view to name one (or a short pause).
+                tokio::select! {
+                    _ = changes.changed() => {}
+                    _ = tokio::time::sleep(ADMIN_RETRY_PAUSE) => {}
+                    _ = tokio::time::sleep_until(deadline) => return Err(unavailable(last)),
+                }
+            }
+            None => tracing::info!(
+                from = %target,
+                "the registry leader changed while an admin write waited; sending it to the new one"
+            ),
+        }
+    }
 }

@@ -100,8 +100,9 @@ fn candidates(views: &ViewHandle, seeds: &[SocketAddr]) -> Vec<SocketAddr> {
         .filter(|(id, _)| !current.is_dead(*id))
         .map(|(_, a)| a)
         .collect();
+    let removed = current.removed_addrs();
     for s in seeds {
-        if !addrs.contains(s) {
+        if !addrs.contains(s) && !removed.contains(s) {
             addrs.push(*s);
         }
     }

@@ -19,6 +19,7 @@ pub mod metering;
 pub mod routes;
 mod serve;
 pub mod view;
+pub mod watch;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -169,7 +170,7 @@ pub async fn run(config: GatewayConfig, shutdown: CancellationToken) -> Result<(
     if !forward::refresh(gw.client.as_ref(), &gw.views, &gw.seeds).await {
         tracing::warn!("no node answered yet; serving 503 until the registry view arrives");
     }
-    let poller = tokio::spawn(forward::poll_views(
+    let poller = tokio::spawn(watch::follow(
         gw.client.clone(),
         gw.views.clone(),
         gw.seeds.clone(),

@@ -64,6 +64,10 @@ pub async fn cluster_metrics(gw: &Arc<Gateway>) -> String {
     let mut parts = vec![telemetry::render()];
     let view = gw.views.current();
     let asks = view.node_addrs().into_iter().map(|(id, addr)| async move {
+        // Gossip already says a dead node will not answer: no scrape waits for it.
+        if gw.views.current().is_dead(id) {
+            return (id, None);
+        }
         match gw.client.call(addr, NodeRequest::Metrics, FORWARD_TIMEOUT).await {
             Ok(NodeResponse::Metrics(text)) => (id, Some(text)),
             _ => (id, None),

@@ -53,6 +53,8 @@ impl NodeClient for FakeNode {
 
 fn view() -> RegistryView {
     RegistryView {
+        leader: Some(1),
+        term: 1,
         applied_index: 7,
         epoch: 1,
         admin_key_hash: Some(key_hash(ADMIN)),
@@ -67,6 +69,7 @@ fn view() -> RegistryView {
             addr: "127.0.0.1:9".into(),
             state: NodeState::Active,
             health: NodeHealth::Alive,
+            heartbeat: 0,
         }],
     }
 }

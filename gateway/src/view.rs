@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 pub use proto::auth::key_hash;
-use proto::cluster::{NodeHealth, RegistryView, TenantView};
+use proto::cluster::{NodeHealth, NodeState, RegistryView, TenantView};
 
 /// A registry view with the lookups a request needs.
 #[derive(Debug, Default)]
@@ -28,8 +28,13 @@ impl IndexedView {
                 by_key_hash.insert(h.clone(), i);
             }
         }
-        let node_addr =
-            view.nodes.iter().filter_map(|n| Some((n.id, n.addr.parse().ok()?))).collect();
+        // A removed node is no longer asked anything: not polled, not scraped, not sent admin.
+        let node_addr = view
+            .nodes
+            .iter()
+            .filter(|n| n.state != NodeState::Removed)
+            .filter_map(|n| Some((n.id, n.addr.parse().ok()?)))
+            .collect();
         let dead_nodes =
             view.nodes.iter().filter(|n| n.health == NodeHealth::Dead).map(|n| n.id).collect();
         IndexedView { view, by_key_hash, by_id, node_addr, dead_nodes }
@@ -52,7 +57,18 @@ impl IndexedView {
         self.dead_nodes.contains(&id)
     }
 
-    /// Every node address the view knows, for polling and fan-out.
+    /// The addresses of removed nodes: a seed at one of them is no longer asked anything.
+    pub fn removed_addrs(&self) -> Vec<SocketAddr> {
+        let removed = self.view.nodes.iter().filter(|n| n.state == NodeState::Removed);
+        removed.filter_map(|n| n.addr.parse().ok()).collect()
+    }
+
+    /// The Raft leader's address, when the view names one that is not dead.
+    pub fn leader_addr(&self) -> Option<SocketAddr> {
+        self.view.leader.filter(|l| !self.is_dead(*l)).and_then(|l| self.node_addr(l))
+    }
+
+    /// The address of every node not removed, for polling and fan-out.
     pub fn node_addrs(&self) -> Vec<(u64, SocketAddr)> {
         let mut v: Vec<_> = self.node_addr.iter().map(|(i, a)| (*i, *a)).collect();
         v.sort();
@@ -65,17 +81,118 @@ impl IndexedView {
 }
 
 /// The shared, swappable current view.
-#[derive(Clone, Default)]
-pub struct ViewHandle(Arc<RwLock<Arc<IndexedView>>>);
+#[derive(Clone)]
+pub struct ViewHandle {
+    current: Arc<RwLock<Arc<IndexedView>>>,
+    /// Grows by one at every change, so waiters (an admin write looking for a new leader) wake.
+    changes: Arc<tokio::sync::watch::Sender<u64>>,
+}
+
+impl Default for ViewHandle {
+    fn default() -> Self {
+        ViewHandle {
+            current: Arc::default(),
+            changes: Arc::new(tokio::sync::watch::Sender::new(0)),
+        }
+    }
+}
 
 impl ViewHandle {
     pub fn current(&self) -> Arc<IndexedView> {
         // A poisoned lock only means a writer panicked mid-swap of an Arc; the Arc is intact.
-        self.0.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.current.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Watches the count of changes.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Takes what is newer in `view` (from any node) into the current view:
+    /// - the registry part (tenants, keys, nodes, epoch) when its applied index is at least the
+    ///   current one's;
+    /// - each node's health when its verdict is newer ([`NodeView::health_is_newer_than`]), so
+    ///   a node whose gossip lags can never turn a dead node alive again;
+    /// - the leader when its term is at least the current one's.
     pub fn replace(&self, view: RegistryView) {
-        let indexed = Arc::new(IndexedView::new(view));
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = indexed;
+        let mut slot = self.current.write().unwrap_or_else(|p| p.into_inner());
+        let merged = merge(&slot.view, view);
+        if merged != slot.view {
+            *slot = Arc::new(IndexedView::new(merged));
+            drop(slot);
+            self.changes.send_modify(|n| *n += 1);
+        }
+    }
+}
+
+fn merge(current: &RegistryView, new: RegistryView) -> RegistryView {
+    let fresher = new.applied_index >= current.applied_index;
+    let (leader, term) = if new.term >= current.term && new.leader.is_some() {
+        (new.leader, new.term)
+    } else {
+        (current.leader, current.term)
+    };
+    let (mut merged, other) = if fresher { (new, current.clone()) } else { (current.clone(), new) };
+    for node in &mut merged.nodes {
+        if let Some(o) = other.nodes.iter().find(|o| o.id == node.id) {
+            if o.health_is_newer_than(node) {
+                node.health = o.health;
+                node.heartbeat = o.heartbeat;
+            }
+        }
+    }
+    merged.leader = leader;
+    merged.term = term;
+    merged
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::cluster::NodeView;
+
+    fn view(index: u64, health: &[(u64, NodeHealth, u64)], leader: (u64, u64)) -> RegistryView {
+        RegistryView {
+            applied_index: index,
+            nodes: health
+                .iter()
+                .map(|&(id, health, heartbeat)| NodeView {
+                    id,
+                    addr: format!("127.0.0.1:{}", 7000 + id),
+                    state: NodeState::Active,
+                    health,
+                    heartbeat,
+                })
+                .collect(),
+            leader: Some(leader.0),
+            term: leader.1,
+            ..Default::default()
+        }
+    }
+
+    // Goal: a view from a node whose gossip lags (same or higher registry index, older heartbeat)
+    // never turns a dead node alive; a newer heartbeat does; the registry part follows the
+    // applied index and the leader follows the term.
+    #[test]
+    fn older_verdicts_never_replace_newer_ones() {
+        let views = ViewHandle::default();
+        views.replace(view(10, &[(1, NodeHealth::Alive, 50), (2, NodeHealth::Dead, 40)], (1, 3)));
+        assert!(views.current().is_dead(2));
+        // Same index, node 2 alive at heartbeat 40 (lagging gossip): still dead.
+        views.replace(view(10, &[(1, NodeHealth::Alive, 51), (2, NodeHealth::Alive, 40)], (1, 3)));
+        assert!(views.current().is_dead(2));
+        // Higher index from the lagging node: registry part taken, node 2 still dead.
+        views.replace(view(11, &[(1, NodeHealth::Alive, 52), (2, NodeHealth::Alive, 39)], (1, 3)));
+        assert_eq!(views.current().view.applied_index, 11);
+        assert!(views.current().is_dead(2));
+        // An older index still brings a newer verdict: node 1 dead at its latest heartbeat.
+        views.replace(view(9, &[(1, NodeHealth::Dead, 52), (2, NodeHealth::Dead, 40)], (2, 4)));
+        assert_eq!(views.current().view.applied_index, 11);
+        assert!(views.current().is_dead(1));
+        assert_eq!((views.current().view.leader, views.current().view.term), (Some(2), 4));
+        // Node 2's heartbeat moved: it is back.
+        views.replace(view(11, &[(1, NodeHealth::Dead, 52), (2, NodeHealth::Alive, 41)], (1, 3)));
+        assert!(!views.current().is_dead(2));
+        assert_eq!(views.current().view.leader, Some(2), "an older term never wins");
     }
 }

@@ -307,9 +307,12 @@ pub fn registry_error(e: RegistryError) -> ApiError {
     match e {
         RegistryError::Rejected(reason) => ApiError::Conflict(reason.to_string()),
         RegistryError::NotLeader { .. } => ApiError::unavailable("no registry leader"),
-        RegistryError::MembershipChangeInProgress => {
-            ApiError::Conflict("another membership change is in progress".into())
-        }
+        RegistryError::MembershipChangeInProgress => ApiError::Conflict(
+            "another membership change is in progress (a join that never finishes can be \
+             cancelled by removing its node)"
+                .into(),
+        ),
+        e @ RegistryError::JoinCancelled(_) => ApiError::Conflict(e.to_string()),
         other => ApiError::unavailable(other.to_string()),
     }
 }
@@ -328,8 +331,16 @@ pub fn tenant_json(t: &TenantRecord) -> serde_json::Value {
 }
 
 /// The registry as gateways see it.
-pub fn registry_view(applied_index: u64, state: &RegistryState, health: &Health) -> RegistryView {
+pub fn registry_view(
+    applied_index: u64,
+    state: &RegistryState,
+    health: &Health,
+    leader: Option<u64>,
+    term: u64,
+) -> RegistryView {
     RegistryView {
+        leader,
+        term,
         applied_index,
         epoch: state.placement_epoch(),
         admin_key_hash: state.admin_key_hash().map(str::to_string),
@@ -344,11 +355,9 @@ pub fn registry_view(applied_index: u64, state: &RegistryState, health: &Health)
             .collect(),
         nodes: state
             .nodes()
-            .map(|n| NodeView {
-                id: n.id,
-                addr: n.addr.clone(),
-                state: n.state,
-                health: health.of(n.id),
+            .map(|n| {
+                let (health, heartbeat) = health.verdict(n.id);
+                NodeView { id: n.id, addr: n.addr.clone(), state: n.state, health, heartbeat }
             })
             .collect(),
     }

@@ -100,6 +100,16 @@ impl Health {
         self.lock().get(&id).map_or(State::Alive, |e| e.state)
     }
 
+    /// The state of node `id` and the heartbeat counter it is based on (its version).
+    pub fn verdict(&self, id: u64) -> (State, u64) {
+        let table = self.lock();
+        let beat = table.get(&id).map_or(0, |e| e.heartbeat);
+        if id == self.me {
+            return (State::Alive, beat);
+        }
+        (table.get(&id).map_or(State::Alive, |e| e.state), beat)
+    }
+
     /// Takes the larger counter for each node; returns this side's table for the reply. A node
     /// not yet in the table is added only while it holds fewer than [`GOSSIP_NODES_MAX`]; the
     /// rest of a longer message is ignored.

@@ -22,5 +22,5 @@ pub mod store;
 pub mod tenants_file;
 
 pub use config::NodeConfig;
-pub use run::{run, NodeError, NodeParts, Seams, Workers};
+pub use run::{run, NodeError, NodeParts, Seams, Workers, EXIT_REMOVED};
 pub use service::Service;

@@ -3,7 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::cluster::{NodeRequest, NodeResponse};
+use proto::cluster::{NodeRequest, NodeResponse, NodeState};
 use raft_registry::{Registry, RegistryConfig};
 use tokio_util::sync::CancellationToken;
 
@@ -61,6 +61,28 @@ pub enum NodeError {
     /// Work on the blocking pool panicked or was cancelled (the store's final flush).
     #[error("blocking task: {0}")]
     Blocking(#[from] tokio::task::JoinError),
+    #[error(
+        "node {0} was removed from the cluster; it stops for good (archive its data directory)"
+    )]
+    Removed(u64),
+}
+
+/// The exit status of a node that stopped because it was removed from the cluster. The systemd
+/// unit names it in `RestartPreventExitStatus=`, so a removed node is not started again.
+pub const EXIT_REMOVED: i32 = 10;
+
+/// Waits until this node's applied registry records it as removed.
+async fn removed(registry: &Registry, id: u64) {
+    let mut rx = registry.subscribe();
+    loop {
+        let gone = rx.borrow_and_update().1.node(id).is_some_and(|n| n.state == NodeState::Removed);
+        if gone {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
 }
 
 /// Where a node's logic meets the outside world: in production QUIC, the disk and the system
@@ -215,9 +237,16 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
     let tenants_file = config.tenants_file.clone().map(|path| {
         tokio::spawn(crate::tenants_file::watch(path, parts.service.clone(), shutdown.clone()))
     });
+    let mut was_removed = false;
     let registry_failure = tokio::select! {
         _ = shutdown.cancelled() => None,
         why = parts.registry.failed() => Some(why),
+        _ = removed(&parts.registry, config.id) => {
+            tracing::error!(id = config.id, "this node was removed from the cluster: it takes no further part (no elections, no requests) and stops for good");
+            was_removed = true;
+            shutdown.cancel();
+            None
+        }
     };
     if let Some(why) = &registry_failure {
         // A node whose registry stopped would serve a placement that no longer moves; exit and let
@@ -231,6 +260,9 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
         let _ = t.await;
     }
     parts.stop(workers).await?;
+    if was_removed {
+        return Err(NodeError::Removed(config.id));
+    }
     match registry_failure {
         Some(why) => Err(NodeError::Registry(raft_registry::RegistryError::Raft(why))),
         None => Ok(()),

@@ -241,14 +241,17 @@ impl Service {
     /// The registry as gateways see it, rebuilt only when the applied index moved.
     pub fn build_view(&self) -> RegistryView {
         let (applied, state) = self.registry.subscribe().borrow().clone();
+        let status = self.registry.status();
         let mut cache = self.view_cache.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(v) = cache
-            .as_ref()
-            .filter(|v| v.applied_index == applied && !self.health.changed_since_view())
-        {
+        if let Some(v) = cache.as_ref().filter(|v| {
+            v.applied_index == applied
+                && (v.leader, v.term) == (status.leader, status.term)
+                && !self.health.changed_since_view()
+        }) {
             return (**v).clone();
         }
-        let view = crate::admin::registry_view(applied, &state, &self.health);
+        let view =
+            crate::admin::registry_view(applied, &state, &self.health, status.leader, status.term);
         *cache = Some(Arc::new(view.clone()));
         view
     }

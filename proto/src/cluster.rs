@@ -120,6 +120,22 @@ pub struct NodeView {
     pub state: NodeState,
     /// Health as the answering node's gossip sees it.
     pub health: NodeHealth,
+    /// The node's gossip heartbeat counter this verdict is based on: the verdict's version. Of
+    /// two verdicts on one node, the one with the higher counter is newer; at equal counters
+    /// the worse one is (silence only grows until the counter moves again).
+    pub heartbeat: u64,
+}
+
+impl NodeView {
+    /// Whether this verdict on the node is newer than `other`'s (see [`NodeView::heartbeat`]).
+    pub fn health_is_newer_than(&self, other: &NodeView) -> bool {
+        let rank = |h: NodeHealth| match h {
+            NodeHealth::Alive => 0,
+            NodeHealth::Suspect => 1,
+            NodeHealth::Dead => 2,
+        };
+        (self.heartbeat, rank(self.health)) > (other.heartbeat, rank(other.health))
+    }
 }
 
 /// The registry as gateways see it, at one applied Raft index.
@@ -130,6 +146,10 @@ pub struct RegistryView {
     pub admin_key_hash: Option<String>,
     pub tenants: Vec<TenantView>,
     pub nodes: Vec<NodeView>,
+    /// The Raft leader the answering node follows, if it knows one, and its term: admin writes
+    /// go straight to it.
+    pub leader: Option<u64>,
+    pub term: u64,
 }
 
 /// Admin operations, checked against the admin key hash and applied through the registry leader.

@@ -20,6 +20,9 @@ pub enum RegistryError {
     /// Another membership change is running (here or not yet committed in Raft).
     #[error("a membership change is already in progress")]
     MembershipChangeInProgress,
+    /// The join of this node was cancelled by a request to remove it; its learner was dropped.
+    #[error("the join of node {0} was cancelled by its removal")]
+    JoinCancelled(u64),
     /// A membership change that openraft refused for another reason.
     #[error("membership change refused: {0}")]
     Membership(String),

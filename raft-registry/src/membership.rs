@@ -5,6 +5,7 @@
 //! calling the same operation again. Node ids are never reused.
 
 use std::collections::BTreeSet;
+use std::sync::Arc;
 
 use openraft::{BasicNode, ChangeMembers};
 
@@ -36,6 +37,25 @@ impl Registry {
                 if n.addr == addr && matches!(n.state, NodeState::Joining | NodeState::Active) => {}
             Some(_) => return Err(Rejection::NodeIdUsed(id).into()),
         }
+        let cancel = Arc::new(tokio::sync::Notify::new());
+        *self.joining.lock().unwrap_or_else(|p| p.into_inner()) = Some((id, cancel.clone()));
+        let joined = tokio::select! {
+            r = self.catch_up_and_promote(id, addr) => r,
+            _ = cancel.notified() => Err(RegistryError::JoinCancelled(id)),
+        };
+        *self.joining.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        if let Err(e) = joined {
+            // A learner that never catches up must not stay in the membership: the leader would
+            // replicate to it forever. The record stays Joining: the same join resumes it, and a
+            // removal retires the id.
+            self.drop_learner(id).await;
+            tracing::warn!(id, error = %e, "join did not finish; the learner was dropped");
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    async fn catch_up_and_promote(&self, id: u64, addr: String) -> Result<(), RegistryError> {
         self.add_caught_up_learner(id, addr).await?;
         let promote =
             self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false);
@@ -44,6 +64,22 @@ impl Registry {
             self.write(Command::NodeActivate { id }).await?;
         }
         Ok(())
+    }
+
+    /// Takes `id` out of the Raft membership if it is a learner there (never a voter).
+    async fn drop_learner(&self, id: u64) {
+        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        let is_learner = membership.learner_ids().any(|l| l == id);
+        if !is_learner {
+            return;
+        }
+        let change =
+            self.raft.change_membership(ChangeMembers::RemoveNodes(BTreeSet::from([id])), false);
+        if let Err(e) =
+            bounded("drop learner", self.config.membership_change_timeout(), change).await
+        {
+            tracing::warn!(id, error = %e, "could not drop the learner of an unfinished join");
+        }
     }
 
     /// Adds `id` as a learner and waits until it has replicated the whole log as of now.
@@ -98,10 +134,23 @@ impl Registry {
     }
 
     pub async fn remove_node(&self, id: u64) -> Result<(), RegistryError> {
-        let _one_change = self
-            .membership_lock
-            .try_lock()
-            .map_err(|_| RegistryError::MembershipChangeInProgress)?;
+        // Removing a node whose join is still running cancels that join, then waits for it to
+        // let go: a join that never finishes can always be undone.
+        let cancels_join = {
+            let joining = self.joining.lock().unwrap_or_else(|p| p.into_inner());
+            joining.as_ref().filter(|(j, _)| *j == id).map(|(_, c)| c.clone())
+        };
+        let _one_change = match cancels_join {
+            Some(cancel) => {
+                cancel.notify_one();
+                let limit = self.config.membership_change_timeout();
+                bounded("cancel the join", limit, self.membership_lock.lock()).await?
+            }
+            None => self
+                .membership_lock
+                .try_lock()
+                .map_err(|_| RegistryError::MembershipChangeInProgress)?,
+        };
         let state = self.read_linearizable().await?;
         let node = state.node(id).ok_or(Rejection::NoSuchNode(id))?;
         if node.state != NodeState::Removed {

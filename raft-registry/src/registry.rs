@@ -58,6 +58,8 @@ pub struct Registry {
     state_rx: watch::Receiver<Published>,
     /// Serialises `join_node` / `remove_node` on this node.
     pub(crate) membership_lock: tokio::sync::Mutex<()>,
+    /// The node whose join holds `membership_lock`, and how to cancel it (`remove_node` does).
+    pub(crate) joining: std::sync::Mutex<Option<(u64, Arc<tokio::sync::Notify>)>>,
     pub(crate) config: RegistryConfig,
 }
 
@@ -100,6 +102,7 @@ impl Registry {
             raft,
             state_rx,
             membership_lock: tokio::sync::Mutex::new(()),
+            joining: std::sync::Mutex::new(None),
             config,
         })
     }

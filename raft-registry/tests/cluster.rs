@@ -268,6 +268,40 @@ async fn concurrent_membership_change_is_refused() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_joining_node_cancels_its_join() -> anyhow::Result<()> {
+    // Goal: a join whose node never answers does not wedge membership: removing that node
+    // cancels the join at once (long before the catch-up timeout), drops its learner, retires
+    // the id, and the next join proceeds.
+    bounded_test(async {
+        let mut c = Cluster::new(test_config())?;
+        c.bootstrap().await?;
+        let leader = c.node(1)?;
+        let stuck = tokio::spawn({
+            let leader = leader.clone();
+            async move { leader.join_node(9, addr(9)).await }
+        });
+        poll("node 9 a learner", || leader.status().learners.contains(&9).then_some(())).await?;
+        let started = std::time::Instant::now();
+        leader.remove_node(9).await?;
+        let took = started.elapsed();
+        assert!(
+            took < std::time::Duration::from_millis(test_config().learner_catchup_timeout_ms),
+            "the removal waited out the join: {took:?}"
+        );
+        let stuck = stuck.await?;
+        assert!(matches!(stuck, Err(RegistryError::JoinCancelled(9))), "{stuck:?}");
+        let state = leader.read_linearizable().await?;
+        assert_eq!(state.node(9).map(|n| n.state), Some(NodeState::Removed));
+        let status = leader.status();
+        assert!(!status.learners.contains(&9) && !status.voters.contains(&9), "{status:?}");
+        c.join(2).await?;
+        assert_eq!(c.node(1)?.status().voters, vec![1, 2]);
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_added_at_another_nodes_address_never_votes() -> anyhow::Result<()> {
     // Goal: `join_node(9, <node 2's address>)` must not let node 2 answer for id 9 (it would then
     // vote and acknowledge twice). Node 2 refuses Raft messages addressed to 9, so the join times

@@ -50,6 +50,8 @@ impl NodeClient for AnswerAll {
 
 fn view() -> RegistryView {
     RegistryView {
+        leader: Some(1),
+        term: 1,
         applied_index: 7,
         epoch: 1,
         admin_key_hash: Some(key_hash(ADMIN)),
@@ -64,6 +66,7 @@ fn view() -> RegistryView {
             addr: "127.0.0.1:9".into(),
             state: NodeState::Active,
             health: NodeHealth::Alive,
+            heartbeat: 0,
         }],
     }
 }
