@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Failover figures against a running `sq-cloud dev` cluster (standard library only).
+
+    python3 benches/failover/measure.py dead-node  --dev sq-cloud-dev --runs 5
+    python3 benches/failover/measure.py admin-write --dev sq-cloud-dev --runs 5 --how kill --supervisor PID
+    python3 benches/failover/measure.py admin-write --dev sq-cloud-dev --runs 5 --how freeze
+
+dead-node: freezes (SIGSTOP) the owner of a tenant and sends that tenant requests back to back;
+prints the time from the freeze to the first answer that is a 503 within 100 ms (the gateway
+knows the node is dead), then resumes the node and waits until it serves again.
+
+admin-write: freezes or kills the registry leader (the dev supervisor is paused meanwhile, so a
+killed leader stays down), then sends one admin write (add a tenant) at once, while another thread
+polls health for the new leader. Prints the election time (freeze to a new leader in health) and
+the routing time (new leader to the write's answer).
+"""
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import threading
+import time
+import urllib.error
+import urllib.request
+
+INSTANT_503_S = 0.1
+REQUEST_TIMEOUT_S = 30
+
+
+def call(url, key, method="GET", body=None, timeout=REQUEST_TIMEOUT_S):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    req.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+    except Exception as e:  # timeouts, refused connections
+        return 0, str(e)
+
+
+class Cluster:
+    def __init__(self, dev):
+        self.dev = dev
+        self.reload()
+
+    def reload(self):
+        with open(os.path.join(self.dev, "dev.json")) as f:
+            self.json = json.load(f)
+        self.api = self.json["gateway_url"] + "/api/v2"
+        self.admin = self.json["admin_key"]
+
+    def pid(self, node):
+        self.reload()
+        return next(n["pid"] for n in self.json["nodes"] if n["id"] == node)
+
+    def health(self):
+        status, body = call(self.api + "/admin/health", self.admin, timeout=5)
+        return json.loads(body) if status == 200 else None
+
+    def leader(self):
+        h = self.health()
+        return (h["raft"]["leader"], h["raft"]["term"]) if h else (None, None)
+
+
+def wait(what, predicate, limit=120):
+    start = time.monotonic()
+    while time.monotonic() - start < limit:
+        v = predicate()
+        if v:
+            return v
+        time.sleep(0.1)
+    raise SystemExit(f"timed out waiting for {what}")
+
+
+def summary(name, values):
+    print(f"{name}: runs {['%.2f' % v for v in values]} median {statistics.median(values):.2f} s max {max(values):.2f} s")
+
+
+def dead_node(c, runs):
+    status, body = call(c.api + "/admin/tenants/add", c.admin, "POST", {"tenant_id": f"fo{int(time.time())}"})
+    assert status == 201, body
+    tenant = json.loads(body)
+    key = tenant["api_key"]
+    call(c.api + "/update?p=x&c=1.1.1/1.1.1/1.1.1&s=y", key)
+    times = []
+    for run in range(runs):
+        owner = json.loads(call(c.api + f"/admin/tenants/{tenant['tenant_id']}/stats", c.admin)[1])["node"]
+        pid = c.pid(owner)
+        os.kill(pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        while True:
+            sent = time.monotonic()
+            status, _ = call(c.api + "/select?p=x&c=1.1.1/1.1.1/1.1.1", key, timeout=10)
+            if status == 503 and time.monotonic() - sent < INSTANT_503_S:
+                times.append(sent - frozen)
+                break
+            if time.monotonic() - frozen > 60:
+                raise SystemExit("no instant 503 within 60 s")
+        os.kill(pid, signal.SIGCONT)
+        print(f"run {run + 1}: node {owner} frozen, first instant 503 after {times[-1]:.2f} s", flush=True)
+        wait("the node serving again", lambda: call(c.api + "/select?p=x&c=1.1.1/1.1.1/1.1.1", key, timeout=5)[0] == 200)
+        wait("every node alive", lambda: all(n["health"] == "alive" for n in (c.health() or {"nodes": [{"health": "-"}]})["nodes"]))
+    summary("dead node known at the gateway (freeze to first instant 503)", times)
+
+
+def admin_write(c, runs, how, dev_pid):
+    elections, routings, totals = [], [], []
+    if how == "kill" and not dev_pid:
+        raise SystemExit("--how kill needs --supervisor PID (the `sq-cloud dev` process)")
+    for run in range(runs):
+        leader, term = wait("a leader", lambda: c.leader()[0] and c.leader())
+        pid = c.pid(leader)
+        if how == "kill" and dev_pid:
+            os.kill(dev_pid, signal.SIGSTOP)
+        elected = {}
+
+        def watch():
+            while "t" not in elected:
+                h = c.health()
+                if h and h["raft"]["leader"] not in (None, leader) and h["raft"]["term"] > term:
+                    elected["t"] = time.monotonic()
+                    return
+                time.sleep(0.05)
+
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        status, body = call(c.api + "/admin/tenants/add", c.admin, "POST", {"tenant_id": f"w{how}{run}{int(t0)}"})
+        done = time.monotonic()
+        watcher.join(timeout=30)
+        elected.setdefault("t", done)
+        if how == "kill":
+            if dev_pid:
+                os.kill(dev_pid, signal.SIGCONT)
+        else:
+            os.kill(pid, signal.SIGCONT)
+        assert status == 201, (status, body)
+        elections.append(elected["t"] - t0)
+        routings.append(max(0.0, done - elected["t"]))
+        totals.append(done - t0)
+        print(f"run {run + 1}: {how} leader {leader}: write answered after {totals[-1]:.2f} s (election {elections[-1]:.2f} s, routing {routings[-1]:.2f} s)", flush=True)
+        wait("every node alive", lambda: (h := c.health()) and all(n["health"] == "alive" for n in h["nodes"]))
+        time.sleep(3)
+    summary(f"admin write after {how} of the leader, total", totals)
+    summary("  of which election", elections)
+    summary("  of which routing", routings)
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("what", choices=["dead-node", "admin-write"])
+    p.add_argument("--dev", default="sq-cloud-dev")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--how", choices=["kill", "freeze"], default="freeze")
+    p.add_argument("--supervisor", type=int, help="pid of `sq-cloud dev`, paused while a killed leader is down")
+    a = p.parse_args()
+    c = Cluster(a.dev)
+    if a.what == "dead-node":
+        dead_node(c, a.runs)
+    else:
+        admin_write(c, a.runs, a.how, a.supervisor)
+
+
+if __name__ == "__main__":
+    main()
