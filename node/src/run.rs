@@ -123,7 +123,7 @@ impl NodeParts {
     ) -> Result<NodeParts, NodeError> {
         let store_config = StoreConfig {
             data_dir: config.data_dir.join("store"),
-            memory_budget_bytes: config.memory_budget_mb.saturating_mul(1024 * 1024),
+            memory_budget_bytes: config.memory_budget_mb.saturating_mul(proto::cluster::MIB),
             idle_unload_after: Duration::from_secs(config.idle_unload_s),
             ..StoreConfig::default()
         };

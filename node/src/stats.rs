@@ -50,7 +50,7 @@ pub async fn tenant_stats(
         "tier": record.tier.as_str(),
         "storage_used_mb": u.storage_bytes as f64 / MIB,
         "storage_used_bytes": u.storage_bytes,
-        "quota_mb": record.quota_bytes / (1024 * 1024),
+        "quota_mb": record.quota_bytes / proto::cluster::MIB,
         "api_calls_today": u.api_calls_today,
         "bytes_out_today": u.bytes_out_today,
         // RFC 3339 as in the seeds' stats, and the same instant in ms for scripts; null until

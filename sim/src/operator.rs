@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::cluster::AdminOp;
+use proto::cluster::{AdminOp, MIB};
 use proto::ApiError;
 use raft_registry::NodeState;
 use tokio_util::sync::CancellationToken;
@@ -17,7 +17,6 @@ use crate::monitor::{Invariant, Violation};
 use crate::rng::Rng;
 use crate::world::{new_key, TenantKeys, World, ADMIN_OP_TIMEOUT};
 
-const MIB: u64 = 1024 * 1024;
 /// Quotas the operator gives tenants, in MiB.
 pub const QUOTAS_MB: [u64; 2] = [1, 2];
 /// Pause between one operator's operations, in milliseconds.
