@@ -77,11 +77,13 @@ pub struct Health {
 impl Health {
     pub fn new(me: u64, config: GossipConfig, clock: Arc<dyn Clock>) -> Health {
         let generation = tokio::sync::watch::Sender::new(0);
+        // This node is in its table from the start, so the table's limit counts it too.
+        let mine = Entry { heartbeat: 0, seen_ms: clock.now_ms(), state: State::Alive };
         Health {
             me,
             config,
             clock,
-            table: Mutex::new(HashMap::new()),
+            table: Mutex::new(HashMap::from([(me, mine)])),
             changed: AtomicBool::new(false),
             generation,
         }
@@ -117,7 +119,9 @@ impl Health {
         let now = self.clock.now_ms();
         let mut table = self.lock();
         for &(id, beat) in heartbeats.iter().take(GOSSIP_NODES_MAX) {
-            if table.len() >= GOSSIP_NODES_MAX && !table.contains_key(&id) {
+            // Only this node counts its own heartbeat: a peer's claim of a counter near the top
+            // would stop it from ever growing again, and this node would look dead to all.
+            if id == self.me || (table.len() >= GOSSIP_NODES_MAX && !table.contains_key(&id)) {
                 continue;
             }
             let e = table.entry(id).or_insert(Entry {
@@ -134,7 +138,7 @@ impl Health {
     }
 
     /// Bumps this node's heartbeat and re-derives every state. Returns the table to send.
-    fn tick(&self, peers: &[u64]) -> Vec<(u64, u64)> {
+    pub(crate) fn tick(&self, peers: &[u64]) -> Vec<(u64, u64)> {
         let now = self.clock.now_ms();
         let mut table = self.lock();
         let mine = table.entry(self.me).or_insert(Entry {
@@ -142,7 +146,7 @@ impl Health {
             seen_ms: now,
             state: State::Alive,
         });
-        mine.heartbeat += 1;
+        mine.heartbeat = mine.heartbeat.saturating_add(1);
         mine.seen_ms = now;
         for p in peers {
             table.entry(*p).or_insert(Entry { heartbeat: 0, seen_ms: now, state: State::Alive });

@@ -55,8 +55,10 @@ impl Rollup {
         Rollup { day, last_active_ms: self.last_active_ms, ..Rollup::default() }
     }
 
+    /// Calls of the day, all routes. Saturating: the counts come from a file that may have been
+    /// damaged or handed over by another node, and must not overflow.
     pub fn total_calls(&self) -> u64 {
-        self.calls.values().sum()
+        self.calls.values().fold(0, |sum, &n| sum.saturating_add(n))
     }
 }
 
@@ -123,7 +125,7 @@ impl Limits {
             t.rollup = t.rollup.next_day(today);
             t.dirty = true;
         }
-        if t.rollup.total_calls() + t.in_flight >= daily_limit {
+        if t.rollup.total_calls().saturating_add(t.in_flight) >= daily_limit {
             return Err(ApiError::RateLimited {
                 reason: format!("daily limit of {daily_limit} requests reached"),
                 retry_after_s: seconds_to_next_utc_day(now),
@@ -149,9 +151,10 @@ impl Limits {
         let mut tenants = self.lock();
         let Some(t) = tenants.get_mut(tenant) else { return };
         t.in_flight = t.in_flight.saturating_sub(1);
-        *t.rollup.calls.entry(route.to_string()).or_default() += 1;
-        t.rollup.bytes_in += bytes_in;
-        t.rollup.bytes_out += bytes_out;
+        let calls = t.rollup.calls.entry(route.to_string()).or_default();
+        *calls = calls.saturating_add(1);
+        t.rollup.bytes_in = t.rollup.bytes_in.saturating_add(bytes_in);
+        t.rollup.bytes_out = t.rollup.bytes_out.saturating_add(bytes_out);
         t.rollup.last_active_ms = Some(now);
         t.dirty = true;
     }

@@ -21,6 +21,7 @@ use super::wal::{decode_next, encode_record, Next, Op, Record, RECORD_PAYLOAD_BY
 use super::ManualClock;
 use crate::gossip::{GossipConfig, Health, GOSSIP_NODES_MAX};
 use crate::handoff::check_manifest;
+use crate::limits::Rollup;
 
 /// Peak heap of one decode call, per thread, so parallel tests do not mix.
 mod meter {
@@ -395,6 +396,9 @@ proptest! {
                 + 3 * GOSSIP_NODES_MAX * GOSSIP_ENTRY_BYTES;
             prop_assert!(peak <= limit, "{} bytes of gossip held {peak}", bytes.len());
             prop_assert!(h.known_nodes() <= GOSSIP_NODES_MAX);
+            let mine = |t: Vec<(u64, u64)>| t.into_iter().find(|&(id, _)| id == 1).map(|e| e.1);
+            let before = mine(h.tick(&[])).expect("this node is in its table");
+            prop_assert_eq!(mine(h.tick(&[])), Some(before + 1), "this node's heartbeat grows");
         }
     }
 }
@@ -423,6 +427,51 @@ fn gossip_of_many_unknown_nodes_is_capped() {
     assert_eq!(h.known_nodes(), GOSSIP_NODES_MAX);
     let table = h.merge(2, &[(7, 5)]);
     assert!(table.contains(&(7, 5)), "a known node is still merged");
+}
+
+// Goal: a usage roll-up file, valid, damaged or arbitrary, decodes or is refused without a panic
+// and within a small multiple of its size, and its counts add up without overflow.
+proptest! {
+    #![proptest_config(Config { cases: 1024, failure_persistence: None, ..Config::default() })]
+
+    #[test]
+    fn usage_rollup_decode(
+        calls in prop::collection::btree_map("[a-z]{1,8}", any::<u64>(), 0..6),
+        day in any::<u64>(),
+        ms in prop::collection::vec(mutation(), 0..3),
+        noise in prop::collection::vec(any::<u8>(), 0..128),
+    ) {
+        let rollup = Rollup { day, calls, bytes_in: 1, bytes_out: 2, last_active_ms: Some(day) };
+        let json = serde_json::to_vec(&rollup).expect("encodes");
+        for bytes in [mutate(json, &ms), noise] {
+            let (decoded, peak) = meter::peak(|| {
+                serde_json::from_slice::<Rollup>(&bytes).ok().map(|r| r.total_calls())
+            });
+            prop_assert!(peak <= 16 * bytes.len() + 64 * 1024, "{} bytes held {peak}", bytes.len());
+            let _ = decoded;
+        }
+    }
+}
+
+// Goal: counts near the top of u64 in a roll-up file saturate instead of overflowing (the sum
+// panicked in a debug build and wrapped to a small count in a release one).
+#[test]
+fn rollup_counts_saturate() {
+    let mut r = Rollup::default();
+    r.calls.insert("get".into(), u64::MAX);
+    r.calls.insert("select".into(), 2);
+    assert_eq!(r.total_calls(), u64::MAX);
+}
+
+// Goal: a peer's gossip about this node's own heartbeat, however large, is ignored, and this
+// node's counter keeps growing (one at u64::MAX overflowed in debug, and in release froze it).
+#[test]
+fn gossip_about_this_node_is_ignored() {
+    let h = health();
+    h.merge(2, &[(1, u64::MAX), (2, 3)]);
+    let mine = |t: Vec<(u64, u64)>| t.into_iter().find(|&(id, _)| id == 1).map(|e| e.1);
+    assert_eq!(mine(h.tick(&[])), Some(1));
+    assert_eq!(mine(h.tick(&[])), Some(2));
 }
 
 // Goal: a record of a few bytes whose text claims the whole record limit is refused as corrupt
