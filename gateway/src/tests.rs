@@ -182,3 +182,82 @@ async fn dead_owner_fails_fast() {
     assert!(response.headers().contains_key("retry-after"));
     assert_eq!(node.calls.load(Ordering::SeqCst), 0);
 }
+
+/// A gateway serving plain HTTP on a free loopback port with short timeouts; returns its address
+/// and the token that stops it.
+async fn serving(
+    limits: crate::HttpLimits,
+) -> (SocketAddr, tokio_util::sync::CancellationToken, tokio::task::JoinHandle<()>) {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let config = crate::GatewayConfig {
+        listen: addr,
+        cluster_certs: "unused".into(),
+        nodes: vec![],
+        tls: None,
+        worker_threads: 0,
+        http: limits,
+    };
+    let (gw, _) = gateway(0);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let token = stop.clone();
+    let task = tokio::spawn(async move {
+        crate::serve::serve(gw, &config, token).await.unwrap();
+    });
+    // Serving once a connection is accepted.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "the gateway did not listen");
+        tokio::task::yield_now().await;
+    }
+    (addr, stop, task)
+}
+
+/// Reads until the peer closes; returns what it sent.
+async fn read_to_close(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out)).await;
+    out
+}
+
+// Goal: the idle timeout, not the shorter header-read timeout, closes a keep-alive connection
+// after its answer; a trickled head is closed by the header-read timeout although bytes keep
+// arriving.
+#[tokio::test]
+async fn idle_and_header_timeouts_are_distinct() {
+    use tokio::io::AsyncWriteExt;
+    let limits = crate::HttpLimits {
+        header_read_timeout_ms: 300,
+        idle_timeout_ms: 1200,
+        ..crate::HttpLimits::default()
+    };
+    let (addr, stop, task) = serving(limits).await;
+
+    let mut kept = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let request = format!("OPTIONS /api/v2/select HTTP/1.1\r\nHost: {addr}\r\n\r\n");
+    kept.write_all(request.as_bytes()).await.unwrap();
+    let answered = std::time::Instant::now();
+    let answer = read_to_close(&mut kept).await;
+    let open_for = answered.elapsed();
+    assert!(answer.starts_with(b"HTTP/1.1 204"), "{}", String::from_utf8_lossy(&answer));
+    assert!(
+        open_for >= Duration::from_millis(1000),
+        "closed after {open_for:?}, before the idle timeout"
+    );
+    assert!(open_for < Duration::from_secs(5), "still open after {open_for:?}");
+
+    let mut trickle = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = std::time::Instant::now();
+    trickle.write_all(b"GET /api/v2/select?p=").await.unwrap();
+    let mut ticker = tokio::time::interval(Duration::from_millis(50));
+    let cut = loop {
+        ticker.tick().await;
+        if trickle.write_all(b"a").await.is_err() || started.elapsed() > Duration::from_secs(5) {
+            break started.elapsed();
+        }
+    };
+    assert!(cut >= Duration::from_millis(300), "cut after {cut:?}");
+    assert!(cut < Duration::from_secs(5), "a trickled head was never cut");
+    stop.cancel();
+    task.await.unwrap();
+}
