@@ -26,6 +26,7 @@ import urllib.error
 import urllib.request
 
 INSTANT_503_S = 0.1
+PROBE_EVERY_S = 0.05
 REQUEST_TIMEOUT_S = 30
 
 
@@ -92,14 +93,22 @@ def dead_node(c, runs):
         pid = c.pid(owner)
         os.kill(pid, signal.SIGSTOP)
         frozen = time.monotonic()
-        while True:
+        instant = []
+
+        def probe():
             sent = time.monotonic()
             status, _ = call(c.api + "/select?p=x&c=1.1.1/1.1.1/1.1.1", key, timeout=10)
             if status == 503 and time.monotonic() - sent < INSTANT_503_S:
-                times.append(sent - frozen)
-                break
+                instant.append(sent - frozen)
+
+        # A request to a frozen owner waits the gateway's forward timeout, so one probe starts
+        # every PROBE_EVERY_S rather than one after another: the figure's resolution.
+        while not instant:
+            threading.Thread(target=probe, daemon=True).start()
+            time.sleep(PROBE_EVERY_S)
             if time.monotonic() - frozen > 60:
                 raise SystemExit("no instant 503 within 60 s")
+        times.append(min(instant))
         os.kill(pid, signal.SIGCONT)
         print(f"run {run + 1}: node {owner} frozen, first instant 503 after {times[-1]:.2f} s", flush=True)
         wait("the node serving again", lambda: call(c.api + "/select?p=x&c=1.1.1/1.1.1/1.1.1", key, timeout=5)[0] == 200)
