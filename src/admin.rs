@@ -117,6 +117,13 @@ enum TenantsCommand {
     RotateKey { id: String },
     /// Disable a tenant and archive its data (nothing is destroyed).
     Delete { id: String },
+    /// Write the registry's tenants as a tenants file (key hashes only, never keys) to stdout:
+    /// JSON, or with `--phext` one scroll per tenant, as the ranch mesh keeps it.
+    Export {
+        /// The phext form instead of JSON.
+        #[arg(long)]
+        phext: bool,
+    },
     /// Destroy an archived tenant: its data is deleted on every node, its id never reused.
     Purge {
         id: String,
@@ -154,6 +161,16 @@ pub fn run(args: AdminArgs) -> anyhow::Result<()> {
         if !matches!(change, NodesCommand::List) {
             return node_change(&client, change, args.json);
         }
+    }
+    if let AdminCommand::Tenants(TenantsCommand::Export { phext }) = &args.command {
+        let file = tenants_file(&client.get("/api/v2/admin/tenants")?)?;
+        if *phext {
+            use std::io::Write;
+            std::io::stdout().write_all(&node::tenants_file::phext::write(&file))?;
+        } else {
+            println!("{}", serde_json::to_string_pretty(&node::tenants_file::to_json(&file))?);
+        }
+        return Ok(());
     }
     let (answer, shape) = execute(&client, &args.command)?;
     if args.json {
@@ -230,6 +247,9 @@ fn execute(client: &AdminClient, command: &AdminCommand) -> anyhow::Result<(Valu
         AdminCommand::Tenants(TenantsCommand::Delete { id }) => {
             (client.delete(&tenant_path(id))?, Shape::Deleted)
         }
+        AdminCommand::Tenants(TenantsCommand::Export { .. }) => {
+            bail!("export writes a file, not a table; it is handled before this")
+        }
         AdminCommand::Tenants(TenantsCommand::Purge { id, yes }) => {
             if !yes {
                 bail!("purging tenant {id} destroys its data and cannot be undone; add --yes to go on");
@@ -243,6 +263,34 @@ fn execute(client: &AdminClient, command: &AdminCommand) -> anyhow::Result<(Valu
             (client.get("/api/v2/admin/nodes")?, Shape::Nodes)
         }
     })
+}
+
+/// The tenants file of the admin API's tenant list: archived tenants left out (they cannot sign
+/// in), and the admin key left out (the API never shows it, not even hashed).
+fn tenants_file(list: &Value) -> anyhow::Result<node::tenants_file::TenantsFile> {
+    let mut tenants = Vec::new();
+    for t in list.as_array().map(Vec::as_slice).unwrap_or_default() {
+        if t["status"] == "archived" {
+            continue;
+        }
+        let id = t["tenant_id"].as_str().unwrap_or_default().to_string();
+        let hashes: Vec<&str> =
+            t["key_hashes"].as_array().into_iter().flatten().filter_map(Value::as_str).collect();
+        let [hash] = hashes.as_slice() else {
+            bail!("tenant {id}: expected one key hash from the gateway, got {}", hashes.len());
+        };
+        tenants.push(node::tenants_file::FileTenant {
+            id,
+            key_hash: hash.to_string(),
+            tier: t["tier"].as_str().map(str::to_string),
+            quota_mb: t["quota_mb"].as_u64(),
+            daily_limit: t["daily_limit"].as_u64(),
+            enabled: t["status"] == "active",
+            admin_email: t["admin_email"].as_str().map(str::to_string),
+            created_at_ms: t["created_at_ms"].as_u64(),
+        });
+    }
+    Ok(node::tenants_file::TenantsFile { admin_key_hash: None, tenants })
 }
 
 /// The object without its null fields: the admin API takes absent fields as "unchanged".

@@ -99,3 +99,42 @@ fn tenants_file_applies_within_5s_and_refuses_malformed() {
     let (_, took) = wait_for(APPLY_BOUND * 3, "the key of file-c works", || works(&base, KEY_C));
     assert!(took <= APPLY_BOUND, "file-c worked only after {took:?}");
 }
+
+// Goal: the registry exported in phext form (`sq-cloud admin tenants export --phext`) holds key
+// hashes and no key, and given to another cluster as its tenants file it makes the same keys work
+// there: the phext form round-trips through the real binary.
+#[test]
+fn phext_export_is_a_tenants_file() {
+    let source = DevCluster::start(1);
+    let key = source.add_tenant("phx", serde_json::json!({ "tier": "pro", "quota_mb": 3 }));
+    // Archived tenants are not exported; the other cluster makes a demo tenant of its own.
+    let (status, _) = admin(&source, "DELETE", "/admin/tenants/demo", None);
+    assert_eq!(status, 200);
+    let out = std::process::Command::new(common::bin())
+        .args(["admin", "--dev", source.dir.to_str().unwrap(), "tenants", "export", "--phext"])
+        .env_remove("SQ_CLOUD_URL")
+        .env_remove("SQ_CLOUD_ADMIN_KEY")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "export: {}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!text.contains(&key) && !text.contains(&source.demo_key()), "no key in:\n{text}");
+    assert!(text.contains(&proto::auth::key_hash(&key)), "the key's hash is in:\n{text}");
+    assert!(text.contains('\u{17}'), "one scroll per tenant:\n{text}");
+
+    let tmp = tempfile::tempdir().unwrap();
+    let file = tmp.path().join("tenants.phext");
+    write_file(&file, &text);
+    let dir = tmp.path().join("cluster");
+    std::fs::create_dir_all(&dir).unwrap();
+    let listen = format!("127.0.0.1:{}", free_tcp_port());
+    let target =
+        DevCluster::start_with(&dir, 1, &listen, &["--tenants-file", file.to_str().unwrap()]);
+    let base = target.url();
+    wait_for(FIRST_APPLY_TIMEOUT, "the exported key works on the other cluster", || {
+        works(&base, &key)
+    });
+    let (status, tenant) = admin(&target, "GET", "/admin/tenants/phx", None);
+    assert_eq!(status, 200, "{tenant}");
+    assert_eq!((tenant["tier"].as_str(), tenant["quota_mb"].as_u64()), (Some("pro"), Some(3)));
+}

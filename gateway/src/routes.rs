@@ -43,13 +43,17 @@ pub struct Endpoint {
     pub access: Access,
 }
 
-/// Every route served: SQ's, from [`proto::Route`] (`GET`, and `POST` for those that take a
-/// body), then [`OTHER_ROUTES`]. `OPTIONS` on any path answers the CORS preflight and is not
+/// Every route served: SQ's, from [`proto::Route`] (`GET` and `POST` as SQ 0.6.0 answers each),
+/// then [`OTHER_ROUTES`]. `OPTIONS` on any path answers the CORS preflight and is not
 /// listed.
 pub fn endpoints() -> Vec<Endpoint> {
     let sq = proto::Route::ALL.iter().flat_map(|r| {
-        let methods: &[&'static str] = if r.takes_post() { &["GET", "POST"] } else { &["GET"] };
-        methods.iter().map(|&method| Endpoint { method, path: r.path(), access: Access::Tenant })
+        let methods = [("GET", r.takes_get()), ("POST", r.takes_post())];
+        methods.into_iter().filter(|(_, served)| *served).map(|(method, _)| Endpoint {
+            method,
+            path: r.path(),
+            access: Access::Tenant,
+        })
     });
     let other = OTHER_ROUTES.iter().map(|&(method, path, access)| Endpoint {
         method,

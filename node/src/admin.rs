@@ -327,6 +327,7 @@ pub fn tenant_json(t: &TenantRecord) -> serde_json::Value {
         "status": if t.archived { "archived" } else if t.enabled { "active" } else { "disabled" },
         "created_at_ms": t.created_at_ms,
         "admin_email": t.admin_email,
+        "key_hashes": t.key_hashes,
     })
 }
 

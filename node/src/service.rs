@@ -281,7 +281,9 @@ impl Service {
 /// The text a request carries, for metering.
 fn request_bytes(r: &SqRequest) -> u64 {
     match r {
-        SqRequest::Insert { text, .. } | SqRequest::Update { text, .. } => text.len() as u64,
+        SqRequest::Insert { text, .. }
+        | SqRequest::Update { text, .. }
+        | SqRequest::Where { text, .. } => text.len() as u64,
         SqRequest::Delta { manifest, .. } => {
             manifest.iter().map(|(_, h)| h.len() as u64 + 20).sum()
         }

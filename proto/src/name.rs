@@ -11,7 +11,8 @@ pub const PHEXT_NAME_BYTES_MAX: usize = 200;
 /// A phext name that cannot leave its tenant's directory.
 ///
 /// Refused: anything holding `..`, `/` or `\` (as SQ refuses them), control characters, and names
-/// longer than [`PHEXT_NAME_BYTES_MAX`]. The empty name is a missing name, a different error.
+/// longer than [`PHEXT_NAME_BYTES_MAX`]. The empty name is SQ's default document, the one a
+/// request without `p` reads and writes; SQ keeps it in `.phext`, and so does this service.
 ///
 /// Decoding checks the name again, so a name from the wire or the disk cannot skip the rules.
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
@@ -38,14 +39,15 @@ pub struct BadName;
 impl PhextName {
     pub fn parse(name: &str) -> Result<PhextName, BadName> {
         let unsafe_char = |c: char| c == '/' || c == '\\' || c.is_control();
-        if name.is_empty()
-            || name.len() > PHEXT_NAME_BYTES_MAX
-            || name.contains("..")
-            || name.contains(unsafe_char)
-        {
+        if name.len() > PHEXT_NAME_BYTES_MAX || name.contains("..") || name.contains(unsafe_char) {
             return Err(BadName);
         }
         Ok(PhextName(name.to_string()))
+    }
+
+    /// SQ's default document: what a request without `p` (or with an empty one) names.
+    pub fn default_document() -> PhextName {
+        PhextName(String::new())
     }
 
     pub fn as_str(&self) -> &str {
@@ -83,7 +85,6 @@ mod tests {
     #[test]
     fn names() {
         for bad in [
-            "",
             "..",
             "../etc/passwd",
             "a/b",
@@ -99,5 +100,8 @@ mod tests {
         for ok in ["crud", "my notes", "漢字", ".hidden", "a.b", &"n".repeat(200)] {
             assert_eq!(PhextName::parse(ok).unwrap().as_str(), ok);
         }
+        // The default document is the empty name, in the file SQ uses for it.
+        assert_eq!(PhextName::parse(""), Ok(PhextName::default_document()));
+        assert_eq!(PhextName::default_document().file_name(), ".phext");
     }
 }

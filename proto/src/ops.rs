@@ -2,8 +2,9 @@
 //! it holds the document, and the simulator's model calls them too.
 
 use crate::coord::Coordinate;
+use crate::coord::{break_dimension, DIMENSIONS};
 use crate::doc::{checksum, write_canonical, Doc};
-use crate::request::Selector;
+use crate::request::{Selector, WhereAlgo};
 
 /// The text `delta` answers at a listed coordinate the document does not have.
 pub const SCROLL_MISSING: &str = "---sq:Scroll-Missing---";
@@ -57,28 +58,135 @@ pub fn delta(doc: &Doc, manifest: &[(Coordinate, String)]) -> Vec<u8> {
     out
 }
 
-/// `query`: scrolls as `[{"coordinate","scroll"}]` in coordinate order, at most `limit` of them.
+/// `query`: scrolls as `[{"coordinate","scroll"}]` in coordinate order, at most `limit` of them:
+/// the non-empty scrolls of the range and every coordinate of the set, once each.
 pub fn query(doc: &Doc, selector: &Selector, limit: Option<usize>) -> Vec<u8> {
     #[derive(serde::Serialize)]
     struct Row<'a> {
         coordinate: String,
         scroll: &'a str,
     }
-    let limit = limit.unwrap_or(usize::MAX);
-    let rows: Vec<Row> = match selector {
-        Selector::Range { from, to } => doc
-            .range(*from, *to)
-            .take(limit)
-            .map(|(c, s)| Row { coordinate: c.to_string(), scroll: s })
-            .collect(),
-        Selector::Set(coords) => coords
-            .iter()
-            .take(limit)
-            .map(|c| Row { coordinate: c.to_string(), scroll: doc.get(c) })
-            .collect(),
-    };
+    let mut picked: std::collections::BTreeMap<Coordinate, &str> = Default::default();
+    if let Some((from, to)) = &selector.range {
+        picked.extend(doc.range(*from, *to).map(|(c, s)| (*c, s)));
+    }
+    picked.extend(selector.set.iter().map(|c| (*c, doc.get(c))));
+    let rows: Vec<Row> = picked
+        .into_iter()
+        .take(limit.unwrap_or(usize::MAX))
+        .map(|(c, scroll)| Row { coordinate: c.to_string(), scroll })
+        .collect();
     // Serialising strings and a derived struct into memory cannot fail.
     serde_json::to_vec(&rows).expect("query rows serialise")
+}
+
+/// `status`: the tenant's view of a document, in SQ's four lines. SQ names the file on the
+/// server (`Hosting: data/notes.phext`) and its connection counter; this names the document in
+/// the tenant's namespace and answers connection 0, as SQ's multi-tenant mode does. An empty
+/// document counts one (empty) scroll, as SQ counts it after reading an empty file.
+pub fn status(name: &str, doc: &Doc) -> String {
+    format!(
+        "Hosting: {name}.phext\nConnection ID: 0\nPhext Size: {}\nScrolls: {}",
+        doc.canonical_len(),
+        doc.scroll_count().max(1)
+    )
+}
+
+/// `load`: SQ answers with the file it read; this names the document.
+pub fn loaded(name: &str) -> String {
+    format!("Loaded {name}.phext")
+}
+
+/// `json-export`: SQ's JSON lines, one object per scroll in coordinate order (SQ's order is its
+/// hash map's). An empty document exports its origin, empty, as SQ does. Strings are escaped
+/// as JSON requires; SQ escapes only `"` and newlines, so its export of a scroll holding a
+/// backslash or a control character is not JSON, while this one is, and equal to SQ's otherwise.
+pub fn json_export(doc: &Doc) -> String {
+    let mut out = String::from("[\n");
+    let row = |out: &mut String, c: &Coordinate, text: &str| {
+        // Serialising a string cannot fail.
+        let text = serde_json::to_string(text).expect("a string serialises");
+        out.push_str(&format!("   {{ \"coord\": \"{c}\", \"scroll\": {text} }}\n"));
+    };
+    if doc.is_empty() {
+        row(&mut out, &Coordinate::ORIGIN, "");
+    }
+    for (i, (c, text)) in doc.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        row(&mut out, c, text);
+    }
+    out.push_str("]\n");
+    out
+}
+
+/// `where`: the coordinate SQ 0.6.0 infers for a text, in SQ's words. The components are
+/// printed as computed, zeros included (an XOR of equal coordinates is 0.0.0/0.0.0/0.0.0).
+pub fn where_(text: &str, algo: WhereAlgo, limit: usize) -> String {
+    let (parts, name) = match algo {
+        WhereAlgo::Xor => (xor_of_scrolls(text, limit), "xor"),
+        WhereAlgo::Checksum => (checksum_components(text), "checksum"),
+    };
+    let p = parts;
+    format!(
+        "Calculated coordinate {}.{}.{}/{}.{}.{}/{}.{}.{} for input (algo={name}, limit={limit}).",
+        p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]
+    )
+}
+
+/// The largest component libphext reaches when it reads breaks: it stops counting at 999.
+const LIBPHEXT_COMPONENT_CAP: u64 = 999;
+
+/// The origin XOR the coordinate of every scroll of `text` at least `limit` bytes long, the
+/// scrolls found as libphext's phokenize finds them (breaks before any text are skipped; each
+/// scroll sits where its text begins; a dimension stops counting at 999).
+fn xor_of_scrolls(text: &str, limit: usize) -> [u64; DIMENSIONS] {
+    let bytes = text.as_bytes();
+    let mut out = [1u64; DIMENSIONS];
+    let mut at = [1u64; DIMENSIONS];
+    let mut i = 0;
+    loop {
+        // One scroll: skip breaks before its text, take its text, consume the break after it.
+        let (mut begin, mut len, mut has_text) = (at, 0usize, false);
+        while i < bytes.len() {
+            let b = bytes[i];
+            i += 1;
+            if let Some(d) = break_dimension(b) {
+                if at[d] < LIBPHEXT_COMPONENT_CAP {
+                    at[d] += 1;
+                }
+                at[d + 1..].iter_mut().for_each(|x| *x = 1);
+                if has_text {
+                    break;
+                }
+            } else {
+                if !has_text {
+                    (has_text, begin) = (true, at);
+                }
+                len += 1;
+            }
+        }
+        if len >= limit {
+            out.iter_mut().zip(begin).for_each(|(o, b)| *o ^= b);
+        }
+        if i >= bytes.len() {
+            return out;
+        }
+    }
+}
+
+/// SQ's checksum coordinate: from the 32 hex digits of the text's xxh3-128, each component is
+/// two digits' bytes read as a big-endian 16-bit number, modulo 999, with 0 read as 1.
+fn checksum_components(text: &str) -> [u64; DIMENSIONS] {
+    let hex = checksum(text.as_bytes());
+    let b = hex.as_bytes();
+    let mut out = [1u64; DIMENSIONS];
+    for (i, part) in out.iter_mut().enumerate() {
+        let value = (u64::from(b[2 * i]) << 8 | u64::from(b[2 * i + 1])) % LIBPHEXT_COMPONENT_CAP;
+        *part = value.max(1);
+    }
+    out
 }
 
 /// The answer to a write, as SQ words it.
@@ -90,4 +198,82 @@ pub fn updated(n: usize) -> String {
 }
 pub fn removed(n: usize) -> String {
     format!("Removed {n} bytes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coord::sq_reading;
+    use rand::{Rng, SeedableRng};
+
+    fn components(c: &libphext::phext::Coordinate) -> [u64; DIMENSIONS] {
+        [
+            c.z.library,
+            c.z.shelf,
+            c.z.series,
+            c.y.collection,
+            c.y.volume,
+            c.y.book,
+            c.x.chapter,
+            c.x.section,
+            c.x.scroll,
+        ]
+        .map(|v| v as u64)
+    }
+
+    /// A random text of fewer than `max` pieces from `alphabet`.
+    fn text(rng: &mut rand::rngs::StdRng, alphabet: &[&str], max: usize) -> String {
+        let n = rng.gen_range(0..max);
+        (0..n).map(|_| alphabet[rng.gen_range(0..alphabet.len())]).collect()
+    }
+
+    // Goal: SQ's reading of a coordinate text and its XOR placement of a text are libphext's
+    // (the reference SQ is built on), for seeded random texts of digits, separators, letters,
+    // spaces and dimension breaks.
+    #[test]
+    fn sq_readings_match_libphext() {
+        // Fewer than ten one-digit pieces: every number fits SQ's 32 bits, where libphext 0.4
+        // (the version at hand) and 0.3.3 (SQ's) agree.
+        let coords = ["1", "2", "7", "0", ".", "/", ";", "a", " ", "-"];
+        let texts = ["a", "bc", "\n", "é", "\u{17}", "\u{18}", "\u{1}", "\u{1f}", "\u{1a}"];
+        for seed in 0..200u64 {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            let c = text(&mut rng, &coords, 10);
+            let want = components(&libphext::phext::to_coordinate(&c));
+            assert_eq!(sq_reading(&c), want, "{c:?}");
+            let t = text(&mut rng, &texts, 24);
+            let limit = rng.gen_range(0..4);
+            let mut want = [1u64; DIMENSIONS];
+            for phoken in libphext::phext::phokenize(&t) {
+                if phoken.scroll.len() >= limit {
+                    let at = components(&phoken.coord);
+                    want.iter_mut().zip(at).for_each(|(w, a)| *w ^= a);
+                }
+            }
+            assert_eq!(xor_of_scrolls(&t, limit), want, "{t:?} limit {limit}");
+        }
+    }
+
+    // Goal: `where`, `status` and `json-export` answer in SQ's exact words (checked against
+    // answers recorded from SQ 0.6.0 in tests/fixtures/sq06).
+    #[test]
+    fn answers_in_sq_words() {
+        assert_eq!(
+            where_("some text", WhereAlgo::Checksum, 100),
+            "Calculated coordinate 958.126.167/357.723.450/607.673.427 for input (algo=checksum, limit=100)."
+        );
+        assert_eq!(
+            where_(&"x".repeat(100), WhereAlgo::Xor, 100),
+            "Calculated coordinate 0.0.0/0.0.0/0.0.0 for input (algo=xor, limit=100)."
+        );
+        let empty = Doc::new();
+        assert_eq!(
+            json_export(&empty),
+            "[\n   { \"coord\": \"1.1.1/1.1.1/1.1.1\", \"scroll\": \"\" }\n]\n"
+        );
+        assert_eq!(
+            status("", &empty),
+            "Hosting: .phext\nConnection ID: 0\nPhext Size: 0\nScrolls: 1"
+        );
+    }
 }

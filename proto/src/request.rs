@@ -2,11 +2,17 @@
 //!
 //! The parser follows SQ's order of checks after the key: phext name (403), then route (404),
 //! then the route's own parameters (400). The method and key checks come before it, at the edge.
+//!
+//! It reads what SQ 0.6.0 reads the way SQ reads it: a missing `p` is SQ's default document, a
+//! missing `c` the origin, coordinates as [`Coordinate::parse`] says; `GET` takes its text from
+//! `s=` and never from a body, `POST` from a non-empty body; `query` takes its set from `set=` or
+//! else the body. What SQ would silently corrupt (dimension breaks in text, bytes that are not
+//! UTF-8, writes above SQ's component range) is refused with a 400 that says so.
 
 use serde::{Deserialize, Serialize};
 
-use crate::coord::Coordinate;
-use crate::doc::contains_break;
+use crate::coord::{break_dimension, BREAKS};
+use crate::coord::{sq_would, Coordinate, SQ_COMPONENT_MAX};
 use crate::error::ApiError;
 use crate::name::{BadName, PhextName};
 use crate::route::Route;
@@ -30,13 +36,27 @@ pub enum Method {
     Post,
 }
 
-/// Which scrolls a `query` reads.
+/// The `limit` SQ's `where` uses when none (or no number) is given: scrolls shorter than this
+/// many bytes do not count towards the XOR hash.
+pub const WHERE_LIMIT_DEFAULT: usize = 100;
+
+/// Which scrolls a `query` reads: the non-empty scrolls of a range, and every coordinate of a set
+/// (absent scrolls answer empty text); both at once answer their union, as SQ does.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum Selector {
-    /// Every scroll from `from` to `to`, inclusive.
-    Range { from: Coordinate, to: Coordinate },
-    /// These coordinates, sorted and without repeats; absent scrolls answer empty text.
-    Set(Vec<Coordinate>),
+pub struct Selector {
+    /// Every non-empty scroll from the first coordinate to the second, inclusive.
+    pub range: Option<(Coordinate, Coordinate)>,
+    /// These coordinates, sorted and without repeats.
+    pub set: Vec<Coordinate>,
+}
+
+/// How `where` turns a text into a coordinate, as SQ 0.6.0 names them (`algo=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WhereAlgo {
+    /// XOR of the coordinates of the text's scrolls at least `limit` bytes long (the default).
+    Xor,
+    /// Components taken from the text's xxh3-128 checksum.
+    Checksum,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -79,6 +99,25 @@ pub enum SqRequest {
         selector: Selector,
         limit: Option<usize>,
     },
+    /// The tenant's view of the document: its name, size and scroll count.
+    Status {
+        p: PhextName,
+    },
+    /// SQ re-reads the document from disk; here it is loaded if it is not, and named.
+    Load {
+        p: PhextName,
+    },
+    /// Every scroll of the document in SQ's JSON export form.
+    JsonExport {
+        p: PhextName,
+    },
+    /// The coordinate SQ would infer for `text`; reads no document.
+    Where {
+        p: PhextName,
+        text: String,
+        algo: WhereAlgo,
+        limit: usize,
+    },
 }
 
 impl SqRequest {
@@ -95,6 +134,10 @@ impl SqRequest {
             SqRequest::Checksum { .. } => Route::Checksum,
             SqRequest::Delta { .. } => Route::Delta,
             SqRequest::Query { .. } => Route::Query,
+            SqRequest::Status { .. } => Route::Status,
+            SqRequest::Load { .. } => Route::Load,
+            SqRequest::JsonExport { .. } => Route::JsonExport,
+            SqRequest::Where { .. } => Route::Where,
         }
     }
 
@@ -118,7 +161,11 @@ impl SqRequest {
             | SqRequest::Get { p }
             | SqRequest::Checksum { p }
             | SqRequest::Delta { p, .. }
-            | SqRequest::Query { p, .. } => Some(p),
+            | SqRequest::Query { p, .. }
+            | SqRequest::Status { p }
+            | SqRequest::Load { p }
+            | SqRequest::JsonExport { p }
+            | SqRequest::Where { p, .. } => Some(p),
         }
     }
 }
@@ -164,9 +211,7 @@ impl Params {
     fn text(&self, key: &str) -> Result<Option<&str>, ApiError> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => std::str::from_utf8(v)
-                .map(Some)
-                .map_err(|_| ApiError::bad_request(format!("parameter {key} is not valid UTF-8"))),
+            Some(v) => utf8(v, &format!("parameter {key}")).map(Some),
         }
     }
 }
@@ -202,63 +247,108 @@ fn hex(b: u8) -> Option<u8> {
 /// Parses an authenticated request. `route` is the path after `/api/v2/`.
 pub fn parse(method: Method, route: &str, query: &str, body: &[u8]) -> Result<SqRequest, ApiError> {
     let params = Params::parse(query);
-    let name = match params.get("p") {
-        None => None,
+    let p = match params.get("p") {
+        None => PhextName::default_document(),
         Some(raw) => {
             let text = std::str::from_utf8(raw).map_err(|_| ApiError::BadPhextName)?;
-            if text.is_empty() {
-                None
-            } else {
-                Some(PhextName::parse(text).map_err(|BadName| ApiError::BadPhextName)?)
-            }
+            PhextName::parse(text).map_err(|BadName| ApiError::BadPhextName)?
         }
     };
     let route = Route::parse(route).ok_or(ApiError::NotFound)?;
-    if method == Method::Post && !route.takes_post() {
+    let served = match method {
+        Method::Get => route.takes_get(),
+        Method::Post => route.takes_post(),
+    };
+    if !served {
         return Err(ApiError::NotFound);
     }
-    if route == Route::Version {
-        return Ok(SqRequest::Version);
+    if body.len() > BODY_MAX_BYTES {
+        return Err(ApiError::PayloadTooLarge { limit_bytes: BODY_MAX_BYTES as u64 });
     }
-    let p = name.ok_or_else(|| ApiError::bad_request("missing phext name (p)"))?;
-    let s = text_arg(&params, body)?;
-    let coord = |key: &str| -> Result<Coordinate, ApiError> {
-        let raw = params
-            .text(key)?
-            .ok_or_else(|| ApiError::bad_request(format!("missing coordinate ({key})")))?;
-        Coordinate::parse(raw).map_err(|e| ApiError::bad_request(e.to_string()))
+    // SQ reads a body only on POST, and only when it is not empty; a GET takes `s=`.
+    let s = match method {
+        Method::Post if !body.is_empty() => Some(utf8(body, "the body")?.to_string()),
+        _ => params.text("s")?.map(str::to_string),
     };
+    let c = || coordinate(&params);
     Ok(match route {
         Route::Version => SqRequest::Version,
-        Route::Select => SqRequest::Select { p, c: coord("c")? },
-        Route::Delete => SqRequest::Delete { p, c: coord("c")? },
-        Route::Insert => SqRequest::Insert { p, c: coord("c")?, text: scroll_text(s)? },
-        Route::Update => SqRequest::Update { p, c: coord("c")?, text: scroll_text(s)? },
+        Route::Select => SqRequest::Select { p, c: c()? },
+        Route::Delete => SqRequest::Delete { p, c: c()? },
+        Route::Insert => {
+            SqRequest::Insert { p, c: writable(&params, c()?)?, text: scroll_text(s)? }
+        }
+        Route::Update => {
+            SqRequest::Update { p, c: writable(&params, c()?)?, text: scroll_text(s)? }
+        }
         Route::Toc => SqRequest::Toc { p },
         Route::Get => SqRequest::Get { p },
         Route::Checksum => SqRequest::Checksum { p },
         Route::Delta => SqRequest::Delta { p, manifest: parse_manifest(&s.unwrap_or_default())? },
-        Route::Query => parse_query(p, &params, s)?,
+        Route::Query => parse_query(p, &params, body)?,
+        Route::Status => SqRequest::Status { p },
+        Route::Load => SqRequest::Load { p },
+        Route::JsonExport => SqRequest::JsonExport { p },
+        Route::Where => SqRequest::Where {
+            p,
+            text: s.unwrap_or_default(),
+            algo: if params.get("algo") == Some(b"checksum") {
+                WhereAlgo::Checksum
+            } else {
+                WhereAlgo::Xor
+            },
+            limit: params
+                .text("limit")
+                .ok()
+                .flatten()
+                .and_then(|l| l.parse().ok())
+                .unwrap_or(WHERE_LIMIT_DEFAULT),
+        },
     })
 }
 
-/// The text argument: a non-empty body replaces `s`.
-fn text_arg(params: &Params, body: &[u8]) -> Result<Option<String>, ApiError> {
-    if body.len() > BODY_MAX_BYTES {
-        return Err(ApiError::PayloadTooLarge { limit_bytes: BODY_MAX_BYTES as u64 });
-    }
-    if !body.is_empty() {
-        return std::str::from_utf8(body)
-            .map(|s| Some(s.to_string()))
-            .map_err(|_| ApiError::bad_request("body is not valid UTF-8"));
-    }
-    Ok(params.text("s")?.map(str::to_string))
+/// `c`, as SQ reads it: missing or empty is the origin.
+fn coordinate(params: &Params) -> Result<Coordinate, ApiError> {
+    let raw = params.text("c")?.unwrap_or("");
+    Coordinate::parse(raw).map_err(|e| ApiError::bad_request(e.to_string()))
 }
+
+/// Refuses a write above SQ's component range: libphext stops counting at 999, so no SQ client
+/// or tool could read the text back where it was written.
+fn writable(params: &Params, c: Coordinate) -> Result<Coordinate, ApiError> {
+    if !c.above_sq_range() {
+        return Ok(c);
+    }
+    let raw = params.text("c")?.unwrap_or("");
+    Err(ApiError::bad_request(format!(
+        "invalid coordinate {raw:?}: write components from 1 to {SQ_COMPONENT_MAX}, the range SQ and libphext can read back; {}",
+        sq_would(raw)
+    )))
+}
+
+/// Text as UTF-8, or a refusal that says where it is not and what SQ would have stored.
+fn utf8<'a>(bytes: &'a [u8], what: &str) -> Result<&'a str, ApiError> {
+    std::str::from_utf8(bytes).map_err(|e| {
+        let at = e.valid_up_to();
+        ApiError::bad_request(format!(
+            "{what} is not valid UTF-8 (byte 0x{:02x} at offset {at}); send UTF-8 text, percent-encoded in a query; SQ 0.6.0 would store it with each invalid sequence replaced by U+FFFD",
+            bytes[at]
+        ))
+    })
+}
+
+/// The names of the dimension breaks, library (0x01) down to scroll (0x17), as refusals say them.
+const BREAK_NAMES: [&str; 9] =
+    ["library", "shelf", "series", "collection", "volume", "book", "chapter", "section", "scroll"];
 
 fn scroll_text(s: Option<String>) -> Result<String, ApiError> {
     let text = s.unwrap_or_default();
-    if contains_break(&text) {
-        return Err(ApiError::bad_request("text contains phext dimension breaks"));
+    let found = text.bytes().enumerate().find_map(|(i, b)| break_dimension(b).map(|d| (i, d)));
+    if let Some((at, dim)) = found {
+        return Err(ApiError::bad_request(format!(
+            "the text holds a phext dimension break (byte 0x{:02x}, a {} break, at offset {at}); a scroll is text without bytes 0x01, 0x17-0x1a and 0x1c-0x1f: write each scroll at its own coordinate; SQ 0.6.0 would store it and its next reload would split the scroll there, moving the rest onto other coordinates",
+            BREAKS[dim], BREAK_NAMES[dim]
+        )));
     }
     Ok(text)
 }
@@ -269,8 +359,7 @@ fn parse_manifest(text: &str) -> Result<Vec<(Coordinate, String)>, ApiError> {
         // SQ reads `<coord>: <checksum>` and skips lines without both parts.
         let Some((coord, hash)) = line.split_once(": ") else { continue };
         let hash = hash.split(": ").next().unwrap_or(hash);
-        let c =
-            Coordinate::parse(coord.trim()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+        let c = Coordinate::parse(coord).map_err(|e| ApiError::bad_request(e.to_string()))?;
         if out.len() == DELTA_LINES_MAX {
             return Err(ApiError::bad_request(format!(
                 "delta lists more than {DELTA_LINES_MAX} scrolls"
@@ -281,47 +370,52 @@ fn parse_manifest(text: &str) -> Result<Vec<(Coordinate, String)>, ApiError> {
     Ok(out)
 }
 
-fn parse_query(p: PhextName, params: &Params, s: Option<String>) -> Result<SqRequest, ApiError> {
-    let limit = match params.text("limit")? {
-        None | Some("") => None,
-        Some(raw) => Some(
-            raw.parse::<usize>()
-                .map_err(|_| ApiError::bad_request(format!("invalid limit {raw:?}")))?,
-        ),
+/// SQ's Coordinate Query API: a range (`from` and `to`, both or neither), a set (`set=`, else the
+/// body; split on `,`, `;` and newlines), or both; full coordinates only; then `limit`. The
+/// checks and their messages come in SQ's order.
+fn parse_query(p: PhextName, params: &Params, body: &[u8]) -> Result<SqRequest, ApiError> {
+    let bad = |m: String| ApiError::bad_request(m);
+    let given = |key: &str| -> Result<Option<&str>, ApiError> {
+        Ok(params.text(key)?.map(str::trim).filter(|v| !v.is_empty()))
     };
-    let coord =
-        |raw: &str| Coordinate::parse(raw.trim()).map_err(|e| ApiError::bad_request(e.to_string()));
-    let selector = match (params.text("from")?, params.text("to")?, params.text("set")?) {
-        (Some(from), Some(to), _) => Selector::Range { from: coord(from)?, to: coord(to)? },
-        (_, _, Some(set)) => Selector::Set(coord_list(set.split(','), &coord)?),
-        _ => match s.filter(|s| !s.trim().is_empty()) {
-            Some(lines) => Selector::Set(coord_list(lines.lines(), &coord)?),
-            None => {
-                return Err(ApiError::bad_request(
-                    "query needs a range (from + to) or a set of coordinates",
-                ))
+    let range = match (given("from")?, given("to")?) {
+        (Some(a), Some(b)) => {
+            let start = Coordinate::parse_full(a)
+                .map_err(|_| bad(format!("invalid 'from' coordinate: {a}")))?;
+            let end = Coordinate::parse_full(b)
+                .map_err(|_| bad(format!("invalid 'to' coordinate: {b}")))?;
+            if start > end {
+                return Err(bad(format!("'from' ({a}) is after 'to' ({b})")));
             }
-        },
-    };
-    Ok(SqRequest::Query { p, selector, limit })
-}
-
-fn coord_list<'a>(
-    items: impl Iterator<Item = &'a str>,
-    coord: &dyn Fn(&str) -> Result<Coordinate, ApiError>,
-) -> Result<Vec<Coordinate>, ApiError> {
-    let mut out = Vec::new();
-    for item in items.filter(|i| !i.trim().is_empty()) {
-        if out.len() == QUERY_SET_MAX {
-            return Err(ApiError::bad_request(format!(
-                "query lists more than {QUERY_SET_MAX} coordinates"
-            )));
+            Some((start, end))
         }
-        out.push(coord(item)?);
+        (None, None) => None,
+        _ => return Err(bad("a range needs both 'from' and 'to'".into())),
+    };
+    let listed = match params.text("set")? {
+        Some(set) => set,
+        None => utf8(body, "the body")?,
+    };
+    let mut set = Vec::new();
+    for item in listed.split([',', '\n', ';']).map(str::trim).filter(|i| !i.is_empty()) {
+        if set.len() == QUERY_SET_MAX {
+            return Err(bad(format!("query lists more than {QUERY_SET_MAX} coordinates")));
+        }
+        set.push(
+            Coordinate::parse_full(item)
+                .map_err(|_| bad(format!("invalid coordinate in set: {item}")))?,
+        );
     }
-    out.sort();
-    out.dedup();
-    Ok(out)
+    if range.is_none() && set.is_empty() {
+        return Err(bad("query needs a range (from + to) or a set of coordinates".into()));
+    }
+    let limit = match given("limit")? {
+        None => None,
+        Some(raw) => Some(raw.parse::<usize>().map_err(|_| bad(format!("invalid limit: {raw}")))?),
+    };
+    set.sort();
+    set.dedup();
+    Ok(SqRequest::Query { p, selector: Selector { range, set }, limit })
 }
 
 #[cfg(test)]
@@ -352,9 +446,10 @@ mod tests {
             parse(Method::Post, "select", "p=m&c=1.1.1/1.1.1/1.1.1", b""),
             Err(ApiError::NotFound)
         );
-        assert!(matches!(get("select?c=1.1.1/1.1.1/1.1.1"), Err(ApiError::BadRequest(_))));
         assert!(matches!(get("select?p=m&c=garbage"), Err(ApiError::BadRequest(_))));
         assert_eq!(get("version"), Ok(SqRequest::Version));
+        assert_eq!(get("where?p=m"), Err(ApiError::NotFound), "where answers POST only");
+        assert_eq!(parse(Method::Post, "status", "p=m", b""), Err(ApiError::NotFound));
     }
 
     // Goal: text with dimension breaks or invalid UTF-8 is refused; a body replaces `s`.
@@ -376,5 +471,87 @@ mod tests {
             parse(Method::Post, "update", "p=m&c=1.1.1/1.1.1/1.1.1", &big),
             Err(ApiError::PayloadTooLarge { .. })
         ));
+    }
+
+    // Goal: what SQ fills in is filled in the same way: no `p` is the default document, no `c`
+    // the origin; a GET with a body still takes `s=`, a POST with an empty body too.
+    #[test]
+    fn defaults_and_bodies_as_sq() {
+        let origin = Coordinate::ORIGIN;
+        let default = PhextName::default_document();
+        assert_eq!(get("select"), Ok(SqRequest::Select { p: default.clone(), c: origin }));
+        assert_eq!(get("select?p=&c="), Ok(SqRequest::Select { p: default, c: origin }));
+        let m = PhextName::parse("m").unwrap();
+        let r = parse(Method::Get, "update", "p=m&s=from+s", b"from body").unwrap();
+        assert_eq!(r, SqRequest::Update { p: m.clone(), c: origin, text: "from s".into() });
+        let r = parse(Method::Post, "update", "p=m&s=from+s", b"").unwrap();
+        assert_eq!(r, SqRequest::Update { p: m.clone(), c: origin, text: "from s".into() });
+        let r = parse(Method::Get, "query", "p=m", b"1.1.1/1.1.1/1.1.2\n").unwrap();
+        let two = Coordinate::parse("5").unwrap();
+        assert!(
+            matches!(r, SqRequest::Query { selector: Selector { range: None, set }, .. } if set.len() == 1 && set[0] != two)
+        );
+        let r = get("where?p=m").err();
+        assert_eq!(r, Some(ApiError::NotFound));
+        let r = parse(Method::Post, "where", "p=m&algo=checksum&limit=x", b"text").unwrap();
+        assert_eq!(
+            r,
+            SqRequest::Where { p: m, text: "text".into(), algo: WhereAlgo::Checksum, limit: 100 }
+        );
+    }
+
+    // Goal: a query's range and set are kept together (SQ answers their union), and its errors
+    // are SQ's, word for word.
+    #[test]
+    fn query_as_sq() {
+        let r = get("query?p=m&from=1.1.1/1.1.1/1.1.1&to=2.1.1/1.1.1/1.1.1&set=3.1.1/1.1.1/1.1.1;4.1.1/1.1.1/1.1.1").unwrap();
+        assert!(
+            matches!(r, SqRequest::Query { selector: Selector { range: Some(_), set }, .. } if set.len() == 2)
+        );
+        let err = |q: &str| get(q).unwrap_err().to_string();
+        assert_eq!(
+            err("query?p=m&from=1.1.1/1.1.1/1.1.1"),
+            "Bad Request: a range needs both 'from' and 'to'"
+        );
+        assert_eq!(
+            err("query?p=m&set=1.1.1/1.1"),
+            "Bad Request: invalid coordinate in set: 1.1.1/1.1"
+        );
+        assert_eq!(
+            err("query?p=m&from=1.1.1&to=2.1.1/1.1.1/1.1.1"),
+            "Bad Request: invalid 'from' coordinate: 1.1.1"
+        );
+        assert_eq!(
+            err("query?p=m&set=1.1.1/1.1.1/1.1.1&limit=abc"),
+            "Bad Request: invalid limit: abc"
+        );
+        assert_eq!(
+            err("query?p=m&from=2.1.1/1.1.1/1.1.1&to=1.1.1/1.1.1/1.1.1"),
+            "Bad Request: 'from' (2.1.1/1.1.1/1.1.1) is after 'to' (1.1.1/1.1.1/1.1.1)"
+        );
+    }
+
+    // Goal: what SQ silently corrupts is refused, and the refusal names the canonical form and
+    // what SQ would have done.
+    #[test]
+    fn refusals_name_the_form_and_sq() {
+        let err = |q: &str| get(q).unwrap_err().to_string();
+        let words = err("update?p=m&c=test-agent.1.1/test.basic/1.1.1&s=x");
+        assert!(
+            words.contains("L.S.S/C.V.B/C.S.S")
+                && words.contains("SQ 0.6.0 would read it as 1.1.0/0.1.1/1.1.1"),
+            "{words}"
+        );
+        let big = err("update?p=m&c=2026.2.22/1.1.1/1.1.1&s=x");
+        assert!(big.contains("from 1 to 999") && big.contains("999.2.22/1.1.1/1.1.1"), "{big}");
+        assert!(get("select?p=m&c=2026.2.22/1.1.1/1.1.1").is_ok(), "reads above 999 harm nothing");
+        let breaks = err("update?p=m&s=a%17b");
+        assert!(
+            breaks.contains("0x17, a scroll break, at offset 1")
+                && breaks.contains("SQ 0.6.0 would"),
+            "{breaks}"
+        );
+        let bytes = err("update?p=m&s=a%FFb");
+        assert!(bytes.contains("byte 0xff at offset 1") && bytes.contains("U+FFFD"), "{bytes}");
     }
 }

@@ -6,10 +6,10 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Declares [`Route`] from one table: variant, path segment, and whether it also answers `POST`
-/// (with its text argument in the body).
+/// Declares [`Route`] from one table: variant, path segment, whether it answers `GET`, and
+/// whether it answers `POST` (with its text argument in the body), as SQ 0.6.0 routes each.
 macro_rules! routes {
-    ($($(#[$doc:meta])* $variant:ident = $name:literal, post: $post:literal;)*) => {
+    ($($(#[$doc:meta])* $variant:ident = $name:literal, get: $get:literal, post: $post:literal;)*) => {
         /// One of SQ's routes, the path segment after `/api/v2/`.
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
         pub enum Route {
@@ -27,8 +27,14 @@ macro_rules! routes {
                 }
             }
 
-            /// True when the route answers `POST` as well as `GET`, reading its text argument from
-            /// the body.
+            /// True when the route answers `GET`.
+            pub const fn takes_get(self) -> bool {
+                match self {
+                    $(Route::$variant => $get,)*
+                }
+            }
+
+            /// True when the route answers `POST`, reading its text argument from the body.
             pub const fn takes_post(self) -> bool {
                 match self {
                     $(Route::$variant => $post,)*
@@ -40,16 +46,24 @@ macro_rules! routes {
 
 routes! {
     /// The SQ API version this service speaks.
-    Version = "version", post: false;
-    Select = "select", post: false;
-    Insert = "insert", post: true;
-    Update = "update", post: true;
-    Delete = "delete", post: false;
-    Toc = "toc", post: false;
-    Get = "get", post: false;
-    Checksum = "checksum", post: false;
-    Delta = "delta", post: true;
-    Query = "query", post: true;
+    Version = "version", get: true, post: false;
+    Select = "select", get: true, post: false;
+    Insert = "insert", get: true, post: true;
+    Update = "update", get: true, post: true;
+    Delete = "delete", get: true, post: false;
+    Toc = "toc", get: true, post: false;
+    Get = "get", get: true, post: false;
+    Checksum = "checksum", get: true, post: false;
+    Delta = "delta", get: true, post: true;
+    Query = "query", get: true, post: true;
+    /// The tenant's view of a document: its name, size and scroll count (SQ: `Hosting: <path>`).
+    Status = "status", get: true, post: false;
+    /// Loads a document (SQ: re-reads it from disk); answers `Loaded <name>.phext`.
+    Load = "load", get: true, post: false;
+    /// Every scroll of a document as SQ's JSON lines.
+    JsonExport = "json-export", get: true, post: false;
+    /// The coordinate SQ would infer for a text (`algo=xor|checksum`, `limit`); `POST` only.
+    Where = "where", get: false, post: true;
 }
 
 impl Route {

@@ -183,7 +183,7 @@ fn sq_request() -> impl Strategy<Value = SqRequest> {
         (phext_name(), prop::collection::vec(coordinate(), 0..4), any::<Option<usize>>()).prop_map(
             |(p, set, limit)| SqRequest::Query {
                 p,
-                selector: proto::request::Selector::Set(set),
+                selector: proto::request::Selector { range: None, set },
                 limit
             }
         ),
@@ -299,8 +299,20 @@ fn request_limit(input_len: usize) -> usize {
 fn route() -> impl Strategy<Value = String> {
     prop_oneof![
         prop::sample::select(vec![
-            "version", "select", "insert", "update", "delete", "toc", "get", "checksum", "delta",
+            "version",
+            "select",
+            "insert",
+            "update",
+            "delete",
+            "toc",
+            "get",
+            "checksum",
+            "delta",
             "query",
+            "status",
+            "load",
+            "json-export",
+            "where",
         ])
         .prop_map(str::to_string),
         "[a-z/]{0,12}",
@@ -310,7 +322,8 @@ fn route() -> impl Strategy<Value = String> {
 /// A query string built from parameters SQ reads, with values that are valid, percent-encoded,
 /// or garbage.
 fn query() -> impl Strategy<Value = String> {
-    let key = prop::sample::select(vec!["p", "c", "s", "from", "to", "set", "limit", "x", ""]);
+    let key =
+        prop::sample::select(vec!["p", "c", "s", "from", "to", "set", "limit", "algo", "x", ""]);
     let value = prop_oneof![
         phext_name().prop_map(|p| p.as_str().to_string()),
         coordinate().prop_map(|c| c.to_string()),

@@ -473,6 +473,14 @@ fn run(t: &Tenant, quota_bytes: u64, req: &SqRequest) -> Result<Option<SqRespons
         SqRequest::Query { p, selector, limit } => {
             t.read(p, |d| SqResponse { body: ops::query(d, selector, *limit), json: true })?
         }
+        SqRequest::Status { p } => t.read(p, |d| plain(ops::status(p.as_str(), d).into_bytes()))?,
+        SqRequest::Load { p } => t.read(p, |_| plain(ops::loaded(p.as_str()).into_bytes()))?,
+        SqRequest::JsonExport { p } => {
+            t.read(p, |d| SqResponse { body: ops::json_export(d).into_bytes(), json: true })?
+        }
+        SqRequest::Where { text, algo, limit, .. } => {
+            plain(ops::where_(text, *algo, *limit).into_bytes())
+        }
         SqRequest::Insert { p, c, text } => {
             return write(t, p, *c, Edit::Insert(text), quota_bytes)
         }
@@ -525,16 +533,23 @@ fn validate(req: &SqRequest) -> Result<(), StoreError> {
             bad("delta manifest too long".into())
         }
         SqRequest::Delta { manifest, .. } => manifest.iter().try_for_each(|(c, _)| coord(c)),
-        SqRequest::Query { selector: Selector::Range { from, to }, .. } => {
-            coord(from).and_then(|_| coord(to))
-        }
-        SqRequest::Query { selector: Selector::Set(set), .. } if set.len() > QUERY_SET_MAX => {
+        SqRequest::Query { selector: Selector { set, .. }, .. } if set.len() > QUERY_SET_MAX => {
             bad("query set too long".into())
         }
-        SqRequest::Query { selector: Selector::Set(set), .. } => set.iter().try_for_each(coord),
+        SqRequest::Query { selector: Selector { range, set }, .. } => {
+            range.iter().try_for_each(|(from, to)| coord(from).and_then(|_| coord(to)))?;
+            set.iter().try_for_each(coord)
+        }
+        SqRequest::Where { text, .. } if text.len() > BODY_MAX_BYTES => {
+            bad(format!("text exceeds {BODY_MAX_BYTES} bytes"))
+        }
         SqRequest::Version
         | SqRequest::Toc { .. }
         | SqRequest::Get { .. }
-        | SqRequest::Checksum { .. } => Ok(()),
+        | SqRequest::Checksum { .. }
+        | SqRequest::Status { .. }
+        | SqRequest::Load { .. }
+        | SqRequest::JsonExport { .. }
+        | SqRequest::Where { .. } => Ok(()),
     }
 }
