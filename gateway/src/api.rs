@@ -14,7 +14,7 @@ use proto::request::{self, BODY_MAX_BYTES};
 use proto::{ApiError, SqRequest, SqResponse};
 
 use crate::error::error_response;
-use crate::forward::{refresh, FORWARD_TIMEOUT};
+use crate::forward::{refresh, CallError, FORWARD_TIMEOUT};
 use crate::view::key_hash;
 use crate::Gateway;
 
@@ -107,8 +107,50 @@ async fn dispatch(gw: &Arc<Gateway>, request: Request) -> Response {
         _ => return error_response(&ApiError::bad_request("")),
     };
     match public(gw, method, request).await {
-        Ok(answer) => ok_response(answer),
+        Ok(answer) => answer_response(answer),
         Err(e) => error_response(&e),
+    }
+}
+
+/// An answer from the owner: whole, or its length and a body still arriving in frames.
+pub enum Answer {
+    Whole(SqResponse),
+    Streamed { len: u64, json: bool, body: transport::BodyReader },
+}
+
+/// A streamed answer as HTTP: `Content-Length` from the head, then the body frames as they
+/// arrive, one at a time (the node sends the next only as QUIC's window opens). A body that
+/// stalls, ends short or runs long is cut, so the client sees a truncated answer, never a
+/// wrong one.
+fn streamed_response(len: u64, json: bool, body: transport::BodyReader) -> Response {
+    let pieces = futures::stream::unfold(Some((body, 0u64)), move |state| async move {
+        let (mut body, got) = state?;
+        let cut = |why: String| {
+            tracing::warn!(len, got, "streamed answer cut: {why}");
+            Some((Err(std::io::Error::other(why)), None))
+        };
+        match body.next(FORWARD_TIMEOUT).await {
+            Ok(Some(piece)) if got + piece.len() as u64 <= len => {
+                let got = got + piece.len() as u64;
+                Some((Ok(piece), Some((body, got))))
+            }
+            Ok(None) if got == len => None,
+            Ok(Some(_)) => cut("the node sent more than it announced".into()),
+            Ok(None) => cut("the node's answer ended early".into()),
+            Err(e) => cut(e.to_string()),
+        }
+    });
+    let mut r = Response::new(Body::from_stream(pieces));
+    let content_type = if json { "application/json" } else { "text/plain; charset=utf-8" };
+    r.headers_mut().insert("content-type", HeaderValue::from_static(content_type));
+    r.headers_mut().insert("content-length", HeaderValue::from(len));
+    with_cors(r)
+}
+
+fn answer_response(answer: Answer) -> Response {
+    match answer {
+        Answer::Whole(r) => ok_response(r),
+        Answer::Streamed { len, json, body } => streamed_response(len, json, body),
     }
 }
 
@@ -123,14 +165,18 @@ async fn public(
     gw: &Arc<Gateway>,
     method: request::Method,
     request: Request,
-) -> Result<SqResponse, ApiError> {
+) -> Result<Answer, ApiError> {
     let key = request_key(request.headers()).ok_or(ApiError::Unauthorized)?;
     let caller = authenticate(gw, &key)?;
     let route = request.uri().path().strip_prefix(API_PREFIX).map(str::to_string);
     let query = request.uri().query().unwrap_or("").to_string();
     let body = read_body(request.into_body()).await?;
     let route = route.ok_or(ApiError::NotFound)?;
-    serve(gw, &caller, method, &route, &query, &body).await
+    let sq = request::parse(method, &route, &query, &body)?;
+    if matches!(sq, SqRequest::Version) {
+        return Ok(Answer::Whole(SqResponse::text(request::SQ_API_VERSION)));
+    }
+    forward(gw, &caller.tenant, &caller.key_hash, sq, true).await
 }
 
 /// A tenant authenticated by its key in this gateway's view.
@@ -165,16 +211,23 @@ pub async fn serve(
     if matches!(sq, SqRequest::Version) {
         return Ok(SqResponse::text(request::SQ_API_VERSION));
     }
-    forward(gw, &caller.tenant, &caller.key_hash, sq).await
+    match forward(gw, &caller.tenant, &caller.key_hash, sq, false).await? {
+        Answer::Whole(r) => Ok(r),
+        Answer::Streamed { .. } => {
+            Err(ApiError::Internal("a streamed answer was not asked for".into()))
+        }
+    }
 }
 
 /// Sends the request to the tenant's owner; on "not owner" refreshes the view and tries once more.
+/// With `stream`, the owner may answer a large document as a stream.
 async fn forward(
     gw: &Arc<Gateway>,
     tenant: &str,
     hash: &str,
     sq: SqRequest,
-) -> Result<SqResponse, ApiError> {
+    stream: bool,
+) -> Result<Answer, ApiError> {
     let mut refreshed = false;
     loop {
         let view = gw.views.current();
@@ -186,32 +239,52 @@ async fn forward(
             .tenant(tenant)
             .and_then(|t| t.owner)
             .ok_or_else(|| unavailable("no node serves this tenant".into()))?;
+        // Node ids and addresses go to the log; the client learns only that its node is away.
         if view.is_dead(owner) {
-            return Err(unavailable(format!("node {owner} is down")));
+            tracing::debug!(tenant, owner, "owner is down");
+            return Err(unavailable("the tenant's node is down".into()));
         }
-        let addr = view
-            .node_addr(owner)
-            .ok_or_else(|| unavailable(format!("node {owner} has no address")))?;
+        let Some(addr) = view.node_addr(owner) else {
+            tracing::warn!(tenant, owner, "owner has no address in the view");
+            return Err(unavailable("the tenant's node is unreachable".into()));
+        };
         let request = NodeRequest::Sq {
             tenant: tenant.to_string(),
             key_hash: hash.to_string(),
             epoch: view.view.epoch,
             request: sq.clone(),
         };
-        let answer = gw.client.call(addr, request, FORWARD_TIMEOUT).await;
+        let answer = if stream {
+            gw.client.call_answer(addr, request, FORWARD_TIMEOUT).await
+        } else {
+            gw.client
+                .call(addr, request, FORWARD_TIMEOUT)
+                .await
+                .map(|r| (r, transport::BodyReader::empty()))
+        };
         match answer {
-            Ok(NodeResponse::Sq(Err(ApiError::NotOwner { epoch }))) if !refreshed => {
+            Ok((NodeResponse::SqStreamed { len, json }, body)) => {
+                return Ok(Answer::Streamed { len, json, body })
+            }
+            Ok((NodeResponse::Sq(Err(ApiError::NotOwner { epoch })), _)) if !refreshed => {
                 tracing::debug!(tenant, owner, epoch, "not the owner; refreshing the view");
                 refresh(gw.client.as_ref(), &gw.views, &gw.seeds).await;
                 refreshed = true;
             }
-            Ok(NodeResponse::Sq(result)) => return result,
-            Ok(other) => {
+            Ok((NodeResponse::Sq(result), _)) => return result.map(Answer::Whole),
+            Ok((other, _)) => {
                 return Err(ApiError::Internal(format!(
                     "unexpected answer from node {owner}: {other:?}"
                 )))
             }
-            Err(e) => return Err(unavailable(format!("node {owner} unreachable: {e}"))),
+            Err(CallError::Unreachable(e)) => {
+                tracing::info!(tenant, owner, error = %e, "owner unreachable");
+                return Err(unavailable("the tenant's node is unreachable".into()));
+            }
+            // Final: the same request would fail the same way, so no Retry-After.
+            Err(e @ CallError::Protocol(_)) => {
+                return Err(ApiError::Internal(format!("node {owner}: {e}")))
+            }
         }
     }
 }

@@ -43,6 +43,30 @@ pub trait NodeClient: Send + Sync + 'static {
         request: NodeRequest,
         timeout: Duration,
     ) -> BoxFuture<'_, Result<NodeResponse, CallError>>;
+
+    /// Like [`NodeClient::call`], for an answer that may stream a body after its head
+    /// ([`NodeResponse::SqStreamed`]). The default streams nothing.
+    fn call_answer(
+        &self,
+        addr: SocketAddr,
+        request: NodeRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<(NodeResponse, transport::BodyReader), CallError>> {
+        Box::pin(async move {
+            Ok((self.call(addr, request, timeout).await?, transport::BodyReader::empty()))
+        })
+    }
+}
+
+/// A transport failure as the gateway sees it: only a peer that may come back is "unreachable"
+/// (503, retry); anything else (a refused or oversized frame, another version) fails the same
+/// way every time.
+fn call_error(e: transport::TransportError) -> CallError {
+    if e.is_unavailable() {
+        CallError::Unreachable(e.to_string())
+    } else {
+        CallError::Protocol(e.to_string())
+    }
 }
 
 /// [`NodeClient`] over the cluster transport (QUIC in production, the simulator's network in sim).
@@ -57,12 +81,23 @@ impl NodeClient for WireNodeClient {
     ) -> BoxFuture<'_, Result<NodeResponse, CallError>> {
         Box::pin(async move {
             let bytes = wire::encode(&request).map_err(|e| CallError::Protocol(e.to_string()))?;
-            let answer = self
-                .0
-                .call(addr, bytes.into(), timeout)
-                .await
-                .map_err(|e| CallError::Unreachable(e.to_string()))?;
+            let answer = self.0.call(addr, bytes.into(), timeout).await.map_err(call_error)?;
             wire::decode(&answer).map_err(|e| CallError::Protocol(e.to_string()))
+        })
+    }
+
+    fn call_answer(
+        &self,
+        addr: SocketAddr,
+        request: NodeRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<(NodeResponse, transport::BodyReader), CallError>> {
+        Box::pin(async move {
+            let bytes = wire::encode(&request).map_err(|e| CallError::Protocol(e.to_string()))?;
+            let (head, body) =
+                self.0.call_answer(addr, bytes.into(), timeout).await.map_err(call_error)?;
+            let head = wire::decode(&head).map_err(|e| CallError::Protocol(e.to_string()))?;
+            Ok((head, body))
         })
     }
 }

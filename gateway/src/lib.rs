@@ -161,7 +161,10 @@ pub async fn run(config: GatewayConfig, shutdown: CancellationToken) -> Result<(
     config.http.check()?;
     metering::install();
     let identity = transport::Identity::load(&config.cluster_certs, transport::Role::Gateway)?;
-    let client = transport::Client::new(&identity, transport::ClientLimits::default())?;
+    // A gateway whose nodes are all on loopback (a dev cluster) opens no socket beyond it.
+    let node_ips: Vec<std::net::IpAddr> = config.nodes.iter().map(|a| a.ip()).collect();
+    let client =
+        transport::Client::for_peers(&identity, transport::ClientLimits::default(), &node_ips)?;
     let gw = Arc::new(Gateway {
         views: ViewHandle::default(),
         client: Arc::new(forward::WireNodeClient(Arc::new(client))),

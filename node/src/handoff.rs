@@ -180,6 +180,8 @@ pub async fn manifest(
     }
     svc.handoffs.drain(tenant).await;
     svc.limits.persist();
+    // The roll-up leaves with the data; if the tenant returns today, its file is the truth.
+    svc.limits.forget(tenant);
     let (store, t) = (svc.store.clone(), tenant.to_string());
     crate::blocking::spawn(move || store.handoff_manifest(&t))
         .await
@@ -198,14 +200,14 @@ pub async fn read(
     if svc.registry.state().owner_of(tenant) == Some(svc.id) {
         return Err(ApiError::Conflict(format!("node {} owns {tenant}", svc.id)));
     }
+    // The asking node names the length; no more than one configured chunk is read for it.
+    let len = len.min(svc.handoffs.config.chunk_bytes.max(1));
+    let len = usize::try_from(len).unwrap_or(usize::MAX);
     let (store, t, p) = (svc.store.clone(), tenant.to_string(), path.to_string());
-    let bytes = crate::blocking::spawn(move || store.handoff_read(&t, &p))
+    crate::blocking::spawn(move || store.handoff_read(&t, &p, offset, len))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
-        .map_err(ApiError::from)?;
-    let start = (offset as usize).min(bytes.len());
-    let end = start.saturating_add(len as usize).min(bytes.len());
-    Ok(bytes[start..end].to_vec())
+        .map_err(ApiError::from)
 }
 
 async fn call(svc: &Service, addr: &str, request: NodeRequest) -> Result<NodeResponse, String> {
@@ -253,9 +255,9 @@ async fn pull(svc: &Service, h: &Handoff) -> Result<(), String> {
     let t = h.tenant.clone();
     on_store(svc, move |s| s.stage_begin(&t)).await?;
     for file in &files {
-        let bytes = fetch(svc, &from, &h.tenant, file).await?;
+        fetch(svc, &from, &h.tenant, file).await?;
         let (t, f) = (h.tenant.clone(), file.clone());
-        on_store(svc, move |s| s.stage_file(&t, &f, &bytes)).await?;
+        on_store(svc, move |s| s.stage_file_finish(&t, &f)).await?;
     }
     swap_in(svc, h).await?;
     commit(svc, Command::HandoffDone { tenant: h.tenant.clone(), epoch: h.epoch }).await
@@ -279,7 +281,10 @@ async fn swap_in(svc: &Service, h: &Handoff) -> Result<(), String> {
             h.tenant, h.epoch
         ));
     }
-    on_store(svc, move |s| s.stage_commit(&t)).await
+    on_store(svc, move |s| s.stage_commit(&t)).await?;
+    // The roll-up arrived with the data; one kept from an earlier stay here is stale.
+    svc.limits.forget(&h.tenant);
+    Ok(())
 }
 
 /// Runs `f` on the store where blocking work belongs; errors as text.
@@ -313,22 +318,18 @@ pub fn check_manifest(files: &[HandoffFile]) -> Result<u64, String> {
     Ok(total)
 }
 
-async fn fetch(
-    svc: &Service,
-    from: &str,
-    tenant: &str,
-    file: &HandoffFile,
-) -> Result<Vec<u8>, String> {
+/// Copies one listed file chunk by chunk into the staging directory: one chunk in memory at a
+/// time, whatever length the old owner claims.
+async fn fetch(svc: &Service, from: &str, tenant: &str, file: &HandoffFile) -> Result<(), String> {
     let chunk = svc.handoffs.config.chunk_bytes.max(1);
-    // The length is the peer's claim: memory follows the bytes that arrive, never the claim.
-    let mut bytes = Vec::with_capacity(usize::try_from(chunk.min(file.len)).unwrap_or(0));
-    while (bytes.len() as u64) < file.len {
-        let want = chunk.min(file.len - bytes.len() as u64);
+    let mut offset = 0u64;
+    while offset < file.len {
+        let want = chunk.min(file.len - offset);
         svc.handoffs.pace(want, svc.mono_ms()).await;
         let request = NodeRequest::HandoffRead {
             tenant: tenant.to_string(),
             path: file.path.clone(),
-            offset: bytes.len() as u64,
+            offset,
             len: want,
         };
         let part = match call(svc, from, request).await? {
@@ -341,12 +342,15 @@ async fn fetch(
         if part.len() as u64 > want {
             return Err(format!("{} came in a chunk longer than asked", file.path));
         }
-        bytes.extend_from_slice(&part);
+        let got = part.len() as u64;
+        let (t, f) = (tenant.to_string(), file.clone());
+        on_store(svc, move |s| s.stage_file_part(&t, &f, offset, &part)).await?;
+        offset += got;
         if let Some(p) = svc.handoffs.progress().get_mut(tenant) {
-            p.bytes_done += part.len() as u64;
+            p.bytes_done += got;
         }
     }
-    Ok(bytes)
+    Ok(())
 }
 
 /// New owner: pulls every handoff addressed to this node, a bounded number at a time.
@@ -499,6 +503,7 @@ async fn sweep(svc: &Service) -> Result<(), String> {
     for tenant in due {
         let t = tenant.clone();
         on_store(svc, move |s| s.remove_tenant(&t)).await?;
+        svc.limits.forget(&tenant);
         tracing::info!(
             node = svc.id,
             tenant,
@@ -517,6 +522,8 @@ async fn purge(svc: &Service, tenant: &str) -> Result<(), String> {
     let _closed = svc.handoffs.exclusive(tenant).await;
     let t = tenant.to_string();
     on_store(svc, move |s| s.remove_every_copy(&t)).await?;
+    // Else a later persist would write its roll-up back into a new directory.
+    svc.limits.forget(tenant);
     tracing::info!(node = svc.id, tenant, "deleted the data of a purged tenant");
     Ok(())
 }

@@ -34,6 +34,13 @@ const BURST_RETRY_AFTER_S: u64 = 1;
 /// How often dirty roll-ups are written to disk.
 pub const PERSIST_INTERVAL: Duration = Duration::from_secs(1);
 
+/// Bytes moved (request plus answer) that cost one more request against the daily limit and
+/// the token bucket: 1 MiB. A request costs one unit, plus one per whole MiB it moved, so that
+/// the limits weigh what a tenant makes the node do: a 16 MiB `delta` answer counts as 17
+/// requests, a 1 GB `get` as about a thousand (1% of the team tier's day). A refused answer
+/// moved nothing and was only sized, so it costs its request bytes alone.
+pub const REQUEST_UNIT_BYTES: u64 = 1 << 20;
+
 /// The roll-up file, inside the tenant's directory.
 const ROLLUP_FILE: &str = "usage.json";
 
@@ -45,6 +52,9 @@ pub struct Rollup {
     pub calls: BTreeMap<String, u64>,
     pub bytes_in: u64,
     pub bytes_out: u64,
+    /// Units charged beyond one per call, for the bytes calls moved ([`REQUEST_UNIT_BYTES`]).
+    #[serde(default)]
+    pub extra_units: u64,
     /// The tenant's last request ever, not only today's: carried over when the day turns.
     pub last_active_ms: Option<u64>,
 }
@@ -60,6 +70,11 @@ impl Rollup {
     pub fn total_calls(&self) -> u64 {
         self.calls.values().fold(0, |sum, &n| sum.saturating_add(n))
     }
+
+    /// What counts against the daily limit: one unit per call plus the extra units.
+    pub fn units(&self) -> u64 {
+        self.total_calls().saturating_add(self.extra_units)
+    }
 }
 
 struct TenantLimits {
@@ -70,7 +85,6 @@ struct TenantLimits {
     /// requests cannot all pass it.
     in_flight: u64,
     dirty: bool,
-    loaded: bool,
 }
 
 pub struct Limits {
@@ -107,7 +121,6 @@ impl Limits {
             tokens_at_ms: now_ms,
             in_flight: 0,
             dirty: false,
-            loaded: true,
         }
     }
 
@@ -116,16 +129,12 @@ impl Limits {
         let now = self.clock.unix_ms();
         let today = utc_day(now);
         let mut tenants = self.lock();
-        if !tenants.get(tenant).is_some_and(|t| t.loaded) {
-            let fresh = self.load(tenant, today, now);
-            tenants.insert(tenant.to_string(), fresh);
-        }
-        let Some(t) = tenants.get_mut(tenant) else { unreachable!("inserted just above") };
+        let t = tenants.entry(tenant.to_string()).or_insert_with(|| self.load(tenant, today, now));
         if t.rollup.day != today {
             t.rollup = t.rollup.next_day(today);
             t.dirty = true;
         }
-        if t.rollup.total_calls().saturating_add(t.in_flight) >= daily_limit {
+        if t.rollup.units().saturating_add(t.in_flight) >= daily_limit {
             return Err(ApiError::RateLimited {
                 reason: format!("daily limit of {daily_limit} requests reached"),
                 retry_after_s: seconds_to_next_utc_day(now),
@@ -155,8 +164,20 @@ impl Limits {
         *calls = calls.saturating_add(1);
         t.rollup.bytes_in = t.rollup.bytes_in.saturating_add(bytes_in);
         t.rollup.bytes_out = t.rollup.bytes_out.saturating_add(bytes_out);
+        let extra = bytes_in.saturating_add(bytes_out) / REQUEST_UNIT_BYTES;
+        t.rollup.extra_units = t.rollup.extra_units.saturating_add(extra);
+        // The bucket may go below zero: the tenant then waits until it refills.
+        t.tokens -= extra as f64;
         t.rollup.last_active_ms = Some(now);
         t.dirty = true;
+    }
+
+    /// Drops a tenant's roll-up from memory; its next request reads it from the tenant's file.
+    /// Called when the tenant's data leaves this node or arrives from another: the file that
+    /// moved with the data is then the truth, and a copy kept here from an earlier stay on the
+    /// same day would meter the tenant from stale counts. Persist first to keep this node's.
+    pub fn forget(&self, tenant: &str) {
+        self.lock().remove(tenant);
     }
 
     /// Today's roll-up of a tenant (from memory, or its file).
@@ -270,6 +291,46 @@ mod tests {
             l.admit("t", no_daily_limit).unwrap();
         }
         assert!(l.admit("t", no_daily_limit).is_err(), "only {refilled} tokens come back in 10 ms");
+    }
+
+    // Goal: a request that moves megabytes counts as many against the daily limit, and one that
+    // moves little as one.
+    #[test]
+    fn large_answers_cost_more_units() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (l, _) = limits(tmp.path(), 20_000 * crate::clock::DAY_MS);
+        l.admit("t", 10).unwrap();
+        l.record("t", "get", 100, 5 * REQUEST_UNIT_BYTES + 7);
+        assert_eq!(l.rollup("t").units(), 6);
+        for _ in 0..4 {
+            l.admit("t", 10).unwrap();
+            l.record("t", "select", 10, 10);
+        }
+        assert_eq!(l.rollup("t").units(), 10);
+        assert!(matches!(l.admit("t", 10), Err(ApiError::RateLimited { .. })));
+    }
+
+    // Goal: a tenant that comes back to a node on the same day is metered from the roll-up that
+    // came with it, not from the one this node kept from its earlier stay.
+    #[test]
+    fn forgotten_rollup_is_read_again_from_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let now = 20_000 * crate::clock::DAY_MS + 5;
+        let (here, _) = limits(tmp.path(), now);
+        here.admit("t", 100).unwrap();
+        here.record("t", "select", 0, 0);
+        here.persist();
+        here.forget("t");
+        // Meanwhile another node served the tenant and its roll-up came back with the data.
+        let (there, _) = limits(tmp.path(), now);
+        for _ in 0..3 {
+            there.admit("t", 100).unwrap();
+            there.record("t", "select", 0, 0);
+        }
+        there.persist();
+        here.admit("t", 100).unwrap();
+        here.record("t", "select", 0, 0);
+        assert_eq!(here.rollup("t").total_calls(), 5);
     }
 
     // Goal: the roll-up survives a restart (a new Limits over the same directory).

@@ -210,8 +210,14 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
     crate::metrics::install(config.id);
     let identity =
         transport::Identity::load(&config.cluster_certs, transport::Role::Node(config.id))?;
-    let client: Arc<dyn transport::Caller> =
-        Arc::new(transport::Client::new(&identity, transport::ClientLimits::default())?);
+    // Peers are learned from the registry later; a node that listens on loopback is part of a
+    // loopback cluster, so its client socket stays on loopback too.
+    let own_ips = [config.listen.ip(), config.advertise().ip()];
+    let client: Arc<dyn transport::Caller> = Arc::new(transport::Client::for_peers(
+        &identity,
+        transport::ClientLimits::default(),
+        &own_ips,
+    )?);
     let seams = Seams {
         peers: client,
         vfs: Arc::new(RealVfs),

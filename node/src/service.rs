@@ -12,7 +12,7 @@ use transport::{Handler, HandlerFuture, Peer, Role};
 use crate::clock::WallClock;
 use crate::handoff::Handoffs;
 use crate::limits::Limits;
-use crate::store::Store;
+use crate::store::{Opened, Store, VfsReader};
 
 /// The longest a gateway's view long-poll is held open, whatever it asks for.
 const VIEW_WAIT_MAX: Duration = Duration::from_secs(30);
@@ -134,6 +134,22 @@ impl Service {
         _epoch: u64,
         request: SqRequest,
     ) -> Result<SqResponse, ApiError> {
+        match self.sq_answer(tenant, key_hash, request, false).await? {
+            Answered::Whole(r) => Ok(r),
+            Answered::Stream { .. } => unreachable!("no stream was asked for"),
+        }
+    }
+
+    /// [`Service::sq`]; with `stream`, a `get` of a document larger than
+    /// [`proto::ops::ANSWER_MAX_BYTES`] is answered as a stream: its length, and a body read
+    /// from the document's file in [`STREAM_CHUNK_BYTES`] ranges.
+    async fn sq_answer(
+        &self,
+        tenant: &str,
+        key_hash: &str,
+        request: SqRequest,
+        stream: bool,
+    ) -> Result<Answered, ApiError> {
         self.wait_to_know(tenant, key_hash).await;
         // Held until the answer, so a handoff of this tenant waits for this request to finish.
         let _gate = self.handoffs.enter(tenant).await;
@@ -158,15 +174,42 @@ impl Service {
             crate::metrics::request(tenant, route, &refused, 0);
             let outcome = crate::metrics::Outcome::of(&refused).as_str();
             tracing::debug!(target: "sq_node::meter", tenant, route, outcome, bytes_in = 0u64, bytes_out = 0u64, latency_us = 0u64);
-            return refused;
+            return refused.map(Answered::Whole);
         }
         let bytes_in = request_bytes(&request);
-        let result = match self.store.execute_now(tenant, &request) {
+        let result = match request {
+            SqRequest::Get { p } if stream => self.open_get(tenant, &p).await,
+            request => self.execute(tenant, record.quota_bytes, request).await.map(Answered::Whole),
+        };
+        let bytes_out = match &result {
+            Ok(Answered::Whole(r)) => r.body.len() as u64,
+            Ok(Answered::Stream { len, .. }) => *len,
+            Err(_) => 0,
+        };
+        self.limits.record(tenant, route, bytes_in, bytes_out);
+        let latency_us = self.clock.now_us().saturating_sub(started_us);
+        let metered = match &result {
+            Ok(_) => Ok(SqResponse::text(Vec::new())),
+            Err(e) => Err(e.clone()),
+        };
+        crate::metrics::request(tenant, route, &metered, latency_us);
+        let outcome = crate::metrics::Outcome::of(&metered).as_str();
+        tracing::debug!(target: "sq_node::meter", tenant, route, outcome, bytes_in, bytes_out, latency_us);
+        result
+    }
+
+    /// Runs a request on the store: a select inline when it can, the rest on the blocking pool.
+    async fn execute(
+        &self,
+        tenant: &str,
+        quota: u64,
+        request: SqRequest,
+    ) -> Result<SqResponse, ApiError> {
+        match self.store.execute_now(tenant, &request) {
             // A select of a loaded tenant: a map lookup, answered here without a thread hop.
             Some(answered) => answered.map_err(ApiError::from),
             None => {
-                let (store, quota, owned) =
-                    (self.store.clone(), record.quota_bytes, tenant.to_string());
+                let (store, owned) = (self.store.clone(), tenant.to_string());
                 crate::blocking::spawn(move || {
                     let result = store.execute(&owned, quota, &request).map_err(ApiError::from);
                     if request.is_write() {
@@ -177,14 +220,23 @@ impl Service {
                 .await
                 .unwrap_or_else(|e| Err(ApiError::Internal(format!("store task failed: {e}"))))
             }
-        };
-        let bytes_out = result.as_ref().map_or(0, |r| r.body.len() as u64);
-        self.limits.record(tenant, route, bytes_in, bytes_out);
-        let latency_us = self.clock.now_us().saturating_sub(started_us);
-        crate::metrics::request(tenant, route, &result, latency_us);
-        let outcome = crate::metrics::Outcome::of(&result).as_str();
-        tracing::debug!(target: "sq_node::meter", tenant, route, outcome, bytes_in, bytes_out, latency_us);
-        result
+        }
+    }
+
+    /// A `get` that streams when the document is larger than [`proto::ops::ANSWER_MAX_BYTES`].
+    async fn open_get(&self, tenant: &str, p: &proto::PhextName) -> Result<Answered, ApiError> {
+        let (store, owned, p) = (self.store.clone(), tenant.to_string(), p.clone());
+        let opened = crate::blocking::spawn(move || {
+            store.open_get(&owned, &p, proto::ops::ANSWER_MAX_BYTES)
+        })
+        .await
+        .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?;
+        match opened.map_err(ApiError::from)? {
+            Opened::Whole(body) => Ok(Answered::Whole(SqResponse::text(body))),
+            Opened::Stream(len, reader) => {
+                Ok(Answered::Stream { len, body: stream_body(len, reader) })
+            }
+        }
     }
 
     /// Waits, at most [`CATCH_UP_WAIT`], until this node's registry knows `key_hash` for `tenant`.
@@ -306,18 +358,89 @@ fn kind(r: &NodeRequest) -> &'static str {
     }
 }
 
+/// What an SQ request ends in: a whole answer, or a streamed one's length and body.
+enum Answered {
+    Whole(SqResponse),
+    Stream { len: u64, body: transport::AnswerBody },
+}
+
+/// The largest body frame of a streamed answer: 1 MiB, far under the frame limit, so the frames
+/// in flight cost a few MiB whatever the document's size.
+pub const STREAM_CHUNK_BYTES: u64 = 1 << 20;
+
+/// The body of a streamed answer: `len` bytes read from `reader` a chunk at a time on the
+/// blocking pool, each only once the transport took the one before. A read that fails or comes
+/// short ends the body early (logged); the gateway sees fewer bytes than announced and cuts its
+/// answer, so a client never takes a short body for a whole one.
+fn stream_body(len: u64, reader: Box<dyn VfsReader>) -> transport::AnswerBody {
+    transport::body_unfold((reader, 0u64), move |(reader, offset)| async move {
+        if offset >= len {
+            return None;
+        }
+        let want = STREAM_CHUNK_BYTES.min(len - offset) as usize;
+        let read = crate::blocking::spawn(move || {
+            let piece = reader.read_at(offset, want);
+            (reader, piece)
+        })
+        .await;
+        match read {
+            Ok((reader, Ok(piece))) if !piece.is_empty() => {
+                let next = offset + piece.len() as u64;
+                Some((Bytes::from(piece), (reader, next)))
+            }
+            Ok((_, Ok(_))) => {
+                tracing::warn!(offset, len, "streamed document ended early");
+                None
+            }
+            Ok((_, Err(e))) => {
+                tracing::warn!(offset, len, error = %e, "reading a streamed document failed");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(offset, len, error = %e, "streaming task failed");
+                None
+            }
+        }
+    })
+}
+
 impl Handler for Service {
+    fn handle_answer(&self, peer: Peer, request: Bytes) -> transport::AnswerFuture<'_> {
+        Box::pin(async move {
+            let (response, body) = match proto::wire::decode::<NodeRequest>(&request) {
+                Ok(NodeRequest::Sq { tenant, key_hash, request: sq, .. })
+                    if matches!(sq, SqRequest::Get { .. }) =>
+                {
+                    match self.sq_answer(&tenant, &key_hash, sq, true).await {
+                        Ok(Answered::Stream { len, body }) => {
+                            (NodeResponse::SqStreamed { len, json: false }, Some(body))
+                        }
+                        Ok(Answered::Whole(r)) => (NodeResponse::Sq(Ok(r)), None),
+                        Err(e) => (NodeResponse::Sq(Err(e)), None),
+                    }
+                }
+                Ok(r) => (self.dispatch(peer, r).await, None),
+                Err(e) => (NodeResponse::Refused(e.to_string()), None),
+            };
+            transport::Answer { head: encode_response(&response), body }
+        })
+    }
+
     fn handle(&self, peer: Peer, request: Bytes) -> HandlerFuture<'_> {
         Box::pin(async move {
             let response = match proto::wire::decode::<NodeRequest>(&request) {
                 Ok(r) => self.dispatch(peer, r).await,
                 Err(e) => NodeResponse::Refused(e.to_string()),
             };
-            // Encoding our own enum into memory fails only past the size limit; say so instead.
-            let bytes = proto::wire::encode(&response)
-                .or_else(|e| proto::wire::encode(&NodeResponse::Refused(e.to_string())))
-                .unwrap_or_default();
-            Bytes::from(bytes)
+            encode_response(&response)
         })
     }
+}
+
+/// Encoding our own enum into memory fails only past the size limit; say so instead.
+fn encode_response(response: &NodeResponse) -> Bytes {
+    let bytes = proto::wire::encode(response)
+        .or_else(|e| proto::wire::encode(&NodeResponse::Refused(e.to_string())))
+        .unwrap_or_default();
+    Bytes::from(bytes)
 }

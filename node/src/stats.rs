@@ -27,11 +27,11 @@ async fn usage(
     let request =
         proto::wire::encode(&NodeRequest::TenantUsage { tenants: vec![tenant.to_string()] })
             .map_err(|e| ApiError::Internal(e.to_string()))?;
-    let answer = svc
-        .peers
-        .call(addr, request.into(), PEER_CALL_TIMEOUT)
-        .await
-        .map_err(|e| ApiError::unavailable(format!("node {owner} unreachable: {e}")))?;
+    let answer = svc.peers.call(addr, request.into(), PEER_CALL_TIMEOUT).await.map_err(|e| {
+        // The node and its address go to the log; the answer says only what an admin can act on.
+        tracing::info!(tenant, owner, error = %e, "tenant's owner unreachable for stats");
+        ApiError::unavailable("the tenant's node is unreachable")
+    })?;
     match proto::wire::decode(&answer) {
         Ok(NodeResponse::TenantUsage(mut v)) if !v.is_empty() => Ok((owner, v.remove(0))),
         other => Err(ApiError::Internal(format!("node {owner} answered {other:?}"))),

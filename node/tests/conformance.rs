@@ -30,6 +30,7 @@ fn status_of(e: &ApiError) -> u16 {
         ApiError::BadPhextName | ApiError::Forbidden(_) => 403,
         ApiError::NotFound | ApiError::Missing(_) => 404,
         ApiError::PayloadTooLarge { .. } => 413,
+        ApiError::AnswerTooLarge { .. } => 422,
         ApiError::RateLimited { .. } => 429,
         ApiError::Unavailable { .. } | ApiError::NotOwner { .. } => 503,
         ApiError::QuotaExceeded { .. } => 507,

@@ -263,6 +263,12 @@ pub struct TenantUsage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeResponse {
     Sq(Result<SqResponse, ApiError>),
+    /// The head of a streamed SQ answer (a large document's `get`): `len` bytes follow on the
+    /// same stream as body frames of at most the frame limit each.
+    SqStreamed {
+        len: u64,
+        json: bool,
+    },
     View(Option<RegistryView>),
     /// An admin answer as JSON text, and the registry index the answering node has applied, so
     /// the gateway can wait to see the change in its own view.

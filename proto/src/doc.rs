@@ -133,6 +133,25 @@ impl Doc {
         out
     }
 
+    /// Hands the canonical bytes to `out` in order, a piece at a time (the breaks leading to a
+    /// scroll, then its text), so they can be written out without building the whole document.
+    /// Stops at the first error `out` returns.
+    pub fn write_canonical_pieces<E>(
+        &self,
+        mut out: impl FnMut(&[u8]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut at = Coordinate::ORIGIN;
+        let mut breaks = Vec::new();
+        for (c, text) in self.iter() {
+            breaks.clear();
+            at.write_breaks_to(c, &mut breaks);
+            out(&breaks)?;
+            out(text.as_bytes())?;
+            at = *c;
+        }
+        Ok(())
+    }
+
     /// Reads a phext document. Any phext is accepted; text at the same coordinate is joined, and
     /// empty scrolls vanish, so the result is canonical.
     pub fn parse(bytes: &[u8]) -> Result<Doc, FormatError> {

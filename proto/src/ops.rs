@@ -1,6 +1,8 @@
 //! The read operations of the SQ API, on one document. Pure functions: the store calls them while
 //! it holds the document, and the simulator's model calls them too.
 
+use std::collections::BTreeMap;
+
 use crate::coord::Coordinate;
 use crate::coord::{break_dimension, DIMENSIONS};
 use crate::doc::{checksum, write_canonical, Doc};
@@ -8,6 +10,16 @@ use crate::request::{Selector, WhereAlgo};
 
 /// The text `delta` answers at a listed coordinate the document does not have.
 pub const SCROLL_MISSING: &str = "---sq:Scroll-Missing---";
+
+/// The largest answer a node builds in memory, in bytes: 16 MiB, the request body limit
+/// ([`crate::request::BODY_MAX_BYTES`]), so a client can never make a node build more than it
+/// could have sent itself. Every read's size is computed first ([`delta_len`], [`toc_len`],
+/// [`query_len`], [`Doc::canonical_len`]); a `delta` over it is refused before anything is built
+/// (its size grows with what the request lists: a few coordinates far from the origin cost a
+/// megabyte of breaks each). A `get` above it is streamed from the document's file in chunks
+/// instead of built; `toc` and `query` only re-present what the tenant stores (which its quota
+/// bounds) and are built whole up to what one message can carry, refused past it.
+pub const ANSWER_MAX_BYTES: u64 = crate::request::BODY_MAX_BYTES as u64;
 
 /// `toc`: a line `* <coord>: <summary>` per scroll; an empty document lists the origin, empty.
 pub fn toc(doc: &Doc) -> String {
@@ -38,24 +50,129 @@ pub fn doc_checksum(doc: &Doc) -> String {
 
 /// `delta`: a phext of every scroll whose checksum differs from the manifest or that the manifest
 /// lacks, plus [`SCROLL_MISSING`] at listed coordinates the document does not have.
+///
+/// Build it only after [`delta_len`] said its size: a few listed coordinates far from the origin
+/// cost a megabyte of breaks each.
 pub fn delta(doc: &Doc, manifest: &[(Coordinate, String)]) -> Vec<u8> {
-    let listed: std::collections::BTreeMap<Coordinate, &str> =
-        manifest.iter().map(|(c, h)| (*c, h.as_str())).collect();
-    let mut out_scrolls: std::collections::BTreeMap<Coordinate, &str> =
-        std::collections::BTreeMap::new();
-    for (c, text) in doc.iter() {
-        if listed.get(c).is_none_or(|h| *h != checksum(text.as_bytes())) {
-            out_scrolls.insert(*c, text);
-        }
-    }
-    for c in listed.keys() {
-        if doc.get(c).is_empty() {
-            out_scrolls.insert(*c, SCROLL_MISSING);
-        }
-    }
+    let listed = listed(manifest);
     let mut out = Vec::new();
-    write_canonical(out_scrolls.iter().map(|(c, t)| (c, *t)), &mut out);
+    write_canonical(delta_scrolls(doc, &listed), &mut out);
     out
+}
+
+/// The length of [`delta`]'s answer, computed without building it: no allocation beyond the
+/// manifest's own index.
+pub fn delta_len(doc: &Doc, manifest: &[(Coordinate, String)]) -> u64 {
+    let listed = listed(manifest);
+    canonical_len_of(delta_scrolls(doc, &listed))
+}
+
+/// The manifest as a sorted index; a coordinate listed twice keeps its last checksum.
+fn listed(manifest: &[(Coordinate, String)]) -> BTreeMap<Coordinate, &str> {
+    manifest.iter().map(|(c, h)| (*c, h.as_str())).collect()
+}
+
+/// The scrolls of a delta in coordinate order: the document's scrolls that the manifest lacks or
+/// lists with another checksum, merged with [`SCROLL_MISSING`] at listed coordinates the
+/// document does not have.
+fn delta_scrolls<'a>(
+    doc: &'a Doc,
+    listed: &'a BTreeMap<Coordinate, &'a str>,
+) -> impl Iterator<Item = (&'a Coordinate, &'a str)> + 'a {
+    let mut ours = doc.iter().peekable();
+    let mut theirs = listed.keys().peekable();
+    std::iter::from_fn(move || loop {
+        let take_ours = match (ours.peek(), theirs.peek()) {
+            (None, None) => return None,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (Some((a, _)), Some(b)) => *a <= *b,
+        };
+        if !take_ours {
+            let c = theirs.next()?;
+            return Some((c, SCROLL_MISSING));
+        }
+        let (c, text) = ours.next()?;
+        if theirs.peek() == Some(&c) {
+            theirs.next();
+        }
+        if listed.get(c).is_none_or(|h| *h != checksum(text.as_bytes())) {
+            return Some((c, text));
+        }
+    })
+}
+
+/// The canonical length of scrolls given in coordinate order, as [`write_canonical`] writes them.
+fn canonical_len_of<'a>(scrolls: impl Iterator<Item = (&'a Coordinate, &'a str)>) -> u64 {
+    let mut at = Coordinate::ORIGIN;
+    let mut len = 0u64;
+    for (c, text) in scrolls.filter(|(_, t)| !t.is_empty()) {
+        len += at.breaks_to(c) + text.len() as u64;
+        at = *c;
+    }
+    len
+}
+
+/// Bytes of a coordinate's text form, `L.S.S/C.V.B/C.S.S`, without formatting it.
+pub fn coordinate_text_len(c: &Coordinate) -> u64 {
+    let digits = |mut v: u32| {
+        let mut n = 1;
+        while v >= 10 {
+            v /= 10;
+            n += 1;
+        }
+        n
+    };
+    // Eight separators between nine components.
+    8 + c.components().iter().map(|&v| digits(v)).sum::<u64>()
+}
+
+/// The length of [`toc`]'s answer, computed without building it.
+pub fn toc_len(doc: &Doc) -> u64 {
+    // `* ` + coordinate + `: ` + summary + newline.
+    let line = |c: &Coordinate, summary: u64| 5 + coordinate_text_len(c) + summary;
+    if doc.is_empty() {
+        return line(&Coordinate::ORIGIN, 0);
+    }
+    doc.iter().map(|(c, text)| line(c, summary_len(text))).sum()
+}
+
+/// The length of [`summary`] without building it.
+fn summary_len(text: &str) -> u64 {
+    match text.find('\n') {
+        Some(first) => first as u64 + 3,
+        None => text.len() as u64,
+    }
+}
+
+/// The length of [`query`]'s answer, computed without building it (only the picked coordinates
+/// are gathered, as `query` gathers them).
+pub fn query_len(doc: &Doc, selector: &Selector, limit: Option<usize>) -> u64 {
+    // `{"coordinate":"` + coordinate + `","scroll":"` + escaped scroll + `"}`.
+    let row = |c: &Coordinate, s: &str| 29 + coordinate_text_len(c) + json_escaped_len(s);
+    let mut picked: BTreeMap<Coordinate, &str> = BTreeMap::new();
+    if let Some((from, to)) = &selector.range {
+        picked.extend(doc.range(*from, *to).map(|(c, s)| (*c, s)));
+    }
+    picked.extend(selector.set.iter().map(|c| (*c, doc.get(c))));
+    let (rows, bytes) = picked
+        .iter()
+        .take(limit.unwrap_or(usize::MAX))
+        .fold((0u64, 0u64), |(n, b), (c, s)| (n + 1, b + row(c, s)));
+    // Brackets, and a comma between rows.
+    2 + bytes + rows.saturating_sub(1)
+}
+
+/// The length of `s` as a JSON string's contents, escaped as serde_json escapes: quote and
+/// backslash, and control characters (short forms for five of them, `\u00XX` for the rest).
+pub fn json_escaped_len(s: &str) -> u64 {
+    s.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..0x20 => 6,
+            _ => 1,
+        })
+        .sum()
 }
 
 /// `query`: scrolls as `[{"coordinate","scroll"}]` in coordinate order, at most `limit` of them:
@@ -275,5 +392,74 @@ mod tests {
             status("", &empty),
             "Hosting: .phext\nConnection ID: 0\nPhext Size: 0\nScrolls: 1"
         );
+    }
+
+    fn len_coord(rng: &mut rand::rngs::StdRng) -> Coordinate {
+        let mut parts = [1u32; 9];
+        for p in &mut parts {
+            *p = if rng.gen_bool(0.6) { 1 } else { rng.gen_range(1..2_000) };
+        }
+        Coordinate::from_components(parts).unwrap()
+    }
+
+    fn len_text(rng: &mut rand::rngs::StdRng) -> String {
+        let pieces = ["a", "\n", "\"", "\\", "\t", "\u{2}", "\u{7f}", "é", "line two", "\r"];
+        (0..rng.gen_range(1..6)).map(|_| pieces[rng.gen_range(0..pieces.len())]).collect()
+    }
+
+    // Goal: every size computed before an answer is built equals the length of the answer built,
+    // for random documents, manifests and selectors, including escapes and summaries.
+    #[test]
+    fn answer_lengths_match_answers() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(13);
+        for _ in 0..300 {
+            let mut doc = Doc::new();
+            for _ in 0..rng.gen_range(0..12) {
+                doc.set(len_coord(&mut rng), len_text(&mut rng));
+            }
+            let mut manifest: Vec<(Coordinate, String)> = Vec::new();
+            for (c, t) in doc.iter() {
+                match rng.gen_range(0..3) {
+                    0 => {}
+                    1 => manifest.push((*c, checksum(t.as_bytes()))),
+                    _ => manifest.push((*c, "00".into())),
+                }
+            }
+            for _ in 0..rng.gen_range(0..4) {
+                manifest.push((len_coord(&mut rng), "00".into()));
+            }
+            assert_eq!(delta_len(&doc, &manifest), delta(&doc, &manifest).len() as u64);
+            assert_eq!(toc_len(&doc), toc(&doc).len() as u64);
+            let (a, b) = (len_coord(&mut rng), len_coord(&mut rng));
+            let mut set: Vec<Coordinate> =
+                doc.iter().map(|(c, _)| *c).filter(|_| rng.gen_bool(0.5)).collect();
+            set.push(a);
+            set.sort();
+            set.dedup();
+            let limit = rng.gen_bool(0.3).then(|| rng.gen_range(0..4));
+            let both = Selector { range: Some((a, b)), set: set.clone() };
+            for selector in [
+                Selector { range: Some((a, b)), set: Vec::new() },
+                Selector { range: None, set },
+                both,
+            ] {
+                let built = query(&doc, &selector, limit).len() as u64;
+                assert_eq!(query_len(&doc, &selector, limit), built, "{selector:?}");
+            }
+        }
+    }
+
+    // Goal: the manifest of the hostile probe (a few lines far from the origin, against an absent
+    // document) is sized at megabytes per line without building anything.
+    #[test]
+    fn far_coordinates_are_sized_not_built() {
+        let manifest: Vec<(Coordinate, String)> = (1..=200)
+            .map(|k| {
+                (Coordinate::parse(&format!("1.1.{k}/1.1.1/1.1.1000000")).unwrap(), "00".into())
+            })
+            .collect();
+        let len = delta_len(&Doc::new(), &manifest);
+        assert!(len > 200 * 999_999, "{len}");
+        assert!(len > ANSWER_MAX_BYTES);
     }
 }

@@ -6,7 +6,7 @@
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 /// The version of the messages in this module. Bump on any change to their encoding.
-pub const WIRE_VERSION: u16 = 2;
+pub const WIRE_VERSION: u16 = 3;
 
 /// The largest message either side encodes or decodes, in bytes: 64 MiB. It is also the
 /// transport's frame limit (`transport::MAX_FRAME_BYTES`): one message fills one frame. It bounds

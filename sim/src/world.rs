@@ -151,6 +151,7 @@ pub fn write_outcome(result: &Result<SqResponse, ApiError>) -> Outcome {
             | ApiError::NotFound
             | ApiError::Missing(_)
             | ApiError::PayloadTooLarge { .. }
+            | ApiError::AnswerTooLarge { .. }
             | ApiError::RateLimited { .. }
             | ApiError::QuotaExceeded { .. }
             | ApiError::NotOwner { .. }

@@ -2,7 +2,7 @@
 //! stream per call. Cheap to clone; clones share the pool.
 
 use std::collections::HashMap;
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -73,12 +73,27 @@ struct Inner {
 }
 
 impl Client {
-    /// A client presenting `identity`. Binds one UDP socket; needs a tokio runtime.
+    /// A client presenting `identity`. Binds one UDP socket on every interface; needs a tokio
+    /// runtime. Prefer [`Client::for_peers`] when the peers are known.
     pub fn new(identity: &Identity, limits: ClientLimits) -> Result<Client> {
-        Client::with_auth(ClientAuth::of(identity), limits)
+        Client::with_auth(ClientAuth::of(identity), limits, None)
     }
 
-    pub(crate) fn with_auth(auth: ClientAuth<'_>, limits: ClientLimits) -> Result<Client> {
+    /// A client for peers at `peers`: its socket binds only loopback when every peer is on
+    /// loopback (a dev cluster then opens no port on the network), else every interface.
+    pub fn for_peers(
+        identity: &Identity,
+        limits: ClientLimits,
+        peers: &[IpAddr],
+    ) -> Result<Client> {
+        Client::with_auth(ClientAuth::of(identity), limits, loopback_bind(peers))
+    }
+
+    pub(crate) fn with_auth(
+        auth: ClientAuth<'_>,
+        limits: ClientLimits,
+        bind: Option<SocketAddr>,
+    ) -> Result<Client> {
         if limits.max_peers == 0 || limits.keep_alive_interval >= limits.idle_timeout {
             return Err(TransportError::Config(
                 "client limits need max_peers > 0 and keep-alive shorter than idle timeout".into(),
@@ -92,8 +107,11 @@ impl Client {
             Some(limits.keep_alive_interval),
         )?);
         // Dual-stack where the host allows it, else IPv4 only.
-        let endpoint = Endpoint::client(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)))
-            .or_else(|_| Endpoint::client(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))))?;
+        let endpoint = match bind {
+            Some(addr) => Endpoint::client(addr)?,
+            None => Endpoint::client(SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)))
+                .or_else(|_| Endpoint::client(SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))))?,
+        };
         let inner = Inner {
             endpoint,
             config,
@@ -125,6 +143,51 @@ impl Client {
         }
     }
 
+    /// Like [`Client::call`], but the answer may stream a body after its head: returns the head
+    /// within `timeout`, and a [`BodyReader`] for the frames that follow (none for a whole
+    /// answer). The caller knows from the head whether a body follows.
+    pub async fn call_answer(
+        &self,
+        addr: SocketAddr,
+        request: Bytes,
+        timeout: Duration,
+    ) -> Result<(Bytes, BodyReader)> {
+        if request.len() > MAX_FRAME_BYTES {
+            return Err(TransportError::FrameTooLarge {
+                len: request.len() as u64,
+                limit: MAX_FRAME_BYTES as u64,
+            });
+        }
+        let opened = async {
+            let (conn, fresh) = self.connection(addr).await?;
+            let (mut send, mut recv) = match conn.open_bi().await {
+                Ok(streams) => streams,
+                // As in `call`: a pooled connection that died since its last use is replaced.
+                Err(_) if !fresh => {
+                    let (conn, _) = self.connection(addr).await?;
+                    conn.open_bi().await.map_err(error::from_connection)?
+                }
+                Err(e) => return Err(error::from_connection(e)),
+            };
+            let request_len = request.len();
+            let interpret = |e: TransportError| match e {
+                TransportError::Reset { code } => codes::refusal(code, request_len),
+                other => other,
+            };
+            frame::write_frame(&mut send, request).await.map_err(interpret)?;
+            let _ = send.finish();
+            let head = frame::read_head_frame(&mut recv).await.map_err(interpret)?;
+            Ok((head, BodyReader { recv: Some(recv) }))
+        };
+        match tokio::time::timeout(timeout, opened).await {
+            Ok(result) => result,
+            Err(_) => {
+                self.unpool(addr);
+                Err(TransportError::Timeout { what: "call" })
+            }
+        }
+    }
+
     /// Takes the connection to `addr` out of the pool without closing it.
     fn unpool(&self, addr: SocketAddr) {
         self.inner.peers.lock().unwrap_or_else(PoisonError::into_inner).remove(&addr);
@@ -149,6 +212,11 @@ impl Client {
         {
             conn.close(codes::CLOSE_FORGOTTEN, b"forgotten");
         }
+    }
+
+    /// The address of the client's UDP socket.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        Ok(self.inner.endpoint.local_addr()?)
     }
 
     pub fn stats(&self) -> ClientStats {
@@ -223,6 +291,44 @@ impl Client {
     }
 }
 
+/// The loopback address of the peers' family, when every peer is on loopback of one family;
+/// `None` (every interface) otherwise.
+pub(crate) fn loopback_bind(peers: &[IpAddr]) -> Option<SocketAddr> {
+    let all = |f: fn(&IpAddr) -> bool| !peers.is_empty() && peers.iter().all(f);
+    if all(|ip| ip.is_loopback() && ip.is_ipv4()) {
+        Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+    } else if all(|ip| ip.is_loopback() && ip.is_ipv6()) {
+        Some(SocketAddr::from((Ipv6Addr::LOCALHOST, 0)))
+    } else {
+        None
+    }
+}
+
+/// The body frames of a streamed answer, read one at a time: the reader holds at most one
+/// frame, and QUIC's flow control holds the sender back until it is read.
+pub struct BodyReader {
+    recv: Option<quinn::RecvStream>,
+}
+
+impl BodyReader {
+    /// A body with no frames: the answer of a peer that does not stream.
+    pub fn empty() -> BodyReader {
+        BodyReader { recv: None }
+    }
+
+    /// The next body frame, or `None` at the body's end; each must arrive within `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Result<Option<Bytes>> {
+        let Some(recv) = self.recv.as_mut() else { return Ok(None) };
+        let frame = tokio::time::timeout(timeout, frame::read_body_frame(recv))
+            .await
+            .map_err(|_| TransportError::Timeout { what: "answer body" })??;
+        if frame.is_none() {
+            self.recv = None;
+        }
+        Ok(frame)
+    }
+}
+
 /// A slot nobody is using whose connection is gone (or was never made).
 fn is_idle_and_closed(slot: &PeerSlot) -> bool {
     slot.try_lock().is_ok_and(|c| c.as_ref().is_none_or(|c| c.close_reason().is_some()))
@@ -242,4 +348,23 @@ async fn exchange(
     // Only fails if the stream is already finished or reset; the read below reports why.
     let _ = send.finish();
     frame::read_frame(&mut recv).await.map_err(interpret)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: a client whose peers are all on loopback binds loopback of their family, and any
+    // other mix (or no peers) binds every interface.
+    #[test]
+    fn binds_loopback_for_loopback_peers() {
+        let v4: IpAddr = Ipv4Addr::LOCALHOST.into();
+        let v6: IpAddr = Ipv6Addr::LOCALHOST.into();
+        let lan: IpAddr = Ipv4Addr::new(10, 0, 0, 7).into();
+        assert_eq!(loopback_bind(&[v4, v4]), Some(SocketAddr::from((Ipv4Addr::LOCALHOST, 0))));
+        assert_eq!(loopback_bind(&[v6]), Some(SocketAddr::from((Ipv6Addr::LOCALHOST, 0))));
+        assert_eq!(loopback_bind(&[v4, lan]), None);
+        assert_eq!(loopback_bind(&[v4, v6]), None);
+        assert_eq!(loopback_bind(&[]), None);
+    }
 }

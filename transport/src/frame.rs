@@ -1,6 +1,7 @@
 //! The wire frame: `[b"SQC"][PROTOCOL_VERSION: u8][len: u32 big-endian][payload: len bytes]`.
 //!
-//! One frame travels each way on a stream. The payload is opaque here; [`encode`] and
+//! One frame travels each way on a stream, except that an answer may be streamed: its header
+//! frame, then body frames, each at most [`MAX_FRAME_BYTES`], up to the stream's end. The payload is opaque here; [`encode`] and
 //! [`decode`] are the bincode helpers the crates above use to fill it.
 
 use bytes::{Bytes, BytesMut};
@@ -101,6 +102,44 @@ pub(crate) async fn read_frame(recv: &mut RecvStream) -> Result<Bytes> {
             Err(TransportError::Malformed { reason: format!("bytes after the {len}-byte frame") })
         }
     }
+}
+
+/// Reads one frame of a streamed answer's body, or `None` where the stream ends cleanly
+/// between frames. Each frame is bounded by [`MAX_FRAME_BYTES`] like any other.
+pub(crate) async fn read_body_frame(recv: &mut RecvStream) -> Result<Option<Bytes>> {
+    let mut header = [0u8; HEADER_BYTES];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(n)) => {
+            return Err(TransportError::Malformed {
+                reason: format!("stream ended after {n} of {HEADER_BYTES} header bytes"),
+            })
+        }
+        Err(quinn::ReadExactError::ReadError(e)) => return Err(error::from_read(e)),
+    }
+    let len = parse_header(&header)?;
+    let mut payload = BytesMut::with_capacity(len.min(READ_CHUNK_BYTES));
+    while payload.len() < len {
+        let want = (len - payload.len()).min(READ_CHUNK_BYTES);
+        match recv.read_chunk(want, true).await.map_err(error::from_read)? {
+            Some(chunk) => payload.extend_from_slice(&chunk.bytes),
+            None => {
+                return Err(TransportError::Malformed {
+                    reason: format!("stream ended after {} of {len} payload bytes", payload.len()),
+                })
+            }
+        }
+    }
+    Ok(Some(payload.freeze()))
+}
+
+/// Reads the header frame of an answer whose body may follow: like [`read_frame`], but the
+/// stream stays open for [`read_body_frame`].
+pub(crate) async fn read_head_frame(recv: &mut RecvStream) -> Result<Bytes> {
+    read_body_frame(recv).await?.ok_or_else(|| TransportError::Malformed {
+        reason: "stream ended before the answer".into(),
+    })
 }
 
 /// Writes one frame (header, then the payload without copying it).

@@ -1,5 +1,7 @@
 //! QUIC between sq-cloud processes: mutual TLS from the cluster's private CA, one long-lived
-//! connection per peer, one bidirectional stream per request, one versioned frame each way.
+//! connection per peer, one bidirectional stream per request, one versioned frame each way (an
+//! answer may instead stream: a head frame, then body frames; [`Handler::handle_answer`],
+//! [`Client::call_answer`]).
 //!
 //! This crate owns:
 //! - [`certs`]: the private cluster CA and the certificates it issues (behind `sq-cloud certs`);
@@ -33,12 +35,15 @@ pub mod frame;
 mod server;
 mod tls;
 
-pub use caller::{CallFuture, Caller};
+pub use caller::{AnswerCallFuture, CallFuture, Caller};
 pub use certs::{Identity, Role};
-pub use client::{Client, ClientLimits, ClientStats};
+pub use client::{BodyReader, Client, ClientLimits, ClientStats};
 pub use error::{Result, TransportError};
 pub use frame::{decode, encode, MAX_FRAME_BYTES, PROTOCOL_VERSION};
-pub use server::{Handler, HandlerFuture, Peer, Server, ServerLimits};
+pub use server::{
+    body_unfold, Answer, AnswerBody, AnswerFuture, Handler, HandlerFuture, Peer, Server,
+    ServerLimits,
+};
 
 /// The ALPN protocol both ends offer. A peer built for another protocol version offers another
 /// string, so the TLS handshake fails before any frame is exchanged.

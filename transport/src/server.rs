@@ -71,11 +71,43 @@ pub struct Peer {
 /// The future a [`Handler`] returns.
 pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Bytes> + Send + 'a>>;
 
+/// The body of a streamed answer: its pieces in order, each sent as one frame (so each must be
+/// at most [`MAX_FRAME_BYTES`]). The server asks for the next piece only once the last one is
+/// written, so a slow reader holds one piece here and QUIC's window in flight, never the body.
+pub type AnswerBody = Pin<Box<dyn futures::Stream<Item = Bytes> + Send>>;
+
+/// An answer: the head payload, and for a streamed answer the body frames that follow it.
+pub struct Answer {
+    pub head: Bytes,
+    pub body: Option<AnswerBody>,
+}
+
+/// A body made piece by piece: `next` gets the state and gives the next piece and state, or
+/// `None` at the body's end. It is called only once the last piece is written, so nothing is
+/// produced ahead of the reader and no task outlives the stream.
+pub fn body_unfold<S, F, Fut>(state: S, next: F) -> AnswerBody
+where
+    S: Send + 'static,
+    F: FnMut(S) -> Fut + Send + 'static,
+    Fut: Future<Output = Option<(Bytes, S)>> + Send + 'static,
+{
+    Box::pin(futures::stream::unfold(state, next))
+}
+
+/// The future [`Handler::handle_answer`] returns.
+pub type AnswerFuture<'a> = Pin<Box<dyn Future<Output = Answer> + Send + 'a>>;
+
 /// What the server calls once per request with the request payload; the payload it returns
 /// is the response. Decoding, authorization by `peer.role` and errors are the handler's
 /// business: it answers every request, errors included, with a payload of its own.
 pub trait Handler: Send + Sync + 'static {
     fn handle(&self, peer: Peer, request: Bytes) -> HandlerFuture<'_>;
+
+    /// Like [`Handler::handle`], but the answer may stream a body after its head. The server
+    /// calls this one; the default streams nothing.
+    fn handle_answer(&self, peer: Peer, request: Bytes) -> AnswerFuture<'_> {
+        Box::pin(async move { Answer { head: self.handle(peer, request).await, body: None } })
+    }
 }
 
 /// A bound QUIC endpoint that has not started accepting yet.
@@ -254,7 +286,7 @@ impl StreamTask {
         };
         let response = match tokio::time::timeout(
             self.limits.handler_timeout,
-            self.handler.handle(self.peer, request),
+            self.handler.handle_answer(self.peer, request),
         )
         .await
         {
@@ -264,9 +296,7 @@ impl StreamTask {
                 return abort(&mut send, &mut recv, codes::STREAM_HANDLER_TIMEOUT);
             }
         };
-        let written =
-            tokio::time::timeout(self.limits.response_write_timeout, respond(&mut send, response))
-                .await;
+        let written = respond(&mut send, response, self.limits.response_write_timeout).await;
         match written {
             Ok(Ok(())) => {}
             Ok(Err(e)) => debug!(peer = ?self.peer, "response not delivered: {e}"),
@@ -275,9 +305,38 @@ impl StreamTask {
     }
 }
 
-/// Writes the response and waits until the peer has acknowledged it, so a shutdown that
-/// closes the connection right after cannot drop an answered request's response.
-async fn respond(send: &mut SendStream, response: Bytes) -> Result<()> {
+/// Writes the answer (its head, then each body piece as a frame) and waits until the peer has
+/// acknowledged it, so a shutdown that closes the connection right after cannot drop an
+/// answered request's response. Every frame, and the final acknowledgement, must make progress
+/// within `progress`: a body may take as long as it needs, a stalled reader no longer.
+async fn respond(send: &mut SendStream, answer: Answer, progress: Duration) -> Result<Result<()>> {
+    let timed_out = || TransportError::Timeout { what: "response write" };
+    let Answer { head, body } = answer;
+    match tokio::time::timeout(progress, write_head(send, head)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => return Ok(Err(e)),
+        Err(_) => return Err(timed_out()),
+    }
+    if let Some(mut body) = body {
+        use futures::StreamExt;
+        while let Some(piece) = body.next().await {
+            match tokio::time::timeout(progress, frame::write_frame(send, piece)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Ok(Err(e)),
+                Err(_) => return Err(timed_out()),
+            }
+        }
+    }
+    // Only fails if the stream was already finished or reset, which we did not do.
+    let _ = send.finish();
+    match tokio::time::timeout(progress, send.stopped()).await {
+        Ok(r) => Ok(r.map(|_| ()).map_err(|e| TransportError::Closed { reason: e.to_string() })),
+        Err(_) => Err(timed_out()),
+    }
+}
+
+/// Writes an answer's head frame.
+async fn write_head(send: &mut SendStream, response: Bytes) -> Result<()> {
     if response.len() > MAX_FRAME_BYTES {
         // A handler bug, not the peer's fault. Sending just the header lets the client fail
         // with FrameTooLarge and the true length instead of a bare reset.
@@ -288,9 +347,6 @@ async fn respond(send: &mut SendStream, response: Bytes) -> Result<()> {
     } else {
         frame::write_frame(send, response).await?;
     }
-    // Only fails if the stream was already finished or reset, which we did not do.
-    let _ = send.finish();
-    send.stopped().await.map_err(|e| TransportError::Closed { reason: e.to_string() })?;
     Ok(())
 }
 

@@ -30,6 +30,10 @@ pub enum StoreError {
     /// name or text that reached the node another way). Nothing was changed.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    /// The answer would be larger than the node builds ([`proto::ops::ANSWER_MAX_BYTES`]); it was
+    /// sized, not built. Asking again cannot help: the client must ask for less.
+    #[error("the answer would be {answer_bytes} bytes, over the limit of {limit_bytes}")]
+    AnswerTooLarge { answer_bytes: u64, limit_bytes: u64 },
     /// The tenant kept being unloaded under the request; try again.
     #[error("tenant {0} is busy being unloaded")]
     Busy(String),
@@ -55,6 +59,9 @@ impl From<StoreError> for ApiError {
                 ApiError::QuotaExceeded { needed_bytes, free_bytes, quota_bytes }
             }
             StoreError::InvalidRequest(detail) => ApiError::BadRequest(detail),
+            StoreError::AnswerTooLarge { answer_bytes, limit_bytes } => {
+                ApiError::AnswerTooLarge { answer_bytes, limit_bytes }
+            }
             // Paths stay in the node's log (the store logs every failure); clients get no paths.
             StoreError::Io { .. } | StoreError::Busy(_) => ApiError::Unavailable {
                 reason: "storage unavailable".into(),

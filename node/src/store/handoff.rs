@@ -28,6 +28,10 @@ const REPLACED_PREFIX: &str = ".replaced-";
 /// like a leftover.
 const RECEIVED_FILE: &str = "received-epoch";
 
+/// The most bytes read from a tenant file at once while listing or staging it: 4 MiB, so a file of
+/// any size is checksummed and checked in bounded memory.
+const FILE_READ_CHUNK_BYTES: usize = 4 << 20;
+
 /// The subdirectories a tenant has; everything else in its root is a plain file.
 const SUBDIRS: [&str; 2] = ["phexts", "wal"];
 
@@ -79,22 +83,43 @@ impl Store {
 
     fn describe(&self, root: &Path, rel: &str) -> Result<HandoffFile, StoreError> {
         let path = root.join(rel);
-        let bytes = self.vfs.read(&path).map_err(StoreError::io("read tenant file", &path))?;
-        Ok(HandoffFile {
-            path: rel.to_string(),
-            len: bytes.len() as u64,
-            checksum: proto::doc::checksum(&bytes),
-        })
+        let (len, checksum) = self.file_checksum(&path)?;
+        Ok(HandoffFile { path: rel.to_string(), len, checksum })
     }
 
-    /// The bytes of one listed file.
-    pub fn handoff_read(&self, tenant: &str, rel: &str) -> Result<Vec<u8>, StoreError> {
+    /// The length and xxh3-128 checksum (as [`proto::doc::checksum`] writes it) of a file,
+    /// read in [`FILE_READ_CHUNK_BYTES`] ranges.
+    fn file_checksum(&self, path: &Path) -> Result<(u64, String), StoreError> {
+        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut len = 0u64;
+        loop {
+            let part = self
+                .vfs
+                .read_range(path, len, FILE_READ_CHUNK_BYTES)
+                .map_err(StoreError::io("read tenant file", path))?;
+            hasher.update(&part);
+            len += part.len() as u64;
+            if part.len() < FILE_READ_CHUNK_BYTES {
+                return Ok((len, format!("{:032x}", hasher.digest128())));
+            }
+        }
+    }
+
+    /// Up to `len` bytes of one listed file from `offset` (fewer only at its end), read from the
+    /// disk as a range: a chunk never costs a read of the whole file.
+    pub fn handoff_read(
+        &self,
+        tenant: &str,
+        rel: &str,
+        offset: u64,
+        len: usize,
+    ) -> Result<Vec<u8>, StoreError> {
         check_tenant_id(tenant)?;
         if !safe_relative(rel) {
             return Err(StoreError::InvalidRequest(format!("not a tenant file: {rel:?}")));
         }
         let path = TenantPaths::new(&self.tenants_dir, tenant).root.join(rel);
-        self.vfs.read(&path).map_err(StoreError::io("read tenant file", &path))
+        self.vfs.read_range(&path, offset, len).map_err(StoreError::io("read tenant file", &path))
     }
 
     fn staging(&self, tenant: &str) -> PathBuf {
@@ -114,23 +139,50 @@ impl Store {
             .map_err(StoreError::io("sync tenants dir", &self.tenants_dir))
     }
 
-    /// Writes one received file into the staging directory, durably, after checking it.
-    pub fn stage_file(
+    /// Writes one received piece of a file into the staging directory: the piece at `offset`
+    /// 0 creates the file, every later one appends to it and must start where it ends. Nothing is
+    /// held in memory beyond the piece, whatever the file's length.
+    pub fn stage_file_part(
         &self,
         tenant: &str,
         file: &HandoffFile,
+        offset: u64,
         bytes: &[u8],
     ) -> Result<(), StoreError> {
         check_tenant_id(tenant)?;
         if !safe_relative(&file.path) {
             return Err(StoreError::InvalidRequest(format!("not a tenant file: {:?}", file.path)));
         }
-        if bytes.len() as u64 != file.len || proto::doc::checksum(bytes) != file.checksum {
-            return Err(StoreError::InvalidRequest(format!("{} arrived damaged", file.path)));
+        if offset.saturating_add(bytes.len() as u64) > file.len {
+            return Err(StoreError::InvalidRequest(format!("{} arrived too long", file.path)));
         }
         let path = self.staging(tenant).join(&file.path);
-        let mut f = self.vfs.create(&path).map_err(StoreError::io("create staged file", &path))?;
-        f.write_all(bytes).map_err(StoreError::io("write staged file", &path))?;
+        let mut f = if offset == 0 {
+            self.vfs.create(&path).map_err(StoreError::io("create staged file", &path))?
+        } else {
+            self.vfs.open_append(&path).map_err(StoreError::io("open staged file", &path))?
+        };
+        f.write_all(bytes).map_err(StoreError::io("write staged file", &path))
+    }
+
+    /// Checks a fully received file against its listing (length and checksum, re-read in
+    /// ranges) and makes it durable. A damaged copy is refused and the handoff pulled again.
+    pub fn stage_file_finish(&self, tenant: &str, file: &HandoffFile) -> Result<(), StoreError> {
+        check_tenant_id(tenant)?;
+        if !safe_relative(&file.path) {
+            return Err(StoreError::InvalidRequest(format!("not a tenant file: {:?}", file.path)));
+        }
+        let path = self.staging(tenant).join(&file.path);
+        if file.len == 0 {
+            // No piece arrived to create it.
+            drop(self.vfs.create(&path).map_err(StoreError::io("create staged file", &path))?);
+        }
+        let (len, checksum) = self.file_checksum(&path)?;
+        if len != file.len || checksum != file.checksum {
+            return Err(StoreError::InvalidRequest(format!("{} arrived damaged", file.path)));
+        }
+        let mut f =
+            self.vfs.open_append(&path).map_err(StoreError::io("open staged file", &path))?;
         f.sync_data().map_err(StoreError::io("sync staged file", &path))
     }
 
@@ -310,10 +362,35 @@ mod tests {
         let manifest = a.handoff_manifest("acme").unwrap();
         assert!(manifest.iter().any(|f| f.path == "phexts/doc.phext"), "{manifest:?}");
         b.stage_begin("acme").unwrap();
+        // In pieces of 3 bytes, as ranged reads: each piece is read and staged on its own.
         for f in &manifest {
-            b.stage_file("acme", f, &a.handoff_read("acme", &f.path).unwrap()).unwrap();
+            let mut offset = 0;
+            loop {
+                let piece = a.handoff_read("acme", &f.path, offset, 3).unwrap();
+                if piece.is_empty() {
+                    break;
+                }
+                assert!(piece.len() == 3 || offset + piece.len() as u64 == f.len);
+                b.stage_file_part("acme", f, offset, &piece).unwrap();
+                offset += piece.len() as u64;
+            }
+            assert_eq!(offset, f.len);
+            b.stage_file_finish("acme", f).unwrap();
         }
-        assert!(b.stage_file("acme", &manifest[0], b"tampered").is_err());
+        let damaged = &manifest[0];
+        let mut tampered = vec![b'x'; damaged.len as usize];
+        tampered[0] = b'y';
+        b.stage_file_part("acme", damaged, 0, &tampered).unwrap();
+        assert!(b.stage_file_finish("acme", damaged).is_err(), "a damaged copy is refused");
+        assert!(b.stage_file_part("acme", damaged, damaged.len, b"more").is_err(), "too long");
+        b.stage_file_part(
+            "acme",
+            damaged,
+            0,
+            &a.handoff_read("acme", &damaged.path, 0, 1 << 20).unwrap(),
+        )
+        .unwrap();
+        b.stage_file_finish("acme", damaged).unwrap();
         b.stage_commit("acme").unwrap();
         assert_eq!(run(&b, "acme", "get?p=doc"), run(&a, "acme", "get?p=doc"));
         assert_eq!(run(&b, "acme", "select?p=other&c=2.1.1/1.1.1/1.1.3"), "two");
@@ -322,7 +399,7 @@ mod tests {
         a.remove_tenant("acme").unwrap();
         assert_eq!(a.local_tenants().unwrap(), Vec::<String>::new());
         assert_eq!(b.local_tenants().unwrap(), vec!["acme".to_string()]);
-        assert!(a.handoff_read("acme", "../x").is_err());
+        assert!(a.handoff_read("acme", "../x", 0, 10).is_err());
     }
 
     // Goal: every copy of a tenant a node can hold (its directory, a half-received staged copy,

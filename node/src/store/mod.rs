@@ -46,7 +46,7 @@ pub use tenant::{
     TENANT_MEMORY_OVERHEAD_BYTES,
 };
 pub(crate) use vfs::create_dir_durable;
-pub use vfs::{RealVfs, UnsyncedVfs, Vfs, VfsFile};
+pub use vfs::{RealVfs, UnsyncedVfs, Vfs, VfsFile, VfsReader};
 
 use tenant::{Edit, Tenant, TenantPaths};
 
@@ -212,6 +212,33 @@ impl Store {
         Some(Ok(SqResponse::text(body)))
     }
 
+    /// A `get` of phext `p` that streams a large document: whole up to `stream_above` bytes,
+    /// past it a reader of its canonical bytes as they are now, read from its file in ranges,
+    /// so no copy of the document is built whatever its size. Later writes do not show in it.
+    pub fn open_get(
+        &self,
+        id: &str,
+        p: &PhextName,
+        stream_above: u64,
+    ) -> Result<Opened, StoreError> {
+        check_tenant_id(id)?;
+        validate(&SqRequest::Get { p: p.clone() })?;
+        for _ in 0..CLOSED_RETRIES_MAX {
+            let t = self.tenant(id)?;
+            t.touch(self.clock.now_ms());
+            match t.open_phext(p, stream_above) {
+                Ok(Some(opened)) => return Ok(opened),
+                Ok(None) => continue,
+                Err(e @ StoreError::Io { .. }) => {
+                    self.discard(id, &t);
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Busy(id.to_string()))
+    }
+
     fn execute_valid(
         &self,
         id: &str,
@@ -338,7 +365,35 @@ impl Store {
                 first_error.get_or_insert(e);
             }
         }
+        // A tenant not loaded can hold a log too: one a crash left (tenants load on first use)
+        // or one whose checkpoint failed at unload. Fold those as well, one tenant in memory at
+        // a time, so a clean stop leaves every tenant as `.phext` files alone.
+        for id in self.local_tenants()? {
+            if let Err(e) = self.fold_log_if_unloaded(&id) {
+                tracing::warn!(tenant = %id, error = %e, "folding the log at shutdown failed; the log keeps every change");
+                first_error.get_or_insert(e);
+            }
+        }
         first_error.map_or(Ok(()), Err)
+    }
+
+    /// Loads a tenant that is not loaded but has log segments on disk, and unloads it again,
+    /// which checkpoints it: its log is folded into its `.phext` files.
+    fn fold_log_if_unloaded(&self, id: &str) -> Result<(), StoreError> {
+        if lock_slot(&self.slot(id)).tenant.is_some() {
+            return Ok(());
+        }
+        let wal = TenantPaths::new(&self.tenants_dir, id).wal;
+        let segments = match self.vfs.list(&wal) {
+            Ok(names) => names.iter().filter(|n| wal::parse_segment_name(n).is_some()).count(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(StoreError::io("list log dir", &wal)(e)),
+        };
+        if segments == 0 {
+            return Ok(());
+        }
+        self.tenant(id)?;
+        self.unload(id).map(|_| ())
     }
 
     fn slot(&self, id: &str) -> Arc<Slot> {
@@ -460,19 +515,56 @@ impl Store {
     }
 }
 
+/// A `get`'s answer: whole, or a large document's length and a reader of its bytes.
+pub enum Opened {
+    Whole(Vec<u8>),
+    Stream(u64, Box<dyn VfsReader>),
+}
+
+/// The largest answer that travels whole, in one message to the gateway: a message's limit less
+/// room for its envelope. `get`, `toc` and `query` answers are sized before they are built, and
+/// one past this is refused with a final error rather than built and then failing to send.
+const WHOLE_ANSWER_MAX_BYTES: u64 = (proto::wire::MESSAGE_BYTES_MAX - (1 << 20)) as u64;
+
+/// Checks a sized answer against [`WHOLE_ANSWER_MAX_BYTES`] before it is built.
+fn sized(answer_bytes: u64) -> Result<(), StoreError> {
+    if answer_bytes > WHOLE_ANSWER_MAX_BYTES {
+        return Err(StoreError::AnswerTooLarge {
+            answer_bytes,
+            limit_bytes: WHOLE_ANSWER_MAX_BYTES,
+        });
+    }
+    Ok(())
+}
+
 /// Runs a validated request on a loaded tenant; `Ok(None)` when the tenant closed under a write.
 fn run(t: &Tenant, quota_bytes: u64, req: &SqRequest) -> Result<Option<SqResponse>, StoreError> {
     let plain = |body: Vec<u8>| SqResponse::text(body);
     let response = match req {
         SqRequest::Version => return Ok(Some(SqResponse::text(SQ_API_VERSION))),
         SqRequest::Select { p, c } => t.read(p, |d| plain(d.get(c).as_bytes().to_vec()))?,
-        SqRequest::Toc { p } => t.read(p, |d| plain(ops::toc(d).into_bytes()))?,
-        SqRequest::Get { p } => t.read(p, |d| plain(d.to_canonical()))?,
-        SqRequest::Checksum { p } => t.read(p, |d| plain(ops::doc_checksum(d).into_bytes()))?,
-        SqRequest::Delta { p, manifest } => t.read(p, |d| plain(ops::delta(d, manifest)))?,
-        SqRequest::Query { p, selector, limit } => {
-            t.read(p, |d| SqResponse { body: ops::query(d, selector, *limit), json: true })?
+        SqRequest::Toc { p } => {
+            t.read(p, |d| sized(ops::toc_len(d)).map(|_| plain(ops::toc(d).into_bytes())))??
         }
+        SqRequest::Get { p } => {
+            t.read(p, |d| sized(d.canonical_len()).map(|_| plain(d.to_canonical())))??
+        }
+        SqRequest::Checksum { p } => t.read(p, |d| plain(ops::doc_checksum(d).into_bytes()))?,
+        SqRequest::Delta { p, manifest } => t.read(p, |d| {
+            // Sized first: a few listed coordinates far from the origin cost megabytes each.
+            let answer_bytes = ops::delta_len(d, manifest);
+            if answer_bytes > ops::ANSWER_MAX_BYTES {
+                return Err(StoreError::AnswerTooLarge {
+                    answer_bytes,
+                    limit_bytes: ops::ANSWER_MAX_BYTES,
+                });
+            }
+            Ok(plain(ops::delta(d, manifest)))
+        })??,
+        SqRequest::Query { p, selector, limit } => t.read(p, |d| {
+            sized(ops::query_len(d, selector, *limit))
+                .map(|_| SqResponse { body: ops::query(d, selector, *limit), json: true })
+        })??,
         SqRequest::Status { p } => t.read(p, |d| plain(ops::status(p.as_str(), d).into_bytes()))?,
         SqRequest::Load { p } => t.read(p, |_| plain(ops::loaded(p.as_str()).into_bytes()))?,
         SqRequest::JsonExport { p } => {

@@ -441,7 +441,7 @@ proptest! {
         ms in prop::collection::vec(mutation(), 0..3),
         noise in prop::collection::vec(any::<u8>(), 0..128),
     ) {
-        let rollup = Rollup { day, calls, bytes_in: 1, bytes_out: 2, last_active_ms: Some(day) };
+        let rollup = Rollup { day, calls, bytes_in: 1, bytes_out: 2, last_active_ms: Some(day), extra_units: 3 };
         let json = serde_json::to_vec(&rollup).expect("encodes");
         for bytes in [mutate(json, &ms), noise] {
             let (decoded, peak) = meter::peak(|| {

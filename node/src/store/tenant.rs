@@ -21,6 +21,7 @@ use proto::{ops, Coordinate, Doc, PhextName};
 use super::error::StoreError;
 use super::vfs::{create_dir_durable, Vfs};
 use super::wal::{parse_segment_name, Op, Wal};
+use super::Opened;
 
 /// Suffix of a phext file being written by a checkpoint. A phext file's own name ends in
 /// `.phext`, so the two never collide; recovery deletes leftovers.
@@ -33,6 +34,10 @@ pub const TENANT_MEMORY_OVERHEAD_BYTES: u64 = 2048;
 pub const PHEXT_MEMORY_OVERHEAD_BYTES: u64 = 256;
 /// Estimated bytes one scroll costs beyond its text: B-tree slot, key and `String` header.
 pub const SCROLL_MEMORY_OVERHEAD_BYTES: u64 = 96;
+
+/// Bytes gathered before each write of a phext file: 1 MiB, so writing a document costs one
+/// buffer, not a copy of the document.
+const PHEXT_WRITE_BUFFER_BYTES: usize = 1 << 20;
 
 /// Writes at or above this share of the quota, in percent, log a warning (PRODUCT §3).
 pub const QUOTA_WARN_PERCENT: u64 = 90;
@@ -243,6 +248,59 @@ impl Tenant {
         self.wal.is_durable_now(lsn).then_some(out)
     }
 
+    /// A phext's canonical bytes as they are now: whole from memory up to `stream_above` bytes;
+    /// past it, opened for reading in ranges from its file, which is brought up to date first if
+    /// it changed since the last checkpoint (written like one, in pieces; the log keeps its
+    /// records, which replay harmlessly over the newer file). The reader keeps the file it
+    /// opened even if a later checkpoint replaces it. Returns once everything it holds is
+    /// durable; `Ok(None)` if the tenant was closed first.
+    pub(crate) fn open_phext(
+        &self,
+        p: &PhextName,
+        stream_above: u64,
+    ) -> Result<Option<Opened>, StoreError> {
+        let Some(entry) = self.entry(p) else { return Ok(Some(Opened::Whole(Vec::new()))) };
+        {
+            let d = read_lock(&entry);
+            if d.doc.canonical_len() <= stream_above {
+                let out = d.doc.to_canonical();
+                let lsn = d.applied_lsn;
+                drop(d);
+                self.wal.wait_durable(lsn)?;
+                return Ok(Some(Opened::Whole(out)));
+            }
+        }
+        // The gate keeps checkpoints (which write the same file) out; writers wait on the lock.
+        let gate = read_lock(&self.gate);
+        if self.is_closed() {
+            return Ok(None);
+        }
+        let mut d = write_lock(&entry);
+        let len = d.doc.canonical_len();
+        let dir = &self.paths.phexts;
+        if d.dirty {
+            create_dir_durable(self.vfs.as_ref(), dir)
+                .map_err(StoreError::io("create phexts dir", dir))?;
+            self.write_phext(p, &d.doc)?;
+            self.vfs.sync_dir(dir).map_err(StoreError::io("sync phexts dir", dir))?;
+            d.dirty = false;
+        }
+        if len == 0 {
+            return Ok(Some(Opened::Whole(Vec::new())));
+        }
+        let path = dir.join(p.file_name());
+        let reader = self.vfs.open_read(&path).map_err(StoreError::io("open phext", &path))?;
+        if reader.file_len() != len {
+            let detail = format!("holds {} bytes, not {len}", reader.file_len());
+            return Err(StoreError::corrupt(&path, detail));
+        }
+        let lsn = d.applied_lsn;
+        drop(d);
+        drop(gate);
+        self.wal.wait_durable(lsn)?;
+        Ok(Some(Opened::Stream(len, reader)))
+    }
+
     /// Applies `edit` at `c` and returns SQ's answer once it is durable, or `Ok(None)` if the
     /// tenant was closed first (nothing done; the caller retries on the current incarnation).
     /// Growth past `quota_bytes` is refused before anything is logged.
@@ -429,11 +487,8 @@ impl Tenant {
             create_dir_durable(self.vfs.as_ref(), dir)
                 .map_err(StoreError::io("create phexts dir", dir))?;
             for (name, entry) in &dirty {
-                let bytes = {
-                    let d = read_lock(entry);
-                    (!d.doc.is_empty()).then(|| d.doc.to_canonical())
-                };
-                self.write_phext(name, bytes)?;
+                // Written piece by piece under the read lock: no copy of the document is built.
+                self.write_phext(name, &read_lock(entry).doc)?;
             }
             self.vfs.sync_dir(dir).map_err(StoreError::io("sync phexts dir", dir))?;
             for (_, entry) in &dirty {
@@ -443,22 +498,37 @@ impl Tenant {
         self.remove_segments_before(rotated_at)
     }
 
-    /// Replaces a phext's file atomically with `bytes`, or removes it for an empty document.
-    /// The caller syncs the directory.
-    fn write_phext(&self, name: &PhextName, bytes: Option<Vec<u8>>) -> Result<(), StoreError> {
+    /// Replaces a phext's file atomically with `doc`'s canonical bytes, written in pieces of
+    /// about [`PHEXT_WRITE_BUFFER_BYTES`], or removes it for an empty document. The caller
+    /// syncs the directory.
+    fn write_phext(&self, name: &PhextName, doc: &Doc) -> Result<(), StoreError> {
         let path = self.paths.phexts.join(name.file_name());
-        let Some(bytes) = bytes else {
+        if doc.is_empty() {
             return match self.vfs.remove_file(&path) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
                     Err(StoreError::io("remove phext", &path)(e))
                 }
                 _ => Ok(()),
             };
-        };
+        }
         let temp = self.paths.phexts.join(format!("{}{TEMP_SUFFIX}", name.file_name()));
         let mut file =
             self.vfs.create(&temp).map_err(StoreError::io("create temp phext", &temp))?;
-        file.write_all(&bytes).map_err(StoreError::io("write temp phext", &temp))?;
+        let mut buffer = Vec::with_capacity(PHEXT_WRITE_BUFFER_BYTES);
+        doc.write_canonical_pieces(|piece| {
+            if buffer.len() + piece.len() > PHEXT_WRITE_BUFFER_BYTES {
+                file.write_all(&buffer)?;
+                buffer.clear();
+            }
+            if piece.len() > PHEXT_WRITE_BUFFER_BYTES {
+                file.write_all(piece)
+            } else {
+                buffer.extend_from_slice(piece);
+                Ok(())
+            }
+        })
+        .and_then(|()| file.write_all(&buffer))
+        .map_err(StoreError::io("write temp phext", &temp))?;
         file.sync_data().map_err(StoreError::io("sync temp phext", &temp))?;
         drop(file);
         self.vfs.rename(&temp, &path).map_err(StoreError::io("rename phext", &path))

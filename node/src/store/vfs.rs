@@ -17,6 +17,28 @@ pub trait VfsFile: Send {
     fn sync_data(&mut self) -> io::Result<()>;
 }
 
+/// A file open for reading at any offset. It keeps reading the file it opened even after the
+/// path is replaced by a rename, so a reader sees one version from start to end.
+pub trait VfsReader: Send {
+    /// The file's length when it was opened.
+    fn file_len(&self) -> u64;
+    /// Up to `len` bytes from `offset`: fewer only where the file ends.
+    fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>>;
+}
+
+/// A [`VfsReader`] over bytes read at open: what an in-memory disk gives.
+struct BytesReader(Vec<u8>);
+
+impl VfsReader for BytesReader {
+    fn file_len(&self) -> u64 {
+        self.0.len() as u64
+    }
+    fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(self.0.len());
+        Ok(self.0[start..start.saturating_add(len).min(self.0.len())].to_vec())
+    }
+}
+
 /// The file operations the store uses. Paths are absolute or relative to the process.
 pub trait Vfs: Send + Sync {
     /// Creates one directory (its parent exists); an existing directory is not an error.
@@ -25,6 +47,20 @@ pub trait Vfs: Send + Sync {
     /// The names of the entries of a directory, in no particular order.
     fn list(&self, dir: &Path) -> io::Result<Vec<String>>;
     fn read(&self, path: &Path) -> io::Result<Vec<u8>>;
+    /// Up to `len` bytes of a file from `offset`: fewer only where the file ends, none past it.
+    /// For reading large files in bounded memory (handoff). The default reads the whole file,
+    /// which suits an in-memory disk; [`RealVfs`] reads only the range.
+    fn read_range(&self, path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        let bytes = self.read(path)?;
+        let start = usize::try_from(offset).unwrap_or(usize::MAX).min(bytes.len());
+        let end = start.saturating_add(len).min(bytes.len());
+        Ok(bytes[start..end].to_vec())
+    }
+    /// Opens a file for reading in ranges ([`VfsReader`]). The default reads it whole at open,
+    /// which suits an in-memory disk; [`RealVfs`] keeps a handle and reads only the ranges.
+    fn open_read(&self, path: &Path) -> io::Result<Box<dyn VfsReader>> {
+        Ok(Box::new(BytesReader(self.read(path)?)))
+    }
     /// Creates a file that must not exist yet, for appending.
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn VfsFile>>;
     /// Creates a file, or empties an existing one, for writing.
@@ -49,6 +85,31 @@ pub trait Vfs: Send + Sync {
 pub struct RealVfs;
 
 struct RealFile(File);
+
+struct RealReader {
+    file: File,
+    len: u64,
+}
+
+impl VfsReader for RealReader {
+    fn file_len(&self) -> u64 {
+        self.len
+    }
+    fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let want = usize::try_from(self.len.saturating_sub(offset)).unwrap_or(usize::MAX).min(len);
+        let mut out = vec![0u8; want];
+        let mut done = 0;
+        while done < want {
+            match self.file.read_at(&mut out[done..], offset + done as u64)? {
+                0 => break,
+                n => done += n,
+            }
+        }
+        out.truncate(done);
+        Ok(out)
+    }
+}
 
 impl VfsFile for RealFile {
     fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
@@ -84,6 +145,27 @@ impl Vfs for RealVfs {
     }
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         fs::read(path)
+    }
+    fn read_range(&self, path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let file = File::open(path)?;
+        let end = file.metadata()?.len();
+        let want = usize::try_from(end.saturating_sub(offset)).unwrap_or(usize::MAX).min(len);
+        let mut out = vec![0u8; want];
+        let mut done = 0;
+        while done < want {
+            match file.read_at(&mut out[done..], offset + done as u64)? {
+                0 => break,
+                n => done += n,
+            }
+        }
+        out.truncate(done);
+        Ok(out)
+    }
+    fn open_read(&self, path: &Path) -> io::Result<Box<dyn VfsReader>> {
+        let file = File::open(path)?;
+        let len = file.metadata()?.len();
+        Ok(Box::new(RealReader { file, len }))
     }
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn VfsFile>> {
         let f = OpenOptions::new().append(true).create_new(true).open(path)?;
@@ -138,6 +220,12 @@ impl Vfs for UnsyncedVfs {
     }
     fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
         self.0.read(path)
+    }
+    fn read_range(&self, path: &Path, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        self.0.read_range(path, offset, len)
+    }
+    fn open_read(&self, path: &Path) -> io::Result<Box<dyn VfsReader>> {
+        self.0.open_read(path)
     }
     fn create_new(&self, path: &Path) -> io::Result<Box<dyn VfsFile>> {
         Ok(Box::new(UnsyncedFile(self.0.create_new(path)?)))

@@ -44,8 +44,12 @@ async fn handler_sees_the_role_in_the_client_certificate() {
         assert_eq!(reply.expect("call"), Bytes::from_static(b"gateway"));
 
         certs::issue(cluster.path(), Role::Node(42)).expect("issue node-42");
-        let node = Client::new(&cluster.identity(Role::Node(42)), ClientLimits::default())
-            .expect("client");
+        // A client for loopback peers binds loopback only, and reaches its loopback server.
+        let peers = [server.addr.ip()];
+        let node =
+            Client::for_peers(&cluster.identity(Role::Node(42)), ClientLimits::default(), &peers)
+                .expect("client");
+        assert!(node.local_addr().expect("local addr").ip().is_loopback());
         let reply = node.call(server.addr, Bytes::new(), CALL_TIMEOUT).await;
         assert_eq!(reply.expect("call"), Bytes::from_static(b"node-42"));
         server.stop().await;
@@ -255,6 +259,56 @@ async fn streams_close_cleanly_without_stop_sending() {
         let sent = after.udp_tx.datagrams - before.udp_tx.datagrams;
         assert!(sent < CALLS * 3 / 2, "{sent} datagrams sent for {CALLS} calls");
         server.stop().await;
+    })
+    .await;
+}
+
+/// Streams the request back as a body: the head is the piece count, then each piece is the
+/// request repeated up to its index, as a frame of its own.
+struct StreamBack;
+
+impl Handler for StreamBack {
+    fn handle(&self, _peer: Peer, _request: Bytes) -> HandlerFuture<'_> {
+        Box::pin(async { Bytes::from_static(b"whole") })
+    }
+
+    fn handle_answer(&self, _peer: Peer, request: Bytes) -> crate::AnswerFuture<'_> {
+        Box::pin(async move {
+            let body = crate::body_unfold(1usize, move |i| {
+                let request = request.clone();
+                async move { (i <= 3).then(|| (request.repeat(i).into(), i + 1)) }
+            });
+            crate::Answer { head: Bytes::from_static(b"3"), body: Some(body) }
+        })
+    }
+}
+
+#[tokio::test]
+async fn streamed_answer_arrives_frame_by_frame() {
+    // Goal: an answer streamed as a head and body frames arrives in order, frame by frame, and
+    // ends cleanly; a whole answer read the same way has an empty body.
+    bounded(async {
+        let cluster = Cluster::new();
+        let server = cluster.start(Arc::new(StreamBack));
+        let client = cluster.client();
+        let (head, mut body) = client
+            .call_answer(server.addr, Bytes::from_static(b"ab"), CALL_TIMEOUT)
+            .await
+            .expect("call");
+        assert_eq!(head, Bytes::from_static(b"3"));
+        for expected in ["ab", "abab", "ababab"] {
+            let frame = body.next(CALL_TIMEOUT).await.expect("frame");
+            assert_eq!(frame, Some(Bytes::from(expected)));
+        }
+        assert_eq!(body.next(CALL_TIMEOUT).await.expect("end"), None);
+        server.stop().await;
+
+        let echo = cluster.start(Arc::new(Echo));
+        let (head, mut body) =
+            client.call_answer(echo.addr, Bytes::from_static(b"hi"), CALL_TIMEOUT).await.unwrap();
+        assert_eq!(head, Bytes::from_static(b"hi"));
+        assert_eq!(body.next(CALL_TIMEOUT).await.expect("end"), None);
+        echo.stop().await;
     })
     .await;
 }

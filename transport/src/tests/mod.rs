@@ -120,7 +120,7 @@ fn start_at(
 /// A client presenting whatever PEM it is given, bypassing [`Identity`]'s checks, so tests can
 /// play peers a real process could never be configured as.
 fn raw_client(ca_pem: &str, cert_and_key: Option<(&str, &str)>, alpn: &[u8]) -> Client {
-    Client::with_auth(ClientAuth { ca_pem, cert_and_key, alpn }, ClientLimits::default())
+    Client::with_auth(ClientAuth { ca_pem, cert_and_key, alpn }, ClientLimits::default(), None)
         .expect("client")
 }
 

@@ -1,0 +1,126 @@
+//! Black-box, as a hostile client: requests whose answers would be far larger than what they
+//! send. Each must be sized and refused before anything is built, with a final error that tells
+//! the client what to do and nothing of the cluster's insides, while the node keeps serving.
+
+mod common;
+mod ops_common;
+
+use common::{http, DevCluster};
+use ops_common::node_pid;
+
+/// Lines of the amplifying manifest: each names a scroll a million breaks from the origin, so the
+/// answer would be about 200 MB.
+const MANIFEST_LINES: u32 = 200;
+
+/// How much the owner's peak resident memory may grow while refusing it, in KiB: well under the
+/// 200 MB the answer would have cost to build.
+const PEAK_GROWTH_MAX_KIB: u64 = 16 * 1024;
+
+/// A line of a process's `/proc/<pid>/status` in KiB: `VmRSS` (resident now) or `VmHWM` (peak).
+fn status_kib(pid: i32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Resets a process's peak resident set to what it holds now, so a later `VmHWM` is the peak of
+/// what came after.
+fn reset_peak(pid: i32) {
+    std::fs::write(format!("/proc/{pid}/clear_refs"), "5").unwrap();
+}
+
+// Goal: the 200-line `delta` manifest of scrolls far from the origin, against an absent document,
+// is refused with 422 and no Retry-After (asking again cannot help), its body names the answer's
+// size and the limit and no internals, the owner's peak memory barely moves, and the tenant is
+// served normally right after; a modest delta of the same document still answers in full.
+#[test]
+fn amplifying_delta_is_refused_before_it_is_built() {
+    let cluster = DevCluster::start(1);
+    let base = cluster.url();
+    let key = cluster.add_tenant("hostile", serde_json::json!({}));
+    let pid = node_pid(&cluster, 1);
+    let manifest: String =
+        (1..=MANIFEST_LINES).map(|k| format!("1.1.{k}/1.1.1/1.1.1000000: 00\n")).collect();
+
+    reset_peak(pid);
+    let before = status_kib(pid, "VmRSS:");
+    let r = http()
+        .post(format!("{base}/delta?p=absent"))
+        .bearer_auth(&key)
+        .body(manifest)
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    let retry_after = r.headers().get("retry-after").cloned();
+    let body = r.text().unwrap();
+    let growth = status_kib(pid, "VmHWM:").saturating_sub(before);
+
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(retry_after, None, "a final refusal suggests no retry");
+    assert!(body.contains("ask for less") && body.contains("16777216"), "{body}");
+    for internal in ["frame", "node", "127.0.0.1"] {
+        assert!(!body.contains(internal), "the body leaks {internal:?}: {body}");
+    }
+    assert!(growth < PEAK_GROWTH_MAX_KIB, "peak RSS grew by {growth} KiB");
+
+    let (status, answer) = common::get(&base, &key, "/update?p=absent&c=1.1.1/1.1.1/1.1.1&s=here");
+    assert_eq!((status, answer.as_str()), (200, "Updated 4 bytes"));
+    let r = http()
+        .post(format!("{base}/delta?p=absent"))
+        .bearer_auth(&key)
+        .body("1.1.1/1.1.1/1.1.3: 00\n")
+        .send()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.text().unwrap(), "here\u{17}\u{17}---sq:Scroll-Missing---");
+}
+
+/// Scrolls of the streamed document and the bytes of each: together just over the answer size a
+/// node builds whole (16 MiB), so `get` streams it in 1 MiB frames. Each write stays small enough
+/// for a debug build to log it well within the gateway's forward timeout.
+const SCROLLS: u8 = 17;
+const SCROLL_BYTES: usize = 1 << 20;
+
+fn post(base: &str, key: &str, path: &str, body: Vec<u8>) -> reqwest::blocking::Response {
+    http().post(format!("{base}{path}")).bearer_auth(key).body(body).send().unwrap()
+}
+
+// Goal: a document larger than a node builds whole is streamed through gateway, QUIC and node:
+// `get` answers 200 with the right Content-Length and exactly the document's bytes (their
+// checksum equals the `checksum` route's), also after a write changed it since the last read;
+// a `delta` that would answer the whole document is refused with 422 instead of being built.
+#[test]
+fn large_document_streams_end_to_end() {
+    let cluster = DevCluster::start(1);
+    let base = cluster.url();
+    let key = cluster.add_tenant("streamer", serde_json::json!({"tier": "team"}));
+    let mut expected = Vec::new();
+    for k in 1..=SCROLLS {
+        let text = vec![b'a' + k; SCROLL_BYTES];
+        let r = post(&base, &key, &format!("/update?p=big&c=1.1.1/1.1.1/1.1.{k}"), text.clone());
+        assert_eq!(r.status().as_u16(), 200, "{}", r.text().unwrap());
+        if k > 1 {
+            expected.push(0x17);
+        }
+        expected.extend_from_slice(&text);
+    }
+    assert!(expected.len() as u64 > 16 << 20);
+    for round in 0..2 {
+        let r = http().get(format!("{base}/get?p=big")).bearer_auth(&key).send().unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let length = r.headers()["content-length"].to_str().unwrap().to_string();
+        assert_eq!(length, expected.len().to_string(), "round {round}");
+        let body = r.bytes().unwrap();
+        assert!(body[..] == expected[..], "round {round}: the body differs from the document");
+        let (status, checksum) = common::get(&base, &key, "/checksum?p=big");
+        assert_eq!((status, checksum), (200, proto::doc::checksum(&body)), "round {round}");
+        if round == 0 {
+            // Changed since the last read: the next `get` must see it.
+            let r = post(&base, &key, "/update?p=big&c=1.1.1/1.1.1/1.1.21", b"ninth".to_vec());
+            assert_eq!(r.status().as_u16(), 200);
+            expected.extend_from_slice(b"\x17\x17\x17\x17ninth");
+        }
+    }
+    let r = post(&base, &key, "/delta?p=big", Vec::new());
+    assert_eq!(r.status().as_u16(), 422, "a whole-document delta is refused, not built");
+}
