@@ -341,8 +341,11 @@ async fn send_admin(
                 if candidates.is_empty() {
                     return Err(unavailable(last));
                 }
+                // In id order from the first, so the bootstrap node (the one that surely has
+                // the registry while a cluster forms) is asked first.
+                let pick = candidates[turn % candidates.len()];
                 turn += 1;
-                candidates[turn % candidates.len()]
+                pick
             }
         };
         changes.borrow_and_update();
