@@ -54,6 +54,10 @@ impl GossipConfig {
 /// A peer's health as this node's gossip sees it.
 pub use proto::cluster::NodeHealth as State;
 
+/// The largest heartbeat a peer may report for this node: 2^48 beats are 35,000 years at the
+/// default 250 ms interval, so only a corrupt or hostile claim reaches it.
+pub const HEARTBEAT_CLAIM_MAX: u64 = 1 << 48;
+
 struct Entry {
     heartbeat: u64,
     /// Local clock time at which `heartbeat` last grew.
@@ -119,9 +123,20 @@ impl Health {
         let now = self.clock.now_ms();
         let mut table = self.lock();
         for &(id, beat) in heartbeats.iter().take(GOSSIP_NODES_MAX) {
-            // Only this node counts its own heartbeat: a peer's claim of a counter near the top
-            // would stop it from ever growing again, and this node would look dead to all.
-            if id == self.me || (table.len() >= GOSSIP_NODES_MAX && !table.contains_key(&id)) {
+            if id == self.me {
+                // A restarted node counts from 0 while its peers remember its old counter; it
+                // takes that counter up again, or they would hear nothing new from it (and call
+                // it dead) until it had beaten as often as before. A claim at or past
+                // HEARTBEAT_CLAIM_MAX is refused: near the top the counter could never grow
+                // again, and this node would look dead to all.
+                if beat < HEARTBEAT_CLAIM_MAX {
+                    if let Some(mine) = table.get_mut(&id) {
+                        mine.heartbeat = mine.heartbeat.max(beat);
+                    }
+                }
+                continue;
+            }
+            if table.len() >= GOSSIP_NODES_MAX && !table.contains_key(&id) {
                 continue;
             }
             let e = table.entry(id).or_insert(Entry {

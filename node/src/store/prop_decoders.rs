@@ -429,6 +429,21 @@ fn gossip_of_many_unknown_nodes_is_capped() {
     assert!(table.contains(&(7, 5)), "a known node is still merged");
 }
 
+// Goal: a restarted node (counter back at 0) takes up the counter its peers remember for it, so
+// its next beat is news to them; a claim at the top of the range is refused, so it keeps growing.
+#[test]
+fn a_restarted_node_takes_up_its_counter_again() {
+    use crate::gossip::HEARTBEAT_CLAIM_MAX;
+    let h = health();
+    let mine = |t: Vec<(u64, u64)>| t.into_iter().find(|&(id, _)| id == 1).map(|e| e.1);
+    h.merge(2, &[(1, 5_000)]);
+    assert_eq!(mine(h.tick(&[])), Some(5_001), "a beat after the peers' memory of this node");
+    h.merge(2, &[(1, 10)]);
+    assert_eq!(mine(h.tick(&[])), Some(5_002), "an older claim changes nothing");
+    h.merge(2, &[(1, u64::MAX), (1, HEARTBEAT_CLAIM_MAX)]);
+    assert_eq!(mine(h.tick(&[])), Some(5_003), "a claim at the top is refused");
+}
+
 // Goal: a usage roll-up file, valid, damaged or arbitrary, decodes or is refused without a panic
 // and within a small multiple of its size, and its counts add up without overflow.
 proptest! {
@@ -463,8 +478,8 @@ fn rollup_counts_saturate() {
     assert_eq!(r.total_calls(), u64::MAX);
 }
 
-// Goal: a peer's gossip about this node's own heartbeat, however large, is ignored, and this
-// node's counter keeps growing (one at u64::MAX overflowed in debug, and in release froze it).
+// Goal: a peer's gossip of this node's own heartbeat at the top of the range is ignored, and
+// this node's counter keeps growing (one at u64::MAX overflowed in debug, and in release froze it).
 #[test]
 fn gossip_about_this_node_is_ignored() {
     let h = health();
