@@ -107,13 +107,16 @@ impl Health {
     }
 
     /// The state of node `id` and the heartbeat counter it is based on (its version).
+    ///
+    /// This node's word on itself carries version 0: it always holds itself alive, and its own
+    /// counter runs ahead of what its peers have seen, so at a higher version its last "alive"
+    /// would outrank their "dead" (given at the last beat they saw) once it is gone.
     pub fn verdict(&self, id: u64) -> (State, u64) {
-        let table = self.lock();
-        let beat = table.get(&id).map_or(0, |e| e.heartbeat);
         if id == self.me {
-            return (State::Alive, beat);
+            return (State::Alive, 0);
         }
-        (table.get(&id).map_or(State::Alive, |e| e.state), beat)
+        let table = self.lock();
+        table.get(&id).map_or((State::Alive, 0), |e| (e.state, e.heartbeat))
     }
 
     /// Takes the larger counter for each node; returns this side's table for the reply. A node
@@ -292,6 +295,24 @@ impl ViewPeers {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Goal: a node's verdict on itself never outranks its peers' (version 0), while a peer's
+    // verdict carries the last counter seen of it, so a gateway takes "dead" from the survivors
+    // over the last "alive" the dead node said of itself.
+    #[test]
+    fn a_verdict_on_itself_carries_no_version() {
+        let clock = Arc::new(crate::store::ManualClock::new(0));
+        let h = Health::new(1, GossipConfig::default(), clock.clone());
+        h.merge(2, &[(2, 7)]);
+        for _ in 0..5 {
+            h.tick(&[2]);
+        }
+        assert_eq!(h.verdict(1), (State::Alive, 0));
+        assert_eq!(h.verdict(2), (State::Alive, 7));
+        clock.advance_ms(GossipConfig::default().dead_after_ms);
+        h.tick(&[2]);
+        assert_eq!(h.verdict(2), (State::Dead, 7));
+    }
 
     // Goal: the default timings pass the check, and timings where a node would be dead before
     // suspect, or suspect after a single missed round, are refused.
