@@ -6,7 +6,7 @@
 //! registry view and answers 503 at once for a dead node's tenants.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -76,6 +76,9 @@ pub struct Health {
     /// Grows by one at every state change; view long-polls wait on it as well as on the
     /// registry, so gateways learn of a dead (or returning) node at once.
     generation: tokio::sync::watch::Sender<u64>,
+    /// The highest counter of this node's that a peer has told it of: the version of its
+    /// verdict on itself.
+    acknowledged: AtomicU64,
 }
 
 impl Health {
@@ -90,6 +93,7 @@ impl Health {
             table: Mutex::new(HashMap::from([(me, mine)])),
             changed: AtomicBool::new(false),
             generation,
+            acknowledged: AtomicU64::new(0),
         }
     }
 
@@ -108,12 +112,12 @@ impl Health {
 
     /// The state of node `id` and the heartbeat counter it is based on (its version).
     ///
-    /// This node's word on itself carries version 0: it always holds itself alive, and its own
-    /// counter runs ahead of what its peers have seen, so at a higher version its last "alive"
-    /// would outrank their "dead" (given at the last beat they saw) once it is gone.
+    /// This node's word on itself carries the highest counter its peers have told it they saw:
+    /// its own counter runs ahead of theirs, so at that version its last "alive" would outrank
+    /// their "dead" (given at the last beat they saw) once it is gone; at theirs it never does.
     pub fn verdict(&self, id: u64) -> (State, u64) {
         if id == self.me {
-            return (State::Alive, 0);
+            return (State::Alive, self.acknowledged.load(Ordering::SeqCst));
         }
         let table = self.lock();
         table.get(&id).map_or((State::Alive, 0), |e| (e.state, e.heartbeat))
@@ -136,6 +140,7 @@ impl Health {
                     if let Some(mine) = table.get_mut(&id) {
                         mine.heartbeat = mine.heartbeat.max(beat);
                     }
+                    self.acknowledged.fetch_max(beat, Ordering::SeqCst);
                 }
                 continue;
             }
@@ -296,7 +301,8 @@ impl ViewPeers {
 mod tests {
     use super::*;
 
-    // Goal: a node's verdict on itself never outranks its peers' (version 0), while a peer's
+    // Goal: a node's verdict on itself never outranks its peers' (its version is what they told
+    // it they saw), while a peer's
     // verdict carries the last counter seen of it, so a gateway takes "dead" from the survivors
     // over the last "alive" the dead node said of itself.
     #[test]
@@ -307,7 +313,9 @@ mod tests {
         for _ in 0..5 {
             h.tick(&[2]);
         }
-        assert_eq!(h.verdict(1), (State::Alive, 0));
+        assert_eq!(h.verdict(1), (State::Alive, 0), "no peer has told it a counter yet");
+        h.merge(2, &[(1, 3)]);
+        assert_eq!(h.verdict(1), (State::Alive, 3), "the counter its peer saw, not its own 5");
         assert_eq!(h.verdict(2), (State::Alive, 7));
         clock.advance_ms(GossipConfig::default().dead_after_ms);
         h.tick(&[2]);
