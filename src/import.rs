@@ -37,7 +37,7 @@ const FILE_BYTES_MAX: u64 = 1 << 30;
 const RETRIES_MAX: u32 = 100;
 
 /// The longest `Retry-After` waited for; a longer one (a daily limit) stops the import.
-const RETRY_AFTER_MAX_S: u64 = 30;
+const RETRY_AFTER_S_MAX: u64 = 30;
 
 /// The pause before retrying a 503 that names no time.
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
@@ -180,11 +180,11 @@ fn read_source(path: &Path) -> anyhow::Result<(PhextName, Doc)> {
     }
     let bytes = std::fs::read(path).with_context(|| format!("reading {shown}"))?;
     let doc = Doc::parse(&bytes).map_err(|e| anyhow::anyhow!("{shown}: not valid phext: {e}"))?;
-    if let Some((c, text)) = doc.iter().find(|(_, t)| t.len() > proto::request::BODY_MAX_BYTES) {
+    if let Some((c, text)) = doc.iter().find(|(_, t)| t.len() > proto::request::BODY_BYTES_MAX) {
         bail!(
             "{shown}: the scroll at {c} holds {} bytes, over the {} a request may carry",
             text.len(),
-            proto::request::BODY_MAX_BYTES
+            proto::request::BODY_BYTES_MAX
         );
     }
     Ok((name, doc))
@@ -228,7 +228,7 @@ impl Api {
                 .to_vec();
             match (status, retry_after_s) {
                 (200, _) => return Ok(answer),
-                (429 | 503, Some(s)) if s <= RETRY_AFTER_MAX_S => {
+                (429 | 503, Some(s)) if s <= RETRY_AFTER_S_MAX => {
                     std::thread::sleep(Duration::from_secs(s))
                 }
                 (503, None) => std::thread::sleep(RETRY_PAUSE),

@@ -116,12 +116,12 @@ fn read_toml<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
 }
 
 /// The most async worker threads a node or gateway may be configured with.
-const MAX_WORKER_THREADS: usize = 1024;
+const WORKER_THREADS_MAX: usize = 1024;
 
 /// The async runtime of a node or gateway: `worker_threads` threads, or one per core for 0.
 fn runtime(worker_threads: usize) -> anyhow::Result<tokio::runtime::Runtime> {
-    if worker_threads > MAX_WORKER_THREADS {
-        anyhow::bail!("worker_threads is {worker_threads}; it must be 0 (one per core) or at most {MAX_WORKER_THREADS}");
+    if worker_threads > WORKER_THREADS_MAX {
+        anyhow::bail!("worker_threads is {worker_threads}; it must be 0 (one per core) or at most {WORKER_THREADS_MAX}");
     }
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if worker_threads > 0 {

@@ -14,7 +14,7 @@ const MANIFEST_LINES: u32 = 200;
 
 /// How much the owner's peak resident memory may grow while refusing it, in KiB: well under the
 /// 200 MB the answer would have cost to build.
-const PEAK_GROWTH_MAX_KIB: u64 = 16 * 1024;
+const PEAK_GROWTH_KIB_MAX: u64 = 16 * 1024;
 
 /// A line of a process's `/proc/<pid>/status` in KiB: `VmRSS` (resident now) or `VmHWM` (peak).
 fn status_kib(pid: i32, field: &str) -> u64 {
@@ -61,7 +61,7 @@ fn amplifying_delta_is_refused_before_it_is_built() {
     for internal in ["frame", "node", "127.0.0.1"] {
         assert!(!body.contains(internal), "the body leaks {internal:?}: {body}");
     }
-    assert!(growth < PEAK_GROWTH_MAX_KIB, "peak RSS grew by {growth} KiB");
+    assert!(growth < PEAK_GROWTH_KIB_MAX, "peak RSS grew by {growth} KiB");
 
     let (status, answer) = common::get(&base, &key, "/update?p=absent&c=1.1.1/1.1.1/1.1.1&s=here");
     assert_eq!((status, answer.as_str()), (200, "Updated 4 bytes"));

@@ -15,7 +15,7 @@ use common::{http, tool_present, DevCluster};
 const EXAMPLES_PER_OPERATION: &str = "25";
 
 /// The slowest answer accepted, in seconds: a bound, far above what a healthy cluster needs.
-const RESPONSE_TIME_MAX_S: &str = "5";
+const RESPONSE_TIME_S_MAX: &str = "5";
 
 /// The longest one schemathesis run may take before the test fails rather than hangs.
 const RUN_TIMEOUT: Duration = Duration::from_secs(600);
@@ -111,7 +111,7 @@ fn schemathesis_finds_nothing() {
         "--seed",
         "8",
         "--max-response-time",
-        RESPONSE_TIME_MAX_S,
+        RESPONSE_TIME_S_MAX,
         "--workers",
         "1",
     ];

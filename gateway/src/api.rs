@@ -10,7 +10,7 @@ use axum::response::{IntoResponse, Response};
 use http_body_util::BodyExt;
 use proto::cluster::{NodeRequest, NodeResponse};
 use proto::error::UNAVAILABLE_RETRY_AFTER_S;
-use proto::request::{self, BODY_MAX_BYTES};
+use proto::request::{self, BODY_BYTES_MAX};
 use proto::{ApiError, SqRequest, SqResponse};
 
 use crate::error::error_response;
@@ -69,11 +69,11 @@ fn is_admin_path(path: &str) -> bool {
 
 /// Reads the body up to the named limit.
 pub async fn read_body(body: Body) -> Result<bytes::Bytes, ApiError> {
-    let limited = http_body_util::Limited::new(body, BODY_MAX_BYTES);
+    let limited = http_body_util::Limited::new(body, BODY_BYTES_MAX);
     match limited.collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ApiError::PayloadTooLarge { limit_bytes: BODY_MAX_BYTES as u64 })
+            Err(ApiError::PayloadTooLarge { limit_bytes: BODY_BYTES_MAX as u64 })
         }
         Err(e) => Err(ApiError::bad_request(format!("cannot read body: {e}"))),
     }

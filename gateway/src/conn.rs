@@ -34,7 +34,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::head::{self, CloseRule, HEAD_MAX_BYTES};
+use crate::head::{self, CloseRule, HEAD_BYTES_MAX};
 use crate::lograte::Tally;
 use crate::HttpLimits;
 
@@ -42,7 +42,7 @@ use crate::HttpLimits;
 /// read, a larger one in a few.
 const HEAD_READ_CHUNK_BYTES: usize = 4096;
 
-/// The answer to a first head over [`HEAD_MAX_BYTES`] (hyper answers a later one the same way).
+/// The answer to a first head over [`HEAD_BYTES_MAX`] (hyper answers a later one the same way).
 const HEAD_TOO_LARGE: &[u8] =
     b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
 
@@ -215,13 +215,13 @@ async fn read_first_head<S: AsyncRead + Unpin>(stream: &mut S) -> io::Result<Fir
         // A blank line can straddle two reads: look from three bytes before the new ones.
         if let Some(end) = head::head_end(&buf[start.saturating_sub(3)..]) {
             let end = start.saturating_sub(3) + end;
-            if end > HEAD_MAX_BYTES {
+            if end > HEAD_BYTES_MAX {
                 return Ok(FirstHead::TooLarge);
             }
             let rest = buf.split_off(end);
             return Ok(FirstHead::Complete { head: buf, rest });
         }
-        if buf.len() > HEAD_MAX_BYTES {
+        if buf.len() > HEAD_BYTES_MAX {
             return Ok(FirstHead::TooLarge);
         }
     }

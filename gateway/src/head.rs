@@ -21,7 +21,7 @@ use axum::http::{HeaderMap, Version};
 /// The largest request head read before hyper sees it: hyper's own limit for the heads it reads
 /// (its default buffer, 8 KiB + 100 × 4 KiB), so the first head of a connection is held to
 /// the same bound as every later one. SQ's own limit is 64 KiB.
-pub const HEAD_MAX_BYTES: usize = 8192 + 4096 * 100;
+pub const HEAD_BYTES_MAX: usize = 8192 + 4096 * 100;
 
 /// The versions a repairable request line ends with.
 const VERSIONS: [&[u8]; 2] = [b" HTTP/1.1", b" HTTP/1.0"];

@@ -141,7 +141,7 @@ impl Service {
     }
 
     /// [`Service::sq`]; with `stream`, a `get` of a document larger than
-    /// [`proto::ops::ANSWER_MAX_BYTES`] is answered as a stream: its length, and a body read
+    /// [`proto::ops::ANSWER_BYTES_MAX`] is answered as a stream: its length, and a body read
     /// from the document's file in [`STREAM_CHUNK_BYTES`] ranges.
     async fn sq_answer(
         &self,
@@ -223,11 +223,11 @@ impl Service {
         }
     }
 
-    /// A `get` that streams when the document is larger than [`proto::ops::ANSWER_MAX_BYTES`].
+    /// A `get` that streams when the document is larger than [`proto::ops::ANSWER_BYTES_MAX`].
     async fn open_get(&self, tenant: &str, p: &proto::PhextName) -> Result<Answered, ApiError> {
         let (store, owned, p) = (self.store.clone(), tenant.to_string(), p.clone());
         let opened = crate::blocking::spawn(move || {
-            store.open_get(&owned, &p, proto::ops::ANSWER_MAX_BYTES)
+            store.open_get(&owned, &p, proto::ops::ANSWER_BYTES_MAX)
         })
         .await
         .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?;

@@ -23,7 +23,7 @@ pub enum ApiError {
     Missing(String),
     #[error("Payload Too Large: the body exceeds {limit_bytes} bytes")]
     PayloadTooLarge { limit_bytes: u64 },
-    /// The answer would pass [`crate::ops::ANSWER_MAX_BYTES`]; it was sized, not built. Final:
+    /// The answer would pass [`crate::ops::ANSWER_BYTES_MAX`]; it was sized, not built. Final:
     /// the same request fails the same way, so no retry is suggested.
     #[error("Unprocessable Content: the answer would be {answer_bytes} bytes, over the limit of {limit_bytes} bytes; ask for less")]
     AnswerTooLarge { answer_bytes: u64, limit_bytes: u64 },

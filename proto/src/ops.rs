@@ -12,14 +12,14 @@ use crate::request::{Selector, WhereAlgo};
 pub const SCROLL_MISSING: &str = "---sq:Scroll-Missing---";
 
 /// The largest answer a node builds in memory, in bytes: 16 MiB, the request body limit
-/// ([`crate::request::BODY_MAX_BYTES`]), so a client can never make a node build more than it
+/// ([`crate::request::BODY_BYTES_MAX`]), so a client can never make a node build more than it
 /// could have sent itself. Every read's size is computed first ([`delta_len`], [`toc_len`],
 /// [`query_len`], [`Doc::canonical_len`]); a `delta` over it is refused before anything is built
 /// (its size grows with what the request lists: a few coordinates far from the origin cost a
 /// megabyte of breaks each). A `get` above it is streamed from the document's file in chunks
 /// instead of built; `toc` and `query` only re-present what the tenant stores (which its quota
 /// bounds) and are built whole up to what one message can carry, refused past it.
-pub const ANSWER_MAX_BYTES: u64 = crate::request::BODY_MAX_BYTES as u64;
+pub const ANSWER_BYTES_MAX: u64 = crate::request::BODY_BYTES_MAX as u64;
 
 /// `toc`: a line `* <coord>: <summary>` per scroll; an empty document lists the origin, empty.
 pub fn toc(doc: &Doc) -> String {
@@ -460,6 +460,6 @@ mod tests {
             .collect();
         let len = delta_len(&Doc::new(), &manifest);
         assert!(len > 200 * 999_999, "{len}");
-        assert!(len > ANSWER_MAX_BYTES);
+        assert!(len > ANSWER_BYTES_MAX);
     }
 }

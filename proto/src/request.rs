@@ -19,7 +19,7 @@ use crate::route::Route;
 
 /// The largest request body, in bytes. Ten times a large scroll; bigger documents go in by
 /// `sq-cloud import`, scroll by scroll.
-pub const BODY_MAX_BYTES: usize = 16 * 1024 * 1024;
+pub const BODY_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 /// The most coordinates one `query` may list with `set=` or a body. Bounds the answer's size.
 pub const QUERY_SET_MAX: usize = 10_000;
@@ -262,8 +262,8 @@ pub fn parse(method: Method, route: &str, query: &str, body: &[u8]) -> Result<Sq
     if !served {
         return Err(ApiError::NotFound);
     }
-    if body.len() > BODY_MAX_BYTES {
-        return Err(ApiError::PayloadTooLarge { limit_bytes: BODY_MAX_BYTES as u64 });
+    if body.len() > BODY_BYTES_MAX {
+        return Err(ApiError::PayloadTooLarge { limit_bytes: BODY_BYTES_MAX as u64 });
     }
     // SQ reads a body only on POST, and only when it is not empty; a GET takes `s=`.
     let s = match method {
@@ -466,7 +466,7 @@ mod tests {
         let r =
             parse(Method::Post, "insert", "p=m&c=1.1.1/1.1.1/1.1.1&s=ignored", b"body").unwrap();
         assert!(matches!(r, SqRequest::Insert { text, .. } if text == "body"));
-        let big = vec![b'a'; BODY_MAX_BYTES + 1];
+        let big = vec![b'a'; BODY_BYTES_MAX + 1];
         assert!(matches!(
             parse(Method::Post, "update", "p=m&c=1.1.1/1.1.1/1.1.1", &big),
             Err(ApiError::PayloadTooLarge { .. })

@@ -9,7 +9,7 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 pub const WIRE_VERSION: u16 = 3;
 
 /// The largest message either side encodes or decodes, in bytes: 64 MiB. It is also the
-/// transport's frame limit (`transport::MAX_FRAME_BYTES`): one message fills one frame. It bounds
+/// transport's frame limit (`transport::FRAME_BYTES_MAX`): one message fills one frame. It bounds
 /// what one stream can make a peer buffer, lies far above any API request (the gateway's body
 /// limit is smaller), holds one handoff chunk, and fits the frame's u32 length field.
 pub const MESSAGE_BYTES_MAX: usize = 64 * 1024 * 1024;

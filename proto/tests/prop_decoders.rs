@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use proptest::test_runner::Config;
 
 use proto::cluster::{AdminOp, Chunk, HandoffFile, NodeRequest, NodeResponse, TenantUsage};
-use proto::request::{parse, Method, BODY_MAX_BYTES};
+use proto::request::{parse, Method, BODY_BYTES_MAX};
 use proto::wire::{self, decode_claim_budget, MESSAGE_BYTES_MAX};
 use proto::{ApiError, Coordinate, PhextName, SqRequest, SqResponse};
 
@@ -418,9 +418,9 @@ fn forged_string_length_allocates_nothing_large() {
 // Goal: the largest body is accepted by size, one byte more is refused as too large.
 #[test]
 fn body_limit_is_the_named_one() {
-    let ok = vec![b'a'; BODY_MAX_BYTES];
+    let ok = vec![b'a'; BODY_BYTES_MAX];
     assert!(parse(Method::Post, "update", "p=doc&c=1.1.1/1.1.1/1.1.1", &ok).is_ok());
-    let over = vec![b'a'; BODY_MAX_BYTES + 1];
+    let over = vec![b'a'; BODY_BYTES_MAX + 1];
     assert!(matches!(
         parse(Method::Post, "update", "p=doc&c=1.1.1/1.1.1/1.1.1", &over),
         Err(ApiError::PayloadTooLarge { .. })

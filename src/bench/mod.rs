@@ -236,10 +236,10 @@ fn check(config: &BenchConfig) -> anyhow::Result<()> {
     if config.scrolls == 0 || config.scroll_bytes == 0 {
         bail!("--scrolls and --scroll-bytes must be at least 1");
     }
-    if config.scroll_bytes > proto::request::BODY_MAX_BYTES {
+    if config.scroll_bytes > proto::request::BODY_BYTES_MAX {
         bail!(
             "--scroll-bytes must be at most {} (the request body limit)",
-            proto::request::BODY_MAX_BYTES
+            proto::request::BODY_BYTES_MAX
         );
     }
     if config.scrolls > SCROLLS_MAX {

@@ -14,7 +14,7 @@ use tracing::debug;
 
 use crate::error::{self, Result, TransportError};
 use crate::tls::{self, ClientAuth};
-use crate::{codes, frame, Identity, MAX_FRAME_BYTES, SERVER_NAME};
+use crate::{codes, frame, Identity, FRAME_BYTES_MAX, SERVER_NAME};
 
 /// The client's bounds. Every field has a documented default.
 #[derive(Clone, Copy, Debug)]
@@ -124,10 +124,10 @@ impl Client {
 
     /// Sends `request` to `addr` and returns the response payload, all within `timeout`.
     pub async fn call(&self, addr: SocketAddr, request: Bytes, timeout: Duration) -> Result<Bytes> {
-        if request.len() > MAX_FRAME_BYTES {
+        if request.len() > FRAME_BYTES_MAX {
             return Err(TransportError::FrameTooLarge {
                 len: request.len() as u64,
-                limit: MAX_FRAME_BYTES as u64,
+                limit: FRAME_BYTES_MAX as u64,
             });
         }
         match tokio::time::timeout(timeout, self.call_unbounded(addr, request)).await {
@@ -152,10 +152,10 @@ impl Client {
         request: Bytes,
         timeout: Duration,
     ) -> Result<(Bytes, BodyReader)> {
-        if request.len() > MAX_FRAME_BYTES {
+        if request.len() > FRAME_BYTES_MAX {
             return Err(TransportError::FrameTooLarge {
                 len: request.len() as u64,
-                limit: MAX_FRAME_BYTES as u64,
+                limit: FRAME_BYTES_MAX as u64,
             });
         }
         let opened = async {

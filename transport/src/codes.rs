@@ -6,7 +6,7 @@ use std::ops::RangeInclusive;
 
 use quinn::VarInt;
 
-use crate::{TransportError, MAX_FRAME_BYTES, PROTOCOL_VERSION};
+use crate::{TransportError, FRAME_BYTES_MAX, PROTOCOL_VERSION};
 
 /// Connection close: the server is shutting down.
 pub(crate) const CLOSE_SHUTDOWN: VarInt = VarInt::from_u32(0);
@@ -15,7 +15,7 @@ pub(crate) const CLOSE_UNKNOWN_ROLE: VarInt = VarInt::from_u32(1);
 /// Connection close: the client dropped the pooled connection ([`crate::Client::forget`]).
 pub(crate) const CLOSE_FORGOTTEN: VarInt = VarInt::from_u32(2);
 
-/// Stream reset: the request frame declared more than [`MAX_FRAME_BYTES`].
+/// Stream reset: the request frame declared more than [`FRAME_BYTES_MAX`].
 pub(crate) const STREAM_FRAME_TOO_LARGE: VarInt = VarInt::from_u32(1);
 /// Stream reset: the request did not start with the magic bytes or ended early.
 pub(crate) const STREAM_MALFORMED: VarInt = VarInt::from_u32(2);
@@ -43,7 +43,7 @@ pub(crate) fn refusal(code: u64, request_len: usize) -> TransportError {
         u64::from(STREAM_VERSION_MISMATCH_BASE)..=u64::from(STREAM_VERSION_MISMATCH_BASE + 0xff);
     match code {
         c if c == STREAM_FRAME_TOO_LARGE.into_inner() => {
-            TransportError::FrameTooLarge { len: request_len as u64, limit: MAX_FRAME_BYTES as u64 }
+            TransportError::FrameTooLarge { len: request_len as u64, limit: FRAME_BYTES_MAX as u64 }
         }
         c if c == STREAM_MALFORMED.into_inner() => TransportError::Malformed {
             reason: "the peer could not parse our request frame".to_owned(),

@@ -39,7 +39,7 @@ pub enum TransportError {
     #[error("refused by peer: {reason}")]
     Refused { reason: String },
 
-    /// A frame larger than [`crate::MAX_FRAME_BYTES`], refused before it was buffered.
+    /// A frame larger than [`crate::FRAME_BYTES_MAX`], refused before it was buffered.
     #[error("frame of {len} bytes exceeds the limit of {limit} bytes")]
     FrameTooLarge { len: u64, limit: u64 },
 

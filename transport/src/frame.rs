@@ -1,7 +1,7 @@
 //! The wire frame: `[b"SQC"][PROTOCOL_VERSION: u8][len: u32 big-endian][payload: len bytes]`.
 //!
 //! One frame travels each way on a stream, except that an answer may be streamed: its header
-//! frame, then body frames, each at most [`MAX_FRAME_BYTES`], up to the stream's end. The payload is opaque here; [`encode`] and
+//! frame, then body frames, each at most [`FRAME_BYTES_MAX`], up to the stream's end. The payload is opaque here; [`encode`] and
 //! [`decode`] are the bincode helpers the crates above use to fill it.
 
 use bytes::{Bytes, BytesMut};
@@ -23,7 +23,7 @@ pub const HEADER_BYTES: usize = MAGIC.len() + 1 + 4;
 
 /// The largest payload either side accepts: one message, `proto::wire::MESSAGE_BYTES_MAX`
 /// (64 MiB), which says why. Anything larger must be split by the caller.
-pub const MAX_FRAME_BYTES: usize = proto::wire::MESSAGE_BYTES_MAX;
+pub const FRAME_BYTES_MAX: usize = proto::wire::MESSAGE_BYTES_MAX;
 
 /// The largest piece read from the stream at once: 64 KiB. The buffer grows with the bytes
 /// that actually arrive, so a peer that declares a large frame and sends nothing costs nothing.
@@ -31,13 +31,13 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 
 /// The header for a payload of `len` bytes, in this build's version.
 pub fn header(len: usize) -> Result<[u8; HEADER_BYTES]> {
-    if len > MAX_FRAME_BYTES {
+    if len > FRAME_BYTES_MAX {
         return Err(TransportError::FrameTooLarge {
             len: len as u64,
-            limit: MAX_FRAME_BYTES as u64,
+            limit: FRAME_BYTES_MAX as u64,
         });
     }
-    // Cannot fail: MAX_FRAME_BYTES fits in u32.
+    // Cannot fail: FRAME_BYTES_MAX fits in u32.
     let len = u32::try_from(len).unwrap_or(u32::MAX);
     Ok(raw_header(PROTOCOL_VERSION, len))
 }
@@ -60,10 +60,10 @@ pub fn parse_header(header: &[u8; HEADER_BYTES]) -> Result<usize> {
         return Err(TransportError::VersionMismatch { ours: PROTOCOL_VERSION, theirs: header[3] });
     }
     let len = u32::from_be_bytes([header[4], header[5], header[6], header[7]]) as usize;
-    if len > MAX_FRAME_BYTES {
+    if len > FRAME_BYTES_MAX {
         return Err(TransportError::FrameTooLarge {
             len: len as u64,
-            limit: MAX_FRAME_BYTES as u64,
+            limit: FRAME_BYTES_MAX as u64,
         });
     }
     Ok(len)
@@ -105,7 +105,7 @@ pub(crate) async fn read_frame(recv: &mut RecvStream) -> Result<Bytes> {
 }
 
 /// Reads one frame of a streamed answer's body, or `None` where the stream ends cleanly
-/// between frames. Each frame is bounded by [`MAX_FRAME_BYTES`] like any other.
+/// between frames. Each frame is bounded by [`FRAME_BYTES_MAX`] like any other.
 pub(crate) async fn read_body_frame(recv: &mut RecvStream) -> Result<Option<Bytes>> {
     let mut header = [0u8; HEADER_BYTES];
     match recv.read_exact(&mut header).await {
@@ -151,7 +151,7 @@ pub(crate) async fn write_frame(send: &mut SendStream, payload: Bytes) -> Result
 /// The bincode configuration of every payload: `standard()` (little-endian varints), and decoding
 /// refuses to allocate more than a frame can hold.
 fn config() -> impl bincode::config::Config {
-    bincode::config::standard().with_limit::<MAX_FRAME_BYTES>()
+    bincode::config::standard().with_limit::<FRAME_BYTES_MAX>()
 }
 
 /// Encodes a payload with bincode 2 (serde API).
@@ -161,16 +161,16 @@ pub fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>> {
 }
 
 /// The most a [`decode`] of `payload_len` bytes may claim (allocate), in bytes: proto's
-/// [`proto::wire::decode_claim_budget`] under [`MAX_FRAME_BYTES`].
+/// [`proto::wire::decode_claim_budget`] under [`FRAME_BYTES_MAX`].
 pub fn decode_claim_budget(payload_len: usize) -> usize {
-    proto::wire::decode_claim_budget(payload_len, MAX_FRAME_BYTES)
+    proto::wire::decode_claim_budget(payload_len, FRAME_BYTES_MAX)
 }
 
 /// Decodes a payload produced by [`encode`]; trailing bytes are an error, since they mean the
 /// two ends disagree about the type. It claims at most [`decode_claim_budget`] bytes
 /// ([`proto::wire::decode_bounded`]).
 pub fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
-    let (value, used) = proto::wire::decode_bounded::<T, MAX_FRAME_BYTES>(bytes)
+    let (value, used) = proto::wire::decode_bounded::<T, FRAME_BYTES_MAX>(bytes)
         .map_err(|e| TransportError::Decode(e.to_string()))?;
     if used != bytes.len() {
         return Err(TransportError::Decode(format!(

@@ -12,7 +12,7 @@
 //! - [`Client`]: a cheap-to-clone pool keeping one connection per peer address.
 //!
 //! Every timeout, queue and size has a named limit ([`ServerLimits`], [`ClientLimits`],
-//! [`MAX_FRAME_BYTES`]). Errors are one enum, [`TransportError`], whose variants tell
+//! [`FRAME_BYTES_MAX`]). Errors are one enum, [`TransportError`], whose variants tell
 //! "peer unavailable" apart from "peer refused us" and from "peer speaks another version".
 //!
 //! **Architecture Invariant:** transport moves opaque, versioned frames; it knows nothing of
@@ -39,7 +39,7 @@ pub use caller::{AnswerCallFuture, CallFuture, Caller};
 pub use certs::{Identity, Role};
 pub use client::{BodyReader, Client, ClientLimits, ClientStats};
 pub use error::{Result, TransportError};
-pub use frame::{decode, encode, MAX_FRAME_BYTES, PROTOCOL_VERSION};
+pub use frame::{decode, encode, FRAME_BYTES_MAX, PROTOCOL_VERSION};
 pub use server::{
     body_unfold, Answer, AnswerBody, AnswerFuture, Handler, HandlerFuture, Peer, Server,
     ServerLimits,

@@ -16,7 +16,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::certs::Role;
 use crate::error::{self, Result, TransportError};
-use crate::{codes, frame, tls, Identity, MAX_FRAME_BYTES};
+use crate::{codes, frame, tls, Identity, FRAME_BYTES_MAX};
 
 /// The server's bounds. Every field has a documented default; override only with a reason.
 #[derive(Clone, Copy, Debug)]
@@ -26,7 +26,7 @@ pub struct ServerLimits {
     pub max_connections: usize,
     /// Requests (bidirectional streams) one connection may have open at once. Default 256:
     /// a gateway's in-flight requests to one node. Beyond it the client waits for credit,
-    /// which is the backpressure. Memory bound: streams × [`MAX_FRAME_BYTES`] per connection.
+    /// which is the backpressure. Memory bound: streams × [`FRAME_BYTES_MAX`] per connection.
     pub max_streams_per_connection: u32,
     /// A connection with no traffic for this long is dropped. Default 10 s: clients send
     /// keep-alives every few seconds, so only a dead or partitioned peer stays silent this long.
@@ -72,7 +72,7 @@ pub struct Peer {
 pub type HandlerFuture<'a> = Pin<Box<dyn Future<Output = Bytes> + Send + 'a>>;
 
 /// The body of a streamed answer: its pieces in order, each sent as one frame (so each must be
-/// at most [`MAX_FRAME_BYTES`]). The server asks for the next piece only once the last one is
+/// at most [`FRAME_BYTES_MAX`]). The server asks for the next piece only once the last one is
 /// written, so a slow reader holds one piece here and QUIC's window in flight, never the body.
 pub type AnswerBody = Pin<Box<dyn futures::Stream<Item = Bytes> + Send>>;
 
@@ -337,10 +337,10 @@ async fn respond(send: &mut SendStream, answer: Answer, progress: Duration) -> R
 
 /// Writes an answer's head frame.
 async fn write_head(send: &mut SendStream, response: Bytes) -> Result<()> {
-    if response.len() > MAX_FRAME_BYTES {
+    if response.len() > FRAME_BYTES_MAX {
         // A handler bug, not the peer's fault. Sending just the header lets the client fail
         // with FrameTooLarge and the true length instead of a bare reset.
-        error!(len = response.len(), "handler returned a response over MAX_FRAME_BYTES");
+        error!(len = response.len(), "handler returned a response over FRAME_BYTES_MAX");
         let len = u32::try_from(response.len()).unwrap_or(u32::MAX);
         let header = frame::raw_header(crate::PROTOCOL_VERSION, len);
         send.write_all(&header).await.map_err(error::from_write)?;

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use proptest::test_runner::Config;
 
 use transport::frame::{decode_claim_budget, header, parse_header, HEADER_BYTES, MAGIC};
-use transport::{decode, encode, TransportError, MAX_FRAME_BYTES, PROTOCOL_VERSION};
+use transport::{decode, encode, TransportError, FRAME_BYTES_MAX, PROTOCOL_VERSION};
 
 /// Peak heap of one decode call, per thread, so parallel tests do not mix.
 mod meter {
@@ -101,9 +101,9 @@ fn mutation() -> impl Strategy<Value = Mutation> {
         2 => (any::<usize>(), prop_oneof![
             Just(u64::MAX),
             Just(u32::MAX as u64),
-            Just(MAX_FRAME_BYTES as u64),
-            Just(MAX_FRAME_BYTES as u64 - 1),
-            1u64 << 10..MAX_FRAME_BYTES as u64,
+            Just(FRAME_BYTES_MAX as u64),
+            Just(FRAME_BYTES_MAX as u64 - 1),
+            1u64 << 10..FRAME_BYTES_MAX as u64,
             1u64 << 20..1u64 << 32,
         ])
             .prop_map(|(at, value)| Mutation::Inflate { at, value }),
@@ -219,11 +219,11 @@ proptest! {
     // Goal: any 8 bytes as a frame header are refused or give a length within the frame limit,
     // allocating nothing but an error's text; a header this side writes parses back.
     #[test]
-    fn frame_header_is_total(bytes in any::<[u8; HEADER_BYTES]>(), len in 0..=MAX_FRAME_BYTES) {
+    fn frame_header_is_total(bytes in any::<[u8; HEADER_BYTES]>(), len in 0..=FRAME_BYTES_MAX) {
         let (parsed, peak) = meter::peak(|| parse_header(&bytes));
         prop_assert!(peak <= 256, "a header parse held {peak} bytes");
         if let Ok(n) = parsed {
-            prop_assert!(n <= MAX_FRAME_BYTES);
+            prop_assert!(n <= FRAME_BYTES_MAX);
         }
         prop_assert_eq!(parse_header(&header(len).expect("within the limit")).ok(), Some(len));
     }
@@ -237,9 +237,9 @@ proptest! {
         h[3] = PROTOCOL_VERSION;
         h[4..].copy_from_slice(&len.to_be_bytes());
         match parse_header(&h) {
-            Ok(n) => prop_assert!(n == len as usize && n <= MAX_FRAME_BYTES),
+            Ok(n) => prop_assert!(n == len as usize && n <= FRAME_BYTES_MAX),
             Err(TransportError::FrameTooLarge { .. }) => {
-                prop_assert!(len as usize > MAX_FRAME_BYTES)
+                prop_assert!(len as usize > FRAME_BYTES_MAX)
             }
             Err(e) => prop_assert!(false, "unexpected {e}"),
         }
@@ -268,7 +268,7 @@ proptest! {
 #[test]
 fn forged_length_prefix_allocates_nothing_large() {
     let mut bytes = vec![2u8]; // Payload::Bytes
-    bytes.extend(varint(MAX_FRAME_BYTES as u64 - 8));
+    bytes.extend(varint(FRAME_BYTES_MAX as u64 - 8));
     let (result, peak) = meter::peak(|| decode::<Payload>(&bytes));
     assert!(result.is_err());
     assert!(peak < 1024 * 1024, "{} bytes held {peak}", bytes.len());

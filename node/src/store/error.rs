@@ -30,7 +30,7 @@ pub enum StoreError {
     /// name or text that reached the node another way). Nothing was changed.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
-    /// The answer would be larger than the node builds ([`proto::ops::ANSWER_MAX_BYTES`]); it was
+    /// The answer would be larger than the node builds ([`proto::ops::ANSWER_BYTES_MAX`]); it was
     /// sized, not built. Asking again cannot help: the client must ask for less.
     #[error("the answer would be {answer_bytes} bytes, over the limit of {limit_bytes}")]
     AnswerTooLarge { answer_bytes: u64, limit_bytes: u64 },

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
-use proto::request::{Selector, BODY_MAX_BYTES, DELTA_LINES_MAX, QUERY_SET_MAX, SQ_API_VERSION};
+use proto::request::{Selector, BODY_BYTES_MAX, DELTA_LINES_MAX, QUERY_SET_MAX, SQ_API_VERSION};
 use proto::{ops, Coordinate, PhextName, SqRequest, SqResponse};
 
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -524,14 +524,14 @@ pub enum Opened {
 /// The largest answer that travels whole, in one message to the gateway: a message's limit less
 /// room for its envelope. `get`, `toc` and `query` answers are sized before they are built, and
 /// one past this is refused with a final error rather than built and then failing to send.
-const WHOLE_ANSWER_MAX_BYTES: u64 = (proto::wire::MESSAGE_BYTES_MAX - (1 << 20)) as u64;
+const WHOLE_ANSWER_BYTES_MAX: u64 = (proto::wire::MESSAGE_BYTES_MAX - (1 << 20)) as u64;
 
-/// Checks a sized answer against [`WHOLE_ANSWER_MAX_BYTES`] before it is built.
+/// Checks a sized answer against [`WHOLE_ANSWER_BYTES_MAX`] before it is built.
 fn sized(answer_bytes: u64) -> Result<(), StoreError> {
-    if answer_bytes > WHOLE_ANSWER_MAX_BYTES {
+    if answer_bytes > WHOLE_ANSWER_BYTES_MAX {
         return Err(StoreError::AnswerTooLarge {
             answer_bytes,
-            limit_bytes: WHOLE_ANSWER_MAX_BYTES,
+            limit_bytes: WHOLE_ANSWER_BYTES_MAX,
         });
     }
     Ok(())
@@ -553,10 +553,10 @@ fn run(t: &Tenant, quota_bytes: u64, req: &SqRequest) -> Result<Option<SqRespons
         SqRequest::Delta { p, manifest } => t.read(p, |d| {
             // Sized first: a few listed coordinates far from the origin cost megabytes each.
             let answer_bytes = ops::delta_len(d, manifest);
-            if answer_bytes > ops::ANSWER_MAX_BYTES {
+            if answer_bytes > ops::ANSWER_BYTES_MAX {
                 return Err(StoreError::AnswerTooLarge {
                     answer_bytes,
-                    limit_bytes: ops::ANSWER_MAX_BYTES,
+                    limit_bytes: ops::ANSWER_BYTES_MAX,
                 });
             }
             Ok(plain(ops::delta(d, manifest)))
@@ -613,8 +613,8 @@ fn validate(req: &SqRequest) -> Result<(), StoreError> {
         SqRequest::Select { c, .. } | SqRequest::Delete { c, .. } => coord(c),
         SqRequest::Insert { c, text, .. } | SqRequest::Update { c, text, .. } => {
             coord(c)?;
-            if text.len() > BODY_MAX_BYTES {
-                return bad(format!("text exceeds {BODY_MAX_BYTES} bytes"));
+            if text.len() > BODY_BYTES_MAX {
+                return bad(format!("text exceeds {BODY_BYTES_MAX} bytes"));
             }
             if proto::doc::contains_break(text) {
                 return bad("text contains phext dimension breaks".into());
@@ -632,8 +632,8 @@ fn validate(req: &SqRequest) -> Result<(), StoreError> {
             range.iter().try_for_each(|(from, to)| coord(from).and_then(|_| coord(to)))?;
             set.iter().try_for_each(coord)
         }
-        SqRequest::Where { text, .. } if text.len() > BODY_MAX_BYTES => {
-            bad(format!("text exceeds {BODY_MAX_BYTES} bytes"))
+        SqRequest::Where { text, .. } if text.len() > BODY_BYTES_MAX => {
+            bad(format!("text exceeds {BODY_BYTES_MAX} bytes"))
         }
         SqRequest::Version
         | SqRequest::Toc { .. }

@@ -31,7 +31,7 @@ pub(crate) const RECORD_HEADER_BYTES: usize = 8;
 
 /// The largest payload a record may have, in bytes: a scroll as large as the largest request
 /// body, plus 64 KiB for its phext name and encoding. A longer length field is a torn write.
-pub(crate) const RECORD_PAYLOAD_BYTES_MAX: usize = proto::request::BODY_MAX_BYTES + 64 * 1024;
+pub(crate) const RECORD_PAYLOAD_BYTES_MAX: usize = proto::request::BODY_BYTES_MAX + 64 * 1024;
 
 /// The file name suffix of a log segment. Its stem is the segment's first LSN in 20 digits, so
 /// that names sort in LSN order.

@@ -2,7 +2,7 @@ use serde::{Deserialize, Serialize};
 
 use super::*;
 use crate::frame::{parse_header, raw_header, HEADER_BYTES, MAGIC};
-use crate::{MAX_FRAME_BYTES, PROTOCOL_VERSION};
+use crate::{FRAME_BYTES_MAX, PROTOCOL_VERSION};
 
 /// What parsing a header should give: the payload length, or the error variant's name.
 fn check(header: [u8; HEADER_BYTES], expected: std::result::Result<usize, &str>) {
@@ -18,10 +18,10 @@ fn check(header: [u8; HEADER_BYTES], expected: std::result::Result<usize, &str>)
 #[test]
 fn headers_are_checked_for_magic_version_and_length() {
     // Goal: the header parser accepts exactly this version's frames up to the size limit.
-    let max = MAX_FRAME_BYTES as u32;
+    let max = FRAME_BYTES_MAX as u32;
     check(raw_header(PROTOCOL_VERSION, 0), Ok(0));
     check(raw_header(PROTOCOL_VERSION, 5), Ok(5));
-    check(raw_header(PROTOCOL_VERSION, max), Ok(MAX_FRAME_BYTES));
+    check(raw_header(PROTOCOL_VERSION, max), Ok(FRAME_BYTES_MAX));
     check(raw_header(PROTOCOL_VERSION, max + 1), Err("FrameTooLarge"));
     check(raw_header(PROTOCOL_VERSION, u32::MAX), Err("FrameTooLarge"));
     check(raw_header(PROTOCOL_VERSION + 1, 5), Err("VersionMismatch"));
@@ -57,11 +57,11 @@ fn payloads_round_trip_and_trailing_bytes_are_refused() {
 
 #[tokio::test]
 async fn oversized_request_is_refused_before_sending() {
-    // Goal: the client refuses a request over MAX_FRAME_BYTES without touching the network.
+    // Goal: the client refuses a request over FRAME_BYTES_MAX without touching the network.
     bounded(async {
         let cluster = Cluster::new();
         let client = cluster.client();
-        let big = Bytes::from(vec![0u8; MAX_FRAME_BYTES + 1]);
+        let big = Bytes::from(vec![0u8; FRAME_BYTES_MAX + 1]);
         let err = client.call(localhost(), big, CALL_TIMEOUT).await.expect_err("too large");
         assert!(matches!(err, TransportError::FrameTooLarge { .. }), "{err:?}");
         assert_eq!(client.stats().connections_opened, 0);
@@ -71,14 +71,14 @@ async fn oversized_request_is_refused_before_sending() {
 
 #[tokio::test]
 async fn server_refuses_a_frame_declared_over_the_limit() {
-    // Goal: a peer announcing a frame over MAX_FRAME_BYTES is refused from the header alone,
+    // Goal: a peer announcing a frame over FRAME_BYTES_MAX is refused from the header alone,
     // and its client sees FrameTooLarge.
     bounded(async {
         let cluster = Cluster::new();
         let server = cluster.start(Arc::new(Echo));
         let client = cluster.client();
-        let header = raw_header(PROTOCOL_VERSION, MAX_FRAME_BYTES as u32 + 1);
-        let err = raw_call(&client, server.addr, &header, MAX_FRAME_BYTES + 1)
+        let header = raw_header(PROTOCOL_VERSION, FRAME_BYTES_MAX as u32 + 1);
+        let err = raw_call(&client, server.addr, &header, FRAME_BYTES_MAX + 1)
             .await
             .expect_err("refused");
         assert!(matches!(err, TransportError::FrameTooLarge { .. }), "{err:?}");
@@ -174,20 +174,20 @@ struct Oversized;
 
 impl Handler for Oversized {
     fn handle(&self, _peer: Peer, _request: Bytes) -> HandlerFuture<'_> {
-        Box::pin(async { Bytes::from(vec![0u8; MAX_FRAME_BYTES + 1]) })
+        Box::pin(async { Bytes::from(vec![0u8; FRAME_BYTES_MAX + 1]) })
     }
 }
 
 #[tokio::test]
 async fn oversized_response_is_refused_by_the_client() {
-    // Goal: a response over MAX_FRAME_BYTES reaches the client as FrameTooLarge with its
+    // Goal: a response over FRAME_BYTES_MAX reaches the client as FrameTooLarge with its
     // true length, and is never buffered.
     bounded(async {
         let cluster = Cluster::new();
         let server = cluster.start(Arc::new(Oversized));
         let err = cluster.client().call(server.addr, Bytes::new(), CALL_TIMEOUT).await;
         assert!(
-            matches!(err, Err(TransportError::FrameTooLarge { len, .. }) if len == MAX_FRAME_BYTES as u64 + 1),
+            matches!(err, Err(TransportError::FrameTooLarge { len, .. }) if len == FRAME_BYTES_MAX as u64 + 1),
             "{err:?}"
         );
         server.stop().await;
