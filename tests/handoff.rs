@@ -199,3 +199,52 @@ fn verify(base: &str, tenants: &[Tenant], phases: &[(&str, Instant)]) {
         eprintln!("longest pause of one tenant during {name}: {pause:?} (tenant {tenant})");
     }
 }
+
+// Goal: a tenant whose document is larger than one handoff chunk (4 MiB by default, so the old
+// owner streams the file on one QUIC stream instead of answering it whole) arrives whole: after
+// a join and a drain move it from node 1 to node 2, `get` answers exactly the bytes written,
+// whose checksum equals the `checksum` route's.
+#[test]
+fn a_file_larger_than_a_chunk_moves_whole() {
+    let cluster = DevCluster::start(1);
+    let base = cluster.url();
+    let key = cluster.add_tenant("mover", serde_json::json!({"tier": "team"}));
+    let mut expected = Vec::new();
+    for k in 1..=6u8 {
+        let text = vec![b'a' + k; 1 << 20];
+        let r = http()
+            .post(format!("{base}/update?p=big&c=1.1.1/1.1.1/1.1.{k}"))
+            .bearer_auth(&key)
+            .body(text.clone())
+            .send()
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        if k > 1 {
+            expected.push(0x17);
+        }
+        expected.extend_from_slice(&text);
+    }
+    let port2 = free_udp_port();
+    let mut node2 = start_node(&cluster, 2, port2);
+    let (status, body) = admin(
+        &cluster,
+        reqwest::Method::POST,
+        "/admin/nodes",
+        Some(serde_json::json!({"id": 2, "addr": format!("127.0.0.1:{port2}")})),
+    );
+    assert_eq!(status, 200, "{body}");
+    settle(&cluster, "join");
+    let (status, body) = admin(&cluster, reqwest::Method::POST, "/admin/nodes/1/drain", None);
+    assert_eq!(status, 200, "{body}");
+    settle(&cluster, "drain");
+    let counts = node_counts(&cluster);
+    assert_eq!(counts[&1], ("draining".to_string(), 0), "{counts:?}");
+    let r = http().get(format!("{base}/get?p=big")).bearer_auth(&key).send().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let got = r.bytes().unwrap();
+    assert!(got[..] == expected[..], "the moved document differs from the one written");
+    let (status, checksum) = get(&base, &key, "/checksum?p=big");
+    assert_eq!((status, checksum), (200, proto::doc::checksum(&expected)));
+    let _ = node2.kill();
+    let _ = node2.wait();
+}

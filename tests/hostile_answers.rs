@@ -88,7 +88,9 @@ fn post(base: &str, key: &str, path: &str, body: Vec<u8>) -> reqwest::blocking::
 // Goal: a document larger than a node builds whole is streamed through gateway, QUIC and node:
 // `get` answers 200 with the right Content-Length and exactly the document's bytes (their
 // checksum equals the `checksum` route's), also after a write changed it since the last read;
-// a `delta` that would answer the whole document is refused with 422 instead of being built.
+// `toc`, `json-export` and `query` of the whole document answer 200 with their Content-Length,
+// Content-Type and exactly the answer built whole from the same document; a `delta` that would
+// answer the whole document is refused with 422 instead of being built.
 #[test]
 fn large_document_streams_end_to_end() {
     let cluster = DevCluster::start(1);
@@ -121,6 +123,44 @@ fn large_document_streams_end_to_end() {
             expected.extend_from_slice(b"\x17\x17\x17\x17ninth");
         }
     }
+    // The other reads of the whole document stream too, each exactly as built from it.
+    let doc = proto::Doc::parse(&expected).unwrap();
+    let all = "from=1.1.1/1.1.1/1.1.1&to=1.1.1/1.1.1/1.1.99";
+    let reads = [
+        ("toc?p=big".to_string(), proto::ops::toc(&doc).into_bytes(), "text/plain"),
+        (
+            "json-export?p=big".into(),
+            proto::ops::json_export(&doc).into_bytes(),
+            "application/json",
+        ),
+        (format!("query?p=big&{all}"), query(&doc, all), "application/json"),
+    ];
+    for (read, built, content_type) in reads {
+        assert!(built.len() as u64 > 16 << 20, "{read} is large enough to stream");
+        let r = http().get(format!("{base}/{read}")).bearer_auth(&key).send().unwrap();
+        assert_eq!(r.status().as_u16(), 200, "{read}");
+        let length = r.headers()["content-length"].to_str().unwrap().to_string();
+        assert_eq!(length, built.len().to_string(), "{read}");
+        let declared = r.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(declared.starts_with(content_type), "{read}: {declared}");
+        let body = r.bytes().unwrap();
+        assert!(body[..] == built[..], "{read}: the body differs from the answer built whole");
+    }
     let r = post(&base, &key, "/delta?p=big", Vec::new());
     assert_eq!(r.status().as_u16(), 422, "a whole-document delta is refused, not built");
+}
+
+/// `query`'s answer built whole, for a query string of the test's own.
+fn query(doc: &proto::Doc, params: &str) -> Vec<u8> {
+    let request = proto::request::parse(
+        proto::request::Method::Get,
+        "query",
+        &format!("p=big&{params}"),
+        b"",
+    )
+    .unwrap();
+    match request {
+        proto::SqRequest::Query { selector, limit, .. } => proto::ops::query(doc, &selector, limit),
+        other => panic!("not a query: {other:?}"),
+    }
 }

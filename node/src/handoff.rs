@@ -47,7 +47,9 @@ pub struct HandoffConfig {
     pub parallelism: usize,
     /// Bytes per second a new owner pulls, over all its handoffs. Default 64 MiB/s.
     pub bandwidth_bytes_per_s: u64,
-    /// Bytes per read request. Default 4 MiB: well under the transport's frame limit.
+    /// Bytes of a file an old owner sends whole, in one answer; a longer transfer streams on one
+    /// QUIC stream in 1 MiB frames, and a peer that answers whole only is asked a chunk at a
+    /// time. Default 4 MiB: well under the transport's frame limit.
     pub chunk_bytes: u64,
     /// Seconds the old owner keeps its copy after the handoff is done. Default 600.
     pub grace_s: u64,
@@ -189,7 +191,9 @@ pub async fn manifest(
         .map_err(ApiError::from)
 }
 
-/// Old owner: a chunk of one file of a tenant this node no longer owns.
+/// Old owner: a chunk of one file of a tenant this node no longer owns, at most one configured
+/// chunk ([`HandoffConfig::chunk_bytes`]) whatever the asking node names. For peers that take
+/// whole answers only; others get [`read_answer`].
 pub async fn read(
     svc: &Service,
     tenant: &str,
@@ -200,7 +204,6 @@ pub async fn read(
     if svc.registry.state().owner_of(tenant) == Some(svc.id) {
         return Err(ApiError::Conflict(format!("node {} owns {tenant}", svc.id)));
     }
-    // The asking node names the length; no more than one configured chunk is read for it.
     let len = len.min(svc.handoffs.config.chunk_bytes.max(1));
     let len = usize::try_from(len).unwrap_or(usize::MAX);
     let (store, t, p) = (svc.store.clone(), tenant.to_string(), path.to_string());
@@ -208,6 +211,41 @@ pub async fn read(
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(ApiError::from)
+}
+
+/// Old owner: up to `len` bytes of one file from `offset` on one stream. Up to a configured
+/// chunk they travel whole ([`NodeResponse::HandoffChunk`]); past it, as a head naming the
+/// length that follows ([`NodeResponse::HandoffStreamed`], at most to the file's end) and body
+/// frames read from the file in ranges, each only once the transport took the one before, so a
+/// file of any size costs a frame or two of memory on both sides.
+pub async fn read_answer(
+    svc: &Service,
+    tenant: &str,
+    path: &str,
+    offset: u64,
+    len: u64,
+) -> (NodeResponse, Option<transport::AnswerBody>) {
+    if len <= svc.handoffs.config.chunk_bytes.max(1) {
+        let chunk = read(svc, tenant, path, offset, len).await.map(proto::cluster::Chunk);
+        return (NodeResponse::HandoffChunk(chunk), None);
+    }
+    if svc.registry.state().owner_of(tenant) == Some(svc.id) {
+        let owned = ApiError::Conflict(format!("node {} owns {tenant}", svc.id));
+        return (NodeResponse::HandoffChunk(Err(owned)), None);
+    }
+    let (store, t, p) = (svc.store.clone(), tenant.to_string(), path.to_string());
+    let opened = crate::blocking::spawn(move || store.handoff_open(&t, &p))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))
+        .and_then(|r| r.map_err(ApiError::from));
+    match opened {
+        Ok(reader) => {
+            let len = len.min(reader.file_len().saturating_sub(offset));
+            let body = crate::service::file_body(reader, offset, len);
+            (NodeResponse::HandoffStreamed { len }, Some(body))
+        }
+        Err(e) => (NodeResponse::HandoffChunk(Err(e)), None),
+    }
 }
 
 async fn call(svc: &Service, addr: &str, request: NodeRequest) -> Result<NodeResponse, String> {
@@ -318,39 +356,78 @@ pub fn check_manifest(files: &[HandoffFile]) -> Result<u64, String> {
     Ok(total)
 }
 
-/// Copies one listed file chunk by chunk into the staging directory: one chunk in memory at a
-/// time, whatever length the old owner claims.
+/// Copies one listed file into the staging directory, asking for all of what is still missing
+/// at once: an old owner that streams sends it on one stream, one that answers whole sends a
+/// chunk and is asked again for the rest. One frame or chunk is in memory at a time, whatever
+/// length the old owner claims, and each is paced by the bandwidth limit before it is staged.
 async fn fetch(svc: &Service, from: &str, tenant: &str, file: &HandoffFile) -> Result<(), String> {
-    let chunk = svc.handoffs.config.chunk_bytes.max(1);
+    let addr: std::net::SocketAddr =
+        from.parse().map_err(|e| format!("bad address {from}: {e}"))?;
     let mut offset = 0u64;
     while offset < file.len {
-        let want = chunk.min(file.len - offset);
-        svc.handoffs.pace(want, svc.mono_ms()).await;
+        let want = file.len - offset;
         let request = NodeRequest::HandoffRead {
             tenant: tenant.to_string(),
             path: file.path.clone(),
             offset,
             len: want,
         };
-        let part = match call(svc, from, request).await? {
-            NodeResponse::HandoffChunk(r) => r.map_err(|e| e.to_string())?.0,
+        let bytes = proto::wire::encode(&request).map_err(|e| e.to_string())?;
+        let (head, mut body) = svc
+            .peers
+            .call_answer(addr, bytes.into(), PEER_CALL_TIMEOUT)
+            .await
+            .map_err(|e| e.to_string())?;
+        match proto::wire::decode(&head).map_err(|e| e.to_string())? {
+            NodeResponse::HandoffChunk(r) => {
+                let part = r.map_err(|e| e.to_string())?.0;
+                offset += stage_part(svc, tenant, file, offset, want, part).await?;
+            }
+            NodeResponse::HandoffStreamed { len } if len > 0 && len <= want => {
+                let end = offset + len;
+                while offset < end {
+                    let part = body
+                        .next(PEER_CALL_TIMEOUT)
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .ok_or_else(|| format!("{} ended early on the old owner", file.path))?;
+                    offset +=
+                        stage_part(svc, tenant, file, offset, end - offset, part.into()).await?;
+                }
+                if body.next(PEER_CALL_TIMEOUT).await.map_err(|e| e.to_string())?.is_some() {
+                    return Err(format!("{} came longer than announced", file.path));
+                }
+            }
             other => return Err(format!("old owner answered {other:?}")),
-        };
-        if part.is_empty() {
-            return Err(format!("{} ended early on the old owner", file.path));
-        }
-        if part.len() as u64 > want {
-            return Err(format!("{} came in a chunk longer than asked", file.path));
-        }
-        let got = part.len() as u64;
-        let (t, f) = (tenant.to_string(), file.clone());
-        on_store(svc, move |s| s.stage_file_part(&t, &f, offset, &part)).await?;
-        offset += got;
-        if let Some(p) = svc.handoffs.progress().get_mut(tenant) {
-            p.bytes_done += got;
         }
     }
     Ok(())
+}
+
+/// Stages one received piece of `file` at `offset`, of at most `want` bytes, once the bandwidth
+/// limit allows; returns its length.
+async fn stage_part(
+    svc: &Service,
+    tenant: &str,
+    file: &HandoffFile,
+    offset: u64,
+    want: u64,
+    part: Vec<u8>,
+) -> Result<u64, String> {
+    if part.is_empty() {
+        return Err(format!("{} ended early on the old owner", file.path));
+    }
+    let got = part.len() as u64;
+    if got > want {
+        return Err(format!("{} came in a piece longer than asked", file.path));
+    }
+    svc.handoffs.pace(got, svc.mono_ms()).await;
+    let (t, f) = (tenant.to_string(), file.clone());
+    on_store(svc, move |s| s.stage_file_part(&t, &f, offset, &part)).await?;
+    if let Some(p) = svc.handoffs.progress().get_mut(tenant) {
+        p.bytes_done += got;
+    }
+    Ok(got)
 }
 
 /// New owner: pulls every handoff addressed to this node, a bounded number at a time.

@@ -12,7 +12,8 @@ use transport::{Handler, HandlerFuture, Peer, Role};
 use crate::clock::WallClock;
 use crate::handoff::Handoffs;
 use crate::limits::Limits;
-use crate::store::{Opened, Store, VfsReader};
+use crate::store::{FileAnswer, Opened, Store, VfsReader};
+use proto::streamed::OrderedRead;
 
 /// The longest a gateway's view long-poll is held open, whatever it asks for.
 const VIEW_WAIT_MAX: Duration = Duration::from_secs(30);
@@ -136,13 +137,15 @@ impl Service {
     ) -> Result<SqResponse, ApiError> {
         match self.sq_answer(tenant, key_hash, request, false).await? {
             Answered::Whole(r) => Ok(r),
-            Answered::Stream { .. } => unreachable!("no stream was asked for"),
+            Answered::Stream { .. } => {
+                Err(ApiError::Internal("a streamed answer was not asked for".into()))
+            }
         }
     }
 
-    /// [`Service::sq`]; with `stream`, a `get` of a document larger than
-    /// [`proto::ops::ANSWER_BYTES_MAX`] is answered as a stream: its length, and a body read
-    /// from the document's file in [`STREAM_CHUNK_BYTES`] ranges.
+    /// [`Service::sq`]; with `stream`, a `get`, `toc`, `query` or `json-export` whose answer is
+    /// larger than [`proto::ops::ANSWER_BYTES_MAX`] is answered as a stream: its length, and a
+    /// body made from the document's file as it is read in ranges ([`answer_body`]).
     async fn sq_answer(
         &self,
         tenant: &str,
@@ -178,7 +181,9 @@ impl Service {
         }
         let bytes_in = request_bytes(&request);
         let result = match request {
-            SqRequest::Get { p } if stream => self.open_get(tenant, &p).await,
+            request if stream && OrderedRead::of(&request).is_some() => {
+                self.open_read(tenant, request).await
+            }
             request => self.execute(tenant, record.quota_bytes, request).await.map(Answered::Whole),
         };
         let bytes_out = match &result {
@@ -223,18 +228,18 @@ impl Service {
         }
     }
 
-    /// A `get` that streams when the document is larger than [`proto::ops::ANSWER_BYTES_MAX`].
-    async fn open_get(&self, tenant: &str, p: &proto::PhextName) -> Result<Answered, ApiError> {
-        let (store, owned, p) = (self.store.clone(), tenant.to_string(), p.clone());
+    /// A read that streams when its answer is larger than [`proto::ops::ANSWER_BYTES_MAX`].
+    async fn open_read(&self, tenant: &str, request: SqRequest) -> Result<Answered, ApiError> {
+        let (store, owned) = (self.store.clone(), tenant.to_string());
         let opened = crate::blocking::spawn(move || {
-            store.open_get(&owned, &p, proto::ops::ANSWER_BYTES_MAX)
+            store.open_read(&owned, &request, proto::ops::ANSWER_BYTES_MAX)
         })
         .await
         .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?;
         match opened.map_err(ApiError::from)? {
-            Opened::Whole(body) => Ok(Answered::Whole(SqResponse::text(body))),
-            Opened::Stream(len, reader) => {
-                Ok(Answered::Stream { len, body: stream_body(len, reader) })
+            Opened::Whole(r) => Ok(Answered::Whole(r)),
+            Opened::Stream { len, json, file } => {
+                Ok(Answered::Stream { len, json, body: answer_body(len, file) })
             }
         }
     }
@@ -361,23 +366,61 @@ fn kind(r: &NodeRequest) -> &'static str {
 /// What an SQ request ends in: a whole answer, or a streamed one's length and body.
 enum Answered {
     Whole(SqResponse),
-    Stream { len: u64, body: transport::AnswerBody },
+    Stream { len: u64, json: bool, body: transport::AnswerBody },
 }
 
 /// The largest body frame of a streamed answer: 1 MiB, far under the frame limit, so the frames
 /// in flight cost a few MiB whatever the document's size.
 pub const STREAM_CHUNK_BYTES: u64 = 1 << 20;
 
-/// The body of a streamed answer: `len` bytes read from `reader` a chunk at a time on the
-/// blocking pool, each only once the transport took the one before. A read that fails or comes
-/// short ends the body early (logged); the gateway sees fewer bytes than announced and cuts its
-/// answer, so a client never takes a short body for a whole one.
-fn stream_body(len: u64, reader: Box<dyn VfsReader>) -> transport::AnswerBody {
-    transport::body_unfold((reader, 0u64), move |(reader, offset)| async move {
-        if offset >= len {
+/// The body of a streamed read: the answer of `file`, made on the blocking pool a piece of about
+/// [`STREAM_CHUNK_BYTES`] at a time, each only once the transport took the one before. A file
+/// that cannot be read ends the body early (logged); the gateway sees fewer bytes than the `len`
+/// announced and cuts its answer, so a client never takes a short body for a whole one.
+fn answer_body(len: u64, file: Box<FileAnswer>) -> transport::AnswerBody {
+    transport::body_unfold((file, 0u64), move |(mut file, sent)| async move {
+        let made = crate::blocking::spawn(move || {
+            let piece = file.next_piece(STREAM_CHUNK_BYTES as usize);
+            (file, piece)
+        })
+        .await;
+        match made {
+            Ok((file, Ok(Some(piece)))) => {
+                let sent = sent + piece.len() as u64;
+                Some((Bytes::from(piece), (file, sent)))
+            }
+            Ok((_, Ok(None))) => {
+                if sent != len {
+                    tracing::warn!(sent, len, "streamed answer came out another length");
+                }
+                None
+            }
+            Ok((_, Err(e))) => {
+                tracing::warn!(sent, len, error = %e, "making a streamed answer failed");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(sent, len, error = %e, "streaming task failed");
+                None
+            }
+        }
+    })
+}
+
+/// `len` bytes of a file from `offset`, read from `reader` a chunk at a time on the blocking
+/// pool, each only once the transport took the one before. A read that fails or comes short
+/// ends the body early (logged); the receiver sees fewer bytes than announced.
+pub(crate) fn file_body(
+    reader: Box<dyn VfsReader>,
+    offset: u64,
+    len: u64,
+) -> transport::AnswerBody {
+    let end = offset.saturating_add(len);
+    transport::body_unfold((reader, offset), move |(reader, offset)| async move {
+        if offset >= end {
             return None;
         }
-        let want = STREAM_CHUNK_BYTES.min(len - offset) as usize;
+        let want = STREAM_CHUNK_BYTES.min(end - offset) as usize;
         let read = crate::blocking::spawn(move || {
             let piece = reader.read_at(offset, want);
             (reader, piece)
@@ -389,15 +432,15 @@ fn stream_body(len: u64, reader: Box<dyn VfsReader>) -> transport::AnswerBody {
                 Some((Bytes::from(piece), (reader, next)))
             }
             Ok((_, Ok(_))) => {
-                tracing::warn!(offset, len, "streamed document ended early");
+                tracing::warn!(offset, end, "streamed file ended early");
                 None
             }
             Ok((_, Err(e))) => {
-                tracing::warn!(offset, len, error = %e, "reading a streamed document failed");
+                tracing::warn!(offset, end, error = %e, "reading a streamed file failed");
                 None
             }
             Err(e) => {
-                tracing::warn!(offset, len, error = %e, "streaming task failed");
+                tracing::warn!(offset, end, error = %e, "streaming task failed");
                 None
             }
         }
@@ -409,15 +452,20 @@ impl Handler for Service {
         Box::pin(async move {
             let (response, body) = match proto::wire::decode::<NodeRequest>(&request) {
                 Ok(NodeRequest::Sq { tenant, key_hash, request: sq, .. })
-                    if matches!(sq, SqRequest::Get { .. }) =>
+                    if OrderedRead::of(&sq).is_some() =>
                 {
                     match self.sq_answer(&tenant, &key_hash, sq, true).await {
-                        Ok(Answered::Stream { len, body }) => {
-                            (NodeResponse::SqStreamed { len, json: false }, Some(body))
+                        Ok(Answered::Stream { len, json, body }) => {
+                            (NodeResponse::SqStreamed { len, json }, Some(body))
                         }
                         Ok(Answered::Whole(r)) => (NodeResponse::Sq(Ok(r)), None),
                         Err(e) => (NodeResponse::Sq(Err(e)), None),
                     }
+                }
+                Ok(NodeRequest::HandoffRead { tenant, path, offset, len })
+                    if matches!(peer.role, Role::Node(_)) =>
+                {
+                    crate::handoff::read_answer(self, &tenant, &path, offset, len).await
                 }
                 Ok(r) => (self.dispatch(peer, r).await, None),
                 Err(e) => (NodeResponse::Refused(e.to_string()), None),

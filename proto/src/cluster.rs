@@ -221,7 +221,8 @@ pub enum NodeRequest {
     /// Handoff, asked by a tenant's new owner of its old owner: list the tenant's files once
     /// the old owner has applied `epoch` and finished every request it had for the tenant.
     HandoffManifest { tenant: String, epoch: u64 },
-    /// Handoff: up to `len` bytes of one listed file from `offset`.
+    /// Handoff: up to `len` bytes of one listed file from `offset`, whole up to a chunk or else
+    /// streamed after a [`NodeResponse::HandoffStreamed`] head.
     HandoffRead { tenant: String, path: String, offset: u64, len: u64 },
     /// A Raft RPC for the registry, encoded by the registry itself.
     Raft(#[serde(with = "serde_bytes")] Vec<u8>),
@@ -263,8 +264,9 @@ pub struct TenantUsage {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeResponse {
     Sq(Result<SqResponse, ApiError>),
-    /// The head of a streamed SQ answer (a large document's `get`): `len` bytes follow on the
-    /// same stream as body frames of at most the frame limit each.
+    /// The head of a streamed SQ answer (a large document's `get`, `toc`, `query` or
+    /// `json-export`): `len` bytes follow on the same stream as body frames of at most the frame
+    /// limit each.
     SqStreamed {
         len: u64,
         json: bool,
@@ -284,6 +286,11 @@ pub enum NodeResponse {
     },
     HandoffManifest(Result<Vec<HandoffFile>, ApiError>),
     HandoffChunk(Result<Chunk, ApiError>),
+    /// The head of a streamed handoff read: `len` bytes of the file follow on the same stream as
+    /// body frames of at most the frame limit each.
+    HandoffStreamed {
+        len: u64,
+    },
     /// The request could not be decoded or is not served by this kind of peer.
     Refused(String),
     /// The answer to `Identify`: the id in the answering node's config.

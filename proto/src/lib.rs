@@ -2,7 +2,8 @@
 //!
 //! This crate owns what a request *means*: strict coordinates ([`coord`]), safe phext names
 //! ([`name`]), the canonical libphext serialisation and checksums ([`doc`]), the read operations
-//! ([`ops`]), the routes of `/api/v2` ([`route`]), the typed requests parsed from them ([`request`]), the errors they end in
+//! ([`ops`], and [`streamed`] for answers made a piece at a time), the routes of `/api/v2`
+//! ([`route`]), the typed requests parsed from them ([`request`]), the errors they end in
 //! ([`error`]) and the versioned messages that cross the wire ([`wire`]).
 //!
 //! It knows nothing of I/O: no files, sockets, clocks or async runtimes. The gateway parses with it
@@ -18,6 +19,7 @@ pub mod name;
 pub mod ops;
 pub mod request;
 pub mod route;
+pub mod streamed;
 pub mod wire;
 
 pub use coord::Coordinate;

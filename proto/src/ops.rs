@@ -16,9 +16,9 @@ pub const SCROLL_MISSING: &str = "---sq:Scroll-Missing---";
 /// could have sent itself. Every read's size is computed first ([`delta_len`], [`toc_len`],
 /// [`query_len`], [`Doc::canonical_len`]); a `delta` over it is refused before anything is built
 /// (its size grows with what the request lists: a few coordinates far from the origin cost a
-/// megabyte of breaks each). A `get` above it is streamed from the document's file in chunks
-/// instead of built; `toc` and `query` only re-present what the tenant stores (which its quota
-/// bounds) and are built whole up to what one message can carry, refused past it.
+/// megabyte of breaks each). A `get`, `toc`, `query` or `json-export` above it only re-presents
+/// what the tenant stores (which its quota bounds), so it is not refused: it is made from the
+/// document's file as that is read, a piece at a time ([`crate::streamed`]).
 pub const ANSWER_BYTES_MAX: u64 = crate::request::BODY_BYTES_MAX as u64;
 
 /// `toc`: a line `* <coord>: <summary>` per scroll; an empty document lists the origin, empty.
@@ -145,22 +145,45 @@ fn summary_len(text: &str) -> u64 {
     }
 }
 
-/// The length of [`query`]'s answer, computed without building it (only the picked coordinates
-/// are gathered, as `query` gathers them).
+/// The length of [`query`]'s answer, computed without building it or gathering its rows.
 pub fn query_len(doc: &Doc, selector: &Selector, limit: Option<usize>) -> u64 {
     // `{"coordinate":"` + coordinate + `","scroll":"` + escaped scroll + `"}`.
     let row = |c: &Coordinate, s: &str| 29 + coordinate_text_len(c) + json_escaped_len(s);
-    let mut picked: BTreeMap<Coordinate, &str> = BTreeMap::new();
-    if let Some((from, to)) = &selector.range {
-        picked.extend(doc.range(*from, *to).map(|(c, s)| (*c, s)));
-    }
-    picked.extend(selector.set.iter().map(|c| (*c, doc.get(c))));
-    let (rows, bytes) = picked
-        .iter()
+    let (rows, bytes) = picked(doc, selector)
         .take(limit.unwrap_or(usize::MAX))
-        .fold((0u64, 0u64), |(n, b), (c, s)| (n + 1, b + row(c, s)));
+        .fold((0u64, 0u64), |(n, b), (c, s)| (n + 1, b + row(&c, s)));
     // Brackets, and a comma between rows.
     2 + bytes + rows.saturating_sub(1)
+}
+
+/// The scrolls a `query` answers before its limit, in coordinate order and once each: the
+/// non-empty scrolls of the range merged with every coordinate of the set (sorted, as the parser
+/// leaves it), which answers its scroll or empty text.
+fn picked<'a>(
+    doc: &'a Doc,
+    selector: &'a Selector,
+) -> impl Iterator<Item = (Coordinate, &'a str)> + 'a {
+    let mut range = selector.range.iter().flat_map(|(from, to)| doc.range(*from, *to)).peekable();
+    let mut set = selector.set.iter().peekable();
+    std::iter::from_fn(move || {
+        let from_set = match (range.peek().map(|(c, _)| **c), set.peek().map(|c| **c)) {
+            (None, None) => return None,
+            (Some(_), None) => false,
+            (None, Some(_)) => true,
+            (Some(a), Some(b)) => {
+                if a == b {
+                    set.next();
+                }
+                b < a
+            }
+        };
+        if from_set {
+            let c = set.next()?;
+            Some((*c, doc.get(c)))
+        } else {
+            range.next().map(|(c, s)| (*c, s))
+        }
+    })
 }
 
 /// The length of `s` as a JSON string's contents, escaped as serde_json escapes: quote and
@@ -183,13 +206,7 @@ pub fn query(doc: &Doc, selector: &Selector, limit: Option<usize>) -> Vec<u8> {
         coordinate: String,
         scroll: &'a str,
     }
-    let mut picked: std::collections::BTreeMap<Coordinate, &str> = Default::default();
-    if let Some((from, to)) = &selector.range {
-        picked.extend(doc.range(*from, *to).map(|(c, s)| (*c, s)));
-    }
-    picked.extend(selector.set.iter().map(|c| (*c, doc.get(c))));
-    let rows: Vec<Row> = picked
-        .into_iter()
+    let rows: Vec<Row> = picked(doc, selector)
         .take(limit.unwrap_or(usize::MAX))
         .map(|(c, scroll)| Row { coordinate: c.to_string(), scroll })
         .collect();
@@ -236,6 +253,19 @@ pub fn json_export(doc: &Doc) -> String {
     }
     out.push_str("]\n");
     out
+}
+
+/// The length of [`json_export`]'s answer, computed without building it.
+pub fn json_export_len(doc: &Doc) -> u64 {
+    // `   { "coord": "` + coordinate + `", "scroll": "` + escaped scroll + `" }` and a newline.
+    let row = |c: &Coordinate, s: &str| 33 + coordinate_text_len(c) + json_escaped_len(s);
+    let rows = if doc.is_empty() {
+        row(&Coordinate::ORIGIN, "")
+    } else {
+        doc.iter().map(|(c, s)| row(c, s)).sum::<u64>() + doc.scroll_count() as u64 - 1
+    };
+    // `[` and `]`, each on its own line.
+    4 + rows
 }
 
 /// `where`: the coordinate SQ 0.6.0 infers for a text, in SQ's words. The components are
@@ -430,6 +460,7 @@ mod tests {
             }
             assert_eq!(delta_len(&doc, &manifest), delta(&doc, &manifest).len() as u64);
             assert_eq!(toc_len(&doc), toc(&doc).len() as u64);
+            assert_eq!(json_export_len(&doc), json_export(&doc).len() as u64);
             let (a, b) = (len_coord(&mut rng), len_coord(&mut rng));
             let mut set: Vec<Coordinate> =
                 doc.iter().map(|(c, _)| *c).filter(|_| rng.gen_bool(0.5)).collect();

@@ -122,6 +122,21 @@ impl Store {
         self.vfs.read_range(&path, offset, len).map_err(StoreError::io("read tenant file", &path))
     }
 
+    /// One listed file opened for reading in ranges, for a streamed transfer: its reader keeps
+    /// the file it opened.
+    pub fn handoff_open(
+        &self,
+        tenant: &str,
+        rel: &str,
+    ) -> Result<Box<dyn super::VfsReader>, StoreError> {
+        check_tenant_id(tenant)?;
+        if !safe_relative(rel) {
+            return Err(StoreError::InvalidRequest(format!("not a tenant file: {rel:?}")));
+        }
+        let path = TenantPaths::new(&self.tenants_dir, tenant).root.join(rel);
+        self.vfs.open_read(&path).map_err(StoreError::io("open tenant file", &path))
+    }
+
     fn staging(&self, tenant: &str) -> PathBuf {
         self.tenants_dir.join(format!("{STAGING_PREFIX}{tenant}"))
     }

@@ -36,6 +36,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
 
 use proto::request::{Selector, BODY_BYTES_MAX, DELTA_LINES_MAX, QUERY_SET_MAX, SQ_API_VERSION};
+use proto::streamed::{AnswerStream, OrderedRead};
 use proto::{ops, Coordinate, PhextName, SqRequest, SqResponse};
 
 pub use clock::{Clock, ManualClock, SystemClock};
@@ -212,21 +213,29 @@ impl Store {
         Some(Ok(SqResponse::text(body)))
     }
 
-    /// A `get` of phext `p` that streams a large document: whole up to `stream_above` bytes,
-    /// past it a reader of its canonical bytes as they are now, read from its file in ranges,
-    /// so no copy of the document is built whatever its size. Later writes do not show in it.
-    pub fn open_get(
+    /// A `get`, `toc`, `query` or `json-export` that streams a large answer: built whole up to
+    /// `stream_above` bytes; past it, its length and the document's file as it is now, from
+    /// which the answer is made while the file is read in ranges ([`FileAnswer`]), so no copy
+    /// of the document or the answer is built whatever its size. Later writes do not show in it.
+    /// Any other request is refused.
+    pub fn open_read(
         &self,
         id: &str,
-        p: &PhextName,
+        req: &SqRequest,
         stream_above: u64,
     ) -> Result<Opened, StoreError> {
         check_tenant_id(id)?;
-        validate(&SqRequest::Get { p: p.clone() })?;
+        validate(req)?;
+        let Some((p, read)) = OrderedRead::of(req) else {
+            return Err(StoreError::InvalidRequest(format!(
+                "{} is not answered in pieces",
+                req.route().name()
+            )));
+        };
         for _ in 0..CLOSED_RETRIES_MAX {
             let t = self.tenant(id)?;
             t.touch(self.clock.now_ms());
-            match t.open_phext(p, stream_above) {
+            match t.open_read(p, &read, stream_above) {
                 Ok(Some(opened)) => return Ok(opened),
                 Ok(None) => continue,
                 Err(e @ StoreError::Io { .. }) => {
@@ -515,10 +524,77 @@ impl Store {
     }
 }
 
-/// A `get`'s answer: whole, or a large document's length and a reader of its bytes.
+/// A read's answer: whole, or a large answer's length and the file it is made from.
 pub enum Opened {
-    Whole(Vec<u8>),
-    Stream(u64, Box<dyn VfsReader>),
+    Whole(SqResponse),
+    Stream { len: u64, json: bool, file: Box<FileAnswer> },
+}
+
+/// A large answer still to be made: the document's file, opened at one moment, and the maker of
+/// the answer from its bytes. [`FileAnswer::next_piece`] reads the file in ranges and gives the
+/// answer a piece at a time, so it holds one range and one piece whatever the sizes.
+pub struct FileAnswer {
+    path: PathBuf,
+    reader: Box<dyn VfsReader>,
+    answer: AnswerStream,
+    /// The next file offset to read.
+    offset: u64,
+    /// Bytes read from the file, used up to `used`.
+    pending: Vec<u8>,
+    used: usize,
+    finished: bool,
+}
+
+/// Bytes a piece of a [`FileAnswer`] may run over the size asked for: one row's opening.
+const PIECE_SLACK_BYTES: usize = 256;
+
+impl FileAnswer {
+    fn new(path: PathBuf, reader: Box<dyn VfsReader>, answer: AnswerStream) -> FileAnswer {
+        FileAnswer {
+            path,
+            reader,
+            answer,
+            offset: 0,
+            pending: Vec::new(),
+            used: 0,
+            finished: false,
+        }
+    }
+
+    /// The next piece of the answer, `piece_bytes` long or a little more (the last may be
+    /// shorter), reading the file at most `piece_bytes` at a time; `None` once the answer is
+    /// complete. A file that ends early or does not read as a phext is an error: the answer
+    /// cannot be finished.
+    pub fn next_piece(&mut self, piece_bytes: usize) -> Result<Option<Vec<u8>>, StoreError> {
+        let piece_bytes = piece_bytes.max(1);
+        let file_len = self.reader.file_len();
+        let mut out = Vec::with_capacity(piece_bytes + PIECE_SLACK_BYTES);
+        while out.len() < piece_bytes && !self.finished {
+            let drained = self.used == self.pending.len();
+            if self.answer.done() || (drained && self.offset >= file_len) {
+                self.finished = self.answer.finish(&mut out, piece_bytes);
+                break;
+            }
+            if drained {
+                let want = (file_len - self.offset).min(piece_bytes as u64) as usize;
+                self.pending = self
+                    .reader
+                    .read_at(self.offset, want)
+                    .map_err(StoreError::io("read phext", &self.path))?;
+                self.used = 0;
+                if self.pending.is_empty() {
+                    let detail = format!("ended at {} of {file_len} bytes", self.offset);
+                    return Err(StoreError::corrupt(&self.path, detail));
+                }
+                self.offset += self.pending.len() as u64;
+            }
+            self.used += self
+                .answer
+                .feed(&self.pending[self.used..], &mut out, piece_bytes)
+                .map_err(|e| StoreError::corrupt(&self.path, e.to_string()))?;
+        }
+        Ok((!out.is_empty()).then_some(out))
+    }
 }
 
 /// The largest answer that travels whole, in one message to the gateway: a message's limit less
@@ -567,9 +643,10 @@ fn run(t: &Tenant, quota_bytes: u64, req: &SqRequest) -> Result<Option<SqRespons
         })??,
         SqRequest::Status { p } => t.read(p, |d| plain(ops::status(p.as_str(), d).into_bytes()))?,
         SqRequest::Load { p } => t.read(p, |_| plain(ops::loaded(p.as_str()).into_bytes()))?,
-        SqRequest::JsonExport { p } => {
-            t.read(p, |d| SqResponse { body: ops::json_export(d).into_bytes(), json: true })?
-        }
+        SqRequest::JsonExport { p } => t.read(p, |d| {
+            sized(ops::json_export_len(d))
+                .map(|_| SqResponse { body: ops::json_export(d).into_bytes(), json: true })
+        })??,
         SqRequest::Where { text, algo, limit, .. } => {
             plain(ops::where_(text, *algo, *limit).into_bytes())
         }
@@ -627,6 +704,11 @@ fn validate(req: &SqRequest) -> Result<(), StoreError> {
         SqRequest::Delta { manifest, .. } => manifest.iter().try_for_each(|(c, _)| coord(c)),
         SqRequest::Query { selector: Selector { set, .. }, .. } if set.len() > QUERY_SET_MAX => {
             bad("query set too long".into())
+        }
+        SqRequest::Query { selector: Selector { set, .. }, .. }
+            if set.windows(2).any(|w| w[0] >= w[1]) =>
+        {
+            bad("query set not sorted".into())
         }
         SqRequest::Query { selector: Selector { range, set }, .. } => {
             range.iter().try_for_each(|(from, to)| coord(from).and_then(|_| coord(to)))?;

@@ -16,12 +16,13 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use proto::streamed::OrderedRead;
 use proto::{ops, Coordinate, Doc, PhextName};
 
 use super::error::StoreError;
 use super::vfs::{create_dir_durable, Vfs};
 use super::wal::{parse_segment_name, Op, Wal};
-use super::Opened;
+use super::{FileAnswer, Opened};
 
 /// Suffix of a phext file being written by a checkpoint. A phext file's own name ends in
 /// `.phext`, so the two never collide; recovery deletes leftovers.
@@ -248,22 +249,27 @@ impl Tenant {
         self.wal.is_durable_now(lsn).then_some(out)
     }
 
-    /// A phext's canonical bytes as they are now: whole from memory up to `stream_above` bytes;
-    /// past it, opened for reading in ranges from its file, which is brought up to date first if
-    /// it changed since the last checkpoint (written like one, in pieces; the log keeps its
-    /// records, which replay harmlessly over the newer file). The reader keeps the file it
-    /// opened even if a later checkpoint replaces it. Returns once everything it holds is
-    /// durable; `Ok(None)` if the tenant was closed first.
-    pub(crate) fn open_phext(
+    /// A read's answer (`get`, `toc`, `query`, `json-export`) of a phext as it is now: built
+    /// whole from memory up to `stream_above` bytes; past it, the phext's file opened for
+    /// reading in ranges, from which the answer is made a piece at a time. The file is brought
+    /// up to date first if the phext changed since the last checkpoint (written like one, in
+    /// pieces; the log keeps its records, which replay harmlessly over the newer file). The
+    /// reader keeps the file it opened even if a later checkpoint replaces it, so the answer is
+    /// the phext at one moment whatever is written meanwhile. Returns once everything it holds
+    /// is durable; `Ok(None)` if the tenant was closed first.
+    pub(crate) fn open_read(
         &self,
         p: &PhextName,
+        read: &OrderedRead,
         stream_above: u64,
     ) -> Result<Option<Opened>, StoreError> {
-        let Some(entry) = self.entry(p) else { return Ok(Some(Opened::Whole(Vec::new()))) };
+        let Some(entry) = self.entry(p) else {
+            return Ok(Some(Opened::Whole(read.answer(&Doc::new()))));
+        };
         {
             let d = read_lock(&entry);
-            if d.doc.canonical_len() <= stream_above {
-                let out = d.doc.to_canonical();
+            if read.answer_len(&d.doc) <= stream_above {
+                let out = read.answer(&d.doc);
                 let lsn = d.applied_lsn;
                 drop(d);
                 self.wal.wait_durable(lsn)?;
@@ -276,7 +282,17 @@ impl Tenant {
             return Ok(None);
         }
         let mut d = write_lock(&entry);
-        let len = d.doc.canonical_len();
+        // Sized again: a write may have come between the two locks.
+        let len = read.answer_len(&d.doc);
+        let file_len = d.doc.canonical_len();
+        if len <= stream_above || file_len == 0 {
+            let out = read.answer(&d.doc);
+            let lsn = d.applied_lsn;
+            drop(d);
+            drop(gate);
+            self.wal.wait_durable(lsn)?;
+            return Ok(Some(Opened::Whole(out)));
+        }
         let dir = &self.paths.phexts;
         if d.dirty {
             create_dir_durable(self.vfs.as_ref(), dir)
@@ -285,20 +301,21 @@ impl Tenant {
             self.vfs.sync_dir(dir).map_err(StoreError::io("sync phexts dir", dir))?;
             d.dirty = false;
         }
-        if len == 0 {
-            return Ok(Some(Opened::Whole(Vec::new())));
-        }
         let path = dir.join(p.file_name());
         let reader = self.vfs.open_read(&path).map_err(StoreError::io("open phext", &path))?;
-        if reader.file_len() != len {
-            let detail = format!("holds {} bytes, not {len}", reader.file_len());
+        if reader.file_len() != file_len {
+            let detail = format!("holds {} bytes, not {file_len}", reader.file_len());
             return Err(StoreError::corrupt(&path, detail));
         }
         let lsn = d.applied_lsn;
         drop(d);
         drop(gate);
         self.wal.wait_durable(lsn)?;
-        Ok(Some(Opened::Stream(len, reader)))
+        Ok(Some(Opened::Stream {
+            len,
+            json: read.is_json(),
+            file: Box::new(FileAnswer::new(path, reader, read.stream())),
+        }))
     }
 
     /// Applies `edit` at `c` and returns SQ's answer once it is durable, or `Ok(None)` if the

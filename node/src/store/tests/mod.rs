@@ -3,6 +3,7 @@
 
 mod durability;
 mod faults;
+mod reads;
 mod tenancy;
 
 use std::path::{Path, PathBuf};
