@@ -37,19 +37,24 @@ impl Default for GossipConfig {
 impl GossipConfig {
     /// Refuses timings that cannot work: a node must be able to miss a few rounds before it is
     /// suspect, and be suspect before it is dead.
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), GossipConfigError> {
         if self.interval_ms == 0
             || self.suspect_after_ms < 2 * self.interval_ms
             || self.dead_after_ms <= self.suspect_after_ms
         {
-            return Err(format!(
-                "gossip: need 0 < interval_ms, 2 × interval_ms ≤ suspect_after_ms < dead_after_ms; got {} / {} / {}",
-                self.interval_ms, self.suspect_after_ms, self.dead_after_ms
-            ));
+            return Err(GossipConfigError(*self));
         }
         Ok(())
     }
 }
+
+/// Gossip timings that cannot work, as configured.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "gossip: need 0 < interval_ms, 2 × interval_ms ≤ suspect_after_ms < dead_after_ms; got {} / {} / {}",
+    .0.interval_ms, .0.suspect_after_ms, .0.dead_after_ms
+)]
+pub struct GossipConfigError(GossipConfig);
 
 /// A peer's health as this node's gossip sees it.
 pub use proto::cluster::NodeHealth as State;

@@ -23,6 +23,19 @@ const UNLOAD_TICK: Duration = Duration::from_secs(5);
 /// Raft RPCs over the cluster transport.
 struct WireRaft(Arc<dyn transport::Caller>);
 
+/// Why a Raft RPC did not reach its peer or come back.
+#[derive(Debug, thiserror::Error)]
+enum RaftSendError {
+    #[error("bad peer address {addr:?}: {source}")]
+    Address { addr: String, source: std::net::AddrParseError },
+    #[error("{0}")]
+    Wire(#[from] proto::wire::WireError),
+    #[error("{0}")]
+    Transport(#[from] transport::TransportError),
+    #[error("peer answered {0} to a Raft RPC")]
+    Unexpected(String),
+}
+
 impl raft_registry::RaftTransport for WireRaft {
     fn send(
         &self,
@@ -32,17 +45,17 @@ impl raft_registry::RaftTransport for WireRaft {
     ) -> raft_registry::TransportFuture<'_> {
         let addr = addr.to_string();
         Box::pin(async move {
-            let addr = addr.parse().map_err(|e| format!("bad peer address {addr}: {e}"))?;
+            let peer = addr.parse().map_err(|source| RaftSendError::Address { addr, source })?;
             let bytes =
-                proto::wire::encode(&NodeRequest::Raft(payload)).map_err(|e| e.to_string())?;
+                proto::wire::encode(&NodeRequest::Raft(payload)).map_err(RaftSendError::from)?;
             let answer = self
                 .0
-                .call(addr, bytes.into(), RAFT_RPC_TIMEOUT)
+                .call(peer, bytes.into(), RAFT_RPC_TIMEOUT)
                 .await
-                .map_err(|e| e.to_string())?;
-            match proto::wire::decode(&answer).map_err(|e| e.to_string())? {
+                .map_err(RaftSendError::from)?;
+            match proto::wire::decode(&answer).map_err(RaftSendError::from)? {
                 NodeResponse::Raft(reply) => Ok(reply),
-                other => Err(format!("peer answered {other:?} to a Raft RPC")),
+                other => Err(RaftSendError::Unexpected(format!("{other:?}")).into()),
             }
         })
     }
@@ -57,7 +70,9 @@ pub enum NodeError {
     #[error("registry: {0}")]
     Registry(#[from] raft_registry::RegistryError),
     #[error("configuration: {0}")]
-    Config(String),
+    Gossip(#[from] crate::gossip::GossipConfigError),
+    #[error("configuration: listen = \"{addr}\": cannot listen there: {source}")]
+    Listen { addr: std::net::SocketAddr, source: transport::TransportError },
     /// Work on the blocking pool panicked or was cancelled (the store's final flush).
     #[error("blocking task: {0}")]
     Blocking(#[from] tokio::task::JoinError),
@@ -144,7 +159,7 @@ impl NodeParts {
             )
             .await?,
         );
-        config.gossip.check().map_err(NodeError::Config)?;
+        config.gossip.check()?;
         let health = Arc::new(Health::new(config.id, config.gossip, seams.clock.clone()));
         let handoffs = Arc::new(crate::handoff::Handoffs::new(config.handoff));
         let service = Arc::new(Service::new(
@@ -228,12 +243,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
     let parts = NodeParts::open(&config, RegistryConfig::default(), seams).await?;
     let server =
         transport::Server::bind(config.listen, &identity, transport::ServerLimits::default())
-            .map_err(|e| {
-                NodeError::Config(format!(
-                    "listen = \"{}\": cannot listen there: {e}",
-                    config.listen
-                ))
-            })?;
+            .map_err(|source| NodeError::Listen { addr: config.listen, source })?;
     tracing::info!(id = config.id, addr = %config.advertise(), "node listening");
     let server_task = tokio::spawn(server.run(parts.service.clone(), shutdown.clone()));
     if config.bootstrap {

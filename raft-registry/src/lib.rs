@@ -54,7 +54,7 @@ pub mod types;
 pub use command::{ApplyReply, Command, Rejection};
 pub use config::RegistryConfig;
 pub use error::RegistryError;
-pub use network::{RaftTransport, TransportFuture};
+pub use network::{RaftTransport, SendError, TransportFuture};
 pub use placement::{Ring, VNODES_PER_NODE};
 pub use registry::{CommandResult, RaftStatus, Registry};
 pub use state::{

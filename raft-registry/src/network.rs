@@ -34,7 +34,11 @@ pub const RAFT_RPC_VERSION: u16 = 2;
 pub const RPC_MESSAGE_BYTES_MAX: usize = 16 * 1024 * 1024;
 
 /// A boxed, sendable future, so the transport trait needs no async-trait machinery.
-pub type TransportFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<u8>, String>> + Send + 'a>>;
+pub type TransportFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<u8>, SendError>> + Send + 'a>>;
+
+/// Why a transport could not deliver an RPC or bring back its reply: the transport's own error.
+pub type SendError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Carries one request to node `target` at `addr` and returns its reply bytes. Implementations
 /// bound their own connect and I/O time; the registry additionally drops a call after the Raft
@@ -73,23 +77,21 @@ pub enum RaftRpcReply {
 }
 
 /// Encodes in `proto::wire`'s envelope, stamped [`RAFT_RPC_VERSION`].
-pub(crate) fn encode<T: Serialize>(body: T) -> Result<Vec<u8>, String> {
+pub(crate) fn encode<T: Serialize>(body: T) -> Result<Vec<u8>, proto::wire::WireError> {
     proto::wire::encode_versioned::<RPC_MESSAGE_BYTES_MAX, T>(RAFT_RPC_VERSION, &body)
-        .map_err(|e| e.to_string())
 }
 
 /// Decodes `proto::wire`'s envelope, refusing any version but [`RAFT_RPC_VERSION`]; it claims
 /// (allocates) at most [`proto::wire::decode_claim_budget`] of its length under
 /// [`RPC_MESSAGE_BYTES_MAX`].
-pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, String> {
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, proto::wire::WireError> {
     proto::wire::decode_versioned::<RPC_MESSAGE_BYTES_MAX, T>(RAFT_RPC_VERSION, bytes)
-        .map_err(|e| e.to_string())
 }
 
 /// Decodes one request for node `me`, runs it on `raft` and encodes the reply. Never fails: a
 /// bad request, or one for another node, gets a `Refused` reply.
 pub(crate) async fn serve(raft: &Raft, me: NodeId, payload: &[u8]) -> Vec<u8> {
-    let request = decode::<Addressed>(payload).and_then(|a| {
+    let request = decode::<Addressed>(payload).map_err(|e| e.to_string()).and_then(|a| {
         if a.to == me {
             Ok(a.rpc)
         } else {
@@ -118,15 +120,15 @@ pub(crate) async fn serve(raft: &Raft, me: NodeId, payload: &[u8]) -> Vec<u8> {
 
 /// A transport or protocol failure, as an `Error` for openraft's error types.
 #[derive(Debug)]
-struct WireError(String);
+struct RpcFailure(String);
 
-impl fmt::Display for WireError {
+impl fmt::Display for RpcFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
 }
 
-impl std::error::Error for WireError {}
+impl std::error::Error for RpcFailure {}
 
 /// Creates one [`PeerClient`] per replication target.
 pub struct NetworkFactory {
@@ -166,7 +168,7 @@ impl PeerClient {
         option: &RPCOption,
     ) -> RpcResult<RaftRpcReply, E> {
         let payload = encode(Addressed { to: self.target, rpc })
-            .map_err(|e| RPCError::Network(NetworkError::new(&WireError(e))))?;
+            .map_err(|e| RPCError::Network(NetworkError::new(&RpcFailure(e.to_string()))))?;
         let timeout = option.hard_ttl();
         let sent = tokio::time::timeout(
             timeout,
@@ -182,15 +184,17 @@ impl PeerClient {
                     timeout,
                 }));
             }
-            Ok(Err(e)) => return Err(RPCError::Unreachable(Unreachable::new(&WireError(e)))),
+            Ok(Err(e)) => {
+                return Err(RPCError::Unreachable(Unreachable::new(&RpcFailure(e.to_string()))))
+            }
             Ok(Ok(bytes)) => bytes,
         };
         match decode::<RaftRpcReply>(&bytes) {
             Ok(RaftRpcReply::Refused(why)) => {
-                Err(RPCError::Network(NetworkError::new(&WireError(why))))
+                Err(RPCError::Network(NetworkError::new(&RpcFailure(why))))
             }
             Ok(reply) => Ok(reply),
-            Err(e) => Err(RPCError::Network(NetworkError::new(&WireError(e)))),
+            Err(e) => Err(RPCError::Network(NetworkError::new(&RpcFailure(e.to_string())))),
         }
     }
 
@@ -199,7 +203,7 @@ impl PeerClient {
     }
 
     fn mismatched<E: std::error::Error>(&self) -> RPCError<NodeId, Node, E> {
-        RPCError::Network(NetworkError::new(&WireError("reply does not match the request".into())))
+        RPCError::Network(NetworkError::new(&RpcFailure("reply does not match the request".into())))
     }
 }
 
@@ -259,7 +263,7 @@ mod tests {
         }
         let mut other = bytes.clone();
         other[0] = 1; // varint version 1
-        assert!(decode::<Addressed>(&other).is_err_and(|e| e.contains("version 1")));
+        assert!(decode::<Addressed>(&other).is_err_and(|e| e.to_string().contains("version 1")));
         assert!(decode::<Addressed>(&[0xff, 0xff, 0xff]).is_err());
     }
 }

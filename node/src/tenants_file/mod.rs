@@ -34,6 +34,62 @@ pub const POLL_INTERVAL: Duration = Duration::from_secs(1);
 /// The largest tenants file read, in bytes.
 const FILE_BYTES_MAX: u64 = 64 * 1024 * 1024;
 
+/// Why a tenants file was refused: the whole file, naming the tenant, scroll or field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("cannot read the file: {0}")]
+    Read(#[from] std::io::Error),
+    #[error("file is larger than {FILE_BYTES_MAX} bytes")]
+    TooLarge,
+    #[error("not a tenants file: {0}")]
+    NotJson(#[from] serde_json::Error),
+    #[error("not a phext: {0}")]
+    NotPhext(#[from] proto::doc::FormatError),
+    #[error("give admin_key or admin_key_hash, not both")]
+    AdminKeyTwice,
+    #[error("admin_key_hash must be 64 lowercase hex digits (SHA-256)")]
+    AdminKeyHashMalformed,
+    #[error("tenant id {0:?} must match [a-z0-9][a-z0-9-]{{0,62}}")]
+    TenantIdInvalid(String),
+    #[error("tenant {0} is listed twice")]
+    TenantTwice(String),
+    #[error("tenant {0}: api_key is too short to be a key")]
+    KeyTooShort(String),
+    #[error("tenant {0}: give one of api_key and api_key_hash")]
+    KeyMissing(String),
+    #[error("tenant {0}: the key hash must be 64 lowercase hex digits")]
+    KeyHashMalformed(String),
+    #[error("tenant {tenant}: unknown tier {tier:?}")]
+    UnknownTier { tenant: String, tier: String },
+    #[error("scroll {at}: {problem}")]
+    Scroll { at: proto::Coordinate, problem: ScrollProblem },
+    #[error("registry refused the file's change: {0}")]
+    Registry(#[from] raft_registry::RegistryError),
+}
+
+/// What is wrong with one scroll of the phext form.
+#[derive(Debug, thiserror::Error)]
+pub enum ScrollProblem {
+    #[error("{0:?} is not `field: value`")]
+    NotAField(String),
+    #[error("the phext form holds key hashes only: write key_hash, never the key")]
+    KeyNotHash,
+    #[error("unknown field {0:?}")]
+    UnknownField(String),
+    #[error("field {0} is given twice")]
+    FieldTwice(String),
+    #[error("admin_key_hash stands in a scroll of its own")]
+    AdminKeyHashNotAlone,
+    #[error("a second admin_key_hash")]
+    AdminKeyHashTwice,
+    #[error("a tenant's scroll needs {0}")]
+    FieldMissing(&'static str),
+    #[error("{field} {value:?} is not a whole number")]
+    NotANumber { field: &'static str, value: String },
+    #[error("enabled {0:?} is neither true nor false")]
+    NotABool(String),
+}
+
 /// A tenants file, either form, with keys already hashed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct TenantsFile {
@@ -90,30 +146,27 @@ fn yes() -> bool {
 }
 
 /// Parses and checks the whole file, in either form; any error refuses all of it.
-pub fn parse(bytes: &[u8]) -> Result<TenantsFile, String> {
+pub fn parse(bytes: &[u8]) -> Result<TenantsFile, FileError> {
     let json = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
     let file = if json { parse_json(bytes)? } else { phext::parse(bytes)? };
     check(&file)?;
     Ok(file)
 }
 
-fn parse_json(bytes: &[u8]) -> Result<TenantsFile, String> {
-    let file: JsonFile =
-        serde_json::from_slice(bytes).map_err(|e| format!("not a tenants file: {e}"))?;
+fn parse_json(bytes: &[u8]) -> Result<TenantsFile, FileError> {
+    let file: JsonFile = serde_json::from_slice(bytes)?;
     let admin_key_hash = match (file.admin_key, file.admin_key_hash) {
-        (Some(_), Some(_)) => return Err("give admin_key or admin_key_hash, not both".into()),
+        (Some(_), Some(_)) => return Err(FileError::AdminKeyTwice),
         (Some(key), None) => Some(key_hash(&key)),
         (None, hash) => hash,
     };
     let mut tenants = Vec::with_capacity(file.tenants.len());
     for t in file.tenants {
         let key_hash = match (t.api_key, t.api_key_hash) {
-            (Some(key), None) if key.len() < 16 => {
-                return Err(format!("tenant {}: api_key is too short to be a key", t.id))
-            }
+            (Some(key), None) if key.len() < 16 => return Err(FileError::KeyTooShort(t.id)),
             (Some(key), None) => key_hash(&key),
             (None, Some(hash)) => hash,
-            _ => return Err(format!("tenant {}: give one of api_key and api_key_hash", t.id)),
+            _ => return Err(FileError::KeyMissing(t.id)),
         };
         tenants.push(FileTenant {
             id: t.id,
@@ -130,23 +183,23 @@ fn parse_json(bytes: &[u8]) -> Result<TenantsFile, String> {
 }
 
 /// The rules both forms obey.
-fn check(file: &TenantsFile) -> Result<(), String> {
+fn check(file: &TenantsFile) -> Result<(), FileError> {
     if file.admin_key_hash.as_deref().is_some_and(|h| !is_valid_key_hash(h)) {
-        return Err("admin_key_hash must be 64 lowercase hex digits (SHA-256)".into());
+        return Err(FileError::AdminKeyHashMalformed);
     }
     let mut seen = std::collections::HashSet::new();
     for t in &file.tenants {
         if !valid_tenant_id(&t.id) {
-            return Err(format!("tenant id {:?} must match [a-z0-9][a-z0-9-]{{0,62}}", t.id));
+            return Err(FileError::TenantIdInvalid(t.id.clone()));
         }
         if !seen.insert(&t.id) {
-            return Err(format!("tenant {} is listed twice", t.id));
+            return Err(FileError::TenantTwice(t.id.clone()));
         }
         if !is_valid_key_hash(&t.key_hash) {
-            return Err(format!("tenant {}: the key hash must be 64 lowercase hex digits", t.id));
+            return Err(FileError::KeyHashMalformed(t.id.clone()));
         }
-        if let Some(tier) = &t.tier {
-            Tier::parse(tier).ok_or_else(|| format!("tenant {}: unknown tier {tier:?}", t.id))?;
+        if let Some(tier) = t.tier.as_ref().filter(|tier| Tier::parse(tier).is_none()) {
+            return Err(FileError::UnknownTier { tenant: t.id.clone(), tier: tier.clone() });
         }
     }
     Ok(())
@@ -286,20 +339,20 @@ pub async fn watch(path: PathBuf, svc: Arc<Service>, shutdown: CancellationToken
     }
 }
 
-async fn read(path: &std::path::Path) -> Result<Vec<u8>, String> {
-    let meta = tokio::fs::metadata(path).await.map_err(|e| e.to_string())?;
+async fn read(path: &std::path::Path) -> Result<Vec<u8>, FileError> {
+    let meta = tokio::fs::metadata(path).await?;
     if meta.len() > FILE_BYTES_MAX {
-        return Err(format!("file is larger than {FILE_BYTES_MAX} bytes"));
+        return Err(FileError::TooLarge);
     }
-    tokio::fs::read(path).await.map_err(|e| e.to_string())
+    Ok(tokio::fs::read(path).await?)
 }
 
-async fn apply(svc: &Service, bytes: &[u8]) -> Result<usize, String> {
+async fn apply(svc: &Service, bytes: &[u8]) -> Result<usize, FileError> {
     let file = parse(bytes)?;
     let commands = commands(&file, &svc.registry.state(), svc.wall_ms());
     let n = commands.len();
     for c in commands {
-        svc.registry.write(c).await.map_err(|e| e.to_string())?;
+        svc.registry.write(c).await?;
     }
     Ok(n)
 }
@@ -437,7 +490,12 @@ mod tests {
         ] {
             let err = parse(bad.as_bytes()).expect_err(&bad);
             assert!(
-                err.contains("scroll") || err.contains("twice") || err.contains("hash"),
+                matches!(
+                    err,
+                    FileError::Scroll { .. }
+                        | FileError::TenantTwice(_)
+                        | FileError::KeyHashMalformed(_)
+                ),
                 "{err}"
             );
         }

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 use proto::doc::{write_canonical, Doc};
 use proto::Coordinate;
 
-use super::{FileTenant, TenantsFile};
+use super::{FileError, FileTenant, ScrollProblem, TenantsFile};
 
 /// The fields a tenant's scroll may hold.
 const TENANT_FIELDS: [&str; 8] = [
@@ -39,67 +39,69 @@ const TENANT_FIELDS: [&str; 8] = [
 const HEADER: &str = "# sq-cloud tenants registry: one scroll per tenant, key hashes only (SHA-256 of each key, never the key)";
 
 /// Reads the phext form. Any bad record refuses the whole file, naming the record's coordinate.
-pub fn parse(bytes: &[u8]) -> Result<TenantsFile, String> {
-    let doc = Doc::parse(bytes).map_err(|e| format!("not a phext: {e}"))?;
+pub fn parse(bytes: &[u8]) -> Result<TenantsFile, FileError> {
+    let doc = Doc::parse(bytes)?;
     let mut file = TenantsFile { admin_key_hash: None, tenants: Vec::new() };
     for (c, text) in doc.iter() {
-        let fields = fields(text).map_err(|e| format!("scroll {c}: {e}"))?;
+        let at = |problem| FileError::Scroll { at: *c, problem };
+        let fields = fields(text).map_err(at)?;
         if fields.is_empty() {
             continue;
         }
         if fields.contains_key("admin_key_hash") {
             if fields.len() > 1 {
-                return Err(format!("scroll {c}: admin_key_hash stands in a scroll of its own"));
+                return Err(at(ScrollProblem::AdminKeyHashNotAlone));
             }
             if file.admin_key_hash.is_some() {
-                return Err(format!("scroll {c}: a second admin_key_hash"));
+                return Err(at(ScrollProblem::AdminKeyHashTwice));
             }
             file.admin_key_hash = Some(fields["admin_key_hash"].to_string());
             continue;
         }
-        file.tenants.push(tenant(&fields).map_err(|e| format!("scroll {c}: {e}"))?);
+        file.tenants.push(tenant(&fields).map_err(at)?);
     }
     Ok(file)
 }
 
 /// The `field: value` lines of one scroll; a field named twice is an error.
-fn fields(text: &str) -> Result<BTreeMap<&str, &str>, String> {
+fn fields(text: &str) -> Result<BTreeMap<&str, &str>, ScrollProblem> {
     let mut out = BTreeMap::new();
     for line in text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')) {
         let (name, value) =
-            line.split_once(':').ok_or_else(|| format!("{line:?} is not `field: value`"))?;
+            line.split_once(':').ok_or_else(|| ScrollProblem::NotAField(line.to_string()))?;
         let (name, value) = (name.trim(), value.trim());
         if name == "api_key" {
-            return Err(
-                "the phext form holds key hashes only: write key_hash, never the key".into()
-            );
+            return Err(ScrollProblem::KeyNotHash);
         }
         if name != "admin_key_hash" && !TENANT_FIELDS.contains(&name) {
-            return Err(format!("unknown field {name:?}"));
+            return Err(ScrollProblem::UnknownField(name.to_string()));
         }
         if out.insert(name, value).is_some() {
-            return Err(format!("field {name} is given twice"));
+            return Err(ScrollProblem::FieldTwice(name.to_string()));
         }
     }
     Ok(out)
 }
 
-fn tenant(fields: &BTreeMap<&str, &str>) -> Result<FileTenant, String> {
+fn tenant(fields: &BTreeMap<&str, &str>) -> Result<FileTenant, ScrollProblem> {
     let text = |name: &str| fields.get(name).map(|v| v.to_string());
-    let number = |name: &str| -> Result<Option<u64>, String> {
+    let number = |field: &'static str| -> Result<Option<u64>, ScrollProblem> {
         fields
-            .get(name)
-            .map(|v| v.parse::<u64>().map_err(|_| format!("{name} {v:?} is not a whole number")))
+            .get(field)
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| ScrollProblem::NotANumber { field, value: v.to_string() })
+            })
             .transpose()
     };
     let enabled = match fields.get("enabled").copied() {
         None | Some("true") => true,
         Some("false") => false,
-        Some(other) => return Err(format!("enabled {other:?} is neither true nor false")),
+        Some(other) => return Err(ScrollProblem::NotABool(other.to_string())),
     };
     Ok(FileTenant {
-        id: text("id").ok_or("a tenant's scroll needs an id")?,
-        key_hash: text("key_hash").ok_or("a tenant's scroll needs a key_hash")?,
+        id: text("id").ok_or(ScrollProblem::FieldMissing("an id"))?,
+        key_hash: text("key_hash").ok_or(ScrollProblem::FieldMissing("a key_hash"))?,
         tier: text("tier"),
         quota_mb: number("quota_mb")?,
         daily_limit: number("daily_limit")?,
