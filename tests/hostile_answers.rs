@@ -164,3 +164,33 @@ fn query(doc: &proto::Doc, params: &str) -> Vec<u8> {
         other => panic!("not a query: {other:?}"),
     }
 }
+
+// Goal: a write of the largest body the API takes (16 MiB) is answered 200 and stored whole,
+// however long a debug build's node takes to check, log and apply it: the gateway bounds each
+// step of the forward (the request taken a MiB at a time, the answer given time per MiB it
+// carries), not the whole, so a large write is never cut for its size with a 503 it would be
+// retried after although it was stored.
+#[test]
+fn largest_write_is_not_cut_for_its_size() {
+    let cluster = DevCluster::start(1);
+    let base = cluster.url();
+    let key = cluster.add_tenant("writer", serde_json::json!({"tier": "team"}));
+    let text = vec![b'w'; proto::request::BODY_BYTES_MAX];
+    let started = std::time::Instant::now();
+    // A client that waits as long as the write takes (a busy debug build: tens of seconds).
+    let client = reqwest::blocking::Client::builder()
+        .timeout(std::time::Duration::from_secs(120))
+        .build()
+        .unwrap();
+    let r = client
+        .post(format!("{base}/update?p=large&c=1.1.1/1.1.1/1.1.1"))
+        .bearer_auth(&key)
+        .body(text.clone())
+        .send()
+        .unwrap();
+    let status = r.status().as_u16();
+    eprintln!("a {} MiB write answered {status} after {:?}", text.len() >> 20, started.elapsed());
+    assert_eq!((status, r.text().unwrap()), (200, format!("Updated {} bytes", text.len())));
+    let (status, checksum) = common::get(&base, &key, "/checksum?p=large");
+    assert_eq!((status, checksum), (200, proto::doc::checksum(&text)));
+}

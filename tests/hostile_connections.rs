@@ -1,13 +1,15 @@
 //! Hostile and careless clients against the real binary's connection layer, over plain HTTP and
 //! TLS: a flood of idle and trickling connections from one address must not deny service to
-//! another, trickled heads are cut by the header-read timeout, and request lines SQ clients send
-//! raw are served as SQ serves them, on a connection closed after the answer.
+//! another, trickled heads are cut by the header-read timeout, trickled bodies by the body-read
+//! timeout, and request lines SQ clients send raw are served as SQ serves them, on a connection
+//! closed after the answer.
 //!
 //! Loopback connections all come from 127.0.0.1 unless bound otherwise, so the flood binds its
 //! sockets to 127.0.0.2 (all of 127.0.0.0/8 is loopback on Linux) and the normal client uses
 //! 127.0.0.1: the cap per address falls on the flood only.
 
 mod common;
+mod ops_common;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -254,4 +256,66 @@ fn plain_http_flood_and_raw_lines() {
 #[test]
 fn tls_flood_and_raw_lines() {
     flood_then_serve(true);
+}
+
+/// The body-read timeout of the gateway the trickled-body test starts: short, so the test is.
+const BODY_READ_TIMEOUT: Duration = Duration::from_millis(1500);
+
+// Goal: a body that trickles in is cut by the body-read timeout (set in gateway.toml): its
+// request is answered 408 about that long after its head, the connection is closed, nothing is
+// written, and the tenant is served at once after; a body that arrives in time is written.
+#[test]
+fn trickled_body_is_cut_by_the_body_read_timeout() {
+    let cluster = DevCluster::start(1);
+    let key = cluster.demo_key();
+    let more = format!("\n[http]\nbody_read_timeout_ms = {}\n", BODY_READ_TIMEOUT.as_millis());
+    let gateway = ops_common::SecondGateway::start_with(&cluster, &key, &more);
+    let dst: SocketAddr =
+        gateway.url.trim_start_matches("http://").trim_end_matches("/api/v2").parse().unwrap();
+    let head = |len: usize| {
+        format!(
+            "POST /api/v2/update?p=slow&c=1.1.1/1.1.1/1.1.1 HTTP/1.1\r\nHost: {dst}\r\nAuthorization: Bearer {key}\r\nContent-Length: {len}\r\n\r\n"
+        )
+    };
+
+    let mut tcp = connect_from(Ipv4Addr::LOCALHOST, dst);
+    tcp.set_read_timeout(Some(PROMPT)).unwrap();
+    tcp.write_all(head(100).as_bytes()).unwrap();
+    let started = Instant::now();
+    let stop = Arc::new(AtomicBool::new(false));
+    let trickler = {
+        let (mut tcp, stop) = (tcp.try_clone().unwrap(), stop.clone());
+        std::thread::spawn(move || {
+            // Fewer bytes than announced, so only the timeout can end the body.
+            for _ in 0..50 {
+                if stop.load(Ordering::Relaxed) || tcp.write_all(b"x").is_err() {
+                    return;
+                }
+                std::thread::sleep(TRICKLE_PERIOD);
+            }
+        })
+    };
+    let mut answer = Vec::new();
+    let ended = tcp.read_to_end(&mut answer);
+    let took = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    trickler.join().unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    eprintln!("a trickled body was answered after {took:?}: {answer:?}");
+    assert!(ended.is_ok(), "the connection was not closed within {PROMPT:?}");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(body(&answer).contains("did not arrive within 1500 ms"), "{answer}");
+    assert!(took >= BODY_READ_TIMEOUT && took < PROMPT, "{took:?}");
+
+    let select = format!("{}/select?p=slow&c=1.1.1/1.1.1/1.1.1", gateway.url);
+    let r = common::http().get(&select).bearer_auth(&key).send().unwrap();
+    assert_eq!((r.status().as_u16(), r.text().unwrap()), (200, String::new()), "nothing written");
+
+    let mut tcp = connect_from(Ipv4Addr::LOCALHOST, dst);
+    tcp.set_read_timeout(Some(PROMPT)).unwrap();
+    let request = head(5).replace("HTTP/1.1\r\n", "HTTP/1.1\r\nConnection: close\r\n") + "whole";
+    let answer = exchange_to_eof(&mut tcp, request.as_bytes()).expect("an answer");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let r = common::http().get(&select).bearer_auth(&key).send().unwrap();
+    assert_eq!(r.text().unwrap(), "whole");
 }

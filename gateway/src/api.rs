@@ -75,8 +75,21 @@ pub async fn read_body(body: Body) -> Result<bytes::Bytes, ApiError> {
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
             Err(ApiError::PayloadTooLarge { limit_bytes: BODY_BYTES_MAX as u64 })
         }
-        Err(e) => Err(ApiError::bad_request(format!("cannot read body: {e}"))),
+        Err(e) => match body_timeout(e.as_ref()) {
+            Some(t) => Err(ApiError::RequestTimeout {
+                limit_ms: u64::try_from(t.limit.as_millis()).unwrap_or(u64::MAX),
+            }),
+            None => Err(ApiError::bad_request(format!("cannot read body: {e}"))),
+        },
     }
+}
+
+/// The body-read timeout behind a body error, if that is what ended the read.
+fn body_timeout<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a crate::conn::BodyTimeout> {
+    std::iter::successors(Some(e), |e| e.source())
+        .find_map(|e| e.downcast_ref::<crate::conn::BodyTimeout>())
 }
 
 /// Every request lands here; admin routes branch off after OPTIONS and the method check.

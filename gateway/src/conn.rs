@@ -55,6 +55,7 @@ pub struct Timeouts {
     pub tls_handshake: Duration,
     pub header_read: Duration,
     pub idle: Duration,
+    pub body_read: Duration,
 }
 
 impl From<&HttpLimits> for Timeouts {
@@ -63,6 +64,7 @@ impl From<&HttpLimits> for Timeouts {
             tls_handshake: Duration::from_millis(l.tls_handshake_timeout_ms),
             header_read: Duration::from_millis(l.header_read_timeout_ms),
             idle: Duration::from_millis(l.idle_timeout_ms),
+            body_read: Duration::from_millis(l.body_read_timeout_ms),
         }
     }
 }
@@ -153,6 +155,7 @@ async fn serve_stream<S>(
         app: listener.app.clone(),
         state: state.clone(),
         close: listener.close,
+        body_read: listener.timeouts.body_read,
         first_repaired: Arc::new(std::sync::atomic::AtomicBool::new(repaired)),
     };
     let builder = auto::Builder::new(TokioExecutor::new());
@@ -353,6 +356,7 @@ struct ConnService {
     app: axum::Router,
     state: Arc<ConnState>,
     close: CloseRule,
+    body_read: Duration,
     first_repaired: Arc<std::sync::atomic::AtomicBool>,
 }
 
@@ -367,7 +371,9 @@ impl hyper::service::Service<Request<Incoming>> for ConnService {
         let guard = self.state.begin();
         let repaired = self.first_repaired.swap(false, std::sync::atomic::Ordering::Relaxed);
         let close = self.close.close_after(request.version(), request.headers(), repaired);
-        let answer = self.app.clone().oneshot(request.map(Body::new));
+        let body_read = self.body_read;
+        let request = request.map(|body| Body::new(TimedBody::new(body, body_read)));
+        let answer = self.app.clone().oneshot(request);
         Box::pin(async move {
             let mut response = answer.await?;
             if close {
@@ -403,5 +409,64 @@ impl hyper::body::Body for Tracked {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// A request body past its deadline: the body-read timeout ([`Timeouts::body_read`]) ran out
+/// before its last byte arrived.
+#[derive(Debug)]
+pub struct BodyTimeout {
+    pub limit: Duration,
+}
+
+impl std::fmt::Display for BodyTimeout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the body did not arrive within {:?}", self.limit)
+    }
+}
+
+impl std::error::Error for BodyTimeout {}
+
+/// A request's body that must arrive whole within `limit` of its head: past it, the next read
+/// fails with [`BodyTimeout`] (the handler answers 408, and hyper closes the connection, whose
+/// body was not read to its end). The timer runs only while the handler waits for bytes.
+struct TimedBody {
+    inner: Incoming,
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    limit: Duration,
+}
+
+impl TimedBody {
+    fn new(inner: Incoming, limit: Duration) -> TimedBody {
+        TimedBody { inner, deadline: Box::pin(tokio::time::sleep(limit)), limit }
+    }
+}
+
+impl hyper::body::Body for TimedBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Ready(frame) => Poll::Ready(frame.map(|f| f.map_err(Into::into))),
+            Poll::Pending => match self.deadline.as_mut().poll(cx) {
+                Poll::Ready(()) => {
+                    closed("body_timeout");
+                    Poll::Ready(Some(Err(Box::new(BodyTimeout { limit: self.limit }))))
+                }
+                Poll::Pending => Poll::Pending,
+            },
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }

@@ -18,6 +18,7 @@ pub fn status_of(err: &ApiError) -> StatusCode {
         ApiError::Unavailable { .. } | ApiError::NotOwner { .. } => StatusCode::SERVICE_UNAVAILABLE,
         ApiError::Conflict(_) => StatusCode::CONFLICT,
         ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        ApiError::RequestTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
     }
 }
 

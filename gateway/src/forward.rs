@@ -12,8 +12,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::view::ViewHandle;
 
-/// How long a node may take to answer a forwarded request before the client gets 503. Well under
-/// the 2 s within which a dead node's tenants must be told, so a hang never reaches the client.
+/// How long a node may take at each step of a forwarded request before the client gets 503: to
+/// open the stream, to take each MiB of the request, and to answer once it has the request
+/// (plus `transport::ANSWER_WAIT_PER_MIB` for each MiB it carries), then between frames of a
+/// streamed answer. Well under the 2 s within which a dead node's tenants must be told, so a
+/// hang never reaches the client; per step, so a large write or read is never cut for its size
+/// while the node keeps up.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// How long a view long-poll waits at the node for a change before answering "unchanged".

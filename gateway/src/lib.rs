@@ -67,6 +67,9 @@ pub struct HttpLimits {
     /// Milliseconds a connection may stay open with no request in progress and no byte
     /// received, after its last answer.
     pub idle_timeout_ms: u64,
+    /// Milliseconds from the end of a request's head to the end of its body; a body still
+    /// arriving then is answered 408 and its connection closed.
+    pub body_read_timeout_ms: u64,
     /// Connections open at once from one client address (an IPv6 client: its /64); more are
     /// closed as soon as they are accepted.
     pub connections_per_address: usize,
@@ -83,6 +86,10 @@ pub const HEADER_READ_TIMEOUT_MS: u64 = 10_000;
 /// Long enough for a client polling every few tens of seconds to keep its connection (nginx
 /// keeps 75 s), short enough that abandoned connections free their slots within a minute.
 pub const IDLE_TIMEOUT_MS: u64 = 60_000;
+/// A whole body of the largest size (16 MiB) at 2.2 Mbit/s, a slow mobile uplink; a body that
+/// trickles in is cut here instead of holding its connection (nginx's `client_body_timeout` is
+/// 60 s between two reads; this bounds the whole body).
+pub const BODY_READ_TIMEOUT_MS: u64 = 60_000;
 /// Many clients can share one address behind NAT, each browser holding 6 connections per
 /// origin; 256 serves an office while one address can hold only 1/32 of the default total.
 pub const CONNECTIONS_PER_ADDRESS: usize = 256;
@@ -96,6 +103,7 @@ impl Default for HttpLimits {
             tls_handshake_timeout_ms: TLS_HANDSHAKE_TIMEOUT_MS,
             header_read_timeout_ms: HEADER_READ_TIMEOUT_MS,
             idle_timeout_ms: IDLE_TIMEOUT_MS,
+            body_read_timeout_ms: BODY_READ_TIMEOUT_MS,
             connections_per_address: CONNECTIONS_PER_ADDRESS,
             connections_max: CONNECTIONS_MAX,
         }
@@ -109,6 +117,7 @@ impl HttpLimits {
             ("tls_handshake_timeout_ms", self.tls_handshake_timeout_ms as usize),
             ("header_read_timeout_ms", self.header_read_timeout_ms as usize),
             ("idle_timeout_ms", self.idle_timeout_ms as usize),
+            ("body_read_timeout_ms", self.body_read_timeout_ms as usize),
             ("connections_per_address", self.connections_per_address),
             ("connections_max", self.connections_max),
         ];

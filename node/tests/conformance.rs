@@ -36,6 +36,7 @@ fn status_of(e: &ApiError) -> u16 {
         ApiError::QuotaExceeded { .. } => 507,
         ApiError::Conflict(_) => 409,
         ApiError::Internal(_) => 500,
+        ApiError::RequestTimeout { .. } => 408,
     }
 }
 

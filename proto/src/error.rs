@@ -40,6 +40,10 @@ pub enum ApiError {
     Conflict(String),
     #[error("Internal Server Error: {0}")]
     Internal(String),
+    /// The request's body did not arrive within the gateway's body-read timeout. Nothing was
+    /// done; the client may send it again.
+    #[error("Request Timeout: the body did not arrive within {limit_ms} ms")]
+    RequestTimeout { limit_ms: u64 },
 }
 
 /// Seconds a client is told to wait after a 503: the time for a registry election, a view

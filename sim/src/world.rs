@@ -155,7 +155,8 @@ pub fn write_outcome(result: &Result<SqResponse, ApiError>) -> Outcome {
             | ApiError::RateLimited { .. }
             | ApiError::QuotaExceeded { .. }
             | ApiError::NotOwner { .. }
-            | ApiError::Conflict(_),
+            | ApiError::Conflict(_)
+            | ApiError::RequestTimeout { .. },
         ) => Outcome::NotApplied,
         Err(ApiError::Unavailable { .. } | ApiError::Internal(_)) => Outcome::Unknown,
     }

@@ -96,8 +96,14 @@ impl SecondGateway {
     /// Starts it from a copy of the dev cluster's gateway.toml with another `listen` port, and
     /// waits until it serves `key`.
     pub fn start(cluster: &DevCluster, key: &str) -> SecondGateway {
+        SecondGateway::start_with(cluster, key, "")
+    }
+
+    /// [`SecondGateway::start`], with `more` (whole TOML tables, such as `[http]`) after the
+    /// copied settings.
+    pub fn start_with(cluster: &DevCluster, key: &str, more: &str) -> SecondGateway {
         let port = free_tcp_port();
-        let config: String = std::fs::read_to_string(cluster.dir.join("gateway.toml"))
+        let mut config: String = std::fs::read_to_string(cluster.dir.join("gateway.toml"))
             .unwrap()
             .lines()
             .map(|l| {
@@ -108,6 +114,7 @@ impl SecondGateway {
                 }
             })
             .collect();
+        config.push_str(more);
         let path = cluster.dir.join("gateway-2.toml");
         std::fs::write(&path, config).unwrap();
         let log = std::fs::File::create(cluster.dir.join("gateway-2.log")).unwrap();

@@ -37,7 +37,9 @@ mod tls;
 
 pub use caller::{AnswerCallFuture, CallFuture, Caller};
 pub use certs::{Identity, Role};
-pub use client::{BodyReader, Client, ClientLimits, ClientStats};
+pub use client::{
+    BodyReader, Client, ClientLimits, ClientStats, ANSWER_WAIT_PER_MIB, REQUEST_PIECE_BYTES,
+};
 pub use error::{Result, TransportError};
 pub use frame::{decode, encode, FRAME_BYTES_MAX, PROTOCOL_VERSION};
 pub use server::{

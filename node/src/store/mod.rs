@@ -32,7 +32,7 @@ mod tests;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::Duration;
 
 use proto::request::{Selector, BODY_BYTES_MAX, DELTA_LINES_MAX, QUERY_SET_MAX, SQ_API_VERSION};
@@ -109,6 +109,19 @@ struct SlotState {
 
 fn lock_slot(slot: &Slot) -> MutexGuard<'_, SlotState> {
     slot.state.lock().expect("slot lock poisoned: a thread panicked while holding it")
+}
+
+/// A store lock tried without waiting: `None` when another thread holds it. A poisoned one
+/// panics like every store lock (ARCHITECTURE.md, "Locks and panics"): a try must not pass for
+/// "busy" over data a panic may have left half-changed.
+pub(crate) fn tried<G>(attempt: Result<G, TryLockError<G>>) -> Option<G> {
+    match attempt {
+        Ok(guard) => Some(guard),
+        Err(TryLockError::WouldBlock) => None,
+        Err(TryLockError::Poisoned(_)) => {
+            panic!("store lock poisoned: a thread panicked while holding it")
+        }
+    }
 }
 
 pub struct Store {
@@ -203,8 +216,8 @@ impl Store {
         }
         // Every lock is only tried: a tenant being loaded or unloaded holds its slot for as long
         // as the disk takes, and this runs on an async thread.
-        let slot = self.slots.try_read().ok()?.get(tenant).cloned()?;
-        let t = slot.state.try_lock().ok()?.tenant.clone()?;
+        let slot = tried(self.slots.try_read())?.get(tenant).cloned()?;
+        let t = tried(slot.state.try_lock())?.tenant.clone()?;
         if t.is_closed() || t.log_failed() {
             return None;
         }
@@ -485,17 +498,20 @@ impl Store {
     /// Unloads least recently used tenants (never `keep`) until the store is below the low-water
     /// mark of both limits. One thread evicts at a time; others go on. Returns how many went.
     fn evict(&self, keep: Option<&str>) -> usize {
-        let Ok(_evicting) = self.evicting.try_lock() else { return 0 };
+        // It guards no data, so a panic while evicting leaves nothing to distrust: recovered.
+        let _evicting = match self.evicting.try_lock() {
+            Ok(guard) => guard,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return 0,
+        };
         if !self.over_limits() {
             return 0;
         }
         let mut loaded: Vec<(u64, String, Arc<Slot>)> = Vec::new();
         for (id, slot) in self.all_slots() {
             // A slot busy loading or unloading is skipped rather than waited for.
-            let last_used = match slot.state.try_lock() {
-                Ok(s) => s.tenant.as_ref().map(|t| t.last_used_ms()),
-                Err(_) => None,
-            };
+            let last_used = tried(slot.state.try_lock())
+                .and_then(|s| s.tenant.as_ref().map(|t| t.last_used_ms()));
             if let Some(last_used) = last_used.filter(|_| Some(id.as_str()) != keep) {
                 loaded.push((last_used, id, slot));
             }

@@ -22,7 +22,7 @@ use proto::{ops, Coordinate, Doc, PhextName};
 use super::error::StoreError;
 use super::vfs::{create_dir_durable, Vfs};
 use super::wal::{parse_segment_name, Op, Wal};
-use super::{FileAnswer, Opened};
+use super::{tried, FileAnswer, Opened};
 
 /// Suffix of a phext file being written by a checkpoint. A phext file's own name ends in
 /// `.phext`, so the two never collide; recovery deletes leftovers.
@@ -240,9 +240,9 @@ impl Tenant {
     /// Like [`Self::read`], but never waits: `None` if a lock it needs is taken (a checkpoint
     /// or a writer is at work) or what `f` saw is not durable yet.
     pub(crate) fn read_now<R>(&self, p: &PhextName, f: impl FnOnce(&Doc) -> R) -> Option<R> {
-        let entry = self.phexts.try_read().ok()?.get(p).cloned();
+        let entry = tried(self.phexts.try_read())?.get(p).cloned();
         let Some(entry) = entry else { return Some(f(&Doc::new())) };
-        let d = entry.try_read().ok()?;
+        let d = tried(entry.try_read())?;
         let out = f(&d.doc);
         let lsn = d.applied_lsn;
         drop(d);
@@ -266,24 +266,26 @@ impl Tenant {
         let Some(entry) = self.entry(p) else {
             return Ok(Some(Opened::Whole(read.answer(&Doc::new()))));
         };
-        {
+        let (sized_len, sized_lsn) = {
             let d = read_lock(&entry);
-            if read.answer_len(&d.doc) <= stream_above {
+            let len = read.answer_len(&d.doc);
+            if len <= stream_above {
                 let out = read.answer(&d.doc);
                 let lsn = d.applied_lsn;
                 drop(d);
                 self.wal.wait_durable(lsn)?;
                 return Ok(Some(Opened::Whole(out)));
             }
-        }
+            (len, d.applied_lsn)
+        };
         // The gate keeps checkpoints (which write the same file) out; writers wait on the lock.
         let gate = read_lock(&self.gate);
         if self.is_closed() {
             return Ok(None);
         }
         let mut d = write_lock(&entry);
-        // Sized again: a write may have come between the two locks.
-        let len = read.answer_len(&d.doc);
+        // Sized again only if a write came between the two locks (sizing reads every scroll).
+        let len = if d.applied_lsn == sized_lsn { sized_len } else { read.answer_len(&d.doc) };
         let file_len = d.doc.canonical_len();
         if len <= stream_above || file_len == 0 {
             let out = read.answer(&d.doc);

@@ -203,7 +203,7 @@ impl Wal {
     /// True if every record up to `lsn` is durable now; false too if the log's lock is taken.
     /// Never waits and never writes.
     pub(crate) fn is_durable_now(&self, lsn: u64) -> bool {
-        self.state.try_lock().is_ok_and(|st| st.synced_lsn >= lsn)
+        super::tried(self.state.try_lock()).is_some_and(|st| st.synced_lsn >= lsn)
     }
 
     pub(crate) fn wait_durable(&self, lsn: u64) -> Result<(), StoreError> {
