@@ -15,7 +15,7 @@ use serde::Deserialize;
 
 use crate::api::{read_body, request_key};
 use crate::error::error_response;
-use crate::forward::fetch_view;
+use crate::forward::fetch_update;
 
 /// How many times the gateway fetches a node's view to see its own admin change.
 const SEE_INDEX_ATTEMPTS: usize = 5;
@@ -216,11 +216,9 @@ async fn see_index(gw: &Arc<Gateway>, addr: SocketAddr, index: u64) {
         if gw.views.current().view.applied_index >= index {
             return;
         }
-        match fetch_view(gw.client.as_ref(), addr).await {
-            Ok(view) if view.applied_index >= gw.views.current().view.applied_index => {
-                gw.views.replace(view)
-            }
-            _ => {}
+        let known_index = gw.views.current().view.applied_index;
+        if let Ok(Some(update)) = fetch_update(gw.client.as_ref(), addr, known_index).await {
+            gw.views.update(update);
         }
     }
     tracing::warn!(index, "view did not reach the admin change's index; the poller will bring it");

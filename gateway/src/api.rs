@@ -207,7 +207,7 @@ pub fn authenticate(gw: &Gateway, key: &str) -> Result<Caller, ApiError> {
     if !tenant.enabled {
         return Err(ApiError::Forbidden("tenant is disabled".into()));
     }
-    Ok(Caller { tenant: tenant.id.clone(), key_hash: hash })
+    Ok(Caller { tenant: tenant.id.to_string(), key_hash: hash })
 }
 
 /// The HTTP-free core of a public request after its key: parse `/api/v2/<route>?<query>` with

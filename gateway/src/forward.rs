@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::cluster::{NodeRequest, NodeResponse, RegistryView};
+use proto::cluster::{NodeRequest, NodeResponse, ViewUpdate};
 use proto::wire;
 use tokio_util::sync::CancellationToken;
 
@@ -106,24 +106,28 @@ impl NodeClient for WireNodeClient {
     }
 }
 
-/// Asks one node for the view, at once. Used on start and after a "not owner" answer.
-pub async fn fetch_view(
+/// Asks one node, at once, for what changed in the registry since `known_index` (0: the whole
+/// registry). `None` when the node has nothing newer. Used on start and after a "not owner"
+/// answer.
+pub async fn fetch_update(
     client: &dyn NodeClient,
     addr: SocketAddr,
-) -> Result<RegistryView, CallError> {
-    let request = NodeRequest::View { known_index: 0, wait_ms: 0 };
+    known_index: u64,
+) -> Result<Option<ViewUpdate>, CallError> {
+    let request = NodeRequest::ViewSince { known_index, wait_ms: 0 };
     match client.call(addr, request, FORWARD_TIMEOUT).await? {
-        NodeResponse::View(Some(view)) => Ok(view),
+        NodeResponse::ViewUpdate(update) => Ok(update),
         other => Err(CallError::Protocol(format!("unexpected answer to view: {other:?}"))),
     }
 }
 
-/// Refreshes the view from the first node that answers. Returns whether one did.
+/// Brings the view up to what the first node that answers has. Returns whether one did.
 pub async fn refresh(client: &dyn NodeClient, views: &ViewHandle, seeds: &[SocketAddr]) -> bool {
     for addr in candidates(views, seeds) {
-        if let Ok(view) = fetch_view(client, addr).await {
-            if view.applied_index >= views.current().view.applied_index {
-                views.replace(view);
+        let known_index = views.current().view.applied_index;
+        if let Ok(update) = fetch_update(client, addr, known_index).await {
+            if let Some(update) = update {
+                views.update(update);
             }
             return true;
         }
@@ -164,23 +168,23 @@ pub async fn poll_views(
         }
         let addr = addrs[turn % addrs.len()];
         let known_index = views.current().view.applied_index;
-        let request = NodeRequest::View { known_index, wait_ms: VIEW_POLL_WAIT.as_millis() as u64 };
+        let wait_ms = VIEW_POLL_WAIT.as_millis() as u64;
+        let request = NodeRequest::ViewSince { known_index, wait_ms };
         let answer = tokio::select! {
             _ = shutdown.cancelled() => return,
             a = client.call(addr, request, VIEW_POLL_WAIT + VIEW_POLL_SLACK) => a,
         };
         match answer {
-            Ok(NodeResponse::View(Some(view))) => {
-                if view.applied_index >= views.current().view.applied_index {
-                    views.replace(view);
-                } else {
+            Ok(NodeResponse::ViewUpdate(Some(update))) => {
+                if update.applied_index() < views.current().view.applied_index {
                     // That node is behind this view: ask another one next.
                     turn += 1;
                 }
+                views.update(update);
             }
             // Nothing new there: ask another node next, so that a node whose registry no longer
             // moves (partitioned, removed, never joined) cannot freeze this view.
-            Ok(NodeResponse::View(None)) => turn += 1,
+            Ok(NodeResponse::ViewUpdate(None)) => turn += 1,
             Ok(other) => tracing::warn!(%addr, ?other, "unexpected answer to a view poll"),
             Err(e) => {
                 tracing::debug!(%addr, error = %e, "view poll failed; trying the next node");

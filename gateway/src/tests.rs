@@ -11,6 +11,7 @@ use axum::http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use proto::cluster::{
     NodeHealth, NodeRequest, NodeResponse, NodeState, NodeView, RegistryView, TenantView,
+    ViewUpdate,
 };
 use proto::{ApiError, SqResponse};
 use tower::ServiceExt;
@@ -44,7 +45,9 @@ impl NodeClient for FakeNode {
                 NodeRequest::Sq { tenant, request, .. } => {
                     NodeResponse::Sq(Ok(SqResponse::text(format!("{tenant}:{}", request.route()))))
                 }
-                NodeRequest::View { .. } => NodeResponse::View(Some(view())),
+                NodeRequest::ViewSince { .. } => {
+                    NodeResponse::ViewUpdate(Some(ViewUpdate::Full(view())))
+                }
                 other => NodeResponse::Refused(format!("{other:?}")),
             })
         })

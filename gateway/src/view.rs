@@ -1,53 +1,130 @@
 //! The gateway's in-memory copy of the registry: keys (as hashes) to tenants, tenants to owners,
 //! owners to addresses. Fed by long-polling the nodes; nothing of it is ever written to disk.
+//!
+//! It follows the registry by changes ([`ViewUpdate`]): a node sends the whole registry once,
+//! then only the tenants changed since the applied index the gateway holds. Tenants live in
+//! persistent maps, so taking a change costs O(log tenants) and publishing the new view O(1),
+//! however many tenants there are. Each tenant is kept compact (binary key hashes, one shared
+//! entry for both maps): [`TENANT_BYTES_TARGET`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 pub use proto::auth::key_hash;
-use proto::cluster::{NodeHealth, NodeState, RegistryView, TenantView};
+use proto::cluster::{NodeHealth, NodeState, RegistryDelta, RegistryView, TenantView, ViewUpdate};
+
+/// What one tenant should cost a gateway in memory, at most (issue of scale: a gateway holds
+/// every tenant of the cluster). Measured by `sq-cloud bench --mode admin-add`.
+pub const TENANT_BYTES_TARGET: usize = 300;
+
+/// A key hash as bytes: half the size of its hex form.
+type KeyHash = [u8; 32];
+
+fn key_bytes(hash: &str) -> Option<KeyHash> {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(hash, &mut out).ok()?;
+    Some(out)
+}
+
+/// What a request needs to know of one tenant.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TenantEntry {
+    pub id: Arc<str>,
+    key_hashes: Box<[KeyHash]>,
+    pub enabled: bool,
+    /// The owning node in the view's epoch; `None` when no node is active.
+    pub owner: Option<u64>,
+}
+
+impl TenantEntry {
+    fn new(t: TenantView) -> TenantEntry {
+        TenantEntry {
+            id: Arc::from(t.id),
+            // A registry key hash is always 64 hex digits; one that is not could never match.
+            key_hashes: t.key_hashes.iter().filter_map(|h| key_bytes(h)).collect(),
+            enabled: t.enabled,
+            owner: t.owner,
+        }
+    }
+}
+
+/// Every tenant, by key hash and by id; cheap to clone (persistent maps).
+#[derive(Debug, Default, Clone)]
+struct Tenants {
+    by_key_hash: imbl::HashMap<KeyHash, Arc<TenantEntry>>,
+    by_id: imbl::HashMap<Arc<str>, Arc<TenantEntry>>,
+}
+
+impl Tenants {
+    fn remove(&mut self, id: &str) {
+        if let Some(old) = self.by_id.remove(id) {
+            for h in old.key_hashes.iter() {
+                // A key hash is never handed to two tenants at one index, but a change may
+                // arrive before the removal of its old holder: drop only our own.
+                if self.by_key_hash.get(h).is_some_and(|t| t.id == old.id) {
+                    self.by_key_hash.remove(h);
+                }
+            }
+        }
+    }
+
+    fn put(&mut self, t: TenantView) {
+        self.remove(&t.id);
+        let entry = Arc::new(TenantEntry::new(t));
+        for h in entry.key_hashes.iter() {
+            self.by_key_hash.insert(*h, entry.clone());
+        }
+        self.by_id.insert(entry.id.clone(), entry);
+    }
+}
 
 /// A registry view with the lookups a request needs.
 #[derive(Debug, Default)]
 pub struct IndexedView {
+    /// Everything but the tenants (`view.tenants` is always empty: they are in the maps).
     pub view: RegistryView,
-    by_key_hash: HashMap<String, usize>,
-    by_id: HashMap<String, usize>,
+    tenants: Tenants,
     node_addr: HashMap<u64, SocketAddr>,
     dead_nodes: Vec<u64>,
 }
 
 impl IndexedView {
-    pub fn new(view: RegistryView) -> IndexedView {
-        let mut by_key_hash = HashMap::new();
-        let mut by_id = HashMap::new();
-        for (i, t) in view.tenants.iter().enumerate() {
-            by_id.insert(t.id.clone(), i);
-            for h in &t.key_hashes {
-                by_key_hash.insert(h.clone(), i);
-            }
+    pub fn new(mut view: RegistryView) -> IndexedView {
+        let mut tenants = Tenants::default();
+        for t in std::mem::take(&mut view.tenants) {
+            tenants.put(t);
         }
+        IndexedView::with_tenants(view, tenants)
+    }
+
+    /// `head` (a view without tenants) with these tenants.
+    fn with_tenants(head: RegistryView, tenants: Tenants) -> IndexedView {
+        debug_assert!(head.tenants.is_empty(), "tenants live in the maps");
         // A removed node is no longer asked anything: not polled, not scraped, not sent admin.
-        let node_addr = view
+        let node_addr = head
             .nodes
             .iter()
             .filter(|n| n.state != NodeState::Removed)
             .filter_map(|n| Some((n.id, n.addr.parse().ok()?)))
             .collect();
         let dead_nodes =
-            view.nodes.iter().filter(|n| n.health == NodeHealth::Dead).map(|n| n.id).collect();
-        IndexedView { view, by_key_hash, by_id, node_addr, dead_nodes }
+            head.nodes.iter().filter(|n| n.health == NodeHealth::Dead).map(|n| n.id).collect();
+        IndexedView { view: head, tenants, node_addr, dead_nodes }
     }
 
-    pub fn tenant_by_key_hash(&self, hash: &str) -> Option<&TenantView> {
-        self.by_key_hash.get(hash).map(|&i| &self.view.tenants[i])
+    pub fn tenant_by_key_hash(&self, hash: &str) -> Option<&TenantEntry> {
+        self.tenants.by_key_hash.get(&key_bytes(hash)?).map(|t| &**t)
     }
 
-    pub fn tenant(&self, id: &str) -> Option<&TenantView> {
-        self.by_id.get(id).map(|&i| &self.view.tenants[i])
+    pub fn tenant(&self, id: &str) -> Option<&TenantEntry> {
+        self.tenants.by_id.get(id).map(|t| &**t)
     }
 
+    /// How many tenants the view holds.
+    pub fn tenant_count(&self) -> usize {
+        self.tenants.by_id.len()
+    }
     pub fn node_addr(&self, id: u64) -> Option<SocketAddr> {
         self.node_addr.get(&id).copied()
     }
@@ -108,17 +185,54 @@ impl ViewHandle {
         self.changes.subscribe()
     }
 
-    /// Takes what is newer in `view` (from any node) into the current view:
-    /// - the registry part (tenants, keys, nodes, epoch) when its applied index is at least the
-    ///   current one's;
-    /// - each node's health when its verdict is newer ([`NodeView::health_is_newer_than`]), so
-    ///   a node whose gossip lags can never turn a dead node alive again;
-    /// - the leader when its term is at least the current one's.
+    /// Takes what is newer in `view` (the whole registry, from any node) into the current view.
     pub fn replace(&self, view: RegistryView) {
+        self.update(ViewUpdate::Full(view));
+    }
+
+    /// Takes what is newer in `update` (from any node) into the current view:
+    /// - the registry part (tenants, keys, nodes, epoch) when its applied index is at least the
+    ///   current one's; a delta only when it starts at or before the current index, so that
+    ///   together with what the view holds it makes the registry at its own index;
+    /// - each node's health with the registry part;
+    /// - the leader when its term is at least the current one's.
+    pub fn update(&self, update: ViewUpdate) {
         let mut slot = self.current.write().unwrap_or_else(|p| p.into_inner());
-        let merged = merge(&slot.view, view);
-        if merged != slot.view {
-            *slot = Arc::new(IndexedView::new(merged));
+        let current_index = slot.view.applied_index;
+        let (mut head, tenants) = match update {
+            ViewUpdate::Full(mut view) => {
+                let tenants = std::mem::take(&mut view.tenants);
+                let newer = view.applied_index > current_index
+                    || (view.applied_index == current_index && slot.tenant_count() == 0);
+                let tenants = newer.then(|| {
+                    let mut all = Tenants::default();
+                    tenants.into_iter().for_each(|t| all.put(t));
+                    all
+                });
+                (view, tenants)
+            }
+            ViewUpdate::Delta(RegistryDelta { since, head, changed, removed }) => {
+                if since > current_index {
+                    // Never sent: the index asked with is one this view held. Taking it would
+                    // skip the changes in between.
+                    tracing::warn!(since, current_index, "a registry delta from past this view");
+                    return;
+                }
+                let newer = head.applied_index > current_index;
+                let tenants = newer.then(|| {
+                    let mut next = slot.tenants.clone();
+                    removed.iter().for_each(|id| next.remove(id));
+                    changed.into_iter().for_each(|t| next.put(t));
+                    next
+                });
+                (head, tenants)
+            }
+        };
+        head.tenants.clear();
+        let merged = merge(&slot.view, head);
+        if merged != slot.view || tenants.is_some() {
+            let tenants = tenants.unwrap_or_else(|| slot.tenants.clone());
+            *slot = Arc::new(IndexedView::with_tenants(merged, tenants));
             drop(slot);
             self.changes.send_modify(|n| *n += 1);
         }
@@ -145,6 +259,67 @@ fn merge(current: &RegistryView, new: RegistryView) -> RegistryView {
 mod tests {
     use super::*;
     use proto::cluster::NodeView;
+
+    fn tenant(id: &str, key: &str, enabled: bool) -> TenantView {
+        TenantView { id: id.into(), key_hashes: vec![key_hash(key)], enabled, owner: Some(1) }
+    }
+
+    fn delta(since: u64, index: u64, changed: Vec<TenantView>, removed: &[&str]) -> ViewUpdate {
+        let head = RegistryView { applied_index: index, ..Default::default() };
+        let removed = removed.iter().map(|r| r.to_string()).collect();
+        ViewUpdate::Delta(RegistryDelta { since, head, changed, removed })
+    }
+
+    fn owner_of_key(views: &ViewHandle, key: &str) -> Option<String> {
+        views.current().tenant_by_key_hash(&key_hash(key)).map(|t| t.id.to_string())
+    }
+
+    // Goal: a delta changes exactly the tenants it names (a rotated key stops working, a
+    // removed tenant goes, a new one comes) and keeps the rest; a delta older than the view, or
+    // one starting past it, changes no tenant.
+    #[test]
+    fn deltas_change_only_what_they_name() {
+        let views = ViewHandle::default();
+        let full = RegistryView {
+            applied_index: 5,
+            tenants: vec![tenant("a", "ka", true), tenant("b", "kb", true)],
+            ..Default::default()
+        };
+        views.update(ViewUpdate::Full(full));
+        assert_eq!(owner_of_key(&views, "ka").as_deref(), Some("a"));
+        let changes = views.subscribe();
+        views.update(delta(5, 7, vec![tenant("a", "ka2", false), tenant("c", "kc", true)], &["b"]));
+        assert!(changes.has_changed().unwrap_or(false), "waiters are woken");
+        let v = views.current();
+        assert_eq!(v.view.applied_index, 7);
+        assert_eq!(owner_of_key(&views, "ka"), None, "the old key stops working");
+        assert_eq!(owner_of_key(&views, "ka2").as_deref(), Some("a"));
+        assert_eq!(v.tenant("a").map(|t| t.enabled), Some(false));
+        assert!(v.tenant("b").is_none() && owner_of_key(&views, "kb").is_none());
+        assert_eq!(owner_of_key(&views, "kc").as_deref(), Some("c"));
+        assert_eq!(v.tenant_count(), 2);
+
+        views.update(delta(5, 6, vec![tenant("b", "kb", true)], &["c"]));
+        views.update(delta(9, 10, vec![tenant("d", "kd", true)], &[]));
+        let v = views.current();
+        assert_eq!(v.view.applied_index, 7);
+        assert!(v.tenant("b").is_none() && v.tenant("c").is_some() && v.tenant("d").is_none());
+
+        // A delta from before the view's index but reaching past it carries every change since
+        // its start: taking it again is harmless.
+        views.update(delta(6, 8, vec![tenant("a", "ka2", false), tenant("e", "ke", true)], &[]));
+        let v = views.current();
+        assert_eq!((v.view.applied_index, v.tenant_count()), (8, 3));
+        // A whole view at a higher index replaces every tenant.
+        let full = RegistryView {
+            applied_index: 9,
+            tenants: vec![tenant("z", "kz", true)],
+            ..Default::default()
+        };
+        views.update(ViewUpdate::Full(full));
+        assert_eq!(views.current().tenant_count(), 1);
+        assert_eq!(owner_of_key(&views, "ka2"), None);
+    }
 
     fn view(index: u64, health: &[(u64, NodeHealth, u64)], leader: (u64, u64)) -> RegistryView {
         RegistryView {

@@ -2,8 +2,10 @@
 //!
 //! The set of nodes comes from the registry view itself; the configured `nodes` are only seeds
 //! (asked until the view names them, and dropped once the registry says they were removed).
-//! Each answer is merged into the view ([`ViewHandle::replace`]): the registry part by applied
-//! index, each node's health by its heartbeat version. So a frozen node cannot hold the view
+//! Each poll names the applied index of the registry the gateway holds, and the answer carries
+//! only the tenants changed since ([`proto::cluster::ViewUpdate`]; the whole registry on first
+//! contact). Each answer is merged into the view ([`ViewHandle::update`]): the registry part by
+//! applied index, the leader by term. So a frozen node cannot hold the view
 //! back (the others answer), and a node whose gossip lags cannot undo a newer verdict.
 
 use std::collections::HashMap;
@@ -82,30 +84,28 @@ async fn poll_one(
     addr: SocketAddr,
     shutdown: CancellationToken,
 ) {
-    // This node's own applied index: it answers when its registry moves past it, or when its
-    // gossip changed since it last answered us.
-    let mut known_index = 0;
     loop {
-        let request = NodeRequest::View { known_index, wait_ms: POLL_WAIT.as_millis() as u64 };
+        // Ask with the index of the registry this gateway holds: the node answers when its
+        // registry moves past it (with only what changed since), or when its gossip changed
+        // since it last answered us. A node behind it waits until it catches up.
+        let known_index = views.current().view.applied_index;
+        let request = NodeRequest::ViewSince { known_index, wait_ms: POLL_WAIT.as_millis() as u64 };
         let answer = tokio::select! {
             _ = shutdown.cancelled() => return,
             a = client.call(addr, request, POLL_WAIT + POLL_SLACK) => a,
         };
         let failed = match answer {
-            Ok(NodeResponse::View(Some(view))) => {
-                known_index = view.applied_index;
-                views.replace(view);
+            Ok(NodeResponse::ViewUpdate(Some(update))) => {
+                views.update(update);
                 false
             }
-            Ok(NodeResponse::View(None)) => false,
+            Ok(NodeResponse::ViewUpdate(None)) => false,
             Ok(other) => {
                 tracing::warn!(%addr, ?other, "unexpected answer to a view poll");
                 true
             }
             Err(e) => {
                 tracing::debug!(%addr, error = %e, "view poll failed");
-                // Start again from scratch: the node may have restarted with a shorter log.
-                known_index = 0;
                 true
             }
         };

@@ -340,20 +340,26 @@ pub fn registry_view(
     term: u64,
 ) -> RegistryView {
     RegistryView {
+        tenants: state.tenants().map(|t| tenant_view(state, t)).collect(),
+        ..registry_head(applied_index, state, health, leader, term)
+    }
+}
+
+/// [`registry_view`] without its tenants: what every answer to a gateway carries whole.
+pub fn registry_head(
+    applied_index: u64,
+    state: &RegistryState,
+    health: &Health,
+    leader: Option<u64>,
+    term: u64,
+) -> RegistryView {
+    RegistryView {
         leader,
         term,
         applied_index,
         epoch: state.placement_epoch(),
         admin_key_hash: state.admin_key_hash().map(str::to_string),
-        tenants: state
-            .tenants()
-            .map(|t| TenantView {
-                id: t.id.clone(),
-                key_hashes: t.key_hashes.clone(),
-                enabled: t.enabled && !t.archived,
-                owner: state.owner_of(&t.id),
-            })
-            .collect(),
+        tenants: Vec::new(),
         nodes: state
             .nodes()
             .map(|n| {
@@ -361,5 +367,15 @@ pub fn registry_view(
                 NodeView { id: n.id, addr: n.addr.clone(), state: n.state, health, heartbeat }
             })
             .collect(),
+    }
+}
+
+/// One tenant as gateways see it.
+pub fn tenant_view(state: &RegistryState, t: &TenantRecord) -> TenantView {
+    TenantView {
+        id: t.id.clone(),
+        key_hashes: t.key_hashes.clone(),
+        enabled: t.enabled && !t.archived,
+        owner: state.owner_of(&t.id),
     }
 }

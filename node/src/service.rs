@@ -4,9 +4,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use proto::cluster::{NodeRequest, NodeResponse, RegistryView, TenantUsage};
+use proto::cluster::{
+    NodeRequest, NodeResponse, RegistryDelta, RegistryView, TenantUsage, ViewUpdate,
+};
 use proto::{ApiError, SqRequest, SqResponse};
-use raft_registry::Registry;
+use raft_registry::{Registry, Since};
 use transport::{Handler, HandlerFuture, Peer, Role};
 
 use crate::clock::WallClock;
@@ -88,9 +90,14 @@ impl Service {
             NodeRequest::Sq { tenant, key_hash, epoch, request } => {
                 NodeResponse::Sq(self.sq(&tenant, &key_hash, epoch, request).await)
             }
-            NodeRequest::View { known_index, wait_ms } => {
-                NodeResponse::View(self.view(peer.addr, known_index, wait_ms).await)
-            }
+            NodeRequest::View { known_index, wait_ms } => NodeResponse::View(
+                self.view_wait(peer.addr, known_index, wait_ms).await.then(|| self.build_view()),
+            ),
+            NodeRequest::ViewSince { known_index, wait_ms } => NodeResponse::ViewUpdate(
+                self.view_wait(peer.addr, known_index, wait_ms)
+                    .await
+                    .then(|| self.view_update(known_index)),
+            ),
             NodeRequest::Admin { admin_key_hash, op } => {
                 let (result, applied_index) =
                     crate::admin::execute(self, &admin_key_hash, op).await;
@@ -264,15 +271,15 @@ impl Service {
         }
     }
 
-    /// Long-poll: the view as soon as the registry has applied past `known_index`, or as soon as
+    /// Long-poll: true as soon as the registry has applied past `known_index`, or as soon as
     /// gossip changed a node's health since `poller` was last sent a view (health is no Raft
-    /// entry, so it does not move the index).
-    async fn view(
+    /// entry, so it does not move the index); false when `wait_ms` passed without either.
+    async fn view_wait(
         &self,
         poller: std::net::SocketAddr,
         known_index: u64,
         wait_ms: u64,
-    ) -> Option<RegistryView> {
+    ) -> bool {
         let mut rx = self.registry.subscribe();
         let mut health = self.health.generations();
         let wait = Duration::from_millis(wait_ms).min(VIEW_WAIT_MAX);
@@ -285,14 +292,43 @@ impl Service {
                 || self.view_peers.behind(poller, generation)
             {
                 self.view_peers.sent(poller, generation);
-                return Some(self.build_view());
+                return true;
             }
             tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => return None,
-                changed = rx.changed() => changed.ok()?,
-                changed = health.changed() => changed.ok()?,
+                _ = tokio::time::sleep_until(deadline) => return false,
+                changed = rx.changed() => if changed.is_err() { return false },
+                changed = health.changed() => if changed.is_err() { return false },
             }
         }
+    }
+
+    /// What a gateway holding the registry at `known_index` takes to be current: only the
+    /// tenants changed since, or the whole view on first contact (`known_index` 0), after a
+    /// placement change, or when this node's change log does not reach back to `known_index`.
+    /// A node behind `known_index` answers its head alone (nodes, health, leader), which the
+    /// gateway merges as an older view.
+    pub fn view_update(&self, known_index: u64) -> ViewUpdate {
+        if known_index == 0 {
+            return ViewUpdate::Full(self.build_view());
+        }
+        let (applied, state) = self.registry.subscribe().borrow().clone();
+        let status = self.registry.status();
+        let head =
+            crate::admin::registry_head(applied, &state, &self.health, status.leader, status.term);
+        let mut delta = RegistryDelta { since: known_index, head, ..Default::default() };
+        if applied <= known_index {
+            return ViewUpdate::Delta(delta);
+        }
+        let Since::Tenants(ids) = self.registry.changes_since(known_index, applied) else {
+            return ViewUpdate::Full(self.build_view());
+        };
+        for id in ids {
+            match state.tenant(&id) {
+                Some(t) => delta.changed.push(crate::admin::tenant_view(&state, t)),
+                None => delta.removed.push(id),
+            }
+        }
+        ViewUpdate::Delta(delta)
     }
 
     /// The registry as gateways see it, rebuilt only when the applied index moved.
@@ -352,6 +388,7 @@ fn kind(r: &NodeRequest) -> &'static str {
     match r {
         NodeRequest::Sq { .. } => "sq",
         NodeRequest::View { .. } => "view",
+        NodeRequest::ViewSince { .. } => "view since",
         NodeRequest::Admin { .. } => "admin",
         NodeRequest::RaftCommand { .. } => "raft command",
         NodeRequest::HandoffManifest { .. } | NodeRequest::HandoffRead { .. } => "handoff",

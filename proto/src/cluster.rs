@@ -152,6 +152,40 @@ pub struct RegistryView {
     pub term: u64,
 }
 
+/// The registry's changes since an applied index a gateway already holds: the tenants that
+/// changed or came (`changed`, as they are at `applied_index`) and those that went (`removed`),
+/// with everything else of the view whole (it is small: nodes, the admin key, the leader).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct RegistryDelta {
+    /// The applied index the changes start from: the one the gateway asked with.
+    pub since: u64,
+    /// Every field but `tenants` as in [`RegistryView`]; `head.tenants` is empty.
+    pub head: RegistryView,
+    pub changed: Vec<TenantView>,
+    pub removed: Vec<String>,
+}
+
+/// A node's answer to a gateway following the registry ([`NodeRequest::ViewSince`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ViewUpdate {
+    /// The whole registry: on first contact, or when the caller is too far behind (the node's
+    /// change log no longer reaches its index) or placement changed since (every owner may
+    /// have moved).
+    Full(RegistryView),
+    /// Only what changed since the caller's index.
+    Delta(RegistryDelta),
+}
+
+impl ViewUpdate {
+    /// The applied index the answer brings its receiver to.
+    pub fn applied_index(&self) -> u64 {
+        match self {
+            ViewUpdate::Full(v) => v.applied_index,
+            ViewUpdate::Delta(d) => d.head.applied_index,
+        }
+    }
+}
+
 /// Admin operations, checked against the admin key hash and applied through the registry leader.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AdminOp {
@@ -234,6 +268,10 @@ pub enum NodeRequest {
     Gossip { from: u64, heartbeats: Vec<(u64, u64)> },
     /// Asked of a node before it joins: which id it runs as (from nodes only).
     Identify,
+    /// Long-poll for the registry's changes since `known_index` (the applied index of the
+    /// registry the caller holds; 0 for none): answers as `View` does, with a
+    /// [`ViewUpdate`] that carries only the tenants changed since.
+    ViewSince { known_index: u64, wait_ms: u64 },
 }
 
 /// Bytes of one handoff file, carried as one byte string.
@@ -297,6 +335,8 @@ pub enum NodeResponse {
     Identity {
         id: u64,
     },
+    /// The answer to `ViewSince`; `None` when nothing changed within the wait.
+    ViewUpdate(Option<ViewUpdate>),
 }
 
 #[cfg(test)]

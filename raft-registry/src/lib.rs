@@ -28,6 +28,8 @@
 //!
 //! Map of the crate:
 //! - `state`, `command`: the replicated data and its state transitions;
+//! - `changes`: the bounded log of which tenants each applied entry changed, so gateways
+//!   follow the registry by changes;
 //! - `placement`: consistent hashing with virtual nodes over `hashring`;
 //! - `disk`, `log_store`, `state_machine`: the openraft storage-v2 implementation;
 //! - `network`: the wire format of Raft RPCs and the openraft network over [`RaftTransport`];
@@ -35,6 +37,7 @@
 //! - `registry`, `membership`: the public handle;
 //! - `config`, `error`: [`RegistryConfig`] and [`RegistryError`].
 
+pub mod changes;
 pub mod command;
 pub mod config;
 pub mod disk;
@@ -51,6 +54,7 @@ pub mod state;
 pub mod state_machine;
 pub mod types;
 
+pub use changes::{Since, CHANGED_TENANTS_MAX};
 pub use command::{ApplyReply, Command, Rejection};
 pub use config::RegistryConfig;
 pub use error::RegistryError;

@@ -10,13 +10,14 @@ use openraft::error::{InitializeError, RaftError};
 use openraft::BasicNode;
 use tokio::sync::watch;
 
+use crate::changes::Since;
 use crate::command::Command;
 use crate::config::RegistryConfig;
 use crate::error::RegistryError;
 use crate::log_store::LogStore;
 use crate::network::{self, NetworkFactory, RaftTransport};
 use crate::state::{NodeState, RegistryState};
-use crate::state_machine::{Published, StateMachineStore};
+use crate::state_machine::{lock_changes, Published, SharedChanges, StateMachineStore};
 use crate::types::{NodeId, Raft};
 
 /// What a committed command produced.
@@ -56,6 +57,7 @@ pub struct Registry {
     pub(crate) id: NodeId,
     pub(crate) raft: Raft,
     state_rx: watch::Receiver<Published>,
+    changes: SharedChanges,
     /// Serialises `join_node` / `remove_node` on this node.
     pub(crate) membership_lock: tokio::sync::Mutex<()>,
     /// The node whose join holds `membership_lock`, and how to cancel it (`remove_node` does).
@@ -95,12 +97,14 @@ impl Registry {
         let raft_config = Arc::new(config.to_openraft()?);
         let log = LogStore::open_on(fs.clone(), dir)?;
         let (sm, state_rx) = StateMachineStore::open_on(fs, dir)?;
+        let changes = sm.changes();
         let network = NetworkFactory { my_id: node_id, transport };
         let raft = Raft::new(node_id, raft_config, network, log, sm).await?;
         Ok(Registry {
             id: node_id,
             raft,
             state_rx,
+            changes,
             membership_lock: tokio::sync::Mutex::new(()),
             joining: std::sync::Mutex::new(None),
             config,
@@ -182,6 +186,13 @@ impl Registry {
     /// Watches `(applied index, state)`; a new value is published after every applied batch.
     pub fn subscribe(&self) -> watch::Receiver<Published> {
         self.state_rx.clone()
+    }
+
+    /// What a reader holding the state at applied index `known` must take to hold the state
+    /// at `upto` (an index this node has applied): the tenants that changed in between, or
+    /// everything when this node's change log does not reach back to `known`.
+    pub fn changes_since(&self, known: u64, upto: u64) -> Since {
+        lock_changes(&self.changes).since(known, upto)
     }
 
     /// This node's Raft status.

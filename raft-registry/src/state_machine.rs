@@ -13,6 +13,7 @@ use openraft::{AnyError, EntryPayload, OptionalSend, RaftSnapshotBuilder, Storag
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
+use crate::changes::{self, ChangeLog};
 use crate::command::{self, ApplyReply};
 use crate::disk::{self, Fs, StoreError};
 use crate::state::{Handoff, NodeRecord, NodeState, RegistryState, TenantRecord, ACTIVE_NODES_MAX};
@@ -126,14 +127,31 @@ pub struct StateMachineStore {
     state: RegistryState,
     slot: SnapshotSlot,
     publish: watch::Sender<Published>,
+    /// What each applied entry changed, for gateways that follow by changes; shared with
+    /// [`crate::Registry`], which reads it.
+    changes: Arc<Mutex<ChangeLog>>,
     /// Snapshots built by this process, to make snapshot ids unique.
     builds: u64,
+}
+
+/// The state machine's change log, as the registry handle reads it.
+pub(crate) type SharedChanges = Arc<Mutex<ChangeLog>>;
+
+/// Locks the change log. A panic while holding it may leave its count and entries apart, so a
+/// poisoned lock panics too (see ARCHITECTURE.md, locks and panics).
+pub(crate) fn lock_changes(changes: &SharedChanges) -> MutexGuard<'_, ChangeLog> {
+    changes.lock().unwrap_or_else(|p| panic!("change log mutex poisoned: {p}"))
 }
 
 impl StateMachineStore {
     /// Opens the state machine in `dir`, starting from the stored snapshot if there is one.
     pub fn open(dir: &Path) -> Result<(StateMachineStore, watch::Receiver<Published>), StoreError> {
         StateMachineStore::open_on(disk::std_fs(), dir)
+    }
+
+    /// The log of what each applied entry changed.
+    pub(crate) fn changes(&self) -> SharedChanges {
+        self.changes.clone()
     }
 
     /// Opens the state machine in `dir` on `fs`.
@@ -150,14 +168,21 @@ impl StateMachineStore {
             }
             None => (None, StoredMembership::default(), RegistryState::default()),
         };
-        let (publish, rx) =
-            watch::channel((last_applied.map_or(0, |l| l.index), Arc::new(state.clone())));
+        let index = last_applied.map_or(0, |l| l.index);
+        let (publish, rx) = watch::channel((index, Arc::new(state.clone())));
         let slot =
             SnapshotSlot { fs, dir: dir.to_path_buf(), current: Arc::new(Mutex::new(stored)) };
-        Ok((
-            StateMachineStore { last_applied, last_membership, state, slot, publish, builds: 0 },
-            rx,
-        ))
+        let changes = Arc::new(Mutex::new(ChangeLog::starting_at(index)));
+        let sm = StateMachineStore {
+            last_applied,
+            last_membership,
+            state,
+            slot,
+            publish,
+            changes,
+            builds: 0,
+        };
+        Ok((sm, rx))
     }
 
     fn publish(&self) {
@@ -169,7 +194,14 @@ impl StateMachineStore {
         self.last_applied = Some(entry.log_id);
         let outcome = match entry.payload {
             EntryPayload::Blank => Ok(()),
-            EntryPayload::Normal(cmd) => command::apply(&mut self.state, cmd),
+            EntryPayload::Normal(cmd) => {
+                let touched = changes::touched(&cmd);
+                let outcome = command::apply(&mut self.state, cmd);
+                if let (Ok(()), Some(touched)) = (&outcome, touched) {
+                    lock_changes(&self.changes).record(entry.log_id.index, touched);
+                }
+                outcome
+            }
             EntryPayload::Membership(m) => {
                 self.last_membership = StoredMembership::new(Some(entry.log_id), m);
                 Ok(())
@@ -255,6 +287,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
         })?;
         self.state = state;
+        lock_changes(&self.changes).reset(meta.last_log_id.map_or(0, |l| l.index));
         self.last_applied = meta.last_log_id;
         self.last_membership = meta.last_membership.clone();
         self.publish();

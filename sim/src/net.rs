@@ -128,6 +128,7 @@ fn prefixes() -> &'static Prefixes {
                 "sq",
             ),
             (sample(NodeRequest::View { known_index: 0, wait_ms: 0 }), "view"),
+            (sample(NodeRequest::ViewSince { known_index: 0, wait_ms: 0 }), "view"),
             (
                 sample(NodeRequest::Admin {
                     admin_key_hash: String::new(),

@@ -9,6 +9,7 @@ use axum::body::Body;
 use axum::http::Request;
 use proto::cluster::{
     NodeHealth, NodeRequest, NodeResponse, NodeState, NodeView, RegistryView, TenantView,
+    ViewUpdate,
 };
 use proto::SqResponse;
 use tower::ServiceExt;
@@ -36,7 +37,9 @@ impl NodeClient for AnswerAll {
         Box::pin(async move {
             Ok(match request {
                 NodeRequest::Sq { .. } => NodeResponse::Sq(Ok(SqResponse::text("ok"))),
-                NodeRequest::View { .. } => NodeResponse::View(Some(view())),
+                NodeRequest::ViewSince { .. } => {
+                    NodeResponse::ViewUpdate(Some(ViewUpdate::Full(view())))
+                }
                 NodeRequest::Admin { .. } => NodeResponse::Admin {
                     result: Ok(r#"{"tenant_id":"acme"}"#.into()),
                     applied_index: 7,
