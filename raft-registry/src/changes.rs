@@ -106,6 +106,8 @@ pub fn touched(command: &Command) -> Option<Touched> {
         | Command::NodeJoin { .. }
         | Command::NodeRemove { .. }
         | Command::HandoffDone { .. } => None,
+        // Each command of a batch is recorded on its own, when it is applied.
+        Command::Batch(_) => None,
     }
 }
 

@@ -72,7 +72,17 @@ pub enum Command {
     PurgeTenant {
         id: String,
     },
+    /// Several commands in one log entry, applied in order, each accepted or rejected on its
+    /// own (one refusal does not undo the others). Concurrent writes are grouped this way, so
+    /// a burst of them costs one Raft round ([`crate::registry::Registry::write`]). At most
+    /// [`BATCH_COMMANDS_MAX`], none of them a batch.
+    Batch(Vec<Command>),
 }
+
+/// The most commands one [`Command::Batch`] carries. A command is well under 512 bytes (an id of
+/// 63, a key hash of 64, an e-mail of 254), so a batch stays under 32 KiB and an AppendEntries
+/// RPC of [`crate::config::APPEND_ENTRIES_MAX`] of them under 10 MiB, inside the RPC limit.
+pub const BATCH_COMMANDS_MAX: usize = 64;
 
 /// Why the state machine refused a command. Nothing was changed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
@@ -113,14 +123,20 @@ pub enum Rejection {
     NodeOwnsTenants(u64),
     #[error("{ACTIVE_NODES_MAX} nodes are active already, the most a cluster may have")]
     TooManyActiveNodes,
+    #[error("a batch holds 1 to {BATCH_COMMANDS_MAX} commands, none of them a batch")]
+    InvalidBatch,
 }
 
 /// What the state machine answers for every applied log entry (the Raft `R` type).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ApplyReply {
+    /// The command's outcome; for a [`Command::Batch`], `Ok` when the batch itself was well
+    /// formed, each command's own outcome being in `batch`.
     pub outcome: Result<(), Rejection>,
     /// The placement epoch after this entry.
     pub placement_epoch: u64,
+    /// The outcome of each command of a batch, in order; empty for any other command.
+    pub batch: Vec<Result<(), Rejection>>,
 }
 
 /// Applies `cmd` to `state`, or rejects it leaving `state` untouched.
@@ -172,7 +188,15 @@ pub fn apply(state: &mut RegistryState, cmd: Command) -> Result<(), Rejection> {
             _ => Err(Rejection::NoSuchHandoff),
         },
         Command::PurgeTenant { id } => purge_tenant(state, &id),
+        // The state machine applies a batch's commands one by one (state_machine::apply_one).
+        Command::Batch(_) => Err(Rejection::InvalidBatch),
     }
+}
+
+/// Whether `commands` may form one [`Command::Batch`].
+pub fn valid_batch(commands: &[Command]) -> bool {
+    (1..=BATCH_COMMANDS_MAX).contains(&commands.len())
+        && !commands.iter().any(|c| matches!(c, Command::Batch(_)))
 }
 
 fn purge_tenant(state: &mut RegistryState, id: &str) -> Result<(), Rejection> {

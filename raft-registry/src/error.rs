@@ -50,6 +50,28 @@ impl RegistryError {
         RegistryError::Timeout { op, timeout_ms: after.as_millis().try_into().unwrap_or(u64::MAX) }
     }
 
+    /// The same failure for each writer of a round that failed as a whole (the error holds no
+    /// clonable I/O error, so storage failures travel as their text).
+    pub(crate) fn for_each_writer(&self) -> RegistryError {
+        match self {
+            RegistryError::NotLeader { leader_id, leader_addr } => {
+                RegistryError::NotLeader { leader_id: *leader_id, leader_addr: leader_addr.clone() }
+            }
+            RegistryError::Rejected(r) => RegistryError::Rejected(r.clone()),
+            RegistryError::MembershipChangeInProgress => RegistryError::MembershipChangeInProgress,
+            RegistryError::JoinCancelled(id) => RegistryError::JoinCancelled(*id),
+            RegistryError::Membership(m) => RegistryError::Membership(m.clone()),
+            RegistryError::NoQuorum(m) => RegistryError::NoQuorum(m.clone()),
+            RegistryError::Timeout { op, timeout_ms } => {
+                RegistryError::Timeout { op, timeout_ms: *timeout_ms }
+            }
+            RegistryError::Storage(e) => RegistryError::Raft(format!("storage: {e}")),
+            RegistryError::Raft(m) => RegistryError::Raft(m.clone()),
+            RegistryError::Shutdown => RegistryError::Shutdown,
+            RegistryError::InvalidConfig(m) => RegistryError::InvalidConfig(m.clone()),
+        }
+    }
+
     pub(crate) fn not_leader(
         leader_id: Option<NodeId>,
         leader_node: Option<Node>,

@@ -34,9 +34,10 @@
 //! - `disk`, `log_store`, `state_machine`: the openraft storage-v2 implementation;
 //! - `network`: the wire format of Raft RPCs and the openraft network over [`RaftTransport`];
 //! - `runtime`: tokio for openraft, with the election-timeout generator as a seedable seam;
-//! - `registry`, `membership`: the public handle;
+//! - `registry`, `membership`: the public handle; `batch`: writes grouped one entry per round;
 //! - `config`, `error`: [`RegistryConfig`] and [`RegistryError`].
 
+mod batch;
 pub mod changes;
 pub mod command;
 pub mod config;
@@ -54,8 +55,9 @@ pub mod state;
 pub mod state_machine;
 pub mod types;
 
+pub use batch::WRITES_QUEUED_MAX;
 pub use changes::{Since, CHANGED_TENANTS_MAX};
-pub use command::{ApplyReply, Command, Rejection};
+pub use command::{ApplyReply, Command, Rejection, BATCH_COMMANDS_MAX};
 pub use config::RegistryConfig;
 pub use error::RegistryError;
 pub use network::{RaftTransport, SendError, TransportFuture};

@@ -58,6 +58,8 @@ pub struct Registry {
     pub(crate) raft: Raft,
     state_rx: watch::Receiver<Published>,
     changes: SharedChanges,
+    /// Writes waiting for the next commit round ([`crate::batch`]).
+    writes: tokio::sync::mpsc::Sender<crate::batch::Pending>,
     /// Serialises `join_node` / `remove_node` on this node.
     pub(crate) membership_lock: tokio::sync::Mutex<()>,
     /// The node whose join holds `membership_lock`, and how to cancel it (`remove_node` does).
@@ -100,11 +102,13 @@ impl Registry {
         let changes = sm.changes();
         let network = NetworkFactory { my_id: node_id, transport };
         let raft = Raft::new(node_id, raft_config, network, log, sm).await?;
+        let writes = crate::batch::start(raft.clone(), config.write_timeout());
         Ok(Registry {
             id: node_id,
             raft,
             state_rx,
             changes,
+            writes,
             membership_lock: tokio::sync::Mutex::new(()),
             joining: std::sync::Mutex::new(None),
             config,
@@ -151,15 +155,46 @@ impl Registry {
     }
 
     /// Proposes `cmd` and waits until it is committed and applied. On a follower it returns
-    /// [`RegistryError::NotLeader`] with the leader to forward to.
+    /// [`RegistryError::NotLeader`] with the leader to forward to. Concurrent writes are
+    /// committed together, one log entry per round ([`crate::batch`]); each gets its own
+    /// outcome.
     pub async fn write(&self, cmd: Command) -> Result<CommandResult, RegistryError> {
-        let limit = self.config.write_timeout();
-        let resp = bounded("write", limit, self.raft.client_write(cmd)).await??;
-        resp.data.outcome?;
-        Ok(CommandResult {
-            log_index: resp.log_id.index,
-            placement_epoch: resp.data.placement_epoch,
-        })
+        let mut outcomes = self.write_all(vec![cmd]).await;
+        outcomes.pop().unwrap_or(Err(RegistryError::Shutdown))
+    }
+
+    /// [`Self::write`] of every command, in order, in as few rounds as they fit: a whole list
+    /// (a tenants file) is committed [`crate::BATCH_COMMANDS_MAX`] commands per log entry. Each
+    /// command gets its own outcome; a refusal stops none of the others.
+    pub async fn write_all(
+        &self,
+        commands: Vec<Command>,
+    ) -> Vec<Result<CommandResult, RegistryError>> {
+        // Queued behind at most a queue's worth of rounds, each bounded by the write timeout.
+        let rounds_ahead = (crate::batch::WRITES_QUEUED_MAX / crate::BATCH_COMMANDS_MAX) as u32;
+        let limit = self.config.write_timeout() * (rounds_ahead + 1);
+        let mut waiting = Vec::with_capacity(commands.len());
+        for cmd in commands {
+            let (reply, outcome) = tokio::sync::oneshot::channel();
+            if self.writes.send((cmd, reply)).await.is_err() {
+                waiting.push(None);
+                continue;
+            }
+            waiting.push(Some(outcome));
+        }
+        let mut outcomes = Vec::with_capacity(waiting.len());
+        for w in waiting {
+            let Some(outcome) = w else {
+                outcomes.push(Err(RegistryError::Shutdown));
+                continue;
+            };
+            outcomes.push(match bounded("write", limit, outcome).await {
+                Ok(Ok(result)) => result,
+                Ok(Err(_)) => Err(RegistryError::Shutdown),
+                Err(e) => Err(e),
+            });
+        }
+        outcomes
     }
 
     /// The state as of a read index confirmed by a quorum: it reflects every write committed

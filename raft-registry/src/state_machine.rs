@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::changes::{self, ChangeLog};
-use crate::command::{self, ApplyReply};
+use crate::command::{self, ApplyReply, Command};
 use crate::disk::{self, Fs, StoreError};
 use crate::state::{Handoff, NodeRecord, NodeState, RegistryState, TenantRecord, ACTIVE_NODES_MAX};
 use crate::types::{
@@ -192,22 +192,35 @@ impl StateMachineStore {
 
     fn apply_one(&mut self, entry: Entry) -> ApplyReply {
         self.last_applied = Some(entry.log_id);
+        let index = entry.log_id.index;
+        let mut batch = Vec::new();
         let outcome = match entry.payload {
             EntryPayload::Blank => Ok(()),
-            EntryPayload::Normal(cmd) => {
-                let touched = changes::touched(&cmd);
-                let outcome = command::apply(&mut self.state, cmd);
-                if let (Ok(()), Some(touched)) = (&outcome, touched) {
-                    lock_changes(&self.changes).record(entry.log_id.index, touched);
+            EntryPayload::Normal(Command::Batch(commands)) => {
+                if command::valid_batch(&commands) {
+                    batch = commands.into_iter().map(|c| self.apply_command(index, c)).collect();
+                    Ok(())
+                } else {
+                    Err(command::Rejection::InvalidBatch)
                 }
-                outcome
             }
+            EntryPayload::Normal(cmd) => self.apply_command(index, cmd),
             EntryPayload::Membership(m) => {
                 self.last_membership = StoredMembership::new(Some(entry.log_id), m);
                 Ok(())
             }
         };
-        ApplyReply { outcome, placement_epoch: self.state.placement_epoch() }
+        ApplyReply { outcome, placement_epoch: self.state.placement_epoch(), batch }
+    }
+
+    /// Applies one command of the entry at `index`, recording what it changed.
+    fn apply_command(&mut self, index: u64, cmd: Command) -> Result<(), command::Rejection> {
+        let touched = changes::touched(&cmd);
+        let outcome = command::apply(&mut self.state, cmd);
+        if let (Ok(()), Some(touched)) = (&outcome, touched) {
+            lock_changes(&self.changes).record(index, touched);
+        }
+        outcome
     }
 }
 

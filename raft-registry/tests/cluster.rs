@@ -336,3 +336,42 @@ async fn finish_handoffs(c: &common::Cluster) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_share_log_entries() -> anyhow::Result<()> {
+    // Goal: writes proposed together are committed in fewer log entries than writes, each with
+    // its own outcome (a duplicate is refused alone, the rest of its batch applies); every node
+    // applies them all and its change log names exactly the tenants added.
+    bounded_test(async {
+        let c = three_nodes().await?;
+        let leader = c.node(c.leader(&[]).await?)?;
+        let before = leader.subscribe().borrow().0;
+        leader.write(add_tenant("dup")).await?;
+        let mut commands: Vec<Command> = (0..40).map(|i| add_tenant(&format!("t{i:02}"))).collect();
+        commands.insert(20, add_tenant("dup"));
+        let outcomes = leader.write_all(commands).await;
+        assert_eq!(outcomes.len(), 41);
+        let dup = &outcomes[20];
+        assert!(matches!(dup, Err(RegistryError::Rejected(Rejection::TenantExists))), "{dup:?}");
+        let mut indexes: Vec<u64> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 20)
+            .map(|(_, o)| o.as_ref().map(|r| r.log_index).map_err(|e| anyhow::anyhow!("{e}")))
+            .collect::<anyhow::Result<_>>()?;
+        indexes.dedup();
+        assert!(indexes.len() < 40, "40 writes in {} entries", indexes.len());
+        let last = *indexes.last().expect("40 writes");
+        for id in [1, 2, 3] {
+            let node = c.node(id)?;
+            let seen = applied(&node, last).await?;
+            assert_eq!(seen.tenant_count(), 41, "node {id}");
+            let mut want: std::collections::BTreeSet<String> =
+                (0..40).map(|i| format!("t{i:02}")).collect();
+            want.insert("dup".into());
+            assert_eq!(node.changes_since(before, last), raft_registry::Since::Tenants(want));
+        }
+        Ok(())
+    })
+    .await
+}
