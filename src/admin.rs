@@ -93,8 +93,22 @@ enum TenantsCommand {
         #[arg(long)]
         email: Option<String>,
     },
-    /// List every tenant.
-    List,
+    /// List every tenant, a page at a time as the gateway answers them (any number of
+    /// tenants; the output starts with the first page).
+    List {
+        /// Only tenants of this tier: free, pro or team.
+        #[arg(long)]
+        tier: Option<String>,
+        /// Only tenants in this state: active, disabled or archived.
+        #[arg(long)]
+        status: Option<String>,
+        /// Only tenants this node owns.
+        #[arg(long)]
+        node: Option<u64>,
+        /// Tenants asked for per request (1 to 10,000).
+        #[arg(long, default_value_t = 1_000)]
+        page_size: u64,
+    },
     /// Storage, quota and today's usage of a tenant.
     Stats { id: String },
     /// Change a tenant's tier, quota, daily request limit, or enabled state.
@@ -145,7 +159,6 @@ enum ClusterCommand {
 #[derive(Clone, Copy)]
 enum Shape {
     Added,
-    TenantList,
     Tenant,
     Stats,
     Rotated,
@@ -162,8 +175,19 @@ pub fn run(args: AdminArgs) -> anyhow::Result<()> {
             return node_change(&client, change, args.json);
         }
     }
+    if let AdminCommand::Tenants(TenantsCommand::List { tier, status, node, page_size }) =
+        &args.command
+    {
+        let filter = PageQuery { tier: tier.clone(), status: status.clone(), node: *node };
+        return list_tenants(&client, &filter, *page_size, args.json);
+    }
     if let AdminCommand::Tenants(TenantsCommand::Export { phext }) = &args.command {
-        let file = tenants_file(&client.get("/api/v2/admin/tenants")?)?;
+        let mut all = Vec::new();
+        pages(&client, &PageQuery::default(), EXPORT_PAGE_SIZE, |page| {
+            all.extend(page.as_array().into_iter().flatten().cloned());
+            Ok(())
+        })?;
+        let file = tenants_file(&Value::Array(all))?;
         if *phext {
             use std::io::Write;
             std::io::stdout().write_all(&node::tenants_file::phext::write(&file))?;
@@ -214,8 +238,8 @@ fn execute(client: &AdminClient, command: &AdminCommand) -> anyhow::Result<(Valu
                 json!({"tenant_id": id, "tier": tier, "quota_mb": quota_mb, "admin_email": email});
             (client.post("/api/v2/admin/tenants/add", &without_nulls(body))?, Shape::Added)
         }
-        AdminCommand::Tenants(TenantsCommand::List) => {
-            (client.get("/api/v2/admin/tenants")?, Shape::TenantList)
+        AdminCommand::Tenants(TenantsCommand::List { .. }) => {
+            bail!("list streams its pages; it is handled before this")
         }
         AdminCommand::Tenants(TenantsCommand::Stats { id }) => {
             (client.get(&format!("{}/stats", tenant_path(id)))?, Shape::Stats)
@@ -263,6 +287,95 @@ fn execute(client: &AdminClient, command: &AdminCommand) -> anyhow::Result<(Valu
             (client.get("/api/v2/admin/nodes")?, Shape::Nodes)
         }
     })
+}
+
+/// Tenants per request of `tenants export`: the largest page the API gives.
+const EXPORT_PAGE_SIZE: u64 = 10_000;
+
+/// Which tenants a listing asks for.
+#[derive(Default)]
+struct PageQuery {
+    tier: Option<String>,
+    status: Option<String>,
+    node: Option<u64>,
+}
+
+/// Asks for every page of the tenant listing in turn, handing each to `each` as it arrives.
+fn pages(
+    client: &AdminClient,
+    query: &PageQuery,
+    page_size: u64,
+    mut each: impl FnMut(&Value) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let mut after: Option<String> = None;
+    loop {
+        let mut path = format!("/api/v2/admin/tenants?limit={page_size}");
+        let params = [
+            ("after", after.clone()),
+            ("tier", query.tier.clone()),
+            ("status", query.status.clone()),
+            ("node", query.node.map(|n| n.to_string())),
+        ];
+        for (name, value) in params {
+            if let Some(v) = value {
+                path.push_str(&format!("&{name}={}", encode_query_value(&v)));
+            }
+        }
+        let (page, next) = client.get_page(&path)?;
+        each(&page)?;
+        match next {
+            Some(n) if Some(&n) != after.as_ref() => after = Some(n),
+            _ => return Ok(()),
+        }
+    }
+}
+
+/// `tenants list`: pages printed as they arrive, as one table (or one JSON array with --json).
+fn list_tenants(
+    client: &AdminClient,
+    query: &PageQuery,
+    page_size: u64,
+    json_out: bool,
+) -> anyhow::Result<()> {
+    use std::io::Write;
+    let columns = ["tenant_id", "tier", "status", "quota_mb", "daily_limit", "admin_email"];
+    let headers = ["TENANT", "TIER", "STATUS", "QUOTA_MB", "DAILY_LIMIT", "EMAIL"];
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.len()).collect();
+    let mut first = true;
+    if json_out {
+        write!(out, "[")?;
+    }
+    pages(client, query, page_size, |page| {
+        let items = page.as_array().map(Vec::as_slice).unwrap_or_default();
+        if json_out {
+            for item in items {
+                let sep = if first { "\n  " } else { ",\n  " };
+                write!(out, "{sep}{}", serde_json::to_string(item)?)?;
+                first = false;
+            }
+        } else {
+            let rows = rows_of(page, &columns);
+            // The first page sets the columns; a later, wider cell only pushes its row right.
+            if first {
+                for row in &rows {
+                    for (w, c) in widths.iter_mut().zip(row) {
+                        *w = (*w).max(c.chars().count());
+                    }
+                }
+                write!(out, "{}", aligned(&[headers.map(str::to_string).to_vec()], &widths))?;
+                first = false;
+            }
+            write!(out, "{}", aligned(&rows, &widths))?;
+        }
+        out.flush()?;
+        Ok(())
+    })?;
+    if json_out {
+        writeln!(out, "{}]", if first { "" } else { "\n" })?;
+    }
+    Ok(())
 }
 
 /// The tenants file of the admin API's tenant list: archived tenants left out (they cannot sign
@@ -317,17 +430,11 @@ fn human(shape: Shape, v: &Value) -> String {
         ),
         Shape::Deleted => format!("tenant {} is {}: disabled, its data kept.\n", cell(&v["tenant_id"]), cell(&v["status"])),
         Shape::Purged => format!("tenant {} is {}: its data is deleted on every node, its id retired.\n", cell(&v["tenant_id"]), cell(&v["status"])),
-        Shape::TenantList => tenant_table(v),
         Shape::Tenant => pairs(v, &["tenant_id", "tier", "status", "quota_mb", "daily_limit", "admin_email"]),
         Shape::Stats => stats(v),
         Shape::Health => health(v),
         Shape::Nodes => node_table(v),
     }
-}
-
-fn tenant_table(v: &Value) -> String {
-    let columns = ["tenant_id", "tier", "status", "quota_mb", "daily_limit", "admin_email"];
-    table(&["TENANT", "TIER", "STATUS", "QUOTA_MB", "DAILY_LIMIT", "EMAIL"], &rows_of(v, &columns))
 }
 
 fn stats(v: &Value) -> String {
@@ -476,10 +583,14 @@ fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
             lines.iter().filter_map(|l| l.get(i)).map(|c| c.chars().count()).max().unwrap_or(0)
         })
         .collect();
+    aligned(&lines, &widths)
+}
+
+/// `lines` in columns of `widths`, two spaces apart.
+fn aligned(lines: &[Vec<String>], widths: &[usize]) -> String {
     let mut out = String::new();
-    for line in &lines {
-        let cells: Vec<String> =
-            line.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+    for line in lines {
+        let cells: Vec<String> = line.iter().zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
     }

@@ -34,15 +34,34 @@ impl AdminClient {
         &self,
         request: reqwest::blocking::RequestBuilder,
     ) -> anyhow::Result<serde_json::Value> {
+        Ok(self.send_paged(request)?.0)
+    }
+
+    /// The answer and, for a page of a listing, the cursor of the next page (`X-Next-After`).
+    fn send_paged(
+        &self,
+        request: reqwest::blocking::RequestBuilder,
+    ) -> anyhow::Result<(serde_json::Value, Option<String>)> {
         let response =
             request.bearer_auth(&self.key).send().context("sending the admin request")?;
         let status = response.status();
+        let next = response
+            .headers()
+            .get("x-next-after")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
         let text = response.text().unwrap_or_default();
         if !status.is_success() {
             bail!("{status}: {}", text.trim());
         }
-        serde_json::from_str(&text)
-            .with_context(|| format!("the gateway answered non-JSON: {text}"))
+        let value = serde_json::from_str(&text)
+            .with_context(|| format!("the gateway answered non-JSON: {text}"))?;
+        Ok((value, next))
+    }
+
+    /// One page of a paged listing, with the cursor of the next page when there is one.
+    pub fn get_page(&self, path: &str) -> anyhow::Result<(serde_json::Value, Option<String>)> {
+        self.send_paged(self.http.get(format!("{}{path}", self.base)))
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {

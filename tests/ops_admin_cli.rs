@@ -82,6 +82,17 @@ fn admin_cli_json_and_tables() {
     let ids: Vec<&str> =
         listed.as_array().unwrap().iter().map(|t| t["tenant_id"].as_str().unwrap()).collect();
     assert!(ids.contains(&"cli-a") && ids.contains(&"demo"), "{ids:?}");
+    // A page of one tenant at a time walks the same list, as one JSON array; filters apply.
+    let paged = json(&cluster, &["tenants", "list", "--page-size", "1"]);
+    let paged_ids: Vec<&str> =
+        paged.as_array().unwrap().iter().map(|t| t["tenant_id"].as_str().unwrap()).collect();
+    assert_eq!(paged_ids, ids);
+    let pro = json(&cluster, &["tenants", "list", "--tier", "pro", "--page-size", "1"]);
+    let pro_ids: Vec<&str> =
+        pro.as_array().unwrap().iter().map(|t| t["tenant_id"].as_str().unwrap()).collect();
+    assert_eq!(pro_ids, ["cli-a", "demo"]);
+    let free = json(&cluster, &["tenants", "list", "--tier", "free"]);
+    assert!(free.as_array().unwrap().iter().all(|t| t["tier"] == "free"), "{free}");
 
     let set = json(&cluster, &["tenants", "set", "cli-a", "--daily-limit", "7", "--quota-mb", "4"]);
     assert_eq!(

@@ -64,8 +64,11 @@ pub async fn handle(gw: &Arc<Gateway>, request: Request) -> Response {
         "application/json"
     };
     match admin(gw, request).await {
-        Ok((status, json)) => {
+        Ok((status, json, next_after)) => {
             let mut r = (status, json).into_response();
+            if let Some(next) = next_after.and_then(|n| HeaderValue::from_str(&n).ok()) {
+                r.headers_mut().insert(NEXT_AFTER_HEADER, next);
+            }
             r.headers_mut().insert("content-type", HeaderValue::from_static(content_type));
             r.headers_mut().insert("access-control-allow-origin", HeaderValue::from_static("*"));
             r
@@ -100,13 +103,17 @@ fn check_admin(gw: &Gateway, request: &Request) -> Result<String, ApiError> {
     Err(ApiError::Unauthorized)
 }
 
-async fn admin(gw: &Arc<Gateway>, request: Request) -> Result<(StatusCode, String), ApiError> {
+/// An admin answer: its status, its JSON, and for a page of tenants the cursor of the next.
+type HttpAnswer = (StatusCode, String, Option<String>);
+
+async fn admin(gw: &Arc<Gateway>, request: Request) -> Result<HttpAnswer, ApiError> {
     let admin_hash = check_admin(gw, &request)?;
     let method = request.method().clone();
+    let query = request.uri().query().unwrap_or_default().to_string();
     let path = request.uri().path().trim_end_matches('/').to_string();
     let body = read_body(request.into_body()).await?;
     if path == "/api/v2/metrics" && method == Method::GET {
-        return Ok((StatusCode::OK, crate::metering::cluster_metrics(gw).await));
+        return Ok((StatusCode::OK, crate::metering::cluster_metrics(gw).await, None));
     }
     let parts: Vec<&str> = path.trim_start_matches("/api/v2/admin/").split('/').collect();
     let mut new_key = None;
@@ -124,7 +131,14 @@ async fn admin(gw: &Arc<Gateway>, request: Request) -> Result<(StatusCode, Strin
             new_key = Some(key);
             op
         }
-        (&Method::GET, ["tenants"]) => AdminOp::ListTenants,
+        (&Method::GET, ["tenants"]) => match tenants_page_op(&query)? {
+            Some(op) => {
+                let page = apply_op(gw, admin_hash, op).await?;
+                let (tenants, next_after) = split_page(&page)?;
+                return Ok((StatusCode::OK, tenants, next_after));
+            }
+            None => AdminOp::ListTenants,
+        },
         (&Method::GET, ["tenants", id]) => AdminOp::GetTenant { tenant_id: id.to_string() },
         (&Method::GET, ["tenants", id, "stats"]) => {
             AdminOp::TenantStats { tenant_id: id.to_string() }
@@ -169,7 +183,67 @@ async fn admin(gw: &Arc<Gateway>, request: Request) -> Result<(StatusCode, Strin
     } else {
         StatusCode::OK
     };
-    Ok((status, json))
+    Ok((status, json, None))
+}
+
+/// The header naming the cursor of the next page of tenants (`after=` of the next request);
+/// absent on the last page.
+pub const NEXT_AFTER_HEADER: &str = "x-next-after";
+
+/// Tenants per page when `limit` is not given but another paging parameter is.
+const TENANTS_PAGE_DEFAULT: u64 = 1_000;
+
+/// The paged listing asked for by `query` (`limit`, `after`, `tier`, `status`, `node`); `None`
+/// for none of them (the whole list at once, as before paging existed). The node checks the
+/// values; a parameter of another name is refused here.
+fn tenants_page_op(query: &str) -> Result<Option<AdminOp>, ApiError> {
+    let params = proto::request::Params::parse(query);
+    if let Some(other) =
+        params.names().find(|n| !["limit", "after", "tier", "status", "node"].contains(n))
+    {
+        return Err(ApiError::bad_request(format!(
+            "unknown parameter {other:?}: use limit, after, tier, status or node"
+        )));
+    }
+    if params.names().next().is_none() {
+        return Ok(None);
+    }
+    let text = |name: &str| -> Result<Option<String>, ApiError> {
+        params
+            .get(name)
+            .map(|v| {
+                String::from_utf8(v.to_vec())
+                    .map_err(|_| ApiError::bad_request(format!("{name} is not UTF-8")))
+            })
+            .transpose()
+    };
+    let number = |name: &str| -> Result<Option<u64>, ApiError> {
+        text(name)?
+            .map(|v| {
+                v.parse().map_err(|_| {
+                    ApiError::bad_request(format!("{name} must be a whole number, not {v:?}"))
+                })
+            })
+            .transpose()
+    };
+    Ok(Some(AdminOp::ListTenantsPage {
+        limit: number("limit")?.unwrap_or(TENANTS_PAGE_DEFAULT),
+        after: text("after")?,
+        tier: text("tier")?,
+        status: text("status")?,
+        node: number("node")?,
+    }))
+}
+
+/// A node's page answer as the client sees it: the array of tenants, and the next cursor.
+fn split_page(page: &str) -> Result<(String, Option<String>), ApiError> {
+    let bad = |e: String| ApiError::Internal(format!("node answered a bad page: {e}"));
+    let mut value: serde_json::Value =
+        serde_json::from_str(page).map_err(|e| bad(e.to_string()))?;
+    let tenants = value.get_mut("tenants").map(serde_json::Value::take);
+    let tenants = tenants.filter(|t| t.is_array()).ok_or_else(|| bad("no tenants".into()))?;
+    let next = value.get("next_after").and_then(|n| n.as_str()).map(str::to_string);
+    Ok((tenants.to_string(), next))
 }
 
 /// The HTTP-free core of an admin request: sends `op` to the first node that answers and, for a
@@ -182,6 +256,7 @@ pub async fn apply_op(
     let mutates = !matches!(
         op,
         AdminOp::ListTenants
+            | AdminOp::ListTenantsPage { .. }
             | AdminOp::GetTenant { .. }
             | AdminOp::TenantStats { .. }
             | AdminOp::Health

@@ -233,7 +233,20 @@ pub enum AdminOp {
     RemoveNode {
         id: u64,
     },
+    /// One page of tenants in id order: at most `limit` of those with an id after `after`, of
+    /// the given tier ("free", "pro", "team"), status ("active", "disabled", "archived") and
+    /// owning node, when given.
+    ListTenantsPage {
+        limit: u64,
+        after: Option<String>,
+        tier: Option<String>,
+        status: Option<String>,
+        node: Option<u64>,
+    },
 }
+
+/// The most tenants one page of the admin listing holds (about 2 MB of JSON).
+pub const TENANTS_PAGE_MAX: u64 = 10_000;
 
 /// A request to a node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -203,6 +203,11 @@ impl Params {
         Params(pairs)
     }
 
+    /// The name of every parameter, duplicates included, in order.
+    pub fn names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.0.iter().map(|(k, _)| k.as_str())
+    }
+
     /// The value of the last parameter named `key`.
     pub fn get(&self, key: &str) -> Option<&[u8]> {
         self.0.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_slice())

@@ -155,6 +155,17 @@ impl RegistryState {
         self.tenants.values()
     }
 
+    /// Tenants with an id after `after` (all of them when `None`), ordered by id. Starting
+    /// costs O(log tenants), so a listing pages through any number in pieces.
+    pub fn tenants_after<'a>(
+        &'a self,
+        after: Option<&'a str>,
+    ) -> impl Iterator<Item = &'a TenantRecord> + 'a {
+        use std::ops::Bound;
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        self.tenants.range::<_, str>((start, Bound::Unbounded)).map(|(_, t)| t)
+    }
+
     pub fn tenant_count(&self) -> usize {
         self.tenants.len()
     }
