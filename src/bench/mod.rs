@@ -6,7 +6,12 @@
 //! `--duration`. Each worker is a thread with one keep-alive connection ([`conn`]) that sends the
 //! operation mix to random scrolls of random tenants and records every latency in HDR
 //! histograms ([`report`]).
+//!
+//! `--mode admin-add` measures the control plane instead: tenants added through the gateway
+//! by concurrent admin clients, one-at-a-time adds, how soon a new key works everywhere, and
+//! memory per tenant ([`admin_add`]).
 
+mod admin_add;
 mod conn;
 mod report;
 mod workers;
@@ -110,6 +115,15 @@ impl std::fmt::Display for Mix {
     }
 }
 
+/// What a bench run measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// SQ requests of the --mix against tenants' documents.
+    Load,
+    /// Tenants added through the admin API (--tenants of them, --concurrency at once).
+    AdminAdd,
+}
+
 /// `sq-cloud bench` flags.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -156,6 +170,21 @@ pub struct BenchArgs {
     /// Keep the tenants the bench made instead of archiving them at the end.
     #[arg(long)]
     pub keep_tenants: bool,
+    /// What to measure: `load` (SQ requests) or `admin-add` (registry growth; keeps its
+    /// tenants).
+    #[arg(long, value_enum, default_value = "load")]
+    pub mode: Mode,
+    /// admin-add: adds per reported band.
+    #[arg(long, default_value_t = 10_000)]
+    pub band: usize,
+    /// admin-add: adds made one at a time after the concurrent ones, each probed through every
+    /// gateway.
+    #[arg(long, default_value_t = 200)]
+    pub single_adds: usize,
+    /// admin-add: another gateway of the same cluster where new keys must work too
+    /// (repeatable).
+    #[arg(long)]
+    pub probe_gateway: Vec<String>,
 }
 
 impl BenchArgs {
@@ -178,6 +207,10 @@ impl BenchArgs {
             phext: self.phext,
             json: self.json,
             keep_tenants: self.keep_tenants,
+            mode: self.mode,
+            band: self.band,
+            single_adds: self.single_adds,
+            probe_gateways: self.probe_gateway,
         })
     }
 }
@@ -201,17 +234,30 @@ pub struct BenchConfig {
     pub json: bool,
     /// Keep the tenants bench made, rather than archiving them at the end.
     pub keep_tenants: bool,
+    pub mode: Mode,
+    pub band: usize,
+    pub single_adds: usize,
+    pub probe_gateways: Vec<String>,
 }
 
 /// Runs the whole benchmark and prints its report.
 pub fn run(config: BenchConfig) -> anyhow::Result<()> {
-    check(&config)?;
     let target = Target::resolve(
         config.dev.as_deref(),
         config.url.clone(),
         config.admin_key.clone(),
         config.ca.clone(),
     )?;
+    if config.mode == Mode::AdminAdd {
+        let report = admin_add::run(&config, &target)?;
+        if config.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            report.print_text();
+        }
+        return Ok(());
+    }
+    check(&config)?;
     let plan = workers::Plan::new(&config, &target)?;
     let tenants = workers::Tenants::obtain(&config, &target)?;
     let outcome = workers::prepare(&plan, &tenants, &config)

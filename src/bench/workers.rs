@@ -156,7 +156,7 @@ impl Tenants {
     }
 }
 
-fn progress(len: u64, message: &'static str) -> ProgressBar {
+pub(super) fn progress(len: u64, message: &'static str) -> ProgressBar {
     let bar = ProgressBar::new(len).with_message(message);
     if let Ok(style) = ProgressStyle::with_template("{msg:>16} [{bar:40}] {pos}/{len} {per_sec}") {
         bar.set_style(style.progress_chars("=> "));
