@@ -5,7 +5,7 @@
 //! then only the tenants changed since the applied index the gateway holds. Tenants live in
 //! persistent maps, so taking a change costs O(log tenants) and publishing the new view O(1),
 //! however many tenants there are. Each tenant is kept compact (binary key hashes, one shared
-//! entry for both maps): [`TENANT_BYTES_TARGET`].
+//! entry for both maps); `sq-cloud bench --mode admin-add` measures what a tenant costs.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,10 +13,6 @@ use std::sync::{Arc, RwLock};
 
 pub use proto::auth::key_hash;
 use proto::cluster::{NodeHealth, NodeState, RegistryDelta, RegistryView, TenantView, ViewUpdate};
-
-/// What one tenant should cost a gateway in memory, at most (issue of scale: a gateway holds
-/// every tenant of the cluster). Measured by `sq-cloud bench --mode admin-add`.
-pub const TENANT_BYTES_TARGET: usize = 300;
 
 /// A key hash as bytes: half the size of its hex form.
 type KeyHash = [u8; 32];
