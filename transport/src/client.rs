@@ -27,10 +27,10 @@ pub const REQUEST_PIECE_BYTES: usize = 1 << 20;
 /// being cut for its size, while a hung node still fails a small request in the bare timeout.
 pub const ANSWER_WAIT_PER_MIB: Duration = Duration::from_secs(1);
 
-/// [`ANSWER_WAIT_PER_MIB`] for a request of `len` bytes, by whole MiB begun past the first.
+/// [`ANSWER_WAIT_PER_MIB`] for a request of `len` bytes, in proportion to its size: a small
+/// request gets next to nothing, a 1 MB one almost a second.
 fn answer_wait(len: usize) -> Duration {
-    let mib = u32::try_from(len.saturating_sub(1) >> 20).unwrap_or(u32::MAX);
-    ANSWER_WAIT_PER_MIB.saturating_mul(mib)
+    ANSWER_WAIT_PER_MIB.mul_f64(len as f64 / (1u64 << 20) as f64)
 }
 
 /// The client's bounds. Every field has a documented default.
@@ -168,7 +168,7 @@ impl Client {
     /// its size while its peer keeps up: the connection and stream must open within it; the
     /// request is sent [`REQUEST_PIECE_BYTES`] at a time, each piece taken within it (a stalled
     /// or dead peer stops taking them); and the answer's head must come within it after the
-    /// request is sent, plus [`ANSWER_WAIT_PER_MIB`] for each MiB the request carries, since the
+    /// request is sent, plus [`ANSWER_WAIT_PER_MIB`] per MiB the request carries, since the
     /// peer checks and stores every byte before it answers.
     pub async fn call_answer(
         &self,
