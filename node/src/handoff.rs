@@ -430,10 +430,13 @@ async fn stage_part(
     Ok(got)
 }
 
-/// New owner: pulls every handoff addressed to this node, a bounded number at a time.
+/// New owner: pulls every handoff addressed to this node, a bounded number at a time. Each pull
+/// is a task of its own; at shutdown they see the token, stop between files, and are joined here
+/// before this returns, so the node's ordered stop (registry, then store) never races a pull.
 pub async fn run_puller(svc: Arc<Service>, shutdown: CancellationToken) {
     let permits = Arc::new(Semaphore::new(svc.handoffs.config.parallelism.max(1)));
     let mut rx = svc.registry.subscribe();
+    let mut pulls = tokio::task::JoinSet::new();
     loop {
         let state = rx.borrow_and_update().1.clone();
         for h in state.handoffs().filter(|h| h.to == svc.id) {
@@ -449,7 +452,7 @@ pub async fn run_puller(svc: Arc<Service>, shutdown: CancellationToken) {
                 new
             };
             if fresh {
-                tokio::spawn(pull_until_done(
+                pulls.spawn(pull_until_done(
                     svc.clone(),
                     h.clone(),
                     permits.clone(),
@@ -457,12 +460,15 @@ pub async fn run_puller(svc: Arc<Service>, shutdown: CancellationToken) {
                 ));
             }
         }
+        // Reap finished pulls so the set holds only those still running.
+        while pulls.try_join_next().is_some() {}
         tokio::select! {
-            _ = shutdown.cancelled() => return,
-            changed = rx.changed() => if changed.is_err() { return },
+            _ = shutdown.cancelled() => break,
+            changed = rx.changed() => if changed.is_err() { break },
             _ = svc.handoffs.finished.notified() => {}
         }
     }
+    while pulls.join_next().await.is_some() {}
 }
 
 async fn pull_until_done(
