@@ -11,10 +11,11 @@ use proto::{ApiError, SqRequest, SqResponse};
 use raft_registry::{Registry, Since};
 use transport::{Handler, HandlerFuture, Peer, Role};
 
+use crate::blocking::Step;
 use crate::clock::WallClock;
 use crate::handoff::Handoffs;
 use crate::limits::Limits;
-use crate::store::{FileAnswer, Opened, Store, VfsReader};
+use crate::store::{Begun, FileAnswer, Opened, Store, StoreError, VfsReader};
 use proto::streamed::OrderedRead;
 
 /// The longest a gateway's view long-poll is held open, whatever it asks for.
@@ -222,12 +223,18 @@ impl Service {
             Some(answered) => answered.map_err(ApiError::from),
             None => {
                 let (store, owned) = (self.store.clone(), tenant.to_string());
-                crate::blocking::spawn(move || {
-                    let result = store.execute(&owned, quota, &request).map_err(ApiError::from);
-                    if request.is_write() {
-                        crate::metrics::storage(&owned, store.storage_bytes(&owned).unwrap_or(0));
+                // A write in two steps: logged, then durable (the simulator lets time pass
+                // between them, as a disk does).
+                crate::blocking::spawn_steps(move || {
+                    match store.execute_begin(&owned, quota, &request) {
+                        Begun::Done(result) => {
+                            Step::Done(metered(&store, &owned, &request, result))
+                        }
+                        Begun::Logged(logged) => Step::Then(Box::new(move || {
+                            let result = store.execute_finish(logged);
+                            metered(&store, &owned, &request, result)
+                        })),
                     }
-                    result
                 })
                 .await
                 .unwrap_or_else(|e| Err(ApiError::Internal(format!("store task failed: {e}"))))
@@ -369,6 +376,19 @@ impl Service {
         .await
         .unwrap_or_default()
     }
+}
+
+/// A store answer as the service gives it; after a write, the tenant's storage gauge.
+fn metered(
+    store: &Store,
+    tenant: &str,
+    request: &SqRequest,
+    result: Result<SqResponse, StoreError>,
+) -> Result<SqResponse, ApiError> {
+    if request.is_write() {
+        crate::metrics::storage(tenant, store.storage_bytes(tenant).unwrap_or(0));
+    }
+    result.map_err(ApiError::from)
 }
 
 /// The text a request carries, for metering.

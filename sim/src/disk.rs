@@ -30,14 +30,46 @@ const CRASH_KEEP_DIR_ENTRIES_PERMILLE: u64 = 300;
 /// Chance, in permille, that an fsync fails on a full disk (delayed allocation finds no room).
 const FULL_SYNC_FAIL_PERMILLE: u64 = 300;
 
+/// A healthy disk's time for one piece of store work, in milliseconds: the wait before its
+/// effect lands and after it (`node::blocking`), so that requests, handoffs and checkpoints
+/// overlap as they do on a real disk.
+const LATENCY_MS: (u64, u64) = (1, 3);
+/// Chance, in permille, that one piece of store work waits much longer (a queue behind it).
+const LATENCY_SPIKE_PERMILLE: u64 = 30;
+/// How long such a wait is, in milliseconds.
+const LATENCY_SPIKE_MS: (u64, u64) = (5, 40);
+
 thread_local! {
     /// Simulated milliseconds of slow-disk time charged since last taken, on this thread.
     static DEBT_MS: Cell<u64> = const { Cell::new(0) };
+    /// The run's draws of disk latency, on this thread.
+    static LATENCY: Cell<Option<Rng>> = const { Cell::new(None) };
 }
 
 /// Takes the slow-disk time charged on this thread since the last call.
 pub fn take_debt_ms() -> u64 {
     DEBT_MS.with(|d| d.replace(0))
+}
+
+/// Starts this thread's disk latency draws for a run (`None` after it).
+pub fn seed_latency(rng: Option<Rng>) {
+    LATENCY.with(|l| l.set(rng));
+}
+
+/// The time the next piece of store work takes on this thread: the slow-disk debt so far plus
+/// a healthy disk's latency.
+pub fn next_work_ms() -> u64 {
+    let latency = LATENCY.with(|l| {
+        let Some(mut rng) = l.take() else { return 0 };
+        let ms = if rng.chance(LATENCY_SPIKE_PERMILLE) {
+            rng.range(LATENCY_SPIKE_MS.0, LATENCY_SPIKE_MS.1)
+        } else {
+            rng.range(LATENCY_MS.0, LATENCY_MS.1)
+        };
+        l.set(Some(rng));
+        ms
+    });
+    take_debt_ms().saturating_add(latency)
 }
 
 fn charge(ms: u64) {

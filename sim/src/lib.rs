@@ -6,7 +6,8 @@
 //! store's `Vfs` and the registry's `disk::Fs`, our [`clock`]s), the real openraft driven through
 //! raft-registry's network and storage, the gateway's routing through `gateway::api::serve` and
 //! `gateway::admin::apply_op`. Everything runs on one thread: a paused current-thread tokio
-//! runtime whose `select!` is seeded, store work inline (`node::blocking`), openraft's election
+//! runtime whose `select!` is seeded, store work as tasks of that thread whose effects land
+//! after a simulated disk latency (`node::blocking`), openraft's election
 //! timeouts from a seeded generator (`raft_registry::runtime`). So a seed replays one run, event
 //! for event, and the trace digest proves it.
 //!
@@ -55,8 +56,8 @@ pub struct Options {
     pub chaos: Duration,
     /// Inject faults (off only to test the simulator itself).
     pub faults: bool,
-    /// Hold Raft to one leader per term (standard Raft) rather than one per leader id (term,
-    /// node), which is what openraft's default mode promises.
+    /// Hold Raft to one leader per term (standard Raft), the default; `false` holds it only to
+    /// one reign per leader id (term, node), which is all openraft's default mode promises.
     pub one_leader_per_term: bool,
     pub verbosity: Verbosity,
 }
@@ -66,7 +67,7 @@ impl Default for Options {
         Options {
             chaos: Duration::from_secs(40),
             faults: true,
-            one_leader_per_term: false,
+            one_leader_per_term: true,
             verbosity: Verbosity::Quiet,
         }
     }
@@ -143,8 +144,9 @@ pub fn run_seed(seed: u64, options: &Options) -> Outcome {
         }
     };
     raft_registry::runtime::seed_thread_rng(seed.rotate_left(17) ^ 0xA5A5_A5A5);
+    disk::seed_latency(Some(rng::Rng::new(seed.rotate_left(29) ^ 0x0D15_C0DE)));
     node::blocking::run_inline_on_this_thread(Some(Box::new(|| {
-        Duration::from_millis(disk::take_debt_ms())
+        Duration::from_millis(disk::next_work_ms())
     })));
     let _ = disk::take_debt_ms();
     let trace = {
@@ -170,6 +172,7 @@ pub fn run_seed(seed: u64, options: &Options) -> Outcome {
     };
     drop(runtime);
     node::blocking::run_inline_on_this_thread(None);
+    disk::seed_latency(None);
     let mut out = outcome(seed, started, violation, Some(&trace), stats);
     out.simulated = simulated;
     out

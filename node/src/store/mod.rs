@@ -184,16 +184,43 @@ impl Store {
         quota_bytes: u64,
         req: &SqRequest,
     ) -> Result<SqResponse, StoreError> {
-        check_tenant_id(tenant)?;
-        validate(req)?;
-        let result = self.execute_valid(tenant, quota_bytes, req);
-        match &result {
-            Ok(_) | Err(StoreError::QuotaExceeded { .. }) => {}
+        match self.execute_begin(tenant, quota_bytes, req) {
+            Begun::Done(result) => result,
+            Begun::Logged(logged) => self.execute_finish(logged),
+        }
+    }
+
+    /// [`Self::execute`] in two halves. This one runs the request up to its effect: a read or a
+    /// refusal is answered; a write is applied in memory and its record added to the log's
+    /// pending batch, and [`Self::execute_finish`] answers it once the record is durable. Other
+    /// writers' records may join the batch meanwhile, and a checkpoint may flush it.
+    pub fn execute_begin(&self, tenant: &str, quota_bytes: u64, req: &SqRequest) -> Begun {
+        let result = check_tenant_id(tenant)
+            .and_then(|()| validate(req))
+            .and_then(|()| self.execute_valid(tenant, quota_bytes, req));
+        match result {
+            Ok(Ran::Answered(response)) => Begun::Done(Ok(response)),
+            Ok(Ran::Logged(logged)) => Begun::Logged(logged),
+            Err(e) => Begun::Done(Err(failed(tenant, req.route().name(), e))),
+        }
+    }
+
+    /// The second half of a write begun by [`Self::execute_begin`]: its answer, once its log
+    /// record is durable.
+    pub fn execute_finish(&self, logged: Logged) -> Result<SqResponse, StoreError> {
+        let Logged { tenant: t, lsn, answer, route } = logged;
+        match t.wait_durable(lsn) {
+            Ok(()) => {
+                self.after_request(&t);
+                Ok(SqResponse::text(answer))
+            }
             Err(e) => {
-                tracing::warn!(tenant, route = req.route().name(), error = %e, "store request failed")
+                if matches!(e, StoreError::Io { .. }) {
+                    self.discard(&t.id, &t);
+                }
+                Err(failed(&t.id, route, e))
             }
         }
-        result
     }
 
     /// Answers a `select` or `version` at once, from memory, if it needs neither the disk nor a
@@ -266,17 +293,18 @@ impl Store {
         id: &str,
         quota_bytes: u64,
         req: &SqRequest,
-    ) -> Result<SqResponse, StoreError> {
+    ) -> Result<Ran, StoreError> {
         if req.phext().is_none() {
-            return Ok(SqResponse::text(SQ_API_VERSION));
+            return Ok(Ran::Answered(SqResponse::text(SQ_API_VERSION)));
         }
         for _ in 0..CLOSED_RETRIES_MAX {
             let t = self.tenant(id)?;
             t.touch(self.clock.now_ms());
             match run(&t, quota_bytes, req) {
-                Ok(Some(response)) => {
+                Ok(Some(Ran::Logged(logged))) => return Ok(Ran::Logged(logged)),
+                Ok(Some(ran)) => {
                     self.after_request(&t);
-                    return Ok(response);
+                    return Ok(ran);
                 }
                 Ok(None) => continue,
                 Err(e @ StoreError::Io { .. }) => {
@@ -540,6 +568,36 @@ impl Store {
     }
 }
 
+/// Logs a store failure other than a quota refusal (the client's doing), and returns it.
+fn failed(tenant: &str, route: &str, e: StoreError) -> StoreError {
+    if !matches!(e, StoreError::QuotaExceeded { .. }) {
+        tracing::warn!(tenant, route, error = %e, "store request failed");
+    }
+    e
+}
+
+/// What [`Store::execute_begin`] did.
+pub enum Begun {
+    /// The request is answered (or refused).
+    Done(Result<SqResponse, StoreError>),
+    /// A write is applied in memory and logged, not yet durable: [`Store::execute_finish`].
+    Logged(Logged),
+}
+
+/// A write whose log record is not yet known to be durable, and its answer.
+pub struct Logged {
+    tenant: Arc<Tenant>,
+    lsn: u64,
+    answer: String,
+    route: &'static str,
+}
+
+/// What [`run`] did on a loaded tenant.
+enum Ran {
+    Answered(SqResponse),
+    Logged(Logged),
+}
+
 /// A read's answer: whole, or a large answer's length and the file it is made from.
 pub enum Opened {
     Whole(SqResponse),
@@ -630,10 +688,10 @@ fn sized(answer_bytes: u64) -> Result<(), StoreError> {
 }
 
 /// Runs a validated request on a loaded tenant; `Ok(None)` when the tenant closed under a write.
-fn run(t: &Tenant, quota_bytes: u64, req: &SqRequest) -> Result<Option<SqResponse>, StoreError> {
+fn run(t: &Arc<Tenant>, quota_bytes: u64, req: &SqRequest) -> Result<Option<Ran>, StoreError> {
     let plain = |body: Vec<u8>| SqResponse::text(body);
     let response = match req {
-        SqRequest::Version => return Ok(Some(SqResponse::text(SQ_API_VERSION))),
+        SqRequest::Version => return Ok(Some(Ran::Answered(SqResponse::text(SQ_API_VERSION)))),
         SqRequest::Select { p, c } => t.read(p, |d| plain(d.get(c).as_bytes().to_vec()))?,
         SqRequest::Toc { p } => {
             t.read(p, |d| sized(ops::toc_len(d)).map(|_| plain(ops::toc(d).into_bytes())))??
@@ -667,24 +725,28 @@ fn run(t: &Tenant, quota_bytes: u64, req: &SqRequest) -> Result<Option<SqRespons
             plain(ops::where_(text, *algo, *limit).into_bytes())
         }
         SqRequest::Insert { p, c, text } => {
-            return write(t, p, *c, Edit::Insert(text), quota_bytes)
+            return write(t, p, *c, Edit::Insert(text), quota_bytes, req.route().name())
         }
         SqRequest::Update { p, c, text } => {
-            return write(t, p, *c, Edit::Update(text), quota_bytes)
+            return write(t, p, *c, Edit::Update(text), quota_bytes, req.route().name())
         }
-        SqRequest::Delete { p, c } => return write(t, p, *c, Edit::Delete, quota_bytes),
+        SqRequest::Delete { p, c } => {
+            return write(t, p, *c, Edit::Delete, quota_bytes, req.route().name())
+        }
     };
-    Ok(Some(response))
+    Ok(Some(Ran::Answered(response)))
 }
 
 fn write(
-    t: &Tenant,
+    t: &Arc<Tenant>,
     p: &PhextName,
     c: Coordinate,
     edit: Edit<'_>,
     quota: u64,
-) -> Result<Option<SqResponse>, StoreError> {
-    Ok(t.write(p, c, edit, quota)?.map(SqResponse::text))
+    route: &'static str,
+) -> Result<Option<Ran>, StoreError> {
+    Ok(t.write_logged(p, c, edit, quota)?
+        .map(|(answer, lsn)| Ran::Logged(Logged { tenant: t.clone(), lsn, answer, route })))
 }
 
 /// Refuses what `proto::request::parse` would have refused. Requests reach the node over the

@@ -320,23 +320,25 @@ impl Tenant {
         }))
     }
 
-    /// Applies `edit` at `c` and returns SQ's answer once it is durable, or `Ok(None)` if the
-    /// tenant was closed first (nothing done; the caller retries on the current incarnation).
-    /// Growth past `quota_bytes` is refused before anything is logged.
-    pub(crate) fn write(
+    /// The first half of a write: applies `edit` at `c` in memory and adds its record to the
+    /// log's pending batch, under the gate and the phext's lock. Returns SQ's answer and the LSN
+    /// that must be durable before it is given ([`Self::wait_durable`]), or `Ok(None)` if the
+    /// tenant was closed first (nothing done). Growth past `quota_bytes` is refused before
+    /// anything is logged.
+    pub(crate) fn write_logged(
         &self,
         p: &PhextName,
         c: Coordinate,
         edit: Edit<'_>,
         quota_bytes: u64,
-    ) -> Result<Option<String>, StoreError> {
+    ) -> Result<Option<(String, u64)>, StoreError> {
         let gate = read_lock(&self.gate);
         if self.is_closed() {
             return Ok(None);
         }
         let entry = match self.entry(p) {
             Some(e) => e,
-            None if edit.is_noop_on_empty() => return Ok(Some(plan(&Doc::new(), c, edit).0)),
+            None if edit.is_noop_on_empty() => return Ok(Some((plan(&Doc::new(), c, edit).0, 0))),
             None => write_lock(&self.phexts).entry(p.clone()).or_default().clone(),
         };
         let mut d = write_lock(&entry);
@@ -347,8 +349,13 @@ impl Tenant {
         };
         drop(d);
         drop(gate);
-        self.wal.wait_durable(lsn)?;
-        Ok(Some(answer))
+        Ok(Some((answer, lsn)))
+    }
+
+    /// Returns once every log record up to `lsn` is durable: the second half of a write. The
+    /// tenant may have been checkpointed or closed since; its log still answers.
+    pub(crate) fn wait_durable(&self, lsn: u64) -> Result<(), StoreError> {
+        self.wal.wait_durable(lsn)
     }
 
     /// Reserves quota, logs `op` and applies it to `d`; returns its LSN. Called with the phext's
