@@ -115,6 +115,7 @@ fn inject(
                 names.join(","),
                 length.as_millis()
             ));
+            world.stats().partitions += 1;
             cut(world, links, length, stop);
         }
         Kind::OneWay => {
@@ -128,6 +129,7 @@ fn inject(
                 "fault: link {from} -> {to} cut one way for {} ms",
                 length.as_millis()
             ));
+            world.stats().partitions += 1;
             cut(world, vec![(from, to)], length, stop);
         }
         Kind::Weather => {
@@ -156,6 +158,7 @@ fn inject(
                 .trace
                 .event(format!("fault: n{node} disk {faults:?} for {} ms", length.as_millis()));
             disk.set_faults(faults);
+            world.stats().disk_faults += 1;
             later(length, stop, move || disk.set_faults(DiskFaults::default()));
         }
         Kind::ClockJump => {
@@ -207,6 +210,7 @@ fn crash(world: &Arc<World>, rng: &mut Rng, node: u64, length: Duration, stop: &
     }
     // Most crashes lose power (unsynced data may go); some only kill the process.
     world.cluster.crash(node, rng.chance(700));
+    world.stats().crashes += 1;
     // Some restarts come at once, before anyone noticed; some after a long while.
     let length = if rng.chance(200) { Duration::from_millis(rng.range(0, 200)) } else { length };
     let cluster = world.cluster.clone();

@@ -1,19 +1,21 @@
 //! `sim`: runs seeds of the deterministic cluster simulation.
 //!
 //! ```text
-//! sim --seeds N [--first S] [--check-determinism] [--threads T] [--chaos-s SECONDS]
+//! sim --seeds N [--first S] [--check-determinism] [--census] [--threads T] [--chaos-s SECONDS]
 //! sim --seed S [-v | -vv] [--chaos-s SECONDS]
-//! either with [--one-leader-per-term] [--no-faults]
+//! either with [--leader-per-id] [--no-faults]
 //! ```
 //!
 //! Prints one line per failing seed (the seed and the invariant it broke) and closes with
-//! `N passed, M failed`. `--seed S` replays one seed and prints its trace.
+//! `N passed, M failed`. `--seed S` replays one seed and prints its trace. `--census` also
+//! prints, per seed and in all, the faults and workload the runs went through.
 
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use sim::world::Stats;
 use sim::{run_seed, Options, Outcome, Verbosity};
 
 struct Args {
@@ -21,16 +23,17 @@ struct Args {
     first: u64,
     one: Option<u64>,
     determinism: bool,
+    census: bool,
     threads: usize,
     options: Options,
 }
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: sim --seeds N [--first S] [--check-determinism] [--threads T] [--chaos-s SECONDS]"
+        "usage: sim --seeds N [--first S] [--check-determinism] [--census] [--threads T] [--chaos-s SECONDS]"
     );
     eprintln!("       sim --seed S [-v | -vv] [--chaos-s SECONDS]");
-    eprintln!("       either with [--one-leader-per-term] [--no-faults]");
+    eprintln!("       either with [--leader-per-id] [--no-faults]");
     ExitCode::from(2)
 }
 
@@ -41,6 +44,7 @@ fn parse() -> Result<Args, String> {
         first: 0,
         one: None,
         determinism: false,
+        census: false,
         threads,
         options: Options::default(),
     };
@@ -54,10 +58,11 @@ fn parse() -> Result<Args, String> {
             "--first" => a.first = number(it.next(), "--first")?,
             "--seed" => a.one = Some(number(it.next(), "--seed")?),
             "--check-determinism" => a.determinism = true,
+            "--census" => a.census = true,
             "--threads" => a.threads = number(it.next(), "--threads")?.max(1) as usize,
             "--chaos-s" => a.options.chaos = Duration::from_secs(number(it.next(), "--chaos-s")?),
             "--no-faults" => a.options.faults = false,
-            "--one-leader-per-term" => a.options.one_leader_per_term = true,
+            "--leader-per-id" => a.options.one_leader_per_term = false,
             "-v" => a.options.verbosity = Verbosity::Events,
             "-vv" => a.options.verbosity = Verbosity::Messages,
             other => return Err(format!("unknown argument {other}")),
@@ -148,7 +153,11 @@ fn many(args: &Args) -> ExitCode {
     drop(tx);
     let (mut passed, mut failed, mut simulated, mut busy) =
         (0u64, 0u64, Duration::ZERO, Duration::ZERO);
+    let mut census: Vec<(u64, Stats)> = Vec::new();
     for (first, second) in rx {
+        if args.census {
+            census.push((first.seed, first.stats.clone()));
+        }
         simulated += first.simulated;
         busy += first.wall + second.as_ref().map_or(Duration::ZERO, |s| s.wall);
         let mut bad = report(&first);
@@ -170,6 +179,9 @@ fn many(args: &Args) -> ExitCode {
     for w in workers {
         let _ = w.join();
     }
+    if args.census {
+        print_census(census);
+    }
     let wall = started.elapsed();
     println!(
         "simulated {:.0} s in {:.1} s of wall time on {} threads ({:.0} s of thread time): {:.0}x real time per thread{}",
@@ -186,4 +198,59 @@ fn many(args: &Args) -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// The census: per seed, then in all, what the runs went through while the faults went on.
+fn print_census(mut rows: Vec<(u64, Stats)>) {
+    rows.sort_by_key(|(seed, _)| *seed);
+    let columns = [
+        "partitions",
+        "crashes",
+        "disk faults",
+        "membership",
+        "handoffs done",
+        "revoked-key requests (refused)",
+        "boundary writes",
+        "507s",
+        "429s",
+    ];
+    println!("census: seed, {}", columns.join(", "));
+    let line = |s: &Stats| {
+        format!(
+            "{}, {}, {}, {}, {}, {} ({}), {}, {}, {}",
+            s.partitions,
+            s.crashes,
+            s.disk_faults,
+            s.membership_changes,
+            s.handoffs_done,
+            s.revoked_requests,
+            s.revoked_refused,
+            s.boundary_writes,
+            s.quota_refusals,
+            s.rate_refusals
+        )
+    };
+    let mut total = Stats::default();
+    let (mut with_membership, mut with_handoff, mut with_both) = (0u64, 0u64, 0u64);
+    for (seed, s) in &rows {
+        println!("census: {seed}, {}", line(s));
+        total.partitions += s.partitions;
+        total.crashes += s.crashes;
+        total.disk_faults += s.disk_faults;
+        total.membership_changes += s.membership_changes;
+        total.handoffs_done += s.handoffs_done;
+        total.revoked_requests += s.revoked_requests;
+        total.revoked_refused += s.revoked_refused;
+        total.boundary_writes += s.boundary_writes;
+        total.quota_refusals += s.quota_refusals;
+        total.rate_refusals += s.rate_refusals;
+        with_membership += u64::from(s.membership_changes > 0);
+        with_handoff += u64::from(s.handoffs_done > 0);
+        with_both += u64::from(s.membership_changes > 0 && s.handoffs_done > 0);
+    }
+    println!("census: all {} seeds, {}", rows.len(), line(&total));
+    println!(
+        "census: {with_membership} of {} seeds made a membership change during the faults, {with_handoff} finished a handoff during them, {with_both} both",
+        rows.len()
+    );
 }

@@ -10,7 +10,7 @@
 //! empty scroll), any write acknowledged since, any write still in flight, and any unknown write
 //! not yet superseded. Anything else breaks an invariant.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use proto::{Coordinate, Doc};
 
@@ -54,6 +54,12 @@ struct TenantModel {
     cells: BTreeMap<CellKey, Vec<Write>>,
     /// The largest quota the tenant was ever given (or may have been given), in bytes.
     quota_ceiling_bytes: u64,
+    /// Every quota the tenant was, or may have been, given, in bytes.
+    quotas: BTreeSet<u64>,
+    /// Every daily limit the tenant was, or may have been, given.
+    daily_limits: BTreeSet<u64>,
+    /// An upper bound of the units (requests, plus one per MiB moved) the tenant's clients sent.
+    units_sent_max: u64,
 }
 
 /// Where a write is recorded.
@@ -68,7 +74,16 @@ pub struct Model {
     tenants: BTreeMap<String, TenantModel>,
     writes: BTreeMap<u64, WriteAt>,
     next_id: u64,
+    /// (session, tenant, cell) → the position, in the cell's writes, of the newest write the
+    /// session has read there.
+    sessions: BTreeMap<(u64, String, CellKey), usize>,
 }
+
+/// One MiB: what a request's bytes cost in units (`node::limits::REQUEST_UNIT_BYTES`).
+const UNIT_BYTES: u64 = 1 << 20;
+
+/// The fewest units that can empty a tenant's token bucket (`node::limits::BURST_CAPACITY`).
+const BURST_UNITS_MIN: u64 = 2000;
 
 /// The tenant a write's text names: writes are tagged `<tenant#...>`.
 pub fn tag(tenant: &str, unique: &str) -> String {
@@ -84,6 +99,53 @@ impl Model {
     pub fn add_tenant(&mut self, tenant: &str, quota_bytes: u64) {
         let t = self.tenants.entry(tenant.to_string()).or_default();
         t.quota_ceiling_bytes = t.quota_ceiling_bytes.max(quota_bytes);
+        t.quotas.insert(quota_bytes);
+    }
+
+    /// Records that the tenant may now have a daily limit of `limit` requests.
+    pub fn allow_daily_limit(&mut self, tenant: &str, limit: u64) {
+        self.tenants.entry(tenant.to_string()).or_default().daily_limits.insert(limit);
+    }
+
+    /// Counts a request the tenant's clients send, carrying `bytes_in`, at its most units.
+    pub fn sent(&mut self, tenant: &str, bytes_in: u64) {
+        let t = self.tenants.entry(tenant.to_string()).or_default();
+        // An answer is at most the tenant's data: its largest quota.
+        let units = 1 + (bytes_in + t.quota_ceiling_bytes) / UNIT_BYTES;
+        t.units_sent_max = t.units_sent_max.saturating_add(units);
+    }
+
+    /// Checks a 429: deserved only by a daily limit the tenant may have, reached by what its
+    /// clients sent, or by a burst past what they sent in all.
+    pub fn check_rate_limited(&self, tenant: &str, reason: &str) -> Result<(), Violation> {
+        let Some(t) = self.tenants.get(tenant) else { return Ok(()) };
+        let daily = reason
+            .split("daily limit of ")
+            .nth(1)
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse::<u64>().ok());
+        let wrong = match daily {
+            Some(limit) if !t.daily_limits.contains(&limit) => {
+                Some(format!("a daily limit of {limit}, which it was never given"))
+            }
+            Some(limit) if t.units_sent_max < limit => Some(format!(
+                "its daily limit of {limit}, after at most {} units sent",
+                t.units_sent_max
+            )),
+            Some(_) => None,
+            None if t.units_sent_max < BURST_UNITS_MIN => Some(format!(
+                "a burst ({reason}), after at most {} units sent in all",
+                t.units_sent_max
+            )),
+            None => None,
+        };
+        match wrong {
+            Some(why) => Err(Violation::new(
+                Invariant::WrongfulRefusal,
+                format!("tenant {tenant} was refused 429 for {why}"),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Records that the tenant may now have a quota of `quota_bytes`.
@@ -286,6 +348,142 @@ impl Model {
         Ok(())
     }
 
+    /// The canonical length of all the tenant's phexts with every cell at one of the values a
+    /// request started at `start_ms` may find there (the shortest each, or with `longest` the
+    /// longest), and the cell `fixed` names holding its value.
+    fn total_bytes(
+        &self,
+        tenant: &str,
+        start_ms: u64,
+        fixed: Option<(&CellKey, &str)>,
+        longest: bool,
+    ) -> u64 {
+        let Some(t) = self.tenants.get(tenant) else { return 0 };
+        let mut cells: Vec<&CellKey> = t.cells.keys().collect();
+        if let Some((c, _)) = fixed.filter(|(c, _)| !t.cells.contains_key(*c)) {
+            cells.push(c);
+            cells.sort();
+        }
+        let mut total = 0u64;
+        let mut at: Option<(&str, Coordinate)> = None;
+        for cell in cells {
+            let len = match fixed {
+                Some((c, v)) if c == cell => v.len(),
+                _ => {
+                    let lens = self.allowed(tenant, cell, start_ms).into_iter().map(str::len);
+                    if longest {
+                        lens.max().unwrap_or(0)
+                    } else {
+                        lens.min().unwrap_or(0)
+                    }
+                }
+            } as u64;
+            if len == 0 {
+                continue;
+            }
+            let prev = match at {
+                Some((phext, c)) if phext == cell.phext => c,
+                _ => Coordinate::ORIGIN,
+            };
+            total += prev.breaks_to(&cell.coord) + len;
+            at = Some((cell.phext.as_str(), cell.coord));
+        }
+        total
+    }
+
+    /// Checks a 507 the node gave a write of `value` to `cell`, started at `start_ms`, with its
+    /// own account (`needed` bytes more, `free` of `quota` free): deserved only if the quota is
+    /// one the tenant may have, the node's account adds up, and in some state the tenant may
+    /// have been in, the write takes it past that quota.
+    #[allow(clippy::too_many_arguments)]
+    pub fn check_quota_refusal(
+        &self,
+        tenant: &str,
+        cell: &CellKey,
+        value: &str,
+        start_ms: u64,
+        needed: u64,
+        free: u64,
+        quota: u64,
+    ) -> Result<(), Violation> {
+        let Some(t) = self.tenants.get(tenant) else { return Ok(()) };
+        let most_after = self.total_bytes(tenant, start_ms, Some((cell, value)), true);
+        let wrong = if !t.quotas.contains(&quota) {
+            Some(format!("a quota of {quota} bytes, which it was never given"))
+        } else if needed <= free {
+            Some(format!("{needed} bytes needed, {free} free: its own account says it fits"))
+        } else if most_after <= quota {
+            Some(format!("a quota of {quota} bytes; the write leaves at most {most_after} bytes"))
+        } else {
+            None
+        };
+        match wrong {
+            Some(why) => Err(Violation::new(
+                Invariant::WrongfulRefusal,
+                format!(
+                    "tenant {tenant}'s write to {}@{} ({} bytes) was refused 507 for {why}",
+                    cell.phext,
+                    cell.coord,
+                    value.len()
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The tenant's size if `cell` held `value` and every other cell its shortest value now.
+    pub fn bytes_with(&self, tenant: &str, cell: &CellKey, value: &str) -> u64 {
+        self.total_bytes(tenant, u64::MAX, Some((cell, value)), false)
+    }
+
+    /// The one number of bytes the tenant holds now, if every cell is certain.
+    pub fn certain_bytes(&self, tenant: &str) -> Option<u64> {
+        let cells: Vec<&CellKey> = self.cells(tenant).collect();
+        if cells.iter().any(|c| self.certain(tenant, c).is_none()) {
+            return None;
+        }
+        Some(self.total_bytes(tenant, u64::MAX, None, false))
+    }
+
+    /// Monotonic reads: session `session` read `observed` in `cell`. Once a session has read a
+    /// write there, it must never again read an older write that was acknowledged: that write
+    /// took effect before the newer one was sent (each cell has one writer, who waits for each
+    /// answer), so the cell went back in time. (An older write whose answer was lost may still
+    /// land late, and the empty scroll is ambiguous: neither is held against it.)
+    pub fn observe(
+        &mut self,
+        session: u64,
+        tenant: &str,
+        cell: &CellKey,
+        observed: &str,
+    ) -> Result<(), Violation> {
+        if observed.is_empty() {
+            return Ok(());
+        }
+        let writes = self.writes(tenant, cell);
+        let Some(at) = writes.iter().position(|w| w.value == observed) else { return Ok(()) };
+        let key = (session, tenant.to_string(), cell.clone());
+        let newest = self.sessions.get(&key).copied();
+        match newest {
+            Some(newest) if at < newest => {
+                let w = &writes[at];
+                if w.status == Status::Done(Outcome::Acked) {
+                    return Err(Violation::new(
+                        Invariant::StaleRead,
+                        format!(
+                            "session {session} of tenant {tenant} read {}@{} and saw write #{}, acknowledged at {} ms, after it had read the newer write #{} there",
+                            cell.phext, cell.coord, w.id, w.acked_ms, writes[newest].id
+                        ),
+                    ));
+                }
+            }
+            _ => {
+                self.sessions.insert(key, at);
+            }
+        }
+        Ok(())
+    }
+
     /// Every cell ever written for the tenant.
     pub fn cells<'a>(&'a self, tenant: &str) -> impl Iterator<Item = &'a CellKey> + 'a {
         self.tenants.get(tenant).into_iter().flat_map(|t| t.cells.keys())
@@ -357,6 +555,76 @@ mod tests {
             "c, issued after u's horizon, supersedes it"
         );
         assert_eq!(m.certain("t1", &c).as_deref(), Some("<t1#c>"));
+    }
+
+    // Goal: a session that read a newer write and then an older acknowledged one is caught
+    // (the cell went back), even while the newer write is still pending; an older write whose
+    // answer was lost may land late and is not held against the session.
+    #[test]
+    fn a_session_never_reads_back_in_time() {
+        let mut m = Model::default();
+        let c = cell(4);
+        write(&mut m, &c, "<t1#a>", 0, Outcome::Acked);
+        let pending = m.begin_write("t1", &c, "<t1#b>".into(), 20, 120);
+        assert!(m.check_read("t1", &c, 30, "<t1#b>", false).is_ok());
+        assert!(m.observe(1, "t1", &c, "<t1#b>").is_ok());
+        assert!(m.check_read("t1", &c, 40, "<t1#a>", false).is_ok(), "the per-cell set allows it");
+        let back = m.observe(1, "t1", &c, "<t1#a>").unwrap_err();
+        assert_eq!(back.invariant, Invariant::StaleRead);
+        assert!(m.observe(2, "t1", &c, "<t1#a>").is_ok(), "another session never saw b");
+        m.end_write(pending, Outcome::Acked, 50);
+        let c2 = cell(5);
+        write(&mut m, &c2, "<t1#u>", 0, Outcome::Unknown);
+        write(&mut m, &c2, "<t1#v>", 20, Outcome::Acked);
+        assert!(m.observe(1, "t1", &c2, "<t1#v>").is_ok());
+        assert!(m.observe(1, "t1", &c2, "<t1#u>").is_ok(), "u may land after v");
+    }
+
+    // Goal: a 507 is deserved only when the write takes the tenant past the quota the node
+    // names, in some state the tenant may be in; one that fits, or names a quota never given,
+    // or whose own account says it fits, is a wrongful refusal.
+    #[test]
+    fn refusals_are_checked_against_the_quota_in_force() {
+        let mut m = Model::default();
+        m.add_tenant("t1", 100);
+        let (a, b) = (cell(1), cell(2));
+        write(&mut m, &a, &"a".repeat(40), 0, Outcome::Acked);
+        // 40 bytes in a, a break, then b: 40 + 1 + len(b).
+        let fits = "b".repeat(59);
+        let over = "b".repeat(60);
+        assert_eq!(m.bytes_with("t1", &b, &fits), 100);
+        assert_eq!(m.certain_bytes("t1"), Some(40));
+        let wrong = m.check_quota_refusal("t1", &b, &fits, 10, 60, 59, 100).unwrap_err();
+        assert_eq!(wrong.invariant, Invariant::WrongfulRefusal, "it fits exactly");
+        assert!(m.check_quota_refusal("t1", &b, &over, 10, 61, 60, 100).is_ok());
+        let never = m.check_quota_refusal("t1", &b, &over, 10, 61, 60, 50).unwrap_err();
+        assert_eq!(never.invariant, Invariant::WrongfulRefusal, "no quota of 50 was given");
+        let own = m.check_quota_refusal("t1", &b, &over, 10, 60, 60, 100).unwrap_err();
+        assert_eq!(own.invariant, Invariant::WrongfulRefusal, "needed == free fits");
+        // A pending write that may have made a longer makes the refusal possible.
+        m.begin_write("t1", &a, "a".repeat(45), 20, 200);
+        assert!(m.check_quota_refusal("t1", &b, &fits, 30, 61, 60, 100).is_ok());
+    }
+
+    // Goal: a 429 is deserved only by a limit the tenant was given, once its clients sent that
+    // many units; a burst refusal needs at least a bucket's worth.
+    #[test]
+    fn rate_refusals_are_checked_against_what_was_sent() {
+        let mut m = Model::default();
+        m.add_tenant("t1", 1 << 20);
+        m.allow_daily_limit("t1", 3);
+        let reason = "daily limit of 3 requests reached";
+        assert!(m.check_rate_limited("t1", reason).is_err(), "nothing was sent");
+        for _ in 0..2 {
+            m.sent("t1", 10);
+        }
+        // Each request counts at most 1 unit plus 1 per MiB it may move (the answer: at most
+        // the tenant's data, here its 1 MiB quota).
+        assert!(m.check_rate_limited("t1", reason).is_ok());
+        let never = m.check_rate_limited("t1", "daily limit of 2 requests reached").unwrap_err();
+        assert_eq!(never.invariant, Invariant::WrongfulRefusal);
+        let burst = m.check_rate_limited("t1", "more than 1000 requests per second").unwrap_err();
+        assert_eq!(burst.invariant, Invariant::WrongfulRefusal);
     }
 
     // Goal: another tenant's data is reported as an isolation breach, and a tenant past its

@@ -20,7 +20,9 @@ pub enum Invariant {
     StaleRead,
     OneOwner,
     Isolation,
+    Auth,
     Quota,
+    WrongfulRefusal,
     RaftLeader,
     RaftLog,
     Liveness,
@@ -31,10 +33,18 @@ impl fmt::Display for Invariant {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Invariant::LostWrite => "no acknowledged write is lost",
-            Invariant::StaleRead => "a read sees the latest acknowledged write of its tenant",
+            Invariant::StaleRead => {
+                "a read sees the latest acknowledged write of its tenant, and a session's reads never go back"
+            }
             Invariant::OneOwner => "at most one node serves a tenant in any placement epoch",
             Invariant::Isolation => "a tenant never reads another's data",
+            Invariant::Auth => {
+                "a revoked key, or a disabled, archived or purged tenant's key, gets 401 or 403, never data"
+            }
             Invariant::Quota => "quota is never exceeded",
+            Invariant::WrongfulRefusal => {
+                "507 and 429 only when the quota and limit in force say so"
+            }
             Invariant::RaftLeader => {
                 "Raft: one leader per term (per leader id in openraft's default mode)"
             }
@@ -86,6 +96,11 @@ struct Inner {
     /// (tenant, epoch) → the node that served it in that epoch.
     servers: BTreeMap<(String, u64), u64>,
     pub served: u64,
+    /// The simulated time span in which finished handoffs are counted, and the count.
+    handoff_window: Option<(u64, u64)>,
+    handoffs_done: u64,
+    /// Registry entries in the window that changed a node's membership state.
+    membership_changes: u64,
 }
 
 pub struct Monitor {
@@ -173,6 +188,30 @@ impl Monitor {
         }
     }
 
+    /// Counts, from now until [`Monitor::end_handoff_window`], the handoffs that finish (a
+    /// pending handoff that leaves the registry while its tenant stays) and the membership
+    /// changes.
+    pub fn start_handoff_window(&self, now_ms: u64) {
+        self.lock().handoff_window = Some((now_ms, u64::MAX));
+    }
+
+    pub fn end_handoff_window(&self, now_ms: u64) {
+        if let Some(w) = self.lock().handoff_window.as_mut() {
+            w.1 = now_ms;
+        }
+    }
+
+    /// Handoffs that finished within the window.
+    pub fn handoffs_done(&self) -> u64 {
+        self.lock().handoffs_done
+    }
+
+    /// Registry entries within the window that changed a node's membership state (joining,
+    /// active, draining, removed).
+    pub fn membership_changes(&self) -> u64 {
+        self.lock().membership_changes
+    }
+
     /// `node` applied the log up to `index`, reaching `state`.
     pub fn applied(&self, node: u64, index: u64, state: Arc<RegistryState>, now_ms: u64) {
         let clash = {
@@ -186,6 +225,31 @@ impl Monitor {
                 Some((first, seen)) if **seen != *state => Some(*first),
                 Some(_) => None,
                 None => {
+                    let in_window =
+                        inner.handoff_window.is_some_and(|(a, b)| (a..=b).contains(&now_ms));
+                    let before =
+                        inner.applied.range(..index).next_back().map(|(_, (_, s))| s.clone());
+                    let done = match &before {
+                        Some(before) if in_window => before
+                            .handoffs()
+                            .filter(|h| {
+                                state.handoff(&h.tenant).is_none()
+                                    && state.tenant(&h.tenant).is_some()
+                            })
+                            .count() as u64,
+                        _ => 0,
+                    };
+                    inner.handoffs_done += done;
+                    let moved = match &before {
+                        Some(before) if in_window => {
+                            let of = |s: &RegistryState| -> Vec<(u64, raft_registry::NodeState)> {
+                                s.nodes().map(|n| (n.id, n.state)).collect()
+                            };
+                            of(before) != of(&state)
+                        }
+                        _ => false,
+                    };
+                    inner.membership_changes += u64::from(moved);
                     inner.applied.insert(index, (node, state));
                     None
                 }
@@ -202,10 +266,15 @@ impl Monitor {
     /// `node` answered a request of `tenant` with success, having checked ownership under one of
     /// the registry states it held between `since_ms` (delivery) and now. Those are the states at
     /// delivery and now, and any it published in between.
+    ///
+    /// The request carried `key_hash`: one of those states must also accept it (the tenant
+    /// there, enabled, not archived, the key one of its keys), as the node checks again
+    /// whatever the gateway's view said.
     pub fn served_by(
         &self,
         node: u64,
         tenant: &str,
+        key_hash: &str,
         since_ms: u64,
         at_delivery: &Arc<RegistryState>,
         now: &Arc<RegistryState>,
@@ -217,12 +286,25 @@ impl Monitor {
             if let Some(h) = inner.history.get(&node) {
                 states.extend(h.iter().filter(|(t, _)| *t >= since_ms).map(|(_, s)| s.clone()));
             }
+            let accepted = states.iter().any(|s| {
+                s.tenant(tenant).is_some_and(|t| {
+                    t.enabled && !t.archived && t.key_hashes.iter().any(|h| h == key_hash)
+                })
+            });
             let owning: Vec<u64> = states
                 .iter()
                 .filter(|s| s.owner_of(tenant) == Some(node) && s.handoff(tenant).is_none())
                 .map(|s| s.placement_epoch())
                 .collect();
-            check_owner(&mut inner, node, tenant, &states, &owning)
+            if accepted {
+                check_owner(&mut inner, node, tenant, &states, &owning)
+            } else {
+                let short: String = key_hash.chars().take(12).collect();
+                Err(Violation::new(
+                    Invariant::Auth,
+                    format!("node {node} served tenant {tenant} with key hash {short}… that no registry state it held accepted"),
+                ))
+            }
         };
         if let Err(v) = result {
             self.report(v);
@@ -335,9 +417,36 @@ mod tests {
         let owner = s.owner_of("t").unwrap();
         let other = if owner == 1 { 2 } else { 1 };
         let m = monitor();
-        m.served_by(owner, "t", 0, &s, &s);
+        let k = key_hash("k");
+        m.served_by(owner, "t", &k, 0, &s, &s);
         assert_eq!(m.violation(), None);
-        m.served_by(other, "t", 0, &s, &s);
+        m.served_by(other, "t", &k, 0, &s, &s);
         assert_eq!(m.violation().map(|v| v.invariant), Some(Invariant::OneOwner));
+    }
+
+    // Goal: the owner serving a key its registry does not hold (rotated away), or a disabled
+    // tenant, is caught; the owner serving the tenant's key is not.
+    #[tokio::test(start_paused = true)]
+    async fn planted_revoked_key_serving_is_caught() {
+        let s = Arc::new(state());
+        let owner = s.owner_of("t").unwrap();
+        let m = monitor();
+        m.served_by(owner, "t", &key_hash("k"), 0, &s, &s);
+        assert_eq!(m.violation(), None);
+        m.served_by(owner, "t", &key_hash("old"), 0, &s, &s);
+        assert_eq!(m.violation().map(|v| v.invariant), Some(Invariant::Auth));
+        let mut disabled = (*s).clone();
+        let patch = Command::UpdateTenant {
+            id: "t".into(),
+            tier: None,
+            quota_bytes: None,
+            daily_limit: None,
+            enabled: Some(false),
+        };
+        apply(&mut disabled, patch).unwrap();
+        let disabled = Arc::new(disabled);
+        let m = monitor();
+        m.served_by(owner, "t", &key_hash("k"), 0, &disabled, &disabled);
+        assert_eq!(m.violation().map(|v| v.invariant), Some(Invariant::Auth));
     }
 }

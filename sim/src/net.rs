@@ -94,8 +94,8 @@ enum Fate {
 /// What the simulator needs to know of a request.
 struct Kind {
     label: &'static str,
-    /// The tenant, for an SQ request.
-    tenant: Option<String>,
+    /// The tenant and key hash, for an SQ request.
+    tenant: Option<(String, String)>,
     may_duplicate: bool,
 }
 
@@ -174,8 +174,8 @@ fn kind_of(request: &[u8]) -> Kind {
         return Kind { label, tenant: None, may_duplicate: true };
     }
     match proto::wire::decode::<NodeRequest>(request) {
-        Ok(NodeRequest::Sq { tenant, request, .. }) => {
-            Kind { label, tenant: Some(tenant), may_duplicate: !request.is_write() }
+        Ok(NodeRequest::Sq { tenant, key_hash, request, .. }) => {
+            Kind { label, tenant: Some((tenant, key_hash)), may_duplicate: !request.is_write() }
         }
         _ => Kind { label: "undecodable", tenant: None, may_duplicate: false },
     }
@@ -369,7 +369,7 @@ impl Net {
         to: SocketAddr,
         request: Bytes,
         delay_ms: u64,
-        tenant: Option<String>,
+        tenant: Option<(String, String)>,
         reply: Option<tokio::sync::oneshot::Sender<Bytes>>,
     ) {
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
@@ -388,11 +388,12 @@ impl Net {
         if !self.is_current(node, incarnation) {
             return;
         }
-        if let Some(tenant) = tenant {
+        if let Some((tenant, key_hash)) = tenant {
             if is_sq_ok(&answer) {
                 self.monitor.served_by(
                     node,
                     &tenant,
+                    &key_hash,
                     since_ms,
                     &at_delivery,
                     &service.registry.state(),
@@ -461,7 +462,7 @@ mod tests {
         };
         let kind = kind_of(&proto::wire::encode(&write).unwrap());
         assert_eq!(
-            (kind.label, kind.tenant.as_deref(), kind.may_duplicate),
+            (kind.label, kind.tenant.as_ref().map(|(t, _)| t.as_str()), kind.may_duplicate),
             ("sq", Some("t1"), false)
         );
         assert_eq!(

@@ -34,6 +34,13 @@ const VIOLATION_POLL_MS: u64 = 100;
 /// The phext liveness probes write.
 const PROBE_PHEXT: &str = "probe";
 
+/// The tenant archived and then purged while the faults go on (never checked for data after).
+const DOOMED_TENANT: &str = "tx";
+/// How long the product gives a revoked key to stop working everywhere (PRODUCT §2).
+const REVOCATION_MS: u64 = 1_000;
+/// The phext the quota-edge check writes.
+const EDGE_PHEXT: &str = "edge";
+
 /// The shape of one run, drawn from its seed.
 struct Plan {
     spares: u64,
@@ -73,11 +80,13 @@ pub async fn run(seed: u64, options: &Options, trace: Arc<Trace>) -> (Stats, Opt
     ));
     let stop_all = CancellationToken::new();
     let gateways = start_gateways(&net, &ids, plan.gateways, &stop_all);
+    let stale_port = net.port(Endpoint::Gateway(plan.gateways), 0, gateway_addr(plan.gateways));
     let world = Arc::new(World::new(
         trace.clone(),
         monitor.clone(),
         cluster.clone(),
         gateways,
+        Arc::new(WireNodeClient(Arc::new(stale_port))),
         proto::auth::key_hash(&admin_key),
     ));
     let result = phases(&world, &plan, &mut rng, options, &stop_all).await;
@@ -86,7 +95,9 @@ pub async fn run(seed: u64, options: &Options, trace: Arc<Trace>) -> (Stats, Opt
     // network holds every service): stop them all, so the run's memory goes with it.
     world.cluster.stop_all();
     let violation = result.err().or_else(|| world.monitor.violation());
-    let stats = world.stats().clone();
+    let mut stats = world.stats().clone();
+    stats.handoffs_done = world.monitor.handoffs_done();
+    stats.membership_changes = world.monitor.membership_changes();
     (stats, violation)
 }
 
@@ -138,15 +149,18 @@ async fn phases(
     }
     tokio::spawn(world.cluster.clone().watch_leaders(stop_all.clone()));
     let formed_by = world.now_ms() + FORMATION_MS_MAX;
-    operator::form(world, rng, &FIRST_MEMBERS, &plan.tenants, formed_by).await.map_err(|v| {
+    let mut all_tenants = plan.tenants.clone();
+    all_tenants.push(DOOMED_TENANT.to_string());
+    operator::form(world, rng, &FIRST_MEMBERS, &all_tenants, formed_by).await.map_err(|v| {
         Violation::new(Invariant::Liveness, format!("the cluster did not form: {}", v.detail))
     })?;
     checked(world)?;
     world.trace.event("formed: clients, operators and faults start");
+    world.monitor.start_handoff_window(world.now_ms());
     let chaos = CancellationToken::new();
     let mut clients = Vec::new();
-    for (t, tenant) in plan.tenants.iter().enumerate() {
-        let writers = plan.writers_per_tenant[t];
+    for (t, tenant) in all_tenants.iter().enumerate() {
+        let writers = plan.writers_per_tenant.get(t).copied().unwrap_or(1);
         for w in 0..writers {
             let own: Vec<CellKey> = all_cells()
                 .into_iter()
@@ -168,6 +182,14 @@ async fn phases(
             ))
         })
         .collect();
+    let planned = tokio::spawn(operator::planned(
+        world.clone(),
+        rng.fork(),
+        DOOMED_TENANT.to_string(),
+        chaos.clone(),
+    ));
+    let revoked =
+        tokio::spawn(crate::workload::revoked_client(world.clone(), rng.fork(), chaos.clone()));
     let faults = options
         .faults
         .then(|| tokio::spawn(crate::faults::run(world.clone(), rng.fork(), chaos.clone())));
@@ -177,6 +199,9 @@ async fn phases(
         checked(world)?;
     }
     chaos.cancel();
+    world.monitor.end_handoff_window(world.now_ms());
+    let _ = planned.await;
+    let _ = revoked.await;
     if let Some(faults) = faults {
         let _ = faults.await;
     }
@@ -198,8 +223,224 @@ async fn phases(
     checked(world)?;
     final_check(world, &plan.tenants, world.now_ms() + CONVERGENCE_MS_MAX).await?;
     checked(world)?;
+    revocation_check(world, rng, &plan.tenants, world.now_ms() + CONVERGENCE_MS_MAX).await?;
+    checked(world)?;
+    quota_edge_check(world, rng, &plan.tenants[0], world.now_ms() + CONVERGENCE_MS_MAX).await?;
+    checked(world)?;
     purge_check(world, rng, &plan.tenants, world.now_ms() + CONVERGENCE_MS_MAX).await?;
     checked(world)
+}
+
+/// Every gateway, and the lagging one (whose frozen view still holds what was revoked, so the
+/// owning node must refuse it itself).
+fn every_gateway(world: &World) -> Vec<(String, Arc<Gateway>)> {
+    let mut all: Vec<(String, Arc<Gateway>)> =
+        world.gateways.iter().enumerate().map(|(g, gw)| (format!("g{g}"), gw.clone())).collect();
+    if let Some(stale) = world.stale_gateway() {
+        all.push(("the lagging gateway".into(), stale));
+    }
+    all
+}
+
+/// Sends `key`'s request through every gateway until each gives a definite answer, and
+/// requires `expect` of it: data breaks [`Invariant::Auth`]. Unavailable answers (a node
+/// catching up) are tried again until the deadline.
+async fn expect_refused(
+    world: &World,
+    tenant: &str,
+    key: &str,
+    why: &str,
+    expect: fn(&ApiError) -> bool,
+    deadline_ms: u64,
+) -> Result<(), Violation> {
+    for (name, gw) in every_gateway(world) {
+        loop {
+            let result = world.sq_through(&gw, key, Method::Get, "get", "p=alpha", b"").await;
+            world.stats().revoked_requests += 1;
+            match result {
+                Err(e) if expect(&e) => {
+                    world.stats().revoked_refused += 1;
+                    break;
+                }
+                Ok(r) => {
+                    return Err(Violation::new(
+                        Invariant::Auth,
+                        format!("{tenant}'s {why} key got data ({} bytes) through {name}, more than {REVOCATION_MS} ms after the change was acknowledged", r.body.len()),
+                    ));
+                }
+                Err(e) if world.now_ms() > deadline_ms => {
+                    return Err(Violation::new(
+                        Invariant::Auth,
+                        format!("{tenant}'s {why} key through {name} answered {e}, not a refusal"),
+                    ));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await,
+            }
+        }
+    }
+    Ok(())
+}
+
+/// With every fault healed: a rotated-away key, and a disabled tenant's key, stop working
+/// within [`REVOCATION_MS`] through every gateway, the lagging one included; the tenant is
+/// served again once enabled.
+async fn revocation_check(
+    world: &World,
+    rng: &mut Rng,
+    tenants: &[String],
+    deadline_ms: u64,
+) -> Result<(), Violation> {
+    let rotated = &tenants[0];
+    let old = world.keys().get(rotated).map(|k| k.current.clone()).unwrap_or_default();
+    operator::rotate_until_done(world, rng, rotated, deadline_ms).await?;
+    tokio::time::sleep(Duration::from_millis(REVOCATION_MS)).await;
+    let unauthorized: fn(&ApiError) -> bool = |e| matches!(e, ApiError::Unauthorized);
+    expect_refused(world, rotated, &old, "rotated-away", unauthorized, deadline_ms).await?;
+    let disabled = &tenants[1 % tenants.len()];
+    world.freeze_stale_view();
+    operator::set_enabled_until_done(world, rng, disabled, false, deadline_ms).await?;
+    tokio::time::sleep(Duration::from_millis(REVOCATION_MS)).await;
+    let key = world.keys().get(disabled).map(|k| k.current.clone()).unwrap_or_default();
+    let forbidden: fn(&ApiError) -> bool = |e| matches!(e, ApiError::Forbidden(_));
+    expect_refused(world, disabled, &key, "disabled tenant's", forbidden, deadline_ms).await?;
+    operator::set_enabled_until_done(world, rng, disabled, true, deadline_ms).await?;
+    world.trace.event(format!(
+        "revocation check: {rotated}'s old key and {disabled}'s key refused everywhere"
+    ));
+    probe(world, rng, disabled, deadline_ms).await
+}
+
+/// With every fault healed: the quota is lowered (2 MiB, then 1 MiB), and writes that leave the
+/// tenant one byte under it and exactly at it are acknowledged, one byte over it refused with
+/// 507, the node's account naming the lowered quota.
+async fn quota_edge_check(
+    world: &World,
+    rng: &mut Rng,
+    tenant: &str,
+    deadline_ms: u64,
+) -> Result<(), Violation> {
+    let (high, low) = (operator::QUOTAS_MB[1], operator::QUOTAS_MB[0]);
+    operator::set_quota_until_done(world, rng, tenant, high, deadline_ms).await?;
+    operator::set_quota_until_done(world, rng, tenant, low, deadline_ms).await?;
+    let quota = low * proto::cluster::MIB;
+    // The owner applies the change within a heartbeat or two.
+    tokio::time::sleep(Duration::from_millis(REVOCATION_MS)).await;
+    let key = world.keys().get(tenant).map(|k| k.current.clone()).unwrap_or_default();
+    // Room first: the tenant's cells emptied (a delete never needs quota).
+    let cells: Vec<CellKey> = world.model().cells(tenant).cloned().collect();
+    for cell in cells {
+        if cell.phext != EDGE_PHEXT {
+            emptied(
+                tenant,
+                edge_write(world, tenant, &key, &cell, String::new(), deadline_ms).await?,
+            )?;
+        }
+    }
+    let mut used = 0u64;
+    for phext in PHEXTS.iter().copied().chain([PROBE_PHEXT]) {
+        let body = loop {
+            match world.sq(0, &key, Method::Get, "get", &format!("p={phext}"), b"").await {
+                Ok(r) => break r.body,
+                Err(e) if world.now_ms() > deadline_ms => {
+                    return Err(Violation::new(
+                        Invariant::Liveness,
+                        format!("quota edge check: reading {tenant}/{phext} failed: {e}"),
+                    ))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await,
+            }
+        };
+        used += body.len() as u64;
+    }
+    // The edge phext holds one scroll at the origin: its canonical length is the scroll's.
+    let cell = CellKey { phext: EDGE_PHEXT.to_string(), coord: Coordinate::ORIGIN };
+    let room = quota.saturating_sub(used);
+    let tag_len = tag(tenant, "edge.0000000").len() as u64;
+    if room < tag_len + 2 {
+        return Err(Violation::new(
+            Invariant::Quota,
+            format!("quota edge check: {tenant} holds {used} bytes of its {quota} with only its probe scroll left"),
+        ));
+    }
+    for (n, (len, fits)) in
+        [(room - 1, true), (room, true), (room + 1, false)].into_iter().enumerate()
+    {
+        let head = tag(tenant, &format!("edge.{n:07}"));
+        let value = format!("{head}{}", "e".repeat((len - head.len() as u64) as usize));
+        let result = edge_write(world, tenant, &key, &cell, value, deadline_ms).await?;
+        world.stats().boundary_writes += 1;
+        let leaves = used + len;
+        match (&result, fits) {
+            (Ok(_), true) => {}
+            (Err(ApiError::QuotaExceeded { needed_bytes: 1, free_bytes: 0, quota_bytes }), false)
+                if *quota_bytes == quota => {}
+            (Ok(_), false) => {
+                return Err(Violation::new(
+                    Invariant::Quota,
+                    format!("{tenant}'s write leaving it {leaves} bytes was acknowledged; its quota was lowered to {quota} bytes"),
+                ))
+            }
+            (other, _) => {
+                return Err(Violation::new(
+                    Invariant::WrongfulRefusal,
+                    format!("{tenant}'s write leaving it {leaves} bytes, under a quota of {quota} bytes, answered {:?}", other.as_ref().map(|_| "ok")),
+                ))
+            }
+        }
+    }
+    // Room again for what comes after.
+    emptied(tenant, edge_write(world, tenant, &key, &cell, String::new(), deadline_ms).await?)?;
+    world.trace.event(format!(
+        "quota edge check: {tenant} at {quota} bytes exactly, and refused one more"
+    ));
+    Ok(())
+}
+
+/// A delete of the quota-edge check must be acknowledged: a delete never needs quota.
+fn emptied(tenant: &str, result: Result<proto::SqResponse, ApiError>) -> Result<(), Violation> {
+    result.map(|_| ()).map_err(|e| {
+        Violation::new(
+            Invariant::WrongfulRefusal,
+            format!("quota edge check: a delete of {tenant}'s was refused: {e}"),
+        )
+    })
+}
+
+/// One update (or, for an empty value, a delete) of the quota-edge check, recorded in the
+/// model; tried again while no node answers.
+async fn edge_write(
+    world: &World,
+    tenant: &str,
+    key: &str,
+    cell: &CellKey,
+    value: String,
+    deadline_ms: u64,
+) -> Result<Result<proto::SqResponse, ApiError>, Violation> {
+    let query = format!("p={}&c={}", cell.phext, cell.coord);
+    loop {
+        let now = world.now_ms();
+        let id =
+            world.model().begin_write(tenant, cell, value.clone(), now, now + WRITE_HORIZON_MS);
+        let result = if value.is_empty() {
+            world.sq(0, key, Method::Get, "delete", &query, b"").await
+        } else {
+            world.sq(0, key, Method::Post, "update", &query, value.as_bytes()).await
+        };
+        let outcome = write_outcome(&result);
+        world.model().end_write(id, outcome, world.now_ms());
+        match &result {
+            Err(ApiError::Unavailable { .. }) if world.now_ms() <= deadline_ms => {
+                tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await
+            }
+            Err(ApiError::Unavailable { .. } | ApiError::Internal(_)) => {
+                return Err(Violation::new(
+                    Invariant::Liveness,
+                    format!("quota edge check: {tenant}'s write answered {result:?}"),
+                ))
+            }
+            _ => return Ok(result),
+        }
+    }
 }
 
 /// After the final check (so everything before it runs as it always did): purge one tenant

@@ -36,6 +36,9 @@ const LARGE_WRITE_BYTES: (u64, u64) = (150_000, 450_000);
 const LARGE_WRITE_PERMILLE: u64 = 200;
 /// Size of an ordinary write's filler, in bytes.
 const SMALL_WRITE_BYTES: (u64, u64) = (0, 80);
+/// Chance, in permille, that an update is sized to leave the tenant one byte under its quota,
+/// exactly at it, or one byte over (when the client knows both for sure).
+const BOUNDARY_WRITE_PERMILLE: u64 = 120;
 
 /// Every cell of a tenant, in a fixed order.
 pub fn all_cells() -> Vec<CellKey> {
@@ -105,15 +108,45 @@ impl Client {
     }
 
     fn text(&mut self) -> String {
-        self.seq += 1;
         let large = self.rng.chance(LARGE_WRITE_PERMILLE);
         let (lo, hi) = if large { LARGE_WRITE_BYTES } else { SMALL_WRITE_BYTES };
         let len = self.rng.range(lo, hi) as usize;
+        self.text_of(len)
+    }
+
+    /// A new write's text: its tag, then `filler` bytes.
+    fn text_of(&mut self, filler: usize) -> String {
+        self.seq += 1;
         // A short random run, repeated: cheap to make, and no two writes alike.
-        let run = self.rng.letters(len.clamp(1, 64));
-        let mut filler = run.repeat(len / run.len() + 1);
-        filler.truncate(len);
-        format!("{}{filler}", tag(&self.tenant, &format!("c{}.{}", self.id, self.seq)))
+        let run = self.rng.letters(filler.clamp(1, 64));
+        let mut text = run.repeat(filler / run.len() + 1);
+        text.truncate(filler);
+        format!("{}{text}", tag(&self.tenant, &format!("c{}.{}", self.id, self.seq)))
+    }
+
+    /// Sometimes, the text of an update of `cell` that leaves the tenant one byte under its
+    /// quota, exactly at it, or one byte over: only when every cell of the tenant and its quota
+    /// are known for sure.
+    fn boundary_text(&mut self, world: &World, cell: &CellKey) -> Option<String> {
+        if !self.rng.chance(BOUNDARY_WRITE_PERMILLE) {
+            return None;
+        }
+        let quota = world.quota_now(&self.tenant)?;
+        let model = world.model();
+        model.certain_bytes(&self.tenant)?;
+        // The tenant's size with this cell holding one byte; each more byte adds one.
+        let one = model.bytes_with(&self.tenant, cell, "x");
+        drop(model);
+        let target = quota + self.rng.below(3) - 1;
+        let len = (target + 1).checked_sub(one)? as usize;
+        let tag_len = tag(&self.tenant, &format!("c{}.{}", self.id, self.seq + 1)).len();
+        let filler = len.checked_sub(tag_len)?;
+        // No larger than a large write: the run's cost is mostly its bytes.
+        if filler as u64 > LARGE_WRITE_BYTES.1 {
+            return None;
+        }
+        world.stats().boundary_writes += 1;
+        Some(self.text_of(filler))
     }
 
     async fn write(
@@ -127,7 +160,12 @@ impl Client {
         let cell = self.rng.pick(&self.own).clone();
         let certain = world.model().certain(&self.tenant, &cell);
         let insert = insert && certain.is_some();
-        let text = if delete { String::new() } else { self.text() };
+        let boundary = if delete || insert { None } else { self.boundary_text(world, &cell) };
+        let text = match boundary {
+            Some(text) => text,
+            None if delete => String::new(),
+            None => self.text(),
+        };
         let value = match (&certain, insert) {
             (Some(base), true) => format!("{base}{text}"),
             _ => text.clone(),
@@ -139,10 +177,29 @@ impl Client {
             (false, false) => (Method::Post, "update"),
         };
         let now = world.now_ms();
-        let id = world.model().begin_write(&self.tenant, &cell, value, now, now + WRITE_HORIZON_MS);
+        let id = world.model().begin_write(
+            &self.tenant,
+            &cell,
+            value.clone(),
+            now,
+            now + WRITE_HORIZON_MS,
+        );
         let result = world.sq(gw, key, method, route, &query, text.as_bytes()).await;
         let outcome = write_outcome(&result);
         world.model().end_write(id, outcome, world.now_ms());
+        if let Err(ApiError::QuotaExceeded { needed_bytes, free_bytes, quota_bytes }) = &result {
+            world.stats().quota_refusals += 1;
+            world.model().check_quota_refusal(
+                &self.tenant,
+                &cell,
+                &value,
+                now,
+                *needed_bytes,
+                *free_bytes,
+                *quota_bytes,
+            )?;
+        }
+        rate_limited(world, &self.tenant, &result)?;
         world.trace.event(format!(
             "c{} {} {} {}@{} ({} bytes): {}",
             self.id,
@@ -183,6 +240,7 @@ impl Client {
             self.tenant,
             answer(&result)
         ));
+        world.monitor.check(rate_limited(world, &self.tenant, &result));
         match result {
             Ok(r) => {
                 world.stats().reads_ok += 1;
@@ -208,7 +266,9 @@ impl Client {
             return Ok(());
         };
         let text = String::from_utf8_lossy(&body);
-        world.model().check_read(&self.tenant, &cell, start, &text, false)
+        let mut model = world.model();
+        model.check_read(&self.tenant, &cell, start, &text, false)?;
+        model.observe(self.id, &self.tenant, &cell, &text)
     }
 
     async fn get(&mut self, world: &World, gw: usize, key: &str) -> Result<(), Violation> {
@@ -219,7 +279,12 @@ impl Client {
             return Ok(());
         };
         let doc = Doc::parse(&body).map_err(|e| malformed(&self.tenant, "get", e))?;
-        world.model().check_doc(&self.tenant, phext, start, &doc, false)
+        let mut model = world.model();
+        model.check_doc(&self.tenant, phext, start, &doc, false)?;
+        for cell in all_cells().into_iter().filter(|c| c.phext == phext) {
+            model.observe(self.id, &self.tenant, &cell, doc.get(&cell.coord))?;
+        }
+        Ok(())
     }
 
     async fn query(&mut self, world: &World, gw: usize, key: &str) -> Result<(), Violation> {
@@ -233,19 +298,15 @@ impl Client {
         };
         let rows: Vec<serde_json::Value> =
             serde_json::from_slice(&body).map_err(|e| malformed(&self.tenant, "query", e))?;
-        let model = world.model();
+        let mut model = world.model();
         for row in rows {
             let coord = row["coordinate"].as_str().and_then(|c| Coordinate::parse(c).ok());
             let (Some(coord), Some(scroll)) = (coord, row["scroll"].as_str()) else {
                 return Err(malformed(&self.tenant, "query", "a row without coordinate or scroll"));
             };
-            model.check_read(
-                &self.tenant,
-                &CellKey { phext: a.phext.clone(), coord },
-                start,
-                scroll,
-                false,
-            )?;
+            let cell = CellKey { phext: a.phext.clone(), coord };
+            model.check_read(&self.tenant, &cell, start, scroll, false)?;
+            model.observe(self.id, &self.tenant, &cell, scroll)?;
         }
         Ok(())
     }
@@ -275,6 +336,19 @@ impl Client {
     }
 }
 
+/// Checks a 429 against the model.
+pub fn rate_limited(
+    world: &World,
+    tenant: &str,
+    result: &Result<proto::SqResponse, ApiError>,
+) -> Result<(), Violation> {
+    if let Err(ApiError::RateLimited { reason, .. }) = result {
+        world.stats().rate_refusals += 1;
+        return world.model().check_rate_limited(tenant, reason);
+    }
+    Ok(())
+}
+
 /// Two cells of one phext, sorted, or `None` if they are in different phexts.
 fn same_phext(a: &CellKey, b: &CellKey) -> Option<Vec<CellKey>> {
     if a.phext != b.phext {
@@ -301,5 +375,56 @@ pub fn answer(result: &Result<proto::SqResponse, ApiError>) -> String {
             let text = e.to_string();
             text.chars().take(90).collect()
         }
+    }
+}
+
+/// Pause between a revoked-key client's requests, in milliseconds.
+const REVOKED_THINK_MS: (u64, u64) = (40, 400);
+/// Chance, in permille, that a revoked key goes through the lagging gateway (whose frozen view
+/// still holds it, so that the owning node must refuse it) rather than a current one.
+const THROUGH_STALE_PERMILLE: u64 = 600;
+
+/// A client that keeps using keys it should no longer use: keys rotated away, and keys of
+/// tenants disabled, archived or purged. It reads only; a node that serves it anything breaks
+/// [`Invariant::Auth`], which the monitor checks against the node's own registry states.
+pub async fn revoked_client(world: Arc<World>, mut rng: Rng, stop: CancellationToken) {
+    while !stop.is_cancelled() {
+        let think = Duration::from_millis(rng.range(REVOKED_THINK_MS.0, REVOKED_THINK_MS.1));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(think) => {}
+        }
+        let mut candidates: Vec<(String, String, &'static str)> =
+            world.revoked().into_iter().map(|r| (r.tenant, r.key, r.why)).collect();
+        for tenant in world.disabled() {
+            if let Some(k) = world.keys().get(&tenant) {
+                candidates.push((tenant.clone(), k.current.clone(), "disabled"));
+            }
+        }
+        if candidates.is_empty() {
+            continue;
+        }
+        let (tenant, key, why) = rng.pick(&candidates).clone();
+        let stale = world.stale_gateway().filter(|_| rng.chance(THROUGH_STALE_PERMILLE));
+        let (gw, name) = match stale {
+            Some(gw) => (gw, "the lagging gateway".to_string()),
+            None => {
+                let g = rng.below(world.gateways.len() as u64) as usize;
+                (world.gateways[g].clone(), format!("g{g}"))
+            }
+        };
+        let phext = *rng.pick(&PHEXTS);
+        let result =
+            world.sq_through(&gw, &key, Method::Get, "get", &format!("p={phext}"), b"").await;
+        let refused = matches!(result, Err(ApiError::Unauthorized | ApiError::Forbidden(_)));
+        {
+            let mut stats = world.stats();
+            stats.revoked_requests += 1;
+            stats.revoked_refused += u64::from(refused);
+        }
+        world.trace.event(format!(
+            "revoked-key client: {tenant}'s {why} key through {name}: {}",
+            answer(&result)
+        ));
     }
 }

@@ -37,7 +37,7 @@ pub struct TenantKeys {
     pub maybe: Vec<String>,
 }
 
-/// Counts for the run's summary.
+/// Counts for the run's summary and its census.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Stats {
     pub reads_ok: u64,
@@ -48,6 +48,32 @@ pub struct Stats {
     pub admin_ok: u64,
     pub admin_failed: u64,
     pub faults: u64,
+    /// Faults by kind: partitions (both ways or one way), process crashes, full or slow disks.
+    pub partitions: u64,
+    pub crashes: u64,
+    pub disk_faults: u64,
+    /// Registry entries that changed a node's membership state while the faults ran.
+    pub membership_changes: u64,
+    /// Handoffs that finished while the faults ran.
+    pub handoffs_done: u64,
+    /// Requests sent with a revoked key, or a disabled, archived or purged tenant's key, and
+    /// how many of them were refused (401 or 403).
+    pub revoked_requests: u64,
+    pub revoked_refused: u64,
+    /// Writes aimed at the quota's edge: one byte under, exactly on it, one byte over.
+    pub boundary_writes: u64,
+    /// Refusals checked against the model: 507s and 429s.
+    pub quota_refusals: u64,
+    pub rate_refusals: u64,
+}
+
+/// A key that should no longer get data: its tenant's key was rotated away from it (or its
+/// tenant was archived or purged) in an acknowledged admin operation.
+#[derive(Debug, Clone)]
+pub struct Revoked {
+    pub tenant: String,
+    pub key: String,
+    pub why: &'static str,
 }
 
 pub struct World {
@@ -59,6 +85,15 @@ pub struct World {
     model: Mutex<Model>,
     keys: Mutex<BTreeMap<String, TenantKeys>>,
     stats: Mutex<Stats>,
+    /// A gateway whose view lags: a copy of gateway 0's view frozen just before a key or a
+    /// tenant is revoked. Through it, revoked keys reach the nodes, which must refuse them.
+    stale: Mutex<Option<Arc<Gateway>>>,
+    stale_client: Arc<dyn gateway::forward::NodeClient>,
+    revoked: Mutex<Vec<Revoked>>,
+    /// Tenants an acknowledged operation disabled (and none re-enabled since).
+    disabled: Mutex<std::collections::BTreeSet<String>>,
+    /// The quota each tenant was last given in an acknowledged operation, in bytes.
+    quota_now: Mutex<BTreeMap<String, u64>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -76,6 +111,7 @@ impl World {
         monitor: Arc<Monitor>,
         cluster: Arc<Cluster>,
         gateways: Vec<Arc<Gateway>>,
+        stale_client: Arc<dyn gateway::forward::NodeClient>,
         admin_key_hash: String,
     ) -> World {
         World {
@@ -87,7 +123,59 @@ impl World {
             model: Mutex::new(Model::default()),
             keys: Mutex::new(BTreeMap::new()),
             stats: Mutex::new(Stats::default()),
+            stale: Mutex::new(None),
+            stale_client,
+            revoked: Mutex::new(Vec::new()),
+            disabled: Mutex::new(Default::default()),
+            quota_now: Mutex::new(BTreeMap::new()),
         }
+    }
+
+    /// Freezes a copy of gateway 0's view in the lagging gateway.
+    pub fn freeze_stale_view(&self) {
+        let first = &self.gateways[0];
+        let gw = Arc::new(Gateway {
+            views: gateway::view::ViewHandle::default(),
+            client: self.stale_client.clone(),
+            seeds: first.seeds.clone(),
+        });
+        gw.views.replace(first.views.current().view.clone());
+        *lock(&self.stale) = Some(gw);
+    }
+
+    /// The lagging gateway, once a view was frozen in it.
+    pub fn stale_gateway(&self) -> Option<Arc<Gateway>> {
+        lock(&self.stale).clone()
+    }
+
+    pub fn revoke(&self, tenant: &str, key: String, why: &'static str) {
+        self.trace.event(format!("{tenant}: a key is {why}"));
+        lock(&self.revoked).push(Revoked { tenant: tenant.to_string(), key, why });
+    }
+
+    pub fn revoked(&self) -> Vec<Revoked> {
+        lock(&self.revoked).clone()
+    }
+
+    pub fn set_disabled(&self, tenant: &str, disabled: bool) {
+        let mut set = lock(&self.disabled);
+        if disabled {
+            set.insert(tenant.to_string());
+        } else {
+            set.remove(tenant);
+        }
+    }
+
+    pub fn disabled(&self) -> Vec<String> {
+        lock(&self.disabled).iter().cloned().collect()
+    }
+
+    pub fn set_quota_now(&self, tenant: &str, quota_bytes: u64) {
+        lock(&self.quota_now).insert(tenant.to_string(), quota_bytes);
+    }
+
+    pub fn quota_now(&self, tenant: &str) -> Option<u64> {
+        lock(&self.quota_now).get(tenant).copied()
     }
 
     pub fn model(&self) -> MutexGuard<'_, Model> {
@@ -127,8 +215,22 @@ impl World {
         query: &str,
         body: &[u8],
     ) -> Result<SqResponse, ApiError> {
-        let gw = &self.gateways[gw % self.gateways.len()];
+        let gw = self.gateways[gw % self.gateways.len()].clone();
+        self.sq_through(&gw, key, method, route, query, body).await
+    }
+
+    /// [`World::sq`] through the given gateway.
+    pub async fn sq_through(
+        &self,
+        gw: &Arc<Gateway>,
+        key: &str,
+        method: Method,
+        route: &str,
+        query: &str,
+        body: &[u8],
+    ) -> Result<SqResponse, ApiError> {
         let caller = gateway::api::authenticate(gw, key)?;
+        self.model().sent(&caller.tenant, body.len() as u64);
         let call = gateway::api::serve(gw, &caller, method, route, query, body);
         match tokio::time::timeout(CLIENT_OP_TIMEOUT, call).await {
             Ok(answer) => answer,
