@@ -113,6 +113,11 @@ pub enum StoreError {
     Corrupt { path: PathBuf, reason: String },
     #[error("cannot encode {what}: {reason}")]
     Encode { what: &'static str, reason: String },
+    #[error(
+        "{path}: holds registry files of format {found}; this sq-cloud reads format {expected} \
+         (raft-registry/src/format.rs says what changed)"
+    )]
+    Format { path: PathBuf, found: u32, expected: u32 },
 }
 
 /// Attaches the operation and path to an I/O error.

@@ -31,7 +31,8 @@
 //! - `changes`: the bounded log of which tenants each applied entry changed, so gateways
 //!   follow the registry by changes;
 //! - `placement`: consistent hashing with virtual nodes over `hashring`;
-//! - `disk`, `log_store`, `state_machine`: the openraft storage-v2 implementation;
+//! - `disk`, `log_store`, `state_machine`: the openraft storage-v2 implementation; `format`:
+//!   the format the directory holds, checked before anything in it is read;
 //! - `network`: the wire format of Raft RPCs and the openraft network over [`RaftTransport`];
 //! - `runtime`: tokio for openraft, with the election-timeout generator as a seedable seam;
 //! - `registry`, `membership`: the public handle; `batch`: writes grouped one entry per round;
@@ -43,6 +44,7 @@ pub mod command;
 pub mod config;
 pub mod disk;
 pub mod error;
+pub mod format;
 pub mod log_store;
 mod membership;
 pub mod network;

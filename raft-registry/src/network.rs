@@ -25,8 +25,9 @@ use serde::{Deserialize, Serialize};
 use crate::types::{Node, NodeId, Raft, TypeConfig};
 
 /// Version of the Raft RPC envelope. A message of another version is refused, not guessed at.
-/// Version 2 names the node a request is for.
-pub const RAFT_RPC_VERSION: u16 = 2;
+/// Version 2 names the node a request is for; version 3 carries standard Raft leader ids (the
+/// term alone), see [`crate::format`].
+pub const RAFT_RPC_VERSION: u16 = 3;
 
 /// Largest RPC message decoded (16 MiB). Bounds what a peer can make us allocate; AppendEntries
 /// batches (`max_payload_entries` small commands) and snapshot chunks

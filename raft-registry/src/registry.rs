@@ -97,6 +97,7 @@ impl Registry {
         transport: Arc<dyn RaftTransport>,
     ) -> Result<Registry, RegistryError> {
         let raft_config = Arc::new(config.to_openraft()?);
+        crate::format::check_or_name(fs.as_ref(), dir)?;
         let log = LogStore::open_on(fs.clone(), dir)?;
         let (sm, state_rx) = StateMachineStore::open_on(fs, dir)?;
         let changes = sm.changes();

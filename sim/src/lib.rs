@@ -56,20 +56,12 @@ pub struct Options {
     pub chaos: Duration,
     /// Inject faults (off only to test the simulator itself).
     pub faults: bool,
-    /// Hold Raft to one leader per term (standard Raft), the default; `false` holds it only to
-    /// one reign per leader id (term, node), which is all openraft's default mode promises.
-    pub one_leader_per_term: bool,
     pub verbosity: Verbosity,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options {
-            chaos: Duration::from_secs(40),
-            faults: true,
-            one_leader_per_term: true,
-            verbosity: Verbosity::Quiet,
-        }
+        Options { chaos: Duration::from_secs(40), faults: true, verbosity: Verbosity::Quiet }
     }
 }
 

@@ -3,7 +3,7 @@
 //! ```text
 //! sim --seeds N [--first S] [--check-determinism] [--census] [--threads T] [--chaos-s SECONDS]
 //! sim --seed S [-v | -vv] [--chaos-s SECONDS]
-//! either with [--leader-per-id] [--no-faults]
+//! either with [--no-faults]
 //! ```
 //!
 //! Prints one line per failing seed (the seed and the invariant it broke) and closes with
@@ -33,7 +33,7 @@ fn usage() -> ExitCode {
         "usage: sim --seeds N [--first S] [--check-determinism] [--census] [--threads T] [--chaos-s SECONDS]"
     );
     eprintln!("       sim --seed S [-v | -vv] [--chaos-s SECONDS]");
-    eprintln!("       either with [--leader-per-id] [--no-faults]");
+    eprintln!("       either with [--no-faults]");
     ExitCode::from(2)
 }
 
@@ -62,7 +62,6 @@ fn parse() -> Result<Args, String> {
             "--threads" => a.threads = number(it.next(), "--threads")?.max(1) as usize,
             "--chaos-s" => a.options.chaos = Duration::from_secs(number(it.next(), "--chaos-s")?),
             "--no-faults" => a.options.faults = false,
-            "--leader-per-id" => a.options.one_leader_per_term = false,
             "-v" => a.options.verbosity = Verbosity::Events,
             "-vv" => a.options.verbosity = Verbosity::Messages,
             other => return Err(format!("unknown argument {other}")),

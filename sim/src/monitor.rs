@@ -46,7 +46,7 @@ impl fmt::Display for Invariant {
                 "507 and 429 only when the quota and limit in force say so"
             }
             Invariant::RaftLeader => {
-                "Raft: one leader per term (per leader id in openraft's default mode)"
+                "Raft: one leader per term"
             }
             Invariant::RaftLog => "Raft: committed entries are never lost or reordered",
             Invariant::Liveness => {
@@ -105,16 +105,12 @@ struct Inner {
 
 pub struct Monitor {
     trace: Arc<Trace>,
-    /// Hold Raft to one leader per term, as standard Raft (openraft's `single-term-leader`)
-    /// does. openraft's default mode may elect several leaders in one term, each with its own
-    /// leader id (term, node), of which only the greatest can commit.
-    one_leader_per_term: bool,
     inner: Mutex<Inner>,
 }
 
 impl Monitor {
-    pub fn new(trace: Arc<Trace>, one_leader_per_term: bool) -> Monitor {
-        Monitor { trace, one_leader_per_term, inner: Mutex::new(Inner::default()) }
+    pub fn new(trace: Arc<Trace>) -> Monitor {
+        Monitor { trace, inner: Mutex::new(Inner::default()) }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -147,9 +143,9 @@ impl Monitor {
     }
 
     /// One sample of who leads: `running` lists the node processes up (node, incarnation),
-    /// `leading` holds (node, term) for every one that says it leads. A leader id (term, node)
-    /// reigns once: a process that stepped down from a term and leads it again has lost its
-    /// vote. (A leader that restarts may resume its reign: openraft restores it from the durable
+    /// `leading` holds (node, term) for every one that says it leads. The registry runs standard
+    /// Raft (openraft's `single-term-leader`): a term has at most one leader, and it reigns once:
+    /// a process that stepped down from a term and leads it again has lost its vote. (A leader that restarts may resume its reign: openraft restores it from the durable
     /// vote and log.)
     pub fn leaders(&self, running: &[(u64, u64)], leading: &[(u64, u64)]) {
         let mut found = None;
@@ -176,7 +172,7 @@ impl Monitor {
                 let others = inner.leaders.entry(term).or_default();
                 if others.insert(node) {
                     self.trace.event(format!("n{node} leads term {term}"));
-                    if self.one_leader_per_term && others.len() > 1 {
+                    if others.len() > 1 {
                         found = Some(format!("nodes {others:?} all led term {term}"));
                     }
                 }
@@ -363,7 +359,7 @@ mod tests {
     use crate::trace::Verbosity;
 
     fn monitor() -> Monitor {
-        Monitor::new(Arc::new(Trace::new(Verbosity::Quiet)), false)
+        Monitor::new(Arc::new(Trace::new(Verbosity::Quiet)))
     }
 
     /// A registry where nodes 1 and 2 are active and tenant `t` exists.
@@ -398,9 +394,9 @@ mod tests {
             Some(Invariant::RaftLeader),
             "node 1 stepped down from term 3"
         );
-        let strict = Monitor::new(Arc::new(Trace::new(Verbosity::Quiet)), true);
-        strict.leaders(&[(1, 1), (2, 1)], &[(1, 3), (2, 3)]);
-        assert_eq!(strict.violation().map(|v| v.invariant), Some(Invariant::RaftLeader));
+        let two = monitor();
+        two.leaders(&[(1, 1), (2, 1)], &[(1, 3), (2, 3)]);
+        assert_eq!(two.violation().map(|v| v.invariant), Some(Invariant::RaftLeader));
 
         let m = monitor();
         m.applied(1, 7, Arc::new(state()), 0);

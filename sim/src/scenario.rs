@@ -60,7 +60,7 @@ fn plan(rng: &mut Rng) -> Plan {
 pub async fn run(seed: u64, options: &Options, trace: Arc<Trace>) -> (Stats, Option<Violation>) {
     let mut rng = Rng::new(seed);
     let plan = plan(&mut rng);
-    let monitor = Arc::new(Monitor::new(trace.clone(), options.one_leader_per_term));
+    let monitor = Arc::new(Monitor::new(trace.clone()));
     let net = Net::new(rng.fork(), trace.clone(), monitor.clone());
     let admin_key = new_key(&mut rng);
     let ids: Vec<u64> = (1..=FIRST_MEMBERS.len() as u64 + plan.spares).collect();
