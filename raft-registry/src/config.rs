@@ -24,10 +24,12 @@ const CLUSTER_NAME: &str = "sq-cloud-registry";
 pub struct RegistryConfig {
     /// Leader heartbeat period; also the time limit of one AppendEntries RPC. Default 250 ms.
     pub heartbeat_interval_ms: u64,
-    /// A follower that hears no leader for a random time in [min, max) starts an election.
-    /// Default 1,000 ms; must exceed the heartbeat several times over.
+    /// Lower end of the election timeout. A node stands for election after it has heard no
+    /// leader for `election_timeout_max_ms` (the lease voters keep for a leader they heard) plus
+    /// a fresh random delay of up to `max - min` ([`crate::elect`]). Default 1,000 ms; must
+    /// exceed the heartbeat several times over.
     pub election_timeout_min_ms: u64,
-    /// Upper end of the election timeout. Default 2,000 ms.
+    /// Upper end of the election timeout, and the leader lease. Default 2,000 ms.
     pub election_timeout_max_ms: u64,
     /// Time limit of one InstallSnapshot chunk RPC. Default 5,000 ms.
     pub install_snapshot_timeout_ms: u64,
@@ -89,9 +91,26 @@ impl RegistryConfig {
             max_in_snapshot_log_to_keep: self.logs_to_keep_after_snapshot,
             // Purge as soon as anything is purgeable: each purge rewrites only the kept tail.
             purge_batch_size: 1,
+            // Elections are called by `crate::elect`, which draws a fresh delay before each.
+            enable_elect: false,
             ..Default::default()
         };
         config.validate().map_err(|e| RegistryError::InvalidConfig(e.to_string()))
+    }
+
+    /// When a node stands for election ([`crate::elect`]): the lease voters keep for a leader
+    /// they heard (openraft's, `election_timeout_max_ms`), then a fresh random delay of up to
+    /// `election_timeout_max_ms - election_timeout_min_ms`; twice `election_timeout_max_ms` more
+    /// for a node that heard of a longer log than its own.
+    pub(crate) fn election_timing(&self) -> crate::elect::Timing {
+        crate::elect::Timing {
+            lease: Duration::from_millis(self.election_timeout_max_ms),
+            jitter: Duration::from_millis(
+                self.election_timeout_max_ms.saturating_sub(self.election_timeout_min_ms),
+            ),
+            // openraft's own figure for a node that saw a longer log (its `smaller_log_timeout`).
+            behind: Duration::from_millis(self.election_timeout_max_ms.saturating_mul(2)),
+        }
     }
 
     pub(crate) fn write_timeout(&self) -> Duration {

@@ -35,6 +35,7 @@
 //!   the format the directory holds, checked before anything in it is read;
 //! - `network`: the wire format of Raft RPCs and the openraft network over [`RaftTransport`];
 //! - `runtime`: tokio for openraft, with the election-timeout generator as a seedable seam;
+//!   `elect`: when a node stands for election (a fresh random delay before each);
 //! - `registry`, `membership`: the public handle; `batch`: writes grouped one entry per round;
 //! - `config`, `error`: [`RegistryConfig`] and [`RegistryError`].
 
@@ -43,6 +44,7 @@ pub mod changes;
 pub mod command;
 pub mod config;
 pub mod disk;
+mod elect;
 pub mod error;
 pub mod format;
 pub mod log_store;

@@ -22,6 +22,7 @@ use openraft::RPCTypes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::elect::Heard;
 use crate::types::{Node, NodeId, Raft, TypeConfig};
 
 /// Version of the Raft RPC envelope. A message of another version is refused, not guessed at.
@@ -91,7 +92,9 @@ pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, proto::wire
 
 /// Decodes one request for node `me`, runs it on `raft` and encodes the reply. Never fails: a
 /// bad request, or one for another node, gets a `Refused` reply.
-pub(crate) async fn serve(raft: &Raft, me: NodeId, payload: &[u8]) -> Vec<u8> {
+/// Serves one Raft RPC. An AppendEntries or snapshot accepted from a leader, and a vote granted,
+/// mark `heard`: this node's election timer ([`crate::elect`]) starts over.
+pub(crate) async fn serve(raft: &Raft, me: NodeId, heard: &Heard, payload: &[u8]) -> Vec<u8> {
     let request = decode::<Addressed>(payload).map_err(|e| e.to_string()).and_then(|a| {
         if a.to == me {
             Ok(a.rpc)
@@ -101,11 +104,26 @@ pub(crate) async fn serve(raft: &Raft, me: NodeId, payload: &[u8]) -> Vec<u8> {
     });
     let reply = match request {
         Ok(RaftRpc::AppendEntries(req)) => {
-            RaftRpcReply::AppendEntries(raft.append_entries(req).await)
+            let reply = raft.append_entries(req).await;
+            if matches!(&reply, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+                heard.mark();
+            }
+            RaftRpcReply::AppendEntries(reply)
         }
-        Ok(RaftRpc::Vote(req)) => RaftRpcReply::Vote(raft.vote(req).await),
+        Ok(RaftRpc::Vote(req)) => {
+            let reply = raft.vote(req).await;
+            if matches!(&reply, Ok(r) if r.vote_granted) {
+                heard.mark();
+            }
+            RaftRpcReply::Vote(reply)
+        }
         Ok(RaftRpc::InstallSnapshot(req)) => {
-            RaftRpcReply::InstallSnapshot(raft.install_snapshot(req).await)
+            let vote = req.vote;
+            let reply = raft.install_snapshot(req).await;
+            if matches!(&reply, Ok(r) if r.vote == vote) {
+                heard.mark();
+            }
+            RaftRpcReply::InstallSnapshot(reply)
         }
         Err(e) => {
             tracing::warn!(error = %e, "refusing raft rpc");
@@ -135,6 +153,8 @@ impl std::error::Error for RpcFailure {}
 pub struct NetworkFactory {
     pub(crate) my_id: NodeId,
     pub(crate) transport: Arc<dyn RaftTransport>,
+    /// This node's election timer's inputs: a vote reply with a longer log marks it behind.
+    pub(crate) heard: Arc<Heard>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -146,6 +166,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
             target,
             node: node.clone(),
             transport: self.transport.clone(),
+            heard: self.heard.clone(),
         }
     }
 }
@@ -156,6 +177,7 @@ pub struct PeerClient {
     target: NodeId,
     node: Node,
     transport: Arc<dyn RaftTransport>,
+    heard: Arc<Heard>,
 }
 
 type RpcResult<T, E> = Result<T, RPCError<NodeId, Node, E>>;
@@ -236,8 +258,14 @@ impl RaftNetwork<TypeConfig> for PeerClient {
         rpc: VoteRequest<NodeId>,
         option: RPCOption,
     ) -> RpcResult<VoteResponse<NodeId>, RaftError<NodeId>> {
+        let asked = rpc.last_log_id;
         match self.call(RaftRpc::Vote(rpc), RPCTypes::Vote, &option).await? {
-            RaftRpcReply::Vote(r) => r.map_err(|e| self.remote(e)),
+            RaftRpcReply::Vote(r) => {
+                if matches!(&r, Ok(reply) if reply.last_log_id > asked) {
+                    self.heard.saw_longer_log();
+                }
+                r.map_err(|e| self.remote(e))
+            }
             _ => Err(self.mismatched()),
         }
     }

@@ -65,6 +65,10 @@ pub struct Registry {
     /// The node whose join holds `membership_lock`, and how to cancel it (`remove_node` does).
     pub(crate) joining: std::sync::Mutex<Option<(u64, Arc<tokio::sync::Notify>)>>,
     pub(crate) config: RegistryConfig,
+    /// When this node last heard a leader; its election timer ([`crate::elect`]) reads it.
+    heard: Arc<crate::elect::Heard>,
+    /// The election timer's task, stopped by [`Registry::shutdown`].
+    elect_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 /// Runs `fut` with a time limit, reporting `op` on expiry.
@@ -101,9 +105,16 @@ impl Registry {
         let log = LogStore::open_on(fs.clone(), dir)?;
         let (sm, state_rx) = StateMachineStore::open_on(fs, dir)?;
         let changes = sm.changes();
-        let network = NetworkFactory { my_id: node_id, transport };
+        let heard = crate::elect::Heard::now();
+        let network = NetworkFactory { my_id: node_id, transport, heard: heard.clone() };
         let raft = Raft::new(node_id, raft_config, network, log, sm).await?;
         let writes = crate::batch::start(raft.clone(), config.write_timeout());
+        let elect_task = tokio::spawn(crate::elect::run(
+            raft.clone(),
+            node_id,
+            config.election_timing(),
+            heard.clone(),
+        ));
         Ok(Registry {
             id: node_id,
             raft,
@@ -113,6 +124,8 @@ impl Registry {
             membership_lock: tokio::sync::Mutex::new(()),
             joining: std::sync::Mutex::new(None),
             config,
+            heard,
+            elect_task: std::sync::Mutex::new(Some(elect_task)),
         })
     }
 
@@ -274,7 +287,7 @@ impl Registry {
     /// Answers one Raft RPC received from a peer (bytes produced by this crate's network layer
     /// on the sending node). Never fails: a malformed request gets a refusal reply.
     pub async fn handle_rpc(&self, payload: &[u8]) -> Vec<u8> {
-        network::serve(&self.raft, self.id(), payload).await
+        network::serve(&self.raft, self.id(), &self.heard, payload).await
     }
 
     /// Waits until Raft has stopped for good on this node (a storage error is fatal to openraft,
@@ -294,6 +307,11 @@ impl Registry {
 
     /// Stops Raft. Pending operations fail with `Shutdown`.
     pub async fn shutdown(&self) -> Result<(), RegistryError> {
+        let elect_task = self.elect_task.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(task) = elect_task {
+            task.abort();
+            let _ = task.await;
+        }
         self.raft.shutdown().await.map_err(|e| RegistryError::Raft(format!("shutdown: {e}")))
     }
 }

@@ -375,3 +375,35 @@ async fn concurrent_writes_share_log_entries() -> anyhow::Result<()> {
     })
     .await
 }
+
+#[tokio::test(flavor = "current_thread", start_paused = true)]
+async fn two_voters_restarted_in_one_instant_elect_a_leader() -> anyhow::Result<()> {
+    // Goal: the two surviving voters of three, restarted in the same instant (their timers in
+    // step), elect a leader within a few election rounds, whatever the election-timeout draws.
+    // A timeout drawn once per process, checked on a shared tick, let such a pair stand as
+    // candidates together after every failed round and split the vote forever.
+    for seed in 0..8 {
+        raft_registry::runtime::seed_thread_rng(seed);
+        let mut c = three_nodes().await?;
+        c.write(add_tenant("before")).await??;
+        let old = c.leader(&[]).await?;
+        c.stop(old).await?;
+        let survivors: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != old).collect();
+        for &id in &survivors {
+            c.stop(id).await?;
+        }
+        for &id in &survivors {
+            c.start(id).await?;
+        }
+        let restarted = tokio::time::Instant::now();
+        let new = c.leader(&[]).await?;
+        let waited = restarted.elapsed();
+        assert!(survivors.contains(&new), "seed {seed}: node {new} leads");
+        assert!(
+            waited < std::time::Duration::from_secs(10),
+            "seed {seed}: a leader after {waited:?}"
+        );
+        assert!(c.read().await?.tenant("before").is_some(), "seed {seed}");
+    }
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! When a node calls a registry election: our own timer in place of openraft's.
+//!
+//! openraft 0.9 draws a node's election timeout once, when the node starts, and checks it on a
+//! tick every 1.5 heartbeats. Two nodes that start together with timeouts that round to the same
+//! tick then stand as candidates in the same instant after every failed election, and under
+//! standard Raft (one vote per term) each votes for itself forever: the simulator found a cluster
+//! of two live voters with no leader for 90 s. This timer draws a fresh random delay before every
+//! election, the remedy the Raft paper gives for split votes.
+//!
+//! The rules (openraft's own elections are switched off, `enable_elect = false`):
+//! - a node waits [`Timing::lease`] plus a fresh random delay in `[0, jitter)` after it last heard
+//!   a leader (an AppendEntries or snapshot it accepted), granted a vote, or stood itself;
+//! - the wait is never shorter than the lease voters keep for a leader they heard, so a vote
+//!   asked for is not refused for a lease that has not run out;
+//! - a node that asked for votes and heard of a longer log than its own waits
+//!   [`Timing::behind`] more before it stands again (openraft's own rule, which its timer kept
+//!   and this one keeps): a voter with the longer log refuses it, and while it stood its term
+//!   went up in step with the nodes that could win, whose candidacies then found the voters
+//!   already spent on it in that term, round after round;
+//! - a leader and a non-voter never stand; the sole voter of a cluster stands at once;
+//! - a timer that fires more than [`SCHEDULE_GAP_MAX`] late means the process was frozen
+//!   (SIGSTOP, a VM pause): it counts as having just heard the leader, so a node that wakes from
+//!   a pause does not depose a healthy leader before it has listened for one.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::{AsyncRuntime, ServerState};
+use rand::Rng;
+use tokio::time::Instant;
+
+use crate::runtime::RegistryRuntime;
+use crate::types::{NodeId, Raft};
+
+/// A timer that fires later than this slept through a freeze, not through a silent leader.
+pub const SCHEDULE_GAP_MAX: Duration = Duration::from_millis(500);
+
+/// How long the sole voter of a cluster waits between elections it stands in.
+const SOLE_VOTER_RETRY: Duration = Duration::from_millis(100);
+
+/// The election timing, from [`crate::RegistryConfig`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    /// What voters keep for a leader they heard (openraft's leader lease, its
+    /// `election_timeout_max`).
+    pub(crate) lease: Duration,
+    /// The random part of each wait is drawn from `[0, jitter)`.
+    pub(crate) jitter: Duration,
+    /// The extra wait of a node that heard of a longer log than its own.
+    pub(crate) behind: Duration,
+}
+
+/// What the timer listens for: the last time this node heard a leader, granted a vote, or
+/// stood; and whether a voter it asked since it last stood holds a longer log.
+#[derive(Debug)]
+pub(crate) struct Heard {
+    at: Mutex<Instant>,
+    behind: AtomicBool,
+}
+
+impl Heard {
+    pub(crate) fn now() -> Arc<Heard> {
+        Arc::new(Heard { at: Mutex::new(Instant::now()), behind: AtomicBool::new(false) })
+    }
+
+    pub(crate) fn mark(&self) {
+        *self.at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    /// A voter answered this node's vote request with a longer log than the request's.
+    pub(crate) fn saw_longer_log(&self) {
+        self.behind.store(true, Ordering::Relaxed);
+    }
+
+    fn at(&self) -> Instant {
+        *self.at.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn behind(&self) -> bool {
+        self.behind.load(Ordering::Relaxed)
+    }
+}
+
+/// Runs the election timer of node `me` until its Raft stops.
+pub(crate) async fn run(raft: Raft, me: NodeId, timing: Timing, heard: Arc<Heard>) {
+    loop {
+        let (leading, voter, sole_voter) = {
+            let metrics = raft.metrics();
+            let m = metrics.borrow();
+            if m.running_state.is_err() {
+                return;
+            }
+            let membership = m.membership_config.membership();
+            let voters: Vec<NodeId> = membership.voter_ids().collect();
+            (m.state == ServerState::Leader, voters.contains(&me), voters == [me])
+        };
+        if leading || !voter {
+            heard.mark();
+            tokio::time::sleep(timing.lease).await;
+            continue;
+        }
+        if sole_voter {
+            if raft.trigger().elect().await.is_err() {
+                return;
+            }
+            tokio::time::sleep(SOLE_VOTER_RETRY).await;
+            continue;
+        }
+        let jitter = timing.jitter.as_millis() as u64;
+        let drawn = if jitter == 0 {
+            0
+        } else {
+            <RegistryRuntime as AsyncRuntime>::thread_rng().gen_range(0..jitter)
+        };
+        let wait = |heard: &Heard| {
+            let extra = if heard.behind() { timing.behind } else { Duration::ZERO };
+            timing.lease + Duration::from_millis(drawn) + extra
+        };
+        let deadline = heard.at() + wait(&heard);
+        tokio::time::sleep_until(deadline).await;
+        let now = Instant::now();
+        if now.saturating_duration_since(deadline) > SCHEDULE_GAP_MAX {
+            tracing::info!(
+                late_ms = now.saturating_duration_since(deadline).as_millis() as u64,
+                "election timer woke late (the process was frozen); listening for a leader first"
+            );
+            heard.mark();
+            continue;
+        }
+        if heard.at() + wait(&heard) > now {
+            continue; // heard a leader, granted a vote, or learnt it is behind, while asleep
+        }
+        heard.mark();
+        heard.behind.store(false, Ordering::Relaxed);
+        if raft.trigger().elect().await.is_err() {
+            return;
+        }
+    }
+}
