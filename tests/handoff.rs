@@ -10,8 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{
-    admin, free_udp_port, get, http, node_counts, pending_handoffs, settle, start_node, wait_for,
-    DevCluster,
+    admin, free_udp_port, get, http, node_counts, pending_handoffs, settle, start_node, DevCluster,
 };
 
 const TENANTS: usize = 300;
@@ -240,19 +239,13 @@ fn a_file_larger_than_a_chunk_moves_whole() {
     settle(&cluster, "drain");
     let counts = node_counts(&cluster);
     assert_eq!(counts[&1], ("draining".to_string(), 0), "{counts:?}");
-    // The new owner's first read loads the tenant from disk; on a loaded machine a debug build
-    // may take longer than the gateway's forwarding timeout, answered 503 with Retry-After, and
-    // a client retries as told. What must hold is that the moved document is then served whole.
-    let (got, _) = wait_for(Duration::from_secs(30), "get of the moved document", || {
-        let r = http().get(format!("{base}/get?p=big")).bearer_auth(&key).send().unwrap();
-        let status = r.status().as_u16();
-        let body = r.bytes().unwrap();
-        if status == 503 {
-            return None;
-        }
-        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body[..body.len().min(300)]));
-        Some(body)
-    });
+    // The new owner's first read loads the tenant from disk, which on a loaded machine may take
+    // longer than the gateway waits for one frame: the node reports progress meanwhile, so the
+    // first try is answered whole, never 503.
+    let r = http().get(format!("{base}/get?p=big")).bearer_auth(&key).send().unwrap();
+    let status = r.status().as_u16();
+    let got = r.bytes().unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&got[..got.len().min(300)]));
     let first_diff = got.iter().zip(&expected).position(|(a, b)| a != b);
     assert!(
         got[..] == expected[..],

@@ -13,10 +13,14 @@ use tokio_util::sync::CancellationToken;
 use crate::view::ViewHandle;
 
 /// How long a node may take at each step of a forwarded request before the client gets 503: to
-/// open the stream, to take each MiB of the request, and to answer once it has the request
-/// (plus `transport::ANSWER_WAIT_PER_MIB` for each MiB it carries), then between frames of a
-/// streamed answer. Well under the 2 s within which a dead node's tenants must be told, so a
-/// hang never reaches the client; per step, so a large write or read is never cut for its size
+/// open the stream, to take each MiB of the request, and to send each frame of its answer once
+/// it has the request (plus `transport::ANSWER_WAIT_PER_MIB` for each MiB the request carries),
+/// then between frames of a streamed answer. A node still working on an answer (loading,
+/// sizing or writing out a large document before its head) sends a progress frame every
+/// 500 ms (`transport::ServerLimits::progress_interval`), so its answer may take as long as
+/// that work does (up to `transport::ANSWER_HEAD_WAIT_MAX`) while a hung node is still told
+/// within this. Well under the 2 s within which a dead node's tenants must be told, so a hang
+/// never reaches the client; per step, so a large write or read is never cut for its size
 /// while the node keeps up.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_millis(1500);
 

@@ -27,6 +27,12 @@ pub const REQUEST_PIECE_BYTES: usize = 1 << 20;
 /// being cut for its size, while a hung node still fails a small request in the bare timeout.
 pub const ANSWER_WAIT_PER_MIB: Duration = Duration::from_secs(1);
 
+/// The longest [`Client::call_answer`] waits for an answer's head while its peer keeps sending
+/// progress frames (each within the call's timeout): 60 s, twice the server's default
+/// [`crate::ServerLimits::handler_timeout`], so an honest peer gives up on its own work first and
+/// only a peer that reports progress forever is cut here.
+pub const ANSWER_HEAD_WAIT_MAX: Duration = Duration::from_secs(60);
+
 /// [`ANSWER_WAIT_PER_MIB`] for a request of `len` bytes, in proportion to its size: a small
 /// request gets next to nothing, a 1 MB one almost a second.
 fn answer_wait(len: usize) -> Duration {
@@ -167,9 +173,13 @@ impl Client {
     /// `timeout` bounds each step rather than the whole, so a large request is never cut for
     /// its size while its peer keeps up: the connection and stream must open within it; the
     /// request is sent [`REQUEST_PIECE_BYTES`] at a time, each piece taken within it (a stalled
-    /// or dead peer stops taking them); and the answer's head must come within it after the
-    /// request is sent, plus [`ANSWER_WAIT_PER_MIB`] per MiB the request carries, since the
-    /// peer checks and stores every byte before it answers.
+    /// or dead peer stops taking them); and the answer's first frame must come within it after
+    /// the request is sent, plus [`ANSWER_WAIT_PER_MIB`] per MiB the request carries, since the
+    /// peer checks and stores every byte before it answers. That first frame may be a progress
+    /// frame (the peer's handler is still at work, e.g. loading or sizing a large document):
+    /// then the next must come within the same wait, and the head within
+    /// [`ANSWER_HEAD_WAIT_MAX`] in all. So a peer that works is waited for however long its
+    /// answer takes to start, and a hung one still fails within the timeout.
     pub async fn call_answer(
         &self,
         addr: SocketAddr,
@@ -218,11 +228,19 @@ impl Client {
         // Only fails if the stream is already finished or reset; the read below reports why.
         let _ = send.finish();
         let wait = timeout + answer_wait(request_len);
-        let head = tokio::time::timeout(wait, frame::read_head_frame(&mut recv))
-            .await
-            .map_err(|_| timed_out("call"))?
-            .map_err(interpret)?;
-        Ok((head, BodyReader { recv: Some(recv) }))
+        let deadline = tokio::time::Instant::now() + ANSWER_HEAD_WAIT_MAX;
+        loop {
+            let frame = tokio::time::timeout(wait, frame::read_head_frame(&mut recv))
+                .await
+                .map_err(|_| timed_out("call"))?
+                .map_err(interpret)?;
+            if let frame::BeforeHead::Head(head) = frame {
+                return Ok((head, BodyReader { recv: Some(recv) }));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(timed_out("answer head"));
+            }
+        }
     }
 
     /// Takes the connection to `addr` out of the pool without closing it.
@@ -371,7 +389,8 @@ fn is_idle_and_closed(slot: &PeerSlot) -> bool {
     slot.try_lock().is_ok_and(|c| c.as_ref().is_none_or(|c| c.close_reason().is_some()))
 }
 
-/// One request on one stream: write the frame, finish, read the reply frame.
+/// One request on one stream: write the frame, finish, read the reply frame (after any progress
+/// frames; the caller's timeout bounds the whole).
 async fn exchange(
     (mut send, mut recv): (quinn::SendStream, quinn::RecvStream),
     request: Bytes,
@@ -384,7 +403,7 @@ async fn exchange(
     frame::write_frame(&mut send, request).await.map_err(interpret)?;
     // Only fails if the stream is already finished or reset; the read below reports why.
     let _ = send.finish();
-    frame::read_frame(&mut recv).await.map_err(interpret)
+    frame::read_answer_frame(&mut recv).await.map_err(interpret)
 }
 
 #[cfg(test)]

@@ -1,8 +1,12 @@
 //! The wire frame: `[b"SQC"][PROTOCOL_VERSION: u8][len: u32 big-endian][payload: len bytes]`.
 //!
 //! One frame travels each way on a stream, except that an answer may be streamed: its header
-//! frame, then body frames, each at most [`FRAME_BYTES_MAX`], up to the stream's end. The payload is opaque here; [`encode`] and
-//! [`decode`] are the bincode helpers the crates above use to fill it.
+//! frame, then body frames, each at most [`FRAME_BYTES_MAX`], up to the stream's end. Before an
+//! answer's first frame the server may send progress frames (`[b"SQP"][PROTOCOL_VERSION][0: u32]`,
+//! [`PROGRESS`], no payload) while its handler is still working (every [`crate::ServerLimits::progress_interval`]), so a caller can
+//! tell a peer at work on a large answer from a hung one without guessing how long the work
+//! takes; callers skip them. The payload is opaque here; [`encode`] and [`decode`] are the
+//! bincode helpers the crates above use to fill it.
 
 use bytes::{Bytes, BytesMut};
 use quinn::{RecvStream, SendStream};
@@ -15,11 +19,20 @@ pub const MAGIC: [u8; 3] = *b"SQC";
 
 /// The frame version. A peer sending another version is refused with
 /// [`TransportError::VersionMismatch`]. Bump it together with [`crate::ALPN`] whenever the
-/// frame layout or the meaning of any payload type changes incompatibly.
-pub const PROTOCOL_VERSION: u8 = 1;
+/// frame layout or the meaning of any payload type changes incompatibly. Version 2: progress
+/// frames ([`PROGRESS`]) may come before an answer, which a version 1 caller would refuse.
+pub const PROTOCOL_VERSION: u8 = 2;
 
 /// Bytes before the payload: magic, version, length.
 pub const HEADER_BYTES: usize = MAGIC.len() + 1 + 4;
+
+/// The first bytes of a progress frame, in place of [`MAGIC`].
+pub const PROGRESS_MAGIC: [u8; 3] = *b"SQP";
+
+/// A progress frame, all of it: a header with [`PROGRESS_MAGIC`], this version and no payload.
+/// No frame of an answer can be taken for it, since every other frame starts with [`MAGIC`].
+pub const PROGRESS: [u8; HEADER_BYTES] =
+    [PROGRESS_MAGIC[0], PROGRESS_MAGIC[1], PROGRESS_MAGIC[2], PROTOCOL_VERSION, 0, 0, 0, 0];
 
 /// The largest payload either side accepts: one message, `proto::wire::MESSAGE_BYTES_MAX`
 /// (64 MiB), which says why. Anything larger must be split by the caller.
@@ -76,49 +89,65 @@ pub fn parse_header(header: &[u8; HEADER_BYTES]) -> Result<usize> {
 /// Stream resets come back as [`TransportError::Reset`] for the caller to interpret; this
 /// layer knows no codes.
 pub(crate) async fn read_frame(recv: &mut RecvStream) -> Result<Bytes> {
-    let mut header = [0u8; HEADER_BYTES];
-    recv.read_exact(&mut header).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(n) => TransportError::Malformed {
-            reason: format!("stream ended after {n} of {HEADER_BYTES} header bytes"),
-        },
-        quinn::ReadExactError::ReadError(e) => error::from_read(e),
+    let header = read_header(recv).await?.ok_or_else(|| TransportError::Malformed {
+        reason: format!("stream ended after 0 of {HEADER_BYTES} header bytes"),
     })?;
-    let len = parse_header(&header)?;
-    let mut payload = BytesMut::with_capacity(len.min(READ_CHUNK_BYTES));
-    while payload.len() < len {
-        let want = (len - payload.len()).min(READ_CHUNK_BYTES);
-        match recv.read_chunk(want, true).await.map_err(error::from_read)? {
-            Some(chunk) => payload.extend_from_slice(&chunk.bytes),
-            None => {
-                return Err(TransportError::Malformed {
-                    reason: format!("stream ended after {} of {len} payload bytes", payload.len()),
-                })
-            }
-        }
-    }
-    match recv.read_chunk(1, true).await.map_err(error::from_read)? {
-        None => Ok(payload.freeze()),
-        Some(_) => {
-            Err(TransportError::Malformed { reason: format!("bytes after the {len}-byte frame") })
-        }
-    }
+    let payload = read_payload(recv, parse_header(&header)?).await?;
+    read_end(recv, payload).await
 }
 
 /// Reads one frame of a streamed answer's body, or `None` where the stream ends cleanly
 /// between frames. Each frame is bounded by [`FRAME_BYTES_MAX`] like any other.
 pub(crate) async fn read_body_frame(recv: &mut RecvStream) -> Result<Option<Bytes>> {
+    match read_header(recv).await? {
+        None => Ok(None),
+        Some(header) => Ok(Some(read_payload(recv, parse_header(&header)?).await?)),
+    }
+}
+
+/// What comes before an answer's head: progress, or the head itself.
+pub(crate) enum BeforeHead {
+    Progress,
+    Head(Bytes),
+}
+
+/// Reads the next frame before an answer's head: a progress frame, or the head. The stream
+/// stays open for [`read_body_frame`].
+pub(crate) async fn read_head_frame(recv: &mut RecvStream) -> Result<BeforeHead> {
+    let header = read_header(recv).await?.ok_or_else(|| TransportError::Malformed {
+        reason: "stream ended before the answer".into(),
+    })?;
+    if header == PROGRESS {
+        return Ok(BeforeHead::Progress);
+    }
+    Ok(BeforeHead::Head(read_payload(recv, parse_header(&header)?).await?))
+}
+
+/// Reads a whole answer as [`read_frame`] does, after any progress frames.
+pub(crate) async fn read_answer_frame(recv: &mut RecvStream) -> Result<Bytes> {
+    loop {
+        if let BeforeHead::Head(answer) = read_head_frame(recv).await? {
+            return read_end(recv, answer).await;
+        }
+    }
+}
+
+/// A frame's header, or `None` where the stream ends cleanly before one.
+async fn read_header(recv: &mut RecvStream) -> Result<Option<[u8; HEADER_BYTES]>> {
     let mut header = [0u8; HEADER_BYTES];
     match recv.read_exact(&mut header).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(quinn::ReadExactError::FinishedEarly(n)) => {
-            return Err(TransportError::Malformed {
-                reason: format!("stream ended after {n} of {HEADER_BYTES} header bytes"),
-            })
-        }
-        Err(quinn::ReadExactError::ReadError(e)) => return Err(error::from_read(e)),
+        Ok(()) => Ok(Some(header)),
+        Err(quinn::ReadExactError::FinishedEarly(0)) => Ok(None),
+        Err(quinn::ReadExactError::FinishedEarly(n)) => Err(TransportError::Malformed {
+            reason: format!("stream ended after {n} of {HEADER_BYTES} header bytes"),
+        }),
+        Err(quinn::ReadExactError::ReadError(e)) => Err(error::from_read(e)),
     }
-    let len = parse_header(&header)?;
+}
+
+/// A payload of `len` bytes (already checked against the limit), in a buffer that grows with
+/// the bytes that arrive.
+async fn read_payload(recv: &mut RecvStream, len: usize) -> Result<Bytes> {
     let mut payload = BytesMut::with_capacity(len.min(READ_CHUNK_BYTES));
     while payload.len() < len {
         let want = (len - payload.len()).min(READ_CHUNK_BYTES);
@@ -131,15 +160,22 @@ pub(crate) async fn read_body_frame(recv: &mut RecvStream) -> Result<Option<Byte
             }
         }
     }
-    Ok(Some(payload.freeze()))
+    Ok(payload.freeze())
 }
 
-/// Reads the header frame of an answer whose body may follow: like [`read_frame`], but the
-/// stream stays open for [`read_body_frame`].
-pub(crate) async fn read_head_frame(recv: &mut RecvStream) -> Result<Bytes> {
-    read_body_frame(recv).await?.ok_or_else(|| TransportError::Malformed {
-        reason: "stream ended before the answer".into(),
-    })
+/// `frame`, once the stream's end follows it.
+async fn read_end(recv: &mut RecvStream, frame: Bytes) -> Result<Bytes> {
+    match recv.read_chunk(1, true).await.map_err(error::from_read)? {
+        None => Ok(frame),
+        Some(_) => Err(TransportError::Malformed {
+            reason: format!("bytes after the {}-byte frame", frame.len()),
+        }),
+    }
+}
+
+/// Writes a progress frame.
+pub(crate) async fn write_progress(send: &mut SendStream) -> Result<()> {
+    send.write_all(&PROGRESS).await.map_err(error::from_write)
 }
 
 /// Writes one frame (header, then the payload without copying it).

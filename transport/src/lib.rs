@@ -38,7 +38,8 @@ mod tls;
 pub use caller::{AnswerCallFuture, CallFuture, Caller};
 pub use certs::{Identity, Role};
 pub use client::{
-    BodyReader, Client, ClientLimits, ClientStats, ANSWER_WAIT_PER_MIB, REQUEST_PIECE_BYTES,
+    BodyReader, Client, ClientLimits, ClientStats, ANSWER_HEAD_WAIT_MAX, ANSWER_WAIT_PER_MIB,
+    REQUEST_PIECE_BYTES,
 };
 pub use error::{Result, TransportError};
 pub use frame::{decode, encode, FRAME_BYTES_MAX, PROTOCOL_VERSION};
@@ -48,8 +49,9 @@ pub use server::{
 };
 
 /// The ALPN protocol both ends offer. A peer built for another protocol version offers another
-/// string, so the TLS handshake fails before any frame is exchanged.
-pub const ALPN: &[u8] = b"sq-cloud/1";
+/// string, so the TLS handshake fails before any frame is exchanged. It follows
+/// [`PROTOCOL_VERSION`].
+pub const ALPN: &[u8] = b"sq-cloud/2";
 
 /// The DNS name every certificate carries and every client verifies, whatever the peer's IP.
 /// Nodes move between addresses; trust comes from the cluster CA, not from the address.

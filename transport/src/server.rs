@@ -38,8 +38,14 @@ pub struct ServerLimits {
     /// frame needs on the mesh, so only a stalled peer hits it.
     pub request_read_timeout: Duration,
     /// The handler must answer within this. Default 30 s: above the slowest legitimate work
-    /// (a write that waits for group commit, a handoff chunk); the caller gave up long before.
+    /// (a write that waits for group commit, a handoff chunk, loading or sizing a document of
+    /// hundreds of MB); a caller that hears no progress gave up long before.
     pub handler_timeout: Duration,
+    /// While the handler works, a progress frame goes to the caller this often (see
+    /// [`crate::frame`]), so a caller that waits a short time for each frame keeps waiting for
+    /// a peer at work and not for a hung one. Default 500 ms: a third of the shortest wait a
+    /// caller gives a frame (the gateway's 1.5 s), leaving room for a busy machine's delays.
+    pub progress_interval: Duration,
     /// The response must be written and acknowledged within this. Default 10 s, as for reads.
     pub response_write_timeout: Duration,
     /// On shutdown, in-flight requests get this long to finish before they are cut. Default 5 s.
@@ -55,6 +61,7 @@ impl Default for ServerLimits {
             handshake_timeout: Duration::from_secs(10),
             request_read_timeout: Duration::from_secs(10),
             handler_timeout: Duration::from_secs(30),
+            progress_interval: Duration::from_millis(500),
             response_write_timeout: Duration::from_secs(10),
             shutdown_drain_timeout: Duration::from_secs(5),
         }
@@ -284,23 +291,44 @@ impl StreamTask {
             Ok(Err(e)) => return refuse(&mut send, &mut recv, &e, self.peer),
             Err(_) => return abort(&mut send, &mut recv, codes::STREAM_READ_TIMEOUT),
         };
-        let response = match tokio::time::timeout(
-            self.limits.handler_timeout,
-            self.handler.handle_answer(self.peer, request),
-        )
-        .await
-        {
-            Ok(response) => response,
-            Err(_) => {
-                warn!(peer = ?self.peer, "handler timed out");
-                return abort(&mut send, &mut recv, codes::STREAM_HANDLER_TIMEOUT);
-            }
+        let Some(response) = self.answer(&mut send, request).await else {
+            warn!(peer = ?self.peer, "handler timed out");
+            return abort(&mut send, &mut recv, codes::STREAM_HANDLER_TIMEOUT);
         };
         let written = respond(&mut send, response, self.limits.response_write_timeout).await;
         match written {
             Ok(Ok(())) => {}
             Ok(Err(e)) => debug!(peer = ?self.peer, "response not delivered: {e}"),
             Err(_) => abort(&mut send, &mut recv, VarInt::from_u32(0)),
+        }
+    }
+
+    /// The handler's answer, or `None` past the handler timeout. Until it comes, a progress
+    /// frame goes out every [`ServerLimits::progress_interval`]; once one cannot be written
+    /// (the caller left) no more are tried, and the handler still runs to its end as it would
+    /// without them, so whatever it holds is released the same way.
+    async fn answer(&self, send: &mut SendStream, request: Bytes) -> Option<Answer> {
+        let handling = self.handler.handle_answer(self.peer, request);
+        tokio::pin!(handling);
+        let deadline = tokio::time::sleep(self.limits.handler_timeout);
+        tokio::pin!(deadline);
+        let every = self.limits.progress_interval;
+        let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reporting = true;
+        loop {
+            tokio::select! {
+                answer = &mut handling => return Some(answer),
+                () = &mut deadline => return None,
+                _ = ticks.tick(), if reporting => {
+                    let write = frame::write_progress(send);
+                    let written = tokio::time::timeout(self.limits.response_write_timeout, write);
+                    if !matches!(written.await, Ok(Ok(()))) {
+                        debug!(peer = ?self.peer, "progress not delivered; the caller left");
+                        reporting = false;
+                    }
+                }
+            }
         }
     }
 }

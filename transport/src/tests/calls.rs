@@ -312,3 +312,67 @@ async fn streamed_answer_arrives_frame_by_frame() {
     })
     .await;
 }
+
+/// A server whose handler answers only when released, reporting progress every `every`.
+fn start_gated(
+    cluster: &Cluster,
+    every: Duration,
+) -> (Running, mpsc::Receiver<()>, oneshot::Sender<()>) {
+    let (arrived_tx, arrived) = mpsc::channel(1);
+    let (release, release_rx) = oneshot::channel();
+    let gate = Gate { arrived: arrived_tx, release: Mutex::new(Some(release_rx)) };
+    let limits = ServerLimits { progress_interval: every, ..ServerLimits::default() };
+    let server = start_at(&cluster.identity(Role::Node(1)), localhost(), limits, Arc::new(gate))
+        .expect("start server");
+    (server, arrived, release)
+}
+
+#[tokio::test]
+async fn a_peer_at_work_is_waited_for_past_the_timeout() {
+    // Goal: while a handler works, its progress frames keep a caller waiting however long the
+    // work takes (here four times the call's timeout), and the answer then arrives whole, for
+    // a streamed call and a whole one alike; without progress frames the same wait fails
+    // within the timeout, as for a hung peer.
+    bounded(async {
+        let cluster = Cluster::new();
+        let timeout = Duration::from_millis(300);
+        let (server, mut arrived, release) = start_gated(&cluster, Duration::from_millis(50));
+        let client = cluster.client();
+        let addr = server.addr;
+        let mut call = tokio::spawn({
+            let client = client.clone();
+            async move { client.call_answer(addr, Bytes::from_static(b"big"), timeout).await }
+        });
+        arrived.recv().await.expect("request arrived");
+        let waited = tokio::time::timeout(timeout * 4, &mut call).await;
+        assert!(waited.is_err(), "the call ended while its peer was still at work");
+        release.send(()).expect("handler waiting");
+        let (head, mut body) = call.await.expect("call task").expect("the answer after the work");
+        assert_eq!(head, Bytes::from_static(b"big"));
+        assert_eq!(body.next(timeout).await.expect("end"), None);
+        server.stop().await;
+
+        let (server, mut arrived, release) = start_gated(&cluster, Duration::from_millis(50));
+        let addr = server.addr;
+        let call = tokio::spawn({
+            let client = client.clone();
+            async move { client.call(addr, Bytes::from_static(b"whole"), CALL_TIMEOUT).await }
+        });
+        arrived.recv().await.expect("request arrived");
+        tokio::time::sleep(Duration::from_millis(200)).await; // work of four progress intervals
+        release.send(()).expect("handler waiting");
+        assert_eq!(call.await.expect("call task").expect("call"), Bytes::from_static(b"whole"));
+        server.stop().await;
+
+        let (server, mut arrived, release) = start_gated(&cluster, Duration::from_secs(60));
+        let started = Instant::now();
+        let call = client.call_answer(server.addr, Bytes::from_static(b"x"), timeout);
+        let (err, _) = tokio::join!(call, arrived.recv());
+        let err = err.map(|_| ()).expect_err("no progress, no head");
+        assert!(matches!(err, TransportError::Timeout { .. }), "{err:?}");
+        assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+        drop(release);
+        server.stop().await;
+    })
+    .await;
+}

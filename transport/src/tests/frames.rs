@@ -17,7 +17,8 @@ fn check(header: [u8; HEADER_BYTES], expected: std::result::Result<usize, &str>)
 
 #[test]
 fn headers_are_checked_for_magic_version_and_length() {
-    // Goal: the header parser accepts exactly this version's frames up to the size limit.
+    // Goal: the header parser accepts exactly this version's frames up to the size limit; a
+    // progress frame is never taken for a frame that carries a payload (a request, an answer).
     let max = FRAME_BYTES_MAX as u32;
     check(raw_header(PROTOCOL_VERSION, 0), Ok(0));
     check(raw_header(PROTOCOL_VERSION, 5), Ok(5));
@@ -29,6 +30,7 @@ fn headers_are_checked_for_magic_version_and_length() {
     let mut bad_magic = raw_header(PROTOCOL_VERSION, 5);
     bad_magic[0] = b'X';
     check(bad_magic, Err("Malformed"));
+    check(crate::frame::PROGRESS, Err("Malformed"));
     assert_eq!(
         &raw_header(PROTOCOL_VERSION, 0x0102_0304)[..],
         &[MAGIC[0], MAGIC[1], MAGIC[2], PROTOCOL_VERSION, 1, 2, 3, 4]
