@@ -43,9 +43,9 @@ fn summary(text: &str) -> String {
     }
 }
 
-/// `checksum`: xxh3-128 of the canonical bytes.
+/// `checksum`: xxh3-128 of the canonical bytes, hashed as they are made, never built whole.
 pub fn doc_checksum(doc: &Doc) -> String {
-    checksum(&doc.to_canonical())
+    doc.checksum()
 }
 
 /// `delta`: a phext of every scroll whose checksum differs from the manifest or that the manifest

@@ -87,10 +87,10 @@ impl Store {
         Ok(HandoffFile { path: rel.to_string(), len, checksum })
     }
 
-    /// The length and xxh3-128 checksum (as [`proto::doc::checksum`] writes it) of a file,
+    /// The length and xxh3-128 checksum ([`proto::doc::checksum`]) of a file,
     /// read in [`FILE_READ_CHUNK_BYTES`] ranges.
     fn file_checksum(&self, path: &Path) -> Result<(u64, String), StoreError> {
-        let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+        let mut hasher = proto::doc::Checksum::new();
         let mut len = 0u64;
         loop {
             let part = self
@@ -100,7 +100,7 @@ impl Store {
             hasher.update(&part);
             len += part.len() as u64;
             if part.len() < FILE_READ_CHUNK_BYTES {
-                return Ok((len, format!("{:032x}", hasher.digest128())));
+                return Ok((len, hasher.finish()));
             }
         }
     }
