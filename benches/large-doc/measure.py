@@ -121,12 +121,16 @@ paths = {
     "query": f"/api/v2/query?p=big&from={coord(1)}&to={coord(a.scrolls)}",
     "json-export": "/api/v2/json-export?p=big",
 }
-# `checksum` hashes the whole document on the node before it answers (not streamed), so on a
-# busy machine the first tries may pass the gateway's forward timeout (503): tried again.
+# `checksum` hashes the whole document on the node before it answers; its node's peak RSS
+# growth is reported like a read's. A 503 (older builds: the node's work outlasted the gateway's
+# wait for its answer) is reported and tried again.
 for attempt in range(5):
+    open(f"/proc/{node_pid}/clear_refs", "w").write("5")
+    before = kib(node_pid, "VmRSS:")
     t0 = time.time()
     status, checksum = call("GET", "/api/v2/checksum?p=big", key)
-    print(f"checksum: {status} in {time.time() - t0:.2f} s")
+    growth = (kib(node_pid, "VmHWM:") - before) / 1024
+    print(f"checksum: {status} in {time.time() - t0:.2f} s; peak RSS growth node {growth:.1f} MiB")
     if status == 200:
         break
     time.sleep(2)
