@@ -25,6 +25,7 @@ use tokio::sync::{Notify, OwnedRwLockReadGuard, OwnedRwLockWriteGuard, RwLock, S
 use tokio_util::sync::CancellationToken;
 
 use crate::service::{Service, PEER_CALL_TIMEOUT};
+use crate::store::StoreError;
 
 /// Shards of the serving gate; a handoff waits only for requests in its tenant's shard.
 const GATE_SHARDS: usize = 64;
@@ -38,6 +39,65 @@ const RETRY_PAUSE: Duration = Duration::from_millis(500);
 
 /// How often the old owner looks for copies it may delete.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Why a pull or a sweep failed. Each failure is logged and the work is tried again later, so
+/// nothing here reaches a client; the variants say which side and which step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffError {
+    /// The registry names a node address that does not parse.
+    #[error("bad address {addr}: {source}")]
+    Address { addr: String, source: std::net::AddrParseError },
+    /// The registry does not know the old owner.
+    #[error("node {0} is unknown")]
+    UnknownNode(u64),
+    /// A request could not be encoded or an answer decoded.
+    #[error(transparent)]
+    Wire(#[from] proto::wire::WireError),
+    /// The old owner could not be reached, or its answer stopped.
+    #[error(transparent)]
+    Transport(#[from] transport::TransportError),
+    /// The old owner refused (the epoch not applied yet, no pending handoff, a read failed).
+    #[error("{0}")]
+    Refused(ApiError),
+    /// The old owner answered something other than what was asked for.
+    #[error("old owner answered {0:?}")]
+    Unexpected(Box<NodeResponse>),
+    /// The old owner's manifest is refused before anything is pulled.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// A file came shorter than its manifest or announced stream said.
+    #[error("{0} ended early on the old owner")]
+    EndedEarly(String),
+    /// A streamed file went on past the length its head announced.
+    #[error("{0} came longer than announced")]
+    LongerThanAnnounced(String),
+    /// A piece of a file came longer than the part asked for.
+    #[error("{0} came in a piece longer than asked")]
+    PieceTooLong(String),
+    /// The handoff was cancelled or replaced while its copy was staged; the copy was dropped.
+    #[error("handoff of {tenant} in epoch {epoch} is no longer pending here; copy dropped")]
+    NoLongerPending { tenant: String, epoch: u64 },
+    /// Committing `HandoffDone` through the registry leader failed.
+    #[error("{0}")]
+    Commit(ApiError),
+    /// The local store failed to stage, swap, list or delete a copy.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The store's blocking task panicked or was cancelled.
+    #[error(transparent)]
+    Blocking(#[from] tokio::task::JoinError),
+}
+
+/// Why an old owner's manifest is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("manifest names {0:?}, not a tenant file")]
+    NotTenantFile(String),
+    #[error("manifest names {0:?} twice")]
+    ListedTwice(String),
+    #[error("manifest lengths add up past 2^64 bytes")]
+    TooLong,
+}
 
 /// Handoff settings, in `[handoff]` of node.toml.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -248,22 +308,29 @@ pub async fn read_answer(
     }
 }
 
-async fn call(svc: &Service, addr: &str, request: NodeRequest) -> Result<NodeResponse, String> {
-    let addr = addr.parse().map_err(|e| format!("bad address {addr}: {e}"))?;
-    let bytes = proto::wire::encode(&request).map_err(|e| e.to_string())?;
-    let answer =
-        svc.peers.call(addr, bytes.into(), PEER_CALL_TIMEOUT).await.map_err(|e| e.to_string())?;
-    proto::wire::decode(&answer).map_err(|e| e.to_string())
+fn parse_addr(addr: &str) -> Result<std::net::SocketAddr, HandoffError> {
+    addr.parse().map_err(|source| HandoffError::Address { addr: addr.to_string(), source })
+}
+
+async fn call(
+    svc: &Service,
+    addr: &str,
+    request: NodeRequest,
+) -> Result<NodeResponse, HandoffError> {
+    let addr = parse_addr(addr)?;
+    let bytes = proto::wire::encode(&request)?;
+    let answer = svc.peers.call(addr, bytes.into(), PEER_CALL_TIMEOUT).await?;
+    Ok(proto::wire::decode(&answer)?)
 }
 
 /// Commits a registry command from this node, through the leader if this node is a follower
 /// (the one way to do so, [`crate::admin::commit`]).
-pub async fn commit(svc: &Service, command: Command) -> Result<(), String> {
-    crate::admin::commit(svc, command).await.map_err(|e| e.to_string())
+pub async fn commit(svc: &Service, command: Command) -> Result<(), HandoffError> {
+    crate::admin::commit(svc, command).await.map_err(HandoffError::Commit)
 }
 
 /// New owner: copies one tenant from its old owner and commits the handoff.
-async fn pull(svc: &Service, h: &Handoff) -> Result<(), String> {
+async fn pull(svc: &Service, h: &Handoff) -> Result<(), HandoffError> {
     // A copy received in this handoff's epoch is already here (an earlier attempt swapped it in,
     // then its commit failed or this node restarted): it may hold writes newer than the old
     // owner's copy, so it is kept and only the commit is repeated.
@@ -273,8 +340,7 @@ async fn pull(svc: &Service, h: &Handoff) -> Result<(), String> {
             .await;
     }
     let state = svc.registry.state();
-    let from =
-        state.node(h.from).ok_or_else(|| format!("node {} is unknown", h.from))?.addr.clone();
+    let from = state.node(h.from).ok_or(HandoffError::UnknownNode(h.from))?.addr.clone();
     let files = match call(
         svc,
         &from,
@@ -282,8 +348,8 @@ async fn pull(svc: &Service, h: &Handoff) -> Result<(), String> {
     )
     .await?
     {
-        NodeResponse::HandoffManifest(r) => r.map_err(|e| e.to_string())?,
-        other => return Err(format!("old owner answered {other:?}")),
+        NodeResponse::HandoffManifest(r) => r.map_err(HandoffError::Refused)?,
+        other => return Err(HandoffError::Unexpected(Box::new(other))),
     };
     let bytes_total = check_manifest(&files)?;
     if let Some(p) = svc.handoffs.progress().get_mut(&h.tenant) {
@@ -307,17 +373,14 @@ async fn pull(svc: &Service, h: &Handoff) -> Result<(), String> {
 /// and may hold acknowledged writes newer than the old owner's copy: swapping that copy in would
 /// lose them. Requests check the pending handoff under the same gate, so none can slip between
 /// this check and the swap.
-async fn swap_in(svc: &Service, h: &Handoff) -> Result<(), String> {
+async fn swap_in(svc: &Service, h: &Handoff) -> Result<(), HandoffError> {
     let (t, epoch) = (h.tenant.clone(), h.epoch);
     on_store(svc, move |s| s.stage_received_epoch(&t, epoch)).await?;
     let _no_requests = svc.handoffs.exclusive(&h.tenant).await;
     let t = h.tenant.clone();
     if svc.registry.state().handoff(&h.tenant) != Some(h) {
         on_store(svc, move |s| s.stage_abort(&t)).await?;
-        return Err(format!(
-            "handoff of {} in epoch {} is no longer pending here; copy dropped",
-            h.tenant, h.epoch
-        ));
+        return Err(HandoffError::NoLongerPending { tenant: h.tenant.clone(), epoch: h.epoch });
     }
     on_store(svc, move |s| s.stage_commit(&t)).await?;
     // The roll-up arrived with the data; one kept from an earlier stay here is stale.
@@ -325,33 +388,28 @@ async fn swap_in(svc: &Service, h: &Handoff) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs `f` on the store where blocking work belongs; errors as text.
+/// Runs `f` on the store where blocking work belongs.
 async fn on_store<R: Send + 'static>(
     svc: &Service,
-    f: impl FnOnce(&crate::store::Store) -> Result<R, crate::store::StoreError> + Send + 'static,
-) -> Result<R, String> {
+    f: impl FnOnce(&crate::store::Store) -> Result<R, StoreError> + Send + 'static,
+) -> Result<R, HandoffError> {
     let store = svc.store.clone();
-    crate::blocking::spawn(move || f(&store))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+    Ok(crate::blocking::spawn(move || f(&store)).await??)
 }
 
 /// Checks a manifest from an old owner before anything is pulled: every path a file of a
 /// tenant's directory, none twice, and a total length that fits a u64. Returns that total.
-pub fn check_manifest(files: &[HandoffFile]) -> Result<u64, String> {
+pub fn check_manifest(files: &[HandoffFile]) -> Result<u64, ManifestError> {
     let mut seen = std::collections::HashSet::with_capacity(files.len());
     let mut total = 0u64;
     for f in files {
         if !crate::store::is_tenant_file_path(&f.path) {
-            return Err(format!("manifest names {:?}, not a tenant file", f.path));
+            return Err(ManifestError::NotTenantFile(f.path.clone()));
         }
         if !seen.insert(f.path.as_str()) {
-            return Err(format!("manifest names {:?} twice", f.path));
+            return Err(ManifestError::ListedTwice(f.path.clone()));
         }
-        total = total
-            .checked_add(f.len)
-            .ok_or_else(|| "manifest lengths add up past 2^64 bytes".to_string())?;
+        total = total.checked_add(f.len).ok_or(ManifestError::TooLong)?;
     }
     Ok(total)
 }
@@ -360,9 +418,13 @@ pub fn check_manifest(files: &[HandoffFile]) -> Result<u64, String> {
 /// at once: an old owner that streams sends it on one stream, one that answers whole sends a
 /// chunk and is asked again for the rest. One frame or chunk is in memory at a time, whatever
 /// length the old owner claims, and each is paced by the bandwidth limit before it is staged.
-async fn fetch(svc: &Service, from: &str, tenant: &str, file: &HandoffFile) -> Result<(), String> {
-    let addr: std::net::SocketAddr =
-        from.parse().map_err(|e| format!("bad address {from}: {e}"))?;
+async fn fetch(
+    svc: &Service,
+    from: &str,
+    tenant: &str,
+    file: &HandoffFile,
+) -> Result<(), HandoffError> {
+    let addr = parse_addr(from)?;
     let mut offset = 0u64;
     while offset < file.len {
         let want = file.len - offset;
@@ -372,15 +434,11 @@ async fn fetch(svc: &Service, from: &str, tenant: &str, file: &HandoffFile) -> R
             offset,
             len: want,
         };
-        let bytes = proto::wire::encode(&request).map_err(|e| e.to_string())?;
-        let (head, mut body) = svc
-            .peers
-            .call_answer(addr, bytes.into(), PEER_CALL_TIMEOUT)
-            .await
-            .map_err(|e| e.to_string())?;
-        match proto::wire::decode(&head).map_err(|e| e.to_string())? {
+        let bytes = proto::wire::encode(&request)?;
+        let (head, mut body) = svc.peers.call_answer(addr, bytes.into(), PEER_CALL_TIMEOUT).await?;
+        match proto::wire::decode(&head)? {
             NodeResponse::HandoffChunk(r) => {
-                let part = r.map_err(|e| e.to_string())?.0;
+                let part = r.map_err(HandoffError::Refused)?.0;
                 offset += stage_part(svc, tenant, file, offset, want, part).await?;
             }
             NodeResponse::HandoffStreamed { len } if len > 0 && len <= want => {
@@ -388,17 +446,16 @@ async fn fetch(svc: &Service, from: &str, tenant: &str, file: &HandoffFile) -> R
                 while offset < end {
                     let part = body
                         .next(PEER_CALL_TIMEOUT)
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .ok_or_else(|| format!("{} ended early on the old owner", file.path))?;
+                        .await?
+                        .ok_or_else(|| HandoffError::EndedEarly(file.path.clone()))?;
                     offset +=
                         stage_part(svc, tenant, file, offset, end - offset, part.into()).await?;
                 }
-                if body.next(PEER_CALL_TIMEOUT).await.map_err(|e| e.to_string())?.is_some() {
-                    return Err(format!("{} came longer than announced", file.path));
+                if body.next(PEER_CALL_TIMEOUT).await?.is_some() {
+                    return Err(HandoffError::LongerThanAnnounced(file.path.clone()));
                 }
             }
-            other => return Err(format!("old owner answered {other:?}")),
+            other => return Err(HandoffError::Unexpected(Box::new(other))),
         }
     }
     Ok(())
@@ -413,13 +470,13 @@ async fn stage_part(
     offset: u64,
     want: u64,
     part: Vec<u8>,
-) -> Result<u64, String> {
+) -> Result<u64, HandoffError> {
     if part.is_empty() {
-        return Err(format!("{} ended early on the old owner", file.path));
+        return Err(HandoffError::EndedEarly(file.path.clone()));
     }
     let got = part.len() as u64;
     if got > want {
-        return Err(format!("{} came in a piece longer than asked", file.path));
+        return Err(HandoffError::PieceTooLong(file.path.clone()));
     }
     svc.handoffs.pace(got, svc.mono_ms()).await;
     let (t, f) = (tenant.to_string(), file.clone());
@@ -515,7 +572,7 @@ async fn pull_until_done(
                 if let Some(p) = svc.handoffs.progress().get_mut(&h.tenant) {
                     p.attempts += 1;
                     p.bytes_done = 0;
-                    p.last_error = Some(e);
+                    p.last_error = Some(e.to_string());
                 }
             }
         }
@@ -547,7 +604,7 @@ pub async fn run_sweeper(svc: Arc<Service>, shutdown: CancellationToken) {
     }
 }
 
-async fn sweep(svc: &Service) -> Result<(), String> {
+async fn sweep(svc: &Service) -> Result<(), HandoffError> {
     let (held, local) = on_store(svc, |s| Ok((s.held_tenants()?, s.local_tenants()?))).await?;
     let state = svc.registry.state();
     let now = tokio::time::Instant::now();
@@ -601,7 +658,7 @@ async fn sweep(svc: &Service) -> Result<(), String> {
 /// The tenant's gate is held meanwhile, so a request that passed its checks before the purge
 /// was applied finishes first, and a pull's swap (under the same gate) either came before or
 /// finds its handoff gone; every later request finds no tenant.
-async fn purge(svc: &Service, tenant: &str) -> Result<(), String> {
+async fn purge(svc: &Service, tenant: &str) -> Result<(), HandoffError> {
     let _closed = svc.handoffs.exclusive(tenant).await;
     let t = tenant.to_string();
     on_store(svc, move |s| s.remove_every_copy(&t)).await?;

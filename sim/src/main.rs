@@ -37,7 +37,42 @@ fn usage() -> ExitCode {
     ExitCode::from(2)
 }
 
-fn parse() -> Result<Args, String> {
+/// Why the command line was refused; printed before the usage.
+#[derive(Debug)]
+enum ArgsError {
+    /// A flag that takes a value came last.
+    MissingValue(&'static str),
+    /// A flag's value is not a whole number.
+    NotANumber {
+        flag: &'static str,
+        source: std::num::ParseIntError,
+    },
+    Unknown(String),
+    /// Neither `--seeds N` nor `--seed S`.
+    NothingToRun,
+}
+
+impl std::fmt::Display for ArgsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ArgsError::MissingValue(flag) => write!(f, "{flag} needs a value"),
+            ArgsError::NotANumber { flag, source } => write!(f, "{flag}: {source}"),
+            ArgsError::Unknown(other) => write!(f, "unknown argument {other}"),
+            ArgsError::NothingToRun => f.write_str("say --seeds N or --seed S"),
+        }
+    }
+}
+
+impl std::error::Error for ArgsError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            ArgsError::NotANumber { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
+
+fn parse() -> Result<Args, ArgsError> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut a = Args {
         seeds: 0,
@@ -49,8 +84,10 @@ fn parse() -> Result<Args, String> {
         options: Options::default(),
     };
     let mut it = std::env::args().skip(1);
-    let number = |v: Option<String>, flag: &str| -> Result<u64, String> {
-        v.ok_or(format!("{flag} needs a value"))?.parse::<u64>().map_err(|e| format!("{flag}: {e}"))
+    let number = |v: Option<String>, flag: &'static str| -> Result<u64, ArgsError> {
+        v.ok_or(ArgsError::MissingValue(flag))?
+            .parse::<u64>()
+            .map_err(|source| ArgsError::NotANumber { flag, source })
     };
     while let Some(flag) = it.next() {
         match flag.as_str() {
@@ -64,11 +101,11 @@ fn parse() -> Result<Args, String> {
             "--no-faults" => a.options.faults = false,
             "-v" => a.options.verbosity = Verbosity::Events,
             "-vv" => a.options.verbosity = Verbosity::Messages,
-            other => return Err(format!("unknown argument {other}")),
+            other => return Err(ArgsError::Unknown(other.to_string())),
         }
     }
     if a.one.is_none() && a.seeds == 0 {
-        return Err("say --seeds N or --seed S".into());
+        return Err(ArgsError::NothingToRun);
     }
     Ok(a)
 }
