@@ -1,5 +1,6 @@
 //! The admin API: tenants and nodes, checked against the admin key's hash, applied through the
-//! registry by whichever node answers.
+//! registry by whichever node answers. Nodes answer typed ([`AdminAnswer`]); the JSON the API
+//! answers is written here alone ([`render`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,14 +9,19 @@ use std::time::Duration;
 use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
+use proto::admin::AdminAnswer;
 use proto::cluster::{AdminOp, NodeRequest, NodeResponse};
 use proto::ApiError;
 use rand::RngCore;
 use serde::Deserialize;
+use serde_json::Value;
 
 use crate::api::{read_body, request_key};
 use crate::error::error_response;
 use crate::forward::fetch_update;
+
+mod render;
+pub use render::render;
 
 /// How many times the gateway fetches a node's view to see its own admin change.
 const SEE_INDEX_ATTEMPTS: usize = 5;
@@ -131,14 +137,7 @@ async fn admin(gw: &Arc<Gateway>, request: Request) -> Result<HttpAnswer, ApiErr
             new_key = Some(key);
             op
         }
-        (&Method::GET, ["tenants"]) => match tenants_page_op(&query)? {
-            Some(op) => {
-                let page = apply_op(gw, admin_hash, op).await?;
-                let (tenants, next_after) = split_page(&page)?;
-                return Ok((StatusCode::OK, tenants, next_after));
-            }
-            None => AdminOp::ListTenants,
-        },
+        (&Method::GET, ["tenants"]) => tenants_page_op(&query)?.unwrap_or(AdminOp::ListTenants),
         (&Method::GET, ["tenants", id]) => AdminOp::GetTenant { tenant_id: id.to_string() },
         (&Method::GET, ["tenants", id, "stats"]) => {
             AdminOp::TenantStats { tenant_id: id.to_string() }
@@ -173,17 +172,17 @@ async fn admin(gw: &Arc<Gateway>, request: Request) -> Result<HttpAnswer, ApiErr
         (&Method::DELETE, ["nodes", id]) => AdminOp::RemoveNode { id: parse_node_id(id)? },
         _ => return Err(ApiError::NotFound),
     };
-    let json = apply_op(gw, admin_hash, op).await?;
-    let json = match new_key {
-        Some(key) => with_api_key(&json, &key)?,
-        None => json,
-    };
+    let (mut json, next_after) = render(apply_op(gw, admin_hash, op).await?);
+    if let (Some(key), Some(obj)) = (new_key, json.as_object_mut()) {
+        // The freshly made key: the only time it is ever shown.
+        obj.insert("api_key".into(), Value::String(key));
+    }
     let status = if method == Method::POST && parts.as_slice() == ["tenants", "add"] {
         StatusCode::CREATED
     } else {
         StatusCode::OK
     };
-    Ok((status, json, None))
+    Ok((status, json.to_string(), next_after))
 }
 
 /// The header naming the cursor of the next page of tenants (`after=` of the next request);
@@ -235,24 +234,13 @@ fn tenants_page_op(query: &str) -> Result<Option<AdminOp>, ApiError> {
     }))
 }
 
-/// A node's page answer as the client sees it: the array of tenants, and the next cursor.
-fn split_page(page: &str) -> Result<(String, Option<String>), ApiError> {
-    let bad = |e: String| ApiError::Internal(format!("node answered a bad page: {e}"));
-    let mut value: serde_json::Value =
-        serde_json::from_str(page).map_err(|e| bad(e.to_string()))?;
-    let tenants = value.get_mut("tenants").map(serde_json::Value::take);
-    let tenants = tenants.filter(|t| t.is_array()).ok_or_else(|| bad("no tenants".into()))?;
-    let next = value.get("next_after").and_then(|n| n.as_str()).map(str::to_string);
-    Ok((tenants.to_string(), next))
-}
-
 /// The HTTP-free core of an admin request: sends `op` to the first node that answers and, for a
 /// change, waits (bounded) until this gateway's view shows it. The simulator enters here.
 pub async fn apply_op(
     gw: &Arc<Gateway>,
     admin_hash: String,
     op: AdminOp,
-) -> Result<String, ApiError> {
+) -> Result<AdminAnswer, ApiError> {
     let mutates = !matches!(
         op,
         AdminOp::ListTenants
@@ -262,27 +250,17 @@ pub async fn apply_op(
             | AdminOp::Health
             | AdminOp::ListNodes
     );
-    let (json, addr, applied_index) = send_admin(gw, admin_hash, op, mutates).await?;
+    let (answer, addr, applied_index) = send_admin(gw, admin_hash, op, mutates).await?;
     if mutates {
         // The answering node has applied the change; take its view so this gateway's next
         // request already sees it (a rotated key is refused here at once).
         see_index(gw, addr, applied_index).await;
     }
-    Ok(json)
+    Ok(answer)
 }
 
 fn parse_node_id(raw: &str) -> Result<u64, ApiError> {
     raw.parse().map_err(|_| ApiError::bad_request(format!("invalid node id {raw:?}")))
-}
-
-/// Adds the freshly made key to the node's answer: the only time the key is ever shown.
-fn with_api_key(json: &str, key: &str) -> Result<String, ApiError> {
-    let mut value: serde_json::Value = serde_json::from_str(json)
-        .map_err(|e| ApiError::Internal(format!("node answered bad JSON: {e}")))?;
-    if let Some(obj) = value.as_object_mut() {
-        obj.insert("api_key".into(), serde_json::Value::String(key.to_string()));
-    }
-    Ok(value.to_string())
 }
 
 /// Takes the view from `addr` until this gateway has seen registry index `index`, within a bound.
@@ -325,7 +303,28 @@ fn admin_candidates(gw: &Gateway) -> Vec<SocketAddr> {
     addrs
 }
 
-type AdminAnswer = (String, SocketAddr, u64);
+/// An admin answer, the node that gave it, and the registry index that node had applied.
+type Answered = (AdminAnswer, SocketAddr, u64);
+
+/// What one node's answer means for an admin request.
+enum Settled {
+    /// Done, either way: the answer, or a refusal that stands.
+    Done(Result<Answered, ApiError>),
+    /// Another node may answer; why this one did not, for the 503 if none does.
+    Elsewhere(Elsewhere),
+}
+
+/// Why one node's answer leaves an admin request to another node.
+#[derive(Debug, thiserror::Error)]
+enum Elsewhere {
+    #[error("node at {addr} is behind (index {applied_index} < {min_index}): {error}")]
+    Behind { addr: SocketAddr, applied_index: u64, min_index: u64, error: ApiError },
+    /// That node cannot reach the registry leader (partitioned, lagging, no leader yet).
+    #[error("{0}")]
+    NoLeader(ApiError),
+    #[error("node at {addr}: {error}")]
+    Unreachable { addr: SocketAddr, error: crate::forward::CallError },
+}
 
 /// What one node's answer means for the request: done (either way), or try again elsewhere.
 /// A node whose registry is behind `min_index` (this gateway's view when the request came; a
@@ -334,20 +333,23 @@ fn settle(
     addr: SocketAddr,
     answer: Result<NodeResponse, crate::forward::CallError>,
     min_index: u64,
-) -> Result<Result<AdminAnswer, ApiError>, String> {
+) -> Settled {
     match answer {
-        Ok(NodeResponse::Admin { result: Err(e), applied_index }) if applied_index < min_index => {
-            Err(format!("node at {addr} is behind (index {applied_index} < {min_index}): {e}"))
+        Ok(NodeResponse::Admin { result: Err(error), applied_index })
+            if applied_index < min_index =>
+        {
+            Settled::Elsewhere(Elsewhere::Behind { addr, applied_index, min_index, error })
         }
-        // That node cannot reach the registry leader (partitioned, lagging, no leader yet).
         Ok(NodeResponse::Admin { result: Err(e @ ApiError::Unavailable { .. }), .. }) => {
-            Err(e.to_string())
+            Settled::Elsewhere(Elsewhere::NoLeader(e))
         }
         Ok(NodeResponse::Admin { result, applied_index }) => {
-            Ok(result.map(|json| (json, addr, applied_index)))
+            Settled::Done(result.map(|answer| (answer, addr, applied_index)))
         }
-        Ok(other) => Ok(Err(ApiError::Internal(format!("unexpected answer: {other:?}")))),
-        Err(e) => Err(format!("node at {addr}: {e}")),
+        Ok(other) => {
+            Settled::Done(Err(ApiError::Internal(format!("unexpected answer: {other:?}"))))
+        }
+        Err(error) => Settled::Elsewhere(Elsewhere::Unreachable { addr, error }),
     }
 }
 
@@ -363,7 +365,7 @@ async fn send_admin(
     admin_key_hash: String,
     op: AdminOp,
     mutates: bool,
-) -> Result<AdminAnswer, ApiError> {
+) -> Result<Answered, ApiError> {
     let request = NodeRequest::Admin { admin_key_hash, op };
     let min_index = gw.views.current().view.applied_index;
     let deadline = tokio::time::Instant::now() + ADMIN_DEADLINE;
@@ -381,7 +383,7 @@ async fn send_admin(
             .collect();
         let mut last = String::from("no node known");
         // An answer from a node behind this gateway's view, kept in case no node is current.
-        let mut behind: Option<AdminAnswer> = None;
+        let mut behind: Option<Answered> = None;
         loop {
             let next = tokio::select! {
                 n = futures::StreamExt::next(&mut asks) => n,
@@ -391,13 +393,13 @@ async fn send_admin(
                 return behind.ok_or_else(|| unavailable(last));
             };
             match settle(addr, answer, min_index) {
-                Ok(Ok(done)) if done.2 < min_index => {
+                Settled::Done(Ok(done)) if done.2 < min_index => {
                     if behind.as_ref().is_none_or(|b| b.2 < done.2) {
                         behind = Some(done);
                     }
                 }
-                Ok(done) => return done,
-                Err(why) => last = why,
+                Settled::Done(done) => return done,
+                Settled::Elsewhere(why) => last = why.to_string(),
             }
         }
     }
@@ -438,9 +440,9 @@ async fn send_admin(
             }
         };
         match outcome {
-            Some(Ok(done)) => return done,
-            Some(Err(why)) => {
-                last = why;
+            Some(Settled::Done(done)) => return done,
+            Some(Settled::Elsewhere(why)) => {
+                last = why.to_string();
                 // No leader there yet: wait for the view to name one (or a short pause).
                 tokio::select! {
                     _ = changes.changed() => {}

@@ -1,8 +1,10 @@
 //! Admin operations on a node: checked against the admin key hash, written through the registry
-//! leader (forwarded when this node is a follower), answered as JSON.
+//! leader (forwarded when this node is a follower), answered typed ([`AdminAnswer`]); the gateway
+//! renders the JSON.
 
 use std::time::Duration;
 
+use proto::admin::{AdminAnswer, TenantInfo, TenantStatus};
 use proto::cluster::{
     AdminOp, NodeRequest, NodeResponse, NodeView, RegistryView, TenantView, MIB, TENANTS_PAGE_MAX,
 };
@@ -11,7 +13,6 @@ use raft_registry::{
     Command, RegistryError, RegistryState, TenantRecord, Tier, ADMIN_EMAIL_LEN_MAX,
     NODE_ADDR_LEN_MAX,
 };
-use serde_json::json;
 
 use crate::gossip::Health;
 use crate::service::{Service, PEER_CALL_TIMEOUT};
@@ -24,17 +25,17 @@ const APPLY_WAIT: Duration = Duration::from_secs(2);
 /// handshake, well under an operator's patience. Nothing is recorded before it answers.
 const JOIN_PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
-/// Runs one admin operation. Returns the JSON answer and the registry index applied here.
+/// Runs one admin operation. Returns the answer and the registry index applied here.
 pub async fn execute(
     svc: &Service,
     admin_key_hash: &str,
     op: AdminOp,
-) -> (Result<String, ApiError>, u64) {
+) -> (Result<AdminAnswer, ApiError>, u64) {
     let result = run(svc, admin_key_hash, op).await;
     (result, svc.registry.subscribe().borrow().0)
 }
 
-async fn run(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<String, ApiError> {
+async fn run(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<AdminAnswer, ApiError> {
     let state = svc.registry.state();
     if state.admin_key_hash() != Some(admin_key_hash) {
         return Err(ApiError::Unauthorized);
@@ -48,18 +49,20 @@ async fn run(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<String,
                     state.tenant_count()
                 )));
             }
-            Ok(json!(state.tenants().map(tenant_json).collect::<Vec<_>>()).to_string())
+            Ok(AdminAnswer::Tenants(state.tenants().map(tenant_info).collect()))
         }
         AdminOp::ListTenantsPage { limit, after, tier: t, status, node } => {
             let filter = PageFilter::new(limit, tier(t.as_deref())?, status.as_deref(), node)?;
-            Ok(tenants_page(&state, after.as_deref(), &filter).to_string())
+            Ok(tenants_page(&state, after.as_deref(), &filter))
         }
-        AdminOp::GetTenant { tenant_id } => Ok(tenant_json(known(&state, &tenant_id)?).to_string()),
+        AdminOp::GetTenant { tenant_id } => {
+            Ok(AdminAnswer::Tenant(tenant_info(known(&state, &tenant_id)?)))
+        }
         AdminOp::TenantStats { tenant_id } => {
-            crate::stats::tenant_stats(svc, &state, &tenant_id).await
+            Ok(AdminAnswer::TenantStats(crate::stats::tenant_stats(svc, &state, &tenant_id).await?))
         }
-        AdminOp::Health => Ok(crate::stats::health(svc, &state).to_string()),
-        AdminOp::ListNodes => Ok(crate::stats::nodes(svc, &state).to_string()),
+        AdminOp::Health => Ok(AdminAnswer::Health(Box::new(crate::stats::health(svc, &state)))),
+        AdminOp::ListNodes => Ok(AdminAnswer::Nodes(crate::stats::nodes(svc, &state))),
         AdminOp::AddNode { id, addr } => {
             membership(svc, admin_key_hash, AdminOp::AddNode { id, addr }).await
         }
@@ -74,7 +77,7 @@ async fn run(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<String,
                 known(&state, &tenant_id)?;
             }
             commit(svc, Command::PurgeTenant { id: tenant_id.clone() }).await?;
-            Ok(json!({ "tenant_id": tenant_id, "status": "purged" }).to_string())
+            Ok(AdminAnswer::Purged { tenant_id })
         }
         write @ (AdminOp::AddTenant { .. }
         | AdminOp::PatchTenant { .. }
@@ -84,20 +87,21 @@ async fn run(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<String,
             let id = command_tenant(&command);
             commit(svc, command).await?;
             let state = svc.registry.state();
-            Ok(tenant_json(known(&state, &id)?).to_string())
+            Ok(AdminAnswer::Tenant(tenant_info(known(&state, &id)?)))
         }
     }
 }
 
 /// The most tenants listed in one answer without paging: the whole list of a large registry
-/// would not fit one message (about 170 B of JSON per tenant against 64 MiB).
+/// would not fit one message (about 170 B of JSON per tenant, and of the same order on the wire,
+/// against 64 MiB).
 const TENANTS_UNPAGED_MAX: u64 = 10_000;
 
 /// Which tenants a page lists, checked.
 struct PageFilter {
     limit: usize,
     tier: Option<Tier>,
-    status: Option<&'static str>,
+    status: Option<TenantStatus>,
     node: Option<u64>,
 }
 
@@ -113,7 +117,7 @@ impl PageFilter {
         }
         let status = status
             .map(|s| {
-                ["active", "disabled", "archived"].into_iter().find(|k| *k == s).ok_or_else(|| {
+                TenantStatus::parse(s).ok_or_else(|| {
                     ApiError::bad_request(format!(
                         "unknown status {s:?}: use active, disabled or archived"
                     ))
@@ -130,27 +134,22 @@ impl PageFilter {
     }
 }
 
-/// One page: `{"tenants": [...], "next_after": id or null}`, `next_after` naming the cursor of
-/// the next page when more tenants may follow.
-fn tenants_page(
-    state: &RegistryState,
-    after: Option<&str>,
-    filter: &PageFilter,
-) -> serde_json::Value {
+/// One page, `next_after` naming the cursor of the next page when more tenants may follow.
+fn tenants_page(state: &RegistryState, after: Option<&str>, filter: &PageFilter) -> AdminAnswer {
     let mut matching = state.tenants_after(after).filter(|t| filter.admits(state, t));
     let page: Vec<&TenantRecord> = matching.by_ref().take(filter.limit).collect();
     let more = matching.next().is_some();
     let next_after = page.last().filter(|_| more).map(|t| t.id.clone());
-    json!({ "tenants": page.into_iter().map(tenant_json).collect::<Vec<_>>(), "next_after": next_after })
+    AdminAnswer::TenantsPage { tenants: page.into_iter().map(tenant_info).collect(), next_after }
 }
 
-fn status_of(t: &TenantRecord) -> &'static str {
+fn status_of(t: &TenantRecord) -> TenantStatus {
     if t.archived {
-        "archived"
+        TenantStatus::Archived
     } else if t.enabled {
-        "active"
+        TenantStatus::Active
     } else {
-        "disabled"
+        TenantStatus::Disabled
     }
 }
 
@@ -289,12 +288,15 @@ pub(crate) async fn wait_applied(svc: &Service, index: u64) {
 }
 
 /// A command forwarded by another node (mutually authenticated): commit it here, on the leader.
-pub async fn commit_forwarded(svc: &Service, command: &[u8]) -> (Result<String, ApiError>, u64) {
+pub async fn commit_forwarded(
+    svc: &Service,
+    command: &[u8],
+) -> (Result<AdminAnswer, ApiError>, u64) {
     let result = async {
         let command: Command =
             proto::wire::decode(command).map_err(|e| ApiError::bad_request(e.to_string()))?;
         svc.registry.write(command).await.map_err(registry_error)?;
-        Ok("{}".to_string())
+        Ok(AdminAnswer::Committed)
     }
     .await;
     (result, svc.registry.subscribe().borrow().0)
@@ -343,7 +345,11 @@ async fn probe_joining_node(
 }
 
 /// Membership changes run on the leader, one at a time.
-async fn membership(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<String, ApiError> {
+async fn membership(
+    svc: &Service,
+    admin_key_hash: &str,
+    op: AdminOp,
+) -> Result<AdminAnswer, ApiError> {
     if let AdminOp::AddNode { id, addr } = &op {
         parse_node_addr(*id, addr)?;
     }
@@ -360,7 +366,7 @@ async fn membership(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<
             NodeRequest::Admin { admin_key_hash: admin_key_hash.to_string(), op },
         )
         .await?;
-        return Ok(crate::stats::nodes(svc, &svc.registry.state()).to_string());
+        return Ok(AdminAnswer::Nodes(crate::stats::nodes(svc, &svc.registry.state())));
     }
     match op {
         AdminOp::AddNode { id, addr } => {
@@ -377,7 +383,7 @@ async fn membership(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<
         AdminOp::RemoveNode { id } => svc.registry.remove_node(id).await.map_err(registry_error)?,
         other => return Err(ApiError::Internal(format!("{other:?} is not a membership change"))),
     };
-    Ok(crate::stats::nodes(svc, &svc.registry.state()).to_string())
+    Ok(AdminAnswer::Nodes(crate::stats::nodes(svc, &svc.registry.state())))
 }
 
 /// Registry errors as API errors: rejections are the caller's fault, the rest are ours.
@@ -395,18 +401,18 @@ pub fn registry_error(e: RegistryError) -> ApiError {
     }
 }
 
-pub fn tenant_json(t: &TenantRecord) -> serde_json::Value {
-    json!({
-        "tenant_id": t.id,
-        "tier": t.tier.as_str(),
-        "quota_mb": t.quota_bytes / MIB,
-        "quota_bytes": t.quota_bytes,
-        "daily_limit": t.daily_limit,
-        "status": status_of(t),
-        "created_at_ms": t.created_at_ms,
-        "admin_email": t.admin_email,
-        "key_hashes": t.key_hashes,
-    })
+/// A tenant's record as admin answers carry it.
+pub fn tenant_info(t: &TenantRecord) -> TenantInfo {
+    TenantInfo {
+        tenant_id: t.id.clone(),
+        tier: t.tier,
+        quota_bytes: t.quota_bytes,
+        daily_limit: t.daily_limit,
+        status: status_of(t),
+        created_at_ms: t.created_at_ms,
+        admin_email: t.admin_email.clone(),
+        key_hashes: t.key_hashes.clone(),
+    }
 }
 
 /// The registry as gateways see it.
@@ -494,11 +500,12 @@ mod tests {
         let mut after: Option<String> = None;
         let mut pages = Vec::new();
         loop {
-            let page = tenants_page(state, after.as_deref(), &filter);
-            let ids = page["tenants"].as_array().expect("array").iter();
-            let ids =
-                ids.map(|t| t["tenant_id"].as_str().unwrap_or_default().to_string()).collect();
-            let next = page["next_after"].as_str().map(str::to_string);
+            let AdminAnswer::TenantsPage { tenants, next_after: next } =
+                tenants_page(state, after.as_deref(), &filter)
+            else {
+                panic!("a page of tenants answers as one");
+            };
+            let ids = tenants.into_iter().map(|t| t.tenant_id).collect();
             pages.push((ids, next.clone()));
             match next {
                 Some(n) => after = Some(n),

@@ -127,16 +127,7 @@ impl Default for HandoffConfig {
 }
 
 /// Progress of one incoming tenant, for health pages.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct Progress {
-    pub from: u64,
-    pub epoch: u64,
-    pub files: usize,
-    pub bytes_total: u64,
-    pub bytes_done: u64,
-    pub attempts: u32,
-    pub last_error: Option<String>,
-}
+pub use proto::admin::HandoffProgress as Progress;
 
 /// Per-node handoff state: serving gates, incoming progress, copies awaiting deletion.
 pub struct Handoffs {
@@ -353,7 +344,7 @@ async fn pull(svc: &Service, h: &Handoff) -> Result<(), HandoffError> {
     };
     let bytes_total = check_manifest(&files)?;
     if let Some(p) = svc.handoffs.progress().get_mut(&h.tenant) {
-        p.files = files.len();
+        p.files = files.len() as u64;
         p.bytes_total = bytes_total;
     }
     let t = h.tenant.clone();

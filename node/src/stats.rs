@@ -1,13 +1,13 @@
 //! Admin reads that gather facts from several nodes: tenant stats, health, the node list.
 
+use proto::admin::{
+    HandoffsReport, HealthReport, NodeInfo, PendingHandoff, RaftReport, RaftRole, TenantStats,
+};
 use proto::cluster::{NodeRequest, NodeResponse, TenantUsage};
 use proto::ApiError;
 use raft_registry::RegistryState;
-use serde_json::json;
 
 use crate::service::{Service, PEER_CALL_TIMEOUT};
-
-const MIB: f64 = proto::cluster::MIB as f64;
 
 /// Usage of one tenant, asked of its owner (this node or a peer).
 async fn usage(
@@ -42,37 +42,34 @@ pub async fn tenant_stats(
     svc: &Service,
     state: &RegistryState,
     tenant: &str,
-) -> Result<String, ApiError> {
+) -> Result<TenantStats, ApiError> {
     let record = crate::admin::known(state, tenant)?;
-    let (node, u) = usage(svc, state, tenant).await?;
-    Ok(json!({
-        "tenant_id": record.id,
-        "tier": record.tier.as_str(),
-        "storage_used_mb": u.storage_bytes as f64 / MIB,
-        "storage_used_bytes": u.storage_bytes,
-        "quota_mb": record.quota_bytes / proto::cluster::MIB,
-        "api_calls_today": u.api_calls_today,
-        "bytes_out_today": u.bytes_out_today,
-        // RFC 3339 as in the seeds' stats, and the same instant in ms for scripts; null until
-        // the tenant's first request.
-        "last_active": u.last_active_ms.map(crate::clock::rfc3339_utc),
-        "last_active_ms": u.last_active_ms,
-        "node": node,
+    let (node, usage) = usage(svc, state, tenant).await?;
+    Ok(TenantStats {
+        tenant_id: record.id.clone(),
+        tier: record.tier,
+        quota_bytes: record.quota_bytes,
+        usage,
+        node,
     })
-    .to_string())
 }
 
 /// Pending handoffs (from the registry) and the ones this node is pulling now, with progress.
-pub fn handoffs(svc: &Service, state: &RegistryState) -> serde_json::Value {
-    let pending: Vec<_> = state
+pub fn handoffs(svc: &Service, state: &RegistryState) -> HandoffsReport {
+    let pending = state
         .handoffs()
-        .map(|h| json!({"tenant": h.tenant, "from": h.from, "to": h.to, "epoch": h.epoch}))
+        .map(|h| PendingHandoff {
+            tenant: h.tenant.clone(),
+            from: h.from,
+            to: h.to,
+            epoch: h.epoch,
+        })
         .collect();
-    let incoming = svc.handoffs.incoming.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    json!({ "pending": pending.len(), "pending_list": pending, "pulling_here": incoming })
+    let pulling_here = svc.handoffs.incoming.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    HandoffsReport { pending, pulling_here }
 }
 
-pub fn nodes(svc: &Service, state: &RegistryState) -> serde_json::Value {
+pub fn nodes(svc: &Service, state: &RegistryState) -> Vec<NodeInfo> {
     let mut counts = std::collections::HashMap::new();
     for t in state.tenants() {
         if let Some(o) = state.owner_of(&t.id) {
@@ -80,46 +77,48 @@ pub fn nodes(svc: &Service, state: &RegistryState) -> serde_json::Value {
         }
     }
     let status = svc.registry.status();
-    // The node's part in Raft as this node's membership config has it.
     let raft_role = |id: u64| {
         if status.voters.contains(&id) {
-            "voter"
+            RaftRole::Voter
         } else if status.learners.contains(&id) {
-            "learner"
+            RaftRole::Learner
         } else {
-            "none"
+            RaftRole::None
         }
     };
-    json!(state
+    let handoffs = |of: &dyn Fn(&raft_registry::Handoff) -> bool| {
+        state.handoffs().filter(|h| of(h)).count() as u64
+    };
+    state
         .nodes()
-        .map(|n| json!({
-            "id": n.id,
-            "addr": n.addr,
-            "state": n.state.as_str(),
-            "raft": raft_role(n.id),
-            "health": svc.health.of(n.id).as_str(),
-            "tenants": counts.get(&n.id).copied().unwrap_or(0),
-            "handoffs_in": state.handoffs().filter(|h| h.to == n.id).count(),
-            "handoffs_out": state.handoffs().filter(|h| h.from == n.id).count(),
-        }))
-        .collect::<Vec<_>>())
+        .map(|n| NodeInfo {
+            id: n.id,
+            addr: n.addr.clone(),
+            state: n.state,
+            raft: raft_role(n.id),
+            health: svc.health.of(n.id),
+            tenants: counts.get(&n.id).copied().unwrap_or(0),
+            handoffs_in: handoffs(&|h| h.to == n.id),
+            handoffs_out: handoffs(&|h| h.from == n.id),
+        })
+        .collect()
 }
 
-pub fn health(svc: &Service, state: &RegistryState) -> serde_json::Value {
+pub fn health(svc: &Service, state: &RegistryState) -> HealthReport {
     let status = svc.registry.status();
-    json!({
-        "node": svc.id,
-        "raft": {
-            "leader": status.leader,
-            "term": status.term,
-            "commit_index": status.last_applied_index,
-            "last_log_index": status.last_log_index,
-            "applied_index": svc.registry.subscribe().borrow().0,
+    HealthReport {
+        node: svc.id,
+        raft: RaftReport {
+            leader: status.leader,
+            term: status.term,
+            commit_index: status.last_applied_index,
+            last_log_index: status.last_log_index,
+            applied_index: svc.registry.subscribe().borrow().0,
         },
-        "placement_epoch": state.placement_epoch(),
-        "ring": state.active_nodes(),
-        "nodes": nodes(svc, state),
-        "gossip": svc.health.snapshot().into_iter().map(|(id, s)| json!({"id": id, "state": s.as_str()})).collect::<Vec<_>>(),
-        "handoffs": handoffs(svc, state),
-    })
+        placement_epoch: state.placement_epoch(),
+        ring: state.active_nodes(),
+        nodes: nodes(svc, state),
+        gossip: svc.health.snapshot(),
+        handoffs: handoffs(svc, state),
+    }
 }

@@ -5,6 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::admin::AdminAnswer;
 use crate::error::ApiError;
 use crate::request::{SqRequest, SqResponse};
 
@@ -323,10 +324,10 @@ pub enum NodeResponse {
         json: bool,
     },
     View(Option<RegistryView>),
-    /// An admin answer as JSON text, and the registry index the answering node has applied, so
-    /// the gateway can wait to see the change in its own view.
+    /// An admin answer, typed (the gateway renders it), and the registry index the answering
+    /// node has applied, so the gateway can wait to see the change in its own view.
     Admin {
-        result: Result<String, ApiError>,
+        result: Result<AdminAnswer, ApiError>,
         applied_index: u64,
     },
     Raft(#[serde(with = "serde_bytes")] Vec<u8>),

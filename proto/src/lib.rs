@@ -4,11 +4,13 @@
 //! ([`name`]), the canonical libphext serialisation and checksums ([`doc`]), the read operations
 //! ([`ops`], and [`streamed`] for answers made a piece at a time), the routes of `/api/v2`
 //! ([`route`]), the typed requests parsed from them ([`request`]), the errors they end in
-//! ([`error`]) and the versioned messages that cross the wire ([`wire`]).
+//! ([`error`]), the versioned messages that cross the wire ([`wire`]) and the typed answers to
+//! admin operations ([`admin`]), which only the gateway renders as JSON.
 //!
 //! It knows nothing of I/O: no files, sockets, clocks or async runtimes. The gateway parses with it
 //! and the node executes with it, so both agree on every request byte for byte.
 
+pub mod admin;
 pub mod auth;
 pub mod calendar;
 pub mod cluster;

@@ -8,7 +8,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// The version of the messages in this module. Bump on any change to their encoding.
 /// Version 4: `NodeResponse::HandoffStreamed` (a handoff file's head, its body in frames after
 /// it) joined `NodeResponse`; a version 3 peer cannot decode it, and must not be asked.
-pub const WIRE_VERSION: u16 = 4;
+/// Version 5: admin answers travel typed (`proto::admin::AdminAnswer` in `NodeResponse::Admin`)
+/// instead of as JSON text; the gateway renders the JSON.
+pub const WIRE_VERSION: u16 = 5;
 
 /// The largest message either side encodes or decodes, in bytes: 64 MiB. It is also the
 /// transport's frame limit (`transport::FRAME_BYTES_MAX`): one message fills one frame. It bounds

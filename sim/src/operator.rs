@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
+use proto::admin::AdminAnswer;
 use proto::cluster::{AdminOp, MIB};
 use proto::ApiError;
 use raft_registry::{NodeState, Tier};
@@ -25,7 +26,7 @@ const ADMIN_PAUSE_MS: (u64, u64) = (500, 4_000);
 const RETRY_PAUSE_MS: u64 = 400;
 
 /// Sends one admin operation through gateway `gw`.
-pub async fn admin(world: &World, gw: usize, op: AdminOp) -> Result<String, ApiError> {
+pub async fn admin(world: &World, gw: usize, op: AdminOp) -> Result<AdminAnswer, ApiError> {
     let label = format!("{op:?}");
     let gateway = &world.gateways[gw % world.gateways.len()];
     let call = gateway::admin::apply_op(gateway, world.admin_key_hash.clone(), op);

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::Request;
+use proto::admin::{AdminAnswer, TenantInfo, TenantStatus};
 use proto::cluster::{
-    NodeHealth, NodeRequest, NodeResponse, NodeState, NodeView, RegistryView, TenantView,
+    NodeHealth, NodeRequest, NodeResponse, NodeState, NodeView, RegistryView, TenantView, Tier,
     ViewUpdate,
 };
 use proto::SqResponse;
@@ -41,7 +42,16 @@ impl NodeClient for AnswerAll {
                     NodeResponse::ViewUpdate(Some(ViewUpdate::Full(view())))
                 }
                 NodeRequest::Admin { .. } => NodeResponse::Admin {
-                    result: Ok(r#"{"tenant_id":"acme"}"#.into()),
+                    result: Ok(AdminAnswer::Tenant(TenantInfo {
+                        tenant_id: "acme".into(),
+                        tier: Tier::Free,
+                        quota_bytes: Tier::Free.default_quota_bytes(),
+                        daily_limit: Tier::Free.default_daily_limit(),
+                        status: TenantStatus::Active,
+                        created_at_ms: 0,
+                        admin_email: None,
+                        key_hashes: Vec::new(),
+                    })),
                     applied_index: 7,
                 },
                 NodeRequest::Metrics => NodeResponse::Metrics(String::new()),
