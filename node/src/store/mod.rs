@@ -15,11 +15,16 @@
 //! and all time through [`Clock`], so the simulator can run the store on a faulty in-memory disk.
 //!
 //! The API is blocking; the node calls it from `spawn_blocking`.
+//!
+//! This file holds the store itself: its tenants' slots, and loading, unloading and eviction.
+//! [`execute`] runs a request on a loaded tenant, and [`streamed`] answers large reads in pieces.
 
 mod clock;
 mod error;
+mod execute;
 mod handoff;
 mod recovery;
+mod streamed;
 mod tenant;
 mod vfs;
 mod wal;
@@ -35,13 +40,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::Duration;
 
-use proto::request::{Selector, BODY_BYTES_MAX, DELTA_LINES_MAX, QUERY_SET_MAX, SQ_API_VERSION};
-use proto::streamed::{AnswerStream, OrderedRead};
-use proto::{ops, Coordinate, PhextName, SqRequest, SqResponse};
-
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{StoreError, IO_RETRY_AFTER_S};
+pub use execute::{Begun, Logged};
 pub use handoff::is_tenant_file_path;
+pub use streamed::{FileAnswer, Opened};
 pub use tenant::{
     PHEXT_MEMORY_OVERHEAD_BYTES, QUOTA_WARN_PERCENT, SCROLL_MEMORY_OVERHEAD_BYTES,
     TENANT_MEMORY_OVERHEAD_BYTES,
@@ -49,7 +52,7 @@ pub use tenant::{
 pub(crate) use vfs::create_dir_durable;
 pub use vfs::{RealVfs, UnsyncedVfs, Vfs, VfsFile, VfsReader};
 
-use tenant::{Edit, Tenant, TenantPaths};
+use tenant::{Tenant, TenantPaths};
 
 /// How many times one request goes back for a tenant that was unloaded under it before giving up
 /// with `Busy`. Each retry follows a completed unload, so more than two means an unload storm.
@@ -176,158 +179,6 @@ impl Store {
         &self.config
     }
 
-    /// Runs one request for `tenant`, whose quota is `quota_bytes`. A write is answered only once
-    /// it is durable; a read only once everything it saw is durable. Reads create nothing.
-    pub fn execute(
-        &self,
-        tenant: &str,
-        quota_bytes: u64,
-        req: &SqRequest,
-    ) -> Result<SqResponse, StoreError> {
-        match self.execute_begin(tenant, quota_bytes, req) {
-            Begun::Done(result) => result,
-            Begun::Logged(logged) => self.execute_finish(logged),
-        }
-    }
-
-    /// [`Self::execute`] in two halves. This one runs the request up to its effect: a read or a
-    /// refusal is answered; a write is applied in memory and its record added to the log's
-    /// pending batch, and [`Self::execute_finish`] answers it once the record is durable. Other
-    /// writers' records may join the batch meanwhile, and a checkpoint may flush it.
-    pub fn execute_begin(&self, tenant: &str, quota_bytes: u64, req: &SqRequest) -> Begun {
-        let result = check_tenant_id(tenant)
-            .and_then(|()| validate(req))
-            .and_then(|()| self.execute_valid(tenant, quota_bytes, req));
-        match result {
-            Ok(Ran::Answered(response)) => Begun::Done(Ok(response)),
-            Ok(Ran::Logged(logged)) => Begun::Logged(logged),
-            Err(e) => Begun::Done(Err(failed(tenant, req.route().name(), e))),
-        }
-    }
-
-    /// The second half of a write begun by [`Self::execute_begin`]: its answer, once its log
-    /// record is durable.
-    pub fn execute_finish(&self, logged: Logged) -> Result<SqResponse, StoreError> {
-        let Logged { tenant: t, lsn, answer, route } = logged;
-        match t.wait_durable(lsn) {
-            Ok(()) => {
-                self.after_request(&t);
-                Ok(SqResponse::text(answer))
-            }
-            Err(e) => {
-                if matches!(e, StoreError::Io { .. }) {
-                    self.discard(&t.id, &t);
-                }
-                Err(failed(&t.id, route, e))
-            }
-        }
-    }
-
-    /// Answers a `select` or `version` at once, from memory, if it needs neither the disk nor a
-    /// wait: the tenant is loaded, no lock it needs is taken, its log is healthy, and what the
-    /// read sees is durable. `None`
-    /// otherwise, and for every other request: run those with [`Self::execute`], off the async
-    /// threads. Selects are the hot read path and cost one scroll, so they may run inline.
-    pub fn execute_now(
-        &self,
-        tenant: &str,
-        req: &SqRequest,
-    ) -> Option<Result<SqResponse, StoreError>> {
-        let (p, c) = match req {
-            SqRequest::Version => return Some(Ok(SqResponse::text(SQ_API_VERSION))),
-            SqRequest::Select { p, c } => (p, c),
-            _ => return None,
-        };
-        if let Err(e) = validate(req) {
-            return Some(Err(e));
-        }
-        // Every lock is only tried: a tenant being loaded or unloaded holds its slot for as long
-        // as the disk takes, and this runs on an async thread.
-        let slot = tried(self.slots.try_read())?.get(tenant).cloned()?;
-        let t = tried(slot.state.try_lock())?.tenant.clone()?;
-        if t.is_closed() || t.log_failed() {
-            return None;
-        }
-        let body = t.read_now(p, |d| d.get(c).as_bytes().to_vec())?;
-        t.touch(self.clock.now_ms());
-        Some(Ok(SqResponse::text(body)))
-    }
-
-    /// A `get`, `toc`, `query` or `json-export` that streams a large answer: built whole up to
-    /// `stream_above` bytes; past it, its length and the document's file as it is now, from
-    /// which the answer is made while the file is read in ranges ([`FileAnswer`]), so no copy
-    /// of the document or the answer is built whatever its size. Later writes do not show in it.
-    /// Any other request is refused.
-    pub fn open_read(
-        &self,
-        id: &str,
-        req: &SqRequest,
-        stream_above: u64,
-    ) -> Result<Opened, StoreError> {
-        check_tenant_id(id)?;
-        validate(req)?;
-        let Some((p, read)) = OrderedRead::of(req) else {
-            return Err(StoreError::InvalidRequest(format!(
-                "{} is not answered in pieces",
-                req.route().name()
-            )));
-        };
-        for _ in 0..CLOSED_RETRIES_MAX {
-            let t = self.tenant(id)?;
-            t.touch(self.clock.now_ms());
-            match t.open_read(p, &read, stream_above) {
-                Ok(Some(opened)) => return Ok(opened),
-                Ok(None) => continue,
-                Err(e @ StoreError::Io { .. }) => {
-                    self.discard(id, &t);
-                    return Err(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(StoreError::Busy(id.to_string()))
-    }
-
-    fn execute_valid(
-        &self,
-        id: &str,
-        quota_bytes: u64,
-        req: &SqRequest,
-    ) -> Result<Ran, StoreError> {
-        if req.phext().is_none() {
-            return Ok(Ran::Answered(SqResponse::text(SQ_API_VERSION)));
-        }
-        for _ in 0..CLOSED_RETRIES_MAX {
-            let t = self.tenant(id)?;
-            t.touch(self.clock.now_ms());
-            match run(&t, quota_bytes, req) {
-                Ok(Some(Ran::Logged(logged))) => return Ok(Ran::Logged(logged)),
-                Ok(Some(ran)) => {
-                    self.after_request(&t);
-                    return Ok(ran);
-                }
-                Ok(None) => continue,
-                Err(e @ StoreError::Io { .. }) => {
-                    self.discard(id, &t);
-                    return Err(e);
-                }
-                Err(e) => return Err(e),
-            }
-        }
-        Err(StoreError::Busy(id.to_string()))
-    }
-
-    /// Upkeep after a request: a checkpoint if the tenant's log is long, eviction if the store is
-    /// over its limits. Failures here are logged, not returned: the request itself succeeded.
-    fn after_request(&self, t: &Arc<Tenant>) {
-        if let Err(e) = t.checkpoint_if_over(self.config.checkpoint_wal_bytes) {
-            tracing::warn!(tenant = %t.id, error = %e, "checkpoint failed; the log keeps every change");
-        }
-        if self.over_limits() {
-            self.evict(Some(&t.id));
-        }
-    }
-
     /// The tenant's storage use: the canonical bytes of all its phexts. Answers from memory for
     /// loaded tenants and tenants seen since the store opened; otherwise loads the tenant. A
     /// tenant with no data is 0, and nothing is created for it.
@@ -444,6 +295,30 @@ impl Store {
         }
         self.tenant(id)?;
         self.unload(id).map(|_| ())
+    }
+
+    /// Runs `f` on tenant `id`, loaded, and again on a fresh load (up to [`CLOSED_RETRIES_MAX`]
+    /// times) while it finds the tenant unloaded under it (`Ok(None)`). A disk error drops the
+    /// tenant's loaded state, so the next request reloads it from what is durable.
+    fn on_loaded<R>(
+        &self,
+        id: &str,
+        mut f: impl FnMut(&Arc<Tenant>) -> Result<Option<R>, StoreError>,
+    ) -> Result<R, StoreError> {
+        for _ in 0..CLOSED_RETRIES_MAX {
+            let t = self.tenant(id)?;
+            t.touch(self.clock.now_ms());
+            match f(&t) {
+                Ok(Some(done)) => return Ok(done),
+                Ok(None) => continue,
+                Err(e @ StoreError::Io { .. }) => {
+                    self.discard(id, &t);
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Busy(id.to_string()))
     }
 
     fn slot(&self, id: &str) -> Arc<Slot> {
@@ -565,243 +440,5 @@ impl Store {
             }
         }
         unloaded
-    }
-}
-
-/// Logs a store failure other than a quota refusal (the client's doing), and returns it.
-fn failed(tenant: &str, route: &str, e: StoreError) -> StoreError {
-    if !matches!(e, StoreError::QuotaExceeded { .. }) {
-        tracing::warn!(tenant, route, error = %e, "store request failed");
-    }
-    e
-}
-
-/// What [`Store::execute_begin`] did.
-pub enum Begun {
-    /// The request is answered (or refused).
-    Done(Result<SqResponse, StoreError>),
-    /// A write is applied in memory and logged, not yet durable: [`Store::execute_finish`].
-    Logged(Logged),
-}
-
-/// A write whose log record is not yet known to be durable, and its answer.
-pub struct Logged {
-    tenant: Arc<Tenant>,
-    lsn: u64,
-    answer: String,
-    route: &'static str,
-}
-
-/// What [`run`] did on a loaded tenant.
-enum Ran {
-    Answered(SqResponse),
-    Logged(Logged),
-}
-
-/// A read's answer: whole, or a large answer's length and the file it is made from.
-pub enum Opened {
-    Whole(SqResponse),
-    Stream { len: u64, json: bool, file: Box<FileAnswer> },
-}
-
-/// A large answer still to be made: the document's file, opened at one moment, and the maker of
-/// the answer from its bytes. [`FileAnswer::next_piece`] reads the file in ranges and gives the
-/// answer a piece at a time, so it holds one range and one piece whatever the sizes.
-pub struct FileAnswer {
-    path: PathBuf,
-    reader: Box<dyn VfsReader>,
-    answer: AnswerStream,
-    /// The next file offset to read.
-    offset: u64,
-    /// Bytes read from the file, used up to `used`.
-    pending: Vec<u8>,
-    used: usize,
-    finished: bool,
-}
-
-/// Bytes a piece of a [`FileAnswer`] may run over the size asked for: one row's opening.
-const PIECE_SLACK_BYTES: usize = 256;
-
-impl FileAnswer {
-    fn new(path: PathBuf, reader: Box<dyn VfsReader>, answer: AnswerStream) -> FileAnswer {
-        FileAnswer {
-            path,
-            reader,
-            answer,
-            offset: 0,
-            pending: Vec::new(),
-            used: 0,
-            finished: false,
-        }
-    }
-
-    /// The next piece of the answer, `piece_bytes` long or a little more (the last may be
-    /// shorter), reading the file at most `piece_bytes` at a time; `None` once the answer is
-    /// complete. A file that ends early or does not read as a phext is an error: the answer
-    /// cannot be finished.
-    pub fn next_piece(&mut self, piece_bytes: usize) -> Result<Option<Vec<u8>>, StoreError> {
-        let piece_bytes = piece_bytes.max(1);
-        let file_len = self.reader.file_len();
-        let mut out = Vec::with_capacity(piece_bytes + PIECE_SLACK_BYTES);
-        while out.len() < piece_bytes && !self.finished {
-            let drained = self.used == self.pending.len();
-            if self.answer.done() || (drained && self.offset >= file_len) {
-                self.finished = self.answer.finish(&mut out, piece_bytes);
-                break;
-            }
-            if drained {
-                let want = (file_len - self.offset).min(piece_bytes as u64) as usize;
-                self.pending = self
-                    .reader
-                    .read_at(self.offset, want)
-                    .map_err(StoreError::io("read phext", &self.path))?;
-                self.used = 0;
-                if self.pending.is_empty() {
-                    let detail = format!("ended at {} of {file_len} bytes", self.offset);
-                    return Err(StoreError::corrupt(&self.path, detail));
-                }
-                self.offset += self.pending.len() as u64;
-            }
-            self.used += self
-                .answer
-                .feed(&self.pending[self.used..], &mut out, piece_bytes)
-                .map_err(|e| StoreError::corrupt(&self.path, e.to_string()))?;
-        }
-        Ok((!out.is_empty()).then_some(out))
-    }
-}
-
-/// The largest answer that travels whole, in one message to the gateway: a message's limit less
-/// room for its envelope. `get`, `toc` and `query` answers are sized before they are built, and
-/// one past this is refused with a final error rather than built and then failing to send.
-const WHOLE_ANSWER_BYTES_MAX: u64 = (proto::wire::MESSAGE_BYTES_MAX - (1 << 20)) as u64;
-
-/// Checks a sized answer against [`WHOLE_ANSWER_BYTES_MAX`] before it is built.
-fn sized(answer_bytes: u64) -> Result<(), StoreError> {
-    if answer_bytes > WHOLE_ANSWER_BYTES_MAX {
-        return Err(StoreError::AnswerTooLarge {
-            answer_bytes,
-            limit_bytes: WHOLE_ANSWER_BYTES_MAX,
-        });
-    }
-    Ok(())
-}
-
-/// Runs a validated request on a loaded tenant; `Ok(None)` when the tenant closed under a write.
-fn run(t: &Arc<Tenant>, quota_bytes: u64, req: &SqRequest) -> Result<Option<Ran>, StoreError> {
-    let plain = |body: Vec<u8>| SqResponse::text(body);
-    let response = match req {
-        SqRequest::Version => return Ok(Some(Ran::Answered(SqResponse::text(SQ_API_VERSION)))),
-        SqRequest::Select { p, c } => t.read(p, |d| plain(d.get(c).as_bytes().to_vec()))?,
-        SqRequest::Toc { p } => {
-            t.read(p, |d| sized(ops::toc_len(d)).map(|_| plain(ops::toc(d).into_bytes())))??
-        }
-        SqRequest::Get { p } => {
-            t.read(p, |d| sized(d.canonical_len()).map(|_| plain(d.to_canonical())))??
-        }
-        SqRequest::Checksum { p } => t.read(p, |d| plain(ops::doc_checksum(d).into_bytes()))?,
-        SqRequest::Delta { p, manifest } => t.read(p, |d| {
-            // Sized first: a few listed coordinates far from the origin cost megabytes each.
-            let answer_bytes = ops::delta_len(d, manifest);
-            if answer_bytes > ops::ANSWER_BYTES_MAX {
-                return Err(StoreError::AnswerTooLarge {
-                    answer_bytes,
-                    limit_bytes: ops::ANSWER_BYTES_MAX,
-                });
-            }
-            Ok(plain(ops::delta(d, manifest)))
-        })??,
-        SqRequest::Query { p, selector, limit } => t.read(p, |d| {
-            sized(ops::query_len(d, selector, *limit))
-                .map(|_| SqResponse { body: ops::query(d, selector, *limit), json: true })
-        })??,
-        SqRequest::Status { p } => t.read(p, |d| plain(ops::status(p.as_str(), d).into_bytes()))?,
-        SqRequest::Load { p } => t.read(p, |_| plain(ops::loaded(p.as_str()).into_bytes()))?,
-        SqRequest::JsonExport { p } => t.read(p, |d| {
-            sized(ops::json_export_len(d))
-                .map(|_| SqResponse { body: ops::json_export(d).into_bytes(), json: true })
-        })??,
-        SqRequest::Where { text, algo, limit, .. } => {
-            plain(ops::where_(text, *algo, *limit).into_bytes())
-        }
-        SqRequest::Insert { p, c, text } => {
-            return write(t, p, *c, Edit::Insert(text), quota_bytes, req.route().name())
-        }
-        SqRequest::Update { p, c, text } => {
-            return write(t, p, *c, Edit::Update(text), quota_bytes, req.route().name())
-        }
-        SqRequest::Delete { p, c } => {
-            return write(t, p, *c, Edit::Delete, quota_bytes, req.route().name())
-        }
-    };
-    Ok(Some(Ran::Answered(response)))
-}
-
-fn write(
-    t: &Arc<Tenant>,
-    p: &PhextName,
-    c: Coordinate,
-    edit: Edit<'_>,
-    quota: u64,
-    route: &'static str,
-) -> Result<Option<Ran>, StoreError> {
-    Ok(t.write_logged(p, c, edit, quota)?
-        .map(|(answer, lsn)| Ran::Logged(Logged { tenant: t.clone(), lsn, answer, route })))
-}
-
-/// Refuses what `proto::request::parse` would have refused. Requests reach the node over the
-/// wire, where serde builds names and coordinates without their checks; one that slipped through
-/// could name a file outside the tenant or trip the document's invariants.
-fn validate(req: &SqRequest) -> Result<(), StoreError> {
-    let bad = |detail: String| Err(StoreError::InvalidRequest(detail));
-    if let Some(p) = req.phext() {
-        if PhextName::parse(p.as_str()).is_err() {
-            return bad("invalid phext name".into());
-        }
-    }
-    let coord = |c: &Coordinate| {
-        Coordinate::from_components(c.components())
-            .map(|_| ())
-            .map_err(|e| StoreError::InvalidRequest(e.to_string()))
-    };
-    match req {
-        SqRequest::Select { c, .. } | SqRequest::Delete { c, .. } => coord(c),
-        SqRequest::Insert { c, text, .. } | SqRequest::Update { c, text, .. } => {
-            coord(c)?;
-            if text.len() > BODY_BYTES_MAX {
-                return bad(format!("text exceeds {BODY_BYTES_MAX} bytes"));
-            }
-            if proto::doc::contains_break(text) {
-                return bad("text contains phext dimension breaks".into());
-            }
-            Ok(())
-        }
-        SqRequest::Delta { manifest, .. } if manifest.len() > DELTA_LINES_MAX => {
-            bad("delta manifest too long".into())
-        }
-        SqRequest::Delta { manifest, .. } => manifest.iter().try_for_each(|(c, _)| coord(c)),
-        SqRequest::Query { selector: Selector { set, .. }, .. } if set.len() > QUERY_SET_MAX => {
-            bad("query set too long".into())
-        }
-        SqRequest::Query { selector: Selector { set, .. }, .. }
-            if set.windows(2).any(|w| w[0] >= w[1]) =>
-        {
-            bad("query set not sorted".into())
-        }
-        SqRequest::Query { selector: Selector { range, set }, .. } => {
-            range.iter().try_for_each(|(from, to)| coord(from).and_then(|_| coord(to)))?;
-            set.iter().try_for_each(coord)
-        }
-        SqRequest::Where { text, .. } if text.len() > BODY_BYTES_MAX => {
-            bad(format!("text exceeds {BODY_BYTES_MAX} bytes"))
-        }
-        SqRequest::Version
-        | SqRequest::Toc { .. }
-        | SqRequest::Get { .. }
-        | SqRequest::Checksum { .. }
-        | SqRequest::Status { .. }
-        | SqRequest::Load { .. }
-        | SqRequest::JsonExport { .. }
-        | SqRequest::Where { .. } => Ok(()),
     }
 }
