@@ -307,7 +307,7 @@ pub async fn planned(world: Arc<World>, mut rng: Rng, doomed: String, stop: Canc
         if !until_stopped(&world, &mut rng, op, &stop).await {
             return;
         }
-        let moving = registry_state(&world).is_some_and(|s| s.handoffs().next().is_some());
+        let moving = world.registry_state().is_some_and(|s| s.handoffs().next().is_some());
         if moving || which == 1 {
             break;
         }
@@ -331,15 +331,6 @@ pub async fn planned(world: Arc<World>, mut rng: Rng, doomed: String, stop: Canc
     if until_stopped(&world, &mut rng, purge, &stop).await {
         world.revoke(&doomed, key, "purged");
     }
-}
-
-/// The freshest registry state among the running nodes.
-fn registry_state(world: &World) -> Option<Arc<raft_registry::RegistryState>> {
-    let parts = world.cluster.ids().into_iter().filter_map(|id| world.cluster.parts(id));
-    parts
-        .map(|p| p.registry.subscribe().borrow().clone())
-        .max_by_key(|(applied, _)| *applied)
-        .map(|(_, state)| state)
 }
 
 /// Repeats `op` until it is acknowledged or `stop`; returns whether it was.

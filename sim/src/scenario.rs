@@ -255,7 +255,7 @@ async fn expect_refused(
 ) -> Result<(), Violation> {
     for (name, gw) in every_gateway(world) {
         loop {
-            let result = world.sq_through(&gw, key, Method::Get, "get", "p=alpha", b"").await;
+            let result = world.sq(&gw, key, Method::Get, "get", "p=alpha", b"").await;
             world.stats().revoked_requests += 1;
             match result {
                 Err(e) if expect(&e) => {
@@ -342,7 +342,10 @@ async fn quota_edge_check(
     let mut used = 0u64;
     for phext in PHEXTS.iter().copied().chain([PROBE_PHEXT]) {
         let body = loop {
-            match world.sq(0, &key, Method::Get, "get", &format!("p={phext}"), b"").await {
+            match world
+                .sq(world.gateway(0), &key, Method::Get, "get", &format!("p={phext}"), b"")
+                .await
+            {
                 Ok(r) => break r.body,
                 Err(e) if world.now_ms() > deadline_ms => {
                     return Err(Violation::new(
@@ -425,9 +428,9 @@ async fn edge_write(
         let id =
             world.model().begin_write(tenant, cell, value.clone(), now, now + WRITE_HORIZON_MS);
         let result = if value.is_empty() {
-            world.sq(0, key, Method::Get, "delete", &query, b"").await
+            world.sq(world.gateway(0), key, Method::Get, "delete", &query, b"").await
         } else {
-            world.sq(0, key, Method::Post, "update", &query, value.as_bytes()).await
+            world.sq(world.gateway(0), key, Method::Post, "update", &query, value.as_bytes()).await
         };
         let outcome = write_outcome(&result);
         world.model().end_write(id, outcome, world.now_ms());
@@ -494,7 +497,7 @@ async fn purge_check(
         tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await;
     }
     for gw in 0..world.gateways.len() {
-        match world.sq(gw, &key, Method::Get, "get", "p=a", b"").await {
+        match world.sq(world.gateway(gw), &key, Method::Get, "get", "p=a", b"").await {
             Err(ApiError::Unauthorized) => {}
             other => {
                 let shown = other
@@ -521,24 +524,15 @@ async fn purge_check(
 
 /// Active nodes, in the freshest registry state.
 fn active_nodes(world: &World) -> usize {
-    registry_state(world).map_or(0, |state| {
+    world.registry_state().map_or(0, |state| {
         state.nodes().filter(|n| n.state == raft_registry::NodeState::Active).count()
     })
-}
-
-/// The freshest registry state among the running nodes (a removed node's stops moving).
-fn registry_state(world: &World) -> Option<Arc<raft_registry::RegistryState>> {
-    let parts = world.cluster.ids().into_iter().filter_map(|id| world.cluster.parts(id));
-    parts
-        .map(|p| p.registry.subscribe().borrow().clone())
-        .max_by_key(|(applied, _)| *applied)
-        .map(|(_, state)| state)
 }
 
 /// Nodes the freshest registry state counts as members (joining, active or draining). A removed
 /// node no longer hears the registry: wiping its disk is the operator's job.
 fn member_nodes(world: &World) -> Vec<u64> {
-    let Some(state) = registry_state(world) else { return Vec::new() };
+    let Some(state) = world.registry_state() else { return Vec::new() };
     world
         .cluster
         .ids()
@@ -567,7 +561,7 @@ async fn probe(
             world.model().begin_write(tenant, &cell, value.clone(), now, now + WRITE_HORIZON_MS);
         let result = world
             .sq(
-                rng.below(world.gateways.len() as u64) as usize,
+                world.gateway(rng.below(world.gateways.len() as u64) as usize),
                 &key,
                 Method::Post,
                 "update",
@@ -583,7 +577,7 @@ async fn probe(
             let mut all_read = true;
             for gw in 0..world.gateways.len() {
                 let start = world.now_ms();
-                match world.sq(gw, &key, Method::Get, "select", &query, b"").await {
+                match world.sq(world.gateway(gw), &key, Method::Get, "select", &query, b"").await {
                     Ok(r) => world.model().check_read(
                         tenant,
                         &cell,
@@ -662,7 +656,10 @@ async fn final_check(world: &World, tenants: &[String], deadline_ms: u64) -> Res
             let (start, body) = loop {
                 let start = world.now_ms();
                 let key = world.key_for(tenant, &mut rng).unwrap_or_default();
-                match world.sq(0, &key, Method::Get, "get", &format!("p={phext}"), b"").await {
+                match world
+                    .sq(world.gateway(0), &key, Method::Get, "get", &format!("p={phext}"), b"")
+                    .await
+                {
                     Ok(r) => break (start, r.body),
                     Err(e) if world.now_ms() > deadline_ms => {
                         return Err(Violation::new(

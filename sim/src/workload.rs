@@ -186,7 +186,7 @@ impl Client {
             now,
             now + WRITE_HORIZON_MS,
         );
-        let result = world.sq(gw, key, method, route, &query, text.as_bytes()).await;
+        let result = world.sq(world.gateway(gw), key, method, route, &query, text.as_bytes()).await;
         let outcome = write_outcome(&result);
         world.model().end_write(id, outcome, world.now_ms());
         if let Err(ApiError::QuotaExceeded { needed_bytes, free_bytes, quota_bytes }) = &result {
@@ -235,7 +235,7 @@ impl Client {
         route: &str,
         query: &str,
     ) -> Option<Vec<u8>> {
-        let result = world.sq(gw, key, method, route, query, b"").await;
+        let result = world.sq(world.gateway(gw), key, method, route, query, b"").await;
         world.trace.event(format!(
             "c{} {} {route} {query}: {}",
             self.id,
@@ -416,8 +416,7 @@ pub async fn revoked_client(world: Arc<World>, mut rng: Rng, stop: CancellationT
             }
         };
         let phext = *rng.pick(&PHEXTS);
-        let result =
-            world.sq_through(&gw, &key, Method::Get, "get", &format!("p={phext}"), b"").await;
+        let result = world.sq(&gw, &key, Method::Get, "get", &format!("p={phext}"), b"").await;
         let refused = matches!(result, Err(ApiError::Unauthorized | ApiError::Forbidden(_)));
         {
             let mut stats = world.stats();

@@ -204,23 +204,23 @@ impl World {
         Some(k.current.clone())
     }
 
-    /// Sends one SQ request for `tenant` with `key` through gateway `gw`, within the client's
-    /// timeout (a timeout answers `Unavailable`).
-    pub async fn sq(
-        &self,
-        gw: usize,
-        key: &str,
-        method: Method,
-        route: &str,
-        query: &str,
-        body: &[u8],
-    ) -> Result<SqResponse, ApiError> {
-        let gw = self.gateways[gw % self.gateways.len()].clone();
-        self.sq_through(&gw, key, method, route, query, body).await
+    /// The freshest registry state among the running nodes (a removed node's stops moving).
+    pub fn registry_state(&self) -> Option<Arc<raft_registry::RegistryState>> {
+        let parts = self.cluster.ids().into_iter().filter_map(|id| self.cluster.parts(id));
+        parts
+            .map(|p| p.registry.subscribe().borrow().clone())
+            .max_by_key(|(applied, _)| *applied)
+            .map(|(_, state)| state)
     }
 
-    /// [`World::sq`] through the given gateway.
-    pub async fn sq_through(
+    /// Gateway `gw` of the run's gateways, wrapping.
+    pub fn gateway(&self, gw: usize) -> &Arc<Gateway> {
+        &self.gateways[gw % self.gateways.len()]
+    }
+
+    /// Sends one SQ request with `key` through `gw` (one of [`World::gateway`], or the lagging
+    /// one), within the client's timeout (a timeout answers `Unavailable`).
+    pub async fn sq(
         &self,
         gw: &Arc<Gateway>,
         key: &str,
