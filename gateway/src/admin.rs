@@ -22,6 +22,8 @@ use crate::forward::fetch_update;
 
 mod render;
 pub use render::render;
+#[cfg(test)]
+mod tests;
 
 /// How many times the gateway fetches a node's view to see its own admin change.
 const SEE_INDEX_ATTEMPTS: usize = 5;
@@ -366,7 +368,7 @@ async fn send_admin(
     op: AdminOp,
     mutates: bool,
 ) -> Result<Answered, ApiError> {
-    let request = NodeRequest::Admin { admin_key_hash, op };
+    let request = NodeRequest::Admin { admin_key_hash: admin_key_hash.clone(), op: op.clone() };
     let min_index = gw.views.current().view.applied_index;
     let deadline = tokio::time::Instant::now() + ADMIN_DEADLINE;
     let unavailable = |last: String| ApiError::Unavailable {
@@ -406,6 +408,9 @@ async fn send_admin(
     let mut changes = gw.views.subscribe();
     let mut turn = 0usize;
     let mut last = String::from("no node known");
+    // Whether an earlier send of this write may have been applied: it was given up on while it
+    // waited, or its node went quiet after the request left.
+    let mut maybe_applied = false;
     loop {
         let view = gw.views.current();
         let leader = view.leader_addr();
@@ -440,8 +445,14 @@ async fn send_admin(
             }
         };
         match outcome {
+            Some(Settled::Done(Err(ApiError::Conflict(why)))) if maybe_applied => {
+                return landed_before(gw, admin_key_hash, &op)
+                    .await
+                    .unwrap_or(Err(ApiError::Conflict(why)));
+            }
             Some(Settled::Done(done)) => return done,
             Some(Settled::Elsewhere(why)) => {
+                maybe_applied |= matches!(why, Elsewhere::Unreachable { .. });
                 last = why.to_string();
                 // No leader there yet: wait for the view to name one (or a short pause).
                 tokio::select! {
@@ -450,10 +461,35 @@ async fn send_admin(
                     _ = tokio::time::sleep_until(deadline) => return Err(unavailable(last)),
                 }
             }
-            None => tracing::info!(
-                from = %target,
-                "the registry leader changed while an admin write waited; sending it to the new one"
-            ),
+            None => {
+                maybe_applied = true;
+                tracing::info!(
+                    from = %target,
+                    "the registry leader changed while an admin write waited; sending it to the new one"
+                )
+            }
         }
+    }
+}
+
+/// A write sent again after an earlier send of it may have been applied, and refused with 409:
+/// whether the earlier send is what the registry holds. An add whose tenant now holds the key
+/// this add gave it did land: the answer is that tenant, as the add's own answer would have been.
+/// `None` when the write is of another kind or the registry holds something else; the 409 stands.
+async fn landed_before(
+    gw: &Arc<Gateway>,
+    admin_key_hash: String,
+    op: &AdminOp,
+) -> Option<Result<Answered, ApiError>> {
+    let AdminOp::AddTenant { tenant_id, key_hash, .. } = op else {
+        return None;
+    };
+    let get = AdminOp::GetTenant { tenant_id: tenant_id.clone() };
+    match Box::pin(send_admin(gw, admin_key_hash, get, false)).await {
+        Ok((AdminAnswer::Tenant(info), addr, index)) if info.key_hashes.contains(key_hash) => {
+            tracing::info!(tenant = %tenant_id, "an add sent again had landed the first time");
+            Some(Ok((AdminAnswer::Tenant(info), addr, index)))
+        }
+        _ => None,
     }
 }
