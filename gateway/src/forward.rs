@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use proto::cluster::{NodeRequest, NodeResponse, ViewUpdate};
 use proto::wire;
-use tokio_util::sync::CancellationToken;
 
 use crate::view::ViewHandle;
 
@@ -23,15 +22,6 @@ use crate::view::ViewHandle;
 /// never reaches the client; per step, so a large write or read is never cut for its size
 /// while the node keeps up.
 pub const FORWARD_TIMEOUT: Duration = Duration::from_millis(1500);
-
-/// How long a view long-poll waits at the node for a change before answering "unchanged".
-pub const VIEW_POLL_WAIT: Duration = Duration::from_secs(5);
-
-/// Extra time over [`VIEW_POLL_WAIT`] before the gateway gives up on a poll and tries another node.
-const VIEW_POLL_SLACK: Duration = Duration::from_secs(2);
-
-/// Pause before polling again after a node failed to answer, so a dead cluster is not spun on.
-const VIEW_RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -154,50 +144,4 @@ fn candidates(views: &ViewHandle, seeds: &[SocketAddr]) -> Vec<SocketAddr> {
         }
     }
     addrs
-}
-
-/// Keeps the view current by long-polling the nodes in turn until `shutdown`.
-pub async fn poll_views(
-    client: Arc<dyn NodeClient>,
-    views: ViewHandle,
-    seeds: Vec<SocketAddr>,
-    shutdown: CancellationToken,
-) {
-    let mut turn = 0usize;
-    loop {
-        let addrs = candidates(&views, &seeds);
-        if addrs.is_empty() {
-            tracing::error!("no node address to poll for the registry view");
-            return;
-        }
-        let addr = addrs[turn % addrs.len()];
-        let known_index = views.current().view.applied_index;
-        let wait_ms = VIEW_POLL_WAIT.as_millis() as u64;
-        let request = NodeRequest::ViewSince { known_index, wait_ms };
-        let answer = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            a = client.call(addr, request, VIEW_POLL_WAIT + VIEW_POLL_SLACK) => a,
-        };
-        match answer {
-            Ok(NodeResponse::ViewUpdate(Some(update))) => {
-                if update.applied_index() < views.current().view.applied_index {
-                    // That node is behind this view: ask another one next.
-                    turn += 1;
-                }
-                views.update(update);
-            }
-            // Nothing new there: ask another node next, so that a node whose registry no longer
-            // moves (partitioned, removed, never joined) cannot freeze this view.
-            Ok(NodeResponse::ViewUpdate(None)) => turn += 1,
-            Ok(other) => tracing::warn!(%addr, ?other, "unexpected answer to a view poll"),
-            Err(e) => {
-                tracing::debug!(%addr, error = %e, "view poll failed; trying the next node");
-                turn += 1;
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(VIEW_RETRY_PAUSE) => {}
-                }
-            }
-        }
-    }
 }

@@ -8,7 +8,7 @@
 //! applied index, the leader by term. So a frozen node cannot hold the view
 //! back (the others answer), and a node whose gossip lags cannot undo a newer verdict.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,7 +49,8 @@ pub async fn follow(
     seeds: Vec<SocketAddr>,
     shutdown: CancellationToken,
 ) {
-    let mut polls: HashMap<SocketAddr, JoinHandle<()>> = HashMap::new();
+    // In address order, so a simulated run replays exactly.
+    let mut polls: BTreeMap<SocketAddr, JoinHandle<()>> = BTreeMap::new();
     let mut changes = views.subscribe();
     loop {
         let wanted = targets(&views.current(), &seeds);

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use gateway::forward::{poll_views, WireNodeClient};
+use gateway::forward::WireNodeClient;
 use gateway::view::ViewHandle;
 use gateway::Gateway;
 use proto::request::Method;
@@ -115,7 +115,7 @@ fn start_gateways(
                 client: Arc::new(WireNodeClient(Arc::new(port))),
                 seeds: ids.iter().map(|id| node_addr(*id)).collect(),
             });
-            tokio::spawn(poll_views(
+            tokio::spawn(gateway::watch::follow(
                 gw.client.clone(),
                 gw.views.clone(),
                 gw.seeds.clone(),
