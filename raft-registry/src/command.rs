@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::state::{
     is_valid_key_hash, valid_tenant_id, Handoff, NodeRecord, NodeState, RegistryState,
     TenantRecord, Tier, ACTIVE_NODES_MAX, ADMIN_EMAIL_LEN_MAX, KEY_HASHES_PER_TENANT_MAX,
-    NODE_ADDR_LEN_MAX,
+    NODE_ADDR_LEN_MAX, TENANT_IDS_MAX,
 };
 
 /// Every change to the registry. Serialised into the Raft log.
@@ -123,6 +123,8 @@ pub enum Rejection {
     NodeOwnsTenants(u64),
     #[error("{ACTIVE_NODES_MAX} nodes are active already, the most a cluster may have")]
     TooManyActiveNodes,
+    #[error("the registry holds {TENANT_IDS_MAX} tenant ids (live and purged), the most it may")]
+    TooManyTenants,
     #[error("a batch holds 1 to {BATCH_COMMANDS_MAX} commands, none of them a batch")]
     InvalidBatch,
 }
@@ -256,6 +258,9 @@ fn add_tenant(state: &mut RegistryState, record: TenantRecord) -> Result<(), Rej
     }
     if hashes.iter().any(|h| state.by_key_hash.contains_key(h)) {
         return Err(Rejection::KeyHashInUse);
+    }
+    if state.tenants.len() + state.purged.len() >= TENANT_IDS_MAX {
+        return Err(Rejection::TooManyTenants);
     }
     for hash in hashes {
         state.by_key_hash.insert(hash.clone(), record.id.clone());

@@ -19,7 +19,7 @@ use serde::Serialize;
 pub const RECORD_HEADER_BYTES: usize = 8;
 
 /// Largest record payload accepted (64 MiB). A larger length field can only come from a torn or
-/// corrupt header; a whole registry snapshot of 100k tenants is ~25 MB.
+/// corrupt header. A snapshot is many records (`crate::snapshot`), each far below this.
 pub const RECORD_PAYLOAD_BYTES_MAX: usize = 64 * 1024 * 1024;
 
 /// Suffix of the temporary file written before an atomic rename.
@@ -150,17 +150,22 @@ pub fn decode<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, Store
 
 /// Frames `payload` as one record.
 pub fn frame(payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(RECORD_HEADER_BYTES + payload.len());
+    append_frame(&mut out, payload);
+    out
+}
+
+/// Appends `payload` to `out` as one record.
+pub fn append_frame(out: &mut Vec<u8>, payload: &[u8]) {
     assert!(
         payload.len() <= RECORD_PAYLOAD_BYTES_MAX,
         "record of {} bytes exceeds the limit",
         payload.len()
     );
-    let mut out = Vec::with_capacity(RECORD_HEADER_BYTES + payload.len());
     // Cannot truncate: the assert above bounds the length far below u32::MAX.
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32c::crc32c(payload).to_le_bytes());
     out.extend_from_slice(payload);
-    out
 }
 
 /// Parses the record at the start of `buf`: `Some((payload, record_len))`, or `None` when the
@@ -206,10 +211,22 @@ pub fn create_dir_durable(fs: &dyn Fs, dir: &Path) -> Result<(), StoreError> {
 /// Replaces `dir/name` with `bytes` atomically: write a temp file, fsync, rename, fsync the dir.
 /// After a crash the file holds either the old or the new content, never a mix.
 pub fn write_atomic(fs: &dyn Fs, dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+    write_atomic_parts(fs, dir, name, &[bytes])
+}
+
+/// [`write_atomic`] of the concatenation of `parts`, without making it in memory.
+pub fn write_atomic_parts(
+    fs: &dyn Fs,
+    dir: &Path,
+    name: &str,
+    parts: &[&[u8]],
+) -> Result<(), StoreError> {
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
     let mut file = fs.create(&tmp).map_err(io_err("create", &tmp))?;
-    file.write_all(bytes).map_err(io_err("write", &tmp))?;
+    for part in parts {
+        file.write_all(part).map_err(io_err("write", &tmp))?;
+    }
     file.sync_all().map_err(io_err("fsync", &tmp))?;
     drop(file);
     fs.rename(&tmp, &path).map_err(io_err("rename", &tmp))?;

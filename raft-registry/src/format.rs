@@ -3,9 +3,13 @@
 //! The log, the vote and the snapshot are bincode records of openraft's types. Those types
 //! changed shape once: format 1 stored openraft's default leader ids (term, node), under which
 //! several leaders may share a term; format 2 stores standard Raft leader ids (the term alone,
-//! one leader per term, openraft's `single-term-leader`). A record of one cannot be read as the
-//! other, and a guess could misread it, so the directory says which format it holds and a node
-//! refuses, by name, a directory of another format.
+//! one leader per term, openraft's `single-term-leader`). Format 3 writes the snapshot file as
+//! a record of its meta followed by its image as a sequence of records (`crate::snapshot`: a
+//! header, then tenants, handoffs and purged ids at most 10,000 to a record), where format 2
+//! wrote one record of meta and image together, which could not hold more than 64 MiB (about
+//! 500,000 tenants). A record of one format cannot be read as another, and a guess could misread
+//! it, so the directory says which format it holds and a node refuses, by name, a directory of
+//! another format.
 
 use std::path::Path;
 
@@ -17,7 +21,7 @@ use crate::state_machine::SNAPSHOT_FILE;
 pub const FORMAT_FILE: &str = "raft-format";
 
 /// The format this build writes and reads.
-pub const FORMAT: u32 = 2;
+pub const FORMAT: u32 = 3;
 
 /// The format of a directory that holds registry files but no [`FORMAT_FILE`]: written before
 /// the format was named.
@@ -78,7 +82,7 @@ mod tests {
         let other = tempfile::tempdir()?;
         disk::write_record_file(&StdFs, other.path(), FORMAT_FILE, &(FORMAT + 1))?;
         let err = check_or_name(&StdFs, other.path()).map_err(|e| e.to_string()).err();
-        assert!(err.as_deref().is_some_and(|e| e.contains("format 3") && e.contains("format 2")));
+        assert!(err.as_deref().is_some_and(|e| e.contains("format 4") && e.contains("format 3")));
         Ok(())
     }
 }

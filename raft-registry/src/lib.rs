@@ -31,8 +31,9 @@
 //! - `changes`: the bounded log of which tenants each applied entry changed, so gateways
 //!   follow the registry by changes;
 //! - `placement`: consistent hashing with virtual nodes over `hashring`;
-//! - `disk`, `log_store`, `state_machine`: the openraft storage-v2 implementation; `format`:
-//!   the format the directory holds, checked before anything in it is read;
+//! - `disk`, `log_store`, `state_machine`: the openraft storage-v2 implementation; `snapshot`:
+//!   the snapshot image, a sequence of records of at most 10,000 tenants each; `format`: the
+//!   format the directory holds, checked before anything in it is read;
 //! - `network`: the wire format of Raft RPCs and the openraft network over [`RaftTransport`];
 //! - `runtime`: tokio for openraft, with the election-timeout generator as a seedable seam;
 //!   `elect`: when a node stands for election (a fresh random delay before each);
@@ -55,6 +56,7 @@ pub mod placement;
 mod prop_decoders;
 pub mod registry;
 pub mod runtime;
+pub mod snapshot;
 pub mod state;
 pub mod state_machine;
 pub mod types;
@@ -69,6 +71,6 @@ pub use placement::{Ring, VNODES_PER_NODE};
 pub use registry::{CommandResult, RaftStatus, Registry};
 pub use state::{
     key_hash, valid_tenant_id, Handoff, NodeRecord, NodeState, RegistryState, TenantRecord, Tier,
-    ADMIN_EMAIL_LEN_MAX, NODE_ADDR_LEN_MAX,
+    ADMIN_EMAIL_LEN_MAX, NODE_ADDR_LEN_MAX, TENANT_IDS_MAX,
 };
 pub use state_machine::Published;

@@ -18,10 +18,10 @@ use crate::command::Command;
 use crate::disk::{self, RECORD_PAYLOAD_BYTES_MAX};
 use crate::log_store::{replay, LogRecord, Meta};
 use crate::network::{self, Addressed, RaftRpc, RaftRpcReply, RPC_MESSAGE_BYTES_MAX};
+use crate::snapshot::{decode_state, encode_state, encode_state_chunked};
 use crate::state::{
     Handoff, NodeRecord, NodeState, RegistryState, TenantRecord, Tier, ACTIVE_NODES_MAX,
 };
-use crate::state_machine::{decode_state, encode_state};
 use crate::types::{Entry, LogId, Vote};
 
 use alloc_meter as meter;
@@ -293,6 +293,16 @@ fn check_replay(bytes: &[u8]) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+/// The payloads of a sequence of whole records.
+fn split_records(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some((payload, used)) = disk::parse_frame(bytes) {
+        out.push(payload.to_vec());
+        bytes = &bytes[used..];
+    }
+    out
+}
+
 fn check_snapshot(bytes: &[u8]) -> Result<bool, TestCaseError> {
     let (ok, peak) = meter::peak(|| decode_state(Path::new("snapshot"), bytes).is_ok());
     let limit = snapshot_limit(bytes.len());
@@ -353,19 +363,33 @@ proptest! {
         prop_assert!(peak <= decode_limit(damaged.len(), RECORD_PAYLOAD_BYTES_MAX));
     }
 
-    // Goal: a snapshot image decodes to the state it was made of; damaged, or arbitrary bytes,
-    // it is refused or decodes, within bounds and without a panic.
+    // Goal: a snapshot image of one or many records decodes to the state it was made of;
+    // damaged (its frames, or one record's payload re-framed with a good checksum so that its
+    // decode is reached), or arbitrary bytes, framed or not, it is refused or decodes, within
+    // bounds and without a panic.
     #[test]
     fn snapshot_decode_of_damaged_images(
         state in registry_state(),
+        chunk in 1usize..4,
         ms in prop::collection::vec(mutation(), 1..4),
+        victim in any::<prop::sample::Index>(),
+        reframe in any::<bool>(),
         noise in prop::collection::vec(any::<u8>(), 0..256),
     ) {
-        let bytes = encode_state(&state).expect("encodes");
+        let bytes = encode_state_chunked(&state, chunk).expect("encodes");
         prop_assert!(check_snapshot(&bytes)?, "a valid image decodes");
         prop_assert_eq!(decode_state(Path::new("snapshot"), &bytes).ok(), Some(state));
-        check_snapshot(&mutate(bytes, &ms))?;
+        let damaged = if reframe {
+            let mut payloads = split_records(&bytes);
+            let i = victim.index(payloads.len());
+            payloads[i] = mutate(payloads[i].clone(), &ms);
+            frame_all(&payloads)
+        } else {
+            mutate(bytes, &ms)
+        };
+        check_snapshot(&damaged)?;
         check_snapshot(&noise)?;
+        check_snapshot(&disk::frame(&noise))?;
     }
 
     // Goal: a Raft request or reply, valid, damaged or arbitrary, never panics the decoder and
@@ -428,4 +452,27 @@ fn snapshot_with_too_many_active_nodes_is_refused() {
     let (read, peak) = meter::peak(|| decode_state(Path::new("snapshot"), &at).is_ok());
     assert!(read);
     assert!(peak <= snapshot_limit(at.len()), "{peak}");
+}
+
+// Goal: a snapshot header of a few bytes that claims the most tenant ids allowed, with no
+// records after it, is refused without allocating for them; one claiming more is refused
+// before anything after it is read.
+#[test]
+fn snapshot_header_claiming_many_tenants_allocates_nothing_large() {
+    let image = encode_state(&RegistryState::default()).expect("encodes");
+    let header = split_records(&image).remove(0);
+    // The header's layout: version, then the tenant count (a one-byte varint 0 when empty).
+    assert_eq!(header[..2], [crate::snapshot::SNAPSHOT_FORMAT_VERSION as u8, 0]);
+    let at_limit = crate::TENANT_IDS_MAX as u64;
+    for (claimed, refusal) in
+        [(at_limit, "snapshot tenants record at byte"), (at_limit + 1, "4000001 tenant ids")]
+    {
+        let mut forged = header.clone();
+        forged.splice(1..2, varint(claimed));
+        let forged = disk::frame(&forged);
+        let (err, peak) = meter::peak(|| decode_state(Path::new("snapshot"), &forged).err());
+        let err = err.map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains(refusal), "{err}");
+        assert!(peak < 1024 * 1024, "{peak}");
+    }
 }

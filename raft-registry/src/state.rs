@@ -32,6 +32,13 @@ pub const ADMIN_EMAIL_LEN_MAX: usize = 254;
 /// mesh this service runs on.
 pub const ACTIVE_NODES_MAX: usize = 256;
 
+/// Most tenant ids a registry holds, live and purged together (4,000,000): an add past it is
+/// refused, so every state the registry reaches has a snapshot it can write and a follower can
+/// read (`crate::snapshot`, which refuses an image claiming more). Four times the 1,000,000
+/// tenants measured (docs/BENCHMARKS.md: per million, a 120 MiB snapshot and 650 MiB of state
+/// machine); a node's memory, not the snapshot format, is what binds first.
+pub const TENANT_IDS_MAX: usize = 4_000_000;
+
 /// A tenant as the registry knows it. Keys appear only as hex sha256 hashes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantRecord {
@@ -245,25 +252,39 @@ impl RegistryState {
         handoffs: Vec<Handoff>,
         purged: Vec<String>,
     ) -> RegistryState {
-        let mut state = RegistryState {
-            admin_key_hash,
-            placement_epoch,
-            purged: purged.into_iter().collect(),
-            ..Default::default()
-        };
+        let mut state = RegistryState { admin_key_hash, placement_epoch, ..Default::default() };
         for h in handoffs {
-            state.handoffs.insert(h.tenant.clone(), h);
+            state.load_handoff(h);
         }
         for node in nodes {
             state.nodes.insert(node.id, node);
         }
         for tenant in tenants {
-            for hash in &tenant.key_hashes {
-                state.by_key_hash.insert(hash.clone(), tenant.id.clone());
-            }
-            state.tenants.insert(tenant.id.clone(), tenant);
+            state.load_tenant(tenant);
+        }
+        for id in purged {
+            state.load_purged(id);
         }
         state.rebuild_ring();
         state
+    }
+
+    /// Adds a tenant read from a snapshot image, with its key hashes; no rule is checked (the
+    /// image was made of a state that kept them).
+    pub(crate) fn load_tenant(&mut self, tenant: TenantRecord) {
+        for hash in &tenant.key_hashes {
+            self.by_key_hash.insert(hash.clone(), tenant.id.clone());
+        }
+        self.tenants.insert(tenant.id.clone(), tenant);
+    }
+
+    /// Adds a handoff read from a snapshot image.
+    pub(crate) fn load_handoff(&mut self, handoff: Handoff) {
+        self.handoffs.insert(handoff.tenant.clone(), handoff);
+    }
+
+    /// Adds a purged tenant id read from a snapshot image.
+    pub(crate) fn load_purged(&mut self, id: String) {
+        self.purged.insert(id);
     }
 }

@@ -3,20 +3,25 @@
 //! Applied state lives in memory. Snapshots are written to `snapshot` atomically and loaded at
 //! open; openraft then re-applies the log from the snapshot up to the persisted committed id. After
 //! every applied batch the new state is published on a watch channel as `(applied index, state)`.
+//!
+//! The snapshot file is one record of the snapshot's meta followed by its image
+//! ([`crate::snapshot`], a sequence of records). Only the meta stays in memory: the image is read
+//! back from the file when openraft sends it to a follower, so a node does not hold a second
+//! copy of its registry, as bytes, between snapshots.
 
-use std::io::Cursor;
+use std::io::{self, Cursor};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{AnyError, EntryPayload, OptionalSend, RaftSnapshotBuilder, StorageIOError};
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::changes::{self, ChangeLog};
 use crate::command::{self, ApplyReply, Command};
 use crate::disk::{self, Fs, StoreError};
-use crate::state::{Handoff, NodeRecord, NodeState, RegistryState, TenantRecord, ACTIVE_NODES_MAX};
+use crate::snapshot::{decode_state, encode_state};
+use crate::state::RegistryState;
 use crate::types::{
     Entry, LogId, Snapshot, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
 };
@@ -24,99 +29,64 @@ use crate::types::{
 /// File name of the current snapshot.
 pub const SNAPSHOT_FILE: &str = "snapshot";
 
-/// Version of the snapshot image format (on disk and between nodes). Version 3 added the
-/// purged tenant ids; a version 2 image (none purged) is still read.
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 3;
-
 /// What a watcher sees: the last applied log index and the state after it.
 pub type Published = (u64, Arc<RegistryState>);
 
-/// The serialised registry as format 2 wrote it. A snapshot of this format is this image
-/// followed by the purged tenant ids: `(StateImage, Vec<String>)`, so format 2 is still read.
-#[derive(Serialize, Deserialize)]
-struct StateImage {
-    format_version: u32,
-    tenants: Vec<TenantRecord>,
-    admin_key_hash: Option<String>,
-    nodes: Vec<NodeRecord>,
-    placement_epoch: u64,
-    handoffs: Vec<Handoff>,
-}
-
-/// A snapshot as kept on disk and in memory.
-#[derive(Clone, Serialize, Deserialize)]
-struct StoredSnapshot {
-    meta: SnapshotMeta,
-    data: Vec<u8>,
-}
-
-pub(crate) fn encode_state(state: &RegistryState) -> Result<Vec<u8>, StoreError> {
-    let image = StateImage {
-        format_version: SNAPSHOT_FORMAT_VERSION,
-        tenants: state.tenants().cloned().collect(),
-        admin_key_hash: state.admin_key_hash().map(str::to_string),
-        nodes: state.nodes().cloned().collect(),
-        placement_epoch: state.placement_epoch(),
-        handoffs: state.handoffs().cloned().collect(),
+/// Reads the snapshot file at `path`: its meta and its image; `Ok(None)` if there is none.
+fn read_snapshot_file(
+    fs: &dyn Fs,
+    path: &Path,
+) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StoreError> {
+    let mut bytes = match fs.read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(disk::io_err("read", path)(e)),
     };
-    let purged: Vec<String> = state.purged().cloned().collect();
-    disk::encode("snapshot image", &(image, purged))
-}
-
-pub(crate) fn decode_state(origin: &Path, data: &[u8]) -> Result<RegistryState, StoreError> {
-    // Every format starts with its version (a varint), so it is read first.
-    let (version, _): (u32, usize) =
-        bincode::serde::decode_from_slice(data, disk::bincode_config()).map_err(|e| {
-            StoreError::Corrupt { path: origin.to_path_buf(), reason: e.to_string() }
-        })?;
-    let (image, purged) = match version {
-        SNAPSHOT_FORMAT_VERSION => disk::decode::<(StateImage, Vec<String>)>(origin, data)?,
-        2 => (disk::decode::<StateImage>(origin, data)?, Vec::new()),
-        other => {
-            let reason =
-                format!("snapshot format {other} (we read 2 and {SNAPSHOT_FORMAT_VERSION})");
-            return Err(StoreError::Corrupt { path: origin.to_path_buf(), reason });
-        }
+    let Some((payload, used)) = disk::parse_frame(&bytes) else {
+        let reason = "snapshot meta record is torn (cut short, too long or failing its checksum)";
+        return Err(StoreError::Corrupt { path: path.to_path_buf(), reason: reason.to_string() });
     };
-    let active = image.nodes.iter().filter(|n| n.state == NodeState::Active).count();
-    if active > ACTIVE_NODES_MAX {
-        let reason = format!("{active} active nodes, more than {ACTIVE_NODES_MAX}");
-        return Err(StoreError::Corrupt { path: origin.to_path_buf(), reason });
-    }
-    Ok(RegistryState::from_parts(
-        image.tenants,
-        image.admin_key_hash,
-        image.nodes,
-        image.placement_epoch,
-        image.handoffs,
-        purged,
-    ))
+    let meta: SnapshotMeta = disk::decode(path, payload)?;
+    // In place: the image moves to the front of the same buffer.
+    bytes.drain(..used);
+    Ok(Some((meta, bytes)))
 }
 
-/// The current snapshot, shared between the state machine and its snapshot builders.
+/// The current snapshot's meta, shared between the state machine and its snapshot builders;
+/// its image is in the file.
 #[derive(Clone)]
 struct SnapshotSlot {
     fs: Arc<dyn Fs>,
     dir: PathBuf,
-    current: Arc<Mutex<Option<StoredSnapshot>>>,
+    current: Arc<Mutex<Option<SnapshotMeta>>>,
 }
 
 impl SnapshotSlot {
-    fn lock(&self) -> MutexGuard<'_, Option<StoredSnapshot>> {
+    fn lock(&self) -> MutexGuard<'_, Option<SnapshotMeta>> {
         // Poisoned only if a previous holder panicked, i.e. a broken invariant already aborted us.
         self.current.lock().unwrap_or_else(|p| panic!("snapshot mutex poisoned: {p}"))
     }
 
-    /// Persists `snap` and makes it current, unless a newer one is already current (a slow build
-    /// racing an install must not roll the snapshot back).
-    fn store(&self, snap: StoredSnapshot) -> Result<(), StoreError> {
+    /// Persists the snapshot of `meta` and `image` and makes it current, unless a newer one is
+    /// already current (a slow build racing an install must not roll the snapshot back).
+    fn store(&self, meta: &SnapshotMeta, image: &[u8]) -> Result<(), StoreError> {
         let mut current = self.lock();
-        if current.as_ref().is_some_and(|c| c.meta.last_log_id > snap.meta.last_log_id) {
+        if current.as_ref().is_some_and(|c| c.last_log_id > meta.last_log_id) {
             return Ok(());
         }
-        disk::write_record_file(self.fs.as_ref(), &self.dir, SNAPSHOT_FILE, &snap)?;
-        *current = Some(snap);
+        let head = disk::frame(&disk::encode("snapshot meta", meta)?);
+        disk::write_atomic_parts(self.fs.as_ref(), &self.dir, SNAPSHOT_FILE, &[&head, image])?;
+        *current = Some(meta.clone());
         Ok(())
+    }
+
+    /// The current snapshot, read back from its file.
+    fn read(&self) -> Result<Option<(SnapshotMeta, Vec<u8>)>, StoreError> {
+        let current = self.lock();
+        if current.is_none() {
+            return Ok(None);
+        }
+        read_snapshot_file(self.fs.as_ref(), &self.dir.join(SNAPSHOT_FILE))
     }
 }
 
@@ -161,13 +131,14 @@ impl StateMachineStore {
     ) -> Result<(StateMachineStore, watch::Receiver<Published>), StoreError> {
         disk::create_dir_durable(fs.as_ref(), dir)?;
         let path = dir.join(SNAPSHOT_FILE);
-        let stored: Option<StoredSnapshot> = disk::read_record_file(fs.as_ref(), &path)?;
+        let stored = read_snapshot_file(fs.as_ref(), &path)?;
         let (last_applied, last_membership, state) = match &stored {
-            Some(s) => {
-                (s.meta.last_log_id, s.meta.last_membership.clone(), decode_state(&path, &s.data)?)
+            Some((meta, image)) => {
+                (meta.last_log_id, meta.last_membership.clone(), decode_state(&path, image)?)
             }
             None => (None, StoredMembership::default(), RegistryState::default()),
         };
+        let stored = stored.map(|(meta, _image)| meta);
         let index = last_applied.map_or(0, |l| l.index);
         let (publish, rx) = watch::channel((index, Arc::new(state.clone())));
         let slot =
@@ -244,9 +215,7 @@ impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
             last_membership: self.last_membership.clone(),
             snapshot_id: self.snapshot_id.clone(),
         };
-        self.slot
-            .store(StoredSnapshot { meta: meta.clone(), data: data.clone() })
-            .map_err(write_err)?;
+        self.slot.store(&meta, &data).map_err(write_err)?;
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -296,9 +265,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let state = decode_state(origin, &data).map_err(|e| {
             StorageIOError::read_snapshot(Some(meta.signature()), AnyError::new(&e))
         })?;
-        self.slot.store(StoredSnapshot { meta: meta.clone(), data }).map_err(|e| {
+        self.slot.store(meta, &data).map_err(|e| {
             StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
         })?;
+        drop(data);
         self.state = state;
         lock_changes(&self.changes).reset(meta.last_log_id.map_or(0, |l| l.index));
         self.last_applied = meta.last_log_id;
@@ -308,11 +278,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, StorageError> {
-        Ok(self
-            .slot
-            .lock()
-            .clone()
-            .map(|s| Snapshot { meta: s.meta, snapshot: Box::new(Cursor::new(s.data)) }))
+        let current = self.slot.read().map_err(|e| {
+            StorageError::from(StorageIOError::read_snapshot(None, AnyError::new(&e)))
+        })?;
+        Ok(current.map(|(meta, image)| Snapshot { meta, snapshot: Box::new(Cursor::new(image)) }))
     }
 }
 
@@ -322,7 +291,7 @@ mod tests {
 
     use super::*;
     use crate::command::Command;
-    use crate::state::{key_hash, Tier};
+    use crate::state::{key_hash, TenantRecord, Tier};
 
     fn entry(index: u64, cmd: Command) -> Entry {
         Entry {
@@ -368,37 +337,45 @@ mod tests {
         Ok(())
     }
 
-    #[test]
-    fn snapshot_images_of_both_formats_are_read() {
-        // Goal: an image of this format keeps the purged ids; a format 2 image (written before
-        // purges existed) still loads, with none purged; any other format is refused.
-        let origin = Path::new("snapshot");
-        let mut state = RegistryState::default();
-        let add =
-            Command::AddTenant(TenantRecord::new("live".into(), Tier::Free, key_hash("k"), 1));
-        crate::command::apply(&mut state, add).expect("add");
-        state.purged.insert("gone".to_string());
-        let decoded = decode_state(origin, &encode_state(&state).expect("encode")).expect("decode");
-        assert_eq!(decoded, state);
-        assert!(decoded.is_purged("gone") && decoded.tenant("live").is_some());
+    #[tokio::test]
+    async fn a_torn_snapshot_file_is_refused_by_name() -> anyhow::Result<()> {
+        // Goal: a snapshot file of many records reopens whole and is what openraft is given to
+        // send; cut short, or with a byte of its image flipped, the node refuses to open, naming
+        // the file and the record, rather than starting from a partial registry.
+        let dir = tempfile::tempdir()?;
+        let (mut sm, _rx) = StateMachineStore::open(dir.path())?;
+        let adds = (0..2 * crate::BATCH_COMMANDS_MAX as u64).map(|i| {
+            let id = format!("t{i}");
+            entry(
+                i + 1,
+                Command::AddTenant(TenantRecord::new(id.clone(), Tier::Free, key_hash(&id), i)),
+            )
+        });
+        sm.apply(adds.collect::<Vec<_>>()).await?;
+        let built = sm.get_snapshot_builder().await.build_snapshot().await?;
+        let sent = sm.get_current_snapshot().await?.map(|s| s.snapshot.into_inner());
+        assert_eq!(sent.as_ref(), Some(built.snapshot.get_ref()));
+        drop(sm);
+        let path = dir.path().join(SNAPSHOT_FILE);
+        let whole = std::fs::read(&path)?;
+        let (_, rx) = StateMachineStore::open(dir.path())?;
+        assert_eq!(rx.borrow().1.tenant_count(), 2 * crate::BATCH_COMMANDS_MAX);
 
-        let tenants: Vec<TenantRecord> = state.tenants().cloned().collect();
-        let v2 = |format_version| StateImage {
-            format_version,
-            tenants: tenants.clone(),
-            admin_key_hash: None,
-            nodes: Vec::new(),
-            placement_epoch: 7,
-            handoffs: Vec::new(),
+        let refused = |bytes: &[u8]| -> anyhow::Result<String> {
+            std::fs::write(&path, bytes)?;
+            match StateMachineStore::open(dir.path()) {
+                Err(e @ StoreError::Corrupt { .. }) => Ok(e.to_string()),
+                Err(e) => anyhow::bail!("refused as {e}"),
+                Ok(_) => anyhow::bail!("opened"),
+            }
         };
-        let old = decode_state(origin, &disk::encode("v2", &v2(2)).expect("encode"))
-            .expect("format 2 loads");
-        assert_eq!(
-            (old.tenant("live").map(|t| t.id.as_str()), old.placement_epoch()),
-            (Some("live"), 7)
-        );
-        assert_eq!(old.purged().count(), 0);
-        let unknown = decode_state(origin, &disk::encode("v9", &v2(9)).expect("encode"));
-        assert!(unknown.is_err_and(|e| e.to_string().contains("snapshot format 9")));
+        let cut = refused(&whole[..whole.len() - 1])?;
+        assert!(cut.contains("snapshot: corrupt: snapshot tenants record at byte"), "{cut}");
+        let mut flipped = whole.clone();
+        flipped[whole.len() - 3] ^= 1;
+        assert!(refused(&flipped)?.contains("tenants record at byte"));
+        let meta = refused(&whole[..5])?;
+        assert!(meta.contains("snapshot meta record is torn"), "{meta}");
+        Ok(())
     }
 }
