@@ -6,11 +6,16 @@
 //! on every platform computes the same ring (std's `Hash` for `str` and `u64` adds separators and
 //! native-endian lengths, so the ring never hashes through them).
 //!
+//! A tenant's replica set is the first R distinct nodes clockwise from the same point
+//! ([`Ring::replicas`]); its first node is the owner. docs/REPLICATION.md is the design that
+//! uses it.
+//!
 //! Properties (tested below): at 10,000 tenants, max/mean tenants per node ≤ 1.15 over 3, 5 and 20
 //! nodes; a join moves only tenants to the new node (about 1/N of them) and a leave moves only
-//! the leaving node's tenants.
+//! the leaving node's tenants; a join or a leave changes any replica set by at most one node in
+//! and one node out.
 
-use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::hash::{BuildHasher, BuildHasherDefault, Hash, Hasher};
 
 use hashring::HashRing;
 use xxhash_rust::xxh3::Xxh3Default;
@@ -46,11 +51,19 @@ impl Hash for TenantKey<'_> {
     }
 }
 
+/// The ring position of a point or key: what `hashring` computes for it with [`StableHasher`].
+fn stable_hash(value: &impl Hash) -> u64 {
+    StableHasher::default().hash_one(value)
+}
+
 /// The consistent-hash ring built from a set of active node ids.
 #[derive(Clone)]
 pub struct Ring {
     node_ids: Vec<u64>,
     ring: HashRing<VNode, StableHasher>,
+    /// The same points as `ring`, as (point hash, node id) in ascending hash order, for walking
+    /// clockwise past the first point (`hashring` can only do that by copying the whole ring).
+    points: Vec<(u64, u64)>,
 }
 
 impl std::fmt::Debug for Ring {
@@ -69,13 +82,39 @@ impl Ring {
         ids.sort_unstable();
         ids.dedup();
         let mut ring = HashRing::with_hasher(StableHasher::default());
-        let points = ids
+        let vnodes: Vec<VNode> = ids
             .iter()
             .flat_map(|&id| (0..VNODES_PER_NODE).map(move |vnode| VNode { node_id: id, vnode }))
             .collect();
+        let mut points: Vec<(u64, u64)> =
+            vnodes.iter().map(|v| (stable_hash(v), v.node_id)).collect();
+        points.sort_unstable();
         // One sort for the whole ring; `add` would re-sort per point.
-        ring.batch_add(points);
-        Ring { node_ids: ids, ring }
+        ring.batch_add(vnodes);
+        Ring { node_ids: ids, ring, points }
+    }
+
+    /// The replica set of `tenant_id`: the first `r` distinct nodes clockwise from its hash, the
+    /// owner first. Fewer when the ring has fewer than `r` nodes; empty when it has none.
+    pub fn replicas(&self, tenant_id: &str, r: usize) -> Vec<u64> {
+        let want = r.min(self.node_ids.len());
+        let mut set = Vec::with_capacity(want);
+        if want == 0 {
+            return set;
+        }
+        let key = stable_hash(&TenantKey(tenant_id));
+        let start = self.points.partition_point(|&(hash, _)| hash < key);
+        // Every node has points on the ring, so the walk finds `want` distinct nodes within one
+        // turn; with thousands of points per node it usually takes a few steps.
+        for &(_, node) in self.points[start..].iter().chain(&self.points[..start]) {
+            if !set.contains(&node) {
+                set.push(node);
+                if set.len() == want {
+                    break;
+                }
+            }
+        }
+        set
     }
 
     /// The owner of `tenant_id`, or `None` when the ring is empty.
@@ -199,6 +238,81 @@ mod tests {
         let pinned: Vec<Option<u64>> = PINNED_TENANTS.iter().map(|t| a.owner(t)).collect();
         println!("placement: pinned owners over [1,2,3]: {pinned:?}");
         assert_eq!(pinned, PINNED_OWNERS);
+    }
+
+    #[test]
+    fn replica_sets_are_distinct_nodes_headed_by_the_owner() {
+        // Goal: a replica set is r distinct nodes (all of them when the ring has fewer), its
+        // first node is the owner `get` computes, and an empty ring has none.
+        let ring = Ring::new(&[1, 2, 3, 4, 5]);
+        for t in tenant_ids().iter().take(2_000) {
+            let set = ring.replicas(t, 3);
+            assert_eq!(set.len(), 3, "{t}: {set:?}");
+            assert_eq!(Some(set[0]), ring.owner(t), "{t}: {set:?}");
+            let mut distinct = set.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert_eq!(distinct.len(), 3, "{t}: {set:?}");
+            assert_eq!(ring.replicas(t, 1), vec![set[0]]);
+            assert_eq!(ring.replicas(t, 9).len(), 5);
+        }
+        assert!(Ring::new(&[]).replicas("acme", 3).is_empty());
+        assert_eq!(Ring::new(&[7]).replicas("acme", 3), vec![7]);
+        assert!(ring.replicas("acme", 0).is_empty());
+    }
+
+    #[test]
+    fn replica_load_is_balanced() {
+        // Goal: every node holds about r/N of all replicas (max/mean ≤ 1.15 at 10k tenants).
+        for n in [3u64, 5, 20] {
+            let ids: Vec<u64> = (1..=n).collect();
+            let ring = Ring::new(&ids);
+            let mut counts: BTreeMap<u64, usize> = ids.iter().map(|&i| (i, 0)).collect();
+            for t in hashed_ids() {
+                for node in ring.replicas(&t, 3) {
+                    *counts.entry(node).or_default() += 1;
+                }
+            }
+            let max = counts.values().copied().max().unwrap_or(0) as f64;
+            let mean = (TENANTS * 3.min(n as usize)) as f64 / n as f64;
+            println!("placement: {n} nodes, r = 3: replica max/mean = {:.3}", max / mean);
+            assert!(max / mean <= MAX_OVER_MEAN_LIMIT, "{n} nodes: max/mean {:.3}", max / mean);
+        }
+    }
+
+    /// The nodes in `after` and not in `before`, and those in `before` and not in `after`.
+    fn set_change(before: &[u64], after: &[u64]) -> (Vec<u64>, Vec<u64>) {
+        let added = after.iter().copied().filter(|n| !before.contains(n)).collect();
+        let dropped = before.iter().copied().filter(|n| !after.contains(n)).collect();
+        (added, dropped)
+    }
+
+    #[test]
+    fn a_join_or_a_leave_changes_a_replica_set_by_one_node() {
+        // Goal: one membership change is one replica change per tenant: a join adds only the
+        // new node and drops at most one; a leave drops only the leaver and adds at most one.
+        // Replication moves one copy at a time (docs/REPLICATION.md, joins and drains).
+        let tenants = tenant_ids();
+        let three = Ring::new(&[1, 2, 3, 4]);
+        let joined = Ring::new(&[1, 2, 3, 4, 5]);
+        let left = Ring::new(&[1, 3, 4]);
+        let (mut changed_by_join, mut changed_by_leave) = (0, 0);
+        for t in &tenants {
+            let before = three.replicas(t, 3);
+            let (added, dropped) = set_change(&before, &joined.replicas(t, 3));
+            assert!(added.is_empty() || added == [5], "{t}: join added {added:?}");
+            assert_eq!(added.len(), dropped.len(), "{t}: join {added:?} / {dropped:?}");
+            changed_by_join += added.len();
+            let (added, dropped) = set_change(&before, &left.replicas(t, 3));
+            assert!(dropped.is_empty() || dropped == [2], "{t}: leave dropped {dropped:?}");
+            assert_eq!(added.len(), dropped.len(), "{t}: leave {added:?} / {dropped:?}");
+            assert_eq!(!dropped.is_empty(), before.contains(&2), "{t}: {before:?}");
+            changed_by_leave += dropped.len();
+        }
+        println!(
+            "placement: r = 3, join 4->5 changed {changed_by_join}, leave 4->3 changed {changed_by_leave} of {TENANTS} sets"
+        );
+        assert!(changed_by_join > 0 && changed_by_leave > 0);
     }
 
     const PINNED_TENANTS: [&str; 8] = ["acme", "demo", "a", "b", "c", "tenant-00042", "x-1", "zz"];

@@ -19,11 +19,13 @@
 //! This file holds the store itself: its tenants' slots, and loading, unloading and eviction.
 //! [`execute`] runs a request on a loaded tenant, and [`streamed`] answers large reads in pieces.
 
+mod ballots;
 mod clock;
 mod error;
 mod execute;
 mod handoff;
 mod recovery;
+mod replica;
 mod streamed;
 mod tenant;
 mod vfs;
@@ -40,10 +42,14 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
 use std::time::Duration;
 
+pub use ballots::{
+    common_prefix, BallotError, BallotStart, Ballots, LogPosition, Shared, BALLOT_HISTORY_MAX,
+};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{StoreError, IO_RETRY_AFTER_S};
 pub use execute::{Begun, Logged};
 pub use handoff::is_tenant_file_path;
+pub use replica::{AppendRefusal, LogTail, ReplicaState, REPLICA_BATCH_BYTES_MAX};
 pub use streamed::{FileAnswer, Opened};
 pub use tenant::{
     PHEXT_MEMORY_OVERHEAD_BYTES, QUOTA_WARN_PERCENT, SCROLL_MEMORY_OVERHEAD_BYTES,

@@ -18,10 +18,11 @@ use std::sync::Arc;
 use proto::doc::contains_break;
 use proto::{Coordinate, Doc, PhextName};
 
+use super::ballots::Ballots;
 use super::error::StoreError;
 use super::tenant::{apply, PhextDoc, Tenant, TenantPaths, TEMP_SUFFIX};
 use super::vfs::Vfs;
-use super::wal::{decode_next, parse_segment_name, segment_name, Next, Op, Record, Wal};
+use super::wal::{decode_next, parse_segment_name, read_base, segment_name, Next, Op, Record, Wal};
 
 /// The suffix of a phext file: `<name>.phext`.
 const PHEXT_SUFFIX: &str = ".phext";
@@ -37,13 +38,19 @@ pub(crate) fn load(
 ) -> Result<Tenant, StoreError> {
     let exists = vfs.exists(&paths.root).map_err(StoreError::io("stat tenant dir", &paths.root))?;
     let mut docs = HashMap::new();
-    let (mut last_lsn, mut log_bytes) = (0, 0);
+    let (mut next_lsn, mut log_bytes) = (1, 0);
+    let mut ballots = Ballots::default();
     if exists {
+        ballots = super::ballots::read(vfs.as_ref(), &paths.root)?;
         docs = load_phexts(vfs.as_ref(), &paths.phexts)?;
+        let last_lsn;
         (last_lsn, log_bytes) = replay_log(vfs.as_ref(), &paths.wal, &mut docs)?;
+        // A checkpoint that deleted every segment left the log's next lsn in the base file.
+        next_lsn = (last_lsn + 1).max(read_base(vfs.as_ref(), &paths.root)?);
     }
-    let wal = Wal::new(paths.wal.clone(), vfs.clone(), last_lsn + 1, log_bytes);
-    Ok(Tenant::new(id.to_string(), paths, vfs, wal, docs, store_memory, now_ms))
+    let wal = Wal::new(paths.wal.clone(), vfs.clone(), next_lsn, log_bytes);
+    Ok(Tenant::new(id.to_string(), paths, vfs, wal, docs, store_memory, now_ms)
+        .with_ballots(ballots))
 }
 
 /// Entries of `dir`, or none if it does not exist.
@@ -154,12 +161,9 @@ pub(crate) fn replay_segment(
     }
 }
 
-/// Checks a record as a request would be checked, then applies it.
-fn apply_record(
-    path: &Path,
-    record: &Record<String>,
-    docs: &mut HashMap<PhextName, PhextDoc>,
-) -> Result<(), StoreError> {
+/// Checks a record as a request would be checked (a valid phext name and coordinate, no
+/// dimension break in its text), and returns its phext's name. `path` names where it came from.
+pub(crate) fn check_record(path: &Path, record: &Record<String>) -> Result<PhextName, StoreError> {
     let name = PhextName::parse(&record.phext)
         .map_err(|_| StoreError::corrupt(path, "record names an invalid phext"))?;
     let (c, text) = match &record.op {
@@ -171,6 +175,16 @@ fn apply_record(
             format!("record {} holds an invalid change", record.lsn),
         ));
     }
+    Ok(name)
+}
+
+/// Checks a record as a request would be checked, then applies it.
+fn apply_record(
+    path: &Path,
+    record: &Record<String>,
+    docs: &mut HashMap<PhextName, PhextDoc>,
+) -> Result<(), StoreError> {
+    let name = check_record(path, record)?;
     let d = docs.entry(name).or_default();
     apply(&mut d.doc, &record.op);
     d.applied_lsn = record.lsn;

@@ -14,14 +14,18 @@ use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use proto::streamed::OrderedRead;
 use proto::{ops, Coordinate, Doc, PhextName};
 
+use super::ballots::{self, Ballots, LogPosition};
 use super::error::StoreError;
+use super::replica::AppendRefusal;
 use super::vfs::{create_dir_durable, Vfs};
-use super::wal::{parse_segment_name, Op, Wal};
+use super::wal::{
+    decode_next, parse_segment_name, read_base, segment_name, write_base, Next, Op, Record, Wal,
+};
 use super::{tried, FileAnswer, Opened};
 
 /// Suffix of a phext file being written by a checkpoint. A phext file's own name ends in
@@ -134,6 +138,9 @@ pub(crate) struct Tenant {
     paths: TenantPaths,
     vfs: Arc<dyn Vfs>,
     wal: Wal,
+    /// The promise and ballot history of this replica (docs/REPLICATION.md); its file is
+    /// rewritten, under the gate, before anything that changed it is acknowledged.
+    ballots: Mutex<Ballots>,
     gate: RwLock<()>,
     /// Set once the tenant is unloaded or discarded; a writer that finds it set goes back to the
     /// store for the tenant's current incarnation.
@@ -176,6 +183,7 @@ impl Tenant {
             paths,
             vfs,
             wal,
+            ballots: Mutex::new(Ballots::default()),
             gate: RwLock::new(()),
             closed: AtomicBool::new(false),
             phexts: RwLock::new(phexts),
@@ -184,6 +192,12 @@ impl Tenant {
             store_memory,
             last_used_ms: AtomicU64::new(now_ms),
         }
+    }
+
+    /// The tenant with the ballots its directory holds (none for a tenant never replicated).
+    pub(crate) fn with_ballots(self, ballots: Ballots) -> Tenant {
+        *self.ballots() = ballots;
+        self
     }
 
     pub(crate) fn used_bytes(&self) -> u64 {
@@ -442,6 +456,182 @@ impl Tenant {
         }
     }
 
+    fn ballots(&self) -> MutexGuard<'_, Ballots> {
+        self.ballots.lock().expect("ballots lock poisoned: a thread panicked while holding it")
+    }
+
+    /// This replica's ballots and the lsn of its log's last record.
+    pub(crate) fn replica_state(&self) -> (Ballots, u64) {
+        let _gate = read_lock(&self.gate);
+        (self.ballots().clone(), self.wal.last_lsn())
+    }
+
+    /// Changes this replica's ballots with `change` under the gate alone (no write runs
+    /// meanwhile), and makes the change durable before it returns. `Ok(None)` if the tenant was
+    /// closed first.
+    pub(crate) fn change_ballots<R>(
+        &self,
+        change: impl FnOnce(&mut Ballots, u64) -> Result<(R, bool), ballots::BallotError>,
+    ) -> Result<Option<Result<R, ballots::BallotError>>, StoreError> {
+        let _gate = write_lock(&self.gate);
+        if self.is_closed() {
+            return Ok(None);
+        }
+        let mut b = self.ballots();
+        let mut next = b.clone();
+        let (out, changed) = match change(&mut next, self.wal.last_lsn()) {
+            Ok(done) => done,
+            Err(refused) => return Ok(Some(Err(refused))),
+        };
+        if changed {
+            create_dir_durable(self.vfs.as_ref(), &self.paths.root)
+                .map_err(StoreError::io("create tenant dir", &self.paths.root))?;
+            ballots::write(self.vfs.as_ref(), &self.paths.root, &next)?;
+            *b = next;
+        }
+        Ok(Some(Ok(out)))
+    }
+
+    /// Appends records a primary sent under `ballot`, continuing its log after `prev`, and
+    /// applies them, under the gate alone. Each record was checked as a request would be (its
+    /// phext's name beside it) and they follow one another. Refused, changing nothing, when
+    /// `ballot` is below this replica's promise or the log does not end at `prev`. The ballot's
+    /// start, when it begins a run here, is durable before the records are logged. Returns the
+    /// last record's lsn, to be acknowledged once durable ([`Self::wait_durable`]); `Ok(None)` if
+    /// the tenant was closed first.
+    pub(crate) fn append_replicated(
+        &self,
+        ballot: u64,
+        prev: LogPosition,
+        records: &[(PhextName, Record<String>)],
+    ) -> Result<Option<Result<u64, AppendRefusal>>, StoreError> {
+        let gate = write_lock(&self.gate);
+        if self.is_closed() {
+            return Ok(None);
+        }
+        let last = self.wal.last_lsn();
+        let (promised, have) = {
+            let b = self.ballots();
+            (b.promised(), b.position(last))
+        };
+        if ballot < promised {
+            let stale = ballots::BallotError::Stale { ballot, promised };
+            return Ok(Some(Err(AppendRefusal::Ballot(stale))));
+        }
+        if have != prev {
+            return Ok(Some(Err(AppendRefusal::NotContinuing { have })));
+        }
+        let Some((_, first)) = records.first() else {
+            return Ok(Some(Ok(last)));
+        };
+        assert_eq!(first.lsn, last + 1, "replicated records are checked to follow `prev`");
+        {
+            let mut b = self.ballots();
+            let mut next = b.clone();
+            match next.accept(ballot, first.lsn) {
+                Err(refused) => return Ok(Some(Err(AppendRefusal::Ballot(refused)))),
+                Ok(false) => {}
+                Ok(true) => {
+                    create_dir_durable(self.vfs.as_ref(), &self.paths.root)
+                        .map_err(StoreError::io("create tenant dir", &self.paths.root))?;
+                    ballots::write(self.vfs.as_ref(), &self.paths.root, &next)?;
+                }
+            }
+            *b = next;
+        }
+        let mut appended = last;
+        for (name, record) in records {
+            let entry = write_lock(&self.phexts).entry(name.clone()).or_default().clone();
+            let mut d = write_lock(&entry);
+            let before = d.doc.canonical_len();
+            let memory_before = doc_memory(&d.doc);
+            let lsn = self.wal.append(&record.phext, record.op.as_borrowed())?;
+            assert_eq!(lsn, record.lsn, "replicated records are checked to follow one another");
+            apply(&mut d.doc, &record.op);
+            d.applied_lsn = lsn;
+            d.dirty = true;
+            let after = d.doc.canonical_len();
+            if after >= before {
+                self.used_bytes.fetch_add(after - before, Ordering::SeqCst);
+            } else {
+                self.used_bytes.fetch_sub(before - after, Ordering::SeqCst);
+            }
+            self.add_memory(doc_memory(&d.doc) as i64 - memory_before as i64);
+            appended = lsn;
+        }
+        drop(gate);
+        Ok(Some(Ok(appended)))
+    }
+
+    /// Cuts the log after record `lsn`, under the gate alone, and closes the tenant without a
+    /// checkpoint, so that its next load rebuilds it from its files and the log that is left.
+    /// Refused (`Ok(Some(false))`) when records above `lsn` are already in the phext files (a
+    /// checkpoint passed them): such a replica needs a snapshot. `Ok(None)` if the tenant was
+    /// closed first.
+    pub(crate) fn truncate_after(&self, lsn: u64) -> Result<Option<bool>, StoreError> {
+        let _gate = write_lock(&self.gate);
+        if self.is_closed() {
+            return Ok(None);
+        }
+        let last = self.wal.last_lsn();
+        if lsn >= last {
+            return Ok(Some(true));
+        }
+        if lsn + 1 < read_base(self.vfs.as_ref(), &self.paths.root)? {
+            return Ok(Some(false));
+        }
+        // No flusher may be writing while the segments are cut.
+        self.wal.wait_durable(last)?;
+        let dir = self.wal.dir();
+        let mut starts: Vec<u64> = match self.vfs.list(dir) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            other => other
+                .map_err(StoreError::io("list log dir", dir))?
+                .iter()
+                .filter_map(|n| parse_segment_name(n))
+                .collect(),
+        };
+        starts.sort_unstable();
+        // Newest first, so a crash part way leaves a log that is still a prefix.
+        for &start in starts.iter().rev() {
+            let path = dir.join(segment_name(start));
+            if start > lsn {
+                self.vfs.remove_file(&path).map_err(StoreError::io("remove log segment", &path))?;
+                self.vfs.sync_dir(dir).map_err(StoreError::io("sync log dir", dir))?;
+                continue;
+            }
+            let bytes = self.vfs.read(&path).map_err(StoreError::io("read log segment", &path))?;
+            let mut at = 0;
+            let mut at_lsn = start;
+            while at_lsn <= lsn {
+                match decode_next(&bytes[at..], &path)? {
+                    Next::Record { len, .. } => {
+                        at += len;
+                        at_lsn += 1;
+                    }
+                    Next::End | Next::Torn(_) => break,
+                }
+            }
+            self.vfs
+                .truncate(&path, at as u64)
+                .map_err(StoreError::io("truncate log segment", &path))?;
+            let mut file =
+                self.vfs.open_append(&path).map_err(StoreError::io("open log segment", &path))?;
+            file.sync_data().map_err(StoreError::io("sync log segment", &path))?;
+            break;
+        }
+        let mut b = self.ballots();
+        let mut next = b.clone();
+        next.truncate_after(lsn);
+        if next != *b {
+            ballots::write(self.vfs.as_ref(), &self.paths.root, &next)?;
+            *b = next;
+        }
+        drop(b);
+        self.retire();
+        Ok(Some(true))
+    }
+
     /// Checkpoints if the log has grown past `log_bytes_max`.
     pub(crate) fn checkpoint_if_over(&self, log_bytes_max: u64) -> Result<(), StoreError> {
         if self.wal.log_bytes() <= log_bytes_max {
@@ -521,6 +711,8 @@ impl Tenant {
                 write_lock(entry).dirty = false;
             }
         }
+        // Before any segment goes, so the log continues from `rotated_at` even with none left.
+        write_base(self.vfs.as_ref(), &self.paths.root, rotated_at)?;
         self.remove_segments_before(rotated_at)
     }
 

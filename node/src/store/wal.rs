@@ -48,6 +48,18 @@ pub(crate) enum Op<S> {
     TruncateAppend { c: Coordinate, len_before: u64, text: S },
 }
 
+impl Op<String> {
+    /// The same change, borrowing its text: what [`Wal::append`] takes.
+    pub(crate) fn as_borrowed(&self) -> Op<&str> {
+        match self {
+            Op::Set { c, text } => Op::Set { c: *c, text },
+            Op::TruncateAppend { c, len_before, text } => {
+                Op::TruncateAppend { c: *c, len_before: *len_before, text }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub(crate) struct Record<S> {
     pub lsn: u64,
@@ -119,6 +131,54 @@ pub(crate) fn decode_next(buf: &[u8], path: &Path) -> Result<Next, StoreError> {
         Ok(_) => Err(StoreError::corrupt(path, "record has trailing bytes")),
         Err(e) => Err(StoreError::corrupt(path, format!("record does not decode: {e}"))),
     }
+}
+
+/// The file, in a tenant's directory, that holds the LSN its log continues from after a
+/// checkpoint deleted every segment: lsns never restart, so a record's lsn names it for the
+/// tenant's whole life (what replicas compare, docs/REPLICATION.md).
+pub(crate) const LOG_BASE_FILE: &str = "log-base";
+
+/// The bytes of a log-base file: the LSN (u64, little-endian) and its CRC-32C.
+fn encode_base(next_lsn: u64) -> [u8; 12] {
+    let mut out = [0u8; 12];
+    out[..8].copy_from_slice(&next_lsn.to_le_bytes());
+    let crc = crc32c::crc32c(&out[..8]);
+    out[8..].copy_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// The LSN a log-base file's bytes hold, or why they are not one.
+fn decode_base(bytes: &[u8]) -> Result<u64, &'static str> {
+    let bytes: &[u8; 12] = bytes.try_into().map_err(|_| "not 12 bytes")?;
+    let (lsn, crc) = bytes.split_at(8);
+    if crc32c::crc32c(lsn).to_le_bytes() != crc {
+        return Err("checksum mismatch");
+    }
+    Ok(u64::from_le_bytes(lsn.try_into().expect("8 bytes")))
+}
+
+/// The LSN the log of the tenant at `root` continues from when no segment is left: 1 for a
+/// tenant never checkpointed.
+pub(crate) fn read_base(vfs: &dyn Vfs, root: &Path) -> Result<u64, StoreError> {
+    let path = root.join(LOG_BASE_FILE);
+    if !vfs.exists(&path).map_err(StoreError::io("stat log base", &path))? {
+        return Ok(1);
+    }
+    let bytes = vfs.read(&path).map_err(StoreError::io("read log base", &path))?;
+    decode_base(&bytes).map_err(|detail| StoreError::corrupt(&path, detail))
+}
+
+/// Records durably that the log of the tenant at `root` continues from `next_lsn`: written by a
+/// checkpoint before it deletes the segments below it.
+pub(crate) fn write_base(vfs: &dyn Vfs, root: &Path, next_lsn: u64) -> Result<(), StoreError> {
+    let path = root.join(LOG_BASE_FILE);
+    let temp = root.join(format!("{LOG_BASE_FILE}.tmp"));
+    let mut file = vfs.create(&temp).map_err(StoreError::io("create log base", &temp))?;
+    file.write_all(&encode_base(next_lsn)).map_err(StoreError::io("write log base", &temp))?;
+    file.sync_data().map_err(StoreError::io("sync log base", &temp))?;
+    drop(file);
+    vfs.rename(&temp, &path).map_err(StoreError::io("rename log base", &path))?;
+    vfs.sync_dir(root).map_err(StoreError::io("sync tenant dir", root))
 }
 
 pub(crate) fn segment_name(first_lsn: u64) -> String {
@@ -359,5 +419,18 @@ mod tests {
         for bad in ["42.log", "0000000000000000004x.log", "00000000000000000042.tmp"] {
             assert_eq!(parse_segment_name(bad), None, "{bad}");
         }
+    }
+
+    // Goal: a log base round-trips, and any damage to its bytes is refused.
+    #[test]
+    fn a_log_base_refuses_damage() {
+        let bytes = encode_base(1_234_567);
+        assert_eq!(decode_base(&bytes), Ok(1_234_567));
+        for i in 0..bytes.len() {
+            let mut bad = bytes;
+            bad[i] ^= 0x01;
+            assert!(decode_base(&bad).is_err(), "bit flip at {i} accepted");
+        }
+        assert!(decode_base(&bytes[..11]).is_err());
     }
 }

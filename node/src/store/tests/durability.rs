@@ -213,3 +213,32 @@ fn clean_stop_folds_the_logs_of_tenants_not_loaded() {
     assert_eq!(get(&store, "acme", "select?p=doc&c=1.1.1/1.1.1/1.1.2"), "kept");
     assert_eq!(get(&store, "beta", "select?p=doc&c=1.1.1/1.1.1/1.1.3"), "more");
 }
+
+// Goal: lsns never restart. After a checkpoint deleted every segment, the log continues from
+// where it stopped, across reopens: the next segment is named for the next lsn, not for 1
+// (replicas compare logs by lsn, so an lsn must name one record for the tenant's whole life).
+#[test]
+fn lsns_continue_after_a_checkpoint_empties_the_log() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open(dir.path());
+    for i in 1..=3 {
+        get(&store, "acme", &format!("update?p=notes&c=1.1.1/1.1.1/1.1.{i}&s=v{i}"));
+    }
+    store.flush_all().expect("checkpoint");
+    assert!(segments(dir.path(), "acme").is_empty(), "a checkpoint empties the log");
+    drop(store);
+    for round in 0..2 {
+        let store = open(dir.path());
+        get(&store, "acme", &format!("update?p=notes&c=1.1.1/1.1.1/1.1.1&s=r{round}"));
+        let names: Vec<String> = segments(dir.path(), "acme")
+            .iter()
+            .map(|p| p.file_name().expect("a name").to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(names, vec![super::super::wal::segment_name(4 + round)], "round {round}");
+        store.flush_all().expect("checkpoint");
+        drop(store);
+    }
+    let store = open(dir.path());
+    assert_eq!(get(&store, "acme", "select?p=notes&c=1.1.1/1.1.1/1.1.1"), "r1");
+    assert_eq!(get(&store, "acme", "select?p=notes&c=1.1.1/1.1.1/1.1.3"), "v3");
+}

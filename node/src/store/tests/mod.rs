@@ -4,6 +4,7 @@
 mod durability;
 mod faults;
 mod reads;
+mod replication;
 mod tenancy;
 
 use std::path::{Path, PathBuf};

@@ -1,0 +1,241 @@
+//! The store's side of replication (docs/REPLICATION.md): what a replica promised and where its
+//! log ends ([`Store::replica_state`], [`Store::promise`]), a primary starting to write under a
+//! ballot ([`Store::lead`]), the records a primary ships ([`Store::log_from`]), a backup taking
+//! them ([`Store::append_from_primary`]) and a replica cutting a tail it does not share
+//! ([`Store::truncate_after`]).
+//!
+//! Records travel as the log stores them, framed and checksummed, and a backup checks each one
+//! as it checks its own log at recovery and a request at the door: a replica never applies what
+//! it could not have written itself.
+
+use std::path::Path;
+
+use super::ballots::{BallotError, Ballots, LogPosition};
+use super::error::StoreError;
+use super::recovery::check_record;
+use super::tenant::TenantPaths;
+use super::wal::{decode_next, parse_segment_name, segment_name, Next};
+use super::{check_tenant_id, lock_slot, Store};
+
+/// The most bytes of records [`Store::log_from`] returns at once (at least one record, however
+/// large): a batch is one message between nodes.
+pub const REPLICA_BATCH_BYTES_MAX: usize = 4 << 20;
+
+/// What a replica holds of a tenant: its promise and ballot history, and its log's last record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaState {
+    pub ballots: Ballots,
+    pub last_lsn: u64,
+}
+
+impl ReplicaState {
+    /// Where the log ends: what a prepare round compares.
+    pub fn position(&self) -> LogPosition {
+        self.ballots.position(self.last_lsn)
+    }
+}
+
+/// Why a backup refused a primary's records. Nothing was changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AppendRefusal {
+    #[error(transparent)]
+    Ballot(#[from] BallotError),
+    /// The records do not continue this replica's log, which ends at `have`: the primary sends
+    /// from further back, or the replica truncates to what the two logs share.
+    #[error("the records do not continue this log, which ends at record {} of ballot {}", .have.lsn, .have.ballot)]
+    NotContinuing { have: LogPosition },
+}
+
+/// A run of a tenant's log, as [`Store::log_from`] returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogTail {
+    /// Framed records `first_lsn..=last_lsn`, as the log holds them (none when `first_lsn` is
+    /// past the durable end: `last_lsn` is then `first_lsn - 1`).
+    Records { bytes: Vec<u8>, first_lsn: u64, last_lsn: u64 },
+    /// The log no longer holds `from`: a checkpoint folded it into the phext files, so the
+    /// replica behind needs a snapshot.
+    Checkpointed,
+}
+
+impl Store {
+    /// The tenant's promise, ballot history and log end, loading it if needed.
+    pub fn replica_state(&self, tenant: &str) -> Result<ReplicaState, StoreError> {
+        check_tenant_id(tenant)?;
+        self.on_loaded(tenant, |t| {
+            let (ballots, last_lsn) = t.replica_state();
+            Ok(Some(ReplicaState { ballots, last_lsn }))
+        })
+    }
+
+    /// Promises `ballot` for the tenant (durably): lower ballots are refused from now on. Answers
+    /// what this replica holds, for the new primary's choice of the most advanced log.
+    pub fn promise(
+        &self,
+        tenant: &str,
+        ballot: u64,
+    ) -> Result<Result<ReplicaState, BallotError>, StoreError> {
+        check_tenant_id(tenant)?;
+        let promised =
+            self.on_loaded(tenant, |t| t.change_ballots(|b, _| Ok(((), b.promise(ballot)?))))?;
+        match promised {
+            Err(refused) => Ok(Err(refused)),
+            Ok(()) => self.replica_state(tenant).map(Ok),
+        }
+    }
+
+    /// This replica becomes the tenant's primary under `ballot`: its writes from now on are
+    /// records of that ballot. Durable before it returns; refused for a ballot below the promise.
+    pub fn lead(&self, tenant: &str, ballot: u64) -> Result<Result<(), BallotError>, StoreError> {
+        check_tenant_id(tenant)?;
+        self.on_loaded(tenant, |t| t.change_ballots(|b, last| Ok(((), b.lead(ballot, last + 1)?))))
+    }
+
+    /// The tenant's durable records from `from_lsn` on, at most [`REPLICA_BATCH_BYTES_MAX`]
+    /// bytes of them (at least one record), as its log holds them.
+    pub fn log_from(&self, tenant: &str, from_lsn: u64) -> Result<LogTail, StoreError> {
+        check_tenant_id(tenant)?;
+        let from_lsn = from_lsn.max(1);
+        let durable = self.on_loaded(tenant, |t| {
+            let last = t.replica_state().1;
+            t.wait_durable(last)?;
+            Ok(Some(last))
+        })?;
+        if from_lsn > durable {
+            return Ok(LogTail::Records {
+                bytes: Vec::new(),
+                first_lsn: from_lsn,
+                last_lsn: durable,
+            });
+        }
+        let dir = TenantPaths::new(&self.tenants_dir, tenant).wal;
+        let mut starts: Vec<u64> = match self.vfs.list(&dir) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            other => other
+                .map_err(StoreError::io("list log dir", &dir))?
+                .iter()
+                .filter_map(|n| parse_segment_name(n))
+                .collect(),
+        };
+        starts.sort_unstable();
+        // The segment holding `from_lsn` is the last one starting at or before it.
+        let Some(first_segment) = starts.iter().rposition(|&s| s <= from_lsn) else {
+            return Ok(LogTail::Checkpointed);
+        };
+        let mut bytes = Vec::new();
+        let mut next = from_lsn;
+        for &start in &starts[first_segment..] {
+            let path = dir.join(segment_name(start));
+            let segment = match self.vfs.read(&path) {
+                // A checkpoint deleted it meanwhile.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    return Ok(LogTail::Checkpointed)
+                }
+                other => other.map_err(StoreError::io("read log segment", &path))?,
+            };
+            if !take_records(&path, &segment, start, &mut next, durable, &mut bytes)? {
+                break;
+            }
+        }
+        if next == from_lsn {
+            // The segments hold no record `from_lsn`: it was folded into the phext files.
+            return Ok(LogTail::Checkpointed);
+        }
+        Ok(LogTail::Records { bytes, first_lsn: from_lsn, last_lsn: next - 1 })
+    }
+
+    /// Takes records a primary sent for the tenant under `ballot`, continuing this replica's
+    /// log after `prev` (framed as [`Self::log_from`] returns them). Each is checked as a record
+    /// of this node's own log would be; a batch that is damaged or does not run on from `prev`
+    /// one lsn at a time is refused as corrupt, changing nothing. Answers the log's end once it
+    /// is durable, or why the records were refused.
+    pub fn append_from_primary(
+        &self,
+        tenant: &str,
+        ballot: u64,
+        prev: LogPosition,
+        bytes: &[u8],
+    ) -> Result<Result<LogPosition, AppendRefusal>, StoreError> {
+        check_tenant_id(tenant)?;
+        let from = Path::new("records from the primary");
+        let mut records = Vec::new();
+        let mut at = 0;
+        while at < bytes.len() {
+            match decode_next(&bytes[at..], from)? {
+                Next::Record { record, len } => {
+                    if record.lsn != prev.lsn + 1 + records.len() as u64 {
+                        let detail =
+                            format!("record {} out of order after {}", record.lsn, prev.lsn);
+                        return Err(StoreError::corrupt(from, detail));
+                    }
+                    records.push((check_record(from, &record)?, record));
+                    at += len;
+                }
+                Next::End => break,
+                Next::Torn(why) => return Err(StoreError::corrupt(from, why)),
+            }
+        }
+        let appended = self.on_loaded(tenant, |t| {
+            Ok(match t.append_replicated(ballot, prev, &records)? {
+                None => None,
+                Some(Err(refused)) => Some(Err(refused)),
+                Some(Ok(last)) => {
+                    t.wait_durable(last)?;
+                    Some(Ok(t.replica_state().0.position(last)))
+                }
+            })
+        })?;
+        Ok(appended)
+    }
+
+    /// Cuts the tenant's log after record `lsn` (the last one this replica shares with its
+    /// primary) and drops the tenant from memory, so its next use loads what is left. `false`,
+    /// changing nothing, when a checkpoint already folded records above `lsn` into the phext
+    /// files: this replica then needs a snapshot.
+    pub fn truncate_after(&self, tenant: &str, lsn: u64) -> Result<bool, StoreError> {
+        check_tenant_id(tenant)?;
+        // Loaded, then cut under its slot, so no request loads it again half way.
+        self.on_loaded(tenant, |_| Ok(Some(())))?;
+        let slot = self.slot(tenant);
+        let mut s = lock_slot(&slot);
+        let Some(t) = s.tenant.clone() else {
+            return Err(StoreError::Busy(tenant.to_string()));
+        };
+        let cut = t.truncate_after(lsn)?.ok_or_else(|| StoreError::Busy(tenant.to_string()))?;
+        if t.is_closed() {
+            s.tenant = None;
+            self.loaded_count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
+        Ok(cut)
+    }
+}
+
+/// Appends to `out` the records of one segment (first lsn `start`) from `*next` up to `durable`,
+/// advancing `*next`; false once the batch is full or the durable end is reached.
+fn take_records(
+    path: &Path,
+    segment: &[u8],
+    start: u64,
+    next: &mut u64,
+    durable: u64,
+    out: &mut Vec<u8>,
+) -> Result<bool, StoreError> {
+    let mut at = 0;
+    let mut lsn = start;
+    while lsn <= durable {
+        let len = match decode_next(&segment[at..], path)? {
+            Next::Record { len, .. } => len,
+            // The tail a flusher is still writing, or the segment's end.
+            Next::End | Next::Torn(_) => return Ok(true),
+        };
+        if lsn >= *next {
+            if !out.is_empty() && out.len() + len > REPLICA_BATCH_BYTES_MAX {
+                return Ok(false);
+            }
+            out.extend_from_slice(&segment[at..at + len]);
+            *next = lsn + 1;
+        }
+        at += len;
+        lsn += 1;
+    }
+    Ok(false)
+}

@@ -1,0 +1,139 @@
+//! Replication at the store: a backup takes a primary's records and holds the same documents;
+//! ballots fence a deposed primary; a diverged tail is cut to what two logs share.
+
+use super::*;
+use crate::store::{common_prefix, AppendRefusal, BallotError, LogPosition, LogTail, Shared};
+
+const T: &str = "acme";
+
+/// Writes `n` updates to `p`, scroll `i` of them set to `<tag><i>`, then inserts ` <tag>` (a
+/// `+` in a query is a space) at the end of scroll 1.
+fn write(store: &Store, p: &str, tag: &str, n: u32) {
+    for i in 1..=n {
+        get(store, T, &format!("update?p={p}&c=1.1.1/1.1.1/1.1.{i}&s={tag}{i}"));
+    }
+    get(store, T, &format!("insert?p={p}&c=1.1.1/1.1.1/1.1.1&s=+{tag}"));
+}
+
+/// Ships everything `from` holds after `to`'s log end, under `ballot`, as a primary does: the
+/// records after that lsn, with the position the primary's own log has there. Returns where `to`
+/// ends then.
+fn ship(from: &Store, to: &Store, ballot: u64) -> Result<LogPosition, AppendRefusal> {
+    let end = to.replica_state(T).expect("state").last_lsn;
+    let prev = from.replica_state(T).expect("state").ballots.position(end);
+    let LogTail::Records { bytes, .. } = from.log_from(T, end + 1).expect("log") else {
+        panic!("the primary's log still holds what the backup lacks");
+    };
+    to.append_from_primary(T, ballot, prev, &bytes).expect("no store error")
+}
+
+/// Both stores answer the same for every phext named.
+fn same_documents(a: &Store, b: &Store, phexts: &[&str]) {
+    for p in phexts {
+        let get_a = get(a, T, &format!("get?p={p}"));
+        assert!(!get_a.is_empty(), "{p} holds something");
+        assert_eq!(get_a, get(b, T, &format!("get?p={p}")), "{p}");
+        assert_eq!(get(a, T, &format!("checksum?p={p}")), get(b, T, &format!("checksum?p={p}")));
+    }
+}
+
+// Goal: a backup that takes the primary's records holds byte-identical documents, at the same
+// log position, also after a crash and reopen; a second batch continues the first.
+#[test]
+fn a_backup_holds_what_the_primary_wrote() {
+    let (da, db) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let (primary, backup) = (open(da.path()), open(db.path()));
+    primary.lead(T, 1).expect("store").expect("ballot");
+    write(&primary, "notes", "a", 5);
+    write(&primary, "todo", "b", 3);
+    let end = ship(&primary, &backup, 1).expect("taken");
+    assert_eq!(end, LogPosition { ballot: 1, lsn: 10 });
+    same_documents(&primary, &backup, &["notes", "todo"]);
+    write(&primary, "notes", "c", 2);
+    assert_eq!(ship(&primary, &backup, 1), Ok(LogPosition { ballot: 1, lsn: 13 }));
+    same_documents(&primary, &backup, &["notes", "todo"]);
+    drop(backup);
+    let backup = open(db.path());
+    same_documents(&primary, &backup, &["notes", "todo"]);
+    assert_eq!(backup.replica_state(T).expect("state"), primary.replica_state(T).expect("state"));
+}
+
+// Goal: a promise fences a deposed primary (its records are refused, nothing changes), records
+// that do not continue the log are refused with where it ends, and a damaged batch is refused
+// as corrupt.
+#[test]
+fn a_backup_refuses_a_lower_ballot_a_gap_and_damage() {
+    let (da, db) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let (primary, backup) = (open(da.path()), open(db.path()));
+    primary.lead(T, 3).expect("store").expect("ballot");
+    write(&primary, "notes", "a", 2);
+    assert!(ship(&primary, &backup, 3).is_ok());
+    let before = backup.replica_state(T).expect("state");
+    assert_eq!(before.last_lsn, 3);
+    // A new primary took ballot 5 from this backup.
+    let promised = backup.promise(T, 5).expect("store").expect("promise");
+    assert_eq!(promised.ballots.promised(), 5);
+    write(&primary, "notes", "late", 1);
+    assert_eq!(
+        ship(&primary, &backup, 3),
+        Err(AppendRefusal::Ballot(BallotError::Stale { ballot: 3, promised: 5 }))
+    );
+    assert_eq!(
+        backup.promise(T, 4).expect("store"),
+        Err(BallotError::Stale { ballot: 4, promised: 5 })
+    );
+    // A batch that skips a record.
+    let LogTail::Records { bytes, .. } = primary.log_from(T, 5).expect("log") else { panic!() };
+    let gap = backup.append_from_primary(T, 5, LogPosition { ballot: 3, lsn: 4 }, &bytes);
+    assert_eq!(gap.expect("store"), Err(AppendRefusal::NotContinuing { have: before.position() }));
+    // A damaged batch.
+    let LogTail::Records { mut bytes, .. } = primary.log_from(T, 4).expect("log") else { panic!() };
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x40;
+    let damaged = backup.append_from_primary(T, 5, before.position(), &bytes);
+    assert!(matches!(damaged, Err(StoreError::Corrupt { .. })), "{damaged:?}");
+    let after = backup.replica_state(T).expect("state");
+    assert_eq!((after.last_lsn, after.position()), (before.last_lsn, before.position()));
+    assert_eq!(get(&backup, T, "select?p=notes&c=1.1.1/1.1.1/1.1.1"), "a1 a");
+}
+
+// Goal: an old primary's unacknowledged tail is cut to the last record it shares with the new
+// primary (by ballot history, KIP-101), and it then follows the new primary to identical
+// documents. A tail below a checkpoint cannot be cut: the replica needs a snapshot.
+#[test]
+fn a_diverged_tail_is_cut_to_what_the_logs_share() {
+    let (da, db) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let (old, new) = (open(da.path()), open(db.path()));
+    old.lead(T, 1).expect("store").expect("ballot");
+    write(&old, "notes", "a", 2);
+    assert_eq!(ship(&old, &new, 1), Ok(LogPosition { ballot: 1, lsn: 3 }));
+    // Written on the old primary only, never acknowledged; then it fails.
+    write(&old, "notes", "lost", 1);
+    // The survivor leads ballot 2 and writes on.
+    new.promise(T, 2).expect("store").expect("promise");
+    new.lead(T, 2).expect("store").expect("ballot");
+    write(&new, "notes", "b", 3);
+    let (o, n) = (old.replica_state(T).expect("state"), new.replica_state(T).expect("state"));
+    assert_eq!(o.position(), LogPosition { ballot: 1, lsn: 5 });
+    assert_eq!(n.position(), LogPosition { ballot: 2, lsn: 7 });
+    assert!(n.position() > o.position(), "the new primary's log is the more advanced");
+    assert_eq!(common_prefix(&o.ballots, o.last_lsn, &n.ballots, n.last_lsn), Shared::Through(3));
+    // Records 4 and 5 of the old primary are not record 4 and 5 of the new one.
+    assert!(matches!(ship(&new, &old, 2), Err(AppendRefusal::NotContinuing { .. })));
+    assert!(old.truncate_after(T, 3).expect("store"), "the tail is above any checkpoint");
+    assert_eq!(old.replica_state(T).expect("state").position(), LogPosition { ballot: 1, lsn: 3 });
+    assert_eq!(ship(&new, &old, 2), Ok(LogPosition { ballot: 2, lsn: 7 }));
+    same_documents(&new, &old, &["notes"]);
+    assert_eq!(get(&old, T, "select?p=notes&c=1.1.1/1.1.1/1.1.1"), "b1 b");
+    // After a checkpoint the folded records cannot be cut, and the log no longer has them.
+    new.flush_all().expect("checkpoint");
+    assert!(!new.truncate_after(T, 5).expect("store"));
+    assert_eq!(new.log_from(T, 1).expect("log"), LogTail::Checkpointed);
+    assert_eq!(
+        new.log_from(T, 8).expect("log"),
+        LogTail::Records { bytes: Vec::new(), first_lsn: 8, last_lsn: 7 }
+    );
+    write(&new, "notes", "c", 1);
+    assert_eq!(ship(&new, &old, 2), Ok(LogPosition { ballot: 2, lsn: 9 }));
+    same_documents(&new, &old, &["notes"]);
+}
