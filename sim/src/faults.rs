@@ -1,5 +1,6 @@
 //! The fault schedule: from one seed, a stream of partitions (both ways and one way), bad
-//! network weather (loss, duplication, long delays), process crashes with restarts, full and
+//! network weather (loss, duplication, long delays), process crashes with restarts, frozen
+//! processes (a SIGSTOP: everything they send or are sent waits until they resume), full and
 //! slow disks, and clock jumps. Each fault is undone after a while; [`heal`] undoes them all.
 
 use std::sync::Arc;
@@ -32,16 +33,18 @@ enum Kind {
     OneWay,
     Weather,
     Crash,
+    Freeze,
     DiskFull,
     SlowDisk,
     ClockJump,
 }
 
-const KINDS: [(Kind, u64); 7] = [
+const KINDS: [(Kind, u64); 8] = [
     (Kind::Partition, 20),
     (Kind::OneWay, 15),
     (Kind::Weather, 15),
     (Kind::Crash, 20),
+    (Kind::Freeze, 10),
     (Kind::DiskFull, 10),
     (Kind::SlowDisk, 10),
     (Kind::ClockJump, 10),
@@ -146,6 +149,11 @@ fn inject(
             later(length, stop, move || net.set_weather(Weather::default()));
         }
         Kind::Crash => crash(world, rng, node, length, stop),
+        Kind::Freeze => {
+            world.trace.event(format!("fault: n{node} frozen for {} ms", length.as_millis()));
+            world.stats().freezes += 1;
+            world.cluster.net.freeze(node, tokio::time::Instant::now() + length);
+        }
         Kind::DiskFull | Kind::SlowDisk => {
             let Some(disk) = world.cluster.disk(node) else { return };
             let mut faults = disk.faults();

@@ -242,6 +242,7 @@ fn print_census(mut rows: Vec<(u64, Stats)>) {
     let columns = [
         "partitions",
         "crashes",
+        "freezes",
         "disk faults",
         "membership",
         "handoffs done",
@@ -253,9 +254,10 @@ fn print_census(mut rows: Vec<(u64, Stats)>) {
     println!("census: seed, {}", columns.join(", "));
     let line = |s: &Stats| {
         format!(
-            "{}, {}, {}, {}, {}, {} ({}), {}, {}, {}",
+            "{}, {}, {}, {}, {}, {}, {} ({}), {}, {}, {}",
             s.partitions,
             s.crashes,
+            s.freezes,
             s.disk_faults,
             s.membership_changes,
             s.handoffs_done,
@@ -272,6 +274,7 @@ fn print_census(mut rows: Vec<(u64, Stats)>) {
         println!("census: {seed}, {}", line(s));
         total.partitions += s.partitions;
         total.crashes += s.crashes;
+        total.freezes += s.freezes;
         total.disk_faults += s.disk_faults;
         total.membership_changes += s.membership_changes;
         total.handoffs_done += s.handoffs_done;

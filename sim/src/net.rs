@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use proto::cluster::{NodeRequest, NodeResponse};
+use tokio::time::Instant;
 use transport::{CallFuture, Caller, Handler, Peer, Role, TransportError};
 
 use crate::monitor::Monitor;
@@ -68,6 +69,9 @@ struct Inner {
     incarnations: BTreeMap<u64, u64>,
     /// Directed links that drop everything.
     cut: BTreeSet<(Endpoint, Endpoint)>,
+    /// Frozen node processes (a SIGSTOP) and when each resumes: nothing reaches or leaves one
+    /// until then, and what was sent meanwhile is delivered late, not lost.
+    frozen: BTreeMap<u64, Instant>,
     weather: Weather,
     next_message: u64,
 }
@@ -193,6 +197,7 @@ impl Net {
             targets: BTreeMap::new(),
             incarnations: BTreeMap::new(),
             cut: BTreeSet::new(),
+            frozen: BTreeMap::new(),
             weather: Weather::default(),
             next_message: 0,
         };
@@ -240,7 +245,27 @@ impl Net {
     pub fn heal(&self) {
         let mut inner = self.lock();
         inner.cut.clear();
+        inner.frozen.clear();
         inner.weather = Weather::default();
+    }
+
+    /// Freezes node `id`'s process until `until`: what it sends and what is sent to it waits
+    /// for then (the process is stopped, its sockets' buffers hold the bytes), as do the answers
+    /// of requests it was handling.
+    pub fn freeze(&self, id: u64, until: Instant) {
+        self.lock().frozen.insert(id, until);
+    }
+
+    /// Waits until `who` is not frozen.
+    async fn wait_thaw(&self, who: Endpoint) {
+        let Endpoint::Node(id) = who else { return };
+        loop {
+            let until = self.lock().frozen.get(&id).copied();
+            match until {
+                Some(until) if until > Instant::now() => tokio::time::sleep_until(until).await,
+                _ => return,
+            }
+        }
     }
 
     fn alive(inner: &Inner, who: Endpoint, incarnation: u64) -> bool {
@@ -281,6 +306,11 @@ impl Net {
         (id, Fate::Delivered { delay_ms, duplicate_delay_ms })
     }
 
+    /// The node listening at `to`, if any.
+    fn node_at(&self, to: SocketAddr) -> Option<u64> {
+        self.lock().targets.get(&to).map(|t| t.node)
+    }
+
     /// The target at `to` if it is up and the link from `from` is whole, at delivery time.
     fn reachable(
         &self,
@@ -314,6 +344,8 @@ impl Net {
         request: Bytes,
     ) -> Result<Bytes, TransportError> {
         let kind = kind_of(&request);
+        // A frozen process sends nothing until it resumes.
+        self.wait_thaw(port.from).await;
         let (id, fate) = self.plan(port.from, port.incarnation, to, &kind);
         let what = |fate: &str| format!("msg {id} {} -> {to} {} {fate}", port.from, kind.label);
         match fate {
@@ -373,6 +405,10 @@ impl Net {
         reply: Option<tokio::sync::oneshot::Sender<Bytes>>,
     ) {
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        if let Some(node) = self.node_at(to) {
+            // Held in the frozen process's socket until it resumes.
+            self.wait_thaw(Endpoint::Node(node)).await;
+        }
         let Some((node, incarnation, service)) = self.reachable(port.from, port.incarnation, to)
         else {
             self.trace.detail(format!("msg {id} dropped on arrival"));
@@ -401,6 +437,8 @@ impl Net {
             }
         }
         let Some(reply) = reply else { return };
+        // A process frozen while it handled the request answers once it resumes.
+        self.wait_thaw(Endpoint::Node(node)).await;
         let Some(back_ms) = self.plan_answer(node, port.from) else {
             self.trace.detail(format!("msg {id} answer lost"));
             return;

@@ -48,9 +48,12 @@ pub struct Stats {
     pub admin_ok: u64,
     pub admin_failed: u64,
     pub faults: u64,
-    /// Faults by kind: partitions (both ways or one way), process crashes, full or slow disks.
+    /// Faults by kind: partitions (both ways or one way), process crashes, frozen processes, full
+    /// or slow disks.
     pub partitions: u64,
     pub crashes: u64,
+    /// Node processes frozen (stopped, then resumed with everything sent meanwhile late).
+    pub freezes: u64,
     pub disk_faults: u64,
     /// Registry entries that changed a node's membership state while the faults ran.
     pub membership_changes: u64,
