@@ -83,7 +83,10 @@ fn registers_stay_linearizable_under_kill_pause_join_and_drain() {
     let stopper = StopOnDrop(shared.stop.clone());
     std::thread::sleep(QUIET);
     let log = {
-        let mut nemesis = Nemesis::new(&mut cluster, StdRng::seed_from_u64(rng.gen()));
+        let tenants = (0..TENANTS)
+            .map(|t| (tenant_id(t), targets[t * PHEXTS * COORDS.len()].api_key.clone()));
+        let mut nemesis =
+            Nemesis::new(&mut cluster, tenants.collect(), StdRng::seed_from_u64(rng.gen()));
         nemesis.run(&faults);
         std::mem::take(&mut nemesis.log)
     };
@@ -109,7 +112,11 @@ fn registers_stay_linearizable_under_kill_pause_join_and_drain() {
         targets.len(),
         report.took,
     );
-    eprintln!("linearizable: indeterminate answers by kind: {:?}", report.indeterminate_kinds);
+    eprintln!(
+        "linearizable: indeterminate answers by kind {:?}; {} of them writes, {} of which a later \
+         read saw",
+        report.indeterminate_kinds, report.indeterminate_writes, report.indeterminate_writes_read
+    );
     assert!(report.failures.is_empty(), "seed {seed}:\n{}", report.failures.join("\n"));
     for (key, n) in &report.acknowledged_by_key {
         assert!(*n >= ACKNOWLEDGED_PER_KEY_MIN, "seed {seed}: {key:?} had {n} acknowledged");
@@ -139,6 +146,10 @@ fn targets(cluster: &DevCluster) -> Vec<Target> {
         }
     }
     targets
+}
+
+fn tenant_id(tenant: usize) -> String {
+    format!("reg{tenant}")
 }
 
 /// Reads `target` once the cluster healed, by a process of its own, until it is answered:
@@ -177,6 +188,9 @@ struct Report {
     failures: Vec<String>,
     acknowledged: usize,
     indeterminate: usize,
+    /// Indeterminate writes, and those of them a later read saw (they did take effect).
+    indeterminate_writes: usize,
+    indeterminate_writes_read: usize,
     indeterminate_kinds: std::collections::BTreeMap<String, usize>,
     acknowledged_by_key: Vec<(Key, usize)>,
     mutations_refused: usize,
@@ -217,12 +231,28 @@ fn check_all(events: &[Event], targets: &[Target]) -> Report {
         .unwrap()
 }
 
+/// Adds one key's counts to `report`.
 fn count(events: &[Event], key: Key, report: &mut Report) {
+    let read: std::collections::BTreeSet<&str> = events
+        .iter()
+        .filter_map(|e| match &e.step {
+            Step::Complete(Outcome::ReadOk(v)) => Some(v.as_str()),
+            _ => None,
+        })
+        .collect();
     let mut acknowledged = 0;
+    let mut writing = std::collections::BTreeMap::new();
     for e in events {
         match &e.step {
+            Step::Invoke(op) => {
+                writing.insert(e.process, op);
+            }
             Step::Complete(Outcome::Indeterminate(why)) => {
                 report.indeterminate += 1;
+                if let Some(Op::Write(v)) = writing.get(&e.process) {
+                    report.indeterminate_writes += 1;
+                    report.indeterminate_writes_read += usize::from(read.contains(v.as_str()));
+                }
                 let kind = match why.split(' ').next().unwrap_or_default() {
                     "no" if why.contains("timed out") => "timeout".to_string(),
                     "no" => "no answer".to_string(),
@@ -231,7 +261,6 @@ fn count(events: &[Event], key: Key, report: &mut Report) {
                 *report.indeterminate_kinds.entry(kind).or_default() += 1;
             }
             Step::Complete(_) => acknowledged += 1,
-            Step::Invoke(_) => {}
         }
     }
     report.acknowledged += acknowledged;

@@ -18,9 +18,11 @@ pub const KILLS: usize = 3;
 pub const PAUSES: usize = 3;
 pub const MEMBERSHIP: [Fault; 4] = [Fault::Join, Fault::Drain, Fault::Join, Fault::Drain];
 
-/// Quiet time between two faults, drawn in this range: clients see the cluster heal.
-pub const GAP_MS_MIN: u64 = 1_500;
-pub const GAP_MS_MAX: u64 = 3_500;
+/// Time between two faults, drawn in this range. A kill or a freeze ends only once its node's
+/// tenants are served again, but a join returns when it is accepted: a short gap after it puts
+/// the next fault in the middle of its handoffs.
+pub const GAP_MS_MIN: u64 = 0;
+pub const GAP_MS_MAX: u64 = 3_000;
 
 /// How long a node stays frozen, drawn in this range: past the gateway's 1.5 s forwarding
 /// bound and gossip's suspicion, so clients see timeouts and 503s, not only slow answers.
@@ -77,6 +79,8 @@ struct Joined {
 
 pub struct Nemesis<'a> {
     cluster: &'a mut DevCluster,
+    /// The test's tenants, (id, API key): kills and freezes pick among the nodes that own one.
+    tenants: Vec<(String, String)>,
     joined: Option<Joined>,
     next_id: u64,
     rng: StdRng,
@@ -86,9 +90,14 @@ pub struct Nemesis<'a> {
 }
 
 impl<'a> Nemesis<'a> {
-    pub fn new(cluster: &'a mut DevCluster, rng: StdRng) -> Nemesis<'a> {
+    pub fn new(
+        cluster: &'a mut DevCluster,
+        tenants: Vec<(String, String)>,
+        rng: StdRng,
+    ) -> Nemesis<'a> {
         Nemesis {
             cluster,
+            tenants,
             joined: None,
             next_id: DEV_NODES + 1,
             rng,
@@ -116,6 +125,37 @@ impl<'a> Nemesis<'a> {
         self.heal();
     }
 
+    /// A node that owns at least one of the test's tenants now (so the fault is seen by
+    /// clients), and the tenants it owns.
+    fn victim(&mut self) -> (u64, Vec<(String, String)>) {
+        let mut owned: std::collections::BTreeMap<u64, Vec<(String, String)>> = Default::default();
+        for (tenant, key) in &self.tenants {
+            let path = format!("/admin/tenants/{tenant}/stats");
+            let (status, stats) = admin(self.cluster, reqwest::Method::GET, &path, None);
+            assert_eq!(status, 200, "stats of {tenant}: {stats}");
+            let node = stats["node"].as_u64().unwrap_or_else(|| panic!("{tenant}: {stats}"));
+            owned.entry(node).or_default().push((tenant.clone(), key.clone()));
+        }
+        let owners: Vec<u64> = owned.keys().copied().collect();
+        let id = *owners.choose(&mut self.rng).expect("the test's tenants have owners");
+        (id, owned.remove(&id).unwrap())
+    }
+
+    /// Waits until every tenant of `owned` is served again (a select answered).
+    fn wait_served(&self, owned: &[(String, String)]) {
+        for (tenant, key) in owned {
+            wait_for(RECOVERY_LIMIT, &format!("{tenant} served again"), || {
+                let path = "/select?p=register0&c=1.1.1/1.1.1/1.1.1";
+                let answer = crate::common::http()
+                    .get(format!("{}{path}", self.cluster.url()))
+                    .bearer_auth(key)
+                    .send()
+                    .ok()?;
+                (answer.status().as_u16() == 200).then_some(())
+            });
+        }
+    }
+
     /// The ids of the nodes running now, dev's and the joined one.
     fn running(&self) -> Vec<u64> {
         let mut ids: Vec<u64> = (1..=DEV_NODES).collect();
@@ -133,8 +173,7 @@ impl<'a> Nemesis<'a> {
     }
 
     fn kill(&mut self) -> String {
-        let ids = self.running();
-        let id = *ids.choose(&mut self.rng).unwrap();
+        let (id, owned) = self.victim();
         let pid = self.pid(id);
         let down = self.rng.gen_range(DOWN_MS_MIN..=DOWN_MS_MAX);
         let started = Instant::now();
@@ -150,20 +189,32 @@ impl<'a> Nemesis<'a> {
             });
         }
         self.wait_alive(id);
-        format!("kill -9 node {id} (pid {pid}); back and alive after {:?}", started.elapsed())
+        self.wait_served(&owned);
+        let names: Vec<&str> = owned.iter().map(|(t, _)| t.as_str()).collect();
+        format!(
+            "kill -9 node {id} (pid {pid}, owner of {names:?}); restarted and its tenants \
+             served again after {:?}",
+            started.elapsed()
+        )
     }
 
     fn pause(&mut self) -> String {
-        let ids = self.running();
-        let id = *ids.choose(&mut self.rng).unwrap();
+        let (id, owned) = self.victim();
         let pid = self.pid(id);
         let frozen = Duration::from_millis(self.rng.gen_range(PAUSE_MS_MIN..=PAUSE_MS_MAX));
         {
             let _frozen = Frozen::freeze(pid);
             std::thread::sleep(frozen);
         }
+        let started = Instant::now();
         self.wait_alive(id);
-        format!("froze node {id} (pid {pid}) for {frozen:?}")
+        self.wait_served(&owned);
+        let names: Vec<&str> = owned.iter().map(|(t, _)| t.as_str()).collect();
+        format!(
+            "froze node {id} (pid {pid}, owner of {names:?}) for {frozen:?}; its tenants served \
+             again {:?} after SIGCONT",
+            started.elapsed()
+        )
     }
 
     fn join(&mut self) -> String {
