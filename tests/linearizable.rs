@@ -57,11 +57,55 @@ const CHECK_STACK_BYTES: usize = 256 << 20;
 fn registers_stay_linearizable_under_kill_pause_join_and_drain() {
     let seed = std::env::var(SEED_VAR).ok().and_then(|s| s.parse().ok()).unwrap_or(SEED_DEFAULT);
     eprintln!("linearizable: seed {seed} ({SEED_VAR}={seed} replays this schedule)");
-    let started = Instant::now();
     let mut rng = StdRng::seed_from_u64(seed);
     let faults = nemesis::schedule(&mut rng);
     eprintln!("linearizable: faults {faults:?}");
 
+    let run = run_workload(&mut rng, &faults);
+    let report = check_all(&run.events, &run.keys);
+    eprintln!(
+        "linearizable: seed {seed}; {} faults; {} client operations and {} final reads \
+         ({} acknowledged, {} indeterminate) on {} keys in {:?}; checked in {:?}",
+        run.faults.len(),
+        run.operations,
+        run.keys.len(),
+        report.acknowledged,
+        report.indeterminate,
+        run.keys.len(),
+        run.took,
+        report.took,
+    );
+    eprintln!(
+        "linearizable: indeterminate answers by kind {:?}; {} of them writes; a later read saw \
+         these nonetheless (answer: count): {:?}",
+        report.indeterminate_kinds, report.indeterminate_writes, report.indeterminate_writes_read
+    );
+    assert!(report.failures.is_empty(), "seed {seed}:\n{}", report.failures.join("\n"));
+    for (key, n) in &report.acknowledged_by_key {
+        assert!(*n >= ACKNOWLEDGED_PER_KEY_MIN, "seed {seed}: {key:?} had {n} acknowledged");
+    }
+    assert!(report.mutations_refused > 0, "seed {seed}: no key's history allowed a stale read");
+    eprintln!(
+        "linearizable: {} keys' histories with one read made stale were each refused",
+        report.mutations_refused
+    );
+}
+
+/// What a run of the workload left to check.
+struct Run {
+    events: Vec<Event>,
+    keys: Vec<Key>,
+    /// The nemesis's log, one line per fault done.
+    faults: Vec<String>,
+    /// The clients' operations (the final reads not counted).
+    operations: usize,
+    took: Duration,
+}
+
+/// Starts a cluster and its tenants, runs the clients while the nemesis runs `faults`, stops
+/// the clients, reads every key once more after the cluster healed, and stops the cluster.
+fn run_workload(rng: &mut StdRng, faults: &[nemesis::Fault]) -> Run {
+    let started = Instant::now();
     let mut cluster = DevCluster::start(3);
     let targets = Arc::new(targets(&cluster));
     let shared = Arc::new(Shared {
@@ -87,7 +131,7 @@ fn registers_stay_linearizable_under_kill_pause_join_and_drain() {
             .map(|t| (tenant_id(t), targets[t * PHEXTS * COORDS.len()].api_key.clone()));
         let mut nemesis =
             Nemesis::new(&mut cluster, tenants.collect(), StdRng::seed_from_u64(rng.gen()));
-        nemesis.run(&faults);
+        nemesis.run(faults);
         std::mem::take(&mut nemesis.log)
     };
     std::thread::sleep(QUIET);
@@ -100,32 +144,13 @@ fn registers_stay_linearizable_under_kill_pause_join_and_drain() {
     let workload = started.elapsed();
     cluster.stop();
 
-    let events = shared.recorder.events();
-    let report = check_all(&events, &targets);
-    eprintln!(
-        "linearizable: seed {seed}; {} faults; {made} client operations and {} final reads \
-         ({} acknowledged, {} indeterminate) on {} keys in {workload:?}; checked in {:?}",
-        log.len(),
-        targets.len(),
-        report.acknowledged,
-        report.indeterminate,
-        targets.len(),
-        report.took,
-    );
-    eprintln!(
-        "linearizable: indeterminate answers by kind {:?}; {} of them writes, {} of which a later \
-         read saw",
-        report.indeterminate_kinds, report.indeterminate_writes, report.indeterminate_writes_read
-    );
-    assert!(report.failures.is_empty(), "seed {seed}:\n{}", report.failures.join("\n"));
-    for (key, n) in &report.acknowledged_by_key {
-        assert!(*n >= ACKNOWLEDGED_PER_KEY_MIN, "seed {seed}: {key:?} had {n} acknowledged");
+    Run {
+        events: shared.recorder.events(),
+        keys: targets.iter().map(|t| t.key).collect(),
+        faults: log,
+        operations: made,
+        took: workload,
     }
-    assert!(report.mutations_refused > 0, "seed {seed}: no key's history allowed a stale read");
-    eprintln!(
-        "linearizable: {} keys' histories with one read made stale were each refused",
-        report.mutations_refused
-    );
 }
 
 /// Adds the tenants and names each key's place.
@@ -190,7 +215,8 @@ struct Report {
     indeterminate: usize,
     /// Indeterminate writes, and those of them a later read saw (they did take effect).
     indeterminate_writes: usize,
-    indeterminate_writes_read: usize,
+    /// By the answer the client got.
+    indeterminate_writes_read: std::collections::BTreeMap<String, usize>,
     indeterminate_kinds: std::collections::BTreeMap<String, usize>,
     acknowledged_by_key: Vec<(Key, usize)>,
     mutations_refused: usize,
@@ -198,9 +224,8 @@ struct Report {
 }
 
 /// Checks every key's history, and the same with one read made stale (which must fail).
-fn check_all(events: &[Event], targets: &[Target]) -> Report {
-    let events = events.to_vec();
-    let keys: Vec<Key> = targets.iter().map(|t| t.key).collect();
+fn check_all(events: &[Event], keys: &[Key]) -> Report {
+    let (events, keys) = (events.to_vec(), keys.to_vec());
     std::thread::Builder::new()
         .stack_size(CHECK_STACK_BYTES)
         .spawn(move || {
@@ -251,7 +276,9 @@ fn count(events: &[Event], key: Key, report: &mut Report) {
                 report.indeterminate += 1;
                 if let Some(Op::Write(v)) = writing.get(&e.process) {
                     report.indeterminate_writes += 1;
-                    report.indeterminate_writes_read += usize::from(read.contains(v.as_str()));
+                    if read.contains(v.as_str()) {
+                        *report.indeterminate_writes_read.entry(why.clone()).or_default() += 1;
+                    }
                 }
                 let kind = match why.split(' ').next().unwrap_or_default() {
                     "no" if why.contains("timed out") => "timeout".to_string(),
