@@ -104,3 +104,81 @@ fn add_drain_remove_through_the_cli() {
     }
     check_data("after the removal");
 }
+
+/// Waits until `child` exits by itself, at most `limit`; its exit code.
+fn exit_code_within(child: &mut std::process::Child, limit: Duration, what: &str) -> Option<i32> {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status.code();
+        }
+        if started.elapsed() >= limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The registry leader and term the cluster's health names.
+fn leader_and_term(c: &DevCluster) -> (u64, u64) {
+    let (status, health) = common::admin(c, reqwest::Method::GET, "/admin/health", None);
+    assert_eq!(status, 200, "{health}");
+    (health["raft"]["leader"].as_u64().unwrap(), health["raft"]["term"].as_u64().unwrap())
+}
+
+// Goal: a node removed while it was down learns it when it comes back, although its own log
+// still says it is a voter and no leader sends it the entry that removed it: a peer answers its
+// gossip with "removed", the node believes it (the peer's registry is newer than its log), says
+// so in its log and exits with status 10 by itself, before it stands for election: the leader
+// and term it finds are the leader and term it leaves.
+#[test]
+fn a_node_removed_while_down_stops_when_it_returns() {
+    let c = DevCluster::start(3);
+    let port = free_udp_port();
+    let mut node4 = start_node(&c, 4, port);
+    let addr = format!("127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let body = serde_json::json!({ "id": 4, "addr": addr });
+        let (status, answer) = common::admin(&c, reqwest::Method::POST, "/admin/nodes", Some(body));
+        if status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "node 4 never joined: {status} {answer}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    common::settle(&c, "the join of node 4");
+    let counts = common::node_counts(&c);
+    assert_eq!(counts.get(&4).map(|(s, _)| s.as_str()), Some("active"), "{counts:?}");
+    // Node 4 holds no tenant, so its drain needs nothing from it while it is down.
+    assert_eq!(counts[&4].1, 0, "node 4 owns a tenant: {counts:?}");
+
+    unsafe { libc::kill(node4.id() as i32, libc::SIGTERM) };
+    assert_eq!(exit_code_within(&mut node4, STOP_LIMIT, "node 4 stopping"), Some(0));
+    let (status, answer) = common::admin(&c, reqwest::Method::POST, "/admin/nodes/4/drain", None);
+    assert_eq!(status, 200, "drain of node 4 while it is down: {answer}");
+    common::settle(&c, "the drain of node 4");
+    let (status, answer) = common::admin(&c, reqwest::Method::DELETE, "/admin/nodes/4", None);
+    assert_eq!(status, 200, "removal of node 4 while it is down: {answer}");
+    let before = leader_and_term(&c);
+
+    let restarted = Instant::now();
+    let mut node4 = start_node(&c, 4, port);
+    let code = exit_code_within(&mut node4, STOP_LIMIT, "node 4, removed while it was down");
+    eprintln!("node 4 exited {:?} after its start", restarted.elapsed());
+    assert_eq!(code, Some(node::EXIT_REMOVED), "exit status of a node removed while it was down");
+    let log = std::fs::read_to_string(c.dir.join("node-4.log")).unwrap();
+    assert!(
+        log.contains("removed from the cluster while it was away"),
+        "the node says why it stopped: {log}"
+    );
+    assert_eq!(leader_and_term(&c), before, "the registry's leader or term changed");
+    let (_, health) = common::admin(&c, reqwest::Method::GET, "/admin/health", None);
+    let row = health["nodes"].as_array().unwrap().iter().find(|n| n["id"] == 4).cloned();
+    assert!(
+        row.as_ref().is_some_and(|n| n["state"] == "removed" && n["raft"] != "voter"),
+        "node 4 in health: {health}"
+    );
+}

@@ -4,6 +4,10 @@
 //! counters to every peer, which keeps the larger of each. A node whose counter has not grown for
 //! `suspect_after_ms` is suspect; for `dead_after_ms`, dead. The gateway reads these states in its
 //! registry view and answers 503 at once for a dead node's tenants.
+//!
+//! A node that gossips to a peer whose registry records it as removed is answered "removed"
+//! instead of a table: that is how a node removed while it was away learns it
+//! ([`Health::told_removed`]; whom it believes is `raft_registry::removal`'s rule).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -84,6 +88,18 @@ pub struct Health {
     /// The highest counter of this node's that a peer has told it of: the version of its
     /// verdict on itself.
     acknowledged: AtomicU64,
+    /// Set once a peer told this node it was removed and the node believed it
+    /// ([`Registry::judge_removal_claim`](raft_registry::Registry::judge_removal_claim)).
+    told_removed: tokio::sync::watch::Sender<Option<RemovedBy>>,
+}
+
+/// A peer's word, believed, that this node was removed from the cluster while it was away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RemovedBy {
+    /// The node that said so.
+    pub peer: u64,
+    /// The position of its applied registry, which records the removal.
+    pub applied: proto::cluster::RegistryPosition,
 }
 
 impl Health {
@@ -99,6 +115,46 @@ impl Health {
             changed: AtomicBool::new(false),
             generation,
             acknowledged: AtomicU64::new(0),
+            told_removed: tokio::sync::watch::Sender::new(None),
+        }
+    }
+
+    /// Waits until a peer told this node it was removed and the node believed it.
+    pub async fn told_removed(&self) -> RemovedBy {
+        let mut rx = self.told_removed.subscribe();
+        loop {
+            if let Some(by) = *rx.borrow_and_update() {
+                return by;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
+    /// Node `peer`, whose applied registry at `applied` records this node as removed, said so;
+    /// `registry` judges whether to believe it. Refusals are logged at debug: a stale peer
+    /// repeats its claim every round.
+    fn removal_claim(
+        &self,
+        registry: &raft_registry::Registry,
+        peer: u64,
+        applied: proto::cluster::RegistryPosition,
+    ) {
+        match registry.judge_removal_claim(peer, applied) {
+            Ok(()) => {
+                let by = RemovedBy { peer, applied };
+                self.told_removed.send_if_modified(|told| {
+                    let first = told.is_none();
+                    if first {
+                        *told = Some(by);
+                    }
+                    first
+                });
+            }
+            Err(why) => {
+                tracing::debug!(peer, %applied, reason = %why, "not believed: a peer says this node was removed");
+            }
         }
     }
 
@@ -255,14 +311,19 @@ pub async fn run(
         for (id, addr) in peers {
             let Ok(addr) = addr.parse() else { continue };
             let request = NodeRequest::Gossip { from: health.me, heartbeats: table.clone() };
-            let (client, health) = (client.clone(), health.clone());
+            let (client, health, registry) = (client.clone(), health.clone(), registry.clone());
             tokio::spawn(async move {
                 let Ok(bytes) = proto::wire::encode(&request) else { return };
                 // A gossip round may take at most one interval; a slow peer is simply missed.
-                if let Ok(answer) = client.call(addr, bytes.into(), interval).await {
-                    if let Ok(NodeResponse::Gossip { heartbeats }) = proto::wire::decode(&answer) {
+                let Ok(answer) = client.call(addr, bytes.into(), interval).await else { return };
+                match proto::wire::decode(&answer) {
+                    Ok(NodeResponse::Gossip { heartbeats }) => {
                         health.merge(id, &heartbeats);
                     }
+                    Ok(NodeResponse::Removed { applied }) => {
+                        health.removal_claim(&registry, id, applied);
+                    }
+                    _ => {}
                 }
             });
         }

@@ -100,6 +100,22 @@ async fn removed(registry: &Registry, id: u64) {
     }
 }
 
+/// How a node learnt that it was removed from the cluster.
+enum Removal {
+    /// It applied its own removal.
+    Applied,
+    /// It was removed while it was away, and a peer told it (crate::gossip).
+    Told(crate::gossip::RemovedBy),
+}
+
+/// Waits until this node learns it was removed: from its own registry, or from a peer it believes.
+async fn learn_removal(parts: &NodeParts, id: u64) -> Removal {
+    tokio::select! {
+        _ = removed(&parts.registry, id) => Removal::Applied,
+        by = parts.health.told_removed() => Removal::Told(by),
+    }
+}
+
 /// Where a node's logic meets the outside world: in production QUIC, the disk and the system
 /// clocks ([`run`] builds them); in the simulator, its network, disk and clocks.
 pub struct Seams {
@@ -257,8 +273,11 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
     let registry_failure = tokio::select! {
         _ = shutdown.cancelled() => None,
         why = parts.registry.failed() => Some(why),
-        _ = removed(&parts.registry, config.id) => {
-            tracing::error!(id = config.id, "this node was removed from the cluster: it takes no further part (no elections, no requests) and stops for good");
+        how = learn_removal(&parts, config.id) => {
+            match how {
+                Removal::Applied => tracing::error!(id = config.id, "this node was removed from the cluster: it takes no further part (no elections, no requests) and stops for good"),
+                Removal::Told(by) => tracing::error!(id = config.id, told_by = by.peer, registry = %by.applied, "this node was removed from the cluster while it was away (a peer whose registry is newer than this node's log says so): it takes no further part (no elections, no requests) and stops for good"),
+            }
             was_removed = true;
             shutdown.cancel();
             None

@@ -122,7 +122,18 @@ impl Service {
                 NodeResponse::Raft(self.registry.handle_rpc(&bytes).await)
             }
             NodeRequest::Gossip { from, heartbeats } if from_node => {
-                NodeResponse::Gossip { heartbeats: self.health.merge(from, &heartbeats) }
+                // A removed node that gossips was away when it was removed: it is told, and its
+                // heartbeats are not taken (crate::gossip, raft_registry::removal).
+                let sender = match peer.role {
+                    Role::Node(id) => id,
+                    _ => from,
+                };
+                match self.registry.removed_at(sender) {
+                    Some(applied) => NodeResponse::Removed { applied },
+                    None => {
+                        NodeResponse::Gossip { heartbeats: self.health.merge(from, &heartbeats) }
+                    }
+                }
             }
             NodeRequest::TenantUsage { tenants } => {
                 NodeResponse::TenantUsage(self.usage(tenants).await)

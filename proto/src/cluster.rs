@@ -313,6 +313,20 @@ pub struct TenantUsage {
     pub last_active_ms: Option<u64>,
 }
 
+/// Where a node's registry stands: the Raft log id of an entry (the term of the leader that wrote
+/// it, and its index). Ordered as Raft orders logs, by term and then by index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RegistryPosition {
+    pub term: u64,
+    pub index: u64,
+}
+
+impl std::fmt::Display for RegistryPosition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "term {}, index {}", self.term, self.index)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeResponse {
     Sq(Result<SqResponse, ApiError>),
@@ -351,6 +365,12 @@ pub enum NodeResponse {
     },
     /// The answer to `ViewSince`; `None` when nothing changed within the wait.
     ViewUpdate(Option<ViewUpdate>),
+    /// The answer to `Gossip` from a node that the answering node's applied registry, at
+    /// `applied`, records as removed: the sender was removed while it was away and never applied
+    /// its own removal. Its heartbeats are not taken.
+    Removed {
+        applied: RegistryPosition,
+    },
 }
 
 #[cfg(test)]

@@ -10,7 +10,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// it) joined `NodeResponse`; a version 3 peer cannot decode it, and must not be asked.
 /// Version 5: admin answers travel typed (`proto::admin::AdminAnswer` in `NodeResponse::Admin`)
 /// instead of as JSON text; the gateway renders the JSON.
-pub const WIRE_VERSION: u16 = 5;
+/// Version 6: `NodeResponse::Removed` (a node's gossip answered with "you were removed") joined
+/// `NodeResponse`.
+pub const WIRE_VERSION: u16 = 6;
 
 /// The largest message either side encodes or decodes, in bytes: 64 MiB. It is also the
 /// transport's frame limit (`transport::FRAME_BYTES_MAX`): one message fills one frame. It bounds

@@ -57,15 +57,34 @@ pub(crate) struct Timing {
 pub(crate) struct Heard {
     at: Mutex<Instant>,
     behind: AtomicBool,
+    /// When this node last accepted a leader's entries or snapshot (not a vote): a node removed
+    /// while it was away hears no leader, a member does ([`crate::removal`]).
+    leader_at: Mutex<Option<Instant>>,
 }
 
 impl Heard {
     pub(crate) fn now() -> Arc<Heard> {
-        Arc::new(Heard { at: Mutex::new(Instant::now()), behind: AtomicBool::new(false) })
+        Arc::new(Heard {
+            at: Mutex::new(Instant::now()),
+            behind: AtomicBool::new(false),
+            leader_at: Mutex::new(None),
+        })
     }
 
     pub(crate) fn mark(&self) {
         *self.at.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+
+    /// This node accepted a leader's entries or snapshot.
+    pub(crate) fn mark_leader(&self) {
+        self.mark();
+        *self.leader_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// How long ago this node last accepted a leader's entries or snapshot, if ever.
+    pub(crate) fn leader_ago(&self) -> Option<Duration> {
+        let at = *self.leader_at.lock().unwrap_or_else(|p| p.into_inner());
+        at.map(|at| at.elapsed())
     }
 
     /// A voter answered this node's vote request with a longer log than the request's.

@@ -38,6 +38,7 @@
 //! - `runtime`: tokio for openraft, with the election-timeout generator as a seedable seam;
 //!   `elect`: when a node stands for election (a fresh random delay before each);
 //! - `registry`, `membership`: the public handle; `batch`: writes grouped one entry per round;
+//!   `removal`: whether a node believes a peer that says it was removed while it was away;
 //! - `config`, `error`: [`RegistryConfig`] and [`RegistryError`].
 
 mod batch;
@@ -55,6 +56,7 @@ pub mod placement;
 #[cfg(test)]
 mod prop_decoders;
 pub mod registry;
+pub mod removal;
 pub mod runtime;
 pub mod snapshot;
 pub mod state;
@@ -69,6 +71,7 @@ pub use error::RegistryError;
 pub use network::{RaftTransport, SendError, TransportFuture};
 pub use placement::{Ring, VNODES_PER_NODE};
 pub use registry::{CommandResult, RaftStatus, Registry};
+pub use removal::ClaimRefused;
 pub use state::{
     key_hash, valid_tenant_id, Handoff, NodeRecord, NodeState, RegistryState, TenantRecord, Tier,
     ADMIN_EMAIL_LEN_MAX, NODE_ADDR_LEN_MAX, TENANT_IDS_MAX,

@@ -106,7 +106,7 @@ pub(crate) async fn serve(raft: &Raft, me: NodeId, heard: &Heard, payload: &[u8]
         Ok(RaftRpc::AppendEntries(req)) => {
             let reply = raft.append_entries(req).await;
             if matches!(&reply, Ok(r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
-                heard.mark();
+                heard.mark_leader();
             }
             RaftRpcReply::AppendEntries(reply)
         }
@@ -121,7 +121,7 @@ pub(crate) async fn serve(raft: &Raft, me: NodeId, heard: &Heard, payload: &[u8]
             let vote = req.vote;
             let reply = raft.install_snapshot(req).await;
             if matches!(&reply, Ok(r) if r.vote == vote) {
-                heard.mark();
+                heard.mark_leader();
             }
             RaftRpcReply::InstallSnapshot(reply)
         }

@@ -66,7 +66,7 @@ pub struct Registry {
     pub(crate) joining: std::sync::Mutex<Option<(u64, Arc<tokio::sync::Notify>)>>,
     pub(crate) config: RegistryConfig,
     /// When this node last heard a leader; its election timer ([`crate::elect`]) reads it.
-    heard: Arc<crate::elect::Heard>,
+    pub(crate) heard: Arc<crate::elect::Heard>,
     /// The election timer's task, stopped by [`Registry::shutdown`].
     elect_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
