@@ -121,7 +121,8 @@ def admin_write(c, runs, how, dev_pid):
     if how == "kill" and not dev_pid:
         raise SystemExit("--how kill needs --supervisor PID (the `sq-cloud dev` process)")
     for run in range(runs):
-        leader, term = wait("a leader", lambda: c.leader()[0] and c.leader())
+        # One health answer for both: a second call could land in an election and name no leader.
+        leader, term = wait("a leader", lambda: (seen := c.leader())[0] is not None and seen)
         pid = c.pid(leader)
         if how == "kill" and dev_pid:
             os.kill(dev_pid, signal.SIGSTOP)
