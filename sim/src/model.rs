@@ -10,6 +10,7 @@
 //! empty scroll), any write acknowledged since, any write still in flight, and any unknown write
 //! not yet superseded. Anything else breaks an invariant.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use proto::{Coordinate, Doc};
@@ -43,6 +44,8 @@ enum Status {
 struct Write {
     id: u64,
     value: String,
+    /// An insert's text: appended to whatever the cell held when it took effect.
+    appended: Option<String>,
     issued_ms: u64,
     horizon_ms: u64,
     status: Status,
@@ -182,6 +185,7 @@ impl Model {
         writes.push(Write {
             id,
             value,
+            appended: None,
             issued_ms: now_ms,
             horizon_ms,
             status: Status::Pending,
@@ -189,6 +193,22 @@ impl Model {
         });
         self.writes.insert(id, WriteAt { tenant: tenant.to_string(), cell: cell.clone() });
         id
+    }
+
+    /// Marks write `id` as an insert of `text`. Its value is what it makes of the cell as the
+    /// client knew it; while its outcome is open it may also land on top of a later write (a
+    /// request held by a frozen node runs when the node resumes, whatever the client did
+    /// meanwhile), so a read may find any later value with `text` after it.
+    pub fn set_appended(&mut self, id: u64, text: &str) {
+        let Some(at) = self.writes.get(&id) else { return };
+        let w = self
+            .tenants
+            .get_mut(&at.tenant)
+            .and_then(|t| t.cells.get_mut(&at.cell))
+            .and_then(|ws| ws.iter_mut().find(|w| w.id == id));
+        if let Some(w) = w {
+            w.appended = Some(text.to_string());
+        }
     }
 
     pub fn end_write(&mut self, id: u64, outcome: Outcome, now_ms: u64) {
@@ -210,12 +230,13 @@ impl Model {
     }
 
     /// The values a read of `cell` that started at `start_ms` may return.
-    pub fn allowed(&self, tenant: &str, cell: &CellKey, start_ms: u64) -> Vec<&str> {
+    pub fn allowed(&self, tenant: &str, cell: &CellKey, start_ms: u64) -> Vec<Cow<'_, str>> {
         let writes = self.writes(tenant, cell);
         let acked_before =
             |w: &Write| w.status == Status::Done(Outcome::Acked) && w.acked_ms < start_ms;
         let base = writes.iter().rev().find(|w| acked_before(w));
         let mut out = vec![base.map_or("", |w| w.value.as_str())];
+        let mut late_inserts: Vec<&str> = Vec::new();
         for w in writes {
             let possible = match w.status {
                 Status::Pending => true,
@@ -227,9 +248,17 @@ impl Model {
             };
             if possible {
                 out.push(&w.value);
+                if let (Some(text), false) = (&w.appended, w.status == Status::Done(Outcome::Acked))
+                {
+                    late_inserts.push(text);
+                }
             }
         }
-        out
+        let mut values: Vec<Cow<'_, str>> = out.iter().map(|v| Cow::Borrowed(*v)).collect();
+        for text in late_inserts {
+            values.extend(out.iter().map(|v| Cow::Owned(format!("{v}{text}"))));
+        }
+        values
     }
 
     /// The one value the cell can hold now, if only one is possible.
@@ -260,7 +289,7 @@ impl Model {
             ));
         }
         let allowed = self.allowed(tenant, cell, start_ms);
-        if allowed.contains(&observed) {
+        if allowed.iter().any(|v| v == observed) {
             return Ok(());
         }
         let writes = self.writes(tenant, cell);
@@ -370,7 +399,7 @@ impl Model {
             let len = match fixed {
                 Some((c, v)) if c == cell => v.len(),
                 _ => {
-                    let lens = self.allowed(tenant, cell, start_ms).into_iter().map(str::len);
+                    let lens = self.allowed(tenant, cell, start_ms).into_iter().map(|v| v.len());
                     if longest {
                         lens.max().unwrap_or(0)
                     } else {
@@ -531,6 +560,31 @@ mod tests {
         assert_eq!(lost.invariant, Invariant::LostWrite);
         // A read that started before `b` was acknowledged may still see `a`.
         assert!(m.check_read("t1", &c, 25, "<t1#a>", false).is_ok());
+    }
+
+    // Goal: an insert whose outcome is open may land on top of a later write (a frozen node runs
+    // it when it resumes), so later value + its text is allowed; an acknowledged insert never
+    // lands late, and text appended twice is still refused.
+    #[test]
+    fn an_open_insert_may_land_after_a_later_write() {
+        let mut m = Model::default();
+        let c = cell(3);
+        write(&mut m, &c, "<t1#a>", 0, Outcome::Acked);
+        let insert = m.begin_write("t1", &c, "<t1#a><t1#i>".into(), 20, 120);
+        m.set_appended(insert, "<t1#i>");
+        m.end_write(insert, Outcome::Unknown, 30);
+        write(&mut m, &c, "<t1#u>", 40, Outcome::Unknown);
+        for seen in ["<t1#a><t1#i>", "<t1#u>", "<t1#u><t1#i>", "<t1#a>"] {
+            assert!(m.check_read("t1", &c, 60, seen, false).is_ok(), "{seen}");
+        }
+        assert!(m.check_read("t1", &c, 60, "<t1#u><t1#i><t1#i>", false).is_err());
+        let mut m = Model::default();
+        write(&mut m, &c, "<t1#a>", 0, Outcome::Acked);
+        let insert = m.begin_write("t1", &c, "<t1#a><t1#i>".into(), 20, 120);
+        m.set_appended(insert, "<t1#i>");
+        m.end_write(insert, Outcome::Acked, 30);
+        write(&mut m, &c, "<t1#u>", 40, Outcome::Acked);
+        assert!(m.check_read("t1", &c, 60, "<t1#u><t1#i>", false).is_err());
     }
 
     // Goal: an unknown write stays possible until an acknowledged write issued after its horizon

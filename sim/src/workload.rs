@@ -186,6 +186,9 @@ impl Client {
             now,
             now + WRITE_HORIZON_MS,
         );
+        if insert {
+            world.model().set_appended(id, &text);
+        }
         let result = world.sq(world.gateway(gw), key, method, route, &query, text.as_bytes()).await;
         let outcome = write_outcome(&result);
         world.model().end_write(id, outcome, world.now_ms());
