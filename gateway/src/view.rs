@@ -4,76 +4,20 @@
 //! It follows the registry by changes ([`ViewUpdate`]): a node sends the whole registry once,
 //! then only the tenants changed since the applied index the gateway holds. Tenants live in
 //! persistent maps, so taking a change costs O(log tenants) and publishing the new view O(1),
-//! however many tenants there are. Each tenant is kept compact (binary key hashes, one shared
-//! entry for both maps); `sq-cloud bench --mode admin-add` measures what a tenant costs.
+//! however many tenants there are. Each tenant is packed into the maps' nodes ([`tenants`]);
+//! `cargo run --release -p gateway --example view_memory` measures what a tenant costs.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
 pub use proto::auth::key_hash;
-use proto::cluster::{NodeHealth, NodeState, RegistryDelta, RegistryView, TenantView, ViewUpdate};
+use proto::cluster::{NodeHealth, NodeState, RegistryDelta, RegistryView, ViewUpdate};
 
-/// A key hash as bytes: half the size of its hex form.
-type KeyHash = [u8; 32];
+mod tenants;
 
-fn key_bytes(hash: &str) -> Option<KeyHash> {
-    let mut out = [0u8; 32];
-    hex::decode_to_slice(hash, &mut out).ok()?;
-    Some(out)
-}
-
-/// What a request needs to know of one tenant.
-#[derive(Debug, PartialEq, Eq)]
-pub struct TenantEntry {
-    pub id: Arc<str>,
-    key_hashes: Box<[KeyHash]>,
-    pub enabled: bool,
-    /// The owning node in the view's epoch; `None` when no node is active.
-    pub owner: Option<u64>,
-}
-
-impl TenantEntry {
-    fn new(t: TenantView) -> TenantEntry {
-        TenantEntry {
-            id: Arc::from(t.id),
-            // A registry key hash is always 64 hex digits; one that is not could never match.
-            key_hashes: t.key_hashes.iter().filter_map(|h| key_bytes(h)).collect(),
-            enabled: t.enabled,
-            owner: t.owner,
-        }
-    }
-}
-
-/// Every tenant, by key hash and by id; cheap to clone (persistent maps).
-#[derive(Debug, Default, Clone)]
-struct Tenants {
-    by_key_hash: imbl::HashMap<KeyHash, Arc<TenantEntry>>,
-    by_id: imbl::HashMap<Arc<str>, Arc<TenantEntry>>,
-}
-
-impl Tenants {
-    fn remove(&mut self, id: &str) {
-        if let Some(old) = self.by_id.remove(id) {
-            for h in old.key_hashes.iter() {
-                // A key hash is never handed to two tenants at one index, but a change may
-                // arrive before the removal of its old holder: drop only our own.
-                if self.by_key_hash.get(h).is_some_and(|t| t.id == old.id) {
-                    self.by_key_hash.remove(h);
-                }
-            }
-        }
-    }
-
-    fn put(&mut self, t: TenantView) {
-        self.remove(&t.id);
-        let entry = Arc::new(TenantEntry::new(t));
-        for h in entry.key_hashes.iter() {
-            self.by_key_hash.insert(*h, entry.clone());
-        }
-        self.by_id.insert(entry.id.clone(), entry);
-    }
-}
+pub use tenants::TenantEntry;
+use tenants::{key_bytes, Tenants};
 
 /// A registry view with the lookups a request needs.
 #[derive(Debug, Default)]
@@ -109,17 +53,17 @@ impl IndexedView {
         IndexedView { view: head, tenants, node_addr, dead_nodes }
     }
 
-    pub fn tenant_by_key_hash(&self, hash: &str) -> Option<&TenantEntry> {
-        self.tenants.by_key_hash.get(&key_bytes(hash)?).map(|t| &**t)
+    pub fn tenant_by_key_hash(&self, hash: &str) -> Option<TenantEntry<'_>> {
+        self.tenants.by_key_hash(&key_bytes(hash)?)
     }
 
-    pub fn tenant(&self, id: &str) -> Option<&TenantEntry> {
-        self.tenants.by_id.get(id).map(|t| &**t)
+    pub fn tenant(&self, id: &str) -> Option<TenantEntry<'_>> {
+        self.tenants.by_id(id)
     }
 
     /// How many tenants the view holds.
     pub fn tenant_count(&self) -> usize {
-        self.tenants.by_id.len()
+        self.tenants.len()
     }
     pub fn node_addr(&self, id: u64) -> Option<SocketAddr> {
         self.node_addr.get(&id).copied()
@@ -254,7 +198,7 @@ fn merge(current: &RegistryView, new: RegistryView) -> RegistryView {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::cluster::NodeView;
+    use proto::cluster::{NodeView, TenantView};
 
     fn tenant(id: &str, key: &str, enabled: bool) -> TenantView {
         TenantView { id: id.into(), key_hashes: vec![key_hash(key)], enabled, owner: Some(1) }

@@ -163,6 +163,47 @@ async fn full_restart_keeps_tenants_membership_and_snapshots() -> anyhow::Result
     .await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_node_starts_from_its_snapshot_alone() -> anyhow::Result<()> {
+    // Goal: a node stopped cleanly (`close`) snapshots what it applied past its last snapshot
+    // and drops the log that snapshot covers, so it reopens with everything from the snapshot
+    // and no log to apply; it then follows the cluster's next writes.
+    bounded_test(async {
+        let mut c = three_nodes().await?;
+        let leader = c.leader(&[]).await?;
+        let follower = if leader == 2 { 3 } else { 2 };
+        let mut last = 0;
+        // Past the first snapshot (20 entries in tests; the joins made about 12) and short of the
+        // next, so the log holds entries no snapshot covers.
+        for i in 0..15 {
+            last = c.write(add_tenant(&format!("c{i}"))).await??.log_index;
+        }
+        let before = applied(&*c.node(follower)?, last).await?;
+        // Raft's metrics follow the published state: wait until they name the last write too.
+        let node = c.node(follower)?;
+        let reached = || node.status().last_applied_index.filter(|i| *i >= last);
+        let applied_index = poll("the follower's metrics", reached).await?;
+        let status = node.status();
+        drop(node);
+        assert!(status.snapshot_index < Some(applied_index), "a tail no snapshot covers");
+        c.close(follower).await?;
+        let reopened = c.start(follower).await?;
+        // Raft publishes its metrics once it has started.
+        poll("the reopened node's metrics", || reopened.status().snapshot_index).await?;
+        let status = reopened.status();
+        assert_eq!(status.snapshot_index, Some(applied_index), "the closing snapshot");
+        assert_eq!(status.purged_index, Some(applied_index), "the log it covers is gone");
+        assert_eq!(status.last_applied_index, Some(applied_index));
+        assert_eq!(reopened.state().tenant_count(), before.tenant_count());
+        assert_eq!(reopened.state().tenant_count(), 15);
+        let done = c.write(add_tenant("after-close")).await??;
+        let seen = applied(&*c.node(follower)?, done.log_index).await?;
+        assert!(seen.tenant_by_key_hash(&key_hash("pmb-v1-key-of-after-close")).is_some());
+        Ok(())
+    })
+    .await
+}
+
 /// Adds tenants w0, w1, ... until `stop`; returns the ids whose write was acknowledged.
 fn spawn_writer(c: Arc<Cluster>, stop: Arc<AtomicBool>) -> JoinHandle<anyhow::Result<Vec<String>>> {
     tokio::spawn(async move {

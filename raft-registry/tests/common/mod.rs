@@ -141,6 +141,15 @@ impl Cluster {
         Ok(())
     }
 
+    /// Stops node `id` cleanly ([`Registry::close`]) and disconnects it (its directory stays).
+    pub async fn close(&mut self, id: u64) -> anyhow::Result<()> {
+        self.net.nodes.lock().expect("test mutex").remove(&id);
+        if let Some(reg) = self.nodes.remove(&id) {
+            reg.close().await?;
+        }
+        Ok(())
+    }
+
     pub fn node(&self, id: u64) -> anyhow::Result<Arc<Registry>> {
         self.nodes.get(&id).cloned().with_context(|| format!("node {id} is not running"))
     }
