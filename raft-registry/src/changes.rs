@@ -80,7 +80,12 @@ impl ChangeLog {
             return Since::Everything;
         }
         let mut changed = BTreeSet::new();
-        for (_, touched) in self.entries.iter().filter(|(i, _)| *i > known && *i <= upto) {
+        // Entries are in index order: skip to the first after `known` without reading the
+        // ones before it (the log holds up to CHANGED_TENANTS_MAX ids, and every gateway asks
+        // after every commit).
+        let first = self.entries.partition_point(|(i, _)| *i <= known);
+        let after = self.entries.range(first..).take_while(|(i, _)| *i <= upto);
+        for (_, touched) in after {
             match touched {
                 Touched::Tenants(ids) => changed.extend(ids.iter().cloned()),
                 Touched::Placement => return Since::Everything,

@@ -5,6 +5,7 @@
 //! command is either applied whole or rejected with a typed [`Rejection`] and no change.
 
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 use crate::state::{
     is_valid_key_hash, valid_tenant_id, Handoff, NodeRecord, NodeState, RegistryState,
@@ -212,7 +213,7 @@ fn purge_tenant(state: &mut RegistryState, id: &str) -> Result<(), Rejection> {
     // The data goes everywhere, so there is nothing left to move.
     state.handoffs.remove(id);
     for hash in &record.key_hashes {
-        state.by_key_hash.remove(hash);
+        state.by_key_hash.remove(hash.as_str());
     }
     state.tenants.remove(id);
     state.purged.insert(id.to_string());
@@ -229,7 +230,7 @@ fn record_handoffs(state: &mut RegistryState, before: &crate::Ring) {
         .filter_map(|id| {
             let from = before.owner(id)?;
             let to = state.ring.owner(id)?;
-            (from != to).then(|| Handoff { tenant: id.clone(), from, to, epoch })
+            (from != to).then(|| Handoff { tenant: id.to_string(), from, to, epoch })
         })
         .collect();
     for h in moves {
@@ -250,22 +251,19 @@ fn add_tenant(state: &mut RegistryState, record: TenantRecord) -> Result<(), Rej
     if record.admin_email.as_ref().is_some_and(|e| e.len() > ADMIN_EMAIL_LEN_MAX) {
         return Err(Rejection::InvalidEmail);
     }
-    if state.tenants.contains_key(&record.id) {
+    if state.tenants.contains_key(record.id.as_str()) {
         return Err(Rejection::TenantExists);
     }
     if state.purged.contains(&record.id) {
         return Err(Rejection::TenantIdPurged);
     }
-    if hashes.iter().any(|h| state.by_key_hash.contains_key(h)) {
+    if hashes.iter().any(|h| state.by_key_hash.contains_key(h.as_str())) {
         return Err(Rejection::KeyHashInUse);
     }
     if state.tenants.len() + state.purged.len() >= TENANT_IDS_MAX {
         return Err(Rejection::TooManyTenants);
     }
-    for hash in hashes {
-        state.by_key_hash.insert(hash.clone(), record.id.clone());
-    }
-    state.tenants.insert(record.id.clone(), record);
+    state.insert_tenant(record);
     Ok(())
 }
 
@@ -275,9 +273,9 @@ fn update_tenant(
     id: &str,
     change: impl FnOnce(&mut TenantRecord) -> Result<(), Rejection>,
 ) -> Result<(), Rejection> {
-    let mut record = state.tenants.get(id).cloned().ok_or(Rejection::NoSuchTenant)?;
+    let mut record = state.tenants.get(id).map(|r| (**r).clone()).ok_or(Rejection::NoSuchTenant)?;
     change(&mut record)?;
-    state.tenants.insert(id.to_string(), record);
+    state.tenants.insert(Arc::from(id), Arc::new(record));
     Ok(())
 }
 
@@ -285,19 +283,18 @@ fn rotate_key(state: &mut RegistryState, id: &str, new_hash: String) -> Result<(
     if !is_valid_key_hash(&new_hash) {
         return Err(Rejection::InvalidKeyHash);
     }
-    let mut record = state.tenants.get(id).cloned().ok_or(Rejection::NoSuchTenant)?;
+    let mut record = state.tenants.get(id).map(|r| (**r).clone()).ok_or(Rejection::NoSuchTenant)?;
     if record.archived {
         return Err(Rejection::TenantArchived);
     }
-    if state.by_key_hash.get(&new_hash).is_some_and(|owner| owner != id) {
+    if state.by_key_hash.get(new_hash.as_str()).is_some_and(|owner| &**owner != id) {
         return Err(Rejection::KeyHashInUse);
     }
     for old in record.key_hashes.drain(..) {
-        state.by_key_hash.remove(&old);
+        state.by_key_hash.remove(old.as_str());
     }
-    record.key_hashes.push(new_hash.clone());
-    state.by_key_hash.insert(new_hash, id.to_string());
-    state.tenants.insert(id.to_string(), record);
+    record.key_hashes.push(new_hash);
+    state.insert_tenant(record);
     Ok(())
 }
 

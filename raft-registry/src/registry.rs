@@ -79,6 +79,8 @@ pub struct Registry {
     pub(crate) heard: Arc<crate::elect::Heard>,
     /// The election timer's task, stopped by [`Registry::shutdown`].
     elect_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The log Raft writes (a handle on the same store), for the committed id at a stop.
+    log: LogStore,
 }
 
 /// Runs `fut` with a time limit, reporting `op` on expiry.
@@ -117,7 +119,7 @@ impl Registry {
         let changes = sm.changes();
         let heard = crate::elect::Heard::now();
         let network = NetworkFactory { my_id: node_id, transport, heard: heard.clone() };
-        let raft = Raft::new(node_id, raft_config, network, log, sm).await?;
+        let raft = Raft::new(node_id, raft_config, network, log.clone(), sm).await?;
         let writes = crate::batch::start(raft.clone(), config.write_timeout());
         let elect_task = tokio::spawn(crate::elect::run(
             raft.clone(),
@@ -136,6 +138,7 @@ impl Registry {
             config,
             heard,
             elect_task: std::sync::Mutex::new(Some(elect_task)),
+            log,
         })
     }
 
@@ -323,7 +326,9 @@ impl Registry {
             task.abort();
             let _ = task.await;
         }
-        self.raft.shutdown().await.map_err(|e| RegistryError::Raft(format!("shutdown: {e}")))
+        self.raft.shutdown().await.map_err(|e| RegistryError::Raft(format!("shutdown: {e}")))?;
+        self.log.flush_committed()?;
+        Ok(())
     }
 
     /// A clean stop: snapshots what was applied since the last snapshot and drops the log it

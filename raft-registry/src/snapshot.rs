@@ -86,7 +86,7 @@ pub(crate) fn encode_state_chunked(
     };
     let mut out = Vec::new();
     disk::append_frame(&mut out, &disk::encode("snapshot header", &header)?);
-    append_chunks(&mut out, "snapshot tenants", state.tenants.values(), chunk_items)?;
+    append_chunks(&mut out, "snapshot tenants", state.tenants.values().map(|t| &**t), chunk_items)?;
     append_chunks(&mut out, "snapshot handoffs", state.handoffs.values(), chunk_items)?;
     append_chunks(&mut out, "snapshot purged ids", state.purged.iter(), chunk_items)?;
     Ok(out)

@@ -98,10 +98,13 @@ pub struct Handoff {
 /// The replicated registry. Cheap to clone; mutated only by [`crate::command`].
 #[derive(Debug, Clone)]
 pub struct RegistryState {
-    pub(crate) tenants: OrdMap<String, TenantRecord>,
+    /// Keys and records are shared (`Arc`): publishing the state after a commit shares the
+    /// maps' nodes, and the next change copies the nodes on its path, 64 entries each; shared
+    /// entries make that copy a count increment per entry, not an allocation per string.
+    pub(crate) tenants: OrdMap<Arc<str>, Arc<TenantRecord>>,
     /// key hash → tenant id, for every hash of every tenant (archived ones too, so a key hash is
     /// never handed to two tenants).
-    pub(crate) by_key_hash: OrdMap<String, String>,
+    pub(crate) by_key_hash: OrdMap<Arc<str>, Arc<str>>,
     pub(crate) admin_key_hash: Option<String>,
     pub(crate) nodes: OrdMap<u64, NodeRecord>,
     pub(crate) placement_epoch: u64,
@@ -144,7 +147,7 @@ impl PartialEq for RegistryState {
 
 impl RegistryState {
     pub fn tenant(&self, id: &str) -> Option<&TenantRecord> {
-        self.tenants.get(id)
+        self.tenants.get(id).map(|t| &**t)
     }
 
     /// True if the tenant `id` was purged: no record, data to be deleted, id retired.
@@ -159,7 +162,7 @@ impl RegistryState {
 
     /// All tenants, ordered by id.
     pub fn tenants(&self) -> impl Iterator<Item = &TenantRecord> + '_ {
-        self.tenants.values()
+        self.tenants.values().map(|t| &**t)
     }
 
     /// Tenants with an id after `after` (all of them when `None`), ordered by id. Starting
@@ -170,7 +173,7 @@ impl RegistryState {
     ) -> impl Iterator<Item = &'a TenantRecord> + 'a {
         use std::ops::Bound;
         let start = after.map_or(Bound::Unbounded, Bound::Excluded);
-        self.tenants.range::<_, str>((start, Bound::Unbounded)).map(|(_, t)| t)
+        self.tenants.range::<_, str>((start, Bound::Unbounded)).map(|(_, t)| &**t)
     }
 
     pub fn tenant_count(&self) -> usize {
@@ -180,7 +183,7 @@ impl RegistryState {
     /// The tenant a key hash belongs to, whatever its enabled/archived flags (callers check them).
     pub fn tenant_by_key_hash(&self, key_hash: &str) -> Option<&TenantRecord> {
         let id = self.by_key_hash.get(key_hash)?;
-        self.tenants.get(id)
+        self.tenant(id)
     }
 
     pub fn admin_key_hash(&self) -> Option<&str> {
@@ -272,10 +275,17 @@ impl RegistryState {
     /// Adds a tenant read from a snapshot image, with its key hashes; no rule is checked (the
     /// image was made of a state that kept them).
     pub(crate) fn load_tenant(&mut self, tenant: TenantRecord) {
+        self.insert_tenant(tenant);
+    }
+
+    /// Stores `tenant` (new or changed) and indexes its key hashes; callers remove hashes it no
+    /// longer holds.
+    pub(crate) fn insert_tenant(&mut self, tenant: TenantRecord) {
+        let id: Arc<str> = Arc::from(tenant.id.as_str());
         for hash in &tenant.key_hashes {
-            self.by_key_hash.insert(hash.clone(), tenant.id.clone());
+            self.by_key_hash.insert(Arc::from(hash.as_str()), id.clone());
         }
-        self.tenants.insert(tenant.id.clone(), tenant);
+        self.tenants.insert(id, Arc::new(tenant));
     }
 
     /// Adds a handoff read from a snapshot image.
