@@ -9,6 +9,16 @@ dead-node: freezes (SIGSTOP) the owner of a tenant and sends that tenant request
 prints the time from the freeze to the first answer that is a 503 within 100 ms (the gateway
 knows the node is dead), then resumes the node and waits until it serves again.
 
+    python3 benches/failover/measure.py drain-leader --bin target/release/sq-cloud --runs 5
+
+drain-leader: starts a fresh 3-node `sq-cloud dev` per run (in a temporary directory, on a port
+of its own), waits until its registry leader has led for 3 s, drains that leader, and at once
+sends one admin write; prints how long the drain took to answer, whether leadership moved and to
+whom, and how long the write took; then, once no handoff is pending, removes the drained node and
+sends another admin write, and prints how long the two took. Without a hand-over the removal of
+the leader leaves the registry without one for an election; with it the node removed is a
+follower.
+
 admin-write: freezes or kills the registry leader (the dev supervisor is paused meanwhile, so a
 killed leader stays down), then sends one admin write (add a tenant) at once, while another thread
 polls health for the new leader. Prints the election time (freeze to a new leader in health) and
@@ -161,14 +171,68 @@ def admin_write(c, runs, how, dev_pid):
     summary("  of which routing", routings)
 
 
+def drain_leader(binary, runs, port):
+    import shutil
+    import subprocess
+    import tempfile
+    drains, writes, removals, moved = [], [], [], []
+    for run in range(runs):
+        data = tempfile.mkdtemp(prefix="sq-drain-leader.")
+        dev = subprocess.Popen([binary, "dev", "--data", os.path.join(data, "dev"), "--listen", f"127.0.0.1:{port + 10 * run}"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait("dev.json", lambda: os.path.exists(os.path.join(data, "dev", "dev.json")))
+            c = Cluster(os.path.join(data, "dev"))
+            wait("three voters and a leader", lambda: (h := c.health()) and h["raft"]["leader"] and sum(n.get("raft") == "voter" and n["health"] == "alive" for n in h["nodes"]) == 3)
+            time.sleep(3)
+            leader, term = c.leader()
+            t0 = time.monotonic()
+            status, body = call(c.api + f"/admin/nodes/{leader}/drain", c.admin, "POST", {})
+            t1 = time.monotonic()
+            assert status in (200, 202), (status, body)
+            status, body = call(c.api + "/admin/tenants/add", c.admin, "POST", {"tenant_id": f"after-drain{run}"})
+            t2 = time.monotonic()
+            assert status == 201, (status, body)
+            new_leader, new_term = wait("a leader", lambda: (seen := c.leader())[0] is not None and seen)
+            wait("no pending handoff", lambda: (h := c.health()) and h["handoffs"]["pending"] == 0)
+            t3 = time.monotonic()
+            status, body = call(c.api + f"/admin/nodes/{leader}", c.admin, "DELETE")
+            assert status in (200, 202, 204), (status, body)
+            status, body = call(c.api + "/admin/tenants/add", c.admin, "POST", {"tenant_id": f"after-remove{run}"})
+            t4 = time.monotonic()
+            assert status == 201, (status, body)
+            drains.append(t1 - t0)
+            writes.append(t2 - t1)
+            removals.append(t4 - t3)
+            moved.append(new_leader != leader)
+            print(f"run {run + 1}: drained leader {leader} (term {term}): drain answered in {t1 - t0:.2f} s, "
+                  f"then an admin write in {t2 - t1:.2f} s; leader now {new_leader} (term {new_term}); "
+                  f"its removal and an admin write after it: {t4 - t3:.2f} s", flush=True)
+        finally:
+            dev.send_signal(signal.SIGINT)
+            try:
+                dev.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                dev.kill()
+            shutil.rmtree(data, ignore_errors=True)
+    summary("drain of the leader, answered", drains)
+    summary("  then an admin write", writes)
+    summary("removal of the drained node, then an admin write", removals)
+    print(f"leadership moved in {sum(moved)} of {len(moved)} runs")
+
+
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["dead-node", "admin-write"])
+    p.add_argument("what", choices=["dead-node", "admin-write", "drain-leader"])
+    p.add_argument("--bin", default="target/release/sq-cloud")
+    p.add_argument("--port", type=int, default=28600)
     p.add_argument("--dev", default="sq-cloud-dev")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--how", choices=["kill", "freeze"], default="freeze")
     p.add_argument("--supervisor", type=int, help="pid of `sq-cloud dev`, paused while a killed leader is down")
     a = p.parse_args()
+    if a.what == "drain-leader":
+        return drain_leader(a.bin, a.runs, a.port)
     c = Cluster(a.dev)
     if a.what == "dead-node":
         dead_node(c, a.runs)

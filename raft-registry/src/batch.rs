@@ -6,6 +6,7 @@
 //! round, so the batch grows with the load by itself and a lone write still goes at once. A
 //! round of one command is logged as that command, unwrapped.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -22,15 +23,20 @@ pub const WRITES_QUEUED_MAX: usize = 4 * BATCH_COMMANDS_MAX;
 /// One write and where its outcome goes.
 pub(crate) type Pending = (Command, oneshot::Sender<Result<CommandResult, RegistryError>>);
 
+/// Held for writing, it stops new rounds (the one in flight finishes first): a leadership
+/// transfer ([`crate::transfer`]) holds it while its target catches up and stands.
+pub(crate) type Gate = Arc<tokio::sync::RwLock<()>>;
+
 /// The sending side, held by [`crate::Registry`]; the rounds end when it is dropped.
-pub(crate) fn start(raft: Raft, write_timeout: Duration) -> mpsc::Sender<Pending> {
+pub(crate) fn start(raft: Raft, write_timeout: Duration, gate: Gate) -> mpsc::Sender<Pending> {
     let (tx, rx) = mpsc::channel(WRITES_QUEUED_MAX);
-    tokio::spawn(rounds(raft, rx, write_timeout));
+    tokio::spawn(rounds(raft, rx, write_timeout, gate));
     tx
 }
 
-async fn rounds(raft: Raft, mut rx: mpsc::Receiver<Pending>, write_timeout: Duration) {
+async fn rounds(raft: Raft, mut rx: mpsc::Receiver<Pending>, write_timeout: Duration, gate: Gate) {
     while let Some(first) = rx.recv().await {
+        let _open = gate.read().await;
         let mut round = vec![first];
         while round.len() < BATCH_COMMANDS_MAX {
             match rx.try_recv() {

@@ -39,6 +39,9 @@ use crate::types::{NodeId, Raft};
 /// A timer that fires later than this slept through a freeze, not through a silent leader.
 pub const SCHEDULE_GAP_MAX: Duration = Duration::from_millis(500);
 
+/// How often a leader's timer looks whether it still leads (for [`Heard::leading_for`]).
+const LEADING_CHECK: Duration = Duration::from_millis(100);
+
 /// How long the sole voter of a cluster waits between elections it stands in.
 const SOLE_VOTER_RETRY: Duration = Duration::from_millis(100);
 
@@ -63,6 +66,8 @@ pub(crate) struct Heard {
     /// When this node last accepted a leader's entries or snapshot (not a vote): a node removed
     /// while it was away hears no leader, a member does ([`crate::removal`]).
     leader_at: Mutex<Option<Instant>>,
+    /// Since when this node leads, as its timer last saw ([`LEADING_CHECK`] late at most).
+    leading_since: Mutex<Option<Instant>>,
 }
 
 impl Heard {
@@ -71,6 +76,7 @@ impl Heard {
             at: Mutex::new(Instant::now()),
             behind: AtomicBool::new(false),
             leader_at: Mutex::new(None),
+            leading_since: Mutex::new(None),
         })
     }
 
@@ -91,6 +97,21 @@ impl Heard {
     pub(crate) fn leader_ago(&self) -> Option<Duration> {
         let at = *self.leader_at.lock().unwrap_or_else(|p| p.into_inner());
         at.map(|at| at.elapsed())
+    }
+
+    /// How long this node has led, as its timer saw it; `None` while it does not lead.
+    pub(crate) fn leading_for(&self) -> Option<Duration> {
+        let since = *self.leading_since.lock().unwrap_or_else(|p| p.into_inner());
+        since.map(|at| at.elapsed())
+    }
+
+    fn set_leading(&self, leading: bool) {
+        let mut since = self.leading_since.lock().unwrap_or_else(|p| p.into_inner());
+        match (leading, *since) {
+            (true, None) => *since = Some(Instant::now()),
+            (false, Some(_)) => *since = None,
+            _ => {}
+        }
     }
 
     /// A voter answered this node's vote request with a longer log than the request's.
@@ -120,7 +141,13 @@ pub(crate) async fn run(raft: Raft, me: NodeId, timing: Timing, heard: Arc<Heard
             let voters: Vec<NodeId> = membership.voter_ids().collect();
             (m.state == ServerState::Leader, voters.contains(&me), voters == [me])
         };
-        if leading || !voter {
+        heard.set_leading(leading);
+        if leading {
+            heard.mark();
+            tokio::time::sleep(LEADING_CHECK).await;
+            continue;
+        }
+        if !voter {
             heard.mark();
             tokio::time::sleep(timing.lease).await;
             continue;

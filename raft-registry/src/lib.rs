@@ -39,6 +39,7 @@
 //!   `elect`: when a node stands for election (a fresh random delay before each);
 //! - `registry`, `membership`: the public handle; `batch`: writes grouped one entry per round;
 //!   `removal`: whether a node believes a peer that says it was removed while it was away;
+//!   `transfer`: a leader hands the registry to another voter (before it is drained);
 //! - `config`, `error`: [`RegistryConfig`] and [`RegistryError`].
 
 mod batch;
@@ -61,6 +62,7 @@ pub mod runtime;
 pub mod snapshot;
 pub mod state;
 pub mod state_machine;
+mod transfer;
 pub mod types;
 
 pub use batch::WRITES_QUEUED_MAX;

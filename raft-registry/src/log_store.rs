@@ -4,13 +4,14 @@
 //!   openraft's callback fires. Truncation cuts the file at the first removed record and fsyncs.
 //!   Purging rewrites the (short) remainder atomically, led by a `Purged` record. A torn tail left
 //!   by a crash mid-append is cut off at open.
-//! - `raft-meta`: the vote, and the committed log id as of the last vote change or clean stop;
-//!   replaced atomically (two fsyncs) whenever the vote changes. A new committed id is kept in
-//!   memory only: writing it on every commit cost every node two more fsyncs per registry write
-//!   (a quarter of a busy leader's time at 100,000 tenants). Raft does not need it on disk:
-//!   openraft starts from the later of the saved committed id and the state machine's last
-//!   applied one, and the leader tells the rest; a stale id only means entries a restarted node
-//!   applies after it hears the leader rather than before.
+//! - `raft-meta`: the vote and the committed log id, replaced atomically on every change. The
+//!   committed id must be durable before openraft applies up to it, although Raft itself does
+//!   not need it: a node restarted with an older one would apply less than it had applied
+//!   before the crash, and the node layer serves tenants by the registry it applied. A node that
+//!   had applied "this tenant moved away" must not serve it again from an older state (the
+//!   simulator found this: with the id kept in memory only, a restarted node took back a tenant
+//!   it had handed off, accepted a write, and the write was lost when the handoff it had not yet
+//!   applied replaced its copy).
 //!
 //! Entries are also kept in memory for readers; purging after each snapshot bounds them to about
 //! `logs_to_keep + snapshot_interval` entries. File I/O is synchronous inside the async methods:
@@ -60,10 +61,7 @@ struct LogInner {
     /// Log index → byte offset of its record in the file (for truncation).
     offsets: BTreeMap<u64, u64>,
     last_purged: Option<LogId>,
-    /// The vote and committed id as Raft knows them.
     meta: Meta,
-    /// What `raft-meta` holds.
-    meta_on_disk: Meta,
 }
 
 /// The on-disk log store. Clones share one log (the clone is openraft's log reader).
@@ -116,22 +114,9 @@ impl LogStore {
             entries: replay.entries,
             offsets: replay.offsets,
             last_purged: replay.last_purged,
-            meta: meta.clone(),
-            meta_on_disk: meta,
+            meta,
         };
         Ok(LogStore { inner: Arc::new(Mutex::new(inner)) })
-    }
-
-    /// Writes the committed id held in memory to `raft-meta`, if it is newer than the one
-    /// there: at a clean stop, so that the next start applies everything committed before it
-    /// hears a leader.
-    pub(crate) fn flush_committed(&self) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        if inner.meta.committed == inner.meta_on_disk.committed {
-            return Ok(());
-        }
-        let meta = inner.meta.clone();
-        inner.save_meta(meta)
     }
 
     fn lock(&self) -> MutexGuard<'_, LogInner> {
@@ -256,8 +241,7 @@ impl LogInner {
 
     fn save_meta(&mut self, meta: Meta) -> Result<(), StoreError> {
         disk::write_record_file(self.fs.as_ref(), &self.dir, META_FILE, &meta)?;
-        self.meta = meta.clone();
-        self.meta_on_disk = meta;
+        self.meta = meta;
         Ok(())
     }
 }
@@ -294,9 +278,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
-        // In memory until the next vote change or clean stop (see the module documentation).
-        self.lock().meta.committed = committed;
-        Ok(())
+        let mut inner = self.lock();
+        let meta = Meta { committed, ..inner.meta.clone() };
+        Ok(inner.save_meta(meta)?)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {

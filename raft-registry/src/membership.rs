@@ -114,6 +114,40 @@ impl Registry {
         })
     }
 
+    /// Takes an active node out of the ring (one placement change): its tenants get handoffs to
+    /// their new owners, and it can be removed once they are done. Run on the leader. When the
+    /// drained node is this leader, it then hands leadership to the most caught-up other voter
+    /// ([`Registry::transfer_leadership`]), so that stopping or removing it later costs the
+    /// registry no election. The drain stands whether or not the transfer succeeds. Draining a
+    /// node that is draining already changes nothing and succeeds.
+    pub async fn drain_node(&self, id: u64) -> Result<(), RegistryError> {
+        let _one_change = self
+            .membership_lock
+            .try_lock()
+            .map_err(|_| RegistryError::MembershipChangeInProgress)?;
+        // A drain asked again (a gateway that re-sent it to the new leader after a hand-over)
+        // is done already.
+        let state = self.read_linearizable().await?;
+        if state.node(id).map(|n| n.state) != Some(NodeState::Draining) {
+            self.write(Command::NodeDrain { id }).await?;
+        }
+        if id == self.id {
+            match self.transfer_leadership().await {
+                Ok(Some(to)) => tracing::info!(to, "drained leader handed the registry over"),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "drained leader could not hand over"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands leadership to the most caught-up other voter ([`crate::transfer`]): new writes wait
+    /// until it is done, about one election round trip once this node has led for a lease.
+    /// Returns the new leader, or `None` when this node does not lead or is the only voter.
+    pub async fn transfer_leadership(&self) -> Result<Option<u64>, RegistryError> {
+        crate::transfer::run(self).await
+    }
+
     /// Removes node `id` for good. Run on the leader:
     /// 1. commit `NodeRemove` (placement epoch + 1 if it was Active; refused for the last active
     ///    node) so placement stops using it,
@@ -121,18 +155,8 @@ impl Registry {
     ///
     /// The registry step comes first so that a leader can remove itself: it stays leader until
     /// the membership without it commits, then steps down. Calling it again resumes an
-    /// interrupted removal. Drain the node (`NodeDrain`) first to hand its tenants off.
-    /// Takes an active node out of the ring (one placement change): its tenants get handoffs to
-    /// their new owners, and it can be removed once they are done.
-    pub async fn drain_node(&self, id: u64) -> Result<(), RegistryError> {
-        let _one_change = self
-            .membership_lock
-            .try_lock()
-            .map_err(|_| RegistryError::MembershipChangeInProgress)?;
-        self.write(Command::NodeDrain { id }).await?;
-        Ok(())
-    }
-
+    /// interrupted removal. Drain the node (`NodeDrain`) first to hand its tenants off (and, for
+    /// the leader, the registry).
     pub async fn remove_node(&self, id: u64) -> Result<(), RegistryError> {
         // Removing a node whose join is still running cancels that join, then waits for it to
         // let go: a join that never finishes can always be undone.

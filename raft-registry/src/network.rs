@@ -64,6 +64,14 @@ pub enum RaftRpc {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// Leadership transfer ([`crate::transfer`]): the leader `from` of `term`, which holds
+    /// its writes and has seen this node's log reach its own, asks this node to stand for
+    /// election now. Added after the others, so an older node refuses it as undecodable and
+    /// the transfer falls back to an ordinary election.
+    TimeoutNow {
+        from: NodeId,
+        term: u64,
+    },
 }
 
 /// A Raft reply on the wire.
@@ -76,6 +84,8 @@ pub enum RaftRpcReply {
     ),
     /// The request could not be decoded or has another version.
     Refused(String),
+    /// Whether this node stood, as [`RaftRpc::TimeoutNow`] asked.
+    TimeoutNow(bool),
 }
 
 /// Encodes in `proto::wire`'s envelope, stamped [`RAFT_RPC_VERSION`].
@@ -124,6 +134,9 @@ pub(crate) async fn serve(raft: &Raft, me: NodeId, heard: &Heard, payload: &[u8]
                 heard.mark_leader();
             }
             RaftRpcReply::InstallSnapshot(reply)
+        }
+        Ok(RaftRpc::TimeoutNow { from, term }) => {
+            RaftRpcReply::TimeoutNow(crate::transfer::stand_now(raft, me, from, term, heard))
         }
         Err(e) => {
             tracing::warn!(error = %e, "refusing raft rpc");

@@ -79,8 +79,10 @@ pub struct Registry {
     pub(crate) heard: Arc<crate::elect::Heard>,
     /// The election timer's task, stopped by [`Registry::shutdown`].
     elect_task: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
-    /// The log Raft writes (a handle on the same store), for the committed id at a stop.
-    log: LogStore,
+    /// Stops new write rounds during a leadership transfer ([`crate::transfer`]).
+    pub(crate) write_gate: crate::batch::Gate,
+    /// What carries Raft RPCs, for a leadership transfer's `TimeoutNow`.
+    pub(crate) transport: Arc<dyn RaftTransport>,
 }
 
 /// Runs `fut` with a time limit, reporting `op` on expiry.
@@ -118,9 +120,11 @@ impl Registry {
         let (sm, state_rx) = StateMachineStore::open_on(fs, dir)?;
         let changes = sm.changes();
         let heard = crate::elect::Heard::now();
-        let network = NetworkFactory { my_id: node_id, transport, heard: heard.clone() };
-        let raft = Raft::new(node_id, raft_config, network, log.clone(), sm).await?;
-        let writes = crate::batch::start(raft.clone(), config.write_timeout());
+        let network =
+            NetworkFactory { my_id: node_id, transport: transport.clone(), heard: heard.clone() };
+        let raft = Raft::new(node_id, raft_config, network, log, sm).await?;
+        let write_gate = crate::batch::Gate::default();
+        let writes = crate::batch::start(raft.clone(), config.write_timeout(), write_gate.clone());
         let elect_task = tokio::spawn(crate::elect::run(
             raft.clone(),
             node_id,
@@ -138,7 +142,8 @@ impl Registry {
             config,
             heard,
             elect_task: std::sync::Mutex::new(Some(elect_task)),
-            log,
+            write_gate,
+            transport,
         })
     }
 
@@ -326,9 +331,7 @@ impl Registry {
             task.abort();
             let _ = task.await;
         }
-        self.raft.shutdown().await.map_err(|e| RegistryError::Raft(format!("shutdown: {e}")))?;
-        self.log.flush_committed()?;
-        Ok(())
+        self.raft.shutdown().await.map_err(|e| RegistryError::Raft(format!("shutdown: {e}")))
     }
 
     /// A clean stop: snapshots what was applied since the last snapshot and drops the log it

@@ -89,6 +89,53 @@ async fn leader_stop_elects_new_leader_without_loss() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drained_leader_hands_the_registry_to_the_most_caught_up_voter() -> anyhow::Result<()> {
+    // Goal: draining the leader commits the drain, then hands leadership to the most caught-up
+    // other voter, the lowest id among equals: a known node in one more term, where an election
+    // after a failure picks a random winner, after a lease and a random delay. A write sent to
+    // the old leader during the hand-over either commits first or is held and then answered
+    // NotLeader; none is lost. A follower asked to transfer has nothing to hand over, and a
+    // drain asked again succeeds without a change.
+    bounded_test(async {
+        let c = three_nodes().await?;
+        for i in 0..10 {
+            c.write(add_tenant(&format!("t{i}"))).await??;
+        }
+        let old = c.leader(&[]).await?;
+        let term = c.node(old)?.status().term;
+        let expected = [1, 2, 3].into_iter().find(|id| *id != old).expect("two followers");
+        let follower = [1, 2, 3].into_iter().rfind(|id| *id != old).expect("two followers");
+        assert_eq!(c.node(follower)?.transfer_leadership().await?, None);
+
+        let drain = {
+            let reg = c.node(old)?;
+            tokio::spawn(async move { reg.drain_node(old).await })
+        };
+        let racing = c.node(old)?.write(add_tenant("racing")).await;
+        drain.await??;
+        match racing {
+            Ok(_) => {}
+            Err(RegistryError::NotLeader { .. }) => {
+                c.write(add_tenant("racing")).await??;
+            }
+            Err(e) => panic!("a write racing the hand-over: {e}"),
+        }
+        let new = c.leader(&[]).await?;
+        assert_eq!(new, expected, "the lowest-id caught-up voter leads");
+        c.node(new)?.drain_node(old).await?; // asked again (a gateway re-sent it): done already
+        assert_eq!(c.node(new)?.status().term, term + 1, "one election, won at once");
+        let state = c.read().await?;
+        assert_eq!(state.node(old).map(|n| n.state), Some(NodeState::Draining));
+        for i in 0..10 {
+            assert!(state.tenant(&format!("t{i}")).is_some(), "t{i} lost in the hand-over");
+        }
+        assert!(state.tenant("racing").is_some(), "the racing write was lost");
+        Ok(())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn partitioned_leader_is_replaced_and_catches_up() -> anyhow::Result<()> {
     // Goal: a partitioned leader cannot commit; the majority elects a new leader and commits;
     // after healing, the old leader follows and applies what it missed.
@@ -225,9 +272,10 @@ fn spawn_writer(c: Arc<Cluster>, stop: Arc<AtomicBool>) -> JoinHandle<anyhow::Re
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn join_and_remove_while_writing() -> anyhow::Result<()> {
-    // Goal: while a writer keeps adding tenants, node 4 joins and then the current leader removes
-    // itself; every acknowledged tenant survives, the three others end as voters, the epoch grows
-    // on each change, and the removed id can never join again.
+    // Goal: while a writer keeps adding tenants, node 4 joins and then the current leader is
+    // drained (handing leadership over) and removed; every acknowledged tenant survives, the
+    // three others end as voters, the epoch grows on each change, and the removed id can never
+    // join again.
     bounded_test(async {
         let mut c = three_nodes().await?;
         c.start(4).await?;
@@ -242,9 +290,10 @@ async fn join_and_remove_while_writing() -> anyhow::Result<()> {
         let removed = c.leader(&[]).await?;
         c.node(removed)?.drain_node(removed).await?;
         finish_handoffs(&c).await?;
-        c.node(removed)?.remove_node(removed).await?;
-        let leader = c.leader(&[removed]).await?;
-        // Keep writing across the election that follows the old leader stepping down.
+        // The drained leader handed the registry over; the new leader removes it.
+        let leader = c.leader(&[]).await?;
+        assert_ne!(leader, removed, "a drained leader hands leadership over");
+        c.node(leader)?.remove_node(removed).await?;
         c.write(add_tenant("after-removal")).await??;
         stop.store(true, Ordering::Relaxed);
         let acked = writer.await??;
@@ -265,7 +314,7 @@ async fn join_and_remove_while_writing() -> anyhow::Result<()> {
             "{again:?}"
         );
         println!(
-            "join/remove under load: {} tenants acknowledged, leader {removed} removed itself",
+            "join/remove under load: {} tenants acknowledged, leader {removed} drained and removed",
             acked.len()
         );
         Ok(())

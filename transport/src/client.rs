@@ -55,6 +55,23 @@ pub struct ClientLimits {
     /// Peer addresses pooled at once. Default 1024: far above a cluster's node count. When
     /// full, closed entries are pruned; if none are, the call fails with `Connect`.
     pub max_peers: usize,
+    /// Time every call waits before its request leaves, inside its timeout: a round trip added
+    /// to rehearse a mesh spread over a WAN on one machine (this kernel has no netem). Default
+    /// 0, or [`ADDED_RTT_ENV`] milliseconds when that is set; a client with a delay logs it.
+    /// Never for production.
+    pub added_rtt: Duration,
+}
+
+/// The environment variable that sets [`ClientLimits::added_rtt`] by default, in milliseconds,
+/// for every process of a cluster started with it (`sq-cloud dev` passes its environment on).
+pub const ADDED_RTT_ENV: &str = "SQ_CLOUD_ADDED_RTT_MS";
+
+/// [`ADDED_RTT_ENV`], if set to a number of milliseconds.
+fn added_rtt_from_env() -> Duration {
+    std::env::var(ADDED_RTT_ENV)
+        .ok()
+        .and_then(|ms| ms.trim().parse::<u64>().ok())
+        .map_or(Duration::ZERO, Duration::from_millis)
 }
 
 impl Default for ClientLimits {
@@ -64,6 +81,7 @@ impl Default for ClientLimits {
             idle_timeout: Duration::from_secs(10),
             keep_alive_interval: Duration::from_secs(2),
             max_peers: 1024,
+            added_rtt: added_rtt_from_env(),
         }
     }
 }
@@ -121,6 +139,12 @@ impl Client {
             return Err(TransportError::Config(
                 "client limits need max_peers > 0 and keep-alive shorter than idle timeout".into(),
             ));
+        }
+        if !limits.added_rtt.is_zero() {
+            tracing::warn!(
+                added_rtt_ms = limits.added_rtt.as_millis() as u64,
+                "every call waits this long before it leaves ({ADDED_RTT_ENV}): a rehearsal setting"
+            );
         }
         let crypto = Arc::new(tls::client_crypto(auth)?);
         let mut config = quinn::ClientConfig::new(crypto);
@@ -193,6 +217,7 @@ impl Client {
             });
         }
         let opened = tokio::time::timeout(timeout, async {
+            self.added_rtt().await;
             let (conn, fresh) = self.connection(addr).await?;
             match conn.open_bi().await {
                 Ok(streams) => Ok(streams),
@@ -281,7 +306,16 @@ impl Client {
         }
     }
 
+    /// Waits [`ClientLimits::added_rtt`], if any.
+    async fn added_rtt(&self) {
+        let rtt = self.inner.limits.added_rtt;
+        if !rtt.is_zero() {
+            tokio::time::sleep(rtt).await;
+        }
+    }
+
     async fn call_unbounded(&self, addr: SocketAddr, request: Bytes) -> Result<Bytes> {
+        self.added_rtt().await;
         let (conn, fresh) = self.connection(addr).await?;
         let streams = match conn.open_bi().await {
             Ok(streams) => streams,

@@ -38,8 +38,8 @@ mod tls;
 pub use caller::{AnswerCallFuture, CallFuture, Caller};
 pub use certs::{Identity, Role};
 pub use client::{
-    BodyReader, Client, ClientLimits, ClientStats, ANSWER_HEAD_WAIT_MAX, ANSWER_WAIT_PER_MIB,
-    REQUEST_PIECE_BYTES,
+    BodyReader, Client, ClientLimits, ClientStats, ADDED_RTT_ENV, ANSWER_HEAD_WAIT_MAX,
+    ANSWER_WAIT_PER_MIB, REQUEST_PIECE_BYTES,
 };
 pub use error::{Result, TransportError};
 pub use frame::{decode, encode, FRAME_BYTES_MAX, PROTOCOL_VERSION};
