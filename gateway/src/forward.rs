@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use proto::cluster::{NodeRequest, NodeResponse, ViewUpdate};
+use proto::cluster::{NodeRequest, NodeResponse, ViewUpdate, VIEW_TENANTS_PER_PART};
 use proto::wire;
 
 use crate::view::ViewHandle;
@@ -110,9 +110,39 @@ pub async fn fetch_update(
 ) -> Result<Option<ViewUpdate>, CallError> {
     let request = NodeRequest::ViewSince { known_index, wait_ms: 0 };
     match client.call(addr, request, FORWARD_TIMEOUT).await? {
-        NodeResponse::ViewUpdate(update) => Ok(update),
+        NodeResponse::ViewUpdate(Some(update)) => Ok(Some(whole(client, addr, update).await?)),
+        NodeResponse::ViewUpdate(None) => Ok(None),
         other => Err(CallError::Protocol(format!("unexpected answer to view: {other:?}"))),
     }
+}
+
+/// `update` made whole: the first part of a large registry ([`ViewUpdate::FullFirst`]) with
+/// the rest asked of the same node page by page, as the registry at the first part's index;
+/// any other update as it is.
+pub async fn whole(
+    client: &dyn NodeClient,
+    addr: SocketAddr,
+    update: ViewUpdate,
+) -> Result<ViewUpdate, CallError> {
+    let ViewUpdate::FullFirst(mut view) = update else { return Ok(update) };
+    while let Some(after) = view.tenants.last().map(|t| t.id.clone()) {
+        let request = NodeRequest::ViewPage { after, limit: VIEW_TENANTS_PER_PART };
+        match client.call(addr, request, FORWARD_TIMEOUT).await? {
+            NodeResponse::ViewPage { tenants, more } => {
+                view.tenants.extend(tenants);
+                if !more {
+                    break;
+                }
+            }
+            other => {
+                return Err(CallError::Protocol(format!(
+                    "unexpected answer to view page: {other:?}"
+                )))
+            }
+        }
+    }
+    tracing::info!(%addr, tenants = view.tenants.len(), index = view.applied_index, "took the whole registry in parts");
+    Ok(ViewUpdate::Full(view))
 }
 
 /// Brings the view up to what the first node that answers has. Returns whether one did.

@@ -264,3 +264,80 @@ async fn idle_and_header_timeouts_are_distinct() {
     stop.cancel();
     task.await.unwrap();
 }
+
+/// A node holding `count` tenants (`t000000`, ...) that answers a first view with the first part
+/// of them ([`ViewUpdate::FullFirst`]) and pages after it; `t000001` is removed after the first
+/// part (a page read later is newer than the part's index).
+struct LargeRegistry {
+    tenants: std::sync::Mutex<Vec<TenantView>>,
+    pages: AtomicUsize,
+}
+
+impl LargeRegistry {
+    fn new(count: usize) -> LargeRegistry {
+        let tenants = (0..count)
+            .map(|i| TenantView {
+                id: format!("t{i:06}"),
+                key_hashes: vec![key_hash(&format!("pmb-v1-key-{i}"))],
+                enabled: true,
+                owner: Some(1),
+            })
+            .collect();
+        LargeRegistry { tenants: std::sync::Mutex::new(tenants), pages: AtomicUsize::new(0) }
+    }
+}
+
+impl NodeClient for LargeRegistry {
+    fn call(
+        &self,
+        _addr: SocketAddr,
+        request: NodeRequest,
+        _t: Duration,
+    ) -> BoxFuture<'_, Result<NodeResponse, CallError>> {
+        Box::pin(async move {
+            let per_part = proto::cluster::VIEW_TENANTS_PER_PART as usize;
+            let mut tenants = self.tenants.lock().expect("test mutex");
+            Ok(match request {
+                NodeRequest::ViewSince { known_index: 0, .. } => {
+                    let first = RegistryView { tenants: tenants[..per_part].to_vec(), ..view() };
+                    tenants.retain(|t| t.id != "t000001");
+                    NodeResponse::ViewUpdate(Some(ViewUpdate::FullFirst(first)))
+                }
+                NodeRequest::ViewPage { after, limit } => {
+                    self.pages.fetch_add(1, Ordering::SeqCst);
+                    let rest: Vec<TenantView> =
+                        tenants.iter().filter(|t| t.id > after).cloned().collect();
+                    let take = rest.len().min(limit as usize);
+                    NodeResponse::ViewPage {
+                        more: take < rest.len(),
+                        tenants: rest[..take].to_vec(),
+                    }
+                }
+                other => NodeResponse::Refused(format!("{other:?}")),
+            })
+        })
+    }
+}
+
+// Goal: a registry too large for one message arrives as a first part and pages, and the
+// gateway takes the whole at the first part's index: every tenant of every page is known by its
+// key, none twice, and the part's own records stand as they were at its index (a change after
+// it comes with the changes since that index, which the gateway asks for next).
+#[tokio::test]
+async fn a_registry_in_parts_is_taken_whole() {
+    let per_part = proto::cluster::VIEW_TENANTS_PER_PART as usize;
+    let count = 2 * per_part + 7;
+    let node = LargeRegistry::new(count);
+    let views = ViewHandle::default();
+    let seed: SocketAddr = "127.0.0.1:9".parse().expect("addr");
+    assert!(crate::forward::refresh(&node, &views, &[seed]).await, "the node answered");
+    let current = views.current();
+    assert_eq!(node.pages.load(Ordering::SeqCst), 2, "two pages after the first part");
+    assert_eq!(current.view.applied_index, view().applied_index, "the first part's index");
+    assert_eq!(current.tenant_count(), count, "every tenant once");
+    for i in [0, 1, per_part - 1, per_part, count - 1] {
+        let hash = key_hash(&format!("pmb-v1-key-{i}"));
+        let found = current.tenant_by_key_hash(&hash).map(|t| t.id.to_string());
+        assert_eq!(found, Some(format!("t{i:06}")), "tenant {i}");
+    }
+}

@@ -151,6 +151,11 @@ impl ViewHandle {
                 });
                 (view, tenants)
             }
+            ViewUpdate::FullFirst(view) => {
+                // `forward::whole` makes it whole first; a part alone is not the registry.
+                tracing::warn!(index = view.applied_index, "part of a registry taken as a whole");
+                return;
+            }
             ViewUpdate::Delta(RegistryDelta { since, head, changed, removed }) => {
                 if since > current_index {
                     // Never sent: the index asked with is one this view held. Taking it would

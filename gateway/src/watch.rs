@@ -97,8 +97,16 @@ async fn poll_one(
         };
         let failed = match answer {
             Ok(NodeResponse::ViewUpdate(Some(update))) => {
-                views.update(update);
-                false
+                match crate::forward::whole(client.as_ref(), addr, update).await {
+                    Ok(update) => {
+                        views.update(update);
+                        false
+                    }
+                    Err(e) => {
+                        tracing::debug!(%addr, error = %e, "the rest of the registry failed");
+                        true
+                    }
+                }
             }
             Ok(NodeResponse::ViewUpdate(None)) => false,
             Ok(other) => {

@@ -6,6 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use proto::cluster::{
     NodeRequest, NodeResponse, RegistryDelta, RegistryView, TenantUsage, ViewUpdate,
+    VIEW_TENANTS_PER_PART,
 };
 use proto::{ApiError, SqRequest, SqResponse};
 use raft_registry::{Registry, Since};
@@ -99,6 +100,7 @@ impl Service {
                     .await
                     .then(|| self.view_update(known_index)),
             ),
+            NodeRequest::ViewPage { after, limit } => self.view_page(&after, limit),
             NodeRequest::Admin { admin_key_hash, op } => {
                 let (result, applied_index) =
                     crate::admin::execute(self, &admin_key_hash, op).await;
@@ -327,7 +329,7 @@ impl Service {
     /// gateway merges as an older view.
     pub fn view_update(&self, known_index: u64) -> ViewUpdate {
         if known_index == 0 {
-            return ViewUpdate::Full(self.build_view());
+            return self.whole_view();
         }
         let (applied, state) = self.registry.subscribe().borrow().clone();
         let status = self.registry.status();
@@ -338,7 +340,7 @@ impl Service {
             return ViewUpdate::Delta(delta);
         }
         let Since::Tenants(ids) = self.registry.changes_since(known_index, applied) else {
-            return ViewUpdate::Full(self.build_view());
+            return self.whole_view();
         };
         for id in ids {
             match state.tenant(&id) {
@@ -347,6 +349,36 @@ impl Service {
             }
         }
         ViewUpdate::Delta(delta)
+    }
+
+    /// The whole registry for a gateway: in one message up to
+    /// [`VIEW_TENANTS_PER_PART`] tenants, else its first part ([`ViewUpdate::FullFirst`]; the
+    /// gateway asks for the rest by [`Service::view_page`]).
+    fn whole_view(&self) -> ViewUpdate {
+        let (applied, state) = self.registry.subscribe().borrow().clone();
+        if state.tenant_count() as u64 <= VIEW_TENANTS_PER_PART {
+            return ViewUpdate::Full(self.build_view());
+        }
+        let status = self.registry.status();
+        let mut first =
+            crate::admin::registry_head(applied, &state, &self.health, status.leader, status.term);
+        first.tenants = state
+            .tenants()
+            .take(VIEW_TENANTS_PER_PART as usize)
+            .map(|t| crate::admin::tenant_view(&state, t))
+            .collect();
+        ViewUpdate::FullFirst(first)
+    }
+
+    /// Up to `limit` tenants after `after`, in id order, as the registry is now
+    /// ([`NodeRequest::ViewPage`]).
+    fn view_page(&self, after: &str, limit: u64) -> NodeResponse {
+        let state = self.registry.state();
+        let limit = limit.clamp(1, VIEW_TENANTS_PER_PART) as usize;
+        let mut rest = state.tenants_after(Some(after));
+        let tenants =
+            rest.by_ref().take(limit).map(|t| crate::admin::tenant_view(&state, t)).collect();
+        NodeResponse::ViewPage { tenants, more: rest.next().is_some() }
     }
 
     /// The registry as gateways see it, rebuilt only when the applied index moved.
@@ -420,6 +452,7 @@ fn kind(r: &NodeRequest) -> &'static str {
         NodeRequest::Sq { .. } => "sq",
         NodeRequest::View { .. } => "view",
         NodeRequest::ViewSince { .. } => "view since",
+        NodeRequest::ViewPage { .. } => "view page",
         NodeRequest::Admin { .. } => "admin",
         NodeRequest::RaftCommand { .. } => "raft command",
         NodeRequest::HandoffManifest { .. } | NodeRequest::HandoffRead { .. } => "handoff",

@@ -175,13 +175,24 @@ pub enum ViewUpdate {
     Full(RegistryView),
     /// Only what changed since the caller's index.
     Delta(RegistryDelta),
+    /// The first part of a whole registry of more than [`VIEW_TENANTS_PER_PART`] tenants, which
+    /// would not fit one message (about 90 B a tenant, against 64 MiB): everything but the
+    /// tenants as of `applied_index`, and the first tenants in id order. The caller asks the
+    /// same node for the rest with [`NodeRequest::ViewPage`], takes the whole as the registry
+    /// at this index, and then asks for the changes since it. Pages read later may hold newer
+    /// records; the changes since this index replace every one of them.
+    FullFirst(RegistryView),
 }
+
+/// The most tenants in one message of a whole registry ([`ViewUpdate::FullFirst`],
+/// [`NodeResponse::ViewPage`]): about 5 MB.
+pub const VIEW_TENANTS_PER_PART: u64 = 50_000;
 
 impl ViewUpdate {
     /// The applied index the answer brings its receiver to.
     pub fn applied_index(&self) -> u64 {
         match self {
-            ViewUpdate::Full(v) => v.applied_index,
+            ViewUpdate::Full(v) | ViewUpdate::FullFirst(v) => v.applied_index,
             ViewUpdate::Delta(d) => d.head.applied_index,
         }
     }
@@ -286,6 +297,9 @@ pub enum NodeRequest {
     /// registry the caller holds; 0 for none): answers as `View` does, with a
     /// [`ViewUpdate`] that carries only the tenants changed since.
     ViewSince { known_index: u64, wait_ms: u64 },
+    /// The next part of a whole registry after [`ViewUpdate::FullFirst`]: up to `limit` (at
+    /// most [`VIEW_TENANTS_PER_PART`]) tenants with ids after `after`, in id order.
+    ViewPage { after: String, limit: u64 },
 }
 
 /// Bytes of one handoff file, carried as one byte string.
@@ -370,6 +384,12 @@ pub enum NodeResponse {
     /// its own removal. Its heartbeats are not taken.
     Removed {
         applied: RegistryPosition,
+    },
+    /// The answer to `ViewPage`: the tenants, from the answering node's registry as it is now,
+    /// and whether more follow.
+    ViewPage {
+        tenants: Vec<TenantView>,
+        more: bool,
     },
 }
 

@@ -12,7 +12,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// instead of as JSON text; the gateway renders the JSON.
 /// Version 6: `NodeResponse::Removed` (a node's gossip answered with "you were removed") joined
 /// `NodeResponse`.
-pub const WIRE_VERSION: u16 = 6;
+/// Version 7: a whole registry of more than `cluster::VIEW_TENANTS_PER_PART` tenants travels in
+/// parts (`ViewUpdate::FullFirst`, `NodeRequest::ViewPage`, `NodeResponse::ViewPage`).
+pub const WIRE_VERSION: u16 = 7;
 
 /// The largest message either side encodes or decodes, in bytes: 64 MiB. It is also the
 /// transport's frame limit (`transport::FRAME_BYTES_MAX`): one message fills one frame. It bounds
