@@ -80,6 +80,8 @@ pub struct Net {
     trace: Arc<Trace>,
     monitor: Arc<Monitor>,
     inner: Mutex<Inner>,
+    /// Woken when every frozen process resumes at once ([`Net::heal`]).
+    thawed: tokio::sync::Notify,
 }
 
 /// What happens to one request.
@@ -201,7 +203,12 @@ impl Net {
             weather: Weather::default(),
             next_message: 0,
         };
-        Arc::new(Net { trace, monitor, inner: Mutex::new(inner) })
+        Arc::new(Net {
+            trace,
+            monitor,
+            inner: Mutex::new(inner),
+            thawed: tokio::sync::Notify::new(),
+        })
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -241,12 +248,16 @@ impl Net {
         }
     }
 
-    /// Mends every link and calms the weather.
+    /// Mends every link, calms the weather, and resumes every frozen process at once: what it
+    /// held goes now, not when its freeze would have ended (the checks after the heal must not
+    /// race requests a frozen node still holds).
     pub fn heal(&self) {
         let mut inner = self.lock();
         inner.cut.clear();
         inner.frozen.clear();
         inner.weather = Weather::default();
+        drop(inner);
+        self.thawed.notify_waiters();
     }
 
     /// Freezes node `id`'s process until `until`: what it sends and what is sent to it waits
@@ -260,9 +271,17 @@ impl Net {
     async fn wait_thaw(&self, who: Endpoint) {
         let Endpoint::Node(id) = who else { return };
         loop {
+            let thawed = self.thawed.notified();
+            tokio::pin!(thawed);
+            thawed.as_mut().enable();
             let until = self.lock().frozen.get(&id).copied();
             match until {
-                Some(until) if until > Instant::now() => tokio::time::sleep_until(until).await,
+                Some(until) if until > Instant::now() => {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => {}
+                        _ = thawed => {}
+                    }
+                }
                 _ => return,
             }
         }
