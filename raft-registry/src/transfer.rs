@@ -11,10 +11,10 @@
 //!   third voter's lease.
 //!
 //! The steps ([`run`]):
-//! 1. hold new write rounds ([`crate::batch::Gate`]; the round in flight finishes), so the log
-//!    stops growing;
-//! 2. wait until this node has led for a lease, and until a voter has this node's whole log. The
-//!    most advanced such voter is the target, the lowest id among equals;
+//! 1. wait until this node has led for a lease;
+//! 2. hold new write rounds ([`crate::batch::Gate`]; the round in flight finishes), so the log
+//!    stops growing, and wait until a voter has this node's whole log. The most advanced such
+//!    voter is the target, the lowest id among equals;
 //! 3. send the target [`RaftRpc::TimeoutNow`]. It checks that the sender is the leader it
 //!    follows, in the same term, and stands at once ([`stand_now`]);
 //! 4. wait until a leader other than this node is known, then let the held writes go. They find
@@ -65,6 +65,10 @@ fn target(m: &openraft::RaftMetrics<NodeId, openraft::BasicNode>, me: NodeId) ->
 pub(crate) async fn run(reg: &Registry) -> Result<Option<NodeId>, RegistryError> {
     let me = reg.id;
     let timing = reg.config.election_timing();
+    // A leader that won less than a lease ago would refuse the target's vote; writes go on
+    // meanwhile.
+    let led = reg.heard.leading_for().unwrap_or_default();
+    tokio::time::sleep(timing.lease.saturating_sub(led)).await;
     let _held = bounded("hold writes", reg.config.write_timeout(), reg.write_gate.write()).await?;
     let (term, others) = {
         let m = reg.raft.metrics().borrow().clone();
@@ -78,9 +82,6 @@ pub(crate) async fn run(reg: &Registry) -> Result<Option<NodeId>, RegistryError>
     if !leads(reg) || others == 0 {
         return Ok(None);
     }
-    // A leader that won less than a lease ago would refuse the target's vote.
-    let led = reg.heard.leading_for().unwrap_or_default();
-    tokio::time::sleep(timing.lease.saturating_sub(led)).await;
     let caught_up = reg
         .raft
         .wait(Some(timing.lease))
