@@ -66,8 +66,9 @@ pub(crate) struct Heard {
     /// When this node last accepted a leader's entries or snapshot (not a vote): a node removed
     /// while it was away hears no leader, a member does ([`crate::removal`]).
     leader_at: Mutex<Option<Instant>>,
-    /// Since when this node leads, as its timer last saw ([`LEADING_CHECK`] late at most).
-    leading_since: Mutex<Option<Instant>>,
+    /// The term this node leads in and since when, as its timer last saw ([`LEADING_CHECK`]
+    /// late at most).
+    leading_since: Mutex<Option<(u64, Instant)>>,
 }
 
 impl Heard {
@@ -102,15 +103,16 @@ impl Heard {
     /// How long this node has led, as its timer saw it; `None` while it does not lead.
     pub(crate) fn leading_for(&self) -> Option<Duration> {
         let since = *self.leading_since.lock().unwrap_or_else(|p| p.into_inner());
-        since.map(|at| at.elapsed())
+        since.map(|(_, at)| at.elapsed())
     }
 
-    fn set_leading(&self, leading: bool) {
+    /// Records that this node leads in `term` (from now, unless it already did), or does not.
+    fn set_leading(&self, term: Option<u64>) {
         let mut since = self.leading_since.lock().unwrap_or_else(|p| p.into_inner());
-        match (leading, *since) {
-            (true, None) => *since = Some(Instant::now()),
-            (false, Some(_)) => *since = None,
-            _ => {}
+        match (term, *since) {
+            (Some(term), Some((led, _))) if led == term => {}
+            (Some(term), _) => *since = Some((term, Instant::now())),
+            (None, _) => *since = None,
         }
     }
 
@@ -139,9 +141,9 @@ pub(crate) async fn run(raft: Raft, me: NodeId, timing: Timing, heard: Arc<Heard
             }
             let membership = m.membership_config.membership();
             let voters: Vec<NodeId> = membership.voter_ids().collect();
+            heard.set_leading((m.state == ServerState::Leader).then_some(m.current_term));
             (m.state == ServerState::Leader, voters.contains(&me), voters == [me])
         };
-        heard.set_leading(leading);
         if leading {
             heard.mark();
             tokio::time::sleep(LEADING_CHECK).await;
@@ -194,6 +196,23 @@ pub(crate) async fn run(raft: Raft, me: NodeId, timing: Timing, heard: Arc<Heard
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Goal: how long a node has led counts from the start of its term in office: the same term
+    // keeps the start, a new term (lost and won again between two looks) starts over, and not
+    // leading forgets it.
+    #[tokio::test(start_paused = true)]
+    async fn leading_counts_from_the_term_in_office() {
+        let heard = Heard::now();
+        assert_eq!(heard.leading_for(), None);
+        heard.set_leading(Some(3));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        heard.set_leading(Some(3));
+        assert_eq!(heard.leading_for(), Some(Duration::from_secs(2)));
+        heard.set_leading(Some(4));
+        assert_eq!(heard.leading_for(), Some(Duration::ZERO), "a new term starts over");
+        heard.set_leading(None);
+        assert_eq!(heard.leading_for(), None);
+    }
 
     // Goal: a node that heard of a longer log in an election waits the extra time only until a
     // leader's entries reach it; a granted vote (mark) does not end it.
