@@ -153,6 +153,9 @@ enum ClusterCommand {
     Health,
     /// Every node with its state, health and tenant count.
     Nodes,
+    /// Set R, how many nodes hold each tenant (1 to 5; a write waits for a majority of them).
+    /// It can be raised only before the first tenant is added.
+    Replicas { replicas: u64 },
 }
 
 /// How an answer is shown to a person.
@@ -286,6 +289,10 @@ fn execute(client: &AdminClient, command: &AdminCommand) -> anyhow::Result<(Valu
         AdminCommand::Cluster(ClusterCommand::Nodes) | AdminCommand::Nodes { .. } => {
             (client.get("/api/v2/admin/nodes")?, Shape::Nodes)
         }
+        AdminCommand::Cluster(ClusterCommand::Replicas { replicas }) => (
+            client.post("/api/v2/admin/replicas", &json!({ "replicas": replicas }))?,
+            Shape::Health,
+        ),
     })
 }
 
@@ -445,11 +452,24 @@ fn stats(v: &Value) -> String {
         vec!["tenant".into(), cell(&v["tenant_id"])],
         vec!["tier".into(), cell(&v["tier"])],
         vec!["node".into(), cell(&v["node"])],
+        vec!["replica set".into(), cell(&v["replica_set"])],
+        vec!["last record".into(), cell(&v["last_lsn"])],
         vec!["storage".into(), format!("{used_mb:.3} MB of {quota_mb} MB ({percent:.1}%)")],
         vec!["api calls today".into(), cell(&v["api_calls_today"])],
         vec!["bytes out today".into(), cell(&v["bytes_out_today"])],
         vec!["last active".into(), cell(&v["last_active"])],
     ];
+    let mut rows = rows;
+    for b in v["backups"].as_array().into_iter().flatten() {
+        let lag = match b["lag"].as_u64() {
+            Some(lag) => format!("{lag} records behind"),
+            None => "not heard from yet".into(),
+        };
+        rows.push(vec![
+            format!("backup {}", cell(&b["node"])),
+            format!("{}, {lag}", cell(&b["state"])),
+        ]);
+    }
     table(&[], &rows)
 }
 
@@ -458,12 +478,13 @@ fn health(v: &Value) -> String {
     let ring: Vec<String> =
         v["ring"].as_array().map(|a| a.iter().map(cell).collect()).unwrap_or_default();
     format!(
-        "answered by node {}\nraft: leader {}, term {}, commit index {}\nplacement epoch {}, ring [{}]\n\n{}",
+        "answered by node {}\nraft: leader {}, term {}, commit index {}\nplacement epoch {}, replicas {}, ring [{}]\n\n{}",
         cell(&v["node"]),
         cell(&raft["leader"]),
         cell(&raft["term"]),
         cell(&raft["commit_index"]),
         cell(&v["placement_epoch"]),
+        cell(&v["replicas"]),
         ring.join(", "),
         node_table(&v["nodes"])
     )

@@ -36,6 +36,8 @@ pub struct DevConfig {
     pub tls: bool,
     /// A tenants file every node watches (only the registry leader applies it).
     pub tenants_file: Option<PathBuf>,
+    /// R, set once the nodes are joined and before the demo tenant is made.
+    pub replicas: Option<u64>,
 }
 
 /// `dev.json`, as PRODUCT.md §6 lists its fields, plus what a resume needs.
@@ -170,7 +172,8 @@ pub fn run(config: DevConfig) -> anyhow::Result<()> {
     procs.push(Proc::start("gateway", gw_args, &data)?);
     let scheme = if config.tls { "https" } else { "http" };
     let gateway_url = format!("{scheme}://{}", config.listen);
-    let outcome = bring_up(&gateway_url, &admin_key, &nodes, previous.as_ref(), &data);
+    let outcome =
+        bring_up(&gateway_url, &admin_key, &nodes, previous.as_ref(), &data, config.replicas);
     let demo_key = match outcome {
         Ok(k) => k,
         Err(e) => {
@@ -263,13 +266,15 @@ fn print_banner(dev: &DevJson, json_path: &Path) {
     println!("Ctrl-C stops the cluster; run the same command again to resume.");
 }
 
-/// Waits for the gateway, joins nodes 2..N, and makes the demo tenant. Returns the demo key.
+/// Waits for the gateway, joins nodes 2..N, sets R if asked, and makes the demo tenant. Returns
+/// the demo key.
 fn bring_up(
     url: &str,
     admin_key: &str,
     nodes: &[DevNode],
     previous: Option<&DevJson>,
     data: &Path,
+    replicas: Option<u64>,
 ) -> anyhow::Result<String> {
     let admin = crate::admin_client::AdminClient::new(url, admin_key, data.join("certs/ca.pem"))?;
     let deadline = Instant::now() + STARTUP_TIMEOUT;
@@ -290,6 +295,11 @@ fn bring_up(
                 &serde_json::json!({"id": n.id, "addr": n.addr.to_string()}),
             )?;
         }
+    }
+    if let Some(replicas) = replicas {
+        admin
+            .post("/api/v2/admin/replicas", &serde_json::json!({ "replicas": replicas }))
+            .context("setting --replicas")?;
     }
     if let Some(p) = previous {
         return Ok(p.demo_key.clone());

@@ -46,6 +46,10 @@ enum Command {
         /// A declarative tenants file (tenants.json shape) for the nodes to apply and watch.
         #[arg(long)]
         tenants_file: Option<PathBuf>,
+        /// R: how many nodes hold each tenant (1 to 5), set before the demo tenant is made.
+        /// Left as the registry has it when not given (1 in a new cluster).
+        #[arg(long)]
+        replicas: Option<u64>,
     },
     /// Run a cluster node.
     Node {
@@ -159,8 +163,8 @@ where
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Dev { nodes, data, listen, tls, tenants_file } => {
-            dev::run(dev::DevConfig { nodes, data, listen, tls, tenants_file })
+        Command::Dev { nodes, data, listen, tls, tenants_file, replicas } => {
+            dev::run(dev::DevConfig { nodes, data, listen, tls, tenants_file, replicas })
         }
         Command::Admin(args) => admin::run(args).map_err(tooling::with_tls_hint),
         Command::Node { config } => {

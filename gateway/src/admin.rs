@@ -62,6 +62,12 @@ struct AddNode {
     addr: String,
 }
 
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetReplicas {
+    replicas: u64,
+}
+
 /// Prometheus' text exposition format, which `/api/v2/metrics` answers in.
 const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
@@ -171,6 +177,10 @@ async fn admin(gw: &Arc<Gateway>, request: Request) -> Result<HttpAnswer, ApiErr
             AdminOp::AddNode { id: n.id, addr: n.addr }
         }
         (&Method::POST, ["nodes", id, "drain"]) => AdminOp::DrainNode { id: parse_node_id(id)? },
+        (&Method::POST, ["replicas"]) => {
+            let r: SetReplicas = json_body(&body)?;
+            AdminOp::SetReplicas { replicas: r.replicas }
+        }
         (&Method::DELETE, ["nodes", id]) => AdminOp::RemoveNode { id: parse_node_id(id)? },
         _ => return Err(ApiError::NotFound),
     };

@@ -72,6 +72,19 @@ async fn run(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<AdminAn
         AdminOp::DrainNode { id } => {
             membership(svc, admin_key_hash, AdminOp::DrainNode { id }).await
         }
+        AdminOp::SetReplicas { replicas } => {
+            let replicas = u8::try_from(replicas)
+                .ok()
+                .filter(|r| (1..=raft_registry::REPLICAS_MAX).contains(r))
+                .ok_or_else(|| {
+                    ApiError::bad_request(format!(
+                        "replicas must be 1 to {}",
+                        raft_registry::REPLICAS_MAX
+                    ))
+                })?;
+            commit(svc, Command::SetReplicas { replicas }).await?;
+            Ok(AdminAnswer::Health(Box::new(crate::stats::health(svc, &svc.registry.state()))))
+        }
         AdminOp::PurgeTenant { tenant_id } => {
             if !state.is_purged(&tenant_id) {
                 known(&state, &tenant_id)?;

@@ -6,6 +6,8 @@
 //! - [`NodeParts`] and [`Seams`]: a node opened on its network, disks and clocks, which [`run`]
 //!   gives QUIC and the real disk, and the simulator (`sim/`) gives its own; [`blocking`] is how
 //!   store work leaves the async service (a thread pool, or inline on the simulator's thread).
+//! - [`replicate`]: a tenant's writes copied from its primary to its backups before they are
+//!   answered.
 
 mod admin;
 pub mod blocking;
@@ -15,6 +17,7 @@ pub mod gossip;
 pub mod handoff;
 pub mod limits;
 mod metrics;
+pub mod replicate;
 mod run;
 mod service;
 mod stats;

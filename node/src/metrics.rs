@@ -61,6 +61,16 @@ fn describe() {
         "Gossip state of each peer as this node sees it: 0 alive, 1 suspect, 2 dead"
     );
     metrics::describe_gauge!("sq_store_memory_bytes", "Estimated memory held by loaded tenants");
+    metrics::describe_counter!(
+        "sq_replication_timeouts_total",
+        "Writes and reads answered 503 because too few backups held the tenant's records in time"
+    );
+    metrics::describe_counter!(
+        "sq_replication_bytes_total",
+        "Bytes of log records this node sent to backups as a primary"
+    );
+    metrics::counter!("sq_replication_timeouts_total").increment(0);
+    metrics::counter!("sq_replication_bytes_total").increment(0);
     // Refusal series exist from the start, at zero, so a dashboard shows "none" rather than "no data".
     for refusal in Outcome::REFUSALS {
         metrics::counter!("sq_refusals_total", "reason" => refusal.as_str()).increment(0);
@@ -147,4 +157,14 @@ pub fn request(
 /// Storage gauge of one tenant, set after each write.
 pub fn storage(tenant: &str, bytes: u64) {
     metrics::gauge!("sq_storage_bytes", "tenant" => tenant.to_string()).set(bytes as f64);
+}
+
+/// A request that waited [`crate::replicate::REPLICA_ACK_WAIT`] for backups in vain.
+pub fn replication_timeout() {
+    metrics::counter!("sq_replication_timeouts_total").increment(1);
+}
+
+/// Record bytes sent to a backup.
+pub fn replication_bytes(bytes: u64) {
+    metrics::counter!("sq_replication_bytes_total").increment(bytes);
 }

@@ -44,6 +44,8 @@ pub struct Service {
     pub handoffs: Arc<Handoffs>,
     /// The gossip generation each gateway was last sent in a view.
     view_peers: crate::gossip::ViewPeers,
+    /// This node's links to the backups of the tenants it is primary of.
+    pub replication: Arc<crate::replicate::Replication>,
 }
 
 impl Service {
@@ -60,11 +62,14 @@ impl Service {
         clock: Arc<dyn crate::store::Clock>,
         handoffs: Arc<Handoffs>,
     ) -> Service {
+        let replication =
+            crate::replicate::Replication::new(id, store.clone(), peers.clone(), registry.clone());
         Service {
             id,
             store,
             registry,
             peers,
+            replication,
             view_cache: Mutex::new(None),
             health,
             limits,
@@ -142,6 +147,14 @@ impl Service {
             }
             NodeRequest::Metrics => NodeResponse::Metrics(crate::metrics::render_node(self)),
             NodeRequest::Identify if from_node => NodeResponse::Identity { id: self.id },
+            NodeRequest::Replicate { from, appends } if from_node => {
+                // A node replicates as itself only.
+                let from = match peer.role {
+                    Role::Node(id) => id,
+                    _ => from,
+                };
+                NodeResponse::Replicated(crate::replicate::take(self, from, appends).await)
+            }
             other => {
                 NodeResponse::Refused(format!("{:?} may not send {}", peer.role, kind(&other)))
             }
@@ -191,6 +204,12 @@ impl Service {
         if state.handoff(tenant).is_some() {
             return Err(ApiError::unavailable("the tenant is moving to this node"));
         }
+        // The owner is the primary, first of the replica set; a majority of the set, this node
+        // counting as one, holds every write before it is answered (crate::replicate).
+        let set = state.replica_set(tenant);
+        let backups = set.get(1..).unwrap_or_default().to_vec();
+        let needed = set.len() / 2;
+        self.store.keep_tails(needed > 0);
         let route = request.route().name();
         let started_us = self.clock.now_us();
         if let Err(e) = self.limits.admit(tenant, record.daily_limit) {
@@ -201,11 +220,18 @@ impl Service {
             return refused.map(Answered::Whole);
         }
         let bytes_in = request_bytes(&request);
+        let replicated = Replicated { backups: &backups, needed, ballot: state.placement_epoch() };
         let result = match request {
             request if stream && OrderedRead::of(&request).is_some() => {
-                self.open_read(tenant, request).await
+                match self.open_read(tenant, request).await {
+                    Ok(answer) => self.committed_seen(tenant, &replicated).await.map(|()| answer),
+                    Err(e) => Err(e),
+                }
             }
-            request => self.execute(tenant, record.quota_bytes, request).await.map(Answered::Whole),
+            request => self
+                .execute_replicated(tenant, record.quota_bytes, request, &replicated)
+                .await
+                .map(Answered::Whole),
         };
         let bytes_out = match &result {
             Ok(Answered::Whole(r)) => r.body.len() as u64,
@@ -224,16 +250,60 @@ impl Service {
         result
     }
 
+    /// [`Self::execute`], answered once a majority of the replica set holds what it wrote or
+    /// saw.
+    async fn execute_replicated(
+        &self,
+        tenant: &str,
+        quota: u64,
+        request: SqRequest,
+        replicated: &Replicated<'_>,
+    ) -> Result<SqResponse, ApiError> {
+        if replicated.needed == 0 {
+            return self.execute(tenant, quota, request).await.0;
+        }
+        if request.is_write() {
+            self.replication.lead(tenant, replicated.ballot).await?;
+        }
+        match self.execute(tenant, quota, request).await {
+            (Ok(answer), Some(lsn)) => {
+                self.replication.commit(tenant, lsn, replicated.backups, replicated.needed).await?;
+                Ok(answer)
+            }
+            (Ok(answer), None) => self.committed_seen(tenant, replicated).await.map(|()| answer),
+            (Err(e), _) => Err(e),
+        }
+    }
+
+    /// Waits until every record the tenant logged so far is on a majority of its replica set:
+    /// a read answers nothing that a lost node could take back.
+    async fn committed_seen(
+        &self,
+        tenant: &str,
+        replicated: &Replicated<'_>,
+    ) -> Result<(), ApiError> {
+        if replicated.needed == 0 {
+            return Ok(());
+        }
+        match self.store.last_lsn_if_loaded(tenant) {
+            Some(lsn) => {
+                self.replication.commit(tenant, lsn, replicated.backups, replicated.needed).await
+            }
+            None => Ok(()),
+        }
+    }
+
     /// Runs a request on the store: a select inline when it can, the rest on the blocking pool.
+    /// With its answer, the record a logged write's answer waited for.
     async fn execute(
         &self,
         tenant: &str,
         quota: u64,
         request: SqRequest,
-    ) -> Result<SqResponse, ApiError> {
+    ) -> (Result<SqResponse, ApiError>, Option<u64>) {
         match self.store.execute_now(tenant, &request) {
             // A select of a loaded tenant: a map lookup, answered here without a thread hop.
-            Some(answered) => answered.map_err(ApiError::from),
+            Some(answered) => (answered.map_err(ApiError::from), None),
             None => {
                 let (store, owned) = (self.store.clone(), tenant.to_string());
                 // A write in two steps: logged, then durable (the simulator lets time pass
@@ -241,16 +311,19 @@ impl Service {
                 crate::blocking::spawn_steps(move || {
                     match store.execute_begin(&owned, quota, &request) {
                         Begun::Done(result) => {
-                            Step::Done(metered(&store, &owned, &request, result))
+                            Step::Done((metered(&store, &owned, &request, result), None))
                         }
                         Begun::Logged(logged) => Step::Then(Box::new(move || {
+                            let lsn = logged.lsn();
                             let result = store.execute_finish(logged);
-                            metered(&store, &owned, &request, result)
+                            (metered(&store, &owned, &request, result), Some(lsn))
                         })),
                     }
                 })
                 .await
-                .unwrap_or_else(|e| Err(ApiError::Internal(format!("store task failed: {e}"))))
+                .unwrap_or_else(|e| {
+                    (Err(ApiError::Internal(format!("store task failed: {e}"))), None)
+                })
             }
         }
     }
@@ -401,23 +474,42 @@ impl Service {
 
     pub async fn usage(&self, tenants: Vec<String>) -> Vec<TenantUsage> {
         let (store, limits) = (self.store.clone(), self.limits.clone());
+        let state = self.registry.state();
+        let replication = self.replication.clone();
         crate::blocking::spawn(move || {
             tenants
                 .into_iter()
                 .map(|t| {
                     let rollup = limits.rollup(&t);
+                    let last_lsn = store.replica_state(&t).map_or(0, |r| r.last_lsn);
+                    let set = state.replica_set(&t);
+                    let backups =
+                        replication.statuses(&t, set.get(1..).unwrap_or_default(), last_lsn);
                     TenantUsage {
                         storage_bytes: store.storage_bytes(&t).unwrap_or(0),
                         api_calls_today: rollup.total_calls(),
                         bytes_out_today: rollup.bytes_out,
                         last_active_ms: rollup.last_active_ms,
                         tenant_id: t,
+                        last_lsn,
+                        backups,
                     }
                 })
                 .collect()
         })
         .await
         .unwrap_or_default()
+    }
+
+    /// Waits, at most `wait`, until this node's registry has applied placement epoch `epoch`.
+    pub async fn wait_for_epoch(&self, epoch: u64, wait: Duration) {
+        let mut rx = self.registry.subscribe();
+        let deadline = tokio::time::Instant::now() + wait;
+        while rx.borrow_and_update().1.placement_epoch() < epoch {
+            if !matches!(tokio::time::timeout_at(deadline, rx.changed()).await, Ok(Ok(()))) {
+                return;
+            }
+        }
     }
 }
 
@@ -461,7 +553,16 @@ fn kind(r: &NodeRequest) -> &'static str {
         NodeRequest::Metrics => "metrics",
         NodeRequest::Gossip { .. } => "gossip",
         NodeRequest::Identify => "identify",
+        NodeRequest::Replicate { .. } => "replicate",
     }
+}
+
+/// What a request of a replicated tenant waits for: `needed` of its `backups` to hold its
+/// records, written under `ballot`.
+struct Replicated<'a> {
+    backups: &'a [u64],
+    needed: usize,
+    ballot: u64,
 }
 
 /// What an SQ request ends in: a whole answer, or a streamed one's length and body.

@@ -51,6 +51,7 @@ pub async fn tenant_stats(
         quota_bytes: record.quota_bytes,
         usage,
         node,
+        replica_set: state.replica_set(tenant),
     })
 }
 
@@ -116,6 +117,7 @@ pub fn health(svc: &Service, state: &RegistryState) -> HealthReport {
             applied_index: svc.registry.subscribe().borrow().0,
         },
         placement_epoch: state.placement_epoch(),
+        replicas: state.replicas() as u64,
         ring: state.active_nodes(),
         nodes: nodes(svc, state),
         gossip: svc.health.snapshot(),

@@ -82,8 +82,10 @@ pub struct TenantStats {
     pub tier: Tier,
     pub quota_bytes: u64,
     pub usage: TenantUsage,
-    /// The node that owns the tenant and counted its usage.
+    /// The node that owns the tenant (its primary) and counted its usage.
     pub node: u64,
+    /// Every node that holds the tenant, its primary first.
+    pub replica_set: Vec<u64>,
 }
 
 /// A node's part in Raft, as the answering node's membership config has it.
@@ -128,6 +130,8 @@ pub struct HealthReport {
     pub node: u64,
     pub raft: RaftReport,
     pub placement_epoch: u64,
+    /// R: how many nodes hold each tenant.
+    pub replicas: u64,
     /// The active nodes, which the ring places tenants on.
     pub ring: Vec<u64>,
     pub nodes: Vec<NodeInfo>,

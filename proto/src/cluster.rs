@@ -255,6 +255,10 @@ pub enum AdminOp {
         status: Option<String>,
         node: Option<u64>,
     },
+    /// Sets R, how many nodes hold each tenant (1 to the registry's limit).
+    SetReplicas {
+        replicas: u64,
+    },
 }
 
 /// The most tenants one page of the admin listing holds (about 2 MB of JSON).
@@ -300,6 +304,48 @@ pub enum NodeRequest {
     /// The next part of a whole registry after [`ViewUpdate::FullFirst`]: up to `limit` (at
     /// most [`VIEW_TENANTS_PER_PART`]) tenants with ids after `after`, in id order.
     ViewPage { after: String, limit: u64 },
+    /// A tenant's primary sends its backups the records they lack, batched per pair of nodes
+    /// (docs/REPLICATION.md, "Writes"). Only nodes may send it.
+    Replicate { from: u64, appends: Vec<ReplicaAppend> },
+}
+
+/// Records of one tenant's log for a backup: the framed records after `prev`, all written under
+/// `ballot`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaAppend {
+    pub tenant: String,
+    /// The placement epoch the primary sends under: a backup whose registry is behind it waits
+    /// to apply it before it judges who the primary is.
+    pub epoch: u64,
+    pub ballot: u64,
+    /// The ballot and lsn of the record before the first one sent ((0, 0): none).
+    pub prev_ballot: u64,
+    pub prev_lsn: u64,
+    #[serde(with = "serde_bytes")]
+    pub records: Vec<u8>,
+}
+
+/// A backup's answer for one tenant of a [`NodeRequest::Replicate`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicaAck {
+    /// Every record sent is durable here; the log ends at (`ballot`, `lsn`).
+    Durable { ballot: u64, lsn: u64 },
+    /// The records do not continue this replica's log, which ends at (`ballot`, `lsn`).
+    NotContinuing { ballot: u64, lsn: u64 },
+    /// Refused, nothing changed: a lower ballot than promised, not a replica of the sender, or
+    /// a store error.
+    Refused(String),
+}
+
+/// How a primary sees one replica of a tenant, for stats.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaStatus {
+    pub node: u64,
+    /// The last record the replica holds durably, as the primary last heard; `None` until it
+    /// answered once since the primary started.
+    pub durable_lsn: Option<u64>,
+    /// "in-sync", "behind", "needs-snapshot" or "unreachable".
+    pub state: String,
 }
 
 /// Bytes of one handoff file, carried as one byte string.
@@ -325,6 +371,10 @@ pub struct TenantUsage {
     pub api_calls_today: u64,
     pub bytes_out_today: u64,
     pub last_active_ms: Option<u64>,
+    /// The last record of the tenant's log on the owner (its primary).
+    pub last_lsn: u64,
+    /// The tenant's backups as the owner sees them (none with R = 1).
+    pub backups: Vec<ReplicaStatus>,
 }
 
 /// Where a node's registry stands: the Raft log id of an entry (the term of the leader that wrote
@@ -391,6 +441,8 @@ pub enum NodeResponse {
         tenants: Vec<TenantView>,
         more: bool,
     },
+    /// The answer to `Replicate`, one per append, in order.
+    Replicated(Vec<ReplicaAck>),
 }
 
 #[cfg(test)]

@@ -110,7 +110,8 @@ pub fn touched(command: &Command) -> Option<Touched> {
         Command::SetAdminKeyHash { .. }
         | Command::NodeJoin { .. }
         | Command::NodeRemove { .. }
-        | Command::HandoffDone { .. } => None,
+        | Command::HandoffDone { .. }
+        | Command::SetReplicas { .. } => None,
         // Each command of a batch is recorded on its own, when it is applied.
         Command::Batch(_) => None,
     }

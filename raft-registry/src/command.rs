@@ -10,7 +10,7 @@ use std::sync::Arc;
 use crate::state::{
     is_valid_key_hash, valid_tenant_id, Handoff, NodeRecord, NodeState, RegistryState,
     TenantRecord, Tier, ACTIVE_NODES_MAX, ADMIN_EMAIL_LEN_MAX, KEY_HASHES_PER_TENANT_MAX,
-    NODE_ADDR_LEN_MAX, TENANT_IDS_MAX,
+    NODE_ADDR_LEN_MAX, REPLICAS_MAX, TENANT_IDS_MAX,
 };
 
 /// Every change to the registry. Serialised into the Raft log.
@@ -78,6 +78,11 @@ pub enum Command {
     /// a burst of them costs one Raft round ([`crate::registry::Registry::write`]). At most
     /// [`BATCH_COMMANDS_MAX`], none of them a batch.
     Batch(Vec<Command>),
+    /// Sets R, the number of nodes that hold each tenant (docs/REPLICATION.md): 1 to
+    /// [`REPLICAS_MAX`]. A cluster of fewer active nodes keeps as many copies as it has nodes.
+    SetReplicas {
+        replicas: u8,
+    },
 }
 
 /// The most commands one [`Command::Batch`] carries. A command is well under 512 bytes (an id of
@@ -128,6 +133,13 @@ pub enum Rejection {
     TooManyTenants,
     #[error("a batch holds 1 to {BATCH_COMMANDS_MAX} commands, none of them a batch")]
     InvalidBatch,
+    #[error("the replication factor must be 1 to {REPLICAS_MAX}")]
+    InvalidReplicas,
+    #[error(
+        "the replication factor can be raised only before the first tenant is added: {0} \
+         tenants' new copies would need a snapshot to catch up, which replicas do not take yet"
+    )]
+    ReplicasRaisedWithTenants(usize),
 }
 
 /// What the state machine answers for every applied log entry (the Raft `R` type).
@@ -193,6 +205,16 @@ pub fn apply(state: &mut RegistryState, cmd: Command) -> Result<(), Rejection> {
         Command::PurgeTenant { id } => purge_tenant(state, &id),
         // The state machine applies a batch's commands one by one (state_machine::apply_one).
         Command::Batch(_) => Err(Rejection::InvalidBatch),
+        Command::SetReplicas { replicas } => {
+            if !(1..=REPLICAS_MAX).contains(&replicas) {
+                return Err(Rejection::InvalidReplicas);
+            }
+            if replicas > state.replicas && !state.tenants.is_empty() {
+                return Err(Rejection::ReplicasRaisedWithTenants(state.tenants.len()));
+            }
+            state.replicas = replicas;
+            Ok(())
+        }
     }
 }
 

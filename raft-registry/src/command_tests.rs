@@ -309,3 +309,35 @@ fn purge_destroys_an_archived_tenant_and_retires_its_id() {
     let done = Command::HandoffDone { tenant: moving.tenant.clone(), epoch: moving.epoch };
     check(&mut s, vec![(done, Err(Rejection::NoSuchHandoff))]);
 }
+
+#[test]
+fn the_replication_factor_is_set_within_its_limits() {
+    // Goal: R starts at 1, is set to 1..=REPLICAS_MAX, and 0 or more than the limit is refused
+    // without change, as is raising it once tenants exist (lowering it is not); each tenant's
+    // replica set is the first R active nodes, owner first, and never more nodes than are
+    // active.
+    let mut s = RegistryState::default();
+    assert_eq!(s.replicas(), 1);
+    for id in 1..=4 {
+        apply(&mut s, Command::NodeJoin { id, addr: format!("n{id}:1") }).expect("joins");
+        apply(&mut s, Command::NodeActivate { id }).expect("activates");
+    }
+    check(
+        &mut s,
+        vec![
+            (Command::SetReplicas { replicas: 0 }, Err(Rejection::InvalidReplicas)),
+            (Command::SetReplicas { replicas: REPLICAS_MAX + 1 }, Err(Rejection::InvalidReplicas)),
+            (Command::SetReplicas { replicas: 2 }, Ok(())),
+            (new_tenant("acme", "k1"), Ok(())),
+            (Command::SetReplicas { replicas: 3 }, Err(Rejection::ReplicasRaisedWithTenants(1))),
+            (Command::SetReplicas { replicas: 1 }, Ok(())),
+        ],
+    );
+    assert_eq!(s.replica_set("acme"), vec![s.owner_of("acme").expect("owned")]);
+    s.replicas = 3;
+    let set = s.replica_set("acme");
+    assert_eq!(set.len(), 3);
+    assert_eq!(set[0], s.owner_of("acme").expect("owned"));
+    s.replicas = REPLICAS_MAX;
+    assert_eq!(s.replica_set("acme").len(), 4, "no more copies than active nodes");
+}

@@ -76,6 +76,6 @@ pub use registry::{CommandResult, RaftStatus, Registry};
 pub use removal::ClaimRefused;
 pub use state::{
     key_hash, valid_tenant_id, Handoff, NodeRecord, NodeState, RegistryState, TenantRecord, Tier,
-    ADMIN_EMAIL_LEN_MAX, NODE_ADDR_LEN_MAX, TENANT_IDS_MAX,
+    ADMIN_EMAIL_LEN_MAX, NODE_ADDR_LEN_MAX, REPLICAS_MAX, TENANT_IDS_MAX,
 };
 pub use state_machine::Published;

@@ -27,13 +27,17 @@ use serde::{Deserialize, Serialize};
 use crate::disk::{self, StoreError, RECORD_PAYLOAD_BYTES_MAX};
 use crate::state::{
     Handoff, NodeRecord, NodeState, RegistryState, TenantRecord, ACTIVE_NODES_MAX,
-    ADMIN_EMAIL_LEN_MAX, KEY_HASHES_PER_TENANT_MAX, TENANT_IDS_MAX,
+    ADMIN_EMAIL_LEN_MAX, KEY_HASHES_PER_TENANT_MAX, REPLICAS_MAX, TENANT_IDS_MAX,
 };
 
 /// Version of the snapshot image (on disk and between nodes). Version 4 made the image a
 /// sequence of records; versions 2 and 3 (one record) live only in directories of format 2,
-/// which this build refuses (`crate::format`).
-pub const SNAPSHOT_FORMAT_VERSION: u32 = 4;
+/// which this build refuses (`crate::format`). Version 5 adds a last record, the cluster's
+/// [`Settings`]; a version 4 image is still read, with the settings' defaults.
+pub const SNAPSHOT_FORMAT_VERSION: u32 = 5;
+
+/// The oldest image version this build reads.
+const SNAPSHOT_FORMAT_OLDEST: u32 = 4;
 
 /// Tenants (or handoffs, or purged ids) per record of an image (10,000): about 1.3 MB of
 /// tenants as measured (126 B each), and at most [`TENANT_RECORD_BYTES_MAX`] × 10,000 = 10 MB, well inside
@@ -57,6 +61,12 @@ struct Header {
     admin_key_hash: Option<String>,
     nodes: Vec<NodeRecord>,
     placement_epoch: u64,
+}
+
+/// The last record of an image of version 5: cluster-wide settings.
+#[derive(Serialize, Deserialize)]
+struct Settings {
+    replicas: u8,
 }
 
 /// Encodes `state` as an image of [`SNAPSHOT_CHUNK_ITEMS`] per record.
@@ -89,6 +99,8 @@ pub(crate) fn encode_state_chunked(
     append_chunks(&mut out, "snapshot tenants", state.tenants.values().map(|t| &**t), chunk_items)?;
     append_chunks(&mut out, "snapshot handoffs", state.handoffs.values(), chunk_items)?;
     append_chunks(&mut out, "snapshot purged ids", state.purged.iter(), chunk_items)?;
+    let settings = Settings { replicas: state.replicas };
+    disk::append_frame(&mut out, &disk::encode("snapshot settings", &settings)?);
     Ok(out)
 }
 
@@ -178,8 +190,11 @@ pub(crate) fn decode_state(origin: &Path, data: &[u8]) -> Result<RegistryState, 
     // Every version starts with its number (a varint), so it is read first.
     let (version, _) = proto::wire::decode_bounded::<u32, RECORD_PAYLOAD_BYTES_MAX>(header)
         .map_err(|e| records.corrupt(e.to_string()))?;
-    if version != SNAPSHOT_FORMAT_VERSION {
-        let reason = format!("snapshot format {version} (we read {SNAPSHOT_FORMAT_VERSION})");
+    if !(SNAPSHOT_FORMAT_OLDEST..=SNAPSHOT_FORMAT_VERSION).contains(&version) {
+        let reason = format!(
+            "snapshot format {version} (we read {SNAPSHOT_FORMAT_OLDEST} to \
+             {SNAPSHOT_FORMAT_VERSION})"
+        );
         return Err(records.corrupt(reason));
     }
     let header: Header = disk::decode(origin, header)?;
@@ -207,6 +222,14 @@ pub(crate) fn decode_state(origin: &Path, data: &[u8]) -> Result<RegistryState, 
     records.chunks("tenants", header.tenants, |t: TenantRecord| state.load_tenant(t))?;
     records.chunks("handoffs", header.handoffs, |h: Handoff| state.load_handoff(h))?;
     records.chunks("purged ids", header.purged, |id: String| state.load_purged(id))?;
+    if version >= 5 {
+        let settings: Settings = disk::decode(origin, records.next("settings")?)?;
+        if !(1..=REPLICAS_MAX).contains(&settings.replicas) {
+            let reason = format!("replication factor {} (1 to {REPLICAS_MAX})", settings.replicas);
+            return Err(records.corrupt(reason));
+        }
+        state.replicas = settings.replicas;
+    }
     if records.at != data.len() {
         let reason = format!("{} bytes after the snapshot's last record", data.len() - records.at);
         return Err(records.corrupt(reason));
@@ -225,6 +248,7 @@ mod tests {
         let mut state = RegistryState::default();
         let apply = |state: &mut RegistryState, cmd| command::apply(state, cmd).expect("applies");
         apply(&mut state, Command::NodeJoin { id: 1, addr: "a:1".into() });
+        apply(&mut state, Command::SetReplicas { replicas: 3 });
         for i in 0..n {
             let id = format!("t{i:05}");
             let record = TenantRecord::new(id.clone(), Tier::Free, key_hash(&id), i as u64);
@@ -263,11 +287,35 @@ mod tests {
             assert_eq!(decoded, state, "chunk {chunk}");
         }
         let image = encode_state_chunked(&state, 7).expect("encodes");
-        // 66 tenants → 10 records, 2 handoffs → 1, 34 purged → 5, and the header.
-        assert_eq!(payloads(&image).len(), 1 + 10 + 1 + 5);
+        // 66 tenants → 10 records, 2 handoffs → 1, 34 purged → 5, the header and the settings.
+        assert_eq!(payloads(&image).len(), 1 + 10 + 1 + 5 + 1);
         let empty = RegistryState::default();
         let image = encode_state(&empty).expect("encodes");
         assert_eq!(decode_state(Path::new("snapshot"), &image).expect("decodes"), empty);
+    }
+
+    #[test]
+    fn an_image_of_version_4_reads_with_one_replica() {
+        // Goal: an image written before the settings record (version 4: no last record) is
+        // still read, as a cluster of R = 1; one of version 5 keeps its R.
+        let state = state_of(10);
+        let image = encode_state_chunked(&state, 4).expect("encodes");
+        let mut records = payloads(&image);
+        records.pop();
+        let mut header: Header = disk::decode(Path::new("h"), records[0]).expect("decodes");
+        header.format_version = 4;
+        let header = disk::encode("header", &header).expect("encodes");
+        let mut old = disk::frame(&header);
+        for payload in &records[1..] {
+            old.extend(disk::frame(payload));
+        }
+        let decoded = decode_state(Path::new("snapshot"), &old).expect("decodes");
+        assert_eq!(decoded.replicas(), 1);
+        let mut expected = state.clone();
+        expected.replicas = 1;
+        assert_eq!(decoded, expected);
+        let decoded = decode_state(Path::new("snapshot"), &image).expect("decodes");
+        assert_eq!(decoded.replicas(), 3);
     }
 
     #[test]
@@ -316,7 +364,7 @@ mod tests {
             };
             disk::frame(&disk::encode("header", &h).expect("encodes"))
         };
-        assert!(refused(&header(3, 0)).contains("snapshot format 3 (we read 4)"));
+        assert!(refused(&header(3, 0)).contains("snapshot format 3 (we read 4 to 5)"));
         let over = refused(&header(SNAPSHOT_FORMAT_VERSION, TENANT_IDS_MAX as u64 + 1));
         assert!(over.contains("4000001 tenant ids"), "{over}");
         let mut short = header(SNAPSHOT_FORMAT_VERSION, 2);

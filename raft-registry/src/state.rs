@@ -39,6 +39,10 @@ pub const ACTIVE_NODES_MAX: usize = 256;
 /// machine); a node's memory, not the snapshot format, is what binds first.
 pub const TENANT_IDS_MAX: usize = 4_000_000;
 
+/// The largest replication factor (R) a cluster may set: a write waits for a majority of R
+/// copies, so 5 already survives two lost nodes.
+pub const REPLICAS_MAX: u8 = 5;
+
 /// A tenant as the registry knows it. Keys appear only as hex sha256 hashes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TenantRecord {
@@ -114,6 +118,8 @@ pub struct RegistryState {
     /// still holds it, and the ids are never reused (a copy left on a node that was down during
     /// the purge can never be taken for a new tenant's data).
     pub(crate) purged: OrdSet<String>,
+    /// R: how many nodes hold each tenant ([`Self::replica_set`]), 1 to [`REPLICAS_MAX`].
+    pub(crate) replicas: u8,
     /// Built from the active nodes whenever they change; shared between snapshots.
     pub(crate) ring: Arc<Ring>,
 }
@@ -128,6 +134,7 @@ impl Default for RegistryState {
             placement_epoch: 0,
             handoffs: OrdMap::new(),
             purged: OrdSet::new(),
+            replicas: 1,
             ring: Arc::new(Ring::new(&[])),
         }
     }
@@ -142,6 +149,7 @@ impl PartialEq for RegistryState {
             && self.placement_epoch == other.placement_epoch
             && self.handoffs == other.handoffs
             && self.purged == other.purged
+            && self.replicas == other.replicas
     }
 }
 
@@ -221,6 +229,17 @@ impl RegistryState {
     /// Every pending handoff, ordered by tenant id.
     pub fn handoffs(&self) -> impl Iterator<Item = &Handoff> + '_ {
         self.handoffs.values()
+    }
+
+    /// R, the replication factor: how many nodes hold each tenant.
+    pub fn replicas(&self) -> usize {
+        usize::from(self.replicas)
+    }
+
+    /// The nodes that hold `tenant_id` in this placement epoch, its owner (the primary) first:
+    /// the first R distinct active nodes on the ring (fewer when fewer are active).
+    pub fn replica_set(&self, tenant_id: &str) -> Vec<u64> {
+        self.ring.replicas(tenant_id, self.replicas())
     }
 
     /// The node that owns `tenant_id` in this placement epoch; `None` with no active node.

@@ -54,6 +54,14 @@ fn stats_json(s: &TenantStats) -> Value {
         "last_active": u.last_active_ms.map(proto::calendar::rfc3339_utc),
         "last_active_ms": u.last_active_ms,
         "node": s.node,
+        "replica_set": s.replica_set,
+        "last_lsn": u.last_lsn,
+        "backups": u.backups.iter().map(|b| json!({
+            "node": b.node,
+            "durable_lsn": b.durable_lsn,
+            "lag": b.durable_lsn.map(|d| u.last_lsn.saturating_sub(d)),
+            "state": b.state,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -107,6 +115,7 @@ fn health_json(h: &HealthReport) -> Value {
             "applied_index": h.raft.applied_index,
         },
         "placement_epoch": h.placement_epoch,
+        "replicas": h.replicas,
         "ring": h.ring,
         "nodes": nodes_json(&h.nodes),
         "gossip": h.gossip.iter().map(|(id, s)| json!({"id": id, "state": s.as_str()})).collect::<Vec<_>>(),

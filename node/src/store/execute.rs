@@ -42,7 +42,7 @@ impl Store {
     }
 
     /// The second half of a write begun by [`Self::execute_begin`]: its answer, once its log
-    /// record is durable.
+    /// record ([`Logged::lsn`]) is durable.
     pub fn execute_finish(&self, logged: Logged) -> Result<SqResponse, StoreError> {
         let Logged { tenant: t, lsn, answer, route } = logged;
         match t.wait_durable(lsn) {
@@ -110,7 +110,7 @@ impl Store {
 
     /// Upkeep after a request: a checkpoint if the tenant's log is long, eviction if the store is
     /// over its limits. Failures here are logged, not returned: the request itself succeeded.
-    fn after_request(&self, t: &Arc<Tenant>) {
+    pub(super) fn after_request(&self, t: &Arc<Tenant>) {
         if let Err(e) = t.checkpoint_if_over(self.config.checkpoint_wal_bytes) {
             tracing::warn!(tenant = %t.id, error = %e, "checkpoint failed; the log keeps every change");
         }
@@ -142,6 +142,14 @@ pub struct Logged {
     lsn: u64,
     answer: String,
     route: &'static str,
+}
+
+impl Logged {
+    /// The record the answer waits for: the write's own, or for a write that changed nothing,
+    /// the last record of the phext it saw.
+    pub fn lsn(&self) -> u64 {
+        self.lsn
+    }
 }
 
 /// What [`run`] did on a loaded tenant.

@@ -49,11 +49,11 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::{StoreError, IO_RETRY_AFTER_S};
 pub use execute::{Begun, Logged};
 pub use handoff::is_tenant_file_path;
-pub use replica::{AppendRefusal, LogTail, ReplicaState, REPLICA_BATCH_BYTES_MAX};
+pub use replica::{AppendRefusal, LogTail, ReplicaState, Shipment, REPLICA_BATCH_BYTES_MAX};
 pub use streamed::{FileAnswer, Opened};
 pub use tenant::{
-    PHEXT_MEMORY_OVERHEAD_BYTES, QUOTA_WARN_PERCENT, SCROLL_MEMORY_OVERHEAD_BYTES,
-    TENANT_MEMORY_OVERHEAD_BYTES,
+    PHEXT_MEMORY_OVERHEAD_BYTES, QUOTA_WARN_PERCENT, REPLICA_TAIL_BYTES_MAX,
+    SCROLL_MEMORY_OVERHEAD_BYTES, TENANT_MEMORY_OVERHEAD_BYTES,
 };
 pub(crate) use vfs::create_dir_durable;
 pub use vfs::{RealVfs, UnsyncedVfs, Vfs, VfsFile, VfsReader};
@@ -146,6 +146,9 @@ pub struct Store {
     loaded_count: AtomicUsize,
     /// Held by the one thread that evicts at a time.
     evicting: Mutex<()>,
+    /// On while the node replicates its tenants: every loaded tenant keeps its newest records
+    /// in memory for its backups ([`Store::shipment`]).
+    keeps_tails: Arc<std::sync::atomic::AtomicBool>,
 }
 
 pub use proto::auth::valid_tenant_id;
@@ -178,6 +181,7 @@ impl Store {
             memory_bytes: Arc::new(AtomicU64::new(0)),
             loaded_count: AtomicUsize::new(0),
             evicting: Mutex::new(()),
+            keeps_tails: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         })
     }
 
@@ -327,6 +331,13 @@ impl Store {
         Err(StoreError::Busy(id.to_string()))
     }
 
+    /// The tenant's loaded incarnation, if it is loaded now; loads nothing.
+    fn loaded(&self, id: &str) -> Option<Arc<Tenant>> {
+        let slot = self.slots.read().expect("slot map lock poisoned").get(id).cloned()?;
+        let t = lock_slot(&slot).tenant.clone()?;
+        (!t.is_closed()).then_some(t)
+    }
+
     fn slot(&self, id: &str) -> Arc<Slot> {
         if let Some(slot) = self.slots.read().expect("slot map lock poisoned").get(id) {
             return slot.clone();
@@ -366,7 +377,8 @@ impl Store {
             self.vfs.clone(),
             self.memory_bytes.clone(),
             self.clock.now_ms(),
-        )?;
+        )?
+        .with_tail_switch(self.keeps_tails.clone());
         let t = Arc::new(t);
         s.tenant = Some(t.clone());
         s.storage_bytes = None;

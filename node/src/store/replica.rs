@@ -46,6 +46,17 @@ pub enum AppendRefusal {
     NotContinuing { have: LogPosition },
 }
 
+/// What a primary sends one backup next for a tenant ([`Store::shipment`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Shipment {
+    /// Framed records `prev.lsn + 1 ..= last_lsn`, all written under `ballot`.
+    Records { prev: LogPosition, ballot: u64, bytes: Vec<u8>, last_lsn: u64 },
+    /// No durable record after the backup's end.
+    Nothing,
+    /// The records after the backup's end are folded into the phext files: it needs a snapshot.
+    Checkpointed,
+}
+
 /// A run of a tenant's log, as [`Store::log_from`] returns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogTail {
@@ -58,6 +69,85 @@ pub enum LogTail {
 }
 
 impl Store {
+    /// Switches on (or off) keeping every loaded tenant's newest records in memory for its
+    /// backups: on while the cluster replicates. Tenants loaded later follow the switch.
+    pub fn keep_tails(&self, on: bool) {
+        self.keeps_tails.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// What a primary sends a backup whose log ends at record `after`: the durable records up to
+    /// `upto` that follow it under one ballot, at most [`REPLICA_BATCH_BYTES_MAX`] bytes of them
+    /// (at least one record). From the records kept in memory when they reach back to `after`,
+    /// else from the log on disk.
+    pub fn shipment(&self, tenant: &str, after: u64, upto: u64) -> Result<Shipment, StoreError> {
+        check_tenant_id(tenant)?;
+        if after >= upto {
+            return Ok(Shipment::Nothing);
+        }
+        let (ballots, kept) = self.on_loaded(tenant, |t| {
+            let ballots = t.replica_state().0;
+            let Some(prev_ballot) = ballots.ballot_of(after) else {
+                return Ok(Some((ballots, Some(Shipment::Checkpointed))));
+            };
+            let prev = LogPosition { ballot: prev_ballot, lsn: after };
+            let kept = t.with_tail(|tail| {
+                let start = tail.records.partition_point(|r| r.lsn <= after);
+                let first = tail.records.get(start).filter(|r| r.lsn == after + 1)?;
+                let (ballot, mut bytes, mut last_lsn) = (first.ballot, Vec::new(), after);
+                for r in tail.records.range(start..) {
+                    let fits =
+                        bytes.is_empty() || bytes.len() + r.framed.len() <= REPLICA_BATCH_BYTES_MAX;
+                    if r.lsn != last_lsn + 1 || r.lsn > upto || r.ballot != ballot || !fits {
+                        break;
+                    }
+                    bytes.extend_from_slice(&r.framed);
+                    last_lsn = r.lsn;
+                }
+                Some(Shipment::Records { prev, ballot, bytes, last_lsn })
+            });
+            Ok(Some((ballots, kept)))
+        })?;
+        if let Some(shipment) = kept {
+            return Ok(shipment);
+        }
+        let first = after + 1;
+        let Some(ballot) = ballots.ballot_of(first) else {
+            return Ok(Shipment::Checkpointed);
+        };
+        // The run of `ballot` ends where the next ballot's records start.
+        let run_end = ballots
+            .history()
+            .iter()
+            .find(|s| s.first_lsn > first)
+            .map_or(u64::MAX, |s| s.first_lsn - 1);
+        let prev = LogPosition { ballot: ballots.ballot_of(after).unwrap_or(0), lsn: after };
+        match self.log_from(tenant, first)? {
+            LogTail::Checkpointed => Ok(Shipment::Checkpointed),
+            LogTail::Records { bytes, first_lsn, last_lsn } => {
+                let last = last_lsn.min(upto).min(run_end);
+                if last < first_lsn {
+                    return Ok(Shipment::Nothing);
+                }
+                let bytes = leading_records(&bytes, last - first_lsn + 1)?;
+                Ok(Shipment::Records { prev, ballot, bytes, last_lsn: last })
+            }
+        }
+    }
+
+    /// Drops the records kept in memory for backups up to `lsn` (every backup holds them), if
+    /// the tenant is loaded.
+    pub fn trim_tail(&self, tenant: &str, lsn: u64) {
+        if let Some(t) = self.loaded(tenant) {
+            t.trim_tail(lsn);
+        }
+    }
+
+    /// The last record of the tenant's log, if it is loaded (a tenant not loaded has written
+    /// nothing since it was last loaded).
+    pub fn last_lsn_if_loaded(&self, tenant: &str) -> Option<u64> {
+        self.loaded(tenant).map(|t| t.last_lsn())
+    }
+
     /// The tenant's promise, ballot history and log end, loading it if needed.
     pub fn replica_state(&self, tenant: &str) -> Result<ReplicaState, StoreError> {
         check_tenant_id(tenant)?;
@@ -180,7 +270,10 @@ impl Store {
                 Some(Err(refused)) => Some(Err(refused)),
                 Some(Ok(last)) => {
                     t.wait_durable(last)?;
-                    Some(Ok(t.replica_state().0.position(last)))
+                    let position = t.replica_state().0.position(last);
+                    // A backup's log is checkpointed as a primary's is.
+                    self.after_request(t);
+                    Some(Ok(position))
                 }
             })
         })?;
@@ -207,6 +300,19 @@ impl Store {
         }
         Ok(cut)
     }
+}
+
+/// The first `count` framed records of `bytes`.
+fn leading_records(bytes: &[u8], count: u64) -> Result<Vec<u8>, StoreError> {
+    let from = Path::new("the tenant's log");
+    let mut at = 0;
+    for _ in 0..count {
+        match decode_next(&bytes[at..], from)? {
+            Next::Record { len, .. } => at += len,
+            Next::End | Next::Torn(_) => break,
+        }
+    }
+    Ok(bytes[..at].to_vec())
 }
 
 /// Appends to `out` the records of one segment (first lsn `start`) from `*next` up to `durable`,

@@ -44,6 +44,11 @@ pub const SCROLL_MEMORY_OVERHEAD_BYTES: u64 = 96;
 /// buffer, not a copy of the document.
 const PHEXT_WRITE_BUFFER_BYTES: usize = 1 << 20;
 
+/// The most bytes of records a primary keeps in memory for its backups, per tenant (1 MiB): the
+/// records its slowest backup has not yet taken. Older ones are read back from the log, as long
+/// as no checkpoint folded them ([`super::Store::shipment`]).
+pub const REPLICA_TAIL_BYTES_MAX: usize = 1 << 20;
+
 /// Writes at or above this share of the quota, in percent, log a warning (PRODUCT §3).
 pub const QUOTA_WARN_PERCENT: u64 = 90;
 
@@ -152,6 +157,24 @@ pub(crate) struct Tenant {
     memory_bytes: AtomicU64,
     store_memory: Arc<AtomicU64>,
     last_used_ms: AtomicU64,
+    /// Set when the node replicates this tenant as its primary: every record logged is kept in
+    /// `tail` too, for the backups.
+    keeps_tail: Arc<AtomicBool>,
+    tail: Mutex<Tail>,
+}
+
+/// Records a primary logged and its backups may not hold yet, oldest first, each framed as the
+/// log frames it, with the ballot it was written under.
+#[derive(Default)]
+pub(crate) struct Tail {
+    pub records: std::collections::VecDeque<TailRecord>,
+    pub bytes: usize,
+}
+
+pub(crate) struct TailRecord {
+    pub lsn: u64,
+    pub ballot: u64,
+    pub framed: Vec<u8>,
 }
 
 fn read_lock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -191,7 +214,67 @@ impl Tenant {
             memory_bytes: AtomicU64::new(memory),
             store_memory,
             last_used_ms: AtomicU64::new(now_ms),
+            keeps_tail: Arc::new(AtomicBool::new(false)),
+            tail: Mutex::new(Tail::default()),
         }
+    }
+
+    /// The tenant keeping its records for backups whenever `keeps_tail` is set (the store's
+    /// switch, on while the cluster replicates).
+    pub(crate) fn with_tail_switch(mut self, keeps_tail: Arc<AtomicBool>) -> Tenant {
+        self.keeps_tail = keeps_tail;
+        self
+    }
+
+    fn tail(&self) -> MutexGuard<'_, Tail> {
+        self.tail.lock().expect("tail lock poisoned: a thread panicked while holding it")
+    }
+
+    /// Runs `f` on the records kept for backups.
+    pub(crate) fn with_tail<R>(&self, f: impl FnOnce(&Tail) -> R) -> R {
+        f(&self.tail())
+    }
+
+    /// Drops the kept records up to `lsn`: every backup holds them.
+    pub(crate) fn trim_tail(&self, lsn: u64) {
+        // Under the gate: a closed tenant's memory was already taken out of the store's count.
+        let _gate = read_lock(&self.gate);
+        if self.is_closed() {
+            return;
+        }
+        let mut tail = self.tail();
+        let mut freed = 0;
+        while tail.records.front().is_some_and(|r| r.lsn <= lsn) {
+            if let Some(r) = tail.records.pop_front() {
+                freed += r.framed.len();
+            }
+        }
+        tail.bytes -= freed;
+        drop(tail);
+        self.add_memory(-(freed as i64));
+    }
+
+    /// Keeps a copy of record `lsn` for the backups, dropping the oldest kept ones past
+    /// [`REPLICA_TAIL_BYTES_MAX`]. Called with the phext's lock held, so records of one phext
+    /// are kept in their log order; records of different phexts may arrive out of order.
+    fn keep_for_backups(&self, lsn: u64, phext: &str, op: Op<&str>) {
+        let ballot = self.ballots().position(lsn).ballot;
+        let mut framed = Vec::new();
+        super::wal::encode_record(&mut framed, &Record { lsn, phext, op });
+        let added = framed.len();
+        let mut tail = self.tail();
+        let at = tail.records.partition_point(|r| r.lsn < lsn);
+        tail.records.insert(at, TailRecord { lsn, ballot, framed });
+        tail.bytes += added;
+        let mut freed = 0;
+        while tail.bytes - freed > REPLICA_TAIL_BYTES_MAX && tail.records.len() > 1 {
+            if let Some(r) = tail.records.pop_front() {
+                freed += r.framed.len();
+            }
+        }
+        tail.bytes -= freed;
+        drop(tail);
+        self.add_memory(added as i64 - freed as i64);
     }
 
     /// The tenant with the ballots its directory holds (none for a tenant never replicated).
@@ -221,7 +304,6 @@ impl Tenant {
     }
 
     /// The LSN of the newest record logged.
-    #[cfg(test)]
     pub(crate) fn last_lsn(&self) -> u64 {
         self.wal.last_lsn()
     }
@@ -398,6 +480,9 @@ impl Tenant {
                 return Err(e);
             }
         };
+        if self.keeps_tail.load(Ordering::Relaxed) {
+            self.keep_for_backups(lsn, p.as_str(), op);
+        }
         let memory_before = doc_memory(&d.doc);
         match op {
             Op::Set { c, text } => {

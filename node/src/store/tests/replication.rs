@@ -2,7 +2,9 @@
 //! ballots fence a deposed primary; a diverged tail is cut to what two logs share.
 
 use super::*;
-use crate::store::{common_prefix, AppendRefusal, BallotError, LogPosition, LogTail, Shared};
+use crate::store::{
+    common_prefix, AppendRefusal, BallotError, LogPosition, LogTail, Shared, Shipment,
+};
 
 const T: &str = "acme";
 
@@ -136,4 +138,58 @@ fn a_diverged_tail_is_cut_to_what_the_logs_share() {
     write(&new, "notes", "c", 1);
     assert_eq!(ship(&new, &old, 2), Ok(LogPosition { ballot: 2, lsn: 9 }));
     same_documents(&new, &old, &["notes"]);
+}
+
+/// Takes `shipment` into `to` under its own ballot; returns where `to` ends then.
+fn take(to: &Store, shipment: Shipment) -> LogPosition {
+    let Shipment::Records { prev, ballot, bytes, .. } = shipment else {
+        panic!("records to ship, not {shipment:?}");
+    };
+    to.append_from_primary(T, ballot, prev, &bytes).expect("no store error").expect("taken")
+}
+
+// Goal: a primary ships what a backup lacks one ballot at a time, from the records it keeps in
+// memory and, once they are gone (a reload), from its log on disk, the same either way; what a
+// checkpoint folded away is reported as needing a snapshot; the memory kept for backups is
+// counted and given back when they hold it.
+#[test]
+fn a_primary_ships_one_ballot_at_a_time_from_memory_or_disk() {
+    let (da, db) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let (primary, backup) = (open(da.path()), open(db.path()));
+    primary.keep_tails(true);
+    write(&primary, "notes", "a", 3); // records 1..=4 under no ballot (0)
+    primary.lead(T, 2).expect("store").expect("ballot");
+    write(&primary, "todo", "b", 2); // records 5..=7 under ballot 2
+
+    let first = primary.shipment(T, 0, 7).expect("shipment");
+    let Shipment::Records { prev, ballot, last_lsn, .. } = &first else { panic!("{first:?}") };
+    assert_eq!((*prev, *ballot, *last_lsn), (LogPosition { ballot: 0, lsn: 0 }, 0, 4));
+    let upto = primary.shipment(T, 0, 2).expect("shipment");
+    assert!(matches!(upto, Shipment::Records { last_lsn: 2, .. }), "none past `upto`: {upto:?}");
+    assert_eq!(take(&backup, first.clone()), LogPosition { ballot: 0, lsn: 4 });
+    let second = primary.shipment(T, 4, 7).expect("shipment");
+    let Shipment::Records { prev, ballot, last_lsn, .. } = &second else { panic!("{second:?}") };
+    assert_eq!((*prev, *ballot, *last_lsn), (LogPosition { ballot: 0, lsn: 4 }, 2, 7));
+    assert_eq!(take(&backup, second.clone()), LogPosition { ballot: 2, lsn: 7 });
+    assert_eq!(primary.shipment(T, 7, 7).expect("shipment"), Shipment::Nothing);
+    same_documents(&primary, &backup, &["notes", "todo"]);
+    assert_eq!(backup.replica_state(T).expect("state"), primary.replica_state(T).expect("state"));
+
+    let kept = primary.memory_bytes();
+    primary.trim_tail(T, 7);
+    let trimmed = primary.memory_bytes();
+    assert!(trimmed < kept, "the kept records' memory is given back: {trimmed} of {kept}");
+    primary.trim_tail(T, 7);
+    assert_eq!(primary.memory_bytes(), trimmed);
+
+    // Reopened, nothing is kept in memory: the same shipments come from the log.
+    drop(primary);
+    let primary = open(da.path());
+    assert_eq!(primary.shipment(T, 0, 7).expect("shipment"), first);
+    assert_eq!(primary.shipment(T, 4, 7).expect("shipment"), second);
+
+    // A checkpoint folds the log into the phext files: a backup at 0 needs a snapshot.
+    primary.unload(T).expect("unload");
+    assert_eq!(primary.shipment(T, 0, 7).expect("shipment"), Shipment::Checkpointed);
+    assert_eq!(primary.shipment(T, 7, 7).expect("shipment"), Shipment::Nothing);
 }
