@@ -79,6 +79,7 @@ pub const OTHER_ROUTES: &[(&str, &str, Access)] = &[
     ("POST", "/api/v2/admin/nodes", Access::Admin),
     ("POST", "/api/v2/admin/nodes/{id}/drain", Access::Admin),
     ("DELETE", "/api/v2/admin/nodes/{id}", Access::Admin),
+    ("POST", "/api/v2/admin/replicas", Access::Admin),
     ("GET", "/api/v2/metrics", Access::Admin),
 ];
 

@@ -399,7 +399,7 @@ impl Link {
                 // Before its first answer, the backup is taken to hold everything before the
                 // record asked for; if it does not, it answers where its log ends.
                 let after = f.durable.unwrap_or(f.want.saturating_sub(1));
-                (after < f.want).then(|| (tenant, after, f.want))
+                (after < f.want).then_some((tenant, after, f.want))
             })
             .collect()
     }

@@ -7,7 +7,10 @@
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 
-use proto::cluster::{AdminOp, Chunk, HandoffFile, NodeRequest, NodeResponse, TenantUsage};
+use proto::cluster::{
+    AdminOp, Chunk, HandoffFile, NodeRequest, NodeResponse, ReplicaAck, ReplicaAppend,
+    ReplicaStatus, TenantUsage,
+};
 use proto::request::{parse, Method, BODY_BYTES_MAX};
 use proto::wire::{self, decode_claim_budget, MESSAGE_BYTES_MAX};
 use proto::{ApiError, Coordinate, PhextName, SqRequest, SqResponse};
@@ -165,6 +168,29 @@ fn node_request() -> impl Strategy<Value = NodeRequest> {
             .prop_map(|tenants| NodeRequest::TenantUsage { tenants }),
         (any::<u64>(), prop::collection::vec(any::<(u64, u64)>(), 0..6))
             .prop_map(|(from, heartbeats)| NodeRequest::Gossip { from, heartbeats }),
+        (any::<u64>(), prop::collection::vec(replica_append(), 0..4))
+            .prop_map(|(from, appends)| NodeRequest::Replicate { from, appends }),
+    ]
+}
+
+fn replica_append() -> impl Strategy<Value = ReplicaAppend> {
+    (text(), any::<(u64, u64, u64, u64)>(), prop::collection::vec(any::<u8>(), 0..64)).prop_map(
+        |(tenant, (epoch, ballot, prev_ballot, prev_lsn), records)| ReplicaAppend {
+            tenant,
+            epoch,
+            ballot,
+            prev_ballot,
+            prev_lsn,
+            records,
+        },
+    )
+}
+
+fn replica_ack() -> impl Strategy<Value = ReplicaAck> {
+    prop_oneof![
+        any::<(u64, u64)>().prop_map(|(ballot, lsn)| ReplicaAck::Durable { ballot, lsn }),
+        any::<(u64, u64)>().prop_map(|(ballot, lsn)| ReplicaAck::NotContinuing { ballot, lsn }),
+        text().prop_map(ReplicaAck::Refused),
     ]
 }
 
@@ -192,6 +218,12 @@ fn node_response() -> impl Strategy<Value = NodeResponse> {
                     api_calls_today: n / 3,
                     bytes_out_today: n / 7,
                     last_active_ms: last,
+                    last_lsn: n / 11,
+                    backups: vec![ReplicaStatus {
+                        node: n % 5,
+                        durable_lsn: last,
+                        state: "behind".into(),
+                    }],
                 }
             }),
             0..4
@@ -207,6 +239,7 @@ fn node_response() -> impl Strategy<Value = NodeResponse> {
         prop::collection::vec(any::<u8>(), 0..64)
             .prop_map(|b| NodeResponse::HandoffChunk(Ok(Chunk(b)))),
         text().prop_map(NodeResponse::Refused),
+        prop::collection::vec(replica_ack(), 0..4).prop_map(NodeResponse::Replicated),
     ]
 }
 

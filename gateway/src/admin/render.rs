@@ -134,7 +134,7 @@ mod tests {
     use proto::admin::{
         HandoffProgress, HandoffsReport, PendingHandoff, RaftReport, RaftRole, TenantStatus,
     };
-    use proto::cluster::{NodeHealth, NodeState, TenantUsage, Tier};
+    use proto::cluster::{NodeHealth, NodeState, ReplicaStatus, TenantUsage, Tier};
 
     use super::*;
 
@@ -203,21 +203,40 @@ mod tests {
                 api_calls_today: 3,
                 bytes_out_today: 40,
                 last_active_ms: Some(1_770_901_500_999),
+                last_lsn: 12,
+                backups: vec![
+                    ReplicaStatus { node: 3, durable_lsn: Some(10), state: "behind".into() },
+                    ReplicaStatus { node: 1, durable_lsn: None, state: "unreachable".into() },
+                ],
             },
             node: 2,
+            replica_set: vec![2, 3, 1],
         };
         check(
             AdminAnswer::TenantStats(stats.clone()),
-            r#"{"api_calls_today":3,"bytes_out_today":40,"last_active":"2026-02-12T13:05:00Z","last_active_ms":1770901500999,"node":2,"quota_mb":25,"storage_used_bytes":1572864,"storage_used_mb":1.5,"tenant_id":"acme","tier":"free"}"#,
+            concat!(
+                r#"{"api_calls_today":3,"backups":[{"durable_lsn":10,"lag":2,"node":3,"state":"behind"},"#,
+                r#"{"durable_lsn":null,"lag":null,"node":1,"state":"unreachable"}],"#,
+                r#""bytes_out_today":40,"last_active":"2026-02-12T13:05:00Z","last_active_ms":1770901500999,"#,
+                r#""last_lsn":12,"node":2,"quota_mb":25,"replica_set":[2,3,1],"storage_used_bytes":1572864,"#,
+                r#""storage_used_mb":1.5,"tenant_id":"acme","tier":"free"}"#
+            ),
             None,
         );
         let idle = TenantStats {
-            usage: TenantUsage { last_active_ms: None, storage_bytes: 0, ..stats.usage },
+            usage: TenantUsage {
+                last_active_ms: None,
+                storage_bytes: 0,
+                last_lsn: 0,
+                backups: Vec::new(),
+                ..stats.usage
+            },
+            replica_set: vec![2],
             ..stats
         };
         check(
             AdminAnswer::TenantStats(idle),
-            r#"{"api_calls_today":3,"bytes_out_today":40,"last_active":null,"last_active_ms":null,"node":2,"quota_mb":25,"storage_used_bytes":0,"storage_used_mb":0.0,"tenant_id":"acme","tier":"free"}"#,
+            r#"{"api_calls_today":3,"backups":[],"bytes_out_today":40,"last_active":null,"last_active_ms":null,"last_lsn":0,"node":2,"quota_mb":25,"replica_set":[2],"storage_used_bytes":0,"storage_used_mb":0.0,"tenant_id":"acme","tier":"free"}"#,
             None,
         );
     }
@@ -244,6 +263,7 @@ mod tests {
                 applied_index: 9,
             },
             placement_epoch: 3,
+            replicas: 3,
             ring: vec![1, 2],
             nodes: vec![node()],
             gossip: vec![(1, NodeHealth::Alive), (2, NodeHealth::Dead)],
@@ -260,7 +280,7 @@ mod tests {
                 r#""files":2,"from":1,"last_error":"node 1 is unknown"}}}}}},"#,
                 r#""node":2,"nodes":[{}],"placement_epoch":3,"#,
                 r#""raft":{{"applied_index":9,"commit_index":9,"last_log_index":null,"leader":1,"term":4}},"#,
-                r#""ring":[1,2]}}"#
+                r#""replicas":3,"ring":[1,2]}}"#
             ),
             NODE
         );

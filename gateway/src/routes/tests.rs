@@ -113,6 +113,7 @@ fn request_for(method: &str, path: &str, access: Access) -> Request<Body> {
         ("POST", "/api/v2/admin/tenants/add") => r#"{"tenant_id":"fresh","tier":"pro"}"#,
         ("PATCH", _) => r#"{"quota_mb":10}"#,
         ("POST", "/api/v2/admin/nodes") => r#"{"id":2,"addr":"127.0.0.1:10"}"#,
+        ("POST", "/api/v2/admin/replicas") => r#"{"replicas":3}"#,
         _ => "",
     };
     let mut builder = Request::builder().method(method).uri(uri);

@@ -1,0 +1,172 @@
+//! Black-box: a 3-node cluster with R = 3 (`sq-cloud dev --replicas 3`). Every write is on a
+//! majority of its tenant's nodes before it is answered: with both backups frozen a write is
+//! refused (503, never a hang) rather than acknowledged on one copy; with one frozen, writes go
+//! on; the backups catch up by themselves; and after a clean stop the three copies of every
+//! tenant are byte for byte the same.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::{admin, get, wait_for, DevCluster};
+use reqwest::Method;
+
+/// A write refused for want of backups is answered within the wait for acknowledgements (2 s)
+/// and this much slack on a loaded machine.
+const REFUSAL_BOUND: Duration = Duration::from_secs(10);
+
+/// Frozen processes, continued on every path out of the test (a stopped process would outlive
+/// it: the cluster's SIGTERM waits until it runs again).
+struct Frozen(Vec<i32>);
+
+impl Frozen {
+    fn freeze(pids: &[i32]) -> Frozen {
+        for &pid in pids {
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        Frozen(pids.to_vec())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            unsafe { libc::kill(pid, libc::SIGCONT) };
+        }
+    }
+}
+
+fn pid(cluster: &DevCluster, node: u64) -> i32 {
+    let nodes = cluster.json["nodes"].as_array().expect("nodes in dev.json");
+    let n = nodes.iter().find(|n| n["id"] == node).expect("the node is in dev.json");
+    n["pid"].as_i64().expect("a pid") as i32
+}
+
+fn stats(cluster: &DevCluster, tenant: &str) -> serde_json::Value {
+    let (status, body) =
+        admin(cluster, Method::GET, &format!("/admin/tenants/{tenant}/stats"), None);
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// The tenant's stats once every backup holds every record of its primary.
+fn in_sync(cluster: &DevCluster, tenant: &str) -> serde_json::Value {
+    wait_for(Duration::from_secs(20), "every backup in sync", || {
+        let s = stats(cluster, tenant);
+        let backups = s["backups"].as_array()?;
+        let synced =
+            backups.len() == 2 && backups.iter().all(|b| b["state"] == "in-sync" && b["lag"] == 0);
+        synced.then_some(s)
+    })
+    .0
+}
+
+fn update(cluster: &DevCluster, key: &str, p: &str, i: u32, text: &str) -> (u16, String, Duration) {
+    let started = Instant::now();
+    let r = common::http()
+        .get(format!("{}/update?p={p}&c=1.1.1/1.1.1/1.1.{i}&s={text}", cluster.url()))
+        .bearer_auth(key)
+        .send()
+        .expect("an answer");
+    let status = r.status().as_u16();
+    let retry_after = r.headers().get("retry-after").is_some();
+    let body = r.text().expect("a body");
+    assert!(status != 503 || retry_after, "a 503 names when to retry");
+    (status, body, started.elapsed())
+}
+
+/// Every file of the tenant's directory on a node, by path, but its usage roll-up (kept by the
+/// primary only).
+fn tenant_files(node_dir: &Path, tenant: &str) -> BTreeMap<String, Vec<u8>> {
+    let root = node_dir.join("store/tenants").join(tenant);
+    let mut files = BTreeMap::new();
+    let mut dirs = vec![root.clone()];
+    while let Some(dir) = dirs.pop() {
+        for entry in std::fs::read_dir(&dir).expect("a tenant directory") {
+            let path = entry.expect("an entry").path();
+            if path.is_dir() {
+                dirs.push(path);
+            } else if path.file_name().is_some_and(|n| n != "usage.json") {
+                let name = path.strip_prefix(&root).expect("inside").display().to_string();
+                files.insert(name, std::fs::read(&path).expect("readable"));
+            }
+        }
+    }
+    files
+}
+
+// Goal: writes wait for a majority of their tenant's three copies. Both backups frozen: a write
+// is refused with 503 within the bound and acknowledged nowhere; one frozen: writes are
+// acknowledged; both back: the stats show them caught up; raising R with tenants is refused by
+// name; and after a clean stop every tenant's files are identical on all three nodes.
+#[test]
+fn writes_wait_for_a_majority_of_three_copies() {
+    let tmp = tempfile::tempdir().expect("dir");
+    let mut cluster = DevCluster::start_with(
+        tmp.path(),
+        3,
+        &format!("127.0.0.1:{}", common::free_tcp_port()),
+        &["--replicas", "3"],
+    );
+    let demo = cluster.demo_key();
+    let other = cluster.add_tenant("other", serde_json::json!({}));
+    for i in 1..=20 {
+        for (key, p) in [(&demo, "notes"), (&demo, "todo"), (&other, "log")] {
+            let (status, body, _) = update(&cluster, key, p, i, &format!("v{i}"));
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    let s = in_sync(&cluster, "demo");
+    let set: Vec<u64> =
+        s["replica_set"].as_array().expect("a set").iter().filter_map(|n| n.as_u64()).collect();
+    assert_eq!(set.len(), 3, "{s}");
+    assert_eq!(s["node"], set[0], "the owner is the primary, first of the set");
+    assert_eq!(s["last_lsn"], 40, "{s}");
+    in_sync(&cluster, "other");
+
+    // Both backups frozen: no majority, so no acknowledgement.
+    {
+        let _frozen = Frozen::freeze(&[pid(&cluster, set[1]), pid(&cluster, set[2])]);
+        let (status, body, took) = update(&cluster, &demo, "notes", 30, "alone");
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("backups hold the write"), "{body}");
+        assert!(took < REFUSAL_BOUND, "refused after {took:?}");
+        eprintln!("both backups frozen: 503 after {took:?}");
+    }
+    // One backup frozen: the other makes a majority.
+    {
+        let _frozen = Frozen::freeze(&[pid(&cluster, set[2])]);
+        for i in 1..=5 {
+            let (status, body, took) = update(&cluster, &demo, "todo", i, &format!("w{i}"));
+            assert_eq!(status, 200, "{body}");
+            assert!(took < REFUSAL_BOUND, "{took:?}");
+        }
+    }
+    let s = in_sync(&cluster, "demo");
+    assert_eq!(s["last_lsn"], 46, "the refused write was logged and is now on every copy: {s}");
+    let (status, body) = get(&cluster.url(), &demo, "/select?p=notes&c=1.1.1/1.1.1/1.1.30");
+    assert_eq!((status, body.as_str()), (200, "alone"));
+
+    let (status, body) =
+        admin(&cluster, Method::POST, "/admin/replicas", Some(serde_json::json!({"replicas": 4})));
+    assert_eq!(status, 409, "{body}");
+    assert!(body.to_string().contains("only before the first tenant"), "{body}");
+    let (status, body) =
+        admin(&cluster, Method::POST, "/admin/replicas", Some(serde_json::json!({"replicas": 3})));
+    assert_eq!((status, &body["replicas"]), (200, &serde_json::json!(3)), "{body}");
+
+    cluster.stop();
+    for tenant in ["demo", "other"] {
+        let copies: Vec<_> =
+            (1..=3).map(|n| tenant_files(&cluster.dir.join(format!("node-{n}")), tenant)).collect();
+        assert!(copies[0].keys().any(|k| k.starts_with("phexts/")), "{:?}", copies[0].keys());
+        for (n, copy) in copies.iter().enumerate().skip(1) {
+            assert_eq!(copy.keys().collect::<Vec<_>>(), copies[0].keys().collect::<Vec<_>>());
+            for (name, bytes) in copy {
+                assert!(bytes == &copies[0][name], "{tenant}/{name} differs on node {}", n + 1);
+            }
+        }
+    }
+}
