@@ -478,7 +478,7 @@ fn health(v: &Value) -> String {
     let ring: Vec<String> =
         v["ring"].as_array().map(|a| a.iter().map(cell).collect()).unwrap_or_default();
     format!(
-        "answered by node {}\nraft: leader {}, term {}, commit index {}\nplacement epoch {}, replicas {}, ring [{}]\n\n{}",
+        "answered by node {}\nraft: leader {}, term {}, commit index {}\nplacement epoch {}, replicas {}, ring [{}], down {}\n\n{}",
         cell(&v["node"]),
         cell(&raft["leader"]),
         cell(&raft["term"]),
@@ -486,6 +486,7 @@ fn health(v: &Value) -> String {
         cell(&v["placement_epoch"]),
         cell(&v["replicas"]),
         ring.join(", "),
+        cell(&v["down"]),
         node_table(&v["nodes"])
     )
 }

@@ -99,7 +99,8 @@ fn tenant_files(node_dir: &Path, tenant: &str) -> BTreeMap<String, Vec<u8>> {
 
 // Goal: writes wait for a majority of their tenant's three copies. Both backups frozen: a write
 // is refused with 503 within the bound and acknowledged nowhere; one frozen: writes are
-// acknowledged; both back: the stats show them caught up; raising R with tenants is refused by
+// acknowledged, reads too (under the primary's lease), and the frozen node is marked down, then
+// up once it runs again; both back: the stats show them caught up; raising R with tenants is refused by
 // name; and after a clean stop every tenant's files are identical on all three nodes.
 #[test]
 fn writes_wait_for_a_majority_of_three_copies() {
@@ -135,15 +136,34 @@ fn writes_wait_for_a_majority_of_three_copies() {
         assert!(took < REFUSAL_BOUND, "refused after {took:?}");
         eprintln!("both backups frozen: 503 after {took:?}");
     }
-    // One backup frozen: the other makes a majority.
+    // Silent past the down time while both were frozen, they may have been marked down: wait
+    // until every node is up again.
+    let all_up = || {
+        wait_for(Duration::from_secs(30), "every node up", || {
+            let (_, h) = admin(&cluster, Method::GET, "/admin/health", None);
+            (h["down"] == serde_json::json!([])).then_some(())
+        })
+    };
+    all_up();
+    // One backup frozen: the other makes a majority. Silent past the down time, it is marked
+    // down by the registry; back, it is marked up.
     {
+        let frozen_at = Instant::now();
         let _frozen = Frozen::freeze(&[pid(&cluster, set[2])]);
         for i in 1..=5 {
             let (status, body, took) = update(&cluster, &demo, "todo", i, &format!("w{i}"));
             assert_eq!(status, 200, "{body}");
             assert!(took < REFUSAL_BOUND, "{took:?}");
         }
+        wait_for(Duration::from_secs(30), "the frozen node marked down", || {
+            let (_, h) = admin(&cluster, Method::GET, "/admin/health", None);
+            (h["down"] == serde_json::json!([set[2]])).then_some(())
+        });
+        eprintln!("frozen node {} marked down {:?} after the freeze", set[2], frozen_at.elapsed());
+        let (status, body) = get(&cluster.url(), &demo, "/select?p=todo&c=1.1.1/1.1.1/1.1.5");
+        assert_eq!((status, body.as_str()), (200, "w5"), "the primary reads under its lease");
     }
+    all_up();
     let s = in_sync(&cluster, "demo");
     assert_eq!(s["last_lsn"], 46, "the refused write was logged and is now on every copy: {s}");
     let (status, body) = get(&cluster.url(), &demo, "/select?p=notes&c=1.1.1/1.1.1/1.1.30");

@@ -7,7 +7,8 @@
 //!   gives QUIC and the real disk, and the simulator (`sim/`) gives its own; [`blocking`] is how
 //!   store work leaves the async service (a thread pool, or inline on the simulator's thread).
 //! - [`replicate`]: a tenant's writes copied from its primary to its backups before they are
-//!   answered.
+//!   answered; [`lease`]: the node leases that let a primary answer reads, and how a silent node
+//!   is marked down.
 
 mod admin;
 pub mod blocking;
@@ -15,6 +16,7 @@ pub mod clock;
 pub mod config;
 pub mod gossip;
 pub mod handoff;
+pub mod lease;
 pub mod limits;
 mod metrics;
 pub mod replicate;

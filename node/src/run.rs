@@ -208,7 +208,7 @@ impl NodeParts {
         bootstrap(&self.registry, config).await
     }
 
-    /// Starts gossip, idle unloading, usage persistence and tenant handoff.
+    /// Starts gossip, idle unloading, usage persistence, tenant handoff and node leases.
     pub fn spawn_workers(&self, shutdown: &CancellationToken) -> Workers {
         Workers(vec![
             tokio::spawn(crate::gossip::run(
@@ -221,6 +221,7 @@ impl NodeParts {
             tokio::spawn(persist_usage(self.limits.clone(), shutdown.clone())),
             tokio::spawn(crate::handoff::run_puller(self.service.clone(), shutdown.clone())),
             tokio::spawn(crate::handoff::run_sweeper(self.service.clone(), shutdown.clone())),
+            tokio::spawn(crate::lease::run(self.service.clone(), shutdown.clone())),
         ])
     }
 

@@ -46,6 +46,8 @@ pub struct Service {
     view_peers: crate::gossip::ViewPeers,
     /// This node's links to the backups of the tenants it is primary of.
     pub replication: Arc<crate::replicate::Replication>,
+    /// This node's lease, and what it heard from others as a registry voter.
+    pub leases: Arc<crate::lease::Leases>,
 }
 
 impl Service {
@@ -64,12 +66,14 @@ impl Service {
     ) -> Service {
         let replication =
             crate::replicate::Replication::new(id, store.clone(), peers.clone(), registry.clone());
+        let leases = Arc::new(crate::lease::Leases::new(clock.clone()));
         Service {
             id,
             store,
             registry,
             peers,
             replication,
+            leases,
             view_cache: Mutex::new(None),
             health,
             limits,
@@ -155,6 +159,16 @@ impl Service {
                 };
                 NodeResponse::Replicated(crate::replicate::take(self, from, appends).await)
             }
+            NodeRequest::Lease { from } if from_node => {
+                let from = match peer.role {
+                    Role::Node(id) => id,
+                    _ => from,
+                };
+                NodeResponse::Lease { granted: self.leases.grant(from, &self.registry.state()) }
+            }
+            NodeRequest::ConfirmDown { node } if from_node => NodeResponse::ConfirmDown {
+                confirmed: self.leases.confirm_down(node, &self.registry.state()),
+            },
             other => {
                 NodeResponse::Refused(format!("{:?} may not send {}", peer.role, kind(&other)))
             }
@@ -210,6 +224,11 @@ impl Service {
         let backups = set.get(1..).unwrap_or_default().to_vec();
         let needed = set.len() / 2;
         self.store.keep_tails(needed > 0);
+        // A replicated tenant is read only under this node's lease: no other node can be its
+        // primary meanwhile (crate::lease).
+        if needed > 0 && !request.is_write() && !self.leases.holds() {
+            return Err(ApiError::unavailable("this node holds no lease to serve reads"));
+        }
         let route = request.route().name();
         let started_us = self.clock.now_us();
         if let Err(e) = self.limits.admit(tenant, record.daily_limit) {
@@ -554,6 +573,8 @@ fn kind(r: &NodeRequest) -> &'static str {
         NodeRequest::Gossip { .. } => "gossip",
         NodeRequest::Identify => "identify",
         NodeRequest::Replicate { .. } => "replicate",
+        NodeRequest::Lease { .. } => "lease",
+        NodeRequest::ConfirmDown { .. } => "confirm down",
     }
 }
 

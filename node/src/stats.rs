@@ -118,6 +118,7 @@ pub fn health(svc: &Service, state: &RegistryState) -> HealthReport {
         },
         placement_epoch: state.placement_epoch(),
         replicas: state.replicas() as u64,
+        down: state.liveness_marks().filter(|(_, l)| l.down).map(|(id, _)| id).collect(),
         ring: state.active_nodes(),
         nodes: nodes(svc, state),
         gossip: svc.health.snapshot(),

@@ -132,6 +132,8 @@ pub struct HealthReport {
     pub placement_epoch: u64,
     /// R: how many nodes hold each tenant.
     pub replicas: u64,
+    /// Nodes the registry marked down: they stopped renewing their leases.
+    pub down: Vec<u64>,
     /// The active nodes, which the ring places tenants on.
     pub ring: Vec<u64>,
     pub nodes: Vec<NodeInfo>,

@@ -307,6 +307,11 @@ pub enum NodeRequest {
     /// A tenant's primary sends its backups the records they lack, batched per pair of nodes
     /// (docs/REPLICATION.md, "Writes"). Only nodes may send it.
     Replicate { from: u64, appends: Vec<ReplicaAppend> },
+    /// A node asks a registry voter to renew its lease (docs/REPLICATION.md, "Node leases").
+    Lease { from: u64 },
+    /// The registry leader asks a voter to confirm that `node` has not renewed its lease for the
+    /// down time; a voter that confirms refuses that node's leases until it is marked up.
+    ConfirmDown { node: u64 },
 }
 
 /// Records of one tenant's log for a backup: the framed records after `prev`, all written under
@@ -443,6 +448,14 @@ pub enum NodeResponse {
     },
     /// The answer to `Replicate`, one per append, in order.
     Replicated(Vec<ReplicaAck>),
+    /// The answer to `Lease`.
+    Lease {
+        granted: bool,
+    },
+    /// The answer to `ConfirmDown`.
+    ConfirmDown {
+        confirmed: bool,
+    },
 }
 
 #[cfg(test)]

@@ -14,8 +14,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// `NodeResponse`.
 /// Version 7: a whole registry of more than `cluster::VIEW_TENANTS_PER_PART` tenants travels in
 /// parts (`ViewUpdate::FullFirst`, `NodeRequest::ViewPage`, `NodeResponse::ViewPage`).
-/// Version 8: replication (`NodeRequest::Replicate`, `NodeResponse::Replicated`), R in the
-/// health report (`AdminOp::SetReplicas`), and each tenant's replicas in its stats.
+/// Version 8: replication (`NodeRequest::Replicate`, `NodeResponse::Replicated`), node leases
+/// (`Lease`, `ConfirmDown`), R and the nodes marked down in the health report
+/// (`AdminOp::SetReplicas`), and each tenant's replicas in its stats.
 pub const WIRE_VERSION: u16 = 8;
 
 /// The largest message either side encodes or decodes, in bytes: 64 MiB. It is also the

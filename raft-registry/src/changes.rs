@@ -106,7 +106,10 @@ pub fn touched(command: &Command) -> Option<Touched> {
         | Command::DisableTenant { id }
         | Command::ArchiveTenant { id }
         | Command::PurgeTenant { id } => one(id),
-        Command::NodeActivate { .. } | Command::NodeDrain { .. } => Some(Touched::Placement),
+        Command::NodeActivate { .. }
+        | Command::NodeDrain { .. }
+        | Command::MarkDown { .. }
+        | Command::MarkUp { .. } => Some(Touched::Placement),
         Command::SetAdminKeyHash { .. }
         | Command::NodeJoin { .. }
         | Command::NodeRemove { .. }

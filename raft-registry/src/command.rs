@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
 use crate::state::{
-    is_valid_key_hash, valid_tenant_id, Handoff, NodeRecord, NodeState, RegistryState,
+    is_valid_key_hash, valid_tenant_id, Handoff, Liveness, NodeRecord, NodeState, RegistryState,
     TenantRecord, Tier, ACTIVE_NODES_MAX, ADMIN_EMAIL_LEN_MAX, KEY_HASHES_PER_TENANT_MAX,
     NODE_ADDR_LEN_MAX, REPLICAS_MAX, TENANT_IDS_MAX,
 };
@@ -83,6 +83,16 @@ pub enum Command {
     SetReplicas {
         replicas: u8,
     },
+    /// A majority of voters confirmed that node `id` has not renewed its lease for the down
+    /// time, and refuse it a lease until it is marked up: it is down. Bumps the placement epoch.
+    /// Only an active node that is not down may be marked down.
+    MarkDown {
+        id: u64,
+    },
+    /// A node marked down renews its lease again. Bumps the placement epoch.
+    MarkUp {
+        id: u64,
+    },
 }
 
 /// The most commands one [`Command::Batch`] carries. A command is well under 512 bytes (an id of
@@ -140,6 +150,10 @@ pub enum Rejection {
          tenants' new copies would need a snapshot to catch up, which replicas do not take yet"
     )]
     ReplicasRaisedWithTenants(usize),
+    #[error("node {0} is already marked down")]
+    AlreadyDown(u64),
+    #[error("node {0} is not marked down")]
+    NotDown(u64),
 }
 
 /// What the state machine answers for every applied log entry (the Raft `R` type).
@@ -213,6 +227,27 @@ pub fn apply(state: &mut RegistryState, cmd: Command) -> Result<(), Rejection> {
                 return Err(Rejection::ReplicasRaisedWithTenants(state.tenants.len()));
             }
             state.replicas = replicas;
+            Ok(())
+        }
+        Command::MarkDown { id } => {
+            let node = state.nodes.get(&id).ok_or(Rejection::NoSuchNode(id))?;
+            if node.state != NodeState::Active {
+                let from = node.state;
+                return Err(Rejection::InvalidNodeTransition { id, from, to: NodeState::Active });
+            }
+            if state.is_down(id) {
+                return Err(Rejection::AlreadyDown(id));
+            }
+            state.placement_epoch += 1;
+            state.liveness.insert(id, Liveness { down: true, epoch: state.placement_epoch });
+            Ok(())
+        }
+        Command::MarkUp { id } => {
+            if !state.is_down(id) {
+                return Err(Rejection::NotDown(id));
+            }
+            state.placement_epoch += 1;
+            state.liveness.insert(id, Liveness { down: false, epoch: state.placement_epoch });
             Ok(())
         }
     }
@@ -363,6 +398,9 @@ fn node_transition(state: &mut RegistryState, id: u64, to: NodeState) -> Result<
     }
     node.state = to;
     state.nodes.insert(id, node);
+    if to == NodeState::Removed {
+        state.liveness.remove(&id);
+    }
     if moves_tenants {
         let before = state.ring.clone();
         state.placement_epoch += 1;

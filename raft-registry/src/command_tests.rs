@@ -341,3 +341,57 @@ fn the_replication_factor_is_set_within_its_limits() {
     s.replicas = REPLICAS_MAX;
     assert_eq!(s.replica_set("acme").len(), 4, "no more copies than active nodes");
 }
+
+#[test]
+fn nodes_are_marked_down_and_up_once_each() {
+    // Goal: only an active node that is not down can be marked down, only a down node marked up,
+    // each mark bumping the placement epoch and leaving the ring as it was; removal forgets the
+    // marks; a refused mark changes nothing.
+    let mut s = RegistryState::default();
+    for id in 1..=3 {
+        apply(&mut s, Command::NodeJoin { id, addr: format!("n{id}:1") }).expect("joins");
+    }
+    check(
+        &mut s,
+        vec![
+            (
+                Command::MarkDown { id: 1 },
+                Err(Rejection::InvalidNodeTransition {
+                    id: 1,
+                    from: NodeState::Joining,
+                    to: NodeState::Active,
+                }),
+            ),
+            (Command::MarkDown { id: 9 }, Err(Rejection::NoSuchNode(9))),
+            (Command::NodeActivate { id: 1 }, Ok(())),
+            (Command::NodeActivate { id: 2 }, Ok(())),
+            (Command::MarkUp { id: 1 }, Err(Rejection::NotDown(1))),
+        ],
+    );
+    let (epoch, ring) = (s.placement_epoch(), s.ring().node_ids().to_vec());
+    check(&mut s, vec![(Command::MarkDown { id: 1 }, Ok(()))]);
+    assert!(s.is_down(1) && !s.is_down(2));
+    assert_eq!(s.liveness(1), Some(Liveness { down: true, epoch: epoch + 1 }));
+    assert_eq!(s.ring().node_ids(), ring.as_slice(), "a down node keeps its place");
+    check(
+        &mut s,
+        vec![
+            (Command::MarkDown { id: 1 }, Err(Rejection::AlreadyDown(1))),
+            (Command::MarkUp { id: 1 }, Ok(())),
+        ],
+    );
+    assert_eq!(s.liveness(1), Some(Liveness { down: false, epoch: epoch + 2 }));
+    check(
+        &mut s,
+        vec![
+            (Command::MarkDown { id: 2 }, Ok(())),
+            (Command::NodeDrain { id: 2 }, Ok(())),
+            (Command::MarkUp { id: 2 }, Ok(())),
+        ],
+    );
+    s.handoffs.clear();
+    apply(&mut s, Command::MarkDown { id: 1 }).expect("down");
+    apply(&mut s, Command::NodeRemove { id: 2 }).expect("removed");
+    assert!(s.is_down(1));
+    assert_eq!(s.liveness(2), None, "a removed node's marks go with it");
+}

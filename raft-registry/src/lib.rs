@@ -75,7 +75,7 @@ pub use placement::{Ring, VNODES_PER_NODE};
 pub use registry::{CommandResult, RaftStatus, Registry};
 pub use removal::ClaimRefused;
 pub use state::{
-    key_hash, valid_tenant_id, Handoff, NodeRecord, NodeState, RegistryState, TenantRecord, Tier,
-    ADMIN_EMAIL_LEN_MAX, NODE_ADDR_LEN_MAX, REPLICAS_MAX, TENANT_IDS_MAX,
+    key_hash, valid_tenant_id, Handoff, Liveness, NodeRecord, NodeState, RegistryState,
+    TenantRecord, Tier, ADMIN_EMAIL_LEN_MAX, NODE_ADDR_LEN_MAX, REPLICAS_MAX, TENANT_IDS_MAX,
 };
 pub use state_machine::Published;

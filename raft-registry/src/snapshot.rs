@@ -67,6 +67,8 @@ struct Header {
 #[derive(Serialize, Deserialize)]
 struct Settings {
     replicas: u8,
+    /// Every node ever marked down: (id, down now, epoch of the mark).
+    liveness: Vec<(u64, bool, u64)>,
 }
 
 /// Encodes `state` as an image of [`SNAPSHOT_CHUNK_ITEMS`] per record.
@@ -99,7 +101,8 @@ pub(crate) fn encode_state_chunked(
     append_chunks(&mut out, "snapshot tenants", state.tenants.values().map(|t| &**t), chunk_items)?;
     append_chunks(&mut out, "snapshot handoffs", state.handoffs.values(), chunk_items)?;
     append_chunks(&mut out, "snapshot purged ids", state.purged.iter(), chunk_items)?;
-    let settings = Settings { replicas: state.replicas };
+    let liveness = state.liveness.iter().map(|(id, l)| (*id, l.down, l.epoch)).collect();
+    let settings = Settings { replicas: state.replicas, liveness };
     disk::append_frame(&mut out, &disk::encode("snapshot settings", &settings)?);
     Ok(out)
 }
@@ -229,6 +232,13 @@ pub(crate) fn decode_state(origin: &Path, data: &[u8]) -> Result<RegistryState, 
             return Err(records.corrupt(reason));
         }
         state.replicas = settings.replicas;
+        if settings.liveness.len() > ACTIVE_NODES_MAX * 4 {
+            let reason = format!("{} nodes marked down or up", settings.liveness.len());
+            return Err(records.corrupt(reason));
+        }
+        for (id, down, epoch) in settings.liveness {
+            state.liveness.insert(id, crate::state::Liveness { down, epoch });
+        }
     }
     if records.at != data.len() {
         let reason = format!("{} bytes after the snapshot's last record", data.len() - records.at);
@@ -249,6 +259,8 @@ mod tests {
         let apply = |state: &mut RegistryState, cmd| command::apply(state, cmd).expect("applies");
         apply(&mut state, Command::NodeJoin { id: 1, addr: "a:1".into() });
         apply(&mut state, Command::SetReplicas { replicas: 3 });
+        apply(&mut state, Command::NodeActivate { id: 1 });
+        apply(&mut state, Command::MarkDown { id: 1 });
         for i in 0..n {
             let id = format!("t{i:05}");
             let record = TenantRecord::new(id.clone(), Tier::Free, key_hash(&id), i as u64);
@@ -313,9 +325,11 @@ mod tests {
         assert_eq!(decoded.replicas(), 1);
         let mut expected = state.clone();
         expected.replicas = 1;
+        expected.liveness = Default::default();
         assert_eq!(decoded, expected);
         let decoded = decode_state(Path::new("snapshot"), &image).expect("decodes");
         assert_eq!(decoded.replicas(), 3);
+        assert!(decoded.is_down(1), "the marks are kept");
     }
 
     #[test]

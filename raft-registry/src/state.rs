@@ -87,6 +87,14 @@ pub struct NodeRecord {
     pub state: NodeState,
 }
 
+/// A node's last mark down or up (`Command::MarkDown`, `Command::MarkUp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Liveness {
+    pub down: bool,
+    /// The placement epoch the mark made.
+    pub epoch: u64,
+}
+
 /// A tenant whose owner changed with the placement epoch and whose data has not yet reached
 /// the new owner. Until [`crate::Command::HandoffDone`] the new owner does not serve it and the
 /// old owner refuses it, so no epoch ever has two serving owners.
@@ -120,6 +128,9 @@ pub struct RegistryState {
     pub(crate) purged: OrdSet<String>,
     /// R: how many nodes hold each tenant ([`Self::replica_set`]), 1 to [`REPLICAS_MAX`].
     pub(crate) replicas: u8,
+    /// Nodes ever marked down (`Command::MarkDown`), with whether they are down now and the
+    /// placement epoch of their last mark down or up.
+    pub(crate) liveness: OrdMap<u64, Liveness>,
     /// Built from the active nodes whenever they change; shared between snapshots.
     pub(crate) ring: Arc<Ring>,
 }
@@ -135,6 +146,7 @@ impl Default for RegistryState {
             handoffs: OrdMap::new(),
             purged: OrdSet::new(),
             replicas: 1,
+            liveness: OrdMap::new(),
             ring: Arc::new(Ring::new(&[])),
         }
     }
@@ -150,6 +162,7 @@ impl PartialEq for RegistryState {
             && self.handoffs == other.handoffs
             && self.purged == other.purged
             && self.replicas == other.replicas
+            && self.liveness == other.liveness
     }
 }
 
@@ -240,6 +253,22 @@ impl RegistryState {
     /// the first R distinct active nodes on the ring (fewer when fewer are active).
     pub fn replica_set(&self, tenant_id: &str) -> Vec<u64> {
         self.ring.replicas(tenant_id, self.replicas())
+    }
+
+    /// Whether the registry marked `node` down: it stopped renewing its lease with the voters
+    /// (`Command::MarkDown`), and has not come back since (`Command::MarkUp`).
+    pub fn is_down(&self, node: u64) -> bool {
+        self.liveness.get(&node).is_some_and(|l| l.down)
+    }
+
+    /// The last mark down or up of `node`, if it was ever marked down.
+    pub fn liveness(&self, node: u64) -> Option<Liveness> {
+        self.liveness.get(&node).copied()
+    }
+
+    /// Every node ever marked down, with its last mark, by id.
+    pub fn liveness_marks(&self) -> impl Iterator<Item = (u64, Liveness)> + '_ {
+        self.liveness.iter().map(|(id, l)| (*id, *l))
     }
 
     /// The node that owns `tenant_id` in this placement epoch; `None` with no active node.

@@ -371,11 +371,12 @@ mod tests {
         };
         let cut = refused(&whole[..whole.len() - 1])?;
         assert!(cut.contains("snapshot: corrupt: snapshot settings record at byte"), "{cut}");
-        // The settings record is 9 bytes (header and R): these reach into the last tenants.
-        let cut = refused(&whole[..whole.len() - 10])?;
+        // The settings record is 10 bytes (header, R and no marks): these reach into the last
+        // tenants.
+        let cut = refused(&whole[..whole.len() - 11])?;
         assert!(cut.contains("snapshot: corrupt: snapshot tenants record at byte"), "{cut}");
         let mut flipped = whole.clone();
-        flipped[whole.len() - 12] ^= 1;
+        flipped[whole.len() - 13] ^= 1;
         assert!(refused(&flipped)?.contains("tenants record at byte"));
         let meta = refused(&whole[..5])?;
         assert!(meta.contains("snapshot meta record is torn"), "{meta}");

@@ -116,6 +116,7 @@ fn health_json(h: &HealthReport) -> Value {
         },
         "placement_epoch": h.placement_epoch,
         "replicas": h.replicas,
+        "down": h.down,
         "ring": h.ring,
         "nodes": nodes_json(&h.nodes),
         "gossip": h.gossip.iter().map(|(id, s)| json!({"id": id, "state": s.as_str()})).collect::<Vec<_>>(),
@@ -264,6 +265,7 @@ mod tests {
             },
             placement_epoch: 3,
             replicas: 3,
+            down: vec![2],
             ring: vec![1, 2],
             nodes: vec![node()],
             gossip: vec![(1, NodeHealth::Alive), (2, NodeHealth::Dead)],
@@ -274,7 +276,7 @@ mod tests {
         };
         let json = format!(
             concat!(
-                r#"{{"gossip":[{{"id":1,"state":"alive"}},{{"id":2,"state":"dead"}}],"#,
+                r#"{{"down":[2],"gossip":[{{"id":1,"state":"alive"}},{{"id":2,"state":"dead"}}],"#,
                 r#""handoffs":{{"pending":1,"pending_list":[{{"epoch":3,"from":1,"tenant":"acme","to":2}}],"#,
                 r#""pulling_here":{{"acme":{{"attempts":1,"bytes_done":0,"bytes_total":10,"epoch":3,"#,
                 r#""files":2,"from":1,"last_error":"node 1 is unknown"}}}}}},"#,

@@ -1,0 +1,309 @@
+//! Node leases, and how a node is marked down (docs/REPLICATION.md, "Node leases").
+//!
+//! While the cluster replicates (R > 1), a primary answers a read only while it holds a lease:
+//! no other node can be primary of its tenants until the lease has ended. A lease is granted by
+//! a majority of the registry's voters, not by the Raft leader, so a registry election does not
+//! stop reads:
+//!
+//! - every [`LEASE_RENEW`] a node asks every voter; a voter records, on its own monotonic clock,
+//!   when it heard the node last, and grants unless it refuses the node (below);
+//! - the lease runs until the send time of a round a majority granted, plus [`LEASE_MS`], on the
+//!   node's own clock;
+//! - to mark a node down, the registry leader asks every voter to confirm it: a voter confirms
+//!   only when it has not heard the node for [`DOWN_AFTER_MS`] (a voter just started counts from
+//!   its start), and from then on refuses the node's lease requests until the registry marks the
+//!   node up again. With a majority of confirmations the leader commits `MarkDown`.
+//!
+//! A grant by one majority and a confirmation by another share a voter. That voter either
+//! confirmed before it granted, and then refused, or confirmed at least [`DOWN_AFTER_MS`] after
+//! the request it granted arrived, which was after the request was sent; the lease ended
+//! [`LEASE_MS`] after that send. With `LEASE_MS` < `DOWN_AFTER_MS` and room for the two clocks to
+//! run at different rates (up to 20%), every lease of a node has ended before it is marked down.
+//!
+//! A voter also grants nothing for [`DOWN_AFTER_MS`] after it starts, and refuses a node its
+//! registry records as down. What it confirmed is held in memory only: a voter that restarts
+//! between confirming and applying the `MarkDown` forgets its refusal (docs/REPLICATION.md says
+//! what is left to build).
+//!
+//! Nothing here runs per tenant: a lease round is one message per node and voter.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use proto::cluster::{NodeRequest, NodeResponse};
+use raft_registry::{Command, RegistryState};
+use tokio_util::sync::CancellationToken;
+
+use crate::service::Service;
+use crate::store::Clock;
+
+/// How often a node renews its lease with the voters.
+pub const LEASE_RENEW: Duration = Duration::from_millis(250);
+
+/// How long a lease runs from the send time of the round that won it.
+pub const LEASE_MS: u64 = 1_000;
+
+/// How long a voter must not have heard a node before it confirms it down.
+pub const DOWN_AFTER_MS: u64 = 1_500;
+
+/// A node marked down is marked up once the leader heard its lease request this recently.
+const UP_HEARD_WITHIN_MS: u64 = 500;
+
+/// How long one lease or confirmation request may take.
+const LEASE_CALL_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// This node's lease, and, as a voter, what it heard from every node and whom it refuses.
+pub struct Leases {
+    clock: Arc<dyn Clock>,
+    started_ms: u64,
+    /// When each node's lease request last arrived, on this node's clock.
+    heard: Mutex<HashMap<u64, u64>>,
+    /// Nodes this voter confirmed down, with the placement epoch it had applied then.
+    refusing: Mutex<HashMap<u64, u64>>,
+    /// This node's lease runs until this time on its clock (0: no lease yet).
+    until_ms: AtomicU64,
+}
+
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().expect("lease lock poisoned: a thread panicked while holding it")
+}
+
+impl Leases {
+    pub fn new(clock: Arc<dyn Clock>) -> Leases {
+        let started_ms = clock.now_ms();
+        Leases {
+            clock,
+            started_ms,
+            heard: Mutex::new(HashMap::new()),
+            refusing: Mutex::new(HashMap::new()),
+            until_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether this node holds a lease now.
+    pub fn holds(&self) -> bool {
+        self.clock.now_ms() < self.until_ms.load(Ordering::SeqCst)
+    }
+
+    /// A majority granted the round sent at `sent_ms`.
+    fn won(&self, sent_ms: u64) {
+        self.until_ms.fetch_max(sent_ms + LEASE_MS, Ordering::SeqCst);
+    }
+
+    /// How long ago `node`'s lease request last arrived here (since this node started, if never).
+    pub fn heard_age(&self, node: u64) -> u64 {
+        let last = locked(&self.heard).get(&node).copied().unwrap_or(self.started_ms);
+        self.clock.now_ms().saturating_sub(last)
+    }
+
+    /// As a voter: `from` asks for its lease. Records that it was heard; grants unless this voter
+    /// started less than [`DOWN_AFTER_MS`] ago, `state` records `from` as down, or this voter
+    /// confirmed `from` down and the registry has not marked it up since.
+    pub fn grant(&self, from: u64, state: &RegistryState) -> bool {
+        let now = self.clock.now_ms();
+        locked(&self.heard).insert(from, now);
+        if now < self.started_ms + DOWN_AFTER_MS || state.is_down(from) {
+            return false;
+        }
+        let mut refusing = locked(&self.refusing);
+        if let Some(&confirmed_at) = refusing.get(&from) {
+            let up_since = state.liveness(from).is_some_and(|l| !l.down && l.epoch > confirmed_at);
+            if !up_since {
+                return false;
+            }
+            refusing.remove(&from);
+        }
+        true
+    }
+
+    /// As a voter: the registry leader asks whether `node` is down. Confirms, and refuses its
+    /// leases from now on, when it has not been heard for [`DOWN_AFTER_MS`] or is refused already.
+    pub fn confirm_down(&self, node: u64, state: &RegistryState) -> bool {
+        let mut refusing = locked(&self.refusing);
+        if refusing.contains_key(&node) {
+            return true;
+        }
+        if self.heard_age(node) < DOWN_AFTER_MS {
+            return false;
+        }
+        refusing.insert(node, state.placement_epoch());
+        true
+    }
+
+    fn refuses(&self, node: u64) -> bool {
+        locked(&self.refusing).contains_key(&node)
+    }
+}
+
+/// Renews this node's lease, and on the registry leader marks nodes down and up, every
+/// [`LEASE_RENEW`] while the cluster replicates, until `shutdown`.
+pub async fn run(svc: Arc<Service>, shutdown: CancellationToken) {
+    let watcher = tokio::spawn(watch_loop(svc.clone(), shutdown.clone()));
+    loop {
+        let state = svc.registry.state();
+        if state.replicas() > 1 {
+            renew(&svc, &state).await;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(LEASE_RENEW) => {}
+        }
+    }
+    let _ = watcher.await;
+}
+
+/// One lease round: asks every voter, and holds the lease from the round's send time once a
+/// majority granted it.
+async fn renew(svc: &Service, state: &RegistryState) {
+    let voters = svc.registry.status().voters;
+    let sent_ms = svc.clock.now_ms();
+    let mut asks: FuturesUnordered<_> = voters
+        .iter()
+        .map(|&voter| async move {
+            if voter == svc.id {
+                return svc.leases.grant(svc.id, state);
+            }
+            let answer = call(svc, state, voter, NodeRequest::Lease { from: svc.id }).await;
+            matches!(answer, Some(NodeResponse::Lease { granted: true }))
+        })
+        .collect();
+    let mut granted = 0;
+    while let Some(yes) = asks.next().await {
+        granted += usize::from(yes);
+        if granted * 2 > voters.len() {
+            svc.leases.won(sent_ms);
+            return;
+        }
+    }
+}
+
+/// On the registry leader: marks down an active node no voter majority has heard for the down
+/// time, and marks up a down node that renews again.
+async fn watch_loop(svc: Arc<Service>, shutdown: CancellationToken) {
+    loop {
+        let state = svc.registry.state();
+        if state.replicas() > 1 && svc.registry.status().is_leader {
+            for node in state.active_nodes() {
+                if node != svc.id {
+                    watch(&svc, &state, node).await;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(LEASE_RENEW) => {}
+        }
+    }
+}
+
+async fn watch(svc: &Service, state: &RegistryState, node: u64) {
+    let leases = &svc.leases;
+    if state.is_down(node) {
+        if leases.heard_age(node) < UP_HEARD_WITHIN_MS {
+            mark(svc, Command::MarkUp { id: node }).await;
+        }
+        return;
+    }
+    if leases.heard_age(node) < DOWN_AFTER_MS && !leases.refuses(node) {
+        return;
+    }
+    let voters = svc.registry.status().voters;
+    let asks = voters.iter().map(|&voter| async move {
+        if voter == svc.id {
+            return svc.leases.confirm_down(node, state);
+        }
+        let answer = call(svc, state, voter, NodeRequest::ConfirmDown { node }).await;
+        matches!(answer, Some(NodeResponse::ConfirmDown { confirmed: true }))
+    });
+    let confirmed = futures::future::join_all(asks).await.into_iter().filter(|&c| c).count();
+    if confirmed * 2 > voters.len() {
+        mark(svc, Command::MarkDown { id: node }).await;
+    }
+}
+
+async fn mark(svc: &Service, command: Command) {
+    let what = format!("{command:?}");
+    match crate::admin::commit(svc, command).await {
+        Ok(()) => tracing::warn!(change = %what, "node liveness changed"),
+        Err(e) => tracing::info!(change = %what, error = %e, "node liveness change not committed"),
+    }
+}
+
+async fn call(
+    svc: &Service,
+    state: &RegistryState,
+    node: u64,
+    request: NodeRequest,
+) -> Option<NodeResponse> {
+    let addr = state.node(node)?.addr.parse().ok()?;
+    let bytes = proto::wire::encode(&request).ok()?;
+    let answer = svc.peers.call(addr, bytes.into(), LEASE_CALL_TIMEOUT).await.ok()?;
+    proto::wire::decode(&answer).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::ManualClock;
+    use raft_registry::command::apply;
+
+    fn cluster() -> RegistryState {
+        let mut s = RegistryState::default();
+        for id in 1..=3 {
+            apply(&mut s, Command::NodeJoin { id, addr: format!("n{id}:1") }).expect("joins");
+            apply(&mut s, Command::NodeActivate { id }).expect("activates");
+        }
+        s
+    }
+
+    #[test]
+    fn a_voter_grants_and_confirms_by_the_rules() {
+        // Goal: a voter grants nothing while it is just started; grants a node it hears; will
+        // not confirm a node heard within the down time, confirms one silent for it and refuses
+        // it from then on, also after a `MarkDown`, until a `MarkUp` after the confirmation.
+        let clock = Arc::new(ManualClock::new(10_000));
+        let leases = Leases::new(clock.clone());
+        let mut s = cluster();
+        assert!(!leases.grant(2, &s), "nothing granted just after start");
+        clock.advance_ms(DOWN_AFTER_MS);
+        assert!(leases.grant(2, &s));
+        assert!(!leases.confirm_down(2, &s), "heard just now");
+        assert!(leases.confirm_down(3, &s), "never heard since the start, the down time ago");
+        clock.advance_ms(DOWN_AFTER_MS - 1);
+        assert!(!leases.confirm_down(2, &s));
+        clock.advance_ms(1);
+        assert!(leases.confirm_down(2, &s));
+        assert!(!leases.grant(2, &s), "refused once confirmed");
+        assert!(leases.heard_age(2) == 0, "a refused request is still heard");
+        assert!(leases.confirm_down(2, &s), "confirmed again, though heard");
+        apply(&mut s, Command::MarkDown { id: 2 }).expect("down");
+        assert!(!leases.grant(2, &s));
+        apply(&mut s, Command::MarkUp { id: 2 }).expect("up");
+        assert!(leases.grant(2, &s), "granted after a mark up");
+        assert!(!leases.confirm_down(2, &s), "and heard again");
+        // Marked down by a leader this voter did not confirm for: refused all the same.
+        apply(&mut s, Command::MarkDown { id: 1 }).expect("down");
+        assert!(!leases.grant(1, &s));
+    }
+
+    #[test]
+    fn a_lease_runs_from_the_send_time_of_the_round_that_won_it() {
+        // Goal: a lease won by a round sent at t holds until t + LEASE_MS, not from when the
+        // answers came; an older round never shortens it.
+        let clock = Arc::new(ManualClock::new(50_000));
+        let leases = Leases::new(clock.clone());
+        assert!(!leases.holds());
+        let sent = clock.now_ms();
+        clock.advance_ms(300);
+        leases.won(sent);
+        assert!(leases.holds());
+        leases.won(sent - 200);
+        clock.advance_ms(LEASE_MS - 301);
+        assert!(leases.holds());
+        clock.advance_ms(1);
+        assert!(!leases.holds(), "ended LEASE_MS after the send");
+    }
+}
