@@ -473,7 +473,7 @@ pub fn tenant_view(state: &RegistryState, t: &TenantRecord) -> TenantView {
         id: t.id.clone(),
         key_hashes: t.key_hashes.clone(),
         enabled: t.enabled && !t.archived,
-        owner: state.owner_of(&t.id),
+        owner: state.primary_of(&t.id),
     }
 }
 

@@ -69,6 +69,11 @@ fn describe() {
         "sq_replication_bytes_total",
         "Bytes of log records this node sent to backups as a primary"
     );
+    metrics::describe_counter!(
+        "sq_failovers_total",
+        "Prepare rounds: tenants this node took up as primary under a new ballot (after a failover, a return or any placement change)"
+    );
+    metrics::counter!("sq_failovers_total").increment(0);
     metrics::counter!("sq_replication_timeouts_total").increment(0);
     metrics::counter!("sq_replication_bytes_total").increment(0);
     // Refusal series exist from the start, at zero, so a dashboard shows "none" rather than "no data".
@@ -167,4 +172,9 @@ pub fn replication_timeout() {
 /// Record bytes sent to a backup.
 pub fn replication_bytes(bytes: u64) {
     metrics::counter!("sq_replication_bytes_total").increment(bytes);
+}
+
+/// A prepare round done: this node serves a tenant under a new ballot.
+pub fn prepared() {
+    metrics::counter!("sq_failovers_total").increment(1);
 }

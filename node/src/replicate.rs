@@ -25,12 +25,16 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
 
-use proto::cluster::{NodeRequest, NodeResponse, ReplicaAck, ReplicaAppend, ReplicaStatus};
+use futures::stream::{FuturesUnordered, StreamExt};
+use proto::cluster::{
+    FetchedRecords, NodeRequest, NodeResponse, ReplicaAck, ReplicaAppend, ReplicaReport,
+    ReplicaStatus,
+};
 use proto::ApiError;
 use tokio::sync::{watch, Notify};
 
 use crate::service::Service;
-use crate::store::{AppendRefusal, LogPosition, Shipment, Store};
+use crate::store::{AppendRefusal, LogPosition, Shared, Shipment, Store};
 
 /// How long a write waits for enough backups to hold it before it is answered 503 (its outcome
 /// is then unknown, as after a timeout: it may still be committed).
@@ -63,9 +67,21 @@ pub struct Replication {
     links: Mutex<BTreeMap<u64, Arc<Link>>>,
     /// Bumped after every answer from a backup: writes waiting for acknowledgements look again.
     acks: watch::Sender<u64>,
-    /// The ballot each tenant was last led under here, so a write asks the store only when the
+    /// The ballot each tenant was last prepared under here, so a request prepares only when the
     /// placement epoch moved.
     led: Mutex<HashMap<String, u64>>,
+    /// One prepare at a time per tenant.
+    preparing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// Runs store work off the async threads; a store error is a 503 or 500 as the store says.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, crate::store::StoreError> + Send + 'static,
+) -> Result<T, ApiError> {
+    crate::blocking::spawn(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?
+        .map_err(ApiError::from)
 }
 
 /// The records of every tenant this node is primary of, to one backup node.
@@ -91,16 +107,28 @@ struct Follow {
     durable: Option<u64>,
     /// The last record the backup is to hold: the newest durable record a request waits for.
     want: u64,
+    /// The backup is to cut its log after this record before it takes more: it holds records
+    /// past it that this primary's log does not.
+    truncate: Option<u64>,
     stuck: Option<Stuck>,
+}
+
+/// What a link sends a backup next for one tenant.
+struct Work {
+    tenant: String,
+    /// Where the backup's log ends (after any cut).
+    after: u64,
+    /// The last record to send.
+    upto: u64,
+    truncate: Option<u64>,
 }
 
 /// Why records are no longer sent to a backup of a tenant.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Stuck {
-    /// The records it lacks are folded into the primary's phext files.
+    /// The records it lacks are folded into the primary's phext files, or the records it must
+    /// cut into its own.
     NeedsSnapshot,
-    /// Its log and the primary's differ at a record both hold.
-    Diverged,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -123,6 +151,7 @@ impl Replication {
             links: Mutex::new(BTreeMap::new()),
             acks: watch::channel(0).0,
             led: Mutex::new(HashMap::new()),
+            preparing: Mutex::new(HashMap::new()),
         })
     }
 
@@ -139,26 +168,160 @@ impl Replication {
         link
     }
 
-    /// Makes sure the tenant's records from now on are written under `ballot` (the placement
-    /// epoch), so that backups can tell this primary's records from an older one's.
-    pub async fn lead(&self, tenant: &str, ballot: u64) -> Result<(), ApiError> {
-        if locked(&self.led).get(tenant).is_some_and(|&led| led >= ballot) {
+    /// Before this node serves the tenant as its primary under `ballot` (the placement epoch),
+    /// once per ballot (docs/REPLICATION.md, "A change of primary"): promises `ballot` itself
+    /// and gathers the promises of `needed` of the other members (`others`), which from then on
+    /// refuse every older primary; adopts the most advanced log among them (ballot of the last
+    /// record, then lsn; never a commit point), cutting any records of its own that log does not
+    /// hold and fetching the records it lacks; then writes under `ballot`. A write acknowledged
+    /// under an earlier ballot is on a majority of the set, so on one of the promises.
+    pub async fn prepare(
+        &self,
+        tenant: &str,
+        ballot: u64,
+        others: &[u64],
+        needed: usize,
+    ) -> Result<(), ApiError> {
+        let led = |me: &Self| locked(&me.led).get(tenant).is_some_and(|&led| led >= ballot);
+        if led(self) {
             return Ok(());
         }
-        let (store, owned) = (self.store.clone(), tenant.to_string());
-        let led = crate::blocking::spawn(move || store.lead(&owned, ballot))
-            .await
-            .map_err(|e| ApiError::Internal(format!("store task failed: {e}")))?
-            .map_err(ApiError::from)?;
-        match led {
-            Ok(()) => {
-                locked(&self.led).insert(tenant.to_string(), ballot);
-                Ok(())
-            }
-            Err(refused) => Err(ApiError::unavailable(format!(
-                "this node cannot write the tenant under ballot {ballot}: {refused}"
-            ))),
+        let gate = locked(&self.preparing).entry(tenant.to_string()).or_default().clone();
+        let _one_at_a_time = gate.lock().await;
+        if led(self) {
+            return Ok(());
         }
+        for link in locked(&self.links).values() {
+            link.forget(tenant);
+        }
+        let (store, owned) = (self.store.clone(), tenant.to_string());
+        let mine = blocking(move || match store.promise(&owned, ballot)? {
+            Ok(_) => store.durable_state(&owned).map(Ok),
+            Err(refused) => Ok(Err(refused)),
+        })
+        .await?
+        .map_err(|refused| {
+            ApiError::unavailable(format!("this node cannot lead the tenant: {refused}"))
+        })?;
+        let mut asks: FuturesUnordered<_> = others
+            .iter()
+            .map(|&node| async move {
+                let request = NodeRequest::Prepare { tenant: tenant.to_string(), ballot };
+                match self.call(node, request).await {
+                    Ok(NodeResponse::Promised(Ok(report))) => {
+                        let ballots = crate::store::Ballots::from_wire(&report.ballots).ok()?;
+                        Some((node, ballots, report.last_lsn))
+                    }
+                    Ok(NodeResponse::Promised(Err(why))) => {
+                        tracing::info!(tenant, node, reason = %why, "a member did not promise");
+                        None
+                    }
+                    _ => None,
+                }
+            })
+            .collect();
+        let mut promised = Vec::new();
+        while promised.len() < needed {
+            match asks.next().await {
+                Some(Some(promise)) => promised.push(promise),
+                Some(None) => {}
+                None => break,
+            }
+        }
+        drop(asks);
+        if promised.len() < needed {
+            return Err(ApiError::unavailable(format!(
+                "{} of the tenant's other {} replicas promised its new primary and {needed} must",
+                promised.len(),
+                others.len()
+            )));
+        }
+        let best = promised.into_iter().max_by_key(|(_, b, last)| b.position(*last));
+        if let Some((from, theirs, their_end)) = best {
+            if theirs.position(their_end) > mine.ballots.position(mine.last_lsn) {
+                self.adopt(tenant, ballot, &mine, from, &theirs, their_end).await?;
+            }
+        }
+        let (store, owned) = (self.store.clone(), tenant.to_string());
+        blocking(move || store.lead(&owned, ballot)).await?.map_err(|refused| {
+            ApiError::unavailable(format!("this node cannot lead the tenant: {refused}"))
+        })?;
+        locked(&self.led).insert(tenant.to_string(), ballot);
+        crate::metrics::prepared();
+        Ok(())
+    }
+
+    /// Makes this node's log of the tenant that of member `from` (ending at `their_end`): cuts
+    /// what it holds past the last record they share, then fetches the rest from `from`.
+    async fn adopt(
+        &self,
+        tenant: &str,
+        ballot: u64,
+        mine: &crate::store::ReplicaState,
+        from: u64,
+        theirs: &crate::store::Ballots,
+        their_end: u64,
+    ) -> Result<(), ApiError> {
+        let snapshot = || {
+            ApiError::unavailable(format!(
+                "this node's copy of the tenant differs from node {from}'s below what their logs \
+                 still hold; it needs a snapshot"
+            ))
+        };
+        let Shared::Through(shared) =
+            crate::store::common_prefix(&mine.ballots, mine.last_lsn, theirs, their_end)
+        else {
+            return Err(snapshot());
+        };
+        if mine.last_lsn > shared {
+            let (store, owned) = (self.store.clone(), tenant.to_string());
+            if !blocking(move || store.truncate_after(&owned, shared)).await? {
+                return Err(snapshot());
+            }
+            tracing::warn!(
+                tenant,
+                cut_after = shared,
+                dropped = mine.last_lsn - shared,
+                "a new primary cut records no majority held"
+            );
+        }
+        let mut end = shared;
+        while end < their_end {
+            let request =
+                NodeRequest::FetchRecords { tenant: tenant.to_string(), ballot, after: end };
+            let fetched = match self.call(from, request).await {
+                Ok(NodeResponse::Fetched(fetched)) => fetched,
+                Ok(_) => {
+                    return Err(ApiError::unavailable(format!(
+                        "node {from} answered a fetch oddly"
+                    )))
+                }
+                Err(e) => {
+                    return Err(ApiError::unavailable(format!("fetching from node {from}: {e}")))
+                }
+            };
+            let FetchedRecords::Records { ballot: written, prev_ballot, prev_lsn, records, .. } =
+                fetched
+            else {
+                return Err(match fetched {
+                    FetchedRecords::Checkpointed => snapshot(),
+                    other => {
+                        ApiError::unavailable(format!("node {from} sent no records: {other:?}"))
+                    }
+                });
+            };
+            let prev = LogPosition { ballot: prev_ballot, lsn: prev_lsn };
+            let (store, owned) = (self.store.clone(), tenant.to_string());
+            let taken = blocking(move || {
+                store.append_from_primary(&owned, ballot, written, prev, &records)
+            })
+            .await?
+            .map_err(|refused| {
+                ApiError::unavailable(format!("records from node {from} refused: {refused}"))
+            })?;
+            end = taken.lsn;
+        }
+        Ok(())
     }
 
     /// Returns once `needed` of `backups` hold the tenant's records up to `lsn` durably, or
@@ -214,7 +377,6 @@ impl Replication {
                 let durable_lsn = follow.and_then(|f| f.durable);
                 let state = match follow.and_then(|f| f.stuck) {
                     Some(Stuck::NeedsSnapshot) => "needs-snapshot",
-                    Some(Stuck::Diverged) => "diverged",
                     None if unreachable => "unreachable",
                     None if durable_lsn >= Some(last_lsn) => "in-sync",
                     None if follow.is_none() && last_lsn == 0 => "in-sync",
@@ -227,33 +389,42 @@ impl Replication {
 
     /// Sends one message of `link`'s pending records; false when it failed (the caller waits
     /// before the next).
-    async fn ship(&self, link: &Link, work: Vec<(String, u64, u64)>) -> bool {
+    async fn ship(&self, link: &Link, work: Vec<Work>) -> bool {
+        let state = self.registry.state();
+        let epoch = state.placement_epoch();
+        // A tenant this node no longer leads is sent nothing more.
+        let (work, gone): (Vec<Work>, Vec<Work>) =
+            work.into_iter().partition(|w| state.primary_of(&w.tenant) == Some(self.id));
+        for w in gone {
+            link.forget(&w.tenant);
+        }
         let store = self.store.clone();
         let shipments = crate::blocking::spawn(move || {
             work.into_iter()
-                .map(|(tenant, after, upto)| {
-                    let shipment = store.shipment(&tenant, after, upto);
-                    (tenant, after, shipment)
+                .map(|w| {
+                    let shipment = store.shipment(&w.tenant, w.after, w.upto);
+                    (w, shipment)
                 })
                 .collect::<Vec<_>>()
         })
         .await
         .unwrap_or_default();
-        let epoch = self.registry.state().placement_epoch();
         let (mut appends, mut sent, mut bytes) = (Vec::new(), Vec::new(), 0usize);
-        for (tenant, after, shipment) in shipments {
+        for (w, shipment) in shipments {
+            let tenant = w.tenant;
             match shipment {
                 Ok(Shipment::Records { prev, ballot, bytes: records, last_lsn })
                     if bytes == 0 || bytes + records.len() <= REPLICATE_MESSAGE_BYTES_MAX =>
                 {
                     bytes += records.len();
-                    sent.push((tenant.clone(), after, last_lsn));
+                    sent.push((tenant.clone(), last_lsn));
                     appends.push(ReplicaAppend {
                         tenant,
                         epoch,
                         ballot,
                         prev_ballot: prev.ballot,
                         prev_lsn: prev.lsn,
+                        truncate_after: w.truncate,
                         records,
                     });
                 }
@@ -286,20 +457,21 @@ impl Replication {
                 tracing::debug!(backup = link.node, error = %why, "replicate message failed");
                 let mut st = locked(&link.state);
                 st.unreachable = true;
-                st.dirty.extend(sent.into_iter().map(|(t, _, _)| t));
+                st.dirty.extend(sent.into_iter().map(|(t, _)| t));
                 return false;
             }
         };
         let mut refused = false;
-        for ((tenant, after, _), ack) in sent.into_iter().zip(acks) {
+        for ((tenant, _), ack) in sent.into_iter().zip(acks) {
             match ack {
                 ReplicaAck::Durable { lsn, .. } => link.heard(&tenant, lsn),
-                ReplicaAck::NotContinuing { lsn, .. } if lsn == after => {
-                    // Same record number, another ballot: the logs differ there.
-                    tracing::warn!(tenant = %tenant, backup = link.node, lsn, "a backup's log differs from the primary's");
-                    link.stick(&tenant, Stuck::Diverged);
+                ReplicaAck::NotContinuing { lsn, ballots, .. } => {
+                    self.realign(link, &tenant, lsn, &ballots).await;
                 }
-                ReplicaAck::NotContinuing { lsn, .. } => link.heard(&tenant, lsn),
+                ReplicaAck::NeedsSnapshot => {
+                    tracing::warn!(tenant = %tenant, backup = link.node, "a backup must cut records it already checkpointed; it needs a snapshot");
+                    link.stick(&tenant, Stuck::NeedsSnapshot);
+                }
                 ReplicaAck::Refused(why) => {
                     tracing::debug!(tenant = %tenant, backup = link.node, reason = %why, "a backup refused records");
                     refused = true;
@@ -310,6 +482,33 @@ impl Replication {
         }
         locked(&link.state).unreachable = false;
         !refused
+    }
+
+    /// A backup's log ends at `their_end` and does not continue where this primary sent from:
+    /// from the two ballot histories, finds the last record both logs share (KIP-101), and sends
+    /// from there, asking the backup to cut what lies past it.
+    async fn realign(&self, link: &Link, tenant: &str, their_end: u64, ballots: &[u8]) {
+        let theirs = match crate::store::Ballots::from_wire(ballots) {
+            Ok(theirs) => theirs,
+            Err(why) => {
+                tracing::warn!(tenant = %tenant, backup = link.node, error = %why, "a backup sent unreadable ballots");
+                link.mark_dirty(tenant);
+                return;
+            }
+        };
+        let (store, owned) = (self.store.clone(), tenant.to_string());
+        let mine = crate::blocking::spawn(move || store.replica_state(&owned)).await;
+        let Ok(Ok(mine)) = mine else {
+            link.mark_dirty(tenant);
+            return;
+        };
+        match crate::store::common_prefix(&mine.ballots, mine.last_lsn, &theirs, their_end) {
+            Shared::Through(shared) => link.realigned(tenant, shared, their_end > shared),
+            Shared::Unknown => {
+                tracing::warn!(tenant = %tenant, backup = link.node, "a backup's log differs below what the primary still describes; it needs a snapshot");
+                link.stick(tenant, Stuck::NeedsSnapshot);
+            }
+        }
     }
 
     /// Drops the records kept for backups that every link following the tenant holds.
@@ -370,36 +569,55 @@ impl Link {
         }
     }
 
-    /// The backup's log ends at `lsn`, durably: sends on from there if it lacks what it is to
-    /// hold.
+    /// The backup's log ends at `lsn`, durably, continuing this primary's: sends on from there
+    /// if it lacks what it is to hold.
     fn heard(&self, tenant: &str, lsn: u64) {
         let mut st = locked(&self.state);
         let Some(f) = st.follows.get_mut(tenant) else { return };
         f.durable = Some(lsn);
-        if lsn > f.want {
-            // Ahead of every record this primary asked for: it holds records this primary's
-            // log does not (or not yet durably); it is not sent to until that is resolved.
-            f.stuck = Some(Stuck::Diverged);
-        } else if lsn < f.want {
+        if lsn < f.want {
             st.dirty.insert(tenant.to_string());
         }
     }
 
-    /// The tenants with records to send: (tenant, the backup's log end, the last record to send).
-    fn take_work(&self) -> Vec<(String, u64, u64)> {
+    /// The backup shares this primary's log through `shared`; with `cut`, it holds records past
+    /// it that it must drop first.
+    fn realigned(&self, tenant: &str, shared: u64, cut: bool) {
+        let mut st = locked(&self.state);
+        let Some(f) = st.follows.get_mut(tenant) else { return };
+        f.durable = Some(shared);
+        f.truncate = cut.then_some(shared);
+        st.dirty.insert(tenant.to_string());
+    }
+
+    /// Stops following the tenant (this node no longer leads it, or leads it anew).
+    fn forget(&self, tenant: &str) {
+        let mut st = locked(&self.state);
+        st.follows.remove(tenant);
+        st.dirty.remove(tenant);
+    }
+
+    /// The tenants with records to send.
+    fn take_work(&self) -> Vec<Work> {
         let mut st = locked(&self.state);
         let dirty = std::mem::take(&mut st.dirty);
         dirty
             .into_iter()
             .filter_map(|tenant| {
-                let f = st.follows.get(&tenant)?;
+                let f = st.follows.get_mut(&tenant)?;
                 if f.stuck.is_some() {
                     return None;
                 }
                 // Before its first answer, the backup is taken to hold everything before the
                 // record asked for; if it does not, it answers where its log ends.
                 let after = f.durable.unwrap_or(f.want.saturating_sub(1));
-                (after < f.want).then_some((tenant, after, f.want))
+                let truncate = f.truncate.take();
+                (after < f.want || truncate.is_some()).then_some(Work {
+                    tenant,
+                    after,
+                    upto: f.want,
+                    truncate,
+                })
             })
             .collect()
     }
@@ -428,50 +646,122 @@ async fn send_loop(replication: Weak<Replication>, link: Arc<Link>) {
     }
 }
 
-/// A backup takes a primary's records: each append is checked against this node's registry
-/// (the sender is the tenant's primary, this node one of its backups) and the store (ballot,
-/// continuity), then made durable.
-pub async fn take(svc: &Service, from: u64, appends: Vec<ReplicaAppend>) -> Vec<ReplicaAck> {
-    let epoch = appends.iter().map(|a| a.epoch).max().unwrap_or(0);
-    svc.wait_for_epoch(epoch, EPOCH_CATCH_UP_WAIT).await;
+/// Why a member refuses a request about a tenant from `from` under `ballot`: unless `from` is
+/// the tenant's primary and this node a member of its set in this node's registry, once that
+/// has reached `ballot` (waited for briefly).
+async fn refusal(svc: &Service, from: u64, tenant: &str, ballot: u64) -> Option<String> {
+    svc.wait_for_epoch(ballot, EPOCH_CATCH_UP_WAIT).await;
     let state = svc.registry.state();
-    let taken = appends.into_iter().map(|a| {
-        let set = state.replica_set(&a.tenant);
-        let refusal = if state.tenant(&a.tenant).is_none() {
-            Some(format!("no tenant {:?} in this node's registry", a.tenant))
-        } else if set.first() != Some(&from) || !set.contains(&svc.id) {
-            Some(format!(
-                "at placement epoch {}, node {from} is not the primary of {:?} with node {} \
-                 its backup (the set is {set:?})",
-                state.placement_epoch(),
-                a.tenant,
-                svc.id
-            ))
-        } else {
-            None
-        };
-        let store = svc.store.clone();
-        async move {
-            if let Some(why) = refusal {
-                return ReplicaAck::Refused(why);
-            }
-            let prev = LogPosition { ballot: a.prev_ballot, lsn: a.prev_lsn };
-            let appended = crate::blocking::spawn(move || {
-                store.append_from_primary(&a.tenant, a.ballot, prev, &a.records)
-            })
-            .await;
-            match appended {
-                Ok(Ok(Ok(end))) => ReplicaAck::Durable { ballot: end.ballot, lsn: end.lsn },
-                Ok(Ok(Err(AppendRefusal::NotContinuing { have }))) => {
-                    ReplicaAck::NotContinuing { ballot: have.ballot, lsn: have.lsn }
-                }
-                Ok(Ok(Err(AppendRefusal::Ballot(refused)))) => {
-                    ReplicaAck::Refused(refused.to_string())
-                }
-                Ok(Err(e)) => ReplicaAck::Refused(format!("store: {e}")),
-                Err(e) => ReplicaAck::Refused(format!("store task failed: {e}")),
-            }
+    let set = state.replica_set(tenant);
+    if state.tenant(tenant).is_none() {
+        Some(format!("no tenant {tenant:?} in this node's registry"))
+    } else if state.primary_of(tenant) != Some(from) || !set.contains(&svc.id) {
+        Some(format!(
+            "at placement epoch {}, node {from} is not the primary of {tenant:?} with node {} in \
+             its set {set:?}",
+            state.placement_epoch(),
+            svc.id
+        ))
+    } else {
+        None
+    }
+}
+
+/// A backup takes a primary's records: each append is checked against this node's registry
+/// (the sender is the tenant's primary, this node one of its set) and the store (ballot,
+/// continuity), cut first where the primary says so, then made durable.
+pub async fn take(svc: &Service, from: u64, appends: Vec<ReplicaAppend>) -> Vec<ReplicaAck> {
+    let taken = appends.into_iter().map(|a| async move {
+        if let Some(why) = refusal(svc, from, &a.tenant, a.epoch).await {
+            return ReplicaAck::Refused(why);
         }
+        let store = svc.store.clone();
+        crate::blocking::spawn(move || take_one(&store, a))
+            .await
+            .unwrap_or_else(|e| ReplicaAck::Refused(format!("store task failed: {e}")))
     });
     futures::future::join_all(taken).await
+}
+
+fn take_one(store: &Store, a: ReplicaAppend) -> ReplicaAck {
+    let t = a.tenant.as_str();
+    if let Some(cut) = a.truncate_after {
+        // Only a primary this replica may follow cuts its log.
+        match store.promise(t, a.epoch) {
+            Ok(Ok(_)) => {}
+            Ok(Err(refused)) => return ReplicaAck::Refused(refused.to_string()),
+            Err(e) => return ReplicaAck::Refused(format!("store: {e}")),
+        }
+        match store.truncate_after(t, cut) {
+            Ok(true) => {}
+            Ok(false) => return ReplicaAck::NeedsSnapshot,
+            Err(e) => return ReplicaAck::Refused(format!("store: {e}")),
+        }
+    }
+    let prev = LogPosition { ballot: a.prev_ballot, lsn: a.prev_lsn };
+    match store.append_from_primary(t, a.epoch, a.ballot, prev, &a.records) {
+        Ok(Ok(end)) => ReplicaAck::Durable { ballot: end.ballot, lsn: end.lsn },
+        Ok(Err(AppendRefusal::NotContinuing { have })) => match store.replica_state(t) {
+            Ok(state) => ReplicaAck::NotContinuing {
+                ballot: have.ballot,
+                lsn: have.lsn,
+                ballots: state.ballots.to_wire(),
+            },
+            Err(e) => ReplicaAck::Refused(format!("store: {e}")),
+        },
+        Ok(Err(AppendRefusal::Ballot(refused))) => ReplicaAck::Refused(refused.to_string()),
+        Err(e) => ReplicaAck::Refused(format!("store: {e}")),
+    }
+}
+
+/// A member promises `ballot` to the tenant's new primary `from`, and says where its log stands.
+pub async fn promise(svc: &Service, from: u64, tenant: String, ballot: u64) -> NodeResponse {
+    if let Some(why) = refusal(svc, from, &tenant, ballot).await {
+        return NodeResponse::Promised(Err(why));
+    }
+    let store = svc.store.clone();
+    let promised = crate::blocking::spawn(move || {
+        match store.promise(&tenant, ballot) {
+            Ok(Ok(_)) => {}
+            Ok(Err(refused)) => return Err(refused.to_string()),
+            Err(e) => return Err(format!("store: {e}")),
+        }
+        let state = store.durable_state(&tenant).map_err(|e| format!("store: {e}"))?;
+        Ok(ReplicaReport { ballots: state.ballots.to_wire(), last_lsn: state.last_lsn })
+    })
+    .await
+    .unwrap_or_else(|e| Err(format!("store task failed: {e}")));
+    NodeResponse::Promised(promised)
+}
+
+/// A member sends the tenant's new primary `from` its durable records after `after`.
+pub async fn fetch(
+    svc: &Service,
+    from: u64,
+    tenant: String,
+    ballot: u64,
+    after: u64,
+) -> NodeResponse {
+    if let Some(why) = refusal(svc, from, &tenant, ballot).await {
+        return NodeResponse::Fetched(FetchedRecords::Refused(why));
+    }
+    let store = svc.store.clone();
+    let fetched = crate::blocking::spawn(move || {
+        let end = store.durable_state(&tenant)?.last_lsn;
+        store.shipment(&tenant, after, end)
+    })
+    .await;
+    NodeResponse::Fetched(match fetched {
+        Ok(Ok(Shipment::Records { prev, ballot, bytes, last_lsn })) => FetchedRecords::Records {
+            ballot,
+            prev_ballot: prev.ballot,
+            prev_lsn: prev.lsn,
+            records: bytes,
+            last_lsn,
+        },
+        Ok(Ok(Shipment::Nothing)) => FetchedRecords::Nothing,
+        Ok(Ok(Shipment::Checkpointed)) => FetchedRecords::Checkpointed,
+        Ok(Err(e)) => FetchedRecords::Refused(format!("store: {e}")),
+        Err(e) => FetchedRecords::Refused(format!("store task failed: {e}")),
+    })
 }

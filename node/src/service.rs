@@ -169,6 +169,16 @@ impl Service {
             NodeRequest::ConfirmDown { node } if from_node => NodeResponse::ConfirmDown {
                 confirmed: self.leases.confirm_down(node, &self.registry.state()),
             },
+            NodeRequest::Prepare { tenant, ballot } => match peer.role {
+                Role::Node(from) => crate::replicate::promise(self, from, tenant, ballot).await,
+                _ => NodeResponse::Refused("only nodes may prepare".into()),
+            },
+            NodeRequest::FetchRecords { tenant, ballot, after } => match peer.role {
+                Role::Node(from) => {
+                    crate::replicate::fetch(self, from, tenant, ballot, after).await
+                }
+                _ => NodeResponse::Refused("only nodes may fetch records".into()),
+            },
             other => {
                 NodeResponse::Refused(format!("{:?} may not send {}", peer.role, kind(&other)))
             }
@@ -212,16 +222,17 @@ impl Service {
         if !record.enabled || record.archived {
             return Err(ApiError::Forbidden("tenant is disabled".into()));
         }
-        if state.owner_of(tenant) != Some(self.id) {
+        // The primary serves: the owner, or the next node of the set while the owner is down.
+        if state.primary_of(tenant) != Some(self.id) {
             return Err(ApiError::NotOwner { epoch: state.placement_epoch() });
         }
         if state.handoff(tenant).is_some() {
             return Err(ApiError::unavailable("the tenant is moving to this node"));
         }
-        // The owner is the primary, first of the replica set; a majority of the set, this node
-        // counting as one, holds every write before it is answered (crate::replicate).
+        // A majority of the replica set, this node counting as one, holds every write before it
+        // is answered (crate::replicate).
         let set = state.replica_set(tenant);
-        let backups = set.get(1..).unwrap_or_default().to_vec();
+        let backups: Vec<u64> = set.iter().copied().filter(|&n| n != self.id).collect();
         let needed = set.len() / 2;
         self.store.keep_tails(needed > 0);
         // A replicated tenant is read only under this node's lease: no other node can be its
@@ -281,9 +292,9 @@ impl Service {
         if replicated.needed == 0 {
             return self.execute(tenant, quota, request).await.0;
         }
-        if request.is_write() {
-            self.replication.lead(tenant, replicated.ballot).await?;
-        }
+        self.replication
+            .prepare(tenant, replicated.ballot, replicated.backups, replicated.needed)
+            .await?;
         match self.execute(tenant, quota, request).await {
             (Ok(answer), Some(lsn)) => {
                 self.replication.commit(tenant, lsn, replicated.backups, replicated.needed).await?;
@@ -575,6 +586,8 @@ fn kind(r: &NodeRequest) -> &'static str {
         NodeRequest::Replicate { .. } => "replicate",
         NodeRequest::Lease { .. } => "lease",
         NodeRequest::ConfirmDown { .. } => "confirm down",
+        NodeRequest::Prepare { .. } => "prepare",
+        NodeRequest::FetchRecords { .. } => "fetch records",
     }
 }
 

@@ -15,7 +15,9 @@ async fn usage(
     state: &RegistryState,
     tenant: &str,
 ) -> Result<(u64, TenantUsage), ApiError> {
-    let owner = state.owner_of(tenant).ok_or_else(|| ApiError::unavailable("no active node"))?;
+    let owner = state
+        .primary_of(tenant)
+        .ok_or_else(|| ApiError::unavailable("no node of the tenant's replica set is up"))?;
     if owner == svc.id {
         let mut v = svc.usage(vec![tenant.to_string()]).await;
         return v.pop().map(|u| (owner, u)).ok_or_else(|| ApiError::Internal("no usage".into()));

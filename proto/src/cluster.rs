@@ -312,6 +312,40 @@ pub enum NodeRequest {
     /// The registry leader asks a voter to confirm that `node` has not renewed its lease for the
     /// down time; a voter that confirms refuses that node's leases until it is marked up.
     ConfirmDown { node: u64 },
+    /// A new primary asks a member of the tenant's replica set to promise `ballot` (refusing
+    /// every lower one from then on) and to say where its log stands (docs/REPLICATION.md,
+    /// "A change of primary").
+    Prepare { tenant: String, ballot: u64 },
+    /// A new primary asks a member for its durable records after `after`, to adopt its log.
+    FetchRecords { tenant: String, ballot: u64, after: u64 },
+}
+
+/// Where a replica's log stands: its ballots (promise and history, as `Ballots::to_wire` in the
+/// node writes them) and its last durable record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicaReport {
+    #[serde(with = "serde_bytes")]
+    pub ballots: Vec<u8>,
+    pub last_lsn: u64,
+}
+
+/// The answer to [`NodeRequest::FetchRecords`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FetchedRecords {
+    /// Framed records `prev_lsn + 1 ..= last_lsn`, all written under `ballot`.
+    Records {
+        ballot: u64,
+        prev_ballot: u64,
+        prev_lsn: u64,
+        #[serde(with = "serde_bytes")]
+        records: Vec<u8>,
+        last_lsn: u64,
+    },
+    /// No durable record after `after`.
+    Nothing,
+    /// The records after `after` are folded into the phext files.
+    Checkpointed,
+    Refused(String),
 }
 
 /// Records of one tenant's log for a backup: the framed records after `prev`, all written under
@@ -319,13 +353,17 @@ pub enum NodeRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicaAppend {
     pub tenant: String,
-    /// The placement epoch the primary sends under: a backup whose registry is behind it waits
-    /// to apply it before it judges who the primary is.
+    /// The ballot the primary leads under, its placement epoch: a backup refuses it below its
+    /// promise, and waits for its registry to reach it before it judges who the primary is.
     pub epoch: u64,
+    /// The ballot the records were written under (a new primary sends records of earlier ones).
     pub ballot: u64,
     /// The ballot and lsn of the record before the first one sent ((0, 0): none).
     pub prev_ballot: u64,
     pub prev_lsn: u64,
+    /// Cut the log after this record first: the backup holds records past it that the
+    /// primary's log does not.
+    pub truncate_after: Option<u64>,
     #[serde(with = "serde_bytes")]
     pub records: Vec<u8>,
 }
@@ -335,11 +373,20 @@ pub struct ReplicaAppend {
 pub enum ReplicaAck {
     /// Every record sent is durable here; the log ends at (`ballot`, `lsn`).
     Durable { ballot: u64, lsn: u64 },
-    /// The records do not continue this replica's log, which ends at (`ballot`, `lsn`).
-    NotContinuing { ballot: u64, lsn: u64 },
+    /// The records do not continue this replica's log, which ends at (`ballot`, `lsn`); its
+    /// `ballots` (as in [`ReplicaReport`]) tell the primary what the two logs share.
+    NotContinuing {
+        ballot: u64,
+        lsn: u64,
+        #[serde(with = "serde_bytes")]
+        ballots: Vec<u8>,
+    },
     /// Refused, nothing changed: a lower ballot than promised, not a replica of the sender, or
     /// a store error.
     Refused(String),
+    /// The records to cut are already folded into this replica's phext files: it needs a
+    /// snapshot.
+    NeedsSnapshot,
 }
 
 /// How a primary sees one replica of a tenant, for stats.
@@ -456,6 +503,10 @@ pub enum NodeResponse {
     ConfirmDown {
         confirmed: bool,
     },
+    /// The answer to `Prepare`: the promise made, with where the member's log stands, or why not.
+    Promised(Result<ReplicaReport, String>),
+    /// The answer to `FetchRecords`.
+    Fetched(FetchedRecords),
 }
 
 #[cfg(test)]

@@ -8,8 +8,8 @@ use proptest::prelude::*;
 use proptest::test_runner::Config;
 
 use proto::cluster::{
-    AdminOp, Chunk, HandoffFile, NodeRequest, NodeResponse, ReplicaAck, ReplicaAppend,
-    ReplicaStatus, TenantUsage,
+    AdminOp, Chunk, FetchedRecords, HandoffFile, NodeRequest, NodeResponse, ReplicaAck,
+    ReplicaAppend, ReplicaReport, ReplicaStatus, TenantUsage,
 };
 use proto::request::{parse, Method, BODY_BYTES_MAX};
 use proto::wire::{self, decode_claim_budget, MESSAGE_BYTES_MAX};
@@ -170,26 +170,44 @@ fn node_request() -> impl Strategy<Value = NodeRequest> {
             .prop_map(|(from, heartbeats)| NodeRequest::Gossip { from, heartbeats }),
         (any::<u64>(), prop::collection::vec(replica_append(), 0..4))
             .prop_map(|(from, appends)| NodeRequest::Replicate { from, appends }),
+        (text(), any::<u64>()).prop_map(|(tenant, ballot)| NodeRequest::Prepare { tenant, ballot }),
+        (text(), any::<u64>(), any::<u64>()).prop_map(|(tenant, ballot, after)| {
+            NodeRequest::FetchRecords { tenant, ballot, after }
+        }),
+        any::<u64>().prop_map(|from| NodeRequest::Lease { from }),
+        any::<u64>().prop_map(|node| NodeRequest::ConfirmDown { node }),
     ]
 }
 
 fn replica_append() -> impl Strategy<Value = ReplicaAppend> {
-    (text(), any::<(u64, u64, u64, u64)>(), prop::collection::vec(any::<u8>(), 0..64)).prop_map(
-        |(tenant, (epoch, ballot, prev_ballot, prev_lsn), records)| ReplicaAppend {
-            tenant,
-            epoch,
-            ballot,
-            prev_ballot,
-            prev_lsn,
-            records,
-        },
+    (
+        text(),
+        any::<(u64, u64, u64, u64)>(),
+        any::<Option<u64>>(),
+        prop::collection::vec(any::<u8>(), 0..64),
     )
+        .prop_map(
+            |(tenant, (epoch, ballot, prev_ballot, prev_lsn), truncate_after, records)| {
+                ReplicaAppend {
+                    tenant,
+                    epoch,
+                    ballot,
+                    prev_ballot,
+                    prev_lsn,
+                    truncate_after,
+                    records,
+                }
+            },
+        )
 }
 
 fn replica_ack() -> impl Strategy<Value = ReplicaAck> {
     prop_oneof![
         any::<(u64, u64)>().prop_map(|(ballot, lsn)| ReplicaAck::Durable { ballot, lsn }),
-        any::<(u64, u64)>().prop_map(|(ballot, lsn)| ReplicaAck::NotContinuing { ballot, lsn }),
+        (any::<(u64, u64)>(), prop::collection::vec(any::<u8>(), 0..32)).prop_map(
+            |((ballot, lsn), ballots)| ReplicaAck::NotContinuing { ballot, lsn, ballots }
+        ),
+        Just(ReplicaAck::NeedsSnapshot),
         text().prop_map(ReplicaAck::Refused),
     ]
 }
@@ -240,6 +258,23 @@ fn node_response() -> impl Strategy<Value = NodeResponse> {
             .prop_map(|b| NodeResponse::HandoffChunk(Ok(Chunk(b)))),
         text().prop_map(NodeResponse::Refused),
         prop::collection::vec(replica_ack(), 0..4).prop_map(NodeResponse::Replicated),
+        (prop::collection::vec(any::<u8>(), 0..32), any::<u64>()).prop_map(
+            |(ballots, last_lsn)| {
+                NodeResponse::Promised(Ok(ReplicaReport { ballots, last_lsn }))
+            }
+        ),
+        (any::<(u64, u64, u64, u64)>(), prop::collection::vec(any::<u8>(), 0..32)).prop_map(
+            |((ballot, prev_ballot, prev_lsn, last_lsn), records)| {
+                NodeResponse::Fetched(FetchedRecords::Records {
+                    ballot,
+                    prev_ballot,
+                    prev_lsn,
+                    records,
+                    last_lsn,
+                })
+            }
+        ),
+        any::<bool>().prop_map(|granted| NodeResponse::Lease { granted }),
     ]
 }
 

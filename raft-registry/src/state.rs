@@ -255,6 +255,12 @@ impl RegistryState {
         self.ring.replicas(tenant_id, self.replicas())
     }
 
+    /// The node that serves `tenant_id`: the first node of its replica set that is not marked
+    /// down (its owner while that is up); `None` when every node of the set is down.
+    pub fn primary_of(&self, tenant_id: &str) -> Option<u64> {
+        self.replica_set(tenant_id).into_iter().find(|&n| !self.is_down(n))
+    }
+
     /// Whether the registry marked `node` down: it stopped renewing its lease with the voters
     /// (`Command::MarkDown`), and has not come back since (`Command::MarkUp`).
     pub fn is_down(&self, node: u64) -> bool {

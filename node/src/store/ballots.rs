@@ -133,6 +133,50 @@ impl Ballots {
         self.accept(ballot, next_lsn)
     }
 
+    /// A replica takes records written under `records` from a primary that leads under `sender`
+    /// (a new primary sends records of the ballots before its own): refused when `sender` is below
+    /// the promise; otherwise the records' run is recorded as [`Self::accept`] records it, and
+    /// `sender` is promised. `Ok(true)` when the history changed.
+    pub fn follow(&mut self, sender: u64, records: u64, lsn: u64) -> Result<bool, BallotError> {
+        if sender < self.promised {
+            return Err(BallotError::Stale { ballot: sender, promised: self.promised });
+        }
+        if records > sender {
+            let (last_ballot, last_first_lsn) =
+                self.history.last().map_or((0, 0), |s| (s.ballot, s.first_lsn));
+            return Err(BallotError::OutOfOrder {
+                ballot: records,
+                lsn,
+                last_ballot,
+                last_first_lsn,
+            });
+        }
+        let promised = self.promised;
+        // The promise is checked against `sender` above; the run is checked as `accept` checks it.
+        self.promised = promised.min(records);
+        match self.accept(records, lsn) {
+            Ok(changed) => {
+                self.promised = promised.max(sender);
+                Ok(changed)
+            }
+            Err(refused) => {
+                self.promised = promised;
+                Err(refused)
+            }
+        }
+    }
+
+    /// The ballots as another node reads them ([`Self::from_wire`]): the bytes of a ballots
+    /// file, checksummed.
+    pub fn to_wire(&self) -> Vec<u8> {
+        encode(self)
+    }
+
+    /// Ballots another node sent, checked as a ballots file is.
+    pub fn from_wire(bytes: &[u8]) -> Result<Ballots, String> {
+        decode(bytes)
+    }
+
     /// The ballot record `lsn` was written under, or `None` below the floor (forgotten).
     pub fn ballot_of(&self, lsn: u64) -> Option<u64> {
         if lsn < self.floor {
@@ -282,6 +326,24 @@ mod tests {
             b.accept(ballot, lsn).expect("in order");
         }
         b
+    }
+
+    #[test]
+    fn a_replica_follows_a_newer_primary_sending_older_records() {
+        // Goal: records of an older ballot are taken from a primary leading under a newer one
+        // (the promise rises to the sender's ballot), never from a sender below the promise, and
+        // never records newer than their sender or out of order.
+        let mut b = Ballots::default();
+        assert_eq!(b.promise(6), Ok(true));
+        assert_eq!(b.follow(6, 3, 1), Ok(true));
+        assert_eq!(b.promised(), 6);
+        assert_eq!(b.follow(6, 3, 2), Ok(false));
+        assert_eq!(b.follow(5, 3, 3), Err(BallotError::Stale { ballot: 5, promised: 6 }));
+        assert!(matches!(b.follow(6, 7, 3), Err(BallotError::OutOfOrder { .. })));
+        assert!(matches!(b.follow(6, 2, 3), Err(BallotError::OutOfOrder { .. })));
+        assert_eq!(b.promised(), 6, "a refusal leaves the promise");
+        assert_eq!(b.follow(8, 6, 3), Ok(true));
+        assert_eq!((b.promised(), b.ballot_of(2), b.ballot_of(3)), (8, Some(3), Some(6)));
     }
 
     #[test]

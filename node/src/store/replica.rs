@@ -148,6 +148,17 @@ impl Store {
         self.loaded(tenant).map(|t| t.last_lsn())
     }
 
+    /// The tenant's promise and ballot history, and the last record of its log once every record
+    /// up to it is durable: what a replica reports of itself to a primary.
+    pub fn durable_state(&self, tenant: &str) -> Result<ReplicaState, StoreError> {
+        check_tenant_id(tenant)?;
+        self.on_loaded(tenant, |t| {
+            let (ballots, last_lsn) = t.replica_state();
+            t.wait_durable(last_lsn)?;
+            Ok(Some(ReplicaState { ballots, last_lsn }))
+        })
+    }
+
     /// The tenant's promise, ballot history and log end, loading it if needed.
     pub fn replica_state(&self, tenant: &str) -> Result<ReplicaState, StoreError> {
         check_tenant_id(tenant)?;
@@ -233,8 +244,9 @@ impl Store {
         Ok(LogTail::Records { bytes, first_lsn: from_lsn, last_lsn: next - 1 })
     }
 
-    /// Takes records a primary sent for the tenant under `ballot`, continuing this replica's
-    /// log after `prev` (framed as [`Self::log_from`] returns them). Each is checked as a record
+    /// Takes records written under `records_ballot` that a primary leading under `ballot` sent
+    /// for the tenant, continuing this replica's log after `prev` (framed as [`Self::log_from`]
+    /// returns them; a new primary sends records of earlier ballots too). Each is checked as a record
     /// of this node's own log would be; a batch that is damaged or does not run on from `prev`
     /// one lsn at a time is refused as corrupt, changing nothing. Answers the log's end once it
     /// is durable, or why the records were refused.
@@ -242,6 +254,7 @@ impl Store {
         &self,
         tenant: &str,
         ballot: u64,
+        records_ballot: u64,
         prev: LogPosition,
         bytes: &[u8],
     ) -> Result<Result<LogPosition, AppendRefusal>, StoreError> {
@@ -265,7 +278,7 @@ impl Store {
             }
         }
         let appended = self.on_loaded(tenant, |t| {
-            Ok(match t.append_replicated(ballot, prev, &records)? {
+            Ok(match t.append_replicated(ballot, records_ballot, prev, &records)? {
                 None => None,
                 Some(Err(refused)) => Some(Err(refused)),
                 Some(Ok(last)) => {

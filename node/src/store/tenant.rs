@@ -577,7 +577,8 @@ impl Tenant {
         Ok(Some(Ok(out)))
     }
 
-    /// Appends records a primary sent under `ballot`, continuing its log after `prev`, and
+    /// Appends records written under `records_ballot` that a primary leading under `ballot`
+    /// sent (`Ballots::follow`), continuing its log after `prev`, and
     /// applies them, under the gate alone. Each record was checked as a request would be (its
     /// phext's name beside it) and they follow one another. Refused, changing nothing, when
     /// `ballot` is below this replica's promise or the log does not end at `prev`. The ballot's
@@ -587,6 +588,7 @@ impl Tenant {
     pub(crate) fn append_replicated(
         &self,
         ballot: u64,
+        records_ballot: u64,
         prev: LogPosition,
         records: &[(PhextName, Record<String>)],
     ) -> Result<Option<Result<u64, AppendRefusal>>, StoreError> {
@@ -613,7 +615,7 @@ impl Tenant {
         {
             let mut b = self.ballots();
             let mut next = b.clone();
-            match next.accept(ballot, first.lsn) {
+            match next.follow(ballot, records_ballot, first.lsn) {
                 Err(refused) => return Ok(Some(Err(AppendRefusal::Ballot(refused)))),
                 Ok(false) => {}
                 Ok(true) => {

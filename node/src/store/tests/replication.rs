@@ -26,7 +26,7 @@ fn ship(from: &Store, to: &Store, ballot: u64) -> Result<LogPosition, AppendRefu
     let LogTail::Records { bytes, .. } = from.log_from(T, end + 1).expect("log") else {
         panic!("the primary's log still holds what the backup lacks");
     };
-    to.append_from_primary(T, ballot, prev, &bytes).expect("no store error")
+    to.append_from_primary(T, ballot, ballot, prev, &bytes).expect("no store error")
 }
 
 /// Both stores answer the same for every phext named.
@@ -86,13 +86,13 @@ fn a_backup_refuses_a_lower_ballot_a_gap_and_damage() {
     );
     // A batch that skips a record.
     let LogTail::Records { bytes, .. } = primary.log_from(T, 5).expect("log") else { panic!() };
-    let gap = backup.append_from_primary(T, 5, LogPosition { ballot: 3, lsn: 4 }, &bytes);
+    let gap = backup.append_from_primary(T, 5, 5, LogPosition { ballot: 3, lsn: 4 }, &bytes);
     assert_eq!(gap.expect("store"), Err(AppendRefusal::NotContinuing { have: before.position() }));
     // A damaged batch.
     let LogTail::Records { mut bytes, .. } = primary.log_from(T, 4).expect("log") else { panic!() };
     let last = bytes.len() - 1;
     bytes[last] ^= 0x40;
-    let damaged = backup.append_from_primary(T, 5, before.position(), &bytes);
+    let damaged = backup.append_from_primary(T, 5, 5, before.position(), &bytes);
     assert!(matches!(damaged, Err(StoreError::Corrupt { .. })), "{damaged:?}");
     let after = backup.replica_state(T).expect("state");
     assert_eq!((after.last_lsn, after.position()), (before.last_lsn, before.position()));
@@ -145,7 +145,7 @@ fn take(to: &Store, shipment: Shipment) -> LogPosition {
     let Shipment::Records { prev, ballot, bytes, .. } = shipment else {
         panic!("records to ship, not {shipment:?}");
     };
-    to.append_from_primary(T, ballot, prev, &bytes).expect("no store error").expect("taken")
+    to.append_from_primary(T, ballot, ballot, prev, &bytes).expect("no store error").expect("taken")
 }
 
 // Goal: a primary ships what a backup lacks one ballot at a time, from the records it keeps in
