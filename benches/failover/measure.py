@@ -19,6 +19,16 @@ sends another admin write, and prints how long the two took. Without a hand-over
 the leader leaves the registry without one for an election; with it the node removed is a
 follower.
 
+    python3 benches/failover/measure.py tenant-failover --dev DIR --tenants 30 --runs 5
+
+tenant-failover (a cluster started with `sq-cloud dev --replicas 3`): makes the tenants, writes
+each once, then per run freezes (SIGSTOP) the node that is primary of the most of them and, for
+each of its tenants, starts a write every 50 ms (each a fresh request, so one held by the frozen
+node delays no other); prints, over those tenants, the time from the freeze to the send of the
+first write that was acknowledged (p50, p99, max), and the longest gap a client writing one
+request after another saw. Then it resumes the node, waits until it is primary again, and reads
+back every acknowledged write.
+
 admin-write: freezes or kills the registry leader (the dev supervisor is paused meanwhile, so a
 killed leader stays down), then sends one admin write (add a tenant) at once, while another thread
 polls health for the new leader. Prints the election time (freeze to a new leader in health) and
@@ -126,6 +136,110 @@ def dead_node(c, runs):
     summary("dead node known at the gateway (freeze to first instant 503)", times)
 
 
+def percentile(values, p):
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def tenant_failover(c, tenants, runs):
+    keys = {}
+    for i in range(tenants):
+        tid = f"fo{i:03d}"
+        status, body = call(c.api + "/admin/tenants/add", c.admin, "POST", {"tenant_id": tid})
+        if status == 201:
+            keys[tid] = json.loads(body)["api_key"]
+    if not keys:
+        raise SystemExit("no tenant added (run on a fresh cluster)")
+    acked = {t: [] for t in keys}
+    counter = [0]
+    lock = threading.Lock()
+
+    def write(t, sent_at=None, firsts=None):
+        with lock:
+            counter[0] += 1
+            k = counter[0]
+        sent = time.monotonic()
+        status, _ = call(c.api + f"/update?p=fo&c=1.1.1/1.1.{k // 1000 + 1}/1.1.{k % 1000 + 1}&s=v{k}", keys[t], timeout=10)
+        if status == 200:
+            with lock:
+                acked[t].append(k)
+                if firsts is not None and t not in firsts:
+                    firsts[t] = sent - sent_at
+        return status
+
+    for t in keys:
+        assert write(t) == 200
+    all_times, all_gaps = [], []
+    for run in range(runs):
+        primaries = {}
+        for t in keys:
+            stats = json.loads(call(c.api + f"/admin/tenants/{t}/stats", c.admin)[1])
+            primaries[t] = stats["node"]
+        node = max(set(primaries.values()), key=lambda n: list(primaries.values()).count(n))
+        moved = [t for t in keys if primaries[t] == node]
+        firsts = {}
+        stop = [False]
+        gaps = []
+
+        def sequential(t):
+            last = time.monotonic()
+            longest = 0.0
+            while not stop[0]:
+                if write(t) == 200:
+                    now = time.monotonic()
+                    longest = max(longest, now - last)
+                    last = now
+                else:
+                    time.sleep(0.02)
+            with lock:
+                gaps.append(longest)
+
+        seq = [threading.Thread(target=sequential, args=(t,), daemon=True) for t in moved[:3]]
+        for th in seq:
+            th.start()
+        time.sleep(0.3)
+        pid = c.pid(node)
+        os.kill(pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+        while len(firsts) < len(moved):
+            for t in moved:
+                if t not in firsts:
+                    threading.Thread(target=write, args=(t, frozen, firsts), daemon=True).start()
+            time.sleep(PROBE_EVERY_S)
+            if time.monotonic() - frozen > 60:
+                raise SystemExit(f"{len(moved) - len(firsts)} tenants took no write within 60 s")
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGCONT)
+        stop[0] = True
+        for th in seq:
+            th.join()
+        times = [firsts[t] for t in moved]
+        all_times += times
+        all_gaps += gaps
+        print(f"run {run + 1}: node {node} frozen, {len(moved)} tenants: writes again after "
+              f"p50 {statistics.median(times):.2f} s, p99 {percentile(times, 99):.2f} s, max {max(times):.2f} s; "
+              f"longest gap of a one-at-a-time writer {max(gaps):.2f} s", flush=True)
+        wait("the node primary again", lambda: all(
+            json.loads(call(c.api + f"/admin/tenants/{t}/stats", c.admin, timeout=5)[1] or "{}").get("node") == node
+            for t in moved))
+        wait("every node up", lambda: (c.health() or {}).get("down") == [])
+    print(f"all runs, {len(all_times)} tenant failovers: p50 {statistics.median(all_times):.2f} s, "
+          f"p99 {percentile(all_times, 99):.2f} s, max {max(all_times):.2f} s; "
+          f"one-at-a-time writer's longest gap: median {statistics.median(all_gaps):.2f} s, max {max(all_gaps):.2f} s")
+    time.sleep(1)
+    lost = 0
+    total = 0
+    for t, ks in acked.items():
+        for k in ks:
+            total += 1
+            status, body = call(c.api + f"/select?p=fo&c=1.1.1/1.1.{k // 1000 + 1}/1.1.{k % 1000 + 1}", keys[t], timeout=10)
+            if (status, body) != (200, f"v{k}"):
+                lost += 1
+    print(f"acknowledged writes read back: {total - lost} of {total} ({lost} lost)")
+    if lost:
+        raise SystemExit(1)
+
+
 def admin_write(c, runs, how, dev_pid):
     elections, routings, totals = [], [], []
     if how == "kill" and not dev_pid:
@@ -223,7 +337,8 @@ def drain_leader(binary, runs, port):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["dead-node", "admin-write", "drain-leader"])
+    p.add_argument("what", choices=["dead-node", "admin-write", "drain-leader", "tenant-failover"])
+    p.add_argument("--tenants", type=int, default=30)
     p.add_argument("--bin", default="target/release/sq-cloud")
     p.add_argument("--port", type=int, default=28600)
     p.add_argument("--dev", default="sq-cloud-dev")
@@ -236,6 +351,8 @@ def main():
     c = Cluster(a.dev)
     if a.what == "dead-node":
         dead_node(c, a.runs)
+    elif a.what == "tenant-failover":
+        tenant_failover(c, a.tenants, a.runs)
     else:
         admin_write(c, a.runs, a.how, a.supervisor)
 

@@ -366,6 +366,13 @@ async fn membership(
     if let AdminOp::AddNode { id, addr } = &op {
         parse_node_addr(*id, addr)?;
     }
+    // Refused before anything is recorded: the registry refuses the activation or drain itself
+    // (raft_registry::Rejection::PlacementFixedWithReplicas), which would leave a join half done.
+    let replicas = svc.registry.state().replicas();
+    if replicas > 1 && matches!(op, AdminOp::AddNode { .. } | AdminOp::DrainNode { .. }) {
+        let refused = raft_registry::Rejection::PlacementFixedWithReplicas(replicas as u8);
+        return Err(ApiError::Conflict(refused.to_string()));
+    }
     let status = svc.registry.status();
     if status.leader != Some(svc.id) {
         let leader =

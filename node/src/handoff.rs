@@ -608,6 +608,8 @@ async fn sweep(svc: &Service) -> Result<(), HandoffError> {
         if state.is_purged(&t)
             || state.tenant(&t).is_none()
             || state.owner_of(&t) == Some(svc.id)
+            // A copy this node holds as one of the tenant's replicas (R > 1) is no leftover.
+            || state.replica_set(&t).contains(&svc.id)
             || state.handoff(&t).is_some()
         {
             continue;

@@ -40,14 +40,17 @@ use tokio_util::sync::CancellationToken;
 use crate::service::Service;
 use crate::store::Clock;
 
-/// How often a node renews its lease with the voters.
-pub const LEASE_RENEW: Duration = Duration::from_millis(250);
+/// How often a node renews its lease with the voters: three renewals per lease.
+pub const LEASE_RENEW: Duration = Duration::from_millis(200);
 
 /// How long a lease runs from the send time of the round that won it.
-pub const LEASE_MS: u64 = 1_000;
+pub const LEASE_MS: u64 = 600;
 
-/// How long a voter must not have heard a node before it confirms it down.
-pub const DOWN_AFTER_MS: u64 = 1_500;
+/// How long a voter must not have heard a node before it confirms it down. With the registry's
+/// round and the gateway's view change after it, a frozen node's tenants move to a new primary
+/// in about 1.5 s; a node whose renewals all stall for this long (a pause, a loaded machine) is
+/// marked down and up again, which costs its tenants a prepare round each.
+pub const DOWN_AFTER_MS: u64 = 1_000;
 
 /// A node marked down is marked up once the leader heard its lease request this recently.
 const UP_HEARD_WITHIN_MS: u64 = 500;
@@ -58,13 +61,21 @@ const LEASE_CALL_TIMEOUT: Duration = Duration::from_millis(500);
 /// This node's lease, and, as a voter, what it heard from every node and whom it refuses.
 pub struct Leases {
     clock: Arc<dyn Clock>,
-    started_ms: u64,
+    /// When this node started, or last resumed from a pause ([`Leases::tick`]): it counts
+    /// silences from then, and grants nothing for [`DOWN_AFTER_MS`] after.
+    started_ms: AtomicU64,
+    /// The last renewal round's time, to tell a pause of this process.
+    last_tick_ms: AtomicU64,
     /// When each node's lease request last arrived, on this node's clock.
     heard: Mutex<HashMap<u64, u64>>,
     /// Nodes this voter confirmed down, with the placement epoch it had applied then.
     refusing: Mutex<HashMap<u64, u64>>,
     /// This node's lease runs until this time on its clock (0: no lease yet).
     until_ms: AtomicU64,
+    /// The highest placement epoch a voter had applied when it granted the lease: the node holds
+    /// it only once its own registry has reached that epoch. A node marked down and up again
+    /// while it was away thus serves nothing until it has learnt so, and prepared anew.
+    epoch: AtomicU64,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -76,26 +87,43 @@ impl Leases {
         let started_ms = clock.now_ms();
         Leases {
             clock,
-            started_ms,
+            started_ms: AtomicU64::new(started_ms),
+            last_tick_ms: AtomicU64::new(started_ms),
             heard: Mutex::new(HashMap::new()),
             refusing: Mutex::new(HashMap::new()),
             until_ms: AtomicU64::new(0),
+            epoch: AtomicU64::new(0),
         }
     }
 
-    /// Whether this node holds a lease now.
-    pub fn holds(&self) -> bool {
+    /// Whether this node, its registry at placement epoch `epoch`, holds a lease now.
+    pub fn holds(&self, epoch: u64) -> bool {
         self.clock.now_ms() < self.until_ms.load(Ordering::SeqCst)
+            && epoch >= self.epoch.load(Ordering::SeqCst)
     }
 
-    /// A majority granted the round sent at `sent_ms`.
-    fn won(&self, sent_ms: u64) {
+    /// A majority granted the round sent at `sent_ms`, the highest epoch among them `epoch`.
+    fn won(&self, sent_ms: u64, epoch: u64) {
+        self.epoch.fetch_max(epoch, Ordering::SeqCst);
         self.until_ms.fetch_max(sent_ms + LEASE_MS, Ordering::SeqCst);
     }
 
-    /// How long ago `node`'s lease request last arrived here (since this node started, if never).
+    /// Called each renewal round. A round later than [`DOWN_AFTER_MS`] after the one before
+    /// means this process was paused (frozen, descheduled): it heard nothing meanwhile, through
+    /// no fault of the others, so it starts over as a voter just started does.
+    pub fn tick(&self) {
+        let now = self.clock.now_ms();
+        let last = self.last_tick_ms.swap(now, Ordering::SeqCst);
+        if now.saturating_sub(last) > DOWN_AFTER_MS {
+            self.started_ms.store(now, Ordering::SeqCst);
+        }
+    }
+
+    /// How long ago `node`'s lease request last arrived here, counting from this node's start
+    /// (or its resumption from a pause) at the latest.
     pub fn heard_age(&self, node: u64) -> u64 {
-        let last = locked(&self.heard).get(&node).copied().unwrap_or(self.started_ms);
+        let started = self.started_ms.load(Ordering::SeqCst);
+        let last = locked(&self.heard).get(&node).copied().unwrap_or(started).max(started);
         self.clock.now_ms().saturating_sub(last)
     }
 
@@ -105,7 +133,7 @@ impl Leases {
     pub fn grant(&self, from: u64, state: &RegistryState) -> bool {
         let now = self.clock.now_ms();
         locked(&self.heard).insert(from, now);
-        if now < self.started_ms + DOWN_AFTER_MS || state.is_down(from) {
+        if now < self.started_ms.load(Ordering::SeqCst) + DOWN_AFTER_MS || state.is_down(from) {
             return false;
         }
         let mut refusing = locked(&self.refusing);
@@ -143,6 +171,7 @@ impl Leases {
 pub async fn run(svc: Arc<Service>, shutdown: CancellationToken) {
     let watcher = tokio::spawn(watch_loop(svc.clone(), shutdown.clone()));
     loop {
+        svc.leases.tick();
         let state = svc.registry.state();
         if state.replicas() > 1 {
             renew(&svc, &state).await;
@@ -164,17 +193,22 @@ async fn renew(svc: &Service, state: &RegistryState) {
         .iter()
         .map(|&voter| async move {
             if voter == svc.id {
-                return svc.leases.grant(svc.id, state);
+                return svc.leases.grant(svc.id, state).then_some(state.placement_epoch());
             }
-            let answer = call(svc, state, voter, NodeRequest::Lease { from: svc.id }).await;
-            matches!(answer, Some(NodeResponse::Lease { granted: true }))
+            match call(svc, state, voter, NodeRequest::Lease { from: svc.id }).await {
+                Some(NodeResponse::Lease { granted: true, epoch }) => Some(epoch),
+                _ => None,
+            }
         })
         .collect();
-    let mut granted = 0;
-    while let Some(yes) = asks.next().await {
-        granted += usize::from(yes);
+    let (mut granted, mut epoch) = (0, 0);
+    while let Some(answer) = asks.next().await {
+        if let Some(at) = answer {
+            granted += 1;
+            epoch = epoch.max(at);
+        }
         if granted * 2 > voters.len() {
-            svc.leases.won(sent_ms);
+            svc.leases.won(sent_ms, epoch);
             return;
         }
     }
@@ -290,20 +324,42 @@ mod tests {
     }
 
     #[test]
+    fn a_voter_back_from_a_pause_starts_over() {
+        // Goal: a voter whose rounds stopped for longer than the down time (it was frozen)
+        // counts silences from its resumption, so it confirms no one down at once, and grants
+        // nothing for the down time, as a voter just started.
+        let clock = Arc::new(ManualClock::new(10_000));
+        let leases = Leases::new(clock.clone());
+        let s = cluster();
+        clock.advance_ms(DOWN_AFTER_MS);
+        leases.tick();
+        assert!(leases.grant(2, &s));
+        clock.advance_ms(5 * DOWN_AFTER_MS);
+        leases.tick();
+        assert!(!leases.confirm_down(2, &s), "silent only while this voter was paused");
+        assert!(!leases.grant(2, &s), "nothing granted just after a pause");
+        clock.advance_ms(DOWN_AFTER_MS);
+        leases.tick();
+        assert!(leases.grant(2, &s));
+    }
+
+    #[test]
     fn a_lease_runs_from_the_send_time_of_the_round_that_won_it() {
         // Goal: a lease won by a round sent at t holds until t + LEASE_MS, not from when the
-        // answers came; an older round never shortens it.
+        // answers came, and only for a registry at the highest epoch a granting voter had; an
+        // older round never shortens it or lowers that epoch.
         let clock = Arc::new(ManualClock::new(50_000));
         let leases = Leases::new(clock.clone());
-        assert!(!leases.holds());
+        assert!(!leases.holds(0));
         let sent = clock.now_ms();
         clock.advance_ms(300);
-        leases.won(sent);
-        assert!(leases.holds());
-        leases.won(sent - 200);
+        leases.won(sent, 7);
+        assert!(leases.holds(7));
+        assert!(!leases.holds(6), "not held by a node whose registry is behind the voters'");
+        leases.won(sent - 200, 5);
         clock.advance_ms(LEASE_MS - 301);
-        assert!(leases.holds());
+        assert!(leases.holds(7));
         clock.advance_ms(1);
-        assert!(!leases.holds(), "ended LEASE_MS after the send");
+        assert!(!leases.holds(7), "ended LEASE_MS after the send");
     }
 }

@@ -236,6 +236,13 @@ impl Replication {
                 others.len()
             )));
         }
+        tracing::debug!(
+            tenant,
+            ballot,
+            mine = ?mine.ballots.position(mine.last_lsn),
+            promised = ?promised.iter().map(|(n, b, l)| (*n, b.position(*l))).collect::<Vec<_>>(),
+            "prepare: promises gathered"
+        );
         let best = promised.into_iter().max_by_key(|(_, b, last)| b.position(*last));
         if let Some((from, theirs, their_end)) = best {
             if theirs.position(their_end) > mine.ballots.position(mine.last_lsn) {
@@ -391,13 +398,24 @@ impl Replication {
     /// before the next).
     async fn ship(&self, link: &Link, work: Vec<Work>) -> bool {
         let state = self.registry.state();
-        let epoch = state.placement_epoch();
-        // A tenant this node no longer leads is sent nothing more.
-        let (work, gone): (Vec<Work>, Vec<Work>) =
-            work.into_iter().partition(|w| state.primary_of(&w.tenant) == Some(self.id));
-        for w in gone {
-            link.forget(&w.tenant);
+        // Records go out under the ballot this node prepared the tenant at, never a later epoch
+        // it has not prepared: a backup that promised a newer primary refuses them, so a node
+        // back from a pause can neither overwrite nor cut what a newer primary wrote.
+        let mut ballots = HashMap::new();
+        let mut keep = Vec::new();
+        for w in work {
+            let led = locked(&self.led).get(&w.tenant).copied();
+            match led {
+                Some(led) if state.primary_of(&w.tenant) == Some(self.id) => {
+                    ballots.insert(w.tenant.clone(), led);
+                    keep.push(w);
+                }
+                // A tenant this node no longer leads, or has not prepared since it started, is
+                // sent nothing more.
+                _ => link.forget(&w.tenant),
+            }
         }
+        let work = keep;
         let store = self.store.clone();
         let shipments = crate::blocking::spawn(move || {
             work.into_iter()
@@ -412,6 +430,7 @@ impl Replication {
         let (mut appends, mut sent, mut bytes) = (Vec::new(), Vec::new(), 0usize);
         for (w, shipment) in shipments {
             let tenant = w.tenant;
+            let epoch = ballots.get(&tenant).copied().unwrap_or(0);
             match shipment {
                 Ok(Shipment::Records { prev, ballot, bytes: records, last_lsn })
                     if bytes == 0 || bytes + records.len() <= REPLICATE_MESSAGE_BYTES_MAX =>

@@ -164,7 +164,11 @@ impl Service {
                     Role::Node(id) => id,
                     _ => from,
                 };
-                NodeResponse::Lease { granted: self.leases.grant(from, &self.registry.state()) }
+                let state = self.registry.state();
+                NodeResponse::Lease {
+                    granted: self.leases.grant(from, &state),
+                    epoch: state.placement_epoch(),
+                }
             }
             NodeRequest::ConfirmDown { node } if from_node => NodeResponse::ConfirmDown {
                 confirmed: self.leases.confirm_down(node, &self.registry.state()),
@@ -237,7 +241,7 @@ impl Service {
         self.store.keep_tails(needed > 0);
         // A replicated tenant is read only under this node's lease: no other node can be its
         // primary meanwhile (crate::lease).
-        if needed > 0 && !request.is_write() && !self.leases.holds() {
+        if needed > 0 && !request.is_write() && !self.leases.holds(state.placement_epoch()) {
             return Err(ApiError::unavailable("this node holds no lease to serve reads"));
         }
         let route = request.route().name();

@@ -495,9 +495,11 @@ pub enum NodeResponse {
     },
     /// The answer to `Replicate`, one per append, in order.
     Replicated(Vec<ReplicaAck>),
-    /// The answer to `Lease`.
+    /// The answer to `Lease`, with the placement epoch the voter has applied: the node holds the
+    /// lease only once its own registry has reached that epoch.
     Lease {
         granted: bool,
+        epoch: u64,
     },
     /// The answer to `ConfirmDown`.
     ConfirmDown {

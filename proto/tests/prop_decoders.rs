@@ -274,7 +274,8 @@ fn node_response() -> impl Strategy<Value = NodeResponse> {
                 })
             }
         ),
-        any::<bool>().prop_map(|granted| NodeResponse::Lease { granted }),
+        (any::<bool>(), any::<u64>())
+            .prop_map(|(granted, epoch)| NodeResponse::Lease { granted, epoch }),
     ]
 }
 

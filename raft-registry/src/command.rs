@@ -150,6 +150,12 @@ pub enum Rejection {
          tenants' new copies would need a snapshot to catch up, which replicas do not take yet"
     )]
     ReplicasRaisedWithTenants(usize),
+    #[error(
+        "with R = {0}, a node can be neither activated nor drained yet: the replica sets it \
+         changes would need their new copies caught up by snapshot, which replicas do not take \
+         yet"
+    )]
+    PlacementFixedWithReplicas(u8),
     #[error("node {0} is already marked down")]
     AlreadyDown(u64),
     #[error("node {0} is not marked down")]
@@ -225,6 +231,9 @@ pub fn apply(state: &mut RegistryState, cmd: Command) -> Result<(), Rejection> {
             }
             if replicas > state.replicas && !state.tenants.is_empty() {
                 return Err(Rejection::ReplicasRaisedWithTenants(state.tenants.len()));
+            }
+            if replicas > 1 && !state.handoffs.is_empty() {
+                return Err(Rejection::HandoffsPending(state.handoffs.len()));
             }
             state.replicas = replicas;
             Ok(())
@@ -387,6 +396,11 @@ fn node_transition(state: &mut RegistryState, id: u64, to: NodeState) -> Result<
         return Err(Rejection::TooManyActiveNodes);
     }
     let moves_tenants = from == NodeState::Active || to == NodeState::Active;
+    // Activating the first node (bootstrap) sets no replica set up; every later change would.
+    let active_now = state.nodes.values().any(|n| n.state == NodeState::Active);
+    if moves_tenants && state.replicas > 1 && active_now {
+        return Err(Rejection::PlacementFixedWithReplicas(state.replicas));
+    }
     if moves_tenants && !state.handoffs.is_empty() {
         return Err(Rejection::HandoffsPending(state.handoffs.len()));
     }

@@ -335,6 +335,14 @@ fn the_replication_factor_is_set_within_its_limits() {
     );
     assert_eq!(s.replica_set("acme"), vec![s.owner_of("acme").expect("owned")]);
     s.replicas = 3;
+    apply(&mut s, Command::NodeJoin { id: 5, addr: "n5:1".into() }).expect("joins");
+    check(
+        &mut s,
+        vec![
+            (Command::NodeActivate { id: 5 }, Err(Rejection::PlacementFixedWithReplicas(3))),
+            (Command::NodeDrain { id: 4 }, Err(Rejection::PlacementFixedWithReplicas(3))),
+        ],
+    );
     let set = s.replica_set("acme");
     assert_eq!(set.len(), 3);
     assert_eq!(set[0], s.owner_of("acme").expect("owned"));

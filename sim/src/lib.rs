@@ -56,12 +56,19 @@ pub struct Options {
     pub chaos: Duration,
     /// Inject faults (off only to test the simulator itself).
     pub faults: bool,
+    /// R, set once the cluster has formed and before its tenants are added (1: no replication).
+    pub replicas: u8,
     pub verbosity: Verbosity,
 }
 
 impl Default for Options {
     fn default() -> Options {
-        Options { chaos: Duration::from_secs(40), faults: true, verbosity: Verbosity::Quiet }
+        Options {
+            chaos: Duration::from_secs(40),
+            faults: true,
+            replicas: 1,
+            verbosity: Verbosity::Quiet,
+        }
     }
 }
 

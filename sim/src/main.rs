@@ -3,7 +3,7 @@
 //! ```text
 //! sim --seeds N [--first S] [--check-determinism] [--census] [--threads T] [--chaos-s SECONDS]
 //! sim --seed S [-v | -vv] [--chaos-s SECONDS]
-//! either with [--no-faults]
+//! either with [--no-faults] [--replicas R]
 //! ```
 //!
 //! Prints one line per failing seed (the seed and the invariant it broke) and closes with
@@ -33,7 +33,7 @@ fn usage() -> ExitCode {
         "usage: sim --seeds N [--first S] [--check-determinism] [--census] [--threads T] [--chaos-s SECONDS]"
     );
     eprintln!("       sim --seed S [-v | -vv] [--chaos-s SECONDS]");
-    eprintln!("       either with [--no-faults]");
+    eprintln!("       either with [--no-faults] [--replicas R]");
     ExitCode::from(2)
 }
 
@@ -99,6 +99,10 @@ fn parse() -> Result<Args, ArgsError> {
             "--threads" => a.threads = number(it.next(), "--threads")?.max(1) as usize,
             "--chaos-s" => a.options.chaos = Duration::from_secs(number(it.next(), "--chaos-s")?),
             "--no-faults" => a.options.faults = false,
+            "--replicas" => {
+                let r = number(it.next(), "--replicas")?;
+                a.options.replicas = u8::try_from(r).unwrap_or(u8::MAX);
+            }
             "-v" => a.options.verbosity = Verbosity::Events,
             "-vv" => a.options.verbosity = Verbosity::Messages,
             other => return Err(ArgsError::Unknown(other.to_string())),

@@ -289,7 +289,7 @@ impl Monitor {
             });
             let owning: Vec<u64> = states
                 .iter()
-                .filter(|s| s.owner_of(tenant) == Some(node) && s.handoff(tenant).is_none())
+                .filter(|s| s.primary_of(tenant) == Some(node) && s.handoff(tenant).is_none())
                 .map(|s| s.placement_epoch())
                 .collect();
             if accepted {
@@ -320,16 +320,16 @@ fn check_owner(
             .iter()
             .map(|s| {
                 format!(
-                    "epoch {} owner {:?}{}",
+                    "epoch {} primary {:?}{}",
                     s.placement_epoch(),
-                    s.owner_of(tenant),
+                    s.primary_of(tenant),
                     if s.handoff(tenant).is_some() { " (handoff pending)" } else { "" }
                 )
             })
             .collect();
         return Err(Violation::new(
             Invariant::OneOwner,
-            format!("node {node} served tenant {tenant} without owning it in any registry state it held: {}", epochs.join(", ")),
+            format!("node {node} served tenant {tenant} without being its primary in any registry state it held: {}", epochs.join(", ")),
         ));
     };
     if owning.iter().any(|e| *e != epoch) {

@@ -160,6 +160,15 @@ fn prefixes() -> &'static Prefixes {
             (sample(NodeRequest::TenantUsage { tenants: Vec::new() }), "usage"),
             (sample(NodeRequest::Metrics), "metrics"),
             (sample(NodeRequest::Gossip { from: 0, heartbeats: Vec::new() }), "gossip"),
+            (sample(NodeRequest::ViewPage { after: String::new(), limit: 0 }), "view-page"),
+            (sample(NodeRequest::Replicate { from: 0, appends: Vec::new() }), "replicate"),
+            (sample(NodeRequest::Lease { from: 0 }), "lease"),
+            (sample(NodeRequest::ConfirmDown { node: 0 }), "confirm-down"),
+            (sample(NodeRequest::Prepare { tenant: String::new(), ballot: 0 }), "prepare"),
+            (
+                sample(NodeRequest::FetchRecords { tenant: String::new(), ballot: 0, after: 0 }),
+                "fetch-records",
+            ),
         ];
         let ok = NodeResponse::Sq(Ok(proto::SqResponse::text("")));
         Prefixes {
@@ -445,6 +454,13 @@ impl Net {
         }
         if let Some((tenant, key_hash)) = tenant {
             if is_sq_ok(&answer) {
+                let now = service.registry.state();
+                self.trace.detail(format!(
+                    "msg {id} {tenant} served by n{node} at epoch {} (primary {:?}, down {:?})",
+                    now.placement_epoch(),
+                    now.primary_of(&tenant),
+                    now.liveness_marks().filter(|(_, l)| l.down).map(|(n, _)| n).collect::<Vec<_>>()
+                ));
                 self.monitor.served_by(
                     node,
                     &tenant,

@@ -75,16 +75,21 @@ async fn until_done(
     }
 }
 
-/// Forms the cluster (node 1 bootstraps; `members` join) and creates `tenants`.
+/// Forms the cluster (node 1 bootstraps; `members` join), sets R, and creates `tenants`.
 pub async fn form(
     world: &World,
     rng: &mut Rng,
     members: &[u64],
+    replicas: u8,
     tenants: &[String],
     deadline_ms: u64,
 ) -> Result<(), Violation> {
     for &id in members.iter().filter(|id| **id != 1) {
         let op = AdminOp::AddNode { id, addr: node_addr(id).to_string() };
+        until_done(world, rng, op, deadline_ms, |_| false).await?;
+    }
+    if replicas > 1 {
+        let op = AdminOp::SetReplicas { replicas: u64::from(replicas) };
         until_done(world, rng, op, deadline_ms, |_| false).await?;
     }
     for (i, tenant) in tenants.iter().enumerate() {

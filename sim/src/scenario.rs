@@ -151,9 +151,10 @@ async fn phases(
     let formed_by = world.now_ms() + FORMATION_MS_MAX;
     let mut all_tenants = plan.tenants.clone();
     all_tenants.push(DOOMED_TENANT.to_string());
-    operator::form(world, rng, &FIRST_MEMBERS, &all_tenants, formed_by).await.map_err(|v| {
-        Violation::new(Invariant::Liveness, format!("the cluster did not form: {}", v.detail))
-    })?;
+    let replicas = options.replicas;
+    operator::form(world, rng, &FIRST_MEMBERS, replicas, &all_tenants, formed_by).await.map_err(
+        |v| Violation::new(Invariant::Liveness, format!("the cluster did not form: {}", v.detail)),
+    )?;
     checked(world)?;
     world.trace.event("formed: clients, operators and faults start");
     world.monitor.start_handoff_window(world.now_ms());
