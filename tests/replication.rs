@@ -96,7 +96,8 @@ fn update(cluster: &DevCluster, key: &str, p: &str, i: u32, text: &str) -> (u16,
 }
 
 /// Every file of the tenant's directory on a node, by path, but its usage roll-up (kept by the
-/// primary only).
+/// primary only) and its ballots (a replica's own promise: the last primary's ballot, which a
+/// replica that took no records under it has not promised).
 fn tenant_files(node_dir: &Path, tenant: &str) -> BTreeMap<String, Vec<u8>> {
     let root = node_dir.join("store/tenants").join(tenant);
     let mut files = BTreeMap::new();
@@ -106,7 +107,7 @@ fn tenant_files(node_dir: &Path, tenant: &str) -> BTreeMap<String, Vec<u8>> {
             let path = entry.expect("an entry").path();
             if path.is_dir() {
                 dirs.push(path);
-            } else if path.file_name().is_some_and(|n| n != "usage.json") {
+            } else if path.file_name().is_some_and(|n| n != "usage.json" && n != "ballots") {
                 let name = path.strip_prefix(&root).expect("inside").display().to_string();
                 files.insert(name, std::fs::read(&path).expect("readable"));
             }

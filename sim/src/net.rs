@@ -459,7 +459,10 @@ impl Net {
                     "msg {id} {tenant} served by n{node} at epoch {} (primary {:?}, down {:?})",
                     now.placement_epoch(),
                     now.primary_of(&tenant),
-                    now.liveness_marks().filter(|(_, l)| l.down).map(|(n, _)| n).collect::<Vec<_>>()
+                    now.liveness_marks()
+                        .filter(|(_, l)| l.down)
+                        .map(|(n, _)| n)
+                        .collect::<Vec<_>>()
                 ));
                 self.monitor.served_by(
                     node,
