@@ -81,6 +81,19 @@ fn in_sync(cluster: &DevCluster, tenant: &str) -> serde_json::Value {
     .0
 }
 
+/// [`update`] until it is not a 503 (a cluster just started, whose leases and first rounds are
+/// still being made, asks clients to retry), within 20 s.
+fn update_retrying(cluster: &DevCluster, key: &str, p: &str, i: u32, text: &str) -> (u16, String) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, body, _) = update(cluster, key, p, i, text);
+        if status != 503 || Instant::now() > deadline {
+            return (status, body);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 fn update(cluster: &DevCluster, key: &str, p: &str, i: u32, text: &str) -> (u16, String, Duration) {
     let started = Instant::now();
     let r = common::http()
@@ -134,7 +147,7 @@ fn writes_wait_for_a_majority_of_three_copies() {
     let other = cluster.add_tenant("other", serde_json::json!({}));
     for i in 1..=20 {
         for (key, p) in [(&demo, "notes"), (&demo, "todo"), (&other, "log")] {
-            let (status, body, _) = update(&cluster, key, p, i, &format!("v{i}"));
+            let (status, body) = update_retrying(&cluster, key, p, i, &format!("v{i}"));
             assert_eq!(status, 200, "{body}");
         }
     }
@@ -204,7 +217,13 @@ fn writes_wait_for_a_majority_of_three_copies() {
         for (n, copy) in copies.iter().enumerate().skip(1) {
             assert_eq!(copy.keys().collect::<Vec<_>>(), copies[0].keys().collect::<Vec<_>>());
             for (name, bytes) in copy {
-                assert!(bytes == &copies[0][name], "{tenant}/{name} differs on node {}", n + 1);
+                assert!(
+                    bytes == &copies[0][name],
+                    "{tenant}/{name} differs on node {}: {:?} against node 1's {:?}",
+                    n + 1,
+                    &bytes[..bytes.len().min(32)],
+                    &copies[0][name][..copies[0][name].len().min(32)]
+                );
             }
         }
     }
@@ -256,7 +275,7 @@ fn a_frozen_primary_is_replaced_and_nothing_acknowledged_is_lost() {
     );
     let demo = cluster.demo_key();
     for i in 1..=5 {
-        let (status, body, _) = update(&cluster, &demo, "notes", i, "x");
+        let (status, body) = update_retrying(&cluster, &demo, "notes", i, "x");
         assert_eq!(status, 200, "{body}");
     }
     let s = in_sync(&cluster, "demo");
@@ -295,7 +314,13 @@ fn a_frozen_primary_is_replaced_and_nothing_acknowledged_is_lost() {
     for (n, copy) in copies.iter().enumerate().skip(1) {
         assert_eq!(copy.keys().collect::<Vec<_>>(), copies[0].keys().collect::<Vec<_>>());
         for (name, bytes) in copy {
-            assert!(bytes == &copies[0][name], "demo/{name} differs on node {}", n + 1);
+            assert!(
+                bytes == &copies[0][name],
+                "demo/{name} differs on node {}: {:?} against node 1's {:?}",
+                n + 1,
+                &bytes[..bytes.len().min(32)],
+                &copies[0][name][..copies[0][name].len().min(32)]
+            );
         }
     }
 }

@@ -25,8 +25,7 @@ tenant-failover (a cluster started with `sq-cloud dev --replicas 3`): makes the 
 each once, then per run freezes (SIGSTOP) the node that is primary of the most of them and, for
 each of its tenants, starts a write every 50 ms (each a fresh request, so one held by the frozen
 node delays no other); prints, over those tenants, the time from the freeze to the send of the
-first write that was acknowledged (p50, p99, max), and the longest gap a client writing one
-request after another saw. Then it resumes the node, waits until it is primary again, and reads
+first write that was acknowledged (p50, p99, max). Then it resumes the node, waits until it is primary again, and reads
 back every acknowledged write.
 
 admin-write: freezes or kills the registry leader (the dev supervisor is paused meanwhile, so a
@@ -145,9 +144,11 @@ def tenant_failover(c, tenants, runs):
     keys = {}
     for i in range(tenants):
         tid = f"fo{i:03d}"
-        status, body = call(c.api + "/admin/tenants/add", c.admin, "POST", {"tenant_id": tid})
+        status, body = call(c.api + "/admin/tenants/add", c.admin, "POST", {"tenant_id": tid, "tier": "team"})
         if status == 201:
             keys[tid] = json.loads(body)["api_key"]
+            # A long series of runs is not to be cut off by the daily limit.
+            call(c.api + f"/admin/tenants/{tid}", c.admin, "PATCH", {"daily_limit": 100_000_000})
     if not keys:
         raise SystemExit("no tenant added (run on a fresh cluster)")
     acked = {t: [] for t in keys}
@@ -169,7 +170,7 @@ def tenant_failover(c, tenants, runs):
 
     for t in keys:
         assert write(t) == 200
-    all_times, all_gaps = [], []
+    all_times = []
     for run in range(runs):
         primaries = {}
         for t in keys:
@@ -178,26 +179,6 @@ def tenant_failover(c, tenants, runs):
         node = max(set(primaries.values()), key=lambda n: list(primaries.values()).count(n))
         moved = [t for t in keys if primaries[t] == node]
         firsts = {}
-        stop = [False]
-        gaps = []
-
-        def sequential(t):
-            last = time.monotonic()
-            longest = 0.0
-            while not stop[0]:
-                if write(t) == 200:
-                    now = time.monotonic()
-                    longest = max(longest, now - last)
-                    last = now
-                else:
-                    time.sleep(0.02)
-            with lock:
-                gaps.append(longest)
-
-        seq = [threading.Thread(target=sequential, args=(t,), daemon=True) for t in moved[:3]]
-        for th in seq:
-            th.start()
-        time.sleep(0.3)
         pid = c.pid(node)
         os.kill(pid, signal.SIGSTOP)
         frozen = time.monotonic()
@@ -210,31 +191,31 @@ def tenant_failover(c, tenants, runs):
                 raise SystemExit(f"{len(moved) - len(firsts)} tenants took no write within 60 s")
         time.sleep(0.5)
         os.kill(pid, signal.SIGCONT)
-        stop[0] = True
-        for th in seq:
-            th.join()
         times = [firsts[t] for t in moved]
         all_times += times
-        all_gaps += gaps
         print(f"run {run + 1}: node {node} frozen, {len(moved)} tenants: writes again after "
-              f"p50 {statistics.median(times):.2f} s, p99 {percentile(times, 99):.2f} s, max {max(times):.2f} s; "
-              f"longest gap of a one-at-a-time writer {max(gaps):.2f} s", flush=True)
+              f"p50 {statistics.median(times):.2f} s, p99 {percentile(times, 99):.2f} s, max {max(times):.2f} s", flush=True)
         wait("the node primary again", lambda: all(
             json.loads(call(c.api + f"/admin/tenants/{t}/stats", c.admin, timeout=5)[1] or "{}").get("node") == node
             for t in moved))
         wait("every node up", lambda: (c.health() or {}).get("down") == [])
     print(f"all runs, {len(all_times)} tenant failovers: p50 {statistics.median(all_times):.2f} s, "
-          f"p99 {percentile(all_times, 99):.2f} s, max {max(all_times):.2f} s; "
-          f"one-at-a-time writer's longest gap: median {statistics.median(all_gaps):.2f} s, max {max(all_gaps):.2f} s")
+          f"p99 {percentile(all_times, 99):.2f} s, max {max(all_times):.2f} s")
     time.sleep(1)
     lost = 0
     total = 0
     for t, ks in acked.items():
         for k in ks:
             total += 1
-            status, body = call(c.api + f"/select?p=fo&c=1.1.1/1.1.{k // 1000 + 1}/1.1.{k % 1000 + 1}", keys[t], timeout=10)
+            path = f"/select?p=fo&c=1.1.1/1.1.{k // 1000 + 1}/1.1.{k % 1000 + 1}"
+            for _ in range(50):
+                status, body = call(c.api + path, keys[t], timeout=10)
+                if status != 503:
+                    break
+                time.sleep(0.1)
             if (status, body) != (200, f"v{k}"):
                 lost += 1
+                print(f"  {t} write {k}: read {status} {body[:80]!r}")
     print(f"acknowledged writes read back: {total - lost} of {total} ({lost} lost)")
     if lost:
         raise SystemExit(1)

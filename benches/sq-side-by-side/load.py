@@ -2,7 +2,7 @@
 
     python3 load.py DEV_DIR TENANTS DOC_FILE KEYS_OUT
 
-Each tenant (tier team, daily limit raised so a long bench is not cut off) gets the 1,000 scrolls
+Each tenant (tier team, daily limit raised so a long bench is not cut off) gets the 999 scrolls
 of DOC_FILE (split on the scroll break) as phext `bench`. Its key goes to KEYS_OUT, one a line.
 """
 import http.client

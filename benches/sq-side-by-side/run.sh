@@ -3,7 +3,7 @@
 #
 #   benches/sq-side-by-side/run.sh            # about 3 minutes once built
 #
-# Both serve a 1 MB document (1,000 scrolls of 1,000 bytes) over loopback HTTP/1.1 keep-alive.
+# Both serve a 1 MB document (999 scrolls of 1,000 bytes; coordinates stop at 999) over loopback HTTP/1.1 keep-alive.
 # SQ runs as `sq host` with one key and the document in its data directory. sq-cloud runs as
 # `sq-cloud dev` (3 nodes and a gateway, every request gateway -> QUIC -> node) with TENANTS
 # tenants holding the same document, each request as a random one of them, because a node limits
@@ -13,11 +13,13 @@
 # Needs cargo, python3 and wrk (Debian package `wrk`). SQ is installed from crates.io into
 # target/sq-0.6.0. VERSION=1 adds `/api/v2/version` at one connection, which sq-cloud's gateway
 # answers alone: beside select it shows what the hop to the node costs. ONLY_C1=1 runs only the
-# one-connection measures. Note: `sq host` listens on 0.0.0.0, not only loopback.
+# one-connection measures. REPLICAS=3 runs the cluster with every tenant on three nodes
+# (`sq-cloud dev --replicas 3`): each update is then answered once two nodes hold it durably.
+# Note: `sq host` listens on 0.0.0.0, not only loopback.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-TENANTS="${TENANTS:-32}"; ROUNDS="${ROUNDS:-2}"; DURATION="${DURATION:-8}"
+TENANTS="${TENANTS:-32}"; ROUNDS="${ROUNDS:-2}"; DURATION="${DURATION:-8}"; REPLICAS="${REPLICAS:-1}"
 PORT="${PORT:-28438}"; SQ_PORT="${SQ_PORT:-18080}"
 SQ_KEY="pmb-v1-sidebyside0000000000000000"
 for tool in cargo python3 wrk curl; do command -v "$tool" >/dev/null || { echo "$tool is required" >&2; exit 1; }; done
@@ -40,14 +42,14 @@ python3 - "$work/bench.phext" <<'PY'
 import random, sys
 rng = random.Random(1)
 letters = "abcdefghijklmnopqrstuvwxyz "
-scrolls = ("".join(rng.choice(letters) for _ in range(1000)) for _ in range(1000))
+scrolls = ("".join(rng.choice(letters) for _ in range(1000)) for _ in range(999))
 open(sys.argv[1], "w").write("\x17".join(scrolls))
 PY
 
 mkdir -p "$work/sq/data" && cp "$work/bench.phext" "$work/sq/data/bench.phext"
 (cd "$work/sq" && exec "$target/sq-0.6.0/bin/sq" host "$SQ_PORT" --key "$SQ_KEY" --data-dir "$work/sq/data" >"$work/sq.log" 2>&1) &
 pids+=($!)
-"$target/release/sq-cloud" dev --data "$work/dev" --listen "127.0.0.1:$PORT" >"$work/dev.log" 2>&1 &
+"$target/release/sq-cloud" dev --data "$work/dev" --listen "127.0.0.1:$PORT" --replicas "$REPLICAS" >"$work/dev.log" 2>&1 &
 pids+=($!)
 
 wait_for() { # url key

@@ -174,7 +174,10 @@ pub async fn run(svc: Arc<Service>, shutdown: CancellationToken) {
         svc.leases.tick();
         let state = svc.registry.state();
         if state.replicas() > 1 {
-            renew(&svc, &state).await;
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = renew(&svc, &state) => {}
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -220,10 +223,18 @@ async fn watch_loop(svc: Arc<Service>, shutdown: CancellationToken) {
     loop {
         let state = svc.registry.state();
         if state.replicas() > 1 && svc.registry.status().is_leader {
-            for node in state.active_nodes() {
-                if node != svc.id {
-                    watch(&svc, &state, node).await;
+            let nodes = async {
+                for node in state.active_nodes() {
+                    if node != svc.id {
+                        watch(&svc, &state, node).await;
+                    }
                 }
+            };
+            // A stopping node does not wait for a mark it was committing (the others may be
+            // stopping too, and the registry have no majority).
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = nodes => {}
             }
         }
         tokio::select! {

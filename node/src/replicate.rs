@@ -121,6 +121,9 @@ struct Work {
     /// The last record to send.
     upto: u64,
     truncate: Option<u64>,
+    /// The backup's end is not known (a new link, or a new ballot): ask whether its log ends at
+    /// `upto` with an append of no records, which it answers with where its log ends.
+    probe: bool,
 }
 
 /// Why records are no longer sent to a backup of a tenant.
@@ -420,7 +423,19 @@ impl Replication {
         let shipments = crate::blocking::spawn(move || {
             work.into_iter()
                 .map(|w| {
-                    let shipment = store.shipment(&w.tenant, w.after, w.upto);
+                    let shipment = if w.probe {
+                        store.replica_state(&w.tenant).map(|r| match r.ballots.ballot_of(w.upto) {
+                            Some(ballot) => Shipment::Records {
+                                prev: LogPosition { ballot, lsn: w.upto },
+                                ballot,
+                                bytes: Vec::new(),
+                                last_lsn: w.upto,
+                            },
+                            None => Shipment::Checkpointed,
+                        })
+                    } else {
+                        store.shipment(&w.tenant, w.after, w.upto)
+                    };
                     (w, shipment)
                 })
                 .collect::<Vec<_>>()
@@ -627,15 +642,17 @@ impl Link {
                 if f.stuck.is_some() {
                     return None;
                 }
-                // Before its first answer, the backup is taken to hold everything before the
-                // record asked for; if it does not, it answers where its log ends.
-                let after = f.durable.unwrap_or(f.want.saturating_sub(1));
+                // Before its first answer, the backup is asked whether it holds everything up to
+                // the record asked for; if not, it answers where its log ends.
+                let probe = f.durable.is_none();
+                let after = f.durable.unwrap_or(f.want);
                 let truncate = f.truncate.take();
-                (after < f.want || truncate.is_some()).then_some(Work {
+                (after < f.want || truncate.is_some() || probe).then_some(Work {
                     tenant,
                     after,
                     upto: f.want,
                     truncate,
+                    probe,
                 })
             })
             .collect()
