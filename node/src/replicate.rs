@@ -107,9 +107,10 @@ struct Follow {
     durable: Option<u64>,
     /// The last record the backup is to hold: the newest durable record a request waits for.
     want: u64,
-    /// The backup is to cut its log after this record before it takes more: it holds records
-    /// past it that this primary's log does not.
-    truncate: Option<u64>,
+    /// The backup is to cut its log after this record before it takes more, as long as its log
+    /// still ends where it said (the second): it holds records past the first that this
+    /// primary's log does not.
+    truncate: Option<(u64, u64)>,
     stuck: Option<Stuck>,
 }
 
@@ -120,7 +121,7 @@ struct Work {
     after: u64,
     /// The last record to send.
     upto: u64,
-    truncate: Option<u64>,
+    truncate: Option<(u64, u64)>,
     /// The backup's end is not known (a new link, or a new ballot): ask whether its log ends at
     /// `upto` with an append of no records, which it answers with where its log ends.
     probe: bool,
@@ -458,7 +459,8 @@ impl Replication {
                         ballot,
                         prev_ballot: prev.ballot,
                         prev_lsn: prev.lsn,
-                        truncate_after: w.truncate,
+                        truncate_after: w.truncate.map(|(cut, _)| cut),
+                        truncate_if_end: w.truncate.map_or(0, |(_, end)| end),
                         records,
                     });
                 }
@@ -537,7 +539,9 @@ impl Replication {
             return;
         };
         match crate::store::common_prefix(&mine.ballots, mine.last_lsn, &theirs, their_end) {
-            Shared::Through(shared) => link.realigned(tenant, shared, their_end > shared),
+            Shared::Through(shared) => {
+                link.realigned(tenant, shared, (their_end > shared).then_some(their_end))
+            }
             Shared::Unknown => {
                 tracing::warn!(tenant = %tenant, backup = link.node, "a backup's log differs below what the primary still describes; it needs a snapshot");
                 link.stick(tenant, Stuck::NeedsSnapshot);
@@ -614,13 +618,13 @@ impl Link {
         }
     }
 
-    /// The backup shares this primary's log through `shared`; with `cut`, it holds records past
-    /// it that it must drop first.
-    fn realigned(&self, tenant: &str, shared: u64, cut: bool) {
+    /// The backup shares this primary's log through `shared`; with `ends_at`, its log runs on
+    /// to there with records it must drop first.
+    fn realigned(&self, tenant: &str, shared: u64, ends_at: Option<u64>) {
         let mut st = locked(&self.state);
         let Some(f) = st.follows.get_mut(tenant) else { return };
         f.durable = Some(shared);
-        f.truncate = cut.then_some(shared);
+        f.truncate = ends_at.map(|end| (shared, end));
         st.dirty.insert(tenant.to_string());
     }
 
@@ -722,9 +726,14 @@ pub async fn take(svc: &Service, from: u64, appends: Vec<ReplicaAppend>) -> Vec<
 fn take_one(store: &Store, a: ReplicaAppend) -> ReplicaAck {
     let t = a.tenant.as_str();
     if let Some(cut) = a.truncate_after {
-        // Only a primary this replica may follow cuts its log.
+        // Only a primary this replica may follow cuts its log, and only the log it was told of:
+        // a late copy of the message finds another end, cuts nothing, and is refused below as
+        // not continuing.
         match store.promise(t, a.epoch) {
-            Ok(Ok(_)) => {}
+            Ok(Ok(state)) if state.last_lsn == a.truncate_if_end => {}
+            Ok(Ok(_)) => {
+                return ReplicaAck::Refused("the log no longer ends where the cut was asked".into())
+            }
             Ok(Err(refused)) => return ReplicaAck::Refused(refused.to_string()),
             Err(e) => return ReplicaAck::Refused(format!("store: {e}")),
         }

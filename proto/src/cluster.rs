@@ -362,8 +362,10 @@ pub struct ReplicaAppend {
     pub prev_ballot: u64,
     pub prev_lsn: u64,
     /// Cut the log after this record first: the backup holds records past it that the
-    /// primary's log does not.
+    /// primary's log does not. Only while the backup's log still ends at `truncate_if_end`, the
+    /// end it reported: a copy of this message that arrives late cuts nothing.
     pub truncate_after: Option<u64>,
+    pub truncate_if_end: u64,
     #[serde(with = "serde_bytes")]
     pub records: Vec<u8>,
 }

@@ -195,6 +195,7 @@ fn replica_append() -> impl Strategy<Value = ReplicaAppend> {
                     prev_ballot,
                     prev_lsn,
                     truncate_after,
+                    truncate_if_end: epoch / 3,
                     records,
                 }
             },
