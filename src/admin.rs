@@ -478,7 +478,7 @@ fn health(v: &Value) -> String {
     let ring: Vec<String> =
         v["ring"].as_array().map(|a| a.iter().map(cell).collect()).unwrap_or_default();
     format!(
-        "answered by node {}\nraft: leader {}, term {}, commit index {}\nplacement epoch {}, replicas {}, ring [{}], down {}\n\n{}",
+        "answered by node {}\nraft: leader {}, term {}, commit index {}\nplacement epoch {}, replicas {}, ring [{}], down {}, under-replicated tenants {}\n\n{}",
         cell(&v["node"]),
         cell(&raft["leader"]),
         cell(&raft["term"]),
@@ -487,6 +487,7 @@ fn health(v: &Value) -> String {
         cell(&v["replicas"]),
         ring.join(", "),
         cell(&v["down"]),
+        cell(&v["under_replicated"]),
         node_table(&v["nodes"])
     )
 }

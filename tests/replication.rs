@@ -173,7 +173,7 @@ fn writes_wait_for_a_majority_of_three_copies() {
     let all_up = || {
         wait_for(Duration::from_secs(30), "every node up", || {
             let (_, h) = admin(&cluster, Method::GET, "/admin/health", None);
-            (h["down"] == serde_json::json!([])).then_some(())
+            (h["down"] == serde_json::json!([]) && h["under_replicated"] == 0).then_some(())
         })
     };
     all_up();
@@ -191,6 +191,8 @@ fn writes_wait_for_a_majority_of_three_copies() {
             let (_, h) = admin(&cluster, Method::GET, "/admin/health", None);
             (h["down"] == serde_json::json!([set[2]])).then_some(())
         });
+        let (_, h) = admin(&cluster, Method::GET, "/admin/health", None);
+        assert_eq!(h["under_replicated"], 2, "both tenants have a copy on the node down: {h}");
         eprintln!("frozen node {} marked down {:?} after the freeze", set[2], frozen_at.elapsed());
         let (status, body) = get(&cluster.url(), &demo, "/select?p=todo&c=1.1.1/1.1.1/1.1.5");
         assert_eq!((status, body.as_str()), (200, "w5"), "the primary reads under its lease");

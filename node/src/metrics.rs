@@ -61,6 +61,10 @@ fn describe() {
         "Gossip state of each peer as this node sees it: 0 alive, 1 suspect, 2 dead"
     );
     metrics::describe_gauge!("sq_store_memory_bytes", "Estimated memory held by loaded tenants");
+    metrics::describe_gauge!(
+        "sq_under_replicated_tenants",
+        "Tenants with fewer usable copies than R, as this node's registry has it"
+    );
     metrics::describe_counter!(
         "sq_replication_timeouts_total",
         "Writes and reads answered 503 because too few backups held the tenant's records in time"
@@ -93,6 +97,8 @@ pub fn render_node(svc: &Service) -> String {
     metrics::gauge!("sq_placement_epoch").set(svc.registry.state().placement_epoch() as f64);
     metrics::gauge!("sq_tenants_active").set(svc.store.loaded_tenants().len() as f64);
     metrics::gauge!("sq_store_memory_bytes").set(svc.store.memory_bytes() as f64);
+    let under = svc.registry.state().under_replicated();
+    metrics::gauge!("sq_under_replicated_tenants").set(under as f64);
     render()
 }
 

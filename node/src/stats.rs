@@ -121,6 +121,7 @@ pub fn health(svc: &Service, state: &RegistryState) -> HealthReport {
         placement_epoch: state.placement_epoch(),
         replicas: state.replicas() as u64,
         down: state.liveness_marks().filter(|(_, l)| l.down).map(|(id, _)| id).collect(),
+        under_replicated: state.under_replicated() as u64,
         ring: state.active_nodes(),
         nodes: nodes(svc, state),
         gossip: svc.health.snapshot(),

@@ -134,6 +134,9 @@ pub struct HealthReport {
     pub replicas: u64,
     /// Nodes the registry marked down: they stopped renewing their leases.
     pub down: Vec<u64>,
+    /// Tenants with fewer usable copies than R (a node of their set down, or fewer active
+    /// nodes than R).
+    pub under_replicated: u64,
     /// The active nodes, which the ring places tenants on.
     pub ring: Vec<u64>,
     pub nodes: Vec<NodeInfo>,

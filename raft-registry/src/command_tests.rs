@@ -346,6 +346,15 @@ fn the_replication_factor_is_set_within_its_limits() {
     let set = s.replica_set("acme");
     assert_eq!(set.len(), 3);
     assert_eq!(set[0], s.owner_of("acme").expect("owned"));
+    assert_eq!(s.under_replicated(), 0);
+    apply(&mut s, Command::MarkDown { id: set[1] }).expect("down");
+    assert_eq!(s.under_replicated(), 1, "a backup down");
+    assert_eq!(s.primary_of("acme"), Some(set[0]));
+    apply(&mut s, Command::MarkDown { id: set[0] }).expect("down");
+    assert_eq!(s.primary_of("acme"), Some(set[2]), "the first member not down serves");
+    apply(&mut s, Command::MarkUp { id: set[0] }).expect("up");
+    apply(&mut s, Command::MarkUp { id: set[1] }).expect("up");
+    assert_eq!(s.under_replicated(), 0);
     s.replicas = REPLICAS_MAX;
     assert_eq!(s.replica_set("acme").len(), 4, "no more copies than active nodes");
 }

@@ -261,6 +261,26 @@ impl RegistryState {
         self.replica_set(tenant_id).into_iter().find(|&n| !self.is_down(n))
     }
 
+    /// How many tenants hold fewer usable copies than R: their replica set is smaller than R
+    /// (fewer active nodes than R), or holds a node marked down. 0 with R = 1. O(tenants) only
+    /// while a node is down.
+    pub fn under_replicated(&self) -> usize {
+        let r = self.replicas();
+        if r <= 1 {
+            return 0;
+        }
+        if self.ring.node_ids().len() < r {
+            return self.tenants.len();
+        }
+        if !self.liveness.values().any(|l| l.down) {
+            return 0;
+        }
+        self.tenants
+            .keys()
+            .filter(|id| self.replica_set(id).iter().any(|&n| self.is_down(n)))
+            .count()
+    }
+
     /// Whether the registry marked `node` down: it stopped renewing its lease with the voters
     /// (`Command::MarkDown`), and has not come back since (`Command::MarkUp`).
     pub fn is_down(&self, node: u64) -> bool {

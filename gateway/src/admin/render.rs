@@ -117,6 +117,7 @@ fn health_json(h: &HealthReport) -> Value {
         "placement_epoch": h.placement_epoch,
         "replicas": h.replicas,
         "down": h.down,
+        "under_replicated": h.under_replicated,
         "ring": h.ring,
         "nodes": nodes_json(&h.nodes),
         "gossip": h.gossip.iter().map(|(id, s)| json!({"id": id, "state": s.as_str()})).collect::<Vec<_>>(),
@@ -266,6 +267,7 @@ mod tests {
             placement_epoch: 3,
             replicas: 3,
             down: vec![2],
+            under_replicated: 4,
             ring: vec![1, 2],
             nodes: vec![node()],
             gossip: vec![(1, NodeHealth::Alive), (2, NodeHealth::Dead)],
@@ -282,7 +284,7 @@ mod tests {
                 r#""files":2,"from":1,"last_error":"node 1 is unknown"}}}}}},"#,
                 r#""node":2,"nodes":[{}],"placement_epoch":3,"#,
                 r#""raft":{{"applied_index":9,"commit_index":9,"last_log_index":null,"leader":1,"term":4}},"#,
-                r#""replicas":3,"ring":[1,2]}}"#
+                r#""replicas":3,"ring":[1,2],"under_replicated":4}}"#
             ),
             NODE
         );
