@@ -1,8 +1,8 @@
 //! A tenant's writes copied from its primary to its backups (docs/REPLICATION.md, "Writes").
 //!
-//! The primary is the tenant's owner, the first node of its replica set
-//! (`RegistryState::replica_set`); the others are its backups. A write is answered only once a
-//! majority of the set holds it durably, the primary's own copy counting as one
+//! The primary is the first node of the tenant's replica set not marked down
+//! (`RegistryState::primary_of`); the other members are its backups. A write is answered only
+//! once a majority of the set holds it durably, the primary's own copy counting as one
 //! ([`Replication::commit`]): with R = 3, the primary and one backup. A read waits the same way
 //! for every write it could have seen, so nothing a client was shown can be lost with one node.
 //!
@@ -15,11 +15,14 @@
 //!
 //! A backup checks each append ([`take`]): the sender must be the tenant's primary in its own
 //! registry, the ballot must not be below its promise, and the records must continue its log;
-//! it answers where its log ends once the records are durable. An idle tenant has no link
-//! entry with work, no timer and no message.
+//! it answers where its log ends once the records are durable, or, when the logs differ, with
+//! its ballot history, from which the primary finds the last record both share and asks it to
+//! cut the rest. An idle tenant has no link entry with work, no timer and no message.
 //!
-//! Not here yet (docs/REPLICATION.md, order of construction): a primary's lease and the change
-//! of primary after a failure; a backup that needs a snapshot is reported, not caught up.
+//! A node that becomes a tenant's primary under a new ballot runs a prepare round first
+//! ([`Replication::prepare`]). Reads are served only under the node's lease (`crate::lease`).
+//! Not here yet (docs/REPLICATION.md, order of construction): a backup that needs a snapshot is
+//! reported, not caught up.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
