@@ -428,12 +428,14 @@ impl Replication {
             work.into_iter()
                 .map(|w| {
                     let shipment = if w.probe {
-                        store.replica_state(&w.tenant).map(|r| match r.ballots.ballot_of(w.upto) {
+                        // At the backup's end after the cut, if one is asked, else at `upto`.
+                        let at = if w.truncate.is_some() { w.after } else { w.upto };
+                        store.replica_state(&w.tenant).map(|r| match r.ballots.ballot_of(at) {
                             Some(ballot) => Shipment::Records {
-                                prev: LogPosition { ballot, lsn: w.upto },
+                                prev: LogPosition { ballot, lsn: at },
                                 ballot,
                                 bytes: Vec::new(),
-                                last_lsn: w.upto,
+                                last_lsn: at,
                             },
                             None => Shipment::Checkpointed,
                         })
@@ -650,10 +652,11 @@ impl Link {
                     return None;
                 }
                 // Before its first answer, the backup is asked whether it holds everything up to
-                // the record asked for; if not, it answers where its log ends.
-                let probe = f.durable.is_none();
+                // the record asked for; if not, it answers where its log ends. A cut with
+                // nothing to send after it goes as such an empty append too.
                 let after = f.durable.unwrap_or(f.want);
                 let truncate = f.truncate.take();
+                let probe = f.durable.is_none() || (truncate.is_some() && after >= f.want);
                 (after < f.want || truncate.is_some() || probe).then_some(Work {
                     tenant,
                     after,
