@@ -129,6 +129,32 @@ fn tenant_files(node_dir: &Path, tenant: &str) -> BTreeMap<String, Vec<u8>> {
     files
 }
 
+/// A 3-node `sq-cloud dev` in `dir` with R = 3.
+fn three_copies(dir: &Path) -> DevCluster {
+    let listen = format!("127.0.0.1:{}", common::free_tcp_port());
+    DevCluster::start_with(dir, 3, &listen, &["--replicas", "3"])
+}
+
+/// After a clean stop: the tenant's files are the same on the three nodes, byte for byte, and
+/// hold its documents.
+fn same_copies(cluster: &DevCluster, tenant: &str) {
+    let copies: Vec<_> =
+        (1..=3).map(|n| tenant_files(&cluster.dir.join(format!("node-{n}")), tenant)).collect();
+    assert!(copies[0].keys().any(|k| k.starts_with("phexts/")), "{:?}", copies[0].keys());
+    for (n, copy) in copies.iter().enumerate().skip(1) {
+        assert_eq!(copy.keys().collect::<Vec<_>>(), copies[0].keys().collect::<Vec<_>>());
+        for (name, bytes) in copy {
+            assert!(
+                bytes == &copies[0][name],
+                "{tenant}/{name} differs on node {}: {:?} against node 1's {:?}",
+                n + 1,
+                &bytes[..bytes.len().min(32)],
+                &copies[0][name][..copies[0][name].len().min(32)]
+            );
+        }
+    }
+}
+
 // Goal: writes wait for a majority of their tenant's three copies. Both backups frozen: a write
 // is refused with 503 within the bound and acknowledged nowhere; one frozen: writes are
 // acknowledged, reads too (under the primary's lease), and the frozen node is marked down, then
@@ -137,12 +163,7 @@ fn tenant_files(node_dir: &Path, tenant: &str) -> BTreeMap<String, Vec<u8>> {
 #[test]
 fn writes_wait_for_a_majority_of_three_copies() {
     let tmp = tempfile::tempdir().expect("dir");
-    let mut cluster = DevCluster::start_with(
-        tmp.path(),
-        3,
-        &format!("127.0.0.1:{}", common::free_tcp_port()),
-        &["--replicas", "3"],
-    );
+    let mut cluster = three_copies(tmp.path());
     let demo = cluster.demo_key();
     let other = cluster.add_tenant("other", serde_json::json!({}));
     for i in 1..=20 {
@@ -213,21 +234,7 @@ fn writes_wait_for_a_majority_of_three_copies() {
 
     cluster.stop();
     for tenant in ["demo", "other"] {
-        let copies: Vec<_> =
-            (1..=3).map(|n| tenant_files(&cluster.dir.join(format!("node-{n}")), tenant)).collect();
-        assert!(copies[0].keys().any(|k| k.starts_with("phexts/")), "{:?}", copies[0].keys());
-        for (n, copy) in copies.iter().enumerate().skip(1) {
-            assert_eq!(copy.keys().collect::<Vec<_>>(), copies[0].keys().collect::<Vec<_>>());
-            for (name, bytes) in copy {
-                assert!(
-                    bytes == &copies[0][name],
-                    "{tenant}/{name} differs on node {}: {:?} against node 1's {:?}",
-                    n + 1,
-                    &bytes[..bytes.len().min(32)],
-                    &copies[0][name][..copies[0][name].len().min(32)]
-                );
-            }
-        }
+        same_copies(&cluster, tenant);
     }
 }
 
@@ -269,12 +276,7 @@ fn writer(
 #[test]
 fn a_frozen_primary_is_replaced_and_nothing_acknowledged_is_lost() {
     let tmp = tempfile::tempdir().expect("dir");
-    let mut cluster = DevCluster::start_with(
-        tmp.path(),
-        3,
-        &format!("127.0.0.1:{}", common::free_tcp_port()),
-        &["--replicas", "3"],
-    );
+    let mut cluster = three_copies(tmp.path());
     let demo = cluster.demo_key();
     for i in 1..=5 {
         let (status, body) = update_retrying(&cluster, &demo, "notes", i, "x");
@@ -311,18 +313,5 @@ fn a_frozen_primary_is_replaced_and_nothing_acknowledged_is_lost() {
     }
     in_sync(&cluster, "demo");
     cluster.stop();
-    let copies: Vec<_> =
-        (1..=3).map(|n| tenant_files(&cluster.dir.join(format!("node-{n}")), "demo")).collect();
-    for (n, copy) in copies.iter().enumerate().skip(1) {
-        assert_eq!(copy.keys().collect::<Vec<_>>(), copies[0].keys().collect::<Vec<_>>());
-        for (name, bytes) in copy {
-            assert!(
-                bytes == &copies[0][name],
-                "demo/{name} differs on node {}: {:?} against node 1's {:?}",
-                n + 1,
-                &bytes[..bytes.len().min(32)],
-                &copies[0][name][..copies[0][name].len().min(32)]
-            );
-        }
-    }
+    same_copies(&cluster, "demo");
 }
