@@ -176,12 +176,12 @@ impl Handoffs {
         self.gate(tenant).write_owned().await
     }
 
-    fn progress(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Progress>> {
+    pub(crate) fn progress(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Progress>> {
         self.incoming.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Waits as long as the bandwidth limit asks before `bytes` more may be pulled.
-    async fn pace(&self, bytes: u64, now_ms: u64) {
+    pub(crate) async fn pace(&self, bytes: u64, now_ms: u64) {
         let rate = self.config.bandwidth_bytes_per_s.max(1) as f64;
         let wait_s = {
             let mut b = self.bandwidth.lock().unwrap_or_else(|p| p.into_inner());
@@ -349,8 +349,15 @@ async fn pull(svc: &Service, h: &Handoff) -> Result<(), HandoffError> {
     }
     let t = h.tenant.clone();
     on_store(svc, move |s| s.stage_begin(&t)).await?;
+    let addr = parse_addr(&from)?;
     for file in &files {
-        fetch(svc, &from, &h.tenant, file).await?;
+        let read = |offset, len| NodeRequest::HandoffRead {
+            tenant: h.tenant.clone(),
+            path: file.path.clone(),
+            offset,
+            len,
+        };
+        fetch(&svc.copier(), addr, &h.tenant, file, read).await?;
         let (t, f) = (h.tenant.clone(), file.clone());
         on_store(svc, move |s| s.stage_file_finish(&t, &f)).await?;
     }
@@ -405,32 +412,48 @@ pub fn check_manifest(files: &[HandoffFile]) -> Result<u64, ManifestError> {
     Ok(total)
 }
 
+/// What copying a tenant's files from another node takes: the peers to ask, the store that
+/// stages what arrives, and the handoff state whose bandwidth limit paces it and whose progress
+/// map shows it (a handoff's pull and a replica's snapshot share both).
+pub(crate) struct Copier<'a> {
+    pub peers: &'a dyn transport::Caller,
+    pub store: &'a Arc<crate::store::Store>,
+    pub handoffs: &'a Handoffs,
+    pub clock: &'a dyn crate::store::Clock,
+}
+
+impl Service {
+    pub(crate) fn copier(&self) -> Copier<'_> {
+        Copier {
+            peers: self.peers.as_ref(),
+            store: &self.store,
+            handoffs: &self.handoffs,
+            clock: self.clock.as_ref(),
+        }
+    }
+}
+
 /// Copies one listed file into the staging directory, asking for all of what is still missing
 /// at once: an old owner that streams sends it on one stream, one that answers whole sends a
 /// chunk and is asked again for the rest. One frame or chunk is in memory at a time, whatever
 /// length the old owner claims, and each is paced by the bandwidth limit before it is staged.
-async fn fetch(
-    svc: &Service,
-    from: &str,
+/// `read` makes the request for `len` bytes from `offset`.
+pub(crate) async fn fetch(
+    c: &Copier<'_>,
+    addr: std::net::SocketAddr,
     tenant: &str,
     file: &HandoffFile,
+    read: impl Fn(u64, u64) -> NodeRequest,
 ) -> Result<(), HandoffError> {
-    let addr = parse_addr(from)?;
     let mut offset = 0u64;
     while offset < file.len {
         let want = file.len - offset;
-        let request = NodeRequest::HandoffRead {
-            tenant: tenant.to_string(),
-            path: file.path.clone(),
-            offset,
-            len: want,
-        };
-        let bytes = proto::wire::encode(&request)?;
-        let (head, mut body) = svc.peers.call_answer(addr, bytes.into(), PEER_CALL_TIMEOUT).await?;
+        let bytes = proto::wire::encode(&read(offset, want))?;
+        let (head, mut body) = c.peers.call_answer(addr, bytes.into(), PEER_CALL_TIMEOUT).await?;
         match proto::wire::decode(&head)? {
             NodeResponse::HandoffChunk(r) => {
                 let part = r.map_err(HandoffError::Refused)?.0;
-                offset += stage_part(svc, tenant, file, offset, want, part).await?;
+                offset += stage_part(c, tenant, file, offset, want, part).await?;
             }
             NodeResponse::HandoffStreamed { len } if len > 0 && len <= want => {
                 let end = offset + len;
@@ -440,7 +463,7 @@ async fn fetch(
                         .await?
                         .ok_or_else(|| HandoffError::EndedEarly(file.path.clone()))?;
                     offset +=
-                        stage_part(svc, tenant, file, offset, end - offset, part.into()).await?;
+                        stage_part(c, tenant, file, offset, end - offset, part.into()).await?;
                 }
                 if body.next(PEER_CALL_TIMEOUT).await?.is_some() {
                     return Err(HandoffError::LongerThanAnnounced(file.path.clone()));
@@ -455,7 +478,7 @@ async fn fetch(
 /// Stages one received piece of `file` at `offset`, of at most `want` bytes, once the bandwidth
 /// limit allows; returns its length.
 async fn stage_part(
-    svc: &Service,
+    c: &Copier<'_>,
     tenant: &str,
     file: &HandoffFile,
     offset: u64,
@@ -469,10 +492,10 @@ async fn stage_part(
     if got > want {
         return Err(HandoffError::PieceTooLong(file.path.clone()));
     }
-    svc.handoffs.pace(got, svc.mono_ms()).await;
-    let (t, f) = (tenant.to_string(), file.clone());
-    on_store(svc, move |s| s.stage_file_part(&t, &f, offset, &part)).await?;
-    if let Some(p) = svc.handoffs.progress().get_mut(tenant) {
+    c.handoffs.pace(got, c.clock.now_ms()).await;
+    let (t, f, store) = (tenant.to_string(), file.clone(), c.store.clone());
+    crate::blocking::spawn(move || store.stage_file_part(&t, &f, offset, &part)).await??;
+    if let Some(p) = c.handoffs.progress().get_mut(tenant) {
         p.bytes_done += got;
     }
     Ok(got)
@@ -577,9 +600,9 @@ async fn pull_until_done(
     svc.handoffs.finished.notify_one();
 }
 
-/// Every [`SWEEP_INTERVAL`]: deletes every copy of purged tenants, and (old owner) copies of
-/// tenants this node no longer owns, once no handoff needs them and the grace period has passed
-/// since that was first seen. A copy counts as no longer owned only if this node's registry
+/// Every [`SWEEP_INTERVAL`]: deletes snapshots no replica read for a while, every copy of purged
+/// tenants, and (old owner) copies of tenants this node no longer owns, once no handoff needs
+/// them and the grace period has passed since that was first seen. A copy counts as no longer owned only if this node's registry
 /// state knows the tenant and is newer than the placement epoch in which the copy arrived here:
 /// a state from before that (a restart from an old snapshot, a node cut off from the leader)
 /// would otherwise make the live copy look like a leftover.
@@ -596,6 +619,7 @@ pub async fn run_sweeper(svc: Arc<Service>, shutdown: CancellationToken) {
 }
 
 async fn sweep(svc: &Service) -> Result<(), HandoffError> {
+    on_store(svc, |s| s.drop_idle_snapshots(crate::catchup::SNAPSHOT_IDLE_MS)).await?;
     let (held, local) = on_store(svc, |s| Ok((s.held_tenants()?, s.local_tenants()?))).await?;
     let state = svc.registry.state();
     let now = tokio::time::Instant::now();

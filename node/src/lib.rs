@@ -12,6 +12,7 @@
 
 mod admin;
 pub mod blocking;
+pub mod catchup;
 pub mod clock;
 pub mod config;
 pub mod gossip;

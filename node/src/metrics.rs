@@ -77,6 +77,11 @@ fn describe() {
         "sq_failovers_total",
         "Prepare rounds: tenants this node took up as primary under a new ballot (after a failover, a return or any placement change)"
     );
+    metrics::describe_counter!(
+        "sq_rereplication_bytes_total",
+        "Bytes of snapshots this node took to rebuild its copy of a tenant (catch-up after a wipe, a long absence or a cut below a checkpoint)"
+    );
+    metrics::counter!("sq_rereplication_bytes_total").increment(0);
     metrics::counter!("sq_failovers_total").increment(0);
     metrics::counter!("sq_replication_timeouts_total").increment(0);
     metrics::counter!("sq_replication_bytes_total").increment(0);
@@ -183,4 +188,9 @@ pub fn replication_bytes(bytes: u64) {
 /// A prepare round done: this node serves a tenant under a new ballot.
 pub fn prepared() {
     metrics::counter!("sq_failovers_total").increment(1);
+}
+
+/// A snapshot of `bytes` taken and installed: this node's copy of a tenant rebuilt.
+pub fn snapshot_taken(bytes: u64) {
+    metrics::counter!("sq_rereplication_bytes_total").increment(bytes);
 }

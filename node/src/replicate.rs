@@ -21,8 +21,9 @@
 //!
 //! A node that becomes a tenant's primary under a new ballot runs a prepare round first
 //! ([`Replication::prepare`]). Reads are served only under the node's lease (`crate::lease`).
-//! Not here yet (docs/REPLICATION.md, order of construction): a backup that needs a snapshot is
-//! reported, not caught up.
+//! A backup whose log no longer meets the primary's is asked to take a snapshot
+//! (`crate::catchup`), and so is a new primary whose log differs from the most advanced one
+//! below what either still holds as records.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
@@ -67,6 +68,9 @@ pub struct Replication {
     store: Arc<Store>,
     peers: Arc<dyn transport::Caller>,
     registry: Arc<raft_registry::Registry>,
+    /// What a snapshot is copied with (a new primary that must take one before it serves).
+    handoffs: Arc<crate::handoff::Handoffs>,
+    clock: Arc<dyn crate::store::Clock>,
     links: Mutex<BTreeMap<u64, Arc<Link>>>,
     /// Bumped after every answer from a backup: writes waiting for acknowledgements look again.
     acks: watch::Sender<u64>,
@@ -148,6 +152,8 @@ impl Replication {
         store: Arc<Store>,
         peers: Arc<dyn transport::Caller>,
         registry: Arc<raft_registry::Registry>,
+        handoffs: Arc<crate::handoff::Handoffs>,
+        clock: Arc<dyn crate::store::Clock>,
     ) -> Arc<Replication> {
         Arc::new_cyclic(|me| Replication {
             id,
@@ -155,11 +161,22 @@ impl Replication {
             store,
             peers,
             registry,
+            handoffs,
+            clock,
             links: Mutex::new(BTreeMap::new()),
             acks: watch::channel(0).0,
             led: Mutex::new(HashMap::new()),
             preparing: Mutex::new(HashMap::new()),
         })
+    }
+
+    fn copier(&self) -> crate::handoff::Copier<'_> {
+        crate::handoff::Copier {
+            peers: self.peers.as_ref(),
+            store: &self.store,
+            handoffs: &self.handoffs,
+            clock: self.clock.as_ref(),
+        }
     }
 
     /// The link to `node`, made (with its sending task) on first use.
@@ -266,7 +283,9 @@ impl Replication {
     }
 
     /// Makes this node's log of the tenant that of member `from` (ending at `their_end`): cuts
-    /// what it holds past the last record they share, then fetches the rest from `from`.
+    /// what it holds past the last record they share, then fetches the rest from `from`. When
+    /// the logs differ below what either still holds as records (a checkpoint folded them), it
+    /// takes `from`'s snapshot instead (`crate::catchup`), once.
     async fn adopt(
         &self,
         tenant: &str,
@@ -276,30 +295,48 @@ impl Replication {
         theirs: &crate::store::Ballots,
         their_end: u64,
     ) -> Result<(), ApiError> {
-        let snapshot = || {
-            ApiError::unavailable(format!(
-                "this node's copy of the tenant differs from node {from}'s below what their logs \
-                 still hold; it needs a snapshot"
-            ))
-        };
-        let Shared::Through(shared) =
-            crate::store::common_prefix(&mine.ballots, mine.last_lsn, theirs, their_end)
-        else {
-            return Err(snapshot());
-        };
-        if mine.last_lsn > shared {
-            let (store, owned) = (self.store.clone(), tenant.to_string());
-            if !blocking(move || store.truncate_after(&owned, shared)).await? {
-                return Err(snapshot());
+        let mut snapshot_taken = false;
+        let mut snapshot = || {
+            let first = !std::mem::replace(&mut snapshot_taken, true);
+            async move {
+                if !first {
+                    return Err(ApiError::unavailable(format!(
+                        "node {from}'s log still differs from this node's after a snapshot"
+                    )));
+                }
+                let taken = crate::catchup::take(
+                    &self.copier(),
+                    &self.registry,
+                    self.id,
+                    tenant,
+                    from,
+                    ballot,
+                )
+                .await;
+                taken.map_err(|e| {
+                    ApiError::unavailable(format!("taking node {from}'s snapshot: {e}"))
+                })
             }
-            tracing::warn!(
-                tenant,
-                cut_after = shared,
-                dropped = mine.last_lsn - shared,
-                "a new primary cut records no majority held"
-            );
-        }
-        let mut end = shared;
+        };
+        let mut end =
+            match crate::store::common_prefix(&mine.ballots, mine.last_lsn, theirs, their_end) {
+                Shared::Through(shared) if mine.last_lsn <= shared => shared,
+                Shared::Through(shared) => {
+                    let (store, owned) = (self.store.clone(), tenant.to_string());
+                    if blocking(move || store.truncate_after(&owned, shared)).await? {
+                        tracing::warn!(
+                            tenant,
+                            cut_after = shared,
+                            dropped = mine.last_lsn - shared,
+                            "a new primary cut records no majority held"
+                        );
+                        shared
+                    } else {
+                        snapshot().await?
+                    }
+                }
+                Shared::Unknown => snapshot().await?,
+            };
         while end < their_end {
             let request =
                 NodeRequest::FetchRecords { tenant: tenant.to_string(), ballot, after: end };
@@ -314,17 +351,20 @@ impl Replication {
                     return Err(ApiError::unavailable(format!("fetching from node {from}: {e}")))
                 }
             };
-            let FetchedRecords::Records { ballot: written, prev_ballot, prev_lsn, records, .. } =
-                fetched
-            else {
-                return Err(match fetched {
-                    FetchedRecords::Checkpointed => snapshot(),
-                    other => {
-                        ApiError::unavailable(format!("node {from} sent no records: {other:?}"))
-                    }
-                });
+            let (written, prev, records) = match fetched {
+                FetchedRecords::Records {
+                    ballot: written, prev_ballot, prev_lsn, records, ..
+                } => (written, LogPosition { ballot: prev_ballot, lsn: prev_lsn }, records),
+                FetchedRecords::Checkpointed => {
+                    end = snapshot().await?;
+                    continue;
+                }
+                other => {
+                    return Err(ApiError::unavailable(format!(
+                        "node {from} sent no records: {other:?}"
+                    )))
+                }
             };
-            let prev = LogPosition { ballot: prev_ballot, lsn: prev_lsn };
             let (store, owned) = (self.store.clone(), tenant.to_string());
             let taken = blocking(move || {
                 store.append_from_primary(&owned, ballot, written, prev, &records)
@@ -474,7 +514,7 @@ impl Replication {
                 Ok(Shipment::Nothing) => {}
                 Ok(Shipment::Checkpointed) => {
                     tracing::warn!(tenant = %tenant, backup = link.node, "the records a backup lacks are checkpointed; it needs a snapshot");
-                    link.stick(&tenant, Stuck::NeedsSnapshot);
+                    self.needs_snapshot(link, &tenant);
                 }
                 Err(e) => {
                     tracing::warn!(tenant = %tenant, backup = link.node, error = %e, "reading records for a backup failed");
@@ -511,7 +551,7 @@ impl Replication {
                 }
                 ReplicaAck::NeedsSnapshot => {
                     tracing::warn!(tenant = %tenant, backup = link.node, "a backup must cut records it already checkpointed; it needs a snapshot");
-                    link.stick(&tenant, Stuck::NeedsSnapshot);
+                    self.needs_snapshot(link, &tenant);
                 }
                 ReplicaAck::Refused(why) => {
                     tracing::debug!(tenant = %tenant, backup = link.node, reason = %why, "a backup refused records");
@@ -549,9 +589,39 @@ impl Replication {
             }
             Shared::Unknown => {
                 tracing::warn!(tenant = %tenant, backup = link.node, "a backup's log differs below what the primary still describes; it needs a snapshot");
-                link.stick(tenant, Stuck::NeedsSnapshot);
+                self.needs_snapshot(link, tenant);
             }
         }
+    }
+
+    /// A backup of the tenant cannot be sent records (its log no longer meets this one): no
+    /// more are sent, and it is asked to take a snapshot from this node (`crate::catchup`).
+    /// After [`crate::catchup::CATCH_UP_LOOK`] it is asked again where its log ends; if it still
+    /// needs a snapshot, it is asked again (a backup runs one catch-up per tenant at a time).
+    fn needs_snapshot(&self, link: &Link, tenant: &str) {
+        link.stick(tenant, Stuck::NeedsSnapshot);
+        let (Some(me), Some(led)) = (self.me.upgrade(), locked(&self.led).get(tenant).copied())
+        else {
+            return;
+        };
+        let (node, tenant) = (link.node, tenant.to_string());
+        tokio::spawn(async move {
+            let request = NodeRequest::CatchUp { from: me.id, tenant: tenant.clone(), epoch: led };
+            match me.call(node, request).await {
+                Ok(NodeResponse::CatchingUp(Ok(()))) => {}
+                Ok(NodeResponse::CatchingUp(Err(why))) => {
+                    tracing::debug!(tenant, backup = node, reason = %why, "a backup refused to catch up")
+                }
+                other => {
+                    tracing::debug!(tenant, backup = node, answer = ?other, "asking a backup to catch up failed")
+                }
+            }
+            tokio::time::sleep(crate::catchup::CATCH_UP_LOOK).await;
+            let link = locked(&me.links).get(&node).cloned();
+            if let Some(link) = link {
+                link.unstick(&tenant);
+            }
+        });
     }
 
     /// Drops the records kept for backups that every link following the tenant holds.
@@ -610,6 +680,19 @@ impl Link {
         if let Some(f) = locked(&self.state).follows.get_mut(tenant) {
             f.stuck = Some(why);
         }
+    }
+
+    /// Asks the backup where its log ends again, if records no longer went to it.
+    fn unstick(&self, tenant: &str) {
+        let mut st = locked(&self.state);
+        let Some(f) = st.follows.get_mut(tenant) else { return };
+        if f.stuck.take().is_none() {
+            return;
+        }
+        (f.durable, f.truncate) = (None, None);
+        st.dirty.insert(tenant.to_string());
+        drop(st);
+        self.wake.notify_one();
     }
 
     /// The backup's log ends at `lsn`, durably, continuing this primary's: sends on from there
@@ -695,7 +778,7 @@ async fn send_loop(replication: Weak<Replication>, link: Arc<Link>) {
 /// Why a member refuses a request about a tenant from `from` under `ballot`: unless `from` is
 /// the tenant's primary and this node a member of its set in this node's registry, once that
 /// has reached `ballot` (waited for briefly).
-async fn refusal(svc: &Service, from: u64, tenant: &str, ballot: u64) -> Option<String> {
+pub(crate) async fn refusal(svc: &Service, from: u64, tenant: &str, ballot: u64) -> Option<String> {
     svc.wait_for_epoch(ballot, EPOCH_CATCH_UP_WAIT).await;
     let state = svc.registry.state();
     let set = state.replica_set(tenant);

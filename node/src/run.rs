@@ -208,7 +208,8 @@ impl NodeParts {
         bootstrap(&self.registry, config).await
     }
 
-    /// Starts gossip, idle unloading, usage persistence, tenant handoff and node leases.
+    /// Starts gossip, idle unloading, usage persistence, tenant handoff, node leases and
+    /// replicas' catch-up.
     pub fn spawn_workers(&self, shutdown: &CancellationToken) -> Workers {
         Workers(vec![
             tokio::spawn(crate::gossip::run(
@@ -222,6 +223,7 @@ impl NodeParts {
             tokio::spawn(crate::handoff::run_puller(self.service.clone(), shutdown.clone())),
             tokio::spawn(crate::handoff::run_sweeper(self.service.clone(), shutdown.clone())),
             tokio::spawn(crate::lease::run(self.service.clone(), shutdown.clone())),
+            tokio::spawn(crate::catchup::run(self.service.clone(), shutdown.clone())),
         ])
     }
 

@@ -48,6 +48,8 @@ pub struct Service {
     pub replication: Arc<crate::replicate::Replication>,
     /// This node's lease, and what it heard from others as a registry voter.
     pub leases: Arc<crate::lease::Leases>,
+    /// The snapshots primaries asked this node to take as their backup.
+    pub catch_ups: Arc<crate::catchup::CatchUps>,
 }
 
 impl Service {
@@ -64,8 +66,14 @@ impl Service {
         clock: Arc<dyn crate::store::Clock>,
         handoffs: Arc<Handoffs>,
     ) -> Service {
-        let replication =
-            crate::replicate::Replication::new(id, store.clone(), peers.clone(), registry.clone());
+        let replication = crate::replicate::Replication::new(
+            id,
+            store.clone(),
+            peers.clone(),
+            registry.clone(),
+            handoffs.clone(),
+            clock.clone(),
+        );
         let leases = Arc::new(crate::lease::Leases::new(clock.clone()));
         Service {
             id,
@@ -74,6 +82,7 @@ impl Service {
             peers,
             replication,
             leases,
+            catch_ups: Default::default(),
             view_cache: Mutex::new(None),
             health,
             limits,
@@ -183,6 +192,24 @@ impl Service {
                 }
                 _ => NodeResponse::Refused("only nodes may fetch records".into()),
             },
+            NodeRequest::CatchUp { from, tenant, epoch } => match peer.role {
+                Role::Node(id) if id == from => {
+                    crate::catchup::asked(self, from, tenant, epoch).await
+                }
+                _ => NodeResponse::Refused("only a tenant's primary may ask for a catch-up".into()),
+            },
+            NodeRequest::SnapshotTake { from, tenant } => match peer.role {
+                Role::Node(id) if id == from => crate::catchup::give(self, from, tenant).await,
+                _ => NodeResponse::Refused("only a tenant's replica may take a snapshot".into()),
+            },
+            NodeRequest::SnapshotRead { id, tenant, path, offset, len } if from_node => {
+                // Whole, at most one configured chunk: for peers that take whole answers only.
+                let len = len.min(self.handoffs.config.chunk_bytes.max(1));
+                crate::catchup::read_answer(self, id, tenant, path, offset, len).await.0
+            }
+            NodeRequest::SnapshotDone { id, tenant } if from_node => {
+                crate::catchup::done(self, id, tenant).await
+            }
             other => {
                 NodeResponse::Refused(format!("{:?} may not send {}", peer.role, kind(&other)))
             }
@@ -592,6 +619,10 @@ fn kind(r: &NodeRequest) -> &'static str {
         NodeRequest::ConfirmDown { .. } => "confirm down",
         NodeRequest::Prepare { .. } => "prepare",
         NodeRequest::FetchRecords { .. } => "fetch records",
+        NodeRequest::CatchUp { .. } => "catch up",
+        NodeRequest::SnapshotTake { .. }
+        | NodeRequest::SnapshotRead { .. }
+        | NodeRequest::SnapshotDone { .. } => "snapshot",
     }
 }
 
@@ -706,6 +737,11 @@ impl Handler for Service {
                     if matches!(peer.role, Role::Node(_)) =>
                 {
                     crate::handoff::read_answer(self, &tenant, &path, offset, len).await
+                }
+                Ok(NodeRequest::SnapshotRead { id, tenant, path, offset, len })
+                    if matches!(peer.role, Role::Node(_)) =>
+                {
+                    crate::catchup::read_answer(self, id, tenant, path, offset, len).await
                 }
                 Ok(r) => (self.dispatch(peer, r).await, None),
                 Err(e) => (NodeResponse::Refused(e.to_string()), None),

@@ -318,6 +318,30 @@ pub enum NodeRequest {
     Prepare { tenant: String, ballot: u64 },
     /// A new primary asks a member for its durable records after `after`, to adopt its log.
     FetchRecords { tenant: String, ballot: u64, after: u64 },
+    /// A tenant's primary `from`, leading under `epoch`, asks a backup whose log no longer meets
+    /// its own to take a snapshot from it (docs/REPLICATION.md, "Catch-up"). Answered at once;
+    /// the backup pulls the snapshot in the background, and the primary asks where its log ends
+    /// again later.
+    CatchUp { from: u64, tenant: String, epoch: u64 },
+    /// A replica `from` of the tenant asks for a snapshot of this node's copy: answered with its
+    /// listing ([`NodeResponse::Snapshot`]); the files are read with `SnapshotRead`.
+    SnapshotTake { from: u64, tenant: String },
+    /// Up to `len` bytes of one file of snapshot `id` from `offset`, answered as `HandoffRead`
+    /// is (a chunk, or a head and body frames).
+    SnapshotRead { id: u64, tenant: String, path: String, offset: u64, len: u64 },
+    /// The snapshot `id` is no longer needed.
+    SnapshotDone { id: u64, tenant: String },
+}
+
+/// A snapshot of a tenant's copy on one node: the last record its files hold, the node's
+/// ballots then (as in [`ReplicaReport`]) and its files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotListing {
+    pub id: u64,
+    pub lsn: u64,
+    #[serde(with = "serde_bytes")]
+    pub ballots: Vec<u8>,
+    pub files: Vec<HandoffFile>,
 }
 
 /// Where a replica's log stands: its ballots (promise and history, as `Ballots::to_wire` in the
@@ -511,6 +535,10 @@ pub enum NodeResponse {
     Promised(Result<ReplicaReport, String>),
     /// The answer to `FetchRecords`.
     Fetched(FetchedRecords),
+    /// The answer to `CatchUp`: the backup started (or is already running) its pull, or why not.
+    CatchingUp(Result<(), String>),
+    /// The answer to `SnapshotTake`.
+    Snapshot(Result<SnapshotListing, String>),
 }
 
 #[cfg(test)]

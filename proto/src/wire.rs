@@ -17,7 +17,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// Version 8: replication (`NodeRequest::Replicate`, `NodeResponse::Replicated`), node leases
 /// (`Lease`, `ConfirmDown`), R and the nodes marked down in the health report
 /// (`AdminOp::SetReplicas`), and each tenant's replicas in its stats.
-pub const WIRE_VERSION: u16 = 8;
+/// Version 9: catch-up by snapshot (`NodeRequest::CatchUp`, `SnapshotTake`, `SnapshotRead`,
+/// `SnapshotDone`).
+pub const WIRE_VERSION: u16 = 9;
 
 /// The largest message either side encodes or decodes, in bytes: 64 MiB. It is also the
 /// transport's frame limit (`transport::FRAME_BYTES_MAX`): one message fills one frame. It bounds

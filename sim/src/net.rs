@@ -169,6 +169,19 @@ fn prefixes() -> &'static Prefixes {
                 sample(NodeRequest::FetchRecords { tenant: String::new(), ballot: 0, after: 0 }),
                 "fetch-records",
             ),
+            (sample(NodeRequest::CatchUp { from: 0, tenant: String::new(), epoch: 0 }), "catch-up"),
+            (sample(NodeRequest::SnapshotTake { from: 0, tenant: String::new() }), "snapshot-take"),
+            (
+                sample(NodeRequest::SnapshotRead {
+                    id: 0,
+                    tenant: String::new(),
+                    path: String::new(),
+                    offset: 0,
+                    len: 0,
+                }),
+                "snapshot-read",
+            ),
+            (sample(NodeRequest::SnapshotDone { id: 0, tenant: String::new() }), "snapshot-done"),
         ];
         let ok = NodeResponse::Sq(Ok(proto::SqResponse::text("")));
         Prefixes {

@@ -81,7 +81,7 @@ impl Store {
         Ok(files)
     }
 
-    fn describe(&self, root: &Path, rel: &str) -> Result<HandoffFile, StoreError> {
+    pub(super) fn describe(&self, root: &Path, rel: &str) -> Result<HandoffFile, StoreError> {
         let path = root.join(rel);
         let (len, checksum) = self.file_checksum(&path)?;
         Ok(HandoffFile { path: rel.to_string(), len, checksum })
@@ -137,7 +137,7 @@ impl Store {
         self.vfs.open_read(&path).map_err(StoreError::io("open tenant file", &path))
     }
 
-    fn staging(&self, tenant: &str) -> PathBuf {
+    pub(super) fn staging(&self, tenant: &str) -> PathBuf {
         self.tenants_dir.join(format!("{STAGING_PREFIX}{tenant}"))
     }
 
@@ -230,11 +230,19 @@ impl Store {
     /// Swaps the staged files in as the tenant's data, replacing whatever this node held of it.
     pub fn stage_commit(&self, tenant: &str) -> Result<(), StoreError> {
         check_tenant_id(tenant)?;
+        self.unload(tenant)?;
+        self.swap_staged(tenant)?;
+        self.forget(tenant);
+        self.remove_replaced(tenant)
+    }
+
+    /// Renames the staging directory, synced, over the tenant's directory (the old one set
+    /// aside as replaced). The caller has the tenant unloaded and keeps it so.
+    pub(super) fn swap_staged(&self, tenant: &str) -> Result<(), StoreError> {
         let staging = self.staging(tenant);
         for dir in [staging.join("phexts"), staging.join("wal"), staging.clone()] {
             self.vfs.sync_dir(&dir).map_err(StoreError::io("sync staging dir", &dir))?;
         }
-        self.unload(tenant)?;
         let root = TenantPaths::new(&self.tenants_dir, tenant).root;
         let replaced = self.tenants_dir.join(format!("{REPLACED_PREFIX}{tenant}"));
         self.remove_tree(&replaced)?;
@@ -246,9 +254,12 @@ impl Store {
         self.vfs.rename(&staging, &root).map_err(StoreError::io("install tenant dir", &staging))?;
         self.vfs
             .sync_dir(&self.tenants_dir)
-            .map_err(StoreError::io("sync tenants dir", &self.tenants_dir))?;
-        self.forget(tenant);
-        self.remove_tree(&replaced)
+            .map_err(StoreError::io("sync tenants dir", &self.tenants_dir))
+    }
+
+    /// Deletes the copy a swap set aside.
+    pub(super) fn remove_replaced(&self, tenant: &str) -> Result<(), StoreError> {
+        self.remove_tree(&self.tenants_dir.join(format!("{REPLACED_PREFIX}{tenant}")))
     }
 
     /// Drops what was staged for `tenant`, leaving its data as it was.
@@ -317,7 +328,7 @@ impl Store {
     }
 
     /// Removes a tenant-shaped directory tree (root files, `phexts/`, `wal/`), if present.
-    fn remove_tree(&self, root: &Path) -> Result<(), StoreError> {
+    pub(super) fn remove_tree(&self, root: &Path) -> Result<(), StoreError> {
         if !self.vfs.exists(root).map_err(StoreError::io("stat dir", root))? {
             return Ok(());
         }

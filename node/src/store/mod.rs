@@ -26,6 +26,7 @@ mod execute;
 mod handoff;
 mod recovery;
 mod replica;
+mod snapshot;
 mod streamed;
 mod tenant;
 mod vfs;
@@ -50,6 +51,7 @@ pub use error::{StoreError, IO_RETRY_AFTER_S};
 pub use execute::{Begun, Logged};
 pub use handoff::is_tenant_file_path;
 pub use replica::{AppendRefusal, LogTail, ReplicaState, Shipment, REPLICA_BATCH_BYTES_MAX};
+pub use snapshot::SnapshotImage;
 pub use streamed::{FileAnswer, Opened};
 pub use tenant::{
     PHEXT_MEMORY_OVERHEAD_BYTES, QUOTA_WARN_PERCENT, REPLICA_TAIL_BYTES_MAX,
@@ -149,6 +151,8 @@ pub struct Store {
     /// On while the node replicates its tenants: every loaded tenant keeps its newest records
     /// in memory for its backups ([`Store::shipment`]).
     keeps_tails: Arc<std::sync::atomic::AtomicBool>,
+    /// Snapshots taken for replicas that lag, while they read them ([`snapshot`]).
+    snapshots: Mutex<snapshot::Snapshots>,
 }
 
 pub use proto::auth::valid_tenant_id;
@@ -182,6 +186,7 @@ impl Store {
             loaded_count: AtomicUsize::new(0),
             evicting: Mutex::new(()),
             keeps_tails: Arc::new(std::sync::atomic::AtomicBool::new(false)),
+            snapshots: Mutex::new(snapshot::Snapshots::default()),
         })
     }
 

@@ -719,6 +719,29 @@ impl Tenant {
         Ok(Some(true))
     }
 
+    /// Checkpoints and links every phext file into `into/phexts` (an empty directory), under
+    /// the gate alone, so the linked files are the tenant at one record: a snapshot for a replica
+    /// that lags (`Store::snapshot_take`). Later checkpoints replace the tenant's files by
+    /// renames, which leave the links as they were. Returns that record's lsn and the ballots
+    /// then; `Ok(None)` if the tenant was closed first.
+    pub(crate) fn freeze_into(&self, into: &Path) -> Result<Option<(u64, Ballots)>, StoreError> {
+        let _gate = write_lock(&self.gate);
+        if self.is_closed() {
+            return Ok(None);
+        }
+        self.checkpoint_locked()?;
+        let names = match self.vfs.list(&self.paths.phexts) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+            other => other.map_err(StoreError::io("list phexts dir", &self.paths.phexts))?,
+        };
+        let dir = into.join("phexts");
+        for name in names.iter().filter(|n| !n.ends_with(TEMP_SUFFIX)) {
+            let (from, to) = (self.paths.phexts.join(name), dir.join(name));
+            self.vfs.link(&from, &to).map_err(StoreError::io("link phext", &to))?;
+        }
+        Ok(Some((self.wal.last_lsn(), self.ballots().clone())))
+    }
+
     /// Checkpoints if the log has grown past `log_bytes_max`.
     pub(crate) fn checkpoint_if_over(&self, log_bytes_max: u64) -> Result<(), StoreError> {
         if self.wal.log_bytes() <= log_bytes_max {

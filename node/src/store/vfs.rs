@@ -78,6 +78,22 @@ pub trait Vfs: Send + Sync {
     fn remove_dir(&self, path: &Path) -> io::Result<()> {
         Err(io::Error::new(io::ErrorKind::Unsupported, format!("remove_dir {}", path.display())))
     }
+    /// Makes `to` (which must not exist) a file with `from`'s bytes as they are now, unchanged by
+    /// later replacements of `from` (which are renames over it): a snapshot's view of a file.
+    /// Not made durable. The default copies in ranges; [`RealVfs`] makes a hard link.
+    fn link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        const PIECE: usize = 4 << 20;
+        let mut out = self.create_new(to)?;
+        let mut at = 0u64;
+        loop {
+            let piece = self.read_range(from, at, PIECE)?;
+            out.write_all(&piece)?;
+            at += piece.len() as u64;
+            if piece.len() < PIECE {
+                return Ok(());
+            }
+        }
+    }
 }
 
 /// [`Vfs`] over `std::fs`.
@@ -123,6 +139,10 @@ impl VfsFile for RealFile {
 impl Vfs for RealVfs {
     fn remove_dir(&self, path: &Path) -> io::Result<()> {
         fs::remove_dir(path)
+    }
+
+    fn link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        fs::hard_link(from, to)
     }
 
     fn create_dir(&self, path: &Path) -> io::Result<()> {
@@ -247,6 +267,9 @@ impl Vfs for UnsyncedVfs {
     }
     fn sync_dir(&self, _dir: &Path) -> io::Result<()> {
         Ok(())
+    }
+    fn link(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.0.link(from, to)
     }
     fn remove_dir(&self, path: &Path) -> io::Result<()> {
         self.0.remove_dir(path)

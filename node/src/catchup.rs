@@ -1,0 +1,292 @@
+//! Catch-up by snapshot (docs/REPLICATION.md, "Catch-up"): a replica whose log no longer meets
+//! the one it is to follow takes that node's copy whole.
+//!
+//! Two cases need it. A primary finds a backup it cannot send records to (the records it lacks
+//! are folded into the primary's phext files, or the records it must cut are folded into its
+//! own, or it holds nothing after a wipe): the primary asks it to catch up (`CatchUp`), and the
+//! backup takes a snapshot from the primary in the background ([`run`]) while the primary asks
+//! where its log ends every [`CATCH_UP_LOOK`]. A new primary whose log differs from the most
+//! advanced promise below what that member's log still holds takes a snapshot from it before it
+//! serves (`Replication::prepare`).
+//!
+//! Taking a snapshot ([`take`]): the giver checkpoints and links its files aside
+//! (`Store::snapshot_take`, [`give`]); the taker copies them as a handoff copies a tenant (the
+//! listing checked first, files paced by the handoff bandwidth limit and checked by length and
+//! checksum), then installs them with the giver's ballot history, refused if it promised a
+//! higher ballot meanwhile (`Store::snapshot_install`).
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use proto::cluster::{Chunk, NodeRequest, NodeResponse, SnapshotListing};
+use proto::ApiError;
+use tokio::sync::{Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+
+use crate::handoff::{Copier, HandoffError, Progress};
+use crate::service::{Service, PEER_CALL_TIMEOUT};
+
+/// How long a snapshot stays on its giver unread before it is deleted.
+pub const SNAPSHOT_IDLE_MS: u64 = 60_000;
+
+/// How long a primary waits, after asking a backup to catch up, before it asks again where the
+/// backup's log ends.
+pub const CATCH_UP_LOOK: Duration = Duration::from_secs(1);
+
+/// The catch-ups this node was asked for as a backup: tenant → (primary, its ballot), each run
+/// once at a time.
+#[derive(Default)]
+pub struct CatchUps {
+    asked: Mutex<BTreeMap<String, Asked>>,
+    wake: Notify,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Asked {
+    from: u64,
+    ballot: u64,
+    running: bool,
+}
+
+impl CatchUps {
+    fn asked(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Asked>> {
+        self.asked.lock().expect("catch-up lock poisoned: a thread panicked while holding it")
+    }
+
+    /// Records a primary's request; one already asked for the tenant takes the newer primary.
+    fn ask(&self, tenant: String, from: u64, ballot: u64) {
+        let mut asked = self.asked();
+        let entry = asked.entry(tenant).or_insert(Asked { from, ballot, running: false });
+        if ballot > entry.ballot {
+            (entry.from, entry.ballot) = (from, ballot);
+        }
+        drop(asked);
+        self.wake.notify_one();
+    }
+
+    /// The requests not yet running, marked running.
+    fn start(&self) -> Vec<(String, Asked)> {
+        let mut asked = self.asked();
+        asked
+            .iter_mut()
+            .filter(|(_, a)| !a.running)
+            .map(|(t, a)| {
+                a.running = true;
+                (t.clone(), *a)
+            })
+            .collect()
+    }
+
+    fn finish(&self, tenant: &str) {
+        self.asked().remove(tenant);
+    }
+}
+
+/// Backup: a primary asks it to take the tenant's snapshot from it. Answered at once, once the
+/// sender is the tenant's primary in this node's registry and this node one of its set.
+pub async fn asked(svc: &Service, from: u64, tenant: String, epoch: u64) -> NodeResponse {
+    if let Some(why) = crate::replicate::refusal(svc, from, &tenant, epoch).await {
+        return NodeResponse::CatchingUp(Err(why));
+    }
+    svc.catch_ups.ask(tenant, from, epoch);
+    NodeResponse::CatchingUp(Ok(()))
+}
+
+/// Backup: runs the catch-ups primaries asked for, as many at a time as handoffs pull, until
+/// shutdown (then joins them, so the node's ordered stop never races one).
+pub async fn run(svc: Arc<Service>, shutdown: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(svc.handoffs.config.parallelism.max(1)));
+    let mut running = tokio::task::JoinSet::new();
+    loop {
+        for (tenant, a) in svc.catch_ups.start() {
+            let (svc, permits) = (svc.clone(), permits.clone());
+            running.spawn(async move {
+                if let Ok(_permit) = permits.acquire().await {
+                    let started = svc.mono_ms();
+                    match take(&svc.copier(), &svc.registry, svc.id, &tenant, a.from, a.ballot)
+                        .await
+                    {
+                        Ok(lsn) => tracing::info!(
+                            node = svc.id,
+                            tenant,
+                            from = a.from,
+                            lsn,
+                            ms = svc.mono_ms().saturating_sub(started),
+                            "caught up from a snapshot"
+                        ),
+                        Err(e) => tracing::warn!(node = svc.id, tenant, from = a.from, error = %e, "catching up from a snapshot failed; the primary will ask again"),
+                    }
+                }
+                svc.catch_ups.finish(&tenant);
+            });
+        }
+        while running.try_join_next().is_some() {}
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = svc.catch_ups.wake.notified() => {}
+        }
+    }
+    running.abort_all();
+    while running.join_next().await.is_some() {}
+}
+
+/// Takes node `from`'s copy of `tenant` as this node's, promising `ballot`: its snapshot's files,
+/// then its ballot history up to the snapshot's last record. Returns that record's lsn. The
+/// transfer shows in this node's health as an incoming copy.
+pub(crate) async fn take(
+    c: &Copier<'_>,
+    registry: &raft_registry::Registry,
+    me: u64,
+    tenant: &str,
+    from: u64,
+    ballot: u64,
+) -> Result<u64, HandoffError> {
+    let state = registry.state();
+    let addr = state.node(from).ok_or(HandoffError::UnknownNode(from))?.addr.clone();
+    let addr: std::net::SocketAddr =
+        addr.parse().map_err(|source| HandoffError::Address { addr: addr.clone(), source })?;
+    let request = NodeRequest::SnapshotTake { from: me, tenant: tenant.to_string() };
+    let bytes = proto::wire::encode(&request)?;
+    let answer = c.peers.call(addr, bytes.into(), PEER_CALL_TIMEOUT).await?;
+    let listing = match proto::wire::decode(&answer)? {
+        NodeResponse::Snapshot(Ok(listing)) => listing,
+        NodeResponse::Snapshot(Err(why)) => {
+            return Err(HandoffError::Refused(ApiError::unavailable(why)))
+        }
+        other => return Err(HandoffError::Unexpected(Box::new(other))),
+    };
+    let theirs = crate::store::Ballots::from_wire(&listing.ballots).map_err(|why| {
+        HandoffError::Refused(ApiError::Internal(format!("node {from} sent bad ballots: {why}")))
+    })?;
+    let bytes_total = crate::handoff::check_manifest(&listing.files)?;
+    c.handoffs.progress().insert(
+        tenant.to_string(),
+        Progress {
+            from,
+            epoch: ballot,
+            files: listing.files.len() as u64,
+            bytes_total,
+            ..Default::default()
+        },
+    );
+    let copied = copy(c, addr, tenant, &listing).await;
+    c.handoffs.progress().remove(tenant);
+    // The giver may drop its snapshot now, whatever happened here.
+    if let Ok(bytes) =
+        proto::wire::encode(&NodeRequest::SnapshotDone { id: listing.id, tenant: tenant.into() })
+    {
+        let _ = c.peers.call(addr, bytes.into(), PEER_CALL_TIMEOUT).await;
+    }
+    copied?;
+    let (store, t, lsn) = (c.store.clone(), tenant.to_string(), listing.lsn);
+    let installed =
+        crate::blocking::spawn(move || store.snapshot_install(&t, lsn, &theirs, ballot)).await??;
+    installed.map_err(|refused| HandoffError::Refused(ApiError::Conflict(refused.to_string())))?;
+    crate::metrics::snapshot_taken(bytes_total);
+    Ok(listing.lsn)
+}
+
+/// Stages every file of `listing`, checked, dropping what was staged if one fails.
+async fn copy(
+    c: &Copier<'_>,
+    addr: std::net::SocketAddr,
+    tenant: &str,
+    listing: &SnapshotListing,
+) -> Result<(), HandoffError> {
+    let (store, t) = (c.store.clone(), tenant.to_string());
+    crate::blocking::spawn(move || store.stage_begin(&t)).await??;
+    for file in &listing.files {
+        let read = |offset, len| NodeRequest::SnapshotRead {
+            id: listing.id,
+            tenant: tenant.to_string(),
+            path: file.path.clone(),
+            offset,
+            len,
+        };
+        let staged = match crate::handoff::fetch(c, addr, tenant, file, read).await {
+            Ok(()) => {
+                let (store, t, f) = (c.store.clone(), tenant.to_string(), file.clone());
+                crate::blocking::spawn(move || store.stage_file_finish(&t, &f))
+                    .await
+                    .map_err(HandoffError::from)
+                    .and_then(|r| r.map_err(HandoffError::from))
+            }
+            Err(e) => Err(e),
+        };
+        if let Err(e) = staged {
+            let (store, t) = (c.store.clone(), tenant.to_string());
+            let _ = crate::blocking::spawn(move || store.stage_abort(&t)).await;
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Giver: a snapshot of this node's copy of `tenant` for replica `from`, a member of the
+/// tenant's set in this node's registry (as this node is).
+pub async fn give(svc: &Service, from: u64, tenant: String) -> NodeResponse {
+    let set = svc.registry.state().replica_set(&tenant);
+    if !set.contains(&from) || !set.contains(&svc.id) {
+        return NodeResponse::Snapshot(Err(format!(
+            "nodes {from} and {} are not both in the replica set {set:?} of {tenant:?}",
+            svc.id
+        )));
+    }
+    let store = svc.store.clone();
+    let taken = crate::blocking::spawn(move || store.snapshot_take(&tenant)).await;
+    NodeResponse::Snapshot(match taken {
+        Ok(Ok(image)) => Ok(SnapshotListing {
+            id: image.id,
+            lsn: image.lsn,
+            ballots: image.ballots.to_wire(),
+            files: image.files,
+        }),
+        Ok(Err(e)) => Err(format!("store: {e}")),
+        Err(e) => Err(format!("store task failed: {e}")),
+    })
+}
+
+/// Giver: up to `len` bytes of one file of snapshot `id` from `offset`, whole up to a configured
+/// chunk, else streamed as a handoff read is (`handoff::read_answer`).
+pub async fn read_answer(
+    svc: &Service,
+    id: u64,
+    tenant: String,
+    path: String,
+    offset: u64,
+    len: u64,
+) -> (NodeResponse, Option<transport::AnswerBody>) {
+    let store = svc.store.clone();
+    if len <= svc.handoffs.config.chunk_bytes.max(1) {
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        let read =
+            crate::blocking::spawn(move || store.snapshot_read(id, &tenant, &path, offset, len))
+                .await;
+        let chunk = match read {
+            Ok(r) => r.map(Chunk).map_err(ApiError::from),
+            Err(e) => Err(ApiError::Internal(e.to_string())),
+        };
+        return (NodeResponse::HandoffChunk(chunk), None);
+    }
+    let opened = crate::blocking::spawn(move || store.snapshot_open(id, &tenant, &path)).await;
+    match opened {
+        Ok(Ok(reader)) => {
+            let len = len.min(reader.file_len().saturating_sub(offset));
+            let body = crate::service::file_body(reader, offset, len);
+            (NodeResponse::HandoffStreamed { len }, Some(body))
+        }
+        Ok(Err(e)) => (NodeResponse::HandoffChunk(Err(ApiError::from(e))), None),
+        Err(e) => (NodeResponse::HandoffChunk(Err(ApiError::Internal(e.to_string()))), None),
+    }
+}
+
+/// Giver: the taker is done with snapshot `id`.
+pub async fn done(svc: &Service, id: u64, tenant: String) -> NodeResponse {
+    let store = svc.store.clone();
+    match crate::blocking::spawn(move || store.snapshot_done(id, &tenant)).await {
+        Ok(Ok(())) => NodeResponse::CatchingUp(Ok(())),
+        Ok(Err(e)) => NodeResponse::CatchingUp(Err(format!("store: {e}"))),
+        Err(e) => NodeResponse::CatchingUp(Err(format!("store task failed: {e}"))),
+    }
+}
