@@ -70,6 +70,8 @@ pub struct Leases {
     heard: Mutex<HashMap<u64, u64>>,
     /// Nodes this voter confirmed down, with the placement epoch it had applied then.
     refusing: Mutex<HashMap<u64, u64>>,
+    /// How long each node said, in its last lease request, it had been without a lease.
+    lapses: Mutex<HashMap<u64, u64>>,
     /// This node's lease runs until this time on its clock (0: no lease yet).
     until_ms: AtomicU64,
     /// The highest placement epoch a voter had applied when it granted the lease: the node holds
@@ -91,6 +93,7 @@ impl Leases {
             last_tick_ms: AtomicU64::new(started_ms),
             heard: Mutex::new(HashMap::new()),
             refusing: Mutex::new(HashMap::new()),
+            lapses: Mutex::new(HashMap::new()),
             until_ms: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
         }
@@ -100,6 +103,24 @@ impl Leases {
     pub fn holds(&self, epoch: u64) -> bool {
         self.clock.now_ms() < self.until_ms.load(Ordering::SeqCst)
             && epoch >= self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// How long this node has been without a lease (since it started, if it never held one).
+    pub fn lapsed_for(&self) -> u64 {
+        let since =
+            self.until_ms.load(Ordering::SeqCst).max(self.started_ms.load(Ordering::SeqCst));
+        self.clock.now_ms().saturating_sub(since)
+    }
+
+    /// As a voter: `from` says it has been without a lease for `lapsed_ms`.
+    pub fn note_lapse(&self, from: u64, lapsed_ms: u64) {
+        locked(&self.lapses).insert(from, lapsed_ms);
+    }
+
+    /// Whether `node` last said it had been without a lease for the down time: some voters may
+    /// refuse it for good (they confirmed it down for a leader whose mark was never committed).
+    fn lapsed_long(&self, node: u64) -> bool {
+        locked(&self.lapses).get(&node).is_some_and(|&ms| ms >= DOWN_AFTER_MS)
     }
 
     /// A majority granted the round sent at `sent_ms`, the highest epoch among them `epoch`.
@@ -195,10 +216,12 @@ async fn renew(svc: &Service, state: &RegistryState) {
     let mut asks: FuturesUnordered<_> = voters
         .iter()
         .map(|&voter| async move {
+            let lapsed_ms = svc.leases.lapsed_for();
             if voter == svc.id {
+                svc.leases.note_lapse(svc.id, lapsed_ms);
                 return svc.leases.grant(svc.id, state).then_some(state.placement_epoch());
             }
-            match call(svc, state, voter, NodeRequest::Lease { from: svc.id }).await {
+            match call(svc, state, voter, NodeRequest::Lease { from: svc.id, lapsed_ms }).await {
                 Some(NodeResponse::Lease { granted: true, epoch }) => Some(epoch),
                 _ => None,
             }
@@ -224,10 +247,9 @@ async fn watch_loop(svc: Arc<Service>, shutdown: CancellationToken) {
         let state = svc.registry.state();
         if state.replicas() > 1 && svc.registry.status().is_leader {
             let nodes = async {
+                // Itself too: voters may refuse the leader's own lease for good.
                 for node in state.active_nodes() {
-                    if node != svc.id {
-                        watch(&svc, &state, node).await;
-                    }
+                    watch(&svc, &state, node).await;
                 }
             };
             // A stopping node does not wait for a mark it was committing (the others may be
@@ -252,7 +274,12 @@ async fn watch(svc: &Service, state: &RegistryState, node: u64) {
         }
         return;
     }
-    if leases.heard_age(node) < DOWN_AFTER_MS && !leases.refuses(node) {
+    // A node that renews may still be refused by a majority of voters, each of which
+    // confirmed it down to a leader whose mark was never committed; it says how long it has
+    // been without a lease, and a confirmation round then marks it down (and it is marked up
+    // again once heard), which ends those refusals.
+    if leases.heard_age(node) < DOWN_AFTER_MS && !leases.refuses(node) && !leases.lapsed_long(node)
+    {
         return;
     }
     let voters = svc.registry.status().voters;

@@ -199,21 +199,24 @@ impl Replication {
     /// record, then lsn; never a commit point), cutting any records of its own that log does not
     /// hold and fetching the records it lacks; then writes under `ballot`. A write acknowledged
     /// under an earlier ballot is on a majority of the set, so on one of the promises.
+    ///
+    /// Returns the ballot this node leads the tenant under (`ballot` or a later one), which the
+    /// request's [`Self::commit`] names.
     pub async fn prepare(
         &self,
         tenant: &str,
         ballot: u64,
         others: &[u64],
         needed: usize,
-    ) -> Result<(), ApiError> {
-        let led = |me: &Self| locked(&me.led).get(tenant).is_some_and(|&led| led >= ballot);
-        if led(self) {
-            return Ok(());
+    ) -> Result<u64, ApiError> {
+        let led = |me: &Self| locked(&me.led).get(tenant).copied().filter(|&led| led >= ballot);
+        if let Some(led) = led(self) {
+            return Ok(led);
         }
         let gate = locked(&self.preparing).entry(tenant.to_string()).or_default().clone();
         let _one_at_a_time = gate.lock().await;
-        if led(self) {
-            return Ok(());
+        if let Some(led) = led(self) {
+            return Ok(led);
         }
         for link in locked(&self.links).values() {
             link.forget(tenant);
@@ -279,7 +282,7 @@ impl Replication {
         })?;
         locked(&self.led).insert(tenant.to_string(), ballot);
         crate::metrics::prepared();
-        Ok(())
+        Ok(ballot)
     }
 
     /// Makes this node's log of the tenant that of member `from` (ending at `their_end`): cuts
@@ -379,17 +382,32 @@ impl Replication {
     }
 
     /// Returns once `needed` of `backups` hold the tenant's records up to `lsn` durably, or
-    /// 503 after [`REPLICA_ACK_WAIT`].
+    /// 503 after [`REPLICA_ACK_WAIT`]. The records were written or read while this node led the
+    /// tenant under `ballot` ([`Self::prepare`]); if it prepared again since, a new primary's
+    /// log may have replaced them before this one took the tenant back, and backups holding
+    /// *an* lsn this far prove nothing: 503, outcome unknown.
     pub async fn commit(
         &self,
         tenant: &str,
         lsn: u64,
+        ballot: u64,
         backups: &[u64],
         needed: usize,
     ) -> Result<(), ApiError> {
         if needed == 0 || lsn == 0 {
             return Ok(());
         }
+        let still_led = |me: &Self| {
+            if locked(&me.led).get(tenant) == Some(&ballot) {
+                Ok(())
+            } else {
+                Err(ApiError::unavailable(format!(
+                    "the tenant's primary prepared again while the request waited (it led \
+                     under ballot {ballot}); its outcome is unknown"
+                )))
+            }
+        };
+        still_led(self)?;
         let mut acks = self.acks.subscribe();
         let links: Vec<Arc<Link>> = backups.iter().map(|&b| self.link(b)).collect();
         for link in &links {
@@ -399,7 +417,7 @@ impl Replication {
         loop {
             let held = links.iter().filter(|l| l.durable(tenant) >= Some(lsn)).count();
             if held >= needed {
-                return Ok(());
+                return still_led(self);
             }
             match tokio::time::timeout_at(deadline, acks.changed()).await {
                 Ok(Ok(())) => {}

@@ -168,11 +168,12 @@ impl Service {
                 };
                 NodeResponse::Replicated(crate::replicate::take(self, from, appends).await)
             }
-            NodeRequest::Lease { from } if from_node => {
+            NodeRequest::Lease { from, lapsed_ms } if from_node => {
                 let from = match peer.role {
                     Role::Node(id) => id,
                     _ => from,
                 };
+                self.leases.note_lapse(from, lapsed_ms);
                 let state = self.registry.state();
                 NodeResponse::Lease {
                     granted: self.leases.grant(from, &state),
@@ -266,10 +267,11 @@ impl Service {
         let backups: Vec<u64> = set.iter().copied().filter(|&n| n != self.id).collect();
         let needed = set.len() / 2;
         self.store.keep_tails(needed > 0);
-        // A replicated tenant is read only under this node's lease: no other node can be its
-        // primary meanwhile (crate::lease).
-        if needed > 0 && !request.is_write() && !self.leases.holds(state.placement_epoch()) {
-            return Err(ApiError::unavailable("this node holds no lease to serve reads"));
+        // A replicated tenant is served only under this node's lease: no other node can be its
+        // primary meanwhile (crate::lease). Checked again once a read (or a write that changed
+        // nothing, which answers from what it read) has run (`execute_replicated`).
+        if needed > 0 && !self.leases.holds(state.placement_epoch()) {
+            return Err(ApiError::unavailable("this node holds no lease to serve the tenant"));
         }
         let route = request.route().name();
         let started_us = self.clock.now_us();
@@ -284,8 +286,21 @@ impl Service {
         let replicated = Replicated { backups: &backups, needed, ballot: state.placement_epoch() };
         let result = match request {
             request if stream && OrderedRead::of(&request).is_some() => {
-                match self.open_read(tenant, request).await {
-                    Ok(answer) => self.committed_seen(tenant, &replicated).await.map(|()| answer),
+                let led = match replicated.needed {
+                    0 => Ok(0),
+                    _ => self.prepared(tenant, &replicated).await,
+                };
+                match led {
+                    Ok(led) => match self.open_read(tenant, request).await {
+                        Ok(answer) if replicated.needed > 0 => match self.leased(&replicated) {
+                            Ok(()) => {
+                                self.committed_seen(tenant, led, &replicated).await.map(|()| answer)
+                            }
+                            Err(e) => Err(e),
+                        },
+                        Ok(answer) => Ok(answer),
+                        Err(e) => Err(e),
+                    },
                     Err(e) => Err(e),
                 }
             }
@@ -323,17 +338,37 @@ impl Service {
         if replicated.needed == 0 {
             return self.execute(tenant, quota, request).await.0;
         }
-        self.replication
-            .prepare(tenant, replicated.ballot, replicated.backups, replicated.needed)
-            .await?;
+        let led = self.prepared(tenant, replicated).await?;
         match self.execute(tenant, quota, request).await {
             (Ok(answer), Some(lsn)) => {
-                self.replication.commit(tenant, lsn, replicated.backups, replicated.needed).await?;
+                let (backups, needed) = (replicated.backups, replicated.needed);
+                self.replication.commit(tenant, lsn, led, backups, needed).await?;
                 Ok(answer)
             }
-            (Ok(answer), None) => self.committed_seen(tenant, replicated).await.map(|()| answer),
+            (Ok(answer), None) => {
+                self.leased(replicated)?;
+                self.committed_seen(tenant, led, replicated).await.map(|()| answer)
+            }
             (Err(e), _) => Err(e),
         }
+    }
+
+    /// A read's answer stands only if this node still held its lease, at the epoch the request
+    /// was routed under, once it had read: no other primary can have written meanwhile.
+    fn leased(&self, replicated: &Replicated<'_>) -> Result<(), ApiError> {
+        if self.leases.holds(replicated.ballot) {
+            Ok(())
+        } else {
+            Err(ApiError::unavailable("this node's lease lapsed while it read; ask again"))
+        }
+    }
+
+    /// The ballot this node leads a replicated tenant under, after a prepare round if it has not
+    /// led it under the request's ballot yet.
+    async fn prepared(&self, tenant: &str, replicated: &Replicated<'_>) -> Result<u64, ApiError> {
+        self.replication
+            .prepare(tenant, replicated.ballot, replicated.backups, replicated.needed)
+            .await
     }
 
     /// Waits until every record the tenant logged so far is on a majority of its replica set:
@@ -341,6 +376,7 @@ impl Service {
     async fn committed_seen(
         &self,
         tenant: &str,
+        led: u64,
         replicated: &Replicated<'_>,
     ) -> Result<(), ApiError> {
         if replicated.needed == 0 {
@@ -348,7 +384,8 @@ impl Service {
         }
         match self.store.last_lsn_if_loaded(tenant) {
             Some(lsn) => {
-                self.replication.commit(tenant, lsn, replicated.backups, replicated.needed).await
+                let (backups, needed) = (replicated.backups, replicated.needed);
+                self.replication.commit(tenant, lsn, led, backups, needed).await
             }
             None => Ok(()),
         }

@@ -307,8 +307,10 @@ pub enum NodeRequest {
     /// A tenant's primary sends its backups the records they lack, batched per pair of nodes
     /// (docs/REPLICATION.md, "Writes"). Only nodes may send it.
     Replicate { from: u64, appends: Vec<ReplicaAppend> },
-    /// A node asks a registry voter to renew its lease (docs/REPLICATION.md, "Node leases").
-    Lease { from: u64 },
+    /// A node asks a registry voter to renew its lease (docs/REPLICATION.md, "Node leases"),
+    /// saying how long it has been without one (`lapsed_ms`): a node some voters refuse for good,
+    /// after a mark down that was never committed, is then marked down and up by the leader.
+    Lease { from: u64, lapsed_ms: u64 },
     /// The registry leader asks a voter to confirm that `node` has not renewed its lease for the
     /// down time; a voter that confirms refuses that node's leases until it is marked up.
     ConfirmDown { node: u64 },

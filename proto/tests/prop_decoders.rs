@@ -9,7 +9,7 @@ use proptest::test_runner::Config;
 
 use proto::cluster::{
     AdminOp, Chunk, FetchedRecords, HandoffFile, NodeRequest, NodeResponse, ReplicaAck,
-    ReplicaAppend, ReplicaReport, ReplicaStatus, TenantUsage,
+    ReplicaAppend, ReplicaReport, ReplicaStatus, SnapshotListing, TenantUsage,
 };
 use proto::request::{parse, Method, BODY_BYTES_MAX};
 use proto::wire::{self, decode_claim_budget, MESSAGE_BYTES_MAX};
@@ -174,7 +174,15 @@ fn node_request() -> impl Strategy<Value = NodeRequest> {
         (text(), any::<u64>(), any::<u64>()).prop_map(|(tenant, ballot, after)| {
             NodeRequest::FetchRecords { tenant, ballot, after }
         }),
-        any::<u64>().prop_map(|from| NodeRequest::Lease { from }),
+        any::<(u64, u64)>().prop_map(|(from, lapsed_ms)| NodeRequest::Lease { from, lapsed_ms }),
+        (any::<u64>(), text(), any::<u64>())
+            .prop_map(|(from, tenant, epoch)| NodeRequest::CatchUp { from, tenant, epoch }),
+        (any::<u64>(), text())
+            .prop_map(|(from, tenant)| NodeRequest::SnapshotTake { from, tenant }),
+        (any::<(u64, u64, u64)>(), text(), text()).prop_map(|((id, offset, len), tenant, path)| {
+            NodeRequest::SnapshotRead { id, tenant, path, offset, len }
+        }),
+        (any::<u64>(), text()).prop_map(|(id, tenant)| NodeRequest::SnapshotDone { id, tenant }),
         any::<u64>().prop_map(|node| NodeRequest::ConfirmDown { node }),
     ]
 }
@@ -277,6 +285,15 @@ fn node_response() -> impl Strategy<Value = NodeResponse> {
         ),
         (any::<bool>(), any::<u64>())
             .prop_map(|(granted, epoch)| NodeResponse::Lease { granted, epoch }),
+        prop_oneof![Just(Ok(())), text().prop_map(Err)].prop_map(NodeResponse::CatchingUp),
+        (
+            any::<(u64, u64)>(),
+            prop::collection::vec(any::<u8>(), 0..32),
+            prop::collection::vec(handoff_file(), 0..4)
+        )
+            .prop_map(|((id, lsn), ballots, files)| {
+                NodeResponse::Snapshot(Ok(SnapshotListing { id, lsn, ballots, files }))
+            }),
     ]
 }
 

@@ -97,11 +97,17 @@ impl Ballots {
     /// promising it too. `Ok(true)` when the history changed (the first record under a new
     /// ballot; durable before the record is acknowledged). Refused for a ballot below the
     /// promise or below the log's last ballot, or a new ballot that does not start after the last
-    /// one's first record. A start at `lsn` itself is a run with no record yet (see
-    /// [`Self::lead`]): a higher ballot takes its place.
+    /// one's first record. A start at `lsn` or later is a run with no record (see
+    /// [`Self::lead`]): the records of any ballot that fill the log from `lsn` take its place.
     pub fn accept(&mut self, ballot: u64, lsn: u64) -> Result<bool, BallotError> {
         if ballot < self.promised {
             return Err(BallotError::Stale { ballot, promised: self.promised });
+        }
+        // A start at or past `lsn` is a run with no record (a primary that led and wrote nothing
+        // before another took over): it describes nothing, and must not refuse the records of
+        // an earlier ballot that a later primary sends to fill the log from `lsn`.
+        while self.history.last().is_some_and(|s| s.first_lsn >= lsn && s.ballot != ballot) {
+            self.history.pop();
         }
         let last = self.history.last().copied();
         let (last_ballot, last_first_lsn) = last.map_or((0, 0), |s| (s.ballot, s.first_lsn));
@@ -366,10 +372,23 @@ mod tests {
 
     #[test]
     fn records_keep_ballot_order() {
-        // Goal: a new ballot's first record must come after the last ballot's first record; a
-        // run started by `lead` with no record yet gives way to a higher ballot.
+        // Goal: a record of a lower ballot than the log's last is refused; a run started by
+        // `lead` with no record yet gives way to a higher ballot, and to a lower one whose
+        // records a later primary sends to fill the log from where the run was to start.
+        let mut b = log(&[(2, 3), (4, 5)]);
+        assert!(matches!(b.follow(5, 3, 6), Err(BallotError::OutOfOrder { .. })));
+        assert_eq!(b.lead(9, 6), Ok(true));
+        assert_eq!(b.follow(13, 5, 6), Ok(true), "the empty run of ballot 9 gives way");
+        assert_eq!(
+            b.history(),
+            &[
+                BallotStart { ballot: 2, first_lsn: 3 },
+                BallotStart { ballot: 4, first_lsn: 5 },
+                BallotStart { ballot: 5, first_lsn: 6 }
+            ]
+        );
+        assert_eq!(b.promised(), 13);
         let mut b = log(&[(2, 5)]);
-        assert!(matches!(b.accept(3, 4), Err(BallotError::OutOfOrder { .. })));
         assert_eq!(b.lead(3, 6), Ok(true));
         assert_eq!(b.accept(4, 6), Ok(true), "the empty run of ballot 3 is replaced");
         assert_eq!(

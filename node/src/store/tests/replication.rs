@@ -193,3 +193,75 @@ fn a_primary_ships_one_ballot_at_a_time_from_memory_or_disk() {
     assert_eq!(primary.shipment(T, 0, 7).expect("shipment"), Shipment::Checkpointed);
     assert_eq!(primary.shipment(T, 7, 7).expect("shipment"), Shipment::Nothing);
 }
+
+/// Copies snapshot `image` of `from` into `to`'s staging, as the node copies it between nodes.
+fn stage_snapshot(from: &Store, to: &Store, image: &crate::store::SnapshotImage) {
+    to.stage_begin(T).expect("staging");
+    for file in &image.files {
+        let bytes =
+            from.snapshot_read(image.id, T, &file.path, 0, file.len as usize).expect("read");
+        to.stage_file_part(T, file, 0, &bytes).expect("part");
+        to.stage_file_finish(T, file).expect("checked");
+    }
+}
+
+// Goal: a backup whose log no longer meets the primary's (the primary checkpointed the records it
+// lacks, and it holds a tail of its own) takes the primary's snapshot: it then holds the same
+// documents and log position, continues with the records written after the snapshot, and keeps
+// them across a reopen; the snapshot stays the tenant at one record whatever the primary writes
+// later, and is gone once done.
+#[test]
+fn a_backup_far_behind_takes_a_snapshot() {
+    let (da, db) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let (primary, backup) = (open(da.path()), open(db.path()));
+    primary.lead(T, 2).expect("store").expect("ballot");
+    write(&primary, "notes", "a", 4);
+    backup.lead(T, 1).expect("store").expect("ballot");
+    write(&backup, "notes", "stale", 2);
+    assert!(ship(&primary, &backup, 2).is_err(), "the logs differ");
+    let image = primary.snapshot_take(T).expect("snapshot");
+    assert_eq!(image.lsn, 5);
+    assert_eq!(primary.log_from(T, 1).expect("log"), LogTail::Checkpointed);
+    write(&primary, "notes", "b", 2);
+    stage_snapshot(&primary, &backup, &image);
+    backup.snapshot_install(T, image.lsn, &image.ballots, 2).expect("store").expect("installed");
+    let state = backup.replica_state(T).expect("state");
+    assert_eq!(state.position(), LogPosition { ballot: 2, lsn: 5 });
+    assert_eq!(state.ballots.promised(), 2);
+    assert!(
+        get(&backup, T, "get?p=notes").contains("a4"),
+        "the snapshot is the tenant at record 5"
+    );
+    assert!(!get(&backup, T, "get?p=notes").contains("b1"));
+    assert_eq!(ship(&primary, &backup, 2), Ok(LogPosition { ballot: 2, lsn: 8 }));
+    same_documents(&primary, &backup, &["notes"]);
+    drop(backup);
+    let backup = open(db.path());
+    same_documents(&primary, &backup, &["notes"]);
+    // A checkpoint rewrites the primary's file; the snapshot's stays as it was listed.
+    primary.unload(T).expect("checkpoint");
+    let file = &image.files[0];
+    let kept = primary.snapshot_read(image.id, T, &file.path, 0, file.len as usize + 1);
+    assert_eq!(proto::doc::checksum(&kept.expect("read")), file.checksum);
+    primary.snapshot_done(image.id, T).expect("dropped");
+    assert!(primary.snapshot_read(image.id, T, &image.files[0].path, 0, 1).is_err());
+}
+
+// Goal: a replica that promised a higher ballot than the snapshot's sender refuses to install it,
+// and keeps what it held.
+#[test]
+fn a_snapshot_from_a_deposed_primary_is_refused() {
+    let (da, db) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let (primary, backup) = (open(da.path()), open(db.path()));
+    primary.lead(T, 2).expect("store").expect("ballot");
+    write(&primary, "notes", "a", 2);
+    assert!(ship(&primary, &backup, 2).is_ok());
+    backup.promise(T, 7).expect("store").expect("promised");
+    let before = backup.replica_state(T).expect("state");
+    let image = primary.snapshot_take(T).expect("snapshot");
+    stage_snapshot(&primary, &backup, &image);
+    let refused = backup.snapshot_install(T, image.lsn, &image.ballots, 2).expect("store");
+    assert_eq!(refused, Err(BallotError::Stale { ballot: 2, promised: 7 }));
+    assert_eq!(backup.replica_state(T).expect("state"), before);
+    same_documents(&primary, &backup, &["notes"]);
+}
