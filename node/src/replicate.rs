@@ -77,6 +77,9 @@ pub struct Replication {
     /// The ballot each tenant was last prepared under here, so a request prepares only when the
     /// placement epoch moved.
     led: Mutex<HashMap<String, u64>>,
+    /// Where each tenant's log ended when this node last prepared it: a learner holding that
+    /// much holds every acknowledged write, and counts from then on.
+    prepared_end: Mutex<HashMap<String, u64>>,
     /// One prepare at a time per tenant.
     preparing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
@@ -119,6 +122,11 @@ struct Follow {
     /// primary's log does not.
     truncate: Option<(u64, u64)>,
     stuck: Option<Stuck>,
+    /// The backup's copy does not count yet (its node lost its disk): its acknowledgements are
+    /// not counted toward a majority.
+    learner: bool,
+    /// The learner holds what this node held when it prepared: tell it it counts.
+    promote: bool,
 }
 
 /// What a link sends a backup next for one tenant.
@@ -132,6 +140,8 @@ struct Work {
     /// The backup's end is not known (a new link, or a new ballot): ask whether its log ends at
     /// `upto` with an append of no records, which it answers with where its log ends.
     probe: bool,
+    /// Tell the backup, a learner, that its copy counts from now on.
+    caught_up: bool,
 }
 
 /// Why records are no longer sent to a backup of a tenant.
@@ -166,6 +176,7 @@ impl Replication {
             links: Mutex::new(BTreeMap::new()),
             acks: watch::channel(0).0,
             led: Mutex::new(HashMap::new()),
+            prepared_end: Mutex::new(HashMap::new()),
             preparing: Mutex::new(HashMap::new()),
         })
     }
@@ -220,6 +231,18 @@ impl Replication {
         }
         for link in locked(&self.links).values() {
             link.forget(tenant);
+        }
+        // A copy being rebuilt after a lost disk does not count: another member promises in
+        // its place.
+        let (store, owned) = (self.store.clone(), tenant.to_string());
+        let counts = blocking(move || store.counts(&owned)).await?;
+        let needed = if counts { needed } else { needed + 1 };
+        if others.len() < needed {
+            return Err(ApiError::unavailable(format!(
+                "this node's copy of the tenant is being rebuilt and the tenant has {} other \
+                 replicas, too few to lead it",
+                others.len()
+            )));
         }
         let (store, owned) = (self.store.clone(), tenant.to_string());
         let mine = blocking(move || match store.promise(&owned, ballot)? {
@@ -277,9 +300,19 @@ impl Replication {
             }
         }
         let (store, owned) = (self.store.clone(), tenant.to_string());
-        blocking(move || store.lead(&owned, ballot)).await?.map_err(|refused| {
+        let end = blocking(move || {
+            if let Err(refused) = store.lead(&owned, ballot)? {
+                return Ok(Err(refused));
+            }
+            // It holds the most advanced log of a majority that counts: its copy counts too.
+            store.mark_caught_up(&owned)?;
+            Ok(Ok(store.replica_state(&owned)?.last_lsn))
+        })
+        .await?
+        .map_err(|refused| {
             ApiError::unavailable(format!("this node cannot lead the tenant: {refused}"))
         })?;
+        locked(&self.prepared_end).insert(tenant.to_string(), end);
         locked(&self.led).insert(tenant.to_string(), ballot);
         crate::metrics::prepared();
         Ok(ballot)
@@ -415,7 +448,7 @@ impl Replication {
         }
         let deadline = tokio::time::Instant::now() + REPLICA_ACK_WAIT;
         loop {
-            let held = links.iter().filter(|l| l.durable(tenant) >= Some(lsn)).count();
+            let held = links.iter().filter(|l| l.member_durable(tenant) >= Some(lsn)).count();
             if held >= needed {
                 return still_led(self);
             }
@@ -449,6 +482,7 @@ impl Replication {
                 let durable_lsn = follow.and_then(|f| f.durable);
                 let state = match follow.and_then(|f| f.stuck) {
                     Some(Stuck::NeedsSnapshot) => "needs-snapshot",
+                    None if follow.is_some_and(|f| f.learner) => "learner",
                     None if unreachable => "unreachable",
                     None if durable_lsn >= Some(last_lsn) => "in-sync",
                     None if follow.is_none() && last_lsn == 0 => "in-sync",
@@ -525,6 +559,7 @@ impl Replication {
                         truncate_after: w.truncate.map(|(cut, _)| cut),
                         truncate_if_end: w.truncate.map_or(0, |(_, end)| end),
                         records,
+                        caught_up: w.caught_up,
                     });
                 }
                 // Over this message's budget: the next one.
@@ -563,7 +598,10 @@ impl Replication {
         let mut refused = false;
         for ((tenant, _), ack) in sent.into_iter().zip(acks) {
             match ack {
-                ReplicaAck::Durable { lsn, .. } => link.heard(&tenant, lsn),
+                ReplicaAck::Durable { lsn, learner, .. } => {
+                    let prepared_end = locked(&self.prepared_end).get(&tenant).copied();
+                    link.heard(&tenant, lsn, learner, prepared_end)
+                }
                 ReplicaAck::NotContinuing { lsn, ballots, .. } => {
                     self.realign(link, &tenant, lsn, &ballots).await;
                 }
@@ -681,8 +719,9 @@ impl Link {
         self.wake.notify_one();
     }
 
-    fn durable(&self, tenant: &str) -> Option<u64> {
-        locked(&self.state).follows.get(tenant).and_then(|f| f.durable)
+    /// Where the backup's log ends, durably, if its copy counts (it is no learner).
+    fn member_durable(&self, tenant: &str) -> Option<u64> {
+        locked(&self.state).follows.get(tenant).filter(|f| !f.learner).and_then(|f| f.durable)
     }
 
     /// `Some(durable)` when this link follows the tenant (`durable` `None` if not yet heard).
@@ -714,12 +753,14 @@ impl Link {
     }
 
     /// The backup's log ends at `lsn`, durably, continuing this primary's: sends on from there
-    /// if it lacks what it is to hold.
-    fn heard(&self, tenant: &str, lsn: u64) {
+    /// if it lacks what it is to hold. A `learner` holding `prepared_end` is told it counts.
+    fn heard(&self, tenant: &str, lsn: u64, learner: bool, prepared_end: Option<u64>) {
         let mut st = locked(&self.state);
         let Some(f) = st.follows.get_mut(tenant) else { return };
         f.durable = Some(lsn);
-        if lsn < f.want {
+        f.learner = learner;
+        f.promote = learner && prepared_end.is_some_and(|end| lsn >= end);
+        if lsn < f.want || f.promote {
             st.dirty.insert(tenant.to_string());
         }
     }
@@ -730,6 +771,8 @@ impl Link {
         let mut st = locked(&self.state);
         let Some(f) = st.follows.get_mut(tenant) else { return };
         f.durable = Some(shared);
+        // Counted again once it acknowledges records as a member.
+        f.learner = true;
         f.truncate = ends_at.map(|end| (shared, end));
         st.dirty.insert(tenant.to_string());
     }
@@ -757,6 +800,18 @@ impl Link {
                 // nothing to send after it goes as such an empty append too.
                 let after = f.durable.unwrap_or(f.want);
                 let truncate = f.truncate.take();
+                let caught_up = std::mem::take(&mut f.promote);
+                if caught_up && truncate.is_none() && after >= f.want {
+                    // Nothing to send: an empty append at its end says it counts.
+                    return Some(Work {
+                        tenant,
+                        after,
+                        upto: after,
+                        truncate,
+                        probe: true,
+                        caught_up,
+                    });
+                }
                 let probe = f.durable.is_none() || (truncate.is_some() && after >= f.want);
                 (after < f.want || truncate.is_some() || probe).then_some(Work {
                     tenant,
@@ -764,6 +819,7 @@ impl Link {
                     upto: f.want,
                     truncate,
                     probe,
+                    caught_up: caught_up && !probe,
                 })
             })
             .collect()
@@ -852,7 +908,19 @@ fn take_one(store: &Store, a: ReplicaAppend) -> ReplicaAck {
     }
     let prev = LogPosition { ballot: a.prev_ballot, lsn: a.prev_lsn };
     match store.append_from_primary(t, a.epoch, a.ballot, prev, &a.records) {
-        Ok(Ok(end)) => ReplicaAck::Durable { ballot: end.ballot, lsn: end.lsn },
+        Ok(Ok(end)) => {
+            // Its primary found it holding what it held when it prepared.
+            let counted = match a.caught_up {
+                true => store.mark_caught_up(t).and_then(|()| store.counts(t)),
+                false => store.counts(t),
+            };
+            match counted {
+                Ok(counts) => {
+                    ReplicaAck::Durable { ballot: end.ballot, lsn: end.lsn, learner: !counts }
+                }
+                Err(e) => ReplicaAck::Refused(format!("store: {e}")),
+            }
+        }
         Ok(Err(AppendRefusal::NotContinuing { have })) => match store.replica_state(t) {
             Ok(state) => ReplicaAck::NotContinuing {
                 ballot: have.ballot,
@@ -877,6 +945,11 @@ pub async fn promise(svc: &Service, from: u64, tenant: String, ballot: u64) -> N
             Ok(Ok(_)) => {}
             Ok(Err(refused)) => return Err(refused.to_string()),
             Err(e) => return Err(format!("store: {e}")),
+        }
+        // Promised all the same (older primaries are fenced), but a copy being rebuilt after a
+        // lost disk must not help choose the log: it may lack acknowledged writes.
+        if !store.counts(&tenant).map_err(|e| format!("store: {e}"))? {
+            return Err("this node's copy is being rebuilt after it lost its disk".into());
         }
         let state = store.durable_state(&tenant).map_err(|e| format!("store: {e}"))?;
         Ok(ReplicaReport { ballots: state.ballots.to_wire(), last_lsn: state.last_lsn })

@@ -177,6 +177,17 @@ impl NodeParts {
             )
             .await?,
         );
+        // A member of the ring whose tenants directory is new lost its copies (a wiped or
+        // replaced disk): they are rebuilt as learners' (docs/REPLICATION.md, "A wiped disk").
+        let was_member = registry.state().active_nodes().contains(&config.id);
+        if store.opened_fresh() && was_member {
+            store.start_rebuilding()?;
+            tracing::warn!(
+                node = config.id,
+                "this node's tenant store is new though the registry has it as a member: its \
+                 copies were lost, and are rebuilt from the other replicas"
+            );
+        }
         // A start's time goes here (docs/BENCHMARKS.md, the stop and start at 100,000 tenants).
         tracing::info!(
             store_ms = store_ms - opening_ms,

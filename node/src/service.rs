@@ -267,11 +267,13 @@ impl Service {
         let backups: Vec<u64> = set.iter().copied().filter(|&n| n != self.id).collect();
         let needed = set.len() / 2;
         self.store.keep_tails(needed > 0);
-        // A replicated tenant is served only under this node's lease: no other node can be its
-        // primary meanwhile (crate::lease). Checked again once a read (or a write that changed
-        // nothing, which answers from what it read) has run (`execute_replicated`).
-        if needed > 0 && !self.leases.holds(state.placement_epoch()) {
-            return Err(ApiError::unavailable("this node holds no lease to serve the tenant"));
+        // A replicated tenant is read only under this node's lease: no other node can be its
+        // primary meanwhile (crate::lease). Checked again once a read has run, and once a write
+        // that changed nothing (and so answers from what it read, fenced by no backup) has
+        // (`execute_replicated`). A write that logs a record needs no lease: the backups'
+        // ballot check fences a deposed primary.
+        if needed > 0 && !request.is_write() && !self.leases.holds(state.placement_epoch()) {
+            return Err(ApiError::unavailable("this node holds no lease to serve reads"));
         }
         let route = request.route().name();
         let started_us = self.clock.now_us();

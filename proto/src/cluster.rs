@@ -394,13 +394,18 @@ pub struct ReplicaAppend {
     pub truncate_if_end: u64,
     #[serde(with = "serde_bytes")]
     pub records: Vec<u8>,
+    /// The backup, a learner, holds (with these records) everything the primary held when it
+    /// prepared: its copy counts from now on.
+    pub caught_up: bool,
 }
 
 /// A backup's answer for one tenant of a [`NodeRequest::Replicate`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ReplicaAck {
-    /// Every record sent is durable here; the log ends at (`ballot`, `lsn`).
-    Durable { ballot: u64, lsn: u64 },
+    /// Every record sent is durable here; the log ends at (`ballot`, `lsn`). A `learner`'s copy
+    /// does not count toward a majority yet: its node lost its disk, and no primary has caught
+    /// this copy up since.
+    Durable { ballot: u64, lsn: u64, learner: bool },
     /// The records do not continue this replica's log, which ends at (`ballot`, `lsn`); its
     /// `ballots` (as in [`ReplicaReport`]) tell the primary what the two logs share.
     NotContinuing {

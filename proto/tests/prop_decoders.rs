@@ -204,6 +204,7 @@ fn replica_append() -> impl Strategy<Value = ReplicaAppend> {
                     prev_lsn,
                     truncate_after,
                     truncate_if_end: epoch / 3,
+                    caught_up: epoch % 2 == 0,
                     records,
                 }
             },
@@ -212,7 +213,11 @@ fn replica_append() -> impl Strategy<Value = ReplicaAppend> {
 
 fn replica_ack() -> impl Strategy<Value = ReplicaAck> {
     prop_oneof![
-        any::<(u64, u64)>().prop_map(|(ballot, lsn)| ReplicaAck::Durable { ballot, lsn }),
+        any::<(u64, u64, bool)>().prop_map(|(ballot, lsn, learner)| ReplicaAck::Durable {
+            ballot,
+            lsn,
+            learner
+        }),
         (any::<(u64, u64)>(), prop::collection::vec(any::<u8>(), 0..32)).prop_map(
             |((ballot, lsn), ballots)| ReplicaAck::NotContinuing { ballot, lsn, ballots }
         ),

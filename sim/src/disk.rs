@@ -317,6 +317,18 @@ impl SimDisk {
         self.lock().crashed = false;
     }
 
+    /// Forgets `path` and everything under it, durably, outside the fault model: the disk that
+    /// held it died and was replaced by an empty one (its other files stand for other disks).
+    pub fn lose(&self, path: &Path) -> io::Result<()> {
+        let mut inner = self.lock();
+        let (parent, name) = inner.parent(path)?;
+        if let Some(d) = inner.dir_mut(parent) {
+            d.live.remove(&name);
+            d.durable.remove(&name);
+        }
+        Ok(())
+    }
+
     /// Creates `path` and its parents, durably, outside the fault model: the machine's setup.
     pub fn provision_dir(&self, path: &Path) -> io::Result<()> {
         let mut inner = self.lock();

@@ -37,9 +37,12 @@ enum Kind {
     DiskFull,
     SlowDisk,
     ClockJump,
+    DiskLoss,
 }
 
-const KINDS: [(Kind, u64); 8] = [
+/// Each kind's weight. A lost disk comes last with weight 0 unless R >= 3 (with fewer copies
+/// its tenants are lost for good), so that runs with R = 1 draw as they always did.
+const KINDS: [(Kind, u64); 9] = [
     (Kind::Partition, 20),
     (Kind::OneWay, 15),
     (Kind::Weather, 15),
@@ -48,11 +51,21 @@ const KINDS: [(Kind, u64); 8] = [
     (Kind::DiskFull, 10),
     (Kind::SlowDisk, 10),
     (Kind::ClockJump, 10),
+    (Kind::DiskLoss, 0),
 ];
 
+/// The weight of [`Kind::DiskLoss`] with R >= 3.
+const DISK_LOSS_WEIGHT: u64 = 10;
+
 /// Injects faults until `stop`.
-pub async fn run(world: Arc<World>, mut rng: Rng, stop: CancellationToken) {
-    let weights: Vec<u64> = KINDS.iter().map(|(_, w)| *w).collect();
+pub async fn run(world: Arc<World>, mut rng: Rng, stop: CancellationToken, replicas: u8) {
+    let weights: Vec<u64> = KINDS
+        .iter()
+        .map(|(kind, w)| match kind {
+            Kind::DiskLoss if replicas >= 3 => DISK_LOSS_WEIGHT,
+            _ => *w,
+        })
+        .collect();
     while !stop.is_cancelled() {
         let pause = Duration::from_millis(rng.range(FAULT_PAUSE_MS.0, FAULT_PAUSE_MS.1));
         tokio::select! {
@@ -149,6 +162,7 @@ fn inject(
             later(length, stop, move || net.set_weather(Weather::default()));
         }
         Kind::Crash => crash(world, rng, node, length, stop),
+        Kind::DiskLoss => lose_disk(world, node, length, stop),
         Kind::Freeze => {
             world.trace.event(format!("fault: n{node} frozen for {} ms", length.as_millis()));
             world.stats().freezes += 1;
@@ -221,6 +235,36 @@ fn crash(world: &Arc<World>, rng: &mut Rng, node: u64, length: Duration, stop: &
     world.stats().crashes += 1;
     // Some restarts come at once, before anyone noticed; some after a long while.
     let length = if rng.chance(200) { Duration::from_millis(rng.range(0, 200)) } else { length };
+    let cluster = world.cluster.clone();
+    let monitor = world.monitor.clone();
+    later(length, stop, move || {
+        tokio::spawn(async move {
+            if let Err(v) = cluster.start(node).await {
+                monitor.report(v);
+            }
+        });
+    });
+}
+
+/// Machine `node` loses power and its tenant store with it (a dead disk, replaced empty); it
+/// comes back after `length` with its registry intact. Once per run: a second loss before the
+/// first node's copies are rebuilt may lose acknowledged writes with any number of copies.
+fn lose_disk(world: &Arc<World>, node: u64, length: Duration, stop: &CancellationToken) {
+    let down = world.cluster.ids().into_iter().filter(|id| !world.cluster.is_up(*id)).count();
+    if world.stats().disk_losses > 0 || down >= CRASHED_MAX || !world.cluster.is_up(node) {
+        return;
+    }
+    let Some(disk) = world.cluster.disk(node) else { return };
+    world.cluster.crash(node, true);
+    let store = std::path::Path::new(crate::cluster::DATA_DIR).join("store");
+    if let Err(e) = disk.lose(&store) {
+        world.trace.event(format!("fault: n{node} store could not be wiped: {e}"));
+        return;
+    }
+    world
+        .trace
+        .event(format!("fault: n{node} loses its disk; back empty in {} ms", length.as_millis()));
+    world.stats().disk_losses += 1;
     let cluster = world.cluster.clone();
     let monitor = world.monitor.clone();
     later(length, stop, move || {

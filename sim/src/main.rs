@@ -248,6 +248,7 @@ fn print_census(mut rows: Vec<(u64, Stats)>) {
         "crashes",
         "freezes",
         "disk faults",
+        "disks lost",
         "membership",
         "handoffs done",
         "revoked-key requests (refused)",
@@ -258,11 +259,12 @@ fn print_census(mut rows: Vec<(u64, Stats)>) {
     println!("census: seed, {}", columns.join(", "));
     let line = |s: &Stats| {
         format!(
-            "{}, {}, {}, {}, {}, {}, {} ({}), {}, {}, {}",
+            "{}, {}, {}, {}, {}, {}, {}, {} ({}), {}, {}, {}",
             s.partitions,
             s.crashes,
             s.freezes,
             s.disk_faults,
+            s.disk_losses,
             s.membership_changes,
             s.handoffs_done,
             s.revoked_requests,
@@ -280,6 +282,7 @@ fn print_census(mut rows: Vec<(u64, Stats)>) {
         total.crashes += s.crashes;
         total.freezes += s.freezes;
         total.disk_faults += s.disk_faults;
+        total.disk_losses += s.disk_losses;
         total.membership_changes += s.membership_changes;
         total.handoffs_done += s.handoffs_done;
         total.revoked_requests += s.revoked_requests;

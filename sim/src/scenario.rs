@@ -191,9 +191,10 @@ async fn phases(
     ));
     let revoked =
         tokio::spawn(crate::workload::revoked_client(world.clone(), rng.fork(), chaos.clone()));
-    let faults = options
-        .faults
-        .then(|| tokio::spawn(crate::faults::run(world.clone(), rng.fork(), chaos.clone())));
+    let faults = options.faults.then(|| {
+        let replicas = options.replicas;
+        tokio::spawn(crate::faults::run(world.clone(), rng.fork(), chaos.clone(), replicas))
+    });
     let chaos_end = world.now_ms() + options.chaos.as_millis() as u64;
     while world.now_ms() < chaos_end {
         tokio::time::sleep(Duration::from_millis(VIOLATION_POLL_MS)).await;

@@ -55,6 +55,8 @@ pub struct Stats {
     /// Node processes frozen (stopped, then resumed with everything sent meanwhile late).
     pub freezes: u64,
     pub disk_faults: u64,
+    /// Nodes whose tenant store was lost with the machine (with R >= 3 only, one per run).
+    pub disk_losses: u64,
     /// Registry entries that changed a node's membership state while the faults ran.
     pub membership_changes: u64,
     /// Handoffs that finished while the faults ran.

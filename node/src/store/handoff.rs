@@ -320,6 +320,7 @@ impl Store {
 
     /// Drops everything the store remembers of a tenant, so its next use reads the disk afresh.
     fn forget(&self, tenant: &str) {
+        self.forget_caught_up(tenant);
         let slot = self.slots.write().expect("slot map lock poisoned").remove(tenant);
         if let Some(slot) = slot {
             let s = lock_slot(&slot);

@@ -153,6 +153,13 @@ pub struct Store {
     keeps_tails: Arc<std::sync::atomic::AtomicBool>,
     /// Snapshots taken for replicas that lag, while they read them ([`snapshot`]).
     snapshots: Mutex<snapshot::Snapshots>,
+    /// The tenants directory was created by this open: the store holds nothing.
+    fresh: bool,
+    /// The store lost the copies it held (a wiped disk, [`Store::start_rebuilding`]): a tenant
+    /// counts toward a majority only once a primary has caught it up.
+    rebuilding: std::sync::atomic::AtomicBool,
+    /// Whether each tenant asked about was caught up, while rebuilding (its marker file).
+    caught_up: Mutex<std::collections::HashMap<String, bool>>,
 }
 
 pub use proto::auth::valid_tenant_id;
@@ -174,8 +181,10 @@ impl Store {
         clock: Arc<dyn Clock>,
     ) -> Result<Store, StoreError> {
         let tenants_dir = config.data_dir.join("tenants");
+        let fresh = !vfs.exists(&tenants_dir).map_err(StoreError::io("stat dir", &tenants_dir))?;
         vfs::create_dir_durable(vfs.as_ref(), &tenants_dir)
             .map_err(StoreError::io("create dir", &tenants_dir))?;
+        let rebuilding = replica::rebuilding_since_open(vfs.as_ref(), &tenants_dir)?;
         Ok(Store {
             config,
             tenants_dir,
@@ -187,6 +196,9 @@ impl Store {
             evicting: Mutex::new(()),
             keeps_tails: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             snapshots: Mutex::new(snapshot::Snapshots::default()),
+            fresh,
+            rebuilding: std::sync::atomic::AtomicBool::new(rebuilding),
+            caught_up: Mutex::new(std::collections::HashMap::new()),
         })
     }
 

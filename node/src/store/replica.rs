@@ -358,3 +358,105 @@ fn take_records(
     }
     Ok(false)
 }
+
+/// The file in the tenants directory that marks a store rebuilding its copies after it lost them.
+const REBUILDING_FILE: &str = ".rebuilding";
+
+/// The file in a tenant's directory, while the store rebuilds, that says a primary caught this
+/// copy up: it holds everything that primary had when it prepared, so it counts again.
+const CAUGHT_UP_FILE: &str = "caught-up";
+
+/// Whether the store in `tenants_dir` is rebuilding (its marker is there).
+pub(super) fn rebuilding_since_open(
+    vfs: &dyn super::Vfs,
+    tenants_dir: &Path,
+) -> Result<bool, StoreError> {
+    let path = tenants_dir.join(REBUILDING_FILE);
+    vfs.exists(&path).map_err(StoreError::io("stat rebuilding marker", &path))
+}
+
+impl Store {
+    /// The tenants directory was made by this open: whatever the store held before is gone, or
+    /// it never held anything.
+    pub fn opened_fresh(&self) -> bool {
+        self.fresh
+    }
+
+    /// This store lost the copies it held (its node was a member of the cluster before, and its
+    /// tenants directory is new: a wiped or replaced disk). From now on, durably, a tenant's copy
+    /// here is a learner's (docs/REPLICATION.md, "A wiped disk"): it does not count toward a
+    /// majority, nor answer a promise as if it held state, until a primary caught it up
+    /// ([`Self::mark_caught_up`]).
+    pub fn start_rebuilding(&self) -> Result<(), StoreError> {
+        let path = self.tenants_dir.join(REBUILDING_FILE);
+        let mut f =
+            self.vfs.create(&path).map_err(StoreError::io("create rebuilding marker", &path))?;
+        f.sync_data().map_err(StoreError::io("sync rebuilding marker", &path))?;
+        drop(f);
+        self.vfs
+            .sync_dir(&self.tenants_dir)
+            .map_err(StoreError::io("sync tenants dir", &self.tenants_dir))?;
+        self.rebuilding.store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Whether this store is rebuilding the copies it lost.
+    pub fn rebuilding(&self) -> bool {
+        self.rebuilding.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Whether this node's copy of `tenant` counts toward a majority: always, unless the store
+    /// is rebuilding and no primary has caught the copy up yet.
+    pub fn counts(&self, tenant: &str) -> Result<bool, StoreError> {
+        check_tenant_id(tenant)?;
+        if !self.rebuilding() {
+            return Ok(true);
+        }
+        let mut known = self.caught_up.lock().expect("caught-up lock poisoned");
+        if let Some(&caught_up) = known.get(tenant) {
+            return Ok(caught_up);
+        }
+        let path = TenantPaths::new(&self.tenants_dir, tenant).root.join(CAUGHT_UP_FILE);
+        let caught_up =
+            self.vfs.exists(&path).map_err(StoreError::io("stat caught-up marker", &path))?;
+        known.insert(tenant.to_string(), caught_up);
+        Ok(caught_up)
+    }
+
+    /// A primary found this copy holding everything it had when it prepared (or this node, as
+    /// the new primary, adopted the most advanced log of a majority): it counts from now on,
+    /// durably. Nothing to do unless the store is rebuilding.
+    pub fn mark_caught_up(&self, tenant: &str) -> Result<(), StoreError> {
+        if self.counts(tenant)? {
+            return Ok(());
+        }
+        let root = TenantPaths::new(&self.tenants_dir, tenant).root;
+        super::create_dir_durable(self.vfs.as_ref(), &root)
+            .map_err(StoreError::io("create tenant dir", &root))?;
+        let path = root.join(CAUGHT_UP_FILE);
+        let mut f =
+            self.vfs.create(&path).map_err(StoreError::io("create caught-up marker", &path))?;
+        f.sync_data().map_err(StoreError::io("sync caught-up marker", &path))?;
+        drop(f);
+        self.vfs.sync_dir(&root).map_err(StoreError::io("sync tenant dir", &root))?;
+        self.caught_up.lock().expect("caught-up lock poisoned").insert(tenant.to_string(), true);
+        Ok(())
+    }
+
+    /// Puts the caught-up marker of the copy at `root` into the copy at `into` too.
+    pub(super) fn copy_caught_up_marker(&self, root: &Path, into: &Path) -> Result<(), StoreError> {
+        let path = into.join(CAUGHT_UP_FILE);
+        let from = root.join(CAUGHT_UP_FILE);
+        if !self.vfs.exists(&from).map_err(StoreError::io("stat caught-up marker", &from))? {
+            return Ok(());
+        }
+        let mut f =
+            self.vfs.create(&path).map_err(StoreError::io("create caught-up marker", &path))?;
+        f.sync_data().map_err(StoreError::io("sync caught-up marker", &path))
+    }
+
+    /// Forgets whether `tenant` was caught up: its directory was replaced or removed.
+    pub(super) fn forget_caught_up(&self, tenant: &str) {
+        self.caught_up.lock().expect("caught-up lock poisoned").remove(tenant);
+    }
+}

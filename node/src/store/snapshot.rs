@@ -219,6 +219,11 @@ impl Store {
         create_dir_durable(self.vfs.as_ref(), &staging)
             .map_err(StoreError::io("create staging dir", &staging))?;
         ballots::write(self.vfs.as_ref(), &staging, &next)?;
+        // A copy that counted still does: the snapshot holds what its giver (the primary, or
+        // the most advanced of a majority) held.
+        if self.rebuilding() && self.counts(tenant)? {
+            self.copy_caught_up_marker(&root, &staging)?;
+        }
         self.swap_staged(tenant)?;
         s.storage_bytes = None;
         drop(s);
