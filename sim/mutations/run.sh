@@ -2,6 +2,7 @@
 # Breaks sq-cloud on purpose, one patch at a time, and shows that the simulator catches each break.
 #
 #   sim/mutations/run.sh [SEEDS]      # default 200 seeds per mutation
+#   MUTATIONS='replicated-*' sim/mutations/run.sh 100     # only the patches matching the glob
 #
 # Each patch in this directory is applied to a scratch worktree of HEAD (the checkout itself is
 # never touched), the simulator is built there, and SEEDS seeds are run. The script prints, per
@@ -17,12 +18,15 @@ trap 'git -C "$root" worktree remove --force "$scratch/tree" >/dev/null 2>&1 || 
 
 git -C "$root" worktree add --quiet --detach "$scratch/tree" HEAD
 uncaught=0
-for patch in "$here"/*.diff; do
+for patch in "$here"/${MUTATIONS:-*}.diff; do
   name="$(basename "$patch" .diff)"
   git -C "$scratch/tree" checkout --quiet -- .
   git -C "$scratch/tree" apply "$patch"
   CARGO_TARGET_DIR="$target" cargo build --quiet --locked --release -p sim --manifest-path "$scratch/tree/Cargo.toml"
-  "$target/release/sim" --seeds "$seeds" >"$scratch/$name.out" 2>&1 || true
+  # The replication patches break what only a replicated cluster does.
+  args=()
+  case "$name" in replicated-*) args=(--replicas 3) ;; esac
+  "$target/release/sim" --seeds "$seeds" "${args[@]}" >"$scratch/$name.out" 2>&1 || true
   failed="$(grep -c ': FAILED ' "$scratch/$name.out" || true)"
   if [ "$failed" -eq 0 ]; then
     echo "$name: NOT caught in $seeds seeds"
