@@ -1,6 +1,7 @@
 //! Black-box: a Jepsen-style register test. Clients read (`select`) and write (`update`)
 //! coordinates of a few tenants' phexts through the gateway of a `sq-cloud dev` cluster while a
-//! nemesis kills, freezes, joins and drains nodes; every invocation and completion is recorded
+//! nemesis kills, freezes, joins and drains nodes (with one copy of each tenant), or kills,
+//! freezes and wipes them (with three copies); every invocation and completion is recorded
 //! and each key (tenant, phext, coordinate) is checked as an independent register by
 //! stateright's `LinearizabilityTester` (`jepsen::history`). An operation answered with an
 //! error or not in time is indeterminate: it may or may not have taken effect.
@@ -60,8 +61,26 @@ fn registers_stay_linearizable_under_kill_pause_join_and_drain() {
     let mut rng = StdRng::seed_from_u64(seed);
     let faults = nemesis::schedule(&mut rng);
     eprintln!("linearizable: faults {faults:?}");
+    check_run(seed, &mut rng, &faults, 1);
+}
 
-    let run = run_workload(&mut rng, &faults);
+// Goal: with three copies of each tenant, every key stays linearizable through kills, freezes
+// and wipes of a node's tenant store, each fault moving the primaries of the tenants it hits
+// (failover, then the node back and its copies rebuilt); the same refusal of a stale read holds.
+#[test]
+fn registers_stay_linearizable_with_three_copies_under_kill_pause_and_wipe() {
+    let seed = std::env::var(SEED_VAR).ok().and_then(|s| s.parse().ok()).unwrap_or(SEED_DEFAULT);
+    eprintln!("linearizable (R = 3): seed {seed} ({SEED_VAR}={seed} replays this schedule)");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let faults = nemesis::schedule_replicated(&mut rng);
+    eprintln!("linearizable (R = 3): faults {faults:?}");
+    check_run(seed, &mut rng, &faults, 3);
+}
+
+/// Runs the workload under `faults` on a cluster with `replicas` copies of each tenant, checks
+/// the history, and asserts what both tests assert.
+fn check_run(seed: u64, rng: &mut StdRng, faults: &[nemesis::Fault], replicas: u8) {
+    let run = run_workload(rng, faults, replicas);
     let report = check_all(&run.events, &run.keys);
     eprintln!(
         "linearizable: seed {seed}; {} faults; {} client operations and {} final reads \
@@ -104,9 +123,13 @@ struct Run {
 
 /// Starts a cluster and its tenants, runs the clients while the nemesis runs `faults`, stops
 /// the clients, reads every key once more after the cluster healed, and stops the cluster.
-fn run_workload(rng: &mut StdRng, faults: &[nemesis::Fault]) -> Run {
+fn run_workload(rng: &mut StdRng, faults: &[nemesis::Fault], replicas: u8) -> Run {
     let started = Instant::now();
-    let mut cluster = DevCluster::start(3);
+    let mut cluster = if replicas > 1 {
+        DevCluster::start_with_args(3, &["--replicas", &replicas.to_string()])
+    } else {
+        DevCluster::start(3)
+    };
     let targets = Arc::new(targets(&cluster));
     let shared = Arc::new(Shared {
         base: cluster.url(),

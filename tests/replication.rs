@@ -1,8 +1,9 @@
 //! Black-box: a 3-node cluster with R = 3 (`sq-cloud dev --replicas 3`). Every write is on a
 //! majority of its tenant's nodes before it is answered: with both backups frozen a write is
 //! refused (503, never a hang) rather than acknowledged on one copy; with one frozen, writes go
-//! on; the backups catch up by themselves; and after a clean stop the three copies of every
-//! tenant are byte for byte the same.
+//! on; the backups catch up by themselves; a node whose disk is wiped comes back with its
+//! copies rebuilt and nothing lost; and after a clean stop the three copies of every tenant are
+//! byte for byte the same.
 
 mod common;
 
@@ -109,8 +110,9 @@ fn update(cluster: &DevCluster, key: &str, p: &str, i: u32, text: &str) -> (u16,
 }
 
 /// Every file of the tenant's directory on a node, by path, but its usage roll-up (kept by the
-/// primary only) and its ballots (a replica's own promise: the last primary's ballot, which a
-/// replica that took no records under it has not promised).
+/// primary only), its ballots (a replica's own promise: the last primary's ballot, which a
+/// replica that took no records under it has not promised) and the marker of a copy rebuilt
+/// after a lost disk.
 fn tenant_files(node_dir: &Path, tenant: &str) -> BTreeMap<String, Vec<u8>> {
     let root = node_dir.join("store/tenants").join(tenant);
     let mut files = BTreeMap::new();
@@ -120,7 +122,10 @@ fn tenant_files(node_dir: &Path, tenant: &str) -> BTreeMap<String, Vec<u8>> {
             let path = entry.expect("an entry").path();
             if path.is_dir() {
                 dirs.push(path);
-            } else if path.file_name().is_some_and(|n| n != "usage.json" && n != "ballots") {
+            } else if path
+                .file_name()
+                .is_some_and(|n| n != "usage.json" && n != "ballots" && n != "caught-up")
+            {
                 let name = path.strip_prefix(&root).expect("inside").display().to_string();
                 files.insert(name, std::fs::read(&path).expect("readable"));
             }
@@ -314,4 +319,86 @@ fn a_frozen_primary_is_replaced_and_nothing_acknowledged_is_lost() {
     in_sync(&cluster, "demo");
     cluster.stop();
     same_copies(&cluster, "demo");
+}
+
+/// The node's process id as `sq-cloud dev` last wrote it (it rewrites dev.json on a restart).
+fn current_pid(cluster: &DevCluster, node: u64) -> i32 {
+    let json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(cluster.dir.join("dev.json")).expect("dev.json"))
+            .expect("dev.json is JSON");
+    let nodes = json["nodes"].as_array().expect("nodes in dev.json");
+    let n = nodes.iter().find(|n| n["id"] == node).expect("the node is in dev.json");
+    n["pid"].as_i64().expect("a pid") as i32
+}
+
+// Goal: the primary of a tenant loses its disk under write load (its process frozen, its tenant
+// store deleted, then killed; `sq-cloud dev` restarts it on the empty store). The node says its
+// copies were lost; the tenant is served meanwhile and after; the node's copy is rebuilt from the
+// others (its backups in sync again); every acknowledged write reads back; and after a clean stop
+// its rebuilt copy is byte for byte the others'.
+#[test]
+fn a_wiped_node_rebuilds_its_copies_and_nothing_is_lost() {
+    let tmp = tempfile::tempdir().expect("dir");
+    let mut cluster = three_copies(tmp.path());
+    let demo = cluster.demo_key();
+    for i in 1..=20 {
+        let (status, body) = update_retrying(&cluster, &demo, "notes", i, "x");
+        assert_eq!(status, 200, "{body}");
+    }
+    let s = in_sync(&cluster, "demo");
+    let victim = s["node"].as_u64().expect("a primary");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = writer(cluster.url(), demo.clone(), stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    let old_pid = current_pid(&cluster, victim);
+    {
+        let _frozen = Frozen::freeze(&[old_pid]);
+        let store = cluster.dir.join(format!("node-{victim}/store/tenants"));
+        std::fs::remove_dir_all(&store).expect("the store wiped");
+        unsafe { libc::kill(old_pid, libc::SIGKILL) };
+    }
+    wait_for(Duration::from_secs(30), "the node restarted", || {
+        (current_pid(&cluster, victim) != old_pid).then_some(())
+    });
+    let log = cluster.dir.join(format!("node-{victim}.log"));
+    wait_for(Duration::from_secs(30), "the node saying its copies were lost", || {
+        std::fs::read_to_string(&log).ok()?.contains("its copies were lost").then_some(())
+    });
+    // Served again by the rebuilt node, with its backups in sync.
+    wait_for(Duration::from_secs(60), "the wiped node primary again", || {
+        (stats_now(&cluster, "demo")?["node"] == victim).then_some(())
+    });
+    // The rebuilt primary takes writes, acknowledged by a majority that counts.
+    let back = Instant::now();
+    for i in 1..=10 {
+        let (status, body) = update_retrying(&cluster, &demo, "after", i, "y");
+        assert_eq!(status, 200, "{body}");
+    }
+    eprintln!("10 writes to the rebuilt primary in {:?}", back.elapsed());
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (acked, longest) = load.join().expect("the writer");
+    eprintln!("{} writes acknowledged; the longest wait between two was {longest:?}", acked.len());
+    assert!(acked.len() > 20, "{} writes", acked.len());
+    for i in 1..=10 {
+        let (status, body) =
+            get(&cluster.url(), &demo, &format!("/select?p=after&c=1.1.1/1.1.1/1.1.{i}"));
+        assert_eq!((status, body.as_str()), (200, "y"), "write {i} after the wipe");
+    }
+    for i in 1..=20 {
+        let (status, body) =
+            get(&cluster.url(), &demo, &format!("/select?p=notes&c=1.1.1/1.1.1/1.1.{i}"));
+        assert_eq!((status, body.as_str()), (200, "x"), "write {i} before the wipe");
+    }
+    for i in &acked {
+        let (status, body) =
+            get(&cluster.url(), &demo, &format!("/select?p=log&c=1.1.1/1.1.1/1.1.{i}"));
+        assert_eq!((status, body.as_str()), (200, format!("w{i}").as_str()), "write {i}");
+    }
+    in_sync(&cluster, "demo");
+    cluster.stop();
+    same_copies(&cluster, "demo");
+    assert!(
+        cluster.dir.join(format!("node-{victim}/store/tenants/demo/caught-up")).exists(),
+        "the rebuilt copy was caught up by a primary"
+    );
 }

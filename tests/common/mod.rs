@@ -67,9 +67,15 @@ pub struct DevCluster {
 
 impl DevCluster {
     pub fn start(nodes: usize) -> DevCluster {
+        DevCluster::start_with_args(nodes, &[])
+    }
+
+    /// [`DevCluster::start`] with more arguments for `sq-cloud dev`.
+    pub fn start_with_args(nodes: usize, extra: &[&str]) -> DevCluster {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
-        let mut c = DevCluster::start_in(&dir, nodes, &format!("127.0.0.1:{}", free_tcp_port()));
+        let listen = format!("127.0.0.1:{}", free_tcp_port());
+        let mut c = DevCluster::start_with(&dir, nodes, &listen, extra);
         c._tmp = Some(tmp);
         c
     }

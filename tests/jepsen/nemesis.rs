@@ -1,8 +1,10 @@
 //! The nemesis: one fault at a time on a `sq-cloud dev` cluster, on a seeded schedule. It kills
 //! nodes (SIGKILL; the dev supervisor restarts its own, the nemesis restarts the node it
 //! joined), freezes them (SIGSTOP, then SIGCONT), joins a node and drains and removes it again
-//! through the admin API. Every process it starts or stops is given back on every path: a
-//! frozen node is continued and a joined node killed when the nemesis is dropped.
+//! through the admin API; with R = 3 it also wipes a node's tenant store (frozen, store deleted,
+//! killed: the supervisor restarts it on an empty store). Every process it starts or stops is
+//! given back on every path: a frozen node is continued and a joined node killed when the
+//! nemesis is dropped.
 
 use std::process::Child;
 use std::time::{Duration, Instant};
@@ -17,6 +19,10 @@ use crate::common::{admin, free_udp_port, pending_handoffs, start_node, wait_for
 pub const KILLS: usize = 3;
 pub const PAUSES: usize = 3;
 pub const MEMBERSHIP: [Fault; 4] = [Fault::Join, Fault::Drain, Fault::Join, Fault::Drain];
+
+/// With R = 3 (no joins or drains: they are refused while R > 1), wipes between the kills and
+/// pauses, each only once the wiped node's copies were rebuilt.
+pub const WIPES: usize = 2;
 
 /// Time between two faults, drawn in this range. A kill or a freeze ends only once its node's
 /// tenants are served again, but a join returns when it is accepted: a short gap after it puts
@@ -51,6 +57,7 @@ pub enum Fault {
     Pause,
     Join,
     Drain,
+    Wipe,
 }
 
 /// The faults of one run, in order: kills and pauses shuffled, and the membership changes, in
@@ -67,6 +74,15 @@ pub fn schedule(rng: &mut StdRng) -> Vec<Fault> {
     for (i, fault) in at.into_iter().zip(MEMBERSHIP) {
         faults.insert(i, fault);
     }
+    faults
+}
+
+/// The faults of a run with R = 3: kills, pauses and wipes, shuffled.
+pub fn schedule_replicated(rng: &mut StdRng) -> Vec<Fault> {
+    let mut faults = vec![Fault::Kill; KILLS];
+    faults.extend([Fault::Pause; PAUSES]);
+    faults.extend([Fault::Wipe; WIPES]);
+    faults.shuffle(rng);
     faults
 }
 
@@ -117,6 +133,7 @@ impl<'a> Nemesis<'a> {
                 Fault::Pause => self.pause(),
                 Fault::Join => self.join(),
                 Fault::Drain => self.drain(),
+                Fault::Wipe => self.wipe(),
             };
             let line = format!("{:>6} ms  {what}", self.started.elapsed().as_millis());
             eprintln!("nemesis: {line}");
@@ -213,6 +230,45 @@ impl<'a> Nemesis<'a> {
         format!(
             "froze node {id} (pid {pid}, owner of {names:?}) for {frozen:?}; its tenants served \
              again {:?} after SIGCONT",
+            started.elapsed()
+        )
+    }
+
+    /// Freezes a node, deletes its tenant store, kills it; the dev supervisor restarts it on an
+    /// empty store, which it rebuilds from the other copies. Returns once the test's tenants are
+    /// served and every backup of theirs holds all its primary's records as a member (so the
+    /// next wipe never finds a copy still being rebuilt).
+    fn wipe(&mut self) -> String {
+        let (id, owned) = self.victim();
+        let pid = self.pid(id);
+        let started = Instant::now();
+        {
+            let _frozen = Frozen::freeze(pid);
+            let store = self.cluster.dir.join(format!("node-{id}/store/tenants"));
+            std::fs::remove_dir_all(&store).expect("the tenant store deleted");
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill node {id}");
+        }
+        wait_for(RECOVERY_LIMIT, "the dev supervisor restarts the wiped node", || {
+            (self.pid(id) != pid).then_some(())
+        });
+        self.wait_alive(id);
+        self.wait_served(&owned);
+        let served = started.elapsed();
+        for (tenant, _) in self.tenants.clone() {
+            wait_for(RECOVERY_LIMIT, &format!("{tenant}'s copies rebuilt"), || {
+                let path = format!("/admin/tenants/{tenant}/stats");
+                let (status, stats) = admin(self.cluster, reqwest::Method::GET, &path, None);
+                let backups = stats["backups"].as_array()?;
+                let rebuilt = status == 200
+                    && backups.len() == 2
+                    && backups.iter().all(|b| b["state"] == "in-sync");
+                rebuilt.then_some(())
+            });
+        }
+        let names: Vec<&str> = owned.iter().map(|(t, _)| t.as_str()).collect();
+        format!(
+            "wiped node {id}'s tenant store (pid {pid}, owner of {names:?}); its tenants served \
+             again after {served:?}, every copy in sync after {:?}",
             started.elapsed()
         )
     }
