@@ -131,6 +131,89 @@ pub async fn run(svc: Arc<Service>, shutdown: CancellationToken) {
     while running.join_next().await.is_some() {}
 }
 
+/// How long a rebuild waits between two passes over the copies it still has to rebuild.
+const REBUILD_PASS_PAUSE: Duration = Duration::from_secs(1);
+
+/// A node that lost its tenant store (`Store::rebuilding`) rebuilds every copy it holds, without
+/// waiting for each tenant's next write: for each tenant whose set holds it and whose copy does
+/// not count yet, it takes a snapshot from the tenant's primary (which prepares first, so the
+/// copy counts once installed), or, as the primary, runs its prepare round. As many at a time as
+/// handoffs pull, paced by the same bandwidth limit; passes repeat until none is left (a primary
+/// down or unprepared is tried again). The gauge `sq_rebuilding_copies` counts what is left.
+pub async fn rebuild(svc: Arc<Service>, shutdown: CancellationToken) {
+    if !svc.store.rebuilding() {
+        return;
+    }
+    let started = svc.mono_ms();
+    let permits = Arc::new(Semaphore::new(svc.handoffs.config.parallelism.max(1)));
+    loop {
+        let state = svc.registry.state();
+        if state.replicas() <= 1 {
+            // One copy of each tenant: there is nothing to rebuild from.
+            return;
+        }
+        let mine: Vec<String> = state
+            .tenants()
+            .filter(|t| state.replica_set(&t.id).contains(&svc.id))
+            .map(|t| t.id.to_string())
+            .collect();
+        let store = svc.store.clone();
+        let todo: Vec<String> = crate::blocking::spawn(move || {
+            mine.into_iter().filter(|t| !store.counts(t).unwrap_or(false)).collect()
+        })
+        .await
+        .unwrap_or_default();
+        crate::metrics::rebuilding(todo.len() as u64);
+        if todo.is_empty() {
+            tracing::info!(
+                node = svc.id,
+                ms = svc.mono_ms().saturating_sub(started),
+                "every copy this node holds is rebuilt"
+            );
+            return;
+        }
+        let mut running = tokio::task::JoinSet::new();
+        for tenant in todo {
+            let (svc, permits) = (svc.clone(), permits.clone());
+            running.spawn(async move {
+                let Ok(_permit) = permits.acquire().await else { return };
+                if let Err(e) = rebuild_one(&svc, &tenant).await {
+                    tracing::debug!(node = svc.id, tenant, error = %e, "rebuilding a copy failed; tried again next pass");
+                }
+            });
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {
+                running.abort_all();
+                while running.join_next().await.is_some() {}
+                return;
+            }
+            _ = async { while running.join_next().await.is_some() {} } => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(REBUILD_PASS_PAUSE) => {}
+        }
+    }
+}
+
+/// Rebuilds this node's copy of one tenant: as its primary by a prepare round, else from the
+/// primary's snapshot.
+async fn rebuild_one(svc: &Service, tenant: &str) -> Result<(), HandoffError> {
+    let state = svc.registry.state();
+    match state.primary_of(tenant) {
+        Some(primary) if primary == svc.id => {
+            svc.prepare_if_primary(tenant).await.map_err(HandoffError::Refused)?;
+        }
+        Some(primary) => {
+            let epoch = state.placement_epoch();
+            take(&svc.copier(), &svc.registry, svc.id, tenant, primary, epoch).await?;
+        }
+        None => {}
+    }
+    Ok(())
+}
+
 /// Takes node `from`'s copy of `tenant` as this node's, promising `ballot`: its snapshot's files,
 /// then its ballot history up to the snapshot's last record. Returns that record's lsn. The
 /// transfer shows in this node's health as an incoming copy.
@@ -142,6 +225,7 @@ pub(crate) async fn take(
     from: u64,
     ballot: u64,
 ) -> Result<u64, HandoffError> {
+    let _one_copy = c.handoffs.staging(tenant).await;
     let state = registry.state();
     let addr = state.node(from).ok_or(HandoffError::UnknownNode(from))?.addr.clone();
     let addr: std::net::SocketAddr =
@@ -180,8 +264,18 @@ pub(crate) async fn take(
     }
     copied?;
     let (store, t, lsn) = (c.store.clone(), tenant.to_string(), listing.lsn);
-    let installed =
-        crate::blocking::spawn(move || store.snapshot_install(&t, lsn, &theirs, ballot)).await??;
+    // From the primary, prepared: promise its ballot, and the copy holds every acknowledged
+    // write (a copy being rebuilt after a lost disk counts from now on).
+    let prepared = listing.prepared_ballot;
+    let ballot = prepared.map_or(ballot, |b| b.max(ballot));
+    let installed = crate::blocking::spawn(move || {
+        let installed = store.snapshot_install(&t, lsn, &theirs, ballot)?;
+        if installed.is_ok() && prepared.is_some() {
+            store.mark_caught_up(&t)?;
+        }
+        Ok::<_, crate::store::StoreError>(installed)
+    })
+    .await??;
     installed.map_err(|refused| HandoffError::Refused(ApiError::Conflict(refused.to_string())))?;
     crate::metrics::snapshot_taken(bytes_total);
     Ok(listing.lsn)
@@ -233,6 +327,14 @@ pub async fn give(svc: &Service, from: u64, tenant: String) -> NodeResponse {
             svc.id
         )));
     }
+    // The primary gives what it holds once it has prepared: every acknowledged write, so a copy
+    // rebuilt from it counts at once.
+    let prepared_ballot = match svc.prepare_if_primary(&tenant).await {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            return NodeResponse::Snapshot(Err(format!("the primary could not prepare: {e}")))
+        }
+    };
     let store = svc.store.clone();
     let taken = crate::blocking::spawn(move || store.snapshot_take(&tenant)).await;
     NodeResponse::Snapshot(match taken {
@@ -241,6 +343,7 @@ pub async fn give(svc: &Service, from: u64, tenant: String) -> NodeResponse {
             lsn: image.lsn,
             ballots: image.ballots.to_wire(),
             files: image.files,
+            prepared_ballot,
         }),
         Ok(Err(e)) => Err(format!("store: {e}")),
         Err(e) => Err(format!("store task failed: {e}")),

@@ -142,6 +142,9 @@ pub struct Handoffs {
     /// jump must not cut the grace period short.
     retired: Mutex<HashMap<String, tokio::time::Instant>>,
     bandwidth: Mutex<(u64, f64)>,
+    /// Held while a copy of a tenant is staged here (a handoff's pull, a replica's snapshot):
+    /// the staging directory is one per tenant, so two copies at once would mix their files.
+    staging: Vec<Arc<tokio::sync::Mutex<()>>>,
 }
 
 impl Handoffs {
@@ -153,7 +156,15 @@ impl Handoffs {
             finished: Notify::new(),
             retired: Mutex::new(HashMap::new()),
             bandwidth: Mutex::new((0, 0.0)),
+            staging: (0..GATE_SHARDS).map(|_| Arc::new(tokio::sync::Mutex::new(()))).collect(),
         }
+    }
+
+    /// Waits until no other copy of `tenant` (or of its shard) is being staged here, and keeps
+    /// others out until dropped.
+    pub(crate) async fn staging(&self, tenant: &str) -> tokio::sync::OwnedMutexGuard<()> {
+        let shard = xxhash_rust::xxh3::xxh3_64(tenant.as_bytes()) as usize % GATE_SHARDS;
+        self.staging[shard].clone().lock_owned().await
     }
 
     fn gate(&self, tenant: &str) -> Arc<RwLock<()>> {
@@ -330,6 +341,7 @@ async fn pull(svc: &Service, h: &Handoff) -> Result<(), HandoffError> {
         return commit(svc, Command::HandoffDone { tenant: h.tenant.clone(), epoch: h.epoch })
             .await;
     }
+    let _one_copy = svc.handoffs.staging(&h.tenant).await;
     let state = svc.registry.state();
     let from = state.node(h.from).ok_or(HandoffError::UnknownNode(h.from))?.addr.clone();
     let files = match call(

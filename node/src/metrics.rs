@@ -82,6 +82,10 @@ fn describe() {
         "Bytes of snapshots this node took to rebuild its copy of a tenant (catch-up after a wipe, a long absence or a cut below a checkpoint)"
     );
     metrics::counter!("sq_rereplication_bytes_total").increment(0);
+    metrics::describe_gauge!(
+        "sq_rebuilding_copies",
+        "Copies on this node still being rebuilt after it lost its tenant store (0 otherwise)"
+    );
     metrics::counter!("sq_failovers_total").increment(0);
     metrics::counter!("sq_replication_timeouts_total").increment(0);
     metrics::counter!("sq_replication_bytes_total").increment(0);
@@ -193,4 +197,9 @@ pub fn prepared() {
 /// A snapshot of `bytes` taken and installed: this node's copy of a tenant rebuilt.
 pub fn snapshot_taken(bytes: u64) {
     metrics::counter!("sq_rereplication_bytes_total").increment(bytes);
+}
+
+/// How many copies this node still has to rebuild after it lost its tenant store.
+pub fn rebuilding(copies: u64) {
+    metrics::gauge!("sq_rebuilding_copies").set(copies as f64);
 }

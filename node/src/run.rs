@@ -235,6 +235,7 @@ impl NodeParts {
             tokio::spawn(crate::handoff::run_sweeper(self.service.clone(), shutdown.clone())),
             tokio::spawn(crate::lease::run(self.service.clone(), shutdown.clone())),
             tokio::spawn(crate::catchup::run(self.service.clone(), shutdown.clone())),
+            tokio::spawn(crate::catchup::rebuild(self.service.clone(), shutdown.clone())),
         ])
     }
 

@@ -263,9 +263,7 @@ impl Service {
         }
         // A majority of the replica set, this node counting as one, holds every write before it
         // is answered (crate::replicate).
-        let set = state.replica_set(tenant);
-        let backups: Vec<u64> = set.iter().copied().filter(|&n| n != self.id).collect();
-        let needed = set.len() / 2;
+        let (backups, needed) = self.backups(&state, tenant);
         self.store.keep_tails(needed > 0);
         // A replicated tenant is read only under this node's lease: no other node can be its
         // primary meanwhile (crate::lease). Checked again once a read has run, and once a write
@@ -599,6 +597,26 @@ impl Service {
         })
         .await
         .unwrap_or_default()
+    }
+
+    /// The other members of the tenant's replica set, and how many of them must hold a write
+    /// beside this node (a majority of the set, this node counting as one; 0 with R = 1).
+    pub fn backups(&self, state: &raft_registry::RegistryState, tenant: &str) -> (Vec<u64>, usize) {
+        let set = state.replica_set(tenant);
+        let backups = set.iter().copied().filter(|&n| n != self.id).collect();
+        (backups, set.len() / 2)
+    }
+
+    /// Prepares the tenant here if this node is its primary, with R > 1 (see
+    /// `Replication::prepare`): the ballot it leads under, `None` when it is not the primary.
+    pub async fn prepare_if_primary(&self, tenant: &str) -> Result<Option<u64>, ApiError> {
+        let state = self.registry.state();
+        let (backups, needed) = self.backups(&state, tenant);
+        if needed == 0 || state.primary_of(tenant) != Some(self.id) {
+            return Ok(None);
+        }
+        let ballot = state.placement_epoch();
+        self.replication.prepare(tenant, ballot, &backups, needed).await.map(Some)
     }
 
     /// Waits, at most `wait`, until this node's registry has applied placement epoch `epoch`.

@@ -344,6 +344,9 @@ pub struct SnapshotListing {
     #[serde(with = "serde_bytes")]
     pub ballots: Vec<u8>,
     pub files: Vec<HandoffFile>,
+    /// Taken by the tenant's primary after its prepare round under `ballot`: it holds every
+    /// acknowledged write, so a copy rebuilt from it counts.
+    pub prepared_ballot: Option<u64>,
 }
 
 /// Where a replica's log stands: its ballots (promise and history, as `Ballots::to_wire` in the

@@ -297,7 +297,14 @@ fn node_response() -> impl Strategy<Value = NodeResponse> {
             prop::collection::vec(handoff_file(), 0..4)
         )
             .prop_map(|((id, lsn), ballots, files)| {
-                NodeResponse::Snapshot(Ok(SnapshotListing { id, lsn, ballots, files }))
+                let prepared_ballot = (lsn % 2 == 0).then_some(id);
+                NodeResponse::Snapshot(Ok(SnapshotListing {
+                    id,
+                    lsn,
+                    ballots,
+                    files,
+                    prepared_ballot,
+                }))
             }),
     ]
 }
