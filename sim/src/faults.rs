@@ -38,11 +38,13 @@ enum Kind {
     SlowDisk,
     ClockJump,
     DiskLoss,
+    IsolatePrimary,
 }
 
-/// Each kind's weight. A lost disk comes last with weight 0 unless R >= 3 (with fewer copies
-/// its tenants are lost for good), so that runs with R = 1 draw as they always did.
-const KINDS: [(Kind, u64); 9] = [
+/// Each kind's weight. The kinds for replicated tenants come last with weight 0 unless R >= 3
+/// (a lost disk would lose tenants for good with fewer copies), so that runs with R = 1 draw
+/// as they always did.
+const KINDS: [(Kind, u64); 10] = [
     (Kind::Partition, 20),
     (Kind::OneWay, 15),
     (Kind::Weather, 15),
@@ -52,10 +54,12 @@ const KINDS: [(Kind, u64); 9] = [
     (Kind::SlowDisk, 10),
     (Kind::ClockJump, 10),
     (Kind::DiskLoss, 0),
+    (Kind::IsolatePrimary, 0),
 ];
 
-/// The weight of [`Kind::DiskLoss`] with R >= 3.
+/// The weights of [`Kind::DiskLoss`] and [`Kind::IsolatePrimary`] with R >= 3.
 const DISK_LOSS_WEIGHT: u64 = 10;
+const ISOLATE_PRIMARY_WEIGHT: u64 = 15;
 
 /// Injects faults until `stop`.
 pub async fn run(world: Arc<World>, mut rng: Rng, stop: CancellationToken, replicas: u8) {
@@ -63,6 +67,7 @@ pub async fn run(world: Arc<World>, mut rng: Rng, stop: CancellationToken, repli
         .iter()
         .map(|(kind, w)| match kind {
             Kind::DiskLoss if replicas >= 3 => DISK_LOSS_WEIGHT,
+            Kind::IsolatePrimary if replicas >= 3 => ISOLATE_PRIMARY_WEIGHT,
             _ => *w,
         })
         .collect();
@@ -163,6 +168,7 @@ fn inject(
         }
         Kind::Crash => crash(world, rng, node, length, stop),
         Kind::DiskLoss => lose_disk(world, node, length, stop),
+        Kind::IsolatePrimary => isolate_primary(world, rng, length, stop),
         Kind::Freeze => {
             world.trace.event(format!("fault: n{node} frozen for {} ms", length.as_millis()));
             world.stats().freezes += 1;
@@ -244,6 +250,34 @@ fn crash(world: &Arc<World>, rng: &mut Rng, node: u64, length: Duration, stop: &
             }
         });
     });
+}
+
+/// Cuts a tenant's primary, with one gateway, off from every other node and gateway: its
+/// clients there keep reaching it while the rest of the cluster marks it down and serves the
+/// tenant from another node. A deposed primary that answered reads without its lease would
+/// answer them stale.
+fn isolate_primary(world: &Arc<World>, rng: &mut Rng, length: Duration, stop: &CancellationToken) {
+    let Some(state) = world.registry_state() else { return };
+    let tenants: Vec<String> = state.tenants().map(|t| t.id.to_string()).collect();
+    if tenants.is_empty() || world.gateways.is_empty() {
+        return;
+    }
+    let tenant = rng.pick(&tenants).clone();
+    let Some(primary) = state.primary_of(&tenant) else { return };
+    let gateway = Endpoint::Gateway(rng.below(world.gateways.len() as u64));
+    let inside = [Endpoint::Node(primary), gateway];
+    let links: Vec<(Endpoint, Endpoint)> = endpoints(world)
+        .into_iter()
+        .filter(|e| !inside.contains(e))
+        .flat_map(|out| inside.iter().flat_map(move |&i| [(i, out), (out, i)]))
+        .filter(|(a, b)| matches!(a, Endpoint::Node(_)) || matches!(b, Endpoint::Node(_)))
+        .collect();
+    world.trace.event(format!(
+        "fault: {tenant}'s primary n{primary} cut off with {gateway} for {} ms",
+        length.as_millis()
+    ));
+    world.stats().partitions += 1;
+    cut(world, links, length, stop);
 }
 
 /// Machine `node` loses power and its tenant store with it (a dead disk, replaced empty); it
