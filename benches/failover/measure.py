@@ -28,6 +28,15 @@ node delays no other); prints, over those tenants, the time from the freeze to t
 first write that was acknowledged (p50, p99, max). Then it resumes the node, waits until it is primary again, and reads
 back every acknowledged write.
 
+    python3 benches/failover/measure.py rebuild --dev DIR --tenants 100 --mib 1
+
+rebuild (a cluster started with `sq-cloud dev --replicas 3`): makes the tenants and writes MIB
+MiB into each (in scrolls of 256 KiB), waits until every backup is in sync, then wipes one node's
+tenant store (SIGSTOP, delete `store/tenants`, SIGKILL; the dev supervisor restarts it on an
+empty store). Prints the time from the restart to the node's log line saying every copy it holds
+is rebuilt, the bytes it took (its `sq_rereplication_bytes_total`), and MB/s; then reads back
+one scroll of every tenant.
+
 admin-write: freezes or kills the registry leader (the dev supervisor is paused meanwhile, so a
 killed leader stays down), then sends one admin write (add a tenant) at once, while another thread
 polls health for the new leader. Prints the election time (freeze to a new leader in health) and
@@ -221,6 +230,81 @@ def tenant_failover(c, tenants, runs):
         raise SystemExit(1)
 
 
+def rebuild(c, tenants, mib):
+    keys = {}
+    for i in range(tenants):
+        tid = f"rb{i:04d}"
+        status, body = call(c.api + "/admin/tenants/add", c.admin, "POST", {"tenant_id": tid, "tier": "team"})
+        if status != 201:
+            raise SystemExit(f"adding {tid}: {status} {body[:200]} (run on a fresh cluster)")
+        keys[tid] = json.loads(body)["api_key"]
+    scroll = "x" * (256 << 10)
+    per_tenant = max(1, mib * 4)
+    started = time.monotonic()
+    for t, key in keys.items():
+        for k in range(1, per_tenant + 1):
+            url = c.api + f"/update?p=data&c=1.1.1/1.1.1/1.1.{k}"
+            req = urllib.request.Request(url, data=scroll.encode(), method="POST")
+            req.add_header("Authorization", f"Bearer {key}")
+            for _ in range(50):
+                try:
+                    with urllib.request.urlopen(req, timeout=30) as r:
+                        if r.status == 200:
+                            break
+                except Exception:
+                    time.sleep(0.2)
+            else:
+                raise SystemExit(f"{t}: write {k} not acknowledged")
+    loaded = tenants * per_tenant * 256 / 1024
+    print(f"loaded {tenants} tenants, {loaded:.0f} MiB, in {time.monotonic() - started:.1f} s", flush=True)
+
+    def in_sync(t):
+        status, body = call(c.api + f"/admin/tenants/{t}/stats", c.admin, timeout=10)
+        if status != 200:
+            return False
+        b = json.loads(body).get("backups", [])
+        return len(b) == 2 and all(x["state"] == "in-sync" for x in b)
+
+    wait("every backup in sync", lambda: all(in_sync(t) for t in keys), limit=600)
+    stats = json.loads(call(c.api + f"/admin/tenants/{next(iter(keys))}/stats", c.admin)[1])
+    victim = stats["backups"][0]["node"]
+    pid = c.pid(victim)
+    log = os.path.join(c.dev, f"node-{victim}.log")
+    before = os.path.getsize(log)
+    os.kill(pid, signal.SIGSTOP)
+    import shutil
+    shutil.rmtree(os.path.join(c.dev, f"node-{victim}", "store", "tenants"))
+    os.kill(pid, signal.SIGKILL)
+    os.kill(pid, signal.SIGCONT)
+    wiped = time.monotonic()
+    wait("the node restarted", lambda: c.pid(victim) != pid)
+    restarted = time.monotonic()
+
+    def rebuilt():
+        with open(log, errors="replace") as f:
+            f.seek(before)
+            return "every copy this node holds is rebuilt" in f.read()
+
+    wait("every copy rebuilt", rebuilt, limit=3600)
+    done = time.monotonic()
+    status, text = call(c.api + "/metrics", c.admin, timeout=10)
+    taken = 0.0
+    for line in text.splitlines():
+        if line.startswith("sq_rereplication_bytes_total") and f'node="{victim}"' in line:
+            taken = float(line.split()[-1])
+    secs = done - restarted
+    print(f"node {victim} wiped; restarted {restarted - wiped:.2f} s later; every copy rebuilt "
+          f"{secs:.2f} s after the restart: {taken / 1e6:.1f} MB taken, {taken / 1e6 / secs:.1f} MB/s")
+    bad = 0
+    for t, key in keys.items():
+        s, body = call(c.api + "/select?p=data&c=1.1.1/1.1.1/1.1.1", key, timeout=30)
+        if (s, body) != (200, scroll):
+            bad += 1
+    print(f"read back: {tenants - bad} of {tenants} tenants whole")
+    if bad:
+        raise SystemExit(1)
+
+
 def admin_write(c, runs, how, dev_pid):
     elections, routings, totals = [], [], []
     if how == "kill" and not dev_pid:
@@ -318,8 +402,9 @@ def drain_leader(binary, runs, port):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["dead-node", "admin-write", "drain-leader", "tenant-failover"])
+    p.add_argument("what", choices=["dead-node", "admin-write", "drain-leader", "tenant-failover", "rebuild"])
     p.add_argument("--tenants", type=int, default=30)
+    p.add_argument("--mib", type=int, default=1, help="rebuild: MiB written into each tenant")
     p.add_argument("--bin", default="target/release/sq-cloud")
     p.add_argument("--port", type=int, default=28600)
     p.add_argument("--dev", default="sq-cloud-dev")
@@ -334,6 +419,8 @@ def main():
         dead_node(c, a.runs)
     elif a.what == "tenant-failover":
         tenant_failover(c, a.tenants, a.runs)
+    elif a.what == "rebuild":
+        rebuild(c, a.tenants, a.mib)
     else:
         admin_write(c, a.runs, a.how, a.supervisor)
 
