@@ -34,8 +34,9 @@ rebuild (a cluster started with `sq-cloud dev --replicas 3`): makes the tenants 
 MiB into each (in scrolls of 256 KiB), waits until every backup is in sync, then wipes one node's
 tenant store (SIGSTOP, delete `store/tenants`, SIGKILL; the dev supervisor restarts it on an
 empty store). Prints the time from the restart to the node's log line saying every copy it holds
-is rebuilt, the bytes it took (its `sq_rereplication_bytes_total`), and MB/s; then reads back
-one scroll of every tenant.
+is rebuilt, the bytes of snapshots it took (its `sq_rereplication_bytes_total`; the tenants it is
+primary of it rebuilds by its prepare round, fetching records, which that does not count), and
+MB/s; then reads back one scroll of every tenant.
 
 admin-write: freezes or kills the registry leader (the dev supervisor is paused meanwhile, so a
 killed leader stays down), then sends one admin write (add a tenant) at once, while another thread
@@ -287,11 +288,15 @@ def rebuild(c, tenants, mib):
 
     wait("every copy rebuilt", rebuilt, limit=3600)
     done = time.monotonic()
-    status, text = call(c.api + "/metrics", c.admin, timeout=10)
-    taken = 0.0
-    for line in text.splitlines():
-        if line.startswith("sq_rereplication_bytes_total") and f'node="{victim}"' in line:
-            taken = float(line.split()[-1])
+    def taken_bytes():
+        _, text = call(c.api + "/metrics", c.admin, timeout=10)
+        for line in text.splitlines():
+            if line.startswith("sq_rereplication_bytes_total") and f'node="{victim}"' in line:
+                return float(line.split()[-1])
+        return 0.0
+
+    # The gateway scrapes each node when asked; the restarted node's series may lag a scrape.
+    taken = wait("the node's rebuild bytes in the metrics", taken_bytes, limit=30)
     secs = done - restarted
     print(f"node {victim} wiped; restarted {restarted - wiped:.2f} s later; every copy rebuilt "
           f"{secs:.2f} s after the restart: {taken / 1e6:.1f} MB taken, {taken / 1e6 / secs:.1f} MB/s")

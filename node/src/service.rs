@@ -349,7 +349,12 @@ impl Service {
                 self.leased(replicated)?;
                 self.committed_seen(tenant, led, replicated).await.map(|()| answer)
             }
-            (Err(e), _) => Err(e),
+            // A refusal read from this node's state (a full quota) is a read too: a deposed
+            // primary's state may hold records no majority took.
+            (Err(e), _) => {
+                self.leased(replicated)?;
+                Err(e)
+            }
         }
     }
 
