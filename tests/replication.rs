@@ -134,6 +134,11 @@ fn tenant_files(node_dir: &Path, tenant: &str) -> BTreeMap<String, Vec<u8>> {
     files
 }
 
+/// Held by each test while its cluster runs: three clusters of four processes at once, debug
+/// builds with three copies of every write, did not all come up within the start limit on a
+/// 2-core machine.
+static ONE_CLUSTER_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A 3-node `sq-cloud dev` in `dir` with R = 3.
 fn three_copies(dir: &Path) -> DevCluster {
     let listen = format!("127.0.0.1:{}", common::free_tcp_port());
@@ -167,6 +172,7 @@ fn same_copies(cluster: &DevCluster, tenant: &str) {
 // name; and after a clean stop every tenant's files are identical on all three nodes.
 #[test]
 fn writes_wait_for_a_majority_of_three_copies() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().expect("dir");
     let mut cluster = three_copies(tmp.path());
     let demo = cluster.demo_key();
@@ -280,6 +286,7 @@ fn writer(
 // a clean stop the three copies are byte for byte the same.
 #[test]
 fn a_frozen_primary_is_replaced_and_nothing_acknowledged_is_lost() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().expect("dir");
     let mut cluster = three_copies(tmp.path());
     let demo = cluster.demo_key();
@@ -338,6 +345,7 @@ fn current_pid(cluster: &DevCluster, node: u64) -> i32 {
 // its rebuilt copy is byte for byte the others'.
 #[test]
 fn a_wiped_node_rebuilds_its_copies_and_nothing_is_lost() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().expect("dir");
     let mut cluster = three_copies(tmp.path());
     let demo = cluster.demo_key();
