@@ -280,6 +280,45 @@ fn writer(
     })
 }
 
+/// A [`writer`] running.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    writer: std::thread::JoinHandle<(Vec<u32>, Duration)>,
+}
+
+impl Load {
+    /// Stops the writer; asserts it had more than 20 writes acknowledged, and reads every one
+    /// of them back.
+    fn stop_and_read_back(self, cluster: &DevCluster, key: &str) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let (acked, longest) = self.writer.join().expect("the writer");
+        eprintln!(
+            "{} writes acknowledged; the longest wait between two was {longest:?}",
+            acked.len()
+        );
+        assert!(acked.len() > 20, "{} writes", acked.len());
+        for i in &acked {
+            let (status, body) =
+                get(&cluster.url(), key, &format!("/select?p=log&c=1.1.1/1.1.1/1.1.{i}"));
+            assert_eq!((status, body.as_str()), (200, format!("w{i}").as_str()), "write {i}");
+        }
+    }
+}
+
+/// Writes `writes` scrolls of `notes`, waits until every backup holds them, then starts a
+/// [`writer`]; returns the tenant's primary and the load, half a second in.
+fn primary_under_load(cluster: &DevCluster, key: &str, writes: u32) -> (u64, Load) {
+    for i in 1..=writes {
+        let (status, body) = update_retrying(cluster, key, "notes", i, "x");
+        assert_eq!(status, 200, "{body}");
+    }
+    let primary = in_sync(cluster, "demo")["node"].as_u64().expect("a primary");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = writer(cluster.url(), key.to_string(), stop.clone());
+    std::thread::sleep(Duration::from_millis(500));
+    (primary, Load { stop, writer })
+}
+
 // Goal: the primary of a tenant is frozen under write load: the registry marks it down and the
 // next node of the set serves the tenant within the bound, with every acknowledged write; the
 // old primary, continued, is marked up, takes the tenant back with those writes too, and after
@@ -290,15 +329,7 @@ fn a_frozen_primary_is_replaced_and_nothing_acknowledged_is_lost() {
     let tmp = tempfile::tempdir().expect("dir");
     let mut cluster = three_copies(tmp.path());
     let demo = cluster.demo_key();
-    for i in 1..=5 {
-        let (status, body) = update_retrying(&cluster, &demo, "notes", i, "x");
-        assert_eq!(status, 200, "{body}");
-    }
-    let s = in_sync(&cluster, "demo");
-    let old = s["node"].as_u64().expect("a primary");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = writer(cluster.url(), demo.clone(), stop.clone());
-    std::thread::sleep(Duration::from_millis(500));
+    let (old, load) = primary_under_load(&cluster, &demo, 5);
     let frozen_at = Instant::now();
     {
         let _frozen = Frozen::freeze(&[pid(&cluster, old)]);
@@ -314,28 +345,10 @@ fn a_frozen_primary_is_replaced_and_nothing_acknowledged_is_lost() {
         (stats_now(&cluster, "demo")?["node"] == old).then_some(())
     });
     std::thread::sleep(Duration::from_millis(500));
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (acked, longest) = load.join().expect("the writer");
-    eprintln!("{} writes acknowledged; the longest wait between two was {longest:?}", acked.len());
-    assert!(acked.len() > 20, "{} writes", acked.len());
-    for i in &acked {
-        let (status, body) =
-            get(&cluster.url(), &demo, &format!("/select?p=log&c=1.1.1/1.1.1/1.1.{i}"));
-        assert_eq!((status, body.as_str()), (200, format!("w{i}").as_str()), "write {i}");
-    }
+    load.stop_and_read_back(&cluster, &demo);
     in_sync(&cluster, "demo");
     cluster.stop();
     same_copies(&cluster, "demo");
-}
-
-/// The node's process id as `sq-cloud dev` last wrote it (it rewrites dev.json on a restart).
-fn current_pid(cluster: &DevCluster, node: u64) -> i32 {
-    let json: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(cluster.dir.join("dev.json")).expect("dev.json"))
-            .expect("dev.json is JSON");
-    let nodes = json["nodes"].as_array().expect("nodes in dev.json");
-    let n = nodes.iter().find(|n| n["id"] == node).expect("the node is in dev.json");
-    n["pid"].as_i64().expect("a pid") as i32
 }
 
 // Goal: the primary of a tenant loses its disk under write load (its process frozen, its tenant
@@ -349,24 +362,18 @@ fn a_wiped_node_rebuilds_its_copies_and_nothing_is_lost() {
     let tmp = tempfile::tempdir().expect("dir");
     let mut cluster = three_copies(tmp.path());
     let demo = cluster.demo_key();
-    for i in 1..=20 {
-        let (status, body) = update_retrying(&cluster, &demo, "notes", i, "x");
-        assert_eq!(status, 200, "{body}");
-    }
-    let s = in_sync(&cluster, "demo");
-    let victim = s["node"].as_u64().expect("a primary");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load = writer(cluster.url(), demo.clone(), stop.clone());
-    std::thread::sleep(Duration::from_millis(500));
-    let old_pid = current_pid(&cluster, victim);
+    let (victim, load) = primary_under_load(&cluster, &demo, 20);
+    let old_pid = pid(&cluster, victim);
     {
         let _frozen = Frozen::freeze(&[old_pid]);
         let store = cluster.dir.join(format!("node-{victim}/store/tenants"));
         std::fs::remove_dir_all(&store).expect("the store wiped");
         unsafe { libc::kill(old_pid, libc::SIGKILL) };
     }
+    // `sq-cloud dev` writes the restarted node's process id into dev.json.
     wait_for(Duration::from_secs(30), "the node restarted", || {
-        (current_pid(&cluster, victim) != old_pid).then_some(())
+        cluster.reload_json();
+        (pid(&cluster, victim) != old_pid).then_some(())
     });
     let log = cluster.dir.join(format!("node-{victim}.log"));
     wait_for(Duration::from_secs(30), "the node saying its copies were lost", || {
@@ -383,10 +390,7 @@ fn a_wiped_node_rebuilds_its_copies_and_nothing_is_lost() {
         assert_eq!(status, 200, "{body}");
     }
     eprintln!("10 writes to the rebuilt primary in {:?}", back.elapsed());
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let (acked, longest) = load.join().expect("the writer");
-    eprintln!("{} writes acknowledged; the longest wait between two was {longest:?}", acked.len());
-    assert!(acked.len() > 20, "{} writes", acked.len());
+    load.stop_and_read_back(&cluster, &demo);
     for i in 1..=10 {
         let (status, body) =
             get(&cluster.url(), &demo, &format!("/select?p=after&c=1.1.1/1.1.1/1.1.{i}"));
@@ -396,11 +400,6 @@ fn a_wiped_node_rebuilds_its_copies_and_nothing_is_lost() {
         let (status, body) =
             get(&cluster.url(), &demo, &format!("/select?p=notes&c=1.1.1/1.1.1/1.1.{i}"));
         assert_eq!((status, body.as_str()), (200, "x"), "write {i} before the wipe");
-    }
-    for i in &acked {
-        let (status, body) =
-            get(&cluster.url(), &demo, &format!("/select?p=log&c=1.1.1/1.1.1/1.1.{i}"));
-        assert_eq!((status, body.as_str()), (200, format!("w{i}").as_str()), "write {i}");
     }
     in_sync(&cluster, "demo");
     cluster.stop();

@@ -241,6 +241,11 @@ fn crash(world: &Arc<World>, rng: &mut Rng, node: u64, length: Duration, stop: &
     world.stats().crashes += 1;
     // Some restarts come at once, before anyone noticed; some after a long while.
     let length = if rng.chance(200) { Duration::from_millis(rng.range(0, 200)) } else { length };
+    restart_after(world, node, length, stop);
+}
+
+/// Starts machine `node`'s process again after `length` (a violation at its start is reported).
+fn restart_after(world: &Arc<World>, node: u64, length: Duration, stop: &CancellationToken) {
     let cluster = world.cluster.clone();
     let monitor = world.monitor.clone();
     later(length, stop, move || {
@@ -299,15 +304,7 @@ fn lose_disk(world: &Arc<World>, node: u64, length: Duration, stop: &Cancellatio
         .trace
         .event(format!("fault: n{node} loses its disk; back empty in {} ms", length.as_millis()));
     world.stats().disk_losses += 1;
-    let cluster = world.cluster.clone();
-    let monitor = world.monitor.clone();
-    later(length, stop, move || {
-        tokio::spawn(async move {
-            if let Err(v) = cluster.start(node).await {
-                monitor.report(v);
-            }
-        });
-    });
+    restart_after(world, node, length, stop);
 }
 
 /// Ends every fault: links mended, weather calm, disks well, crashed processes restarted.

@@ -400,6 +400,12 @@ impl Store {
         Ok(())
     }
 
+    fn caught_up_known(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, bool>> {
+        self.caught_up.lock().expect("caught-up lock poisoned: a thread panicked while holding it")
+    }
+
     /// Whether this store is rebuilding the copies it lost.
     pub fn rebuilding(&self) -> bool {
         self.rebuilding.load(std::sync::atomic::Ordering::SeqCst)
@@ -412,7 +418,7 @@ impl Store {
         if !self.rebuilding() {
             return Ok(true);
         }
-        let mut known = self.caught_up.lock().expect("caught-up lock poisoned");
+        let mut known = self.caught_up_known();
         if let Some(&caught_up) = known.get(tenant) {
             return Ok(caught_up);
         }
@@ -439,7 +445,7 @@ impl Store {
         f.sync_data().map_err(StoreError::io("sync caught-up marker", &path))?;
         drop(f);
         self.vfs.sync_dir(&root).map_err(StoreError::io("sync tenant dir", &root))?;
-        self.caught_up.lock().expect("caught-up lock poisoned").insert(tenant.to_string(), true);
+        self.caught_up_known().insert(tenant.to_string(), true);
         Ok(())
     }
 
@@ -457,6 +463,6 @@ impl Store {
 
     /// Forgets whether `tenant` was caught up: its directory was replaced or removed.
     pub(super) fn forget_caught_up(&self, tenant: &str) {
-        self.caught_up.lock().expect("caught-up lock poisoned").remove(tenant);
+        self.caught_up_known().remove(tenant);
     }
 }
