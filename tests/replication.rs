@@ -70,16 +70,27 @@ fn stats(cluster: &DevCluster, tenant: &str) -> serde_json::Value {
     body
 }
 
-/// The tenant's stats once every backup holds every record of its primary.
-fn in_sync(cluster: &DevCluster, tenant: &str) -> serde_json::Value {
-    wait_for(Duration::from_secs(20), "every backup in sync", || {
+/// The tenant's stats once every backup holds every record of its primary. A backup's state
+/// is what the primary heard at the tenant's last request; a primary that took the tenant over
+/// by a placement change hears from its backups at its first: each look reads the tenant
+/// first (with `key`).
+fn in_sync(cluster: &DevCluster, tenant: &str, key: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        get(&cluster.url(), key, "/select?p=notes&c=1.1.1/1.1.1/1.1.1");
         let s = stats(cluster, tenant);
-        let backups = s["backups"].as_array()?;
-        let synced =
-            backups.len() == 2 && backups.iter().all(|b| b["state"] == "in-sync" && b["lag"] == 0);
-        synced.then_some(s)
-    })
-    .0
+        let synced = s["backups"].as_array().is_some_and(|backups| {
+            backups.len() == 2 && backups.iter().all(|b| b["state"] == "in-sync" && b["lag"] == 0)
+        });
+        if synced {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "every backup of {tenant} in sync: not within 20 s: {s}"
+        );
+        std::thread::sleep(common::POLL_INTERVAL);
+    }
 }
 
 /// [`update`] until it is not a 503 (a cluster just started, whose leases and first rounds are
@@ -183,13 +194,13 @@ fn writes_wait_for_a_majority_of_three_copies() {
             assert_eq!(status, 200, "{body}");
         }
     }
-    let s = in_sync(&cluster, "demo");
+    let s = in_sync(&cluster, "demo", &demo);
     let set: Vec<u64> =
         s["replica_set"].as_array().expect("a set").iter().filter_map(|n| n.as_u64()).collect();
     assert_eq!(set.len(), 3, "{s}");
     assert_eq!(s["node"], set[0], "the owner is the primary, first of the set");
     assert_eq!(s["last_lsn"], 40, "{s}");
-    in_sync(&cluster, "other");
+    in_sync(&cluster, "other", &other);
 
     // Both backups frozen: no majority, so no acknowledgement.
     {
@@ -201,11 +212,17 @@ fn writes_wait_for_a_majority_of_three_copies() {
         eprintln!("both backups frozen: 503 after {took:?}");
     }
     // Silent past the down time while both were frozen, they may have been marked down: wait
-    // until every node is up again.
+    // until every node is up again, and the primary reads again: it holds its lease (a voter
+    // back from a pause grants nothing for the down time: node::lease), and a backup holds the
+    // refused write, which a read waits for.
     let all_up = || {
         wait_for(Duration::from_secs(30), "every node up", || {
             let (_, h) = admin(&cluster, Method::GET, "/admin/health", None);
             (h["down"] == serde_json::json!([]) && h["under_replicated"] == 0).then_some(())
+        });
+        wait_for(Duration::from_secs(30), "the primary reads again", || {
+            let (status, _) = get(&cluster.url(), &demo, "/select?p=notes&c=1.1.1/1.1.1/1.1.1");
+            (status == 200).then_some(())
         })
     };
     all_up();
@@ -226,11 +243,19 @@ fn writes_wait_for_a_majority_of_three_copies() {
         let (_, h) = admin(&cluster, Method::GET, "/admin/health", None);
         assert_eq!(h["under_replicated"], 2, "both tenants have a copy on the node down: {h}");
         eprintln!("frozen node {} marked down {:?} after the freeze", set[2], frozen_at.elapsed());
-        let (status, body) = get(&cluster.url(), &demo, "/select?p=todo&c=1.1.1/1.1.1/1.1.5");
-        assert_eq!((status, body.as_str()), (200, "w5"), "the primary reads under its lease");
+        // The mark moved the placement epoch: the lease holds once the primary's registry has
+        // it too, a moment later.
+        let (body, took) =
+            wait_for(Duration::from_secs(3), "the primary reads under its lease", || {
+                let (status, body) =
+                    get(&cluster.url(), &demo, "/select?p=todo&c=1.1.1/1.1.1/1.1.5");
+                (status == 200).then_some(body)
+            });
+        assert_eq!(body, "w5");
+        eprintln!("one backup frozen and marked down: the primary read within {took:?}");
     }
     all_up();
-    let s = in_sync(&cluster, "demo");
+    let s = in_sync(&cluster, "demo", &demo);
     assert_eq!(s["last_lsn"], 46, "the refused write was logged and is now on every copy: {s}");
     let (status, body) = get(&cluster.url(), &demo, "/select?p=notes&c=1.1.1/1.1.1/1.1.30");
     assert_eq!((status, body.as_str()), (200, "alone"));
@@ -312,7 +337,7 @@ fn primary_under_load(cluster: &DevCluster, key: &str, writes: u32) -> (u64, Loa
         let (status, body) = update_retrying(cluster, key, "notes", i, "x");
         assert_eq!(status, 200, "{body}");
     }
-    let primary = in_sync(cluster, "demo")["node"].as_u64().expect("a primary");
+    let primary = in_sync(cluster, "demo", key)["node"].as_u64().expect("a primary");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writer = writer(cluster.url(), key.to_string(), stop.clone());
     std::thread::sleep(Duration::from_millis(500));
@@ -346,7 +371,7 @@ fn a_frozen_primary_is_replaced_and_nothing_acknowledged_is_lost() {
     });
     std::thread::sleep(Duration::from_millis(500));
     load.stop_and_read_back(&cluster, &demo);
-    in_sync(&cluster, "demo");
+    in_sync(&cluster, "demo", &demo);
     cluster.stop();
     same_copies(&cluster, "demo");
 }
@@ -401,7 +426,7 @@ fn a_wiped_node_rebuilds_its_copies_and_nothing_is_lost() {
             get(&cluster.url(), &demo, &format!("/select?p=notes&c=1.1.1/1.1.1/1.1.{i}"));
         assert_eq!((status, body.as_str()), (200, "x"), "write {i} before the wipe");
     }
-    in_sync(&cluster, "demo");
+    in_sync(&cluster, "demo", &demo);
     cluster.stop();
     same_copies(&cluster, "demo");
     assert!(

@@ -812,11 +812,15 @@ impl Link {
                         caught_up,
                     });
                 }
-                let probe = f.durable.is_none() || (truncate.is_some() && after >= f.want);
+                // So does a follow counted as a learner's with nothing to send (after a realign,
+                // whose answer did not say whether the copy counts): its answer says.
+                let probe = f.durable.is_none()
+                    || (truncate.is_some() && after >= f.want)
+                    || (f.learner && after >= f.want);
                 (after < f.want || truncate.is_some() || probe).then_some(Work {
                     tenant,
                     after,
-                    upto: f.want,
+                    upto: f.want.max(after),
                     truncate,
                     probe,
                     caught_up: caught_up && !probe,
@@ -989,4 +993,43 @@ pub async fn fetch(
         Ok(Err(e)) => FetchedRecords::Refused(format!("store: {e}")),
         Err(e) => FetchedRecords::Refused(format!("store task failed: {e}")),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn link() -> Link {
+        Link { node: 2, state: Mutex::new(LinkState::default()), wake: Notify::new() }
+    }
+
+    #[test]
+    fn a_realigned_backup_with_nothing_to_take_is_asked_whether_it_counts() {
+        // Goal: a backup that applied a message whose answer was lost holds more than its
+        // primary knew; its next append does not continue its log, and the realign finds it
+        // holds all the primary wants. Its follow, a learner's until it answers, is asked at
+        // its end with an empty append; answered by a member, it counts, and nothing more is
+        // sent. A true learner's answer at its end asks nothing more either.
+        let l = link();
+        l.want("t", 5);
+        assert_eq!(l.take_work().len(), 1, "the first append");
+        l.heard("t", 3, false, None);
+        l.take_work();
+        l.want("t", 7);
+        // The message with records 4..7 reached the backup; its answer did not reach here.
+        l.realigned("t", 7, None);
+        assert_eq!(l.member_durable("t"), None, "a learner's until it answers");
+        let work = l.take_work();
+        assert_eq!(work.len(), 1, "asked at its end, though nothing is to send");
+        assert!(work[0].probe && work[0].after == 7 && work[0].upto == 7, "at its end");
+        l.heard("t", 7, false, None);
+        assert_eq!(l.member_durable("t"), Some(7), "counted once it answered as a member");
+        assert!(l.take_work().is_empty(), "nothing more to send");
+        // A copy being rebuilt answers as a learner: not asked again until there is more.
+        l.realigned("t", 7, None);
+        l.take_work();
+        l.heard("t", 7, true, Some(9));
+        assert!(l.take_work().is_empty(), "a learner holding all there is is not asked again");
+        assert_eq!(l.member_durable("t"), None);
+    }
 }
