@@ -559,7 +559,7 @@ impl Replication {
                         truncate_after: w.truncate.map(|(cut, _)| cut),
                         truncate_if_end: w.truncate.map_or(0, |(_, end)| end),
                         records,
-                        caught_up: w.caught_up,
+                        caught_up: w.caught_up && epoch == state.placement_epoch(),
                     });
                 }
                 // Over this message's budget: the next one.
@@ -596,11 +596,18 @@ impl Replication {
             }
         };
         let mut refused = false;
+        let epoch_now = self.registry.state().placement_epoch();
         for ((tenant, _), ack) in sent.into_iter().zip(acks) {
             match ack {
                 ReplicaAck::Durable { lsn, learner, .. } => {
+                    // A learner is told it counts only by a primary that prepared at the
+                    // current placement epoch: one that led since an earlier one may lack
+                    // writes a newer primary had acknowledged with the learner's lost copy,
+                    // which no promise of the wiped learner fences any more. It prepares anew
+                    // at its next request.
+                    let current = ballots.get(&tenant) == Some(&epoch_now);
                     let prepared_end = locked(&self.prepared_end).get(&tenant).copied();
-                    link.heard(&tenant, lsn, learner, prepared_end)
+                    link.heard(&tenant, lsn, learner, prepared_end.filter(|_| current))
                 }
                 ReplicaAck::NotContinuing { lsn, ballots, .. } => {
                     self.realign(link, &tenant, lsn, &ballots).await;

@@ -179,6 +179,8 @@ impl NodeParts {
         );
         // A member of the ring whose tenants directory is new lost its copies (a wiped or
         // replaced disk): they are rebuilt as learners' (docs/REPLICATION.md, "A wiped disk").
+        // Either way the decision is made durable before anything else is written there, so a
+        // start that stops before it (the registry failing to open, say) decides again.
         let was_member = registry.state().active_nodes().contains(&config.id);
         if store.opened_fresh() && was_member {
             store.start_rebuilding()?;
@@ -187,6 +189,8 @@ impl NodeParts {
                 "this node's tenant store is new though the registry has it as a member: its \
                  copies were lost, and are rebuilt from the other replicas"
             );
+        } else if store.opened_fresh() {
+            store.settle_new()?;
         }
         // A start's time goes here (docs/BENCHMARKS.md, the stop and start at 100,000 tenants).
         tracing::info!(

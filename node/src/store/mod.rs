@@ -153,7 +153,8 @@ pub struct Store {
     keeps_tails: Arc<std::sync::atomic::AtomicBool>,
     /// Snapshots taken for replicas that lag, while they read them ([`snapshot`]).
     snapshots: Mutex<snapshot::Snapshots>,
-    /// The tenants directory was created by this open: the store holds nothing.
+    /// The tenants directory was empty at this open: the store holds nothing, and no start
+    /// before this one decided what that means.
     fresh: bool,
     /// The store lost the copies it held (a wiped disk, [`Store::start_rebuilding`]): a tenant
     /// counts toward a majority only once a primary has caught it up.
@@ -181,9 +182,12 @@ impl Store {
         clock: Arc<dyn Clock>,
     ) -> Result<Store, StoreError> {
         let tenants_dir = config.data_dir.join("tenants");
-        let fresh = !vfs.exists(&tenants_dir).map_err(StoreError::io("stat dir", &tenants_dir))?;
         vfs::create_dir_durable(vfs.as_ref(), &tenants_dir)
             .map_err(StoreError::io("create dir", &tenants_dir))?;
+        // Empty until the node decides what a new store means (`Store::start_rebuilding` or
+        // `Store::settle_new` leave a marker): a start that stopped before is fresh again.
+        let fresh =
+            vfs.list(&tenants_dir).map_err(StoreError::io("list dir", &tenants_dir))?.is_empty();
         let rebuilding = replica::rebuilding_since_open(vfs.as_ref(), &tenants_dir)?;
         Ok(Store {
             config,

@@ -375,11 +375,33 @@ pub(super) fn rebuilding_since_open(
     vfs.exists(&path).map_err(StoreError::io("stat rebuilding marker", &path))
 }
 
+/// Left in a new store's tenants directory by a node that was no member when it began it: the
+/// store held nothing to lose ([`Store::settle_new`]).
+const BEGUN_FILE: &str = ".begun";
+
 impl Store {
-    /// The tenants directory was made by this open: whatever the store held before is gone, or
-    /// it never held anything.
+    /// The tenants directory was empty at this open (new, or made by a start that stopped
+    /// before it decided what that meant): whatever the store held before is gone, or it never
+    /// held anything.
     pub fn opened_fresh(&self) -> bool {
         self.fresh
+    }
+
+    /// This new store is a new node's, which held nothing: marked durably, so that a later
+    /// start (the node a member by then) finds it not empty and does not take it for a lost
+    /// disk.
+    pub fn settle_new(&self) -> Result<(), StoreError> {
+        self.durable_marker(BEGUN_FILE)
+    }
+
+    fn durable_marker(&self, name: &str) -> Result<(), StoreError> {
+        let path = self.tenants_dir.join(name);
+        let mut f = self.vfs.create(&path).map_err(StoreError::io("create marker", &path))?;
+        f.sync_data().map_err(StoreError::io("sync marker", &path))?;
+        drop(f);
+        self.vfs
+            .sync_dir(&self.tenants_dir)
+            .map_err(StoreError::io("sync tenants dir", &self.tenants_dir))
     }
 
     /// This store lost the copies it held (its node was a member of the cluster before, and its
@@ -388,14 +410,7 @@ impl Store {
     /// majority, nor answer a promise as if it held state, until a primary caught it up
     /// ([`Self::mark_caught_up`]).
     pub fn start_rebuilding(&self) -> Result<(), StoreError> {
-        let path = self.tenants_dir.join(REBUILDING_FILE);
-        let mut f =
-            self.vfs.create(&path).map_err(StoreError::io("create rebuilding marker", &path))?;
-        f.sync_data().map_err(StoreError::io("sync rebuilding marker", &path))?;
-        drop(f);
-        self.vfs
-            .sync_dir(&self.tenants_dir)
-            .map_err(StoreError::io("sync tenants dir", &self.tenants_dir))?;
+        self.durable_marker(REBUILDING_FILE)?;
         self.rebuilding.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }

@@ -265,3 +265,28 @@ fn a_snapshot_from_a_deposed_primary_is_refused() {
     assert_eq!(backup.replica_state(T).expect("state"), before);
     same_documents(&primary, &backup, &["notes"]);
 }
+
+// Goal: a store whose tenants directory is empty opens fresh, also when a start before made
+// the directory and stopped before the node decided what that meant (a registry that failed to
+// open); once settled as a new node's, it opens as one that holds nothing lost, and once marked
+// rebuilding, it stays rebuilding and is not taken for new again. A store that holds a tenant
+// and no marker (made before the markers) is not fresh.
+#[test]
+fn a_new_store_stays_new_until_the_node_decides_what_it_means() {
+    let new_node = tempfile::tempdir().expect("dir");
+    assert!(open(new_node.path()).opened_fresh());
+    assert!(open(new_node.path()).opened_fresh(), "made, but nothing decided");
+    open(new_node.path()).settle_new().expect("settles");
+    let s = open(new_node.path());
+    assert!(!s.opened_fresh() && !s.rebuilding());
+    assert!(s.local_tenants().expect("lists").is_empty(), "the marker is no tenant");
+
+    let wiped = tempfile::tempdir().expect("dir");
+    open(wiped.path()).start_rebuilding().expect("marks");
+    let s = open(wiped.path());
+    assert!(!s.opened_fresh() && s.rebuilding());
+
+    let older = tempfile::tempdir().expect("dir");
+    get(&open(older.path()), T, "update?p=notes&c=1.1.1/1.1.1/1.1.1&s=x");
+    assert!(!open(older.path()).opened_fresh(), "a tenant's directory is content");
+}
