@@ -199,7 +199,10 @@ fn writes_wait_for_a_majority_of_three_copies() {
         s["replica_set"].as_array().expect("a set").iter().filter_map(|n| n.as_u64()).collect();
     assert_eq!(set.len(), 3, "{s}");
     assert_eq!(s["node"], set[0], "the owner is the primary, first of the set");
-    assert_eq!(s["last_lsn"], 40, "{s}");
+    // 40 writes, and a barrier record per prepare round that found its log ending in an
+    // earlier ballot (a node marked down and up as the cluster starts moves the ballot).
+    let written = s["last_lsn"].as_u64().expect("an lsn");
+    assert!(written >= 40, "{s}");
     in_sync(&cluster, "other", &other);
 
     // Both backups frozen: no majority, so no acknowledgement.
@@ -256,7 +259,10 @@ fn writes_wait_for_a_majority_of_three_copies() {
     }
     all_up();
     let s = in_sync(&cluster, "demo", &demo);
-    assert_eq!(s["last_lsn"], 46, "the refused write was logged and is now on every copy: {s}");
+    assert!(
+        s["last_lsn"].as_u64().expect("an lsn") > written + 5,
+        "the 5 writes, and the refused write too, were logged and are now on every copy: {s}"
+    );
     let (status, body) = get(&cluster.url(), &demo, "/select?p=notes&c=1.1.1/1.1.1/1.1.30");
     assert_eq!((status, body.as_str()), (200, "alone"));
 

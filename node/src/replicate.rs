@@ -304,6 +304,9 @@ impl Replication {
             if let Err(refused) = store.lead(&owned, ballot)? {
                 return Ok(Err(refused));
             }
+            // Records of earlier ballots are shown only once a record of this one is on a
+            // majority: a read waits for the barrier too (Raft's no-op of a new term).
+            store.barrier(&owned, ballot)?;
             // It holds the most advanced log of a majority that counts: its copy counts too.
             store.mark_caught_up(&owned)?;
             Ok(Ok(store.replica_state(&owned)?.last_lsn))

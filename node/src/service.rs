@@ -397,7 +397,7 @@ impl Service {
     }
 
     /// Runs a request on the store: a select inline when it can, the rest on the blocking pool.
-    /// With its answer, the record a logged write's answer waited for.
+    /// With its answer, the record a write that logged one waited for.
     async fn execute(
         &self,
         tenant: &str,
@@ -417,9 +417,11 @@ impl Service {
                             Step::Done((metered(&store, &owned, &request, result), None))
                         }
                         Begun::Logged(logged) => Step::Then(Box::new(move || {
-                            let lsn = logged.lsn();
+                            // A write that changed nothing answers from what it read: no record
+                            // of its own to replicate, and a read's checks (`execute_replicated`).
+                            let lsn = logged.changed().then(|| logged.lsn());
                             let result = store.execute_finish(logged);
-                            (metered(&store, &owned, &request, result), Some(lsn))
+                            (metered(&store, &owned, &request, result), lsn)
                         })),
                     }
                 })

@@ -44,7 +44,7 @@ impl Store {
     /// The second half of a write begun by [`Self::execute_begin`]: its answer, once its log
     /// record ([`Logged::lsn`]) is durable.
     pub fn execute_finish(&self, logged: Logged) -> Result<SqResponse, StoreError> {
-        let Logged { tenant: t, lsn, answer, route } = logged;
+        let Logged { tenant: t, lsn, answer, route, .. } = logged;
         match t.wait_durable(lsn) {
             Ok(()) => {
                 self.after_request(&t);
@@ -142,6 +142,7 @@ pub struct Logged {
     lsn: u64,
     answer: String,
     route: &'static str,
+    changed: bool,
 }
 
 impl Logged {
@@ -149,6 +150,12 @@ impl Logged {
     /// the last record of the phext it saw.
     pub fn lsn(&self) -> u64 {
         self.lsn
+    }
+
+    /// Whether the write logged a record. One that changed nothing answers from what it read,
+    /// as a read does (with replication, under the primary's lease).
+    pub fn changed(&self) -> bool {
+        self.changed
     }
 }
 
@@ -232,8 +239,9 @@ fn write(
     quota: u64,
     route: &'static str,
 ) -> Result<Option<Ran>, StoreError> {
-    Ok(t.write_logged(p, c, edit, quota)?
-        .map(|(answer, lsn)| Ran::Logged(Logged { tenant: t.clone(), lsn, answer, route })))
+    Ok(t.write_logged(p, c, edit, quota)?.map(|(answer, lsn, changed)| {
+        Ran::Logged(Logged { tenant: t.clone(), lsn, answer, route, changed })
+    }))
 }
 
 /// Refuses what `proto::request::parse` would have refused. Requests reach the node over the

@@ -191,6 +191,18 @@ impl Store {
         self.on_loaded(tenant, |t| t.change_ballots(|b, last| Ok(((), b.lead(ballot, last + 1)?))))
     }
 
+    /// After [`Self::lead`]: logs the tenant's barrier under `ballot` if its log's last record
+    /// is of an earlier ballot (`Tenant::barrier`), durably; its lsn, or `None` if none was
+    /// needed.
+    pub fn barrier(&self, tenant: &str, ballot: u64) -> Result<Option<u64>, StoreError> {
+        check_tenant_id(tenant)?;
+        let lsn = self.on_loaded(tenant, |t| t.barrier(ballot))?;
+        if let Some(lsn) = lsn {
+            self.on_loaded(tenant, |t| t.wait_durable(lsn).map(Some))?;
+        }
+        Ok(lsn)
+    }
+
     /// The tenant's durable records from `from_lsn` on, at most [`REPLICA_BATCH_BYTES_MAX`]
     /// bytes of them (at least one record), as its log holds them.
     pub fn log_from(&self, tenant: &str, from_lsn: u64) -> Result<LogTail, StoreError> {

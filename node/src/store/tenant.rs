@@ -417,8 +417,9 @@ impl Tenant {
     }
 
     /// The first half of a write: applies `edit` at `c` in memory and adds its record to the
-    /// log's pending batch, under the gate and the phext's lock. Returns SQ's answer and the LSN
-    /// that must be durable before it is given ([`Self::wait_durable`]), or `Ok(None)` if the
+    /// log's pending batch, under the gate and the phext's lock. Returns SQ's answer, the LSN
+    /// that must be durable before it is given ([`Self::wait_durable`]) and whether the write
+    /// logged a record (one that changed nothing waits for what it saw), or `Ok(None)` if the
     /// tenant was closed first (nothing done). Growth past `quota_bytes` is refused before
     /// anything is logged.
     pub(crate) fn write_logged(
@@ -427,25 +428,59 @@ impl Tenant {
         c: Coordinate,
         edit: Edit<'_>,
         quota_bytes: u64,
-    ) -> Result<Option<(String, u64)>, StoreError> {
+    ) -> Result<Option<(String, u64, bool)>, StoreError> {
         let gate = read_lock(&self.gate);
         if self.is_closed() {
             return Ok(None);
         }
         let entry = match self.entry(p) {
             Some(e) => e,
-            None if edit.is_noop_on_empty() => return Ok(Some((plan(&Doc::new(), c, edit).0, 0))),
+            None if edit.is_noop_on_empty() => {
+                return Ok(Some((plan(&Doc::new(), c, edit).0, 0, false)))
+            }
             None => write_lock(&self.phexts).entry(p.clone()).or_default().clone(),
         };
         let mut d = write_lock(&entry);
         let (answer, change) = plan(&d.doc, c, edit);
-        let lsn = match change {
-            None => d.applied_lsn,
-            Some((op, new_len)) => self.log_and_apply(p, &mut d, op, new_len, quota_bytes)?,
+        let (lsn, changed) = match change {
+            None => (d.applied_lsn, false),
+            Some((op, new_len)) => (self.log_and_apply(p, &mut d, op, new_len, quota_bytes)?, true),
         };
         drop(d);
         drop(gate);
-        Ok(Some((answer, lsn)))
+        Ok(Some((answer, lsn, changed)))
+    }
+
+    /// Logs a record that changes nothing under `ballot` when the log's last record was written
+    /// under an earlier one: the barrier a new primary writes once it prepared (Raft's no-op of
+    /// a new term). Records of earlier ballots it adopted are shown by a read only once this
+    /// one is on a majority, whose logs then compare above any log of an earlier ballot, so no
+    /// later primary cuts what a read showed. Returns its lsn (to be made durable, then
+    /// replicated), `Some(None)` when no barrier is needed, `None` if the tenant was closed.
+    pub(crate) fn barrier(&self, ballot: u64) -> Result<Option<Option<u64>>, StoreError> {
+        let gate = read_lock(&self.gate);
+        if self.is_closed() {
+            return Ok(None);
+        }
+        let last = self.wal.last_lsn();
+        if last == 0 || self.ballots().position(last).ballot >= ballot {
+            return Ok(Some(None));
+        }
+        // The first phext by name (a log with records names at least one), its first scroll cut
+        // to the length it has and nothing appended.
+        let named = read_lock(&self.phexts)
+            .iter()
+            .min_by(|a, b| a.0.cmp(b.0))
+            .map(|(p, e)| (p.clone(), e.clone()));
+        let Some((p, entry)) = named else { return Ok(Some(None)) };
+        let mut d = write_lock(&entry);
+        let c = Coordinate::ORIGIN;
+        let len = d.doc.get(&c).len();
+        let op = Op::TruncateAppend { c, len_before: len as u64, text: "" };
+        let lsn = self.log_and_apply(&p, &mut d, op, len, u64::MAX)?;
+        drop(d);
+        drop(gate);
+        Ok(Some(Some(lsn)))
     }
 
     /// Returns once every log record up to `lsn` is durable: the second half of a write. The

@@ -290,3 +290,80 @@ fn a_new_store_stays_new_until_the_node_decides_what_it_means() {
     get(&open(older.path()), T, "update?p=notes&c=1.1.1/1.1.1/1.1.1&s=x");
     assert!(!open(older.path()).opened_fresh(), "a tenant's directory is content");
 }
+
+// Goal: a new primary whose log ends in records of an earlier ballot writes a barrier under
+// its own (Raft's no-op of a new term), which changes no document. Once a backup holds it, the
+// backup's log outranks the log of a primary that led in between and wrote records nobody
+// holds: a read the new primary answered (waiting for the barrier on a majority) is never cut
+// by a later primary. A log already ending in its ballot needs none; an empty log neither.
+#[test]
+fn a_new_primary_writes_a_barrier_of_its_ballot() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().expect("dir")).collect();
+    let (a, b, c) = (open(dirs[0].path()), open(dirs[1].path()), open(dirs[2].path()));
+    assert_eq!(a.barrier(T, 1).expect("store"), None, "an empty log");
+    a.lead(T, 1).expect("store").expect("ballot");
+    write(&a, "notes", "a", 1);
+    assert_eq!(ship(&a, &c, 1), Ok(LogPosition { ballot: 1, lsn: 2 }));
+    // Records 3 and 4 reach no backup (outcome unknown); then a stops answering.
+    write(&a, "notes", "tail", 1);
+    // b leads ballot 2 and logs a record only it holds.
+    b.promise(T, 2).expect("store").expect("promise");
+    b.lead(T, 2).expect("store").expect("ballot");
+    write(&b, "notes", "b", 1);
+    // a leads again, under ballot 3, with c's promise; its own log is the most advanced of the
+    // two, and it adopts it.
+    c.promise(T, 3).expect("store").expect("promise");
+    a.promise(T, 3).expect("store").expect("promise");
+    a.lead(T, 3).expect("store").expect("ballot");
+    let before = get(&a, T, "checksum?p=notes");
+    assert_eq!(a.barrier(T, 3).expect("store"), Some(5));
+    assert_eq!(a.barrier(T, 3).expect("store"), None, "the log ends in its ballot now");
+    assert_eq!(get(&a, T, "checksum?p=notes"), before, "the barrier changes no document");
+    let end = a.replica_state(T).expect("state").last_lsn;
+    while c.replica_state(T).expect("state").last_lsn < end {
+        let after = c.replica_state(T).expect("state").last_lsn;
+        let Shipment::Records { prev, ballot, bytes, .. } = a.shipment(T, after, end).expect("log")
+        else {
+            panic!("a holds what c lacks");
+        };
+        c.append_from_primary(T, 3, ballot, prev, &bytes).expect("store").expect("taken");
+    }
+    let (at_c, at_b) = (c.replica_state(T).expect("state"), b.replica_state(T).expect("state"));
+    assert_eq!(at_c.position(), LogPosition { ballot: 3, lsn: 5 });
+    assert!(
+        at_c.position() > at_b.position(),
+        "{:?} outranks {:?}",
+        at_c.position(),
+        at_b.position()
+    );
+    same_documents(&a, &c, &["notes"]);
+    // Reopened, the barrier replays to the same documents.
+    drop(c);
+    same_documents(&a, &open(dirs[2].path()), &["notes"]);
+}
+
+// Goal: a write logs a record and says so; the same write again, or a delete of nothing,
+// changes nothing and says that too, so a primary answers it as a read (under its lease), not
+// as a record its backups fence: a deposed primary's stale state once answered such a write.
+#[test]
+fn a_write_that_changes_nothing_says_so() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(dir.path());
+    let changed = |query: &str, route: &str| {
+        let req = parse(Method::Get, route, query, b"").expect("parses");
+        match store.execute_begin(T, NO_QUOTA, &req) {
+            crate::store::Begun::Logged(logged) => {
+                let changed = logged.changed();
+                store.execute_finish(logged).expect("durable");
+                changed
+            }
+            crate::store::Begun::Done(answer) => panic!("a write is logged: {answer:?}"),
+        }
+    };
+    assert!(changed("p=notes&c=1.1.1/1.1.1/1.1.1&s=x", "update"));
+    assert!(!changed("p=notes&c=1.1.1/1.1.1/1.1.1&s=x", "update"), "the same text again");
+    assert!(!changed("p=notes&c=1.1.1/1.1.1/1.1.2", "delete"), "an empty scroll");
+    assert!(!changed("p=other&c=1.1.1/1.1.1/1.1.1", "delete"), "a phext that does not exist");
+    assert!(changed("p=notes&c=1.1.1/1.1.1/1.1.1", "delete"));
+    assert_eq!(store.replica_state(T).expect("state").last_lsn, 2, "two records logged");
+}
