@@ -196,11 +196,7 @@ impl Store {
     /// needed.
     pub fn barrier(&self, tenant: &str, ballot: u64) -> Result<Option<u64>, StoreError> {
         check_tenant_id(tenant)?;
-        let lsn = self.on_loaded(tenant, |t| t.barrier(ballot))?;
-        if let Some(lsn) = lsn {
-            self.on_loaded(tenant, |t| t.wait_durable(lsn).map(Some))?;
-        }
-        Ok(lsn)
+        self.on_loaded(tenant, |t| t.barrier(ballot))
     }
 
     /// The tenant's durable records from `from_lsn` on, at most [`REPLICA_BATCH_BYTES_MAX`]
@@ -403,17 +399,16 @@ impl Store {
     /// start (the node a member by then) finds it not empty and does not take it for a lost
     /// disk.
     pub fn settle_new(&self) -> Result<(), StoreError> {
-        self.durable_marker(BEGUN_FILE)
+        self.durable_marker(&self.tenants_dir, BEGUN_FILE)
     }
 
-    fn durable_marker(&self, name: &str) -> Result<(), StoreError> {
-        let path = self.tenants_dir.join(name);
+    /// Creates the empty file `name` in `dir`, durably (the file and its directory entry).
+    fn durable_marker(&self, dir: &Path, name: &str) -> Result<(), StoreError> {
+        let path = dir.join(name);
         let mut f = self.vfs.create(&path).map_err(StoreError::io("create marker", &path))?;
         f.sync_data().map_err(StoreError::io("sync marker", &path))?;
         drop(f);
-        self.vfs
-            .sync_dir(&self.tenants_dir)
-            .map_err(StoreError::io("sync tenants dir", &self.tenants_dir))
+        self.vfs.sync_dir(dir).map_err(StoreError::io("sync dir", dir))
     }
 
     /// This store lost the copies it held (its node was a member of the cluster before, and its
@@ -422,7 +417,7 @@ impl Store {
     /// majority, nor answer a promise as if it held state, until a primary caught it up
     /// ([`Self::mark_caught_up`]).
     pub fn start_rebuilding(&self) -> Result<(), StoreError> {
-        self.durable_marker(REBUILDING_FILE)?;
+        self.durable_marker(&self.tenants_dir, REBUILDING_FILE)?;
         self.rebuilding.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
     }
@@ -466,12 +461,7 @@ impl Store {
         let root = TenantPaths::new(&self.tenants_dir, tenant).root;
         super::create_dir_durable(self.vfs.as_ref(), &root)
             .map_err(StoreError::io("create tenant dir", &root))?;
-        let path = root.join(CAUGHT_UP_FILE);
-        let mut f =
-            self.vfs.create(&path).map_err(StoreError::io("create caught-up marker", &path))?;
-        f.sync_data().map_err(StoreError::io("sync caught-up marker", &path))?;
-        drop(f);
-        self.vfs.sync_dir(&root).map_err(StoreError::io("sync tenant dir", &root))?;
+        self.durable_marker(&root, CAUGHT_UP_FILE)?;
         self.caught_up_known().insert(tenant.to_string(), true);
         Ok(())
     }

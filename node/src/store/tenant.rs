@@ -455,8 +455,8 @@ impl Tenant {
     /// under an earlier one: the barrier a new primary writes once it prepared (Raft's no-op of
     /// a new term). Records of earlier ballots it adopted are shown by a read only once this
     /// one is on a majority, whose logs then compare above any log of an earlier ballot, so no
-    /// later primary cuts what a read showed. Returns its lsn (to be made durable, then
-    /// replicated), `Some(None)` when no barrier is needed, `None` if the tenant was closed.
+    /// later primary cuts what a read showed. Returns its lsn once durable (to be replicated),
+    /// `Some(None)` when no barrier is needed, `None` if the tenant was closed.
     pub(crate) fn barrier(&self, ballot: u64) -> Result<Option<Option<u64>>, StoreError> {
         let gate = read_lock(&self.gate);
         if self.is_closed() {
@@ -480,6 +480,7 @@ impl Tenant {
         let lsn = self.log_and_apply(&p, &mut d, op, len, u64::MAX)?;
         drop(d);
         drop(gate);
+        self.wait_durable(lsn)?;
         Ok(Some(Some(lsn)))
     }
 

@@ -29,6 +29,12 @@ fn ship(from: &Store, to: &Store, ballot: u64) -> Result<LogPosition, AppendRefu
     to.append_from_primary(T, ballot, ballot, prev, &bytes).expect("no store error")
 }
 
+/// `store` takes the tenant over under `ballot`: it promises it, then leads under it.
+fn take_over(store: &Store, ballot: u64) {
+    store.promise(T, ballot).expect("store").expect("promise");
+    store.lead(T, ballot).expect("store").expect("ballot");
+}
+
 /// Both stores answer the same for every phext named.
 fn same_documents(a: &Store, b: &Store, phexts: &[&str]) {
     for p in phexts {
@@ -112,8 +118,7 @@ fn a_diverged_tail_is_cut_to_what_the_logs_share() {
     // Written on the old primary only, never acknowledged; then it fails.
     write(&old, "notes", "lost", 1);
     // The survivor leads ballot 2 and writes on.
-    new.promise(T, 2).expect("store").expect("promise");
-    new.lead(T, 2).expect("store").expect("ballot");
+    take_over(&new, 2);
     write(&new, "notes", "b", 3);
     let (o, n) = (old.replica_state(T).expect("state"), new.replica_state(T).expect("state"));
     assert_eq!(o.position(), LogPosition { ballot: 1, lsn: 5 });
@@ -307,14 +312,12 @@ fn a_new_primary_writes_a_barrier_of_its_ballot() {
     // Records 3 and 4 reach no backup (outcome unknown); then a stops answering.
     write(&a, "notes", "tail", 1);
     // b leads ballot 2 and logs a record only it holds.
-    b.promise(T, 2).expect("store").expect("promise");
-    b.lead(T, 2).expect("store").expect("ballot");
+    take_over(&b, 2);
     write(&b, "notes", "b", 1);
     // a leads again, under ballot 3, with c's promise; its own log is the most advanced of the
     // two, and it adopts it.
     c.promise(T, 3).expect("store").expect("promise");
-    a.promise(T, 3).expect("store").expect("promise");
-    a.lead(T, 3).expect("store").expect("ballot");
+    take_over(&a, 3);
     let before = get(&a, T, "checksum?p=notes");
     assert_eq!(a.barrier(T, 3).expect("store"), Some(5));
     assert_eq!(a.barrier(T, 3).expect("store"), None, "the log ends in its ballot now");
