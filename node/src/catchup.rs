@@ -201,6 +201,10 @@ pub async fn rebuild(svc: Arc<Service>, shutdown: CancellationToken) {
 /// primary's snapshot.
 async fn rebuild_one(svc: &Service, tenant: &str) -> Result<(), HandoffError> {
     let state = svc.registry.state();
+    // Purged since the pass listed it, or no longer held here: nothing to rebuild.
+    if state.tenant(tenant).is_none() || !state.replica_set(tenant).contains(&svc.id) {
+        return Ok(());
+    }
     match state.primary_of(tenant) {
         Some(primary) if primary == svc.id => {
             svc.prepare_if_primary(tenant).await.map_err(HandoffError::Refused)?;
@@ -268,9 +272,12 @@ pub(crate) async fn take(
     // write (a copy being rebuilt after a lost disk counts from now on).
     let prepared = listing.prepared_ballot;
     let ballot = prepared.map_or(ballot, |b| b.max(ballot));
+    // Only a giver that prepared at the epoch this node's registry is at makes a rebuilt copy
+    // count: one whose registry lags may lack writes a newer primary acknowledged.
+    let counts = prepared.is_some_and(|b| b == registry.state().placement_epoch());
     let installed = crate::blocking::spawn(move || {
         let installed = store.snapshot_install(&t, lsn, &theirs, ballot)?;
-        if installed.is_ok() && prepared.is_some() {
+        if installed.is_ok() && counts {
             store.mark_caught_up(&t)?;
         }
         Ok::<_, crate::store::StoreError>(installed)

@@ -287,9 +287,11 @@ impl Replication {
             )));
         }
         tracing::debug!(
+            node = self.id,
             tenant,
             ballot,
             mine = ?mine.ballots.position(mine.last_lsn),
+            mine_history = ?mine.ballots,
             promised = ?promised.iter().map(|(n, b, l)| (*n, b.position(*l))).collect::<Vec<_>>(),
             "prepare: promises gathered"
         );
@@ -317,6 +319,12 @@ impl Replication {
         })?;
         locked(&self.prepared_end).insert(tenant.to_string(), end);
         locked(&self.led).insert(tenant.to_string(), ballot);
+        // Every member is brought to this log's end (its barrier, and what it adopted), in the
+        // background: a tenant that takes no write after a failover still ends up on all its
+        // replicas, and only then goes quiet.
+        for &node in others {
+            self.link(node).want(tenant, end);
+        }
         crate::metrics::prepared();
         Ok(ballot)
     }
@@ -888,10 +896,16 @@ pub(crate) async fn refusal(svc: &Service, from: u64, tenant: &str, ballot: u64)
 /// (the sender is the tenant's primary, this node one of its set) and the store (ballot,
 /// continuity), cut first where the primary says so, then made durable.
 pub async fn take(svc: &Service, from: u64, appends: Vec<ReplicaAppend>) -> Vec<ReplicaAck> {
-    let taken = appends.into_iter().map(|a| async move {
+    let taken = appends.into_iter().map(|mut a| async move {
         if let Some(why) = refusal(svc, from, &a.tenant, a.epoch).await {
             return ReplicaAck::Refused(why);
         }
+        // A copy rebuilt after a lost disk promised nothing that survived: only the placement
+        // epoch fences an older primary now. It counts only on the word of a primary that
+        // prepared at the epoch this node's registry is at; one whose registry lags (it led
+        // under an older epoch and was never told otherwise) may lack writes a newer primary
+        // had acknowledged with this copy's lost promise.
+        a.caught_up &= a.epoch == svc.registry.state().placement_epoch();
         let store = svc.store.clone();
         crate::blocking::spawn(move || take_one(&store, a))
             .await

@@ -387,7 +387,7 @@ impl Service {
         if replicated.needed == 0 {
             return Ok(());
         }
-        match self.store.last_lsn_if_loaded(tenant) {
+        match self.store.durable_lsn_if_loaded(tenant) {
             Some(lsn) => {
                 let (backups, needed) = (replicated.backups, replicated.needed);
                 self.replication.commit(tenant, lsn, led, backups, needed).await
@@ -580,16 +580,18 @@ impl Service {
     pub async fn usage(&self, tenants: Vec<String>) -> Vec<TenantUsage> {
         let (store, limits) = (self.store.clone(), self.limits.clone());
         let state = self.registry.state();
-        let replication = self.replication.clone();
+        let (replication, me) = (self.replication.clone(), self.id);
         crate::blocking::spawn(move || {
             tenants
                 .into_iter()
                 .map(|t| {
                     let rollup = limits.rollup(&t);
                     let last_lsn = store.replica_state(&t).map_or(0, |r| r.last_lsn);
-                    let set = state.replica_set(&t);
-                    let backups =
-                        replication.statuses(&t, set.get(1..).unwrap_or_default(), last_lsn);
+                    // This node answers as the tenant's primary: the others are its backups
+                    // (not the set's tail: while the set's first node is down, the second leads).
+                    let others: Vec<u64> =
+                        state.replica_set(&t).into_iter().filter(|&n| n != me).collect();
+                    let backups = replication.statuses(&t, &others, last_lsn);
                     TenantUsage {
                         storage_bytes: store.storage_bytes(&t).unwrap_or(0),
                         api_calls_today: rollup.total_calls(),
@@ -616,8 +618,12 @@ impl Service {
 
     /// Prepares the tenant here if this node is its primary, with R > 1 (see
     /// `Replication::prepare`): the ballot it leads under, `None` when it is not the primary.
+    /// Refused for a tenant no longer in the registry (purged): it has nothing to prepare.
     pub async fn prepare_if_primary(&self, tenant: &str) -> Result<Option<u64>, ApiError> {
         let state = self.registry.state();
+        if state.tenant(tenant).is_none() {
+            return Err(ApiError::Missing(format!("no tenant {tenant:?} in this node's registry")));
+        }
         let (backups, needed) = self.backups(&state, tenant);
         if needed == 0 || state.primary_of(tenant) != Some(self.id) {
             return Ok(None);

@@ -3,12 +3,11 @@
 
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
 
-use crate::disk::{SimDisk, SimFile};
+use crate::disk::{ProcessDisk, SimFile};
 
-/// The tenant store's view of a [`SimDisk`].
-pub struct StoreDisk(pub Arc<SimDisk>);
+/// The tenant store's view of a process's disk.
+pub struct StoreDisk(pub ProcessDisk);
 
 struct StoreFile(SimFile);
 
@@ -60,8 +59,8 @@ impl node::store::Vfs for StoreDisk {
     }
 }
 
-/// The registry's view of a [`SimDisk`].
-pub struct RegistryDisk(pub Arc<SimDisk>);
+/// The registry's view of a process's disk.
+pub struct RegistryDisk(pub ProcessDisk);
 
 struct RegistryFile(SimFile);
 

@@ -191,8 +191,8 @@ impl Cluster {
         let config = self.config(id);
         let seams = Seams {
             peers: Arc::new(self.net.port(Endpoint::Node(id), incarnation, node_addr(id))),
-            vfs: Arc::new(StoreDisk(disk.clone())),
-            registry_fs: Arc::new(RegistryDisk(disk.clone())),
+            vfs: Arc::new(StoreDisk(disk.process())),
+            registry_fs: Arc::new(RegistryDisk(disk.process())),
             clock: Arc::new(Mono::new(clocks.clone())),
             wall: Arc::new(Wall(clocks)),
         };

@@ -9,7 +9,8 @@
 //!
 //! Faults: a full disk refuses writes (after writing part of them) and sometimes an fsync; a
 //! slow disk charges simulated time for every operation ([`take_debt_ms`]); a crashed disk
-//! answers every handle of the dead process with `EIO` until [`SimDisk::restart`].
+//! answers everything with `EIO` until [`SimDisk::restart`], and the dead process's handles and
+//! view ([`ProcessDisk`]) for good, as a dead process writes nothing.
 
 use std::cell::Cell;
 use std::collections::{BTreeMap, BTreeSet};
@@ -429,11 +430,31 @@ impl SimFile {
     }
 }
 
-/// The operations both seams need, on the current process's view of the disk.
+/// One process's view of a disk, taken when it starts ([`SimDisk::process`]): once that
+/// process dies, every operation through it fails with `EIO`, even after a new process started
+/// on the disk. A dead process's tasks that are still finishing never write to its successor's
+/// files.
+#[derive(Clone)]
+pub struct ProcessDisk {
+    disk: Arc<SimDisk>,
+    generation: u64,
+}
+
 impl SimDisk {
+    /// The view of the process that uses the disk from now on.
+    pub fn process(self: &Arc<Self>) -> ProcessDisk {
+        ProcessDisk { disk: self.clone(), generation: self.generation() }
+    }
+}
+
+/// The operations both seams need.
+impl ProcessDisk {
     fn op<R>(&self, f: impl FnOnce(&mut Inner) -> io::Result<R>) -> io::Result<R> {
-        let mut inner = self.lock();
+        let mut inner = self.disk.lock();
         inner.check()?;
+        if inner.generation != self.generation {
+            return Err(eio());
+        }
         f(&mut inner)
     }
 
@@ -491,7 +512,7 @@ impl SimDisk {
     /// Opens a file: `truncate` empties an existing one; `must_be_new` refuses one; `create`
     /// makes a missing one.
     pub fn open(
-        self: &Arc<Self>,
+        &self,
         path: &Path,
         create: bool,
         must_be_new: bool,
@@ -523,7 +544,7 @@ impl SimDisk {
             };
             Ok((id, inner.generation))
         })?;
-        Ok(SimFile { disk: self.clone(), id, generation })
+        Ok(SimFile { disk: self.disk.clone(), id, generation })
     }
 
     pub fn truncate(&self, path: &Path, len: u64) -> io::Result<()> {
@@ -595,10 +616,11 @@ impl SimDisk {
 mod tests {
     use super::*;
 
-    fn disk() -> Arc<SimDisk> {
+    fn disk() -> (Arc<SimDisk>, ProcessDisk) {
         let d = SimDisk::new(Rng::new(1));
         d.provision_dir(Path::new("/data")).unwrap();
-        d
+        let p = d.process();
+        (d, p)
     }
 
     // Goal: after a crash, a synced file in a synced directory keeps exactly its synced bytes (or
@@ -609,56 +631,77 @@ mod tests {
         for seed in 0..64 {
             let d = SimDisk::new(Rng::new(seed));
             d.provision_dir(Path::new("/data")).unwrap();
-            let mut f = d.open(Path::new("/data/log"), true, true, false).unwrap();
+            let p = d.process();
+            let mut f = p.open(Path::new("/data/log"), true, true, false).unwrap();
             f.write_all(b"hello ").unwrap();
             f.sync().unwrap();
-            d.sync_dir(Path::new("/data")).unwrap();
+            p.sync_dir(Path::new("/data")).unwrap();
             f.write_all(b"world").unwrap();
-            let mut g = d.open(Path::new("/data/new"), true, true, false).unwrap();
+            let mut g = p.open(Path::new("/data/new"), true, true, false).unwrap();
             g.write_all(b"x").unwrap();
             g.sync().unwrap();
             d.crash(true);
             assert!(f.write_all(b"!").is_err(), "a dead process's handle must fail");
             d.restart();
-            let log = d.read(Path::new("/data/log")).unwrap();
+            let p = d.process();
+            let log = p.read(Path::new("/data/log")).unwrap();
             let text_len = log.iter().rposition(|b| *b != 0).map_or(0, |i| i + 1);
             assert!(log.starts_with(b"hello "), "seed {seed}: {log:?}");
             assert!(b"hello world".starts_with(&log[..text_len]), "seed {seed}: {log:?}");
-            let new = d.exists(Path::new("/data/new")).unwrap();
+            let new = p.exists(Path::new("/data/new")).unwrap();
             if new {
-                assert_eq!(d.read(Path::new("/data/new")).unwrap(), b"x");
+                assert_eq!(p.read(Path::new("/data/new")).unwrap(), b"x");
             }
         }
+    }
+
+    // Goal: once a new process started on the disk, the dead one's view refuses every operation
+    // (its tasks still finishing must not write the new process's files), and the new one's
+    // works.
+    #[test]
+    fn a_dead_process_never_writes_after_a_restart() {
+        let (d, dead) = disk();
+        d.crash(false);
+        d.restart();
+        let alive = d.process();
+        assert!(dead.create_dir(Path::new("/data/t1")).is_err());
+        assert!(dead.open(Path::new("/data/f"), true, true, false).is_err());
+        assert!(dead.exists(Path::new("/data")).is_err());
+        assert!(!alive.exists(Path::new("/data/t1")).unwrap(), "the dead process wrote");
+        alive.create_dir(Path::new("/data/t1")).unwrap();
+        assert!(dead.rename(Path::new("/data/t1"), Path::new("/data/t2")).is_err());
+        assert!(alive.exists(Path::new("/data/t1")).unwrap());
     }
 
     // Goal: a directory renamed and synced keeps its files under the new name across a crash; an
     // unsynced truncation is undone.
     #[test]
     fn renames_and_cuts_follow_the_syncs() {
-        let d = disk();
-        d.create_dir(Path::new("/data/stage")).unwrap();
-        let mut f = d.open(Path::new("/data/stage/a"), true, true, false).unwrap();
+        let (d, p) = disk();
+        p.create_dir(Path::new("/data/stage")).unwrap();
+        let mut f = p.open(Path::new("/data/stage/a"), true, true, false).unwrap();
         f.write_all(b"abc").unwrap();
         f.sync().unwrap();
-        d.sync_dir(Path::new("/data/stage")).unwrap();
-        d.rename(Path::new("/data/stage"), Path::new("/data/t1")).unwrap();
-        d.sync_dir(Path::new("/data")).unwrap();
-        d.truncate(Path::new("/data/t1/a"), 1).unwrap();
+        p.sync_dir(Path::new("/data/stage")).unwrap();
+        p.rename(Path::new("/data/stage"), Path::new("/data/t1")).unwrap();
+        p.sync_dir(Path::new("/data")).unwrap();
+        p.truncate(Path::new("/data/t1/a"), 1).unwrap();
         d.crash(true);
         d.restart();
-        assert_eq!(d.read(Path::new("/data/t1/a")).unwrap(), b"abc");
-        assert!(!d.exists(Path::new("/data/stage")).unwrap());
+        let p = d.process();
+        assert_eq!(p.read(Path::new("/data/t1/a")).unwrap(), b"abc");
+        assert!(!p.exists(Path::new("/data/stage")).unwrap());
     }
 
     // Goal: a full disk refuses a write after taking part of it.
     #[test]
     fn full_disk_refuses_writes() {
-        let d = disk();
-        let mut f = d.open(Path::new("/data/f"), true, true, false).unwrap();
+        let (d, p) = disk();
+        let mut f = p.open(Path::new("/data/f"), true, true, false).unwrap();
         d.set_faults(DiskFaults { full: true, slow_ms: 7 });
         let err = f.write_all(b"0123456789").unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::StorageFull);
-        assert!(d.read(Path::new("/data/f")).unwrap().len() <= 10);
+        assert!(p.read(Path::new("/data/f")).unwrap().len() <= 10);
         assert!(take_debt_ms() >= 14, "slow operations charge time");
     }
 }

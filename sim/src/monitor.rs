@@ -27,6 +27,8 @@ pub enum Invariant {
     RaftLog,
     Liveness,
     Panic,
+    ReplicasIdentical,
+    IdleQuiet,
 }
 
 impl fmt::Display for Invariant {
@@ -53,6 +55,10 @@ impl fmt::Display for Invariant {
                 "liveness: after faults heal, the cluster converges and serves every tenant"
             }
             Invariant::Panic => "no node code panics (a broken assertion)",
+            Invariant::ReplicasIdentical => {
+                "after the heal, every replica of a tenant holds the same log end and the same bytes"
+            }
+            Invariant::IdleQuiet => "an idle tenant's replicas exchange no messages",
         })
     }
 }

@@ -74,6 +74,8 @@ struct Inner {
     frozen: BTreeMap<u64, Instant>,
     weather: Weather,
     next_message: u64,
+    /// Messages live processes sent so far, by kind (the trace's label).
+    sent: BTreeMap<&'static str, u64>,
 }
 
 pub struct Net {
@@ -224,6 +226,7 @@ impl Net {
             frozen: BTreeMap::new(),
             weather: Weather::default(),
             next_message: 0,
+            sent: BTreeMap::new(),
         };
         Arc::new(Net {
             trace,
@@ -235,6 +238,12 @@ impl Net {
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many messages of each kind live processes sent so far (a dead process's tasks that
+    /// still run send nothing).
+    pub fn sent_by_kind(&self) -> BTreeMap<&'static str, u64> {
+        self.lock().sent.clone()
     }
 
     /// A port for `from` (incarnation `incarnation` of it) at `addr`.
@@ -332,6 +341,7 @@ impl Net {
         if !Net::alive(&inner, from, incarnation) {
             return (id, Fate::Silent);
         }
+        *inner.sent.entry(kind.label).or_default() += 1;
         let Some(target) = inner.targets.get(&to).map(|t| Endpoint::Node(t.node)) else {
             let delay = Net::delay(&mut inner);
             return (id, Fate::Refused(delay));

@@ -56,6 +56,8 @@ pub enum BallotError {
     OutOfOrder { ballot: u64, lsn: u64, last_ballot: u64, last_first_lsn: u64 },
     #[error("the ballot history is full ({BALLOT_HISTORY_MAX} starts above the last checkpoint)")]
     HistoryFull,
+    #[error("a snapshot ending at {snapshot:?} is not ahead of this replica's log, which ends at {mine:?}")]
+    SnapshotNotAhead { snapshot: LogPosition, mine: LogPosition },
 }
 
 /// A replica's promise and its log's ballot history.
@@ -142,7 +144,9 @@ impl Ballots {
     /// A replica takes records written under `records` from a primary that leads under `sender`
     /// (a new primary sends records of the ballots before its own): refused when `sender` is below
     /// the promise; otherwise the records' run is recorded as [`Self::accept`] records it, and
-    /// `sender` is promised. `Ok(true)` when the history changed.
+    /// `sender` is promised. `Ok(true)` when the history or the promise changed (durable before
+    /// the records are acknowledged: a replica that took a newer primary's records refuses the
+    /// older primary's after a crash too).
     pub fn follow(&mut self, sender: u64, records: u64, lsn: u64) -> Result<bool, BallotError> {
         if sender < self.promised {
             return Err(BallotError::Stale { ballot: sender, promised: self.promised });
@@ -163,7 +167,7 @@ impl Ballots {
         match self.accept(records, lsn) {
             Ok(changed) => {
                 self.promised = promised.max(sender);
-                Ok(changed)
+                Ok(changed || self.promised != promised)
             }
             Err(refused) => {
                 self.promised = promised;
@@ -350,6 +354,11 @@ mod tests {
         assert_eq!(b.promised(), 6, "a refusal leaves the promise");
         assert_eq!(b.follow(8, 6, 3), Ok(true));
         assert_eq!((b.promised(), b.ballot_of(2), b.ballot_of(3)), (8, Some(3), Some(6)));
+        // A newer primary sending records of the last run: the history stays, the promise rises,
+        // and the change is reported, so that it is made durable.
+        assert_eq!(b.follow(9, 6, 4), Ok(true));
+        assert_eq!((b.promised(), b.ballot_of(4)), (9, Some(6)));
+        assert_eq!(b.follow(9, 6, 5), Ok(false));
     }
 
     #[test]

@@ -78,13 +78,19 @@ impl Store {
     /// What a primary sends a backup whose log ends at record `after`: the durable records up to
     /// `upto` that follow it under one ballot, at most [`REPLICA_BATCH_BYTES_MAX`] bytes of them
     /// (at least one record). From the records kept in memory when they reach back to `after`,
-    /// else from the log on disk.
+    /// else from the log on disk. Never a record not yet durable here: if its log write failed,
+    /// this node would write another record at its lsn under the same ballot, and a backup
+    /// holding the first would differ from it at the same position.
     pub fn shipment(&self, tenant: &str, after: u64, upto: u64) -> Result<Shipment, StoreError> {
         check_tenant_id(tenant)?;
         if after >= upto {
             return Ok(Shipment::Nothing);
         }
         let (ballots, kept) = self.on_loaded(tenant, |t| {
+            let upto = upto.min(t.durable_lsn());
+            if after >= upto {
+                return Ok(Some((Ballots::default(), Some(Shipment::Nothing))));
+            }
             let ballots = t.replica_state().0;
             let Some(prev_ballot) = ballots.ballot_of(after) else {
                 return Ok(Some((ballots, Some(Shipment::Checkpointed))));
@@ -142,10 +148,11 @@ impl Store {
         }
     }
 
-    /// The last record of the tenant's log, if it is loaded (a tenant not loaded has written
-    /// nothing since it was last loaded).
-    pub fn last_lsn_if_loaded(&self, tenant: &str) -> Option<u64> {
-        self.loaded(tenant).map(|t| t.last_lsn())
+    /// The last durable record of the tenant's log, if it is loaded (a tenant not loaded has
+    /// written nothing since it was last loaded). Everything a read answered is durable, so up
+    /// to here; records logged after it may still fail and be written again differently.
+    pub fn durable_lsn_if_loaded(&self, tenant: &str) -> Option<u64> {
+        self.loaded(tenant).map(|t| t.durable_lsn())
     }
 
     /// The tenant's promise and ballot history, and the last record of its log once every record

@@ -17,7 +17,7 @@ use proto::cluster::HandoffFile;
 use super::ballots::{self, BallotError, Ballots};
 use super::tenant::TenantPaths;
 use super::wal::write_base;
-use super::{check_tenant_id, create_dir_durable, lock_slot, Store, StoreError};
+use super::{check_tenant_id, create_dir_durable, lock_slot, recovery, Store, StoreError};
 
 /// Prefix of a snapshot's directory, beside the tenants' directories; not a valid tenant id.
 const SNAPSHOT_PREFIX: &str = ".snapshot-";
@@ -182,7 +182,9 @@ impl Store {
     /// handoff stages them) as this replica's: its log continues after record `lsn`, its ballot
     /// history is `theirs` up to that record, and it promises `ballot`, the sender's. Refused,
     /// changing nothing but dropping the staged copy, when this replica promised a higher
-    /// ballot: a newer primary may have its promise. Whatever it held of the tenant is replaced.
+    /// ballot (a newer primary may have its promise), or when its own log is as advanced as the
+    /// snapshot (it took records since the snapshot was listed). Whatever it held of the tenant
+    /// is replaced.
     pub fn snapshot_install(
         &self,
         tenant: &str,
@@ -196,19 +198,52 @@ impl Store {
         let slot = self.slot(tenant);
         // Held until the copy is in place: no request loads the tenant half way.
         let mut s = lock_slot(&slot);
-        if let Some(t) = s.tenant.take() {
-            self.loaded_count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-            // Its files are replaced next; a failed checkpoint loses nothing that matters.
-            if let Err(e) = t.close() {
-                tracing::warn!(tenant, error = %e, "checkpoint before a snapshot install failed");
+        let paths = TenantPaths::new(&self.tenants_dir, tenant);
+        let root = paths.root.clone();
+        let (mine, my_end) = match s.tenant.take() {
+            Some(t) => {
+                self.loaded_count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                // Its files are replaced next; a failed checkpoint loses nothing that matters.
+                if let Err(e) = t.close() {
+                    tracing::warn!(tenant, error = %e, "checkpoint before a snapshot install failed");
+                }
+                t.replica_state()
             }
-        }
-        let root = TenantPaths::new(&self.tenants_dir, tenant).root;
-        let mine = ballots::read(self.vfs.as_ref(), &root)?;
-        if ballot < mine.promised() {
+            None => {
+                let now = self.clock.now_ms();
+                match recovery::load(
+                    tenant,
+                    paths,
+                    self.vfs.clone(),
+                    self.memory_bytes.clone(),
+                    now,
+                ) {
+                    Ok(t) => {
+                        let held = t.replica_state();
+                        t.discard();
+                        held
+                    }
+                    // A copy that no longer loads holds nothing to keep.
+                    Err(_) => (ballots::read(self.vfs.as_ref(), &root)?, 0),
+                }
+            }
+        };
+        let refused = if ballot < mine.promised() {
+            Some(BallotError::Stale { ballot, promised: mine.promised() })
+        } else if theirs.position(lsn) <= mine.position(my_end) {
+            // Records taken since the snapshot was listed (and perhaps acknowledged as a
+            // member's) must not be replaced by an older copy.
+            Some(BallotError::SnapshotNotAhead {
+                snapshot: theirs.position(lsn),
+                mine: mine.position(my_end),
+            })
+        } else {
+            None
+        };
+        if let Some(refused) = refused {
             drop(s);
             self.stage_abort(tenant)?;
-            return Ok(Err(BallotError::Stale { ballot, promised: mine.promised() }));
+            return Ok(Err(refused));
         }
         let mut next = theirs.clone();
         next.truncate_after(lsn);

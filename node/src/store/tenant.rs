@@ -304,8 +304,14 @@ impl Tenant {
     }
 
     /// The LSN of the newest record logged.
+    #[cfg(test)]
     pub(crate) fn last_lsn(&self) -> u64 {
         self.wal.last_lsn()
+    }
+
+    /// The LSN of the newest durable record (records logged after it may still fail).
+    pub(crate) fn durable_lsn(&self) -> u64 {
+        self.wal.durable_lsn()
     }
 
     /// True once a log write failed: the tenant's memory may hold changes that are not durable.

@@ -340,6 +340,11 @@ impl Wal {
         self.lock().next_lsn - 1
     }
 
+    /// The LSN of the newest durable record: every record up to it is synced.
+    pub(crate) fn durable_lsn(&self) -> u64 {
+        self.lock().synced_lsn
+    }
+
     pub(crate) fn failed(&self) -> bool {
         self.lock().failed.is_some()
     }

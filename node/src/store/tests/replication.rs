@@ -252,6 +252,39 @@ fn a_backup_far_behind_takes_a_snapshot() {
     assert!(primary.snapshot_read(image.id, T, &image.files[0].path, 0, 1).is_err());
 }
 
+// Goal: a snapshot listed before the backup took later records is refused, loaded or not, and the
+// backup keeps those records (it may have acknowledged them as a member): a copy never goes back.
+#[test]
+fn a_snapshot_older_than_the_backups_log_is_refused() {
+    let (da, db) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let (primary, backup) = (open(da.path()), open(db.path()));
+    primary.lead(T, 2).expect("store").expect("ballot");
+    write(&primary, "notes", "a", 4);
+    assert_eq!(ship(&primary, &backup, 2), Ok(LogPosition { ballot: 2, lsn: 5 }));
+    let image = primary.snapshot_take(T).expect("snapshot");
+    assert_eq!(image.lsn, 5);
+    write(&primary, "notes", "b", 2);
+    assert_eq!(ship(&primary, &backup, 2), Ok(LogPosition { ballot: 2, lsn: 8 }));
+    let before = backup.replica_state(T).expect("state");
+    for unloaded in [false, true] {
+        if unloaded {
+            backup.unload(T).expect("unload");
+        }
+        stage_snapshot(&primary, &backup, &image);
+        let refused = backup.snapshot_install(T, image.lsn, &image.ballots, 2).expect("store");
+        assert_eq!(
+            refused,
+            Err(BallotError::SnapshotNotAhead {
+                snapshot: LogPosition { ballot: 2, lsn: 5 },
+                mine: LogPosition { ballot: 2, lsn: 8 },
+            }),
+            "unloaded: {unloaded}"
+        );
+        assert_eq!(backup.replica_state(T).expect("state"), before);
+        same_documents(&primary, &backup, &["notes"]);
+    }
+}
+
 // Goal: a replica that promised a higher ballot than the snapshot's sender refuses to install it,
 // and keeps what it held.
 #[test]
@@ -369,4 +402,33 @@ fn a_write_that_changes_nothing_says_so() {
     assert!(!changed("p=other&c=1.1.1/1.1.1/1.1.1", "delete"), "a phext that does not exist");
     assert!(changed("p=notes&c=1.1.1/1.1.1/1.1.1", "delete"));
     assert_eq!(store.replica_state(T).expect("state").last_lsn, 2, "two records logged");
+}
+
+// Goal: a primary ships only records durable on its own disk, and a read's commit point is its
+// durable end: a record whose log write is still pending (and may yet fail, to be written again
+// differently at the same lsn) reaches no backup.
+#[test]
+fn a_record_not_yet_durable_is_not_shipped() {
+    let dir = tempfile::tempdir().expect("dir");
+    let store = open(dir.path());
+    store.keep_tails(true);
+    store.lead(T, 1).expect("store").expect("ballot");
+    get(&store, T, "update?p=notes&c=1.1.1/1.1.1/1.1.1&s=a");
+    let req = parse(Method::Get, "update", "p=notes&c=1.1.1/1.1.1/1.1.2&s=b", b"").expect("parses");
+    let crate::store::Begun::Logged(pending) = store.execute_begin(T, NO_QUOTA, &req) else {
+        panic!("a write is logged");
+    };
+    assert_eq!(pending.lsn(), 2);
+    assert_eq!(store.durable_lsn_if_loaded(T), Some(1));
+    match store.shipment(T, 0, 2).expect("shipment") {
+        Shipment::Records { last_lsn, .. } => assert_eq!(last_lsn, 1, "only the durable record"),
+        other => panic!("records expected: {other:?}"),
+    }
+    assert_eq!(store.shipment(T, 1, 2).expect("shipment"), Shipment::Nothing);
+    store.execute_finish(pending).expect("durable");
+    assert_eq!(store.durable_lsn_if_loaded(T), Some(2));
+    match store.shipment(T, 1, 2).expect("shipment") {
+        Shipment::Records { last_lsn, .. } => assert_eq!(last_lsn, 2),
+        other => panic!("records expected: {other:?}"),
+    }
 }
