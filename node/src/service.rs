@@ -336,10 +336,10 @@ impl Service {
         replicated: &Replicated<'_>,
     ) -> Result<SqResponse, ApiError> {
         if replicated.needed == 0 {
-            return self.execute(tenant, quota, request).await.0;
+            return self.execute(tenant, quota, request, None).await.0;
         }
         let led = self.prepared(tenant, replicated).await?;
-        match self.execute(tenant, quota, request).await {
+        match self.execute(tenant, quota, request, Some(led)).await {
             (Ok(answer), Some(lsn)) => {
                 let (backups, needed) = (replicated.backups, replicated.needed);
                 self.replication.commit(tenant, lsn, led, backups, needed).await?;
@@ -403,6 +403,7 @@ impl Service {
         tenant: &str,
         quota: u64,
         request: SqRequest,
+        led: Option<u64>,
     ) -> (Result<SqResponse, ApiError>, Option<u64>) {
         match self.store.execute_now(tenant, &request) {
             // A select of a loaded tenant: a map lookup, answered here without a thread hop.
@@ -412,7 +413,7 @@ impl Service {
                 // A write in two steps: logged, then durable (the simulator lets time pass
                 // between them, as a disk does).
                 crate::blocking::spawn_steps(move || {
-                    match store.execute_begin(&owned, quota, &request) {
+                    match store.execute_begin_led(&owned, quota, &request, led) {
                         Begun::Done(result) => {
                             Step::Done((metered(&store, &owned, &request, result), None))
                         }

@@ -37,6 +37,10 @@ pub enum StoreError {
     /// The tenant kept being unloaded under the request; try again.
     #[error("tenant {0} is busy being unloaded")]
     Busy(String),
+    /// A write made as the tenant's primary under `ballot`, after this replica promised a
+    /// newer one (another node leads the tenant now). Nothing was written.
+    #[error("this replica promised ballot {promised}, above the ballot {ballot} this node leads the tenant under")]
+    NotLeading { ballot: u64, promised: u64 },
 }
 
 impl StoreError {
@@ -67,6 +71,9 @@ impl From<StoreError> for ApiError {
                 reason: "storage unavailable".into(),
                 retry_after_s: IO_RETRY_AFTER_S,
             },
+            StoreError::NotLeading { .. } => {
+                ApiError::Unavailable { reason: e.to_string(), retry_after_s: IO_RETRY_AFTER_S }
+            }
             StoreError::Corrupt { .. } => ApiError::Internal("storage error".into()),
             StoreError::InvalidTenant(_) => ApiError::Internal("invalid tenant id".into()),
         }

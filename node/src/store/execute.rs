@@ -31,9 +31,24 @@ impl Store {
     /// pending batch, and [`Self::execute_finish`] answers it once the record is durable. Other
     /// writers' records may join the batch meanwhile, and a checkpoint may flush it.
     pub fn execute_begin(&self, tenant: &str, quota_bytes: u64, req: &SqRequest) -> Begun {
+        self.execute_begin_led(tenant, quota_bytes, req, None)
+    }
+
+    /// [`Self::execute_begin`] for the primary of a replicated tenant that leads it under
+    /// `led`: a write is refused ([`StoreError::NotLeading`]), changing nothing, once this
+    /// replica promised a newer ballot (it took a newer primary's records, or promised it),
+    /// whatever this node still believes. Its record would otherwise join the newer primary's
+    /// run in the ballot history, at an lsn where that primary wrote another.
+    pub fn execute_begin_led(
+        &self,
+        tenant: &str,
+        quota_bytes: u64,
+        req: &SqRequest,
+        led: Option<u64>,
+    ) -> Begun {
         let result = check_tenant_id(tenant)
             .and_then(|()| validate(req))
-            .and_then(|()| self.execute_valid(tenant, quota_bytes, req));
+            .and_then(|()| self.execute_valid(tenant, quota_bytes, req, led));
         match result {
             Ok(Ran::Answered(response)) => Begun::Done(Ok(response)),
             Ok(Ran::Logged(logged)) => Begun::Logged(logged),
@@ -94,12 +109,13 @@ impl Store {
         id: &str,
         quota_bytes: u64,
         req: &SqRequest,
+        led: Option<u64>,
     ) -> Result<Ran, StoreError> {
         if req.phext().is_none() {
             return Ok(Ran::Answered(SqResponse::text(SQ_API_VERSION)));
         }
         self.on_loaded(id, |t| {
-            let ran = run(t, quota_bytes, req)?;
+            let ran = run(t, quota_bytes, req, led)?;
             // A logged write's upkeep comes once it is durable (`execute_finish`).
             if let Some(Ran::Answered(_)) = ran {
                 self.after_request(t);
@@ -122,7 +138,7 @@ impl Store {
 
 /// Logs a store failure other than a quota refusal (the client's doing), and returns it.
 fn failed(tenant: &str, route: &str, e: StoreError) -> StoreError {
-    if !matches!(e, StoreError::QuotaExceeded { .. }) {
+    if !matches!(e, StoreError::QuotaExceeded { .. } | StoreError::NotLeading { .. }) {
         tracing::warn!(tenant, route, error = %e, "store request failed");
     }
     e
@@ -182,7 +198,12 @@ fn sized(answer_bytes: u64) -> Result<(), StoreError> {
 }
 
 /// Runs a validated request on a loaded tenant; `Ok(None)` when the tenant closed under a write.
-fn run(t: &Arc<Tenant>, quota_bytes: u64, req: &SqRequest) -> Result<Option<Ran>, StoreError> {
+fn run(
+    t: &Arc<Tenant>,
+    quota_bytes: u64,
+    req: &SqRequest,
+    led: Option<u64>,
+) -> Result<Option<Ran>, StoreError> {
     let plain = |body: Vec<u8>| SqResponse::text(body);
     let response = match req {
         SqRequest::Version => return Ok(Some(Ran::Answered(SqResponse::text(SQ_API_VERSION)))),
@@ -219,13 +240,13 @@ fn run(t: &Arc<Tenant>, quota_bytes: u64, req: &SqRequest) -> Result<Option<Ran>
             plain(ops::where_(text, *algo, *limit).into_bytes())
         }
         SqRequest::Insert { p, c, text } => {
-            return write(t, p, *c, Edit::Insert(text), quota_bytes, req.route().name())
+            return write(t, p, *c, Edit::Insert(text), quota_bytes, req.route().name(), led)
         }
         SqRequest::Update { p, c, text } => {
-            return write(t, p, *c, Edit::Update(text), quota_bytes, req.route().name())
+            return write(t, p, *c, Edit::Update(text), quota_bytes, req.route().name(), led)
         }
         SqRequest::Delete { p, c } => {
-            return write(t, p, *c, Edit::Delete, quota_bytes, req.route().name())
+            return write(t, p, *c, Edit::Delete, quota_bytes, req.route().name(), led)
         }
     };
     Ok(Some(Ran::Answered(response)))
@@ -238,8 +259,9 @@ fn write(
     edit: Edit<'_>,
     quota: u64,
     route: &'static str,
+    led: Option<u64>,
 ) -> Result<Option<Ran>, StoreError> {
-    Ok(t.write_logged(p, c, edit, quota)?.map(|(answer, lsn, changed)| {
+    Ok(t.write_logged(p, c, edit, quota, led)?.map(|(answer, lsn, changed)| {
         Ran::Logged(Logged { tenant: t.clone(), lsn, answer, route, changed })
     }))
 }

@@ -427,13 +427,16 @@ impl Tenant {
     /// that must be durable before it is given ([`Self::wait_durable`]) and whether the write
     /// logged a record (one that changed nothing waits for what it saw), or `Ok(None)` if the
     /// tenant was closed first (nothing done). Growth past `quota_bytes` is refused before
-    /// anything is logged.
+    /// anything is logged, and so is a change by a primary that leads under `led` once this
+    /// replica promised a newer ballot (under the gate, so no newer primary's records come
+    /// between the check and the record).
     pub(crate) fn write_logged(
         &self,
         p: &PhextName,
         c: Coordinate,
         edit: Edit<'_>,
         quota_bytes: u64,
+        led: Option<u64>,
     ) -> Result<Option<(String, u64, bool)>, StoreError> {
         let gate = read_lock(&self.gate);
         if self.is_closed() {
@@ -448,6 +451,12 @@ impl Tenant {
         };
         let mut d = write_lock(&entry);
         let (answer, change) = plan(&d.doc, c, edit);
+        if let (Some(ballot), Some(_)) = (led, &change) {
+            let promised = self.ballots().promised();
+            if promised != ballot {
+                return Err(StoreError::NotLeading { ballot, promised });
+            }
+        }
         let (lsn, changed) = match change {
             None => (d.applied_lsn, false),
             Some((op, new_len)) => (self.log_and_apply(p, &mut d, op, new_len, quota_bytes)?, true),

@@ -432,3 +432,34 @@ fn a_record_not_yet_durable_is_not_shipped() {
         other => panic!("records expected: {other:?}"),
     }
 }
+
+// Goal: a node that led the tenant under one ballot and then took a newer primary's records (so
+// promised the newer ballot) has its own writes under the old ballot refused, changing nothing:
+// its record would join the newer primary's run at an lsn where that primary wrote another.
+#[test]
+fn a_deposed_primary_writes_nothing_once_it_follows_a_newer_one() {
+    let (da, db) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let (old, new) = (open(da.path()), open(db.path()));
+    take_over(&old, 2);
+    let update = |store: &Store, text: &str, led: u64| {
+        let query = format!("p=notes&c=1.1.1/1.1.1/1.1.1&s={text}");
+        let req = parse(Method::Get, "update", &query, b"").expect("parses");
+        match store.execute_begin_led(T, NO_QUOTA, &req, Some(led)) {
+            crate::store::Begun::Logged(logged) => store.execute_finish(logged).map(|_| ()),
+            crate::store::Begun::Done(answer) => answer.map(|_| ()),
+        }
+    };
+    update(&old, "a", 2).expect("the primary writes under its ballot");
+    assert_eq!(ship(&old, &new, 2), Ok(LogPosition { ballot: 2, lsn: 1 }));
+    take_over(&new, 3);
+    update(&new, "b", 3).expect("the new primary writes");
+    assert_eq!(ship(&new, &old, 3), Ok(LogPosition { ballot: 3, lsn: 2 }));
+    let before = old.replica_state(T).expect("state");
+    let refused = update(&old, "c", 2);
+    assert!(
+        matches!(refused, Err(StoreError::NotLeading { ballot: 2, promised: 3 })),
+        "{refused:?}"
+    );
+    assert_eq!(old.replica_state(T).expect("state"), before, "nothing logged");
+    same_documents(&new, &old, &["notes"]);
+}
