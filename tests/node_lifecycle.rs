@@ -191,11 +191,17 @@ fn a_node_removed_while_down_stops_when_it_returns() {
     eprintln!("node 4 exited {:?} after its start", restarted.elapsed());
     assert_eq!(code, Some(node::EXIT_REMOVED), "exit status of a node removed while it was down");
     let log = std::fs::read_to_string(c.dir.join("node-4.log")).unwrap();
+    // A loaded machine may elect node 4 between the check above and its stop: it then comes back
+    // leading in its old term, and learns of its removal as a leader does, not from gossip.
+    let came_back_leading = log.contains("is_leader: true");
     assert!(
-        log.contains("removed from the cluster while it was away"),
+        log.contains("removed from the cluster while it was away")
+            || (came_back_leading && log.contains("this node was removed from the cluster")),
         "the node says why it stopped: {log}"
     );
-    assert_eq!(leader_and_term(&c), before, "the registry's leader or term changed");
+    if !came_back_leading {
+        assert_eq!(leader_and_term(&c), before, "the registry's leader or term changed");
+    }
     let (_, health) = common::admin(&c, reqwest::Method::GET, "/admin/health", None);
     let row = health["nodes"].as_array().unwrap().iter().find(|n| n["id"] == 4).cloned();
     assert!(
