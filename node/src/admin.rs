@@ -367,10 +367,17 @@ async fn membership(
         parse_node_addr(*id, addr)?;
     }
     // Refused before anything is recorded: the registry refuses the activation or drain itself
-    // (raft_registry::Rejection::PlacementFixedWithReplicas), which would leave a join half done.
-    let replicas = svc.registry.state().replicas();
-    if replicas > 1 && matches!(op, AdminOp::AddNode { .. } | AdminOp::DrainNode { .. }) {
-        let refused = raft_registry::Rejection::PlacementFixedWithReplicas(replicas as u8);
+    // (raft_registry::Rejection::TooFewNodesForReplicas), which would leave a join half done.
+    let state = svc.registry.state();
+    let (replicas, active) = (state.replicas(), state.active_nodes().len());
+    let too_few = match op {
+        AdminOp::AddNode { .. } => active < replicas,
+        AdminOp::DrainNode { .. } => active <= replicas,
+        _ => false,
+    };
+    if replicas > 1 && active > 0 && too_few {
+        let refused =
+            raft_registry::Rejection::TooFewNodesForReplicas { replicas: replicas as u8, active };
         return Err(ApiError::Conflict(refused.to_string()));
     }
     let status = svc.registry.status();

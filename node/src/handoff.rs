@@ -520,9 +520,19 @@ pub async fn run_puller(svc: Arc<Service>, shutdown: CancellationToken) {
     let permits = Arc::new(Semaphore::new(svc.handoffs.config.parallelism.max(1)));
     let mut rx = svc.registry.subscribe();
     let mut pulls = tokio::task::JoinSet::new();
+    // With R > 1: the changes of replica sets this node enters, each followed by one task.
+    let mut entering = std::collections::BTreeSet::new();
+    let mut enters = tokio::task::JoinSet::new();
     loop {
         let state = rx.borrow_and_update().1.clone();
         for h in state.handoffs().filter(|h| h.to == svc.id) {
+            if state.replicas() > 1 {
+                if entering.insert(h.tenant.clone()) {
+                    let task = enter_until_done(svc.clone(), h.clone(), shutdown.clone());
+                    enters.spawn(task);
+                }
+                continue;
+            }
             let fresh = {
                 let mut incoming = svc.handoffs.progress();
                 let new = !incoming.contains_key(&h.tenant);
@@ -545,6 +555,11 @@ pub async fn run_puller(svc: Arc<Service>, shutdown: CancellationToken) {
         }
         // Reap finished pulls so the set holds only those still running.
         while pulls.try_join_next().is_some() {}
+        while let Some(done) = enters.try_join_next() {
+            if let Ok(tenant) = done {
+                entering.remove(&tenant);
+            }
+        }
         tokio::select! {
             _ = shutdown.cancelled() => break,
             changed = rx.changed() => if changed.is_err() { break },
@@ -552,6 +567,78 @@ pub async fn run_puller(svc: Arc<Service>, shutdown: CancellationToken) {
         }
     }
     while pulls.join_next().await.is_some() {}
+    while enters.join_next().await.is_some() {}
+}
+
+/// How often a node entering a tenant's replica set asks the tenant's primary again.
+const ENTER_LOOK: Duration = Duration::from_secs(1);
+
+/// With R > 1, this node enters the tenant's replica set (a join or a drain): it asks the
+/// tenant's primary, every [`ENTER_LOOK`], to bring its copy up (the primary ships it the
+/// records, or has it take a snapshot, as for any backup) until the primary answers that the
+/// change may be committed; then commits `HandoffDone`, which takes the leaving node out of the
+/// set. Returns the tenant once the change is gone from this node's registry, or at shutdown.
+async fn enter_until_done(svc: Arc<Service>, h: Handoff, shutdown: CancellationToken) -> String {
+    let started = svc.mono_ms();
+    loop {
+        let state = svc.registry.state();
+        if shutdown.is_cancelled() || state.handoff(&h.tenant).is_none_or(|p| *p != h) {
+            break;
+        }
+        let asked = match state.primary_of(&h.tenant) {
+            Some(primary) if primary != svc.id => {
+                let request =
+                    NodeRequest::Enter { from: svc.id, tenant: h.tenant.clone(), epoch: h.epoch };
+                match state.node(primary).map(|n| n.addr.clone()) {
+                    Some(addr) => call(&svc, &addr, request).await.map(|r| (primary, r)),
+                    None => Err(HandoffError::UnknownNode(primary)),
+                }
+            }
+            _ => Err(HandoffError::Refused(ApiError::unavailable("the tenant has no primary"))),
+        };
+        match asked {
+            Ok((_, NodeResponse::Entered(Ok(true)))) => {
+                let done = Command::HandoffDone { tenant: h.tenant.clone(), epoch: h.epoch };
+                match commit(&svc, done).await {
+                    Ok(()) => {
+                        tracing::info!(
+                            node = svc.id,
+                            tenant = h.tenant,
+                            leaving = h.from,
+                            epoch = h.epoch,
+                            ms = svc.mono_ms().saturating_sub(started),
+                            "entered the tenant's replica set"
+                        );
+                        metrics::counter!("sq_handoffs_total").increment(1);
+                        // Until this node applies it: asking again before would be refused.
+                        let mut rx = svc.registry.subscribe();
+                        while rx.borrow_and_update().1.handoff(&h.tenant) == Some(&h) {
+                            tokio::select! {
+                                _ = shutdown.cancelled() => break,
+                                changed = rx.changed() => if changed.is_err() { break },
+                            }
+                        }
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(node = svc.id, tenant = h.tenant, error = %e, "committing a replica set change failed; asked again")
+                    }
+                }
+            }
+            Ok((_, NodeResponse::Entered(Ok(false)))) => {}
+            Ok((primary, other)) => {
+                tracing::debug!(node = svc.id, tenant = h.tenant, primary, answer = ?other, "the tenant's primary is not bringing this copy up yet")
+            }
+            Err(e) => {
+                tracing::debug!(node = svc.id, tenant = h.tenant, error = %e, "asking the tenant's primary to bring this copy up failed")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(ENTER_LOOK) => {}
+        }
+    }
+    h.tenant
 }
 
 async fn pull_until_done(

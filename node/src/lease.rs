@@ -68,6 +68,8 @@ pub struct Leases {
     last_tick_ms: AtomicU64,
     /// When each node's lease request last arrived, on this node's clock.
     heard: Mutex<HashMap<u64, u64>>,
+    /// When this voter last granted each node's lease request, on its clock.
+    granted: Mutex<HashMap<u64, u64>>,
     /// Nodes this voter confirmed down, with the placement epoch it had applied then.
     refusing: Mutex<HashMap<u64, u64>>,
     /// How long each node said, in its last lease request, it had been without a lease.
@@ -92,6 +94,7 @@ impl Leases {
             started_ms: AtomicU64::new(started_ms),
             last_tick_ms: AtomicU64::new(started_ms),
             heard: Mutex::new(HashMap::new()),
+            granted: Mutex::new(HashMap::new()),
             refusing: Mutex::new(HashMap::new()),
             lapses: Mutex::new(HashMap::new()),
             until_ms: AtomicU64::new(0),
@@ -165,21 +168,41 @@ impl Leases {
             }
             refusing.remove(&from);
         }
+        locked(&self.granted).insert(from, now);
         true
     }
 
+    /// How long ago this voter last granted `node` a lease (since it started, at the latest).
+    fn granted_age(&self, node: u64) -> u64 {
+        let started = self.started_ms.load(Ordering::SeqCst);
+        let last = locked(&self.granted).get(&node).copied().unwrap_or(started).max(started);
+        self.clock.now_ms().saturating_sub(last)
+    }
+
     /// As a voter: the registry leader asks whether `node` is down. Confirms, and refuses its
-    /// leases from now on, when it has not been heard for [`DOWN_AFTER_MS`] or is refused already.
+    /// leases from now on, when it has not been heard for [`DOWN_AFTER_MS`], or when it refuses
+    /// the node already and granted it nothing for as long.
+    ///
+    /// A node still heard that says it has been without a lease for the down time (refused by
+    /// voters that confirmed it for a mark never committed: with an even number of voters, the
+    /// refusing half can neither grant it a lease nor mark it down with the other half) is
+    /// refused from now on, and confirmed once this voter's last grant to it is
+    /// [`DOWN_AFTER_MS`] old: every lease a round this voter granted could make has ended by
+    /// then, as with a node not heard.
     pub fn confirm_down(&self, node: u64, state: &RegistryState) -> bool {
         let mut refusing = locked(&self.refusing);
         if refusing.contains_key(&node) {
+            return self.granted_age(node) >= DOWN_AFTER_MS;
+        }
+        if self.heard_age(node) >= DOWN_AFTER_MS {
+            refusing.insert(node, state.placement_epoch());
             return true;
         }
-        if self.heard_age(node) < DOWN_AFTER_MS {
-            return false;
+        if self.lapsed_long(node) {
+            refusing.insert(node, state.placement_epoch());
+            return self.granted_age(node) >= DOWN_AFTER_MS;
         }
-        refusing.insert(node, state.placement_epoch());
-        true
+        false
     }
 
     fn refuses(&self, node: u64) -> bool {

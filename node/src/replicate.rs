@@ -477,6 +477,35 @@ impl Replication {
         }
     }
 
+    /// Whether node `entering`, coming into the tenant's replica set (a pending change in this
+    /// node's registry), holds the tenant now, so the change may be committed: this node leads
+    /// the tenant under a ballot at or after the change's epoch, so it prepared with the set of
+    /// the change (R + 1 members, whose majorities meet those of the set before and after);
+    /// the entering node holds everything this node held then, durably; and so does a majority
+    /// of the set after the change. Every write acknowledged before is then on that majority
+    /// (the records a prepare adopts come before its barrier), and every write after it, on a
+    /// majority of R + 1, is too. Until then, it asks for the entering node's copy to be
+    /// brought up.
+    pub fn entered(&self, tenant: &str, entering: u64) -> bool {
+        let state = self.registry.state();
+        let Some(change) = state.replica_change(tenant) else { return false };
+        let led = locked(&self.led).get(tenant).copied();
+        let end = locked(&self.prepared_end).get(tenant).copied();
+        let (Some(led), Some(end)) = (led, end) else { return false };
+        if led < change.epoch || change.to != entering {
+            return false;
+        }
+        let holds = |node: u64| {
+            node == self.id || self.link(node).member_durable(tenant).is_some_and(|d| d >= end)
+        };
+        if !holds(entering) {
+            self.link(entering).want(tenant, end);
+            return false;
+        }
+        let after = state.settled_set(tenant);
+        after.iter().filter(|&&n| holds(n)).count() > after.len() / 2
+    }
+
     /// How this node, as primary, sees each of the tenant's `backups`.
     pub fn statuses(&self, tenant: &str, backups: &[u64], last_lsn: u64) -> Vec<ReplicaStatus> {
         backups
@@ -960,6 +989,35 @@ fn take_one(store: &Store, a: ReplicaAppend) -> ReplicaAck {
         Ok(Err(AppendRefusal::Ballot(refused))) => ReplicaAck::Refused(refused.to_string()),
         Err(e) => ReplicaAck::Refused(format!("store: {e}")),
     }
+}
+
+/// Primary: node `from` enters the tenant's replica set in the change recorded at `epoch`
+/// (docs/REPLICATION.md, "Joins and drains"). Prepares the tenant if it has not (a prepare
+/// with the set of the change, both the entering and the leaving node in it), brings `from`'s
+/// copy up (records, or a snapshot as for any backup), and answers whether the change may be
+/// committed ([`Replication::entered`]).
+pub async fn entering(svc: &Service, from: u64, tenant: String, epoch: u64) -> NodeResponse {
+    svc.wait_for_epoch(epoch, EPOCH_CATCH_UP_WAIT).await;
+    let state = svc.registry.state();
+    match state.replica_change(&tenant) {
+        Some(h) if h.to == from && h.epoch == epoch => {}
+        _ => {
+            return NodeResponse::Entered(Err(format!(
+                "no change of {tenant:?}'s replica set brings node {from} in at epoch {epoch}"
+            )))
+        }
+    }
+    match svc.prepare_if_primary(&tenant).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return NodeResponse::Entered(Err(format!(
+                "node {} is not the primary of {tenant:?}",
+                svc.id
+            )))
+        }
+        Err(e) => return NodeResponse::Entered(Err(e.to_string())),
+    }
+    NodeResponse::Entered(Ok(svc.replication.entered(&tenant, from)))
 }
 
 /// A member promises `ballot` to the tenant's new primary `from`, and says where its log stands.

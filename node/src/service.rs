@@ -211,6 +211,12 @@ impl Service {
             NodeRequest::SnapshotDone { id, tenant } if from_node => {
                 crate::catchup::done(self, id, tenant).await
             }
+            NodeRequest::Enter { from, tenant, epoch } => match peer.role {
+                Role::Node(id) if id == from => {
+                    crate::replicate::entering(self, from, tenant, epoch).await
+                }
+                _ => NodeResponse::Refused("only a node entering a replica set may ask".into()),
+            },
             other => {
                 NodeResponse::Refused(format!("{:?} may not send {}", peer.role, kind(&other)))
             }
@@ -258,7 +264,7 @@ impl Service {
         if state.primary_of(tenant) != Some(self.id) {
             return Err(ApiError::NotOwner { epoch: state.placement_epoch() });
         }
-        if state.handoff(tenant).is_some() {
+        if state.replicas() <= 1 && state.handoff(tenant).is_some() {
             return Err(ApiError::unavailable("the tenant is moving to this node"));
         }
         // A majority of the replica set, this node counting as one, holds every write before it
@@ -694,6 +700,7 @@ fn kind(r: &NodeRequest) -> &'static str {
         NodeRequest::SnapshotTake { .. }
         | NodeRequest::SnapshotRead { .. }
         | NodeRequest::SnapshotDone { .. } => "snapshot",
+        NodeRequest::Enter { .. } => "enter",
     }
 }
 

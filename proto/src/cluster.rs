@@ -333,6 +333,11 @@ pub enum NodeRequest {
     SnapshotRead { id: u64, tenant: String, path: String, offset: u64, len: u64 },
     /// The snapshot `id` is no longer needed.
     SnapshotDone { id: u64, tenant: String },
+    /// Node `from`, entering the tenant's replica set in the change recorded at `epoch` (a join
+    /// or a drain with R > 1), asks the tenant's primary to bring its copy up and whether it
+    /// holds the tenant now: answered with [`NodeResponse::Entered`]. docs/REPLICATION.md,
+    /// "Joins and drains".
+    Enter { from: u64, tenant: String, epoch: u64 },
 }
 
 /// A snapshot of a tenant's copy on one node: the last record its files hold, the node's
@@ -549,6 +554,10 @@ pub enum NodeResponse {
     CatchingUp(Result<(), String>),
     /// The answer to `SnapshotTake`.
     Snapshot(Result<SnapshotListing, String>),
+    /// The answer to `Enter`: `true` once the entering node's copy holds everything the
+    /// primary prepared and the set the change leads to holds it on a majority, so the change
+    /// may be committed (`HandoffDone`); `false` while it is being brought up; or why not.
+    Entered(Result<bool, String>),
 }
 
 #[cfg(test)]

@@ -19,7 +19,8 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// (`AdminOp::SetReplicas`), and each tenant's replicas in its stats.
 /// Version 9: catch-up by snapshot (`NodeRequest::CatchUp`, `SnapshotTake`, `SnapshotRead`,
 /// `SnapshotDone`).
-pub const WIRE_VERSION: u16 = 9;
+/// Version 10: joins and drains with R > 1 (`NodeRequest::Enter`, `NodeResponse::Entered`).
+pub const WIRE_VERSION: u16 = 10;
 
 /// The largest message either side encodes or decodes, in bytes: 64 MiB. It is also the
 /// transport's frame limit (`transport::FRAME_BYTES_MAX`): one message fills one frame. It bounds

@@ -184,6 +184,11 @@ fn node_request() -> impl Strategy<Value = NodeRequest> {
         }),
         (any::<u64>(), text()).prop_map(|(id, tenant)| NodeRequest::SnapshotDone { id, tenant }),
         any::<u64>().prop_map(|node| NodeRequest::ConfirmDown { node }),
+        (any::<u64>(), text(), any::<u64>()).prop_map(|(from, tenant, epoch)| NodeRequest::Enter {
+            from,
+            tenant,
+            epoch
+        }),
     ]
 }
 
@@ -291,6 +296,8 @@ fn node_response() -> impl Strategy<Value = NodeResponse> {
         (any::<bool>(), any::<u64>())
             .prop_map(|(granted, epoch)| NodeResponse::Lease { granted, epoch }),
         prop_oneof![Just(Ok(())), text().prop_map(Err)].prop_map(NodeResponse::CatchingUp),
+        prop_oneof![any::<bool>().prop_map(Ok), text().prop_map(Err)]
+            .prop_map(NodeResponse::Entered),
         (
             any::<(u64, u64)>(),
             prop::collection::vec(any::<u8>(), 0..32),

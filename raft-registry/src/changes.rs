@@ -106,6 +106,9 @@ pub fn touched(command: &Command) -> Option<Touched> {
         | Command::DisableTenant { id }
         | Command::ArchiveTenant { id }
         | Command::PurgeTenant { id } => one(id),
+        // With R > 1 the tenant's primary may change with its set (the entering node heads it,
+        // or the leaving one led it).
+        Command::HandoffDone { tenant, .. } => one(tenant),
         Command::NodeActivate { .. }
         | Command::NodeDrain { .. }
         | Command::MarkDown { .. }
@@ -113,7 +116,6 @@ pub fn touched(command: &Command) -> Option<Touched> {
         Command::SetAdminKeyHash { .. }
         | Command::NodeJoin { .. }
         | Command::NodeRemove { .. }
-        | Command::HandoffDone { .. }
         | Command::SetReplicas { .. } => None,
         // Each command of a batch is recorded on its own, when it is applied.
         Command::Batch(_) => None,

@@ -151,11 +151,11 @@ pub enum Rejection {
     )]
     ReplicasRaisedWithTenants(usize),
     #[error(
-        "with R = {0}, a node can be neither activated nor drained yet: the replica sets it \
-         changes would need their new copies caught up by snapshot, which replicas do not take \
-         yet"
+        "with R = {replicas}, a node can be activated only while at least R nodes are active, and \
+         drained only while more than R are ({active} are): each replica set changes by one node \
+         in for one node out"
     )]
-    PlacementFixedWithReplicas(u8),
+    TooFewNodesForReplicas { replicas: u8, active: usize },
     #[error("node {0} is already marked down")]
     AlreadyDown(u64),
     #[error("node {0} is not marked down")]
@@ -217,7 +217,14 @@ pub fn apply(state: &mut RegistryState, cmd: Command) -> Result<(), Rejection> {
         Command::NodeRemove { id } => node_transition(state, id, NodeState::Removed),
         Command::HandoffDone { tenant, epoch } => match state.handoffs.get(&tenant) {
             Some(h) if h.epoch == epoch => {
+                // With R > 1 the leaving node leaves the set now; if the tenant's primary
+                // changes with it (the entering node heads the set, or the leaving one led it),
+                // the new primary needs a ballot of its own: the epoch moves.
+                let primary_before = state.primary_of(&tenant);
                 state.handoffs.remove(&tenant);
+                if state.replicas() > 1 && state.primary_of(&tenant) != primary_before {
+                    state.placement_epoch += 1;
+                }
                 Ok(())
             }
             _ => Err(Rejection::NoSuchHandoff),
@@ -232,7 +239,9 @@ pub fn apply(state: &mut RegistryState, cmd: Command) -> Result<(), Rejection> {
             if replicas > state.replicas && !state.tenants.is_empty() {
                 return Err(Rejection::ReplicasRaisedWithTenants(state.tenants.len()));
             }
-            if replicas > 1 && !state.handoffs.is_empty() {
+            // A pending handoff moves one copy (R = 1) or changes one set by a node (R > 1):
+            // either is planned for the R it was recorded under.
+            if replicas != state.replicas && !state.handoffs.is_empty() {
                 return Err(Rejection::HandoffsPending(state.handoffs.len()));
             }
             state.replicas = replicas;
@@ -286,16 +295,24 @@ fn purge_tenant(state: &mut RegistryState, id: &str) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// Records a handoff for every tenant whose owner differs between the two rings. A tenant with
-/// no owner before (no active node) has no data anywhere and needs none.
+/// Records a handoff for every tenant whose owner (R = 1) or replica set (R > 1) differs
+/// between the two rings. A tenant with no owner before (no active node) has no data anywhere
+/// and needs none. With R > 1, `from` is the node leaving the set and `to` the node entering it
+/// (a join or a drain of at least R active nodes changes a set by one node in for one out).
 fn record_handoffs(state: &mut RegistryState, before: &crate::Ring) {
     let epoch = state.placement_epoch;
+    let r = state.replicas();
     let moves: Vec<Handoff> = state
         .tenants
         .keys()
         .filter_map(|id| {
-            let from = before.owner(id)?;
-            let to = state.ring.owner(id)?;
+            let (from, to) = if r > 1 {
+                let (old, new) = (before.replicas(id, r), state.ring.replicas(id, r));
+                let from = old.iter().copied().find(|n| !new.contains(n));
+                (from?, new.iter().copied().find(|n| !old.contains(n))?)
+            } else {
+                (before.owner(id)?, state.ring.owner(id)?)
+            };
             (from != to).then(|| Handoff { tenant: id.to_string(), from, to, epoch })
         })
         .collect();
@@ -396,10 +413,15 @@ fn node_transition(state: &mut RegistryState, id: u64, to: NodeState) -> Result<
         return Err(Rejection::TooManyActiveNodes);
     }
     let moves_tenants = from == NodeState::Active || to == NodeState::Active;
-    // Activating the first node (bootstrap) sets no replica set up; every later change would.
-    let active_now = state.nodes.values().any(|n| n.state == NodeState::Active);
-    if moves_tenants && state.replicas > 1 && active_now {
-        return Err(Rejection::PlacementFixedWithReplicas(state.replicas));
+    // With R > 1 every set a change touches must lose one node and gain one (bootstrap, the
+    // first activation, sets no replica set up).
+    let r = state.replicas();
+    let too_few = if to == NodeState::Active { active_before < r } else { active_before <= r };
+    if moves_tenants && r > 1 && active_before > 0 && too_few {
+        return Err(Rejection::TooFewNodesForReplicas {
+            replicas: state.replicas,
+            active: active_before,
+        });
     }
     if moves_tenants && !state.handoffs.is_empty() {
         return Err(Rejection::HandoffsPending(state.handoffs.len()));

@@ -335,14 +335,6 @@ fn the_replication_factor_is_set_within_its_limits() {
     );
     assert_eq!(s.replica_set("acme"), vec![s.owner_of("acme").expect("owned")]);
     s.replicas = 3;
-    apply(&mut s, Command::NodeJoin { id: 5, addr: "n5:1".into() }).expect("joins");
-    check(
-        &mut s,
-        vec![
-            (Command::NodeActivate { id: 5 }, Err(Rejection::PlacementFixedWithReplicas(3))),
-            (Command::NodeDrain { id: 4 }, Err(Rejection::PlacementFixedWithReplicas(3))),
-        ],
-    );
     let set = s.replica_set("acme");
     assert_eq!(set.len(), 3);
     assert_eq!(set[0], s.owner_of("acme").expect("owned"));
@@ -411,4 +403,56 @@ fn nodes_are_marked_down_and_up_once_each() {
     apply(&mut s, Command::NodeRemove { id: 2 }).expect("removed");
     assert!(s.is_down(1));
     assert_eq!(s.liveness(2), None, "a removed node's marks go with it");
+}
+
+#[test]
+fn with_three_replicas_a_join_or_drain_swaps_one_node_per_set() {
+    // Goal: with R = 3, a join or a drain is accepted only with at least R (join) or more than
+    // R (drain) active nodes; it records, for each tenant whose set changes, the node entering
+    // and the node leaving. Until `HandoffDone`, the set holds both (R + 1 members, the leaving
+    // node last) and the entering node is never primary; after it, the set is the ring's, and
+    // the epoch moves only when the tenant's primary changed.
+    let mut s = RegistryState::default();
+    for id in 1..=3 {
+        apply(&mut s, join(id)).expect("joins");
+        apply(&mut s, Command::NodeActivate { id }).expect("activates");
+    }
+    apply(&mut s, Command::SetReplicas { replicas: 3 }).expect("R = 3");
+    let tenants: Vec<String> = (0..40).map(|i| format!("t{i}")).collect();
+    for t in &tenants {
+        apply(&mut s, new_tenant(t, &format!("k-{t}"))).expect("adds");
+    }
+    let drain_too_few = Rejection::TooFewNodesForReplicas { replicas: 3, active: 3 };
+    check(&mut s, vec![(Command::NodeDrain { id: 1 }, Err(drain_too_few)), (join(4), Ok(()))]);
+    let before: Vec<Vec<u64>> = tenants.iter().map(|t| s.replica_set(t)).collect();
+    let epoch = s.placement_epoch();
+    check(&mut s, vec![(Command::NodeActivate { id: 4 }, Ok(()))]);
+    let changed: Vec<Handoff> = s.handoffs().cloned().collect();
+    assert!(!changed.is_empty() && changed.len() < tenants.len(), "node 4 enters some sets");
+    for (t, old) in tenants.iter().zip(&before) {
+        let Some(h) = s.replica_change(t).cloned() else {
+            assert_eq!(&s.replica_set(t), old, "{t}: an unchanged set");
+            continue;
+        };
+        assert_eq!((h.to, h.epoch), (4, epoch + 1), "{t}");
+        assert!(old.contains(&h.from) && !s.settled_set(t).contains(&h.from), "{t}: {h:?}");
+        let during = s.replica_set(t);
+        assert_eq!(during.len(), 4, "{t}: both the entering and the leaving node");
+        assert_eq!(during.last(), Some(&h.from));
+        assert_eq!(s.primary_of(t), Some(old[0]), "{t}: the entering node does not lead yet");
+        let primary_after = s.settled_set(t)[0];
+        let epoch_before = s.placement_epoch();
+        apply(&mut s, Command::HandoffDone { tenant: t.clone(), epoch: h.epoch }).expect("done");
+        assert_eq!(s.replica_set(t), s.settled_set(t));
+        assert_eq!(s.primary_of(t), Some(primary_after));
+        let moved = u64::from(primary_after != old[0]);
+        assert_eq!(s.placement_epoch(), epoch_before + moved, "{t}: a new primary, a new ballot");
+    }
+    // A drain of more than R active nodes swaps the drained node out of every set it was in.
+    check(&mut s, vec![(Command::NodeDrain { id: 2 }, Ok(()))]);
+    assert!(s.handoffs().all(|h| h.from == 2 && h.to != 2));
+    assert!(s.handoffs().count() > 0);
+    let pending = s.handoffs().count();
+    let lower = Command::SetReplicas { replicas: 2 };
+    check(&mut s, vec![(lower, Err(Rejection::HandoffsPending(pending)))]);
 }

@@ -250,15 +250,43 @@ impl RegistryState {
     }
 
     /// The nodes that hold `tenant_id` in this placement epoch, its owner (the primary) first:
-    /// the first R distinct active nodes on the ring (fewer when fewer are active).
+    /// the first R distinct active nodes on the ring (fewer when fewer are active). With R > 1,
+    /// while a join or drain changes the set (a pending [`Handoff`]), the node leaving it stays
+    /// in it, last, until the node entering it holds the tenant (`Command::HandoffDone`): R + 1
+    /// members, of which any majority meets a majority of the set before and of the set after
+    /// (docs/REPLICATION.md, "Joins and drains").
     pub fn replica_set(&self, tenant_id: &str) -> Vec<u64> {
+        let mut set = self.settled_set(tenant_id);
+        if let Some(h) = self.replica_change(tenant_id) {
+            if !set.contains(&h.from) {
+                set.push(h.from);
+            }
+        }
+        set
+    }
+
+    /// The replica set `tenant_id` has once any change of it is done: the first R distinct
+    /// active nodes on the ring, the owner first.
+    pub fn settled_set(&self, tenant_id: &str) -> Vec<u64> {
         self.ring.replicas(tenant_id, self.replicas())
     }
 
+    /// With R > 1, the pending change of `tenant_id`'s replica set: `to` enters it, `from`
+    /// leaves it once `to` holds the tenant. `None` with R = 1 (a handoff then moves the only
+    /// copy: `Self::handoff`).
+    pub fn replica_change(&self, tenant_id: &str) -> Option<&Handoff> {
+        if self.replicas() <= 1 {
+            return None;
+        }
+        self.handoffs.get(tenant_id)
+    }
+
     /// The node that serves `tenant_id`: the first node of its replica set that is not marked
-    /// down (its owner while that is up); `None` when every node of the set is down.
+    /// down (its owner while that is up), never a node still entering the set (it holds nothing
+    /// yet); `None` when every other node of the set is down.
     pub fn primary_of(&self, tenant_id: &str) -> Option<u64> {
-        self.replica_set(tenant_id).into_iter().find(|&n| !self.is_down(n))
+        let entering = self.replica_change(tenant_id).map(|h| h.to);
+        self.replica_set(tenant_id).into_iter().find(|&n| !self.is_down(n) && Some(n) != entering)
     }
 
     /// How many tenants hold fewer usable copies than R: their replica set is smaller than R

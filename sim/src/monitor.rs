@@ -295,7 +295,12 @@ impl Monitor {
             });
             let owning: Vec<u64> = states
                 .iter()
-                .filter(|s| s.primary_of(tenant) == Some(node) && s.handoff(tenant).is_none())
+                // With R = 1 a tenant moving to its new owner is served by neither until it
+                // arrived; with R > 1 its primary serves throughout a change of its set.
+                .filter(|s| {
+                    s.primary_of(tenant) == Some(node)
+                        && (s.replicas() > 1 || s.handoff(tenant).is_none())
+                })
                 .map(|s| s.placement_epoch())
                 .collect();
             if accepted {

@@ -184,6 +184,7 @@ fn prefixes() -> &'static Prefixes {
                 "snapshot-read",
             ),
             (sample(NodeRequest::SnapshotDone { id: 0, tenant: String::new() }), "snapshot-done"),
+            (sample(NodeRequest::Enter { from: 0, tenant: String::new(), epoch: 0 }), "enter"),
         ];
         let ok = NodeResponse::Sq(Ok(proto::SqResponse::text("")));
         Prefixes {

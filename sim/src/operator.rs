@@ -245,7 +245,7 @@ async fn membership(world: &World, rng: &mut Rng, gw: usize) {
 }
 
 /// A membership change the registry allows now: `which` 0 joins a spare, 1 drains an active
-/// node (of three or more), 2 removes a drained one.
+/// node (of three or more, and more than R), 2 removes a drained one.
 fn membership_op(world: &World, rng: &mut Rng, which: u64) -> Option<AdminOp> {
     let state = world
         .cluster
@@ -264,7 +264,7 @@ fn membership_op(world: &World, rng: &mut Rng, which: u64) -> Option<AdminOp> {
             let id = *rng.pick(&spares);
             Some(AdminOp::AddNode { id, addr: node_addr(id).to_string() })
         }
-        1 if active.len() >= 3 => {
+        1 if active.len() >= 3 && active.len() > state.replicas() => {
             // The node owning the most tenants (ties by the draw), so that tenants move.
             let owned =
                 |id: u64| state.tenants().filter(|t| state.owner_of(&t.id) == Some(id)).count();

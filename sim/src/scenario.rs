@@ -274,6 +274,28 @@ async fn replicas_check(world: &World, deadline_ms: u64) -> Result<(), Violation
     if state.replicas() <= 1 {
         return Ok(());
     }
+    // A join or drain during the faults ends with every entering copy caught up and the leaving
+    // node out of the set (`HandoffDone`), with no operator step.
+    loop {
+        let pending: Vec<String> = world
+            .registry_state()
+            .map(|s| s.handoffs().map(|h| format!("{h:?}")).collect())
+            .unwrap_or_default();
+        if pending.is_empty() {
+            break;
+        }
+        if world.now_ms() > deadline_ms {
+            return Err(Violation::new(
+                Invariant::ReplicasIdentical,
+                format!(
+                    "replica set changes still pending {CONVERGENCE_MS_MAX} ms after the \
+                     checks: {}",
+                    pending.join("; ")
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await;
+    }
     let tenants: Vec<String> = state.tenants().map(|t| t.id.to_string()).collect();
     let mut rng = Rng::new(0);
     for tenant in &tenants {
@@ -333,7 +355,7 @@ async fn replicas_check(world: &World, deadline_ms: u64) -> Result<(), Violation
 
 /// The kinds of message that belong to one tenant (its requests, its replication, its
 /// catch-up and handoffs); leases, gossip, Raft and metering are per node.
-const TENANT_MESSAGES: [&str; 10] = [
+const TENANT_MESSAGES: [&str; 11] = [
     "sq",
     "replicate",
     "prepare",
@@ -344,6 +366,7 @@ const TENANT_MESSAGES: [&str; 10] = [
     "snapshot-done",
     "handoff-manifest",
     "handoff-read",
+    "enter",
 ];
 
 /// How long the work of the last requests may take to finish (records shipped to the last
