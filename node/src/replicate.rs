@@ -544,13 +544,14 @@ impl Replication {
         let mut keep = Vec::new();
         for w in work {
             let led = locked(&self.led).get(&w.tenant).copied();
+            let member = state.replica_set(&w.tenant).contains(&link.node);
             match led {
-                Some(led) if state.primary_of(&w.tenant) == Some(self.id) => {
+                Some(led) if state.primary_of(&w.tenant) == Some(self.id) && member => {
                     ballots.insert(w.tenant.clone(), led);
                     keep.push(w);
                 }
                 // A tenant this node no longer leads, or has not prepared since it started, is
-                // sent nothing more.
+                // sent nothing more; nor is a node that left the tenant's set (a join or drain).
                 _ => link.forget(&w.tenant),
             }
         }
