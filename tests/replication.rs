@@ -446,3 +446,69 @@ fn a_wiped_node_rebuilds_its_copies_and_nothing_is_lost() {
         "the rebuilt copy was caught up by a primary"
     );
 }
+
+/// The replica set of `tenant`, as its stats show it.
+fn replica_set(cluster: &DevCluster, tenant: &str) -> Vec<u64> {
+    let s = stats(cluster, tenant);
+    s["replica_set"].as_array().expect("a set").iter().filter_map(|n| n.as_u64()).collect()
+}
+
+// Goal: with R = 3, a 4th node joins and is then drained and removed while a client writes.
+// Each changes the sets it touches by one node in and one out with no operator step beyond the
+// join and the drain: the entering node is caught up, then the change is committed, and the
+// node that left holds no copy in any set. Writes are acknowledged throughout (the longest wait
+// between two is shown), every one reads back, and the tenant's backups end in sync.
+#[test]
+fn a_join_and_a_drain_swap_one_copy_each_and_lose_nothing() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().expect("dir");
+    let cluster = three_copies(tmp.path());
+    let demo = cluster.demo_key();
+    let tenants: Vec<String> = (0..12).map(|i| format!("r{i:02}")).collect();
+    let mut keys = Vec::new();
+    for t in &tenants {
+        let key = cluster.add_tenant(t, serde_json::json!({}));
+        let (status, body) = update_retrying(&cluster, &key, "notes", 1, t);
+        assert_eq!(status, 200, "{body}");
+        keys.push(key);
+    }
+    let (_, load) = primary_under_load(&cluster, &demo, 5);
+
+    let port4 = common::free_udp_port();
+    let mut node4 = common::start_node(&cluster, 4, port4);
+    let joined = Instant::now();
+    let (status, body) = admin(
+        &cluster,
+        Method::POST,
+        "/admin/nodes",
+        Some(serde_json::json!({"id": 4, "addr": format!("127.0.0.1:{port4}")})),
+    );
+    assert_eq!(status, 200, "{body}");
+    let took = common::settle(&cluster, "join");
+    eprintln!("join: every set change committed {took:?} after the join began");
+    let sets: Vec<Vec<u64>> = tenants.iter().map(|t| replica_set(&cluster, t)).collect();
+    assert!(sets.iter().all(|s| s.len() == 3), "{sets:?}");
+    let entered = sets.iter().filter(|s| s.contains(&4)).count();
+    assert!(entered > 0, "node 4 entered no set: {sets:?}");
+    eprintln!("join: node 4 entered {entered} of {} sets; {:?}", tenants.len(), joined.elapsed());
+
+    let (status, body) = admin(&cluster, Method::POST, "/admin/nodes/4/drain", None);
+    assert_eq!(status, 200, "{body}");
+    let took = common::settle(&cluster, "drain");
+    eprintln!("drain: every set change committed in {took:?}");
+    for t in tenants.iter().chain(["demo".to_string()].iter()) {
+        let set = replica_set(&cluster, t);
+        assert!(set.len() == 3 && !set.contains(&4), "{t}: {set:?}");
+    }
+    let (status, body) = admin(&cluster, Method::DELETE, "/admin/nodes/4", None);
+    assert_eq!(status, 200, "{body}");
+    let _ = node4.kill();
+    let _ = node4.wait();
+
+    load.stop_and_read_back(&cluster, &demo);
+    in_sync(&cluster, "demo", &demo);
+    for (t, key) in tenants.iter().zip(&keys) {
+        let (status, body) = get(&cluster.url(), key, "/select?p=notes&c=1.1.1/1.1.1/1.1.1");
+        assert_eq!((status, body.as_str()), (200, t.as_str()), "{t}'s write before the join");
+    }
+}
