@@ -52,6 +52,11 @@ pub const LEASE_MS: u64 = 600;
 /// marked down and up again, which costs its tenants a prepare round each.
 pub const DOWN_AFTER_MS: u64 = 1_000;
 
+/// A node still heard by a voter, but without a lease for this long, is refused and then
+/// confirmed down by it ([`Leases::confirm_down`]): twice the down time, so that a whole cluster
+/// starting together (its voters grant nothing for the down time) is not marked down.
+const STUCK_WITHOUT_LEASE_MS: u64 = 2 * DOWN_AFTER_MS;
+
 /// A node marked down is marked up once the leader heard its lease request this recently.
 const UP_HEARD_WITHIN_MS: u64 = 500;
 
@@ -183,12 +188,12 @@ impl Leases {
     /// leases from now on, when it has not been heard for [`DOWN_AFTER_MS`], or when it refuses
     /// the node already and granted it nothing for as long.
     ///
-    /// A node still heard that says it has been without a lease for the down time (refused by
-    /// voters that confirmed it for a mark never committed: with an even number of voters, the
-    /// refusing half can neither grant it a lease nor mark it down with the other half) is
-    /// refused from now on, and confirmed once this voter's last grant to it is
-    /// [`DOWN_AFTER_MS`] old: every lease a round this voter granted could make has ended by
-    /// then, as with a node not heard.
+    /// A node still heard that says it has been without a lease for
+    /// [`STUCK_WITHOUT_LEASE_MS`] (refused by voters that confirmed it for a mark never
+    /// committed: with an even number of voters, the refusing half can neither grant it a lease
+    /// nor mark it down with the other half) is refused from now on, and confirmed once this
+    /// voter's last grant to it is [`DOWN_AFTER_MS`] old: every lease a round this voter granted
+    /// could make has ended by then, as with a node not heard.
     pub fn confirm_down(&self, node: u64, state: &RegistryState) -> bool {
         let mut refusing = locked(&self.refusing);
         if refusing.contains_key(&node) {
@@ -198,7 +203,7 @@ impl Leases {
             refusing.insert(node, state.placement_epoch());
             return true;
         }
-        if self.lapsed_long(node) {
+        if locked(&self.lapses).get(&node).is_some_and(|&ms| ms >= STUCK_WITHOUT_LEASE_MS) {
             refusing.insert(node, state.placement_epoch());
             return self.granted_age(node) >= DOWN_AFTER_MS;
         }
@@ -382,6 +387,33 @@ mod tests {
         // Marked down by a leader this voter did not confirm for: refused all the same.
         apply(&mut s, Command::MarkDown { id: 1 }).expect("down");
         assert!(!leases.grant(1, &s));
+    }
+
+    #[test]
+    fn a_voter_refuses_a_heard_node_long_without_a_lease_and_confirms_it_once_its_grant_is_old() {
+        // Goal: a node still heard that says it has been without a lease for twice the down
+        // time (refused by the other half of an even number of voters) is refused from the
+        // leader's first question on, and confirmed only once this voter's last grant to it is
+        // the down time old; a node that says it lost its lease only briefly is neither.
+        let clock = Arc::new(ManualClock::new(10_000));
+        let leases = Leases::new(clock.clone());
+        let s = cluster();
+        clock.advance_ms(DOWN_AFTER_MS);
+        assert!(leases.grant(2, &s) && leases.grant(3, &s));
+        leases.note_lapse(3, 10);
+        assert!(!leases.confirm_down(3, &s), "heard, and without a lease only briefly");
+        assert!(leases.grant(3, &s), "and still granted");
+        leases.note_lapse(2, STUCK_WITHOUT_LEASE_MS - 1);
+        assert!(!leases.confirm_down(2, &s), "a lapse a whole cluster's start can make");
+        assert!(leases.grant(2, &s));
+        leases.note_lapse(2, STUCK_WITHOUT_LEASE_MS);
+        assert!(!leases.confirm_down(2, &s), "granted just now: its lease may run");
+        assert!(!leases.grant(2, &s), "refused from the question on");
+        clock.advance_ms(DOWN_AFTER_MS - 1);
+        assert!(!leases.grant(2, &s));
+        assert!(!leases.confirm_down(2, &s), "its last grant is not the down time old yet");
+        clock.advance_ms(1);
+        assert!(leases.confirm_down(2, &s), "every lease this voter helped make has ended");
     }
 
     #[test]
