@@ -1,7 +1,7 @@
 //! Black-box: a Jepsen-style register test. Clients read (`select`) and write (`update`)
 //! coordinates of a few tenants' phexts through the gateway of a `sq-cloud dev` cluster while a
-//! nemesis kills, freezes, joins and drains nodes (with one copy of each tenant), or kills,
-//! freezes and wipes them (with three copies); every invocation and completion is recorded
+//! nemesis kills, freezes, joins and drains nodes (with one copy of each tenant), and also wipes
+//! them (with three copies); every invocation and completion is recorded
 //! and each key (tenant, phext, coordinate) is checked as an independent register by
 //! stateright's `LinearizabilityTester` (`jepsen::history`). An operation answered with an
 //! error or not in time is indeterminate: it may or may not have taken effect.
@@ -66,9 +66,10 @@ fn registers_stay_linearizable_under_kill_pause_join_and_drain() {
 
 // Goal: with three copies of each tenant, every key stays linearizable through kills, freezes
 // and wipes of a node's tenant store, each fault moving the primaries of the tenants it hits
-// (failover, then the node back and its copies rebuilt); the same refusal of a stale read holds.
+// (failover, then the node back and its copies rebuilt), and a join and a drain, twice, each
+// swapping one node of the sets it touches; the same refusal of a stale read holds.
 #[test]
-fn registers_stay_linearizable_with_three_copies_under_kill_pause_and_wipe() {
+fn registers_stay_linearizable_with_three_copies_under_kill_pause_wipe_join_and_drain() {
     let seed = std::env::var(SEED_VAR).ok().and_then(|s| s.parse().ok()).unwrap_or(SEED_DEFAULT);
     eprintln!("linearizable (R = 3): seed {seed} ({SEED_VAR}={seed} replays this schedule)");
     let mut rng = StdRng::seed_from_u64(seed);

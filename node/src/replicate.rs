@@ -544,14 +544,16 @@ impl Replication {
         let mut keep = Vec::new();
         for w in work {
             let led = locked(&self.led).get(&w.tenant).copied();
-            let member = state.replica_set(&w.tenant).contains(&link.node);
+            let member = state.tenant(&w.tenant).is_some()
+                && state.replica_set(&w.tenant).contains(&link.node);
             match led {
                 Some(led) if state.primary_of(&w.tenant) == Some(self.id) && member => {
                     ballots.insert(w.tenant.clone(), led);
                     keep.push(w);
                 }
                 // A tenant this node no longer leads, or has not prepared since it started, is
-                // sent nothing more; nor is a node that left the tenant's set (a join or drain).
+                // sent nothing more; nor is a node that left the tenant's set (a join or drain),
+                // nor a tenant purged.
                 _ => link.forget(&w.tenant),
             }
         }
@@ -659,8 +661,15 @@ impl Replication {
                 }
                 ReplicaAck::Refused(why) => {
                     tracing::debug!(tenant = %tenant, backup = link.node, reason = %why, "a backup refused records");
-                    refused = true;
-                    link.mark_dirty(&tenant);
+                    if ballots.get(&tenant).is_some_and(|&led| led < epoch_now) {
+                        // Led under a ballot the registry has moved past: the backup may have
+                        // promised a newer one, and refuses for good. Nothing more is sent
+                        // until this node prepares the tenant again (at its next request).
+                        link.forget(&tenant);
+                    } else {
+                        refused = true;
+                        link.mark_dirty(&tenant);
+                    }
                 }
             }
             self.trim(&tenant);
