@@ -179,9 +179,14 @@ impl NodeParts {
         );
         // A member of the ring whose tenants directory is new lost its copies (a wiped or
         // replaced disk): they are rebuilt as learners' (docs/REPLICATION.md, "A wiped disk").
-        // Either way the decision is made durable before anything else is written there, so a
-        // start that stops before it (the registry failing to open, say) decides again.
-        let was_member = registry.state().active_nodes().contains(&config.id);
+        // So did a draining node: with R > 1 it stays in the sets it leaves until their new
+        // nodes hold the tenants, and an empty copy of its must not help choose a log (the
+        // simulator found a write lost so, seed 1380 of `--replicas 3`). Either way the
+        // decision is made durable before anything else is written there, so a start that
+        // stops before it (the registry failing to open, say) decides again.
+        let was_member = registry.state().node(config.id).is_some_and(|n| {
+            matches!(n.state, raft_registry::NodeState::Active | raft_registry::NodeState::Draining)
+        });
         if store.opened_fresh() && was_member {
             store.start_rebuilding()?;
             tracing::warn!(
