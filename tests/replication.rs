@@ -512,3 +512,43 @@ fn a_join_and_a_drain_swap_one_copy_each_and_lose_nothing() {
         assert_eq!((status, body.as_str()), (200, t.as_str()), "{t}'s write before the join");
     }
 }
+
+// Goal: with R = 3 set on a one-node cluster, two nodes join one after the other while a client
+// writes; each join adds the node to every tenant's set once it is caught up, so the tenant
+// ends on three nodes with its backups in sync, every acknowledged write reads back, and after
+// a clean stop the three copies are byte for byte the same.
+#[test]
+fn a_cluster_grows_from_one_node_to_three_copies() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().expect("dir");
+    let listen = format!("127.0.0.1:{}", common::free_tcp_port());
+    let mut cluster = DevCluster::start_with(tmp.path(), 1, &listen, &["--replicas", "3"]);
+    let demo = cluster.demo_key();
+    for i in 1..=5 {
+        let (status, body) = update_retrying(&cluster, &demo, "notes", i, "x");
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(replica_set(&cluster, "demo"), vec![1], "one copy while one node is active");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = Load { stop: stop.clone(), writer: writer(cluster.url(), demo.clone(), stop) };
+    let mut joined = Vec::new();
+    for id in [2, 3] {
+        let port = common::free_udp_port();
+        joined.push(common::start_node(&cluster, id, port));
+        let body = serde_json::json!({"id": id, "addr": format!("127.0.0.1:{port}")});
+        let (status, answer) = admin(&cluster, Method::POST, "/admin/nodes", Some(body));
+        assert_eq!(status, 200, "{answer}");
+        let took = common::settle(&cluster, "join");
+        eprintln!("node {id} joined: every set holds it {took:?} after its join was accepted");
+        assert_eq!(replica_set(&cluster, "demo").len() as u64, id);
+    }
+    load.stop_and_read_back(&cluster, &demo);
+    in_sync(&cluster, "demo", &demo);
+    // A clean stop of every node, as `cluster.stop` does for dev's own.
+    for node in &mut joined {
+        unsafe { libc::kill(node.id() as i32, libc::SIGTERM) };
+        let _ = node.wait();
+    }
+    cluster.stop();
+    same_copies(&cluster, "demo");
+}

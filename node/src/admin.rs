@@ -370,12 +370,8 @@ async fn membership(
     // (raft_registry::Rejection::TooFewNodesForReplicas), which would leave a join half done.
     let state = svc.registry.state();
     let (replicas, active) = (state.replicas(), state.active_nodes().len());
-    let too_few = match op {
-        AdminOp::AddNode { .. } => active < replicas,
-        AdminOp::DrainNode { .. } => active <= replicas,
-        _ => false,
-    };
-    if replicas > 1 && active > 0 && too_few {
+    let too_few = matches!(op, AdminOp::DrainNode { .. }) && active <= replicas;
+    if replicas > 1 && too_few {
         let refused =
             raft_registry::Rejection::TooFewNodesForReplicas { replicas: replicas as u8, active };
         return Err(ApiError::Conflict(refused.to_string()));

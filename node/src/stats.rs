@@ -102,7 +102,8 @@ pub fn nodes(svc: &Service, state: &RegistryState) -> Vec<NodeInfo> {
             health: svc.health.of(n.id),
             tenants: counts.get(&n.id).copied().unwrap_or(0),
             handoffs_in: handoffs(&|h| h.to == n.id),
-            handoffs_out: handoffs(&|h| h.from == n.id),
+            // A set below R that grows loses no node (`from` = `to`).
+            handoffs_out: handoffs(&|h| h.from == n.id && h.to != n.id),
         })
         .collect()
 }

@@ -151,9 +151,8 @@ pub enum Rejection {
     )]
     ReplicasRaisedWithTenants(usize),
     #[error(
-        "with R = {replicas}, a node can be activated only while at least R nodes are active, and \
-         drained only while more than R are ({active} are): each replica set changes by one node \
-         in for one node out"
+        "with R = {replicas}, a node can be drained only while more than R nodes are active \
+         ({active} are): each replica set it leaves must take another node in its place"
     )]
     TooFewNodesForReplicas { replicas: u8, active: usize },
     #[error("node {0} is already marked down")]
@@ -297,8 +296,9 @@ fn purge_tenant(state: &mut RegistryState, id: &str) -> Result<(), Rejection> {
 
 /// Records a handoff for every tenant whose owner (R = 1) or replica set (R > 1) differs
 /// between the two rings. A tenant with no owner before (no active node) has no data anywhere
-/// and needs none. With R > 1, `from` is the node leaving the set and `to` the node entering it
-/// (a join or a drain of at least R active nodes changes a set by one node in for one out).
+/// and needs none. With R > 1, `to` is the node entering the set and `from` the node leaving it
+/// (a join, or a drain of more than R active nodes, changes a set by one node in for at most one
+/// out); a set below R that gains a node loses none, and is recorded with `from` = `to`.
 fn record_handoffs(state: &mut RegistryState, before: &crate::Ring) {
     let epoch = state.placement_epoch;
     let r = state.replicas();
@@ -306,14 +306,18 @@ fn record_handoffs(state: &mut RegistryState, before: &crate::Ring) {
         .tenants
         .keys()
         .filter_map(|id| {
-            let (from, to) = if r > 1 {
+            let tenant = id.to_string();
+            if r > 1 {
                 let (old, new) = (before.replicas(id, r), state.ring.replicas(id, r));
-                let from = old.iter().copied().find(|n| !new.contains(n));
-                (from?, new.iter().copied().find(|n| !old.contains(n))?)
-            } else {
-                (before.owner(id)?, state.ring.owner(id)?)
-            };
-            (from != to).then(|| Handoff { tenant: id.to_string(), from, to, epoch })
+                if old.is_empty() {
+                    return None;
+                }
+                let to = new.iter().copied().find(|n| !old.contains(n))?;
+                let from = old.iter().copied().find(|n| !new.contains(n)).unwrap_or(to);
+                return Some(Handoff { tenant, from, to, epoch });
+            }
+            let (from, to) = (before.owner(id)?, state.ring.owner(id)?);
+            (from != to).then_some(Handoff { tenant, from, to, epoch })
         })
         .collect();
     for h in moves {
@@ -413,11 +417,11 @@ fn node_transition(state: &mut RegistryState, id: u64, to: NodeState) -> Result<
         return Err(Rejection::TooManyActiveNodes);
     }
     let moves_tenants = from == NodeState::Active || to == NodeState::Active;
-    // With R > 1 every set a change touches must lose one node and gain one (bootstrap, the
-    // first activation, sets no replica set up).
+    // With R > 1 every set a drain touches must gain a node for the one it loses; a join may
+    // grow sets below R.
     let r = state.replicas();
-    let too_few = if to == NodeState::Active { active_before < r } else { active_before <= r };
-    if moves_tenants && r > 1 && active_before > 0 && too_few {
+    let too_few = to == NodeState::Draining && active_before <= r;
+    if moves_tenants && r > 1 && too_few {
         return Err(Rejection::TooFewNodesForReplicas {
             replicas: state.replicas,
             active: active_before,

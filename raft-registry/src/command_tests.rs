@@ -456,3 +456,38 @@ fn with_three_replicas_a_join_or_drain_swaps_one_node_per_set() {
     let lower = Command::SetReplicas { replicas: 2 };
     check(&mut s, vec![(lower, Err(Rejection::HandoffsPending(pending)))]);
 }
+
+#[test]
+fn with_three_replicas_a_join_grows_sets_below_r() {
+    // Goal: with R = 3 and fewer active nodes, a join adds the new node to every tenant's set
+    // and takes none out (recorded with `from` = `to`): until it is done the set holds the new
+    // node, which is not primary; after it, the set is unchanged and the epoch moves only if the
+    // new node heads it. A drain that would leave R or fewer is refused.
+    let mut s = RegistryState::default();
+    apply(&mut s, join(1)).expect("joins");
+    apply(&mut s, Command::NodeActivate { id: 1 }).expect("activates");
+    apply(&mut s, Command::SetReplicas { replicas: 3 }).expect("R = 3");
+    for i in 0..20 {
+        apply(&mut s, new_tenant(&format!("t{i}"), &format!("k{i}"))).expect("adds");
+    }
+    for id in [2, 3] {
+        check(&mut s, vec![(join(id), Ok(())), (Command::NodeActivate { id }, Ok(()))]);
+        let changes: Vec<Handoff> = s.handoffs().cloned().collect();
+        assert_eq!(changes.len(), 20, "node {id} enters every set");
+        for h in changes {
+            assert_eq!((h.from, h.to), (id, id), "{h:?}");
+            let set = s.replica_set(&h.tenant);
+            assert_eq!(set.len() as u64, id, "{set:?}");
+            assert_eq!(set, s.settled_set(&h.tenant));
+            assert_ne!(s.primary_of(&h.tenant), Some(id), "the entering node does not lead");
+            let heads = set[0] == id;
+            let epoch = s.placement_epoch();
+            let done = Command::HandoffDone { tenant: h.tenant.clone(), epoch: h.epoch };
+            apply(&mut s, done).expect("done");
+            assert_eq!(s.placement_epoch(), epoch + u64::from(heads), "{h:?}");
+            assert_eq!(s.primary_of(&h.tenant), Some(set[0]));
+        }
+    }
+    let refused = Rejection::TooFewNodesForReplicas { replicas: 3, active: 3 };
+    check(&mut s, vec![(Command::NodeDrain { id: 2 }, Err(refused))]);
+}

@@ -272,7 +272,7 @@ impl RegistryState {
     }
 
     /// With R > 1, the pending change of `tenant_id`'s replica set: `to` enters it, `from`
-    /// leaves it once `to` holds the tenant. `None` with R = 1 (a handoff then moves the only
+    /// leaves it once `to` holds the tenant (`from` = `to` when a set below R grows). `None` with R = 1 (a handoff then moves the only
     /// copy: `Self::handoff`).
     pub fn replica_change(&self, tenant_id: &str) -> Option<&Handoff> {
         if self.replicas() <= 1 {
