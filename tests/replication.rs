@@ -574,7 +574,10 @@ fn two_nodes_killed_in_turn_lose_nothing() {
             (pid(&cluster, victim) != old_pid).then_some(())
         });
         in_sync(&cluster, "demo", &demo);
-        eprintln!("node {victim} killed; back, and every copy in sync {:?} later", killed.elapsed());
+        eprintln!(
+            "node {victim} killed; back, and every copy in sync {:?} later",
+            killed.elapsed()
+        );
     }
     load.stop_and_read_back(&cluster, &demo);
     in_sync(&cluster, "demo", &demo);

@@ -82,7 +82,17 @@ pub struct Replication {
     prepared_end: Mutex<HashMap<String, u64>>,
     /// One prepare at a time per tenant.
     preparing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// When a request last prepared or committed each tenant led here, on the node's clock: a
+    /// tenant idle for [`LED_IDLE_FORGET_MS`] is forgotten ([`Replication::forget_idle`]).
+    used_ms: Mutex<HashMap<String, u64>>,
 }
+
+/// How long a tenant this node leads may go without a request before the node drops what it
+/// keeps for it (the ballot it leads under, where it prepared, what each backup holds), once
+/// every backup holds all it was sent: an idle replica costs the store's slot only. The next
+/// request prepares it again (one round trip to the other members). Far longer than any
+/// request runs, so no request loses its ballot while it waits.
+pub const LED_IDLE_FORGET_MS: u64 = 60_000;
 
 /// Runs store work off the async threads; a store error is a 503 or 500 as the store says.
 async fn blocking<T: Send + 'static>(
@@ -178,6 +188,7 @@ impl Replication {
             led: Mutex::new(HashMap::new()),
             prepared_end: Mutex::new(HashMap::new()),
             preparing: Mutex::new(HashMap::new()),
+            used_ms: Mutex::new(HashMap::new()),
         })
     }
 
@@ -220,6 +231,7 @@ impl Replication {
         others: &[u64],
         needed: usize,
     ) -> Result<u64, ApiError> {
+        self.used(tenant);
         let led = |me: &Self| locked(&me.led).get(tenant).copied().filter(|&led| led >= ballot);
         if let Some(led) = led(self) {
             return Ok(led);
@@ -441,6 +453,7 @@ impl Replication {
         if needed == 0 || lsn == 0 {
             return Ok(());
         }
+        self.used(tenant);
         let still_led = |me: &Self| {
             if locked(&me.led).get(tenant) == Some(&ballot) {
                 Ok(())
@@ -504,6 +517,65 @@ impl Replication {
         }
         let after = state.settled_set(tenant);
         after.iter().filter(|&&n| holds(n)).count() > after.len() / 2
+    }
+
+    /// A request prepares or commits the tenant now.
+    fn used(&self, tenant: &str) {
+        locked(&self.used_ms).insert(tenant.to_string(), self.clock.now_ms());
+    }
+
+    /// Drops what this node keeps for each tenant it leads that no request used for
+    /// [`LED_IDLE_FORGET_MS`] and whose every backup holds all it was sent (nothing to send,
+    /// cut or promote): its ballot, where it prepared, its prepare gate and each link's follow.
+    /// Called by the node's sweeper. Returns how many tenants were forgotten.
+    pub fn forget_idle(&self) -> usize {
+        let now = self.clock.now_ms();
+        let idle: Vec<String> = locked(&self.used_ms)
+            .iter()
+            .filter(|(_, &at)| now.saturating_sub(at) >= LED_IDLE_FORGET_MS)
+            .map(|(t, _)| t.clone())
+            .collect();
+        let links: Vec<Arc<Link>> = locked(&self.links).values().cloned().collect();
+        let mut forgotten = 0;
+        for tenant in idle {
+            if !links.iter().all(|l| l.settled(&tenant)) {
+                continue;
+            }
+            // Checked again under the lock a request takes first (`used`): one that came
+            // meanwhile keeps the tenant; one that comes after finds no ballot and prepares.
+            let mut used = locked(&self.used_ms);
+            if used.get(&tenant).is_some_and(|&at| now.saturating_sub(at) < LED_IDLE_FORGET_MS) {
+                continue;
+            }
+            // A prepare running now holds the gate: the tenant is in use after all.
+            let mut preparing = locked(&self.preparing);
+            if preparing.get(&tenant).is_some_and(|g| Arc::strong_count(g) > 1) {
+                continue;
+            }
+            preparing.remove(&tenant);
+            used.remove(&tenant);
+            locked(&self.led).remove(&tenant);
+            locked(&self.prepared_end).remove(&tenant);
+            drop((preparing, used));
+            for link in &links {
+                link.forget(&tenant);
+            }
+            forgotten += 1;
+        }
+        forgotten
+    }
+
+    /// How many tenants this node keeps replication state for as their primary.
+    pub fn led_count(&self) -> usize {
+        let counts = [
+            locked(&self.led).len(),
+            locked(&self.prepared_end).len(),
+            locked(&self.preparing).len(),
+            locked(&self.used_ms).len(),
+        ];
+        let follows =
+            locked(&self.links).values().map(|l| locked(&l.state).follows.len()).max().unwrap_or(0);
+        counts.into_iter().chain([follows]).max().unwrap_or(0)
     }
 
     /// How this node, as primary, sees each of the tenant's `backups`.
@@ -774,6 +846,18 @@ impl Link {
         st.dirty.insert(tenant.to_string());
         drop(st);
         self.wake.notify_one();
+    }
+
+    /// Whether the backup holds everything it was sent of the tenant, with nothing to cut or
+    /// promote (or the link does not follow the tenant at all).
+    fn settled(&self, tenant: &str) -> bool {
+        let st = locked(&self.state);
+        let Some(f) = st.follows.get(tenant) else { return true };
+        !st.dirty.contains(tenant)
+            && f.durable >= Some(f.want)
+            && f.truncate.is_none()
+            && f.stuck.is_none()
+            && !f.promote
     }
 
     /// Where the backup's log ends, durably, if its copy counts (it is no learner).

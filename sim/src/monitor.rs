@@ -29,6 +29,7 @@ pub enum Invariant {
     Panic,
     ReplicasIdentical,
     IdleQuiet,
+    IdleForgotten,
 }
 
 impl fmt::Display for Invariant {
@@ -59,6 +60,9 @@ impl fmt::Display for Invariant {
                 "after the heal, every replica of a tenant holds the same log end and the same bytes"
             }
             Invariant::IdleQuiet => "an idle tenant's replicas exchange no messages",
+            Invariant::IdleForgotten => {
+                "a tenant idle for long costs its primary no replication state, and is served again"
+            }
         })
     }
 }

@@ -233,6 +233,8 @@ async fn phases(
     checked(world)?;
     replicas_check(world, world.now_ms() + CONVERGENCE_MS_MAX).await?;
     idle_check(world).await?;
+    checked(world)?;
+    forget_check(world, &plan.tenants).await?;
     checked(world)
 }
 
@@ -405,6 +407,47 @@ async fn idle_check(world: &World) -> Result<(), Violation> {
         ));
     }
     world.trace.event(format!("idle check: no tenant message in {IDLE_WINDOW_MS} ms"));
+    Ok(())
+}
+
+/// How long the forget check waits past [`node::replicate::LED_IDLE_FORGET_MS`]: two passes of
+/// the nodes' sweeper (every 5 s).
+const FORGET_SWEEPS_MS: u64 = 11_000;
+
+/// With R > 1, after the idle check: once no tenant has had a request for
+/// [`node::replicate::LED_IDLE_FORGET_MS`] and the sweepers ran, no node keeps replication state
+/// for any tenant (an idle replica costs the store's slot only: [`Invariant::IdleForgotten`]);
+/// then every tenant still served reads back as the model says, its primary preparing it anew.
+async fn forget_check(world: &World, tenants: &[String]) -> Result<(), Violation> {
+    let Some(state) = world.registry_state() else { return Ok(()) };
+    if state.replicas() <= 1 {
+        return Ok(());
+    }
+    let wait = node::replicate::LED_IDLE_FORGET_MS + FORGET_SWEEPS_MS;
+    tokio::time::sleep(Duration::from_millis(wait)).await;
+    for id in world.cluster.ids() {
+        let Some(parts) = world.cluster.parts(id) else { continue };
+        let kept = parts.service.replication.led_count();
+        if kept > 0 {
+            return Err(Violation::new(
+                Invariant::IdleForgotten,
+                format!(
+                    "n{id} still keeps replication state for {kept} tenants idle for {wait} ms"
+                ),
+            ));
+        }
+    }
+    let Some(state) = world.registry_state() else { return Ok(()) };
+    let served: Vec<String> = tenants
+        .iter()
+        .filter(|t| state.tenant(t).is_some_and(|r| !r.archived && r.enabled))
+        .cloned()
+        .collect();
+    final_check(world, &served, world.now_ms() + CONVERGENCE_MS_MAX).await?;
+    world.trace.event(format!(
+        "forget check: no replication state kept after {wait} ms idle; {} tenants served again",
+        served.len()
+    ));
     Ok(())
 }
 
