@@ -718,6 +718,10 @@ pub async fn run_sweeper(svc: Arc<Service>, shutdown: CancellationToken) {
 }
 
 async fn sweep(svc: &Service) -> Result<(), HandoffError> {
+    let forgotten = svc.replication.forget_idle();
+    if forgotten > 0 {
+        tracing::debug!(node = svc.id, forgotten, "forgot the replication state of idle tenants");
+    }
     on_store(svc, |s| s.drop_idle_snapshots(crate::catchup::SNAPSHOT_IDLE_MS)).await?;
     let (held, local) = on_store(svc, |s| Ok((s.held_tenants()?, s.local_tenants()?))).await?;
     let state = svc.registry.state();
