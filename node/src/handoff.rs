@@ -528,7 +528,8 @@ pub async fn run_puller(svc: Arc<Service>, shutdown: CancellationToken) {
         for h in state.handoffs().filter(|h| h.to == svc.id) {
             if state.replicas() > 1 {
                 if entering.insert(h.tenant.clone()) {
-                    let task = enter_until_done(svc.clone(), h.clone(), shutdown.clone());
+                    let (h, permits) = (h.clone(), permits.clone());
+                    let task = enter_until_done(svc.clone(), h, permits, shutdown.clone());
                     enters.spawn(task);
                 }
                 continue;
@@ -577,10 +578,17 @@ const ENTER_LOOK: Duration = Duration::from_secs(1);
 /// tenant's primary, every [`ENTER_LOOK`], to bring its copy up (the primary ships it the
 /// records, or has it take a snapshot, as for any backup) until the primary answers that the
 /// change may be committed; then commits `HandoffDone`, which takes the leaving node out of the
-/// set. Returns the tenant once the change is gone from this node's registry, or at shutdown.
-async fn enter_until_done(svc: Arc<Service>, h: Handoff, shutdown: CancellationToken) -> String {
+/// set. As many tenants ask at once as handoffs pull (`permits`). Returns the tenant once the
+/// change is gone from this node's registry, or at shutdown.
+async fn enter_until_done(
+    svc: Arc<Service>,
+    h: Handoff,
+    permits: Arc<Semaphore>,
+    shutdown: CancellationToken,
+) -> String {
     let started = svc.mono_ms();
     loop {
+        let Ok(permit) = permits.acquire().await else { break };
         let state = svc.registry.state();
         if shutdown.is_cancelled() || state.handoff(&h.tenant).is_none_or(|p| *p != h) {
             break;
@@ -610,6 +618,7 @@ async fn enter_until_done(svc: Arc<Service>, h: Handoff, shutdown: CancellationT
                             "entered the tenant's replica set"
                         );
                         metrics::counter!("sq_handoffs_total").increment(1);
+                        drop(permit);
                         // Until this node applies it: asking again before would be refused.
                         let mut rx = svc.registry.subscribe();
                         while rx.borrow_and_update().1.handoff(&h.tenant) == Some(&h) {
@@ -633,6 +642,7 @@ async fn enter_until_done(svc: Arc<Service>, h: Handoff, shutdown: CancellationT
                 tracing::debug!(node = svc.id, tenant = h.tenant, error = %e, "asking the tenant's primary to bring this copy up failed")
             }
         }
+        drop(permit);
         tokio::select! {
             _ = shutdown.cancelled() => break,
             _ = tokio::time::sleep(ENTER_LOOK) => {}

@@ -556,10 +556,11 @@ impl Replication {
             used.remove(&tenant);
             locked(&self.led).remove(&tenant);
             locked(&self.prepared_end).remove(&tenant);
-            drop((preparing, used));
+            // Before `used` is let go: a prepare waiting on it follows the backups afresh.
             for link in &links {
                 link.forget(&tenant);
             }
+            drop((preparing, used));
             forgotten += 1;
         }
         forgotten
