@@ -571,6 +571,18 @@ pub async fn run_puller(svc: Arc<Service>, shutdown: CancellationToken) {
     while enters.join_next().await.is_some() {}
 }
 
+/// Returns once this node's registry no longer shows `h` pending (its `HandoffDone` applied),
+/// or at shutdown.
+async fn until_applied(svc: &Service, h: &Handoff, shutdown: &CancellationToken) {
+    let mut rx = svc.registry.subscribe();
+    while rx.borrow_and_update().1.handoff(&h.tenant) == Some(h) {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            changed = rx.changed() => if changed.is_err() { return },
+        }
+    }
+}
+
 /// How often a node entering a tenant's replica set asks the tenant's primary again.
 const ENTER_LOOK: Duration = Duration::from_secs(1);
 
@@ -620,13 +632,7 @@ async fn enter_until_done(
                         metrics::counter!("sq_handoffs_total").increment(1);
                         drop(permit);
                         // Until this node applies it: asking again before would be refused.
-                        let mut rx = svc.registry.subscribe();
-                        while rx.borrow_and_update().1.handoff(&h.tenant) == Some(&h) {
-                            tokio::select! {
-                                _ = shutdown.cancelled() => break,
-                                changed = rx.changed() => if changed.is_err() { break },
-                            }
-                        }
+                        until_applied(&svc, &h, &shutdown).await;
                         break;
                     }
                     Err(e) => {
@@ -681,13 +687,7 @@ async fn pull_until_done(
                 // see the handoff still pending and pull the tenant again. The permit goes to
                 // the next pull meanwhile.
                 drop(_permit);
-                let mut rx = svc.registry.subscribe();
-                while rx.borrow_and_update().1.handoff(&h.tenant) == Some(&h) {
-                    tokio::select! {
-                        _ = shutdown.cancelled() => break,
-                        changed = rx.changed() => if changed.is_err() { break },
-                    }
-                }
+                until_applied(&svc, &h, &shutdown).await;
                 break;
             }
             Err(e) => {
