@@ -153,6 +153,7 @@ pub fn run(config: DevConfig) -> anyhow::Result<()> {
         std::fs::create_dir_all(&dir)?;
         let mut node_config = node::NodeConfig::dev(id, addr, &dir, &certs, id == 1, &admin_key);
         node_config.tenants_file = tenants_file.clone();
+        node_config.replicas = bootstrap_replicas(config.nodes, config.replicas)?;
         node_config.worker_threads = threads;
         std::fs::write(dir.join("node.toml"), toml::to_string(&node_config)?)?;
         nodes.push(DevNode { id, pid: 0, data_dir: dir, addr });
@@ -266,6 +267,26 @@ fn print_banner(dev: &DevJson, json_path: &Path) {
     println!("Ctrl-C stops the cluster; run the same command again to resume.");
 }
 
+/// How many tenants are still moving between nodes, as the cluster's health says.
+fn pending_handoffs(admin: &crate::admin_client::AdminClient) -> Option<u64> {
+    admin.get("/api/v2/admin/health").ok()?["handoffs"]["pending"].as_u64()
+}
+
+/// R for the bootstrap node to form a new cluster with: `--replicas` if given, else 3, or 1 for a
+/// one-node cluster (which could hold only one copy). Ignored by a cluster already formed.
+fn bootstrap_replicas(nodes: usize, replicas: Option<u64>) -> anyhow::Result<u8> {
+    match replicas {
+        Some(r) => u8::try_from(r)
+            .ok()
+            .filter(|r| (1..=node::config::REPLICAS_MAX).contains(r))
+            .with_context(|| {
+                format!("--replicas {r}: R must be 1 to {}", node::config::REPLICAS_MAX)
+            }),
+        None if nodes == 1 => Ok(1),
+        None => Ok(node::config::DEFAULT_REPLICAS),
+    }
+}
+
 /// Waits for the gateway, joins nodes 2..N, sets R if asked, and makes the demo tenant. Returns
 /// the demo key.
 fn bring_up(
@@ -294,6 +315,14 @@ fn bring_up(
                 "/api/v2/admin/nodes",
                 &serde_json::json!({"id": n.id, "addr": n.addr.to_string()}),
             )?;
+        }
+        // Placement changes one at a time: tenants already there (a tenants file's) take the
+        // joined node into their sets before the next join.
+        while pending_handoffs(&admin) != Some(0) {
+            if Instant::now() > deadline {
+                bail!("tenants still moving onto node {} after {STARTUP_TIMEOUT:?}", n.id);
+            }
+            std::thread::sleep(SUPERVISE_TICK);
         }
     }
     if let Some(replicas) = replicas {

@@ -47,7 +47,8 @@ enum Command {
         #[arg(long)]
         tenants_file: Option<PathBuf>,
         /// R: how many nodes hold each tenant (1 to 5), set before the demo tenant is made.
-        /// Left as the registry has it when not given (1 in a new cluster).
+        /// A new cluster forms with it: 3 when not given, or 1 with `--nodes 1`. A cluster already
+        /// formed keeps its R unless this is given.
         #[arg(long)]
         replicas: Option<u64>,
     },

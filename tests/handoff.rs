@@ -1,6 +1,6 @@
-//! Black-box: horizontal scaling under load. A 4th node joins a 3-node dev cluster holding 300
-//! tenants while clients write; then it is drained and removed; then a 5th node joins and is
-//! SIGKILLed mid-handoff and restarted. Every acknowledged write must survive, requests may fail
+//! Black-box: horizontal scaling under load, with one copy of each tenant (R = 1). A 4th node
+//! joins a 3-node dev cluster holding 300 tenants while clients write; then it is drained and
+//! removed; then a 5th node joins and is SIGKILLed mid-handoff and restarted. Every acknowledged write must survive, requests may fail
 //! only with 503 during a tenant's cut-over, and the cluster must end with every handoff done.
 
 mod common;
@@ -59,7 +59,8 @@ fn writer(base: String, tenants: Arc<Vec<Tenant>>, index: usize, stop: Arc<Atomi
 // Goal: join, drain and a crash mid-handoff under a steady write load lose nothing.
 #[test]
 fn join_drain_and_crash_under_load() {
-    let cluster = DevCluster::start(3);
+    // One copy of each tenant: the stop-then-pull handoff (tests/replication.rs has R = 3's).
+    let cluster = DevCluster::start_with_args(3, &["--replicas", "1"]);
     let base = cluster.url();
     let tenants: Vec<Tenant> = (0..TENANTS)
         .map(|i| Tenant {

@@ -126,11 +126,7 @@ struct Run {
 /// the clients, reads every key once more after the cluster healed, and stops the cluster.
 fn run_workload(rng: &mut StdRng, faults: &[nemesis::Fault], replicas: u8) -> Run {
     let started = Instant::now();
-    let mut cluster = if replicas > 1 {
-        DevCluster::start_with_args(3, &["--replicas", &replicas.to_string()])
-    } else {
-        DevCluster::start(3)
-    };
+    let mut cluster = DevCluster::start_with_args(3, &["--replicas", &replicas.to_string()]);
     let targets = Arc::new(targets(&cluster));
     let shared = Arc::new(Shared {
         base: cluster.url(),

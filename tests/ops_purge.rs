@@ -90,7 +90,8 @@ fn moving(cluster: &DevCluster, tenant: &str) -> Option<bool> {
 // ones included, and every other handoff of the drain completes.
 #[test]
 fn a_purge_cancels_a_handoff_that_cannot_finish() {
-    let cluster = DevCluster::start(3);
+    // One copy of each tenant: a drain of one of three nodes, and a handoff with one source.
+    let cluster = DevCluster::start_with_args(3, &["--replicas", "1"]);
     let base = cluster.url();
     let tenant = (0..TENANTS_MAX)
         .find_map(|i| {

@@ -5,11 +5,16 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+pub use raft_registry::REPLICAS_MAX;
+
 /// Default memory the tenant store may hold before it unloads least-recently-used tenants.
 pub const DEFAULT_MEMORY_BUDGET_MB: u64 = 1024;
 
 /// Default idle time after which a tenant is unloaded from memory.
 pub const DEFAULT_IDLE_UNLOAD_S: u64 = 60;
+
+/// Default R of a new cluster: every tenant on three nodes (docs/REPLICATION.md).
+pub const DEFAULT_REPLICAS: u8 = 3;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +37,12 @@ pub struct NodeConfig {
     /// SHA-256 (hex) of the admin key, recorded in the registry at bootstrap. Never the key.
     #[serde(default)]
     pub admin_key_hash: Option<String>,
+    /// R, the number of nodes that hold each tenant (1 to 5), recorded in the registry when the
+    /// bootstrap node forms a new cluster. Unused on other nodes and on a cluster already formed
+    /// (`sq-cloud admin cluster replicas` changes it while the cluster has no tenants). Default 3.
+    /// A cluster with fewer active nodes keeps as many copies as it has nodes.
+    #[serde(default = "default_replicas")]
+    pub replicas: u8,
     /// Memory, in MiB, the tenant store may hold before unloading idle tenants.
     #[serde(default = "default_memory_budget_mb")]
     pub memory_budget_mb: u64,
@@ -61,6 +72,10 @@ fn default_idle_unload_s() -> u64 {
     DEFAULT_IDLE_UNLOAD_S
 }
 
+fn default_replicas() -> u8 {
+    DEFAULT_REPLICAS
+}
+
 impl NodeConfig {
     /// The configuration `sq-cloud dev` writes for one of its nodes.
     pub fn dev(
@@ -79,6 +94,7 @@ impl NodeConfig {
             cluster_certs: certs.to_path_buf(),
             bootstrap,
             admin_key_hash: bootstrap.then(|| proto::auth::key_hash(admin_key)),
+            replicas: DEFAULT_REPLICAS,
             memory_budget_mb: DEFAULT_MEMORY_BUDGET_MB,
             idle_unload_s: DEFAULT_IDLE_UNLOAD_S,
             tenants_file: None,

@@ -52,6 +52,15 @@ pub const LEASE_MS: u64 = 600;
 /// marked down and up again, which costs its tenants a prepare round each.
 pub const DOWN_AFTER_MS: u64 = 1_000;
 
+/// How long a read that finds its node without a lease waits for the next round to win one
+/// before it is answered 503 ([`Leases::held_within`]): a round lost to a busy moment, or a node
+/// just started whose voters grant nothing for [`DOWN_AFTER_MS`], costs the client a short wait
+/// rather than a retry. A node cut off from the voters for longer is marked down meanwhile.
+pub const LEASE_WAIT: Duration = Duration::from_millis(DOWN_AFTER_MS);
+
+/// How often a waiting read looks at the lease again.
+const LEASE_WAIT_LOOK: Duration = Duration::from_millis(20);
+
 /// A node still heard by a voter, but without a lease for this long, is refused and then
 /// confirmed down by it ([`Leases::confirm_down`]): twice the down time, so that a whole cluster
 /// starting together (its voters grant nothing for the down time) is not marked down.
@@ -111,6 +120,18 @@ impl Leases {
     pub fn holds(&self, epoch: u64) -> bool {
         self.clock.now_ms() < self.until_ms.load(Ordering::SeqCst)
             && epoch >= self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// Whether this node holds a lease at `epoch` now or within [`LEASE_WAIT`].
+    pub async fn held_within(&self, epoch: u64) -> bool {
+        let looks = LEASE_WAIT.as_millis() / LEASE_WAIT_LOOK.as_millis();
+        for _ in 0..looks {
+            if self.holds(epoch) {
+                return true;
+            }
+            tokio::time::sleep(LEASE_WAIT_LOOK).await;
+        }
+        self.holds(epoch)
     }
 
     /// How long this node has been without a lease (since it started, if it never held one).
@@ -454,5 +475,24 @@ mod tests {
         assert!(leases.holds(7));
         clock.advance_ms(1);
         assert!(!leases.holds(7), "ended LEASE_MS after the send");
+    }
+
+    #[tokio::test]
+    async fn a_read_waits_for_a_lease_being_won_and_no_longer_than_the_wait() {
+        // Goal: a read finding no lease is answered once a round wins one within LEASE_WAIT, and
+        // refused when none does (never held on past the wait).
+        let clock = Arc::new(ManualClock::new(50_000));
+        let leases = Arc::new(Leases::new(clock.clone()));
+        let started = std::time::Instant::now();
+        assert!(!leases.held_within(3).await, "no round won: refused");
+        assert!(started.elapsed() < LEASE_WAIT * 3, "refused after the wait, not held on");
+        let winner = leases.clone();
+        let round = tokio::spawn(async move {
+            tokio::time::sleep(LEASE_WAIT / 4).await;
+            winner.won(clock.now_ms(), 3);
+        });
+        assert!(leases.held_within(3).await, "a round won during the wait: answered");
+        round.await.expect("the round");
+        assert!(!leases.held_within(2).await, "not by a node whose registry is behind the voters'");
     }
 }

@@ -340,7 +340,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
 
 /// Starts a one-node cluster if the registry is empty, and records the admin key's hash.
 async fn bootstrap(registry: &Registry, config: &NodeConfig) -> Result<(), NodeError> {
-    registry.bootstrap(config.advertise().to_string()).await?;
+    registry.bootstrap(config.advertise().to_string(), config.replicas).await?;
     if let Some(hash) = &config.admin_key_hash {
         if registry.state().admin_key_hash().is_none() {
             registry.write(raft_registry::Command::SetAdminKeyHash { hash: hash.clone() }).await?;

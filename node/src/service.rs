@@ -275,8 +275,11 @@ impl Service {
         // primary meanwhile (crate::lease). Checked again once a read has run, and once a write
         // that changed nothing (and so answers from what it read, fenced by no backup) has
         // (`execute_replicated`). A write that logs a record needs no lease: the backups'
-        // ballot check fences a deposed primary.
-        if needed > 0 && !request.is_write() && !self.leases.holds(state.placement_epoch()) {
+        // ballot check fences a deposed primary. A read waits a moment for a lease being won.
+        if needed > 0
+            && !request.is_write()
+            && !self.leases.held_within(state.placement_epoch()).await
+        {
             return Err(ApiError::unavailable("this node holds no lease to serve reads"));
         }
         let route = request.route().name();

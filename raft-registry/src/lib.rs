@@ -18,7 +18,7 @@
 //!
 //! ```text
 //! startup:   reg = Registry::open(data_dir/"registry", node_id, config, Arc::new(QuicRaftTransport)).await?
-//!            first node of a new cluster only: reg.bootstrap(my_quic_addr).await?
+//!            first node of a new cluster only: reg.bootstrap(my_quic_addr, 3).await?
 //!            other nodes: ask the leader (admin API → leader) to reg.join_node(id, addr)
 //! incoming:  a Raft frame from a peer → reply = reg.handle_rpc(&bytes).await → send reply back
 //! writes:    reg.write(cmd) → on NotLeader { leader_addr, .. } forward to the leader

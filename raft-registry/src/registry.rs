@@ -151,11 +151,11 @@ impl Registry {
         self.id
     }
 
-    /// Makes this node a one-node cluster if it was never initialized, then records it as an
-    /// Active node at `addr`. Idempotent: on restart it only finishes what a crash interrupted.
+    /// Makes this node a one-node cluster if it was never initialized, sets R to `replicas`
+    /// while no node is active yet, then records it as an Active node at `addr`. Idempotent: on restart it only finishes what a crash interrupted.
     /// Call it on the first node of a new cluster; other nodes join through [`Self::join_node`]
     /// on the leader.
-    pub async fn bootstrap(&self, addr: String) -> Result<(), RegistryError> {
+    pub async fn bootstrap(&self, addr: String, replicas: u8) -> Result<(), RegistryError> {
         // On restart the local state already holds everything committed before the stop (openraft
         // re-applies the log up to the saved committed id while opening), so a node that restarts
         // alone needs no quorum here.
@@ -178,9 +178,13 @@ impl Registry {
         if state.node(self.id).is_none() {
             self.write(Command::NodeJoin { id: self.id, addr }).await?;
         }
-        if self.read_linearizable().await?.node(self.id).map(|n| n.state)
-            == Some(NodeState::Joining)
-        {
+        let state = self.read_linearizable().await?;
+        if state.node(self.id).map(|n| n.state) == Some(NodeState::Joining) {
+            // The cluster is being formed: it has no active node, so no tenant is placed yet and
+            // R may still be anything. A restart between the two writes sets the same R again.
+            if state.replicas() != usize::from(replicas) {
+                self.write(Command::SetReplicas { replicas }).await?;
+            }
             self.write(Command::NodeActivate { id: self.id }).await?;
         }
         Ok(())

@@ -182,7 +182,7 @@ async fn full_restart_keeps_tenants_membership_and_snapshots() -> anyhow::Result
         // The seed node restarting alone (no quorum) still bootstraps at once from local state.
         let lone = c.start(1).await?;
         assert_eq!(lone.state().tenant_count(), 60, "committed state is back before any election");
-        lone.bootstrap(addr(1)).await?;
+        lone.bootstrap(addr(1), 1).await?;
         for id in [2, 3] {
             c.start(id).await?;
         }
@@ -196,7 +196,7 @@ async fn full_restart_keeps_tenants_membership_and_snapshots() -> anyhow::Result
         assert!(std::fs::metadata(c.dir(1).join("snapshot")).is_ok(), "a snapshot was written");
         c.write(add_tenant("after-restart")).await??;
         // bootstrap on a formed cluster is a no-op.
-        c.node(1)?.bootstrap(addr(1)).await?;
+        c.node(1)?.bootstrap(addr(1), 1).await?;
         assert_eq!(c.read().await?.active_nodes(), vec![1, 2, 3]);
         // A new node can only catch up by snapshot now (the log is purged): InstallSnapshot
         // travels over the transport too.

@@ -155,6 +155,8 @@ impl Cluster {
             cluster_certs: PathBuf::from("/nonexistent/sim-has-no-certificates"),
             bootstrap: id == 1,
             admin_key_hash: Some(self.admin_key_hash.clone()),
+            // The cluster forms with R = 1; the operator sets the run's R before any tenant.
+            replicas: 1,
             memory_budget_mb: STORE_MEMORY_MB,
             idle_unload_s: STORE_IDLE_UNLOAD_S,
             tenants_file: None,

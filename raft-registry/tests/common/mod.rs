@@ -157,7 +157,7 @@ impl Cluster {
     /// Starts node 1 and bootstraps a one-node cluster.
     pub async fn bootstrap(&mut self) -> anyhow::Result<()> {
         let first = self.start(1).await?;
-        first.bootstrap(addr(1)).await?;
+        first.bootstrap(addr(1), 1).await?;
         Ok(())
     }
 
