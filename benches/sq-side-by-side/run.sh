@@ -13,13 +13,14 @@
 # Needs cargo, python3 and wrk (Debian package `wrk`). SQ is installed from crates.io into
 # target/sq-0.6.0. VERSION=1 adds `/api/v2/version` at one connection, which sq-cloud's gateway
 # answers alone: beside select it shows what the hop to the node costs. ONLY_C1=1 runs only the
-# one-connection measures. REPLICAS=3 runs the cluster with every tenant on three nodes
-# (`sq-cloud dev --replicas 3`): each update is then answered once two nodes hold it durably.
+# one-connection measures. REPLICAS (default 3, the cluster's default) is R: with 3 every tenant
+# is on three nodes and each update is answered once two of them hold it durably; REPLICAS=1
+# runs one copy of each tenant.
 # Note: `sq host` listens on 0.0.0.0, not only loopback.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-TENANTS="${TENANTS:-32}"; ROUNDS="${ROUNDS:-2}"; DURATION="${DURATION:-8}"; REPLICAS="${REPLICAS:-1}"
+TENANTS="${TENANTS:-32}"; ROUNDS="${ROUNDS:-2}"; DURATION="${DURATION:-8}"; REPLICAS="${REPLICAS:-3}"
 PORT="${PORT:-28438}"; SQ_PORT="${SQ_PORT:-18080}"
 SQ_KEY="pmb-v1-sidebyside0000000000000000"
 for tool in cargo python3 wrk curl; do command -v "$tool" >/dev/null || { echo "$tool is required" >&2; exit 1; }; done

@@ -70,6 +70,10 @@ fn describe() {
         "Writes and reads answered 503 because too few backups held the tenant's records in time"
     );
     metrics::describe_counter!(
+        "sq_node_requests_total",
+        "Requests this node answered over QUIC, by kind: per tenant (sq, replicate, prepare, fetch records, catch up, snapshot, enter, handoff) or per node (lease, gossip, raft, view, ...)"
+    );
+    metrics::describe_counter!(
         "sq_replication_bytes_total",
         "Bytes of log records this node sent to backups as a primary"
     );
@@ -151,6 +155,12 @@ impl Outcome {
     /// The refusals whose series exist from the start.
     const REFUSALS: [Outcome; 3] =
         [Outcome::RateLimited, Outcome::QuotaExceeded, Outcome::Unavailable];
+}
+
+/// Counts one request this node answers over QUIC, by its kind. An idle tenant adds to no kind
+/// (docs/BENCHMARKS.md measures it).
+pub fn node_request(kind: &'static str) {
+    metrics::counter!("sq_node_requests_total", "kind" => kind).increment(1);
 }
 
 /// Meters one request of a tenant: calls by tenant and method, latency by route, refusals.

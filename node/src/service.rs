@@ -106,6 +106,7 @@ impl Service {
 
     async fn dispatch(&self, peer: Peer, request: NodeRequest) -> NodeResponse {
         let from_node = matches!(peer.role, Role::Node(_));
+        crate::metrics::node_request(kind(&request));
         match request {
             NodeRequest::Sq { tenant, key_hash, epoch, request } => {
                 NodeResponse::Sq(self.sq(&tenant, &key_hash, epoch, request).await)
