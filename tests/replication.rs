@@ -300,6 +300,16 @@ fn writer(
     key: String,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 ) -> std::thread::JoinHandle<(Vec<u32>, Duration)> {
+    paced_writer(url, key, stop, Duration::ZERO)
+}
+
+/// A [`writer`] that waits `pause` after each acknowledged write.
+fn paced_writer(
+    url: String,
+    key: String,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pause: Duration,
+) -> std::thread::JoinHandle<(Vec<u32>, Duration)> {
     std::thread::spawn(move || {
         let client = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(5))
@@ -320,6 +330,7 @@ fn writer(
                 acked.push(i);
                 longest = longest.max(last_ack.elapsed());
                 last_ack = Instant::now();
+                std::thread::sleep(pause);
             } else {
                 std::thread::sleep(Duration::from_millis(50));
             }
@@ -603,6 +614,10 @@ const FAULT_CYCLES_DEFAULT: usize = 6;
 /// Tenants written throughout the cycles, each by its own client.
 const CYCLE_TENANTS: usize = 3;
 
+/// Each cycle writer's pause after an acknowledged write: a steady load whose documents do not
+/// grow so fast that a long run measures mostly their size.
+const CYCLE_WRITE_PAUSE: Duration = Duration::from_millis(10);
+
 /// How long a frozen node stays stopped: past the lease's down time, so its tenants move.
 const FREEZE_FOR: Duration = Duration::from_secs(3);
 
@@ -623,7 +638,14 @@ fn all_in_sync(cluster: &DevCluster, tenants: &[(String, String)]) -> Duration {
     let started = Instant::now();
     for (tenant, key) in tenants {
         wait_for(Duration::from_secs(120), &format!("every copy of {tenant} in sync"), || {
-            get(&cluster.url(), key, "/select?p=log&c=1.1.1/1.1.1/1.1.1");
+            // The primary hears its backups at a request; one not answered yet looks again.
+            let look = common::http()
+                .get(format!("{}/select?p=log&c=1.1.1/1.1.1/1.1.1", cluster.url()))
+                .bearer_auth(key)
+                .send();
+            if let Err(e) = look {
+                eprintln!("a read of {tenant} while waiting for its copies: {e}");
+            }
             let s = stats_now(cluster, tenant)?;
             let backups = s["backups"].as_array()?;
             let synced = backups.len() == 2
@@ -678,7 +700,7 @@ fn kill_freeze_and_wipe_cycles_lose_nothing() {
         .iter()
         .map(|(_, key)| Load {
             stop: stop.clone(),
-            writer: writer(cluster.url(), key.clone(), stop.clone()),
+            writer: paced_writer(cluster.url(), key.clone(), stop.clone(), CYCLE_WRITE_PAUSE),
         })
         .collect();
     let mut times: BTreeMap<String, Vec<Duration>> = BTreeMap::new();
