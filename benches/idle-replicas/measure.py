@@ -1,0 +1,197 @@
+#!/usr/bin/env python3
+"""What idle replicated tenants cost a running cluster (docs/BENCHMARKS.md, "Idle tenants with
+three copies").
+
+Starts a 3-node `sq-cloud dev` (R = 3, so every node holds a copy of every tenant), adds TENANTS
+tenants through a tenants file, writes one scroll to each (so each has a primary that prepared
+and backups that hold a record), then leaves them idle. It prints, per node:
+
+- requests answered over QUIC per second by kind (`sq_node_requests_total`), in a window after
+  the idle period: per-tenant kinds (replicate, prepare, fetch records, catch up, snapshot,
+  enter, handoff, sq) must be 0, and per-node kinds (lease, gossip, raft) must not grow with
+  the tenants;
+- resident memory (VmRSS) with no tenant, with the tenants registered, and after the writes and
+  the idle period, and the difference per tenant copy.
+
+    cargo build --release --locked --bin sq-cloud
+    python3 benches/idle-replicas/measure.py [--tenants 100000] [--idle-s 80] [--window-s 30]
+
+It makes its own directory under /tmp and leaves it (and the logs) there.
+"""
+
+import argparse
+import concurrent.futures
+import http.client
+import json
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+PER_TENANT_KINDS = {"sq", "replicate", "prepare", "fetch records", "catch up", "snapshot", "enter",
+                    "handoff"}
+METRIC = re.compile(r'^sq_node_requests_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$')
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+class Gateway:
+    def __init__(self, url):
+        host, port = url.split("//", 1)[1].split(":")
+        self.host, self.port = host, int(port)
+
+    def get(self, path, key, timeout=30):
+        c = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        try:
+            c.request("GET", path, headers={"Authorization": f"Bearer {key}"})
+            r = c.getresponse()
+            return r.status, r.read()
+        finally:
+            c.close()
+
+
+def node_requests(gw, admin_key):
+    """{(node, kind): count} from the gateway's /api/v2/metrics."""
+    status, body = gw.get("/api/v2/metrics", admin_key)
+    assert status == 200, body[:200]
+    out = {}
+    for line in body.decode().splitlines():
+        m = METRIC.match(line)
+        if not m:
+            continue
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group("labels")))
+        if "node" in labels:
+            out[(labels["node"], labels["kind"])] = float(m.group("value"))
+    return out
+
+
+def write_all(gw, keys, threads):
+    """One update per key, each retried on 503 until it is answered 200."""
+
+    def one(key):
+        conn = None
+        for _ in range(200):
+            try:
+                if conn is None:
+                    conn = http.client.HTTPConnection(gw.host, gw.port, timeout=30)
+                conn.request("GET", "/api/v2/update?p=idle&c=1.1.1/1.1.1/1.1.1&s=x",
+                             headers={"Authorization": f"Bearer {key}"})
+                r = conn.getresponse()
+                r.read()
+                if r.status == 200:
+                    conn.close()
+                    return True
+            except (OSError, http.client.HTTPException):
+                conn = None
+            time.sleep(0.05)
+        return False
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        done = list(pool.map(one, keys, chunksize=64))
+    return sum(done)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tenants", type=int, default=100_000)
+    ap.add_argument("--idle-s", type=float, default=80.0,
+                    help="idle time before the window: past the 60 s after which a primary "
+                         "forgets a tenant's replication state and the store unloads it")
+    ap.add_argument("--window-s", type=float, default=30.0)
+    ap.add_argument("--threads", type=int, default=32)
+    ap.add_argument("--bin", default="./target/release/sq-cloud")
+    ap.add_argument("--port", type=int, default=28640)
+    args = ap.parse_args()
+
+    root = tempfile.mkdtemp(prefix="sq-idle-replicas.")
+    tenants_file = os.path.join(root, "tenants.json")
+    with open(tenants_file, "w") as f:
+        json.dump({"tenants": []}, f)
+    dev_dir = os.path.join(root, "dev")
+    out = open(os.path.join(root, "dev.out"), "w")
+    dev = subprocess.Popen([args.bin, "dev", "--data", dev_dir, "--listen",
+                            f"127.0.0.1:{args.port}", "--tenants-file", tenants_file],
+                           stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        # `sq-cloud dev` prints its banner once the cluster is up and dev.json is written.
+        while "Ctrl-C stops the cluster" not in open(out.name).read():
+            assert dev.poll() is None and time.time() < deadline, f"dev did not start: {root}"
+            time.sleep(0.2)
+        info = json.load(open(os.path.join(dev_dir, "dev.json")))
+        gw = Gateway(info["gateway_url"])
+        pids = {str(n["id"]): n["pid"] for n in info["nodes"]}
+        admin = info["admin_key"]
+        rss = {"empty": {n: rss_kib(p) for n, p in pids.items()}}
+
+        keys = ["pmb-v1-" + secrets.token_hex(16) for _ in range(args.tenants)]
+        started = time.time()
+        with open(tenants_file + ".tmp", "w") as f:
+            json.dump({"tenants": [{"id": f"idle{i:06}", "api_key": k, "quota_mb": 1}
+                                   for i, k in enumerate(keys)]}, f)
+        os.rename(tenants_file + ".tmp", tenants_file)
+        while gw.get("/api/v2/select?p=idle&c=1.1.1/1.1.1/1.1.1", keys[-1])[0] != 200:
+            assert time.time() - started < 600, "the tenants file was not applied in 600 s"
+            time.sleep(0.5)
+        print(f"{args.tenants} tenants registered in {time.time() - started:.1f} s", flush=True)
+        time.sleep(5)
+        rss["registered"] = {n: rss_kib(p) for n, p in pids.items()}
+
+        started = time.time()
+        written = write_all(gw, keys, args.threads)
+        took = time.time() - started
+        print(f"{written} of {args.tenants} tenants written once in {took:.1f} s "
+              f"({written / took:.0f}/s)", flush=True)
+        assert written == args.tenants, "some tenants were never written"
+
+        print(f"idle for {args.idle_s:.0f} s", flush=True)
+        time.sleep(args.idle_s)
+        before = node_requests(gw, admin)
+        time.sleep(args.window_s)
+        after = node_requests(gw, admin)
+        rss["idle"] = {n: rss_kib(p) for n, p in pids.items()}
+
+        rates = {}
+        for (node, kind), v in sorted(after.items()):
+            rate = (v - before.get((node, kind), 0.0)) / args.window_s
+            # The two metrics reads themselves are answered as per-node "metrics" requests.
+            rates.setdefault(node, {})[kind] = round(rate, 2)
+        per_tenant = {n: sum(r for k, r in kinds.items() if k in PER_TENANT_KINDS)
+                      for n, kinds in rates.items()}
+        report = {
+            "tenants": args.tenants,
+            "copies_per_node": args.tenants,
+            "window_s": args.window_s,
+            "requests_per_s_by_node_and_kind": rates,
+            "per_tenant_requests_per_s": per_tenant,
+            "rss_kib": rss,
+            "rss_bytes_per_copy_registered_to_idle": {
+                n: round((rss["idle"][n] - rss["registered"][n]) * 1024 / args.tenants, 1)
+                for n in pids},
+            "rss_bytes_per_tenant_empty_to_registered": {
+                n: round((rss["registered"][n] - rss["empty"][n]) * 1024 / args.tenants, 1)
+                for n in pids},
+            "dir": root,
+        }
+        print(json.dumps(report, indent=2))
+        return 0 if all(v == 0 for v in per_tenant.values()) else 1
+    finally:
+        dev.send_signal(signal.SIGINT)
+        try:
+            dev.wait(60)
+        except subprocess.TimeoutExpired:
+            dev.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
