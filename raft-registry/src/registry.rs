@@ -152,9 +152,9 @@ impl Registry {
     }
 
     /// Makes this node a one-node cluster if it was never initialized, sets R to `replicas`
-    /// while no node is active yet, then records it as an Active node at `addr`. Idempotent: on restart it only finishes what a crash interrupted.
-    /// Call it on the first node of a new cluster; other nodes join through [`Self::join_node`]
-    /// on the leader.
+    /// while no node is active yet, then records it as an Active node at `addr`. Idempotent: on
+    /// restart it only finishes what a crash interrupted. Call it on the first node of a new
+    /// cluster; other nodes join through [`Self::join_node`] on the leader.
     pub async fn bootstrap(&self, addr: String, replicas: u8) -> Result<(), RegistryError> {
         // On restart the local state already holds everything committed before the stop (openraft
         // re-applies the log up to the saved committed id while opening), so a node that restarts
