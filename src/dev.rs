@@ -267,6 +267,24 @@ fn print_banner(dev: &DevJson, json_path: &Path) {
     println!("Ctrl-C stops the cluster; run the same command again to resume.");
 }
 
+/// `step`, again while it fails for want of an answer (no connection, or a 5xx: a cluster just
+/// started is still electing and winning leases) until `deadline`; a refusal (4xx) ends it.
+fn until_answered<T>(
+    deadline: Instant,
+    mut step: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<T> {
+    loop {
+        match step() {
+            Ok(v) => return Ok(v),
+            Err(e) if e.to_string().starts_with('4') || Instant::now() > deadline => return Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, "the cluster is not answering yet; trying again");
+                std::thread::sleep(SUPERVISE_TICK);
+            }
+        }
+    }
+}
+
 /// How many tenants are still moving between nodes, as the cluster's health says.
 fn pending_handoffs(admin: &crate::admin_client::AdminClient) -> Option<u64> {
     admin.get("/api/v2/admin/health").ok()?["handoffs"]["pending"].as_u64()
@@ -306,16 +324,19 @@ fn bring_up(
         std::thread::sleep(SUPERVISE_TICK);
     }
     for n in nodes.iter().skip(1) {
-        let listed = admin.get("/api/v2/admin/nodes")?;
-        let member = listed
-            .as_array()
-            .is_some_and(|a| a.iter().any(|x| x["id"] == n.id && x["state"] == "active"));
-        if !member {
-            admin.post(
-                "/api/v2/admin/nodes",
-                &serde_json::json!({"id": n.id, "addr": n.addr.to_string()}),
-            )?;
-        }
+        until_answered(deadline, || {
+            let listed = admin.get("/api/v2/admin/nodes")?;
+            let member = listed
+                .as_array()
+                .is_some_and(|a| a.iter().any(|x| x["id"] == n.id && x["state"] == "active"));
+            if !member {
+                admin.post(
+                    "/api/v2/admin/nodes",
+                    &serde_json::json!({"id": n.id, "addr": n.addr.to_string()}),
+                )?;
+            }
+            Ok(())
+        })?;
         // Placement changes one at a time: tenants already there (a tenants file's) take the
         // joined node into their sets before the next join.
         while pending_handoffs(&admin) != Some(0) {
@@ -326,17 +347,20 @@ fn bring_up(
         }
     }
     if let Some(replicas) = replicas {
-        admin
-            .post("/api/v2/admin/replicas", &serde_json::json!({ "replicas": replicas }))
-            .context("setting --replicas")?;
+        until_answered(deadline, || {
+            admin.post("/api/v2/admin/replicas", &serde_json::json!({ "replicas": replicas }))
+        })
+        .context("setting --replicas")?;
     }
     if let Some(p) = previous {
         return Ok(p.demo_key.clone());
     }
-    let answer = admin.post(
-        "/api/v2/admin/tenants/add",
-        &serde_json::json!({"tenant_id": DEMO_TENANT, "tier": "pro"}),
-    )?;
+    let answer = until_answered(deadline, || {
+        admin.post(
+            "/api/v2/admin/tenants/add",
+            &serde_json::json!({"tenant_id": DEMO_TENANT, "tier": "pro"}),
+        )
+    })?;
     answer["api_key"].as_str().map(str::to_string).context("the gateway answered no api_key")
 }
 
