@@ -4,6 +4,7 @@ mod common;
 mod ops_common;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use common::{get, http, DevCluster};
 use ops_common::{node_log_lines, stats, SecondGateway};
@@ -19,6 +20,9 @@ const WRITERS_PER_GATEWAY: usize = 2;
 
 /// The most writes one writer tries before the test gives up on ever seeing 507.
 const WRITES_PER_WRITER_MAX: usize = 1000;
+
+/// How many times one write is sent while it is answered 503 with Retry-After.
+const RETRIES_AFTER_503: usize = 50;
 
 #[derive(Default)]
 struct Outcome {
@@ -110,15 +114,29 @@ fn write_until_full(base: &str, key: &str, book: usize, outcome: &Mutex<Outcome>
     for i in 1..=WRITES_PER_WRITER_MAX {
         let c = format!("1.1.1/1.1.{book}/1.1.{i}");
         let text: String = format!("b{book}s{i}-").chars().cycle().take(SCROLL_BYTES).collect();
-        let r = client
-            .post(format!("{base}/update?p=doc&c={c}"))
-            .bearer_auth(key)
-            .body(text.clone())
-            .send();
-        let (status, body) = match r {
-            Ok(r) => (r.status().as_u16(), r.text().unwrap_or_default()),
-            Err(e) => (0, e.to_string()),
-        };
+        // A 503 with Retry-After asks the client to send the write again (with three copies, a
+        // primary whose lease lapsed under a loaded machine's pauses says so); the same write at
+        // the same coordinate is sent again, a bounded number of times.
+        let mut answer = (0, String::new());
+        for _ in 0..RETRIES_AFTER_503 {
+            let r = client
+                .post(format!("{base}/update?p=doc&c={c}"))
+                .bearer_auth(key)
+                .body(text.clone())
+                .send();
+            let again = r.as_ref().is_ok_and(|r| {
+                r.status().as_u16() == 503 && r.headers().contains_key("retry-after")
+            });
+            answer = match r {
+                Ok(r) => (r.status().as_u16(), r.text().unwrap_or_default()),
+                Err(e) => (0, e.to_string()),
+            };
+            if !again {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let (status, body) = answer;
         let mut o = outcome.lock().unwrap();
         match status {
             200 => o.acked.push((c, text)),
