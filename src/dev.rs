@@ -101,6 +101,7 @@ pub fn run(config: DevConfig) -> anyhow::Result<()> {
     if config.nodes == 0 {
         bail!("--nodes must be at least 1");
     }
+    let replicas = bootstrap_replicas(config.nodes, config.replicas)?;
     exe()?;
     std::fs::create_dir_all(&config.data)
         .with_context(|| format!("creating {}", config.data.display()))?;
@@ -153,7 +154,7 @@ pub fn run(config: DevConfig) -> anyhow::Result<()> {
         std::fs::create_dir_all(&dir)?;
         let mut node_config = node::NodeConfig::dev(id, addr, &dir, &certs, id == 1, &admin_key);
         node_config.tenants_file = tenants_file.clone();
-        node_config.replicas = bootstrap_replicas(config.nodes, config.replicas)?;
+        node_config.replicas = replicas;
         node_config.worker_threads = threads;
         std::fs::write(dir.join("node.toml"), toml::to_string(&node_config)?)?;
         nodes.push(DevNode { id, pid: 0, data_dir: dir, addr });
@@ -267,6 +268,19 @@ fn print_banner(dev: &DevJson, json_path: &Path) {
     println!("Ctrl-C stops the cluster; run the same command again to resume.");
 }
 
+/// Whether `done` came true before `deadline`, looking every [`SUPERVISE_TICK`].
+fn until(deadline: Instant, mut done: impl FnMut() -> bool) -> bool {
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(SUPERVISE_TICK);
+    }
+}
+
 /// `step`, again while it fails for want of an answer (no connection, or a 5xx: a cluster just
 /// started is still electing and winning leases) until `deadline`; a refusal (4xx) ends it.
 fn until_answered<T>(
@@ -317,11 +331,8 @@ fn bring_up(
 ) -> anyhow::Result<String> {
     let admin = crate::admin_client::AdminClient::new(url, admin_key, data.join("certs/ca.pem"))?;
     let deadline = Instant::now() + STARTUP_TIMEOUT;
-    while admin.get("/api/v2/admin/nodes").is_err() {
-        if Instant::now() > deadline {
-            bail!("no answer from the gateway at {url} within {STARTUP_TIMEOUT:?}");
-        }
-        std::thread::sleep(SUPERVISE_TICK);
+    if !until(deadline, || admin.get("/api/v2/admin/nodes").is_ok()) {
+        bail!("no answer from the gateway at {url} within {STARTUP_TIMEOUT:?}");
     }
     for n in nodes.iter().skip(1) {
         until_answered(deadline, || {
@@ -339,11 +350,8 @@ fn bring_up(
         })?;
         // Placement changes one at a time: tenants already there (a tenants file's) take the
         // joined node into their sets before the next join.
-        while pending_handoffs(&admin) != Some(0) {
-            if Instant::now() > deadline {
-                bail!("tenants still moving onto node {} after {STARTUP_TIMEOUT:?}", n.id);
-            }
-            std::thread::sleep(SUPERVISE_TICK);
+        if !until(deadline, || pending_handoffs(&admin) == Some(0)) {
+            bail!("tenants still moving onto node {} after {STARTUP_TIMEOUT:?}", n.id);
         }
     }
     if let Some(replicas) = replicas {
