@@ -10,7 +10,8 @@ and backups that hold a record), then leaves them idle. It prints, per node:
   the idle period: per-tenant kinds (replicate, prepare, fetch records, catch up, snapshot,
   enter, handoff, sq) must be 0, and per-node kinds (lease, gossip, raft) must not grow with
   the tenants;
-- resident memory (VmRSS) with no tenant, with the tenants registered, and after the writes and
+- the live heap (`sq_node_heap_bytes`, what the allocator has handed out and not had back) and
+  resident memory (VmRSS) with no tenant, with the tenants registered, and after the writes and
   the idle period, and the difference per tenant copy.
 
     cargo build --release --locked --bin sq-cloud
@@ -75,6 +76,17 @@ def node_requests(gw, admin_key):
     return out
 
 
+HEAP = re.compile(r'^sq_node_heap_bytes\{[^}]*node="(?P<node>[^"]+)"[^}]*\} (?P<value>[0-9.e+]+)$')
+
+
+def heap_bytes(gw, admin_key):
+    """{node: live heap bytes} from each node's `sq_node_heap_bytes`."""
+    status, body = gw.get("/api/v2/metrics", admin_key)
+    assert status == 200, body[:200]
+    return {m.group("node"): float(m.group("value"))
+            for m in map(HEAP.match, body.decode().splitlines()) if m}
+
+
 def write_all(gw, keys, threads):
     """One update per key, each retried on 503 until it is answered 200."""
 
@@ -133,6 +145,7 @@ def main():
         pids = {str(n["id"]): n["pid"] for n in info["nodes"]}
         admin = info["admin_key"]
         rss = {"empty": {n: rss_kib(p) for n, p in pids.items()}}
+        heap = {"empty": heap_bytes(gw, admin)}
 
         keys = ["pmb-v1-" + secrets.token_hex(16) for _ in range(args.tenants)]
         started = time.time()
@@ -146,6 +159,7 @@ def main():
         print(f"{args.tenants} tenants registered in {time.time() - started:.1f} s", flush=True)
         time.sleep(5)
         rss["registered"] = {n: rss_kib(p) for n, p in pids.items()}
+        heap["registered"] = heap_bytes(gw, admin)
 
         started = time.time()
         written = write_all(gw, keys, args.threads)
@@ -160,6 +174,7 @@ def main():
         time.sleep(args.window_s)
         after = node_requests(gw, admin)
         rss["idle"] = {n: rss_kib(p) for n, p in pids.items()}
+        heap["idle"] = heap_bytes(gw, admin)
 
         rates = {}
         for (node, kind), v in sorted(after.items()):
@@ -178,6 +193,12 @@ def main():
             "rss_bytes_per_copy_registered_to_idle": {
                 n: round((rss["idle"][n] - rss["registered"][n]) * 1024 / args.tenants, 1)
                 for n in pids},
+            "heap_bytes_per_copy_registered_to_idle": {
+                n: round((heap["idle"][n] - heap["registered"][n]) / args.tenants, 1)
+                for n in heap["idle"]},
+            "heap_bytes_per_tenant_empty_to_registered": {
+                n: round((heap["registered"][n] - heap["empty"][n]) / args.tenants, 1)
+                for n in heap["registered"]},
             "rss_bytes_per_tenant_empty_to_registered": {
                 n: round((rss["registered"][n] - rss["empty"][n]) * 1024 / args.tenants, 1)
                 for n in pids},

@@ -19,6 +19,7 @@ pub mod gossip;
 pub mod handoff;
 pub mod lease;
 pub mod limits;
+pub mod memory;
 mod metrics;
 pub mod replicate;
 mod run;

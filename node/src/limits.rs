@@ -210,8 +210,29 @@ impl Limits {
         for (tenant, rollup) in dirty {
             if let Err(e) = self.write(&tenant, &rollup) {
                 tracing::warn!(tenant, error = %e, "cannot persist usage roll-up");
+                // Written at the next persist; until then it is not forgotten either.
+                if let Some(t) = self.lock().get_mut(&tenant) {
+                    t.dirty = true;
+                }
             }
         }
+    }
+
+    /// Drops from memory the roll-up and bucket of every tenant with no request for `idle_ms`,
+    /// nothing in flight and nothing unwritten (call it after [`Limits::persist`]); its next
+    /// request reads the roll-up from its file, and finds its bucket full, as it would be by
+    /// then anyway. Idle tenants then cost the limits nothing. Returns how many were dropped.
+    pub fn forget_idle(&self, idle_ms: u64) -> usize {
+        let now = self.clock.unix_ms();
+        let mut tenants = self.lock();
+        let before = tenants.len();
+        tenants.retain(|_, t| {
+            let idle = now.saturating_sub(t.tokens_at_ms);
+            let refilled = t.tokens + idle as f64 / 1000.0 * BURST_PER_SECOND >= BURST_CAPACITY;
+            t.dirty || t.in_flight > 0 || idle < idle_ms || !refilled
+        });
+        crate::memory::shrink(&mut tenants);
+        before - tenants.len()
     }
 
     fn write(&self, tenant: &str, rollup: &Rollup) -> std::io::Result<()> {
@@ -331,6 +352,34 @@ mod tests {
         here.admit("t", 100).unwrap();
         here.record("t", "select", 0, 0);
         assert_eq!(here.rollup("t").total_calls(), 5);
+    }
+
+    // Goal: an idle tenant's counts leave memory only once written, idle and with nothing in
+    // flight, and its daily limit is as exact after it came back from its file as before.
+    #[test]
+    fn idle_tenants_are_forgotten_once_written_and_still_metered_exactly() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (l, clock) = limits(tmp.path(), 20_000 * crate::clock::DAY_MS + 5);
+        for _ in 0..3 {
+            l.admit("idle", 5).unwrap();
+            l.record("idle", "select", 0, 0);
+        }
+        l.admit("busy", 5).unwrap();
+        clock.0.fetch_add(60_000, Ordering::SeqCst);
+        assert_eq!(l.forget_idle(60_000), 0, "unwritten counts stay in memory");
+        l.persist();
+        assert_eq!(l.forget_idle(60_001), 0, "not idle for long enough yet");
+        assert_eq!(
+            l.forget_idle(60_000),
+            1,
+            "the written, idle tenant goes; the one in flight stays"
+        );
+        assert_eq!(l.lock().len(), 1);
+        assert_eq!(l.rollup("idle").total_calls(), 3, "read again from its file");
+        l.admit("idle", 5).unwrap();
+        l.record("idle", "select", 0, 0);
+        l.admit("idle", 5).unwrap();
+        assert!(matches!(l.admit("idle", 5), Err(ApiError::RateLimited { .. })));
     }
 
     // Goal: the roll-up survives a restart (a new Limits over the same directory).

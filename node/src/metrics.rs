@@ -15,10 +15,6 @@ pub fn install(node_id: u64) {
 
 /// HELP lines for every series this node exports (PRODUCT.md §2 names the first ones).
 fn describe() {
-    metrics::describe_gauge!(
-        "sq_storage_bytes",
-        "Canonical bytes of all the tenant's phexts on its owning node"
-    );
     metrics::describe_counter!(
         "sq_api_calls_total",
         "SQ requests admitted for a tenant, by route (method)"
@@ -61,6 +57,10 @@ fn describe() {
         "Gossip state of each peer as this node sees it: 0 alive, 1 suspect, 2 dead"
     );
     metrics::describe_gauge!("sq_store_memory_bytes", "Estimated memory held by loaded tenants");
+    metrics::describe_gauge!(
+        "sq_node_heap_bytes",
+        "Heap bytes the process holds (allocated and not freed), as the allocator counts them; RSS less this is what the allocator keeps after frees"
+    );
     metrics::describe_gauge!(
         "sq_under_replicated_tenants",
         "Tenants with fewer usable copies than R, as this node's registry has it"
@@ -112,7 +112,32 @@ pub fn render_node(svc: &Service) -> String {
     metrics::gauge!("sq_store_memory_bytes").set(svc.store.memory_bytes() as f64);
     let under = svc.registry.state().under_replicated();
     metrics::gauge!("sq_under_replicated_tenants").set(under as f64);
-    render()
+    if let Some(bytes) = crate::memory::heap_bytes() {
+        metrics::gauge!("sq_node_heap_bytes").set(bytes as f64);
+    }
+    let mut text = render();
+    storage_gauges(svc, &mut text);
+    text
+}
+
+/// `sq_storage_bytes{tenant}` of the tenants this node is primary of, read from the store when
+/// scraped rather than kept as a series per tenant: an idle tenant then costs the metrics
+/// nothing (docs/BENCHMARKS.md, "Idle tenants with three copies"). Tenant ids need no escaping
+/// (`proto::auth::valid_tenant_id`).
+fn storage_gauges(svc: &Service, text: &mut String) {
+    use std::fmt::Write;
+    let state = svc.registry.state();
+    let storage = svc.store.known_storage(|t| state.primary_of(t) == Some(svc.id));
+    if storage.is_empty() {
+        return;
+    }
+    text.push_str("# HELP sq_storage_bytes Canonical bytes of all the tenant's phexts, as its primary holds them\n");
+    text.push_str("# TYPE sq_storage_bytes gauge\n");
+    for (tenant, bytes) in storage {
+        let _ =
+            writeln!(text, "sq_storage_bytes{{node=\"{}\",tenant=\"{tenant}\"}} {bytes}", svc.id);
+    }
+    text.push('\n');
 }
 
 pub fn render() -> String {
@@ -182,11 +207,6 @@ pub fn request(
     if outcome != Outcome::Ok {
         metrics::counter!("sq_refusals_total", "reason" => outcome.as_str()).increment(1);
     }
-}
-
-/// Storage gauge of one tenant, set after each write.
-pub fn storage(tenant: &str, bytes: u64) {
-    metrics::gauge!("sq_storage_bytes", "tenant" => tenant.to_string()).set(bytes as f64);
 }
 
 /// A request that waited [`crate::replicate::REPLICA_ACK_WAIT`] for backups in vain.

@@ -563,6 +563,15 @@ impl Replication {
             drop((preparing, used));
             forgotten += 1;
         }
+        if forgotten > 0 {
+            crate::memory::shrink(&mut locked(&self.used_ms));
+            crate::memory::shrink(&mut locked(&self.preparing));
+            crate::memory::shrink(&mut locked(&self.led));
+            crate::memory::shrink(&mut locked(&self.prepared_end));
+            for link in &links {
+                crate::memory::shrink(&mut locked(&link.state).follows);
+            }
+        }
         forgotten
     }
 

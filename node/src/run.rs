@@ -239,7 +239,11 @@ impl NodeParts {
                 shutdown.clone(),
             )),
             tokio::spawn(unload_idle(self.store.clone(), shutdown.clone())),
-            tokio::spawn(persist_usage(self.limits.clone(), shutdown.clone())),
+            tokio::spawn(persist_usage(
+                self.limits.clone(),
+                self.store.config().idle_unload_after,
+                shutdown.clone(),
+            )),
             tokio::spawn(crate::handoff::run_puller(self.service.clone(), shutdown.clone())),
             tokio::spawn(crate::handoff::run_sweeper(self.service.clone(), shutdown.clone())),
             tokio::spawn(crate::lease::run(self.service.clone(), shutdown.clone())),
@@ -356,21 +360,36 @@ async fn unload_idle(store: Arc<Store>, shutdown: CancellationToken) {
             _ = tokio::time::sleep(UNLOAD_TICK) => {}
         }
         let s = store.clone();
-        if let Err(e) = crate::blocking::spawn(move || s.unload_idle()).await {
+        let unloaded = crate::blocking::spawn(move || {
+            let unloaded = s.unload_idle();
+            if unloaded > 0 {
+                crate::memory::release_free_memory();
+            }
+            unloaded
+        });
+        if let Err(e) = unloaded.await {
             tracing::warn!(error = %e, "idle unload task failed");
         }
     }
 }
 
-/// Writes changed usage roll-ups to disk every [`crate::limits::PERSIST_INTERVAL`].
-async fn persist_usage(limits: Arc<Limits>, shutdown: CancellationToken) {
+/// Writes changed usage roll-ups to disk every [`crate::limits::PERSIST_INTERVAL`], then drops
+/// from memory those of tenants idle for `idle`.
+async fn persist_usage(limits: Arc<Limits>, idle: Duration, shutdown: CancellationToken) {
+    let idle_ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX);
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(crate::limits::PERSIST_INTERVAL) => {}
         }
         let l = limits.clone();
-        if let Err(e) = crate::blocking::spawn(move || l.persist()).await {
+        let persisted = crate::blocking::spawn(move || {
+            l.persist();
+            if l.forget_idle(idle_ms) > 0 {
+                crate::memory::release_free_memory();
+            }
+        });
+        if let Err(e) = persisted.await {
             tracing::warn!(error = %e, "usage persist task failed");
         }
     }

@@ -16,7 +16,7 @@ use crate::blocking::Step;
 use crate::clock::WallClock;
 use crate::handoff::Handoffs;
 use crate::limits::Limits;
-use crate::store::{Begun, FileAnswer, Opened, Store, StoreError, VfsReader};
+use crate::store::{Begun, FileAnswer, Opened, Store, VfsReader};
 use proto::streamed::OrderedRead;
 
 /// The longest a gateway's view long-poll is held open, whatever it asks for.
@@ -424,15 +424,13 @@ impl Service {
                 // between them, as a disk does).
                 crate::blocking::spawn_steps(move || {
                     match store.execute_begin_led(&owned, quota, &request, led) {
-                        Begun::Done(result) => {
-                            Step::Done((metered(&store, &owned, &request, result), None))
-                        }
+                        Begun::Done(result) => Step::Done((result.map_err(ApiError::from), None)),
                         Begun::Logged(logged) => Step::Then(Box::new(move || {
                             // A write that changed nothing answers from what it read: no record
                             // of its own to replicate, and a read's checks (`execute_replicated`).
                             let lsn = logged.changed().then(|| logged.lsn());
                             let result = store.execute_finish(logged);
-                            (metered(&store, &owned, &request, result), lsn)
+                            (result.map_err(ApiError::from), lsn)
                         })),
                     }
                 })
@@ -653,19 +651,6 @@ impl Service {
             }
         }
     }
-}
-
-/// A store answer as the service gives it; after a write, the tenant's storage gauge.
-fn metered(
-    store: &Store,
-    tenant: &str,
-    request: &SqRequest,
-    result: Result<SqResponse, StoreError>,
-) -> Result<SqResponse, ApiError> {
-    if request.is_write() {
-        crate::metrics::storage(tenant, store.storage_bytes(tenant).unwrap_or(0));
-    }
-    result.map_err(ApiError::from)
 }
 
 /// The text a request carries, for metering.

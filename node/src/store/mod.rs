@@ -104,9 +104,10 @@ impl Default for StoreConfig {
 }
 
 /// One tenant's place in the store: its loaded incarnation, if any, and otherwise its storage
-/// use when last known. Slots stay for the life of the store (about 150 bytes each with the map
-/// entry), which is what lets [`Store::storage_bytes`] answer for unloaded tenants cheaply. Its
-/// mutex serialises loading and unloading of that one tenant; it is never held across a request.
+/// use when last known. Slots stay for the life of the store (about 100 bytes each with the map
+/// entry: what an idle copy of a tenant costs the node), which is what lets
+/// [`Store::storage_bytes`] answer for unloaded tenants cheaply. Its mutex serialises loading and
+/// unloading of that one tenant; it is never held across a request.
 #[derive(Default)]
 struct Slot {
     state: Mutex<SlotState>,
@@ -115,7 +116,35 @@ struct Slot {
 #[derive(Default)]
 struct SlotState {
     tenant: Option<Arc<Tenant>>,
-    storage_bytes: Option<u64>,
+    storage_bytes: KnownBytes,
+}
+
+// The size the slot's comment and docs/BENCHMARKS.md count on: a mutex word, the tenant, its
+// bytes (with the Arc's two counts, 40 bytes).
+const _: () = assert!(std::mem::size_of::<Slot>() <= 24);
+
+/// A tenant's storage use when last known, or unknown, in 8 bytes where `Option<u64>` takes 16:
+/// there is a slot per tenant copy, and this keeps the slot in the allocator's 48-byte class.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KnownBytes(u64);
+
+impl KnownBytes {
+    const UNKNOWN: KnownBytes = KnownBytes(u64::MAX);
+
+    /// Known bytes; a use of 2^64 - 1 bytes (never reached) is kept as one less.
+    fn of(bytes: u64) -> KnownBytes {
+        KnownBytes(bytes.min(u64::MAX - 1))
+    }
+
+    fn get(self) -> Option<u64> {
+        (self != KnownBytes::UNKNOWN).then_some(self.0)
+    }
+}
+
+impl Default for KnownBytes {
+    fn default() -> KnownBytes {
+        KnownBytes::UNKNOWN
+    }
 }
 
 fn lock_slot(slot: &Slot) -> MutexGuard<'_, SlotState> {
@@ -142,7 +171,7 @@ pub struct Store {
     clock: Arc<dyn Clock>,
     /// Ordered, so that unloading and eviction visit tenants in one order on every run (the
     /// simulator replays a seed event for event; a hash order would differ per process).
-    slots: RwLock<BTreeMap<String, Arc<Slot>>>,
+    slots: RwLock<BTreeMap<Box<str>, Arc<Slot>>>,
     /// Estimated memory of all loaded tenants; each tenant adds and removes its own share.
     memory_bytes: Arc<AtomicU64>,
     loaded_count: AtomicUsize,
@@ -218,7 +247,7 @@ impl Store {
         let slot = self.slots.read().expect("slot map lock poisoned").get(tenant).cloned();
         if let Some(slot) = slot {
             let s = lock_slot(&slot);
-            match (&s.tenant, s.storage_bytes) {
+            match (&s.tenant, s.storage_bytes.get()) {
                 (Some(t), _) if !t.is_closed() => return Ok(t.used_bytes()),
                 (None, Some(bytes)) => return Ok(bytes),
                 _ => {}
@@ -233,6 +262,24 @@ impl Store {
             self.evict(Some(tenant));
         }
         Ok(bytes)
+    }
+
+    /// The storage use of each tenant `keep` accepts, where the store knows it without loading
+    /// anything (the tenant is loaded, or was since the store opened), in id order.
+    pub fn known_storage(&self, mut keep: impl FnMut(&str) -> bool) -> Vec<(String, u64)> {
+        let slots = self.slots.read().expect("slot map lock poisoned");
+        slots
+            .iter()
+            .filter(|(id, _)| keep(id))
+            .filter_map(|(id, slot)| {
+                let s = lock_slot(slot);
+                match (&s.tenant, s.storage_bytes.get()) {
+                    (Some(t), _) if !t.is_closed() => Some((id.to_string(), t.used_bytes())),
+                    (None, Some(bytes)) => Some((id.to_string(), bytes)),
+                    _ => None,
+                }
+            })
+            .collect()
     }
 
     /// The ids of the tenants loaded now, sorted.
@@ -363,17 +410,12 @@ impl Store {
         if let Some(slot) = self.slots.read().expect("slot map lock poisoned").get(id) {
             return slot.clone();
         }
-        self.slots
-            .write()
-            .expect("slot map lock poisoned")
-            .entry(id.to_string())
-            .or_default()
-            .clone()
+        self.slots.write().expect("slot map lock poisoned").entry(id.into()).or_default().clone()
     }
 
     fn all_slots(&self) -> Vec<(String, Arc<Slot>)> {
         let slots = self.slots.read().expect("slot map lock poisoned");
-        slots.iter().map(|(id, s)| (id.clone(), s.clone())).collect()
+        slots.iter().map(|(id, s)| (id.to_string(), s.clone())).collect()
     }
 
     /// The tenant's loaded incarnation, loading it from disk if needed. Holds only this tenant's
@@ -402,7 +444,7 @@ impl Store {
         .with_tail_switch(self.keeps_tails.clone());
         let t = Arc::new(t);
         s.tenant = Some(t.clone());
-        s.storage_bytes = None;
+        s.storage_bytes = KnownBytes::UNKNOWN;
         self.loaded_count.fetch_add(1, Ordering::SeqCst);
         Ok(t)
     }
@@ -415,7 +457,7 @@ impl Store {
             return Ok(false);
         }
         let result = t.close();
-        s.storage_bytes = Some(t.used_bytes());
+        s.storage_bytes = KnownBytes::of(t.used_bytes());
         s.tenant = None;
         self.loaded_count.fetch_sub(1, Ordering::SeqCst);
         result.map(|()| true)

@@ -260,7 +260,7 @@ impl Store {
             self.copy_caught_up_marker(&root, &staging)?;
         }
         self.swap_staged(tenant)?;
-        s.storage_bytes = None;
+        s.storage_bytes = super::KnownBytes::UNKNOWN;
         drop(s);
         self.remove_replaced(tenant)?;
         Ok(Ok(()))
