@@ -4,7 +4,10 @@
 //! Counters and histograms are recorded as requests pass; the gauges that describe state (Raft,
 //! loaded tenants) are set when a scrape asks for them, in [`render_node`].
 
-use proto::{ApiError, SqResponse};
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use proto::{ApiError, Route, SqResponse};
 
 use crate::service::Service;
 
@@ -15,10 +18,6 @@ pub fn install(node_id: u64) {
 
 /// HELP lines for every series this node exports (PRODUCT.md §2 names the first ones).
 fn describe() {
-    metrics::describe_counter!(
-        "sq_api_calls_total",
-        "SQ requests admitted for a tenant, by route (method)"
-    );
     metrics::describe_gauge!(
         "sq_tenants_active",
         "Tenants loaded in memory on this node (used within the idle-unload time)"
@@ -116,8 +115,65 @@ pub fn render_node(svc: &Service) -> String {
         metrics::gauge!("sq_node_heap_bytes").set(bytes as f64);
     }
     let mut text = render();
+    svc.calls.render(svc.id, &mut text);
     storage_gauges(svc, &mut text);
     text
+}
+
+/// `sq_api_calls_total{tenant,method}`, the requests this node admitted for each tenant by
+/// route since it started. Kept in one map of small entries rather than as a recorder series
+/// per tenant and route (about 250 bytes each): a tenant that went idle keeps its count here
+/// for about 70 bytes a route (docs/BENCHMARKS.md, "Idle tenants with three copies").
+#[derive(Default)]
+pub struct Calls(Mutex<HashMap<Box<str>, Box<[(Route, u64)]>>>);
+
+impl Calls {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Box<[(Route, u64)]>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts one request of `tenant` by `route`.
+    pub fn count(&self, tenant: &str, route: Route) {
+        let mut calls = self.lock();
+        if let Some(routes) = calls.get_mut(tenant) {
+            if let Some((_, n)) = routes.iter_mut().find(|(r, _)| *r == route) {
+                *n = n.saturating_add(1);
+                return;
+            }
+            // A route this tenant did not use yet: rare (there are 14), so the slice grows.
+            let mut grown = routes.to_vec();
+            grown.push((route, 1));
+            *routes = grown.into_boxed_slice();
+            return;
+        }
+        calls.insert(tenant.into(), Box::new([(route, 1)]));
+    }
+
+    /// Appends the counts as Prometheus text, in tenant and route order.
+    fn render(&self, node: u64, text: &mut String) {
+        use std::fmt::Write;
+        let mut rows: Vec<(String, Route, u64)> = {
+            let calls = self.lock();
+            calls
+                .iter()
+                .flat_map(|(t, routes)| routes.iter().map(move |&(r, n)| (t.to_string(), r, n)))
+                .collect()
+        };
+        if rows.is_empty() {
+            return;
+        }
+        rows.sort_unstable();
+        text.push_str("# HELP sq_api_calls_total SQ requests admitted for a tenant, by route (method)\n");
+        text.push_str("# TYPE sq_api_calls_total counter\n");
+        for (tenant, route, n) in rows {
+            let method = route.name();
+            let _ = writeln!(
+                text,
+                "sq_api_calls_total{{method=\"{method}\",node=\"{node}\",tenant=\"{tenant}\"}} {n}"
+            );
+        }
+        text.push('\n');
+    }
 }
 
 /// `sq_storage_bytes{tenant}` of the tenants this node is primary of, read from the store when
@@ -192,16 +248,16 @@ pub fn node_request(kind: &'static str) {
 /// A request refused by the rate limits is not a call (it does not count against the tenant's
 /// limits either); it shows only in `sq_refusals_total`.
 pub fn request(
+    calls: &Calls,
     tenant: &str,
-    route: &'static str,
+    route: Route,
     result: &Result<SqResponse, ApiError>,
     latency_us: u64,
 ) {
     let outcome = Outcome::of(result);
     if outcome != Outcome::RateLimited {
-        metrics::counter!("sq_api_calls_total", "tenant" => tenant.to_string(), "method" => route)
-            .increment(1);
-        metrics::histogram!("sq_request_duration_seconds", "route" => route)
+        calls.count(tenant, route);
+        metrics::histogram!("sq_request_duration_seconds", "route" => route.name())
             .record(latency_us as f64 / 1e6);
     }
     if outcome != Outcome::Ok {
@@ -232,4 +288,38 @@ pub fn snapshot_taken(bytes: u64) {
 /// How many copies this node still has to rebuild after it lost its tenant store.
 pub fn rebuilding(copies: u64) {
     metrics::gauge!("sq_rebuilding_copies").set(copies as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: every tenant's count by route renders as one Prometheus counter family, in tenant
+    // and route order, with a route first used late counted as well as the first.
+    #[test]
+    fn calls_render_by_tenant_and_route() {
+        let calls = Calls::default();
+        for _ in 0..3 {
+            calls.count("b", Route::Update);
+        }
+        calls.count("a", Route::Select);
+        calls.count("b", Route::Select);
+        calls.count("b", Route::Update);
+        let mut text = String::new();
+        calls.render(7, &mut text);
+        let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
+        assert_eq!(
+            samples,
+            [
+                r#"sq_api_calls_total{method="select",node="7",tenant="a"} 1"#,
+                r#"sq_api_calls_total{method="select",node="7",tenant="b"} 1"#,
+                r#"sq_api_calls_total{method="update",node="7",tenant="b"} 4"#,
+                "",
+            ]
+        );
+        assert_eq!(text.matches("# TYPE sq_api_calls_total counter").count(), 1);
+        let mut none = String::new();
+        Calls::default().render(7, &mut none);
+        assert!(none.is_empty(), "no family without a sample");
+    }
 }

@@ -50,6 +50,8 @@ pub struct Service {
     pub leases: Arc<crate::lease::Leases>,
     /// The snapshots primaries asked this node to take as their backup.
     pub catch_ups: Arc<crate::catchup::CatchUps>,
+    /// Requests admitted per tenant and route (`sq_api_calls_total`).
+    pub(crate) calls: crate::metrics::Calls,
 }
 
 impl Service {
@@ -83,6 +85,7 @@ impl Service {
             replication,
             leases,
             catch_ups: Default::default(),
+            calls: Default::default(),
             view_cache: Mutex::new(None),
             health,
             limits,
@@ -283,13 +286,13 @@ impl Service {
         {
             return Err(ApiError::unavailable("this node holds no lease to serve reads"));
         }
-        let route = request.route().name();
+        let route = request.route();
         let started_us = self.clock.now_us();
         if let Err(e) = self.limits.admit(tenant, record.daily_limit) {
             let refused = Err(e);
-            crate::metrics::request(tenant, route, &refused, 0);
+            crate::metrics::request(&self.calls, tenant, route, &refused, 0);
             let outcome = crate::metrics::Outcome::of(&refused).as_str();
-            tracing::debug!(target: "sq_node::meter", tenant, route, outcome, bytes_in = 0u64, bytes_out = 0u64, latency_us = 0u64);
+            tracing::debug!(target: "sq_node::meter", tenant, route = route.name(), outcome, bytes_in = 0u64, bytes_out = 0u64, latency_us = 0u64);
             return refused.map(Answered::Whole);
         }
         let bytes_in = request_bytes(&request);
@@ -324,15 +327,15 @@ impl Service {
             Ok(Answered::Stream { len, .. }) => *len,
             Err(_) => 0,
         };
-        self.limits.record(tenant, route, bytes_in, bytes_out);
+        self.limits.record(tenant, route.name(), bytes_in, bytes_out);
         let latency_us = self.clock.now_us().saturating_sub(started_us);
         let metered = match &result {
             Ok(_) => Ok(SqResponse::text(Vec::new())),
             Err(e) => Err(e.clone()),
         };
-        crate::metrics::request(tenant, route, &metered, latency_us);
+        crate::metrics::request(&self.calls, tenant, route, &metered, latency_us);
         let outcome = crate::metrics::Outcome::of(&metered).as_str();
-        tracing::debug!(target: "sq_node::meter", tenant, route, outcome, bytes_in, bytes_out, latency_us);
+        tracing::debug!(target: "sq_node::meter", tenant, route = route.name(), outcome, bytes_in, bytes_out, latency_us);
         result
     }
 
