@@ -88,11 +88,13 @@ def heap_bytes(gw, admin_key):
 
 
 def write_all(gw, keys, threads):
-    """One update per key, each retried on 503 until it is answered 200."""
+    """One update per key, each retried (for up to 300 s) until it is answered 200."""
 
     def one(key):
         conn = None
-        for _ in range(200):
+        # Patient: a loaded machine answers 503 while a lease or a registry round is lost.
+        deadline = time.time() + 300
+        while time.time() < deadline:
             try:
                 if conn is None:
                     conn = http.client.HTTPConnection(gw.host, gw.port, timeout=30)

@@ -163,7 +163,9 @@ impl Calls {
             return;
         }
         rows.sort_unstable();
-        text.push_str("# HELP sq_api_calls_total SQ requests admitted for a tenant, by route (method)\n");
+        text.push_str(
+            "# HELP sq_api_calls_total SQ requests admitted for a tenant, by route (method)\n",
+        );
         text.push_str("# TYPE sq_api_calls_total counter\n");
         for (tenant, route, n) in rows {
             let method = route.name();
