@@ -125,10 +125,13 @@ pub fn render_node(svc: &Service) -> String {
 /// per tenant and route (about 250 bytes each): a tenant that went idle keeps its count here
 /// for about 70 bytes a route (docs/BENCHMARKS.md, "Idle tenants with three copies").
 #[derive(Default)]
-pub struct Calls(Mutex<HashMap<Box<str>, Box<[(Route, u64)]>>>);
+pub struct Calls(Mutex<HashMap<Box<str>, RouteCounts>>);
+
+/// One tenant's counts, by the routes it used (one or two, mostly).
+type RouteCounts = Box<[(Route, u64)]>;
 
 impl Calls {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, Box<[(Route, u64)]>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Box<str>, RouteCounts>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
