@@ -794,6 +794,8 @@ async fn purge(svc: &Service, tenant: &str) -> Result<(), HandoffError> {
     on_store(svc, move |s| s.remove_every_copy(&t)).await?;
     // Else a later persist would write its roll-up back into a new directory.
     svc.limits.forget(tenant);
+    // A purged tenant's calls leave `sq_api_calls_total` with it.
+    svc.calls.forget(tenant);
     tracing::info!(node = svc.id, tenant, "deleted the data of a purged tenant");
     Ok(())
 }

@@ -152,6 +152,13 @@ impl Calls {
         calls.insert(tenant.into(), Box::new([(route, 1)]));
     }
 
+    /// Drops a tenant's counts (it was purged).
+    pub fn forget(&self, tenant: &str) {
+        let mut calls = self.lock();
+        calls.remove(tenant);
+        crate::memory::shrink(&mut calls);
+    }
+
     /// Appends the counts as Prometheus text, in tenant and route order.
     fn render(&self, node: u64, text: &mut String) {
         use std::fmt::Write;
@@ -300,7 +307,8 @@ mod tests {
     use super::*;
 
     // Goal: every tenant's count by route renders as one Prometheus counter family, in tenant
-    // and route order, with a route first used late counted as well as the first.
+    // and route order, with a route first used late counted as well as the first; a purged
+    // tenant's counts go.
     #[test]
     fn calls_render_by_tenant_and_route() {
         let calls = Calls::default();
@@ -323,6 +331,10 @@ mod tests {
             ]
         );
         assert_eq!(text.matches("# TYPE sq_api_calls_total counter").count(), 1);
+        calls.forget("b");
+        let mut after = String::new();
+        calls.render(7, &mut after);
+        assert_eq!(after.lines().filter(|l| l.starts_with("sq_api_calls_total")).count(), 1);
         let mut none = String::new();
         Calls::default().render(7, &mut none);
         assert!(none.is_empty(), "no family without a sample");
