@@ -265,14 +265,16 @@ impl Store {
     }
 
     /// The storage use of each tenant `keep` accepts, where the store knows it without loading
-    /// anything (the tenant is loaded, or was since the store opened), in id order.
+    /// anything (the tenant is loaded, or was since the store opened), in id order. Never waits:
+    /// a tenant being loaded or unloaded right now is left out (a metrics scrape calls this on
+    /// an async thread, and a large tenant takes a while to load).
     pub fn known_storage(&self, mut keep: impl FnMut(&str) -> bool) -> Vec<(String, u64)> {
         let slots = self.slots.read().expect("slot map lock poisoned");
         slots
             .iter()
             .filter(|(id, _)| keep(id))
             .filter_map(|(id, slot)| {
-                let s = lock_slot(slot);
+                let s = tried(slot.state.try_lock())?;
                 match (&s.tenant, s.storage_bytes.get()) {
                     (Some(t), _) if !t.is_closed() => Some((id.to_string(), t.used_bytes())),
                     (None, Some(bytes)) => Some((id.to_string(), bytes)),
