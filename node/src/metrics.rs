@@ -173,10 +173,12 @@ impl Calls {
             return;
         }
         rows.sort_unstable();
-        text.push_str(
-            "# HELP sq_api_calls_total SQ requests admitted for a tenant, by route (method)\n",
+        family_header(
+            text,
+            "sq_api_calls_total",
+            "SQ requests admitted for a tenant, by route (method)",
+            "counter",
         );
-        text.push_str("# TYPE sq_api_calls_total counter\n");
         for (tenant, route, n) in rows {
             let method = route.name();
             let _ = writeln!(
@@ -199,13 +201,22 @@ fn storage_gauges(svc: &Service, text: &mut String) {
     if storage.is_empty() {
         return;
     }
-    text.push_str("# HELP sq_storage_bytes Canonical bytes of all the tenant's phexts, as its primary holds them\n");
-    text.push_str("# TYPE sq_storage_bytes gauge\n");
+    family_header(
+        text,
+        "sq_storage_bytes",
+        "Canonical bytes of all the tenant's phexts, as its primary holds them",
+        "gauge",
+    );
     for (tenant, bytes) in storage {
         let _ =
             writeln!(text, "sq_storage_bytes{{node=\"{}\",tenant=\"{tenant}\"}} {bytes}", svc.id);
     }
     text.push('\n');
+}
+
+/// The HELP and TYPE lines of a family this node renders itself rather than through the recorder.
+fn family_header(text: &mut String, name: &str, help: &str, kind: &str) {
+    text.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
 }
 
 pub fn render() -> String {

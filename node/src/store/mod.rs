@@ -147,6 +147,18 @@ impl Default for KnownBytes {
     }
 }
 
+impl SlotState {
+    /// The tenant's storage use where it is known without loading anything: from the loaded
+    /// tenant, or as it was when last unloaded.
+    fn known_bytes(&self) -> Option<u64> {
+        match (&self.tenant, self.storage_bytes.get()) {
+            (Some(t), _) if !t.is_closed() => Some(t.used_bytes()),
+            (None, bytes) => bytes,
+            _ => None,
+        }
+    }
+}
+
 fn lock_slot(slot: &Slot) -> MutexGuard<'_, SlotState> {
     slot.state.lock().expect("slot lock poisoned: a thread panicked while holding it")
 }
@@ -246,11 +258,8 @@ impl Store {
         check_tenant_id(tenant)?;
         let slot = self.slots.read().expect("slot map lock poisoned").get(tenant).cloned();
         if let Some(slot) = slot {
-            let s = lock_slot(&slot);
-            match (&s.tenant, s.storage_bytes.get()) {
-                (Some(t), _) if !t.is_closed() => return Ok(t.used_bytes()),
-                (None, Some(bytes)) => return Ok(bytes),
-                _ => {}
+            if let Some(bytes) = lock_slot(&slot).known_bytes() {
+                return Ok(bytes);
             }
         }
         let paths = TenantPaths::new(&self.tenants_dir, tenant);
@@ -274,12 +283,7 @@ impl Store {
             .iter()
             .filter(|(id, _)| keep(id))
             .filter_map(|(id, slot)| {
-                let s = tried(slot.state.try_lock())?;
-                match (&s.tenant, s.storage_bytes.get()) {
-                    (Some(t), _) if !t.is_closed() => Some((id.to_string(), t.used_bytes())),
-                    (None, Some(bytes)) => Some((id.to_string(), bytes)),
-                    _ => None,
-                }
+                Some((id.to_string(), tried(slot.state.try_lock())?.known_bytes()?))
             })
             .collect()
     }
