@@ -16,6 +16,15 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+/// Every process runs on jemalloc (node::memory explains why).
+#[global_allocator]
+static ALLOCATOR: node::memory::Allocator = node::memory::Allocator;
+
+/// jemalloc reads its options through this symbol, once, before `main`.
+#[allow(non_upper_case_globals)]
+#[export_name = "_rjem_malloc_conf"]
+static malloc_conf: Option<&'static u8> = Some(&node::memory::ALLOCATOR_OPTIONS[0]);
+
 #[derive(Parser)]
 #[command(
     name = "sq-cloud",

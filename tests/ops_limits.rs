@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{http, DevCluster};
-use ops_common::{admin, metric, metrics, stats, wait_for, SecondGateway};
+use ops_common::{admin, metric, metrics, node_log_lines, stats, wait_for, SecondGateway};
 
 /// The daily limit PATCHed onto the free tenant: small, so the test is quick.
 const DAILY_LIMIT: u64 = 40;
@@ -235,6 +235,15 @@ fn check_metrics(cluster: &DevCluster, sent: &BTreeMap<&'static str, u64>, pro_r
     let storage = metric(&text, "sq_storage_bytes", &[("tenant", "free-t")]).0 as u64;
     assert_eq!(storage, stats(cluster, "free-t")["storage_used_bytes"].as_u64().unwrap());
     assert!(metric(&text, "sq_tenants_active", &[]).0 >= 2.0, "both tenants are loaded");
+    // Every node runs on the process allocator (node::memory), which counts its live heap (a
+    // node that ran on another would count nearly nothing), with the one arena it is told of.
+    for node in ["1", "2", "3"] {
+        let heap = metric(&text, "sq_node_heap_bytes", &[("node", node)]).0;
+        assert!(heap > 1e6, "node {node} counts a live heap of {heap} bytes");
+    }
+    let started = node_log_lines(&cluster.dir, "node listening");
+    assert!(started >= 3, "{started} node starts logged");
+    assert_eq!(node_log_lines(&cluster.dir, "arenas=Some(1)"), started, "one arena per node");
     let leaders: Vec<(f64, usize)> =
         ["1", "2", "3"].iter().map(|n| metric(&text, "sq_raft_leader", &[("node", n)])).collect();
     assert!(

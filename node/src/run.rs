@@ -298,7 +298,8 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
     let server =
         transport::Server::bind(config.listen, &identity, transport::ServerLimits::default())
             .map_err(|source| NodeError::Listen { addr: config.listen, source })?;
-    tracing::info!(id = config.id, addr = %config.advertise(), "node listening");
+    let arenas = crate::memory::arenas();
+    tracing::info!(id = config.id, addr = %config.advertise(), ?arenas, "node listening");
     let server_task = tokio::spawn(server.run(parts.service.clone(), shutdown.clone()));
     if config.bootstrap {
         parts.bootstrap(&config).await?;
