@@ -478,7 +478,7 @@ fn health(v: &Value) -> String {
     let ring: Vec<String> =
         v["ring"].as_array().map(|a| a.iter().map(cell).collect()).unwrap_or_default();
     format!(
-        "answered by node {}\nraft: leader {}, term {}, commit index {}\nplacement epoch {}, replicas {}, ring [{}], down {}, under-replicated tenants {}\n\n{}",
+        "answered by node {}\nraft: leader {}, term {}, commit index {}\nplacement epoch {}, replicas {}, ring [{}], down {}, under-replicated tenants {}\n{}\n{}",
         cell(&v["node"]),
         cell(&raft["leader"]),
         cell(&raft["term"]),
@@ -488,8 +488,35 @@ fn health(v: &Value) -> String {
         ring.join(", "),
         cell(&v["down"]),
         cell(&v["under_replicated"]),
+        rebuild_lines(&v["rebuilds"]),
         node_table(&v["nodes"])
     )
+}
+
+/// One line per node rebuilding the copies it lost with its tenant store, or done since it
+/// started.
+fn rebuild_lines(v: &Value) -> String {
+    let mut out = String::new();
+    for r in v.as_array().into_iter().flatten() {
+        let number = |k: &str| r[k].as_u64().unwrap_or(0);
+        let mb = number("bytes_taken") as f64 / 1e6;
+        let s = number("elapsed_ms") as f64 / 1e3;
+        out.push_str(&if r["done"].as_bool() == Some(true) {
+            format!(
+                "node {} rebuilt its {} copies in {s:.1} s ({mb:.1} MB of snapshots)\n",
+                cell(&r["node"]),
+                number("copies_total")
+            )
+        } else {
+            format!(
+                "node {} rebuilding: {} of {} copies left after {s:.1} s ({mb:.1} MB of snapshots so far)\n",
+                cell(&r["node"]),
+                number("copies_left"),
+                number("copies_total")
+            )
+        });
+    }
+    out
 }
 
 fn node_table(v: &Value) -> String {
@@ -634,6 +661,22 @@ mod tests {
         assert_eq!(lines[0], "ID  ADDR            STATE     HEALTH  RAFT     TENANTS");
         assert_eq!(lines[1], "1   127.0.0.1:7100  active    alive   voter    12");
         assert_eq!(lines[2], "22  h:1             draining  -       learner  0");
+    }
+
+    // Goal: a node still rebuilding shows what is left, one done what it took; none, no line.
+    #[test]
+    fn rebuilds_show_progress_then_the_total() {
+        let v = json!([
+            {"node": 2, "copies_total": 40, "copies_left": 12, "bytes_taken": 5_500_000, "elapsed_ms": 4200, "done": false},
+            {"node": 3, "copies_total": 40, "copies_left": 0, "bytes_taken": 1_000_000_000, "elapsed_ms": 12_570, "done": true},
+        ]);
+        assert_eq!(
+            rebuild_lines(&v),
+            "node 2 rebuilding: 12 of 40 copies left after 4.2 s (5.5 MB of snapshots so far)\n\
+             node 3 rebuilt its 40 copies in 12.6 s (1000.0 MB of snapshots)\n"
+        );
+        assert_eq!(rebuild_lines(&json!([])), "");
+        assert_eq!(rebuild_lines(&Value::Null), "");
     }
 
     // Goal: unset options never reach the API as nulls.

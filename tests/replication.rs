@@ -461,6 +461,20 @@ fn a_wiped_node_rebuilds_its_copies_and_nothing_is_lost() {
         assert_eq!((status, body.as_str()), (200, "x"), "write {i} before the wipe");
     }
     in_sync(&cluster, "demo", &demo);
+    // Health, whichever node answers it, shows the wiped node's rebuild, then that it is done.
+    let (rebuild, _) =
+        wait_for(Duration::from_secs(30), "the rebuild shown done in health", || {
+            let (status, h) = admin(&cluster, Method::GET, "/admin/health", None);
+            assert_eq!(status, 200, "{h}");
+            let rebuilds = h["rebuilds"].as_array().expect("health lists rebuilds").clone();
+            assert!(
+                rebuilds.iter().all(|r| r["node"] == victim),
+                "only node {victim} rebuilt: {h}"
+            );
+            rebuilds.into_iter().find(|r| r["done"] == true)
+        });
+    assert_eq!(rebuild["copies_left"], 0, "{rebuild}");
+    assert!(rebuild["copies_total"].as_u64() >= Some(1), "{rebuild}");
     cluster.stop();
     same_copies(&cluster, "demo");
     assert!(

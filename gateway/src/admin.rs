@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use proto::admin::AdminAnswer;
+use proto::admin::{AdminAnswer, HealthReport};
 use proto::cluster::{AdminOp, NodeRequest, NodeResponse};
 use proto::ApiError;
 use rand::RngCore;
@@ -262,13 +262,40 @@ pub async fn apply_op(
             | AdminOp::Health
             | AdminOp::ListNodes
     );
-    let (answer, addr, applied_index) = send_admin(gw, admin_hash, op, mutates).await?;
+    let health = matches!(op, AdminOp::Health);
+    let (mut answer, addr, applied_index) = send_admin(gw, admin_hash.clone(), op, mutates).await?;
+    if let (true, AdminAnswer::Health(report)) = (health, &mut answer) {
+        gather_rebuilds(gw, admin_hash, report).await;
+    }
     if mutates {
         // The answering node has applied the change; take its view so this gateway's next
         // request already sees it (a rotated key is refused here at once).
         see_index(gw, addr, applied_index).await;
     }
     Ok(answer)
+}
+
+/// A node reports only its own rebuild after a lost tenant store: asks every other node the
+/// gossip does not hold dead for its health at once (a silent one costs one
+/// [`crate::forward::FORWARD_TIMEOUT`]) and lists every rebuild in node order.
+async fn gather_rebuilds(gw: &Arc<Gateway>, admin_key_hash: String, report: &mut HealthReport) {
+    let view = gw.views.current();
+    let asks = view
+        .node_addrs()
+        .into_iter()
+        .filter(|(id, _)| *id != report.node && !view.is_dead(*id))
+        .map(|(_, addr)| {
+            let request =
+                NodeRequest::Admin { admin_key_hash: admin_key_hash.clone(), op: AdminOp::Health };
+            async move { gw.client.call(addr, request, crate::forward::FORWARD_TIMEOUT).await }
+        });
+    for answer in futures::future::join_all(asks).await {
+        if let Ok(NodeResponse::Admin { result: Ok(AdminAnswer::Health(theirs)), .. }) = answer {
+            report.rebuilds.extend(theirs.rebuilds.into_iter().filter(|r| r.node == theirs.node));
+        }
+    }
+    report.rebuilds.sort_by_key(|r| r.node);
+    report.rebuilds.dedup_by_key(|r| r.node);
 }
 
 fn parse_node_id(raw: &str) -> Result<u64, ApiError> {

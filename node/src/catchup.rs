@@ -40,6 +40,19 @@ pub const CATCH_UP_LOOK: Duration = Duration::from_secs(1);
 pub struct CatchUps {
     asked: Mutex<BTreeMap<String, Asked>>,
     wake: Notify,
+    /// This process's rebuild after a lost tenant store, once one started.
+    rebuild: Mutex<Option<Rebuild>>,
+}
+
+/// A rebuild's progress ([`rebuild`]), on the node's monotonic clock.
+#[derive(Debug, Clone, Copy)]
+struct Rebuild {
+    started_ms: u64,
+    /// [`crate::handoff::Handoffs::snapshot_bytes`] when it started.
+    bytes_at_start: u64,
+    copies_total: u64,
+    copies_left: u64,
+    done_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -52,6 +65,45 @@ struct Asked {
 impl CatchUps {
     fn asked(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Asked>> {
         self.asked.lock().expect("catch-up lock poisoned: a thread panicked while holding it")
+    }
+
+    fn rebuild(&self) -> std::sync::MutexGuard<'_, Option<Rebuild>> {
+        self.rebuild.lock().expect("rebuild lock poisoned: a thread panicked while holding it")
+    }
+
+    /// How far this node's rebuild is, if one ran since it started; `bytes_now` is its
+    /// [`crate::handoff::Handoffs::snapshot_bytes`].
+    pub fn rebuild_progress(
+        &self,
+        node: u64,
+        now_ms: u64,
+        bytes_now: u64,
+    ) -> Option<proto::admin::RebuildProgress> {
+        let r = (*self.rebuild())?;
+        Some(proto::admin::RebuildProgress {
+            node,
+            copies_total: r.copies_total,
+            copies_left: r.copies_left,
+            bytes_taken: bytes_now.saturating_sub(r.bytes_at_start),
+            elapsed_ms: r.done_ms.unwrap_or(now_ms).saturating_sub(r.started_ms),
+            done: r.done_ms.is_some(),
+        })
+    }
+
+    /// A rebuild pass found `left` copies that do not count yet.
+    fn rebuild_pass(&self, now_ms: u64, bytes_now: u64, left: u64) {
+        let mut rebuild = self.rebuild();
+        let r = rebuild.get_or_insert(Rebuild {
+            started_ms: now_ms,
+            bytes_at_start: bytes_now,
+            copies_total: left,
+            copies_left: left,
+            done_ms: None,
+        });
+        r.copies_left = left;
+        if left == 0 {
+            r.done_ms.get_or_insert(now_ms);
+        }
     }
 
     /// Records a primary's request; one already asked for the tenant takes the newer primary.
@@ -164,6 +216,7 @@ pub async fn rebuild(svc: Arc<Service>, shutdown: CancellationToken) {
         .await
         .unwrap_or_default();
         crate::metrics::rebuilding(todo.len() as u64);
+        svc.catch_ups.rebuild_pass(svc.mono_ms(), svc.handoffs.snapshot_bytes(), todo.len() as u64);
         if todo.is_empty() {
             tracing::info!(
                 node = svc.id,
@@ -284,7 +337,7 @@ pub(crate) async fn take(
     })
     .await??;
     installed.map_err(|refused| HandoffError::Refused(ApiError::Conflict(refused.to_string())))?;
-    crate::metrics::snapshot_taken(bytes_total);
+    c.handoffs.snapshot_taken(bytes_total);
     Ok(listing.lsn)
 }
 

@@ -145,6 +145,9 @@ pub struct Handoffs {
     /// Held while a copy of a tenant is staged here (a handoff's pull, a replica's snapshot):
     /// the staging directory is one per tenant, so two copies at once would mix their files.
     staging: Vec<Arc<tokio::sync::Mutex<()>>>,
+    /// Bytes of snapshots this node took and installed since it started (a rebuild's progress
+    /// is the growth of this count).
+    snapshot_bytes: std::sync::atomic::AtomicU64,
 }
 
 impl Handoffs {
@@ -156,8 +159,20 @@ impl Handoffs {
             finished: Notify::new(),
             retired: Mutex::new(HashMap::new()),
             bandwidth: Mutex::new((0, 0.0)),
+            snapshot_bytes: std::sync::atomic::AtomicU64::new(0),
             staging: (0..GATE_SHARDS).map(|_| Arc::new(tokio::sync::Mutex::new(()))).collect(),
         }
+    }
+
+    /// A snapshot of `bytes` was taken and installed here.
+    pub(crate) fn snapshot_taken(&self, bytes: u64) {
+        self.snapshot_bytes.fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+        crate::metrics::snapshot_taken(bytes);
+    }
+
+    /// Bytes of snapshots taken and installed here since the node started.
+    pub fn snapshot_bytes(&self) -> u64 {
+        self.snapshot_bytes.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Waits until no other copy of `tenant` (or of its shard) is being staged here, and keeps

@@ -127,5 +127,10 @@ pub fn health(svc: &Service, state: &RegistryState) -> HealthReport {
         nodes: nodes(svc, state),
         gossip: svc.health.snapshot(),
         handoffs: handoffs(svc, state),
+        rebuilds: svc
+            .catch_ups
+            .rebuild_progress(svc.id, svc.mono_ms(), svc.handoffs.snapshot_bytes())
+            .into_iter()
+            .collect(),
     }
 }

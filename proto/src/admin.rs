@@ -143,6 +143,26 @@ pub struct HealthReport {
     /// Every node in the answering node's gossip table, with its verdict.
     pub gossip: Vec<(u64, NodeHealth)>,
     pub handoffs: HandoffsReport,
+    /// Nodes rebuilding the copies they lost with their tenant store, or done since they
+    /// started: a node reports its own, and the gateway gathers every node's.
+    pub rebuilds: Vec<RebuildProgress>,
+}
+
+/// How far a node is in rebuilding the copies it lost with its tenant store (docs/REPLICATION.md,
+/// "A lost disk").
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RebuildProgress {
+    pub node: u64,
+    /// Copies that did not count when the rebuild started (or when a restart of the node
+    /// started it again).
+    pub copies_total: u64,
+    /// Copies that still did not count at its last pass: 0 once done.
+    pub copies_left: u64,
+    /// Bytes of snapshots the node took and installed since the rebuild started.
+    pub bytes_taken: u64,
+    /// Milliseconds since the rebuild started, or that it took once done.
+    pub elapsed_ms: u64,
+    pub done: bool,
 }
 
 /// The registry's Raft state on the answering node.

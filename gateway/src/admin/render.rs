@@ -126,6 +126,14 @@ fn health_json(h: &HealthReport) -> Value {
             "pending_list": pending,
             "pulling_here": pulling,
         },
+        "rebuilds": h.rebuilds.iter().map(|r| json!({
+            "node": r.node,
+            "copies_total": r.copies_total,
+            "copies_left": r.copies_left,
+            "bytes_taken": r.bytes_taken,
+            "elapsed_ms": r.elapsed_ms,
+            "done": r.done,
+        })).collect::<Vec<_>>(),
     })
 }
 
@@ -134,7 +142,8 @@ mod tests {
     use std::collections::BTreeMap;
 
     use proto::admin::{
-        HandoffProgress, HandoffsReport, PendingHandoff, RaftReport, RaftRole, TenantStatus,
+        HandoffProgress, HandoffsReport, PendingHandoff, RaftReport, RaftRole, RebuildProgress,
+        TenantStatus,
     };
     use proto::cluster::{NodeHealth, NodeState, ReplicaStatus, TenantUsage, Tier};
 
@@ -243,7 +252,8 @@ mod tests {
         );
     }
 
-    // Goal: the health page renders Raft, ring, gossip and handoffs exactly, progress by tenant.
+    // Goal: the health page renders Raft, ring, gossip, handoffs and rebuilds exactly, progress
+    // by tenant and by node.
     #[test]
     fn health_renders_every_part() {
         let progress = HandoffProgress {
@@ -275,6 +285,14 @@ mod tests {
                 pending: vec![PendingHandoff { tenant: "acme".into(), from: 1, to: 2, epoch: 3 }],
                 pulling_here: BTreeMap::from([("acme".to_string(), progress)]),
             },
+            rebuilds: vec![RebuildProgress {
+                node: 2,
+                copies_total: 5,
+                copies_left: 1,
+                bytes_taken: 4096,
+                elapsed_ms: 1500,
+                done: false,
+            }],
         };
         let json = format!(
             concat!(
@@ -284,6 +302,8 @@ mod tests {
                 r#""files":2,"from":1,"last_error":"node 1 is unknown"}}}}}},"#,
                 r#""node":2,"nodes":[{}],"placement_epoch":3,"#,
                 r#""raft":{{"applied_index":9,"commit_index":9,"last_log_index":null,"leader":1,"term":4}},"#,
+                r#""rebuilds":[{{"bytes_taken":4096,"copies_left":1,"copies_total":5,"done":false,"#,
+                r#""elapsed_ms":1500,"node":2}}],"#,
                 r#""replicas":3,"ring":[1,2],"under_replicated":4}}"#
             ),
             NODE
