@@ -332,14 +332,21 @@ async fn watch(svc: &Service, state: &RegistryState, node: u64) {
         return;
     }
     let voters = svc.registry.status().voters;
-    let asks = voters.iter().map(|&voter| async move {
-        if voter == svc.id {
-            return svc.leases.confirm_down(node, state);
-        }
+    let asks = voters.iter().filter(|&&voter| voter != svc.id).map(|&voter| async move {
         let answer = call(svc, state, voter, NodeRequest::ConfirmDown { node }).await;
         matches!(answer, Some(NodeResponse::ConfirmDown { confirmed: true }))
     });
-    let confirmed = futures::future::join_all(asks).await.into_iter().filter(|&c| c).count();
+    let mut confirmed = futures::future::join_all(asks).await.into_iter().filter(|&c| c).count();
+    // This node's own confirmation comes last, and only if it completes a majority: a voter
+    // that confirms refuses the node's leases until it is marked down and up again, and a
+    // leader that confirmed in a round the others did not would refuse a node they all still
+    // hear, and ask about it every round, for good.
+    if voters.contains(&svc.id)
+        && (confirmed + 1) * 2 > voters.len()
+        && svc.leases.confirm_down(node, state)
+    {
+        confirmed += 1;
+    }
     if confirmed * 2 > voters.len() {
         mark(svc, Command::MarkDown { id: node }).await;
     }
