@@ -281,13 +281,28 @@ def rebuild(c, tenants, mib):
     wait("the node restarted", lambda: c.pid(victim) != pid)
     restarted = time.monotonic()
 
+    shown = [0.0]
+
+    def show_progress():
+        """The victim's rebuild as `admin cluster health` shows it (gathered from every node)."""
+        for r in (c.health() or {}).get("rebuilds", []):
+            if r["node"] == victim:
+                print(f"  health {time.monotonic() - restarted:5.1f} s after the restart: "
+                      f"{r['copies_left']} of {r['copies_total']} copies left, "
+                      f"{r['bytes_taken'] / 1e6:.1f} MB of snapshots, done {r['done']}", flush=True)
+
     def rebuilt():
+        if time.monotonic() - shown[0] >= 2:
+            shown[0] = time.monotonic()
+            show_progress()
         with open(log, errors="replace") as f:
             f.seek(before)
             return "every copy this node holds is rebuilt" in f.read()
 
     wait("every copy rebuilt", rebuilt, limit=3600)
     done = time.monotonic()
+    time.sleep(1)
+    show_progress()
     def taken_bytes():
         _, text = call(c.api + "/metrics", c.admin, timeout=10)
         for line in text.splitlines():
