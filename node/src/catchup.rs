@@ -52,7 +52,8 @@ struct Rebuild {
     bytes_at_start: u64,
     copies_total: u64,
     copies_left: u64,
-    done_ms: Option<u64>,
+    /// When no copy was left, and the snapshot bytes count then.
+    done: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -84,9 +85,9 @@ impl CatchUps {
             node,
             copies_total: r.copies_total,
             copies_left: r.copies_left,
-            bytes_taken: bytes_now.saturating_sub(r.bytes_at_start),
-            elapsed_ms: r.done_ms.unwrap_or(now_ms).saturating_sub(r.started_ms),
-            done: r.done_ms.is_some(),
+            bytes_taken: r.done.map_or(bytes_now, |d| d.1).saturating_sub(r.bytes_at_start),
+            elapsed_ms: r.done.map_or(now_ms, |d| d.0).saturating_sub(r.started_ms),
+            done: r.done.is_some(),
         })
     }
 
@@ -98,11 +99,18 @@ impl CatchUps {
             bytes_at_start: bytes_now,
             copies_total: left,
             copies_left: left,
-            done_ms: None,
+            done: None,
         });
         r.copies_left = left;
         if left == 0 {
-            r.done_ms.get_or_insert(now_ms);
+            r.done.get_or_insert((now_ms, bytes_now));
+        }
+    }
+
+    /// One more copy of the running rebuild counts (its pass still lists it as left).
+    fn rebuilt_one(&self) {
+        if let Some(r) = self.rebuild().as_mut() {
+            r.copies_left = r.copies_left.saturating_sub(1);
         }
     }
 
@@ -232,6 +240,12 @@ pub async fn rebuild(svc: Arc<Service>, shutdown: CancellationToken) {
                 let Ok(_permit) = permits.acquire().await else { return };
                 if let Err(e) = rebuild_one(&svc, &tenant).await {
                     tracing::debug!(node = svc.id, tenant, error = %e, "rebuilding a copy failed; tried again next pass");
+                    return;
+                }
+                // Health counts the copy as rebuilt once it counts, not at the next pass.
+                let (store, t) = (svc.store.clone(), tenant.clone());
+                if crate::blocking::spawn(move || store.counts(&t)).await.is_ok_and(|c| c.unwrap_or(false)) {
+                    svc.catch_ups.rebuilt_one();
                 }
             });
         }
@@ -451,5 +465,34 @@ pub async fn done(svc: &Service, id: u64, tenant: String) -> NodeResponse {
         Ok(Ok(())) => NodeResponse::CatchingUp(Ok(())),
         Ok(Err(e)) => NodeResponse::CatchingUp(Err(format!("store: {e}"))),
         Err(e) => NodeResponse::CatchingUp(Err(format!("store task failed: {e}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: a rebuild's progress starts at its first pass, counts copies down as each is
+    // rebuilt, takes the next pass's count as it is, and once no copy is left is done, with its
+    // time and bytes fixed from then on (a later catch-up's snapshot is not the rebuild's).
+    #[test]
+    fn rebuild_progress_counts_copies_down_then_stays_done() {
+        let c = CatchUps::default();
+        assert_eq!(c.rebuild_progress(3, 0, 0), None, "no rebuild ran");
+        c.rebuild_pass(1_000, 100, 5);
+        c.rebuilt_one();
+        c.rebuilt_one();
+        let p = c.rebuild_progress(3, 1_500, 700).unwrap();
+        assert_eq!((p.node, p.copies_total, p.copies_left), (3, 5, 3));
+        assert_eq!((p.bytes_taken, p.elapsed_ms, p.done), (600, 500, false));
+        // A pass finds one copy it could not rebuild yet (its primary was down).
+        c.rebuild_pass(2_000, 900, 1);
+        assert_eq!(c.rebuild_progress(3, 2_000, 900).unwrap().copies_left, 1);
+        c.rebuild_pass(3_000, 1_000, 0);
+        c.rebuilt_one();
+        let done = c.rebuild_progress(3, 9_000, 5_000).unwrap();
+        assert_eq!((done.copies_total, done.copies_left, done.done), (5, 0, true));
+        assert_eq!(done.elapsed_ms, 2_000, "the time it took, not the time since");
+        assert_eq!(done.bytes_taken, 900, "bytes taken until it was done");
     }
 }

@@ -156,9 +156,9 @@ pub struct RebuildProgress {
     /// Copies that did not count when the rebuild started (or when a restart of the node
     /// started it again).
     pub copies_total: u64,
-    /// Copies that still did not count at its last pass: 0 once done.
+    /// Copies that do not count yet (at its last pass, less those rebuilt since): 0 once done.
     pub copies_left: u64,
-    /// Bytes of snapshots the node took and installed since the rebuild started.
+    /// Bytes of snapshots the node took and installed from the rebuild's start until it was done.
     pub bytes_taken: u64,
     /// Milliseconds since the rebuild started, or that it took once done.
     pub elapsed_ms: u64,
