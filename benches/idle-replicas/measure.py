@@ -27,6 +27,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,6 +126,8 @@ def main():
     ap.add_argument("--threads", type=int, default=32)
     ap.add_argument("--bin", default="./target/release/sq-cloud")
     ap.add_argument("--port", type=int, default=28640)
+    ap.add_argument("--keep", action="store_true",
+                    help="keep the cluster's data directory (several GB at 100,000 tenants)")
     args = ap.parse_args()
 
     root = tempfile.mkdtemp(prefix="sq-idle-replicas.")
@@ -204,7 +207,7 @@ def main():
             "rss_bytes_per_tenant_empty_to_registered": {
                 n: round((rss["registered"][n] - rss["empty"][n]) * 1024 / args.tenants, 1)
                 for n in pids},
-            "dir": root,
+            "dir": root if args.keep else None,
         }
         print(json.dumps(report, indent=2))
         return 0 if all(v == 0 for v in per_tenant.values()) else 1
@@ -214,6 +217,9 @@ def main():
             dev.wait(60)
         except subprocess.TimeoutExpired:
             dev.kill()
+            dev.wait()
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":
