@@ -231,11 +231,23 @@ impl Health {
             state: State::Alive,
         });
         mine.heartbeat = mine.heartbeat.saturating_add(1);
+        // This entry's `seen_ms` is the previous tick. A gap of more than two intervals is time
+        // this node could not listen (a frozen process, a starved runtime): its peers' silence
+        // over it is this node's, so it is not counted against them. Without this, a node
+        // thawed from a pause holds every peer dead on its first tick, and a gateway taking its
+        // view answers 503 until the next round.
+        let missed = match now.saturating_sub(mine.seen_ms) {
+            gap if gap > 2 * self.config.interval_ms => gap - self.config.interval_ms,
+            _ => 0,
+        };
         mine.seen_ms = now;
         for p in peers {
             table.entry(*p).or_insert(Entry { heartbeat: 0, seen_ms: now, state: State::Alive });
         }
         for (id, e) in table.iter_mut() {
+            if missed > 0 && *id != self.me {
+                e.seen_ms = e.seen_ms.saturating_add(missed).min(now);
+            }
             let silent = now.saturating_sub(e.seen_ms);
             let state = if *id == self.me || silent < self.config.suspect_after_ms {
                 State::Alive
@@ -383,9 +395,51 @@ mod tests {
         h.merge(2, &[(1, 3)]);
         assert_eq!(h.verdict(1), (State::Alive, 3), "the counter its peer saw, not its own 5");
         assert_eq!(h.verdict(2), (State::Alive, 7));
-        clock.advance_ms(GossipConfig::default().dead_after_ms);
-        h.tick(&[2]);
+        let config = GossipConfig::default();
+        for _ in 0..config.dead_after_ms / config.interval_ms {
+            clock.advance_ms(config.interval_ms);
+            h.tick(&[2]);
+        }
         assert_eq!(h.verdict(2), (State::Dead, 7));
+    }
+
+    // Goal: a pause of this node's own (no tick, no message for 10 s) is not its peers'
+    // silence: after it, a peer heard just before stays alive, and goes suspect then dead only
+    // after the usual silence counted from the end of the pause.
+    #[test]
+    fn its_own_pause_is_not_its_peers_silence() {
+        let config = GossipConfig::default();
+        let clock = Arc::new(crate::store::ManualClock::new(0));
+        let h = Health::new(1, config, clock.clone());
+        h.merge(2, &[(2, 1)]);
+        h.tick(&[2]);
+        clock.advance_ms(10_000);
+        h.tick(&[2]);
+        assert_eq!(h.of(2), State::Alive, "the pause was this node's");
+        let mut dead_after = None;
+        for step in 1..=40 {
+            clock.advance_ms(config.interval_ms);
+            h.tick(&[2]);
+            if h.of(2) == State::Dead {
+                dead_after = Some(step * config.interval_ms);
+                break;
+            }
+        }
+        // Counted from the tick before the pause plus one interval: the peer's last beat.
+        let dead_after = dead_after.expect("a silent peer goes dead");
+        assert!(
+            (config.dead_after_ms - config.interval_ms..=config.dead_after_ms)
+                .contains(&dead_after),
+            "dead {dead_after} ms after the pause"
+        );
+        // A peer that keeps beating through ticks is never suspect.
+        let h = Health::new(1, config, clock.clone());
+        for beat in 1..=20 {
+            h.merge(2, &[(2, beat)]);
+            clock.advance_ms(config.interval_ms);
+            h.tick(&[2]);
+            assert_eq!(h.of(2), State::Alive);
+        }
     }
 
     // Goal: the default timings pass the check, and timings where a node would be dead before
