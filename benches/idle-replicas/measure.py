@@ -17,7 +17,8 @@ and backups that hold a record), then leaves them idle. It prints, per node:
     cargo build --release --locked --bin sq-cloud
     python3 benches/idle-replicas/measure.py [--tenants 100000] [--idle-s 80] [--window-s 30]
 
-It makes its own directory under /tmp and leaves it (and the logs) there.
+It makes its own directory under /tmp and removes it at the end (several GB at 100,000
+tenants); `--keep` leaves it, with the cluster's logs.
 """
 
 import argparse

@@ -521,7 +521,15 @@ impl Replication {
 
     /// A request prepares or commits the tenant now.
     fn used(&self, tenant: &str) {
-        locked(&self.used_ms).insert(tenant.to_string(), self.clock.now_ms());
+        let now = self.clock.now_ms();
+        let mut used = locked(&self.used_ms);
+        // Every request comes here twice: a known tenant's name is not allocated again.
+        match used.get_mut(tenant) {
+            Some(at) => *at = now,
+            None => {
+                used.insert(tenant.to_string(), now);
+            }
+        }
     }
 
     /// Drops what this node keeps for each tenant it leads that no request used for
@@ -848,7 +856,11 @@ impl Replication {
 impl Link {
     fn want(&self, tenant: &str, lsn: u64) {
         let mut st = locked(&self.state);
-        let follow = st.follows.entry(tenant.to_string()).or_default();
+        // A read asks for what the backup already holds: no name allocated, nothing to do.
+        if !st.follows.contains_key(tenant) {
+            st.follows.insert(tenant.to_string(), Follow::default());
+        }
+        let Some(follow) = st.follows.get_mut(tenant) else { return };
         if follow.want >= lsn && follow.durable >= Some(lsn) {
             return;
         }
