@@ -179,8 +179,9 @@ fn same_copies(cluster: &DevCluster, tenant: &str) {
 // Goal: writes wait for a majority of their tenant's three copies. Both backups frozen: a write
 // is refused with 503 within the bound and acknowledged nowhere; one frozen: writes are
 // acknowledged, reads too (under the primary's lease), and the frozen node is marked down, then
-// up once it runs again; both back: the stats show them caught up; raising R with tenants is refused by
-// name; and after a clean stop every tenant's files are identical on all three nodes.
+// up once it runs again; both back: the stats show them caught up; changing R by two at once with
+// tenants is refused by name; and after a clean stop every tenant's files are identical on all
+// three nodes.
 #[test]
 fn writes_wait_for_a_majority_of_three_copies() {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
@@ -276,9 +277,9 @@ fn writes_wait_for_a_majority_of_three_copies() {
     assert_eq!((status, body.as_str()), (200, if logged { "alone" } else { "" }));
 
     let (status, body) =
-        admin(&cluster, Method::POST, "/admin/replicas", Some(serde_json::json!({"replicas": 4})));
+        admin(&cluster, Method::POST, "/admin/replicas", Some(serde_json::json!({"replicas": 5})));
     assert_eq!(status, 409, "{body}");
-    assert!(body.to_string().contains("only before the first tenant"), "{body}");
+    assert!(body.to_string().contains("R changes by one at a time"), "{body}");
     let (status, body) =
         admin(&cluster, Method::POST, "/admin/replicas", Some(serde_json::json!({"replicas": 3})));
     assert_eq!((status, &body["replicas"]), (200, &serde_json::json!(3)), "{body}");
@@ -562,6 +563,60 @@ fn a_join_and_a_drain_swap_one_copy_each_and_lose_nothing() {
     for (t, key) in tenants.iter().zip(&keys) {
         let (status, body) = get(&cluster.url(), key, "/select?p=notes&c=1.1.1/1.1.1/1.1.1");
         assert_eq!((status, body.as_str()), (200, t.as_str()), "{t}'s write before the join");
+    }
+}
+
+// Goal: R is raised from 2 to 3 over a cluster of three nodes that holds tenants, while a client
+// writes. Every tenant's set gains its third node, which is caught up before the change is
+// committed; writes are acknowledged throughout and every one reads back; the two backups of
+// each tenant end in sync, and after a clean stop the three copies are byte for byte the same.
+#[test]
+fn raising_r_adds_a_third_copy_of_every_tenant() {
+    let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().expect("dir");
+    let listen = format!("127.0.0.1:{}", common::free_tcp_port());
+    let mut cluster = DevCluster::start_with(tmp.path(), 3, &listen, &["--replicas", "2"]);
+    let demo = cluster.demo_key();
+    let mut tenants = vec![("demo".to_string(), demo.clone())];
+    for i in 0..6 {
+        let t = format!("g{i}");
+        let key = cluster.add_tenant(&t, serde_json::json!({}));
+        tenants.push((t, key));
+    }
+    for (t, key) in &tenants {
+        for i in 1..=3 {
+            let (status, body) = update_retrying(&cluster, key, "notes", i, t);
+            assert_eq!(status, 200, "{body}");
+        }
+        assert_eq!(replica_set(&cluster, t).len(), 2, "{t}: two copies with R = 2");
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = Load { stop: stop.clone(), writer: writer(cluster.url(), demo.clone(), stop) };
+    std::thread::sleep(Duration::from_millis(500));
+
+    let raised = Instant::now();
+    let (status, body) =
+        admin(&cluster, Method::POST, "/admin/replicas", Some(serde_json::json!({"replicas": 3})));
+    assert_eq!((status, &body["replicas"]), (200, &serde_json::json!(3)), "{body}");
+    let took = common::settle(&cluster, "raise R");
+    eprintln!(
+        "R 2 -> 3: every set change committed {took:?} after the raise ({:?})",
+        raised.elapsed()
+    );
+    load.stop_and_read_back(&cluster, &demo);
+    for (t, key) in &tenants {
+        let set = replica_set(&cluster, t);
+        assert_eq!(set.len(), 3, "{t}: {set:?}");
+        in_sync(&cluster, t, key);
+        for i in 1..=3 {
+            let (status, body) =
+                get(&cluster.url(), key, &format!("/select?p=notes&c=1.1.1/1.1.1/1.1.{i}"));
+            assert_eq!((status, body.as_str()), (200, t.as_str()), "{t}: a write before the raise");
+        }
+    }
+    cluster.stop();
+    for (t, _) in &tenants {
+        same_copies(&cluster, t);
     }
 }
 

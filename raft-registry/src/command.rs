@@ -146,10 +146,10 @@ pub enum Rejection {
     #[error("the replication factor must be 1 to {REPLICAS_MAX}")]
     InvalidReplicas,
     #[error(
-        "the replication factor can be raised only before the first tenant is added: {0} \
-         tenants' new copies would need a snapshot to catch up, which replicas do not take yet"
+        "a cluster with R = 1 and tenants ({0} of them) keeps each on one copy with no ballots, \
+         and R cannot be raised over them; set R before adding tenants"
     )]
-    ReplicasRaisedWithTenants(usize),
+    ReplicasRaisedFromOne(usize),
     #[error(
         "with R = {replicas}, a node can be drained only while more than R nodes are active \
          ({active} are): each replica set it leaves must take another node in its place"
@@ -159,6 +159,11 @@ pub enum Rejection {
     AlreadyDown(u64),
     #[error("node {0} is not marked down")]
     NotDown(u64),
+    #[error(
+        "with tenants, R changes by one at a time (from {from} to {to} asked): every replica set \
+         gains or loses one node per change, and a change waits for the one before it"
+    )]
+    ReplicasChangedByMoreThanOne { from: u8, to: u8 },
 }
 
 /// What the state machine answers for every applied log entry (the Raft `R` type).
@@ -231,21 +236,7 @@ pub fn apply(state: &mut RegistryState, cmd: Command) -> Result<(), Rejection> {
         Command::PurgeTenant { id } => purge_tenant(state, &id),
         // The state machine applies a batch's commands one by one (state_machine::apply_one).
         Command::Batch(_) => Err(Rejection::InvalidBatch),
-        Command::SetReplicas { replicas } => {
-            if !(1..=REPLICAS_MAX).contains(&replicas) {
-                return Err(Rejection::InvalidReplicas);
-            }
-            if replicas > state.replicas && !state.tenants.is_empty() {
-                return Err(Rejection::ReplicasRaisedWithTenants(state.tenants.len()));
-            }
-            // A pending handoff moves one copy (R = 1) or changes one set by a node (R > 1):
-            // either is planned for the R it was recorded under.
-            if replicas != state.replicas && !state.handoffs.is_empty() {
-                return Err(Rejection::HandoffsPending(state.handoffs.len()));
-            }
-            state.replicas = replicas;
-            Ok(())
-        }
+        Command::SetReplicas { replicas } => set_replicas(state, replicas),
         Command::MarkDown { id } => {
             let node = state.nodes.get(&id).ok_or(Rejection::NoSuchNode(id))?;
             if node.state != NodeState::Active {
@@ -276,6 +267,48 @@ pub fn valid_batch(commands: &[Command]) -> bool {
         && !commands.iter().any(|c| matches!(c, Command::Batch(_)))
 }
 
+/// Sets R. With tenants, R moves by one at a time, and a raise is a placement change like a join
+/// that grows sets below R: each set gains the next node on the ring, recorded as a change with
+/// `from` = `to`, and the entering copy is caught up before it counts alone
+/// (docs/REPLICATION.md, "Changing R"). A lowered R drops the last node of each set, which is
+/// never needed by a majority of the smaller set to find an acknowledged write; lowered by two
+/// or more at once it could be.
+fn set_replicas(state: &mut RegistryState, replicas: u8) -> Result<(), Rejection> {
+    if !(1..=REPLICAS_MAX).contains(&replicas) {
+        return Err(Rejection::InvalidReplicas);
+    }
+    if replicas == state.replicas {
+        return Ok(());
+    }
+    // A pending handoff moves one copy (R = 1) or changes one set by a node (R > 1): either is
+    // planned for the R it was recorded under.
+    if !state.handoffs.is_empty() {
+        return Err(Rejection::HandoffsPending(state.handoffs.len()));
+    }
+    if state.tenants.is_empty() {
+        state.replicas = replicas;
+        return Ok(());
+    }
+    if replicas.abs_diff(state.replicas) > 1 {
+        return Err(Rejection::ReplicasChangedByMoreThanOne { from: state.replicas, to: replicas });
+    }
+    if replicas < state.replicas {
+        state.replicas = replicas;
+        return Ok(());
+    }
+    if state.replicas == 1 {
+        return Err(Rejection::ReplicasRaisedFromOne(state.tenants.len()));
+    }
+    let (before, r_before) = (state.ring.clone(), state.replicas());
+    state.replicas = replicas;
+    if state.ring.node_ids().len() > r_before {
+        // Some set grows: a new configuration, so a new ballot for every tenant, as at a join.
+        state.placement_epoch += 1;
+        record_handoffs_from(state, &before, r_before);
+    }
+    Ok(())
+}
+
 fn purge_tenant(state: &mut RegistryState, id: &str) -> Result<(), Rejection> {
     if state.purged.contains(id) {
         return Ok(());
@@ -300,6 +333,13 @@ fn purge_tenant(state: &mut RegistryState, id: &str) -> Result<(), Rejection> {
 /// (a join, or a drain of more than R active nodes, changes a set by one node in for at most one
 /// out); a set below R that gains a node loses none, and is recorded with `from` = `to`.
 fn record_handoffs(state: &mut RegistryState, before: &crate::Ring) {
+    let r = state.replicas();
+    record_handoffs_from(state, before, r);
+}
+
+/// [`record_handoffs`] from sets of `r_before` nodes on `before` to sets of R on today's ring:
+/// with R one more than `r_before` on the same ring, each set gains one node and loses none.
+fn record_handoffs_from(state: &mut RegistryState, before: &crate::Ring, r_before: usize) {
     let epoch = state.placement_epoch;
     let r = state.replicas();
     let moves: Vec<Handoff> = state
@@ -308,7 +348,7 @@ fn record_handoffs(state: &mut RegistryState, before: &crate::Ring) {
         .filter_map(|id| {
             let tenant = id.to_string();
             if r > 1 {
-                let (old, new) = (before.replicas(id, r), state.ring.replicas(id, r));
+                let (old, new) = (before.replicas(id, r_before), state.ring.replicas(id, r));
                 if old.is_empty() {
                     return None;
                 }

@@ -313,9 +313,9 @@ fn purge_destroys_an_archived_tenant_and_retires_its_id() {
 #[test]
 fn the_replication_factor_is_set_within_its_limits() {
     // Goal: R starts at 1, is set to 1..=REPLICAS_MAX, and 0 or more than the limit is refused
-    // without change, as is raising it once tenants exist (lowering it is not); each tenant's
-    // replica set is the first R active nodes, owner first, and never more nodes than are
-    // active.
+    // without change; with tenants it moves by one at a time, and is never raised from 1; each
+    // tenant's replica set is the first R active nodes, owner first, and never more nodes than
+    // are active.
     let mut s = RegistryState::default();
     assert_eq!(s.replicas(), 1);
     for id in 1..=4 {
@@ -329,8 +329,12 @@ fn the_replication_factor_is_set_within_its_limits() {
             (Command::SetReplicas { replicas: REPLICAS_MAX + 1 }, Err(Rejection::InvalidReplicas)),
             (Command::SetReplicas { replicas: 2 }, Ok(())),
             (new_tenant("acme", "k1"), Ok(())),
-            (Command::SetReplicas { replicas: 3 }, Err(Rejection::ReplicasRaisedWithTenants(1))),
+            (
+                Command::SetReplicas { replicas: 4 },
+                Err(Rejection::ReplicasChangedByMoreThanOne { from: 2, to: 4 }),
+            ),
             (Command::SetReplicas { replicas: 1 }, Ok(())),
+            (Command::SetReplicas { replicas: 2 }, Err(Rejection::ReplicasRaisedFromOne(1))),
         ],
     );
     assert_eq!(s.replica_set("acme"), vec![s.owner_of("acme").expect("owned")]);
@@ -490,4 +494,71 @@ fn with_three_replicas_a_join_grows_sets_below_r() {
     }
     let refused = Rejection::TooFewNodesForReplicas { replicas: 3, active: 3 };
     check(&mut s, vec![(Command::NodeDrain { id: 2 }, Err(refused))]);
+}
+
+#[test]
+fn raising_r_with_tenants_grows_every_set_by_its_next_node() {
+    // Goal: with tenants, raising R by one is a placement change that adds to every tenant's set
+    // the next node on its ring and takes none out (recorded with `from` = `to`, under a new
+    // epoch); until it is done the entering node is a member but not primary, and no other
+    // change of R is taken; after it, each set is the ring's first R nodes and no primary moved.
+    // With no node left to add, a raise records nothing and the tenants are under-replicated.
+    let mut s = RegistryState::default();
+    for id in 1..=4 {
+        apply(&mut s, join(id)).expect("joins");
+        apply(&mut s, Command::NodeActivate { id }).expect("activates");
+    }
+    apply(&mut s, Command::SetReplicas { replicas: 2 }).expect("R = 2");
+    let tenants: Vec<String> = (0..30).map(|i| format!("t{i}")).collect();
+    for t in &tenants {
+        apply(&mut s, new_tenant(t, &format!("k-{t}"))).expect("adds");
+    }
+    let before: Vec<Vec<u64>> = tenants.iter().map(|t| s.replica_set(t)).collect();
+    let epoch = s.placement_epoch();
+    check(&mut s, vec![(Command::SetReplicas { replicas: 3 }, Ok(()))]);
+    assert_eq!(s.placement_epoch(), epoch + 1, "a new configuration, a new ballot");
+    assert_eq!(s.handoffs().count(), tenants.len(), "every set grows");
+    for (t, old) in tenants.iter().zip(&before) {
+        let h = s.replica_change(t).cloned().expect("a change of the set");
+        let settled = s.settled_set(t);
+        assert_eq!((h.from, h.to, h.epoch), (settled[2], settled[2], epoch + 1), "{t}");
+        assert_eq!(&settled[..2], &old[..], "{t}: the set keeps its nodes, in order");
+        assert_eq!(s.replica_set(t), settled, "{t}: three members while it enters");
+        assert_eq!(s.primary_of(t), Some(old[0]), "{t}: the entering node does not lead");
+    }
+    let pending = Rejection::HandoffsPending(tenants.len());
+    check(
+        &mut s,
+        vec![
+            (Command::SetReplicas { replicas: 4 }, Err(pending.clone())),
+            (Command::SetReplicas { replicas: 2 }, Err(pending)),
+        ],
+    );
+    for (t, old) in tenants.iter().zip(&before) {
+        let epoch = s.placement_epoch();
+        let done = Command::HandoffDone { tenant: t.clone(), epoch: epoch_of(&s, t) };
+        apply(&mut s, done).expect("done");
+        assert_eq!(s.placement_epoch(), epoch, "{t}: the primary did not move");
+        assert_eq!(s.replica_set(t).len(), 3);
+        assert_eq!(s.primary_of(t), Some(old[0]));
+    }
+    assert_eq!(s.under_replicated(), 0);
+
+    // Two active nodes and R = 2: a raise to 3 has no node to add.
+    let mut s = RegistryState::default();
+    for id in 1..=2 {
+        apply(&mut s, join(id)).expect("joins");
+        apply(&mut s, Command::NodeActivate { id }).expect("activates");
+    }
+    apply(&mut s, Command::SetReplicas { replicas: 2 }).expect("R = 2");
+    apply(&mut s, new_tenant("acme", "k1")).expect("adds");
+    let epoch = s.placement_epoch();
+    check(&mut s, vec![(Command::SetReplicas { replicas: 3 }, Ok(()))]);
+    assert_eq!((s.placement_epoch(), s.handoffs().count()), (epoch, 0));
+    assert_eq!(s.under_replicated(), 1, "two copies of three");
+}
+
+/// The epoch of `tenant`'s pending change of its set.
+fn epoch_of(s: &RegistryState, tenant: &str) -> u64 {
+    s.replica_change(tenant).expect("a pending change").epoch
 }
