@@ -270,9 +270,9 @@ pub fn valid_batch(commands: &[Command]) -> bool {
 /// Sets R. With tenants, R moves by one at a time, and a raise is a placement change like a join
 /// that grows sets below R: each set gains the next node on the ring, recorded as a change with
 /// `from` = `to`, and the entering copy is caught up before it counts alone
-/// (docs/REPLICATION.md, "Changing R"). A lowered R drops the last node of each set, which is
-/// never needed by a majority of the smaller set to find an acknowledged write; lowered by two
-/// or more at once it could be.
+/// (docs/REPLICATION.md, "Changing R"). A lowered R drops the last node of each set, under a new
+/// epoch; a majority of the smaller set still meets every write acknowledged before, which
+/// lowered by two or more at once it need not.
 fn set_replicas(state: &mut RegistryState, replicas: u8) -> Result<(), Rejection> {
     if !(1..=REPLICAS_MAX).contains(&replicas) {
         return Err(Rejection::InvalidReplicas);
@@ -293,7 +293,13 @@ fn set_replicas(state: &mut RegistryState, replicas: u8) -> Result<(), Rejection
         return Err(Rejection::ReplicasChangedByMoreThanOne { from: state.replicas, to: replicas });
     }
     if replicas < state.replicas {
+        // Each set loses its last node: a new configuration (the sweep deletes the copies that
+        // left once the epoch is past the one they arrived in).
+        let shrinks = state.ring.node_ids().len() > usize::from(replicas);
         state.replicas = replicas;
+        if shrinks {
+            state.placement_epoch += 1;
+        }
         return Ok(());
     }
     if state.replicas == 1 {

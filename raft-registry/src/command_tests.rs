@@ -543,6 +543,14 @@ fn raising_r_with_tenants_grows_every_set_by_its_next_node() {
         assert_eq!(s.primary_of(t), Some(old[0]));
     }
     assert_eq!(s.under_replicated(), 0);
+    // Lowered by one, every set loses its last node, under a new epoch.
+    let (sets, epoch) =
+        (tenants.iter().map(|t| s.replica_set(t)).collect::<Vec<_>>(), s.placement_epoch());
+    check(&mut s, vec![(Command::SetReplicas { replicas: 2 }, Ok(()))]);
+    assert_eq!((s.placement_epoch(), s.handoffs().count()), (epoch + 1, 0));
+    for (t, set) in tenants.iter().zip(&sets) {
+        assert_eq!(s.replica_set(t), set[..2].to_vec(), "{t}");
+    }
 
     // Two active nodes and R = 2: a raise to 3 has no node to add.
     let mut s = RegistryState::default();

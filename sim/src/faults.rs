@@ -61,16 +61,22 @@ const KINDS: [(Kind, u64); 10] = [
 const DISK_LOSS_WEIGHT: u64 = 10;
 const ISOLATE_PRIMARY_WEIGHT: u64 = 15;
 
-/// Injects faults until `stop`.
+/// Injects faults until `stop`. A disk is lost, or a primary cut from its backups, only while
+/// the registry's R is 3 or more and as many nodes are active: with two copies, one lost disk
+/// leaves no majority to lead, and a run that raises R from 2 to 3 meets those faults once the
+/// raise is committed over three active nodes.
 pub async fn run(world: Arc<World>, mut rng: Rng, stop: CancellationToken, replicas: u8) {
-    let weights: Vec<u64> = KINDS
-        .iter()
-        .map(|(kind, w)| match kind {
-            Kind::DiskLoss if replicas >= 3 => DISK_LOSS_WEIGHT,
-            Kind::IsolatePrimary if replicas >= 3 => ISOLATE_PRIMARY_WEIGHT,
-            _ => *w,
-        })
-        .collect();
+    let weights = |r_now: usize| -> Vec<u64> {
+        let three = replicas >= 3 && r_now >= 3;
+        KINDS
+            .iter()
+            .map(|(kind, w)| match kind {
+                Kind::DiskLoss if three => DISK_LOSS_WEIGHT,
+                Kind::IsolatePrimary if three => ISOLATE_PRIMARY_WEIGHT,
+                _ => *w,
+            })
+            .collect()
+    };
     while !stop.is_cancelled() {
         let pause = Duration::from_millis(rng.range(FAULT_PAUSE_MS.0, FAULT_PAUSE_MS.1));
         tokio::select! {
@@ -81,7 +87,9 @@ pub async fn run(world: Arc<World>, mut rng: Rng, stop: CancellationToken, repli
         if stop.is_cancelled() {
             return;
         }
-        let kind = KINDS[rng.weighted(&weights)].0;
+        // The copies each tenant has: R, or fewer while fewer nodes are active.
+        let r_now = world.registry_state().map_or(0, |s| s.replicas().min(s.active_nodes().len()));
+        let kind = KINDS[rng.weighted(&weights(r_now))].0;
         let length = Duration::from_millis(rng.range(FAULT_LENGTH_MS.0, FAULT_LENGTH_MS.1));
         world.stats().faults += 1;
         inject(&world, &mut rng, kind, length, &stop);

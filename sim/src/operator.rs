@@ -284,10 +284,17 @@ const PLANNED_CHANGE_MS: (u64, u64) = (1_000, 6_000);
 const ARCHIVE_AT_MS: (u64, u64) = (8_000, 20_000);
 const PURGE_AFTER_MS: (u64, u64) = (2_000, 6_000);
 
-/// What every run does while the faults go on, at a time its seed picks: one membership change
-/// (a spare joins, or an active node is drained), so that tenants move during the faults; and
-/// the extra tenant `doomed` archived, then purged, while a client still holds its key.
-pub async fn planned(world: Arc<World>, mut rng: Rng, doomed: String, stop: CancellationToken) {
+/// What every run does while the faults go on, at a time its seed picks: R raised to `raise_to`
+/// if given (every tenant's set gains a node); one membership change (a spare joins, or an
+/// active node is drained), so that tenants move during the faults; and the extra tenant
+/// `doomed` archived, then purged, while a client still holds its key.
+pub async fn planned(
+    world: Arc<World>,
+    mut rng: Rng,
+    doomed: String,
+    raise_to: Option<u8>,
+    stop: CancellationToken,
+) {
     let started = world.now_ms();
     let wait_until = |ms: u64| {
         let stop = stop.clone();
@@ -302,6 +309,13 @@ pub async fn planned(world: Arc<World>, mut rng: Rng, doomed: String, stop: Canc
     };
     if !wait_until(rng.range(PLANNED_CHANGE_MS.0, PLANNED_CHANGE_MS.1)).await {
         return;
+    }
+    if let Some(replicas) = raise_to {
+        let op = AdminOp::SetReplicas { replicas: u64::from(replicas) };
+        world.trace.event(format!("planned change of R: {op:?}"));
+        if !until_stopped(&world, &mut rng, op, &stop).await {
+            return;
+        }
     }
     // A join, or else a drain; and a drain after a join that moved no tenant (with a few
     // tenants, a new node may own none of them), so that some tenant moves.

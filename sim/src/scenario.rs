@@ -36,6 +36,9 @@ const PROBE_PHEXT: &str = "probe";
 
 /// The tenant archived and then purged while the faults go on (never checked for data after).
 const DOOMED_TENANT: &str = "tx";
+/// Of the runs with R = 3, the share (permille) that form with R = 2 and raise it to 3 during
+/// the faults, so that a raise of R over tenants meets every fault.
+const RAISE_R_PERMILLE: u64 = 333;
 /// How long the product gives a revoked key to stop working everywhere (PRODUCT §2).
 const REVOCATION_MS: u64 = 1_000;
 /// The phext the quota-edge check writes.
@@ -152,9 +155,13 @@ async fn phases(
     let mut all_tenants = plan.tenants.clone();
     all_tenants.push(DOOMED_TENANT.to_string());
     let replicas = options.replicas;
-    operator::form(world, rng, &FIRST_MEMBERS, replicas, &all_tenants, formed_by).await.map_err(
-        |v| Violation::new(Invariant::Liveness, format!("the cluster did not form: {}", v.detail)),
-    )?;
+    let raise = replicas == 3 && rng.chance(RAISE_R_PERMILLE);
+    let formed_with = if raise { replicas - 1 } else { replicas };
+    operator::form(world, rng, &FIRST_MEMBERS, formed_with, &all_tenants, formed_by)
+        .await
+        .map_err(|v| {
+            Violation::new(Invariant::Liveness, format!("the cluster did not form: {}", v.detail))
+        })?;
     checked(world)?;
     world.trace.event("formed: clients, operators and faults start");
     world.monitor.start_handoff_window(world.now_ms());
@@ -187,6 +194,7 @@ async fn phases(
         world.clone(),
         rng.fork(),
         DOOMED_TENANT.to_string(),
+        raise.then_some(replicas),
         chaos.clone(),
     ));
     let revoked =
