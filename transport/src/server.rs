@@ -213,6 +213,21 @@ fn log_join(done: std::result::Result<(), tokio::task::JoinError>) {
     }
 }
 
+/// Whether a handshake ended because the peer stopped trying, not because either side refused
+/// the other. A node thawed from a pause finds its peers' connection attempts queued, which
+/// they gave up on long before: they close or reset them, dozens at once. A refused
+/// certificate is a close with a TLS alert (a QUIC crypto error), and stays a warning.
+fn peer_gave_up(e: &quinn::ConnectionError) -> bool {
+    use quinn::ConnectionError as E;
+    /// QUIC's CRYPTO_ERROR codes: 0x100 plus the TLS alert (RFC 9000, section 20.1).
+    const CRYPTO_ERRORS: std::ops::RangeInclusive<u64> = 0x100..=0x1ff;
+    match e {
+        E::ConnectionClosed(close) => !CRYPTO_ERRORS.contains(&u64::from(close.error_code)),
+        E::ApplicationClosed(_) | E::Reset | E::TimedOut => true,
+        _ => false,
+    }
+}
+
 /// Everything one connection's task owns. Dropping it returns the connection permit.
 struct ConnectionTask {
     handler: Arc<dyn Handler>,
@@ -226,6 +241,7 @@ impl ConnectionTask {
         let remote = incoming.remote_address();
         let conn = match tokio::time::timeout(self.limits.handshake_timeout, incoming).await {
             Ok(Ok(conn)) => conn,
+            Ok(Err(e)) if peer_gave_up(&e) => return debug!(%remote, "handshake abandoned: {e}"),
             Ok(Err(e)) => return warn!(%remote, "handshake failed: {e}"),
             Err(_) => return debug!(%remote, "handshake timed out"),
         };
@@ -395,4 +411,31 @@ fn abort(send: &mut SendStream, recv: &mut RecvStream, code: VarInt) {
     // Both fail only if that direction is already closed, which is the goal anyway.
     let _ = send.reset(code);
     let _ = recv.stop(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use quinn::{ConnectionClose, ConnectionError, TransportErrorCode};
+
+    fn closed(error_code: TransportErrorCode) -> ConnectionError {
+        ConnectionError::ConnectionClosed(ConnectionClose {
+            error_code,
+            frame_type: None,
+            reason: Default::default(),
+        })
+    }
+
+    #[test]
+    fn a_peer_that_stopped_trying_is_told_from_a_refused_certificate() {
+        assert!(peer_gave_up(&ConnectionError::Reset));
+        assert!(peer_gave_up(&ConnectionError::TimedOut));
+        assert!(peer_gave_up(&closed(TransportErrorCode::NO_ERROR)));
+        assert!(peer_gave_up(&closed(TransportErrorCode::CONNECTION_REFUSED)));
+        // TLS alerts 42 (bad_certificate) and 48 (unknown_ca): a refusal, not a retreat.
+        assert!(!peer_gave_up(&closed(TransportErrorCode::crypto(42))));
+        assert!(!peer_gave_up(&closed(TransportErrorCode::crypto(48))));
+        assert!(!peer_gave_up(&ConnectionError::LocallyClosed));
+        assert!(!peer_gave_up(&ConnectionError::VersionMismatch));
+    }
 }
