@@ -341,10 +341,20 @@ fn bring_up(
                 .as_array()
                 .is_some_and(|a| a.iter().any(|x| x["id"] == n.id && x["state"] == "active"));
             if !member {
-                admin.post(
+                let joined = admin.post(
                     "/api/v2/admin/nodes",
                     &serde_json::json!({"id": n.id, "addr": n.addr.to_string()}),
-                )?;
+                );
+                match joined {
+                    // The node was started a moment ago and may not listen yet (a loaded
+                    // machine): the join is refused with nothing recorded, so it is asked again.
+                    Err(e) if e.to_string().contains("not reachable") => {
+                        bail!("node {} does not answer yet: {e}", n.id)
+                    }
+                    other => {
+                        other?;
+                    }
+                }
             }
             Ok(())
         })?;

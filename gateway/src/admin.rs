@@ -9,7 +9,7 @@ use std::time::Duration;
 use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use proto::admin::{AdminAnswer, HealthReport};
+use proto::admin::{AdminAnswer, RebuildProgress};
 use proto::cluster::{AdminOp, NodeRequest, NodeResponse};
 use proto::ApiError;
 use rand::RngCore;
@@ -262,11 +262,7 @@ pub async fn apply_op(
             | AdminOp::Health
             | AdminOp::ListNodes
     );
-    let health = matches!(op, AdminOp::Health);
-    let (mut answer, addr, applied_index) = send_admin(gw, admin_hash.clone(), op, mutates).await?;
-    if let (true, AdminAnswer::Health(report)) = (health, &mut answer) {
-        gather_rebuilds(gw, admin_hash, report).await;
-    }
+    let (answer, addr, applied_index) = send_admin(gw, admin_hash, op, mutates).await?;
     if mutates {
         // The answering node has applied the change; take its view so this gateway's next
         // request already sees it (a rotated key is refused here at once).
@@ -275,27 +271,14 @@ pub async fn apply_op(
     Ok(answer)
 }
 
-/// A node reports only its own rebuild after a lost tenant store: asks every other node the
-/// gossip does not hold dead for its health at once (a silent one costs one
-/// [`crate::forward::FORWARD_TIMEOUT`]) and lists every rebuild in node order.
-async fn gather_rebuilds(gw: &Arc<Gateway>, admin_key_hash: String, report: &mut HealthReport) {
-    let view = gw.views.current();
-    let asks = view
-        .node_addrs()
-        .into_iter()
-        .filter(|(id, _)| *id != report.node && !view.is_dead(*id))
-        .map(|(_, addr)| {
-            let request =
-                NodeRequest::Admin { admin_key_hash: admin_key_hash.clone(), op: AdminOp::Health };
-            async move { gw.client.call(addr, request, crate::forward::FORWARD_TIMEOUT).await }
-        });
-    for answer in futures::future::join_all(asks).await {
-        if let Ok(NodeResponse::Admin { result: Ok(AdminAnswer::Health(theirs)), .. }) = answer {
-            report.rebuilds.extend(theirs.rebuilds.into_iter().filter(|r| r.node == theirs.node));
-        }
+/// Adds a node's own rebuild, from its answer to `Health`, to `rebuilds`.
+fn own_rebuilds(
+    answer: &Result<NodeResponse, crate::forward::CallError>,
+    rebuilds: &mut Vec<RebuildProgress>,
+) {
+    if let Ok(NodeResponse::Admin { result: Ok(AdminAnswer::Health(theirs)), .. }) = answer {
+        rebuilds.extend(theirs.rebuilds.iter().filter(|r| r.node == theirs.node).cloned());
     }
-    report.rebuilds.sort_by_key(|r| r.node);
-    report.rebuilds.dedup_by_key(|r| r.node);
 }
 
 fn parse_node_id(raw: &str) -> Result<u64, ApiError> {
@@ -413,6 +396,7 @@ async fn send_admin(
         retry_after_s: 1,
     };
     if !mutates {
+        let health = matches!(op, AdminOp::Health);
         let mut asks: futures::stream::FuturesUnordered<_> = admin_candidates(gw)
             .into_iter()
             .map(|addr| {
@@ -423,24 +407,49 @@ async fn send_admin(
         let mut last = String::from("no node known");
         // An answer from a node behind this gateway's view, kept in case no node is current.
         let mut behind: Option<Answered> = None;
-        loop {
+        // A node reports only its own rebuild after a lost tenant store: for `Health`, every
+        // node's, from the answers of this one round.
+        let mut rebuilds = Vec::new();
+        let mut answered = loop {
             let next = tokio::select! {
                 n = futures::StreamExt::next(&mut asks) => n,
-                _ = tokio::time::sleep_until(deadline) => return behind.ok_or_else(|| unavailable(last)),
+                _ = tokio::time::sleep_until(deadline) => break behind.ok_or_else(|| unavailable(last)),
             };
             let Some((addr, answer)) = next else {
-                return behind.ok_or_else(|| unavailable(last));
+                break behind.ok_or_else(|| unavailable(last));
             };
+            if health {
+                own_rebuilds(&answer, &mut rebuilds);
+            }
             match settle(addr, answer, min_index) {
                 Settled::Done(Ok(done)) if done.2 < min_index => {
                     if behind.as_ref().is_none_or(|b| b.2 < done.2) {
                         behind = Some(done);
                     }
                 }
-                Settled::Done(done) => return done,
+                Settled::Done(done) => break done,
                 Settled::Elsewhere(why) => last = why.to_string(),
             }
+        };
+        if let Ok((AdminAnswer::Health(report), ..)) = &mut answered {
+            // The nodes not heard yet have a forward's time more, as a silent node costs any
+            // other request (gossip leaves out the ones it holds dead).
+            let others = tokio::time::sleep(crate::forward::FORWARD_TIMEOUT);
+            tokio::pin!(others);
+            loop {
+                tokio::select! {
+                    n = futures::StreamExt::next(&mut asks) => match n {
+                        Some((_, answer)) => own_rebuilds(&answer, &mut rebuilds),
+                        None => break,
+                    },
+                    _ = &mut others => break,
+                }
+            }
+            rebuilds.sort_by_key(|r: &RebuildProgress| r.node);
+            rebuilds.dedup_by_key(|r| r.node);
+            report.rebuilds = rebuilds;
         }
+        return answered;
     }
     let mut changes = gw.views.subscribe();
     let mut turn = 0usize;
