@@ -152,8 +152,13 @@ static ONE_CLUSTER_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// A 3-node `sq-cloud dev` in `dir` with R = 3.
 fn three_copies(dir: &Path) -> DevCluster {
+    cluster_with(dir, 3, 3)
+}
+
+/// An `sq-cloud dev` of `nodes` nodes in `dir` with R = `replicas`.
+fn cluster_with(dir: &Path, nodes: usize, replicas: u8) -> DevCluster {
     let listen = format!("127.0.0.1:{}", common::free_tcp_port());
-    DevCluster::start_with(dir, 3, &listen, &["--replicas", "3"])
+    DevCluster::start_with(dir, nodes, &listen, &["--replicas", &replicas.to_string()])
 }
 
 /// After a clean stop: the tenant's files are the same on the three nodes, byte for byte, and
@@ -574,8 +579,7 @@ fn a_join_and_a_drain_swap_one_copy_each_and_lose_nothing() {
 fn raising_r_adds_a_third_copy_of_every_tenant() {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().expect("dir");
-    let listen = format!("127.0.0.1:{}", common::free_tcp_port());
-    let mut cluster = DevCluster::start_with(tmp.path(), 3, &listen, &["--replicas", "2"]);
+    let mut cluster = cluster_with(tmp.path(), 3, 2);
     let demo = cluster.demo_key();
     let mut tenants = vec![("demo".to_string(), demo.clone())];
     for i in 0..6 {
@@ -628,8 +632,7 @@ fn raising_r_adds_a_third_copy_of_every_tenant() {
 fn a_cluster_grows_from_one_node_to_three_copies() {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().expect("dir");
-    let listen = format!("127.0.0.1:{}", common::free_tcp_port());
-    let mut cluster = DevCluster::start_with(tmp.path(), 1, &listen, &["--replicas", "3"]);
+    let mut cluster = cluster_with(tmp.path(), 1, 3);
     let demo = cluster.demo_key();
     for i in 1..=5 {
         let (status, body) = update_retrying(&cluster, &demo, "notes", i, "x");

@@ -310,7 +310,7 @@ fn set_replicas(state: &mut RegistryState, replicas: u8) -> Result<(), Rejection
     if state.ring.node_ids().len() > r_before {
         // Some set grows: a new configuration, so a new ballot for every tenant, as at a join.
         state.placement_epoch += 1;
-        record_handoffs_from(state, &before, r_before);
+        record_handoffs(state, &before, r_before);
     }
     Ok(())
 }
@@ -334,18 +334,12 @@ fn purge_tenant(state: &mut RegistryState, id: &str) -> Result<(), Rejection> {
 }
 
 /// Records a handoff for every tenant whose owner (R = 1) or replica set (R > 1) differs
-/// between the two rings. A tenant with no owner before (no active node) has no data anywhere
-/// and needs none. With R > 1, `to` is the node entering the set and `from` the node leaving it
-/// (a join, or a drain of more than R active nodes, changes a set by one node in for at most one
-/// out); a set below R that gains a node loses none, and is recorded with `from` = `to`.
-fn record_handoffs(state: &mut RegistryState, before: &crate::Ring) {
-    let r = state.replicas();
-    record_handoffs_from(state, before, r);
-}
-
-/// [`record_handoffs`] from sets of `r_before` nodes on `before` to sets of R on today's ring:
-/// with R one more than `r_before` on the same ring, each set gains one node and loses none.
-fn record_handoffs_from(state: &mut RegistryState, before: &crate::Ring, r_before: usize) {
+/// between sets of `r_before` nodes on the `before` ring and sets of R on today's. A tenant with
+/// no owner before (no active node) has no data anywhere and needs none. With R > 1, `to` is the
+/// node entering the set and `from` the node leaving it (a join, or a drain of more than R active
+/// nodes, changes a set by one node in for at most one out; a raise of R by one on the same ring
+/// adds one node); a set that gains a node loses none, and is recorded with `from` = `to`.
+fn record_handoffs(state: &mut RegistryState, before: &crate::Ring, r_before: usize) {
     let epoch = state.placement_epoch;
     let r = state.replicas();
     let moves: Vec<Handoff> = state
@@ -491,7 +485,8 @@ fn node_transition(state: &mut RegistryState, id: u64, to: NodeState) -> Result<
         let before = state.ring.clone();
         state.placement_epoch += 1;
         state.rebuild_ring();
-        record_handoffs(state, &before);
+        let r = state.replicas();
+        record_handoffs(state, &before, r);
     }
     Ok(())
 }

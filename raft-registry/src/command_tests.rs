@@ -416,16 +416,7 @@ fn with_three_replicas_a_join_or_drain_swaps_one_node_per_set() {
     // and the node leaving. Until `HandoffDone`, the set holds both (R + 1 members, the leaving
     // node last) and the entering node is never primary; after it, the set is the ring's, and
     // the epoch moves only when the tenant's primary changed.
-    let mut s = RegistryState::default();
-    for id in 1..=3 {
-        apply(&mut s, join(id)).expect("joins");
-        apply(&mut s, Command::NodeActivate { id }).expect("activates");
-    }
-    apply(&mut s, Command::SetReplicas { replicas: 3 }).expect("R = 3");
-    let tenants: Vec<String> = (0..40).map(|i| format!("t{i}")).collect();
-    for t in &tenants {
-        apply(&mut s, new_tenant(t, &format!("k-{t}"))).expect("adds");
-    }
+    let (mut s, tenants) = cluster_with_tenants(3, 3, 40);
     let drain_too_few = Rejection::TooFewNodesForReplicas { replicas: 3, active: 3 };
     check(&mut s, vec![(Command::NodeDrain { id: 1 }, Err(drain_too_few)), (join(4), Ok(()))]);
     let before: Vec<Vec<u64>> = tenants.iter().map(|t| s.replica_set(t)).collect();
@@ -503,16 +494,7 @@ fn raising_r_with_tenants_grows_every_set_by_its_next_node() {
     // epoch); until it is done the entering node is a member but not primary, and no other
     // change of R is taken; after it, each set is the ring's first R nodes and no primary moved.
     // With no node left to add, a raise records nothing and the tenants are under-replicated.
-    let mut s = RegistryState::default();
-    for id in 1..=4 {
-        apply(&mut s, join(id)).expect("joins");
-        apply(&mut s, Command::NodeActivate { id }).expect("activates");
-    }
-    apply(&mut s, Command::SetReplicas { replicas: 2 }).expect("R = 2");
-    let tenants: Vec<String> = (0..30).map(|i| format!("t{i}")).collect();
-    for t in &tenants {
-        apply(&mut s, new_tenant(t, &format!("k-{t}"))).expect("adds");
-    }
+    let (mut s, tenants) = cluster_with_tenants(4, 2, 30);
     let before: Vec<Vec<u64>> = tenants.iter().map(|t| s.replica_set(t)).collect();
     let epoch = s.placement_epoch();
     check(&mut s, vec![(Command::SetReplicas { replicas: 3 }, Ok(()))]);
@@ -553,17 +535,26 @@ fn raising_r_with_tenants_grows_every_set_by_its_next_node() {
     }
 
     // Two active nodes and R = 2: a raise to 3 has no node to add.
-    let mut s = RegistryState::default();
-    for id in 1..=2 {
-        apply(&mut s, join(id)).expect("joins");
-        apply(&mut s, Command::NodeActivate { id }).expect("activates");
-    }
-    apply(&mut s, Command::SetReplicas { replicas: 2 }).expect("R = 2");
-    apply(&mut s, new_tenant("acme", "k1")).expect("adds");
+    let (mut s, _) = cluster_with_tenants(2, 2, 1);
     let epoch = s.placement_epoch();
     check(&mut s, vec![(Command::SetReplicas { replicas: 3 }, Ok(()))]);
     assert_eq!((s.placement_epoch(), s.handoffs().count()), (epoch, 0));
     assert_eq!(s.under_replicated(), 1, "two copies of three");
+}
+
+/// A registry with nodes 1..=`nodes` active, R = `replicas`, and `tenants` tenants `t0`, `t1`, ...
+fn cluster_with_tenants(nodes: u64, replicas: u8, tenants: usize) -> (RegistryState, Vec<String>) {
+    let mut s = RegistryState::default();
+    for id in 1..=nodes {
+        apply(&mut s, join(id)).expect("joins");
+        apply(&mut s, Command::NodeActivate { id }).expect("activates");
+    }
+    apply(&mut s, Command::SetReplicas { replicas }).expect("sets R");
+    let tenants: Vec<String> = (0..tenants).map(|i| format!("t{i}")).collect();
+    for t in &tenants {
+        apply(&mut s, new_tenant(t, &format!("k-{t}"))).expect("adds");
+    }
+    (s, tenants)
 }
 
 /// The epoch of `tenant`'s pending change of its set.
