@@ -6,13 +6,15 @@ Starts a 3-node `sq-cloud dev` (R = 3, so every node holds a copy of every tenan
 tenants through a tenants file, writes one scroll to each (so each has a primary that prepared
 and backups that hold a record), then leaves them idle. It prints, per node:
 
+- CPU time each node used per second in the window;
 - requests answered over QUIC per second by kind (`sq_node_requests_total`), in a window after
   the idle period: per-tenant kinds (replicate, prepare, fetch records, catch up, snapshot,
   enter, handoff, sq) must be 0, and per-node kinds (lease, gossip, raft) must not grow with
   the tenants;
 - the live heap (`sq_node_heap_bytes`, what the allocator has handed out and not had back) and
   resident memory (VmRSS) with no tenant, with the tenants registered, and after the writes and
-  the idle period, and the difference per tenant copy.
+  the idle period, and the difference per tenant copy; resident memory once more just after
+  the window's closing metrics scrape, which renders every tenant's series.
 
     cargo build --release --locked --bin sq-cloud
     python3 benches/idle-replicas/measure.py [--tenants 100000] [--idle-s 80] [--window-s 30]
@@ -38,6 +40,13 @@ import time
 PER_TENANT_KINDS = {"sq", "replicate", "prepare", "fetch records", "catch up", "snapshot", "enter",
                     "handoff"}
 METRIC = re.compile(r'^sq_node_requests_total\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$')
+
+
+def cpu_s(pid):
+    """User plus system CPU seconds the process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid):
@@ -177,9 +186,14 @@ def main():
         print(f"idle for {args.idle_s:.0f} s", flush=True)
         time.sleep(args.idle_s)
         before = node_requests(gw, admin)
+        cpu_before = {n: cpu_s(p) for n, p in pids.items()}
         time.sleep(args.window_s)
-        after = node_requests(gw, admin)
+        cpu_after = {n: cpu_s(p) for n, p in pids.items()}
+        # Read before the window's closing scrape: a scrape renders every tenant's series, and
+        # the allocator keeps the pages that rendering freed for up to its decay time (10 s).
         rss["idle"] = {n: rss_kib(p) for n, p in pids.items()}
+        after = node_requests(gw, admin)
+        rss["just_scraped"] = {n: rss_kib(p) for n, p in pids.items()}
         heap["idle"] = heap_bytes(gw, admin)
 
         rates = {}
@@ -195,9 +209,14 @@ def main():
             "window_s": args.window_s,
             "requests_per_s_by_node_and_kind": rates,
             "per_tenant_requests_per_s": per_tenant,
+            "cpu_ms_per_s_in_window": {
+                n: round((cpu_after[n] - cpu_before[n]) * 1000 / args.window_s, 1) for n in pids},
             "rss_kib": rss,
             "rss_bytes_per_copy_registered_to_idle": {
                 n: round((rss["idle"][n] - rss["registered"][n]) * 1024 / args.tenants, 1)
+                for n in pids},
+            "rss_bytes_per_copy_registered_to_just_scraped": {
+                n: round((rss["just_scraped"][n] - rss["registered"][n]) * 1024 / args.tenants, 1)
                 for n in pids},
             "heap_bytes_per_copy_registered_to_idle": {
                 n: round((heap["idle"][n] - heap["registered"][n]) / args.tenants, 1)

@@ -40,6 +40,11 @@ const RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// How often the old owner looks for copies it may delete.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(5);
 
+/// The longest the sweep goes without listing every local copy while the registry stands
+/// still. A copy can land after the listing its epoch caused (a pull that finished late); a
+/// copy already listed changes standing only with the registry.
+const SWEEP_FULL_INTERVAL: Duration = Duration::from_secs(300);
+
 /// Why a pull or a sweep failed. Each failure is logged and the work is tried again later, so
 /// nothing here reaches a client; the variants say which side and which step failed.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +146,12 @@ pub struct Handoffs {
     /// When each no-longer-owned local copy was first seen, on the monotonic clock: a calendar
     /// jump must not cut the grace period short.
     retired: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// The registry's last applied entry when the sweep last listed every local copy and left
+    /// none waiting out its grace period, and when that was. Until the registry applies
+    /// another entry (or [`SWEEP_FULL_INTERVAL`] passes), listing them again would find
+    /// nothing new, so a node with many idle tenants does not read its tenants directory and
+    /// place every tenant every few seconds.
+    swept: Mutex<Option<(Option<u64>, tokio::time::Instant)>>,
     bandwidth: Mutex<(u64, f64)>,
     /// Held while a copy of a tenant is staged here (a handoff's pull, a replica's snapshot):
     /// the staging directory is one per tenant, so two copies at once would mix their files.
@@ -158,6 +169,7 @@ impl Handoffs {
             incoming: Mutex::new(BTreeMap::new()),
             finished: Notify::new(),
             retired: Mutex::new(HashMap::new()),
+            swept: Mutex::new(None),
             bandwidth: Mutex::new((0, 0.0)),
             snapshot_bytes: std::sync::atomic::AtomicU64::new(0),
             staging: (0..GATE_SHARDS).map(|_| Arc::new(tokio::sync::Mutex::new(()))).collect(),
@@ -747,10 +759,19 @@ async fn sweep(svc: &Service) -> Result<(), HandoffError> {
     if forgotten > 0 {
         tracing::debug!(node = svc.id, forgotten, "forgot the replication state of idle tenants");
     }
-    on_store(svc, |s| s.drop_idle_snapshots(crate::catchup::SNAPSHOT_IDLE_MS)).await?;
+    // Read before the state the listing is judged by, so an entry applied after it is seen as
+    // a change at the next sweep.
+    let applied = svc.registry.status().last_applied_index;
+    let now = tokio::time::Instant::now();
+    let last = *svc.handoffs.swept.lock().unwrap_or_else(|p| p.into_inner());
+    let listing = listing_due(last, applied, now);
+    let idle_ms = crate::catchup::SNAPSHOT_IDLE_MS;
+    on_store(svc, move |s| s.drop_idle_snapshots(idle_ms, listing)).await?;
+    if !listing {
+        return Ok(());
+    }
     let (held, local) = on_store(svc, |s| Ok((s.held_tenants()?, s.local_tenants()?))).await?;
     let state = svc.registry.state();
-    let now = tokio::time::Instant::now();
     let grace = Duration::from_secs(svc.handoffs.config.grace_s);
     for t in held.iter().filter(|t| state.is_purged(t)) {
         purge(svc, t).await?;
@@ -772,6 +793,7 @@ async fn sweep(svc: &Service) -> Result<(), HandoffError> {
         }
     }
     let mut due = Vec::new();
+    let waiting;
     {
         let mut retired = svc.handoffs.retired.lock().unwrap_or_else(|p| p.into_inner());
         retired.retain(|t, _| stale.contains(t));
@@ -784,6 +806,8 @@ async fn sweep(svc: &Service) -> Result<(), HandoffError> {
         for t in &due {
             retired.remove(t);
         }
+        // A copy waiting out its grace period is looked at again at the next sweep.
+        waiting = !retired.is_empty();
     }
     for tenant in due {
         let t = tenant.clone();
@@ -795,7 +819,22 @@ async fn sweep(svc: &Service) -> Result<(), HandoffError> {
             "deleted the copy of a tenant handed off to another node"
         );
     }
+    *svc.handoffs.swept.lock().unwrap_or_else(|p| p.into_inner()) =
+        (!waiting).then_some((applied, now));
     Ok(())
+}
+
+/// Whether a sweep lists every local copy: unless the last listing (`last`: the registry's
+/// applied entry then, and when) left none waiting out its grace period, the registry has
+/// applied no entry since, and [`SWEEP_FULL_INTERVAL`] has not passed.
+fn listing_due(
+    last: Option<(Option<u64>, tokio::time::Instant)>,
+    applied: Option<u64>,
+    now: tokio::time::Instant,
+) -> bool {
+    !last.is_some_and(|(index, at)| {
+        index == applied && now.saturating_duration_since(at) < SWEEP_FULL_INTERVAL
+    })
 }
 
 /// Deletes every copy of a purged tenant this node holds at once (a purge is explicit; no grace
@@ -813,4 +852,23 @@ async fn purge(svc: &Service, tenant: &str) -> Result<(), HandoffError> {
     svc.calls.forget(tenant);
     tracing::info!(node = svc.id, tenant, "deleted the data of a purged tenant");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: the sweep lists the local copies the first time, after any registry entry, and
+    // after the longest interval, and at no other sweep.
+    #[test]
+    fn the_sweep_lists_copies_only_when_something_could_have_changed() {
+        let at = tokio::time::Instant::now();
+        let later = |d: Duration| at + d;
+        assert!(listing_due(None, Some(7), at), "never listed");
+        let last = Some((Some(7), at));
+        assert!(!listing_due(last, Some(7), later(SWEEP_INTERVAL)), "nothing changed");
+        assert!(listing_due(last, Some(8), later(SWEEP_INTERVAL)), "an entry was applied");
+        assert!(listing_due(Some((None, at)), Some(1), at), "the first entry was applied");
+        assert!(listing_due(last, Some(7), later(SWEEP_FULL_INTERVAL)), "the interval passed");
+    }
 }

@@ -360,6 +360,10 @@ async fn unload_idle(store: Arc<Store>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(UNLOAD_TICK) => {}
         }
+        // Nothing loaded, nothing to look at: idle tenants cost the sweep nothing.
+        if store.loaded_count() == 0 {
+            continue;
+        }
         let s = store.clone();
         let unloaded = crate::blocking::spawn(move || {
             let unloaded = s.unload_idle();

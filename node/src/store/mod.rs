@@ -300,6 +300,11 @@ impl Store {
         ids
     }
 
+    /// How many tenants are loaded now.
+    pub fn loaded_count(&self) -> usize {
+        self.loaded_count.load(Ordering::SeqCst)
+    }
+
     /// Estimated memory held by loaded tenants, in bytes.
     pub fn memory_bytes(&self) -> u64 {
         self.memory_bytes.load(Ordering::SeqCst)
@@ -315,7 +320,7 @@ impl Store {
             return self.evict(None);
         };
         let mut unloaded = 0;
-        for (id, slot) in self.all_slots() {
+        for (id, slot) in self.loaded_slots() {
             match self.unload_slot(&slot, Some(cutoff)) {
                 Ok(true) => unloaded += 1,
                 Ok(false) => {}
@@ -417,6 +422,18 @@ impl Store {
             return slot.clone();
         }
         self.slots.write().expect("slot map lock poisoned").entry(id.into()).or_default().clone()
+    }
+
+    /// The slots that hold a loaded tenant now, with their ids: what an idle sweep looks at.
+    /// Only those are copied out, so a sweep over many idle tenants allocates next to nothing
+    /// (it runs every few seconds). A slot busy this instant is left out: it is in use.
+    fn loaded_slots(&self) -> Vec<(String, Arc<Slot>)> {
+        let slots = self.slots.read().expect("slot map lock poisoned");
+        slots
+            .iter()
+            .filter(|(_, slot)| tried(slot.state.try_lock()).is_some_and(|s| s.tenant.is_some()))
+            .map(|(id, slot)| (id.to_string(), slot.clone()))
+            .collect()
     }
 
     fn all_slots(&self) -> Vec<(String, Arc<Slot>)> {

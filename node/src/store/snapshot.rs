@@ -145,10 +145,25 @@ impl Store {
         Ok(())
     }
 
-    /// Deletes the snapshots no one has read for `idle_ms`, and any left by an earlier run of
-    /// the node (not listed in memory). Returns how many went.
-    pub fn drop_idle_snapshots(&self, idle_ms: u64) -> Result<usize, StoreError> {
+    /// Deletes the snapshots no one has read for `idle_ms`; with `leftovers`, also any on disk
+    /// that this run of the node does not know of (left by an earlier run, or by a take that
+    /// failed half way), which means listing the tenants directory. Returns how many went.
+    pub fn drop_idle_snapshots(&self, idle_ms: u64, leftovers: bool) -> Result<usize, StoreError> {
         let now = self.clock.now_ms();
+        if !leftovers {
+            let idle: Vec<(u64, String)> = self
+                .snapshots()
+                .open
+                .iter()
+                .filter(|(_, (_, used))| now.saturating_sub(*used) >= idle_ms)
+                .map(|(&id, (tenant, _))| (id, tenant.clone()))
+                .collect();
+            for (id, tenant) in &idle {
+                self.remove_tree(&self.snapshot_dir(*id, tenant))?;
+                self.snapshots().open.remove(id);
+            }
+            return Ok(idle.len());
+        }
         let listed: Vec<String> = self
             .vfs
             .list(&self.tenants_dir)

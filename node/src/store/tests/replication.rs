@@ -463,3 +463,38 @@ fn a_deposed_primary_writes_nothing_once_it_follows_a_newer_one() {
     assert_eq!(old.replica_state(T).expect("state"), before, "nothing logged");
     same_documents(&new, &old, &["notes"]);
 }
+
+// Goal: a sweep that does not list the tenants directory still drops the snapshots this run
+// took once they go unread, and leaves alone a directory it does not know of; a sweep that
+// lists it drops that leftover too. Tenants' own directories are never touched.
+#[test]
+fn idle_snapshots_go_with_or_without_a_listing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let clock = Arc::new(ManualClock::new(0));
+    let store = open_with(config(dir.path()), Arc::new(RealVfs), clock.clone());
+    store.lead(T, 1).expect("store").expect("ballot");
+    write(&store, "notes", "a", 2);
+    let tenants = dir.path().join("tenants");
+    let snapshots = || {
+        let mut names: Vec<String> = std::fs::read_dir(&tenants)
+            .expect("tenants dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(".snapshot-"))
+            .collect();
+        names.sort();
+        names
+    };
+    let image = store.snapshot_take(T).expect("snapshot");
+    let leftover = tenants.join(".snapshot-999-acme");
+    std::fs::create_dir_all(leftover.join("phexts")).expect("leftover");
+    let taken = format!(".snapshot-{}-{T}", image.id);
+    assert_eq!(snapshots(), vec![taken.clone(), ".snapshot-999-acme".to_string()]);
+    assert_eq!(store.drop_idle_snapshots(1_000, false).expect("sweep"), 0, "read just now");
+    clock.advance_ms(1_000);
+    assert_eq!(store.drop_idle_snapshots(1_000, false).expect("sweep"), 1);
+    assert_eq!(snapshots(), vec![".snapshot-999-acme".to_string()], "the unknown one stays");
+    assert_eq!(store.drop_idle_snapshots(1_000, true).expect("sweep"), 1);
+    assert!(snapshots().is_empty());
+    assert!(tenants.join(T).is_dir(), "the tenant's own copy stays");
+    assert!(get(&store, T, "get?p=notes").contains("a1"));
+}
