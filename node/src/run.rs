@@ -360,7 +360,7 @@ async fn unload_idle(store: Arc<Store>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(UNLOAD_TICK) => {}
         }
-        // Nothing loaded, nothing to look at: idle tenants cost the sweep nothing.
+        // Nothing loaded, nothing to unload: idle tenants cost this pass nothing.
         if store.loaded_count() == 0 {
             continue;
         }
