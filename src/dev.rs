@@ -92,22 +92,14 @@ fn exe() -> anyhow::Result<&'static Path> {
         .context("locating the sq-cloud binary")
 }
 
-/// A UDP port free on loopback now, for a node. Taken below the kernel's ephemeral range
-/// (32768–60999 by default) when one is free there: a port the kernel handed out and got back
-/// can go at once to another socket (a QUIC client's), and then the node cannot bind it.
+/// A UDP port free on loopback now, for a node: below the kernel's ephemeral range when one is
+/// free there (`transport::ports`).
 fn free_udp_port() -> anyhow::Result<u16> {
-    use std::hash::{BuildHasher, Hasher};
-    const PORTS: std::ops::Range<u16> = 20_000..32_000;
-    for _ in 0..1_000 {
-        // A fresh `RandomState` is a fresh random key: a random port each time.
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        let port = PORTS.start + (h.finish() % u64::from(PORTS.end - PORTS.start)) as u16;
-        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
+    let below = transport::free_loopback_port(|p| UdpSocket::bind(("127.0.0.1", p)).is_ok());
+    match below {
+        Some(port) => Ok(port),
+        None => Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port()),
     }
-    Ok(UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 /// Runs the dev cluster until a signal arrives.

@@ -51,22 +51,11 @@ pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_sq-cloud")
 }
 
-/// A TCP port free on loopback now, for a test's gateway. Taken below the kernel's ephemeral
-/// range (32768–60999 by default): a port the kernel handed out and got back can go at once to
-/// some process's outgoing connection, and then the gateway cannot bind it.
+/// A TCP port free on loopback now, for a test's gateway: below the kernel's ephemeral range
+/// (`transport::ports`), so no other process's outgoing connection takes it first.
 pub fn free_tcp_port() -> u16 {
-    use std::hash::{BuildHasher, Hasher};
-    const PORTS: std::ops::Range<u16> = 20_000..32_000;
-    for _ in 0..10_000 {
-        // A fresh `RandomState` is a fresh random key: a random port each time.
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        let port = PORTS.start + (h.finish() % u64::from(PORTS.end - PORTS.start)) as u16;
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free TCP port in {PORTS:?}");
+    transport::free_loopback_port(|p| TcpListener::bind(("127.0.0.1", p)).is_ok())
+        .expect("a free TCP port on loopback")
 }
 
 /// A `sq-cloud dev` process; SIGTERM and wait on drop, SIGKILL if it does not stop.

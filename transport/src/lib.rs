@@ -32,6 +32,7 @@ mod client;
 mod codes;
 mod error;
 pub mod frame;
+pub mod ports;
 mod server;
 mod tls;
 
@@ -43,6 +44,7 @@ pub use client::{
 };
 pub use error::{Result, TransportError};
 pub use frame::{decode, encode, FRAME_BYTES_MAX, PROTOCOL_VERSION};
+pub use ports::free_loopback_port;
 pub use server::{
     body_unfold, Answer, AnswerBody, AnswerFuture, Handler, HandlerFuture, Peer, Server,
     ServerLimits,
