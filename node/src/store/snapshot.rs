@@ -9,7 +9,7 @@
 //! the log starting after that record and the giver's ballot history up to it
 //! ([`Store::snapshot_install`]), refused if it promised a higher ballot meanwhile.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use proto::cluster::HandoffFile;
@@ -40,6 +40,9 @@ pub struct SnapshotImage {
 pub(crate) struct Snapshots {
     next_id: u64,
     open: BTreeMap<u64, (String, u64)>,
+    /// Ids whose directory is being written by [`Store::snapshot_take`]: a listing of leftovers
+    /// must not take them for an earlier run's.
+    taking: BTreeSet<u64>,
 }
 
 impl Store {
@@ -56,11 +59,34 @@ impl Store {
     /// [`Self::snapshot_done`], or until unread for a while ([`Self::drop_idle_snapshots`]).
     pub fn snapshot_take(&self, tenant: &str) -> Result<SnapshotImage, StoreError> {
         check_tenant_id(tenant)?;
-        let id = {
-            let mut s = self.snapshots();
-            s.next_id += 1;
-            s.next_id
-        };
+        let id = self.snapshot_begin();
+        let taken = self.snapshot_write(id, tenant);
+        self.snapshot_end(id, taken.as_ref().ok().map(|_| tenant));
+        taken
+    }
+
+    /// A new snapshot id, marked as being taken until [`Self::snapshot_end`].
+    pub(crate) fn snapshot_begin(&self) -> u64 {
+        let mut s = self.snapshots();
+        s.next_id += 1;
+        let id = s.next_id;
+        s.taking.insert(id);
+        id
+    }
+
+    /// Ends the take of snapshot `id`: kept, as read now, if it was taken of `tenant`, forgotten
+    /// if the take failed (it removed its directory).
+    pub(crate) fn snapshot_end(&self, id: u64, taken: Option<&str>) {
+        let now = self.clock.now_ms();
+        let mut s = self.snapshots();
+        s.taking.remove(&id);
+        if let Some(tenant) = taken {
+            s.open.insert(id, (tenant.to_string(), now));
+        }
+    }
+
+    /// Writes snapshot `id` of `tenant` into its directory and describes it.
+    fn snapshot_write(&self, id: u64, tenant: &str) -> Result<SnapshotImage, StoreError> {
         let dir = self.snapshot_dir(id, tenant);
         self.remove_tree(&dir)?;
         for d in [dir.clone(), dir.join("phexts")] {
@@ -83,7 +109,6 @@ impl Store {
         for name in names {
             files.push(self.describe(&dir, &format!("phexts/{name}"))?);
         }
-        self.snapshots().open.insert(id, (tenant.to_string(), self.clock.now_ms()));
         Ok(SnapshotImage { id, lsn, ballots, files })
     }
 
@@ -177,10 +202,9 @@ impl Store {
                 .split_once('-')
                 .and_then(|(id, _)| id.parse::<u64>().ok());
             let keep = id.is_some_and(|id| {
-                self.snapshots()
-                    .open
-                    .get(&id)
-                    .is_some_and(|(_, used)| now.saturating_sub(*used) < idle_ms)
+                let s = self.snapshots();
+                s.taking.contains(&id)
+                    || s.open.get(&id).is_some_and(|(_, used)| now.saturating_sub(*used) < idle_ms)
             });
             if !keep {
                 self.remove_tree(&self.tenants_dir.join(&name))?;

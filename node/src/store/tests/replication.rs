@@ -464,6 +464,24 @@ fn a_deposed_primary_writes_nothing_once_it_follows_a_newer_one() {
     same_documents(&new, &old, &["notes"]);
 }
 
+// Goal: a listing of leftover snapshots keeps the directory of a snapshot still being taken
+// (created before the take records it), and drops it once a failed take has ended.
+#[test]
+fn a_snapshot_being_taken_survives_a_listing() {
+    let dir = tempfile::tempdir().expect("dir");
+    let clock = Arc::new(ManualClock::new(0));
+    let store = open_with(config(dir.path()), Arc::new(RealVfs), clock.clone());
+    let id = store.snapshot_begin();
+    let taking = dir.path().join("tenants").join(format!(".snapshot-{id}-{T}"));
+    std::fs::create_dir_all(taking.join("phexts")).expect("snapshot dir");
+    clock.advance_ms(10_000);
+    assert_eq!(store.drop_idle_snapshots(0, true).expect("sweep"), 0);
+    assert!(taking.is_dir(), "a snapshot being taken was dropped");
+    store.snapshot_end(id, None);
+    assert_eq!(store.drop_idle_snapshots(0, true).expect("sweep"), 1);
+    assert!(!taking.exists(), "a failed take's directory stays");
+}
+
 // Goal: a sweep that does not list the tenants directory still drops the snapshots this run
 // took once they go unread, and leaves alone a directory it does not know of; a sweep that
 // lists it drops that leftover too. Tenants' own directories are never touched.
