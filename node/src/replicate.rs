@@ -192,6 +192,94 @@ impl Replication {
         })
     }
 
+    /// Prepares the tenant here if this node is its primary, with R > 1 ([`Self::prepare`]): the
+    /// ballot it leads under, `None` when it is not the primary. Refused for a tenant no longer
+    /// in the registry (purged): it has nothing to prepare.
+    pub async fn prepare_if_primary(&self, tenant: &str) -> Result<Option<u64>, ApiError> {
+        let state = self.registry.state();
+        if state.tenant(tenant).is_none() {
+            return Err(ApiError::Missing(format!("no tenant {tenant:?} in this node's registry")));
+        }
+        let (backups, needed) = backups(&state, tenant, self.id);
+        if needed == 0 || state.primary_of(tenant) != Some(self.id) {
+            return Ok(None);
+        }
+        let ballot = state.placement_epoch();
+        self.prepare(tenant, ballot, &backups, needed).await.map(Some)
+    }
+
+    /// [`Self::prepare_if_primary`] in the background, if this node leads the tenant in its
+    /// registry and has not prepared it at the registry's epoch: called when a node that led the
+    /// tenant before sends it something ([`refusal`]). That node may hold records this one
+    /// lacks, or have left a backup behind, and without this an idle tenant would stay so until
+    /// a client's request made this node prepare.
+    pub(crate) fn prepare_soon(&self, tenant: &str) {
+        let state = self.registry.state();
+        let ballot = state.placement_epoch();
+        if state.primary_of(tenant) != Some(self.id)
+            || locked(&self.led).get(tenant).is_some_and(|&led| led >= ballot)
+        {
+            return;
+        }
+        let Some(me) = self.me.upgrade() else { return };
+        let tenant = tenant.to_string();
+        tokio::spawn(async move {
+            match me.prepare_if_primary(&tenant).await {
+                Ok(led) => tracing::debug!(
+                    node = me.id,
+                    tenant,
+                    ?led,
+                    "prepared on word of a former primary"
+                ),
+                Err(e) => {
+                    tracing::debug!(node = me.id, tenant, error = %e, "preparing on word of a former primary failed; the next request prepares")
+                }
+            }
+        });
+    }
+
+    /// This node led the tenant under `led`, and its registry now names another primary: it
+    /// tells that node with an append of no records at this node's log end, which the new
+    /// primary refuses ([`refusal`]) and which makes it prepare the tenant
+    /// ([`Self::prepare_soon`]). Called when records or a catch-up this node still had to send
+    /// are dropped: it may hold records the new primary lacks, or leave a backup behind.
+    fn hand_over(&self, tenant: &str, led: u64) {
+        let state = self.registry.state();
+        let Some(primary) = state.primary_of(tenant).filter(|&p| p != self.id) else { return };
+        let Some(me) = self.me.upgrade() else { return };
+        let tenant = tenant.to_string();
+        tokio::spawn(async move {
+            let (store, owned) = (me.store.clone(), tenant.clone());
+            let Ok(Ok(mine)) = crate::blocking::spawn(move || store.replica_state(&owned)).await
+            else {
+                return;
+            };
+            // As a primary's probe of a backup's end is: no records, at this node's end.
+            let end = mine.position();
+            let append = ReplicaAppend {
+                tenant: tenant.clone(),
+                epoch: led,
+                ballot: end.ballot,
+                prev_ballot: end.ballot,
+                prev_lsn: end.lsn,
+                truncate_after: None,
+                truncate_if_end: 0,
+                records: Vec::new(),
+                caught_up: false,
+            };
+            let answer = me
+                .call(primary, NodeRequest::Replicate { from: me.id, appends: vec![append] })
+                .await;
+            tracing::debug!(
+                node = me.id,
+                tenant,
+                primary,
+                ?answer,
+                "told the tenant's new primary"
+            );
+        });
+    }
+
     fn copier(&self) -> crate::handoff::Copier<'_> {
         crate::handoff::Copier {
             peers: self.peers.as_ref(),
@@ -643,7 +731,14 @@ impl Replication {
                 }
                 // A tenant this node no longer leads, or has not prepared since it started, is
                 // sent nothing more; nor is a node that left the tenant's set (a join or drain),
-                // nor a tenant purged.
+                // nor a tenant purged. One it led and another node leads now is handed over.
+                Some(led)
+                    if state.tenant(&w.tenant).is_some()
+                        && state.primary_of(&w.tenant) != Some(self.id) =>
+                {
+                    link.forget(&w.tenant);
+                    self.hand_over(&w.tenant, led);
+                }
                 _ => link.forget(&w.tenant),
             }
         }
@@ -756,6 +851,9 @@ impl Replication {
                         // promised a newer one, and refuses for good. Nothing more is sent
                         // until this node prepares the tenant again (at its next request).
                         link.forget(&tenant);
+                        if let Some(&led) = ballots.get(&tenant) {
+                            self.hand_over(&tenant, led);
+                        }
                     } else {
                         refused = true;
                         link.mark_dirty(&tenant);
@@ -1016,6 +1114,14 @@ async fn send_loop(replication: Weak<Replication>, link: Arc<Link>) {
     }
 }
 
+/// The other members of the tenant's replica set than `me`, and how many of them must hold a
+/// write beside `me` as its primary (a majority of the set, `me` counting as one; 0 with R = 1).
+pub fn backups(state: &raft_registry::RegistryState, tenant: &str, me: u64) -> (Vec<u64>, usize) {
+    let set = state.replica_set(tenant);
+    let backups = set.iter().copied().filter(|&n| n != me).collect();
+    (backups, set.len() / 2)
+}
+
 /// Why a member refuses a request about a tenant from `from` under `ballot`: unless `from` is
 /// the tenant's primary and this node a member of its set in this node's registry, once that
 /// has reached `ballot` (waited for briefly).
@@ -1026,6 +1132,8 @@ pub(crate) async fn refusal(svc: &Service, from: u64, tenant: &str, ballot: u64)
     if state.tenant(tenant).is_none() {
         Some(format!("no tenant {tenant:?} in this node's registry"))
     } else if state.primary_of(tenant) != Some(from) || !set.contains(&svc.id) {
+        // From a node that led the tenant before this one: see that this one has prepared.
+        svc.replication.prepare_soon(tenant);
         Some(format!(
             "at placement epoch {}, node {from} is not the primary of {tenant:?} with node {} in \
              its set {set:?}",

@@ -621,27 +621,14 @@ impl Service {
     }
 
     /// The other members of the tenant's replica set, and how many of them must hold a write
-    /// beside this node (a majority of the set, this node counting as one; 0 with R = 1).
+    /// beside this node ([`crate::replicate::backups`]).
     pub fn backups(&self, state: &raft_registry::RegistryState, tenant: &str) -> (Vec<u64>, usize) {
-        let set = state.replica_set(tenant);
-        let backups = set.iter().copied().filter(|&n| n != self.id).collect();
-        (backups, set.len() / 2)
+        crate::replicate::backups(state, tenant, self.id)
     }
 
-    /// Prepares the tenant here if this node is its primary, with R > 1 (see
-    /// `Replication::prepare`): the ballot it leads under, `None` when it is not the primary.
-    /// Refused for a tenant no longer in the registry (purged): it has nothing to prepare.
+    /// See [`crate::replicate::Replication::prepare_if_primary`].
     pub async fn prepare_if_primary(&self, tenant: &str) -> Result<Option<u64>, ApiError> {
-        let state = self.registry.state();
-        if state.tenant(tenant).is_none() {
-            return Err(ApiError::Missing(format!("no tenant {tenant:?} in this node's registry")));
-        }
-        let (backups, needed) = self.backups(&state, tenant);
-        if needed == 0 || state.primary_of(tenant) != Some(self.id) {
-            return Ok(None);
-        }
-        let ballot = state.placement_epoch();
-        self.replication.prepare(tenant, ballot, &backups, needed).await.map(Some)
+        self.replication.prepare_if_primary(tenant).await
     }
 
     /// Waits, at most `wait`, until this node's registry has applied placement epoch `epoch`.

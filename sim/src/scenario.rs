@@ -277,8 +277,10 @@ fn copy_on(world: &World, id: u64, tenant: &str) -> Result<Replica, String> {
 /// same log end and the same bytes, and to count (a lost copy is rebuilt), once the tenant is
 /// read and without another write ([`Invariant::ReplicasIdentical`]). The read is there because
 /// a primary that restarted since the tenant's last request learns which backups lag only when
-/// it prepares, at the tenant's first request (idle tenants cost no message). With one copy of
-/// each tenant there is nothing to compare.
+/// it prepares, at the tenant's first request (idle tenants cost no message). A primary that
+/// changes after the read (a node the checks stopped is marked up again) is told by the one that
+/// served it (`Replication::hand_over`), with no second read. With one copy of each tenant there
+/// is nothing to compare.
 async fn replicas_check(world: &World, deadline_ms: u64) -> Result<(), Violation> {
     let Some(state) = world.registry_state() else { return Ok(()) };
     if state.replicas() <= 1 {
