@@ -29,5 +29,5 @@ pub mod store;
 pub mod tenants_file;
 
 pub use config::NodeConfig;
-pub use run::{run, NodeError, NodeParts, Seams, Workers, EXIT_REMOVED};
+pub use run::{run, NodeError, NodeParts, Removal, Seams, Workers, EXIT_REMOVED};
 pub use service::Service;

@@ -101,19 +101,12 @@ async fn removed(registry: &Registry, id: u64) {
 }
 
 /// How a node learnt that it was removed from the cluster.
-enum Removal {
+#[derive(Debug)]
+pub enum Removal {
     /// It applied its own removal.
     Applied,
     /// It was removed while it was away, and a peer told it (crate::gossip).
     Told(crate::gossip::RemovedBy),
-}
-
-/// Waits until this node learns it was removed: from its own registry, or from a peer it believes.
-async fn learn_removal(parts: &NodeParts, id: u64) -> Removal {
-    tokio::select! {
-        _ = removed(&parts.registry, id) => Removal::Applied,
-        by = parts.health.told_removed() => Removal::Told(by),
-    }
 }
 
 /// Where a node's logic meets the outside world: in production QUIC, the disk and the system
@@ -145,6 +138,15 @@ pub struct NodeParts {
 pub struct Workers(Vec<tokio::task::JoinHandle<()>>);
 
 impl NodeParts {
+    /// Waits until node `id` (this one) learns it was removed: from its own registry, or from a
+    /// peer it believes. A removed node then stops for good ([`run`]; the simulator's nodes too).
+    pub async fn learn_removal(&self, id: u64) -> Removal {
+        tokio::select! {
+            _ = removed(&self.registry, id) => Removal::Applied,
+            by = self.health.told_removed() => Removal::Told(by),
+        }
+    }
+
     /// Opens the store, the usage limits and the registry under `config.data_dir` and builds the
     /// service over them. Nothing runs in the background yet.
     pub async fn open(
@@ -249,6 +251,7 @@ impl NodeParts {
             tokio::spawn(crate::lease::run(self.service.clone(), shutdown.clone())),
             tokio::spawn(crate::catchup::run(self.service.clone(), shutdown.clone())),
             tokio::spawn(crate::catchup::rebuild(self.service.clone(), shutdown.clone())),
+            tokio::spawn(finish_removals(self.registry.clone(), shutdown.clone())),
         ])
     }
 
@@ -312,7 +315,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
     let registry_failure = tokio::select! {
         _ = shutdown.cancelled() => None,
         why = parts.registry.failed() => Some(why),
-        how = learn_removal(&parts, config.id) => {
+        how = parts.learn_removal(config.id) => {
             match how {
                 Removal::Applied => tracing::error!(id = config.id, "this node was removed from the cluster: it takes no further part (no elections, no requests) and stops for good"),
                 Removal::Told(by) => tracing::error!(id = config.id, told_by = by.peer, registry = %by.applied, "this node was removed from the cluster while it was away (a peer whose registry is newer than this node's log says so): it takes no further part (no elections, no requests) and stops for good"),
@@ -374,6 +377,27 @@ async fn unload_idle(store: Arc<Store>, shutdown: CancellationToken) {
         });
         if let Err(e) = unloaded.await {
             tracing::warn!(error = %e, "idle unload task failed");
+        }
+    }
+}
+
+/// How often the registry leader looks for a removal whose membership change did not complete.
+const FINISH_REMOVALS_EVERY: Duration = Duration::from_secs(1);
+
+/// On the registry leader: finishes removals that were recorded but left the node in the Raft
+/// membership (`Registry::finish_removals`), so a removed node, which stops for good, does not
+/// count towards majorities it can never join.
+async fn finish_removals(registry: Arc<Registry>, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(FINISH_REMOVALS_EVERY) => {}
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            finished = registry.finish_removals() => if let Err(e) = finished {
+                tracing::warn!(error = %e, "finishing a removal failed; tried again");
+            }
         }
     }
 }

@@ -180,6 +180,12 @@ impl Registry {
         if node.state != NodeState::Removed {
             self.write(Command::NodeRemove { id }).await?;
         }
+        self.drop_from_membership(id).await
+    }
+
+    /// Takes `id` out of the Raft membership (a voter or a learner); nothing if it is not in it.
+    /// The caller holds the membership lock.
+    async fn drop_from_membership(&self, id: u64) -> Result<(), RegistryError> {
         let membership = self.raft.metrics().borrow().membership_config.membership().clone();
         let ids = BTreeSet::from([id]);
         let change = if membership.voter_ids().any(|v| v == id) {
@@ -192,6 +198,34 @@ impl Registry {
         let remove = self.raft.change_membership(change, false);
         bounded("remove from membership", self.config.membership_change_timeout(), remove)
             .await??;
+        Ok(())
+    }
+
+    /// The nodes the registry records as removed that are still in the Raft membership: a
+    /// removal whose second step (the membership change) did not complete. Such a node has
+    /// applied its removal and stopped for good, yet still counts as a voter, so every majority
+    /// needs one node more than is left to give it.
+    pub fn removals_unfinished(&self) -> Vec<u64> {
+        let membership = self.raft.metrics().borrow().membership_config.membership().clone();
+        self.state()
+            .nodes()
+            .filter(|n| n.state == NodeState::Removed && membership.get_node(&n.id).is_some())
+            .map(|n| n.id)
+            .collect()
+    }
+
+    /// On the leader, finishes every unfinished removal ([`Self::removals_unfinished`]), one
+    /// membership change at a time; does nothing elsewhere, with none unfinished, or while
+    /// another membership change runs (it is tried again at the next call).
+    pub async fn finish_removals(&self) -> Result<(), RegistryError> {
+        if !self.status().is_leader || self.removals_unfinished().is_empty() {
+            return Ok(());
+        }
+        let Ok(_one_change) = self.membership_lock.try_lock() else { return Ok(()) };
+        for id in self.removals_unfinished() {
+            tracing::warn!(id, "a removed node is still in the Raft membership; taking it out");
+            self.drop_from_membership(id).await?;
+        }
         Ok(())
     }
 }

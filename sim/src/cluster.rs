@@ -300,6 +300,12 @@ async fn supervise(cluster: Arc<Cluster>, id: u64, parts: Arc<NodeParts>, stop: 
     let why = tokio::select! {
         _ = stop.cancelled() => return,
         why = parts.registry.failed() => why,
+        // As `node::run` does: a removed node takes no further part and is not started again.
+        how = parts.learn_removal(id) => {
+            cluster.trace.event(format!("n{id} stops for good: it was removed ({how:?})"));
+            cluster.crash(id, false);
+            return;
+        }
     };
     cluster.trace.event(format!("n{id} exits: its registry stopped: {why}"));
     cluster.crash(id, false);
