@@ -778,17 +778,7 @@ async fn sweep(svc: &Service) -> Result<(), HandoffError> {
     }
     let mut stale = Vec::new();
     for t in local {
-        if state.is_purged(&t)
-            || state.tenant(&t).is_none()
-            || state.owner_of(&t) == Some(svc.id)
-            // A copy this node holds as one of the tenant's replicas (R > 1) is no leftover.
-            || state.replica_set(&t).contains(&svc.id)
-            || state.handoff(&t).is_some()
-        {
-            continue;
-        }
-        let id = t.clone();
-        if state.placement_epoch() > on_store(svc, move |s| s.received_epoch(&id)).await? {
+        if handed_off(svc, &state, &t).await? {
             stale.push(t);
         }
     }
@@ -810,6 +800,13 @@ async fn sweep(svc: &Service) -> Result<(), HandoffError> {
         waiting = !retired.is_empty();
     }
     for tenant in due {
+        // Judged again as it is now, while no copy of the tenant is being staged here: a handoff
+        // back to this node may have swapped a new copy in since the listing (the simulator's
+        // seed 500243 saw a copy deleted just after it arrived).
+        let _one_copy = svc.handoffs.staging(&tenant).await;
+        if !handed_off(svc, &svc.registry.state(), &tenant).await? {
+            continue;
+        }
         let t = tenant.clone();
         on_store(svc, move |s| s.remove_tenant(&t)).await?;
         svc.limits.forget(&tenant);
@@ -822,6 +819,26 @@ async fn sweep(svc: &Service) -> Result<(), HandoffError> {
     *svc.handoffs.swept.lock().unwrap_or_else(|p| p.into_inner()) =
         (!waiting).then_some((applied, now));
     Ok(())
+}
+
+/// Whether this node's copy of `t` is one it handed off (no longer its own, nor a replica's, and
+/// no handoff needs it), by a registry `state` newer than the epoch the copy arrived in.
+async fn handed_off(
+    svc: &Service,
+    state: &raft_registry::RegistryState,
+    t: &str,
+) -> Result<bool, HandoffError> {
+    if state.is_purged(t)
+        || state.tenant(t).is_none()
+        || state.owner_of(t) == Some(svc.id)
+        // A copy this node holds as one of the tenant's replicas (R > 1) is no leftover.
+        || state.replica_set(t).contains(&svc.id)
+        || state.handoff(t).is_some()
+    {
+        return Ok(false);
+    }
+    let id = t.to_string();
+    Ok(state.placement_epoch() > on_store(svc, move |s| s.received_epoch(&id)).await?)
 }
 
 /// Whether a sweep lists every local copy: unless the last listing (`last`: the registry's

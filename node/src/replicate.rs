@@ -592,11 +592,7 @@ impl Replication {
             return true;
         }
         let after = state.settled_set(tenant);
-        let holding = after
-            .iter()
-            .filter(|&&n| n == self.id || self.link(n).member_durable(tenant) >= Some(lsn))
-            .count();
-        holding > after.len() / 2
+        majority_holds(&after, |n| n == self.id || self.link(n).member_durable(tenant) >= Some(lsn))
     }
 
     /// Whether node `entering`, coming into the tenant's replica set (a pending change in this
@@ -625,8 +621,7 @@ impl Replication {
             self.link(entering).want(tenant, end);
             return false;
         }
-        let after = state.settled_set(tenant);
-        after.iter().filter(|&&n| holds(n)).count() > after.len() / 2
+        majority_holds(&state.settled_set(tenant), holds)
     }
 
     /// A request prepares or commits the tenant now.
@@ -1136,6 +1131,11 @@ async fn send_loop(replication: Weak<Replication>, link: Arc<Link>) {
     }
 }
 
+/// Whether more than half of `set` are nodes for which `holds` is true.
+fn majority_holds(set: &[u64], holds: impl Fn(u64) -> bool) -> bool {
+    set.iter().filter(|&&n| holds(n)).count() > set.len() / 2
+}
+
 /// The other members of the tenant's replica set than `me`, and how many of them must hold a
 /// write beside `me` as its primary (a majority of the set, `me` counting as one; 0 with R = 1).
 pub fn backups(state: &raft_registry::RegistryState, tenant: &str, me: u64) -> (Vec<u64>, usize) {
@@ -1326,6 +1326,19 @@ pub async fn fetch(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    // Goal: during a change of a two-member set growing back to three ([4, 3] after, 2 leaving),
+    // the primary and the leaving node alone are no majority of the set after the change, so
+    // a write they hold does not count; with the entering node it does. With three members
+    // after the change, the primary and one of them are enough.
+    #[test]
+    fn a_write_during_a_change_counts_once_a_majority_after_it_holds_it() {
+        let holding = |nodes: &'static [u64]| move |n: u64| nodes.contains(&n);
+        assert!(!majority_holds(&[4, 3], holding(&[4, 2])), "primary and leaving node only");
+        assert!(majority_holds(&[4, 3], holding(&[4, 3])));
+        assert!(majority_holds(&[4, 3, 1], holding(&[4, 2, 1])));
+        assert!(!majority_holds(&[4, 3, 1], holding(&[4, 2])));
+    }
 
     fn link() -> Link {
         Link { node: 2, state: Mutex::new(LinkState::default()), wake: Notify::new() }
