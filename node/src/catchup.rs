@@ -274,7 +274,7 @@ async fn rebuild_one(svc: &Service, tenant: &str) -> Result<(), HandoffError> {
     }
     match state.primary_of(tenant) {
         Some(primary) if primary == svc.id => {
-            svc.prepare_if_primary(tenant).await.map_err(HandoffError::Refused)?;
+            svc.replication.prepare_if_primary(tenant).await.map_err(HandoffError::Refused)?;
         }
         Some(primary) => {
             let epoch = state.placement_epoch();
@@ -403,7 +403,7 @@ pub async fn give(svc: &Service, from: u64, tenant: String) -> NodeResponse {
     }
     // The primary gives what it holds once it has prepared: every acknowledged write, so a copy
     // rebuilt from it counts at once.
-    let prepared_ballot = match svc.prepare_if_primary(&tenant).await {
+    let prepared_ballot = match svc.replication.prepare_if_primary(&tenant).await {
         Ok(prepared) => prepared,
         Err(e) => {
             return NodeResponse::Snapshot(Err(format!("the primary could not prepare: {e}")))

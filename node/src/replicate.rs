@@ -1253,7 +1253,7 @@ pub async fn entering(svc: &Service, from: u64, tenant: String, epoch: u64) -> N
             )))
         }
     }
-    match svc.prepare_if_primary(&tenant).await {
+    match svc.replication.prepare_if_primary(&tenant).await {
         Ok(Some(_)) => {}
         Ok(None) => {
             return NodeResponse::Entered(Err(format!(

@@ -626,11 +626,6 @@ impl Service {
         crate::replicate::backups(state, tenant, self.id)
     }
 
-    /// See [`crate::replicate::Replication::prepare_if_primary`].
-    pub async fn prepare_if_primary(&self, tenant: &str) -> Result<Option<u64>, ApiError> {
-        self.replication.prepare_if_primary(tenant).await
-    }
-
     /// Waits, at most `wait`, until this node's registry has applied placement epoch `epoch`.
     pub async fn wait_for_epoch(&self, epoch: u64, wait: Duration) {
         let mut rx = self.registry.subscribe();

@@ -218,11 +218,17 @@ impl Registry {
     /// membership change at a time; does nothing elsewhere, with none unfinished, or while
     /// another membership change runs (it is tried again at the next call).
     pub async fn finish_removals(&self) -> Result<(), RegistryError> {
-        if !self.status().is_leader || self.removals_unfinished().is_empty() {
+        if !self.status().is_leader {
             return Ok(());
         }
+        let unfinished = self.removals_unfinished();
+        if unfinished.is_empty() {
+            return Ok(());
+        }
+        // A removal that finished meanwhile leaves nothing to take out: `drop_from_membership`
+        // reads the membership again.
         let Ok(_one_change) = self.membership_lock.try_lock() else { return Ok(()) };
-        for id in self.removals_unfinished() {
+        for id in unfinished {
             tracing::warn!(id, "a removed node is still in the Raft membership; taking it out");
             self.drop_from_membership(id).await?;
         }

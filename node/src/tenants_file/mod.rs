@@ -377,12 +377,16 @@ async fn check_file(
     svc: &Service,
     applied: &mut Option<Applied>,
 ) -> Result<(), FileError> {
-    let stamp = Stamp::of(&tokio::fs::metadata(path).await?);
+    let meta = tokio::fs::metadata(path).await?;
+    let stamp = Stamp::of(&meta);
     let now = tokio::time::Instant::now();
     if !read_due(applied.as_ref(), stamp, now) {
         return Ok(());
     }
-    let bytes = read(path).await?;
+    if meta.len() > FILE_BYTES_MAX {
+        return Err(FileError::TooLarge);
+    }
+    let bytes = tokio::fs::read(path).await?;
     let digest = xxhash_rust::xxh3::xxh3_128(&bytes);
     let unchanged = applied.as_ref().is_some_and(|a| a.digest == digest);
     // Stamped before the read: an edit during the read moves the stamp again and is read next poll.
@@ -397,14 +401,6 @@ async fn check_file(
         }
     }
     Ok(())
-}
-
-async fn read(path: &std::path::Path) -> Result<Vec<u8>, FileError> {
-    let meta = tokio::fs::metadata(path).await?;
-    if meta.len() > FILE_BYTES_MAX {
-        return Err(FileError::TooLarge);
-    }
-    Ok(tokio::fs::read(path).await?)
 }
 
 async fn apply(svc: &Service, bytes: &[u8]) -> Result<usize, FileError> {
