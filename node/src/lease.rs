@@ -86,14 +86,26 @@ pub struct Leases {
     granted: Mutex<HashMap<u64, u64>>,
     /// Nodes this voter confirmed down, with the placement epoch it had applied then.
     refusing: Mutex<HashMap<u64, u64>>,
-    /// How long each node said, in its last lease request, it had been without a lease.
-    lapses: Mutex<HashMap<u64, u64>>,
+    /// How long each node said, in its last lease request, it had been without a lease, with
+    /// the epoch of its latest mark down or up it knew then ([`Lapse`]).
+    lapses: Mutex<HashMap<u64, Lapse>>,
+    /// The epoch of this node's latest mark down or up it has seen, and when it saw it: it
+    /// counts its time without a lease from then ([`Leases::lapsed_for`]).
+    mark_seen: Mutex<(u64, u64)>,
     /// This node's lease runs until this time on its clock (0: no lease yet).
     until_ms: AtomicU64,
     /// The highest placement epoch a voter had applied when it granted the lease: the node holds
     /// it only once its own registry has reached that epoch. A node marked down and up again
     /// while it was away thus serves nothing until it has learnt so, and prepared anew.
     epoch: AtomicU64,
+}
+
+/// What a node said in its last lease request about its time without a lease.
+#[derive(Clone, Copy)]
+struct Lapse {
+    ms: u64,
+    /// The epoch of the node's latest mark down or up it had applied (0: none).
+    mark_epoch: u64,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -111,6 +123,7 @@ impl Leases {
             granted: Mutex::new(HashMap::new()),
             refusing: Mutex::new(HashMap::new()),
             lapses: Mutex::new(HashMap::new()),
+            mark_seen: Mutex::new((0, started_ms)),
             until_ms: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
         }
@@ -134,22 +147,51 @@ impl Leases {
         self.holds(epoch)
     }
 
-    /// How long this node has been without a lease (since it started, if it never held one).
+    /// Notes the epoch of this node's latest mark down or up in its registry, `mark_epoch`: a
+    /// new mark restarts its count of time without a lease. A node just marked up after a
+    /// long lapse is otherwise taken as stuck again before its first lease round could win.
+    pub fn see_mark(&self, mark_epoch: u64) {
+        let mut seen = locked(&self.mark_seen);
+        if mark_epoch > seen.0 {
+            *seen = (mark_epoch, self.clock.now_ms());
+        }
+    }
+
+    /// The epoch of this node's latest mark down or up it has seen (0: none).
+    pub fn mark_seen(&self) -> u64 {
+        locked(&self.mark_seen).0
+    }
+
+    /// How long this node has been without a lease, counting from its start (if it never held
+    /// one) or its latest mark down or up, at the latest.
     pub fn lapsed_for(&self) -> u64 {
-        let since =
-            self.until_ms.load(Ordering::SeqCst).max(self.started_ms.load(Ordering::SeqCst));
+        let since = self
+            .until_ms
+            .load(Ordering::SeqCst)
+            .max(self.started_ms.load(Ordering::SeqCst))
+            .max(locked(&self.mark_seen).1);
         self.clock.now_ms().saturating_sub(since)
     }
 
-    /// As a voter: `from` says it has been without a lease for `lapsed_ms`.
-    pub fn note_lapse(&self, from: u64, lapsed_ms: u64) {
-        locked(&self.lapses).insert(from, lapsed_ms);
+    /// As a voter: `from` says it has been without a lease for `lapsed_ms`, and that the latest
+    /// mark of it it knows has epoch `mark_epoch`.
+    pub fn note_lapse(&self, from: u64, lapsed_ms: u64, mark_epoch: u64) {
+        locked(&self.lapses).insert(from, Lapse { ms: lapsed_ms, mark_epoch });
+    }
+
+    /// How long `node` last said it had been without a lease, if it said so knowing every mark
+    /// of it in `state`: a lapse told before the node learnt of a later mark (a mark up, which
+    /// restarts its count) says nothing about it now.
+    fn lapse(&self, node: u64, state: &RegistryState) -> Option<u64> {
+        let known = state.liveness(node).map_or(0, |l| l.epoch);
+        let lapse = locked(&self.lapses).get(&node).copied()?;
+        (lapse.mark_epoch >= known).then_some(lapse.ms)
     }
 
     /// Whether `node` last said it had been without a lease for the down time: some voters may
     /// refuse it for good (they confirmed it down for a leader whose mark was never committed).
-    fn lapsed_long(&self, node: u64) -> bool {
-        locked(&self.lapses).get(&node).is_some_and(|&ms| ms >= DOWN_AFTER_MS)
+    fn lapsed_long(&self, node: u64, state: &RegistryState) -> bool {
+        self.lapse(node, state).is_some_and(|ms| ms >= DOWN_AFTER_MS)
     }
 
     /// A majority granted the round sent at `sent_ms`, the highest epoch among them `epoch`.
@@ -224,7 +266,7 @@ impl Leases {
             refusing.insert(node, state.placement_epoch());
             return true;
         }
-        if locked(&self.lapses).get(&node).is_some_and(|&ms| ms >= STUCK_WITHOUT_LEASE_MS) {
+        if self.lapse(node, state).is_some_and(|ms| ms >= STUCK_WITHOUT_LEASE_MS) {
             refusing.insert(node, state.placement_epoch());
             return self.granted_age(node) >= DOWN_AFTER_MS;
         }
@@ -262,15 +304,24 @@ pub async fn run(svc: Arc<Service>, shutdown: CancellationToken) {
 async fn renew(svc: &Service, state: &RegistryState) {
     let voters = svc.registry.status().voters;
     let sent_ms = svc.clock.now_ms();
+    svc.leases.see_mark(state.liveness(svc.id).map_or(0, |l| l.epoch));
+    let mark_epoch = svc.leases.mark_seen();
     let mut asks: FuturesUnordered<_> = voters
         .iter()
         .map(|&voter| async move {
             let lapsed_ms = svc.leases.lapsed_for();
             if voter == svc.id {
-                svc.leases.note_lapse(svc.id, lapsed_ms);
+                svc.leases.note_lapse(svc.id, lapsed_ms, mark_epoch);
                 return svc.leases.grant(svc.id, state).then_some(state.placement_epoch());
             }
-            match call(svc, state, voter, NodeRequest::Lease { from: svc.id, lapsed_ms }).await {
+            match call(
+                svc,
+                state,
+                voter,
+                NodeRequest::Lease { from: svc.id, lapsed_ms, mark_epoch },
+            )
+            .await
+            {
                 Some(NodeResponse::Lease { granted: true, epoch }) => Some(epoch),
                 _ => None,
             }
@@ -327,7 +378,9 @@ async fn watch(svc: &Service, state: &RegistryState, node: u64) {
     // confirmed it down to a leader whose mark was never committed; it says how long it has
     // been without a lease, and a confirmation round then marks it down (and it is marked up
     // again once heard), which ends those refusals.
-    if leases.heard_age(node) < DOWN_AFTER_MS && !leases.refuses(node) && !leases.lapsed_long(node)
+    if leases.heard_age(node) < DOWN_AFTER_MS
+        && !leases.refuses(node)
+        && !leases.lapsed_long(node, state)
     {
         return;
     }
@@ -428,13 +481,13 @@ mod tests {
         let s = cluster();
         clock.advance_ms(DOWN_AFTER_MS);
         assert!(leases.grant(2, &s) && leases.grant(3, &s));
-        leases.note_lapse(3, 10);
+        leases.note_lapse(3, 10, 0);
         assert!(!leases.confirm_down(3, &s), "heard, and without a lease only briefly");
         assert!(leases.grant(3, &s), "and still granted");
-        leases.note_lapse(2, STUCK_WITHOUT_LEASE_MS - 1);
+        leases.note_lapse(2, STUCK_WITHOUT_LEASE_MS - 1, 0);
         assert!(!leases.confirm_down(2, &s), "a lapse a whole cluster's start can make");
         assert!(leases.grant(2, &s));
-        leases.note_lapse(2, STUCK_WITHOUT_LEASE_MS);
+        leases.note_lapse(2, STUCK_WITHOUT_LEASE_MS, 0);
         assert!(!leases.confirm_down(2, &s), "granted just now: its lease may run");
         assert!(!leases.grant(2, &s), "refused from the question on");
         clock.advance_ms(DOWN_AFTER_MS - 1);
@@ -442,6 +495,47 @@ mod tests {
         assert!(!leases.confirm_down(2, &s), "its last grant is not the down time old yet");
         clock.advance_ms(1);
         assert!(leases.confirm_down(2, &s), "every lease this voter helped make has ended");
+    }
+
+    #[test]
+    fn a_lapse_told_before_the_node_learnt_of_its_mark_up_is_not_taken() {
+        // Goal: once a node is marked up, a voter does not take a long lapse it told before it
+        // learnt of that mark (it restarts its count then), so the node is not refused and
+        // marked down again before its first round since could win a lease; a lapse told
+        // knowing the mark is taken. With two voters, one stale lapse each way kept both nodes
+        // marked down and up for good.
+        let clock = Arc::new(ManualClock::new(10_000));
+        let leases = Leases::new(clock.clone());
+        let mut s = cluster();
+        clock.advance_ms(DOWN_AFTER_MS);
+        apply(&mut s, Command::MarkDown { id: 2 }).expect("down");
+        apply(&mut s, Command::MarkUp { id: 2 }).expect("up");
+        let up = s.liveness(2).expect("marked").epoch;
+        assert!(leases.grant(2, &s));
+        leases.note_lapse(2, STUCK_WITHOUT_LEASE_MS, up - 1);
+        assert!(!leases.lapsed_long(2, &s), "told before the mark up");
+        assert!(!leases.confirm_down(2, &s));
+        assert!(leases.grant(2, &s), "not refused");
+        leases.note_lapse(2, STUCK_WITHOUT_LEASE_MS, up);
+        assert!(leases.lapsed_long(2, &s), "told knowing the mark up");
+        assert!(!leases.confirm_down(2, &s), "granted just now");
+        assert!(!leases.grant(2, &s), "refused from the question on");
+    }
+
+    #[test]
+    fn a_node_counts_its_time_without_a_lease_from_its_latest_mark() {
+        // Goal: a node without a lease since its start counts from there, and from the moment
+        // it sees a newer mark of itself; an older or the same mark changes nothing.
+        let clock = Arc::new(ManualClock::new(10_000));
+        let leases = Leases::new(clock.clone());
+        clock.advance_ms(3_000);
+        assert_eq!(leases.lapsed_for(), 3_000);
+        leases.see_mark(7);
+        assert_eq!((leases.lapsed_for(), leases.mark_seen()), (0, 7));
+        clock.advance_ms(500);
+        leases.see_mark(7);
+        leases.see_mark(6);
+        assert_eq!((leases.lapsed_for(), leases.mark_seen()), (500, 7));
     }
 
     #[test]

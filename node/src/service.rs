@@ -172,12 +172,12 @@ impl Service {
                 };
                 NodeResponse::Replicated(crate::replicate::take(self, from, appends).await)
             }
-            NodeRequest::Lease { from, lapsed_ms } if from_node => {
+            NodeRequest::Lease { from, lapsed_ms, mark_epoch } if from_node => {
                 let from = match peer.role {
                     Role::Node(id) => id,
                     _ => from,
                 };
-                self.leases.note_lapse(from, lapsed_ms);
+                self.leases.note_lapse(from, lapsed_ms, mark_epoch);
                 let state = self.registry.state();
                 NodeResponse::Lease {
                     granted: self.leases.grant(from, &state),

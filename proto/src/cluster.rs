@@ -310,7 +310,9 @@ pub enum NodeRequest {
     /// A node asks a registry voter to renew its lease (docs/REPLICATION.md, "Node leases"),
     /// saying how long it has been without one (`lapsed_ms`): a node some voters refuse for good,
     /// after a mark down that was never committed, is then marked down and up by the leader.
-    Lease { from: u64, lapsed_ms: u64 },
+    /// `mark_epoch` is the epoch of the latest mark down or up of the sender its registry has
+    /// applied (0: none): a voter that knows a later mark takes the lapse as told before it.
+    Lease { from: u64, lapsed_ms: u64, mark_epoch: u64 },
     /// The registry leader asks a voter to confirm that `node` has not renewed its lease for the
     /// down time; a voter that confirms refuses that node's leases until it is marked up.
     ConfirmDown { node: u64 },

@@ -20,7 +20,9 @@ use serde::{de::DeserializeOwned, Deserialize, Serialize};
 /// Version 9: catch-up by snapshot (`NodeRequest::CatchUp`, `SnapshotTake`, `SnapshotRead`,
 /// `SnapshotDone`).
 /// Version 10: joins and drains with R > 1 (`NodeRequest::Enter`, `NodeResponse::Entered`).
-pub const WIRE_VERSION: u16 = 10;
+/// Version 11: a lease request says which mark of its sender the sender knows
+/// (`NodeRequest::Lease::mark_epoch`).
+pub const WIRE_VERSION: u16 = 11;
 
 /// The largest message either side encodes or decodes, in bytes: 64 MiB. It is also the
 /// transport's frame limit (`transport::FRAME_BYTES_MAX`): one message fills one frame. It bounds

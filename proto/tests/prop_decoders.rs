@@ -174,7 +174,11 @@ fn node_request() -> impl Strategy<Value = NodeRequest> {
         (text(), any::<u64>(), any::<u64>()).prop_map(|(tenant, ballot, after)| {
             NodeRequest::FetchRecords { tenant, ballot, after }
         }),
-        any::<(u64, u64)>().prop_map(|(from, lapsed_ms)| NodeRequest::Lease { from, lapsed_ms }),
+        any::<(u64, u64, u64)>().prop_map(|(from, lapsed_ms, mark_epoch)| NodeRequest::Lease {
+            from,
+            lapsed_ms,
+            mark_epoch
+        }),
         (any::<u64>(), text(), any::<u64>())
             .prop_map(|(from, tenant, epoch)| NodeRequest::CatchUp { from, tenant, epoch }),
         (any::<u64>(), text())

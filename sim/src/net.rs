@@ -164,7 +164,7 @@ fn prefixes() -> &'static Prefixes {
             (sample(NodeRequest::Gossip { from: 0, heartbeats: Vec::new() }), "gossip"),
             (sample(NodeRequest::ViewPage { after: String::new(), limit: 0 }), "view-page"),
             (sample(NodeRequest::Replicate { from: 0, appends: Vec::new() }), "replicate"),
-            (sample(NodeRequest::Lease { from: 0, lapsed_ms: 0 }), "lease"),
+            (sample(NodeRequest::Lease { from: 0, lapsed_ms: 0, mark_epoch: 0 }), "lease"),
             (sample(NodeRequest::ConfirmDown { node: 0 }), "confirm-down"),
             (sample(NodeRequest::Prepare { tenant: String::new(), ballot: 0 }), "prepare"),
             (
