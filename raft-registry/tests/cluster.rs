@@ -322,6 +322,40 @@ async fn join_and_remove_while_writing() -> anyhow::Result<()> {
     .await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_finishes_a_removal_whose_membership_change_never_ran() -> anyhow::Result<()> {
+    // Goal: a node recorded as removed but still a Raft voter (its removal stopped between the
+    // two steps) is listed as an unfinished removal; a follower's `finish_removals` does
+    // nothing, the leader's takes it out of the membership, after which none is left and
+    // the registry still commits.
+    bounded_test(async {
+        let mut c = three_nodes().await?;
+        let leader = c.leader(&[]).await?;
+        let gone = [1, 2, 3].into_iter().find(|id| *id != leader).expect("two followers");
+        c.node(leader)?.drain_node(gone).await?;
+        finish_handoffs(&c).await?;
+        // Only the registry's step of the removal, as a leader that stopped after it leaves.
+        let done = c.write(Command::NodeRemove { id: gone }).await??;
+        c.stop(gone).await?;
+        let leader = c.leader(&[gone]).await?;
+        let follower = [1, 2, 3].into_iter().find(|id| *id != leader && *id != gone).expect("one");
+        applied(&*c.node(follower)?, done.log_index).await?;
+        applied(&*c.node(leader)?, done.log_index).await?;
+        assert_eq!(c.node(leader)?.removals_unfinished(), vec![gone]);
+        assert!(c.node(leader)?.status().voters.contains(&gone), "still a voter");
+
+        c.node(follower)?.finish_removals().await?;
+        assert!(c.node(leader)?.status().voters.contains(&gone), "a follower changes nothing");
+        c.node(leader)?.finish_removals().await?;
+        let rest: Vec<u64> = [1, 2, 3].into_iter().filter(|id| *id != gone).collect();
+        assert_eq!(c.node(leader)?.status().voters, rest);
+        assert!(c.node(leader)?.removals_unfinished().is_empty());
+        c.write(add_tenant("after")).await??;
+        Ok(())
+    })
+    .await
+}
+
 /// A one-node cluster whose joins give up on a learner that does not catch up within 2 s.
 async fn bootstrapped_with_short_catchup() -> anyhow::Result<Cluster> {
     let config =
