@@ -759,32 +759,46 @@ impl Replication {
                 _ => link.forget(&w.tenant),
             }
         }
-        let work = keep;
+        // Records still kept in memory go without a hop to the blocking pool; the rest, and
+        // probes, are read there.
+        let mut shipments = Vec::with_capacity(keep.len());
+        let mut slow = Vec::new();
+        for w in keep {
+            match (!w.probe).then(|| self.store.shipment_in_memory(&w.tenant, w.after, w.upto)) {
+                Some(Some(shipment)) => shipments.push((w, Ok(shipment))),
+                _ => slow.push(w),
+            }
+        }
         let store = self.store.clone();
-        let shipments = crate::blocking::spawn(move || {
-            work.into_iter()
-                .map(|w| {
-                    let shipment = if w.probe {
-                        // At the backup's end after the cut, if one is asked, else at `upto`.
-                        let at = if w.truncate.is_some() { w.after } else { w.upto };
-                        store.replica_state(&w.tenant).map(|r| match r.ballots.ballot_of(at) {
-                            Some(ballot) => Shipment::Records {
-                                prev: LogPosition { ballot, lsn: at },
-                                ballot,
-                                bytes: Vec::new(),
-                                last_lsn: at,
-                            },
-                            None => Shipment::Checkpointed,
-                        })
-                    } else {
-                        store.shipment(&w.tenant, w.after, w.upto)
-                    };
-                    (w, shipment)
-                })
-                .collect::<Vec<_>>()
-        })
-        .await
-        .unwrap_or_default();
+        let read = if slow.is_empty() {
+            Vec::new()
+        } else {
+            crate::blocking::spawn(move || {
+                slow.into_iter()
+                    .map(|w| {
+                        let shipment = if w.probe {
+                            // At the backup's end after the cut, if one is asked, else at `upto`.
+                            let at = if w.truncate.is_some() { w.after } else { w.upto };
+                            store.replica_state(&w.tenant).map(|r| match r.ballots.ballot_of(at) {
+                                Some(ballot) => Shipment::Records {
+                                    prev: LogPosition { ballot, lsn: at },
+                                    ballot,
+                                    bytes: Vec::new(),
+                                    last_lsn: at,
+                                },
+                                None => Shipment::Checkpointed,
+                            })
+                        } else {
+                            store.shipment(&w.tenant, w.after, w.upto)
+                        };
+                        (w, shipment)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .unwrap_or_default()
+        };
+        shipments.extend(read);
         let (mut appends, mut sent, mut bytes) = (Vec::new(), Vec::new(), 0usize);
         for (w, shipment) in shipments {
             let tenant = w.tenant;

@@ -13,9 +13,9 @@ use std::path::Path;
 use super::ballots::{BallotError, Ballots, LogPosition};
 use super::error::StoreError;
 use super::recovery::check_record;
-use super::tenant::TenantPaths;
+use super::tenant::{Tail, TenantPaths};
 use super::wal::{decode_next, parse_segment_name, segment_name, Next};
-use super::{check_tenant_id, lock_slot, Store};
+use super::{check_tenant_id, lock_slot, tried, Store};
 
 /// The most bytes of records [`Store::log_from`] returns at once (at least one record, however
 /// large): a batch is one message between nodes.
@@ -68,6 +68,25 @@ pub enum LogTail {
     Checkpointed,
 }
 
+/// The records kept in `tail` that follow `prev` under one ballot, up to `upto` and at most
+/// [`REPLICA_BATCH_BYTES_MAX`] bytes (at least one record); `None` when the tail no longer
+/// holds the record after `prev`.
+fn records_from_tail(tail: &Tail, prev: LogPosition, upto: u64) -> Option<Shipment> {
+    let after = prev.lsn;
+    let start = tail.records.partition_point(|r| r.lsn <= after);
+    let first = tail.records.get(start).filter(|r| r.lsn == after + 1)?;
+    let (ballot, mut bytes, mut last_lsn) = (first.ballot, Vec::new(), after);
+    for r in tail.records.range(start..) {
+        let fits = bytes.is_empty() || bytes.len() + r.framed.len() <= REPLICA_BATCH_BYTES_MAX;
+        if r.lsn != last_lsn + 1 || r.lsn > upto || r.ballot != ballot || !fits {
+            break;
+        }
+        bytes.extend_from_slice(&r.framed);
+        last_lsn = r.lsn;
+    }
+    Some(Shipment::Records { prev, ballot, bytes, last_lsn })
+}
+
 impl Store {
     /// Switches on (or off) keeping every loaded tenant's newest records in memory for its
     /// backups: on while the cluster replicates. Tenants loaded later follow the switch.
@@ -96,21 +115,7 @@ impl Store {
                 return Ok(Some((ballots, Some(Shipment::Checkpointed))));
             };
             let prev = LogPosition { ballot: prev_ballot, lsn: after };
-            let kept = t.with_tail(|tail| {
-                let start = tail.records.partition_point(|r| r.lsn <= after);
-                let first = tail.records.get(start).filter(|r| r.lsn == after + 1)?;
-                let (ballot, mut bytes, mut last_lsn) = (first.ballot, Vec::new(), after);
-                for r in tail.records.range(start..) {
-                    let fits =
-                        bytes.is_empty() || bytes.len() + r.framed.len() <= REPLICA_BATCH_BYTES_MAX;
-                    if r.lsn != last_lsn + 1 || r.lsn > upto || r.ballot != ballot || !fits {
-                        break;
-                    }
-                    bytes.extend_from_slice(&r.framed);
-                    last_lsn = r.lsn;
-                }
-                Some(Shipment::Records { prev, ballot, bytes, last_lsn })
-            });
+            let kept = t.with_tail(|tail| records_from_tail(tail, prev, upto));
             Ok(Some((ballots, kept)))
         })?;
         if let Some(shipment) = kept {
@@ -138,6 +143,28 @@ impl Store {
                 Ok(Shipment::Records { prev, ballot, bytes, last_lsn: last })
             }
         }
+    }
+
+    /// [`Self::shipment`] from the records kept in memory alone, without waiting for any lock
+    /// another thread holds and without touching the disk, so an async task may call it:
+    /// `None` when that cannot answer (the tenant is not loaded or is busy, the records no
+    /// longer reach back to `after`, `after` was checkpointed); the caller then asks
+    /// [`Self::shipment`] on the blocking pool. Saves a primary's replication a hop to that
+    /// pool and back for each message in the common case.
+    pub fn shipment_in_memory(&self, tenant: &str, after: u64, upto: u64) -> Option<Shipment> {
+        let slot = self.slots.read().expect("slot map lock poisoned").get(tenant).cloned()?;
+        let t = tried(slot.state.try_lock())?.tenant.clone()?;
+        if t.is_closed() {
+            return None;
+        }
+        let upto = upto.min(t.try_durable_lsn()?);
+        if after >= upto {
+            return Some(Shipment::Nothing);
+        }
+        let prev = LogPosition { ballot: t.try_ballot_of(after)??, lsn: after };
+        let shipment = t.try_with_tail(|tail| records_from_tail(tail, prev, upto))??;
+        t.touch(self.clock.now_ms());
+        Some(shipment)
     }
 
     /// Drops the records kept in memory for backups up to `lsn` (every backup holds them), if

@@ -235,6 +235,11 @@ impl Tenant {
         f(&self.tail())
     }
 
+    /// [`Self::with_tail`], or `None` if another thread holds the tail now.
+    pub(crate) fn try_with_tail<R>(&self, f: impl FnOnce(&Tail) -> R) -> Option<R> {
+        tried(self.tail.try_lock()).map(|tail| f(&tail))
+    }
+
     /// Drops the kept records up to `lsn`: every backup holds them.
     pub(crate) fn trim_tail(&self, lsn: u64) {
         // Under the gate: a closed tenant's memory was already taken out of the store's count.
@@ -312,6 +317,11 @@ impl Tenant {
     /// The LSN of the newest durable record (records logged after it may still fail).
     pub(crate) fn durable_lsn(&self) -> u64 {
         self.wal.durable_lsn()
+    }
+
+    /// [`Self::durable_lsn`], or `None` if another thread holds the log's lock now.
+    pub(crate) fn try_durable_lsn(&self) -> Option<u64> {
+        self.wal.try_durable_lsn()
     }
 
     /// True once a log write failed: the tenant's memory may hold changes that are not durable.
@@ -594,6 +604,14 @@ impl Tenant {
 
     fn ballots(&self) -> MutexGuard<'_, Ballots> {
         self.ballots.lock().expect("ballots lock poisoned: a thread panicked while holding it")
+    }
+
+    /// The ballot of record `lsn` in this replica's history (`Some(None)`: below what it keeps),
+    /// or `None` if another thread holds the gate or the ballots now.
+    pub(crate) fn try_ballot_of(&self, lsn: u64) -> Option<Option<u64>> {
+        let _gate = tried(self.gate.try_read())?;
+        let ballots = tried(self.ballots.try_lock())?;
+        Some(ballots.ballot_of(lsn))
     }
 
     /// This replica's ballots and the lsn of its log's last record.

@@ -345,6 +345,11 @@ impl Wal {
         self.lock().synced_lsn
     }
 
+    /// [`Self::durable_lsn`], or `None` if another thread holds the log's lock now.
+    pub(crate) fn try_durable_lsn(&self) -> Option<u64> {
+        super::tried(self.state.try_lock()).map(|st| st.synced_lsn)
+    }
+
     pub(crate) fn failed(&self) -> bool {
         self.lock().failed.is_some()
     }

@@ -199,6 +199,40 @@ fn a_primary_ships_one_ballot_at_a_time_from_memory_or_disk() {
     assert_eq!(primary.shipment(T, 7, 7).expect("shipment"), Shipment::Nothing);
 }
 
+// Goal: the shipment built from memory alone is the one `shipment` builds, while the tenant is
+// loaded and its kept records reach back far enough; it answers nothing (so the caller reads on
+// the blocking pool) when the tenant is not loaded, the kept records were given back, or
+// another thread holds the tenant's slot, and never loads a tenant.
+#[test]
+fn a_shipment_from_memory_is_the_same_or_none() {
+    let (da, db) = (tempfile::tempdir().expect("dir"), tempfile::tempdir().expect("dir"));
+    let (primary, backup) = (open(da.path()), open(db.path()));
+    primary.keep_tails(true);
+    assert_eq!(primary.shipment_in_memory(T, 0, 1), None, "no such tenant loaded");
+    write(&primary, "notes", "a", 3); // records 1..=4 under no ballot (0)
+    primary.lead(T, 2).expect("store").expect("ballot");
+    write(&primary, "todo", "b", 2); // records 5..=7 under ballot 2
+    for (after, upto) in [(0, 7), (0, 2), (4, 7), (2, 9)] {
+        let slow = primary.shipment(T, after, upto).expect("shipment");
+        assert_eq!(primary.shipment_in_memory(T, after, upto), Some(slow), "{after}..{upto}");
+    }
+    assert_eq!(primary.shipment_in_memory(T, 7, 7), Some(Shipment::Nothing));
+    let first = primary.shipment_in_memory(T, 0, 7).expect("from memory");
+    assert_eq!(take(&backup, first), LogPosition { ballot: 0, lsn: 4 });
+
+    {
+        let slot = primary.slot(T);
+        let _busy = slot.state.lock().expect("slot");
+        assert_eq!(primary.shipment_in_memory(T, 4, 7), None, "the slot is busy: no wait");
+    }
+    primary.trim_tail(T, 5);
+    assert_eq!(primary.shipment_in_memory(T, 4, 7), None, "record 5 is no longer kept");
+    assert!(primary.shipment_in_memory(T, 5, 7).is_some());
+    primary.unload(T).expect("unload");
+    assert_eq!(primary.shipment_in_memory(T, 5, 7), None, "not loaded");
+    assert_eq!(primary.durable_lsn_if_loaded(T), None, "and not loaded by asking");
+}
+
 /// Copies snapshot `image` of `from` into `to`'s staging, as the node copies it between nodes.
 fn stage_snapshot(from: &Store, to: &Store, image: &crate::store::SnapshotImage) {
     to.stage_begin(T).expect("staging");
