@@ -199,10 +199,36 @@ pub fn http() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder().timeout(Duration::from_secs(10)).build().unwrap()
 }
 
+/// How many times [`get`] sends a request again whose outcome the cluster could not tell.
+const UNKNOWN_OUTCOME_RETRIES: usize = 3;
+
 /// GET `path` (relative to /api/v2) with a Bearer key; returns status and body.
+///
+/// A 503 saying the request's outcome is unknown (its backups did not confirm it within the
+/// node's replication wait, e.g. while the machine's other work stalls the disk) is sent again
+/// after its Retry-After, as an SQ client does, at most [`UNKNOWN_OUTCOME_RETRIES`] times; each
+/// retry is printed. Every other answer is returned as it came.
 pub fn get(base: &str, key: &str, path: &str) -> (u16, String) {
-    let r = http().get(format!("{base}{path}")).bearer_auth(key).send().unwrap();
-    (r.status().as_u16(), r.text().unwrap())
+    let mut retries = 0;
+    loop {
+        let r = http().get(format!("{base}{path}")).bearer_auth(key).send().unwrap();
+        let status = r.status().as_u16();
+        let wait = r
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+            .unwrap_or(1);
+        let body = r.text().unwrap();
+        if status != 503
+            || !body.contains("outcome is unknown")
+            || retries == UNKNOWN_OUTCOME_RETRIES
+        {
+            return (status, body);
+        }
+        retries += 1;
+        eprintln!("{path}: {body}; sending it again in {wait} s");
+        std::thread::sleep(Duration::from_secs(wait));
+    }
 }
 
 /// Runs the recorded conformance cases against `base` with `key`; returns failures as text.
