@@ -154,7 +154,7 @@ enum ClusterCommand {
     /// Every node with its state, health and tenant count.
     Nodes,
     /// Set R, how many nodes hold each tenant (1 to 5; a write waits for a majority of them).
-    /// Once there are tenants it moves by one at a time, and is not raised from 1; a raise adds
+    /// Once there are tenants it moves by one at a time; a raise adds
     /// a copy of every tenant, caught up while it serves (`admin cluster health` shows it).
     Replicas { replicas: u64 },
 }

@@ -577,9 +577,23 @@ fn a_join_and_a_drain_swap_one_copy_each_and_lose_nothing() {
 // each tenant end in sync, and after a clean stop the three copies are byte for byte the same.
 #[test]
 fn raising_r_adds_a_third_copy_of_every_tenant() {
+    raise_r_under_writes(2);
+}
+
+// Goal: as above, from R = 1: tenants written with one copy each (no ballots, no leases) gain a
+// second copy, then a third, one raise at a time, while a client writes; nothing written before
+// or during the raises is lost, and the copies end the same.
+#[test]
+fn raising_r_from_one_replicates_tenants_written_with_one_copy() {
+    raise_r_under_writes(1);
+}
+
+/// A three-node cluster formed with R = `from`, holding tenants, has R raised to 3 one step at
+/// a time while a client writes (the goals above).
+fn raise_r_under_writes(from: u8) {
     let _one = ONE_CLUSTER_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let tmp = tempfile::tempdir().expect("dir");
-    let mut cluster = cluster_with(tmp.path(), 3, 2);
+    let mut cluster = cluster_with(tmp.path(), 3, from);
     let demo = cluster.demo_key();
     let mut tenants = vec![("demo".to_string(), demo.clone())];
     for i in 0..6 {
@@ -592,21 +606,27 @@ fn raising_r_adds_a_third_copy_of_every_tenant() {
             let (status, body) = update_retrying(&cluster, key, "notes", i, t);
             assert_eq!(status, 200, "{body}");
         }
-        assert_eq!(replica_set(&cluster, t).len(), 2, "{t}: two copies with R = 2");
+        assert_eq!(replica_set(&cluster, t).len(), usize::from(from), "{t}: {from} copies");
     }
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let load = Load { stop: stop.clone(), writer: writer(cluster.url(), demo.clone(), stop) };
     std::thread::sleep(Duration::from_millis(500));
 
-    let raised = Instant::now();
-    let (status, body) =
-        admin(&cluster, Method::POST, "/admin/replicas", Some(serde_json::json!({"replicas": 3})));
-    assert_eq!((status, &body["replicas"]), (200, &serde_json::json!(3)), "{body}");
-    let took = common::settle(&cluster, "raise R");
-    eprintln!(
-        "R 2 -> 3: every set change committed {took:?} after the raise ({:?})",
-        raised.elapsed()
-    );
+    for r in from + 1..=3 {
+        let raised = Instant::now();
+        let body = serde_json::json!({ "replicas": r });
+        let (status, answer) = admin(&cluster, Method::POST, "/admin/replicas", Some(body));
+        assert_eq!((status, &answer["replicas"]), (200, &serde_json::json!(r)), "{answer}");
+        let took = common::settle(&cluster, "raise R");
+        eprintln!(
+            "R {} -> {r}: every set change committed {took:?} after the raise ({:?})",
+            r - 1,
+            raised.elapsed()
+        );
+        for (t, _) in &tenants {
+            assert_eq!(replica_set(&cluster, t).len(), usize::from(r), "{t} with R = {r}");
+        }
+    }
     load.stop_and_read_back(&cluster, &demo);
     for (t, key) in &tenants {
         let set = replica_set(&cluster, t);

@@ -82,7 +82,7 @@ async fn run(svc: &Service, admin_key_hash: &str, op: AdminOp) -> Result<AdminAn
                         raft_registry::REPLICAS_MAX
                     ))
                 })?;
-            commit(svc, Command::SetReplicas { replicas }).await?;
+            commit(svc, Command::ChangeReplicas { replicas }).await?;
             Ok(AdminAnswer::Health(Box::new(crate::stats::health(svc, &svc.registry.state()))))
         }
         AdminOp::PurgeTenant { tenant_id } => {

@@ -40,7 +40,7 @@ pub struct NodeConfig {
     /// R, the number of nodes that hold each tenant (1 to 5), recorded in the registry when the
     /// bootstrap node forms a new cluster. Unused on other nodes and on a cluster already formed
     /// (`sq-cloud admin cluster replicas` changes it later: by one at a time once there are
-    /// tenants, never up from 1). Default 3.
+    /// tenants). Default 3.
     /// A cluster with fewer active nodes keeps as many copies as it has nodes.
     #[serde(default = "default_replicas")]
     pub replicas: u8,

@@ -116,7 +116,8 @@ pub fn touched(command: &Command) -> Option<Touched> {
         Command::SetAdminKeyHash { .. }
         | Command::NodeJoin { .. }
         | Command::NodeRemove { .. }
-        | Command::SetReplicas { .. } => None,
+        | Command::SetReplicas { .. }
+        | Command::ChangeReplicas { .. } => None,
         // Each command of a batch is recorded on its own, when it is applied.
         Command::Batch(_) => None,
     }

@@ -78,8 +78,10 @@ pub enum Command {
     /// a burst of them costs one Raft round ([`crate::registry::Registry::write`]). At most
     /// [`BATCH_COMMANDS_MAX`], none of them a batch.
     Batch(Vec<Command>),
-    /// Sets R, the number of nodes that hold each tenant (docs/REPLICATION.md): 1 to
-    /// [`REPLICAS_MAX`]. A cluster of fewer active nodes keeps as many copies as it has nodes.
+    /// Sets R as [`Command::ChangeReplicas`] does, except that with tenants it is never raised
+    /// from 1 ([`Rejection::ReplicasRaisedFromOne`]). Kept so that entries logged by builds
+    /// that proposed it apply as they did: a node replaying its log after its snapshot must
+    /// reach the state the others reached. Nothing proposes it now.
     SetReplicas {
         replicas: u8,
     },
@@ -92,6 +94,12 @@ pub enum Command {
     /// A node marked down renews its lease again. Bumps the placement epoch.
     MarkUp {
         id: u64,
+    },
+    /// Sets R, the number of nodes that hold each tenant (docs/REPLICATION.md): 1 to
+    /// [`REPLICAS_MAX`]. A cluster of fewer active nodes keeps as many copies as it has nodes.
+    /// With tenants, R moves by one at a time, from 1 too.
+    ChangeReplicas {
+        replicas: u8,
     },
 }
 
@@ -145,10 +153,8 @@ pub enum Rejection {
     InvalidBatch,
     #[error("the replication factor must be 1 to {REPLICAS_MAX}")]
     InvalidReplicas,
-    #[error(
-        "a cluster with R = 1 and tenants ({0} of them) keeps each on one copy with no ballots, \
-         and R cannot be raised over them; set R before adding tenants"
-    )]
+    /// Only for [`Command::SetReplicas`], which older builds proposed.
+    #[error("a cluster with R = 1 and tenants ({0} of them) is not raised by this older command")]
     ReplicasRaisedFromOne(usize),
     #[error(
         "with R = {replicas}, a node can be drained only while more than R nodes are active \
@@ -236,7 +242,8 @@ pub fn apply(state: &mut RegistryState, cmd: Command) -> Result<(), Rejection> {
         Command::PurgeTenant { id } => purge_tenant(state, &id),
         // The state machine applies a batch's commands one by one (state_machine::apply_one).
         Command::Batch(_) => Err(Rejection::InvalidBatch),
-        Command::SetReplicas { replicas } => set_replicas(state, replicas),
+        Command::SetReplicas { replicas } => set_replicas(state, replicas, false),
+        Command::ChangeReplicas { replicas } => set_replicas(state, replicas, true),
         Command::MarkDown { id } => {
             let node = state.nodes.get(&id).ok_or(Rejection::NoSuchNode(id))?;
             if node.state != NodeState::Active {
@@ -272,8 +279,9 @@ pub fn valid_batch(commands: &[Command]) -> bool {
 /// `from` = `to`, and the entering copy is caught up before it counts alone
 /// (docs/REPLICATION.md, "Changing R"). A lowered R drops the last node of each set, under a new
 /// epoch; a majority of the smaller set still meets every write acknowledged before, which
-/// lowered by two or more at once it need not.
-fn set_replicas(state: &mut RegistryState, replicas: u8) -> Result<(), Rejection> {
+/// lowered by two or more at once it need not. A raise from 1 only if `from_one` (it is for
+/// [`Command::ChangeReplicas`], not for the older [`Command::SetReplicas`]).
+fn set_replicas(state: &mut RegistryState, replicas: u8, from_one: bool) -> Result<(), Rejection> {
     if !(1..=REPLICAS_MAX).contains(&replicas) {
         return Err(Rejection::InvalidReplicas);
     }
@@ -302,7 +310,7 @@ fn set_replicas(state: &mut RegistryState, replicas: u8) -> Result<(), Rejection
         }
         return Ok(());
     }
-    if state.replicas == 1 {
+    if state.replicas == 1 && !from_one {
         return Err(Rejection::ReplicasRaisedFromOne(state.tenants.len()));
     }
     let (before, r_before) = (state.ring.clone(), state.replicas());

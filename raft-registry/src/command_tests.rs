@@ -313,7 +313,7 @@ fn purge_destroys_an_archived_tenant_and_retires_its_id() {
 #[test]
 fn the_replication_factor_is_set_within_its_limits() {
     // Goal: R starts at 1, is set to 1..=REPLICAS_MAX, and 0 or more than the limit is refused
-    // without change; with tenants it moves by one at a time, and is never raised from 1; each
+    // without change; with tenants it moves by one at a time, from 1 too (but not by the older command); each
     // tenant's replica set is the first R active nodes, owner first, and never more nodes than
     // are active.
     let mut s = RegistryState::default();
@@ -325,19 +325,33 @@ fn the_replication_factor_is_set_within_its_limits() {
     check(
         &mut s,
         vec![
-            (Command::SetReplicas { replicas: 0 }, Err(Rejection::InvalidReplicas)),
-            (Command::SetReplicas { replicas: REPLICAS_MAX + 1 }, Err(Rejection::InvalidReplicas)),
-            (Command::SetReplicas { replicas: 2 }, Ok(())),
+            (Command::ChangeReplicas { replicas: 0 }, Err(Rejection::InvalidReplicas)),
+            (
+                Command::ChangeReplicas { replicas: REPLICAS_MAX + 1 },
+                Err(Rejection::InvalidReplicas),
+            ),
+            (Command::ChangeReplicas { replicas: 2 }, Ok(())),
             (new_tenant("acme", "k1"), Ok(())),
             (
-                Command::SetReplicas { replicas: 4 },
+                Command::ChangeReplicas { replicas: 4 },
                 Err(Rejection::ReplicasChangedByMoreThanOne { from: 2, to: 4 }),
             ),
-            (Command::SetReplicas { replicas: 1 }, Ok(())),
+            (Command::ChangeReplicas { replicas: 1 }, Ok(())),
+            // The command older builds proposed applies as it did: never a raise from 1.
             (Command::SetReplicas { replicas: 2 }, Err(Rejection::ReplicasRaisedFromOne(1))),
         ],
     );
     assert_eq!(s.replica_set("acme"), vec![s.owner_of("acme").expect("owned")]);
+    // Raised from 1 as from any R: the one copy's node stays first, and the next node on the
+    // ring enters the set under a new epoch (a change whose leaving node is the entering one).
+    let (owner, epoch) = (s.owner_of("acme").expect("owned"), s.placement_epoch());
+    check(&mut s, vec![(Command::ChangeReplicas { replicas: 2 }, Ok(()))]);
+    let set = s.replica_set("acme");
+    assert_eq!((set.len(), set[0]), (2, owner), "{set:?}");
+    let h = s.handoff("acme").expect("the set's change is recorded").clone();
+    assert_eq!((h.from, h.to, h.epoch), (set[1], set[1], epoch + 1), "{h:?}");
+    assert_eq!(s.placement_epoch(), epoch + 1);
+    check(&mut s, vec![(Command::HandoffDone { tenant: "acme".into(), epoch: h.epoch }, Ok(()))]);
     s.replicas = 3;
     let set = s.replica_set("acme");
     assert_eq!(set.len(), 3);
@@ -448,7 +462,7 @@ fn with_three_replicas_a_join_or_drain_swaps_one_node_per_set() {
     assert!(s.handoffs().all(|h| h.from == 2 && h.to != 2));
     assert!(s.handoffs().count() > 0);
     let pending = s.handoffs().count();
-    let lower = Command::SetReplicas { replicas: 2 };
+    let lower = Command::ChangeReplicas { replicas: 2 };
     check(&mut s, vec![(lower, Err(Rejection::HandoffsPending(pending)))]);
 }
 
@@ -461,7 +475,7 @@ fn with_three_replicas_a_join_grows_sets_below_r() {
     let mut s = RegistryState::default();
     apply(&mut s, join(1)).expect("joins");
     apply(&mut s, Command::NodeActivate { id: 1 }).expect("activates");
-    apply(&mut s, Command::SetReplicas { replicas: 3 }).expect("R = 3");
+    apply(&mut s, Command::ChangeReplicas { replicas: 3 }).expect("R = 3");
     for i in 0..20 {
         apply(&mut s, new_tenant(&format!("t{i}"), &format!("k{i}"))).expect("adds");
     }
@@ -497,7 +511,7 @@ fn raising_r_with_tenants_grows_every_set_by_its_next_node() {
     let (mut s, tenants) = cluster_with_tenants(4, 2, 30);
     let before: Vec<Vec<u64>> = tenants.iter().map(|t| s.replica_set(t)).collect();
     let epoch = s.placement_epoch();
-    check(&mut s, vec![(Command::SetReplicas { replicas: 3 }, Ok(()))]);
+    check(&mut s, vec![(Command::ChangeReplicas { replicas: 3 }, Ok(()))]);
     assert_eq!(s.placement_epoch(), epoch + 1, "a new configuration, a new ballot");
     assert_eq!(s.handoffs().count(), tenants.len(), "every set grows");
     for (t, old) in tenants.iter().zip(&before) {
@@ -512,8 +526,8 @@ fn raising_r_with_tenants_grows_every_set_by_its_next_node() {
     check(
         &mut s,
         vec![
-            (Command::SetReplicas { replicas: 4 }, Err(pending.clone())),
-            (Command::SetReplicas { replicas: 2 }, Err(pending)),
+            (Command::ChangeReplicas { replicas: 4 }, Err(pending.clone())),
+            (Command::ChangeReplicas { replicas: 2 }, Err(pending)),
         ],
     );
     for (t, old) in tenants.iter().zip(&before) {
@@ -528,7 +542,7 @@ fn raising_r_with_tenants_grows_every_set_by_its_next_node() {
     // Lowered by one, every set loses its last node, under a new epoch.
     let (sets, epoch) =
         (tenants.iter().map(|t| s.replica_set(t)).collect::<Vec<_>>(), s.placement_epoch());
-    check(&mut s, vec![(Command::SetReplicas { replicas: 2 }, Ok(()))]);
+    check(&mut s, vec![(Command::ChangeReplicas { replicas: 2 }, Ok(()))]);
     assert_eq!((s.placement_epoch(), s.handoffs().count()), (epoch + 1, 0));
     for (t, set) in tenants.iter().zip(&sets) {
         assert_eq!(s.replica_set(t), set[..2].to_vec(), "{t}");
@@ -537,7 +551,7 @@ fn raising_r_with_tenants_grows_every_set_by_its_next_node() {
     // Two active nodes and R = 2: a raise to 3 has no node to add.
     let (mut s, _) = cluster_with_tenants(2, 2, 1);
     let epoch = s.placement_epoch();
-    check(&mut s, vec![(Command::SetReplicas { replicas: 3 }, Ok(()))]);
+    check(&mut s, vec![(Command::ChangeReplicas { replicas: 3 }, Ok(()))]);
     assert_eq!((s.placement_epoch(), s.handoffs().count()), (epoch, 0));
     assert_eq!(s.under_replicated(), 1, "two copies of three");
 }
@@ -549,7 +563,7 @@ fn cluster_with_tenants(nodes: u64, replicas: u8, tenants: usize) -> (RegistrySt
         apply(&mut s, join(id)).expect("joins");
         apply(&mut s, Command::NodeActivate { id }).expect("activates");
     }
-    apply(&mut s, Command::SetReplicas { replicas }).expect("sets R");
+    apply(&mut s, Command::ChangeReplicas { replicas }).expect("sets R");
     let tenants: Vec<String> = (0..tenants).map(|i| format!("t{i}")).collect();
     for t in &tenants {
         apply(&mut s, new_tenant(t, &format!("k-{t}"))).expect("adds");

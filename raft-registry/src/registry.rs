@@ -183,7 +183,7 @@ impl Registry {
             // The cluster is being formed: it has no active node, so no tenant is placed yet and
             // R may still be anything. A restart between the two writes sets the same R again.
             if state.replicas() != usize::from(replicas) {
-                self.write(Command::SetReplicas { replicas }).await?;
+                self.write(Command::ChangeReplicas { replicas }).await?;
             }
             self.write(Command::NodeActivate { id: self.id }).await?;
         }

@@ -258,7 +258,7 @@ mod tests {
         let mut state = RegistryState::default();
         let apply = |state: &mut RegistryState, cmd| command::apply(state, cmd).expect("applies");
         apply(&mut state, Command::NodeJoin { id: 1, addr: "a:1".into() });
-        apply(&mut state, Command::SetReplicas { replicas: 3 });
+        apply(&mut state, Command::ChangeReplicas { replicas: 3 });
         apply(&mut state, Command::NodeActivate { id: 1 });
         apply(&mut state, Command::MarkDown { id: 1 });
         for i in 0..n {

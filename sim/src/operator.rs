@@ -284,15 +284,15 @@ const PLANNED_CHANGE_MS: (u64, u64) = (1_000, 6_000);
 const ARCHIVE_AT_MS: (u64, u64) = (8_000, 20_000);
 const PURGE_AFTER_MS: (u64, u64) = (2_000, 6_000);
 
-/// What every run does while the faults go on, at a time its seed picks: R raised to `raise_to`
-/// if given (every tenant's set gains a node); one membership change (a spare joins, or an
+/// What every run does while the faults go on, at a time its seed picks: R raised to each of
+/// `raises` in turn (every tenant's set gains a node each time); one membership change (a spare joins, or an
 /// active node is drained), so that tenants move during the faults; and the extra tenant
 /// `doomed` archived, then purged, while a client still holds its key.
 pub async fn planned(
     world: Arc<World>,
     mut rng: Rng,
     doomed: String,
-    raise_to: Option<u8>,
+    raises: Vec<u8>,
     stop: CancellationToken,
 ) {
     let started = world.now_ms();
@@ -310,7 +310,8 @@ pub async fn planned(
     if !wait_until(rng.range(PLANNED_CHANGE_MS.0, PLANNED_CHANGE_MS.1)).await {
         return;
     }
-    if let Some(replicas) = raise_to {
+    for replicas in raises {
+        // Refused while the sets' changes of the raise before are pending: tried again.
         let op = AdminOp::SetReplicas { replicas: u64::from(replicas) };
         world.trace.event(format!("planned change of R: {op:?}"));
         if !until_stopped(&world, &mut rng, op, &stop).await {

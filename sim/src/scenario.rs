@@ -36,9 +36,12 @@ const PROBE_PHEXT: &str = "probe";
 
 /// The tenant archived and then purged while the faults go on (never checked for data after).
 const DOOMED_TENANT: &str = "tx";
-/// Of the runs with R = 3, the share (permille) that form with R = 2 and raise it to 3 during
-/// the faults, so that a raise of R over tenants meets every fault.
+/// Of the runs with R = 3, the share (permille) that form with a lower R and raise it to 3
+/// during the faults, so that a raise of R over tenants meets every fault.
 const RAISE_R_PERMILLE: u64 = 333;
+/// Of those, the share (permille) that form with R = 1 (one copy, no ballots, no leases) and
+/// raise it twice; the others form with R = 2.
+const RAISE_FROM_ONE_PERMILLE: u64 = 500;
 /// How long the product gives a revoked key to stop working everywhere (PRODUCT §2).
 const REVOCATION_MS: u64 = 1_000;
 /// The phext the quota-edge check writes.
@@ -156,7 +159,11 @@ async fn phases(
     all_tenants.push(DOOMED_TENANT.to_string());
     let replicas = options.replicas;
     let raise = replicas == 3 && rng.chance(RAISE_R_PERMILLE);
-    let formed_with = if raise { replicas - 1 } else { replicas };
+    let formed_with = match raise {
+        true if rng.chance(RAISE_FROM_ONE_PERMILLE) => 1,
+        true => replicas - 1,
+        false => replicas,
+    };
     operator::form(world, rng, &FIRST_MEMBERS, formed_with, &all_tenants, formed_by)
         .await
         .map_err(|v| {
@@ -194,7 +201,7 @@ async fn phases(
         world.clone(),
         rng.fork(),
         DOOMED_TENANT.to_string(),
-        raise.then_some(replicas),
+        (formed_with + 1..=replicas).collect(),
         chaos.clone(),
     ));
     let revoked =
