@@ -154,9 +154,14 @@ enum ClusterCommand {
     /// Every node with its state, health and tenant count.
     Nodes,
     /// Set R, how many nodes hold each tenant (1 to 5; a write waits for a majority of them).
-    /// Once there are tenants it moves by one at a time; a raise adds
-    /// a copy of every tenant, caught up while it serves (`admin cluster health` shows it).
-    Replicas { replicas: u64 },
+    /// Once there are tenants it moves by one at a time; a raise adds a copy of every tenant,
+    /// caught up while it serves. Shows its progress until no tenant's set change is pending.
+    Replicas {
+        replicas: u64,
+        /// Answer as soon as R is set, without waiting for the sets' changes.
+        #[arg(long)]
+        no_wait: bool,
+    },
 }
 
 /// How an answer is shown to a person.
@@ -178,6 +183,9 @@ pub fn run(args: AdminArgs) -> anyhow::Result<()> {
         if !matches!(change, NodesCommand::List) {
             return node_change(&client, change, args.json);
         }
+    }
+    if let AdminCommand::Cluster(ClusterCommand::Replicas { replicas, no_wait }) = &args.command {
+        return replicas_change(&client, *replicas, !no_wait, args.json);
     }
     if let AdminCommand::Tenants(TenantsCommand::List { tier, status, node, page_size }) =
         &args.command
@@ -290,10 +298,9 @@ fn execute(client: &AdminClient, command: &AdminCommand) -> anyhow::Result<(Valu
         AdminCommand::Cluster(ClusterCommand::Nodes) | AdminCommand::Nodes { .. } => {
             (client.get("/api/v2/admin/nodes")?, Shape::Nodes)
         }
-        AdminCommand::Cluster(ClusterCommand::Replicas { replicas }) => (
-            client.post("/api/v2/admin/replicas", &json!({ "replicas": replicas }))?,
-            Shape::Health,
-        ),
+        AdminCommand::Cluster(ClusterCommand::Replicas { .. }) => {
+            unreachable!("a change of R is run by replicas_change")
+        }
     })
 }
 
@@ -546,6 +553,45 @@ fn progress(health: &Value, id: u64) -> (String, u64) {
         cell(&node["raft"])
     );
     (line, pending)
+}
+
+/// Sets R, then, if `wait`, prints each change of its progress (the tenants whose replica set
+/// still changes) until none is pending, and shows the cluster's health.
+fn replicas_change(
+    client: &AdminClient,
+    replicas: u64,
+    wait: bool,
+    json: bool,
+) -> anyhow::Result<()> {
+    let mut health = client.post("/api/v2/admin/replicas", &json!({ "replicas": replicas }))?;
+    let started = std::time::Instant::now();
+    let mut last = String::new();
+    while wait {
+        let pending = health["handoffs"]["pending"].as_u64().unwrap_or(0);
+        let line = format!(
+            "R = {}: replica set changes pending: {pending}; under-replicated tenants: {}",
+            cell(&health["replicas"]),
+            cell(&health["under_replicated"])
+        );
+        if line != last {
+            eprintln!("{line}");
+            last = line;
+        }
+        if pending == 0 {
+            break;
+        }
+        if started.elapsed() > PROGRESS_LIMIT {
+            bail!("R = {replicas}: changes still pending after {PROGRESS_LIMIT:?}; they go on in the cluster (admin cluster health)");
+        }
+        std::thread::sleep(PROGRESS_POLL);
+        health = client.get("/api/v2/admin/health")?;
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&health)?);
+    } else {
+        print!("{}", human(Shape::Health, &health));
+    }
+    Ok(())
 }
 
 /// Adds, drains or removes a node, printing each change of its progress until it is done.

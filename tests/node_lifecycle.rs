@@ -5,26 +5,12 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{bin, free_udp_port, get, start_node, DevCluster};
+use common::{admin_cli, free_udp_port, get, start_node, DevCluster};
 
 /// How long a removed node may take to notice and stop.
 const STOP_LIMIT: Duration = Duration::from_secs(30);
-
-/// `sq-cloud admin --dev DIR ARGS`; returns success, stdout and stderr.
-fn admin_cli(c: &DevCluster, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(bin())
-        .args(["admin", "--dev", c.dir.to_str().unwrap()])
-        .args(args)
-        .env_remove("SQ_CLOUD_URL")
-        .env_remove("SQ_CLOUD_ADMIN_KEY")
-        .output()
-        .unwrap();
-    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
-    (out.status.success(), text(out.stdout), text(out.stderr))
-}
 
 fn metrics(c: &DevCluster) -> String {
     let (status, text) = get(&c.url(), &c.admin_key(), "/metrics");

@@ -582,7 +582,8 @@ fn raising_r_adds_a_third_copy_of_every_tenant() {
 
 // Goal: as above, from R = 1: tenants written with one copy each (no ballots, no leases) gain a
 // second copy, then a third, one raise at a time, while a client writes; nothing written before
-// or during the raises is lost, and the copies end the same.
+// or during the raises is lost, and the copies end the same. Each raise goes through
+// `sq-cloud admin cluster replicas`, which returns only once no set change is pending.
 #[test]
 fn raising_r_from_one_replicates_tenants_written_with_one_copy() {
     raise_r_under_writes(1);
@@ -614,9 +615,20 @@ fn raise_r_under_writes(from: u8) {
 
     for r in from + 1..=3 {
         let raised = Instant::now();
-        let body = serde_json::json!({ "replicas": r });
-        let (status, answer) = admin(&cluster, Method::POST, "/admin/replicas", Some(body));
-        assert_eq!((status, &answer["replicas"]), (200, &serde_json::json!(r)), "{answer}");
+        if from == 1 {
+            // Through the CLI, which shows the raise's progress until it is done.
+            let (ok, out, err) =
+                common::admin_cli(&cluster, &["cluster", "replicas", &r.to_string()]);
+            assert!(ok, "{err}");
+            let last = err.lines().last().unwrap_or_default();
+            assert!(last.contains("replica set changes pending: 0"), "ends when done: {err}");
+            assert!(out.contains(&format!("replicas {r},")), "{out}");
+            assert_eq!(common::pending_handoffs(&cluster), Some(0), "the CLI waited");
+        } else {
+            let body = serde_json::json!({ "replicas": r });
+            let (status, answer) = admin(&cluster, Method::POST, "/admin/replicas", Some(body));
+            assert_eq!((status, &answer["replicas"]), (200, &serde_json::json!(r)), "{answer}");
+        }
         let took = common::settle(&cluster, "raise R");
         eprintln!(
             "R {} -> {r}: every set change committed {took:?} after the raise ({:?})",

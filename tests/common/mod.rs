@@ -314,6 +314,19 @@ pub fn admin(
     (status, serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)))
 }
 
+/// `sq-cloud admin --dev DIR ARGS` against `c`; returns success, stdout and stderr.
+pub fn admin_cli(c: &DevCluster, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(bin())
+        .args(["admin", "--dev", c.dir.to_str().unwrap()])
+        .args(args)
+        .env_remove("SQ_CLOUD_URL")
+        .env_remove("SQ_CLOUD_ADMIN_KEY")
+        .output()
+        .unwrap();
+    let text = |b: Vec<u8>| String::from_utf8(b).unwrap();
+    (out.status.success(), text(out.stdout), text(out.stderr))
+}
+
 pub fn start_node(c: &DevCluster, id: u64, port: u16) -> Child {
     let certs = c.dir.join("certs");
     if !certs.join(format!("node-{id}.pem")).exists() {
