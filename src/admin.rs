@@ -566,25 +566,27 @@ fn replicas_change(
     let mut health = client.post("/api/v2/admin/replicas", &json!({ "replicas": replicas }))?;
     let started = std::time::Instant::now();
     let mut last = String::new();
-    while wait {
-        let pending = health["handoffs"]["pending"].as_u64().unwrap_or(0);
-        let line = format!(
-            "R = {}: replica set changes pending: {pending}; under-replicated tenants: {}",
-            cell(&health["replicas"]),
-            cell(&health["under_replicated"])
-        );
-        if line != last {
-            eprintln!("{line}");
-            last = line;
+    if wait {
+        loop {
+            let pending = health["handoffs"]["pending"].as_u64().unwrap_or(0);
+            let line = format!(
+                "R = {}: replica set changes pending: {pending}; under-replicated tenants: {}",
+                cell(&health["replicas"]),
+                cell(&health["under_replicated"])
+            );
+            if line != last {
+                eprintln!("{line}");
+                last = line;
+            }
+            if pending == 0 {
+                break;
+            }
+            if started.elapsed() > PROGRESS_LIMIT {
+                bail!("R = {replicas}: changes still pending after {PROGRESS_LIMIT:?}; they go on in the cluster (admin cluster health)");
+            }
+            std::thread::sleep(PROGRESS_POLL);
+            health = client.get("/api/v2/admin/health")?;
         }
-        if pending == 0 {
-            break;
-        }
-        if started.elapsed() > PROGRESS_LIMIT {
-            bail!("R = {replicas}: changes still pending after {PROGRESS_LIMIT:?}; they go on in the cluster (admin cluster health)");
-        }
-        std::thread::sleep(PROGRESS_POLL);
-        health = client.get("/api/v2/admin/health")?;
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&health)?);
