@@ -86,15 +86,33 @@ pub enum NodeError {
 /// unit names it in `RestartPreventExitStatus=`, so a removed node is not started again.
 pub const EXIT_REMOVED: i32 = 10;
 
-/// Waits until this node's applied registry records it as removed.
+/// How often a removed node that leads the registry looks whether it may stop.
+const REMOVED_LEADER_LOOK: Duration = Duration::from_millis(200);
+
+/// Waits until this node's applied registry records it as removed, and it does not lead the
+/// registry while a removed node is still in the Raft membership. A leader that applied its own
+/// removal stays (it holds no tenant) until its `finish_removals` task has taken every removed
+/// node out of the membership, itself last, and it stepped down: stopping first would leave
+/// those nodes counted as voters, and two of them can leave no majority (the simulator's seed
+/// 520570: voters 1, 2, 3 and 5, nodes 2 and 5 removed and stopped, 1 and 3 electing each
+/// other's terms for ever).
 async fn removed(registry: &Registry, id: u64) {
     let mut rx = registry.subscribe();
     loop {
         let gone = rx.borrow_and_update().1.node(id).is_some_and(|n| n.state == NodeState::Removed);
-        if gone {
+        let finishing =
+            gone && registry.status().is_leader && !registry.removals_unfinished().is_empty();
+        if gone && !finishing {
             return;
         }
-        if rx.changed().await.is_err() {
+        // Leadership and the membership move without a new registry state: a leader still
+        // finishing looks again after a while.
+        let closed = if finishing {
+            matches!(tokio::time::timeout(REMOVED_LEADER_LOOK, rx.changed()).await, Ok(Err(_)))
+        } else {
+            rx.changed().await.is_err()
+        };
+        if closed {
             return std::future::pending().await;
         }
     }
