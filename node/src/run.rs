@@ -91,8 +91,9 @@ const REMOVED_LEADER_LOOK: Duration = Duration::from_millis(200);
 
 /// Waits until this node's applied registry records it as removed, and it does not lead the
 /// registry while a removed node is still in the Raft membership. A leader that applied its own
-/// removal stays (it holds no tenant) until its `finish_removals` task has taken every removed
-/// node out of the membership, itself last, and it stepped down: stopping first would leave
+/// removal stays (it holds no tenant) until its `finish_removals` task has taken the removed
+/// nodes out of the membership, or it no longer leads (taking itself out steps it down; another
+/// leader then finishes the rest): stopping first would leave
 /// those nodes counted as voters, and two of them can leave no majority (the simulator's seed
 /// 520570: voters 1, 2, 3 and 5, nodes 2 and 5 removed and stopped, 1 and 3 electing each
 /// other's terms for ever).

@@ -285,9 +285,9 @@ const ARCHIVE_AT_MS: (u64, u64) = (8_000, 20_000);
 const PURGE_AFTER_MS: (u64, u64) = (2_000, 6_000);
 
 /// What every run does while the faults go on, at a time its seed picks: R raised to each of
-/// `raises` in turn (every tenant's set gains a node each time); one membership change (a spare joins, or an
-/// active node is drained), so that tenants move during the faults; and the extra tenant
-/// `doomed` archived, then purged, while a client still holds its key.
+/// `raises` in turn (every tenant's set gains a node each time); one membership change (a spare
+/// joins, or an active node is drained), so that tenants move during the faults; and the extra
+/// tenant `doomed` archived, then purged, while a client still holds its key.
 pub async fn planned(
     world: Arc<World>,
     mut rng: Rng,
