@@ -351,6 +351,7 @@ pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), 
         shutdown.cancel();
     }
     tracing::info!("stopping: no new requests");
+    parts.service.stopping();
     let _ = server_task.await;
     if let Some(t) = tenants_file {
         let _ = t.await;

@@ -52,6 +52,9 @@ pub struct Service {
     pub catch_ups: Arc<crate::catchup::CatchUps>,
     /// Requests admitted per tenant and route (`sq_api_calls_total`).
     pub(crate) calls: crate::metrics::Calls,
+    /// Cancelled when the node starts to stop: long-polls answer at once rather than hold the
+    /// transport's drain of in-flight requests for their whole wait ([`Self::stopping`]).
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 impl Service {
@@ -93,7 +96,16 @@ impl Service {
             clock,
             handoffs,
             view_peers: Default::default(),
+            stopping: Default::default(),
         }
+    }
+
+    /// The node is stopping: a gateway's view long-poll held open answers now (nothing new),
+    /// so the transport's drain of in-flight requests waits only for real work. A frozen then
+    /// thawed node's stop once spent its 5-s drain on such a poll, then 5 s more closing its
+    /// connections, and `sq-cloud dev` killed it before its store was flushed.
+    pub fn stopping(&self) {
+        self.stopping.cancel();
     }
 
     /// Wall-clock milliseconds since the Unix epoch, for records stamped with a date. Never for
@@ -506,6 +518,7 @@ impl Service {
             }
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return false,
+                () = self.stopping.cancelled() => return false,
                 changed = rx.changed() => if changed.is_err() { return false },
                 changed = health.changed() => if changed.is_err() { return false },
             }
