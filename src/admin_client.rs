@@ -59,6 +59,13 @@ impl AdminClient {
         Ok((value, next))
     }
 
+    /// The status of `GET path` with this client's key, whatever the body.
+    pub fn status_of(&self, path: &str) -> anyhow::Result<u16> {
+        let url = format!("{}{path}", self.base);
+        let response = self.http.get(url).bearer_auth(&self.key).send()?;
+        Ok(response.status().as_u16())
+    }
+
     /// One page of a paged listing, with the cursor of the next page when there is one.
     pub fn get_page(&self, path: &str) -> anyhow::Result<(serde_json::Value, Option<String>)> {
         self.send_paged(self.http.get(format!("{}{path}", self.base)))

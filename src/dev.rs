@@ -376,16 +376,28 @@ fn bring_up(
         })
         .context("setting --replicas")?;
     }
-    if let Some(p) = previous {
-        return Ok(p.demo_key.clone());
+    let demo_key = match previous {
+        Some(p) => p.demo_key.clone(),
+        None => {
+            let answer = until_answered(deadline, || {
+                admin.post(
+                    "/api/v2/admin/tenants/add",
+                    &serde_json::json!({"tenant_id": DEMO_TENANT, "tier": "pro"}),
+                )
+            })?;
+            let key = answer["api_key"].as_str().context("the gateway answered no api_key")?;
+            key.to_string()
+        }
+    };
+    // Ready once a tenant is served: its primary holds its node lease (a voter just started
+    // grants none for a second, and a loaded machine takes longer) and has prepared it, so the
+    // first reads after the banner are not answered 503.
+    let demo = crate::admin_client::AdminClient::new(url, &demo_key, data.join("certs/ca.pem"))?;
+    let ready = "/api/v2/select?p=dev-ready&c=1.1.1/1.1.1/1.1.1";
+    if !until(deadline, || demo.status_of(ready).is_ok_and(|s| s == 200)) {
+        bail!("the demo tenant was not served within {STARTUP_TIMEOUT:?}");
     }
-    let answer = until_answered(deadline, || {
-        admin.post(
-            "/api/v2/admin/tenants/add",
-            &serde_json::json!({"tenant_id": DEMO_TENANT, "tier": "pro"}),
-        )
-    })?;
-    answer["api_key"].as_str().map(str::to_string).context("the gateway answered no api_key")
+    Ok(demo_key)
 }
 
 fn supervise(

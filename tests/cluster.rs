@@ -119,9 +119,9 @@ fn restart_keeps_everything() {
     for i in 0..6 {
         let key = cluster.add_tenant(&format!("keep-{i}"), serde_json::json!({}));
         for s in 1..=5 {
-            let (status, _) =
+            let (status, body) =
                 get(&base, &key, &format!("/update?p=doc&c=1.1.1/1.1.1/1.1.{s}&s=t{i}-s{s}"));
-            assert_eq!(status, 200);
+            assert_eq!(status, 200, "{body}");
         }
         let doc = get(&base, &key, "/get?p=doc").1;
         tenants.push((key, doc));
