@@ -589,6 +589,13 @@ fn raising_r_from_one_replicates_tenants_written_with_one_copy() {
     raise_r_under_writes(1);
 }
 
+/// The placement epoch in the registry, from `admin cluster health`.
+fn placement_epoch(cluster: &DevCluster) -> u64 {
+    let (status, health) = admin(cluster, Method::GET, "/admin/health", None);
+    assert_eq!(status, 200, "{health}");
+    health["placement_epoch"].as_u64().expect("the health report has the placement epoch")
+}
+
 /// A three-node cluster formed with R = `from`, holding tenants, has R raised to 3 one step at
 /// a time while a client writes (the goals above).
 fn raise_r_under_writes(from: u8) {
@@ -615,6 +622,7 @@ fn raise_r_under_writes(from: u8) {
 
     for r in from + 1..=3 {
         let raised = Instant::now();
+        let epoch_before = placement_epoch(&cluster);
         if from == 1 {
             // Through the CLI, which shows the raise's progress until it is done.
             let (ok, out, err) =
@@ -638,6 +646,13 @@ fn raise_r_under_writes(from: u8) {
         for (t, _) in &tenants {
             assert_eq!(replica_set(&cluster, t).len(), usize::from(r), "{t} with R = {r}");
         }
+        // The raise moves the placement epoch once; a node marked down and up moves it twice
+        // more (a loaded machine may stall one node's lease renewals for the down time). Raised
+        // from 1, every node had gone without a lease since it started, and all three were
+        // marked down at once.
+        let moved = placement_epoch(&cluster) - epoch_before;
+        eprintln!("R {} -> {r} moved the placement epoch by {moved}", r - 1);
+        assert!(moved <= 3, "R {} -> {r} moved the placement epoch by {moved}", r - 1);
     }
     load.stop_and_read_back(&cluster, &demo);
     for (t, key) in &tenants {

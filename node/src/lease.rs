@@ -28,7 +28,7 @@
 //! Nothing here runs per tenant: a lease round is one message per node and voter.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -80,6 +80,10 @@ pub struct Leases {
     started_ms: AtomicU64,
     /// The last renewal round's time, to tell a pause of this process.
     last_tick_ms: AtomicU64,
+    /// Whether this node last saw the cluster replicate (R > 1), and since when on its clock
+    /// ([`Leases::replicating`]).
+    replicating: AtomicBool,
+    replicating_since_ms: AtomicU64,
     /// When each node's lease request last arrived, on this node's clock.
     heard: Mutex<HashMap<u64, u64>>,
     /// When this voter last granted each node's lease request, on its clock.
@@ -119,6 +123,8 @@ impl Leases {
             clock,
             started_ms: AtomicU64::new(started_ms),
             last_tick_ms: AtomicU64::new(started_ms),
+            replicating: AtomicBool::new(false),
+            replicating_since_ms: AtomicU64::new(0),
             heard: Mutex::new(HashMap::new()),
             granted: Mutex::new(HashMap::new()),
             refusing: Mutex::new(HashMap::new()),
@@ -127,6 +133,30 @@ impl Leases {
             until_ms: AtomicU64::new(0),
             epoch: AtomicU64::new(0),
         }
+    }
+
+    /// Whether the cluster replicates in `state` (R > 1): leases and marks run only then. When it
+    /// starts to (R raised from 1, or this node's first look), no node has asked for a lease
+    /// yet, so every silence and lapse counts from now, as from a voter's start. Without this,
+    /// a raise from 1 had the registry leader mark every node down at once: each had been
+    /// "without a lease" since it started. Voters still grant at once: unlike a restarted one,
+    /// such a voter forgot none of its refusals.
+    pub fn replicating(&self, state: &RegistryState) -> bool {
+        let now = state.replicas() > 1;
+        if now && !self.replicating.load(Ordering::SeqCst) {
+            // The time first: whoever sees the flag counts from it.
+            self.replicating_since_ms.store(self.clock.now_ms(), Ordering::SeqCst);
+            self.replicating.store(true, Ordering::SeqCst);
+        } else if !now {
+            self.replicating.store(false, Ordering::SeqCst);
+        }
+        now
+    }
+
+    /// When this node counts silences and lapses from: its start or resumption from a pause,
+    /// or when the cluster started to replicate, whichever is later.
+    fn counted_from(&self) -> u64 {
+        self.started_ms.load(Ordering::SeqCst).max(self.replicating_since_ms.load(Ordering::SeqCst))
     }
 
     /// Whether this node, its registry at placement epoch `epoch`, holds a lease now.
@@ -168,7 +198,7 @@ impl Leases {
         let since = self
             .until_ms
             .load(Ordering::SeqCst)
-            .max(self.started_ms.load(Ordering::SeqCst))
+            .max(self.counted_from())
             .max(locked(&self.mark_seen).1);
         self.clock.now_ms().saturating_sub(since)
     }
@@ -214,8 +244,8 @@ impl Leases {
     /// How long ago `node`'s lease request last arrived here, counting from this node's start
     /// (or its resumption from a pause) at the latest.
     pub fn heard_age(&self, node: u64) -> u64 {
-        let started = self.started_ms.load(Ordering::SeqCst);
-        let last = locked(&self.heard).get(&node).copied().unwrap_or(started).max(started);
+        let from = self.counted_from();
+        let last = locked(&self.heard).get(&node).copied().unwrap_or(from).max(from);
         self.clock.now_ms().saturating_sub(last)
     }
 
@@ -223,6 +253,7 @@ impl Leases {
     /// started less than [`DOWN_AFTER_MS`] ago, `state` records `from` as down, or this voter
     /// confirmed `from` down and the registry has not marked it up since.
     pub fn grant(&self, from: u64, state: &RegistryState) -> bool {
+        self.replicating(state);
         let now = self.clock.now_ms();
         locked(&self.heard).insert(from, now);
         if now < self.started_ms.load(Ordering::SeqCst) + DOWN_AFTER_MS || state.is_down(from) {
@@ -242,8 +273,8 @@ impl Leases {
 
     /// How long ago this voter last granted `node` a lease (since it started, at the latest).
     fn granted_age(&self, node: u64) -> u64 {
-        let started = self.started_ms.load(Ordering::SeqCst);
-        let last = locked(&self.granted).get(&node).copied().unwrap_or(started).max(started);
+        let from = self.counted_from();
+        let last = locked(&self.granted).get(&node).copied().unwrap_or(from).max(from);
         self.clock.now_ms().saturating_sub(last)
     }
 
@@ -258,6 +289,7 @@ impl Leases {
     /// voter's last grant to it is [`DOWN_AFTER_MS`] old: every lease a round this voter granted
     /// could make has ended by then, as with a node not heard.
     pub fn confirm_down(&self, node: u64, state: &RegistryState) -> bool {
+        self.replicating(state);
         let mut refusing = locked(&self.refusing);
         if refusing.contains_key(&node) {
             return self.granted_age(node) >= DOWN_AFTER_MS;
@@ -285,7 +317,7 @@ pub async fn run(svc: Arc<Service>, shutdown: CancellationToken) {
     loop {
         svc.leases.tick();
         let state = svc.registry.state();
-        if state.replicas() > 1 {
+        if svc.leases.replicating(&state) {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = renew(&svc, &state) => {}
@@ -345,7 +377,7 @@ async fn renew(svc: &Service, state: &RegistryState) {
 async fn watch_loop(svc: Arc<Service>, shutdown: CancellationToken) {
     loop {
         let state = svc.registry.state();
-        if state.replicas() > 1 && svc.registry.status().is_leader {
+        if svc.leases.replicating(&state) && svc.registry.status().is_leader {
             let nodes = async {
                 // Itself too: voters may refuse the leader's own lease for good.
                 for node in state.active_nodes() {
@@ -556,6 +588,33 @@ mod tests {
         clock.advance_ms(DOWN_AFTER_MS);
         leases.tick();
         assert!(leases.grant(2, &s));
+    }
+
+    #[test]
+    fn a_raise_from_one_copy_counts_silences_and_lapses_from_the_raise() {
+        // Goal: with R = 1 no node asks for a lease. When R is raised, a node that ran for long
+        // without one is neither silent nor stuck: a voter confirms no one down at once, and a
+        // node's own time without a lease counts from the raise; a node silent for the down
+        // time after the raise is confirmed as usual.
+        let clock = Arc::new(ManualClock::new(10_000));
+        let leases = Leases::new(clock.clone());
+        let mut s = cluster();
+        assert!(!leases.replicating(&s), "R = 1");
+        for _ in 0..300 {
+            clock.advance_ms(LEASE_RENEW.as_millis() as u64);
+            leases.tick();
+        }
+        assert!(leases.lapsed_for() >= 60 * DOWN_AFTER_MS, "no lease since the start");
+        apply(&mut s, Command::ChangeReplicas { replicas: 2 }).expect("raised");
+        assert!(leases.grant(2, &s), "granted at once");
+        assert_eq!(leases.lapsed_for(), 0, "counted from the raise");
+        assert!(!leases.confirm_down(1, &s), "not heard, but only since the raise");
+        clock.advance_ms(DOWN_AFTER_MS - 1);
+        leases.tick();
+        assert!(leases.grant(2, &s));
+        clock.advance_ms(1);
+        assert!(leases.confirm_down(1, &s), "silent for the down time since the raise");
+        assert!(!leases.confirm_down(2, &s), "still heard within it");
     }
 
     #[test]

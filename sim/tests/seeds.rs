@@ -74,9 +74,14 @@ fn seeds_that_found_bugs_pass() {
 // - 700281: with two registry voters, each node's long lapse, told before it learnt it was marked
 //   up, had it marked down again at once, so neither ever held a lease (a lease request now says
 //   which mark of its sender the sender knows).
+// - 716686: a trial design lost acknowledged writes here (not kept; docs/REPLICATION.md, "Joins
+//   and drains"): the entering node was to count only once its copy caught up, writes meanwhile
+//   counting on a majority of the set before the change. The primary's "caught up" answer,
+//   given under one ballot, was committed after the primary had prepared again under the next
+//   and counted writes without the entering node, which the leaving node then took away.
 #[test]
 fn replicated_seeds_that_found_bugs_pass() {
-    for seed in [700586, 701254, 700281] {
+    for seed in [700586, 701254, 700281, 716686] {
         let outcome = run_seed(seed, &Options { replicas: 3, ..Options::default() });
         assert_eq!(outcome.violation, None, "seed {seed} broke an invariant");
     }
