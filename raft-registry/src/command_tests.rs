@@ -351,7 +351,9 @@ fn the_replication_factor_is_set_within_its_limits() {
     let h = s.handoff("acme").expect("the set's change is recorded").clone();
     assert_eq!((h.from, h.to, h.epoch), (set[1], set[1], epoch + 1), "{h:?}");
     assert_eq!(s.placement_epoch(), epoch + 1);
+    assert_eq!(s.under_replicated(), 1, "its second copy is still entering");
     check(&mut s, vec![(Command::HandoffDone { tenant: "acme".into(), epoch: h.epoch }, Ok(()))]);
+    assert_eq!(s.under_replicated(), 0);
     s.replicas = 3;
     let set = s.replica_set("acme");
     assert_eq!(set.len(), 3);
@@ -522,6 +524,10 @@ fn raising_r_with_tenants_grows_every_set_by_its_next_node() {
         assert_eq!(s.replica_set(t), settled, "{t}: three members while it enters");
         assert_eq!(s.primary_of(t), Some(old[0]), "{t}: the entering node does not lead");
     }
+    assert_eq!(s.under_replicated(), tenants.len(), "every third copy is still entering");
+    apply(&mut s, Command::MarkDown { id: 1 }).expect("down");
+    assert_eq!(s.under_replicated(), tenants.len(), "each counted once, also with a node down");
+    apply(&mut s, Command::MarkUp { id: 1 }).expect("up");
     let pending = Rejection::HandoffsPending(tenants.len());
     check(
         &mut s,

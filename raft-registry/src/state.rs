@@ -290,8 +290,9 @@ impl RegistryState {
     }
 
     /// How many tenants hold fewer usable copies than R: their replica set is smaller than R
-    /// (fewer active nodes than R), or holds a node marked down. 0 with R = 1. O(tenants) only
-    /// while a node is down.
+    /// (fewer active nodes than R), holds a node marked down, or is growing and its entering
+    /// node does not hold the tenant yet (R raised, or a set below R growing back by a join).
+    /// 0 with R = 1. O(tenants) only while a node is down, O(pending changes) otherwise.
     pub fn under_replicated(&self) -> usize {
         let r = self.replicas();
         if r <= 1 {
@@ -300,12 +301,13 @@ impl RegistryState {
         if self.ring.node_ids().len() < r {
             return self.tenants.len();
         }
+        let growing = |id: &str| self.handoffs.get(id).is_some_and(|h| h.from == h.to);
         if !self.liveness.values().any(|l| l.down) {
-            return 0;
+            return self.handoffs.keys().filter(|id| growing(id)).count();
         }
         self.tenants
             .keys()
-            .filter(|id| self.replica_set(id).iter().any(|&n| self.is_down(n)))
+            .filter(|id| growing(id) || self.replica_set(id).iter().any(|&n| self.is_down(n)))
             .count()
     }
 
