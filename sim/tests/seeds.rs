@@ -54,12 +54,15 @@ fn seeds_differ() {
 //   re-pull with an empty file list, and the new owner swapped an empty tenant in;
 // - 520164, 520570: a registry leader applied its own removal and stopped before taking the
 //   removed nodes out of the Raft membership; with two removed nodes still counted as voters,
-//   no majority was left (a removed leader now stays until its removals are finished).
+//   no majority was left (a removed leader now stays until its removals are finished);
+// - 500243: the handoff sweeper deleted a copy that had just arrived back (it now judges a copy
+//   again, under the tenant's staging lock, before it deletes it). With that second look taken
+//   out, this seed still loses an acknowledged write today; seeds 0-299 do not.
 // Later changes move every schedule, so a passing seed here is a record, not a proof; the
 // thousands of seeds CI runs are the proof.
 #[test]
 fn seeds_that_found_bugs_pass() {
-    for seed in [348, 4357, 4607, 5332, 7303, 8900, 9004, 520164, 520570] {
+    for seed in [348, 4357, 4607, 5332, 7303, 8900, 9004, 500243, 520164, 520570] {
         let outcome = run_seed(seed, &Options::default());
         assert_eq!(outcome.violation, None, "seed {seed} broke an invariant");
     }
