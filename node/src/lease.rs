@@ -144,8 +144,10 @@ impl Leases {
     pub fn replicating(&self, state: &RegistryState) -> bool {
         let now = state.replicas() > 1;
         if now && !self.replicating.load(Ordering::SeqCst) {
-            // The time first: whoever sees the flag counts from it.
+            // The time first: whoever sees the flag counts from it. Lapses told before R last
+            // went to 1 say nothing about now.
             self.replicating_since_ms.store(self.clock.now_ms(), Ordering::SeqCst);
+            locked(&self.lapses).clear();
             self.replicating.store(true, Ordering::SeqCst);
         } else if !now {
             self.replicating.store(false, Ordering::SeqCst);
@@ -615,6 +617,14 @@ mod tests {
         clock.advance_ms(1);
         assert!(leases.confirm_down(1, &s), "silent for the down time since the raise");
         assert!(!leases.confirm_down(2, &s), "still heard within it");
+        // A long lapse told while R > 1 is forgotten when R goes to 1 and is raised again.
+        leases.note_lapse(3, 5 * DOWN_AFTER_MS, 0);
+        assert!(leases.lapsed_long(3, &s));
+        apply(&mut s, Command::ChangeReplicas { replicas: 1 }).expect("lowered");
+        assert!(!leases.replicating(&s));
+        apply(&mut s, Command::ChangeReplicas { replicas: 2 }).expect("raised again");
+        assert!(leases.replicating(&s));
+        assert!(!leases.lapsed_long(3, &s), "told before the raise");
     }
 
     #[test]
