@@ -301,10 +301,10 @@ impl RegistryState {
         if self.ring.node_ids().len() < r {
             return self.tenants.len();
         }
-        let growing = |id: &str| self.handoffs.get(id).is_some_and(|h| h.from == h.to);
         if !self.liveness.values().any(|l| l.down) {
-            return self.handoffs.keys().filter(|id| growing(id)).count();
+            return self.handoffs.values().filter(|h| h.from == h.to).count();
         }
+        let growing = |id: &str| self.handoffs.get(id).is_some_and(|h| h.from == h.to);
         self.tenants
             .keys()
             .filter(|id| growing(id) || self.replica_set(id).iter().any(|&n| self.is_down(n)))
