@@ -242,6 +242,9 @@ fn check_metrics(cluster: &DevCluster, sent: &BTreeMap<&'static str, u64>, pro_r
     for node in ["1", "2", "3"] {
         let heap = metric(&text, "sq_node_heap_bytes", &[("node", node)]).0;
         assert!(heap > 1e6, "node {node} counts a live heap of {heap} bytes");
+        let resident =
+            metric(&text, "sq_node_allocator_bytes", &[("node", node), ("state", "resident")]).0;
+        assert!(resident >= heap, "node {node}: {resident} bytes resident, {heap} allocated");
     }
     let started = node_log_lines(&cluster.dir, "node listening");
     assert!(started >= 3, "{started} node starts logged");

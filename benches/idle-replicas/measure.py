@@ -88,6 +88,7 @@ def node_requests(gw, admin_key):
 
 
 HEAP = re.compile(r'^sq_node_heap_bytes\{[^}]*node="(?P<node>[^"]+)"[^}]*\} (?P<value>[0-9.e+]+)$')
+ALLOCATOR = re.compile(r'^sq_node_allocator_bytes\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$')
 
 
 def heap_bytes(gw, admin_key):
@@ -96,6 +97,30 @@ def heap_bytes(gw, admin_key):
     assert status == 200, body[:200]
     return {m.group("node"): float(m.group("value"))
             for m in map(HEAP.match, body.decode().splitlines()) if m}
+
+
+def allocator_bytes(gw, admin_key):
+    """{node: {state: bytes}} from each node's `sq_node_allocator_bytes` (allocated, active,
+    metadata, resident, ...: node::memory::allocator_bytes)."""
+    status, body = gw.get("/api/v2/metrics", admin_key)
+    assert status == 200, body[:200]
+    out = {}
+    for m in map(ALLOCATOR.match, body.decode().splitlines()):
+        if m:
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group("labels")))
+            out.setdefault(labels["node"], {})[labels["state"]] = float(m.group("value"))
+    return out
+
+
+def rss_parts_kib(pid):
+    """{RssAnon, RssFile, RssShmem} of the process: the heap and stacks, the mapped binary."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key = line.split(":", 1)[0]
+            if key in ("RssAnon", "RssFile", "RssShmem"):
+                out[key] = int(line.split()[1])
+    return out
 
 
 def write_all(gw, keys, threads):
@@ -175,6 +200,8 @@ def main():
         time.sleep(5)
         rss["registered"] = {n: rss_kib(p) for n, p in pids.items()}
         heap["registered"] = heap_bytes(gw, admin)
+        parts = {"registered": {n: rss_parts_kib(p) for n, p in pids.items()}}
+        alloc = {"registered": allocator_bytes(gw, admin)}
 
         started = time.time()
         written = write_all(gw, keys, args.threads)
@@ -192,9 +219,11 @@ def main():
         # Read before the window's closing scrape: a scrape renders every tenant's series, and
         # the allocator keeps the pages that rendering freed for up to its decay time (10 s).
         rss["idle"] = {n: rss_kib(p) for n, p in pids.items()}
+        parts["idle"] = {n: rss_parts_kib(p) for n, p in pids.items()}
         after = node_requests(gw, admin)
         rss["just_scraped"] = {n: rss_kib(p) for n, p in pids.items()}
         heap["idle"] = heap_bytes(gw, admin)
+        alloc["idle"] = allocator_bytes(gw, admin)
 
         rates = {}
         for (node, kind), v in sorted(after.items()):
@@ -221,6 +250,19 @@ def main():
             "heap_bytes_per_copy_registered_to_idle": {
                 n: round((heap["idle"][n] - heap["registered"][n]) / args.tenants, 1)
                 for n in heap["idle"]},
+            # Where the resident growth went: the process's anonymous and file-backed pages,
+            # and the allocator's own states (read after the window's closing scrape).
+            "rss_parts_bytes_per_copy_registered_to_idle": {
+                n: {k: round((parts["idle"][n][k] - parts["registered"][n][k]) * 1024
+                             / args.tenants, 1) for k in parts["idle"][n]}
+                for n in pids},
+            "allocator_bytes_per_copy_registered_to_idle": {
+                n: {k: round((alloc["idle"][n][k] - alloc["registered"][n][k]) / args.tenants, 1)
+                    for k in alloc["idle"][n]}
+                for n in alloc["idle"]},
+            "allocator_mib_idle": {
+                n: {k: round(v / 2**20, 1) for k, v in alloc["idle"][n].items()}
+                for n in alloc["idle"]},
             "heap_bytes_per_tenant_empty_to_registered": {
                 n: round((heap["registered"][n] - heap["empty"][n]) / args.tenants, 1)
                 for n in heap["registered"]},

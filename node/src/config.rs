@@ -13,6 +13,9 @@ pub const DEFAULT_MEMORY_BUDGET_MB: u64 = 1024;
 /// Default idle time after which a tenant is unloaded from memory.
 pub const DEFAULT_IDLE_UNLOAD_S: u64 = 60;
 
+/// Default cap on the tenants a node keeps loaded at once.
+pub const DEFAULT_LOADED_TENANTS_MAX: usize = 8192;
+
 /// Default R of a new cluster: every tenant on three nodes (docs/REPLICATION.md).
 pub const DEFAULT_REPLICAS: u8 = 3;
 
@@ -50,6 +53,11 @@ pub struct NodeConfig {
     /// Seconds without a request after which a tenant is unloaded.
     #[serde(default = "default_idle_unload_s")]
     pub idle_unload_s: u64,
+    /// The most tenants loaded at once; past it the least recently used are unloaded. Each
+    /// holds an open log file, so the node lowers it (and says so in its log) to fit under its
+    /// open-file limit with `files::FILES_RESERVED` to spare. Default: 8192.
+    #[serde(default = "default_loaded_tenants_max")]
+    pub loaded_tenants_max: usize,
     /// A declarative tenants file (the seeds' tenants.json shape), applied and watched.
     #[serde(default)]
     pub tenants_file: Option<PathBuf>,
@@ -67,6 +75,10 @@ pub struct NodeConfig {
 
 fn default_memory_budget_mb() -> u64 {
     DEFAULT_MEMORY_BUDGET_MB
+}
+
+fn default_loaded_tenants_max() -> usize {
+    DEFAULT_LOADED_TENANTS_MAX
 }
 
 fn default_idle_unload_s() -> u64 {
@@ -98,6 +110,7 @@ impl NodeConfig {
             replicas: DEFAULT_REPLICAS,
             memory_budget_mb: DEFAULT_MEMORY_BUDGET_MB,
             idle_unload_s: DEFAULT_IDLE_UNLOAD_S,
+            loaded_tenants_max: DEFAULT_LOADED_TENANTS_MAX,
             tenants_file: None,
             handoff: Default::default(),
             gossip: Default::default(),

@@ -15,6 +15,7 @@ pub mod blocking;
 pub mod catchup;
 pub mod clock;
 pub mod config;
+pub mod files;
 pub mod gossip;
 pub mod handoff;
 pub mod lease;

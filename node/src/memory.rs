@@ -37,6 +37,28 @@ pub fn heap_bytes() -> Option<u64> {
     tikv_jemalloc_ctl::stats::allocated::read().ok().map(|b| b as u64)
 }
 
+/// Where the process's memory sits, as the allocator counts it (jemalloc's `stats.*`, one
+/// snapshot): what it handed out (`allocated`), the pages holding those allocations (`active`,
+/// so `active - allocated` is room inside partly used pages), its own bookkeeping
+/// (`metadata`), and the pages it holds resident (`resident`: active, metadata, and free pages
+/// not yet given back). Resident memory of the process beyond `resident` is not the heap's:
+/// thread stacks and the mapped binary. Empty if jemalloc cannot tell.
+pub fn allocator_bytes() -> Vec<(&'static str, u64)> {
+    use tikv_jemalloc_ctl::stats;
+    if tikv_jemalloc_ctl::epoch::advance().is_err() {
+        return Vec::new();
+    }
+    let read = [
+        ("allocated", stats::allocated::read()),
+        ("active", stats::active::read()),
+        ("metadata", stats::metadata::read()),
+        ("resident", stats::resident::read()),
+        ("mapped", stats::mapped::read()),
+        ("retained", stats::retained::read()),
+    ];
+    read.into_iter().filter_map(|(state, bytes)| Some((state, bytes.ok()? as u64))).collect()
+}
+
 /// The most arenas jemalloc runs for the process's threads: 1 in the binary
 /// ([`ALLOCATOR_OPTIONS`]). `None` if it cannot tell.
 pub fn arenas() -> Option<u32> {
@@ -99,6 +121,10 @@ mod tests {
         unsafe { Allocator.dealloc(held, layout) };
         release_free_memory();
         let after = heap_bytes().unwrap();
+        let states: std::collections::HashMap<_, _> = allocator_bytes().into_iter().collect();
+        assert_eq!(states.len(), 6, "{states:?}");
+        assert!(states["active"] >= states["allocated"], "{states:?}");
+        assert!(states["resident"] >= states["metadata"], "{states:?}");
         assert!(after < before + (256 << 20), "{before}, {during}, then {after}");
     }
 }

@@ -61,6 +61,10 @@ fn describe() {
         "Heap bytes the process holds (allocated and not freed), as the allocator counts them; RSS less this is what the allocator keeps after frees"
     );
     metrics::describe_gauge!(
+        "sq_node_allocator_bytes",
+        "The allocator's own account, by state: allocated (the live heap), active (pages holding it), metadata, resident (active, metadata and free pages not yet returned), mapped, retained (address space kept, not resident)"
+    );
+    metrics::describe_gauge!(
         "sq_under_replicated_tenants",
         "Tenants with fewer usable copies than R, as this node's registry has it"
     );
@@ -113,6 +117,9 @@ pub fn render_node(svc: &Service) -> String {
     metrics::gauge!("sq_under_replicated_tenants").set(under as f64);
     if let Some(bytes) = crate::memory::heap_bytes() {
         metrics::gauge!("sq_node_heap_bytes").set(bytes as f64);
+    }
+    for (state, bytes) in crate::memory::allocator_bytes() {
+        metrics::gauge!("sq_node_allocator_bytes", "state" => state).set(bytes as f64);
     }
     let mut text = render();
     svc.calls.render(svc.id, &mut text);

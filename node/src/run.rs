@@ -177,6 +177,7 @@ impl NodeParts {
             data_dir: config.data_dir.join("store"),
             memory_budget_bytes: config.memory_budget_mb.saturating_mul(proto::cluster::MIB),
             idle_unload_after: Duration::from_secs(config.idle_unload_s),
+            loaded_tenants_max: config.loaded_tenants_max,
             ..StoreConfig::default()
         };
         let opening_ms = seams.clock.now_ms();
@@ -295,10 +296,11 @@ impl NodeParts {
 
 /// Runs a node until `shutdown` is cancelled, then stops its parts in order: stop taking
 /// requests, stop the workers, stop the registry, then flush the store.
-pub async fn run(config: NodeConfig, shutdown: CancellationToken) -> Result<(), NodeError> {
+pub async fn run(mut config: NodeConfig, shutdown: CancellationToken) -> Result<(), NodeError> {
     // Also cancelled when the registry fails, to stop this node's parts in order before exiting.
     let shutdown = shutdown.child_token();
     crate::metrics::install(config.id);
+    config.loaded_tenants_max = crate::files::fit_loaded_tenants(config.loaded_tenants_max);
     let identity =
         transport::Identity::load(&config.cluster_certs, transport::Role::Node(config.id))?;
     // Peers are learned from the registry later; a node that listens on loopback is part of a

@@ -159,6 +159,7 @@ impl Cluster {
             replicas: 1,
             memory_budget_mb: STORE_MEMORY_MB,
             idle_unload_s: STORE_IDLE_UNLOAD_S,
+            loaded_tenants_max: node::config::DEFAULT_LOADED_TENANTS_MAX,
             tenants_file: None,
             handoff: HandoffConfig { grace_s: HANDOFF_GRACE_S, ..HandoffConfig::default() },
             gossip: Default::default(),

@@ -70,6 +70,10 @@ const CLOSED_RETRIES_MAX: usize = 8;
 /// than on every request once the store is full.
 const EVICT_LOW_WATER_PERCENT: u64 = 90;
 
+/// The most tenants one load unloads to get under the loaded-tenant cap (each try unloads one,
+/// or finds its victim gone); past them it loads anyway rather than wait.
+const MAKE_ROOM_TRIES: usize = 4;
+
 /// The store's settings. Every field has a default, given in its comment.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -81,7 +85,8 @@ pub struct StoreConfig {
     pub memory_budget_bytes: u64,
     /// The most tenants loaded at once. Each loaded tenant that has written holds one open log
     /// file, so this bounds file descriptors as well as memory; the node's `RLIMIT_NOFILE` must
-    /// exceed it. Default: 8192.
+    /// exceed it. A load at the cap first unloads the least recently used tenant, so it is
+    /// exceeded by at most the loads in progress. Default: 8192.
     pub loaded_tenants_max: usize,
     /// A tenant with no request for this long is unloaded by [`Store::unload_idle`].
     /// Default: 60 s.
@@ -96,7 +101,7 @@ impl Default for StoreConfig {
         StoreConfig {
             data_dir: PathBuf::from("data"),
             memory_budget_bytes: 1 << 30,
-            loaded_tenants_max: 8192,
+            loaded_tenants_max: crate::config::DEFAULT_LOADED_TENANTS_MAX,
             idle_unload_after: Duration::from_secs(60),
             checkpoint_wal_bytes: 64 << 20,
         }
@@ -189,6 +194,8 @@ pub struct Store {
     loaded_count: AtomicUsize,
     /// Held by the one thread that evicts at a time.
     evicting: Mutex<()>,
+    /// The next tenants unloaded to make room for loads at the cap ([`Store::make_room`]).
+    victims: Mutex<Vec<(String, Arc<Slot>)>>,
     /// On while the node replicates its tenants: every loaded tenant keeps its newest records
     /// in memory for its backups ([`Store::shipment`]).
     keeps_tails: Arc<std::sync::atomic::AtomicBool>,
@@ -239,6 +246,7 @@ impl Store {
             memory_bytes: Arc::new(AtomicU64::new(0)),
             loaded_count: AtomicUsize::new(0),
             evicting: Mutex::new(()),
+            victims: Mutex::new(Vec::new()),
             keeps_tails: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             snapshots: Mutex::new(snapshot::Snapshots::default()),
             fresh,
@@ -445,16 +453,15 @@ impl Store {
     /// slot while loading.
     fn tenant(&self, id: &str) -> Result<Arc<Tenant>, StoreError> {
         let slot = self.slot(id);
+        if let Some(t) = self.loaded_in(&mut lock_slot(&slot)) {
+            return Ok(t);
+        }
+        // Before this slot is locked: a load never waits on another slot while it holds one.
+        self.make_room(id);
         let mut s = lock_slot(&slot);
-        if let Some(t) = s.tenant.clone() {
-            assert!(!t.is_closed(), "a closed tenant stayed in its slot");
-            if !t.log_failed() {
-                return Ok(t);
-            }
-            // Its log failed after its last request; start over from what is on disk.
-            t.discard();
-            s.tenant = None;
-            self.loaded_count.fetch_sub(1, Ordering::SeqCst);
+        // Another thread may have loaded it meanwhile.
+        if let Some(t) = self.loaded_in(&mut s) {
+            return Ok(t);
         }
         let paths = TenantPaths::new(&self.tenants_dir, id);
         let t = recovery::load(
@@ -470,6 +477,62 @@ impl Store {
         s.storage_bytes = KnownBytes::UNKNOWN;
         self.loaded_count.fetch_add(1, Ordering::SeqCst);
         Ok(t)
+    }
+
+    /// The slot's loaded tenant, if it has one whose log has not failed; one whose log failed
+    /// since its last request is dropped, so it is loaded again from what is on disk.
+    fn loaded_in(&self, s: &mut SlotState) -> Option<Arc<Tenant>> {
+        let t = s.tenant.clone()?;
+        assert!(!t.is_closed(), "a closed tenant stayed in its slot");
+        if !t.log_failed() {
+            return Some(t);
+        }
+        t.discard();
+        s.tenant = None;
+        self.loaded_count.fetch_sub(1, Ordering::SeqCst);
+        None
+    }
+
+    /// Before a load, at [`StoreConfig::loaded_tenants_max`] loaded tenants: unloads the least
+    /// recently used one (never `loading`), so the cap holds however fast tenants are loaded.
+    /// Eviction after requests ([`Self::evict`]) brings the store below the cap on one thread;
+    /// when loads on many threads outrun it, each load makes its own room. So loaded tenants,
+    /// and the log files they hold open, exceed the cap by at most the loads in progress.
+    fn make_room(&self, loading: &str) {
+        for _ in 0..MAKE_ROOM_TRIES {
+            if self.loaded_count.load(Ordering::SeqCst) < self.config.loaded_tenants_max {
+                return;
+            }
+            let victim = {
+                let mut victims = self.victims.lock().expect("victims lock poisoned");
+                if victims.is_empty() {
+                    *victims = self.least_recently_used(loading);
+                }
+                victims.pop()
+            };
+            let Some((id, slot)) = victim else { return };
+            if let Err(e) = self.unload_slot(&slot, None) {
+                tracing::warn!(tenant = %id, error = %e, "checkpoint on eviction failed; the log keeps every change");
+            }
+        }
+    }
+
+    /// The least recently used loaded tenants, but `keep`: the next victims of
+    /// [`Self::make_room`], the least recent last (so `pop` takes it). A tenth of the cap at a
+    /// time (at least one), so a burst of loads scans the slots once per many victims.
+    fn least_recently_used(&self, keep: &str) -> Vec<(String, Arc<Slot>)> {
+        let mut loaded: Vec<(u64, String, Arc<Slot>)> = self
+            .loaded_slots()
+            .into_iter()
+            .filter(|(id, _)| id != keep)
+            .filter_map(|(id, slot)| {
+                let last_used = tried(slot.state.try_lock())?.tenant.as_ref()?.last_used_ms();
+                Some((last_used, id, slot))
+            })
+            .collect();
+        loaded.sort_by_key(|(last_used, _, _)| *last_used);
+        loaded.truncate((self.config.loaded_tenants_max / 10).max(1));
+        loaded.into_iter().rev().map(|(_, id, slot)| (id, slot)).collect()
     }
 
     /// Unloads the slot's tenant if it is loaded and, given a cutoff, unused since then.

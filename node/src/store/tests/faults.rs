@@ -28,6 +28,17 @@ struct Faults {
     hold_sync: Mutex<bool>,
     released: Condvar,
     syncs_started: AtomicUsize,
+    /// Microseconds every sync (of a file or a directory) takes on top of the real one.
+    sync_delay_us: std::sync::atomic::AtomicU64,
+}
+
+impl Faults {
+    fn delay(&self) {
+        let us = self.sync_delay_us.load(Ordering::SeqCst);
+        if us > 0 {
+            std::thread::sleep(Duration::from_micros(us));
+        }
+    }
 }
 
 struct FaultVfs {
@@ -50,6 +61,7 @@ impl VfsFile for FaultFile {
             held = self.faults.released.wait(held).expect("hold lock");
         }
         drop(held);
+        self.faults.delay();
         if self.faults.fail_sync.load(Ordering::SeqCst) {
             return Err(io::Error::other("injected sync failure"));
         }
@@ -95,14 +107,58 @@ impl Vfs for FaultVfs {
         RealVfs.remove_file(path)
     }
     fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        self.faults.delay();
         RealVfs.sync_dir(dir)
     }
 }
 
 fn faulty_store(dir: &Path) -> (Store, Arc<Faults>) {
+    faulty_store_with(config(dir))
+}
+
+fn faulty_store_with(config: StoreConfig) -> (Store, Arc<Faults>) {
     let faults = Arc::new(Faults::default());
     let vfs = Arc::new(FaultVfs { faults: faults.clone() });
-    (open_with(config(dir), vfs, Arc::new(ManualClock::new(0))), faults)
+    (open_with(config, vfs, Arc::new(ManualClock::new(0))), faults)
+}
+
+// Goal: the loaded-tenant cap (which bounds the log files a node holds open) holds while many
+// threads load new tenants faster than one thread can unload them. Each unload checkpoints
+// (several syncs, slowed to 2 ms each here); with eviction after requests alone, 8 writers to
+// fresh tenants kept far more than the cap loaded (a node ran out of file descriptors this
+// way). Each load at the cap now unloads one tenant first, so the cap is passed by at most the
+// loads in progress; and every write is still there.
+#[test]
+fn loads_on_many_threads_keep_the_loaded_tenant_cap() {
+    const CAP: usize = 16;
+    const THREADS: usize = 8;
+    const TENANTS_EACH: usize = 30;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (store, faults) =
+        faulty_store_with(StoreConfig { loaded_tenants_max: CAP, ..config(dir.path()) });
+    faults.sync_delay_us.store(2_000, Ordering::SeqCst);
+    let most = AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for thread in 0..THREADS {
+            let (store, most) = (&store, &most);
+            scope.spawn(move || {
+                for i in 0..TENANTS_EACH {
+                    let tenant = format!("t{thread}-{i}");
+                    get(store, &tenant, &format!("update?p=doc&c=1.1.1/1.1.1/1.1.1&s={tenant}"));
+                    most.fetch_max(store.loaded_tenants().len(), Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    let most = most.load(Ordering::SeqCst);
+    assert!(most <= CAP + THREADS, "{most} tenants loaded at once, over the cap of {CAP}");
+    faults.sync_delay_us.store(0, Ordering::SeqCst);
+    for thread in 0..THREADS {
+        for i in 0..TENANTS_EACH {
+            let tenant = format!("t{thread}-{i}");
+            assert_eq!(get(&store, &tenant, "select?p=doc&c=1.1.1/1.1.1/1.1.1"), tenant);
+        }
+    }
 }
 
 // Goal: writers that arrive while an fsync is under way share the next one. One write is held
