@@ -18,6 +18,12 @@ and backups that hold a record), then leaves them idle. It prints, per node:
 
     cargo build --release --locked --bin sq-cloud
     python3 benches/idle-replicas/measure.py [--tenants 100000] [--idle-s 80] [--window-s 30]
+        [--first 20000]
+
+With `--first N`, the first N tenants are written and left idle, their memory is read, then
+the rest are written: what the later copies cost per copy is then free of what the peak of
+loaded tenants left behind (room in the allocator's pages that the next loads reuse), which
+both parts share.
 
 It makes its own directory under /tmp and removes it at the end (several GB at 100,000
 tenants); `--keep` leaves it, with the cluster's logs.
@@ -159,6 +165,9 @@ def main():
                          "forgets a tenant's replication state and the store unloads it")
     ap.add_argument("--window-s", type=float, default=30.0)
     ap.add_argument("--threads", type=int, default=32)
+    ap.add_argument("--first", type=int, default=0,
+                    help="write this many tenants first, then idle, then the rest: reports what "
+                         "the later copies cost after the same peak of loaded tenants")
     ap.add_argument("--bin", default="./target/release/sq-cloud")
     ap.add_argument("--port", type=int, default=28640)
     ap.add_argument("--keep", action="store_true",
@@ -204,7 +213,23 @@ def main():
         alloc = {"registered": allocator_bytes(gw, admin)}
 
         started = time.time()
-        written = write_all(gw, keys, args.threads)
+        written = 0
+        if args.first:
+            # The same writes in two parts, each followed by an idle period, so the second
+            # part's copies are measured after the same peak of loaded tenants as the first's.
+            assert 0 < args.first < args.tenants, "--first must be between 0 and --tenants"
+            written = write_all(gw, keys[:args.first], args.threads)
+            assert written == args.first, "some tenants were never written"
+            print(f"first {written} written in {time.time() - started:.1f} s; "
+                  f"idle for {args.idle_s:.0f} s", flush=True)
+            time.sleep(args.idle_s)
+            rss["first_idle"] = {n: rss_kib(p) for n, p in pids.items()}
+            heap["first_idle"] = heap_bytes(gw, admin)
+            alloc["first_idle"] = allocator_bytes(gw, admin)
+            # Let the allocator settle after the scrape above, as before the closing one.
+            time.sleep(15)
+            rss["first_idle_settled"] = {n: rss_kib(p) for n, p in pids.items()}
+        written += write_all(gw, keys[args.first:], args.threads)
         took = time.time() - started
         print(f"{written} of {args.tenants} tenants written once in {took:.1f} s "
               f"({written / took:.0f}/s)", flush=True)
@@ -263,6 +288,19 @@ def main():
             "allocator_mib_idle": {
                 n: {k: round(v / 2**20, 1) for k, v in alloc["idle"][n].items()}
                 for n in alloc["idle"]},
+            # With --first: what the copies written after the first idle period cost, both
+            # parts having gone through the same peak of loaded tenants (the store's cap).
+            "marginal_per_copy_first_idle_to_idle": None if not args.first else {
+                "copies": args.tenants - args.first,
+                "rss": {n: round((rss["idle"][n] - rss["first_idle_settled"][n]) * 1024
+                                 / (args.tenants - args.first), 1) for n in pids},
+                "heap": {n: round((heap["idle"][n] - heap["first_idle"][n])
+                                  / (args.tenants - args.first), 1) for n in heap["idle"]},
+                "allocator": {
+                    n: {k: round((alloc["idle"][n][k] - alloc["first_idle"][n][k])
+                                 / (args.tenants - args.first), 1) for k in alloc["idle"][n]}
+                    for n in alloc["idle"]},
+            },
             "heap_bytes_per_tenant_empty_to_registered": {
                 n: round((heap["registered"][n] - heap["empty"][n]) / args.tenants, 1)
                 for n in heap["registered"]},

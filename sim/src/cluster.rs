@@ -32,6 +32,9 @@ const LEADER_SAMPLE_INTERVAL: Duration = Duration::from_millis(50);
 
 /// Memory budget of each node's store, in MiB: small, so tenants are evicted and reloaded.
 const STORE_MEMORY_MB: u64 = 4;
+/// The most tenants each node's store keeps loaded: fewer than a run has (5 to 7), so loads at
+/// the cap unload others first, in the middle of replication and handoffs.
+const STORE_LOADED_TENANTS_MAX: usize = 3;
 /// Idle time after which a tenant is unloaded, in seconds: short, so unloading happens.
 const STORE_IDLE_UNLOAD_S: u64 = 8;
 /// How long the supervisor waits before starting a node that exited (systemd's `RestartSec`).
@@ -159,7 +162,7 @@ impl Cluster {
             replicas: 1,
             memory_budget_mb: STORE_MEMORY_MB,
             idle_unload_s: STORE_IDLE_UNLOAD_S,
-            loaded_tenants_max: node::config::DEFAULT_LOADED_TENANTS_MAX,
+            loaded_tenants_max: STORE_LOADED_TENANTS_MAX,
             tenants_file: None,
             handoff: HandoffConfig { grace_s: HANDOFF_GRACE_S, ..HandoffConfig::default() },
             gossip: Default::default(),
