@@ -122,3 +122,24 @@ impl NodeConfig {
         self.advertise.unwrap_or(self.listen)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Goal: the shipped example node.toml parses, and says what the defaults are.
+    #[test]
+    fn the_example_config_parses_with_the_defaults() {
+        let config: NodeConfig =
+            toml::from_str(include_str!("../../deploy/node.toml")).expect("deploy/node.toml");
+        assert_eq!(config.loaded_tenants_max, DEFAULT_LOADED_TENANTS_MAX);
+        assert_eq!(config.memory_budget_mb, DEFAULT_MEMORY_BUDGET_MB);
+        assert_eq!(config.idle_unload_s, DEFAULT_IDLE_UNLOAD_S);
+        assert_eq!(config.replicas, DEFAULT_REPLICAS);
+        let unset: NodeConfig = toml::from_str(
+            "id = 1\ndata_dir = \"d\"\nlisten = \"127.0.0.1:7100\"\ncluster_certs = \"c\"\n",
+        )
+        .expect("the fewest fields");
+        assert_eq!(unset.loaded_tenants_max, DEFAULT_LOADED_TENANTS_MAX);
+    }
+}
