@@ -70,9 +70,11 @@ const CLOSED_RETRIES_MAX: usize = 8;
 /// than on every request once the store is full.
 const EVICT_LOW_WATER_PERCENT: u64 = 90;
 
-/// The most tenants one load unloads to get under the loaded-tenant cap (each try unloads one,
-/// or finds its victim gone); past them it loads anyway rather than wait.
-const MAKE_ROOM_TRIES: usize = 4;
+/// The most times one load lists the least recently used tenants to find one to unload
+/// ([`Store::make_room`]); past them (every loaded tenant busy, or other threads loading as fast
+/// as it unloads) it loads anyway rather than wait. A victim already unloaded (by eviction,
+/// which picks the same tenants) costs a look at its slot, and the load takes the next one.
+const MAKE_ROOM_SCANS_MAX: usize = 2;
 
 /// The store's settings. Every field has a default, given in its comment.
 #[derive(Debug, Clone)]
@@ -499,13 +501,15 @@ impl Store {
     /// when loads on many threads outrun it, each load makes its own room. So loaded tenants,
     /// and the log files they hold open, exceed the cap by at most the loads in progress.
     fn make_room(&self, loading: &str) {
-        for _ in 0..MAKE_ROOM_TRIES {
-            if self.loaded_count.load(Ordering::SeqCst) < self.config.loaded_tenants_max {
-                return;
-            }
+        let mut scans = 0;
+        while self.loaded_count.load(Ordering::SeqCst) >= self.config.loaded_tenants_max {
             let victim = {
                 let mut victims = self.victims.lock().expect("victims lock poisoned");
                 if victims.is_empty() {
+                    if scans == MAKE_ROOM_SCANS_MAX {
+                        return;
+                    }
+                    scans += 1;
                     *victims = self.least_recently_used(loading);
                 }
                 victims.pop()
