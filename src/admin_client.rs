@@ -66,6 +66,18 @@ impl AdminClient {
         Ok(response.status().as_u16())
     }
 
+    /// The body of `GET path` with this client's key, as text, if it is answered 200.
+    pub fn text_of(&self, path: &str) -> anyhow::Result<String> {
+        let url = format!("{}{path}", self.base);
+        let response = self.http.get(url).bearer_auth(&self.key).send()?;
+        let status = response.status();
+        let text = response.text()?;
+        if !status.is_success() {
+            bail!("{status}: {}", text.trim());
+        }
+        Ok(text)
+    }
+
     /// One page of a paged listing, with the cursor of the next page when there is one.
     pub fn get_page(&self, path: &str) -> anyhow::Result<(serde_json::Value, Option<String>)> {
         self.send_paged(self.http.get(format!("{}{path}", self.base)))

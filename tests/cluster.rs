@@ -25,6 +25,9 @@ fn cases() -> serde_json::Value {
 fn conformance_isolation_and_keys() {
     let cluster = DevCluster::start(3);
     let base = cluster.url();
+    // Each node says so (`sq_node_reads_ready`) once it holds its lease; a read sent to one that
+    // does not yet is answered 503.
+    assert!(cluster.reads_ready, "every node holds its lease within 30 s of the cluster's start");
 
     let key = cluster.add_tenant("conf", serde_json::json!({}));
     let (passed, failures) = run_conformance(&base, &key, &cases());

@@ -65,6 +65,10 @@ fn describe() {
         "The allocator's own account, by state: allocated (the live heap), active (pages holding it), metadata, resident (active, metadata and free pages not yet returned), mapped, retained (address space kept, not resident)"
     );
     metrics::describe_gauge!(
+        "sq_node_reads_ready",
+        "1 while this node may answer reads of the tenants it leads: it holds its node lease, or the cluster keeps one copy and needs none"
+    );
+    metrics::describe_gauge!(
         "sq_under_replicated_tenants",
         "Tenants with fewer usable copies than R, as this node's registry has it"
     );
@@ -113,6 +117,9 @@ pub fn render_node(svc: &Service) -> String {
     metrics::gauge!("sq_placement_epoch").set(svc.registry.state().placement_epoch() as f64);
     metrics::gauge!("sq_tenants_active").set(svc.store.loaded_tenants().len() as f64);
     metrics::gauge!("sq_store_memory_bytes").set(svc.store.memory_bytes() as f64);
+    let state = svc.registry.state();
+    let reads_ready = state.replicas() <= 1 || svc.leases.holds(state.placement_epoch());
+    metrics::gauge!("sq_node_reads_ready").set(if reads_ready { 1.0 } else { 0.0 });
     let under = svc.registry.state().under_replicated();
     metrics::gauge!("sq_under_replicated_tenants").set(under as f64);
     if let Some(bytes) = crate::memory::heap_bytes() {
