@@ -78,12 +78,18 @@ class Gateway:
             c.close()
 
 
-def node_requests(gw, admin_key):
-    """{(node, kind): count} from the gateway's /api/v2/metrics."""
+def scrape(gw, admin_key):
+    """The gateway's /api/v2/metrics, every node's included. One scrape renders every tenant's
+    series, so each measure takes one."""
     status, body = gw.get("/api/v2/metrics", admin_key)
     assert status == 200, body[:200]
+    return body.decode()
+
+
+def node_requests(text):
+    """{(node, kind): count} from a scrape."""
     out = {}
-    for line in body.decode().splitlines():
+    for line in text.splitlines():
         m = METRIC.match(line)
         if not m:
             continue
@@ -97,21 +103,17 @@ HEAP = re.compile(r'^sq_node_heap_bytes\{[^}]*node="(?P<node>[^"]+)"[^}]*\} (?P<
 ALLOCATOR = re.compile(r'^sq_node_allocator_bytes\{(?P<labels>[^}]*)\} (?P<value>[0-9.e+]+)$')
 
 
-def heap_bytes(gw, admin_key):
-    """{node: live heap bytes} from each node's `sq_node_heap_bytes`."""
-    status, body = gw.get("/api/v2/metrics", admin_key)
-    assert status == 200, body[:200]
+def heap_bytes(text):
+    """{node: live heap bytes} from each node's `sq_node_heap_bytes` in a scrape."""
     return {m.group("node"): float(m.group("value"))
-            for m in map(HEAP.match, body.decode().splitlines()) if m}
+            for m in map(HEAP.match, text.splitlines()) if m}
 
 
-def allocator_bytes(gw, admin_key):
-    """{node: {state: bytes}} from each node's `sq_node_allocator_bytes` (allocated, active,
-    metadata, resident, ...: node::memory::allocator_bytes)."""
-    status, body = gw.get("/api/v2/metrics", admin_key)
-    assert status == 200, body[:200]
+def allocator_bytes(text):
+    """{node: {state: bytes}} from each node's `sq_node_allocator_bytes` in a scrape
+    (allocated, active, metadata, resident, ...: node::memory::allocator_bytes)."""
     out = {}
-    for m in map(ALLOCATOR.match, body.decode().splitlines()):
+    for m in map(ALLOCATOR.match, text.splitlines()):
         if m:
             labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group("labels")))
             out.setdefault(labels["node"], {})[labels["state"]] = float(m.group("value"))
@@ -194,7 +196,7 @@ def main():
         pids = {str(n["id"]): n["pid"] for n in info["nodes"]}
         admin = info["admin_key"]
         rss = {"empty": {n: rss_kib(p) for n, p in pids.items()}}
-        heap = {"empty": heap_bytes(gw, admin)}
+        heap = {"empty": heap_bytes(scrape(gw, admin))}
 
         keys = ["pmb-v1-" + secrets.token_hex(16) for _ in range(args.tenants)]
         started = time.time()
@@ -208,9 +210,10 @@ def main():
         print(f"{args.tenants} tenants registered in {time.time() - started:.1f} s", flush=True)
         time.sleep(5)
         rss["registered"] = {n: rss_kib(p) for n, p in pids.items()}
-        heap["registered"] = heap_bytes(gw, admin)
+        text = scrape(gw, admin)
+        heap["registered"] = heap_bytes(text)
         parts = {"registered": {n: rss_parts_kib(p) for n, p in pids.items()}}
-        alloc = {"registered": allocator_bytes(gw, admin)}
+        alloc = {"registered": allocator_bytes(text)}
 
         started = time.time()
         written = 0
@@ -224,8 +227,9 @@ def main():
                   f"idle for {args.idle_s:.0f} s", flush=True)
             time.sleep(args.idle_s)
             rss["first_idle"] = {n: rss_kib(p) for n, p in pids.items()}
-            heap["first_idle"] = heap_bytes(gw, admin)
-            alloc["first_idle"] = allocator_bytes(gw, admin)
+            text = scrape(gw, admin)
+            heap["first_idle"] = heap_bytes(text)
+            alloc["first_idle"] = allocator_bytes(text)
             # Let the allocator settle after the scrape above, as before the closing one.
             time.sleep(15)
             rss["first_idle_settled"] = {n: rss_kib(p) for n, p in pids.items()}
@@ -237,7 +241,7 @@ def main():
 
         print(f"idle for {args.idle_s:.0f} s", flush=True)
         time.sleep(args.idle_s)
-        before = node_requests(gw, admin)
+        before = node_requests(scrape(gw, admin))
         cpu_before = {n: cpu_s(p) for n, p in pids.items()}
         time.sleep(args.window_s)
         cpu_after = {n: cpu_s(p) for n, p in pids.items()}
@@ -245,10 +249,11 @@ def main():
         # the allocator keeps the pages that rendering freed for up to its decay time (10 s).
         rss["idle"] = {n: rss_kib(p) for n, p in pids.items()}
         parts["idle"] = {n: rss_parts_kib(p) for n, p in pids.items()}
-        after = node_requests(gw, admin)
+        text = scrape(gw, admin)
+        after = node_requests(text)
         rss["just_scraped"] = {n: rss_kib(p) for n, p in pids.items()}
-        heap["idle"] = heap_bytes(gw, admin)
-        alloc["idle"] = allocator_bytes(gw, admin)
+        heap["idle"] = heap_bytes(text)
+        alloc["idle"] = allocator_bytes(text)
 
         rates = {}
         for (node, kind), v in sorted(after.items()):
@@ -276,7 +281,7 @@ def main():
                 n: round((heap["idle"][n] - heap["registered"][n]) / args.tenants, 1)
                 for n in heap["idle"]},
             # Where the resident growth went: the process's anonymous and file-backed pages,
-            # and the allocator's own states (read after the window's closing scrape).
+            # and the allocator's own states (as the window's closing scrape reports them).
             "rss_parts_bytes_per_copy_registered_to_idle": {
                 n: {k: round((parts["idle"][n][k] - parts["registered"][n][k]) * 1024
                              / args.tenants, 1) for k in parts["idle"][n]}

@@ -29,20 +29,13 @@ pub use tikv_jemallocator::Jemalloc as Allocator;
 /// further arena keeps its own partly used pages).
 pub const ALLOCATOR_OPTIONS: &[u8] = b"narenas:1\0";
 
-/// The live heap: bytes the process allocated through [`Allocator`] and has not freed
-/// (jemalloc's `stats.allocated`). `None` if jemalloc cannot tell.
-pub fn heap_bytes() -> Option<u64> {
-    // The statistics are a snapshot taken when the epoch advances.
-    tikv_jemalloc_ctl::epoch::advance().ok()?;
-    tikv_jemalloc_ctl::stats::allocated::read().ok().map(|b| b as u64)
-}
-
 /// Where the process's memory sits, as the allocator counts it (jemalloc's `stats.*`, one
 /// snapshot): what it handed out (`allocated`), the pages holding those allocations (`active`,
 /// so `active - allocated` is room inside partly used pages), its own bookkeeping
 /// (`metadata`), and the pages it holds resident (`resident`: active, metadata, and free pages
 /// not yet given back). Resident memory of the process beyond `resident` is not the heap's:
-/// thread stacks and the mapped binary. Empty if jemalloc cannot tell.
+/// thread stacks and the mapped binary. `allocated` is the live heap (`sq_node_heap_bytes`).
+/// Empty if jemalloc cannot tell.
 pub fn allocator_bytes() -> Vec<(&'static str, u64)> {
     use tikv_jemalloc_ctl::stats;
     if tikv_jemalloc_ctl::epoch::advance().is_err() {
@@ -87,6 +80,11 @@ pub fn release_free_memory() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The live heap, as `sq_node_heap_bytes` reports it.
+    fn heap_bytes() -> Option<u64> {
+        allocator_bytes().into_iter().find(|(kind, _)| *kind == "allocated").map(|(_, b)| b)
+    }
 
     // Goal: a map emptied of most of its entries gives its table back; a small one is kept.
     #[test]

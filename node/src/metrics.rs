@@ -122,10 +122,10 @@ pub fn render_node(svc: &Service) -> String {
     metrics::gauge!("sq_node_reads_ready").set(if reads_ready { 1.0 } else { 0.0 });
     let under = state.under_replicated();
     metrics::gauge!("sq_under_replicated_tenants").set(under as f64);
-    if let Some(bytes) = crate::memory::heap_bytes() {
-        metrics::gauge!("sq_node_heap_bytes").set(bytes as f64);
-    }
     for (kind, bytes) in crate::memory::allocator_bytes() {
+        if kind == "allocated" {
+            metrics::gauge!("sq_node_heap_bytes").set(bytes as f64);
+        }
         metrics::gauge!("sq_node_allocator_bytes", "state" => kind).set(bytes as f64);
     }
     let mut text = render();

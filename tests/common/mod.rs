@@ -47,9 +47,6 @@ pub fn tool_present(tool: &str, available: bool, install: &str) -> bool {
 /// How long a dev cluster may take to write dev.json.
 pub const CLUSTER_START_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// How long a started cluster is given for every node to hold its lease.
-const READS_READY_WAIT: Duration = Duration::from_secs(30);
-
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_sq-cloud")
 }
@@ -68,7 +65,7 @@ pub struct DevCluster {
     pub json: serde_json::Value,
     pub nodes: usize,
     pub listen: String,
-    /// Every node said it may answer reads once the cluster was up (`wait_reads_ready`).
+    /// Every node said it may answer reads by the time dev said the cluster was up.
     pub reads_ready: bool,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -125,52 +122,29 @@ impl DevCluster {
     }
 
     /// Waits until dev prints its banner line "details:", which it does after writing dev.json.
+    /// Before it, dev waits for every node to say it may answer reads (`sq_node_reads_ready`:
+    /// a read sent to a node still without its lease is answered 503), and prints a note if
+    /// they did not: [`DevCluster::reads_ready`] says whether it did.
     fn wait_ready(&mut self, _previous: Option<Vec<u8>>) {
         use std::io::BufRead;
         let stdout = self.child.as_mut().unwrap().stdout.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
+            let mut reads_ready = true;
             for line in std::io::BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
+                if line.contains("not every node holds its lease") {
+                    reads_ready = false;
+                }
                 if line.contains("details:") {
-                    let _ = tx.send(());
+                    let _ = tx.send(reads_ready);
                 }
             }
         });
-        rx.recv_timeout(CLUSTER_START_TIMEOUT).expect("sq-cloud dev did not come up in time");
+        self.reads_ready =
+            rx.recv_timeout(CLUSTER_START_TIMEOUT).expect("sq-cloud dev did not come up in time");
         self.json =
             serde_json::from_slice(&std::fs::read(self.dir.join("dev.json")).unwrap()).unwrap();
-        self.wait_reads_ready();
-    }
-
-    /// Waits, at most [`READS_READY_WAIT`], until every node may answer reads
-    /// (`sq_node_reads_ready`): dev's banner says one tenant is served, so one node holds its
-    /// lease, and a voter just started grants none for a second. A read sent to a node still
-    /// without one waits a second for it, then is answered 503 with Retry-After, which a test of
-    /// something else would take for a failure. Past the wait the test goes on and sees what
-    /// the cluster answers.
-    fn wait_reads_ready(&mut self) {
-        let deadline = Instant::now() + READS_READY_WAIT;
-        let ready = |text: &str| {
-            let values: Vec<&str> = text
-                .lines()
-                .filter(|l| l.starts_with("sq_node_reads_ready{"))
-                .filter_map(|l| l.rsplit(' ').next())
-                .collect();
-            values.len() >= self.nodes && values.iter().all(|v| *v == "1")
-        };
-        while Instant::now() < deadline {
-            let text = http()
-                .get(format!("{}/metrics", self.url()))
-                .bearer_auth(self.admin_key())
-                .send()
-                .and_then(|r| r.text());
-            if text.is_ok_and(|t| ready(&t)) {
-                self.reads_ready = true;
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
     }
 
     pub fn url(&self) -> String {

@@ -510,7 +510,12 @@ impl Store {
                         return;
                     }
                     scans += 1;
-                    *victims = self.least_recently_used(loading);
+                    // A tenth of the cap at a time (at least one), least recent last (so
+                    // `pop` takes it): a burst of loads lists the slots once per many victims.
+                    let mut listed = self.loaded_by_last_use(Some(loading));
+                    listed.truncate((self.config.loaded_tenants_max / 10).max(1));
+                    listed.reverse();
+                    *victims = listed;
                 }
                 victims.pop()
             };
@@ -521,22 +526,23 @@ impl Store {
         }
     }
 
-    /// The least recently used loaded tenants, but `keep`: the next victims of
-    /// [`Self::make_room`], the least recent last (so `pop` takes it). A tenth of the cap at a
-    /// time (at least one), so a burst of loads scans the slots once per many victims.
-    fn least_recently_used(&self, keep: &str) -> Vec<(String, Arc<Slot>)> {
-        let mut loaded: Vec<(u64, String, Arc<Slot>)> = self
-            .loaded_slots()
-            .into_iter()
-            .filter(|(id, _)| id != keep)
-            .filter_map(|(id, slot)| {
-                let last_used = tried(slot.state.try_lock())?.tenant.as_ref()?.last_used_ms();
-                Some((last_used, id, slot))
-            })
-            .collect();
+    /// The loaded tenants but `keep`, least recently used first: whom eviction and
+    /// [`Self::make_room`] unload. A slot busy loading or unloading this instant is left out
+    /// rather than waited for.
+    fn loaded_by_last_use(&self, keep: Option<&str>) -> Vec<(String, Arc<Slot>)> {
+        let mut loaded: Vec<(u64, String, Arc<Slot>)> = {
+            let slots = self.slots.read().expect("slot map lock poisoned");
+            slots
+                .iter()
+                .filter(|(id, _)| Some(&***id) != keep)
+                .filter_map(|(id, slot)| {
+                    let last_used = tried(slot.state.try_lock())?.tenant.as_ref()?.last_used_ms();
+                    Some((last_used, id.to_string(), slot.clone()))
+                })
+                .collect()
+        };
         loaded.sort_by_key(|(last_used, _, _)| *last_used);
-        loaded.truncate((self.config.loaded_tenants_max / 10).max(1));
-        loaded.into_iter().rev().map(|(_, id, slot)| (id, slot)).collect()
+        loaded.into_iter().map(|(_, id, slot)| (id, slot)).collect()
     }
 
     /// Unloads the slot's tenant if it is loaded and, given a cutoff, unused since then.
@@ -581,21 +587,12 @@ impl Store {
         if !self.over_limits() {
             return 0;
         }
-        let mut loaded: Vec<(u64, String, Arc<Slot>)> = Vec::new();
-        for (id, slot) in self.all_slots() {
-            // A slot busy loading or unloading is skipped rather than waited for.
-            let last_used = tried(slot.state.try_lock())
-                .and_then(|s| s.tenant.as_ref().map(|t| t.last_used_ms()));
-            if let Some(last_used) = last_used.filter(|_| Some(id.as_str()) != keep) {
-                loaded.push((last_used, id, slot));
-            }
-        }
-        loaded.sort_unstable_by_key(|(last_used, _, _)| *last_used);
+        let loaded = self.loaded_by_last_use(keep);
         let memory_target = self.config.memory_budget_bytes / 100 * EVICT_LOW_WATER_PERCENT;
         let count_target =
             self.config.loaded_tenants_max.saturating_mul(EVICT_LOW_WATER_PERCENT as usize) / 100;
         let mut unloaded = 0;
-        for (_, id, slot) in loaded {
+        for (id, slot) in loaded {
             if self.memory_bytes() <= memory_target
                 && self.loaded_count.load(Ordering::SeqCst) <= count_target
             {
