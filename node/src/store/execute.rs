@@ -94,7 +94,7 @@ impl Store {
         }
         // Every lock is only tried: a tenant being loaded or unloaded holds its slot for as long
         // as the disk takes, and this runs on an async thread.
-        let slot = tried(self.slots.try_read())?.get(tenant).cloned()?;
+        let slot = tried(self.slots.try_read())?.get(tenant)?;
         let t = tried(slot.state.try_lock())?.tenant.clone()?;
         if t.is_closed() || t.log_failed() {
             return None;

@@ -319,12 +319,14 @@ impl Store {
     }
 
     /// Drops everything the store remembers of a tenant, so its next use reads the disk afresh.
+    /// Its slot stays, empty (slots are never removed: [`super::slots`]).
     fn forget(&self, tenant: &str) {
         self.forget_caught_up(tenant);
-        let slot = self.slots.write().expect("slot map lock poisoned").remove(tenant);
+        let slot = self.slots.read().expect("slot map lock poisoned").get(tenant);
         if let Some(slot) = slot {
-            let s = lock_slot(&slot);
+            let mut s = lock_slot(&slot);
             assert!(s.tenant.is_none(), "forgot a loaded tenant");
+            s.storage_bytes = super::KnownBytes::UNKNOWN;
         }
     }
 

@@ -26,6 +26,7 @@ mod execute;
 mod handoff;
 mod recovery;
 mod replica;
+mod slots;
 mod snapshot;
 mod streamed;
 mod tenant;
@@ -37,7 +38,6 @@ mod prop_decoders;
 #[cfg(test)]
 mod tests;
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, TryLockError};
@@ -51,6 +51,7 @@ pub use error::{StoreError, IO_RETRY_AFTER_S};
 pub use execute::{Begun, Logged};
 pub use handoff::is_tenant_file_path;
 pub use replica::{AppendRefusal, LogTail, ReplicaState, Shipment, REPLICA_BATCH_BYTES_MAX};
+pub use slots::TenantKey;
 pub use snapshot::SnapshotImage;
 pub use streamed::{FileAnswer, Opened};
 pub use tenant::{
@@ -60,6 +61,7 @@ pub use tenant::{
 pub(crate) use vfs::create_dir_durable;
 pub use vfs::{RealVfs, UnsyncedVfs, Vfs, VfsFile, VfsReader};
 
+use slots::{SlotRef, Slots};
 use tenant::{Tenant, TenantPaths};
 
 /// How many times one request goes back for a tenant that was unloaded under it before giving up
@@ -111,10 +113,11 @@ impl Default for StoreConfig {
 }
 
 /// One tenant's place in the store: its loaded incarnation, if any, and otherwise its storage
-/// use when last known. Slots stay for the life of the store (about 100 bytes each with the map
-/// entry: what an idle copy of a tenant costs the node), which is what lets
-/// [`Store::storage_bytes`] answer for unloaded tenants cheaply. Its mutex serialises loading and
-/// unloading of that one tenant; it is never held across a request.
+/// use when last known. Slots stay for the life of the store (about 57 bytes each with the id and
+/// the index entry, in chunks shared by a thousand slots: what an idle copy of a tenant costs
+/// the store; [`slots`]), which is what lets [`Store::storage_bytes`] answer for unloaded
+/// tenants cheaply. Its mutex serialises loading and unloading of that one tenant; it is never
+/// held across a request.
 #[derive(Default)]
 struct Slot {
     state: Mutex<SlotState>,
@@ -188,16 +191,16 @@ pub struct Store {
     tenants_dir: PathBuf,
     vfs: Arc<dyn Vfs>,
     clock: Arc<dyn Clock>,
-    /// Ordered, so that unloading and eviction visit tenants in one order on every run (the
-    /// simulator replays a seed event for event; a hash order would differ per process).
-    slots: RwLock<BTreeMap<Box<str>, Arc<Slot>>>,
+    /// Listed in the order they were made, so that unloading and eviction visit tenants in one
+    /// order on every run (the simulator replays a seed event for event).
+    slots: RwLock<Slots>,
     /// Estimated memory of all loaded tenants; each tenant adds and removes its own share.
     memory_bytes: Arc<AtomicU64>,
     loaded_count: AtomicUsize,
     /// Held by the one thread that evicts at a time.
     evicting: Mutex<()>,
     /// The next tenants unloaded to make room for loads at the cap ([`Store::make_room`]).
-    victims: Mutex<Vec<(String, Arc<Slot>)>>,
+    victims: Mutex<Vec<(String, SlotRef)>>,
     /// On while the node replicates its tenants: every loaded tenant keeps its newest records
     /// in memory for its backups ([`Store::shipment`]).
     keeps_tails: Arc<std::sync::atomic::AtomicBool>,
@@ -244,7 +247,7 @@ impl Store {
             tenants_dir,
             vfs,
             clock,
-            slots: RwLock::new(BTreeMap::new()),
+            slots: RwLock::new(Slots::default()),
             memory_bytes: Arc::new(AtomicU64::new(0)),
             loaded_count: AtomicUsize::new(0),
             evicting: Mutex::new(()),
@@ -266,7 +269,7 @@ impl Store {
     /// tenant with no data is 0, and nothing is created for it.
     pub fn storage_bytes(&self, tenant: &str) -> Result<u64, StoreError> {
         check_tenant_id(tenant)?;
-        let slot = self.slots.read().expect("slot map lock poisoned").get(tenant).cloned();
+        let slot = self.slots.read().expect("slot map lock poisoned").get(tenant);
         if let Some(slot) = slot {
             if let Some(bytes) = lock_slot(&slot).known_bytes() {
                 return Ok(bytes);
@@ -288,14 +291,18 @@ impl Store {
     /// a tenant being loaded or unloaded right now is left out (a metrics scrape calls this on
     /// an async thread, and a large tenant takes a while to load).
     pub fn known_storage(&self, mut keep: impl FnMut(&str) -> bool) -> Vec<(String, u64)> {
-        let slots = self.slots.read().expect("slot map lock poisoned");
-        slots
-            .iter()
-            .filter(|(id, _)| keep(id))
-            .filter_map(|(id, slot)| {
-                Some((id.to_string(), tried(slot.state.try_lock())?.known_bytes()?))
-            })
-            .collect()
+        let mut known: Vec<(String, u64)> = {
+            let slots = self.slots.read().expect("slot map lock poisoned");
+            slots
+                .iter()
+                .filter(|(_, id, _)| keep(id))
+                .filter_map(|(_, id, slot)| {
+                    Some((id.to_string(), tried(slot.state.try_lock())?.known_bytes()?))
+                })
+                .collect()
+        };
+        known.sort_unstable();
+        known
     }
 
     /// The ids of the tenants loaded now, sorted.
@@ -347,7 +354,7 @@ impl Store {
     /// the checkpoint fails (the error is returned): the log still holds every change.
     pub fn unload(&self, tenant: &str) -> Result<bool, StoreError> {
         check_tenant_id(tenant)?;
-        let slot = self.slots.read().expect("slot map lock poisoned").get(tenant).cloned();
+        let slot = self.slots.read().expect("slot map lock poisoned").get(tenant);
         match slot {
             Some(slot) => self.unload_slot(&slot, None),
             None => Ok(false),
@@ -422,33 +429,33 @@ impl Store {
 
     /// The tenant's loaded incarnation, if it is loaded now; loads nothing.
     fn loaded(&self, id: &str) -> Option<Arc<Tenant>> {
-        let slot = self.slots.read().expect("slot map lock poisoned").get(id).cloned()?;
+        let slot = self.slots.read().expect("slot map lock poisoned").get(id)?;
         let t = lock_slot(&slot).tenant.clone()?;
         (!t.is_closed()).then_some(t)
     }
 
-    fn slot(&self, id: &str) -> Arc<Slot> {
+    fn slot(&self, id: &str) -> SlotRef {
         if let Some(slot) = self.slots.read().expect("slot map lock poisoned").get(id) {
-            return slot.clone();
+            return slot;
         }
-        self.slots.write().expect("slot map lock poisoned").entry(id.into()).or_default().clone()
+        self.slots.write().expect("slot map lock poisoned").get_or_make(id)
     }
 
     /// The slots that hold a loaded tenant now, with their ids: what an idle sweep looks at.
     /// Only those are copied out, so a sweep over many idle tenants allocates next to nothing
     /// (it runs every few seconds). A slot busy this instant is left out: it is in use.
-    fn loaded_slots(&self) -> Vec<(String, Arc<Slot>)> {
+    fn loaded_slots(&self) -> Vec<(String, SlotRef)> {
         let slots = self.slots.read().expect("slot map lock poisoned");
         slots
             .iter()
-            .filter(|(_, slot)| tried(slot.state.try_lock()).is_some_and(|s| s.tenant.is_some()))
-            .map(|(id, slot)| (id.to_string(), slot.clone()))
+            .filter(|(_, _, slot)| tried(slot.state.try_lock()).is_some_and(|s| s.tenant.is_some()))
+            .map(|(n, id, _)| (id.to_string(), slots.ref_at(n)))
             .collect()
     }
 
-    fn all_slots(&self) -> Vec<(String, Arc<Slot>)> {
+    fn all_slots(&self) -> Vec<(String, SlotRef)> {
         let slots = self.slots.read().expect("slot map lock poisoned");
-        slots.iter().map(|(id, s)| (id.to_string(), s.clone())).collect()
+        slots.iter().map(|(n, id, _)| (id.to_string(), slots.ref_at(n))).collect()
     }
 
     /// The tenant's loaded incarnation, loading it from disk if needed. Holds only this tenant's
@@ -529,15 +536,15 @@ impl Store {
     /// The loaded tenants but `keep`, least recently used first: whom eviction and
     /// [`Self::make_room`] unload. A slot busy loading or unloading this instant is left out
     /// rather than waited for.
-    fn loaded_by_last_use(&self, keep: Option<&str>) -> Vec<(String, Arc<Slot>)> {
-        let mut loaded: Vec<(u64, String, Arc<Slot>)> = {
+    fn loaded_by_last_use(&self, keep: Option<&str>) -> Vec<(String, SlotRef)> {
+        let mut loaded: Vec<(u64, String, SlotRef)> = {
             let slots = self.slots.read().expect("slot map lock poisoned");
             slots
                 .iter()
-                .filter(|(id, _)| Some(&***id) != keep)
-                .filter_map(|(id, slot)| {
+                .filter(|(_, id, _)| Some(*id) != keep)
+                .filter_map(|(n, id, slot)| {
                     let last_used = tried(slot.state.try_lock())?.tenant.as_ref()?.last_used_ms();
-                    Some((last_used, id.to_string(), slot.clone()))
+                    Some((last_used, id.to_string(), slots.ref_at(n)))
                 })
                 .collect()
         };

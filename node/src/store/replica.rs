@@ -152,7 +152,7 @@ impl Store {
     /// [`Self::shipment`] on the blocking pool. Saves a primary's replication a hop to that
     /// pool and back for each message in the common case.
     pub fn shipment_in_memory(&self, tenant: &str, after: u64, upto: u64) -> Option<Shipment> {
-        let slot = tried(self.slots.try_read())?.get(tenant).cloned()?;
+        let slot = tried(self.slots.try_read())?.get(tenant)?;
         let t = tried(slot.state.try_lock())?.tenant.clone()?;
         if t.is_closed() {
             return None;
