@@ -249,6 +249,9 @@ fn check_metrics(cluster: &DevCluster, sent: &BTreeMap<&'static str, u64>, pro_r
     let started = node_log_lines(&cluster.dir, "node listening");
     assert!(started >= 3, "{started} node starts logged");
     assert_eq!(node_log_lines(&cluster.dir, "arenas=Some(1)"), started, "one arena per node");
+    // A small size class in slabs of one page (node::memory::ALLOCATOR_OPTIONS); jemalloc's own
+    // choice for 160 B is five.
+    assert_eq!(node_log_lines(&cluster.dir, "slab_pages_160=Some(1)"), started, "one-page slabs");
     let leaders: Vec<(f64, usize)> =
         ["1", "2", "3"].iter().map(|n| metric(&text, "sq_raft_leader", &[("node", n)])).collect();
     assert!(

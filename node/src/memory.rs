@@ -24,10 +24,36 @@ pub fn shrink<K: Eq + Hash, V>(map: &mut HashMap<K, V>) {
 /// kept 2.2 to 2.6 KB resident each (docs/BENCHMARKS.md, "Idle tenants with three copies").
 pub use tikv_jemallocator::Jemalloc as Allocator;
 
-/// jemalloc's options, read once before `main` from the binary's `malloc_conf` symbol: one
-/// arena for the whole process (a process runs a few threads on a share of the cores, and each
-/// further arena keeps its own partly used pages).
-pub const ALLOCATOR_OPTIONS: &[u8] = b"narenas:1\0";
+/// jemalloc's options, read once before `main` from the binary's `malloc_conf` symbol:
+/// - one arena for the whole process (a process runs a few threads on a share of the cores,
+///   and each further arena keeps its own partly used pages);
+/// - slabs of one page for the size classes up to 1 KiB (`slab_sizes:1-1024:1`), where
+///   jemalloc makes them up to five pages ([`slab_pages`] tells). Loading thousands of tenants at once fills slabs of
+///   these classes, and when they are unloaded a slab stays as long as one allocation in it
+///   does: after 30,000 tenants were loaded and unloaded a node kept 10 to 25 MB of such room
+///   with five-page slabs, and 6.6 to 8.1 MB with one-page slabs (docs/BENCHMARKS.md, "Where
+///   an idle copy's resident memory sits").
+pub const ALLOCATOR_OPTIONS: &[u8] = b"narenas:1,slab_sizes:1-1024:1\0";
+
+/// The pages of one slab of the allocator's size class for `size` bytes, as the process runs
+/// it: `None` if jemalloc cannot tell or `size` is not a small class.
+pub fn slab_pages(size: usize) -> Option<usize> {
+    use tikv_jemalloc_ctl::raw;
+    // SAFETY: each name is NUL-terminated and names a read-only control of the type read.
+    unsafe {
+        let page: usize = raw::read(b"arenas.page\0").ok()?;
+        let bins: u32 = raw::read(b"arenas.nbins\0").ok()?;
+        for bin in 0..bins {
+            let class: usize = raw::read(format!("arenas.bin.{bin}.size\0").as_bytes()).ok()?;
+            if class == size {
+                let slab: usize =
+                    raw::read(format!("arenas.bin.{bin}.slab_size\0").as_bytes()).ok()?;
+                return Some(slab / page);
+            }
+        }
+    }
+    None
+}
 
 /// Where the process's memory sits, as the allocator counts it (jemalloc's `stats.*`, one
 /// snapshot): what it handed out (`allocated`), the pages holding those allocations (`active`,

@@ -323,7 +323,8 @@ pub async fn run(mut config: NodeConfig, shutdown: CancellationToken) -> Result<
         transport::Server::bind(config.listen, &identity, transport::ServerLimits::default())
             .map_err(|source| NodeError::Listen { addr: config.listen, source })?;
     let arenas = crate::memory::arenas();
-    tracing::info!(id = config.id, addr = %config.advertise(), ?arenas, "node listening");
+    let slab_pages_160 = crate::memory::slab_pages(160);
+    tracing::info!(id = config.id, addr = %config.advertise(), ?arenas, ?slab_pages_160, "node listening");
     let server_task = tokio::spawn(server.run(parts.service.clone(), shutdown.clone()));
     if config.bootstrap {
         parts.bootstrap(&config).await?;
