@@ -103,9 +103,41 @@ pub fn release_free_memory() {
     };
 }
 
+/// Free pages the allocator may keep while nothing is loaded before they are given back at
+/// once ([`release_free_pages_over`]).
+pub const FREE_PAGES_KEPT_IDLE_BYTES: u64 = 1 << 20;
+
+/// Free pages the allocator holds and has not given back (every arena's dirty pages), in bytes.
+/// `None` if jemalloc cannot tell.
+pub fn free_page_bytes() -> Option<u64> {
+    use tikv_jemalloc_ctl::raw;
+    tikv_jemalloc_ctl::epoch::advance().ok()?;
+    // SAFETY: NUL-terminated names of read-only controls of the type read; 4096 names every
+    // arena.
+    let (pages, page): (usize, usize) = unsafe {
+        (raw::read(b"stats.arenas.4096.pdirty\0").ok()?, raw::read(b"arenas.page\0").ok()?)
+    };
+    Some(pages as u64 * page as u64)
+}
+
+/// Gives the allocator's free pages back ([`release_free_memory`]) if they exceed `bytes`;
+/// returns whether it did. For a node with nothing loaded: jemalloc gives free pages back as
+/// the process allocates, so one that allocates little (its tenants idle) would keep what the
+/// last work left (a metrics scrape renders megabytes) for long after.
+pub fn release_free_pages_over(bytes: u64) -> bool {
+    if free_page_bytes().is_none_or(|free| free <= bytes) {
+        return false;
+    }
+    release_free_memory();
+    true
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Held by each test that purges the process allocator or counts its free pages.
+    static ALLOCATOR_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     /// The live heap, as `sq_node_heap_bytes` reports it.
     fn heap_bytes() -> Option<u64> {
@@ -127,6 +159,35 @@ mod tests {
         assert_eq!(small.capacity(), cap);
     }
 
+    // Goal: pages freed by a large allocation count as free pages until they are given back,
+    // and are given back only above the threshold asked for. The allocation is made through
+    // the process allocator directly (this test binary's global allocator is another) and
+    // written, so its pages are resident.
+    // The allocator's tests run one at a time: another's purge would give these pages back.
+    #[test]
+    fn free_pages_over_a_threshold_are_given_back() {
+        use std::alloc::{GlobalAlloc, Layout};
+        let _alone = ALLOCATOR_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+        release_free_memory();
+        // Under jemalloc's `oversize_threshold` (8 MiB), past which freed pages go back at once.
+        let layout = Layout::from_size_align(6 << 20, 4096).unwrap();
+        // SAFETY: the layout's size is not zero; the pointer is written within its size and
+        // freed below with that layout.
+        unsafe {
+            let p = Allocator.alloc(layout);
+            assert!(!p.is_null());
+            std::ptr::write_bytes(p, 1, layout.size());
+            Allocator.dealloc(p, layout);
+        }
+        let free = free_page_bytes().unwrap();
+        assert!(free >= 4 << 20, "{free} bytes of free pages after freeing 6 MiB");
+        assert!(!release_free_pages_over(free + (64 << 20)), "under the threshold: kept");
+        assert!(free_page_bytes().unwrap() >= 4 << 20, "still kept");
+        assert!(release_free_pages_over(FREE_PAGES_KEPT_IDLE_BYTES), "over it: given back");
+        let after = free_page_bytes().unwrap();
+        assert!(after < FREE_PAGES_KEPT_IDLE_BYTES, "{after} bytes of free pages left");
+    }
+
     // Goal: the heap counter sees an allocation held through the process allocator (this test
     // binary's global allocator is another, so the allocation is made through it directly),
     // and a purge after it is freed leaves the counter where it was. Half a GiB is mapped but
@@ -134,6 +195,7 @@ mod tests {
     #[test]
     fn the_heap_counter_sees_a_held_allocation() {
         use std::alloc::{GlobalAlloc, Layout};
+        let _alone = ALLOCATOR_TESTS.lock().unwrap_or_else(|p| p.into_inner());
         let before = heap_bytes().unwrap();
         let layout = Layout::from_size_align(512 << 20, 4096).unwrap();
         // SAFETY: the layout's size is not zero; the pointer is freed below with that layout.

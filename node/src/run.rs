@@ -386,8 +386,10 @@ async fn unload_idle(store: Arc<Store>, shutdown: CancellationToken) {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(UNLOAD_TICK) => {}
         }
-        // Nothing loaded, nothing to unload: idle tenants cost this pass nothing.
+        // Nothing loaded, nothing to unload: idle tenants cost this pass nothing. The free
+        // pages the last work left go back now rather than whenever allocating resumes.
         if store.loaded_count() == 0 {
+            crate::memory::release_free_pages_over(crate::memory::FREE_PAGES_KEPT_IDLE_BYTES);
             continue;
         }
         let s = store.clone();
