@@ -28,11 +28,11 @@ pub use tikv_jemallocator::Jemalloc as Allocator;
 /// - one arena for the whole process (a process runs a few threads on a share of the cores,
 ///   and each further arena keeps its own partly used pages);
 /// - slabs of one page for the size classes up to 1 KiB (`slab_sizes:1-1024:1`), where
-///   jemalloc makes them up to five pages ([`slab_pages`] tells). Loading thousands of tenants at once fills slabs of
-///   these classes, and when they are unloaded a slab stays as long as one allocation in it
-///   does: after 30,000 tenants were loaded and unloaded a node kept 10 to 25 MB of such room
-///   with five-page slabs, and 6.6 to 8.1 MB with one-page slabs (docs/BENCHMARKS.md, "Where
-///   an idle copy's resident memory sits").
+///   jemalloc makes them up to five pages ([`slab_pages`] tells). Loading thousands of tenants
+///   at once fills slabs of these classes, and when they are unloaded a slab stays as long as
+///   one allocation in it does: after 30,000 tenants were loaded and unloaded a node kept 17
+///   to 25 MB of such room with five-page slabs, and 6.6 to 8.1 MB with one-page slabs
+///   (docs/BENCHMARKS.md, "Idle copies in fewer, fuller pages").
 pub const ALLOCATOR_OPTIONS: &[u8] = b"narenas:1,slab_sizes:1-1024:1\0";
 
 /// The pages of one slab of the allocator's size class for `size` bytes, as the process runs
@@ -162,8 +162,8 @@ mod tests {
     // Goal: pages freed by a large allocation count as free pages until they are given back,
     // and are given back only above the threshold asked for. The allocation is made through
     // the process allocator directly (this test binary's global allocator is another) and
-    // written, so its pages are resident.
-    // The allocator's tests run one at a time: another's purge would give these pages back.
+    // written, so its pages are resident. The allocator's tests run one at a time: another's
+    // purge would give these pages back.
     #[test]
     fn free_pages_over_a_threshold_are_given_back() {
         use std::alloc::{GlobalAlloc, Layout};
