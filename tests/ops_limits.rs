@@ -72,8 +72,23 @@ fn daily_limit_and_metering_agree() {
     sent.ok(route(0), first.bytes().unwrap().len() as u64);
 
     // The rest of the day's requests race in through two gateways at once; the owner must let
-    // exactly DAILY_LIMIT through in all.
-    let second = SecondGateway::start(&cluster, &key);
+    // exactly DAILY_LIMIT through in all. The second gateway starts with a soft open-file limit
+    // of 256 under a hard one of 4,096: it raises the soft limit, and fits its connection cap
+    // (8,192 by default) under it with gateway::FILES_RESERVED (1,024) to spare.
+    let second = SecondGateway::start_limited(&cluster, &key, "", Some((256, 4096)));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", second.pid())).unwrap();
+    let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    assert_eq!(
+        open_files.split_whitespace().skip(3).take(2).collect::<Vec<_>>(),
+        ["4096", "4096"],
+        "{open_files}"
+    );
+    let second_log = std::fs::read_to_string(cluster.dir.join("gateway-2.log")).unwrap();
+    assert!(
+        second_log.contains("connections_max_used=3072")
+            && second_log.contains("raise LimitNOFILE"),
+        "the second gateway's log: {second_log}"
+    );
     let sent = Arc::new(Mutex::new(sent));
     let next = Arc::new(AtomicU64::new(1));
     let mut senders = Vec::new();

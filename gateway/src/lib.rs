@@ -94,8 +94,12 @@ pub const BODY_READ_TIMEOUT_MS: u64 = 60_000;
 /// origin; 256 serves an office while one address can hold only 1/32 of the default total.
 pub const CONNECTIONS_PER_ADDRESS: usize = 256;
 /// Half the gateway unit's `LimitNOFILE` (16,384), leaving the rest for the QUIC socket, logs
-/// and connections closed but not yet reaped.
+/// and connections closed but not yet reaped. Lowered at start if the open-file limit is too
+/// low for it with [`FILES_RESERVED`] to spare.
 pub const CONNECTIONS_MAX: usize = 8192;
+/// Descriptors a gateway keeps for all but its client connections: its listener, the QUIC
+/// socket, certificate and log files, and connections closing.
+pub const FILES_RESERVED: u64 = 1024;
 
 impl Default for HttpLimits {
     fn default() -> Self {
@@ -153,7 +157,10 @@ pub enum GatewayError {
 }
 
 /// Runs the gateway until `shutdown` is cancelled.
-pub async fn run(config: GatewayConfig, shutdown: CancellationToken) -> Result<(), GatewayError> {
+pub async fn run(
+    mut config: GatewayConfig,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
     if config.tls.is_none() && !config.listen.ip().is_loopback() {
         return Err(GatewayError::Config(format!(
             "{} is not a loopback address: set [tls] cert and key to serve HTTPS",
@@ -168,6 +175,7 @@ pub async fn run(config: GatewayConfig, shutdown: CancellationToken) -> Result<(
         serve::tls_config(tls)?;
     }
     config.http.check()?;
+    config.http.connections_max = fit_connections(config.http.connections_max);
     metering::install();
     let identity = transport::Identity::load(&config.cluster_certs, transport::Role::Gateway)?;
     // A gateway whose nodes are all on loopback (a dev cluster) opens no socket beyond it.
@@ -192,6 +200,27 @@ pub async fn run(config: GatewayConfig, shutdown: CancellationToken) -> Result<(
     shutdown.cancel();
     let _ = poller.await;
     result
+}
+
+/// Raises the process's soft open-file limit to its hard limit, then returns the cap on client
+/// connections that fits under it with [`FILES_RESERVED`] to spare: `wanted`, or less, which is
+/// logged. Connections past the cap wait in the kernel's accept queue rather than failing their
+/// accept with "too many open files".
+fn fit_connections(wanted: usize) -> usize {
+    let limit = telemetry::files::raise_open_file_limit();
+    let cap = telemetry::files::fitted(wanted, limit, FILES_RESERVED);
+    if cap < wanted {
+        tracing::warn!(
+            open_file_limit = limit,
+            connections_max = wanted,
+            connections_max_used = cap,
+            reserved = FILES_RESERVED,
+            "the open-file limit is too low for http.connections_max; fewer connections are served at once (raise LimitNOFILE)"
+        );
+    } else {
+        tracing::info!(open_file_limit = limit, connections_max = cap, "open files fit");
+    }
+    cap
 }
 
 /// The axum router: one handler sees every request, so SQ's order of checks holds everywhere.

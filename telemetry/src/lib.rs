@@ -2,7 +2,10 @@
 //! thread for nodes and gateways alike, so their histograms can be compared bucket for bucket.
 //!
 //! This crate owns how metrics are recorded and rendered, not which metrics exist: each caller
-//! describes its own series. It knows nothing of tenants, requests or the network.
+//! describes its own series. It knows nothing of tenants, requests or the network. It also
+//! raises the process's open-file limit for both ([`files`]).
+
+pub mod files;
 
 use std::sync::OnceLock;
 use std::time::Duration;

@@ -2,6 +2,7 @@
 //! polling, a second gateway process, and pausing the dev supervisor.
 #![allow(dead_code)]
 
+use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -102,6 +103,17 @@ impl SecondGateway {
     /// [`SecondGateway::start`], with `more` (whole TOML tables, such as `[http]`) after the
     /// copied settings.
     pub fn start_with(cluster: &DevCluster, key: &str, more: &str) -> SecondGateway {
+        SecondGateway::start_limited(cluster, key, more, None)
+    }
+
+    /// [`SecondGateway::start_with`], the process started with the open-file limit
+    /// `(soft, hard)` when given.
+    pub fn start_limited(
+        cluster: &DevCluster,
+        key: &str,
+        more: &str,
+        open_files: Option<(u64, u64)>,
+    ) -> SecondGateway {
         let port = free_tcp_port();
         let mut config: String = std::fs::read_to_string(cluster.dir.join("gateway.toml"))
             .unwrap()
@@ -118,18 +130,33 @@ impl SecondGateway {
         let path = cluster.dir.join("gateway-2.toml");
         std::fs::write(&path, config).unwrap();
         let log = std::fs::File::create(cluster.dir.join("gateway-2.log")).unwrap();
-        let child = Command::new(bin())
-            .args(["gateway", "--config", path.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
+        let mut command = Command::new(bin());
+        command.args(["gateway", "--config", path.to_str().unwrap()]);
+        command.stdout(Stdio::null()).stderr(log);
+        if let Some((soft, hard)) = open_files {
+            let limit = libc::rlimit { rlim_cur: soft, rlim_max: hard };
+            // SAFETY: between fork and exec the closure only calls setrlimit, which is
+            // async-signal-safe, on a struct it owns.
+            unsafe {
+                command.pre_exec(move || match libc::setrlimit(libc::RLIMIT_NOFILE, &limit) {
+                    0 => Ok(()),
+                    _ => Err(std::io::Error::last_os_error()),
+                });
+            }
+        }
+        let child = command.spawn().unwrap();
         let gateway = SecondGateway { child, url: format!("http://127.0.0.1:{port}/api/v2") };
         wait_for(PROCESS_START_TIMEOUT, "the second gateway serves the tenant", || {
             let r = http().get(format!("{}/version", gateway.url)).bearer_auth(key).send().ok()?;
             (r.status().as_u16() == 200).then_some(())
         });
         gateway
+    }
+}
+
+impl SecondGateway {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
