@@ -199,8 +199,10 @@ pub struct Store {
     loaded_count: AtomicUsize,
     /// Held by the one thread that evicts at a time.
     evicting: Mutex<()>,
-    /// The next tenants unloaded to make room for loads at the cap ([`Store::make_room`]).
-    victims: Mutex<Vec<(String, SlotRef)>>,
+    /// The slot numbers of the next tenants unloaded to make room for loads at the cap
+    /// ([`Store::make_room`]). Numbers rather than ids: the list outlives the burst of loads
+    /// that made it, and ids allocated then would pin the allocator's pages that burst filled.
+    victims: Mutex<Vec<u32>>,
     /// On while the node replicates its tenants: every loaded tenant keeps its newest records
     /// in memory for its backups ([`Store::shipment`]).
     keeps_tails: Arc<std::sync::atomic::AtomicBool>,
@@ -522,34 +524,47 @@ impl Store {
                     let mut listed = self.loaded_by_last_use(Some(loading));
                     listed.truncate((self.config.loaded_tenants_max / 10).max(1));
                     listed.reverse();
+                    listed.shrink_to_fit();
                     *victims = listed;
                 }
                 victims.pop()
             };
-            let Some((id, slot)) = victim else { return };
-            if let Err(e) = self.unload_slot(&slot, None) {
-                tracing::warn!(tenant = %id, error = %e, "checkpoint on eviction failed; the log keeps every change");
-            }
+            let Some(n) = victim else { return };
+            self.unload_numbered(n);
         }
     }
 
-    /// The loaded tenants but `keep`, least recently used first: whom eviction and
-    /// [`Self::make_room`] unload. A slot busy loading or unloading this instant is left out
-    /// rather than waited for.
-    fn loaded_by_last_use(&self, keep: Option<&str>) -> Vec<(String, SlotRef)> {
-        let mut loaded: Vec<(u64, String, SlotRef)> = {
+    /// The slot numbers of the loaded tenants but `keep`, least recently used first: whom
+    /// eviction and [`Self::make_room`] unload. A slot busy loading or unloading this instant is
+    /// left out rather than waited for.
+    fn loaded_by_last_use(&self, keep: Option<&str>) -> Vec<u32> {
+        let mut loaded: Vec<(u64, u32)> = {
             let slots = self.slots.read().expect("slot map lock poisoned");
             slots
                 .iter()
                 .filter(|(_, id, _)| Some(*id) != keep)
-                .filter_map(|(n, id, slot)| {
+                .filter_map(|(n, _, slot)| {
                     let last_used = tried(slot.state.try_lock())?.tenant.as_ref()?.last_used_ms();
-                    Some((last_used, id.to_string(), slots.ref_at(n)))
+                    Some((last_used, n as u32))
                 })
                 .collect()
         };
-        loaded.sort_by_key(|(last_used, _, _)| *last_used);
-        loaded.into_iter().map(|(_, id, slot)| (id, slot)).collect()
+        loaded.sort_by_key(|(last_used, _)| *last_used);
+        loaded.into_iter().map(|(_, n)| n).collect()
+    }
+
+    /// Unloads slot number `n`'s tenant if it is loaded; whether it was.
+    fn unload_numbered(&self, n: u32) -> bool {
+        let slot = self.slots.read().expect("slot map lock poisoned").ref_at(n as usize);
+        match self.unload_slot(&slot, None) {
+            Ok(unloaded) => unloaded,
+            Err(e) => {
+                let slots = self.slots.read().expect("slot map lock poisoned");
+                let id = slots.id_at(n as usize);
+                tracing::warn!(tenant = %id, error = %e, "checkpoint on eviction failed; the log keeps every change");
+                true
+            }
+        }
     }
 
     /// Unloads the slot's tenant if it is loaded and, given a cutoff, unused since then.
@@ -599,19 +614,14 @@ impl Store {
         let count_target =
             self.config.loaded_tenants_max.saturating_mul(EVICT_LOW_WATER_PERCENT as usize) / 100;
         let mut unloaded = 0;
-        for (id, slot) in loaded {
+        for n in loaded {
             if self.memory_bytes() <= memory_target
                 && self.loaded_count.load(Ordering::SeqCst) <= count_target
             {
                 break;
             }
-            match self.unload_slot(&slot, None) {
-                Ok(true) => unloaded += 1,
-                Ok(false) => {}
-                Err(e) => {
-                    unloaded += 1;
-                    tracing::warn!(tenant = %id, error = %e, "checkpoint on eviction failed; the log keeps every change");
-                }
+            if self.unload_numbered(n) {
+                unloaded += 1;
             }
         }
         unloaded

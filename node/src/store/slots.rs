@@ -134,7 +134,8 @@ impl Slots {
         Some(n as usize)
     }
 
-    fn id_at(&self, n: usize) -> &str {
+    /// The id of slot number `n` (from [`Self::iter`]).
+    pub fn id_at(&self, n: usize) -> &str {
         self.chunks[n / SLOTS_PER_CHUNK].ids[n % SLOTS_PER_CHUNK].as_str()
     }
 
