@@ -412,13 +412,22 @@ impl Service {
         if replicated.needed == 0 {
             return Ok(());
         }
-        match self.store.durable_lsn_if_loaded(tenant) {
-            Some(lsn) => {
-                let (backups, needed) = (replicated.backups, replicated.needed);
-                self.replication.commit(tenant, lsn, led, backups, needed).await
+        let lsn = match self.store.durable_lsn_if_loaded(tenant) {
+            Some(lsn) => lsn,
+            // Unloaded since it read (eviction or a load at the cap can come between): its
+            // log's end, once durable, is at or past every record the read saw, which may be
+            // on no majority yet (the simulator's seed 2683 of `--replicas 3` showed a write
+            // this way that a later primary did not have).
+            None => {
+                let (store, owned) = (self.store.clone(), tenant.to_string());
+                crate::blocking::spawn(move || store.durable_state(&owned))
+                    .await
+                    .map_err(|e| ApiError::unavailable(format!("store task failed: {e}")))??
+                    .last_lsn
             }
-            None => Ok(()),
-        }
+        };
+        let (backups, needed) = (replicated.backups, replicated.needed);
+        self.replication.commit(tenant, lsn, led, backups, needed).await
     }
 
     /// Runs a request on the store: a select inline when it can, the rest on the blocking pool.

@@ -175,9 +175,10 @@ impl Store {
         }
     }
 
-    /// The last durable record of the tenant's log, if it is loaded (a tenant not loaded has
-    /// written nothing since it was last loaded). Everything a read answered is durable, so up
-    /// to here; records logged after it may still fail and be written again differently.
+    /// The last durable record of the tenant's log, if it is loaded. Everything a read answered
+    /// is durable, so up to here; records logged after it may still fail and be written again
+    /// differently. A tenant unloaded since a read may have records the read saw: ask
+    /// [`Store::durable_state`] then.
     pub fn durable_lsn_if_loaded(&self, tenant: &str) -> Option<u64> {
         self.loaded(tenant).map(|t| t.durable_lsn())
     }
