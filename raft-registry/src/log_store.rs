@@ -188,17 +188,34 @@ impl LogInner {
             }
         }
         let mut buf = Vec::new();
-        for entry in entries {
-            let record = disk::frame(&disk::encode("log entry", &LogRecord::Entry(entry.clone()))?);
-            self.offsets.insert(entry.log_id.index, self.end + buf.len() as u64);
-            self.entries.insert(entry.log_id.index, entry);
-            buf.extend_from_slice(&record);
+        let mut offsets = Vec::with_capacity(entries.len());
+        for entry in &entries {
+            offsets.push(self.end + buf.len() as u64);
+            buf.extend_from_slice(&disk::frame(&disk::encode(
+                "log entry",
+                &LogRecord::Entry(entry.clone()),
+            )?));
         }
         let path = self.log_path();
-        self.file.write_all(&buf).map_err(io_err("append", &path))?;
-        self.file.sync_data().map_err(io_err("fsync", &path))?;
+        let written = self.file.write_all(&buf).and_then(|()| self.file.sync_data());
+        if let Err(e) = written {
+            // The entries are not in the log: readers (openraft applying what is committed)
+            // must not see them, and a part written must not stay under the next append. The
+            // cut is tried only: the open cuts a torn tail anyway.
+            let _ = self.file.set_len(self.end);
+            return Err(io_err("append", &path)(e));
+        }
+        for (entry, offset) in entries.into_iter().zip(offsets) {
+            self.offsets.insert(entry.log_id.index, offset);
+            self.entries.insert(entry.log_id.index, entry);
+        }
         self.end += buf.len() as u64;
         Ok(())
+    }
+
+    /// The last log id this log holds durably, entries or purged: what `committed` may name.
+    fn durable_last(&self) -> Option<LogId> {
+        self.last_log_id()
     }
 
     /// Removes entries with index ≥ `index` from memory and the file.
@@ -279,6 +296,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         let mut inner = self.lock();
+        // openraft may learn that entries are committed before its append of them has ended,
+        // and that append can still fail. A committed id past the log's end would name, at the
+        // next start, entries the log never held; the entries up to its end match the leader's
+        // (they were appended under it), so they are committed too, and the rest comes again.
+        let committed = match (committed, inner.durable_last()) {
+            (Some(c), Some(last)) if c.index > last.index => Some(last),
+            (Some(_), None) => None,
+            (c, _) => c,
+        };
         let meta = Meta { committed, ..inner.meta.clone() };
         Ok(inner.save_meta(meta)?)
     }

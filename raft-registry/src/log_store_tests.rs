@@ -123,3 +123,88 @@ async fn files_hold_no_clear_text_key() -> anyhow::Result<()> {
     assert!(contains(crate::key_hash(key).as_bytes()), "the hash is what is stored");
     Ok(())
 }
+
+/// [`StdFs`](crate::disk::StdFs) whose appends, once `full` is set, write half their bytes and
+/// fail with "no space left on device", as a full disk does.
+struct FullingFs {
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct FullingFile {
+    file: Box<dyn FsFile>,
+    full: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FsFile for FullingFile {
+    fn write_all(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.full.load(std::sync::atomic::Ordering::SeqCst) {
+            self.file.write_all(&bytes[..bytes.len() / 2])?;
+            return Err(io::Error::from_raw_os_error(28));
+        }
+        self.file.write_all(bytes)
+    }
+    fn sync_data(&mut self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn sync_all(&mut self) -> io::Result<()> {
+        self.file.sync_all()
+    }
+    fn set_len(&mut self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+}
+
+impl Fs for FullingFs {
+    fn create_dir_all(&self, dir: &Path) -> io::Result<()> {
+        disk::StdFs.create_dir_all(dir)
+    }
+    fn exists(&self, path: &Path) -> io::Result<bool> {
+        disk::StdFs.exists(path)
+    }
+    fn read(&self, path: &Path) -> io::Result<Vec<u8>> {
+        disk::StdFs.read(path)
+    }
+    fn create(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
+        disk::StdFs.create(path)
+    }
+    fn open_append(&self, path: &Path) -> io::Result<Box<dyn FsFile>> {
+        Ok(Box::new(FullingFile { file: disk::StdFs.open_append(path)?, full: self.full.clone() }))
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        disk::StdFs.rename(from, to)
+    }
+    fn sync_dir(&self, dir: &Path) -> io::Result<()> {
+        disk::StdFs.sync_dir(dir)
+    }
+}
+
+#[tokio::test]
+async fn an_append_a_full_disk_refused_is_neither_read_nor_committed() -> anyhow::Result<()> {
+    // Goal: entries whose append failed are not in the log for its readers, a committed id
+    // past the log's end is saved as the log's end, and after a restart the next entries
+    // follow the last that was written.
+    let dir = tempfile::tempdir()?;
+    let full = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let mut store = LogStore::open_on(Arc::new(FullingFs { full: full.clone() }), dir.path())?;
+        store.append_sync((1..=3).map(|i| entry(1, i)))?;
+        full.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(store.append_sync([entry(1, 4), entry(1, 5)]).is_err(), "the full disk refuses");
+        assert_eq!(indexes(&mut store).await?, vec![1, 2, 3]);
+        assert_eq!(store.get_log_state().await?.last_log_id, Some(log_id(1, 3)));
+        store.save_committed(Some(log_id(1, 5))).await?;
+        assert_eq!(store.read_committed().await?, Some(log_id(1, 3)));
+        store.save_committed(Some(log_id(1, 2))).await?;
+        assert_eq!(store.read_committed().await?, Some(log_id(1, 2)));
+        store.save_committed(Some(log_id(1, 5))).await?;
+    }
+    full.store(false, std::sync::atomic::Ordering::SeqCst);
+    let mut store = LogStore::open(dir.path())?;
+    assert_eq!(indexes(&mut store).await?, vec![1, 2, 3]);
+    assert_eq!(store.read_committed().await?, Some(log_id(1, 3)));
+    store.append_sync([entry(1, 4), entry(1, 5)])?;
+    drop(store);
+    let mut store = LogStore::open(dir.path())?;
+    assert_eq!(indexes(&mut store).await?, vec![1, 2, 3, 4, 5]);
+    Ok(())
+}
