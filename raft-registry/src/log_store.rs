@@ -1,10 +1,12 @@
 //! The Raft log and vote on disk (openraft `RaftLogStorage` + `RaftLogReader`).
 //!
 //! - `raft-log`: append-only framed records ([`crate::disk`]). An append is fsynced before
-//!   openraft's callback fires. Truncation cuts the file at the first removed record and fsyncs.
+//!   openraft's callback fires, and its entries are readable only then: an append that fails
+//!   (a full disk) leaves none, and cuts what it wrote. Truncation cuts the file at the first removed record and fsyncs.
 //!   Purging rewrites the (short) remainder atomically, led by a `Purged` record. A torn tail left
 //!   by a crash mid-append is cut off at open.
-//! - `raft-meta`: the vote and the committed log id, replaced atomically on every change. The
+//! - `raft-meta`: the vote and the committed log id, replaced atomically on every change (a
+//!   committed id past the log's end is saved as the log's end: see `save_committed`). The
 //!   committed id must be durable before openraft applies up to it, although Raft itself does
 //!   not need it: a node restarted with an older one would apply less than it had applied
 //!   before the crash, and the node layer serves tenants by the registry it applied. A node that
