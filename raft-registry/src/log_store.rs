@@ -1,12 +1,10 @@
 //! The Raft log and vote on disk (openraft `RaftLogStorage` + `RaftLogReader`).
 //!
 //! - `raft-log`: append-only framed records ([`crate::disk`]). An append is fsynced before
-//!   openraft's callback fires, and its entries are readable only then: an append that fails
-//!   (a full disk) leaves none, and cuts what it wrote. Truncation cuts the file at the first removed record and fsyncs.
+//!   openraft's callback fires. Truncation cuts the file at the first removed record and fsyncs.
 //!   Purging rewrites the (short) remainder atomically, led by a `Purged` record. A torn tail left
 //!   by a crash mid-append is cut off at open.
-//! - `raft-meta`: the vote and the committed log id, replaced atomically on every change (a
-//!   committed id past the log's end is saved as the log's end: see `save_committed`). The
+//! - `raft-meta`: the vote and the committed log id, replaced atomically on every change. The
 //!   committed id must be durable before openraft applies up to it, although Raft itself does
 //!   not need it: a node restarted with an older one would apply less than it had applied
 //!   before the crash, and the node layer serves tenants by the registry it applied. A node that
@@ -190,34 +188,17 @@ impl LogInner {
             }
         }
         let mut buf = Vec::new();
-        let mut offsets = Vec::with_capacity(entries.len());
-        for entry in &entries {
-            offsets.push(self.end + buf.len() as u64);
-            buf.extend_from_slice(&disk::frame(&disk::encode(
-                "log entry",
-                &LogRecord::Entry(entry.clone()),
-            )?));
+        for entry in entries {
+            let record = disk::frame(&disk::encode("log entry", &LogRecord::Entry(entry.clone()))?);
+            self.offsets.insert(entry.log_id.index, self.end + buf.len() as u64);
+            self.entries.insert(entry.log_id.index, entry);
+            buf.extend_from_slice(&record);
         }
         let path = self.log_path();
-        let written = self.file.write_all(&buf).and_then(|()| self.file.sync_data());
-        if let Err(e) = written {
-            // The entries are not in the log: readers (openraft applying what is committed)
-            // must not see them, and a part written must not stay under the next append. The
-            // cut is tried only: the open cuts a torn tail anyway.
-            let _ = self.file.set_len(self.end);
-            return Err(io_err("append", &path)(e));
-        }
-        for (entry, offset) in entries.into_iter().zip(offsets) {
-            self.offsets.insert(entry.log_id.index, offset);
-            self.entries.insert(entry.log_id.index, entry);
-        }
+        self.file.write_all(&buf).map_err(io_err("append", &path))?;
+        self.file.sync_data().map_err(io_err("fsync", &path))?;
         self.end += buf.len() as u64;
         Ok(())
-    }
-
-    /// The last log id this log holds durably, entries or purged: what `committed` may name.
-    fn durable_last(&self) -> Option<LogId> {
-        self.last_log_id()
     }
 
     /// Removes entries with index ≥ `index` from memory and the file.
@@ -298,15 +279,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), StorageError> {
         let mut inner = self.lock();
-        // openraft may learn that entries are committed before its append of them has ended,
-        // and that append can still fail. A committed id past the log's end would name, at the
-        // next start, entries the log never held; the entries up to its end match the leader's
-        // (they were appended under it), so they are committed too, and the rest comes again.
-        let committed = match (committed, inner.durable_last()) {
-            (Some(c), Some(last)) if c.index > last.index => Some(last),
-            (Some(_), None) => None,
-            (c, _) => c,
-        };
         let meta = Meta { committed, ..inner.meta.clone() };
         Ok(inner.save_meta(meta)?)
     }
