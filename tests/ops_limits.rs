@@ -73,19 +73,25 @@ fn daily_limit_and_metering_agree() {
 
     // The rest of the day's requests race in through two gateways at once; the owner must let
     // exactly DAILY_LIMIT through in all. The second gateway starts with a soft open-file limit
-    // of 256 under a hard one of 4,096: it raises the soft limit, and fits its connection cap
-    // (8,192 by default) under it with gateway::FILES_RESERVED (1,024) to spare.
-    let second = SecondGateway::start_limited(&cluster, &key, "", Some((256, 4096)));
+    // of 256 under a hard one of 4,096 (or this process's hard limit, if lower): it raises the
+    // soft limit, and fits its connection cap (8,192 by default) under it with
+    // gateway::FILES_RESERVED (1,024) to spare.
+    let mut ours = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes the struct it is given, which lives across the call.
+    assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut ours) }, 0);
+    let hard = ours.rlim_max.min(4096);
+    let second = SecondGateway::start_limited(&cluster, &key, "", Some((256.min(hard), hard)));
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", second.pid())).unwrap();
     let open_files = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
     assert_eq!(
         open_files.split_whitespace().skip(3).take(2).collect::<Vec<_>>(),
-        ["4096", "4096"],
+        [hard.to_string(), hard.to_string()],
         "{open_files}"
     );
+    let cap = if hard > 2 * 1024 { hard - 1024 } else { hard / 2 };
     let second_log = std::fs::read_to_string(cluster.dir.join("gateway-2.log")).unwrap();
     assert!(
-        second_log.contains("connections_max_used=3072")
+        second_log.contains(&format!("connections_max_used={cap}"))
             && second_log.contains("raise LimitNOFILE"),
         "the second gateway's log: {second_log}"
     );
