@@ -191,6 +191,38 @@ pub async fn run(svc: Arc<Service>, shutdown: CancellationToken) {
     while running.join_next().await.is_some() {}
 }
 
+/// Has the registry move the placement epoch past the one this node's loss was found at
+/// (`Store::lost_at_epoch`), retrying until it has, or until shutdown (then false). Until then
+/// the node leads no tenant (`Replication::prepare`), its tenants answer 503, and their
+/// copies here wait: the epochs it may have led under before the loss are behind it.
+async fn move_past_lost_epoch(svc: &Service, shutdown: &CancellationToken) -> bool {
+    let Some(lost_at) = svc.store.lost_at_epoch() else { return true };
+    while svc.registry.state().placement_epoch() <= lost_at {
+        let command = raft_registry::Command::StoreLost { id: svc.id, epoch: lost_at };
+        // A retry is harmless: the registry moves the epoch only if it is still at or below.
+        let pause = match crate::admin::commit(svc, command).await {
+            Ok(()) => {
+                tracing::warn!(
+                    node = svc.id,
+                    lost_at,
+                    "the placement epoch moved past the one this node lost its copies at"
+                );
+                // Committed: this node's registry applies it shortly.
+                Duration::from_millis(100)
+            }
+            Err(e) => {
+                tracing::info!(node = svc.id, lost_at, error = %e, "the placement epoch could not be moved past the one this node lost its copies at; trying again");
+                REBUILD_PASS_PAUSE
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+    true
+}
+
 /// How long a rebuild waits between two passes over the copies it still has to rebuild.
 const REBUILD_PASS_PAUSE: Duration = Duration::from_secs(1);
 
@@ -202,6 +234,9 @@ const REBUILD_PASS_PAUSE: Duration = Duration::from_secs(1);
 /// down or unprepared is tried again). The gauge `sq_rebuilding_copies` counts what is left.
 pub async fn rebuild(svc: Arc<Service>, shutdown: CancellationToken) {
     if !svc.store.rebuilding() {
+        return;
+    }
+    if !move_past_lost_epoch(&svc, &shutdown).await {
         return;
     }
     let started = svc.mono_ms();

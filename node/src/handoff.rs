@@ -866,7 +866,9 @@ async fn purge(svc: &Service, tenant: &str) -> Result<(), HandoffError> {
     // Else a later persist would write its roll-up back into a new directory.
     svc.limits.forget(tenant);
     // A purged tenant's calls leave `sq_api_calls_total` with it.
-    svc.calls.forget(tenant);
+    if let Some(number) = svc.store.number_of(tenant) {
+        svc.calls.forget(number);
+    }
     tracing::info!(node = svc.id, tenant, "deleted the data of a purged tenant");
     Ok(())
 }

@@ -10,7 +10,6 @@ use std::sync::Mutex;
 use proto::{ApiError, Route, SqResponse};
 
 use crate::service::Service;
-use crate::store::TenantKey;
 
 /// Installs the recorder once per process, every series labelled `node=<id>`.
 pub fn install(node_id: u64) {
@@ -130,77 +129,104 @@ pub fn render_node(svc: &Service) -> String {
         metrics::gauge!("sq_node_allocator_bytes", "state" => kind).set(bytes as f64);
     }
     let mut text = render();
-    svc.calls.render(svc.id, &mut text);
+    svc.calls.render(svc.id, |numbers| svc.store.ids_of(numbers), &mut text);
     storage_gauges(svc, &mut text);
     text
 }
 
 /// `sq_api_calls_total{tenant,method}`, the requests this node admitted for each tenant by
 /// route since it started. Kept in one map rather than as a recorder series per tenant and
-/// route (about 250 bytes each): a tenant that went idle after using one route keeps its count
-/// here in its entry of the map's table alone, about 70 bytes, with no allocation of its own
-/// (docs/BENCHMARKS.md, "Idle tenants with three copies").
+/// route (about 250 bytes each), keyed by the tenant's number in the store
+/// (`Store::number`) rather than its id, with its first route and count packed in 8 bytes: a
+/// tenant that went idle after using one route keeps a 16-byte place in the map's table and
+/// no allocation of its own (docs/BENCHMARKS.md, "Idle tenants with three copies").
 #[derive(Default)]
-pub struct Calls(Mutex<HashMap<TenantKey, RouteCounts>>);
+pub struct Calls(Mutex<CallTable>);
 
-/// One tenant's counts, by the routes it used: the first in place, the others (rare: a tenant
-/// mostly uses one or two of the 14) boxed.
-struct RouteCounts {
-    first: (Route, u64),
-    more: Option<Box<[(Route, u64)]>>,
+#[derive(Default)]
+struct CallTable {
+    /// Tenant number → its first route and that route's count ([`pack`]).
+    first: HashMap<u32, u64>,
+    /// Tenant number → the other routes it used, with their counts (rare: a tenant mostly uses
+    /// one or two of the 14).
+    more: HashMap<u32, Vec<(Route, u64)>>,
 }
 
-impl RouteCounts {
-    fn iter(&self) -> impl Iterator<Item = &(Route, u64)> {
-        std::iter::once(&self.first).chain(self.more.iter().flat_map(|more| more.iter()))
-    }
+/// The bits of a packed count below its route.
+const COUNT_BITS: u32 = 56;
+const COUNT_MAX: u64 = (1 << COUNT_BITS) - 1;
+const _: () = assert!(Route::ALL.len() <= 1 << (64 - COUNT_BITS));
+
+/// A route and its count in one word: the route's place in [`Route::ALL`] above the count, which
+/// saturates at 2^56 - 1.
+fn pack(route: Route, count: u64) -> u64 {
+    (route as u64) << COUNT_BITS | count.min(COUNT_MAX)
+}
+
+fn unpack(packed: u64) -> (Route, u64) {
+    (Route::ALL[(packed >> COUNT_BITS) as usize], packed & COUNT_MAX)
 }
 
 impl Calls {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<TenantKey, RouteCounts>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, CallTable> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts one request of `tenant` by `route`.
-    pub fn count(&self, tenant: &str, route: Route) {
+    /// Counts one request by `route` of the tenant numbered `tenant` in the store.
+    pub fn count(&self, tenant: u32, route: Route) {
         let mut calls = self.lock();
-        let Some(routes) = calls.get_mut(tenant) else {
-            calls.insert(TenantKey::new(tenant), RouteCounts { first: (route, 1), more: None });
+        let CallTable { first, more } = &mut *calls;
+        let packed = first.entry(tenant).or_insert(pack(route, 0));
+        let (first_route, n) = unpack(*packed);
+        if first_route == route {
+            *packed = pack(route, n.saturating_add(1));
             return;
-        };
-        let more = routes.more.as_deref_mut().unwrap_or_default();
-        match std::iter::once(&mut routes.first).chain(more).find(|(r, _)| *r == route) {
+        }
+        let more = more.entry(tenant).or_default();
+        match more.iter_mut().find(|(r, _)| *r == route) {
             Some((_, n)) => *n = n.saturating_add(1),
             None => {
-                let mut grown = routes.more.take().map(Vec::from).unwrap_or_default();
-                grown.push((route, 1));
-                routes.more = Some(grown.into_boxed_slice());
+                more.push((route, 1));
+                more.shrink_to_fit();
             }
         }
     }
 
-    /// Drops a tenant's counts (it was purged).
-    pub fn forget(&self, tenant: &str) {
+    /// Drops the counts of the tenant numbered `tenant` (it was purged).
+    pub fn forget(&self, tenant: u32) {
         let mut calls = self.lock();
-        calls.remove(tenant);
-        crate::memory::shrink(&mut calls);
+        calls.first.remove(&tenant);
+        calls.more.remove(&tenant);
+        crate::memory::shrink(&mut calls.first);
     }
 
-    /// Appends the counts as Prometheus text, in tenant and route order.
-    fn render(&self, node: u64, text: &mut String) {
+    /// Appends the counts as Prometheus text, in tenant and route order; `ids` names the tenant
+    /// numbers it is given, in their order.
+    fn render(&self, node: u64, ids: impl FnOnce(Vec<u32>) -> Vec<String>, text: &mut String) {
         use std::fmt::Write;
-        let mut rows: Vec<(String, Route, u64)> = {
+        let counts: Vec<(u32, Route, u64)> = {
             let calls = self.lock();
             calls
+                .first
                 .iter()
-                .flat_map(|(t, routes)| {
-                    routes.iter().map(move |&(r, n)| (t.as_str().to_string(), r, n))
+                .map(|(&t, &packed)| {
+                    let (route, n) = unpack(packed);
+                    (t, route, n)
                 })
+                .chain(
+                    calls
+                        .more
+                        .iter()
+                        .flat_map(|(&t, routes)| routes.iter().map(move |&(r, n)| (t, r, n))),
+                )
                 .collect()
         };
-        if rows.is_empty() {
+        if counts.is_empty() {
             return;
         }
+        let names = ids(counts.iter().map(|&(t, _, _)| t).collect());
+        let mut rows: Vec<(String, Route, u64)> =
+            names.into_iter().zip(counts).map(|(name, (_, r, n))| (name, r, n)).collect();
         rows.sort_unstable();
         family_header(
             text,
@@ -301,7 +327,7 @@ pub fn node_request(kind: &'static str) {
 /// limits either); it shows only in `sq_refusals_total`.
 pub fn request(
     calls: &Calls,
-    tenant: &str,
+    tenant: u32,
     route: Route,
     result: &Result<SqResponse, ApiError>,
     latency_us: u64,
@@ -351,18 +377,22 @@ mod tests {
     // tenant's counts go.
     #[test]
     fn calls_render_by_tenant_and_route() {
+        let (a, b) = (1, 0);
+        let names = |numbers: Vec<u32>| -> Vec<String> {
+            numbers.iter().map(|&n| ["b", "a"][n as usize].to_string()).collect()
+        };
         let calls = Calls::default();
         for _ in 0..3 {
-            calls.count("b", Route::Update);
+            calls.count(b, Route::Update);
         }
-        calls.count("a", Route::Select);
-        calls.count("b", Route::Select);
-        calls.count("b", Route::Update);
-        calls.count("b", Route::Delete);
-        calls.count("b", Route::Select);
-        calls.count("b", Route::Delete);
+        calls.count(a, Route::Select);
+        calls.count(b, Route::Select);
+        calls.count(b, Route::Update);
+        calls.count(b, Route::Delete);
+        calls.count(b, Route::Select);
+        calls.count(b, Route::Delete);
         let mut text = String::new();
-        calls.render(7, &mut text);
+        calls.render(7, names, &mut text);
         let samples: Vec<&str> = text.lines().filter(|l| !l.starts_with('#')).collect();
         assert_eq!(
             samples,
@@ -375,12 +405,26 @@ mod tests {
             ]
         );
         assert_eq!(text.matches("# TYPE sq_api_calls_total counter").count(), 1);
-        calls.forget("b");
+        calls.forget(b);
         let mut after = String::new();
-        calls.render(7, &mut after);
+        calls.render(7, names, &mut after);
         assert_eq!(after.lines().filter(|l| l.starts_with("sq_api_calls_total")).count(), 1);
         let mut none = String::new();
-        Calls::default().render(7, &mut none);
+        Calls::default().render(7, names, &mut none);
         assert!(none.is_empty(), "no family without a sample");
+    }
+
+    #[test]
+    fn a_packed_count_keeps_its_route_and_saturates() {
+        // Goal: every route survives packing beside its count, and a count at the packed
+        // maximum stays there rather than spilling into the route's bits.
+        for &route in Route::ALL {
+            assert_eq!(unpack(pack(route, 12_345)), (route, 12_345));
+            assert_eq!(unpack(pack(route, u64::MAX)), (route, COUNT_MAX));
+        }
+        let calls = Calls::default();
+        calls.lock().first.insert(3, pack(Route::Toc, COUNT_MAX));
+        calls.count(3, Route::Toc);
+        assert_eq!(unpack(calls.lock().first[&3]), (Route::Toc, COUNT_MAX));
     }
 }

@@ -332,6 +332,15 @@ impl Replication {
         for link in locked(&self.links).values() {
             link.forget(tenant);
         }
+        // A node that lost its disk may have led under this ballot before, with records it no
+        // longer has and another replica may hold: leading under it again could give one
+        // (ballot, lsn) two records (simulator seed 4043 of `--replicas 3`).
+        if let Some(lost_at) = self.store.lost_at_epoch().filter(|&lost_at| ballot <= lost_at) {
+            return Err(ApiError::unavailable(format!(
+                "this node lost its copies at placement epoch {lost_at} and leads no tenant \
+                 again until the epoch moves past it (it is at {ballot})"
+            )));
+        }
         // A copy being rebuilt after a lost disk does not count: another member promises in
         // its place.
         let (store, owned) = (self.store.clone(), tenant.to_string());

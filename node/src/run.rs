@@ -210,7 +210,9 @@ impl NodeParts {
             matches!(n.state, raft_registry::NodeState::Active | raft_registry::NodeState::Draining)
         });
         if store.opened_fresh() && was_member {
-            store.start_rebuilding()?;
+            // The registry holds at least every epoch this node led under before (it applied
+            // each before leading under it, and applied entries are re-applied at open).
+            store.start_rebuilding(registry.state().placement_epoch())?;
             tracing::warn!(
                 node = config.id,
                 "this node's tenant store is new though the registry has it as a member: its \

@@ -302,7 +302,7 @@ impl Service {
         let started_us = self.clock.now_us();
         if let Err(e) = self.limits.admit(tenant, record.daily_limit) {
             let refused = Err(e);
-            crate::metrics::request(&self.calls, tenant, route, &refused, 0);
+            crate::metrics::request(&self.calls, self.store.number(tenant), route, &refused, 0);
             let outcome = crate::metrics::Outcome::of(&refused).as_str();
             tracing::debug!(target: "sq_node::meter", tenant, route = route.name(), outcome, bytes_in = 0u64, bytes_out = 0u64, latency_us = 0u64);
             return refused.map(Answered::Whole);
@@ -345,7 +345,13 @@ impl Service {
             Ok(_) => Ok(SqResponse::text(Vec::new())),
             Err(e) => Err(e.clone()),
         };
-        crate::metrics::request(&self.calls, tenant, route, &metered, latency_us);
+        crate::metrics::request(
+            &self.calls,
+            self.store.number(tenant),
+            route,
+            &metered,
+            latency_us,
+        );
         let outcome = crate::metrics::Outcome::of(&metered).as_str();
         tracing::debug!(target: "sq_node::meter", tenant, route = route.name(), outcome, bytes_in, bytes_out, latency_us);
         result

@@ -112,7 +112,8 @@ pub fn touched(command: &Command) -> Option<Touched> {
         Command::NodeActivate { .. }
         | Command::NodeDrain { .. }
         | Command::MarkDown { .. }
-        | Command::MarkUp { .. } => Some(Touched::Placement),
+        | Command::MarkUp { .. }
+        | Command::StoreLost { .. } => Some(Touched::Placement),
         Command::SetAdminKeyHash { .. }
         | Command::NodeJoin { .. }
         | Command::NodeRemove { .. }

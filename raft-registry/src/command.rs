@@ -101,6 +101,15 @@ pub enum Command {
     ChangeReplicas {
         replicas: u8,
     },
+    /// Node `id` found its tenant store lost (a wiped or replaced disk) when its registry was at
+    /// placement epoch `epoch`. Moves the epoch past `epoch`, unless it has moved since: the
+    /// node may have led tenants under ballots up to `epoch` and no longer knows what it wrote
+    /// under them, so it leads again only under a later one (docs/REPLICATION.md, "A wiped
+    /// disk"). Only an active or draining node.
+    StoreLost {
+        id: u64,
+        epoch: u64,
+    },
 }
 
 /// The most commands one [`Command::Batch`] carries. A command is well under 512 bytes (an id of
@@ -170,6 +179,8 @@ pub enum Rejection {
          gains or loses one node per change, and a change waits for the one before it"
     )]
     ReplicasChangedByMoreThanOne { from: u8, to: u8 },
+    #[error("node {0} is neither active nor draining, so it holds no tenant's copy")]
+    NotAMember(u64),
 }
 
 /// What the state machine answers for every applied log entry (the Raft `R` type).
@@ -263,6 +274,16 @@ pub fn apply(state: &mut RegistryState, cmd: Command) -> Result<(), Rejection> {
             }
             state.placement_epoch += 1;
             state.liveness.insert(id, Liveness { down: false, epoch: state.placement_epoch });
+            Ok(())
+        }
+        Command::StoreLost { id, epoch } => {
+            let node = state.nodes.get(&id).ok_or(Rejection::NoSuchNode(id))?;
+            if !matches!(node.state, NodeState::Active | NodeState::Draining) {
+                return Err(Rejection::NotAMember(id));
+            }
+            if state.placement_epoch <= epoch {
+                state.placement_epoch += 1;
+            }
             Ok(())
         }
     }

@@ -581,3 +581,25 @@ fn cluster_with_tenants(nodes: u64, replicas: u8, tenants: usize) -> (RegistrySt
 fn epoch_of(s: &RegistryState, tenant: &str) -> u64 {
     s.replica_change(tenant).expect("a pending change").epoch
 }
+
+#[test]
+fn a_lost_store_moves_the_epoch_past_the_one_it_was_found_at_once() {
+    // Goal: the first report of a lost store moves the epoch past the epoch it names; a retry
+    // of the same report, or one naming an epoch already passed, moves nothing; only a member
+    // may report.
+    let mut s = two_active_nodes();
+    let at = s.placement_epoch();
+    check(&mut s, vec![(Command::StoreLost { id: 2, epoch: at }, Ok(()))]);
+    assert_eq!(s.placement_epoch(), at + 1);
+    check(&mut s, vec![(Command::StoreLost { id: 2, epoch: at }, Ok(()))]);
+    assert_eq!(s.placement_epoch(), at + 1, "a retry moves nothing more");
+    check(&mut s, vec![(join(3), Ok(()))]);
+    check(
+        &mut s,
+        vec![
+            (Command::StoreLost { id: 3, epoch: at + 1 }, Err(Rejection::NotAMember(3))),
+            (Command::StoreLost { id: 9, epoch: at + 1 }, Err(Rejection::NoSuchNode(9))),
+        ],
+    );
+    assert_eq!(s.placement_epoch(), at + 1);
+}

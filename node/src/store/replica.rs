@@ -403,19 +403,33 @@ fn take_records(
 }
 
 /// The file in the tenants directory that marks a store rebuilding its copies after it lost them.
+/// It holds, in decimal, the placement epoch the node's registry was at when the loss was found
+/// (empty in a store marked by a build that did not keep it: taken as 0).
 const REBUILDING_FILE: &str = ".rebuilding";
 
 /// The file in a tenant's directory, while the store rebuilds, that says a primary caught this
 /// copy up: it holds everything that primary had when it prepared, so it counts again.
 const CAUGHT_UP_FILE: &str = "caught-up";
 
-/// Whether the store in `tenants_dir` is rebuilding (its marker is there).
+/// Whether the store in `tenants_dir` is rebuilding (its marker is there), and if so the epoch
+/// its loss was found at.
 pub(super) fn rebuilding_since_open(
     vfs: &dyn super::Vfs,
     tenants_dir: &Path,
-) -> Result<bool, StoreError> {
+) -> Result<Option<u64>, StoreError> {
     let path = tenants_dir.join(REBUILDING_FILE);
-    vfs.exists(&path).map_err(StoreError::io("stat rebuilding marker", &path))
+    if !vfs.exists(&path).map_err(StoreError::io("stat rebuilding marker", &path))? {
+        return Ok(None);
+    }
+    let bytes = vfs.read(&path).map_err(StoreError::io("read rebuilding marker", &path))?;
+    let text = String::from_utf8_lossy(&bytes);
+    match text.trim() {
+        "" => Ok(Some(0)),
+        epoch => epoch.parse().map(Some).map_err(|_| StoreError::Corrupt {
+            path,
+            detail: format!("a rebuilding marker holds {epoch:?}, not a placement epoch"),
+        }),
+    }
 }
 
 /// Left in a new store's tenants directory by a node that was no member when it began it: the
@@ -439,8 +453,14 @@ impl Store {
 
     /// Creates the empty file `name` in `dir`, durably (the file and its directory entry).
     fn durable_marker(&self, dir: &Path, name: &str) -> Result<(), StoreError> {
+        self.durable_file(dir, name, b"")
+    }
+
+    /// Creates the file `name` in `dir` holding `bytes`, durably.
+    fn durable_file(&self, dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
         let path = dir.join(name);
         let mut f = self.vfs.create(&path).map_err(StoreError::io("create marker", &path))?;
+        f.write_all(bytes).map_err(StoreError::io("write marker", &path))?;
         f.sync_data().map_err(StoreError::io("sync marker", &path))?;
         drop(f);
         self.vfs.sync_dir(dir).map_err(StoreError::io("sync dir", dir))
@@ -450,11 +470,22 @@ impl Store {
     /// tenants directory is new: a wiped or replaced disk). From now on, durably, a tenant's copy
     /// here is a learner's (docs/REPLICATION.md, "A wiped disk"): it does not count toward a
     /// majority, nor answer a promise as if it held state, until a primary caught it up
-    /// ([`Self::mark_caught_up`]).
-    pub fn start_rebuilding(&self) -> Result<(), StoreError> {
-        self.durable_marker(&self.tenants_dir, REBUILDING_FILE)?;
+    /// ([`Self::mark_caught_up`]). `epoch` is the placement epoch the node's registry is at: the
+    /// node may have led tenants under ballots up to it, and leads none again under those
+    /// ([`Self::lost_at_epoch`]).
+    pub fn start_rebuilding(&self, epoch: u64) -> Result<(), StoreError> {
+        self.durable_file(&self.tenants_dir, REBUILDING_FILE, epoch.to_string().as_bytes())?;
+        self.lost_at_epoch.store(epoch, std::sync::atomic::Ordering::SeqCst);
         self.rebuilding.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
+    }
+
+    /// If this store is rebuilding, the placement epoch its node's registry was at when the
+    /// loss was found. Ballots up to it may have been led by this node before the loss, with
+    /// records it no longer has and other replicas may hold: leading under one of them again
+    /// would give one (ballot, lsn) two different records.
+    pub fn lost_at_epoch(&self) -> Option<u64> {
+        self.rebuilding().then(|| self.lost_at_epoch.load(std::sync::atomic::Ordering::SeqCst))
     }
 
     fn caught_up_known(

@@ -28,8 +28,8 @@ pub(super) const SLOTS_PER_CHUNK: usize =
 
 const _: () = assert!(SLOTS_PER_CHUNK * std::mem::size_of::<TenantKey>() <= 24 * 1024);
 
-/// A tenant id, in place when it is short: a key for the maps with an entry per tenant a node
-/// keeps while the tenant is idle, which then costs no small allocation of its own.
+/// A tenant id, in place when it is short: a slot's id, which then costs no small allocation of
+/// its own.
 #[derive(Clone)]
 pub enum TenantKey {
     Inline { len: u8, bytes: [u8; TenantKey::INLINE_MAX] },
@@ -61,27 +61,6 @@ impl TenantKey {
             }
             TenantKey::Boxed(id) => id,
         }
-    }
-}
-
-// As its id, so that a map keyed by it is looked up by `&str`.
-impl std::hash::Hash for TenantKey {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_str().hash(state);
-    }
-}
-
-impl PartialEq for TenantKey {
-    fn eq(&self, other: &TenantKey) -> bool {
-        self.as_str() == other.as_str()
-    }
-}
-
-impl Eq for TenantKey {}
-
-impl std::borrow::Borrow<str> for TenantKey {
-    fn borrow(&self) -> &str {
-        self.as_str()
     }
 }
 
@@ -153,10 +132,21 @@ impl Slots {
         self.number_of(id).map(|n| self.ref_at(n))
     }
 
+    /// The tenant's slot number, if the store has made its slot.
+    pub fn number(&self, id: &str) -> Option<u32> {
+        self.number_of(id).map(|n| n as u32)
+    }
+
     /// The tenant's slot, made (empty) if it has none.
     pub fn get_or_make(&mut self, id: &str) -> SlotRef {
+        let n = self.number_or_make(id);
+        self.ref_at(n as usize)
+    }
+
+    /// The tenant's slot number, its slot made (empty) if it has none.
+    pub fn number_or_make(&mut self, id: &str) -> u32 {
         if let Some(n) = self.number_of(id) {
-            return self.ref_at(n);
+            return n as u32;
         }
         let n = self.len;
         let number = u32::try_from(n).expect("fewer than 2^32 tenants on a node");
@@ -174,7 +164,7 @@ impl Slots {
             chunks[n / SLOTS_PER_CHUNK].ids[n % SLOTS_PER_CHUNK].as_str()
         };
         index.insert_unique(hasher.hash_one(id), number, |n| hasher.hash_one(id_of(n)));
-        self.ref_at(n)
+        number
     }
 
     /// Every slot with its number and id, in the order they were made.

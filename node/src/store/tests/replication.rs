@@ -354,9 +354,19 @@ fn a_new_store_stays_new_until_the_node_decides_what_it_means() {
     assert!(s.local_tenants().expect("lists").is_empty(), "the marker is no tenant");
 
     let wiped = tempfile::tempdir().expect("dir");
-    open(wiped.path()).start_rebuilding().expect("marks");
+    assert_eq!(open(wiped.path()).lost_at_epoch(), None);
+    open(wiped.path()).start_rebuilding(17).expect("marks");
     let s = open(wiped.path());
     assert!(!s.opened_fresh() && s.rebuilding());
+    assert_eq!(s.lost_at_epoch(), Some(17), "the epoch of the loss is kept with the marker");
+    let marker = wiped.path().join("tenants").join(".rebuilding");
+    assert_eq!(std::fs::read(&marker).expect("the marker"), b"17");
+    std::fs::write(&marker, b"").expect("writes");
+    assert_eq!(open(wiped.path()).lost_at_epoch(), Some(0), "an older build's empty marker");
+    std::fs::write(&marker, b"x").expect("writes");
+    let opened =
+        Store::open(config(wiped.path()), Arc::new(RealVfs), Arc::new(ManualClock::new(0)));
+    assert!(opened.is_err(), "a marker that holds no epoch is refused");
 
     let older = tempfile::tempdir().expect("dir");
     get(&open(older.path()), T, "update?p=notes&c=1.1.1/1.1.1/1.1.1&s=x");
