@@ -197,6 +197,14 @@ pub async fn run(svc: Arc<Service>, shutdown: CancellationToken) {
 /// copies here wait: the epochs it may have led under before the loss are behind it.
 async fn move_past_lost_epoch(svc: &Service, shutdown: &CancellationToken) -> bool {
     let Some(lost_at) = svc.store.lost_at_epoch() else { return true };
+    if svc.store.lost_epoch_unknown() {
+        // Recorded at every start before this runs (`run`); never asked for.
+        tracing::error!(
+            node = svc.id,
+            "this node's rebuilding marker holds no epoch; it leads no tenant until it restarts"
+        );
+        return false;
+    }
     while svc.registry.state().placement_epoch() <= lost_at {
         let command = raft_registry::Command::StoreLost { id: svc.id, epoch: lost_at };
         // A retry is harmless: the registry moves the epoch only if it is still at or below.

@@ -218,6 +218,8 @@ impl NodeParts {
                 "this node's tenant store is new though the registry has it as a member: its \
                  copies were lost, and are rebuilt from the other replicas"
             );
+        } else if store.lost_epoch_unknown() {
+            store.start_rebuilding(registry.state().placement_epoch())?;
         } else if store.opened_fresh() {
             store.settle_new()?;
         }

@@ -403,16 +403,21 @@ fn take_records(
 }
 
 /// The file in the tenants directory that marks a store rebuilding its copies after it lost them.
-/// It holds, in decimal, the placement epoch the node's registry was at when the loss was found
-/// (empty in a store marked by a build that did not keep it: taken as 0).
+/// It holds the placement epoch the node's registry was at when the loss was found, in decimal
+/// and ended by a newline. A marker without that (torn by a crash as it was written, or left by
+/// a build that wrote it empty) marks the store rebuilding from an unknown epoch, which the
+/// node's next start records anew ([`Store::lost_epoch_unknown`]).
 const REBUILDING_FILE: &str = ".rebuilding";
+
+/// `lost_at_epoch` of a store whose marker holds no epoch: no ballot is led until one is recorded.
+const UNKNOWN_EPOCH: u64 = u64::MAX;
 
 /// The file in a tenant's directory, while the store rebuilds, that says a primary caught this
 /// copy up: it holds everything that primary had when it prepared, so it counts again.
 const CAUGHT_UP_FILE: &str = "caught-up";
 
 /// Whether the store in `tenants_dir` is rebuilding (its marker is there), and if so the epoch
-/// its loss was found at.
+/// its loss was found at ([`UNKNOWN_EPOCH`] if the marker holds none).
 pub(super) fn rebuilding_since_open(
     vfs: &dyn super::Vfs,
     tenants_dir: &Path,
@@ -422,14 +427,11 @@ pub(super) fn rebuilding_since_open(
         return Ok(None);
     }
     let bytes = vfs.read(&path).map_err(StoreError::io("read rebuilding marker", &path))?;
-    let text = String::from_utf8_lossy(&bytes);
-    match text.trim() {
-        "" => Ok(Some(0)),
-        epoch => epoch.parse().map(Some).map_err(|_| StoreError::Corrupt {
-            path,
-            detail: format!("a rebuilding marker holds {epoch:?}, not a placement epoch"),
-        }),
-    }
+    let epoch = bytes
+        .strip_suffix(b"\n")
+        .filter(|digits| !digits.is_empty() && digits.iter().all(u8::is_ascii_digit))
+        .and_then(|digits| std::str::from_utf8(digits).ok()?.parse().ok());
+    Ok(Some(epoch.unwrap_or(UNKNOWN_EPOCH)))
 }
 
 /// Left in a new store's tenants directory by a node that was no member when it began it: the
@@ -474,7 +476,8 @@ impl Store {
     /// node may have led tenants under ballots up to it, and leads none again under those
     /// ([`Self::lost_at_epoch`]).
     pub fn start_rebuilding(&self, epoch: u64) -> Result<(), StoreError> {
-        self.durable_file(&self.tenants_dir, REBUILDING_FILE, epoch.to_string().as_bytes())?;
+        let text = format!("{epoch}\n");
+        self.durable_file(&self.tenants_dir, REBUILDING_FILE, text.as_bytes())?;
         self.lost_at_epoch.store(epoch, std::sync::atomic::Ordering::SeqCst);
         self.rebuilding.store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
@@ -486,6 +489,14 @@ impl Store {
     /// would give one (ballot, lsn) two different records.
     pub fn lost_at_epoch(&self) -> Option<u64> {
         self.rebuilding().then(|| self.lost_at_epoch.load(std::sync::atomic::Ordering::SeqCst))
+    }
+
+    /// The store is rebuilding but its marker holds no epoch (a crash tore it as it was
+    /// written, or an older build wrote it empty): until the node records one
+    /// ([`Self::start_rebuilding`] again, with its registry's epoch now, which is at or past
+    /// the one of the loss), it leads no tenant.
+    pub fn lost_epoch_unknown(&self) -> bool {
+        self.lost_at_epoch() == Some(UNKNOWN_EPOCH)
     }
 
     fn caught_up_known(

@@ -360,13 +360,15 @@ fn a_new_store_stays_new_until_the_node_decides_what_it_means() {
     assert!(!s.opened_fresh() && s.rebuilding());
     assert_eq!(s.lost_at_epoch(), Some(17), "the epoch of the loss is kept with the marker");
     let marker = wiped.path().join("tenants").join(".rebuilding");
-    assert_eq!(std::fs::read(&marker).expect("the marker"), b"17");
-    std::fs::write(&marker, b"").expect("writes");
-    assert_eq!(open(wiped.path()).lost_at_epoch(), Some(0), "an older build's empty marker");
-    std::fs::write(&marker, b"x").expect("writes");
-    let opened =
-        Store::open(config(wiped.path()), Arc::new(RealVfs), Arc::new(ManualClock::new(0)));
-    assert!(opened.is_err(), "a marker that holds no epoch is refused");
+    assert_eq!(std::fs::read(&marker).expect("the marker"), b"17\n");
+    assert!(!s.lost_epoch_unknown());
+    for torn in [&b""[..], b"1", b"\0\0\0", b"x\n", b"\n"] {
+        std::fs::write(&marker, torn).expect("writes");
+        let s = open(wiped.path());
+        assert!(s.rebuilding() && s.lost_epoch_unknown(), "{torn:?} holds no epoch");
+        s.start_rebuilding(18).expect("records the epoch anew");
+        assert_eq!(open(wiped.path()).lost_at_epoch(), Some(18));
+    }
 
     let older = tempfile::tempdir().expect("dir");
     get(&open(older.path()), T, "update?p=notes&c=1.1.1/1.1.1/1.1.1&s=x");
