@@ -170,9 +170,12 @@ pub(crate) fn well_formed(req: &AppendEntriesRequest<TypeConfig>) -> Result<(), 
     if let Some(prev) = req.prev_log_id.filter(|p| p.leader_id.term > term) {
         return Err(format!("prev_log_id {prev} is of a term above the sender's vote {term}"));
     }
-    let first = req.prev_log_id.map_or(0, |p| p.index + 1);
-    for (want, entry) in (first..).zip(&req.entries) {
+    let first = req.prev_log_id.map_or(Some(0), |p| p.index.checked_add(1));
+    for (i, entry) in req.entries.iter().enumerate() {
         let id = entry.log_id;
+        let Some(want) = first.and_then(|f| f.checked_add(i as u64)) else {
+            return Err(format!("entry {id} past the last log index"));
+        };
         if id.index != want {
             return Err(format!("entry {id} where index {want} follows prev_log_id"));
         }
@@ -352,6 +355,7 @@ mod tests {
         assert!(!append(9, Some((9, 62)), &[(9, 63), (15, 64)]), "a term above the vote");
         assert!(!append(9, Some((10, 62)), &[]), "prev of a term above the vote");
         assert!(!append(9, None, &[(1, 1)]), "no prev, yet not from index 0");
+        assert!(!append(9, Some((9, u64::MAX)), &[(9, 0)]), "no index follows the last");
     }
 
     #[test]
