@@ -329,9 +329,6 @@ impl Replication {
         if let Some(led) = led(self) {
             return Ok(led);
         }
-        for link in locked(&self.links).values() {
-            link.forget(tenant);
-        }
         // A node that lost its disk may have led under this ballot before, with records it no
         // longer has and another replica may hold: leading under it again could give one
         // (ballot, lsn) two records (simulator seed 4043 of `--replicas 3`).
@@ -340,6 +337,9 @@ impl Replication {
                 "this node lost its copies at placement epoch {lost_at} and leads no tenant \
                  again until the epoch moves past it (it is at {ballot})"
             )));
+        }
+        for link in locked(&self.links).values() {
+            link.forget(tenant);
         }
         // A copy being rebuilt after a lost disk does not count: another member promises in
         // its place.
