@@ -10,7 +10,7 @@ use proto::cluster::{NodeRequest, NodeResponse, ReplicaAck, ReplicaAppend};
 use tokio::sync::Notify;
 
 use super::{locked, Replication};
-use crate::store::{LogPosition, Shared, Shipment};
+use crate::store::{LogPosition, Shared, Shipment, Store, StoreError};
 
 /// How long a link waits after a failed message before it sends again.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(200);
@@ -98,9 +98,43 @@ impl Replication {
     /// before the next).
     async fn ship(&self, link: &Link, work: Vec<Work>) -> bool {
         let state = self.registry.state();
-        // Records go out under the ballot this node prepared the tenant at, never a later epoch
-        // it has not prepared: a backup that promised a newer primary refuses them, so a node
-        // back from a pause can neither overwrite nor cut what a newer primary wrote.
+        let (ballots, keep) = self.sendable(link, work, &state);
+        let shipments = self.shipments(keep).await;
+        let (appends, sent, bytes) = self.appends(link, shipments, &ballots, &state);
+        if appends.is_empty() {
+            return true;
+        }
+        crate::metrics::replication_bytes(bytes as u64);
+        let answer = self.call(link.node, NodeRequest::Replicate { from: self.id, appends }).await;
+        match answer {
+            Ok(NodeResponse::Replicated(acks)) if acks.len() == sent.len() => {
+                self.answered(link, sent, acks, &ballots).await
+            }
+            other => {
+                let why = match other {
+                    Ok(NodeResponse::Refused(why)) => why,
+                    Ok(_) => "an answer of another kind".to_string(),
+                    Err(e) => e,
+                };
+                tracing::debug!(backup = link.node, error = %why, "replicate message failed");
+                let mut st = locked(&link.state);
+                st.unreachable = true;
+                st.dirty.extend(sent.into_iter().map(|(t, _)| t));
+                false
+            }
+        }
+    }
+
+    /// The work `link` may send now, with the ballot each tenant goes out under. Records go out
+    /// under the ballot this node prepared the tenant at, never a later epoch it has not
+    /// prepared: a backup that promised a newer primary refuses them, so a node back from a
+    /// pause can neither overwrite nor cut what a newer primary wrote.
+    fn sendable(
+        &self,
+        link: &Link,
+        work: Vec<Work>,
+        state: &raft_registry::RegistryState,
+    ) -> (HashMap<String, u64>, Vec<Work>) {
         let mut ballots = HashMap::new();
         let mut keep = Vec::new();
         for w in work {
@@ -125,8 +159,12 @@ impl Replication {
                 _ => link.forget(&w.tenant),
             }
         }
-        // Records still kept in memory go without a hop to the blocking pool; the rest, and
-        // probes, are read there.
+        (ballots, keep)
+    }
+
+    /// What each piece of work sends: records still kept in memory are taken without a hop to
+    /// the blocking pool; the rest, and probes, are read there.
+    async fn shipments(&self, keep: Vec<Work>) -> Vec<(Work, Result<Shipment, StoreError>)> {
         let mut shipments = Vec::with_capacity(keep.len());
         let mut slow = Vec::new();
         for w in keep {
@@ -135,36 +173,36 @@ impl Replication {
                 _ => slow.push(w),
             }
         }
+        if slow.is_empty() {
+            return shipments;
+        }
         let store = self.store.clone();
-        let read = if slow.is_empty() {
-            Vec::new()
-        } else {
-            crate::blocking::spawn(move || {
-                slow.into_iter()
-                    .map(|w| {
-                        let shipment = if w.probe {
-                            // At the backup's end after the cut, if one is asked, else at `upto`.
-                            let at = if w.truncate.is_some() { w.after } else { w.upto };
-                            store.replica_state(&w.tenant).map(|r| match r.ballots.ballot_of(at) {
-                                Some(ballot) => Shipment::Records {
-                                    prev: LogPosition { ballot, lsn: at },
-                                    ballot,
-                                    bytes: Vec::new(),
-                                    last_lsn: at,
-                                },
-                                None => Shipment::Checkpointed,
-                            })
-                        } else {
-                            store.shipment(&w.tenant, w.after, w.upto)
-                        };
-                        (w, shipment)
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .await
-            .unwrap_or_default()
-        };
+        let read = crate::blocking::spawn(move || {
+            slow.into_iter()
+                .map(|w| {
+                    let shipment = match w.probe {
+                        true => probe(&store, &w),
+                        false => store.shipment(&w.tenant, w.after, w.upto),
+                    };
+                    (w, shipment)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
         shipments.extend(read);
+        shipments
+    }
+
+    /// The appends of one message, the tenants they carry with the last record of each, and
+    /// their record bytes; records past [`REPLICATE_MESSAGE_BYTES_MAX`] wait for the next one.
+    fn appends(
+        &self,
+        link: &Link,
+        shipments: Vec<(Work, Result<Shipment, StoreError>)>,
+        ballots: &HashMap<String, u64>,
+        state: &raft_registry::RegistryState,
+    ) -> (Vec<ReplicaAppend>, Vec<(String, u64)>, usize) {
         let (mut appends, mut sent, mut bytes) = (Vec::new(), Vec::new(), 0usize);
         for (w, shipment) in shipments {
             let tenant = w.tenant;
@@ -200,26 +238,18 @@ impl Replication {
                 }
             }
         }
-        if appends.is_empty() {
-            return true;
-        }
-        crate::metrics::replication_bytes(bytes as u64);
-        let answer = self.call(link.node, NodeRequest::Replicate { from: self.id, appends }).await;
-        let acks = match answer {
-            Ok(NodeResponse::Replicated(acks)) if acks.len() == sent.len() => acks,
-            other => {
-                let why = match other {
-                    Ok(NodeResponse::Refused(why)) => why,
-                    Ok(_) => "an answer of another kind".to_string(),
-                    Err(e) => e,
-                };
-                tracing::debug!(backup = link.node, error = %why, "replicate message failed");
-                let mut st = locked(&link.state);
-                st.unreachable = true;
-                st.dirty.extend(sent.into_iter().map(|(t, _)| t));
-                return false;
-            }
-        };
+        (appends, sent, bytes)
+    }
+
+    /// Takes a backup's answers to one message, one per tenant `sent`; false when it refused
+    /// any (the link waits before it sends again).
+    async fn answered(
+        &self,
+        link: &Link,
+        sent: Vec<(String, u64)>,
+        acks: Vec<ReplicaAck>,
+        ballots: &HashMap<String, u64>,
+    ) -> bool {
         let mut refused = false;
         let epoch_now = self.registry.state().placement_epoch();
         for ((tenant, _), ack) in sent.into_iter().zip(acks) {
@@ -470,6 +500,21 @@ impl Link {
             })
             .collect()
     }
+}
+
+/// An append of no records that asks a backup whether its log ends where `w` says: at its end
+/// after the cut, if one is asked, else at `upto`.
+fn probe(store: &Store, w: &Work) -> Result<Shipment, StoreError> {
+    let at = if w.truncate.is_some() { w.after } else { w.upto };
+    store.replica_state(&w.tenant).map(|r| match r.ballots.ballot_of(at) {
+        Some(ballot) => Shipment::Records {
+            prev: LogPosition { ballot, lsn: at },
+            ballot,
+            bytes: Vec::new(),
+            last_lsn: at,
+        },
+        None => Shipment::Checkpointed,
+    })
 }
 
 /// A link's task: sends its pending records, one message at a time, until the node's

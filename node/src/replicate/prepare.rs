@@ -70,6 +70,44 @@ impl Replication {
         .map_err(|refused| {
             ApiError::unavailable(format!("this node cannot lead the tenant: {refused}"))
         })?;
+        let promised = self.promises(tenant, ballot, others, needed).await?;
+        tracing::debug!(
+            node = self.id,
+            tenant,
+            ballot,
+            mine = ?mine.ballots.position(mine.last_lsn),
+            mine_history = ?mine.ballots,
+            promised = ?promised.iter().map(|(n, b, l)| (*n, b.position(*l))).collect::<Vec<_>>(),
+            "prepare: promises gathered"
+        );
+        let best = promised.into_iter().max_by_key(|(_, b, last)| b.position(*last));
+        if let Some((from, theirs, their_end)) = best {
+            if theirs.position(their_end) > mine.ballots.position(mine.last_lsn) {
+                self.adopt(tenant, ballot, &mine, from, &theirs, their_end).await?;
+            }
+        }
+        let end = self.lead(tenant, ballot).await?;
+        locked(&self.prepared_end).insert(tenant.to_string(), end);
+        locked(&self.led).insert(tenant.to_string(), ballot);
+        // Every member is brought to this log's end (its barrier, and what it adopted), in the
+        // background: a tenant that takes no write after a failover still ends up on all its
+        // replicas, and only then goes quiet.
+        for &node in others {
+            self.link(node).want(tenant, end);
+        }
+        crate::metrics::prepared();
+        Ok(ballot)
+    }
+
+    /// Asks `others` to promise `ballot`, and returns the first `needed` promises, each with
+    /// the member's ballot history and where its log ends; 503 if fewer promise.
+    async fn promises(
+        &self,
+        tenant: &str,
+        ballot: u64,
+        others: &[u64],
+        needed: usize,
+    ) -> Result<Vec<(u64, crate::store::Ballots, u64)>, ApiError> {
         let mut asks: FuturesUnordered<_> = others
             .iter()
             .map(|&node| async move {
@@ -103,23 +141,14 @@ impl Replication {
                 others.len()
             )));
         }
-        tracing::debug!(
-            node = self.id,
-            tenant,
-            ballot,
-            mine = ?mine.ballots.position(mine.last_lsn),
-            mine_history = ?mine.ballots,
-            promised = ?promised.iter().map(|(n, b, l)| (*n, b.position(*l))).collect::<Vec<_>>(),
-            "prepare: promises gathered"
-        );
-        let best = promised.into_iter().max_by_key(|(_, b, last)| b.position(*last));
-        if let Some((from, theirs, their_end)) = best {
-            if theirs.position(their_end) > mine.ballots.position(mine.last_lsn) {
-                self.adopt(tenant, ballot, &mine, from, &theirs, their_end).await?;
-            }
-        }
+        Ok(promised)
+    }
+
+    /// Makes this node the tenant's primary under `ballot` in its store: it leads under it,
+    /// writes the ballot's barrier and counts its copy. Returns where its log then ends.
+    async fn lead(&self, tenant: &str, ballot: u64) -> Result<u64, ApiError> {
         let (store, owned) = (self.store.clone(), tenant.to_string());
-        let end = blocking(move || {
+        blocking(move || {
             if let Err(refused) = store.lead(&owned, ballot)? {
                 return Ok(Err(refused));
             }
@@ -133,17 +162,7 @@ impl Replication {
         .await?
         .map_err(|refused| {
             ApiError::unavailable(format!("this node cannot lead the tenant: {refused}"))
-        })?;
-        locked(&self.prepared_end).insert(tenant.to_string(), end);
-        locked(&self.led).insert(tenant.to_string(), ballot);
-        // Every member is brought to this log's end (its barrier, and what it adopted), in the
-        // background: a tenant that takes no write after a failover still ends up on all its
-        // replicas, and only then goes quiet.
-        for &node in others {
-            self.link(node).want(tenant, end);
-        }
-        crate::metrics::prepared();
-        Ok(ballot)
+        })
     }
 
     /// Makes this node's log of the tenant that of member `from` (ending at `their_end`): cuts
@@ -202,32 +221,10 @@ impl Replication {
                 Shared::Unknown => snapshot().await?,
             };
         while end < their_end {
-            let request =
-                NodeRequest::FetchRecords { tenant: tenant.to_string(), ballot, after: end };
-            let fetched = match self.call(from, request).await {
-                Ok(NodeResponse::Fetched(fetched)) => fetched,
-                Ok(_) => {
-                    return Err(ApiError::unavailable(format!(
-                        "node {from} answered a fetch oddly"
-                    )))
-                }
-                Err(e) => {
-                    return Err(ApiError::unavailable(format!("fetching from node {from}: {e}")))
-                }
-            };
-            let (written, prev, records) = match fetched {
-                FetchedRecords::Records {
-                    ballot: written, prev_ballot, prev_lsn, records, ..
-                } => (written, LogPosition { ballot: prev_ballot, lsn: prev_lsn }, records),
-                FetchedRecords::Checkpointed => {
-                    end = snapshot().await?;
-                    continue;
-                }
-                other => {
-                    return Err(ApiError::unavailable(format!(
-                        "node {from} sent no records: {other:?}"
-                    )))
-                }
+            let Some((written, prev, records)) = self.fetch(from, tenant, ballot, end).await?
+            else {
+                end = snapshot().await?;
+                continue;
             };
             let (store, owned) = (self.store.clone(), tenant.to_string());
             let taken = blocking(move || {
@@ -240,5 +237,33 @@ impl Replication {
             end = taken.lsn;
         }
         Ok(())
+    }
+
+    /// Fetches member `from`'s records of the tenant after `after`: the ballot they were
+    /// written under, the position they follow, and their bytes; `None` when `from` checkpointed
+    /// them (this node then needs its snapshot).
+    async fn fetch(
+        &self,
+        from: u64,
+        tenant: &str,
+        ballot: u64,
+        after: u64,
+    ) -> Result<Option<(u64, LogPosition, Vec<u8>)>, ApiError> {
+        let request = NodeRequest::FetchRecords { tenant: tenant.to_string(), ballot, after };
+        match self.call(from, request).await {
+            Ok(NodeResponse::Fetched(FetchedRecords::Records {
+                ballot: written,
+                prev_ballot,
+                prev_lsn,
+                records,
+                ..
+            })) => Ok(Some((written, LogPosition { ballot: prev_ballot, lsn: prev_lsn }, records))),
+            Ok(NodeResponse::Fetched(FetchedRecords::Checkpointed)) => Ok(None),
+            Ok(NodeResponse::Fetched(other)) => {
+                Err(ApiError::unavailable(format!("node {from} sent no records: {other:?}")))
+            }
+            Ok(_) => Err(ApiError::unavailable(format!("node {from} answered a fetch oddly"))),
+            Err(e) => Err(ApiError::unavailable(format!("fetching from node {from}: {e}"))),
+        }
     }
 }
