@@ -391,66 +391,95 @@ async fn send_admin(
     let request = NodeRequest::Admin { admin_key_hash: admin_key_hash.clone(), op: op.clone() };
     let min_index = gw.views.current().view.applied_index;
     let deadline = tokio::time::Instant::now() + ADMIN_DEADLINE;
-    let unavailable = |last: String| ApiError::Unavailable {
+    if mutates {
+        write_admin(gw, request, admin_key_hash, &op, min_index, deadline).await
+    } else {
+        read_admin(gw, request, matches!(op, AdminOp::Health), min_index, deadline).await
+    }
+}
+
+/// No node answered an admin request before its deadline; `last` is the last reason heard.
+fn no_answer(last: String) -> ApiError {
+    ApiError::Unavailable {
         reason: format!("no node could answer the admin request: {last}"),
         retry_after_s: 1,
-    };
-    if !mutates {
-        let health = matches!(op, AdminOp::Health);
-        let mut asks: futures::stream::FuturesUnordered<_> = admin_candidates(gw)
-            .into_iter()
-            .map(|addr| {
-                let request = request.clone();
-                async move { (addr, gw.client.call(addr, request, ADMIN_DEADLINE).await) }
-            })
-            .collect();
-        let mut last = String::from("no node known");
-        // An answer from a node behind this gateway's view, kept in case no node is current.
-        let mut behind: Option<Answered> = None;
-        // A node reports only its own rebuild after a lost tenant store: for `Health`, every
-        // node's, from the answers of this one round.
-        let mut rebuilds = Vec::new();
-        let mut answered = loop {
-            let next = tokio::select! {
-                n = futures::StreamExt::next(&mut asks) => n,
-                _ = tokio::time::sleep_until(deadline) => break behind.ok_or_else(|| unavailable(last)),
-            };
-            let Some((addr, answer)) = next else {
-                break behind.ok_or_else(|| unavailable(last));
-            };
-            if health {
-                own_rebuilds(&answer, &mut rebuilds);
-            }
-            match settle(addr, answer, min_index) {
-                Settled::Done(Ok(done)) if done.2 < min_index => {
-                    if behind.as_ref().is_none_or(|b| b.2 < done.2) {
-                        behind = Some(done);
-                    }
-                }
-                Settled::Done(done) => break done,
-                Settled::Elsewhere(why) => last = why.to_string(),
-            }
-        };
-        if let Ok((AdminAnswer::Health(report), ..)) = &mut answered {
-            // The nodes not heard yet have a forward's time more, as a silent node costs any
-            // other request (gossip leaves out the ones it holds dead).
-            let others = tokio::time::sleep(crate::forward::FORWARD_TIMEOUT);
-            tokio::pin!(others);
-            loop {
-                tokio::select! {
-                    n = futures::StreamExt::next(&mut asks) => match n {
-                        Some((_, answer)) => own_rebuilds(&answer, &mut rebuilds),
-                        None => break,
-                    },
-                    _ = &mut others => break,
-                }
-            }
-            rebuilds.sort_by_key(|r: &RebuildProgress| r.node);
-            rebuilds.dedup_by_key(|r| r.node);
-            report.rebuilds = rebuilds;
-        }
-        return answered;
     }
+}
+
+/// [`send_admin`] for a read: every candidate node at once, the first current answer wins
+/// (with `health`, every node's rebuild progress heard within the round is gathered).
+async fn read_admin(
+    gw: &Arc<Gateway>,
+    request: NodeRequest,
+    health: bool,
+    min_index: u64,
+    deadline: tokio::time::Instant,
+) -> Result<Answered, ApiError> {
+    let mut asks: futures::stream::FuturesUnordered<_> = admin_candidates(gw)
+        .into_iter()
+        .map(|addr| {
+            let request = request.clone();
+            async move { (addr, gw.client.call(addr, request, ADMIN_DEADLINE).await) }
+        })
+        .collect();
+    let mut last = String::from("no node known");
+    // An answer from a node behind this gateway's view, kept in case no node is current.
+    let mut behind: Option<Answered> = None;
+    // A node reports only its own rebuild after a lost tenant store: for `Health`, every
+    // node's, from the answers of this one round.
+    let mut rebuilds = Vec::new();
+    let mut answered = loop {
+        let next = tokio::select! {
+            n = futures::StreamExt::next(&mut asks) => n,
+            _ = tokio::time::sleep_until(deadline) => break behind.ok_or_else(|| no_answer(last)),
+        };
+        let Some((addr, answer)) = next else {
+            break behind.ok_or_else(|| no_answer(last));
+        };
+        if health {
+            own_rebuilds(&answer, &mut rebuilds);
+        }
+        match settle(addr, answer, min_index) {
+            Settled::Done(Ok(done)) if done.2 < min_index => {
+                if behind.as_ref().is_none_or(|b| b.2 < done.2) {
+                    behind = Some(done);
+                }
+            }
+            Settled::Done(done) => break done,
+            Settled::Elsewhere(why) => last = why.to_string(),
+        }
+    };
+    if let Ok((AdminAnswer::Health(report), ..)) = &mut answered {
+        // The nodes not heard yet have a forward's time more, as a silent node costs any
+        // other request (gossip leaves out the ones it holds dead).
+        let others = tokio::time::sleep(crate::forward::FORWARD_TIMEOUT);
+        tokio::pin!(others);
+        loop {
+            tokio::select! {
+                n = futures::StreamExt::next(&mut asks) => match n {
+                    Some((_, answer)) => own_rebuilds(&answer, &mut rebuilds),
+                    None => break,
+                },
+                _ = &mut others => break,
+            }
+        }
+        rebuilds.sort_by_key(|r: &RebuildProgress| r.node);
+        rebuilds.dedup_by_key(|r| r.node);
+        report.rebuilds = rebuilds;
+    }
+    answered
+}
+
+/// [`send_admin`] for a write: to the registry leader the view names, again to a new one the
+/// view learns of while it waits.
+async fn write_admin(
+    gw: &Arc<Gateway>,
+    request: NodeRequest,
+    admin_key_hash: String,
+    op: &AdminOp,
+    min_index: u64,
+    deadline: tokio::time::Instant,
+) -> Result<Answered, ApiError> {
     let mut changes = gw.views.subscribe();
     let mut turn = 0usize;
     let mut last = String::from("no node known");
@@ -465,7 +494,7 @@ async fn send_admin(
             None => {
                 let candidates = admin_candidates(gw);
                 if candidates.is_empty() {
-                    return Err(unavailable(last));
+                    return Err(no_answer(last));
                 }
                 // In id order from the first, so the bootstrap node (the one that surely has
                 // the registry while a cluster forms) is asked first.
@@ -487,12 +516,12 @@ async fn send_admin(
                         break None;
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => return Err(unavailable(last)),
+                _ = tokio::time::sleep_until(deadline) => return Err(no_answer(last)),
             }
         };
         match outcome {
             Some(Settled::Done(Err(ApiError::Conflict(why)))) if maybe_applied => {
-                return landed_before(gw, admin_key_hash, &op)
+                return landed_before(gw, admin_key_hash, op)
                     .await
                     .unwrap_or(Err(ApiError::Conflict(why)));
             }
@@ -504,7 +533,7 @@ async fn send_admin(
                 tokio::select! {
                     _ = changes.changed() => {}
                     _ = tokio::time::sleep(ADMIN_RETRY_PAUSE) => {}
-                    _ = tokio::time::sleep_until(deadline) => return Err(unavailable(last)),
+                    _ = tokio::time::sleep_until(deadline) => return Err(no_answer(last)),
                 }
             }
             None => {

@@ -115,7 +115,6 @@ impl Service {
     }
 
     async fn dispatch(&self, peer: Peer, request: NodeRequest) -> NodeResponse {
-        let from_node = matches!(peer.role, Role::Node(_));
         crate::metrics::node_request(kind(&request));
         match request {
             NodeRequest::Sq { tenant, key_hash, epoch, request } => {
@@ -135,65 +134,10 @@ impl Service {
                     crate::admin::execute(self, &admin_key_hash, op).await;
                 NodeResponse::Admin { result, applied_index }
             }
-            NodeRequest::RaftCommand { command } if from_node => {
-                let (result, applied_index) = crate::admin::commit_forwarded(self, &command).await;
-                NodeResponse::Admin { result, applied_index }
-            }
-            NodeRequest::HandoffManifest { tenant, epoch } if from_node => {
-                NodeResponse::HandoffManifest(crate::handoff::manifest(self, &tenant, epoch).await)
-            }
-            NodeRequest::HandoffRead { tenant, path, offset, len } if from_node => {
-                NodeResponse::HandoffChunk(
-                    crate::handoff::read(self, &tenant, &path, offset, len)
-                        .await
-                        .map(proto::cluster::Chunk),
-                )
-            }
-            NodeRequest::Raft(bytes) if from_node => {
-                NodeResponse::Raft(self.registry.handle_rpc(&bytes).await)
-            }
-            NodeRequest::Gossip { from, heartbeats } if from_node => {
-                // A removed node that gossips was away when it was removed: it is told, and its
-                // heartbeats are not taken (crate::gossip, raft_registry::removal).
-                let sender = match peer.role {
-                    Role::Node(id) => id,
-                    _ => from,
-                };
-                match self.registry.removed_at(sender) {
-                    Some(applied) => NodeResponse::Removed { applied },
-                    None => {
-                        NodeResponse::Gossip { heartbeats: self.health.merge(from, &heartbeats) }
-                    }
-                }
-            }
             NodeRequest::TenantUsage { tenants } => {
                 NodeResponse::TenantUsage(self.usage(tenants).await)
             }
             NodeRequest::Metrics => NodeResponse::Metrics(crate::metrics::render_node(self)),
-            NodeRequest::Identify if from_node => NodeResponse::Identity { id: self.id },
-            NodeRequest::Replicate { from, appends } if from_node => {
-                // A node replicates as itself only.
-                let from = match peer.role {
-                    Role::Node(id) => id,
-                    _ => from,
-                };
-                NodeResponse::Replicated(crate::replicate::take(self, from, appends).await)
-            }
-            NodeRequest::Lease { from, lapsed_ms, mark_epoch } if from_node => {
-                let from = match peer.role {
-                    Role::Node(id) => id,
-                    _ => from,
-                };
-                self.leases.note_lapse(from, lapsed_ms, mark_epoch);
-                let state = self.registry.state();
-                NodeResponse::Lease {
-                    granted: self.leases.grant(from, &state),
-                    epoch: state.placement_epoch(),
-                }
-            }
-            NodeRequest::ConfirmDown { node } if from_node => NodeResponse::ConfirmDown {
-                confirmed: self.leases.confirm_down(node, &self.registry.state()),
-            },
             NodeRequest::Prepare { tenant, ballot } => match peer.role {
                 Role::Node(from) => crate::replicate::promise(self, from, tenant, ballot).await,
                 _ => NodeResponse::Refused("only nodes may prepare".into()),
@@ -214,20 +158,84 @@ impl Service {
                 Role::Node(id) if id == from => crate::catchup::give(self, from, tenant).await,
                 _ => NodeResponse::Refused("only a tenant's replica may take a snapshot".into()),
             },
-            NodeRequest::SnapshotRead { id, tenant, path, offset, len } if from_node => {
-                // Whole, at most one configured chunk: for peers that take whole answers only.
-                let len = len.min(self.handoffs.config.chunk_bytes.max(1));
-                crate::catchup::read_answer(self, id, tenant, path, offset, len).await.0
-            }
-            NodeRequest::SnapshotDone { id, tenant } if from_node => {
-                crate::catchup::done(self, id, tenant).await
-            }
             NodeRequest::Enter { from, tenant, epoch } => match peer.role {
                 Role::Node(id) if id == from => {
                     crate::replicate::entering(self, from, tenant, epoch).await
                 }
                 _ => NodeResponse::Refused("only a node entering a replica set may ask".into()),
             },
+            request if matches!(peer.role, Role::Node(_)) => {
+                self.dispatch_peer(peer, request).await
+            }
+            other => {
+                NodeResponse::Refused(format!("{:?} may not send {}", peer.role, kind(&other)))
+            }
+        }
+    }
+
+    /// The requests only another node may send: Raft, gossip, leases, replication's appends,
+    /// handoffs and snapshots' reads.
+    async fn dispatch_peer(&self, peer: Peer, request: NodeRequest) -> NodeResponse {
+        match request {
+            NodeRequest::RaftCommand { command } => {
+                let (result, applied_index) = crate::admin::commit_forwarded(self, &command).await;
+                NodeResponse::Admin { result, applied_index }
+            }
+            NodeRequest::HandoffManifest { tenant, epoch } => {
+                NodeResponse::HandoffManifest(crate::handoff::manifest(self, &tenant, epoch).await)
+            }
+            NodeRequest::HandoffRead { tenant, path, offset, len } => NodeResponse::HandoffChunk(
+                crate::handoff::read(self, &tenant, &path, offset, len)
+                    .await
+                    .map(proto::cluster::Chunk),
+            ),
+            NodeRequest::Raft(bytes) => NodeResponse::Raft(self.registry.handle_rpc(&bytes).await),
+            NodeRequest::Gossip { from, heartbeats } => {
+                // A removed node that gossips was away when it was removed: it is told, and its
+                // heartbeats are not taken (crate::gossip, raft_registry::removal).
+                let sender = match peer.role {
+                    Role::Node(id) => id,
+                    _ => from,
+                };
+                match self.registry.removed_at(sender) {
+                    Some(applied) => NodeResponse::Removed { applied },
+                    None => {
+                        NodeResponse::Gossip { heartbeats: self.health.merge(from, &heartbeats) }
+                    }
+                }
+            }
+            NodeRequest::Identify => NodeResponse::Identity { id: self.id },
+            NodeRequest::Replicate { from, appends } => {
+                // A node replicates as itself only.
+                let from = match peer.role {
+                    Role::Node(id) => id,
+                    _ => from,
+                };
+                NodeResponse::Replicated(crate::replicate::take(self, from, appends).await)
+            }
+            NodeRequest::Lease { from, lapsed_ms, mark_epoch } => {
+                let from = match peer.role {
+                    Role::Node(id) => id,
+                    _ => from,
+                };
+                self.leases.note_lapse(from, lapsed_ms, mark_epoch);
+                let state = self.registry.state();
+                NodeResponse::Lease {
+                    granted: self.leases.grant(from, &state),
+                    epoch: state.placement_epoch(),
+                }
+            }
+            NodeRequest::ConfirmDown { node } => NodeResponse::ConfirmDown {
+                confirmed: self.leases.confirm_down(node, &self.registry.state()),
+            },
+            NodeRequest::SnapshotRead { id, tenant, path, offset, len } => {
+                // Whole, at most one configured chunk: for peers that take whole answers only.
+                let len = len.min(self.handoffs.config.chunk_bytes.max(1));
+                crate::catchup::read_answer(self, id, tenant, path, offset, len).await.0
+            }
+            NodeRequest::SnapshotDone { id, tenant } => {
+                crate::catchup::done(self, id, tenant).await
+            }
             other => {
                 NodeResponse::Refused(format!("{:?} may not send {}", peer.role, kind(&other)))
             }

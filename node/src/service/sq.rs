@@ -106,32 +106,14 @@ impl Service {
         let started_us = self.clock.now_us();
         if let Err(e) = self.limits.admit(tenant, record.daily_limit) {
             let refused = Err(e);
-            crate::metrics::request(&self.calls, self.store.number(tenant), route, &refused, 0);
-            let outcome = crate::metrics::Outcome::of(&refused).as_str();
-            tracing::debug!(target: "sq_node::meter", tenant, route = route.name(), outcome, bytes_in = 0u64, bytes_out = 0u64, latency_us = 0u64);
+            self.count(tenant, route, &refused, (0, 0), 0);
             return refused.map(Answered::Whole);
         }
         let bytes_in = request_bytes(&request);
         let replicated = Replicated { backups: &backups, needed, ballot: state.placement_epoch() };
         let result = match request {
             request if stream && OrderedRead::of(&request).is_some() => {
-                let led = match replicated.needed {
-                    0 => Ok(0),
-                    _ => self.prepared(tenant, &replicated).await,
-                };
-                match led {
-                    Ok(led) => match self.open_read(tenant, request).await {
-                        Ok(answer) if replicated.needed > 0 => match self.leased(&replicated) {
-                            Ok(()) => {
-                                self.committed_seen(tenant, led, &replicated).await.map(|()| answer)
-                            }
-                            Err(e) => Err(e),
-                        },
-                        Ok(answer) => Ok(answer),
-                        Err(e) => Err(e),
-                    },
-                    Err(e) => Err(e),
-                }
+                self.streamed_read(tenant, request, &replicated).await
             }
             request => self
                 .execute_replicated(tenant, record.quota_bytes, request, &replicated)
@@ -149,16 +131,43 @@ impl Service {
             Ok(_) => Ok(SqResponse::text(Vec::new())),
             Err(e) => Err(e.clone()),
         };
-        crate::metrics::request(
-            &self.calls,
-            self.store.number(tenant),
-            route,
-            &metered,
-            latency_us,
-        );
-        let outcome = crate::metrics::Outcome::of(&metered).as_str();
-        tracing::debug!(target: "sq_node::meter", tenant, route = route.name(), outcome, bytes_in, bytes_out, latency_us);
+        self.count(tenant, route, &metered, (bytes_in, bytes_out), latency_us);
         result
+    }
+
+    /// Counts a request in `sq_api_calls_total` and its latency, and logs its metering line.
+    fn count(
+        &self,
+        tenant: &str,
+        route: proto::route::Route,
+        outcome: &Result<SqResponse, ApiError>,
+        (bytes_in, bytes_out): (u64, u64),
+        latency_us: u64,
+    ) {
+        crate::metrics::request(&self.calls, self.store.number(tenant), route, outcome, latency_us);
+        let outcome = crate::metrics::Outcome::of(outcome).as_str();
+        tracing::debug!(target: "sq_node::meter", tenant, route = route.name(), outcome, bytes_in, bytes_out, latency_us);
+    }
+
+    /// A read answered as a stream when it is large: for a replicated tenant, under the ballot
+    /// this node leads it at, and only once this node still held its lease after the read and
+    /// every record the read could see is on a majority.
+    async fn streamed_read(
+        &self,
+        tenant: &str,
+        request: SqRequest,
+        replicated: &Replicated<'_>,
+    ) -> Result<Answered, ApiError> {
+        let led = match replicated.needed {
+            0 => 0,
+            _ => self.prepared(tenant, replicated).await?,
+        };
+        let answer = self.open_read(tenant, request).await?;
+        if replicated.needed > 0 {
+            self.leased(replicated)?;
+            self.committed_seen(tenant, led, replicated).await?;
+        }
+        Ok(answer)
     }
 
     /// [`Self::execute`], answered once a majority of the replica set holds what it wrote or
