@@ -150,6 +150,23 @@ async fn phases(
     options: &Options,
     stop_all: &CancellationToken,
 ) -> Result<(), Violation> {
+    let (all_tenants, formed_with) = form(world, plan, rng, options, stop_all).await?;
+    checked(world)?;
+    chaos(world, plan, rng, options, &all_tenants, formed_with).await?;
+    checked(world)?;
+    converge_and_check(world, plan, rng).await
+}
+
+/// Starts every node and forms the cluster with the plan's tenants and the doomed one; a third
+/// of the R = 3 runs form with fewer copies, raised during the faults. Returns every tenant and
+/// the R the cluster formed with.
+async fn form(
+    world: &Arc<World>,
+    plan: &Plan,
+    rng: &mut Rng,
+    options: &Options,
+    stop_all: &CancellationToken,
+) -> Result<(Vec<String>, u8), Violation> {
     for id in world.cluster.ids() {
         let cluster = world.cluster.clone();
         let monitor = world.monitor.clone();
@@ -175,7 +192,19 @@ async fn phases(
         .map_err(|v| {
             Violation::new(Invariant::Liveness, format!("the cluster did not form: {}", v.detail))
         })?;
-    checked(world)?;
+    Ok((all_tenants, formed_with))
+}
+
+/// Clients, operators, the planned change, the revoked client and the faults run until the
+/// chaos ends; then the faults heal and every task is awaited.
+async fn chaos(
+    world: &Arc<World>,
+    plan: &Plan,
+    rng: &mut Rng,
+    options: &Options,
+    all_tenants: &[String],
+    formed_with: u8,
+) -> Result<(), Violation> {
     world.trace.event("formed: clients, operators and faults start");
     world.monitor.start_handoff_window(world.now_ms());
     let chaos = CancellationToken::new();
@@ -207,7 +236,7 @@ async fn phases(
         world.clone(),
         rng.fork(),
         DOOMED_TENANT.to_string(),
-        (formed_with + 1..=replicas).collect(),
+        (formed_with + 1..=options.replicas).collect(),
         chaos.clone(),
     ));
     let revoked =
@@ -232,7 +261,15 @@ async fn phases(
     for task in clients.into_iter().chain(operators) {
         let _ = task.await;
     }
-    checked(world)?;
+    Ok(())
+}
+
+/// After the heal: the cluster converges and serves every tenant, then the end-of-run checks.
+async fn converge_and_check(
+    world: &Arc<World>,
+    plan: &Plan,
+    rng: &mut Rng,
+) -> Result<(), Violation> {
     let healed_at = world.now_ms();
     let deadline = healed_at + CONVERGENCE_MS_MAX;
     operator::settle(world, rng, &plan.tenants, deadline).await?;
