@@ -123,57 +123,9 @@ fn inject(
     let ids = world.cluster.ids();
     let node = *rng.pick(&ids);
     match kind {
-        Kind::Partition => {
-            let all = endpoints(world);
-            let side: Vec<bool> = all.iter().map(|_| rng.chance(500)).collect();
-            let links: Vec<(Endpoint, Endpoint)> = all
-                .iter()
-                .zip(&side)
-                .flat_map(|(a, sa)| {
-                    all.iter()
-                        .zip(&side)
-                        .filter(move |(_, sb)| *sb != sa)
-                        .map(move |(b, _)| (*a, *b))
-                })
-                .filter(|(a, b)| matches!(a, Endpoint::Node(_)) || matches!(b, Endpoint::Node(_)))
-                .collect();
-            let names: Vec<String> =
-                all.iter().zip(&side).filter(|(_, s)| **s).map(|(e, _)| e.to_string()).collect();
-            world.trace.event(format!(
-                "fault: partition {{{}}} from the rest for {} ms",
-                names.join(","),
-                length.as_millis()
-            ));
-            world.stats().partitions += 1;
-            cut(world, links, length, stop);
-        }
-        Kind::OneWay => {
-            let all = endpoints(world);
-            let (a, b) = (*rng.pick(&all), Endpoint::Node(node));
-            let (from, to) = if rng.chance(500) { (a, b) } else { (b, a) };
-            if from == to {
-                return;
-            }
-            world.trace.event(format!(
-                "fault: link {from} -> {to} cut one way for {} ms",
-                length.as_millis()
-            ));
-            world.stats().partitions += 1;
-            cut(world, vec![(from, to)], length, stop);
-        }
-        Kind::Weather => {
-            let weather = Weather {
-                loss_permille: rng.range(0, 200),
-                duplicate_permille: rng.range(0, 100),
-                spike_permille: rng.range(0, 150),
-            };
-            world
-                .trace
-                .event(format!("fault: network weather {weather:?} for {} ms", length.as_millis()));
-            world.cluster.net.set_weather(weather);
-            let net = world.cluster.net.clone();
-            later(length, stop, move || net.set_weather(Weather::default()));
-        }
+        Kind::Partition => partition(world, rng, length, stop),
+        Kind::OneWay => one_way(world, rng, node, length, stop),
+        Kind::Weather => weather(world, rng, length, stop),
         Kind::Crash => crash(world, rng, node, length, stop),
         Kind::DiskLoss => lose_disk(world, node, length, stop),
         Kind::IsolatePrimary => isolate_primary(world, rng, length, stop),
@@ -182,42 +134,109 @@ fn inject(
             world.stats().freezes += 1;
             world.cluster.net.freeze(node, tokio::time::Instant::now() + length);
         }
-        Kind::DiskFull | Kind::SlowDisk => {
-            let Some(disk) = world.cluster.disk(node) else { return };
-            let mut faults = disk.faults();
-            if matches!(kind, Kind::DiskFull) {
-                faults.full = true;
-            } else {
-                faults.slow_ms = rng.range(SLOW_DISK_MS.0, SLOW_DISK_MS.1);
-            }
-            world
-                .trace
-                .event(format!("fault: n{node} disk {faults:?} for {} ms", length.as_millis()));
-            disk.set_faults(faults);
-            world.stats().disk_faults += 1;
-            later(length, stop, move || disk.set_faults(DiskFaults::default()));
+        Kind::DiskFull => disk_fault(world, rng, node, true, length, stop),
+        Kind::SlowDisk => disk_fault(world, rng, node, false, length, stop),
+        Kind::ClockJump => clock_jump(world, rng, node),
+    }
+}
+
+/// Cuts a random half of the endpoints from the rest, both ways, for `length`.
+fn partition(world: &Arc<World>, rng: &mut Rng, length: Duration, stop: &CancellationToken) {
+    let all = endpoints(world);
+    let side: Vec<bool> = all.iter().map(|_| rng.chance(500)).collect();
+    let links: Vec<(Endpoint, Endpoint)> = all
+        .iter()
+        .zip(&side)
+        .flat_map(|(a, sa)| {
+            all.iter().zip(&side).filter(move |(_, sb)| *sb != sa).map(move |(b, _)| (*a, *b))
+        })
+        .filter(|(a, b)| matches!(a, Endpoint::Node(_)) || matches!(b, Endpoint::Node(_)))
+        .collect();
+    let names: Vec<String> =
+        all.iter().zip(&side).filter(|(_, s)| **s).map(|(e, _)| e.to_string()).collect();
+    world.trace.event(format!(
+        "fault: partition {{{}}} from the rest for {} ms",
+        names.join(","),
+        length.as_millis()
+    ));
+    world.stats().partitions += 1;
+    cut(world, links, length, stop);
+}
+
+/// Cuts one link between node `node` and a random endpoint, one way, for `length`.
+fn one_way(
+    world: &Arc<World>,
+    rng: &mut Rng,
+    node: u64,
+    length: Duration,
+    stop: &CancellationToken,
+) {
+    let all = endpoints(world);
+    let (a, b) = (*rng.pick(&all), Endpoint::Node(node));
+    let (from, to) = if rng.chance(500) { (a, b) } else { (b, a) };
+    if from == to {
+        return;
+    }
+    world
+        .trace
+        .event(format!("fault: link {from} -> {to} cut one way for {} ms", length.as_millis()));
+    world.stats().partitions += 1;
+    cut(world, vec![(from, to)], length, stop);
+}
+
+/// Loss, duplicates and latency spikes on every link for `length`.
+fn weather(world: &Arc<World>, rng: &mut Rng, length: Duration, stop: &CancellationToken) {
+    let weather = Weather {
+        loss_permille: rng.range(0, 200),
+        duplicate_permille: rng.range(0, 100),
+        spike_permille: rng.range(0, 150),
+    };
+    world.trace.event(format!("fault: network weather {weather:?} for {} ms", length.as_millis()));
+    world.cluster.net.set_weather(weather);
+    let net = world.cluster.net.clone();
+    later(length, stop, move || net.set_weather(Weather::default()));
+}
+
+/// Node `node`'s disk full (`full`) or slow, for `length`.
+fn disk_fault(
+    world: &Arc<World>,
+    rng: &mut Rng,
+    node: u64,
+    full: bool,
+    length: Duration,
+    stop: &CancellationToken,
+) {
+    let Some(disk) = world.cluster.disk(node) else { return };
+    let mut faults = disk.faults();
+    if full {
+        faults.full = true;
+    } else {
+        faults.slow_ms = rng.range(SLOW_DISK_MS.0, SLOW_DISK_MS.1);
+    }
+    world.trace.event(format!("fault: n{node} disk {faults:?} for {} ms", length.as_millis()));
+    disk.set_faults(faults);
+    world.stats().disk_faults += 1;
+    later(length, stop, move || disk.set_faults(DiskFaults::default()));
+}
+
+/// Node `node`'s calendar clock jumps ahead or back, or its monotonic clock jumps (a pause).
+fn clock_jump(world: &Arc<World>, rng: &mut Rng, node: u64) {
+    let Some(clocks) = world.cluster.clocks(node) else { return };
+    match rng.below(3) {
+        0 => {
+            let ms = rng.range(1, WALL_JUMP_AHEAD_MS) as i64;
+            world.trace.event(format!("fault: n{node} calendar clock jumps {ms} ms ahead"));
+            clocks.jump_wall(ms);
         }
-        Kind::ClockJump => {
-            let Some(clocks) = world.cluster.clocks(node) else { return };
-            match rng.below(3) {
-                0 => {
-                    let ms = rng.range(1, WALL_JUMP_AHEAD_MS) as i64;
-                    world.trace.event(format!("fault: n{node} calendar clock jumps {ms} ms ahead"));
-                    clocks.jump_wall(ms);
-                }
-                1 => {
-                    let ms = rng.range(1, WALL_JUMP_BACK_MS) as i64;
-                    world.trace.event(format!("fault: n{node} calendar clock jumps {ms} ms back"));
-                    clocks.jump_wall(-ms);
-                }
-                _ => {
-                    let ms = rng.range(MONO_JUMP_MS.0, MONO_JUMP_MS.1);
-                    world
-                        .trace
-                        .event(format!("fault: n{node} paused: its monotonic clock jumps {ms} ms"));
-                    clocks.jump_mono(ms);
-                }
-            }
+        1 => {
+            let ms = rng.range(1, WALL_JUMP_BACK_MS) as i64;
+            world.trace.event(format!("fault: n{node} calendar clock jumps {ms} ms back"));
+            clocks.jump_wall(-ms);
+        }
+        _ => {
+            let ms = rng.range(MONO_JUMP_MS.0, MONO_JUMP_MS.1);
+            world.trace.event(format!("fault: n{node} paused: its monotonic clock jumps {ms} ms"));
+            clocks.jump_mono(ms);
         }
     }
 }
