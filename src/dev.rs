@@ -119,32 +119,11 @@ pub fn run(config: DevConfig) -> anyhow::Result<()> {
         .context("resolving --tenants-file")?;
     let data = config.data.canonicalize()?;
     let json_path = data.join("dev.json");
-    let previous: Option<DevJson> = match std::fs::read(&json_path) {
-        Ok(bytes) => Some(serde_json::from_slice(&bytes).context("reading dev.json")?),
-        Err(_) => None,
-    };
-    if let Some(p) = &previous {
-        if p.nodes.len() != config.nodes {
-            bail!(
-                "{} holds a {}-node cluster; run with --nodes {}",
-                data.display(),
-                p.nodes.len(),
-                p.nodes.len()
-            );
-        }
-    }
+    let previous = previous_run(&data, config.nodes)?;
     // Refuse early if the HTTP port is taken: a clear error beats a gateway crash loop.
     drop(TcpListener::bind(config.listen).with_context(|| format!("{} is in use", config.listen))?);
     let certs = data.join("certs");
-    if !certs.join("ca.pem").exists() {
-        std::fs::create_dir_all(&certs)?;
-        transport::certs::create_ca(&certs)?;
-        transport::certs::issue(&certs, transport::Role::Gateway)?;
-        transport::certs::issue(&certs, transport::Role::Admin)?;
-        for id in 1..=config.nodes as u64 {
-            transport::certs::issue(&certs, transport::Role::Node(id))?;
-        }
-    }
+    make_certs(&certs, config.nodes)?;
     let admin_key = match &previous {
         Some(p) => p.admin_key.clone(),
         None => gateway::admin::new_tenant_key().replacen("pmb-v1-", "sqa-", 1),
@@ -205,6 +184,42 @@ pub fn run(config: DevConfig) -> anyhow::Result<()> {
     write_dev_json(&json_path, &dev)?;
     print_banner(&dev, &json_path);
     supervise(&mut procs, &mut nodes, &json_path, dev)
+}
+
+/// The dev.json of an earlier run of this data directory, if any; an error if that cluster had
+/// another number of nodes.
+fn previous_run(data: &Path, nodes: usize) -> anyhow::Result<Option<DevJson>> {
+    let previous: Option<DevJson> = match std::fs::read(data.join("dev.json")) {
+        Ok(bytes) => Some(serde_json::from_slice(&bytes).context("reading dev.json")?),
+        Err(_) => None,
+    };
+    if let Some(p) = &previous {
+        if p.nodes.len() != nodes {
+            bail!(
+                "{} holds a {}-node cluster; run with --nodes {}",
+                data.display(),
+                p.nodes.len(),
+                p.nodes.len()
+            );
+        }
+    }
+    Ok(previous)
+}
+
+/// The cluster's private CA and the certificates of the gateway, the admin CLI and `nodes`
+/// nodes, unless an earlier run made them.
+fn make_certs(certs: &Path, nodes: usize) -> anyhow::Result<()> {
+    if certs.join("ca.pem").exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(certs)?;
+    transport::certs::create_ca(certs)?;
+    transport::certs::issue(certs, transport::Role::Gateway)?;
+    transport::certs::issue(certs, transport::Role::Admin)?;
+    for id in 1..=nodes as u64 {
+        transport::certs::issue(certs, transport::Role::Node(id))?;
+    }
+    Ok(())
 }
 
 /// Async worker threads for each of `processes` sharing this machine: its cores divided among
