@@ -200,20 +200,7 @@ pub fn apply(state: &mut RegistryState, cmd: Command) -> Result<(), Rejection> {
     match cmd {
         Command::AddTenant(new) => add_tenant(state, new),
         Command::UpdateTenant { id, tier, quota_bytes, daily_limit, enabled } => {
-            update_tenant(state, &id, |t| {
-                if enabled == Some(true) && t.archived {
-                    return Err(Rejection::TenantArchived);
-                }
-                if let Some(tier) = tier {
-                    t.tier = tier;
-                    t.quota_bytes = tier.default_quota_bytes();
-                    t.daily_limit = tier.default_daily_limit();
-                }
-                t.quota_bytes = quota_bytes.unwrap_or(t.quota_bytes);
-                t.daily_limit = daily_limit.unwrap_or(t.daily_limit);
-                t.enabled = enabled.unwrap_or(t.enabled);
-                Ok(())
-            })
+            update_tenant(state, &id, |t| set_limits(t, tier, quota_bytes, daily_limit, enabled))
         }
         Command::RotateKey { id, new_hash } => rotate_key(state, &id, new_hash),
         Command::DisableTenant { id } => update_tenant(state, &id, |t| {
@@ -236,57 +223,96 @@ pub fn apply(state: &mut RegistryState, cmd: Command) -> Result<(), Rejection> {
         Command::NodeActivate { id } => node_transition(state, id, NodeState::Active),
         Command::NodeDrain { id } => node_transition(state, id, NodeState::Draining),
         Command::NodeRemove { id } => node_transition(state, id, NodeState::Removed),
-        Command::HandoffDone { tenant, epoch } => match state.handoffs.get(&tenant) {
-            Some(h) if h.epoch == epoch => {
-                // With R > 1 the leaving node leaves the set now; if the tenant's primary
-                // changes with it (the entering node heads the set, or the leaving one led it),
-                // the new primary needs a ballot of its own: the epoch moves.
-                let primary_before = state.primary_of(&tenant);
-                state.handoffs.remove(&tenant);
-                if state.replicas() > 1 && state.primary_of(&tenant) != primary_before {
-                    state.placement_epoch += 1;
-                }
-                Ok(())
-            }
-            _ => Err(Rejection::NoSuchHandoff),
-        },
+        Command::HandoffDone { tenant, epoch } => handoff_done(state, &tenant, epoch),
         Command::PurgeTenant { id } => purge_tenant(state, &id),
         // The state machine applies a batch's commands one by one (state_machine::apply_one).
         Command::Batch(_) => Err(Rejection::InvalidBatch),
         Command::SetReplicas { replicas } => set_replicas(state, replicas, false),
         Command::ChangeReplicas { replicas } => set_replicas(state, replicas, true),
-        Command::MarkDown { id } => {
-            let node = state.nodes.get(&id).ok_or(Rejection::NoSuchNode(id))?;
-            if node.state != NodeState::Active {
-                let from = node.state;
-                return Err(Rejection::InvalidNodeTransition { id, from, to: NodeState::Active });
-            }
-            if state.is_down(id) {
-                return Err(Rejection::AlreadyDown(id));
-            }
-            state.placement_epoch += 1;
-            state.liveness.insert(id, Liveness { down: true, epoch: state.placement_epoch });
-            Ok(())
-        }
-        Command::MarkUp { id } => {
-            if !state.is_down(id) {
-                return Err(Rejection::NotDown(id));
-            }
-            state.placement_epoch += 1;
-            state.liveness.insert(id, Liveness { down: false, epoch: state.placement_epoch });
-            Ok(())
-        }
-        Command::StoreLost { id, epoch } => {
-            let node = state.nodes.get(&id).ok_or(Rejection::NoSuchNode(id))?;
-            if !matches!(node.state, NodeState::Active | NodeState::Draining) {
-                return Err(Rejection::NotAMember(id));
-            }
-            if state.placement_epoch <= epoch {
+        Command::MarkDown { id } => mark_down(state, id),
+        Command::MarkUp { id } => mark_up(state, id),
+        Command::StoreLost { id, epoch } => store_lost(state, id, epoch),
+    }
+}
+
+/// A tenant's tier (and with it its default limits), quota, daily limit and enabled flag, as an
+/// `UpdateTenant` sets them; an archived tenant is never enabled again.
+fn set_limits(
+    t: &mut TenantRecord,
+    tier: Option<Tier>,
+    quota_bytes: Option<u64>,
+    daily_limit: Option<u64>,
+    enabled: Option<bool>,
+) -> Result<(), Rejection> {
+    if enabled == Some(true) && t.archived {
+        return Err(Rejection::TenantArchived);
+    }
+    if let Some(tier) = tier {
+        t.tier = tier;
+        t.quota_bytes = tier.default_quota_bytes();
+        t.daily_limit = tier.default_daily_limit();
+    }
+    t.quota_bytes = quota_bytes.unwrap_or(t.quota_bytes);
+    t.daily_limit = daily_limit.unwrap_or(t.daily_limit);
+    t.enabled = enabled.unwrap_or(t.enabled);
+    Ok(())
+}
+
+/// The tenant's handoff recorded at `epoch` is done.
+fn handoff_done(state: &mut RegistryState, tenant: &str, epoch: u64) -> Result<(), Rejection> {
+    match state.handoffs.get(tenant) {
+        Some(h) if h.epoch == epoch => {
+            // With R > 1 the leaving node leaves the set now; if the tenant's primary changes
+            // with it (the entering node heads the set, or the leaving one led it), the new
+            // primary needs a ballot of its own: the epoch moves.
+            let primary_before = state.primary_of(tenant);
+            state.handoffs.remove(tenant);
+            if state.replicas() > 1 && state.primary_of(tenant) != primary_before {
                 state.placement_epoch += 1;
             }
             Ok(())
         }
+        _ => Err(Rejection::NoSuchHandoff),
     }
+}
+
+/// An active node is marked down: a new placement epoch, in which its tenants have other
+/// primaries.
+fn mark_down(state: &mut RegistryState, id: u64) -> Result<(), Rejection> {
+    let node = state.nodes.get(&id).ok_or(Rejection::NoSuchNode(id))?;
+    if node.state != NodeState::Active {
+        let from = node.state;
+        return Err(Rejection::InvalidNodeTransition { id, from, to: NodeState::Active });
+    }
+    if state.is_down(id) {
+        return Err(Rejection::AlreadyDown(id));
+    }
+    state.placement_epoch += 1;
+    state.liveness.insert(id, Liveness { down: true, epoch: state.placement_epoch });
+    Ok(())
+}
+
+/// A node marked down is up again: a new placement epoch.
+fn mark_up(state: &mut RegistryState, id: u64) -> Result<(), Rejection> {
+    if !state.is_down(id) {
+        return Err(Rejection::NotDown(id));
+    }
+    state.placement_epoch += 1;
+    state.liveness.insert(id, Liveness { down: false, epoch: state.placement_epoch });
+    Ok(())
+}
+
+/// A member lost its tenant store at placement epoch `epoch`: the epoch moves past it, unless
+/// it already has (a retry moves nothing).
+fn store_lost(state: &mut RegistryState, id: u64, epoch: u64) -> Result<(), Rejection> {
+    let node = state.nodes.get(&id).ok_or(Rejection::NoSuchNode(id))?;
+    if !matches!(node.state, NodeState::Active | NodeState::Draining) {
+        return Err(Rejection::NotAMember(id));
+    }
+    if state.placement_epoch <= epoch {
+        state.placement_epoch += 1;
+    }
+    Ok(())
 }
 
 /// Whether `commands` may form one [`Command::Batch`].
