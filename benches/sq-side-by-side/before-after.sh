@@ -16,7 +16,7 @@ python3 - "$work/bench.phext" <<'PY'
 import random, sys
 rng = random.Random(1)
 letters = "abcdefghijklmnopqrstuvwxyz "
-open(sys.argv[1], "w").write("\x17".join("".join(rng.choice(letters) for _ in range(1000)) for _ in range(1000)))
+open(sys.argv[1], "w").write("\x17".join("".join(rng.choice(letters) for _ in range(1000)) for _ in range(999)))
 PY
 port=28500
 for side in before after; do
