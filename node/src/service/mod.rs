@@ -164,18 +164,21 @@ impl Service {
                 }
                 _ => NodeResponse::Refused("only a node entering a replica set may ask".into()),
             },
-            request if matches!(peer.role, Role::Node(_)) => {
-                self.dispatch_peer(peer, request).await
-            }
-            other => {
-                NodeResponse::Refused(format!("{:?} may not send {}", peer.role, kind(&other)))
-            }
+            request => match peer.role {
+                Role::Node(sender) => self.dispatch_peer(sender, request).await,
+                _ => NodeResponse::Refused(format!(
+                    "{:?} may not send {}",
+                    peer.role,
+                    kind(&request)
+                )),
+            },
         }
     }
 
     /// The requests only another node may send: Raft, gossip, leases, replication's appends,
-    /// handoffs and snapshots' reads.
-    async fn dispatch_peer(&self, peer: Peer, request: NodeRequest) -> NodeResponse {
+    /// handoffs and snapshots' reads. `sender` is the node its certificate names; it speaks as
+    /// itself only, whatever id the request carries.
+    async fn dispatch_peer(&self, sender: u64, request: NodeRequest) -> NodeResponse {
         match request {
             NodeRequest::RaftCommand { command } => {
                 let (result, applied_index) = crate::admin::commit_forwarded(self, &command).await;
@@ -193,10 +196,6 @@ impl Service {
             NodeRequest::Gossip { from, heartbeats } => {
                 // A removed node that gossips was away when it was removed: it is told, and its
                 // heartbeats are not taken (crate::gossip, raft_registry::removal).
-                let sender = match peer.role {
-                    Role::Node(id) => id,
-                    _ => from,
-                };
                 match self.registry.removed_at(sender) {
                     Some(applied) => NodeResponse::Removed { applied },
                     None => {
@@ -205,23 +204,14 @@ impl Service {
                 }
             }
             NodeRequest::Identify => NodeResponse::Identity { id: self.id },
-            NodeRequest::Replicate { from, appends } => {
-                // A node replicates as itself only.
-                let from = match peer.role {
-                    Role::Node(id) => id,
-                    _ => from,
-                };
-                NodeResponse::Replicated(crate::replicate::take(self, from, appends).await)
+            NodeRequest::Replicate { appends, .. } => {
+                NodeResponse::Replicated(crate::replicate::take(self, sender, appends).await)
             }
-            NodeRequest::Lease { from, lapsed_ms, mark_epoch } => {
-                let from = match peer.role {
-                    Role::Node(id) => id,
-                    _ => from,
-                };
-                self.leases.note_lapse(from, lapsed_ms, mark_epoch);
+            NodeRequest::Lease { lapsed_ms, mark_epoch, .. } => {
+                self.leases.note_lapse(sender, lapsed_ms, mark_epoch);
                 let state = self.registry.state();
                 NodeResponse::Lease {
-                    granted: self.leases.grant(from, &state),
+                    granted: self.leases.grant(sender, &state),
                     epoch: state.placement_epoch(),
                 }
             }
@@ -236,9 +226,11 @@ impl Service {
             NodeRequest::SnapshotDone { id, tenant } => {
                 crate::catchup::done(self, id, tenant).await
             }
-            other => {
-                NodeResponse::Refused(format!("{:?} may not send {}", peer.role, kind(&other)))
-            }
+            other => NodeResponse::Refused(format!(
+                "{:?} may not send {}",
+                Role::Node(sender),
+                kind(&other)
+            )),
         }
     }
 
