@@ -285,8 +285,13 @@ impl RegistryState {
     /// down (its owner while that is up), never a node still entering the set (it holds nothing
     /// yet); `None` when every other node of the set is down.
     pub fn primary_of(&self, tenant_id: &str) -> Option<u64> {
+        self.primary_in(tenant_id, &self.replica_set(tenant_id))
+    }
+
+    /// [`Self::primary_of`], given the tenant's [`Self::replica_set`] already computed.
+    pub fn primary_in(&self, tenant_id: &str, set: &[u64]) -> Option<u64> {
         let entering = self.replica_change(tenant_id).map(|h| h.to);
-        self.replica_set(tenant_id).into_iter().find(|&n| !self.is_down(n) && Some(n) != entering)
+        set.iter().copied().find(|&n| !self.is_down(n) && Some(n) != entering)
     }
 
     /// How many tenants hold fewer usable copies than R: their replica set is smaller than R

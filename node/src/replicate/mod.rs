@@ -136,7 +136,7 @@ impl Replication {
         if state.tenant(tenant).is_none() {
             return Err(ApiError::Missing(format!("no tenant {tenant:?} in this node's registry")));
         }
-        let (backups, needed) = backups(&state, tenant, self.id);
+        let (backups, needed) = backups(&state.replica_set(tenant), self.id);
         if needed == 0 || state.primary_of(tenant) != Some(self.id) {
             return Ok(None);
         }
@@ -450,10 +450,9 @@ fn majority_holds(set: &[u64], holds: impl Fn(u64) -> bool) -> bool {
     set.iter().filter(|&&n| holds(n)).count() > set.len() / 2
 }
 
-/// The other members of the tenant's replica set than `me`, and how many of them must hold a
+/// The other members of a tenant's replica set `set` than `me`, and how many of them must hold a
 /// write beside `me` as its primary (a majority of the set, `me` counting as one; 0 with R = 1).
-pub fn backups(state: &raft_registry::RegistryState, tenant: &str, me: u64) -> (Vec<u64>, usize) {
-    let set = state.replica_set(tenant);
+pub fn backups(set: &[u64], me: u64) -> (Vec<u64>, usize) {
     let backups = set.iter().copied().filter(|&n| n != me).collect();
     (backups, set.len() / 2)
 }

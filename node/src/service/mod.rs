@@ -265,12 +265,6 @@ impl Service {
         .unwrap_or_default()
     }
 
-    /// The other members of the tenant's replica set, and how many of them must hold a write
-    /// beside this node ([`crate::replicate::backups`]).
-    pub fn backups(&self, state: &raft_registry::RegistryState, tenant: &str) -> (Vec<u64>, usize) {
-        crate::replicate::backups(state, tenant, self.id)
-    }
-
     /// Waits, at most `wait`, until this node's registry has applied placement epoch `epoch`.
     pub async fn wait_for_epoch(&self, epoch: u64, wait: Duration) {
         let mut rx = self.registry.subscribe();

@@ -73,23 +73,10 @@ impl Service {
         // Held until the answer, so a handoff of this tenant waits for this request to finish.
         let _gate = self.handoffs.enter(tenant).await;
         let state = self.registry.state();
-        let record = state.tenant(tenant).ok_or(ApiError::Unauthorized)?;
-        if !record.key_hashes.iter().any(|h| h == key_hash) {
-            return Err(ApiError::Unauthorized);
-        }
-        if !record.enabled || record.archived {
-            return Err(ApiError::Forbidden("tenant is disabled".into()));
-        }
-        // The primary serves: the owner, or the next node of the set while the owner is down.
-        if state.primary_of(tenant) != Some(self.id) {
-            return Err(ApiError::NotOwner { epoch: state.placement_epoch() });
-        }
-        if state.replicas() <= 1 && state.handoff(tenant).is_some() {
-            return Err(ApiError::unavailable("the tenant is moving to this node"));
-        }
+        let (record, set) = self.serves(&state, tenant, key_hash)?;
         // A majority of the replica set, this node counting as one, holds every write before it
         // is answered (crate::replicate).
-        let (backups, needed) = self.backups(&state, tenant);
+        let (backups, needed) = crate::replicate::backups(&set, self.id);
         self.store.keep_tails(needed > 0);
         // A replicated tenant is read only under this node's lease: no other node can be its
         // primary meanwhile (crate::lease). Checked again once a read has run, and once a write
@@ -133,6 +120,32 @@ impl Service {
         };
         self.count(tenant, route, &metered, (bytes_in, bytes_out), latency_us);
         result
+    }
+
+    /// The tenant's record and replica set, once the key is one of its keys, the tenant is
+    /// enabled and this node is its primary: the owner, or the next node of the set while the
+    /// owner is down.
+    fn serves<'s>(
+        &self,
+        state: &'s raft_registry::RegistryState,
+        tenant: &str,
+        key_hash: &str,
+    ) -> Result<(&'s raft_registry::TenantRecord, Vec<u64>), ApiError> {
+        let record = state.tenant(tenant).ok_or(ApiError::Unauthorized)?;
+        if !record.key_hashes.iter().any(|h| h == key_hash) {
+            return Err(ApiError::Unauthorized);
+        }
+        if !record.enabled || record.archived {
+            return Err(ApiError::Forbidden("tenant is disabled".into()));
+        }
+        let set = state.replica_set(tenant);
+        if state.primary_in(tenant, &set) != Some(self.id) {
+            return Err(ApiError::NotOwner { epoch: state.placement_epoch() });
+        }
+        if state.replicas() <= 1 && state.handoff(tenant).is_some() {
+            return Err(ApiError::unavailable("the tenant is moving to this node"));
+        }
+        Ok((record, set))
     }
 
     /// Counts a request in `sq_api_calls_total` and its latency, and logs its metering line.
