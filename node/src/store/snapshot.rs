@@ -237,9 +237,45 @@ impl Store {
         let slot = self.slot(tenant);
         // Held until the copy is in place: no request loads the tenant half way.
         let mut s = lock_slot(&slot);
+        let root = TenantPaths::new(&self.tenants_dir, tenant).root;
+        let (mine, my_end) = self.held_copy(&mut s, tenant)?;
+        if let Some(refused) = install_refusal((&mine, my_end), (theirs, lsn), ballot) {
+            drop(s);
+            self.stage_abort(tenant)?;
+            return Ok(Err(refused));
+        }
+        let mut next = theirs.clone();
+        next.truncate_after(lsn);
+        let promise = mine.promised().max(ballot).max(next.promised());
+        if let Err(refused) = next.promise(promise) {
+            return Ok(Err(refused));
+        }
+        create_dir_durable(self.vfs.as_ref(), &staging)
+            .map_err(StoreError::io("create staging dir", &staging))?;
+        ballots::write(self.vfs.as_ref(), &staging, &next)?;
+        // A copy that counted still does: the snapshot holds what its giver (the primary, or
+        // the most advanced of a majority) held.
+        if self.rebuilding() && self.counts(tenant)? {
+            self.copy_caught_up_marker(&root, &staging)?;
+        }
+        self.swap_staged(tenant)?;
+        s.storage_bytes = super::KnownBytes::UNKNOWN;
+        drop(s);
+        self.remove_replaced(tenant)?;
+        Ok(Ok(()))
+    }
+
+    /// The ballot history of this node's copy of `tenant` and where its log ends: from the
+    /// loaded tenant, taken out of its slot `s` and closed (its files are replaced next), or
+    /// else from disk, where a copy that no longer loads counts for its promises alone.
+    fn held_copy(
+        &self,
+        s: &mut super::SlotState,
+        tenant: &str,
+    ) -> Result<(Ballots, u64), StoreError> {
         let paths = TenantPaths::new(&self.tenants_dir, tenant);
         let root = paths.root.clone();
-        let (mine, my_end) = match s.tenant.take() {
+        Ok(match s.tenant.take() {
             Some(t) => {
                 self.loaded_count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
                 // Its files are replaced next; a failed checkpoint loses nothing that matters.
@@ -266,42 +302,27 @@ impl Store {
                     Err(_) => (ballots::read(self.vfs.as_ref(), &root)?, 0),
                 }
             }
-        };
-        let refused = if ballot < mine.promised() {
-            Some(BallotError::Stale { ballot, promised: mine.promised() })
-        } else if theirs.position(lsn) <= mine.position(my_end) {
-            // Records taken since the snapshot was listed (and perhaps acknowledged as a
-            // member's) must not be replaced by an older copy.
-            Some(BallotError::SnapshotNotAhead {
-                snapshot: theirs.position(lsn),
-                mine: mine.position(my_end),
-            })
-        } else {
-            None
-        };
-        if let Some(refused) = refused {
-            drop(s);
-            self.stage_abort(tenant)?;
-            return Ok(Err(refused));
-        }
-        let mut next = theirs.clone();
-        next.truncate_after(lsn);
-        let promise = mine.promised().max(ballot).max(next.promised());
-        if let Err(refused) = next.promise(promise) {
-            return Ok(Err(refused));
-        }
-        create_dir_durable(self.vfs.as_ref(), &staging)
-            .map_err(StoreError::io("create staging dir", &staging))?;
-        ballots::write(self.vfs.as_ref(), &staging, &next)?;
-        // A copy that counted still does: the snapshot holds what its giver (the primary, or
-        // the most advanced of a majority) held.
-        if self.rebuilding() && self.counts(tenant)? {
-            self.copy_caught_up_marker(&root, &staging)?;
-        }
-        self.swap_staged(tenant)?;
-        s.storage_bytes = super::KnownBytes::UNKNOWN;
-        drop(s);
-        self.remove_replaced(tenant)?;
-        Ok(Ok(()))
+        })
+    }
+}
+
+/// Why a snapshot at `lsn` of a copy with ballot history `theirs` may not replace this node's
+/// copy (`mine`, its log ending at `my_end`) under `ballot`, if it may not.
+fn install_refusal(
+    (mine, my_end): (&Ballots, u64),
+    (theirs, lsn): (&Ballots, u64),
+    ballot: u64,
+) -> Option<BallotError> {
+    if ballot < mine.promised() {
+        Some(BallotError::Stale { ballot, promised: mine.promised() })
+    } else if theirs.position(lsn) <= mine.position(my_end) {
+        // Records taken since the snapshot was listed (and perhaps acknowledged as a
+        // member's) must not be replaced by an older copy.
+        Some(BallotError::SnapshotNotAhead {
+            snapshot: theirs.position(lsn),
+            mine: mine.position(my_end),
+        })
+    } else {
+        None
     }
 }
