@@ -118,38 +118,13 @@ async fn serve_stream<S>(
 {
     let started = Instant::now();
     let state = Arc::new(ConnState { phase: Mutex::new(Phase::Head(started)), h2 });
-    let mut prefix = Bytes::new();
-    let mut repaired = false;
-    if !h2 {
-        let deadline = tokio::time::Instant::from_std(started + listener.timeouts.header_read);
-        let first = tokio::select! {
-            r = tokio::time::timeout_at(deadline, read_first_head(&mut stream)) => r,
-            _ = shutdown.cancelled() => return,
-        };
-        match first {
-            Ok(Ok(FirstHead::Complete { head, rest })) => {
-                let fixed = head::repair_request_line(&head);
-                repaired = fixed.is_some();
-                let mut bytes = fixed.unwrap_or(head);
-                bytes.extend_from_slice(&rest);
-                prefix = Bytes::from(bytes);
-            }
-            Ok(Ok(FirstHead::TooLarge)) => {
-                let _ = stream.write_all(HEAD_TOO_LARGE).await;
-                return;
-            }
-            // The client closed, or sent bytes after which no head can end: hyper judges them.
-            Ok(Ok(FirstHead::Partial(bytes))) => prefix = Bytes::from(bytes),
-            Ok(Err(_)) => return,
-            Err(_) => {
-                closed("header_timeout");
-                if let Some(n) = HEAD_TIMEOUTS.note() {
-                    tracing::info!(count = n, %peer, "request heads timed out (latest peer shown)");
-                }
-                return;
-            }
-        }
-    }
+    let (prefix, repaired) = match h2 {
+        true => (Bytes::new(), false),
+        false => match first_head(listener, &mut stream, started, peer, &shutdown).await {
+            Some(first) => first,
+            None => return,
+        },
+    };
     let io = Watched { inner: stream, prefix, state: state.clone() };
     let service = ConnService {
         app: listener.app.clone(),
@@ -184,6 +159,50 @@ async fn serve_stream<S>(
                 stopping = true;
                 conn.as_mut().graceful_shutdown();
             }
+        }
+    }
+}
+
+/// Reads an HTTP/1 connection's first request head, within the header timeout: the bytes for
+/// hyper to start from (the head, with bytes HTTP forbids in its request target
+/// percent-encoded, and whatever followed it) and whether the target needed that. `None` once the connection is done: the
+/// client closed, the head was too large (answered 431) or late, or the gateway is stopping.
+async fn first_head<S>(
+    listener: &Listener,
+    stream: &mut S,
+    started: Instant,
+    peer: SocketAddr,
+    shutdown: &CancellationToken,
+) -> Option<(Bytes, bool)>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let deadline = tokio::time::Instant::from_std(started + listener.timeouts.header_read);
+    let first = tokio::select! {
+        r = tokio::time::timeout_at(deadline, read_first_head(&mut *stream)) => r,
+        _ = shutdown.cancelled() => return None,
+    };
+    match first {
+        Ok(Ok(FirstHead::Complete { head, rest })) => {
+            let fixed = head::repair_request_line(&head);
+            let repaired = fixed.is_some();
+            let mut bytes = fixed.unwrap_or(head);
+            bytes.extend_from_slice(&rest);
+            Some((Bytes::from(bytes), repaired))
+        }
+        Ok(Ok(FirstHead::TooLarge)) => {
+            let _ = stream.write_all(HEAD_TOO_LARGE).await;
+            None
+        }
+        // The client closed, or sent bytes after which no head can end: hyper judges them.
+        Ok(Ok(FirstHead::Partial(bytes))) => Some((Bytes::from(bytes), false)),
+        Ok(Err(_)) => None,
+        Err(_) => {
+            closed("header_timeout");
+            if let Some(n) = HEAD_TIMEOUTS.note() {
+                tracing::info!(count = n, %peer, "request heads timed out (latest peer shown)");
+            }
+            None
         }
     }
 }
