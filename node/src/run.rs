@@ -199,30 +199,7 @@ impl NodeParts {
             )
             .await?,
         );
-        // A member of the ring whose tenants directory is new lost its copies (a wiped or
-        // replaced disk): they are rebuilt as learners' (docs/REPLICATION.md, "A wiped disk").
-        // So did a draining node: with R > 1 it stays in the sets it leaves until their new
-        // nodes hold the tenants, and an empty copy of its must not help choose a log (the
-        // simulator found a write lost so, seed 1380 of `--replicas 3`). Either way the
-        // decision is made durable before anything else is written there, so a start that
-        // stops before it (the registry failing to open, say) decides again.
-        let was_member = registry.state().node(config.id).is_some_and(|n| {
-            matches!(n.state, raft_registry::NodeState::Active | raft_registry::NodeState::Draining)
-        });
-        if store.opened_fresh() && was_member {
-            // The registry holds at least every epoch this node led under before (it applied
-            // each before leading under it, and applied entries are re-applied at open).
-            store.start_rebuilding(registry.state().placement_epoch())?;
-            tracing::warn!(
-                node = config.id,
-                "this node's tenant store is new though the registry has it as a member: its \
-                 copies were lost, and are rebuilt from the other replicas"
-            );
-        } else if store.lost_epoch_unknown() {
-            store.start_rebuilding(registry.state().placement_epoch())?;
-        } else if store.opened_fresh() {
-            store.settle_new()?;
-        }
+        settle_store(&store, &registry, config.id)?;
         // A start's time goes here (docs/BENCHMARKS.md, the stop and start at 100,000 tenants).
         tracing::info!(
             store_ms = store_ms - opening_ms,
@@ -296,6 +273,36 @@ impl NodeParts {
         tracing::info!("stopped");
         Ok(())
     }
+}
+
+/// Decides, at a start, what this node's tenant store holds: copies it lost and must rebuild
+/// from the other replicas, a new store with nothing to rebuild, or the copies it had.
+fn settle_store(store: &Store, registry: &Registry, id: u64) -> Result<(), NodeError> {
+    // A member of the ring whose tenants directory is new lost its copies (a wiped or
+    // replaced disk): they are rebuilt as learners' (docs/REPLICATION.md, "A wiped disk").
+    // So did a draining node: with R > 1 it stays in the sets it leaves until their new
+    // nodes hold the tenants, and an empty copy of its must not help choose a log (the
+    // simulator found a write lost so, seed 1380 of `--replicas 3`). Either way the
+    // decision is made durable before anything else is written there, so a start that
+    // stops before it (the registry failing to open, say) decides again.
+    let was_member = registry.state().node(id).is_some_and(|n| {
+        matches!(n.state, raft_registry::NodeState::Active | raft_registry::NodeState::Draining)
+    });
+    if store.opened_fresh() && was_member {
+        // The registry holds at least every epoch this node led under before (it applied
+        // each before leading under it, and applied entries are re-applied at open).
+        store.start_rebuilding(registry.state().placement_epoch())?;
+        tracing::warn!(
+            node = id,
+            "this node's tenant store is new though the registry has it as a member: its \
+             copies were lost, and are rebuilt from the other replicas"
+        );
+    } else if store.lost_epoch_unknown() {
+        store.start_rebuilding(registry.state().placement_epoch())?;
+    } else if store.opened_fresh() {
+        store.settle_new()?;
+    }
+    Ok(())
 }
 
 /// Runs a node until `shutdown` is cancelled, then stops its parts in order: stop taking
