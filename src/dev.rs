@@ -355,6 +355,37 @@ fn bring_up(
     if !until(deadline, || admin.get("/api/v2/admin/nodes").is_ok()) {
         bail!("no answer from the gateway at {url} within {STARTUP_TIMEOUT:?}");
     }
+    join_nodes(&admin, nodes, deadline)?;
+    if let Some(replicas) = replicas {
+        until_answered(deadline, || {
+            admin.post("/api/v2/admin/replicas", &serde_json::json!({ "replicas": replicas }))
+        })
+        .context("setting --replicas")?;
+    }
+    let demo_key = match previous {
+        Some(p) => p.demo_key.clone(),
+        None => {
+            let answer = until_answered(deadline, || {
+                admin.post(
+                    "/api/v2/admin/tenants/add",
+                    &serde_json::json!({"tenant_id": DEMO_TENANT, "tier": "pro"}),
+                )
+            })?;
+            let key = answer["api_key"].as_str().context("the gateway answered no api_key")?;
+            key.to_string()
+        }
+    };
+    wait_until_served(url, &admin, &demo_key, data, nodes.len(), deadline)?;
+    Ok(demo_key)
+}
+
+/// Joins and activates every node after the first, one at a time, each once the tenants
+/// already placed have taken the one before into their sets.
+fn join_nodes(
+    admin: &crate::admin_client::AdminClient,
+    nodes: &[DevNode],
+    deadline: Instant,
+) -> anyhow::Result<()> {
     for n in nodes.iter().skip(1) {
         until_answered(deadline, || {
             let listed = admin.get("/api/v2/admin/nodes")?;
@@ -381,35 +412,28 @@ fn bring_up(
         })?;
         // Placement changes one at a time: tenants already there (a tenants file's) take the
         // joined node into their sets before the next join.
-        if !until(deadline, || pending_handoffs(&admin) == Some(0)) {
+        if !until(deadline, || pending_handoffs(admin) == Some(0)) {
             bail!("tenants still moving onto node {} after {STARTUP_TIMEOUT:?}", n.id);
         }
     }
-    if let Some(replicas) = replicas {
-        until_answered(deadline, || {
-            admin.post("/api/v2/admin/replicas", &serde_json::json!({ "replicas": replicas }))
-        })
-        .context("setting --replicas")?;
-    }
-    let demo_key = match previous {
-        Some(p) => p.demo_key.clone(),
-        None => {
-            let answer = until_answered(deadline, || {
-                admin.post(
-                    "/api/v2/admin/tenants/add",
-                    &serde_json::json!({"tenant_id": DEMO_TENANT, "tier": "pro"}),
-                )
-            })?;
-            let key = answer["api_key"].as_str().context("the gateway answered no api_key")?;
-            key.to_string()
-        }
-    };
+    Ok(())
+}
+
+/// Waits until the demo tenant is served and every one of the `nodes` nodes holds its lease.
+fn wait_until_served(
+    url: &str,
+    admin: &crate::admin_client::AdminClient,
+    demo_key: &str,
+    data: &Path,
+    nodes: usize,
+    deadline: Instant,
+) -> anyhow::Result<()> {
     // Ready once a tenant is served: its primary holds its node lease (a voter just started
     // grants none for a second, and a loaded machine takes longer) and has prepared it, so the
     // first reads after the banner are not answered 503. Asked again while the answer is a 5xx;
     // a 4xx (the demo tenant deleted or disabled, or its key rotated since) ends the wait too,
     // as the tenant can no longer show it.
-    let demo = crate::admin_client::AdminClient::new(url, &demo_key, data.join("certs/ca.pem"))?;
+    let demo = crate::admin_client::AdminClient::new(url, demo_key, data.join("certs/ca.pem"))?;
     let ready = "/api/v2/select?p=dev-ready&c=1.1.1/1.1.1/1.1.1";
     if !until(deadline, || demo.status_of(ready).is_ok_and(|s| s < 500)) {
         bail!("the demo tenant was not served within {STARTUP_TIMEOUT:?}");
@@ -422,12 +446,12 @@ fn bring_up(
             .filter(|l| l.starts_with("sq_node_reads_ready{"))
             .map(|l| l.ends_with(" 1"))
             .collect();
-        ready.len() >= nodes.len() && ready.iter().all(|r| *r)
+        ready.len() >= nodes && ready.iter().all(|r| *r)
     };
     if !until(deadline, || admin.text_of("/api/v2/metrics").is_ok_and(|t| all_ready(&t))) {
         println!("note: not every node holds its lease yet; reads of some tenants may be answered 503 for a moment");
     }
-    Ok(demo_key)
+    Ok(())
 }
 
 fn supervise(
