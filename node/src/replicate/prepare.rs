@@ -49,27 +49,7 @@ impl Replication {
         for link in locked(&self.links).values() {
             link.forget(tenant);
         }
-        // A copy being rebuilt after a lost disk does not count: another member promises in
-        // its place.
-        let (store, owned) = (self.store.clone(), tenant.to_string());
-        let counts = blocking(move || store.counts(&owned)).await?;
-        let needed = if counts { needed } else { needed + 1 };
-        if others.len() < needed {
-            return Err(ApiError::unavailable(format!(
-                "this node's copy of the tenant is being rebuilt and the tenant has {} other \
-                 replicas, too few to lead it",
-                others.len()
-            )));
-        }
-        let (store, owned) = (self.store.clone(), tenant.to_string());
-        let mine = blocking(move || match store.promise(&owned, ballot)? {
-            Ok(_) => store.durable_state(&owned).map(Ok),
-            Err(refused) => Ok(Err(refused)),
-        })
-        .await?
-        .map_err(|refused| {
-            ApiError::unavailable(format!("this node cannot lead the tenant: {refused}"))
-        })?;
+        let (needed, mine) = self.promise_own(tenant, ballot, others.len(), needed).await?;
         let promised = self.promises(tenant, ballot, others, needed).await?;
         tracing::debug!(
             node = self.id,
@@ -97,6 +77,39 @@ impl Replication {
         }
         crate::metrics::prepared();
         Ok(ballot)
+    }
+
+    /// Promises `ballot` on this node's own copy and returns it, with how many of the
+    /// `others` other members must promise too: `needed`, or one more when this node's copy is
+    /// being rebuilt after a lost disk and does not count.
+    async fn promise_own(
+        &self,
+        tenant: &str,
+        ballot: u64,
+        others: usize,
+        needed: usize,
+    ) -> Result<(usize, crate::store::ReplicaState), ApiError> {
+        // A copy being rebuilt after a lost disk does not count: another member promises in
+        // its place.
+        let (store, owned) = (self.store.clone(), tenant.to_string());
+        let counts = blocking(move || store.counts(&owned)).await?;
+        let needed = if counts { needed } else { needed + 1 };
+        if others < needed {
+            return Err(ApiError::unavailable(format!(
+                "this node's copy of the tenant is being rebuilt and the tenant has {others} \
+                 other replicas, too few to lead it"
+            )));
+        }
+        let (store, owned) = (self.store.clone(), tenant.to_string());
+        let mine = blocking(move || match store.promise(&owned, ballot)? {
+            Ok(_) => store.durable_state(&owned).map(Ok),
+            Err(refused) => Ok(Err(refused)),
+        })
+        .await?
+        .map_err(|refused| {
+            ApiError::unavailable(format!("this node cannot lead the tenant: {refused}"))
+        })?;
+        Ok((needed, mine))
     }
 
     /// Asks `others` to promise `ballot`, and returns the first `needed` promises, each with
