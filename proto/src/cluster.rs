@@ -486,6 +486,12 @@ impl std::fmt::Display for RegistryPosition {
     }
 }
 
+/// How a member's refusal of `Prepare` starts when it made the promise but its copy does not
+/// count (it is being rebuilt after its node lost its disk): it is fenced from the old ballot
+/// all the same, which is what a new primary needs of every member that may still serve the
+/// tenant (docs/REPLICATION.md, "A change of primary").
+pub const PROMISED_NOT_COUNTING: &str = "promised, but this copy does not count: ";
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NodeResponse {
     Sq(Result<SqResponse, ApiError>),
@@ -549,6 +555,7 @@ pub enum NodeResponse {
         confirmed: bool,
     },
     /// The answer to `Prepare`: the promise made, with where the member's log stands, or why not.
+    /// A refusal that starts with [`PROMISED_NOT_COUNTING`] made the promise all the same.
     Promised(Result<ReplicaReport, String>),
     /// The answer to `FetchRecords`.
     Fetched(FetchedRecords),

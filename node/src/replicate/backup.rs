@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use proto::cluster::{FetchedRecords, NodeResponse, ReplicaAck, ReplicaAppend, ReplicaReport};
+use proto::cluster::{
+    FetchedRecords, NodeResponse, ReplicaAck, ReplicaAppend, ReplicaReport, PROMISED_NOT_COUNTING,
+};
 
 use crate::service::Service;
 use crate::store::{AppendRefusal, LogPosition, Shipment, Store};
@@ -138,24 +140,40 @@ pub async fn promise(svc: &Service, from: u64, tenant: String, ballot: u64) -> N
     if let Some(why) = refusal(svc, from, &tenant, ballot).await {
         return NodeResponse::Promised(Err(why));
     }
-    let store = svc.store.clone();
+    let (store, owned) = (svc.store.clone(), tenant.clone());
     let promised = crate::blocking::spawn(move || {
-        match store.promise(&tenant, ballot) {
+        match store.promise(&owned, ballot) {
             Ok(Ok(_)) => {}
             Ok(Err(refused)) => return Err(refused.to_string()),
             Err(e) => return Err(format!("store: {e}")),
         }
         // Promised all the same (older primaries are fenced), but a copy being rebuilt after a
         // lost disk must not help choose the log: it may lack acknowledged writes.
-        if !store.counts(&tenant).map_err(|e| format!("store: {e}"))? {
-            return Err("this node's copy is being rebuilt after it lost its disk".into());
+        if !store.counts(&owned).map_err(|e| format!("store: {e}"))? {
+            return Err(format!(
+                "{PROMISED_NOT_COUNTING}this node's copy is being rebuilt after it lost its disk"
+            ));
         }
-        let state = store.durable_state(&tenant).map_err(|e| format!("store: {e}"))?;
+        let state = store.durable_state(&owned).map_err(|e| format!("store: {e}"))?;
         Ok(ReplicaReport { ballots: state.ballots.to_wire(), last_lsn: state.last_lsn })
     })
     .await
     .unwrap_or_else(|e| Err(format!("store task failed: {e}")));
+    if promises_made(&promised) {
+        // A read this node runs as the tenant's primary under an older ballot ends in a check
+        // that it still leads under it: from now on it does not, so it is not answered.
+        svc.replication.step_down(&tenant, ballot);
+    }
     NodeResponse::Promised(promised)
+}
+
+/// Whether a member's answer to `Prepare` says it made the promise: a report, or a refusal that
+/// starts with [`PROMISED_NOT_COUNTING`].
+pub(crate) fn promises_made(answer: &Result<ReplicaReport, String>) -> bool {
+    match answer {
+        Ok(_) => true,
+        Err(why) => why.starts_with(PROMISED_NOT_COUNTING),
+    }
 }
 
 /// A member sends the tenant's new primary `from` its durable records after `after`.

@@ -174,6 +174,17 @@ impl Replication {
         });
     }
 
+    /// This node promised `ballot` to another node preparing the tenant: if it led the tenant
+    /// under an older ballot, it no longer does. A read it runs under that ballot fails its last
+    /// check ([`Self::commit`]'s), so no read it answers can miss a write the new primary
+    /// acknowledges once it has this promise.
+    pub(crate) fn step_down(&self, tenant: &str, ballot: u64) {
+        let mut led = locked(&self.led);
+        if led.get(tenant).is_some_and(|&l| l < ballot) {
+            led.remove(tenant);
+        }
+    }
+
     /// This node led the tenant under `led`, and its registry now names another primary: it
     /// tells that node with an append of no records at this node's log end, which the new
     /// primary refuses ([`refusal`]) and which makes it prepare the tenant

@@ -112,8 +112,15 @@ impl Replication {
         Ok((needed, mine))
     }
 
-    /// Asks `others` to promise `ballot`, and returns the first `needed` promises, each with
-    /// the member's ballot history and where its log ends; 503 if fewer promise.
+    /// Asks `others` to promise `ballot`, and returns at least `needed` promises, each with the
+    /// member's ballot history and where its log ends; 503 if fewer promise. It also waits for
+    /// the promise of every other member its registry does not mark down, though that member's
+    /// copy may not count: one of them may have led the tenant until now (a primary that came
+    /// back, or a join or drain, moves the tenant from a node that is up), and may still answer
+    /// reads under its lease until it has promised (the simulator's seed 13778 of
+    /// `--replicas 3`: a read served by the interim primary missed a write the returning one
+    /// had acknowledged). A node marked down holds no lease (docs/REPLICATION.md, "Node
+    /// leases").
     async fn promises(
         &self,
         tenant: &str,
@@ -121,28 +128,40 @@ impl Replication {
         others: &[u64],
         needed: usize,
     ) -> Result<Vec<(u64, crate::store::Ballots, u64)>, ApiError> {
+        let state = self.registry.state();
+        let mut unfenced: Vec<u64> =
+            others.iter().copied().filter(|&n| !state.is_down(n)).collect();
+        drop(state);
         let mut asks: FuturesUnordered<_> = others
             .iter()
             .map(|&node| async move {
                 let request = NodeRequest::Prepare { tenant: tenant.to_string(), ballot };
-                match self.call(node, request).await {
-                    Ok(NodeResponse::Promised(Ok(report))) => {
-                        let ballots = crate::store::Ballots::from_wire(&report.ballots).ok()?;
-                        Some((node, ballots, report.last_lsn))
-                    }
-                    Ok(NodeResponse::Promised(Err(why))) => {
+                let answer = match self.call(node, request).await {
+                    Ok(NodeResponse::Promised(answer)) => answer,
+                    _ => Err("no answer".to_string()),
+                };
+                let fenced = crate::replicate::backup::promises_made(&answer);
+                let counted = match answer {
+                    Ok(report) => crate::store::Ballots::from_wire(&report.ballots)
+                        .ok()
+                        .map(|ballots| (node, ballots, report.last_lsn)),
+                    Err(why) => {
                         tracing::info!(tenant, node, reason = %why, "a member did not promise");
                         None
                     }
-                    _ => None,
-                }
+                };
+                (node, fenced, counted)
             })
             .collect();
         let mut promised = Vec::new();
-        while promised.len() < needed {
+        while promised.len() < needed || !unfenced.is_empty() {
             match asks.next().await {
-                Some(Some(promise)) => promised.push(promise),
-                Some(None) => {}
+                Some((node, fenced, counted)) => {
+                    if fenced {
+                        unfenced.retain(|&n| n != node);
+                    }
+                    promised.extend(counted);
+                }
                 None => break,
             }
         }
@@ -152,6 +171,12 @@ impl Replication {
                 "{} of the tenant's other {} replicas promised its new primary and {needed} must",
                 promised.len(),
                 others.len()
+            )));
+        }
+        if !unfenced.is_empty() {
+            return Err(ApiError::unavailable(format!(
+                "members {unfenced:?} of the tenant, not marked down, did not promise its new \
+                 primary: one may still serve it"
             )));
         }
         Ok(promised)
