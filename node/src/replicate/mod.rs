@@ -258,7 +258,7 @@ impl Replication {
         backups: &[u64],
         needed: usize,
     ) -> Result<(), ApiError> {
-        if needed == 0 || lsn == 0 {
+        if needed == 0 {
             return Ok(());
         }
         self.used(tenant);
@@ -267,12 +267,18 @@ impl Replication {
                 Ok(())
             } else {
                 Err(ApiError::unavailable(format!(
-                    "the tenant's primary prepared again while the request waited (it led \
-                     under ballot {ballot}); its outcome is unknown"
+                    "this node no longer leads the tenant under ballot {ballot}: it prepared \
+                     again, or promised a new primary, while the request waited; its outcome \
+                     is unknown"
                 )))
             }
         };
+        // Checked for a read of a tenant that logged nothing yet too: its answer stands only if
+        // no new primary can have written meanwhile.
         still_led(self)?;
+        if lsn == 0 {
+            return Ok(());
+        }
         let mut acks = self.acks.subscribe();
         let links: Vec<Arc<Link>> = backups.iter().map(|&b| self.link(b)).collect();
         for link in &links {
