@@ -178,6 +178,7 @@ impl Replication {
     /// under an older ballot, it no longer does. A read it runs under that ballot fails its last
     /// check ([`Self::commit`]'s), so no read it answers can miss a write the new primary
     /// acknowledges once it has this promise.
+    ///
     /// It stops following the tenant's backups too, as a prepare does (the new primary adopts
     /// the most advanced log among the promises, this one's included); a follow left behind
     /// would wait for a catch-up this node no longer asks for, and keep the tenant's state here

@@ -140,7 +140,7 @@ impl Replication {
                     Ok(NodeResponse::Promised(answer)) => answer,
                     _ => Err("no answer".to_string()),
                 };
-                let fenced = crate::replicate::backup::promises_made(&answer);
+                let fenced = super::backup::promises_made(&answer);
                 let counted = match answer {
                     Ok(report) => crate::store::Ballots::from_wire(&report.ballots)
                         .ok()
