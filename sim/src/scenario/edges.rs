@@ -114,25 +114,7 @@ pub(super) async fn quota_edge_check(
             )?;
         }
     }
-    let mut used = 0u64;
-    for phext in PHEXTS.iter().copied().chain([PROBE_PHEXT]) {
-        let body = loop {
-            match world
-                .sq(world.gateway(0), &key, Method::Get, "get", &format!("p={phext}"), b"")
-                .await
-            {
-                Ok(r) => break r.body,
-                Err(e) if world.now_ms() > deadline_ms => {
-                    return Err(Violation::new(
-                        Invariant::Liveness,
-                        format!("quota edge check: reading {tenant}/{phext} failed: {e}"),
-                    ))
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await,
-            }
-        };
-        used += body.len() as u64;
-    }
+    let used = bytes_held(world, tenant, &key, deadline_ms).await?;
     // The edge phext holds one scroll at the origin: its canonical length is the scroll's.
     let cell = CellKey { phext: EDGE_PHEXT.to_string(), coord: Coordinate::ORIGIN };
     let room = quota.saturating_sub(used);
@@ -150,24 +132,7 @@ pub(super) async fn quota_edge_check(
         let value = format!("{head}{}", "e".repeat((len - head.len() as u64) as usize));
         let result = edge_write(world, tenant, &key, &cell, value, deadline_ms).await?;
         world.stats().boundary_writes += 1;
-        let leaves = used + len;
-        match (&result, fits) {
-            (Ok(_), true) => {}
-            (Err(ApiError::QuotaExceeded { needed_bytes: 1, free_bytes: 0, quota_bytes }), false)
-                if *quota_bytes == quota => {}
-            (Ok(_), false) => {
-                return Err(Violation::new(
-                    Invariant::Quota,
-                    format!("{tenant}'s write leaving it {leaves} bytes was acknowledged; its quota was lowered to {quota} bytes"),
-                ))
-            }
-            (other, _) => {
-                return Err(Violation::new(
-                    Invariant::WrongfulRefusal,
-                    format!("{tenant}'s write leaving it {leaves} bytes, under a quota of {quota} bytes, answered {:?}", other.as_ref().map(|_| "ok")),
-                ))
-            }
-        }
+        edge_answer(tenant, &result, used + len, fits, quota)?;
     }
     // Room again for what comes after.
     emptied(tenant, edge_write(world, tenant, &key, &cell, String::new(), deadline_ms).await?)?;
@@ -175,6 +140,62 @@ pub(super) async fn quota_edge_check(
         "quota edge check: {tenant} at {quota} bytes exactly, and refused one more"
     ));
     Ok(())
+}
+
+/// The bytes `tenant` holds in the phexts the run writes, read through a gateway.
+async fn bytes_held(
+    world: &World,
+    tenant: &str,
+    key: &str,
+    deadline_ms: u64,
+) -> Result<u64, Violation> {
+    let mut used = 0u64;
+    for phext in PHEXTS.iter().copied().chain([PROBE_PHEXT]) {
+        let body = loop {
+            match world
+                .sq(world.gateway(0), key, Method::Get, "get", &format!("p={phext}"), b"")
+                .await
+            {
+                Ok(r) => break r.body,
+                Err(e) if world.now_ms() > deadline_ms => {
+                    return Err(Violation::new(
+                        Invariant::Liveness,
+                        format!("quota edge check: reading {tenant}/{phext} failed: {e}"),
+                    ))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await,
+            }
+        };
+        used += body.len() as u64;
+    }
+    Ok(used)
+}
+
+/// The answer to a write that leaves `tenant` holding `leaves` bytes under `quota`: acknowledged
+/// if it `fits`, else refused with 507 naming the quota and one byte short.
+fn edge_answer(
+    tenant: &str,
+    result: &Result<proto::SqResponse, ApiError>,
+    leaves: u64,
+    fits: bool,
+    quota: u64,
+) -> Result<(), Violation> {
+    match (result, fits) {
+        (Ok(_), true) => Ok(()),
+        (Err(ApiError::QuotaExceeded { needed_bytes: 1, free_bytes: 0, quota_bytes }), false)
+            if *quota_bytes == quota =>
+        {
+            Ok(())
+        }
+        (Ok(_), false) => Err(Violation::new(
+            Invariant::Quota,
+            format!("{tenant}'s write leaving it {leaves} bytes was acknowledged; its quota was lowered to {quota} bytes"),
+        )),
+        (other, _) => Err(Violation::new(
+            Invariant::WrongfulRefusal,
+            format!("{tenant}'s write leaving it {leaves} bytes, under a quota of {quota} bytes, answered {:?}", other.as_ref().map(|_| "ok")),
+        )),
+    }
 }
 
 /// A delete of the quota-edge check must be acknowledged: a delete never needs quota.

@@ -53,15 +53,34 @@ pub(super) async fn replicas_check(world: &World, deadline_ms: u64) -> Result<()
     if state.replicas() <= 1 {
         return Ok(());
     }
-    // A join or drain during the faults ends with every entering copy caught up and the leaving
-    // node out of the set (`HandoffDone`), with no operator step.
+    replica_changes_done(world, deadline_ms).await?;
+    // An archived tenant answers no request, so its primary never prepares it again and its
+    // backups stay where the last primary left them (every acknowledged write on a majority):
+    // only tenants still served are compared.
+    let tenants: Vec<String> =
+        state.tenants().filter(|t| !t.archived).map(|t| t.id.to_string()).collect();
+    let mut rng = Rng::new(0);
+    for tenant in &tenants {
+        read_once(world, tenant, &mut rng, deadline_ms).await;
+        if !copies_identical(world, tenant, deadline_ms).await? {
+            return Ok(());
+        }
+    }
+    world.trace.event("replicas check: every tenant's replicas are identical and count");
+    Ok(())
+}
+
+/// Waits until no replica set change is pending: a join or drain during the faults ends with
+/// every entering copy caught up and the leaving node out of the set (`HandoffDone`), with no
+/// operator step.
+async fn replica_changes_done(world: &World, deadline_ms: u64) -> Result<(), Violation> {
     loop {
         let pending: Vec<String> = world
             .registry_state()
             .map(|s| s.handoffs().map(|h| format!("{h:?}")).collect())
             .unwrap_or_default();
         if pending.is_empty() {
-            break;
+            return Ok(());
         }
         if world.now_ms() > deadline_ms {
             return Err(Violation::new(
@@ -75,65 +94,73 @@ pub(super) async fn replicas_check(world: &World, deadline_ms: u64) -> Result<()
         }
         tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await;
     }
-    // An archived tenant answers no request, so its primary never prepares it again and its
-    // backups stay where the last primary left them (every acknowledged write on a majority):
-    // only tenants still served are compared.
-    let tenants: Vec<String> =
-        state.tenants().filter(|t| !t.archived).map(|t| t.id.to_string()).collect();
-    let mut rng = Rng::new(0);
-    for tenant in &tenants {
-        // A definite answer, or the deadline; a refusal (a rotated key) is as good.
-        loop {
-            let key = world.key_for(tenant, &mut rng).unwrap_or_default();
-            match world.sq(world.gateway(0), &key, Method::Get, "get", "p=alpha", b"").await {
-                Err(ApiError::Unavailable { .. } | ApiError::NotOwner { .. })
-                    if world.now_ms() < deadline_ms =>
-                {
-                    tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await
-                }
-                _ => break,
+}
+
+/// Reads `tenant` through a gateway until a definite answer or the deadline; a refusal (a
+/// rotated key) is as good. The read makes a restarted primary prepare the tenant.
+async fn read_once(world: &World, tenant: &str, rng: &mut Rng, deadline_ms: u64) {
+    loop {
+        let key = world.key_for(tenant, rng).unwrap_or_default();
+        match world.sq(world.gateway(0), &key, Method::Get, "get", "p=alpha", b"").await {
+            Err(ApiError::Unavailable { .. } | ApiError::NotOwner { .. })
+                if world.now_ms() < deadline_ms =>
+            {
+                tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await
             }
-        }
-        loop {
-            let Some(state) = world.registry_state() else { return Ok(()) };
-            let set = state.replica_set(tenant);
-            let copies: Vec<(u64, Result<Replica, String>)> =
-                set.iter().map(|&id| (id, copy_on(world, id, tenant))).collect();
-            let first = copies.first().and_then(|(_, c)| c.as_ref().ok()).map(|r| &r.copy);
-            let same = first.is_some()
-                && copies
-                    .iter()
-                    .all(|(_, c)| c.as_ref().is_ok_and(|r| r.counts && Some(&r.copy) == first));
-            if same {
-                break;
-            }
-            if world.now_ms() > deadline_ms {
-                let shown: Vec<String> = copies
-                    .iter()
-                    .map(|(id, c)| match c {
-                        Ok(Replica { copy, counts }) => format!(
-                            "n{id} ends at {:?} with {:?}{}",
-                            copy.end,
-                            copy.phexts.iter().map(|(p, b)| (*p, b.len())).collect::<Vec<_>>(),
-                            if *counts { "" } else { ", not counted yet" }
-                        ),
-                        Err(e) => format!("n{id}: {e}"),
-                    })
-                    .collect();
-                return Err(Violation::new(
-                    Invariant::ReplicasIdentical,
-                    format!(
-                        "{tenant}'s replicas {set:?} differ {CONVERGENCE_MS_MAX} ms after the \
-                         checks: {}",
-                        shown.join("; ")
-                    ),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await;
+            _ => return,
         }
     }
-    world.trace.event("replicas check: every tenant's replicas are identical and count");
-    Ok(())
+}
+
+/// Waits until every member of `tenant`'s replica set holds the same copy and counts. Ok(false)
+/// when the registry is gone (nothing more to compare).
+async fn copies_identical(
+    world: &World,
+    tenant: &str,
+    deadline_ms: u64,
+) -> Result<bool, Violation> {
+    loop {
+        let Some(state) = world.registry_state() else { return Ok(false) };
+        let set = state.replica_set(tenant);
+        let copies: Vec<(u64, Result<Replica, String>)> =
+            set.iter().map(|&id| (id, copy_on(world, id, tenant))).collect();
+        let first = copies.first().and_then(|(_, c)| c.as_ref().ok()).map(|r| &r.copy);
+        let same = first.is_some()
+            && copies
+                .iter()
+                .all(|(_, c)| c.as_ref().is_ok_and(|r| r.counts && Some(&r.copy) == first));
+        if same {
+            return Ok(true);
+        }
+        if world.now_ms() > deadline_ms {
+            return Err(Violation::new(
+                Invariant::ReplicasIdentical,
+                format!(
+                    "{tenant}'s replicas {set:?} differ {CONVERGENCE_MS_MAX} ms after the \
+                     checks: {}",
+                    shown(&copies).join("; ")
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await;
+    }
+}
+
+/// Each copy as a violation shows it: its log end and its phexts' lengths, or why it could not
+/// be read.
+fn shown(copies: &[(u64, Result<Replica, String>)]) -> Vec<String> {
+    copies
+        .iter()
+        .map(|(id, c)| match c {
+            Ok(Replica { copy, counts }) => format!(
+                "n{id} ends at {:?} with {:?}{}",
+                copy.end,
+                copy.phexts.iter().map(|(p, b)| (*p, b.len())).collect::<Vec<_>>(),
+                if *counts { "" } else { ", not counted yet" }
+            ),
+            Err(e) => format!("n{id}: {e}"),
+        })
+        .collect()
 }
 
 /// The kinds of message that belong to one tenant (its requests, its replication, its
