@@ -131,32 +131,18 @@ pub fn run(config: DevConfig) -> anyhow::Result<()> {
     let threads = worker_threads_each(config.nodes + 1);
     let mut nodes = Vec::new();
     for id in 1..=config.nodes as u64 {
-        let dir = data.join(format!("node-{id}"));
-        let addr = match previous.as_ref().and_then(|p| p.nodes.iter().find(|n| n.id == id)) {
-            Some(n) => n.addr,
-            None => SocketAddr::from(([127, 0, 0, 1], free_udp_port()?)),
-        };
-        std::fs::create_dir_all(&dir)?;
-        let mut node_config = node::NodeConfig::dev(id, addr, &dir, &certs, id == 1, &admin_key);
+        let node = dev_node(id, &data, previous.as_ref())?;
+        let mut node_config =
+            node::NodeConfig::dev(id, node.addr, &node.data_dir, &certs, id == 1, &admin_key);
         node_config.tenants_file = tenants_file.clone();
         node_config.replicas = replicas;
         node_config.worker_threads = threads;
-        std::fs::write(dir.join("node.toml"), toml::to_string(&node_config)?)?;
-        nodes.push(DevNode { id, pid: 0, data_dir: dir, addr });
+        std::fs::write(node.data_dir.join("node.toml"), toml::to_string(&node_config)?)?;
+        nodes.push(node);
     }
     let gateway_toml = data.join("gateway.toml");
     write_gateway_config(&gateway_toml, &config, &certs, &nodes, threads)?;
-    let mut procs = Vec::new();
-    for n in &nodes {
-        let args = vec![
-            "node".into(),
-            "--config".into(),
-            n.data_dir.join("node.toml").display().to_string(),
-        ];
-        procs.push(Proc::start(&format!("node-{}", n.id), args, &data)?);
-    }
-    let gw_args = vec!["gateway".into(), "--config".into(), gateway_toml.display().to_string()];
-    procs.push(Proc::start("gateway", gw_args, &data)?);
+    let mut procs = start_all(&nodes, &gateway_toml, &data)?;
     let scheme = if config.tls { "https" } else { "http" };
     let gateway_url = format!("{scheme}://{}", config.listen);
     let outcome =
@@ -184,6 +170,34 @@ pub fn run(config: DevConfig) -> anyhow::Result<()> {
     write_dev_json(&json_path, &dev)?;
     print_banner(&dev, &json_path);
     supervise(&mut procs, &mut nodes, &json_path, dev)
+}
+
+/// Node `id` of the cluster, its directory made: at the address it had in the earlier run of
+/// this data directory, or at a free port.
+fn dev_node(id: u64, data: &Path, previous: Option<&DevJson>) -> anyhow::Result<DevNode> {
+    let dir = data.join(format!("node-{id}"));
+    let addr = match previous.and_then(|p| p.nodes.iter().find(|n| n.id == id)) {
+        Some(n) => n.addr,
+        None => SocketAddr::from(([127, 0, 0, 1], free_udp_port()?)),
+    };
+    std::fs::create_dir_all(&dir)?;
+    Ok(DevNode { id, pid: 0, data_dir: dir, addr })
+}
+
+/// Starts every node's process, then the gateway's (last, as `supervise` expects).
+fn start_all(nodes: &[DevNode], gateway_toml: &Path, data: &Path) -> anyhow::Result<Vec<Proc>> {
+    let mut procs = Vec::new();
+    for n in nodes {
+        let args = vec![
+            "node".into(),
+            "--config".into(),
+            n.data_dir.join("node.toml").display().to_string(),
+        ];
+        procs.push(Proc::start(&format!("node-{}", n.id), args, data)?);
+    }
+    let gw_args = vec!["gateway".into(), "--config".into(), gateway_toml.display().to_string()];
+    procs.push(Proc::start("gateway", gw_args, data)?);
+    Ok(procs)
 }
 
 /// The dev.json of an earlier run of this data directory, if any; an error if that cluster had

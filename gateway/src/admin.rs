@@ -130,10 +130,32 @@ async fn admin(gw: &Arc<Gateway>, request: Request) -> Result<HttpAnswer, ApiErr
         return Ok((StatusCode::OK, crate::metering::cluster_metrics(gw).await, None));
     }
     let parts: Vec<&str> = path.trim_start_matches("/api/v2/admin/").split('/').collect();
+    let (op, new_key) = admin_op(&method, &parts, &query, &body)?;
+    let (mut json, next_after) = render(apply_op(gw, admin_hash, op).await?);
+    if let (Some(key), Some(obj)) = (new_key, json.as_object_mut()) {
+        // The freshly made key: the only time it is ever shown.
+        obj.insert("api_key".into(), Value::String(key));
+    }
+    let status = if method == Method::POST && parts.as_slice() == ["tenants", "add"] {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, json.to_string(), next_after))
+}
+
+/// The operation an admin request asks for, from its method, its path's parts after
+/// `/api/v2/admin/`, its query and its body; with the tenant key it makes, if it makes one.
+fn admin_op(
+    method: &Method,
+    parts: &[&str],
+    query: &str,
+    body: &[u8],
+) -> Result<(AdminOp, Option<String>), ApiError> {
     let mut new_key = None;
-    let op = match (&method, parts.as_slice()) {
+    let op = match (method, parts) {
         (&Method::POST, ["tenants", "add"]) => {
-            let add: AddTenant = json_body(&body)?;
+            let add: AddTenant = json_body(body)?;
             let key = new_tenant_key();
             let op = AdminOp::AddTenant {
                 tenant_id: add.tenant_id,
@@ -145,13 +167,13 @@ async fn admin(gw: &Arc<Gateway>, request: Request) -> Result<HttpAnswer, ApiErr
             new_key = Some(key);
             op
         }
-        (&Method::GET, ["tenants"]) => tenants_page_op(&query)?.unwrap_or(AdminOp::ListTenants),
+        (&Method::GET, ["tenants"]) => tenants_page_op(query)?.unwrap_or(AdminOp::ListTenants),
         (&Method::GET, ["tenants", id]) => AdminOp::GetTenant { tenant_id: id.to_string() },
         (&Method::GET, ["tenants", id, "stats"]) => {
             AdminOp::TenantStats { tenant_id: id.to_string() }
         }
         (&Method::PATCH, ["tenants", id]) => {
-            let p: PatchTenant = json_body(&body)?;
+            let p: PatchTenant = json_body(body)?;
             AdminOp::PatchTenant {
                 tenant_id: id.to_string(),
                 tier: p.tier,
@@ -173,28 +195,18 @@ async fn admin(gw: &Arc<Gateway>, request: Request) -> Result<HttpAnswer, ApiErr
         (&Method::GET, ["health"]) => AdminOp::Health,
         (&Method::GET, ["nodes"]) => AdminOp::ListNodes,
         (&Method::POST, ["nodes"]) => {
-            let n: AddNode = json_body(&body)?;
+            let n: AddNode = json_body(body)?;
             AdminOp::AddNode { id: n.id, addr: n.addr }
         }
         (&Method::POST, ["nodes", id, "drain"]) => AdminOp::DrainNode { id: parse_node_id(id)? },
         (&Method::POST, ["replicas"]) => {
-            let r: SetReplicas = json_body(&body)?;
+            let r: SetReplicas = json_body(body)?;
             AdminOp::SetReplicas { replicas: r.replicas }
         }
         (&Method::DELETE, ["nodes", id]) => AdminOp::RemoveNode { id: parse_node_id(id)? },
         _ => return Err(ApiError::NotFound),
     };
-    let (mut json, next_after) = render(apply_op(gw, admin_hash, op).await?);
-    if let (Some(key), Some(obj)) = (new_key, json.as_object_mut()) {
-        // The freshly made key: the only time it is ever shown.
-        obj.insert("api_key".into(), Value::String(key));
-    }
-    let status = if method == Method::POST && parts.as_slice() == ["tenants", "add"] {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    Ok((status, json.to_string(), next_after))
+    Ok((op, new_key))
 }
 
 /// The header naming the cursor of the next page of tenants (`after=` of the next request);
@@ -487,21 +499,9 @@ async fn write_admin(
     // waited, or its node went quiet after the request left.
     let mut maybe_applied = false;
     loop {
-        let view = gw.views.current();
-        let leader = view.leader_addr();
-        let target = match leader {
-            Some(addr) => addr,
-            None => {
-                let candidates = admin_candidates(gw);
-                if candidates.is_empty() {
-                    return Err(no_answer(last));
-                }
-                // In id order from the first, so the bootstrap node (the one that surely has
-                // the registry while a cluster forms) is asked first.
-                let pick = candidates[turn % candidates.len()];
-                turn += 1;
-                pick
-            }
+        let leader = gw.views.current().leader_addr();
+        let Some(target) = leader.or_else(|| next_candidate(gw, &mut turn)) else {
+            return Err(no_answer(last));
         };
         changes.borrow_and_update();
         let call = gw.client.call(target, request.clone(), ADMIN_DEADLINE);
@@ -545,6 +545,16 @@ async fn write_admin(
             }
         }
     }
+}
+
+/// With no registry leader known, the node to ask next, turn by turn: in id order from the
+/// first, so the bootstrap node (the one that surely has the registry while a cluster forms) is
+/// asked first. `None` when no node is known.
+fn next_candidate(gw: &Gateway, turn: &mut usize) -> Option<SocketAddr> {
+    let candidates = admin_candidates(gw);
+    let pick = *candidates.get(*turn % candidates.len().max(1))?;
+    *turn += 1;
+    Some(pick)
 }
 
 /// A write sent again after an earlier send of it may have been applied, and refused with 409:

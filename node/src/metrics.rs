@@ -18,6 +18,14 @@ pub fn install(node_id: u64) {
 
 /// HELP lines for every series this node exports (PRODUCT.md §2 names the first ones).
 fn describe() {
+    describe_requests();
+    describe_registry();
+    describe_memory();
+    describe_replication();
+}
+
+/// The series of requests and tenants served.
+fn describe_requests() {
     metrics::describe_gauge!(
         "sq_tenants_active",
         "Tenants loaded in memory on this node (used within the idle-unload time)"
@@ -30,6 +38,18 @@ fn describe() {
         "sq_refusals_total",
         "Requests the owning node refused: 429 rate limit, 507 quota, 503 not owner"
     );
+    metrics::describe_counter!(
+        "sq_node_requests_total",
+        "Requests this node answered over QUIC, by kind: per tenant (sq, replicate, prepare, fetch records, catch up, snapshot, enter, handoff) or per node (lease, gossip, raft, view, ...)"
+    );
+    // Refusal series exist from the start, at zero, so a dashboard shows "none" rather than "no data".
+    for refusal in Outcome::REFUSALS {
+        metrics::counter!("sq_refusals_total", "reason" => refusal.as_str()).increment(0);
+    }
+}
+
+/// The series of the registry and of gossip, as this node sees them.
+fn describe_registry() {
     metrics::describe_gauge!(
         "sq_raft_term",
         "Current Raft term of the registry as this node knows it"
@@ -55,6 +75,10 @@ fn describe() {
         "sq_gossip_state",
         "Gossip state of each peer as this node sees it: 0 alive, 1 suspect, 2 dead"
     );
+}
+
+/// The series of the process's memory.
+fn describe_memory() {
     metrics::describe_gauge!("sq_store_memory_bytes", "Estimated memory held by loaded tenants");
     metrics::describe_gauge!(
         "sq_node_heap_bytes",
@@ -64,6 +88,10 @@ fn describe() {
         "sq_node_allocator_bytes",
         "The allocator's own account, by state: allocated (the live heap), active (pages holding it), metadata, resident (active, metadata and free pages not yet returned), mapped, retained (address space kept, not resident)"
     );
+}
+
+/// The series of replication: leases, copies, failovers and the bytes shipped.
+fn describe_replication() {
     metrics::describe_gauge!(
         "sq_node_reads_ready",
         "1 while this node may answer reads of the tenants it leads: it holds its node lease, or the cluster keeps one copy and needs none"
@@ -75,10 +103,6 @@ fn describe() {
     metrics::describe_counter!(
         "sq_replication_timeouts_total",
         "Writes and reads answered 503 because too few backups held the tenant's records in time"
-    );
-    metrics::describe_counter!(
-        "sq_node_requests_total",
-        "Requests this node answered over QUIC, by kind: per tenant (sq, replicate, prepare, fetch records, catch up, snapshot, enter, handoff) or per node (lease, gossip, raft, view, ...)"
     );
     metrics::describe_counter!(
         "sq_replication_bytes_total",
@@ -100,10 +124,6 @@ fn describe() {
     metrics::counter!("sq_failovers_total").increment(0);
     metrics::counter!("sq_replication_timeouts_total").increment(0);
     metrics::counter!("sq_replication_bytes_total").increment(0);
-    // Refusal series exist from the start, at zero, so a dashboard shows "none" rather than "no data".
-    for refusal in Outcome::REFUSALS {
-        metrics::counter!("sq_refusals_total", "reason" => refusal.as_str()).increment(0);
-    }
 }
 
 /// Sets the state gauges, then renders this node's metrics as Prometheus text.

@@ -314,22 +314,9 @@ pub async fn run(mut config: NodeConfig, shutdown: CancellationToken) -> Result<
     config.loaded_tenants_max = crate::files::fit_loaded_tenants(config.loaded_tenants_max);
     let identity =
         transport::Identity::load(&config.cluster_certs, transport::Role::Node(config.id))?;
-    // Peers are learned from the registry later; a node that listens on loopback is part of a
-    // loopback cluster, so its client socket stays on loopback too.
-    let own_ips = [config.listen.ip(), config.advertise().ip()];
-    let client: Arc<dyn transport::Caller> = Arc::new(transport::Client::for_peers(
-        &identity,
-        transport::ClientLimits::default(),
-        &own_ips,
-    )?);
-    let seams = Seams {
-        peers: client,
-        vfs: Arc::new(RealVfs),
-        registry_fs: raft_registry::disk::std_fs(),
-        clock: Arc::new(SystemClock::new()),
-        wall: Arc::new(SystemWallClock),
-    };
-    let parts = NodeParts::open(&config, RegistryConfig::default(), seams).await?;
+    let parts =
+        NodeParts::open(&config, RegistryConfig::default(), real_seams(&config, &identity)?)
+            .await?;
     let server =
         transport::Server::bind(config.listen, &identity, transport::ServerLimits::default())
             .map_err(|source| NodeError::Listen { addr: config.listen, source })?;
@@ -378,6 +365,25 @@ pub async fn run(mut config: NodeConfig, shutdown: CancellationToken) -> Result<
         Some(why) => Err(NodeError::Registry(raft_registry::RegistryError::Raft(why))),
         None => Ok(()),
     }
+}
+
+/// The seams of a node in production: QUIC to its peers, the real disk and clocks.
+fn real_seams(config: &NodeConfig, identity: &transport::Identity) -> Result<Seams, NodeError> {
+    // Peers are learned from the registry later; a node that listens on loopback is part of a
+    // loopback cluster, so its client socket stays on loopback too.
+    let own_ips = [config.listen.ip(), config.advertise().ip()];
+    let client: Arc<dyn transport::Caller> = Arc::new(transport::Client::for_peers(
+        identity,
+        transport::ClientLimits::default(),
+        &own_ips,
+    )?);
+    Ok(Seams {
+        peers: client,
+        vfs: Arc::new(RealVfs),
+        registry_fs: raft_registry::disk::std_fs(),
+        clock: Arc::new(SystemClock::new()),
+        wall: Arc::new(SystemWallClock),
+    })
 }
 
 /// Starts a one-node cluster if the registry is empty, and records the admin key's hash.

@@ -173,11 +173,7 @@ impl Client {
             _ => text.clone(),
         };
         let query = format!("p={}&c={}", cell.phext, cell.coord);
-        let (method, route) = match (delete, insert) {
-            (true, _) => (Method::Get, "delete"),
-            (false, true) => (Method::Post, "insert"),
-            (false, false) => (Method::Post, "update"),
-        };
+        let (method, route) = write_route(delete, insert);
         let now = world.now_ms();
         let id = world.model().begin_write(
             &self.tenant,
@@ -215,13 +211,7 @@ impl Client {
             text.len(),
             answer(&result)
         ));
-        let mut stats = world.stats();
-        match outcome {
-            Outcome::Acked => stats.writes_acked += 1,
-            Outcome::NotApplied => stats.writes_refused += 1,
-            Outcome::Unknown => stats.writes_unknown += 1,
-        }
-        drop(stats);
+        count_write(world, outcome);
         if outcome == Outcome::Acked && !delete {
             return world.model().check_quota(&self.tenant);
         }
@@ -355,6 +345,25 @@ pub fn rate_limited(
 }
 
 /// Two cells of one phext, sorted, or `None` if they are in different phexts.
+/// The method and route of a write: a delete, an insert (append) or an update.
+fn write_route(delete: bool, insert: bool) -> (Method, &'static str) {
+    match (delete, insert) {
+        (true, _) => (Method::Get, "delete"),
+        (false, true) => (Method::Post, "insert"),
+        (false, false) => (Method::Post, "update"),
+    }
+}
+
+/// Counts a write by its outcome in the run's stats.
+fn count_write(world: &World, outcome: Outcome) {
+    let mut stats = world.stats();
+    match outcome {
+        Outcome::Acked => stats.writes_acked += 1,
+        Outcome::NotApplied => stats.writes_refused += 1,
+        Outcome::Unknown => stats.writes_unknown += 1,
+    }
+}
+
 fn same_phext(a: &CellKey, b: &CellKey) -> Option<Vec<CellKey>> {
     if a.phext != b.phext {
         return None;

@@ -326,6 +326,36 @@ fn member_nodes(world: &World) -> Vec<u64> {
         .collect()
 }
 
+/// Reads `cell` of `tenant` through every gateway, each read checked against the model. False
+/// (with the last failure in `last`) when a gateway could not answer.
+async fn read_everywhere(
+    world: &World,
+    tenant: &str,
+    key: &str,
+    cell: &CellKey,
+    last: &mut String,
+) -> Result<bool, Violation> {
+    let query = format!("p={}&c={}", cell.phext, cell.coord);
+    let mut all_read = true;
+    for gw in 0..world.gateways.len() {
+        let start = world.now_ms();
+        match world.sq(world.gateway(gw), key, Method::Get, "select", &query, b"").await {
+            Ok(r) => world.model().check_read(
+                tenant,
+                cell,
+                start,
+                &String::from_utf8_lossy(&r.body),
+                true,
+            )?,
+            Err(e) => {
+                *last = format!("read through gateway {gw}: {e}");
+                all_read = false;
+            }
+        }
+    }
+    Ok(all_read)
+}
+
 /// Liveness: a write to `tenant` is acknowledged and read back through every gateway.
 async fn probe(
     world: &World,
@@ -359,24 +389,7 @@ async fn probe(
         // A full quota is an answer from the owner's store: the tenant is served; read it back.
         let quota_full = matches!(result, Err(ApiError::QuotaExceeded { .. }));
         if outcome == Outcome::Acked || quota_full {
-            let mut all_read = true;
-            for gw in 0..world.gateways.len() {
-                let start = world.now_ms();
-                match world.sq(world.gateway(gw), &key, Method::Get, "select", &query, b"").await {
-                    Ok(r) => world.model().check_read(
-                        tenant,
-                        &cell,
-                        start,
-                        &String::from_utf8_lossy(&r.body),
-                        true,
-                    )?,
-                    Err(e) => {
-                        last = format!("read through gateway {gw}: {e}");
-                        all_read = false;
-                    }
-                }
-            }
-            if all_read {
+            if read_everywhere(world, tenant, &key, &cell, &mut last).await? {
                 return Ok(());
             }
         } else if let Err(e) = result {
