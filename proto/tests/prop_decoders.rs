@@ -4,6 +4,7 @@
 //! truncations, inflated length prefixes) and checks that the decoder neither panics nor
 //! allocates past its limit, measured by a counting allocator around the one decode call.
 
+use damage::{mutate, varint, Mutation, SEQUENCE_PREALLOC_BYTES};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 
@@ -20,69 +21,10 @@ use alloc_meter as meter;
 #[global_allocator]
 static ALLOC: meter::Counting = meter::Counting;
 
-/// A damage done to a valid encoding.
-#[derive(Debug, Clone)]
-enum Mutation {
-    /// Flip bit `bit` of the byte at `at` (positions wrap around the input).
-    Flip { at: usize, bit: u8 },
-    /// Cut the input at `at`.
-    Truncate { at: usize },
-    /// Put a bincode varint of `value` over the byte at `at`: a forged length prefix.
-    Inflate { at: usize, value: u64 },
-    /// Insert a byte at `at`.
-    Insert { at: usize, byte: u8 },
-}
-
+/// Damages whose forged lengths are measured against the limit of a wire message.
 fn mutation() -> impl Strategy<Value = Mutation> {
-    prop_oneof![
-        3 => (any::<usize>(), 0u8..8).prop_map(|(at, bit)| Mutation::Flip { at, bit }),
-        1 => any::<usize>().prop_map(|at| Mutation::Truncate { at }),
-        2 => (any::<usize>(), prop_oneof![
-            Just(u64::MAX),
-            Just(u32::MAX as u64),
-            Just(MESSAGE_BYTES_MAX as u64),
-            Just(MESSAGE_BYTES_MAX as u64 - 1),
-            1u64 << 10..MESSAGE_BYTES_MAX as u64,
-            1u64 << 20..1u64 << 32,
-        ])
-            .prop_map(|(at, value)| Mutation::Inflate { at, value }),
-        1 => (any::<usize>(), any::<u8>()).prop_map(|(at, byte)| Mutation::Insert { at, byte }),
-    ]
+    damage::mutation(MESSAGE_BYTES_MAX as u64)
 }
-
-fn varint(value: u64) -> Vec<u8> {
-    match value {
-        0..=250 => vec![value as u8],
-        251..=0xffff => [&[251u8][..], &(value as u16).to_le_bytes()].concat(),
-        0x1_0000..=0xffff_ffff => [&[252u8][..], &(value as u32).to_le_bytes()].concat(),
-        _ => [&[253u8][..], &value.to_le_bytes()].concat(),
-    }
-}
-
-fn mutate(mut bytes: Vec<u8>, mutations: &[Mutation]) -> Vec<u8> {
-    for m in mutations {
-        let n = bytes.len().max(1);
-        match *m {
-            Mutation::Flip { at, bit } => {
-                if let Some(b) = bytes.get_mut(at % n) {
-                    *b ^= 1 << bit;
-                }
-            }
-            Mutation::Truncate { at } => bytes.truncate(at % n),
-            Mutation::Inflate { at, value } => {
-                let at = (at % n).min(bytes.len());
-                let end = (at + 1).min(bytes.len());
-                bytes.splice(at..end, varint(value));
-            }
-            Mutation::Insert { at, byte } => bytes.insert((at % n).min(bytes.len()), byte),
-        }
-    }
-    bytes
-}
-
-/// Heap that serde may preallocate for the sequences being decoded at one time: at most 1 MiB
-/// for each (serde's cautious size hint), nested at most four deep in these types.
-const SEQUENCE_PREALLOC_BYTES: usize = 4 * 1024 * 1024;
 
 /// The most one `wire::decode` of `len` bytes may hold: its claim budget, what serde
 /// preallocates, and the decoded value's own headers (bounded by the budget too: every field
