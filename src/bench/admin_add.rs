@@ -118,20 +118,7 @@ pub fn run(config: &BenchConfig, target: &Target) -> anyhow::Result<AdminAddRepo
         everywhere.push(answered.elapsed());
     }
 
-    let memory = processes
-        .iter()
-        .zip(rss_before)
-        .map(|((name, pid), before)| {
-            let after = rss_bytes(*pid);
-            let added = (config.tenants + config.single_adds) as f64;
-            Memory {
-                process: name.clone(),
-                rss_before_bytes: before,
-                rss_after_bytes: after,
-                bytes_per_tenant: (after as f64 - before as f64) / added,
-            }
-        })
-        .collect();
+    let memory = memory_added(&processes, rss_before, config.tenants + config.single_adds);
     Ok(AdminAddReport {
         concurrency: config.concurrency,
         added: config.tenants,
@@ -147,6 +134,23 @@ pub fn run(config: &BenchConfig, target: &Target) -> anyhow::Result<AdminAddRepo
         key_everywhere_max_ms: percentile_ms(&mut everywhere, 1.0),
         memory,
     })
+}
+
+/// Each process's resident memory now against `rss_before`, and per tenant of the `added`.
+fn memory_added(processes: &[(String, u32)], rss_before: Vec<u64>, added: usize) -> Vec<Memory> {
+    processes
+        .iter()
+        .zip(rss_before)
+        .map(|((name, pid), before)| {
+            let after = rss_bytes(*pid);
+            Memory {
+                process: name.clone(),
+                rss_before_bytes: before,
+                rss_after_bytes: after,
+                bytes_per_tenant: (after as f64 - before as f64) / added as f64,
+            }
+        })
+        .collect()
 }
 
 /// Adds `config.tenants` tenants with `config.concurrency` workers. Returns each add's latency
