@@ -9,8 +9,8 @@ use std::time::Duration;
 use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use proto::admin::{AdminAnswer, RebuildProgress};
-use proto::cluster::{AdminOp, NodeRequest, NodeResponse};
+use proto::admin::{AdminAnswer, HealthReport, RebuildProgress};
+use proto::cluster::{AdminOp, NodeHealth, NodeRequest, NodeResponse};
 use proto::ApiError;
 use rand::RngCore;
 use serde::Deserialize;
@@ -293,6 +293,41 @@ fn own_rebuilds(
     }
 }
 
+/// Takes the answers of `asks` still to come, gathering their rebuild progress, until every
+/// node of `awaited` answered or a forward's time passed.
+async fn heard_from<F>(
+    asks: &mut futures::stream::FuturesUnordered<F>,
+    mut awaited: Vec<SocketAddr>,
+    rebuilds: &mut Vec<RebuildProgress>,
+) where
+    F: std::future::Future<Output = (SocketAddr, Result<NodeResponse, crate::forward::CallError>)>,
+{
+    let others = tokio::time::sleep(crate::forward::FORWARD_TIMEOUT);
+    tokio::pin!(others);
+    while !awaited.is_empty() {
+        tokio::select! {
+            n = futures::StreamExt::next(asks) => match n {
+                Some((addr, answer)) => {
+                    awaited.retain(|a| *a != addr);
+                    own_rebuilds(&answer, rebuilds);
+                }
+                None => break,
+            },
+            _ = &mut others => break,
+        }
+    }
+}
+
+/// Whether the node at `addr` is alive in `report`'s gossip; true for an address the report
+/// does not list (a seed), which is then waited for as before.
+fn alive_in(report: &HealthReport, addr: SocketAddr) -> bool {
+    report
+        .nodes
+        .iter()
+        .find(|n| n.addr.parse::<SocketAddr>() == Ok(addr))
+        .is_none_or(|n| n.health == NodeHealth::Alive)
+}
+
 fn parse_node_id(raw: &str) -> Result<u64, ApiError> {
     raw.parse().map_err(|_| ApiError::bad_request(format!("invalid node id {raw:?}")))
 }
@@ -427,13 +462,15 @@ async fn read_admin(
     min_index: u64,
     deadline: tokio::time::Instant,
 ) -> Result<Answered, ApiError> {
-    let mut asks: futures::stream::FuturesUnordered<_> = admin_candidates(gw)
-        .into_iter()
-        .map(|addr| {
+    let candidates = admin_candidates(gw);
+    let mut asks: futures::stream::FuturesUnordered<_> = candidates
+        .iter()
+        .map(|&addr| {
             let request = request.clone();
             async move { (addr, gw.client.call(addr, request, ADMIN_DEADLINE).await) }
         })
         .collect();
+    let mut heard = Vec::new();
     let mut last = String::from("no node known");
     // An answer from a node behind this gateway's view, kept in case no node is current.
     let mut behind: Option<Answered> = None;
@@ -448,6 +485,7 @@ async fn read_admin(
         let Some((addr, answer)) = next else {
             break behind.ok_or_else(|| no_answer(last));
         };
+        heard.push(addr);
         if health {
             own_rebuilds(&answer, &mut rebuilds);
         }
@@ -463,18 +501,14 @@ async fn read_admin(
     };
     if let Ok((AdminAnswer::Health(report), ..)) = &mut answered {
         // The nodes not heard yet have a forward's time more, as a silent node costs any
-        // other request (gossip leaves out the ones it holds dead).
-        let others = tokio::time::sleep(crate::forward::FORWARD_TIMEOUT);
-        tokio::pin!(others);
-        loop {
-            tokio::select! {
-                n = futures::StreamExt::next(&mut asks) => match n {
-                    Some((_, answer)) => own_rebuilds(&answer, &mut rebuilds),
-                    None => break,
-                },
-                _ = &mut others => break,
-            }
-        }
+        // other request; but not a node the answer's gossip holds suspect or dead (the
+        // gateway's own view leaves out only the ones it holds dead), which would make every
+        // health read wait the whole time while a node dies, and show its death that late.
+        let awaited: Vec<SocketAddr> = candidates
+            .into_iter()
+            .filter(|addr| !heard.contains(addr) && alive_in(report, *addr))
+            .collect();
+        heard_from(&mut asks, awaited, &mut rebuilds).await;
         rebuilds.sort_by_key(|r: &RebuildProgress| r.node);
         rebuilds.dedup_by_key(|r| r.node);
         report.rebuilds = rebuilds;
