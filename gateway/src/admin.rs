@@ -9,8 +9,8 @@ use std::time::Duration;
 use axum::extract::Request;
 use axum::http::{HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use proto::admin::{AdminAnswer, HealthReport, RebuildProgress};
-use proto::cluster::{AdminOp, NodeHealth, NodeRequest, NodeResponse};
+use proto::admin::{AdminAnswer, RebuildProgress};
+use proto::cluster::{AdminOp, NodeRequest, NodeResponse};
 use proto::ApiError;
 use rand::RngCore;
 use serde::Deserialize;
@@ -20,7 +20,9 @@ use crate::api::{read_body, request_key};
 use crate::error::error_response;
 use crate::forward::fetch_update;
 
+mod health;
 mod render;
+use health::{alive_in, heard_from, own_rebuilds};
 pub use render::render;
 #[cfg(test)]
 mod tests;
@@ -281,51 +283,6 @@ pub async fn apply_op(
         see_index(gw, addr, applied_index).await;
     }
     Ok(answer)
-}
-
-/// Adds a node's own rebuild, from its answer to `Health`, to `rebuilds`.
-fn own_rebuilds(
-    answer: &Result<NodeResponse, crate::forward::CallError>,
-    rebuilds: &mut Vec<RebuildProgress>,
-) {
-    if let Ok(NodeResponse::Admin { result: Ok(AdminAnswer::Health(theirs)), .. }) = answer {
-        rebuilds.extend(theirs.rebuilds.iter().filter(|r| r.node == theirs.node).cloned());
-    }
-}
-
-/// Takes the answers of `asks` still to come, gathering their rebuild progress, until every
-/// node of `awaited` answered or a forward's time passed.
-async fn heard_from<F>(
-    asks: &mut futures::stream::FuturesUnordered<F>,
-    mut awaited: Vec<SocketAddr>,
-    rebuilds: &mut Vec<RebuildProgress>,
-) where
-    F: std::future::Future<Output = (SocketAddr, Result<NodeResponse, crate::forward::CallError>)>,
-{
-    let others = tokio::time::sleep(crate::forward::FORWARD_TIMEOUT);
-    tokio::pin!(others);
-    while !awaited.is_empty() {
-        tokio::select! {
-            n = futures::StreamExt::next(asks) => match n {
-                Some((addr, answer)) => {
-                    awaited.retain(|a| *a != addr);
-                    own_rebuilds(&answer, rebuilds);
-                }
-                None => break,
-            },
-            _ = &mut others => break,
-        }
-    }
-}
-
-/// Whether the node at `addr` is alive in `report`'s gossip; true for an address the report
-/// does not list (a seed), which is then waited for as before.
-fn alive_in(report: &HealthReport, addr: SocketAddr) -> bool {
-    report
-        .nodes
-        .iter()
-        .find(|n| n.addr.parse::<SocketAddr>() == Ok(addr))
-        .is_none_or(|n| n.health == NodeHealth::Alive)
 }
 
 fn parse_node_id(raw: &str) -> Result<u64, ApiError> {
