@@ -51,3 +51,61 @@ pub(super) fn alive_in(report: &HealthReport, addr: SocketAddr) -> bool {
         .find(|n| n.addr.parse::<SocketAddr>() == Ok(addr))
         .is_none_or(|n| n.health == NodeHealth::Alive)
 }
+
+#[cfg(test)]
+mod tests {
+    use proto::admin::{HandoffsReport, NodeInfo, RaftReport, RaftRole};
+    use proto::cluster::NodeState;
+
+    use super::*;
+
+    fn node(id: u64, addr: &str, health: NodeHealth) -> NodeInfo {
+        NodeInfo {
+            id,
+            addr: addr.into(),
+            state: NodeState::Active,
+            raft: RaftRole::Voter,
+            health,
+            tenants: 0,
+            handoffs_in: 0,
+            handoffs_out: 0,
+        }
+    }
+
+    // Goal: a health read waits for the rebuild reports of the nodes its first answer's gossip
+    // holds alive, and of addresses that answer does not list (seeds), but not of a node it
+    // holds suspect or dead.
+    #[test]
+    fn only_nodes_alive_in_the_answer_are_waited_for() {
+        let report = HealthReport {
+            node: 1,
+            raft: RaftReport {
+                leader: Some(1),
+                term: 2,
+                commit_index: Some(5),
+                last_log_index: Some(5),
+                applied_index: 5,
+            },
+            placement_epoch: 1,
+            replicas: 3,
+            down: Vec::new(),
+            under_replicated: 0,
+            ring: vec![1, 2, 3, 4],
+            nodes: vec![
+                node(1, "127.0.0.1:7101", NodeHealth::Alive),
+                node(2, "127.0.0.1:7102", NodeHealth::Suspect),
+                node(3, "127.0.0.1:7103", NodeHealth::Dead),
+                node(4, "127.0.0.1:7104", NodeHealth::Alive),
+            ],
+            gossip: Vec::new(),
+            handoffs: HandoffsReport { pending: Vec::new(), pulling_here: Default::default() },
+            rebuilds: Vec::new(),
+        };
+        let waited = |addr: &str| alive_in(&report, addr.parse().unwrap());
+        assert!(waited("127.0.0.1:7101"));
+        assert!(!waited("127.0.0.1:7102"), "a suspect node is not waited for");
+        assert!(!waited("127.0.0.1:7103"), "a dead node is not waited for");
+        assert!(waited("127.0.0.1:7104"));
+        assert!(waited("127.0.0.1:7199"), "a seed the report does not list is waited for");
+    }
+}
