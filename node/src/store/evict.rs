@@ -122,7 +122,10 @@ impl Store {
             return Ok(false);
         }
         let result = t.close();
-        s.storage_bytes = KnownBytes::of(t.used_bytes());
+        // A log-only tenant never knew its documents' size.
+        if !t.is_log_only() {
+            s.storage_bytes = KnownBytes::of(t.used_bytes());
+        }
         s.tenant = None;
         self.loaded_count.fetch_sub(1, Ordering::SeqCst);
         result.map(|()| true)

@@ -96,7 +96,7 @@ impl Store {
         // as the disk takes, and this runs on an async thread.
         let slot = tried(self.slots.try_read())?.get(tenant)?;
         let t = tried(slot.state.try_lock())?.tenant.clone()?;
-        if t.is_closed() || t.log_failed() {
+        if t.is_closed() || t.log_failed() || t.is_log_only() {
             return None;
         }
         let body = t.read_now(p, |d| d.get(c).as_bytes().to_vec())?;

@@ -61,6 +61,7 @@ pub use tenant::{
 pub(crate) use vfs::create_dir_durable;
 pub use vfs::{RealVfs, UnsyncedVfs, Vfs, VfsFile, VfsReader};
 
+use recovery::Load;
 use slots::{SlotRef, Slots};
 use tenant::{Tenant, TenantPaths};
 
@@ -152,7 +153,7 @@ impl SlotState {
     /// tenant, or as it was when last unloaded.
     fn known_bytes(&self) -> Option<u64> {
         match (&self.tenant, self.storage_bytes.get()) {
-            (Some(t), _) if !t.is_closed() => Some(t.used_bytes()),
+            (Some(t), _) if !t.is_closed() && !t.is_log_only() => Some(t.used_bytes()),
             (None, bytes) => bytes,
             _ => None,
         }
@@ -370,10 +371,21 @@ impl Store {
     fn on_loaded<R>(
         &self,
         id: &str,
+        f: impl FnMut(&Arc<Tenant>) -> Result<Option<R>, StoreError>,
+    ) -> Result<R, StoreError> {
+        self.on_loaded_as(id, Load::Docs, f)
+    }
+
+    /// [`Self::on_loaded`], with the tenant loaded at least as `what` says: `Load::Log` takes a
+    /// tenant loaded whole as it is, and loads one that is not loaded with its log alone.
+    fn on_loaded_as<R>(
+        &self,
+        id: &str,
+        what: Load,
         mut f: impl FnMut(&Arc<Tenant>) -> Result<Option<R>, StoreError>,
     ) -> Result<R, StoreError> {
         for _ in 0..CLOSED_RETRIES_MAX {
-            let t = self.tenant(id)?;
+            let t = self.tenant_as(id, what)?;
             t.touch(self.clock.now_ms());
             match f(&t) {
                 Ok(Some(done)) => return Ok(done),
@@ -441,18 +453,23 @@ impl Store {
         slots.iter().map(|(n, id, _)| (id.to_string(), slots.ref_at(n))).collect()
     }
 
-    /// The tenant's loaded incarnation, loading it from disk if needed. Holds only this tenant's
-    /// slot while loading.
+    /// The tenant's loaded incarnation with its documents, loading it from disk if needed.
+    /// Holds only this tenant's slot while loading.
     fn tenant(&self, id: &str) -> Result<Arc<Tenant>, StoreError> {
+        self.tenant_as(id, Load::Docs)
+    }
+
+    /// [`Self::tenant`], loaded at least as `what` says (`Load::Log`: a backup taking records).
+    fn tenant_as(&self, id: &str, what: Load) -> Result<Arc<Tenant>, StoreError> {
         let slot = self.slot(id);
-        if let Some(t) = self.loaded_in(&mut lock_slot(&slot)) {
+        if let Some(t) = self.loaded_in(&mut lock_slot(&slot), what) {
             return Ok(t);
         }
         // Before this slot is locked: a load never waits on another slot while it holds one.
         self.make_room(id);
         let mut s = lock_slot(&slot);
         // Another thread may have loaded it meanwhile.
-        if let Some(t) = self.loaded_in(&mut s) {
+        if let Some(t) = self.loaded_in(&mut s, what) {
             return Ok(t);
         }
         let paths = TenantPaths::new(&self.tenants_dir, id);
@@ -462,6 +479,7 @@ impl Store {
             self.vfs.clone(),
             self.memory_bytes.clone(),
             self.clock.now_ms(),
+            what,
         )?
         .with_tail_switch(self.keeps_tails.clone());
         let t = Arc::new(t);
@@ -471,15 +489,22 @@ impl Store {
         Ok(t)
     }
 
-    /// The slot's loaded tenant, if it has one whose log has not failed; one whose log failed
-    /// since its last request is dropped, so it is loaded again from what is on disk.
-    fn loaded_in(&self, s: &mut SlotState) -> Option<Arc<Tenant>> {
+    /// The slot's loaded tenant, if it has one whose log has not failed, loaded as `what` needs.
+    /// One whose log failed since its last request is dropped, so it is loaded again from what
+    /// is on disk; one loaded with its log alone when its documents are needed is closed (its
+    /// log made durable), so it is loaded again whole.
+    fn loaded_in(&self, s: &mut SlotState, what: Load) -> Option<Arc<Tenant>> {
         let t = s.tenant.clone()?;
         assert!(!t.is_closed(), "a closed tenant stayed in its slot");
-        if !t.log_failed() {
+        if t.log_failed() {
+            t.discard();
+        } else if t.is_log_only() && what == Load::Docs {
+            if let Err(e) = t.close() {
+                tracing::warn!(tenant = %t.id, error = %e, "making a backup's log durable before loading its documents failed");
+            }
+        } else {
             return Some(t);
         }
-        t.discard();
         s.tenant = None;
         self.loaded_count.fetch_sub(1, Ordering::SeqCst);
         None

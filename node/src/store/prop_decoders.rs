@@ -112,7 +112,8 @@ fn check_replay(bytes: &[u8]) -> Result<(), TestCaseError> {
     let mut docs: HashMap<PhextName, PhextDoc> = HashMap::new();
     let (outcome, peak) = meter::peak(|| {
         let mut last_lsn = 0;
-        replay_segment(path, bytes, 1, &mut last_lsn, &mut docs).map(|valid| (valid, last_lsn))
+        replay_segment(path, bytes, 1, &mut last_lsn, Some(&mut docs))
+            .map(|valid| (valid, last_lsn))
     });
     let limit = replay_limit(bytes.len());
     prop_assert!(peak <= limit, "{} bytes of log held {peak}, limit {limit}", bytes.len());

@@ -27,6 +27,17 @@ use super::wal::{decode_next, parse_segment_name, read_base, segment_name, Next,
 /// The suffix of a phext file: `<name>.phext`.
 const PHEXT_SUFFIX: &str = ".phext";
 
+/// What a load brings into memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Load {
+    /// The documents, from the phext files with the log replayed on top: what a request needs.
+    Docs,
+    /// The log's end and the ballots alone, every record checked but none applied: what a backup
+    /// needs to take a primary's records, so a copy that is never primary never holds its
+    /// documents in memory (docs/REPLICATION.md, "Writes").
+    Log,
+}
+
 /// Loads tenant `id`. A tenant with no directory loads empty and creates nothing; its
 /// directories appear with its first write.
 pub(crate) fn load(
@@ -35,6 +46,7 @@ pub(crate) fn load(
     vfs: Arc<dyn Vfs>,
     store_memory: Arc<AtomicU64>,
     now_ms: u64,
+    what: Load,
 ) -> Result<Tenant, StoreError> {
     let exists = vfs.exists(&paths.root).map_err(StoreError::io("stat tenant dir", &paths.root))?;
     let mut docs = HashMap::new();
@@ -42,15 +54,44 @@ pub(crate) fn load(
     let mut ballots = Ballots::default();
     if exists {
         ballots = super::ballots::read(vfs.as_ref(), &paths.root)?;
-        docs = load_phexts(vfs.as_ref(), &paths.phexts)?;
         let last_lsn;
-        (last_lsn, log_bytes) = replay_log(vfs.as_ref(), &paths.wal, &mut docs)?;
+        if what == Load::Docs {
+            docs = load_phexts(vfs.as_ref(), &paths.phexts)?;
+            (last_lsn, log_bytes) = replay_log(vfs.as_ref(), &paths.wal, Some(&mut docs))?;
+        } else {
+            (last_lsn, log_bytes) = replay_log(vfs.as_ref(), &paths.wal, None)?;
+        }
         // A checkpoint that deleted every segment left the log's next lsn in the base file.
         next_lsn = (last_lsn + 1).max(read_base(vfs.as_ref(), &paths.root)?);
     }
     let wal = Wal::new(paths.wal.clone(), vfs.clone(), next_lsn, log_bytes);
-    Ok(Tenant::new(id.to_string(), paths, vfs, wal, docs, store_memory, now_ms)
-        .with_ballots(ballots))
+    let t = Tenant::new(id.to_string(), paths, vfs, wal, docs, store_memory, now_ms)
+        .with_ballots(ballots);
+    Ok(if what == Load::Log { t.log_only() } else { t })
+}
+
+/// The documents of a tenant whose log is quiet and durable: its phext files with every log
+/// segment in `wal` replayed on top, changing no file. What folding a log-only copy's log into
+/// its phext files starts from (`Tenant::fold_log_locked`). A segment that does not end in a
+/// whole record is corrupt here: every one was synced whole.
+pub(crate) fn docs_of(
+    vfs: &dyn Vfs,
+    paths: &TenantPaths,
+) -> Result<HashMap<PhextName, PhextDoc>, StoreError> {
+    let mut docs = read_phexts(vfs, &paths.phexts)?;
+    let mut starts: Vec<u64> =
+        list_or_empty(vfs, &paths.wal)?.iter().filter_map(|f| parse_segment_name(f)).collect();
+    starts.sort_unstable();
+    let mut last_lsn = 0;
+    for start in starts {
+        let path = paths.wal.join(segment_name(start));
+        let bytes = vfs.read(&path).map_err(StoreError::io("read log segment", &path))?;
+        let valid = replay_segment(&path, &bytes, start, &mut last_lsn, Some(&mut docs))?;
+        if valid < bytes.len() {
+            return Err(StoreError::corrupt(&path, format!("bad record at byte {valid}")));
+        }
+    }
+    Ok(docs)
 }
 
 /// Entries of `dir`, or none if it does not exist.
@@ -61,13 +102,24 @@ fn list_or_empty(vfs: &dyn Vfs, dir: &Path) -> Result<Vec<String>, StoreError> {
     }
 }
 
+/// The phext files of `dir`, removing the temp files of an unfinished checkpoint.
 fn load_phexts(vfs: &dyn Vfs, dir: &Path) -> Result<HashMap<PhextName, PhextDoc>, StoreError> {
+    for file in list_or_empty(vfs, dir)? {
+        if file.ends_with(TEMP_SUFFIX) {
+            let path = dir.join(&file);
+            tracing::info!(path = ?path, "removing the temp file of an unfinished checkpoint");
+            vfs.remove_file(&path).map_err(StoreError::io("remove temp phext", &path))?;
+        }
+    }
+    read_phexts(vfs, dir)
+}
+
+/// The phext files of `dir`, read; temp files are passed over.
+fn read_phexts(vfs: &dyn Vfs, dir: &Path) -> Result<HashMap<PhextName, PhextDoc>, StoreError> {
     let mut docs = HashMap::new();
     for file in list_or_empty(vfs, dir)? {
         let path = dir.join(&file);
         if file.ends_with(TEMP_SUFFIX) {
-            tracing::info!(path = ?path, "removing the temp file of an unfinished checkpoint");
-            vfs.remove_file(&path).map_err(StoreError::io("remove temp phext", &path))?;
             continue;
         }
         let Some(stem) = file.strip_suffix(PHEXT_SUFFIX) else {
@@ -83,11 +135,12 @@ fn load_phexts(vfs: &dyn Vfs, dir: &Path) -> Result<HashMap<PhextName, PhextDoc>
     Ok(docs)
 }
 
-/// Replays every segment in LSN order into `docs`. Returns the last LSN and the log's bytes.
+/// Replays every segment in LSN order into `docs` (checks each record and applies none without
+/// them). Returns the last LSN and the log's bytes.
 fn replay_log(
     vfs: &dyn Vfs,
     dir: &Path,
-    docs: &mut HashMap<PhextName, PhextDoc>,
+    mut docs: Option<&mut HashMap<PhextName, PhextDoc>>,
 ) -> Result<(u64, u64), StoreError> {
     let mut starts: Vec<u64> = Vec::new();
     for file in list_or_empty(vfs, dir)? {
@@ -103,7 +156,7 @@ fn replay_log(
     for (i, &start) in starts.iter().enumerate() {
         let path = dir.join(segment_name(start));
         let bytes = vfs.read(&path).map_err(StoreError::io("read log segment", &path))?;
-        let valid = replay_segment(&path, &bytes, start, &mut last_lsn, docs)?;
+        let valid = replay_segment(&path, &bytes, start, &mut last_lsn, docs.as_deref_mut())?;
         if valid < bytes.len() {
             // Segments before the last were synced whole before the log rotated past them.
             if i + 1 != starts.len() {
@@ -130,13 +183,14 @@ fn replay_log(
     Ok((last_lsn, log_bytes))
 }
 
-/// Applies the whole records at the start of `bytes`; returns how many bytes they span.
+/// Applies the whole records at the start of `bytes` to `docs` (checks them, without); returns
+/// how many bytes they span.
 pub(crate) fn replay_segment(
     path: &Path,
     bytes: &[u8],
     start: u64,
     last_lsn: &mut u64,
-    docs: &mut HashMap<PhextName, PhextDoc>,
+    mut docs: Option<&mut HashMap<PhextName, PhextDoc>>,
 ) -> Result<usize, StoreError> {
     let mut at = 0;
     loop {
@@ -155,7 +209,12 @@ pub(crate) fn replay_segment(
                 format!("record {} where {expected} was due after {}", record.lsn, *last_lsn);
             return Err(StoreError::corrupt(path, detail));
         }
-        apply_record(path, &record, docs)?;
+        match docs.as_deref_mut() {
+            Some(docs) => apply_record(path, &record, docs)?,
+            None => {
+                check_record(path, &record)?;
+            }
+        }
         *last_lsn = record.lsn;
         at += len;
     }

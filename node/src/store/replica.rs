@@ -12,7 +12,7 @@ use std::path::Path;
 
 use super::ballots::{BallotError, Ballots, LogPosition};
 use super::error::StoreError;
-use super::recovery::check_record;
+use super::recovery::{check_record, Load};
 use super::tenant::{Tail, TenantPaths};
 use super::wal::{decode_next, parse_segment_name, segment_name, Next};
 use super::{check_tenant_id, lock_slot, tried, Store};
@@ -154,7 +154,8 @@ impl Store {
     pub fn shipment_in_memory(&self, tenant: &str, after: u64, upto: u64) -> Option<Shipment> {
         let slot = tried(self.slots.try_read())?.get(tenant)?;
         let t = tried(slot.state.try_lock())?.tenant.clone()?;
-        if t.is_closed() {
+        // A log-only copy keeps no records for backups.
+        if t.is_closed() || t.is_log_only() {
             return None;
         }
         let upto = upto.min(t.try_durable_lsn()?);
@@ -187,7 +188,7 @@ impl Store {
     /// up to it is durable: what a replica reports of itself to a primary.
     pub fn durable_state(&self, tenant: &str) -> Result<ReplicaState, StoreError> {
         check_tenant_id(tenant)?;
-        self.on_loaded(tenant, |t| {
+        self.on_loaded_as(tenant, Load::Log, |t| {
             let (ballots, last_lsn) = t.replica_state();
             t.wait_durable(last_lsn)?;
             Ok(Some(ReplicaState { ballots, last_lsn }))
@@ -197,7 +198,7 @@ impl Store {
     /// The tenant's promise, ballot history and log end, loading it if needed.
     pub fn replica_state(&self, tenant: &str) -> Result<ReplicaState, StoreError> {
         check_tenant_id(tenant)?;
-        self.on_loaded(tenant, |t| {
+        self.on_loaded_as(tenant, Load::Log, |t| {
             let (ballots, last_lsn) = t.replica_state();
             Ok(Some(ReplicaState { ballots, last_lsn }))
         })
@@ -211,8 +212,9 @@ impl Store {
         ballot: u64,
     ) -> Result<Result<ReplicaState, BallotError>, StoreError> {
         check_tenant_id(tenant)?;
-        let promised =
-            self.on_loaded(tenant, |t| t.change_ballots(|b, _| Ok(((), b.promise(ballot)?))))?;
+        let promised = self.on_loaded_as(tenant, Load::Log, |t| {
+            t.change_ballots(|b, _| Ok(((), b.promise(ballot)?)))
+        })?;
         match promised {
             Err(refused) => Ok(Err(refused)),
             Ok(()) => self.replica_state(tenant).map(Ok),
@@ -239,7 +241,7 @@ impl Store {
     pub fn log_from(&self, tenant: &str, from_lsn: u64) -> Result<LogTail, StoreError> {
         check_tenant_id(tenant)?;
         let from_lsn = from_lsn.max(1);
-        let durable = self.on_loaded(tenant, |t| {
+        let durable = self.on_loaded_as(tenant, Load::Log, |t| {
             let last = t.replica_state().1;
             t.wait_durable(last)?;
             Ok(Some(last))
@@ -320,7 +322,7 @@ impl Store {
                 Next::Torn(why) => return Err(StoreError::corrupt(from, why)),
             }
         }
-        let appended = self.on_loaded(tenant, |t| {
+        let appended = self.on_loaded_as(tenant, Load::Log, |t| {
             Ok(match t.append_replicated(ballot, records_ballot, prev, &records)? {
                 None => None,
                 Some(Err(refused)) => Some(Err(refused)),
@@ -343,7 +345,7 @@ impl Store {
     pub fn truncate_after(&self, tenant: &str, lsn: u64) -> Result<bool, StoreError> {
         check_tenant_id(tenant)?;
         // Loaded, then cut under its slot, so no request loads it again half way.
-        self.on_loaded(tenant, |_| Ok(Some(())))?;
+        self.on_loaded_as(tenant, Load::Log, |_| Ok(Some(())))?;
         let slot = self.slot(tenant);
         let mut s = lock_slot(&slot);
         let Some(t) = s.tenant.clone() else {

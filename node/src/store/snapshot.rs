@@ -292,6 +292,7 @@ impl Store {
                     self.vfs.clone(),
                     self.memory_bytes.clone(),
                     now,
+                    recovery::Load::Log,
                 ) {
                     Ok(t) => {
                         let held = t.replica_state();

@@ -62,13 +62,19 @@ impl Tenant {
     }
 
     /// Checkpoints and closes the tenant for unloading. Closed even if the checkpoint fails:
-    /// every acknowledged write is then still in the log, and the next load replays it.
+    /// every acknowledged write is then still in the log, and the next load replays it. A
+    /// log-only tenant is not checkpointed (that would load its documents): its log is made
+    /// durable and stays, for the next load to replay or a later checkpoint to fold.
     pub(crate) fn close(&self) -> Result<(), StoreError> {
         let _gate = write_lock(&self.gate);
         if self.is_closed() {
             return Ok(());
         }
-        let result = self.checkpoint_locked();
+        let result = if self.is_log_only() {
+            self.wal.wait_durable(self.wal.last_lsn())
+        } else {
+            self.checkpoint_locked()
+        };
         self.retire();
         result
     }
@@ -95,6 +101,9 @@ impl Tenant {
     /// oldest segment goes first, so what is left is always a suffix of the log. Replaying a
     /// suffix over newer phext files changes nothing, because every record is idempotent.
     pub(super) fn checkpoint_locked(&self) -> Result<(), StoreError> {
+        if self.is_log_only() {
+            return self.fold_log_locked();
+        }
         let mut dirty: Vec<(PhextName, Entry)> = read_lock(&self.phexts)
             .iter()
             .filter(|(_, e)| read_lock(e).dirty)
@@ -121,6 +130,34 @@ impl Tenant {
             }
         }
         // Before any segment goes, so the log continues from `rotated_at` even with none left.
+        write_base(self.vfs.as_ref(), &self.paths.root, rotated_at)?;
+        self.remove_segments_before(rotated_at)
+    }
+
+    /// A log-only tenant's checkpoint: its documents are built from its files and its log
+    /// (`recovery::docs_of`), held only while the changed ones are written, and then dropped;
+    /// the log segments they cover go as in [`Self::checkpoint_locked`], in the same order. The
+    /// documents are not counted in the store's memory: one checkpoint runs per tenant at a
+    /// time, under its gate.
+    fn fold_log_locked(&self) -> Result<(), StoreError> {
+        if self.wal.log_bytes() == 0 {
+            return Ok(());
+        }
+        self.wal.wait_durable(self.wal.last_lsn())?;
+        let rotated_at = self.wal.rotate();
+        let docs = crate::store::recovery::docs_of(self.vfs.as_ref(), &self.paths)?;
+        let mut dirty: Vec<(&PhextName, &Doc)> =
+            docs.iter().filter(|(_, d)| d.dirty).map(|(n, d)| (n, &d.doc)).collect();
+        dirty.sort_by(|(a, _), (b, _)| a.as_str().cmp(b.as_str()));
+        if !dirty.is_empty() {
+            let dir = &self.paths.phexts;
+            create_dir_durable(self.vfs.as_ref(), dir)
+                .map_err(StoreError::io("create phexts dir", dir))?;
+            for (name, doc) in dirty {
+                self.write_phext(name, doc)?;
+            }
+            self.vfs.sync_dir(dir).map_err(StoreError::io("sync phexts dir", dir))?;
+        }
         write_base(self.vfs.as_ref(), &self.paths.root, rotated_at)?;
         self.remove_segments_before(rotated_at)
     }

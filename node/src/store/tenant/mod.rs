@@ -158,6 +158,11 @@ pub(crate) struct Tenant {
     /// `tail` too, for the backups.
     keeps_tail: Arc<AtomicBool>,
     tail: Mutex<Tail>,
+    /// Loaded with its log alone, to take a primary's records (`recovery::Load::Log`): `phexts`
+    /// is empty and stays so, and nothing but the replica's side (`replicated`) and closing may
+    /// use it. Fixed for the life of this incarnation; the store loads the tenant again, whole,
+    /// for anything else.
+    log_only: bool,
 }
 
 fn read_lock<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -199,7 +204,26 @@ impl Tenant {
             last_used_ms: AtomicU64::new(now_ms),
             keeps_tail: Arc::new(AtomicBool::new(false)),
             tail: Mutex::new(Tail::default()),
+            log_only: false,
         }
+    }
+
+    /// This tenant, loaded with its log alone and no documents ([`Self::is_log_only`]).
+    pub(crate) fn log_only(mut self) -> Tenant {
+        assert!(read_lock(&self.phexts).is_empty(), "a log-only tenant holds no documents");
+        self.log_only = true;
+        self
+    }
+
+    /// Loaded with its log alone: it takes a primary's records, and nothing reads or writes its
+    /// documents.
+    pub(crate) fn is_log_only(&self) -> bool {
+        self.log_only
+    }
+
+    /// Every use of the documents goes through here: a log-only tenant has none to use.
+    fn assert_docs(&self) {
+        assert!(!self.log_only, "a log-only tenant's documents were asked for");
     }
 
     pub(crate) fn used_bytes(&self) -> u64 {
@@ -247,6 +271,19 @@ impl Tenant {
         read_lock(&self.phexts).get(p).cloned()
     }
 
+    /// The phext's entry, made (an empty document, its overhead counted) if it has none.
+    fn entry_or_new(&self, p: &PhextName) -> Entry {
+        let mut phexts = write_lock(&self.phexts);
+        if let Some(e) = phexts.get(p) {
+            return e.clone();
+        }
+        let e = Entry::default();
+        phexts.insert(p.clone(), e.clone());
+        drop(phexts);
+        self.add_memory(doc_memory(&Doc::new()) as i64);
+        e
+    }
+
     /// Runs `f` on the phext (an empty document if it does not exist) and returns its result once
     /// every change `f` saw is durable. Creates nothing.
     pub(crate) fn read<R>(
@@ -254,6 +291,7 @@ impl Tenant {
         p: &PhextName,
         f: impl FnOnce(&Doc) -> R,
     ) -> Result<R, StoreError> {
+        self.assert_docs();
         let Some(entry) = self.entry(p) else { return Ok(f(&Doc::new())) };
         let d = read_lock(&entry);
         let out = f(&d.doc);
@@ -266,6 +304,7 @@ impl Tenant {
     /// Like [`Self::read`], but never waits: `None` if a lock it needs is taken (a checkpoint
     /// or a writer is at work) or what `f` saw is not durable yet.
     pub(crate) fn read_now<R>(&self, p: &PhextName, f: impl FnOnce(&Doc) -> R) -> Option<R> {
+        self.assert_docs();
         let entry = tried(self.phexts.try_read())?.get(p).cloned();
         let Some(entry) = entry else { return Some(f(&Doc::new())) };
         let d = tried(entry.try_read())?;
@@ -289,6 +328,7 @@ impl Tenant {
         read: &OrderedRead,
         stream_above: u64,
     ) -> Result<Option<Opened>, StoreError> {
+        self.assert_docs();
         let Some(entry) = self.entry(p) else {
             return Ok(Some(Opened::Whole(read.answer(&Doc::new()))));
         };
@@ -362,6 +402,7 @@ impl Tenant {
         quota_bytes: u64,
         led: Option<u64>,
     ) -> Result<Option<(String, u64, bool)>, StoreError> {
+        self.assert_docs();
         let gate = read_lock(&self.gate);
         if self.is_closed() {
             return Ok(None);
@@ -371,7 +412,7 @@ impl Tenant {
             None if edit.is_noop_on_empty() => {
                 return Ok(Some((plan(&Doc::new(), c, edit).0, 0, false)))
             }
-            None => write_lock(&self.phexts).entry(p.clone()).or_default().clone(),
+            None => self.entry_or_new(p),
         };
         let mut d = write_lock(&entry);
         let (answer, change) = plan(&d.doc, c, edit);
@@ -397,6 +438,7 @@ impl Tenant {
     /// later primary cuts what a read showed. Returns its lsn once durable (to be replicated),
     /// `Some(None)` when no barrier is needed, `None` if the tenant was closed.
     pub(crate) fn barrier(&self, ballot: u64) -> Result<Option<Option<u64>>, StoreError> {
+        self.assert_docs();
         let gate = read_lock(&self.gate);
         if self.is_closed() {
             return Ok(None);

@@ -3,6 +3,7 @@
 
 mod durability;
 mod faults;
+mod log_only;
 mod reads;
 mod replication;
 mod tenancy;
