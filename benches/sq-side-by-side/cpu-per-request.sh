@@ -4,13 +4,15 @@
 #
 #   benches/sq-side-by-side/cpu-per-request.sh                 # update, R = 3, three 10-s runs
 #   SCRIPT=select.lua REPLICAS=1 benches/sq-side-by-side/cpu-per-request.sh
+#   BIN=path/to/other/sq-cloud benches/sq-side-by-side/cpu-per-request.sh   # another build, not built here
 #
 # The cluster and its TENANTS tenants are those of run.sh (the 1 MB document, load.py). For each
 # run it prints req/s, p50 and p99 as wrk reports them, then per request: the CPU (user + system,
 # from /proc/<pid>/stat) of node 1, 2, 3 and the gateway, their context switches (voluntary and
 # not, summed over every thread, from /proc/<pid>/task/*/status), wrk's own CPU, and the whole
 # machine's busy CPU (from /proc/stat: it adds the kernel's threads, such as the file system's
-# journal) with the share of time the cores were idle. The machine should be otherwise quiet.
+# journal) with the share of time the cores were idle. After the last run it prints each
+# process's resident memory. The machine should be otherwise quiet.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
@@ -26,14 +28,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cargo build --quiet --release --locked -p sq-cloud --manifest-path "$root/Cargo.toml"
+[ -n "${BIN:-}" ] || cargo build --quiet --release --locked -p sq-cloud --manifest-path "$root/Cargo.toml"
 python3 - "$work/bench.phext" <<'PY'
 import random, sys
 rng = random.Random(1)
 letters = "abcdefghijklmnopqrstuvwxyz "
 open(sys.argv[1], "w").write("\x17".join("".join(rng.choice(letters) for _ in range(1000)) for _ in range(999)))
 PY
-"$target/release/sq-cloud" dev --data "$work/dev" --listen "127.0.0.1:$PORT" --replicas "$REPLICAS" >"$work/dev.log" 2>&1 &
+"${BIN:-$target/release/sq-cloud}" dev --data "$work/dev" --listen "127.0.0.1:$PORT" --replicas "$REPLICAS" >"$work/dev.log" 2>&1 &
 dev=$!
 for _ in $(seq 150); do [ -f "$work/dev/dev.json" ] && break; sleep 0.2; done
 [ -f "$work/dev/dev.json" ] || { echo "the cluster did not come up; see $work/dev.log" >&2; exit 1; }
@@ -77,4 +79,5 @@ print(f"run {run}: {rps} req/s, p50 {p50}, p99 {p99}; CPU per request (µs) node
       f"{idle_share} % idle" + (f"; NON-2XX {bad.group(1)}" if bad else ""))
 PY
 done
+echo "resident memory, kB: nodes and gateway $(for p in $pids; do awk '/VmRSS/ {printf "%s ", $2}' "/proc/$p/status"; done)"
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
