@@ -28,7 +28,7 @@ fn describe() {
 fn describe_requests() {
     metrics::describe_gauge!(
         "sq_tenants_active",
-        "Tenants loaded in memory on this node (used within the idle-unload time)"
+        "Tenant copies loaded on this node (used within the idle-unload time): whole, or a backup's with its log alone"
     );
     metrics::describe_histogram!(
         "sq_request_duration_seconds",
