@@ -26,7 +26,8 @@ each once, then per run freezes (SIGSTOP) the node that is primary of the most o
 each of its tenants, starts a write every 50 ms (each a fresh request, so one held by the frozen
 node delays no other); prints, over those tenants, the time from the freeze to the send of the
 first write that was acknowledged (p50, p99, max). Then it resumes the node, waits until it is primary again, and reads
-back every acknowledged write.
+back every acknowledged write. With `--mib N` it first writes N MiB into each tenant (as rebuild
+does), so that a new primary has that much to load before it serves.
 
     python3 benches/failover/measure.py rebuild --dev DIR --tenants 100 --mib 1
 
@@ -150,7 +151,7 @@ def percentile(values, p):
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-def tenant_failover(c, tenants, runs):
+def tenant_failover(c, tenants, runs, mib=0):
     keys = {}
     for i in range(tenants):
         tid = f"fo{i:03d}"
@@ -161,6 +162,8 @@ def tenant_failover(c, tenants, runs):
             call(c.api + f"/admin/tenants/{tid}", c.admin, "PATCH", {"daily_limit": 100_000_000})
     if not keys:
         raise SystemExit("no tenant added (run on a fresh cluster)")
+    if mib:
+        fill(c, keys, mib)
     acked = {t: [] for t in keys}
     counter = [0]
     lock = threading.Lock()
@@ -189,6 +192,8 @@ def tenant_failover(c, tenants, runs):
         node = max(set(primaries.values()), key=lambda n: list(primaries.values()).count(n))
         moved = [t for t in keys if primaries[t] == node]
         firsts = {}
+        # Freezing the registry's leader adds an election before the node can be marked down.
+        leads = "the registry leader" if c.leader()[0] == node else "a follower"
         pid = c.pid(node)
         os.kill(pid, signal.SIGSTOP)
         frozen = time.monotonic()
@@ -203,7 +208,7 @@ def tenant_failover(c, tenants, runs):
         os.kill(pid, signal.SIGCONT)
         times = [firsts[t] for t in moved]
         all_times += times
-        print(f"run {run + 1}: node {node} frozen, {len(moved)} tenants: writes again after "
+        print(f"run {run + 1}: node {node} ({leads}) frozen, {len(moved)} tenants: writes again after "
               f"p50 {statistics.median(times):.2f} s, p99 {percentile(times, 99):.2f} s, max {max(times):.2f} s", flush=True)
         wait("the node primary again", lambda: all(
             json.loads(call(c.api + f"/admin/tenants/{t}/stats", c.admin, timeout=5)[1] or "{}").get("node") == node
@@ -231,14 +236,8 @@ def tenant_failover(c, tenants, runs):
         raise SystemExit(1)
 
 
-def rebuild(c, tenants, mib):
-    keys = {}
-    for i in range(tenants):
-        tid = f"rb{i:04d}"
-        status, body = call(c.api + "/admin/tenants/add", c.admin, "POST", {"tenant_id": tid, "tier": "team"})
-        if status != 201:
-            raise SystemExit(f"adding {tid}: {status} {body[:200]} (run on a fresh cluster)")
-        keys[tid] = json.loads(body)["api_key"]
+def fill(c, keys, mib):
+    """Writes `mib` MiB into each tenant of `keys`: phext `data`, scrolls of 256 KiB."""
     scroll = "x" * (256 << 10)
     per_tenant = max(1, mib * 4)
     started = time.monotonic()
@@ -256,8 +255,19 @@ def rebuild(c, tenants, mib):
                     time.sleep(0.2)
             else:
                 raise SystemExit(f"{t}: write {k} not acknowledged")
-    loaded = tenants * per_tenant * 256 / 1024
-    print(f"loaded {tenants} tenants, {loaded:.0f} MiB, in {time.monotonic() - started:.1f} s", flush=True)
+    loaded = len(keys) * per_tenant * 256 / 1024
+    print(f"loaded {len(keys)} tenants, {loaded:.0f} MiB, in {time.monotonic() - started:.1f} s", flush=True)
+
+
+def rebuild(c, tenants, mib):
+    keys = {}
+    for i in range(tenants):
+        tid = f"rb{i:04d}"
+        status, body = call(c.api + "/admin/tenants/add", c.admin, "POST", {"tenant_id": tid, "tier": "team"})
+        if status != 201:
+            raise SystemExit(f"adding {tid}: {status} {body[:200]} (run on a fresh cluster)")
+        keys[tid] = json.loads(body)["api_key"]
+    fill(c, keys, mib)
 
     def in_sync(t):
         status, body = call(c.api + f"/admin/tenants/{t}/stats", c.admin, timeout=10)
@@ -424,7 +434,7 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=["dead-node", "admin-write", "drain-leader", "tenant-failover", "rebuild"])
     p.add_argument("--tenants", type=int, default=30)
-    p.add_argument("--mib", type=int, default=1, help="rebuild: MiB written into each tenant")
+    p.add_argument("--mib", type=int, help="MiB written into each tenant first (rebuild: default 1; tenant-failover: default 0)")
     p.add_argument("--bin", default="target/release/sq-cloud")
     p.add_argument("--port", type=int, default=28600)
     p.add_argument("--dev", default="sq-cloud-dev")
@@ -438,9 +448,9 @@ def main():
     if a.what == "dead-node":
         dead_node(c, a.runs)
     elif a.what == "tenant-failover":
-        tenant_failover(c, a.tenants, a.runs)
+        tenant_failover(c, a.tenants, a.runs, a.mib or 0)
     elif a.what == "rebuild":
-        rebuild(c, a.tenants, a.mib)
+        rebuild(c, a.tenants, 1 if a.mib is None else a.mib)
     else:
         admin_write(c, a.runs, a.how, a.supervisor)
 
