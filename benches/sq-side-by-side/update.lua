@@ -2,21 +2,11 @@
 -- Every body is new (this thread's number, a random number and this thread's count, then
 -- padding): an update that wrote what the scroll already held would change nothing, and
 -- sq-cloud answers such a write without logging, syncing or replicating a record.
--- Each wrk thread has its own Lua state, whose random numbers start from the same seed unless
--- seeded: unseeded, two threads sent the same tenants, scrolls and bodies in the same order,
--- and one thread's writes came to repeat the other's.
 local keys = {}
 for line in io.lines(os.getenv("KEYS") or "keys.txt") do keys[#keys + 1] = line end
 local pad = string.rep("x", 977)
 local sent = 0
-local threads = 0
-function setup(thread)
-  threads = threads + 1
-  thread:set("id", threads)
-end
-function init(args)
-  math.randomseed(id)
-end
+dofile((debug.getinfo(1, "S").source:match("^@(.*/)") or "") .. "threads.lua")
 request = function()
   sent = sent + 1
   local body = string.format("%03d%010d%010d", id, math.random(0, 999999999), sent) .. pad
