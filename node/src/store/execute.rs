@@ -9,7 +9,7 @@ use proto::request::{Selector, BODY_BYTES_MAX, DELTA_LINES_MAX, QUERY_SET_MAX, S
 use proto::{ops, Coordinate, PhextName, SqRequest, SqResponse};
 
 use super::tenant::{Edit, Tenant};
-use super::{check_tenant_id, tried, Store, StoreError};
+use super::{check_tenant_id, Store, StoreError};
 
 impl Store {
     /// Runs one request for `tenant`, whose quota is `quota_bytes`. A write is answered only once
@@ -92,11 +92,8 @@ impl Store {
         if let Err(e) = validate(req) {
             return Some(Err(e));
         }
-        // Every lock is only tried: a tenant being loaded or unloaded holds its slot for as long
-        // as the disk takes, and this runs on an async thread.
-        let slot = tried(self.slots.try_read())?.get(tenant)?;
-        let t = tried(slot.state.try_lock())?.tenant.clone()?;
-        if t.is_closed() || t.log_failed() || t.is_log_only() {
+        let t = self.try_loaded_whole(tenant)?;
+        if t.log_failed() {
             return None;
         }
         let body = t.read_now(p, |d| d.get(c).as_bytes().to_vec())?;

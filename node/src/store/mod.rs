@@ -407,6 +407,15 @@ impl Store {
         (!t.is_closed()).then_some(t)
     }
 
+    /// The tenant's incarnation loaded whole (a backup's copy loaded with its log alone is not)
+    /// and open, if it is now. Every lock is only tried, so it never waits: for callers on async
+    /// threads, while a load or unload holds the slot for as long as the disk takes.
+    fn try_loaded_whole(&self, id: &str) -> Option<Arc<Tenant>> {
+        let slot = tried(self.slots.try_read())?.get(id)?;
+        let t = tried(slot.state.try_lock())?.tenant.clone()?;
+        (!t.is_closed() && !t.is_log_only()).then_some(t)
+    }
+
     /// The tenant's number on this node: its slot's, the slot made (empty) if it has none.
     /// Numbers are dense and stay the tenant's while the store is open (slots are never
     /// removed), so a table with an entry per tenant can key by them in 4 bytes rather than by

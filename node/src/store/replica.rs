@@ -15,7 +15,7 @@ use super::error::StoreError;
 use super::recovery::{check_record, Load};
 use super::tenant::{Tail, TenantPaths};
 use super::wal::{decode_next, parse_segment_name, segment_name, Next};
-use super::{check_tenant_id, lock_slot, tried, Store};
+use super::{check_tenant_id, lock_slot, Store};
 
 /// The most bytes of records [`Store::log_from`] returns at once (at least one record, however
 /// large): a batch is one message between nodes.
@@ -152,12 +152,7 @@ impl Store {
     /// [`Self::shipment`] on the blocking pool. Saves a primary's replication a hop to that
     /// pool and back for each message in the common case.
     pub fn shipment_in_memory(&self, tenant: &str, after: u64, upto: u64) -> Option<Shipment> {
-        let slot = tried(self.slots.try_read())?.get(tenant)?;
-        let t = tried(slot.state.try_lock())?.tenant.clone()?;
-        // A log-only copy keeps no records for backups.
-        if t.is_closed() || t.is_log_only() {
-            return None;
-        }
+        let t = self.try_loaded_whole(tenant)?;
         let upto = upto.min(t.try_durable_lsn()?);
         if after >= upto {
             return Some(Shipment::Nothing);
