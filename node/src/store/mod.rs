@@ -353,12 +353,7 @@ impl Store {
             return Ok(());
         }
         let wal = TenantPaths::new(&self.tenants_dir, id).wal;
-        let segments = match self.vfs.list(&wal) {
-            Ok(names) => names.iter().filter(|n| wal::parse_segment_name(n).is_some()).count(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
-            Err(e) => return Err(StoreError::io("list log dir", &wal)(e)),
-        };
-        if segments == 0 {
+        if wal::list_segments(self.vfs.as_ref(), &wal)?.0.is_empty() {
             return Ok(());
         }
         self.tenant(id)?;

@@ -22,7 +22,7 @@ use super::ballots::Ballots;
 use super::error::StoreError;
 use super::tenant::{apply, PhextDoc, Tenant, TenantPaths, TEMP_SUFFIX};
 use super::vfs::Vfs;
-use super::wal::{decode_next, parse_segment_name, read_base, segment_name, Next, Op, Record, Wal};
+use super::wal::{decode_next, list_segments, read_base, segment_name, Next, Op, Record, Wal};
 
 /// The suffix of a phext file: `<name>.phext`.
 const PHEXT_SUFFIX: &str = ".phext";
@@ -79,9 +79,7 @@ pub(crate) fn docs_of(
     paths: &TenantPaths,
 ) -> Result<HashMap<PhextName, PhextDoc>, StoreError> {
     let mut docs = read_phexts(vfs, &paths.phexts)?;
-    let mut starts: Vec<u64> =
-        list_or_empty(vfs, &paths.wal)?.iter().filter_map(|f| parse_segment_name(f)).collect();
-    starts.sort_unstable();
+    let (starts, _) = list_segments(vfs, &paths.wal)?;
     let mut last_lsn = 0;
     for start in starts {
         let path = paths.wal.join(segment_name(start));
@@ -142,16 +140,10 @@ fn replay_log(
     dir: &Path,
     mut docs: Option<&mut HashMap<PhextName, PhextDoc>>,
 ) -> Result<(u64, u64), StoreError> {
-    let mut starts: Vec<u64> = Vec::new();
-    for file in list_or_empty(vfs, dir)? {
-        match parse_segment_name(&file) {
-            Some(start) => starts.push(start),
-            None => {
-                tracing::warn!(path = ?dir.join(&file), "ignoring a file the store did not write")
-            }
-        }
+    let (starts, others) = list_segments(vfs, dir)?;
+    for file in others {
+        tracing::warn!(path = ?dir.join(&file), "ignoring a file the store did not write");
     }
-    starts.sort_unstable();
     let (mut last_lsn, mut log_bytes) = (0u64, 0u64);
     for (i, &start) in starts.iter().enumerate() {
         let path = dir.join(segment_name(start));

@@ -14,7 +14,7 @@ use super::ballots::{BallotError, Ballots, LogPosition};
 use super::error::StoreError;
 use super::recovery::{check_record, Load};
 use super::tenant::{Tail, TenantPaths};
-use super::wal::{decode_next, parse_segment_name, segment_name, Next};
+use super::wal::{decode_next, list_segments, segment_name, Next};
 use super::{check_tenant_id, lock_slot, Store};
 
 /// The most bytes of records [`Store::log_from`] returns at once (at least one record, however
@@ -249,15 +249,7 @@ impl Store {
             });
         }
         let dir = TenantPaths::new(&self.tenants_dir, tenant).wal;
-        let mut starts: Vec<u64> = match self.vfs.list(&dir) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            other => other
-                .map_err(StoreError::io("list log dir", &dir))?
-                .iter()
-                .filter_map(|n| parse_segment_name(n))
-                .collect(),
-        };
-        starts.sort_unstable();
+        let (starts, _) = list_segments(self.vfs.as_ref(), &dir)?;
         // The segment holding `from_lsn` is the last one starting at or before it.
         let Some(first_segment) = starts.iter().rposition(|&s| s <= from_lsn) else {
             return Ok(LogTail::Checkpointed);

@@ -194,6 +194,27 @@ pub(crate) fn parse_segment_name(name: &str) -> Option<u64> {
     stem.parse().ok()
 }
 
+/// The log segments of `dir`: their first LSNs in ascending order, and the names of any other
+/// entries (files the store did not write). A missing directory holds none.
+pub(crate) fn list_segments(
+    vfs: &dyn Vfs,
+    dir: &Path,
+) -> Result<(Vec<u64>, Vec<String>), StoreError> {
+    let names = match vfs.list(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        other => other.map_err(StoreError::io("list log dir", dir))?,
+    };
+    let (mut starts, mut others) = (Vec::new(), Vec::new());
+    for name in names {
+        match parse_segment_name(&name) {
+            Some(start) => starts.push(start),
+            None => others.push(name),
+        }
+    }
+    starts.sort_unstable();
+    Ok((starts, others))
+}
+
 pub(crate) struct Wal {
     dir: PathBuf,
     vfs: Arc<dyn Vfs>,

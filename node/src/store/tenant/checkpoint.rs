@@ -11,7 +11,7 @@ use super::{read_lock, write_lock, Entry, Tenant, TEMP_SUFFIX};
 use crate::store::ballots::Ballots;
 use crate::store::error::StoreError;
 use crate::store::vfs::create_dir_durable;
-use crate::store::wal::{parse_segment_name, write_base};
+use crate::store::wal::{list_segments, segment_name, write_base};
 
 /// Bytes gathered before each write of a phext file: 1 MiB, so writing a document costs one
 /// buffer, not a copy of the document.
@@ -202,15 +202,9 @@ impl Tenant {
     /// after each so a crash never leaves a hole in the log.
     pub(super) fn remove_segments_before(&self, lsn: u64) -> Result<(), StoreError> {
         let dir = self.wal.dir();
-        let names = match self.vfs.list(dir) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
-            other => other.map_err(StoreError::io("list log dir", dir))?,
-        };
-        let mut old: Vec<u64> =
-            names.iter().filter_map(|n| parse_segment_name(n)).filter(|&s| s < lsn).collect();
-        old.sort_unstable();
-        for start in old {
-            let path = dir.join(crate::store::wal::segment_name(start));
+        let (starts, _) = list_segments(self.vfs.as_ref(), dir)?;
+        for start in starts.into_iter().take_while(|&s| s < lsn) {
+            let path = dir.join(segment_name(start));
             self.vfs.remove_file(&path).map_err(StoreError::io("remove log segment", &path))?;
             self.vfs.sync_dir(dir).map_err(StoreError::io("sync log dir", dir))?;
         }

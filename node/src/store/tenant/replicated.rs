@@ -2,7 +2,6 @@
 //! the ballot each record was written under, records taken from a primary, and a cut of the log
 //! back to the prefix it shares with its primary.
 
-use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, MutexGuard};
 
@@ -14,9 +13,7 @@ use crate::store::error::StoreError;
 use crate::store::replica::AppendRefusal;
 use crate::store::tried;
 use crate::store::vfs::create_dir_durable;
-use crate::store::wal::{
-    decode_next, parse_segment_name, read_base, segment_name, Next, Op, Record,
-};
+use crate::store::wal::{decode_next, list_segments, read_base, segment_name, Next, Op, Record};
 
 /// Records a primary logged and its backups may not hold yet, oldest first, each framed as the
 /// log frames it, with the ballot it was written under.
@@ -247,15 +244,7 @@ impl Tenant {
         // No flusher may be writing while the segments are cut.
         self.wal.wait_durable(last)?;
         let dir = self.wal.dir();
-        let mut starts: Vec<u64> = match self.vfs.list(dir) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
-            other => other
-                .map_err(StoreError::io("list log dir", dir))?
-                .iter()
-                .filter_map(|n| parse_segment_name(n))
-                .collect(),
-        };
-        starts.sort_unstable();
+        let (starts, _) = list_segments(self.vfs.as_ref(), dir)?;
         // Newest first, so a crash part way leaves a log that is still a prefix.
         for &start in starts.iter().rev() {
             let path = dir.join(segment_name(start));
