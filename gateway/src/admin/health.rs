@@ -108,4 +108,87 @@ mod tests {
         assert!(waited("127.0.0.1:7104"));
         assert!(waited("127.0.0.1:7199"), "a seed the report does not list is waited for");
     }
+
+    fn rebuild(node: u64) -> RebuildProgress {
+        RebuildProgress {
+            node,
+            copies_total: 4,
+            copies_left: 1,
+            bytes_taken: 1024,
+            elapsed_ms: 10,
+            done: false,
+        }
+    }
+
+    /// A node's answer to `Health`, reporting its own rebuild and another node's (which a
+    /// health read must not take from it).
+    fn answer(id: u64) -> Result<NodeResponse, crate::forward::CallError> {
+        let report = HealthReport {
+            node: id,
+            raft: RaftReport {
+                leader: Some(1),
+                term: 2,
+                commit_index: Some(5),
+                last_log_index: Some(5),
+                applied_index: 5,
+            },
+            placement_epoch: 1,
+            replicas: 3,
+            down: Vec::new(),
+            under_replicated: 0,
+            ring: vec![1, 2, 3],
+            nodes: Vec::new(),
+            gossip: Vec::new(),
+            handoffs: HandoffsReport { pending: Vec::new(), pulling_here: Default::default() },
+            rebuilds: vec![rebuild(id), rebuild(id + 10)],
+        };
+        Ok(NodeResponse::Admin {
+            result: Ok(AdminAnswer::Health(Box::new(report))),
+            applied_index: 5,
+        })
+    }
+
+    type Ask = std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = (SocketAddr, Result<NodeResponse, crate::forward::CallError>),
+                > + Send,
+        >,
+    >;
+
+    /// Node 2 answers at once; node 3 never does (frozen, or its packets lost).
+    fn asks() -> futures::stream::FuturesUnordered<Ask> {
+        let answering: Ask = Box::pin(async { (addr(2), answer(2)) });
+        let silent: Ask = Box::pin(async {
+            std::future::pending::<()>().await;
+            (addr(3), answer(3))
+        });
+        [answering, silent].into_iter().collect()
+    }
+
+    fn addr(id: u64) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 7100 + id as u16))
+    }
+
+    // Goal: a health read does not wait for a silent node it was not told to wait for; it
+    // returns once the nodes it waits for answered, with their own rebuilds and no other's.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_node_not_awaited_holds_nothing_up() {
+        let mut rebuilds = Vec::new();
+        let started = tokio::time::Instant::now();
+        heard_from(&mut asks(), vec![addr(2)], &mut rebuilds).await;
+        assert_eq!(started.elapsed(), std::time::Duration::ZERO, "no time passed waiting");
+        assert_eq!(rebuilds, vec![rebuild(2)]);
+    }
+
+    // Goal: a silent node that is waited for holds a health read up for one forward's time at
+    // most, and the answers that came meanwhile still count.
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_node_awaited_holds_it_up_for_one_forward_time() {
+        let mut rebuilds = Vec::new();
+        let started = tokio::time::Instant::now();
+        heard_from(&mut asks(), vec![addr(2), addr(3)], &mut rebuilds).await;
+        assert_eq!(started.elapsed(), crate::forward::FORWARD_TIMEOUT);
+        assert_eq!(rebuilds, vec![rebuild(2)]);
+    }
 }
