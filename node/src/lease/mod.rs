@@ -261,13 +261,8 @@ impl Leases {
         if now < self.started_ms.load(Ordering::SeqCst) + DOWN_AFTER_MS || state.is_down(from) {
             return false;
         }
-        let mut refusing = locked(&self.refusing);
-        if let Some(&confirmed_at) = refusing.get(&from) {
-            let up_since = state.liveness(from).is_some_and(|l| !l.down && l.epoch > confirmed_at);
-            if !up_since {
-                return false;
-            }
-            refusing.remove(&from);
+        if refusal_stands(&mut locked(&self.refusing), from, state) {
+            return false;
         }
         locked(&self.granted).insert(from, now);
         true
@@ -293,7 +288,7 @@ impl Leases {
     pub fn confirm_down(&self, node: u64, state: &RegistryState) -> bool {
         self.replicating(state);
         let mut refusing = locked(&self.refusing);
-        if refusing.contains_key(&node) {
+        if refusal_stands(&mut refusing, node, state) {
             return self.granted_age(node) >= DOWN_AFTER_MS;
         }
         if self.heard_age(node) >= DOWN_AFTER_MS {
@@ -307,9 +302,24 @@ impl Leases {
         false
     }
 
-    fn refuses(&self, node: u64) -> bool {
-        locked(&self.refusing).contains_key(&node)
+    fn refuses(&self, node: u64, state: &RegistryState) -> bool {
+        refusal_stands(&mut locked(&self.refusing), node, state)
     }
+}
+
+/// Whether this voter still refuses `node`: it confirmed it down, and `state` has not marked it
+/// up since. A refusal the registry has answered with a mark down and then up is dropped; left
+/// standing, the leader took a node it had just marked up, before its first lease request
+/// since, as one to confirm down again.
+fn refusal_stands(refusing: &mut HashMap<u64, u64>, node: u64, state: &RegistryState) -> bool {
+    let Some(&confirmed_at) = refusing.get(&node) else {
+        return false;
+    };
+    let up_since = state.liveness(node).is_some_and(|l| !l.down && l.epoch > confirmed_at);
+    if up_since {
+        refusing.remove(&node);
+    }
+    !up_since
 }
 
 /// Renews this node's lease, and on the registry leader marks nodes down and up, every
@@ -413,30 +423,42 @@ async fn watch(svc: &Service, state: &RegistryState, node: u64) {
     // been without a lease, and a confirmation round then marks it down (and it is marked up
     // again once heard), which ends those refusals.
     if leases.heard_age(node) < DOWN_AFTER_MS
-        && !leases.refuses(node)
+        && !leases.refuses(node, state)
         && !leases.lapsed_long(node, state)
     {
         return;
     }
     let voters = svc.registry.status().voters;
-    let asks = voters.iter().filter(|&&voter| voter != svc.id).map(|&voter| async move {
-        let answer = call(svc, state, voter, NodeRequest::ConfirmDown { node }).await;
-        matches!(answer, Some(NodeResponse::ConfirmDown { confirmed: true }))
-    });
-    let mut confirmed = futures::future::join_all(asks).await.into_iter().filter(|&c| c).count();
-    // This node's own confirmation comes last, and only if it completes a majority: a voter
-    // that confirms refuses the node's leases until it is marked down and up again, and a
-    // leader that confirmed in a round the others did not would refuse a node they all still
-    // hear, and ask about it every round, for good.
-    if voters.contains(&svc.id)
-        && (confirmed + 1) * 2 > voters.len()
-        && svc.leases.confirm_down(node, state)
-    {
-        confirmed += 1;
+    let mut asks: FuturesUnordered<_> = voters
+        .iter()
+        .filter(|&&voter| voter != svc.id)
+        .map(|&voter| async move {
+            let answer = call(svc, state, voter, NodeRequest::ConfirmDown { node }).await;
+            matches!(answer, Some(NodeResponse::ConfirmDown { confirmed: true }))
+        })
+        .collect();
+    // The round ends at a majority, not at the last answer: the node in question is a voter
+    // too, and one that is frozen or dead answers only when its call times out.
+    let (mut confirmed, mut own_asked) = (0, false);
+    while confirmed * 2 <= voters.len() {
+        // This node's own confirmation comes last, and only if it completes a majority: a voter
+        // that confirms refuses the node's leases until it is marked down and up again, and a
+        // leader that confirmed in a round the others did not would refuse a node they all
+        // still hear, and ask about it every round, for good.
+        if !own_asked && voters.contains(&svc.id) && (confirmed + 1) * 2 > voters.len() {
+            own_asked = true;
+            if svc.leases.confirm_down(node, state) {
+                confirmed += 1;
+                continue;
+            }
+        }
+        match asks.next().await {
+            Some(true) => confirmed += 1,
+            Some(false) => {}
+            None => return,
+        }
     }
-    if confirmed * 2 > voters.len() {
-        mark(svc, Command::MarkDown { id: node }).await;
-    }
+    mark(svc, Command::MarkDown { id: node }).await;
 }
 
 async fn mark(svc: &Service, command: Command) {

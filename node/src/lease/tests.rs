@@ -202,3 +202,28 @@ async fn a_read_waits_for_a_lease_being_won_and_no_longer_than_the_wait() {
     round.await.expect("the round");
     assert!(!leases.held_within(2).await, "not by a node whose registry is behind the voters'");
 }
+
+#[test]
+fn a_refusal_ends_with_the_mark_up_that_answered_it() {
+    // Goal: once the registry marked a node down and then up after this voter confirmed it, the
+    // voter neither refuses it nor confirms it down for that old confirmation, even before the
+    // node's first lease request since (the leader marked such a node down again at once, and
+    // its tenants moved away and back). A refusal no mark answered still stands.
+    let clock = Arc::new(ManualClock::new(10_000));
+    let leases = Leases::new(clock.clone());
+    let mut s = cluster();
+    clock.advance_ms(DOWN_AFTER_MS);
+    assert!(leases.grant(2, &s) && leases.grant(3, &s));
+    clock.advance_ms(DOWN_AFTER_MS);
+    assert!(leases.confirm_down(2, &s) && leases.confirm_down(3, &s));
+    assert!(leases.refuses(2, &s) && leases.refuses(3, &s));
+    apply(&mut s, Command::MarkDown { id: 2 }).expect("down");
+    clock.advance_ms(DOWN_AFTER_MS);
+    assert!(!leases.grant(2, &s), "back, and refused, but heard (what has it marked up)");
+    assert!(leases.refuses(2, &s), "marked down, not yet up");
+    apply(&mut s, Command::MarkUp { id: 2 }).expect("up");
+    assert!(!leases.confirm_down(2, &s), "heard, though granted nothing for the down time");
+    assert!(!leases.refuses(2, &s), "the mark up answered the refusal");
+    assert!(leases.refuses(3, &s), "node 3 was never marked: the refusal stands");
+    assert!(leases.confirm_down(3, &s), "and its old grant is the down time old");
+}
