@@ -24,12 +24,13 @@ follower.
 tenant-failover (a cluster started with `sq-cloud dev --replicas 3`): makes the tenants, writes
 each once, then per run freezes (SIGSTOP) the node that is primary of the most of them and, for
 each of its tenants, starts a write every 50 ms (each a fresh request, so one held by the frozen
-node delays no other, and each tenant's from a loopback address of its own); prints, over those tenants, the time from the freeze to the first
-acknowledgement of a write (p50, p99, max: when the tenant took writes again), and the time from
-the freeze to the send of the earliest-sent write that was acknowledged (a write sent before the
-tenant could take it may be held, by the gateway's forward timeout and retry or by the new
-primary's prepare round, and answered later). Then it resumes the node, waits until it is
-primary again, and reads back every acknowledged write. With `--mib N` it first writes N MiB into each tenant (as rebuild
+node delays no other, and each tenant's from a loopback address of its own); prints, over those
+tenants, the time from the freeze to the first acknowledgement of a write (p50, p99, max: when
+the tenant took writes again), and the time from the freeze to the send of the earliest-sent
+write that was acknowledged (a write sent before the tenant could take it may be held, by the
+gateway's forward timeout and retry or by the new primary's prepare round, and answered later).
+Then it resumes the node, waits until it is primary again, lets it serve for 2 s, and reads back
+every acknowledged write at the end. With `--mib N` it first writes N MiB into each tenant (as rebuild
 does), so that a new primary has that much to load before it serves.
 
     python3 benches/failover/measure.py rebuild --dev DIR --tenants 100 --mib 1
