@@ -75,10 +75,10 @@ mod tests {
     // Goal: a health read waits for the rebuild reports of the nodes its first answer's gossip
     // holds alive, and of addresses that answer does not list (seeds), but not of a node it
     // holds suspect or dead.
-    #[test]
-    fn only_nodes_alive_in_the_answer_are_waited_for() {
-        let report = HealthReport {
-            node: 1,
+    /// Node `id`'s health report of a healthy registry, listing `nodes` and `rebuilds`.
+    fn report(id: u64, nodes: Vec<NodeInfo>, rebuilds: Vec<RebuildProgress>) -> HealthReport {
+        HealthReport {
+            node: id,
             raft: RaftReport {
                 leader: Some(1),
                 term: 2,
@@ -91,16 +91,22 @@ mod tests {
             down: Vec::new(),
             under_replicated: 0,
             ring: vec![1, 2, 3, 4],
-            nodes: vec![
-                node(1, "127.0.0.1:7101", NodeHealth::Alive),
-                node(2, "127.0.0.1:7102", NodeHealth::Suspect),
-                node(3, "127.0.0.1:7103", NodeHealth::Dead),
-                node(4, "127.0.0.1:7104", NodeHealth::Alive),
-            ],
+            nodes,
             gossip: Vec::new(),
             handoffs: HandoffsReport { pending: Vec::new(), pulling_here: Default::default() },
-            rebuilds: Vec::new(),
-        };
+            rebuilds,
+        }
+    }
+
+    #[test]
+    fn only_nodes_alive_in_the_answer_are_waited_for() {
+        let nodes = vec![
+            node(1, "127.0.0.1:7101", NodeHealth::Alive),
+            node(2, "127.0.0.1:7102", NodeHealth::Suspect),
+            node(3, "127.0.0.1:7103", NodeHealth::Dead),
+            node(4, "127.0.0.1:7104", NodeHealth::Alive),
+        ];
+        let report = report(1, nodes, Vec::new());
         let waited = |addr: &str| alive_in(&report, addr.parse().unwrap());
         assert!(waited("127.0.0.1:7101"));
         assert!(!waited("127.0.0.1:7102"), "a suspect node is not waited for");
@@ -123,25 +129,7 @@ mod tests {
     /// A node's answer to `Health`, reporting its own rebuild and another node's (which a
     /// health read must not take from it).
     fn answer(id: u64) -> Result<NodeResponse, crate::forward::CallError> {
-        let report = HealthReport {
-            node: id,
-            raft: RaftReport {
-                leader: Some(1),
-                term: 2,
-                commit_index: Some(5),
-                last_log_index: Some(5),
-                applied_index: 5,
-            },
-            placement_epoch: 1,
-            replicas: 3,
-            down: Vec::new(),
-            under_replicated: 0,
-            ring: vec![1, 2, 3],
-            nodes: Vec::new(),
-            gossip: Vec::new(),
-            handoffs: HandoffsReport { pending: Vec::new(), pulling_here: Default::default() },
-            rebuilds: vec![rebuild(id), rebuild(id + 10)],
-        };
+        let report = report(id, Vec::new(), vec![rebuild(id), rebuild(id + 10)]);
         Ok(NodeResponse::Admin {
             result: Ok(AdminAnswer::Health(Box::new(report))),
             applied_index: 5,
