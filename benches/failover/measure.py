@@ -31,7 +31,8 @@ write that was acknowledged (a write sent before the tenant could take it may be
 gateway's forward timeout and retry or by the new primary's prepare round, and answered later).
 Then it resumes the node, waits until it is primary again, lets it serve for 2 s, and reads back
 every acknowledged write at the end. With `--mib N` it first writes N MiB into each tenant (as rebuild
-does), so that a new primary has that much to load before it serves.
+does), so that a new primary has that much to load before it serves. With `--freeze leader` each
+run freezes the registry's leader instead, which adds an election before the node is marked down.
 
     python3 benches/failover/measure.py rebuild --dev DIR --tenants 100 --mib 1
 
@@ -175,7 +176,7 @@ def percentile(values, p):
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-def tenant_failover(c, tenants, runs, mib=0):
+def tenant_failover(c, tenants, runs, mib=0, freeze="primary"):
     keys = {}
     for i in range(tenants):
         tid = f"fo{i:03d}"
@@ -225,7 +226,10 @@ def tenant_failover(c, tenants, runs, mib=0):
         for t in keys:
             stats = json.loads(call(c.api + f"/admin/tenants/{t}/stats", c.admin)[1])
             primaries[t] = stats["node"]
-        node = max(set(primaries.values()), key=lambda n: list(primaries.values()).count(n))
+        if freeze == "leader":
+            node = wait("a registry leader", lambda: c.leader()[0])
+        else:
+            node = max(set(primaries.values()), key=lambda n: list(primaries.values()).count(n))
         moved = [t for t in keys if primaries[t] == node]
         firsts, earliest = {}, {}
         # Freezing the registry's leader adds an election before the node can be marked down.
@@ -483,6 +487,8 @@ def main():
     p.add_argument("--dev", default="sq-cloud-dev")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--how", choices=["kill", "freeze"], default="freeze")
+    p.add_argument("--freeze", choices=["primary", "leader"], default="primary",
+                   help="tenant-failover: the node frozen each run, the primary of the most tenants or the registry leader")
     p.add_argument("--supervisor", type=int, help="pid of `sq-cloud dev`, paused while a killed leader is down")
     a = p.parse_args()
     if a.what == "drain-leader":
@@ -491,7 +497,7 @@ def main():
     if a.what == "dead-node":
         dead_node(c, a.runs)
     elif a.what == "tenant-failover":
-        tenant_failover(c, a.tenants, a.runs, a.mib or 0)
+        tenant_failover(c, a.tenants, a.runs, a.mib or 0, a.freeze)
     elif a.what == "rebuild":
         rebuild(c, a.tenants, 1 if a.mib is None else a.mib)
     else:

@@ -113,6 +113,8 @@ pub fn touched(command: &Command) -> Option<Touched> {
         | Command::NodeDrain { .. }
         | Command::MarkDown { .. }
         | Command::MarkUp { .. }
+        | Command::MarkDownAfter { .. }
+        | Command::MarkUpAfter { .. }
         | Command::StoreLost { .. } => Some(Touched::Placement),
         Command::SetAdminKeyHash { .. }
         | Command::NodeJoin { .. }

@@ -87,11 +87,13 @@ pub enum Command {
     },
     /// A majority of voters confirmed that node `id` has not renewed its lease for the down
     /// time, and refuse it a lease until it is marked up: it is down. Bumps the placement epoch.
-    /// Only an active node that is not down may be marked down.
+    /// Only an active node that is not down may be marked down. Kept so that entries logged by
+    /// builds that proposed it apply as they did; nodes propose [`Command::MarkDownAfter`].
     MarkDown {
         id: u64,
     },
-    /// A node marked down renews its lease again. Bumps the placement epoch.
+    /// A node marked down renews its lease again. Bumps the placement epoch. Kept as
+    /// [`Command::MarkDown`] is; nodes propose [`Command::MarkUpAfter`].
     MarkUp {
         id: u64,
     },
@@ -109,6 +111,22 @@ pub enum Command {
     StoreLost {
         id: u64,
         epoch: u64,
+    },
+    /// [`Command::MarkDown`], decided while the node's latest mark had placement epoch
+    /// `last_mark` (0: never marked), and applied only if it still has
+    /// ([`Rejection::StaleMark`]). A leader decides a mark on its view of the node; if the
+    /// command is committed after a later mark (the leader was paused or deposed during its
+    /// confirmation round, and a new leader marked the node meanwhile), that view is gone and
+    /// the command with it. Without this, a node just marked up was marked down again by a
+    /// deposed leader's late round, and its tenants moved away and back.
+    MarkDownAfter {
+        id: u64,
+        last_mark: u64,
+    },
+    /// [`Command::MarkUp`], under the same condition as [`Command::MarkDownAfter`].
+    MarkUpAfter {
+        id: u64,
+        last_mark: u64,
     },
 }
 
@@ -181,6 +199,11 @@ pub enum Rejection {
     ReplicasChangedByMoreThanOne { from: u8, to: u8 },
     #[error("node {0} is neither active nor draining, so it holds no tenant's copy")]
     NotAMember(u64),
+    #[error(
+        "node {id} was marked down or up again (epoch {now}) since this mark was decided \
+         (epoch {decided})"
+    )]
+    StaleMark { id: u64, decided: u64, now: u64 },
 }
 
 /// What the state machine answers for every applied log entry (the Raft `R` type).
@@ -232,6 +255,14 @@ pub fn apply(state: &mut RegistryState, cmd: Command) -> Result<(), Rejection> {
         Command::MarkDown { id } => mark_down(state, id),
         Command::MarkUp { id } => mark_up(state, id),
         Command::StoreLost { id, epoch } => store_lost(state, id, epoch),
+        Command::MarkDownAfter { id, last_mark } => {
+            mark_unchanged(state, id, last_mark)?;
+            mark_down(state, id)
+        }
+        Command::MarkUpAfter { id, last_mark } => {
+            mark_unchanged(state, id, last_mark)?;
+            mark_up(state, id)
+        }
     }
 }
 
@@ -289,6 +320,15 @@ fn mark_down(state: &mut RegistryState, id: u64) -> Result<(), Rejection> {
     }
     state.placement_epoch += 1;
     state.liveness.insert(id, Liveness { down: true, epoch: state.placement_epoch });
+    Ok(())
+}
+
+/// Whether `id`'s latest mark is still the one of epoch `last_mark` (0: never marked).
+fn mark_unchanged(state: &RegistryState, id: u64, last_mark: u64) -> Result<(), Rejection> {
+    let now = state.liveness(id).map_or(0, |l| l.epoch);
+    if now != last_mark {
+        return Err(Rejection::StaleMark { id, decided: last_mark, now });
+    }
     Ok(())
 }
 

@@ -65,6 +65,46 @@ fn the_replication_factor_is_set_within_its_limits() {
 }
 
 #[test]
+fn a_mark_decided_before_a_later_mark_is_rejected() {
+    // Goal: a mark applies only while the node's latest mark is the one it was decided on. A
+    // deposed leader's `MarkDownAfter`, decided before the new leader marked the node down and
+    // up, reaches the log after both and is rejected, leaving the node up; one decided on the
+    // current view applies.
+    let mut s = RegistryState::default();
+    for id in 1..=3 {
+        apply(&mut s, Command::NodeJoin { id, addr: format!("n{id}:1") }).expect("joins");
+        apply(&mut s, Command::NodeActivate { id }).expect("active");
+    }
+    let epoch = s.placement_epoch();
+    check(
+        &mut s,
+        vec![
+            (Command::MarkDownAfter { id: 1, last_mark: 0 }, Ok(())),
+            (Command::MarkUpAfter { id: 1, last_mark: epoch + 1 }, Ok(())),
+            (
+                Command::MarkDownAfter { id: 1, last_mark: 0 },
+                Err(Rejection::StaleMark { id: 1, decided: 0, now: epoch + 2 }),
+            ),
+            (
+                Command::MarkUpAfter { id: 1, last_mark: epoch + 1 },
+                Err(Rejection::StaleMark { id: 1, decided: epoch + 1, now: epoch + 2 }),
+            ),
+        ],
+    );
+    assert!(!s.is_down(1), "the stale mark left the node up");
+    assert_eq!(s.placement_epoch(), epoch + 2, "a rejected mark moves no epoch");
+    check(&mut s, vec![(Command::MarkDownAfter { id: 1, last_mark: epoch + 2 }, Ok(()))]);
+    assert!(s.is_down(1));
+    check(
+        &mut s,
+        vec![(
+            Command::MarkDownAfter { id: 2, last_mark: 7 },
+            Err(Rejection::StaleMark { id: 2, decided: 7, now: 0 }),
+        )],
+    );
+}
+
+#[test]
 fn nodes_are_marked_down_and_up_once_each() {
     // Goal: only an active node that is not down can be marked down, only a down node marked up,
     // each mark bumping the placement epoch and leaving the ring as it was; removal forgets the

@@ -87,7 +87,7 @@ pub struct NodeRecord {
     pub state: NodeState,
 }
 
-/// A node's last mark down or up (`Command::MarkDown`, `Command::MarkUp`).
+/// A node's last mark down or up (`Command::MarkDownAfter`, `Command::MarkUpAfter`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Liveness {
     pub down: bool,
@@ -128,7 +128,7 @@ pub struct RegistryState {
     pub(crate) purged: OrdSet<String>,
     /// R: how many nodes hold each tenant ([`Self::replica_set`]), 1 to [`REPLICAS_MAX`].
     pub(crate) replicas: u8,
-    /// Nodes ever marked down (`Command::MarkDown`), with whether they are down now and the
+    /// Nodes ever marked down (`Command::MarkDownAfter`), with whether they are down now and the
     /// placement epoch of their last mark down or up.
     pub(crate) liveness: OrdMap<u64, Liveness>,
     /// Built from the active nodes whenever they change; shared between snapshots.
@@ -317,7 +317,7 @@ impl RegistryState {
     }
 
     /// Whether the registry marked `node` down: it stopped renewing its lease with the voters
-    /// (`Command::MarkDown`), and has not come back since (`Command::MarkUp`).
+    /// (`Command::MarkDownAfter`), and has not come back since (`Command::MarkUpAfter`).
     pub fn is_down(&self, node: u64) -> bool {
         self.liveness.get(&node).is_some_and(|l| l.down)
     }

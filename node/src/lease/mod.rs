@@ -12,7 +12,8 @@
 //! - to mark a node down, the registry leader asks every voter to confirm it: a voter confirms
 //!   only when it has not heard the node for [`DOWN_AFTER_MS`] (a voter just started counts from
 //!   its start), and from then on refuses the node's lease requests until the registry marks the
-//!   node up again. With a majority of confirmations the leader commits `MarkDown`.
+//!   node up again. With a majority of confirmations the leader commits `MarkDownAfter`, which
+//!   the registry applies only if the node was not marked since the leader looked at it.
 //!
 //! A grant by one majority and a confirmation by another share a voter. That voter either
 //! confirmed before it granted, and then refused, or confirmed at least [`DOWN_AFTER_MS`] after
@@ -22,7 +23,7 @@
 //!
 //! A voter also grants nothing for [`DOWN_AFTER_MS`] after it starts, and refuses a node its
 //! registry records as down. What it confirmed is held in memory only: a voter that restarts
-//! between confirming and applying the `MarkDown` forgets its refusal (docs/REPLICATION.md says
+//! between confirming and applying the `MarkDownAfter` forgets its refusal (docs/REPLICATION.md says
 //! what is left to build).
 //!
 //! Nothing here runs per tenant: a lease round is one message per node and voter.
@@ -68,6 +69,10 @@ const STUCK_WITHOUT_LEASE_MS: u64 = 2 * DOWN_AFTER_MS;
 
 /// A node marked down is marked up once the leader heard its lease request this recently.
 const UP_HEARD_WITHIN_MS: u64 = 500;
+
+/// How often a node that does not lead the registry looks whether it does now, to watch the
+/// nodes from then on ([`watch_loop`]).
+const LEADER_LOOK: Duration = Duration::from_millis(50);
 
 /// How long one lease or confirmation request may take.
 const LEASE_CALL_TIMEOUT: Duration = Duration::from_millis(500);
@@ -388,8 +393,12 @@ async fn renew(svc: &Service, state: &RegistryState) {
 /// time, and marks up a down node that renews again.
 async fn watch_loop(svc: Arc<Service>, shutdown: CancellationToken) {
     loop {
+        // A leader resumed from a pause may run this before its renewal round does: the silence
+        // it would otherwise find is its own, not the nodes'.
+        svc.leases.tick();
         let state = svc.registry.state();
-        if svc.leases.replicating(&state) && svc.registry.status().is_leader {
+        let leads = svc.registry.status().is_leader;
+        if svc.leases.replicating(&state) && leads {
             let nodes = async {
                 // Itself too: voters may refuse the leader's own lease for good.
                 for node in state.active_nodes() {
@@ -403,18 +412,23 @@ async fn watch_loop(svc: Arc<Service>, shutdown: CancellationToken) {
                 _ = nodes => {}
             }
         }
+        // A node just elected, after its leader froze, finds that node unheard for the down time
+        // already: it looks often while it does not lead, to start its rounds at once.
+        let next = if leads { LEASE_RENEW } else { LEADER_LOOK };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(LEASE_RENEW) => {}
+            _ = tokio::time::sleep(next) => {}
         }
     }
 }
 
 async fn watch(svc: &Service, state: &RegistryState, node: u64) {
     let leases = &svc.leases;
+    // A mark is decided on this view of the node, and is void once the node is marked again.
+    let last_mark = state.liveness(node).map_or(0, |l| l.epoch);
     if state.is_down(node) {
         if leases.heard_age(node) < UP_HEARD_WITHIN_MS {
-            mark(svc, Command::MarkUp { id: node }).await;
+            mark(svc, Command::MarkUpAfter { id: node, last_mark }).await;
         }
         return;
     }
@@ -458,7 +472,7 @@ async fn watch(svc: &Service, state: &RegistryState, node: u64) {
             None => return,
         }
     }
-    mark(svc, Command::MarkDown { id: node }).await;
+    mark(svc, Command::MarkDownAfter { id: node, last_mark }).await;
 }
 
 async fn mark(svc: &Service, command: Command) {
