@@ -21,7 +21,7 @@ use anyhow::{bail, Context};
 use indicatif::{ProgressBar, ProgressStyle};
 use proto::{Coordinate, Doc, PhextName};
 
-use crate::tooling::{encode_query_value, http_client, Target};
+use crate::tooling::{encode_query_value, http_client, GatewayFlags, Target};
 
 /// Writes in flight at once: enough to share the node's fsyncs (group commit), few enough not to
 /// trip the tenant's per-second rate limit for long.
@@ -53,18 +53,8 @@ pub struct ImportConfig {
     /// The tenant's key (with --dev, the demo tenant's key is known).
     #[arg(long)]
     pub key: Option<String>,
-    /// A dev cluster's directory: its dev.json gives the gateway URL, admin key and CA.
-    #[arg(long)]
-    pub dev: Option<PathBuf>,
-    /// The gateway, e.g. https://sq.example.com.
-    #[arg(long)]
-    pub url: Option<String>,
-    /// The admin key, if at hand: the tenant is then checked to exist and be active first.
-    #[arg(long)]
-    pub admin_key: Option<String>,
-    /// A CA certificate (PEM) to trust for an https:// gateway [env: SQ_CLOUD_CA]
-    #[arg(long)]
-    pub ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub gateway: GatewayFlags,
 }
 
 /// One checked file.
@@ -87,12 +77,7 @@ pub fn run(config: ImportConfig) -> anyhow::Result<()> {
     if !proto::auth::valid_tenant_id(&config.tenant) {
         bail!("{:?} is not a tenant id: [a-z0-9][a-z0-9-]{{0,62}}", config.tenant);
     }
-    let target = Target::resolve(
-        config.dev.as_deref(),
-        config.url.clone(),
-        config.admin_key.clone(),
-        config.ca.clone(),
-    )?;
+    let target = config.gateway.target()?;
     let key = tenant_key(&config, &target)?;
     let sources = check_dir(&config.dir)?;
     let http = http_client(target.ca_pem()?.as_deref(), REQUEST_TIMEOUT)?;

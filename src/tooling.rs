@@ -22,6 +22,36 @@ pub fn with_tls_hint(e: anyhow::Error) -> anyhow::Error {
     }
 }
 
+/// Where `bench` and `import` find the gateway: `--dev DIR` or `--url`, with the admin key and
+/// CA flags overriding what a dev cluster's dev.json says ([`Target::resolve`]).
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayFlags {
+    /// A dev cluster's directory: its dev.json gives the gateway URL, admin key and CA.
+    #[arg(long)]
+    pub dev: Option<PathBuf>,
+    /// The gateway, e.g. https://sq.example.com or http://127.0.0.1:8080.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// The admin key. `bench` makes (and afterwards archives) its tenants with it; `import`
+    /// checks with it that the tenant exists and is active before it writes.
+    #[arg(long)]
+    pub admin_key: Option<String>,
+    /// A CA certificate (PEM) to trust for an https:// gateway [env: SQ_CLOUD_CA]
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+}
+
+impl GatewayFlags {
+    pub fn target(&self) -> anyhow::Result<Target> {
+        Target::resolve(
+            self.dev.as_deref(),
+            self.url.clone(),
+            self.admin_key.clone(),
+            self.ca.clone(),
+        )
+    }
+}
+
 /// The gateway a tool talks to, and the keys it was given.
 #[derive(Debug, Clone)]
 pub struct Target {

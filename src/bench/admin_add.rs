@@ -269,7 +269,7 @@ fn percentile_ms(values: &mut [Duration], q: f64) -> f64 {
 
 /// The processes to weigh: with `--dev`, the gateway and every node of that cluster.
 fn processes(config: &BenchConfig) -> anyhow::Result<Vec<(String, u32)>> {
-    let Some(dir) = &config.dev else { return Ok(Vec::new()) };
+    let Some(dir) = &config.gateway.dev else { return Ok(Vec::new()) };
     let bytes = std::fs::read(dir.join("dev.json")).context("reading dev.json")?;
     let dev: crate::dev::DevJson = serde_json::from_slice(&bytes).context("parsing dev.json")?;
     let mut out = vec![("gateway".to_string(), dev.gateway_pid)];

@@ -16,12 +16,11 @@ mod conn;
 mod report;
 mod workers;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::tooling::Target;
+use crate::tooling::GatewayFlags;
 
 /// The most workers (threads, connections) one bench runs: a bound, not a target.
 pub const CONCURRENCY_MAX: usize = 1024;
@@ -127,18 +126,8 @@ pub enum Mode {
 /// `sq-cloud bench` flags.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// A dev cluster's directory: its dev.json gives the gateway URL, admin key and CA.
-    #[arg(long)]
-    pub dev: Option<PathBuf>,
-    /// The gateway, e.g. http://127.0.0.1:8080.
-    #[arg(long)]
-    pub url: Option<String>,
-    /// The admin key, to make (and afterwards archive) the bench's tenants.
-    #[arg(long)]
-    pub admin_key: Option<String>,
-    /// A CA certificate (PEM) to trust for an https:// gateway [env: SQ_CLOUD_CA]
-    #[arg(long)]
-    pub ca: Option<PathBuf>,
+    #[command(flatten)]
+    pub gateway: GatewayFlags,
     /// Load this one tenant (its key) instead of making tenants.
     #[arg(long, conflicts_with = "tenants")]
     pub key: Option<String>,
@@ -193,10 +182,7 @@ impl BenchArgs {
             bail!("--duration must be a positive number of seconds");
         }
         Ok(BenchConfig {
-            dev: self.dev,
-            url: self.url,
-            admin_key: self.admin_key,
-            ca: self.ca,
+            gateway: self.gateway,
             key: self.key,
             tenants: self.tenants,
             concurrency: self.concurrency,
@@ -218,10 +204,7 @@ impl BenchArgs {
 /// Everything `sq-cloud bench` was asked to do.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
-    pub dev: Option<PathBuf>,
-    pub url: Option<String>,
-    pub admin_key: Option<String>,
-    pub ca: Option<PathBuf>,
+    pub gateway: GatewayFlags,
     /// Use this tenant key instead of making tenants.
     pub key: Option<String>,
     pub tenants: usize,
@@ -242,12 +225,7 @@ pub struct BenchConfig {
 
 /// Runs the whole benchmark and prints its report.
 pub fn run(config: BenchConfig) -> anyhow::Result<()> {
-    let target = Target::resolve(
-        config.dev.as_deref(),
-        config.url.clone(),
-        config.admin_key.clone(),
-        config.ca.clone(),
-    )?;
+    let target = config.gateway.target()?;
     if config.mode == Mode::AdminAdd {
         let report = admin_add::run(&config, &target)?;
         if config.json {
