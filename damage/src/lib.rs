@@ -12,6 +12,13 @@ use proptest::prelude::*;
 /// A decode's peak heap is bounded by its claim budget plus this.
 pub const SEQUENCE_PREALLOC_BYTES: usize = 4 * 1024 * 1024;
 
+/// The most one bounded decode may hold, given its claim budget (the decoder's own
+/// `decode_claim_budget` of the input): the budget twice, since the decoded value's own headers
+/// are claimed by its fields too, and what serde preallocates.
+pub fn decode_limit(claim_budget: usize) -> usize {
+    2 * claim_budget + SEQUENCE_PREALLOC_BYTES
+}
+
 /// A damage done to a valid encoding.
 #[derive(Debug, Clone)]
 pub enum Mutation {

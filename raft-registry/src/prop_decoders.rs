@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use damage::{mutate, varint, Mutation, SEQUENCE_PREALLOC_BYTES};
+use damage::{mutate, varint, Mutation};
 use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, VoteRequest, VoteResponse};
 use openraft::{BasicNode, CommittedLeaderId, EntryPayload, Membership};
 use proptest::prelude::*;
@@ -35,11 +35,10 @@ fn mutation() -> impl Strategy<Value = Mutation> {
     damage::mutation(RECORD_PAYLOAD_BYTES_MAX as u64)
 }
 
-/// The most one bounded decode of `len` bytes may hold under the limit `max`: its claim budget,
-/// twice (the decoded value's own headers are claimed by its fields too), and what serde
-/// preallocates.
+/// The most one bounded decode of `len` bytes may hold under the limit `max`
+/// ([`damage::decode_limit`]).
 fn decode_limit(len: usize, max: usize) -> usize {
-    2 * decode_claim_budget(len, max) + SEQUENCE_PREALLOC_BYTES
+    damage::decode_limit(decode_claim_budget(len, max))
 }
 
 fn text() -> impl Strategy<Value = String> {

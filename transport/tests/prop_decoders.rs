@@ -3,7 +3,7 @@
 //! mutated (bit flips, truncations, inflated length prefixes) and checks that the decoder never
 //! panics and never allocates past its limit, measured by a counting allocator.
 
-use damage::{mutate, varint, Mutation, SEQUENCE_PREALLOC_BYTES};
+use damage::{mutate, varint, Mutation};
 use proptest::prelude::*;
 use proptest::test_runner::Config;
 
@@ -20,11 +20,9 @@ fn mutation() -> impl Strategy<Value = Mutation> {
     damage::mutation(FRAME_BYTES_MAX as u64)
 }
 
-/// What one payload decode may hold: its claim budget (twice, for the decoded value's own
-/// headers, which every field claims too) and what serde preallocates for the sequences being
-/// decoded at once.
+/// What one payload decode may hold ([`damage::decode_limit`]).
 fn decode_limit(len: usize) -> usize {
-    2 * decode_claim_budget(len) + SEQUENCE_PREALLOC_BYTES
+    damage::decode_limit(decode_claim_budget(len))
 }
 
 /// A payload type with every shape the codec meets: strings, byte strings, sequences, options,

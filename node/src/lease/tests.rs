@@ -2,6 +2,24 @@ use super::*;
 use crate::store::ManualClock;
 use raft_registry::command::apply;
 
+/// A voter just started at 10 s on its clock, and the registry of three active nodes it sees.
+fn voter() -> (Arc<ManualClock>, Leases, RegistryState) {
+    let clock = Arc::new(ManualClock::new(10_000));
+    let leases = Leases::new(clock.clone());
+    (clock, leases, cluster())
+}
+
+/// Marks `id` down or up as the registry leader does: decided on its latest mark in `s`.
+fn mark(s: &mut RegistryState, id: u64, down: bool) {
+    let last_mark = s.liveness(id).map_or(0, |l| l.epoch);
+    let command = if down {
+        Command::MarkDownAfter { id, last_mark }
+    } else {
+        Command::MarkUpAfter { id, last_mark }
+    };
+    apply(s, command).expect("marked");
+}
+
 fn cluster() -> RegistryState {
     let mut s = RegistryState::default();
     for id in 1..=3 {
@@ -15,10 +33,8 @@ fn cluster() -> RegistryState {
 fn a_voter_grants_and_confirms_by_the_rules() {
     // Goal: a voter grants nothing while it is just started; grants a node it hears; will
     // not confirm a node heard within the down time, confirms one silent for it and refuses
-    // it from then on, also after a `MarkDown`, until a `MarkUp` after the confirmation.
-    let clock = Arc::new(ManualClock::new(10_000));
-    let leases = Leases::new(clock.clone());
-    let mut s = cluster();
+    // it from then on, also after a mark down, until a mark up after the confirmation.
+    let (clock, leases, mut s) = voter();
     assert!(!leases.grant(2, &s), "nothing granted just after start");
     clock.advance_ms(DOWN_AFTER_MS);
     assert!(leases.grant(2, &s));
@@ -31,13 +47,13 @@ fn a_voter_grants_and_confirms_by_the_rules() {
     assert!(!leases.grant(2, &s), "refused once confirmed");
     assert!(leases.heard_age(2) == 0, "a refused request is still heard");
     assert!(leases.confirm_down(2, &s), "confirmed again, though heard");
-    apply(&mut s, Command::MarkDown { id: 2 }).expect("down");
+    mark(&mut s, 2, true);
     assert!(!leases.grant(2, &s));
-    apply(&mut s, Command::MarkUp { id: 2 }).expect("up");
+    mark(&mut s, 2, false);
     assert!(leases.grant(2, &s), "granted after a mark up");
     assert!(!leases.confirm_down(2, &s), "and heard again");
     // Marked down by a leader this voter did not confirm for: refused all the same.
-    apply(&mut s, Command::MarkDown { id: 1 }).expect("down");
+    mark(&mut s, 1, true);
     assert!(!leases.grant(1, &s));
 }
 
@@ -47,9 +63,7 @@ fn a_voter_refuses_a_heard_node_long_without_a_lease_and_confirms_it_once_its_gr
     // time (refused by the other half of an even number of voters) is refused from the
     // leader's first question on, and confirmed only once this voter's last grant to it is
     // the down time old; a node that says it lost its lease only briefly is neither.
-    let clock = Arc::new(ManualClock::new(10_000));
-    let leases = Leases::new(clock.clone());
-    let s = cluster();
+    let (clock, leases, s) = voter();
     clock.advance_ms(DOWN_AFTER_MS);
     assert!(leases.grant(2, &s) && leases.grant(3, &s));
     leases.note_lapse(3, 10, 0);
@@ -75,12 +89,10 @@ fn a_lapse_told_before_the_node_learnt_of_its_mark_up_is_not_taken() {
     // marked down again before its first round since could win a lease; a lapse told
     // knowing the mark is taken. With two voters, one stale lapse each way kept both nodes
     // marked down and up for good.
-    let clock = Arc::new(ManualClock::new(10_000));
-    let leases = Leases::new(clock.clone());
-    let mut s = cluster();
+    let (clock, leases, mut s) = voter();
     clock.advance_ms(DOWN_AFTER_MS);
-    apply(&mut s, Command::MarkDown { id: 2 }).expect("down");
-    apply(&mut s, Command::MarkUp { id: 2 }).expect("up");
+    mark(&mut s, 2, true);
+    mark(&mut s, 2, false);
     let up = s.liveness(2).expect("marked").epoch;
     assert!(leases.grant(2, &s));
     leases.note_lapse(2, STUCK_WITHOUT_LEASE_MS, up - 1);
@@ -114,9 +126,7 @@ fn a_voter_back_from_a_pause_starts_over() {
     // Goal: a voter whose rounds stopped for longer than the down time (it was frozen)
     // counts silences from its resumption, so it confirms no one down at once, and grants
     // nothing for the down time, as a voter just started.
-    let clock = Arc::new(ManualClock::new(10_000));
-    let leases = Leases::new(clock.clone());
-    let s = cluster();
+    let (clock, leases, s) = voter();
     clock.advance_ms(DOWN_AFTER_MS);
     leases.tick();
     assert!(leases.grant(2, &s));
@@ -135,9 +145,7 @@ fn a_raise_from_one_copy_counts_silences_and_lapses_from_the_raise() {
     // without one is neither silent nor stuck: a voter confirms no one down at once, and a
     // node's own time without a lease counts from the raise; a node silent for the down
     // time after the raise is confirmed as usual.
-    let clock = Arc::new(ManualClock::new(10_000));
-    let leases = Leases::new(clock.clone());
-    let mut s = cluster();
+    let (clock, leases, mut s) = voter();
     assert!(!leases.replicating(&s), "R = 1");
     for _ in 0..300 {
         clock.advance_ms(LEASE_RENEW.as_millis() as u64);
@@ -209,19 +217,17 @@ fn a_refusal_ends_with_the_mark_up_that_answered_it() {
     // voter neither refuses it nor confirms it down for that old confirmation, even before the
     // node's first lease request since (the leader marked such a node down again at once, and
     // its tenants moved away and back). A refusal no mark answered still stands.
-    let clock = Arc::new(ManualClock::new(10_000));
-    let leases = Leases::new(clock.clone());
-    let mut s = cluster();
+    let (clock, leases, mut s) = voter();
     clock.advance_ms(DOWN_AFTER_MS);
     assert!(leases.grant(2, &s) && leases.grant(3, &s));
     clock.advance_ms(DOWN_AFTER_MS);
     assert!(leases.confirm_down(2, &s) && leases.confirm_down(3, &s));
     assert!(leases.refuses(2, &s) && leases.refuses(3, &s));
-    apply(&mut s, Command::MarkDown { id: 2 }).expect("down");
+    mark(&mut s, 2, true);
     clock.advance_ms(DOWN_AFTER_MS);
     assert!(!leases.grant(2, &s), "back, and refused, but heard (what has it marked up)");
     assert!(leases.refuses(2, &s), "marked down, not yet up");
-    apply(&mut s, Command::MarkUp { id: 2 }).expect("up");
+    mark(&mut s, 2, false);
     assert!(!leases.confirm_down(2, &s), "heard, though granted nothing for the down time");
     assert!(!leases.refuses(2, &s), "the mark up answered the refusal");
     assert!(leases.refuses(3, &s), "node 3 was never marked: the refusal stands");
