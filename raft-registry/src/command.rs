@@ -325,7 +325,7 @@ fn mark_down(state: &mut RegistryState, id: u64) -> Result<(), Rejection> {
 
 /// Whether `id`'s latest mark is still the one of epoch `last_mark` (0: never marked).
 fn mark_unchanged(state: &RegistryState, id: u64, last_mark: u64) -> Result<(), Rejection> {
-    let now = state.liveness(id).map_or(0, |l| l.epoch);
+    let now = state.mark_epoch(id);
     if now != last_mark {
         return Err(Rejection::StaleMark { id, decided: last_mark, now });
     }

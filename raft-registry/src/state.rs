@@ -327,6 +327,11 @@ impl RegistryState {
         self.liveness.get(&node).copied()
     }
 
+    /// The placement epoch of `node`'s last mark down or up; 0 if it was never marked.
+    pub fn mark_epoch(&self, node: u64) -> u64 {
+        self.liveness(node).map_or(0, |l| l.epoch)
+    }
+
     /// Every node ever marked down, with its last mark, by id.
     pub fn liveness_marks(&self) -> impl Iterator<Item = (u64, Liveness)> + '_ {
         self.liveness.iter().map(|(id, l)| (*id, *l))

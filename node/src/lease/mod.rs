@@ -220,7 +220,7 @@ impl Leases {
     /// of it in `state`: a lapse told before the node learnt of a later mark (a mark up, which
     /// restarts its count) says nothing about it now.
     fn lapse(&self, node: u64, state: &RegistryState) -> Option<u64> {
-        let known = state.liveness(node).map_or(0, |l| l.epoch);
+        let known = state.mark_epoch(node);
         let lapse = locked(&self.lapses).get(&node).copied()?;
         (lapse.mark_epoch >= known).then_some(lapse.ms)
     }
@@ -353,7 +353,7 @@ pub async fn run(svc: Arc<Service>, shutdown: CancellationToken) {
 async fn renew(svc: &Service, state: &RegistryState) {
     let voters = svc.registry.status().voters;
     let sent_ms = svc.clock.now_ms();
-    svc.leases.see_mark(state.liveness(svc.id).map_or(0, |l| l.epoch));
+    svc.leases.see_mark(state.mark_epoch(svc.id));
     let mark_epoch = svc.leases.mark_seen();
     let mut asks: FuturesUnordered<_> = voters
         .iter()
@@ -425,7 +425,7 @@ async fn watch_loop(svc: Arc<Service>, shutdown: CancellationToken) {
 async fn watch(svc: &Service, state: &RegistryState, node: u64) {
     let leases = &svc.leases;
     // A mark is decided on this view of the node, and is void once the node is marked again.
-    let last_mark = state.liveness(node).map_or(0, |l| l.epoch);
+    let last_mark = state.mark_epoch(node);
     if state.is_down(node) {
         if leases.heard_age(node) < UP_HEARD_WITHIN_MS {
             mark(svc, Command::MarkUpAfter { id: node, last_mark }).await;

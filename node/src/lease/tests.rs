@@ -11,7 +11,7 @@ fn voter() -> (Arc<ManualClock>, Leases, RegistryState) {
 
 /// Marks `id` down or up as the registry leader does: decided on its latest mark in `s`.
 fn mark(s: &mut RegistryState, id: u64, down: bool) {
-    let last_mark = s.liveness(id).map_or(0, |l| l.epoch);
+    let last_mark = s.mark_epoch(id);
     let command = if down {
         Command::MarkDownAfter { id, last_mark }
     } else {
