@@ -1,7 +1,9 @@
 //! The fault schedule: from one seed, a stream of partitions (both ways and one way), bad
 //! network weather (loss, duplication, long delays), process crashes with restarts, frozen
 //! processes (a SIGSTOP: everything they send or are sent waits until they resume), full and
-//! slow disks, and clock jumps. Each fault is undone after a while; [`heal`] undoes them all.
+//! slow disks, and clock jumps; with three copies, lost disks and primaries cut off from their
+//! backups (both ways, or hearing no node while they are drained). Each fault is undone after a
+//! while; [`heal`] undoes them all.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -288,6 +290,9 @@ fn restart_after(world: &Arc<World>, node: u64, length: Duration, stop: &Cancell
 /// clients there keep reaching it while the rest of the cluster marks it down and serves the
 /// tenant from another node. A deposed primary that answered reads without its lease would
 /// answer them stale.
+///
+/// Or, when the primary may be drained at once (more than R active nodes) and is not the
+/// registry's leader, with an even chance: [`confine_and_drain`].
 fn isolate_primary(world: &Arc<World>, rng: &mut Rng, length: Duration, stop: &CancellationToken) {
     let Some(state) = world.registry_state() else { return };
     let tenants: Vec<String> = state.tenants().map(|t| t.id.to_string()).collect();
@@ -296,7 +301,12 @@ fn isolate_primary(world: &Arc<World>, rng: &mut Rng, length: Duration, stop: &C
     }
     let tenant = rng.pick(&tenants).clone();
     let Some(primary) = state.primary_of(&tenant) else { return };
-    let gateway = Endpoint::Gateway(rng.below(world.gateways.len() as u64));
+    let g = rng.below(world.gateways.len() as u64);
+    let gateway = Endpoint::Gateway(g);
+    if drainable(world, &state, primary) && rng.chance(500) {
+        confine_and_drain(world, &tenant, primary, g, length, stop);
+        return;
+    }
     let inside = [Endpoint::Node(primary), gateway];
     let links: Vec<(Endpoint, Endpoint)> = endpoints(world)
         .into_iter()
@@ -310,6 +320,57 @@ fn isolate_primary(world: &Arc<World>, rng: &mut Rng, length: Duration, stop: &C
     ));
     world.stats().partitions += 1;
     cut(world, links, length, stop);
+}
+
+/// Whether node `node` can be drained now, with another gateway to send the drain through, and
+/// is not the registry's leader (a leader that hears nothing back stalls the registry, and its
+/// drain would not commit).
+fn drainable(world: &World, state: &raft_registry::RegistryState, node: u64) -> bool {
+    let active = state.active_nodes();
+    let leads = world.cluster.parts(node).is_some_and(|p| p.registry.status().is_leader);
+    world.gateways.len() >= 2
+        && active.len() >= 3
+        && active.len() > state.replicas()
+        && active.contains(&node)
+        && !leads
+}
+
+/// Node `primary` hears no other node (one way: what it sends still arrives) and its gateway
+/// `g` reaches no other node, and `primary` is drained through another gateway at once.
+///
+/// The drain moves `tenant`'s primary to a live node while the old one, whose registry no
+/// longer hears of changes, still takes itself for the primary and holds its lease for up to
+/// `LEASE_MS`, with clients reaching it through `g`. The new primary must not serve before the
+/// old one has promised its ballot: one that served on a majority's promises alone would leave
+/// the old one answering reads that miss its writes. Unfixed, the tenant answers 503 until the
+/// old primary promises or, its lease requests unanswered, is marked down.
+fn confine_and_drain(
+    world: &Arc<World>,
+    tenant: &str,
+    primary: u64,
+    g: u64,
+    length: Duration,
+    stop: &CancellationToken,
+) {
+    let node = Endpoint::Node(primary);
+    let gateway = Endpoint::Gateway(g);
+    let others: Vec<Endpoint> =
+        world.cluster.ids().into_iter().filter(|&id| id != primary).map(Endpoint::Node).collect();
+    let links: Vec<(Endpoint, Endpoint)> =
+        others.iter().flat_map(|&out| [(out, node), (gateway, out), (out, gateway)]).collect();
+    world.trace.event(format!(
+        "fault: {tenant}'s primary n{primary} hears no node, {gateway} reaches only it, for {} \
+         ms; n{primary} drained",
+        length.as_millis()
+    ));
+    world.stats().partitions += 1;
+    cut(world, links, length, stop);
+    let other_gateway = (g as usize + 1) % world.gateways.len();
+    let world = world.clone();
+    tokio::spawn(async move {
+        let drain = proto::cluster::AdminOp::DrainNode { id: primary };
+        let _ = crate::operator::admin(&world, other_gateway, drain).await;
+    });
 }
 
 /// Machine `node` loses power and its tenant store with it (a dead disk, replaced empty); it
