@@ -2,7 +2,7 @@
 //! network weather (loss, duplication, long delays), process crashes with restarts, frozen
 //! processes (a SIGSTOP: everything they send or are sent waits until they resume), full and
 //! slow disks, and clock jumps; with three copies, lost disks and primaries cut off from their
-//! backups (both ways, or hearing no node while they are drained). Each fault is undone after a
+//! backups (both ways, or closed to other nodes while they are drained). Each fault is undone after a
 //! while; [`heal`] undoes them all.
 
 use std::sync::Arc;
@@ -67,7 +67,17 @@ const ISOLATE_PRIMARY_WEIGHT: u64 = 15;
 /// the registry's R is 3 or more and as many nodes are active: with two copies, one lost disk
 /// leaves no majority to lead, and a run that raises R from 2 to 3 meets those faults once the
 /// raise is committed over three active nodes.
-pub async fn run(world: Arc<World>, mut rng: Rng, stop: CancellationToken, replicas: u8) {
+pub async fn run(world: Arc<World>, rng: Rng, stop: CancellationToken, replicas: u8) {
+    // The moves draw from a stream of their own, so that the other faults come as they did
+    // before the moves were added.
+    let moves = Rng::new(rng.clone().next_u64() ^ MOVES_STREAM);
+    tokio::join!(
+        faults(world.clone(), rng, stop.clone(), replicas),
+        moves_of_closed_primaries(world, moves, stop, replicas),
+    );
+}
+
+async fn faults(world: Arc<World>, mut rng: Rng, stop: CancellationToken, replicas: u8) {
     let weights = |r_now: usize| -> Vec<u64> {
         let three = replicas >= 3 && r_now >= 3;
         KINDS
@@ -95,6 +105,56 @@ pub async fn run(world: Arc<World>, mut rng: Rng, stop: CancellationToken, repli
         let length = Duration::from_millis(rng.range(FAULT_LENGTH_MS.0, FAULT_LENGTH_MS.1));
         world.stats().faults += 1;
         inject(&world, &mut rng, kind, length, &stop);
+    }
+}
+
+/// Tells the moves' stream of random numbers from the other faults'.
+const MOVES_STREAM: u64 = 0x4D0F_E5C1_05ED_0001;
+/// Pause between two looks for a primary to close and move, in milliseconds.
+const MOVE_PAUSE_MS: (u64, u64) = (1_000, 5_000);
+/// How long a closed primary stays closed, in milliseconds.
+const CLOSED_MS: (u64, u64) = (1_000, 5_000);
+
+/// With R >= 3 and as many active nodes: now and then, a tenant whose primary can be moved at
+/// once to another live node ([`Move`]) has it moved while the old primary is closed to other
+/// nodes ([`close_and_move`]).
+async fn moves_of_closed_primaries(
+    world: Arc<World>,
+    mut rng: Rng,
+    stop: CancellationToken,
+    replicas: u8,
+) {
+    if replicas < 3 {
+        return;
+    }
+    while !stop.is_cancelled() {
+        let pause = Duration::from_millis(rng.range(MOVE_PAUSE_MS.0, MOVE_PAUSE_MS.1));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+        let Some(state) = world.registry_state() else { continue };
+        if state.replicas().min(state.active_nodes().len()) < 3 {
+            continue;
+        }
+        let movable: Vec<(String, u64, Move)> = state
+            .tenants()
+            .filter_map(|t| {
+                let primary = state.primary_of(&t.id)?;
+                Move::of(&world, &state, &t.id, primary).map(|how| (t.id.to_string(), primary, how))
+            })
+            .collect();
+        if movable.is_empty() {
+            continue;
+        }
+        let (tenant, primary, how) = rng.pick(&movable).clone();
+        let g = rng.below(world.gateways.len() as u64);
+        let length = Duration::from_millis(rng.range(CLOSED_MS.0, CLOSED_MS.1));
+        world.stats().faults += 1;
+        close_and_move(&world, &tenant, primary, how, g, length, &stop);
     }
 }
 
@@ -290,9 +350,6 @@ fn restart_after(world: &Arc<World>, node: u64, length: Duration, stop: &Cancell
 /// clients there keep reaching it while the rest of the cluster marks it down and serves the
 /// tenant from another node. A deposed primary that answered reads without its lease would
 /// answer them stale.
-///
-/// Or, when the primary may be drained at once (more than R active nodes) and is not the
-/// registry's leader, with an even chance: [`confine_and_drain`].
 fn isolate_primary(world: &Arc<World>, rng: &mut Rng, length: Duration, stop: &CancellationToken) {
     let Some(state) = world.registry_state() else { return };
     let tenants: Vec<String> = state.tenants().map(|t| t.id.to_string()).collect();
@@ -303,10 +360,6 @@ fn isolate_primary(world: &Arc<World>, rng: &mut Rng, length: Duration, stop: &C
     let Some(primary) = state.primary_of(&tenant) else { return };
     let g = rng.below(world.gateways.len() as u64);
     let gateway = Endpoint::Gateway(g);
-    if drainable(world, &state, primary) && rng.chance(500) {
-        confine_and_drain(world, &tenant, primary, g, length, stop);
-        return;
-    }
     let inside = [Endpoint::Node(primary), gateway];
     let links: Vec<(Endpoint, Endpoint)> = endpoints(world)
         .into_iter()
@@ -322,55 +375,98 @@ fn isolate_primary(world: &Arc<World>, rng: &mut Rng, length: Duration, stop: &C
     cut(world, links, length, stop);
 }
 
-/// Whether node `node` can be drained now, with another gateway to send the drain through, and
-/// is not the registry's leader (a leader that hears nothing back stalls the registry, and its
-/// drain would not commit).
-fn drainable(world: &World, state: &raft_registry::RegistryState, node: u64) -> bool {
-    let active = state.active_nodes();
-    let leads = world.cluster.parts(node).is_some_and(|p| p.registry.status().is_leader);
-    world.gateways.len() >= 2
-        && active.len() >= 3
-        && active.len() > state.replicas()
-        && active.contains(&node)
-        && !leads
+/// How a tenant's primary is moved to another live node at once.
+#[derive(Debug, Clone, Copy)]
+enum Move {
+    /// The head of its replica set, marked down, comes back (started now if its process is
+    /// down) and is marked up: the tenant goes back to it.
+    Return(u64),
+    /// The primary is drained (more than R active nodes, no placement change pending).
+    Drain,
 }
 
-/// Node `primary` hears no other node (one way: what it sends still arrives) and its gateway
-/// `g` reaches no other node, and `primary` is drained through another gateway at once.
+impl Move {
+    /// How `tenant`'s `primary` can be moved, if it can: it is not the registry's leader (a
+    /// leader closed to its followers' requests goes on leading, and nothing would commit), and
+    /// a second gateway is there for the clients of the new primary and the operator.
+    fn of(
+        world: &World,
+        state: &raft_registry::RegistryState,
+        tenant: &str,
+        primary: u64,
+    ) -> Option<Move> {
+        let leads = world.cluster.parts(primary).is_some_and(|p| p.registry.status().is_leader);
+        if leads || world.gateways.len() < 2 {
+            return None;
+        }
+        let head = state.replica_set(tenant).first().copied()?;
+        let entering = state.replica_change(tenant).map(|h| h.to);
+        if head != primary && state.is_down(head) && Some(head) != entering {
+            return Some(Move::Return(head));
+        }
+        let active = state.active_nodes();
+        let drainable = active.len() >= 3
+            && active.len() > state.replicas()
+            && active.contains(&primary)
+            && state.handoffs().next().is_none();
+        drainable.then_some(Move::Drain)
+    }
+}
+
+/// Node `primary` is closed to requests from other nodes (a firewall that lets it dial out and
+/// hear the answers, but lets no peer dial in), its gateway `g` reaches no other node, and
+/// `tenant`'s primary is moved to another live node at once (`how`).
 ///
-/// The drain moves `tenant`'s primary to a live node while the old one, whose registry no
-/// longer hears of changes, still takes itself for the primary and holds its lease for up to
-/// `LEASE_MS`, with clients reaching it through `g`. The new primary must not serve before the
-/// old one has promised its ballot: one that served on a majority's promises alone would leave
-/// the old one answering reads that miss its writes. Unfixed, the tenant answers 503 until the
-/// old primary promises or, its lease requests unanswered, is marked down.
-fn confine_and_drain(
+/// The old primary hears no registry entry and no prepare: it still takes itself for the
+/// primary, keeps its lease (its own lease requests are answered), and answers reads from the
+/// clients of `g`. The new primary must not serve before the old one has promised its ballot:
+/// one that served on a majority's promises alone would leave the old one answering reads that
+/// miss its writes. As built, the tenant answers 503 until the old primary can be asked again.
+fn close_and_move(
     world: &Arc<World>,
     tenant: &str,
     primary: u64,
+    how: Move,
     g: u64,
     length: Duration,
     stop: &CancellationToken,
 ) {
     let node = Endpoint::Node(primary);
     let gateway = Endpoint::Gateway(g);
-    let others: Vec<Endpoint> =
-        world.cluster.ids().into_iter().filter(|&id| id != primary).map(Endpoint::Node).collect();
-    let links: Vec<(Endpoint, Endpoint)> =
-        others.iter().flat_map(|&out| [(out, node), (gateway, out), (out, gateway)]).collect();
+    let links: Vec<(Endpoint, Endpoint)> = world
+        .cluster
+        .ids()
+        .into_iter()
+        .filter(|&id| id != primary)
+        .flat_map(|id| [(gateway, Endpoint::Node(id)), (Endpoint::Node(id), gateway)])
+        .collect();
     world.trace.event(format!(
-        "fault: {tenant}'s primary n{primary} hears no node, {gateway} reaches only it, for {} \
-         ms; n{primary} drained",
+        "fault: {tenant}'s primary {node} closed to other nodes, {gateway} reaches only it, for \
+         {} ms; the tenant moves: {how:?}",
         length.as_millis()
     ));
     world.stats().partitions += 1;
     cut(world, links, length, stop);
-    let other_gateway = (g as usize + 1) % world.gateways.len();
+    let net = world.cluster.net.clone();
+    net.set_closed(primary, true);
+    later(length, stop, move || net.set_closed(primary, false));
     let world = world.clone();
-    tokio::spawn(async move {
-        let drain = proto::cluster::AdminOp::DrainNode { id: primary };
-        let _ = crate::operator::admin(&world, other_gateway, drain).await;
-    });
+    match how {
+        Move::Return(head) => {
+            tokio::spawn(async move {
+                if let Err(v) = world.cluster.start(head).await {
+                    world.monitor.report(v);
+                }
+            });
+        }
+        Move::Drain => {
+            let other_gateway = (g as usize + 1) % world.gateways.len();
+            tokio::spawn(async move {
+                let drain = proto::cluster::AdminOp::DrainNode { id: primary };
+                let _ = crate::operator::admin(&world, other_gateway, drain).await;
+            });
+        }
+    }
 }
 
 /// Machine `node` loses power and its tenant store with it (a dead disk, replaced empty); it
