@@ -19,6 +19,7 @@ pub enum Invariant {
     LostWrite,
     StaleRead,
     OneOwner,
+    Deposed,
     Isolation,
     Auth,
     Quota,
@@ -40,6 +41,9 @@ impl fmt::Display for Invariant {
                 "a read sees the latest acknowledged write of its tenant, and a session's reads never go back"
             }
             Invariant::OneOwner => "at most one node serves a tenant in any placement epoch",
+            Invariant::Deposed => {
+                "a node serves a tenant no more once another has served it as a later primary"
+            }
             Invariant::Isolation => "a tenant never reads another's data",
             Invariant::Auth => {
                 "a revoked key, or a disabled, archived or purged tenant's key, gets 401 or 403, never data"
@@ -105,6 +109,8 @@ struct Inner {
     history: BTreeMap<u64, VecDeque<(u64, Arc<RegistryState>)>>,
     /// (tenant, epoch) → the node that served it in that epoch.
     servers: BTreeMap<(String, u64), u64>,
+    /// Tenant → the latest placement epoch it was served in so far, and the node that served it.
+    latest: BTreeMap<String, (u64, u64)>,
     pub served: u64,
     /// The simulated time span in which finished handoffs are counted, and the count.
     handoff_window: Option<(u64, u64)>,
@@ -347,6 +353,7 @@ fn check_owner(
             format!("node {node} served tenant {tenant} without being its primary in any registry state it held: {}", epochs.join(", ")),
         ));
     };
+    deposed_check(inner, node, tenant, owning)?;
     if owning.iter().any(|e| *e != epoch) {
         return Ok(());
     }
@@ -360,6 +367,35 @@ fn check_owner(
         Some(_) => Ok(()),
         None => {
             inner.servers.insert((tenant.to_string(), epoch), node);
+            Ok(())
+        }
+    }
+}
+
+/// [`Invariant::Deposed`]: `node` served `tenant` as its primary in the placement epochs
+/// `owning` (of the registry states it held while it handled the request); no other node may have
+/// served it already in a later epoch. A primary that did had gathered the promises of every
+/// member not marked down first, and a member that promises a new primary answers no request
+/// as the old one from then on (its check that it still leads comes last); a node marked down
+/// holds no lease. Then records the latest epoch the tenant was served in.
+fn deposed_check(
+    inner: &mut Inner,
+    node: u64,
+    tenant: &str,
+    owning: &[u64],
+) -> Result<(), Violation> {
+    let Some(&newest) = owning.iter().max() else { return Ok(()) };
+    match inner.latest.get(tenant).copied() {
+        Some((epoch, other)) if other != node && epoch > newest => Err(Violation::new(
+            Invariant::Deposed,
+            format!(
+                "node {node} served tenant {tenant} as its primary in placement epoch {newest} \
+                 after node {other} had served it as its primary in epoch {epoch}"
+            ),
+        )),
+        Some((epoch, _)) if epoch >= newest => Ok(()),
+        _ => {
+            inner.latest.insert(tenant.to_string(), (newest, node));
             Ok(())
         }
     }
