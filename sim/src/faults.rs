@@ -2,7 +2,7 @@
 //! network weather (loss, duplication, long delays), process crashes with restarts, frozen
 //! processes (a SIGSTOP: everything they send or are sent waits until they resume), full and
 //! slow disks, and clock jumps; with three copies, lost disks and primaries cut off from their
-//! backups (both ways, or closed to other nodes while they are drained). Each fault is undone after a
+//! backups (both ways, or one way while their tenants move to another live node). Each fault is undone after a
 //! while; [`heal`] undoes them all.
 
 use std::sync::Arc;
@@ -73,7 +73,7 @@ pub async fn run(world: Arc<World>, rng: Rng, stop: CancellationToken, replicas:
     let moves = Rng::new(rng.clone().next_u64() ^ MOVES_STREAM);
     tokio::join!(
         faults(world.clone(), rng, stop.clone(), replicas),
-        moves_of_closed_primaries(world, moves, stop, replicas),
+        moves_under_cut_off_primaries(world, moves, stop, replicas),
     );
 }
 
@@ -110,15 +110,17 @@ async fn faults(world: Arc<World>, mut rng: Rng, stop: CancellationToken, replic
 
 /// Tells the moves' stream of random numbers from the other faults'.
 const MOVES_STREAM: u64 = 0x4D0F_E5C1_05ED_0001;
-/// Pause between two looks for a primary to close and move, in milliseconds.
+/// Pause between two looks for a tenant to move under a cut-off primary, in milliseconds.
 const MOVE_PAUSE_MS: (u64, u64) = (1_000, 5_000);
-/// How long a closed primary stays closed, in milliseconds.
-const CLOSED_MS: (u64, u64) = (1_000, 5_000);
+/// When a returning head's old primary is cut off, in milliseconds after the head starts.
+const RETURN_CUT_AFTER_MS: (u64, u64) = (0, 400);
+/// How long a moved tenant's old primary hears no other node, in milliseconds.
+const CUT_OFF_MS: (u64, u64) = (1_000, 5_000);
 
 /// With R >= 3 and as many active nodes: now and then, a tenant whose primary can be moved at
-/// once to another live node ([`Move`]) has it moved while the old primary is closed to other
-/// nodes ([`close_and_move`]).
-async fn moves_of_closed_primaries(
+/// once to another live node ([`Move`]) has it moved while the old primary hears no other node
+/// ([`cut_off_and_move`]).
+async fn moves_under_cut_off_primaries(
     world: Arc<World>,
     mut rng: Rng,
     stop: CancellationToken,
@@ -140,8 +142,10 @@ async fn moves_of_closed_primaries(
         if state.replicas().min(state.active_nodes().len()) < 3 {
             continue;
         }
+        let disabled = world.disabled();
         let movable: Vec<(String, u64, Move)> = state
             .tenants()
+            .filter(|t| t.enabled && !t.archived && !disabled.contains(&t.id.to_string()))
             .filter_map(|t| {
                 let primary = state.primary_of(&t.id)?;
                 Move::of(&world, &state, &t.id, primary).map(|how| (t.id.to_string(), primary, how))
@@ -152,9 +156,20 @@ async fn moves_of_closed_primaries(
         }
         let (tenant, primary, how) = rng.pick(&movable).clone();
         let g = rng.below(world.gateways.len() as u64);
-        let length = Duration::from_millis(rng.range(CLOSED_MS.0, CLOSED_MS.1));
+        let length = Duration::from_millis(rng.range(CUT_OFF_MS.0, CUT_OFF_MS.1));
         world.stats().faults += 1;
-        close_and_move(&world, &tenant, primary, how, g, length, &stop);
+        let how = match how {
+            Move::Return(head, _) => Move::Return(
+                head,
+                Duration::from_millis(rng.range(RETURN_CUT_AFTER_MS.0, RETURN_CUT_AFTER_MS.1)),
+            ),
+            drain => drain,
+        };
+        cut_off_and_move(&world, &tenant, primary, how, (g, length), &stop).await;
+        let to_new = (g as usize + 1) % world.gateways.len();
+        // Awaited: one chase at a time (each cell has one writer), over before the heal.
+        let gateways = (to_new, g as usize);
+        crate::workload::chase(world.clone(), tenant, gateways, primary, rng.fork()).await;
     }
 }
 
@@ -378,16 +393,16 @@ fn isolate_primary(world: &Arc<World>, rng: &mut Rng, length: Duration, stop: &C
 /// How a tenant's primary is moved to another live node at once.
 #[derive(Debug, Clone, Copy)]
 enum Move {
-    /// The head of its replica set, marked down, comes back (started now if its process is
-    /// down) and is marked up: the tenant goes back to it.
-    Return(u64),
+    /// The head of its replica set, marked down and its process down, is started, and the old
+    /// primary cut off the given time later; once marked up, the head takes the tenant back.
+    Return(u64, Duration),
     /// The primary is drained (more than R active nodes, no placement change pending).
     Drain,
 }
 
 impl Move {
     /// How `tenant`'s `primary` can be moved, if it can: it is not the registry's leader (a
-    /// leader closed to its followers' requests goes on leading, and nothing would commit), and
+    /// leader that hears no follower goes on leading, and nothing would commit), and
     /// a second gateway is there for the clients of the new primary and the operator.
     fn of(
         world: &World,
@@ -401,8 +416,9 @@ impl Move {
         }
         let head = state.replica_set(tenant).first().copied()?;
         let entering = state.replica_change(tenant).map(|h| h.to);
-        if head != primary && state.is_down(head) && Some(head) != entering {
-            return Some(Move::Return(head));
+        let down = state.is_down(head) && !world.cluster.is_up(head);
+        if head != primary && down && Some(head) != entering {
+            return Some(Move::Return(head, Duration::ZERO));
         }
         let active = state.active_nodes();
         let drainable = active.len() >= 3
@@ -413,22 +429,22 @@ impl Move {
     }
 }
 
-/// Node `primary` is closed to requests from other nodes (a firewall that lets it dial out and
-/// hear the answers, but lets no peer dial in), its gateway `g` reaches no other node, and
-/// `tenant`'s primary is moved to another live node at once (`how`).
+/// Node `primary` hears no other node (what it sends arrives; nothing sent to it, answers
+/// included, does), its gateway `g` reaches no other node, and `tenant`'s primary is moved to
+/// another live node at once (`how`).
 ///
 /// The old primary hears no registry entry and no prepare: it still takes itself for the
-/// primary, keeps its lease (its own lease requests are answered), and answers reads from the
-/// clients of `g`. The new primary must not serve before the old one has promised its ballot:
-/// one that served on a majority's promises alone would leave the old one answering reads that
-/// miss its writes. As built, the tenant answers 503 until the old primary can be asked again.
-fn close_and_move(
+/// primary, and its lease, won before at the old placement epoch, runs for up to `LEASE_MS`
+/// more, while the clients of `g` reach it. The new primary must not serve before the old one
+/// has promised its ballot: one that served on a majority's promises alone would leave the old
+/// one answering reads that miss its writes ([`crate::monitor::Invariant::Deposed`]). As built,
+/// the tenant answers 503 until the old primary's lease has lapsed and it is marked down.
+async fn cut_off_and_move(
     world: &Arc<World>,
     tenant: &str,
     primary: u64,
     how: Move,
-    g: u64,
-    length: Duration,
+    (g, length): (u64, Duration),
     stop: &CancellationToken,
 ) {
     let node = Endpoint::Node(primary);
@@ -438,34 +454,35 @@ fn close_and_move(
         .ids()
         .into_iter()
         .filter(|&id| id != primary)
-        .flat_map(|id| [(gateway, Endpoint::Node(id)), (Endpoint::Node(id), gateway)])
+        .map(Endpoint::Node)
+        .flat_map(|other| [(other, node), (gateway, other), (other, gateway)])
         .collect();
+    if let Move::Return(head, after) = how {
+        // The head is marked up about half a second after it starts: the old primary is cut
+        // off a little before, with most of its last lease still to run.
+        let cluster = world.cluster.clone();
+        let monitor = world.monitor.clone();
+        tokio::spawn(async move {
+            if let Err(v) = cluster.start(head).await {
+                monitor.report(v);
+            }
+        });
+        tokio::time::sleep(after).await;
+    }
     world.trace.event(format!(
-        "fault: {tenant}'s primary {node} closed to other nodes, {gateway} reaches only it, for \
-         {} ms; the tenant moves: {how:?}",
+        "fault: {tenant}'s primary {node} hears no node, {gateway} reaches only it, for {} ms; \
+         the tenant moves: {how:?}",
         length.as_millis()
     ));
     world.stats().partitions += 1;
     cut(world, links, length, stop);
-    let net = world.cluster.net.clone();
-    net.set_closed(primary, true);
-    later(length, stop, move || net.set_closed(primary, false));
-    let world = world.clone();
-    match how {
-        Move::Return(head) => {
-            tokio::spawn(async move {
-                if let Err(v) = world.cluster.start(head).await {
-                    world.monitor.report(v);
-                }
-            });
-        }
-        Move::Drain => {
-            let other_gateway = (g as usize + 1) % world.gateways.len();
-            tokio::spawn(async move {
-                let drain = proto::cluster::AdminOp::DrainNode { id: primary };
-                let _ = crate::operator::admin(&world, other_gateway, drain).await;
-            });
-        }
+    if let Move::Drain = how {
+        let other_gateway = (g as usize + 1) % world.gateways.len();
+        let world = world.clone();
+        tokio::spawn(async move {
+            let drain = proto::cluster::AdminOp::DrainNode { id: primary };
+            let _ = crate::operator::admin(&world, other_gateway, drain).await;
+        });
     }
 }
 

@@ -471,6 +471,31 @@ mod tests {
         assert_eq!(m.violation().map(|v| v.invariant), Some(Invariant::OneOwner));
     }
 
+    // Goal: a primary serving its tenant after a later primary served it (the old one marked
+    // down, then the new one served) is caught; the later primary serving again, and the old
+    // one before, are not.
+    #[tokio::test(start_paused = true)]
+    async fn planted_deposed_serving_is_caught() {
+        let mut two = state();
+        apply(&mut two, Command::ChangeReplicas { replicas: 2 }).unwrap();
+        let epoch = two.placement_epoch();
+        apply(&mut two, Command::HandoffDone { tenant: "t".into(), epoch }).unwrap();
+        let before = Arc::new(two.clone());
+        let old = before.primary_of("t").unwrap();
+        apply(&mut two, Command::MarkDownAfter { id: old, last_mark: 0 }).unwrap();
+        let after = Arc::new(two);
+        let new = after.primary_of("t").unwrap();
+        assert_ne!(old, new, "marked down, the old primary leads no more");
+        let k = key_hash("k");
+        let m = monitor();
+        m.served_by(old, "t", &k, 0, &before, &before);
+        m.served_by(new, "t", &k, 0, &after, &after);
+        m.served_by(new, "t", &k, 0, &after, &after);
+        assert_eq!(m.violation(), None);
+        m.served_by(old, "t", &k, 0, &before, &before);
+        assert_eq!(m.violation().map(|v| v.invariant), Some(Invariant::Deposed));
+    }
+
     // Goal: the owner serving a key its registry does not hold (rotated away), or a disabled
     // tenant, is caught; the owner serving the tenant's key is not.
     #[tokio::test(start_paused = true)]

@@ -69,10 +69,6 @@ struct Inner {
     incarnations: BTreeMap<u64, u64>,
     /// Directed links that drop everything.
     cut: BTreeSet<(Endpoint, Endpoint)>,
-    /// Nodes that accept no connection from another node (a firewall that lets a machine dial
-    /// out and hear the answers, but lets no peer dial in): every request another node sends
-    /// them is lost; what they send, and the answers to it, arrive.
-    closed: BTreeSet<u64>,
     /// Frozen node processes (a SIGSTOP) and when each resumes: nothing reaches or leaves one
     /// until then, and what was sent meanwhile is delivered late, not lost.
     frozen: BTreeMap<u64, Instant>,
@@ -228,7 +224,6 @@ impl Net {
             targets: BTreeMap::new(),
             incarnations: BTreeMap::new(),
             cut: BTreeSet::new(),
-            closed: BTreeSet::new(),
             frozen: BTreeMap::new(),
             weather: Weather::default(),
             next_message: 0,
@@ -285,30 +280,12 @@ impl Net {
         }
     }
 
-    /// Closes (or opens) node `id` to requests from other nodes.
-    pub fn set_closed(&self, id: u64, closed: bool) {
-        let mut inner = self.lock();
-        if closed {
-            inner.closed.insert(id);
-        } else {
-            inner.closed.remove(&id);
-        }
-    }
-
-    /// Whether a request from `from` to node `to` is dropped: a cut link, or a node closed to
-    /// other nodes.
-    fn blocked(inner: &Inner, from: Endpoint, to: u64) -> bool {
-        let closed = matches!(from, Endpoint::Node(n) if n != to) && inner.closed.contains(&to);
-        closed || inner.cut.contains(&(from, Endpoint::Node(to)))
-    }
-
     /// Mends every link, calms the weather, and resumes every frozen process at once: what it
     /// held goes now, not when its freeze would have ended (the checks after the heal must not
     /// race requests a frozen node still holds).
     pub fn heal(&self) {
         let mut inner = self.lock();
         inner.cut.clear();
-        inner.closed.clear();
         inner.frozen.clear();
         inner.weather = Weather::default();
         drop(inner);
@@ -366,12 +343,12 @@ impl Net {
             return (id, Fate::Silent);
         }
         *inner.sent.entry(kind.label).or_default() += 1;
-        let Some(target) = inner.targets.get(&to).map(|t| t.node) else {
+        let Some(target) = inner.targets.get(&to).map(|t| Endpoint::Node(t.node)) else {
             let delay = Net::delay(&mut inner);
             return (id, Fate::Refused(delay));
         };
         let weather = inner.weather;
-        let lost = Net::blocked(&inner, from, target) || inner.rng.chance(weather.loss_permille);
+        let lost = inner.cut.contains(&(from, target)) || inner.rng.chance(weather.loss_permille);
         if lost {
             return (id, Fate::Lost);
         }
@@ -395,7 +372,7 @@ impl Net {
     ) -> Option<(u64, u64, Arc<node::Service>)> {
         let inner = self.lock();
         let t = inner.targets.get(&to)?;
-        let whole = !Net::blocked(&inner, from, t.node);
+        let whole = !inner.cut.contains(&(from, Endpoint::Node(t.node)));
         (whole && Net::alive(&inner, from, incarnation))
             .then(|| (t.node, t.incarnation, t.service.clone()))
     }

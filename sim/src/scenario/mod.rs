@@ -17,7 +17,7 @@ use crate::monitor::{Invariant, Monitor, Violation};
 use crate::net::{Endpoint, Net};
 use crate::rng::Rng;
 use crate::trace::Trace;
-use crate::workload::{all_cells, Client, PHEXTS};
+use crate::workload::{all_cells, Client, PHEXTS, PROBE_PHEXT};
 use crate::world::{new_key, write_outcome, Stats, World, WRITE_HORIZON_MS};
 use crate::{operator, Options};
 
@@ -37,8 +37,6 @@ const CONVERGENCE_MS_MAX: u64 = 90_000;
 const PROBE_PAUSE_MS: u64 = 250;
 /// How often the run looks for a violation, in milliseconds.
 const VIOLATION_POLL_MS: u64 = 100;
-/// The phext liveness probes write.
-const PROBE_PHEXT: &str = "probe";
 
 /// The tenant archived and then purged while the faults go on (never checked for data after).
 const DOOMED_TENANT: &str = "tx";
