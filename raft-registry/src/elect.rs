@@ -163,6 +163,34 @@ impl Heard {
 }
 
 /// Runs the election timer of node `me` until its Raft stops.
+/// Logs every change of the registry's leader as this node sees it, with the term: the one
+/// line an operator needs of an election. openraft's own lines are off by default (the
+/// `sq-cloud` binary's log filter): about 15 at INFO per election, and three at WARN and ERROR
+/// per heartbeat for every voter it cannot reach.
+pub(crate) async fn log_leaders(raft: Raft) {
+    let mut metrics = raft.metrics();
+    let mut last = None;
+    loop {
+        let (leader, term, stopped) = {
+            let m = metrics.borrow_and_update();
+            (m.current_leader, m.current_term, m.running_state.is_err())
+        };
+        if stopped {
+            return;
+        }
+        if last != Some(leader) {
+            match leader {
+                Some(leader) => tracing::info!(leader, term, "registry leader"),
+                None => tracing::info!(term, "registry without a leader: an election is on"),
+            }
+            last = Some(leader);
+        }
+        if metrics.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
 pub(crate) async fn run(raft: Raft, me: NodeId, timing: Timing, heard: Arc<Heard>) {
     loop {
         let (leading, voter, sole_voter) = {

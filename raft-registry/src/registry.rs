@@ -125,12 +125,14 @@ impl Registry {
         let raft = Raft::new(node_id, raft_config, network, log, sm).await?;
         let write_gate = crate::batch::Gate::default();
         let writes = crate::batch::start(raft.clone(), config.write_timeout(), write_gate.clone());
-        let elect_task = tokio::spawn(crate::elect::run(
-            raft.clone(),
-            node_id,
-            config.election_timing(),
-            heard.clone(),
-        ));
+        let elect_task = tokio::spawn({
+            let elect =
+                crate::elect::run(raft.clone(), node_id, config.election_timing(), heard.clone());
+            let log = crate::elect::log_leaders(raft.clone());
+            async move {
+                tokio::join!(elect, log);
+            }
+        });
         Ok(Registry {
             id: node_id,
             raft,
