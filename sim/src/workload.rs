@@ -394,20 +394,19 @@ pub fn answer(result: &Result<proto::SqResponse, ApiError>) -> String {
     }
 }
 
-/// How long a chase waits for its writing gateway to see the move, in milliseconds.
-const CHASE_WAIT_MS: u64 = 2_000;
-/// How long a chase lasts once it saw the move, in milliseconds: past the lease the old primary
-/// won last (`node::lease::LEASE_MS`, 600 ms).
-const CHASE_MS: u64 = 1_000;
-/// Pause between a chase's looks and rounds, in milliseconds.
+/// How long a chase lasts, in milliseconds: the time a returning head takes to be marked up (up
+/// to about half a second), then past the lease the old primary won last
+/// (`node::lease::LEASE_MS`, 600 ms).
+const CHASE_MS: u64 = 1_500;
+/// Pause between a chase's looks and requests, in milliseconds.
 const CHASE_PAUSE_MS: (u64, u64) = (5, 30);
 
-/// Chases `tenant` as it moves to a new primary while the old one is cut off
-/// (`crate::faults`): once gateway `to_new` routes it to another node than `old`, writes a
-/// probe cell through it and reads the cell back through `to_old`, which reaches only the old
-/// primary, round after round for [`CHASE_MS`]. Each answer is checked against the model; a
-/// read the old primary answers after the new one has served breaks [`Invariant::Deposed`] as
-/// well.
+/// Chases `tenant` as it moves to a new primary while the old one, `old`, is cut off
+/// (`crate::faults`), for [`CHASE_MS`]: reads a probe cell through gateway `to_old`, which
+/// reaches only the old primary, again and again; and once gateway `to_new` routes the tenant
+/// to another node, writes the cell through it, again and again. Each answer is checked against
+/// the model; a read the old primary answers after the new one has served breaks
+/// [`Invariant::Deposed`] as well.
 pub async fn chase(
     world: Arc<World>,
     tenant: String,
@@ -416,38 +415,53 @@ pub async fn chase(
     mut rng: Rng,
 ) {
     let started = world.now_ms();
-    let pause =
-        |rng: &mut Rng| Duration::from_millis(rng.range(CHASE_PAUSE_MS.0, CHASE_PAUSE_MS.1));
-    let routed = |world: &World| world.gateway(to_new).views.current().tenant(&tenant)?.owner;
-    while routed(&world).is_none_or(|owner| owner == old) {
-        if world.now_ms() > started + CHASE_WAIT_MS {
-            return;
-        }
-        tokio::time::sleep(pause(&mut rng)).await;
-    }
+    let end = started + CHASE_MS;
     let cell = CellKey { phext: PROBE_PHEXT.to_string(), coord: Coordinate::ORIGIN };
     let query = format!("p={}&c={}", cell.phext, cell.coord);
-    let seen = world.now_ms();
-    while world.now_ms() < seen + CHASE_MS {
-        let Some(key) = world.key_for(&tenant, &mut rng) else { return };
-        let now = world.now_ms();
-        let value = tag(&tenant, &format!("chase.{started}.{now}"));
-        let id =
-            world.model().begin_write(&tenant, &cell, value.clone(), now, now + WRITE_HORIZON_MS);
-        let body = value.as_bytes();
-        let result = world.sq(world.gateway(to_new), &key, Method::Post, "update", &query, body);
-        let result = result.await;
-        world.model().end_write(id, write_outcome(&result), world.now_ms());
-        world.trace.event(format!("chase {tenant} update via g{to_new}: {}", answer(&result)));
-        let start = world.now_ms();
-        let read = world.sq(world.gateway(to_old), &key, Method::Get, "select", &query, b"").await;
-        world.trace.event(format!("chase {tenant} select via g{to_old}: {}", answer(&read)));
-        if let Ok(r) = read {
-            let observed = String::from_utf8_lossy(&r.body);
-            world.monitor.check(world.model().check_read(&tenant, &cell, start, &observed, false));
+    let pause =
+        |rng: &mut Rng| Duration::from_millis(rng.range(CHASE_PAUSE_MS.0, CHASE_PAUSE_MS.1));
+    let mut write_rng = rng.fork();
+    let writes = async {
+        let routed = |world: &World| world.gateway(to_new).views.current().tenant(&tenant)?.owner;
+        while world.now_ms() < end {
+            if routed(&world).is_none_or(|owner| owner == old) {
+                tokio::time::sleep(pause(&mut write_rng)).await;
+                continue;
+            }
+            let Some(key) = world.key_for(&tenant, &mut write_rng) else { return };
+            let now = world.now_ms();
+            let value = tag(&tenant, &format!("chase.{started}.{now}"));
+            let id = world.model().begin_write(
+                &tenant,
+                &cell,
+                value.clone(),
+                now,
+                now + WRITE_HORIZON_MS,
+            );
+            let body = value.as_bytes();
+            let result =
+                world.sq(world.gateway(to_new), &key, Method::Post, "update", &query, body).await;
+            world.model().end_write(id, write_outcome(&result), world.now_ms());
+            world.trace.event(format!("chase {tenant} update via g{to_new}: {}", answer(&result)));
+            tokio::time::sleep(pause(&mut write_rng)).await;
         }
-        tokio::time::sleep(pause(&mut rng)).await;
-    }
+    };
+    let reads = async {
+        while world.now_ms() < end {
+            let Some(key) = world.key_for(&tenant, &mut rng) else { return };
+            let start = world.now_ms();
+            let read = world.gateway(to_old);
+            let read = world.sq(read, &key, Method::Get, "select", &query, b"").await;
+            world.trace.event(format!("chase {tenant} select via g{to_old}: {}", answer(&read)));
+            if let Ok(r) = read {
+                let observed = String::from_utf8_lossy(&r.body);
+                let checked = world.model().check_read(&tenant, &cell, start, &observed, false);
+                world.monitor.check(checked);
+            }
+            tokio::time::sleep(pause(&mut rng)).await;
+        }
+    };
+    tokio::join!(writes, reads);
 }
 
 /// Pause between a revoked-key client's requests, in milliseconds.
