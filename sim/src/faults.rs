@@ -2,8 +2,8 @@
 //! network weather (loss, duplication, long delays), process crashes with restarts, frozen
 //! processes (a SIGSTOP: everything they send or are sent waits until they resume), full and
 //! slow disks, and clock jumps; with three copies, lost disks and primaries cut off from their
-//! backups (both ways, or one way while their tenants move to another live node). Each fault is undone after a
-//! while; [`heal`] undoes them all.
+//! backups (both ways, or one way while their tenants move to another live node). Each fault is
+//! undone after a while; [`heal`] undoes them all.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -72,12 +72,12 @@ pub async fn run(world: Arc<World>, rng: Rng, stop: CancellationToken, replicas:
     // before the moves were added.
     let moves = Rng::new(rng.clone().next_u64() ^ MOVES_STREAM);
     tokio::join!(
-        faults(world.clone(), rng, stop.clone(), replicas),
+        draw_faults(world.clone(), rng, stop.clone(), replicas),
         moves_under_cut_off_primaries(world, moves, stop, replicas),
     );
 }
 
-async fn faults(world: Arc<World>, mut rng: Rng, stop: CancellationToken, replicas: u8) {
+async fn draw_faults(world: Arc<World>, mut rng: Rng, stop: CancellationToken, replicas: u8) {
     let weights = |r_now: usize| -> Vec<u64> {
         let three = replicas >= 3 && r_now >= 3;
         KINDS
@@ -158,14 +158,12 @@ async fn moves_under_cut_off_primaries(
         let g = rng.below(world.gateways.len() as u64);
         let length = Duration::from_millis(rng.range(CUT_OFF_MS.0, CUT_OFF_MS.1));
         world.stats().faults += 1;
-        let how = match how {
-            Move::Return(head, _) => Move::Return(
-                head,
-                Duration::from_millis(rng.range(RETURN_CUT_AFTER_MS.0, RETURN_CUT_AFTER_MS.1)),
-            ),
-            drain => drain,
+        let after = match how {
+            Move::Return(_) => rng.range(RETURN_CUT_AFTER_MS.0, RETURN_CUT_AFTER_MS.1),
+            Move::Drain => 0,
         };
-        cut_off_and_move(&world, &tenant, primary, how, (g, length), &stop).await;
+        let timing = (g, length, Duration::from_millis(after));
+        cut_off_and_move(&world, &tenant, primary, how, timing, &stop).await;
         let to_new = (g as usize + 1) % world.gateways.len();
         // Awaited: one chase at a time (each cell has one writer), over before the heal.
         let gateways = (to_new, g as usize);
@@ -373,8 +371,7 @@ fn isolate_primary(world: &Arc<World>, rng: &mut Rng, length: Duration, stop: &C
     }
     let tenant = rng.pick(&tenants).clone();
     let Some(primary) = state.primary_of(&tenant) else { return };
-    let g = rng.below(world.gateways.len() as u64);
-    let gateway = Endpoint::Gateway(g);
+    let gateway = Endpoint::Gateway(rng.below(world.gateways.len() as u64));
     let inside = [Endpoint::Node(primary), gateway];
     let links: Vec<(Endpoint, Endpoint)> = endpoints(world)
         .into_iter()
@@ -394,8 +391,8 @@ fn isolate_primary(world: &Arc<World>, rng: &mut Rng, length: Duration, stop: &C
 #[derive(Debug, Clone, Copy)]
 enum Move {
     /// The head of its replica set, marked down and its process down, is started, and the old
-    /// primary cut off the given time later; once marked up, the head takes the tenant back.
-    Return(u64, Duration),
+    /// primary cut off a little later; once marked up, the head takes the tenant back.
+    Return(u64),
     /// The primary is drained (more than R active nodes, no placement change pending).
     Drain,
 }
@@ -418,7 +415,7 @@ impl Move {
         let entering = state.replica_change(tenant).map(|h| h.to);
         let down = state.is_down(head) && !world.cluster.is_up(head);
         if head != primary && down && Some(head) != entering {
-            return Some(Move::Return(head, Duration::ZERO));
+            return Some(Move::Return(head));
         }
         let active = state.active_nodes();
         let drainable = active.len() >= 3
@@ -431,20 +428,20 @@ impl Move {
 
 /// Node `primary` hears no other node (what it sends arrives; nothing sent to it, answers
 /// included, does), its gateway `g` reaches no other node, and `tenant`'s primary is moved to
-/// another live node at once (`how`).
+/// another live node at once (`how`; a returning head is started `after` before the cut).
 ///
 /// The old primary hears no registry entry and no prepare: it still takes itself for the
 /// primary, and its lease, won before at the old placement epoch, runs for up to `LEASE_MS`
 /// more, while the clients of `g` reach it. The new primary must not serve before the old one
 /// has promised its ballot: one that served on a majority's promises alone would leave the old
 /// one answering reads that miss its writes ([`crate::monitor::Invariant::Deposed`]). As built,
-/// the tenant answers 503 until the old primary's lease has lapsed and it is marked down.
+/// the tenant answers 503 until the old primary promises (the cut ends) or is marked down.
 async fn cut_off_and_move(
     world: &Arc<World>,
     tenant: &str,
     primary: u64,
     how: Move,
-    (g, length): (u64, Duration),
+    (g, length, after): (u64, Duration, Duration),
     stop: &CancellationToken,
 ) {
     let node = Endpoint::Node(primary);
@@ -457,9 +454,9 @@ async fn cut_off_and_move(
         .map(Endpoint::Node)
         .flat_map(|other| [(other, node), (gateway, other), (other, gateway)])
         .collect();
-    if let Move::Return(head, after) = how {
-        // The head is marked up about half a second after it starts: the old primary is cut
-        // off a little before, with most of its last lease still to run.
+    if let Move::Return(head) = how {
+        // The head is marked up within about half a second of its start: the old primary is cut
+        // off before that, with some of its last lease still to run.
         let cluster = world.cluster.clone();
         let monitor = world.monitor.clone();
         tokio::spawn(async move {
@@ -471,8 +468,13 @@ async fn cut_off_and_move(
     }
     world.trace.event(format!(
         "fault: {tenant}'s primary {node} hears no node, {gateway} reaches only it, for {} ms; \
-         the tenant moves: {how:?}",
-        length.as_millis()
+         the tenant moves: {}",
+        length.as_millis(),
+        match how {
+            Move::Return(head) =>
+                format!("n{head} returns, started {} ms before", after.as_millis()),
+            Move::Drain => format!("{node} is drained"),
+        }
     ));
     world.stats().partitions += 1;
     cut(world, links, length, stop);
