@@ -181,7 +181,7 @@ pub(crate) async fn log_leaders(raft: Raft) {
         if last != Some(leader) {
             match leader {
                 Some(leader) => tracing::info!(leader, term, "registry leader"),
-                None => tracing::info!(term, "registry without a leader: an election is on"),
+                None => tracing::info!(term, "registry leader unknown (none yet, or an election)"),
             }
             last = Some(leader);
         }
