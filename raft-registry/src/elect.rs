@@ -1,4 +1,5 @@
-//! When a node calls a registry election: our own timer in place of openraft's.
+//! When a node calls a registry election: our own timer in place of openraft's; and the log
+//! line of each change of leader (`log_leaders`).
 //!
 //! openraft 0.9 draws a node's election timeout once, when the node starts, and checks it on a
 //! tick every 1.5 heartbeats. Two nodes that start together with timeouts that round to the same
@@ -162,9 +163,8 @@ impl Heard {
     }
 }
 
-/// Runs the election timer of node `me` until its Raft stops.
-/// Logs every change of the registry's leader as this node sees it, with the term: the one
-/// line an operator needs of an election. openraft's own lines are off by default (the
+/// Logs every change of the registry's leader as this node sees it, with the term: the lines
+/// an operator needs of an election. openraft's own lines are off by default (the
 /// `sq-cloud` binary's log filter): about 15 at INFO per election, and three at WARN and ERROR
 /// per heartbeat for every voter it cannot reach.
 pub(crate) async fn log_leaders(raft: Raft) {
@@ -191,6 +191,7 @@ pub(crate) async fn log_leaders(raft: Raft) {
     }
 }
 
+/// Runs the election timer of node `me` until its Raft stops.
 pub(crate) async fn run(raft: Raft, me: NodeId, timing: Timing, heard: Arc<Heard>) {
     loop {
         let (leading, voter, sole_voter) = {
