@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use crate::disk::DiskFaults;
 use crate::net::{Endpoint, Weather};
 use crate::rng::Rng;
-use crate::world::World;
+use crate::world::{pause_unless_stopped, World};
 
 /// Pause between two faults, in milliseconds.
 const FAULT_PAUSE_MS: (u64, u64) = (300, 2_500);
@@ -91,12 +91,7 @@ async fn draw_faults(world: Arc<World>, mut rng: Rng, stop: CancellationToken, r
     };
     while !stop.is_cancelled() {
         let pause = Duration::from_millis(rng.range(FAULT_PAUSE_MS.0, FAULT_PAUSE_MS.1));
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
-        }
-        // Both may be ready at once, and `select!` picks either.
-        if stop.is_cancelled() {
+        if !pause_unless_stopped(&stop, pause).await {
             return;
         }
         // The copies each tenant has: R, or fewer while fewer nodes are active.
@@ -131,11 +126,7 @@ async fn moves_under_cut_off_primaries(
     }
     while !stop.is_cancelled() {
         let pause = Duration::from_millis(rng.range(MOVE_PAUSE_MS.0, MOVE_PAUSE_MS.1));
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
-        }
-        if stop.is_cancelled() {
+        if !pause_unless_stopped(&stop, pause).await {
             return;
         }
         let Some(state) = world.registry_state() else { continue };

@@ -16,7 +16,7 @@ use tokio_util::sync::CancellationToken;
 use crate::cluster::node_addr;
 use crate::monitor::{Invariant, Violation};
 use crate::rng::Rng;
-use crate::world::{new_key, TenantKeys, World, ADMIN_OP_TIMEOUT};
+use crate::world::{new_key, pause_unless_stopped, TenantKeys, World, ADMIN_OP_TIMEOUT};
 
 /// Quotas the operator gives tenants, in MiB.
 pub const QUOTAS_MB: [u64; 2] = [1, 2];
@@ -147,11 +147,7 @@ pub async fn run(world: Arc<World>, mut rng: Rng, tenants: Vec<String>, stop: Ca
     let mut disabled: BTreeSet<String> = BTreeSet::new();
     while !stop.is_cancelled() {
         let pause = Duration::from_millis(rng.range(ADMIN_PAUSE_MS.0, ADMIN_PAUSE_MS.1));
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(pause) => {}
-        }
-        if stop.is_cancelled() {
+        if !pause_unless_stopped(&stop, pause).await {
             return;
         }
         let gw = rng.below(world.gateways.len() as u64) as usize;

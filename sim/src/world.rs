@@ -8,6 +8,7 @@ use std::time::Duration;
 use gateway::Gateway;
 use proto::request::Method;
 use proto::{ApiError, SqResponse};
+use tokio_util::sync::CancellationToken;
 
 use crate::cluster::Cluster;
 use crate::model::{Model, Outcome};
@@ -267,4 +268,14 @@ pub fn write_outcome(result: &Result<SqResponse, ApiError>) -> Outcome {
         ) => Outcome::NotApplied,
         Err(ApiError::Unavailable { .. } | ApiError::Internal(_)) => Outcome::Unknown,
     }
+}
+
+/// Sleeps for `pause` unless `stop` comes first. False once `stop` is cancelled: both may be
+/// ready at once and `select!` picks either, so the token is looked at again after the sleep.
+pub async fn pause_unless_stopped(stop: &CancellationToken, pause: Duration) -> bool {
+    tokio::select! {
+        _ = stop.cancelled() => return false,
+        _ = tokio::time::sleep(pause) => {}
+    }
+    !stop.is_cancelled()
 }
