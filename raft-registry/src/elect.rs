@@ -169,7 +169,8 @@ impl Heard {
 /// per heartbeat for every voter it cannot reach.
 pub(crate) async fn log_leaders(raft: Raft) {
     let mut metrics = raft.metrics();
-    let mut last = None;
+    // A node starts knowing no leader: only losing one is worth a line.
+    let mut last = Some(None);
     loop {
         let (leader, term, stopped) = {
             let m = metrics.borrow_and_update();
@@ -181,7 +182,7 @@ pub(crate) async fn log_leaders(raft: Raft) {
         if last != Some(leader) {
             match leader {
                 Some(leader) => tracing::info!(leader, term, "registry leader"),
-                None => tracing::info!(term, "registry leader unknown (none yet, or an election)"),
+                None => tracing::info!(term, "registry leader unknown (an election)"),
             }
             last = Some(leader);
         }

@@ -141,10 +141,35 @@ impl DevCluster {
                 }
             }
         });
-        self.reads_ready =
-            rx.recv_timeout(CLUSTER_START_TIMEOUT).expect("sq-cloud dev did not come up in time");
+        match rx.recv_timeout(CLUSTER_START_TIMEOUT) {
+            Ok(ready) => self.reads_ready = ready,
+            Err(_) => {
+                // The directory goes with the test: what the processes logged is printed here.
+                self.print_log_tails();
+                panic!("sq-cloud dev did not come up in time");
+            }
+        }
         self.json =
             serde_json::from_slice(&std::fs::read(self.dir.join("dev.json")).unwrap()).unwrap();
+    }
+
+    /// Prints the end of every process's log (`<dir>/node-N.log`, `<dir>/gateway.log`) to
+    /// stderr: a failed start's cause, before its temporary directory is deleted.
+    fn print_log_tails(&self) {
+        const LINES: usize = 60;
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(&self.dir)
+            .map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect())
+            .unwrap_or_default();
+        logs.retain(|p| p.extension().is_some_and(|x| x == "log"));
+        logs.sort();
+        for path in logs {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            eprintln!("--- last {LINES} lines of {} ---", path.display());
+            for line in &lines[lines.len().saturating_sub(LINES)..] {
+                eprintln!("{line}");
+            }
+        }
     }
 
     pub fn url(&self) -> String {
