@@ -15,9 +15,13 @@ const EPOCH_CATCH_UP_WAIT: Duration = Duration::from_millis(1000);
 
 /// Why a member refuses a request about a tenant from `from` under `ballot`: unless `from` is
 /// the tenant's primary and this node a member of its set in this node's registry, once that
-/// has reached `ballot` (waited for briefly).
+/// has reached `ballot` and holds the tenant (waited for briefly: a tenant just added is
+/// written to at once, and its primary's registry may have applied the add before this one's).
 pub(crate) async fn refusal(svc: &Service, from: u64, tenant: &str, ballot: u64) -> Option<String> {
-    svc.wait_for_epoch(ballot, EPOCH_CATCH_UP_WAIT).await;
+    svc.wait_for_registry(EPOCH_CATCH_UP_WAIT, |state| {
+        state.placement_epoch() >= ballot && state.tenant(tenant).is_some()
+    })
+    .await;
     let state = svc.registry.state();
     let set = state.replica_set(tenant);
     if state.tenant(tenant).is_none() {

@@ -267,9 +267,18 @@ impl Service {
 
     /// Waits, at most `wait`, until this node's registry has applied placement epoch `epoch`.
     pub async fn wait_for_epoch(&self, epoch: u64, wait: Duration) {
+        self.wait_for_registry(wait, |state| state.placement_epoch() >= epoch).await
+    }
+
+    /// Waits, at most `wait`, until `ready` holds of this node's registry.
+    pub async fn wait_for_registry(
+        &self,
+        wait: Duration,
+        ready: impl Fn(&raft_registry::RegistryState) -> bool,
+    ) {
         let mut rx = self.registry.subscribe();
         let deadline = tokio::time::Instant::now() + wait;
-        while rx.borrow_and_update().1.placement_epoch() < epoch {
+        while !ready(&rx.borrow_and_update().1) {
             if !matches!(tokio::time::timeout_at(deadline, rx.changed()).await, Ok(Ok(()))) {
                 return;
             }
