@@ -15,13 +15,9 @@ const EPOCH_CATCH_UP_WAIT: Duration = Duration::from_millis(1000);
 
 /// Why a member refuses a request about a tenant from `from` under `ballot`: unless `from` is
 /// the tenant's primary and this node a member of its set in this node's registry, once that
-/// has reached `ballot` and holds the tenant (waited for briefly: a tenant just added is
-/// written to at once, and its primary's registry may have applied the add before this one's).
+/// has reached `ballot` (waited for briefly).
 pub(crate) async fn refusal(svc: &Service, from: u64, tenant: &str, ballot: u64) -> Option<String> {
-    svc.wait_for_registry(EPOCH_CATCH_UP_WAIT, |state| {
-        state.placement_epoch() >= ballot && state.tenant(tenant).is_some()
-    })
-    .await;
+    svc.wait_for_epoch(ballot, EPOCH_CATCH_UP_WAIT).await;
     let state = svc.registry.state();
     let set = state.replica_set(tenant);
     if state.tenant(tenant).is_none() {
@@ -141,6 +137,15 @@ pub async fn entering(svc: &Service, from: u64, tenant: String, epoch: u64) -> N
 
 /// A member promises `ballot` to the tenant's new primary `from`, and says where its log stands.
 pub async fn promise(svc: &Service, from: u64, tenant: String, ballot: u64) -> NodeResponse {
+    // A tenant just added is written to at once, and its new primary's registry may have
+    // applied the add before this one's: an add moves no placement epoch, so the member waits
+    // for the tenant itself too. Only here: a refused promise fails the write, a refused
+    // append is sent again at the link's next round, and an append for a tenant removed
+    // meanwhile must not hold up the other tenants' appends in its message.
+    svc.wait_for_registry(EPOCH_CATCH_UP_WAIT, |state| {
+        state.placement_epoch() >= ballot && state.tenant(&tenant).is_some()
+    })
+    .await;
     if let Some(why) = refusal(svc, from, &tenant, ballot).await {
         return NodeResponse::Promised(Err(why));
     }
