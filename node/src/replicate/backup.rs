@@ -18,6 +18,11 @@ const EPOCH_CATCH_UP_WAIT: Duration = Duration::from_millis(1000);
 /// has reached `ballot` (waited for briefly).
 pub(crate) async fn refusal(svc: &Service, from: u64, tenant: &str, ballot: u64) -> Option<String> {
     svc.wait_for_epoch(ballot, EPOCH_CATCH_UP_WAIT).await;
+    refusal_now(svc, from, tenant)
+}
+
+/// [`refusal`] by this node's registry as it is now, without waiting for it.
+fn refusal_now(svc: &Service, from: u64, tenant: &str) -> Option<String> {
     let state = svc.registry.state();
     let set = state.replica_set(tenant);
     if state.tenant(tenant).is_none() {
@@ -146,7 +151,7 @@ pub async fn promise(svc: &Service, from: u64, tenant: String, ballot: u64) -> N
         state.placement_epoch() >= ballot && state.tenant(&tenant).is_some()
     })
     .await;
-    if let Some(why) = refusal(svc, from, &tenant, ballot).await {
+    if let Some(why) = refusal_now(svc, from, &tenant) {
         return NodeResponse::Promised(Err(why));
     }
     let (store, owned) = (svc.store.clone(), tenant.clone());
