@@ -279,12 +279,16 @@ async fn forward(
             Ok((NodeResponse::SqStreamed { len, json }, body)) => {
                 return Ok(Answer::Streamed { len, json, body })
             }
-            Ok((NodeResponse::Sq(Err(ApiError::NotOwner { epoch })), _)) if !refreshed => {
+            Ok((NodeResponse::Sq(Err(ApiError::NotOwner { epoch })), body)) if !refreshed => {
+                body.close();
                 tracing::debug!(tenant, owner, epoch, "not the owner; refreshing the view");
                 refresh(gw.client.as_ref(), &gw.views, &gw.seeds).await;
                 refreshed = true;
             }
-            Ok((NodeResponse::Sq(result), _)) => return result.map(Answer::Whole),
+            Ok((NodeResponse::Sq(result), body)) => {
+                body.close();
+                return result.map(Answer::Whole);
+            }
             Ok((other, _)) => {
                 return Err(ApiError::Internal(format!(
                     "unexpected answer from node {owner}: {other:?}"

@@ -263,6 +263,39 @@ async fn streams_close_cleanly_without_stop_sending() {
     .await;
 }
 
+#[tokio::test]
+async fn a_whole_answer_closed_leaves_no_stop_sending() {
+    // Goal: a body with no frames, closed with `BodyReader::close`, reads the stream's end that
+    // came with the head, so the call leaves no STOP_SENDING (a packet more each way); dropped
+    // unread, it does leave one, which is what the count below would catch.
+    bounded(async {
+        let cluster = Cluster::new();
+        let server = cluster.start(Arc::new(Echo));
+        let client = cluster.client();
+        let payload = Bytes::from(vec![b'x'; 100]);
+        client.call(server.addr, payload.clone(), CALL_TIMEOUT).await.expect("first call");
+        let (conn, _) = client.connection(server.addr).await.expect("pooled connection");
+        for _ in 0..50 {
+            let (head, body) =
+                client.call_answer(server.addr, payload.clone(), CALL_TIMEOUT).await.expect("call");
+            assert_eq!(head, payload);
+            body.close();
+        }
+        // A call on the same connection after the last close: anything the closes queued has
+        // been sent by the time its answer is back.
+        client.call(server.addr, payload.clone(), CALL_TIMEOUT).await.expect("last call");
+        assert_eq!(conn.stats().frame_tx.stop_sending, 0, "a closed body stopped its stream");
+
+        let (_, body) =
+            client.call_answer(server.addr, payload.clone(), CALL_TIMEOUT).await.expect("call");
+        drop(body);
+        client.call(server.addr, payload.clone(), CALL_TIMEOUT).await.expect("last call");
+        assert_eq!(conn.stats().frame_tx.stop_sending, 1, "a dropped body stops its stream");
+        server.stop().await;
+    })
+    .await;
+}
+
 /// Streams the request back as a body: the head is the piece count, then each piece is the
 /// request repeated up to its index, as a frame of its own.
 struct StreamBack;
