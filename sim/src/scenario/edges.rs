@@ -319,3 +319,68 @@ pub(super) async fn purge_check(
     world.trace.event(format!("purge check: {doomed} purged everywhere; {other} still served"));
     probe(world, rng, other, deadline_ms).await
 }
+
+/// The tenant [`first_write_check`] adds; no plan names a tenant so.
+const LATE_TENANT: &str = "added-late";
+
+/// Last, with every fault healed: a tenant added now answers its first write, sent through a
+/// gateway the moment its view holds the tenant, at once: no node refuses it because its own
+/// registry has not applied the add yet (with R > 1 the new primary's prepare asks every member
+/// to promise, and a member that does not know the tenant yet must wait for its registry, not
+/// refuse). A refusal breaks [`Invariant::Liveness`]; a write the store itself refuses (a bug
+/// elsewhere) does too.
+pub(super) async fn first_write_check(
+    world: &World,
+    rng: &mut Rng,
+    deadline_ms: u64,
+) -> Result<(), Violation> {
+    let key = crate::world::new_key(rng);
+    let hash = proto::auth::key_hash(&key);
+    let op = proto::cluster::AdminOp::AddTenant {
+        tenant_id: LATE_TENANT.to_string(),
+        tier: None,
+        quota_mb: None,
+        admin_email: None,
+        key_hash: hash.clone(),
+    };
+    loop {
+        match operator::admin(world, 0, op.clone()).await {
+            Ok(_) => break,
+            Err(e) if world.now_ms() > deadline_ms => {
+                return Err(Violation::new(
+                    Invariant::Liveness,
+                    format!("first write check: {LATE_TENANT} was never added: {e}"),
+                ))
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await,
+        }
+    }
+    let gw = world.gateway(0);
+    while gw.views.current().tenant_by_key_hash(&hash).is_none() {
+        if world.now_ms() > deadline_ms {
+            return Err(Violation::new(
+                Invariant::Liveness,
+                format!("first write check: {LATE_TENANT} never reached gateway g0's view"),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let added_ms = world.now_ms();
+    let result =
+        world.sq(gw, &key, Method::Post, "update", "p=a&c=1.1.1/1.1.1/1.1.1", b"first").await;
+    world.trace.event(format!(
+        "first write check: {LATE_TENANT}'s first write answered {} in {} ms",
+        match &result {
+            Ok(_) => "ok".to_string(),
+            Err(e) => e.to_string().chars().take(100).collect(),
+        },
+        world.now_ms() - added_ms
+    ));
+    match result {
+        Ok(_) => Ok(()),
+        Err(e) => Err(Violation::new(
+            Invariant::Liveness,
+            format!("first write check: {LATE_TENANT}'s first write, sent as soon as gateway g0 knew it, was refused: {e}"),
+        )),
+    }
+}

@@ -24,7 +24,7 @@ use crate::{operator, Options};
 mod edges;
 mod replicas;
 
-use edges::{purge_check, quota_edge_check, revocation_check};
+use edges::{first_write_check, purge_check, quota_edge_check, revocation_check};
 use replicas::{forget_check, idle_check, replicas_check};
 
 /// Nodes that form the cluster at the start; more are started as spares for joins.
@@ -291,6 +291,8 @@ async fn converge_and_check(
     idle_check(world).await?;
     checked(world)?;
     forget_check(world, &plan.tenants).await?;
+    checked(world)?;
+    first_write_check(world, rng, world.now_ms() + CONVERGENCE_MS_MAX).await?;
     checked(world)
 }
 
