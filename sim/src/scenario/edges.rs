@@ -12,6 +12,7 @@ use super::{
 };
 use crate::model::{tag, CellKey};
 use crate::monitor::{Invariant, Violation};
+use crate::net::Endpoint;
 use crate::operator;
 use crate::rng::Rng;
 use crate::workload::PHEXTS;
@@ -323,17 +324,27 @@ pub(super) async fn purge_check(
 /// The tenant [`first_write_check`] adds; no plan names a tenant so.
 const LATE_TENANT: &str = "added-late";
 
+/// How long [`first_write_check`] holds one node's registry back from the add: well within the
+/// second a node waits for its registry to learn a tenant it is asked about, and well under the
+/// registry's election timeout, so the cut elects no one.
+const REGISTRY_LAG_MS: u64 = 300;
+
 /// Last, with every fault healed: a tenant added now answers its first write, sent through a
-/// gateway the moment its view holds the tenant, at once: no node refuses it because its own
-/// registry has not applied the add yet (with R > 1 the new primary's prepare asks every member
-/// to promise, and a member that does not know the tenant yet must wait for its registry, not
-/// refuse). A refusal breaks [`Invariant::Liveness`]; a write the store itself refuses (a bug
-/// elsewhere) does too.
+/// gateway the moment its view holds the tenant, while one node other than the registry's
+/// leader hears nothing from the leader for [`REGISTRY_LAG_MS`], so its registry applies the
+/// add late. No node may refuse the write for that: the lagging node, asked as
+/// the primary or (with R > 1) as a member asked to promise, waits for its registry. A refusal
+/// breaks [`Invariant::Liveness`].
 pub(super) async fn first_write_check(
     world: &World,
     rng: &mut Rng,
     deadline_ms: u64,
 ) -> Result<(), Violation> {
+    let cut = lagging_member(world);
+    if let Some((from, to)) = cut {
+        world.cluster.net.set_cut(from, to, true);
+    }
+    world.trace.event(format!("first write check: {LATE_TENANT} is added; cut {cut:?}"));
     let key = crate::world::new_key(rng);
     let hash = proto::auth::key_hash(&key);
     let op = proto::cluster::AdminOp::AddTenant {
@@ -343,6 +354,70 @@ pub(super) async fn first_write_check(
         admin_email: None,
         key_hash: hash.clone(),
     };
+    // The cut is mended REGISTRY_LAG_MS after it was made, however long the add takes.
+    let mend = async {
+        tokio::time::sleep(Duration::from_millis(REGISTRY_LAG_MS)).await;
+        if let Some((from, to)) = cut {
+            world.cluster.net.set_cut(from, to, false);
+        }
+    };
+    let write = async {
+        add_and_wait(world, &op, &hash, deadline_ms).await?;
+        let sent_ms = world.now_ms();
+        let gw = world.gateway(0);
+        let query = "p=a&c=1.1.1/1.1.1/1.1.1";
+        let result = world.sq(gw, &key, Method::Post, "update", query, b"first").await;
+        let shown: String = match &result {
+            Ok(_) => "ok".into(),
+            Err(e) => e.to_string().chars().take(100).collect(),
+        };
+        let took = world.now_ms() - sent_ms;
+        world.trace.event(format!("first write check: answered {shown} in {took} ms"));
+        result.map(|_| ()).map_err(|e| {
+            Violation::new(
+                Invariant::Liveness,
+                format!(
+                    "first write check: {LATE_TENANT}'s first write, sent as soon as gateway g0 \
+                     knew it, was refused: {e}"
+                ),
+            )
+        })
+    };
+    let (written, ()) = tokio::join!(write, mend);
+    written
+}
+
+/// The link to cut for [`first_write_check`]: from the registry's leader to a node the new
+/// tenant's first write will ask (its primary with R = 1; with R > 1 a member other than the
+/// primary, asked to promise), neither of them the leader, so that only the registry's
+/// messages to it are held back. `None` where no such node is, or where the others would not
+/// make a quorum without it (fewer than three active nodes, as in the purge check).
+fn lagging_member(world: &World) -> Option<(Endpoint, Endpoint)> {
+    let state = world.registry_state()?;
+    let leads = |id: u64| world.cluster.parts(id).is_some_and(|p| p.registry.status().is_leader);
+    let leader =
+        world.cluster.ids().into_iter().find(|id| world.cluster.is_up(*id) && leads(*id))?;
+    let set = state.settled_set(LATE_TENANT);
+    let primary = state.primary_in(LATE_TENANT, &set)?;
+    let lagging = if state.replicas() <= 1 {
+        Some(primary)
+    } else if primary == leader {
+        None
+    } else {
+        set.iter().copied().find(|&n| n != primary && n != leader && !state.is_down(n))
+    };
+    let lagging = lagging.filter(|&n| n != leader && active_nodes(world) >= 3)?;
+    Some((Endpoint::Node(leader), Endpoint::Node(lagging)))
+}
+
+/// Adds a tenant with key hash `hash` (retrying until the deadline), then waits until gateway
+/// g0's view holds it.
+async fn add_and_wait(
+    world: &World,
+    op: &proto::cluster::AdminOp,
+    hash: &str,
+    deadline_ms: u64,
+) -> Result<(), Violation> {
     loop {
         match operator::admin(world, 0, op.clone()).await {
             Ok(_) => break,
@@ -355,8 +430,7 @@ pub(super) async fn first_write_check(
             Err(_) => tokio::time::sleep(Duration::from_millis(PROBE_PAUSE_MS)).await,
         }
     }
-    let gw = world.gateway(0);
-    while gw.views.current().tenant_by_key_hash(&hash).is_none() {
+    while world.gateway(0).views.current().tenant_by_key_hash(hash).is_none() {
         if world.now_ms() > deadline_ms {
             return Err(Violation::new(
                 Invariant::Liveness,
@@ -365,22 +439,5 @@ pub(super) async fn first_write_check(
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
-    let added_ms = world.now_ms();
-    let result =
-        world.sq(gw, &key, Method::Post, "update", "p=a&c=1.1.1/1.1.1/1.1.1", b"first").await;
-    world.trace.event(format!(
-        "first write check: {LATE_TENANT}'s first write answered {} in {} ms",
-        match &result {
-            Ok(_) => "ok".to_string(),
-            Err(e) => e.to_string().chars().take(100).collect(),
-        },
-        world.now_ms() - added_ms
-    ));
-    match result {
-        Ok(_) => Ok(()),
-        Err(e) => Err(Violation::new(
-            Invariant::Liveness,
-            format!("first write check: {LATE_TENANT}'s first write, sent as soon as gateway g0 knew it, was refused: {e}"),
-        )),
-    }
+    Ok(())
 }
