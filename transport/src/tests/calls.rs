@@ -231,17 +231,24 @@ async fn server_refuses_connections_beyond_its_limit() {
     .await;
 }
 
+/// An echo server and a client whose pooled connection to it has carried one call of the
+/// 100-byte payload returned with them: what the STOP_SENDING counts start from.
+async fn echo_after_one_call() -> (Running, Client, quinn::Connection, Bytes) {
+    let cluster = Cluster::new();
+    let server = cluster.start(Arc::new(Echo));
+    let client = cluster.client();
+    let payload = Bytes::from(vec![b'x'; 100]);
+    client.call(server.addr, payload.clone(), CALL_TIMEOUT).await.expect("first call");
+    let (conn, _) = client.connection(server.addr).await.expect("pooled connection");
+    (server, client, conn, payload)
+}
+
 #[tokio::test]
 async fn streams_close_cleanly_without_stop_sending() {
     // Goal: each side reads its peer's stream to the end, so no call leaves a STOP_SENDING (one
     // more packet per call for both peers) and a call costs about one datagram each way.
     bounded(async {
-        let cluster = Cluster::new();
-        let server = cluster.start(Arc::new(Echo));
-        let client = cluster.client();
-        let payload = Bytes::from(vec![b'x'; 100]);
-        client.call(server.addr, payload.clone(), CALL_TIMEOUT).await.expect("first call");
-        let (conn, _) = client.connection(server.addr).await.expect("pooled connection");
+        let (server, client, conn, payload) = echo_after_one_call().await;
         let before = conn.stats();
         const CALLS: u64 = 200;
         for _ in 0..CALLS {
@@ -269,12 +276,7 @@ async fn a_whole_answer_closed_leaves_no_stop_sending() {
     // came with the head, so the call leaves no STOP_SENDING (a packet more each way); dropped
     // unread, it does leave one, which is what the count below would catch.
     bounded(async {
-        let cluster = Cluster::new();
-        let server = cluster.start(Arc::new(Echo));
-        let client = cluster.client();
-        let payload = Bytes::from(vec![b'x'; 100]);
-        client.call(server.addr, payload.clone(), CALL_TIMEOUT).await.expect("first call");
-        let (conn, _) = client.connection(server.addr).await.expect("pooled connection");
+        let (server, client, conn, payload) = echo_after_one_call().await;
         for _ in 0..50 {
             let (head, body) =
                 client.call_answer(server.addr, payload.clone(), CALL_TIMEOUT).await.expect("call");
