@@ -344,6 +344,9 @@ fn writer(
     paced_writer(url, key, stop, Duration::ZERO)
 }
 
+/// A wait between two acknowledged writes that a [`paced_writer`] reports, with its attempts.
+const LONG_WAIT: Duration = Duration::from_secs(1);
+
 /// A [`writer`] that waits `pause` after each acknowledged write.
 fn paced_writer(
     url: String,
@@ -356,23 +359,43 @@ fn paced_writer(
             .timeout(Duration::from_secs(5))
             .build()
             .expect("a client");
+        let started = Instant::now();
         let (mut acked, mut longest, mut last_ack) = (Vec::new(), Duration::ZERO, Instant::now());
+        // The refused or unanswered attempts since the last acknowledgement: status, time taken,
+        // answer.
+        let mut refused: Vec<(Option<u16>, Duration, String)> = Vec::new();
         let mut i = 0u32;
         while !stop.load(std::sync::atomic::Ordering::SeqCst) {
             i += 1;
             let url = format!("{url}/update?p=log&c={}&s=w{i}", log_coordinate(i));
-            let status =
-                client.get(&url).bearer_auth(&key).send().ok().map(|r| r.status().as_u16());
+            let sent = Instant::now();
+            let answer = client.get(&url).bearer_auth(&key).send().ok();
+            let status = answer.as_ref().map(|r| r.status().as_u16());
+            let body = match answer {
+                Some(r) if status != Some(200) => r.text().unwrap_or_default(),
+                _ => String::new(),
+            };
             // Only an outage may refuse a write: a refusal of the request itself is a defect.
             if let Some(s) = status {
                 assert!(s == 200 || s >= 500, "write {i} answered {s}");
             }
             if status == Some(200) {
                 acked.push(i);
-                longest = longest.max(last_ack.elapsed());
+                let waited = last_ack.elapsed();
+                longest = longest.max(waited);
+                if waited > LONG_WAIT {
+                    refused.push((status, sent.elapsed(), body));
+                    eprintln!(
+                        "writer: {waited:?} between two acknowledgements, the second {:?} after \
+                         the writer started; attempts (status, time taken, answer): {refused:?}",
+                        started.elapsed()
+                    );
+                }
+                refused.clear();
                 last_ack = Instant::now();
                 std::thread::sleep(pause);
             } else {
+                refused.push((status, sent.elapsed(), body));
                 std::thread::sleep(Duration::from_millis(50));
             }
         }

@@ -139,6 +139,7 @@ fn kill_freeze_and_wipe_cycles_lose_nothing() {
         let victim = ((cycle + cycle / 3) % 3) as u64 + 1;
         let old_pid = pid(&cluster, victim);
         let at = Instant::now();
+        eprintln!("cycle {cycle}: {fault:?} node {victim}, {:?} into the run", started.elapsed());
         match fault {
             Fault::Kill => unsafe {
                 libc::kill(old_pid, libc::SIGKILL);

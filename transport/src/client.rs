@@ -181,10 +181,11 @@ impl Client {
         match tokio::time::timeout(timeout, self.call_unbounded(addr, request)).await {
             Ok(result) => result,
             Err(_) => {
-                // The peer may have restarted: its new process cannot reset our old connection
-                // (a restarted endpoint has new reset keys), which would otherwise look alive
-                // until the idle timeout. Later calls get a fresh connection; calls still
-                // running on the old one keep it.
+                // The peer may have been replaced by a process that cannot reset our old
+                // connection (a node started again resets it at once, `tls::server_endpoint`,
+                // but one with other key files cannot), which would otherwise look alive until
+                // the idle timeout. Later calls get a fresh connection; calls still running on
+                // the old one keep it.
                 self.unpool(addr);
                 Err(TransportError::Timeout { what: "call" })
             }

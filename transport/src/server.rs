@@ -144,12 +144,22 @@ impl Server {
             limits.idle_timeout,
             None,
         )?);
-        let endpoint = Endpoint::server(config, addr)?;
+        let socket = std::net::UdpSocket::bind(addr)?;
+        let runtime = quinn::default_runtime()
+            .ok_or_else(|| TransportError::Config("no async runtime for the server".into()))?;
+        let endpoint =
+            Endpoint::new(tls::server_endpoint(identity), Some(config), socket, runtime)?;
         Ok(Server { endpoint, limits })
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr> {
         Ok(self.endpoint.local_addr()?)
+    }
+
+    /// The endpoint, for tests that must act on its socket as a crash would.
+    #[cfg(test)]
+    pub(crate) fn endpoint(&self) -> Endpoint {
+        self.endpoint.clone()
     }
 
     /// Serves until `shutdown` is cancelled, then shuts down in order: stop accepting, let

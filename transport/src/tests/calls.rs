@@ -134,11 +134,83 @@ async fn client_reconnects_after_server_restart() {
     .await;
 }
 
-/// Binds a new server on `addr`. The old endpoint's socket is released by its driver task
-/// once every handle is gone, which may be a scheduler turn after `run` returned.
+#[tokio::test]
+async fn a_crashed_server_started_again_resets_the_old_connection_at_once() {
+    // Goal: a node's process that died without a word and started again on its port (same key
+    // files) ends a client's pooled connection to the old process with a stateless reset the
+    // client recognises: the client's next call fails at once, not at its timeout, and the
+    // call after it opens a new connection.
+    bounded(async {
+        let cluster = Cluster::new();
+        let (client, addr, pooled, old) = one_call_then_vanish(&cluster).await;
+        let again = restart_as(&cluster, addr, Role::Node(1)).await;
+
+        let err = client
+            .call(addr, Bytes::from_static(b"to the old connection"), CALL_TIMEOUT)
+            .await
+            .expect_err("the old connection is gone");
+        assert!(!matches!(err, TransportError::Timeout { .. }), "{err:?}");
+        assert!(err.is_unavailable(), "{err:?}");
+        assert_eq!(pooled.close_reason(), Some(quinn::ConnectionError::Reset));
+
+        let reply = client.call(addr, Bytes::from_static(b"after"), CALL_TIMEOUT).await;
+        assert_eq!(reply.expect("call after the restart"), Bytes::from_static(b"after"));
+        assert_eq!(client.stats().connections_opened, 2);
+        again.stop().await;
+        old.stop().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_server_with_another_key_cannot_reset_the_old_connection() {
+    // Goal: the control of the test above. A process with another private key at the same
+    // address signs its stateless resets with another key: the client ignores them, and its
+    // call on the old connection runs into its timeout, as every call to a restarted node
+    // did while the reset key was random per process.
+    bounded(async {
+        let cluster = Cluster::new();
+        certs::issue(cluster.path(), Role::Node(2)).expect("issue node-2");
+        let (client, addr, pooled, old) = one_call_then_vanish(&cluster).await;
+        let again = restart_as(&cluster, addr, Role::Node(2)).await;
+
+        let short = Duration::from_secs(1);
+        let err = client
+            .call(addr, Bytes::from_static(b"to the old connection"), short)
+            .await
+            .expect_err("no answer on the old connection");
+        assert!(matches!(err, TransportError::Timeout { .. }), "{err:?}");
+        assert_eq!(pooled.close_reason(), None);
+        again.stop().await;
+        old.stop().await;
+    })
+    .await;
+}
+
+/// A node-1 echo server and a client that called it once; the server has since vanished as a
+/// crash would. Returns the client, the server's address, the client's pooled connection and
+/// the vanished server (still running on another socket).
+async fn one_call_then_vanish(
+    cluster: &Cluster,
+) -> (Client, SocketAddr, quinn::Connection, Running) {
+    let server = cluster.start(Arc::new(Echo));
+    let client = cluster.client();
+    client.call(server.addr, Bytes::from_static(b"before"), CALL_TIMEOUT).await.expect("call");
+    let (pooled, _) = client.connection(server.addr).await.expect("pooled connection");
+    server.vanish();
+    (client, server.addr, pooled, server)
+}
+
+/// Binds a new server on `addr` as node 1. The old endpoint's socket is released by its driver
+/// task once every handle is gone, which may be a scheduler turn after `run` returned.
 async fn restart_on(cluster: &Cluster, addr: SocketAddr) -> Running {
+    restart_as(cluster, addr, Role::Node(1)).await
+}
+
+/// Binds a new echo server on `addr` with `role`'s identity, as [`restart_on`].
+async fn restart_as(cluster: &Cluster, addr: SocketAddr, role: Role) -> Running {
     loop {
-        let identity = cluster.identity(Role::Node(1));
+        let identity = cluster.identity(role);
         match start_at(&identity, addr, ServerLimits::default(), Arc::new(Echo)) {
             Ok(running) => return running,
             Err(TransportError::Io(e)) if e.kind() == std::io::ErrorKind::AddrInUse => {

@@ -92,11 +92,24 @@ impl Handler for WhoAmI {
 /// A server running in a task, stopped through its token.
 struct Running {
     addr: SocketAddr,
+    endpoint: quinn::Endpoint,
     shutdown: CancellationToken,
     task: JoinHandle<()>,
 }
 
 impl Running {
+    /// Leaves the server's port without a word to anyone, as a crashed process would: the
+    /// endpoint moves to a new socket, so nothing it sends reaches a client (a client takes
+    /// packets of a connection from the server's address alone) and its port is free. Moved
+    /// twice: quinn keeps the socket before the last move open until traffic arrives on the
+    /// new one.
+    fn vanish(&self) {
+        for _ in 0..2 {
+            let elsewhere = std::net::UdpSocket::bind(localhost()).expect("a socket");
+            self.endpoint.rebind(elsewhere).expect("rebind");
+        }
+    }
+
     /// Cancels and waits for `run` to return (it closes every connection first).
     async fn stop(self) {
         self.shutdown.cancel();
@@ -112,9 +125,10 @@ fn start_at(
 ) -> Result<Running> {
     let server = Server::bind(addr, identity, limits)?;
     let addr = server.local_addr()?;
+    let endpoint = server.endpoint();
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(server.run(handler, shutdown.clone()));
-    Ok(Running { addr, shutdown, task })
+    Ok(Running { addr, endpoint, shutdown, task })
 }
 
 /// A client presenting whatever PEM it is given, bypassing [`Identity`]'s checks, so tests can
