@@ -234,6 +234,12 @@ pub async fn serve(
 
 /// Sends the request to the tenant's owner; on "not owner" refreshes the view and tries once more.
 /// With `stream`, the owner may answer a large document as a stream.
+///
+/// A read whose owner the view replaces while it waits (the owner marked down, its tenants
+/// given new primaries) is sent to the new owner at once, once: a frozen or dead owner would
+/// leave it to [`FORWARD_TIMEOUT`] and a 503 though a primary is available. A read changes
+/// nothing, so sending it twice is safe; a write is not sent again (the old owner may have
+/// committed it) and waits for its owner's answer or the timeout, as before.
 async fn forward(
     gw: &Arc<Gateway>,
     tenant: &str,
@@ -242,6 +248,7 @@ async fn forward(
     stream: bool,
 ) -> Result<Answer, ApiError> {
     let mut refreshed = false;
+    let mut rerouted = sq.is_write();
     loop {
         let view = gw.views.current();
         let unavailable = |reason: String| ApiError::Unavailable {
@@ -267,13 +274,29 @@ async fn forward(
             epoch: view.view.epoch,
             request: sq.clone(),
         };
-        let answer = if stream {
-            gw.client.call_answer(addr, request, FORWARD_TIMEOUT).await
+        let call = async {
+            if stream {
+                gw.client.call_answer(addr, request, FORWARD_TIMEOUT).await
+            } else {
+                gw.client
+                    .call(addr, request, FORWARD_TIMEOUT)
+                    .await
+                    .map(|r| (r, transport::BodyReader::empty()))
+            }
+        };
+        let answer = if rerouted {
+            call.await
         } else {
-            gw.client
-                .call(addr, request, FORWARD_TIMEOUT)
-                .await
-                .map(|r| (r, transport::BodyReader::empty()))
+            // Biased: an answer that is ready wins over a view change seen in the same poll.
+            tokio::select! {
+                biased;
+                answer = call => answer,
+                () = routed_elsewhere(&gw.views, tenant, owner) => {
+                    tracing::debug!(tenant, owner, "owner replaced while a read waited; resent");
+                    rerouted = true;
+                    continue;
+                }
+            }
         };
         match answer {
             Ok((NodeResponse::SqStreamed { len, json }, body)) => {
@@ -302,6 +325,22 @@ async fn forward(
             Err(e @ CallError::Protocol(_)) => {
                 return Err(ApiError::Internal(format!("node {owner}: {e}")))
             }
+        }
+    }
+}
+
+/// Resolves once the view no longer routes `tenant` to `owner`: another node owns it, or gossip
+/// says `owner` is dead. Never resolves while the view keeps routing there.
+async fn routed_elsewhere(views: &crate::view::ViewHandle, tenant: &str, owner: u64) {
+    // Subscribed before the first look, so a change between the two is not missed.
+    let mut changes = views.subscribe();
+    loop {
+        let view = views.current();
+        if view.tenant(tenant).and_then(|t| t.owner) != Some(owner) || view.is_dead(owner) {
+            return;
+        }
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
         }
     }
 }

@@ -341,3 +341,75 @@ async fn a_registry_in_parts_is_taken_whole() {
         assert_eq!(found, Some(format!("t{i:06}")), "tenant {i}");
     }
 }
+
+/// Node 1 (at 127.0.0.1:9) never answers a public request: each call waits its whole timeout
+/// and fails, as a frozen node's would. Node 2 (at 127.0.0.1:10) answers with its name.
+struct FrozenFirst {
+    to_second: AtomicUsize,
+}
+
+impl NodeClient for FrozenFirst {
+    fn call(
+        &self,
+        addr: SocketAddr,
+        request: NodeRequest,
+        timeout: Duration,
+    ) -> BoxFuture<'_, Result<NodeResponse, CallError>> {
+        Box::pin(async move {
+            let NodeRequest::Sq { request, .. } = request else {
+                return Ok(NodeResponse::Refused("public requests only".into()));
+            };
+            if addr.port() == 9 {
+                tokio::time::sleep(timeout).await;
+                return Err(CallError::Unreachable("timed out".into()));
+            }
+            self.to_second.fetch_add(1, Ordering::SeqCst);
+            Ok(NodeResponse::Sq(Ok(SqResponse::text(format!("node2:{}", request.route())))))
+        })
+    }
+}
+
+/// The test view with node 2 beside node 1, the tenant owned by `owner`, at `applied_index`.
+fn two_nodes(owner: u64, applied_index: u64) -> RegistryView {
+    let mut v = view();
+    v.applied_index = applied_index;
+    v.tenants[0].owner = Some(owner);
+    let second = NodeView { id: 2, addr: "127.0.0.1:10".into(), ..v.nodes[0].clone() };
+    v.nodes.push(second);
+    v
+}
+
+// Goal: a read in flight to an owner that stopped answering is sent to the new owner as soon
+// as the view names one, and answered, well before the forward timeout; a write in flight is
+// never sent again (the old owner may have committed it): it waits for the timeout and is
+// answered 503, and the new owner never sees it. Time is paused, so the order is exact.
+#[tokio::test(start_paused = true)]
+async fn a_read_waiting_on_a_replaced_owner_goes_to_the_new_one() {
+    let bearer = format!("Bearer {KEY}");
+    for (uri, status, body_start, sent_to_second) in [
+        ("/api/v2/select?p=x&c=1.1.1/1.1.1/1.1.1", 200, "node2:select", 1),
+        ("/api/v2/update?p=x&c=1.1.1/1.1.1/1.1.1&s=v", 503, "Service Unavailable", 0),
+    ] {
+        let node = Arc::new(FrozenFirst { to_second: AtomicUsize::new(0) });
+        let views = ViewHandle::default();
+        views.replace(two_nodes(1, 7));
+        let client = node.clone();
+        let gw = Arc::new(Gateway { views, client, seeds: vec!["127.0.0.1:9".parse().unwrap()] });
+        let failover = Duration::from_millis(400);
+        let moved = gw.views.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(failover).await;
+            moved.replace(two_nodes(2, 8));
+        });
+        let started = tokio::time::Instant::now();
+        let (got, body, _) = send(&gw, "GET", uri, Some(&bearer)).await;
+        let took = started.elapsed();
+        assert_eq!((got.as_u16(), body.starts_with(body_start)), (status, true), "{uri}: {body}");
+        assert_eq!(node.to_second.load(Ordering::SeqCst), sent_to_second, "{uri}");
+        if status == 200 {
+            assert_eq!(took, failover, "{uri}: answered when the view moved");
+        } else {
+            assert!(took >= crate::forward::FORWARD_TIMEOUT, "{uri}: {took:?}");
+        }
+    }
+}

@@ -216,9 +216,29 @@ impl Health {
             if beat > e.heartbeat {
                 e.heartbeat = beat;
                 e.seen_ms = now;
+                // A new beat is proof of life: a suspect or dead peer is alive from now, not
+                // from this node's next tick. A peer thawed just as this node called it dead
+                // would otherwise stay dead in every gateway's view for up to an interval, and
+                // its tenants be answered 503 though it serves.
+                self.set_state(id, e, State::Alive);
             }
         }
         table.iter().map(|(id, e)| (*id, e.heartbeat)).collect()
+    }
+
+    /// Records `state` as node `id`'s (entry `e`); a change is logged and wakes the watchers.
+    fn set_state(&self, id: u64, e: &mut Entry, state: State) {
+        if state != e.state {
+            tracing::info!(node = id, from = %e.state, to = %state, "gossip state changed");
+            e.state = state;
+            self.changed.store(true, Ordering::SeqCst);
+            self.generation.send_modify(|g| *g += 1);
+        }
+        metrics::gauge!("sq_gossip_state", "peer" => id.to_string()).set(match state {
+            State::Alive => 0.0,
+            State::Suspect => 1.0,
+            State::Dead => 2.0,
+        });
     }
 
     /// Bumps this node's heartbeat and re-derives every state. Returns the table to send.
@@ -256,17 +276,7 @@ impl Health {
             } else {
                 State::Dead
             };
-            if state != e.state {
-                tracing::info!(node = id, from = %e.state, to = %state, "gossip state changed");
-                e.state = state;
-                self.changed.store(true, Ordering::SeqCst);
-                self.generation.send_modify(|g| *g += 1);
-            }
-            metrics::gauge!("sq_gossip_state", "peer" => id.to_string()).set(match state {
-                State::Alive => 0.0,
-                State::Suspect => 1.0,
-                State::Dead => 2.0,
-            });
+            self.set_state(*id, e, state);
         }
         table.iter().map(|(id, e)| (*id, e.heartbeat)).collect()
     }
@@ -440,6 +450,30 @@ mod tests {
             h.tick(&[2]);
             assert_eq!(h.of(2), State::Alive);
         }
+    }
+
+    // Goal: a dead peer's next beat makes it alive at once, before this node's next tick, and
+    // wakes whoever watches the states (the gateways' view polls); an old beat does not.
+    #[test]
+    fn a_new_beat_makes_a_dead_peer_alive_at_once() {
+        let config = GossipConfig::default();
+        let clock = Arc::new(crate::store::ManualClock::new(0));
+        let h = Health::new(1, config, clock.clone());
+        h.merge(2, &[(2, 7)]);
+        for _ in 0..config.dead_after_ms / config.interval_ms {
+            clock.advance_ms(config.interval_ms);
+            h.tick(&[2]);
+        }
+        assert_eq!(h.verdict(2), (State::Dead, 7));
+        let watch = h.generations();
+        let _ = h.changed_since_view();
+        h.merge(3, &[(2, 7)]);
+        assert_eq!(h.verdict(2), (State::Dead, 7), "a beat already seen proves nothing");
+        assert!(!h.changed_since_view());
+        h.merge(2, &[(2, 8)]);
+        assert_eq!(h.verdict(2), (State::Alive, 8));
+        assert!(h.changed_since_view(), "a gateway's view poll is answered");
+        assert!(watch.has_changed().expect("the sender lives"));
     }
 
     // Goal: the default timings pass the check, and timings where a node would be dead before
