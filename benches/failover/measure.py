@@ -34,6 +34,16 @@ every acknowledged write at the end. With `--mib N` it first writes N MiB into e
 does), so that a new primary has that much to load before it serves. With `--freeze leader` each
 run freezes the registry's leader instead, which adds an election before the node is marked down.
 
+    python3 benches/failover/measure.py serial-reads --dev DIR --tenants 30 --runs 5
+
+serial-reads (a cluster started with `sq-cloud dev --replicas 3`): makes the tenants, writes one
+scroll of each, then per run starts a reader for each tenant of the node that is primary of the
+most of them (one `select` at a time, the next sent when the last is answered, as a client
+without concurrency reads), freezes that node a second later, and prints, over those readers,
+the time from the freeze to the first read answered after it, and how many reads were refused
+meanwhile. A read held by the frozen node is the one that counts: it is answered when the
+gateway sends it to the new primary, or refused at the gateway's forward timeout.
+
     python3 benches/failover/measure.py rebuild --dev DIR --tenants 100 --mib 1
 
 rebuild (a cluster started with `sq-cloud dev --replicas 3`): makes the tenants and writes MIB
@@ -283,6 +293,69 @@ def tenant_failover(c, tenants, runs, mib=0, freeze="primary"):
         raise SystemExit(1)
 
 
+def serial_reads(c, tenants, runs):
+    """Readers that wait for each answer before the next read, through a primary's freeze."""
+    keys = {}
+    for i in range(tenants):
+        tid = f"sr{i:03d}"
+        status, body = call(c.api + "/admin/tenants/add", c.admin, "POST", {"tenant_id": tid, "tier": "team"})
+        if status == 201:
+            keys[tid] = json.loads(body)["api_key"]
+            call(c.api + f"/admin/tenants/{tid}", c.admin, "PATCH", {"daily_limit": 100_000_000})
+    if not keys:
+        raise SystemExit("no tenant added (run on a fresh cluster)")
+    sources = {t: f"127.0.{1 + i // 250}.{1 + i % 250}" for i, t in enumerate(sorted(keys))}
+    for t in keys:
+        status, body = call(c.api + "/update?p=sr&c=1.1.1/1.1.1/1.1.1&s=v", keys[t], source=sources[t])
+        assert status == 200, body
+    all_stalls, all_refused = [], 0
+    for run in range(runs):
+        time.sleep(SETTLE_S)
+        primaries = {t: json.loads(call(c.api + f"/admin/tenants/{t}/stats", c.admin)[1])["node"] for t in keys}
+        node = max(set(primaries.values()), key=lambda n: list(primaries.values()).count(n))
+        moved = [t for t in keys if primaries[t] == node]
+        stop = threading.Event()
+        answers = {t: [] for t in moved}
+
+        def reader(t):
+            while not stop.is_set():
+                status, body = call(c.api + "/select?p=sr&c=1.1.1/1.1.1/1.1.1", keys[t], timeout=10, source=sources[t])
+                answers[t].append((time.monotonic(), status if status != 200 or body == "v" else -1))
+
+        threads = [threading.Thread(target=reader, args=(t,), daemon=True) for t in moved]
+        for th in threads:
+            th.start()
+        time.sleep(1)
+        pid = c.pid(node)
+        os.kill(pid, signal.SIGSTOP)
+        frozen = time.monotonic()
+
+        def first_read_after(t):
+            return next((at for at, status in list(answers[t]) if at > frozen and status == 200), None)
+
+        wait("every reader answered after the freeze", lambda: all(first_read_after(t) for t in moved), limit=60)
+        os.kill(pid, signal.SIGCONT)
+        stop.set()
+        for th in threads:
+            th.join()
+        stalls = [first_read_after(t) - frozen for t in moved]
+        refused = sum(1 for t in moved for at, status in answers[t] if at > frozen and status != 200)
+        wrong = sum(1 for t in moved for _, status in answers[t] if status == -1)
+        all_stalls += stalls
+        all_refused += refused
+        print(f"run {run + 1}: node {node} frozen, {len(moved)} readers: first read answered after p50 "
+              f"{statistics.median(stalls):.2f} s, max {max(stalls):.2f} s; {refused} reads refused; {wrong} wrong", flush=True)
+        if wrong:
+            raise SystemExit("a read answered a value never written")
+        wait("the node primary again", lambda: all(
+            json.loads(call(c.api + f"/admin/tenants/{t}/stats", c.admin, timeout=5)[1] or "{}").get("node") == node
+            for t in moved))
+        wait("every node up", lambda: (c.health() or {}).get("down") == [])
+    print(f"all runs, {len(all_stalls)} readers: first read answered after the freeze after p50 "
+          f"{statistics.median(all_stalls):.2f} s, p99 {percentile(all_stalls, 99):.2f} s, max {max(all_stalls):.2f} s; "
+          f"{all_refused} reads refused")
+
+
 def fill(c, keys, mib):
     """Writes `mib` MiB into each tenant of `keys`: phext `data`, scrolls of 256 KiB."""
     scroll = "x" * (256 << 10)
@@ -479,7 +552,7 @@ def drain_leader(binary, runs, port):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("what", choices=["dead-node", "admin-write", "drain-leader", "tenant-failover", "rebuild"])
+    p.add_argument("what", choices=["dead-node", "admin-write", "drain-leader", "tenant-failover", "serial-reads", "rebuild"])
     p.add_argument("--tenants", type=int, default=30)
     p.add_argument("--mib", type=int, help="MiB written into each tenant first (rebuild: default 1; tenant-failover: default 0)")
     p.add_argument("--bin", default="target/release/sq-cloud")
@@ -498,6 +571,8 @@ def main():
         dead_node(c, a.runs)
     elif a.what == "tenant-failover":
         tenant_failover(c, a.tenants, a.runs, a.mib or 0, a.freeze)
+    elif a.what == "serial-reads":
+        serial_reads(c, a.tenants, a.runs)
     elif a.what == "rebuild":
         rebuild(c, a.tenants, 1 if a.mib is None else a.mib)
     else:
