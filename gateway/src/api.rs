@@ -319,7 +319,14 @@ async fn forward(
             }
             Err(CallError::Unreachable(e)) => {
                 tracing::info!(tenant, owner, error = %e, "owner unreachable");
-                return Err(unavailable("the tenant's node is unreachable".into()));
+                // The node may have taken a write before it stopped answering (or answered
+                // after the wait ended): the client must not take the 503 as "not written".
+                let reason = if sq.is_write() {
+                    "the tenant's node did not answer; the write's outcome is unknown"
+                } else {
+                    "the tenant's node is unreachable"
+                };
+                return Err(unavailable(reason.into()));
             }
             // Final: the same request would fail the same way, so no Retry-After.
             Err(e @ CallError::Protocol(_)) => {

@@ -382,13 +382,19 @@ fn two_nodes(owner: u64, applied_index: u64) -> RegistryView {
 // Goal: a read in flight to an owner that stopped answering is sent to the new owner as soon
 // as the view names one, and answered, well before the forward timeout; a write in flight is
 // never sent again (the old owner may have committed it): it waits for the timeout and is
-// answered 503, and the new owner never sees it. Time is paused, so the order is exact.
+// answered 503 saying its outcome is unknown, and the new owner never sees it. Time is
+// paused, so the order is exact.
 #[tokio::test(start_paused = true)]
 async fn a_read_waiting_on_a_replaced_owner_goes_to_the_new_one() {
     let bearer = format!("Bearer {KEY}");
     for (uri, status, body_start, sent_to_second) in [
         ("/api/v2/select?p=x&c=1.1.1/1.1.1/1.1.1", 200, "node2:select", 1),
-        ("/api/v2/update?p=x&c=1.1.1/1.1.1/1.1.1&s=v", 503, "Service Unavailable", 0),
+        (
+            "/api/v2/update?p=x&c=1.1.1/1.1.1/1.1.1&s=v",
+            503,
+            "Service Unavailable: the tenant's node did not answer; the write's outcome is unknown",
+            0,
+        ),
     ] {
         let node = Arc::new(FrozenFirst { to_second: AtomicUsize::new(0) });
         let views = ViewHandle::default();
