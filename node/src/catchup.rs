@@ -91,16 +91,19 @@ impl CatchUps {
         })
     }
 
-    /// A rebuild pass found `left` copies that do not count yet.
-    fn rebuild_pass(&self, now_ms: u64, bytes_now: u64, left: u64) {
+    /// A rebuild pass found this node holding `held` copies (every one lost with its store),
+    /// `left` of them not counting yet. Some may count before the first pass: a primary's
+    /// prepare round rebuilds its copy too, as soon as a request comes.
+    fn rebuild_pass(&self, now_ms: u64, bytes_now: u64, held: u64, left: u64) {
         let mut rebuild = self.rebuild();
         let r = rebuild.get_or_insert(Rebuild {
             started_ms: now_ms,
             bytes_at_start: bytes_now,
-            copies_total: left,
+            copies_total: held,
             copies_left: left,
             done: None,
         });
+        r.copies_total = r.copies_total.max(held);
         r.copies_left = left;
         if left == 0 {
             r.done.get_or_insert((now_ms, bytes_now));
@@ -260,6 +263,7 @@ pub async fn rebuild(svc: Arc<Service>, shutdown: CancellationToken) {
             .filter(|t| state.replica_set(&t.id).contains(&svc.id))
             .map(|t| t.id.to_string())
             .collect();
+        let held = mine.len() as u64;
         let store = svc.store.clone();
         let todo: Vec<String> = crate::blocking::spawn(move || {
             mine.into_iter().filter(|t| !store.counts(t).unwrap_or(false)).collect()
@@ -267,7 +271,8 @@ pub async fn rebuild(svc: Arc<Service>, shutdown: CancellationToken) {
         .await
         .unwrap_or_default();
         crate::metrics::rebuilding(todo.len() as u64);
-        svc.catch_ups.rebuild_pass(svc.mono_ms(), svc.handoffs.snapshot_bytes(), todo.len() as u64);
+        let (now, bytes) = (svc.mono_ms(), svc.handoffs.snapshot_bytes());
+        svc.catch_ups.rebuild_pass(now, bytes, held, todo.len() as u64);
         if todo.is_empty() {
             tracing::info!(
                 node = svc.id,
@@ -515,26 +520,28 @@ pub async fn done(svc: &Service, id: u64, tenant: String) -> NodeResponse {
 mod tests {
     use super::*;
 
-    // Goal: a rebuild's progress starts at its first pass, counts copies down as each is
+    // Goal: a rebuild's progress starts at its first pass, its total every copy the node holds
+    // (one a prepare round rebuilt before that pass included), counts copies down as each is
     // rebuilt, takes the next pass's count as it is, and once no copy is left is done, with its
     // time and bytes fixed from then on (a later catch-up's snapshot is not the rebuild's).
     #[test]
     fn rebuild_progress_counts_copies_down_then_stays_done() {
         let c = CatchUps::default();
         assert_eq!(c.rebuild_progress(3, 0, 0), None, "no rebuild ran");
-        c.rebuild_pass(1_000, 100, 5);
+        // Six held, one already rebuilt by its prepare round before the first pass.
+        c.rebuild_pass(1_000, 100, 6, 5);
         c.rebuilt_one();
         c.rebuilt_one();
         let p = c.rebuild_progress(3, 1_500, 700).unwrap();
-        assert_eq!((p.node, p.copies_total, p.copies_left), (3, 5, 3));
+        assert_eq!((p.node, p.copies_total, p.copies_left), (3, 6, 3));
         assert_eq!((p.bytes_taken, p.elapsed_ms, p.done), (600, 500, false));
         // A pass finds one copy it could not rebuild yet (its primary was down).
-        c.rebuild_pass(2_000, 900, 1);
+        c.rebuild_pass(2_000, 900, 6, 1);
         assert_eq!(c.rebuild_progress(3, 2_000, 900).unwrap().copies_left, 1);
-        c.rebuild_pass(3_000, 1_000, 0);
+        c.rebuild_pass(3_000, 1_000, 6, 0);
         c.rebuilt_one();
         let done = c.rebuild_progress(3, 9_000, 5_000).unwrap();
-        assert_eq!((done.copies_total, done.copies_left, done.done), (5, 0, true));
+        assert_eq!((done.copies_total, done.copies_left, done.done), (6, 0, true));
         assert_eq!(done.elapsed_ms, 2_000, "the time it took, not the time since");
         assert_eq!(done.bytes_taken, 900, "bytes taken until it was done");
     }

@@ -153,8 +153,9 @@ pub struct HealthReport {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RebuildProgress {
     pub node: u64,
-    /// Copies that did not count when the rebuild started (or when a restart of the node
-    /// started it again).
+    /// Copies the node held when the rebuild started (or when a restart of the node started
+    /// it again): every one was lost with its store. One whose primary prepared it before the
+    /// rebuild's first pass counts already, so is not among `copies_left` at that pass.
     pub copies_total: u64,
     /// Copies that do not count yet (at its last pass, less those rebuilt since): 0 once done.
     pub copies_left: u64,
