@@ -186,10 +186,11 @@ def percentile(values, p):
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-def tenant_failover(c, tenants, runs, mib=0, freeze="primary"):
+def team_tenants(c, tenants, prefix):
+    """Adds `tenants` team tenants named PREFIX000...; returns their keys."""
     keys = {}
     for i in range(tenants):
-        tid = f"fo{i:03d}"
+        tid = f"{prefix}{i:03d}"
         status, body = call(c.api + "/admin/tenants/add", c.admin, "POST", {"tenant_id": tid, "tier": "team"})
         if status == 201:
             keys[tid] = json.loads(body)["api_key"]
@@ -197,14 +198,40 @@ def tenant_failover(c, tenants, runs, mib=0, freeze="primary"):
             call(c.api + f"/admin/tenants/{tid}", c.admin, "PATCH", {"daily_limit": 100_000_000})
     if not keys:
         raise SystemExit("no tenant added (run on a fresh cluster)")
+    return keys
+
+
+def sources_for(keys):
+    """A loopback address per tenant (127.0.1.1, 127.0.1.2, ...), as different clients' would be:
+    requests held by a frozen node (up to the gateway's forward timeout each) would otherwise fill
+    the gateway's cap of connections per address, and later ones be refused with them."""
+    return {t: f"127.0.{1 + i // 250}.{1 + i % 250}" for i, t in enumerate(sorted(keys))}
+
+
+def primaries_of(c, keys):
+    """Each tenant's primary, from its stats."""
+    return {t: json.loads(call(c.api + f"/admin/tenants/{t}/stats", c.admin)[1])["node"] for t in keys}
+
+
+def busiest(primaries):
+    """The node that is primary of the most tenants."""
+    return max(set(primaries.values()), key=lambda n: list(primaries.values()).count(n))
+
+
+def wait_back(c, node, moved):
+    """Waits until `node` is primary of `moved` again and every node is up."""
+    wait("the node primary again", lambda: all(
+        json.loads(call(c.api + f"/admin/tenants/{t}/stats", c.admin, timeout=5)[1] or "{}").get("node") == node
+        for t in moved))
+    wait("every node up", lambda: (c.health() or {}).get("down") == [])
+
+
+def tenant_failover(c, tenants, runs, mib=0, freeze="primary"):
+    keys = team_tenants(c, tenants, "fo")
     if mib:
         fill(c, keys, mib)
     acked = {t: [] for t in keys}
-    # Each tenant's writes come from an address of its own (127.0.1.1, 127.0.1.2, ...), as
-    # different clients' would: the writes held by a frozen node (up to the gateway's forward
-    # timeout each, 20 a second per tenant) would otherwise fill the gateway's cap of
-    # connections per address, and the writes sent after the failover be refused with them.
-    sources = {t: f"127.0.{1 + i // 250}.{1 + i % 250}" for i, t in enumerate(sorted(keys))}
+    sources = sources_for(keys)
     counter = [0]
     lock = threading.Lock()
 
@@ -232,14 +259,11 @@ def tenant_failover(c, tenants, runs, mib=0, freeze="primary"):
         # A node just marked up is not yet settled (its first lease rounds since); freeze one
         # that has been serving for a while.
         time.sleep(SETTLE_S)
-        primaries = {}
-        for t in keys:
-            stats = json.loads(call(c.api + f"/admin/tenants/{t}/stats", c.admin)[1])
-            primaries[t] = stats["node"]
+        primaries = primaries_of(c, keys)
         if freeze == "leader":
             node = wait("a registry leader", lambda: c.leader()[0])
         else:
-            node = max(set(primaries.values()), key=lambda n: list(primaries.values()).count(n))
+            node = busiest(primaries)
         moved = [t for t in keys if primaries[t] == node]
         firsts, earliest = {}, {}
         # Freezing the registry's leader adds an election before the node can be marked down.
@@ -265,10 +289,7 @@ def tenant_failover(c, tenants, runs, mib=0, freeze="primary"):
         print(f"run {run + 1}: node {node} ({leads}) frozen at {frozen_at} UTC, {len(moved)} tenants: writes acknowledged again after "
               f"p50 {statistics.median(times):.2f} s, p99 {percentile(times, 99):.2f} s, max {max(times):.2f} s; "
               f"earliest acknowledged write sent after p50 {statistics.median(sends):.2f} s", flush=True)
-        wait("the node primary again", lambda: all(
-            json.loads(call(c.api + f"/admin/tenants/{t}/stats", c.admin, timeout=5)[1] or "{}").get("node") == node
-            for t in moved))
-        wait("every node up", lambda: (c.health() or {}).get("down") == [])
+        wait_back(c, node, moved)
     print(f"all runs, {len(all_times)} tenant failovers: writes acknowledged again after p50 "
           f"{statistics.median(all_times):.2f} s, p99 {percentile(all_times, 99):.2f} s, max {max(all_times):.2f} s; "
           f"earliest acknowledged write sent after p50 {statistics.median(all_sends):.2f} s, "
@@ -295,24 +316,16 @@ def tenant_failover(c, tenants, runs, mib=0, freeze="primary"):
 
 def serial_reads(c, tenants, runs):
     """Readers that wait for each answer before the next read, through a primary's freeze."""
-    keys = {}
-    for i in range(tenants):
-        tid = f"sr{i:03d}"
-        status, body = call(c.api + "/admin/tenants/add", c.admin, "POST", {"tenant_id": tid, "tier": "team"})
-        if status == 201:
-            keys[tid] = json.loads(body)["api_key"]
-            call(c.api + f"/admin/tenants/{tid}", c.admin, "PATCH", {"daily_limit": 100_000_000})
-    if not keys:
-        raise SystemExit("no tenant added (run on a fresh cluster)")
-    sources = {t: f"127.0.{1 + i // 250}.{1 + i % 250}" for i, t in enumerate(sorted(keys))}
+    keys = team_tenants(c, tenants, "sr")
+    sources = sources_for(keys)
     for t in keys:
         status, body = call(c.api + "/update?p=sr&c=1.1.1/1.1.1/1.1.1&s=v", keys[t], source=sources[t])
         assert status == 200, body
     all_stalls, all_refused = [], 0
     for run in range(runs):
         time.sleep(SETTLE_S)
-        primaries = {t: json.loads(call(c.api + f"/admin/tenants/{t}/stats", c.admin)[1])["node"] for t in keys}
-        node = max(set(primaries.values()), key=lambda n: list(primaries.values()).count(n))
+        primaries = primaries_of(c, keys)
+        node = busiest(primaries)
         moved = [t for t in keys if primaries[t] == node]
         stop = threading.Event()
         answers = {t: [] for t in moved}
@@ -355,10 +368,7 @@ def serial_reads(c, tenants, runs):
               f"{statistics.median(stalls):.2f} s, max {max(stalls):.2f} s; {refused} reads refused; {wrong} wrong", flush=True)
         if wrong:
             raise SystemExit("a read answered a value never written")
-        wait("the node primary again", lambda: all(
-            json.loads(call(c.api + f"/admin/tenants/{t}/stats", c.admin, timeout=5)[1] or "{}").get("node") == node
-            for t in moved))
-        wait("every node up", lambda: (c.health() or {}).get("down") == [])
+        wait_back(c, node, moved)
     print(f"all runs, {len(all_stalls)} readers: longest wait between two answered reads p50 "
           f"{statistics.median(all_stalls):.2f} s, p99 {percentile(all_stalls, 99):.2f} s, max {max(all_stalls):.2f} s; "
           f"{all_refused} reads refused")

@@ -389,6 +389,14 @@ impl ViewPeers {
 mod tests {
     use super::*;
 
+    /// Ticks `h` through the dead timeout with peer 2 silent.
+    fn silence_of_peer_2(h: &Health, clock: &crate::store::ManualClock, config: GossipConfig) {
+        for _ in 0..config.dead_after_ms / config.interval_ms {
+            clock.advance_ms(config.interval_ms);
+            h.tick(&[2]);
+        }
+    }
+
     // Goal: a node's verdict on itself never outranks its peers' (its version is what they told
     // it they saw), while a peer's
     // verdict carries the last counter seen of it, so a gateway takes "dead" from the survivors
@@ -406,10 +414,7 @@ mod tests {
         assert_eq!(h.verdict(1), (State::Alive, 3), "the counter its peer saw, not its own 5");
         assert_eq!(h.verdict(2), (State::Alive, 7));
         let config = GossipConfig::default();
-        for _ in 0..config.dead_after_ms / config.interval_ms {
-            clock.advance_ms(config.interval_ms);
-            h.tick(&[2]);
-        }
+        silence_of_peer_2(&h, &clock, config);
         assert_eq!(h.verdict(2), (State::Dead, 7));
     }
 
@@ -460,10 +465,7 @@ mod tests {
         let clock = Arc::new(crate::store::ManualClock::new(0));
         let h = Health::new(1, config, clock.clone());
         h.merge(2, &[(2, 7)]);
-        for _ in 0..config.dead_after_ms / config.interval_ms {
-            clock.advance_ms(config.interval_ms);
-            h.tick(&[2]);
-        }
+        silence_of_peer_2(&h, &clock, config);
         assert_eq!(h.verdict(2), (State::Dead, 7));
         let watch = h.generations();
         let _ = h.changed_since_view();
